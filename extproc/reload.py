@@ -1,0 +1,62 @@
+"""Holds the current RuntimeTable and hot-reloads it from the compiled config file.
+
+The file is the RoutingConfig in protobuf JSON: written by `signalbox up` locally and by the
+operator's ConfigMap in a cluster (a mounted ConfigMap changes through a `..data` symlink swap,
+so the whole directory is watched, not the file). A file that cannot be read, parsed or
+understood never replaces the table in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from signalbox.api.v1alpha1 import config_pb2 as pb
+from signalbox.core.errors import ConfigVersionError
+
+from .runtime import KeyResolver, RuntimeTable, default_key_resolver
+
+log = logging.getLogger("signalbox.extproc")
+
+
+class TableHolder:
+    def __init__(self, table: RuntimeTable | None = None, resolve_key: KeyResolver | None = None):
+        self.current = table or RuntimeTable.empty()
+        self.resolve_key = resolve_key or default_key_resolver()
+        self.reload_failures = 0
+        self.changed = asyncio.Event()
+
+    def install(self, cfg: pb.RoutingConfig) -> RuntimeTable:
+        table = RuntimeTable.from_config(cfg, self.resolve_key)
+        self.current = table
+        self.changed.set()
+        return table
+
+    def load_file(self, path: str | Path) -> bool:
+        """Try to install the config in `path`; on any failure keep the current table."""
+        try:
+            cfg = json_format.Parse(Path(path).read_text(), pb.RoutingConfig())
+            if cfg.content_hash and cfg.content_hash == self.current.content_hash \
+                    and cfg.generation == self.current.generation:
+                return True
+            table = self.install(cfg)
+        except (OSError, json_format.ParseError, ConfigVersionError, KeyError, ValueError) as exc:
+            self.reload_failures += 1
+            log.error("keeping routing config generation %s: cannot load %s: %s",
+                      self.current.generation, path, exc)
+            return False
+        log.info("routing config generation %s loaded (%d policies, %d backends, hash %s)",
+                 table.generation, len(table.policies), len(table.backends), table.content_hash[:12])
+        return True
+
+    async def watch(self, path: str | Path, stop: asyncio.Event) -> None:
+        """Reload whenever anything in the file's directory changes (ConfigMap symlink swaps)."""
+        from watchfiles import awatch
+
+        path = Path(path)
+        self.load_file(path)
+        async for _ in awatch(path.parent, stop_event=stop, debounce=50, step=20):
+            self.load_file(path)

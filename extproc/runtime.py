@@ -1,0 +1,222 @@
+"""Data-plane compile stage: RoutingConfig -> RuntimeTable (immutable, built once per reload).
+
+Everything the per-request path needs is precomputed here (regexes, alias lookup, provider
+paths, resolved keys) so request code never parses config. The server swaps the table as one
+reference; each gRPC stream reads the reference once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from signalbox.api.v1alpha1 import config_pb2 as pb
+from signalbox.core.compiler import SCHEMA_VERSION, STRATEGY_NAMES
+from signalbox.core.errors import ConfigVersionError
+
+from .classify import CompiledRule, compile_rules
+
+
+class SecretValue:
+    """An API key. Its repr and str never show the value, so it cannot leak into a log line."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "SecretValue(<redacted>)"
+
+    __str__ = __repr__
+
+
+KeyResolver = Callable[[pb.Auth], SecretValue | None]
+
+
+def default_key_resolver(secrets_dir: str | None = None) -> KeyResolver:
+    """Resolve keys from env variables, files, or Secrets mounted as `<dir>/<ns>/<name>/<key>`."""
+
+    def resolve(auth: pb.Auth) -> SecretValue | None:
+        source = auth.WhichOneof("source")
+        try:
+            if source == "env":
+                value = os.environ.get(auth.env)
+            elif source == "file":
+                value = Path(auth.file).read_text()
+            elif source == "secret" and secrets_dir:
+                s = auth.secret
+                value = (Path(secrets_dir) / s.namespace / s.name / s.key).read_text()
+            else:
+                value = None
+        except OSError:
+            value = None
+        return SecretValue(value.strip()) if value else None
+
+    return resolve
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRuntime:
+    id: str
+    name: str
+    azure: bool
+    authority: str
+    base_path: str
+    azure_api_version: str
+    auth_header: str
+    auth_value: SecretValue | None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendRuntime:
+    id: str
+    provider: ProviderRuntime
+    model: str
+    upstream_model: str
+    input_price: float
+    output_price: float
+    quality: float
+    context_window: int
+    capabilities: frozenset[str]
+    latency_prior_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """A backend as one policy sees it (only healthy backends with a target are choices)."""
+
+    index: int
+    backend: BackendRuntime
+    weight: int
+    priority: int
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClassRouteRuntime:
+    task_types: frozenset[str]
+    complexities: frozenset[str]
+    choices: tuple[Choice, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRuntime:
+    id: str
+    name: str
+    strategy: str
+    headers: tuple[tuple[str, str], ...]
+    path_prefixes: tuple[str, ...]
+    choices: tuple[Choice, ...]
+    # Declared backends, healthy or not, for explain output.
+    all_backends: tuple[BackendRuntime, ...]
+    hash_header: str
+    exploration_rate: float
+    ewma_alpha: float
+    min_quality: dict[str, float]
+    rules: tuple[CompiledRule, ...]
+    routes: tuple[ClassRouteRuntime, ...]
+
+    def matches(self, path: str, headers: dict[str, str]) -> bool:
+        if self.path_prefixes and not path.startswith(self.path_prefixes):
+            return False
+        return all(headers.get(name) == value for name, value in self.headers)
+
+
+@dataclass(frozen=True)
+class RuntimeTable:
+    generation: int
+    content_hash: str
+    # alias -> policies, most specific (most header matches) first.
+    by_alias: dict[str, tuple[PolicyRuntime, ...]]
+    backends: dict[str, BackendRuntime]
+    policies: tuple[PolicyRuntime, ...] = field(default=())
+
+    @property
+    def aliases(self) -> list[str]:
+        return sorted(self.by_alias)
+
+    @classmethod
+    def empty(cls) -> RuntimeTable:
+        return cls(generation=0, content_hash="", by_alias={}, backends={})
+
+    @classmethod
+    def from_config(cls, cfg: pb.RoutingConfig, resolve_key: KeyResolver | None = None) -> RuntimeTable:
+        if cfg.schema_version != SCHEMA_VERSION:
+            raise ConfigVersionError(
+                f"routing config schema version {cfg.schema_version} is not supported "
+                f"(this data plane reads version {SCHEMA_VERSION})"
+            )
+        resolve_key = resolve_key or default_key_resolver()
+        providers: dict[str, ProviderRuntime] = {}
+        for p in cfg.providers:
+            default_port = 443 if p.tls else 80
+            authority = p.host if p.port == default_port else f"{p.host}:{p.port}"
+            has_auth = p.HasField("auth")
+            providers[p.id] = ProviderRuntime(
+                id=p.id, name=p.name, azure=p.type == pb.AZURE_OPENAI, authority=authority,
+                base_path=p.base_path, azure_api_version=p.azure_api_version,
+                auth_header=p.auth.header if has_auth else "",
+                auth_value=_with_prefix(p.auth.prefix, resolve_key(p.auth)) if has_auth else None,
+            )
+        backends = [
+            BackendRuntime(
+                id=b.id, provider=providers[b.provider_id], model=b.model, upstream_model=b.upstream_model,
+                input_price=b.input_price_per_1m, output_price=b.output_price_per_1m, quality=b.quality,
+                context_window=b.context_window, capabilities=frozenset(b.capabilities),
+                latency_prior_ms=b.latency_prior_ms,
+            )
+            for b in cfg.backends
+        ]
+        policies = tuple(_policy(p, backends) for p in cfg.policies)
+        by_alias: dict[str, list[PolicyRuntime]] = {}
+        for policy, source in zip(policies, cfg.policies, strict=True):
+            for alias in source.aliases:
+                by_alias.setdefault(alias, []).append(policy)
+        ordered = {
+            a: tuple(sorted(ps, key=lambda p: (-len(p.headers), -len(p.path_prefixes), p.id)))
+            for a, ps in by_alias.items()
+        }
+        return cls(
+            generation=cfg.generation, content_hash=cfg.content_hash, by_alias=ordered,
+            backends={b.id: b for b in backends}, policies=policies,
+        )
+
+
+def _with_prefix(prefix: str, key: SecretValue | None) -> SecretValue | None:
+    return SecretValue(prefix + key.reveal()) if key else None
+
+
+def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
+    choices_by_index = {
+        i: Choice(i, backends[pbb.backend], pbb.weight, pbb.priority, pbb.target)
+        for i, pbb in enumerate(p.backends)
+        if pbb.target
+    }
+    choices = tuple(sorted(choices_by_index.values(), key=lambda c: (c.priority, c.index)))
+    routes = tuple(
+        ClassRouteRuntime(
+            task_types=frozenset(r.task_types), complexities=frozenset(r.complexities),
+            choices=tuple(choices_by_index[i] for i in r.backends if i in choices_by_index),
+        )
+        for r in p.routes
+    )
+    return PolicyRuntime(
+        id=p.id, name=p.name, strategy=STRATEGY_NAMES[p.strategy],
+        headers=tuple((h.name, h.value) for h in p.headers),
+        path_prefixes=tuple(p.path_prefixes),
+        choices=choices,
+        all_backends=tuple(backends[b.backend] for b in p.backends),
+        hash_header=p.hash_header, exploration_rate=p.exploration_rate, ewma_alpha=p.ewma_alpha or 0.3,
+        min_quality=dict(p.min_quality),
+        rules=compile_rules(p.rules, p.use_default_rules),
+        routes=routes,
+    )
+
+

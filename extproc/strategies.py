@@ -1,0 +1,191 @@
+"""Selection strategies: pick the first backend for one request. Pure apart from `SelectionState`.
+
+Every strategy sees only a policy's *choices* (healthy backends that have an Envoy target);
+Envoy's aggregate cluster then carries the failover chain. `SelectionState` holds what must
+outlive a config reload (round-robin positions, latency averages, in-flight counts), keyed by
+policy and backend ids, so a reload does not reset learning or fairness.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from signalbox.core.errors import NoHealthyBackend, RequestError
+
+from .classify import Classification, Features
+from .runtime import Choice, PolicyRuntime
+
+
+class UnsatisfiableRequest(RequestError):
+    """No backend of the policy has what the request needs (tools, vision, context size)."""
+
+    status, code = 400, "no_capable_backend"
+
+
+@dataclass
+class SelectionState:
+    rng: random.Random = field(default_factory=random.Random)
+    # policy id -> smooth weighted round-robin current weights, by choice index
+    wrr: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
+    rr: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    in_flight: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def observe_latency(self, backend_id: str, ms: float, alpha: float, prior: float) -> None:
+        old = self.latency_ms.get(backend_id, prior)
+        self.latency_ms[backend_id] = old + alpha * (ms - old)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    features: Features
+    classification: Classification
+    hash_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    choice: Choice
+    reason: str
+    # (backend id, kept, why) for every declared backend, when explain was asked for.
+    candidates: tuple[tuple[str, bool, str], ...] = ()
+
+
+def _weighted(policy_id: str, choices: tuple[Choice, ...], state: SelectionState) -> Choice:
+    """Smooth weighted round-robin: exact shares over any window, no randomness needed."""
+    current = state.wrr[policy_id]
+    total, best = 0, None
+    for c in choices:
+        current[c.index] = current.get(c.index, 0) + c.weight
+        total += c.weight
+        if best is None or current[c.index] > current[best.index]:
+            best = c
+    if best is None or total == 0:
+        best = choices[0]
+    current[best.index] -= total
+    return best
+
+
+def _required_capabilities(f: Features) -> set[str]:
+    needed = set()
+    if f.has_tools:
+        needed.add("tools")
+    if f.has_images:
+        needed.add("vision")
+    if f.json_mode:
+        needed.add("json")
+    if f.stream:
+        needed.add("streaming")
+    return needed
+
+
+def select_weighted(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, st: SelectionState):
+    return _weighted(p.id, cs, st), "weighted"
+
+
+def select_round_robin(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, st: SelectionState):
+    n = st.rr[p.id]
+    st.rr[p.id] = n + 1
+    return cs[n % len(cs)], "round-robin"
+
+
+def select_failover(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, st: SelectionState):
+    # Choices are sorted by (priority, listing order): the first is the highest priority alive.
+    return cs[0], "failover:priority"
+
+
+def select_cost(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, st: SelectionState):
+    f, cls = ctx.features, ctx.classification
+    min_q = p.min_quality.get(cls.complexity, 0.0)
+    out_tokens = f.max_output_tokens or 256
+    quality_ok = [c for c in cs if c.backend.quality >= min_q]
+    if quality_ok:
+        best = min(quality_ok, key=lambda c: (
+            f.estimated_tokens * c.backend.input_price + out_tokens * c.backend.output_price, -c.backend.quality))
+        return best, f"cost:cheapest-with-quality>={min_q:g}"
+    best = max(cs, key=lambda c: c.backend.quality)
+    return best, f"cost:none-meets-quality>={min_q:g}-best-available"
+
+
+def select_latency(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, st: SelectionState):
+    if len(cs) > 1 and st.rng.random() < p.exploration_rate:
+        return st.rng.choice(cs), "latency:explore"
+    best = min(cs, key=lambda c: st.latency_ms.get(c.backend.id, c.backend.latency_prior_ms))
+    return best, "latency:lowest-ewma"
+
+
+def select_least_busy(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, st: SelectionState):
+    low = min(st.in_flight[c.backend.id] for c in cs)
+    idle = [c for c in cs if st.in_flight[c.backend.id] == low]
+    return (idle[0] if len(idle) == 1 else _weighted(p.id, tuple(idle), st)), "least-busy"
+
+
+def select_hash(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, st: SelectionState):
+    # Rendezvous hashing: a key keeps its backend unless that backend leaves the set.
+    key = ctx.hash_key.encode()
+    best = max(cs, key=lambda c: (zlib.crc32(key + c.backend.id.encode()) * max(c.weight, 1), c.index))
+    return best, "hash:sticky"
+
+
+def select_classified(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, st: SelectionState):
+    cls = ctx.classification
+    allowed = {c.index for c in cs}
+    for n, route in enumerate(p.routes):
+        if (not route.task_types or cls.task_type in route.task_types) and (
+                not route.complexities or cls.complexity in route.complexities):
+            members = tuple(c for c in route.choices if c.index in allowed)
+            if members:
+                return _weighted(f"{p.id}#{n}", members, st), f"classified:{cls.task_type}/{cls.complexity}"
+    return _weighted(p.id, cs, st), f"classified:{cls.task_type}/{cls.complexity}:no-route"
+
+
+Selector = Callable[[PolicyRuntime, tuple[Choice, ...], RequestContext, SelectionState], tuple[Choice, str]]
+
+SELECTORS: dict[str, Selector] = {
+    "weighted": select_weighted,
+    "round-robin": select_round_robin,
+    "failover": select_failover,
+    "fastest": select_failover,  # Envoy hedges to the next backend after the hedge delay
+    "cost": select_cost,
+    "latency": select_latency,
+    "least-busy": select_least_busy,
+    "hash": select_hash,
+    "classified": select_classified,
+}
+
+
+def eligible(policy: PolicyRuntime, ctx: RequestContext, explain: bool = False):
+    """Choices that can serve this request at all: capabilities and context window."""
+    f = ctx.features
+    needed = _required_capabilities(f)
+    want_tokens = f.estimated_tokens + f.max_output_tokens
+    kept: list[Choice] = []
+    notes: list[tuple[str, bool, str]] = []
+    healthy = {c.backend.id for c in policy.choices}
+    for c in policy.choices:
+        missing = needed - c.backend.capabilities
+        if missing:
+            notes.append((c.backend.id, False, f"lacks {','.join(sorted(missing))}"))
+        elif want_tokens > c.backend.context_window:
+            notes.append((c.backend.id, False, f"context {c.backend.context_window} < {want_tokens} tokens"))
+        else:
+            kept.append(c)
+            notes.append((c.backend.id, True, "eligible"))
+    if explain:
+        notes += [(b.id, False, "unhealthy") for b in policy.all_backends if b.id not in healthy]
+    return tuple(kept), tuple(notes)
+
+
+def select(policy: PolicyRuntime, ctx: RequestContext, state: SelectionState, explain: bool = False) -> Selection:
+    if not policy.choices:
+        raise NoHealthyBackend(f"no healthy backend for policy {policy.name!r}")
+    choices, notes = eligible(policy, ctx, explain)
+    if not choices:
+        reasons = "; ".join(f"{b}: {why}" for b, _, why in notes)
+        raise UnsatisfiableRequest(f"no backend of policy {policy.name!r} can serve this request ({reasons})")
+    choice, reason = SELECTORS[policy.strategy](policy, choices, ctx, state)
+    return Selection(choice, reason, notes if explain else ())

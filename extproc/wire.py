@@ -1,0 +1,102 @@
+"""Translation between Envoy's ext_proc protobuf messages and the pure phase functions.
+
+The one place `RequestError`s become Envoy immediate responses, and the one place header maps
+are read (raw_value first: Envoy fills it, not `value`, for non-UTF-8-safe transport).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.type.v3 import http_status_pb2
+
+from signalbox.core.errors import RequestError
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+# Dynamic metadata namespace read by the generated routes' response headers.
+METADATA_NS = "signalbox"
+
+
+def header_map(headers: ep.HttpHeaders) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in headers.headers.headers:
+        out[h.key] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return out
+
+
+def mutation(set_headers: Iterable[tuple[str, str]], remove: Iterable[str] = ()) -> ep.HeaderMutation:
+    return ep.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE
+            )
+            for k, v in set_headers
+        ],
+        remove_headers=list(remove),
+    )
+
+
+def headers_response(
+    set_headers: Iterable[tuple[str, str]] = (),
+    remove: Iterable[str] = (),
+    clear_route_cache: bool = False,
+) -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(
+            response=ep.CommonResponse(
+                header_mutation=mutation(set_headers, remove), clear_route_cache=clear_route_cache
+            )
+        )
+    )
+
+
+def body_response(
+    set_headers: Iterable[tuple[str, str]] = (),
+    remove: Iterable[str] = (),
+    body: bytes | None = None,
+    clear_route_cache: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> ep.ProcessingResponse:
+    common = ep.CommonResponse(header_mutation=mutation(set_headers, remove), clear_route_cache=clear_route_cache)
+    if body is not None:
+        common.status = ep.CommonResponse.CONTINUE_AND_REPLACE
+        common.body_mutation.body = body
+        # Envoy recomputes nothing by itself: the old content-length would truncate or stall.
+        common.header_mutation.set_headers.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key="content-length", raw_value=str(len(body)).encode()),
+                append_action=_OVERWRITE,
+            )
+        )
+    response = ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
+    if metadata:
+        response.dynamic_metadata.update({METADATA_NS: metadata})
+    return response
+
+
+def immediate(status: int, body: bytes, headers: Iterable[tuple[str, str]] = (), details: str = "") -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(
+        immediate_response=ep.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=mutation([("content-type", "application/json"), *headers]),
+            body=body,
+            details=details,
+        )
+    )
+
+
+def immediate_error(err: RequestError, policy: str = "") -> ep.ProcessingResponse:
+    """Every refusal as an OpenAI-style JSON error, with the gateway's headers set."""
+    return immediate(
+        err.status,
+        err.body(),
+        [
+            ("x-signalbox-provider", "none"),
+            ("x-signalbox-model", "none"),
+            ("x-signalbox-policy", policy or "none"),
+            ("x-signalbox-reason", err.code),
+        ],
+        details=f"signalbox_{err.code}",
+    )

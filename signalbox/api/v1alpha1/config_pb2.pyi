@@ -1,0 +1,291 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ProviderType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROVIDER_TYPE_UNSPECIFIED: _ClassVar[ProviderType]
+    OPENAI: _ClassVar[ProviderType]
+    AZURE_OPENAI: _ClassVar[ProviderType]
+    OPENAI_COMPATIBLE: _ClassVar[ProviderType]
+
+class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STRATEGY_UNSPECIFIED: _ClassVar[Strategy]
+    WEIGHTED: _ClassVar[Strategy]
+    ROUND_ROBIN: _ClassVar[Strategy]
+    FAILOVER: _ClassVar[Strategy]
+    COST: _ClassVar[Strategy]
+    LATENCY: _ClassVar[Strategy]
+    LEAST_BUSY: _ClassVar[Strategy]
+    HASH: _ClassVar[Strategy]
+    CLASSIFIED: _ClassVar[Strategy]
+    FASTEST: _ClassVar[Strategy]
+PROVIDER_TYPE_UNSPECIFIED: ProviderType
+OPENAI: ProviderType
+AZURE_OPENAI: ProviderType
+OPENAI_COMPATIBLE: ProviderType
+STRATEGY_UNSPECIFIED: Strategy
+WEIGHTED: Strategy
+ROUND_ROBIN: Strategy
+FAILOVER: Strategy
+COST: Strategy
+LATENCY: Strategy
+LEAST_BUSY: Strategy
+HASH: Strategy
+CLASSIFIED: Strategy
+FASTEST: Strategy
+
+class RoutingConfig(_message.Message):
+    __slots__ = ("schema_version", "content_hash", "generation", "providers", "backends", "policies")
+    SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    schema_version: int
+    content_hash: str
+    generation: int
+    providers: _containers.RepeatedCompositeFieldContainer[Provider]
+    backends: _containers.RepeatedCompositeFieldContainer[Backend]
+    policies: _containers.RepeatedCompositeFieldContainer[Policy]
+    def __init__(self, schema_version: _Optional[int] = ..., content_hash: _Optional[str] = ..., generation: _Optional[int] = ..., providers: _Optional[_Iterable[_Union[Provider, _Mapping]]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ...) -> None: ...
+
+class SecretRef(_message.Message):
+    __slots__ = ("namespace", "name", "key")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    key: str
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+
+class Auth(_message.Message):
+    __slots__ = ("secret", "env", "file", "header", "prefix")
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    secret: SecretRef
+    env: str
+    file: str
+    header: str
+    prefix: str
+    def __init__(self, secret: _Optional[_Union[SecretRef, _Mapping]] = ..., env: _Optional[str] = ..., file: _Optional[str] = ..., header: _Optional[str] = ..., prefix: _Optional[str] = ...) -> None: ...
+
+class Provider(_message.Message):
+    __slots__ = ("id", "name", "type", "host", "port", "tls", "base_path", "auth", "azure_api_version", "healthy", "connect_timeout_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
+    BASE_PATH_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    AZURE_API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    CONNECT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    type: ProviderType
+    host: str
+    port: int
+    tls: bool
+    base_path: str
+    auth: Auth
+    azure_api_version: str
+    healthy: bool
+    connect_timeout_ms: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[_Union[ProviderType, str]] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., tls: _Optional[bool] = ..., base_path: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., azure_api_version: _Optional[str] = ..., healthy: _Optional[bool] = ..., connect_timeout_ms: _Optional[int] = ...) -> None: ...
+
+class Backend(_message.Message):
+    __slots__ = ("id", "provider_id", "model", "upstream_model", "input_price_per_1m", "output_price_per_1m", "quality", "context_window", "capabilities", "latency_prior_ms", "healthy", "cluster")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_PRICE_PER_1M_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_PRICE_PER_1M_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_PRIOR_MS_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    provider_id: str
+    model: str
+    upstream_model: str
+    input_price_per_1m: float
+    output_price_per_1m: float
+    quality: float
+    context_window: int
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    latency_prior_ms: float
+    healthy: bool
+    cluster: str
+    def __init__(self, id: _Optional[str] = ..., provider_id: _Optional[str] = ..., model: _Optional[str] = ..., upstream_model: _Optional[str] = ..., input_price_per_1m: _Optional[float] = ..., output_price_per_1m: _Optional[float] = ..., quality: _Optional[float] = ..., context_window: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., latency_prior_ms: _Optional[float] = ..., healthy: _Optional[bool] = ..., cluster: _Optional[str] = ...) -> None: ...
+
+class HeaderMatch(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class PolicyBackend(_message.Message):
+    __slots__ = ("backend", "weight", "priority", "target")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    backend: int
+    weight: int
+    priority: int
+    target: str
+    def __init__(self, backend: _Optional[int] = ..., weight: _Optional[int] = ..., priority: _Optional[int] = ..., target: _Optional[str] = ...) -> None: ...
+
+class Rule(_message.Message):
+    __slots__ = ("name", "patterns", "keywords", "min_tokens", "max_tokens", "has_tools", "has_images", "json_mode", "task_type", "complexity")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATTERNS_FIELD_NUMBER: _ClassVar[int]
+    KEYWORDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HAS_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    HAS_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    JSON_MODE_FIELD_NUMBER: _ClassVar[int]
+    TASK_TYPE_FIELD_NUMBER: _ClassVar[int]
+    COMPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    patterns: _containers.RepeatedScalarFieldContainer[str]
+    keywords: _containers.RepeatedScalarFieldContainer[str]
+    min_tokens: int
+    max_tokens: int
+    has_tools: int
+    has_images: int
+    json_mode: int
+    task_type: str
+    complexity: str
+    def __init__(self, name: _Optional[str] = ..., patterns: _Optional[_Iterable[str]] = ..., keywords: _Optional[_Iterable[str]] = ..., min_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., has_tools: _Optional[int] = ..., has_images: _Optional[int] = ..., json_mode: _Optional[int] = ..., task_type: _Optional[str] = ..., complexity: _Optional[str] = ...) -> None: ...
+
+class ClassRoute(_message.Message):
+    __slots__ = ("task_types", "complexities", "backends")
+    TASK_TYPES_FIELD_NUMBER: _ClassVar[int]
+    COMPLEXITIES_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    task_types: _containers.RepeatedScalarFieldContainer[str]
+    complexities: _containers.RepeatedScalarFieldContainer[str]
+    backends: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, task_types: _Optional[_Iterable[str]] = ..., complexities: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Policy(_message.Message):
+    __slots__ = ("id", "name", "aliases", "headers", "path_prefixes", "strategy", "backends", "failover", "retry_on", "per_try_timeout_ms", "max_attempts", "timeout_ms", "hash_header", "exploration_rate", "ewma_alpha", "hedge_delay_ms", "min_quality", "rules", "use_default_rules", "routes")
+    class MinQualityEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    PATH_PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    FAILOVER_FIELD_NUMBER: _ClassVar[int]
+    RETRY_ON_FIELD_NUMBER: _ClassVar[int]
+    PER_TRY_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    HASH_HEADER_FIELD_NUMBER: _ClassVar[int]
+    EXPLORATION_RATE_FIELD_NUMBER: _ClassVar[int]
+    EWMA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    HEDGE_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    MIN_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    USE_DEFAULT_RULES_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    headers: _containers.RepeatedCompositeFieldContainer[HeaderMatch]
+    path_prefixes: _containers.RepeatedScalarFieldContainer[str]
+    strategy: Strategy
+    backends: _containers.RepeatedCompositeFieldContainer[PolicyBackend]
+    failover: bool
+    retry_on: _containers.RepeatedScalarFieldContainer[str]
+    per_try_timeout_ms: int
+    max_attempts: int
+    timeout_ms: int
+    hash_header: str
+    exploration_rate: float
+    ewma_alpha: float
+    hedge_delay_ms: int
+    min_quality: _containers.ScalarMap[str, float]
+    rules: _containers.RepeatedCompositeFieldContainer[Rule]
+    use_default_rules: bool
+    routes: _containers.RepeatedCompositeFieldContainer[ClassRoute]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., headers: _Optional[_Iterable[_Union[HeaderMatch, _Mapping]]] = ..., path_prefixes: _Optional[_Iterable[str]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backends: _Optional[_Iterable[_Union[PolicyBackend, _Mapping]]] = ..., failover: _Optional[bool] = ..., retry_on: _Optional[_Iterable[str]] = ..., per_try_timeout_ms: _Optional[int] = ..., max_attempts: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., hash_header: _Optional[str] = ..., exploration_rate: _Optional[float] = ..., ewma_alpha: _Optional[float] = ..., hedge_delay_ms: _Optional[int] = ..., min_quality: _Optional[_Mapping[str, float]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., use_default_rules: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[ClassRoute, _Mapping]]] = ...) -> None: ...
+
+class Classification(_message.Message):
+    __slots__ = ("task_type", "complexity", "tier", "confidence", "reason", "estimated_tokens")
+    TASK_TYPE_FIELD_NUMBER: _ClassVar[int]
+    COMPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    task_type: str
+    complexity: str
+    tier: str
+    confidence: float
+    reason: str
+    estimated_tokens: int
+    def __init__(self, task_type: _Optional[str] = ..., complexity: _Optional[str] = ..., tier: _Optional[str] = ..., confidence: _Optional[float] = ..., reason: _Optional[str] = ..., estimated_tokens: _Optional[int] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("backend", "kept", "reason")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    kept: bool
+    reason: str
+    def __init__(self, backend: _Optional[str] = ..., kept: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Decision(_message.Message):
+    __slots__ = ("policy", "strategy", "backend", "provider", "model", "target", "reason", "classification", "candidates", "config_generation")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    strategy: str
+    backend: str
+    provider: str
+    model: str
+    target: str
+    reason: str
+    classification: Classification
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    config_generation: int
+    def __init__(self, policy: _Optional[str] = ..., strategy: _Optional[str] = ..., backend: _Optional[str] = ..., provider: _Optional[str] = ..., model: _Optional[str] = ..., target: _Optional[str] = ..., reason: _Optional[str] = ..., classification: _Optional[_Union[Classification, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., config_generation: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,173 @@
+"""`signalbox` command line: up, validate, extproc, fake-provider.
+
+Each subcommand is a `main(argv) -> int` so tests call them directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from signalbox.core.errors import ConfigError
+
+USAGE_EXAMPLES = """examples:
+  signalbox up -f examples/quickstart/          run the local gateway (offline example providers)
+  signalbox validate -f examples/providers/     check resources, print every problem
+"""
+
+
+def _print_problems(problems: Sequence[object]) -> None:
+    for p in problems:
+        print(f"  - {p}", file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from signalbox.local import compile_files
+
+    try:
+        result = compile_files(args.file)
+    except ConfigError as exc:
+        print(f"invalid: {len(exc.problems)} problem(s)", file=sys.stderr)
+        _print_problems(exc.problems)
+        return 1
+    if not result.ok:
+        print(f"invalid: {len(result.problems)} problem(s)", file=sys.stderr)
+        _print_problems(result.problems)
+        return 1
+    cfg = result.config
+    assert cfg is not None
+    aliases = sorted({a for p in cfg.policies for a in p.aliases})
+    print(f"valid: {len(cfg.providers)} provider(s), {len(cfg.backends)} backend(s), "
+          f"{len(cfg.policies)} policy(ies); aliases: {', '.join(aliases) or '-'}; hash {cfg.content_hash[:12]}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from signalbox.local import LocalGateway, StartupError
+
+    gateway = LocalGateway(paths=args.file, port=args.port, admin_port=args.admin_port,
+                           workdir=Path(args.workdir) if args.workdir else None,
+                           failure_mode=args.failure_mode, max_body_bytes=args.max_body_bytes)
+    try:
+        gateway.start()
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        gateway.stop()
+        return 1
+    cfg = gateway.config
+    assert cfg is not None
+    aliases = ", ".join(sorted({a for p in cfg.policies for a in p.aliases}))
+    print(f"Signalbox gateway ready: {gateway.url}  (models: {aliases})")
+    print(f"  try: curl -s {gateway.url}/chat/completions -H 'content-type: application/json' "
+          f"-d '{{\"model\":\"{sorted({a for p in cfg.policies for a in p.aliases})[0]}\","
+          f"\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'")
+    print(f"  envoy admin: http://127.0.0.1:{gateway.admin_port}  work dir: {gateway.workdir}")
+    print("  watching the input files; Ctrl-C stops", flush=True)
+    stop = {"now": False}
+
+    def _stop(*_: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        asyncio.run(_watch_inputs(gateway, stop))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        gateway.stop()
+    return 0
+
+
+async def _watch_inputs(gateway, stop: dict[str, bool]) -> None:
+    from watchfiles import awatch
+
+    from signalbox.core.loader import yaml_files
+
+    watched = [str(Path(p)) for p in gateway.paths]
+    stop_event = asyncio.Event()
+
+    async def poll_stop() -> None:
+        while not stop["now"]:
+            await asyncio.sleep(0.2)
+        stop_event.set()
+
+    poller = asyncio.create_task(poll_stop())
+    async for changes in awatch(*watched, stop_event=stop_event, debounce=200):
+        if not any(Path(path) in set(yaml_files(watched)) or path.endswith((".yaml", ".yml")) for _, path in changes):
+            continue
+        result = gateway.apply()
+        if result.ok:
+            print(f"{time.strftime('%H:%M:%S')} applied generation {gateway.generation}", flush=True)
+        else:
+            print(f"{time.strftime('%H:%M:%S')} kept generation {gateway.generation}: "
+                  f"{len(result.problems)} problem(s)", file=sys.stderr, flush=True)
+            _print_problems(result.problems)
+    poller.cancel()
+
+
+def cmd_extproc(args: argparse.Namespace) -> int:
+    from signalbox.extproc.main import run
+
+    return run(args)
+
+
+def cmd_fake_provider(argv: list[str]) -> int:
+    from signalbox.fakeprovider import main
+
+    return main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="signalbox", description="Route LLM traffic with Envoy.",
+                                     epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the local gateway (Envoy + ext_proc) on YAML files")
+    up.add_argument("-f", "--file", action="append", required=True, help="YAML file or folder (repeatable)")
+    up.add_argument("--port", type=int, default=8080, help="gateway port (default 8080; 0 picks one)")
+    up.add_argument("--admin-port", type=int, default=0, help="Envoy admin port (default: a free one)")
+    up.add_argument("--workdir", help="where generated config is written (default: a temp dir)")
+    up.add_argument("--failure-mode", choices=["closed", "open"], default="closed",
+                    help="when the ext_proc is unreachable: closed answers 503 (default), open forwards")
+    up.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    up.set_defaults(func=cmd_up)
+
+    val = sub.add_parser("validate", help="compile resources and print every problem")
+    val.add_argument("-f", "--file", action="append", required=True, help="YAML file or folder (repeatable)")
+    val.set_defaults(func=cmd_validate)
+
+    ext = sub.add_parser("extproc", help="run the ext_proc server (the gateway pod's sidecar)")
+    ext.add_argument("--config", required=True, help="compiled RoutingConfig JSON (watched)")
+    ext.add_argument("--socket", help="Unix socket path to listen on")
+    ext.add_argument("--address", default="127.0.0.1:50051", help="host:port when no --socket")
+    ext.add_argument("--secrets-dir", help="Secrets mounted as <dir>/<namespace>/<name>/<key>")
+    ext.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    ext.add_argument("--log-level", default="info")
+    ext.set_defaults(func=cmd_extproc)
+
+    sub.add_parser("fake-provider", help="run the bundled OpenAI-compatible fake provider", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fake-provider"]:
+        return cmd_fake_provider(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,267 @@
+"""Control-plane compile stage: CRD objects (plain dicts) -> one RoutingConfig + problems.
+
+Pure: no Kubernetes or file I/O, so the operator and `signalbox up` share it and tests call it
+directly. Every object is validated through `signalbox.core.models`; every problem is collected
+(with its JSON path) before deciding. A result with any problem carries no config: the caller
+keeps the last good one in force.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+
+from signalbox.api.v1alpha1 import config_pb2 as pb
+
+from .errors import Problem
+from .models import AIProvider, ProviderType, RoutingPolicy, Strategy
+
+SCHEMA_VERSION = 1
+
+_PROVIDER_TYPES = {
+    ProviderType.OPENAI: pb.OPENAI,
+    ProviderType.AZURE_OPENAI: pb.AZURE_OPENAI,
+    ProviderType.OPENAI_COMPATIBLE: pb.OPENAI_COMPATIBLE,
+}
+STRATEGIES: dict[Strategy, int] = {s: pb.Strategy.Value(s.name) for s in Strategy}
+STRATEGY_NAMES: dict[int, str] = {v: k.value for k, v in STRATEGIES.items()}
+_TRISTATE = {None: 0, True: 1, False: 2}
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    config: pb.RoutingConfig | None
+    problems: list[Problem]
+
+    @property
+    def ok(self) -> bool:
+        return self.config is not None
+
+
+def _path(loc: Iterable[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "$"
+
+
+def _parse(cls: type[AIProvider] | type[RoutingPolicy], obj: Mapping[str, Any], problems: list[Problem]):
+    meta = obj.get("metadata") or {}
+    name, namespace = str(meta.get("name", "?")), str(meta.get("namespace") or "default")
+    try:
+        return cls.model_validate({**obj, "metadata": {**meta, "namespace": namespace}})
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = [p for p in err["loc"] if p not in ("function-after",)]
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(Problem(cls.__name__, name, _path(loc), msg, namespace))
+        return None
+
+
+def _cluster_name(*parts: str) -> str:
+    """Readable, Envoy-safe cluster names (also used in Envoy stats)."""
+    return ".".join(re.sub(r"[^A-Za-z0-9_-]", "_", p) for p in parts)
+
+
+def compile_config(
+    providers: Iterable[Mapping[str, Any]],
+    policies: Iterable[Mapping[str, Any]],
+    secrets_present: set[tuple[str, str, str]] | None = None,
+    generation: int = 0,
+) -> CompileResult:
+    """Compile every provider and policy into one RoutingConfig.
+
+    `secrets_present` is the set of (namespace, secret, key) that exist; None skips that check
+    (local runs without a cluster). Provider health comes from each object's `status.health`.
+    """
+    problems: list[Problem] = []
+    parsed_providers = [p for p in (_parse(AIProvider, o, problems) for o in providers) if p]
+    parsed_policies = [p for p in (_parse(RoutingPolicy, o, problems) for o in policies) if p]
+    parsed_providers.sort(key=lambda p: p.key)
+    parsed_policies.sort(key=lambda p: p.key)
+
+    cfg = pb.RoutingConfig(schema_version=SCHEMA_VERSION, generation=generation)
+    backend_index: dict[str, int] = {}
+    provider_models: dict[str, list[str]] = {}
+    for prov in parsed_providers:
+        _add_provider(cfg, prov, secrets_present, problems, backend_index)
+        provider_models[prov.key] = [m.name for m in prov.spec.models]
+
+    seen_matches: dict[tuple, str] = {}
+    for pol in parsed_policies:
+        _add_policy(cfg, pol, backend_index, provider_models, seen_matches, problems)
+
+    if problems:
+        return CompileResult(None, problems)
+    cfg.content_hash = content_hash(cfg)
+    return CompileResult(cfg, [])
+
+
+def content_hash(cfg: pb.RoutingConfig) -> str:
+    clone = pb.RoutingConfig()
+    clone.CopyFrom(cfg)
+    clone.content_hash = ""
+    clone.generation = 0
+    return hashlib.sha256(clone.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _add_provider(cfg, prov: AIProvider, secrets_present, problems, backend_index) -> None:
+    spec, meta = prov.spec, prov.metadata
+    url = urlsplit(spec.base_url)
+    tls = url.scheme == "https"
+    azure = spec.type == ProviderType.AZURE_OPENAI
+    health = ((prov.status or {}).get("health") or {}) if isinstance(prov.status, dict) else {}
+    healthy = bool(health.get("healthy", True))
+    out = pb.Provider(
+        id=prov.key,
+        name=meta.name,
+        type=_PROVIDER_TYPES[spec.type],
+        host=url.hostname or "",
+        port=url.port or (443 if tls else 80),
+        tls=tls,
+        base_path=url.path.rstrip("/"),
+        azure_api_version=(spec.azure.api_version if spec.azure else "2024-10-21") if azure else "",
+        healthy=healthy,
+        connect_timeout_ms=spec.connect_timeout_ms,
+    )
+    if spec.auth:
+        a = spec.auth
+        out.auth.header = (a.header or ("api-key" if azure else "authorization")).lower()
+        out.auth.prefix = a.prefix if a.prefix is not None else ("" if azure else "Bearer ")
+        if a.secret_ref:
+            out.auth.secret.CopyFrom(pb.SecretRef(namespace=meta.namespace, name=a.secret_ref.name, key=a.secret_ref.key))
+            if secrets_present is not None and (meta.namespace, a.secret_ref.name, a.secret_ref.key) not in secrets_present:
+                problems.append(Problem(
+                    "AIProvider", meta.name, "spec.auth.secretRef",
+                    f"Secret {meta.namespace}/{a.secret_ref.name} with key {a.secret_ref.key!r} not found",
+                    meta.namespace, "RefNotFound"))
+        elif a.env:
+            out.auth.env = a.env
+        elif a.file:
+            out.auth.file = a.file
+    cfg.providers.append(out)
+    for model in spec.models:
+        backend_id = f"{prov.key}/{model.name}"
+        backend_index[backend_id] = len(cfg.backends)
+        cfg.backends.append(pb.Backend(
+            id=backend_id,
+            provider_id=prov.key,
+            model=model.name,
+            upstream_model=model.upstream,
+            input_price_per_1m=model.input_price_per_1m,
+            output_price_per_1m=model.output_price_per_1m,
+            quality=model.quality,
+            context_window=model.context_window,
+            capabilities=[c.value for c in model.capabilities],
+            latency_prior_ms=model.latency_prior_ms,
+            healthy=healthy,
+            cluster=_cluster_name("b", meta.namespace, meta.name, model.name),
+        ))
+
+
+def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_matches, problems) -> None:
+    spec, meta = pol.spec, pol.metadata
+    ns = meta.namespace
+    resolved: list[tuple[int, int]] = []  # (position in spec.backends, index in cfg.backends)
+    for i, ref in enumerate(spec.backends):
+        provider_key = f"{ns}/{ref.provider}"
+        if provider_key not in provider_models:
+            problems.append(Problem("RoutingPolicy", meta.name, f"spec.backends[{i}].provider",
+                                    f"AIProvider {provider_key} not found", ns, "RefNotFound"))
+            continue
+        if ref.model not in provider_models[provider_key]:
+            have = ", ".join(provider_models[provider_key])
+            problems.append(Problem("RoutingPolicy", meta.name, f"spec.backends[{i}].model",
+                                    f"AIProvider {provider_key} declares no model {ref.model!r} (has: {have})",
+                                    ns, "RefNotFound"))
+            continue
+        resolved.append((i, backend_index[f"{provider_key}/{ref.model}"]))
+
+    headers = tuple(sorted((h.name.lower(), h.value) for h in spec.match.headers))
+    for j, alias in enumerate(spec.match.models):
+        key = (alias, headers, tuple(sorted(spec.match.path_prefixes)))
+        if key in seen_matches:
+            problems.append(Problem("RoutingPolicy", meta.name, f"spec.match.models[{j}]",
+                                    f"alias {alias!r} with the same header/path match is already served by "
+                                    f"RoutingPolicy {seen_matches[key]}", ns))
+        else:
+            seen_matches[key] = pol.key
+    if len(resolved) != len(spec.backends):
+        return
+
+    out = pb.Policy(
+        id=pol.key,
+        name=meta.name,
+        aliases=spec.match.models,
+        headers=[pb.HeaderMatch(name=n, value=v) for n, v in headers],
+        path_prefixes=spec.match.path_prefixes,
+        strategy=STRATEGIES[spec.strategy],
+        failover=spec.failover.enabled,
+        retry_on=[r.value for r in spec.failover.retry_on],
+        per_try_timeout_ms=spec.failover.per_try_timeout_ms or 0,
+        timeout_ms=spec.timeout_ms,
+        hash_header=(spec.hash.header or "").lower(),
+        exploration_rate=spec.latency.exploration_rate,
+        ewma_alpha=spec.latency.ewma_alpha,
+        hedge_delay_ms=spec.hedge.delay_ms,
+        min_quality={k.value: v for k, v in spec.cost.min_quality.items()},
+        use_default_rules=spec.classification.use_default_rules,
+    )
+    for rule in spec.classification.rules:
+        out.rules.append(pb.Rule(
+            name=rule.name, patterns=rule.patterns, keywords=rule.keywords,
+            min_tokens=-1 if rule.min_tokens is None else rule.min_tokens,
+            max_tokens=-1 if rule.max_tokens is None else rule.max_tokens,
+            has_tools=_TRISTATE[rule.has_tools], has_images=_TRISTATE[rule.has_images],
+            json_mode=_TRISTATE[rule.json_mode],
+            task_type=rule.task_type.value if rule.task_type else "",
+            complexity=rule.complexity.value if rule.complexity else "",
+        ))
+    for r, rule in enumerate(spec.classification.rules):
+        for k, pattern in enumerate(rule.patterns):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.append(Problem("RoutingPolicy", meta.name,
+                                        f"spec.classification.rules[{r}].patterns[{k}]",
+                                        f"invalid regular expression: {exc}", ns))
+
+    # Failover order: priority, then listing order. Unhealthy backends never get a target and
+    # are left out of every chain; Envoy outlier detection covers what health probes miss.
+    order = sorted(range(len(spec.backends)), key=lambda i: (spec.backends[i].priority, i))
+    position_to_backend = dict(resolved)
+    healthy = [i for i in order if cfg.backends[position_to_backend[i]].healthy]
+    for i, ref in enumerate(spec.backends):
+        b = position_to_backend[i]
+        target = ""
+        if i in healthy:
+            target = _cluster_name("t", ns, meta.name, str(i))
+        out.backends.append(pb.PolicyBackend(backend=b, weight=ref.weight, priority=ref.priority, target=target))
+    out.max_attempts = spec.failover.max_attempts or (len(healthy) if spec.failover.enabled else 1)
+    keys = [b.key for b in spec.backends]
+    for route in spec.routes:
+        out.routes.append(pb.ClassRoute(
+            task_types=[t.value for t in route.task_types],
+            complexities=[c.value for c in route.complexities],
+            backends=[keys.index(k) for k in route.backends],
+        ))
+    cfg.policies.append(out)
+
+
+def chain(cfg: pb.RoutingConfig, policy: pb.Policy, first: int) -> list[pb.Backend]:
+    """Backends a request whose first choice is policy.backends[first] may be tried on, in order.
+
+    Shared by the Envoy generator (aggregate clusters) and the explain output, so both always
+    describe the same failover order.
+    """
+    members = [first]
+    if policy.failover:
+        order = sorted(range(len(policy.backends)), key=lambda i: (policy.backends[i].priority, i))
+        members += [i for i in order if i != first and policy.backends[i].target]
+    return [cfg.backends[policy.backends[i].backend] for i in members]

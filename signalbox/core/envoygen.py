@@ -1,0 +1,392 @@
+"""Pure generation of Envoy resources from a RoutingConfig.
+
+Shape (see ARCHITECTURE.md, "One request"):
+- one cluster per backend (provider host/TLS/SNI, outlier detection), its endpoint carrying
+  `filter_metadata.signalbox` = backend id, provider and model;
+- one aggregate cluster per *target* (a policy's first choice followed by its failover chain),
+  whose upstream HTTP filters run the upstream-phase ext_proc on every attempt;
+- one listener whose router-phase ext_proc picks the target and sets `x-signalbox-target`;
+  one route per target (retry/hedge policy of the policy), and OpenAI-style local replies.
+
+The same functions feed `signalbox up` (files Envoy watches) and the Helm chart, so a cluster
+and a laptop run the same Envoy shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from signalbox.api.v1alpha1 import config_pb2 as pb
+
+from . import errors
+from .compiler import chain
+
+TARGET_HEADER = "x-signalbox-target"
+METADATA_NS = "signalbox"
+EXTPROC_CLUSTER = "signalbox_extproc"
+LISTENER_NAME = "signalbox_gateway"
+API_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
+
+_T = "type.googleapis.com/"
+_RETRY_ON = {
+    "5xx": "5xx",
+    "429": "retriable-status-codes",
+    "reset": "reset",
+    "connect-failure": "connect-failure",
+    "per-try-timeout": "gateway-error",
+}
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    """How the gateway process is wired; not part of the routing config.
+
+    failure_mode: what happens when the ext_proc cannot be reached. "closed" (default) answers
+    503 `routing_unavailable`; "open" sends the request to `fallback_target` unrouted (useful
+    only for keyless in-cluster backends, since no auth is injected without the ext_proc).
+    """
+
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 8080
+    admin_address: str = "127.0.0.1"
+    admin_port: int = 9901
+    extproc_socket: str | None = None
+    extproc_host: str = "127.0.0.1"
+    extproc_port: int = 50051
+    max_body_bytes: int = 8 * 1024 * 1024
+    failure_mode: Literal["closed", "open"] = "closed"
+    extproc_message_timeout_ms: int = 5000
+
+
+def _any(type_name: str, **fields: Any) -> dict[str, Any]:
+    return {"@type": _T + type_name, **fields}
+
+
+def _ms(value: int) -> str:
+    return f"{value / 1000:.3f}s"
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _grpc_service(timeout_ms: int) -> dict[str, Any]:
+    return {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": _ms(timeout_ms)}
+
+
+def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
+    """Static bootstrap: admin, the ext_proc cluster, and LDS/CDS read from watched files."""
+    if opts.extproc_socket:
+        extproc_addr: dict[str, Any] = {"pipe": {"path": opts.extproc_socket}}
+    else:
+        extproc_addr = _address(opts.extproc_host, opts.extproc_port)
+
+    def watched(name: str) -> dict[str, Any]:
+        return {
+            "path_config_source": {"path": f"{config_dir}/{name}", "watched_directory": {"path": config_dir}},
+            "resource_api_version": "V3",
+        }
+
+    return {
+        "node": {"id": "signalbox-gateway", "cluster": "signalbox"},
+        "admin": {"address": _address(opts.admin_address, opts.admin_port)},
+        "dynamic_resources": {"lds_config": watched("lds.json"), "cds_config": watched("cds.json")},
+        "static_resources": {
+            "clusters": [{
+                "name": EXTPROC_CLUSTER,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        explicit_http_config={"http2_protocol_options": {}},
+                    )
+                },
+                "load_assignment": {
+                    "cluster_name": EXTPROC_CLUSTER,
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": extproc_addr}}]}],
+                },
+            }]
+        },
+    }
+
+
+def resources(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, dict[str, Any]]:
+    """The dynamic resources as xDS DiscoveryResponse documents, keyed by file name."""
+    return {
+        "cds.json": {"resources": clusters(cfg, opts)},
+        "lds.json": {"resources": [listener(cfg, opts)]},
+    }
+
+
+# --------------------------------------------------------------------------- clusters
+
+
+def _http1_options(filters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    opts: dict[str, Any] = {"explicit_http_config": {"http_protocol_options": {}}}
+    if filters:
+        opts["http_filters"] = filters
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions", **opts
+        )
+    }
+
+
+def _backend_cluster(backend: pb.Backend, provider: pb.Provider) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": backend.cluster,
+        "type": "STRICT_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": _ms(provider.connect_timeout_ms or 2000),
+        "typed_extension_protocol_options": _http1_options(),
+        "outlier_detection": {
+            "consecutive_5xx": 5,
+            "interval": "5s",
+            "base_ejection_time": "15s",
+            "max_ejection_percent": 100,
+        },
+        "load_assignment": {
+            "cluster_name": backend.cluster,
+            "endpoints": [{"lb_endpoints": [{
+                "endpoint": {"address": _address(provider.host, provider.port), "hostname": provider.host},
+                "metadata": {"filter_metadata": {METADATA_NS: {
+                    "backend": backend.id,
+                    "provider": provider.name,
+                    "model": backend.model,
+                }}},
+            }]}],
+        },
+    }
+    if provider.tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": _any(
+                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                sni=provider.host,
+                common_tls_context={"validation_context": {
+                    "trusted_ca": {"filename": "/etc/ssl/certs/ca-certificates.crt"}
+                }},
+            ),
+        }
+    return cluster
+
+
+def _upstream_extproc(opts: GatewayOptions) -> dict[str, Any]:
+    """Upstream-phase ext_proc: runs per attempt and learns the picked backend from metadata."""
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": _any(
+            "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            grpc_service=_grpc_service(opts.extproc_message_timeout_ms),
+            failure_mode_allow=opts.failure_mode == "open",
+            message_timeout=_ms(opts.extproc_message_timeout_ms),
+            processing_mode={
+                "request_header_mode": "SEND",
+                "response_header_mode": "SKIP",
+                "request_body_mode": "BUFFERED",
+                "response_body_mode": "NONE",
+            },
+            allow_mode_override=True,
+            request_attributes=["xds.upstream_host_metadata"],
+            mutation_rules={"allow_all_routing": True},
+        ),
+    }
+
+
+def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
+    providers = {p.id: p for p in cfg.providers}
+    out = []
+    for backend in cfg.backends:
+        out.append(_any("envoy.config.cluster.v3.Cluster", **_backend_cluster(backend, providers[backend.provider_id])))
+    upstream_filters = [
+        _upstream_extproc(opts),
+        {"name": "envoy.filters.http.upstream_codec",
+         "typed_config": _any("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec")},
+    ]
+    for policy in cfg.policies:
+        for i, pb_backend in enumerate(policy.backends):
+            if not pb_backend.target:
+                continue
+            out.append(_any(
+                "envoy.config.cluster.v3.Cluster",
+                name=pb_backend.target,
+                connect_timeout="1s",
+                lb_policy="CLUSTER_PROVIDED",
+                cluster_type={
+                    "name": "envoy.clusters.aggregate",
+                    "typed_config": _any(
+                        "envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                        clusters=[b.cluster for b in chain(cfg, policy, i)],
+                    ),
+                },
+                typed_extension_protocol_options=_http1_options(upstream_filters),
+            ))
+    return out
+
+
+# --------------------------------------------------------------------------- listener
+
+
+def _retry_policy(policy: pb.Policy) -> dict[str, Any]:
+    retry_on = sorted({_RETRY_ON[r] for r in policy.retry_on})
+    retry: dict[str, Any] = {
+        "retry_on": ",".join(retry_on) or "5xx",
+        "num_retries": max(policy.max_attempts - 1, 0),
+        # Each retry moves to the next priority of the aggregate cluster, i.e. the next backend.
+        "retry_priority": {
+            "name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": _any(
+                "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                update_frequency=1,
+            ),
+        },
+        "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
+    }
+    if "429" in policy.retry_on:
+        retry["retriable_status_codes"] = [429]
+    per_try = policy.hedge_delay_ms if policy.strategy == pb.FASTEST else policy.per_try_timeout_ms
+    if per_try:
+        retry["per_try_timeout"] = _ms(per_try)
+    return retry
+
+
+def _response_headers() -> list[dict[str, Any]]:
+    def header(name: str, value: str) -> dict[str, Any]:
+        return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+    return [
+        header("x-signalbox-provider", f"%UPSTREAM_METADATA({METADATA_NS}:provider)%"),
+        header("x-signalbox-model", f"%UPSTREAM_METADATA({METADATA_NS}:model)%"),
+        header("x-signalbox-policy", f"%DYNAMIC_METADATA({METADATA_NS}:policy)%"),
+        header("x-signalbox-reason", f"%DYNAMIC_METADATA({METADATA_NS}:reason)%"),
+    ]
+
+
+def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
+    routes: list[dict[str, Any]] = []
+    first_target = ""
+    for policy in cfg.policies:
+        for pb_backend in policy.backends:
+            if not pb_backend.target:
+                continue
+            first_target = first_target or pb_backend.target
+            route: dict[str, Any] = {
+                "cluster": pb_backend.target,
+                "timeout": _ms(policy.timeout_ms),
+                "auto_host_rewrite": True,
+                "retry_policy": _retry_policy(policy),
+            }
+            if policy.strategy == pb.FASTEST:
+                route["hedge_policy"] = {"hedge_on_per_try_timeout": True}
+            routes.append({
+                "name": pb_backend.target,
+                "match": {"prefix": "/", "headers": [
+                    {"name": TARGET_HEADER, "string_match": {"exact": pb_backend.target}}
+                ]},
+                "route": route,
+                "response_headers_to_add": _response_headers(),
+            })
+    # Requests reach this only if the router phase set no target (ext_proc failed open).
+    if opts.failure_mode == "open" and first_target:
+        routes.append({"name": "fail-open", "match": {"prefix": "/"},
+                       "route": {"cluster": first_target, "auto_host_rewrite": True}})
+    else:
+        unavailable = errors.RoutingUnavailable("the routing service did not choose a backend")
+        routes.append({
+            "name": "unrouted",
+            "match": {"prefix": "/"},
+            "direct_response": {"status": unavailable.status, "body": {"inline_bytes": _b64(unavailable.body())}},
+            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+        })
+    return routes
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def _local_reply_config(opts: GatewayOptions) -> dict[str, Any]:
+    """Envoy's own errors (body too large, ext_proc unreachable, upstream failed) as OpenAI JSON.
+
+    The ext_proc's refusals are local replies too and pass through these mappers, so each
+    mapper is narrow: 503/504 only with an upstream response flag (the ext_proc's 503s carry
+    none), 500 only arises from the ext_proc being unreachable, and the 413 text states the
+    same limit the ext_proc enforces.
+    """
+
+    def mapper(status: int, err: errors.RequestError, flags: list[str] | None = None) -> dict[str, Any]:
+        match: dict[str, Any] = {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+            "default_value": status, "runtime_key": f"signalbox.local_reply.{status}"}}}}
+        if flags:
+            match = {"and_filter": {"filters": [match, {"response_flag_filter": {"flags": flags}}]}}
+        return {
+            "filter": match,
+            "body": {"inline_string": err.body().decode()},
+            "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                                     "content_type": "application/json"},
+            "headers_to_add": [{"header": {"key": "x-signalbox-reason", "value": err.code},
+                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        }
+
+    upstream_flags = ["UH", "UF", "UO", "URX", "UC", "UT", "LR", "NR"]
+    return {"mappers": [
+        mapper(413, errors.PayloadTooLarge(too_large_message(opts.max_body_bytes))),
+        mapper(500, errors.RoutingUnavailable("the routing service is unavailable")),
+        mapper(503, errors.NoHealthyBackend("no backend could serve the request (all attempts failed)"),
+               upstream_flags),
+        mapper(504, errors.NoHealthyBackend("the upstream backend timed out"), upstream_flags),
+    ]}
+
+
+def too_large_message(limit: int) -> str:
+    return f"request body exceeds the gateway's limit of {limit} bytes"
+
+
+def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
+    router_extproc = _any(
+        "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        grpc_service=_grpc_service(opts.extproc_message_timeout_ms),
+        failure_mode_allow=opts.failure_mode == "open",
+        message_timeout=_ms(opts.extproc_message_timeout_ms),
+        processing_mode={
+            "request_header_mode": "SEND",
+            "response_header_mode": "SKIP",
+            "request_body_mode": "BUFFERED",
+            "response_body_mode": "NONE",
+        },
+        allow_mode_override=True,
+        mutation_rules={"allow_all_routing": True},
+        # The decision's policy and reason travel as dynamic metadata, not request headers, so
+        # they reach the response headers without ever being sent to a provider.
+        metadata_options={"receiving_namespaces": {"untyped": [METADATA_NS]}},
+    )
+    hcm = _any(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="signalbox",
+        codec_type="AUTO",
+        route_config={
+            "name": "signalbox",
+            "virtual_hosts": [{"name": "signalbox", "domains": ["*"], "routes": _routes(cfg, opts)}],
+            "request_headers_to_remove": [],
+        },
+        http_filters=[
+            {"name": "envoy.filters.http.ext_proc", "typed_config": router_extproc},
+            {"name": "envoy.filters.http.router",
+             "typed_config": _any("envoy.extensions.filters.http.router.v3.Router")},
+        ],
+        local_reply_config=_local_reply_config(opts),
+        stream_idle_timeout="300s",
+        use_remote_address=True,
+    )
+    return _any(
+        "envoy.config.listener.v3.Listener",
+        name=LISTENER_NAME,
+        address=_address(opts.listen_address, opts.listen_port),
+        per_connection_buffer_limit_bytes=opts.max_body_bytes + 64 * 1024,
+        filter_chains=[{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                     "typed_config": hcm}]}],
+    )

@@ -1,0 +1,103 @@
+"""The one error tree of Signalbox.
+
+Every failure a user can see is one of these classes. Each boundary maps them to its wire
+format in exactly one place: the ext_proc turns `RequestError` into an Envoy immediate response
+(`signalbox.extproc.wire.immediate_error`), Envoy's own local replies use `openai_error_body`
+through the generated `local_reply_config`, and the CLI and operator print `ConfigError.problems`.
+
+Messages never contain secret values: a key is named by where it lives (Secret name/key, env
+variable, file path), never by what it is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with one resource, located by a JSON path inside it."""
+
+    kind: str
+    name: str
+    path: str
+    message: str
+    namespace: str = "default"
+    # "Invalid" (the object itself is wrong) or "RefNotFound" (it names something missing);
+    # the operator maps them to the Accepted and ResolvedRefs conditions.
+    reason: str = "Invalid"
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}: {self.path}: {self.message}"
+
+
+class SignalboxError(Exception):
+    """Root of every error Signalbox raises on purpose."""
+
+
+class ConfigError(SignalboxError):
+    """Resources that cannot be compiled; carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in the routing resources:\n{lines}")
+
+
+class ConfigVersionError(SignalboxError):
+    """A compiled config whose schema version this data plane does not understand."""
+
+
+class RequestError(SignalboxError):
+    """A client request Signalbox refuses; rendered as an OpenAI-style JSON error.
+
+    Subclasses fix the HTTP status and the OpenAI `type`/`code`; the message is specific to the
+    request (which field, which alias, which limit).
+    """
+
+    status: int = 400
+    error_type: str = "invalid_request_error"
+    code: str = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> bytes:
+        return openai_error_body(self.message, self.error_type, self.code, self.param)
+
+
+class MalformedRequest(RequestError):
+    status, code = 400, "invalid_json"
+
+
+class UnsupportedPath(RequestError):
+    status, code = 404, "unknown_url"
+
+
+class UnknownModel(RequestError):
+    status, code = 404, "model_not_found"
+
+
+class PayloadTooLarge(RequestError):
+    status, code = 413, "request_too_large"
+
+
+class NoHealthyBackend(RequestError):
+    status, error_type, code = 503, "server_error", "no_healthy_backend"
+
+
+class RoutingUnavailable(RequestError):
+    """The routing service itself could not decide (used by Envoy's fail-closed local reply)."""
+
+    status, error_type, code = 503, "server_error", "routing_unavailable"
+
+
+def openai_error_body(message: str, error_type: str, code: str, param: str | None = None) -> bytes:
+    """The JSON body OpenAI clients parse into `openai.APIStatusError`."""
+    return json.dumps(
+        {"error": {"message": message, "type": error_type, "param": param, "code": code}},
+        separators=(",", ":"),
+    ).encode()

