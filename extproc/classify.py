@@ -141,6 +141,9 @@ _DEFAULT_TASK_RULES: list[tuple[str, str, str]] = [
     ("reasoning", "reasoning", _words(["why", "explain", "compare", "pros and cons", "analyze", "analyse",
                                        "reason", "step by step", "trade-off", "tradeoffs", "evaluate",
                                        "argue", "implications"])),
+    # Small talk often ends in "?" too; it must win over the question rule below.
+    ("chat", "small-talk", r"^\W*(hi|hello|hey|good (morning|afternoon|evening)|thanks|thank you|how are you|"
+     r"how's it going|what's up|nice to meet you)\b"),
     ("qa", "question", r"^\s*(what|who|when|where|which|how|is|are|does|do|can)\b|\?\s*$"),
 ]
 _EXPERT = _words(["prove", "proof", "formal verification", "theorem", "research-level", "novel algorithm",

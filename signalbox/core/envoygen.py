@@ -325,6 +325,7 @@ def _local_reply_config(opts: GatewayOptions) -> dict[str, Any]:
             match = {"and_filter": {"filters": [match, {"response_flag_filter": {"flags": flags}}]}}
         return {
             "filter": match,
+            "status_code": err.status,
             "body": {"inline_string": err.body().decode()},
             "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
                                      "content_type": "application/json"},

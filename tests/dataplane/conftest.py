@@ -1,0 +1,85 @@
+"""Fixtures for the dataplane tier: real Envoy + ext_proc (via LocalGateway) + fake providers.
+
+Fake providers run as separate processes (`signalbox fake-provider`, port 0) so the test's
+synchronous OpenAI client never shares an event loop with them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from signalbox.local import LocalGateway
+
+
+class Fake:
+    def __init__(self, ident: str):
+        self.id = ident
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "signalbox.cli", "fake-provider", "--id", ident, "--port", "0"],
+            stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()  # "fake-provider ID listening on http://127.0.0.1:PORT"
+        if "listening on" not in line:
+            raise RuntimeError(f"fake provider {ident} did not start: {line!r}")
+        self.url = line.rsplit(" ", 1)[1].strip()
+
+    def _call(self, path: str, payload: dict | None = None) -> dict:
+        data = json.dumps(payload).encode() if payload is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method="POST" if data is not None else "GET")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())
+
+    def behave(self, **behaviour) -> None:
+        self._call("/_fake/behaviour", behaviour)
+
+    def reset(self) -> None:
+        self._call("/_fake/reset", {})
+
+    def requests(self) -> list[dict]:
+        return self._call("/_fake/requests")["requests"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def fakes() -> Iterator[dict[str, Fake]]:
+    # flaky1/flaky2 are only ever failing primaries: Envoy's outlier detection ejects a backend
+    # after a run of 5xx, and that must not leak into tests that expect alpha..gamma healthy.
+    started = {name: Fake(name) for name in ("alpha", "beta", "gamma", "delta", "flaky1", "flaky2")}
+    yield started
+    for fake in started.values():
+        fake.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset_fakes(request):
+    if "fakes" in request.fixturenames:
+        for fake in request.getfixturevalue("fakes").values():
+            fake.reset()
+
+
+def start_gateway(tmp_path: Path, yaml_text: str, **options) -> LocalGateway:
+    config = tmp_path / "resources"
+    config.mkdir(exist_ok=True)
+    (config / "resources.yaml").write_text(yaml_text)
+    gateway = LocalGateway(paths=[str(config)], port=0, workdir=tmp_path / "work", start_fakes=False,
+                           **options)
+    try:
+        gateway.start()
+    except Exception:
+        gateway.stop()
+        raise
+    return gateway
+
+
+def logs(gateway: LocalGateway) -> str:
+    assert gateway.workdir
+    return "\n".join(p.read_text(errors="replace") for p in Path(gateway.workdir).glob("*.log"))

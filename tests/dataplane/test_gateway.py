@@ -1,0 +1,228 @@
+"""Real Envoy + the Signalbox ext_proc + fake providers, driven with the official OpenAI SDK."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import httpx
+import openai
+import pytest
+
+from signalbox.local import free_port
+from tests.factories import backend, dump, model, policy, provider
+
+from .conftest import logs, start_gateway
+
+pytestmark = pytest.mark.dataplane
+
+BETA_KEY = "sk-beta-secret-7f3a9c"
+CLIENT_TOKEN = "client-gateway-token"
+
+
+def resources(fakes) -> str:
+    dead_url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: connection refused
+    return dump(
+        provider("alpha", fakes["alpha"].url + "/v1", [model("a1", upstreamName="alpha-small", quality=0.5,
+                 inputPricePer1M=0.1, outputPricePer1M=0.4, contextWindow=8000,
+                 capabilities=["streaming", "json"])]),
+        provider("beta", fakes["beta"].url + "/v1", [model("b1", upstreamName="beta-large", quality=0.9,
+                 inputPricePer1M=3, outputPricePer1M=15, contextWindow=128000,
+                 capabilities=["streaming", "tools", "vision", "json"])], auth={"env": "BETA_KEY"}),
+        provider("gamma", fakes["gamma"].url + "/v1", [model("g1", upstreamName="gamma-mid", quality=0.75,
+                 inputPricePer1M=1, outputPricePer1M=2, contextWindow=32000,
+                 capabilities=["streaming", "tools", "json"])]),
+        provider("flaky1", fakes["flaky1"].url + "/v1", [model("f1", upstreamName="flaky-one")]),
+        provider("flaky2", fakes["flaky2"].url + "/v1", [model("f2", upstreamName="flaky-two")]),
+        provider("dead", dead_url, [model("d1")]),
+        provider("sick", fakes["delta"].url + "/v1", [model("s1")], healthy=False),
+        policy("split", ["split"], [backend("alpha", "a1", weight=3), backend("gamma", "g1", weight=1)]),
+        policy("failover", ["failover"], [backend("flaky1", "f1"), backend("beta", "b1", priority=1)],
+               strategy="failover"),
+        policy("failover-429", ["failover-429"], [backend("flaky2", "f2"), backend("beta", "b1", priority=1)],
+               strategy="failover"),
+        policy("refused", ["refused"], [backend("dead", "d1"), backend("beta", "b1", priority=1)],
+               strategy="failover"),
+        policy("cheap", ["cheap"], [backend("alpha", "a1"), backend("gamma", "g1"), backend("beta", "b1")],
+               strategy="cost"),
+        policy("bytask", ["bytask"], [backend("alpha", "a1"), backend("beta", "b1")], strategy="classified",
+               routes=[{"taskTypes": ["code"], "backends": ["beta/b1"]}, {"backends": ["alpha/a1"]}]),
+        policy("nothing", ["nothing"], [backend("sick", "s1")]),
+        policy("sticky", ["sticky"], [backend("alpha", "a1"), backend("gamma", "g1"), backend("beta", "b1")],
+               strategy="hash", hash={"header": "x-user"}),
+        policy("fastest", ["fastest"], [backend("alpha", "a1"), backend("gamma", "g1", priority=1)],
+               strategy="fastest", hedge={"delayMs": 200}),
+    )
+
+
+@pytest.fixture(scope="module")
+def gateway(fakes, tmp_path_factory):
+    gw = start_gateway(tmp_path_factory.mktemp("gw"), resources(fakes), env={"BETA_KEY": BETA_KEY},
+                       log_level="debug")
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    with openai.OpenAI(base_url=gateway.url, api_key=CLIENT_TOKEN, max_retries=0, timeout=20) as c:
+        yield c
+
+
+def ask(client, alias, text="hello", **kw):
+    raw = client.chat.completions.with_raw_response.create(
+        model=alias, messages=[{"role": "user", "content": text}], **kw)
+    return raw.parse(), raw.headers
+
+
+def served_by(headers) -> str:
+    return headers["x-signalbox-provider"]
+
+
+def test_weighted_three_to_one_split_over_2000_requests(client):
+    counts = Counter(served_by(ask(client, "split")[1]) for _ in range(2000))
+    assert sum(counts.values()) == 2000
+    assert abs(counts["alpha"] / 2000 - 0.75) <= 0.05, counts
+    assert abs(counts["gamma"] / 2000 - 0.25) <= 0.05, counts
+
+
+# Each failure kind gets its own primary: after a run of 5xx Envoy's outlier detection ejects
+# the primary for a while (requests then go straight to the fallback), which would hide the
+# next case's failover.
+@pytest.mark.parametrize(("status", "alias", "primary", "primary_model"), [
+    (500, "failover", "flaky1", "flaky-one"),
+    (429, "failover-429", "flaky2", "flaky-two"),
+])
+def test_failing_primary_loses_no_request(client, fakes, status, alias, primary, primary_model):
+    fakes[primary].behave(status=status)
+    fakes["beta"].behave(api_key=BETA_KEY)
+    for _ in range(20):
+        completion, headers = ask(client, alias)
+        assert completion.system_fingerprint == "beta"
+        assert completion.model == "beta-large"
+        assert headers["x-signalbox-provider"] == "beta" and headers["x-signalbox-model"] == "b1"
+    tried = fakes[primary].requests()
+    assert tried and all(r["model"] == primary_model for r in tried)
+    arrived = fakes["beta"].requests()
+    assert len(arrived) == 20
+    assert all(r["model"] == "beta-large" for r in arrived)  # its own model name, not alpha's
+    assert all(r["headers"]["Authorization"] == f"Bearer {BETA_KEY}" for r in arrived)  # its own key
+
+
+def test_refused_connection_fails_over(client, fakes):
+    fakes["beta"].behave(api_key=BETA_KEY)
+    for _ in range(10):
+        completion, headers = ask(client, "refused")
+        assert completion.system_fingerprint == "beta" and headers["x-signalbox-policy"] == "refused"
+    assert len(fakes["beta"].requests()) == 10
+
+
+def test_client_token_never_reaches_a_provider(client, fakes):
+    ask(client, "split")
+    for fake in fakes.values():
+        for r in fake.requests():
+            assert CLIENT_TOKEN not in str(r["headers"])
+            assert not any(k.lower().startswith("x-signalbox") for k in r["headers"])
+
+
+def test_cost_routing_picks_cheapest_eligible(client):
+    _, headers = ask(client, "cheap", "hi there")
+    assert served_by(headers) == "alpha" and headers["x-signalbox-reason"].startswith("cost:")
+    # Needs tools: alpha lacks them, gamma is the cheapest that has them.
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    assert served_by(ask(client, "cheap", "hi", tools=tools)[1]) == "gamma"
+    # Needs vision: only beta.
+    raw = client.chat.completions.with_raw_response.create(model="cheap", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "what is this"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    assert served_by(raw.headers) == "beta"
+    # ~15k tokens: over alpha's 8k context, within gamma's 32k.
+    assert served_by(ask(client, "cheap", "word " * 12000)[1]) == "gamma"
+    # Complex request: quality >= 0.7 rules alpha out.
+    assert served_by(ask(client, "cheap", "Explain step by step the design of a distributed cache")[1]) == "gamma"
+
+
+def test_classified_sends_code_and_chit_chat_to_different_backends(client):
+    code, code_headers = ask(client, "bytask", "Write a Python function that merges two sorted lists")
+    chat, chat_headers = ask(client, "bytask", "Good morning! How was your weekend?")
+    assert served_by(code_headers) == "beta" and code_headers["x-signalbox-reason"] == "classified:code/moderate"
+    assert served_by(chat_headers) == "alpha" and chat_headers["x-signalbox-reason"].startswith("classified:chat")
+
+
+def test_hash_keeps_a_user_on_one_backend(client):
+    for user in ("u1", "u2", "u3", "u4"):
+        seen = {served_by(ask(client, "sticky", extra_headers={"x-user": user})[1]) for _ in range(8)}
+        assert len(seen) == 1
+
+
+def test_fastest_races_the_next_backend_when_the_first_is_slow(client, fakes):
+    fakes["alpha"].behave(delay_ms=3000)
+    completion, headers = ask(client, "fastest")
+    assert completion.system_fingerprint == "gamma" and served_by(headers) == "gamma"
+
+
+def test_streaming_arrives_chunk_by_chunk(client):
+    arrivals, parts = [], []
+    stream = client.chat.completions.create(
+        model="split", messages=[{"role": "user", "content": "stream please"}], stream=True,
+        extra_headers={"x-fake-chunks": "5", "x-fake-chunk-delay-ms": "150"})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.monotonic())
+            parts.append(chunk.choices[0].delta.content)
+    assert parts == [f"chunk{i} " for i in range(5)]
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    # Buffered delivery would put all chunks within a few ms of each other.
+    assert min(gaps) > 0.08, gaps
+
+
+def test_bad_inputs_get_status_and_openai_error(gateway, client):
+    base = gateway.url
+    r = httpx.post(f"{base}/chat/completions", content=b"{broken", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert r.headers["x-signalbox-reason"] == "invalid_json"
+
+    with pytest.raises(openai.NotFoundError) as exc:
+        ask(client, "no-such-model")
+    assert exc.value.status_code == 404
+    assert "available: bytask, cheap, failover, failover-429, fastest, nothing, refused, split, sticky" \
+        in exc.value.message
+
+    big = b'{"model":"split","messages":[{"role":"user","content":"' + b"a" * (9 * 1024 * 1024) + b'"}]}'
+    r = httpx.post(f"{base}/chat/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    r = httpx.post(f"{base}/chat/completions", content=iter([big]), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"  # chunked, no length
+
+    with pytest.raises(openai.InternalServerError) as exc503:
+        ask(client, "nothing")
+    assert exc503.value.status_code == 503 and exc503.value.code == "no_healthy_backend"
+
+    r = httpx.get(f"{base.removesuffix('/v1')}/admin/secret")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+
+
+def test_models_endpoint_lists_aliases_for_sdk(client):
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["bytask", "cheap", "failover", "failover-429", "fastest", "nothing", "refused", "split",
+                   "sticky"]
+
+
+def test_every_response_carries_the_signalbox_headers(gateway, client):
+    _, ok = ask(client, "split")
+    err = httpx.post(f"{gateway.url}/chat/completions", json={"model": "nope"})
+    for headers in (ok, err.headers):
+        for name in ("x-signalbox-provider", "x-signalbox-model", "x-signalbox-policy", "x-signalbox-reason"):
+            assert headers.get(name), (name, dict(headers))
+
+
+def test_no_api_key_in_any_log_or_generated_file(gateway, client, fakes):
+    fakes["flaky1"].behave(status=500)
+    fakes["beta"].behave(api_key=BETA_KEY)
+    ask(client, "failover")
+    text = logs(gateway)
+    assert "generation 1 loaded" in text  # the logs were written, at debug level
+    assert BETA_KEY not in text
+    for path in gateway.workdir.rglob("*.json"):
+        assert BETA_KEY not in path.read_text(), path

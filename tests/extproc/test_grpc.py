@@ -1,0 +1,158 @@
+"""The ext_proc servicer over a real gRPC stream (grpc.aio, port 0) with Envoy's own protos."""
+
+import json
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from google.protobuf import json_format, struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from signalbox.core.compiler import compile_config
+from signalbox.extproc.reload import TableHolder
+from signalbox.extproc.server import serve
+from tests.factories import backend, model, policy, provider
+
+KEY = "sk-grpc-test-key"
+
+
+def routing_config(generation=1, weight_b=1):
+    providers = [
+        provider("a", "http://127.0.0.1:9001/v1", [model("m", upstreamName="model-a")], auth={"env": "A_KEY"}),
+        provider("b", "http://127.0.0.1:9002/v1", [model("m", upstreamName="model-b")]),
+    ]
+    pol = policy("p", ["auto"], [backend("a", "m", weight=1), backend("b", "m", weight=weight_b)],
+                 strategy="failover")
+    result = compile_config(providers, [pol], generation=generation)
+    assert result.ok
+    return result.config
+
+
+@pytest.fixture
+async def stub(monkeypatch):
+    monkeypatch.setenv("A_KEY", KEY)
+    holder = TableHolder()
+    holder.install(routing_config())
+    server, port = await serve(holder, "127.0.0.1:0", max_body_bytes=1024)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield ep_grpc.ExternalProcessorStub(channel), channel, holder
+    await channel.close()
+    await server.stop(None)
+
+
+def headers_msg(headers, end_of_stream=False, attributes=None):
+    req = ep.ProcessingRequest(request_headers=ep.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode())
+                                            for k, v in headers.items()]),
+        end_of_stream=end_of_stream))
+    for name, value in (attributes or {}).items():
+        req.attributes["envoy.filters.http.ext_proc"].fields[name].CopyFrom(struct_pb2.Value(string_value=value))
+    return req
+
+
+def body_msg(payload: bytes):
+    return ep.ProcessingRequest(request_body=ep.HttpBody(body=payload, end_of_stream=True))
+
+
+async def exchange(stub, *messages):
+    call = stub.Process()
+    out = []
+    for m in messages:
+        await call.write(m)
+        response = await call.read()
+        out.append(response)
+        if response.HasField("immediate_response"):
+            break
+    await call.done_writing()
+    return out
+
+
+def set_headers(mutation):
+    return {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
+
+
+CHAT = {":method": "POST", ":path": "/v1/chat/completions", "content-type": "application/json"}
+
+
+async def test_router_phase_selects_rewrites_and_clears_route_cache(stub):
+    s, _, _ = stub
+    payload = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    first, second = await exchange(s, headers_msg(CHAT), body_msg(payload))
+    assert first.HasField("request_headers")
+    common = second.request_body.response
+    assert common.status == ep.CommonResponse.CONTINUE_AND_REPLACE
+    assert json.loads(common.body_mutation.body)["model"] == "model-a"
+    assert common.clear_route_cache
+    headers = set_headers(common.header_mutation)
+    assert headers["x-signalbox-target"] == "t.default.p.0"
+    assert headers["content-length"] == str(len(common.body_mutation.body))
+    meta = json_format.MessageToDict(second.dynamic_metadata)
+    assert meta == {"signalbox": {"policy": "p", "reason": "failover:priority"}}
+
+
+async def test_router_phase_errors_are_openai_json_immediate_responses(stub):
+    s, _, _ = stub
+    (resp,) = await exchange(s, headers_msg({":method": "POST", ":path": "/v1/nope"}))
+    assert resp.immediate_response.status.code == 404
+    (_, resp) = await exchange(s, headers_msg(CHAT), body_msg(b'{"model": "gpt-9"}'))
+    err = json.loads(resp.immediate_response.body)["error"]
+    assert resp.immediate_response.status.code == 404 and err["code"] == "model_not_found"
+    assert "available: auto" in err["message"]
+    assert set_headers(resp.immediate_response.headers)["x-signalbox-reason"] == "model_not_found"
+    (resp,) = await exchange(s, headers_msg({**CHAT, "content-length": "5000"}))
+    assert resp.immediate_response.status.code == 413
+    (resp,) = await exchange(s, headers_msg({":method": "GET", ":path": "/v1/models"}, end_of_stream=True))
+    assert [m["id"] for m in json.loads(resp.immediate_response.body)["data"]] == ["auto"]
+
+
+def host_metadata(backend_id):
+    return (f'filter_metadata {{ key: "signalbox" value {{ fields {{ key: "backend" value {{ string_value: '
+            f'"{backend_id}" }} }} }} }} ')
+
+
+async def test_upstream_phase_first_attempt_sets_auth_and_skips_body(stub):
+    s, _, _ = stub
+    headers = {**CHAT, "authorization": "Bearer client", "x-signalbox-body-model": "model-a"}
+    (resp,) = await exchange(s, headers_msg(headers, attributes={"xds.upstream_host_metadata": host_metadata("default/a/m")}))
+    mutation = resp.request_headers.response.header_mutation
+    assert set_headers(mutation)["authorization"] == f"Bearer {KEY}"
+    assert set_headers(mutation)[":authority"] == "127.0.0.1:9001"
+    assert "x-signalbox-target" in mutation.remove_headers
+    # Body already names model-a: Envoy is told not to send it.
+    from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
+
+    assert resp.HasField("mode_override")
+    assert resp.mode_override.request_body_mode == pm.ProcessingMode.NONE
+
+
+async def test_upstream_phase_failover_attempt_rewrites_model_and_drops_client_auth(stub):
+    s, _, _ = stub
+    headers = {**CHAT, "authorization": "Bearer client", "x-signalbox-body-model": "model-a"}
+    attrs = {"xds.upstream_host_metadata": host_metadata("default/b/m")}
+    first, second = await exchange(s, headers_msg(headers, attributes=attrs),
+                                   body_msg(b'{"model":"model-a","messages":[]}'))
+    assert "authorization" in first.request_headers.response.header_mutation.remove_headers
+    assert not first.HasField("mode_override")
+    assert json.loads(second.request_body.response.body_mutation.body)["model"] == "model-b"
+
+
+async def test_bad_config_file_keeps_the_good_table(stub, tmp_path):
+    _, _, holder = stub
+    good = tmp_path / "config.json"
+    good.write_text(json_format.MessageToJson(routing_config(generation=2)))
+    assert holder.load_file(good) and holder.current.generation == 2
+    good.write_text("{not json")
+    assert not holder.load_file(good)
+    future = routing_config(generation=3)
+    future.schema_version = 42
+    good.write_text(json_format.MessageToJson(future))
+    assert not holder.load_file(good)
+    assert holder.current.generation == 2 and holder.reload_failures == 2
+
+
+async def test_health_service_reports_serving(stub):
+    _, channel, _ = stub
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -1,0 +1,125 @@
+from pathlib import Path
+
+import pytest
+
+from signalbox.core import loader
+from signalbox.core.compiler import SCHEMA_VERSION, chain, compile_config
+from signalbox.core.errors import ConfigError
+from tests.factories import backend, model, policy, provider
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def two_providers(**kw):
+    return [
+        provider("a", "http://127.0.0.1:1/v1", [model("m1", quality=0.6), model("m2")], **kw),
+        provider("b", "https://api.example.com/v1", [model("big", upstreamName="big-2025")],
+                 auth={"secretRef": {"name": "b-key", "key": "apiKey"}}),
+    ]
+
+
+def test_quickstart_compiles_to_versioned_config():
+    docs = loader.load([ROOT / "examples" / "quickstart"])
+    result = compile_config(docs.providers, docs.policies, generation=7)
+    assert result.ok, result.problems
+    cfg = result.config
+    assert cfg.schema_version == SCHEMA_VERSION and cfg.generation == 7
+    assert len(cfg.content_hash) == 64
+    assert {p.name for p in cfg.policies} == {"auto", "balanced", "by-task"}
+
+
+def test_every_problem_is_reported_with_its_json_path():
+    providers = [provider("a", "ftp://nowhere", [model("m1", quality=1.5), model("m1")])]
+    policies = [
+        policy("p", ["x"], [backend("a", "m1"), backend("ghost", "m9")], strategy="teleport"),
+        policy("q", ["y"], [backend("missing", "m1")]),
+    ]
+    result = compile_config(providers, policies)
+    assert not result.ok
+    paths = {(p.name, p.path) for p in result.problems}
+    assert ("a", "spec.baseUrl") in paths
+    assert ("a", "spec.models[0].quality") in paths
+    assert ("p", "spec.strategy") in paths
+    assert ("q", "spec.backends[0].provider") in paths
+    ref = next(p for p in result.problems if p.name == "q")
+    assert ref.reason == "RefNotFound" and "AIProvider default/missing not found" in ref.message
+
+
+def test_unknown_model_names_what_the_provider_has():
+    result = compile_config(two_providers(), [policy("p", ["x"], [backend("a", "nope")])])
+    (problem,) = result.problems
+    assert problem.path == "spec.backends[0].model"
+    assert "has: m1, m2" in problem.message
+
+
+def test_duplicate_alias_is_a_problem_but_header_variants_are_not():
+    backends = [backend("a", "m1")]
+    same = compile_config(two_providers(), [policy("p1", ["auto"], backends), policy("p2", ["auto"], backends)])
+    assert [p.path for p in same.problems] == ["spec.match.models[0]"]
+    variant = policy("p2", ["auto"], backends)
+    variant["spec"]["match"]["headers"] = [{"name": "X-Team", "value": "search"}]
+    assert compile_config(two_providers(), [policy("p1", ["auto"], backends), variant]).ok
+
+
+def test_missing_secret_is_reported_only_when_secrets_are_known():
+    pol = [policy("p", ["x"], [backend("b", "big")])]
+    assert compile_config(two_providers(), pol).ok
+    result = compile_config(two_providers(), pol, secrets_present=set())
+    (problem,) = result.problems
+    assert problem.path == "spec.auth.secretRef" and problem.reason == "RefNotFound"
+    assert compile_config(two_providers(), pol, secrets_present={("default", "b-key", "apiKey")}).ok
+
+
+def test_failover_chains_follow_priority_and_skip_unhealthy():
+    providers = [
+        provider("a", "http://127.0.0.1:1/v1", [model("m1")]),
+        provider("b", "http://127.0.0.1:2/v1", [model("m1")]),
+        provider("c", "http://127.0.0.1:3/v1", [model("m1")], healthy=False),
+    ]
+    backends = [backend("a", "m1", priority=2), backend("b", "m1", priority=1), backend("c", "m1", priority=0)]
+    cfg = compile_config(providers, [policy("p", ["x"], backends, strategy="failover")]).config
+    pol = cfg.policies[0]
+    assert pol.backends[2].target == ""  # unhealthy: never a first choice
+    assert [b.id for b in chain(cfg, pol, 0)] == ["default/a/m1", "default/b/m1"]
+    assert [b.id for b in chain(cfg, pol, 1)] == ["default/b/m1", "default/a/m1"]
+    assert pol.max_attempts == 2
+
+
+def test_content_hash_is_stable_and_tracks_content():
+    pol = [policy("p", ["x"], [backend("a", "m1")])]
+    h1 = compile_config(two_providers(), pol, generation=1).config.content_hash
+    h2 = compile_config(list(reversed(two_providers())), pol, generation=2).config.content_hash
+    pol[0]["spec"]["backends"][0]["weight"] = 5
+    h3 = compile_config(two_providers(), pol).config.content_hash
+    assert h1 == h2 != h3
+
+
+def test_classified_routes_must_name_declared_backends():
+    pol = policy("p", ["x"], [backend("a", "m1")], strategy="classified",
+                 routes=[{"taskTypes": ["code"], "backends": ["a/m2"]}])
+    (problem,) = compile_config(two_providers(), [pol]).problems
+    assert "a/m2" in problem.message
+
+
+def test_invalid_rule_regex_is_reported():
+    pol = policy("p", ["x"], [backend("a", "m1")],
+                 classification={"rules": [{"name": "r", "patterns": ["(unclosed"], "taskType": "code"}]})
+    (problem,) = compile_config(two_providers(), [pol]).problems
+    assert problem.path == "spec.classification.rules[0].patterns[0]"
+
+
+def test_compiled_config_names_secrets_never_values(monkeypatch):
+    monkeypatch.setenv("SECRET_ENV", "sk-live-should-not-appear")
+    prov = provider("a", "http://127.0.0.1:1/v1", [model("m1")], auth={"env": "SECRET_ENV"})
+    cfg = compile_config([prov], [policy("p", ["x"], [backend("a", "m1")])]).config
+    raw = cfg.SerializeToString()
+    assert b"SECRET_ENV" in raw and b"sk-live" not in raw
+
+
+def test_loader_reports_bad_yaml_and_wrong_api_version(tmp_path):
+    (tmp_path / "a.yaml").write_text("kind: AIProvider\napiVersion: signalbox.io/v9\nmetadata: {name: x}\n")
+    (tmp_path / "b.yaml").write_text("key: [unclosed\n")
+    with pytest.raises(ConfigError) as exc:
+        loader.load([tmp_path])
+    messages = " ".join(p.message for p in exc.value.problems)
+    assert "must be signalbox.io/v1alpha1" in messages and "cannot read YAML" in messages

@@ -1,0 +1,125 @@
+import json
+
+import pytest
+
+from signalbox.core.compiler import compile_config
+from signalbox.core.errors import MalformedRequest, PayloadTooLarge, UnknownModel, UnsupportedPath
+from signalbox.extproc import decide
+from signalbox.extproc.runtime import RuntimeTable, SecretValue, default_key_resolver
+from signalbox.extproc.strategies import SelectionState
+from tests.factories import backend, model, policy, provider
+
+KEY = "sk-test-123456789"
+
+
+@pytest.fixture
+def table(monkeypatch, tmp_path):
+    monkeypatch.setenv("OAI_KEY", KEY)
+    (tmp_path / "az").write_text("az-key-987\n")
+    providers = [
+        provider("oai", "https://api.openai.com/v1", [model("gpt", upstreamName="gpt-4o-mini")],
+                 type="openai", auth={"env": "OAI_KEY"}),
+        provider("az", "https://res.openai.azure.com", [model("dep", upstreamName="prod-deploy")],
+                 type="azure-openai", auth={"file": str(tmp_path / "az")}, azure={"apiVersion": "2024-06-01"}),
+        provider("vllm", "http://vllm.llm.svc:8000/v1", [model("llama")]),
+    ]
+    general = policy("general", ["auto"], [backend("oai", "gpt"), backend("az", "dep"), backend("vllm", "llama")],
+                     strategy="failover")
+    team = policy("team", ["auto"], [backend("vllm", "llama")])
+    team["spec"]["match"]["headers"] = [{"name": "x-team", "value": "ml"}]
+    result = compile_config(providers, [general, team])
+    assert result.ok, result.problems
+    return RuntimeTable.from_config(result.config, default_key_resolver())
+
+
+def body(model_name="auto", **extra):
+    return json.dumps({"model": model_name, "messages": [{"role": "user", "content": "hi"}], **extra}).encode()
+
+
+def test_router_phase_rewrites_model_and_names_target(table):
+    out = decide.decide(table, SelectionState(), "/v1/chat/completions", {}, body(temperature=0.2))
+    assert json.loads(out.body) == {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+                                    "temperature": 0.2}
+    headers = dict(out.set_headers)
+    assert headers[decide.TARGET] == out.selection.choice.target and headers[decide.TARGET].startswith("t.")
+    assert headers[decide.BODY_MODEL] == "gpt-4o-mini"
+    assert out.policy.name == "general"
+
+
+def test_more_specific_header_match_wins(table):
+    out = decide.decide(table, SelectionState(), "/v1/chat/completions", {"x-team": "ml"}, body())
+    assert out.policy.name == "team"
+
+
+def test_bad_requests_get_specific_errors(table):
+    state = SelectionState()
+    with pytest.raises(MalformedRequest, match="not valid JSON"):
+        decide.decide(table, state, "/v1/chat/completions", {}, b"{nope")
+    with pytest.raises(MalformedRequest, match="'model'"):
+        decide.decide(table, state, "/v1/chat/completions", {}, b'{"messages": []}')
+    with pytest.raises(UnknownModel, match="available: auto"):
+        decide.decide(table, state, "/v1/chat/completions", {}, body("gpt-5"))
+    with pytest.raises(PayloadTooLarge, match="limit of 10 bytes"):
+        decide.decide(table, state, "/v1/chat/completions", {}, body(), max_body_bytes=10)
+    with pytest.raises(PayloadTooLarge):
+        decide.check_length({"content-length": "11"}, 10)
+
+
+def test_paths():
+    assert decide.check_path("POST", "/v1/chat/completions?x=1") == "route"
+    assert decide.check_path("GET", "/v1/models") == "models"
+    with pytest.raises(UnsupportedPath, match="GET is not supported"):
+        decide.check_path("GET", "/v1/chat/completions")
+    with pytest.raises(UnsupportedPath, match="unknown path '/admin'"):
+        decide.check_path("POST", "/admin")
+
+
+def test_models_listing_is_openai_shaped(table):
+    listing = json.loads(decide.models_listing(table))
+    assert listing["object"] == "list" and [m["id"] for m in listing["data"]] == ["auto"]
+
+
+def test_upstream_phase_sets_backend_path_authority_and_auth(table):
+    client = {"authorization": "Bearer client-gateway-token", decide.BODY_MODEL: "gpt-4o-mini"}
+    oai = decide.upstream(table, "default/oai/gpt", "/v1/chat/completions", client)
+    headers = dict(oai.set_headers)
+    assert headers[":path"] == "/v1/chat/completions"
+    assert headers[":authority"] == "api.openai.com"
+    assert headers["authorization"] == f"Bearer {KEY}"
+    assert "authorization" not in oai.remove_headers and decide.TARGET in oai.remove_headers
+    assert oai.rewrite_body is False
+
+    az = decide.upstream(table, "default/az/dep", "/v1/chat/completions", client)
+    headers = dict(az.set_headers)
+    assert headers[":path"] == "/openai/deployments/prod-deploy/chat/completions?api-version=2024-06-01"
+    assert headers["api-key"] == "az-key-987"
+    assert "authorization" in az.remove_headers  # the client's gateway token never reaches a provider
+    assert az.rewrite_body is True  # failover attempt: body still names gpt-4o-mini
+
+    vllm = decide.upstream(table, "default/vllm/llama", "/v1/completions", client)
+    assert dict(vllm.set_headers)[":authority"] == "vllm.llm.svc:8000"
+    assert "authorization" in vllm.remove_headers
+
+
+def test_upstream_rewrite_model_keeps_everything_else():
+    new = decide.rewrite_model(b'{"model":"a","stream":true,"n":2}', "b")
+    assert json.loads(new) == {"model": "b", "stream": True, "n": 2}
+
+
+def test_unknown_backend_in_upstream_phase_fails_loudly(table):
+    with pytest.raises(LookupError, match="not in routing config"):
+        decide.upstream(table, "default/gone/x", "/v1/chat/completions", {})
+
+
+def test_keys_never_show_in_reprs(table):
+    rendered = repr(table)
+    assert KEY not in rendered and "az-key-987" not in rendered
+    assert str(SecretValue("abc")) == "SecretValue(<redacted>)"
+
+
+def test_unknown_schema_version_is_refused(table):
+    from signalbox.api.v1alpha1 import config_pb2 as pb
+    from signalbox.core.errors import ConfigVersionError
+
+    with pytest.raises(ConfigVersionError, match="schema version 99"):
+        RuntimeTable.from_config(pb.RoutingConfig(schema_version=99))

@@ -1,0 +1,82 @@
+import json
+
+from signalbox.core import envoygen
+from signalbox.core.compiler import compile_config
+from tests.factories import backend, model, policy, provider
+
+
+def config(strategy="weighted", **spec):
+    providers = [
+        provider("a", "http://127.0.0.1:9001/v1", [model("m")]),
+        provider("b", "https://api.example.com/v1", [model("m")], auth={"env": "B_KEY"}),
+    ]
+    result = compile_config(providers, [policy("p", ["x"], [backend("a", "m"), backend("b", "m", priority=1)],
+                                               strategy=strategy, **spec)])
+    assert result.ok, result.problems
+    return result.config
+
+
+def by_name(items):
+    return {i["name"]: i for i in items}
+
+
+def test_one_aggregate_cluster_per_target_in_failover_order():
+    clusters = by_name(envoygen.clusters(config(), envoygen.GatewayOptions()))
+    agg = clusters["t.default.p.0"]["cluster_type"]["typed_config"]["clusters"]
+    assert agg == ["b.default.a.m", "b.default.b.m"]
+    assert clusters["t.default.p.1"]["cluster_type"]["typed_config"]["clusters"] == ["b.default.b.m", "b.default.a.m"]
+    filters = clusters["t.default.p.0"]["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]
+    assert [f["name"] for f in filters] == ["envoy.filters.http.ext_proc", "envoy.filters.http.upstream_codec"]
+    assert filters[0]["typed_config"]["request_attributes"] == ["xds.upstream_host_metadata"]
+
+
+def test_backend_cluster_carries_metadata_tls_and_outlier_detection():
+    clusters = by_name(envoygen.clusters(config(), envoygen.GatewayOptions()))
+    b = clusters["b.default.b.m"]
+    md = b["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["metadata"]["filter_metadata"]["signalbox"]
+    assert md == {"backend": "default/b/m", "provider": "b", "model": "m"}
+    assert b["transport_socket"]["typed_config"]["sni"] == "api.example.com"
+    assert "transport_socket" not in clusters["b.default.a.m"]
+    assert b["outlier_detection"]["consecutive_5xx"] > 0
+
+
+def test_routes_retry_on_failures_and_move_to_next_priority():
+    lds = envoygen.listener(config(), envoygen.GatewayOptions())
+    hcm = lds["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = by_name(hcm["route_config"]["virtual_hosts"][0]["routes"])
+    retry = routes["t.default.p.0"]["route"]["retry_policy"]
+    assert set(retry["retry_on"].split(",")) == {"5xx", "reset", "connect-failure", "retriable-status-codes"}
+    assert retry["retriable_status_codes"] == [429] and retry["num_retries"] == 1
+    assert retry["retry_priority"]["name"] == "envoy.retry_priorities.previous_priorities"
+    assert routes["t.default.p.0"]["match"]["headers"][0]["string_match"] == {"exact": "t.default.p.0"}
+    assert routes["unrouted"]["direct_response"]["status"] == 503
+
+
+def test_fastest_hedges_after_delay():
+    lds = envoygen.listener(config("fastest", hedge={"delayMs": 250}), envoygen.GatewayOptions())
+    routes = lds["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    route = routes[0]["route"]
+    assert route["hedge_policy"] == {"hedge_on_per_try_timeout": True}
+    assert route["retry_policy"]["per_try_timeout"] == "0.250s"
+
+
+def test_fail_open_routes_unrouted_requests_instead_of_refusing():
+    opts = envoygen.GatewayOptions(failure_mode="open")
+    lds = envoygen.listener(config(), opts)
+    hcm = lds["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["http_filters"][0]["typed_config"]["failure_mode_allow"] is True
+    assert hcm["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]["cluster"] == "t.default.p.0"
+
+
+def test_generated_resources_hold_no_key_values(monkeypatch):
+    monkeypatch.setenv("B_KEY", "sk-very-secret")
+    text = json.dumps(envoygen.resources(config(), envoygen.GatewayOptions()))
+    assert "sk-very-secret" not in text
+
+
+def test_bootstrap_watches_files_and_uses_unix_socket_for_extproc():
+    boot = envoygen.bootstrap(envoygen.GatewayOptions(extproc_socket="/run/sb.sock"), "/cfg")
+    assert boot["dynamic_resources"]["lds_config"]["path_config_source"]["watched_directory"] == {"path": "/cfg"}
+    ep = boot["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert ep["endpoint"]["address"] == {"pipe": {"path": "/run/sb.sock"}}
