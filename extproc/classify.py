@@ -59,8 +59,11 @@ class CompiledRule:
             return False
         if self.max_tokens >= 0 and f.estimated_tokens > self.max_tokens:
             return False
-        for flag, value in ((self.has_tools, f.has_tools), (self.has_images, f.has_images),
-                            (self.json_mode, f.json_mode)):
+        for flag, value in (
+            (self.has_tools, f.has_tools),
+            (self.has_images, f.has_images),
+            (self.json_mode, f.json_mode),
+        ):
             if flag and (flag == 1) != value:
                 return False
         return self.regex is None or self.regex.search(f.text) is not None
@@ -96,7 +99,9 @@ def features(body: dict[str, Any]) -> Features:
                 last_user = text
     else:
         prompt = body.get("prompt", body.get("input", ""))
-        last_user = prompt if isinstance(prompt, str) else " ".join(map(str, prompt)) if isinstance(prompt, list) else ""
+        last_user = (
+            prompt if isinstance(prompt, str) else " ".join(map(str, prompt)) if isinstance(prompt, list) else ""
+        )
         total_chars = len(last_user)
     response_format = body.get("response_format")
     json_mode = isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
@@ -119,44 +124,191 @@ def _words(words: Iterable[str]) -> str:
 # Built-in defaults, tried after a policy's own rules. Ordered: the first that fires decides the
 # field it sets. Deliberately small and readable; the semantic tier is where accuracy comes from.
 _DEFAULT_TASK_RULES: list[tuple[str, str, str]] = [
-    ("code", "code-markers", r"```|\bdef \w+\(|\bfunction\s*\w*\(|#include|\bSELECT\b.+\bFROM\b|"
-     r"=>|\bimport \w+|\bclass \w+[:({]|console\.log|\bstack ?trace\b|\btraceback\b"),
-    ("code", "code-words", _words([
-        "python", "javascript", "typescript", "java", "rust", "golang", "c++", "sql", "regex",
-        "function", "compile", "compiler", "debug", "refactor", "unit test", "api endpoint",
-        "script", "bash", "kubernetes yaml", "dockerfile", "algorithm", "bug",
-    ])),
-    ("translation", "translate", r"\btranslat(e|ion)\b|\bin (french|spanish|german|italian|chinese|"
-     r"japanese|portuguese|russian|korean|arabic)\b"),
-    ("summarization", "summarize", _words(["summarize", "summarise", "summary", "tl;dr", "tldr",
-                                           "key points", "condense", "shorten this"])),
-    ("math", "math", r"\d+\s*[-+*/^]\s*\d+|" + _words([
-        "solve", "equation", "integral", "derivative", "calculate", "probability", "percent",
-        "arithmetic", "algebra", "geometry", "theorem", "prime", "how many", "sum of", "math",
-    ])),
-    ("extraction", "extract", _words(["extract", "list all", "pull out", "parse the", "fill in the json",
-                                      "named entities", "classify the following"])),
-    ("creative", "creative", _words(["poem", "story", "haiku", "song", "lyrics", "limerick", "fiction",
-                                     "creative", "slogan", "imagine", "screenplay", "joke"])),
-    ("reasoning", "reasoning", _words(["why", "explain", "compare", "pros and cons", "analyze", "analyse",
-                                       "reason", "step by step", "trade-off", "tradeoffs", "evaluate",
-                                       "argue", "implications"])),
+    (
+        "code",
+        "code-markers",
+        r"```|\bdef \w+\(|\bfunction\s*\w*\(|#include|\bSELECT\b.+\bFROM\b|"
+        r"=>|\bimport \w+|\bclass \w+[:({]|console\.log|\bstack ?trace\b|\btraceback\b",
+    ),
+    (
+        "code",
+        "code-words",
+        _words(
+            [
+                "python",
+                "javascript",
+                "typescript",
+                "java",
+                "rust",
+                "golang",
+                "c++",
+                "sql",
+                "regex",
+                "function",
+                "compile",
+                "compiler",
+                "debug",
+                "refactor",
+                "unit test",
+                "api endpoint",
+                "script",
+                "bash",
+                "kubernetes yaml",
+                "dockerfile",
+                "algorithm",
+                "bug",
+            ]
+        ),
+    ),
+    (
+        "translation",
+        "translate",
+        r"\btranslat(e|ion)\b|\bin (french|spanish|german|italian|chinese|"
+        r"japanese|portuguese|russian|korean|arabic)\b",
+    ),
+    (
+        "summarization",
+        "summarize",
+        _words(["summarize", "summarise", "summary", "tl;dr", "tldr", "key points", "condense", "shorten this"]),
+    ),
+    (
+        "math",
+        "math",
+        r"\d+\s*[-+*/^]\s*\d+|"
+        + _words(
+            [
+                "solve",
+                "equation",
+                "integral",
+                "derivative",
+                "calculate",
+                "probability",
+                "percent",
+                "arithmetic",
+                "algebra",
+                "geometry",
+                "theorem",
+                "prime",
+                "how many",
+                "sum of",
+                "math",
+            ]
+        ),
+    ),
+    (
+        "extraction",
+        "extract",
+        _words(
+            [
+                "extract",
+                "list all",
+                "pull out",
+                "parse the",
+                "fill in the json",
+                "named entities",
+                "classify the following",
+            ]
+        ),
+    ),
+    (
+        "creative",
+        "creative",
+        _words(
+            [
+                "poem",
+                "story",
+                "haiku",
+                "song",
+                "lyrics",
+                "limerick",
+                "fiction",
+                "creative",
+                "slogan",
+                "imagine",
+                "screenplay",
+                "joke",
+            ]
+        ),
+    ),
+    (
+        "reasoning",
+        "reasoning",
+        _words(
+            [
+                "why",
+                "explain",
+                "compare",
+                "pros and cons",
+                "analyze",
+                "analyse",
+                "reason",
+                "step by step",
+                "trade-off",
+                "tradeoffs",
+                "evaluate",
+                "argue",
+                "implications",
+            ]
+        ),
+    ),
     # Small talk often ends in "?" too; it must win over the question rule below.
-    ("chat", "small-talk", r"^\W*(hi|hello|hey|good (morning|afternoon|evening)|thanks|thank you|how are you|"
-     r"how's it going|what's up|nice to meet you)\b"),
+    (
+        "chat",
+        "small-talk",
+        r"^\W*(hi|hello|hey|good (morning|afternoon|evening)|thanks|thank you|how are you|"
+        r"how's it going|what's up|nice to meet you)\b",
+    ),
     ("qa", "question", r"^\s*(what|who|when|where|which|how|is|are|does|do|can)\b|\?\s*$"),
 ]
-_EXPERT = _words(["prove", "proof", "formal verification", "theorem", "research-level", "novel algorithm",
-                  "distributed consensus", "np-hard", "derive"])
-_COMPLEX = _words(["step by step", "design", "architecture", "optimize", "analyze", "analyse", "in detail",
-                   "comprehensive", "trade-off", "tradeoffs", "multi-step", "refactor", "implement"])
+_EXPERT = _words(
+    [
+        "prove",
+        "proof",
+        "formal verification",
+        "theorem",
+        "research-level",
+        "novel algorithm",
+        "distributed consensus",
+        "np-hard",
+        "derive",
+    ]
+)
+_COMPLEX = _words(
+    [
+        "step by step",
+        "design",
+        "architecture",
+        "optimize",
+        "analyze",
+        "analyse",
+        "in detail",
+        "comprehensive",
+        "trade-off",
+        "tradeoffs",
+        "multi-step",
+        "refactor",
+        "implement",
+    ]
+)
 
 
 def _default_rules() -> list[CompiledRule]:
-    def rule(name: str, pattern: str, task: str = "", complexity: str = "", confidence: float = 0.7,
-             min_tokens: int = -1) -> CompiledRule:
-        return CompiledRule(name, re.compile(pattern, re.IGNORECASE) if pattern else None, min_tokens, -1,
-                            0, 0, 0, task, complexity, confidence, "default")
+    def rule(
+        name: str, pattern: str, task: str = "", complexity: str = "", confidence: float = 0.7, min_tokens: int = -1
+    ) -> CompiledRule:
+        return CompiledRule(
+            name,
+            re.compile(pattern, re.IGNORECASE) if pattern else None,
+            min_tokens,
+            -1,
+            0,
+            0,
+            0,
+            task,
+            complexity,
+            confidence,
+            "default",
+        )
 
     rules = [rule(name, pattern, task=task) for task, name, pattern in _DEFAULT_TASK_RULES]
     rules += [
@@ -175,8 +327,21 @@ def compile_rules(rules: Iterable[pb.Rule], use_defaults: bool) -> tuple[Compile
     for r in rules:
         alternatives = list(r.patterns) + ([_words(r.keywords)] if r.keywords else [])
         regex = re.compile("|".join(f"(?:{a})" for a in alternatives), re.IGNORECASE) if alternatives else None
-        out.append(CompiledRule(r.name, regex, r.min_tokens, r.max_tokens, r.has_tools, r.has_images,
-                                r.json_mode, r.task_type, r.complexity, 0.9, "rules"))
+        out.append(
+            CompiledRule(
+                r.name,
+                regex,
+                r.min_tokens,
+                r.max_tokens,
+                r.has_tools,
+                r.has_images,
+                r.json_mode,
+                r.task_type,
+                r.complexity,
+                0.9,
+                "rules",
+            )
+        )
     return tuple(out) + (DEFAULT_RULES if use_defaults else ())
 
 

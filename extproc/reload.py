@@ -39,17 +39,24 @@ class TableHolder:
         """Try to install the config in `path`; on any failure keep the current table."""
         try:
             cfg = json_format.Parse(Path(path).read_text(), pb.RoutingConfig())
-            if cfg.content_hash and cfg.content_hash == self.current.content_hash \
-                    and cfg.generation == self.current.generation:
+            if (
+                cfg.content_hash
+                and cfg.content_hash == self.current.content_hash
+                and cfg.generation == self.current.generation
+            ):
                 return True
             table = self.install(cfg)
         except (OSError, json_format.ParseError, ConfigVersionError, KeyError, ValueError) as exc:
             self.reload_failures += 1
-            log.error("keeping routing config generation %s: cannot load %s: %s",
-                      self.current.generation, path, exc)
+            log.error("keeping routing config generation %s: cannot load %s: %s", self.current.generation, path, exc)
             return False
-        log.info("routing config generation %s loaded (%d policies, %d backends, hash %s)",
-                 table.generation, len(table.policies), len(table.backends), table.content_hash[:12])
+        log.info(
+            "routing config generation %s loaded (%d policies, %d backends, hash %s)",
+            table.generation,
+            len(table.policies),
+            len(table.backends),
+            table.content_hash[:12],
+        )
         return True
 
     async def watch(self, path: str | Path, stop: asyncio.Event) -> None:

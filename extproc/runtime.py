@@ -8,7 +8,6 @@ reference; each gRPC stream reads the reference once.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,16 +159,26 @@ class RuntimeTable:
             authority = p.host if p.port == default_port else f"{p.host}:{p.port}"
             has_auth = p.HasField("auth")
             providers[p.id] = ProviderRuntime(
-                id=p.id, name=p.name, azure=p.type == pb.AZURE_OPENAI, authority=authority,
-                base_path=p.base_path, azure_api_version=p.azure_api_version,
+                id=p.id,
+                name=p.name,
+                azure=p.type == pb.AZURE_OPENAI,
+                authority=authority,
+                base_path=p.base_path,
+                azure_api_version=p.azure_api_version,
                 auth_header=p.auth.header if has_auth else "",
                 auth_value=_with_prefix(p.auth.prefix, resolve_key(p.auth)) if has_auth else None,
             )
         backends = [
             BackendRuntime(
-                id=b.id, provider=providers[b.provider_id], model=b.model, upstream_model=b.upstream_model,
-                input_price=b.input_price_per_1m, output_price=b.output_price_per_1m, quality=b.quality,
-                context_window=b.context_window, capabilities=frozenset(b.capabilities),
+                id=b.id,
+                provider=providers[b.provider_id],
+                model=b.model,
+                upstream_model=b.upstream_model,
+                input_price=b.input_price_per_1m,
+                output_price=b.output_price_per_1m,
+                quality=b.quality,
+                context_window=b.context_window,
+                capabilities=frozenset(b.capabilities),
                 latency_prior_ms=b.latency_prior_ms,
             )
             for b in cfg.backends
@@ -184,8 +193,11 @@ class RuntimeTable:
             for a, ps in by_alias.items()
         }
         return cls(
-            generation=cfg.generation, content_hash=cfg.content_hash, by_alias=ordered,
-            backends={b.id: b for b in backends}, policies=policies,
+            generation=cfg.generation,
+            content_hash=cfg.content_hash,
+            by_alias=ordered,
+            backends={b.id: b for b in backends},
+            policies=policies,
         )
 
 
@@ -202,21 +214,24 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
     choices = tuple(sorted(choices_by_index.values(), key=lambda c: (c.priority, c.index)))
     routes = tuple(
         ClassRouteRuntime(
-            task_types=frozenset(r.task_types), complexities=frozenset(r.complexities),
+            task_types=frozenset(r.task_types),
+            complexities=frozenset(r.complexities),
             choices=tuple(choices_by_index[i] for i in r.backends if i in choices_by_index),
         )
         for r in p.routes
     )
     return PolicyRuntime(
-        id=p.id, name=p.name, strategy=STRATEGY_NAMES[p.strategy],
+        id=p.id,
+        name=p.name,
+        strategy=STRATEGY_NAMES[p.strategy],
         headers=tuple((h.name, h.value) for h in p.headers),
         path_prefixes=tuple(p.path_prefixes),
         choices=choices,
         all_backends=tuple(backends[b.backend] for b in p.backends),
-        hash_header=p.hash_header, exploration_rate=p.exploration_rate, ewma_alpha=p.ewma_alpha or 0.3,
+        hash_header=p.hash_header,
+        exploration_rate=p.exploration_rate,
+        ewma_alpha=p.ewma_alpha or 0.3,
         min_quality=dict(p.min_quality),
         rules=compile_rules(p.rules, p.use_default_rules),
         routes=routes,
     )
-
-

@@ -69,20 +69,24 @@ def client_address(headers: dict[str, str]) -> str:
 
 
 class Processor(ep_grpc.ExternalProcessorServicer):
-    def __init__(self, tables: TableHolder, state: SelectionState | None = None,
-                 max_body_bytes: int = 8 * 1024 * 1024):
+    def __init__(self, tables: TableHolder, state: SelectionState | None = None, max_body_bytes: int = 8 * 1024 * 1024):
         self.tables = tables
         self.state = state or SelectionState()
         self.max_body_bytes = max_body_bytes
 
-    async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest], context) -> AsyncIterator[ep.ProcessingResponse]:  # noqa: N802
+    async def Process(
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context
+    ) -> AsyncIterator[ep.ProcessingResponse]:
         first = True
         async for request in request_iterator:
             if first:
                 first = False
                 backend_id = upstream_backend_id(request)
-                phase = self._router(request, request_iterator) if backend_id is None else \
-                    self._upstream(request, request_iterator, backend_id)
+                phase = (
+                    self._router(request, request_iterator)
+                    if backend_id is None
+                    else self._upstream(request, request_iterator, backend_id)
+                )
                 async for response in phase:
                     yield response
                 return
@@ -109,14 +113,25 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             async for request in rest:
                 if request.WhichOneof("request") != "request_body":
                     continue
-                outcome = decide.decide(table, state, path, headers, request.request_body.body,
-                                        client_address(headers), max_body_bytes=self.max_body_bytes)
+                outcome = decide.decide(
+                    table,
+                    state,
+                    path,
+                    headers,
+                    request.request_body.body,
+                    client_address(headers),
+                    max_body_bytes=self.max_body_bytes,
+                )
                 policy = outcome.policy
                 chosen = outcome.selection.choice.backend.id
                 state.in_flight[chosen] += 1
                 started = time.monotonic()
-                yield wire.body_response(outcome.set_headers, body=outcome.body, clear_route_cache=True,
-                                         metadata={"policy": policy.name, "reason": outcome.selection.reason})
+                yield wire.body_response(
+                    outcome.set_headers,
+                    body=outcome.body,
+                    clear_route_cache=True,
+                    metadata={"policy": policy.name, "reason": outcome.selection.reason},
+                )
         except RequestError as err:
             yield wire.immediate_error(err, policy.name if policy else "")
         finally:
@@ -125,19 +140,24 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 state.in_flight[chosen] -= 1
                 if policy is not None:
                     backend = table.backends[chosen]
-                    state.observe_latency(chosen, (time.monotonic() - started) * 1000,
-                                          policy.ewma_alpha, backend.latency_prior_ms)
+                    state.observe_latency(
+                        chosen, (time.monotonic() - started) * 1000, policy.ewma_alpha, backend.latency_prior_ms
+                    )
 
-    async def _upstream(self, request: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest],
-                        backend_id: str):
+    async def _upstream(
+        self, request: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest], backend_id: str
+    ):
         table = self.tables.current
         headers = wire.header_map(request.request_headers)
         try:
             outcome = decide.upstream(table, backend_id, headers.get(":path", "/"), headers)
         except LookupError as exc:
             log.warning("upstream phase: %s", exc)
-            yield wire.immediate(503, b'{"error":{"message":"routing config is reloading","type":"server_error",'
-                                      b'"param":null,"code":"config_reloading"}}')
+            yield wire.immediate(
+                503,
+                b'{"error":{"message":"routing config is reloading","type":"server_error",'
+                b'"param":null,"code":"config_reloading"}}',
+            )
             return
         response = wire.headers_response(outcome.set_headers, outcome.remove_headers)
         if not outcome.rewrite_body:
@@ -155,13 +175,16 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 yield wire.body_response(body=body)
 
 
-async def serve(tables: TableHolder, address: str, max_body_bytes: int,
-                state: SelectionState | None = None) -> tuple[grpc.aio.Server, int]:
+async def serve(
+    tables: TableHolder, address: str, max_body_bytes: int, state: SelectionState | None = None
+) -> tuple[grpc.aio.Server, int]:
     """Start the servicer (and the gRPC health service) on `address` ("unix:/path" or "host:port")."""
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", max_body_bytes + 1024 * 1024),
-        ("grpc.max_send_message_length", max_body_bytes + 1024 * 1024),
-    ])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_body_bytes + 1024 * 1024),
+            ("grpc.max_send_message_length", max_body_bytes + 1024 * 1024),
+        ]
+    )
     ep_grpc.add_ExternalProcessorServicer_to_server(Processor(tables, state, max_body_bytes), server)
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

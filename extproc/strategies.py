@@ -104,8 +104,13 @@ def select_cost(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, s
     out_tokens = f.max_output_tokens or 256
     quality_ok = [c for c in cs if c.backend.quality >= min_q]
     if quality_ok:
-        best = min(quality_ok, key=lambda c: (
-            f.estimated_tokens * c.backend.input_price + out_tokens * c.backend.output_price, -c.backend.quality))
+        best = min(
+            quality_ok,
+            key=lambda c: (
+                f.estimated_tokens * c.backend.input_price + out_tokens * c.backend.output_price,
+                -c.backend.quality,
+            ),
+        )
         return best, f"cost:cheapest-with-quality>={min_q:g}"
     best = max(cs, key=lambda c: c.backend.quality)
     return best, f"cost:none-meets-quality>={min_q:g}-best-available"
@@ -136,7 +141,8 @@ def select_classified(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestCont
     allowed = {c.index for c in cs}
     for n, route in enumerate(p.routes):
         if (not route.task_types or cls.task_type in route.task_types) and (
-                not route.complexities or cls.complexity in route.complexities):
+            not route.complexities or cls.complexity in route.complexities
+        ):
             members = tuple(c for c in route.choices if c.index in allowed)
             if members:
                 return _weighted(f"{p.id}#{n}", members, st), f"classified:{cls.task_type}/{cls.complexity}"

@@ -76,7 +76,9 @@ def body_response(
     return response
 
 
-def immediate(status: int, body: bytes, headers: Iterable[tuple[str, str]] = (), details: str = "") -> ep.ProcessingResponse:
+def immediate(
+    status: int, body: bytes, headers: Iterable[tuple[str, str]] = (), details: str = ""
+) -> ep.ProcessingResponse:
     return ep.ProcessingResponse(
         immediate_response=ep.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=status),

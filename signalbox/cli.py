@@ -43,17 +43,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = result.config
     assert cfg is not None
     aliases = sorted({a for p in cfg.policies for a in p.aliases})
-    print(f"valid: {len(cfg.providers)} provider(s), {len(cfg.backends)} backend(s), "
-          f"{len(cfg.policies)} policy(ies); aliases: {', '.join(aliases) or '-'}; hash {cfg.content_hash[:12]}")
+    print(
+        f"valid: {len(cfg.providers)} provider(s), {len(cfg.backends)} backend(s), "
+        f"{len(cfg.policies)} policy(ies); aliases: {', '.join(aliases) or '-'}; hash {cfg.content_hash[:12]}"
+    )
     return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     from signalbox.local import LocalGateway, StartupError
 
-    gateway = LocalGateway(paths=args.file, port=args.port, admin_port=args.admin_port,
-                           workdir=Path(args.workdir) if args.workdir else None,
-                           failure_mode=args.failure_mode, max_body_bytes=args.max_body_bytes)
+    gateway = LocalGateway(
+        paths=args.file,
+        port=args.port,
+        admin_port=args.admin_port,
+        workdir=Path(args.workdir) if args.workdir else None,
+        failure_mode=args.failure_mode,
+        max_body_bytes=args.max_body_bytes,
+    )
     try:
         gateway.start()
     except StartupError as exc:
@@ -64,9 +71,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     assert cfg is not None
     aliases = ", ".join(sorted({a for p in cfg.policies for a in p.aliases}))
     print(f"Signalbox gateway ready: {gateway.url}  (models: {aliases})")
-    print(f"  try: curl -s {gateway.url}/chat/completions -H 'content-type: application/json' "
-          f"-d '{{\"model\":\"{sorted({a for p in cfg.policies for a in p.aliases})[0]}\","
-          f"\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'")
+    print(
+        f"  try: curl -s {gateway.url}/chat/completions -H 'content-type: application/json' "
+        f'-d \'{{"model":"{sorted({a for p in cfg.policies for a in p.aliases})[0]}",'
+        f'"messages":[{{"role":"user","content":"hello"}}]}}\''
+    )
     print(f"  envoy admin: http://127.0.0.1:{gateway.admin_port}  work dir: {gateway.workdir}")
     print("  watching the input files; Ctrl-C stops", flush=True)
     stop = {"now": False}
@@ -85,11 +94,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 async def _watch_inputs(gateway, stop: dict[str, bool]) -> None:
+    """Recompile on every change under the inputs; a bad edit prints problems and changes nothing."""
     from watchfiles import awatch
 
-    from signalbox.core.loader import yaml_files
-
-    watched = [str(Path(p)) for p in gateway.paths]
     stop_event = asyncio.Event()
 
     async def poll_stop() -> None:
@@ -98,15 +105,16 @@ async def _watch_inputs(gateway, stop: dict[str, bool]) -> None:
         stop_event.set()
 
     poller = asyncio.create_task(poll_stop())
-    async for changes in awatch(*watched, stop_event=stop_event, debounce=200):
-        if not any(Path(path) in set(yaml_files(watched)) or path.endswith((".yaml", ".yml")) for _, path in changes):
-            continue
+    async for _changes in awatch(*gateway.paths, stop_event=stop_event, debounce=200):
         result = gateway.apply()
         if result.ok:
             print(f"{time.strftime('%H:%M:%S')} applied generation {gateway.generation}", flush=True)
         else:
-            print(f"{time.strftime('%H:%M:%S')} kept generation {gateway.generation}: "
-                  f"{len(result.problems)} problem(s)", file=sys.stderr, flush=True)
+            print(
+                f"{time.strftime('%H:%M:%S')} kept generation {gateway.generation}: {len(result.problems)} problem(s)",
+                file=sys.stderr,
+                flush=True,
+            )
             _print_problems(result.problems)
     poller.cancel()
 
@@ -124,8 +132,12 @@ def cmd_fake_provider(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="signalbox", description="Route LLM traffic with Envoy.",
-                                     epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="signalbox",
+        description="Route LLM traffic with Envoy.",
+        epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run the local gateway (Envoy + ext_proc) on YAML files")
@@ -133,8 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8080, help="gateway port (default 8080; 0 picks one)")
     up.add_argument("--admin-port", type=int, default=0, help="Envoy admin port (default: a free one)")
     up.add_argument("--workdir", help="where generated config is written (default: a temp dir)")
-    up.add_argument("--failure-mode", choices=["closed", "open"], default="closed",
-                    help="when the ext_proc is unreachable: closed answers 503 (default), open forwards")
+    up.add_argument(
+        "--failure-mode",
+        choices=["closed", "open"],
+        default="closed",
+        help="when the ext_proc is unreachable: closed answers 503 (default), open forwards",
+    )
     up.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     up.set_defaults(func=cmd_up)
 
@@ -160,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["fake-provider"]:
         return cmd_fake_provider(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "info").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return int(args.func(args))
 
 

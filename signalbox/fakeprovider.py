@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -77,17 +78,22 @@ class FakeProvider:
         return request.headers.get("authorization") == f"Bearer {key}" or request.headers.get("api-key") == key
 
     def _error(self, status: int, message: str) -> web.Response:
-        body = {"error": {"message": f"[{self.ident}] {message}", "type": "fake_error", "param": None,
-                          "code": str(status)}}
+        body = {
+            "error": {"message": f"[{self.ident}] {message}", "type": "fake_error", "param": None, "code": str(status)}
+        }
         return web.json_response(body, status=status, headers={"x-fake-provider": self.ident})
 
     async def handle_get(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return self._error(401, "missing or wrong API key")
         if request.path.endswith("/models"):
-            return web.json_response({"object": "list", "data": [
-                {"id": f"{self.ident}-model", "object": "model", "created": 0, "owned_by": self.ident}]},
-                headers={"x-fake-provider": self.ident})
+            return web.json_response(
+                {
+                    "object": "list",
+                    "data": [{"id": f"{self.ident}-model", "object": "model", "created": 0, "owned_by": self.ident}],
+                },
+                headers={"x-fake-provider": self.ident},
+            )
         return self._error(404, f"no route {request.path}")
 
     async def handle_post(self, request: web.Request) -> web.StreamResponse:
@@ -97,8 +103,14 @@ class FakeProvider:
         except json.JSONDecodeError:
             return self._error(400, "body is not JSON")
         self.count += 1
-        self.requests.append({"path": request.path_qs, "headers": dict(request.headers), "model": body.get("model"),
-                              "stream": bool(body.get("stream"))})
+        self.requests.append(
+            {
+                "path": request.path_qs,
+                "headers": dict(request.headers),
+                "model": body.get("model"),
+                "stream": bool(body.get("stream")),
+            }
+        )
         status, delay = self._steer(request)
         if delay:
             await asyncio.sleep(delay / 1000)
@@ -108,9 +120,15 @@ class FakeProvider:
             return self._error(status, f"steered to fail with {status}")
         model = body.get("model", "")
         if request.path.endswith("/embeddings"):
-            return web.json_response({"object": "list", "model": model, "data": [
-                {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
-                "usage": {"prompt_tokens": 3, "total_tokens": 3}}, headers={"x-fake-provider": self.ident})
+            return web.json_response(
+                {
+                    "object": "list",
+                    "model": model,
+                    "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                    "usage": {"prompt_tokens": 3, "total_tokens": 3},
+                },
+                headers={"x-fake-provider": self.ident},
+            )
         if body.get("stream"):
             return await self._stream(request, body, model)
         content = f"[{self.ident}] answer from {model}"
@@ -120,8 +138,7 @@ class FakeProvider:
             "created": int(time.time()),
             "model": model,
             "system_fingerprint": self.ident,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": content}}],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17},
         }
         return web.json_response(answer, headers={"x-fake-provider": self.ident})
@@ -133,9 +150,14 @@ class FakeProvider:
         await response.prepare(request)
 
         def event(delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> bytes:
-            chunk: dict[str, Any] = {"id": f"chatcmpl-{self.ident}-{self.count}", "object": "chat.completion.chunk",
-                                     "created": int(time.time()), "model": model, "system_fingerprint": self.ident,
-                                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            chunk: dict[str, Any] = {
+                "id": f"chatcmpl-{self.ident}-{self.count}",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+                "system_fingerprint": self.ident,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
             if usage is not None:
                 chunk["choices"], chunk["usage"] = [], usage
             return f"data: {json.dumps(chunk)}\n\n".encode()
@@ -146,8 +168,9 @@ class FakeProvider:
                 await asyncio.sleep(gap)
         await response.write(event({}, finish="stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
-            await response.write(event({}, usage={"prompt_tokens": 10, "completion_tokens": chunks,
-                                                  "total_tokens": 10 + chunks}))
+            await response.write(
+                event({}, usage={"prompt_tokens": 10, "completion_tokens": chunks, "total_tokens": 10 + chunks})
+            )
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -173,10 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
     args = parser.parse_args(argv)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run(args.id, args.host, args.port))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

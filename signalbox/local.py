@@ -88,7 +88,8 @@ class LocalGateway:
         self.admin_port = self.admin_port or free_port()
         self.port = self.port or free_port()
         self.options = envoygen.GatewayOptions(
-            listen_port=self.port, admin_port=self.admin_port,
+            listen_port=self.port,
+            admin_port=self.admin_port,
             extproc_socket=str(self.workdir / "extproc.sock"),
             failure_mode=self.failure_mode,  # type: ignore[arg-type]
             max_body_bytes=self.max_body_bytes,
@@ -133,27 +134,55 @@ class LocalGateway:
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         assert self.workdir
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
+        )
         self.processes[name] = proc
         return proc
 
     def start(self, timeout: float = 30.0) -> None:
         result = self.apply()
         if result.config is None:
-            raise StartupError("cannot start: the routing resources do not compile:\n" +
-                               "\n".join(f"  - {p}" for p in result.problems))
+            raise StartupError(
+                "cannot start: the routing resources do not compile:\n" + "\n".join(f"  - {p}" for p in result.problems)
+            )
         if self.start_fakes:
             self._start_fakes(timeout)
         assert self.workdir
-        self._spawn("extproc", [sys.executable, "-m", "signalbox.cli", "extproc", "--config", str(self.config_file),
-                                "--socket", str(self.options.extproc_socket),
-                                "--max-body-bytes", str(self.max_body_bytes), "--log-level", self.log_level])
+        self._spawn(
+            "extproc",
+            [
+                sys.executable,
+                "-m",
+                "signalbox.cli",
+                "extproc",
+                "--config",
+                str(self.config_file),
+                "--socket",
+                str(self.options.extproc_socket),
+                "--max-body-bytes",
+                str(self.max_body_bytes),
+                "--log-level",
+                self.log_level,
+            ],
+        )
         self._wait(lambda: Path(str(self.options.extproc_socket)).exists(), "extproc", timeout)
         bootstrap = self.workdir / "envoy-bootstrap.json"
         bootstrap.write_text(json.dumps(envoygen.bootstrap(self.options, str(self.workdir / "envoy"))))
-        self._spawn("envoy", [envoy_binary(), "-c", str(bootstrap), "--log-level", "warning",
-                              "--base-id", str(self.admin_port), "--concurrency", "2"])
+        self._spawn(
+            "envoy",
+            [
+                envoy_binary(),
+                "-c",
+                str(bootstrap),
+                "--log-level",
+                "warning",
+                "--base-id",
+                str(self.admin_port),
+                "--concurrency",
+                "2",
+            ],
+        )
         self._wait(self._envoy_ready, "envoy", timeout)
 
     def _start_fakes(self, timeout: float) -> None:
@@ -164,8 +193,21 @@ class LocalGateway:
                 continue
             url = urlsplit(obj["spec"]["baseUrl"])
             name = f"fake-{meta['name']}"
-            self._spawn(name, [sys.executable, "-m", "signalbox.cli", "fake-provider", "--id", meta["name"],
-                               "--host", url.hostname or "127.0.0.1", "--port", str(url.port or 80)])
+            self._spawn(
+                name,
+                [
+                    sys.executable,
+                    "-m",
+                    "signalbox.cli",
+                    "fake-provider",
+                    "--id",
+                    meta["name"],
+                    "--host",
+                    url.hostname or "127.0.0.1",
+                    "--port",
+                    str(url.port or 80),
+                ],
+            )
             self._wait(lambda u=url: _port_open(u.hostname or "127.0.0.1", u.port or 80), name, timeout)
 
     def _envoy_ready(self) -> bool:

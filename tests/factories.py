@@ -13,10 +13,17 @@ def model(name: str, **fields: Any) -> dict[str, Any]:
     return {"name": name, **fields}
 
 
-def provider(name: str, base_url: str, models: list[dict[str, Any]], namespace: str = "default",
-             healthy: bool | None = None, **spec: Any) -> dict[str, Any]:
+def provider(
+    name: str,
+    base_url: str,
+    models: list[dict[str, Any]],
+    namespace: str = "default",
+    healthy: bool | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
     obj: dict[str, Any] = {
-        "apiVersion": API, "kind": "AIProvider",
+        "apiVersion": API,
+        "kind": "AIProvider",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {"type": "openai-compatible", "baseUrl": base_url, "models": models, **spec},
     }
@@ -29,10 +36,17 @@ def backend(provider_name: str, model_name: str, **fields: Any) -> dict[str, Any
     return {"provider": provider_name, "model": model_name, **fields}
 
 
-def policy(name: str, aliases: list[str], backends: list[dict[str, Any]], strategy: str = "weighted",
-           namespace: str = "default", **spec: Any) -> dict[str, Any]:
+def policy(
+    name: str,
+    aliases: list[str],
+    backends: list[dict[str, Any]],
+    strategy: str = "weighted",
+    namespace: str = "default",
+    **spec: Any,
+) -> dict[str, Any]:
     return {
-        "apiVersion": API, "kind": "RoutingPolicy",
+        "apiVersion": API,
+        "kind": "RoutingPolicy",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {"match": {"models": aliases}, "strategy": strategy, "backends": backends, **spec},
     }

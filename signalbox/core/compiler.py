@@ -29,7 +29,7 @@ _PROVIDER_TYPES = {
     ProviderType.AZURE_OPENAI: pb.AZURE_OPENAI,
     ProviderType.OPENAI_COMPATIBLE: pb.OPENAI_COMPATIBLE,
 }
-STRATEGIES: dict[Strategy, int] = {s: pb.Strategy.Value(s.name) for s in Strategy}
+STRATEGIES: dict[Strategy, Any] = {s: pb.Strategy.Value(s.name) for s in Strategy}
 STRATEGY_NAMES: dict[int, str] = {v: k.value for k, v in STRATEGIES.items()}
 _TRISTATE = {None: 0, True: 1, False: 2}
 
@@ -135,12 +135,23 @@ def _add_provider(cfg, prov: AIProvider, secrets_present, problems, backend_inde
         out.auth.header = (a.header or ("api-key" if azure else "authorization")).lower()
         out.auth.prefix = a.prefix if a.prefix is not None else ("" if azure else "Bearer ")
         if a.secret_ref:
-            out.auth.secret.CopyFrom(pb.SecretRef(namespace=meta.namespace, name=a.secret_ref.name, key=a.secret_ref.key))
-            if secrets_present is not None and (meta.namespace, a.secret_ref.name, a.secret_ref.key) not in secrets_present:
-                problems.append(Problem(
-                    "AIProvider", meta.name, "spec.auth.secretRef",
-                    f"Secret {meta.namespace}/{a.secret_ref.name} with key {a.secret_ref.key!r} not found",
-                    meta.namespace, "RefNotFound"))
+            out.auth.secret.CopyFrom(
+                pb.SecretRef(namespace=meta.namespace, name=a.secret_ref.name, key=a.secret_ref.key)
+            )
+            if (
+                secrets_present is not None
+                and (meta.namespace, a.secret_ref.name, a.secret_ref.key) not in secrets_present
+            ):
+                problems.append(
+                    Problem(
+                        "AIProvider",
+                        meta.name,
+                        "spec.auth.secretRef",
+                        f"Secret {meta.namespace}/{a.secret_ref.name} with key {a.secret_ref.key!r} not found",
+                        meta.namespace,
+                        "RefNotFound",
+                    )
+                )
         elif a.env:
             out.auth.env = a.env
         elif a.file:
@@ -149,20 +160,22 @@ def _add_provider(cfg, prov: AIProvider, secrets_present, problems, backend_inde
     for model in spec.models:
         backend_id = f"{prov.key}/{model.name}"
         backend_index[backend_id] = len(cfg.backends)
-        cfg.backends.append(pb.Backend(
-            id=backend_id,
-            provider_id=prov.key,
-            model=model.name,
-            upstream_model=model.upstream,
-            input_price_per_1m=model.input_price_per_1m,
-            output_price_per_1m=model.output_price_per_1m,
-            quality=model.quality,
-            context_window=model.context_window,
-            capabilities=[c.value for c in model.capabilities],
-            latency_prior_ms=model.latency_prior_ms,
-            healthy=healthy,
-            cluster=_cluster_name("b", meta.namespace, meta.name, model.name),
-        ))
+        cfg.backends.append(
+            pb.Backend(
+                id=backend_id,
+                provider_id=prov.key,
+                model=model.name,
+                upstream_model=model.upstream,
+                input_price_per_1m=model.input_price_per_1m,
+                output_price_per_1m=model.output_price_per_1m,
+                quality=model.quality,
+                context_window=model.context_window,
+                capabilities=[c.value for c in model.capabilities],
+                latency_prior_ms=model.latency_prior_ms,
+                healthy=healthy,
+                cluster=_cluster_name("b", meta.namespace, meta.name, model.name),
+            )
+        )
 
 
 def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_matches, problems) -> None:
@@ -172,14 +185,29 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
     for i, ref in enumerate(spec.backends):
         provider_key = f"{ns}/{ref.provider}"
         if provider_key not in provider_models:
-            problems.append(Problem("RoutingPolicy", meta.name, f"spec.backends[{i}].provider",
-                                    f"AIProvider {provider_key} not found", ns, "RefNotFound"))
+            problems.append(
+                Problem(
+                    "RoutingPolicy",
+                    meta.name,
+                    f"spec.backends[{i}].provider",
+                    f"AIProvider {provider_key} not found",
+                    ns,
+                    "RefNotFound",
+                )
+            )
             continue
         if ref.model not in provider_models[provider_key]:
             have = ", ".join(provider_models[provider_key])
-            problems.append(Problem("RoutingPolicy", meta.name, f"spec.backends[{i}].model",
-                                    f"AIProvider {provider_key} declares no model {ref.model!r} (has: {have})",
-                                    ns, "RefNotFound"))
+            problems.append(
+                Problem(
+                    "RoutingPolicy",
+                    meta.name,
+                    f"spec.backends[{i}].model",
+                    f"AIProvider {provider_key} declares no model {ref.model!r} (has: {have})",
+                    ns,
+                    "RefNotFound",
+                )
+            )
             continue
         resolved.append((i, backend_index[f"{provider_key}/{ref.model}"]))
 
@@ -187,9 +215,16 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
     for j, alias in enumerate(spec.match.models):
         key = (alias, headers, tuple(sorted(spec.match.path_prefixes)))
         if key in seen_matches:
-            problems.append(Problem("RoutingPolicy", meta.name, f"spec.match.models[{j}]",
-                                    f"alias {alias!r} with the same header/path match is already served by "
-                                    f"RoutingPolicy {seen_matches[key]}", ns))
+            problems.append(
+                Problem(
+                    "RoutingPolicy",
+                    meta.name,
+                    f"spec.match.models[{j}]",
+                    f"alias {alias!r} with the same header/path match is already served by "
+                    f"RoutingPolicy {seen_matches[key]}",
+                    ns,
+                )
+            )
         else:
             seen_matches[key] = pol.key
     if len(resolved) != len(spec.backends):
@@ -214,23 +249,34 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
         use_default_rules=spec.classification.use_default_rules,
     )
     for rule in spec.classification.rules:
-        out.rules.append(pb.Rule(
-            name=rule.name, patterns=rule.patterns, keywords=rule.keywords,
-            min_tokens=-1 if rule.min_tokens is None else rule.min_tokens,
-            max_tokens=-1 if rule.max_tokens is None else rule.max_tokens,
-            has_tools=_TRISTATE[rule.has_tools], has_images=_TRISTATE[rule.has_images],
-            json_mode=_TRISTATE[rule.json_mode],
-            task_type=rule.task_type.value if rule.task_type else "",
-            complexity=rule.complexity.value if rule.complexity else "",
-        ))
+        out.rules.append(
+            pb.Rule(
+                name=rule.name,
+                patterns=rule.patterns,
+                keywords=rule.keywords,
+                min_tokens=-1 if rule.min_tokens is None else rule.min_tokens,
+                max_tokens=-1 if rule.max_tokens is None else rule.max_tokens,
+                has_tools=_TRISTATE[rule.has_tools],
+                has_images=_TRISTATE[rule.has_images],
+                json_mode=_TRISTATE[rule.json_mode],
+                task_type=rule.task_type.value if rule.task_type else "",
+                complexity=rule.complexity.value if rule.complexity else "",
+            )
+        )
     for r, rule in enumerate(spec.classification.rules):
         for k, pattern in enumerate(rule.patterns):
             try:
                 re.compile(pattern)
             except re.error as exc:
-                problems.append(Problem("RoutingPolicy", meta.name,
-                                        f"spec.classification.rules[{r}].patterns[{k}]",
-                                        f"invalid regular expression: {exc}", ns))
+                problems.append(
+                    Problem(
+                        "RoutingPolicy",
+                        meta.name,
+                        f"spec.classification.rules[{r}].patterns[{k}]",
+                        f"invalid regular expression: {exc}",
+                        ns,
+                    )
+                )
 
     # Failover order: priority, then listing order. Unhealthy backends never get a target and
     # are left out of every chain; Envoy outlier detection covers what health probes miss.
@@ -246,11 +292,13 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
     out.max_attempts = spec.failover.max_attempts or (len(healthy) if spec.failover.enabled else 1)
     keys = [b.key for b in spec.backends]
     for route in spec.routes:
-        out.routes.append(pb.ClassRoute(
-            task_types=[t.value for t in route.task_types],
-            complexities=[c.value for c in route.complexities],
-            backends=[keys.index(k) for k in route.backends],
-        ))
+        out.routes.append(
+            pb.ClassRoute(
+                task_types=[t.value for t in route.task_types],
+                complexities=[c.value for c in route.complexities],
+                backends=[keys.index(k) for k in route.backends],
+            )
+        )
     cfg.policies.append(out)
 
 

@@ -93,21 +93,23 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
         "admin": {"address": _address(opts.admin_address, opts.admin_port)},
         "dynamic_resources": {"lds_config": watched("lds.json"), "cds_config": watched("cds.json")},
         "static_resources": {
-            "clusters": [{
-                "name": EXTPROC_CLUSTER,
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        explicit_http_config={"http2_protocol_options": {}},
-                    )
-                },
-                "load_assignment": {
-                    "cluster_name": EXTPROC_CLUSTER,
-                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": extproc_addr}}]}],
-                },
-            }]
+            "clusters": [
+                {
+                    "name": EXTPROC_CLUSTER,
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            explicit_http_config={"http2_protocol_options": {}},
+                        )
+                    },
+                    "load_assignment": {
+                        "cluster_name": EXTPROC_CLUSTER,
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": extproc_addr}}]}],
+                    },
+                }
+            ]
         },
     }
 
@@ -149,14 +151,24 @@ def _backend_cluster(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
         },
         "load_assignment": {
             "cluster_name": backend.cluster,
-            "endpoints": [{"lb_endpoints": [{
-                "endpoint": {"address": _address(provider.host, provider.port), "hostname": provider.host},
-                "metadata": {"filter_metadata": {METADATA_NS: {
-                    "backend": backend.id,
-                    "provider": provider.name,
-                    "model": backend.model,
-                }}},
-            }]}],
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {"address": _address(provider.host, provider.port), "hostname": provider.host},
+                            "metadata": {
+                                "filter_metadata": {
+                                    METADATA_NS: {
+                                        "backend": backend.id,
+                                        "provider": provider.name,
+                                        "model": backend.model,
+                                    }
+                                }
+                            },
+                        }
+                    ]
+                }
+            ],
         },
     }
     if provider.tls:
@@ -165,9 +177,9 @@ def _backend_cluster(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
             "typed_config": _any(
                 "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 sni=provider.host,
-                common_tls_context={"validation_context": {
-                    "trusted_ca": {"filename": "/etc/ssl/certs/ca-certificates.crt"}
-                }},
+                common_tls_context={
+                    "validation_context": {"trusted_ca": {"filename": "/etc/ssl/certs/ca-certificates.crt"}}
+                },
             ),
         }
     return cluster
@@ -202,27 +214,31 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
         out.append(_any("envoy.config.cluster.v3.Cluster", **_backend_cluster(backend, providers[backend.provider_id])))
     upstream_filters = [
         _upstream_extproc(opts),
-        {"name": "envoy.filters.http.upstream_codec",
-         "typed_config": _any("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec")},
+        {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": _any("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"),
+        },
     ]
     for policy in cfg.policies:
         for i, pb_backend in enumerate(policy.backends):
             if not pb_backend.target:
                 continue
-            out.append(_any(
-                "envoy.config.cluster.v3.Cluster",
-                name=pb_backend.target,
-                connect_timeout="1s",
-                lb_policy="CLUSTER_PROVIDED",
-                cluster_type={
-                    "name": "envoy.clusters.aggregate",
-                    "typed_config": _any(
-                        "envoy.extensions.clusters.aggregate.v3.ClusterConfig",
-                        clusters=[b.cluster for b in chain(cfg, policy, i)],
-                    ),
-                },
-                typed_extension_protocol_options=_http1_options(upstream_filters),
-            ))
+            out.append(
+                _any(
+                    "envoy.config.cluster.v3.Cluster",
+                    name=pb_backend.target,
+                    connect_timeout="1s",
+                    lb_policy="CLUSTER_PROVIDED",
+                    cluster_type={
+                        "name": "envoy.clusters.aggregate",
+                        "typed_config": _any(
+                            "envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                            clusters=[b.cluster for b in chain(cfg, policy, i)],
+                        ),
+                    },
+                    typed_extension_protocol_options=_http1_options(upstream_filters),
+                )
+            )
     return out
 
 
@@ -280,26 +296,36 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
             }
             if policy.strategy == pb.FASTEST:
                 route["hedge_policy"] = {"hedge_on_per_try_timeout": True}
-            routes.append({
-                "name": pb_backend.target,
-                "match": {"prefix": "/", "headers": [
-                    {"name": TARGET_HEADER, "string_match": {"exact": pb_backend.target}}
-                ]},
-                "route": route,
-                "response_headers_to_add": _response_headers(),
-            })
+            routes.append(
+                {
+                    "name": pb_backend.target,
+                    "match": {
+                        "prefix": "/",
+                        "headers": [{"name": TARGET_HEADER, "string_match": {"exact": pb_backend.target}}],
+                    },
+                    "route": route,
+                    "response_headers_to_add": _response_headers(),
+                }
+            )
     # Requests reach this only if the router phase set no target (ext_proc failed open).
     if opts.failure_mode == "open" and first_target:
-        routes.append({"name": "fail-open", "match": {"prefix": "/"},
-                       "route": {"cluster": first_target, "auto_host_rewrite": True}})
+        routes.append(
+            {
+                "name": "fail-open",
+                "match": {"prefix": "/"},
+                "route": {"cluster": first_target, "auto_host_rewrite": True},
+            }
+        )
     else:
         unavailable = errors.RoutingUnavailable("the routing service did not choose a backend")
-        routes.append({
-            "name": "unrouted",
-            "match": {"prefix": "/"},
-            "direct_response": {"status": unavailable.status, "body": {"inline_bytes": _b64(unavailable.body())}},
-            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
-        })
+        routes.append(
+            {
+                "name": "unrouted",
+                "match": {"prefix": "/"},
+                "direct_response": {"status": unavailable.status, "body": {"inline_bytes": _b64(unavailable.body())}},
+                "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+            }
+        )
     return routes
 
 
@@ -319,28 +345,43 @@ def _local_reply_config(opts: GatewayOptions) -> dict[str, Any]:
     """
 
     def mapper(status: int, err: errors.RequestError, flags: list[str] | None = None) -> dict[str, Any]:
-        match: dict[str, Any] = {"status_code_filter": {"comparison": {"op": "EQ", "value": {
-            "default_value": status, "runtime_key": f"signalbox.local_reply.{status}"}}}}
+        match: dict[str, Any] = {
+            "status_code_filter": {
+                "comparison": {
+                    "op": "EQ",
+                    "value": {"default_value": status, "runtime_key": f"signalbox.local_reply.{status}"},
+                }
+            }
+        }
         if flags:
             match = {"and_filter": {"filters": [match, {"response_flag_filter": {"flags": flags}}]}}
         return {
             "filter": match,
             "status_code": err.status,
             "body": {"inline_string": err.body().decode()},
-            "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
-                                     "content_type": "application/json"},
-            "headers_to_add": [{"header": {"key": "x-signalbox-reason", "value": err.code},
-                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+            "body_format_override": {
+                "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                "content_type": "application/json",
+            },
+            "headers_to_add": [
+                {
+                    "header": {"key": "x-signalbox-reason", "value": err.code},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ],
         }
 
     upstream_flags = ["UH", "UF", "UO", "URX", "UC", "UT", "LR", "NR"]
-    return {"mappers": [
-        mapper(413, errors.PayloadTooLarge(too_large_message(opts.max_body_bytes))),
-        mapper(500, errors.RoutingUnavailable("the routing service is unavailable")),
-        mapper(503, errors.NoHealthyBackend("no backend could serve the request (all attempts failed)"),
-               upstream_flags),
-        mapper(504, errors.NoHealthyBackend("the upstream backend timed out"), upstream_flags),
-    ]}
+    return {
+        "mappers": [
+            mapper(413, errors.PayloadTooLarge(too_large_message(opts.max_body_bytes))),
+            mapper(500, errors.RoutingUnavailable("the routing service is unavailable")),
+            mapper(
+                503, errors.NoHealthyBackend("no backend could serve the request (all attempts failed)"), upstream_flags
+            ),
+            mapper(504, errors.NoHealthyBackend("the upstream backend timed out"), upstream_flags),
+        ]
+    }
 
 
 def too_large_message(limit: int) -> str:
@@ -376,8 +417,10 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
         },
         http_filters=[
             {"name": "envoy.filters.http.ext_proc", "typed_config": router_extproc},
-            {"name": "envoy.filters.http.router",
-             "typed_config": _any("envoy.extensions.filters.http.router.v3.Router")},
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
+            },
         ],
         local_reply_config=_local_reply_config(opts),
         stream_idle_timeout="300s",
@@ -388,6 +431,5 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
         name=LISTENER_NAME,
         address=_address(opts.listen_address, opts.listen_port),
         per_connection_buffer_limit_bytes=opts.max_body_bytes + 64 * 1024,
-        filter_chains=[{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                     "typed_config": hcm}]}],
+        filter_chains=[{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     )

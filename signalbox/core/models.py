@@ -24,9 +24,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 class Spec(BaseModel):
     """Base of every spec model: camelCase on the wire, unknown fields are errors."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
 class ProviderType(StrEnum):
@@ -95,22 +93,16 @@ class SecretKeyRef(Spec):
 class ProviderAuth(Spec):
     """Where the API key lives. Exactly one source; omit `auth` for keyless endpoints."""
 
-    secret_ref: SecretKeyRef | None = Field(
-        None, description="Kubernetes Secret holding the key (in a cluster)."
-    )
-    env: str | None = Field(
-        None, description="Environment variable of the gateway holding the key (local runs)."
-    )
+    secret_ref: SecretKeyRef | None = Field(None, description="Kubernetes Secret holding the key (in a cluster).")
+    env: str | None = Field(None, description="Environment variable of the gateway holding the key (local runs).")
     file: str | None = Field(None, description="File whose content is the key (local runs).")
     header: str | None = Field(
         None,
-        description="Request header that carries the key. Default: `Authorization` "
-        "(`api-key` for azure-openai).",
+        description="Request header that carries the key. Default: `Authorization` (`api-key` for azure-openai).",
     )
     prefix: str | None = Field(
         None,
-        description="Text put before the key in the header. Default: `Bearer ` "
-        "(empty for azure-openai).",
+        description="Text put before the key in the header. Default: `Bearer ` (empty for azure-openai).",
     )
 
     @model_validator(mode="after")
@@ -133,18 +125,13 @@ class ModelSpec(Spec):
     )
     input_price_per_1m: float = Field(0.0, ge=0, description="USD per 1M input tokens.")
     output_price_per_1m: float = Field(0.0, ge=0, description="USD per 1M output tokens.")
-    quality: float = Field(
-        0.5, ge=0, le=1, description="Relative answer quality 0..1, used by cost routing."
-    )
+    quality: float = Field(0.5, ge=0, le=1, description="Relative answer quality 0..1, used by cost routing.")
     context_window: int = Field(8192, ge=1, description="Maximum tokens of prompt + answer.")
     capabilities: list[Capability] = Field(
         default_factory=lambda: [Capability.STREAMING],
-        description="What the model supports; cost routing skips models lacking what a "
-        "request needs.",
+        description="What the model supports; cost routing skips models lacking what a request needs.",
     )
-    latency_prior_ms: float = Field(
-        1000.0, gt=0, description="Expected latency before any has been measured."
-    )
+    latency_prior_ms: float = Field(1000.0, gt=0, description="Expected latency before any has been measured.")
 
     @property
     def upstream(self) -> str:
@@ -155,18 +142,14 @@ class HealthCheckSpec(Spec):
     path: str = Field("/models", description="Path below baseUrl probed with the key (GET).")
     interval_seconds: int = Field(30, ge=1, description="Seconds between probes.")
     timeout_seconds: int = Field(5, ge=1, description="Seconds before a probe counts as failed.")
-    failure_threshold: int = Field(
-        3, ge=1, description="Consecutive failures before the provider is marked unhealthy."
-    )
+    failure_threshold: int = Field(3, ge=1, description="Consecutive failures before the provider is marked unhealthy.")
     recovery_threshold: int = Field(
         2, ge=1, description="Consecutive successes before an unhealthy provider is healthy again."
     )
 
 
 class AzureSpec(Spec):
-    api_version: str = Field(
-        "2024-10-21", description="`api-version` query parameter sent to Azure OpenAI."
-    )
+    api_version: str = Field("2024-10-21", description="`api-version` query parameter sent to Azure OpenAI.")
 
 
 class AIProviderSpec(Spec):
@@ -175,18 +158,12 @@ class AIProviderSpec(Spec):
         description="API dialect: openai, azure-openai (deployment paths, api-key header) or "
         "openai-compatible (vLLM, Ollama, Together, Groq, Gemini/Anthropic OpenAI endpoints).",
     )
-    base_url: str = Field(
-        description="URL that `/chat/completions` is appended to, e.g. https://api.openai.com/v1."
-    )
+    base_url: str = Field(description="URL that `/chat/completions` is appended to, e.g. https://api.openai.com/v1.")
     auth: ProviderAuth | None = Field(None, description="Where the API key comes from.")
     azure: AzureSpec | None = Field(None, description="Azure OpenAI settings (type azure-openai).")
     models: list[ModelSpec] = Field(min_length=1, description="Models this provider serves.")
-    health_check: HealthCheckSpec = Field(
-        default_factory=HealthCheckSpec, description="Active health probe settings."
-    )
-    connect_timeout_ms: int = Field(
-        2000, ge=1, description="TCP connect timeout to the provider, in milliseconds."
-    )
+    health_check: HealthCheckSpec = Field(default_factory=HealthCheckSpec, description="Active health probe settings.")
+    connect_timeout_ms: int = Field(2000, ge=1, description="TCP connect timeout to the provider, in milliseconds.")
 
     @field_validator("base_url")
     @classmethod
@@ -218,8 +195,7 @@ class HeaderMatch(Spec):
 class PolicyMatch(Spec):
     models: list[str] = Field(
         min_length=1,
-        description="Model aliases clients send in the body's `model` (e.g. `auto`) that this "
-        "policy serves.",
+        description="Model aliases clients send in the body's `model` (e.g. `auto`) that this policy serves.",
     )
     headers: list[HeaderMatch] = Field(
         default_factory=list,
@@ -236,9 +212,7 @@ class BackendRef(Spec):
     provider: str = Field(min_length=1, description="AIProvider name (same namespace).")
     model: str = Field(min_length=1, description="Model name declared by that provider.")
     weight: int = Field(1, ge=0, le=10000, description="Share of traffic for weighted routing.")
-    priority: int = Field(
-        0, ge=0, description="Failover order: lower first. Ties keep listing order."
-    )
+    priority: int = Field(0, ge=0, description="Failover order: lower first. Ties keep listing order.")
 
     @property
     def key(self) -> str:
@@ -271,24 +245,21 @@ class FailoverSpec(Spec):
 class HashSpec(Spec):
     header: str | None = Field(
         None,
-        description="Header whose value keeps a client on one backend (e.g. x-user-id). "
-        "Default: the client address.",
+        description="Header whose value keeps a client on one backend (e.g. x-user-id). Default: the client address.",
     )
 
 
 class LatencySpec(Spec):
     exploration_rate: float = Field(
-        0.05, ge=0, le=1, description="Share of requests sent to a random backend to keep "
-        "latency estimates fresh."
+        0.05, ge=0, le=1, description="Share of requests sent to a random backend to keep latency estimates fresh."
     )
-    ewma_alpha: float = Field(
-        0.3, gt=0, le=1, description="Weight of the newest observation in the latency average."
-    )
+    ewma_alpha: float = Field(0.3, gt=0, le=1, description="Weight of the newest observation in the latency average.")
 
 
 class HedgeSpec(Spec):
     delay_ms: int = Field(
-        1500, ge=1,
+        1500,
+        ge=1,
         description="For strategy `fastest`: if the first backend has not answered after this "
         "long, the next one is raced and the first answer wins.",
     )
@@ -321,9 +292,7 @@ class ClassRule(Spec):
     patterns: list[str] = Field(
         default_factory=list, description="Regular expressions (case-insensitive), any may match."
     )
-    keywords: list[str] = Field(
-        default_factory=list, description="Words or phrases (case-insensitive), any may match."
-    )
+    keywords: list[str] = Field(default_factory=list, description="Words or phrases (case-insensitive), any may match.")
     min_tokens: int | None = Field(None, ge=0, description="Estimated prompt tokens at least.")
     max_tokens: int | None = Field(None, ge=0, description="Estimated prompt tokens at most.")
     has_tools: bool | None = Field(None, description="Request declares tools.")
@@ -351,15 +320,11 @@ class ClassificationSpec(Spec):
 class ClassRoute(Spec):
     """One row of a classified policy's table: requests of these classes go to these backends."""
 
-    task_types: list[TaskType] = Field(
-        default_factory=list, description="Task types this row takes (empty: any)."
-    )
+    task_types: list[TaskType] = Field(default_factory=list, description="Task types this row takes (empty: any).")
     complexities: list[Complexity] = Field(
         default_factory=list, description="Complexities this row takes (empty: any)."
     )
-    backends: list[str] = Field(
-        min_length=1, description="`provider/model` keys from the policy's backends, weighted."
-    )
+    backends: list[str] = Field(min_length=1, description="`provider/model` keys from the policy's backends, weighted.")
 
 
 class RoutingPolicySpec(Spec):

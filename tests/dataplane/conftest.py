@@ -23,7 +23,9 @@ class Fake:
         self.id = ident
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "signalbox.cli", "fake-provider", "--id", ident, "--port", "0"],
-            stdout=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         line = self.proc.stdout.readline()  # "fake-provider ID listening on http://127.0.0.1:PORT"
         if "listening on" not in line:
             raise RuntimeError(f"fake provider {ident} did not start: {line!r}")
@@ -70,8 +72,7 @@ def start_gateway(tmp_path: Path, yaml_text: str, **options) -> LocalGateway:
     config = tmp_path / "resources"
     config.mkdir(exist_ok=True)
     (config / "resources.yaml").write_text(yaml_text)
-    gateway = LocalGateway(paths=[str(config)], port=0, workdir=tmp_path / "work", start_fakes=False,
-                           **options)
+    gateway = LocalGateway(paths=[str(config)], port=0, workdir=tmp_path / "work", start_fakes=False, **options)
     try:
         gateway.start()
     except Exception:

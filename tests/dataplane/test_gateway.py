@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 
@@ -23,42 +24,98 @@ CLIENT_TOKEN = "client-gateway-token"
 def resources(fakes) -> str:
     dead_url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: connection refused
     return dump(
-        provider("alpha", fakes["alpha"].url + "/v1", [model("a1", upstreamName="alpha-small", quality=0.5,
-                 inputPricePer1M=0.1, outputPricePer1M=0.4, contextWindow=8000,
-                 capabilities=["streaming", "json"])]),
-        provider("beta", fakes["beta"].url + "/v1", [model("b1", upstreamName="beta-large", quality=0.9,
-                 inputPricePer1M=3, outputPricePer1M=15, contextWindow=128000,
-                 capabilities=["streaming", "tools", "vision", "json"])], auth={"env": "BETA_KEY"}),
-        provider("gamma", fakes["gamma"].url + "/v1", [model("g1", upstreamName="gamma-mid", quality=0.75,
-                 inputPricePer1M=1, outputPricePer1M=2, contextWindow=32000,
-                 capabilities=["streaming", "tools", "json"])]),
+        provider(
+            "alpha",
+            fakes["alpha"].url + "/v1",
+            [
+                model(
+                    "a1",
+                    upstreamName="alpha-small",
+                    quality=0.5,
+                    inputPricePer1M=0.1,
+                    outputPricePer1M=0.4,
+                    contextWindow=8000,
+                    capabilities=["streaming", "json"],
+                )
+            ],
+        ),
+        provider(
+            "beta",
+            fakes["beta"].url + "/v1",
+            [
+                model(
+                    "b1",
+                    upstreamName="beta-large",
+                    quality=0.9,
+                    inputPricePer1M=3,
+                    outputPricePer1M=15,
+                    contextWindow=128000,
+                    capabilities=["streaming", "tools", "vision", "json"],
+                )
+            ],
+            auth={"env": "BETA_KEY"},
+        ),
+        provider(
+            "gamma",
+            fakes["gamma"].url + "/v1",
+            [
+                model(
+                    "g1",
+                    upstreamName="gamma-mid",
+                    quality=0.75,
+                    inputPricePer1M=1,
+                    outputPricePer1M=2,
+                    contextWindow=32000,
+                    capabilities=["streaming", "tools", "json"],
+                )
+            ],
+        ),
         provider("flaky1", fakes["flaky1"].url + "/v1", [model("f1", upstreamName="flaky-one")]),
         provider("flaky2", fakes["flaky2"].url + "/v1", [model("f2", upstreamName="flaky-two")]),
         provider("dead", dead_url, [model("d1")]),
         provider("sick", fakes["delta"].url + "/v1", [model("s1")], healthy=False),
         policy("split", ["split"], [backend("alpha", "a1", weight=3), backend("gamma", "g1", weight=1)]),
-        policy("failover", ["failover"], [backend("flaky1", "f1"), backend("beta", "b1", priority=1)],
-               strategy="failover"),
-        policy("failover-429", ["failover-429"], [backend("flaky2", "f2"), backend("beta", "b1", priority=1)],
-               strategy="failover"),
-        policy("refused", ["refused"], [backend("dead", "d1"), backend("beta", "b1", priority=1)],
-               strategy="failover"),
-        policy("cheap", ["cheap"], [backend("alpha", "a1"), backend("gamma", "g1"), backend("beta", "b1")],
-               strategy="cost"),
-        policy("bytask", ["bytask"], [backend("alpha", "a1"), backend("beta", "b1")], strategy="classified",
-               routes=[{"taskTypes": ["code"], "backends": ["beta/b1"]}, {"backends": ["alpha/a1"]}]),
+        policy(
+            "failover", ["failover"], [backend("flaky1", "f1"), backend("beta", "b1", priority=1)], strategy="failover"
+        ),
+        policy(
+            "failover-429",
+            ["failover-429"],
+            [backend("flaky2", "f2"), backend("beta", "b1", priority=1)],
+            strategy="failover",
+        ),
+        policy("refused", ["refused"], [backend("dead", "d1"), backend("beta", "b1", priority=1)], strategy="failover"),
+        policy(
+            "cheap", ["cheap"], [backend("alpha", "a1"), backend("gamma", "g1"), backend("beta", "b1")], strategy="cost"
+        ),
+        policy(
+            "bytask",
+            ["bytask"],
+            [backend("alpha", "a1"), backend("beta", "b1")],
+            strategy="classified",
+            routes=[{"taskTypes": ["code"], "backends": ["beta/b1"]}, {"backends": ["alpha/a1"]}],
+        ),
         policy("nothing", ["nothing"], [backend("sick", "s1")]),
-        policy("sticky", ["sticky"], [backend("alpha", "a1"), backend("gamma", "g1"), backend("beta", "b1")],
-               strategy="hash", hash={"header": "x-user"}),
-        policy("fastest", ["fastest"], [backend("alpha", "a1"), backend("gamma", "g1", priority=1)],
-               strategy="fastest", hedge={"delayMs": 200}),
+        policy(
+            "sticky",
+            ["sticky"],
+            [backend("alpha", "a1"), backend("gamma", "g1"), backend("beta", "b1")],
+            strategy="hash",
+            hash={"header": "x-user"},
+        ),
+        policy(
+            "fastest",
+            ["fastest"],
+            [backend("alpha", "a1"), backend("gamma", "g1", priority=1)],
+            strategy="fastest",
+            hedge={"delayMs": 200},
+        ),
     )
 
 
 @pytest.fixture(scope="module")
 def gateway(fakes, tmp_path_factory):
-    gw = start_gateway(tmp_path_factory.mktemp("gw"), resources(fakes), env={"BETA_KEY": BETA_KEY},
-                       log_level="debug")
+    gw = start_gateway(tmp_path_factory.mktemp("gw"), resources(fakes), env={"BETA_KEY": BETA_KEY}, log_level="debug")
     yield gw
     gw.stop()
 
@@ -71,7 +128,8 @@ def client(gateway):
 
 def ask(client, alias, text="hello", **kw):
     raw = client.chat.completions.with_raw_response.create(
-        model=alias, messages=[{"role": "user", "content": text}], **kw)
+        model=alias, messages=[{"role": "user", "content": text}], **kw
+    )
     return raw.parse(), raw.headers
 
 
@@ -89,10 +147,13 @@ def test_weighted_three_to_one_split_over_2000_requests(client):
 # Each failure kind gets its own primary: after a run of 5xx Envoy's outlier detection ejects
 # the primary for a while (requests then go straight to the fallback), which would hide the
 # next case's failover.
-@pytest.mark.parametrize(("status", "alias", "primary", "primary_model"), [
-    (500, "failover", "flaky1", "flaky-one"),
-    (429, "failover-429", "flaky2", "flaky-two"),
-])
+@pytest.mark.parametrize(
+    ("status", "alias", "primary", "primary_model"),
+    [
+        (500, "failover", "flaky1", "flaky-one"),
+        (429, "failover-429", "flaky2", "flaky-two"),
+    ],
+)
 def test_failing_primary_loses_no_request(client, fakes, status, alias, primary, primary_model):
     fakes[primary].behave(status=status)
     fakes["beta"].behave(api_key=BETA_KEY)
@@ -132,9 +193,18 @@ def test_cost_routing_picks_cheapest_eligible(client):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
     assert served_by(ask(client, "cheap", "hi", tools=tools)[1]) == "gamma"
     # Needs vision: only beta.
-    raw = client.chat.completions.with_raw_response.create(model="cheap", messages=[{"role": "user", "content": [
-        {"type": "text", "text": "what is this"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    raw = client.chat.completions.with_raw_response.create(
+        model="cheap",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                ],
+            }
+        ],
+    )
     assert served_by(raw.headers) == "beta"
     # ~15k tokens: over alpha's 8k context, within gamma's 32k.
     assert served_by(ask(client, "cheap", "word " * 12000)[1]) == "gamma"
@@ -145,6 +215,7 @@ def test_cost_routing_picks_cheapest_eligible(client):
 def test_classified_sends_code_and_chit_chat_to_different_backends(client):
     code, code_headers = ask(client, "bytask", "Write a Python function that merges two sorted lists")
     chat, chat_headers = ask(client, "bytask", "Good morning! How was your weekend?")
+    assert code.system_fingerprint == "beta" and chat.system_fingerprint == "alpha"
     assert served_by(code_headers) == "beta" and code_headers["x-signalbox-reason"] == "classified:code/moderate"
     assert served_by(chat_headers) == "alpha" and chat_headers["x-signalbox-reason"].startswith("classified:chat")
 
@@ -164,14 +235,17 @@ def test_fastest_races_the_next_backend_when_the_first_is_slow(client, fakes):
 def test_streaming_arrives_chunk_by_chunk(client):
     arrivals, parts = [], []
     stream = client.chat.completions.create(
-        model="split", messages=[{"role": "user", "content": "stream please"}], stream=True,
-        extra_headers={"x-fake-chunks": "5", "x-fake-chunk-delay-ms": "150"})
+        model="split",
+        messages=[{"role": "user", "content": "stream please"}],
+        stream=True,
+        extra_headers={"x-fake-chunks": "5", "x-fake-chunk-delay-ms": "150"},
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append(time.monotonic())
             parts.append(chunk.choices[0].delta.content)
     assert parts == [f"chunk{i} " for i in range(5)]
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     # Buffered delivery would put all chunks within a few ms of each other.
     assert min(gaps) > 0.08, gaps
 
@@ -185,8 +259,10 @@ def test_bad_inputs_get_status_and_openai_error(gateway, client):
     with pytest.raises(openai.NotFoundError) as exc:
         ask(client, "no-such-model")
     assert exc.value.status_code == 404
-    assert "available: bytask, cheap, failover, failover-429, fastest, nothing, refused, split, sticky" \
+    assert (
+        "available: bytask, cheap, failover, failover-429, fastest, nothing, refused, split, sticky"
         in exc.value.message
+    )
 
     big = b'{"model":"split","messages":[{"role":"user","content":"' + b"a" * (9 * 1024 * 1024) + b'"}]}'
     r = httpx.post(f"{base}/chat/completions", content=big, headers={"content-type": "application/json"})
@@ -205,8 +281,7 @@ def test_bad_inputs_get_status_and_openai_error(gateway, client):
 
 def test_models_endpoint_lists_aliases_for_sdk(client):
     ids = [m.id for m in client.models.list()]
-    assert ids == ["bytask", "cheap", "failover", "failover-429", "fastest", "nothing", "refused", "split",
-                   "sticky"]
+    assert ids == ["bytask", "cheap", "failover", "failover-429", "fastest", "nothing", "refused", "split", "sticky"]
 
 
 def test_every_response_carries_the_signalbox_headers(gateway, client):

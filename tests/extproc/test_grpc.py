@@ -23,8 +23,7 @@ def routing_config(generation=1, weight_b=1):
         provider("a", "http://127.0.0.1:9001/v1", [model("m", upstreamName="model-a")], auth={"env": "A_KEY"}),
         provider("b", "http://127.0.0.1:9002/v1", [model("m", upstreamName="model-b")]),
     ]
-    pol = policy("p", ["auto"], [backend("a", "m", weight=1), backend("b", "m", weight=weight_b)],
-                 strategy="failover")
+    pol = policy("p", ["auto"], [backend("a", "m", weight=1), backend("b", "m", weight=weight_b)], strategy="failover")
     result = compile_config(providers, [pol], generation=generation)
     assert result.ok
     return result.config
@@ -43,10 +42,14 @@ async def stub(monkeypatch):
 
 
 def headers_msg(headers, end_of_stream=False, attributes=None):
-    req = ep.ProcessingRequest(request_headers=ep.HttpHeaders(
-        headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode())
-                                            for k, v in headers.items()]),
-        end_of_stream=end_of_stream))
+    req = ep.ProcessingRequest(
+        request_headers=ep.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()]
+            ),
+            end_of_stream=end_of_stream,
+        )
+    )
     for name, value in (attributes or {}).items():
         req.attributes["envoy.filters.http.ext_proc"].fields[name].CopyFrom(struct_pb2.Value(string_value=value))
     return req
@@ -108,14 +111,18 @@ async def test_router_phase_errors_are_openai_json_immediate_responses(stub):
 
 
 def host_metadata(backend_id):
-    return (f'filter_metadata {{ key: "signalbox" value {{ fields {{ key: "backend" value {{ string_value: '
-            f'"{backend_id}" }} }} }} }} ')
+    return (
+        f'filter_metadata {{ key: "signalbox" value {{ fields {{ key: "backend" value {{ string_value: '
+        f'"{backend_id}" }} }} }} }} '
+    )
 
 
 async def test_upstream_phase_first_attempt_sets_auth_and_skips_body(stub):
     s, _, _ = stub
     headers = {**CHAT, "authorization": "Bearer client", "x-signalbox-body-model": "model-a"}
-    (resp,) = await exchange(s, headers_msg(headers, attributes={"xds.upstream_host_metadata": host_metadata("default/a/m")}))
+    (resp,) = await exchange(
+        s, headers_msg(headers, attributes={"xds.upstream_host_metadata": host_metadata("default/a/m")})
+    )
     mutation = resp.request_headers.response.header_mutation
     assert set_headers(mutation)["authorization"] == f"Bearer {KEY}"
     assert set_headers(mutation)[":authority"] == "127.0.0.1:9001"
@@ -131,8 +138,9 @@ async def test_upstream_phase_failover_attempt_rewrites_model_and_drops_client_a
     s, _, _ = stub
     headers = {**CHAT, "authorization": "Bearer client", "x-signalbox-body-model": "model-a"}
     attrs = {"xds.upstream_host_metadata": host_metadata("default/b/m")}
-    first, second = await exchange(s, headers_msg(headers, attributes=attrs),
-                                   body_msg(b'{"model":"model-a","messages":[]}'))
+    first, second = await exchange(
+        s, headers_msg(headers, attributes=attrs), body_msg(b'{"model":"model-a","messages":[]}')
+    )
     assert "authorization" in first.request_headers.response.header_mutation.remove_headers
     assert not first.HasField("mode_override")
     assert json.loads(second.request_body.response.body_mutation.body)["model"] == "model-b"

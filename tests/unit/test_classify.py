@@ -3,15 +3,23 @@ from signalbox.extproc.classify import DEFAULT_RULES, classify, compile_rules, f
 
 
 def chat(text, **body):
-    return {"model": "auto", "messages": [{"role": "system", "content": "be helpful"},
-                                          {"role": "user", "content": text}], **body}
+    return {
+        "model": "auto",
+        "messages": [{"role": "system", "content": "be helpful"}, {"role": "user", "content": text}],
+        **body,
+    }
 
 
 def test_features_read_tools_images_json_and_tokens():
-    body = chat("describe", tools=[{"type": "function"}], response_format={"type": "json_object"},
-                max_tokens=50, stream=True)
-    body["messages"].append({"role": "user", "content": [
-        {"type": "text", "text": "x" * 400}, {"type": "image_url", "image_url": {"url": "data:"}}]})
+    body = chat(
+        "describe", tools=[{"type": "function"}], response_format={"type": "json_object"}, max_tokens=50, stream=True
+    )
+    body["messages"].append(
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "x" * 400}, {"type": "image_url", "image_url": {"url": "data:"}}],
+        }
+    )
     f = features(body)
     assert (f.has_tools, f.has_images, f.json_mode, f.stream) == (True, True, True, True)
     assert f.max_output_tokens == 50
@@ -35,11 +43,20 @@ def test_default_complexity_grows_with_length_and_hard_words():
 
 
 def test_policy_rules_come_before_defaults_and_respect_conditions():
-    rules = compile_rules([
-        pb.Rule(name="legal", keywords=["contract", "clause"], task_type="extraction", complexity="complex",
-                min_tokens=-1, max_tokens=-1),
-        pb.Rule(name="tool-use", has_tools=1, complexity="moderate", min_tokens=-1, max_tokens=-1),
-    ], use_defaults=True)
+    rules = compile_rules(
+        [
+            pb.Rule(
+                name="legal",
+                keywords=["contract", "clause"],
+                task_type="extraction",
+                complexity="complex",
+                min_tokens=-1,
+                max_tokens=-1,
+            ),
+            pb.Rule(name="tool-use", has_tools=1, complexity="moderate", min_tokens=-1, max_tokens=-1),
+        ],
+        use_defaults=True,
+    )
     legal = classify(features(chat("Summarize this contract clause")), rules)
     assert (legal.task_type, legal.complexity, legal.tier, legal.reason) == ("extraction", "complex", "rules", "legal")
     tools = classify(features(chat("hello", tools=[{"type": "function"}])), rules)

@@ -13,8 +13,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def two_providers(**kw):
     return [
         provider("a", "http://127.0.0.1:1/v1", [model("m1", quality=0.6), model("m2")], **kw),
-        provider("b", "https://api.example.com/v1", [model("big", upstreamName="big-2025")],
-                 auth={"secretRef": {"name": "b-key", "key": "apiKey"}}),
+        provider(
+            "b",
+            "https://api.example.com/v1",
+            [model("big", upstreamName="big-2025")],
+            auth={"secretRef": {"name": "b-key", "key": "apiKey"}},
+        ),
     ]
 
 
@@ -95,15 +99,20 @@ def test_content_hash_is_stable_and_tracks_content():
 
 
 def test_classified_routes_must_name_declared_backends():
-    pol = policy("p", ["x"], [backend("a", "m1")], strategy="classified",
-                 routes=[{"taskTypes": ["code"], "backends": ["a/m2"]}])
+    pol = policy(
+        "p", ["x"], [backend("a", "m1")], strategy="classified", routes=[{"taskTypes": ["code"], "backends": ["a/m2"]}]
+    )
     (problem,) = compile_config(two_providers(), [pol]).problems
     assert "a/m2" in problem.message
 
 
 def test_invalid_rule_regex_is_reported():
-    pol = policy("p", ["x"], [backend("a", "m1")],
-                 classification={"rules": [{"name": "r", "patterns": ["(unclosed"], "taskType": "code"}]})
+    pol = policy(
+        "p",
+        ["x"],
+        [backend("a", "m1")],
+        classification={"rules": [{"name": "r", "patterns": ["(unclosed"], "taskType": "code"}]},
+    )
     (problem,) = compile_config(two_providers(), [pol]).problems
     assert problem.path == "spec.classification.rules[0].patterns[0]"
 

@@ -17,14 +17,29 @@ def table(monkeypatch, tmp_path):
     monkeypatch.setenv("OAI_KEY", KEY)
     (tmp_path / "az").write_text("az-key-987\n")
     providers = [
-        provider("oai", "https://api.openai.com/v1", [model("gpt", upstreamName="gpt-4o-mini")],
-                 type="openai", auth={"env": "OAI_KEY"}),
-        provider("az", "https://res.openai.azure.com", [model("dep", upstreamName="prod-deploy")],
-                 type="azure-openai", auth={"file": str(tmp_path / "az")}, azure={"apiVersion": "2024-06-01"}),
+        provider(
+            "oai",
+            "https://api.openai.com/v1",
+            [model("gpt", upstreamName="gpt-4o-mini")],
+            type="openai",
+            auth={"env": "OAI_KEY"},
+        ),
+        provider(
+            "az",
+            "https://res.openai.azure.com",
+            [model("dep", upstreamName="prod-deploy")],
+            type="azure-openai",
+            auth={"file": str(tmp_path / "az")},
+            azure={"apiVersion": "2024-06-01"},
+        ),
         provider("vllm", "http://vllm.llm.svc:8000/v1", [model("llama")]),
     ]
-    general = policy("general", ["auto"], [backend("oai", "gpt"), backend("az", "dep"), backend("vllm", "llama")],
-                     strategy="failover")
+    general = policy(
+        "general",
+        ["auto"],
+        [backend("oai", "gpt"), backend("az", "dep"), backend("vllm", "llama")],
+        strategy="failover",
+    )
     team = policy("team", ["auto"], [backend("vllm", "llama")])
     team["spec"]["match"]["headers"] = [{"name": "x-team", "value": "ml"}]
     result = compile_config(providers, [general, team])
@@ -38,8 +53,11 @@ def body(model_name="auto", **extra):
 
 def test_router_phase_rewrites_model_and_names_target(table):
     out = decide.decide(table, SelectionState(), "/v1/chat/completions", {}, body(temperature=0.2))
-    assert json.loads(out.body) == {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
-                                    "temperature": 0.2}
+    assert json.loads(out.body) == {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0.2,
+    }
     headers = dict(out.set_headers)
     assert headers[decide.TARGET] == out.selection.choice.target and headers[decide.TARGET].startswith("t.")
     assert headers[decide.BODY_MODEL] == "gpt-4o-mini"

@@ -10,8 +10,9 @@ def config(strategy="weighted", **spec):
         provider("a", "http://127.0.0.1:9001/v1", [model("m")]),
         provider("b", "https://api.example.com/v1", [model("m")], auth={"env": "B_KEY"}),
     ]
-    result = compile_config(providers, [policy("p", ["x"], [backend("a", "m"), backend("b", "m", priority=1)],
-                                               strategy=strategy, **spec)])
+    result = compile_config(
+        providers, [policy("p", ["x"], [backend("a", "m"), backend("b", "m", priority=1)], strategy=strategy, **spec)]
+    )
     assert result.ok, result.problems
     return result.config
 
@@ -26,7 +27,8 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
     assert agg == ["b.default.a.m", "b.default.b.m"]
     assert clusters["t.default.p.1"]["cluster_type"]["typed_config"]["clusters"] == ["b.default.b.m", "b.default.a.m"]
     filters = clusters["t.default.p.0"]["typed_extension_protocol_options"][
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]["http_filters"]
     assert [f["name"] for f in filters] == ["envoy.filters.http.ext_proc", "envoy.filters.http.upstream_codec"]
     assert filters[0]["typed_config"]["request_attributes"] == ["xds.upstream_host_metadata"]
 

@@ -11,15 +11,51 @@ from signalbox.extproc.strategies import RequestContext, SelectionState, Unsatis
 from tests.factories import backend, model, policy, provider
 
 PROVIDERS = [
-    provider("cheap", "http://127.0.0.1:1/v1", [
-        model("mini", quality=0.5, inputPricePer1M=0.1, outputPricePer1M=0.4, contextWindow=8000,
-              capabilities=["streaming", "json"], latencyPriorMs=500)]),
-    provider("mid", "http://127.0.0.1:2/v1", [
-        model("med", quality=0.75, inputPricePer1M=1, outputPricePer1M=2, contextWindow=32000,
-              capabilities=["streaming", "tools", "json"], latencyPriorMs=800)]),
-    provider("top", "http://127.0.0.1:3/v1", [
-        model("max", quality=0.95, inputPricePer1M=5, outputPricePer1M=15, contextWindow=200000,
-              capabilities=["streaming", "tools", "vision", "json"], latencyPriorMs=1500)]),
+    provider(
+        "cheap",
+        "http://127.0.0.1:1/v1",
+        [
+            model(
+                "mini",
+                quality=0.5,
+                inputPricePer1M=0.1,
+                outputPricePer1M=0.4,
+                contextWindow=8000,
+                capabilities=["streaming", "json"],
+                latencyPriorMs=500,
+            )
+        ],
+    ),
+    provider(
+        "mid",
+        "http://127.0.0.1:2/v1",
+        [
+            model(
+                "med",
+                quality=0.75,
+                inputPricePer1M=1,
+                outputPricePer1M=2,
+                contextWindow=32000,
+                capabilities=["streaming", "tools", "json"],
+                latencyPriorMs=800,
+            )
+        ],
+    ),
+    provider(
+        "top",
+        "http://127.0.0.1:3/v1",
+        [
+            model(
+                "max",
+                quality=0.95,
+                inputPricePer1M=5,
+                outputPricePer1M=15,
+                contextWindow=200000,
+                capabilities=["streaming", "tools", "vision", "json"],
+                latencyPriorMs=1500,
+            )
+        ],
+    ),
     provider("down", "http://127.0.0.1:4/v1", [model("dead", quality=1.0)], healthy=False),
 ]
 ALL = [backend("cheap", "mini"), backend("mid", "med"), backend("top", "max")]
@@ -52,12 +88,18 @@ def test_weighted_split_is_exact_three_to_one():
 def test_round_robin_cycles():
     t, state = table("round-robin"), SelectionState()
     assert [pick(t, state=state) for _ in range(4)] == [
-        "default/cheap/mini", "default/mid/med", "default/top/max", "default/cheap/mini"]
+        "default/cheap/mini",
+        "default/mid/med",
+        "default/top/max",
+        "default/cheap/mini",
+    ]
 
 
 def test_failover_takes_highest_priority_and_skips_unhealthy():
-    t = table("failover", [backend("down", "dead", priority=0), backend("top", "max", priority=1),
-                           backend("cheap", "mini", priority=2)])
+    t = table(
+        "failover",
+        [backend("down", "dead", priority=0), backend("top", "max", priority=1), backend("cheap", "mini", priority=2)],
+    )
     assert pick(t) == "default/top/max"
 
 
@@ -127,9 +169,12 @@ def test_hash_keeps_keys_whose_backend_stays_when_one_leaves():
 
 
 def test_classified_sends_code_and_chat_to_different_rows():
-    t = table("classified", routes=[
-        {"taskTypes": ["code"], "backends": ["top/max"]},
-        {"backends": ["cheap/mini"]},
-    ])
+    t = table(
+        "classified",
+        routes=[
+            {"taskTypes": ["code"], "backends": ["top/max"]},
+            {"backends": ["cheap/mini"]},
+        ],
+    )
     assert pick(t, ctx("Write a python function that parses dates")) == "default/top/max"
     assert pick(t, ctx("good morning, how are you")) == "default/cheap/mini"

@@ -1,0 +1,151 @@
+"""Gateway lifecycle: hot reload, the ext_proc going away, and the CLI a newcomer runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from signalbox.cli import main as cli_main
+from tests.factories import backend, dump, model, policy, provider
+
+from .conftest import start_gateway
+
+pytestmark = pytest.mark.dataplane
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def two_way(fakes, weight_alpha=1, weight_beta=0, aliases=("auto",)):
+    return dump(
+        provider("alpha", fakes["alpha"].url + "/v1", [model("a1")]),
+        provider("beta", fakes["beta"].url + "/v1", [model("b1")]),
+        policy(
+            "main",
+            list(aliases),
+            [backend("alpha", "a1", weight=weight_alpha), backend("beta", "b1", weight=weight_beta)],
+        ),
+    )
+
+
+def served(gateway, alias="auto", n=20) -> Counter:
+    with openai.OpenAI(base_url=gateway.url, api_key="x", max_retries=0) as client:
+        return Counter(
+            client.chat.completions.with_raw_response.create(
+                model=alias, messages=[{"role": "user", "content": "hi"}]
+            ).headers["x-signalbox-provider"]
+            for _ in range(n)
+        )
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_edit_applies_and_bad_edit_keeps_last_good(fakes, tmp_path):
+    gw = start_gateway(tmp_path, two_way(fakes, weight_alpha=1, weight_beta=0))
+    try:
+        assert served(gw) == {"alpha": 20}
+        source = Path(gw.paths[0]) / "resources.yaml"
+
+        source.write_text(two_way(fakes, weight_alpha=0, weight_beta=1, aliases=("auto", "extra")))
+        started = time.monotonic()
+        assert gw.apply().ok
+        assert wait_for(lambda: served(gw, n=1) == {"beta": 1})
+        assert wait_for(lambda: served(gw, "extra", n=1) == {"beta": 1})  # new route in Envoy too
+        print(f"reload visible after {time.monotonic() - started:.2f}s")
+        assert served(gw) == {"beta": 20}
+
+        source.write_text(source.read_text().replace("weight: 1", "weight: -4"))
+        result = gw.apply()
+        assert not result.ok and any("spec.backends" in p.path for p in result.problems)
+        assert gw.generation == 2
+        time.sleep(0.5)
+        assert served(gw) == {"beta": 20}  # still generation 2
+    finally:
+        gw.stop()
+
+
+def test_extproc_unreachable_fails_closed_by_default(fakes, tmp_path):
+    gw = start_gateway(tmp_path, two_way(fakes))
+    try:
+        assert served(gw, n=2) == {"alpha": 2}
+        gw.processes["extproc"].kill()
+        gw.processes["extproc"].wait()
+        r = httpx.post(f"{gw.url}/chat/completions", json={"model": "auto", "messages": []})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "routing_unavailable"
+        assert len(fakes["alpha"].requests()) == 2  # nothing slipped through unrouted
+    finally:
+        gw.stop()
+
+
+def test_extproc_unreachable_fails_open_when_configured(fakes, tmp_path):
+    gw = start_gateway(tmp_path, two_way(fakes), failure_mode="open")
+    try:
+        gw.processes["extproc"].kill()
+        gw.processes["extproc"].wait()
+        r = httpx.post(f"{gw.url}/chat/completions", json={"model": "auto", "messages": []})
+        assert r.status_code == 200
+        assert r.headers["x-fake-provider"] == "alpha"
+    finally:
+        gw.stop()
+
+
+def test_validate_prints_every_problem_and_exits_nonzero(tmp_path, capsys):
+    assert cli_main(["validate", "-f", str(ROOT / "examples" / "quickstart")]) == 0
+    assert "valid: 2 provider(s)" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        dump(
+            provider("p", "http://127.0.0.1:1/v1", [model("m", quality=7)]),
+            policy("q", ["auto"], [backend("p", "m"), backend("nobody", "m")], strategy="sometimes"),
+        )
+    )
+    assert cli_main(["validate", "-f", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err or "3 problem(s)" in err
+    assert "spec.models[0].quality" in err and "spec.strategy" in err
+
+
+def test_examples_for_real_providers_validate():
+    assert cli_main(["validate", "-f", str(ROOT / "examples" / "providers")]) == 0
+
+
+def test_signalbox_up_serves_the_quickstart(tmp_path):
+    """The README's first command, as a newcomer runs it (ports moved to avoid clashes)."""
+    quickstart = tmp_path / "quickstart"
+    quickstart.mkdir()
+    for f in (ROOT / "examples" / "quickstart").glob("*.yaml"):
+        text = f.read_text().replace("18081", "28081").replace("18082", "28082")
+        (quickstart / f.name).write_text(text)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "signalbox.cli", "up", "-f", str(quickstart), "--port", "28080"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "Signalbox gateway ready: http://127.0.0.1:28080/v1" in line, line
+        with openai.OpenAI(base_url="http://127.0.0.1:28080/v1", api_key="any", max_retries=0) as client:
+            reply = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hello"}])
+            assert reply.system_fingerprint == "fast-local"
+            code = client.chat.completions.with_raw_response.create(
+                model="by-task", messages=[{"role": "user", "content": "Write a Python function to parse CSV"}]
+            )
+            assert code.headers["x-signalbox-provider"] == "smart-local"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert proc.returncode == 0
