@@ -1,10 +1,10 @@
-# Every task is a target; CI calls `make ci`. VENV can point at an existing virtualenv.
+# Every task is a target; CI (.ci/run) calls `make test`. VENV can point at an existing virtualenv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: setup test test-unit test-extproc test-dataplane bench protos protos-check lint up validate ci clean
+.PHONY: setup test test-unit test-extproc test-dataplane bench protos protos-check lint up validate clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -24,6 +24,7 @@ protos-check: protos
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy signalbox extproc
 	$(BIN)/lint-imports
 
@@ -49,8 +50,6 @@ up: setup
 
 validate: setup
 	$(BIN)/signalbox validate -f examples/quickstart/ -f examples/providers/
-
-ci: test
 
 clean:
 	rm -rf $(VENV) build *.egg-info

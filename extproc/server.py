@@ -29,6 +29,9 @@ from .strategies import SelectionState
 log = logging.getLogger("signalbox.extproc")
 
 UPSTREAM_ATTR = "xds.upstream_host_metadata"
+# Strategies that learn from how long requests take or how many are open: their router-phase
+# stream is kept until Envoy ends it, which is when the HTTP request ends.
+STREAM_LIFETIME_STRATEGIES = frozenset({"latency", "least-busy"})
 _SKIP_BODY = ep.ProcessingResponse(
     mode_override=processing_mode_pb2.ProcessingMode(
         request_header_mode=processing_mode_pb2.ProcessingMode.SEND,
@@ -123,15 +126,21 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     max_body_bytes=self.max_body_bytes,
                 )
                 policy = outcome.policy
-                chosen = outcome.selection.choice.backend.id
-                state.in_flight[chosen] += 1
-                started = time.monotonic()
-                yield wire.body_response(
+                response = wire.body_response(
                     outcome.set_headers,
                     body=outcome.body,
                     clear_route_cache=True,
                     metadata={"policy": policy.name, "reason": outcome.selection.reason},
                 )
+                if policy.strategy not in STREAM_LIFETIME_STRATEGIES:
+                    # Nothing more to do for this request: end the RPC now rather than hold it
+                    # (and have Envoy reset it) for the whole upstream exchange.
+                    yield response
+                    return
+                chosen = outcome.selection.choice.backend.id
+                state.in_flight[chosen] += 1
+                started = time.monotonic()
+                yield response
         except RequestError as err:
             yield wire.immediate_error(err, policy.name if policy else "")
         finally:
@@ -173,6 +182,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     yield wire.immediate_error(err)
                     return
                 yield wire.body_response(body=body)
+                return
 
 
 async def serve(

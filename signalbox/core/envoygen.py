@@ -51,7 +51,10 @@ class GatewayOptions:
     listen_port: int = 8080
     admin_address: str = "127.0.0.1"
     admin_port: int = 9901
-    extproc_socket: str | None = None
+    # One Unix socket per ext_proc worker process; Envoy spreads streams over them. Python's
+    # gRPC runtime costs ~0.3 ms of CPU per stream, so workers are how the data plane scales
+    # with cores (see bench/README.md). Empty: one worker on extproc_host:extproc_port.
+    extproc_sockets: tuple[str, ...] = ()
     extproc_host: str = "127.0.0.1"
     extproc_port: int = 50051
     max_body_bytes: int = 8 * 1024 * 1024
@@ -77,10 +80,10 @@ def _grpc_service(timeout_ms: int) -> dict[str, Any]:
 
 def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
     """Static bootstrap: admin, the ext_proc cluster, and LDS/CDS read from watched files."""
-    if opts.extproc_socket:
-        extproc_addr: dict[str, Any] = {"pipe": {"path": opts.extproc_socket}}
+    if opts.extproc_sockets:
+        extproc_addrs: list[dict[str, Any]] = [{"pipe": {"path": path}} for path in opts.extproc_sockets]
     else:
-        extproc_addr = _address(opts.extproc_host, opts.extproc_port)
+        extproc_addrs = [_address(opts.extproc_host, opts.extproc_port)]
 
     def watched(name: str) -> dict[str, Any]:
         return {
@@ -106,7 +109,7 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
                     },
                     "load_assignment": {
                         "cluster_name": EXTPROC_CLUSTER,
-                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": extproc_addr}}]}],
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": a}} for a in extproc_addrs]}],
                     },
                 }
             ]

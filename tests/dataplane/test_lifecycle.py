@@ -52,6 +52,13 @@ def wait_for(predicate, timeout=10.0):
     return False
 
 
+def kill_extproc(gateway) -> None:
+    for name, proc in gateway.processes.items():
+        if name.startswith("extproc"):
+            proc.kill()
+            proc.wait()
+
+
 def test_edit_applies_and_bad_edit_keeps_last_good(fakes, tmp_path):
     gw = start_gateway(tmp_path, two_way(fakes, weight_alpha=1, weight_beta=0))
     try:
@@ -80,8 +87,7 @@ def test_extproc_unreachable_fails_closed_by_default(fakes, tmp_path):
     gw = start_gateway(tmp_path, two_way(fakes))
     try:
         assert served(gw, n=2) == {"alpha": 2}
-        gw.processes["extproc"].kill()
-        gw.processes["extproc"].wait()
+        kill_extproc(gw)
         r = httpx.post(f"{gw.url}/chat/completions", json={"model": "auto", "messages": []})
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "routing_unavailable"
@@ -93,8 +99,7 @@ def test_extproc_unreachable_fails_closed_by_default(fakes, tmp_path):
 def test_extproc_unreachable_fails_open_when_configured(fakes, tmp_path):
     gw = start_gateway(tmp_path, two_way(fakes), failure_mode="open")
     try:
-        gw.processes["extproc"].kill()
-        gw.processes["extproc"].wait()
+        kill_extproc(gw)
         r = httpx.post(f"{gw.url}/chat/completions", json={"model": "auto", "messages": []})
         assert r.status_code == 200
         assert r.headers["x-fake-provider"] == "alpha"

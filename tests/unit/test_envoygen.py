@@ -78,7 +78,11 @@ def test_generated_resources_hold_no_key_values(monkeypatch):
 
 
 def test_bootstrap_watches_files_and_uses_unix_socket_for_extproc():
-    boot = envoygen.bootstrap(envoygen.GatewayOptions(extproc_socket="/run/sb.sock"), "/cfg")
+    opts = envoygen.GatewayOptions(extproc_sockets=("/run/sb-0.sock", "/run/sb-1.sock"))
+    boot = envoygen.bootstrap(opts, "/cfg")
     assert boot["dynamic_resources"]["lds_config"]["path_config_source"]["watched_directory"] == {"path": "/cfg"}
-    ep = boot["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
-    assert ep["endpoint"]["address"] == {"pipe": {"path": "/run/sb.sock"}}
+    endpoints = boot["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"] for e in endpoints] == [
+        {"pipe": {"path": "/run/sb-0.sock"}},
+        {"pipe": {"path": "/run/sb-1.sock"}},
+    ]

@@ -1,0 +1,279 @@
+"""Plain Envoy vs Signalbox on the same fake upstream, same load, one run.
+
+    make bench            (or: python -m bench.dataplane --seconds 8 --rounds 3)
+
+Both gateways use the same Envoy binary and concurrency and forward to the same fake provider
+process. Rounds alternate (plain, signalbox, plain, ...) so drift on a noisy machine hits both;
+the report gives medians over rounds, the throughput ratio and the latency Signalbox adds.
+Load comes from `wrk` (Debian package `wrk`) with a fixed chat-completions body.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from signalbox.local import LocalGateway, envoy_binary, free_port
+from tests.factories import backend, dump, model, policy, provider
+
+RESULTS = Path(__file__).parent / "results"
+BODY = json.dumps(
+    {
+        "model": "bench",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Summarize the plot of Hamlet in two sentences."},
+        ],
+        "max_tokens": 64,
+    }
+)
+
+
+def start_fake() -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "signalbox.cli", "fake-provider", "--id", "bench", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().rsplit(" ", 1)[1].strip()
+
+
+def plain_envoy(upstream: str, workdir: Path, concurrency: int) -> tuple[subprocess.Popen, int]:
+    """The baseline: one route to the fake provider, no filters but the router."""
+    port, admin = free_port(), free_port()
+    host, upstream_port = upstream.removeprefix("http://").split(":")
+    bootstrap = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                        "http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "plain",
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "all",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {"match": {"prefix": "/"}, "route": {"cluster": "fake"}}
+                                                    ],
+                                                }
+                                            ]
+                                        },
+                                        "http_filters": [
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/"
+                                                    "envoy.extensions.filters.http.router.v3.Router"
+                                                },
+                                            }
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "fake",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": "fake",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {"address": host, "port_value": int(upstream_port)}
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ],
+        },
+    }
+    path = workdir / "plain-envoy.json"
+    path.write_text(json.dumps(bootstrap))
+    proc = subprocess.Popen(
+        [
+            envoy_binary(),
+            "-c",
+            str(path),
+            "--log-level",
+            "error",
+            "--base-id",
+            str(admin),
+            "--concurrency",
+            str(concurrency),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if subprocess.run(["curl", "-sf", f"http://127.0.0.1:{admin}/ready"], capture_output=True).returncode == 0:
+            return proc, port
+        time.sleep(0.1)
+    raise RuntimeError("plain envoy did not start")
+
+
+def _ms(value: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", value).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def lua(path: Path, delay_ms: int) -> Path:
+    """A wrk script posting BODY; delay_ms asks the fake upstream to wait before answering."""
+    extra = f'wrk.headers["x-fake-delay-ms"] = "{delay_ms}"\n' if delay_ms else ""
+    path.write_text(
+        f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n{extra}wrk.body = [[{BODY}]]\n'
+    )
+    return path
+
+
+def wrk(url: str, seconds: int, connections: int, script: Path) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": rps,
+        "p50_ms": _ms(pct["50"]),
+        "p99_ms": _ms(pct["99"]),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+    }
+
+
+def summarize(runs: dict[str, list[dict[str, float]]]) -> dict[str, float]:
+    def median(target: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[target])
+
+    return {
+        "throughput_ratio": round(median("signalbox", "rps") / median("plain", "rps"), 3),
+        "added_p50_ms": round(median("signalbox", "p50_ms") - median("plain", "p50_ms"), 3),
+        "added_p99_ms": round(median("signalbox", "p99_ms") - median("plain", "p99_ms"), 3),
+        "plain_rps": median("plain", "rps"),
+        "signalbox_rps": median("signalbox", "rps"),
+        "plain_p50_ms": median("plain", "p50_ms"),
+        "signalbox_p50_ms": median("signalbox", "p50_ms"),
+        "plain_p99_ms": median("plain", "p99_ms"),
+        "signalbox_p99_ms": median("signalbox", "p99_ms"),
+        "signalbox_non_2xx": sum(r["non_2xx"] for r in runs["signalbox"]),
+        "plain_non_2xx": sum(r["non_2xx"] for r in runs["plain"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads (both gateways)")
+    parser.add_argument("--workers", type=int, default=0, help="ext_proc worker processes (0: one per core)")
+    parser.add_argument(
+        "--llm-delay-ms", type=int, default=50, help="upstream delay of the secondary, LLM-like scenario (0: skip)"
+    )
+    args = parser.parse_args(argv)
+    if not shutil.which("wrk"):
+        print("make bench needs wrk: apt-get install wrk", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="signalbox-bench-"))
+    scenarios = {"zero_latency_upstream": lua(workdir / "post.lua", 0)}
+    if args.llm_delay_ms:
+        scenarios[f"upstream_{args.llm_delay_ms}ms"] = lua(workdir / "post-delay.lua", args.llm_delay_ms)
+    fake, upstream = start_fake()
+    resources = workdir / "resources"
+    resources.mkdir()
+    # Two providers on the same fake so the weighted choice, classification and the upstream
+    # phase all run, as they would for a real policy.
+    (resources / "bench.yaml").write_text(
+        dump(
+            provider("one", upstream + "/v1", [model("m", upstreamName="bench-model")]),
+            provider("two", upstream + "/v1", [model("m", upstreamName="bench-model")]),
+            policy("bench", ["bench"], [backend("one", "m", weight=3), backend("two", "m", weight=1)]),
+        )
+    )
+    plain, plain_port = plain_envoy(upstream, workdir, args.concurrency)
+    gateway = LocalGateway(
+        paths=[str(resources)],
+        port=0,
+        workdir=workdir / "gw",
+        start_fakes=False,
+        envoy_concurrency=args.concurrency,
+        extproc_workers=args.workers,
+    )
+    gateway.start()
+    targets = {"plain": f"http://127.0.0.1:{plain_port}", "signalbox": gateway.url.removesuffix("/v1")}
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    try:
+        for scenario, script in scenarios.items():
+            runs: dict[str, list[dict[str, float]]] = {"plain": [], "signalbox": []}
+            for url in targets.values():
+                wrk(url + "/v1/chat/completions", 2, args.connections, script)  # warm-up
+            for n in range(args.rounds):
+                for target, url in targets.items():
+                    result = wrk(url + "/v1/chat/completions", args.seconds, args.connections, script)
+                    runs[target].append(result)
+                    print(f"{scenario} round {n + 1} {target:9s} {result}", flush=True)
+            results[scenario] = runs
+    finally:
+        gateway.stop()
+        plain.terminate()
+        fake.terminate()
+
+    headline = summarize(results["zero_latency_upstream"])
+    report = {
+        **headline,
+        "scenarios": {name: summarize(runs) for name, runs in results.items()},
+        "setup": {
+            "connections": args.connections,
+            "seconds_per_round": args.seconds,
+            "rounds": args.rounds,
+            "envoy_concurrency": args.concurrency,
+            "extproc_workers": len(gateway.options.extproc_sockets),
+            "cores": os.cpu_count(),
+            "strategy": "weighted 3:1, default classification rules, upstream phase per attempt",
+            "upstream": "signalbox fake-provider (aiohttp), one process, shared by both",
+        },
+        "runs": results,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["scenarios"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
