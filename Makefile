@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: setup test test-unit test-extproc test-dataplane bench protos protos-check lint up validate clean
+.PHONY: setup crds test-crds test-operator test test-unit test-extproc test-dataplane bench protos protos-check lint up validate clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -22,6 +22,14 @@ protos: setup
 protos-check: protos
 	git diff --exit-code -- signalbox/api || (echo "generated protos are stale: run make protos and commit" && exit 1)
 
+## Regenerate crds/ from the resource models (tests fail while the committed files are stale).
+crds: setup
+	$(PY) -c "from pathlib import Path; from signalbox.core import crdgen; \
+	[Path('crds', n).write_text(crdgen.render(o)) for n, o in crdgen.definitions().items()]"
+
+test-crds: setup
+	$(PYTEST) tests/crds
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -38,7 +46,7 @@ test-dataplane: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PYTEST) tests/dataplane
 
 ## The README's test command: every tier plus lint and generated-code freshness.
-test: protos-check lint test-unit test-extproc test-dataplane
+test: protos-check lint test-unit test-crds test-extproc test-dataplane
 
 ## Plain Envoy vs Signalbox, same fake upstream, same load, one run -> bench/results/latest.json
 bench: setup

@@ -90,8 +90,24 @@ class SecretKeyRef(Spec):
     key: str = Field(min_length=1, description="Key inside the Secret whose value is the API key.")
 
 
+def cel(*rules: tuple[str, str]) -> ConfigDict:
+    """Model config carrying Kubernetes CEL rules (x-kubernetes-validations) for the CRD.
+
+    Each rule mirrors a Python validator of the same model, so the API server rejects what
+    `signalbox validate` rejects, with the same wording.
+    """
+    return ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
+    )
+
+
 class ProviderAuth(Spec):
     """Where the API key lives. Exactly one source; omit `auth` for keyless endpoints."""
+
+    model_config = cel(
+        ("[has(self.secretRef), has(self.env), has(self.file)].filter(x, x).size() == 1",
+         "set exactly one of secretRef, env, file"),
+    )
 
     secret_ref: SecretKeyRef | None = Field(None, description="Kubernetes Secret holding the key (in a cluster).")
     env: str | None = Field(None, description="Environment variable of the gateway holding the key (local runs).")
@@ -153,6 +169,14 @@ class AzureSpec(Spec):
 
 
 class AIProviderSpec(Spec):
+    """An LLM API endpoint and the models it serves."""
+
+    model_config = cel(
+        ("self.models.all(m, self.models.filter(n, n.name == m.name).size() == 1)", "model names must be unique"),
+        ("self.baseUrl.matches('^https?://[^/?#]+[^?#]*$')",
+         "baseUrl must be an http:// or https:// URL with a host and no query or fragment"),
+    )
+
     type: ProviderType = Field(
         ProviderType.OPENAI_COMPATIBLE,
         description="API dialect: openai, azure-openai (deployment paths, api-key header) or "
@@ -169,10 +193,8 @@ class AIProviderSpec(Spec):
     @classmethod
     def _url(cls, value: str) -> str:
         parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.query or parts.fragment:
-            raise ValueError("must not contain a query or fragment")
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError("baseUrl must be an http:// or https:// URL with a host and no query or fragment")
         return value.rstrip("/")
 
     @model_validator(mode="after")
@@ -288,6 +310,10 @@ class CostSpec(Spec):
 class ClassRule(Spec):
     """A rule of classification tier 1. All conditions given must hold for the rule to fire."""
 
+    model_config = cel(
+        ("has(self.taskType) || has(self.complexity)", "a rule must set taskType, complexity or both"),
+    )
+
     name: str = Field(min_length=1, description="Shown as the reason when the rule decides.")
     patterns: list[str] = Field(
         default_factory=list, description="Regular expressions (case-insensitive), any may match."
@@ -328,6 +354,19 @@ class ClassRoute(Spec):
 
 
 class RoutingPolicySpec(Spec):
+    """Which requests a policy takes and how it chooses among its backends."""
+
+    model_config = cel(
+        ("self.backends.all(b, self.backends.filter(c, c.provider == b.provider && c.model == b.model).size() == 1)",
+         "backends must be unique"),
+        ("self.strategy != 'classified' || (has(self.routes) && size(self.routes) > 0)",
+         "strategy classified needs at least one entry in routes"),
+        ("self.strategy != 'weighted' || self.backends.exists(b, !has(b.weight) || b.weight > 0)",
+         "strategy weighted needs at least one backend with weight > 0"),
+        ("!has(self.routes) || self.routes.all(r, r.backends.all(k, self.backends.exists(b, b.provider + '/' + b.model == k)))",
+         "routes name backends not in spec.backends"),
+    )
+
     match: PolicyMatch = Field(description="Which requests this policy takes.")
     strategy: Strategy = Field(Strategy.WEIGHTED, description="How the first backend is chosen.")
     backends: list[BackendRef] = Field(min_length=1, description="Backends this policy may use.")

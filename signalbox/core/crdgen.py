@@ -1,0 +1,191 @@
+"""CustomResourceDefinitions generated from `signalbox.core.models` (one source of truth).
+
+pydantic's JSON Schema (2020-12) is turned into a Kubernetes *structural* OpenAPI v3 schema:
+references inlined, `Optional[X]` reduced to X (absence is the Kubernetes way to say "unset"),
+numeric `exclusiveMinimum` rewritten to the OpenAPI 3.0 boolean form, `additionalProperties:
+false` dropped (the API server prunes unknown fields instead), titles removed. Descriptions,
+defaults, enums, patterns and the models' CEL rules (`x-kubernetes-validations`) are kept.
+`make crds` writes crds/*.yaml; CI fails when they differ from what this module produces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from .models import GROUP, VERSION, AIProviderSpec, RoutingPolicySpec
+
+_CONDITIONS = {
+    "type": "array",
+    "description": "Latest observations of the object's state (Accepted, ResolvedRefs, Ready, Healthy).",
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["type"],
+    "items": {
+        "type": "object",
+        "required": ["type", "status"],
+        "properties": {
+            "type": {"type": "string", "description": "Condition type."},
+            "status": {"type": "string", "enum": ["True", "False", "Unknown"], "description": "True, False or Unknown."},
+            "reason": {"type": "string", "description": "One-word CamelCase reason."},
+            "message": {"type": "string", "description": "Human-readable details, with JSON paths of problems."},
+            "observedGeneration": {"type": "integer", "description": "metadata.generation this was computed for."},
+            "lastTransitionTime": {"type": "string", "format": "date-time", "description": "When status last changed."},
+        },
+    },
+}
+
+_PROVIDER_STATUS = {
+    "type": "object",
+    "description": "Written by the Signalbox operator.",
+    "properties": {
+        "observedGeneration": {"type": "integer", "description": "metadata.generation last processed."},
+        "conditions": _CONDITIONS,
+        "health": {
+            "type": "object",
+            "description": "Result of the active health probes.",
+            "properties": {
+                "healthy": {"type": "boolean", "description": "Whether routing may use this provider."},
+                "latencyMs": {"type": "number", "description": "Latency of the last successful probe."},
+                "lastProbeTime": {"type": "string", "format": "date-time", "description": "When it was last probed."},
+                "lastTransitionTime": {
+                    "type": "string",
+                    "format": "date-time",
+                    "description": "When healthy last changed.",
+                },
+                "consecutiveFailures": {"type": "integer", "description": "Failed probes in a row."},
+                "consecutiveSuccesses": {"type": "integer", "description": "Successful probes in a row."},
+                "message": {"type": "string", "description": "Outcome of the last probe."},
+            },
+        },
+    },
+}
+
+_POLICY_STATUS = {
+    "type": "object",
+    "description": "Written by the Signalbox operator.",
+    "properties": {
+        "observedGeneration": {"type": "integer", "description": "metadata.generation last processed."},
+        "conditions": _CONDITIONS,
+        "backends": {"type": "integer", "description": "Healthy backends this policy can route to."},
+        "configGeneration": {"type": "integer", "description": "Routing config generation that carries it."},
+    },
+}
+
+
+def structural(schema: dict[str, Any]) -> dict[str, Any]:
+    defs = schema.get("$defs", {})
+
+    def convert(node: Any) -> Any:
+        if isinstance(node, list):
+            return [convert(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            target = defs[node["$ref"].rsplit("/", 1)[1]]
+            merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+            return convert(merged)
+        if "anyOf" in node:
+            options = [o for o in node["anyOf"] if o.get("type") != "null"]
+            rest = {k: v for k, v in node.items() if k != "anyOf"}
+            if len(options) == 1:
+                return convert({**options[0], **rest})
+            return convert({**rest, "anyOf": options})
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in ("title", "$defs", "propertyNames"):
+                continue
+            if key == "default" and value is None:
+                continue
+            if key == "additionalProperties" and value is False:
+                continue
+            if key == "exclusiveMinimum" and not isinstance(value, bool):
+                out["minimum"], out["exclusiveMinimum"] = value, True
+                continue
+            if key == "properties":
+                out[key] = {k: convert(v) for k, v in value.items()}
+                continue
+            out[key] = convert(value)
+        return out
+
+    return convert(schema)
+
+
+def crd(kind: str, plural: str, short: str, spec_model: type, status: dict, columns: list[dict]) -> dict[str, Any]:
+    spec = structural(spec_model.model_json_schema(by_alias=True, mode="validation"))
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}", "labels": {"app.kubernetes.io/part-of": "signalbox"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short],
+                "categories": ["signalbox"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [*columns, {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": spec.get("description", ""),
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string", "description": "signalbox.io/v1alpha1"},
+                                "kind": {"type": "string", "description": kind},
+                                "metadata": {"type": "object"},
+                                "spec": spec,
+                                "status": status,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def definitions() -> dict[str, dict[str, Any]]:
+    """File name -> CRD object."""
+    return {
+        "aiproviders.yaml": crd(
+            "AIProvider",
+            "aiproviders",
+            "aip",
+            AIProviderSpec,
+            _PROVIDER_STATUS,
+            [
+                {"name": "Type", "type": "string", "jsonPath": ".spec.type"},
+                {"name": "Healthy", "type": "boolean", "jsonPath": ".status.health.healthy"},
+                {"name": "Latency", "type": "number", "jsonPath": ".status.health.latencyMs", "description": "ms"},
+                {"name": "Models", "type": "string", "jsonPath": ".spec.models[*].name"},
+            ],
+        ),
+        "routingpolicies.yaml": crd(
+            "RoutingPolicy",
+            "routingpolicies",
+            "rp",
+            RoutingPolicySpec,
+            _POLICY_STATUS,
+            [
+                {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy"},
+                {"name": "Accepted", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Accepted")].status'},
+                {"name": "Backends", "type": "integer", "jsonPath": ".status.backends"},
+            ],
+        ),
+    }
+
+
+def render(obj: dict[str, Any]) -> str:
+    header = "# Generated by `make crds` from signalbox/core/models.py. Do not edit.\n"
+    return header + yaml.safe_dump(obj, sort_keys=False, width=120)
