@@ -33,7 +33,7 @@ test-crds: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy signalbox extproc
+	$(BIN)/mypy signalbox extproc operator
 	$(BIN)/lint-imports
 
 test-unit: setup
@@ -42,11 +42,15 @@ test-unit: setup
 test-extproc: setup
 	$(PYTEST) tests/extproc
 
+## kopf against kmock's Kubernetes API emulator.
+test-operator: setup
+	$(PYTEST) tests/operator
+
 test-dataplane: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PYTEST) tests/dataplane
 
 ## The README's test command: every tier plus lint and generated-code freshness.
-test: protos-check lint test-unit test-crds test-extproc test-dataplane
+test: protos-check lint test-unit test-crds test-extproc test-operator test-dataplane
 
 ## Plain Envoy vs Signalbox, same fake upstream, same load, one run -> bench/results/latest.json
 bench: setup

@@ -64,6 +64,8 @@ class TableHolder:
         from watchfiles import awatch
 
         path = Path(path)
+        # The writer (config-sync, `signalbox up`) may start later than the ext_proc.
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.load_file(path)
         async for _ in awatch(path.parent, stop_event=stop, debounce=50, step=20):
             self.load_file(path)

@@ -15,26 +15,9 @@ from pathlib import Path
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.compiler import SCHEMA_VERSION, STRATEGY_NAMES
 from signalbox.core.errors import ConfigVersionError
+from signalbox.core.secrets import SecretValue
 
 from .classify import CompiledRule, compile_rules
-
-
-class SecretValue:
-    """An API key. Its repr and str never show the value, so it cannot leak into a log line."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str):
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "SecretValue(<redacted>)"
-
-    __str__ = __repr__
-
 
 KeyResolver = Callable[[pb.Auth], SecretValue | None]
 

@@ -125,6 +125,38 @@ def cmd_extproc(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from signalbox.operator.main import run
+
+    return run(args)
+
+
+def cmd_config_sync(args: argparse.Namespace) -> int:
+    from signalbox.configsync import ConfigSync
+    from signalbox.core.envoygen import GatewayOptions
+    from signalbox.operator.kube import api_client
+
+    namespace, _, name = args.configmap.partition("/")
+    sockets = tuple(f"{args.socket_dir}/extproc-{n}.sock" for n in range(args.workers))
+    options = GatewayOptions(
+        listen_address="0.0.0.0",
+        listen_port=args.port,
+        admin_port=args.admin_port,
+        extproc_sockets=sockets,
+        failure_mode=args.failure_mode,
+    )
+    sync = ConfigSync(api_client(args.server), namespace, name, Path(args.workdir), options)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await sync.run(stop)
+
+    asyncio.run(run())
+    return 0
+
+
 def cmd_fake_provider(argv: list[str]) -> int:
     from signalbox.fakeprovider import main
 
@@ -166,6 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     ext.add_argument("--log-level", default="info")
     ext.set_defaults(func=cmd_extproc)
+
+    op = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    from signalbox.operator.main import add_arguments
+
+    add_arguments(op)
+    op.set_defaults(func=cmd_operator)
+
+    cs = sub.add_parser("config-sync", help="gateway pod: watch the routing ConfigMap, write Envoy/ext_proc files")
+    cs.add_argument("--configmap", default="signalbox-system/signalbox-routing", help="NAMESPACE/NAME")
+    cs.add_argument("--workdir", required=True, help="directory Envoy and the ext_proc watch")
+    cs.add_argument("--socket-dir", required=True, help="where the ext_proc workers' sockets live")
+    cs.add_argument("--workers", type=int, default=1, help="ext_proc worker processes")
+    cs.add_argument("--port", type=int, default=8080)
+    cs.add_argument("--admin-port", type=int, default=9901)
+    cs.add_argument("--failure-mode", choices=["closed", "open"], default="closed")
+    cs.add_argument("--server", help="Kubernetes API URL (default: in-cluster config)")
+    cs.add_argument("--log-level", default="info")
+    cs.set_defaults(func=cmd_config_sync)
 
     sub.add_parser("fake-provider", help="run the bundled OpenAI-compatible fake provider", add_help=False)
     return parser

@@ -84,8 +84,13 @@ class FakeProvider:
         return web.json_response(body, status=status, headers={"x-fake-provider": self.ident})
 
     async def handle_get(self, request: web.Request) -> web.Response:
+        status, delay = self._steer(request)
+        if delay:
+            await asyncio.sleep(delay / 1000)
         if not self._authorized(request):
             return self._error(401, "missing or wrong API key")
+        if status != 200:
+            return self._error(status, f"steered to fail with {status}")
         if request.path.endswith("/models"):
             return web.json_response(
                 {

@@ -8,7 +8,6 @@ the dataplane tests both use it, so what the tests prove is what a user runs.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -22,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from google.protobuf import json_format
-
+from signalbox import gatewayfiles
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core import envoygen, loader
 from signalbox.core.compiler import CompileResult, compile_config
@@ -42,13 +40,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def write_atomic(path: Path, data: str) -> None:
-    """Write then rename, so watchers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(data)
-    os.replace(tmp, path)
 
 
 def envoy_binary() -> str:
@@ -103,7 +94,7 @@ class LocalGateway:
     @property
     def config_file(self) -> Path:
         assert self.workdir
-        return self.workdir / "config" / "routing-config.json"
+        return self.workdir / gatewayfiles.CONFIG_FILE
 
     @property
     def url(self) -> str:
@@ -128,11 +119,7 @@ class LocalGateway:
 
     def _publish(self, cfg: pb.RoutingConfig) -> None:
         assert self.workdir
-        # The ext_proc must know a backend before Envoy can route to it: config first, then
-        # clusters, then the listener that references them.
-        write_atomic(self.config_file, json_format.MessageToJson(cfg))
-        for name in ("cds.json", "lds.json"):
-            write_atomic(self.workdir / "envoy" / name, json.dumps(envoygen.resources(cfg, self.options)[name]))
+        gatewayfiles.publish(cfg, self.workdir, self.options)
 
     # ------------------------------------------------------------------ processes
 
@@ -161,8 +148,7 @@ class LocalGateway:
             self._spawn(name, [*argv, "--log-level", self.log_level])
         for n, socket_path in enumerate(self.options.extproc_sockets):
             self._wait(lambda p=socket_path: Path(p).exists(), f"extproc-{n}", timeout)
-        bootstrap = self.workdir / "envoy-bootstrap.json"
-        bootstrap.write_text(json.dumps(envoygen.bootstrap(self.options, str(self.workdir / "envoy"))))
+        bootstrap = gatewayfiles.write_bootstrap(self.workdir, self.options)
         self._spawn(
             "envoy",
             [

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from .models import GROUP, VERSION, AIProviderSpec, RoutingPolicySpec
 
@@ -26,7 +27,11 @@ _CONDITIONS = {
         "required": ["type", "status"],
         "properties": {
             "type": {"type": "string", "description": "Condition type."},
-            "status": {"type": "string", "enum": ["True", "False", "Unknown"], "description": "True, False or Unknown."},
+            "status": {
+                "type": "string",
+                "enum": ["True", "False", "Unknown"],
+                "description": "True, False or Unknown.",
+            },
             "reason": {"type": "string", "description": "One-word CamelCase reason."},
             "message": {"type": "string", "description": "Human-readable details, with JSON paths of problems."},
             "observedGeneration": {"type": "integer", "description": "metadata.generation this was computed for."},
@@ -111,7 +116,9 @@ def structural(schema: dict[str, Any]) -> dict[str, Any]:
     return convert(schema)
 
 
-def crd(kind: str, plural: str, short: str, spec_model: type, status: dict, columns: list[dict]) -> dict[str, Any]:
+def crd(
+    kind: str, plural: str, short: str, spec_model: type[BaseModel], status: dict, columns: list[dict]
+) -> dict[str, Any]:
     spec = structural(spec_model.model_json_schema(by_alias=True, mode="validation"))
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -134,7 +141,10 @@ def crd(kind: str, plural: str, short: str, spec_model: type, status: dict, colu
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": [*columns, {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}],
+                    "additionalPrinterColumns": [
+                        *columns,
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",

@@ -105,8 +105,10 @@ class ProviderAuth(Spec):
     """Where the API key lives. Exactly one source; omit `auth` for keyless endpoints."""
 
     model_config = cel(
-        ("[has(self.secretRef), has(self.env), has(self.file)].filter(x, x).size() == 1",
-         "set exactly one of secretRef, env, file"),
+        (
+            "[has(self.secretRef), has(self.env), has(self.file)].filter(x, x).size() == 1",
+            "set exactly one of secretRef, env, file",
+        ),
     )
 
     secret_ref: SecretKeyRef | None = Field(None, description="Kubernetes Secret holding the key (in a cluster).")
@@ -173,8 +175,10 @@ class AIProviderSpec(Spec):
 
     model_config = cel(
         ("self.models.all(m, self.models.filter(n, n.name == m.name).size() == 1)", "model names must be unique"),
-        ("self.baseUrl.matches('^https?://[^/?#]+[^?#]*$')",
-         "baseUrl must be an http:// or https:// URL with a host and no query or fragment"),
+        (
+            "self.baseUrl.matches('^https?://[^/?#]+[^?#]*$')",
+            "baseUrl must be an http:// or https:// URL with a host and no query or fragment",
+        ),
     )
 
     type: ProviderType = Field(
@@ -357,14 +361,23 @@ class RoutingPolicySpec(Spec):
     """Which requests a policy takes and how it chooses among its backends."""
 
     model_config = cel(
-        ("self.backends.all(b, self.backends.filter(c, c.provider == b.provider && c.model == b.model).size() == 1)",
-         "backends must be unique"),
-        ("self.strategy != 'classified' || (has(self.routes) && size(self.routes) > 0)",
-         "strategy classified needs at least one entry in routes"),
-        ("self.strategy != 'weighted' || self.backends.exists(b, !has(b.weight) || b.weight > 0)",
-         "strategy weighted needs at least one backend with weight > 0"),
-        ("!has(self.routes) || self.routes.all(r, r.backends.all(k, self.backends.exists(b, b.provider + '/' + b.model == k)))",
-         "routes name backends not in spec.backends"),
+        (
+            "self.backends.all(b, self.backends.filter(c, c.provider == b.provider && c.model == b.model).size() == 1)",
+            "backends must be unique",
+        ),
+        (
+            "self.strategy != 'classified' || (has(self.routes) && size(self.routes) > 0)",
+            "strategy classified needs at least one entry in routes",
+        ),
+        (
+            "self.strategy != 'weighted' || self.backends.exists(b, !has(b.weight) || b.weight > 0)",
+            "strategy weighted needs at least one backend with weight > 0",
+        ),
+        (
+            "!has(self.routes) || self.routes.all(r, r.backends.all(k, "
+            "self.backends.exists(b, b.provider + '/' + b.model == k)))",
+            "routes name backends not in spec.backends",
+        ),
     )
 
     match: PolicyMatch = Field(description="Which requests this policy takes.")

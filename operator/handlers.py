@@ -1,0 +1,106 @@
+"""kopf handlers: a few lines each around the Reconciler and the health probes.
+
+`build_registry()` makes a fresh registry (no module-level state), so tests and the CLI build
+the same operator with different settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import kopf
+from pydantic import ValidationError
+
+from signalbox.core.models import GROUP, VERSION, AIProviderSpec
+
+from . import conditions
+from .health import HealthTracker, probe
+from .kube import ClusterAPI
+from .reconciler import OperatorConfig, Reconciler
+
+
+def build_registry(config: OperatorConfig, api: ClusterAPI, server: str | None = None) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    reconciler = Reconciler(config, api)
+    loop_stop = asyncio.Event()
+    tasks: set[asyncio.Task] = set()
+
+    if server:  # tests and out-of-cluster runs against an explicit API server
+
+        @kopf.on.login(registry=registry)
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return kopf.ConnectionInfo(server=server, insecure=True)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.enabled = False  # Events are posted by the reconciler, on changes only
+        settings.watching.server_timeout = 300
+        tasks.add(asyncio.create_task(reconciler.run(loop_stop)))
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        loop_stop.set()
+        for task in tasks:
+            task.cancel()
+
+    @kopf.on.event(GROUP, VERSION, "aiproviders", registry=registry)
+    def provider_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        reconciler.observe("AIProvider", type, dict(body))
+
+    @kopf.on.event(GROUP, VERSION, "routingpolicies", registry=registry)
+    def policy_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        reconciler.observe("RoutingPolicy", type, dict(body))
+
+    if config.probes:
+
+        @kopf.daemon(GROUP, VERSION, "aiproviders", registry=registry, cancellation_timeout=2)
+        async def health_probe(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
+            """Probe on the provider's own interval (re-read each round: body is a live view)."""
+            async with httpx.AsyncClient() as client:
+                tracker: HealthTracker | None = None
+                while not stopped:
+                    try:
+                        spec = AIProviderSpec.model_validate(body.get("spec", {}))
+                    except ValidationError:
+                        await stopped.wait(5)  # the reconciler reports why; nothing to probe
+                        continue
+                    status = dict(body.get("status") or {})
+                    tracker = tracker or HealthTracker.resume(spec, status.get("health"))
+                    tracker.failure_threshold = spec.health_check.failure_threshold
+                    tracker.recovery_threshold = spec.health_check.recovery_threshold
+                    key = None
+                    if spec.auth and spec.auth.secret_ref:
+                        ns = body["metadata"].get("namespace") or "default"
+                        key = reconciler.keys.get((ns, spec.auth.secret_ref.name, spec.auth.secret_ref.key))
+                    result = await probe(spec, key, client)
+                    flipped = tracker.observe(result)
+                    await _write_health(api, reconciler, body, tracker, result, flipped)
+                    await stopped.wait(spec.health_check.interval_seconds)
+
+    return registry
+
+
+async def _write_health(
+    api: ClusterAPI, reconciler: Reconciler, body: kopf.Body, tracker: HealthTracker, result: Any, flipped: bool
+) -> None:
+    meta = body["metadata"]
+    namespace, name = meta.get("namespace") or "default", meta["name"]
+    generation = int(meta.get("generation") or 0)
+    # Start from the reconciler's latest view so its conditions are not overwritten.
+    latest = reconciler.objects["AIProvider"].get((namespace, name), dict(body))
+    previous = (latest.get("status") or {}).get("conditions") or []
+    reason = "ProbeSucceeded" if tracker.healthy else "ProbeFailed"
+    healthy = conditions.condition(conditions.HEALTHY, tracker.healthy, reason, result.message, generation)
+    merged = conditions.merge(previous, [healthy])
+    await api.patch_status("aiproviders", namespace, name, {"health": tracker.status(result), "conditions": merged})
+    if flipped:
+        state = "healthy" if tracker.healthy else "unhealthy"
+        await api.event(
+            dict(body),
+            "AIProvider",
+            "Healthy" if tracker.healthy else "Unhealthy",
+            f"provider is {state}: {result.message}",
+            warning=not tracker.healthy,
+        )

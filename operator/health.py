@@ -1,0 +1,95 @@
+"""Active health probes: one HTTP probe, and the threshold state machine that debounces it.
+
+A provider becomes unhealthy after `failureThreshold` failed probes in a row and healthy again
+after `recoveryThreshold` successes in a row; single blips change nothing. A provider never
+probed counts as healthy (routing must work before the first probe).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from signalbox.core.models import AIProviderSpec, ProviderType
+from signalbox.core.secrets import SecretValue
+
+from .conditions import now
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    latency_ms: float
+    message: str
+
+
+async def probe(spec: AIProviderSpec, key: SecretValue | None, client: httpx.AsyncClient) -> ProbeResult:
+    """GET baseUrl + healthCheck.path with the provider's key; any 2xx is a success."""
+    url = spec.base_url + spec.health_check.path
+    headers = {}
+    if spec.auth and key is not None:
+        azure = spec.type == ProviderType.AZURE_OPENAI
+        header = spec.auth.header or ("api-key" if azure else "Authorization")
+        prefix = spec.auth.prefix if spec.auth.prefix is not None else ("" if azure else "Bearer ")
+        headers[header] = prefix + key.reveal()
+    params = {"api-version": spec.azure.api_version} if spec.azure else None
+    started = time.monotonic()
+    try:
+        response = await client.get(url, headers=headers, params=params, timeout=spec.health_check.timeout_seconds)
+    except httpx.HTTPError as exc:
+        # The exception text names the URL, never the headers.
+        return ProbeResult(False, 0.0, f"{type(exc).__name__}: {exc}"[:300])
+    latency = (time.monotonic() - started) * 1000
+    if 200 <= response.status_code < 300:
+        return ProbeResult(True, round(latency, 1), f"HTTP {response.status_code}")
+    return ProbeResult(False, round(latency, 1), f"HTTP {response.status_code} from {spec.health_check.path}")
+
+
+@dataclass
+class HealthTracker:
+    failure_threshold: int
+    recovery_threshold: int
+    healthy: bool = True
+    failures: int = 0
+    successes: int = 0
+    last_transition: str = field(default_factory=now)
+
+    @classmethod
+    def resume(cls, spec: AIProviderSpec, health: dict[str, Any] | None) -> HealthTracker:
+        """Continue from what status says, so an operator restart does not reset health."""
+        health = health or {}
+        return cls(
+            failure_threshold=spec.health_check.failure_threshold,
+            recovery_threshold=spec.health_check.recovery_threshold,
+            healthy=bool(health.get("healthy", True)),
+            failures=int(health.get("consecutiveFailures", 0)),
+            successes=int(health.get("consecutiveSuccesses", 0)),
+            last_transition=str(health.get("lastTransitionTime") or now()),
+        )
+
+    def observe(self, result: ProbeResult) -> bool:
+        """Record one probe; True when `healthy` flipped."""
+        if result.ok:
+            self.successes, self.failures = self.successes + 1, 0
+            flip = not self.healthy and self.successes >= self.recovery_threshold
+        else:
+            self.failures, self.successes = self.failures + 1, 0
+            flip = self.healthy and self.failures >= self.failure_threshold
+        if flip:
+            self.healthy = not self.healthy
+            self.last_transition = now()
+        return flip
+
+    def status(self, result: ProbeResult) -> dict[str, Any]:
+        return {
+            "healthy": self.healthy,
+            "latencyMs": result.latency_ms,
+            "lastProbeTime": now(),
+            "lastTransitionTime": self.last_transition,
+            "consecutiveFailures": self.failures,
+            "consecutiveSuccesses": self.successes,
+            "message": result.message,
+        }

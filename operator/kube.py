@@ -1,0 +1,139 @@
+"""The operator's few Kubernetes calls, behind one narrow class.
+
+kopf watches and handles the Signalbox resources; everything else the operator does with the
+API (read the Secrets it must, write the one ConfigMap, patch other objects' status, post
+Events) goes through `ClusterAPI`, built on the official `kubernetes` client. The sync client
+runs in a worker thread so the operator's event loop never blocks. Secret values are returned
+wrapped in `SecretValue` and are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import logging
+import uuid
+from typing import Any
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+from signalbox.core.models import GROUP, VERSION
+from signalbox.core.secrets import SecretValue
+
+log = logging.getLogger("signalbox.operator")
+
+
+def api_client(server: str | None = None) -> kubernetes.client.ApiClient:
+    """In-cluster config, else kubeconfig; `server` (tests: the emulator's URL) overrides both."""
+    if server:
+        conf = kubernetes.client.Configuration()
+        conf.host = server.rstrip("/")
+        return kubernetes.client.ApiClient(conf)
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    return kubernetes.client.ApiClient()
+
+
+class ClusterAPI:
+    def __init__(self, client: kubernetes.client.ApiClient):
+        self.client = client
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+
+    def close(self) -> None:
+        self.client.close()
+
+    async def secret(self, namespace: str, name: str) -> dict[str, SecretValue] | None:
+        """The Secret's keys and values, or None if it does not exist."""
+
+        def read() -> Any:
+            return self.core.read_namespaced_secret(name, namespace)
+
+        try:
+            obj = await asyncio.to_thread(read)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        data = obj.data or {}
+        return {k: SecretValue(base64.b64decode(v).decode(errors="replace")) for k, v in data.items()}
+
+    async def configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj = await asyncio.to_thread(self.core.read_namespaced_config_map, name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return {"data": obj.data or {}, "annotations": (obj.metadata and obj.metadata.annotations) or {}}
+
+    async def write_configmap(
+        self, namespace: str, name: str, data: dict[str, str], annotations: dict[str, str]
+    ) -> None:
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "annotations": annotations,
+                "labels": {"app.kubernetes.io/part-of": "signalbox"},
+            },
+            "data": data,
+        }
+
+        def write() -> None:
+            # A patch, not a replace: the same keys are written every time, and a patch leaves
+            # other writers' labels and annotations (e.g. Helm's) alone.
+            try:
+                self.core.patch_namespaced_config_map(name, namespace, body)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                self.core.create_namespaced_config_map(namespace, body)  # type: ignore[arg-type]
+
+        await asyncio.to_thread(write)
+
+    async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        def patch() -> None:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, plural, name, {"status": status}
+            )
+
+        try:
+            await asyncio.to_thread(patch)
+        except ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile: nothing to report on
+                raise
+
+    async def event(self, obj: dict[str, Any], kind: str, reason: str, message: str, warning: bool = False) -> None:
+        meta = obj.get("metadata", {})
+        namespace = meta.get("namespace") or "default"
+        stamp = datetime.datetime.now(tz=datetime.UTC)
+        body: Any = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta.get('name')}.{uuid.uuid4().hex[:10]}", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": kind,
+                "name": meta.get("name"),
+                "namespace": namespace,
+                "uid": meta.get("uid"),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": "signalbox-operator"},
+            "firstTimestamp": stamp.isoformat(),
+            "lastTimestamp": stamp.isoformat(),
+            "count": 1,
+        }
+        try:
+            await asyncio.to_thread(self.core.create_namespaced_event, namespace, body)
+        except ApiException as exc:  # Events are best effort: never fail a reconcile over one
+            log.warning("could not post event %s for %s/%s: %s", reason, namespace, meta.get("name"), exc.status)

@@ -1,0 +1,178 @@
+"""Everything the operator decides, around the one pure `compile_config`.
+
+kopf handlers only feed `observe()` with what the watch streams say. A single loop waits until
+something that matters changed (spec, generation or health: not our own status writes), lets
+a burst settle (debounce), gathers every input (objects and which Secrets exist), compiles
+once, publishes the ConfigMap only when the result is valid and new, and then writes each
+object's conditions and Events where they changed. No Kubernetes reads happen inside compile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import json_format
+
+from signalbox.core.compiler import compile_config
+from signalbox.core.errors import Problem
+from signalbox.core.secrets import SecretValue
+
+from . import conditions
+from .kube import ClusterAPI
+
+log = logging.getLogger("signalbox.operator")
+
+CONFIG_KEY = "routing-config.json"
+GENERATION_ANNOTATION = "signalbox.io/generation"
+HASH_ANNOTATION = "signalbox.io/content-hash"
+PLURALS = {"AIProvider": "aiproviders", "RoutingPolicy": "routingpolicies"}
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    configmap_namespace: str = "signalbox-system"
+    configmap_name: str = "signalbox-routing"
+    debounce_seconds: float = 0.3
+    resync_seconds: float = 30.0
+    probes: bool = True
+
+
+def _key(body: dict[str, Any]) -> Key:
+    meta = body.get("metadata", {})
+    return meta.get("namespace") or "default", meta["name"]
+
+
+def _fingerprint(body: dict[str, Any] | None) -> str:
+    """What the compile depends on; status writes other than health do not count."""
+    if body is None:
+        return ""
+    health = ((body.get("status") or {}).get("health") or {}).get("healthy")
+    return json.dumps([body.get("spec"), body.get("metadata", {}).get("generation"), health], sort_keys=True)
+
+
+class Reconciler:
+    def __init__(self, config: OperatorConfig, api: ClusterAPI):
+        self.config = config
+        self.api = api
+        self.objects: dict[str, dict[Key, dict[str, Any]]] = {"AIProvider": {}, "RoutingPolicy": {}}
+        self.dirty = asyncio.Event()
+        self.generation: int | None = None
+        self.published_hash = ""
+        # (namespace, secret, key) -> value, for health probes only; never logged or copied.
+        self.keys: dict[tuple[str, str, str], SecretValue] = {}
+
+    # ------------------------------------------------------------------ inputs
+
+    def observe(self, kind: str, event_type: str | None, body: dict[str, Any]) -> None:
+        index = self.objects[kind]
+        key = _key(body)
+        if event_type == "DELETED":
+            if index.pop(key, None) is not None:
+                self.dirty.set()
+            return
+        before = _fingerprint(index.get(key))
+        index[key] = dict(body)
+        if _fingerprint(body) != before:
+            self.dirty.set()
+
+    async def _secrets(self, providers: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+        present: set[tuple[str, str, str]] = set()
+        keys: dict[tuple[str, str, str], SecretValue] = {}
+        for body in providers:
+            ref = ((body.get("spec") or {}).get("auth") or {}).get("secretRef") or {}
+            if not isinstance(ref, dict) or not ref.get("name"):
+                continue
+            namespace = _key(body)[0]
+            data = await self.api.secret(namespace, ref["name"])
+            for name, value in (data or {}).items():
+                present.add((namespace, ref["name"], name))
+                keys[(namespace, ref["name"], name)] = value
+        self.keys = keys
+        return present
+
+    # ------------------------------------------------------------------ loop
+
+    async def run(self, stopped: asyncio.Event) -> None:
+        while not stopped.is_set():
+            # Periodic resync too: Secrets appear without any event this operator watches.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.dirty.wait(), timeout=self.config.resync_seconds)
+            await asyncio.sleep(self.config.debounce_seconds)
+            self.dirty.clear()
+            try:
+                await self.reconcile()
+            except Exception:  # a failed round is retried on the next change or resync
+                log.exception("reconcile failed; retrying")
+                await asyncio.sleep(1)
+                self.dirty.set()
+
+    async def reconcile(self) -> None:
+        providers = list(self.objects["AIProvider"].values())
+        policies = list(self.objects["RoutingPolicy"].values())
+        secrets = await self._secrets(providers)
+        if self.generation is None:
+            current = await self.api.configmap(self.config.configmap_namespace, self.config.configmap_name)
+            annotations = (current or {}).get("annotations", {})
+            self.generation = int(annotations.get(GENERATION_ANNOTATION, 0))
+            self.published_hash = annotations.get(HASH_ANNOTATION, "")
+        result = compile_config(providers, policies, secrets, generation=self.generation + 1)
+        if result.config is not None and result.config.content_hash != self.published_hash:
+            await self.api.write_configmap(
+                self.config.configmap_namespace,
+                self.config.configmap_name,
+                {CONFIG_KEY: json_format.MessageToJson(result.config)},
+                {GENERATION_ANNOTATION: str(self.generation + 1), HASH_ANNOTATION: result.config.content_hash},
+            )
+            self.generation += 1
+            self.published_hash = result.config.content_hash
+            log.info("published routing config generation %s (%s)", self.generation, self.published_hash[:12])
+        elif result.config is None:
+            log.warning(
+                "routing config not published: %d problem(s); generation %s stays in force",
+                len(result.problems),
+                self.generation,
+            )
+        backends = {}
+        if result.config is not None:
+            backends = {p.id: sum(1 for b in p.backends if b.target) for p in result.config.policies}
+        await self._write_statuses(result.problems, result.config is not None, backends)
+
+    async def _write_statuses(self, problems: list[Problem], published: bool, backends: dict[str, int]) -> None:
+        by_object: dict[tuple[str, str, str], list[Problem]] = defaultdict(list)
+        for p in problems:
+            by_object[(p.kind, p.namespace, p.name)].append(p)
+        for kind, index in self.objects.items():
+            for (namespace, name), body in list(index.items()):
+                own = by_object.get((kind, namespace, name), [])
+                generation = int(body.get("metadata", {}).get("generation") or 0)
+                new = conditions.for_object(own, generation, published, problems, self.generation or 0)
+                status = body.get("status") or {}
+                previous = status.get("conditions") or []
+                merged = conditions.merge(previous, new)
+                patch: dict[str, Any] = {"observedGeneration": generation, "conditions": merged}
+                if kind == "RoutingPolicy":
+                    patch["backends"] = backends.get(f"{namespace}/{name}", status.get("backends", 0))
+                    patch["configGeneration"] = self.generation or 0
+                unchanged = conditions.strip_times(previous) == conditions.strip_times(merged) and all(
+                    status.get(k) == v for k, v in patch.items() if k != "conditions"
+                )
+                if unchanged:
+                    continue
+                await self.api.patch_status(PLURALS[kind], namespace, name, patch)
+                body["status"] = {**status, **patch}
+                for c in conditions.changed(previous, new):
+                    await self.api.event(
+                        body,
+                        kind,
+                        c["reason"],
+                        f"{c['type']}={c['status']}: {c['message']}",
+                        warning=c["status"] == "False",
+                    )
