@@ -37,6 +37,9 @@ def build_registry(config: OperatorConfig, api: ClusterAPI, server: str | None =
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False  # Events are posted by the reconciler, on changes only
         settings.watching.server_timeout = 300
+        # Namespace (and CRD) scanning exists to resolve glob patterns; exact names need none,
+        # so namespaced installs need no cluster-wide permission to list namespaces.
+        settings.scanning.disabled = config.exact_namespaces
         tasks.add(asyncio.create_task(reconciler.run(loop_stop)))
 
     @kopf.on.cleanup(registry=registry)

@@ -43,6 +43,12 @@ class OperatorConfig:
     debounce_seconds: float = 0.3
     resync_seconds: float = 30.0
     probes: bool = True
+    # Empty: cluster-wide. Exact names need no namespace listing (and no RBAC for it).
+    namespaces: tuple[str, ...] = ()
+
+    @property
+    def exact_namespaces(self) -> bool:
+        return bool(self.namespaces) and not any(c in n for n in self.namespaces for c in "*?[!")
 
 
 def _key(body: dict[str, Any]) -> Key:

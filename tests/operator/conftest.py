@@ -7,6 +7,7 @@ admission): enough for the operator's contract — objects in, ConfigMap, status
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -159,10 +160,11 @@ async def start_operator(k8s: kmock.KubernetesEmulator) -> AsyncIterator[Callabl
     """
     running: list[tuple[threading.Thread, threading.Event]] = []
 
-    async def start(config: OperatorConfig | None = None) -> None:
+    async def start(config: OperatorConfig | None = None, namespaces: tuple[str, ...] = ()) -> None:
         config = config or OperatorConfig(
             configmap_namespace=CM_NAMESPACE, configmap_name=CM_NAME, debounce_seconds=0.05, probes=False
         )
+        config = dataclasses.replace(config, namespaces=namespaces)
         server = str(k8s.url)
         stop, ready = threading.Event(), threading.Event()
 
@@ -172,7 +174,12 @@ async def start_operator(k8s: kmock.KubernetesEmulator) -> AsyncIterator[Callabl
             try:
                 asyncio.run(
                     kopf.operator(
-                        registry=registry, clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready
+                        registry=registry,
+                        clusterwide=not namespaces,
+                        namespaces=namespaces,
+                        standalone=True,
+                        stop_flag=stop,
+                        ready_flag=ready,
                     )
                 )
             finally:

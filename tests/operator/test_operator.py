@@ -117,7 +117,13 @@ async def test_deleting_a_provider_unresolves_dependent_policies(cluster, start_
     c = await cluster.eventually(unresolved)
     assert c["reason"] == "RefNotFound" and "AIProvider default/beta not found" in c["message"]
     assert (await cluster.condition("RoutingPolicy", "alpha-only", "ResolvedRefs"))["status"] == "True"
-    assert (await cluster.condition("RoutingPolicy", "alpha-only", "Ready"))["reason"] == "ConfigNotPublished"
+
+    async def blocked():
+        c = await cluster.condition("RoutingPolicy", "alpha-only", "Ready")
+        return c if c and c["reason"] == "ConfigNotPublished" else None
+
+    c = await cluster.eventually(blocked)  # valid itself, but the config it is in cannot be published
+    assert "uses-beta" in c["message"]
     assert await cluster.configmap() == before
 
 
@@ -273,3 +279,21 @@ async def _aliases(holder, expected):
 async def _configmap_with_alias(cluster, alias):
     cm = await cluster.configmap()
     return cm if cm and any(alias in p.get("aliases", []) for p in cm["config"]["policies"]) else None
+
+
+async def test_namespaced_mode_sees_only_its_namespaces(cluster, start_operator):
+    await start_operator(namespaces=("team-a",))
+    await cluster.apply(provider("p", "http://127.0.0.1:9001/v1", [model("m")], namespace="team-a"))
+    await cluster.apply(policy("mine", ["mine"], [backend("p", "m")], namespace="team-a"))
+    await cluster.apply(provider("p", "http://127.0.0.1:9002/v1", [model("m")], namespace="team-b"))
+    await cluster.apply(policy("theirs", ["theirs"], [backend("p", "m")], namespace="team-b"))
+
+    async def served():
+        cm = await cluster.configmap()
+        return cm if cm and cm["config"].get("policies") else None
+
+    cm = await cluster.eventually(served)
+    await asyncio.sleep(0.5)  # give the operator time to (wrongly) pick up team-b
+    cm = await cluster.configmap()
+    assert [p["id"] for p in cm["config"]["policies"]] == ["team-a/mine"]
+    assert await cluster.status("RoutingPolicy", "theirs", namespace="team-b") == {}
