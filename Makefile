@@ -6,11 +6,18 @@ PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
 .PHONY: setup crds test-crds test-operator test test-unit test-extproc test-dataplane bench protos protos-check lint up validate clean
 
+# Strict editable mode: extproc/ and operator/ install as signalbox.extproc and
+# signalbox.operator through a link tree under build/ (operator/ has no __init__.py, so it can
+# never shadow the stdlib module `operator`). The folders are prerequisites because adding or
+# removing a module changes their mtime and needs a re-install.
+PACKAGE_DIRS := signalbox signalbox/core signalbox/api/v1alpha1 extproc operator
+LINK_TREE = $(firstword $(wildcard build/__editable__.signalbox-*))
+
 setup: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(PACKAGE_DIRS)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	cd / && $(abspath $(PY)) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=strict
 	touch $@
 
 ## Regenerate signalbox/api from proto/ with the pinned grpcio-tools (reproducible).
@@ -33,7 +40,7 @@ test-crds: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy signalbox extproc operator
+	MYPYPATH=$(LINK_TREE) $(BIN)/mypy -p signalbox
 	$(BIN)/lint-imports
 
 test-unit: setup

@@ -1,1 +1,0 @@
-"""The Signalbox Kubernetes operator (kopf): CRDs in, compiled routing config and status out."""
