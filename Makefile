@@ -10,7 +10,7 @@ PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 # signalbox.operator through a link tree under build/ (operator/ has no __init__.py, so it can
 # never shadow the stdlib module `operator`). The folders are prerequisites because adding or
 # removing a module changes their mtime and needs a re-install.
-PACKAGE_DIRS := signalbox signalbox/core signalbox/api/v1alpha1 extproc operator
+PACKAGE_DIRS := src/signalbox src/signalbox/core src/signalbox/api/v1alpha1 extproc operator
 LINK_TREE = $(firstword $(wildcard build/__editable__.signalbox-*))
 
 setup: $(VENV)/.installed
@@ -20,14 +20,14 @@ $(VENV)/.installed: pyproject.toml $(PACKAGE_DIRS)
 	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=strict
 	touch $@
 
-## Regenerate signalbox/api from proto/ with the pinned grpcio-tools (reproducible).
+## Regenerate src/signalbox/api from proto/ with the pinned grpcio-tools (reproducible).
 protos: setup
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. \
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=src --pyi_out=src \
 		proto/signalbox/api/v1alpha1/config.proto
 
 ## Fails when the committed generated code differs from what `make protos` writes.
 protos-check: protos
-	git diff --exit-code -- signalbox/api || (echo "generated protos are stale: run make protos and commit" && exit 1)
+	git diff --exit-code -- src/signalbox/api || (echo "generated protos are stale: run make protos and commit" && exit 1)
 
 ## Regenerate crds/ from the resource models (tests fail while the committed files are stale).
 crds: setup
@@ -41,7 +41,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	MYPYPATH=$(LINK_TREE) $(BIN)/mypy -p signalbox
-	$(BIN)/lint-imports
+	cd $(LINK_TREE) && $(abspath $(BIN))/lint-imports --config $(abspath pyproject.toml)
 
 test-unit: setup
 	$(PYTEST) tests/unit
