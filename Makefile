@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: setup crds test-crds test-operator test test-unit test-extproc test-dataplane bench protos protos-check lint up validate clean
+.PHONY: setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane bench protos protos-check lint up validate clean
 
 # Strict editable mode: extproc/ and operator/ install as signalbox.extproc and
 # signalbox.operator through a link tree under build/ (operator/ has no __init__.py, so it can
@@ -14,11 +14,16 @@ PACKAGE_DIRS := src/signalbox src/signalbox/core src/signalbox/api/v1alpha1 extp
 LINK_TREE = $(firstword $(wildcard build/__editable__.signalbox-*))
 
 setup: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml $(PACKAGE_DIRS)
+$(VENV)/.installed: pyproject.toml constraints.txt $(PACKAGE_DIRS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	cd / && $(abspath $(PY)) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=strict
+	$(PY) -m pip install -q -e '.[dev]' -c constraints.txt --config-settings editable_mode=strict
 	touch $@
+
+## Re-pin constraints.txt from the current environment (after changing dependencies).
+lock: setup
+	( echo "# Exact versions installed by \`make setup\` and by containers/Dockerfile (regenerate: \`make lock\`)."; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v '^signalbox' ) > constraints.txt
 
 ## Regenerate src/signalbox/api from proto/ with the pinned grpcio-tools (reproducible).
 protos: setup
@@ -33,6 +38,14 @@ protos-check: protos
 crds: setup
 	$(PY) -c "from pathlib import Path; from signalbox.core import crdgen; \
 	[Path('crds', n).write_text(crdgen.render(o)) for n, o in crdgen.definitions().items()]"
+
+## The chart's Envoy bootstrap: the same generator as `signalbox up`, with the pod's layout.
+chart-files: setup
+	$(PY) -c "from pathlib import Path; from signalbox import pod; Path(pod.BOOTSTRAP_FILE).write_text(pod.bootstrap_json())"
+
+## Render, lint and validate the Helm chart over a matrix of values.
+test-chart: setup
+	$(PYTEST) tests/chart
 
 test-crds: setup
 	$(PYTEST) tests/crds
@@ -57,7 +70,7 @@ test-dataplane: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PYTEST) tests/dataplane
 
 ## The README's test command: every tier plus lint and generated-code freshness.
-test: protos-check lint test-unit test-crds test-extproc test-operator test-dataplane
+test: protos-check lint test-unit test-crds test-chart test-extproc test-operator test-dataplane
 
 ## Plain Envoy vs Signalbox, same fake upstream, same load, one run -> bench/results/latest.json
 bench: setup

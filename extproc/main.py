@@ -1,4 +1,8 @@
-"""Process entry of the ext_proc sidecar: serve, hot-reload the config, drain on SIGTERM."""
+"""Process entry of the ext_proc: serve, hot-reload the config, drain on SIGTERM.
+
+`serve_until_stopped` is what both `signalbox extproc` and the gateway pod's sidecar
+(`signalbox gateway-sidecar`, which adds the ConfigMap watch) run.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,10 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .reload import TableHolder
 from .runtime import default_key_resolver
@@ -16,8 +24,22 @@ from .server import serve
 log = logging.getLogger("signalbox.extproc")
 DRAIN_SECONDS = 10
 
+Background = Callable[[asyncio.Event], Awaitable[None]]
 
-async def _run(args: argparse.Namespace) -> int:
+
+async def health_only_server(address: str) -> grpc.aio.Server:
+    """gRPC health on TCP for kubelet's grpc probe. The processor itself stays on the Unix
+    socket: its upstream-phase answers carry API keys and must never be reachable off-pod."""
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    server.add_insecure_port(address)
+    await server.start()
+    return server
+
+
+async def serve_until_stopped(args: argparse.Namespace, background: tuple[Background, ...] = ()) -> int:
     tables = TableHolder(resolve_key=default_key_resolver(args.secrets_dir))
     if not tables.load_file(args.config):
         log.warning("starting with no routing config: every request gets 404 until %s is valid", args.config)
@@ -28,18 +50,23 @@ async def _run(args: argparse.Namespace) -> int:
     else:
         address = args.address
     server, _ = await serve(tables, address, args.max_body_bytes)
+    health_server = await health_only_server(args.health_address) if args.health_address else None
     log.info("ext_proc listening on %s", address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.create_task(tables.watch(args.config, stop))
+    tasks = [asyncio.create_task(tables.watch(args.config, stop))]
+    tasks += [asyncio.create_task(job(stop)) for job in background]
     await stop.wait()
     log.info("draining for up to %ss", DRAIN_SECONDS)
     await server.stop(DRAIN_SECONDS)
-    watcher.cancel()
+    if health_server is not None:
+        await health_server.stop(0)
+    for task in tasks:
+        task.cancel()
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(args))
+    return asyncio.run(serve_until_stopped(args))

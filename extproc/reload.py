@@ -39,12 +39,8 @@ class TableHolder:
         """Try to install the config in `path`; on any failure keep the current table."""
         try:
             cfg = json_format.Parse(Path(path).read_text(), pb.RoutingConfig())
-            if (
-                cfg.content_hash
-                and cfg.content_hash == self.current.content_hash
-                and cfg.generation == self.current.generation
-            ):
-                return True
+            # Rebuilt even when the config is unchanged: config-sync rewrites it after a key
+            # rotation, and building a table takes milliseconds.
             table = self.install(cfg)
         except (OSError, json_format.ParseError, ConfigVersionError, KeyError, ValueError) as exc:
             self.reload_failures += 1

@@ -131,29 +131,60 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def cmd_config_sync(args: argparse.Namespace) -> int:
+def pod_options(args: argparse.Namespace):
+    from signalbox import pod
+
+    return pod.options(args.workdir, args.failure_mode, args.max_body_bytes)
+
+
+def _config_sync(args: argparse.Namespace):
     from signalbox.configsync import ConfigSync
-    from signalbox.core.envoygen import GatewayOptions
     from signalbox.operator.kube import api_client
 
     namespace, _, name = args.configmap.partition("/")
-    sockets = tuple(f"{args.socket_dir}/extproc-{n}.sock" for n in range(args.workers))
-    options = GatewayOptions(
-        listen_address="0.0.0.0",
-        listen_port=args.port,
-        admin_port=args.admin_port,
-        extproc_sockets=sockets,
-        failure_mode=args.failure_mode,
-    )
-    sync = ConfigSync(api_client(args.server), namespace, name, Path(args.workdir), options)
+    return ConfigSync(api_client(args.server), namespace, name, Path(args.workdir), pod_options(args))
+
+
+def cmd_config_sync(args: argparse.Namespace) -> int:
+    sync = _config_sync(args)
+    if args.once:
+        sync.initialize()
+        return 0
 
     async def run() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await sync.run(stop)
 
     asyncio.run(run())
+    return 0
+
+
+def cmd_gateway_sidecar(args: argparse.Namespace) -> int:
+    """The gateway pod's second container: the ext_proc plus the ConfigMap watch, one process."""
+    from signalbox.configsync import SECRETS_DIR
+    from signalbox.extproc.main import serve_until_stopped
+    from signalbox.gatewayfiles import CONFIG_FILE
+
+    sync = _config_sync(args)
+    args.config = f"{args.workdir}/{CONFIG_FILE}"
+    args.socket = f"{args.workdir}/extproc.sock"
+    args.secrets_dir = args.secrets_dir or f"{args.workdir}/{SECRETS_DIR}"
+    return asyncio.run(serve_until_stopped(args, background=(sync.run,)))
+
+
+def cmd_envoy_drain(args: argparse.Namespace) -> int:
+    """Envoy's preStop: stop accepting new connections, let in-flight requests finish."""
+    import urllib.request
+
+    from signalbox import pod
+
+    url = f"http://127.0.0.1:{pod.ADMIN_PORT}/drain_listeners?graceful&inboundonly"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=2).close()
+    except OSError as exc:
+        print(f"drain request failed ({exc}); waiting anyway", file=sys.stderr)
+    time.sleep(args.seconds)
     return 0
 
 
@@ -161,6 +192,23 @@ def cmd_fake_provider(argv: list[str]) -> int:
     from signalbox.fakeprovider import main
 
     return main(argv)
+
+
+def _extproc_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--secrets-dir", help="Secrets mounted as <dir>/<namespace>/<name>/<key>")
+    parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    parser.add_argument("--health-address", help="host:port for a gRPC health service only (kubelet probes)")
+    parser.add_argument("--log-level", default="info")
+
+
+def _pod_arguments(parser: argparse.ArgumentParser) -> None:
+    """Ports and paths are the pod's fixed layout (signalbox.pod), shared with the chart's bootstrap."""
+    from signalbox import pod
+
+    parser.add_argument("--configmap", default="signalbox-system/signalbox-routing", help="NAMESPACE/NAME")
+    parser.add_argument("--workdir", default=pod.WORKDIR, help="directory shared with Envoy")
+    parser.add_argument("--failure-mode", choices=["closed", "open"], default="closed")
+    parser.add_argument("--server", help="Kubernetes API URL (default: in-cluster config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,14 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("-f", "--file", action="append", required=True, help="YAML file or folder (repeatable)")
     val.set_defaults(func=cmd_validate)
 
-    ext = sub.add_parser("extproc", help="run the ext_proc server (the gateway pod's sidecar)")
+    ext = sub.add_parser("extproc", help="run the ext_proc server alone")
     ext.add_argument("--config", required=True, help="compiled RoutingConfig JSON (watched)")
     ext.add_argument("--socket", help="Unix socket path to listen on")
     ext.add_argument("--address", default="127.0.0.1:50051", help="host:port when no --socket")
-    ext.add_argument("--secrets-dir", help="Secrets mounted as <dir>/<namespace>/<name>/<key>")
-    ext.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
-    ext.add_argument("--log-level", default="info")
+    _extproc_arguments(ext)
     ext.set_defaults(func=cmd_extproc)
+
+    side = sub.add_parser("gateway-sidecar", help="gateway pod: ext_proc + watch of the routing ConfigMap")
+    _pod_arguments(side)
+    _extproc_arguments(side)
+    side.set_defaults(func=cmd_gateway_sidecar)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
     from signalbox.operator.main import add_arguments
@@ -206,16 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     op.set_defaults(func=cmd_operator)
 
     cs = sub.add_parser("config-sync", help="gateway pod: watch the routing ConfigMap, write Envoy/ext_proc files")
-    cs.add_argument("--configmap", default="signalbox-system/signalbox-routing", help="NAMESPACE/NAME")
-    cs.add_argument("--workdir", required=True, help="directory Envoy and the ext_proc watch")
-    cs.add_argument("--socket-dir", required=True, help="where the ext_proc workers' sockets live")
-    cs.add_argument("--workers", type=int, default=1, help="ext_proc worker processes")
-    cs.add_argument("--port", type=int, default=8080)
-    cs.add_argument("--admin-port", type=int, default=9901)
-    cs.add_argument("--failure-mode", choices=["closed", "open"], default="closed")
-    cs.add_argument("--server", help="Kubernetes API URL (default: in-cluster config)")
+    _pod_arguments(cs)
+    cs.add_argument("--once", action="store_true", help="write the files once and exit (init container)")
+    cs.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     cs.add_argument("--log-level", default="info")
     cs.set_defaults(func=cmd_config_sync)
+
+    drain = sub.add_parser("envoy-drain", help="gateway pod: drain Envoy's listeners, then wait (preStop)")
+    drain.add_argument("--seconds", type=int, default=15)
+    drain.set_defaults(func=cmd_envoy_drain)
 
     sub.add_parser("fake-provider", help="run the bundled OpenAI-compatible fake provider", add_help=False)
     return parser

@@ -10,7 +10,9 @@ files stay.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from signalbox.core.compiler import SCHEMA_VERSION
 
 log = logging.getLogger("signalbox.configsync")
 CONFIG_KEY = "routing-config.json"
+SECRETS_DIR = "secrets"
 
 
 class ConfigSync:
@@ -42,6 +45,7 @@ class ConfigSync:
         self.options = options
         self.content_hash = ""
         self.applied: list[tuple[int, float]] = []  # (generation, monotonic time written)
+        self.secrets_changed = False
 
     def apply(self, data: dict[str, str] | None) -> bool:
         """Write the files for this ConfigMap data; False (and nothing written) if unusable."""
@@ -58,13 +62,71 @@ class ConfigSync:
                 "ignoring routing config schema version %s (this gateway reads %s)", cfg.schema_version, SCHEMA_VERSION
             )
             return False
-        if cfg.content_hash == self.content_hash:
+        # Keys first: the ext_proc resolves them when it loads the config written next.
+        self.write_secrets(cfg)
+        if cfg.content_hash == self.content_hash and not self.secrets_changed:
             return True
+        self.secrets_changed = False
         gatewayfiles.publish(cfg, self.workdir, self.options)
         self.content_hash = cfg.content_hash
         self.applied.append((cfg.generation, time.monotonic()))
         log.info("wrote routing config generation %s", cfg.generation)
         return True
+
+    def write_secrets(self, cfg: pb.RoutingConfig) -> None:
+        """Copy the keys the config names into `<workdir>/secrets/<ns>/<name>/<key>` (mode 0600).
+
+        The pod mounts `<workdir>` as a memory-backed emptyDir, as Kubernetes does for Secret
+        volumes; values are never logged. A missing Secret is skipped: the operator reports it
+        (ResolvedRefs=False) and the provider's requests go out without a key.
+        """
+        root = self.workdir / SECRETS_DIR
+        for provider in cfg.providers:
+            if provider.auth.WhichOneof("source") != "secret":
+                continue
+            ref = provider.auth.secret
+            try:
+                secret = self.core.read_namespaced_secret(ref.name, ref.namespace)
+            except kubernetes.client.rest.ApiException as exc:
+                log.warning(
+                    "cannot read Secret %s/%s for provider %s: HTTP %s",
+                    ref.namespace,
+                    ref.name,
+                    provider.id,
+                    exc.status,
+                )
+                continue
+            value = (secret.data or {}).get(ref.key)
+            if value is None:
+                continue
+            path = root / ref.namespace / ref.name / ref.key
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            data = base64.b64decode(value).decode(errors="replace")
+            if not path.exists() or path.read_text() != data:
+                tmp = path.with_name(f".{ref.key}.tmp")
+                tmp.touch(mode=0o600)
+                tmp.write_text(data)
+                os.replace(tmp, path)
+                self.secrets_changed = True
+
+    def initialize(self) -> None:
+        """Before Envoy starts (init container): it refuses to start without the files it watches.
+
+        Writes the ConfigMap's config if it exists and is usable, else an empty config: a
+        gateway that answers 404 until the operator publishes, rather than one that cannot start.
+        """
+        try:
+            current = self.core.read_namespaced_config_map(self.name, self.namespace)
+            data = current.data
+        except kubernetes.client.rest.ApiException as exc:
+            if exc.status != 404:
+                raise
+            data = None
+        if not self.apply(data):
+            log.warning(
+                "no usable ConfigMap %s/%s yet: starting with an empty routing config", self.namespace, self.name
+            )
+            gatewayfiles.publish(pb.RoutingConfig(schema_version=SCHEMA_VERSION), self.workdir, self.options)
 
     def _watch_once(self, stop: asyncio.Event) -> None:
         stream = kubernetes.watch.Watch()

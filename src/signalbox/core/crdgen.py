@@ -193,6 +193,37 @@ def definitions() -> dict[str, dict[str, Any]]:
                 {"name": "Backends", "type": "integer", "jsonPath": ".status.backends"},
             ],
         ),
+        "kopfpeerings.yaml": kopf_peering("KopfPeering", "kopfpeerings", "Namespaced"),
+        "clusterkopfpeerings.yaml": kopf_peering("ClusterKopfPeering", "clusterkopfpeerings", "Cluster"),
+    }
+
+
+def kopf_peering(kind: str, plural: str, scope: str) -> dict[str, Any]:
+    """kopf's peering resource (one active operator replica), shipped so the chart installs it."""
+    open_object = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.kopf.dev", "labels": {"app.kubernetes.io/part-of": "signalbox"}},
+        "spec": {
+            "group": "kopf.dev",
+            "scope": scope,
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "Liveness records of kopf operator replicas (one is active).",
+                            "properties": {"spec": open_object, "status": open_object},
+                        }
+                    },
+                }
+            ],
+        },
     }
 
 

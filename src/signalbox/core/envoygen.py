@@ -25,7 +25,9 @@ from .compiler import chain
 TARGET_HEADER = "x-signalbox-target"
 METADATA_NS = "signalbox"
 EXTPROC_CLUSTER = "signalbox_extproc"
+ADMIN_CLUSTER = "signalbox_envoy_admin"
 LISTENER_NAME = "signalbox_gateway"
+HEALTH_LISTENER_NAME = "signalbox_health"
 API_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
 
 _T = "type.googleapis.com/"
@@ -60,6 +62,10 @@ class GatewayOptions:
     max_body_bytes: int = 8 * 1024 * 1024
     failure_mode: Literal["closed", "open"] = "closed"
     extproc_message_timeout_ms: int = 5000
+    # In a pod: a listener on this port answers /ready and /stats/prometheus from the admin
+    # interface (which stays on localhost). It only exists once routes are loaded, so it is
+    # also the readiness signal.
+    health_port: int | None = None
 
 
 def _any(type_name: str, **fields: Any) -> dict[str, Any]:
@@ -91,37 +97,54 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
             "resource_api_version": "V3",
         }
 
+    static: list[dict[str, Any]] = [
+        {
+            "name": EXTPROC_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "lb_policy": "LEAST_REQUEST",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    explicit_http_config={"http2_protocol_options": {}},
+                )
+            },
+            "load_assignment": {
+                "cluster_name": EXTPROC_CLUSTER,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": a}} for a in extproc_addrs]}],
+            },
+        }
+    ]
+    if opts.health_port:
+        static.append(
+            {
+                "name": ADMIN_CLUSTER,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": ADMIN_CLUSTER,
+                    "endpoints": [
+                        {"lb_endpoints": [{"endpoint": {"address": _address(opts.admin_address, opts.admin_port)}}]}
+                    ],
+                },
+            }
+        )
     return {
         "node": {"id": "signalbox-gateway", "cluster": "signalbox"},
         "admin": {"address": _address(opts.admin_address, opts.admin_port)},
         "dynamic_resources": {"lds_config": watched("lds.json"), "cds_config": watched("cds.json")},
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": EXTPROC_CLUSTER,
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
-                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            explicit_http_config={"http2_protocol_options": {}},
-                        )
-                    },
-                    "load_assignment": {
-                        "cluster_name": EXTPROC_CLUSTER,
-                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": a}} for a in extproc_addrs]}],
-                    },
-                }
-            ]
-        },
+        "static_resources": {"clusters": static},
     }
 
 
 def resources(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, dict[str, Any]]:
     """The dynamic resources as xDS DiscoveryResponse documents, keyed by file name."""
+    listeners = [listener(cfg, opts)]
+    if opts.health_port:
+        listeners.append(health_listener(opts))
     return {
         "cds.json": {"resources": clusters(cfg, opts)},
-        "lds.json": {"resources": [listener(cfg, opts)]},
+        "lds.json": {"resources": listeners},
     }
 
 
@@ -434,5 +457,43 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
         name=LISTENER_NAME,
         address=_address(opts.listen_address, opts.listen_port),
         per_connection_buffer_limit_bytes=opts.max_body_bytes + 64 * 1024,
+        filter_chains=[{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    )
+
+
+def health_listener(opts: GatewayOptions) -> dict[str, Any]:
+    """Readiness and metrics for kubelet and Prometheus, without exposing the admin interface."""
+
+    def route(path: str) -> dict[str, Any]:
+        return {"match": {"path": path}, "route": {"cluster": ADMIN_CLUSTER}}
+
+    hcm = _any(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="signalbox_health",
+        route_config={
+            "name": "health",
+            "virtual_hosts": [
+                {
+                    "name": "health",
+                    "domains": ["*"],
+                    "routes": [
+                        route("/ready"),
+                        route("/stats/prometheus"),
+                        {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+                    ],
+                }
+            ],
+        },
+        http_filters=[
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
+            }
+        ],
+    )
+    return _any(
+        "envoy.config.listener.v3.Listener",
+        name=HEALTH_LISTENER_NAME,
+        address=_address(opts.listen_address, opts.health_port or 0),
         filter_chains=[{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     )

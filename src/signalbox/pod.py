@@ -1,0 +1,46 @@
+"""The gateway pod's fixed layout, in one place.
+
+The Helm chart's Envoy bootstrap (helm/signalbox/files/envoy-bootstrap.json, written by `make
+chart-files`), the init container and the sidecar (`signalbox config-sync` and `signalbox
+gateway-sidecar` defaults) all derive from these constants, and the bootstrap is produced by the
+same generator `signalbox up` uses, so a cluster and a laptop run the same Envoy shape.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from signalbox.core import envoygen
+
+WORKDIR = "/run/signalbox"
+LISTEN_PORT = 8080
+HEALTH_PORT = 8081
+ADMIN_PORT = 9901
+EXTPROC_SOCKET = f"{WORKDIR}/extproc.sock"
+BOOTSTRAP_FILE = "helm/signalbox/files/envoy-bootstrap.json"
+
+
+def options(
+    workdir: str = WORKDIR,
+    failure_mode: Literal["closed", "open"] = "closed",
+    max_body_bytes: int = 8 * 1024 * 1024,
+) -> envoygen.GatewayOptions:
+    return envoygen.GatewayOptions(
+        listen_address="0.0.0.0",
+        listen_port=LISTEN_PORT,
+        admin_address="127.0.0.1",
+        admin_port=ADMIN_PORT,
+        health_port=HEALTH_PORT,
+        extproc_sockets=(f"{workdir}/extproc.sock",),
+        failure_mode=failure_mode,
+        max_body_bytes=max_body_bytes,
+    )
+
+
+def bootstrap(workdir: str = WORKDIR) -> dict[str, Any]:
+    return envoygen.bootstrap(options(workdir), f"{workdir}/envoy")
+
+
+def bootstrap_json() -> str:
+    return json.dumps(bootstrap(), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,225 @@
+"""The Helm chart as code: rendered and linted by Helm's own library (helm-python-sdk) over a
+matrix of values, every object validated with kubernetes-validate, and the security and wiring
+properties a platform team relies on asserted."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from signalbox import pod
+from signalbox.core import crdgen
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "signalbox"
+KUBERNETES_VERSION = "1.32"
+
+MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
+    "defaults": ("signalbox-system", {}),
+    "ha": (
+        "signalbox-system",
+        {
+            "operator": {"replicas": 2},
+            "gateway": {"replicas": 3},
+            "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12},
+            "podDisruptionBudget": {"enabled": True, "minAvailable": 2},
+        },
+    ),
+    "metrics": ("signalbox-system", {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}}),
+    "custom": (
+        "llm-gateway",
+        {
+            "image": {"registry": "registry.internal:5000", "repository": "platform/signalbox", "tag": "0.1.0-rc1"},
+            "operator": {"watchNamespaces": ["team-a", "team-b"], "secretNames": ["openai-key"]},
+            "gateway": {"failureMode": "open", "service": {"type": "LoadBalancer", "port": 8080}},
+            "routingConfigMap": "llm-routing",
+        },
+    ),
+}
+# Kinds whose schema kubernetes-validate does not ship: checked against their CRDs here instead.
+CUSTOM_KINDS = {"ServiceMonitor", "KopfPeering", "ClusterKopfPeering"}
+
+
+def render(values: dict[str, Any], namespace: str) -> list[dict[str, Any]]:
+    with helm.Chart.load(str(CHART)) as chart:
+        chart.validate_schema(values)
+        manifests = chart.render(values, name="sb", namespace=namespace)
+    objects = []
+    for name, text in manifests.items():
+        if name.endswith(".yaml"):
+            objects += [obj for obj in yaml.safe_load_all(text) if obj]
+    return objects
+
+
+@pytest.fixture(scope="module", params=sorted(MATRIX))
+def case(request) -> tuple[str, str, dict[str, Any], list[dict[str, Any]]]:
+    namespace, values = MATRIX[request.param]
+    return request.param, namespace, values, render(values, namespace)
+
+
+def of_kind(objects: list[dict[str, Any]], *kinds: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] in kinds]
+
+
+def pod_specs(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in of_kind(objects, "Deployment")}
+
+
+def test_chart_lints_clean():
+    result = helm.lint(str(CHART))
+    assert result["errors"] == []
+    assert [m for m in result["messages"] if m["severity"] >= 2] == []  # warnings and errors
+
+
+def test_every_rendered_object_is_valid_kubernetes(case):
+    _, _, _, objects = case
+    for obj in objects:
+        if obj["kind"] in CUSTOM_KINDS:
+            continue
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_peering_objects_match_the_shipped_crds(case):
+    _, _, _, objects = case
+    crds = {d["spec"]["names"]["kind"]: d for d in crdgen.definitions().values()}
+    for obj in of_kind(objects, "KopfPeering", "ClusterKopfPeering"):
+        assert obj["apiVersion"] == "kopf.dev/v1" and obj["kind"] in crds
+
+
+def test_rbac_has_no_wildcards_and_secrets_are_read_only(case):
+    _, _, values, objects = case
+    rules = [r for role in of_kind(objects, "Role", "ClusterRole") for r in role["rules"]]
+    assert rules
+    for rule in rules:
+        for field in ("verbs", "resources", "apiGroups"):
+            assert "*" not in rule.get(field, []), rule
+        if "secrets" in rule["resources"]:
+            assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+            names = values.get("operator", {}).get("secretNames")
+            if names:
+                assert rule["resourceNames"] == names
+    configmap_rules = [r for r in rules if "configmaps" in r["resources"] and set(r["verbs"]) & {"patch", "update"}]
+    assert all(r.get("resourceNames") for r in configmap_rules)  # only the one routing ConfigMap
+
+
+def test_namespaced_install_grants_nothing_cluster_wide():
+    objects = render(*reversed(MATRIX["custom"]))
+    assert of_kind(objects, "ClusterRole", "ClusterRoleBinding") == []
+    assert {r["metadata"]["namespace"] for r in of_kind(objects, "Role") if "secrets" in str(r)} == {"team-a", "team-b"}
+
+
+def test_cluster_wide_install_uses_cluster_roles():
+    objects = render(*reversed(MATRIX["defaults"]))
+    roles = {r["metadata"]["name"] for r in of_kind(objects, "ClusterRole")}
+    assert roles == {"sb-signalbox-operator", "sb-signalbox-gateway-secrets"}
+
+
+def test_every_container_is_non_root_read_only_without_capabilities(case):
+    _, _, _, objects = case
+    for name, spec in pod_specs(objects).items():
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            sc = container["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0, (name, container["name"])
+            assert sc["readOnlyRootFilesystem"] is True, (name, container["name"])
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_gateway_pod_runs_envoy_and_extproc_sharing_the_socket_volume(case):
+    _, namespace, values, objects = case
+    gateway = next(spec for name, spec in pod_specs(objects).items() if name.endswith("-gateway"))
+    containers = {c["name"]: c for c in gateway["containers"]}
+    assert set(containers) == {"envoy", "extproc"}
+    socket_dir = str(Path(pod.EXTPROC_SOCKET).parent)
+    for container in (containers["envoy"], containers["extproc"], gateway["initContainers"][0]):
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["run"] == socket_dir, container["name"]
+    run = next(v for v in gateway["volumes"] if v["name"] == "run")
+    assert run["emptyDir"]["medium"] == "Memory"  # keys and socket never touch disk
+    assert containers["envoy"]["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert containers["extproc"]["readinessProbe"]["grpc"]["port"] == 8082
+    assert containers["envoy"]["lifecycle"]["preStop"]["exec"]["command"][:2] == ["signalbox", "envoy-drain"]
+    configmap = values.get("routingConfigMap", "signalbox-routing")
+    assert f"--configmap={namespace}/{configmap}" in containers["extproc"]["args"]
+    failure_mode = values.get("gateway", {}).get("failureMode", "closed")
+    assert f"--failure-mode={failure_mode}" in containers["extproc"]["args"]
+
+
+def test_image_and_namespace_come_from_values(case):
+    _, namespace, values, objects = case
+    image = values.get("image", {})
+    expected = "{}/{}:{}".format(
+        image.get("registry", "ghcr.io"),
+        image.get("repository", "signalbox/signalbox"),
+        image.get("tag", importlib.metadata.version("signalbox")),
+    )
+    for spec in pod_specs(objects).values():
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            assert container["image"] == expected
+    namespaced = [o for o in objects if o["kind"] not in ("ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering")]
+    watched = set(values.get("operator", {}).get("watchNamespaces", []))
+    assert {o["metadata"]["namespace"] for o in namespaced} <= {namespace} | watched
+
+
+def test_optional_objects_follow_values(case):
+    name, _, values, objects = case
+    kinds = {o["kind"] for o in objects}
+    assert ("HorizontalPodAutoscaler" in kinds) == (name == "ha")
+    assert ("PodDisruptionBudget" in kinds) == (name == "ha")
+    assert ("ServiceMonitor" in kinds) == (name == "metrics")
+    gateway = next(o for o in of_kind(objects, "Deployment") if o["metadata"]["name"].endswith("-gateway"))
+    assert ("replicas" in gateway["spec"]) == (name != "ha")  # the HPA owns replicas
+
+
+def test_gateway_bootstrap_is_the_generator_output(case):
+    _, _, _, objects = case
+    configmap = next(o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("envoy-bootstrap"))
+    rendered = json.loads(configmap["data"]["envoy-bootstrap.json"])
+    assert rendered == pod.bootstrap()
+
+
+def test_committed_bootstrap_file_is_fresh():
+    assert (ROOT / pod.BOOTSTRAP_FILE).read_text() == pod.bootstrap_json(), "stale: run `make chart-files`"
+
+
+def test_chart_crds_are_the_generated_ones_not_a_copy():
+    assert (CHART / "crds").is_symlink()
+    with helm.Chart.load(str(CHART)) as chart:
+        shipped = {Path(c["name"]).name: c["data"] for c in chart.crds}
+    assert set(shipped) == set(crdgen.definitions())
+    for name, text in shipped.items():
+        assert text == (ROOT / "crds" / name).read_text()
+
+
+def test_app_version_matches_the_package():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == importlib.metadata.version("signalbox")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"gateway": {"failureMode": "sometimes"}}, "/gateway/failureMode"),
+        ({"operator": {"replicas": 0}}, "/operator/replicas"),
+        ({"image": {"registry": ""}}, "/image/registry"),
+        ({"gatway": {"replicas": 2}}, "'gatway' not allowed"),  # a typo is an error, not silently ignored
+    ],
+)
+def test_values_schema_rejects_bad_values(values, message):
+    with helm.Chart.load(str(CHART)) as chart, pytest.raises(helm.HelmError, match=message):
+        chart.validate_schema(values)
+
+
+def test_notes_tell_the_user_what_to_apply_next():
+    with helm.Chart.load(str(CHART)) as chart:
+        notes = chart.render({}, name="sb", namespace="signalbox-system")["signalbox/templates/NOTES.txt"]
+    assert "kubectl get aiproviders,routingpolicies" in notes
+    assert "http://sb-signalbox-gateway.signalbox-system.svc:80/v1" in notes
