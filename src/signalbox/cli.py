@@ -134,7 +134,9 @@ def cmd_operator(args: argparse.Namespace) -> int:
 def pod_options(args: argparse.Namespace):
     from signalbox import pod
 
-    return pod.options(args.workdir, args.failure_mode, args.max_body_bytes)
+    return pod.options(
+        args.workdir, args.failure_mode, args.max_body_bytes, args.listen_port, args.health_port, args.admin_port
+    )
 
 
 def _config_sync(args: argparse.Namespace):
@@ -209,6 +211,9 @@ def _pod_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=pod.WORKDIR, help="directory shared with Envoy")
     parser.add_argument("--failure-mode", choices=["closed", "open"], default="closed")
     parser.add_argument("--server", help="Kubernetes API URL (default: in-cluster config)")
+    parser.add_argument("--listen-port", type=int, default=pod.LISTEN_PORT, help=argparse.SUPPRESS)
+    parser.add_argument("--health-port", type=int, default=pod.HEALTH_PORT, help=argparse.SUPPRESS)
+    parser.add_argument("--admin-port", type=int, default=pod.ADMIN_PORT, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,13 +25,17 @@ def options(
     workdir: str = WORKDIR,
     failure_mode: Literal["closed", "open"] = "closed",
     max_body_bytes: int = 8 * 1024 * 1024,
+    listen_port: int = LISTEN_PORT,
+    health_port: int = HEALTH_PORT,
+    admin_port: int = ADMIN_PORT,
 ) -> envoygen.GatewayOptions:
+    """Ports are overridable only so tests can run a pod's processes side by side on one host."""
     return envoygen.GatewayOptions(
         listen_address="0.0.0.0",
-        listen_port=LISTEN_PORT,
+        listen_port=listen_port,
         admin_address="127.0.0.1",
-        admin_port=ADMIN_PORT,
-        health_port=HEALTH_PORT,
+        admin_port=admin_port,
+        health_port=health_port,
         extproc_sockets=(f"{workdir}/extproc.sock",),
         failure_mode=failure_mode,
         max_body_bytes=max_body_bytes,

@@ -170,7 +170,7 @@ def test_image_and_namespace_come_from_values(case):
 
 
 def test_optional_objects_follow_values(case):
-    name, _, values, objects = case
+    name, _, _, objects = case
     kinds = {o["kind"] for o in objects}
     assert ("HorizontalPodAutoscaler" in kinds) == (name == "ha")
     assert ("PodDisruptionBudget" in kinds) == (name == "ha")

@@ -125,6 +125,9 @@ def test_validate_prints_every_problem_and_exits_nonzero(tmp_path, capsys):
 
 def test_examples_for_real_providers_validate():
     assert cli_main(["validate", "-f", str(ROOT / "examples" / "providers")]) == 0
+    # The pair the README's "Install in a cluster" applies.
+    readme_pair = [ROOT / "examples" / "providers" / "openai.yaml", ROOT / "examples" / "policies" / "openai-auto.yaml"]
+    assert cli_main(["validate", *(f"-f={p}" for p in readme_pair)]) == 0
 
 
 def test_signalbox_up_serves_the_quickstart(tmp_path):

@@ -8,13 +8,9 @@ import logging
 import time
 from pathlib import Path
 
-import pytest
-from aiohttp import web
-
 from signalbox.configsync import ConfigSync
 from signalbox.core.envoygen import GatewayOptions
 from signalbox.extproc.reload import TableHolder
-from signalbox.fakeprovider import FakeProvider
 from signalbox.operator.kube import api_client
 from signalbox.operator.reconciler import OperatorConfig
 from tests.factories import backend, model, policy, provider
@@ -22,20 +18,6 @@ from tests.factories import backend, model, policy, provider
 from .conftest import CM_NAME, CM_NAMESPACE
 
 API_KEY = "sk-operator-test-5ecret"
-
-
-@pytest.fixture
-async def fake():
-    """A fake provider in this event loop (the operator probes it)."""
-    fake = FakeProvider("probed")
-    runner = web.AppRunner(fake.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    fake.url = f"http://127.0.0.1:{port}"
-    yield fake
-    await runner.cleanup()
 
 
 def two_providers():

@@ -1,0 +1,130 @@
+"""The gateway pod's runtime, as the chart wires it, minus the kubelet: the operator publishes to
+the (emulated) API, `config-sync --once` prepares the files (init container), `gateway-sidecar`
+runs the ext_proc and the ConfigMap watch, and a real Envoy runs the pod's bootstrap. A request
+through it reaches a provider whose key exists only in a Kubernetes Secret."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from signalbox import pod
+from signalbox.local import envoy_binary, free_port
+from signalbox.operator.reconciler import OperatorConfig
+from tests.factories import backend, model, policy, provider
+
+from .conftest import CM_NAME, CM_NAMESPACE
+
+API_KEY = "sk-pod-test-9f8e7d"
+pytestmark = pytest.mark.dataplane
+
+
+async def spawn(*argv: str, log: Path) -> asyncio.subprocess.Process:
+    handle = log.open("ab")
+    return await asyncio.create_subprocess_exec(*argv, stdout=handle, stderr=handle)
+
+
+async def test_gateway_pod_serves_from_the_configmap_with_the_secrets_key(k8s, cluster, start_operator, fake, tmp_path):
+    fake.behaviour.api_key = API_KEY
+    await start_operator(
+        OperatorConfig(configmap_namespace=CM_NAMESPACE, configmap_name=CM_NAME, debounce_seconds=0.05, probes=False)
+    )
+    await cluster.secret("fake-key", {"apiKey": API_KEY})
+    await cluster.apply(
+        provider(
+            "fake",
+            fake.url + "/v1",
+            [model("m", upstreamName="fake-model")],
+            auth={"secretRef": {"name": "fake-key", "key": "apiKey"}},
+        )
+    )
+    await cluster.apply(policy("auto", ["auto"], [backend("fake", "m")]))
+    await cluster.eventually(cluster.configmap)
+
+    ports = {"--listen-port": free_port(), "--health-port": free_port(), "--admin-port": free_port()}
+    common = [
+        f"--server={k8s.url}",
+        f"--configmap={CM_NAMESPACE}/{CM_NAME}",
+        f"--workdir={tmp_path}",
+        *(f"{k}={v}" for k, v in ports.items()),
+    ]
+    cli = [sys.executable, "-m", "signalbox.cli"]
+
+    init = await spawn(*cli, "config-sync", "--once", *common, log=tmp_path / "init.log")
+    assert await init.wait() == 0
+    assert (tmp_path / "envoy" / "lds.json").exists() and (
+        tmp_path / "secrets" / "default" / "fake-key" / "apiKey"
+    ).exists()
+
+    bootstrap = pod.options(
+        str(tmp_path),
+        listen_port=ports["--listen-port"],
+        health_port=ports["--health-port"],
+        admin_port=ports["--admin-port"],
+    )
+    from signalbox.core import envoygen
+
+    (tmp_path / "bootstrap.json").write_text(json.dumps(envoygen.bootstrap(bootstrap, f"{tmp_path}/envoy")))
+    sidecar = await spawn(
+        *cli, "gateway-sidecar", *common, f"--health-address=127.0.0.1:{free_port()}", log=tmp_path / "sidecar.log"
+    )
+    envoy = await spawn(
+        envoy_binary(),
+        "-c",
+        str(tmp_path / "bootstrap.json"),
+        "--base-id",
+        str(ports["--admin-port"]),
+        "--log-level",
+        "warning",
+        "--disable-hot-restart",
+        log=tmp_path / "envoy.log",
+    )
+    try:
+        async with httpx.AsyncClient() as http:
+
+            async def ready():
+                try:
+                    r = await http.get(f"http://127.0.0.1:{ports['--health-port']}/ready")
+                    return r.status_code == 200 and (tmp_path / "extproc.sock").exists()
+                except httpx.HTTPError:
+                    return False
+
+            await cluster.eventually(ready, timeout=20)
+            metrics = await http.get(f"http://127.0.0.1:{ports['--health-port']}/stats/prometheus")
+            assert metrics.status_code == 200 and "envoy_" in metrics.text
+            assert (await http.get(f"http://127.0.0.1:{ports['--health-port']}/config_dump")).status_code == 404
+
+        base = f"http://127.0.0.1:{ports['--listen-port']}/v1"
+        async with openai.AsyncOpenAI(base_url=base, api_key="client-token", max_retries=0) as client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": "hello"}]
+            )
+            assert raw.parse().system_fingerprint == "probed" and raw.parse().model == "fake-model"
+            assert raw.headers["x-signalbox-policy"] == "auto"
+
+            changed = time.monotonic()
+            await cluster.apply(policy("auto", ["auto", "fresh"], [backend("fake", "m")]))
+
+            async def served():
+                try:
+                    await client.chat.completions.create(model="fresh", messages=[{"role": "user", "content": "hi"}])
+                    return True
+                except openai.NotFoundError:
+                    return False
+
+            await cluster.eventually(served)
+            print(f"spec change -> served through Envoy in {time.monotonic() - changed:.2f}s")
+        for log in tmp_path.glob("*.log"):
+            assert API_KEY not in log.read_text(), log
+    finally:
+        for proc in (envoy, sidecar):
+            proc.terminate()
+        for proc in (envoy, sidecar):
+            await asyncio.wait_for(proc.wait(), 15)
