@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane bench protos protos-check lint up validate clean
+.PHONY: eval setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane bench protos protos-check lint up validate clean
 
 # Strict editable mode: extproc/ and operator/ install as signalbox.extproc and
 # signalbox.operator through a link tree under build/ (operator/ has no __init__.py, so it can
@@ -75,6 +75,10 @@ test: protos-check lint test-unit test-crds test-chart test-extproc test-operato
 ## Plain Envoy vs Signalbox, same fake upstream, same load, one run -> bench/results/latest.json
 bench: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.dataplane
+
+## Classifier and routing quality on ../shared/data -> eval/results/latest.json (+ PNG curve).
+eval: setup
+	$(PY) -m eval.run
 
 ## Run the local gateway on the embedded quickstart (offline, example providers included).
 up: setup

@@ -38,6 +38,8 @@ class Classification:
     confidence: float
     reason: str
     estimated_tokens: int
+    # What adaptive learning is keyed by: the semantic route, else "task/complexity".
+    class_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,4 +376,4 @@ def classify(f: Features, rules: tuple[CompiledRule, ...]) -> Classification:
     confidence = decider.confidence if decider else 0.3
     tier = decider.tier if decider else "default"
     reason = "+".join(r.name for r in dict.fromkeys(x for x in (task_rule, complexity_rule) if x)) or "no-rule"
-    return Classification(task, complexity, tier, confidence, reason, f.estimated_tokens)
+    return Classification(task, complexity, tier, confidence, reason, f.estimated_tokens, f"{task}/{complexity}")

@@ -16,9 +16,10 @@ from typing import Any
 from signalbox.core.envoygen import too_large_message
 from signalbox.core.errors import MalformedRequest, PayloadTooLarge, UnknownModel, UnsupportedPath
 
-from .classify import Classification, classify, features
+from .classify import Classification, features
 from .runtime import BackendRuntime, PolicyRuntime, RuntimeTable
 from .strategies import RequestContext, Selection, SelectionState, select
+from .tiers import classify_request
 
 TARGET = "x-signalbox-target"
 # Tells the upstream phase which model the body already names, so the first attempt (the
@@ -104,7 +105,7 @@ def decide(
     body = parse_body(raw_body)
     policy = find_policy(table, body["model"], path, headers)
     feats = features(body)
-    cls = classify(feats, policy.rules)
+    cls = classify_request(policy, feats)
     hash_key = (headers.get(policy.hash_header, "") if policy.hash_header else "") or client_address
     ctx = RequestContext(feats, cls, hash_key)
     selection = select(policy, ctx, state, explain)

@@ -18,6 +18,7 @@ from signalbox.core.errors import ConfigVersionError
 from signalbox.core.secrets import SecretValue
 
 from .classify import CompiledRule, compile_rules
+from .semantic import SemanticRouter
 
 KeyResolver = Callable[[pb.Auth], SecretValue | None]
 
@@ -104,6 +105,12 @@ class PolicyRuntime:
     min_quality: dict[str, float]
     rules: tuple[CompiledRule, ...]
     routes: tuple[ClassRouteRuntime, ...]
+    semantic: SemanticRouter | None = None
+    semantic_min_rules_confidence: float = 0.8
+    learning: bool = False
+    learning_exploration_rate: float = 0.0
+    learning_prior_weight: float = 5.0
+    quality_tolerance: float = -1.0  # negative: per-complexity minimum quality
 
     def matches(self, path: str, headers: dict[str, str]) -> bool:
         if self.path_prefixes and not path.startswith(self.path_prefixes):
@@ -217,4 +224,10 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
         min_quality=dict(p.min_quality),
         rules=compile_rules(p.rules, p.use_default_rules),
         routes=routes,
+        semantic=SemanticRouter(p.semantic_routes, p.semantic_default_route) if p.semantic_routes else None,
+        semantic_min_rules_confidence=p.semantic_min_rules_confidence,
+        learning=p.learning,
+        learning_exploration_rate=p.learning_exploration_rate,
+        learning_prior_weight=p.learning_prior_weight,
+        quality_tolerance=p.quality_tolerance,
     )

@@ -34,10 +34,30 @@ class SelectionState:
     rr: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     latency_ms: dict[str, float] = field(default_factory=dict)
     in_flight: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # (policy name, class key, backend id) -> [observations, sum of quality scores]
+    quality: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
 
     def observe_latency(self, backend_id: str, ms: float, alpha: float, prior: float) -> None:
         old = self.latency_ms.get(backend_id, prior)
         self.latency_ms[backend_id] = old + alpha * (ms - old)
+
+    def observe_quality(self, policy: str, class_key: str, backend_id: str, score: float) -> None:
+        """One outcome (0..1: quality feedback, or 0 for a failed request) for a backend on a class.
+
+        Keyed by policy *name*, not by config generation, so learning survives reloads.
+        """
+        entry = self.quality.setdefault((policy, class_key, backend_id), [0.0, 0.0])
+        entry[0] += 1
+        entry[1] += score
+
+    def expected_quality(self, policy: PolicyRuntime, class_key: str, choice: Choice) -> float:
+        """Declared quality, replaced by what was observed as observations accumulate."""
+        prior = choice.backend.quality
+        if not policy.learning:
+            return prior
+        n, total = self.quality.get((policy.name, class_key, choice.backend.id), (0.0, 0.0))
+        weight = policy.learning_prior_weight
+        return (prior * weight + total) / (weight + n) if weight + n else prior
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,20 +119,30 @@ def select_failover(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContex
 
 
 def select_cost(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, st: SelectionState):
+    """Cheapest backend that is good enough for this request's class.
+
+    "Good enough" is the per-complexity minimum quality, or, with `cost.qualityTolerance`,
+    within that distance of the best eligible backend. Quality is what was learned for this
+    class when the policy learns, else what the provider declares.
+    """
     f, cls = ctx.features, ctx.classification
-    min_q = p.min_quality.get(cls.complexity, 0.0)
     out_tokens = f.max_output_tokens or 256
-    quality_ok = [c for c in cs if c.backend.quality >= min_q]
+    quality = {c.index: st.expected_quality(p, cls.class_key, c) for c in cs}
+
+    def price(c: Choice) -> tuple[float, float]:
+        return f.estimated_tokens * c.backend.input_price + out_tokens * c.backend.output_price, -quality[c.index]
+
+    if p.learning and len(cs) > 1 and st.rng.random() < p.learning_exploration_rate:
+        return st.rng.choice(cs), "cost:explore"
+    if p.quality_tolerance >= 0:
+        best_quality = max(quality.values())
+        near_best = [c for c in cs if quality[c.index] >= best_quality - p.quality_tolerance]
+        return min(near_best, key=price), f"cost:cheapest-within-{p.quality_tolerance:g}-of-best"
+    min_q = p.min_quality.get(cls.complexity, 0.0)
+    quality_ok = [c for c in cs if quality[c.index] >= min_q]
     if quality_ok:
-        best = min(
-            quality_ok,
-            key=lambda c: (
-                f.estimated_tokens * c.backend.input_price + out_tokens * c.backend.output_price,
-                -c.backend.quality,
-            ),
-        )
-        return best, f"cost:cheapest-with-quality>={min_q:g}"
-    best = max(cs, key=lambda c: c.backend.quality)
+        return min(quality_ok, key=price), f"cost:cheapest-with-quality>={min_q:g}"
+    best = max(cs, key=lambda c: quality[c.index])
     return best, f"cost:none-meets-quality>={min_q:g}-best-available"
 
 

@@ -119,6 +119,83 @@ async def _watch_inputs(gateway, stop: dict[str, bool]) -> None:
     poller.cancel()
 
 
+def cmd_classify(args: argparse.Namespace) -> int:
+    """Batch decisions with the ext_proc's own code: one JSON object per input line."""
+    import json
+
+    from signalbox.extproc.decide import decide
+    from signalbox.extproc.runtime import RuntimeTable
+    from signalbox.extproc.strategies import SelectionState
+    from signalbox.local import compile_files
+
+    result = compile_files(args.file)
+    if result.config is None:
+        _print_problems(result.problems)
+        return 1
+    table = RuntimeTable.from_config(result.config)
+    alias = args.model or table.aliases[0]
+    state = SelectionState()
+    lines = Path(args.input).read_text().splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        body = (
+            dict(record)
+            if "messages" in record
+            else {"messages": [{"role": "user", "content": record.get("prompt", "")}]}
+        )
+        body["model"] = alias
+        outcome = decide(table, state, "/v1/chat/completions", {}, json.dumps(body).encode())
+        c = outcome.classification
+        out.append(
+            json.dumps(
+                {
+                    "line": n,
+                    "policy": outcome.policy.name,
+                    "class": c.class_key,
+                    "task_type": c.task_type,
+                    "complexity": c.complexity,
+                    "tier": c.tier,
+                    "confidence": c.confidence,
+                    "backend": outcome.selection.choice.backend.id,
+                    "reason": outcome.selection.reason,
+                }
+            )
+        )
+    Path(args.output).write_text("\n".join(out) + "\n")
+    print(f"{len(out)} decisions written to {args.output}")
+    return 0
+
+
+def cmd_eval_routing(args: argparse.Namespace) -> int:
+    import json
+
+    from signalbox import evaluation
+
+    items = evaluation.load_items(args.data)
+    prices = evaluation.load_prices(args.prices)
+    report = evaluation.evaluate(items, prices, folds=args.folds, clusters=args.clusters, seed=args.seed)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        evaluation.plot(report, args.plot)
+    best = report["baselines"]["best_single"]
+    print(f"best single model ({', '.join(report['best_single_models'])}): score {best['score']:.3f}")
+    for name, point in report["baselines"].items():
+        print(f"  {name:12s} score {point['score']:.3f}  cost/1M req ${point['cost'] * 1e6:,.0f}")
+    saving = report["cost_saving_at_95"]
+    if saving is None:
+        print("no tolerance kept 95% of the best single model's score")
+    else:
+        print(
+            f"cost saving at >=95% of its score: {saving:.1%} (score ratio {report['score_ratio']:.3f}, "
+            f"tolerance {report['tolerance_at_95']})"
+        )
+    return 0
+
+
 def cmd_extproc(args: argparse.Namespace) -> int:
     from signalbox.extproc.main import run
 
@@ -242,6 +319,23 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="compile resources and print every problem")
     val.add_argument("-f", "--file", action="append", required=True, help="YAML file or folder (repeatable)")
     val.set_defaults(func=cmd_validate)
+
+    cl = sub.add_parser("classify", help="classify and route prompts offline with the ext_proc's code")
+    cl.add_argument("-f", "--file", action="append", required=True, help="providers + policy YAML (repeatable)")
+    cl.add_argument("--input", required=True, help="JSONL: {'prompt': ...} or an OpenAI request body per line")
+    cl.add_argument("--output", required=True, help="JSONL decisions")
+    cl.add_argument("--model", help="policy alias to route with (default: the first)")
+    cl.set_defaults(func=cmd_classify)
+
+    ev = sub.add_parser("eval-routing", help="cost-quality evaluation of adaptive routing on a scored dataset")
+    ev.add_argument("--data", required=True, help="JSONL: {'prompt': str, 'scores': {model: 0..1}}")
+    ev.add_argument("--prices", required=True, help="JSON: {model: {'input': USD/1M, 'output': USD/1M}}")
+    ev.add_argument("--folds", type=int, default=5)
+    ev.add_argument("--clusters", type=int, default=24, help="semantic classes learned from training prompts")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--output", default="eval/results/routing.json")
+    ev.add_argument("--plot", help="PNG cost-quality curve")
+    ev.set_defaults(func=cmd_eval_routing)
 
     ext = sub.add_parser("extproc", help="run the ext_proc server alone")
     ext.add_argument("--config", required=True, help="compiled RoutingConfig JSON (watched)")

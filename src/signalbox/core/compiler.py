@@ -247,7 +247,36 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
         hedge_delay_ms=spec.hedge.delay_ms,
         min_quality={k.value: v for k, v in spec.cost.min_quality.items()},
         use_default_rules=spec.classification.use_default_rules,
+        learning=spec.learning.enabled,
+        learning_exploration_rate=spec.learning.exploration_rate,
+        learning_prior_weight=spec.learning.prior_weight,
+        quality_tolerance=-1.0 if spec.cost.quality_tolerance is None else spec.cost.quality_tolerance,
     )
+    semantic = spec.classification.semantic
+    if semantic is not None:
+        out.semantic_default_route = semantic.default_route or ""
+        out.semantic_min_rules_confidence = semantic.min_rules_confidence
+        for route in semantic.routes:
+            out.semantic_routes.append(
+                pb.SemanticRoute(
+                    name=route.name,
+                    utterances=route.utterances,
+                    threshold=route.threshold,
+                    task_type=route.task_type.value if route.task_type else "",
+                    complexity=route.complexity.value if route.complexity else "",
+                )
+            )
+        names = [r.name for r in semantic.routes]
+        if semantic.default_route and semantic.default_route not in names:
+            problems.append(
+                Problem(
+                    "RoutingPolicy",
+                    meta.name,
+                    "spec.classification.semantic.defaultRoute",
+                    f"{semantic.default_route!r} is not one of the routes ({', '.join(names)})",
+                    ns,
+                )
+            )
     for rule in spec.classification.rules:
         out.rules.append(
             pb.Rule(

@@ -291,7 +291,28 @@ class HedgeSpec(Spec):
     )
 
 
+class LearningSpec(Spec):
+    enabled: bool = Field(
+        False,
+        description="Learn each backend's quality per request class from outcomes and feedback, and let cost "
+        "routing use what was learned instead of the declared quality.",
+    )
+    exploration_rate: float = Field(
+        0.05, ge=0, le=1, description="Share of requests sent to a random eligible backend to keep learning."
+    )
+    prior_weight: float = Field(
+        5.0, ge=0, description="How many observations the declared quality counts for before any are made."
+    )
+
+
 class CostSpec(Spec):
+    quality_tolerance: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="If set: the cheapest backend whose (learned or declared) quality is within this of the best "
+        "eligible backend's, instead of the per-complexity minimum quality.",
+    )
     min_quality: dict[Complexity, float] = Field(
         default_factory=lambda: {
             Complexity.SIMPLE: 0.0,
@@ -338,12 +359,42 @@ class ClassRule(Spec):
         return self
 
 
+class SemanticRoute(Spec):
+    """A class of requests described by examples; a request joins the most similar route."""
+
+    name: str = Field(min_length=1, description="Class name: shown as the reason, and what learning is keyed by.")
+    utterances: list[str] = Field(
+        min_length=1, description="Example requests of this class (paraphrases are matched by meaning)."
+    )
+    threshold: float = Field(
+        0.5, ge=-1, le=1, description="Lowest cosine similarity to one of the utterances that joins this route."
+    )
+    task_type: TaskType | None = Field(None, description="Task type of requests on this route.")
+    complexity: Complexity | None = Field(None, description="Complexity of requests on this route.")
+
+
+class SemanticSpec(Spec):
+    routes: list[SemanticRoute] = Field(min_length=1, description="Semantic routes, matched by embeddings.")
+    default_route: str | None = Field(
+        None, description="Route for requests similar to none (default: keep the rules tier's answer)."
+    )
+    min_rules_confidence: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="The semantic tier runs only when the rules tier is less confident than this.",
+    )
+
+
 class ClassificationSpec(Spec):
     use_default_rules: bool = Field(
         True, description="Apply the built-in task-type and complexity rules after the policy's."
     )
     rules: list[ClassRule] = Field(
         default_factory=list, description="Policy rules, tried in order before the defaults."
+    )
+    semantic: SemanticSpec | None = Field(
+        None, description="Tier 2: embedding similarity to example utterances (a model shipped in a package)."
     )
 
 
@@ -390,8 +441,9 @@ class RoutingPolicySpec(Spec):
     hedge: HedgeSpec = Field(default_factory=HedgeSpec, description="Strategy fastest.")
     cost: CostSpec = Field(default_factory=CostSpec, description="Strategy cost.")
     classification: ClassificationSpec = Field(
-        default_factory=ClassificationSpec, description="Request classification (tier 1: rules)."
+        default_factory=ClassificationSpec, description="Request classification (tier 1 rules, tier 2 semantic)."
     )
+    learning: LearningSpec = Field(default_factory=LearningSpec, description="Adaptive routing from outcomes.")
     routes: list[ClassRoute] = Field(
         default_factory=list,
         description="Strategy classified: first row matching the request's class wins; "

@@ -179,6 +179,20 @@ class Rule(_message.Message):
     complexity: str
     def __init__(self, name: _Optional[str] = ..., patterns: _Optional[_Iterable[str]] = ..., keywords: _Optional[_Iterable[str]] = ..., min_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., has_tools: _Optional[int] = ..., has_images: _Optional[int] = ..., json_mode: _Optional[int] = ..., task_type: _Optional[str] = ..., complexity: _Optional[str] = ...) -> None: ...
 
+class SemanticRoute(_message.Message):
+    __slots__ = ("name", "utterances", "threshold", "task_type", "complexity")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCES_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TASK_TYPE_FIELD_NUMBER: _ClassVar[int]
+    COMPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    utterances: _containers.RepeatedScalarFieldContainer[str]
+    threshold: float
+    task_type: str
+    complexity: str
+    def __init__(self, name: _Optional[str] = ..., utterances: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., task_type: _Optional[str] = ..., complexity: _Optional[str] = ...) -> None: ...
+
 class ClassRoute(_message.Message):
     __slots__ = ("task_types", "complexities", "backends")
     TASK_TYPES_FIELD_NUMBER: _ClassVar[int]
@@ -190,7 +204,7 @@ class ClassRoute(_message.Message):
     def __init__(self, task_types: _Optional[_Iterable[str]] = ..., complexities: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("id", "name", "aliases", "headers", "path_prefixes", "strategy", "backends", "failover", "retry_on", "per_try_timeout_ms", "max_attempts", "timeout_ms", "hash_header", "exploration_rate", "ewma_alpha", "hedge_delay_ms", "min_quality", "rules", "use_default_rules", "routes")
+    __slots__ = ("id", "name", "aliases", "headers", "path_prefixes", "strategy", "backends", "failover", "retry_on", "per_try_timeout_ms", "max_attempts", "timeout_ms", "hash_header", "exploration_rate", "ewma_alpha", "hedge_delay_ms", "min_quality", "rules", "use_default_rules", "routes", "semantic_routes", "semantic_default_route", "semantic_min_rules_confidence", "learning", "learning_exploration_rate", "learning_prior_weight", "quality_tolerance")
     class MinQualityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +232,13 @@ class Policy(_message.Message):
     RULES_FIELD_NUMBER: _ClassVar[int]
     USE_DEFAULT_RULES_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_ROUTES_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_DEFAULT_ROUTE_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_MIN_RULES_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_EXPLORATION_RATE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_PRIOR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
@@ -238,23 +259,32 @@ class Policy(_message.Message):
     rules: _containers.RepeatedCompositeFieldContainer[Rule]
     use_default_rules: bool
     routes: _containers.RepeatedCompositeFieldContainer[ClassRoute]
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., headers: _Optional[_Iterable[_Union[HeaderMatch, _Mapping]]] = ..., path_prefixes: _Optional[_Iterable[str]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backends: _Optional[_Iterable[_Union[PolicyBackend, _Mapping]]] = ..., failover: _Optional[bool] = ..., retry_on: _Optional[_Iterable[str]] = ..., per_try_timeout_ms: _Optional[int] = ..., max_attempts: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., hash_header: _Optional[str] = ..., exploration_rate: _Optional[float] = ..., ewma_alpha: _Optional[float] = ..., hedge_delay_ms: _Optional[int] = ..., min_quality: _Optional[_Mapping[str, float]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., use_default_rules: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[ClassRoute, _Mapping]]] = ...) -> None: ...
+    semantic_routes: _containers.RepeatedCompositeFieldContainer[SemanticRoute]
+    semantic_default_route: str
+    semantic_min_rules_confidence: float
+    learning: bool
+    learning_exploration_rate: float
+    learning_prior_weight: float
+    quality_tolerance: float
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., headers: _Optional[_Iterable[_Union[HeaderMatch, _Mapping]]] = ..., path_prefixes: _Optional[_Iterable[str]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backends: _Optional[_Iterable[_Union[PolicyBackend, _Mapping]]] = ..., failover: _Optional[bool] = ..., retry_on: _Optional[_Iterable[str]] = ..., per_try_timeout_ms: _Optional[int] = ..., max_attempts: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., hash_header: _Optional[str] = ..., exploration_rate: _Optional[float] = ..., ewma_alpha: _Optional[float] = ..., hedge_delay_ms: _Optional[int] = ..., min_quality: _Optional[_Mapping[str, float]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., use_default_rules: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[ClassRoute, _Mapping]]] = ..., semantic_routes: _Optional[_Iterable[_Union[SemanticRoute, _Mapping]]] = ..., semantic_default_route: _Optional[str] = ..., semantic_min_rules_confidence: _Optional[float] = ..., learning: _Optional[bool] = ..., learning_exploration_rate: _Optional[float] = ..., learning_prior_weight: _Optional[float] = ..., quality_tolerance: _Optional[float] = ...) -> None: ...
 
 class Classification(_message.Message):
-    __slots__ = ("task_type", "complexity", "tier", "confidence", "reason", "estimated_tokens")
+    __slots__ = ("task_type", "complexity", "tier", "confidence", "reason", "estimated_tokens", "class_key")
     TASK_TYPE_FIELD_NUMBER: _ClassVar[int]
     COMPLEXITY_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_KEY_FIELD_NUMBER: _ClassVar[int]
     task_type: str
     complexity: str
     tier: str
     confidence: float
     reason: str
     estimated_tokens: int
-    def __init__(self, task_type: _Optional[str] = ..., complexity: _Optional[str] = ..., tier: _Optional[str] = ..., confidence: _Optional[float] = ..., reason: _Optional[str] = ..., estimated_tokens: _Optional[int] = ...) -> None: ...
+    class_key: str
+    def __init__(self, task_type: _Optional[str] = ..., complexity: _Optional[str] = ..., tier: _Optional[str] = ..., confidence: _Optional[float] = ..., reason: _Optional[str] = ..., estimated_tokens: _Optional[int] = ..., class_key: _Optional[str] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("backend", "kept", "reason")
