@@ -75,6 +75,7 @@ test: protos-check lint test-unit test-crds test-chart test-extproc test-operato
 ## Plain Envoy vs Signalbox, same fake upstream, same load, one run -> bench/results/latest.json
 bench: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.dataplane
+	$(PY) -m bench.tiers
 
 ## Classifier and routing quality on ../shared/data -> eval/results/latest.json (+ PNG curve).
 eval: setup

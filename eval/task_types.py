@@ -12,7 +12,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from signalbox.extproc.classify import DEFAULT_RULES, classify, features
+from signalbox.core.compiler import compile_config
+from signalbox.extproc.classify import features
+from signalbox.extproc.runtime import RuntimeTable
+from signalbox.extproc.tiers import classify_request
 
 LABEL_MAP = {
     "info-seek": "qa",
@@ -25,15 +28,36 @@ LABEL_MAP = {
 }
 
 
+def default_policy():
+    """A policy with no classification settings: what every policy gets by default."""
+    provider = {
+        "apiVersion": "signalbox.io/v1alpha1",
+        "kind": "AIProvider",
+        "metadata": {"name": "p"},
+        "spec": {"baseUrl": "http://p.invalid/v1", "models": [{"name": "m"}]},
+    }
+    policy = {
+        "apiVersion": "signalbox.io/v1alpha1",
+        "kind": "RoutingPolicy",
+        "metadata": {"name": "x"},
+        "spec": {"match": {"models": ["x"]}, "backends": [{"provider": "p", "model": "m"}]},
+    }
+    return RuntimeTable.from_config(compile_config([provider], [policy]).config).policies[0]
+
+
 def evaluate(path: Path) -> dict[str, Any]:
     records = json.loads(path.read_text())
+    policy = default_policy()
+    tiers: Counter[str] = Counter()
     gold_any, gold_primary, predicted = [], [], []
     for r in records:
         mapped = [LABEL_MAP[t] for t in r["task_types"] if t in LABEL_MAP]
         if not mapped:
             continue
         body = {"messages": [{"role": "user", "content": r["instruction"]}]}
-        predicted.append(classify(features(body), DEFAULT_RULES).task_type)
+        result = classify_request(policy, features(body))
+        tiers[result.tier] += 1
+        predicted.append(result.task_type)
         gold_any.append(set(mapped))
         gold_primary.append(mapped[0])
     accuracy = sum(p in g for p, g in zip(predicted, gold_any, strict=True)) / len(predicted)
@@ -53,5 +77,6 @@ def evaluate(path: Path) -> dict[str, Any]:
         "predicted": dict(Counter(predicted)),
         "gold_primary": dict(Counter(gold_primary)),
         "label_map": LABEL_MAP,
-        "classifier": "tier 1 (built-in rules)",
+        "classifier": "default tiers: built-in rules, then built-in semantic task routes",
+        "decided_by_tier": dict(tiers),
     }

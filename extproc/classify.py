@@ -17,6 +17,16 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 
 # Rough but stable: OpenAI-family tokenizers average ~4 characters per English token.
 CHARS_PER_TOKEN = 4
+# What a request is about is stated at its start ("Summarize the following ...") or its end
+# ("... summarize the above"): the tiers read that much of each end of the last user message,
+# so their cost stays bounded for long documents. Token estimates use the whole prompt.
+CLASSIFY_CHARS = 400
+
+
+def _ends(text: str) -> str:
+    if len(text) <= 2 * CLASSIFY_CHARS:
+        return text
+    return f"{text[:CLASSIFY_CHARS]}\n{text[-CLASSIFY_CHARS:]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +119,7 @@ def features(body: dict[str, Any]) -> Features:
     json_mode = isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
     max_out = body.get("max_completion_tokens") or body.get("max_tokens") or 0
     return Features(
-        text=last_user,
+        text=_ends(last_user),
         estimated_tokens=total_chars // CHARS_PER_TOKEN + 1,
         max_output_tokens=max_out if isinstance(max_out, int) else 0,
         has_tools=bool(body.get("tools") or body.get("functions")),
@@ -120,7 +130,13 @@ def features(body: dict[str, Any]) -> Features:
 
 
 def _words(words: Iterable[str]) -> str:
-    return "|".join(rf"\b{re.escape(w)}\b" if w[:1].isalnum() else re.escape(w) for w in words)
+    """One alternation inside a single pair of word boundaries: checking the boundary once per
+    position instead of once per word is what keeps the rules tier fast on long texts."""
+    words = list(words)
+    plain = sorted((re.escape(w) for w in words if w[:1].isalnum() and w[-1:].isalnum()), key=len, reverse=True)
+    other = [re.escape(w) for w in words if not (w[:1].isalnum() and w[-1:].isalnum())]
+    parts = ([rf"\b(?:{'|'.join(plain)})\b"] if plain else []) + other
+    return "|".join(parts)
 
 
 # Built-in defaults, tried after a policy's own rules. Ordered: the first that fires decides the
@@ -129,7 +145,7 @@ _DEFAULT_TASK_RULES: list[tuple[str, str, str]] = [
     (
         "code",
         "code-markers",
-        r"```|\bdef \w+\(|\bfunction\s*\w*\(|#include|\bSELECT\b.+\bFROM\b|"
+        r"```|\bdef \w+\(|\bfunction\s*\w*\(|#include|\bSELECT\b[^;]{0,200}?\bFROM\b|"
         r"=>|\bimport \w+|\bclass \w+[:({]|console\.log|\bstack ?trace\b|\btraceback\b",
     ),
     (

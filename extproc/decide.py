@@ -9,6 +9,8 @@ authority, auth header and body `model`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 from signalbox.core.envoygen import too_large_message
 from signalbox.core.errors import MalformedRequest, PayloadTooLarge, UnknownModel, UnsupportedPath
 
-from .classify import Classification, features
+from .classify import Classification, Features, features
 from .runtime import BackendRuntime, PolicyRuntime, RuntimeTable
 from .strategies import RequestContext, Selection, SelectionState, select
 from .tiers import classify_request
@@ -31,6 +33,7 @@ GATEWAY_HEADERS = (TARGET, BODY_MODEL)
 
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MODELS_PATH = "/v1/models"
+FEEDBACK_PATH = "/v1/feedback"
 
 
 def check_path(method: str, path: str) -> str:
@@ -40,9 +43,36 @@ def check_path(method: str, path: str) -> str:
         return "route"
     if bare == MODELS_PATH and method == "GET":
         return "models"
-    if bare in ROUTED_PATHS or bare == MODELS_PATH:
+    if bare == FEEDBACK_PATH and method == "POST":
+        return "feedback"
+    if bare in ROUTED_PATHS or bare in (MODELS_PATH, FEEDBACK_PATH):
         raise UnsupportedPath(f"{method} is not supported on {bare}")
-    raise UnsupportedPath(f"unknown path {bare!r}; supported: {', '.join((*ROUTED_PATHS, MODELS_PATH))}")
+    raise UnsupportedPath(f"unknown path {bare!r}; supported: {', '.join((*ROUTED_PATHS, MODELS_PATH, FEEDBACK_PATH))}")
+
+
+def decision_token(policy: str, class_key: str, backend_id: str) -> str:
+    """What a client echoes back with its quality feedback (response header x-signalbox-decision)."""
+    raw = json.dumps([policy, class_key, backend_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def apply_feedback(table: RuntimeTable, state: SelectionState, raw_body: bytes) -> bytes:
+    """`POST /v1/feedback {"decision": <x-signalbox-decision>, "score": 0..1}` -> learning."""
+    try:
+        body = json.loads(raw_body)
+        token, score = body["decision"], float(body["score"])
+        padded = token + "=" * (-len(token) % 4)
+        policy, class_key, backend_id = json.loads(base64.urlsafe_b64decode(padded))
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise MalformedRequest(
+            'feedback needs {"decision": <x-signalbox-decision header>, "score": <0..1>}', param="decision"
+        ) from None
+    if not 0 <= score <= 1:
+        raise MalformedRequest("score must be between 0 and 1", param="score")
+    if backend_id not in table.backends or not any(p.name == policy for p in table.policies):
+        raise UnknownModel(f"decision names a policy or backend not in force ({policy}, {backend_id})")
+    state.observe_quality(policy, class_key, backend_id, score)
+    return json.dumps({"recorded": True, "policy": policy, "class": class_key, "backend": backend_id}).encode()
 
 
 def check_length(headers: dict[str, str], limit: int) -> None:
@@ -90,6 +120,60 @@ def find_policy(table: RuntimeTable, alias: str, path: str, headers: dict[str, s
     raise UnknownModel(f"model {alias!r} has no policy matching this request's headers or path", param="model")
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A parsed, matched and classified request (tiers 1-2): what tier 3 and selection start from."""
+
+    body: dict[str, Any]
+    policy: PolicyRuntime
+    features: Features
+    classification: Classification
+    hash_key: str
+
+
+def prepare(
+    table: RuntimeTable,
+    path: str,
+    headers: dict[str, str],
+    raw_body: bytes,
+    client_address: str = "",
+    max_body_bytes: int = 0,
+) -> Prepared:
+    if max_body_bytes and len(raw_body) > max_body_bytes:
+        raise PayloadTooLarge(too_large_message(max_body_bytes))
+    body = parse_body(raw_body)
+    policy = find_policy(table, body["model"], path, headers)
+    feats = features(body)
+    hash_key = (headers.get(policy.hash_header, "") if policy.hash_header else "") or client_address
+    return Prepared(body, policy, feats, classify_request(policy, feats), hash_key)
+
+
+def needs_llm(prepared: Prepared) -> bool:
+    llm = prepared.policy.llm
+    return llm is not None and prepared.classification.confidence < llm.min_confidence
+
+
+def finish(
+    prepared: Prepared,
+    state: SelectionState,
+    classification: Classification | None = None,
+    explain: bool = False,
+) -> RouterOutcome:
+    """Select the backend for a prepared request (optionally reclassified by tier 3) and rewrite it."""
+    cls = classification or prepared.classification
+    selection = select(prepared.policy, RequestContext(prepared.features, cls, prepared.hash_key), state, explain)
+    backend = selection.choice.backend
+    body = {**prepared.body, "model": backend.upstream_model}
+    new_body = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return RouterOutcome(
+        policy=prepared.policy,
+        selection=selection,
+        classification=cls,
+        set_headers=((TARGET, selection.choice.target), (BODY_MODEL, backend.upstream_model)),
+        body=new_body,
+    )
+
+
 def decide(
     table: RuntimeTable,
     state: SelectionState,
@@ -100,25 +184,8 @@ def decide(
     explain: bool = False,
     max_body_bytes: int = 0,
 ) -> RouterOutcome:
-    if max_body_bytes and len(raw_body) > max_body_bytes:
-        raise PayloadTooLarge(too_large_message(max_body_bytes))
-    body = parse_body(raw_body)
-    policy = find_policy(table, body["model"], path, headers)
-    feats = features(body)
-    cls = classify_request(policy, feats)
-    hash_key = (headers.get(policy.hash_header, "") if policy.hash_header else "") or client_address
-    ctx = RequestContext(feats, cls, hash_key)
-    selection = select(policy, ctx, state, explain)
-    backend = selection.choice.backend
-    body["model"] = backend.upstream_model
-    new_body = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-    return RouterOutcome(
-        policy=policy,
-        selection=selection,
-        classification=cls,
-        set_headers=((TARGET, selection.choice.target), (BODY_MODEL, backend.upstream_model)),
-        body=new_body,
-    )
+    """The router phase without tier 3 (offline tools; the servicer adds the awaited LLM tier)."""
+    return finish(prepare(table, path, headers, raw_body, client_address, max_body_bytes), state, explain=explain)
 
 
 # --------------------------------------------------------------------------- upstream phase

@@ -17,6 +17,7 @@ from signalbox.core.compiler import SCHEMA_VERSION, STRATEGY_NAMES
 from signalbox.core.errors import ConfigVersionError
 from signalbox.core.secrets import SecretValue
 
+from . import default_routes
 from .classify import CompiledRule, compile_rules
 from .semantic import SemanticRouter
 
@@ -50,6 +51,7 @@ class ProviderRuntime:
     id: str
     name: str
     azure: bool
+    scheme: str
     authority: str
     base_path: str
     azure_api_version: str
@@ -90,6 +92,14 @@ class ClassRouteRuntime:
 
 
 @dataclass(frozen=True, slots=True)
+class LlmTierConfig:
+    backend: BackendRuntime
+    timeout_s: float
+    min_confidence: float
+    cache_size: int
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyRuntime:
     id: str
     name: str
@@ -111,6 +121,7 @@ class PolicyRuntime:
     learning_exploration_rate: float = 0.0
     learning_prior_weight: float = 5.0
     quality_tolerance: float = -1.0  # negative: per-complexity minimum quality
+    llm: LlmTierConfig | None = None
 
     def matches(self, path: str, headers: dict[str, str]) -> bool:
         if self.path_prefixes and not path.startswith(self.path_prefixes):
@@ -152,6 +163,7 @@ class RuntimeTable:
                 id=p.id,
                 name=p.name,
                 azure=p.type == pb.AZURE_OPENAI,
+                scheme="https" if p.tls else "http",
                 authority=authority,
                 base_path=p.base_path,
                 azure_api_version=p.azure_api_version,
@@ -191,6 +203,12 @@ class RuntimeTable:
         )
 
 
+def _semantic(p: pb.Policy) -> SemanticRouter | None:
+    if p.semantic_routes:
+        return SemanticRouter(p.semantic_routes, p.semantic_default_route)
+    return default_routes.router() if p.use_default_rules else None
+
+
 def _with_prefix(prefix: str, key: SecretValue | None) -> SecretValue | None:
     return SecretValue(prefix + key.reveal()) if key else None
 
@@ -224,10 +242,15 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
         min_quality=dict(p.min_quality),
         rules=compile_rules(p.rules, p.use_default_rules),
         routes=routes,
-        semantic=SemanticRouter(p.semantic_routes, p.semantic_default_route) if p.semantic_routes else None,
-        semantic_min_rules_confidence=p.semantic_min_rules_confidence,
+        semantic=_semantic(p),
+        semantic_min_rules_confidence=(
+            p.semantic_min_rules_confidence if p.semantic_routes else default_routes.MIN_RULES_CONFIDENCE
+        ),
         learning=p.learning,
         learning_exploration_rate=p.learning_exploration_rate,
         learning_prior_weight=p.learning_prior_weight,
         quality_tolerance=p.quality_tolerance,
+        llm=LlmTierConfig(backends[p.llm_backend - 1], p.llm_timeout_ms / 1000, p.llm_min_confidence, p.llm_cache_size)
+        if p.llm_backend
+        else None,
     )

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from signalbox.core.errors import MalformedRequest, RequestError
 
 from . import decide, wire
+from .llm_tier import LlmClassifier
 from .reload import TableHolder
 from .strategies import SelectionState
 
@@ -76,6 +77,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.tables = tables
         self.state = state or SelectionState()
         self.max_body_bytes = max_body_bytes
+        self.llm = LlmClassifier()
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context
@@ -109,6 +111,13 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if kind == "models":
                 yield wire.immediate(200, decide.models_listing(table))
                 return
+            if kind == "feedback":
+                yield wire.headers_response()
+                async for request in rest:
+                    if request.WhichOneof("request") == "request_body":
+                        yield wire.immediate(200, decide.apply_feedback(table, state, request.request_body.body))
+                        return
+                return
             decide.check_length(headers, self.max_body_bytes)
             if request.request_headers.end_of_stream:
                 raise MalformedRequest("request body is empty; a JSON body with 'model' is required")
@@ -116,21 +125,28 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             async for request in rest:
                 if request.WhichOneof("request") != "request_body":
                     continue
-                outcome = decide.decide(
-                    table,
-                    state,
-                    path,
-                    headers,
-                    request.request_body.body,
-                    client_address(headers),
-                    max_body_bytes=self.max_body_bytes,
+                prepared = decide.prepare(
+                    table, path, headers, request.request_body.body, client_address(headers), self.max_body_bytes
                 )
+                policy = prepared.policy
+                better = None
+                if decide.needs_llm(prepared) and policy.llm is not None:
+                    better = await self.llm.classify(
+                        policy.llm, prepared.features.text, prepared.classification.estimated_tokens
+                    )
+                outcome = decide.finish(prepared, state, better)
                 policy = outcome.policy
                 response = wire.body_response(
                     outcome.set_headers,
                     body=outcome.body,
                     clear_route_cache=True,
-                    metadata={"policy": policy.name, "reason": outcome.selection.reason},
+                    metadata={
+                        "policy": policy.name,
+                        "reason": outcome.selection.reason,
+                        "decision": decide.decision_token(
+                            policy.name, outcome.classification.class_key, outcome.selection.choice.backend.id
+                        ),
+                    },
                 )
                 if policy.strategy not in STREAM_LIFETIME_STRATEGIES:
                     # Nothing more to do for this request: end the RPC now rather than hold it

@@ -32,6 +32,8 @@ class Behaviour:
     delay_ms: int = 0
     # When set, requests must carry it as `Authorization: Bearer <key>` or `api-key: <key>`.
     api_key: str = ""
+    # When set, the assistant's answer (e.g. JSON for a classifier); else it names server and model.
+    content: str = ""
 
 
 class FakeProvider:
@@ -136,7 +138,7 @@ class FakeProvider:
             )
         if body.get("stream"):
             return await self._stream(request, body, model)
-        content = f"[{self.ident}] answer from {model}"
+        content = self.behaviour.content or f"[{self.ident}] answer from {model}"
         answer = {
             "id": f"chatcmpl-{self.ident}-{self.count}",
             "object": "chat.completion",

@@ -157,3 +157,40 @@ def test_signalbox_up_serves_the_quickstart(tmp_path):
         proc.terminate()
         proc.wait(timeout=20)
     assert proc.returncode == 0
+
+
+def test_feedback_teaches_routing_through_the_gateway(fakes, tmp_path):
+    """Quality feedback (POST /v1/feedback with the x-signalbox-decision header) moves a class to
+    the better backend. One ext_proc worker: learning state is per worker process."""
+    resources = dump(
+        provider("alpha", fakes["alpha"].url + "/v1", [model("a1", inputPricePer1M=0.1, outputPricePer1M=0.1)]),
+        provider("beta", fakes["beta"].url + "/v1", [model("b1", inputPricePer1M=1, outputPricePer1M=1)]),
+        policy(
+            "learn",
+            ["learn"],
+            [backend("alpha", "a1"), backend("beta", "b1")],
+            strategy="cost",
+            cost={"qualityTolerance": 0.05},
+            learning={"enabled": True, "explorationRate": 0.0, "priorWeight": 2},
+        ),
+    )
+    gw = start_gateway(tmp_path, resources, extproc_workers=1)
+    try:
+        with openai.OpenAI(base_url=gw.url, api_key="x", max_retries=0) as client:
+
+            def ask():
+                raw = client.chat.completions.with_raw_response.create(
+                    model="learn", messages=[{"role": "user", "content": "Write a Python function to parse CSV"}]
+                )
+                return raw.headers["x-signalbox-provider"], raw.headers["x-signalbox-decision"]
+
+            first, decision = ask()
+            assert first == "alpha"  # cheaper, and nothing learned yet
+            for _ in range(5):  # the client reports alpha's answers for this class as poor
+                r = httpx.post(f"{gw.url}/feedback", json={"decision": decision, "score": 0.0})
+                assert r.status_code == 200 and r.json()["backend"] == "default/alpha/a1"
+            assert ask()[0] == "beta"
+            bad = httpx.post(f"{gw.url}/feedback", json={"decision": "nonsense", "score": 2})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "decision"
+    finally:
+        gw.stop()

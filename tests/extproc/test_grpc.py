@@ -1,5 +1,6 @@
 """The ext_proc servicer over a real gRPC stream (grpc.aio, port 0) with Envoy's own protos."""
 
+import base64
 import json
 
 import grpc
@@ -91,8 +92,11 @@ async def test_router_phase_selects_rewrites_and_clears_route_cache(stub):
     headers = set_headers(common.header_mutation)
     assert headers["x-signalbox-target"] == "t.default.p.0"
     assert headers["content-length"] == str(len(common.body_mutation.body))
-    meta = json_format.MessageToDict(second.dynamic_metadata)
-    assert meta == {"signalbox": {"policy": "p", "reason": "failover:priority"}}
+    meta = json_format.MessageToDict(second.dynamic_metadata)["signalbox"]
+    assert (meta["policy"], meta["reason"]) == ("p", "failover:priority")
+    token = meta["decision"]  # what the client echoes back with quality feedback
+    decoded = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    assert decoded == ["p", "chat/simple", "default/a/m"]
 
 
 async def test_router_phase_errors_are_openai_json_immediate_responses(stub):

@@ -252,18 +252,37 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
         learning_prior_weight=spec.learning.prior_weight,
         quality_tolerance=-1.0 if spec.cost.quality_tolerance is None else spec.cost.quality_tolerance,
     )
+    llm = spec.classification.llm
+    if llm is not None:
+        llm_key = f"{ns}/{llm.provider}/{llm.model}"
+        if llm_key not in backend_index:
+            problems.append(
+                Problem(
+                    "RoutingPolicy",
+                    meta.name,
+                    "spec.classification.llm",
+                    f"AIProvider {ns}/{llm.provider} with model {llm.model!r} not found",
+                    ns,
+                    "RefNotFound",
+                )
+            )
+        else:
+            out.llm_backend = backend_index[llm_key] + 1
+            out.llm_timeout_ms = llm.timeout_ms
+            out.llm_min_confidence = llm.min_confidence
+            out.llm_cache_size = llm.cache_size
     semantic = spec.classification.semantic
     if semantic is not None:
         out.semantic_default_route = semantic.default_route or ""
         out.semantic_min_rules_confidence = semantic.min_rules_confidence
-        for route in semantic.routes:
+        for semantic_route in semantic.routes:
             out.semantic_routes.append(
                 pb.SemanticRoute(
-                    name=route.name,
-                    utterances=route.utterances,
-                    threshold=route.threshold,
-                    task_type=route.task_type.value if route.task_type else "",
-                    complexity=route.complexity.value if route.complexity else "",
+                    name=semantic_route.name,
+                    utterances=semantic_route.utterances,
+                    threshold=semantic_route.threshold,
+                    task_type=semantic_route.task_type.value if semantic_route.task_type else "",
+                    complexity=semantic_route.complexity.value if semantic_route.complexity else "",
                 )
             )
         names = [r.name for r in semantic.routes]

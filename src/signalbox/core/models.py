@@ -386,6 +386,23 @@ class SemanticSpec(Spec):
     )
 
 
+class LlmClassifierSpec(Spec):
+    """Tier 3: ask a cheap model what the request is, when the cheaper tiers were unsure."""
+
+    provider: str = Field(min_length=1, description="AIProvider (same namespace) serving the classifier model.")
+    model: str = Field(min_length=1, description="Model name declared by that provider.")
+    timeout_ms: int = Field(
+        800,
+        ge=10,
+        le=10000,
+        description="Give up after this long and keep the earlier tiers' answer; the request never fails.",
+    )
+    min_confidence: float = Field(
+        0.6, ge=0, le=1, description="Runs only when the rules and semantic tiers were less confident than this."
+    )
+    cache_size: int = Field(10000, ge=0, description="Answers remembered by prompt hash (0: no cache).")
+
+
 class ClassificationSpec(Spec):
     use_default_rules: bool = Field(
         True, description="Apply the built-in task-type and complexity rules after the policy's."
@@ -396,6 +413,7 @@ class ClassificationSpec(Spec):
     semantic: SemanticSpec | None = Field(
         None, description="Tier 2: embedding similarity to example utterances (a model shipped in a package)."
     )
+    llm: LlmClassifierSpec | None = Field(None, description="Tier 3: a cheap model classifies, with a strict timeout.")
 
 
 class ClassRoute(Spec):

@@ -1,0 +1,59 @@
+"""Per-request cost of each classification tier (medians, one run): `make bench`.
+
+Prompts are built here (short chat, a paragraph, a long document), so the figures do not depend
+on any dataset. Writes bench/results/tiers.json.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from signalbox.extproc import default_routes
+from signalbox.extproc.classify import DEFAULT_RULES, classify, features
+
+RESULTS = Path(__file__).parent / "results"
+PROMPTS = [
+    "hi!",
+    "Write a Python function that merges two sorted lists and explain its complexity.",
+    "Summarize the following meeting notes for the leadership team. " + "The team discussed the roadmap. " * 40,
+    "Translate this paragraph into German: " + "The weather was mild and the markets were busy. " * 10,
+    "Prove that the square root of two is irrational, step by step.",
+    " ".join(["Our quarterly report covers revenue, costs, hiring and risks."] * 300),
+]
+
+
+def timed(fn, reps: int) -> float:
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter_ns()
+        fn()
+        samples.append((time.perf_counter_ns() - start) / 1e6)
+    return statistics.median(samples)
+
+
+def main() -> int:
+    bodies = [{"messages": [{"role": "user", "content": p}]} for p in PROMPTS]
+    feats = [features(b) for b in bodies]
+    router = default_routes.router()
+    router.classify("warm up")
+    rules = statistics.median(timed(lambda f=f: classify(f, DEFAULT_RULES), 2000) for f in feats)
+    semantic = statistics.median(timed(lambda f=f: router.classify(f.text), 500) for f in feats)
+    report = {
+        "rules_tier_median_ms": round(rules, 4),
+        "semantic_tier_median_ms": round(semantic, 4),
+        "targets_ms": {"rules": 0.1, "semantic": 5.0},
+        "prompts": len(PROMPTS),
+        "semantic_model": "wordllama l2_supercat 256d (shipped in the package)",
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tiers.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

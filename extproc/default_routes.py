@@ -1,0 +1,119 @@
+"""Built-in semantic routes for the task types, used when no rule recognised a request.
+
+Written for Signalbox (not taken from any evaluation set). A policy's own semantic routes
+replace these; `classification.useDefaultRules: false` turns them off with the default rules.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from signalbox.api.v1alpha1 import config_pb2 as pb
+
+from .semantic import SemanticRouter
+
+# Only requests no rule recognised (confidence 0.3) go to the built-in semantic routes.
+MIN_RULES_CONFIDENCE = 0.5
+THRESHOLD = 0.2
+
+UTTERANCES: dict[str, list[str]] = {
+    "qa": [
+        "what is the tallest mountain in africa",
+        "who invented the telephone",
+        "when did the roman empire fall",
+        "where is the headquarters of the united nations",
+        "what are the side effects of ibuprofen",
+        "how does a vaccine train the immune system",
+        "tell me about the history of the printing press",
+        "which countries use the euro",
+        "how do I renew my passport",
+        "what are the steps to change a car tyre",
+    ],
+    "reasoning": [
+        "if all cats are animals and some animals are black, are some cats black",
+        "explain why the sky appears blue",
+        "compare the advantages of renting versus buying a home",
+        "what would happen if the moon disappeared",
+        "analyse the causes of the first world war",
+        "is it ethical to use animals in medical research",
+        "weigh the pros and cons of remote work",
+        "solve this riddle about three doors and a prize",
+    ],
+    "creative": [
+        "write a short poem about autumn leaves",
+        "tell me a bedtime story about a dragon",
+        "write song lyrics about missing home",
+        "draft a wedding speech for my best friend",
+        "compose a haiku about the ocean",
+        "write a cover letter for a marketing job",
+        "write a blog post about minimalist living",
+        "create a slogan for a coffee shop",
+    ],
+    "chat": [
+        "hi, how are you today",
+        "thanks, that was really helpful",
+        "can you pretend to be a pirate",
+        "let's play a word game",
+        "i feel a bit lonely tonight",
+        "what do you like to do for fun",
+        "act as my personal fitness coach",
+        "you are a medieval knight, greet me",
+    ],
+    "code": [
+        "write a function that checks if a number is prime",
+        "fix this null pointer exception",
+        "how do I read a csv file with pandas",
+        "convert this loop into a list comprehension",
+        "write a sql query that joins two tables",
+        "explain what this regular expression matches",
+        "set up a rest api with flask",
+        "why does my javascript promise never resolve",
+    ],
+    "math": [
+        "what is the derivative of x squared times sine x",
+        "solve for x: 3x + 7 = 22",
+        "what is 15 percent of 240",
+        "compute the area of a circle with radius 4",
+        "how many ways can five people sit in a row",
+        "integrate e to the power of 2x",
+        "a train travels 300 km in 4 hours, what is its speed",
+        "find the probability of rolling two sixes",
+    ],
+    "summarization": [
+        "summarize this article in three bullet points",
+        "give me the key points of this meeting transcript",
+        "condense this report into one paragraph",
+        "what is the main argument of this essay",
+        "tl;dr of the following text",
+        "write an abstract for this paper",
+    ],
+    "extraction": [
+        "extract all email addresses from this text",
+        "list the names and dates mentioned below",
+        "pull the prices out of this invoice into json",
+        "find every company mentioned in the article",
+        "turn this paragraph into a table of ingredients and quantities",
+        "identify the entities in this sentence",
+    ],
+    "translation": [
+        "translate this sentence into french",
+        "how do you say good morning in japanese",
+        "translate the following paragraph to german",
+        "what does this spanish phrase mean in english",
+        "render this text in italian",
+        "translate my email into portuguese",
+    ],
+}
+
+
+def routes() -> list[pb.SemanticRoute]:
+    return [
+        pb.SemanticRoute(name=f"task-{task}", utterances=u, threshold=THRESHOLD, task_type=task)
+        for task, u in UTTERANCES.items()
+    ]
+
+
+@functools.cache
+def router() -> SemanticRouter:
+    """Built once per process: the routes never change with the config."""
+    return SemanticRouter(routes())
