@@ -50,6 +50,14 @@ def check_path(method: str, path: str) -> str:
     raise UnsupportedPath(f"unknown path {bare!r}; supported: {', '.join((*ROUTED_PATHS, MODELS_PATH, FEEDBACK_PATH))}")
 
 
+def class_header(c: Classification) -> str:
+    """x-signalbox-class: what the request was judged to be, and by which tier, how surely."""
+    return (
+        f"class={c.class_key}; task={c.task_type}; complexity={c.complexity}; "
+        f"tier={c.tier}; confidence={c.confidence:.2f}"
+    )
+
+
 def decision_token(policy: str, class_key: str, backend_id: str) -> str:
     """What a client echoes back with its quality feedback (response header x-signalbox-decision)."""
     raw = json.dumps([policy, class_key, backend_id], separators=(",", ":")).encode()

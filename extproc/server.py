@@ -146,6 +146,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                         "decision": decide.decision_token(
                             policy.name, outcome.classification.class_key, outcome.selection.choice.backend.id
                         ),
+                        "class": decide.class_header(outcome.classification),
                     },
                 )
                 if policy.strategy not in STREAM_LIFETIME_STRATEGIES:

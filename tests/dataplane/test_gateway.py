@@ -217,6 +217,8 @@ def test_classified_sends_code_and_chit_chat_to_different_backends(client):
     chat, chat_headers = ask(client, "bytask", "Good morning! How was your weekend?")
     assert code.system_fingerprint == "beta" and chat.system_fingerprint == "alpha"
     assert served_by(code_headers) == "beta" and code_headers["x-signalbox-reason"] == "classified:code/moderate"
+    assert code_headers["x-signalbox-class"].startswith("class=code/moderate; task=code; complexity=moderate; tier=")
+    assert "confidence=0." in code_headers["x-signalbox-class"]
     assert served_by(chat_headers) == "alpha" and chat_headers["x-signalbox-reason"].startswith("classified:chat")
 
 

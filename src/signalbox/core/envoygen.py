@@ -303,6 +303,7 @@ def _response_headers() -> list[dict[str, Any]]:
         header("x-signalbox-model", f"%UPSTREAM_METADATA({METADATA_NS}:model)%"),
         header("x-signalbox-policy", f"%DYNAMIC_METADATA({METADATA_NS}:policy)%"),
         header("x-signalbox-reason", f"%DYNAMIC_METADATA({METADATA_NS}:reason)%"),
+        header("x-signalbox-class", f"%DYNAMIC_METADATA({METADATA_NS}:class)%"),
         # Echoed back in POST /v1/feedback to teach adaptive routing (see README).
         header("x-signalbox-decision", f"%DYNAMIC_METADATA({METADATA_NS}:decision)%"),
     ]
