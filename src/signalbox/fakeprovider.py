@@ -20,6 +20,7 @@ import json
 import sys
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ class Behaviour:
 class FakeProvider:
     def __init__(self, ident: str, record: int = 2000):
         self.ident = ident
+        self.url = ""
         self.behaviour = Behaviour()
         self.requests: deque[dict[str, Any]] = deque(maxlen=record)
         self.count = 0
@@ -85,7 +87,8 @@ class FakeProvider:
         }
         return web.json_response(body, status=status, headers={"x-fake-provider": self.ident})
 
-    async def handle_get(self, request: web.Request) -> web.Response:
+    async def _refusal(self, request: web.Request) -> web.Response | None:
+        """Steered delay, then the error this request should get (wrong key, steered status), if any."""
         status, delay = self._steer(request)
         if delay:
             await asyncio.sleep(delay / 1000)
@@ -93,6 +96,12 @@ class FakeProvider:
             return self._error(401, "missing or wrong API key")
         if status != 200:
             return self._error(status, f"steered to fail with {status}")
+        return None
+
+    async def handle_get(self, request: web.Request) -> web.Response:
+        refusal = await self._refusal(request)
+        if refusal is not None:
+            return refusal
         if request.path.endswith("/models"):
             return web.json_response(
                 {
@@ -118,13 +127,9 @@ class FakeProvider:
                 "stream": bool(body.get("stream")),
             }
         )
-        status, delay = self._steer(request)
-        if delay:
-            await asyncio.sleep(delay / 1000)
-        if not self._authorized(request):
-            return self._error(401, "missing or wrong API key")
-        if status != 200:
-            return self._error(status, f"steered to fail with {status}")
+        refusal = await self._refusal(request)
+        if refusal is not None:
+            return refusal
         model = body.get("model", "")
         if request.path.endswith("/embeddings"):
             return web.json_response(
@@ -181,6 +186,21 @@ class FakeProvider:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+@contextlib.asynccontextmanager
+async def serving(ident: str, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[FakeProvider]:
+    """A fake provider in the caller's event loop; `.url` is set to where it listens."""
+    fake = FakeProvider(ident)
+    runner = web.AppRunner(fake.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    fake.url = f"http://{host}:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        yield fake
+    finally:
+        await runner.cleanup()
 
 
 async def run(ident: str, host: str, port: int, ready: asyncio.Event | None = None) -> None:

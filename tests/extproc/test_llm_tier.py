@@ -5,14 +5,13 @@ import time
 
 import grpc
 import pytest
-from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from google.protobuf import json_format
 
 from signalbox.core.compiler import compile_config
 from signalbox.extproc.reload import TableHolder
 from signalbox.extproc.server import serve
-from signalbox.fakeprovider import FakeProvider
+from signalbox.fakeprovider import serving
 from tests.factories import backend, model, policy, provider
 
 from .test_grpc import CHAT, body_msg, exchange, headers_msg
@@ -22,14 +21,9 @@ UNRECOGNISED = "zebra umbrella orchestra"  # no rule fires, no built-in route is
 
 @pytest.fixture
 async def judge():
-    fake = FakeProvider("judge")
-    runner = web.AppRunner(fake.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-    yield fake
-    await runner.cleanup()
+    """A fake provider in this event loop."""
+    async with serving("judge") as fake:
+        yield fake
 
 
 @pytest.fixture

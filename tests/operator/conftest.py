@@ -17,9 +17,8 @@ from typing import Any
 import kmock
 import kopf
 import pytest
-from aiohttp import web
 
-from signalbox.fakeprovider import FakeProvider
+from signalbox.fakeprovider import serving
 from signalbox.operator.handlers import build_registry
 from signalbox.operator.kube import ClusterAPI, api_client
 from signalbox.operator.reconciler import CONFIG_KEY, OperatorConfig
@@ -200,13 +199,6 @@ async def start_operator(k8s: kmock.KubernetesEmulator) -> AsyncIterator[Callabl
 
 @pytest.fixture
 async def fake():
-    """A fake provider in this event loop (the operator probes it)."""
-    fake = FakeProvider("probed")
-    runner = web.AppRunner(fake.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    fake.url = f"http://127.0.0.1:{port}"
-    yield fake
-    await runner.cleanup()
+    """A fake provider in this event loop."""
+    async with serving("probed") as fake:
+        yield fake

@@ -211,25 +211,30 @@ def _backend_cluster(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
     return cluster
 
 
+def _extproc_filter(opts: GatewayOptions, **extra: Any) -> dict[str, Any]:
+    """The ext_proc filter both phases use: headers, then the buffered body; no response side."""
+    return _any(
+        "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        grpc_service=_grpc_service(opts.extproc_message_timeout_ms),
+        failure_mode_allow=opts.failure_mode == "open",
+        message_timeout=_ms(opts.extproc_message_timeout_ms),
+        processing_mode={
+            "request_header_mode": "SEND",
+            "response_header_mode": "SKIP",
+            "request_body_mode": "BUFFERED",
+            "response_body_mode": "NONE",
+        },
+        allow_mode_override=True,
+        mutation_rules={"allow_all_routing": True},
+        **extra,
+    )
+
+
 def _upstream_extproc(opts: GatewayOptions) -> dict[str, Any]:
     """Upstream-phase ext_proc: runs per attempt and learns the picked backend from metadata."""
     return {
         "name": "envoy.filters.http.ext_proc",
-        "typed_config": _any(
-            "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            grpc_service=_grpc_service(opts.extproc_message_timeout_ms),
-            failure_mode_allow=opts.failure_mode == "open",
-            message_timeout=_ms(opts.extproc_message_timeout_ms),
-            processing_mode={
-                "request_header_mode": "SEND",
-                "response_header_mode": "SKIP",
-                "request_body_mode": "BUFFERED",
-                "response_body_mode": "NONE",
-            },
-            allow_mode_override=True,
-            request_attributes=["xds.upstream_host_metadata"],
-            mutation_rules={"allow_all_routing": True},
-        ),
+        "typed_config": _extproc_filter(opts, request_attributes=["xds.upstream_host_metadata"]),
     }
 
 
@@ -418,23 +423,9 @@ def too_large_message(limit: int) -> str:
 
 
 def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
-    router_extproc = _any(
-        "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        grpc_service=_grpc_service(opts.extproc_message_timeout_ms),
-        failure_mode_allow=opts.failure_mode == "open",
-        message_timeout=_ms(opts.extproc_message_timeout_ms),
-        processing_mode={
-            "request_header_mode": "SEND",
-            "response_header_mode": "SKIP",
-            "request_body_mode": "BUFFERED",
-            "response_body_mode": "NONE",
-        },
-        allow_mode_override=True,
-        mutation_rules={"allow_all_routing": True},
-        # The decision's policy and reason travel as dynamic metadata, not request headers, so
-        # they reach the response headers without ever being sent to a provider.
-        metadata_options={"receiving_namespaces": {"untyped": [METADATA_NS]}},
-    )
+    # The decision's policy and reason travel as dynamic metadata, not request headers, so they
+    # reach the response headers without ever being sent to a provider.
+    router_extproc = _extproc_filter(opts, metadata_options={"receiving_namespaces": {"untyped": [METADATA_NS]}})
     hcm = _any(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="signalbox",
