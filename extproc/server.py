@@ -67,6 +67,21 @@ def upstream_backend_id(request: ep.ProcessingRequest) -> str | None:
     return None
 
 
+def learn_from_response(
+    state: SelectionState, outcome: decide.RouterOutcome, reply: ep.ProcessingRequest, started: float
+) -> None:
+    """The first choice failed over if another backend answered; a 5xx/429 means no one did."""
+    first = outcome.selection.choice.backend.id
+    served = upstream_backend_id(reply) or first
+    status = wire.header_map(reply.response_headers).get(":status", "")
+    latency = (time.monotonic() - started) * 1000
+    ok = status.startswith(("2", "4")) and status != "429"
+    policy, key = outcome.policy.name, outcome.classification.class_key
+    if served != first:
+        state.observe_outcome(policy, key, first, False, latency)
+    state.observe_outcome(policy, key, served, ok, latency)
+
+
 def client_address(headers: dict[str, str]) -> str:
     forwarded = headers.get("x-forwarded-for", "")
     return forwarded.split(",")[-1].strip() if forwarded else headers.get("x-envoy-external-address", "")
@@ -149,6 +164,16 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                         "class": decide.class_header(outcome.classification),
                     },
                 )
+                if policy.learning:
+                    # Wait for the response: status and the backend that answered are outcomes.
+                    started = time.monotonic()
+                    yield response
+                    async for reply in rest:
+                        if reply.WhichOneof("request") == "response_headers":
+                            learn_from_response(state, outcome, reply, started)
+                            yield wire.response_headers_response()
+                            return
+                    return
                 if policy.strategy not in STREAM_LIFETIME_STRATEGIES:
                     # Nothing more to do for this request: end the RPC now rather than hold it
                     # (and have Envoy reset it) for the whole upstream exchange.

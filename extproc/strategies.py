@@ -36,6 +36,8 @@ class SelectionState:
     in_flight: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     # (policy name, class key, backend id) -> [observations, sum of quality scores]
     quality: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
+    # (policy name, class key, backend id) -> [answered, failed over, latency EWMA in ms]
+    outcomes: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
 
     def observe_latency(self, backend_id: str, ms: float, alpha: float, prior: float) -> None:
         old = self.latency_ms.get(backend_id, prior)
@@ -50,14 +52,26 @@ class SelectionState:
         entry[0] += 1
         entry[1] += score
 
+    def observe_outcome(self, policy: str, class_key: str, backend_id: str, ok: bool, latency_ms: float) -> None:
+        """Whether a backend answered a request of this class itself (no failover) and how fast."""
+        entry = self.outcomes.setdefault((policy, class_key, backend_id), [0.0, 0.0, latency_ms])
+        entry[0 if ok else 1] += 1
+        entry[2] += 0.3 * (latency_ms - entry[2])
+
+    def success_rate(self, policy: str, class_key: str, backend_id: str) -> float:
+        ok, failed, _ = self.outcomes.get((policy, class_key, backend_id), (0.0, 0.0, 0.0))
+        return (ok + 1) / (ok + failed + 1)  # Laplace: one assumed success before any outcome
+
     def expected_quality(self, policy: PolicyRuntime, class_key: str, choice: Choice) -> float:
-        """Declared quality, replaced by what was observed as observations accumulate."""
+        """Declared quality, replaced by what was observed as observations accumulate, times the
+        share of this class's requests the backend answered without failing over."""
         prior = choice.backend.quality
         if not policy.learning:
             return prior
         n, total = self.quality.get((policy.name, class_key, choice.backend.id), (0.0, 0.0))
         weight = policy.learning_prior_weight
-        return (prior * weight + total) / (weight + n) if weight + n else prior
+        quality = (prior * weight + total) / (weight + n) if weight + n else prior
+        return quality * self.success_rate(policy.name, class_key, choice.backend.id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -194,3 +194,27 @@ def test_feedback_teaches_routing_through_the_gateway(fakes, tmp_path):
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "decision"
     finally:
         gw.stop()
+
+
+def test_failed_over_first_choices_are_learned_from(fakes, tmp_path):
+    """A learning policy stops choosing first a backend whose requests for this class had to fail
+    over, within two requests, before Envoy's outlier detection (5 consecutive 5xx) would eject it."""
+    fakes["flaky2"].behave(status=500)
+    resources = dump(
+        provider("flaky", fakes["flaky2"].url + "/v1", [model("f", inputPricePer1M=0.1, outputPricePer1M=0.1)]),
+        provider("beta", fakes["beta"].url + "/v1", [model("b1", inputPricePer1M=1, outputPricePer1M=1)]),
+        policy(
+            "learn",
+            ["learn"],
+            [backend("flaky", "f"), backend("beta", "b1", priority=1)],
+            strategy="cost",
+            cost={"qualityTolerance": 0.05},
+            learning={"enabled": True, "explorationRate": 0.0},
+        ),
+    )
+    gw = start_gateway(tmp_path, resources, extproc_workers=1)
+    try:
+        assert served(gw, "learn", n=8) == {"beta": 8}  # no request lost, thanks to failover
+        assert 1 <= len(fakes["flaky2"].requests()) <= 2  # then beta is chosen first
+    finally:
+        gw.stop()

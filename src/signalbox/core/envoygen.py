@@ -211,8 +211,8 @@ def _backend_cluster(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
     return cluster
 
 
-def _extproc_filter(opts: GatewayOptions, **extra: Any) -> dict[str, Any]:
-    """The ext_proc filter both phases use: headers, then the buffered body; no response side."""
+def _extproc_filter(opts: GatewayOptions, response_headers: bool = False, **extra: Any) -> dict[str, Any]:
+    """The ext_proc filter both phases use: headers, then the buffered body."""
     return _any(
         "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         grpc_service=_grpc_service(opts.extproc_message_timeout_ms),
@@ -220,7 +220,7 @@ def _extproc_filter(opts: GatewayOptions, **extra: Any) -> dict[str, Any]:
         message_timeout=_ms(opts.extproc_message_timeout_ms),
         processing_mode={
             "request_header_mode": "SEND",
-            "response_header_mode": "SKIP",
+            "response_header_mode": "SEND" if response_headers else "SKIP",
             "request_body_mode": "BUFFERED",
             "response_body_mode": "NONE",
         },
@@ -425,7 +425,13 @@ def too_large_message(limit: int) -> str:
 def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
     # The decision's policy and reason travel as dynamic metadata, not request headers, so they
     # reach the response headers without ever being sent to a provider.
-    router_extproc = _extproc_filter(opts, metadata_options={"receiving_namespaces": {"untyped": [METADATA_NS]}})
+    # Response headers (status, and which backend answered) are sent to the router phase only
+    # when a policy learns from outcomes: a round trip per request that others do not pay for.
+    learns = any(p.learning for p in cfg.policies)
+    extra: dict[str, Any] = {"response_attributes": ["xds.upstream_host_metadata"]} if learns else {}
+    router_extproc = _extproc_filter(
+        opts, response_headers=learns, metadata_options={"receiving_namespaces": {"untyped": [METADATA_NS]}}, **extra
+    )
     hcm = _any(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="signalbox",
