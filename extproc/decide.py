@@ -64,7 +64,7 @@ def decision_token(policy: str, class_key: str, backend_id: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def apply_feedback(table: RuntimeTable, state: SelectionState, raw_body: bytes) -> bytes:
+def apply_feedback(table: RuntimeTable, state: SelectionState, raw_body: bytes) -> dict[str, Any]:
     """`POST /v1/feedback {"decision": <x-signalbox-decision>, "score": 0..1}` -> learning."""
     try:
         body = json.loads(raw_body)
@@ -80,7 +80,7 @@ def apply_feedback(table: RuntimeTable, state: SelectionState, raw_body: bytes) 
     if backend_id not in table.backends or not any(p.name == policy for p in table.policies):
         raise UnknownModel(f"decision names a policy or backend not in force ({policy}, {backend_id})")
     state.observe_quality(policy, class_key, backend_id, score)
-    return json.dumps({"recorded": True, "policy": policy, "class": class_key, "backend": backend_id}).encode()
+    return {"recorded": True, "policy": policy, "class": class_key, "backend": backend_id}
 
 
 def check_length(headers: dict[str, str], limit: int) -> None:

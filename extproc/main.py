@@ -18,9 +18,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from . import admin
+from .metrics import Metrics
 from .reload import TableHolder
 from .runtime import default_key_resolver
-from .server import serve
+from .server import Processor, serve
 
 log = logging.getLogger("signalbox.extproc")
 DRAIN_SECONDS = 10
@@ -41,7 +43,8 @@ async def health_only_server(address: str) -> grpc.aio.Server:
 
 
 async def serve_until_stopped(args: argparse.Namespace, background: tuple[Background, ...] = ()) -> int:
-    tables = TableHolder(resolve_key=default_key_resolver(args.secrets_dir))
+    metrics = Metrics()
+    tables = TableHolder(resolve_key=default_key_resolver(args.secrets_dir), metrics=metrics)
     if not tables.load_file(args.config):
         log.warning("starting with no routing config: every request gets 404 until %s is valid", args.config)
     if args.socket:
@@ -50,8 +53,14 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
         address = f"unix:{args.socket}"
     else:
         address = args.address
-    server, _ = await serve(tables, address, args.max_body_bytes)
+    processor = Processor(tables, max_body_bytes=args.max_body_bytes, metrics=metrics)
+    server, _ = await serve(tables, address, args.max_body_bytes, processor=processor)
     health_server = await health_only_server(args.health_address) if args.health_address else None
+    admin_runner = None
+    if getattr(args, "admin_address", None):
+        host, _, port = args.admin_address.rpartition(":")
+        admin_runner, bound = await admin.start(processor, host or "127.0.0.1", int(port))
+        log.info("admin API on http://%s:%s", host or "127.0.0.1", bound)
     log.info("ext_proc listening on %s", address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -64,6 +73,9 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     await server.stop(DRAIN_SECONDS)
     if health_server is not None:
         await health_server.stop(0)
+    if admin_runner is not None:
+        await admin_runner.cleanup()
+    await processor.llm.close()
     for task in tasks:
         task.cancel()
     return 0

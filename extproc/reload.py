@@ -17,15 +17,19 @@ from google.protobuf import json_format
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.errors import ConfigVersionError
 
+from .metrics import Metrics
 from .runtime import KeyResolver, RuntimeTable, default_key_resolver
 
 log = logging.getLogger("signalbox.extproc")
 
 
 class TableHolder:
-    def __init__(self, table: RuntimeTable | None = None, resolve_key: KeyResolver | None = None):
+    def __init__(
+        self, table: RuntimeTable | None = None, resolve_key: KeyResolver | None = None, metrics: Metrics | None = None
+    ):
         self.current = table or RuntimeTable.empty()
         self.resolve_key = resolve_key or default_key_resolver()
+        self.metrics = metrics
         self.reload_failures = 0
         self.changed = asyncio.Event()
 
@@ -33,6 +37,8 @@ class TableHolder:
         table = RuntimeTable.from_config(cfg, self.resolve_key)
         self.current = table
         self.changed.set()
+        if self.metrics is not None:
+            self.metrics.config_generation.set(table.generation)
         return table
 
     def load_file(self, path: str | Path) -> bool:
@@ -44,6 +50,8 @@ class TableHolder:
             table = self.install(cfg)
         except (OSError, json_format.ParseError, ConfigVersionError, KeyError, ValueError) as exc:
             self.reload_failures += 1
+            if self.metrics is not None:
+                self.metrics.config_reload_failures.inc()
             log.error("keeping routing config generation %s: cannot load %s: %s", self.current.generation, path, exc)
             return False
         log.info(

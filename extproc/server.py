@@ -7,6 +7,7 @@ for. Per-stream state is a local variable of `Process`; the table is read once p
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -23,7 +24,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from signalbox.core.errors import MalformedRequest, RequestError
 
 from . import decide, wire
+from .classify import Classification
 from .llm_tier import LlmClassifier
+from .metrics import Metrics
 from .reload import TableHolder
 from .strategies import SelectionState
 
@@ -88,11 +91,35 @@ def client_address(headers: dict[str, str]) -> str:
 
 
 class Processor(ep_grpc.ExternalProcessorServicer):
-    def __init__(self, tables: TableHolder, state: SelectionState | None = None, max_body_bytes: int = 8 * 1024 * 1024):
+    def __init__(
+        self,
+        tables: TableHolder,
+        state: SelectionState | None = None,
+        max_body_bytes: int = 8 * 1024 * 1024,
+        metrics: Metrics | None = None,
+    ):
         self.tables = tables
         self.state = state or SelectionState()
         self.max_body_bytes = max_body_bytes
         self.llm = LlmClassifier()
+        self.metrics = metrics or tables.metrics or Metrics()
+
+    async def reclassify(self, prepared: decide.Prepared) -> Classification | None:
+        """Tier 3, when the policy has one and the cheaper tiers were unsure."""
+        policy = prepared.policy
+        if not decide.needs_llm(prepared) or policy.llm is None:
+            return None
+        better = await self.llm.classify(policy.llm, prepared.features.text, prepared.classification.estimated_tokens)
+        if better is None:
+            self.metrics.llm_tier_failures.labels(policy.name).inc()
+        return better
+
+    def count(self, outcome: decide.RouterOutcome) -> None:
+        c, backend = outcome.classification, outcome.selection.choice.backend
+        self.metrics.requests.labels(
+            outcome.policy.name, backend.provider.name, backend.model, outcome.policy.strategy, c.tier, "routed"
+        ).inc()
+        self.metrics.classifications.labels(outcome.policy.name, c.tier, c.task_type, c.complexity).inc()
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context
@@ -130,7 +157,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 yield wire.headers_response()
                 async for request in rest:
                     if request.WhichOneof("request") == "request_body":
-                        yield wire.immediate(200, decide.apply_feedback(table, state, request.request_body.body))
+                        recorded = decide.apply_feedback(table, state, request.request_body.body)
+                        self.metrics.feedback.labels(recorded["policy"]).inc()
+                        yield wire.immediate(200, json.dumps(recorded).encode())
                         return
                 return
             decide.check_length(headers, self.max_body_bytes)
@@ -144,13 +173,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     table, path, headers, request.request_body.body, client_address(headers), self.max_body_bytes
                 )
                 policy = prepared.policy
-                better = None
-                if decide.needs_llm(prepared) and policy.llm is not None:
-                    better = await self.llm.classify(
-                        policy.llm, prepared.features.text, prepared.classification.estimated_tokens
-                    )
-                outcome = decide.finish(prepared, state, better)
-                policy = outcome.policy
+                decided = time.perf_counter()
+                outcome = decide.finish(prepared, state, await self.reclassify(prepared))
+                self.metrics.phase_seconds.labels("router").observe(time.perf_counter() - decided)
+                self.count(outcome)
                 response = wire.body_response(
                     outcome.set_headers,
                     body=outcome.body,
@@ -171,6 +197,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     async for reply in rest:
                         if reply.WhichOneof("request") == "response_headers":
                             learn_from_response(state, outcome, reply, started)
+                            self.metrics.request_duration.labels(
+                                outcome.selection.choice.backend.model, outcome.selection.choice.backend.provider.name
+                            ).observe(time.monotonic() - started)
                             yield wire.response_headers_response()
                             return
                     return
@@ -184,6 +213,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 started = time.monotonic()
                 yield response
         except RequestError as err:
+            self.metrics.requests.labels(
+                policy.name if policy else "none", "none", "none", "none", "none", err.code
+            ).inc()
             yield wire.immediate_error(err, policy.name if policy else "")
         finally:
             # The stream lives as long as the HTTP request: its end is the request's end.
@@ -211,6 +243,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             )
             return
         response = wire.headers_response(outcome.set_headers, outcome.remove_headers)
+        if outcome.rewrite_body:  # the body names another backend's model: a failover attempt
+            self.metrics.failovers.labels(outcome.backend.provider.name, outcome.backend.model).inc()
         if not outcome.rewrite_body:
             response.mode_override.CopyFrom(_SKIP_BODY.mode_override)
             yield response
@@ -228,7 +262,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
 
 
 async def serve(
-    tables: TableHolder, address: str, max_body_bytes: int, state: SelectionState | None = None
+    tables: TableHolder,
+    address: str,
+    max_body_bytes: int,
+    state: SelectionState | None = None,
+    processor: Processor | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the servicer (and the gRPC health service) on `address` ("unix:/path" or "host:port")."""
     server = grpc.aio.server(
@@ -237,7 +275,8 @@ async def serve(
             ("grpc.max_send_message_length", max_body_bytes + 1024 * 1024),
         ]
     )
-    ep_grpc.add_ExternalProcessorServicer_to_server(Processor(tables, state, max_body_bytes), server)
+    processor = processor or Processor(tables, state, max_body_bytes)
+    ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

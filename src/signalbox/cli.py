@@ -76,7 +76,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         f'-d \'{{"model":"{sorted({a for p in cfg.policies for a in p.aliases})[0]}",'
         f'"messages":[{{"role":"user","content":"hello"}}]}}\''
     )
-    print(f"  envoy admin: http://127.0.0.1:{gateway.admin_port}  work dir: {gateway.workdir}")
+    print(
+        f"  admin API: {gateway.admin_url} (/metrics, /v1/models, /v1/route)  envoy admin: "
+        f"http://127.0.0.1:{gateway.admin_port}  work dir: {gateway.workdir}"
+    )
     print("  watching the input files; Ctrl-C stops", flush=True)
     stop = {"now": False}
 
@@ -277,6 +280,7 @@ def _extproc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--secrets-dir", help="Secrets mounted as <dir>/<namespace>/<name>/<key>")
     parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     parser.add_argument("--health-address", help="host:port for a gRPC health service only (kubelet probes)")
+    parser.add_argument("--admin-address", help="host:port of the admin HTTP API (/metrics, /v1/route, ...)")
     parser.add_argument("--log-level", default="info")
 
 

@@ -69,6 +69,9 @@ class LocalGateway:
     envoy_concurrency: int = 2
     # ext_proc worker processes (0: one per core).
     extproc_workers: int = 0
+    # Admin HTTP API of ext_proc worker 0 (0: a free port). Each worker keeps its own learning
+    # state and metrics; the API shows worker 0's.
+    admin_api_port: int = 0
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     generation: int = 0
     config: pb.RoutingConfig | None = None
@@ -81,6 +84,7 @@ class LocalGateway:
         (self.workdir / "config").mkdir(parents=True, exist_ok=True)
         self.admin_port = self.admin_port or free_port()
         self.port = self.port or free_port()
+        self.admin_api_port = self.admin_api_port or free_port()
         self.options = envoygen.GatewayOptions(
             listen_port=self.port,
             admin_port=self.admin_port,
@@ -99,6 +103,10 @@ class LocalGateway:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_api_port}"
 
     def compile(self) -> CompileResult:
         return compile_files(self.paths, self.generation + 1)
@@ -145,6 +153,8 @@ class LocalGateway:
             name = f"extproc-{n}"
             argv = [sys.executable, "-m", "signalbox.cli", "extproc", "--config", str(self.config_file)]
             argv += ["--socket", socket_path, "--max-body-bytes", str(self.max_body_bytes)]
+            if n == 0:
+                argv += ["--admin-address", f"127.0.0.1:{self.admin_api_port}"]
             self._spawn(name, [*argv, "--log-level", self.log_level])
         for n, socket_path in enumerate(self.options.extproc_sockets):
             self._wait(lambda p=socket_path: Path(p).exists(), f"extproc-{n}", timeout)

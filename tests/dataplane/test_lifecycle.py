@@ -218,3 +218,42 @@ def test_failed_over_first_choices_are_learned_from(fakes, tmp_path):
         assert 1 <= len(fakes["flaky2"].requests()) <= 2  # then beta is chosen first
     finally:
         gw.stop()
+
+
+def test_admin_api_explains_what_the_live_request_did_and_counts_it(fakes, tmp_path):
+    resources = dump(
+        provider("alpha", fakes["alpha"].url + "/v1", [model("a1", quality=0.5, capabilities=["streaming"])]),
+        provider("beta", fakes["beta"].url + "/v1", [model("b1", quality=0.9, capabilities=["streaming", "tools"])]),
+        policy("smart", ["smart"], [backend("alpha", "a1"), backend("beta", "b1")], strategy="cost"),
+    )
+    gw = start_gateway(tmp_path, resources, extproc_workers=1)
+    try:
+        request = {"model": "smart", "messages": [{"role": "user", "content": "Prove that sqrt(2) is irrational"}]}
+        explained = httpx.post(f"{gw.admin_url}/v1/route", json=request).json()
+        with openai.OpenAI(base_url=gw.url, api_key="x", max_retries=0) as client:
+            live = client.chat.completions.with_raw_response.create(**request)
+        assert live.headers["x-signalbox-provider"] == explained["provider"] == "beta"
+        assert live.headers["x-signalbox-reason"] == explained["reason"]
+        assert explained["classification"]["complexity"] == "expert"
+        assert {c["backend"]: c["kept"] for c in explained["candidates"]} == {
+            "default/alpha/a1": True,
+            "default/beta/b1": True,
+        }
+
+        tools = {**request, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}
+        dropped = httpx.post(f"{gw.admin_url}/v1/route", json=tools).json()["candidates"]
+        assert {"backend": "default/alpha/a1", "kept": False, "reason": "lacks tools"} in dropped
+
+        models = httpx.get(f"{gw.admin_url}/v1/models").json()["data"]
+        assert models[0]["backends"][1]["quality"] == 0.9 and models[0]["backends"][1]["healthy"] is True
+        httpx.post(f"{gw.url}/chat/completions", json={"model": "nope"})
+        metrics = httpx.get(f"{gw.admin_url}/metrics").text
+        assert (
+            'signalbox_requests_total{model="b1",outcome="routed",policy="smart",provider="beta",'
+            'strategy="cost",tier="default"} 1.0'
+        ) in metrics
+        assert 'outcome="model_not_found"' in metrics
+        assert "signalbox_config_generation 1.0" in metrics
+        assert httpx.get(f"{gw.admin_url}/healthz").json() == {"status": "ok", "generation": 1}
+    finally:
+        gw.stop()

@@ -1,0 +1,151 @@
+"""The ext_proc's admin HTTP API (aiohttp), on its own port beside the gRPC server.
+
+GET  /healthz           liveness and the config generation in force
+GET  /metrics           Prometheus metrics
+GET  /v1/models         aliases, their policies and backends (price, quality, health)
+POST /v1/classify       what the classification tiers make of an OpenAI request body
+POST /v1/route          dry run: the decision for a request body and why (candidates kept or
+                        dropped, tier, class) without changing any routing state
+POST /v1/feedback       {"decision": <x-signalbox-decision>, "score": 0..1}: teaches learning
+
+It shares the servicer's table and learning state: what /v1/route explains is what the next
+live request would get (strategies that keep rotating state are explained on a copy).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from aiohttp import web
+
+from signalbox.core.errors import RequestError
+
+from . import decide
+from .classify import Classification
+from .metrics import CONTENT_TYPE
+from .server import Processor
+
+
+def _classification(c: Classification) -> dict[str, Any]:
+    return {
+        "class": c.class_key,
+        "task_type": c.task_type,
+        "complexity": c.complexity,
+        "tier": c.tier,
+        "confidence": round(c.confidence, 4),
+        "reason": c.reason,
+        "estimated_tokens": c.estimated_tokens,
+    }
+
+
+def _error(err: RequestError) -> web.Response:
+    return web.Response(status=err.status, body=err.body(), content_type="application/json")
+
+
+def build_app(processor: Processor) -> web.Application:
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "generation": processor.tables.current.generation})
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=processor.metrics.exposition(), headers={"content-type": CONTENT_TYPE})
+
+    async def models(request: web.Request) -> web.Response:
+        table = processor.tables.current
+        data = []
+        for alias in table.aliases:
+            for policy in table.by_alias[alias]:
+                healthy = {c.backend.id for c in policy.choices}
+                data.append(
+                    {
+                        "id": alias,
+                        "object": "model",
+                        "owned_by": "signalbox",
+                        "policy": policy.name,
+                        "strategy": policy.strategy,
+                        "backends": [
+                            {
+                                "backend": b.id,
+                                "provider": b.provider.name,
+                                "model": b.model,
+                                "upstream_model": b.upstream_model,
+                                "input_price_per_1m": b.input_price,
+                                "output_price_per_1m": b.output_price,
+                                "quality": b.quality,
+                                "context_window": b.context_window,
+                                "capabilities": sorted(b.capabilities),
+                                "healthy": b.id in healthy,
+                            }
+                            for b in policy.all_backends
+                        ],
+                    }
+                )
+        return web.json_response({"object": "list", "generation": table.generation, "data": data})
+
+    async def prepared(request: web.Request) -> decide.Prepared:
+        raw = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        return decide.prepare(
+            processor.tables.current, "/v1/chat/completions", headers, raw, max_body_bytes=processor.max_body_bytes
+        )
+
+    async def classify(request: web.Request) -> web.Response:
+        try:
+            p = await prepared(request)
+        except RequestError as err:
+            return _error(err)
+        result = await processor.reclassify(p) or p.classification
+        return web.json_response({"policy": p.policy.name, "classification": _classification(result)})
+
+    async def route(request: web.Request) -> web.Response:
+        try:
+            p = await prepared(request)
+            better = await processor.reclassify(p)
+            # A copy: explaining must not advance round-robin positions or weights.
+            outcome = decide.finish(p, copy.deepcopy(processor.state), better, explain=True)
+        except RequestError as err:
+            return _error(err)
+        choice = outcome.selection.choice
+        return web.json_response(
+            {
+                "policy": outcome.policy.name,
+                "strategy": outcome.policy.strategy,
+                "classification": _classification(outcome.classification),
+                "backend": choice.backend.id,
+                "provider": choice.backend.provider.name,
+                "model": choice.backend.model,
+                "upstream_model": choice.backend.upstream_model,
+                "target": choice.target,
+                "reason": outcome.selection.reason,
+                "candidates": [
+                    {"backend": b, "kept": kept, "reason": why} for b, kept, why in outcome.selection.candidates
+                ],
+                "config_generation": processor.tables.current.generation,
+            }
+        )
+
+    async def feedback(request: web.Request) -> web.Response:
+        try:
+            recorded = decide.apply_feedback(processor.tables.current, processor.state, await request.read())
+        except RequestError as err:
+            return _error(err)
+        processor.metrics.feedback.labels(recorded["policy"]).inc()
+        return web.Response(text=json.dumps(recorded), content_type="application/json")
+
+    app = web.Application(client_max_size=processor.max_body_bytes + 1024)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/classify", classify)
+    app.router.add_post("/v1/route", route)
+    app.router.add_post("/v1/feedback", feedback)
+    return app
+
+
+async def start(processor: Processor, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(build_app(processor), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

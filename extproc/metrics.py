@@ -1,0 +1,69 @@
+"""Prometheus metrics of the ext_proc, on a registry of its own (one per server instance).
+
+Names follow the OpenTelemetry GenAI conventions where one exists (`gen_ai_*`), Signalbox's own
+otherwise (`signalbox_*`). Labels are low-cardinality by design: policy, provider, model,
+strategy, tier, task type, complexity, outcome codes — never prompts, users or request ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "signalbox_requests",
+            "Requests decided by the router phase, by outcome (routed, or the error code).",
+            ["policy", "provider", "model", "strategy", "tier", "outcome"],
+            registry=r,
+        )
+        self.classifications = Counter(
+            "signalbox_classifications",
+            "Request classifications, by the tier that decided.",
+            ["policy", "tier", "task_type", "complexity"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "signalbox_failover_attempts",
+            "Upstream attempts on a backend other than the first choice.",
+            ["provider", "model"],
+            registry=r,
+        )
+        self.feedback = Counter("signalbox_feedback", "Quality feedback received.", ["policy"], registry=r)
+        self.config_generation = Gauge("signalbox_config_generation", "Routing config generation in force.", registry=r)
+        self.config_reload_failures = Counter(
+            "signalbox_config_reload_failures",
+            "Routing configs that could not be loaded (the last good one stayed).",
+            registry=r,
+        )
+        self.phase_seconds = Histogram(
+            "signalbox_extproc_phase_duration_seconds",
+            "Time the ext_proc spends deciding, by phase.",
+            ["phase"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.llm_tier_failures = Counter(
+            "signalbox_llm_classifier_fallbacks",
+            "LLM-tier calls that timed out or failed (earlier tiers decided).",
+            ["policy"],
+            registry=r,
+        )
+        # GenAI semantic conventions: request duration as the gateway saw it (router phase, for
+        # policies that observe responses).
+        self.request_duration = Histogram(
+            "gen_ai_server_request_duration_seconds",
+            "Duration of a routed request until response headers.",
+            ["gen_ai_request_model", "gen_ai_system"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
