@@ -146,6 +146,7 @@ def test_gateway_pod_runs_envoy_and_extproc_sharing_the_socket_volume(case):
     assert run["emptyDir"]["medium"] == "Memory"  # keys and socket never touch disk
     assert containers["envoy"]["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert containers["extproc"]["readinessProbe"]["grpc"]["port"] == 8082
+    assert "--admin-address=0.0.0.0:8083" in containers["extproc"]["args"]
     assert containers["envoy"]["lifecycle"]["preStop"]["exec"]["command"][:2] == ["signalbox", "envoy-drain"]
     configmap = values.get("routingConfigMap", "signalbox-routing")
     assert f"--configmap={namespace}/{configmap}" in containers["extproc"]["args"]
