@@ -64,14 +64,22 @@ def decision_token(policy: str, class_key: str, backend_id: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def read_decision(token: str) -> tuple[str, str, str]:
+    """(policy, class key, backend id) from an x-signalbox-decision token; ValueError if garbled."""
+    try:
+        policy, class_key, backend_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise ValueError(f"not a decision token: {exc}") from None
+    return str(policy), str(class_key), str(backend_id)
+
+
 def apply_feedback(table: RuntimeTable, state: SelectionState, raw_body: bytes) -> dict[str, Any]:
     """`POST /v1/feedback {"decision": <x-signalbox-decision>, "score": 0..1}` -> learning."""
     try:
         body = json.loads(raw_body)
-        token, score = body["decision"], float(body["score"])
-        padded = token + "=" * (-len(token) % 4)
-        policy, class_key, backend_id = json.loads(base64.urlsafe_b64decode(padded))
-    except (ValueError, KeyError, TypeError, binascii.Error):
+        score = float(body["score"])
+        policy, class_key, backend_id = read_decision(body["decision"])
+    except (ValueError, KeyError, TypeError):
         raise MalformedRequest(
             'feedback needs {"decision": <x-signalbox-decision header>, "score": <0..1>}', param="decision"
         ) from None
@@ -172,6 +180,10 @@ def finish(
     selection = select(prepared.policy, RequestContext(prepared.features, cls, prepared.hash_key), state, explain)
     backend = selection.choice.backend
     body = {**prepared.body, "model": backend.upstream_model}
+    if body.get("stream") is True:
+        # Usage is how spend is counted: ask for it in streams too (clients ignore the extra chunk).
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     new_body = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
     return RouterOutcome(
         policy=prepared.policy,

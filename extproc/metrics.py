@@ -65,5 +65,19 @@ class Metrics:
             registry=r,
         )
 
+        # GenAI semantic conventions: gen_ai.client.token.usage, by gen_ai.token.type.
+        self.tokens = Counter(
+            "gen_ai_client_token_usage",
+            "Tokens used, as reported by providers.",
+            ["gen_ai_token_type", "gen_ai_request_model", "gen_ai_system", "policy"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "signalbox_cost_usd",
+            "Spend in USD, from reported usage and the model's prices.",
+            ["policy", "provider", "model"],
+            registry=r,
+        )
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

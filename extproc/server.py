@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from signalbox.core.errors import MalformedRequest, RequestError
 
-from . import decide, wire
+from . import accounting, decide, wire
 from .classify import Classification
 from .llm_tier import LlmClassifier
 from .metrics import Metrics
@@ -103,6 +103,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.max_body_bytes = max_body_bytes
         self.llm = LlmClassifier()
         self.metrics = metrics or tables.metrics or Metrics()
+        self.ledger = accounting.Ledger()
 
     async def reclassify(self, prepared: decide.Prepared) -> Classification | None:
         """Tier 3, when the policy has one and the cheaper tiers were unsure."""
@@ -128,6 +129,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         async for request in request_iterator:
             if first:
                 first = False
+                if request.observability_mode:
+                    await self._account(request, request_iterator)
+                    return
                 backend_id = upstream_backend_id(request)
                 phase = (
                     self._router(request, request_iterator)
@@ -137,6 +141,36 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 async for response in phase:
                     yield response
                 return
+
+    async def _account(self, request: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest]) -> None:
+        """Accounting phase (observability mode: Envoy does not wait, nothing is answered)."""
+        if request.WhichOneof("request") != "response_headers":
+            return
+        table = self.tables.current
+        fields = request.metadata_context.filter_metadata["signalbox"].fields
+        decision = fields["decision"].string_value if "decision" in fields else ""
+        if not decision:
+            return  # not a routed request (an immediate error, /v1/models, ...)
+        policy, _, first = decide.read_decision(decision)
+        backend = table.backends.get(upstream_backend_id(request) or first)
+        if backend is None:
+            return
+        content_type = wire.header_map(request.response_headers).get("content-type", "")
+        reader = accounting.UsageReader(streaming="text/event-stream" in content_type)
+        async for message in rest:
+            if message.WhichOneof("request") == "response_body":
+                reader.feed(message.response_body.body)
+                if message.response_body.end_of_stream:
+                    break
+        usage = reader.finish()
+        if usage is None:
+            return
+        cost = accounting.cost_usd(usage, backend.input_price, backend.output_price)
+        labels = (backend.model, backend.provider.name, policy)
+        self.metrics.tokens.labels("input", *labels).inc(usage.prompt_tokens)
+        self.metrics.tokens.labels("output", *labels).inc(usage.completion_tokens)
+        self.metrics.cost.labels(policy, backend.provider.name, backend.model).inc(cost)
+        self.ledger.add(policy, cost)
 
     async def _router(self, request: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest]):
         table = self.tables.current

@@ -125,6 +125,7 @@ class FakeProvider:
                 "headers": dict(request.headers),
                 "model": body.get("model"),
                 "stream": bool(body.get("stream")),
+                "stream_options": body.get("stream_options"),
             }
         )
         refusal = await self._refusal(request)

@@ -257,3 +257,43 @@ def test_admin_api_explains_what_the_live_request_did_and_counts_it(fakes, tmp_p
         assert httpx.get(f"{gw.admin_url}/healthz").json() == {"status": "ok", "generation": 1}
     finally:
         gw.stop()
+
+
+def test_tokens_and_cost_are_counted_for_plain_and_streamed_responses(fakes, tmp_path):
+    resources = dump(
+        provider("alpha", fakes["alpha"].url + "/v1", [model("a1", inputPricePer1M=2.0, outputPricePer1M=8.0)]),
+        policy("paid", ["paid"], [backend("alpha", "a1")]),
+    )
+    gw = start_gateway(tmp_path, resources, extproc_workers=1)
+    try:
+        with openai.OpenAI(base_url=gw.url, api_key="x", max_retries=0) as client:
+            client.chat.completions.create(model="paid", messages=[{"role": "user", "content": "hi"}])
+            chunks = list(
+                client.chat.completions.create(
+                    model="paid",
+                    messages=[{"role": "user", "content": "hi"}],
+                    stream=True,
+                    extra_headers={"x-fake-chunks": "5"},
+                )
+            )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == "".join(f"chunk{i} " for i in range(5))  # the stream is intact
+        asked = fakes["alpha"].requests()[-1]
+        assert asked["stream"] and asked["stream_options"] == {"include_usage": True}  # the client did not ask
+
+        def metric(name, **labels):
+            wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+            for line in httpx.get(f"{gw.admin_url}/metrics").text.splitlines():
+                if line.startswith(f"{name}{{{wanted}}}"):
+                    return float(line.rsplit(" ", 1)[1])
+            return None
+
+        common = {"gen_ai_request_model": "a1", "gen_ai_system": "alpha", "policy": "paid"}
+        # The fake reports 10 prompt tokens, and 7 completion tokens (plain) or 5 (one per chunk, streamed).
+        assert wait_for(lambda: metric("gen_ai_client_token_usage_total", gen_ai_token_type="input", **common) == 20)
+        assert metric("gen_ai_client_token_usage_total", gen_ai_token_type="output", **common) == 12
+        expected = (20 * 2.0 + 12 * 8.0) / 1e6
+        spent = metric("signalbox_cost_usd_total", model="a1", policy="paid", provider="alpha")
+        assert abs(spent - expected) < 1e-12
+    finally:
+        gw.stop()

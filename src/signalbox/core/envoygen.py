@@ -432,6 +432,22 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
     router_extproc = _extproc_filter(
         opts, response_headers=learns, metadata_options={"receiving_namespaces": {"untyped": [METADATA_NS]}}, **extra
     )
+    # Accounting: a second ext_proc in observability mode sees the response (headers and body,
+    # streamed) without Envoy waiting for it, so usage and cost are counted at no latency.
+    accounting = _any(
+        "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        grpc_service=_grpc_service(opts.extproc_message_timeout_ms),
+        failure_mode_allow=True,
+        observability_mode=True,
+        processing_mode={
+            "request_header_mode": "SKIP",
+            "response_header_mode": "SEND",
+            "request_body_mode": "NONE",
+            "response_body_mode": "STREAMED",
+        },
+        response_attributes=["xds.upstream_host_metadata"],
+        metadata_options={"forwarding_namespaces": {"untyped": [METADATA_NS]}},
+    )
     hcm = _any(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="signalbox",
@@ -443,6 +459,7 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
         },
         http_filters=[
             {"name": "envoy.filters.http.ext_proc", "typed_config": router_extproc},
+            {"name": "signalbox.accounting", "typed_config": accounting},
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
