@@ -149,11 +149,12 @@ def _ms(value: str) -> float:
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def lua(path: Path, delay_ms: int) -> Path:
+def lua(path: Path, delay_ms: int, stream: bool = False) -> Path:
     """A wrk script posting BODY; delay_ms asks the fake upstream to wait before answering."""
     extra = f'wrk.headers["x-fake-delay-ms"] = "{delay_ms}"\n' if delay_ms else ""
+    body = json.dumps({**json.loads(BODY), "stream": True}) if stream else BODY
     path.write_text(
-        f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n{extra}wrk.body = [[{BODY}]]\n'
+        f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n{extra}wrk.body = [[{body}]]\n'
     )
     return path
 
@@ -176,9 +177,10 @@ def wrk(url: str, seconds: int, connections: int, script: Path) -> dict[str, flo
     }
 
 
-def summarize(runs: dict[str, list[dict[str, float]]]) -> dict[str, float]:
-    def median(target: str, key: str) -> float:
-        return statistics.median(r[key] for r in runs[target])
+def summarize(runs: dict[str, list[dict[str, float]]], target: str = "signalbox") -> dict[str, float]:
+    def median(name: str, key: str) -> float:
+        """`signalbox` means the gateway being summarized (`target`)."""
+        return statistics.median(r[key] for r in runs[target if name == "signalbox" else name])
 
     return {
         "throughput_ratio": round(median("signalbox", "rps") / median("plain", "rps"), 3),
@@ -210,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         print("make bench needs wrk: apt-get install wrk", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="signalbox-bench-"))
-    scenarios = {"zero_latency_upstream": lua(workdir / "post.lua", 0)}
+    scenarios = {
+        "zero_latency_upstream": lua(workdir / "post.lua", 0),
+        # Streamed answers (5 SSE chunks): the accounting phase reads every chunk.
+        "zero_latency_streamed": lua(workdir / "stream.lua", 0, stream=True),
+    }
     if args.llm_delay_ms:
         scenarios[f"upstream_{args.llm_delay_ms}ms"] = lua(workdir / "post-delay.lua", args.llm_delay_ms)
     fake, upstream = start_fake()
@@ -226,20 +232,29 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     plain, plain_port = plain_envoy(upstream, workdir, args.concurrency)
-    gateway = LocalGateway(
-        paths=[str(resources)],
-        port=0,
-        workdir=workdir / "gw",
-        start_fakes=False,
-        envoy_concurrency=args.concurrency,
-        extproc_workers=args.workers,
-    )
-    gateway.start()
-    targets = {"plain": f"http://127.0.0.1:{plain_port}", "signalbox": gateway.url.removesuffix("/v1")}
+    gateways = {
+        name: LocalGateway(
+            paths=[str(resources)],
+            port=0,
+            workdir=workdir / name,
+            start_fakes=False,
+            envoy_concurrency=args.concurrency,
+            extproc_workers=args.workers,
+            accounting=name == "signalbox_accounting",
+        )
+        for name in ("signalbox", "signalbox_accounting")
+    }
+    for gw in gateways.values():
+        gw.start()
+    gateway = gateways["signalbox"]
+    targets = {
+        "plain": f"http://127.0.0.1:{plain_port}",
+        **{name: gw.url.removesuffix("/v1") for name, gw in gateways.items()},
+    }
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     try:
         for scenario, script in scenarios.items():
-            runs: dict[str, list[dict[str, float]]] = {"plain": [], "signalbox": []}
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
             for url in targets.values():
                 wrk(url + "/v1/chat/completions", 2, args.connections, script)  # warm-up
             for n in range(args.rounds):
@@ -249,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{scenario} round {n + 1} {target:9s} {result}", flush=True)
             results[scenario] = runs
     finally:
-        gateway.stop()
+        for gw in gateways.values():
+            gw.stop()
         plain.terminate()
         fake.terminate()
 
@@ -257,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         **headline,
         "scenarios": {name: summarize(runs) for name, runs in results.items()},
+        "scenarios_with_accounting": {name: summarize(runs, "signalbox_accounting") for name, runs in results.items()},
         "setup": {
             "connections": args.connections,
             "seconds_per_round": args.seconds,
@@ -264,14 +281,17 @@ def main(argv: list[str] | None = None) -> int:
             "envoy_concurrency": args.concurrency,
             "extproc_workers": len(gateway.options.extproc_sockets),
             "cores": os.cpu_count(),
-            "strategy": "weighted 3:1, default classification rules, upstream phase per attempt",
+            "strategy": "weighted 3:1, default classification tiers, upstream phase per attempt; "
+            "'signalbox' without and 'signalbox_accounting' with the accounting ext_proc",
             "upstream": "signalbox fake-provider (aiohttp), one process, shared by both",
         },
         "runs": results,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["scenarios"], indent=2))
+    print(
+        json.dumps({"routing": report["scenarios"], "with_accounting": report["scenarios_with_accounting"]}, indent=2)
+    )
     return 0
 
 

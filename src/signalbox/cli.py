@@ -291,6 +291,7 @@ def _pod_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--configmap", default="signalbox-system/signalbox-routing", help="NAMESPACE/NAME")
     parser.add_argument("--workdir", default=pod.WORKDIR, help="directory shared with Envoy")
     parser.add_argument("--failure-mode", choices=["closed", "open"], default="closed")
+    parser.add_argument("--no-accounting", action="store_true", help="do not count tokens and cost (faster)")
     parser.add_argument("--server", help="Kubernetes API URL (default: in-cluster config)")
     parser.add_argument("--listen-port", type=int, default=pod.LISTEN_PORT, help=argparse.SUPPRESS)
     parser.add_argument("--health-port", type=int, default=pod.HEALTH_PORT, help=argparse.SUPPRESS)
@@ -318,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="when the ext_proc is unreachable: closed answers 503 (default), open forwards",
     )
     up.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    up.add_argument("--no-accounting", action="store_true", help="do not count tokens and cost (faster)")
     up.set_defaults(func=cmd_up)
 
     val = sub.add_parser("validate", help="compile resources and print every problem")

@@ -69,6 +69,7 @@ class LocalGateway:
     envoy_concurrency: int = 2
     # ext_proc worker processes (0: one per core).
     extproc_workers: int = 0
+    accounting: bool = True
     # Admin HTTP API of ext_proc worker 0 (0: a free port). Each worker keeps its own learning
     # state and metrics; the API shows worker 0's.
     admin_api_port: int = 0
@@ -93,6 +94,7 @@ class LocalGateway:
             ),
             failure_mode=self.failure_mode,  # type: ignore[arg-type]
             max_body_bytes=self.max_body_bytes,
+            accounting=self.accounting,
         )
 
     @property

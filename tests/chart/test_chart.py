@@ -38,7 +38,7 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
         {
             "image": {"registry": "registry.internal:5000", "repository": "platform/signalbox", "tag": "0.1.0-rc1"},
             "operator": {"watchNamespaces": ["team-a", "team-b"], "secretNames": ["openai-key"]},
-            "gateway": {"failureMode": "open", "service": {"type": "LoadBalancer", "port": 8080}},
+            "gateway": {"failureMode": "open", "accounting": False, "service": {"type": "LoadBalancer", "port": 8080}},
             "routingConfigMap": "llm-routing",
         },
     ),
@@ -152,6 +152,9 @@ def test_gateway_pod_runs_envoy_and_extproc_sharing_the_socket_volume(case):
     assert f"--configmap={namespace}/{configmap}" in containers["extproc"]["args"]
     failure_mode = values.get("gateway", {}).get("failureMode", "closed")
     assert f"--failure-mode={failure_mode}" in containers["extproc"]["args"]
+    accounting = values.get("gateway", {}).get("accounting", True)
+    assert ("--no-accounting" in containers["extproc"]["args"]) == (not accounting)
+    assert ("--no-accounting" in gateway["initContainers"][0]["args"]) == (not accounting)
 
 
 def test_image_and_namespace_come_from_values(case):

@@ -86,3 +86,16 @@ def test_bootstrap_watches_files_and_uses_unix_socket_for_extproc():
         {"pipe": {"path": "/run/sb-0.sock"}},
         {"pipe": {"path": "/run/sb-1.sock"}},
     ]
+
+
+def test_accounting_filter_observes_responses_only_when_on():
+    def filters(opts):
+        hcm = envoygen.listener(config(), opts)["filter_chains"][0]["filters"][0]["typed_config"]
+        return {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
+
+    on = filters(envoygen.GatewayOptions())
+    accounting = on["signalbox.accounting"]
+    assert accounting["observability_mode"] is True  # Envoy does not wait for it
+    assert accounting["processing_mode"]["response_body_mode"] == "STREAMED"
+    assert accounting["metadata_options"] == {"forwarding_namespaces": {"untyped": ["signalbox"]}}
+    assert "signalbox.accounting" not in filters(envoygen.GatewayOptions(accounting=False))
