@@ -32,7 +32,15 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
             "podDisruptionBudget": {"enabled": True, "minAvailable": 2},
         },
     ),
-    "metrics": ("signalbox-system", {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}}),
+    "metrics": (
+        "signalbox-system",
+        {
+            "metrics": {
+                "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                "grafanaDashboard": {"enabled": True},
+            }
+        },
+    ),
     "custom": (
         "llm-gateway",
         {
@@ -227,3 +235,23 @@ def test_notes_tell_the_user_what_to_apply_next():
         notes = chart.render({}, name="sb", namespace="signalbox-system")["signalbox/templates/NOTES.txt"]
     assert "kubectl get aiproviders,routingpolicies" in notes
     assert "http://sb-signalbox-gateway.signalbox-system.svc:80/v1" in notes
+
+
+def test_grafana_dashboard_queries_only_metrics_that_exist():
+    import re
+
+    from signalbox.extproc.metrics import Metrics
+
+    objects = render(*reversed(MATRIX["metrics"]))
+    configmap = next(o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("grafana-dashboard"))
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(configmap["data"]["signalbox.json"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    # Metric names, not the label names of `by (...)` and `{...}` clauses.
+    bare = [re.sub(r"by \([^)]*\)|\{[^}]*\}", "", e) for e in exprs]
+    ours = {n for e in bare for n in re.findall(r"\b((?:signalbox|gen_ai)_[a-z_]+)", e)}
+    exposed = Metrics().exposition().decode()
+    for name in ours:
+        base = re.sub(r"_(total|bucket|sum|count)$", "", name)
+        assert base in exposed, name
+    assert {"signalbox_cost_usd_total", "gen_ai_client_token_usage_total", "signalbox_requests_total"} <= ours
