@@ -22,15 +22,10 @@ import numpy as np
 
 from signalbox.extproc.default_routes import UTTERANCES
 
-LABEL_MAP = {
-    "info-seek": "qa",
-    "reasoning": "reasoning",
-    "procedure": "qa",
-    "writing": "creative",
-    "coding": "code",
-    "role-play": "chat",
-    "math": "math",
-}
+from .task_types import LABEL_MAP
+
+# The probe of tests/unit/test_semantic_adaptive.py as first written: 4 utterances per route.
+
 PROBE_ROUTES = {
     "coding": [
         "write a function that reverses a string",
