@@ -31,12 +31,10 @@ class TableHolder:
         self.resolve_key = resolve_key or default_key_resolver()
         self.metrics = metrics
         self.reload_failures = 0
-        self.changed = asyncio.Event()
 
     def install(self, cfg: pb.RoutingConfig) -> RuntimeTable:
         table = RuntimeTable.from_config(cfg, self.resolve_key)
         self.current = table
-        self.changed.set()
         if self.metrics is not None:
             self.metrics.config_generation.set(table.generation)
         return table

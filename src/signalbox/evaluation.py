@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from signalbox.core.compiler import compile_config
 from signalbox.extproc.classify import CHARS_PER_TOKEN
 from signalbox.extproc.decide import decide
@@ -252,8 +250,3 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
