@@ -203,11 +203,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             async for request in rest:
                 if request.WhichOneof("request") != "request_body":
                     continue
+                decided = time.perf_counter()  # parse, classify (all tiers), select
                 prepared = decide.prepare(
                     table, path, headers, request.request_body.body, client_address(headers), self.max_body_bytes
                 )
                 policy = prepared.policy
-                decided = time.perf_counter()
                 outcome = decide.finish(prepared, state, await self.reclassify(prepared))
                 self.metrics.phase_seconds.labels("router").observe(time.perf_counter() - decided)
                 self.count(outcome)
