@@ -73,13 +73,3 @@ def _usage(payload: object) -> Usage | None:
 
 def cost_usd(usage: Usage, input_price_per_1m: float, output_price_per_1m: float) -> float:
     return (usage.prompt_tokens * input_price_per_1m + usage.completion_tokens * output_price_per_1m) / 1e6
-
-
-@dataclass
-class Ledger:
-    """Spend per policy, in USD, since the process started (budgets build on this)."""
-
-    spent: dict[str, float] = field(default_factory=dict)
-
-    def add(self, policy: str, usd: float) -> None:
-        self.spent[policy] = self.spent.get(policy, 0.0) + usd

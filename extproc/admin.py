@@ -7,6 +7,8 @@ POST /v1/classify       what the classification tiers make of an OpenAI request 
 POST /v1/route          dry run: the decision for a request body and why (candidates kept or
                         dropped, tier, class) without changing any routing state
 POST /v1/feedback       {"decision": <x-signalbox-decision>, "score": 0..1}: teaches learning
+GET  /v1/budget         per budgeted policy: state, and per window its limit, spend (this
+                        replica and the others), remaining and reset time
 
 It shares the servicer's table and learning state: what /v1/route explains is what the next
 live request would get (strategies that keep rotating state are explained on a copy).
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import json
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -102,8 +106,16 @@ def build_app(processor: Processor) -> web.Application:
         try:
             p = await prepared(request)
             better = await processor.reclassify(p)
+            now = time.time()
             # A copy: explaining must not advance round-robin positions or weights.
-            outcome = decide.finish(p, copy.deepcopy(processor.state), better, explain=True)
+            outcome = decide.finish(
+                p,
+                copy.deepcopy(processor.state),
+                better,
+                explain=True,
+                budget=processor.budget_status(p.policy, now),
+                now=now,
+            )
         except RequestError as err:
             return _error(err)
         choice = outcome.selection.choice
@@ -133,6 +145,34 @@ def build_app(processor: Processor) -> web.Application:
         processor.metrics.feedback.labels(recorded["policy"]).inc()
         return web.Response(text=json.dumps(recorded), content_type="application/json")
 
+    async def budgets(request: web.Request) -> web.Response:
+        policies = []
+        for policy, status in processor.budget_windows():
+            assert policy.budget is not None
+            policies.append(
+                {
+                    "policy": policy.name,
+                    "id": policy.id,
+                    "state": status.state,
+                    "downgrade_at": policy.budget.downgrade_at,
+                    "on_exhausted": "reject" if policy.budget.reject_when_exhausted else "cheapest",
+                    "windows": [
+                        {
+                            "window": w.window,
+                            "limit_usd": w.limit_usd,
+                            "spent_usd": round(w.spent_usd, 9),
+                            "local_usd": round(w.local_usd, 9),
+                            "remote_usd": round(w.remote_usd, 9),
+                            "remaining_usd": round(w.remaining_usd, 9),
+                            "fraction": round(w.fraction, 6),
+                            "resets_at": datetime.fromtimestamp(w.resets_at, UTC).isoformat(),
+                        }
+                        for w in status.windows
+                    ],
+                }
+            )
+        return web.json_response({"generation": processor.tables.current.generation, "policies": policies})
+
     app = web.Application(client_max_size=processor.max_body_bytes + 1024)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -140,6 +180,7 @@ def build_app(processor: Processor) -> web.Application:
     app.router.add_post("/v1/classify", classify)
     app.router.add_post("/v1/route", route)
     app.router.add_post("/v1/feedback", feedback)
+    app.router.add_get("/v1/budget", budgets)
     return app
 
 

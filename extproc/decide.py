@@ -18,6 +18,7 @@ from typing import Any
 from signalbox.core.envoygen import too_large_message
 from signalbox.core.errors import MalformedRequest, PayloadTooLarge, UnknownModel, UnsupportedPath
 
+from .budget import BudgetStatus, refuse_if_exhausted
 from .classify import Classification, Features, features
 from .runtime import BackendRuntime, PolicyRuntime, RuntimeTable
 from .strategies import RequestContext, Selection, SelectionState, select
@@ -174,10 +175,20 @@ def finish(
     state: SelectionState,
     classification: Classification | None = None,
     explain: bool = False,
+    budget: BudgetStatus | None = None,
+    now: float = 0.0,
 ) -> RouterOutcome:
-    """Select the backend for a prepared request (optionally reclassified by tier 3) and rewrite it."""
+    """Select the backend for a prepared request (optionally reclassified by tier 3) and rewrite it.
+
+    `budget` is the policy's spend status when it has a budget: past the downgrade fraction it
+    overrides the strategy, and an exhausted `reject` budget refuses here (429).
+    """
     cls = classification or prepared.classification
-    selection = select(prepared.policy, RequestContext(prepared.features, cls, prepared.hash_key), state, explain)
+    if budget is not None:
+        refuse_if_exhausted(prepared.policy.name, budget, now)
+    selection = select(
+        prepared.policy, RequestContext(prepared.features, cls, prepared.hash_key), state, explain, budget
+    )
     backend = selection.choice.backend
     body = {**prepared.body, "model": backend.upstream_model}
     if body.get("stream") is True:

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import admin
+from .ledger import SpendLedger
 from .metrics import Metrics
 from .reload import TableHolder
 from .runtime import default_key_resolver
@@ -53,7 +54,8 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
         address = f"unix:{args.socket}"
     else:
         address = args.address
-    processor = Processor(tables, max_body_bytes=args.max_body_bytes, metrics=metrics)
+    ledger = SpendLedger(getattr(args, "spend_db", None))
+    processor = Processor(tables, max_body_bytes=args.max_body_bytes, metrics=metrics, ledger=ledger)
     server, _ = await serve(tables, address, args.max_body_bytes, processor=processor)
     health_server = await health_only_server(args.health_address) if args.health_address else None
     admin_runner = None
@@ -76,6 +78,7 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     if admin_runner is not None:
         await admin_runner.cleanup()
     await processor.llm.close()
+    ledger.close()
     for task in tasks:
         task.cancel()
     return 0

@@ -7,8 +7,15 @@ strategy, tier, task type, complexity, outcome codes — never prompts, users or
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .budget import BudgetStatus
+from .runtime import PolicyRuntime
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -16,6 +23,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._budgets: _BudgetCollector | None = None
         r = self.registry
         self.requests = Counter(
             "signalbox_requests",
@@ -79,5 +87,33 @@ class Metrics:
             registry=r,
         )
 
+    def watch_budgets(self, source: Callable[[], Iterable[tuple[PolicyRuntime, BudgetStatus]]]) -> None:
+        """Budget gauges, read from the spend ledger at scrape time (so every worker's spend and
+        the other replicas' show, not only what this process counted)."""
+        if self._budgets is None:
+            self._budgets = _BudgetCollector(source)
+            self.registry.register(self._budgets)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _BudgetCollector(Collector):
+    def __init__(self, source: Callable[[], Iterable[tuple[PolicyRuntime, BudgetStatus]]]):
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["policy", "window"]
+        spent = GaugeMetricFamily(
+            "signalbox_budget_spent_usd", "Spend in the current budget window, all replicas.", labels=labels
+        )
+        remaining = GaugeMetricFamily(
+            "signalbox_budget_remaining_usd", "Budget left in the current window.", labels=labels
+        )
+        limit = GaugeMetricFamily("signalbox_budget_limit_usd", "Budget of the window.", labels=labels)
+        for policy, status in self.source():
+            for w in status.windows:
+                spent.add_metric([policy.name, w.window], w.spent_usd)
+                remaining.add_metric([policy.name, w.window], w.remaining_usd)
+                limit.add_metric([policy.name, w.window], w.limit_usd)
+        yield from (spent, remaining, limit)

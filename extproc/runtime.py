@@ -18,6 +18,7 @@ from signalbox.core.errors import ConfigVersionError
 from signalbox.core.secrets import SecretValue
 
 from . import default_routes
+from .budget import Budget
 from .classify import CompiledRule, compile_rules
 from .semantic import SemanticRouter
 
@@ -122,6 +123,7 @@ class PolicyRuntime:
     learning_prior_weight: float = 5.0
     quality_tolerance: float = -1.0  # negative: per-complexity minimum quality
     llm: LlmTierConfig | None = None
+    budget: Budget | None = None
 
     def matches(self, path: str, headers: dict[str, str]) -> bool:
         if self.path_prefixes and not path.startswith(self.path_prefixes):
@@ -252,5 +254,8 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
         quality_tolerance=p.quality_tolerance,
         llm=LlmTierConfig(backends[p.llm_backend - 1], p.llm_timeout_ms / 1000, p.llm_min_confidence, p.llm_cache_size)
         if p.llm_backend
+        else None,
+        budget=Budget(p.budget.hourly_usd, p.budget.daily_usd, p.budget.downgrade_at, p.budget.reject_when_exhausted)
+        if p.HasField("budget")
         else None,
     )

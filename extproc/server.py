@@ -23,11 +23,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from signalbox.core.errors import MalformedRequest, RequestError
 
-from . import accounting, decide, wire
+from . import accounting, budget, decide, wire
 from .classify import Classification
+from .ledger import SpendLedger
 from .llm_tier import LlmClassifier
 from .metrics import Metrics
 from .reload import TableHolder
+from .runtime import PolicyRuntime
 from .strategies import SelectionState
 
 log = logging.getLogger("signalbox.extproc")
@@ -97,13 +99,25 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         state: SelectionState | None = None,
         max_body_bytes: int = 8 * 1024 * 1024,
         metrics: Metrics | None = None,
+        ledger: SpendLedger | None = None,
     ):
         self.tables = tables
         self.state = state or SelectionState()
         self.max_body_bytes = max_body_bytes
         self.llm = LlmClassifier()
         self.metrics = metrics or tables.metrics or Metrics()
-        self.ledger = accounting.Ledger()
+        # Shared by every worker of this replica when it is a file (exact local budgets).
+        self.ledger = ledger or SpendLedger()
+        self.metrics.watch_budgets(self.budget_windows)
+
+    def budget_status(self, policy: PolicyRuntime, now: float) -> budget.BudgetStatus | None:
+        if policy.budget is None:
+            return None
+        return budget.assess(policy.budget, self.ledger.buckets(policy.id, now), now)
+
+    def budget_windows(self) -> list[tuple[PolicyRuntime, budget.BudgetStatus]]:
+        now = time.time()
+        return [(p, s) for p in self.tables.current.policies if (s := self.budget_status(p, now)) is not None]
 
     async def reclassify(self, prepared: decide.Prepared) -> Classification | None:
         """Tier 3, when the policy has one and the cheaper tiers were unsure."""
@@ -155,6 +169,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         backend = table.backends.get(upstream_backend_id(request) or first)
         if backend is None:
             return
+        policy_id = fields["policy_id"].string_value if "policy_id" in fields else policy
         content_type = wire.header_map(request.response_headers).get("content-type", "")
         reader = accounting.UsageReader(streaming="text/event-stream" in content_type)
         async for message in rest:
@@ -170,7 +185,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.metrics.tokens.labels("input", *labels).inc(usage.prompt_tokens)
         self.metrics.tokens.labels("output", *labels).inc(usage.completion_tokens)
         self.metrics.cost.labels(policy, backend.provider.name, backend.model).inc(cost)
-        self.ledger.add(policy, cost)
+        self.ledger.add(policy_id, cost)
 
     async def _router(self, request: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest]):
         table = self.tables.current
@@ -208,7 +223,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     table, path, headers, request.request_body.body, client_address(headers), self.max_body_bytes
                 )
                 policy = prepared.policy
-                outcome = decide.finish(prepared, state, await self.reclassify(prepared))
+                now = time.time()
+                outcome = decide.finish(
+                    prepared, state, await self.reclassify(prepared), budget=self.budget_status(policy, now), now=now
+                )
                 self.metrics.phase_seconds.labels("router").observe(time.perf_counter() - decided)
                 self.count(outcome)
                 response = wire.body_response(
@@ -217,6 +235,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     clear_route_cache=True,
                     metadata={
                         "policy": policy.name,
+                        "policy_id": policy.id,
                         "reason": outcome.selection.reason,
                         "decision": decide.decision_token(
                             policy.name, outcome.classification.class_key, outcome.selection.choice.backend.id

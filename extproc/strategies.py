@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from signalbox.core.errors import NoHealthyBackend, RequestError
 
+from .budget import EXHAUSTED, OK, BudgetStatus
 from .classify import Classification, Features
 from .runtime import Choice, PolicyRuntime
 
@@ -139,12 +140,11 @@ def select_cost(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, s
     within that distance of the best eligible backend. Quality is what was learned for this
     class when the policy learns, else what the provider declares.
     """
-    f, cls = ctx.features, ctx.classification
-    out_tokens = f.max_output_tokens or 256
+    cls = ctx.classification
     quality = {c.index: st.expected_quality(p, cls.class_key, c) for c in cs}
 
     def price(c: Choice) -> tuple[float, float]:
-        return f.estimated_tokens * c.backend.input_price + out_tokens * c.backend.output_price, -quality[c.index]
+        return _price(ctx.features, c), -quality[c.index]
 
     if p.learning and len(cs) > 1 and st.rng.random() < p.learning_exploration_rate:
         return st.rng.choice(cs), "cost:explore"
@@ -158,6 +158,33 @@ def select_cost(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, s
         return min(quality_ok, key=price), f"cost:cheapest-with-quality>={min_q:g}"
     best = max(cs, key=lambda c: quality[c.index])
     return best, f"cost:none-meets-quality>={min_q:g}-best-available"
+
+
+def _price(f: Features, c: Choice) -> float:
+    """Estimated cost of this request on a backend (prompt estimate + max_tokens or 256 out)."""
+    return f.estimated_tokens * c.backend.input_price + (f.max_output_tokens or 256) * c.backend.output_price
+
+
+# Downgrade: a request is held to the quality floor of the complexity one level below its own.
+_LOWER = {"expert": "complex", "complex": "moderate", "moderate": "simple", "simple": "simple"}
+
+
+def select_within_budget(
+    p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, st: SelectionState, status: BudgetStatus
+) -> tuple[Choice, str]:
+    """A policy past its downgrade fraction (or exhausted, configured to go cheapest) overrides
+    its strategy: spend, not balance or latency, is what matters now."""
+    w = status.binding
+    tag = f"budget-{status.state}:{w.window}-{w.fraction:.0%}"
+    if status.state == EXHAUSTED:
+        return min(cs, key=lambda c: (_price(ctx.features, c), c.index)), f"{tag}:cheapest"
+    floor = p.min_quality.get(_LOWER.get(ctx.classification.complexity, "simple"), 0.0)
+    quality = {c.index: st.expected_quality(p, ctx.classification.class_key, c) for c in cs}
+    good_enough = [c for c in cs if quality[c.index] >= floor]
+    if good_enough:
+        best = min(good_enough, key=lambda c: (_price(ctx.features, c), -quality[c.index]))
+        return best, f"{tag}:cheapest-with-quality>={floor:g}"
+    return max(cs, key=lambda c: quality[c.index]), f"{tag}:none-meets-quality>={floor:g}-best-available"
 
 
 def select_latency(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, st: SelectionState):
@@ -230,12 +257,21 @@ def eligible(policy: PolicyRuntime, ctx: RequestContext, explain: bool = False):
     return tuple(kept), tuple(notes)
 
 
-def select(policy: PolicyRuntime, ctx: RequestContext, state: SelectionState, explain: bool = False) -> Selection:
+def select(
+    policy: PolicyRuntime,
+    ctx: RequestContext,
+    state: SelectionState,
+    explain: bool = False,
+    budget: BudgetStatus | None = None,
+) -> Selection:
     if not policy.choices:
         raise NoHealthyBackend(f"no healthy backend for policy {policy.name!r}")
     choices, notes = eligible(policy, ctx, explain)
     if not choices:
         reasons = "; ".join(f"{b}: {why}" for b, _, why in notes)
         raise UnsatisfiableRequest(f"no backend of policy {policy.name!r} can serve this request ({reasons})")
-    choice, reason = SELECTORS[policy.strategy](policy, choices, ctx, state)
+    if budget is not None and budget.state != OK:
+        choice, reason = select_within_budget(policy, choices, ctx, state, budget)
+    else:
+        choice, reason = SELECTORS[policy.strategy](policy, choices, ctx, state)
     return Selection(choice, reason, notes if explain else ())

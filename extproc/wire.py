@@ -104,6 +104,7 @@ def immediate_error(err: RequestError, policy: str = "") -> ep.ProcessingRespons
             ("x-signalbox-model", "none"),
             ("x-signalbox-policy", policy or "none"),
             ("x-signalbox-reason", err.code),
+            *err.headers,
         ],
         details=f"signalbox_{err.code}",
     )

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -246,13 +248,35 @@ def cmd_gateway_sidecar(args: argparse.Namespace) -> int:
     """The gateway pod's second container: the ext_proc plus the ConfigMap watch, one process."""
     from signalbox.configsync import SECRETS_DIR
     from signalbox.extproc.main import serve_until_stopped
-    from signalbox.gatewayfiles import CONFIG_FILE
+    from signalbox.gatewayfiles import CONFIG_FILE, SPEND_DB
 
     sync = _config_sync(args)
     args.config = f"{args.workdir}/{CONFIG_FILE}"
     args.socket = f"{args.workdir}/extproc.sock"
     args.secrets_dir = args.secrets_dir or f"{args.workdir}/{SECRETS_DIR}"
-    return asyncio.run(serve_until_stopped(args, background=(sync.run,)))
+    args.spend_db = args.spend_db or f"{args.workdir}/{SPEND_DB}"
+    background = [sync.run]
+    if args.spend_configmap:
+        background.append(_spend_sync(args).run)
+    return asyncio.run(serve_until_stopped(args, background=tuple(background)))
+
+
+def _spend_sync(args: argparse.Namespace):
+    """Budget spend shared with the other gateway replicas through a ConfigMap."""
+    from signalbox.extproc.ledger import SpendLedger
+    from signalbox.operator.kube import api_client
+    from signalbox.spendsync import SpendSync
+
+    namespace, _, name = args.spend_configmap.rpartition("/")
+    replica = args.replica or os.environ.get("POD_NAME") or socket.gethostname()
+    return SpendSync(
+        api_client(args.server),
+        namespace or "default",
+        name,
+        replica,
+        SpendLedger(args.spend_db),
+        interval=args.spend_sync_interval,
+    )
 
 
 def cmd_envoy_drain(args: argparse.Namespace) -> int:
@@ -281,6 +305,9 @@ def _extproc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     parser.add_argument("--health-address", help="host:port for a gRPC health service only (kubelet probes)")
     parser.add_argument("--admin-address", help="host:port of the admin HTTP API (/metrics, /v1/route, ...)")
+    parser.add_argument(
+        "--spend-db", help="SQLite file of budget spend, shared by the workers of one gateway (default: in memory)"
+    )
     parser.add_argument("--log-level", default="info")
 
 
@@ -293,6 +320,11 @@ def _pod_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--failure-mode", choices=["closed", "open"], default="closed")
     parser.add_argument("--no-accounting", action="store_true", help="do not count tokens and cost (faster)")
     parser.add_argument("--server", help="Kubernetes API URL (default: in-cluster config)")
+    parser.add_argument(
+        "--spend-configmap", default="", help="NAMESPACE/NAME of the ConfigMap that shares budget spend across replicas"
+    )
+    parser.add_argument("--spend-sync-interval", type=float, default=2.0, help="seconds between spend syncs")
+    parser.add_argument("--replica", help="this replica's name in the spend ConfigMap (default: $POD_NAME)")
     parser.add_argument("--listen-port", type=int, default=pod.LISTEN_PORT, help=argparse.SUPPRESS)
     parser.add_argument("--health-port", type=int, default=pod.HEALTH_PORT, help=argparse.SUPPRESS)
     parser.add_argument("--admin-port", type=int, default=pod.ADMIN_PORT, help=argparse.SUPPRESS)

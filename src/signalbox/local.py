@@ -71,7 +71,7 @@ class LocalGateway:
     extproc_workers: int = 0
     accounting: bool = True
     # Admin HTTP API of ext_proc worker 0 (0: a free port). Each worker keeps its own learning
-    # state and metrics; the API shows worker 0's.
+    # state and metrics; the API shows worker 0's. Budget spend is shared by all workers.
     admin_api_port: int = 0
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     generation: int = 0
@@ -155,6 +155,7 @@ class LocalGateway:
             name = f"extproc-{n}"
             argv = [sys.executable, "-m", "signalbox.cli", "extproc", "--config", str(self.config_file)]
             argv += ["--socket", socket_path, "--max-body-bytes", str(self.max_body_bytes)]
+            argv += ["--spend-db", str(self.workdir / gatewayfiles.SPEND_DB)]
             if n == 0:
                 argv += ["--admin-address", f"127.0.0.1:{self.admin_api_port}"]
             self._spawn(name, [*argv, "--log-level", self.log_level])

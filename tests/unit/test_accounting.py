@@ -1,6 +1,6 @@
 import json
 
-from signalbox.extproc.accounting import Ledger, Usage, UsageReader, cost_usd
+from signalbox.extproc.accounting import Usage, UsageReader, cost_usd
 
 
 def sse(*events):
@@ -37,9 +37,6 @@ def test_no_usage_or_garbage_counts_nothing():
         assert reader.finish() is None
 
 
-def test_cost_and_ledger():
+def test_cost_from_prices_per_million_tokens():
     assert cost_usd(Usage(1_000_000, 500_000), 2.0, 8.0) == 6.0
-    ledger = Ledger()
-    ledger.add("p", 0.25)
-    ledger.add("p", 0.5)
-    assert ledger.spent == {"p": 0.75}
+    assert cost_usd(Usage(10, 7), 0.1, 0.4) == (10 * 0.1 + 7 * 0.4) / 1e6

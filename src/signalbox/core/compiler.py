@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .errors import Problem
-from .models import AIProvider, ProviderType, RoutingPolicy, Strategy
+from .models import AIProvider, OnExhausted, ProviderType, RoutingPolicy, Strategy
 
 SCHEMA_VERSION = 1
 
@@ -252,6 +252,15 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
         learning_prior_weight=spec.learning.prior_weight,
         quality_tolerance=-1.0 if spec.cost.quality_tolerance is None else spec.cost.quality_tolerance,
     )
+    if spec.budget is not None:
+        out.budget.CopyFrom(
+            pb.Budget(
+                hourly_usd=spec.budget.hourly_usd or 0.0,
+                daily_usd=spec.budget.daily_usd or 0.0,
+                downgrade_at=spec.budget.downgrade_at,
+                reject_when_exhausted=spec.budget.on_exhausted == OnExhausted.REJECT,
+            )
+        )
     llm = spec.classification.llm
     if llm is not None:
         llm_key = f"{ns}/{llm.provider}/{llm.model}"

@@ -60,10 +60,12 @@ class RequestError(SignalboxError):
     error_type: str = "invalid_request_error"
     code: str = "invalid_request"
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, headers: tuple[tuple[str, str], ...] = ()):
         super().__init__(message)
         self.message = message
         self.param = param
+        # Extra response headers (e.g. Retry-After), never anything secret.
+        self.headers = headers
 
     def body(self) -> bytes:
         return openai_error_body(self.message, self.error_type, self.code, self.param)
@@ -87,6 +89,12 @@ class PayloadTooLarge(RequestError):
 
 class NoHealthyBackend(RequestError):
     status, error_type, code = 503, "server_error", "no_healthy_backend"
+
+
+class BudgetExhausted(RequestError):
+    """The policy spent its hourly or daily budget and is configured to refuse until it resets."""
+
+    status, error_type, code = 429, "insufficient_quota", "budget_exhausted"
 
 
 class RoutingUnavailable(RequestError):

@@ -332,6 +332,43 @@ class CostSpec(Spec):
         return value
 
 
+class OnExhausted(StrEnum):
+    CHEAPEST = "cheapest"
+    REJECT = "reject"
+
+
+class BudgetSpec(Spec):
+    """Spend limits of one policy, in USD per calendar hour and day (UTC).
+
+    Spend is what providers report as usage times the model's prices, summed over every gateway
+    replica. Crossing `downgradeAt` of a limit makes the policy cheaper; reaching a limit applies
+    `onExhausted` until the window resets.
+    """
+
+    model_config = cel(("has(self.hourlyUsd) || has(self.dailyUsd)", "a budget needs hourlyUsd or dailyUsd"))
+
+    hourly_usd: float | None = Field(None, gt=0, description="USD the policy may spend per calendar hour (UTC).")
+    daily_usd: float | None = Field(None, gt=0, description="USD the policy may spend per calendar day (UTC).")
+    downgrade_at: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Share of a limit after which the policy downgrades: whatever its strategy, it picks the "
+        "cheapest eligible backend whose quality meets the minimum of the next lower complexity.",
+    )
+    on_exhausted: OnExhausted = Field(
+        OnExhausted.REJECT,
+        description="When a limit is reached: `reject` answers 429 (code budget_exhausted) until the window "
+        "resets; `cheapest` keeps serving on the cheapest eligible backend.",
+    )
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetSpec:
+        if self.hourly_usd is None and self.daily_usd is None:
+            raise ValueError("a budget needs hourlyUsd or dailyUsd")
+        return self
+
+
 class ClassRule(Spec):
     """A rule of classification tier 1. All conditions given must hold for the rule to fire."""
 
@@ -462,6 +499,7 @@ class RoutingPolicySpec(Spec):
         default_factory=ClassificationSpec, description="Request classification (tier 1 rules, tier 2 semantic)."
     )
     learning: LearningSpec = Field(default_factory=LearningSpec, description="Adaptive routing from outcomes.")
+    budget: BudgetSpec | None = Field(None, description="Spend limits: downgrade, then refuse or go cheapest.")
     routes: list[ClassRoute] = Field(
         default_factory=list,
         description="Strategy classified: first row matching the request's class wins; "

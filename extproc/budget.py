@@ -1,0 +1,107 @@
+"""Budgets: what a policy's spend makes it do (pure: spend figures in, a state out).
+
+Windows are calendar hours and days in UTC rather than sliding ones: "resets at 14:00 UTC" is
+something a client can be told (Retry-After) and an operator can reason about, and spend is
+stored in hourly buckets so both windows are sums of the same rows. Spend has two parts:
+`local` (this gateway replica, exact: every worker writes the same ledger) and `remote` (the
+other replicas, as last published through the Kubernetes API).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from signalbox.core.errors import BudgetExhausted
+
+HOUR, DAY = 3600, 86400
+OK, DOWNGRADE, EXHAUSTED = "ok", "downgrade", "exhausted"
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A policy's limits as the data plane reads them (0: no limit for that window)."""
+
+    hourly_usd: float
+    daily_usd: float
+    downgrade_at: float
+    reject_when_exhausted: bool
+
+    def limits(self) -> tuple[tuple[str, int, float], ...]:
+        return tuple(
+            (name, seconds, limit)
+            for name, seconds, limit in (("hour", HOUR, self.hourly_usd), ("day", DAY, self.daily_usd))
+            if limit > 0
+        )
+
+
+def window_start(now: float, seconds: int) -> int:
+    return int(now // seconds) * seconds
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSpend:
+    window: str
+    limit_usd: float
+    local_usd: float
+    remote_usd: float
+    resets_at: int
+
+    @property
+    def spent_usd(self) -> float:
+        return self.local_usd + self.remote_usd
+
+    @property
+    def remaining_usd(self) -> float:
+        return max(self.limit_usd - self.spent_usd, 0.0)
+
+    @property
+    def fraction(self) -> float:
+        return self.spent_usd / self.limit_usd
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    state: str
+    windows: tuple[WindowSpend, ...]
+    reject_when_exhausted: bool
+
+    @property
+    def binding(self) -> WindowSpend:
+        """The window closest to (or furthest past) its limit: the one that decides the state."""
+        return max(self.windows, key=lambda w: w.fraction)
+
+
+# Hourly buckets: (bucket start, local USD, remote USD).
+Buckets = list[tuple[int, float, float]]
+
+
+def assess(budget: Budget, buckets: Buckets, now: float) -> BudgetStatus:
+    windows = []
+    for name, seconds, limit in budget.limits():
+        start = window_start(now, seconds)
+        inside = [(local, remote) for bucket, local, remote in buckets if start <= bucket < start + seconds]
+        windows.append(
+            WindowSpend(
+                window=name,
+                limit_usd=limit,
+                local_usd=sum(local for local, _ in inside),
+                remote_usd=sum(remote for _, remote in inside),
+                resets_at=start + seconds,
+            )
+        )
+    worst = max((w.fraction for w in windows), default=0.0)
+    state = EXHAUSTED if worst >= 1.0 else DOWNGRADE if worst >= budget.downgrade_at else OK
+    return BudgetStatus(state, tuple(windows), budget.reject_when_exhausted)
+
+
+def refuse_if_exhausted(policy: str, status: BudgetStatus, now: float) -> None:
+    """Raise the 429 a `reject` policy answers while its budget is spent."""
+    if status.state != EXHAUSTED or not status.reject_when_exhausted:
+        return
+    w = status.binding
+    wait = max(int(w.resets_at - now), 1)
+    raise BudgetExhausted(
+        f"policy {policy!r} has spent ${w.spent_usd:.4f} of its {w.window}ly budget of ${w.limit_usd:g}; "
+        f"it resets in {wait} s",
+        headers=(("retry-after", str(wait)),),
+    )

@@ -1,0 +1,140 @@
+"""Budget spend shared across gateway replicas, through one ConfigMap in the Kubernetes API.
+
+Each replica owns one key of the ConfigMap (`<replica>.json`: its spend of the current UTC day,
+policy -> hourly bucket -> USD) and writes it with a JSON merge patch, which touches only that
+key: replicas never conflict and need no resourceVersion dance. The patch's answer is the whole
+ConfigMap, so one request per interval both publishes this replica's spend and reads everyone
+else's into the local ledger (`remote` rows), where the router phase adds it to its own exact
+spend. The lag is one interval at most per side (see tests/operator/test_spend_sync.py).
+
+A replica's key outlives the replica: its spend still counts until the day ends, so a restart
+or a scale-down does not hand back money already spent. Keys with nothing of the current day
+are deleted by whichever replica notices first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+import kubernetes
+
+from signalbox.extproc.budget import DAY, window_start
+from signalbox.extproc.ledger import SpendLedger
+
+log = logging.getLogger("signalbox.spendsync")
+DEFAULT_INTERVAL = 2.0
+_MERGE_PATCH = "application/merge-patch+json"
+
+# replica -> policy id -> bucket start -> USD
+Spend = dict[str, dict[str, dict[int, float]]]
+
+
+def encode(spend: dict[str, dict[int, float]]) -> str:
+    return json.dumps(
+        {policy: {str(b): usd for b, usd in sorted(buckets.items())} for policy, buckets in sorted(spend.items())},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def decode(raw: str, since: int) -> dict[str, dict[int, float]] | None:
+    """A replica's published spend from `since` on; None if the value is not ours to read."""
+    try:
+        data = json.loads(raw)
+        return {
+            str(policy): {int(b): float(usd) for b, usd in buckets.items() if int(b) >= since}
+            for policy, buckets in data.items()
+        }
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+class SpendSync:
+    def __init__(
+        self,
+        client: kubernetes.client.ApiClient,
+        namespace: str,
+        name: str,
+        replica: str,
+        ledger: SpendLedger,
+        interval: float = DEFAULT_INTERVAL,
+    ):
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.namespace, self.name = namespace, name
+        self.key = f"{replica}.json"
+        self.ledger = ledger
+        self.interval = interval
+        self.stale: set[str] = set()
+
+    def sync_once(self, now: float | None = None) -> Spend:
+        """Publish this replica's spend (if any) and record the others'; returns what was recorded."""
+        now = time.time() if now is None else now
+        local = self.ledger.local(now)
+        data = self._publish(local) if local or self.stale else self._read()
+        remote = self._remote(data, window_start(now, DAY))
+        self.ledger.set_remote(remote)
+        return remote
+
+    def _publish(self, local: dict[str, dict[int, float]]) -> dict[str, str]:
+        changes: dict[str, str | None] = dict.fromkeys(self.stale)
+        if local:
+            changes[self.key] = encode(local)
+        try:
+            cm = self.core.patch_namespaced_config_map(
+                self.name, self.namespace, {"data": changes}, _content_type=_MERGE_PATCH
+            )
+        except kubernetes.client.rest.ApiException as exc:
+            if exc.status != 404:
+                raise
+            body = kubernetes.client.V1ConfigMap(
+                metadata=kubernetes.client.V1ObjectMeta(
+                    name=self.name, labels={"app.kubernetes.io/part-of": "signalbox"}
+                ),
+                data={k: v for k, v in changes.items() if v is not None},
+            )
+            try:
+                cm = self.core.create_namespaced_config_map(self.namespace, body)
+            except kubernetes.client.rest.ApiException as again:
+                if again.status != 409:  # another replica created it first: patch next round
+                    raise
+                return self._read()
+        self.stale.clear()
+        return dict(cm.data or {})
+
+    def _read(self) -> dict[str, str]:
+        try:
+            cm = self.core.read_namespaced_config_map(self.name, self.namespace)
+        except kubernetes.client.rest.ApiException as exc:
+            if exc.status != 404:
+                raise
+            return {}
+        return dict(cm.data or {})
+
+    def _remote(self, data: dict[str, str], since: int) -> Spend:
+        remote: Spend = {}
+        for key, raw in data.items():
+            if key == self.key or not key.endswith(".json"):
+                continue
+            spend = decode(raw, since)
+            if spend is None:
+                log.warning("ignoring unreadable spend of %s in ConfigMap %s/%s", key, self.namespace, self.name)
+                continue
+            spend = {policy: buckets for policy, buckets in spend.items() if buckets}
+            if spend:
+                remote[key.removesuffix(".json")] = spend
+            else:
+                self.stale.add(key)  # nothing of today left: removed with our next write
+        return remote
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(self.sync_once)
+            except Exception as exc:  # API restarts, RBAC mistakes: keep the last known spend, retry
+                log.warning("cannot sync budget spend with ConfigMap %s/%s: %s", self.namespace, self.name, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval)

@@ -1,0 +1,116 @@
+"""Budgets through a real Envoy: spend counted from responses downgrades a policy, then refuses
+or keeps it on the cheapest backend; `/v1/budget` and the metrics show the same figures."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from signalbox.extproc.budget import HOUR
+from tests.factories import backend, dump, model, policy, provider
+
+from .conftest import start_gateway
+from .test_lifecycle import wait_for
+
+pytestmark = pytest.mark.dataplane
+
+# The fake answers every request with 10 prompt and 7 completion tokens.
+PREMIUM_USD = 17 * 1000 / 1e6  # 1000 USD per 1M tokens in and out
+CHEAP_USD = 17 * 100 / 1e6
+
+
+def resources(fakes) -> str:
+    chain = [backend("alpha", "premium"), backend("gamma", "cheap", priority=1)]
+    return dump(
+        provider(
+            "alpha",
+            fakes["alpha"].url + "/v1",
+            [model("premium", quality=0.95, inputPricePer1M=1000, outputPricePer1M=1000)],
+        ),
+        provider(
+            "gamma",
+            fakes["gamma"].url + "/v1",
+            [model("cheap", quality=0.3, inputPricePer1M=100, outputPricePer1M=100)],
+        ),
+        policy("metered", ["metered"], chain, strategy="failover", budget={"hourlyUsd": 0.05, "downgradeAt": 0.5}),
+        policy(
+            "thrifty",
+            ["thrifty"],
+            chain,
+            strategy="failover",
+            budget={"dailyUsd": 0.02, "downgradeAt": 0.9, "onExhausted": "cheapest"},
+        ),
+    )
+
+
+def clear_of_the_hour_edge(margin: float = 30.0) -> None:
+    """Hourly windows reset on the hour: a test that straddles it would see its spend vanish."""
+    left = HOUR - time.time() % HOUR
+    if left < margin:
+        time.sleep(left + 1)
+
+
+def budget(gw, name: str) -> dict:
+    (found,) = [p for p in httpx.get(f"{gw.admin_url}/v1/budget").json()["policies"] if p["policy"] == name]
+    return found
+
+
+def test_budget_downgrades_then_refuses_or_goes_cheapest_counting_exactly_across_workers(fakes, tmp_path):
+    clear_of_the_hour_edge()
+    gw = start_gateway(tmp_path, resources(fakes), extproc_workers=2)  # two workers, one ledger
+    try:
+        with openai.OpenAI(base_url=gw.url, api_key="x", max_retries=0) as client:
+            spent = {"metered": 0.0, "thrifty": 0.0}
+            request = {"messages": [{"role": "user", "content": "hi"}]}
+
+            def ask(alias: str):
+                raw = client.chat.completions.with_raw_response.create(model=alias, **request)
+                usage = raw.parse().usage
+                price = 1000 if raw.headers["x-signalbox-model"] == "premium" else 100
+                spent[alias] += (usage.prompt_tokens + usage.completion_tokens) * price / 1e6
+                # Counted by whichever worker saw the response; every worker reads the same ledger.
+                assert wait_for(lambda: abs(budget(gw, alias)["windows"][0]["spent_usd"] - spent[alias]) < 1e-9), (
+                    budget(gw, alias),
+                    spent,
+                )
+                return raw.headers
+
+            # metered: premium until half of $0.05 is spent, then the cheap backend.
+            served = [ask("metered")["x-signalbox-model"] for _ in range(2)]
+            assert served == ["premium", "premium"] and budget(gw, "metered")["state"] == "downgrade"
+            explained = httpx.post(f"{gw.admin_url}/v1/route", json={"model": "metered", **request}).json()
+            headers = ask("metered")
+            assert headers["x-signalbox-model"] == explained["model"] == "cheap"
+            assert headers["x-signalbox-reason"] == explained["reason"]
+            assert headers["x-signalbox-reason"].startswith("budget-downgrade:hour-68%:cheapest")
+            while spent["metered"] < 0.05:
+                assert ask("metered")["x-signalbox-model"] == "cheap"
+            # Exhausted: 429 in OpenAI's shape, until the hour resets.
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.chat.completions.create(model="metered", **request)
+            error = refused.value
+            assert error.code == "budget_exhausted" and error.type == "insufficient_quota"
+            assert "hourly budget of $0.05" in error.message
+            assert 0 < int(error.response.headers["retry-after"]) <= HOUR
+            assert error.response.headers["x-signalbox-reason"] == "budget_exhausted"
+
+            # thrifty: exhausted after two premium answers, then it stays on the cheapest.
+            assert [ask("thrifty")["x-signalbox-model"] for _ in range(2)] == ["premium", "premium"]
+            headers = ask("thrifty")
+            assert headers["x-signalbox-model"] == "cheap"
+            assert headers["x-signalbox-reason"] == "budget-exhausted:day-170%:cheapest"
+
+        metered = budget(gw, "metered")
+        (hour,) = metered["windows"]
+        assert metered["state"] == "exhausted" and metered["on_exhausted"] == "reject"
+        assert hour["remaining_usd"] == 0 and hour["limit_usd"] == 0.05 and hour["remote_usd"] == 0
+        assert abs(hour["spent_usd"] - (2 * PREMIUM_USD + 10 * CHEAP_USD)) < 1e-9
+        metrics = httpx.get(f"{gw.admin_url}/metrics").text
+        assert 'signalbox_budget_remaining_usd{policy="metered",window="hour"} 0.0' in metrics
+        # Read from the shared ledger at scrape time: worker 0's metrics include worker 1's spend.
+        assert 'signalbox_budget_limit_usd{policy="thrifty",window="day"} 0.02' in metrics
+    finally:
+        gw.stop()
