@@ -2,10 +2,11 @@
 
 Each replica owns one key of the ConfigMap (`<replica>.json`: its spend of the current UTC day,
 policy -> hourly bucket -> USD) and writes it with a JSON merge patch, which touches only that
-key: replicas never conflict and need no resourceVersion dance. The patch's answer is the whole
-ConfigMap, so one request per interval both publishes this replica's spend and reads everyone
-else's into the local ledger (`remote` rows), where the router phase adds it to its own exact
-spend. The lag is one interval at most per side (see tests/operator/test_spend_sync.py).
+key: replicas never conflict and need no resourceVersion dance. It writes only when its spend
+changed, at most once per interval, and *watches* the ConfigMap, so the others' spend reaches
+its ledger (`remote` rows, added by the router phase to its own exact spend) as soon as they
+publish it. The lag is therefore at most one interval plus a watch event
+(tests/operator/test_spend_sync.py measures it).
 
 A replica's key outlives the replica: its spend still counts until the day ends, so a restart
 or a scale-down does not hand back money already spent. Keys with nothing of the current day
@@ -18,7 +19,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
+from typing import Any
 
 import kubernetes
 
@@ -69,14 +72,27 @@ class SpendSync:
         self.ledger = ledger
         self.interval = interval
         self.stale: set[str] = set()
+        self.published: dict[str, dict[int, float]] = {}
+        # The watch thread and the publishing thread both record into the ledger.
+        self.lock = threading.Lock()
 
     def sync_once(self, now: float | None = None) -> Spend:
-        """Publish this replica's spend (if any) and record the others'; returns what was recorded."""
+        """Publish this replica's spend if it changed (else read) and record the others'."""
         now = time.time() if now is None else now
         local = self.ledger.local(now)
-        data = self._publish(local) if local or self.stale else self._read()
-        remote = self._remote(data, window_start(now, DAY))
-        self.ledger.set_remote(remote)
+        if local != self.published or self.stale:
+            data = self._publish(local)
+            self.published = local
+        else:
+            data = self._read()
+        return self.record(data, now)
+
+    def record(self, data: dict[str, str], now: float | None = None) -> Spend:
+        """What the ConfigMap says of the other replicas becomes the ledger's `remote` rows."""
+        now = time.time() if now is None else now
+        with self.lock:
+            remote = self._remote(data, window_start(now, DAY))
+            self.ledger.set_remote(remote)
         return remote
 
     def _publish(self, local: dict[str, dict[int, float]]) -> dict[str, str]:
@@ -92,7 +108,7 @@ class SpendSync:
                 raise
             body = kubernetes.client.V1ConfigMap(
                 metadata=kubernetes.client.V1ObjectMeta(
-                    name=self.name, labels={"app.kubernetes.io/part-of": "signalbox"}
+                    name=self.name, namespace=self.namespace, labels={"app.kubernetes.io/part-of": "signalbox"}
                 ),
                 data={k: v for k, v in changes.items() if v is not None},
             )
@@ -130,7 +146,34 @@ class SpendSync:
                 self.stale.add(key)  # nothing of today left: removed with our next write
         return remote
 
+    def _watch_once(self, stop: asyncio.Event) -> None:
+        stream = kubernetes.watch.Watch()
+        try:
+            for event in stream.stream(
+                self.core.list_namespaced_config_map,
+                self.namespace,
+                field_selector=f"metadata.name={self.name}",
+                _request_timeout=(5, 5),
+            ):
+                if stop.is_set():
+                    return
+                obj: Any = event["object"]
+                if event["type"] in ("ADDED", "MODIFIED"):
+                    self.record(dict(obj.data or {}))
+        finally:
+            stream.stop()
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(self._watch_once, stop)
+            except Exception as exc:  # read timeouts on a quiet watch, API restarts: re-watch
+                if not stop.is_set():
+                    log.debug("re-watching spend ConfigMap after: %s", exc)
+                    await asyncio.sleep(0.2)
+
     async def run(self, stop: asyncio.Event) -> None:
+        watcher = asyncio.create_task(self._watch(stop))
         while not stop.is_set():
             try:
                 await asyncio.to_thread(self.sync_once)
@@ -138,3 +181,4 @@ class SpendSync:
                 log.warning("cannot sync budget spend with ConfigMap %s/%s: %s", self.namespace, self.name, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval)
+        watcher.cancel()

@@ -3,14 +3,13 @@ or keeps it on the cheapest backend; `/v1/budget` and the metrics show the same 
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import openai
 import pytest
 
 from signalbox.extproc.budget import HOUR
 from tests.factories import backend, dump, model, policy, provider
+from tests.windows import clear_of_the_hour_edge
 
 from .conftest import start_gateway
 from .test_lifecycle import wait_for
@@ -44,13 +43,6 @@ def resources(fakes) -> str:
             budget={"dailyUsd": 0.02, "downgradeAt": 0.9, "onExhausted": "cheapest"},
         ),
     )
-
-
-def clear_of_the_hour_edge(margin: float = 30.0) -> None:
-    """Hourly windows reset on the hour: a test that straddles it would see its spend vanish."""
-    left = HOUR - time.time() % HOUR
-    if left < margin:
-        time.sleep(left + 1)
 
 
 def budget(gw, name: str) -> dict:

@@ -41,7 +41,7 @@ async def test_gateway_pod_serves_from_the_configmap_with_the_secrets_key(k8s, c
         provider(
             "fake",
             fake.url + "/v1",
-            [model("m", upstreamName="fake-model")],
+            [model("m", upstreamName="fake-model", inputPricePer1M=1.0, outputPricePer1M=1.0)],
             auth={"secretRef": {"name": "fake-key", "key": "apiKey"}},
         )
     )
@@ -73,7 +73,14 @@ async def test_gateway_pod_serves_from_the_configmap_with_the_secrets_key(k8s, c
 
     (tmp_path / "bootstrap.json").write_text(json.dumps(envoygen.bootstrap(bootstrap, f"{tmp_path}/envoy")))
     sidecar = await spawn(
-        *cli, "gateway-sidecar", *common, f"--health-address=127.0.0.1:{free_port()}", log=tmp_path / "sidecar.log"
+        *cli,
+        "gateway-sidecar",
+        *common,
+        f"--health-address=127.0.0.1:{free_port()}",
+        f"--spend-configmap={CM_NAMESPACE}/signalbox-spend",
+        "--replica=gw-0",
+        "--spend-sync-interval=0.2",
+        log=tmp_path / "sidecar.log",
     )
     envoy = await spawn(
         envoy_binary(),
@@ -121,6 +128,14 @@ async def test_gateway_pod_serves_from_the_configmap_with_the_secrets_key(k8s, c
 
             await cluster.eventually(served)
             print(f"spec change -> served through Envoy in {time.monotonic() - changed:.2f}s")
+
+        async def published():
+            cm = await cluster.api.configmap(CM_NAMESPACE, "signalbox-spend")
+            return cm and json.loads(cm["data"]["gw-0.json"])
+
+        # The replica publishes its spend (17 tokens per answer at $1 per 1M) for the others.
+        spent = sum((await cluster.eventually(published))["default/auto"].values())
+        assert spent > 0 and round(spent * 1e6) % 17 == 0
         for log in tmp_path.glob("*.log"):
             assert API_KEY not in log.read_text(), log
     finally:

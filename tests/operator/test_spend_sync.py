@@ -1,0 +1,90 @@
+"""Budget spend shared by gateway replicas through one ConfigMap (kmock's API emulator, the real
+`kubernetes` client): each replica sees the others' spend within about one sync interval."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+
+from signalbox.extproc.budget import DAY, HOUR, Budget, assess, window_start
+from signalbox.extproc.ledger import SpendLedger
+from signalbox.operator.kube import api_client
+from signalbox.spendsync import DEFAULT_INTERVAL, SpendSync
+from tests.windows import clear_of_the_hour_edge
+
+NS, NAME = "signalbox-system", "signalbox-spend"
+BUDGET = Budget(hourly_usd=1.0, daily_usd=0.0, downgrade_at=0.8, reject_when_exhausted=True)
+
+
+def replica(k8s, tmp_path, name: str, interval: float = DEFAULT_INTERVAL) -> SpendSync:
+    return SpendSync(api_client(str(k8s.url)), NS, NAME, name, SpendLedger(tmp_path / f"{name}.db"), interval)
+
+
+def hour_spend(ledger: SpendLedger, policy: str = "default/p") -> tuple[float, float]:
+    now = time.time()
+    (w,) = assess(BUDGET, ledger.buckets(policy, now), now).windows
+    return round(w.local_usd, 9), round(w.remote_usd, 9)
+
+
+async def wait_until(check, timeout: float = 15.0) -> float:
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout, "spend did not converge"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def test_replicas_converge_on_each_others_spend_within_an_interval(k8s, tmp_path):
+    clear_of_the_hour_edge()
+    a, b = replica(k8s, tmp_path, "gw-a"), replica(k8s, tmp_path, "gw-b")
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(s.run(stop)) for s in (a, b)]
+    try:
+        lags, rng = [], random.Random(7)
+        for n in range(1, 6):
+            await asyncio.sleep(rng.uniform(0, DEFAULT_INTERVAL))  # spend arrives at any point of an interval
+            a.ledger.add("default/p", 0.1)
+            lags.append(await wait_until(lambda n=n: hour_spend(b.ledger) == (0.0, round(0.1 * n, 9))))
+        b.ledger.add("default/p", 0.05)
+        await wait_until(lambda: hour_spend(a.ledger) == (0.5, 0.05))
+        # Each side counts its own spend exactly and the other's as published: the same total.
+        assert sum(hour_spend(a.ledger)) == sum(hour_spend(b.ledger)) == 0.55
+        median, worst = statistics.median(lags), max(lags)
+        # A figure for the docs, not an assertion: convergence is what wait_until checks.
+        print(f"spend lag between replicas (interval {DEFAULT_INTERVAL:g}s): median {median:.2f}s, max {worst:.2f}s")
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+async def test_a_gone_replicas_spend_counts_until_the_day_ends_then_is_removed(k8s, tmp_path):
+    now = time.time()
+    today = window_start(now, HOUR)
+    gone, alive = replica(k8s, tmp_path, "gw-gone"), replica(k8s, tmp_path, "gw-alive")
+    gone.ledger.add("default/p", 0.4, now=now)
+    await asyncio.to_thread(gone.sync_once, now)  # creates the ConfigMap: no replica had spent yet
+    assert await asyncio.to_thread(alive.sync_once, now) == {"gw-gone": {"default/p": {today: 0.4}}}
+
+    # The next day the gone replica's key holds nothing current: the next writer deletes it.
+    tomorrow = now + DAY
+    alive.ledger.add("default/p", 0.01, now=tomorrow)
+    assert await asyncio.to_thread(alive.sync_once, tomorrow) == {}
+    await asyncio.to_thread(alive.sync_once, tomorrow)
+    cm = await asyncio.to_thread(alive.core.read_namespaced_config_map, NAME, NS)
+    assert sorted(cm.data) == ["gw-alive.json"]
+    assert json.loads(cm.data["gw-alive.json"]) == {"default/p": {str(window_start(tomorrow, HOUR)): 0.01}}
+
+
+async def test_unreadable_entries_are_ignored_not_fatal(k8s, tmp_path):
+    clear_of_the_hour_edge(10)
+    one = replica(k8s, tmp_path, "gw-1")
+    one.ledger.add("default/p", 0.2)
+    await asyncio.to_thread(one.sync_once)
+    await asyncio.to_thread(
+        one.core.patch_namespaced_config_map, NAME, NS, {"data": {"intruder.json": "not json", "notes": "hello"}}
+    )
+    assert await asyncio.to_thread(one.sync_once) == {}
+    assert hour_spend(one.ledger) == (0.2, 0.0)
