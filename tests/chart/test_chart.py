@@ -165,6 +165,33 @@ def test_gateway_pod_runs_envoy_and_extproc_sharing_the_socket_volume(case):
     assert ("--no-accounting" in gateway["initContainers"][0]["args"]) == (not accounting)
 
 
+def test_gateway_replicas_share_budget_spend_through_their_own_configmap(case):
+    """Each replica may patch only the spend ConfigMap (its key of it), which the chart creates."""
+    _, namespace, _, objects = case
+    name = "sb-signalbox-spend"
+    assert any(o["metadata"]["name"] == name for o in of_kind(objects, "ConfigMap"))
+    extproc = next(
+        c
+        for n, spec in pod_specs(objects).items()
+        if n.endswith("-gateway")
+        for c in spec["containers"]
+        if c["name"] == "extproc"
+    )
+    assert f"--spend-configmap={namespace}/{name}" in extproc["args"]
+    assert "--spend-sync-interval=2" in extproc["args"]
+    assert extproc["env"] == [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    gateway_role = next(r for r in of_kind(objects, "Role") if r["metadata"]["name"] == "sb-signalbox-gateway-config")
+    writable = [r for r in gateway_role["rules"] if "patch" in r["verbs"]]
+    assert writable == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [name],
+            "verbs": ["get", "list", "watch", "patch"],
+        }
+    ]
+
+
 def test_image_and_namespace_come_from_values(case):
     _, namespace, values, objects = case
     image = values.get("image", {})
@@ -223,6 +250,7 @@ def test_app_version_matches_the_package():
         ({"operator": {"replicas": 0}}, "/operator/replicas"),
         ({"image": {"registry": ""}}, "/image/registry"),
         ({"gatway": {"replicas": 2}}, "'gatway' not allowed"),  # a typo is an error, not silently ignored
+        ({"gateway": {"budgets": {"syncIntervalSeconds": 0}}}, "/gateway/budgets/syncIntervalSeconds"),
     ],
 )
 def test_values_schema_rejects_bad_values(values, message):
@@ -250,8 +278,11 @@ def test_grafana_dashboard_queries_only_metrics_that_exist():
     # Metric names, not the label names of `by (...)` and `{...}` clauses.
     bare = [re.sub(r"by \([^)]*\)|\{[^}]*\}", "", e) for e in exprs]
     ours = {n for e in bare for n in re.findall(r"\b((?:signalbox|gen_ai)_[a-z_]+)", e)}
-    exposed = Metrics().exposition().decode()
+    metrics = Metrics()
+    metrics.watch_budgets(list)  # as every Processor does: budget gauges are read at scrape time
+    exposed = metrics.exposition().decode()
     for name in ours:
         base = re.sub(r"_(total|bucket|sum|count)$", "", name)
         assert base in exposed, name
     assert {"signalbox_cost_usd_total", "gen_ai_client_token_usage_total", "signalbox_requests_total"} <= ours
+    assert {"signalbox_budget_spent_usd", "signalbox_budget_limit_usd", "signalbox_budget_remaining_usd"} <= ours

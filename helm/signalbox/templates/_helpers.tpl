@@ -48,3 +48,7 @@ securityContext:
 {{- end -}}
 
 {{- define "signalbox.configmapRef" -}}{{ .Release.Namespace }}/{{ .Values.routingConfigMap }}{{- end -}}
+
+{{- define "signalbox.spendConfigMap" -}}
+{{- .Values.gateway.budgets.configMap | default (printf "%s-spend" (include "signalbox.fullname" .)) -}}
+{{- end -}}
