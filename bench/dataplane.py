@@ -48,8 +48,45 @@ def start_fake() -> tuple[subprocess.Popen, str]:
     return proc, proc.stdout.readline().rsplit(" ", 1)[1].strip()
 
 
-def plain_envoy(upstream: str, workdir: Path, concurrency: int) -> tuple[subprocess.Popen, int]:
-    """The baseline: one route to the fake provider, no filters but the router."""
+def noop_extproc_filter(sockets: list[str]) -> tuple[dict, dict]:
+    """An ext_proc filter (request headers only: one message per request) and its cluster."""
+    ext_proc = {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "noop"}, "timeout": "5s"},
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SKIP",
+                "request_body_mode": "NONE",
+                "response_body_mode": "NONE",
+            },
+        },
+    }
+    cluster = {
+        "name": "noop",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "noop",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": s}}}} for s in sockets]}],
+        },
+    }
+    return ext_proc, cluster
+
+
+def plain_envoy(
+    upstream: str, workdir: Path, concurrency: int, noop_sockets: list[str] | None = None
+) -> tuple[subprocess.Popen, int]:
+    """The baseline: one route to the fake provider, no filters but the router (with
+    `noop_sockets`: plus a do-nothing ext_proc, the ceiling of any Python gRPC processor)."""
     port, admin = free_port(), free_port()
     host, upstream_port = upstream.removeprefix("http://").split(":")
     bootstrap = {
@@ -119,7 +156,12 @@ def plain_envoy(upstream: str, workdir: Path, concurrency: int) -> tuple[subproc
             ],
         },
     }
-    path = workdir / "plain-envoy.json"
+    if noop_sockets:
+        ext_proc, cluster = noop_extproc_filter(noop_sockets)
+        hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["http_filters"].insert(0, ext_proc)
+        bootstrap["static_resources"]["clusters"].append(cluster)
+    path = workdir / ("noop-envoy.json" if noop_sockets else "plain-envoy.json")
     path.write_text(json.dumps(bootstrap))
     proc = subprocess.Popen(
         [
@@ -192,7 +234,7 @@ def summarize(runs: dict[str, list[dict[str, float]]], target: str = "signalbox"
         "signalbox_p50_ms": median("signalbox", "p50_ms"),
         "plain_p99_ms": median("plain", "p99_ms"),
         "signalbox_p99_ms": median("signalbox", "p99_ms"),
-        "signalbox_non_2xx": sum(r["non_2xx"] for r in runs["signalbox"]),
+        "signalbox_non_2xx": sum(r["non_2xx"] for r in runs[target]),
         "plain_non_2xx": sum(r["non_2xx"] for r in runs["plain"]),
     }
 
@@ -232,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     plain, plain_port = plain_envoy(upstream, workdir, args.concurrency)
+    workers = args.workers or os.cpu_count() or 1
+    noop_sockets = [str(workdir / f"noop-{n}.sock") for n in range(workers)]
+    noops = [subprocess.Popen([sys.executable, "-m", "bench.noop_extproc", "--socket", sock]) for sock in noop_sockets]
+    noop, noop_port = plain_envoy(upstream, workdir, args.concurrency, noop_sockets)
     gateways = {
         name: LocalGateway(
             paths=[str(resources)],
@@ -250,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = {
         "plain": f"http://127.0.0.1:{plain_port}",
         **{name: gw.url.removesuffix("/v1") for name, gw in gateways.items()},
+        "noop_extproc": f"http://127.0.0.1:{noop_port}",
     }
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     try:
@@ -266,14 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for gw in gateways.values():
             gw.stop()
-        plain.terminate()
-        fake.terminate()
+        for proc in (plain, noop, *noops, fake):
+            proc.terminate()
 
     headline = summarize(results["zero_latency_upstream"])
     report = {
         **headline,
         "scenarios": {name: summarize(runs) for name, runs in results.items()},
         "scenarios_with_accounting": {name: summarize(runs, "signalbox_accounting") for name, runs in results.items()},
+        # The ceiling: plain Envoy plus a grpc.aio ext_proc that answers one message and decides nothing.
+        "scenarios_noop_extproc": {name: summarize(runs, "noop_extproc") for name, runs in results.items()},
         "setup": {
             "connections": args.connections,
             "seconds_per_round": args.seconds,
@@ -290,7 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
-        json.dumps({"routing": report["scenarios"], "with_accounting": report["scenarios_with_accounting"]}, indent=2)
+        json.dumps(
+            {
+                "routing": report["scenarios"],
+                "with_accounting": report["scenarios_with_accounting"],
+                "noop_extproc_ceiling": report["scenarios_noop_extproc"],
+            },
+            indent=2,
+        )
     )
     return 0
 

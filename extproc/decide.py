@@ -15,7 +15,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from signalbox.core.envoygen import too_large_message
+from signalbox.core.envoygen import (
+    BODY_MODEL_HEADER,
+    GATEWAY_HEADERS,
+    PATH_HEADER,
+    PREPARED_HEADER,
+    TARGET_HEADER,
+    too_large_message,
+)
 from signalbox.core.errors import MalformedRequest, PayloadTooLarge, UnknownModel, UnsupportedPath
 
 from .budget import BudgetStatus, refuse_if_exhausted
@@ -24,13 +31,13 @@ from .runtime import BackendRuntime, PolicyRuntime, RuntimeTable
 from .strategies import RequestContext, Selection, SelectionState, select
 from .tiers import classify_request
 
-TARGET = "x-signalbox-target"
-# Tells the upstream phase which model the body already names, so the first attempt (the
-# common case) needs no second parse of the body.
-BODY_MODEL = "x-signalbox-body-model"
-# Gateway-owned request headers: overwritten in the router phase, so clients cannot spoof them,
-# and removed in the upstream phase, so providers never see them.
-GATEWAY_HEADERS = (TARGET, BODY_MODEL)
+# Gateway-owned request headers (see envoygen): clients cannot set them, providers never see them.
+TARGET = TARGET_HEADER
+# Tells the upstream phase which model the body already names, so a failover attempt to a
+# backend with the same upstream model needs no second parse of the body.
+BODY_MODEL = BODY_MODEL_HEADER
+PREPARED = PREPARED_HEADER
+ORIGINAL_PATH = PATH_HEADER
 
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MODELS_PATH = "/v1/models"
@@ -109,7 +116,9 @@ class RouterOutcome:
     policy: PolicyRuntime
     selection: Selection
     classification: Classification
+    # Includes the first choice's API key: never log or return these.
     set_headers: tuple[tuple[str, str], ...]
+    remove_headers: tuple[str, ...]
     body: bytes
 
 
@@ -146,6 +155,8 @@ class Prepared:
     features: Features
     classification: Classification
     hash_key: str
+    path: str = "/v1/chat/completions"
+    headers: dict[str, str] | None = None
 
 
 def prepare(
@@ -162,7 +173,7 @@ def prepare(
     policy = find_policy(table, body["model"], path, headers)
     feats = features(body)
     hash_key = (headers.get(policy.hash_header, "") if policy.hash_header else "") or client_address
-    return Prepared(body, policy, feats, classify_request(policy, feats), hash_key)
+    return Prepared(body, policy, feats, classify_request(policy, feats), hash_key, path, headers)
 
 
 def needs_llm(prepared: Prepared) -> bool:
@@ -196,11 +207,21 @@ def finish(
         options = body.get("stream_options")
         body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     new_body = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    # Prepare the request for the first choice here, so that Envoy's first attempt (the common
+    # case) needs no upstream-phase stream; attempts to other backends run it and replace all of it.
+    first = prepare_upstream(backend, prepared.path, prepared.headers)
     return RouterOutcome(
         policy=prepared.policy,
         selection=selection,
         classification=cls,
-        set_headers=((TARGET, selection.choice.target), (BODY_MODEL, backend.upstream_model)),
+        set_headers=(
+            (TARGET, selection.choice.target),
+            (BODY_MODEL, backend.upstream_model),
+            (PREPARED, backend.id),
+            (ORIGINAL_PATH, prepared.path),
+            *first.set_headers,
+        ),
+        remove_headers=first.remove_headers,
         body=new_body,
     )
 
@@ -243,15 +264,11 @@ def upstream_path(backend: BackendRuntime, path: str) -> str:
     return f"{new}?{query}" if query else new
 
 
-def upstream(table: RuntimeTable, backend_id: str, path: str, headers: dict[str, str]) -> UpstreamOutcome:
-    backend = table.backends.get(backend_id)
-    if backend is None:
-        # Envoy runs an older cluster set than this table (reload in flight): fail this attempt
-        # loudly rather than sending a request with the wrong credentials.
-        raise LookupError(f"backend {backend_id!r} is not in routing config generation {table.generation}")
+def prepare_upstream(backend: BackendRuntime, path: str, headers: dict[str, str] | None) -> UpstreamOutcome:
+    """Path, authority and key for one backend; the client's own credentials are removed."""
     provider = backend.provider
     set_headers = [(":path", upstream_path(backend, path)), (":authority", provider.authority)]
-    remove = {*GATEWAY_HEADERS, "authorization", "api-key"}
+    remove = {"authorization", "api-key"}
     if provider.auth_value is not None:
         set_headers.append((provider.auth_header, provider.auth_value.reveal()))
         remove.discard(provider.auth_header)
@@ -259,8 +276,21 @@ def upstream(table: RuntimeTable, backend_id: str, path: str, headers: dict[str,
         backend=backend,
         set_headers=tuple(set_headers),
         remove_headers=tuple(sorted(remove)),
-        rewrite_body=headers.get(BODY_MODEL) != backend.upstream_model,
+        rewrite_body=(headers or {}).get(BODY_MODEL) != backend.upstream_model,
     )
+
+
+def upstream(table: RuntimeTable, backend_id: str, path: str, headers: dict[str, str]) -> UpstreamOutcome:
+    """An attempt on a backend the router phase did not prepare for (failover, hedging)."""
+    backend = table.backends.get(backend_id)
+    if backend is None:
+        # Envoy runs an older cluster set than this table (reload in flight): fail this attempt
+        # loudly rather than sending a request with the wrong credentials.
+        raise LookupError(f"backend {backend_id!r} is not in routing config generation {table.generation}")
+    # `:path` was rewritten for the first choice; the client's path travels beside it.
+    out = prepare_upstream(backend, headers.get(ORIGINAL_PATH) or path, headers)
+    remove = tuple(sorted({*out.remove_headers, *GATEWAY_HEADERS}))
+    return UpstreamOutcome(out.backend, out.set_headers, remove, out.rewrite_body)
 
 
 def rewrite_model(raw_body: bytes, model: str) -> bytes:

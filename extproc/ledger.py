@@ -37,11 +37,22 @@ class SpendLedger:
         # Autocommit (isolation_level=None): each statement is its own short transaction, so a
         # worker never holds the write lock across an await.
         self.db = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=5.0)
-        if path:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        self._setup(bool(path))
         self._pruned_bucket = 0
+
+    def _setup(self, shared: bool) -> None:
+        """Workers start together: switching a new file to WAL needs a lock another may hold."""
+        for attempt in range(50):
+            try:
+                if shared:
+                    self.db.execute("PRAGMA journal_mode=WAL")
+                    self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 49:
+                    raise
+                time.sleep(0.02 * (attempt + 1))
 
     def close(self) -> None:
         self.db.close()

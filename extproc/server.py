@@ -231,6 +231,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 self.count(outcome)
                 response = wire.body_response(
                     outcome.set_headers,
+                    outcome.remove_headers,
                     body=outcome.body,
                     clear_route_cache=True,
                     metadata={
@@ -296,8 +297,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             )
             return
         response = wire.headers_response(outcome.set_headers, outcome.remove_headers)
-        if outcome.rewrite_body:  # the body names another backend's model: a failover attempt
-            self.metrics.failovers.labels(outcome.backend.provider.name, outcome.backend.model).inc()
+        # Envoy runs this phase only for attempts the router phase did not prepare: failovers
+        # and hedged attempts.
+        self.metrics.failovers.labels(outcome.backend.provider.name, outcome.backend.model).inc()
         if not outcome.rewrite_body:
             response.mode_override.CopyFrom(_SKIP_BODY.mode_override)
             yield response

@@ -26,6 +26,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core import envoygen, loader
 from signalbox.core.compiler import CompileResult, compile_config
 from signalbox.core.errors import SignalboxError
+from signalbox.extproc.ledger import SpendLedger
 
 # AIProviders carrying this annotation get the bundled fake provider started on their baseUrl's
 # port by `signalbox up` (the offline quickstart). Ignored in a cluster.
@@ -151,6 +152,8 @@ class LocalGateway:
         if self.start_fakes:
             self._start_fakes(timeout)
         assert self.workdir
+        # Created once here so the workers, starting together, do not race to set it up.
+        SpendLedger(self.workdir / gatewayfiles.SPEND_DB).close()
         for n, socket_path in enumerate(self.options.extproc_sockets):
             name = f"extproc-{n}"
             argv = [sys.executable, "-m", "signalbox.cli", "extproc", "--config", str(self.config_file)]

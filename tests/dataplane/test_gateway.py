@@ -18,6 +18,7 @@ from .conftest import logs, start_gateway
 pytestmark = pytest.mark.dataplane
 
 BETA_KEY = "sk-beta-secret-7f3a9c"
+KEYED_KEY = "sk-keyed-secret-41d2e8"
 CLIENT_TOKEN = "client-gateway-token"
 
 
@@ -72,6 +73,10 @@ def resources(fakes) -> str:
         ),
         provider("flaky1", fakes["flaky1"].url + "/v1", [model("f1", upstreamName="flaky-one")]),
         provider("flaky2", fakes["flaky2"].url + "/v1", [model("f2", upstreamName="flaky-two")]),
+        # A keyed provider on flaky1's fake: a failing first choice whose key must stay its own.
+        provider(
+            "keyed", fakes["flaky1"].url + "/v1", [model("k1", upstreamName="keyed-model")], auth={"env": "KEYED_KEY"}
+        ),
         provider("dead", dead_url, [model("d1")]),
         provider("sick", fakes["delta"].url + "/v1", [model("s1")], healthy=False),
         policy("split", ["split"], [backend("alpha", "a1", weight=3), backend("gamma", "g1", weight=1)]),
@@ -82,6 +87,12 @@ def resources(fakes) -> str:
             "failover-429",
             ["failover-429"],
             [backend("flaky2", "f2"), backend("beta", "b1", priority=1)],
+            strategy="failover",
+        ),
+        policy(
+            "keyed-first",
+            ["keyed-first"],
+            [backend("keyed", "k1"), backend("gamma", "g1", priority=1)],
             strategy="failover",
         ),
         policy("refused", ["refused"], [backend("dead", "d1"), backend("beta", "b1", priority=1)], strategy="failover"),
@@ -115,7 +126,12 @@ def resources(fakes) -> str:
 
 @pytest.fixture(scope="module")
 def gateway(fakes, tmp_path_factory):
-    gw = start_gateway(tmp_path_factory.mktemp("gw"), resources(fakes), env={"BETA_KEY": BETA_KEY}, log_level="debug")
+    gw = start_gateway(
+        tmp_path_factory.mktemp("gw"),
+        resources(fakes),
+        env={"BETA_KEY": BETA_KEY, "KEYED_KEY": KEYED_KEY},
+        log_level="debug",
+    )
     yield gw
     gw.stop()
 
@@ -168,6 +184,21 @@ def test_failing_primary_loses_no_request(client, fakes, status, alias, primary,
     assert len(arrived) == 20
     assert all(r["model"] == "beta-large" for r in arrived)  # its own model name, not alpha's
     assert all(r["headers"]["Authorization"] == f"Bearer {BETA_KEY}" for r in arrived)  # its own key
+
+
+def test_failover_never_carries_the_first_choices_key(client, fakes):
+    """The router phase prepares the first attempt with the first choice's key; the failover
+    attempt to a keyless provider must arrive without it (and with its own model)."""
+    fakes["flaky1"].behave(status=500)
+    for _ in range(5):
+        _, headers = ask(client, "keyed-first")
+        assert headers["x-signalbox-provider"] == "gamma"
+    first = fakes["flaky1"].requests()
+    assert first and all(r["headers"]["Authorization"] == f"Bearer {KEYED_KEY}" for r in first)
+    arrived = fakes["gamma"].requests()
+    assert len(arrived) == 5 and all(r["model"] == "gamma-mid" for r in arrived)
+    for r in arrived:
+        assert KEYED_KEY not in str(r["headers"]) and "Authorization" not in r["headers"], r["headers"]
 
 
 def test_refused_connection_fails_over(client, fakes):
@@ -262,7 +293,7 @@ def test_bad_inputs_get_status_and_openai_error(gateway, client):
         ask(client, "no-such-model")
     assert exc.value.status_code == 404
     assert (
-        "available: bytask, cheap, failover, failover-429, fastest, nothing, refused, split, sticky"
+        "available: bytask, cheap, failover, failover-429, fastest, keyed-first, nothing, refused, split, sticky"
         in exc.value.message
     )
 
@@ -283,7 +314,18 @@ def test_bad_inputs_get_status_and_openai_error(gateway, client):
 
 def test_models_endpoint_lists_aliases_for_sdk(client):
     ids = [m.id for m in client.models.list()]
-    assert ids == ["bytask", "cheap", "failover", "failover-429", "fastest", "nothing", "refused", "split", "sticky"]
+    assert ids == [
+        "bytask",
+        "cheap",
+        "failover",
+        "failover-429",
+        "fastest",
+        "keyed-first",
+        "nothing",
+        "refused",
+        "split",
+        "sticky",
+    ]
 
 
 def test_every_response_carries_the_signalbox_headers(gateway, client):

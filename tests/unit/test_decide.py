@@ -64,6 +64,25 @@ def test_router_phase_rewrites_model_and_names_target(table):
     assert out.policy.name == "general"
 
 
+def test_router_phase_prepares_the_first_attempt_for_its_choice(table):
+    """So Envoy's first attempt needs no upstream-phase stream (the CEL matcher skips it)."""
+    client = {"authorization": "Bearer client-gateway-token"}
+    out = decide.decide(table, SelectionState(), "/v1/chat/completions?x=1", client, body())
+    headers = dict(out.set_headers)
+    assert headers[decide.PREPARED] == "default/oai/gpt" == out.selection.choice.backend.id
+    assert headers[":path"] == "/v1/chat/completions?x=1" and headers[":authority"] == "api.openai.com"
+    assert headers["authorization"] == f"Bearer {KEY}"  # replaces the client's token
+    assert headers[decide.ORIGINAL_PATH] == "/v1/chat/completions?x=1"  # for a failover's upstream phase
+    assert "authorization" not in out.remove_headers and "api-key" in out.remove_headers
+
+
+def test_failover_attempt_is_prepared_from_the_clients_path_not_the_first_choices(table):
+    prepared = {":path": "/v1/chat/completions", decide.ORIGINAL_PATH: "/v1/completions", decide.BODY_MODEL: "x"}
+    az = decide.upstream(table, "default/az/dep", prepared[":path"], prepared)
+    assert dict(az.set_headers)[":path"] == "/openai/deployments/prod-deploy/completions?api-version=2024-06-01"
+    assert {decide.PREPARED, decide.ORIGINAL_PATH, "authorization"} <= set(az.remove_headers)
+
+
 def test_more_specific_header_match_wins(table):
     out = decide.decide(table, SelectionState(), "/v1/chat/completions", {"x-team": "ml"}, body())
     assert out.policy.name == "team"

@@ -29,8 +29,55 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
     filters = clusters["t.default.p.0"]["typed_extension_protocol_options"][
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     ]["http_filters"]
-    assert [f["name"] for f in filters] == ["envoy.filters.http.ext_proc", "envoy.filters.http.upstream_codec"]
-    assert filters[0]["typed_config"]["request_attributes"] == ["xds.upstream_host_metadata"]
+    assert [f["name"] for f in filters] == [
+        "signalbox.strip_keys_unless_prepared",
+        "signalbox.upstream_phase",
+        "signalbox.strip_gateway_headers_upstream",
+        "envoy.filters.http.upstream_codec",
+    ]
+    upstream_phase = filters[1]["typed_config"]["extension_config"]["typed_config"]
+    assert upstream_phase["request_attributes"] == ["xds.upstream_host_metadata"]
+    removed = [m["remove"] for m in filters[2]["typed_config"]["mutations"]["request_mutations"]]
+    assert sorted(removed) == sorted(envoygen.GATEWAY_HEADERS)
+
+
+def test_attempts_the_router_phase_did_not_prepare_lose_every_key_before_the_upstream_phase():
+    """The first attempt goes out as the router phase prepared it; any other attempt (failover,
+    hedging) first loses all provider key headers, then runs the upstream phase, so the first
+    choice's key cannot reach another provider even if the ext_proc fails open."""
+    from cel.expr import syntax_pb2
+    from google.protobuf import json_format
+
+    clusters = by_name(envoygen.clusters(config(), envoygen.GatewayOptions(failure_mode="open")))
+    options = clusters["t.default.p.0"]["typed_extension_protocol_options"]
+    strip, phase = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][:2]
+    removed = [
+        m["remove"] for m in strip["typed_config"]["extension_config"]["typed_config"]["mutations"]["request_mutations"]
+    ]
+    assert {"authorization", "api-key"} <= set(removed)
+    for wrapped in (strip, phase):
+        (matcher,) = wrapped["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
+        assert matcher["on_match"]["action"]["typed_config"]["@type"].endswith("matcher.action.v3.SkipFilter")
+        parsed = matcher["predicate"]["single_predicate"]["custom_match"]["typed_config"]["expr_match"][
+            "cel_expr_parsed"
+        ]
+        assert parsed == envoygen.prepared_for_picked_host()
+    expr = json_format.ParseDict(envoygen.prepared_for_picked_host(), syntax_pb2.ParsedExpr()).expr
+    left, right = expr.call_expr.args
+    assert expr.call_expr.function == "_==_"
+    assert left.call_expr.args[1].const_expr.string_value == envoygen.PREPARED_HEADER
+    assert right.call_expr.args[1].const_expr.string_value == "backend"
+    ids = [n.id for n in (expr, left, right, *left.call_expr.args, *right.call_expr.args)]
+    assert len(set(ids)) == len(ids) and 0 not in ids
+
+
+def test_clients_cannot_send_gateway_headers():
+    listener = envoygen.listener(config(), envoygen.GatewayOptions())
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    first = hcm["http_filters"][0]
+    assert first["name"] == "signalbox.strip_client_gateway_headers"
+    removed = [m["remove"] for m in first["typed_config"]["mutations"]["request_mutations"]]
+    assert envoygen.PREPARED_HEADER in removed and envoygen.TARGET_HEADER in removed
 
 
 def test_backend_cluster_carries_metadata_tls_and_outlier_detection():
@@ -67,7 +114,7 @@ def test_fail_open_routes_unrouted_requests_instead_of_refusing():
     opts = envoygen.GatewayOptions(failure_mode="open")
     lds = envoygen.listener(config(), opts)
     hcm = lds["filter_chains"][0]["filters"][0]["typed_config"]
-    assert hcm["http_filters"][0]["typed_config"]["failure_mode_allow"] is True
+    assert hcm["http_filters"][1]["typed_config"]["failure_mode_allow"] is True
     assert hcm["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]["cluster"] == "t.default.p.0"
 
 

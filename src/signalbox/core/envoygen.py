@@ -4,7 +4,8 @@ Shape (see ARCHITECTURE.md, "One request"):
 - one cluster per backend (provider host/TLS/SNI, outlier detection), its endpoint carrying
   `filter_metadata.signalbox` = backend id, provider and model;
 - one aggregate cluster per *target* (a policy's first choice followed by its failover chain),
-  whose upstream HTTP filters run the upstream-phase ext_proc on every attempt;
+  whose upstream HTTP filters run the upstream-phase ext_proc on every attempt to a backend
+  other than the one the router phase prepared the request for (a CEL matcher decides);
 - one listener whose router-phase ext_proc picks the target and sets `x-signalbox-target`;
   one route per target (retry/hedge policy of the policy), and OpenAI-style local replies.
 
@@ -22,7 +23,17 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from . import errors
 from .compiler import chain
 
+# Gateway-owned request headers. Clients cannot set them (a header_mutation filter removes them
+# before the router phase sees the request) and providers never see them (the upstream filter
+# chain removes them after the upstream phase).
 TARGET_HEADER = "x-signalbox-target"
+# The model the body already names: the upstream phase rewrites the body only when it differs.
+BODY_MODEL_HEADER = "x-signalbox-body-model"
+# The backend the router phase already prepared the request for (path, authority, key, model).
+PREPARED_HEADER = "x-signalbox-prepared"
+# The client's path, for the upstream phase of a failover attempt (`:path` is already rewritten).
+PATH_HEADER = "x-signalbox-path"
+GATEWAY_HEADERS = (TARGET_HEADER, BODY_MODEL_HEADER, PREPARED_HEADER, PATH_HEADER)
 METADATA_NS = "signalbox"
 EXTPROC_CLUSTER = "signalbox_extproc"
 ADMIN_CLUSTER = "signalbox_envoy_admin"
@@ -233,11 +244,115 @@ def _extproc_filter(opts: GatewayOptions, response_headers: bool = False, **extr
     )
 
 
-def _upstream_extproc(opts: GatewayOptions) -> dict[str, Any]:
-    """Upstream-phase ext_proc: runs per attempt and learns the picked backend from metadata."""
+def _cel_index(operand: dict[str, Any], key: str) -> dict[str, Any]:
+    return {"callExpr": {"function": "_[_]", "args": [operand, {"constExpr": {"stringValue": key}}]}}
+
+
+def _cel_select(operand: dict[str, Any], field: str) -> dict[str, Any]:
+    return {"selectExpr": {"operand": operand, "field": field}}
+
+
+def _numbered(expr: Any, counter: list[int] | None = None) -> Any:
+    """CEL parsed expressions need a unique id per node."""
+    counter = counter if counter is not None else [0]
+    if isinstance(expr, dict):
+        out = {k: _numbered(v, counter) for k, v in expr.items()}
+        if any(k.endswith("Expr") for k in expr) and "id" not in expr:
+            counter[0] += 1
+            out["id"] = str(counter[0])
+        return out
+    if isinstance(expr, list):
+        return [_numbered(v, counter) for v in expr]
+    return expr
+
+
+def prepared_for_picked_host() -> dict[str, Any]:
+    """CEL: the attempt goes to the backend the router phase prepared the request for.
+
+    `request.headers['x-signalbox-prepared'] ==
+     xds.upstream_host_metadata.filter_metadata['signalbox']['backend']`, as a parsed
+    expression (Envoy's CEL matcher does not take expression strings). A missing header or
+    metadata is an evaluation error, which never matches: the ext_proc then runs.
+    """
+    header = _cel_index(_cel_select({"identExpr": {"name": "request"}}, "headers"), PREPARED_HEADER)
+    host = _cel_select(_cel_select({"identExpr": {"name": "xds"}}, "upstream_host_metadata"), "filter_metadata")
+    backend = _cel_index(_cel_index(host, METADATA_NS), "backend")
+    return {"expr": _numbered({"callExpr": {"function": "_==_", "args": [header, backend]}})}
+
+
+def _unless_prepared(name: str, filter_config: dict[str, Any]) -> dict[str, Any]:
+    """Wrap an upstream filter so it is skipped on the attempt the router phase prepared."""
+    skip_when_prepared = {
+        "predicate": {
+            "single_predicate": {
+                "input": {
+                    "name": "envoy.matching.inputs.cel_data_input",
+                    "typed_config": _any("xds.type.matcher.v3.HttpAttributesCelMatchInput"),
+                },
+                "custom_match": {
+                    "name": "envoy.matching.matchers.cel_matcher",
+                    "typed_config": _any(
+                        "xds.type.matcher.v3.CelMatcher", expr_match={"cel_expr_parsed": prepared_for_picked_host()}
+                    ),
+                },
+            }
+        },
+        "on_match": {
+            "action": {
+                "name": "skip",
+                "typed_config": _any("envoy.extensions.filters.common.matcher.action.v3.SkipFilter"),
+            }
+        },
+    }
     return {
+        "name": name,
+        "typed_config": _any(
+            "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            extension_config=filter_config,
+            xds_matcher={"matcher_list": {"matchers": [skip_when_prepared]}},
+        ),
+    }
+
+
+def _upstream_phase(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
+    """Upstream filters: the upstream-phase ext_proc on every attempt the router phase did not
+    prepare for (failover, hedging), nothing on the one it did.
+
+    The router phase prepares the request for its first choice (path, authority, key, body
+    model), so the first attempt, the common case, costs no second gRPC stream. Any other
+    attempt first loses every provider key header, then the ext_proc sets that backend's: the
+    first choice's key never reaches another provider, even when the ext_proc fails open.
+    """
+    key_headers = sorted({"authorization", "api-key", *(p.auth.header.lower() for p in cfg.providers if p.auth.header)})
+    strip_keys = {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": _any(
+            "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            mutations={"request_mutations": [{"remove": h} for h in key_headers]},
+        ),
+    }
+    extproc = {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": _extproc_filter(opts, request_attributes=["xds.upstream_host_metadata"]),
+    }
+    return [
+        _unless_prepared("signalbox.strip_keys_unless_prepared", strip_keys),
+        _unless_prepared("signalbox.upstream_phase", extproc),
+        _remove_gateway_headers("signalbox.strip_gateway_headers_upstream"),
+        {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": _any("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"),
+        },
+    ]
+
+
+def _remove_gateway_headers(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "typed_config": _any(
+            "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            mutations={"request_mutations": [{"remove": h} for h in GATEWAY_HEADERS]},
+        ),
     }
 
 
@@ -246,13 +361,7 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
     out = []
     for backend in cfg.backends:
         out.append(_any("envoy.config.cluster.v3.Cluster", **_backend_cluster(backend, providers[backend.provider_id])))
-    upstream_filters = [
-        _upstream_extproc(opts),
-        {
-            "name": "envoy.filters.http.upstream_codec",
-            "typed_config": _any("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"),
-        },
-    ]
+    upstream_filters = _upstream_phase(cfg, opts)
     for policy in cfg.policies:
         for i, pb_backend in enumerate(policy.backends):
             if not pb_backend.target:
@@ -461,6 +570,7 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
             "request_headers_to_remove": [],
         },
         http_filters=[
+            _remove_gateway_headers("signalbox.strip_client_gateway_headers"),
             {"name": "envoy.filters.http.ext_proc", "typed_config": router_extproc},
             *([{"name": "signalbox.accounting", "typed_config": accounting}] if opts.accounting else []),
             {
