@@ -157,8 +157,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 return
 
     async def _account(self, request: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest]) -> None:
-        """Accounting phase (observability mode: Envoy does not wait, nothing is answered)."""
-        if request.WhichOneof("request") != "response_headers":
+        """Accounting phase (observability mode: Envoy does not wait, nothing is answered).
+
+        Envoy sends only the response body; its first message carries the router phase's
+        decision (forwarded metadata) and the endpoint that answered (attribute).
+        """
+        if request.WhichOneof("request") != "response_body":
             return
         table = self.tables.current
         fields = request.metadata_context.filter_metadata["signalbox"].fields
@@ -170,14 +174,21 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         if backend is None:
             return
         policy_id = fields["policy_id"].string_value if "policy_id" in fields else policy
-        content_type = wire.header_map(request.response_headers).get("content-type", "")
-        reader = accounting.UsageReader(streaming="text/event-stream" in content_type)
-        async for message in rest:
-            if message.WhichOneof("request") == "response_body":
-                reader.feed(message.response_body.body)
-                if message.response_body.end_of_stream:
-                    break
-        usage = reader.finish()
+        reader: accounting.UsageReader | None = None
+        message = request
+        while True:
+            chunk = message.response_body.body
+            if reader is None and chunk.strip():
+                # A JSON answer is an object; anything else from a routed path is an SSE stream.
+                reader = accounting.UsageReader(streaming=not chunk.lstrip().startswith(b"{"))
+            if reader is not None:
+                reader.feed(chunk)
+            if message.response_body.end_of_stream:
+                break
+            message = await anext(aiter(rest), None)  # type: ignore[arg-type]
+            if message is None or message.WhichOneof("request") != "response_body":
+                return
+        usage = reader.finish() if reader is not None else None
         if usage is None:
             return
         cost = accounting.cost_usd(usage, backend.input_price, backend.output_price)

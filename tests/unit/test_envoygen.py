@@ -144,5 +144,8 @@ def test_accounting_filter_observes_responses_only_when_on():
     accounting = on["signalbox.accounting"]
     assert accounting["observability_mode"] is True  # Envoy does not wait for it
     assert accounting["processing_mode"]["response_body_mode"] == "STREAMED"
+    # Headers are not sent: the first body message carries what the phase needs.
+    assert accounting["processing_mode"]["response_header_mode"] == "SKIP"
+    assert accounting["response_attributes"] == ["xds.upstream_host_metadata"]
     assert accounting["metadata_options"] == {"forwarding_namespaces": {"untyped": ["signalbox"]}}
     assert "signalbox.accounting" not in filters(envoygen.GatewayOptions(accounting=False))

@@ -544,8 +544,10 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
     router_extproc = _extproc_filter(
         opts, response_headers=learns, metadata_options={"receiving_namespaces": {"untyped": [METADATA_NS]}}, **extra
     )
-    # Accounting: a second ext_proc in observability mode sees the response (headers and body,
-    # streamed) without Envoy waiting for it, so usage and cost are counted at no latency.
+    # Accounting: a second ext_proc in observability mode sees the response body (streamed)
+    # without Envoy waiting for it, so usage and cost are counted at no latency. Response headers
+    # are not sent: the first body message carries the decision (metadata) and the backend that
+    # answered (attribute), and the body itself tells JSON from SSE; one message fewer per request.
     accounting = _any(
         "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         grpc_service=_grpc_service(opts.extproc_message_timeout_ms),
@@ -553,7 +555,7 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
         observability_mode=True,
         processing_mode={
             "request_header_mode": "SKIP",
-            "response_header_mode": "SEND",
+            "response_header_mode": "SKIP",
             "request_body_mode": "NONE",
             "response_body_mode": "STREAMED",
         },
