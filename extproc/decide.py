@@ -1,9 +1,10 @@
 """The two ext_proc phases as pure functions of bytes and headers (no gRPC here).
 
 Router phase (downstream filter, once per request): parse the body once, find the policy by the
-`model` alias (+ header/path matches), classify, select the first backend, and say which Envoy
-target to route to. Upstream phase (upstream filter of the aggregate cluster, once per attempt,
-including failover attempts): given the backend Envoy picked, produce that backend's path,
+`model` alias (+ header/path matches), classify, select the first backend, say which Envoy
+target to route to, and prepare the request for that backend (path, authority, key, model).
+Upstream phase (upstream filter of the aggregate cluster, on attempts Envoy sends to another
+backend: failover, hedging): given the backend Envoy picked, produce that backend's path,
 authority, auth header and body `model`.
 """
 

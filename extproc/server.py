@@ -1,8 +1,8 @@
 """grpc.aio Envoy external processor: a thin servicer around the pure phase functions.
 
-One gRPC stream is one HTTP request (router phase) or one upstream attempt (upstream phase);
-the upstream phase is recognised by the `xds.upstream_host_metadata` attribute only it asks
-for. Per-stream state is a local variable of `Process`; the table is read once per stream.
+One gRPC stream is one HTTP request (router phase), one failover or hedged attempt (upstream
+phase, recognised by the `xds.upstream_host_metadata` attribute only it asks for), or one
+response to count (accounting phase, in observability mode). Per-stream state is a local variable of `Process`; the table is read once per stream.
 """
 
 from __future__ import annotations
