@@ -2,7 +2,8 @@
 
 One gRPC stream is one HTTP request (router phase), one failover or hedged attempt (upstream
 phase, recognised by the `xds.upstream_host_metadata` attribute only it asks for), or one
-response to count (accounting phase, in observability mode). Per-stream state is a local variable of `Process`; the table is read once per stream.
+response to count (accounting phase, in observability mode). Per-stream state is a local
+variable of `Process`; the table is read once per stream.
 """
 
 from __future__ import annotations
