@@ -175,6 +175,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         if backend is None:
             return
         policy_id = fields["policy_id"].string_value if "policy_id" in fields else policy
+        decided_at = float(fields["decided_at"].string_value) if "decided_at" in fields else time.time()
+        genai = (backend.model, backend.provider.name)
         reader: accounting.UsageReader | None = None
         message = request
         while True:
@@ -182,6 +184,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if reader is None and chunk.strip():
                 # A JSON answer is an object; anything else from a routed path is an SSE stream.
                 reader = accounting.UsageReader(streaming=not chunk.lstrip().startswith(b"{"))
+                if reader.streaming:
+                    self.metrics.time_to_first_token.labels(*genai).observe(max(time.time() - decided_at, 0.0))
             if reader is not None:
                 reader.feed(chunk)
             if message.response_body.end_of_stream:
@@ -189,11 +193,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             message = await anext(aiter(rest), None)  # type: ignore[arg-type]
             if message is None or message.WhichOneof("request") != "response_body":
                 return
+        self.metrics.request_duration.labels(*genai).observe(max(time.time() - decided_at, 0.0))
         usage = reader.finish() if reader is not None else None
         if usage is None:
             return
         cost = accounting.cost_usd(usage, backend.input_price, backend.output_price)
-        labels = (backend.model, backend.provider.name, policy)
+        labels = (*genai, policy)
         self.metrics.tokens.labels("input", *labels).inc(usage.prompt_tokens)
         self.metrics.tokens.labels("output", *labels).inc(usage.completion_tokens)
         self.metrics.cost.labels(policy, backend.provider.name, backend.model).inc(cost)
@@ -254,6 +259,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                             policy.name, outcome.classification.class_key, outcome.selection.choice.backend.id
                         ),
                         "class": decide.class_header(outcome.classification),
+                        # Wall clock: the accounting phase may run in another worker process.
+                        "decided_at": f"{time.time():.6f}",
                     },
                 )
                 if policy.learning:
@@ -263,9 +270,6 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     async for reply in rest:
                         if reply.WhichOneof("request") == "response_headers":
                             learn_from_response(state, outcome, reply, started)
-                            self.metrics.request_duration.labels(
-                                outcome.selection.choice.backend.model, outcome.selection.choice.backend.provider.name
-                            ).observe(time.monotonic() - started)
                             yield wire.response_headers_response()
                             return
                     return

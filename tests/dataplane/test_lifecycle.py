@@ -267,13 +267,15 @@ def test_tokens_and_cost_are_counted_for_plain_and_streamed_responses(fakes, tmp
     gw = start_gateway(tmp_path, resources, extproc_workers=1)
     try:
         with openai.OpenAI(base_url=gw.url, api_key="x", max_retries=0) as client:
-            client.chat.completions.create(model="paid", messages=[{"role": "user", "content": "hi"}])
+            client.chat.completions.create(
+                model="paid", messages=[{"role": "user", "content": "hi"}], extra_headers={"x-fake-delay-ms": "150"}
+            )
             chunks = list(
                 client.chat.completions.create(
                     model="paid",
                     messages=[{"role": "user", "content": "hi"}],
                     stream=True,
-                    extra_headers={"x-fake-chunks": "5"},
+                    extra_headers={"x-fake-chunks": "5", "x-fake-chunk-delay-ms": "100"},
                 )
             )
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -295,5 +297,13 @@ def test_tokens_and_cost_are_counted_for_plain_and_streamed_responses(fakes, tmp
         expected = (20 * 2.0 + 12 * 8.0) / 1e6
         spent = metric("signalbox_cost_usd_total", model="a1", policy="paid", provider="alpha")
         assert abs(spent - expected) < 1e-12
+        # Durations from the routing decision: the plain answer waited 150 ms, the stream's five
+        # chunks came 100 ms apart, and its first chunk came before the other four.
+        genai = {"gen_ai_request_model": "a1", "gen_ai_system": "alpha"}
+        assert metric("gen_ai_server_request_duration_seconds_count", **genai) == 2
+        assert metric("gen_ai_server_time_to_first_token_seconds_count", **genai) == 1
+        duration = metric("gen_ai_server_request_duration_seconds_sum", **genai)
+        first_token = metric("gen_ai_server_time_to_first_token_seconds_sum", **genai)
+        assert duration >= 0.55 and first_token <= duration - 0.55
     finally:
         gw.stop()
