@@ -10,7 +10,7 @@ from google.protobuf import json_format
 
 from signalbox.core.compiler import compile_config
 from signalbox.extproc.reload import TableHolder
-from signalbox.extproc.server import serve
+from signalbox.extproc.server import Processor, serve
 from signalbox.fakeprovider import serving
 from tests.factories import backend, model, policy, provider
 
@@ -47,11 +47,13 @@ async def stub(judge, monkeypatch):
     assert result.ok, result.problems
     holder = TableHolder()
     holder.install(result.config)
-    server, port = await serve(holder, "127.0.0.1:0", max_body_bytes=1 << 20)
+    processor = Processor(holder, max_body_bytes=1 << 20)
+    server, port = await serve(holder, "127.0.0.1:0", max_body_bytes=1 << 20, processor=processor)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield ep_grpc.ExternalProcessorStub(channel)
     await channel.close()
     await server.stop(None)
+    await processor.llm.close()
 
 
 async def route(stub, text):
