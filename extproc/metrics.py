@@ -7,17 +7,23 @@ strategy, tier, task type, complexity, outcome codes — never prompts, users or
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from .budget import BudgetStatus
-from .runtime import PolicyRuntime
+if TYPE_CHECKING:  # annotations only: keeps this module light for the CLI that imports it
+    from .budget import BudgetStatus
+    from .runtime import PolicyRuntime
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# prometheus_client's multiprocess mode: each worker writes its values under this directory.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
@@ -44,7 +50,9 @@ class Metrics:
             registry=r,
         )
         self.feedback = Counter("signalbox_feedback", "Quality feedback received.", ["policy"], registry=r)
-        self.config_generation = Gauge("signalbox_config_generation", "Routing config generation in force.", registry=r)
+        self.config_generation = Gauge(
+            "signalbox_config_generation", "Routing config generation in force.", registry=r, multiprocess_mode="max"
+        )
         self.config_reload_failures = Counter(
             "signalbox_config_reload_failures",
             "Routing configs that could not be loaded (the last good one stayed).",
@@ -102,7 +110,15 @@ class Metrics:
             self.registry.register(self._budgets)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """This process's metrics, or, when the gateway runs several ext_proc workers
+        (PROMETHEUS_MULTIPROC_DIR set, as `signalbox up` does), the sum over all of them."""
+        if not os.environ.get(MULTIPROC_ENV):
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        if self._budgets is not None:
+            registry.register(self._budgets)  # already all workers' spend: read from the ledger
+        return generate_latest(registry)
 
 
 class _BudgetCollector(Collector):

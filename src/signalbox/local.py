@@ -27,6 +27,7 @@ from signalbox.core import envoygen, loader
 from signalbox.core.compiler import CompileResult, compile_config
 from signalbox.core.errors import SignalboxError
 from signalbox.extproc.ledger import SpendLedger
+from signalbox.extproc.metrics import MULTIPROC_ENV
 
 # AIProviders carrying this annotation get the bundled fake provider started on their baseUrl's
 # port by `signalbox up` (the offline quickstart). Ignored in a cluster.
@@ -71,8 +72,8 @@ class LocalGateway:
     # ext_proc worker processes (0: one per core).
     extproc_workers: int = 0
     accounting: bool = True
-    # Admin HTTP API of ext_proc worker 0 (0: a free port). Each worker keeps its own learning
-    # state and metrics; the API shows worker 0's. Budget spend is shared by all workers.
+    # Admin HTTP API of ext_proc worker 0 (0: a free port). Metrics and budget spend cover all
+    # workers; learning state is per worker.
     admin_api_port: int = 0
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     generation: int = 0
@@ -134,11 +135,15 @@ class LocalGateway:
 
     # ------------------------------------------------------------------ processes
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         assert self.workdir
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env, **(env or {})},
+            start_new_session=True,
         )
         self.processes[name] = proc
         return proc
@@ -154,6 +159,11 @@ class LocalGateway:
         assert self.workdir
         # Created once here so the workers, starting together, do not race to set it up.
         SpendLedger(self.workdir / gatewayfiles.SPEND_DB).close()
+        # Workers share their counters (prometheus_client multiprocess mode): the admin API of
+        # worker 0 reports the whole gateway.
+        metrics_dir = self.workdir / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir()
         for n, socket_path in enumerate(self.options.extproc_sockets):
             name = f"extproc-{n}"
             argv = [sys.executable, "-m", "signalbox.cli", "extproc", "--config", str(self.config_file)]
@@ -161,7 +171,7 @@ class LocalGateway:
             argv += ["--spend-db", str(self.workdir / gatewayfiles.SPEND_DB)]
             if n == 0:
                 argv += ["--admin-address", f"127.0.0.1:{self.admin_api_port}"]
-            self._spawn(name, [*argv, "--log-level", self.log_level])
+            self._spawn(name, [*argv, "--log-level", self.log_level], {MULTIPROC_ENV: str(metrics_dir)})
         for n, socket_path in enumerate(self.options.extproc_sockets):
             self._wait(lambda p=socket_path: Path(p).exists(), f"extproc-{n}", timeout)
         bootstrap = gatewayfiles.write_bootstrap(self.workdir, self.options)

@@ -50,6 +50,16 @@ def budget(gw, name: str) -> dict:
     return found
 
 
+def requests_total(metrics: str, **labels: str) -> float:
+    """Sum of signalbox_requests_total over the series carrying these labels."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("signalbox_requests_total{") and all(w in line for w in wanted)
+    )
+
+
 def test_budget_downgrades_then_refuses_or_goes_cheapest_counting_exactly_across_workers(fakes, tmp_path):
     clear_of_the_hour_edge()
     gw = start_gateway(tmp_path, resources(fakes), extproc_workers=2)  # two workers, one ledger
@@ -104,5 +114,9 @@ def test_budget_downgrades_then_refuses_or_goes_cheapest_counting_exactly_across
         assert 'signalbox_budget_remaining_usd{policy="metered",window="hour"} 0.0' in metrics
         # Read from the shared ledger at scrape time: worker 0's metrics include worker 1's spend.
         assert 'signalbox_budget_limit_usd{policy="thrifty",window="day"} 0.02' in metrics
+        # Counters are summed over both workers (prometheus_client multiprocess mode).
+        assert requests_total(metrics, policy="metered", outcome="routed") == 12  # 2 premium + 10 cheap
+        assert requests_total(metrics, policy="metered", outcome="budget_exhausted") == 1
+        assert requests_total(metrics, policy="thrifty", outcome="routed") == 3
     finally:
         gw.stop()
