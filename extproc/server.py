@@ -301,9 +301,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self, request: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest], backend_id: str
     ):
         table = self.tables.current
+        decided = time.perf_counter()
         headers = wire.header_map(request.request_headers)
         try:
             outcome = decide.upstream(table, backend_id, headers.get(":path", "/"), headers)
+            self.metrics.phase_seconds.labels("upstream").observe(time.perf_counter() - decided)
         except LookupError as exc:
             log.warning("upstream phase: %s", exc)
             yield wire.immediate(
