@@ -88,6 +88,21 @@ def learn_from_response(
     state.observe_outcome(policy, key, served, ok, latency)
 
 
+async def response_bodies(
+    first: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest]
+) -> AsyncIterator[ep.HttpBody]:
+    """The response body messages of an accounting stream, the first one included, up to the end."""
+    yield first.response_body
+    if first.response_body.end_of_stream:
+        return
+    async for message in rest:
+        if message.WhichOneof("request") != "response_body":
+            return
+        yield message.response_body
+        if message.response_body.end_of_stream:
+            return
+
+
 def client_address(headers: dict[str, str]) -> str:
     forwarded = headers.get("x-forwarded-for", "")
     return forwarded.split(",")[-1].strip() if forwarded else headers.get("x-envoy-external-address", "")
@@ -178,9 +193,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         decided_at = float(fields["decided_at"].string_value) if "decided_at" in fields else time.time()
         genai = (backend.model, backend.provider.name)
         reader: accounting.UsageReader | None = None
-        message = request
-        while True:
-            chunk = message.response_body.body
+        complete = False
+        async for body in response_bodies(request, rest):
+            chunk, complete = body.body, body.end_of_stream
             if reader is None and chunk.strip():
                 # A JSON answer is an object; anything else from a routed path is an SSE stream.
                 reader = accounting.UsageReader(streaming=not chunk.lstrip().startswith(b"{"))
@@ -188,11 +203,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     self.metrics.time_to_first_token.labels(*genai).observe(max(time.time() - decided_at, 0.0))
             if reader is not None:
                 reader.feed(chunk)
-            if message.response_body.end_of_stream:
-                break
-            message = await anext(aiter(rest), None)  # type: ignore[arg-type]
-            if message is None or message.WhichOneof("request") != "response_body":
-                return
+        if not complete:
+            return  # the stream ended early (client gone, Envoy reset): nothing reliable to count
         self.metrics.request_duration.labels(*genai).observe(max(time.time() - decided_at, 0.0))
         usage = reader.finish() if reader is not None else None
         if usage is None:
