@@ -16,7 +16,6 @@ live request would get (strategies that keep rotating state are explained on a c
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from datetime import UTC, datetime
@@ -110,7 +109,7 @@ def build_app(processor: Processor) -> web.Application:
             # A copy: explaining must not advance round-robin positions or weights.
             outcome = decide.finish(
                 p,
-                copy.deepcopy(processor.state),
+                processor.state.snapshot(),
                 better,
                 explain=True,
                 budget=processor.budget_status(p.policy, now),

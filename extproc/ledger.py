@@ -1,10 +1,9 @@
-"""The spend ledger: USD per policy in hourly buckets, in SQLite.
+"""The spend ledger: USD per policy in hourly buckets, in SQLite (`sharedstate`).
 
-Why SQLite: one gateway replica runs several ext_proc workers (one per core locally), and the
-router phase of one worker must see what the accounting phase of another just counted, so the
-ledger is a file they all open (WAL mode: readers never wait for the writer). In a cluster the
-gateway sidecar also opens it to publish this replica's spend and to record the other replicas'
-(`signalbox.spendsync`). Without a path the ledger lives in memory (one process, tests).
+Every ext_proc worker of a replica opens the same file, so the router phase of one sees what
+the accounting phase of another just counted (budgets are locally exact). In a cluster the
+gateway sidecar also opens it to publish this replica's spend and to record the other
+replicas' (`signalbox.spendsync`).
 
 Rows: `spend(policy, bucket, usd)` for this replica and `remote(replica, policy, bucket, usd)`
 for the others. Keys are policy ids ("namespace/name").
@@ -12,11 +11,11 @@ for the others. Keys are policy ids ("namespace/name").
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
 from .budget import DAY, HOUR, Buckets, window_start
+from .sharedstate import connect
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spend (
@@ -31,28 +30,8 @@ KEEP_SECONDS = 2 * DAY
 
 class SpendLedger:
     def __init__(self, path: str | Path | None = None):
-        target = str(path) if path else ":memory:"
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit (isolation_level=None): each statement is its own short transaction, so a
-        # worker never holds the write lock across an await.
-        self.db = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=5.0)
-        self._setup(bool(path))
+        self.db = connect(path, _SCHEMA)
         self._pruned_bucket = 0
-
-    def _setup(self, shared: bool) -> None:
-        """Workers start together: switching a new file to WAL needs a lock another may hold."""
-        for attempt in range(50):
-            try:
-                if shared:
-                    self.db.execute("PRAGMA journal_mode=WAL")
-                    self.db.execute("PRAGMA synchronous=NORMAL")
-                self.db.executescript(_SCHEMA)
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or attempt == 49:
-                    raise
-                time.sleep(0.02 * (attempt + 1))
 
     def close(self) -> None:
         self.db.close()

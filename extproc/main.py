@@ -13,17 +13,21 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import admin
+from .learning import SharedLearning
 from .ledger import SpendLedger
 from .metrics import Metrics
 from .reload import TableHolder
 from .runtime import default_key_resolver
 from .server import Processor, serve
+from .sharedstate import LEARNING_DB, SPEND_DB
+from .strategies import SelectionState
 
 log = logging.getLogger("signalbox.extproc")
 DRAIN_SECONDS = 10
@@ -54,8 +58,10 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
         address = f"unix:{args.socket}"
     else:
         address = args.address
-    ledger = SpendLedger(getattr(args, "spend_db", None))
-    processor = Processor(tables, max_body_bytes=args.max_body_bytes, metrics=metrics, ledger=ledger)
+    state_dir = getattr(args, "state_dir", None)
+    ledger = SpendLedger(Path(state_dir) / SPEND_DB if state_dir else None)
+    learning = SharedLearning(Path(state_dir) / LEARNING_DB) if state_dir else None
+    processor = Processor(tables, SelectionState(shared=learning), args.max_body_bytes, metrics=metrics, ledger=ledger)
     server, _ = await serve(tables, address, args.max_body_bytes, processor=processor)
     health_server = await health_only_server(args.health_address) if args.health_address else None
     admin_runner = None
@@ -79,6 +85,8 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
         await admin_runner.cleanup()
     await processor.llm.close()
     ledger.close()
+    if learning is not None:
+        learning.close()
     for task in tasks:
         task.cancel()
     return 0

@@ -8,6 +8,7 @@ policy and backend ids, so a reload does not reset learning or fairness.
 
 from __future__ import annotations
 
+import copy
 import random
 import zlib
 from collections import defaultdict
@@ -18,6 +19,7 @@ from signalbox.core.errors import NoHealthyBackend, RequestError
 
 from .budget import EXHAUSTED, OK, BudgetStatus
 from .classify import Classification, Features
+from .learning import LATENCY_ALPHA, SharedLearning
 from .runtime import Choice, PolicyRuntime
 
 
@@ -39,6 +41,22 @@ class SelectionState:
     quality: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
     # (policy name, class key, backend id) -> [answered, failed over, latency EWMA in ms]
     outcomes: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
+    # The other workers' observations too (quality, outcomes), when the gateway has several.
+    shared: SharedLearning | None = None
+
+    def refresh(self) -> None:
+        """Take in what other workers learned since the last decision."""
+        if self.shared is not None and self.shared.changed():
+            self.quality, self.outcomes = self.shared.load()
+
+    def snapshot(self) -> SelectionState:
+        """An independent copy (for dry runs: explaining must not move round-robin positions)."""
+        self.refresh()
+        shared, self.shared = self.shared, None
+        try:
+            return copy.deepcopy(self)
+        finally:
+            self.shared = shared
 
     def observe_latency(self, backend_id: str, ms: float, alpha: float, prior: float) -> None:
         old = self.latency_ms.get(backend_id, prior)
@@ -52,12 +70,16 @@ class SelectionState:
         entry = self.quality.setdefault((policy, class_key, backend_id), [0.0, 0.0])
         entry[0] += 1
         entry[1] += score
+        if self.shared is not None:
+            self.shared.add_quality((policy, class_key, backend_id), score)
 
     def observe_outcome(self, policy: str, class_key: str, backend_id: str, ok: bool, latency_ms: float) -> None:
         """Whether a backend answered a request of this class itself (no failover) and how fast."""
         entry = self.outcomes.setdefault((policy, class_key, backend_id), [0.0, 0.0, latency_ms])
         entry[0 if ok else 1] += 1
-        entry[2] += 0.3 * (latency_ms - entry[2])
+        entry[2] += LATENCY_ALPHA * (latency_ms - entry[2])
+        if self.shared is not None:
+            self.shared.add_outcome((policy, class_key, backend_id), ok, latency_ms)
 
     def success_rate(self, policy: str, class_key: str, backend_id: str) -> float:
         ok, failed, _ = self.outcomes.get((policy, class_key, backend_id), (0.0, 0.0, 0.0))
@@ -266,6 +288,8 @@ def select(
 ) -> Selection:
     if not policy.choices:
         raise NoHealthyBackend(f"no healthy backend for policy {policy.name!r}")
+    if policy.learning:
+        state.refresh()
     choices, notes = eligible(policy, ctx, explain)
     if not choices:
         reasons = "; ".join(f"{b}: {why}" for b, _, why in notes)

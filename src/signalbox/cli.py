@@ -248,13 +248,13 @@ def cmd_gateway_sidecar(args: argparse.Namespace) -> int:
     """The gateway pod's second container: the ext_proc plus the ConfigMap watch, one process."""
     from signalbox.configsync import SECRETS_DIR
     from signalbox.extproc.main import serve_until_stopped
-    from signalbox.gatewayfiles import CONFIG_FILE, SPEND_DB
+    from signalbox.gatewayfiles import CONFIG_FILE, STATE_DIR
 
     sync = _config_sync(args)
     args.config = f"{args.workdir}/{CONFIG_FILE}"
     args.socket = f"{args.workdir}/extproc.sock"
     args.secrets_dir = args.secrets_dir or f"{args.workdir}/{SECRETS_DIR}"
-    args.spend_db = args.spend_db or f"{args.workdir}/{SPEND_DB}"
+    args.state_dir = args.state_dir or f"{args.workdir}/{STATE_DIR}"
     background = [sync.run]
     if args.spend_configmap:
         background.append(_spend_sync(args).run)
@@ -264,6 +264,7 @@ def cmd_gateway_sidecar(args: argparse.Namespace) -> int:
 def _spend_sync(args: argparse.Namespace):
     """Budget spend shared with the other gateway replicas through a ConfigMap."""
     from signalbox.extproc.ledger import SpendLedger
+    from signalbox.extproc.sharedstate import SPEND_DB
     from signalbox.operator.kube import api_client
     from signalbox.spendsync import SpendSync
 
@@ -274,7 +275,7 @@ def _spend_sync(args: argparse.Namespace):
         namespace or "default",
         name,
         replica,
-        SpendLedger(args.spend_db),
+        SpendLedger(Path(args.state_dir) / SPEND_DB),
         interval=args.spend_sync_interval,
     )
 
@@ -306,7 +307,8 @@ def _extproc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--health-address", help="host:port for a gRPC health service only (kubelet probes)")
     parser.add_argument("--admin-address", help="host:port of the admin HTTP API (/metrics, /v1/route, ...)")
     parser.add_argument(
-        "--spend-db", help="SQLite file of budget spend, shared by the workers of one gateway (default: in memory)"
+        "--state-dir",
+        help="directory of the state the workers of one gateway share: budget spend, learning (default: in memory)",
     )
     parser.add_argument("--log-level", default="info")
 

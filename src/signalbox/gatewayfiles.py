@@ -19,9 +19,9 @@ from signalbox.core import envoygen
 
 CONFIG_FILE = "config/routing-config.json"
 ENVOY_DIR = "envoy"
-# Budget spend (SQLite), shared by the ext_proc workers of one gateway. Not under config/: the
-# ext_proc reloads on every change there.
-SPEND_DB = "state/spend.db"
+# What the ext_proc workers of one gateway share (SQLite files: budget spend, learning; see
+# signalbox.extproc.sharedstate). Not under config/: the ext_proc reloads on every change there.
+STATE_DIR = "state"
 
 
 def write_atomic(path: Path, data: str) -> None:

@@ -26,8 +26,10 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core import envoygen, loader
 from signalbox.core.compiler import CompileResult, compile_config
 from signalbox.core.errors import SignalboxError
+from signalbox.extproc.learning import SharedLearning
 from signalbox.extproc.ledger import SpendLedger
 from signalbox.extproc.metrics import MULTIPROC_ENV
+from signalbox.extproc.sharedstate import LEARNING_DB, SPEND_DB
 
 # AIProviders carrying this annotation get the bundled fake provider started on their baseUrl's
 # port by `signalbox up` (the offline quickstart). Ignored in a cluster.
@@ -72,8 +74,8 @@ class LocalGateway:
     # ext_proc worker processes (0: one per core).
     extproc_workers: int = 0
     accounting: bool = True
-    # Admin HTTP API of ext_proc worker 0 (0: a free port). Metrics and budget spend cover all
-    # workers; learning state is per worker.
+    # Admin HTTP API of ext_proc worker 0 (0: a free port). Metrics, budget spend and learning
+    # cover all workers.
     admin_api_port: int = 0
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     generation: int = 0
@@ -157,8 +159,10 @@ class LocalGateway:
         if self.start_fakes:
             self._start_fakes(timeout)
         assert self.workdir
-        # Created once here so the workers, starting together, do not race to set it up.
-        SpendLedger(self.workdir / gatewayfiles.SPEND_DB).close()
+        # Created once here so the workers, starting together, do not race to set them up.
+        state_dir = self.workdir / gatewayfiles.STATE_DIR
+        SpendLedger(state_dir / SPEND_DB).close()
+        SharedLearning(state_dir / LEARNING_DB).close()
         # Workers share their counters (prometheus_client multiprocess mode): the admin API of
         # worker 0 reports the whole gateway.
         metrics_dir = self.workdir / "metrics"
@@ -168,7 +172,7 @@ class LocalGateway:
             name = f"extproc-{n}"
             argv = [sys.executable, "-m", "signalbox.cli", "extproc", "--config", str(self.config_file)]
             argv += ["--socket", socket_path, "--max-body-bytes", str(self.max_body_bytes)]
-            argv += ["--spend-db", str(self.workdir / gatewayfiles.SPEND_DB)]
+            argv += ["--state-dir", str(state_dir)]
             if n == 0:
                 argv += ["--admin-address", f"127.0.0.1:{self.admin_api_port}"]
             self._spawn(name, [*argv, "--log-level", self.log_level], {MULTIPROC_ENV: str(metrics_dir)})

@@ -5,6 +5,7 @@ from collections import Counter
 
 from signalbox.core.compiler import compile_config
 from signalbox.extproc.classify import features
+from signalbox.extproc.learning import SharedLearning
 from signalbox.extproc.runtime import RuntimeTable
 from signalbox.extproc.strategies import RequestContext, SelectionState, select
 from signalbox.extproc.tiers import classify_request
@@ -151,3 +152,19 @@ def test_without_learning_declared_quality_decides():
         select(t.policies[0], RequestContext(f, classify_request(t.policies[0], f), ""), state).choice.backend.id
         == "default/cheap/small"
     )
+
+
+def test_workers_sharing_a_learning_file_learn_from_each_others_feedback(tmp_path):
+    """Feedback that reached one ext_proc worker moves the choice of another (shared SQLite)."""
+    t = table(learning={"enabled": True, "explorationRate": 0.0, "priorWeight": 2}, cost={"qualityTolerance": 0.05})
+    p = t.policies[0]
+    one = SelectionState(shared=SharedLearning(tmp_path / "learning.db"))
+    other = SelectionState(shared=SharedLearning(tmp_path / "learning.db"))
+    f = ask("write a sorting function in python")
+    request = RequestContext(f, classify_request(p, f), "")
+    assert select(p, request, other).choice.backend.id == "default/cheap/small"
+    for _ in range(5):
+        one.observe_quality(p.name, request.classification.class_key, "default/cheap/small", 0.0)
+    assert select(p, request, other).choice.backend.id == "default/dear/large"
+    explained = other.snapshot()  # a dry run's copy: the learning, not the file
+    assert explained.shared is None and explained.quality == other.quality

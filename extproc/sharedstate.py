@@ -1,0 +1,37 @@
+"""SQLite files shared by the ext_proc workers of one gateway (`<workdir>/state/*.db`).
+
+One replica runs several ext_proc workers (one per core locally); what one counts or learns
+the others must see. A file they all open does that with no extra process: WAL mode (readers
+never wait for the writer), autocommit (no worker holds a lock across an await), and without
+a path, an in-memory database for a single process and tests.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+# The files in a gateway's state directory (`--state-dir`).
+SPEND_DB = "spend.db"
+LEARNING_DB = "learning.db"
+
+
+def connect(path: str | Path | None, schema: str) -> sqlite3.Connection:
+    target = str(path) if path else ":memory:"
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=5.0)
+    # Workers start together: switching a new file to WAL needs a lock another may hold.
+    for attempt in range(50):
+        try:
+            if path:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(schema)
+            return db
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 49:
+                raise
+            time.sleep(0.02 * (attempt + 1))
+    raise AssertionError("unreachable")
