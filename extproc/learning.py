@@ -4,6 +4,10 @@
 writes every observation through to the file and reloads the dicts whenever another worker
 has written (SQLite's `data_version`, a cheap check per decision), so feedback that reached
 one worker teaches all of them. Rows are keyed like the dicts: (policy name, class, backend).
+
+The other gateway replicas' observations arrive as `remote_*` rows (written by
+`signalbox.replicasync`) and are added in: counts sum; the latency average is this replica's
+own when it has one (it is what this replica's clients see), else the others' mean.
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ CREATE TABLE IF NOT EXISTS outcomes (
   policy TEXT NOT NULL, class TEXT NOT NULL, backend TEXT NOT NULL,
   ok REAL NOT NULL, failed REAL NOT NULL, latency REAL NOT NULL,
   PRIMARY KEY (policy, class, backend));
+CREATE TABLE IF NOT EXISTS remote_quality (
+  replica TEXT NOT NULL, policy TEXT NOT NULL, class TEXT NOT NULL, backend TEXT NOT NULL,
+  n REAL NOT NULL, total REAL NOT NULL, PRIMARY KEY (replica, policy, class, backend));
+CREATE TABLE IF NOT EXISTS remote_outcomes (
+  replica TEXT NOT NULL, policy TEXT NOT NULL, class TEXT NOT NULL, backend TEXT NOT NULL,
+  ok REAL NOT NULL, failed REAL NOT NULL, latency REAL NOT NULL, PRIMARY KEY (replica, policy, class, backend));
 """
 # Weight of the newest latency in the outcome EWMA (the same as SelectionState's).
 LATENCY_ALPHA = 0.3
@@ -57,6 +67,44 @@ class SharedLearning:
         return changed
 
     def load(self) -> tuple[dict[Key, list[float]], dict[Key, list[float]]]:
-        quality = {(p, c, b): [n, t] for p, c, b, n, t in self.db.execute("SELECT * FROM quality")}
-        outcomes = {(p, c, b): [ok, f, lat] for p, c, b, ok, f, lat in self.db.execute("SELECT * FROM outcomes")}
+        """(quality, outcomes) as SelectionState keeps them: this replica's plus the others'."""
+        quality: dict[Key, list[float]] = {}
+        for p, c, b, n, total in self.db.execute(
+            "SELECT policy, class, backend, SUM(n), SUM(total) FROM ("
+            " SELECT policy, class, backend, n, total FROM quality"
+            " UNION ALL SELECT policy, class, backend, n, total FROM remote_quality"
+            ") GROUP BY policy, class, backend"
+        ):
+            quality[(p, c, b)] = [n, total]
+        outcomes: dict[Key, list[float]] = {}
+        for p, c, b, ok, failed, own, others in self.db.execute(
+            "SELECT policy, class, backend, SUM(ok), SUM(failed), MAX(own), AVG(other) FROM ("
+            " SELECT policy, class, backend, ok, failed, latency AS own, NULL AS other FROM outcomes"
+            " UNION ALL SELECT policy, class, backend, ok, failed, NULL, latency FROM remote_outcomes"
+            ") GROUP BY policy, class, backend"
+        ):
+            outcomes[(p, c, b)] = [ok, failed, own if own is not None else others]
         return quality, outcomes
+
+    def local_rows(self) -> dict[str, list[list[object]]]:
+        """This replica's own observations, as published for the others."""
+        return {
+            "quality": [list(r) for r in self.db.execute("SELECT * FROM quality ORDER BY 1, 2, 3")],
+            "outcomes": [list(r) for r in self.db.execute("SELECT * FROM outcomes ORDER BY 1, 2, 3")],
+        }
+
+    def set_remote(self, rows: dict[str, dict[str, list[list[object]]]]) -> None:
+        """Replace what is known of the other replicas: replica -> local_rows() of that replica."""
+        with self.db:  # one transaction: readers see the old set or the new one
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("DELETE FROM remote_quality")
+            self.db.execute("DELETE FROM remote_outcomes")
+            for replica, tables in rows.items():
+                self.db.executemany(
+                    "INSERT INTO remote_quality VALUES (?, ?, ?, ?, ?, ?)",
+                    [(replica, *r) for r in tables.get("quality", [])],
+                )
+                self.db.executemany(
+                    "INSERT INTO remote_outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(replica, *r) for r in tables.get("outcomes", [])],
+                )

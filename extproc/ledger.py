@@ -3,7 +3,7 @@
 Every ext_proc worker of a replica opens the same file, so the router phase of one sees what
 the accounting phase of another just counted (budgets are locally exact). In a cluster the
 gateway sidecar also opens it to publish this replica's spend and to record the other
-replicas' (`signalbox.spendsync`).
+replicas' (`signalbox.replicasync`).
 
 Rows: `spend(policy, bucket, usd)` for this replica and `remote(replica, policy, bucket, usd)`
 for the others. Keys are policy ids ("namespace/name").

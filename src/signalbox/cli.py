@@ -256,27 +256,30 @@ def cmd_gateway_sidecar(args: argparse.Namespace) -> int:
     args.secrets_dir = args.secrets_dir or f"{args.workdir}/{SECRETS_DIR}"
     args.state_dir = args.state_dir or f"{args.workdir}/{STATE_DIR}"
     background = [sync.run]
-    if args.spend_configmap:
-        background.append(_spend_sync(args).run)
+    if args.replica_configmap:
+        background.append(_replica_sync(args).run)
     return asyncio.run(serve_until_stopped(args, background=tuple(background)))
 
 
-def _spend_sync(args: argparse.Namespace):
-    """Budget spend shared with the other gateway replicas through a ConfigMap."""
+def _replica_sync(args: argparse.Namespace):
+    """Budget spend and learning shared with the other gateway replicas through a ConfigMap."""
+    from signalbox.extproc.learning import SharedLearning
     from signalbox.extproc.ledger import SpendLedger
-    from signalbox.extproc.sharedstate import SPEND_DB
+    from signalbox.extproc.sharedstate import LEARNING_DB, SPEND_DB
     from signalbox.operator.kube import api_client
-    from signalbox.spendsync import SpendSync
+    from signalbox.replicasync import ReplicaSync
 
-    namespace, _, name = args.spend_configmap.rpartition("/")
+    namespace, _, name = args.replica_configmap.rpartition("/")
     replica = args.replica or os.environ.get("POD_NAME") or socket.gethostname()
-    return SpendSync(
+    state = Path(args.state_dir)
+    return ReplicaSync(
         api_client(args.server),
         namespace or "default",
         name,
         replica,
-        SpendLedger(Path(args.state_dir) / SPEND_DB),
-        interval=args.spend_sync_interval,
+        SpendLedger(state / SPEND_DB),
+        SharedLearning(state / LEARNING_DB),
+        interval=args.replica_sync_interval,
     )
 
 
@@ -323,10 +326,12 @@ def _pod_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-accounting", action="store_true", help="do not count tokens and cost (faster)")
     parser.add_argument("--server", help="Kubernetes API URL (default: in-cluster config)")
     parser.add_argument(
-        "--spend-configmap", default="", help="NAMESPACE/NAME of the ConfigMap that shares budget spend across replicas"
+        "--replica-configmap",
+        default="",
+        help="NAMESPACE/NAME of the ConfigMap through which replicas share budget spend and learning",
     )
-    parser.add_argument("--spend-sync-interval", type=float, default=2.0, help="seconds between spend syncs")
-    parser.add_argument("--replica", help="this replica's name in the spend ConfigMap (default: $POD_NAME)")
+    parser.add_argument("--replica-sync-interval", type=float, default=2.0, help="seconds between publications")
+    parser.add_argument("--replica", help="this replica's key in that ConfigMap (default: $POD_NAME)")
     parser.add_argument("--listen-port", type=int, default=pod.LISTEN_PORT, help=argparse.SUPPRESS)
     parser.add_argument("--health-port", type=int, default=pod.HEALTH_PORT, help=argparse.SUPPRESS)
     parser.add_argument("--admin-port", type=int, default=pod.ADMIN_PORT, help=argparse.SUPPRESS)

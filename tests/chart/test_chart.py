@@ -165,10 +165,10 @@ def test_gateway_pod_runs_envoy_and_extproc_sharing_the_socket_volume(case):
     assert ("--no-accounting" in gateway["initContainers"][0]["args"]) == (not accounting)
 
 
-def test_gateway_replicas_share_budget_spend_through_their_own_configmap(case):
-    """Each replica may patch only the spend ConfigMap (its key of it), which the chart creates."""
+def test_gateway_replicas_share_spend_and_learning_through_their_own_configmap(case):
+    """Each replica may patch only the replica ConfigMap (its key of it), which the chart creates."""
     _, namespace, _, objects = case
-    name = "sb-signalbox-spend"
+    name = "sb-signalbox-replicas"
     assert any(o["metadata"]["name"] == name for o in of_kind(objects, "ConfigMap"))
     extproc = next(
         c
@@ -177,8 +177,8 @@ def test_gateway_replicas_share_budget_spend_through_their_own_configmap(case):
         for c in spec["containers"]
         if c["name"] == "extproc"
     )
-    assert f"--spend-configmap={namespace}/{name}" in extproc["args"]
-    assert "--spend-sync-interval=2" in extproc["args"]
+    assert f"--replica-configmap={namespace}/{name}" in extproc["args"]
+    assert "--replica-sync-interval=2" in extproc["args"]
     assert extproc["env"] == [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     gateway_role = next(r for r in of_kind(objects, "Role") if r["metadata"]["name"] == "sb-signalbox-gateway-config")
     writable = [r for r in gateway_role["rules"] if "patch" in r["verbs"]]
@@ -250,7 +250,7 @@ def test_app_version_matches_the_package():
         ({"operator": {"replicas": 0}}, "/operator/replicas"),
         ({"image": {"registry": ""}}, "/image/registry"),
         ({"gatway": {"replicas": 2}}, "'gatway' not allowed"),  # a typo is an error, not silently ignored
-        ({"gateway": {"budgets": {"syncIntervalSeconds": 0}}}, "/gateway/budgets/syncIntervalSeconds"),
+        ({"gateway": {"replicaSync": {"intervalSeconds": 0}}}, "/gateway/replicaSync/intervalSeconds"),
     ],
 )
 def test_values_schema_rejects_bad_values(values, message):

@@ -77,9 +77,9 @@ async def test_gateway_pod_serves_from_the_configmap_with_the_secrets_key(k8s, c
         "gateway-sidecar",
         *common,
         f"--health-address=127.0.0.1:{free_port()}",
-        f"--spend-configmap={CM_NAMESPACE}/signalbox-spend",
+        f"--replica-configmap={CM_NAMESPACE}/signalbox-replicas",
         "--replica=gw-0",
-        "--spend-sync-interval=0.2",
+        "--replica-sync-interval=0.2",
         log=tmp_path / "sidecar.log",
     )
     envoy = await spawn(
@@ -130,11 +130,11 @@ async def test_gateway_pod_serves_from_the_configmap_with_the_secrets_key(k8s, c
             print(f"spec change -> served through Envoy in {time.monotonic() - changed:.2f}s")
 
         async def published():
-            cm = await cluster.api.configmap(CM_NAMESPACE, "signalbox-spend")
+            cm = await cluster.api.configmap(CM_NAMESPACE, "signalbox-replicas")
             return cm and json.loads(cm["data"]["gw-0.json"])
 
         # The replica publishes its spend (17 tokens per answer at $1 per 1M) for the others.
-        spent = sum((await cluster.eventually(published))["default/auto"].values())
+        spent = sum((await cluster.eventually(published))["spend"]["default/auto"].values())
         assert spent > 0 and round(spent * 1e6) % 17 == 0
         for log in tmp_path.glob("*.log"):
             assert API_KEY not in log.read_text(), log

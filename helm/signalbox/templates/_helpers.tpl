@@ -49,6 +49,6 @@ securityContext:
 
 {{- define "signalbox.configmapRef" -}}{{ .Release.Namespace }}/{{ .Values.routingConfigMap }}{{- end -}}
 
-{{- define "signalbox.spendConfigMap" -}}
-{{- .Values.gateway.budgets.configMap | default (printf "%s-spend" (include "signalbox.fullname" .)) -}}
+{{- define "signalbox.replicaConfigMap" -}}
+{{- .Values.gateway.replicaSync.configMap | default (printf "%s-replicas" (include "signalbox.fullname" .)) -}}
 {{- end -}}

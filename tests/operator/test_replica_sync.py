@@ -1,5 +1,6 @@
-"""Budget spend shared by gateway replicas through one ConfigMap (kmock's API emulator, the real
-`kubernetes` client): each replica sees the others' spend within about one sync interval."""
+"""Budget spend and learning shared by gateway replicas through one ConfigMap (kmock's API
+emulator, the real `kubernetes` client): each replica sees the others' within about one
+publishing interval."""
 
 from __future__ import annotations
 
@@ -10,17 +11,27 @@ import statistics
 import time
 
 from signalbox.extproc.budget import DAY, HOUR, Budget, assess, window_start
+from signalbox.extproc.learning import SharedLearning
 from signalbox.extproc.ledger import SpendLedger
 from signalbox.operator.kube import api_client
-from signalbox.spendsync import DEFAULT_INTERVAL, SpendSync
+from signalbox.replicasync import DEFAULT_INTERVAL, ReplicaSync
 from tests.windows import clear_of_the_hour_edge
 
-NS, NAME = "signalbox-system", "signalbox-spend"
+NS, NAME = "signalbox-system", "signalbox-replicas"
 BUDGET = Budget(hourly_usd=1.0, daily_usd=0.0, downgrade_at=0.8, reject_when_exhausted=True)
+KEY = ("p", "code/simple", "default/cheap/m")
 
 
-def replica(k8s, tmp_path, name: str, interval: float = DEFAULT_INTERVAL) -> SpendSync:
-    return SpendSync(api_client(str(k8s.url)), NS, NAME, name, SpendLedger(tmp_path / f"{name}.db"), interval)
+def replica(k8s, tmp_path, name: str, interval: float = DEFAULT_INTERVAL) -> ReplicaSync:
+    return ReplicaSync(
+        api_client(str(k8s.url)),
+        NS,
+        NAME,
+        name,
+        SpendLedger(tmp_path / f"{name}-spend.db"),
+        SharedLearning(tmp_path / f"{name}-learning.db"),
+        interval,
+    )
 
 
 def hour_spend(ledger: SpendLedger, policy: str = "default/p") -> tuple[float, float]:
@@ -32,14 +43,15 @@ def hour_spend(ledger: SpendLedger, policy: str = "default/p") -> tuple[float, f
 async def wait_until(check, timeout: float = 15.0) -> float:
     started = time.monotonic()
     while not check():
-        assert time.monotonic() - started < timeout, "spend did not converge"
+        assert time.monotonic() - started < timeout, "replica state did not converge"
         await asyncio.sleep(0.01)
     return time.monotonic() - started
 
 
-async def test_replicas_converge_on_each_others_spend_within_an_interval(k8s, tmp_path):
+async def test_replicas_converge_on_each_others_spend_and_learning_within_an_interval(k8s, tmp_path):
     clear_of_the_hour_edge()
     a, b = replica(k8s, tmp_path, "gw-a"), replica(k8s, tmp_path, "gw-b")
+    assert a.learning is not None and b.learning is not None
     stop = asyncio.Event()
     tasks = [asyncio.create_task(s.run(stop)) for s in (a, b)]
     try:
@@ -52,30 +64,49 @@ async def test_replicas_converge_on_each_others_spend_within_an_interval(k8s, tm
         await wait_until(lambda: hour_spend(a.ledger) == (0.5, 0.05))
         # Each side counts its own spend exactly and the other's as published: the same total.
         assert sum(hour_spend(a.ledger)) == sum(hour_spend(b.ledger)) == 0.55
+
+        # Feedback and outcomes one replica saw teach the other (counts add up; latency stays local).
+        a.learning.add_quality(KEY, 0.0)
+        a.learning.add_quality(KEY, 1.0)
+        a.learning.add_outcome(KEY, False, 900.0)
+        b.learning.add_quality(KEY, 0.5)
+        b.learning.add_outcome(KEY, True, 100.0)
+
+        def learned(side: ReplicaSync):
+            assert side.learning is not None
+            quality, outcomes = side.learning.load()
+            return quality.get(KEY), outcomes.get(KEY)
+
+        await wait_until(lambda: learned(b)[0] == [3.0, 1.5] and learned(a)[0] == [3.0, 1.5])
+        assert learned(b)[1] == [1.0, 1.0, 100.0] and learned(a)[1] == [1.0, 1.0, 900.0]
+
         median, worst = statistics.median(lags), max(lags)
         # A figure for the docs, not an assertion: convergence is what wait_until checks.
-        print(f"spend lag between replicas (interval {DEFAULT_INTERVAL:g}s): median {median:.2f}s, max {worst:.2f}s")
+        print(f"lag between replicas (interval {DEFAULT_INTERVAL:g}s): median {median:.2f}s, max {worst:.2f}s")
     finally:
         stop.set()
         await asyncio.gather(*tasks)
 
 
-async def test_a_gone_replicas_spend_counts_until_the_day_ends_then_is_removed(k8s, tmp_path):
+async def test_a_gone_replicas_state_counts_until_the_day_ends_then_is_removed(k8s, tmp_path):
     now = time.time()
-    today = window_start(now, HOUR)
+    hour = window_start(now, HOUR)
     gone, alive = replica(k8s, tmp_path, "gw-gone"), replica(k8s, tmp_path, "gw-alive")
     gone.ledger.add("default/p", 0.4, now=now)
-    await asyncio.to_thread(gone.sync_once, now)  # creates the ConfigMap: no replica had spent yet
-    assert await asyncio.to_thread(alive.sync_once, now) == {"gw-gone": {"default/p": {today: 0.4}}}
+    await asyncio.to_thread(gone.sync_once, now)  # creates the ConfigMap: no replica had written yet
+    seen = await asyncio.to_thread(alive.sync_once, now)
+    assert seen["spend"] == {"gw-gone": {"default/p": {hour: 0.4}}}
 
-    # The next day the gone replica's key holds nothing current: the next writer deletes it.
+    # The next day the gone replica has not republished: the next writer deletes its key.
     tomorrow = now + DAY
     alive.ledger.add("default/p", 0.01, now=tomorrow)
-    assert await asyncio.to_thread(alive.sync_once, tomorrow) == {}
+    assert (await asyncio.to_thread(alive.sync_once, tomorrow))["spend"] == {}
     await asyncio.to_thread(alive.sync_once, tomorrow)
     cm = await asyncio.to_thread(alive.core.read_namespaced_config_map, NAME, NS)
     assert sorted(cm.data) == ["gw-alive.json"]
-    assert json.loads(cm.data["gw-alive.json"]) == {"default/p": {str(window_start(tomorrow, HOUR)): 0.01}}
+    published = json.loads(cm.data["gw-alive.json"])
+    assert published["day"] == window_start(tomorrow, DAY)
+    assert published["spend"] == {"default/p": {str(window_start(tomorrow, HOUR)): 0.01}}
 
 
 async def test_unreadable_entries_are_ignored_not_fatal(k8s, tmp_path):
@@ -86,5 +117,5 @@ async def test_unreadable_entries_are_ignored_not_fatal(k8s, tmp_path):
     await asyncio.to_thread(
         one.core.patch_namespaced_config_map, NAME, NS, {"data": {"intruder.json": "not json", "notes": "hello"}}
     )
-    assert await asyncio.to_thread(one.sync_once) == {}
+    assert await asyncio.to_thread(one.sync_once) == {"spend": {}, "learning": {}}
     assert hour_spend(one.ledger) == (0.2, 0.0)

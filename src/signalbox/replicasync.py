@@ -1,0 +1,192 @@
+"""What gateway replicas share through one ConfigMap: budget spend and learning.
+
+Each replica owns one key of the ConfigMap (`<replica>.json`: its spend of the current UTC
+day, policy -> hourly bucket -> USD, and its learning observations) and writes it with a JSON
+merge patch, which touches only that key: replicas never conflict and need no resourceVersion
+dance. It writes only when its state changed, at most once per interval, and *watches* the
+ConfigMap, so the others' state reaches its SQLite files (`remote` rows, which the ext_proc
+workers add to their own) as soon as they publish it. The lag is therefore at most one
+interval plus a watch event (tests/operator/test_replica_sync.py measures it).
+
+A replica's key outlives the replica until the day ends: its spend still counts, so a restart
+or a scale-down does not hand back money already spent, and its learning still teaches. A key
+not republished today is deleted by whichever replica notices first (every live replica
+republishes on its first sync of a day, because the day is part of what it publishes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import kubernetes
+
+from signalbox.extproc.budget import DAY, window_start
+from signalbox.extproc.learning import SharedLearning
+from signalbox.extproc.ledger import SpendLedger
+
+log = logging.getLogger("signalbox.replicasync")
+DEFAULT_INTERVAL = 2.0
+_MERGE_PATCH = "application/merge-patch+json"
+
+
+def encode(day: int, spend: dict[str, dict[int, float]], learning: dict[str, list[list[object]]]) -> str:
+    payload = {
+        "day": day,
+        "spend": {policy: {str(b): usd for b, usd in sorted(buckets.items())} for policy, buckets in spend.items()},
+        "learning": learning,
+    }
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+
+
+def decode(raw: str) -> tuple[int, dict[str, dict[int, float]], dict[str, list[list[object]]]] | None:
+    """(day, spend, learning) of a replica's key; None if the value is not ours to read."""
+    try:
+        data = json.loads(raw)
+        spend = {
+            str(policy): {int(b): float(usd) for b, usd in buckets.items()} for policy, buckets in data["spend"].items()
+        }
+        learning = {table: [list(row) for row in data["learning"].get(table, [])] for table in ("quality", "outcomes")}
+        return int(data["day"]), spend, learning
+    except (ValueError, TypeError, AttributeError, KeyError):
+        return None
+
+
+class ReplicaSync:
+    def __init__(
+        self,
+        client: kubernetes.client.ApiClient,
+        namespace: str,
+        name: str,
+        replica: str,
+        ledger: SpendLedger,
+        learning: SharedLearning | None = None,
+        interval: float = DEFAULT_INTERVAL,
+    ):
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.namespace, self.name = namespace, name
+        self.key = f"{replica}.json"
+        self.ledger = ledger
+        self.learning = learning
+        self.interval = interval
+        self.stale: set[str] = set()
+        self.published = ""
+        # The watch thread and the publishing thread both record into the SQLite files.
+        self.lock = threading.Lock()
+
+    def sync_once(self, now: float | None = None) -> dict[str, Any]:
+        """Publish this replica's state if it changed (else read) and record the others'."""
+        now = time.time() if now is None else now
+        with self.lock:
+            spend = self.ledger.local(now)
+            learning = self.learning.local_rows() if self.learning is not None else {}
+        payload = encode(window_start(now, DAY), spend, learning) if spend or any(learning.values()) else ""
+        if payload != self.published or self.stale:
+            data = self._publish(payload)
+            self.published = payload
+        else:
+            data = self._read()
+        return self.record(data, now)
+
+    def record(self, data: dict[str, str], now: float | None = None) -> dict[str, Any]:
+        """What the ConfigMap says of the other replicas becomes the `remote` rows; returns it."""
+        now = time.time() if now is None else now
+        today = window_start(now, DAY)
+        spend: dict[str, dict[str, dict[int, float]]] = {}
+        learning: dict[str, dict[str, list[list[object]]]] = {}
+        for key, raw in data.items():
+            if key == self.key or not key.endswith(".json"):
+                continue
+            decoded = decode(raw)
+            if decoded is None:
+                log.warning("ignoring unreadable state of %s in ConfigMap %s/%s", key, self.namespace, self.name)
+                continue
+            day, their_spend, their_learning = decoded
+            if day < today:
+                self.stale.add(key)  # not republished today: removed with our next write
+                continue
+            replica = key.removesuffix(".json")
+            spend[replica] = {p: {b: usd for b, usd in bs.items() if b >= today} for p, bs in their_spend.items()}
+            learning[replica] = their_learning
+        with self.lock:
+            self.ledger.set_remote(spend)
+            if self.learning is not None:
+                self.learning.set_remote(learning)
+        return {"spend": spend, "learning": learning}
+
+    def _publish(self, payload: str) -> dict[str, str]:
+        changes: dict[str, str | None] = dict.fromkeys(self.stale)
+        if payload:
+            changes[self.key] = payload
+        try:
+            cm = self.core.patch_namespaced_config_map(
+                self.name, self.namespace, {"data": changes}, _content_type=_MERGE_PATCH
+            )
+        except kubernetes.client.rest.ApiException as exc:
+            if exc.status != 404:
+                raise
+            body = kubernetes.client.V1ConfigMap(
+                metadata=kubernetes.client.V1ObjectMeta(
+                    name=self.name, namespace=self.namespace, labels={"app.kubernetes.io/part-of": "signalbox"}
+                ),
+                data={k: v for k, v in changes.items() if v is not None},
+            )
+            try:
+                cm = self.core.create_namespaced_config_map(self.namespace, body)
+            except kubernetes.client.rest.ApiException as again:
+                if again.status != 409:  # another replica created it first: patch next round
+                    raise
+                return self._read()
+        self.stale.clear()
+        return dict(cm.data or {})
+
+    def _read(self) -> dict[str, str]:
+        try:
+            cm = self.core.read_namespaced_config_map(self.name, self.namespace)
+        except kubernetes.client.rest.ApiException as exc:
+            if exc.status != 404:
+                raise
+            return {}
+        return dict(cm.data or {})
+
+    def _watch_once(self, stop: asyncio.Event) -> None:
+        stream = kubernetes.watch.Watch()
+        try:
+            for event in stream.stream(
+                self.core.list_namespaced_config_map,
+                self.namespace,
+                field_selector=f"metadata.name={self.name}",
+                _request_timeout=(5, 5),
+            ):
+                if stop.is_set():
+                    return
+                obj: Any = event["object"]
+                if event["type"] in ("ADDED", "MODIFIED"):
+                    self.record(dict(obj.data or {}))
+        finally:
+            stream.stop()
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(self._watch_once, stop)
+            except Exception as exc:  # read timeouts on a quiet watch, API restarts: re-watch
+                if not stop.is_set():
+                    log.debug("re-watching replica ConfigMap after: %s", exc)
+                    await asyncio.sleep(0.2)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        watcher = asyncio.create_task(self._watch(stop))
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(self.sync_once)
+            except Exception as exc:  # API restarts, RBAC mistakes: keep the last known spend, retry
+                log.warning("cannot sync replica state with ConfigMap %s/%s: %s", self.namespace, self.name, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval)
+        watcher.cancel()
