@@ -345,3 +345,11 @@ def test_no_api_key_in_any_log_or_generated_file(gateway, client, fakes):
     assert BETA_KEY not in text
     for path in gateway.workdir.rglob("*.json"):
         assert BETA_KEY not in path.read_text(), path
+    # The router phase now carries the first choice's key: the admin API must never show it.
+    request = {"model": "keyed-first", "messages": [{"role": "user", "content": "hi"}]}
+    for endpoint in ("/v1/route", "/v1/classify"):
+        answer = httpx.post(f"{gateway.admin_url}{endpoint}", json=request).text
+        assert KEYED_KEY not in answer and BETA_KEY not in answer
+    for endpoint in ("/v1/models", "/v1/budget", "/metrics"):
+        answer = httpx.get(f"{gateway.admin_url}{endpoint}").text
+        assert KEYED_KEY not in answer and BETA_KEY not in answer
