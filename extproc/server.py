@@ -1,9 +1,9 @@
 """grpc.aio Envoy external processor: a thin servicer around the pure phase functions.
 
-One gRPC stream is one HTTP request (router phase), one failover or hedged attempt (upstream
-phase, recognised by the `xds.upstream_host_metadata` attribute only it asks for), or one
-response to count (accounting phase, in observability mode). Per-stream state is a local
-variable of `Process`; the table is read once per stream.
+One gRPC stream is one HTTP request (router phase) or one failover or hedged attempt (upstream
+phase, recognised by the `xds.upstream_host_metadata` attribute only it asks for). Per-stream
+state is a local variable of `Process`; the table is read once per stream. Accounting is the
+access log service beside it (accesslog.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from google.protobuf import text_format
@@ -24,7 +25,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from signalbox.core.errors import MalformedRequest, RequestError
 
-from . import accounting, budget, decide, wire
+from . import budget, decide, wire
+from .accesslog import AccessLogSink
 from .classify import Classification
 from .ledger import SpendLedger
 from .llm_tier import LlmClassifier
@@ -88,21 +90,6 @@ def learn_from_response(
     state.observe_outcome(policy, key, served, ok, latency)
 
 
-async def response_bodies(
-    first: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest]
-) -> AsyncIterator[ep.HttpBody]:
-    """The response body messages of an accounting stream, the first one included, up to the end."""
-    yield first.response_body
-    if first.response_body.end_of_stream:
-        return
-    async for message in rest:
-        if message.WhichOneof("request") != "response_body":
-            return
-        yield message.response_body
-        if message.response_body.end_of_stream:
-            return
-
-
 def client_address(headers: dict[str, str]) -> str:
     forwarded = headers.get("x-forwarded-for", "")
     return forwarded.split(",")[-1].strip() if forwarded else headers.get("x-envoy-external-address", "")
@@ -159,9 +146,6 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         async for request in request_iterator:
             if first:
                 first = False
-                if request.observability_mode:
-                    await self._account(request, request_iterator)
-                    return
                 backend_id = upstream_backend_id(request)
                 phase = (
                     self._router(request, request_iterator)
@@ -171,50 +155,6 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 async for response in phase:
                     yield response
                 return
-
-    async def _account(self, request: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest]) -> None:
-        """Accounting phase (observability mode: Envoy does not wait, nothing is answered).
-
-        Envoy sends only the response body; its first message carries the router phase's
-        decision (forwarded metadata) and the endpoint that answered (attribute).
-        """
-        if request.WhichOneof("request") != "response_body":
-            return
-        table = self.tables.current
-        fields = request.metadata_context.filter_metadata["signalbox"].fields
-        decision = fields["decision"].string_value if "decision" in fields else ""
-        if not decision:
-            return  # not a routed request (an immediate error, /v1/models, ...)
-        policy, _, first = decide.read_decision(decision)
-        backend = table.backends.get(upstream_backend_id(request) or first)
-        if backend is None:
-            return
-        policy_id = fields["policy_id"].string_value if "policy_id" in fields else policy
-        decided_at = float(fields["decided_at"].string_value) if "decided_at" in fields else time.time()
-        genai = (backend.model, backend.provider.name)
-        reader: accounting.UsageReader | None = None
-        complete = False
-        async for body in response_bodies(request, rest):
-            chunk, complete = body.body, body.end_of_stream
-            if reader is None and chunk.strip():
-                # A JSON answer is an object; anything else from a routed path is an SSE stream.
-                reader = accounting.UsageReader(streaming=not chunk.lstrip().startswith(b"{"))
-                if reader.streaming:
-                    self.metrics.time_to_first_token.labels(*genai).observe(max(time.time() - decided_at, 0.0))
-            if reader is not None:
-                reader.feed(chunk)
-        if not complete:
-            return  # the stream ended early (client gone, Envoy reset): nothing reliable to count
-        self.metrics.request_duration.labels(*genai).observe(max(time.time() - decided_at, 0.0))
-        usage = reader.finish() if reader is not None else None
-        if usage is None:
-            return
-        cost = accounting.cost_usd(usage, backend.input_price, backend.output_price)
-        labels = (*genai, policy)
-        self.metrics.tokens.labels("input", *labels).inc(usage.prompt_tokens)
-        self.metrics.tokens.labels("output", *labels).inc(usage.completion_tokens)
-        self.metrics.cost.labels(policy, backend.provider.name, backend.model).inc(cost)
-        self.ledger.add(policy_id, cost)
 
     async def _router(self, request: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest]):
         table = self.tables.current
@@ -271,8 +211,6 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                             policy.name, outcome.classification.class_key, outcome.selection.choice.backend.id
                         ),
                         "class": decide.class_header(outcome.classification),
-                        # Wall clock: the accounting phase may run in another worker process.
-                        "decided_at": f"{time.time():.6f}",
                     },
                 )
                 if policy.learning:
@@ -362,6 +300,9 @@ async def serve(
     )
     processor = processor or Processor(tables, state, max_body_bytes)
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        AccessLogSink(tables, processor.metrics, processor.ledger), server
+    )
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -265,7 +265,9 @@ def test_tokens_and_cost_are_counted_for_plain_and_streamed_responses(fakes, tmp
         provider("alpha", fakes["alpha"].url + "/v1", [model("a1", inputPricePer1M=2.0, outputPricePer1M=8.0)]),
         policy("paid", ["paid"], [backend("alpha", "a1")]),
     )
-    gw = start_gateway(tmp_path, resources, extproc_workers=1)
+    gw = start_gateway(tmp_path, resources, extproc_workers=2)
+    # Generated text that looks like usage must not be counted as usage.
+    fakes["alpha"].behave(content='Example: {"usage": {"prompt_tokens": 999, "completion_tokens": 999}}')
     try:
         with openai.OpenAI(base_url=gw.url, api_key="x", max_retries=0) as client:
             client.chat.completions.create(

@@ -135,17 +135,23 @@ def test_bootstrap_watches_files_and_uses_unix_socket_for_extproc():
     ]
 
 
-def test_accounting_filter_observes_responses_only_when_on():
-    def filters(opts):
-        hcm = envoygen.listener(config(), opts)["filter_chains"][0]["filters"][0]["typed_config"]
-        return {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
+def test_accounting_reads_usage_in_envoy_and_reports_it_through_the_access_log_only_when_on():
+    def hcm(opts):
+        return envoygen.listener(config(), opts)["filter_chains"][0]["filters"][0]["typed_config"]
 
-    on = filters(envoygen.GatewayOptions())
-    accounting = on["signalbox.accounting"]
-    assert accounting["observability_mode"] is True  # Envoy does not wait for it
-    assert accounting["processing_mode"]["response_body_mode"] == "STREAMED"
-    # Headers are not sent: the first body message carries what the phase needs.
-    assert accounting["processing_mode"]["response_header_mode"] == "SKIP"
-    assert accounting["response_attributes"] == ["xds.upstream_host_metadata"]
-    assert accounting["metadata_options"] == {"forwarding_namespaces": {"untyped": ["signalbox"]}}
-    assert "signalbox.accounting" not in filters(envoygen.GatewayOptions(accounting=False))
+    on = hcm(envoygen.GatewayOptions())
+    names = [f["name"] for f in on["http_filters"]]
+    # On the response path filters run in reverse: the router, then the usage reader.
+    assert names[-2:] == ["signalbox.usage", "envoy.filters.http.router"]
+    lua = on["http_filters"][-2]["typed_config"]["default_source_code"]["inline_string"]
+    assert "function envoy_on_response" in lua and "bodyChunks" in lua
+    (access_log,) = on["access_log"]
+    common = access_log["typed_config"]["common_config"]
+    assert common["grpc_service"] == {"envoy_grpc": {"cluster_name": envoygen.EXTPROC_CLUSTER}}
+    assert common["buffer_flush_interval"] == "0.100s"
+    (tag,) = common["custom_tags"]  # the endpoint that answered, after any failover
+    assert tag["tag"] == "backend" and "host" in tag["metadata"]["kind"]
+    assert access_log["filter"]["metadata_filter"]["matcher"]["path"] == [{"key": "decision"}]
+
+    off = hcm(envoygen.GatewayOptions(accounting=False))
+    assert "signalbox.usage" not in [f["name"] for f in off["http_filters"]] and off["access_log"] == []

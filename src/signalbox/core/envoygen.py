@@ -16,6 +16,7 @@ and a laptop run the same Envoy shape.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources as package_files
 from typing import Any, Literal
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
@@ -73,12 +74,14 @@ class GatewayOptions:
     max_body_bytes: int = 8 * 1024 * 1024
     failure_mode: Literal["closed", "open"] = "closed"
     extproc_message_timeout_ms: int = 5000
+    # How long finished requests wait in Envoy before their accounting entries are sent.
+    accounting_flush_ms: int = 100
     # In a pod: a listener on this port answers /ready and /stats/prometheus from the admin
     # interface (which stays on localhost). It only exists once routes are loaded, so it is
     # also the readiness signal.
     health_port: int | None = None
-    # Token and cost accounting (a third ext_proc stream per request, in observability mode):
-    # spend metrics and budgets need it; the data plane is ~2x cheaper without it (bench/README.md).
+    # Token and cost accounting (a Lua filter reads usage, the gRPC access log carries it to the
+    # ext_proc in batches): spend metrics and budgets need it (cost: bench/README.md).
     accounting: bool = True
 
 
@@ -534,6 +537,51 @@ def too_large_message(limit: int) -> str:
     return f"request body exceeds the gateway's limit of {limit} bytes"
 
 
+def usage_filter() -> dict[str, Any]:
+    """Accounting, part 1: Envoy's Lua filter reads token usage from each routed response as it
+    streams past (usage.lua; no buffering, no round trip) and leaves it in dynamic metadata."""
+    source = package_files.files("signalbox.core").joinpath("usage.lua").read_text()
+    return {
+        "name": "signalbox.usage",
+        "typed_config": _any("envoy.extensions.filters.http.lua.v3.Lua", default_source_code={"inline_string": source}),
+    }
+
+
+def accounting_log(opts: GatewayOptions) -> dict[str, Any]:
+    """Accounting, part 2: the gRPC access log carries each finished request (decision and
+    usage metadata, the endpoint that answered, timings) to the ext_proc, batched: a stream of
+    any length costs the ext_proc part of one message instead of one message per chunk."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "typed_config": _any(
+            "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            common_config={
+                "log_name": "signalbox",
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                # Budgets read the ledger: spend lands within this, batched under load.
+                "buffer_flush_interval": _ms(opts.accounting_flush_ms),
+                "custom_tags": [
+                    {
+                        "tag": "backend",
+                        "metadata": {
+                            "kind": {"host": {}},
+                            "metadata_key": {"key": METADATA_NS, "path": [{"key": "backend"}]},
+                        },
+                    }
+                ],
+            },
+            additional_response_headers_to_log=["content-type"],
+        ),
+        # Only routed requests carry a decision; everything else is not worth a log entry.
+        "filter": {
+            "metadata_filter": {
+                "matcher": {"filter": METADATA_NS, "path": [{"key": "decision"}], "value": {"present_match": True}}
+            }
+        },
+    }
+
+
 def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
     # The decision's policy and reason travel as dynamic metadata, not request headers, so they
     # reach the response headers without ever being sent to a provider.
@@ -543,24 +591,6 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
     extra: dict[str, Any] = {"response_attributes": ["xds.upstream_host_metadata"]} if learns else {}
     router_extproc = _extproc_filter(
         opts, response_headers=learns, metadata_options={"receiving_namespaces": {"untyped": [METADATA_NS]}}, **extra
-    )
-    # Accounting: a second ext_proc in observability mode sees the response body (streamed)
-    # without Envoy waiting for it, so usage and cost are counted at no latency. Response headers
-    # are not sent: the first body message carries the decision (metadata) and the backend that
-    # answered (attribute), and the body itself tells JSON from SSE; one message fewer per request.
-    accounting = _any(
-        "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        grpc_service=_grpc_service(opts.extproc_message_timeout_ms),
-        failure_mode_allow=True,
-        observability_mode=True,
-        processing_mode={
-            "request_header_mode": "SKIP",
-            "response_header_mode": "SKIP",
-            "request_body_mode": "NONE",
-            "response_body_mode": "STREAMED",
-        },
-        response_attributes=["xds.upstream_host_metadata"],
-        metadata_options={"forwarding_namespaces": {"untyped": [METADATA_NS]}},
     )
     hcm = _any(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -574,12 +604,13 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
         http_filters=[
             _remove_gateway_headers("signalbox.strip_client_gateway_headers"),
             {"name": "envoy.filters.http.ext_proc", "typed_config": router_extproc},
-            *([{"name": "signalbox.accounting", "typed_config": accounting}] if opts.accounting else []),
+            *([usage_filter()] if opts.accounting else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
             },
         ],
+        access_log=[accounting_log(opts)] if opts.accounting else [],
         local_reply_config=_local_reply_config(opts),
         stream_idle_timeout="300s",
         use_remote_address=True,

@@ -1,0 +1,71 @@
+"""Accounting: the gRPC access log service Envoy reports finished requests to.
+
+Each entry of a routed request carries the router phase's decision (dynamic metadata), the
+token usage Envoy's Lua filter read from the response as it streamed past (core/usage.lua),
+the endpoint that answered (custom tag `backend`) and Envoy's own timings. Envoy sends entries
+in batches, so accounting costs the ext_proc a fraction of a gRPC message per request however
+long the response stream, where reading the body itself would cost one message per chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from google.protobuf import duration_pb2
+
+from . import accounting, decide
+from .ledger import SpendLedger
+from .metrics import Metrics
+from .reload import TableHolder
+
+log = logging.getLogger("signalbox.extproc")
+
+
+def _seconds(d: duration_pb2.Duration) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
+    def __init__(self, tables: TableHolder, metrics: Metrics, ledger: SpendLedger):
+        self.tables, self.metrics, self.ledger = tables, metrics, ledger
+
+    async def StreamAccessLogs(
+        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context
+    ) -> als_pb2.StreamAccessLogsResponse:
+        async for message in request_iterator:
+            for entry in message.http_logs.log_entry:
+                try:
+                    self.account(entry)
+                except (ValueError, KeyError) as exc:  # a garbled entry must not end the stream
+                    log.warning("accounting: skipped an access log entry: %s", exc)
+        return als_pb2.StreamAccessLogsResponse()
+
+    def account(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
+        common = entry.common_properties
+        fields = common.metadata.filter_metadata["signalbox"].fields
+        if "decision" not in fields:
+            return  # not a routed request
+        policy, _, first = decide.read_decision(fields["decision"].string_value)
+        backend = self.tables.current.backends.get(common.custom_tags.get("backend") or first)
+        if backend is None:
+            return  # a backend of an older config generation
+        genai = (backend.model, backend.provider.name)
+        self.metrics.request_duration.labels(*genai).observe(_seconds(common.time_to_last_downstream_tx_byte))
+        if "text/event-stream" in entry.response.response_headers.get("content-type", ""):
+            # The first response byte of a stream: the first chunk, as providers send it.
+            self.metrics.time_to_first_token.labels(*genai).observe(_seconds(common.time_to_first_upstream_rx_byte))
+        if "prompt_tokens" not in fields:
+            return  # no usage in the response (an error from the provider)
+        usage = accounting.Usage(
+            int(fields["prompt_tokens"].string_value), int(fields["completion_tokens"].string_value or 0)
+        )
+        cost = accounting.cost_usd(usage, backend.input_price, backend.output_price)
+        labels = (*genai, policy)
+        self.metrics.tokens.labels("input", *labels).inc(usage.prompt_tokens)
+        self.metrics.tokens.labels("output", *labels).inc(usage.completion_tokens)
+        self.metrics.cost.labels(policy, backend.provider.name, backend.model).inc(cost)
+        policy_id = fields["policy_id"].string_value if "policy_id" in fields else policy
+        self.ledger.add(policy_id, cost)

@@ -1,0 +1,109 @@
+"""Accounting over a real gRPC access-log stream (grpc.aio, Envoy's own protos): what Envoy's
+Lua filter and access logger report becomes tokens, cost, durations and budget spend."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from signalbox.core.compiler import compile_config
+from signalbox.extproc.decide import decision_token
+from signalbox.extproc.metrics import Metrics
+from signalbox.extproc.reload import TableHolder
+from signalbox.extproc.server import Processor, serve
+from tests.factories import backend, model, policy, provider
+
+
+def table() -> TableHolder:
+    providers = [
+        provider("a", "http://127.0.0.1:9001/v1", [model("m", inputPricePer1M=2.0, outputPricePer1M=8.0)]),
+        provider("b", "http://127.0.0.1:9002/v1", [model("m", inputPricePer1M=1.0, outputPricePer1M=1.0)]),
+    ]
+    result = compile_config(providers, [policy("p", ["auto"], [backend("a", "m"), backend("b", "m", priority=1)])])
+    assert result.ok
+    holder = TableHolder()
+    holder.install(result.config)
+    return holder
+
+
+def entry(backend_id: str, usage: tuple[int, int] | None, content_type: str = "application/json", **metadata):
+    e = accesslog_pb2.HTTPAccessLogEntry()
+    fields = {"decision": decision_token("p", "chat/simple", "default/a/m"), "policy_id": "default/p", **metadata}
+    if usage is not None:
+        fields.update(prompt_tokens=str(usage[0]), completion_tokens=str(usage[1]))
+    e.common_properties.metadata.filter_metadata["signalbox"].update(fields)
+    e.common_properties.custom_tags["backend"] = backend_id
+    e.common_properties.time_to_first_upstream_rx_byte.FromMilliseconds(40)
+    e.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(900)
+    e.response.response_headers["content-type"] = content_type
+    return e
+
+
+@pytest.fixture
+async def sink():
+    holder = table()
+    processor = Processor(holder, metrics=Metrics())
+    server, port = await serve(holder, "127.0.0.1:0", max_body_bytes=1024, processor=processor)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield als_pb2_grpc.AccessLogServiceStub(channel), processor
+    await channel.close()
+    await server.stop(None)
+
+
+def sample(processor: Processor, name: str, **labels: str) -> float | None:
+    return processor.metrics.registry.get_sample_value(name, labels)
+
+
+async def test_a_batch_of_entries_becomes_tokens_cost_durations_and_spend(sink):
+    stub, processor = sink
+    message = als_pb2.StreamAccessLogsMessage()
+    message.identifier.log_name = "signalbox"
+    message.http_logs.log_entry.extend(
+        [
+            entry("default/a/m", (10, 7)),
+            entry("default/b/m", (10, 5), content_type="text/event-stream"),  # failed over to b, streamed
+            entry("default/a/m", None),  # the provider answered an error: no usage
+        ]
+    )
+    call = stub.StreamAccessLogs()
+    await call.write(message)
+    await call.done_writing()
+    await call
+
+    genai_a = {"gen_ai_request_model": "m", "gen_ai_system": "a"}
+    assert sample(processor, "gen_ai_client_token_usage_total", gen_ai_token_type="input", policy="p", **genai_a) == 10
+    assert sample(processor, "signalbox_cost_usd_total", policy="p", provider="b", model="m") == pytest.approx(15e-6)
+    assert sample(processor, "gen_ai_server_request_duration_seconds_count", **genai_a) == 2
+    ttft = {"gen_ai_request_model": "m", "gen_ai_system": "b"}
+    assert sample(processor, "gen_ai_server_time_to_first_token_seconds_sum", **ttft) == pytest.approx(0.04)
+    (spent,) = [usd for _, usd, _ in processor.ledger.buckets("default/p", time.time())]
+    assert spent == pytest.approx((10 * 2 + 7 * 8) / 1e6 + 15e-6)
+
+
+async def test_entries_that_are_not_ours_or_are_garbled_are_skipped_and_the_stream_goes_on(sink):
+    stub, processor = sink
+    message = als_pb2.StreamAccessLogsMessage()
+    unrouted = accesslog_pb2.HTTPAccessLogEntry()  # e.g. /v1/models: no decision
+    garbled = entry("default/a/m", None, decision="not-a-token")
+    message.http_logs.log_entry.extend(
+        [unrouted, garbled, entry("default/gone/m", (1, 1)), entry("default/a/m", (1, 0))]
+    )
+    call = stub.StreamAccessLogs()
+    await call.write(message)
+    await call.done_writing()
+    await call
+    assert (
+        sample(
+            processor,
+            "gen_ai_client_token_usage_total",
+            gen_ai_token_type="input",
+            policy="p",
+            gen_ai_request_model="m",
+            gen_ai_system="a",
+        )
+        == 1
+    )
