@@ -1,7 +1,7 @@
 """The spend ledger: USD per policy in hourly buckets, in SQLite (`sharedstate`).
 
 Every ext_proc worker of a replica opens the same file, so the router phase of one sees what
-the accounting phase of another just counted (budgets are locally exact). In a cluster the
+the access log of another just counted (budgets are locally exact). In a cluster the
 gateway sidecar also opens it to publish this replica's spend and to record the other
 replicas' (`signalbox.replicasync`).
 

@@ -71,18 +71,18 @@ class Metrics:
             ["policy"],
             registry=r,
         )
-        # GenAI semantic conventions, measured by the accounting phase from the router phase's
-        # decision time: until the last response byte, and until the first streamed chunk.
+        # GenAI semantic conventions, from Envoy's timings in the access log (accesslog.py):
+        # from the request's arrival to the last response byte, and to the first byte of a stream.
         self.request_duration = Histogram(
             "gen_ai_server_request_duration_seconds",
-            "Duration of a routed request, from the routing decision to the end of the response.",
+            "Duration of a routed request, until the last response byte was sent.",
             ["gen_ai_request_model", "gen_ai_system"],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=r,
         )
         self.time_to_first_token = Histogram(
             "gen_ai_server_time_to_first_token_seconds",
-            "Time from the routing decision to the first chunk of a streamed response.",
+            "Time until the first byte of a streamed response arrived from the provider.",
             ["gen_ai_request_model", "gen_ai_system"],
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
