@@ -32,6 +32,9 @@ from signalbox.extproc.ledger import SpendLedger
 
 log = logging.getLogger("signalbox.replicasync")
 DEFAULT_INTERVAL = 2.0
+# A ConfigMap holds at most 1 MiB for all replicas together; one replica's key stays well below.
+# Past this its learning is left out (spend is small and always fits: hourly buckets of a day).
+MAX_KEY_BYTES = 128 * 1024
 _MERGE_PATCH = "application/merge-patch+json"
 
 
@@ -76,6 +79,7 @@ class ReplicaSync:
         self.interval = interval
         self.stale: set[str] = set()
         self.published = ""
+        self.learning_left_out = False
         # The watch thread and the publishing thread both record into the SQLite files.
         self.lock = threading.Lock()
 
@@ -86,6 +90,17 @@ class ReplicaSync:
             spend = self.ledger.local(now)
             learning = self.learning.local_rows() if self.learning is not None else {}
         payload = encode(window_start(now, DAY), spend, learning) if spend or any(learning.values()) else ""
+        if len(payload) > MAX_KEY_BYTES:
+            if not self.learning_left_out:
+                log.warning(
+                    "this replica's learning (%d bytes) does not fit its key of ConfigMap %s/%s: "
+                    "sharing budget spend only",
+                    len(payload),
+                    self.namespace,
+                    self.name,
+                )
+            self.learning_left_out = True
+            payload = encode(window_start(now, DAY), spend, {}) if spend else ""
         if payload != self.published or self.stale:
             data = self._publish(payload)
             self.published = payload

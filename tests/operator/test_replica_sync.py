@@ -119,3 +119,20 @@ async def test_unreadable_entries_are_ignored_not_fatal(k8s, tmp_path):
     )
     assert await asyncio.to_thread(one.sync_once) == {"spend": {}, "learning": {}}
     assert hour_spend(one.ledger) == (0.2, 0.0)
+
+
+async def test_learning_too_large_for_the_configmap_is_left_out_but_spend_is_shared(k8s, tmp_path, monkeypatch):
+    import signalbox.replicasync
+
+    monkeypatch.setattr(signalbox.replicasync, "MAX_KEY_BYTES", 2048)
+    clear_of_the_hour_edge(10)
+    big, other = replica(k8s, tmp_path, "gw-big"), replica(k8s, tmp_path, "gw-other")
+    assert big.learning is not None
+    for n in range(100):
+        big.learning.add_quality(("p", f"class-{n}", "default/cheap/m"), 1.0)
+    big.ledger.add("default/p", 0.3)
+    await asyncio.to_thread(big.sync_once)
+    seen = await asyncio.to_thread(other.sync_once)
+    assert seen["learning"] == {"gw-big": {"quality": [], "outcomes": []}}
+    assert hour_spend(other.ledger) == (0.0, 0.3)
+    assert big.learning_left_out
