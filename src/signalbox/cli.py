@@ -79,7 +79,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         f'"messages":[{{"role":"user","content":"hello"}}]}}\''
     )
     print(
-        f"  admin API: {gateway.admin_url} (/metrics, /v1/models, /v1/route)  envoy admin: "
+        f"  admin API: {gateway.admin_url} (/metrics, /v1/models, /v1/route, /v1/budget)  envoy admin: "
         f"http://127.0.0.1:{gateway.admin_port}  work dir: {gateway.workdir}"
     )
     print("  watching the input files; Ctrl-C stops", flush=True)
