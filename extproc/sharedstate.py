@@ -23,7 +23,8 @@ def connect(path: str | Path | None, schema: str) -> sqlite3.Connection:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=5.0)
     # Workers start together: switching a new file to WAL needs a lock another may hold.
-    for attempt in range(50):
+    attempt = 0
+    while True:
         try:
             if path:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -31,7 +32,7 @@ def connect(path: str | Path | None, schema: str) -> sqlite3.Connection:
             db.executescript(schema)
             return db
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or attempt == 49:
+            attempt += 1
+            if "locked" not in str(exc) or attempt == 50:
                 raise
-            time.sleep(0.02 * (attempt + 1))
-    raise AssertionError("unreachable")
+            time.sleep(0.02 * attempt)

@@ -15,13 +15,13 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import kubernetes
 from google.protobuf import json_format
 
 from signalbox import gatewayfiles
 from signalbox.api.v1alpha1 import config_pb2 as pb
+from signalbox.cmwatch import watch_configmap
 from signalbox.core import envoygen
 from signalbox.core.compiler import SCHEMA_VERSION
 
@@ -128,28 +128,5 @@ class ConfigSync:
             )
             gatewayfiles.publish(pb.RoutingConfig(schema_version=SCHEMA_VERSION), self.workdir, self.options)
 
-    def _watch_once(self, stop: asyncio.Event) -> None:
-        stream = kubernetes.watch.Watch()
-        try:
-            for event in stream.stream(
-                self.core.list_namespaced_config_map,
-                self.namespace,
-                field_selector=f"metadata.name={self.name}",
-                _request_timeout=(5, 5),
-            ):
-                if stop.is_set():
-                    return
-                obj: Any = event["object"]
-                if obj.metadata.name == self.name and event["type"] in ("ADDED", "MODIFIED"):
-                    self.apply(obj.data)
-        finally:
-            stream.stop()
-
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await asyncio.to_thread(self._watch_once, stop)
-            except Exception as exc:  # read timeouts on a quiet watch, API restarts: re-watch
-                if not stop.is_set():
-                    log.debug("re-watching ConfigMap after: %s", exc)
-                    await asyncio.sleep(0.2)
+        await watch_configmap(self.core, self.namespace, self.name, self.apply, stop)

@@ -26,6 +26,7 @@ from typing import Any
 
 import kubernetes
 
+from signalbox.cmwatch import watch_configmap
 from signalbox.extproc.budget import DAY, window_start
 from signalbox.extproc.learning import SharedLearning
 from signalbox.extproc.ledger import SpendLedger
@@ -126,7 +127,7 @@ class ReplicaSync:
                 self.stale.add(key)  # not republished today: removed with our next write
                 continue
             replica = key.removesuffix(".json")
-            spend[replica] = {p: {b: usd for b, usd in bs.items() if b >= today} for p, bs in their_spend.items()}
+            spend[replica] = their_spend  # earlier days' buckets are ignored where spend is read
             learning[replica] = their_learning
         with self.lock:
             self.ledger.set_remote(spend)
@@ -169,34 +170,8 @@ class ReplicaSync:
             return {}
         return dict(cm.data or {})
 
-    def _watch_once(self, stop: asyncio.Event) -> None:
-        stream = kubernetes.watch.Watch()
-        try:
-            for event in stream.stream(
-                self.core.list_namespaced_config_map,
-                self.namespace,
-                field_selector=f"metadata.name={self.name}",
-                _request_timeout=(5, 5),
-            ):
-                if stop.is_set():
-                    return
-                obj: Any = event["object"]
-                if event["type"] in ("ADDED", "MODIFIED"):
-                    self.record(dict(obj.data or {}))
-        finally:
-            stream.stop()
-
-    async def _watch(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await asyncio.to_thread(self._watch_once, stop)
-            except Exception as exc:  # read timeouts on a quiet watch, API restarts: re-watch
-                if not stop.is_set():
-                    log.debug("re-watching replica ConfigMap after: %s", exc)
-                    await asyncio.sleep(0.2)
-
     async def run(self, stop: asyncio.Event) -> None:
-        watcher = asyncio.create_task(self._watch(stop))
+        watcher = asyncio.create_task(watch_configmap(self.core, self.namespace, self.name, self.record, stop))
         while not stop.is_set():
             try:
                 await asyncio.to_thread(self.sync_once)

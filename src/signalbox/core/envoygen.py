@@ -15,6 +15,7 @@ and a laptop run the same Envoy shape.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from importlib import resources as package_files
 from typing import Any, Literal
@@ -247,40 +248,30 @@ def _extproc_filter(opts: GatewayOptions, response_headers: bool = False, **extr
     )
 
 
-def _cel_index(operand: dict[str, Any], key: str) -> dict[str, Any]:
-    return {"callExpr": {"function": "_[_]", "args": [operand, {"constExpr": {"stringValue": key}}]}}
-
-
-def _cel_select(operand: dict[str, Any], field: str) -> dict[str, Any]:
-    return {"selectExpr": {"operand": operand, "field": field}}
-
-
-def _numbered(expr: Any, counter: list[int] | None = None) -> Any:
-    """CEL parsed expressions need a unique id per node."""
-    counter = counter if counter is not None else [0]
-    if isinstance(expr, dict):
-        out = {k: _numbered(v, counter) for k, v in expr.items()}
-        if any(k.endswith("Expr") for k in expr) and "id" not in expr:
-            counter[0] += 1
-            out["id"] = str(counter[0])
-        return out
-    if isinstance(expr, list):
-        return [_numbered(v, counter) for v in expr]
-    return expr
-
-
 def prepared_for_picked_host() -> dict[str, Any]:
     """CEL: the attempt goes to the backend the router phase prepared the request for.
 
     `request.headers['x-signalbox-prepared'] ==
      xds.upstream_host_metadata.filter_metadata['signalbox']['backend']`, as a parsed
-    expression (Envoy's CEL matcher does not take expression strings). A missing header or
-    metadata is an evaluation error, which never matches: the ext_proc then runs.
+    expression (Envoy's CEL matcher does not take expression strings; every node needs a unique
+    id). A missing header or metadata is an evaluation error, which never matches: the
+    upstream phase then runs.
     """
-    header = _cel_index(_cel_select({"identExpr": {"name": "request"}}, "headers"), PREPARED_HEADER)
-    host = _cel_select(_cel_select({"identExpr": {"name": "xds"}}, "upstream_host_metadata"), "filter_metadata")
-    backend = _cel_index(_cel_index(host, METADATA_NS), "backend")
-    return {"expr": _numbered({"callExpr": {"function": "_==_", "args": [header, backend]}})}
+    ids = itertools.count(1)
+
+    def node(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"id": str(next(ids)), kind: body}
+
+    def select(operand: dict[str, Any], field: str) -> dict[str, Any]:
+        return node("selectExpr", {"operand": operand, "field": field})
+
+    def index(operand: dict[str, Any], key: str) -> dict[str, Any]:
+        return node("callExpr", {"function": "_[_]", "args": [operand, node("constExpr", {"stringValue": key})]})
+
+    header = index(select(node("identExpr", {"name": "request"}), "headers"), PREPARED_HEADER)
+    host = select(select(node("identExpr", {"name": "xds"}), "upstream_host_metadata"), "filter_metadata")
+    backend = index(index(host, METADATA_NS), "backend")
+    return {"expr": node("callExpr", {"function": "_==_", "args": [header, backend]})}
 
 
 def _unless_prepared(name: str, filter_config: dict[str, Any]) -> dict[str, Any]:
