@@ -44,21 +44,34 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         return als_pb2.StreamAccessLogsResponse()
 
     def account(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
-        common = entry.common_properties
-        fields = common.metadata.filter_metadata["signalbox"].fields
+        fields = entry.common_properties.metadata.filter_metadata["signalbox"].fields
         if "decision" not in fields:
             return  # not a routed request
         policy, _, first = decide.read_decision(fields["decision"].string_value)
+        policy_id = fields["policy_id"].string_value if "policy_id" in fields else policy
+        hold = fields["hold"].string_value if "hold" in fields else ""
+        cost = 0.0
+        try:
+            cost = self.observe(entry, policy, first)
+        finally:
+            if cost or hold:
+                # The real cost replaces what the request held in flight (nothing, if it failed).
+                self.ledger.add(policy_id, cost, release=hold)
+
+    def observe(self, entry: accesslog_pb2.HTTPAccessLogEntry, policy: str, first: str) -> float:
+        """Metrics of a finished request; returns its cost."""
+        common = entry.common_properties
+        fields = common.metadata.filter_metadata["signalbox"].fields
         backend = self.tables.current.backends.get(common.custom_tags.get("backend") or first)
         if backend is None:
-            return  # a backend of an older config generation
+            return 0.0  # a backend of an older config generation
         genai = (backend.model, backend.provider.name)
         self.metrics.request_duration.labels(*genai).observe(_seconds(common.time_to_last_downstream_tx_byte))
         if "text/event-stream" in entry.response.response_headers.get("content-type", ""):
             # The first response byte of a stream: the first chunk, as providers send it.
             self.metrics.time_to_first_token.labels(*genai).observe(_seconds(common.time_to_first_upstream_rx_byte))
         if "prompt_tokens" not in fields:
-            return  # no usage in the response (an error from the provider)
+            return 0.0  # no usage in the response (an error from the provider)
         usage = accounting.Usage(
             int(fields["prompt_tokens"].string_value), int(fields["completion_tokens"].string_value or 0)
         )
@@ -67,5 +80,4 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         self.metrics.tokens.labels("input", *labels).inc(usage.prompt_tokens)
         self.metrics.tokens.labels("output", *labels).inc(usage.completion_tokens)
         self.metrics.cost.labels(policy, backend.provider.name, backend.model).inc(cost)
-        policy_id = fields["policy_id"].string_value if "policy_id" in fields else policy
-        self.ledger.add(policy_id, cost)
+        return cost

@@ -8,7 +8,8 @@ POST /v1/route          dry run: the decision for a request body and why (candid
                         dropped, tier, class) without changing any routing state
 POST /v1/feedback       {"decision": <x-signalbox-decision>, "score": 0..1}: teaches learning
 GET  /v1/budget         per budgeted policy: state, and per window its limit, spend (this
-                        replica and the others), remaining and reset time
+                        replica and the others), what requests in flight hold, remaining
+                        and reset time
 
 It shares the servicer's table and learning state: what /v1/route explains is what the next
 live request would get (strategies that keep rotating state are explained on a copy).
@@ -162,6 +163,7 @@ def build_app(processor: Processor) -> web.Application:
                             "spent_usd": round(w.spent_usd, 9),
                             "local_usd": round(w.local_usd, 9),
                             "remote_usd": round(w.remote_usd, 9),
+                            "in_flight_usd": round(w.in_flight_usd, 9),
                             "remaining_usd": round(w.remaining_usd, 9),
                             "fraction": round(w.fraction, 6),
                             "resets_at": datetime.fromtimestamp(w.resets_at, UTC).isoformat(),
@@ -170,7 +172,14 @@ def build_app(processor: Processor) -> web.Application:
                     ],
                 }
             )
-        return web.json_response({"generation": processor.tables.current.generation, "policies": policies})
+        return web.json_response(
+            {
+                "generation": processor.tables.current.generation,
+                # Off (--no-accounting), no spend is counted and budgets never move.
+                "accounting": processor.accounting,
+                "policies": policies,
+            }
+        )
 
     app = web.Application(client_max_size=processor.max_body_bytes + 1024)
     app.router.add_get("/healthz", healthz)

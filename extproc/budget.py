@@ -5,6 +5,11 @@ something a client can be told (Retry-After) and an operator can reason about, a
 stored in hourly buckets so both windows are sums of the same rows. Spend has two parts:
 `local` (this gateway replica, exact: every worker writes the same ledger) and `remote` (the
 other replicas, as last published through the Kubernetes API).
+
+Requests still in flight count too, at their estimated cost (`in_flight`): a routed request
+holds that much until its real cost replaces the hold. Without it a burst of concurrent
+requests is admitted on the spend of the requests before the burst and overshoots a limit by
+everything the burst costs.
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ from signalbox.core.errors import BudgetExhausted
 
 HOUR, DAY = 3600, 86400
 OK, DOWNGRADE, EXHAUSTED = "ok", "downgrade", "exhausted"
+# Retry-After of a refusal that only requests in flight cause: they usually finish in seconds.
+IN_FLIGHT_RETRY_SECONDS = 2
+# A hold outlives the policy's request timeout by this much: the access log entry that releases
+# it is batched and may queue behind others.
+HOLD_SLACK_SECONDS = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +35,9 @@ class Budget:
     daily_usd: float
     downgrade_at: float
     reject_when_exhausted: bool
+    # How long a request's hold stands before it is presumed lost (its access log entry never
+    # came, e.g. the ext_proc restarted): the policy's whole-request timeout plus slack.
+    hold_seconds: float = 180.0
 
     def limits(self) -> tuple[tuple[str, int, float], ...]:
         return tuple(
@@ -45,6 +58,8 @@ class WindowSpend:
     local_usd: float
     remote_usd: float
     resets_at: int
+    # Estimated cost of the requests in flight (every replica's), held against the limit.
+    in_flight_usd: float = 0.0
 
     @property
     def spent_usd(self) -> float:
@@ -52,11 +67,11 @@ class WindowSpend:
 
     @property
     def remaining_usd(self) -> float:
-        return max(self.limit_usd - self.spent_usd, 0.0)
+        return max(self.limit_usd - self.spent_usd - self.in_flight_usd, 0.0)
 
     @property
     def fraction(self) -> float:
-        return self.spent_usd / self.limit_usd
+        return (self.spent_usd + self.in_flight_usd) / self.limit_usd
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +90,7 @@ class BudgetStatus:
 Buckets = list[tuple[int, float, float]]
 
 
-def assess(budget: Budget, buckets: Buckets, now: float) -> BudgetStatus:
+def assess(budget: Budget, buckets: Buckets, now: float, in_flight_usd: float = 0.0) -> BudgetStatus:
     windows = []
     for name, seconds, limit in budget.limits():
         start = window_start(now, seconds)
@@ -87,6 +102,7 @@ def assess(budget: Budget, buckets: Buckets, now: float) -> BudgetStatus:
                 local_usd=sum(local for local, _ in inside),
                 remote_usd=sum(remote for _, remote in inside),
                 resets_at=start + seconds,
+                in_flight_usd=in_flight_usd,
             )
         )
     worst = max((w.fraction for w in windows), default=0.0)
@@ -99,9 +115,15 @@ def refuse_if_exhausted(policy: str, status: BudgetStatus, now: float) -> None:
     if status.state != EXHAUSTED or not status.reject_when_exhausted:
         return
     w = status.binding
-    wait = max(int(w.resets_at - now), 1)
+    message = f"policy {policy!r} has spent ${w.spent_usd:.4f} of its {w.window}ly budget of ${w.limit_usd:g}"
+    if w.spent_usd < w.limit_usd:
+        # Full only with what requests in flight hold: room may come back when they finish.
+        wait = min(max(int(w.resets_at - now), 1), IN_FLIGHT_RETRY_SECONDS)
+        message += f", and requests in flight hold ${w.in_flight_usd:.4f} of the rest; retry in {wait} s"
+    else:
+        wait = max(int(w.resets_at - now), 1)
+        message += f"; it resets in {wait} s"
     raise BudgetExhausted(
-        f"policy {policy!r} has spent ${w.spent_usd:.4f} of its {w.window}ly budget of ${w.limit_usd:g}; "
-        f"it resets in {wait} s",
+        message,
         headers=(("retry-after", str(wait)),),
     )

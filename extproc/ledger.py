@@ -6,7 +6,9 @@ gateway sidecar also opens it to publish this replica's spend and to record the 
 replicas' (`signalbox.replicasync`).
 
 Rows: `spend(policy, bucket, usd)` for this replica and `remote(replica, policy, bucket, usd)`
-for the others. Keys are policy ids ("namespace/name").
+for the others. Keys are policy ids ("namespace/name"). Requests in flight hold their estimated
+cost in `held(id, policy, usd, until)` (this replica) and `remote_held(replica, policy, usd,
+until)` (the others, summed per policy); a hold past `until` is presumed lost and ignored.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ CREATE TABLE IF NOT EXISTS spend (
 CREATE TABLE IF NOT EXISTS remote (
   replica TEXT NOT NULL, policy TEXT NOT NULL, bucket INTEGER NOT NULL, usd REAL NOT NULL,
   PRIMARY KEY (replica, policy, bucket));
+CREATE TABLE IF NOT EXISTS held (
+  id TEXT PRIMARY KEY, policy TEXT NOT NULL, usd REAL NOT NULL, until REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS remote_held (
+  replica TEXT NOT NULL, policy TEXT NOT NULL, usd REAL NOT NULL, until REAL NOT NULL,
+  PRIMARY KEY (replica, policy));
 """
 # Buckets older than this are deleted: the day window never needs more than 24 of them.
 KEEP_SECONDS = 2 * DAY
@@ -36,20 +43,44 @@ class SpendLedger:
     def close(self) -> None:
         self.db.close()
 
-    def add(self, policy: str, usd: float, now: float | None = None) -> None:
-        bucket = window_start(time.time() if now is None else now, HOUR)
-        self.db.execute(
-            "INSERT INTO spend VALUES (?, ?, ?) ON CONFLICT (policy, bucket) DO UPDATE SET usd = usd + excluded.usd",
-            (policy, bucket, usd),
-        )
+    def add(self, policy: str, usd: float, now: float | None = None, release: str = "") -> None:
+        """Count spend; `release` names the hold it replaces (one transaction: readers never see
+        a request's cost twice or not at all)."""
+        now = time.time() if now is None else now
+        bucket = window_start(now, HOUR)
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            if release:
+                self.db.execute("DELETE FROM held WHERE id = ?", (release,))
+            if usd:
+                self.db.execute(
+                    "INSERT INTO spend VALUES (?, ?, ?) "
+                    "ON CONFLICT (policy, bucket) DO UPDATE SET usd = usd + excluded.usd",
+                    (policy, bucket, usd),
+                )
         if bucket != self._pruned_bucket:
             self._pruned_bucket = bucket
-            self.prune(bucket)
+            self.prune(now)
+
+    def hold(self, policy: str, hold_id: str, usd: float, until: float) -> None:
+        """A routed request's estimated cost, counted until `add(..., release=hold_id)`."""
+        self.db.execute("INSERT OR REPLACE INTO held VALUES (?, ?, ?, ?)", (hold_id, policy, usd, until))
+
+    def in_flight(self, policy: str, now: float) -> float:
+        """What requests in flight hold: this replica's and the others' as last published."""
+        (usd,) = self.db.execute(
+            "SELECT COALESCE(SUM(usd), 0.0) FROM ("
+            " SELECT usd FROM held WHERE policy = ? AND until > ?"
+            " UNION ALL SELECT usd FROM remote_held WHERE policy = ? AND until > ?)",
+            (policy, now, policy, now),
+        ).fetchone()
+        return float(usd)
 
     def prune(self, now: float) -> None:
-        cutoff = now - KEEP_SECONDS
+        cutoff = window_start(now, HOUR) - KEEP_SECONDS
         self.db.execute("DELETE FROM spend WHERE bucket < ?", (cutoff,))
         self.db.execute("DELETE FROM remote WHERE bucket < ?", (cutoff,))
+        self.db.execute("DELETE FROM held WHERE until < ?", (now,))
 
     def buckets(self, policy: str, now: float) -> Buckets:
         """Hourly buckets of the current UTC day: (start, this replica's USD, other replicas' USD)."""
@@ -63,6 +94,13 @@ class SpendLedger:
         ).fetchall()
         return [(int(b), float(local), float(remote)) for b, local, remote in rows]
 
+    def local_held(self, now: float) -> dict[str, tuple[float, float]]:
+        """This replica's holds per policy, (USD, latest until) (what it publishes)."""
+        rows = self.db.execute(
+            "SELECT policy, SUM(usd), MAX(until) FROM held WHERE until > ? GROUP BY policy", (now,)
+        ).fetchall()
+        return {policy: (float(usd), float(until)) for policy, usd, until in rows}
+
     def local(self, now: float) -> dict[str, dict[int, float]]:
         """This replica's spend of the current day, policy -> bucket -> USD (what it publishes)."""
         out: dict[str, dict[int, float]] = {}
@@ -72,15 +110,27 @@ class SpendLedger:
             out.setdefault(policy, {})[int(bucket)] = float(usd)
         return out
 
-    def set_remote(self, spend: dict[str, dict[str, dict[int, float]]]) -> None:
-        """Replace what is known of the other replicas: replica -> policy -> bucket -> USD."""
+    def set_remote(
+        self,
+        spend: dict[str, dict[str, dict[int, float]]],
+        held: dict[str, dict[str, tuple[float, float]]] | None = None,
+    ) -> None:
+        """Replace what is known of the other replicas: replica -> policy -> bucket -> USD, and
+        replica -> policy -> (USD held, until)."""
         rows = [
             (replica, policy, bucket, usd)
             for replica, policies in spend.items()
             for policy, buckets in policies.items()
             for bucket, usd in buckets.items()
         ]
+        held_rows = [
+            (replica, policy, usd, until)
+            for replica, policies in (held or {}).items()
+            for policy, (usd, until) in policies.items()
+        ]
         with self.db:  # one transaction: readers see the old set or the new one
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("DELETE FROM remote")
             self.db.executemany("INSERT INTO remote VALUES (?, ?, ?, ?)", rows)
+            self.db.execute("DELETE FROM remote_held")
+            self.db.executemany("INSERT INTO remote_held VALUES (?, ?, ?, ?)", held_rows)

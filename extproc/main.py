@@ -61,7 +61,15 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     state_dir = getattr(args, "state_dir", None)
     ledger = SpendLedger(Path(state_dir) / SPEND_DB if state_dir else None)
     learning = SharedLearning(Path(state_dir) / LEARNING_DB) if state_dir else None
-    processor = Processor(tables, SelectionState(shared=learning), args.max_body_bytes, metrics=metrics, ledger=ledger)
+    accounting = not getattr(args, "no_accounting", False)
+    processor = Processor(
+        tables,
+        SelectionState(shared=learning),
+        args.max_body_bytes,
+        metrics=metrics,
+        ledger=ledger,
+        accounting=accounting,
+    )
     server, _ = await serve(tables, address, args.max_body_bytes, processor=processor)
     health_server = await health_only_server(args.health_address) if args.health_address else None
     admin_runner = None

@@ -134,9 +134,15 @@ class _BudgetCollector(Collector):
             "signalbox_budget_remaining_usd", "Budget left in the current window.", labels=labels
         )
         limit = GaugeMetricFamily("signalbox_budget_limit_usd", "Budget of the window.", labels=labels)
+        held = GaugeMetricFamily(
+            "signalbox_budget_in_flight_usd",
+            "Estimated cost held by requests in flight, all replicas (counted against the limit).",
+            labels=["policy"],
+        )
         for policy, status in self.source():
             for w in status.windows:
                 spent.add_metric([policy.name, w.window], w.spent_usd)
                 remaining.add_metric([policy.name, w.window], w.remaining_usd)
                 limit.add_metric([policy.name, w.window], w.limit_usd)
-        yield from (spent, remaining, limit)
+            held.add_metric([policy.name], status.windows[0].in_flight_usd)
+        yield from (spent, remaining, limit, held)

@@ -18,7 +18,7 @@ from signalbox.core.errors import ConfigVersionError
 from signalbox.core.secrets import SecretValue
 
 from . import default_routes
-from .budget import Budget
+from .budget import HOLD_SLACK_SECONDS, Budget
 from .classify import CompiledRule, compile_rules
 from .semantic import SemanticRouter
 
@@ -255,7 +255,13 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
         llm=LlmTierConfig(backends[p.llm_backend - 1], p.llm_timeout_ms / 1000, p.llm_min_confidence, p.llm_cache_size)
         if p.llm_backend
         else None,
-        budget=Budget(p.budget.hourly_usd, p.budget.daily_usd, p.budget.downgrade_at, p.budget.reject_when_exhausted)
+        budget=Budget(
+            p.budget.hourly_usd,
+            p.budget.daily_usd,
+            p.budget.downgrade_at,
+            p.budget.reject_when_exhausted,
+            hold_seconds=p.timeout_ms / 1000 + HOLD_SLACK_SECONDS,
+        )
         if p.HasField("budget")
         else None,
     )

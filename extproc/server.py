@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -25,14 +26,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from signalbox.core.errors import MalformedRequest, RequestError
 
-from . import budget, decide, wire
+from . import budget, decide, strategies, wire
 from .accesslog import AccessLogSink
 from .classify import Classification
 from .ledger import SpendLedger
 from .llm_tier import LlmClassifier
 from .metrics import Metrics
 from .reload import TableHolder
-from .runtime import PolicyRuntime
+from .runtime import BackendRuntime, PolicyRuntime
 from .strategies import SelectionState
 
 log = logging.getLogger("signalbox.extproc")
@@ -103,6 +104,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         max_body_bytes: int = 8 * 1024 * 1024,
         metrics: Metrics | None = None,
         ledger: SpendLedger | None = None,
+        accounting: bool = True,
     ):
         self.tables = tables
         self.state = state or SelectionState()
@@ -111,12 +113,26 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.metrics = metrics or tables.metrics or Metrics()
         # Shared by every worker of this replica when it is a file (exact local budgets).
         self.ledger = ledger or SpendLedger()
+        # Off, Envoy reports no finished requests: nothing is spent and nothing may be held.
+        self.accounting = accounting
         self.metrics.watch_budgets(self.budget_windows)
 
     def budget_status(self, policy: PolicyRuntime, now: float) -> budget.BudgetStatus | None:
         if policy.budget is None:
             return None
-        return budget.assess(policy.budget, self.ledger.buckets(policy.id, now), now)
+        buckets, held = self.ledger.buckets(policy.id, now), self.ledger.in_flight(policy.id, now)
+        return budget.assess(policy.budget, buckets, now, held)
+
+    def hold(self, prepared: decide.Prepared, backend: BackendRuntime, now: float) -> str:
+        """Hold the request's expected cost against its policy's budget until the access log
+        reports the real cost (accesslog.py releases the hold); returns the hold's id."""
+        policy = prepared.policy
+        if policy.budget is None or not self.accounting:
+            return ""
+        hold_id = uuid.uuid4().hex
+        usd = strategies.expected_cost_usd(prepared.features, backend)
+        self.ledger.hold(policy.id, hold_id, usd, now + policy.budget.hold_seconds)
+        return hold_id
 
     def budget_windows(self) -> list[tuple[PolicyRuntime, budget.BudgetStatus]]:
         now = time.time()
@@ -196,6 +212,17 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 outcome = decide.finish(
                     prepared, state, await self.reclassify(prepared), budget=self.budget_status(policy, now), now=now
                 )
+                metadata = {
+                    "policy": policy.name,
+                    "policy_id": policy.id,
+                    "reason": outcome.selection.reason,
+                    "decision": decide.decision_token(
+                        policy.name, outcome.classification.class_key, outcome.selection.choice.backend.id
+                    ),
+                    "class": decide.class_header(outcome.classification),
+                }
+                if hold_id := self.hold(prepared, outcome.selection.choice.backend, now):
+                    metadata["hold"] = hold_id
                 self.metrics.phase_seconds.labels("router").observe(time.perf_counter() - decided)
                 self.count(outcome)
                 response = wire.body_response(
@@ -203,15 +230,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     outcome.remove_headers,
                     body=outcome.body,
                     clear_route_cache=True,
-                    metadata={
-                        "policy": policy.name,
-                        "policy_id": policy.id,
-                        "reason": outcome.selection.reason,
-                        "decision": decide.decision_token(
-                            policy.name, outcome.classification.class_key, outcome.selection.choice.backend.id
-                        ),
-                        "class": decide.class_header(outcome.classification),
-                    },
+                    metadata=metadata,
                 )
                 if policy.learning:
                     # Wait for the response: status and the backend that answered are outcomes.

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 from signalbox.core.errors import NoHealthyBackend, RequestError
 
+from .accounting import cost_usd, expected_usage
 from .budget import EXHAUSTED, OK, BudgetStatus
 from .classify import Classification, Features
 from .learning import LATENCY_ALPHA, SharedLearning
-from .runtime import Choice, PolicyRuntime
+from .runtime import BackendRuntime, Choice, PolicyRuntime
 
 
 class UnsatisfiableRequest(RequestError):
@@ -182,9 +183,13 @@ def select_cost(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, s
     return best, f"cost:none-meets-quality>={min_q:g}-best-available"
 
 
+def expected_cost_usd(f: Features, b: BackendRuntime) -> float:
+    """This request's cost on a backend before it is answered (accounting.expected_usage)."""
+    return cost_usd(expected_usage(f.estimated_tokens, f.max_output_tokens), b.input_price, b.output_price)
+
+
 def _price(f: Features, c: Choice) -> float:
-    """Estimated cost of this request on a backend (prompt estimate + max_tokens or 256 out)."""
-    return f.estimated_tokens * c.backend.input_price + (f.max_output_tokens or 256) * c.backend.output_price
+    return expected_cost_usd(f, c.backend)
 
 
 # Downgrade: a request is held to the quality floor of the complexity one level below its own.

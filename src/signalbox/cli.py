@@ -52,17 +52,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    from signalbox.local import LocalGateway, StartupError
+def local_gateway(args: argparse.Namespace):
+    from signalbox.local import LocalGateway
 
-    gateway = LocalGateway(
+    return LocalGateway(
         paths=args.file,
         port=args.port,
         admin_port=args.admin_port,
         workdir=Path(args.workdir) if args.workdir else None,
         failure_mode=args.failure_mode,
         max_body_bytes=args.max_body_bytes,
+        accounting=not args.no_accounting,
     )
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from signalbox.local import StartupError
+
+    gateway = local_gateway(args)
     try:
         gateway.start()
     except StartupError as exc:
@@ -217,7 +224,13 @@ def pod_options(args: argparse.Namespace):
     from signalbox import pod
 
     return pod.options(
-        args.workdir, args.failure_mode, args.max_body_bytes, args.listen_port, args.health_port, args.admin_port
+        args.workdir,
+        args.failure_mode,
+        args.max_body_bytes,
+        args.listen_port,
+        args.health_port,
+        args.admin_port,
+        accounting=not args.no_accounting,
     )
 
 
@@ -386,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--config", required=True, help="compiled RoutingConfig JSON (watched)")
     ext.add_argument("--socket", help="Unix socket path to listen on")
     ext.add_argument("--address", default="127.0.0.1:50051", help="host:port when no --socket")
+    ext.add_argument("--no-accounting", action="store_true", help="Envoy reports no usage: hold no budget")
     _extproc_arguments(ext)
     ext.set_defaults(func=cmd_extproc)
 

@@ -101,6 +101,18 @@ class LocalGateway:
             accounting=self.accounting,
         )
 
+    def extproc_argv(self, n: int) -> list[str]:
+        """Command line of ext_proc worker n (worker 0 also serves the admin API)."""
+        assert self.workdir
+        argv = [sys.executable, "-m", "signalbox.cli", "extproc", "--config", str(self.config_file)]
+        argv += ["--socket", self.options.extproc_sockets[n], "--max-body-bytes", str(self.max_body_bytes)]
+        argv += ["--state-dir", str(self.workdir / gatewayfiles.STATE_DIR), "--log-level", self.log_level]
+        if not self.accounting:
+            argv.append("--no-accounting")  # Envoy reports no usage: hold no budget
+        if n == 0:
+            argv += ["--admin-address", f"127.0.0.1:{self.admin_api_port}"]
+        return argv
+
     @property
     def config_file(self) -> Path:
         assert self.workdir
@@ -168,14 +180,8 @@ class LocalGateway:
         metrics_dir = self.workdir / "metrics"
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir()
-        for n, socket_path in enumerate(self.options.extproc_sockets):
-            name = f"extproc-{n}"
-            argv = [sys.executable, "-m", "signalbox.cli", "extproc", "--config", str(self.config_file)]
-            argv += ["--socket", socket_path, "--max-body-bytes", str(self.max_body_bytes)]
-            argv += ["--state-dir", str(state_dir)]
-            if n == 0:
-                argv += ["--admin-address", f"127.0.0.1:{self.admin_api_port}"]
-            self._spawn(name, [*argv, "--log-level", self.log_level], {MULTIPROC_ENV: str(metrics_dir)})
+        for n in range(len(self.options.extproc_sockets)):
+            self._spawn(f"extproc-{n}", self.extproc_argv(n), {MULTIPROC_ENV: str(metrics_dir)})
         for n, socket_path in enumerate(self.options.extproc_sockets):
             self._wait(lambda p=socket_path: Path(p).exists(), f"extproc-{n}", timeout)
         bootstrap = gatewayfiles.write_bootstrap(self.workdir, self.options)

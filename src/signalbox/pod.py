@@ -28,6 +28,7 @@ def options(
     listen_port: int = LISTEN_PORT,
     health_port: int = HEALTH_PORT,
     admin_port: int = ADMIN_PORT,
+    accounting: bool = True,
 ) -> envoygen.GatewayOptions:
     """Ports are overridable only so tests can run a pod's processes side by side on one host."""
     return envoygen.GatewayOptions(
@@ -39,6 +40,7 @@ def options(
         extproc_sockets=(f"{workdir}/extproc.sock",),
         failure_mode=failure_mode,
         max_body_bytes=max_body_bytes,
+        accounting=accounting,
     )
 
 

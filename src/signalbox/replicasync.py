@@ -1,7 +1,8 @@
 """What gateway replicas share through one ConfigMap: budget spend and learning.
 
 Each replica owns one key of the ConfigMap (`<replica>.json`: its spend of the current UTC
-day, policy -> hourly bucket -> USD, and its learning observations) and writes it with a JSON
+day, policy -> hourly bucket -> USD, what its requests in flight hold, policy -> [USD, until],
+and its learning observations) and writes it with a JSON
 merge patch, which touches only that key: replicas never conflict and need no resourceVersion
 dance. It writes only when its state changed, at most once per interval, and *watches* the
 ConfigMap, so the others' state reaches its SQLite files (`remote` rows, which the ext_proc
@@ -39,24 +40,32 @@ MAX_KEY_BYTES = 128 * 1024
 _MERGE_PATCH = "application/merge-patch+json"
 
 
-def encode(day: int, spend: dict[str, dict[int, float]], learning: dict[str, list[list[object]]]) -> str:
-    payload = {
+Spend = dict[str, dict[int, float]]  # policy -> hourly bucket -> USD
+Held = dict[str, tuple[float, float]]  # policy -> (USD held by requests in flight, until)
+Learning = dict[str, list[list[object]]]  # table -> rows
+
+
+def encode(day: int, spend: Spend, learning: Learning, held: Held | None = None) -> str:
+    payload: dict[str, Any] = {
         "day": day,
         "spend": {policy: {str(b): usd for b, usd in sorted(buckets.items())} for policy, buckets in spend.items()},
         "learning": learning,
     }
+    if held:
+        payload["held"] = {policy: [usd, until] for policy, (usd, until) in held.items()}
     return json.dumps(payload, sort_keys=True, separators=(",", ":"))
 
 
-def decode(raw: str) -> tuple[int, dict[str, dict[int, float]], dict[str, list[list[object]]]] | None:
-    """(day, spend, learning) of a replica's key; None if the value is not ours to read."""
+def decode(raw: str) -> tuple[int, Spend, Learning, Held] | None:
+    """(day, spend, learning, held) of a replica's key; None if the value is not ours to read."""
     try:
         data = json.loads(raw)
         spend = {
             str(policy): {int(b): float(usd) for b, usd in buckets.items()} for policy, buckets in data["spend"].items()
         }
         learning = {table: [list(row) for row in data["learning"].get(table, [])] for table in ("quality", "outcomes")}
-        return int(data["day"]), spend, learning
+        held = {str(policy): (float(usd), float(until)) for policy, (usd, until) in data.get("held", {}).items()}
+        return int(data["day"]), spend, learning, held
     except (ValueError, TypeError, AttributeError, KeyError):
         return None
 
@@ -88,9 +97,10 @@ class ReplicaSync:
         """Publish this replica's state if it changed (else read) and record the others'."""
         now = time.time() if now is None else now
         with self.lock:
-            spend = self.ledger.local(now)
+            spend, held = self.ledger.local(now), self.ledger.local_held(now)
             learning = self.learning.local_rows() if self.learning is not None else {}
-        payload = encode(window_start(now, DAY), spend, learning) if spend or any(learning.values()) else ""
+        day = window_start(now, DAY)
+        payload = encode(day, spend, learning, held) if spend or held or any(learning.values()) else ""
         if len(payload) > MAX_KEY_BYTES:
             if not self.learning_left_out:
                 log.warning(
@@ -101,7 +111,7 @@ class ReplicaSync:
                     self.name,
                 )
             self.learning_left_out = True
-            payload = encode(window_start(now, DAY), spend, {}) if spend else ""
+            payload = encode(day, spend, {}, held) if spend or held else ""
         if payload != self.published or self.stale:
             data = self._publish(payload)
             self.published = payload
@@ -113,8 +123,9 @@ class ReplicaSync:
         """What the ConfigMap says of the other replicas becomes the `remote` rows; returns it."""
         now = time.time() if now is None else now
         today = window_start(now, DAY)
-        spend: dict[str, dict[str, dict[int, float]]] = {}
-        learning: dict[str, dict[str, list[list[object]]]] = {}
+        spend: dict[str, Spend] = {}
+        learning: dict[str, Learning] = {}
+        held: dict[str, Held] = {}
         for key, raw in data.items():
             if key == self.key or not key.endswith(".json"):
                 continue
@@ -122,18 +133,20 @@ class ReplicaSync:
             if decoded is None:
                 log.warning("ignoring unreadable state of %s in ConfigMap %s/%s", key, self.namespace, self.name)
                 continue
-            day, their_spend, their_learning = decoded
+            day, their_spend, their_learning, their_held = decoded
             if day < today:
                 self.stale.add(key)  # not republished today: removed with our next write
                 continue
             replica = key.removesuffix(".json")
             spend[replica] = their_spend  # earlier days' buckets are ignored where spend is read
             learning[replica] = their_learning
+            if their_held:
+                held[replica] = their_held
         with self.lock:
-            self.ledger.set_remote(spend)
+            self.ledger.set_remote(spend, held)
             if self.learning is not None:
                 self.learning.set_remote(learning)
-        return {"spend": spend, "learning": learning}
+        return {"spend": spend, "learning": learning, "held": held}
 
     def _publish(self, payload: str) -> dict[str, str]:
         changes: dict[str, str | None] = dict.fromkeys(self.stale)

@@ -3,6 +3,8 @@ or keeps it on the cheapest backend; `/v1/budget` and the metrics show the same 
 
 from __future__ import annotations
 
+import threading
+
 import httpx
 import openai
 import pytest
@@ -118,5 +120,69 @@ def test_budget_downgrades_then_refuses_or_goes_cheapest_counting_exactly_across
         assert requests_total(metrics, policy="metered", outcome="routed") == 12  # 2 premium + 10 cheap
         assert requests_total(metrics, policy="metered", outcome="budget_exhausted") == 1
         assert requests_total(metrics, policy="thrifty", outcome="routed") == 3
+    finally:
+        gw.stop()
+
+
+def test_a_burst_of_concurrent_requests_is_held_to_the_budget_by_what_is_in_flight(fakes, tmp_path):
+    """Without holds every request of a burst is admitted on the spend before it (nothing yet)."""
+    clear_of_the_hour_edge()
+    limit = 0.05
+    gw = start_gateway(
+        tmp_path,
+        dump(
+            provider(
+                "alpha",
+                fakes["alpha"].url + "/v1",
+                [model("premium", inputPricePer1M=1000, outputPricePer1M=1000)],
+            ),
+            policy("burst", ["burst"], [backend("alpha", "premium")], strategy="failover", budget={"hourlyUsd": limit}),
+        ),
+        extproc_workers=2,
+    )
+    # About the 10 + 7 tokens the fake reports, so what is held is close to what is then spent.
+    request = {
+        "model": "burst",
+        "max_tokens": 7,
+        "messages": [{"role": "user", "content": "Summarise the plot of Hamlet briefly"}],
+    }
+    try:
+        with openai.OpenAI(base_url=gw.url, api_key="x", max_retries=0) as client:
+            results: dict[int, object] = {}
+
+            def call(n: int) -> None:
+                try:
+                    results[n] = client.chat.completions.create(**request, extra_headers={"x-fake-delay-ms": "5000"})
+                except openai.APIError as exc:
+                    results[n] = exc
+
+            threads: list[threading.Thread] = []
+            held = 0.0
+            while not any(isinstance(r, openai.RateLimitError) for r in results.values()):
+                assert len(threads) < 10, "a burst of 10 slow requests was admitted whole"
+                n = len(threads)
+                threads.append(threading.Thread(target=call, args=(n,)))
+                threads[-1].start()
+                # An admitted request holds its cost before Envoy forwards it; a refused one returns.
+                assert wait_for(
+                    lambda n=n, held=held: budget(gw, "burst")["windows"][0]["in_flight_usd"] > held or n in results
+                )
+                held = budget(gw, "burst")["windows"][0]["in_flight_usd"]
+            (hour,) = budget(gw, "burst")["windows"]
+            admitted = len(threads) - 1
+            per_request = hour["in_flight_usd"] / admitted
+            assert hour["spent_usd"] == 0  # nothing has finished: only holds refused the last one
+            assert (admitted - 1) * per_request < limit <= admitted * per_request + 1e-12
+            refused = results[len(threads) - 1]
+            assert isinstance(refused, openai.RateLimitError) and refused.code == "budget_exhausted"
+            assert "requests in flight hold" in refused.message and refused.response.headers["retry-after"] == "2"
+
+            for t in threads:
+                t.join()
+            assert all(not isinstance(results[n], Exception) for n in range(admitted))
+            # The real costs replace the holds.
+            assert wait_for(lambda: budget(gw, "burst")["windows"][0]["in_flight_usd"] == 0)
+            assert abs(budget(gw, "burst")["windows"][0]["spent_usd"] - admitted * PREMIUM_USD) < 1e-9
+            print(f"burst: {admitted} admitted at ${per_request:.4f} held each, spent ${admitted * PREMIUM_USD:.3f}")
     finally:
         gw.stop()

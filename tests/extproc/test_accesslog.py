@@ -84,6 +84,29 @@ async def test_a_batch_of_entries_becomes_tokens_cost_durations_and_spend(sink):
     assert spent == pytest.approx((10 * 2 + 7 * 8) / 1e6 + 15e-6)
 
 
+async def test_the_real_cost_replaces_what_each_request_held_whatever_its_end(sink):
+    stub, processor = sink
+    now = time.time()
+    for hold in ("answered", "failed", "stale"):
+        processor.ledger.hold("default/p", hold, 0.5, until=now + 60)
+    assert processor.ledger.in_flight("default/p", now) == 1.5
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.extend(
+        [
+            entry("default/a/m", (10, 7), hold="answered"),
+            entry("default/a/m", None, hold="failed"),  # an error: no usage, nothing spent
+            entry("default/gone/m", (1, 1), hold="stale"),  # a backend the config no longer has
+        ]
+    )
+    call = stub.StreamAccessLogs()
+    await call.write(message)
+    await call.done_writing()
+    await call
+    assert processor.ledger.in_flight("default/p", now) == 0.0
+    (spent,) = [usd for _, usd, _ in processor.ledger.buckets("default/p", time.time())]
+    assert spent == pytest.approx((10 * 2 + 7 * 8) / 1e6)
+
+
 async def test_entries_that_are_not_ours_or_are_garbled_are_skipped_and_the_stream_goes_on(sink):
     stub, processor = sink
     message = als_pb2.StreamAccessLogsMessage()

@@ -111,6 +111,24 @@ async def test_a_gone_replicas_state_counts_until_the_day_ends_then_is_removed(k
     assert published["spend"] == {"default/p": {str(window_start(tomorrow, HOUR)): 0.01}}
 
 
+async def test_requests_in_flight_on_one_replica_hold_budget_on_the_others_until_they_end(k8s, tmp_path):
+    clear_of_the_hour_edge(10)
+    now = time.time()
+    a, b = replica(k8s, tmp_path, "gw-a"), replica(k8s, tmp_path, "gw-b")
+    a.ledger.hold("default/p", "r1", 0.25, until=now + 60)
+    a.ledger.hold("default/p", "r2", 0.5, until=now + 90)
+    await asyncio.to_thread(a.sync_once, now)
+    seen = await asyncio.to_thread(b.sync_once, now)
+    assert seen["held"] == {"gw-a": {"default/p": (0.75, now + 90)}}
+    assert b.ledger.in_flight("default/p", now) == 0.75
+    assert b.ledger.in_flight("default/p", now + 91) == 0.0  # a gone replica's holds lapse
+
+    a.ledger.add("default/p", 0.2, now=now, release="r1")  # r1 answered, r2 still in flight
+    await asyncio.to_thread(a.sync_once, now)
+    await asyncio.to_thread(b.sync_once, now)
+    assert b.ledger.in_flight("default/p", now) == 0.5 and hour_spend(b.ledger) == (0.0, 0.2)
+
+
 async def test_unreadable_entries_are_ignored_not_fatal(k8s, tmp_path):
     clear_of_the_hour_edge(10)
     one = replica(k8s, tmp_path, "gw-1")
@@ -119,7 +137,7 @@ async def test_unreadable_entries_are_ignored_not_fatal(k8s, tmp_path):
     await asyncio.to_thread(
         one.core.patch_namespaced_config_map, NAME, NS, {"data": {"intruder.json": "not json", "notes": "hello"}}
     )
-    assert await asyncio.to_thread(one.sync_once) == {"spend": {}, "learning": {}}
+    assert await asyncio.to_thread(one.sync_once) == {"spend": {}, "learning": {}, "held": {}}
     assert hour_spend(one.ledger) == (0.2, 0.0)
 
 

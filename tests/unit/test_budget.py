@@ -7,7 +7,17 @@ import pytest
 
 from signalbox.core.compiler import compile_config
 from signalbox.core.errors import BudgetExhausted
-from signalbox.extproc.budget import DAY, DOWNGRADE, EXHAUSTED, HOUR, OK, Budget, assess, refuse_if_exhausted
+from signalbox.extproc.budget import (
+    DAY,
+    DOWNGRADE,
+    EXHAUSTED,
+    HOLD_SLACK_SECONDS,
+    HOUR,
+    OK,
+    Budget,
+    assess,
+    refuse_if_exhausted,
+)
 from signalbox.extproc.decide import finish, prepare
 from signalbox.extproc.ledger import SpendLedger
 from signalbox.extproc.runtime import RuntimeTable
@@ -130,3 +140,62 @@ def test_budget_needs_a_limit_and_a_sane_fraction():
     ]
     assert problems({"onExhausted": "cheapest"}) == ["spec.budget: a budget needs hourlyUsd or dailyUsd"]
     assert problems({"dailyUsd": 0}) == ["spec.budget.dailyUsd: Input should be greater than 0"]
+
+
+def test_requests_in_flight_hold_their_cost_until_the_real_cost_replaces_it():
+    ledger, budget = SpendLedger(), Budget(1.0, 0.0, 0.5, True, hold_seconds=60)
+
+    def hour():
+        (w,) = assess(budget, ledger.buckets("ns/p", NOW), NOW, ledger.in_flight("ns/p", NOW)).windows
+        return w
+
+    ledger.add("ns/p", 0.2, now=NOW)
+    ledger.hold("ns/p", "r1", 0.3, until=NOW + 60)
+    ledger.hold("ns/p", "r2", 0.4, until=NOW + 60)
+    ledger.hold("ns/other", "r3", 5.0, until=NOW + 60)  # another policy's
+    w = hour()
+    assert (w.spent_usd, w.in_flight_usd, round(w.remaining_usd, 9), round(w.fraction, 9)) == (0.2, 0.7, 0.1, 0.9)
+
+    ledger.add("ns/p", 0.25, now=NOW, release="r1")  # r1 answered: cost less than it held
+    w = hour()
+    assert (w.spent_usd, w.in_flight_usd) == (0.45, 0.4)
+    ledger.add("ns/p", 0.0, now=NOW, release="r2")  # r2 failed: no usage, nothing spent
+    assert (hour().spent_usd, hour().in_flight_usd) == (0.45, 0.0)
+
+    ledger.hold("ns/p", "lost", 0.3, until=NOW - 1)  # its access log entry never came
+    assert hour().in_flight_usd == 0.0
+    ledger.prune(NOW)
+    assert ledger.db.execute("SELECT id FROM held").fetchall() == [("r3",)]
+
+
+def test_a_refusal_that_only_holds_cause_asks_to_retry_soon():
+    budget = Budget(1.0, 0.0, 0.8, True)
+    full_with_holds = assess(budget, [(int(NOW - 1800), 0.6, 0.0)], NOW, in_flight_usd=0.5)
+    assert full_with_holds.state == EXHAUSTED
+    with pytest.raises(BudgetExhausted) as err:
+        refuse_if_exhausted("p", full_with_holds, NOW)
+    assert "requests in flight hold $0.5000" in err.value.message and "retry in 2 s" in err.value.message
+    assert dict(err.value.headers) == {"retry-after": "2"}
+
+
+def test_routing_holds_the_expected_cost_on_the_chosen_backend_unless_accounting_is_off():
+    from signalbox.extproc.reload import TableHolder
+    from signalbox.extproc.server import Processor
+
+    table = budget_table("weighted", [backend("top", "max")])
+    holder = TableHolder()
+    holder.current = table
+    body = b'{"model":"x","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}'
+    prepared = prepare(table, "/v1/chat/completions", {}, body)
+    chosen = table.backends["default/top/max"]
+    processor = Processor(holder)
+    assert processor.hold(prepared, chosen, NOW)
+    prompt = prepared.features.estimated_tokens
+    assert processor.ledger.in_flight("default/p", NOW) == pytest.approx(
+        (prompt * chosen.input_price + 100 * chosen.output_price) / 1e6
+    )
+    # Held for the policy's whole-request timeout (default 120 s) plus slack, then presumed lost.
+    assert processor.ledger.in_flight("default/p", NOW + 120 + HOLD_SLACK_SECONDS + 1) == 0.0
+
+    off = Processor(holder, accounting=False)  # Envoy reports nothing back: a hold would never go
+    assert off.hold(prepared, chosen, NOW) == "" and off.ledger.in_flight("default/p", NOW) == 0.0
