@@ -341,8 +341,9 @@ class BudgetSpec(Spec):
     """Spend limits of one policy, in USD per calendar hour and day (UTC).
 
     Spend is what providers report as usage times the model's prices, summed over every gateway
-    replica. Crossing `downgradeAt` of a limit makes the policy cheaper; reaching a limit applies
-    `onExhausted` until the window resets.
+    replica; a request still in flight counts at its expected cost until it finishes. Crossing
+    `downgradeAt` of a limit makes the policy cheaper; reaching a limit applies `onExhausted`
+    until the window resets.
     """
 
     model_config = cel(("has(self.hourlyUsd) || has(self.dailyUsd)", "a budget needs hourlyUsd or dailyUsd"))
@@ -499,7 +500,12 @@ class RoutingPolicySpec(Spec):
         default_factory=ClassificationSpec, description="Request classification (tier 1 rules, tier 2 semantic)."
     )
     learning: LearningSpec = Field(default_factory=LearningSpec, description="Adaptive routing from outcomes.")
-    budget: BudgetSpec | None = Field(None, description="Spend limits: downgrade, then refuse or go cheapest.")
+    budget: BudgetSpec | None = Field(
+        None,
+        description="Spend limits per UTC hour and/or day: downgrade, then refuse or go cheapest. Spend is "
+        "reported usage times the model's prices, over all gateway replicas; a request in flight counts at its "
+        "expected cost until it finishes.",
+    )
     routes: list[ClassRoute] = Field(
         default_factory=list,
         description="Strategy classified: first row matching the request's class wins; "
