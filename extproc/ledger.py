@@ -8,11 +8,19 @@ replicas' (`signalbox.replicasync`).
 Rows: `spend(policy, bucket, usd)` for this replica and `remote(replica, policy, bucket, usd)`
 for the others. Keys are policy ids ("namespace/name"). Requests in flight hold their estimated
 cost in `held(id, policy, usd, until)` (this replica) and `remote_held(replica, policy, usd,
-until)` (the others, summed per policy); a hold past `until` is presumed lost and ignored.
+until)` (the others, summed per policy).
+
+A hold still here after `until` (the policy's timeout plus slack) belongs to a request whose
+access log entry never came, typically because it finished while the ext_proc was restarting
+(the file outlives the process). It is charged at its estimate: a budget errs towards spent,
+not towards free. Another replica's holds past `until` are only ignored: that replica charges
+its own, or is gone. (An entry arriving after its hold was charged would count twice; Envoy
+delivers entries within its 100 ms batching or drops them, far inside the 30 s slack.)
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -33,12 +41,18 @@ CREATE TABLE IF NOT EXISTS remote_held (
 """
 # Buckets older than this are deleted: the day window never needs more than 24 of them.
 KEEP_SECONDS = 2 * DAY
+_ADD_SPEND = "INSERT INTO spend VALUES (?, ?, ?) ON CONFLICT (policy, bucket) DO UPDATE SET usd = usd + excluded.usd"
+# How often one process looks for lapsed holds to charge.
+SWEEP_SECONDS = 10.0
+
+log = logging.getLogger("signalbox.extproc")
 
 
 class SpendLedger:
     def __init__(self, path: str | Path | None = None):
         self.db = connect(path, _SCHEMA)
         self._pruned_bucket = 0
+        self._swept_at = float("-inf")
 
     def close(self) -> None:
         self.db.close()
@@ -53,11 +67,7 @@ class SpendLedger:
             if release:
                 self.db.execute("DELETE FROM held WHERE id = ?", (release,))
             if usd:
-                self.db.execute(
-                    "INSERT INTO spend VALUES (?, ?, ?) "
-                    "ON CONFLICT (policy, bucket) DO UPDATE SET usd = usd + excluded.usd",
-                    (policy, bucket, usd),
-                )
+                self.db.execute(_ADD_SPEND, (policy, bucket, usd))
         if bucket != self._pruned_bucket:
             self._pruned_bucket = bucket
             self.prune(now)
@@ -67,23 +77,50 @@ class SpendLedger:
         self.db.execute("INSERT OR REPLACE INTO held VALUES (?, ?, ?, ?)", (hold_id, policy, usd, until))
 
     def in_flight(self, policy: str, now: float) -> float:
-        """What requests in flight hold: this replica's and the others' as last published."""
+        """What requests in flight hold: this replica's (lapsed ones too, until they are charged)
+        and the others' as last published."""
         (usd,) = self.db.execute(
             "SELECT COALESCE(SUM(usd), 0.0) FROM ("
-            " SELECT usd FROM held WHERE policy = ? AND until > ?"
+            " SELECT usd FROM held WHERE policy = ?"
             " UNION ALL SELECT usd FROM remote_held WHERE policy = ? AND until > ?)",
-            (policy, now, policy, now),
+            (policy, policy, now),
         ).fetchone()
         return float(usd)
+
+    def charge_lapsed(self, now: float) -> float:
+        """Charge the holds past their `until` at their estimate, in the hour they lapsed in;
+        returns what was charged."""
+        self._swept_at = now
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            lapsed = self.db.execute(
+                "DELETE FROM held WHERE until <= ? RETURNING policy, usd, until", (now,)
+            ).fetchall()
+            self.db.executemany(_ADD_SPEND, [(policy, window_start(until, HOUR), usd) for policy, usd, until in lapsed])
+        charged = sum(usd for _, usd, _ in lapsed)
+        if lapsed:
+            log.warning(
+                "budget: %d request(s) finished without accounting (was the ext_proc restarting?): "
+                "charged at their estimate, $%.6f",
+                len(lapsed),
+                charged,
+            )
+        return charged
+
+    def _charge_lapsed_if_due(self, now: float) -> None:
+        # On the read paths (budget checks, publishing), at most every SWEEP_SECONDS: a lapsed
+        # hold counts as in flight until then, so nothing drops out in between.
+        if now - self._swept_at >= SWEEP_SECONDS:
+            self.charge_lapsed(now)
 
     def prune(self, now: float) -> None:
         cutoff = window_start(now, HOUR) - KEEP_SECONDS
         self.db.execute("DELETE FROM spend WHERE bucket < ?", (cutoff,))
         self.db.execute("DELETE FROM remote WHERE bucket < ?", (cutoff,))
-        self.db.execute("DELETE FROM held WHERE until < ?", (now,))
 
     def buckets(self, policy: str, now: float) -> Buckets:
         """Hourly buckets of the current UTC day: (start, this replica's USD, other replicas' USD)."""
+        self._charge_lapsed_if_due(now)
         since = window_start(now, DAY)
         rows = self.db.execute(
             "SELECT bucket, SUM(l), SUM(r) FROM ("
@@ -103,6 +140,7 @@ class SpendLedger:
 
     def local(self, now: float) -> dict[str, dict[int, float]]:
         """This replica's spend of the current day, policy -> bucket -> USD (what it publishes)."""
+        self._charge_lapsed_if_due(now)
         out: dict[str, dict[int, float]] = {}
         for policy, bucket, usd in self.db.execute(
             "SELECT policy, bucket, usd FROM spend WHERE bucket >= ?", (window_start(now, DAY),)

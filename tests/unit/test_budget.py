@@ -162,10 +162,19 @@ def test_requests_in_flight_hold_their_cost_until_the_real_cost_replaces_it():
     ledger.add("ns/p", 0.0, now=NOW, release="r2")  # r2 failed: no usage, nothing spent
     assert (hour().spent_usd, hour().in_flight_usd) == (0.45, 0.0)
 
-    ledger.hold("ns/p", "lost", 0.3, until=NOW - 1)  # its access log entry never came
-    assert hour().in_flight_usd == 0.0
-    ledger.prune(NOW)
-    assert ledger.db.execute("SELECT id FROM held").fetchall() == [("r3",)]
+
+def test_a_hold_whose_accounting_never_came_is_charged_at_its_estimate(caplog):
+    """E.g. the request finished while the ext_proc restarted: Envoy dropped its access log entry."""
+    ledger, budget = SpendLedger(), Budget(1.0, 0.0, 0.8, True)
+    ledger.hold("ns/p", "lost", 0.3, until=NOW + 150)
+    ledger.hold("ns/p", "live", 0.1, until=NOW + 400)
+    ledger.set_remote({}, {"gw-b": {"ns/p": (0.2, NOW + 150)}})  # another replica's: it charges its own
+
+    later = NOW + 151
+    (w,) = assess(budget, ledger.buckets("ns/p", later), later, ledger.in_flight("ns/p", later)).windows
+    assert (w.spent_usd, w.in_flight_usd) == (0.3, 0.1)  # lost charged, live still held, gw-b's lapsed
+    assert "1 request(s) finished without accounting" in caplog.text and "$0.300000" in caplog.text
+    assert ledger.db.execute("SELECT id FROM held").fetchall() == [("live",)]
 
 
 def test_a_refusal_that_only_holds_cause_asks_to_retry_soon():
@@ -191,11 +200,13 @@ def test_routing_holds_the_expected_cost_on_the_chosen_backend_unless_accounting
     processor = Processor(holder)
     assert processor.hold(prepared, chosen, NOW)
     prompt = prepared.features.estimated_tokens
-    assert processor.ledger.in_flight("default/p", NOW) == pytest.approx(
-        (prompt * chosen.input_price + 100 * chosen.output_price) / 1e6
-    )
+    held = processor.ledger.in_flight("default/p", NOW)
+    assert held == pytest.approx((prompt * chosen.input_price + 100 * chosen.output_price) / 1e6)
     # Held for the policy's whole-request timeout (default 120 s) plus slack, then presumed lost.
-    assert processor.ledger.in_flight("default/p", NOW + 120 + HOLD_SLACK_SECONDS + 1) == 0.0
+    lapses = NOW + 120 + HOLD_SLACK_SECONDS
+    assert processor.ledger.charge_lapsed(lapses - 1) == 0.0
+    assert processor.ledger.charge_lapsed(lapses) == held
+    assert processor.ledger.in_flight("default/p", lapses) == 0.0
 
     off = Processor(holder, accounting=False)  # Envoy reports nothing back: a hold would never go
     assert off.hold(prepared, chosen, NOW) == "" and off.ledger.in_flight("default/p", NOW) == 0.0
