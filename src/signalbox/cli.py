@@ -63,6 +63,7 @@ def local_gateway(args: argparse.Namespace):
         failure_mode=args.failure_mode,
         max_body_bytes=args.max_body_bytes,
         accounting=not args.no_accounting,
+        request_log=not args.no_request_log,
     )
 
 
@@ -89,6 +90,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"  admin API: {gateway.admin_url} (/metrics, /v1/models, /v1/route, /v1/budget)  envoy admin: "
         f"http://127.0.0.1:{gateway.admin_port}  work dir: {gateway.workdir}"
     )
+    if gateway.options.request_log:
+        print(f"  request log (a JSON line per request): {gateway.options.request_log}")
     print("  watching the input files; Ctrl-C stops", flush=True)
     stop = {"now": False}
 
@@ -231,6 +234,7 @@ def pod_options(args: argparse.Namespace):
         args.health_port,
         args.admin_port,
         accounting=not args.no_accounting,
+        request_log=not args.no_request_log,
     )
 
 
@@ -337,6 +341,7 @@ def _pod_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=pod.WORKDIR, help="directory shared with Envoy")
     parser.add_argument("--failure-mode", choices=["closed", "open"], default="closed")
     parser.add_argument("--no-accounting", action="store_true", help="do not count tokens and cost (faster)")
+    parser.add_argument("--no-request-log", action="store_true", help="no JSON line per request on Envoy's stdout")
     parser.add_argument("--server", help="Kubernetes API URL (default: in-cluster config)")
     parser.add_argument(
         "--replica-configmap",
@@ -372,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     up.add_argument("--no-accounting", action="store_true", help="do not count tokens and cost (faster)")
+    up.add_argument("--no-request-log", action="store_true", help="do not write <workdir>/requests.log")
     up.set_defaults(func=cmd_up)
 
     val = sub.add_parser("validate", help="compile resources and print every problem")

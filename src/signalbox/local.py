@@ -34,6 +34,8 @@ from signalbox.extproc.sharedstate import LEARNING_DB, SPEND_DB
 # AIProviders carrying this annotation get the bundled fake provider started on their baseUrl's
 # port by `signalbox up` (the offline quickstart). Ignored in a cluster.
 FAKE_ANNOTATION = "signalbox.io/local-fake-provider"
+# In the work directory: one JSON line per request, written by Envoy.
+REQUEST_LOG = "requests.log"
 
 
 class StartupError(SignalboxError):
@@ -74,6 +76,8 @@ class LocalGateway:
     # ext_proc worker processes (0: one per core).
     extproc_workers: int = 0
     accounting: bool = True
+    # One JSON line per request in <workdir>/requests.log.
+    request_log: bool = True
     # Admin HTTP API of ext_proc worker 0 (0: a free port). Metrics, budget spend and learning
     # cover all workers.
     admin_api_port: int = 0
@@ -99,6 +103,7 @@ class LocalGateway:
             failure_mode=self.failure_mode,  # type: ignore[arg-type]
             max_body_bytes=self.max_body_bytes,
             accounting=self.accounting,
+            request_log=str(self.workdir / REQUEST_LOG) if self.request_log else "",
         )
 
     def extproc_argv(self, n: int) -> list[str]:
@@ -197,6 +202,9 @@ class LocalGateway:
                 str(self.admin_port),
                 "--concurrency",
                 str(self.envoy_concurrency),
+                # The request log is readable within a second (Envoy's default: 10 s).
+                "--file-flush-interval-msec",
+                "1000",
             ],
         )
         self._wait(self._envoy_ready, "envoy", timeout)

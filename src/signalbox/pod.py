@@ -29,6 +29,7 @@ def options(
     health_port: int = HEALTH_PORT,
     admin_port: int = ADMIN_PORT,
     accounting: bool = True,
+    request_log: bool = True,
 ) -> envoygen.GatewayOptions:
     """Ports are overridable only so tests can run a pod's processes side by side on one host."""
     return envoygen.GatewayOptions(
@@ -41,6 +42,7 @@ def options(
         failure_mode=failure_mode,
         max_body_bytes=max_body_bytes,
         accounting=accounting,
+        request_log="/dev/stdout" if request_log else "",
     )
 
 

@@ -46,7 +46,12 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
         {
             "image": {"registry": "registry.internal:5000", "repository": "platform/signalbox", "tag": "0.1.0-rc1"},
             "operator": {"watchNamespaces": ["team-a", "team-b"], "secretNames": ["openai-key"]},
-            "gateway": {"failureMode": "open", "accounting": False, "service": {"type": "LoadBalancer", "port": 8080}},
+            "gateway": {
+                "failureMode": "open",
+                "accounting": False,
+                "requestLog": False,
+                "service": {"type": "LoadBalancer", "port": 8080},
+            },
             "routingConfigMap": "llm-routing",
         },
     ),
@@ -163,6 +168,8 @@ def test_gateway_pod_runs_envoy_and_extproc_sharing_the_socket_volume(case):
     accounting = values.get("gateway", {}).get("accounting", True)
     assert ("--no-accounting" in containers["extproc"]["args"]) == (not accounting)
     assert ("--no-accounting" in gateway["initContainers"][0]["args"]) == (not accounting)
+    request_log = values.get("gateway", {}).get("requestLog", True)
+    assert ("--no-request-log" in containers["extproc"]["args"]) == (not request_log)
 
 
 def test_gateway_replicas_share_spend_and_learning_through_their_own_configmap(case):

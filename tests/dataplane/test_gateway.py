@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections import Counter
 
@@ -334,6 +335,35 @@ def test_every_response_carries_the_signalbox_headers(gateway, client):
     for headers in (ok, err.headers):
         for name in ("x-signalbox-provider", "x-signalbox-model", "x-signalbox-policy", "x-signalbox-reason"):
             assert headers.get(name), (name, dict(headers))
+
+
+def test_each_request_has_a_line_in_the_request_log_that_its_request_id_finds(gateway, client):
+    _, routed_headers = ask(client, "split")
+    refused = httpx.post(f"{gateway.url}/chat/completions", json={"model": "nope", "messages": []})
+    assert gateway.workdir
+
+    def line(request_id: str) -> dict | None:
+        log = gateway.workdir / "requests.log"
+        entries = [json.loads(text) for text in log.read_text().splitlines()] if log.exists() else []
+        return next((e for e in entries if e["request_id"] == request_id), None)
+
+    deadline = time.monotonic() + 10  # Envoy flushes the file every second
+    while not (line(routed_headers["x-request-id"]) and line(refused.headers["x-request-id"])):
+        assert time.monotonic() < deadline, "no request log lines"
+        time.sleep(0.1)
+    routed = line(routed_headers["x-request-id"])
+    assert routed is not None
+    assert (routed["status"], routed["method"], routed["policy"]) == (200, "POST", "split")
+    assert (routed["provider"], routed["model"]) == (
+        routed_headers["x-signalbox-provider"],
+        routed_headers["x-signalbox-model"],
+    )
+    assert routed["reason"] == routed_headers["x-signalbox-reason"] and routed["attempts"] == 1
+    assert (routed["prompt_tokens"], routed["completion_tokens"]) == ("10", "7")  # the fake's usage
+    assert routed["duration_ms"] >= 0
+    error = line(refused.headers["x-request-id"])
+    assert error is not None
+    assert (error["status"], error["provider"], error["reason"]) == (404, "none", refused.json()["error"]["code"])
 
 
 def test_no_api_key_in_any_log_or_generated_file(gateway, client, fakes):

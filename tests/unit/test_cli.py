@@ -19,3 +19,12 @@ def test_the_gateway_pods_processes_honour_no_accounting():
     for command in ("config-sync", "gateway-sidecar"):
         assert pod_options(build_parser().parse_args([command, "--no-accounting"])).accounting is False
         assert pod_options(build_parser().parse_args([command])).accounting is True
+
+
+def test_the_request_log_is_on_by_default_and_goes_to_the_workdir_locally_and_stdout_in_a_pod(tmp_path):
+    up = ["up", "-f", "x.yaml", "--workdir", str(tmp_path)]
+    assert local_gateway(build_parser().parse_args(up)).options.request_log == str(tmp_path / "requests.log")
+    assert local_gateway(build_parser().parse_args([*up, "--no-request-log"])).options.request_log == ""
+    for command in ("config-sync", "gateway-sidecar"):
+        assert pod_options(build_parser().parse_args([command])).request_log == "/dev/stdout"
+        assert pod_options(build_parser().parse_args([command, "--no-request-log"])).request_log == ""

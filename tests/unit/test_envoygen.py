@@ -155,3 +155,21 @@ def test_accounting_reads_usage_in_envoy_and_reports_it_through_the_access_log_o
 
     off = hcm(envoygen.GatewayOptions(accounting=False))
     assert "signalbox.usage" not in [f["name"] for f in off["http_filters"]] and off["access_log"] == []
+
+
+def test_the_request_log_is_one_json_line_per_request_without_request_headers_but_the_id():
+    def hcm(opts):
+        return envoygen.listener(config(), opts)["filter_chains"][0]["filters"][0]["typed_config"]
+
+    on = hcm(envoygen.GatewayOptions(request_log="/dev/stdout"))
+    (log,) = [a for a in on["access_log"] if a["name"] == "envoy.access_loggers.file"]
+    assert log["typed_config"]["path"] == "/dev/stdout"
+    fields = log["typed_config"]["log_format"]["json_format"]
+    assert {"status", "policy", "provider", "model", "reason", "duration_ms", "prompt_tokens"} <= set(fields)
+    # Request headers could carry keys or user data: only these may be read from the request.
+    read = {v.split("%REQ(", 1)[1].split(")")[0] for v in fields.values() if "%REQ(" in v}
+    assert read == {"X-REQUEST-ID", ":METHOD", ":PATH"}
+    assert on["always_set_request_id_in_response"] is True  # what a client quotes to find its line
+
+    off = hcm(envoygen.GatewayOptions(request_log=""))
+    assert all(a["name"] != "envoy.access_loggers.file" for a in off["access_log"])

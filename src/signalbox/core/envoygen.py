@@ -84,6 +84,9 @@ class GatewayOptions:
     # Token and cost accounting (a Lua filter reads usage, the gRPC access log carries it to the
     # ext_proc in batches): spend metrics and budgets need it (cost: bench/README.md).
     accounting: bool = True
+    # Where Envoy writes one JSON line per request (REQUEST_LOG_FORMAT); "" writes none.
+    # Locally `<workdir>/requests.log`; in a pod /dev/stdout, so `kubectl logs` shows it.
+    request_log: str = ""
 
 
 def _any(type_name: str, **fields: Any) -> dict[str, Any]:
@@ -573,6 +576,40 @@ def accounting_log(opts: GatewayOptions) -> dict[str, Any]:
     }
 
 
+# One JSON line per request: what an operator asks of a gateway (who answered, why, how long,
+# how many tokens). The x-signalbox-* fields are the response headers the client got (for a
+# refused request: provider "none" and the error code as reason). Of the request's own headers
+# only the method, path (as sent upstream) and request id are logged: never keys or prompts.
+REQUEST_LOG_FORMAT: dict[str, str] = {
+    "time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "flags": "%RESPONSE_FLAGS%",
+    "duration_ms": "%DURATION%",
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "policy": "%RESP(X-SIGNALBOX-POLICY)%",
+    "provider": "%RESP(X-SIGNALBOX-PROVIDER)%",
+    "model": "%RESP(X-SIGNALBOX-MODEL)%",
+    "reason": "%RESP(X-SIGNALBOX-REASON)%",
+    "class": "%RESP(X-SIGNALBOX-CLASS)%",
+    "prompt_tokens": f"%DYNAMIC_METADATA({METADATA_NS}:prompt_tokens)%",
+    "completion_tokens": f"%DYNAMIC_METADATA({METADATA_NS}:completion_tokens)%",
+}
+
+
+def request_log(path: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": _any(
+            "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            path=path,
+            log_format={"json_format": REQUEST_LOG_FORMAT},
+        ),
+    }
+
+
 def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
     # The decision's policy and reason travel as dynamic metadata, not request headers, so they
     # reach the response headers without ever being sent to a provider.
@@ -601,10 +638,13 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
                 "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
             },
         ],
-        access_log=[accounting_log(opts)] if opts.accounting else [],
+        access_log=([accounting_log(opts)] if opts.accounting else [])
+        + ([request_log(opts.request_log)] if opts.request_log else []),
         local_reply_config=_local_reply_config(opts),
         stream_idle_timeout="300s",
         use_remote_address=True,
+        # Clients can quote it: it is the request log's request_id.
+        always_set_request_id_in_response=True,
     )
     return _any(
         "envoy.config.listener.v3.Listener",
