@@ -286,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             start_fakes=False,
             envoy_concurrency=args.concurrency,
             extproc_workers=args.workers,
+            # Routing only, or the product's defaults: accounting and the request log on.
             accounting=name == "signalbox_accounting",
+            request_log=name == "signalbox_accounting",
         )
         for name in ("signalbox", "signalbox_accounting")
     }
@@ -331,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             "extproc_workers": len(gateway.options.extproc_sockets),
             "cores": os.cpu_count(),
             "strategy": "weighted 3:1, default classification tiers, upstream phase per attempt; "
-            "'signalbox' without and 'signalbox_accounting' with the accounting ext_proc",
+            "'signalbox' routing only, 'signalbox_accounting' with the defaults: accounting (Lua filter and "
+            "gRPC access log) and the JSON request log",
             "upstream": "signalbox fake-provider (aiohttp), one process, shared by both",
         },
         "runs": results,
