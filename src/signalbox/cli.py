@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 from signalbox.core.errors import ConfigError
@@ -91,7 +92,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"http://127.0.0.1:{gateway.admin_port}  work dir: {gateway.workdir}"
     )
     if gateway.options.request_log:
-        print(f"  request log (a JSON line per request): {gateway.options.request_log}")
+        print(f"  request log (a JSON line per request, summed up below): {gateway.options.request_log}")
     print("  watching the input files; Ctrl-C stops", flush=True)
     stop = {"now": False}
 
@@ -120,6 +121,7 @@ async def _watch_inputs(gateway, stop: dict[str, bool]) -> None:
         stop_event.set()
 
     poller = asyncio.create_task(poll_stop())
+    tail = asyncio.create_task(_echo_requests(gateway.options.request_log)) if gateway.options.request_log else None
     async for _changes in awatch(*gateway.paths, stop_event=stop_event, debounce=200):
         result = gateway.apply()
         if result.ok:
@@ -132,6 +134,42 @@ async def _watch_inputs(gateway, stop: dict[str, bool]) -> None:
             )
             _print_problems(result.problems)
     poller.cancel()
+    if tail is not None:
+        tail.cancel()
+
+
+def request_summary(entry: dict) -> str:
+    """One console line of a request log entry: `signalbox up` shows where each request went."""
+    at = datetime.fromisoformat(entry["time"].replace("Z", "+00:00")).astimezone().strftime("%H:%M:%S")
+    line = f"{at} {entry['status']} {entry['method']} {entry['path']}  {entry['policy']} -> "
+    line += f"{entry['provider']}/{entry['model']}" if entry["provider"] not in (None, "none") else "none"
+    line += f"  {entry['reason']}  {entry['duration_ms']} ms"
+    if entry.get("prompt_tokens") is not None:
+        line += f"  {entry['prompt_tokens']}+{entry['completion_tokens']} tokens"
+    return line
+
+
+async def _echo_requests(path: str, every: float = 0.5) -> None:
+    """Print a summary of each new line of the request log (Envoy flushes it every second)."""
+    import json
+
+    log = Path(path)
+    offset = log.stat().st_size if log.exists() else 0  # a reused workdir: only this run's requests
+    pending = b""
+    while True:
+        await asyncio.sleep(every)
+        if not log.exists() or log.stat().st_size <= offset:
+            continue
+        with log.open("rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+        offset += len(chunk)
+        *lines, pending = (pending + chunk).split(b"\n")
+        for raw in lines:
+            try:
+                print(request_summary(json.loads(raw)), flush=True)
+            except (ValueError, KeyError, TypeError):
+                continue  # not a line of ours: never stop echoing over it
 
 
 def cmd_classify(args: argparse.Namespace) -> int:

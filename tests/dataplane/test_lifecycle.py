@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -143,9 +144,11 @@ def test_signalbox_up_serves_the_quickstart(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
+    console: list[str] = []
     try:
         line = proc.stdout.readline()
         assert "Signalbox gateway ready: http://127.0.0.1:28080/v1" in line, line
+        threading.Thread(target=lambda: console.extend(proc.stdout), daemon=True).start()
         with openai.OpenAI(base_url="http://127.0.0.1:28080/v1", api_key="any", max_retries=0) as client:
             reply = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hello"}])
             assert reply.system_fingerprint == "fast-local"
@@ -153,6 +156,8 @@ def test_signalbox_up_serves_the_quickstart(tmp_path):
                 model="by-task", messages=[{"role": "user", "content": "Write a Python function to parse CSV"}]
             )
             assert code.headers["x-signalbox-provider"] == "smart-local"
+        # Each request is summed up on the console from the request log (flushed every second).
+        assert wait_for(lambda: any(" 200 POST /v1/chat/completions  by-task -> smart-local/" in c for c in console))
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -1,6 +1,6 @@
 """The command line reaches the components: flags are not only parsed but applied."""
 
-from signalbox.cli import build_parser, local_gateway, pod_options
+from signalbox.cli import build_parser, local_gateway, pod_options, request_summary
 
 
 def test_no_accounting_turns_accounting_off_in_envoy_and_in_every_ext_proc_worker(tmp_path):
@@ -28,3 +28,26 @@ def test_the_request_log_is_on_by_default_and_goes_to_the_workdir_locally_and_st
     for command in ("config-sync", "gateway-sidecar"):
         assert pod_options(build_parser().parse_args([command])).request_log == "/dev/stdout"
         assert pod_options(build_parser().parse_args([command, "--no-request-log"])).request_log == ""
+
+
+def test_signalbox_up_sums_up_each_request_log_line_on_the_console():
+    routed = {
+        "time": "2026-11-22T10:09:01.039Z",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "status": 200,
+        "duration_ms": 7,
+        "policy": "auto",
+        "provider": "fast-local",
+        "model": "small",
+        "reason": "cost:cheapest-with-quality>=0",
+        "prompt_tokens": "10",
+        "completion_tokens": "7",
+    }
+    line = request_summary(routed)
+    assert line.endswith(
+        " 200 POST /v1/chat/completions  auto -> fast-local/small  cost:cheapest-with-quality>=0  7 ms  10+7 tokens"
+    )
+    refused = {**routed, "status": 404, "policy": "none", "provider": "none", "model": "none"}
+    refused.update(reason="model_not_found", prompt_tokens=None, completion_tokens=None)
+    assert request_summary(refused).endswith(" 404 POST /v1/chat/completions  none -> none  model_not_found  7 ms")
