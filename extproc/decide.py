@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from signalbox.core.budget import BudgetStatus, refuse_if_exhausted
 from signalbox.core.envoygen import (
     BODY_MODEL_HEADER,
     GATEWAY_HEADERS,
@@ -26,7 +27,6 @@ from signalbox.core.envoygen import (
 )
 from signalbox.core.errors import MalformedRequest, PayloadTooLarge, UnknownModel, UnsupportedPath
 
-from .budget import BudgetStatus, refuse_if_exhausted
 from .classify import Classification, Features, features
 from .runtime import BackendRuntime, PolicyRuntime, RuntimeTable
 from .strategies import RequestContext, Selection, SelectionState, select

@@ -24,7 +24,8 @@ import logging
 import time
 from pathlib import Path
 
-from .budget import DAY, HOUR, Buckets, window_start
+from signalbox.core.budget import DAY, HOUR, Buckets, window_start
+
 from .sharedstate import connect
 
 _SCHEMA = """

@@ -18,7 +18,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:  # annotations only: keeps this module light for the CLI that imports it
-    from .budget import BudgetStatus
+    from signalbox.core.budget import BudgetStatus
+
     from .runtime import PolicyRuntime
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST

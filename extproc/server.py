@@ -24,9 +24,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from google.protobuf import text_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from signalbox.core import budget
 from signalbox.core.errors import MalformedRequest, RequestError
 
-from . import budget, decide, strategies, wire
+from . import decide, strategies, wire
 from .accesslog import AccessLogSink
 from .classify import Classification
 from .ledger import SpendLedger

@@ -15,10 +15,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from signalbox.core.budget import EXHAUSTED, OK, BudgetStatus
 from signalbox.core.errors import NoHealthyBackend, RequestError
 
 from .accounting import cost_usd, expected_usage
-from .budget import EXHAUSTED, OK, BudgetStatus
 from .classify import Classification, Features
 from .learning import LATENCY_ALPHA, SharedLearning
 from .runtime import BackendRuntime, Choice, PolicyRuntime

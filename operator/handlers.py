@@ -7,15 +7,17 @@ the same operator with different settings.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
 import kopf
 from pydantic import ValidationError
 
-from signalbox.core.models import GROUP, VERSION, AIProviderSpec
+from signalbox.core.models import GROUP, VERSION, AIProviderSpec, BudgetSpec
 
 from . import conditions
+from .budgetstatus import summarize
 from .health import HealthTracker, probe
 from .kube import ClusterAPI
 from .reconciler import OperatorConfig, Reconciler
@@ -82,7 +84,36 @@ def build_registry(config: OperatorConfig, api: ClusterAPI, server: str | None =
                     await _write_health(api, reconciler, body, tracker, result, flipped)
                     await stopped.wait(spec.health_check.interval_seconds)
 
+    if config.replica_configmap_name:
+
+        @kopf.daemon(
+            GROUP,
+            VERSION,
+            "routingpolicies",
+            registry=registry,
+            cancellation_timeout=2,
+            when=lambda spec, **_: bool(spec.get("budget")),
+        )
+        async def budget_status(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
+            """What the gateway replicas have spent, in status.budget (only when it changed)."""
+            while not stopped:
+                await _write_budget(api, config, body)
+                await stopped.wait(config.budget_status_seconds)
+
     return registry
+
+
+async def _write_budget(api: ClusterAPI, config: OperatorConfig, body: kopf.Body) -> None:
+    try:
+        spec = BudgetSpec.model_validate(body.get("spec", {}).get("budget") or {})
+    except ValidationError:
+        return  # the reconciler reports why the policy is refused
+    meta = body["metadata"]
+    namespace, name = meta.get("namespace") or "default", meta["name"]
+    published = await api.configmap(config.replica_configmap_namespace, config.replica_configmap_name)
+    summary = summarize(f"{namespace}/{name}", spec, (published or {}).get("data", {}), time.time())
+    if summary != (body.get("status") or {}).get("budget"):
+        await api.patch_status("routingpolicies", namespace, name, {"budget": summary})
 
 
 async def _write_health(

@@ -34,6 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--peering", default="signalbox", help="kopf peering object name")
     parser.add_argument("--no-probes", action="store_true", help="disable active health probes")
+    parser.add_argument(
+        "--replica-configmap",
+        default="",
+        help="NAMESPACE/NAME of the ConfigMap gateway replicas publish their spend to: budgeted "
+        "RoutingPolicies then show it in status.budget (default: not reported)",
+    )
+    parser.add_argument(
+        "--budget-status-seconds", type=float, default=15.0, help="how often status.budget is refreshed"
+    )
     parser.add_argument("--debounce-seconds", type=float, default=0.3)
     parser.add_argument("--log-level", default="info")
 
@@ -42,11 +51,17 @@ def config_from(args: argparse.Namespace) -> OperatorConfig:
     namespace, _, name = args.configmap.partition("/")
     if not name:
         raise SystemExit("--configmap must be NAMESPACE/NAME")
+    replica_namespace, _, replica_name = args.replica_configmap.rpartition("/")
+    if args.replica_configmap and not (replica_namespace and replica_name):
+        raise SystemExit("--replica-configmap must be NAMESPACE/NAME")
     return OperatorConfig(
         configmap_namespace=namespace,
         configmap_name=name,
         debounce_seconds=args.debounce_seconds,
         probes=not args.no_probes,
+        replica_configmap_namespace=replica_namespace,
+        replica_configmap_name=replica_name,
+        budget_status_seconds=args.budget_status_seconds,
     )
 
 

@@ -45,6 +45,11 @@ class OperatorConfig:
     probes: bool = True
     # Empty: cluster-wide. Exact names need no namespace listing (and no RBAC for it).
     namespaces: tuple[str, ...] = ()
+    # The ConfigMap gateway replicas publish their spend to ("" name: budgets are not reported
+    # in RoutingPolicy status), and how often a budgeted policy's status is refreshed from it.
+    replica_configmap_namespace: str = ""
+    replica_configmap_name: str = ""
+    budget_status_seconds: float = 15.0
 
     @property
     def exact_namespaces(self) -> bool:

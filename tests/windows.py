@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from signalbox.extproc.budget import HOUR
+from signalbox.core.budget import HOUR
 
 
 def clear_of_the_hour_edge(needed: float = 60.0) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -28,7 +27,8 @@ from typing import Any
 import kubernetes
 
 from signalbox.cmwatch import watch_configmap
-from signalbox.extproc.budget import DAY, window_start
+from signalbox.core.budget import DAY, window_start
+from signalbox.core.replicastate import Held, Learning, Spend, decode, encode
 from signalbox.extproc.learning import SharedLearning
 from signalbox.extproc.ledger import SpendLedger
 
@@ -38,36 +38,6 @@ DEFAULT_INTERVAL = 2.0
 # Past this its learning is left out (spend is small and always fits: hourly buckets of a day).
 MAX_KEY_BYTES = 128 * 1024
 _MERGE_PATCH = "application/merge-patch+json"
-
-
-Spend = dict[str, dict[int, float]]  # policy -> hourly bucket -> USD
-Held = dict[str, tuple[float, float]]  # policy -> (USD held by requests in flight, until)
-Learning = dict[str, list[list[object]]]  # table -> rows
-
-
-def encode(day: int, spend: Spend, learning: Learning, held: Held | None = None) -> str:
-    payload: dict[str, Any] = {
-        "day": day,
-        "spend": {policy: {str(b): usd for b, usd in sorted(buckets.items())} for policy, buckets in spend.items()},
-        "learning": learning,
-    }
-    if held:
-        payload["held"] = {policy: [usd, until] for policy, (usd, until) in held.items()}
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"))
-
-
-def decode(raw: str) -> tuple[int, Spend, Learning, Held] | None:
-    """(day, spend, learning, held) of a replica's key; None if the value is not ours to read."""
-    try:
-        data = json.loads(raw)
-        spend = {
-            str(policy): {int(b): float(usd) for b, usd in buckets.items()} for policy, buckets in data["spend"].items()
-        }
-        learning = {table: [list(row) for row in data["learning"].get(table, [])] for table in ("quality", "outcomes")}
-        held = {str(policy): (float(usd), float(until)) for policy, (usd, until) in data.get("held", {}).items()}
-        return int(data["day"]), spend, learning, held
-    except (ValueError, TypeError, AttributeError, KeyError):
-        return None
 
 
 class ReplicaSync:

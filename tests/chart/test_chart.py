@@ -197,6 +197,13 @@ def test_gateway_replicas_share_spend_and_learning_through_their_own_configmap(c
             "verbs": ["get", "list", "watch", "patch"],
         }
     ]
+    # The operator reads it (only it) to show the replicas' spend in RoutingPolicy status.budget.
+    operator = next(c for n, spec in pod_specs(objects).items() if n.endswith("-operator") for c in spec["containers"])
+    assert f"--replica-configmap={namespace}/{name}" in operator["args"]
+    operator_role = next(r for r in of_kind(objects, "Role") if r["metadata"]["name"] == "sb-signalbox-operator-config")
+    assert {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [name], "verbs": ["get"]} in operator_role[
+        "rules"
+    ]
 
 
 def test_image_and_namespace_come_from_values(case):

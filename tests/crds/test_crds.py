@@ -145,7 +145,7 @@ def test_crd_shape_for_kubectl():
     columns = [c["name"] for c in provider["spec"]["versions"][0]["additionalPrinterColumns"]]
     assert columns == ["Type", "Healthy", "Latency", "Models", "Age"]
     columns = [c["name"] for c in policy["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert columns == ["Strategy", "Accepted", "Backends", "Age"]
+    assert columns == ["Strategy", "Accepted", "Backends", "Budget", "Age"]
 
 
 @pytest.mark.parametrize("name", sorted(crdgen.definitions()))

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from signalbox.extproc.budget import HOUR
+from signalbox.core.budget import HOUR
 from tests.factories import backend, dump, model, policy, provider
 from tests.windows import clear_of_the_hour_edge
 

@@ -10,7 +10,7 @@ import random
 import statistics
 import time
 
-from signalbox.extproc.budget import DAY, HOUR, Budget, assess, window_start
+from signalbox.core.budget import DAY, HOUR, Budget, assess, window_start
 from signalbox.extproc.learning import SharedLearning
 from signalbox.extproc.ledger import SpendLedger
 from signalbox.operator.kube import api_client

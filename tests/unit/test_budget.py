@@ -5,9 +5,7 @@ import threading
 
 import pytest
 
-from signalbox.core.compiler import compile_config
-from signalbox.core.errors import BudgetExhausted
-from signalbox.extproc.budget import (
+from signalbox.core.budget import (
     DAY,
     DOWNGRADE,
     EXHAUSTED,
@@ -18,6 +16,8 @@ from signalbox.extproc.budget import (
     assess,
     refuse_if_exhausted,
 )
+from signalbox.core.compiler import compile_config
+from signalbox.core.errors import BudgetExhausted
 from signalbox.extproc.decide import finish, prepare
 from signalbox.extproc.ledger import SpendLedger
 from signalbox.extproc.runtime import RuntimeTable
@@ -25,7 +25,7 @@ from signalbox.extproc.strategies import SelectionState, select
 from tests.factories import backend, policy
 from tests.unit.test_strategies import ALL, PROVIDERS, ctx
 
-# 2026-11-22 13:30:00 UTC: half past the hour, so the hour and day windows differ.
+# 2026-11-28 13:30:00 UTC: half past the hour, so the hour and day windows differ.
 NOW = 1795872600.0
 assert NOW % HOUR == 1800
 

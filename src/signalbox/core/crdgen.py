@@ -74,6 +74,35 @@ _POLICY_STATUS = {
         "conditions": _CONDITIONS,
         "backends": {"type": "integer", "description": "Healthy backends this policy can route to."},
         "configGeneration": {"type": "integer", "description": "Routing config generation that carries it."},
+        "budget": {
+            "type": "object",
+            "description": "What the gateway replicas have spent against spec.budget, as they last published it "
+            "(refreshed every few seconds; the gateways enforce the budget themselves).",
+            "properties": {
+                "state": {
+                    "type": "string",
+                    "enum": ["ok", "downgrade", "exhausted"],
+                    "description": "ok; downgrade (past downgradeAt of a limit); exhausted (a limit reached).",
+                },
+                "windows": {
+                    "type": "array",
+                    "description": "One entry per limit (hour, day).",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "window": {"type": "string", "description": "hour or day (UTC calendar windows)."},
+                            "limitUsd": {"type": "number", "description": "The limit."},
+                            "spentUsd": {"type": "number", "description": "Spent in this window, all replicas."},
+                            "inFlightUsd": {
+                                "type": "number",
+                                "description": "Estimated cost of requests in flight, held against the limit.",
+                            },
+                            "resetsAt": {"type": "string", "format": "date-time", "description": "When it resets."},
+                        },
+                    },
+                },
+            },
+        },
     },
 }
 
@@ -191,6 +220,7 @@ def definitions() -> dict[str, dict[str, Any]]:
                 {"name": "Strategy", "type": "string", "jsonPath": ".spec.strategy"},
                 {"name": "Accepted", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Accepted")].status'},
                 {"name": "Backends", "type": "integer", "jsonPath": ".status.backends"},
+                {"name": "Budget", "type": "string", "jsonPath": ".status.budget.state"},
             ],
         ),
         "kopfpeerings.yaml": kopf_peering("KopfPeering", "kopfpeerings", "Namespaced"),

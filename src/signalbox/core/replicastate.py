@@ -1,0 +1,41 @@
+"""The state one gateway replica publishes for the others: its key of the replica ConfigMap.
+
+A JSON object: `day` (start of the UTC day it describes), `spend` (policy -> hourly bucket ->
+USD), `held` (policy -> [USD held by requests in flight, until]) and `learning` (table ->
+rows). Gateways write and read it (`signalbox.replicasync`); the operator reads it to report
+spend in RoutingPolicy status. Pure: no Kubernetes, no SQLite.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+Spend = dict[str, dict[int, float]]  # policy -> hourly bucket -> USD
+Held = dict[str, tuple[float, float]]  # policy -> (USD held by requests in flight, until)
+Learning = dict[str, list[list[object]]]  # table -> rows
+
+
+def encode(day: int, spend: Spend, learning: Learning, held: Held | None = None) -> str:
+    payload: dict[str, Any] = {
+        "day": day,
+        "spend": {policy: {str(b): usd for b, usd in sorted(buckets.items())} for policy, buckets in spend.items()},
+        "learning": learning,
+    }
+    if held:
+        payload["held"] = {policy: [usd, until] for policy, (usd, until) in held.items()}
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+
+
+def decode(raw: str) -> tuple[int, Spend, Learning, Held] | None:
+    """(day, spend, learning, held) of a replica's key; None if the value is not ours to read."""
+    try:
+        data = json.loads(raw)
+        spend = {
+            str(policy): {int(b): float(usd) for b, usd in buckets.items()} for policy, buckets in data["spend"].items()
+        }
+        learning = {table: [list(row) for row in data["learning"].get(table, [])] for table in ("quality", "outcomes")}
+        held = {str(policy): (float(usd), float(until)) for policy, (usd, until) in data.get("held", {}).items()}
+        return int(data["day"]), spend, learning, held
+    except (ValueError, TypeError, AttributeError, KeyError):
+        return None
