@@ -172,6 +172,8 @@ class Reconciler:
                 if kind == "RoutingPolicy":
                     patch["backends"] = backends.get(f"{namespace}/{name}", status.get("backends", 0))
                     patch["configGeneration"] = self.generation or 0
+                    if "budget" in status and not (body.get("spec") or {}).get("budget"):
+                        patch["budget"] = None  # its budget was removed: so is the report of it
                 unchanged = conditions.strip_times(previous) == conditions.strip_times(merged) and all(
                     status.get(k) == v for k, v in patch.items() if k != "conditions"
                 )

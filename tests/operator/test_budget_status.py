@@ -99,3 +99,21 @@ async def test_the_operator_writes_the_replicas_spend_into_budgeted_policies_sta
     exhausted = await cluster.eventually(lambda: budget_state("exhausted"))
     assert exhausted["windows"][0]["spentUsd"] == 1.0
     assert "budget" not in await cluster.status("RoutingPolicy", "free")  # no budget, nothing reported
+
+    # The budget removed (a JSON merge patch, as `kubectl edit` sends): so is its report.
+    remove = {"spec": {"budget": None}, "metadata": {"generation": 2}}
+    await asyncio.to_thread(
+        cluster.api.custom.patch_namespaced_custom_object,
+        "signalbox.io",
+        "v1alpha1",
+        "default",
+        "routingpolicies",
+        "metered",
+        remove,
+    )
+    await cluster.eventually(lambda: _without_budget(cluster, "metered"))
+
+
+async def _without_budget(cluster, name: str) -> bool:
+    status = await cluster.status("RoutingPolicy", name)
+    return status.get("observedGeneration") == 2 and "budget" not in status
