@@ -10,11 +10,11 @@ long the response stream, where reading the body itself would cost one message p
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 from . import accounting, decide
 from .ledger import SpendLedger
@@ -52,16 +52,17 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         hold = fields["hold"].string_value if "hold" in fields else ""
         cost = 0.0
         try:
-            cost = self.observe(entry, policy, first)
+            cost = self.observe(entry, fields, policy, first)
         finally:
             if cost or hold:
                 # The real cost replaces what the request held in flight (nothing, if it failed).
                 self.ledger.add(policy_id, cost, release=hold)
 
-    def observe(self, entry: accesslog_pb2.HTTPAccessLogEntry, policy: str, first: str) -> float:
-        """Metrics of a finished request; returns its cost."""
+    def observe(
+        self, entry: accesslog_pb2.HTTPAccessLogEntry, fields: Mapping[str, struct_pb2.Value], policy: str, first: str
+    ) -> float:
+        """Metrics of a finished request; returns its cost. `fields`: its signalbox metadata."""
         common = entry.common_properties
-        fields = common.metadata.filter_metadata["signalbox"].fields
         backend = self.tables.current.backends.get(common.custom_tags.get("backend") or first)
         if backend is None:
             return 0.0  # a backend of an older config generation

@@ -21,9 +21,10 @@ def summarize(policy_id: str, spec: BudgetSpec, replicas: dict[str, str], now: f
     published; unreadable keys and earlier days' are skipped, as replicas skip them)."""
     buckets: dict[int, float] = {}
     in_flight = 0.0
+    today = window_start(now, DAY)
     for key, raw in replicas.items():
         decoded = decode(raw) if key.endswith(".json") else None
-        if decoded is None or decoded[0] < window_start(now, DAY):
+        if decoded is None or decoded[0] < today:
             continue
         _, spend, _, held = decoded
         for bucket, usd in spend.get(policy_id, {}).items():
