@@ -50,7 +50,12 @@ def _error(err: RequestError) -> web.Response:
 
 def build_app(processor: Processor) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "generation": processor.tables.current.generation})
+        tables = processor.tables
+        body: dict[str, object] = {"status": "ok", "generation": tables.current.generation}
+        if tables.last_error:
+            # Still serving the last good config; what was published is not in force.
+            body["config_error"] = tables.last_error
+        return web.json_response(body)
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=processor.metrics.exposition(), headers={"content-type": CONTENT_TYPE})

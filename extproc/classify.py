@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
+from signalbox.core.rules import RuleMatcher, rule_matcher
+from signalbox.core.rules import words as _words
 
 # Rough but stable: OpenAI-family tokenizers average ~4 characters per English token.
 CHARS_PER_TOKEN = 4
@@ -38,6 +40,8 @@ class Features:
     has_images: bool
     json_mode: bool
     stream: bool
+    # An embeddings request (by path): only models with the `embeddings` capability serve it.
+    embeddings: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +59,7 @@ class Classification:
 @dataclass(frozen=True, slots=True)
 class CompiledRule:
     name: str
-    regex: re.Pattern[str] | None
+    regex: RuleMatcher | None
     min_tokens: int
     max_tokens: int
     has_tools: int
@@ -78,7 +82,7 @@ class CompiledRule:
         ):
             if flag and (flag == 1) != value:
                 return False
-        return self.regex is None or self.regex.search(f.text) is not None
+        return self.regex is None or self.regex.search(f.text)
 
 
 def _content_text(content: Any) -> tuple[str, bool]:
@@ -89,15 +93,16 @@ def _content_text(content: Any) -> tuple[str, bool]:
         texts, images = [], False
         for part in content:
             if isinstance(part, dict):
-                if part.get("type") == "text":
-                    texts.append(str(part.get("text", "")))
+                text = part.get("text")
+                if part.get("type") == "text" and isinstance(text, str):
+                    texts.append(text)
                 elif part.get("type") in ("image_url", "input_image", "image"):
                     images = True
         return "\n".join(texts), images
     return "", False
 
 
-def features(body: dict[str, Any]) -> Features:
+def features(body: dict[str, Any], embeddings: bool = False) -> Features:
     total_chars, last_user, images = 0, "", False
     messages = body.get("messages")
     if isinstance(messages, list):
@@ -111,13 +116,20 @@ def features(body: dict[str, Any]) -> Features:
                 last_user = text
     else:
         prompt = body.get("prompt", body.get("input", ""))
+        # A string, or an array of strings (or of token ids, which carry no text to classify).
         last_user = (
-            prompt if isinstance(prompt, str) else " ".join(map(str, prompt)) if isinstance(prompt, list) else ""
+            prompt
+            if isinstance(prompt, str)
+            else " ".join(p for p in prompt if isinstance(p, str))
+            if isinstance(prompt, list)
+            else ""
         )
         total_chars = len(last_user)
     response_format = body.get("response_format")
     json_mode = isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
     max_out = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    if isinstance(max_out, bool):
+        max_out = 0
     return Features(
         text=_ends(last_user),
         estimated_tokens=total_chars // CHARS_PER_TOKEN + 1,
@@ -126,17 +138,8 @@ def features(body: dict[str, Any]) -> Features:
         has_images=images,
         json_mode=json_mode,
         stream=body.get("stream") is True,
+        embeddings=embeddings,
     )
-
-
-def _words(words: Iterable[str]) -> str:
-    """One alternation inside a single pair of word boundaries: checking the boundary once per
-    position instead of once per word is what keeps the rules tier fast on long texts."""
-    words = list(words)
-    plain = sorted((re.escape(w) for w in words if w[:1].isalnum() and w[-1:].isalnum()), key=len, reverse=True)
-    other = [re.escape(w) for w in words if not (w[:1].isalnum() and w[-1:].isalnum())]
-    parts = ([rf"\b(?:{'|'.join(plain)})\b"] if plain else []) + other
-    return "|".join(parts)
 
 
 # Built-in defaults, tried after a policy's own rules. Ordered: the first that fires decides the
@@ -316,7 +319,7 @@ def _default_rules() -> list[CompiledRule]:
     ) -> CompiledRule:
         return CompiledRule(
             name,
-            re.compile(pattern, re.IGNORECASE) if pattern else None,
+            RuleMatcher(re.compile(pattern, re.IGNORECASE)) if pattern else None,
             min_tokens,
             -1,
             0,
@@ -343,12 +346,11 @@ DEFAULT_RULES: tuple[CompiledRule, ...] = tuple(_default_rules())
 def compile_rules(rules: Iterable[pb.Rule], use_defaults: bool) -> tuple[CompiledRule, ...]:
     out = []
     for r in rules:
-        alternatives = list(r.patterns) + ([_words(r.keywords)] if r.keywords else [])
-        regex = re.compile("|".join(f"(?:{a})" for a in alternatives), re.IGNORECASE) if alternatives else None
         out.append(
             CompiledRule(
                 r.name,
-                regex,
+                # The same function the control plane validated these with (core/rules.py).
+                rule_matcher(r.patterns, r.keywords),
                 r.min_tokens,
                 r.max_tokens,
                 r.has_tools,
@@ -361,6 +363,11 @@ def compile_rules(rules: Iterable[pb.Rule], use_defaults: bool) -> tuple[Compile
             )
         )
     return tuple(out) + (DEFAULT_RULES if use_defaults else ())
+
+
+def embeddings_class(f: Features) -> Classification:
+    """Embeddings requests are not classified: there is no task to read, only text to embed."""
+    return Classification("embeddings", "simple", "path", 1.0, "embeddings-path", f.estimated_tokens, "embeddings")
 
 
 def _default_complexity(task: str, f: Features) -> str:

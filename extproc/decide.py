@@ -27,7 +27,8 @@ from signalbox.core.envoygen import (
 )
 from signalbox.core.errors import MalformedRequest, PayloadTooLarge, UnknownModel, UnsupportedPath
 
-from .classify import Classification, Features, features
+from . import body as body_codec
+from .classify import Classification, Features, embeddings_class, features
 from .runtime import BackendRuntime, PolicyRuntime, RuntimeTable
 from .strategies import RequestContext, Selection, SelectionState, select
 from .tiers import classify_request
@@ -40,7 +41,8 @@ BODY_MODEL = BODY_MODEL_HEADER
 PREPARED = PREPARED_HEADER
 ORIGINAL_PATH = PATH_HEADER
 
-ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+EMBEDDINGS_PATH = "/v1/embeddings"
+ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions", EMBEDDINGS_PATH)
 MODELS_PATH = "/v1/models"
 FEEDBACK_PATH = "/v1/feedback"
 
@@ -88,7 +90,7 @@ def apply_feedback(table: RuntimeTable, state: SelectionState, raw_body: bytes) 
         body = json.loads(raw_body)
         score = float(body["score"])
         policy, class_key, backend_id = read_decision(body["decision"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         raise MalformedRequest(
             'feedback needs {"decision": <x-signalbox-decision header>, "score": <0..1>}', param="decision"
         ) from None
@@ -124,16 +126,7 @@ class RouterOutcome:
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise MalformedRequest("request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise MalformedRequest("request body needs a string field 'model'", param="model")
-    return body
+    return body_codec.parse(raw)
 
 
 def find_policy(table: RuntimeTable, alias: str, path: str, headers: dict[str, str]) -> PolicyRuntime:
@@ -172,14 +165,18 @@ def prepare(
         raise PayloadTooLarge(too_large_message(max_body_bytes))
     body = parse_body(raw_body)
     policy = find_policy(table, body["model"], path, headers)
-    feats = features(body)
+    embeddings = path.split("?", 1)[0].rstrip("/") == EMBEDDINGS_PATH
+    feats = features(body, embeddings=embeddings)
     hash_key = (headers.get(policy.hash_header, "") if policy.hash_header else "") or client_address
-    return Prepared(body, policy, feats, classify_request(policy, feats), hash_key, path, headers)
+    classification = embeddings_class(feats) if embeddings else classify_request(policy, feats)
+    return Prepared(body, policy, feats, classification, hash_key, path, headers)
 
 
 def needs_llm(prepared: Prepared) -> bool:
     llm = prepared.policy.llm
-    return llm is not None and prepared.classification.confidence < llm.min_confidence
+    return (
+        llm is not None and not prepared.features.embeddings and prepared.classification.confidence < llm.min_confidence
+    )
 
 
 def finish(
@@ -207,7 +204,7 @@ def finish(
         # Usage is how spend is counted: ask for it in streams too (clients ignore the extra chunk).
         options = body.get("stream_options")
         body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    new_body = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    new_body = body_codec.dump(body)
     # Prepare the request for the first choice here, so that Envoy's first attempt (the common
     # case) needs no upstream-phase stream; attempts to other backends run it and replace all of it.
     first = prepare_upstream(backend, prepared.path, prepared.headers)
@@ -297,4 +294,4 @@ def upstream(table: RuntimeTable, backend_id: str, path: str, headers: dict[str,
 def rewrite_model(raw_body: bytes, model: str) -> bytes:
     body = parse_body(raw_body)
     body["model"] = model
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return body_codec.dump(body)

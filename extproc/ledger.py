@@ -24,7 +24,7 @@ import logging
 import time
 from pathlib import Path
 
-from signalbox.core.budget import DAY, HOUR, Buckets, window_start
+from signalbox.core.budget import DAY, EXHAUSTED, HOUR, Buckets, Budget, BudgetStatus, assess, window_start
 
 from .sharedstate import connect
 
@@ -77,6 +77,24 @@ class SpendLedger:
         """A routed request's estimated cost, counted until `add(..., release=hold_id)`."""
         self.db.execute("INSERT OR REPLACE INTO held VALUES (?, ?, ?, ?)", (hold_id, policy, usd, until))
 
+    def admit(
+        self, policy: str, limits: Budget, hold_id: str, usd: float, until: float, now: float
+    ) -> BudgetStatus | None:
+        """Check and hold in one transaction: sum spend and holds, decide, insert the hold.
+
+        Returns None when the hold was placed; otherwise the exhausted status that refused it
+        (only for `reject` budgets). `BEGIN IMMEDIATE` takes SQLite's write lock before the
+        reads, so two workers can never both admit on the same remaining room: the most a
+        burst overshoots a limit by is the estimate of the one request admitted just below it.
+        """
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            status = assess(limits, self.buckets(policy, now, sweep=False), now, self.in_flight(policy, now))
+            if status.state == EXHAUSTED and status.reject_when_exhausted:
+                return status
+            self.db.execute("INSERT OR REPLACE INTO held VALUES (?, ?, ?, ?)", (hold_id, policy, usd, until))
+        return None
+
     def in_flight(self, policy: str, now: float) -> float:
         """What requests in flight hold: this replica's (lapsed ones too, until they are charged)
         and the others' as last published."""
@@ -119,9 +137,10 @@ class SpendLedger:
         self.db.execute("DELETE FROM spend WHERE bucket < ?", (cutoff,))
         self.db.execute("DELETE FROM remote WHERE bucket < ?", (cutoff,))
 
-    def buckets(self, policy: str, now: float) -> Buckets:
+    def buckets(self, policy: str, now: float, sweep: bool = True) -> Buckets:
         """Hourly buckets of the current UTC day: (start, this replica's USD, other replicas' USD)."""
-        self._charge_lapsed_if_due(now)
+        if sweep:
+            self._charge_lapsed_if_due(now)
         since = window_start(now, DAY)
         rows = self.db.execute(
             "SELECT bucket, SUM(l), SUM(r) FROM ("

@@ -48,7 +48,7 @@ class LlmClassifier:
         if answer is None:
             try:
                 answer = await asyncio.wait_for(self._ask(cfg, text), cfg.timeout_s)
-            except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, TypeError) as exc:
+            except Exception as exc:
                 self.failures += 1
                 log.info("llm tier (%s) gave no answer, keeping earlier tiers: %s", backend.id, type(exc).__name__)
                 return None
@@ -76,12 +76,19 @@ class LlmClassifier:
             "max_tokens": 40,
             "response_format": {"type": "json_object"},
         }
-        async with self.session.post(url, json=body, headers=headers) as response:
+        # Never follow a redirect: it would carry the key to wherever the provider points.
+        async with self.session.post(url, json=body, headers=headers, allow_redirects=False) as response:
+            if response.status != 200:
+                raise ValueError(f"classifier answered HTTP {response.status}")
             response.raise_for_status()
             payload = await response.json(content_type=None)
         content = payload["choices"][0]["message"]["content"]
+        if not isinstance(content, str):
+            raise ValueError("classifier answer has no text content")
         answer = json.loads(content[content.find("{") : content.rfind("}") + 1])
-        task, complexity = answer["task_type"], answer["complexity"]
+        if not isinstance(answer, dict):
+            raise ValueError("classifier answer is not a JSON object")
+        task, complexity = answer.get("task_type"), answer.get("complexity")
         if task not in TASK_TYPES or complexity not in COMPLEXITIES:
             raise ValueError(f"unexpected labels {task!r}/{complexity!r}")
         return task, complexity

@@ -82,8 +82,22 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(tables.watch(args.config, stop))]
-    tasks += [asyncio.create_task(job(stop)) for job in background]
+    tasks = [asyncio.create_task(tables.watch(args.config, stop), name="config-watch")]
+    tasks += [asyncio.create_task(job(stop), name=getattr(job, "__name__", "background")) for job in background]
+    failed: list[str] = []
+
+    def stop_if_died(task: asyncio.Task[None]) -> None:
+        # A watch or sync task that ends while we serve leaves a gateway that silently stops
+        # following its config: stop loudly, so the supervisor (kubelet, `signalbox up`) restarts us.
+        if stop.is_set() or task.cancelled():
+            return
+        exc = task.exception()
+        log.critical("background task %s ended unexpectedly: %r; stopping", task.get_name(), exc)
+        failed.append(task.get_name())
+        stop.set()
+
+    for task in tasks:
+        task.add_done_callback(stop_if_died)
     await stop.wait()
     log.info("draining for up to %ss", DRAIN_SECONDS)
     await server.stop(DRAIN_SECONDS)
@@ -97,7 +111,7 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
         learning.close()
     for task in tasks:
         task.cancel()
-    return 0
+    return 1 if failed else 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -59,6 +59,11 @@ class Metrics:
             "Routing configs that could not be loaded (the last good one stayed).",
             registry=r,
         )
+        self.internal_errors = Counter(
+            "signalbox_internal_errors",
+            "Requests answered 500 internal_error because deciding raised (each is logged with its request id).",
+            registry=r,
+        )
         self.phase_seconds = Histogram(
             "signalbox_extproc_phase_duration_seconds",
             "Time the ext_proc spends deciding, by phase.",

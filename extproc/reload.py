@@ -15,7 +15,6 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
-from signalbox.core.errors import ConfigVersionError
 
 from .metrics import Metrics
 from .runtime import KeyResolver, RuntimeTable, default_key_resolver
@@ -31,6 +30,8 @@ class TableHolder:
         self.resolve_key = resolve_key or default_key_resolver()
         self.metrics = metrics
         self.reload_failures = 0
+        # Why the newest config is not in force ("" when it is): /healthz reports it.
+        self.last_error = ""
 
     def install(self, cfg: pb.RoutingConfig) -> RuntimeTable:
         table = RuntimeTable.from_config(cfg, self.resolve_key)
@@ -46,12 +47,16 @@ class TableHolder:
             # Rebuilt even when the config is unchanged: config-sync rewrites it after a key
             # rotation, and building a table takes milliseconds.
             table = self.install(cfg)
-        except (OSError, json_format.ParseError, ConfigVersionError, KeyError, ValueError) as exc:
+        except Exception as exc:
+            # Expected ones (unreadable, unparsable, unknown version) and anything else: a reload
+            # must never take the table in force, or the task that watches, down with it.
+            self.last_error = f"{type(exc).__name__}: {exc}"
             self.reload_failures += 1
             if self.metrics is not None:
                 self.metrics.config_reload_failures.inc()
             log.error("keeping routing config generation %s: cannot load %s: %s", self.current.generation, path, exc)
             return False
+        self.last_error = ""
         log.info(
             "routing config generation %s loaded (%d policies, %d backends, hash %s)",
             table.generation,

@@ -25,7 +25,7 @@ from google.protobuf import text_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from signalbox.core import budget
-from signalbox.core.errors import MalformedRequest, RequestError
+from signalbox.core.errors import InternalError, MalformedRequest, RequestError
 
 from . import decide, strategies, wire
 from .accesslog import AccessLogSink
@@ -92,6 +92,12 @@ def learn_from_response(
     state.observe_outcome(policy, key, served, ok, latency)
 
 
+def _ends_request_phase(response: ep.ProcessingResponse) -> bool:
+    """After this answer Envoy has what it needs to go on (or has replied): an error found later
+    can only be logged, since a second immediate response would not be read."""
+    return response.WhichOneof("response") in ("request_body", "immediate_response")
+
+
 def client_address(headers: dict[str, str]) -> str:
     forwarded = headers.get("x-forwarded-for", "")
     return forwarded.split(",")[-1].strip() if forwarded else headers.get("x-envoy-external-address", "")
@@ -125,14 +131,20 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         return budget.assess(policy.budget, buckets, now, held)
 
     def hold(self, prepared: decide.Prepared, backend: BackendRuntime, now: float) -> str:
-        """Hold the request's expected cost against its policy's budget until the access log
-        reports the real cost (accesslog.py releases the hold); returns the hold's id."""
+        """Admit the request against its policy's budget and hold its expected cost until the
+        access log reports the real cost (accesslog.py releases the hold); returns the hold's id.
+
+        The check and the hold are one ledger transaction, so concurrent requests on every
+        worker see each other's holds: raises the 429 when the room was taken meanwhile.
+        """
         policy = prepared.policy
         if policy.budget is None or not self.accounting:
             return ""
         hold_id = uuid.uuid4().hex
         usd = strategies.expected_cost_usd(prepared.features, backend)
-        self.ledger.hold(policy.id, hold_id, usd, now + policy.budget.hold_seconds)
+        refused = self.ledger.admit(policy.id, policy.budget, hold_id, usd, now + policy.budget.hold_seconds, now)
+        if refused is not None:
+            budget.refuse_if_exhausted(policy.name, refused, now)
         return hold_id
 
     def budget_windows(self) -> list[tuple[PolicyRuntime, budget.BudgetStatus]]:
@@ -159,26 +171,38 @@ class Processor(ep_grpc.ExternalProcessorServicer):
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        first = True
         async for request in request_iterator:
-            if first:
-                first = False
+            answered = False
+            headers: dict[str, str] = {}
+            try:
+                headers = wire.header_map(request.request_headers)
                 backend_id = upstream_backend_id(request)
                 phase = (
-                    self._router(request, request_iterator)
+                    self._router(request, headers, request_iterator)
                     if backend_id is None
-                    else self._upstream(request, request_iterator, backend_id)
+                    else self._upstream(request, headers, request_iterator, backend_id)
                 )
                 async for response in phase:
+                    answered = answered or _ends_request_phase(response)
                     yield response
-                return
+            except Exception:
+                # The boundary: whatever a request makes the decision code raise is this
+                # request's 500 (logged once, with the id the client gets), never a dropped
+                # stream, which Envoy would turn into a misleading 503 for every such request.
+                request_id = headers.get("x-request-id", "")
+                log.exception("internal error while routing request %s", request_id or "(no id)")
+                self.metrics.internal_errors.inc()
+                if not answered:
+                    yield wire.immediate_error(InternalError(request_id))
+            return
 
-    async def _router(self, request: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest]):
+    async def _router(
+        self, request: ep.ProcessingRequest, headers: dict[str, str], rest: AsyncIterator[ep.ProcessingRequest]
+    ):
         table = self.tables.current
         state = self.state
         if request.WhichOneof("request") != "request_headers":
             return
-        headers = wire.header_map(request.request_headers)
         path = headers.get(":path", "/")
         chosen = ""
         started = 0.0
@@ -233,25 +257,29 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     clear_route_cache=True,
                     metadata=metadata,
                 )
-                if policy.learning:
-                    # Wait for the response: status and the backend that answered are outcomes.
-                    started = time.monotonic()
-                    yield response
-                    async for reply in rest:
-                        if reply.WhichOneof("request") == "response_headers":
-                            learn_from_response(state, outcome, reply, started)
-                            yield wire.response_headers_response()
-                            return
-                    return
-                if policy.strategy not in STREAM_LIFETIME_STRATEGIES:
+                tracks_lifetime = policy.strategy in STREAM_LIFETIME_STRATEGIES
+                if not policy.learning and not tracks_lifetime:
                     # Nothing more to do for this request: end the RPC now rather than hold it
                     # (and have Envoy reset it) for the whole upstream exchange.
                     yield response
                     return
-                chosen = outcome.selection.choice.backend.id
-                state.in_flight[chosen] += 1
+                if tracks_lifetime:
+                    chosen = outcome.selection.choice.backend.id
+                    state.in_flight[chosen] += 1
                 started = time.monotonic()
                 yield response
+                # Learning waits for the response (its status and the backend that answered
+                # are outcomes); latency and least-busy keep the stream until the request ends.
+                async for reply in rest:
+                    if policy.learning and reply.WhichOneof("request") == "response_headers":
+                        try:
+                            learn_from_response(state, outcome, reply, started)
+                        except Exception:
+                            # The client's answer is already on its way: lose the lesson, not it.
+                            log.exception("could not learn from the response to %s", headers.get("x-request-id"))
+                        yield wire.response_headers_response()
+                        if not tracks_lifetime:
+                            return
         except RequestError as err:
             self.metrics.requests.labels(
                 policy.name if policy else "none", "none", "none", "none", "none", err.code
@@ -268,11 +296,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     )
 
     async def _upstream(
-        self, request: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest], backend_id: str
+        self,
+        request: ep.ProcessingRequest,
+        headers: dict[str, str],
+        rest: AsyncIterator[ep.ProcessingRequest],
+        backend_id: str,
     ):
         table = self.tables.current
         decided = time.perf_counter()
-        headers = wire.header_map(request.request_headers)
         try:
             outcome = decide.upstream(table, backend_id, headers.get(":path", "/"), headers)
             self.metrics.phase_seconds.labels("upstream").observe(time.perf_counter() - decided)

@@ -138,6 +138,8 @@ def _required_capabilities(f: Features) -> set[str]:
         needed.add("json")
     if f.stream:
         needed.add("streaming")
+    if f.embeddings:
+        needed.add("embeddings")
     return needed
 
 

@@ -122,8 +122,12 @@ async def _watch_inputs(gateway, stop: dict[str, bool]) -> None:
 
     poller = asyncio.create_task(poll_stop())
     tail = asyncio.create_task(_echo_requests(gateway.options.request_log)) if gateway.options.request_log else None
-    async for _changes in awatch(*gateway.paths, stop_event=stop_event, debounce=200):
+    async for _changes in awatch(
+        *gateway.paths, stop_event=stop_event, debounce=200, watch_filter=lambda _c, path: gateway.is_input(path)
+    ):
         result = gateway.apply()
+        if result.ok and not result.changed:
+            continue
         if result.ok:
             print(f"{time.strftime('%H:%M:%S')} applied generation {gateway.generation}", flush=True)
         else:

@@ -8,12 +8,14 @@ the dataplane tests both use it, so what the tests prove is what a user runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -36,6 +38,11 @@ from signalbox.extproc.sharedstate import LEARNING_DB, SPEND_DB
 FAKE_ANNOTATION = "signalbox.io/local-fake-provider"
 # In the work directory: one JSON line per request, written by Envoy.
 REQUEST_LOG = "requests.log"
+# A crashing ext_proc worker is restarted at once, then no sooner than 0.5, 1, 2 ... 10 s
+# after its previous start, until it has run for a minute.
+BACKOFF_FIRST_SECONDS = 0.5
+BACKOFF_MAX_SECONDS = 10.0
+BACKOFF_RESET_SECONDS = 60.0
 
 
 class StartupError(SignalboxError):
@@ -82,12 +89,16 @@ class LocalGateway:
     # cover all workers.
     admin_api_port: int = 0
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # Restarts of each ext_proc worker by the supervisor.
+    restarts: dict[str, int] = field(default_factory=dict)
     generation: int = 0
     config: pb.RoutingConfig | None = None
 
     # ------------------------------------------------------------------ files
 
     def __post_init__(self) -> None:
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="signalbox-"))
         (self.workdir / "envoy").mkdir(parents=True, exist_ok=True)
         (self.workdir / "config").mkdir(parents=True, exist_ok=True)
@@ -135,7 +146,9 @@ class LocalGateway:
         return compile_files(self.paths, self.generation + 1)
 
     def apply(self) -> CompileResult:
-        """Compile the inputs; publish only a valid result (the last good config stays otherwise)."""
+        """Compile the inputs; publish only a valid result that differs from the one in force
+        (the last good config stays otherwise, and an unchanged one is not re-applied: each
+        publish is a full Envoy and ext_proc reload)."""
         try:
             result = self.compile()
         except SignalboxError as exc:
@@ -143,10 +156,28 @@ class LocalGateway:
             return CompileResult(None, problems or [])
         if result.config is None:
             return result
+        if self.config is not None and result.config.content_hash == self.config.content_hash:
+            return CompileResult(self.config, [], changed=False)
         self.generation += 1
         self.config = result.config
         self._publish(result.config)
         return result
+
+    def is_input(self, path: str | Path) -> bool:
+        """Whether a changed file is one the gateway compiles (a YAML file under a watched
+        folder, or a watched file), so logs, editors' swap files and the work directory, even
+        inside a watched folder, never trigger a recompile."""
+        assert self.workdir
+        changed = Path(path).resolve()
+        if changed.is_relative_to(self.workdir.resolve()):
+            return False
+        for raw in self.paths:
+            watched = Path(raw).resolve()
+            if changed == watched:
+                return True
+            if changed.is_relative_to(watched) and changed.suffix in loader.YAML_SUFFIXES:
+                return True
+        return False
 
     def _publish(self, cfg: pb.RoutingConfig) -> None:
         assert self.workdir
@@ -189,6 +220,9 @@ class LocalGateway:
             self._spawn(f"extproc-{n}", self.extproc_argv(n), {MULTIPROC_ENV: str(metrics_dir)})
         for n, socket_path in enumerate(self.options.extproc_sockets):
             self._wait(lambda p=socket_path: Path(p).exists(), f"extproc-{n}", timeout)
+        self._stopping.clear()
+        self._supervisor = threading.Thread(target=self._supervise, name="signalbox-supervisor", daemon=True)
+        self._supervisor.start()
         bootstrap = gatewayfiles.write_bootstrap(self.workdir, self.options)
         self._spawn(
             "envoy",
@@ -254,7 +288,50 @@ class LocalGateway:
             time.sleep(0.05)
         raise StartupError(f"{name} was not ready after {timeout:.0f}s; see {self.workdir}/{name}.log")
 
+    # ------------------------------------------------------------------ supervision
+
+    def _supervise(self) -> None:
+        """Restart ext_proc workers that exit (crash, OOM kill), with backoff per worker.
+
+        Envoy stops sending to a dead worker within a second on its own (outlier detection on
+        refused connections, then a gRPC health check every 0.5 s brings it back): the
+        supervisor only has to get the process back. Runs in a thread until `stop()`.
+        """
+        assert self.workdir
+        backoff: dict[str, float] = {}
+        next_try: dict[str, float] = {}
+        started_at: dict[str, float] = {}
+        while not self._stopping.wait(0.05):
+            now = time.monotonic()
+            for n in range(len(self.options.extproc_sockets)):
+                name = f"extproc-{n}"
+                proc = self.processes.get(name)
+                if proc is None or proc.poll() is None:
+                    if proc is not None and now - started_at.get(name, now) > BACKOFF_RESET_SECONDS:
+                        backoff.pop(name, None)  # stable again: the next crash restarts at once
+                    continue
+                if now < next_try.get(name, 0.0):
+                    continue
+                delay = backoff.get(name, 0.0)
+                print(
+                    f"{time.strftime('%H:%M:%S')} {name} exited with {proc.returncode}; restarting"
+                    + (f" (next restart no sooner than {delay:.1f} s)" if delay else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.options.extproc_sockets[n])
+                self._spawn(name, self.extproc_argv(n), {MULTIPROC_ENV: str(self.workdir / "metrics")})
+                started_at[name] = now
+                backoff[name] = min(max(delay * 2, BACKOFF_FIRST_SECONDS), BACKOFF_MAX_SECONDS)
+                next_try[name] = now + backoff[name]
+
     def stop(self) -> None:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+            self._supervisor = None
         for proc in self.processes.values():
             if proc.poll() is None:
                 proc.terminate()

@@ -21,6 +21,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .errors import Problem
 from .models import AIProvider, OnExhausted, ProviderType, RoutingPolicy, Strategy
+from .rules import RuleError, rule_matcher
 
 SCHEMA_VERSION = 1
 
@@ -38,6 +39,8 @@ _TRISTATE = {None: 0, True: 1, False: 2}
 class CompileResult:
     config: pb.RoutingConfig | None
     problems: list[Problem]
+    # False when the result equals the config already in force (nothing was applied).
+    changed: bool = True
 
     @property
     def ok(self) -> bool:
@@ -321,19 +324,18 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
             )
         )
     for r, rule in enumerate(spec.classification.rules):
-        for k, pattern in enumerate(rule.patterns):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                problems.append(
-                    Problem(
-                        "RoutingPolicy",
-                        meta.name,
-                        f"spec.classification.rules[{r}].patterns[{k}]",
-                        f"invalid regular expression: {exc}",
-                        ns,
-                    )
+        try:
+            rule_matcher(rule.patterns, rule.keywords)
+        except RuleError as exc:
+            problems.append(
+                Problem(
+                    "RoutingPolicy",
+                    meta.name,
+                    f"spec.classification.rules[{r}].{exc.field}[{exc.index}]",
+                    str(exc),
+                    ns,
                 )
+            )
 
     # Failover order: priority, then listing order. Unhealthy backends never get a target and
     # are left out of every chain; Envoy outlier detection covers what health probes miss.
@@ -369,4 +371,9 @@ def chain(cfg: pb.RoutingConfig, policy: pb.Policy, first: int) -> list[pb.Backe
     if policy.failover:
         order = sorted(range(len(policy.backends)), key=lambda i: (policy.backends[i].priority, i))
         members += [i for i in order if i != first and policy.backends[i].target]
-    return [cfg.backends[policy.backends[i].backend] for i in members]
+    backends = [cfg.backends[policy.backends[i].backend] for i in members]
+    if "embeddings" in backends[0].capabilities:
+        # The first choice may be serving an embeddings request: never fail it over to a model
+        # that cannot embed (the router phase only picks embedding models for those).
+        backends = [b for b in backends if "embeddings" in b.capabilities]
+    return backends

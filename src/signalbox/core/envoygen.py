@@ -44,6 +44,16 @@ HEALTH_LISTENER_NAME = "signalbox_health"
 API_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
 
 _T = "type.googleapis.com/"
+# Circuit breakers sized for LLM traffic, where a request stays open for seconds to minutes:
+# Envoy's defaults (1,024 requests, connections and pending per cluster) would refuse
+# concurrent streams long before the gateway's CPU or memory is the limit.
+STREAM_LIMITS = {
+    "priority": "DEFAULT",
+    "max_connections": 100_000,
+    "max_pending_requests": 100_000,
+    "max_requests": 100_000,
+    "max_retries": 10_000,
+}
 _RETRY_ON = {
     "5xx": "5xx",
     "429": "retriable-status-codes",
@@ -134,6 +144,32 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
                 "cluster_name": EXTPROC_CLUSTER,
                 "endpoints": [{"lb_endpoints": [{"endpoint": {"address": a}} for a in extproc_addrs]}],
             },
+            # Router streams of `latency`/`least-busy`/learning policies last as long as their
+            # requests: Envoy's default of 1,024 would refuse the 1,025th open LLM stream.
+            "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
+            # A worker that is gone (killed, restarting) must stop receiving streams at once: a
+            # refused connection is otherwise the "least busy" endpoint. One failed connect
+            # ejects it; the health check brings it back as soon as it answers again.
+            "outlier_detection": {
+                "split_external_local_origin_errors": True,
+                "consecutive_local_origin_failure": 1,
+                "consecutive_gateway_failure": 1,
+                "interval": "0.5s",
+                "base_ejection_time": "1s",
+                "max_ejection_time": "2s",
+                "max_ejection_percent": 100,
+            },
+            "health_checks": [
+                {
+                    "timeout": "0.5s",
+                    "interval": "0.5s",
+                    "no_traffic_interval": "0.5s",
+                    "unhealthy_threshold": 1,
+                    "healthy_threshold": 1,
+                    "grpc_health_check": {},
+                }
+            ],
+            "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
         }
     ]
     if opts.health_port:
@@ -190,6 +226,7 @@ def _backend_cluster(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": _ms(provider.connect_timeout_ms or 2000),
         "typed_extension_protocol_options": _http1_options(),
+        "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
         "outlier_detection": {
             "consecutive_5xx": 5,
             "interval": "5s",
@@ -377,6 +414,7 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
                         ),
                     },
                     typed_extension_protocol_options=_http1_options(upstream_filters),
+                    circuit_breakers={"thresholds": [STREAM_LIMITS]},
                 )
             )
     return out

@@ -97,6 +97,19 @@ class BudgetExhausted(RequestError):
     status, error_type, code = 429, "insufficient_quota", "budget_exhausted"
 
 
+class InternalError(RequestError):
+    """A bug or an unexpected failure while deciding: logged once with the request id, which the
+    client also gets, so the two can be matched. Never a dropped stream."""
+
+    status, error_type, code = 500, "server_error", "internal_error"
+
+    def __init__(self, request_id: str):
+        super().__init__(
+            f"the gateway failed while routing this request (request id {request_id or 'unknown'}); it has been logged"
+        )
+        self.request_id = request_id
+
+
 class RoutingUnavailable(RequestError):
     """The routing service itself could not decide (used by Envoy's fail-closed local reply)."""
 

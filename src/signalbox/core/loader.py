@@ -23,12 +23,16 @@ class Documents:
     policies: list[dict[str, Any]] = field(default_factory=list)
 
 
+# What a folder given as input contributes: its YAML files, at any depth.
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
 def yaml_files(paths: list[str | Path]) -> list[Path]:
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml")))
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix in YAML_SUFFIXES))
         else:
             files.append(path)
     return files

@@ -1,0 +1,93 @@
+"""Fuzz tier, part 1: hostile bodies through the router phase, as pure functions and through the
+servicer's own `Process` loop (no gRPC transport, so hundreds of cases a second).
+
+The property: every body is routed or refused with the client's 4xx; nothing raises out of the
+phase functions but a `RequestError`, and the servicer never answers 500 (which is what any
+other exception turns into at its boundary).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from hypothesis import HealthCheck, given, settings
+
+from signalbox.core.errors import RequestError
+from signalbox.extproc import decide
+from signalbox.extproc.server import Processor
+from signalbox.extproc.strategies import SelectionState
+
+from .bodies import PHASE_EXAMPLES, raw_bodies
+
+FUZZ = settings(
+    max_examples=PHASE_EXAMPLES,
+    deadline=None,
+    derandomize=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/feedback", "/v1/models", "/v2/x"]
+
+
+@FUZZ
+@given(raw=raw_bodies)
+def test_router_phase_functions_refuse_only_with_a_client_error(table, raw):
+    state = SelectionState()
+    for path in ("/v1/chat/completions", "/v1/embeddings"):
+        try:
+            prepared = decide.prepare(table, path, {":path": path, "x-request-id": "r"}, raw, "10.0.0.1", 1 << 20)
+            outcome = decide.finish(prepared, state)
+        except RequestError as err:
+            assert err.status < 500 or err.code == "no_healthy_backend", err
+            json.loads(err.body())  # a well-formed OpenAI error
+            continue
+        sent = json.loads(outcome.body)
+        assert sent["model"] == outcome.selection.choice.backend.upstream_model
+        if prepared.features.embeddings:
+            assert "embeddings" in outcome.selection.choice.backend.capabilities
+    try:
+        decide.apply_feedback(table, state, raw)
+    except RequestError as err:
+        assert err.status < 500
+
+
+def _header_map(headers: dict[str, str]) -> ep.HttpHeaders:
+    return ep.HttpHeaders(
+        headers=base_pb2.HeaderMap(
+            headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()]
+        )
+    )
+
+
+async def _drive(processor: Processor, path: str, raw: bytes) -> list[ep.ProcessingResponse]:
+    headers = {":method": "POST", ":path": path, "x-request-id": "fuzz-1", "content-length": str(len(raw))}
+    messages = [
+        ep.ProcessingRequest(request_headers=_header_map(headers)),
+        ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True)),
+        ep.ProcessingRequest(response_headers=_header_map({":status": "200"})),
+    ]
+
+    async def stream():
+        for m in messages:
+            yield m
+
+    return [r async for r in processor.Process(stream(), None)]
+
+
+@FUZZ
+@given(raw=raw_bodies)
+def test_the_servicer_never_answers_500(holder, raw):
+    processor = Processor(holder, max_body_bytes=1 << 20)
+    for path in PATHS:
+        responses = asyncio.run(_drive(processor, path, raw))
+        assert responses, path
+        for response in responses:
+            if response.WhichOneof("response") == "immediate_response":
+                status = response.immediate_response.status.code
+                assert status < 500 or response.immediate_response.details == "signalbox_no_healthy_backend", (
+                    path,
+                    response.immediate_response.body[:300],
+                )
+    assert processor.metrics.internal_errors._value.get() == 0
