@@ -16,7 +16,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import duration_pb2, struct_pb2
 
-from . import accounting, decide
+from . import accounting, decisions
 from .ledger import SpendLedger
 from .metrics import Metrics
 from .reload import TableHolder
@@ -39,15 +39,15 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
             for entry in message.http_logs.log_entry:
                 try:
                     self.account(entry)
-                except (ValueError, KeyError) as exc:  # a garbled entry must not end the stream
-                    log.warning("accounting: skipped an access log entry: %s", exc)
+                except Exception as exc:
+                    log.warning("accounting: skipped an access log entry: %r", exc)
         return als_pb2.StreamAccessLogsResponse()
 
     def account(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         fields = entry.common_properties.metadata.filter_metadata["signalbox"].fields
         if "decision" not in fields:
             return  # not a routed request
-        policy, _, first = decide.read_decision(fields["decision"].string_value)
+        policy, _, first = decisions.unpack(fields["decision"].string_value)
         policy_id = fields["policy_id"].string_value if "policy_id" in fields else policy
         hold = fields["hold"].string_value if "hold" in fields else ""
         cost = 0.0

@@ -144,7 +144,9 @@ def build_app(processor: Processor) -> web.Application:
 
     async def feedback(request: web.Request) -> web.Response:
         try:
-            recorded = decide.apply_feedback(processor.tables.current, processor.state, await request.read())
+            recorded = decide.apply_feedback(
+                processor.tables.current, processor.state, await request.read(), processor.signer
+            )
         except RequestError as err:
             return _error(err)
         processor.metrics.feedback.labels(recorded["policy"]).inc()

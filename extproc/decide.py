@@ -10,8 +10,6 @@ authority, auth header and body `model`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +24,11 @@ from signalbox.core.envoygen import (
     too_large_message,
 )
 from signalbox.core.errors import MalformedRequest, PayloadTooLarge, UnknownModel, UnsupportedPath
+from signalbox.core.secrets import SecretValue
 
 from . import body as body_codec
 from .classify import Classification, Features, embeddings_class, features
+from .decisions import DecisionSigner
 from .runtime import BackendRuntime, PolicyRuntime, RuntimeTable
 from .strategies import RequestContext, Selection, SelectionState, select
 from .tiers import classify_request
@@ -41,6 +41,8 @@ BODY_MODEL = BODY_MODEL_HEADER
 PREPARED = PREPARED_HEADER
 ORIGINAL_PATH = PATH_HEADER
 
+# A header to set: its value, or a key that stays wrapped until the gRPC message is built.
+HeaderSetting = tuple[str, str | SecretValue]
 EMBEDDINGS_PATH = "/v1/embeddings"
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions", EMBEDDINGS_PATH)
 MODELS_PATH = "/v1/models"
@@ -69,30 +71,24 @@ def class_header(c: Classification) -> str:
     )
 
 
-def decision_token(policy: str, class_key: str, backend_id: str) -> str:
-    """What a client echoes back with its quality feedback (response header x-signalbox-decision)."""
-    raw = json.dumps([policy, class_key, backend_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def read_decision(token: str) -> tuple[str, str, str]:
-    """(policy, class key, backend id) from an x-signalbox-decision token; ValueError if garbled."""
-    try:
-        policy, class_key, backend_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (ValueError, TypeError, binascii.Error) as exc:
-        raise ValueError(f"not a decision token: {exc}") from None
-    return str(policy), str(class_key), str(backend_id)
-
-
-def apply_feedback(table: RuntimeTable, state: SelectionState, raw_body: bytes) -> dict[str, Any]:
+def apply_feedback(
+    table: RuntimeTable, state: SelectionState, raw_body: bytes, signer: DecisionSigner
+) -> dict[str, Any]:
     """`POST /v1/feedback {"decision": <x-signalbox-decision>, "score": 0..1}` -> learning."""
     try:
         body = json.loads(raw_body)
         score = float(body["score"])
-        policy, class_key, backend_id = read_decision(body["decision"])
+        token = body["decision"]
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         raise MalformedRequest(
             'feedback needs {"decision": <x-signalbox-decision header>, "score": <0..1>}', param="decision"
+        ) from None
+    try:
+        policy, class_key, backend_id = signer.read(token)
+    except ValueError:
+        raise MalformedRequest(
+            "'decision' is not a token this gateway issued (copy the x-signalbox-decision response header)",
+            param="decision",
         ) from None
     if not 0 <= score <= 1:
         raise MalformedRequest("score must be between 0 and 1", param="score")
@@ -119,8 +115,9 @@ class RouterOutcome:
     policy: PolicyRuntime
     selection: Selection
     classification: Classification
-    # Includes the first choice's API key: never log or return these.
-    set_headers: tuple[tuple[str, str], ...]
+    # The first choice's API key stays a SecretValue here: only wire.mutation reveals it,
+    # into the gRPC message itself, so no printable object of the gateway holds a key.
+    set_headers: tuple[HeaderSetting, ...]
     remove_headers: tuple[str, ...]
     body: bytes
 
@@ -244,7 +241,7 @@ def decide(
 @dataclass(frozen=True, slots=True)
 class UpstreamOutcome:
     backend: BackendRuntime
-    set_headers: tuple[tuple[str, str], ...]
+    set_headers: tuple[HeaderSetting, ...]
     remove_headers: tuple[str, ...]
     # The body still names another backend's model (a failover attempt): rewrite it.
     rewrite_body: bool
@@ -265,10 +262,10 @@ def upstream_path(backend: BackendRuntime, path: str) -> str:
 def prepare_upstream(backend: BackendRuntime, path: str, headers: dict[str, str] | None) -> UpstreamOutcome:
     """Path, authority and key for one backend; the client's own credentials are removed."""
     provider = backend.provider
-    set_headers = [(":path", upstream_path(backend, path)), (":authority", provider.authority)]
+    set_headers: list[HeaderSetting] = [(":path", upstream_path(backend, path)), (":authority", provider.authority)]
     remove = {"authorization", "api-key"}
     if provider.auth_value is not None:
-        set_headers.append((provider.auth_header, provider.auth_value.reveal()))
+        set_headers.append((provider.auth_header, provider.auth_value))
         remove.discard(provider.auth_header)
     return UpstreamOutcome(
         backend=backend,

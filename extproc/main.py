@@ -20,13 +20,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import admin
+from .decisions import DecisionSigner
 from .learning import SharedLearning
 from .ledger import SpendLedger
 from .metrics import Metrics
 from .reload import TableHolder
 from .runtime import default_key_resolver
 from .server import Processor, serve
-from .sharedstate import LEARNING_DB, SPEND_DB
+from .sharedstate import DECISION_KEY, DEFAULT_EXTPROC_SOCKET, LEARNING_DB, SPEND_DB
 from .strategies import SelectionState
 
 log = logging.getLogger("signalbox.extproc")
@@ -47,21 +48,39 @@ async def health_only_server(address: str) -> grpc.aio.Server:
     return server
 
 
+def listen_address(args: argparse.Namespace) -> str:
+    """A Unix socket unless TCP is asked for: the processor's answers carry provider keys, so by
+    default nothing off this machine (or outside this pod) can reach it."""
+    if getattr(args, "address", None):
+        return str(args.address)
+    path = getattr(args, "socket", None) or DEFAULT_EXTPROC_SOCKET
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return f"unix:{path}"
+
+
+def decision_signer(args: argparse.Namespace) -> DecisionSigner:
+    """The key every worker (and, through a Secret, every replica) signs decision tokens with."""
+    key_file = getattr(args, "decision_key_file", None)
+    if key_file:
+        return DecisionSigner.from_file(key_file)
+    state_dir = getattr(args, "state_dir", None)
+    if state_dir:
+        return DecisionSigner.from_file(Path(state_dir) / DECISION_KEY, create=True)
+    return DecisionSigner()
+
+
 async def serve_until_stopped(args: argparse.Namespace, background: tuple[Background, ...] = ()) -> int:
     metrics = Metrics()
     tables = TableHolder(resolve_key=default_key_resolver(args.secrets_dir), metrics=metrics)
     if not tables.load_file(args.config):
         log.warning("starting with no routing config: every request gets 404 until %s is valid", args.config)
-    if args.socket:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(args.socket)
-        address = f"unix:{args.socket}"
-    else:
-        address = args.address
+    address = listen_address(args)
     state_dir = getattr(args, "state_dir", None)
     ledger = SpendLedger(Path(state_dir) / SPEND_DB if state_dir else None)
     learning = SharedLearning(Path(state_dir) / LEARNING_DB) if state_dir else None
     accounting = not getattr(args, "no_accounting", False)
+    signer = decision_signer(args)
     processor = Processor(
         tables,
         SelectionState(shared=learning),
@@ -69,6 +88,7 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
         metrics=metrics,
         ledger=ledger,
         accounting=accounting,
+        signer=signer,
     )
     server, _ = await serve(tables, address, args.max_body_bytes, processor=processor)
     health_server = await health_only_server(args.health_address) if args.health_address else None

@@ -30,6 +30,7 @@ from signalbox.core.errors import InternalError, MalformedRequest, RequestError
 from . import decide, strategies, wire
 from .accesslog import AccessLogSink
 from .classify import Classification
+from .decisions import DecisionSigner
 from .ledger import SpendLedger
 from .llm_tier import LlmClassifier
 from .metrics import Metrics
@@ -112,6 +113,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         metrics: Metrics | None = None,
         ledger: SpendLedger | None = None,
         accounting: bool = True,
+        signer: DecisionSigner | None = None,
     ):
         self.tables = tables
         self.state = state or SelectionState()
@@ -122,6 +124,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.ledger = ledger or SpendLedger()
         # Off, Envoy reports no finished requests: nothing is spent and nothing may be held.
         self.accounting = accounting
+        # Signs x-signalbox-decision; feedback with a token it did not sign is refused.
+        self.signer = signer or DecisionSigner()
         self.metrics.watch_budgets(self.budget_windows)
 
     def budget_status(self, policy: PolicyRuntime, now: float) -> budget.BudgetStatus | None:
@@ -216,7 +220,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 yield wire.headers_response()
                 async for request in rest:
                     if request.WhichOneof("request") == "request_body":
-                        recorded = decide.apply_feedback(table, state, request.request_body.body)
+                        recorded = decide.apply_feedback(table, state, request.request_body.body, self.signer)
                         self.metrics.feedback.labels(recorded["policy"]).inc()
                         yield wire.immediate(200, json.dumps(recorded).encode())
                         return
@@ -241,7 +245,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     "policy": policy.name,
                     "policy_id": policy.id,
                     "reason": outcome.selection.reason,
-                    "decision": decide.decision_token(
+                    "decision": self.signer.token(
                         policy.name, outcome.classification.class_key, outcome.selection.choice.backend.id
                     ),
                     "class": decide.class_header(outcome.classification),

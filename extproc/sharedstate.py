@@ -8,13 +8,19 @@ a path, an in-memory database for a single process and tests.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import tempfile
 import time
 from pathlib import Path
 
 # The files in a gateway's state directory (`--state-dir`).
 SPEND_DB = "spend.db"
 LEARNING_DB = "learning.db"
+# The key that signs decision tokens (decisions.py), made by the first worker that starts.
+DECISION_KEY = "decision.key"
+# Where `signalbox extproc` listens without --socket or --address.
+DEFAULT_EXTPROC_SOCKET = os.path.join(tempfile.gettempdir(), "signalbox-extproc.sock")
 
 
 def connect(path: str | Path | None, schema: str) -> sqlite3.Connection:

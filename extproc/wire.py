@@ -13,6 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 
 from signalbox.core.errors import RequestError
+from signalbox.core.secrets import SecretValue
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # Dynamic metadata namespace read by the generated routes' response headers.
@@ -26,12 +27,15 @@ def header_map(headers: ep.HttpHeaders) -> dict[str, str]:
     return out
 
 
-def mutation(set_headers: Iterable[tuple[str, str]], remove: Iterable[str] = ()) -> ep.HeaderMutation:
+def _raw(value: str | SecretValue) -> bytes:
+    # The one place a provider key is unwrapped: straight into the message Envoy receives.
+    return (value.reveal() if isinstance(value, SecretValue) else value).encode()
+
+
+def mutation(set_headers: Iterable[tuple[str, str | SecretValue]], remove: Iterable[str] = ()) -> ep.HeaderMutation:
     return ep.HeaderMutation(
         set_headers=[
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE
-            )
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=_raw(v)), append_action=_OVERWRITE)
             for k, v in set_headers
         ],
         remove_headers=list(remove),
@@ -39,7 +43,7 @@ def mutation(set_headers: Iterable[tuple[str, str]], remove: Iterable[str] = ())
 
 
 def headers_response(
-    set_headers: Iterable[tuple[str, str]] = (),
+    set_headers: Iterable[tuple[str, str | SecretValue]] = (),
     remove: Iterable[str] = (),
     clear_route_cache: bool = False,
 ) -> ep.ProcessingResponse:
@@ -58,7 +62,7 @@ def response_headers_response() -> ep.ProcessingResponse:
 
 
 def body_response(
-    set_headers: Iterable[tuple[str, str]] = (),
+    set_headers: Iterable[tuple[str, str | SecretValue]] = (),
     remove: Iterable[str] = (),
     body: bytes | None = None,
     clear_route_cache: bool = False,

@@ -372,6 +372,11 @@ def _extproc_arguments(parser: argparse.ArgumentParser) -> None:
         "--state-dir",
         help="directory of the state the workers of one gateway share: budget spend, learning (default: in memory)",
     )
+    parser.add_argument(
+        "--decision-key-file",
+        help="key that signs x-signalbox-decision tokens, shared by every worker and replica "
+        "(default: <state-dir>/decision.key, made on first start; without a state dir a random key per process)",
+    )
     parser.add_argument("--log-level", default="info")
 
 
@@ -445,8 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ext = sub.add_parser("extproc", help="run the ext_proc server alone")
     ext.add_argument("--config", required=True, help="compiled RoutingConfig JSON (watched)")
-    ext.add_argument("--socket", help="Unix socket path to listen on")
-    ext.add_argument("--address", default="127.0.0.1:50051", help="host:port when no --socket")
+    from signalbox.extproc.sharedstate import DEFAULT_EXTPROC_SOCKET
+
+    ext.add_argument("--socket", help=f"Unix socket path to listen on (the default, at {DEFAULT_EXTPROC_SOCKET})")
+    ext.add_argument(
+        "--address",
+        help="host:port to listen on TCP instead of the socket (its answers carry provider keys: keep it on loopback)",
+    )
     ext.add_argument("--no-accounting", action="store_true", help="Envoy reports no usage: hold no budget")
     _extproc_arguments(ext)
     ext.set_defaults(func=cmd_extproc)

@@ -11,7 +11,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from signalbox.core.compiler import compile_config
-from signalbox.extproc.decide import decision_token
+from signalbox.extproc.decisions import DecisionSigner
 from signalbox.extproc.metrics import Metrics
 from signalbox.extproc.reload import TableHolder
 from signalbox.extproc.server import Processor, serve
@@ -32,7 +32,11 @@ def table() -> TableHolder:
 
 def entry(backend_id: str, usage: tuple[int, int] | None, content_type: str = "application/json", **metadata):
     e = accesslog_pb2.HTTPAccessLogEntry()
-    fields = {"decision": decision_token("p", "chat/simple", "default/a/m"), "policy_id": "default/p", **metadata}
+    fields = {
+        "decision": DecisionSigner().token("p", "chat/simple", "default/a/m"),
+        "policy_id": "default/p",
+        **metadata,
+    }
     if usage is not None:
         fields.update(prompt_tokens=str(usage[0]), completion_tokens=str(usage[1]))
     e.common_properties.metadata.filter_metadata["signalbox"].update(fields)

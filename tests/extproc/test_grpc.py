@@ -1,6 +1,5 @@
 """The ext_proc servicer over a real gRPC stream (grpc.aio, port 0) with Envoy's own protos."""
 
-import base64
 import json
 
 import grpc
@@ -12,6 +11,7 @@ from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from signalbox.core.compiler import compile_config
+from signalbox.extproc import decisions
 from signalbox.extproc.reload import TableHolder
 from signalbox.extproc.server import serve
 from tests.factories import backend, model, policy, provider
@@ -95,8 +95,9 @@ async def test_router_phase_selects_rewrites_and_clears_route_cache(stub):
     meta = json_format.MessageToDict(second.dynamic_metadata)["signalbox"]
     assert (meta["policy"], meta["reason"]) == ("p", "failover:priority")
     token = meta["decision"]  # what the client echoes back with quality feedback
-    decoded = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    assert decoded == ["p", "chat/simple", "default/a/m"]
+    assert decisions.unpack(token) == ("p", "chat/simple", "default/a/m")
+    payload, _, mac = token.partition(".")
+    assert len(mac) >= 20  # signed: feedback cannot name a decision the gateway did not make
 
 
 async def test_router_phase_errors_are_openai_json_immediate_responses(stub):

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 
 from signalbox.core.errors import RequestError
 from signalbox.extproc import decide
+from signalbox.extproc.decisions import DecisionSigner
 from signalbox.extproc.server import Processor
 from signalbox.extproc.strategies import SelectionState
 
@@ -48,7 +49,7 @@ def test_router_phase_functions_refuse_only_with_a_client_error(table, raw):
         if prepared.features.embeddings:
             assert "embeddings" in outcome.selection.choice.backend.capabilities
     try:
-        decide.apply_feedback(table, state, raw)
+        decide.apply_feedback(table, state, raw, DecisionSigner())
     except RequestError as err:
         assert err.status < 500
 

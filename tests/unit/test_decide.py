@@ -71,7 +71,8 @@ def test_router_phase_prepares_the_first_attempt_for_its_choice(table):
     headers = dict(out.set_headers)
     assert headers[decide.PREPARED] == "default/oai/gpt" == out.selection.choice.backend.id
     assert headers[":path"] == "/v1/chat/completions?x=1" and headers[":authority"] == "api.openai.com"
-    assert headers["authorization"] == f"Bearer {KEY}"  # replaces the client's token
+    assert headers["authorization"].reveal() == f"Bearer {KEY}"  # replaces the client's token
+    assert KEY not in repr(out) and KEY not in str(out.set_headers)  # wrapped until the gRPC message
     assert headers[decide.ORIGINAL_PATH] == "/v1/chat/completions?x=1"  # for a failover's upstream phase
     assert "authorization" not in out.remove_headers and "api-key" in out.remove_headers
 
@@ -122,14 +123,15 @@ def test_upstream_phase_sets_backend_path_authority_and_auth(table):
     headers = dict(oai.set_headers)
     assert headers[":path"] == "/v1/chat/completions"
     assert headers[":authority"] == "api.openai.com"
-    assert headers["authorization"] == f"Bearer {KEY}"
+    assert headers["authorization"].reveal() == f"Bearer {KEY}"
+    assert KEY not in repr(oai)
     assert "authorization" not in oai.remove_headers and decide.TARGET in oai.remove_headers
     assert oai.rewrite_body is False
 
     az = decide.upstream(table, "default/az/dep", "/v1/chat/completions", client)
     headers = dict(az.set_headers)
     assert headers[":path"] == "/openai/deployments/prod-deploy/chat/completions?api-version=2024-06-01"
-    assert headers["api-key"] == "az-key-987"
+    assert headers["api-key"].reveal() == "az-key-987"
     assert "authorization" in az.remove_headers  # the client's gateway token never reaches a provider
     assert az.rewrite_body is True  # failover attempt: body still names gpt-4o-mini
 

@@ -38,6 +38,9 @@ PATH_HEADER = "x-signalbox-path"
 GATEWAY_HEADERS = (TARGET_HEADER, BODY_MODEL_HEADER, PREPARED_HEADER, PATH_HEADER)
 METADATA_NS = "signalbox"
 EXTPROC_CLUSTER = "signalbox_extproc"
+# HTTP 510 (Not Extended): the status Envoy's ext_proc filter answers when the processor
+# cannot be reached or fails; mapped to 503 routing_unavailable before any client sees it.
+EXTPROC_FAILED_STATUS = 510
 ADMIN_CLUSTER = "signalbox_envoy_admin"
 LISTENER_NAME = "signalbox_gateway"
 HEALTH_LISTENER_NAME = "signalbox_health"
@@ -275,6 +278,10 @@ def _extproc_filter(opts: GatewayOptions, response_headers: bool = False, **extr
         "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         grpc_service=_grpc_service(opts.extproc_message_timeout_ms),
         failure_mode_allow=opts.failure_mode == "open",
+        # An unreachable, failed or timed-out ext_proc answers this status, which nothing else
+        # produces, so the local reply mapper turns exactly these into 503 routing_unavailable
+        # while the ext_proc's own 500 internal_error (with its request id) passes unchanged.
+        status_on_error={"code": EXTPROC_FAILED_STATUS},
         message_timeout=_ms(opts.extproc_message_timeout_ms),
         processing_mode={
             "request_header_mode": "SEND",
@@ -521,8 +528,8 @@ def _local_reply_config(opts: GatewayOptions) -> dict[str, Any]:
 
     The ext_proc's refusals are local replies too and pass through these mappers, so each
     mapper is narrow: 503/504 only with an upstream response flag (the ext_proc's 503s carry
-    none), 500 only arises from the ext_proc being unreachable, and the 413 text states the
-    same limit the ext_proc enforces.
+    none), 510 only arises from the ext_proc being unreachable or failing (`status_on_error`),
+    and the 413 text states the same limit the ext_proc enforces.
     """
 
     def mapper(status: int, err: errors.RequestError, flags: list[str] | None = None) -> dict[str, Any]:
@@ -556,7 +563,7 @@ def _local_reply_config(opts: GatewayOptions) -> dict[str, Any]:
     return {
         "mappers": [
             mapper(413, errors.PayloadTooLarge(too_large_message(opts.max_body_bytes))),
-            mapper(500, errors.RoutingUnavailable("the routing service is unavailable")),
+            mapper(EXTPROC_FAILED_STATUS, errors.RoutingUnavailable("the routing service is unavailable")),
             mapper(
                 503, errors.NoHealthyBackend("no backend could serve the request (all attempts failed)"), upstream_flags
             ),

@@ -1,0 +1,87 @@
+"""Decision tokens: what a client echoes back with quality feedback (x-signalbox-decision).
+
+A token names the policy, the class and the backend of one routed request, and is signed
+(HMAC-SHA256, truncated to 128 bits) with a key the gateway holds, so that `POST /v1/feedback`
+can only teach learning about decisions the gateway really made: a forged or edited token is
+refused, and a client cannot steer routing by inventing feedback for backends of its choice.
+
+The key comes from a file: in a pod, a Secret the chart generates once per install (so every
+replica signs alike); locally, `<workdir>/state/decision.key`, made on first start. Without a
+file the process makes a random key of its own (tokens then verify only on that process).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from pathlib import Path
+
+_MAC_BYTES = 16
+KEY_BYTES = 32
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def unpack(token: str) -> tuple[str, str, str]:
+    """(policy, class key, backend id) without checking the signature: only for tokens the
+    gateway itself put in Envoy's metadata (the access log). ValueError if garbled."""
+    payload = token.split(".", 1)[0]
+    try:
+        policy, class_key, backend_id = json.loads(_unb64(payload))
+    except (ValueError, TypeError, binascii.Error, RecursionError) as exc:
+        raise ValueError(f"not a decision token: {exc}") from None
+    return str(policy), str(class_key), str(backend_id)
+
+
+class DecisionSigner:
+    def __init__(self, key: bytes | None = None):
+        self._key = key or secrets.token_bytes(KEY_BYTES)
+
+    def __repr__(self) -> str:
+        return "DecisionSigner(<key redacted>)"
+
+    @classmethod
+    def from_file(cls, path: str | Path, create: bool = False) -> DecisionSigner:
+        """The key in `path` (any bytes; surrounding whitespace ignored); `create` makes one,
+        readable by the owner only, when the file does not exist yet."""
+        path = Path(path)
+        if create and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass  # another worker made it first: read theirs
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_hex(KEY_BYTES))
+        key = path.read_bytes().strip()
+        if not key:
+            raise ValueError(f"decision key file {path} is empty")
+        return cls(key)
+
+    def _mac(self, payload: str) -> str:
+        return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest()[:_MAC_BYTES])
+
+    def token(self, policy: str, class_key: str, backend_id: str) -> str:
+        payload = _b64(json.dumps([policy, class_key, backend_id], separators=(",", ":")).encode())
+        return f"{payload}.{self._mac(payload)}"
+
+    def read(self, token: str) -> tuple[str, str, str]:
+        """(policy, class key, backend id) of a token this gateway signed; ValueError otherwise."""
+        if not isinstance(token, str):
+            raise ValueError("a decision token is a string")
+        payload, _, mac = token.partition(".")
+        if not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
+            raise ValueError("decision token signature does not verify")
+        return unpack(token)

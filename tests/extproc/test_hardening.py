@@ -1,0 +1,167 @@
+"""What a bug, a bad answer or a bad config does to the servicer: never a dropped stream, a
+dead reload task or a failed request because the classifier failed."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from google.protobuf import json_format
+
+from signalbox.api.v1alpha1 import config_pb2 as pb
+from signalbox.core.secrets import SecretValue
+from signalbox.extproc import decide
+from signalbox.extproc.llm_tier import LlmClassifier
+from signalbox.extproc.metrics import Metrics
+from signalbox.extproc.reload import TableHolder
+from signalbox.extproc.runtime import BackendRuntime, LlmTierConfig, ProviderRuntime
+from signalbox.extproc.server import Processor, serve
+
+from .test_grpc import body_msg, exchange, headers_msg, routing_config
+
+BODY = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+@pytest.fixture
+async def servicer():
+    holder = TableHolder()
+    holder.install(routing_config())
+    processor = Processor(holder, max_body_bytes=1 << 20)
+    server, port = await serve(holder, "127.0.0.1:0", max_body_bytes=1 << 20, processor=processor)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield ep_grpc.ExternalProcessorStub(channel), processor
+    await channel.close()
+    await server.stop(None)
+
+
+async def test_an_internal_error_is_a_500_with_the_request_id_not_a_dropped_stream(servicer, monkeypatch, caplog):
+    stub, processor = servicer
+    calls = {"n": 0}
+    real_prepare = decide.prepare
+
+    def broken_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug in the decision code")
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(decide, "prepare", broken_once)
+    headers = {":method": "POST", ":path": "/v1/chat/completions", "x-request-id": "req-4711"}
+    responses = await exchange(stub, headers_msg(headers), body_msg(BODY))
+    final = responses[-1].immediate_response
+    assert final.status.code == 500
+    error = json.loads(final.body)["error"]
+    assert error["code"] == "internal_error" and "req-4711" in error["message"]
+    assert "req-4711" in caplog.text and "a bug in the decision code" in caplog.text
+    assert processor.metrics.internal_errors._value.get() == 1
+    # The servicer is unharmed: the next request on it is routed.
+    again = await exchange(stub, headers_msg(headers), body_msg(BODY))
+    assert again[-1].WhichOneof("response") == "request_body"
+
+
+def test_a_config_the_data_plane_cannot_load_keeps_the_last_good_table(tmp_path):
+    holder = TableHolder(metrics=Metrics())
+    good = routing_config(generation=3)
+    holder.install(good)
+    broken = pb.RoutingConfig()
+    broken.CopyFrom(good)
+    broken.generation = 4
+    # Written by hand (the compiler would refuse it): a rule the data plane cannot compile.
+    broken.policies[0].rules.append(pb.Rule(name="bad", patterns=["(unclosed"], min_tokens=-1, max_tokens=-1))
+    path = tmp_path / "routing.json"
+    path.write_text(json_format.MessageToJson(broken))
+    assert holder.load_file(path) is False
+    assert holder.current.generation == 3
+    assert "unclosed" in holder.last_error or "RuleError" in holder.last_error
+    assert holder.reload_failures == 1
+    path.write_text(json_format.MessageToJson(good))
+    assert holder.load_file(path) is True and holder.last_error == ""
+
+
+# ----------------------------------------------------------------------------- LLM tier answers
+
+KEY = "sk-classifier-secret"
+
+
+def _config(url: str) -> LlmTierConfig:
+    host, port = url.split("//")[1].split(":")
+    provider = ProviderRuntime(
+        "default/judge", "judge", False, "http", f"{host}:{port}", "/v1", "", "authorization", SecretValue(KEY)
+    )
+    backend = BackendRuntime("default/judge/j", provider, "j", "judge-1", 0, 0, 0.5, 8000, frozenset(), 100)
+    return LlmTierConfig(backend, timeout_s=2.0, min_confidence=0.6, cache_size=0)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"choices": []},
+        {"choices": [{"message": {"content": None}}]},
+        {"choices": [{"message": {"content": "not json at all"}}]},
+        {"choices": [{"message": {"content": '["a list"]'}}]},
+        {"choices": [{"message": {"content": '{"task_type": "dance", "complexity": "simple"}'}}]},
+        {"choices": [{"message": {}}]},
+        {"unexpected": True},
+        [],
+        "a string",
+    ],
+)
+async def test_the_llm_tier_never_fails_a_request_whatever_the_classifier_answers(aiohttp_server_factory, answer):
+    async def classifier_answer(request: web.Request) -> web.Response:
+        return web.json_response(answer)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", classifier_answer)
+    url = await aiohttp_server_factory(app)
+    classifier = LlmClassifier()
+    try:
+        assert await classifier.classify(_config(url), "what is this", 3) is None
+        assert classifier.failures == 1
+    finally:
+        await classifier.close()
+
+
+async def test_the_llm_tier_never_follows_a_redirect_with_the_key(aiohttp_server_factory):
+    seen: list[str] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("authorization", ""))
+        return web.json_response({"choices": [{"message": {"content": '{"task_type":"code","complexity":"simple"}'}}]})
+
+    other = web.Application()
+    other.router.add_post("/steal", elsewhere)
+    other_url = await aiohttp_server_factory(other)
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(other_url + "/steal")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", redirect)
+    url = await aiohttp_server_factory(app)
+    classifier = LlmClassifier()
+    try:
+        assert await classifier.classify(_config(url), "what is this", 3) is None
+    finally:
+        await classifier.close()
+    assert seen == []
+
+
+@pytest.fixture
+async def aiohttp_server_factory():
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application) -> str:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
