@@ -217,6 +217,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 yield wire.immediate(200, decide.models_listing(table))
                 return
             if kind == "feedback":
+                if request.request_headers.end_of_stream:
+                    raise MalformedRequest('feedback needs a JSON body: {"decision": ..., "score": 0..1}')
                 yield wire.headers_response()
                 async for request in rest:
                     if request.WhichOneof("request") == "request_body":
