@@ -80,13 +80,20 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     cfg = gateway.config
     assert cfg is not None
-    aliases = ", ".join(sorted({a for p in cfg.policies for a in p.aliases}))
-    print(f"Signalbox gateway ready: {gateway.url}  (models: {aliases})")
-    print(
-        f"  try: curl -s {gateway.url}/chat/completions -H 'content-type: application/json' "
-        f'-d \'{{"model":"{sorted({a for p in cfg.policies for a in p.aliases})[0]}",'
-        f'"messages":[{{"role":"user","content":"hello"}}]}}\''
-    )
+    aliases = sorted({a for p in cfg.policies for a in p.aliases})
+    if aliases:
+        print(f"Signalbox gateway ready: {gateway.url}  (models: {', '.join(aliases)})")
+        print(
+            f"  try: curl -s {gateway.url}/chat/completions -H 'content-type: application/json' "
+            f'-d \'{{"model":"{aliases[0]}","messages":[{{"role":"user","content":"hello"}}]}}\''
+        )
+    else:
+        print(f"Signalbox gateway ready: {gateway.url}")
+        print(
+            "  warning: no RoutingPolicy in the inputs, so every request gets 404 model_not_found until one is "
+            "added (see examples/quickstart/policies.yaml); the inputs are watched",
+            file=sys.stderr,
+        )
     print(
         f"  admin API: {gateway.admin_url} (/metrics, /v1/models, /v1/route, /v1/budget)  envoy admin: "
         f"http://127.0.0.1:{gateway.admin_port}  work dir: {gateway.workdir}"
@@ -145,6 +152,10 @@ async def _watch_inputs(gateway, stop: dict[str, bool]) -> None:
 def request_summary(entry: dict) -> str:
     """One console line of a request log entry: `signalbox up` shows where each request went."""
     at = datetime.fromisoformat(entry["time"].replace("Z", "+00:00")).astimezone().strftime("%H:%M:%S")
+    if entry.get("policy") is None:
+        # Not a routing decision at all (e.g. GET /v1/models, answered by the gateway itself).
+        what = entry.get("reason") or ("answered by the gateway" if int(entry["status"]) < 400 else "refused")
+        return f"{at} {entry['status']} {entry['method']} {entry['path']}  {what}  {entry['duration_ms']} ms"
     line = f"{at} {entry['status']} {entry['method']} {entry['path']}  {entry['policy']} -> "
     line += f"{entry['provider']}/{entry['model']}" if entry["provider"] not in (None, "none") else "none"
     line += f"  {entry['reason']}  {entry['duration_ms']} ms"
@@ -180,6 +191,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     """Batch decisions with the ext_proc's own code: one JSON object per input line."""
     import json
 
+    from signalbox.core.errors import RequestError
     from signalbox.extproc.decide import decide
     from signalbox.extproc.runtime import RuntimeTable
     from signalbox.extproc.strategies import SelectionState
@@ -192,19 +204,24 @@ def cmd_classify(args: argparse.Namespace) -> int:
     table = RuntimeTable.from_config(result.config)
     alias = args.model or table.aliases[0]
     state = SelectionState()
-    lines = Path(args.input).read_text().splitlines()
+    try:
+        lines = Path(args.input).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: cannot read {args.input}: {exc}", file=sys.stderr)
+        return 1
     out = []
+    failed = 0
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        record = json.loads(line)
-        body = (
-            dict(record)
-            if "messages" in record
-            else {"messages": [{"role": "user", "content": record.get("prompt", "")}]}
-        )
-        body["model"] = alias
-        outcome = decide(table, state, "/v1/chat/completions", {}, json.dumps(body).encode())
+        try:
+            outcome = decide(table, state, "/v1/chat/completions", {}, _classify_body(line, alias))
+        except (ValueError, RequestError) as exc:
+            # One bad line is reported where it stands; the others are still classified.
+            failed += 1
+            print(f"{args.input}:{n}: {exc}", file=sys.stderr)
+            out.append(json.dumps({"line": n, "error": str(exc)}))
+            continue
         c = outcome.classification
         out.append(
             json.dumps(
@@ -222,8 +239,26 @@ def cmd_classify(args: argparse.Namespace) -> int:
             )
         )
     Path(args.output).write_text("\n".join(out) + "\n")
-    print(f"{len(out)} decisions written to {args.output}")
-    return 0
+    print(f"{len(out) - failed} decisions written to {args.output}" + (f"; {failed} line(s) failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def _classify_body(line: str, alias: str) -> bytes:
+    """An input line of `signalbox classify` as the request body the gateway would route:
+    `{"prompt": ...}` or an OpenAI request body; ValueError says why a line is neither."""
+    import json
+
+    record = json.loads(line)
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object per line ({'prompt': ...} or an OpenAI request body)")
+    if "messages" in record:
+        body = dict(record)
+    elif isinstance(record.get("prompt"), str):
+        body = {"messages": [{"role": "user", "content": record["prompt"]}]}
+    else:
+        raise ValueError("a line needs a string 'prompt' or a 'messages' array")
+    body["model"] = alias
+    return json.dumps(body).encode()
 
 
 def cmd_eval_routing(args: argparse.Namespace) -> int:

@@ -1,6 +1,12 @@
 """The command line reaches the components: flags are not only parsed but applied."""
 
+import json
+from pathlib import Path
+
 from signalbox.cli import build_parser, local_gateway, pod_options, request_summary
+from signalbox.local import LocalGateway
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_no_accounting_turns_accounting_off_in_envoy_and_in_every_ext_proc_worker(tmp_path):
@@ -51,3 +57,53 @@ def test_signalbox_up_sums_up_each_request_log_line_on_the_console():
     refused = {**routed, "status": 404, "policy": "none", "provider": "none", "model": "none"}
     refused.update(reason="model_not_found", prompt_tokens=None, completion_tokens=None)
     assert request_summary(refused).endswith(" 404 POST /v1/chat/completions  none -> none  model_not_found  7 ms")
+
+
+def test_a_request_that_is_no_routing_decision_says_what_happened():
+    listing = {
+        "time": "2026-11-22T10:09:01.039Z",
+        "method": "GET",
+        "path": "/v1/models",
+        "status": 200,
+        "duration_ms": 2,
+        "policy": None,
+        "provider": None,
+        "model": None,
+        "reason": None,
+    }
+    line = request_summary(listing)
+    assert line.endswith(" 200 GET /v1/models  answered by the gateway  2 ms") and "None" not in line
+
+
+def test_classify_reports_bad_lines_and_classifies_the_rest(tmp_path, capsys):
+    from signalbox.cli import main
+
+    lines = ['{"prompt": "Write a Python function"}', "not json", "[1, 2]", '{"prompt": 5}', ""]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines))
+    out = tmp_path / "out.jsonl"
+    argv = ["classify", "-f", str(ROOT / "examples" / "quickstart"), "--input", str(tmp_path / "in.jsonl")]
+    assert main([*argv, "--output", str(out)]) == 1
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert records[0]["line"] == 1 and records[0]["task_type"] == "code"
+    assert [r["line"] for r in records if "error" in r] == [2, 3, 4]
+    assert "in.jsonl:2:" in capsys.readouterr().err
+
+
+def test_signalbox_up_applies_only_a_changed_config_and_only_its_inputs(tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("providers.yaml", "policies.yaml"):
+        (inputs / name).write_text((ROOT / "examples" / "quickstart" / name).read_text())
+    # A work directory inside the watched folder: its files must never trigger a recompile.
+    gateway = LocalGateway(paths=[str(inputs)], port=0, workdir=inputs / "work", start_fakes=False)
+    assert gateway.apply().changed and gateway.generation == 1
+    (inputs / "notes.txt").write_text("not an input")
+    again = gateway.apply()
+    assert again.ok and not again.changed and gateway.generation == 1
+    assert gateway.is_input(inputs / "policies.yaml") and gateway.is_input(inputs / "sub" / "more.yml")
+    assert not gateway.is_input(inputs / "notes.txt") and not gateway.is_input(inputs / "requests.log")
+    assert not gateway.is_input(inputs / "work" / "config" / "routing.json")
+    assert not gateway.is_input(inputs / "work" / "stray.yaml")
+    edited = (inputs / "policies.yaml").read_text().replace("weight: 3", "weight: 4")
+    (inputs / "policies.yaml").write_text(edited)
+    assert gateway.apply().changed and gateway.generation == 2
