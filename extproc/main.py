@@ -96,6 +96,9 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     if getattr(args, "admin_address", None):
         host, _, port = args.admin_address.rpartition(":")
         admin_runner, bound = await admin.start(processor, host or "127.0.0.1", int(port))
+        if getattr(args, "admin_address_file", None):
+            # Port 0 binds a free port; whoever started us reads which one here.
+            Path(args.admin_address_file).write_text(f"{host or '127.0.0.1'}:{bound}")
         log.info("admin API on http://%s:%s", host or "127.0.0.1", bound)
     log.info("ext_proc listening on %s", address)
     stop = asyncio.Event()

@@ -75,6 +75,13 @@ def for_object(
     return out
 
 
+def health(status: dict[str, Any], generation: int) -> dict[str, Any]:
+    """Healthy, from what the probes wrote to status.health (the probes write no conditions)."""
+    ok = bool(status.get("healthy"))
+    message = str(status.get("message") or ("probe succeeded" if ok else "probe failed"))
+    return condition(HEALTHY, ok, "ProbeSucceeded" if ok else "ProbeFailed", message, generation)
+
+
 def merge(previous: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """New conditions, keeping lastTransitionTime where the status did not change, and other types."""
     old = {c.get("type"): c for c in previous or []}

@@ -16,11 +16,10 @@ from pydantic import ValidationError
 
 from signalbox.core.models import GROUP, VERSION, AIProviderSpec, BudgetSpec
 
-from . import conditions
 from .budgetstatus import summarize
 from .health import HealthTracker, probe
 from .kube import ClusterAPI
-from .reconciler import OperatorConfig, Reconciler
+from .reconciler import Key, OperatorConfig, Reconciler
 
 
 def build_registry(config: OperatorConfig, api: ClusterAPI, server: str | None = None) -> kopf.OperatorRegistry:
@@ -50,13 +49,29 @@ def build_registry(config: OperatorConfig, api: ClusterAPI, server: str | None =
         for task in tasks:
             task.cancel()
 
+    # kopf's indexes hold the objects; kopf lists every indexed resource completely before it
+    # calls any other handler, so by the first event below the world is whole.
+    @kopf.index(GROUP, VERSION, "aiproviders", registry=registry, id="provider_index")
+    def provider_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+        return {(namespace or "default", name): dict(body)}
+
+    @kopf.index(GROUP, VERSION, "routingpolicies", registry=registry, id="policy_index")
+    def policy_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+        return {(namespace or "default", name): dict(body)}
+
     @kopf.on.event(GROUP, VERSION, "aiproviders", registry=registry)
-    def provider_event(type: str | None, body: kopf.Body, **_: Any) -> None:
-        reconciler.observe("AIProvider", type, dict(body))
+    def provider_event(
+        type: str | None, body: kopf.Body, provider_index: kopf.Index, policy_index: kopf.Index, **_: Any
+    ) -> None:
+        reconciler.attach(provider_index, policy_index)
+        reconciler.notify("AIProvider", type, dict(body))
 
     @kopf.on.event(GROUP, VERSION, "routingpolicies", registry=registry)
-    def policy_event(type: str | None, body: kopf.Body, **_: Any) -> None:
-        reconciler.observe("RoutingPolicy", type, dict(body))
+    def policy_event(
+        type: str | None, body: kopf.Body, provider_index: kopf.Index, policy_index: kopf.Index, **_: Any
+    ) -> None:
+        reconciler.attach(provider_index, policy_index)
+        reconciler.notify("RoutingPolicy", type, dict(body))
 
     if config.probes:
 
@@ -81,7 +96,7 @@ def build_registry(config: OperatorConfig, api: ClusterAPI, server: str | None =
                         key = reconciler.keys.get((ns, spec.auth.secret_ref.name, spec.auth.secret_ref.key))
                     result = await probe(spec, key, client)
                     flipped = tracker.observe(result)
-                    await _write_health(api, reconciler, body, tracker, result, flipped)
+                    await _write_health(api, body, tracker, result, flipped)
                     await stopped.wait(spec.health_check.interval_seconds)
 
     if config.replica_configmap_name:
@@ -116,19 +131,12 @@ async def _write_budget(api: ClusterAPI, config: OperatorConfig, body: kopf.Body
         await api.patch_status("routingpolicies", namespace, name, {"budget": summary})
 
 
-async def _write_health(
-    api: ClusterAPI, reconciler: Reconciler, body: kopf.Body, tracker: HealthTracker, result: Any, flipped: bool
-) -> None:
+async def _write_health(api: ClusterAPI, body: kopf.Body, tracker: HealthTracker, result: Any, flipped: bool) -> None:
+    """status.health only: the reconciler turns it into the Healthy condition (one writer of
+    conditions), as it recompiles on a flip anyway."""
     meta = body["metadata"]
     namespace, name = meta.get("namespace") or "default", meta["name"]
-    generation = int(meta.get("generation") or 0)
-    # Start from the reconciler's latest view so its conditions are not overwritten.
-    latest = reconciler.objects["AIProvider"].get((namespace, name), dict(body))
-    previous = (latest.get("status") or {}).get("conditions") or []
-    reason = "ProbeSucceeded" if tracker.healthy else "ProbeFailed"
-    healthy = conditions.condition(conditions.HEALTHY, tracker.healthy, reason, result.message, generation)
-    merged = conditions.merge(previous, [healthy])
-    await api.patch_status("aiproviders", namespace, name, {"health": tracker.status(result), "conditions": merged})
+    await api.patch_status("aiproviders", namespace, name, {"health": tracker.status(result)})
     if flipped:
         state = "healthy" if tracker.healthy else "unhealthy"
         await api.event(

@@ -62,6 +62,8 @@ def config_from(args: argparse.Namespace) -> OperatorConfig:
         replica_configmap_namespace=replica_namespace,
         replica_configmap_name=replica_name,
         budget_status_seconds=args.budget_status_seconds,
+        # What kopf is told to watch is what the settings (namespace scanning) are made for.
+        namespaces=tuple(args.namespace),
     )
 
 

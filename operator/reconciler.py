@@ -70,11 +70,24 @@ def _fingerprint(body: dict[str, Any] | None) -> str:
 
 
 class Reconciler:
+    """Compiles what kopf's indexes hold; kopf fills them from its watches.
+
+    kopf populates every index from a full listing before it runs any other handler, so the
+    first `notify()` (from an event handler) means the indexes hold every object: the first
+    published config never holds half of the world. Until then `run` does not compile.
+    """
+
     def __init__(self, config: OperatorConfig, api: ClusterAPI):
         self.config = config
         self.api = api
-        self.objects: dict[str, dict[Key, dict[str, Any]]] = {"AIProvider": {}, "RoutingPolicy": {}}
+        # kind -> kopf.Index of (namespace, name) -> that object's body, attached on first notify.
+        self.indexes: dict[str, Any] = {}
+        self.indexed = asyncio.Event()
         self.dirty = asyncio.Event()
+        self.fingerprints: dict[tuple[str, Key], str] = {}
+        # Status this operator wrote last, by object: compared instead of the body, which may
+        # not have caught up with our own write yet.
+        self.written: dict[tuple[str, Key], dict[str, Any]] = {}
         self.generation: int | None = None
         self.published_hash = ""
         # (namespace, secret, key) -> value, for health probes only; never logged or copied.
@@ -82,17 +95,30 @@ class Reconciler:
 
     # ------------------------------------------------------------------ inputs
 
-    def observe(self, kind: str, event_type: str | None, body: dict[str, Any]) -> None:
-        index = self.objects[kind]
-        key = _key(body)
+    def attach(self, providers: Any, policies: Any) -> None:
+        """The kopf indexes (kopf.Index) this reconciler compiles from."""
+        self.indexes = {"AIProvider": providers, "RoutingPolicy": policies}
+        self.indexed.set()
+
+    def notify(self, kind: str, event_type: str | None, body: dict[str, Any]) -> None:
+        """An object changed; recompile if something the compile reads did (not our status)."""
+        key = (kind, _key(body))
         if event_type == "DELETED":
-            if index.pop(key, None) is not None:
-                self.dirty.set()
-            return
-        before = _fingerprint(index.get(key))
-        index[key] = dict(body)
-        if _fingerprint(body) != before:
+            self.fingerprints.pop(key, None)
+            self.written.pop(key, None)
             self.dirty.set()
+            return
+        fingerprint = _fingerprint(body)
+        if self.fingerprints.get(key) != fingerprint:
+            self.fingerprints[key] = fingerprint
+            self.dirty.set()
+
+    def current(self, kind: str) -> dict[Key, dict[str, Any]]:
+        """The objects of a kind as kopf's index holds them now (its latest watch event)."""
+        index = self.indexes.get(kind)
+        if index is None:
+            return {}
+        return {key: dict(body) for key, store in index.items() for body in store}
 
     async def _secrets(self, providers: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
         present: set[tuple[str, str, str]] = set()
@@ -112,6 +138,9 @@ class Reconciler:
     # ------------------------------------------------------------------ loop
 
     async def run(self, stopped: asyncio.Event) -> None:
+        # A cluster with no objects yet fires no event: compile the empty world after a resync.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.indexed.wait(), timeout=self.config.resync_seconds)
         while not stopped.is_set():
             # Periodic resync too: Secrets appear without any event this operator watches.
             with contextlib.suppress(TimeoutError):
@@ -126,8 +155,8 @@ class Reconciler:
                 self.dirty.set()
 
     async def reconcile(self) -> None:
-        providers = list(self.objects["AIProvider"].values())
-        policies = list(self.objects["RoutingPolicy"].values())
+        objects = {kind: self.current(kind) for kind in PLURALS}
+        providers, policies = list(objects["AIProvider"].values()), list(objects["RoutingPolicy"].values())
         secrets = await self._secrets(providers)
         if self.generation is None:
             current = await self.api.configmap(self.config.configmap_namespace, self.config.configmap_name)
@@ -154,18 +183,28 @@ class Reconciler:
         backends = {}
         if result.config is not None:
             backends = {p.id: sum(1 for b in p.backends if b.target) for p in result.config.policies}
-        await self._write_statuses(result.problems, result.config is not None, backends)
+        await self._write_statuses(objects, result.problems, result.config is not None, backends)
 
-    async def _write_statuses(self, problems: list[Problem], published: bool, backends: dict[str, int]) -> None:
+    async def _write_statuses(
+        self,
+        objects: dict[str, dict[Key, dict[str, Any]]],
+        problems: list[Problem],
+        published: bool,
+        backends: dict[str, int],
+    ) -> None:
+        """The one writer of every object's conditions (Healthy included: the probes write only
+        status.health, which this reads), so no two writers replace each other's lists."""
         by_object: dict[tuple[str, str, str], list[Problem]] = defaultdict(list)
         for p in problems:
             by_object[(p.kind, p.namespace, p.name)].append(p)
-        for kind, index in self.objects.items():
-            for (namespace, name), body in list(index.items()):
+        for kind, index in objects.items():
+            for (namespace, name), body in index.items():
                 own = by_object.get((kind, namespace, name), [])
                 generation = int(body.get("metadata", {}).get("generation") or 0)
                 new = conditions.for_object(own, generation, published, problems, self.generation or 0)
-                status = body.get("status") or {}
+                status = {**(body.get("status") or {}), **self.written.get((kind, (namespace, name)), {})}
+                if kind == "AIProvider" and (health := status.get("health")):
+                    new.append(conditions.health(health, generation))
                 previous = status.get("conditions") or []
                 merged = conditions.merge(previous, new)
                 patch: dict[str, Any] = {"observedGeneration": generation, "conditions": merged}
@@ -180,8 +219,10 @@ class Reconciler:
                 if unchanged:
                     continue
                 await self.api.patch_status(PLURALS[kind], namespace, name, patch)
-                body["status"] = {**status, **patch}
+                self.written[(kind, (namespace, name))] = patch
                 for c in conditions.changed(previous, new):
+                    if c["type"] == conditions.HEALTHY:
+                        continue  # the probe posts its own Event when health flips, with the reason
                     await self.api.event(
                         body,
                         kind,

@@ -403,6 +403,7 @@ def _extproc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     parser.add_argument("--health-address", help="host:port for a gRPC health service only (kubelet probes)")
     parser.add_argument("--admin-address", help="host:port of the admin HTTP API (/metrics, /v1/route, ...)")
+    parser.add_argument("--admin-address-file", help="write the admin API's bound host:port here (for port 0)")
     parser.add_argument(
         "--state-dir",
         help="directory of the state the workers of one gateway share: budget spend, learning (default: in memory)",

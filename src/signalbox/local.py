@@ -9,6 +9,7 @@ the dataplane tests both use it, so what the tests prove is what a user runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -102,9 +103,9 @@ class LocalGateway:
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="signalbox-"))
         (self.workdir / "envoy").mkdir(parents=True, exist_ok=True)
         (self.workdir / "config").mkdir(parents=True, exist_ok=True)
-        self.admin_port = self.admin_port or free_port()
-        self.port = self.port or free_port()
-        self.admin_api_port = self.admin_api_port or free_port()
+        # Port 0 (the default for all but `signalbox up`'s gateway port): the process binds a
+        # free port itself and reports it (Envoy's --admin-address-path and /listeners, the
+        # ext_proc's --admin-address-file), so no port is picked here and raced for.
         self.options = envoygen.GatewayOptions(
             listen_port=self.port,
             admin_port=self.admin_port,
@@ -126,8 +127,24 @@ class LocalGateway:
         if not self.accounting:
             argv.append("--no-accounting")  # Envoy reports no usage: hold no budget
         if n == 0:
-            argv += ["--admin-address", f"127.0.0.1:{self.admin_api_port}"]
+            # A restart binds the port the first start reported, so the printed URL stays right.
+            argv += [
+                "--admin-address",
+                f"127.0.0.1:{self.admin_api_port}",
+                "--admin-address-file",
+                str(self._admin_api_file),
+            ]
         return argv
+
+    @property
+    def _admin_api_file(self) -> Path:
+        assert self.workdir
+        return self.workdir / "admin-api.address"
+
+    @property
+    def _envoy_admin_file(self) -> Path:
+        assert self.workdir
+        return self.workdir / "envoy-admin.address"
 
     @property
     def config_file(self) -> Path:
@@ -216,14 +233,18 @@ class LocalGateway:
         metrics_dir = self.workdir / "metrics"
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir()
+        self._admin_api_file.unlink(missing_ok=True)
         for n in range(len(self.options.extproc_sockets)):
             self._spawn(f"extproc-{n}", self.extproc_argv(n), {MULTIPROC_ENV: str(metrics_dir)})
         for n, socket_path in enumerate(self.options.extproc_sockets):
             self._wait(lambda p=socket_path: Path(p).exists(), f"extproc-{n}", timeout)
+        self._wait(self._admin_api_file.exists, "extproc-0", timeout)
+        self.admin_api_port = int(self._admin_api_file.read_text().rsplit(":", 1)[1])
         self._stopping.clear()
         self._supervisor = threading.Thread(target=self._supervise, name="signalbox-supervisor", daemon=True)
         self._supervisor.start()
         bootstrap = gatewayfiles.write_bootstrap(self.workdir, self.options)
+        self._envoy_admin_file.unlink(missing_ok=True)  # a reused work dir: never read an old port
         self._spawn(
             "envoy",
             [
@@ -232,8 +253,9 @@ class LocalGateway:
                 str(bootstrap),
                 "--log-level",
                 "warning",
-                "--base-id",
-                str(self.admin_port),
+                "--use-dynamic-base-id",
+                "--admin-address-path",
+                str(self._envoy_admin_file),
                 "--concurrency",
                 str(self.envoy_concurrency),
                 # The request log is readable within a second (Envoy's default: 10 s).
@@ -242,6 +264,8 @@ class LocalGateway:
             ],
         )
         self._wait(self._envoy_ready, "envoy", timeout)
+        if not self.port:
+            self.port = self._bound_listener_port()
 
     def _start_fakes(self, timeout: float) -> None:
         docs = loader.load(list(self.paths))
@@ -269,13 +293,27 @@ class LocalGateway:
             self._wait(lambda u=url: _port_open(u.hostname or "127.0.0.1", u.port or 80), name, timeout)
 
     def _envoy_ready(self) -> bool:
+        if not self.admin_port:
+            try:
+                self.admin_port = int(self._envoy_admin_file.read_text().strip().rsplit(":", 1)[1])
+            except (OSError, ValueError, IndexError):
+                return False
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
                 if r.status != 200:
                     return False
-            return _port_open("127.0.0.1", self.port)
+            return _port_open("127.0.0.1", self.port or self._bound_listener_port())
         except OSError:
             return False
+
+    def _bound_listener_port(self) -> int:
+        """The port Envoy bound for the gateway listener (configured as port 0)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/listeners?format=json", timeout=1) as r:
+            listeners = json.loads(r.read())["listener_statuses"]
+        for listener in listeners:
+            if listener["name"] == envoygen.LISTENER_NAME:
+                return int(listener["local_address"]["socket_address"]["port_value"])
+        raise OSError("the gateway listener is not bound yet")
 
     def _wait(self, ready, name: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -254,10 +254,15 @@ def test_classified_sends_code_and_chit_chat_to_different_backends(client):
     assert served_by(chat_headers) == "alpha" and chat_headers["x-signalbox-reason"].startswith("classified:chat")
 
 
-def test_hash_keeps_a_user_on_one_backend(client):
-    for user in ("u1", "u2", "u3", "u4"):
-        seen = {served_by(ask(client, "sticky", extra_headers={"x-user": user})[1]) for _ in range(8)}
-        assert len(seen) == 1
+def test_hash_keeps_a_user_on_one_backend_and_spreads_users_over_all(client):
+    by_user = {}
+    for user in (f"user-{n}" for n in range(24)):
+        seen = {served_by(ask(client, "sticky", extra_headers={"x-user": user})[1]) for _ in range(4)}
+        assert len(seen) == 1, (user, seen)  # sticky
+        by_user[user] = seen.pop()
+    # ... and not by sending everyone to one backend: each of the three serves its share.
+    spread = Counter(by_user.values())
+    assert set(spread) == {"alpha", "gamma", "beta"} and min(spread.values()) >= 3, spread
 
 
 def test_fastest_races_the_next_backend_when_the_first_is_slow(client, fakes):

@@ -70,7 +70,8 @@ async def test_invalid_policy_is_refused_and_the_configmap_stays(cluster, start_
     assert c["reason"] == "Invalid" and "spec.backends[0].weight" in c["message"] and c["observedGeneration"] == 2
     ready_now = await cluster.condition("RoutingPolicy", "auto", "Ready")
     assert ready_now["status"] == "False"
-    await asyncio.sleep(0.5)
+    # Conditions are written after the publish decision of the same round: generation 2 was
+    # compiled and refused, so there is nothing left to wait for.
     assert await cluster.configmap() == before  # the last good config stays in force
 
     events = await cluster.eventually(lambda: _events_for(cluster, "auto", "Invalid"))
@@ -182,7 +183,13 @@ async def test_health_moves_only_after_thresholds_with_events(cluster, start_ope
     assert one_failure["healthy"] is True  # one failure is below the threshold of 2
     down = await cluster.eventually(lambda: _health_where(cluster, healthy=False), timeout=6)
     assert down["consecutiveFailures"] == 2
-    assert (await cluster.condition("AIProvider", "flappy", "Healthy"))["status"] == "False"
+
+    # The reconciler, the one writer of conditions, turns status.health into Healthy.
+    async def healthy_condition_false():
+        c = await cluster.condition("AIProvider", "flappy", "Healthy")
+        return c if c and c["status"] == "False" else None
+
+    assert (await cluster.eventually(healthy_condition_false))["reason"] == "ProbeFailed"
     assert await cluster.eventually(lambda: _events_for(cluster, "flappy", "Unhealthy"))
 
     async def unrouted():
@@ -264,18 +271,58 @@ async def _configmap_with_alias(cluster, alias):
 
 
 async def test_namespaced_mode_sees_only_its_namespaces(cluster, start_operator):
-    await start_operator(namespaces=("team-a",))
-    await cluster.apply(provider("p", "http://127.0.0.1:9001/v1", [model("m")], namespace="team-a"))
-    await cluster.apply(policy("mine", ["mine"], [backend("p", "m")], namespace="team-a"))
     await cluster.apply(provider("p", "http://127.0.0.1:9002/v1", [model("m")], namespace="team-b"))
     await cluster.apply(policy("theirs", ["theirs"], [backend("p", "m")], namespace="team-b"))
+    await cluster.apply(provider("p", "http://127.0.0.1:9001/v1", [model("m")], namespace="team-a"))
+    await cluster.apply(policy("mine", ["mine"], [backend("p", "m")], namespace="team-a"))
+    # Started after everything exists: kopf lists all it watches into the indexes before the
+    # first compile, so the first published config is the whole (namespaced) world; no waiting
+    # in the hope that a wrongly watched namespace would have shown up by now.
+    await start_operator(namespaces=("team-a",))
 
     async def served():
         cm = await cluster.configmap()
         return cm if cm and cm["config"].get("policies") else None
 
     cm = await cluster.eventually(served)
-    await asyncio.sleep(0.5)  # give the operator time to (wrongly) pick up team-b
-    cm = await cluster.configmap()
     assert [p["id"] for p in cm["config"]["policies"]] == ["team-a/mine"]
     assert await cluster.status("RoutingPolicy", "theirs", namespace="team-b") == {}
+
+
+async def test_the_first_published_config_holds_every_object_that_existed_at_start(cluster, start_operator):
+    """kopf's indexes are complete before the first compile: an operator (re)started on a large
+    cluster never publishes a config that lacks the objects its listing had not reached yet."""
+    n = 40
+    for i in range(n):
+        await cluster.apply(provider(f"p{i}", f"http://127.0.0.1:{9000 + i}/v1", [model("m")]))
+        await cluster.apply(policy(f"r{i}", [f"alias-{i}"], [backend(f"p{i}", "m")]))
+    await start_operator(
+        OperatorConfig(configmap_namespace=CM_NAMESPACE, configmap_name=CM_NAME, debounce_seconds=0.0, probes=False)
+    )
+    cm = await cluster.eventually(cluster.configmap)
+    assert cm["annotations"]["signalbox.io/generation"] == "1"
+    assert len(cm["config"]["policies"]) == n and len(cm["config"]["providers"]) == n
+
+
+async def test_probes_and_the_reconciler_never_overwrite_each_others_conditions(cluster, start_operator, fake):
+    await start_operator(
+        OperatorConfig(configmap_namespace=CM_NAMESPACE, configmap_name=CM_NAME, debounce_seconds=0.05, probes=True)
+    )
+    await cluster.apply(provider("both", fake.url + "/v1", [model("m")], healthCheck={"intervalSeconds": 1}))
+    await cluster.apply(policy("auto", ["auto"], [backend("both", "m")]))
+
+    async def all_four():
+        status = await cluster.status("AIProvider", "both")
+        types = {c["type"] for c in status.get("conditions", [])}
+        return status if {"Accepted", "ResolvedRefs", "Ready", "Healthy"} <= types else None
+
+    await cluster.eventually(all_four)
+    fake.behaviour.status = 500  # flips health (threshold 3 by default), probes keep writing
+    await cluster.eventually(lambda: _health_where_named(cluster, "both", healthy=False), timeout=8)
+    status = await cluster.eventually(all_four)
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Accepted"] == "True"
+
+
+async def _health_where_named(cluster, name, healthy):
+    h = (await cluster.status("AIProvider", name)).get("health") or {}
+    return h if h.get("healthy") is healthy else None

@@ -152,7 +152,9 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
             "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
             # A worker that is gone (killed, restarting) must stop receiving streams at once: a
             # refused connection is otherwise the "least busy" endpoint. One failed connect
-            # ejects it; the health check brings it back as soon as it answers again.
+            # ejects it; the health check brings it back as soon as it answers again. With half
+            # or more of the workers unhealthy Envoy's panic mode tries them all anyway (one
+            # worker in a pod, or a health check that has not run yet: never worse than before).
             "outlier_detection": {
                 "split_external_local_origin_errors": True,
                 "consecutive_local_origin_failure": 1,
@@ -172,7 +174,6 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
                     "grpc_health_check": {},
                 }
             ],
-            "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
         }
     ]
     if opts.health_port:
