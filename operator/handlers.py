@@ -60,17 +60,15 @@ def build_registry(config: OperatorConfig, api: ClusterAPI, server: str | None =
         return {(namespace or "default", name): dict(body)}
 
     @kopf.on.event(GROUP, VERSION, "aiproviders", registry=registry)
-    def provider_event(
-        type: str | None, body: kopf.Body, provider_index: kopf.Index, policy_index: kopf.Index, **_: Any
-    ) -> None:
-        reconciler.attach(provider_index, policy_index)
+    def provider_event(type: str, body: kopf.Body, **indexes: Any) -> None:
+        # kopf passes every index as a keyword argument named after it.
+        reconciler.attach(indexes["provider_index"], indexes["policy_index"])
         reconciler.notify("AIProvider", type, dict(body))
 
     @kopf.on.event(GROUP, VERSION, "routingpolicies", registry=registry)
-    def policy_event(
-        type: str | None, body: kopf.Body, provider_index: kopf.Index, policy_index: kopf.Index, **_: Any
-    ) -> None:
-        reconciler.attach(provider_index, policy_index)
+    def policy_event(type: str, body: kopf.Body, **indexes: Any) -> None:
+        # kopf passes every index as a keyword argument named after it.
+        reconciler.attach(indexes["provider_index"], indexes["policy_index"])
         reconciler.notify("RoutingPolicy", type, dict(body))
 
     if config.probes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import time
@@ -28,6 +29,8 @@ from signalbox.core.compiler import SCHEMA_VERSION
 log = logging.getLogger("signalbox.configsync")
 CONFIG_KEY = "routing-config.json"
 SECRETS_DIR = "secrets"
+# A rotated key (a Secret changed, the config did not) is picked up within this long.
+SECRETS_REFRESH_SECONDS = 60.0
 
 
 class ConfigSync:
@@ -46,8 +49,10 @@ class ConfigSync:
         self.content_hash = ""
         self.applied: list[tuple[int, float]] = []  # (generation, monotonic time written)
         self.secrets_changed = False
+        self.config: pb.RoutingConfig | None = None
+        self.secret_reads = 0  # rounds of Secret reads (each reads every Secret the config names)
 
-    def apply(self, data: dict[str, str] | None) -> bool:
+    def apply(self, data: dict[str, str] | None, version: str = "") -> bool:
         """Write the files for this ConfigMap data; False (and nothing written) if unusable."""
         raw = (data or {}).get(CONFIG_KEY)
         if not raw:
@@ -62,16 +67,31 @@ class ConfigSync:
                 "ignoring routing config schema version %s (this gateway reads %s)", cfg.schema_version, SCHEMA_VERSION
             )
             return False
+        if cfg.content_hash == self.content_hash:
+            return True  # the same config again: nothing to read or write
         # Keys first: the ext_proc resolves them when it loads the config written next.
         self.write_secrets(cfg)
-        if cfg.content_hash == self.content_hash and not self.secrets_changed:
+        self._publish(cfg)
+        return True
+
+    def refresh_secrets(self) -> bool:
+        """Re-read the Secrets the config in force names (key rotation changes a Secret, not the
+        config); rewrite the files only if a key changed. Returns whether one did."""
+        if self.config is None:
+            return False
+        self.write_secrets(self.config)
+        if self.secrets_changed:
+            self._publish(self.config)
             return True
+        return False
+
+    def _publish(self, cfg: pb.RoutingConfig) -> None:
         self.secrets_changed = False
+        self.config = cfg
         gatewayfiles.publish(cfg, self.workdir, self.options)
         self.content_hash = cfg.content_hash
         self.applied.append((cfg.generation, time.monotonic()))
         log.info("wrote routing config generation %s", cfg.generation)
-        return True
 
     def write_secrets(self, cfg: pb.RoutingConfig) -> None:
         """Copy the keys the config names into `<workdir>/secrets/<ns>/<name>/<key>` (mode 0600).
@@ -81,6 +101,7 @@ class ConfigSync:
         (ResolvedRefs=False) and the provider's requests go out without a key.
         """
         root = self.workdir / SECRETS_DIR
+        self.secret_reads += 1
         for provider in cfg.providers:
             if provider.auth.WhichOneof("source") != "secret":
                 continue
@@ -129,4 +150,19 @@ class ConfigSync:
             gatewayfiles.publish(pb.RoutingConfig(schema_version=SCHEMA_VERSION), self.workdir, self.options)
 
     async def run(self, stop: asyncio.Event) -> None:
-        await watch_configmap(self.core, self.namespace, self.name, self.apply, stop)
+        """Apply each new version of the ConfigMap; re-read its Secrets every
+        SECRETS_REFRESH_SECONDS for rotated keys."""
+        watch = asyncio.create_task(watch_configmap(self.core, self.namespace, self.name, self.apply, stop))
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), SECRETS_REFRESH_SECONDS)
+                if not stop.is_set():
+                    try:
+                        await asyncio.to_thread(self.refresh_secrets)
+                    except Exception as exc:
+                        log.warning("cannot re-read provider Secrets: %s", exc)
+                if watch.done():
+                    watch.result()  # a watch that ended on its own is a bug: surface it
+        finally:
+            watch.cancel()

@@ -11,8 +11,9 @@ interval plus a watch event (tests/operator/test_replica_sync.py measures it).
 
 A replica's key outlives the replica until the day ends: its spend still counts, so a restart
 or a scale-down does not hand back money already spent, and its learning still teaches. A key
-not republished today is deleted by whichever replica notices first (every live replica
-republishes on its first sync of a day, because the day is part of what it publishes).
+still of an earlier day ten minutes into a new one is deleted by whichever replica notices
+first (every live replica republishes on its first sync of a day, because the day is part of
+what it publishes); a replica that finds its own key gone or changed publishes it again.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ DEFAULT_INTERVAL = 2.0
 # Past this its learning is left out (spend is small and always fits: hourly buckets of a day).
 MAX_KEY_BYTES = 128 * 1024
 _MERGE_PATCH = "application/merge-patch+json"
+# How far into a UTC day a key still of an earlier day counts as a gone replica's (a live one
+# republishes within an interval of the day's start).
+STALE_AFTER_SECONDS = 600
+
+
+def _older(version: str, than: str) -> bool:
+    """resourceVersions are opaque, but etcd's (and every API server's in practice) are
+    increasing integers; anything else is never judged older."""
+    return version.isdigit() and than.isdigit() and int(version) < int(than)
 
 
 class ReplicaSync:
@@ -62,6 +72,8 @@ class ReplicaSync:
         self.learning_left_out = False
         # The watch thread and the publishing thread both record into the SQLite files.
         self.lock = threading.Lock()
+        self.recorded_version = ""
+        self.last_recorded: dict[str, Any] = {"spend": {}, "learning": {}, "held": {}}
 
     def sync_once(self, now: float | None = None) -> dict[str, Any]:
         """Publish this replica's state if it changed (else read) and record the others'."""
@@ -83,15 +95,28 @@ class ReplicaSync:
             self.learning_left_out = True
             payload = encode(day, spend, {}, held) if spend or held else ""
         if payload != self.published or self.stale:
-            data = self._publish(payload)
+            data, version = self._publish(payload)
             self.published = payload
         else:
-            data = self._read()
-        return self.record(data, now)
+            data, version = self._read()
+        return self.record(data, version, now)
 
-    def record(self, data: dict[str, str], now: float | None = None) -> dict[str, Any]:
-        """What the ConfigMap says of the other replicas becomes the `remote` rows; returns it."""
+    def record(self, data: dict[str, str], version: str = "", now: float | None = None) -> dict[str, Any]:
+        """What the ConfigMap says of the other replicas becomes the `remote` rows; returns it.
+
+        Two paths deliver versions of the ConfigMap (the watch, and this replica's own writes
+        and reads), in any order: a version older than the one recorded is ignored, so an old
+        snapshot never replaces a newer one.
+        """
         now = time.time() if now is None else now
+        with self.lock:
+            if _older(version, self.recorded_version):
+                return self.last_recorded
+            self.recorded_version = version or self.recorded_version
+        if self.published and data.get(self.key) != self.published:
+            # Our key is gone or not ours (deleted as stale by a replica that read it just before
+            # we republished): publish it again on the next round.
+            self.published = ""
         today = window_start(now, DAY)
         spend: dict[str, Spend] = {}
         learning: dict[str, Learning] = {}
@@ -105,7 +130,10 @@ class ReplicaSync:
                 continue
             day, their_spend, their_learning, their_held = decoded
             if day < today:
-                self.stale.add(key)  # not republished today: removed with our next write
+                # Not republished today. A live replica republishes on its first round of a day,
+                # so only a key still of an earlier day well into today is a gone replica's.
+                if now - today >= STALE_AFTER_SECONDS:
+                    self.stale.add(key)  # removed with our next write
                 continue
             replica = key.removesuffix(".json")
             spend[replica] = their_spend  # earlier days' buckets are ignored where spend is read
@@ -116,9 +144,10 @@ class ReplicaSync:
             self.ledger.set_remote(spend, held)
             if self.learning is not None:
                 self.learning.set_remote(learning)
-        return {"spend": spend, "learning": learning, "held": held}
+            self.last_recorded = {"spend": spend, "learning": learning, "held": held}
+        return self.last_recorded
 
-    def _publish(self, payload: str) -> dict[str, str]:
+    def _publish(self, payload: str) -> tuple[dict[str, str], str]:
         changes: dict[str, str | None] = dict.fromkeys(self.stale)
         if payload:
             changes[self.key] = payload
@@ -142,16 +171,16 @@ class ReplicaSync:
                     raise
                 return self._read()
         self.stale.clear()
-        return dict(cm.data or {})
+        return dict(cm.data or {}), cm.metadata.resource_version or ""
 
-    def _read(self) -> dict[str, str]:
+    def _read(self) -> tuple[dict[str, str], str]:
         try:
             cm = self.core.read_namespaced_config_map(self.name, self.namespace)
         except kubernetes.client.rest.ApiException as exc:
             if exc.status != 404:
                 raise
-            return {}
-        return dict(cm.data or {})
+            return {}, ""
+        return dict(cm.data or {}), cm.metadata.resource_version or ""
 
     async def run(self, stop: asyncio.Event) -> None:
         watcher = asyncio.create_task(watch_configmap(self.core, self.namespace, self.name, self.record, stop))

@@ -99,8 +99,9 @@ async def test_a_gone_replicas_state_counts_until_the_day_ends_then_is_removed(k
     seen = await asyncio.to_thread(alive.sync_once, now)
     assert seen["spend"] == {"gw-gone": {"default/p": {hour: 0.4}}}
 
-    # The next day the gone replica has not republished: the next writer deletes its key.
-    tomorrow = now + DAY
+    # The next day (an hour into it) the gone replica has not republished: the next writer
+    # deletes its key.
+    tomorrow = window_start(now, DAY) + DAY + HOUR
     alive.ledger.add("default/p", 0.01, now=tomorrow)
     assert (await asyncio.to_thread(alive.sync_once, tomorrow))["spend"] == {}
     await asyncio.to_thread(alive.sync_once, tomorrow)
@@ -156,3 +157,44 @@ async def test_learning_too_large_for_the_configmap_is_left_out_but_spend_is_sha
     assert seen["learning"] == {"gw-big": {"quality": [], "outcomes": []}}
     assert hour_spend(other.ledger) == (0.0, 0.3)
     assert big.learning_left_out
+
+
+async def test_a_live_replicas_key_is_never_deleted_at_the_turn_of_the_day(k8s, tmp_path):
+    """Just after midnight a replica that has not yet republished is alive, not gone: a key is
+    stale only well into the new day. And a replica whose key did vanish publishes it again."""
+    today = window_start(time.time(), DAY)
+    a, b = replica(k8s, tmp_path, "gw-a"), replica(k8s, tmp_path, "gw-b")
+    b.ledger.add("default/p", 0.3, now=today - 60)  # yesterday's spend, last published yesterday
+    await asyncio.to_thread(b.sync_once, today - 60)
+    a.ledger.add("default/p", 0.1, now=today + 5)
+    await asyncio.to_thread(a.sync_once, today + 5)  # five seconds into the day
+    await asyncio.to_thread(a.sync_once, today + 6)
+    cm = await asyncio.to_thread(a.core.read_namespaced_config_map, NAME, NS)
+    assert "gw-b.json" in cm.data  # kept: b republishes on its first round of the day
+
+    # Had it been deleted anyway (an old replica version, a hand edit), b puts it back.
+    await asyncio.to_thread(a.core.patch_namespaced_config_map, NAME, NS, {"data": {"gw-b.json": None}})
+    data, version = await asyncio.to_thread(b._read)
+    b.record(data, version, today - 30)
+    await asyncio.to_thread(b.sync_once, today - 30)
+    cm = await asyncio.to_thread(a.core.read_namespaced_config_map, NAME, NS)
+    assert "gw-b.json" in cm.data
+
+
+async def test_an_older_snapshot_never_replaces_a_newer_one(k8s, tmp_path):
+    now = time.time()
+    hour = window_start(now, HOUR)
+    one = replica(k8s, tmp_path, "gw-1")
+    newer = {"gw-2.json": _state(now, 0.5)}
+    older = {"gw-2.json": _state(now, 0.2)}
+    assert one.record(newer, "120", now)["spend"] == {"gw-2": {"default/p": {hour: 0.5}}}
+    # The publishing thread's response, read before the watch delivered version 120:
+    assert one.record(older, "95", now)["spend"] == {"gw-2": {"default/p": {hour: 0.5}}}
+    assert hour_spend(one.ledger) == (0.0, 0.5)
+    assert one.record(older, "121", now)["spend"] == {"gw-2": {"default/p": {hour: 0.2}}}
+
+
+def _state(now: float, usd: float) -> str:
+    from signalbox.core.replicastate import encode
+
+    return encode(window_start(now, DAY), {"default/p": {window_start(now, HOUR): usd}}, {}, {})

@@ -107,3 +107,11 @@ def test_signalbox_up_applies_only_a_changed_config_and_only_its_inputs(tmp_path
     edited = (inputs / "policies.yaml").read_text().replace("weight: 3", "weight: 4")
     (inputs / "policies.yaml").write_text(edited)
     assert gateway.apply().changed and gateway.generation == 2
+
+
+def test_the_operators_namespaces_reach_its_settings():
+    from signalbox.operator.main import config_from
+
+    config = config_from(build_parser().parse_args(["operator", "-n", "team-a", "-n", "team-b"]))
+    assert config.namespaces == ("team-a", "team-b") and config.exact_namespaces  # no namespace scanning
+    assert config_from(build_parser().parse_args(["operator"])).namespaces == ()
