@@ -70,9 +70,9 @@ def _watch_once(core: Any, namespace: str, name: str, on_data: OnData, stop: asy
         # List first: the current object and the version to watch from, delivered once.
         listing = core.list_namespaced_config_map(namespace, field_selector=kwargs["field_selector"])
         state.lists += 1
-        for obj in listing.items:
-            if obj.metadata.name == name:
-                state.deliver(on_data, dict(obj.data or {}), obj.metadata.resource_version or "")
+        for item in listing.items:
+            if item.metadata.name == name:
+                state.deliver(on_data, dict(item.data or {}), item.metadata.resource_version or "")
         state.resource_version = listing.metadata.resource_version or ""
         kwargs["resource_version"] = state.resource_version
     state.watches += 1

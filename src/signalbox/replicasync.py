@@ -44,6 +44,10 @@ _MERGE_PATCH = "application/merge-patch+json"
 STALE_AFTER_SECONDS = 600
 
 
+def _version(cm: kubernetes.client.V1ConfigMap) -> str:
+    return (cm.metadata.resource_version if cm.metadata else None) or ""
+
+
 def _older(version: str, than: str) -> bool:
     """resourceVersions are opaque, but etcd's (and every API server's in practice) are
     increasing integers; anything else is never judged older."""
@@ -171,7 +175,7 @@ class ReplicaSync:
                     raise
                 return self._read()
         self.stale.clear()
-        return dict(cm.data or {}), cm.metadata.resource_version or ""
+        return dict(cm.data or {}), _version(cm)
 
     def _read(self) -> tuple[dict[str, str], str]:
         try:
@@ -180,7 +184,7 @@ class ReplicaSync:
             if exc.status != 404:
                 raise
             return {}, ""
-        return dict(cm.data or {}), cm.metadata.resource_version or ""
+        return dict(cm.data or {}), _version(cm)
 
     async def run(self, stop: asyncio.Event) -> None:
         watcher = asyncio.create_task(watch_configmap(self.core, self.namespace, self.name, self.record, stop))
