@@ -17,6 +17,8 @@ live request would get (strategies that keep rotating state are explained on a c
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import time
 from datetime import UTC, datetime
@@ -24,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from signalbox.core.errors import RequestError
+from signalbox.core.errors import Forbidden, RequestError
 
 from . import decide
 from .classify import Classification
@@ -48,7 +50,7 @@ def _error(err: RequestError) -> web.Response:
     return web.Response(status=err.status, body=err.body(), content_type="application/json")
 
 
-def build_app(processor: Processor) -> web.Application:
+def build_app(processor: Processor, token: str = "", exposed: bool = False) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         tables = processor.tables
         body: dict[str, object] = {"status": "ok", "generation": tables.current.generation}
@@ -188,7 +190,7 @@ def build_app(processor: Processor) -> web.Application:
             }
         )
 
-    app = web.Application(client_max_size=processor.max_body_bytes + 1024)
+    app = web.Application(client_max_size=processor.max_body_bytes + 1024, middlewares=[_guard(token, exposed)])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", models)
@@ -199,8 +201,38 @@ def build_app(processor: Processor) -> web.Application:
     return app
 
 
-async def start(processor: Processor, host: str, port: int) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(build_app(processor), access_log=None)
+# What costs money (the LLM tier behind /v1/classify and /v1/route) or changes routing
+# (/v1/feedback teaches learning): behind a token wherever the API is reachable off the host.
+PRIVILEGED = frozenset({"/v1/classify", "/v1/route", "/v1/feedback"})
+
+
+def _guard(token: str, exposed: bool):
+    """Loopback only (the default): no token needed, only this pod or machine can call. Exposed:
+    the privileged endpoints want `Authorization: Bearer <token>`, and without a configured
+    token they are off (403) rather than open."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler):
+        if request.path in PRIVILEGED and (exposed or token):
+            if not token:
+                return _error(Forbidden("this endpoint is disabled on an exposed admin API without a token"))
+            sent = request.headers.get("authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+                return _error(Forbidden("this endpoint needs the admin token (Authorization: Bearer ...)"))
+        return await handler(request)
+
+    return guard
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host or "127.0.0.1").is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+async def start(processor: Processor, host: str, port: int, token: str = "") -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(build_app(processor, token, exposed=not is_loopback(host)), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -23,7 +23,13 @@ from signalbox.core.envoygen import (
     TARGET_HEADER,
     too_large_message,
 )
-from signalbox.core.errors import MalformedRequest, PayloadTooLarge, UnknownModel, UnsupportedPath
+from signalbox.core.errors import (
+    MalformedRequest,
+    PayloadTooLarge,
+    ProviderKeyUnavailable,
+    UnknownModel,
+    UnsupportedPath,
+)
 from signalbox.core.secrets import SecretValue
 
 from . import body as body_codec
@@ -282,6 +288,12 @@ def upstream(table: RuntimeTable, backend_id: str, path: str, headers: dict[str,
         # Envoy runs an older cluster set than this table (reload in flight): fail this attempt
         # loudly rather than sending a request with the wrong credentials.
         raise LookupError(f"backend {backend_id!r} is not in routing config generation {table.generation}")
+    if backend.provider.key_missing:
+        # A failover chain may still name it (Envoy's clusters follow health, not keys): end
+        # this attempt clearly rather than send the request without credentials.
+        raise ProviderKeyUnavailable(
+            f"backend {backend.id} cannot be tried: its provider's API key cannot be read by the gateway"
+        )
     # `:path` was rewritten for the first choice; the client's path travels beside it.
     out = prepare_upstream(backend, headers.get(ORIGINAL_PATH) or path, headers)
     remove = tuple(sorted({*out.remove_headers, *GATEWAY_HEADERS}))

@@ -43,6 +43,8 @@ class LlmClassifier:
 
     async def classify(self, cfg: LlmTierConfig, text: str, estimated_tokens: int) -> Classification | None:
         backend = cfg.backend
+        if backend.provider.key_missing:
+            return None  # never ask without the key; the table load already said why
         key = hashlib.sha256(f"{backend.id}\0{text}".encode()).hexdigest()
         answer = self.cache.get(key)
         if answer is None:

@@ -95,7 +95,8 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     admin_runner = None
     if getattr(args, "admin_address", None):
         host, _, port = args.admin_address.rpartition(":")
-        admin_runner, bound = await admin.start(processor, host or "127.0.0.1", int(port))
+        token = Path(args.admin_token_file).read_text().strip() if getattr(args, "admin_token_file", None) else ""
+        admin_runner, bound = await admin.start(processor, host or "127.0.0.1", int(port), token)
         if getattr(args, "admin_address_file", None):
             # Port 0 binds a free port; whoever started us reads which one here.
             Path(args.admin_address_file).write_text(f"{host or '127.0.0.1'}:{bound}")

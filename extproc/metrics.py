@@ -59,6 +59,12 @@ class Metrics:
             "Routing configs that could not be loaded (the last good one stayed).",
             registry=r,
         )
+        self.providers_without_key = Gauge(
+            "signalbox_providers_without_key",
+            "Providers whose declared API key cannot be read: their backends are not routed to.",
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.internal_errors = Counter(
             "signalbox_internal_errors",
             "Requests answered 500 internal_error because deciding raised (each is logged with its request id).",

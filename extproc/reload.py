@@ -36,8 +36,17 @@ class TableHolder:
     def install(self, cfg: pb.RoutingConfig) -> RuntimeTable:
         table = RuntimeTable.from_config(cfg, self.resolve_key)
         self.current = table
+        missing = table.providers_without_key
+        for provider in missing:
+            # Once per load (a load happens when the config or a key changes), not per request.
+            log.warning(
+                "provider %s: its API key cannot be read (%s); its backends are not routed to until it can",
+                provider.id,
+                _where(cfg, provider.id),
+            )
         if self.metrics is not None:
             self.metrics.config_generation.set(table.generation)
+            self.metrics.providers_without_key.set(len(missing))
         return table
 
     def load_file(self, path: str | Path) -> bool:
@@ -76,3 +85,17 @@ class TableHolder:
         self.load_file(path)
         async for _ in awatch(path.parent, stop_event=stop, debounce=50, step=20):
             self.load_file(path)
+
+
+def _where(cfg: pb.RoutingConfig, provider_id: str) -> str:
+    """Where a provider's key should come from, named, never its value."""
+    for p in cfg.providers:
+        if p.id == provider_id:
+            source = p.auth.WhichOneof("source")
+            if source == "secret":
+                return f"Secret {p.auth.secret.namespace}/{p.auth.secret.name} key {p.auth.secret.key}"
+            if source == "env":
+                return f"environment variable {p.auth.env}"
+            if source == "file":
+                return f"file {p.auth.file}"
+    return "unknown source"

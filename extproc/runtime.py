@@ -58,6 +58,9 @@ class ProviderRuntime:
     azure_api_version: str
     auth_header: str
     auth_value: SecretValue | None
+    # Declared auth whose key could not be read (Secret not synced, env variable unset, file
+    # unreadable): its backends are not routed to, never sent keyless.
+    key_missing: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +147,13 @@ class RuntimeTable:
     def aliases(self) -> list[str]:
         return sorted(self.by_alias)
 
+    @property
+    def providers_without_key(self) -> list[ProviderRuntime]:
+        return sorted(
+            {b.provider.id: b.provider for b in self.backends.values() if b.provider.key_missing}.values(),
+            key=lambda p: p.id,
+        )
+
     @classmethod
     def empty(cls) -> RuntimeTable:
         return cls(generation=0, content_hash="", by_alias={}, backends={})
@@ -161,6 +171,7 @@ class RuntimeTable:
             default_port = 443 if p.tls else 80
             authority = p.host if p.port == default_port else f"{p.host}:{p.port}"
             has_auth = p.HasField("auth")
+            key = resolve_key(p.auth) if has_auth else None
             providers[p.id] = ProviderRuntime(
                 id=p.id,
                 name=p.name,
@@ -170,7 +181,8 @@ class RuntimeTable:
                 base_path=p.base_path,
                 azure_api_version=p.azure_api_version,
                 auth_header=p.auth.header if has_auth else "",
-                auth_value=_with_prefix(p.auth.prefix, resolve_key(p.auth)) if has_auth else None,
+                auth_value=_with_prefix(p.auth.prefix, key) if has_auth else None,
+                key_missing=has_auth and key is None,
             )
         backends = [
             BackendRuntime(
@@ -219,7 +231,7 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
     choices_by_index = {
         i: Choice(i, backends[pbb.backend], pbb.weight, pbb.priority, pbb.target)
         for i, pbb in enumerate(p.backends)
-        if pbb.target
+        if pbb.target and not backends[pbb.backend].provider.key_missing
     }
     choices = tuple(sorted(choices_by_index.values(), key=lambda c: (c.priority, c.index)))
     routes = tuple(

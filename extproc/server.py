@@ -313,6 +313,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         try:
             outcome = decide.upstream(table, backend_id, headers.get(":path", "/"), headers)
             self.metrics.phase_seconds.labels("upstream").observe(time.perf_counter() - decided)
+        except RequestError as err:
+            log.warning("upstream phase: %s", err)
+            yield wire.immediate_error(err)
+            return
         except LookupError as exc:
             log.warning("upstream phase: %s", exc)
             yield wire.immediate(

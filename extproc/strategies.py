@@ -282,7 +282,11 @@ def eligible(policy: PolicyRuntime, ctx: RequestContext, explain: bool = False):
             kept.append(c)
             notes.append((c.backend.id, True, "eligible"))
     if explain:
-        notes += [(b.id, False, "unhealthy") for b in policy.all_backends if b.id not in healthy]
+        notes += [
+            (b.id, False, "api key unavailable" if b.provider.key_missing else "unhealthy")
+            for b in policy.all_backends
+            if b.id not in healthy
+        ]
     return tuple(kept), tuple(notes)
 
 

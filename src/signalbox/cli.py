@@ -405,6 +405,11 @@ def _extproc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-address", help="host:port of the admin HTTP API (/metrics, /v1/route, ...)")
     parser.add_argument("--admin-address-file", help="write the admin API's bound host:port here (for port 0)")
     parser.add_argument(
+        "--admin-token-file",
+        help="token that /v1/classify, /v1/route and /v1/feedback on the admin API require as a Bearer token "
+        "(without one they are off whenever --admin-address is not loopback)",
+    )
+    parser.add_argument(
         "--state-dir",
         help="directory of the state the workers of one gateway share: budget spend, learning (default: in memory)",
     )

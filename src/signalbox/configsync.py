@@ -98,7 +98,7 @@ class ConfigSync:
 
         The pod mounts `<workdir>` as a memory-backed emptyDir, as Kubernetes does for Secret
         volumes; values are never logged. A missing Secret is skipped: the operator reports it
-        (ResolvedRefs=False) and the provider's requests go out without a key.
+        (ResolvedRefs=False) and the ext_proc routes nothing to that provider until its key exists.
         """
         root = self.workdir / SECRETS_DIR
         self.secret_reads += 1

@@ -17,6 +17,8 @@ WORKDIR = "/run/signalbox"
 LISTEN_PORT = 8080
 HEALTH_PORT = 8081
 ADMIN_PORT = 9901
+# The ext_proc's admin API (127.0.0.1 unless the chart's gateway.adminApi.expose).
+EXTPROC_ADMIN_PORT = 8083
 EXTPROC_SOCKET = f"{WORKDIR}/extproc.sock"
 BOOTSTRAP_FILE = "helm/signalbox/files/envoy-bootstrap.json"
 
@@ -28,6 +30,7 @@ def options(
     listen_port: int = LISTEN_PORT,
     health_port: int = HEALTH_PORT,
     admin_port: int = ADMIN_PORT,
+    extproc_admin_port: int = EXTPROC_ADMIN_PORT,
     accounting: bool = True,
     request_log: bool = True,
 ) -> envoygen.GatewayOptions:
@@ -38,6 +41,7 @@ def options(
         admin_address="127.0.0.1",
         admin_port=admin_port,
         health_port=health_port,
+        extproc_admin_port=extproc_admin_port,
         extproc_sockets=(f"{workdir}/extproc.sock",),
         failure_mode=failure_mode,
         max_body_bytes=max_body_bytes,

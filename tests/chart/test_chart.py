@@ -4,6 +4,7 @@ properties a platform team relies on asserted."""
 
 from __future__ import annotations
 
+import base64
 import importlib.metadata
 import json
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from signalbox import pod
-from signalbox.core import crdgen
+from signalbox.core import crdgen, envoygen
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "signalbox"
@@ -51,6 +52,7 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
                 "accounting": False,
                 "requestLog": False,
                 "service": {"type": "LoadBalancer", "port": 8080},
+                "adminApi": {"expose": True},
             },
             "routingConfigMap": "llm-routing",
         },
@@ -159,7 +161,13 @@ def test_gateway_pod_runs_envoy_and_extproc_sharing_the_socket_volume(case):
     assert run["emptyDir"]["medium"] == "Memory"  # keys and socket never touch disk
     assert containers["envoy"]["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert containers["extproc"]["readinessProbe"]["grpc"]["port"] == 8082
-    assert "--admin-address=0.0.0.0:8083" in containers["extproc"]["args"]
+    args = containers["extproc"]["args"]
+    exposed = values.get("gateway", {}).get("adminApi", {}).get("expose", False)
+    if exposed:
+        assert "--admin-address=0.0.0.0:8083" in args and "--admin-token-file=/etc/signalbox/admin/token" in args
+    else:
+        assert "--admin-address=127.0.0.1:8083" in args and not any(a.startswith("--admin-token") for a in args)
+    assert "--decision-key-file=/etc/signalbox/decision/key" in args
     assert containers["envoy"]["lifecycle"]["preStop"]["exec"]["command"][:2] == ["signalbox", "envoy-drain"]
     configmap = values.get("routingConfigMap", "signalbox-routing")
     assert f"--configmap={namespace}/{configmap}" in containers["extproc"]["args"]
@@ -300,3 +308,20 @@ def test_grafana_dashboard_queries_only_metrics_that_exist():
         assert base in exposed, name
     assert {"signalbox_cost_usd_total", "gen_ai_client_token_usage_total", "signalbox_requests_total"} <= ours
     assert {"signalbox_budget_spent_usd", "signalbox_budget_limit_usd", "signalbox_budget_remaining_usd"} <= ours
+
+
+def test_the_admin_api_is_off_the_network_unless_exposed_and_then_behind_a_token(case):
+    _, _, values, objects = case
+    exposed = values.get("gateway", {}).get("adminApi", {}).get("expose", False)
+    metrics_service = next(o for o in of_kind(objects, "Service") if o["metadata"]["name"].endswith("-gateway-metrics"))
+    ports = {p["name"] for p in metrics_service["spec"]["ports"]}
+    assert ports == ({"metrics", "admin"} if exposed else {"metrics"})
+    secrets = {o["metadata"]["name"]: o for o in of_kind(objects, "Secret")}
+    assert "sb-signalbox-decision-key" in secrets  # every replica signs decisions alike
+    assert base64.b64decode(secrets["sb-signalbox-decision-key"]["data"]["key"])
+    assert ("sb-signalbox-admin-token" in secrets) == exposed
+    # Signalbox's metrics are scraped through Envoy's metrics port either way.
+    health = envoygen.health_listener(pod.options())
+    routes = health["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    metrics_route = next(r for r in routes if r["match"].get("path") == "/metrics")
+    assert metrics_route["route"]["cluster"] == envoygen.EXTPROC_ADMIN_CLUSTER

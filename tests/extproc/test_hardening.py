@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import aiohttp
 import grpc
 import pytest
 from aiohttp import web
@@ -165,3 +166,41 @@ async def aiohttp_server_factory():
     yield start
     for runner in runners:
         await runner.cleanup()
+
+
+# ----------------------------------------------------------------------------- admin API
+
+
+@pytest.mark.parametrize(
+    ("exposed", "token", "sent", "status"),
+    [
+        (False, "", None, 200),  # loopback only: this host may call
+        (True, "", None, 403),  # exposed without a token: privileged endpoints are off
+        (True, "s3cret", None, 403),
+        (True, "s3cret", "Bearer wrong", 403),
+        (True, "s3cret", "Bearer s3cret", 200),
+    ],
+)
+async def test_privileged_admin_endpoints_need_the_token_when_exposed(exposed, token, sent, status):
+    from signalbox.extproc import admin
+
+    holder = TableHolder()
+    holder.install(routing_config())
+    processor = Processor(holder, max_body_bytes=1 << 20)
+    runner = web.AppRunner(admin.build_app(processor, token, exposed=exposed))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    headers = {"authorization": sent} if sent else {}
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/v1/route", data=BODY, headers=headers) as r:
+                assert r.status == status, await r.text()
+                if status == 403:
+                    assert (await r.json())["error"]["code"] == "forbidden"
+            async with http.get(f"{url}/metrics") as r:
+                assert r.status == 200  # read-only endpoints stay open
+    finally:
+        await runner.cleanup()
+    assert admin.is_loopback("127.0.0.1") and admin.is_loopback("::1") and not admin.is_loopback("0.0.0.0")

@@ -162,3 +162,26 @@ def test_unknown_schema_version_is_refused(table):
 
     with pytest.raises(ConfigVersionError, match="schema version 99"):
         RuntimeTable.from_config(pb.RoutingConfig(schema_version=99))
+
+
+def test_a_provider_whose_key_cannot_be_read_is_never_sent_keyless(monkeypatch, tmp_path, caplog):
+    from signalbox.core.errors import ProviderKeyUnavailable
+    from signalbox.extproc.metrics import Metrics
+    from signalbox.extproc.reload import TableHolder
+
+    monkeypatch.delenv("MISSING_KEY", raising=False)
+    providers = [
+        provider("keyed", "https://api.example.com/v1", [model("m")], auth={"env": "MISSING_KEY"}),
+        provider("open", "http://vllm.llm.svc:8000/v1", [model("m")]),
+    ]
+    pol = policy("p", ["auto"], [backend("keyed", "m"), backend("open", "m")], strategy="failover")
+    holder = TableHolder(metrics=Metrics())
+    table = holder.install(compile_config(providers, [pol]).config)
+    # Reported once, by where the key should be, never sent without it:
+    assert "environment variable MISSING_KEY" in caplog.text
+    assert holder.metrics.providers_without_key._value.get() == 1
+    out = decide.decide(table, SelectionState(), "/v1/chat/completions", {}, body(), explain=True)
+    assert out.selection.choice.backend.id == "default/open/m"  # the next backend, not a keyless call
+    assert ("default/keyed/m", False, "api key unavailable") in out.selection.candidates
+    with pytest.raises(ProviderKeyUnavailable):  # a failover attempt Envoy still sends there
+        decide.upstream(table, "default/keyed/m", "/v1/chat/completions", {})

@@ -42,6 +42,7 @@ EXTPROC_CLUSTER = "signalbox_extproc"
 # cannot be reached or fails; mapped to 503 routing_unavailable before any client sees it.
 EXTPROC_FAILED_STATUS = 510
 ADMIN_CLUSTER = "signalbox_envoy_admin"
+EXTPROC_ADMIN_CLUSTER = "signalbox_extproc_admin"
 LISTENER_NAME = "signalbox_gateway"
 HEALTH_LISTENER_NAME = "signalbox_health"
 API_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
@@ -94,6 +95,9 @@ class GatewayOptions:
     # interface (which stays on localhost). It only exists once routes are loaded, so it is
     # also the readiness signal.
     health_port: int | None = None
+    # In a pod: the ext_proc's admin API on localhost; the health listener serves its /metrics,
+    # so Prometheus can scrape them while the API itself stays off the network.
+    extproc_admin_port: int | None = None
     # Token and cost accounting (a Lua filter reads usage, the gRPC access log carries it to the
     # ext_proc in batches): spend metrics and budgets need it (cost: bench/README.md).
     accounting: bool = True
@@ -176,6 +180,20 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
             ],
         }
     ]
+    if opts.health_port and opts.extproc_admin_port:
+        static.append(
+            {
+                "name": EXTPROC_ADMIN_CLUSTER,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": EXTPROC_ADMIN_CLUSTER,
+                    "endpoints": [
+                        {"lb_endpoints": [{"endpoint": {"address": _address("127.0.0.1", opts.extproc_admin_port)}}]}
+                    ],
+                },
+            }
+        )
     if opts.health_port:
         static.append(
             {
@@ -704,8 +722,10 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
 def health_listener(opts: GatewayOptions) -> dict[str, Any]:
     """Readiness and metrics for kubelet and Prometheus, without exposing the admin interface."""
 
-    def route(path: str) -> dict[str, Any]:
-        return {"match": {"path": path}, "route": {"cluster": ADMIN_CLUSTER}}
+    def route(path: str, cluster: str = ADMIN_CLUSTER) -> dict[str, Any]:
+        return {"match": {"path": path}, "route": {"cluster": cluster}}
+
+    extproc_metrics = [route("/metrics", EXTPROC_ADMIN_CLUSTER)] if opts.extproc_admin_port else []
 
     hcm = _any(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -719,6 +739,7 @@ def health_listener(opts: GatewayOptions) -> dict[str, Any]:
                     "routes": [
                         route("/ready"),
                         route("/stats/prometheus"),
+                        *extproc_metrics,
                         {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
                     ],
                 }

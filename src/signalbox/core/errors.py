@@ -87,8 +87,20 @@ class PayloadTooLarge(RequestError):
     status, code = 413, "request_too_large"
 
 
+class Forbidden(RequestError):
+    """The caller may not use this endpoint (e.g. a privileged admin endpoint without its token)."""
+
+    status, error_type, code = 403, "permission_error", "forbidden"
+
+
 class NoHealthyBackend(RequestError):
     status, error_type, code = 503, "server_error", "no_healthy_backend"
+
+
+class ProviderKeyUnavailable(RequestError):
+    """A failover attempt reached a backend whose API key the gateway cannot read."""
+
+    status, error_type, code = 503, "server_error", "provider_key_unavailable"
 
 
 class BudgetExhausted(RequestError):
