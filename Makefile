@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: eval setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane bench protos protos-check lint up validate clean
+.PHONY: eval setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-fuzz fuzz bench protos protos-check lint up validate clean
 
 # Strict editable mode: extproc/ and operator/ install as signalbox.extproc and
 # signalbox.operator through a link tree under build/ (operator/ has no __init__.py, so it can
@@ -69,8 +69,18 @@ test-operator: setup
 test-dataplane: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PYTEST) tests/dataplane
 
+## Hostile request bodies through the router phase (a bounded slice; `make fuzz` runs the full count).
+test-fuzz: setup
+	$(PYTEST) tests/fuzz
+
+## The full fuzz run: 100,000 bodies through the phase functions and the servicer, 10,000
+## through a real Envoy (about 15 minutes on 2 cores).
+fuzz: setup
+	SIGNALBOX_FUZZ_EXAMPLES=50000 $(PYTEST) tests/fuzz
+	SIGNALBOX_FUZZ_ENVOY=10000 PATH=$(abspath $(BIN)):$$PATH $(PYTEST) tests/dataplane/test_hardening.py -k "hostile or fuzzed"
+
 ## The README's test command: every tier plus lint and generated-code freshness.
-test: protos-check lint test-unit test-crds test-chart test-extproc test-operator test-dataplane
+test: protos-check lint test-unit test-crds test-chart test-extproc test-fuzz test-operator test-dataplane
 
 ## Plain Envoy vs Signalbox, same fake upstream, same load, one run -> bench/results/latest.json
 bench: setup
