@@ -9,7 +9,6 @@ the dataplane tests both use it, so what the tests prove is what a user runs.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import socket
@@ -23,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import httpx
 
 from signalbox import gatewayfiles
 from signalbox.api.v1alpha1 import config_pb2 as pb
@@ -308,12 +309,10 @@ class LocalGateway:
 
     def _bound_listener_port(self) -> int:
         """The port Envoy bound for the gateway listener (configured as port 0)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/listeners?format=json", timeout=1) as r:
-            listeners = json.loads(r.read())["listener_statuses"]
-        for listener in listeners:
-            if listener["name"] == envoygen.LISTENER_NAME:
-                return int(listener["local_address"]["socket_address"]["port_value"])
-        raise OSError("the gateway listener is not bound yet")
+        port = listener_ports(self.admin_port).get(envoygen.LISTENER_NAME)
+        if port is None:
+            raise OSError("the gateway listener is not bound yet")
+        return port
 
     def _wait(self, ready, name: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -386,6 +385,25 @@ class LocalGateway:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def listener_ports(admin: int | str) -> dict[str, int]:
+    """The ports Envoy's listeners are bound to, by listener name (for listeners on port 0).
+
+    `admin` is Envoy's admin port on 127.0.0.1, or the path of its admin Unix socket.
+    """
+    transport = httpx.HTTPTransport(uds=admin) if isinstance(admin, str) else None
+    base = "http://envoy" if isinstance(admin, str) else f"http://127.0.0.1:{admin}"
+    try:
+        with httpx.Client(transport=transport, timeout=1) as client:
+            listeners = client.get(f"{base}/listeners?format=json").json()["listener_statuses"]
+    except httpx.HTTPError as exc:
+        raise OSError(f"Envoy's admin interface did not answer: {exc}") from None
+    return {
+        listener["name"]: int(listener["local_address"]["socket_address"]["port_value"])
+        for listener in listeners
+        if "socket_address" in listener.get("local_address", {})
+    }
 
 
 def _port_open(host: str, port: int) -> bool:

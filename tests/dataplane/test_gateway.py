@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import time
 from collections import Counter
 
@@ -11,20 +12,23 @@ import httpx
 import openai
 import pytest
 
-from signalbox.local import free_port
 from tests.factories import backend, dump, model, policy, provider
 
 from .conftest import logs, start_gateway
 
 pytestmark = pytest.mark.dataplane
 
+# Bound but never listening: every connection to it is refused, and no other process can take
+# its port while the tests run (a port merely found free could be).
+REFUSING = socket.socket()
+REFUSING.bind(("127.0.0.1", 0))
 BETA_KEY = "sk-beta-secret-7f3a9c"
 KEYED_KEY = "sk-keyed-secret-41d2e8"
 CLIENT_TOKEN = "client-gateway-token"
 
 
 def resources(fakes) -> str:
-    dead_url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: connection refused
+    dead_url = f"http://127.0.0.1:{REFUSING.getsockname()[1]}/v1"  # connection refused
     return dump(
         provider(
             "alpha",

@@ -3,12 +3,14 @@ dead reload task or a failed request because the classifier failed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
 import grpc
 import pytest
 from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from google.protobuf import json_format
 
@@ -204,3 +206,43 @@ async def test_privileged_admin_endpoints_need_the_token_when_exposed(exposed, t
     finally:
         await runner.cleanup()
     assert admin.is_loopback("127.0.0.1") and admin.is_loopback("::1") and not admin.is_loopback("0.0.0.0")
+
+
+async def test_learning_does_not_switch_off_latency_tracking():
+    """A `latency` policy with learning used to return after the response headers: its
+    latency average and in-flight count were never updated."""
+    from signalbox.core.compiler import compile_config
+    from tests.factories import backend, model, policy, provider
+
+    providers = [provider("a", "http://127.0.0.1:9001/v1", [model("m")])]
+    pol = policy("lat", ["auto"], [backend("a", "m")], strategy="latency", learning={"enabled": True})
+    holder = TableHolder()
+    holder.install(compile_config(providers, [pol]).config)
+    processor = Processor(holder, max_body_bytes=1 << 20)
+    server, port = await serve(holder, "127.0.0.1:0", max_body_bytes=1 << 20, processor=processor)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = ep_grpc.ExternalProcessorStub(channel)
+    try:
+        headers = {":method": "POST", ":path": "/v1/chat/completions"}
+        call = stub.Process()
+        await call.write(headers_msg(headers))
+        await call.read()
+        await call.write(body_msg(BODY))
+        routed = await call.read()
+        assert routed.WhichOneof("response") == "request_body"
+        assert processor.state.in_flight["default/a/m"] == 1  # counted while the request runs
+        reply = ep.ProcessingRequest(response_headers=headers_msg({":status": "200"}).request_headers)
+        await call.write(reply)
+        await call.read()
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK  # the RPC's end: for this policy, the request's end
+        for _ in range(100):  # the stream's end (the request's end) is handled on the server side
+            if processor.state.in_flight["default/a/m"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert processor.state.in_flight["default/a/m"] == 0
+        assert "default/a/m" in processor.state.latency_ms  # latency learned
+        assert any(key[2] == "default/a/m" for key in processor.state.outcomes)  # and the outcome
+    finally:
+        await channel.close()
+        await server.stop(None)

@@ -16,7 +16,8 @@ import openai
 import pytest
 
 from signalbox import pod
-from signalbox.local import envoy_binary, free_port
+from signalbox.core import envoygen
+from signalbox.local import envoy_binary, listener_ports
 from signalbox.operator.reconciler import OperatorConfig
 from tests.factories import backend, model, policy, provider
 
@@ -48,7 +49,10 @@ async def test_gateway_pod_serves_from_the_configmap_with_the_secrets_key(k8s, c
     await cluster.apply(policy("auto", ["auto"], [backend("fake", "m")]))
     await cluster.eventually(cluster.configmap)
 
-    ports = {"--listen-port": free_port(), "--health-port": free_port(), "--admin-port": free_port()}
+    # Every listener on port 0 and Envoy's admin on a Unix socket: Envoy reports what it bound
+    # (no port picked here and raced for).
+    ports = {"--listen-port": 0, "--health-port": 0}
+    admin_socket = str(tmp_path / "envoy-admin.sock")
     common = [
         f"--server={k8s.url}",
         f"--configmap={CM_NAMESPACE}/{CM_NAME}",
@@ -67,16 +71,14 @@ async def test_gateway_pod_serves_from_the_configmap_with_the_secrets_key(k8s, c
         str(tmp_path),
         listen_port=ports["--listen-port"],
         health_port=ports["--health-port"],
-        admin_port=ports["--admin-port"],
+        admin_socket=admin_socket,
     )
-    from signalbox.core import envoygen
-
     (tmp_path / "bootstrap.json").write_text(json.dumps(envoygen.bootstrap(bootstrap, f"{tmp_path}/envoy")))
     sidecar = await spawn(
         *cli,
         "gateway-sidecar",
         *common,
-        f"--health-address=127.0.0.1:{free_port()}",
+        "--health-address=127.0.0.1:0",
         f"--replica-configmap={CM_NAMESPACE}/signalbox-replicas",
         "--replica=gw-0",
         "--replica-sync-interval=0.2",
@@ -86,29 +88,39 @@ async def test_gateway_pod_serves_from_the_configmap_with_the_secrets_key(k8s, c
         envoy_binary(),
         "-c",
         str(tmp_path / "bootstrap.json"),
-        "--base-id",
-        str(ports["--admin-port"]),
+        "--use-dynamic-base-id",
         "--log-level",
         "warning",
         "--disable-hot-restart",
         log=tmp_path / "envoy.log",
     )
     try:
+        bound: dict[str, int] = {}
+
+        async def listening():
+            try:
+                bound.update(await asyncio.to_thread(listener_ports, admin_socket))
+            except OSError:
+                return False
+            return {envoygen.LISTENER_NAME, envoygen.HEALTH_LISTENER_NAME} <= set(bound)
+
+        await cluster.eventually(listening, timeout=20)
+        health = f"http://127.0.0.1:{bound[envoygen.HEALTH_LISTENER_NAME]}"
         async with httpx.AsyncClient() as http:
 
             async def ready():
                 try:
-                    r = await http.get(f"http://127.0.0.1:{ports['--health-port']}/ready")
+                    r = await http.get(f"{health}/ready")
                     return r.status_code == 200 and (tmp_path / "extproc.sock").exists()
                 except httpx.HTTPError:
                     return False
 
             await cluster.eventually(ready, timeout=20)
-            metrics = await http.get(f"http://127.0.0.1:{ports['--health-port']}/stats/prometheus")
+            metrics = await http.get(f"{health}/stats/prometheus")
             assert metrics.status_code == 200 and "envoy_" in metrics.text
-            assert (await http.get(f"http://127.0.0.1:{ports['--health-port']}/config_dump")).status_code == 404
+            assert (await http.get(f"{health}/config_dump")).status_code == 404
 
-        base = f"http://127.0.0.1:{ports['--listen-port']}/v1"
+        base = f"http://127.0.0.1:{bound[envoygen.LISTENER_NAME]}/v1"
         async with openai.AsyncOpenAI(base_url=base, api_key="client-token", max_retries=0) as client:
             raw = await client.chat.completions.with_raw_response.create(
                 model="auto", messages=[{"role": "user", "content": "hello"}]

@@ -185,3 +185,25 @@ def test_a_provider_whose_key_cannot_be_read_is_never_sent_keyless(monkeypatch, 
     assert ("default/keyed/m", False, "api key unavailable") in out.selection.candidates
     with pytest.raises(ProviderKeyUnavailable):  # a failover attempt Envoy still sends there
         decide.upstream(table, "default/keyed/m", "/v1/chat/completions", {})
+
+
+def test_embeddings_requests_reach_only_embedding_models_and_skip_classification():
+    from signalbox.core.compiler import chain
+
+    providers = [
+        provider("chat", "http://127.0.0.1:1/v1", [model("c", capabilities=["streaming"])]),
+        provider("emb", "http://127.0.0.1:2/v1", [model("e", capabilities=["embeddings"])]),
+    ]
+    pol = policy("p", ["auto"], [backend("chat", "c"), backend("emb", "e")], strategy="failover")
+    cfg = compile_config(providers, [pol]).config
+    table = RuntimeTable.from_config(cfg)
+    text = json.dumps({"model": "auto", "input": ["Write a Python function"]}).encode()
+    out = decide.decide(table, SelectionState(), "/v1/embeddings", {}, text)
+    assert out.selection.choice.backend.id == "default/emb/e"  # the chat model comes first in priority
+    assert (out.classification.tier, out.classification.task_type) == ("path", "embeddings")
+    chat = decide.decide(table, SelectionState(), "/v1/chat/completions", {}, body())
+    assert chat.selection.choice.backend.id == "default/chat/c"
+    # Envoy's failover chain from the embedding model never leads to a model that cannot embed.
+    policy_pb = cfg.policies[0]
+    first = next(i for i, b in enumerate(policy_pb.backends) if cfg.backends[b.backend].model == "e")
+    assert [b.model for b in chain(cfg, policy_pb, first)] == ["e"]

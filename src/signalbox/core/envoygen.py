@@ -80,6 +80,8 @@ class GatewayOptions:
     listen_port: int = 8080
     admin_address: str = "127.0.0.1"
     admin_port: int = 9901
+    # Envoy's admin interface on a Unix socket instead (nothing on TCP at all).
+    admin_socket: str = ""
     # One Unix socket per ext_proc worker process; Envoy spreads streams over them. Python's
     # gRPC runtime costs ~0.3 ms of CPU per stream, so workers are how the data plane scales
     # with cores (see bench/README.md). Empty: one worker on extproc_host:extproc_port.
@@ -116,6 +118,10 @@ def _ms(value: int) -> str:
 
 def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _admin_address(opts: GatewayOptions) -> dict[str, Any]:
+    return {"pipe": {"path": opts.admin_socket}} if opts.admin_socket else _address(opts.admin_address, opts.admin_port)
 
 
 def _grpc_service(timeout_ms: int) -> dict[str, Any]:
@@ -180,7 +186,7 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
             ],
         }
     ]
-    if opts.health_port and opts.extproc_admin_port:
+    if opts.health_port is not None and opts.extproc_admin_port:
         static.append(
             {
                 "name": EXTPROC_ADMIN_CLUSTER,
@@ -194,7 +200,7 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
                 },
             }
         )
-    if opts.health_port:
+    if opts.health_port is not None:
         static.append(
             {
                 "name": ADMIN_CLUSTER,
@@ -202,15 +208,13 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
                 "connect_timeout": "1s",
                 "load_assignment": {
                     "cluster_name": ADMIN_CLUSTER,
-                    "endpoints": [
-                        {"lb_endpoints": [{"endpoint": {"address": _address(opts.admin_address, opts.admin_port)}}]}
-                    ],
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _admin_address(opts)}}]}],
                 },
             }
         )
     return {
         "node": {"id": "signalbox-gateway", "cluster": "signalbox"},
-        "admin": {"address": _address(opts.admin_address, opts.admin_port)},
+        "admin": {"address": _admin_address(opts)},
         "dynamic_resources": {"lds_config": watched("lds.json"), "cds_config": watched("cds.json")},
         "static_resources": {"clusters": static},
     }
@@ -219,7 +223,7 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
 def resources(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, dict[str, Any]]:
     """The dynamic resources as xDS DiscoveryResponse documents, keyed by file name."""
     listeners = [listener(cfg, opts)]
-    if opts.health_port:
+    if opts.health_port is not None:
         listeners.append(health_listener(opts))
     return {
         "cds.json": {"resources": clusters(cfg, opts)},
