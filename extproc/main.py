@@ -36,16 +36,24 @@ DRAIN_SECONDS = 10
 Background = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
-async def health_only_server(address: str) -> grpc.aio.Server:
-    """gRPC health on TCP for kubelet's grpc probe. The processor itself stays on the Unix
-    socket: its upstream-phase answers carry API keys and must never be reachable off-pod."""
+async def health_only_server(address: str, tables: TableHolder) -> tuple[grpc.aio.Server, int]:
+    """gRPC health on TCP for kubelet's grpc probe (readiness). The processor itself stays on
+    the Unix socket: its upstream-phase answers carry API keys and must never be reachable off-pod.
+
+    Ready once a routing config is in force: a gateway whose first config could not be loaded
+    (it would answer every request 404) stays out of its Service, so a bad data-plane rollout
+    stops there. A later reload that fails keeps the last good config, and readiness.
+    """
     server = grpc.aio.server()
     servicer = health.aio.HealthServicer()
-    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    await servicer.set("", serving if tables.loaded else not_serving)
+    loop = asyncio.get_running_loop()
+    tables.on_install.append(lambda: loop.create_task(servicer.set("", serving)))
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    server.add_insecure_port(address)
+    port = server.add_insecure_port(address)
     await server.start()
-    return server
+    return server, port
 
 
 def listen_address(args: argparse.Namespace) -> str:
@@ -91,7 +99,7 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
         signer=signer,
     )
     server, _ = await serve(tables, address, args.max_body_bytes, processor=processor)
-    health_server = await health_only_server(args.health_address) if args.health_address else None
+    health_server = (await health_only_server(args.health_address, tables))[0] if args.health_address else None
     admin_runner = None
     if getattr(args, "admin_address", None):
         host, _, port = args.admin_address.rpartition(":")

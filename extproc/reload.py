@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -32,10 +33,16 @@ class TableHolder:
         self.reload_failures = 0
         # Why the newest config is not in force ("" when it is): /healthz reports it.
         self.last_error = ""
+        # Whether any config was ever installed (readiness), and who wants to know when one is.
+        self.loaded = table is not None
+        self.on_install: list[Callable[[], object]] = []
 
     def install(self, cfg: pb.RoutingConfig) -> RuntimeTable:
         table = RuntimeTable.from_config(cfg, self.resolve_key)
         self.current = table
+        self.loaded = True
+        for notify in self.on_install:
+            notify()
         missing = table.providers_without_key
         for provider in missing:
             # Once per load (a load happens when the config or a key changes), not per request.

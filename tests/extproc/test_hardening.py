@@ -246,3 +246,29 @@ async def test_learning_does_not_switch_off_latency_tracking():
     finally:
         await channel.close()
         await server.stop(None)
+
+
+async def test_readiness_waits_for_a_loaded_config_and_survives_a_failed_reload(tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from signalbox.extproc.main import health_only_server
+
+    holder = TableHolder()
+    server, port = await health_only_server("127.0.0.1:0", holder)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    check = health_pb2_grpc.HealthStub(channel).Check
+    serving = health_pb2.HealthCheckResponse.SERVING
+    try:
+        assert holder.load_file(tmp_path / "missing.json") is False
+        assert (await check(health_pb2.HealthCheckRequest())).status != serving  # nothing to serve yet
+        holder.install(routing_config())
+        for _ in range(100):
+            if (await check(health_pb2.HealthCheckRequest())).status == serving:
+                break
+            await asyncio.sleep(0.01)
+        assert (await check(health_pb2.HealthCheckRequest())).status == serving
+        assert holder.load_file(tmp_path / "missing.json") is False  # a bad reload keeps readiness
+        assert (await check(health_pb2.HealthCheckRequest())).status == serving
+    finally:
+        await channel.close()
+        await server.stop(None)
