@@ -116,13 +116,17 @@ async def test_the_llm_tier_never_fails_a_request_whatever_the_classifier_answer
     async def classifier_answer(request: web.Request) -> web.Response:
         return web.json_response(answer)
 
+    assert await _ask_classifier(aiohttp_server_factory, classifier_answer) == (None, 1)
+
+
+async def _ask_classifier(server_factory, handler) -> tuple[object, int]:
+    """The LLM tier asks a classifier served by `handler`: (its answer, failures counted)."""
     app = web.Application()
-    app.router.add_post("/v1/chat/completions", classifier_answer)
-    url = await aiohttp_server_factory(app)
+    app.router.add_post("/v1/chat/completions", handler)
+    url = await server_factory(app)
     classifier = LlmClassifier()
     try:
-        assert await classifier.classify(_config(url), "what is this", 3) is None
-        assert classifier.failures == 1
+        return await classifier.classify(_config(url), "what is this", 3), classifier.failures
     finally:
         await classifier.close()
 
@@ -141,14 +145,7 @@ async def test_the_llm_tier_never_follows_a_redirect_with_the_key(aiohttp_server
     async def redirect(request: web.Request) -> web.Response:
         raise web.HTTPTemporaryRedirect(other_url + "/steal")
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", redirect)
-    url = await aiohttp_server_factory(app)
-    classifier = LlmClassifier()
-    try:
-        assert await classifier.classify(_config(url), "what is this", 3) is None
-    finally:
-        await classifier.close()
+    assert (await _ask_classifier(aiohttp_server_factory, redirect))[0] is None
     assert seen == []
 
 
