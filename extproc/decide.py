@@ -14,12 +14,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from signalbox.core import envoygen
 from signalbox.core.budget import BudgetStatus, refuse_if_exhausted
 from signalbox.core.envoygen import (
     BODY_MODEL_HEADER,
+    EMBEDDINGS_PATH,
+    FEEDBACK_PATH,
     GATEWAY_HEADERS,
+    MODELS_PATH,
     PATH_HEADER,
     PREPARED_HEADER,
+    ROUTED_PATHS,
     TARGET_HEADER,
     too_large_message,
 )
@@ -30,7 +35,6 @@ from signalbox.core.errors import (
     UnknownModel,
     UnsupportedPath,
 )
-from signalbox.core.secrets import SecretValue
 
 from . import body as body_codec
 from .classify import Classification, Features, embeddings_class, features
@@ -46,13 +50,6 @@ TARGET = TARGET_HEADER
 BODY_MODEL = BODY_MODEL_HEADER
 PREPARED = PREPARED_HEADER
 ORIGINAL_PATH = PATH_HEADER
-
-# A header to set: its value, or a key that stays wrapped until the gRPC message is built.
-HeaderSetting = tuple[str, str | SecretValue]
-EMBEDDINGS_PATH = "/v1/embeddings"
-ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions", EMBEDDINGS_PATH)
-MODELS_PATH = "/v1/models"
-FEEDBACK_PATH = "/v1/feedback"
 
 
 def check_path(method: str, path: str) -> str:
@@ -111,9 +108,9 @@ def check_length(headers: dict[str, str], limit: int) -> None:
 
 
 def models_listing(table: RuntimeTable) -> bytes:
-    """What `GET /v1/models` on the gateway answers: the aliases clients may send."""
-    data = [{"id": a, "object": "model", "created": 0, "owned_by": "signalbox"} for a in table.aliases]
-    return json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
+    """What `GET /v1/models` on the gateway answers: the aliases clients may send (Envoy answers
+    it from the compiled config; this is the same listing for a headers-first stream)."""
+    return envoygen.models_listing(table.aliases)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +118,14 @@ class RouterOutcome:
     policy: PolicyRuntime
     selection: Selection
     classification: Classification
-    # The first choice's API key stays a SecretValue here: only wire.mutation reveals it,
-    # into the gRPC message itself, so no printable object of the gateway holds a key.
-    set_headers: tuple[HeaderSetting, ...]
-    remove_headers: tuple[str, ...]
+    # The body for the first choice (its model; usage asked for in streams). Everything else
+    # about that attempt (path, authority, key) is the target route's, in Envoy.
     body: bytes
+
+    @property
+    def target(self) -> str:
+        """The Envoy route (and aggregate cluster) of the first choice: dynamic metadata."""
+        return self.selection.choice.target
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -207,24 +207,7 @@ def finish(
         # Usage is how spend is counted: ask for it in streams too (clients ignore the extra chunk).
         options = body.get("stream_options")
         body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    new_body = body_codec.dump(body)
-    # Prepare the request for the first choice here, so that Envoy's first attempt (the common
-    # case) needs no upstream-phase stream; attempts to other backends run it and replace all of it.
-    first = prepare_upstream(backend, prepared.path, prepared.headers)
-    return RouterOutcome(
-        policy=prepared.policy,
-        selection=selection,
-        classification=cls,
-        set_headers=(
-            (TARGET, selection.choice.target),
-            (BODY_MODEL, backend.upstream_model),
-            (PREPARED, backend.id),
-            (ORIGINAL_PATH, prepared.path),
-            *first.set_headers,
-        ),
-        remove_headers=first.remove_headers,
-        body=new_body,
-    )
+    return RouterOutcome(policy=prepared.policy, selection=selection, classification=cls, body=body_codec.dump(body))
 
 
 def decide(
@@ -247,7 +230,7 @@ def decide(
 @dataclass(frozen=True, slots=True)
 class UpstreamOutcome:
     backend: BackendRuntime
-    set_headers: tuple[HeaderSetting, ...]
+    set_headers: tuple[tuple[str, str], ...]
     remove_headers: tuple[str, ...]
     # The body still names another backend's model (a failover attempt): rewrite it.
     rewrite_body: bool
@@ -266,17 +249,13 @@ def upstream_path(backend: BackendRuntime, path: str) -> str:
 
 
 def prepare_upstream(backend: BackendRuntime, path: str, headers: dict[str, str] | None) -> UpstreamOutcome:
-    """Path, authority and key for one backend; the client's own credentials are removed."""
+    """Path and authority for one backend (its key is Envoy's: a credential injector per
+    provider adds it on every attempt, after every client or provider key header is removed)."""
     provider = backend.provider
-    set_headers: list[HeaderSetting] = [(":path", upstream_path(backend, path)), (":authority", provider.authority)]
-    remove = {"authorization", "api-key"}
-    if provider.auth_value is not None:
-        set_headers.append((provider.auth_header, provider.auth_value))
-        remove.discard(provider.auth_header)
     return UpstreamOutcome(
         backend=backend,
-        set_headers=tuple(set_headers),
-        remove_headers=tuple(sorted(remove)),
+        set_headers=((":path", upstream_path(backend, path)), (":authority", provider.authority)),
+        remove_headers=(),
         rewrite_body=(headers or {}).get(BODY_MODEL) != backend.upstream_model,
     )
 

@@ -25,6 +25,7 @@ from google.protobuf import text_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from signalbox.core import budget
+from signalbox.core.envoygen import EMPTY_BODY
 from signalbox.core.errors import InternalError, MalformedRequest, RequestError
 
 from . import decide, strategies, wire
@@ -179,7 +180,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             answered = False
             headers: dict[str, str] = {}
             try:
-                headers = wire.header_map(request.request_headers)
+                if request.WhichOneof("request") == "request_body":
+                    headers = wire.attribute_headers(request)
+                else:
+                    headers = wire.header_map(request.request_headers)
                 backend_id = upstream_backend_id(request)
                 phase = (
                     self._router(request, headers, request_iterator)
@@ -203,9 +207,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):
     async def _router(
         self, request: ep.ProcessingRequest, headers: dict[str, str], rest: AsyncIterator[ep.ProcessingRequest]
     ):
+        """The router phase. Envoy sends one message, the body with the headers as attributes
+        (the gateway's config); a headers message first, then the body, is read as well."""
         table = self.tables.current
         state = self.state
-        if request.WhichOneof("request") != "request_headers":
+        first = request.WhichOneof("request")
+        if first not in ("request_headers", "request_body"):
             return
         path = headers.get(":path", "/")
         chosen = ""
@@ -216,76 +223,72 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             if kind == "models":
                 yield wire.immediate(200, decide.models_listing(table))
                 return
-            if kind == "feedback":
+            if first == "request_headers":
                 if request.request_headers.end_of_stream:
-                    raise MalformedRequest('feedback needs a JSON body: {"decision": ..., "score": 0..1}')
+                    raise MalformedRequest(EMPTY_BODY[kind])
+                decide.check_length(headers, self.max_body_bytes)
                 yield wire.headers_response()
-                async for request in rest:
-                    if request.WhichOneof("request") == "request_body":
-                        recorded = decide.apply_feedback(table, state, request.request_body.body, self.signer)
-                        self.metrics.feedback.labels(recorded["policy"]).inc()
-                        yield wire.immediate(200, json.dumps(recorded).encode())
-                        return
-                return
-            decide.check_length(headers, self.max_body_bytes)
-            if request.request_headers.end_of_stream:
-                raise MalformedRequest("request body is empty; a JSON body with 'model' is required")
-            yield wire.headers_response()
-            async for request in rest:
-                if request.WhichOneof("request") != "request_body":
-                    continue
-                decided = time.perf_counter()  # parse, classify (all tiers), select
-                prepared = decide.prepare(
-                    table, path, headers, request.request_body.body, client_address(headers), self.max_body_bytes
-                )
-                policy = prepared.policy
-                now = time.time()
-                outcome = decide.finish(
-                    prepared, state, await self.reclassify(prepared), budget=self.budget_status(policy, now), now=now
-                )
-                metadata = {
-                    "policy": policy.name,
-                    "policy_id": policy.id,
-                    "reason": outcome.selection.reason,
-                    "decision": self.signer.token(
-                        policy.name, outcome.classification.class_key, outcome.selection.choice.backend.id
-                    ),
-                    "class": decide.class_header(outcome.classification),
-                }
-                if hold_id := self.hold(prepared, outcome.selection.choice.backend, now):
-                    metadata["hold"] = hold_id
-                self.metrics.phase_seconds.labels("router").observe(time.perf_counter() - decided)
-                self.count(outcome)
-                response = wire.body_response(
-                    outcome.set_headers,
-                    outcome.remove_headers,
-                    body=outcome.body,
-                    clear_route_cache=True,
-                    metadata=metadata,
-                )
-                tracks_lifetime = policy.strategy in STREAM_LIFETIME_STRATEGIES
-                if not policy.learning and not tracks_lifetime:
-                    # Nothing more to do for this request: end the RPC now rather than hold it
-                    # (and have Envoy reset it) for the whole upstream exchange.
-                    yield response
+                raw = None
+                async for message in rest:
+                    if message.WhichOneof("request") == "request_body":
+                        raw = message.request_body.body
+                        break
+                if raw is None:
                     return
-                if tracks_lifetime:
-                    chosen = outcome.selection.choice.backend.id
-                    state.in_flight[chosen] += 1
-                started = time.monotonic()
+            else:
+                raw = request.request_body.body
+            if kind == "feedback":
+                recorded = decide.apply_feedback(table, state, raw, self.signer)
+                self.metrics.feedback.labels(recorded["policy"]).inc()
+                yield wire.immediate(200, json.dumps(recorded).encode())
+                return
+            decided = time.perf_counter()  # parse, classify (all tiers), select
+            prepared = decide.prepare(table, path, headers, raw, client_address(headers), self.max_body_bytes)
+            policy = prepared.policy
+            now = time.time()
+            outcome = decide.finish(
+                prepared, state, await self.reclassify(prepared), budget=self.budget_status(policy, now), now=now
+            )
+            metadata = {
+                "target": outcome.target,
+                "policy": policy.name,
+                "policy_id": policy.id,
+                "reason": outcome.selection.reason,
+                "decision": self.signer.token(
+                    policy.name, outcome.classification.class_key, outcome.selection.choice.backend.id
+                ),
+                "class": decide.class_header(outcome.classification),
+            }
+            if hold_id := self.hold(prepared, outcome.selection.choice.backend, now):
+                metadata["hold"] = hold_id
+            self.metrics.phase_seconds.labels("router").observe(time.perf_counter() - decided)
+            self.count(outcome)
+            # The target travels as dynamic metadata, which Envoy's routes match on (header
+            # mutations are not applied to a body answer when the headers were not sent).
+            response = wire.body_response(body=outcome.body, clear_route_cache=True, metadata=metadata)
+            tracks_lifetime = policy.strategy in STREAM_LIFETIME_STRATEGIES
+            if not policy.learning and not tracks_lifetime:
+                # Nothing more to do for this request: end the RPC now rather than hold it
+                # (and have Envoy reset it) for the whole upstream exchange.
                 yield response
-                # Learning waits for the response (its status and the backend that answered
-                # are outcomes); latency and least-busy keep the stream until the request ends.
-                async for reply in rest:
-                    if policy.learning and reply.WhichOneof("request") == "response_headers":
-                        try:
-                            learn_from_response(state, outcome, reply, started)
-                        except Exception:
-                            # The client's answer is already on its way: lose the lesson, not it.
-                            log.exception("could not learn from the response to %s", headers.get("x-request-id"))
-                        yield wire.response_headers_response()
-                        if not tracks_lifetime:
-                            return
+                return
+            if tracks_lifetime:
+                chosen = outcome.selection.choice.backend.id
+                state.in_flight[chosen] += 1
+            started = time.monotonic()
+            yield response
+            # Learning waits for the response (its status and the backend that answered
+            # are outcomes); latency and least-busy keep the stream until the request ends.
+            async for reply in rest:
+                if policy.learning and reply.WhichOneof("request") == "response_headers":
+                    try:
+                        learn_from_response(state, outcome, reply, started)
+                    except Exception:
+                        # The client's answer is already on its way: lose the lesson, not it.
+                        log.exception("could not learn from the response to %s", headers.get("x-request-id"))
+                    yield wire.response_headers_response()
+                    if not tracks_lifetime:
+                        return
         except RequestError as err:
             self.metrics.requests.labels(
                 policy.name if policy else "none", "none", "none", "none", "none", err.code

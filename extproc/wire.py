@@ -6,6 +6,7 @@ are read (raw_value first: Envoy fills it, not `value`, for non-UTF-8-safe trans
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from envoy.config.core.v3 import base_pb2
@@ -13,7 +14,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 
 from signalbox.core.errors import RequestError
-from signalbox.core.secrets import SecretValue
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # Dynamic metadata namespace read by the generated routes' response headers.
@@ -27,15 +27,38 @@ def header_map(headers: ep.HttpHeaders) -> dict[str, str]:
     return out
 
 
-def _raw(value: str | SecretValue) -> bytes:
-    # The one place a provider key is unwrapped: straight into the message Envoy receives.
-    return (value.reveal() if isinstance(value, SecretValue) else value).encode()
+# Attributes of the router phase's message, and the header names the decision code reads them by.
+_ATTRIBUTE_HEADERS = {
+    "request.path": ":path",
+    "request.method": ":method",
+    "request.id": "x-request-id",
+}
+_HEADER_ATTRIBUTE = re.compile(r"^request\.headers\['([^']+)'\]$")
 
 
-def mutation(set_headers: Iterable[tuple[str, str | SecretValue]], remove: Iterable[str] = ()) -> ep.HeaderMutation:
+def attribute_headers(request: ep.ProcessingRequest) -> dict[str, str]:
+    """The request's headers as the router phase receives them: attributes of its one message
+    (the request line, its id, the peer, and the headers policies read), not a headers message."""
+    out: dict[str, str] = {}
+    for attrs in request.attributes.values():
+        for name, value in attrs.fields.items():
+            text = value.string_value
+            if name in _ATTRIBUTE_HEADERS:
+                out[_ATTRIBUTE_HEADERS[name]] = text
+            elif name == "source.address":
+                # The client address (hash fallback), as Envoy's x-envoy-external-address would say.
+                out["x-envoy-external-address"] = text.rsplit(":", 1)[0].strip("[]")
+            elif (header := _HEADER_ATTRIBUTE.match(name)) and text:
+                out[header.group(1)] = text
+    return out
+
+
+def mutation(set_headers: Iterable[tuple[str, str]], remove: Iterable[str] = ()) -> ep.HeaderMutation:
     return ep.HeaderMutation(
         set_headers=[
-            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=_raw(v)), append_action=_OVERWRITE)
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE
+            )
             for k, v in set_headers
         ],
         remove_headers=list(remove),
@@ -43,7 +66,7 @@ def mutation(set_headers: Iterable[tuple[str, str | SecretValue]], remove: Itera
 
 
 def headers_response(
-    set_headers: Iterable[tuple[str, str | SecretValue]] = (),
+    set_headers: Iterable[tuple[str, str]] = (),
     remove: Iterable[str] = (),
     clear_route_cache: bool = False,
 ) -> ep.ProcessingResponse:
@@ -62,7 +85,7 @@ def response_headers_response() -> ep.ProcessingResponse:
 
 
 def body_response(
-    set_headers: Iterable[tuple[str, str | SecretValue]] = (),
+    set_headers: Iterable[tuple[str, str]] = (),
     remove: Iterable[str] = (),
     body: bytes | None = None,
     clear_route_cache: bool = False,

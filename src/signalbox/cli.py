@@ -340,9 +340,8 @@ def cmd_config_sync(args: argparse.Namespace) -> int:
 
 def cmd_gateway_sidecar(args: argparse.Namespace) -> int:
     """The gateway pod's second container: the ext_proc plus the ConfigMap watch, one process."""
-    from signalbox.configsync import SECRETS_DIR
     from signalbox.extproc.main import serve_until_stopped
-    from signalbox.gatewayfiles import CONFIG_FILE, STATE_DIR
+    from signalbox.gatewayfiles import CONFIG_FILE, SECRETS_DIR, STATE_DIR
 
     sync = _config_sync(args)
     args.config = f"{args.workdir}/{CONFIG_FILE}"

@@ -25,10 +25,10 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.cmwatch import watch_configmap
 from signalbox.core import envoygen
 from signalbox.core.compiler import SCHEMA_VERSION
+from signalbox.gatewayfiles import SECRETS_DIR
 
 log = logging.getLogger("signalbox.configsync")
 CONFIG_KEY = "routing-config.json"
-SECRETS_DIR = "secrets"
 # A rotated key (a Secret changed, the config did not) is picked up within this long.
 SECRETS_REFRESH_SECONDS = 60.0
 

@@ -16,22 +16,61 @@ from google.protobuf import json_format
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core import envoygen
+from signalbox.extproc.runtime import KeyResolver, default_key_resolver
 
 CONFIG_FILE = "config/routing-config.json"
 ENVOY_DIR = "envoy"
 # What the ext_proc workers of one gateway share (SQLite files: budget spend, learning; see
 # signalbox.extproc.sharedstate). Not under config/: the ext_proc reloads on every change there.
 STATE_DIR = "state"
+# Provider keys as Envoy reads them (one SDS file per provider), and as config-sync copies
+# them from Secrets (<ns>/<name>/<key>).
+CREDENTIALS_DIR = "credentials"
+SECRETS_DIR = "secrets"
 
 
-def write_atomic(path: Path, data: str) -> None:
+def write_atomic(path: Path, data: str, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.touch(mode=mode)
     tmp.write_text(data)
     os.replace(tmp, path)
 
 
-def publish(cfg: pb.RoutingConfig, workdir: Path, options: envoygen.GatewayOptions) -> None:
+def write_credentials(cfg: pb.RoutingConfig, options: envoygen.GatewayOptions, resolve_key: KeyResolver) -> None:
+    """One SDS file per keyed provider, holding the whole header value (prefix and key), which
+    Envoy's credential injector adds on every attempt to that provider. The directory is
+    memory-backed in a pod; Envoy redacts generic secrets in /config_dump.
+
+    A key that cannot be read gets an empty secret, so Envoy still loads its config: the
+    ext_proc never routes to such a provider (it reports why), and a failover attempt there
+    ends with 503 provider_key_unavailable instead of a keyless call.
+    """
+    if not options.credentials_dir:
+        return
+    for provider in cfg.providers:
+        if not provider.HasField("auth"):
+            continue
+        key = resolve_key(provider.auth)
+        value = provider.auth.prefix + key.reveal() if key else ""
+        secret = {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+            "name": envoygen.credential_name(provider.id),
+            "generic_secret": {"secret": {"inline_string": value}},
+        }
+        path = Path(envoygen.credential_file(options.credentials_dir, provider.id))
+        document = json.dumps({"resources": [secret]})
+        if not path.exists() or path.read_text() != document:
+            write_atomic(path, document, mode=0o600)
+
+
+def publish(
+    cfg: pb.RoutingConfig, workdir: Path, options: envoygen.GatewayOptions, resolve_key: KeyResolver | None = None
+) -> None:
+    """Keys first (Envoy must have a credential before a cluster names it), then the routing
+    config (the ext_proc must know a backend before Envoy routes to it), then Envoy's resources."""
+    write_credentials(cfg, options, resolve_key or default_key_resolver(str(workdir / SECRETS_DIR)))
     write_atomic(workdir / CONFIG_FILE, json_format.MessageToJson(cfg))
     resources = envoygen.resources(cfg, options)
     for name in ("cds.json", "lds.json"):

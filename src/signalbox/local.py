@@ -30,9 +30,11 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core import envoygen, loader
 from signalbox.core.compiler import CompileResult, compile_config
 from signalbox.core.errors import SignalboxError
+from signalbox.core.secrets import SecretValue
 from signalbox.extproc.learning import SharedLearning
 from signalbox.extproc.ledger import SpendLedger
 from signalbox.extproc.metrics import MULTIPROC_ENV
+from signalbox.extproc.runtime import default_key_resolver
 from signalbox.extproc.sharedstate import LEARNING_DB, SPEND_DB
 
 # AIProviders carrying this annotation get the bundled fake provider started on their baseUrl's
@@ -117,6 +119,7 @@ class LocalGateway:
             max_body_bytes=self.max_body_bytes,
             accounting=self.accounting,
             request_log=str(self.workdir / REQUEST_LOG) if self.request_log else "",
+            credentials_dir=str(self.workdir / gatewayfiles.CREDENTIALS_DIR),
         )
 
     def extproc_argv(self, n: int) -> list[str]:
@@ -199,7 +202,13 @@ class LocalGateway:
 
     def _publish(self, cfg: pb.RoutingConfig) -> None:
         assert self.workdir
-        gatewayfiles.publish(cfg, self.workdir, self.options)
+        gatewayfiles.publish(cfg, self.workdir, self.options, self._resolve_key)
+
+    def _resolve_key(self, auth: pb.Auth) -> SecretValue | None:
+        """Keys as the gateway's processes see them: the environment they are started with."""
+        if auth.WhichOneof("source") == "env" and auth.env in self.env:
+            return SecretValue(self.env[auth.env].strip()) if self.env[auth.env].strip() else None
+        return default_key_resolver()(auth)
 
     # ------------------------------------------------------------------ processes
 

@@ -45,6 +45,7 @@ def options(
         health_port=health_port,
         extproc_admin_port=extproc_admin_port,
         extproc_sockets=(f"{workdir}/extproc.sock",),
+        credentials_dir=f"{workdir}/credentials",
         failure_mode=failure_mode,
         max_body_bytes=max_body_bytes,
         accounting=accounting,

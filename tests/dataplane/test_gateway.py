@@ -382,9 +382,17 @@ def test_no_api_key_in_any_log_or_generated_file(gateway, client, fakes):
     text = logs(gateway)
     assert "generation 1 loaded" in text  # the logs were written, at debug level
     assert BETA_KEY not in text
+    key_store = gateway.workdir / "credentials"  # where Envoy reads keys from (as a pod's Secret volume)
     for path in gateway.workdir.rglob("*.json"):
+        if path.parent == key_store:
+            assert path.stat().st_mode & 0o077 == 0, path  # owner-only
+            continue
         assert BETA_KEY not in path.read_text(), path
-    # The router phase now carries the first choice's key: the admin API must never show it.
+    assert any(BETA_KEY in p.read_text() for p in key_store.iterdir())
+    # Envoy itself never shows it: its config dump redacts the SDS secrets it injects from.
+    dump = httpx.get(f"http://127.0.0.1:{gateway.admin_port}/config_dump?include_eds").text
+    assert BETA_KEY not in dump and KEYED_KEY not in dump
+    # The admin API must never show it either.
     request = {"model": "keyed-first", "messages": [{"role": "user", "content": "hi"}]}
     for endpoint in ("/v1/route", "/v1/classify"):
         answer = httpx.post(f"{gateway.admin_url}{endpoint}", json=request).text

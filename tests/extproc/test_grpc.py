@@ -80,19 +80,31 @@ def set_headers(mutation):
 CHAT = {":method": "POST", ":path": "/v1/chat/completions", "content-type": "application/json"}
 
 
-async def test_router_phase_selects_rewrites_and_clears_route_cache(stub):
+def router_message(payload: bytes, headers: dict[str, str] | None = None) -> ep.ProcessingRequest:
+    """What the gateway's Envoy sends the router phase: one body message, the request line and
+    the headers policies read as attributes."""
+    attributes = {"request.path": CHAT[":path"], "request.method": "POST", "request.id": "req-1"}
+    attributes |= {f"request.headers['{k}']": v for k, v in (headers or {}).items()}
+    attributes["source.address"] = "10.1.2.3:5555"
+    message = body_msg(payload)
+    for name, value in attributes.items():
+        message.attributes["envoy.filters.http.ext_proc"].fields[name].CopyFrom(struct_pb2.Value(string_value=value))
+    return message
+
+
+async def test_router_phase_decides_in_one_message_and_names_its_target_in_metadata(stub):
     s, _, _ = stub
     payload = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}).encode()
-    first, second = await exchange(s, headers_msg(CHAT), body_msg(payload))
-    assert first.HasField("request_headers")
-    common = second.request_body.response
+    (only,) = await exchange(s, router_message(payload))
+    common = only.request_body.response
     assert common.status == ep.CommonResponse.CONTINUE_AND_REPLACE
     assert json.loads(common.body_mutation.body)["model"] == "model-a"
     assert common.clear_route_cache
-    headers = set_headers(common.header_mutation)
-    assert headers["x-signalbox-target"] == "t.default.p.0"
-    assert headers["content-length"] == str(len(common.body_mutation.body))
+    # No key and no header for Envoy to apply: the target route prepares the attempt.
+    assert KEY.encode() not in only.SerializeToString()
+    second = only
     meta = json_format.MessageToDict(second.dynamic_metadata)["signalbox"]
+    assert meta["target"] == "t.default.p.0"
     assert (meta["policy"], meta["reason"]) == ("p", "failover:priority")
     token = meta["decision"]  # what the client echoes back with quality feedback
     assert decisions.unpack(token) == ("p", "chat/simple", "default/a/m")
@@ -122,14 +134,22 @@ def host_metadata(backend_id):
     )
 
 
-async def test_upstream_phase_first_attempt_sets_auth_and_skips_body(stub):
+async def test_a_headers_first_stream_is_still_answered(stub):
+    s, _, _ = stub
+    payload = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    first, second = await exchange(s, headers_msg(CHAT), body_msg(payload))
+    assert first.HasField("request_headers")
+    assert json_format.MessageToDict(second.dynamic_metadata)["signalbox"]["target"] == "t.default.p.0"
+
+
+async def test_upstream_phase_first_attempt_sets_path_and_skips_body(stub):
     s, _, _ = stub
     headers = {**CHAT, "authorization": "Bearer client", "x-signalbox-body-model": "model-a"}
     (resp,) = await exchange(
         s, headers_msg(headers, attributes={"xds.upstream_host_metadata": host_metadata("default/a/m")})
     )
     mutation = resp.request_headers.response.header_mutation
-    assert set_headers(mutation)["authorization"] == f"Bearer {KEY}"
+    assert "authorization" not in set_headers(mutation)  # keys are Envoy's (credential injector)
     assert set_headers(mutation)[":authority"] == "127.0.0.1:9001"
     assert "x-signalbox-target" in mutation.remove_headers
     # Body already names model-a: Envoy is told not to send it.
@@ -139,14 +159,14 @@ async def test_upstream_phase_first_attempt_sets_auth_and_skips_body(stub):
     assert resp.mode_override.request_body_mode == pm.ProcessingMode.NONE
 
 
-async def test_upstream_phase_failover_attempt_rewrites_model_and_drops_client_auth(stub):
+async def test_upstream_phase_failover_attempt_rewrites_model(stub):
     s, _, _ = stub
     headers = {**CHAT, "authorization": "Bearer client", "x-signalbox-body-model": "model-a"}
     attrs = {"xds.upstream_host_metadata": host_metadata("default/b/m")}
     first, second = await exchange(
         s, headers_msg(headers, attributes=attrs), body_msg(b'{"model":"model-a","messages":[]}')
     )
-    assert "authorization" in first.request_headers.response.header_mutation.remove_headers
+    assert KEY.encode() not in first.SerializeToString()
     assert not first.HasField("mode_override")
     assert json.loads(second.request_body.response.body_mutation.body)["model"] == "model-b"
 

@@ -63,13 +63,22 @@ def _header_map(headers: dict[str, str]) -> ep.HttpHeaders:
     )
 
 
-async def _drive(processor: Processor, path: str, raw: bytes) -> list[ep.ProcessingResponse]:
-    headers = {":method": "POST", ":path": path, "x-request-id": "fuzz-1", "content-length": str(len(raw))}
-    head = _header_map(headers)
-    head.end_of_stream = not raw  # Envoy sends no body message for an empty body
-    messages = [ep.ProcessingRequest(request_headers=head)]
-    if raw:
-        messages.append(ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True)))
+async def _drive(processor: Processor, path: str, raw: bytes, one_message: bool) -> list[ep.ProcessingResponse]:
+    if one_message:  # as the gateway's Envoy sends it: the body, the request line as attributes
+        if not raw:
+            return [ep.ProcessingResponse(immediate_response=ep.ImmediateResponse())]  # Envoy answers itself
+        message = ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True))
+        attrs = message.attributes["envoy.filters.http.ext_proc"].fields
+        for name, value in (("request.path", path), ("request.method", "POST"), ("request.id", "fuzz-1")):
+            attrs[name].string_value = value
+        messages = [message]
+    else:
+        headers = {":method": "POST", ":path": path, "x-request-id": "fuzz-1", "content-length": str(len(raw))}
+        head = _header_map(headers)
+        head.end_of_stream = not raw  # Envoy sends no body message for an empty body
+        messages = [ep.ProcessingRequest(request_headers=head)]
+        if raw:
+            messages.append(ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True)))
     messages.append(ep.ProcessingRequest(response_headers=_header_map({":status": "200"})))
 
     async def stream():
@@ -83,8 +92,8 @@ async def _drive(processor: Processor, path: str, raw: bytes) -> list[ep.Process
 @given(raw=raw_bodies | st.just(b""))
 def test_the_servicer_never_answers_500(holder, raw):
     processor = Processor(holder, max_body_bytes=1 << 20)
-    for path in PATHS:
-        responses = asyncio.run(_drive(processor, path, raw))
+    for path, one_message in ((path, mode) for path in PATHS for mode in (True, False)):
+        responses = asyncio.run(_drive(processor, path, raw, one_message))
         assert responses, path
         kinds = [r.WhichOneof("response") for r in responses]
         # The request phase must end in a body answer or a reply: a bare headers answer to a

@@ -21,8 +21,11 @@ def by_name(items):
     return {i["name"]: i for i in items}
 
 
+CREDENTIALS = envoygen.GatewayOptions(credentials_dir="/run/keys")
+
+
 def test_one_aggregate_cluster_per_target_in_failover_order():
-    clusters = by_name(envoygen.clusters(config(), envoygen.GatewayOptions()))
+    clusters = by_name(envoygen.clusters(config(), CREDENTIALS))
     agg = clusters["t.default.p.0"]["cluster_type"]["typed_config"]["clusters"]
     assert agg == ["b.default.a.m", "b.default.b.m"]
     assert clusters["t.default.p.1"]["cluster_type"]["typed_config"]["clusters"] == ["b.default.b.m", "b.default.a.m"]
@@ -30,38 +33,46 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     ]["http_filters"]
     assert [f["name"] for f in filters] == [
-        "signalbox.strip_keys_unless_prepared",
+        "signalbox.strip_keys",
+        "signalbox.key.default/b",  # only the keyed provider of the chain
         "signalbox.upstream_phase",
         "signalbox.strip_gateway_headers_upstream",
         "envoy.filters.http.upstream_codec",
     ]
-    upstream_phase = filters[1]["typed_config"]["extension_config"]["typed_config"]
+    upstream_phase = filters[2]["typed_config"]["extension_config"]["typed_config"]
     assert upstream_phase["request_attributes"] == ["xds.upstream_host_metadata"]
-    removed = [m["remove"] for m in filters[2]["typed_config"]["mutations"]["request_mutations"]]
+    removed = [m["remove"] for m in filters[3]["typed_config"]["mutations"]["request_mutations"]]
     assert sorted(removed) == sorted(envoygen.GATEWAY_HEADERS)
 
 
-def test_attempts_the_router_phase_did_not_prepare_lose_every_key_before_the_upstream_phase():
-    """The first attempt goes out as the router phase prepared it; any other attempt (failover,
-    hedging) first loses all provider key headers, then runs the upstream phase, so the first
-    choice's key cannot reach another provider even if the ext_proc fails open."""
+def test_every_attempt_loses_every_key_header_then_gets_its_providers_key_from_envoy():
+    """Keys never pass through the ext_proc: every attempt first loses all key headers (the
+    client's too), then the picked backend's provider's credential injector adds its key from
+    an SDS file (skipped for any other provider's backend); the upstream phase runs only on
+    attempts the target route did not prepare."""
     from cel.expr import syntax_pb2
     from google.protobuf import json_format
 
-    clusters = by_name(envoygen.clusters(config(), envoygen.GatewayOptions(failure_mode="open")))
+    clusters = by_name(envoygen.clusters(config(), CREDENTIALS))
     options = clusters["t.default.p.0"]["typed_extension_protocol_options"]
-    strip, phase = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][:2]
-    removed = [
-        m["remove"] for m in strip["typed_config"]["extension_config"]["typed_config"]["mutations"]["request_mutations"]
-    ]
+    strip, key, phase = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][:3]
+    removed = [m["remove"] for m in strip["typed_config"]["mutations"]["request_mutations"]]
     assert {"authorization", "api-key"} <= set(removed)
-    for wrapped in (strip, phase):
+    injector = key["typed_config"]["extension_config"]["typed_config"]
+    generic = injector["credential"]["typed_config"]
+    assert generic["header"] == "authorization" and injector["overwrite"] is True
+    source = generic["credential"]["sds_config"]["path_config_source"]
+    assert source["path"] == envoygen.credential_file("/run/keys", "default/b")
+    for wrapped, expected in (
+        (key, envoygen.picked_host_not_of("default/b")),
+        (phase, envoygen.prepared_for_picked_host()),
+    ):
         (matcher,) = wrapped["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
         assert matcher["on_match"]["action"]["typed_config"]["@type"].endswith("matcher.action.v3.SkipFilter")
         parsed = matcher["predicate"]["single_predicate"]["custom_match"]["typed_config"]["expr_match"][
             "cel_expr_parsed"
         ]
-        assert parsed == envoygen.prepared_for_picked_host()
+        assert parsed == expected
     expr = json_format.ParseDict(envoygen.prepared_for_picked_host(), syntax_pb2.ParsedExpr()).expr
     left, right = expr.call_expr.args
     assert expr.call_expr.function == "_==_"
@@ -69,6 +80,9 @@ def test_attempts_the_router_phase_did_not_prepare_lose_every_key_before_the_ups
     assert right.call_expr.args[1].const_expr.string_value == "backend"
     ids = [n.id for n in (expr, left, right, *left.call_expr.args, *right.call_expr.args)]
     assert len(set(ids)) == len(ids) and 0 not in ids
+    other = json_format.ParseDict(envoygen.picked_host_not_of("default/b"), syntax_pb2.ParsedExpr()).expr
+    assert other.call_expr.function == "_!=_"
+    assert other.call_expr.args[0].const_expr.string_value == "default/b"
 
 
 def test_clients_cannot_send_gateway_headers():
@@ -84,7 +98,7 @@ def test_backend_cluster_carries_metadata_tls_and_outlier_detection():
     clusters = by_name(envoygen.clusters(config(), envoygen.GatewayOptions()))
     b = clusters["b.default.b.m"]
     md = b["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["metadata"]["filter_metadata"]["signalbox"]
-    assert md == {"backend": "default/b/m", "provider": "b", "model": "m"}
+    assert md == {"backend": "default/b/m", "provider_id": "default/b", "provider": "b", "model": "m"}
     assert b["transport_socket"]["typed_config"]["sni"] == "api.example.com"
     assert "transport_socket" not in clusters["b.default.a.m"]
     assert b["outlier_detection"]["consecutive_5xx"] > 0
@@ -98,8 +112,26 @@ def test_routes_retry_on_failures_and_move_to_next_priority():
     assert set(retry["retry_on"].split(",")) == {"5xx", "reset", "connect-failure", "retriable-status-codes"}
     assert retry["retriable_status_codes"] == [429] and retry["num_retries"] == 1
     assert retry["retry_priority"]["name"] == "envoy.retry_priorities.previous_priorities"
-    assert routes["t.default.p.0"]["match"]["headers"][0]["string_match"] == {"exact": "t.default.p.0"}
-    assert routes["unrouted"]["direct_response"]["status"] == 503
+    (target,) = routes["t.default.p.0"]["match"]["dynamic_metadata"]
+    assert target == {
+        "filter": "signalbox",
+        "path": [{"key": "target"}],
+        "value": {"string_match": {"exact": "t.default.p.0"}},
+    }
+    # The first attempt is prepared by the route: the provider's path, and who prepared it.
+    assert routes["t.default.p.0"]["route"]["regex_rewrite"]["substitution"] == "/v1/"
+    added = {h["header"]["key"]: h["header"]["value"] for h in routes["t.default.p.0"]["request_headers_to_add"]}
+    assert added == {envoygen.PREPARED_HEADER: "default/a/m", envoygen.BODY_MODEL_HEADER: "m"}
+    # Bodyless requests are Envoy's to answer: they never reach the ext_proc.
+    assert (
+        json.loads(__import__("base64").b64decode(routes["models"]["direct_response"]["body"]["inline_bytes"]))["data"][
+            0
+        ]["id"]
+        == "x"
+    )
+    assert routes["empty:/v1/chat/completions"]["direct_response"]["status"] == 400
+    assert routes["method:/v1/chat/completions"]["direct_response"]["status"] == 404
+    assert routes["unknown-path"]["direct_response"]["status"] == 404
 
 
 def test_fastest_hedges_after_delay():

@@ -16,6 +16,8 @@ and a laptop run the same Envoy shape.
 from __future__ import annotations
 
 import itertools
+import json
+import re
 from dataclasses import dataclass
 from importlib import resources as package_files
 from typing import Any, Literal
@@ -33,9 +35,21 @@ TARGET_HEADER = "x-signalbox-target"
 BODY_MODEL_HEADER = "x-signalbox-body-model"
 # The backend the router phase already prepared the request for (path, authority, key, model).
 PREPARED_HEADER = "x-signalbox-prepared"
-# The client's path, for the upstream phase of a failover attempt (`:path` is already rewritten).
-PATH_HEADER = "x-signalbox-path"
+# The client's path, for the upstream phase of a failover attempt (`:path` is already rewritten):
+# Envoy keeps it in x-envoy-original-path when a route rewrites the path.
+PATH_HEADER = "x-envoy-original-path"
 GATEWAY_HEADERS = (TARGET_HEADER, BODY_MODEL_HEADER, PREPARED_HEADER, PATH_HEADER)
+# What the router phase reads of a request besides its body, sent with the body as attributes
+# (CEL expressions): these, and `request.headers['<name>']` for each header a policy matches
+# on or hashes by (`router_attributes`). Envoy cannot send the whole header map.
+ROUTER_ATTRIBUTES = ("request.path", "request.method", "request.id", "source.address")
+HEADER_ATTRIBUTE = "request.headers['{}']"
+# Why a bodyless request is refused, by kind of path (Envoy's routes answer the requests that
+# never reach the ext_proc; the ext_proc gives the same answer to a headers-first stream).
+EMPTY_BODY = {
+    "route": "request body is empty; a JSON body with 'model' is required",
+    "feedback": 'feedback needs a JSON body: {"decision": ..., "score": 0..1}',
+}
 METADATA_NS = "signalbox"
 EXTPROC_CLUSTER = "signalbox_extproc"
 # HTTP 510 (Not Extended): the status Envoy's ext_proc filter answers when the processor
@@ -45,7 +59,12 @@ ADMIN_CLUSTER = "signalbox_envoy_admin"
 EXTPROC_ADMIN_CLUSTER = "signalbox_extproc_admin"
 LISTENER_NAME = "signalbox_gateway"
 HEALTH_LISTENER_NAME = "signalbox_health"
-API_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
+EMBEDDINGS_PATH = "/v1/embeddings"
+# Paths whose POST bodies are routed by a policy, and the gateway's own endpoints.
+ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions", EMBEDDINGS_PATH)
+MODELS_PATH = "/v1/models"
+FEEDBACK_PATH = "/v1/feedback"
+API_PATHS = (*ROUTED_PATHS, MODELS_PATH)
 
 _T = "type.googleapis.com/"
 # Circuit breakers sized for LLM traffic, where a request stays open for seconds to minutes:
@@ -103,6 +122,9 @@ class GatewayOptions:
     # Token and cost accounting (a Lua filter reads usage, the gRPC access log carries it to the
     # ext_proc in batches): spend metrics and budgets need it (cost: bench/README.md).
     accounting: bool = True
+    # Where provider keys are, one SDS file per provider (`credential_file`): Envoy adds each
+    # attempt's key itself. "" (unit tests of the generator only): no keys are added.
+    credentials_dir: str = ""
     # Where Envoy writes one JSON line per request (REQUEST_LOG_FORMAT); "" writes none.
     # Locally `<workdir>/requests.log`; in a pod /dev/stdout, so `kubectl logs` shows it.
     request_log: str = ""
@@ -270,6 +292,7 @@ def _backend_cluster(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
                                 "filter_metadata": {
                                     METADATA_NS: {
                                         "backend": backend.id,
+                                        "provider_id": provider.id,
                                         "provider": provider.name,
                                         "model": backend.model,
                                     }
@@ -295,8 +318,11 @@ def _backend_cluster(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
     return cluster
 
 
-def _extproc_filter(opts: GatewayOptions, response_headers: bool = False, **extra: Any) -> dict[str, Any]:
-    """The ext_proc filter both phases use: headers, then the buffered body."""
+def _extproc_filter(
+    opts: GatewayOptions, response_headers: bool = False, request_headers: bool = True, **extra: Any
+) -> dict[str, Any]:
+    """The ext_proc filter of both phases. The upstream phase gets the headers, then the
+    buffered body; the router phase only the body, with the headers it reads as attributes."""
     return _any(
         "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         grpc_service=_grpc_service(opts.extproc_message_timeout_ms),
@@ -307,7 +333,7 @@ def _extproc_filter(opts: GatewayOptions, response_headers: bool = False, **extr
         status_on_error={"code": EXTPROC_FAILED_STATUS},
         message_timeout=_ms(opts.extproc_message_timeout_ms),
         processing_mode={
-            "request_header_mode": "SEND",
+            "request_header_mode": "SEND" if request_headers else "SKIP",
             "response_header_mode": "SEND" if response_headers else "SKIP",
             "request_body_mode": "BUFFERED",
             "response_body_mode": "NONE",
@@ -318,15 +344,11 @@ def _extproc_filter(opts: GatewayOptions, response_headers: bool = False, **extr
     )
 
 
-def prepared_for_picked_host() -> dict[str, Any]:
-    """CEL: the attempt goes to the backend the router phase prepared the request for.
-
-    `request.headers['x-signalbox-prepared'] ==
-     xds.upstream_host_metadata.filter_metadata['signalbox']['backend']`, as a parsed
+def _picked_host_matches(lhs: tuple[str, str], key: str, op: str) -> dict[str, Any]:
+    """CEL `<lhs> <op> xds.upstream_host_metadata.filter_metadata['signalbox'][key]` (lhs: a request
+    header ("header", name) or a string ("const", value)), as a parsed
     expression (Envoy's CEL matcher does not take expression strings; every node needs a unique
-    id). A missing header or metadata is an evaluation error, which never matches: the
-    upstream phase then runs.
-    """
+    id). A missing header or metadata is an evaluation error, which never matches."""
     ids = itertools.count(1)
 
     def node(kind: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -335,18 +357,33 @@ def prepared_for_picked_host() -> dict[str, Any]:
     def select(operand: dict[str, Any], field: str) -> dict[str, Any]:
         return node("selectExpr", {"operand": operand, "field": field})
 
-    def index(operand: dict[str, Any], key: str) -> dict[str, Any]:
-        return node("callExpr", {"function": "_[_]", "args": [operand, node("constExpr", {"stringValue": key})]})
+    def index(operand: dict[str, Any], name: str) -> dict[str, Any]:
+        return node("callExpr", {"function": "_[_]", "args": [operand, node("constExpr", {"stringValue": name})]})
 
-    header = index(select(node("identExpr", {"name": "request"}), "headers"), PREPARED_HEADER)
+    kind, text = lhs
+    if kind == "header":
+        left = index(select(node("identExpr", {"name": "request"}), "headers"), text)
+    else:
+        left = node("constExpr", {"stringValue": text})
     host = select(select(node("identExpr", {"name": "xds"}), "upstream_host_metadata"), "filter_metadata")
-    backend = index(index(host, METADATA_NS), "backend")
-    return {"expr": node("callExpr", {"function": "_==_", "args": [header, backend]})}
+    value = index(index(host, METADATA_NS), key)
+    return {"expr": node("callExpr", {"function": op, "args": [left, value]})}
 
 
-def _unless_prepared(name: str, filter_config: dict[str, Any]) -> dict[str, Any]:
-    """Wrap an upstream filter so it is skipped on the attempt the router phase prepared."""
-    skip_when_prepared = {
+def prepared_for_picked_host() -> dict[str, Any]:
+    """CEL: the attempt goes to the backend its target route prepared the request for
+    (`request.headers['x-signalbox-prepared'] == <picked host's backend id>`)."""
+    return _picked_host_matches(("header", PREPARED_HEADER), "backend", "_==_")
+
+
+def picked_host_not_of(provider_id: str) -> dict[str, Any]:
+    """CEL: the attempt goes to a backend of another provider than `provider_id`."""
+    return _picked_host_matches(("const", provider_id), "provider_id", "_!=_")
+
+
+def _skip_when(name: str, filter_config: dict[str, Any], predicate: dict[str, Any]) -> dict[str, Any]:
+    """Wrap an upstream filter so it is skipped on the attempts where `predicate` (CEL) holds."""
+    skip = {
         "predicate": {
             "single_predicate": {
                 "input": {
@@ -355,9 +392,7 @@ def _unless_prepared(name: str, filter_config: dict[str, Any]) -> dict[str, Any]
                 },
                 "custom_match": {
                     "name": "envoy.matching.matchers.cel_matcher",
-                    "typed_config": _any(
-                        "xds.type.matcher.v3.CelMatcher", expr_match={"cel_expr_parsed": prepared_for_picked_host()}
-                    ),
+                    "typed_config": _any("xds.type.matcher.v3.CelMatcher", expr_match={"cel_expr_parsed": predicate}),
                 },
             }
         },
@@ -373,35 +408,75 @@ def _unless_prepared(name: str, filter_config: dict[str, Any]) -> dict[str, Any]
         "typed_config": _any(
             "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
             extension_config=filter_config,
-            xds_matcher={"matcher_list": {"matchers": [skip_when_prepared]}},
+            xds_matcher={"matcher_list": {"matchers": [skip]}},
         ),
     }
 
 
-def _upstream_phase(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
-    """Upstream filters: the upstream-phase ext_proc on every attempt the router phase did not
-    prepare for (failover, hedging), nothing on the one it did.
+def credential_name(provider_id: str) -> str:
+    """The SDS secret (and file) name of a provider's key header value."""
+    return "key." + re.sub(r"[^A-Za-z0-9_.-]", "_", provider_id)
 
-    The router phase prepares the request for its first choice (path, authority, key, body
-    model), so the first attempt, the common case, costs no second gRPC stream. Any other
-    attempt first loses every provider key header, then the ext_proc sets that backend's: the
-    first choice's key never reaches another provider, even when the ext_proc fails open.
+
+def credential_file(credentials_dir: str, provider_id: str) -> str:
+    return f"{credentials_dir}/{credential_name(provider_id)}.json"
+
+
+def _credential_injector(provider: pb.Provider, opts: GatewayOptions) -> dict[str, Any]:
+    """Envoy adds a provider's key on every attempt to it, from an SDS file that holds the whole
+    header value: keys never pass through the ext_proc and never appear in Envoy's config."""
+    name = credential_name(provider.id)
+    source = {
+        "path_config_source": {
+            "path": credential_file(opts.credentials_dir, provider.id),
+            "watched_directory": {"path": opts.credentials_dir},
+        },
+        "resource_api_version": "V3",
+    }
+    injector = {
+        "name": "envoy.filters.http.credential_injector",
+        "typed_config": _any(
+            "envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+            overwrite=True,
+            allow_request_without_credential=False,
+            credential={
+                "name": "envoy.http.injected_credentials.generic",
+                "typed_config": _any(
+                    "envoy.extensions.http.injected_credentials.generic.v3.Generic",
+                    header=provider.auth.header or "authorization",
+                    credential={"name": name, "sds_config": source},
+                ),
+            },
+        ),
+    }
+    return _skip_when(f"signalbox.key.{provider.id}", injector, picked_host_not_of(provider.id))
+
+
+def _upstream_phase(cfg: pb.RoutingConfig, opts: GatewayOptions, members: list[pb.Backend]) -> list[dict[str, Any]]:
+    """Upstream filters of one aggregate cluster, per attempt: every key header removed (the
+    client's included), the key of the picked backend's provider added by Envoy, and the
+    upstream-phase ext_proc only on attempts the target route did not prepare (failover,
+    hedging, Azure paths): it sets that backend's path, authority and body model.
     """
     key_headers = sorted({"authorization", "api-key", *(p.auth.header.lower() for p in cfg.providers if p.auth.header)})
     strip_keys = {
-        "name": "envoy.filters.http.header_mutation",
+        "name": "signalbox.strip_keys",
         "typed_config": _any(
             "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
             mutations={"request_mutations": [{"remove": h} for h in key_headers]},
         ),
     }
+    providers = {p.id: p for p in cfg.providers}
+    keyed = sorted({b.provider_id for b in members if providers[b.provider_id].HasField("auth")})
+    credentials = [_credential_injector(providers[pid], opts) for pid in keyed] if opts.credentials_dir else []
     extproc = {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": _extproc_filter(opts, request_attributes=["xds.upstream_host_metadata"]),
     }
     return [
-        _unless_prepared("signalbox.strip_keys_unless_prepared", strip_keys),
-        _unless_prepared("signalbox.upstream_phase", extproc),
+        strip_keys,
+        *credentials,
+        _skip_when("signalbox.upstream_phase", extproc, prepared_for_picked_host()),
         _remove_gateway_headers("signalbox.strip_gateway_headers_upstream"),
         {
             "name": "envoy.filters.http.upstream_codec",
@@ -425,11 +500,11 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
     out = []
     for backend in cfg.backends:
         out.append(_any("envoy.config.cluster.v3.Cluster", **_backend_cluster(backend, providers[backend.provider_id])))
-    upstream_filters = _upstream_phase(cfg, opts)
     for policy in cfg.policies:
         for i, pb_backend in enumerate(policy.backends):
             if not pb_backend.target:
                 continue
+            members = chain(cfg, policy, i)
             out.append(
                 _any(
                     "envoy.config.cluster.v3.Cluster",
@@ -440,10 +515,10 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
                         "name": "envoy.clusters.aggregate",
                         "typed_config": _any(
                             "envoy.extensions.clusters.aggregate.v3.ClusterConfig",
-                            clusters=[b.cluster for b in chain(cfg, policy, i)],
+                            clusters=[b.cluster for b in members],
                         ),
                     },
-                    typed_extension_protocol_options=_http1_options(upstream_filters),
+                    typed_extension_protocol_options=_http1_options(_upstream_phase(cfg, opts, members)),
                     circuit_breakers={"thresholds": [STREAM_LIMITS]},
                 )
             )
@@ -491,7 +566,14 @@ def _response_headers() -> list[dict[str, Any]]:
     ]
 
 
+def _set(name: str, value: str) -> dict[str, Any]:
+    return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
 def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
+    """One route per target (a policy's backend as first choice), matched on the target the
+    router phase put in dynamic metadata; then what Envoy answers without Python."""
+    providers = {p.id: p for p in cfg.providers}
     routes: list[dict[str, Any]] = []
     first_target = ""
     for policy in cfg.policies:
@@ -507,18 +589,45 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
             }
             if policy.strategy == pb.FASTEST:
                 route["hedge_policy"] = {"hedge_on_per_try_timeout": True}
+            backend = cfg.backends[pb_backend.backend]
+            provider = providers[backend.provider_id]
+            prepared = [_set(BODY_MODEL_HEADER, backend.upstream_model)]
+            if provider.type != pb.AZURE_OPENAI:
+                # The first attempt is prepared here, by Envoy: the provider's path (the query
+                # string is kept) and, through auto_host_rewrite, its authority. Azure's paths
+                # name the deployment and need an api-version: its attempts go to the upstream phase.
+                route["regex_rewrite"] = {"pattern": {"regex": "^/v1/"}, "substitution": provider.base_path + "/"}
+                prepared.append(_set(PREPARED_HEADER, backend.id))
             routes.append(
                 {
                     "name": pb_backend.target,
                     "match": {
                         "prefix": "/",
-                        "headers": [{"name": TARGET_HEADER, "string_match": {"exact": pb_backend.target}}],
+                        "dynamic_metadata": [
+                            {
+                                "filter": METADATA_NS,
+                                "path": [{"key": "target"}],
+                                "value": {"string_match": {"exact": pb_backend.target}},
+                            }
+                        ],
                     },
                     "route": route,
+                    "request_headers_to_add": prepared,
                     "response_headers_to_add": _response_headers(),
                 }
             )
-    # Requests reach this only if the router phase set no target (ext_proc failed open).
+    # GET /v1/models is answered by Envoy from the compiled aliases: no body, no Python.
+    routes.append(
+        {
+            "name": "models",
+            "match": {"path": MODELS_PATH, "headers": [_method("GET")]},
+            "direct_response": {"status": 200, "body": {"inline_bytes": _b64(models_listing(_aliases(cfg)))}},
+            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+        }
+    )
+    # Below: requests the router phase set no target for. The ext_proc sees every request with
+    # a body and either sets a target, refuses it or fails (510, or forwarded when it fails
+    # open); so in the default closed mode only bodyless requests get here.
     if opts.failure_mode == "open" and first_target:
         routes.append(
             {
@@ -528,16 +637,44 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
             }
         )
     else:
-        unavailable = errors.RoutingUnavailable("the routing service did not choose a backend")
+        for path in (*ROUTED_PATHS, FEEDBACK_PATH):
+            empty = errors.MalformedRequest(EMPTY_BODY["feedback" if path == FEEDBACK_PATH else "route"])
+            routes.append(_refusal(f"empty:{path}", {"path": path, "headers": [_method("POST")]}, empty))
+        for path in (*API_PATHS, FEEDBACK_PATH):
+            method = errors.UnsupportedPath(f"only {'GET' if path == MODELS_PATH else 'POST'} is supported on {path}")
+            routes.append(_refusal(f"method:{path}", {"path": path}, method))
+        supported = ", ".join((*API_PATHS, FEEDBACK_PATH))
         routes.append(
-            {
-                "name": "unrouted",
-                "match": {"prefix": "/"},
-                "direct_response": {"status": unavailable.status, "body": {"inline_bytes": _b64(unavailable.body())}},
-                "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
-            }
+            _refusal("unknown-path", {"prefix": "/"}, errors.UnsupportedPath(f"unknown path; supported: {supported}"))
         )
     return routes
+
+
+def _method(name: str) -> dict[str, Any]:
+    return {"name": ":method", "string_match": {"exact": name}}
+
+
+def _refusal(name: str, match: dict[str, Any], err: errors.RequestError) -> dict[str, Any]:
+    """A route that answers a request Envoy can judge alone with the error the ext_proc would give."""
+    return {
+        "name": name,
+        "match": match,
+        "direct_response": {"status": err.status, "body": {"inline_bytes": _b64(err.body())}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": "application/json"}},
+            {"header": {"key": "x-signalbox-reason", "value": err.code}},
+        ],
+    }
+
+
+def _aliases(cfg: pb.RoutingConfig) -> list[str]:
+    return sorted({alias for policy in cfg.policies for alias in policy.aliases})
+
+
+def models_listing(aliases: list[str]) -> bytes:
+    """What `GET /v1/models` on the gateway answers: the aliases clients may send."""
+    data = [{"id": a, "object": "model", "created": 0, "owned_by": "signalbox"} for a in aliases]
+    return json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
 
 
 def _b64(data: bytes) -> str:
@@ -678,6 +815,14 @@ def request_log(path: str) -> dict[str, Any]:
     }
 
 
+def router_attributes(cfg: pb.RoutingConfig) -> list[str]:
+    """The attributes the router phase needs: the request line, its id and peer, and every
+    header some policy reads (validated header names: safe inside a CEL string)."""
+    names = {h.name for p in cfg.policies for h in p.headers} | {p.hash_header for p in cfg.policies if p.hash_header}
+    safe = sorted(n for n in names if re.fullmatch(r"[A-Za-z0-9!#$%&*+.^_`|~-]+", n))
+    return [*ROUTER_ATTRIBUTES, *(HEADER_ATTRIBUTE.format(n.lower()) for n in safe)]
+
+
 def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
     # The decision's policy and reason travel as dynamic metadata, not request headers, so they
     # reach the response headers without ever being sent to a provider.
@@ -685,8 +830,17 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
     # when a policy learns from outcomes: a round trip per request that others do not pay for.
     learns = any(p.learning for p in cfg.policies)
     extra: dict[str, Any] = {"response_attributes": ["xds.upstream_host_metadata"]} if learns else {}
+    # One message per request: the body, with the request's headers as attributes. The buffer
+    # filter after the ext_proc holds the headers (and the router) until the body's answer has
+    # put the target in dynamic metadata; the target route prepares the request. Requests
+    # without a body never reach Python (GET /v1/models and refusals are routes of their own).
     router_extproc = _extproc_filter(
-        opts, response_headers=learns, metadata_options={"receiving_namespaces": {"untyped": [METADATA_NS]}}, **extra
+        opts,
+        response_headers=learns,
+        request_headers=False,
+        request_attributes=router_attributes(cfg),
+        metadata_options={"receiving_namespaces": {"untyped": [METADATA_NS]}},
+        **extra,
     )
     hcm = _any(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -700,6 +854,12 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
         http_filters=[
             _remove_gateway_headers("signalbox.strip_client_gateway_headers"),
             {"name": "envoy.filters.http.ext_proc", "typed_config": router_extproc},
+            {
+                "name": "envoy.filters.http.buffer",
+                "typed_config": _any(
+                    "envoy.extensions.filters.http.buffer.v3.Buffer", max_request_bytes=opts.max_body_bytes
+                ),
+            },
             *([usage_filter()] if opts.accounting else []),
             {
                 "name": "envoy.filters.http.router",

@@ -213,8 +213,15 @@ class AIProviderSpec(Spec):
 # --------------------------------------------------------------------------- RoutingPolicy
 
 
+# An HTTP header name (RFC 9110 token characters, without the quote, so that Envoy can be asked
+# for the header by name in a CEL attribute).
+HEADER_NAME = r"^[A-Za-z0-9!#$%&*+.^_`|~-]+$"
+
+
 class HeaderMatch(Spec):
-    name: str = Field(min_length=1, description="Request header name (case-insensitive).")
+    name: str = Field(
+        min_length=1, max_length=256, pattern=HEADER_NAME, description="Request header name (case-insensitive)."
+    )
     value: str = Field(description="Exact value the header must have.")
 
 
@@ -271,6 +278,8 @@ class FailoverSpec(Spec):
 class HashSpec(Spec):
     header: str | None = Field(
         None,
+        max_length=256,
+        pattern=HEADER_NAME,
         description="Header whose value keeps a client on one backend (e.g. x-user-id). Default: the client address.",
     )
 
