@@ -14,9 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from signalbox.core import envoygen
 from signalbox.core.budget import BudgetStatus, refuse_if_exhausted
-from signalbox.core.envoygen import (
+from signalbox.core.envoygen import contract
+from signalbox.core.envoygen.contract import (
     BODY_MODEL_HEADER,
     EMBEDDINGS_PATH,
     FEEDBACK_PATH,
@@ -110,7 +110,7 @@ def check_length(headers: dict[str, str], limit: int) -> None:
 def models_listing(table: RuntimeTable) -> bytes:
     """What `GET /v1/models` on the gateway answers: the aliases clients may send (Envoy answers
     it from the compiled config; this is the same listing for a headers-first stream)."""
-    return envoygen.models_listing(table.aliases)
+    return contract.models_listing(table.aliases)
 
 
 @dataclass(frozen=True, slots=True)

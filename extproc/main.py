@@ -56,6 +56,29 @@ async def health_only_server(address: str, tables: TableHolder) -> tuple[grpc.ai
     return server, port
 
 
+class _PeerClosedFirst(logging.Filter):
+    """grpcio logs an ERROR with a traceback when it cannot send the final status of an RPC
+    whose peer already closed it (grpc/grpc#32551: `ExecuteBatchError` with only a
+    `SendStatusFromServerOperation`). Envoy does that routinely: once it has the answer it
+    needs, it may end the stream before our handler returns. Nothing was lost, so it is not an
+    error: the record is dropped and counted."""
+
+    def __init__(self, metrics: Metrics):
+        super().__init__()
+        self.metrics = metrics
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        benign = (
+            type(exc).__name__ == "ExecuteBatchError"
+            and "SendStatusFromServerOperation" in str(exc)
+            and ("SendMessageOperation" not in str(exc))
+        )
+        if benign:
+            self.metrics.streams_closed_by_envoy.inc()
+        return not benign
+
+
 def listen_address(args: argparse.Namespace) -> str:
     """A Unix socket unless TCP is asked for: the processor's answers carry provider keys, so by
     default nothing off this machine (or outside this pod) can reach it."""
@@ -80,6 +103,7 @@ def decision_signer(args: argparse.Namespace) -> DecisionSigner:
 
 async def serve_until_stopped(args: argparse.Namespace, background: tuple[Background, ...] = ()) -> int:
     metrics = Metrics()
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_PeerClosedFirst(metrics))
     tables = TableHolder(resolve_key=default_key_resolver(args.secrets_dir), metrics=metrics)
     if not tables.load_file(args.config):
         log.warning("starting with no routing config: every request gets 404 until %s is valid", args.config)

@@ -65,6 +65,11 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.streams_closed_by_envoy = Counter(
+            "signalbox_extproc_streams_closed_by_envoy",
+            "Router or upstream streams Envoy ended before their handler could send the final status (harmless).",
+            registry=r,
+        )
         self.internal_errors = Counter(
             "signalbox_internal_errors",
             "Requests answered 500 internal_error because deciding raised (each is logged with its request id).",

@@ -25,7 +25,7 @@ from google.protobuf import text_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from signalbox.core import budget
-from signalbox.core.envoygen import EMPTY_BODY
+from signalbox.core.envoygen.contract import EMPTY_BODY
 from signalbox.core.errors import InternalError, MalformedRequest, RequestError
 
 from . import decide, strategies, wire

@@ -269,3 +269,26 @@ async def test_readiness_waits_for_a_loaded_config_and_survives_a_failed_reload(
     finally:
         await channel.close()
         await server.stop(None)
+
+
+def test_a_stream_envoy_closed_first_is_counted_not_logged_as_an_error():
+    import logging
+
+    from grpc._cython import cygrpc
+
+    from signalbox.extproc.main import _PeerClosedFirst
+
+    metrics = Metrics()
+    guard = _PeerClosedFirst(metrics)
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, "", 0, "raised", None, (type(exc), exc, None))
+
+    late_status = cygrpc.ExecuteBatchError('Failed "execute_batch": (<cygrpc.SendStatusFromServerOperation at 0x1>,)')
+    lost_answer = cygrpc.ExecuteBatchError(
+        'Failed "execute_batch": (<cygrpc.SendMessageOperation at 0x1>, <cygrpc.SendStatusFromServerOperation at 0x2>)'
+    )
+    assert guard.filter(record(late_status)) is False  # harmless: dropped, counted
+    assert guard.filter(record(lost_answer)) is True  # an answer was lost: still logged
+    assert guard.filter(record(RuntimeError("other"))) is True
+    assert metrics.streams_closed_by_envoy._value.get() == 1

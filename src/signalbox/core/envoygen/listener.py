@@ -1,0 +1,420 @@
+"""The listener: the router-phase ext_proc, routes per target and what Envoy answers alone,
+local replies in OpenAI shape, accounting and the request log."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources as package_files
+from typing import Any
+
+from signalbox.api.v1alpha1 import config_pb2 as pb
+
+from .. import errors
+from .clusters import _extproc_filter, _remove_gateway_headers
+from .contract import (
+    ADMIN_CLUSTER,
+    API_PATHS,
+    BODY_MODEL_HEADER,
+    EMPTY_BODY,
+    EXTPROC_ADMIN_CLUSTER,
+    EXTPROC_CLUSTER,
+    EXTPROC_FAILED_STATUS,
+    FEEDBACK_PATH,
+    HEADER_ATTRIBUTE,
+    HEALTH_LISTENER_NAME,
+    LISTENER_NAME,
+    METADATA_NS,
+    MODELS_PATH,
+    PREPARED_HEADER,
+    ROUTED_PATHS,
+    ROUTER_ATTRIBUTES,
+    models_listing,
+    too_large_message,
+)
+from .options import _RETRY_ON, GatewayOptions, _address, _any, _ms
+
+
+def _retry_policy(policy: pb.Policy) -> dict[str, Any]:
+    retry_on = sorted({_RETRY_ON[r] for r in policy.retry_on})
+    retry: dict[str, Any] = {
+        "retry_on": ",".join(retry_on) or "5xx",
+        "num_retries": max(policy.max_attempts - 1, 0),
+        # Each retry moves to the next priority of the aggregate cluster, i.e. the next backend.
+        "retry_priority": {
+            "name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": _any(
+                "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                update_frequency=1,
+            ),
+        },
+        "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
+    }
+    if "429" in policy.retry_on:
+        retry["retriable_status_codes"] = [429]
+    per_try = policy.hedge_delay_ms if policy.strategy == pb.FASTEST else policy.per_try_timeout_ms
+    if per_try:
+        retry["per_try_timeout"] = _ms(per_try)
+    return retry
+
+
+def _response_headers() -> list[dict[str, Any]]:
+    def header(name: str, value: str) -> dict[str, Any]:
+        return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+    return [
+        header("x-signalbox-provider", f"%UPSTREAM_METADATA({METADATA_NS}:provider)%"),
+        header("x-signalbox-model", f"%UPSTREAM_METADATA({METADATA_NS}:model)%"),
+        header("x-signalbox-policy", f"%DYNAMIC_METADATA({METADATA_NS}:policy)%"),
+        header("x-signalbox-reason", f"%DYNAMIC_METADATA({METADATA_NS}:reason)%"),
+        header("x-signalbox-class", f"%DYNAMIC_METADATA({METADATA_NS}:class)%"),
+        # Echoed back in POST /v1/feedback to teach adaptive routing (see README).
+        header("x-signalbox-decision", f"%DYNAMIC_METADATA({METADATA_NS}:decision)%"),
+    ]
+
+
+def _set(name: str, value: str) -> dict[str, Any]:
+    return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
+    """One route per target (a policy's backend as first choice), matched on the target the
+    router phase put in dynamic metadata; then what Envoy answers without Python."""
+    providers = {p.id: p for p in cfg.providers}
+    routes: list[dict[str, Any]] = []
+    first_target = ""
+    for policy in cfg.policies:
+        for pb_backend in policy.backends:
+            if not pb_backend.target:
+                continue
+            first_target = first_target or pb_backend.target
+            route: dict[str, Any] = {
+                "cluster": pb_backend.target,
+                "timeout": _ms(policy.timeout_ms),
+                "auto_host_rewrite": True,
+                "retry_policy": _retry_policy(policy),
+            }
+            if policy.strategy == pb.FASTEST:
+                route["hedge_policy"] = {"hedge_on_per_try_timeout": True}
+            backend = cfg.backends[pb_backend.backend]
+            provider = providers[backend.provider_id]
+            prepared = [_set(BODY_MODEL_HEADER, backend.upstream_model)]
+            if provider.type != pb.AZURE_OPENAI:
+                # The first attempt is prepared here, by Envoy: the provider's path (the query
+                # string is kept) and, through auto_host_rewrite, its authority. Azure's paths
+                # name the deployment and need an api-version: its attempts go to the upstream phase.
+                route["regex_rewrite"] = {"pattern": {"regex": "^/v1/"}, "substitution": provider.base_path + "/"}
+                prepared.append(_set(PREPARED_HEADER, backend.id))
+            routes.append(
+                {
+                    "name": pb_backend.target,
+                    "match": {
+                        "prefix": "/",
+                        "dynamic_metadata": [
+                            {
+                                "filter": METADATA_NS,
+                                "path": [{"key": "target"}],
+                                "value": {"string_match": {"exact": pb_backend.target}},
+                            }
+                        ],
+                    },
+                    "route": route,
+                    "request_headers_to_add": prepared,
+                    "response_headers_to_add": _response_headers(),
+                }
+            )
+    # GET /v1/models is answered by Envoy from the compiled aliases: no body, no Python.
+    routes.append(
+        {
+            "name": "models",
+            "match": {"path": MODELS_PATH, "headers": [_method("GET")]},
+            "direct_response": {"status": 200, "body": {"inline_bytes": _b64(models_listing(_aliases(cfg)))}},
+            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+        }
+    )
+    # Below: requests the router phase set no target for. The ext_proc sees every request with
+    # a body and either sets a target, refuses it or fails (510, or forwarded when it fails
+    # open); so in the default closed mode only bodyless requests get here.
+    if opts.failure_mode == "open" and first_target:
+        routes.append(
+            {
+                "name": "fail-open",
+                "match": {"prefix": "/"},
+                "route": {"cluster": first_target, "auto_host_rewrite": True},
+            }
+        )
+    else:
+        for path in (*ROUTED_PATHS, FEEDBACK_PATH):
+            empty = errors.MalformedRequest(EMPTY_BODY["feedback" if path == FEEDBACK_PATH else "route"])
+            routes.append(_refusal(f"empty:{path}", {"path": path, "headers": [_method("POST")]}, empty))
+        for path in (*API_PATHS, FEEDBACK_PATH):
+            method = errors.UnsupportedPath(f"only {'GET' if path == MODELS_PATH else 'POST'} is supported on {path}")
+            routes.append(_refusal(f"method:{path}", {"path": path}, method))
+        supported = ", ".join((*API_PATHS, FEEDBACK_PATH))
+        routes.append(
+            _refusal("unknown-path", {"prefix": "/"}, errors.UnsupportedPath(f"unknown path; supported: {supported}"))
+        )
+    return routes
+
+
+def _method(name: str) -> dict[str, Any]:
+    return {"name": ":method", "string_match": {"exact": name}}
+
+
+def _refusal(name: str, match: dict[str, Any], err: errors.RequestError) -> dict[str, Any]:
+    """A route that answers a request Envoy can judge alone with the error the ext_proc would give."""
+    return {
+        "name": name,
+        "match": match,
+        "direct_response": {"status": err.status, "body": {"inline_bytes": _b64(err.body())}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": "application/json"}},
+            {"header": {"key": "x-signalbox-reason", "value": err.code}},
+        ],
+    }
+
+
+def _aliases(cfg: pb.RoutingConfig) -> list[str]:
+    return sorted({alias for policy in cfg.policies for alias in policy.aliases})
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def _local_reply_config(opts: GatewayOptions) -> dict[str, Any]:
+    """Envoy's own errors (body too large, ext_proc unreachable, upstream failed) as OpenAI JSON.
+
+    The ext_proc's refusals are local replies too and pass through these mappers, so each
+    mapper is narrow: 503/504 only with an upstream response flag (the ext_proc's 503s carry
+    none), 510 only arises from the ext_proc being unreachable or failing (`status_on_error`),
+    and the 413 text states the same limit the ext_proc enforces.
+    """
+
+    def mapper(status: int, err: errors.RequestError, flags: list[str] | None = None) -> dict[str, Any]:
+        match: dict[str, Any] = {
+            "status_code_filter": {
+                "comparison": {
+                    "op": "EQ",
+                    "value": {"default_value": status, "runtime_key": f"signalbox.local_reply.{status}"},
+                }
+            }
+        }
+        if flags:
+            match = {"and_filter": {"filters": [match, {"response_flag_filter": {"flags": flags}}]}}
+        return {
+            "filter": match,
+            "status_code": err.status,
+            "body": {"inline_string": err.body().decode()},
+            "body_format_override": {
+                "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                "content_type": "application/json",
+            },
+            "headers_to_add": [
+                {
+                    "header": {"key": "x-signalbox-reason", "value": err.code},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ],
+        }
+
+    upstream_flags = ["UH", "UF", "UO", "URX", "UC", "UT", "LR", "NR"]
+    return {
+        "mappers": [
+            mapper(413, errors.PayloadTooLarge(too_large_message(opts.max_body_bytes))),
+            mapper(EXTPROC_FAILED_STATUS, errors.RoutingUnavailable("the routing service is unavailable")),
+            mapper(
+                503, errors.NoHealthyBackend("no backend could serve the request (all attempts failed)"), upstream_flags
+            ),
+            mapper(504, errors.NoHealthyBackend("the upstream backend timed out"), upstream_flags),
+        ]
+    }
+
+
+def usage_filter() -> dict[str, Any]:
+    """Accounting, part 1: Envoy's Lua filter reads token usage from each routed response as it
+    streams past (usage.lua; no buffering, no round trip) and leaves it in dynamic metadata."""
+    source = package_files.files("signalbox.core").joinpath("usage.lua").read_text()
+    return {
+        "name": "signalbox.usage",
+        "typed_config": _any("envoy.extensions.filters.http.lua.v3.Lua", default_source_code={"inline_string": source}),
+    }
+
+
+def accounting_log(opts: GatewayOptions) -> dict[str, Any]:
+    """Accounting, part 2: the gRPC access log carries each finished request (decision and
+    usage metadata, the endpoint that answered, timings) to the ext_proc, batched: a stream of
+    any length costs the ext_proc part of one message instead of one message per chunk."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "typed_config": _any(
+            "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            common_config={
+                "log_name": "signalbox",
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                # Budgets read the ledger: spend lands within this, batched under load.
+                "buffer_flush_interval": _ms(opts.accounting_flush_ms),
+                "custom_tags": [
+                    {
+                        "tag": "backend",
+                        "metadata": {
+                            "kind": {"host": {}},
+                            "metadata_key": {"key": METADATA_NS, "path": [{"key": "backend"}]},
+                        },
+                    }
+                ],
+            },
+            additional_response_headers_to_log=["content-type"],
+        ),
+        # Only routed requests carry a decision; everything else is not worth a log entry.
+        "filter": {
+            "metadata_filter": {
+                "matcher": {"filter": METADATA_NS, "path": [{"key": "decision"}], "value": {"present_match": True}}
+            }
+        },
+    }
+
+
+# One JSON line per request: what an operator asks of a gateway (who answered, why, how long,
+# how many tokens). The x-signalbox-* fields are the response headers the client got (for a
+# refused request: provider "none" and the error code as reason). Of the request's own headers
+# only the method, path (as sent upstream) and request id are logged: never keys or prompts.
+REQUEST_LOG_FORMAT: dict[str, str] = {
+    "time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "flags": "%RESPONSE_FLAGS%",
+    "duration_ms": "%DURATION%",
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "policy": "%RESP(X-SIGNALBOX-POLICY)%",
+    "provider": "%RESP(X-SIGNALBOX-PROVIDER)%",
+    "model": "%RESP(X-SIGNALBOX-MODEL)%",
+    "reason": "%RESP(X-SIGNALBOX-REASON)%",
+    "class": "%RESP(X-SIGNALBOX-CLASS)%",
+    "prompt_tokens": f"%DYNAMIC_METADATA({METADATA_NS}:prompt_tokens)%",
+    "completion_tokens": f"%DYNAMIC_METADATA({METADATA_NS}:completion_tokens)%",
+}
+
+
+def request_log(path: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": _any(
+            "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            path=path,
+            log_format={"json_format": REQUEST_LOG_FORMAT},
+        ),
+    }
+
+
+def router_attributes(cfg: pb.RoutingConfig) -> list[str]:
+    """The attributes the router phase needs: the request line, its id and peer, and every
+    header some policy reads (validated header names: safe inside a CEL string)."""
+    names = {h.name for p in cfg.policies for h in p.headers} | {p.hash_header for p in cfg.policies if p.hash_header}
+    safe = sorted(n for n in names if re.fullmatch(r"[A-Za-z0-9!#$%&*+.^_`|~-]+", n))
+    return [*ROUTER_ATTRIBUTES, *(HEADER_ATTRIBUTE.format(n.lower()) for n in safe)]
+
+
+def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
+    # The decision's policy and reason travel as dynamic metadata, not request headers, so they
+    # reach the response headers without ever being sent to a provider.
+    # Response headers (status, and which backend answered) are sent to the router phase only
+    # when a policy learns from outcomes: a round trip per request that others do not pay for.
+    learns = any(p.learning for p in cfg.policies)
+    extra: dict[str, Any] = {"response_attributes": ["xds.upstream_host_metadata"]} if learns else {}
+    # One message per request: the body, with the request's headers as attributes. The buffer
+    # filter after the ext_proc holds the headers (and the router) until the body's answer has
+    # put the target in dynamic metadata; the target route prepares the request. Requests
+    # without a body never reach Python (GET /v1/models and refusals are routes of their own).
+    router_extproc = _extproc_filter(
+        opts,
+        response_headers=learns,
+        request_headers=False,
+        request_attributes=router_attributes(cfg),
+        metadata_options={"receiving_namespaces": {"untyped": [METADATA_NS]}},
+        **extra,
+    )
+    hcm = _any(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="signalbox",
+        codec_type="AUTO",
+        route_config={
+            "name": "signalbox",
+            "virtual_hosts": [{"name": "signalbox", "domains": ["*"], "routes": _routes(cfg, opts)}],
+            "request_headers_to_remove": [],
+        },
+        http_filters=[
+            _remove_gateway_headers("signalbox.strip_client_gateway_headers"),
+            {"name": "envoy.filters.http.ext_proc", "typed_config": router_extproc},
+            {
+                "name": "envoy.filters.http.buffer",
+                "typed_config": _any(
+                    "envoy.extensions.filters.http.buffer.v3.Buffer", max_request_bytes=opts.max_body_bytes
+                ),
+            },
+            *([usage_filter()] if opts.accounting else []),
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
+            },
+        ],
+        access_log=([accounting_log(opts)] if opts.accounting else [])
+        + ([request_log(opts.request_log)] if opts.request_log else []),
+        local_reply_config=_local_reply_config(opts),
+        stream_idle_timeout="300s",
+        use_remote_address=True,
+        # Clients can quote it: it is the request log's request_id.
+        always_set_request_id_in_response=True,
+    )
+    return _any(
+        "envoy.config.listener.v3.Listener",
+        name=LISTENER_NAME,
+        address=_address(opts.listen_address, opts.listen_port),
+        per_connection_buffer_limit_bytes=opts.max_body_bytes + 64 * 1024,
+        filter_chains=[{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    )
+
+
+def health_listener(opts: GatewayOptions) -> dict[str, Any]:
+    """Readiness and metrics for kubelet and Prometheus, without exposing the admin interface."""
+
+    def route(path: str, cluster: str = ADMIN_CLUSTER) -> dict[str, Any]:
+        return {"match": {"path": path}, "route": {"cluster": cluster}}
+
+    extproc_metrics = [route("/metrics", EXTPROC_ADMIN_CLUSTER)] if opts.extproc_admin_port else []
+
+    hcm = _any(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="signalbox_health",
+        route_config={
+            "name": "health",
+            "virtual_hosts": [
+                {
+                    "name": "health",
+                    "domains": ["*"],
+                    "routes": [
+                        route("/ready"),
+                        route("/stats/prometheus"),
+                        *extproc_metrics,
+                        {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+                    ],
+                }
+            ],
+        },
+        http_filters=[
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
+            }
+        ],
+    )
+    return _any(
+        "envoy.config.listener.v3.Listener",
+        name=HEALTH_LISTENER_NAME,
+        address=_address(opts.listen_address, opts.health_port or 0),
+        filter_chains=[{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    )

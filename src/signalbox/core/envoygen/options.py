@@ -1,0 +1,92 @@
+"""How a gateway process is wired (`GatewayOptions`), and the small builders every part of
+the generated config uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .contract import EXTPROC_CLUSTER
+
+_T = "type.googleapis.com/"
+# Circuit breakers sized for LLM traffic, where a request stays open for seconds to minutes:
+# Envoy's defaults (1,024 requests, connections and pending per cluster) would refuse
+# concurrent streams long before the gateway's CPU or memory is the limit.
+STREAM_LIMITS = {
+    "priority": "DEFAULT",
+    "max_connections": 100_000,
+    "max_pending_requests": 100_000,
+    "max_requests": 100_000,
+    "max_retries": 10_000,
+}
+_RETRY_ON = {
+    "5xx": "5xx",
+    "429": "retriable-status-codes",
+    "reset": "reset",
+    "connect-failure": "connect-failure",
+    "per-try-timeout": "gateway-error",
+}
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    """How the gateway process is wired; not part of the routing config.
+
+    failure_mode: what happens when the ext_proc cannot be reached. "closed" (default) answers
+    503 `routing_unavailable`; "open" sends the request to `fallback_target` unrouted (useful
+    only for keyless in-cluster backends, since no auth is injected without the ext_proc).
+    """
+
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 8080
+    admin_address: str = "127.0.0.1"
+    admin_port: int = 9901
+    # Envoy's admin interface on a Unix socket instead (nothing on TCP at all).
+    admin_socket: str = ""
+    # One Unix socket per ext_proc worker process; Envoy spreads streams over them. Python's
+    # gRPC runtime costs ~0.3 ms of CPU per stream, so workers are how the data plane scales
+    # with cores (see bench/README.md). Empty: one worker on extproc_host:extproc_port.
+    extproc_sockets: tuple[str, ...] = ()
+    extproc_host: str = "127.0.0.1"
+    extproc_port: int = 50051
+    max_body_bytes: int = 8 * 1024 * 1024
+    failure_mode: Literal["closed", "open"] = "closed"
+    extproc_message_timeout_ms: int = 5000
+    # How long finished requests wait in Envoy before their accounting entries are sent.
+    accounting_flush_ms: int = 100
+    # In a pod: a listener on this port answers /ready and /stats/prometheus from the admin
+    # interface (which stays on localhost). It only exists once routes are loaded, so it is
+    # also the readiness signal.
+    health_port: int | None = None
+    # In a pod: the ext_proc's admin API on localhost; the health listener serves its /metrics,
+    # so Prometheus can scrape them while the API itself stays off the network.
+    extproc_admin_port: int | None = None
+    # Token and cost accounting (a Lua filter reads usage, the gRPC access log carries it to the
+    # ext_proc in batches): spend metrics and budgets need it (cost: bench/README.md).
+    accounting: bool = True
+    # Where provider keys are, one SDS file per provider (`credential_file`): Envoy adds each
+    # attempt's key itself. "" (unit tests of the generator only): no keys are added.
+    credentials_dir: str = ""
+    # Where Envoy writes one JSON line per request (REQUEST_LOG_FORMAT); "" writes none.
+    # Locally `<workdir>/requests.log`; in a pod /dev/stdout, so `kubectl logs` shows it.
+    request_log: str = ""
+
+
+def _any(type_name: str, **fields: Any) -> dict[str, Any]:
+    return {"@type": _T + type_name, **fields}
+
+
+def _ms(value: int) -> str:
+    return f"{value / 1000:.3f}s"
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _admin_address(opts: GatewayOptions) -> dict[str, Any]:
+    return {"pipe": {"path": opts.admin_socket}} if opts.admin_socket else _address(opts.admin_address, opts.admin_port)
+
+
+def _grpc_service(timeout_ms: int) -> dict[str, Any]:
+    return {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": _ms(timeout_ms)}
