@@ -25,7 +25,6 @@ from signalbox.core.envoygen.contract import (
     PATH_HEADER,
     PREPARED_HEADER,
     ROUTED_PATHS,
-    TARGET_HEADER,
     too_large_message,
 )
 from signalbox.core.errors import (
@@ -44,7 +43,6 @@ from .strategies import RequestContext, Selection, SelectionState, select
 from .tiers import classify_request
 
 # Gateway-owned request headers (see envoygen): clients cannot set them, providers never see them.
-TARGET = TARGET_HEADER
 # Tells the upstream phase which model the body already names, so a failover attempt to a
 # backend with the same upstream model needs no second parse of the body.
 BODY_MODEL = BODY_MODEL_HEADER

@@ -151,7 +151,7 @@ async def test_upstream_phase_first_attempt_sets_path_and_skips_body(stub):
     mutation = resp.request_headers.response.header_mutation
     assert "authorization" not in set_headers(mutation)  # keys are Envoy's (credential injector)
     assert set_headers(mutation)[":authority"] == "127.0.0.1:9001"
-    assert "x-signalbox-target" in mutation.remove_headers
+    assert "x-signalbox-prepared" in mutation.remove_headers
     # Body already names model-a: Envoy is told not to send it.
     from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 

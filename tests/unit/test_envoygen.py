@@ -91,7 +91,7 @@ def test_clients_cannot_send_gateway_headers():
     first = hcm["http_filters"][0]
     assert first["name"] == "signalbox.strip_client_gateway_headers"
     removed = [m["remove"] for m in first["typed_config"]["mutations"]["request_mutations"]]
-    assert envoygen.PREPARED_HEADER in removed and envoygen.TARGET_HEADER in removed
+    assert envoygen.PREPARED_HEADER in removed and envoygen.PATH_HEADER in removed
 
 
 def test_backend_cluster_carries_metadata_tls_and_outlier_detection():

@@ -42,7 +42,6 @@ from .contract import (
     PREPARED_HEADER,
     ROUTED_PATHS,
     ROUTER_ATTRIBUTES,
-    TARGET_HEADER,
     models_listing,
     too_large_message,
 )
@@ -79,7 +78,6 @@ __all__ = [
     "ROUTED_PATHS",
     "ROUTER_ATTRIBUTES",
     "STREAM_LIMITS",
-    "TARGET_HEADER",
     "GatewayOptions",
     "accounting_log",
     "bootstrap",

@@ -12,15 +12,14 @@ import json
 # Gateway-owned request headers. Clients cannot set them (a header_mutation filter removes them
 # before the router phase sees the request) and providers never see them (the upstream filter
 # chain removes them after the upstream phase).
-TARGET_HEADER = "x-signalbox-target"
 # The model the body already names: the upstream phase rewrites the body only when it differs.
 BODY_MODEL_HEADER = "x-signalbox-body-model"
-# The backend the router phase already prepared the request for (path, authority, key, model).
+# The backend the target route prepared the first attempt for (path, authority; Envoy adds keys).
 PREPARED_HEADER = "x-signalbox-prepared"
 # The client's path, for the upstream phase of a failover attempt (`:path` is already rewritten):
 # Envoy keeps it in x-envoy-original-path when a route rewrites the path.
 PATH_HEADER = "x-envoy-original-path"
-GATEWAY_HEADERS = (TARGET_HEADER, BODY_MODEL_HEADER, PREPARED_HEADER, PATH_HEADER)
+GATEWAY_HEADERS = (BODY_MODEL_HEADER, PREPARED_HEADER, PATH_HEADER)
 # What the router phase reads of a request besides its body, sent with the body as attributes
 # (CEL expressions): these, and `request.headers['<name>']` for each header a policy matches
 # on or hashes by (`router_attributes`). Envoy cannot send the whole header map.
