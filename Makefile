@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: eval setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-fuzz fuzz bench protos protos-check lint up validate clean
+.PHONY: eval setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-fuzz fuzz bench bench-peers protos protos-check lint up validate clean
 
 # Strict editable mode: extproc/ and operator/ install as signalbox.extproc and
 # signalbox.operator through a link tree under build/ (operator/ has no __init__.py, so it can
@@ -86,6 +86,11 @@ test: protos-check lint test-unit test-crds test-chart test-extproc test-fuzz te
 bench: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.dataplane
 	$(PY) -m bench.tiers
+
+## Signalbox vs LiteLLM's proxy and Portkey's gateway, same fake, load and machine (needs wrk,
+## npm; installs the pinned peers under build/peers/) -> bench/results/peers.json
+bench-peers: setup
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.peers
 
 ## Classifier and routing quality on ../shared/data -> eval/results/latest.json (+ PNG curve).
 eval: setup
