@@ -33,8 +33,8 @@ class GatewayOptions:
     """How the gateway process is wired; not part of the routing config.
 
     failure_mode: what happens when the ext_proc cannot be reached. "closed" (default) answers
-    503 `routing_unavailable`; "open" sends the request to `fallback_target` unrouted (useful
-    only for keyless in-cluster backends, since no auth is injected without the ext_proc).
+    503 `routing_unavailable`; "open" sends the request unrouted to the first target, as the
+    client sent it (path, model); Envoy still adds that provider's key.
     """
 
     listen_address: str = "127.0.0.1"
