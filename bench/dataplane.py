@@ -48,6 +48,21 @@ def start_fake() -> tuple[subprocess.Popen, str]:
     return proc, proc.stdout.readline().rsplit(" ", 1)[1].strip()
 
 
+def bench_resources(workdir: Path, upstream: str) -> Path:
+    """The policy every bench routes with: two providers on the same fake, weighted 3:1, so the
+    weighted choice and classification run as they would for a real policy."""
+    resources = workdir / "resources"
+    resources.mkdir()
+    (resources / "bench.yaml").write_text(
+        dump(
+            provider("one", upstream + "/v1", [model("m", upstreamName="bench-model")]),
+            provider("two", upstream + "/v1", [model("m", upstreamName="bench-model")]),
+            policy("bench", ["bench"], [backend("one", "m", weight=3), backend("two", "m", weight=1)]),
+        )
+    )
+    return resources
+
+
 def noop_extproc_filter(sockets: list[str]) -> tuple[dict, dict]:
     """An ext_proc filter (request headers only: one message per request) and its cluster."""
     ext_proc = {
@@ -265,17 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.llm_delay_ms:
         scenarios[f"upstream_{args.llm_delay_ms}ms"] = lua(workdir / "post-delay.lua", args.llm_delay_ms)
     fake, upstream = start_fake()
-    resources = workdir / "resources"
-    resources.mkdir()
-    # Two providers on the same fake so the weighted choice, classification and the upstream
-    # phase all run, as they would for a real policy.
-    (resources / "bench.yaml").write_text(
-        dump(
-            provider("one", upstream + "/v1", [model("m", upstreamName="bench-model")]),
-            provider("two", upstream + "/v1", [model("m", upstreamName="bench-model")]),
-            policy("bench", ["bench"], [backend("one", "m", weight=3), backend("two", "m", weight=1)]),
-        )
-    )
+    resources = bench_resources(workdir, upstream)
     plain, plain_port = plain_envoy(upstream, workdir, args.concurrency)
     workers = args.workers or os.cpu_count() or 1
     noop_sockets = [str(workdir / f"noop-{n}.sock") for n in range(workers)]

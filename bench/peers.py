@@ -27,9 +27,8 @@ import urllib.request
 from pathlib import Path
 
 from signalbox.local import LocalGateway, free_port
-from tests.factories import backend, dump, model, policy, provider
 
-from .dataplane import BODY, RESULTS, start_fake, wrk
+from .dataplane import BODY, RESULTS, bench_resources, start_fake, wrk
 
 PEERS = Path(__file__).resolve().parents[1] / "build" / "peers"
 LITELLM = "litellm[proxy]==1.106.12"
@@ -122,15 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="signalbox-peers-"))
     fake, upstream = start_fake()
     procs: list[subprocess.Popen] = [fake]
-    resources = workdir / "resources"
-    resources.mkdir()
-    (resources / "bench.yaml").write_text(
-        dump(
-            provider("one", upstream + "/v1", [model("m", upstreamName="bench-model")]),
-            provider("two", upstream + "/v1", [model("m", upstreamName="bench-model")]),
-            policy("bench", ["bench"], [backend("one", "m", weight=3), backend("two", "m", weight=1)]),
-        )
-    )
+    resources = bench_resources(workdir, upstream)
     gateway = LocalGateway(paths=[str(resources)], port=0, workdir=workdir / "signalbox", start_fakes=False)
     litellm_config = workdir / "litellm.yaml"
     litellm_config.write_text(
