@@ -319,3 +319,31 @@ def test_tokens_and_cost_are_counted_for_plain_and_streamed_responses(fakes, tmp
         assert duration >= 0.55 and first_token <= duration - 0.55
     finally:
         gw.stop()
+
+
+def test_header_matched_policies_and_hash_keys_reach_the_one_message_router_phase(fakes, tmp_path):
+    """The router phase gets no headers message: the headers policies match on or hash by come
+    as attributes of the body message, so a team's policy must still win for its requests."""
+    team = policy("team", ["auto"], [backend("beta", "b1")])
+    team["spec"]["match"]["headers"] = [{"name": "X-Team", "value": "ml"}]
+    resources = dump(
+        provider("alpha", fakes["alpha"].url + "/v1", [model("a1")]),
+        provider("beta", fakes["beta"].url + "/v1", [model("b1")]),
+        policy("everyone", ["auto"], [backend("alpha", "a1")]),
+        team,
+    )
+    gw = start_gateway(tmp_path, resources)
+    try:
+        with openai.OpenAI(base_url=gw.url, api_key="x", max_retries=0) as client:
+
+            def policy_of(**headers) -> str:
+                raw = client.chat.completions.with_raw_response.create(
+                    model="auto", messages=[{"role": "user", "content": "hi"}], extra_headers=headers
+                )
+                return raw.headers["x-signalbox-policy"] + "->" + raw.headers["x-signalbox-provider"]
+
+            assert policy_of(**{"x-team": "ml"}) == "team->beta"
+            assert policy_of(**{"x-team": "other"}) == "everyone->alpha"
+            assert policy_of() == "everyone->alpha"
+    finally:
+        gw.stop()
