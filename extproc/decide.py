@@ -1,11 +1,11 @@
 """The two ext_proc phases as pure functions of bytes and headers (no gRPC here).
 
-Router phase (downstream filter, once per request): parse the body once, find the policy by the
-`model` alias (+ header/path matches), classify, select the first backend, say which Envoy
-target to route to, and prepare the request for that backend (path, authority, key, model).
-Upstream phase (upstream filter of the aggregate cluster, on attempts Envoy sends to another
-backend: failover, hedging): given the backend Envoy picked, produce that backend's path,
-authority, auth header and body `model`.
+Router phase (downstream filter, one message per request): parse the body once, find the policy
+by the `model` alias (+ header/path matches), classify, select the first backend, name the
+Envoy target to route to and rewrite the body's `model` (the target route prepares path and
+authority; Envoy adds every attempt's key). Upstream phase (upstream filter of the aggregate
+cluster, on attempts the target route did not prepare: failover, hedging, Azure): given the
+backend Envoy picked, produce that backend's path, authority and body `model`.
 """
 
 from __future__ import annotations
@@ -246,18 +246,6 @@ def upstream_path(backend: BackendRuntime, path: str) -> str:
     return f"{new}?{query}" if query else new
 
 
-def prepare_upstream(backend: BackendRuntime, path: str, headers: dict[str, str] | None) -> UpstreamOutcome:
-    """Path and authority for one backend (its key is Envoy's: a credential injector per
-    provider adds it on every attempt, after every client or provider key header is removed)."""
-    provider = backend.provider
-    return UpstreamOutcome(
-        backend=backend,
-        set_headers=((":path", upstream_path(backend, path)), (":authority", provider.authority)),
-        remove_headers=(),
-        rewrite_body=(headers or {}).get(BODY_MODEL) != backend.upstream_model,
-    )
-
-
 def upstream(table: RuntimeTable, backend_id: str, path: str, headers: dict[str, str]) -> UpstreamOutcome:
     """An attempt on a backend the router phase did not prepare for (failover, hedging)."""
     backend = table.backends.get(backend_id)
@@ -271,10 +259,15 @@ def upstream(table: RuntimeTable, backend_id: str, path: str, headers: dict[str,
         raise ProviderKeyUnavailable(
             f"backend {backend.id} cannot be tried: its provider's API key cannot be read by the gateway"
         )
-    # `:path` was rewritten for the first choice; the client's path travels beside it.
-    out = prepare_upstream(backend, headers.get(ORIGINAL_PATH) or path, headers)
-    remove = tuple(sorted({*out.remove_headers, *GATEWAY_HEADERS}))
-    return UpstreamOutcome(out.backend, out.set_headers, remove, out.rewrite_body)
+    # `:path` was rewritten for the first choice; the client's path travels beside it. The key
+    # is Envoy's: a credential injector per provider adds it after every key header is removed.
+    client_path = headers.get(ORIGINAL_PATH) or path
+    return UpstreamOutcome(
+        backend=backend,
+        set_headers=((":path", upstream_path(backend, client_path)), (":authority", backend.provider.authority)),
+        remove_headers=tuple(sorted(GATEWAY_HEADERS)),
+        rewrite_body=headers.get(BODY_MODEL) != backend.upstream_model,
+    )
 
 
 def rewrite_model(raw_body: bytes, model: str) -> bytes:
