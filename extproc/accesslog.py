@@ -16,10 +16,13 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import duration_pb2, struct_pb2
 
+from signalbox.core.envoygen.contract import COMPILED_POLICY_TAG, METADATA_NS
+
 from . import accounting, decisions
 from .ledger import SpendLedger
 from .metrics import Metrics
 from .reload import TableHolder
+from .runtime import PolicyRuntime
 
 log = logging.getLogger("signalbox.extproc")
 
@@ -31,6 +34,8 @@ def _seconds(d: duration_pb2.Duration) -> float:
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
     def __init__(self, tables: TableHolder, metrics: Metrics, ledger: SpendLedger):
         self.tables, self.metrics, self.ledger = tables, metrics, ledger
+        # Policies by id, for the table they came from (compiled routes name their policy's id).
+        self._policies: tuple[object, dict[str, PolicyRuntime]] = (None, {})
 
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context
@@ -44,9 +49,10 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         return als_pb2.StreamAccessLogsResponse()
 
     def account(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
-        fields = entry.common_properties.metadata.filter_metadata["signalbox"].fields
+        fields = entry.common_properties.metadata.filter_metadata[METADATA_NS].fields
         if "decision" not in fields:
-            return  # not a routed request
+            self.account_compiled(entry, fields)
+            return
         policy, _, first = decisions.unpack(fields["decision"].string_value)
         policy_id = fields["policy_id"].string_value if "policy_id" in fields else policy
         hold = fields["hold"].string_value if "hold" in fields else ""
@@ -58,6 +64,23 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
                 # The real cost replaces what the request held in flight (nothing, if it failed).
                 self.ledger.add(policy_id, cost, release=hold)
 
+    def account_compiled(self, entry: accesslog_pb2.HTTPAccessLogEntry, fields: Mapping[str, struct_pb2.Value]) -> None:
+        """A request Envoy routed alone (a compiled route: its policy is a custom tag). Compiled
+        policies have no budget, so nothing is held or spent in the ledger: only metrics."""
+        policy_id = entry.common_properties.custom_tags.get(COMPILED_POLICY_TAG, "")
+        backend = entry.common_properties.custom_tags.get("backend", "")
+        table = self.tables.current
+        if self._policies[0] is not table:
+            self._policies = (table, {p.id: p for p in table.policies})
+        policy = self._policies[1].get(policy_id)
+        served = table.backends.get(backend)
+        if policy is None or served is None:
+            return  # refused (the alias was read, the ext_proc said no), unanswered, or an older config
+        self.metrics.requests.labels(
+            policy.name, served.provider.name, served.model, policy.strategy, "compiled", "routed"
+        ).inc()
+        self.observe(entry, fields, policy.name, backend)
+
     def observe(
         self, entry: accesslog_pb2.HTTPAccessLogEntry, fields: Mapping[str, struct_pb2.Value], policy: str, first: str
     ) -> float:
@@ -67,6 +90,11 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         if backend is None:
             return 0.0  # a backend of an older config generation
         genai = (backend.model, backend.provider.name)
+        if common.upstream_request_attempt_count > 1:
+            # Envoy retried (failover, or a hedged attempt): counted against who answered.
+            self.metrics.failovers.labels(backend.provider.name, backend.model).inc(
+                common.upstream_request_attempt_count - 1
+            )
         self.metrics.request_duration.labels(*genai).observe(_seconds(common.time_to_last_downstream_tx_byte))
         if "text/event-stream" in entry.response.response_headers.get("content-type", ""):
             # The first response byte of a stream: the first chunk, as providers send it.

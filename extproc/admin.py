@@ -31,6 +31,7 @@ from signalbox.core.errors import Forbidden, RequestError
 from . import decide
 from .classify import Classification
 from .metrics import CONTENT_TYPE
+from .runtime import PolicyRuntime
 from .server import Processor
 
 
@@ -137,12 +138,23 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
                 "upstream_model": choice.backend.upstream_model,
                 "target": choice.target,
                 "reason": outcome.selection.reason,
+                # Envoy routes a compiled policy alone: its split is random with these shares,
+                # so `backend` is one likely answer, `shares` the whole prediction.
+                "compiled": outcome.policy.compiled,
+                "shares": _shares(outcome.policy) if outcome.policy.compiled else None,
                 "candidates": [
                     {"backend": b, "kept": kept, "reason": why} for b, kept, why in outcome.selection.candidates
                 ],
                 "config_generation": processor.tables.current.generation,
             }
         )
+
+    def _shares(policy: PolicyRuntime) -> dict[str, float]:
+        if policy.strategy not in ("weighted", "round-robin"):
+            return {policy.choices[0].backend.id: 1.0}
+        weights = {c.backend.id: (c.weight if policy.strategy == "weighted" else 1) for c in policy.choices}
+        total = sum(weights.values()) or 1
+        return {b: w / total for b, w in weights.items()}
 
     async def feedback(request: web.Request) -> web.Response:
         try:

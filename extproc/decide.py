@@ -2,10 +2,9 @@
 
 Router phase (downstream filter, one message per request): parse the body once, find the policy
 by the `model` alias (+ header/path matches), classify, select the first backend, name the
-Envoy target to route to and rewrite the body's `model` (the target route prepares path and
-authority; Envoy adds every attempt's key). Upstream phase (upstream filter of the aggregate
-cluster, on attempts the target route did not prepare: failover, hedging, Azure): given the
-backend Envoy picked, produce that backend's path, authority and body `model`.
+Envoy target to route to and rewrite the body's `model`. Every attempt (first, failover,
+hedged) is then prepared by Envoy alone: path, authority and, when it differs, the body's
+model (core/attempt.lua), and the key (a credential injector).
 """
 
 from __future__ import annotations
@@ -17,20 +16,15 @@ from typing import Any
 from signalbox.core.budget import BudgetStatus, refuse_if_exhausted
 from signalbox.core.envoygen import contract
 from signalbox.core.envoygen.contract import (
-    BODY_MODEL_HEADER,
     EMBEDDINGS_PATH,
     FEEDBACK_PATH,
-    GATEWAY_HEADERS,
     MODELS_PATH,
-    PATH_HEADER,
-    PREPARED_HEADER,
     ROUTED_PATHS,
     too_large_message,
 )
 from signalbox.core.errors import (
     MalformedRequest,
     PayloadTooLarge,
-    ProviderKeyUnavailable,
     UnknownModel,
     UnsupportedPath,
 )
@@ -41,13 +35,6 @@ from .decisions import DecisionSigner
 from .runtime import BackendRuntime, PolicyRuntime, RuntimeTable
 from .strategies import RequestContext, Selection, SelectionState, select
 from .tiers import classify_request
-
-# Gateway-owned request headers (see envoygen): clients cannot set them, providers never see them.
-# Tells the upstream phase which model the body already names, so a failover attempt to a
-# backend with the same upstream model needs no second parse of the body.
-BODY_MODEL = BODY_MODEL_HEADER
-PREPARED = PREPARED_HEADER
-ORIGINAL_PATH = PATH_HEADER
 
 
 def check_path(method: str, path: str) -> str:
@@ -222,19 +209,12 @@ def decide(
     return finish(prepare(table, path, headers, raw_body, client_address, max_body_bytes), state, explain=explain)
 
 
-# --------------------------------------------------------------------------- upstream phase
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamOutcome:
-    backend: BackendRuntime
-    set_headers: tuple[tuple[str, str], ...]
-    remove_headers: tuple[str, ...]
-    # The body still names another backend's model (a failover attempt): rewrite it.
-    rewrite_body: bool
+# --------------------------------------------------------------------------- provider paths
 
 
 def upstream_path(backend: BackendRuntime, path: str) -> str:
+    """The provider's path for a client path (what attempt.lua does in Envoy; the LLM tier
+    calls providers itself)."""
     bare, _, query = path.partition("?")
     suffix = bare[3:] if bare.startswith("/v1/") else bare
     provider = backend.provider
@@ -244,33 +224,3 @@ def upstream_path(backend: BackendRuntime, path: str) -> str:
     else:
         new = provider.base_path + suffix
     return f"{new}?{query}" if query else new
-
-
-def upstream(table: RuntimeTable, backend_id: str, path: str, headers: dict[str, str]) -> UpstreamOutcome:
-    """An attempt on a backend the router phase did not prepare for (failover, hedging)."""
-    backend = table.backends.get(backend_id)
-    if backend is None:
-        # Envoy runs an older cluster set than this table (reload in flight): fail this attempt
-        # loudly rather than sending a request with the wrong credentials.
-        raise LookupError(f"backend {backend_id!r} is not in routing config generation {table.generation}")
-    if backend.provider.key_missing:
-        # A failover chain may still name it (Envoy's clusters follow health, not keys): end
-        # this attempt clearly rather than send the request without credentials.
-        raise ProviderKeyUnavailable(
-            f"backend {backend.id} cannot be tried: its provider's API key cannot be read by the gateway"
-        )
-    # `:path` was rewritten for the first choice; the client's path travels beside it. The key
-    # is Envoy's: a credential injector per provider adds it after every key header is removed.
-    client_path = headers.get(ORIGINAL_PATH) or path
-    return UpstreamOutcome(
-        backend=backend,
-        set_headers=((":path", upstream_path(backend, client_path)), (":authority", backend.provider.authority)),
-        remove_headers=tuple(sorted(GATEWAY_HEADERS)),
-        rewrite_body=headers.get(BODY_MODEL) != backend.upstream_model,
-    )
-
-
-def rewrite_model(raw_body: bytes, model: str) -> bytes:
-    body = parse_body(raw_body)
-    body["model"] = model
-    return body_codec.dump(body)

@@ -34,7 +34,7 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "signalbox_requests",
-            "Requests decided by the router phase, by outcome (routed, or the error code).",
+            'Routed requests by outcome (routed, or the error code); tier "compiled": routed by Envoy alone.',
             ["policy", "provider", "model", "strategy", "tier", "outcome"],
             registry=r,
         )
@@ -46,7 +46,7 @@ class Metrics:
         )
         self.failovers = Counter(
             "signalbox_failover_attempts",
-            "Upstream attempts on a backend other than the first choice.",
+            "Upstream attempts beyond the first (failover, hedging), by the backend that finally answered.",
             ["provider", "model"],
             registry=r,
         )

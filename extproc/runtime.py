@@ -127,6 +127,8 @@ class PolicyRuntime:
     quality_tolerance: float = -1.0  # negative: per-complexity minimum quality
     llm: LlmTierConfig | None = None
     budget: Budget | None = None
+    # Envoy routes this policy alone (weighted_clusters): the ext_proc only explains it.
+    compiled: bool = False
 
     def matches(self, path: str, headers: dict[str, str]) -> bool:
         if self.path_prefixes and not path.startswith(self.path_prefixes):
@@ -261,6 +263,7 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
             p.semantic_min_rules_confidence if p.semantic_routes else default_routes.MIN_RULES_CONFIDENCE
         ),
         learning=p.learning,
+        compiled=p.compiled,
         learning_exploration_rate=p.learning_exploration_rate,
         learning_prior_weight=p.learning_prior_weight,
         quality_tolerance=p.quality_tolerance,

@@ -1,8 +1,7 @@
 """grpc.aio Envoy external processor: a thin servicer around the pure phase functions.
 
-One gRPC stream is one HTTP request (router phase) or one failover or hedged attempt (upstream
-phase, recognised by the `xds.upstream_host_metadata` attribute only it asks for). Per-stream
-state is a local variable of `Process`; the table is read once per stream. Accounting is the
+One gRPC stream is one HTTP request (the router phase; every attempt is prepared by Envoy).
+Per-stream state is a local variable of `Process`; the table is read once per stream. Accounting is the
 access log service beside it (accesslog.py).
 """
 
@@ -17,7 +16,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 from envoy.config.core.v3 import base_pb2
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
@@ -25,7 +23,7 @@ from google.protobuf import text_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from signalbox.core import budget
-from signalbox.core.envoygen.contract import EMPTY_BODY
+from signalbox.core.envoygen.contract import BODY_MODEL_KEY, EMPTY_BODY
 from signalbox.core.errors import InternalError, MalformedRequest, RequestError
 
 from . import decide, strategies, wire
@@ -45,13 +43,6 @@ UPSTREAM_ATTR = "xds.upstream_host_metadata"
 # Strategies that learn from how long requests take or how many are open: their router-phase
 # stream is kept until Envoy ends it, which is when the HTTP request ends.
 STREAM_LIFETIME_STRATEGIES = frozenset({"latency", "least-busy"})
-_SKIP_BODY = ep.ProcessingResponse(
-    mode_override=processing_mode_pb2.ProcessingMode(
-        request_header_mode=processing_mode_pb2.ProcessingMode.SEND,
-        request_body_mode=processing_mode_pb2.ProcessingMode.NONE,
-        response_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
-    )
-)
 
 
 # Envoy hands the endpoint's metadata over as the *text format* of envoy.config.core.v3.Metadata.
@@ -61,7 +52,7 @@ _BACKEND_RE = re.compile(r'key: "backend" value \{ string_value: "([^"\\]*)" \}'
 
 
 def upstream_backend_id(request: ep.ProcessingRequest) -> str | None:
-    """Backend id from the picked endpoint's metadata, or None in the router phase."""
+    """Backend id from the answering endpoint's metadata (response attributes), or None."""
     for attrs in request.attributes.values():
         meta = attrs.fields.get(UPSTREAM_ATTR)
         if meta is None:
@@ -184,13 +175,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     headers = wire.attribute_headers(request)
                 else:
                     headers = wire.header_map(request.request_headers)
-                backend_id = upstream_backend_id(request)
-                phase = (
-                    self._router(request, headers, request_iterator)
-                    if backend_id is None
-                    else self._upstream(request, headers, request_iterator, backend_id)
-                )
-                async for response in phase:
+                async for response in self._router(request, headers, request_iterator):
                     answered = answered or _ends_request_phase(response)
                     yield response
             except Exception:
@@ -258,6 +243,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     policy.name, outcome.classification.class_key, outcome.selection.choice.backend.id
                 ),
                 "class": decide.class_header(outcome.classification),
+                # attempt.lua leaves the body alone on an attempt to this model's backend.
+                BODY_MODEL_KEY: outcome.selection.choice.backend.upstream_model,
             }
             if hold_id := self.hold(prepared, outcome.selection.choice.backend, now):
                 metadata["hold"] = hold_id
@@ -303,49 +290,6 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     state.observe_latency(
                         chosen, (time.monotonic() - started) * 1000, policy.ewma_alpha, backend.latency_prior_ms
                     )
-
-    async def _upstream(
-        self,
-        request: ep.ProcessingRequest,
-        headers: dict[str, str],
-        rest: AsyncIterator[ep.ProcessingRequest],
-        backend_id: str,
-    ):
-        table = self.tables.current
-        decided = time.perf_counter()
-        try:
-            outcome = decide.upstream(table, backend_id, headers.get(":path", "/"), headers)
-            self.metrics.phase_seconds.labels("upstream").observe(time.perf_counter() - decided)
-        except RequestError as err:
-            log.warning("upstream phase: %s", err)
-            yield wire.immediate_error(err)
-            return
-        except LookupError as exc:
-            log.warning("upstream phase: %s", exc)
-            yield wire.immediate(
-                503,
-                b'{"error":{"message":"routing config is reloading","type":"server_error",'
-                b'"param":null,"code":"config_reloading"}}',
-            )
-            return
-        response = wire.headers_response(outcome.set_headers, outcome.remove_headers)
-        # Envoy runs this phase only for attempts the router phase did not prepare: failovers
-        # and hedged attempts.
-        self.metrics.failovers.labels(outcome.backend.provider.name, outcome.backend.model).inc()
-        if not outcome.rewrite_body:
-            response.mode_override.CopyFrom(_SKIP_BODY.mode_override)
-            yield response
-            return
-        yield response
-        async for request in rest:
-            if request.WhichOneof("request") == "request_body":
-                try:
-                    body = decide.rewrite_model(request.request_body.body, outcome.backend.upstream_model)
-                except RequestError as err:
-                    yield wire.immediate_error(err)
-                    return
-                yield wire.body_response(body=body)
-                return
 
 
 async def serve(

@@ -25,6 +25,7 @@ REFUSING.bind(("127.0.0.1", 0))
 BETA_KEY = "sk-beta-secret-7f3a9c"
 KEYED_KEY = "sk-keyed-secret-41d2e8"
 CLIENT_TOKEN = "client-gateway-token"
+TWIN = {"inputPricePer1M": 1, "outputPricePer1M": 2, "contextWindow": 16000, "capabilities": ["streaming", "json"]}
 
 
 def resources(fakes) -> str:
@@ -42,7 +43,8 @@ def resources(fakes) -> str:
                     outputPricePer1M=0.4,
                     contextWindow=8000,
                     capabilities=["streaming", "json"],
-                )
+                ),
+                model("a2", upstreamName="alpha-twin", **TWIN),
             ],
         ),
         provider(
@@ -73,9 +75,12 @@ def resources(fakes) -> str:
                     outputPricePer1M=2,
                     contextWindow=32000,
                     capabilities=["streaming", "tools", "json"],
-                )
+                ),
+                model("g2", upstreamName="gamma-twin", **TWIN),
             ],
         ),
+        # Another provider behind flaky1's fake, under a deeper base path than everyone else's.
+        provider("nested", fakes["flaky1"].url + "/openai/v1", [model("n1", upstreamName="nested-model", **TWIN)]),
         provider("flaky1", fakes["flaky1"].url + "/v1", [model("f1", upstreamName="flaky-one")]),
         provider("flaky2", fakes["flaky2"].url + "/v1", [model("f2", upstreamName="flaky-two")]),
         # A keyed provider on flaky1's fake: a failing first choice whose key must stay its own.
@@ -85,6 +90,18 @@ def resources(fakes) -> str:
         provider("dead", dead_url, [model("d1")]),
         provider("sick", fakes["delta"].url + "/v1", [model("s1")], healthy=False),
         policy("split", ["split"], [backend("alpha", "a1", weight=3), backend("gamma", "g1", weight=1)]),
+        # Equally capable backends: Envoy routes these alone (the compiled path).
+        policy("split-compiled", ["split-compiled"], [backend("alpha", "a2", weight=3), backend("gamma", "g2")]),
+        policy(
+            "compiled-failover",
+            ["compiled-failover"],
+            [backend("nested", "n1"), backend("gamma", "g2", priority=1)],
+            strategy="failover",
+        ),
+        # The same chain, decided by the ext_proc (cost reads the prompt).
+        policy(
+            "decided-failover", ["decided-failover"], [backend("nested", "n1"), backend("gamma", "g2")], strategy="cost"
+        ),
         policy(
             "failover", ["failover"], [backend("flaky1", "f1"), backend("beta", "b1", priority=1)], strategy="failover"
         ),
@@ -163,6 +180,93 @@ def test_weighted_three_to_one_split_over_2000_requests(client):
     assert sum(counts.values()) == 2000
     assert abs(counts["alpha"] / 2000 - 0.75) <= 0.05, counts
     assert abs(counts["gamma"] / 2000 - 0.25) <= 0.05, counts
+
+
+def router_decisions(gateway) -> float:
+    """How many requests the ext_proc has decided (its router-phase timer's count)."""
+    for line in httpx.get(f"{gateway.admin_url}/metrics").text.splitlines():
+        if line.startswith('signalbox_extproc_phase_duration_seconds_count{phase="router"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_compiled_split_is_three_to_one_with_no_ext_proc_message(gateway, client, fakes):
+    before = router_decisions(gateway)
+    counts = Counter()
+    for _ in range(2000):
+        _, headers = ask(client, "split-compiled")
+        counts[served_by(headers)] += 1
+        assert headers["x-signalbox-policy"] == "split-compiled" and headers["x-signalbox-reason"] == "weighted"
+    assert abs(counts["alpha"] / 2000 - 0.75) <= 0.05, counts
+    assert abs(counts["gamma"] / 2000 - 0.25) <= 0.05, counts
+    assert router_decisions(gateway) == before  # Envoy alone: not one message to Python
+    # Each backend got its own model name, written by Envoy (attempt.lua).
+    assert {r["model"] for r in fakes["alpha"].requests()} == {"alpha-twin"}
+    assert {r["model"] for r in fakes["gamma"].requests()} == {"gamma-twin"}
+    ask(client, "split")  # a decided alias still reaches the ext_proc: the counter can move
+    assert router_decisions(gateway) == before + 1
+    explained = httpx.post(f"{gateway.admin_url}/v1/route", json={"model": "split-compiled"}).json()
+    assert explained["compiled"] is True
+    assert explained["shares"] == {"default/alpha/a2": 0.75, "default/gamma/g2": 0.25}
+
+
+@pytest.mark.parametrize("alias", ["compiled-failover", "decided-failover"])
+def test_failover_to_a_provider_with_another_base_path_sends_it_the_clients_path(client, fakes, alias):
+    """Envoy's request headers are shared by every attempt: a failover attempt built from
+    `:path` would carry the first provider's base path (/v1/openai/v1/chat/completions)."""
+    fakes["flaky1"].behave(status=500)
+    for _ in range(3):
+        completion, headers = ask(client, alias)
+        assert served_by(headers) == "gamma" and completion.model == "gamma-twin"
+        assert headers["x-signalbox-policy"] == alias
+    tried = fakes["flaky1"].requests()
+    assert tried and {(r["path"], r["model"]) for r in tried} == {("/openai/v1/chat/completions", "nested-model")}
+    arrived = fakes["gamma"].requests()
+    assert {(r["path"], r["model"]) for r in arrived} == {("/v1/chat/completions", "gamma-twin")}
+
+
+def test_a_compiled_stream_is_accounted_from_the_access_log(gateway, client):
+    def tokens() -> float:
+        text = httpx.get(f"{gateway.admin_url}/metrics").text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("gen_ai_client_token_usage_total") and 'policy="split-compiled"' in line
+        )
+
+    before = tokens()
+    stream = client.chat.completions.create(
+        model="split-compiled", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    chunks = list(stream)
+    assert chunks and chunks[-1].usage is not None  # Envoy asked the provider for usage
+    deadline = time.monotonic() + 10
+    while tokens() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tokens() > before
+
+
+def test_crafted_bodies_on_a_compiled_alias_reach_only_what_the_alias_allows(gateway, fakes):
+    url = gateway.url + "/chat/completions"
+    msgs = '"messages":[{"role":"user","content":"hi"}]'
+    # Duplicate model members: whichever Envoy routes on, every one of them is rewritten.
+    for raw in (
+        '{"model":"split-compiled",' + msgs + ',"model":"failover"}',
+        '{"model":"failover",' + msgs + ',"model":"split-compiled"}',
+    ):
+        answer = httpx.post(url, content=raw, headers={"content-type": "application/json"})
+        assert answer.status_code == 200, answer.text
+        provider = answer.headers["x-signalbox-provider"]
+        allowed = {"split-compiled": {"alpha", "gamma"}, "failover": {"flaky1", "beta"}}
+        assert provider in allowed[answer.headers["x-signalbox-policy"]]
+    for fake in fakes.values():
+        assert all(r["model"] not in ("split-compiled", "failover") for r in fake.requests())
+    # A member name spelled with escapes: Envoy decodes it to route, the rewrite refuses it.
+    answer = httpx.post(url, content='{"mo\\u0064el":"split-compiled",' + msgs + "}")
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"
+    # Not JSON at all: no alias is read, and the ext_proc answers as for any alias.
+    answer = httpx.post(url, content='{"model":"split-compiled",', headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"
 
 
 # Each failure kind gets its own primary: after a run of 5xx Envoy's outlier detection ejects
@@ -303,8 +407,8 @@ def test_bad_inputs_get_status_and_openai_error(gateway, client):
         ask(client, "no-such-model")
     assert exc.value.status_code == 404
     assert (
-        "available: bytask, cheap, failover, failover-429, fastest, keyed-first, nothing, refused, split, sticky"
-        in exc.value.message
+        "available: bytask, cheap, compiled-failover, decided-failover, failover, failover-429, fastest, "
+        "keyed-first, nothing, refused, split, split-compiled, sticky" in exc.value.message
     )
 
     big = b'{"model":"split","messages":[{"role":"user","content":"' + b"a" * (9 * 1024 * 1024) + b'"}]}'
@@ -327,6 +431,8 @@ def test_models_endpoint_lists_aliases_for_sdk(client):
     assert ids == [
         "bytask",
         "cheap",
+        "compiled-failover",
+        "decided-failover",
         "failover",
         "failover-429",
         "fastest",
@@ -334,6 +440,7 @@ def test_models_endpoint_lists_aliases_for_sdk(client):
         "nothing",
         "refused",
         "split",
+        "split-compiled",
         "sticky",
     ]
 

@@ -23,14 +23,17 @@ pytestmark = pytest.mark.dataplane
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def two_way(fakes, weight_alpha=1, weight_beta=0, aliases=("auto",)):
+def two_way(fakes, weight_alpha=1, weight_beta=0, aliases=("auto",), strategy="weighted"):
+    """Alpha and beta behind one alias; beta costs more, so `cost` (decided by the ext_proc)
+    picks alpha like weights 1:0 (which Envoy routes alone) do."""
     return dump(
         provider("alpha", fakes["alpha"].url + "/v1", [model("a1")]),
-        provider("beta", fakes["beta"].url + "/v1", [model("b1")]),
+        provider("beta", fakes["beta"].url + "/v1", [model("b1", inputPricePer1M=50)]),
         policy(
             "main",
             list(aliases),
             [backend("alpha", "a1", weight=weight_alpha), backend("beta", "b1", weight=weight_beta)],
+            strategy=strategy,
         ),
     )
 
@@ -89,7 +92,7 @@ def test_edit_applies_and_bad_edit_keeps_last_good(fakes, tmp_path):
 
 
 def test_extproc_unreachable_fails_closed_by_default(fakes, tmp_path):
-    gw = start_gateway(tmp_path, two_way(fakes))
+    gw = start_gateway(tmp_path, two_way(fakes, strategy="cost"))
     try:
         assert served(gw, n=2) == {"alpha": 2}
         kill_extproc(gw)
@@ -101,8 +104,22 @@ def test_extproc_unreachable_fails_closed_by_default(fakes, tmp_path):
         gw.stop()
 
 
+def test_compiled_policies_keep_serving_while_the_extproc_is_down(fakes, tmp_path):
+    """Envoy routes a compiled policy alone: the ext_proc's absence does not reach it."""
+    decided = policy("decided", ["decided"], [backend("alpha", "a1"), backend("beta", "b1")], strategy="cost")
+    gw = start_gateway(tmp_path, two_way(fakes) + "---\n" + dump(decided))
+    try:
+        kill_extproc(gw)
+        assert served(gw, n=5) == {"alpha": 5}
+        # ... and the ext_proc was down all along: a decided alias still fails closed.
+        r = httpx.post(f"{gw.url}/chat/completions", json={"model": "decided", "messages": []})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "routing_unavailable"
+    finally:
+        gw.stop()
+
+
 def test_extproc_unreachable_fails_open_when_configured(fakes, tmp_path):
-    gw = start_gateway(tmp_path, two_way(fakes), failure_mode="open")
+    gw = start_gateway(tmp_path, two_way(fakes, strategy="cost"), failure_mode="open")
     try:
         kill_extproc(gw)
         r = httpx.post(f"{gw.url}/chat/completions", json={"model": "auto", "messages": []})

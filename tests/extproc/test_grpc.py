@@ -100,12 +100,13 @@ async def test_router_phase_decides_in_one_message_and_names_its_target_in_metad
     assert common.status == ep.CommonResponse.CONTINUE_AND_REPLACE
     assert json.loads(common.body_mutation.body)["model"] == "model-a"
     assert common.clear_route_cache
-    # No key and no header for Envoy to apply: the target route prepares the attempt.
+    # No key and no header for Envoy to apply: attempt.lua prepares every attempt in Envoy.
     assert KEY.encode() not in only.SerializeToString()
     second = only
     meta = json_format.MessageToDict(second.dynamic_metadata)["signalbox"]
     assert meta["target"] == "t.default.p.0"
     assert (meta["policy"], meta["reason"]) == ("p", "failover:priority")
+    assert meta["body_model"] == "model-a"  # attempt.lua leaves this backend's body alone
     token = meta["decision"]  # what the client echoes back with quality feedback
     assert decisions.unpack(token) == ("p", "chat/simple", "default/a/m")
     payload, _, mac = token.partition(".")
@@ -127,48 +128,12 @@ async def test_router_phase_errors_are_openai_json_immediate_responses(stub):
     assert [m["id"] for m in json.loads(resp.immediate_response.body)["data"]] == ["auto"]
 
 
-def host_metadata(backend_id):
-    return (
-        f'filter_metadata {{ key: "signalbox" value {{ fields {{ key: "backend" value {{ string_value: '
-        f'"{backend_id}" }} }} }} }} '
-    )
-
-
 async def test_a_headers_first_stream_is_still_answered(stub):
     s, _, _ = stub
     payload = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}).encode()
     first, second = await exchange(s, headers_msg(CHAT), body_msg(payload))
     assert first.HasField("request_headers")
     assert json_format.MessageToDict(second.dynamic_metadata)["signalbox"]["target"] == "t.default.p.0"
-
-
-async def test_upstream_phase_first_attempt_sets_path_and_skips_body(stub):
-    s, _, _ = stub
-    headers = {**CHAT, "authorization": "Bearer client", "x-signalbox-body-model": "model-a"}
-    (resp,) = await exchange(
-        s, headers_msg(headers, attributes={"xds.upstream_host_metadata": host_metadata("default/a/m")})
-    )
-    mutation = resp.request_headers.response.header_mutation
-    assert "authorization" not in set_headers(mutation)  # keys are Envoy's (credential injector)
-    assert set_headers(mutation)[":authority"] == "127.0.0.1:9001"
-    assert "x-signalbox-prepared" in mutation.remove_headers
-    # Body already names model-a: Envoy is told not to send it.
-    from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
-
-    assert resp.HasField("mode_override")
-    assert resp.mode_override.request_body_mode == pm.ProcessingMode.NONE
-
-
-async def test_upstream_phase_failover_attempt_rewrites_model(stub):
-    s, _, _ = stub
-    headers = {**CHAT, "authorization": "Bearer client", "x-signalbox-body-model": "model-a"}
-    attrs = {"xds.upstream_host_metadata": host_metadata("default/b/m")}
-    first, second = await exchange(
-        s, headers_msg(headers, attributes=attrs), body_msg(b'{"model":"model-a","messages":[]}')
-    )
-    assert KEY.encode() not in first.SerializeToString()
-    assert not first.HasField("mode_override")
-    assert json.loads(second.request_body.response.body_mutation.body)["model"] == "model-b"
 
 
 async def test_bad_config_file_keeps_the_good_table(stub, tmp_path):

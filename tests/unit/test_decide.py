@@ -71,11 +71,13 @@ def test_the_router_decision_holds_no_key_and_names_only_its_target(table):
     assert KEY not in repr(out) and b"client-gateway-token" not in out.body
 
 
-def test_failover_attempt_is_prepared_from_the_clients_path_not_the_first_choices(table):
-    prepared = {":path": "/v1/chat/completions", decide.ORIGINAL_PATH: "/v1/completions", decide.BODY_MODEL: "x"}
-    az = decide.upstream(table, "default/az/dep", prepared[":path"], prepared)
-    assert dict(az.set_headers)[":path"] == "/openai/deployments/prod-deploy/completions?api-version=2024-06-01"
-    assert {decide.PREPARED, decide.ORIGINAL_PATH} <= set(az.remove_headers)
+def test_provider_paths_for_the_llm_tier(table):
+    backends = table.backends
+    assert decide.upstream_path(backends["default/oai/gpt"], "/v1/chat/completions") == "/v1/chat/completions"
+    assert (
+        decide.upstream_path(backends["default/az/dep"], "/v1/chat/completions?x=1")
+        == "/openai/deployments/prod-deploy/chat/completions?x=1&api-version=2024-06-01"
+    )
 
 
 def test_more_specific_header_match_wins(table):
@@ -111,35 +113,6 @@ def test_models_listing_is_openai_shaped(table):
     assert listing["object"] == "list" and [m["id"] for m in listing["data"]] == ["auto"]
 
 
-def test_upstream_phase_sets_backend_path_authority_and_auth(table):
-    client = {"authorization": "Bearer client-gateway-token", decide.BODY_MODEL: "gpt-4o-mini"}
-    oai = decide.upstream(table, "default/oai/gpt", "/v1/chat/completions", client)
-    headers = dict(oai.set_headers)
-    assert headers[":path"] == "/v1/chat/completions"
-    assert headers[":authority"] == "api.openai.com"
-    assert "authorization" not in headers and KEY not in repr(oai)  # keys are Envoy's (credential injector)
-    assert decide.PREPARED in oai.remove_headers
-    assert oai.rewrite_body is False
-
-    az = decide.upstream(table, "default/az/dep", "/v1/chat/completions", client)
-    headers = dict(az.set_headers)
-    assert headers[":path"] == "/openai/deployments/prod-deploy/chat/completions?api-version=2024-06-01"
-    assert az.rewrite_body is True  # failover attempt: body still names gpt-4o-mini
-
-    vllm = decide.upstream(table, "default/vllm/llama", "/v1/completions", client)
-    assert dict(vllm.set_headers)[":authority"] == "vllm.llm.svc:8000"
-
-
-def test_upstream_rewrite_model_keeps_everything_else():
-    new = decide.rewrite_model(b'{"model":"a","stream":true,"n":2}', "b")
-    assert json.loads(new) == {"model": "b", "stream": True, "n": 2}
-
-
-def test_unknown_backend_in_upstream_phase_fails_loudly(table):
-    with pytest.raises(LookupError, match="not in routing config"):
-        decide.upstream(table, "default/gone/x", "/v1/chat/completions", {})
-
-
 def test_keys_never_show_in_reprs(table):
     rendered = repr(table)
     assert KEY not in rendered and "az-key-987" not in rendered
@@ -155,7 +128,6 @@ def test_unknown_schema_version_is_refused(table):
 
 
 def test_a_provider_whose_key_cannot_be_read_is_never_sent_keyless(monkeypatch, tmp_path, caplog):
-    from signalbox.core.errors import ProviderKeyUnavailable
     from signalbox.extproc.metrics import Metrics
     from signalbox.extproc.reload import TableHolder
 
@@ -173,8 +145,7 @@ def test_a_provider_whose_key_cannot_be_read_is_never_sent_keyless(monkeypatch, 
     out = decide.decide(table, SelectionState(), "/v1/chat/completions", {}, body(), explain=True)
     assert out.selection.choice.backend.id == "default/open/m"  # the next backend, not a keyless call
     assert ("default/keyed/m", False, "api key unavailable") in out.selection.candidates
-    with pytest.raises(ProviderKeyUnavailable):  # a failover attempt Envoy still sends there
-        decide.upstream(table, "default/keyed/m", "/v1/chat/completions", {})
+    # A failover attempt Envoy still sends there is refused by its attempt.lua (test_attempt_lua).
 
 
 def test_embeddings_requests_reach_only_embedding_models_and_skip_classification():

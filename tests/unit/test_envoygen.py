@@ -35,21 +35,22 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
     assert [f["name"] for f in filters] == [
         "signalbox.strip_keys",
         "signalbox.key.default/b",  # only the keyed provider of the chain
-        "signalbox.upstream_phase",
+        "signalbox.attempt.default/a/m",  # one per member: no Python on any attempt
+        "signalbox.attempt.default/b/m",
         "signalbox.strip_gateway_headers_upstream",
         "envoy.filters.http.upstream_codec",
     ]
-    upstream_phase = filters[2]["typed_config"]["extension_config"]["typed_config"]
-    assert upstream_phase["request_attributes"] == ["xds.upstream_host_metadata"]
-    removed = [m["remove"] for m in filters[3]["typed_config"]["mutations"]["request_mutations"]]
+    lua = filters[2]["typed_config"]["extension_config"]["typed_config"]["default_source_code"]["inline_string"]
+    assert lua.startswith("BACKEND = ") and '"/v1"' in lua
+    removed = [m["remove"] for m in filters[4]["typed_config"]["mutations"]["request_mutations"]]
     assert sorted(removed) == sorted(envoygen.GATEWAY_HEADERS)
 
 
 def test_every_attempt_loses_every_key_header_then_gets_its_providers_key_from_envoy():
     """Keys never pass through the ext_proc: every attempt first loses all key headers (the
     client's too), then the picked backend's provider's credential injector adds its key from
-    an SDS file (skipped for any other provider's backend); the upstream phase runs only on
-    attempts the target route did not prepare."""
+    an SDS file (skipped for any other provider's backend); then only the picked backend's
+    attempt.lua runs."""
     from cel.expr import syntax_pb2
     from google.protobuf import json_format
 
@@ -65,7 +66,7 @@ def test_every_attempt_loses_every_key_header_then_gets_its_providers_key_from_e
     assert source["path"] == envoygen.credential_file("/run/keys", "default/b")
     for wrapped, expected in (
         (key, envoygen.picked_host_not_of("default/b")),
-        (phase, envoygen.prepared_for_picked_host()),
+        (phase, envoygen.picked_host_is_not("default/a/m")),
     ):
         (matcher,) = wrapped["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
         assert matcher["on_match"]["action"]["typed_config"]["@type"].endswith("matcher.action.v3.SkipFilter")
@@ -73,12 +74,12 @@ def test_every_attempt_loses_every_key_header_then_gets_its_providers_key_from_e
             "cel_expr_parsed"
         ]
         assert parsed == expected
-    expr = json_format.ParseDict(envoygen.prepared_for_picked_host(), syntax_pb2.ParsedExpr()).expr
+    expr = json_format.ParseDict(envoygen.picked_host_is_not("default/a/m"), syntax_pb2.ParsedExpr()).expr
     left, right = expr.call_expr.args
-    assert expr.call_expr.function == "_==_"
-    assert left.call_expr.args[1].const_expr.string_value == envoygen.PREPARED_HEADER
+    assert expr.call_expr.function == "_!=_"
+    assert left.const_expr.string_value == "default/a/m"
     assert right.call_expr.args[1].const_expr.string_value == "backend"
-    ids = [n.id for n in (expr, left, right, *left.call_expr.args, *right.call_expr.args)]
+    ids = [n.id for n in (expr, left, right, *right.call_expr.args)]
     assert len(set(ids)) == len(ids) and 0 not in ids
     other = json_format.ParseDict(envoygen.picked_host_not_of("default/b"), syntax_pb2.ParsedExpr()).expr
     assert other.call_expr.function == "_!=_"
@@ -91,7 +92,9 @@ def test_clients_cannot_send_gateway_headers():
     first = hcm["http_filters"][0]
     assert first["name"] == "signalbox.strip_client_gateway_headers"
     removed = [m["remove"] for m in first["typed_config"]["mutations"]["request_mutations"]]
-    assert envoygen.PREPARED_HEADER in removed and envoygen.PATH_HEADER in removed
+    assert envoygen.PATH_HEADER in removed
+    # The client's path, kept for every attempt's rewrite (the header map is shared by attempts).
+    assert hcm["http_filters"][1] == envoygen.client_path_filter()
 
 
 def test_backend_cluster_carries_metadata_tls_and_outlier_detection():
@@ -118,10 +121,9 @@ def test_routes_retry_on_failures_and_move_to_next_priority():
         "path": [{"key": "target"}],
         "value": {"string_match": {"exact": "t.default.p.0"}},
     }
-    # The first attempt is prepared by the route: the provider's path, and who prepared it.
-    assert routes["t.default.p.0"]["route"]["regex_rewrite"]["substitution"] == "/v1/"
-    added = {h["header"]["key"]: h["header"]["value"] for h in routes["t.default.p.0"]["request_headers_to_add"]}
-    assert added == {envoygen.PREPARED_HEADER: "default/a/m", envoygen.BODY_MODEL_HEADER: "m"}
+    # Every attempt, the first included, is prepared by the aggregate cluster's attempt.lua.
+    assert "regex_rewrite" not in routes["t.default.p.0"]["route"]
+    assert "request_headers_to_add" not in routes["t.default.p.0"]
     # Bodyless requests are Envoy's to answer: they never reach the ext_proc.
     assert (
         json.loads(__import__("base64").b64decode(routes["models"]["direct_response"]["body"]["inline_bytes"]))["data"][
@@ -146,7 +148,7 @@ def test_fail_open_routes_unrouted_requests_instead_of_refusing():
     opts = envoygen.GatewayOptions(failure_mode="open")
     lds = envoygen.listener(config(), opts)
     hcm = lds["filter_chains"][0]["filters"][0]["typed_config"]
-    assert hcm["http_filters"][1]["typed_config"]["failure_mode_allow"] is True
+    assert by_name(hcm["http_filters"])["envoy.filters.http.ext_proc"]["typed_config"]["failure_mode_allow"] is True
     assert hcm["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]["cluster"] == "t.default.p.0"
 
 
@@ -181,9 +183,11 @@ def test_accounting_reads_usage_in_envoy_and_reports_it_through_the_access_log_o
     common = access_log["typed_config"]["common_config"]
     assert common["grpc_service"] == {"envoy_grpc": {"cluster_name": envoygen.EXTPROC_CLUSTER}}
     assert common["buffer_flush_interval"] == "0.100s"
-    (tag,) = common["custom_tags"]  # the endpoint that answered, after any failover
+    tag, compiled = common["custom_tags"]  # the endpoint that answered, after any failover
     assert tag["tag"] == "backend" and "host" in tag["metadata"]["kind"]
-    assert access_log["filter"]["metadata_filter"]["matcher"]["path"] == [{"key": "decision"}]
+    assert compiled["tag"] == envoygen.COMPILED_POLICY_TAG and "route" in compiled["metadata"]["kind"]
+    either = [f["metadata_filter"]["matcher"]["path"] for f in access_log["filter"]["or_filter"]["filters"]]
+    assert either == [[{"key": "decision"}], [{"key": envoygen.ALIAS_KEY}]]
 
     off = hcm(envoygen.GatewayOptions(accounting=False))
     assert "signalbox.usage" not in [f["name"] for f in off["http_filters"]] and off["access_log"] == []
@@ -205,3 +209,59 @@ def test_the_request_log_is_one_json_line_per_request_without_request_headers_bu
 
     off = hcm(envoygen.GatewayOptions(request_log=""))
     assert all(a["name"] != "envoy.access_loggers.file" for a in off["access_log"])
+
+
+def test_policies_that_need_no_prompt_are_compiled_and_the_rest_are_decided():
+    def compiled(strategy="weighted", models=("m", "m"), **spec):
+        providers = [
+            provider("a", "http://127.0.0.1:9001/v1", [model("m"), model("small", contextWindow=4000)]),
+            provider("b", "http://127.0.0.1:9002/v1", [model("m"), model("tools", capabilities=["tools"])]),
+        ]
+        backends = [backend("a", models[0], weight=3), backend("b", models[1], weight=1, priority=1)]
+        result = compile_config(providers, [policy("p", ["x"], backends, strategy=strategy, **spec)])
+        assert result.ok, result.problems
+        return result.config.policies[0].compiled
+
+    for strategy in ("weighted", "round-robin", "failover", "fastest"):
+        assert compiled(strategy), strategy
+    for strategy in ("cost", "latency", "least-busy", "classified", "hash"):
+        extra = {
+            "hash": {"hash": {"header": "x-user"}},
+            "classified": {"routes": [{"backends": ["a/m"]}]},
+        }.get(strategy, {})
+        assert not compiled(strategy, **extra), strategy
+    assert not compiled(learning={"enabled": True})
+    assert not compiled(budget={"hourlyUsd": 1})
+    assert not compiled(match={"models": ["x"], "headers": [{"name": "x-team", "value": "a"}]})
+    # The prompt decides which backends are eligible: the ext_proc must see it.
+    assert not compiled(models=("small", "m"))  # context windows differ
+    assert not compiled(models=("m", "tools"))  # capabilities differ
+
+
+def test_a_compiled_alias_is_routed_by_envoy_with_the_ext_proc_off():
+    cfg = config()
+    assert cfg.policies[0].compiled
+    hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names.index("signalbox.alias") < names.index("envoy.filters.http.ext_proc")
+    routes = by_name(hcm["route_config"]["virtual_hosts"][0]["routes"])
+    route = routes["compiled:default/p:x"]
+    assert route["route"]["weighted_clusters"]["clusters"] == [
+        {"name": "t.default.p.0", "weight": 1},
+        {"name": "t.default.p.1", "weight": 1},
+    ]
+    assert route["match"]["dynamic_metadata"][0]["path"] == [{"key": envoygen.ALIAS_KEY}]
+    assert route["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["disabled"] is True
+    assert route["metadata"]["filter_metadata"]["signalbox"] == {
+        "policy": "p",
+        "policy_id": "default/p",
+        "reason": "weighted",
+    }
+    headers = {h["header"]["key"]: h["header"]["value"] for h in route["response_headers_to_add"]}
+    assert headers["x-signalbox-policy"] == "%METADATA(ROUTE:signalbox:policy)%"
+    failover = by_name(
+        envoygen.listener(config("failover"), envoygen.GatewayOptions())["filter_chains"][0]["filters"][0][
+            "typed_config"
+        ]["route_config"]["virtual_hosts"][0]["routes"]
+    )["compiled:default/p:x"]
+    assert failover["route"]["cluster"] == "t.default.p.0"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +103,9 @@ def compile_config(
 
     if problems:
         return CompileResult(None, problems)
+    shared = Counter(alias for p in cfg.policies for alias in p.aliases)
+    for out in cfg.policies:
+        out.compiled = compilable(cfg, out, shared)
     cfg.content_hash = content_hash(cfg)
     return CompileResult(cfg, [])
 
@@ -359,6 +363,35 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
             )
         )
     cfg.policies.append(out)
+
+
+# Strategies whose choice needs no prompt and no state Envoy does not have: weighted and
+# round-robin become weighted_clusters (a random split with the same shares), failover and
+# fastest the first healthy backend's aggregate cluster (hedging is Envoy's already).
+COMPILED_STRATEGIES = frozenset({pb.WEIGHTED, pb.ROUND_ROBIN, pb.FAILOVER, pb.FASTEST})
+
+
+def compilable(cfg: pb.RoutingConfig, policy: pb.Policy, alias_uses: Counter[str] | None = None) -> bool:
+    """Whether Envoy can route this policy alone, with the same outcome the ext_proc would give.
+
+    Not when the choice reads the prompt or state only the ext_proc has (cost, classified,
+    latency, least-busy, hash; a budget; learning; the LLM tier), when the policy is picked by
+    headers or paths as well as its alias (or shares an alias), or when its healthy backends
+    differ in capabilities or context window: then the prompt decides which are eligible.
+    """
+    if policy.strategy not in COMPILED_STRATEGIES or policy.learning or policy.HasField("budget"):
+        return False
+    if policy.headers or policy.path_prefixes or policy.llm_backend:
+        return False
+    if alias_uses is not None and any(alias_uses[a] > 1 for a in policy.aliases):
+        return False
+    live = [b for b in policy.backends if b.target]
+    if not live:
+        return False
+    if policy.strategy == pb.WEIGHTED and not any(b.weight for b in live):
+        return False
+    shapes = {(frozenset(cfg.backends[b.backend].capabilities), cfg.backends[b.backend].context_window) for b in live}
+    return len(shapes) == 1
 
 
 def chain(cfg: pb.RoutingConfig, policy: pb.Policy, first: int) -> list[pb.Backend]:

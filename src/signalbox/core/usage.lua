@@ -11,8 +11,8 @@ local TAIL = 256
 
 function envoy_on_response(handle)
   local meta = handle:streamInfo():dynamicMetadata():get(NS)
-  if meta == nil or meta["decision"] == nil then
-    return -- not a routed request: an error answered by the gateway, /v1/models, ...
+  if meta == nil or (meta["decision"] == nil and meta["alias"] == nil) then
+    return -- not a routed request (decided, or on a compiled route): /v1/models, ...
   end
   local prompt, completion
   local tail = ""

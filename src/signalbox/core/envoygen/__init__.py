@@ -7,10 +7,12 @@
 - `clusters`: one cluster per backend (its endpoint carries `filter_metadata.signalbox`:
   backend, provider id, provider, model), one aggregate cluster per *target* (a policy's
   first choice and its failover chain), and the upstream filters every attempt runs: all key
-  headers removed, the picked provider's key added by Envoy, the upstream-phase ext_proc only
-  on attempts the target route did not prepare.
-- `listener`: the router-phase ext_proc (one message: the body, with the headers policies
-  read as attributes), one route per target matched on the target in dynamic metadata, the
+  headers removed, the picked provider's key added by Envoy, then the picked backend's path,
+  authority and body model (`core/attempt.lua`): no Python on any attempt.
+- `listener`: the compiled path (the alias read from the body by Envoy, routes per alias of a
+  policy that needs no prompt, weighted_clusters, the ext_proc off), the decided path's
+  router-phase ext_proc (one message: the body, with the headers policies read as
+  attributes), one route per target matched on the target in dynamic metadata, the
   answers Envoy gives alone (models listing, refusals of bodyless requests), OpenAI-style
   local replies, accounting and the request log.
 
@@ -21,11 +23,24 @@ and a laptop run the same Envoy shape.
 from __future__ import annotations
 
 from .bootstrap import bootstrap, resources
-from .clusters import clusters, credential_file, credential_name, picked_host_not_of, prepared_for_picked_host
+from .clusters import (
+    ATTEMPT_ERRORS,
+    attempt_settings,
+    attempt_source,
+    clusters,
+    credential_file,
+    credential_name,
+    lua_literal,
+    picked_host_is_not,
+    picked_host_not_of,
+)
 from .contract import (
     ADMIN_CLUSTER,
+    ALIAS_KEY,
     API_PATHS,
-    BODY_MODEL_HEADER,
+    BODY_MODEL_KEY,
+    CLIENT_PATH_KEY,
+    COMPILED_POLICY_TAG,
     EMBEDDINGS_PATH,
     EMPTY_BODY,
     EXTPROC_ADMIN_CLUSTER,
@@ -39,15 +54,17 @@ from .contract import (
     METADATA_NS,
     MODELS_PATH,
     PATH_HEADER,
-    PREPARED_HEADER,
     ROUTED_PATHS,
     ROUTER_ATTRIBUTES,
     models_listing,
     too_large_message,
 )
 from .listener import (
+    COMPILED_REASONS,
     REQUEST_LOG_FORMAT,
     accounting_log,
+    alias_filter,
+    client_path_filter,
     health_listener,
     listener,
     request_log,
@@ -58,8 +75,13 @@ from .options import STREAM_LIMITS, GatewayOptions
 
 __all__ = [
     "ADMIN_CLUSTER",
+    "ALIAS_KEY",
     "API_PATHS",
-    "BODY_MODEL_HEADER",
+    "ATTEMPT_ERRORS",
+    "BODY_MODEL_KEY",
+    "CLIENT_PATH_KEY",
+    "COMPILED_POLICY_TAG",
+    "COMPILED_REASONS",
     "EMBEDDINGS_PATH",
     "EMPTY_BODY",
     "EXTPROC_ADMIN_CLUSTER",
@@ -73,22 +95,27 @@ __all__ = [
     "METADATA_NS",
     "MODELS_PATH",
     "PATH_HEADER",
-    "PREPARED_HEADER",
     "REQUEST_LOG_FORMAT",
     "ROUTED_PATHS",
     "ROUTER_ATTRIBUTES",
     "STREAM_LIMITS",
     "GatewayOptions",
     "accounting_log",
+    "alias_filter",
+    "attempt_settings",
+    "attempt_source",
     "bootstrap",
+    "client_path_filter",
     "clusters",
+    "compiled_routes",
     "credential_file",
     "credential_name",
     "health_listener",
     "listener",
+    "lua_literal",
     "models_listing",
+    "picked_host_is_not",
     "picked_host_not_of",
-    "prepared_for_picked_host",
     "request_log",
     "resources",
     "router_attributes",

@@ -1,17 +1,23 @@
 """Clusters: one per backend, one aggregate per target (the failover chain), and the upstream
-filters every attempt runs (keys by Envoy, the upstream-phase ext_proc on unprepared attempts)."""
+filters every attempt runs: the picked backend's key and its path, authority and body model,
+all by Envoy (no Python on any attempt)."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import re
+from importlib import resources as package_files
 from typing import Any
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
+from .. import errors
 from ..compiler import chain
-from .contract import EXTPROC_FAILED_STATUS, GATEWAY_HEADERS, METADATA_NS, PREPARED_HEADER
-from .options import STREAM_LIMITS, GatewayOptions, _address, _any, _grpc_service, _ms
+from .contract import GATEWAY_HEADERS, METADATA_NS
+from .options import STREAM_LIMITS, GatewayOptions, _address, _any, _ms
+
+_ATTEMPT_LUA = package_files.files("signalbox.core").joinpath("attempt.lua").read_text()
 
 
 def _http1_options(filters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -76,32 +82,6 @@ def _backend_cluster(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
     return cluster
 
 
-def _extproc_filter(
-    opts: GatewayOptions, response_headers: bool = False, request_headers: bool = True, **extra: Any
-) -> dict[str, Any]:
-    """The ext_proc filter of both phases. The upstream phase gets the headers, then the
-    buffered body; the router phase only the body, with the headers it reads as attributes."""
-    return _any(
-        "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        grpc_service=_grpc_service(opts.extproc_message_timeout_ms),
-        failure_mode_allow=opts.failure_mode == "open",
-        # An unreachable, failed or timed-out ext_proc answers this status, which nothing else
-        # produces, so the local reply mapper turns exactly these into 503 routing_unavailable
-        # while the ext_proc's own 500 internal_error (with its request id) passes unchanged.
-        status_on_error={"code": EXTPROC_FAILED_STATUS},
-        message_timeout=_ms(opts.extproc_message_timeout_ms),
-        processing_mode={
-            "request_header_mode": "SEND" if request_headers else "SKIP",
-            "response_header_mode": "SEND" if response_headers else "SKIP",
-            "request_body_mode": "BUFFERED",
-            "response_body_mode": "NONE",
-        },
-        allow_mode_override=True,
-        mutation_rules={"allow_all_routing": True},
-        **extra,
-    )
-
-
 def _picked_host_matches(lhs: tuple[str, str], key: str, op: str) -> dict[str, Any]:
     """CEL `<lhs> <op> xds.upstream_host_metadata.filter_metadata['signalbox'][key]` (lhs: a request
     header ("header", name) or a string ("const", value)), as a parsed
@@ -128,15 +108,14 @@ def _picked_host_matches(lhs: tuple[str, str], key: str, op: str) -> dict[str, A
     return {"expr": node("callExpr", {"function": op, "args": [left, value]})}
 
 
-def prepared_for_picked_host() -> dict[str, Any]:
-    """CEL: the attempt goes to the backend its target route prepared the request for
-    (`request.headers['x-signalbox-prepared'] == <picked host's backend id>`)."""
-    return _picked_host_matches(("header", PREPARED_HEADER), "backend", "_==_")
-
-
 def picked_host_not_of(provider_id: str) -> dict[str, Any]:
     """CEL: the attempt goes to a backend of another provider than `provider_id`."""
     return _picked_host_matches(("const", provider_id), "provider_id", "_!=_")
+
+
+def picked_host_is_not(backend_id: str) -> dict[str, Any]:
+    """CEL: the attempt goes to another backend than `backend_id`."""
+    return _picked_host_matches(("const", backend_id), "backend", "_!=_")
 
 
 def _skip_when(name: str, filter_config: dict[str, Any], predicate: dict[str, Any]) -> dict[str, Any]:
@@ -210,11 +189,72 @@ def _credential_injector(provider: pb.Provider, opts: GatewayOptions) -> dict[st
     return _skip_when(f"signalbox.key.{provider.id}", injector, picked_host_not_of(provider.id))
 
 
+def lua_literal(value: str | dict[str, Any]) -> str:
+    """A Lua string (every byte outside a safe set as a decimal escape) or table literal."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"[{lua_literal(k)}] = {lua_literal(v)}" for k, v in value.items()) + "}"
+    safe = re.compile(rb"[A-Za-z0-9 ._/:?=&-]")
+    return '"' + "".join(chr(b) if safe.fullmatch(bytes([b])) else f"\\{b:03d}" for b in value.encode()) + '"'
+
+
+def _error(err: errors.RequestError) -> dict[str, Any]:
+    return {"status": str(err.status), "code": err.code, "body": err.body().decode()}
+
+
+# What an attempt can be refused with, in the client's API shape (one error tree: core.errors).
+ATTEMPT_ERRORS = {
+    "not_object": _error(errors.MalformedRequest("request body is not a JSON object")),
+    "escaped_name": _error(errors.MalformedRequest("member names with escape sequences are not supported")),
+    "no_model": _error(errors.MalformedRequest("request body has no 'model'")),
+    "key_unavailable": _error(
+        errors.ProviderKeyUnavailable("a backend cannot be tried: its provider's API key cannot be read by the gateway")
+    ),
+}
+
+
+def attempt_settings(backend: pb.Backend, provider: pb.Provider) -> dict[str, Any]:
+    """What attempt.lua needs to know of one backend (its BACKEND table)."""
+    default_port = 443 if provider.tls else 80
+    path, query = provider.base_path, ""
+    if provider.type == pb.AZURE_OPENAI:
+        # Azure's paths name the deployment and need an api-version.
+        path = f"{provider.base_path}/openai/deployments/{backend.upstream_model}"
+        query = f"api-version={provider.azure_api_version}"
+    return {
+        "model": backend.upstream_model,
+        "model_json": json.dumps(backend.upstream_model),
+        "path": path,
+        "query": query,
+        "authority": provider.host if provider.port == default_port else f"{provider.host}:{provider.port}",
+        "key_header": (provider.auth.header or "authorization").lower() if provider.HasField("auth") else "",
+    }
+
+
+def attempt_source(backend: pb.Backend, provider: pb.Provider) -> str:
+    """attempt.lua for one backend: its settings and the error bodies, then the shared code."""
+    prelude = (
+        f"BACKEND = {lua_literal(attempt_settings(backend, provider))}\n"
+        f"ERRORS = {{{', '.join(f'{k} = {lua_literal(v)}' for k, v in ATTEMPT_ERRORS.items())}}}\n"
+    )
+    return prelude + _ATTEMPT_LUA
+
+
+def _attempt_filter(backend: pb.Backend, provider: pb.Provider) -> dict[str, Any]:
+    lua = {
+        "name": "envoy.filters.http.lua",
+        "typed_config": _any(
+            "envoy.extensions.filters.http.lua.v3.Lua",
+            default_source_code={"inline_string": attempt_source(backend, provider)},
+        ),
+    }
+    return _skip_when(f"signalbox.attempt.{backend.id}", lua, picked_host_is_not(backend.id))
+
+
 def _upstream_phase(cfg: pb.RoutingConfig, opts: GatewayOptions, members: list[pb.Backend]) -> list[dict[str, Any]]:
     """Upstream filters of one aggregate cluster, per attempt: every key header removed (the
-    client's included), the key of the picked backend's provider added by Envoy, and the
-    upstream-phase ext_proc only on attempts the target route did not prepare (failover,
-    hedging, Azure paths): it sets that backend's path, authority and body model.
+    client's included), the key of the picked backend's provider added by Envoy, then that
+    backend's path, authority and body model (attempt.lua, one instance per member, each
+    skipped unless the attempt goes to its backend).
     """
     key_headers = sorted({"authorization", "api-key", *(p.auth.header.lower() for p in cfg.providers if p.auth.header)})
     strip_keys = {
@@ -227,14 +267,10 @@ def _upstream_phase(cfg: pb.RoutingConfig, opts: GatewayOptions, members: list[p
     providers = {p.id: p for p in cfg.providers}
     keyed = sorted({b.provider_id for b in members if providers[b.provider_id].HasField("auth")})
     credentials = [_credential_injector(providers[pid], opts) for pid in keyed] if opts.credentials_dir else []
-    extproc = {
-        "name": "envoy.filters.http.ext_proc",
-        "typed_config": _extproc_filter(opts, request_attributes=["xds.upstream_host_metadata"]),
-    }
     return [
         strip_keys,
         *credentials,
-        _skip_when("signalbox.upstream_phase", extproc, prepared_for_picked_host()),
+        *(_attempt_filter(b, providers[b.provider_id]) for b in members),
         _remove_gateway_headers("signalbox.strip_gateway_headers_upstream"),
         {
             "name": "envoy.filters.http.upstream_codec",

@@ -9,17 +9,11 @@ from __future__ import annotations
 
 import json
 
-# Gateway-owned request headers. Clients cannot set them (a header_mutation filter removes them
-# before the router phase sees the request) and providers never see them (the upstream filter
-# chain removes them after the upstream phase).
-# The model the body already names: the upstream phase rewrites the body only when it differs.
-BODY_MODEL_HEADER = "x-signalbox-body-model"
-# The backend the target route prepared the first attempt for (path, authority; Envoy adds keys).
-PREPARED_HEADER = "x-signalbox-prepared"
-# The client's path, for the upstream phase of a failover attempt (`:path` is already rewritten):
-# Envoy keeps it in x-envoy-original-path when a route rewrites the path.
+# Request headers clients cannot set (a header_mutation filter removes them before the router
+# phase) and providers never see (the upstream filters remove them last): Envoy's own record of
+# a rewritten path, which would tell a provider the gateway's paths.
 PATH_HEADER = "x-envoy-original-path"
-GATEWAY_HEADERS = (BODY_MODEL_HEADER, PREPARED_HEADER, PATH_HEADER)
+GATEWAY_HEADERS = (PATH_HEADER,)
 # What the router phase reads of a request besides its body, sent with the body as attributes
 # (CEL expressions): these, and `request.headers['<name>']` for each header a policy matches
 # on or hashes by (`router_attributes`). Envoy cannot send the whole header map.
@@ -32,6 +26,15 @@ EMPTY_BODY = {
     "feedback": 'feedback needs a JSON body: {"decision": ..., "score": 0..1}',
 }
 METADATA_NS = "signalbox"
+# Keys in METADATA_NS besides the decision's (target, policy, reason, decision, class, hold):
+# the client's path (set by Envoy for every request), and the model the router phase wrote
+# into the body, so an attempt to that backend leaves the body alone.
+CLIENT_PATH_KEY = "path"
+BODY_MODEL_KEY = "body_model"
+# The body's `model`, read by Envoy (json_to_metadata) for the compiled routes to match on.
+ALIAS_KEY = "alias"
+# Access log custom tag: the policy of a compiled route (from route metadata).
+COMPILED_POLICY_TAG = "compiled_policy"
 EXTPROC_CLUSTER = "signalbox_extproc"
 # HTTP 510 (Not Extended): the status Envoy's ext_proc filter answers when the processor
 # cannot be reached or fails; mapped to 503 routing_unavailable before any client sees it.

@@ -10,11 +10,13 @@ from typing import Any
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
-from .clusters import _extproc_filter, _remove_gateway_headers
+from .clusters import _remove_gateway_headers
 from .contract import (
     ADMIN_CLUSTER,
+    ALIAS_KEY,
     API_PATHS,
-    BODY_MODEL_HEADER,
+    CLIENT_PATH_KEY,
+    COMPILED_POLICY_TAG,
     EMPTY_BODY,
     EXTPROC_ADMIN_CLUSTER,
     EXTPROC_CLUSTER,
@@ -25,13 +27,38 @@ from .contract import (
     LISTENER_NAME,
     METADATA_NS,
     MODELS_PATH,
-    PREPARED_HEADER,
     ROUTED_PATHS,
     ROUTER_ATTRIBUTES,
     models_listing,
     too_large_message,
 )
-from .options import _RETRY_ON, GatewayOptions, _address, _any, _ms
+from .options import _RETRY_ON, GatewayOptions, _address, _any, _grpc_service, _ms
+
+
+def _extproc_filter(
+    opts: GatewayOptions, response_headers: bool = False, request_headers: bool = True, **extra: Any
+) -> dict[str, Any]:
+    """The router-phase ext_proc: the body, with the headers it reads as attributes (a
+    headers-first stream is what tests and older configs send)."""
+    return _any(
+        "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        grpc_service=_grpc_service(opts.extproc_message_timeout_ms),
+        failure_mode_allow=opts.failure_mode == "open",
+        # An unreachable, failed or timed-out ext_proc answers this status, which nothing else
+        # produces, so the local reply mapper turns exactly these into 503 routing_unavailable
+        # while the ext_proc's own 500 internal_error (with its request id) passes unchanged.
+        status_on_error={"code": EXTPROC_FAILED_STATUS},
+        message_timeout=_ms(opts.extproc_message_timeout_ms),
+        processing_mode={
+            "request_header_mode": "SEND" if request_headers else "SKIP",
+            "response_header_mode": "SEND" if response_headers else "SKIP",
+            "request_body_mode": "BUFFERED",
+            "response_body_mode": "NONE",
+        },
+        allow_mode_override=True,
+        mutation_rules={"allow_all_routing": True},
+        **extra,
+    )
 
 
 def _retry_policy(policy: pb.Policy) -> dict[str, Any]:
@@ -57,18 +84,21 @@ def _retry_policy(policy: pb.Policy) -> dict[str, Any]:
     return retry
 
 
-def _response_headers() -> list[dict[str, Any]]:
+def _response_headers(decision: str = f"%DYNAMIC_METADATA({METADATA_NS}:{{}})%") -> list[dict[str, Any]]:
+    """Who answered (the endpoint's metadata, after any failover) and why: `decision` formats
+    a key of the decision (dynamic metadata from the ext_proc, or the compiled route's own)."""
+
     def header(name: str, value: str) -> dict[str, Any]:
         return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
 
     return [
         header("x-signalbox-provider", f"%UPSTREAM_METADATA({METADATA_NS}:provider)%"),
         header("x-signalbox-model", f"%UPSTREAM_METADATA({METADATA_NS}:model)%"),
-        header("x-signalbox-policy", f"%DYNAMIC_METADATA({METADATA_NS}:policy)%"),
-        header("x-signalbox-reason", f"%DYNAMIC_METADATA({METADATA_NS}:reason)%"),
-        header("x-signalbox-class", f"%DYNAMIC_METADATA({METADATA_NS}:class)%"),
+        header("x-signalbox-policy", decision.format("policy")),
+        header("x-signalbox-reason", decision.format("reason")),
+        header("x-signalbox-class", decision.format("class")),
         # Echoed back in POST /v1/feedback to teach adaptive routing (see README).
-        header("x-signalbox-decision", f"%DYNAMIC_METADATA({METADATA_NS}:decision)%"),
+        header("x-signalbox-decision", decision.format("decision")),
     ]
 
 
@@ -78,8 +108,8 @@ def _set(name: str, value: str) -> dict[str, Any]:
 
 def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
     """One route per target (a policy's backend as first choice), matched on the target the
-    router phase put in dynamic metadata; then what Envoy answers without Python."""
-    providers = {p.id: p for p in cfg.providers}
+    router phase put in dynamic metadata; then what Envoy answers without Python. Each attempt
+    is prepared for its backend by the aggregate cluster's upstream filters (attempt.lua)."""
     routes: list[dict[str, Any]] = []
     first_target = ""
     for policy in cfg.policies:
@@ -90,20 +120,10 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
             route: dict[str, Any] = {
                 "cluster": pb_backend.target,
                 "timeout": _ms(policy.timeout_ms),
-                "auto_host_rewrite": True,
                 "retry_policy": _retry_policy(policy),
             }
             if policy.strategy == pb.FASTEST:
                 route["hedge_policy"] = {"hedge_on_per_try_timeout": True}
-            backend = cfg.backends[pb_backend.backend]
-            provider = providers[backend.provider_id]
-            prepared = [_set(BODY_MODEL_HEADER, backend.upstream_model)]
-            if provider.type != pb.AZURE_OPENAI:
-                # The first attempt is prepared here, by Envoy: the provider's path (the query
-                # string is kept) and, through auto_host_rewrite, its authority. Azure's paths
-                # name the deployment and need an api-version: its attempts go to the upstream phase.
-                route["regex_rewrite"] = {"pattern": {"regex": "^/v1/"}, "substitution": provider.base_path + "/"}
-                prepared.append(_set(PREPARED_HEADER, backend.id))
             routes.append(
                 {
                     "name": pb_backend.target,
@@ -118,10 +138,10 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
                         ],
                     },
                     "route": route,
-                    "request_headers_to_add": prepared,
                     "response_headers_to_add": _response_headers(),
                 }
             )
+    routes += [r for policy in cfg.policies if policy.compiled for r in compiled_routes(cfg, policy)]
     # GET /v1/models is answered by Envoy from the compiled aliases: no body, no Python.
     routes.append(
         {
@@ -139,7 +159,7 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
             {
                 "name": "fail-open",
                 "match": {"prefix": "/"},
-                "route": {"cluster": first_target, "auto_host_rewrite": True},
+                "route": {"cluster": first_target},
             }
         )
     else:
@@ -154,6 +174,88 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
             _refusal("unknown-path", {"prefix": "/"}, errors.UnsupportedPath(f"unknown path; supported: {supported}"))
         )
     return routes
+
+
+# What the reason header says for a policy Envoy routes alone: the ext_proc's reasons for the
+# same strategies (strategies.SELECTORS), so dashboards need not know which path served.
+COMPILED_REASONS = {
+    pb.WEIGHTED: "weighted",
+    pb.ROUND_ROBIN: "round-robin",
+    pb.FAILOVER: "failover:priority",
+    pb.FASTEST: "failover:priority",
+}
+
+
+def compiled_routes(cfg: pb.RoutingConfig, policy: pb.Policy) -> list[dict[str, Any]]:
+    """The compiled path: one route per alias of a policy Envoy routes alone. It matches the
+    alias json_to_metadata read from the body, splits with weighted_clusters over the same
+    aggregate clusters the decided path uses (so failover, keys and attempt.lua are shared),
+    and turns the ext_proc off. Policy and reason ride on route metadata."""
+    live = [b for b in policy.backends if b.target]
+    if policy.strategy in (pb.FAILOVER, pb.FASTEST):
+        first = min(range(len(live)), key=lambda i: (live[i].priority, i))
+        destination: dict[str, Any] = {"cluster": live[first].target}
+    else:
+        weights = [(b.target, b.weight if policy.strategy == pb.WEIGHTED else 1) for b in live]
+        destination = {"weighted_clusters": {"clusters": [{"name": t, "weight": w} for t, w in weights if w > 0]}}
+    route: dict[str, Any] = {**destination, "timeout": _ms(policy.timeout_ms), "retry_policy": _retry_policy(policy)}
+    if policy.strategy == pb.FASTEST:
+        route["hedge_policy"] = {"hedge_on_per_try_timeout": True}
+    paths = "|".join(re.escape(p) for p in ROUTED_PATHS)
+    return [
+        {
+            "name": f"compiled:{policy.id}:{alias}",
+            "match": {
+                "safe_regex": {"regex": f"^({paths})/?$"},
+                "headers": [_method("POST")],
+                "dynamic_metadata": [
+                    {
+                        "filter": METADATA_NS,
+                        "path": [{"key": ALIAS_KEY}],
+                        "value": {"string_match": {"exact": alias}},
+                    }
+                ],
+            },
+            "route": route,
+            "metadata": {
+                "filter_metadata": {
+                    METADATA_NS: {
+                        "policy": policy.name,
+                        "policy_id": policy.id,
+                        "reason": COMPILED_REASONS[policy.strategy],
+                    }
+                }
+            },
+            "typed_per_filter_config": {
+                "envoy.filters.http.ext_proc": _any(
+                    "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", disabled=True
+                )
+            },
+            "response_headers_to_add": _response_headers(f"%METADATA(ROUTE:{METADATA_NS}:{{}})%"),
+        }
+        for alias in policy.aliases
+    ]
+
+
+def alias_filter() -> dict[str, Any]:
+    """The compiled path reads the alias (`model`) from the body in Envoy (C++, before the
+    ext_proc) into dynamic metadata, which the compiled routes match on. A body it cannot read
+    leaves no alias: the request goes to the ext_proc, which gives the client its 400."""
+    return {
+        "name": "signalbox.alias",
+        "typed_config": _any(
+            "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+            request_rules={
+                "rules": [
+                    {
+                        "selectors": [{"key": "model"}],
+                        "on_present": {"metadata_namespace": METADATA_NS, "key": ALIAS_KEY, "type": "STRING"},
+                    }
+                ],
+                "allow_empty_content_type": True,
+            },
+        ),
+    }
 
 
 def _method(name: str) -> dict[str, Any]:
@@ -263,15 +365,35 @@ def accounting_log(opts: GatewayOptions) -> dict[str, Any]:
                             "kind": {"host": {}},
                             "metadata_key": {"key": METADATA_NS, "path": [{"key": "backend"}]},
                         },
-                    }
+                    },
+                    # The policy of a compiled route (no decision metadata on that path).
+                    {
+                        "tag": COMPILED_POLICY_TAG,
+                        "metadata": {
+                            "kind": {"route": {}},
+                            "metadata_key": {"key": METADATA_NS, "path": [{"key": "policy_id"}]},
+                        },
+                    },
                 ],
             },
             additional_response_headers_to_log=["content-type"],
         ),
-        # Only routed requests carry a decision; everything else is not worth a log entry.
+        # Only requests with a decision or an alias (compiled routes): the rest (models
+        # listing, refusals of bodyless requests) is not worth a log entry.
         "filter": {
-            "metadata_filter": {
-                "matcher": {"filter": METADATA_NS, "path": [{"key": "decision"}], "value": {"present_match": True}}
+            "or_filter": {
+                "filters": [
+                    {
+                        "metadata_filter": {
+                            "matcher": {
+                                "filter": METADATA_NS,
+                                "path": [{"key": key}],
+                                "value": {"present_match": True},
+                            }
+                        }
+                    }
+                    for key in ("decision", ALIAS_KEY)
+                ]
             }
         },
     }
@@ -307,6 +429,24 @@ def request_log(path: str) -> dict[str, Any]:
             "envoy.extensions.access_loggers.file.v3.FileAccessLog",
             path=path,
             log_format={"json_format": REQUEST_LOG_FORMAT},
+        ),
+    }
+
+
+def client_path_filter() -> dict[str, Any]:
+    """The client's path, kept in dynamic metadata for every attempt's rewrite: the request
+    headers are one map shared by all attempts, so `:path` holds the previous attempt's."""
+    return {
+        "name": "signalbox.client_path",
+        "typed_config": _any(
+            "envoy.extensions.filters.http.header_to_metadata.v3.Config",
+            request_rules=[
+                {
+                    "header": ":path",
+                    "on_header_present": {"metadata_namespace": METADATA_NS, "key": CLIENT_PATH_KEY, "type": "STRING"},
+                    "remove": False,
+                }
+            ],
         ),
     }
 
@@ -349,6 +489,8 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
         },
         http_filters=[
             _remove_gateway_headers("signalbox.strip_client_gateway_headers"),
+            client_path_filter(),
+            *([alias_filter()] if any(p.compiled for p in cfg.policies) else []),
             {"name": "envoy.filters.http.ext_proc", "typed_config": router_extproc},
             {
                 "name": "envoy.filters.http.buffer",

@@ -1,0 +1,183 @@
+-- Signalbox: prepare one upstream attempt for one backend, inside Envoy.
+--
+-- Runs as an upstream HTTP filter of an aggregate cluster, once per attempt, only when the
+-- picked host is this filter's backend (a CEL matcher skips it otherwise); the generator puts
+-- one instance per member of the failover chain and defines BACKEND above this text:
+--   model       the model name the provider expects ("model" in the body)
+--   model_json  the same, as a JSON string literal
+--   path        the provider's path for the client's "/v1/<rest>" ("<rest>" appended)
+--   query       extra query parameters (Azure's api-version), "" for none
+--   authority   the provider's host[:port]
+--   key_header  the header Envoy's credential injector set before this filter, "" if keyless
+-- and ERRORS, the gateway's error bodies (from signalbox.core.errors) by name, each with its
+-- status and code.
+-- The client's path comes from dynamic metadata (header_to_metadata on the listener): the
+-- request headers are one map shared by every attempt, so `:path` already holds the previous
+-- attempt's rewrite. The body is the router's buffered copy, fresh for every attempt.
+-- Nothing here reads or writes a key: it only checks that one was added.
+local NS = "signalbox"
+
+local function refuse(handle, name)
+  local e = ERRORS[name]
+  handle:respond({[":status"] = e.status, ["content-type"] = "application/json",
+                  ["x-signalbox-reason"] = e.code}, e.body)
+end
+
+-- JSON scanning: just enough to find the top-level members of an object without decoding it.
+-- Each function takes the text and a 1-based index and returns the index after what it read,
+-- or nil when the text is not well-formed there.
+local function after_ws(s, i)
+  return string.find(s, "[^ \t\r\n]", i)
+end
+
+local function after_string(s, i)
+  local j = i + 1
+  while true do
+    local k = string.find(s, '["\\]', j)
+    if k == nil then return nil end
+    if string.byte(s, k) == 92 then j = k + 2 else return k + 1 end
+  end
+end
+
+local function after_value(s, i)
+  local c = string.byte(s, i)
+  if c == 34 then return after_string(s, i) end
+  if c == 123 or c == 91 then
+    local depth, j = 0, i
+    while true do
+      local k = string.find(s, '["{}%[%]]', j)
+      if k == nil then return nil end
+      local b = string.byte(s, k)
+      if b == 34 then
+        j = after_string(s, k)
+        if j == nil then return nil end
+      else
+        if b == 123 or b == 91 then depth = depth + 1 else depth = depth - 1 end
+        j = k + 1
+        if depth == 0 then return j end
+      end
+    end
+  end
+  -- A number, true, false or null: up to the next delimiter.
+  local k = string.find(s, "[,}%] \t\r\n]", i)
+  if k == nil or k == i then return nil end
+  return k
+end
+
+-- The members of the object at s[i]: a list of {key = raw key text, vs = value start,
+-- ve = index after the value}, and the index of the closing brace.
+local function members(s, i)
+  i = after_ws(s, i)
+  if i == nil or string.byte(s, i) ~= 123 then return nil end
+  local out = {}
+  i = after_ws(s, i + 1)
+  if i ~= nil and string.byte(s, i) == 125 then return out, i end
+  while i ~= nil do
+    if string.byte(s, i) ~= 34 then return nil end
+    local ke = after_string(s, i)
+    if ke == nil then return nil end
+    local colon = after_ws(s, ke)
+    if colon == nil or string.byte(s, colon) ~= 58 then return nil end
+    local vs = after_ws(s, colon + 1)
+    if vs == nil then return nil end
+    local ve = after_value(s, vs)
+    if ve == nil then return nil end
+    out[#out + 1] = {key = string.sub(s, i + 1, ke - 2), vs = vs, ve = ve}
+    local n = after_ws(s, ve)
+    if n == nil then return nil end
+    local b = string.byte(s, n)
+    if b == 125 then return out, n end
+    if b ~= 44 then return nil end
+    i = after_ws(s, n + 1)
+  end
+  return nil
+end
+
+local USAGE = '"include_usage":true'
+
+-- stream_options with include_usage set to true (usage is how spend is counted).
+local function with_usage(s, vs, ve)
+  local value = string.sub(s, vs, ve - 1)
+  local inner, close = members(value, 1)
+  if inner == nil then return "{" .. USAGE .. "}" end
+  for _, m in ipairs(inner) do
+    if m.key == "include_usage" then
+      if string.sub(value, m.vs, m.ve - 1) == "true" then return value end
+      return string.sub(value, 1, m.vs - 1) .. "true" .. string.sub(value, m.ve)
+    end
+  end
+  local sep = (#inner > 0) and "," or ""
+  return string.sub(value, 1, close - 1) .. sep .. USAGE .. string.sub(value, close)
+end
+
+-- The body with every top-level "model" set to model_json and, for a stream, usage asked
+-- for; nil and the name of an error in ERRORS when it cannot be rewritten safely.
+function rewrite_body(s, model_json)
+  local list, close = members(s, 1)
+  if list == nil then return nil, "not_object" end
+  local edits = {} -- {value start, index after value, replacement}, in body order
+  local streaming, has_options, found = false, false, false
+  for _, m in ipairs(list) do
+    if string.find(m.key, "\\", 1, true) then
+      return nil, "escaped_name"
+    end
+    if m.key == "model" then
+      edits[#edits + 1] = {m.vs, m.ve, model_json}
+      found = true
+    elseif m.key == "stream" then
+      streaming = string.sub(s, m.vs, m.ve - 1) == "true"
+    elseif m.key == "stream_options" then
+      has_options = true
+      edits[#edits + 1] = {m.vs, m.ve, nil}
+    end
+  end
+  if not found then return nil, "no_model" end
+  local parts, pos = {}, 1
+  for _, e in ipairs(edits) do
+    local replacement = e[3]
+    if replacement == nil then
+      replacement = streaming and with_usage(s, e[1], e[2]) or string.sub(s, e[1], e[2] - 1)
+    end
+    parts[#parts + 1] = string.sub(s, pos, e[1] - 1)
+    parts[#parts + 1] = replacement
+    pos = e[2]
+  end
+  parts[#parts + 1] = string.sub(s, pos, close - 1)
+  if streaming and not has_options then
+    parts[#parts + 1] = ',"stream_options":{' .. USAGE .. '}'
+  end
+  parts[#parts + 1] = string.sub(s, close)
+  return table.concat(parts)
+end
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  if BACKEND.key_header ~= "" then
+    local key = headers:get(BACKEND.key_header)
+    if key == nil or key == "" then
+      refuse(handle, "key_unavailable") -- a 5xx: the next backend of the chain is tried
+      return
+    end
+  end
+  local meta = handle:streamInfo():dynamicMetadata():get(NS) or {}
+  local client = meta["path"] or headers:get(":path")
+  local bare, query = string.match(client, "^([^?]*)%??(.*)$")
+  local rest = bare
+  if string.sub(bare, 1, 4) == "/v1/" then rest = string.sub(bare, 4) end
+  if BACKEND.query ~= "" then
+    query = (query ~= "" and (query .. "&") or "") .. BACKEND.query
+  end
+  headers:replace(":path", BACKEND.path .. rest .. (query ~= "" and ("?" .. query) or ""))
+  headers:replace(":authority", BACKEND.authority)
+  if meta["body_model"] == BACKEND.model then
+    return -- the router phase already wrote this backend's model into the body
+  end
+  local body = handle:body()
+  if body == nil then return end
+  local text, why = rewrite_body(body:getBytes(0, body:length()), BACKEND.model_json)
+  if text == nil then
+    refuse(handle, why)
+    return
+  end
+  body:setBytes(text)
+end

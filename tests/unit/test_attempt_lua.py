@@ -1,0 +1,204 @@
+"""core/attempt.lua, which prepares every upstream attempt inside Envoy (path, authority, body
+model, usage for streams, a check that the key was added), under LuaJIT as in Envoy, with a
+stand-in for the handle Envoy passes. The body rewrite takes client input: hypothesis."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lupa import luajit21
+
+from signalbox.api.v1alpha1 import config_pb2 as pb
+from signalbox.core import envoygen
+
+HARNESS = """
+function(hdrs, meta, text)
+  local responded = {}
+  local body = {text = text}
+  function body:getBytes(start, n) return string.sub(self.text, start + 1, start + n) end
+  function body:length() return #self.text end
+  function body:setBytes(t) self.text = t end
+  local headers = {}
+  function headers:get(k) return hdrs[k] end
+  function headers:replace(k, v) hdrs[k] = v end
+  local metadata = {}
+  function metadata:get(ns) return meta end
+  local info = {}
+  function info:dynamicMetadata() return metadata end
+  local handle = {}
+  function handle:headers() return headers end
+  function handle:streamInfo() return info end
+  function handle:body() if text == nil then return nil end return body end
+  function handle:respond(h, b) responded.status = h[":status"]; responded.body = b end
+  envoy_on_request(handle)
+  return body.text, responded.status, responded.body
+end
+"""
+
+OPENAI = pb.Provider(id="default/oai", host="api.example.com", port=443, tls=True, base_path="/openai/v1")
+KEYED = pb.Provider(
+    id="default/k", host="k.example.com", port=8443, tls=True, base_path="/v1", auth=pb.Auth(header="x-api-key")
+)
+AZURE = pb.Provider(
+    id="default/az",
+    type=pb.AZURE_OPENAI,
+    host="res.openai.azure.com",
+    port=443,
+    tls=True,
+    base_path="",
+    azure_api_version="2024-06-01",
+)
+
+
+def backend(provider: pb.Provider, model: str = "m-up") -> pb.Backend:
+    return pb.Backend(id=f"{provider.id}/m", provider_id=provider.id, model="m", upstream_model=model)
+
+
+class Attempt:
+    def __init__(self, provider: pb.Provider, model: str = "m-up"):
+        self.lua = luajit21.LuaRuntime()
+        self.lua.execute(envoygen.attempt_source(backend(provider, model), provider))
+        self.run_lua = self.lua.eval(HARNESS)
+
+    def run(self, path: str, body: str | None, meta: dict | None = None, headers: dict | None = None):
+        hdrs = self.lua.table_from({":path": path, ":authority": "gateway", **(headers or {})})
+        text, status, answer = self.run_lua(hdrs, self.lua.table_from(meta) if meta is not None else None, body)
+        return dict(hdrs), text, status, answer
+
+    def rewrite(self, text: str):
+        return self.lua.globals().rewrite_body(text, json.dumps("m-up"))
+
+
+def test_path_authority_and_model_are_the_backends():
+    headers, text, status, _ = Attempt(OPENAI).run("/v1/chat/completions?x=1", '{"model":"alias","n":1}')
+    assert status is None
+    assert headers[":path"] == "/openai/v1/chat/completions?x=1"
+    assert headers[":authority"] == "api.example.com"
+    assert json.loads(text) == {"model": "m-up", "n": 1}
+
+
+def test_a_failover_attempt_starts_from_the_clients_path_not_the_previous_rewrite():
+    """Envoy's request headers are shared by every attempt: `:path` holds the first
+    attempt's rewrite (another provider's base path), the client's path is in metadata."""
+    headers, _, _, _ = Attempt(KEYED).run(
+        "/openai/v1/chat/completions?x=1",
+        '{"model":"other"}',
+        meta={"path": "/v1/chat/completions?x=1"},
+        headers={"x-api-key": "Bearer k"},
+    )
+    assert headers[":path"] == "/v1/chat/completions?x=1"
+    assert headers[":authority"] == "k.example.com:8443"
+
+
+def test_azure_paths_name_the_deployment_and_carry_the_api_version():
+    headers, _, _, _ = Attempt(AZURE, "prod").run("/x", '{"model":"a"}', meta={"path": "/v1/completions?y=2"})
+    assert headers[":path"] == "/openai/deployments/prod/completions?y=2&api-version=2024-06-01"
+    headers, _, _, _ = Attempt(AZURE, "prod").run("/v1/chat/completions", '{"model":"a"}')
+    assert headers[":path"] == "/openai/deployments/prod/chat/completions?api-version=2024-06-01"
+
+
+def test_a_body_the_router_phase_already_wrote_for_this_backend_is_not_read():
+    _, text, status, _ = Attempt(OPENAI).run("/v1/chat/completions", "not json", meta={"body_model": "m-up"})
+    assert (text, status) == ("not json", None)
+    _, _, status, answer = Attempt(OPENAI).run("/v1/chat/completions", "not json", meta={"body_model": "other"})
+    assert status == "400" and json.loads(answer)["error"]["code"] == "invalid_json"
+
+
+def test_an_attempt_to_a_keyed_provider_without_its_key_is_a_503_the_chain_moves_past():
+    _, _, status, answer = Attempt(KEYED).run("/v1/chat/completions", '{"model":"a"}')
+    assert status == "503"
+    assert json.loads(answer)["error"]["code"] == "provider_key_unavailable"
+    _, _, status, _ = Attempt(KEYED).run("/v1/chat/completions", '{"model":"a"}', headers={"x-api-key": "Bearer k"})
+    assert status is None
+
+
+def test_streams_ask_for_usage_whatever_the_client_sent():
+    attempt = Attempt(OPENAI)
+    for body in (
+        '{"model":"a","stream":true}',
+        '{"stream":true,"model":"a","stream_options":{}}',
+        '{"stream_options":{"include_usage":false,"x":1},"stream":true,"model":"a"}',
+        '{"model":"a","stream":true,"stream_options":null}',
+    ):
+        out = json.loads(attempt.rewrite(body))
+        assert out["model"] == "m-up" and out["stream_options"]["include_usage"] is True, body
+    assert "stream_options" not in json.loads(attempt.rewrite('{"model":"a","stream":false}'))
+
+
+def test_every_top_level_model_is_replaced_and_nested_ones_are_not():
+    """json_to_metadata routed on one of duplicate keys; the provider may read another: all
+    of them name the backend's model, so no crafted body reaches a model its alias does not allow."""
+    raw = '{"model":"alias","messages":[{"model":"keep","content":"\\"model\\": \\"x\\""}],"model" : "sneaky"}'
+    out = Attempt(OPENAI).rewrite(raw)
+    pairs = json.loads(out, object_pairs_hook=list)
+    assert [v for k, v in pairs if k == "model"] == ["m-up", "m-up"]
+    assert json.loads(out)["messages"][0] == {"model": "keep", "content": '"model": "x"'}
+
+
+@pytest.mark.parametrize(
+    "raw, error",
+    [
+        ('{"mo\\u0064el":"alias"}', "escaped_name"),
+        ('{"messages":[]}', "no_model"),
+        ("[1,2]", "not_object"),
+        ('{"model":"a",}', "not_object"),
+        ('{"model":"a"', "not_object"),
+    ],
+)
+def test_bodies_it_cannot_rewrite_safely_are_refused(raw, error):
+    text, reason = Attempt(OPENAI).rewrite(raw)
+    assert text is None and reason == error
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    members=st.dictionaries(st.text(max_size=8).filter(lambda k: k not in ("stream", "stream_options")), json_values),
+    model=json_values,
+    stream=st.sampled_from([None, True, False]),
+    options=st.sampled_from([None, {}, {"include_usage": False}, {"include_usage": True, "x": 1}]),
+    indent=st.sampled_from([None, 0, 2]),
+    ensure_ascii=st.booleans(),
+)
+def test_any_json_object_keeps_every_member_but_model(members, model, stream, options, indent, ensure_ascii):
+    body = {**members, "model": model}
+    if stream is not None:
+        body["stream"] = stream
+    if options is not None:
+        body["stream_options"] = options
+    raw = json.dumps(body, indent=indent, ensure_ascii=ensure_ascii)
+    result = Attempt(OPENAI).rewrite(raw)
+    if isinstance(result, tuple):  # refused: only for names spelled with escapes
+        assert result[1] == "escaped_name" and "\\" in json.dumps(list(body), ensure_ascii=ensure_ascii)
+        return
+    out = json.loads(result)
+    expected = {**body, "model": "m-up"}
+    if stream:
+        expected["stream_options"] = {**(options or {}), "include_usage": True}
+    assert out == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60) | st.binary(max_size=60).map(lambda b: b.decode("latin-1")))
+def test_arbitrary_text_is_rewritten_or_refused_never_an_error(text):
+    result = Attempt(OPENAI).rewrite("{" + text)
+    if isinstance(result, tuple):
+        assert result[1] in envoygen.ATTEMPT_ERRORS
+    else:
+        assert isinstance(result, str) and '"m-up"' in result
+
+
+def test_error_bodies_are_the_gateways_and_every_setting_is_a_safe_lua_literal():
+    assert {e["code"] for e in envoygen.ATTEMPT_ERRORS.values()} == {"invalid_json", "provider_key_unavailable"}
+    lua = luajit21.LuaRuntime()
+    tricky = 'a"b\\c\n]]--\x00é'
+    assert lua.eval(envoygen.lua_literal(tricky)) == tricky
