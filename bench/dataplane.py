@@ -2,10 +2,13 @@
 
     make bench            (or: python -m bench.dataplane --seconds 8 --rounds 3)
 
-Both gateways use the same Envoy binary and concurrency and forward to the same fake provider
-process. Rounds alternate (plain, signalbox, plain, ...) so drift on a noisy machine hits both;
-the report gives medians over rounds, the throughput ratio and the latency Signalbox adds.
-Load comes from `wrk` (Debian package `wrk`) with a fixed chat-completions body.
+Every gateway uses the same Envoy binary and concurrency and forwards to the same fake provider
+process. Signalbox runs with its defaults (accounting and the request log on) and is measured
+on two aliases: `compiled` (weighted 3:1, which Envoy routes alone) and `decided` (cost
+routing, one ext_proc message per request). Rounds alternate (plain, compiled, decided, no-op
+ext_proc, plain, ...) so drift on a noisy machine hits all; the report gives medians over
+rounds, throughput ratios and the latency Signalbox adds. Load comes from `wrk` (Debian
+package `wrk`) with a fixed chat-completions body.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from tests.factories import backend, dump, model, policy, provider
 RESULTS = Path(__file__).parent / "results"
 BODY = json.dumps(
     {
-        "model": "bench",
+        "model": "compiled",
         "messages": [
             {"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "Summarize the plot of Hamlet in two sentences."},
@@ -48,16 +51,23 @@ def start_fake() -> tuple[subprocess.Popen, str]:
     return proc, proc.stdout.readline().rsplit(" ", 1)[1].strip()
 
 
+# The two aliases every bench routes with (bench_resources): Envoy alone, or the ext_proc.
+COMPILED, DECIDED = "compiled", "decided"
+
+
 def bench_resources(workdir: Path, upstream: str) -> Path:
-    """The policy every bench routes with: two providers on the same fake, weighted 3:1, so the
-    weighted choice and classification run as they would for a real policy."""
+    """The policies every bench routes with: two providers on the same fake; `compiled`
+    splits 3:1 (the compiled path), `decided` routes by cost (the prompt is parsed, classified
+    and priced: the decided path), each with the other backend to fail over to."""
     resources = workdir / "resources"
     resources.mkdir()
+    pricing = {"inputPricePer1M": 0.5, "outputPricePer1M": 1.5}
     (resources / "bench.yaml").write_text(
         dump(
-            provider("one", upstream + "/v1", [model("m", upstreamName="bench-model")]),
-            provider("two", upstream + "/v1", [model("m", upstreamName="bench-model")]),
-            policy("bench", ["bench"], [backend("one", "m", weight=3), backend("two", "m", weight=1)]),
+            provider("one", upstream + "/v1", [model("m", upstreamName="bench-model", **pricing)]),
+            provider("two", upstream + "/v1", [model("m", upstreamName="bench-model", inputPricePer1M=3)]),
+            policy(COMPILED, [COMPILED], [backend("one", "m", weight=3), backend("two", "m", weight=1)]),
+            policy(DECIDED, [DECIDED], [backend("one", "m"), backend("two", "m")], strategy="cost"),
         )
     )
     return resources
@@ -206,10 +216,10 @@ def _ms(value: str) -> float:
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def lua(path: Path, delay_ms: int, stream: bool = False) -> Path:
-    """A wrk script posting BODY; delay_ms asks the fake upstream to wait before answering."""
+def lua(path: Path, delay_ms: int, stream: bool = False, alias: str = COMPILED) -> Path:
+    """A wrk script posting BODY for `alias`; delay_ms asks the fake upstream to wait."""
     extra = f'wrk.headers["x-fake-delay-ms"] = "{delay_ms}"\n' if delay_ms else ""
-    body = json.dumps({**json.loads(BODY), "stream": True}) if stream else BODY
+    body = json.dumps({**json.loads(BODY), "model": alias, **({"stream": True} if stream else {})})
     path.write_text(
         f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n{extra}wrk.body = [[{body}]]\n'
     )
@@ -272,13 +282,17 @@ def main(argv: list[str] | None = None) -> int:
         print("make bench needs wrk: apt-get install wrk", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="signalbox-bench-"))
-    scenarios = {
-        "zero_latency_upstream": lua(workdir / "post.lua", 0),
-        # Streamed answers (5 SSE chunks): the accounting phase reads every chunk.
-        "zero_latency_streamed": lua(workdir / "stream.lua", 0, stream=True),
-    }
+    shapes = {"zero_latency_upstream": (0, False), "zero_latency_streamed": (0, True)}
     if args.llm_delay_ms:
-        scenarios[f"upstream_{args.llm_delay_ms}ms"] = lua(workdir / "post-delay.lua", args.llm_delay_ms)
+        shapes[f"upstream_{args.llm_delay_ms}ms"] = (args.llm_delay_ms, False)
+    # Per scenario, per target: the wrk script (the alias is the only difference between
+    # the compiled and decided targets; plain Envoy and the no-op ext_proc ignore it).
+    scripts = {
+        scenario: {
+            alias: lua(workdir / f"{scenario}-{alias}.lua", delay, stream, alias) for alias in (COMPILED, DECIDED)
+        }
+        for scenario, (delay, stream) in shapes.items()
+    }
     fake, upstream = start_fake()
     resources = bench_resources(workdir, upstream)
     plain, plain_port = plain_envoy(upstream, workdir, args.concurrency)
@@ -286,53 +300,58 @@ def main(argv: list[str] | None = None) -> int:
     noop_sockets = [str(workdir / f"noop-{n}.sock") for n in range(workers)]
     noops = [subprocess.Popen([sys.executable, "-m", "bench.noop_extproc", "--socket", sock]) for sock in noop_sockets]
     noop, noop_port = plain_envoy(upstream, workdir, args.concurrency, noop_sockets)
-    gateways = {
-        name: LocalGateway(
-            paths=[str(resources)],
-            port=0,
-            workdir=workdir / name,
-            start_fakes=False,
-            envoy_concurrency=args.concurrency,
-            extproc_workers=args.workers,
-            # Routing only, or the product's defaults: accounting and the request log on.
-            accounting=name == "signalbox_accounting",
-            request_log=name == "signalbox_accounting",
-        )
-        for name in ("signalbox", "signalbox_accounting")
-    }
-    for gw in gateways.values():
-        gw.start()
-    gateway = gateways["signalbox"]
+    # The product's defaults: accounting and the request log on.
+    gateway = LocalGateway(
+        paths=[str(resources)],
+        port=0,
+        workdir=workdir / "signalbox",
+        start_fakes=False,
+        envoy_concurrency=args.concurrency,
+        extproc_workers=args.workers,
+        accounting=True,
+        request_log=True,
+    )
+    gateway.start()
+    signalbox = gateway.url.removesuffix("/v1")
     targets = {
-        "plain": f"http://127.0.0.1:{plain_port}",
-        **{name: gw.url.removesuffix("/v1") for name, gw in gateways.items()},
-        "noop_extproc": f"http://127.0.0.1:{noop_port}",
+        "plain": (f"http://127.0.0.1:{plain_port}", COMPILED),
+        COMPILED: (signalbox, COMPILED),
+        DECIDED: (signalbox, DECIDED),
+        "noop_extproc": (f"http://127.0.0.1:{noop_port}", COMPILED),
     }
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     try:
-        for scenario, script in scenarios.items():
+        for scenario in shapes:
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
-            for url in targets.values():
-                wrk(url + "/v1/chat/completions", 2, args.connections, script)  # warm-up
+            for url, alias in targets.values():
+                wrk(url + "/v1/chat/completions", 2, args.connections, scripts[scenario][alias])  # warm-up
             for n in range(args.rounds):
-                for target, url in targets.items():
-                    result = wrk(url + "/v1/chat/completions", args.seconds, args.connections, script)
+                for target, (url, alias) in targets.items():
+                    result = wrk(url + "/v1/chat/completions", args.seconds, args.connections, scripts[scenario][alias])
                     runs[target].append(result)
-                    print(f"{scenario} round {n + 1} {target:9s} {result}", flush=True)
+                    print(f"{scenario} round {n + 1} {target:12s} {result}", flush=True)
             results[scenario] = runs
     finally:
-        for gw in gateways.values():
-            gw.stop()
+        gateway.stop()
         for proc in (plain, noop, *noops, fake):
             proc.terminate()
 
-    headline = summarize(results["zero_latency_upstream"])
+    def to_noop(runs: dict[str, list[dict[str, float]]]) -> float:
+        return round(
+            statistics.median(r["rps"] for r in runs[DECIDED])
+            / statistics.median(r["rps"] for r in runs["noop_extproc"]),
+            3,
+        )
+
+    headline = summarize(results["zero_latency_upstream"], COMPILED)
     report = {
         **headline,
-        "scenarios": {name: summarize(runs) for name, runs in results.items()},
-        "scenarios_with_accounting": {name: summarize(runs, "signalbox_accounting") for name, runs in results.items()},
+        "decided_to_noop_ratio": to_noop(results["zero_latency_upstream"]),
+        "scenarios_compiled": {name: summarize(runs, COMPILED) for name, runs in results.items()},
+        "scenarios_decided": {name: summarize(runs, DECIDED) for name, runs in results.items()},
         # The ceiling: plain Envoy plus a grpc.aio ext_proc that answers one message and decides nothing.
         "scenarios_noop_extproc": {name: summarize(runs, "noop_extproc") for name, runs in results.items()},
+        "decided_to_noop": {name: to_noop(runs) for name, runs in results.items()},
         "setup": {
             "connections": args.connections,
             "seconds_per_round": args.seconds,
@@ -340,10 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             "envoy_concurrency": args.concurrency,
             "extproc_workers": len(gateway.options.extproc_sockets),
             "cores": os.cpu_count(),
-            "strategy": "weighted 3:1, default classification tiers, upstream phase per attempt; "
-            "'signalbox' routing only, 'signalbox_accounting' with the defaults: accounting (Lua filter and "
-            "gRPC access log) and the JSON request log",
-            "upstream": "signalbox fake-provider (aiohttp), one process, shared by both",
+            "policies": "compiled: weighted 3:1 (Envoy alone); decided: cost routing (one ext_proc message); "
+            "both with the defaults: accounting (Lua filter and gRPC access log) and the JSON request log",
+            "upstream": "signalbox fake-provider (aiohttp), one process, shared by all",
         },
         "runs": results,
     }
@@ -352,9 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         json.dumps(
             {
-                "routing": report["scenarios"],
-                "with_accounting": report["scenarios_with_accounting"],
+                "compiled": report["scenarios_compiled"],
+                "decided": report["scenarios_decided"],
                 "noop_extproc_ceiling": report["scenarios_noop_extproc"],
+                "decided_to_noop": report["decided_to_noop"],
             },
             indent=2,
         )

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from signalbox.local import LocalGateway, free_port
 
-from .dataplane import BODY, RESULTS, bench_resources, start_fake, wrk
+from .dataplane import BODY, COMPILED, DECIDED, RESULTS, bench_resources, start_fake, wrk
 
 PEERS = Path(__file__).resolve().parents[1] / "build" / "peers"
 LITELLM = "litellm[proxy]==1.106.12"
@@ -102,9 +102,21 @@ def first_answer(url: str, script: Path, timeout: float = 60.0) -> None:
 
 
 def wrk_script(path: Path, headers: dict[str, str]) -> Path:
+    """The mixed load: requests alternate between the `compiled` and `decided` aliases (half
+    routed by Envoy alone, half by one ext_proc message; the peers route both by name)."""
     lines = ['wrk.method = "POST"', 'wrk.headers["Content-Type"] = "application/json"']
     lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
-    path.write_text("\n".join(lines) + f"\nwrk.body = [[{BODY}]]\n")
+    bodies = [json.dumps({**json.loads(BODY), "model": alias}) for alias in (COMPILED, DECIDED)]
+    lines += [
+        f"wrk.body = [[{bodies[0]}]]",
+        "local bodies = {" + ", ".join(f"[[{b}]]" for b in bodies) + "}",
+        "local n = 0",
+        "request = function()",
+        "  n = n + 1",
+        "  return wrk.format(nil, nil, nil, bodies[n % 2 + 1])",
+        "end",
+    ]
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -129,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "model_list": [
                     {
-                        "model_name": "bench",
+                        "model_name": alias,
                         "litellm_params": {"model": "openai/bench-model", "api_base": upstream + "/v1", "api_key": "x"},
                     }
+                    for alias in (COMPILED, DECIDED)
                 ]
             }
         )
@@ -226,9 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "cores": os.cpu_count(),
             "versions": {"litellm": LITELLM, "portkey": PORTKEY, "signalbox": "this checkout"},
-            "signalbox": "weighted 3:1 (decided path: one ext_proc message), accounting and request log on, "
-            f"{len(gateway.options.extproc_sockets)} ext_proc workers",
-            "litellm": "proxy, 2 workers, one model entry",
+            "load": "mixed: requests alternate between a compiled and a decided alias",
+            "signalbox": "compiled: weighted 3:1 (Envoy alone); decided: cost routing (one ext_proc message); "
+            f"accounting and request log on, {len(gateway.options.extproc_sockets)} ext_proc workers",
+            "litellm": "proxy, 2 workers, one model entry per alias",
             "portkey": "gateway (Node), provider and custom host by header",
         },
         "runs": runs,

@@ -1,7 +1,8 @@
 """Accounting: the gRPC access log service Envoy reports finished requests to.
 
-Each entry of a routed request carries the router phase's decision (dynamic metadata), the
-token usage Envoy's Lua filter read from the response as it streamed past (core/usage.lua),
+Each entry of a routed request carries the router phase's decision (dynamic metadata; for a
+compiled route, the route's policy as a custom tag), the token usage Envoy's JSON and SSE
+readers took from the response as it passed (envoygen.json_filter, sse_usage_filter),
 the endpoint that answered (custom tag `backend`) and Envoy's own timings. Envoy sends entries
 in batches, so accounting costs the ext_proc a fraction of a gRPC message per request however
 long the response stream, where reading the body itself would cost one message per chunk.
@@ -23,8 +24,17 @@ from .ledger import SpendLedger
 from .metrics import Metrics
 from .reload import TableHolder
 from .runtime import PolicyRuntime
+from .strategies import SelectionState
 
 log = logging.getLogger("signalbox.extproc")
+
+
+def _count(fields: Mapping[str, struct_pb2.Value], key: str) -> int:
+    """A token count Envoy's JSON readers left in metadata (a number; 0 when absent)."""
+    value = fields.get(key)
+    if value is None:
+        return 0
+    return int(value.number_value if value.HasField("number_value") else float(value.string_value or 0))
 
 
 def _seconds(d: duration_pb2.Duration) -> float:
@@ -32,8 +42,10 @@ def _seconds(d: duration_pb2.Duration) -> float:
 
 
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, tables: TableHolder, metrics: Metrics, ledger: SpendLedger):
+    def __init__(self, tables: TableHolder, metrics: Metrics, ledger: SpendLedger, state: SelectionState | None = None):
         self.tables, self.metrics, self.ledger = tables, metrics, ledger
+        # Learning policies learn here, from what happened (who answered, with what status).
+        self.state = state
         # Policies by id, for the table they came from (compiled routes name their policy's id).
         self._policies: tuple[object, dict[str, PolicyRuntime]] = (None, {})
 
@@ -53,33 +65,54 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         if "decision" not in fields:
             self.account_compiled(entry, fields)
             return
-        policy, _, first = decisions.unpack(fields["decision"].string_value)
+        policy, class_key, first = decisions.unpack(fields["decision"].string_value)
         policy_id = fields["policy_id"].string_value if "policy_id" in fields else policy
         hold = fields["hold"].string_value if "hold" in fields else ""
         cost = 0.0
         try:
             cost = self.observe(entry, fields, policy, first)
+            self.learn(entry, policy_id, policy, class_key, first)
         finally:
             if cost or hold:
                 # The real cost replaces what the request held in flight (nothing, if it failed).
                 self.ledger.add(policy_id, cost, release=hold)
 
-    def account_compiled(self, entry: accesslog_pb2.HTTPAccessLogEntry, fields: Mapping[str, struct_pb2.Value]) -> None:
-        """A request Envoy routed alone (a compiled route: its policy is a custom tag). Compiled
-        policies have no budget, so nothing is held or spent in the ledger: only metrics."""
-        policy_id = entry.common_properties.custom_tags.get(COMPILED_POLICY_TAG, "")
-        backend = entry.common_properties.custom_tags.get("backend", "")
+    def learn(
+        self, entry: accesslog_pb2.HTTPAccessLogEntry, policy_id: str, policy: str, class_key: str, first: str
+    ) -> None:
+        """Outcome learning: the first choice failed over if another backend answered; a 5xx or
+        429 means no backend did. Shared by the workers through the learning store."""
+        if self.state is None:
+            return
+        runtime = self._policy(policy_id)
+        if runtime is None or not runtime.learning:
+            return
+        common = entry.common_properties
+        served = common.custom_tags.get("backend") or first
+        status = entry.response.response_code.value
+        ok = 200 <= status < 500 and status != 429
+        latency_ms = _seconds(common.time_to_last_downstream_tx_byte) * 1000
+        if served != first:
+            self.state.observe_outcome(policy, class_key, first, False, latency_ms)
+        self.state.observe_outcome(policy, class_key, served, ok, latency_ms)
+
+    def _policy(self, policy_id: str) -> PolicyRuntime | None:
         table = self.tables.current
         if self._policies[0] is not table:
             self._policies = (table, {p.id: p for p in table.policies})
-        policy = self._policies[1].get(policy_id)
-        served = table.backends.get(backend)
+        return self._policies[1].get(policy_id)
+
+    def account_compiled(self, entry: accesslog_pb2.HTTPAccessLogEntry, fields: Mapping[str, struct_pb2.Value]) -> None:
+        """A request Envoy routed alone (a compiled route: its policy is a custom tag). Compiled
+        policies have no budget, so nothing is held or spent in the ledger: only metrics."""
+        policy = self._policy(entry.common_properties.custom_tags.get(COMPILED_POLICY_TAG, ""))
+        served = self.tables.current.backends.get(entry.common_properties.custom_tags.get("backend", ""))
         if policy is None or served is None:
             return  # refused (the alias was read, the ext_proc said no), unanswered, or an older config
         self.metrics.requests.labels(
             policy.name, served.provider.name, served.model, policy.strategy, "compiled", "routed"
         ).inc()
-        self.observe(entry, fields, policy.name, backend)
+        self.observe(entry, fields, policy.name, served.id)
 
     def observe(
         self, entry: accesslog_pb2.HTTPAccessLogEntry, fields: Mapping[str, struct_pb2.Value], policy: str, first: str
@@ -101,9 +134,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
             self.metrics.time_to_first_token.labels(*genai).observe(_seconds(common.time_to_first_upstream_rx_byte))
         if "prompt_tokens" not in fields:
             return 0.0  # no usage in the response (an error from the provider)
-        usage = accounting.Usage(
-            int(fields["prompt_tokens"].string_value), int(fields["completion_tokens"].string_value or 0)
-        )
+        usage = accounting.Usage(_count(fields, "prompt_tokens"), _count(fields, "completion_tokens"))
         cost = accounting.cost_usd(usage, backend.input_price, backend.output_price)
         labels = (*genai, policy)
         self.metrics.tokens.labels("input", *labels).inc(usage.prompt_tokens)

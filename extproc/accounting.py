@@ -1,6 +1,6 @@
 """Token usage and its price.
 
-Usage is read from responses by Envoy itself (core/usage.lua) and reported through the access
+Usage is read from responses by Envoy itself (its JSON and SSE readers) and reported through the access
 log (accesslog.py); cost comes from the prices of the backend that actually answered.
 """
 

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-from envoy.config.core.v3 import base_pb2
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from google.protobuf import text_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from signalbox.core import budget
@@ -39,50 +36,10 @@ from .strategies import SelectionState
 
 log = logging.getLogger("signalbox.extproc")
 
-UPSTREAM_ATTR = "xds.upstream_host_metadata"
 # Strategies that learn from how long requests take or how many are open: their router-phase
-# stream is kept until Envoy ends it, which is when the HTTP request ends.
+# stream is kept until Envoy ends it, which is when the HTTP request ends. (Outcome learning
+# comes from the access log: accesslog.AccessLogSink.learn.)
 STREAM_LIFETIME_STRATEGIES = frozenset({"latency", "least-busy"})
-
-
-# Envoy hands the endpoint's metadata over as the *text format* of envoy.config.core.v3.Metadata.
-# Backend ids are validated names (no quotes), so a regex reads them ~100x faster than
-# text_format.Parse; the parser remains the fallback for anything the regex does not recognise.
-_BACKEND_RE = re.compile(r'key: "backend" value \{ string_value: "([^"\\]*)" \}')
-
-
-def upstream_backend_id(request: ep.ProcessingRequest) -> str | None:
-    """Backend id from the answering endpoint's metadata (response attributes), or None."""
-    for attrs in request.attributes.values():
-        meta = attrs.fields.get(UPSTREAM_ATTR)
-        if meta is None:
-            continue
-        text = meta.string_value
-        found = _BACKEND_RE.search(text)
-        if found:
-            return found.group(1)
-        try:
-            parsed = text_format.Parse(text, base_pb2.Metadata())
-        except text_format.ParseError:
-            return ""
-        fields = parsed.filter_metadata["signalbox"].fields
-        return fields["backend"].string_value if "backend" in fields else ""
-    return None
-
-
-def learn_from_response(
-    state: SelectionState, outcome: decide.RouterOutcome, reply: ep.ProcessingRequest, started: float
-) -> None:
-    """The first choice failed over if another backend answered; a 5xx/429 means no one did."""
-    first = outcome.selection.choice.backend.id
-    served = upstream_backend_id(reply) or first
-    status = wire.header_map(reply.response_headers).get(":status", "")
-    latency = (time.monotonic() - started) * 1000
-    ok = status.startswith(("2", "4")) and status != "429"
-    policy, key = outcome.policy.name, outcome.classification.class_key
-    if served != first:
-        state.observe_outcome(policy, key, first, False, latency)
-    state.observe_outcome(policy, key, served, ok, latency)
 
 
 def _ends_request_phase(response: ep.ProcessingResponse) -> bool:
@@ -253,29 +210,18 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             # The target travels as dynamic metadata, which Envoy's routes match on (header
             # mutations are not applied to a body answer when the headers were not sent).
             response = wire.body_response(body=outcome.body, clear_route_cache=True, metadata=metadata)
-            tracks_lifetime = policy.strategy in STREAM_LIFETIME_STRATEGIES
-            if not policy.learning and not tracks_lifetime:
+            if policy.strategy not in STREAM_LIFETIME_STRATEGIES:
                 # Nothing more to do for this request: end the RPC now rather than hold it
                 # (and have Envoy reset it) for the whole upstream exchange.
                 yield response
                 return
-            if tracks_lifetime:
-                chosen = outcome.selection.choice.backend.id
-                state.in_flight[chosen] += 1
+            chosen = outcome.selection.choice.backend.id
+            state.in_flight[chosen] += 1
             started = time.monotonic()
             yield response
-            # Learning waits for the response (its status and the backend that answered
-            # are outcomes); latency and least-busy keep the stream until the request ends.
-            async for reply in rest:
-                if policy.learning and reply.WhichOneof("request") == "response_headers":
-                    try:
-                        learn_from_response(state, outcome, reply, started)
-                    except Exception:
-                        # The client's answer is already on its way: lose the lesson, not it.
-                        log.exception("could not learn from the response to %s", headers.get("x-request-id"))
-                    yield wire.response_headers_response()
-                    if not tracks_lifetime:
-                        return
+            # Latency and least-busy keep the stream until the request ends.
+            async for _ in rest:
+                pass
         except RequestError as err:
             self.metrics.requests.labels(
                 policy.name if policy else "none", "none", "none", "none", "none", err.code
@@ -309,7 +255,7 @@ async def serve(
     processor = processor or Processor(tables, state, max_body_bytes)
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-        AccessLogSink(tables, processor.metrics, processor.ledger), server
+        AccessLogSink(tables, processor.metrics, processor.ledger, processor.state), server
     )
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

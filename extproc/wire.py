@@ -79,11 +79,6 @@ def headers_response(
     )
 
 
-def response_headers_response() -> ep.ProcessingResponse:
-    """Let the response through unchanged (the router phase only observes it)."""
-    return ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=ep.CommonResponse()))
-
-
 def body_response(
     set_headers: Iterable[tuple[str, str]] = (),
     remove: Iterable[str] = (),

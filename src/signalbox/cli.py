@@ -46,9 +46,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = result.config
     assert cfg is not None
     aliases = sorted({a for p in cfg.policies for a in p.aliases})
+    compiled = sum(p.compiled for p in cfg.policies)
+    # Compiled: Envoy routes them alone; decided: one ext_proc message per request.
+    paths = f"{compiled} compiled, {len(cfg.policies) - compiled} decided"
     print(
         f"valid: {len(cfg.providers)} provider(s), {len(cfg.backends)} backend(s), "
-        f"{len(cfg.policies)} policy(ies); aliases: {', '.join(aliases) or '-'}; hash {cfg.content_hash[:12]}"
+        f"{len(cfg.policies)} policy(ies) ({paths}); aliases: {', '.join(aliases) or '-'}; "
+        f"hash {cfg.content_hash[:12]}"
     )
     return 0
 

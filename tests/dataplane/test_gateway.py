@@ -475,7 +475,7 @@ def test_each_request_has_a_line_in_the_request_log_that_its_request_id_finds(ga
         routed_headers["x-signalbox-model"],
     )
     assert routed["reason"] == routed_headers["x-signalbox-reason"] and routed["attempts"] == 1
-    assert (routed["prompt_tokens"], routed["completion_tokens"]) == ("10", "7")  # the fake's usage
+    assert (routed["prompt_tokens"], routed["completion_tokens"]) == (10, 7)  # the fake's usage, as numbers
     assert routed["duration_ms"] >= 0
     error = line(refused.headers["x-request-id"])
     assert error is not None

@@ -1,5 +1,6 @@
 """Accounting over a real gRPC access-log stream (grpc.aio, Envoy's own protos): what Envoy's
-Lua filter and access logger report becomes tokens, cost, durations and budget spend."""
+JSON/SSE readers and access logger report becomes tokens, cost, durations, budget spend and,
+for learning policies, outcomes."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def entry(backend_id: str, usage: tuple[int, int] | None, content_type: str = "a
         **metadata,
     }
     if usage is not None:
-        fields.update(prompt_tokens=str(usage[0]), completion_tokens=str(usage[1]))
+        fields.update(prompt_tokens=usage[0], completion_tokens=usage[1])  # numbers, as Envoy's readers leave them
     e.common_properties.metadata.filter_metadata["signalbox"].update(fields)
     e.common_properties.custom_tags["backend"] = backend_id
     e.common_properties.time_to_first_upstream_rx_byte.FromMilliseconds(40)
@@ -134,3 +135,48 @@ async def test_entries_that_are_not_ours_or_are_garbled_are_skipped_and_the_stre
         )
         == 1
     )
+
+
+async def test_a_compiled_route_is_counted_by_the_policy_its_route_names(sink):
+    """No decision metadata on the compiled path: the route's policy arrives as a custom tag."""
+    stub, processor = sink
+    compiled = accesslog_pb2.HTTPAccessLogEntry()
+    compiled.common_properties.custom_tags.update({"backend": "default/b/m", "compiled_policy": "default/p"})
+    compiled.common_properties.metadata.filter_metadata["signalbox"].update(
+        {"alias": "auto", "prompt_tokens": 4, "completion_tokens": 2}
+    )
+    compiled.common_properties.upstream_request_attempt_count = 2  # failed over to b
+    refused = accesslog_pb2.HTTPAccessLogEntry()  # an alias was read, the ext_proc refused it
+    refused.common_properties.metadata.filter_metadata["signalbox"].update({"alias": "nope"})
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.extend([compiled, refused])
+    call = stub.StreamAccessLogs()
+    await call.write(message)
+    await call.done_writing()
+    await call
+    routed = {"policy": "p", "provider": "b", "model": "m", "strategy": "weighted", "outcome": "routed"}
+    assert sample(processor, "signalbox_requests_total", tier="compiled", **routed) == 1
+    assert sample(processor, "signalbox_cost_usd_total", policy="p", provider="b", model="m") == pytest.approx(6e-6)
+    assert sample(processor, "signalbox_failover_attempts_total", provider="b", model="m") == 1
+
+
+def test_learning_policies_learn_outcomes_from_the_access_log(tmp_path):
+    from signalbox.extproc.accesslog import AccessLogSink
+    from signalbox.extproc.ledger import SpendLedger
+    from signalbox.extproc.strategies import SelectionState
+
+    providers = [provider(n, f"http://127.0.0.1:900{i}/v1", [model("m")]) for i, n in enumerate("ab")]
+    learner = policy("p", ["auto"], [backend("a", "m"), backend("b", "m")], strategy="cost", learning={"enabled": True})
+    holder = TableHolder()
+    holder.install(compile_config(providers, [learner]).config)
+    state = SelectionState()
+    sink = AccessLogSink(holder, Metrics(), SpendLedger(tmp_path / "spend.db"), state)
+    failed_over = entry("default/b/m", (1, 1))  # decided for a, answered by b
+    failed_over.response.response_code.value = 200
+    sink.account(failed_over)
+    assert state.success_rate("p", "chat/simple", "default/a/m") < 1.0  # a had to fail over
+    assert state.success_rate("p", "chat/simple", "default/b/m") == 1.0
+    refused = entry("default/a/m", None)
+    refused.response.response_code.value = 429
+    sink.account(refused)
+    assert state.outcomes[("p", "chat/simple", "default/a/m")][1] == 2  # two failures now

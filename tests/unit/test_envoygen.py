@@ -175,10 +175,16 @@ def test_accounting_reads_usage_in_envoy_and_reports_it_through_the_access_log_o
 
     on = hcm(envoygen.GatewayOptions())
     names = [f["name"] for f in on["http_filters"]]
-    # On the response path filters run in reverse: the router, then the usage reader.
-    assert names[-2:] == ["signalbox.usage", "envoy.filters.http.router"]
-    lua = on["http_filters"][-2]["typed_config"]["default_source_code"]["inline_string"]
-    assert "function envoy_on_response" in lua and "bodyChunks" in lua
+    # On the response path filters run in reverse: the router, the SSE reader, the JSON reader.
+    assert names[-2:] == ["signalbox.sse_usage", "envoy.filters.http.router"]
+    assert names.index("signalbox.json") < names.index("signalbox.sse_usage")
+    json_rules = by_name(on["http_filters"])["signalbox.json"]["typed_config"]["response_rules"]["rules"]
+    sse_rules = on["http_filters"][-2]["typed_config"]["response_rules"]["content_parser"]["typed_config"]["rules"]
+    assert [r["rule"] for r in sse_rules] == json_rules
+    assert [r["selectors"] for r in json_rules] == [
+        [{"key": "usage"}, {"key": "prompt_tokens"}],
+        [{"key": "usage"}, {"key": "completion_tokens"}],
+    ]
     (access_log,) = on["access_log"]
     common = access_log["typed_config"]["common_config"]
     assert common["grpc_service"] == {"envoy_grpc": {"cluster_name": envoygen.EXTPROC_CLUSTER}}
@@ -190,7 +196,7 @@ def test_accounting_reads_usage_in_envoy_and_reports_it_through_the_access_log_o
     assert either == [[{"key": "decision"}], [{"key": envoygen.ALIAS_KEY}]]
 
     off = hcm(envoygen.GatewayOptions(accounting=False))
-    assert "signalbox.usage" not in [f["name"] for f in off["http_filters"]] and off["access_log"] == []
+    assert "signalbox.sse_usage" not in [f["name"] for f in off["http_filters"]] and off["access_log"] == []
 
 
 def test_the_request_log_is_one_json_line_per_request_without_request_headers_but_the_id():
@@ -243,7 +249,10 @@ def test_a_compiled_alias_is_routed_by_envoy_with_the_ext_proc_off():
     assert cfg.policies[0].compiled
     hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
     names = [f["name"] for f in hcm["http_filters"]]
-    assert names.index("signalbox.alias") < names.index("envoy.filters.http.ext_proc")
+    assert names.index("signalbox.json") < names.index("envoy.filters.http.ext_proc")
+    json_filter = by_name(hcm["http_filters"])["signalbox.json"]["typed_config"]
+    (alias,) = json_filter["request_rules"]["rules"]
+    assert alias["selectors"] == [{"key": "model"}] and alias["on_present"]["key"] == envoygen.ALIAS_KEY
     routes = by_name(hcm["route_config"]["virtual_hosts"][0]["routes"])
     route = routes["compiled:default/p:x"]
     assert route["route"]["weighted_clusters"]["clusters"] == [

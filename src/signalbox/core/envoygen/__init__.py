@@ -63,13 +63,13 @@ from .listener import (
     COMPILED_REASONS,
     REQUEST_LOG_FORMAT,
     accounting_log,
-    alias_filter,
     client_path_filter,
     health_listener,
+    json_filter,
     listener,
     request_log,
     router_attributes,
-    usage_filter,
+    sse_usage_filter,
 )
 from .options import STREAM_LIMITS, GatewayOptions
 
@@ -101,7 +101,6 @@ __all__ = [
     "STREAM_LIMITS",
     "GatewayOptions",
     "accounting_log",
-    "alias_filter",
     "attempt_settings",
     "attempt_source",
     "bootstrap",
@@ -111,6 +110,7 @@ __all__ = [
     "credential_file",
     "credential_name",
     "health_listener",
+    "json_filter",
     "listener",
     "lua_literal",
     "models_listing",
@@ -119,6 +119,6 @@ __all__ = [
     "request_log",
     "resources",
     "router_attributes",
+    "sse_usage_filter",
     "too_large_message",
-    "usage_filter",
 ]

@@ -4,7 +4,6 @@ local replies in OpenAI shape, accounting and the request log."""
 from __future__ import annotations
 
 import re
-from importlib import resources as package_files
 from typing import Any
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
@@ -35,9 +34,7 @@ from .contract import (
 from .options import _RETRY_ON, GatewayOptions, _address, _any, _grpc_service, _ms
 
 
-def _extproc_filter(
-    opts: GatewayOptions, response_headers: bool = False, request_headers: bool = True, **extra: Any
-) -> dict[str, Any]:
+def _extproc_filter(opts: GatewayOptions, request_headers: bool = True, **extra: Any) -> dict[str, Any]:
     """The router-phase ext_proc: the body, with the headers it reads as attributes (a
     headers-first stream is what tests and older configs send)."""
     return _any(
@@ -51,7 +48,7 @@ def _extproc_filter(
         message_timeout=_ms(opts.extproc_message_timeout_ms),
         processing_mode={
             "request_header_mode": "SEND" if request_headers else "SKIP",
-            "response_header_mode": "SEND" if response_headers else "SKIP",
+            "response_header_mode": "SKIP",
             "request_body_mode": "BUFFERED",
             "response_body_mode": "NONE",
         },
@@ -237,27 +234,6 @@ def compiled_routes(cfg: pb.RoutingConfig, policy: pb.Policy) -> list[dict[str, 
     ]
 
 
-def alias_filter() -> dict[str, Any]:
-    """The compiled path reads the alias (`model`) from the body in Envoy (C++, before the
-    ext_proc) into dynamic metadata, which the compiled routes match on. A body it cannot read
-    leaves no alias: the request goes to the ext_proc, which gives the client its 400."""
-    return {
-        "name": "signalbox.alias",
-        "typed_config": _any(
-            "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
-            request_rules={
-                "rules": [
-                    {
-                        "selectors": [{"key": "model"}],
-                        "on_present": {"metadata_namespace": METADATA_NS, "key": ALIAS_KEY, "type": "STRING"},
-                    }
-                ],
-                "allow_empty_content_type": True,
-            },
-        ),
-    }
-
-
 def _method(name: str) -> dict[str, Any]:
     return {"name": ":method", "string_match": {"exact": name}}
 
@@ -334,13 +310,66 @@ def _local_reply_config(opts: GatewayOptions) -> dict[str, Any]:
     }
 
 
-def usage_filter() -> dict[str, Any]:
-    """Accounting, part 1: Envoy's Lua filter reads token usage from each routed response as it
-    streams past (usage.lua; no buffering, no round trip) and leaves it in dynamic metadata."""
-    source = package_files.files("signalbox.core").joinpath("usage.lua").read_text()
+def _usage_rules() -> list[dict[str, Any]]:
+    """json_to_metadata rules: the response's usage numbers into `signalbox` metadata."""
+    return [
+        {
+            "selectors": [{"key": "usage"}, {"key": key}],
+            "on_present": {"metadata_namespace": METADATA_NS, "key": key, "type": "NUMBER"},
+        }
+        for key in ("prompt_tokens", "completion_tokens")
+    ]
+
+
+def json_filter(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any] | None:
+    """Envoy's JSON reader (C++, no Lua, no Python), on both paths of one request:
+
+    - request: the alias (`model`) into dynamic metadata for the compiled routes to match on. A
+      body it cannot read leaves no alias: the request goes to the ext_proc, which gives the
+      client its 400. Present only when some policy is compiled.
+    - response (accounting, part 1): the usage numbers of a JSON answer. Streams are read by
+      `sse_usage_filter`.
+    """
+    config: dict[str, Any] = {}
+    if any(p.compiled for p in cfg.policies):
+        config["request_rules"] = {
+            "rules": [
+                {
+                    "selectors": [{"key": "model"}],
+                    "on_present": {"metadata_namespace": METADATA_NS, "key": ALIAS_KEY, "type": "STRING"},
+                }
+            ],
+            "allow_empty_content_type": True,
+        }
+    if opts.accounting:
+        # Matched on the whole header value: providers send the charset too.
+        json_types = ["application/json", "application/json; charset=utf-8", "application/json;charset=utf-8"]
+        config["response_rules"] = {"rules": _usage_rules(), "allow_content_types": json_types}
+    if not config:
+        return None
     return {
-        "name": "signalbox.usage",
-        "typed_config": _any("envoy.extensions.filters.http.lua.v3.Lua", default_source_code={"inline_string": source}),
+        "name": "signalbox.json",
+        "typed_config": _any("envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata", **config),
+    }
+
+
+def sse_usage_filter() -> dict[str, Any]:
+    """Accounting, part 1 for streams: Envoy's SSE reader parses each event's JSON as it passes
+    (never buffering the stream) and keeps the last usage numbers it sees, so text that only
+    looks like usage inside generated content never counts."""
+    parser = {
+        "name": "envoy.content_parsers.json",
+        "typed_config": _any(
+            "envoy.extensions.content_parsers.json.v3.JsonContentParser",
+            rules=[{"rule": rule} for rule in _usage_rules()],
+        ),
+    }
+    return {
+        "name": "signalbox.sse_usage",
+        "typed_config": _any(
+            "envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
+            response_rules={"content_parser": parser, "max_event_size": 1 << 20},
+        ),
     }
 
 
@@ -462,21 +491,16 @@ def router_attributes(cfg: pb.RoutingConfig) -> list[str]:
 def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
     # The decision's policy and reason travel as dynamic metadata, not request headers, so they
     # reach the response headers without ever being sent to a provider.
-    # Response headers (status, and which backend answered) are sent to the router phase only
-    # when a policy learns from outcomes: a round trip per request that others do not pay for.
-    learns = any(p.learning for p in cfg.policies)
-    extra: dict[str, Any] = {"response_attributes": ["xds.upstream_host_metadata"]} if learns else {}
+    # Learning reads outcomes from the access log: no response message to the ext_proc.
     # One message per request: the body, with the request's headers as attributes. The buffer
     # filter after the ext_proc holds the headers (and the router) until the body's answer has
     # put the target in dynamic metadata; the target route prepares the request. Requests
     # without a body never reach Python (GET /v1/models and refusals are routes of their own).
     router_extproc = _extproc_filter(
         opts,
-        response_headers=learns,
         request_headers=False,
         request_attributes=router_attributes(cfg),
         metadata_options={"receiving_namespaces": {"untyped": [METADATA_NS]}},
-        **extra,
     )
     hcm = _any(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -490,7 +514,7 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
         http_filters=[
             _remove_gateway_headers("signalbox.strip_client_gateway_headers"),
             client_path_filter(),
-            *([alias_filter()] if any(p.compiled for p in cfg.policies) else []),
+            *([json] if (json := json_filter(cfg, opts)) else []),
             {"name": "envoy.filters.http.ext_proc", "typed_config": router_extproc},
             {
                 "name": "envoy.filters.http.buffer",
@@ -498,7 +522,7 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
                     "envoy.extensions.filters.http.buffer.v3.Buffer", max_request_bytes=opts.max_body_bytes
                 ),
             },
-            *([usage_filter()] if opts.accounting else []),
+            *([sse_usage_filter()] if opts.accounting else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),

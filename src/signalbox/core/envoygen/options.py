@@ -61,8 +61,9 @@ class GatewayOptions:
     # In a pod: the ext_proc's admin API on localhost; the health listener serves its /metrics,
     # so Prometheus can scrape them while the API itself stays off the network.
     extproc_admin_port: int | None = None
-    # Token and cost accounting (a Lua filter reads usage, the gRPC access log carries it to the
-    # ext_proc in batches): spend metrics and budgets need it (cost: bench/README.md).
+    # Token and cost accounting (Envoy's JSON and SSE readers take usage, the gRPC access log
+    # carries it to the ext_proc in batches): spend metrics and budgets need it (cost:
+    # bench/README.md).
     accounting: bool = True
     # Where provider keys are, one SDS file per provider (`credential_file`): Envoy adds each
     # attempt's key itself. "" (unit tests of the generator only): no keys are added.
