@@ -20,6 +20,7 @@ from google.protobuf import duration_pb2, struct_pb2
 from signalbox.core.envoygen.contract import COMPILED_POLICY_TAG, METADATA_NS
 
 from . import accounting, decisions
+from .inflight import OpenRequests
 from .ledger import SpendLedger
 from .metrics import Metrics
 from .reload import TableHolder
@@ -42,10 +43,17 @@ def _seconds(d: duration_pb2.Duration) -> float:
 
 
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, tables: TableHolder, metrics: Metrics, ledger: SpendLedger, state: SelectionState | None = None):
+    def __init__(
+        self,
+        tables: TableHolder,
+        metrics: Metrics,
+        ledger: SpendLedger,
+        state: SelectionState | None = None,
+        open_requests: OpenRequests | None = None,
+    ):
         self.tables, self.metrics, self.ledger = tables, metrics, ledger
-        # Learning policies learn here, from what happened (who answered, with what status).
-        self.state = state
+        # What a finished request teaches the strategies (learning, latency, open requests).
+        self.state, self.open = state, open_requests
         # Policies by id, for the table they came from (compiled routes name their policy's id).
         self._policies: tuple[object, dict[str, PolicyRuntime]] = (None, {})
 
@@ -80,18 +88,27 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
     def learn(
         self, entry: accesslog_pb2.HTTPAccessLogEntry, policy_id: str, policy: str, class_key: str, first: str
     ) -> None:
-        """Outcome learning: the first choice failed over if another backend answered; a 5xx or
-        429 means no backend did. Shared by the workers through the learning store."""
-        if self.state is None:
-            return
+        """What the request's end teaches its policy's strategy, shared by the workers (learning
+        store, open requests): its request is no longer open (least-busy), how long it took
+        (latency), and whether the first choice answered (learning: it failed over if another
+        backend did; a 5xx or 429 means no backend did)."""
         runtime = self._policy(policy_id)
-        if runtime is None or not runtime.learning:
+        if runtime is None:
             return
         common = entry.common_properties
+        if runtime.strategy == "least-busy" and self.open is not None:
+            self.open.end(entry.request.request_id)
+        if self.state is None:
+            return
         served = common.custom_tags.get("backend") or first
+        latency_ms = _seconds(common.time_to_last_downstream_tx_byte) * 1000
+        backend = self.tables.current.backends.get(served)
+        if runtime.strategy == "latency" and backend is not None:
+            self.state.observe_latency(served, latency_ms, runtime.ewma_alpha, backend.latency_prior_ms)
+        if not runtime.learning:
+            return
         status = entry.response.response_code.value
         ok = 200 <= status < 500 and status != 429
-        latency_ms = _seconds(common.time_to_last_downstream_tx_byte) * 1000
         if served != first:
             self.state.observe_outcome(policy, class_key, first, False, latency_ms)
         self.state.observe_outcome(policy, class_key, served, ok, latency_ms)

@@ -1,9 +1,10 @@
 """Learning observations shared by the ext_proc workers of one gateway (SQLite, `sharedstate`).
 
-`SelectionState` keeps what strategies read in dicts. With a `SharedLearning` attached it
-writes every observation through to the file and reloads the dicts whenever another worker
-has written (SQLite's `data_version`, a cheap check per decision), so feedback that reached
-one worker teaches all of them. Rows are keyed like the dicts: (policy name, class, backend).
+`SelectionState` keeps what strategies read in dicts (quality, outcomes, latency averages).
+With a `SharedLearning` attached it writes every observation through to the file and reloads
+the dicts whenever another worker has written (SQLite's `data_version`, a cheap check per
+decision), so feedback that reached one worker teaches all of them. Rows are keyed like the
+dicts: (policy name, class, backend); latency by backend.
 
 The other gateway replicas' observations arrive as `remote_*` rows (written by
 `signalbox.replicasync`) and are added in: counts sum; the latency average is this replica's
@@ -24,6 +25,7 @@ CREATE TABLE IF NOT EXISTS outcomes (
   policy TEXT NOT NULL, class TEXT NOT NULL, backend TEXT NOT NULL,
   ok REAL NOT NULL, failed REAL NOT NULL, latency REAL NOT NULL,
   PRIMARY KEY (policy, class, backend));
+CREATE TABLE IF NOT EXISTS latency (backend TEXT PRIMARY KEY, ms REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS remote_quality (
   replica TEXT NOT NULL, policy TEXT NOT NULL, class TEXT NOT NULL, backend TEXT NOT NULL,
   n REAL NOT NULL, total REAL NOT NULL, PRIMARY KEY (replica, policy, class, backend));
@@ -59,6 +61,16 @@ class SharedLearning:
             f"latency = latency + {LATENCY_ALPHA} * (excluded.latency - latency)",
             (*key, 1.0 if ok else 0.0, 0.0 if ok else 1.0, latency_ms),
         )
+
+    def add_latency(self, backend: str, ms: float, alpha: float, prior: float) -> None:
+        """One finished request's duration into the backend's average (`latency` strategy)."""
+        self.db.execute(
+            "INSERT INTO latency VALUES (?, ?) ON CONFLICT (backend) DO UPDATE SET ms = ms + ? * (? - ms)",
+            (backend, prior + alpha * (ms - prior), alpha, ms),
+        )
+
+    def load_latency(self) -> dict[str, float]:
+        return dict(self.db.execute("SELECT backend, ms FROM latency").fetchall())
 
     def changed(self) -> bool:
         """True the first time, then whenever another connection has committed since the last call."""

@@ -21,13 +21,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import admin
 from .decisions import DecisionSigner
+from .inflight import OpenRequests
 from .learning import SharedLearning
 from .ledger import SpendLedger
 from .metrics import Metrics
 from .reload import TableHolder
 from .runtime import default_key_resolver
 from .server import Processor, serve
-from .sharedstate import DECISION_KEY, DEFAULT_EXTPROC_SOCKET, LEARNING_DB, SPEND_DB
+from .sharedstate import DECISION_KEY, DEFAULT_EXTPROC_SOCKET, LEARNING_DB, OPEN_DB, SPEND_DB
 from .strategies import SelectionState
 
 log = logging.getLogger("signalbox.extproc")
@@ -111,6 +112,7 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     state_dir = getattr(args, "state_dir", None)
     ledger = SpendLedger(Path(state_dir) / SPEND_DB if state_dir else None)
     learning = SharedLearning(Path(state_dir) / LEARNING_DB) if state_dir else None
+    open_requests = OpenRequests(Path(state_dir) / OPEN_DB if state_dir else None)
     accounting = not getattr(args, "no_accounting", False)
     signer = decision_signer(args)
     processor = Processor(
@@ -121,6 +123,7 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
         ledger=ledger,
         accounting=accounting,
         signer=signer,
+        open_requests=open_requests,
     )
     server, _ = await serve(tables, address, args.max_body_bytes, processor=processor)
     health_server = (await health_only_server(args.health_address, tables))[0] if args.health_address else None

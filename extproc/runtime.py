@@ -129,6 +129,9 @@ class PolicyRuntime:
     budget: Budget | None = None
     # Envoy routes this policy alone (weighted_clusters): the ext_proc only explains it.
     compiled: bool = False
+    # How long a request of this policy may stay open (its timeout plus slack): an open
+    # request whose access log entry never comes stops counting after this (inflight.py).
+    open_seconds: float = 330.0
 
     def matches(self, path: str, headers: dict[str, str]) -> bool:
         if self.path_prefixes and not path.startswith(self.path_prefixes):
@@ -264,6 +267,7 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
         ),
         learning=p.learning,
         compiled=p.compiled,
+        open_seconds=p.timeout_ms / 1000 + HOLD_SLACK_SECONDS,
         learning_exploration_rate=p.learning_exploration_rate,
         learning_prior_weight=p.learning_prior_weight,
         quality_tolerance=p.quality_tolerance,

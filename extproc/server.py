@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import grpc
@@ -27,6 +28,7 @@ from . import decide, strategies, wire
 from .accesslog import AccessLogSink
 from .classify import Classification
 from .decisions import DecisionSigner
+from .inflight import OpenRequests
 from .ledger import SpendLedger
 from .llm_tier import LlmClassifier
 from .metrics import Metrics
@@ -35,11 +37,6 @@ from .runtime import BackendRuntime, PolicyRuntime
 from .strategies import SelectionState
 
 log = logging.getLogger("signalbox.extproc")
-
-# Strategies that learn from how long requests take or how many are open: their router-phase
-# stream is kept until Envoy ends it, which is when the HTTP request ends. (Outcome learning
-# comes from the access log: accesslog.AccessLogSink.learn.)
-STREAM_LIFETIME_STRATEGIES = frozenset({"latency", "least-busy"})
 
 
 def _ends_request_phase(response: ep.ProcessingResponse) -> bool:
@@ -63,6 +60,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         ledger: SpendLedger | None = None,
         accounting: bool = True,
         signer: DecisionSigner | None = None,
+        open_requests: OpenRequests | None = None,
     ):
         self.tables = tables
         self.state = state or SelectionState()
@@ -75,7 +73,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.accounting = accounting
         # Signs x-signalbox-decision; feedback with a token it did not sign is refused.
         self.signer = signer or DecisionSigner()
+        # Requests open per backend (least-busy), shared by the workers when it is a file.
+        self.open = open_requests or OpenRequests()
         self.metrics.watch_budgets(self.budget_windows)
+
+    def count_open(self, policy: PolicyRuntime, now: float) -> None:
+        """What `least-busy` reads: the requests open per backend, across every worker."""
+        if policy.strategy == "least-busy":
+            self.state.in_flight = defaultdict(int, self.open.counts(now))
 
     def budget_status(self, policy: PolicyRuntime, now: float) -> budget.BudgetStatus | None:
         if policy.budget is None:
@@ -157,8 +162,6 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         if first not in ("request_headers", "request_body"):
             return
         path = headers.get(":path", "/")
-        chosen = ""
-        started = 0.0
         policy = None
         try:
             kind = decide.check_path(headers.get(":method", "GET"), path)
@@ -188,6 +191,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             prepared = decide.prepare(table, path, headers, raw, client_address(headers), self.max_body_bytes)
             policy = prepared.policy
             now = time.time()
+            self.count_open(policy, now)
             outcome = decide.finish(
                 prepared, state, await self.reclassify(prepared), budget=self.budget_status(policy, now), now=now
             )
@@ -209,33 +213,18 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             self.count(outcome)
             # The target travels as dynamic metadata, which Envoy's routes match on (header
             # mutations are not applied to a body answer when the headers were not sent).
-            response = wire.body_response(body=outcome.body, clear_route_cache=True, metadata=metadata)
-            if policy.strategy not in STREAM_LIFETIME_STRATEGIES:
-                # Nothing more to do for this request: end the RPC now rather than hold it
-                # (and have Envoy reset it) for the whole upstream exchange.
-                yield response
-                return
-            chosen = outcome.selection.choice.backend.id
-            state.in_flight[chosen] += 1
-            started = time.monotonic()
-            yield response
-            # Latency and least-busy keep the stream until the request ends.
-            async for _ in rest:
-                pass
+            if policy.strategy == "least-busy":
+                # Closed by the request's access log entry (accesslog.py), whichever worker gets it.
+                chosen = outcome.selection.choice.backend.id
+                self.open.begin(headers.get("x-request-id") or uuid.uuid4().hex, chosen, now + policy.open_seconds)
+            # The stream ends with this one answer: what the request's end teaches (latency,
+            # open requests, outcomes) comes from its access log entry, never a held stream.
+            yield wire.body_response(body=outcome.body, clear_route_cache=True, metadata=metadata)
         except RequestError as err:
             self.metrics.requests.labels(
                 policy.name if policy else "none", "none", "none", "none", "none", err.code
             ).inc()
             yield wire.immediate_error(err, policy.name if policy else "")
-        finally:
-            # The stream lives as long as the HTTP request: its end is the request's end.
-            if chosen:
-                state.in_flight[chosen] -= 1
-                if policy is not None:
-                    backend = table.backends[chosen]
-                    state.observe_latency(
-                        chosen, (time.monotonic() - started) * 1000, policy.ewma_alpha, backend.latency_prior_ms
-                    )
 
 
 async def serve(
@@ -255,7 +244,7 @@ async def serve(
     processor = processor or Processor(tables, state, max_body_bytes)
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-        AccessLogSink(tables, processor.metrics, processor.ledger, processor.state), server
+        AccessLogSink(tables, processor.metrics, processor.ledger, processor.state, processor.open), server
     )
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

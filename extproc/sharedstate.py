@@ -17,6 +17,7 @@ from pathlib import Path
 # The files in a gateway's state directory (`--state-dir`).
 SPEND_DB = "spend.db"
 LEARNING_DB = "learning.db"
+OPEN_DB = "open.db"
 # The key that signs decision tokens (decisions.py), made by the first worker that starts.
 DECISION_KEY = "decision.key"
 # Where `signalbox extproc` listens without --socket or --address.

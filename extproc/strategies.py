@@ -49,6 +49,7 @@ class SelectionState:
         """Take in what other workers learned since the last decision."""
         if self.shared is not None and self.shared.changed():
             self.quality, self.outcomes = self.shared.load()
+            self.latency_ms = self.shared.load_latency()
 
     def snapshot(self) -> SelectionState:
         """An independent copy (for dry runs: explaining must not move round-robin positions)."""
@@ -62,6 +63,8 @@ class SelectionState:
     def observe_latency(self, backend_id: str, ms: float, alpha: float, prior: float) -> None:
         old = self.latency_ms.get(backend_id, prior)
         self.latency_ms[backend_id] = old + alpha * (ms - old)
+        if self.shared is not None:
+            self.shared.add_latency(backend_id, ms, alpha, prior)
 
     def observe_quality(self, policy: str, class_key: str, backend_id: str, score: float) -> None:
         """One outcome (0..1: quality feedback, or 0 for a failed request) for a backend on a class.
@@ -299,7 +302,7 @@ def select(
 ) -> Selection:
     if not policy.choices:
         raise NoHealthyBackend(f"no healthy backend for policy {policy.name!r}")
-    if policy.learning:
+    if policy.learning or policy.strategy == "latency":
         state.refresh()
     choices, notes = eligible(policy, ctx, explain)
     if not choices:

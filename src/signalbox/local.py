@@ -31,11 +31,12 @@ from signalbox.core import envoygen, loader
 from signalbox.core.compiler import CompileResult, compile_config
 from signalbox.core.errors import SignalboxError
 from signalbox.core.secrets import SecretValue
+from signalbox.extproc.inflight import OpenRequests
 from signalbox.extproc.learning import SharedLearning
 from signalbox.extproc.ledger import SpendLedger
 from signalbox.extproc.metrics import MULTIPROC_ENV
 from signalbox.extproc.runtime import default_key_resolver
-from signalbox.extproc.sharedstate import LEARNING_DB, SPEND_DB
+from signalbox.extproc.sharedstate import LEARNING_DB, OPEN_DB, SPEND_DB
 
 # AIProviders carrying this annotation get the bundled fake provider started on their baseUrl's
 # port by `signalbox up` (the offline quickstart). Ignored in a cluster.
@@ -238,6 +239,7 @@ class LocalGateway:
         state_dir = self.workdir / gatewayfiles.STATE_DIR
         SpendLedger(state_dir / SPEND_DB).close()
         SharedLearning(state_dir / LEARNING_DB).close()
+        OpenRequests(state_dir / OPEN_DB).close()
         # Workers share their counters (prometheus_client multiprocess mode): the admin API of
         # worker 0 reports the whole gateway.
         metrics_dir = self.workdir / "metrics"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import aiohttp
 import grpc
@@ -204,38 +205,52 @@ async def test_privileged_admin_endpoints_need_the_token_when_exposed(exposed, t
     assert admin.is_loopback("127.0.0.1") and admin.is_loopback("::1") and not admin.is_loopback("0.0.0.0")
 
 
-async def test_learning_does_not_switch_off_latency_tracking():
+async def test_latency_and_open_requests_come_from_the_access_log_not_a_held_stream():
     """A `latency` policy with learning used to return after the response headers: its
-    latency average and in-flight count were never updated. (Outcomes are learned from the
-    access log now: test_accesslog; the stream is held only for latency and in-flight.)"""
+    latency average and in-flight count were never updated. Now the router phase ends its
+    stream with its one answer and the request's access log entry, whichever worker gets it,
+    closes the open request and feeds the latency average."""
+    from envoy.data.accesslog.v3 import accesslog_pb2
+
     from signalbox.core.compiler import compile_config
+    from signalbox.extproc.accesslog import AccessLogSink
     from tests.factories import backend, model, policy, provider
 
     providers = [provider("a", "http://127.0.0.1:9001/v1", [model("m")])]
-    pol = policy("lat", ["auto"], [backend("a", "m")], strategy="latency", learning={"enabled": True})
+    policies = [
+        policy("lat", ["lat"], [backend("a", "m")], strategy="latency", learning={"enabled": True}),
+        policy("busy", ["busy"], [backend("a", "m")], strategy="least-busy"),
+    ]
     holder = TableHolder()
-    holder.install(compile_config(providers, [pol]).config)
+    holder.install(compile_config(providers, policies).config)
     processor = Processor(holder, max_body_bytes=1 << 20)
     server, port = await serve(holder, "127.0.0.1:0", max_body_bytes=1 << 20, processor=processor)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = ep_grpc.ExternalProcessorStub(channel)
+    sink = AccessLogSink(holder, processor.metrics, processor.ledger, processor.state, processor.open)
     try:
-        headers = {":method": "POST", ":path": "/v1/chat/completions"}
-        call = stub.Process()
-        await call.write(headers_msg(headers))
-        await call.read()
-        await call.write(body_msg(BODY))
-        routed = await call.read()
-        assert routed.WhichOneof("response") == "request_body"
-        assert processor.state.in_flight["default/a/m"] == 1  # counted while the request runs
-        await call.done_writing()
-        assert await call.code() == grpc.StatusCode.OK  # the RPC's end: for this policy, the request's end
-        for _ in range(100):  # the stream's end (the request's end) is handled on the server side
-            if processor.state.in_flight["default/a/m"] == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert processor.state.in_flight["default/a/m"] == 0
+        for alias in ("lat", "busy"):
+            headers = {":method": "POST", ":path": "/v1/chat/completions", "x-request-id": f"req-{alias}"}
+            call = stub.Process()
+            await call.write(headers_msg(headers))
+            await call.read()
+            await call.write(body_msg(json.dumps({"model": alias, "messages": []}).encode()))
+            routed = await call.read()
+            assert routed.WhichOneof("response") == "request_body"
+            assert await call.code() == grpc.StatusCode.OK  # ended by the server: nothing held
+            meta = json_format.MessageToDict(routed.dynamic_metadata)["signalbox"]
+            entry = accesslog_pb2.HTTPAccessLogEntry()
+            entry.request.request_id = f"req-{alias}"
+            entry.response.response_code.value = 200
+            entry.common_properties.custom_tags["backend"] = "default/a/m"
+            entry.common_properties.metadata.filter_metadata["signalbox"].update(meta)
+            entry.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(120)
+            if alias == "busy":
+                assert processor.open.counts(time.time()) == {"default/a/m": 1}  # open while it runs
+            sink.account(entry)
+        assert processor.open.counts(time.time()) == {}  # closed by its access log entry
         assert "default/a/m" in processor.state.latency_ms  # latency learned
+        assert any(key[2] == "default/a/m" for key in processor.state.outcomes)  # and the outcome
     finally:
         await channel.close()
         await server.stop(None)
