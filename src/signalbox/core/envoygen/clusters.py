@@ -17,7 +17,15 @@ from ..compiler import chain
 from .contract import GATEWAY_HEADERS, METADATA_NS
 from .options import STREAM_LIMITS, GatewayOptions, _address, _any, _ms
 
-_ATTEMPT_LUA = package_files.files("signalbox.core").joinpath("attempt.lua").read_text()
+
+def _compact(lua: str) -> str:
+    """The script without its comment lines and indentation: it is repeated once per chain
+    member in the generated config, which the commented source would make 2-3x larger."""
+    lines = (line.strip() for line in lua.splitlines())
+    return "\n".join(line for line in lines if line and not line.startswith("--")) + "\n"
+
+
+_ATTEMPT_LUA = _compact(package_files.files("signalbox.core").joinpath("attempt.lua").read_text())
 
 
 def _http1_options(filters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -190,11 +198,11 @@ def _credential_injector(provider: pb.Provider, opts: GatewayOptions) -> dict[st
 
 
 def lua_literal(value: str | dict[str, Any]) -> str:
-    """A Lua string (every byte outside a safe set as a decimal escape) or table literal."""
+    """A Lua string (printable ASCII as is, `"`, `\\` and every other byte as a decimal
+    escape) or table literal."""
     if isinstance(value, dict):
         return "{" + ", ".join(f"[{lua_literal(k)}] = {lua_literal(v)}" for k, v in value.items()) + "}"
-    safe = re.compile(rb"[A-Za-z0-9 ._/:?=&-]")
-    return '"' + "".join(chr(b) if safe.fullmatch(bytes([b])) else f"\\{b:03d}" for b in value.encode()) + '"'
+    return '"' + "".join(chr(b) if 32 <= b < 127 and b not in b'"\\' else f"\\{b:03d}" for b in value.encode()) + '"'
 
 
 def _error(err: errors.RequestError) -> dict[str, Any]:
