@@ -60,11 +60,15 @@ def backend(provider: pb.Provider, model: str = "m-up") -> pb.Backend:
 class Attempt:
     def __init__(self, provider: pb.Provider, model: str = "m-up"):
         self.lua = luajit21.LuaRuntime()
-        self.lua.execute(envoygen.attempt_source(backend(provider, model), provider))
+        self.backend = backend(provider, model)
+        settings = {self.backend.id: envoygen.attempt_settings(self.backend, provider)}
+        self.lua.execute(envoygen.attempt_source(settings))
         self.run_lua = self.lua.eval(HARNESS)
 
     def run(self, path: str, body: str | None, meta: dict | None = None, headers: dict | None = None):
-        hdrs = self.lua.table_from({":path": path, ":authority": "gateway", **(headers or {})})
+        # The marker filter of the picked backend named it before attempt.lua runs.
+        named = {envoygen.ATTEMPT_HEADER: self.backend.id}
+        hdrs = self.lua.table_from({":path": path, ":authority": "gateway", **named, **(headers or {})})
         text, status, answer = self.run_lua(hdrs, self.lua.table_from(meta) if meta is not None else None, body)
         return dict(hdrs), text, status, answer
 
@@ -197,8 +201,17 @@ def test_arbitrary_text_is_rewritten_or_refused_never_an_error(text):
         assert isinstance(result, str) and '"m-up"' in result
 
 
+def test_an_attempt_no_marker_named_is_a_503_the_chain_moves_past():
+    """Only when Envoy runs a chain the config no longer describes (a reload in flight)."""
+    _, _, status, answer = Attempt(OPENAI).run(
+        "/v1/chat/completions", '{"model":"a"}', headers={envoygen.ATTEMPT_HEADER: "default/other/m"}
+    )
+    assert status == "503" and json.loads(answer)["error"]["code"] == "routing_unavailable"
+
+
 def test_error_bodies_are_the_gateways_and_every_setting_is_a_safe_lua_literal():
-    assert {e["code"] for e in envoygen.ATTEMPT_ERRORS.values()} == {"invalid_json", "provider_key_unavailable"}
+    codes = {e["code"] for e in envoygen.ATTEMPT_ERRORS.values()}
+    assert codes == {"invalid_json", "provider_key_unavailable", "routing_unavailable"}
     lua = luajit21.LuaRuntime()
     tricky = 'a"b\\c\n]]--\x00é'
     assert lua.eval(envoygen.lua_literal(tricky)) == tricky

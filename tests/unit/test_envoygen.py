@@ -35,14 +35,15 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
     assert [f["name"] for f in filters] == [
         "signalbox.strip_keys",
         "signalbox.key.default/b",  # only the keyed provider of the chain
-        "signalbox.attempt.default/a/m",  # one per member: no Python on any attempt
+        "signalbox.attempt.default/a/m",  # one marker per member names the picked backend,
         "signalbox.attempt.default/b/m",
+        "signalbox.attempt",  # then one script prepares the attempt: no Python on any attempt
         "signalbox.strip_gateway_headers_upstream",
         "envoy.filters.http.upstream_codec",
     ]
-    lua = filters[2]["typed_config"]["extension_config"]["typed_config"]["default_source_code"]["inline_string"]
-    assert lua.startswith("BACKEND = ") and '"/v1"' in lua
-    removed = [m["remove"] for m in filters[4]["typed_config"]["mutations"]["request_mutations"]]
+    lua = filters[4]["typed_config"]["default_source_code"]["inline_string"]
+    assert "BACKENDS = " in lua and '["default/a/m"]' in lua and '["default/b/m"]' in lua
+    removed = [m["remove"] for m in filters[5]["typed_config"]["mutations"]["request_mutations"]]
     assert sorted(removed) == sorted(envoygen.GATEWAY_HEADERS)
 
 

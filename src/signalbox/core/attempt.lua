@@ -1,8 +1,10 @@
--- Signalbox: prepare one upstream attempt for one backend, inside Envoy.
+-- Signalbox: prepare one upstream attempt for the backend Envoy picked, inside Envoy.
 --
--- Runs as an upstream HTTP filter of an aggregate cluster, once per attempt, only when the
--- picked host is this filter's backend (a CEL matcher skips it otherwise); the generator puts
--- one instance per member of the failover chain and defines BACKEND above this text:
+-- Runs as an upstream HTTP filter of an aggregate cluster, once per attempt. Lua cannot see
+-- the picked host, so before it one small header_mutation filter per chain member (skipped by
+-- a CEL matcher unless the picked host is that member) names the backend in ATTEMPT_HEADER.
+-- The generator defines, above this text, ATTEMPT_HEADER and BACKENDS (backend id -> its
+-- settings, for the members of this chain):
 --   model       the model name the provider expects ("model" in the body)
 --   model_json  the same, as a JSON string literal
 --   path        the provider's path for the client's "/v1/<rest>" ("<rest>" appended)
@@ -152,6 +154,11 @@ end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
+  local BACKEND = BACKENDS[headers:get(ATTEMPT_HEADER) or ""]
+  if BACKEND == nil then
+    refuse(handle, "no_backend") -- a config in transition: a 5xx, the chain moves on
+    return
+  end
   if BACKEND.key_header ~= "" then
     local key = headers:get(BACKEND.key_header)
     if key == nil or key == "" then

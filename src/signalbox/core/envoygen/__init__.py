@@ -7,8 +7,9 @@
 - `clusters`: one cluster per backend (its endpoint carries `filter_metadata.signalbox`:
   backend, provider id, provider, model), one aggregate cluster per *target* (a policy's
   first choice and its failover chain), and the upstream filters every attempt runs: all key
-  headers removed, the picked provider's key added by Envoy, then the picked backend's path,
-  authority and body model (`core/attempt.lua`): no Python on any attempt.
+  headers removed, the picked provider's key added by Envoy, the picked backend named by a
+  CEL-matched marker, then its path, authority and body model (`core/attempt.lua`, one per
+  chain): no Python on any attempt.
 - `listener`: the compiled path (the alias read from the body by Envoy, routes per alias of a
   policy that needs no prompt, weighted_clusters, the ext_proc off), the decided path's
   router-phase ext_proc (one message: the body, with the headers policies read as
@@ -38,6 +39,7 @@ from .contract import (
     ADMIN_CLUSTER,
     ALIAS_KEY,
     API_PATHS,
+    ATTEMPT_HEADER,
     BODY_MODEL_KEY,
     CLIENT_PATH_KEY,
     COMPILED_POLICY_TAG,
@@ -78,6 +80,7 @@ __all__ = [
     "ALIAS_KEY",
     "API_PATHS",
     "ATTEMPT_ERRORS",
+    "ATTEMPT_HEADER",
     "BODY_MODEL_KEY",
     "CLIENT_PATH_KEY",
     "COMPILED_POLICY_TAG",

@@ -14,7 +14,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
 from ..compiler import chain
-from .contract import GATEWAY_HEADERS, METADATA_NS
+from .contract import ATTEMPT_HEADER, GATEWAY_HEADERS, METADATA_NS
 from .options import STREAM_LIMITS, GatewayOptions, _address, _any, _ms
 
 
@@ -214,6 +214,7 @@ ATTEMPT_ERRORS = {
     "not_object": _error(errors.MalformedRequest("request body is not a JSON object")),
     "escaped_name": _error(errors.MalformedRequest("member names with escape sequences are not supported")),
     "no_model": _error(errors.MalformedRequest("request body has no 'model'")),
+    "no_backend": _error(errors.RoutingUnavailable("the routing config is changing; try again")),
     "key_unavailable": _error(
         errors.ProviderKeyUnavailable("a backend cannot be tried: its provider's API key cannot be read by the gateway")
     ),
@@ -238,31 +239,54 @@ def attempt_settings(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
     }
 
 
-def attempt_source(backend: pb.Backend, provider: pb.Provider) -> str:
-    """attempt.lua for one backend: its settings and the error bodies, then the shared code."""
+def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
+    """attempt.lua for one chain: each member's settings (backend id -> attempt_settings), the
+    error bodies, then the shared code."""
     prelude = (
-        f"BACKEND = {lua_literal(attempt_settings(backend, provider))}\n"
+        f"ATTEMPT_HEADER = {lua_literal(ATTEMPT_HEADER)}\n"
+        f"BACKENDS = {lua_literal(settings)}\n"
         f"ERRORS = {{{', '.join(f'{k} = {lua_literal(v)}' for k, v in ATTEMPT_ERRORS.items())}}}\n"
     )
     return prelude + _ATTEMPT_LUA
 
 
-def _attempt_filter(backend: pb.Backend, provider: pb.Provider) -> dict[str, Any]:
-    lua = {
-        "name": "envoy.filters.http.lua",
+def _attempt_marker(backend: pb.Backend) -> dict[str, Any]:
+    """Names the picked backend for attempt.lua: skipped unless the attempt goes to `backend`."""
+    marker = {
+        "name": "envoy.filters.http.header_mutation",
         "typed_config": _any(
-            "envoy.extensions.filters.http.lua.v3.Lua",
-            default_source_code={"inline_string": attempt_source(backend, provider)},
+            "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            mutations={
+                "request_mutations": [
+                    {
+                        "append": {
+                            "header": {"key": ATTEMPT_HEADER, "value": backend.id},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        }
+                    }
+                ]
+            },
         ),
     }
-    return _skip_when(f"signalbox.attempt.{backend.id}", lua, picked_host_is_not(backend.id))
+    return _skip_when(f"signalbox.attempt.{backend.id}", marker, picked_host_is_not(backend.id))
+
+
+def _attempt_filter(members: list[pb.Backend], providers: dict[str, pb.Provider]) -> dict[str, Any]:
+    settings = {b.id: attempt_settings(b, providers[b.provider_id]) for b in members}
+    return {
+        "name": "signalbox.attempt",
+        "typed_config": _any(
+            "envoy.extensions.filters.http.lua.v3.Lua",
+            default_source_code={"inline_string": attempt_source(settings)},
+        ),
+    }
 
 
 def _upstream_phase(cfg: pb.RoutingConfig, opts: GatewayOptions, members: list[pb.Backend]) -> list[dict[str, Any]]:
     """Upstream filters of one aggregate cluster, per attempt: every key header removed (the
-    client's included), the key of the picked backend's provider added by Envoy, then that
-    backend's path, authority and body model (attempt.lua, one instance per member, each
-    skipped unless the attempt goes to its backend).
+    client's included), the key of the picked backend's provider added by Envoy, the picked
+    backend named by its marker (one per member, each skipped unless the attempt goes to it),
+    then that backend's path, authority and body model (attempt.lua, one per chain).
     """
     key_headers = sorted({"authorization", "api-key", *(p.auth.header.lower() for p in cfg.providers if p.auth.header)})
     strip_keys = {
@@ -278,7 +302,8 @@ def _upstream_phase(cfg: pb.RoutingConfig, opts: GatewayOptions, members: list[p
     return [
         strip_keys,
         *credentials,
-        *(_attempt_filter(b, providers[b.provider_id]) for b in members),
+        *(_attempt_marker(b) for b in members),
+        _attempt_filter(members, providers),
         _remove_gateway_headers("signalbox.strip_gateway_headers_upstream"),
         {
             "name": "envoy.filters.http.upstream_codec",

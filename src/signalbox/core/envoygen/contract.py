@@ -11,9 +11,12 @@ import json
 
 # Request headers clients cannot set (a header_mutation filter removes them before the router
 # phase) and providers never see (the upstream filters remove them last): Envoy's own record of
-# a rewritten path, which would tell a provider the gateway's paths.
+# a rewritten path, which would tell a provider the gateway's paths, and the attempt's backend.
 PATH_HEADER = "x-envoy-original-path"
-GATEWAY_HEADERS = (PATH_HEADER,)
+# Which backend an upstream attempt goes to, set per attempt for attempt.lua (which cannot see
+# the picked host) by a CEL-matched filter of that backend.
+ATTEMPT_HEADER = "x-signalbox-attempt"
+GATEWAY_HEADERS = (PATH_HEADER, ATTEMPT_HEADER)
 # What the router phase reads of a request besides its body, sent with the body as attributes
 # (CEL expressions): these, and `request.headers['<name>']` for each header a policy matches
 # on or hashes by (`router_attributes`). Envoy cannot send the whole header map.
