@@ -3,7 +3,8 @@
 -- Runs as an upstream HTTP filter of an aggregate cluster, once per attempt. Lua cannot see
 -- the picked host, so before it one small header_mutation filter per chain member (skipped by
 -- a CEL matcher unless the picked host is that member) names the backend in ATTEMPT_HEADER.
--- The generator defines, above this text, ATTEMPT_HEADER and BACKENDS (backend id -> its
+-- The generator defines, above this text, the contract's names (ATTEMPT_HEADER, and NS,
+-- CLIENT_PATH_KEY, BODY_MODEL_KEY of the dynamic metadata) and BACKENDS (backend id -> its
 -- settings, for the members of this chain):
 --   model       the model name the provider expects ("model" in the body)
 --   model_json  the same, as a JSON string literal
@@ -17,7 +18,6 @@
 -- request headers are one map shared by every attempt, so `:path` already holds the previous
 -- attempt's rewrite. The body is the router's buffered copy, fresh for every attempt.
 -- Nothing here reads or writes a key: it only checks that one was added.
-local NS = "signalbox"
 
 local function refuse(handle, name)
   local e = ERRORS[name]
@@ -167,7 +167,7 @@ function envoy_on_request(handle)
     end
   end
   local meta = handle:streamInfo():dynamicMetadata():get(NS) or {}
-  local client = meta["path"] or headers:get(":path")
+  local client = meta[CLIENT_PATH_KEY] or headers:get(":path")
   local bare, query = string.match(client, "^([^?]*)%??(.*)$")
   local rest = bare
   if string.sub(bare, 1, 4) == "/v1/" then rest = string.sub(bare, 4) end
@@ -176,7 +176,7 @@ function envoy_on_request(handle)
   end
   headers:replace(":path", BACKEND.path .. rest .. (query ~= "" and ("?" .. query) or ""))
   headers:replace(":authority", BACKEND.authority)
-  if meta["body_model"] == BACKEND.model then
+  if meta[BODY_MODEL_KEY] == BACKEND.model then
     return -- the router phase already wrote this backend's model into the body
   end
   local body = handle:body()

@@ -14,7 +14,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
 from ..compiler import chain
-from .contract import ATTEMPT_HEADER, GATEWAY_HEADERS, METADATA_NS
+from .contract import ATTEMPT_HEADER, BODY_MODEL_KEY, CLIENT_PATH_KEY, GATEWAY_HEADERS, METADATA_NS
 from .options import STREAM_LIMITS, GatewayOptions, _address, _any, _ms
 
 
@@ -242,12 +242,16 @@ def attempt_settings(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
 def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
     """attempt.lua for one chain: each member's settings (backend id -> attempt_settings), the
     error bodies, then the shared code."""
-    prelude = (
-        f"ATTEMPT_HEADER = {lua_literal(ATTEMPT_HEADER)}\n"
-        f"BACKENDS = {lua_literal(settings)}\n"
-        f"ERRORS = {{{', '.join(f'{k} = {lua_literal(v)}' for k, v in ATTEMPT_ERRORS.items())}}}\n"
-    )
-    return prelude + _ATTEMPT_LUA
+    # The contract's names, spelled once (envoygen.contract).
+    names = {
+        "ATTEMPT_HEADER": ATTEMPT_HEADER,
+        "NS": METADATA_NS,
+        "CLIENT_PATH_KEY": CLIENT_PATH_KEY,
+        "BODY_MODEL_KEY": BODY_MODEL_KEY,
+    }
+    prelude = "".join(f"{name} = {lua_literal(value)}\n" for name, value in names.items())
+    errors_table = ", ".join(f"{k} = {lua_literal(v)}" for k, v in ATTEMPT_ERRORS.items())
+    return prelude + f"BACKENDS = {lua_literal(settings)}\nERRORS = {{{errors_table}}}\n" + _ATTEMPT_LUA
 
 
 def _attempt_marker(backend: pb.Backend) -> dict[str, Any]:
