@@ -19,8 +19,8 @@ from .options import STREAM_LIMITS, GatewayOptions, _address, _any, _ms
 
 
 def _compact(lua: str) -> str:
-    """The script without its comment lines and indentation: it is repeated once per chain
-    member in the generated config, which the commented source would make 2-3x larger."""
+    """The script without its comment lines and indentation: it is repeated once per aggregate
+    cluster in the generated config, which the commented source would make much larger."""
     lines = (line.strip() for line in lua.splitlines())
     return "\n".join(line for line in lines if line and not line.startswith("--")) + "\n"
 
@@ -222,7 +222,7 @@ ATTEMPT_ERRORS = {
 
 
 def attempt_settings(backend: pb.Backend, provider: pb.Provider) -> dict[str, Any]:
-    """What attempt.lua needs to know of one backend (its BACKEND table)."""
+    """What attempt.lua needs to know of one backend (its entry in BACKENDS)."""
     default_port = 443 if provider.tls else 80
     path, query = provider.base_path, ""
     if provider.type == pb.AZURE_OPENAI:
