@@ -19,6 +19,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.rest import ApiException
 
+from signalbox.core.bundle import PART_OF_LABEL
 from signalbox.core.models import GROUP, VERSION
 from signalbox.core.secrets import SecretValue
 
@@ -72,8 +73,9 @@ class ClusterAPI:
         return {"data": obj.data or {}, "annotations": (obj.metadata and obj.metadata.annotations) or {}}
 
     async def write_configmap(
-        self, namespace: str, name: str, data: dict[str, str], annotations: dict[str, str]
+        self, namespace: str, name: str, data: dict[str, str | None], annotations: dict[str, str]
     ) -> None:
+        """Create or patch; a None value removes that key."""
         body: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "ConfigMap",
@@ -94,9 +96,54 @@ class ClusterAPI:
             except ApiException as exc:
                 if exc.status != 404:
                     raise
+                body["data"] = {k: v for k, v in data.items() if v is not None}
                 self.core.create_namespaced_config_map(namespace, body)  # type: ignore[arg-type]
 
         await asyncio.to_thread(write)
+
+    async def write_part(self, namespace: str, name: str, owner: str, data: dict[str, str]) -> None:
+        """One part of a sharded routing config: immutable and named by its content, so an
+        existing one is already right (409 is success)."""
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {"app.kubernetes.io/part-of": "signalbox", PART_OF_LABEL: owner},
+            },
+            "immutable": True,
+            "data": data,
+        }
+
+        def create() -> None:
+            try:
+                self.core.create_namespaced_config_map(namespace, body)  # type: ignore[arg-type]
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+
+        await asyncio.to_thread(create)
+
+    async def delete_parts(self, namespace: str, owner: str, keep: set[str]) -> list[str]:
+        """Delete the parts of `owner`'s configs that are not in `keep`; returns their names."""
+
+        def run() -> list[str]:
+            listing = self.core.list_namespaced_config_map(namespace, label_selector=f"{PART_OF_LABEL}={owner}")
+            gone = []
+            for item in listing.items:
+                # The label checked again: never delete a ConfigMap that is not one of our parts.
+                if item.metadata.name in keep or (item.metadata.labels or {}).get(PART_OF_LABEL) != owner:
+                    continue
+                try:
+                    self.core.delete_namespaced_config_map(item.metadata.name, namespace)
+                except ApiException as exc:
+                    if exc.status != 404:
+                        raise
+                gone.append(item.metadata.name)
+            return gone
+
+        return await asyncio.to_thread(run)
 
     async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
         def patch() -> None:

@@ -17,8 +17,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import json_format
-
+from signalbox.api.v1alpha1 import config_pb2 as pb
+from signalbox.core import bundle
 from signalbox.core.compiler import compile_config
 from signalbox.core.errors import Problem
 from signalbox.core.secrets import SecretValue
@@ -28,7 +28,6 @@ from .kube import ClusterAPI
 
 log = logging.getLogger("signalbox.operator")
 
-CONFIG_KEY = "routing-config.json"
 GENERATION_ANNOTATION = "signalbox.io/generation"
 HASH_ANNOTATION = "signalbox.io/content-hash"
 PLURALS = {"AIProvider": "aiproviders", "RoutingPolicy": "routingpolicies"}
@@ -50,6 +49,9 @@ class OperatorConfig:
     replica_configmap_namespace: str = ""
     replica_configmap_name: str = ""
     budget_status_seconds: float = 15.0
+    # Base64 characters of routing config per ConfigMap before it is split into parts
+    # (core.bundle); smaller in tests, to exercise the parts with a small config.
+    max_object_chars: int = bundle.MAX_OBJECT_CHARS
 
     @property
     def exact_namespaces(self) -> bool:
@@ -90,6 +92,7 @@ class Reconciler:
         self.written: dict[tuple[str, Key], dict[str, Any]] = {}
         self.generation: int | None = None
         self.published_hash = ""
+        self.published_bytes = 0  # base64 characters of the last published config, all parts
         # (namespace, secret, key) -> value, for health probes only; never logged or copied.
         self.keys: dict[tuple[str, str, str], SecretValue] = {}
 
@@ -165,12 +168,7 @@ class Reconciler:
             self.published_hash = annotations.get(HASH_ANNOTATION, "")
         result = compile_config(providers, policies, secrets, generation=self.generation + 1)
         if result.config is not None and result.config.content_hash != self.published_hash:
-            await self.api.write_configmap(
-                self.config.configmap_namespace,
-                self.config.configmap_name,
-                {CONFIG_KEY: json_format.MessageToJson(result.config)},
-                {GENERATION_ANNOTATION: str(self.generation + 1), HASH_ANNOTATION: result.config.content_hash},
-            )
+            await self._publish(result.config)
             self.generation += 1
             self.published_hash = result.config.content_hash
             log.info("published routing config generation %s (%s)", self.generation, self.published_hash[:12])
@@ -184,6 +182,22 @@ class Reconciler:
         if result.config is not None:
             backends = {p.id: sum(1 for b in p.backends if b.target) for p in result.config.policies}
         await self._write_statuses(objects, result.problems, result.config is not None, backends)
+
+    async def _publish(self, config: pb.RoutingConfig) -> None:
+        """Parts first, then the manifest that names them (one write the gateways watch), then
+        the parts no manifest names any more (core.bundle)."""
+        namespace, name = self.config.configmap_namespace, self.config.configmap_name
+        packed = bundle.pack(config, name, self.config.max_object_chars)
+        for part_name, text in zip(packed.part_names(), packed.parts, strict=True):
+            await self.api.write_part(namespace, part_name, name, {bundle.PART_KEY: text})
+        await self.api.write_configmap(
+            namespace,
+            name,
+            packed.configmap_data(),
+            {GENERATION_ANNOTATION: str(config.generation), HASH_ANNOTATION: config.content_hash},
+        )
+        self.published_bytes = len(packed.inline or "") + sum(len(p) for p in packed.parts)
+        await self.api.delete_parts(namespace, name, set(packed.part_names()))
 
     async def _write_statuses(
         self,

@@ -18,19 +18,20 @@ import time
 from pathlib import Path
 
 import kubernetes
-from google.protobuf import json_format
 
 from signalbox import gatewayfiles
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.cmwatch import watch_configmap
-from signalbox.core import envoygen
+from signalbox.core import bundle, envoygen
 from signalbox.core.compiler import SCHEMA_VERSION
+from signalbox.core.errors import BundleError
 from signalbox.gatewayfiles import SECRETS_DIR
 
 log = logging.getLogger("signalbox.configsync")
-CONFIG_KEY = "routing-config.json"
 # A rotated key (a Secret changed, the config did not) is picked up within this long.
 SECRETS_REFRESH_SECONDS = 60.0
+# A part that cannot be read for another reason than 404 (the API server busy) is read again.
+PART_READ_ATTEMPTS = 3
 
 
 class ConfigSync:
@@ -54,12 +55,13 @@ class ConfigSync:
 
     def apply(self, data: dict[str, str] | None, version: str = "") -> bool:
         """Write the files for this ConfigMap data; False (and nothing written) if unusable."""
-        raw = (data or {}).get(CONFIG_KEY)
-        if not raw:
-            return False
         try:
-            cfg = json_format.Parse(raw, pb.RoutingConfig())
-        except json_format.ParseError as exc:
+            manifest = bundle.read_manifest(data)
+            if manifest.get("contentHash") and manifest["contentHash"] == self.content_hash:
+                return True  # the same config again: nothing to read or write
+            parts = [self._part(name) for name in manifest.get("parts", [])]
+            cfg = bundle.unpack(manifest, (data or {}).get(bundle.INLINE_KEY), parts)
+        except BundleError as exc:
             log.error("ignoring ConfigMap %s/%s: %s", self.namespace, self.name, exc)
             return False
         if cfg.schema_version != SCHEMA_VERSION:
@@ -68,11 +70,26 @@ class ConfigSync:
             )
             return False
         if cfg.content_hash == self.content_hash:
-            return True  # the same config again: nothing to read or write
+            return True
         # Keys first: the ext_proc resolves them when it loads the config written next.
         self.write_secrets(cfg)
         self._publish(cfg)
         return True
+
+    def _part(self, name: str) -> str | None:
+        """One part of a sharded config; None if it is gone (a newer manifest replaced it: the
+        watch delivers that one next)."""
+        for attempt in range(PART_READ_ATTEMPTS):
+            try:
+                obj = self.core.read_namespaced_config_map(name, self.namespace)
+                return (obj.data or {}).get(bundle.PART_KEY)
+            except kubernetes.client.rest.ApiException as exc:
+                if exc.status == 404:
+                    return None
+                if attempt == PART_READ_ATTEMPTS - 1:
+                    raise BundleError(f"cannot read part {name}: HTTP {exc.status}") from exc
+                time.sleep(0.5 * (attempt + 1))  # this runs on the watch's thread, not the loop
+        return None
 
     def refresh_secrets(self) -> bool:
         """Re-read the Secrets the config in force names (key rotation changes a Secret, not the

@@ -17,11 +17,13 @@ from typing import Any
 import kmock
 import kopf
 import pytest
+from google.protobuf import json_format
 
+from signalbox.core import bundle
 from signalbox.fakeprovider import serving
 from signalbox.operator.handlers import build_registry
 from signalbox.operator.kube import ClusterAPI, api_client
-from signalbox.operator.reconciler import CONFIG_KEY, OperatorConfig
+from signalbox.operator.reconciler import OperatorConfig
 
 GROUP_VERSION = "signalbox.io/v1alpha1"
 CM_NAMESPACE, CM_NAME = "signalbox-system", "signalbox-routing"
@@ -127,7 +129,13 @@ class Cluster:
         cm = await self.api.configmap(CM_NAMESPACE, CM_NAME)
         if cm is None:
             return None
-        return {"config": json.loads(cm["data"][CONFIG_KEY]), "annotations": cm["annotations"]}
+        manifest = bundle.read_manifest(cm["data"])
+        parts = []
+        for name in manifest["parts"]:
+            part = await self.api.configmap(CM_NAMESPACE, name)
+            parts.append(part["data"][bundle.PART_KEY] if part else None)
+        cfg = bundle.unpack(manifest, cm["data"].get(bundle.INLINE_KEY), parts)
+        return {"config": json.loads(json_format.MessageToJson(cfg)), "annotations": cm["annotations"]}
 
     async def events(self) -> list[dict[str, Any]]:
         items = await asyncio.to_thread(self.api.core.list_event_for_all_namespaces)

@@ -44,9 +44,8 @@ async def _until(check, timeout: float = 10.0, info=lambda: None) -> None:
 
 
 async def test_config_sync_reads_secrets_when_the_config_changes_or_to_refresh_not_per_event(k8s, tmp_path):
-    from google.protobuf import json_format
-
-    from signalbox.configsync import CONFIG_KEY, ConfigSync
+    from signalbox.configsync import ConfigSync
+    from signalbox.core import bundle
     from signalbox.core.compiler import compile_config
     from signalbox.core.envoygen import GatewayOptions
     from tests.factories import backend, model, policy, provider
@@ -62,7 +61,7 @@ async def test_config_sync_reads_secrets_when_the_config_changes_or_to_refresh_n
         [policy("x", ["auto"], [backend("p", "m")])],
         {("default", "key", "apiKey")},
     ).config
-    data = {CONFIG_KEY: json_format.MessageToJson(cfg)}
+    data = bundle.pack(cfg, NAME).configmap_data()
     sync = ConfigSync(client, NS, NAME, tmp_path, GatewayOptions(extproc_sockets=("/run/x.sock",)))
     key_file = tmp_path / "secrets" / "default" / "key" / "apiKey"
     # The emulator answers in this event loop: the client's blocking calls go to a thread.

@@ -3,15 +3,15 @@
 import json
 
 import kubernetes
-from google.protobuf import json_format
 
-from signalbox.configsync import CONFIG_KEY, ConfigSync
+from signalbox.configsync import ConfigSync
+from signalbox.core import bundle
 from signalbox.core.compiler import compile_config
 from signalbox.core.envoygen import GatewayOptions
 from tests.factories import backend, model, policy, provider
 
 
-def config_json(generation: int, alias: str = "auto", schema_version: int | None = None) -> str:
+def config_data(generation: int, alias: str = "auto", schema_version: int | None = None) -> dict[str, str | None]:
     cfg = compile_config(
         [provider("p", "http://127.0.0.1:1/v1", [model("m")])],
         [policy("x", [alias], [backend("p", "m")])],
@@ -19,24 +19,26 @@ def config_json(generation: int, alias: str = "auto", schema_version: int | None
     ).config
     if schema_version is not None:
         cfg.schema_version = schema_version
-    return json_format.MessageToJson(cfg)
+    return bundle.pack(cfg, "cm").configmap_data()
 
 
 def test_good_configmap_is_written_and_bad_ones_change_nothing(tmp_path):
     sync = ConfigSync(
         kubernetes.client.ApiClient(), "ns", "cm", tmp_path, GatewayOptions(extproc_sockets=("/run/x.sock",))
     )
-    assert sync.apply({CONFIG_KEY: config_json(1)})
+    assert sync.apply(config_data(1))
     written = (tmp_path / "config" / "routing-config.json").read_text()
     listener = json.loads((tmp_path / "envoy" / "lds.json").read_text())
     assert json.loads(written)["generation"] == "1"
     assert listener["resources"][0]["name"] == "signalbox_gateway"
 
-    assert not sync.apply({CONFIG_KEY: "{broken"})
-    assert not sync.apply({CONFIG_KEY: config_json(2, schema_version=99)})
+    broken = {**config_data(2, alias="other"), bundle.INLINE_KEY: "{broken"}
+    assert not sync.apply(broken)
+    assert not sync.apply({**config_data(2, alias="other"), bundle.MANIFEST_KEY: "{broken"})
+    assert not sync.apply(config_data(2, alias="other", schema_version=99))
     assert not sync.apply({})
     assert (tmp_path / "config" / "routing-config.json").read_text() == written
     assert [g for g, _ in sync.applied] == [1]
 
-    assert sync.apply({CONFIG_KEY: config_json(3, alias="fast")})
+    assert sync.apply(config_data(3, alias="fast"))
     assert "fast" in (tmp_path / "config" / "routing-config.json").read_text()

@@ -49,6 +49,11 @@ class ConfigVersionError(SignalboxError):
     """A compiled config whose schema version this data plane does not understand."""
 
 
+class BundleError(SignalboxError):
+    """A published routing config that cannot be read (missing part, wrong digest, unknown
+    encoding): it is not applied, and the config in force stays."""
+
+
 class RequestError(SignalboxError):
     """A client request Signalbox refuses; rendered as an OpenAI-style JSON error.
 
