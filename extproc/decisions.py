@@ -58,13 +58,19 @@ class DecisionSigner:
         path = Path(path)
         if create and not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
+            # Written whole under a private name, then linked into place: workers starting
+            # together never read a key file that exists but is still empty (one did, and
+            # the worker died at start).
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(KEY_BYTES))
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.link(tmp, path)
             except FileExistsError:
                 pass  # another worker made it first: read theirs
-            else:
-                with os.fdopen(fd, "w") as f:
-                    f.write(secrets.token_hex(KEY_BYTES))
+            finally:
+                tmp.unlink()
         key = path.read_bytes().strip()
         if not key:
             raise ValueError(f"decision key file {path} is empty")

@@ -95,3 +95,24 @@ def test_feedback_bodies_are_refused_with_400_or_404_only(body):
         pass
     except Exception as exc:
         assert getattr(exc, "status", 500) < 500, exc
+
+
+def _read_or_create(path: str) -> str:
+    from signalbox.extproc.decisions import DecisionSigner
+
+    try:
+        return DecisionSigner.from_file(path, create=True).token("p", "c", "b")
+    except ValueError as exc:
+        return f"error: {exc}"
+
+
+def test_workers_starting_together_all_read_one_whole_decision_key(tmp_path):
+    """Every ext_proc worker creates the key if it is missing; one once read the file another
+    had created but not yet written, and died at start."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        for round_ in range(40):
+            path = str(tmp_path / str(round_) / "decision.key")
+            tokens = pool.map(_read_or_create, [path] * 8)
+            assert len(set(tokens)) == 1 and not tokens[0].startswith("error"), tokens
