@@ -132,15 +132,17 @@ class ClusterAPI:
             listing = self.core.list_namespaced_config_map(namespace, label_selector=f"{PART_OF_LABEL}={owner}")
             gone = []
             for item in listing.items:
+                meta = item.metadata
+                name = str(meta.name) if meta else ""
                 # The label checked again: never delete a ConfigMap that is not one of our parts.
-                if item.metadata.name in keep or (item.metadata.labels or {}).get(PART_OF_LABEL) != owner:
+                if not meta or name in keep or (meta.labels or {}).get(PART_OF_LABEL) != owner:
                     continue
                 try:
-                    self.core.delete_namespaced_config_map(item.metadata.name, namespace)
+                    self.core.delete_namespaced_config_map(name, namespace)
                 except ApiException as exc:
                     if exc.status != 404:
                         raise
-                gone.append(item.metadata.name)
+                gone.append(name)
             return gone
 
         return await asyncio.to_thread(run)

@@ -49,7 +49,9 @@ def k8s(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
         ("namespaces", "Namespace"),
     ):
         kmock.resources[f"v1/{plural}"] = kmock.ResourceInfo(
-            kind=kind, namespaced=plural != "namespaces", verbs={"list", "watch", "get", "create", "patch", "update"}
+            kind=kind,
+            namespaced=plural != "namespaces",
+            verbs={"list", "watch", "get", "create", "patch", "update", "delete"},
         )
     return kmock
 
