@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -227,6 +228,7 @@ class LocalGateway:
         return proc
 
     def start(self, timeout: float = 30.0) -> None:
+        raise_open_files_limit()
         result = self.apply()
         if result.config is None:
             raise StartupError(
@@ -398,6 +400,16 @@ class LocalGateway:
         self.stop()
 
 
+def raise_open_files_limit() -> None:
+    """Lift this process's soft limit on open files to the hard one; the gateway's processes
+    inherit it. Each open stream holds two sockets in Envoy (client and provider), and shells
+    often start with a soft limit of 1,024: Envoy then fails ("Too many open files") at about
+    500 concurrent streams, far below what it can hold. A pod gets the runtime's limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def listener_ports(admin: int | str) -> dict[str, int]:
     """The ports Envoy's listeners are bound to, by listener name (for listeners on port 0).
 
@@ -407,7 +419,8 @@ def listener_ports(admin: int | str) -> dict[str, int]:
     base = "http://envoy" if isinstance(admin, str) else f"http://127.0.0.1:{admin}"
     try:
         with httpx.Client(transport=transport, timeout=1) as client:
-            listeners = client.get(f"{base}/listeners?format=json").json()["listener_statuses"]
+            # No listener yet (Envoy still loading its clusters): an empty object, not an error.
+            listeners = client.get(f"{base}/listeners?format=json").json().get("listener_statuses", [])
     except httpx.HTTPError as exc:
         raise OSError(f"Envoy's admin interface did not answer: {exc}") from None
     return {

@@ -104,34 +104,36 @@ def _set(name: str, value: str) -> dict[str, Any]:
 
 
 def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
-    """One route per target (a policy's backend as first choice), matched on the target the
-    router phase put in dynamic metadata; then what Envoy answers without Python. Each attempt
+    """One route per policy and target (a policy's backend as first choice), matched on the
+    target and policy the router phase put in dynamic metadata; then what Envoy answers without Python. Each attempt
     is prepared for its backend by the aggregate cluster's upstream filters (attempt.lua)."""
     routes: list[dict[str, Any]] = []
     first_target = ""
     for policy in cfg.policies:
-        for pb_backend in policy.backends:
-            if not pb_backend.target:
-                continue
-            first_target = first_target or pb_backend.target
+        targets = list(dict.fromkeys(b.target for b in policy.backends if b.target))
+        for target in targets:
+            first_target = first_target or target
             route: dict[str, Any] = {
-                "cluster": pb_backend.target,
+                "cluster": target,
                 "timeout": _ms(policy.timeout_ms),
                 "retry_policy": _retry_policy(policy),
             }
             if policy.strategy == pb.FASTEST:
                 route["hedge_policy"] = {"hedge_on_per_try_timeout": True}
+            # Targets are shared by policies with the same chain; the route (retries,
+            # timeouts) is the policy's own, so it matches both.
             routes.append(
                 {
-                    "name": pb_backend.target,
+                    "name": f"{policy.id}:{target}",
                     "match": {
                         "prefix": "/",
                         "dynamic_metadata": [
                             {
                                 "filter": METADATA_NS,
-                                "path": [{"key": "target"}],
-                                "value": {"string_match": {"exact": pb_backend.target}},
+                                "path": [{"key": key}],
+                                "value": {"string_match": {"exact": value}},
                             }
+                            for key, value in (("target", target), ("policy_id", policy.id))
                         ],
                     },
                     "route": route,
@@ -510,6 +512,9 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
             "name": "signalbox",
             "virtual_hosts": [{"name": "signalbox", "domains": ["*"], "routes": _routes(cfg, opts)}],
             "request_headers_to_remove": [],
+            # Envoy rejects the whole listener when a direct response is larger than this
+            # (default 4 KiB): the models listing outgrows that at about 60 aliases.
+            "max_direct_response_body_size_bytes": max(4096, len(models_listing(_aliases(cfg))) + 1024),
         },
         http_filters=[
             _remove_gateway_headers("signalbox.strip_client_gateway_headers"),

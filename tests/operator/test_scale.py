@@ -1,0 +1,102 @@
+"""A large generated fleet round-trips through the path a cluster uses: compile, publish in
+parts to the (emulated) API, config-sync's files, a real Envoy and ext_proc serving the first
+and the last alias; then a change republishes it and the parts no manifest names are gone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.fleet import alias, fleet
+from signalbox import pod
+from signalbox.core import bundle, envoygen
+from signalbox.core.compiler import compile_config
+from signalbox.local import envoy_binary, listener_ports
+from signalbox.operator.reconciler import OperatorConfig, Reconciler
+
+from .conftest import CM_NAME, CM_NAMESPACE
+
+pytestmark = pytest.mark.dataplane
+# Large enough that the models listing outgrows Envoy's default 4 KiB direct response (which
+# once made Envoy reject the whole listener), small enough to start in seconds here.
+PROVIDERS = POLICIES = 120
+OBJECT_CHARS = 4_000  # forces parts; the default limit is 900,000 characters per object
+
+
+async def configmaps(cluster) -> dict[str, dict]:
+    items = await asyncio.to_thread(cluster.api.core.list_namespaced_config_map, CM_NAMESPACE)
+    return {i.metadata.name: i.to_dict() for i in items.items}
+
+
+async def test_a_large_fleet_is_published_in_parts_and_served_by_envoy(k8s, cluster, fake, tmp_path):
+    providers, policies = fleet(PROVIDERS, 5, POLICIES + 1, 5, fake.url + "/v1")
+    config = OperatorConfig(configmap_namespace=CM_NAMESPACE, configmap_name=CM_NAME, max_object_chars=OBJECT_CHARS)
+    reconciler = Reconciler(config, cluster.api)
+    first = compile_config(providers, policies[:POLICIES], generation=1).config
+    await reconciler.publish(first)
+
+    stored = await configmaps(cluster)
+    manifest = bundle.read_manifest(stored[CM_NAME]["data"])
+    assert len(manifest["parts"]) >= 3 and set(manifest["parts"]) < set(stored)
+    assert bundle.INLINE_KEY not in stored[CM_NAME]["data"]
+    assert all(len(json.dumps(cm["data"])) < 1024 * 1024 for cm in stored.values())
+
+    common = [f"--server={k8s.url}", f"--configmap={CM_NAMESPACE}/{CM_NAME}", f"--workdir={tmp_path}"]
+    common += ["--listen-port=0", "--health-port=0"]
+    cli = [sys.executable, "-m", "signalbox.cli"]
+    init = await asyncio.create_subprocess_exec(*cli, "config-sync", "--once", *common)
+    assert await init.wait() == 0
+    written = json.loads((tmp_path / "config" / "routing-config.json").read_text())
+    assert len(written["policies"]) == POLICIES
+
+    admin_socket = str(tmp_path / "envoy-admin.sock")
+    options = pod.options(str(tmp_path), listen_port=0, health_port=0, admin_socket=admin_socket)
+    (tmp_path / "bootstrap.json").write_text(json.dumps(envoygen.bootstrap(options, f"{tmp_path}/envoy")))
+    log = (tmp_path / "processes.log").open("ab")
+    sidecar = await asyncio.create_subprocess_exec(
+        *cli, "gateway-sidecar", *common, "--health-address=127.0.0.1:0", stdout=log, stderr=log
+    )
+    envoy = await asyncio.create_subprocess_exec(
+        envoy_binary(), "-c", str(tmp_path / "bootstrap.json"), "--use-dynamic-base-id", "--disable-hot-restart",
+        "--log-level", "warning", stdout=log, stderr=log,
+    )  # fmt: skip
+    try:
+        bound: dict[str, int] = {}
+
+        async def listening():
+            try:
+                bound.update(await asyncio.to_thread(listener_ports, admin_socket))
+            except OSError:
+                return False
+            return envoygen.LISTENER_NAME in bound and Path(tmp_path / "extproc.sock").exists()
+
+        await cluster.eventually(listening, timeout=120)
+        base = f"http://127.0.0.1:{bound[envoygen.LISTENER_NAME]}/v1"
+        async with httpx.AsyncClient(timeout=30) as http:
+
+            async def answers(model: str):
+                body = {"model": model, "messages": [{"role": "user", "content": "hello"}]}
+                r = await http.post(f"{base}/chat/completions", json=body)
+                return r.status_code == 200 and r.headers["x-signalbox-policy"].endswith(f"r{int(model[6:]):05d}")
+
+            assert await cluster.eventually(lambda: answers(alias(0)), timeout=30)
+            assert await answers(alias(POLICIES - 1))
+            listing = (await http.get(f"{base}/models")).json()
+            assert len(listing["data"]) == POLICIES
+
+            # One policy more: new parts, a new manifest; the gateway serves it, the old parts go.
+            await reconciler.publish(compile_config(providers, policies, generation=2).config)
+            assert await cluster.eventually(lambda: answers(alias(POLICIES)), timeout=30)
+            stored = await configmaps(cluster)
+            assert not set(manifest["parts"]) & set(stored)
+            assert set(bundle.read_manifest(stored[CM_NAME]["data"])["parts"]) < set(stored)
+    finally:
+        for proc in (envoy, sidecar):
+            proc.terminate()
+        for proc in (envoy, sidecar):
+            await asyncio.wait_for(proc.wait(), 15)
