@@ -42,6 +42,11 @@ async def stub(monkeypatch):
     await server.stop(None)
 
 
+def table_target(stub) -> str:
+    """The aggregate cluster of the test policy's first backend (named by its chain)."""
+    return routing_config().policies[0].backends[0].target
+
+
 def headers_msg(headers, end_of_stream=False, attributes=None):
     req = ep.ProcessingRequest(
         request_headers=ep.HttpHeaders(
@@ -104,7 +109,7 @@ async def test_router_phase_decides_in_one_message_and_names_its_target_in_metad
     assert KEY.encode() not in only.SerializeToString()
     second = only
     meta = json_format.MessageToDict(second.dynamic_metadata)["signalbox"]
-    assert meta["target"] == "t.default.p.0"
+    assert meta["target"] == table_target(stub)
     assert (meta["policy"], meta["reason"]) == ("p", "failover:priority")
     assert meta["body_model"] == "model-a"  # attempt.lua leaves this backend's body alone
     token = meta["decision"]  # what the client echoes back with quality feedback
@@ -133,7 +138,7 @@ async def test_a_headers_first_stream_is_still_answered(stub):
     payload = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}).encode()
     first, second = await exchange(s, headers_msg(CHAT), body_msg(payload))
     assert first.HasField("request_headers")
-    assert json_format.MessageToDict(second.dynamic_metadata)["signalbox"]["target"] == "t.default.p.0"
+    assert json_format.MessageToDict(second.dynamic_metadata)["signalbox"]["target"] == table_target(stub)
 
 
 async def test_bad_config_file_keeps_the_good_table(stub, tmp_path):

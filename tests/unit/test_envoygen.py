@@ -24,12 +24,19 @@ def by_name(items):
 CREDENTIALS = envoygen.GatewayOptions(credentials_dir="/run/keys")
 
 
+def targets(cfg=None):
+    """The aggregate cluster of each backend of policy p as first choice (named by its chain)."""
+    return [b.target for b in (cfg or config()).policies[0].backends]
+
+
 def test_one_aggregate_cluster_per_target_in_failover_order():
     clusters = by_name(envoygen.clusters(config(), CREDENTIALS))
-    agg = clusters["t.default.p.0"]["cluster_type"]["typed_config"]["clusters"]
+    t0, t1 = targets()
+    assert t0.startswith("t.default.a.m.2.") and t1.startswith("t.default.b.m.2.")
+    agg = clusters[t0]["cluster_type"]["typed_config"]["clusters"]
     assert agg == ["b.default.a.m", "b.default.b.m"]
-    assert clusters["t.default.p.1"]["cluster_type"]["typed_config"]["clusters"] == ["b.default.b.m", "b.default.a.m"]
-    filters = clusters["t.default.p.0"]["typed_extension_protocol_options"][
+    assert clusters[t1]["cluster_type"]["typed_config"]["clusters"] == ["b.default.b.m", "b.default.a.m"]
+    filters = clusters[t0]["typed_extension_protocol_options"][
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     ]["http_filters"]
     assert [f["name"] for f in filters] == [
@@ -47,6 +54,23 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
     assert sorted(removed) == sorted(envoygen.GATEWAY_HEADERS)
 
 
+def test_policies_with_the_same_chain_share_its_aggregate_and_keep_their_own_routes():
+    providers = [provider("a", "http://127.0.0.1:9001/v1", [model("m")]), provider("b", "http://b:1/v1", [model("m")])]
+    chain = [backend("a", "m"), backend("b", "m", priority=1)]
+    cfg = compile_config(
+        providers,
+        [policy(f"p{i}", [f"x{i}"], chain, strategy="cost", timeoutMs=1000 * (i + 1)) for i in range(50)],
+    ).config
+    assert {tuple(b.target for b in p.backends) for p in cfg.policies} == {tuple(targets(cfg))}
+    clusters = envoygen.clusters(cfg, CREDENTIALS)
+    assert len(clusters) == 2 + 2  # two backends, two chains (a then b, b then a): not 100
+    hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = by_name(hcm["route_config"]["virtual_hosts"][0]["routes"])
+    t0 = targets(cfg)[0]
+    assert routes[f"default/p7:{t0}"]["route"]["timeout"] == "8.000s"  # each policy's own settings
+    assert routes[f"default/p7:{t0}"]["route"]["cluster"] == t0
+
+
 def test_every_attempt_loses_every_key_header_then_gets_its_providers_key_from_envoy():
     """Keys never pass through the ext_proc: every attempt first loses all key headers (the
     client's too), then the picked backend's provider's credential injector adds its key from
@@ -56,7 +80,7 @@ def test_every_attempt_loses_every_key_header_then_gets_its_providers_key_from_e
     from google.protobuf import json_format
 
     clusters = by_name(envoygen.clusters(config(), CREDENTIALS))
-    options = clusters["t.default.p.0"]["typed_extension_protocol_options"]
+    options = clusters[targets()[0]]["typed_extension_protocol_options"]
     strip, key, phase = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][:3]
     removed = [m["remove"] for m in strip["typed_config"]["mutations"]["request_mutations"]]
     assert {"authorization", "api-key"} <= set(removed)
@@ -112,19 +136,17 @@ def test_routes_retry_on_failures_and_move_to_next_priority():
     lds = envoygen.listener(config(), envoygen.GatewayOptions())
     hcm = lds["filter_chains"][0]["filters"][0]["typed_config"]
     routes = by_name(hcm["route_config"]["virtual_hosts"][0]["routes"])
-    retry = routes["t.default.p.0"]["route"]["retry_policy"]
+    t0 = targets()[0]
+    retry = routes[f"default/p:{t0}"]["route"]["retry_policy"]
     assert set(retry["retry_on"].split(",")) == {"5xx", "reset", "connect-failure", "retriable-status-codes"}
     assert retry["retriable_status_codes"] == [429] and retry["num_retries"] == 1
     assert retry["retry_priority"]["name"] == "envoy.retry_priorities.previous_priorities"
-    (target,) = routes["t.default.p.0"]["match"]["dynamic_metadata"]
-    assert target == {
-        "filter": "signalbox",
-        "path": [{"key": "target"}],
-        "value": {"string_match": {"exact": "t.default.p.0"}},
-    }
+    target, policy_id = routes[f"default/p:{t0}"]["match"]["dynamic_metadata"]
+    assert target == {"filter": "signalbox", "path": [{"key": "target"}], "value": {"string_match": {"exact": t0}}}
+    assert policy_id["path"] == [{"key": "policy_id"}] and policy_id["value"]["string_match"]["exact"] == "default/p"
     # Every attempt, the first included, is prepared by the aggregate cluster's attempt.lua.
-    assert "regex_rewrite" not in routes["t.default.p.0"]["route"]
-    assert "request_headers_to_add" not in routes["t.default.p.0"]
+    assert "regex_rewrite" not in routes[f"default/p:{t0}"]["route"]
+    assert "request_headers_to_add" not in routes[f"default/p:{t0}"]
     # Bodyless requests are Envoy's to answer: they never reach the ext_proc.
     assert (
         json.loads(__import__("base64").b64decode(routes["models"]["direct_response"]["body"]["inline_bytes"]))["data"][
@@ -150,7 +172,7 @@ def test_fail_open_routes_unrouted_requests_instead_of_refusing():
     lds = envoygen.listener(config(), opts)
     hcm = lds["filter_chains"][0]["filters"][0]["typed_config"]
     assert by_name(hcm["http_filters"])["envoy.filters.http.ext_proc"]["typed_config"]["failure_mode_allow"] is True
-    assert hcm["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]["cluster"] == "t.default.p.0"
+    assert hcm["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]["cluster"] == targets()[0]
 
 
 def test_generated_resources_hold_no_key_values(monkeypatch):
@@ -256,10 +278,7 @@ def test_a_compiled_alias_is_routed_by_envoy_with_the_ext_proc_off():
     assert alias["selectors"] == [{"key": "model"}] and alias["on_present"]["key"] == envoygen.ALIAS_KEY
     routes = by_name(hcm["route_config"]["virtual_hosts"][0]["routes"])
     route = routes["compiled:default/p:x"]
-    assert route["route"]["weighted_clusters"]["clusters"] == [
-        {"name": "t.default.p.0", "weight": 1},
-        {"name": "t.default.p.1", "weight": 1},
-    ]
+    assert route["route"]["weighted_clusters"]["clusters"] == [{"name": t, "weight": 1} for t in targets(cfg)]
     assert route["match"]["dynamic_metadata"][0]["path"] == [{"key": envoygen.ALIAS_KEY}]
     assert route["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["disabled"] is True
     assert route["metadata"]["filter_metadata"]["signalbox"] == {
@@ -274,4 +293,4 @@ def test_a_compiled_alias_is_routed_by_envoy_with_the_ext_proc_off():
             "typed_config"
         ]["route_config"]["virtual_hosts"][0]["routes"]
     )["compiled:default/p:x"]
-    assert failover["route"]["cluster"] == "t.default.p.0"
+    assert failover["route"]["cluster"] == targets()[0]

@@ -68,6 +68,12 @@ def _parse(cls: type[AIProvider] | type[RoutingPolicy], obj: Mapping[str, Any], 
         return None
 
 
+# Cluster names: backends ("b.<ns>.<provider>.<model>") and targets, the aggregate clusters of
+# failover chains ("t.<first member>.<length>.<digest>", see target_name; Envoy keeps no stats
+# for these).
+BACKEND_PREFIX, TARGET_PREFIX = "b", "t"
+
+
 def _cluster_name(*parts: str) -> str:
     """Readable, Envoy-safe cluster names (also used in Envoy stats)."""
     return ".".join(re.sub(r"[^A-Za-z0-9_-]", "_", p) for p in parts)
@@ -180,7 +186,7 @@ def _add_provider(cfg, prov: AIProvider, secrets_present, problems, backend_inde
                 capabilities=[c.value for c in model.capabilities],
                 latency_prior_ms=model.latency_prior_ms,
                 healthy=healthy,
-                cluster=_cluster_name("b", meta.namespace, meta.name, model.name),
+                cluster=_cluster_name(BACKEND_PREFIX, meta.namespace, meta.name, model.name),
             )
         )
 
@@ -348,10 +354,11 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
     healthy = [i for i in order if cfg.backends[position_to_backend[i]].healthy]
     for i, ref in enumerate(spec.backends):
         b = position_to_backend[i]
-        target = ""
-        if i in healthy:
-            target = _cluster_name("t", ns, meta.name, str(i))
-        out.backends.append(pb.PolicyBackend(backend=b, weight=ref.weight, priority=ref.priority, target=target))
+        live = "pending" if i in healthy else ""  # named below, once every position is known
+        out.backends.append(pb.PolicyBackend(backend=b, weight=ref.weight, priority=ref.priority, target=live))
+    for i, pbb in enumerate(out.backends):
+        if pbb.target:
+            pbb.target = target_name(chain(cfg, out, i))
     out.max_attempts = spec.failover.max_attempts or (len(healthy) if spec.failover.enabled else 1)
     keys = [b.key for b in spec.backends]
     for route in spec.routes:
@@ -392,6 +399,15 @@ def compilable(cfg: pb.RoutingConfig, policy: pb.Policy, alias_uses: Counter[str
         return False
     shapes = {(frozenset(cfg.backends[b.backend].capabilities), cfg.backends[b.backend].context_window) for b in live}
     return len(shapes) == 1
+
+
+def target_name(members: list[pb.Backend]) -> str:
+    """A failover chain's aggregate cluster, named by its members: policies whose chains are
+    the same share one (its settings are all its members'), so the generated config grows with
+    the distinct chains, not with the policies. Readable from its first member and length."""
+    digest = hashlib.sha256("|".join(b.cluster for b in members).encode()).hexdigest()[:10]
+    first = members[0].cluster.removeprefix(BACKEND_PREFIX + ".")
+    return f"{TARGET_PREFIX}.{first}.{len(members)}.{digest}"
 
 
 def chain(cfg: pb.RoutingConfig, policy: pb.Policy, first: int) -> list[pb.Backend]:

@@ -1,4 +1,4 @@
-"""Clusters: one per backend, one aggregate per target (the failover chain), and the upstream
+"""Clusters: one per backend, one aggregate per distinct target (a failover chain), and the upstream
 filters every attempt runs: the picked backend's key and its path, authority and body model,
 all by Envoy (no Python on any attempt)."""
 
@@ -331,10 +331,12 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
     out = []
     for backend in cfg.backends:
         out.append(_any("envoy.config.cluster.v3.Cluster", **_backend_cluster(backend, providers[backend.provider_id])))
+    seen: set[str] = set()
     for policy in cfg.policies:
         for i, pb_backend in enumerate(policy.backends):
-            if not pb_backend.target:
-                continue
+            if not pb_backend.target or pb_backend.target in seen:
+                continue  # one aggregate per distinct chain, whichever policies share it
+            seen.add(pb_backend.target)
             members = chain(cfg, policy, i)
             out.append(
                 _any(
