@@ -25,9 +25,17 @@ USAGE_EXAMPLES = """examples:
 """
 
 
-def _print_problems(problems: Sequence[object]) -> None:
-    for p in problems:
+# Problems and aliases printed before a summary line says how many more there are (`--all`
+# prints every one): a fleet of thousands of policies stays readable.
+SHOWN = 20
+
+
+def _print_problems(problems: Sequence[object], everything: bool = True) -> None:
+    shown = problems if everything else problems[:SHOWN]
+    for p in shown:
         print(f"  - {p}", file=sys.stderr)
+    if len(shown) < len(problems):
+        print(f"  ... and {len(problems) - len(shown)} more (--all prints every one)", file=sys.stderr)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -37,11 +45,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         result = compile_files(args.file)
     except ConfigError as exc:
         print(f"invalid: {len(exc.problems)} problem(s)", file=sys.stderr)
-        _print_problems(exc.problems)
+        _print_problems(exc.problems, args.all)
         return 1
     if not result.ok:
         print(f"invalid: {len(result.problems)} problem(s)", file=sys.stderr)
-        _print_problems(result.problems)
+        _print_problems(result.problems, args.all)
         return 1
     cfg = result.config
     assert cfg is not None
@@ -49,10 +57,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     compiled = sum(p.compiled for p in cfg.policies)
     # Compiled: Envoy routes them alone; decided: one ext_proc message per request.
     paths = f"{compiled} compiled, {len(cfg.policies) - compiled} decided"
+    listed = ", ".join(aliases) or "-"
+    if len(aliases) > SHOWN and not args.all:
+        listed = f"{', '.join(aliases[:SHOWN])} ... and {len(aliases) - SHOWN} more (--all lists every one)"
     print(
         f"valid: {len(cfg.providers)} provider(s), {len(cfg.backends)} backend(s), "
-        f"{len(cfg.policies)} policy(ies) ({paths}); aliases: {', '.join(aliases) or '-'}; "
-        f"hash {cfg.content_hash[:12]}"
+        f"{len(cfg.policies)} policy(ies) ({paths}); hash {cfg.content_hash[:12]}\n"
+        f"{len(aliases)} alias(es): {listed}"
     )
     return 0
 
@@ -473,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="compile resources and print every problem")
     val.add_argument("-f", "--file", action="append", required=True, help="YAML file or folder (repeatable)")
+    val.add_argument("--all", action="store_true", help=f"list every alias and problem (default: the first {SHOWN})")
     val.set_defaults(func=cmd_validate)
 
     cl = sub.add_parser("classify", help="classify and route prompts offline with the ext_proc's code")

@@ -115,3 +115,27 @@ def test_the_operators_namespaces_reach_its_settings():
     config = config_from(build_parser().parse_args(["operator", "-n", "team-a", "-n", "team-b"]))
     assert config.namespaces == ("team-a", "team-b") and config.exact_namespaces  # no namespace scanning
     assert config_from(build_parser().parse_args(["operator"])).namespaces == ()
+
+
+def test_validate_summarises_a_large_fleet_and_lists_everything_on_request(tmp_path, capsys):
+    from bench.fleet import alias
+    from bench.fleet import main as write_fleet
+    from signalbox.cli import SHOWN
+    from signalbox.cli import main as cli_main
+
+    write_fleet(["--out", str(tmp_path), "--providers", "60", "--policies", "60"])
+    assert cli_main(["validate", "-f", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "60 provider(s), 300 backend(s), 60 policy(ies)" in out
+    assert f"60 alias(es): {alias(0)}" in out and f"and {60 - SHOWN} more (--all" in out
+    assert alias(59) not in out and len(out) < 2_000
+    assert cli_main(["validate", "-f", str(tmp_path), "--all"]) == 0
+    assert alias(59) in capsys.readouterr().out
+
+    # Problems too: the first ones, then how many more.
+    (tmp_path / "policies.yaml").write_text(
+        (tmp_path / "policies.yaml").read_text().replace("provider: p", "provider: x")
+    )
+    assert cli_main(["validate", "-f", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "invalid: 300 problem(s)" in err and err.count("\n  - ") == SHOWN and "280 more" in err
