@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: eval setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-fuzz fuzz bench bench-peers protos protos-check lint up validate clean
+.PHONY: eval setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-fuzz fuzz bench bench-peers bench-scale protos protos-check lint up validate clean
 
 # Strict editable mode: extproc/ and operator/ install as signalbox.extproc and
 # signalbox.operator through a link tree under build/ (operator/ has no __init__.py, so it can
@@ -86,6 +86,15 @@ test: protos-check lint test-unit test-crds test-chart test-extproc test-fuzz te
 bench: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.dataplane
 	$(PY) -m bench.tiers
+	$(MAKE) bench-scale
+
+## Scale (needs h2load, Debian nghttp2-client): a 2,000-provider/2,000-policy fleet through
+## compile, publish and `signalbox up`; 5,000 open 30 s streams per strategy
+## -> bench/results/scale.json
+bench-scale: setup
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.scale config --providers 200
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.scale config --providers 2000
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.scale streams --streams 5000 --seconds 30
 
 ## Signalbox vs LiteLLM's proxy and Portkey's gateway, same fake, load and machine (needs wrk,
 ## npm; installs the pinned peers under build/peers/) -> bench/results/peers.json

@@ -189,6 +189,9 @@ class FakeProvider:
         return response
 
 
+BACKLOG = 8192
+
+
 @contextlib.asynccontextmanager
 async def serving(ident: str, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[FakeProvider]:
     """A fake provider in the caller's event loop; `.url` is set to where it listens."""
@@ -207,7 +210,9 @@ async def serving(ident: str, host: str = "127.0.0.1", port: int = 0) -> AsyncIt
 async def run(ident: str, host: str, port: int, ready: asyncio.Event | None = None) -> None:
     runner = web.AppRunner(FakeProvider(ident).app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    # A deep accept queue: the scale bench opens thousands of streams within seconds, and a
+    # provider that drops SYNs would be measured instead of the gateway.
+    site = web.TCPSite(runner, host, port, backlog=BACKLOG, reuse_address=True)
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     # The line tests and `signalbox up` wait for: the real port when 0 was asked for.

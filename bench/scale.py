@@ -1,0 +1,227 @@
+"""Scale: what a large fleet costs the gateway (issue 12).
+
+`config` runs the generated fleet (bench/fleet.py: P providers of 5 models, P policies of 5
+backends, every strategy) through what a user runs: compile, the published objects (core.bundle),
+the generated Envoy resources, `signalbox up` until it serves, and Envoy's and each ext_proc
+worker's memory once it does; then one policy's change, timed until it serves traffic.
+
+`streams` holds N concurrent streaming requests of S seconds each through one gateway (Envoy
+at its default concurrency, one ext_proc worker per core) for each strategy, and reports the
+errors, the streams held at the peak and Envoy's and the ext_proc's memory per stream.
+
+    python -m bench.scale config --providers 2000
+    python -m bench.scale streams --streams 5000 --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from bench.dataplane import RESULTS, start_fake
+from bench.fleet import STRATEGIES, alias, fleet
+from signalbox.core import bundle, envoygen
+from signalbox.local import LocalGateway, compile_files, raise_open_files_limit
+
+BODY = {"messages": [{"role": "user", "content": "hello"}]}
+RAMP_PER_SECOND = 500
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def memory(gateway: LocalGateway) -> dict[str, Any]:
+    workers = [rss_mb(p.pid) for name, p in gateway.processes.items() if name.startswith("extproc-")]
+    return {
+        "envoy_mb": round(rss_mb(gateway.processes["envoy"].pid), 1),
+        "extproc_worker_mb": [round(w, 1) for w in workers],
+    }
+
+
+def write_fleet(folder: Path, providers: int, policies: int, base_url: str) -> tuple[Path, Path]:
+    provs, pols = fleet(providers, 5, policies, 5, base_url)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "providers.yaml").write_text(yaml.safe_dump_all(provs, sort_keys=False))
+    (folder / "policies.yaml").write_text(yaml.safe_dump_all(pols, sort_keys=False))
+    return folder / "providers.yaml", folder / "policies.yaml"
+
+
+def serves(gateway: LocalGateway, model: str, timeout: float = 60.0) -> float:
+    """Seconds until `model` answers 200 (polled every 20 ms)."""
+    start = time.monotonic()
+    with httpx.Client(timeout=10) as client:
+        while time.monotonic() - start < timeout:
+            r = client.post(gateway.url + "/chat/completions", json={**BODY, "model": model})
+            if r.status_code == 200:
+                return time.monotonic() - start
+            time.sleep(0.02)
+    raise RuntimeError(f"{model} never answered 200 within {timeout} s")
+
+
+def config(providers: int, policies: int) -> dict[str, Any]:
+    fake, upstream = start_fake()
+    work = Path(tempfile.mkdtemp(prefix="signalbox-scale-"))
+    try:
+        files = write_fleet(work / "fleet", providers, policies, upstream + "/v1")
+        started = time.perf_counter()
+        result = compile_files([str(f) for f in files])
+        compile_s = time.perf_counter() - started
+        cfg = result.config
+        assert cfg is not None, result.problems
+        started = time.perf_counter()
+        resources = envoygen.resources(cfg, envoygen.GatewayOptions(credentials_dir="/run/keys"))
+        generate_s = time.perf_counter() - started
+        packed = bundle.pack(cfg, "signalbox-routing")
+        out: dict[str, Any] = {
+            "providers": providers,
+            "backends": len(cfg.backends),
+            "policies": policies,
+            "compile_s": round(compile_s, 2),
+            "envoy_generate_s": round(generate_s, 2),
+            "clusters": len(resources["cds.json"]["resources"]),
+            "cds_mb": round(len(json.dumps(resources["cds.json"])) / 1e6, 1),
+            "lds_mb": round(len(json.dumps(resources["lds.json"])) / 1e6, 1),
+            "config_json_mb": round(len(json.dumps(json.loads(_json(cfg)))) / 1e6, 2),
+            "published_kb": round(packed.manifest["bytes"] / 1024, 1),
+            "published_objects": 1 + len(packed.parts),
+        }
+        gateway = LocalGateway(paths=[str(f) for f in files], port=0, workdir=work / "gw", start_fakes=False)
+        started = time.perf_counter()
+        try:
+            gateway.start(timeout=600)
+            serves(gateway, alias(0))
+            out["up_ready_s"] = round(time.perf_counter() - started, 1)
+            serves(gateway, alias(policies - 1))
+            out.update(memory(gateway))
+            # One policy more: the time from the file's change until its alias serves.
+            extra = (
+                files[1].read_text()
+                + "---\n"
+                + yaml.safe_dump(fleet(providers, 5, policies + 1, 5, upstream + "/v1")[1][-1], sort_keys=False)
+            )
+            started = time.perf_counter()
+            files[1].write_text(extra)
+            gateway.apply()
+            out["one_policy_change_s"] = round(time.perf_counter() - started + serves(gateway, alias(policies)), 2)
+        finally:
+            gateway.stop()
+        return out
+    finally:
+        fake.terminate()
+
+
+def _json(cfg: Any) -> str:
+    from google.protobuf import json_format
+
+    return json_format.MessageToJson(cfg)
+
+
+def _active_streams(gateway: LocalGateway) -> int:
+    """Requests Envoy's listener holds open now (its own gauge)."""
+    url = f"http://127.0.0.1:{gateway.admin_port}/stats?filter=^http.signalbox.downstream_rq_active$"
+    text = httpx.get(url, timeout=5).text
+    return int(text.split(":")[1]) if ":" in text else 0
+
+
+def _h2load_counts(output: str) -> dict[str, int]:
+    """h2load's "requests: N total, ..., S succeeded, F failed, E errored, T timeout" line."""
+    line = next(x for x in output.splitlines() if x.startswith("requests:"))
+    return {part.split()[1]: int(part.split()[0]) for part in line.split(":", 1)[1].split(",")}
+
+
+async def _streams(gateway: LocalGateway, model: str, count: int, seconds: float, workdir: Path) -> dict[str, Any]:
+    """`count` HTTP/1.1 connections, one streaming request each, all opened at once by h2load
+    (C, so the client is not what limits the test); memory sampled while they are held."""
+    body = workdir / f"{model}.json"
+    body.write_text(json.dumps({**BODY, "model": model, "stream": True}))
+    # Opened at RAMP_PER_SECOND (clients arrive over seconds, not in one instant): the streams
+    # outlive the ramp, so all of them are open at once for most of their length.
+    argv = ["h2load", "--h1", "-n", str(count), "-c", str(count), "-t", "2", "-d", str(body)]
+    argv += ["--rate", str(RAMP_PER_SECOND), "--rate-period", "1s"]
+    argv += ["-H", "content-type: application/json", "-H", f"x-fake-chunks: {int(seconds)}"]
+    argv += ["-H", "x-fake-chunk-delay-ms: 1000", gateway.url + "/chat/completions"]
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    peak: dict[str, Any] = {"held": 0}
+    reader = asyncio.create_task(proc.communicate())
+    while not reader.done():
+        held = await asyncio.to_thread(_active_streams, gateway)
+        if held > peak["held"]:
+            peak = {"held": held, **memory(gateway)}
+        await asyncio.sleep(1)
+    output = (await reader)[0].decode()
+    counts = _h2load_counts(output)
+    failed = count - counts.get("succeeded", 0)
+    status = next((x for x in output.splitlines() if x.startswith("status codes:")), "")
+    return {"streams": count, "seconds": seconds, "failed": failed, "status_codes": status, "at_peak": peak}
+
+
+def streams(count: int, seconds: float, strategies: list[str]) -> dict[str, Any]:
+    """One fresh gateway per strategy (an earlier run's idle provider connections and memory
+    would be counted against the next), the same fake provider for all."""
+    raise_open_files_limit()  # before the fake starts: it holds one socket per stream too
+    fake, upstream = start_fake()
+    work = Path(tempfile.mkdtemp(prefix="signalbox-streams-"))
+    out: dict[str, Any] = {}
+    try:
+        files = write_fleet(work / "fleet", 10, len(STRATEGIES), upstream + "/v1")
+        for strategy in strategies:
+            gateway = LocalGateway(paths=[str(f) for f in files], port=0, workdir=work / strategy, start_fakes=False)
+            gateway.start(timeout=120)
+            try:
+                idle = memory(gateway)
+                run = asyncio.run(_streams(gateway, alias(STRATEGIES.index(strategy)), count, seconds, work))
+            finally:
+                gateway.stop()
+            run["idle"] = idle
+            peak = run["at_peak"]
+            if peak["held"]:
+                held = peak["held"]
+                run["envoy_kb_per_stream"] = round((peak["envoy_mb"] - idle["envoy_mb"]) * 1024 / held, 1)
+                extra = sum(peak["extproc_worker_mb"]) - sum(idle["extproc_worker_mb"])
+                run["extproc_kb_per_stream"] = round(extra * 1024 / held, 2)
+            out[strategy] = run
+            print(strategy, json.dumps(run), flush=True)
+        return out
+    finally:
+        fake.terminate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cfg = sub.add_parser("config")
+    cfg.add_argument("--providers", type=int, default=2000)
+    cfg.add_argument("--policies", type=int, default=0, help="default: as many as providers")
+    st = sub.add_parser("streams")
+    st.add_argument("--streams", type=int, default=5000)
+    st.add_argument("--seconds", type=float, default=30)
+    st.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
+    args = parser.parse_args(argv)
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.command == "config":
+        run = config(args.providers, args.policies or args.providers)
+        results.setdefault("config", {})[str(args.providers)] = run
+    else:
+        run = streams(args.streams, args.seconds, args.strategies.split(","))
+        results["streams"] = run
+    print(json.dumps(run, indent=2))
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
