@@ -168,7 +168,7 @@ class Reconciler:
             self.published_hash = annotations.get(HASH_ANNOTATION, "")
         result = compile_config(providers, policies, secrets, generation=self.generation + 1)
         if result.config is not None and result.config.content_hash != self.published_hash:
-            await self._publish(result.config)
+            await self.publish(result.config)
             self.generation += 1
             self.published_hash = result.config.content_hash
             log.info("published routing config generation %s (%s)", self.generation, self.published_hash[:12])
@@ -183,7 +183,7 @@ class Reconciler:
             backends = {p.id: sum(1 for b in p.backends if b.target) for p in result.config.policies}
         await self._write_statuses(objects, result.problems, result.config is not None, backends)
 
-    async def _publish(self, config: pb.RoutingConfig) -> None:
+    async def publish(self, config: pb.RoutingConfig) -> None:
         """Parts first, then the manifest that names them (one write the gateways watch), then
         the parts no manifest names any more (core.bundle)."""
         namespace, name = self.config.configmap_namespace, self.config.configmap_name
