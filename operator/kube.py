@@ -39,6 +39,23 @@ def api_client(server: str | None = None) -> kubernetes.client.ApiClient:
     return kubernetes.client.ApiClient()
 
 
+def _configmap(
+    namespace: str,
+    name: str,
+    data: dict[str, str | None],
+    annotations: dict[str, str] | None = None,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "labels": {"app.kubernetes.io/part-of": "signalbox", **(labels or {})},
+    }
+    if annotations is not None:
+        metadata["annotations"] = annotations
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
+
+
 class ClusterAPI:
     def __init__(self, client: kubernetes.client.ApiClient):
         self.client = client
@@ -76,17 +93,7 @@ class ClusterAPI:
         self, namespace: str, name: str, data: dict[str, str | None], annotations: dict[str, str]
     ) -> None:
         """Create or patch; a None value removes that key."""
-        body: dict[str, Any] = {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "annotations": annotations,
-                "labels": {"app.kubernetes.io/part-of": "signalbox"},
-            },
-            "data": data,
-        }
+        body = _configmap(namespace, name, data, annotations=annotations)
 
         def write() -> None:
             # A patch, not a replace: the same keys are written every time, and a patch leaves
@@ -104,17 +111,8 @@ class ClusterAPI:
     async def write_part(self, namespace: str, name: str, owner: str, data: dict[str, str]) -> None:
         """One part of a sharded routing config: immutable and named by its content, so an
         existing one is already right (409 is success)."""
-        body: dict[str, Any] = {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "labels": {"app.kubernetes.io/part-of": "signalbox", PART_OF_LABEL: owner},
-            },
-            "immutable": True,
-            "data": data,
-        }
+        body = _configmap(namespace, name, dict(data), labels={PART_OF_LABEL: owner})
+        body["immutable"] = True
 
         def create() -> None:
             try:

@@ -212,3 +212,20 @@ async def fake():
     """A fake provider in this event loop."""
     async with serving("probed") as fake:
         yield fake
+
+
+async def envoy_listeners(cluster: Cluster, admin_socket: str, names: set[str], timeout: float) -> dict[str, int]:
+    """The ports Envoy bound (listeners on port 0), once every listener in `names` is up."""
+    from signalbox.local import listener_ports
+
+    bound: dict[str, int] = {}
+
+    async def listening() -> bool:
+        try:
+            bound.update(await asyncio.to_thread(listener_ports, admin_socket))
+        except OSError:
+            return False
+        return names <= set(bound)
+
+    await cluster.eventually(listening, timeout=timeout)
+    return bound

@@ -17,11 +17,11 @@ import pytest
 
 from signalbox import pod
 from signalbox.core import envoygen
-from signalbox.local import envoy_binary, listener_ports
+from signalbox.local import envoy_binary
 from signalbox.operator.reconciler import OperatorConfig
 from tests.factories import backend, model, policy, provider
 
-from .conftest import CM_NAME, CM_NAMESPACE
+from .conftest import CM_NAME, CM_NAMESPACE, envoy_listeners
 
 API_KEY = "sk-pod-test-9f8e7d"
 pytestmark = pytest.mark.dataplane
@@ -95,16 +95,8 @@ async def test_gateway_pod_serves_from_the_configmap_with_the_secrets_key(k8s, c
         log=tmp_path / "envoy.log",
     )
     try:
-        bound: dict[str, int] = {}
-
-        async def listening():
-            try:
-                bound.update(await asyncio.to_thread(listener_ports, admin_socket))
-            except OSError:
-                return False
-            return {envoygen.LISTENER_NAME, envoygen.HEALTH_LISTENER_NAME} <= set(bound)
-
-        await cluster.eventually(listening, timeout=20)
+        names = {envoygen.LISTENER_NAME, envoygen.HEALTH_LISTENER_NAME}
+        bound = await envoy_listeners(cluster, admin_socket, names, timeout=20)
         health = f"http://127.0.0.1:{bound[envoygen.HEALTH_LISTENER_NAME]}"
         async with httpx.AsyncClient() as http:
 

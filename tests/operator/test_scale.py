@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,10 +15,10 @@ from bench.fleet import alias, fleet
 from signalbox import pod
 from signalbox.core import bundle, envoygen
 from signalbox.core.compiler import compile_config
-from signalbox.local import envoy_binary, listener_ports
+from signalbox.local import envoy_binary
 from signalbox.operator.reconciler import OperatorConfig, Reconciler
 
-from .conftest import CM_NAME, CM_NAMESPACE
+from .conftest import CM_NAME, CM_NAMESPACE, envoy_listeners
 
 pytestmark = pytest.mark.dataplane
 # Large enough that the models listing outgrows Envoy's default 4 KiB direct response (which
@@ -66,16 +65,7 @@ async def test_a_large_fleet_is_published_in_parts_and_served_by_envoy(k8s, clus
         "--log-level", "warning", stdout=log, stderr=log,
     )  # fmt: skip
     try:
-        bound: dict[str, int] = {}
-
-        async def listening():
-            try:
-                bound.update(await asyncio.to_thread(listener_ports, admin_socket))
-            except OSError:
-                return False
-            return envoygen.LISTENER_NAME in bound and Path(tmp_path / "extproc.sock").exists()
-
-        await cluster.eventually(listening, timeout=120)
+        bound = await envoy_listeners(cluster, admin_socket, {envoygen.LISTENER_NAME}, timeout=120)
         base = f"http://127.0.0.1:{bound[envoygen.LISTENER_NAME]}/v1"
         async with httpx.AsyncClient(timeout=30) as http:
 
