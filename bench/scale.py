@@ -138,7 +138,9 @@ def _active_streams(gateway: LocalGateway) -> int:
 
 def _h2load_counts(output: str) -> dict[str, int]:
     """h2load's "requests: N total, ..., S succeeded, F failed, E errored, T timeout" line."""
-    line = next(x for x in output.splitlines() if x.startswith("requests:"))
+    line = next((x for x in output.splitlines() if x.startswith("requests:")), None)
+    if line is None:
+        raise RuntimeError(f"h2load did not run:\n{output}")
     return {part.split()[1]: int(part.split()[0]) for part in line.split(":", 1)[1].split(",")}
 
 
@@ -150,7 +152,7 @@ async def _streams(gateway: LocalGateway, model: str, count: int, seconds: float
     # Opened at RAMP_PER_SECOND (clients arrive over seconds, not in one instant): the streams
     # outlive the ramp, so all of them are open at once for most of their length.
     argv = ["h2load", "--h1", "-n", str(count), "-c", str(count), "-t", "2", "-d", str(body)]
-    argv += ["--rate", str(RAMP_PER_SECOND), "--rate-period", "1s"]
+    argv += ["--rate", str(min(RAMP_PER_SECOND, count)), "--rate-period", "1s"]
     argv += ["-H", "content-type: application/json", "-H", f"x-fake-chunks: {int(seconds)}"]
     argv += ["-H", "x-fake-chunk-delay-ms: 1000", gateway.url + "/chat/completions"]
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)

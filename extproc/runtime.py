@@ -14,8 +14,8 @@ from pathlib import Path
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.budget import HOLD_SLACK_SECONDS, Budget
-from signalbox.core.compiler import SCHEMA_VERSION, STRATEGY_NAMES
 from signalbox.core.errors import ConfigVersionError
+from signalbox.core.schema import SCHEMA_VERSION, STRATEGY_NAMES
 from signalbox.core.secrets import SecretValue
 
 from . import default_routes

@@ -9,9 +9,10 @@ product. A route's score is its best-matching utterance (paraphrases of any exam
 from __future__ import annotations
 
 import functools
-import os
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -29,14 +30,63 @@ class Embedder(Protocol):
         ...
 
 
+# wordllama's shipped model: its weights (float16) and tokenizer, read from the package's folder.
+WEIGHTS_FILE = "weights/l2_supercat_256.safetensors"
+TOKENIZER_FILE = "tokenizers/l2_supercat_tokenizer_config.json"
+EMBED_BATCH = 64
+
+
+def mapped_tensor(path: Path, name: str) -> np.ndarray:
+    """One float16 tensor of a safetensors file, memory-mapped read-only: the ext_proc workers
+    of a gateway share one copy in the page cache, and only the rows of tokens actually seen
+    are ever read. (The format: an 8-byte little-endian header length, a JSON header giving each
+    tensor's dtype, shape and byte range, then the data.)"""
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    entry = header[name]
+    if entry["dtype"] != "F16":
+        raise ValueError(f"{path}: {name} is {entry['dtype']}, expected F16")
+    start, _ = entry["data_offsets"]
+    return np.memmap(path, dtype="<f2", mode="r", offset=8 + size + start, shape=tuple(entry["shape"]))
+
+
 @functools.cache
 def default_embedder() -> Embedder:
-    import wordllama
+    """wordllama's embedding (token vectors averaged over the text, then L2-normalised), read
+    straight from the files the package ships rather than through `wordllama.WordLlama`: its
+    import pulls in requests, pydantic and its trainers (about 30 MB per ext_proc worker), and
+    it keeps a float32 copy of the 32,000 x 256 matrix (32 MB). The float16 matrix is mapped
+    from the file instead and rows are widened to float32 after the lookup, which gives the
+    same numbers (float16 → float32 is exact)."""
+    import importlib.util
 
-    model = wordllama.WordLlama.load(cache_dir=os.path.dirname(wordllama.__file__), disable_download=True)
+    from tokenizers import Tokenizer
+
+    spec = importlib.util.find_spec("wordllama")  # located, not imported
+    assert spec is not None and spec.submodule_search_locations, "wordllama is not installed"
+    root = Path(next(iter(spec.submodule_search_locations)))
+    weights = mapped_tensor(root / WEIGHTS_FILE, "embedding.weight")
+    tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
+    tokenizer.enable_padding()
+    tokenizer.no_truncation()
+    last = weights.shape[0] - 1
+
+    def batch(texts: Sequence[str]) -> np.ndarray:
+        encoded = tokenizer.encode_batch([t[:MAX_CHARS] for t in texts], add_special_tokens=False)
+        ids = np.clip(np.array([e.ids for e in encoded], dtype=np.int32), 0, last)
+        mask = np.array([e.attention_mask for e in encoded], dtype=np.float32)
+        vectors = weights[ids].astype(np.float32)
+        counts = np.maximum(mask.sum(axis=1, keepdims=True), 1.0).astype(np.float32)
+        pooled = np.sum(vectors * mask[..., np.newaxis], axis=1, dtype=np.float32) / counts
+        pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+        return pooled
 
     def embed(texts: Sequence[str]) -> np.ndarray:
-        return np.asarray(model.embed([t[:MAX_CHARS] for t in texts], norm=True), dtype=np.float32)
+        # In batches (each padded to its longest text), so a config's utterances never make
+        # one array of every utterance times the longest.
+        parts = [batch(texts[i : i + EMBED_BATCH]) for i in range(0, len(texts), EMBED_BATCH)]
+        return np.concatenate(parts) if parts else np.zeros((0, weights.shape[1]), dtype=np.float32)
 
     return embed
 

@@ -23,8 +23,8 @@ from signalbox import gatewayfiles
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.cmwatch import watch_configmap
 from signalbox.core import bundle, envoygen
-from signalbox.core.compiler import SCHEMA_VERSION
 from signalbox.core.errors import BundleError
+from signalbox.core.schema import SCHEMA_VERSION
 from signalbox.gatewayfiles import SECRETS_DIR
 
 log = logging.getLogger("signalbox.configsync")

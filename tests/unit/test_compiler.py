@@ -132,3 +132,22 @@ def test_loader_reports_bad_yaml_and_wrong_api_version(tmp_path):
         loader.load([tmp_path])
     messages = " ".join(p.message for p in exc.value.problems)
     assert "must be signalbox.io/v1alpha1" in messages and "cannot read YAML" in messages
+
+
+def test_the_data_planes_strategy_names_are_the_crds():
+    from signalbox.api.v1alpha1 import config_pb2 as pb
+    from signalbox.core.models import Strategy
+    from signalbox.core.schema import STRATEGY_NAMES
+
+    assert {pb.Strategy.Value(s.name): s.value for s in Strategy} == STRATEGY_NAMES
+
+
+def test_the_ext_proc_does_not_load_the_compiler_or_pydantic():
+    """Each ext_proc worker would carry them (about 20 MB); it reads compiled configs only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, signalbox.extproc.main; print(sorted({'pydantic', 'signalbox.core.compiler'} & set(sys.modules)))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

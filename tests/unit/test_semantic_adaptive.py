@@ -168,3 +168,22 @@ def test_workers_sharing_a_learning_file_learn_from_each_others_feedback(tmp_pat
     assert select(p, request, other).choice.backend.id == "default/dear/large"
     explained = other.snapshot()  # a dry run's copy: the learning, not the file
     assert explained.shared is None and explained.quality == other.quality
+
+
+def test_the_lean_embedder_gives_wordllamas_numbers():
+    """The semantic tier reads wordllama's files directly (30+ MB less per ext_proc worker);
+    it must embed exactly as wordllama does, or every threshold and eval figure would drift."""
+    import os
+
+    import numpy as np
+    import wordllama
+
+    from signalbox.extproc.semantic import MAX_CHARS, default_embedder
+
+    texts = ["hi!", "Write a function that reverses a linked list", "résumé " * 400, "🙂 中文 mixed", "x" * 5000]
+    texts += [f"sentence number {i} about topic {i % 7}" for i in range(150)]  # more than one batch
+    ours = default_embedder()(texts)
+    model = wordllama.WordLlama.load(cache_dir=os.path.dirname(wordllama.__file__), disable_download=True)
+    theirs = np.asarray(model.embed([t[:MAX_CHARS] for t in texts], norm=True), dtype=np.float32)
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape == (len(texts), 256)
+    assert np.array_equal(ours, theirs)

@@ -19,12 +19,12 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
+from signalbox.core.envoygen.contract import BACKEND_PREFIX, TARGET_PREFIX
+from signalbox.core.schema import SCHEMA_VERSION
 
 from .errors import Problem
 from .models import AIProvider, OnExhausted, ProviderType, RoutingPolicy, Strategy
 from .rules import RuleError, rule_matcher
-
-SCHEMA_VERSION = 1
 
 _PROVIDER_TYPES = {
     ProviderType.OPENAI: pb.OPENAI,
@@ -32,7 +32,6 @@ _PROVIDER_TYPES = {
     ProviderType.OPENAI_COMPATIBLE: pb.OPENAI_COMPATIBLE,
 }
 STRATEGIES: dict[Strategy, Any] = {s: pb.Strategy.Value(s.name) for s in Strategy}
-STRATEGY_NAMES: dict[int, str] = {v: k.value for k, v in STRATEGIES.items()}
 _TRISTATE = {None: 0, True: 1, False: 2}
 
 
@@ -66,12 +65,6 @@ def _parse(cls: type[AIProvider] | type[RoutingPolicy], obj: Mapping[str, Any], 
             msg = err["msg"].removeprefix("Value error, ")
             problems.append(Problem(cls.__name__, name, _path(loc), msg, namespace))
         return None
-
-
-# Cluster names: backends ("b.<ns>.<provider>.<model>") and targets, the aggregate clusters of
-# failover chains ("t.<first member>.<length>.<digest>", see target_name; Envoy keeps no stats
-# for these).
-BACKEND_PREFIX, TARGET_PREFIX = "b", "t"
 
 
 def _cluster_name(*parts: str) -> str:

@@ -7,9 +7,8 @@ from typing import Any
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
-from ..compiler import TARGET_PREFIX
 from .clusters import clusters
-from .contract import ADMIN_CLUSTER, EXTPROC_ADMIN_CLUSTER, EXTPROC_CLUSTER
+from .contract import ADMIN_CLUSTER, EXTPROC_ADMIN_CLUSTER, EXTPROC_CLUSTER, TARGET_PREFIX
 from .listener import health_listener, listener
 from .options import STREAM_LIMITS, GatewayOptions, _address, _admin_address, _any
 

@@ -13,7 +13,6 @@ from typing import Any
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
-from ..compiler import chain
 from .contract import ATTEMPT_HEADER, BODY_MODEL_KEY, CLIENT_PATH_KEY, GATEWAY_HEADERS, METADATA_NS
 from .options import STREAM_LIMITS, GatewayOptions, _address, _any, _ms
 
@@ -327,6 +326,10 @@ def _remove_gateway_headers(name: str) -> dict[str, Any]:
 
 
 def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
+    # The compiler (and with it pydantic) only when clusters are generated: the ext_proc reads
+    # the contract from this package and must not load it.
+    from ..compiler import chain
+
     providers = {p.id: p for p in cfg.providers}
     out = []
     for backend in cfg.backends:

@@ -62,3 +62,9 @@ def models_listing(aliases: list[str]) -> bytes:
 
 def too_large_message(limit: int) -> str:
     return f"request body exceeds the gateway's limit of {limit} bytes"
+
+
+# Cluster names: backends ("b.<ns>.<provider>.<model>") and targets, the aggregate clusters of
+# failover chains ("t.<first member>.<length>.<digest>", compiler.target_name; Envoy keeps no
+# stats for these).
+BACKEND_PREFIX, TARGET_PREFIX = "b", "t"
