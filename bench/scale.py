@@ -144,7 +144,9 @@ def _h2load_counts(output: str) -> dict[str, int]:
     return {part.split()[1]: int(part.split()[0]) for part in line.split(":", 1)[1].split(",")}
 
 
-async def _streams(gateway: LocalGateway, model: str, count: int, seconds: float, workdir: Path) -> dict[str, Any]:
+async def _streams(
+    gateway: LocalGateway, model: str, count: int, seconds: float, workdir: Path, ramp: int = RAMP_PER_SECOND
+) -> dict[str, Any]:
     """`count` HTTP/1.1 connections, one streaming request each, all opened at once by h2load
     (C, so the client is not what limits the test); memory sampled while they are held."""
     body = workdir / f"{model}.json"
@@ -152,7 +154,8 @@ async def _streams(gateway: LocalGateway, model: str, count: int, seconds: float
     # Opened at RAMP_PER_SECOND (clients arrive over seconds, not in one instant): the streams
     # outlive the ramp, so all of them are open at once for most of their length.
     argv = ["h2load", "--h1", "-n", str(count), "-c", str(count), "-t", "2", "-d", str(body)]
-    argv += ["--rate", str(min(RAMP_PER_SECOND, count)), "--rate-period", "1s"]
+    if ramp:
+        argv += ["--rate", str(min(ramp, count)), "--rate-period", "1s"]
     argv += ["-H", "content-type: application/json", "-H", f"x-fake-chunks: {int(seconds)}"]
     argv += ["-H", "x-fake-chunk-delay-ms: 1000", gateway.url + "/chat/completions"]
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
@@ -167,10 +170,26 @@ async def _streams(gateway: LocalGateway, model: str, count: int, seconds: float
     counts = _h2load_counts(output)
     failed = count - counts.get("succeeded", 0)
     status = next((x for x in output.splitlines() if x.startswith("status codes:")), "")
-    return {"streams": count, "seconds": seconds, "failed": failed, "status_codes": status, "at_peak": peak}
+    run = {"streams": count, "seconds": seconds, "failed": failed, "status_codes": status, "at_peak": peak}
+    if failed:
+        run["extproc_cluster"] = await asyncio.to_thread(_extproc_trouble, gateway)
+    return run
 
 
-def streams(count: int, seconds: float, strategies: list[str]) -> dict[str, Any]:
+def _extproc_trouble(gateway: LocalGateway) -> dict[str, int]:
+    """Envoy's counters of what went wrong between it and the ext_proc (ejections, overflows,
+    resets, timeouts), for a run with failures."""
+    url = f"http://127.0.0.1:{gateway.admin_port}/stats?filter=^cluster.{envoygen.EXTPROC_CLUSTER}."
+    out = {}
+    for line in httpx.get(url, timeout=5).text.splitlines():
+        name, _, value = line.partition(": ")
+        words = ("eject", "overflow", "fail", "timeout", "reset", "cancel", "none_healthy")
+        if value.strip().isdigit() and int(value) and any(w in name for w in words):
+            out[name.split(".", 2)[2]] = int(value)
+    return out
+
+
+def streams(count: int, seconds: float, strategies: list[str], ramp: int = RAMP_PER_SECOND) -> dict[str, Any]:
     """One fresh gateway per strategy (an earlier run's idle provider connections and memory
     would be counted against the next), the same fake provider for all."""
     raise_open_files_limit()  # before the fake starts: it holds one socket per stream too
@@ -184,7 +203,8 @@ def streams(count: int, seconds: float, strategies: list[str]) -> dict[str, Any]
             gateway.start(timeout=120)
             try:
                 idle = memory(gateway)
-                run = asyncio.run(_streams(gateway, alias(STRATEGIES.index(strategy)), count, seconds, work))
+                model = alias(STRATEGIES.index(strategy))
+                run = asyncio.run(_streams(gateway, model, count, seconds, work, ramp))
             finally:
                 gateway.stop()
             run["idle"] = idle
@@ -211,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--streams", type=int, default=5000)
     st.add_argument("--seconds", type=float, default=30)
     st.add_argument("--strategies", default=",".join(STRATEGIES))
+    st.add_argument("--ramp", type=int, default=RAMP_PER_SECOND, help="streams opened per second (0: all at once)")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args(argv)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -218,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         run = config(args.providers, args.policies or args.providers)
         results.setdefault("config", {})[str(args.providers)] = run
     else:
-        run = streams(args.streams, args.seconds, args.strategies.split(","))
-        results["streams"] = run
+        run = streams(args.streams, args.seconds, args.strategies.split(","), args.ramp)
+        results["streams" if args.ramp else "burst"] = run
     print(json.dumps(run, indent=2))
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
