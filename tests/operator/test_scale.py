@@ -90,3 +90,16 @@ async def test_a_large_fleet_is_published_in_parts_and_served_by_envoy(k8s, clus
             proc.terminate()
         for proc in (envoy, sidecar):
             await asyncio.wait_for(proc.wait(), 15)
+
+
+async def test_the_issues_fleet_round_trips_through_the_emulated_api_inline_and_in_parts(k8s, cluster):
+    """2,000 providers x 5 models and 2,000 policies: 5 MB of JSON, one ConfigMap compressed;
+    cut into parts under a lower limit, read back whole, and every object under 1 MiB."""
+    providers, policies = fleet(2000, 5, 2000, 5)
+    cfg = compile_config(providers, policies, generation=1).config
+    for limit, objects in ((bundle.MAX_OBJECT_CHARS, 1), (100_000, 4)):
+        config = OperatorConfig(configmap_namespace=CM_NAMESPACE, configmap_name=CM_NAME, max_object_chars=limit)
+        await Reconciler(config, cluster.api).publish(cfg)
+        stored = {n: cm for n, cm in (await configmaps(cluster)).items() if n.startswith(CM_NAME)}
+        assert len(stored) >= objects and all(len(json.dumps(cm["data"])) < 1024 * 1024 for cm in stored.values())
+        assert (await cluster.configmap())["config"]["policies"][-1]["aliases"] == [alias(1999)]
