@@ -4,6 +4,7 @@ all by Envoy (no Python on any attempt)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -169,11 +170,17 @@ def credential_file(credentials_dir: str, provider_id: str) -> str:
 def _credential_injector(provider: pb.Provider, opts: GatewayOptions) -> dict[str, Any]:
     """Envoy adds a provider's key on every attempt to it, from an SDS file that holds the whole
     header value: keys never pass through the ext_proc and never appear in Envoy's config."""
-    name = credential_name(provider.id)
+    return _injector(provider.id, provider.auth.header or "authorization", opts.credentials_dir)
+
+
+@functools.lru_cache(maxsize=100_000)
+def _injector(provider_id: str, header: str, credentials_dir: str) -> dict[str, Any]:
+    """One per provider, shared (never mutated) by every chain that reaches it."""
+    name = credential_name(provider_id)
     source = {
         "path_config_source": {
-            "path": credential_file(opts.credentials_dir, provider.id),
-            "watched_directory": {"path": opts.credentials_dir},
+            "path": credential_file(credentials_dir, provider_id),
+            "watched_directory": {"path": credentials_dir},
         },
         "resource_api_version": "V3",
     }
@@ -187,13 +194,13 @@ def _credential_injector(provider: pb.Provider, opts: GatewayOptions) -> dict[st
                 "name": "envoy.http.injected_credentials.generic",
                 "typed_config": _any(
                     "envoy.extensions.http.injected_credentials.generic.v3.Generic",
-                    header=provider.auth.header or "authorization",
+                    header=header,
                     credential={"name": name, "sds_config": source},
                 ),
             },
         ),
     }
-    return _skip_when(f"signalbox.key.{provider.id}", injector, picked_host_not_of(provider.id))
+    return _skip_when(f"signalbox.key.{provider_id}", injector, picked_host_not_of(provider_id))
 
 
 def lua_literal(value: str | dict[str, Any]) -> str:
@@ -201,7 +208,12 @@ def lua_literal(value: str | dict[str, Any]) -> str:
     escape) or table literal."""
     if isinstance(value, dict):
         return "{" + ", ".join(f"[{lua_literal(k)}] = {lua_literal(v)}" for k, v in value.items()) + "}"
+    if _LUA_PLAIN.fullmatch(value):
+        return f'"{value}"'  # nothing to escape: most names and paths
     return '"' + "".join(chr(b) if 32 <= b < 127 and b not in b'"\\' else f"\\{b:03d}" for b in value.encode()) + '"'
+
+
+_LUA_PLAIN = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII but for `"` and `\`
 
 
 def _error(err: errors.RequestError) -> dict[str, Any]:
@@ -238,6 +250,17 @@ def attempt_settings(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
     }
 
 
+@functools.cache
+def _attempt_prelude(names: tuple[tuple[str, str], ...]) -> str:
+    return "".join(f"{name} = {lua_literal(value)}\n" for name, value in names)
+
+
+# The error bodies and the shared code: the same in every chain's script, built once.
+_ATTEMPT_CODE = (
+    "ERRORS = {" + ", ".join(f"{k} = {lua_literal(v)}" for k, v in ATTEMPT_ERRORS.items()) + "}\n" + _ATTEMPT_LUA
+)
+
+
 def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
     """attempt.lua for one chain: each member's settings (backend id -> attempt_settings), the
     error bodies, then the shared code."""
@@ -248,13 +271,17 @@ def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
         "CLIENT_PATH_KEY": CLIENT_PATH_KEY,
         "BODY_MODEL_KEY": BODY_MODEL_KEY,
     }
-    prelude = "".join(f"{name} = {lua_literal(value)}\n" for name, value in names.items())
-    errors_table = ", ".join(f"{k} = {lua_literal(v)}" for k, v in ATTEMPT_ERRORS.items())
-    return prelude + f"BACKENDS = {lua_literal(settings)}\nERRORS = {{{errors_table}}}\n" + _ATTEMPT_LUA
+    return f"{_attempt_prelude(tuple(names.items()))}BACKENDS = {lua_literal(settings)}\n{_ATTEMPT_CODE}"
 
 
 def _attempt_marker(backend: pb.Backend) -> dict[str, Any]:
     """Names the picked backend for attempt.lua: skipped unless the attempt goes to `backend`."""
+    return _marker(backend.id)
+
+
+@functools.lru_cache(maxsize=100_000)
+def _marker(backend_id: str) -> dict[str, Any]:
+    """One per backend, shared (never mutated) by every chain it is a member of."""
     marker = {
         "name": "envoy.filters.http.header_mutation",
         "typed_config": _any(
@@ -263,7 +290,7 @@ def _attempt_marker(backend: pb.Backend) -> dict[str, Any]:
                 "request_mutations": [
                     {
                         "append": {
-                            "header": {"key": ATTEMPT_HEADER, "value": backend.id},
+                            "header": {"key": ATTEMPT_HEADER, "value": backend_id},
                             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
                         }
                     }
@@ -271,7 +298,7 @@ def _attempt_marker(backend: pb.Backend) -> dict[str, Any]:
             },
         ),
     }
-    return _skip_when(f"signalbox.attempt.{backend.id}", marker, picked_host_is_not(backend.id))
+    return _skip_when(f"signalbox.attempt.{backend_id}", marker, picked_host_is_not(backend_id))
 
 
 def _attempt_filter(members: list[pb.Backend], providers: dict[str, pb.Provider]) -> dict[str, Any]:
@@ -285,21 +312,26 @@ def _attempt_filter(members: list[pb.Backend], providers: dict[str, pb.Provider]
     }
 
 
-def _upstream_phase(cfg: pb.RoutingConfig, opts: GatewayOptions, members: list[pb.Backend]) -> list[dict[str, Any]]:
-    """Upstream filters of one aggregate cluster, per attempt: every key header removed (the
-    client's included), the key of the picked backend's provider added by Envoy, the picked
-    backend named by its marker (one per member, each skipped unless the attempt goes to it),
-    then that backend's path, authority and body model (attempt.lua, one per chain).
-    """
+def _strip_keys(cfg: pb.RoutingConfig) -> dict[str, Any]:
     key_headers = sorted({"authorization", "api-key", *(p.auth.header.lower() for p in cfg.providers if p.auth.header)})
-    strip_keys = {
+    return {
         "name": "signalbox.strip_keys",
         "typed_config": _any(
             "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
             mutations={"request_mutations": [{"remove": h} for h in key_headers]},
         ),
     }
-    providers = {p.id: p for p in cfg.providers}
+
+
+def _upstream_phase(
+    providers: dict[str, pb.Provider], strip_keys: dict[str, Any], opts: GatewayOptions, members: list[pb.Backend]
+) -> list[dict[str, Any]]:
+    """Upstream filters of one aggregate cluster, per attempt: every key header removed (the
+    client's included), the key of the picked backend's provider added by Envoy, the picked
+    backend named by its marker (one per member, each skipped unless the attempt goes to it),
+    then that backend's path, authority and body model (attempt.lua, one per chain).
+    `providers` and `strip_keys` are the config's, built once for all chains.
+    """
     keyed = sorted({b.provider_id for b in members if providers[b.provider_id].HasField("auth")})
     credentials = [_credential_injector(providers[pid], opts) for pid in keyed] if opts.credentials_dir else []
     return [
@@ -335,6 +367,7 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
     for backend in cfg.backends:
         out.append(_any("envoy.config.cluster.v3.Cluster", **_backend_cluster(backend, providers[backend.provider_id])))
     seen: set[str] = set()
+    strip = _strip_keys(cfg)
     for policy in cfg.policies:
         for i, pb_backend in enumerate(policy.backends):
             if not pb_backend.target or pb_backend.target in seen:
@@ -354,7 +387,7 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
                             clusters=[b.cluster for b in members],
                         ),
                     },
-                    typed_extension_protocol_options=_http1_options(_upstream_phase(cfg, opts, members)),
+                    typed_extension_protocol_options=_http1_options(_upstream_phase(providers, strip, opts, members)),
                     circuit_breakers={"thresholds": [STREAM_LIMITS]},
                 )
             )
