@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench.fleet import fleet
 from signalbox.core import bundle
@@ -62,3 +64,28 @@ def test_unreadable_manifests_and_payloads_are_refused():
         bundle.unpack(packed.manifest, "%%%%", [])
     with pytest.raises(BundleError, match="no inline"):
         bundle.unpack(packed.manifest, None, [])
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    fields=st.dictionaries(st.sampled_from(["parts", "sha256", "bytes", "encoding", "generation"]), json_values),
+    inline=st.none() | st.text(max_size=40),
+    parts=st.lists(st.none() | st.text(max_size=20), max_size=4),
+)
+def test_whatever_a_configmap_holds_the_reader_gets_a_config_or_a_bundle_error(fields, inline, parts):
+    """A ConfigMap someone edited by hand, or truncated, must never break config-sync: it keeps
+    the config in force (it catches BundleError only)."""
+    good = bundle.pack(small(), "cm")
+    data = {bundle.MANIFEST_KEY: json.dumps({**good.manifest, **fields})}
+    try:
+        manifest = bundle.read_manifest(data)
+        bundle.unpack(manifest, inline, parts)
+    except BundleError:
+        pass

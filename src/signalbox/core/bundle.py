@@ -93,6 +93,11 @@ def read_manifest(data: dict[str, str] | None) -> dict[str, Any]:
         raise BundleError(f"the manifest is not JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("encoding") != ENCODING:
         raise BundleError(f"unknown routing config encoding (this gateway reads {ENCODING})")
+    parts = manifest.get("parts", [])
+    if not isinstance(parts, list) or not all(isinstance(p, str) and p for p in parts):
+        raise BundleError("the manifest's parts are not a list of ConfigMap names")
+    if not isinstance(manifest.get("sha256"), str) or type(manifest.get("bytes")) is not int:
+        raise BundleError("the manifest has no payload digest and length")
     return manifest
 
 
