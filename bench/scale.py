@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import yaml
+from google.protobuf import json_format
 
 from bench.dataplane import RESULTS, start_fake
 from bench.fleet import STRATEGIES, alias, fleet
@@ -94,7 +95,7 @@ def config(providers: int, policies: int) -> dict[str, Any]:
             "clusters": len(resources["cds.json"]["resources"]),
             "cds_mb": round(len(json.dumps(resources["cds.json"])) / 1e6, 1),
             "lds_mb": round(len(json.dumps(resources["lds.json"])) / 1e6, 1),
-            "config_json_mb": round(len(json.dumps(json.loads(_json(cfg)))) / 1e6, 2),
+            "config_json_mb": round(len(json_format.MessageToJson(cfg)) / 1e6, 2),
             "published_kb": round(packed.manifest["bytes"] / 1024, 1),
             "published_objects": 1 + len(packed.parts),
         }
@@ -121,12 +122,6 @@ def config(providers: int, policies: int) -> dict[str, Any]:
         return out
     finally:
         fake.terminate()
-
-
-def _json(cfg: Any) -> str:
-    from google.protobuf import json_format
-
-    return json_format.MessageToJson(cfg)
 
 
 def _active_streams(gateway: LocalGateway) -> int:

@@ -92,7 +92,6 @@ class Reconciler:
         self.written: dict[tuple[str, Key], dict[str, Any]] = {}
         self.generation: int | None = None
         self.published_hash = ""
-        self.published_bytes = 0  # base64 characters of the last published config, all parts
         # (namespace, secret, key) -> value, for health probes only; never logged or copied.
         self.keys: dict[tuple[str, str, str], SecretValue] = {}
 
@@ -196,7 +195,6 @@ class Reconciler:
             packed.configmap_data(),
             {GENERATION_ANNOTATION: str(config.generation), HASH_ANNOTATION: config.content_hash},
         )
-        self.published_bytes = len(packed.inline or "") + sum(len(p) for p in packed.parts)
         await self.api.delete_parts(namespace, name, set(packed.part_names()))
 
     async def _write_statuses(

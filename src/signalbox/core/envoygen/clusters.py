@@ -274,14 +274,10 @@ def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
     return f"{_attempt_prelude(tuple(names.items()))}BACKENDS = {lua_literal(settings)}\n{_ATTEMPT_CODE}"
 
 
-def _attempt_marker(backend: pb.Backend) -> dict[str, Any]:
-    """Names the picked backend for attempt.lua: skipped unless the attempt goes to `backend`."""
-    return _marker(backend.id)
-
-
 @functools.lru_cache(maxsize=100_000)
-def _marker(backend_id: str) -> dict[str, Any]:
-    """One per backend, shared (never mutated) by every chain it is a member of."""
+def _attempt_marker(backend_id: str) -> dict[str, Any]:
+    """Names the picked backend for attempt.lua: skipped unless the attempt goes to
+    `backend_id`. One per backend, shared (never mutated) by every chain it is a member of."""
     marker = {
         "name": "envoy.filters.http.header_mutation",
         "typed_config": _any(
@@ -337,7 +333,7 @@ def _upstream_phase(
     return [
         strip_keys,
         *credentials,
-        *(_attempt_marker(b) for b in members),
+        *(_attempt_marker(b.id) for b in members),
         _attempt_filter(members, providers),
         _remove_gateway_headers("signalbox.strip_gateway_headers_upstream"),
         {
