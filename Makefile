@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: eval setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-fuzz fuzz bench bench-peers bench-scale protos protos-check lint up validate clean
+.PHONY: eval setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-faults faults-scorecard test-fuzz fuzz bench bench-peers bench-scale protos protos-check lint up validate clean
 
 # Strict editable mode: extproc/ and operator/ install as signalbox.extproc and
 # signalbox.operator through a link tree under build/ (operator/ has no __init__.py, so it can
@@ -69,6 +69,16 @@ test-operator: setup
 test-dataplane: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PYTEST) tests/dataplane
 
+## Providers that misbehave (errors, resets, silence, broken streams, refusals, flapping)
+## through the real Envoy, driven by the OpenAI SDK.
+test-faults: setup
+	PATH=$(abspath $(BIN)):$$PATH $(PYTEST) tests/faults
+
+## The fault tier, then its measured results as the README's failover scorecard.
+faults-scorecard: setup
+	SIGNALBOX_FAULTS_SCORECARD=build/faults-scorecard.json PATH=$(abspath $(BIN)):$$PATH $(PYTEST) tests/faults
+	$(PY) -m tests.faults.scorecard build/faults-scorecard.json README.md
+
 ## Hostile request bodies through the router phase (a bounded slice; `make fuzz` runs the full count).
 test-fuzz: setup
 	$(PYTEST) tests/fuzz
@@ -80,7 +90,7 @@ fuzz: setup
 	SIGNALBOX_FUZZ_ENVOY=10000 PATH=$(abspath $(BIN)):$$PATH $(PYTEST) tests/dataplane/test_hardening.py -k "hostile or fuzzed"
 
 ## The README's test command: every tier plus lint and generated-code freshness.
-test: protos-check lint test-unit test-crds test-chart test-extproc test-fuzz test-operator test-dataplane
+test: protos-check lint test-unit test-crds test-chart test-extproc test-fuzz test-operator test-dataplane test-faults
 
 ## Plain Envoy vs Signalbox, same fake upstream, same load, one run -> bench/results/latest.json
 bench: setup

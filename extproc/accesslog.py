@@ -42,6 +42,26 @@ def _seconds(d: duration_pb2.Duration) -> float:
     return d.seconds + d.nanos / 1e9
 
 
+# Envoy's response flags that mean the upstream's answer broke after it started, by the short
+# name the request log shows: with a 2xx status they mark a stream the client saw fail.
+BROKEN_FLAGS = {
+    "upstream_protocol_error": "UPE",
+    "upstream_remote_reset": "UR",
+    "upstream_connection_termination": "UC",
+    "upstream_request_timeout": "UT",
+    "stream_idle_timeout": "SI",
+    "upstream_max_stream_duration_reached": "UMSDR",
+}
+
+
+def broken(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
+    """The flag of an answer that started (2xx) but did not end normally, or ""."""
+    if not 200 <= entry.response.response_code.value < 300:
+        return ""
+    flags = entry.common_properties.response_flags
+    return next((short for name, short in BROKEN_FLAGS.items() if getattr(flags, name)), "")
+
+
 class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
     def __init__(
         self,
@@ -108,7 +128,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         if not runtime.learning:
             return
         status = entry.response.response_code.value
-        ok = 200 <= status < 500 and status != 429
+        ok = 200 <= status < 500 and status != 429 and not broken(entry)
         if served != first:
             self.state.observe_outcome(policy, class_key, first, False, latency_ms)
         self.state.observe_outcome(policy, class_key, served, ok, latency_ms)
@@ -146,6 +166,8 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
                 common.upstream_request_attempt_count - 1
             )
         self.metrics.request_duration.labels(*genai).observe(_seconds(common.time_to_last_downstream_tx_byte))
+        if flag := broken(entry):
+            self.metrics.broken_responses.labels(backend.provider.name, backend.model, flag).inc()
         if "text/event-stream" in entry.response.response_headers.get("content-type", ""):
             # The first response byte of a stream: the first chunk, as providers send it.
             self.metrics.time_to_first_token.labels(*genai).observe(_seconds(common.time_to_first_upstream_rx_byte))

@@ -50,6 +50,13 @@ class Metrics:
             ["provider", "model"],
             registry=r,
         )
+        self.broken_responses = Counter(
+            "signalbox_broken_responses",
+            "Answers that started but did not end normally (the provider reset, cut or went silent "
+            'mid-stream; the client got an error, not an end), by backend and Envoy flag ("UPE", "UT", ...).',
+            ["provider", "model", "flag"],
+            registry=r,
+        )
         self.feedback = Counter("signalbox_feedback", "Quality feedback received.", ["policy"], registry=r)
         self.config_generation = Gauge(
             "signalbox_config_generation", "Routing config generation in force.", registry=r, multiprocess_mode="max"

@@ -167,6 +167,11 @@ async def _watch_inputs(gateway, stop: dict[str, bool]) -> None:
 def request_summary(entry: dict) -> str:
     """One console line of a request log entry: `signalbox up` shows where each request went."""
     at = datetime.fromisoformat(entry["time"].replace("Z", "+00:00")).astimezone().strftime("%H:%M:%S")
+    if entry.get("event") == "attempt":
+        # One try of a request at one backend (its request's own line follows when it ends).
+        status = entry["status"] or "no response"
+        flags = f" {entry['flags']}" if entry.get("flags") not in (None, "-") else ""
+        return f"{at}   attempt -> {entry['backend']}  {status}{flags}  {entry['duration_ms']} ms"
     if entry.get("policy") is None:
         # Not a routing decision at all (e.g. GET /v1/models, answered by the gateway itself).
         what = entry.get("reason") or ("answered by the gateway" if int(entry["status"]) < 400 else "refused")

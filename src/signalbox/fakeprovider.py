@@ -6,9 +6,16 @@ deployment paths all work), names itself in every answer (`x-fake-provider` head
 where a request went and with which credentials.
 
 Steering: per server with `POST /_fake/behaviour` {"status": 500, "delay_ms": 0,
-"api_key": "..."}; per request with headers `x-fake-status` / `x-fake-delay-ms`, optionally
-limited to one server by `x-fake-only: <id>`. `stream: true` answers with server-sent events,
-`x-fake-chunks` of them, `x-fake-chunk-delay-ms` apart.
+"api_key": "...", "fault": {...}}; per request with headers `x-fake-status` / `x-fake-delay-ms`
+/ `x-fake-fault: <JSON of a Fault>`, optionally limited to one server by `x-fake-only: <id>`.
+`stream: true` answers with server-sent events, `x-fake-chunks` of them,
+`x-fake-chunk-delay-ms` apart.
+
+Faults (`Fault`) are the ways real providers misbehave: errors with and without `Retry-After`,
+a reset before any header, no answer at all, a slow first token, a stream that stalls or is cut
+after some chunks, a malformed event, a stream without `[DONE]`, context-length and
+content-policy refusals in OpenAI's error shape, rate-limit headers, and flapping (the fault on
+every n-th request, or on the first n only).
 """
 
 from __future__ import annotations
@@ -26,6 +33,30 @@ from typing import Any
 
 from aiohttp import web
 
+FAULT_KINDS = ("", "reset", "hang", "stall", "cut", "malformed", "no_done", "context_length", "content_filter")
+
+
+@dataclass
+class Fault:
+    """One misbehaviour, applied to the requests `times`/`every` select (both 0: all of them)."""
+
+    kind: str = ""  # one of FAULT_KINDS ("" : only the status/headers below)
+    after: int = 0  # stall / cut / malformed: chunks sent first
+    first_token_ms: int = 0  # streams: headers at once, the first event this much later
+    retry_after: str = ""  # sent as Retry-After with an error status (seconds or an HTTP date)
+    retry_after_ms: int = 0  # sent as retry-after-ms with an error status
+    remaining: int = -1  # >= 0: x-ratelimit-remaining-requests on every answer
+    times: int = 0  # only the first `times` requests since the last reset
+    every: int = 0  # only every `every`-th request (1st, (every+1)th, ...): flapping
+
+    def applies(self, count: int) -> bool:
+        if self.times and count > self.times:
+            return False
+        return not self.every or (count - 1) % self.every == 0
+
+
+HANG_SECONDS = 3600.0  # "never answers": far past any deadline a test sets
+
 
 @dataclass
 class Behaviour:
@@ -35,6 +66,14 @@ class Behaviour:
     api_key: str = ""
     # When set, the assistant's answer (e.g. JSON for a classifier); else it names server and model.
     content: str = ""
+    fault: dict[str, Any] | None = None
+
+
+def _fault(raw: dict[str, Any] | None) -> Fault:
+    fault = Fault(**(raw or {}))
+    if fault.kind not in FAULT_KINDS:
+        raise ValueError(f"unknown fault kind {fault.kind!r}")
+    return fault
 
 
 class FakeProvider:
@@ -55,7 +94,9 @@ class FakeProvider:
         return app
 
     async def set_behaviour(self, request: web.Request) -> web.Response:
-        self.behaviour = Behaviour(**{**asdict(Behaviour()), **await request.json()})
+        behaviour = Behaviour(**{**asdict(Behaviour()), **await request.json()})
+        _fault(behaviour.fault)  # refuse an unknown kind here, not on the next request
+        self.behaviour = behaviour
         return web.json_response(asdict(self.behaviour))
 
     async def list_requests(self, request: web.Request) -> web.Response:
@@ -67,13 +108,17 @@ class FakeProvider:
         self.behaviour = Behaviour()
         return web.json_response({"ok": True})
 
-    def _steer(self, request: web.Request) -> tuple[int, int]:
-        status, delay = self.behaviour.status, self.behaviour.delay_ms
+    def _steer(self, request: web.Request) -> tuple[int, int, Fault]:
+        status, delay, fault = self.behaviour.status, self.behaviour.delay_ms, _fault(self.behaviour.fault)
         only = request.headers.get("x-fake-only")
         if only is None or only == self.ident:
             status = int(request.headers.get("x-fake-status", status))
             delay = int(request.headers.get("x-fake-delay-ms", delay))
-        return status, delay
+            if "x-fake-fault" in request.headers:
+                fault = _fault(json.loads(request.headers["x-fake-fault"]))
+        if not fault.applies(self.count):
+            return 200, delay, Fault(remaining=fault.remaining)
+        return status, delay, fault
 
     def _authorized(self, request: web.Request) -> bool:
         key = self.behaviour.api_key
@@ -81,21 +126,57 @@ class FakeProvider:
             return True
         return request.headers.get("authorization") == f"Bearer {key}" or request.headers.get("api-key") == key
 
-    def _error(self, status: int, message: str) -> web.Response:
+    def _error(
+        self, status: int, message: str, code: str = "", kind: str = "fake_error", headers: dict[str, str] | None = None
+    ) -> web.Response:
         body = {
-            "error": {"message": f"[{self.ident}] {message}", "type": "fake_error", "param": None, "code": str(status)}
+            "error": {"message": f"[{self.ident}] {message}", "type": kind, "param": None, "code": code or str(status)}
         }
-        return web.json_response(body, status=status, headers={"x-fake-provider": self.ident})
+        return web.json_response(body, status=status, headers={"x-fake-provider": self.ident, **(headers or {})})
 
-    async def _refusal(self, request: web.Request) -> web.Response | None:
-        """Steered delay, then the error this request should get (wrong key, steered status), if any."""
-        status, delay = self._steer(request)
+    def _headers(self, fault: Fault) -> dict[str, str]:
+        headers = {"x-fake-provider": self.ident}
+        if fault.remaining >= 0:
+            headers["x-ratelimit-remaining-requests"] = str(fault.remaining)
+            headers["x-ratelimit-reset-requests"] = "1s"
+        return headers
+
+    async def _refusal(self, request: web.Request, fault: Fault | None = None) -> web.Response | None:
+        """Steered delay and faults that end a request before it starts, then the error this
+        request should get (wrong key, steered status, a refusal), if any."""
+        status, delay, steered = self._steer(request)
+        fault = fault or steered
         if delay:
             await asyncio.sleep(delay / 1000)
+        if fault.kind == "reset":
+            assert request.transport is not None
+            request.transport.abort()  # no status line, no headers: a reset before the response
+            raise asyncio.CancelledError
+        if fault.kind == "hang":
+            await asyncio.sleep(HANG_SECONDS)
         if not self._authorized(request):
             return self._error(401, "missing or wrong API key")
+        if fault.kind == "context_length":
+            return self._error(
+                400,
+                "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens.",
+                code="context_length_exceeded",
+                kind="invalid_request_error",
+            )
+        if fault.kind == "content_filter":
+            return self._error(
+                400,
+                "The response was filtered due to the prompt triggering the content management policy.",
+                code="content_filter",
+                kind="invalid_request_error",
+            )
         if status != 200:
-            return self._error(status, f"steered to fail with {status}")
+            headers = {}
+            if fault.retry_after:
+                headers["retry-after"] = fault.retry_after
+            if fault.retry_after_ms:
+                headers["retry-after-ms"] = str(fault.retry_after_ms)
+            return self._error(status, f"steered to fail with {status}", headers=headers)
         return None
 
     async def handle_get(self, request: web.Request) -> web.Response:
@@ -121,6 +202,7 @@ class FakeProvider:
         self.count += 1
         self.requests.append(
             {
+                "at": time.time(),
                 "path": request.path_qs,
                 "headers": dict(request.headers),
                 "model": body.get("model"),
@@ -128,7 +210,8 @@ class FakeProvider:
                 "stream_options": body.get("stream_options"),
             }
         )
-        refusal = await self._refusal(request)
+        fault = self._steer(request)[2]
+        refusal = await self._refusal(request, fault)
         if refusal is not None:
             return refusal
         model = body.get("model", "")
@@ -143,7 +226,7 @@ class FakeProvider:
                 headers={"x-fake-provider": self.ident},
             )
         if body.get("stream"):
-            return await self._stream(request, body, model)
+            return await self._stream(request, body, model, fault)
         content = self.behaviour.content or f"[{self.ident}] answer from {model}"
         answer = {
             "id": f"chatcmpl-{self.ident}-{self.count}",
@@ -154,13 +237,17 @@ class FakeProvider:
             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17},
         }
-        return web.json_response(answer, headers={"x-fake-provider": self.ident})
+        if fault.first_token_ms:
+            await asyncio.sleep(fault.first_token_ms / 1000)
+        return web.json_response(answer, headers=self._headers(fault))
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], model: str) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, body: dict[str, Any], model: str, fault: Fault) -> web.StreamResponse:
         chunks = int(request.headers.get("x-fake-chunks", 5))
         gap = int(request.headers.get("x-fake-chunk-delay-ms", 0)) / 1000
-        response = web.StreamResponse(headers={"content-type": "text/event-stream", "x-fake-provider": self.ident})
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", **self._headers(fault)})
         await response.prepare(request)
+        if fault.first_token_ms:
+            await asyncio.sleep(fault.first_token_ms / 1000)
 
         def event(delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> bytes:
             chunk: dict[str, Any] = {
@@ -176,6 +263,14 @@ class FakeProvider:
             return f"data: {json.dumps(chunk)}\n\n".encode()
 
         for i in range(chunks):
+            if i == fault.after and fault.kind in ("stall", "cut", "malformed"):
+                if fault.kind == "stall":
+                    await asyncio.sleep(HANG_SECONDS)  # the connection stays open, nothing more comes
+                if fault.kind == "cut":
+                    assert request.transport is not None
+                    request.transport.abort()  # mid-stream: no final chunk, no [DONE]
+                    raise asyncio.CancelledError
+                await response.write(b'data: {"id": "broken", "choices": [{"delta": {"content": \n\n')
             await response.write(event({"content": f"chunk{i} "} if i else {"role": "assistant", "content": "chunk0 "}))
             if gap:
                 await asyncio.sleep(gap)
@@ -184,7 +279,8 @@ class FakeProvider:
             await response.write(
                 event({}, usage={"prompt_tokens": 10, "completion_tokens": chunks, "total_tokens": 10 + chunks})
             )
-        await response.write(b"data: [DONE]\n\n")
+        if fault.kind != "no_done":
+            await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 

@@ -461,7 +461,7 @@ def test_each_request_has_a_line_in_the_request_log_that_its_request_id_finds(ga
     def line(request_id: str) -> dict | None:
         log = gateway.workdir / "requests.log"
         entries = [json.loads(text) for text in log.read_text().splitlines()] if log.exists() else []
-        return next((e for e in entries if e["request_id"] == request_id), None)
+        return next((e for e in entries if e["request_id"] == request_id and e["event"] == "request"), None)
 
     deadline = time.monotonic() + 10  # Envoy flushes the file every second
     while not (line(routed_headers["x-request-id"]) and line(refused.headers["x-request-id"])):

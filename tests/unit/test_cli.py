@@ -57,6 +57,9 @@ def test_signalbox_up_sums_up_each_request_log_line_on_the_console():
     refused = {**routed, "status": 404, "policy": "none", "provider": "none", "model": "none"}
     refused.update(reason="model_not_found", prompt_tokens=None, completion_tokens=None)
     assert request_summary(refused).endswith(" 404 POST /v1/chat/completions  none -> none  model_not_found  7 ms")
+    attempt = {"event": "attempt", "time": routed["time"], "backend": "default/slow/big"}
+    attempt.update(status=0, flags="UT", duration_ms=1500)
+    assert request_summary(attempt).endswith("   attempt -> default/slow/big  no response UT  1500 ms")
 
 
 def test_a_request_that_is_no_routing_decision_says_what_happened():

@@ -132,6 +132,16 @@ def test_backend_cluster_carries_metadata_tls_and_outlier_detection():
     assert b["outlier_detection"]["consecutive_5xx"] > 0
 
 
+def test_a_policys_deadlines_become_the_attempts_timeouts():
+    cfg = config()
+    cfg.policies[0].per_try_timeout_ms, cfg.policies[0].idle_timeout_ms, cfg.policies[0].timeout_ms = 1500, 800, 9000
+    routes = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
+    route = by_name(routes["route_config"]["virtual_hosts"][0]["routes"])[f"default/p:{targets()[0]}"]["route"]
+    assert route["timeout"] == "9.000s"
+    assert route["retry_policy"]["per_try_timeout"] == "1.500s"
+    assert route["retry_policy"]["per_try_idle_timeout"] == "0.800s"
+
+
 def test_routes_retry_on_failures_and_move_to_next_priority():
     lds = envoygen.listener(config(), envoygen.GatewayOptions())
     hcm = lds["filter_chains"][0]["filters"][0]["typed_config"]
@@ -139,8 +149,12 @@ def test_routes_retry_on_failures_and_move_to_next_priority():
     t0 = targets()[0]
     retry = routes[f"default/p:{t0}"]["route"]["retry_policy"]
     assert set(retry["retry_on"].split(",")) == {"5xx", "reset", "connect-failure", "retriable-status-codes"}
-    assert retry["retriable_status_codes"] == [429] and retry["num_retries"] == 1
+    # 429 and a rejected key (401/403) move on too: the next backend has its own limits and key.
+    assert retry["retriable_status_codes"] == [401, 403, 429] and retry["num_retries"] == 1
     assert retry["retry_priority"]["name"] == "envoy.retry_priorities.previous_priorities"
+    # A backend that failed or timed out is not tried again within the request.
+    assert [p["name"] for p in retry["retry_host_predicate"]] == ["envoy.retry_host_predicates.previous_hosts"]
+    assert "per_try_idle_timeout" not in retry  # no silence deadline unless the policy sets one
     target, policy_id = routes[f"default/p:{t0}"]["match"]["dynamic_metadata"]
     assert target == {"filter": "signalbox", "path": [{"key": "target"}], "value": {"string_match": {"exact": t0}}}
     assert policy_id["path"] == [{"key": "policy_id"}] and policy_id["value"]["string_match"]["exact"] == "default/p"

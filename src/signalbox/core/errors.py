@@ -102,6 +102,12 @@ class NoHealthyBackend(RequestError):
     status, error_type, code = 503, "server_error", "no_healthy_backend"
 
 
+class UpstreamTimeout(RequestError):
+    """Every backend tried was silent past its deadline, or the policy's whole budget ran out."""
+
+    status, error_type, code = 504, "server_error", "upstream_timeout"
+
+
 class ProviderKeyUnavailable(RequestError):
     """A failover attempt reached a backend whose API key the gateway cannot read."""
 

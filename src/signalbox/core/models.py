@@ -80,6 +80,8 @@ class RetryOn(StrEnum):
     RESET = "reset"
     CONNECT_FAILURE = "connect-failure"
     PER_TRY_TIMEOUT = "per-try-timeout"
+    # 401/403 from a provider: its key was revoked or is wrong; the next backend has its own.
+    AUTH = "auth"
 
 
 # --------------------------------------------------------------------------- AIProvider
@@ -264,11 +266,25 @@ class FailoverSpec(Spec):
             RetryOn.RATE_LIMITED,
             RetryOn.RESET,
             RetryOn.CONNECT_FAILURE,
+            RetryOn.AUTH,
         ],
-        description="Failures that trigger failover.",
+        description="Failures that trigger failover: 5xx, 429 (the next backend at once, whatever "
+        "its Retry-After), reset, connect-failure, per-try-timeout (implied by 5xx), auth (401/403).",
     )
     per_try_timeout_ms: int | None = Field(
-        None, ge=1, description="Give up on one backend after this long and try the next."
+        None,
+        ge=1,
+        description="First-response deadline per backend: if its response has not started after "
+        "this long (for a non-streamed answer, the whole answer), it is abandoned and the next one "
+        "tried; a backend that timed out is not tried again within the request. Default: none.",
+    )
+    idle_timeout_ms: int | None = Field(
+        None,
+        ge=1,
+        description="Silence deadline per backend: no byte for this long (before or during its "
+        "answer) abandons it. Before the answer started the next backend is tried; during a stream "
+        "the client's stream ends with an error, never as a normal end. Default: none (a "
+        "non-streamed answer of a reasoning model can be silent for minutes).",
     )
     max_attempts: int | None = Field(
         None, ge=1, description="Attempts in total, first included. Default: the chain's length."
@@ -500,7 +516,12 @@ class RoutingPolicySpec(Spec):
     strategy: Strategy = Field(Strategy.WEIGHTED, description="How the first backend is chosen.")
     backends: list[BackendRef] = Field(min_length=1, description="Backends this policy may use.")
     failover: FailoverSpec = Field(default_factory=FailoverSpec, description="In-request failover.")
-    timeout_ms: int = Field(120_000, ge=1, description="Whole-request timeout in milliseconds.")
+    timeout_ms: int = Field(
+        120_000,
+        ge=1,
+        description="Whole-request budget in milliseconds, every attempt included: however the "
+        "providers behave, the call ends within it (a 504 if nothing answered).",
+    )
     hash: HashSpec = Field(default_factory=HashSpec, description="Sticky routing (strategy hash).")
     latency: LatencySpec = Field(default_factory=LatencySpec, description="Strategy latency.")
     hedge: HedgeSpec = Field(default_factory=HedgeSpec, description="Strategy fastest.")

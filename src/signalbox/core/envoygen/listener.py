@@ -31,7 +31,7 @@ from .contract import (
     models_listing,
     too_large_message,
 )
-from .options import _RETRY_ON, GatewayOptions, _address, _any, _grpc_service, _ms
+from .options import _RETRIABLE_STATUSES, _RETRY_ON, GatewayOptions, _address, _any, _grpc_service, _ms
 
 
 def _extproc_filter(opts: GatewayOptions, request_headers: bool = True, **extra: Any) -> dict[str, Any]:
@@ -71,13 +71,27 @@ def _retry_policy(policy: pb.Policy) -> dict[str, Any]:
                 update_frequency=1,
             ),
         },
+        # A backend that failed or timed out is not tried again within the request, even when
+        # the next priority is the same endpoint (its host was just seen failing).
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": _any("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"),
+            }
+        ],
+        "host_selection_retry_max_attempts": 3,
+        # Failover is to another backend: no reason to wait (a 429's Retry-After concerns the
+        # backend that sent it, not the next one).
         "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
     }
-    if "429" in policy.retry_on:
-        retry["retriable_status_codes"] = [429]
+    statuses = sorted({s for r in policy.retry_on for s in _RETRIABLE_STATUSES.get(r, ())})
+    if statuses:
+        retry["retriable_status_codes"] = statuses
     per_try = policy.hedge_delay_ms if policy.strategy == pb.FASTEST else policy.per_try_timeout_ms
     if per_try:
         retry["per_try_timeout"] = _ms(per_try)
+    if policy.idle_timeout_ms:
+        retry["per_try_idle_timeout"] = _ms(policy.idle_timeout_ms)
     return retry
 
 
@@ -307,7 +321,11 @@ def _local_reply_config(opts: GatewayOptions) -> dict[str, Any]:
             mapper(
                 503, errors.NoHealthyBackend("no backend could serve the request (all attempts failed)"), upstream_flags
             ),
-            mapper(504, errors.NoHealthyBackend("the upstream backend timed out"), upstream_flags),
+            mapper(
+                504,
+                errors.UpstreamTimeout("no backend answered within the policy's deadlines (all attempts timed out)"),
+                upstream_flags,
+            ),
         ]
     }
 
@@ -435,6 +453,7 @@ def accounting_log(opts: GatewayOptions) -> dict[str, Any]:
 # refused request: provider "none" and the error code as reason). Of the request's own headers
 # only the method, path (as sent upstream) and request id are logged: never keys or prompts.
 REQUEST_LOG_FORMAT: dict[str, str] = {
+    "event": "request",
     "time": "%START_TIME%",
     "request_id": "%REQ(X-REQUEST-ID)%",
     "method": "%REQ(:METHOD)%",
@@ -453,13 +472,30 @@ REQUEST_LOG_FORMAT: dict[str, str] = {
 }
 
 
-def request_log(path: str) -> dict[str, Any]:
+# One JSON line per attempt (the router's upstream log), in order before its request's line in
+# the same file: which backend each attempt went to and how it ended (`status` 0 when it got no
+# response; `flags` UF connect failure, UR/UPE reset or broken stream, UT/SI first-response or
+# silence deadline). "event" tells attempt and request lines apart.
+ATTEMPT_LOG_FORMAT: dict[str, str] = {
+    "event": "attempt",
+    "time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "backend": f"%UPSTREAM_METADATA({METADATA_NS}:backend)%",
+    "provider": f"%UPSTREAM_METADATA({METADATA_NS}:provider)%",
+    "status": "%RESPONSE_CODE%",
+    "flags": "%RESPONSE_FLAGS%",
+    "duration_ms": "%DURATION%",
+    "retry_after": "%RESP(RETRY-AFTER)%",
+}
+
+
+def request_log(path: str, log_format: dict[str, str] = REQUEST_LOG_FORMAT) -> dict[str, Any]:
     return {
         "name": "envoy.access_loggers.file",
         "typed_config": _any(
             "envoy.extensions.access_loggers.file.v3.FileAccessLog",
             path=path,
-            log_format={"json_format": REQUEST_LOG_FORMAT},
+            log_format={"json_format": log_format},
         ),
     }
 
@@ -530,7 +566,14 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
             *([sse_usage_filter()] if opts.accounting else []),
             {
                 "name": "envoy.filters.http.router",
-                "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
+                "typed_config": _any(
+                    "envoy.extensions.filters.http.router.v3.Router",
+                    **(
+                        {"upstream_log": [request_log(opts.request_log, ATTEMPT_LOG_FORMAT)]}
+                        if opts.request_log
+                        else {}
+                    ),
+                ),
             },
         ],
         access_log=([accounting_log(opts)] if opts.accounting else [])

@@ -25,7 +25,10 @@ _RETRY_ON = {
     "reset": "reset",
     "connect-failure": "connect-failure",
     "per-try-timeout": "gateway-error",
+    "auth": "retriable-status-codes",
 }
+# The statuses behind "retriable-status-codes", by retry_on name.
+_RETRIABLE_STATUSES = {"429": (429,), "auth": (401, 403)}
 
 
 @dataclass(frozen=True)

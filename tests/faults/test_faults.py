@@ -1,0 +1,325 @@
+"""Failover when providers misbehave the ways they really do, through a real Envoy, driven by
+the official OpenAI SDK (streaming and not).
+
+Every case steers only the policy's first backend ("primary", `x-fake-only`), then asserts what
+the client got, how many attempts each backend saw and when, the wall-clock bound the policy's
+deadlines set, and that the gateway still serves a plain request afterwards (a success also
+resets Envoy's count of the primary's consecutive failures, so no case ejects it for the next).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from email.utils import formatdate
+
+import httpx
+import openai
+import pytest
+
+from tests.dataplane.conftest import start_gateway
+from tests.factories import backend, dump, model, policy, provider
+
+pytestmark = pytest.mark.faults
+
+FIRST_RESPONSE_MS = 1500  # failover.perTryTimeoutMs of the chains
+SILENCE_MS = 1000  # failover.idleTimeoutMs of the chains
+BUDGET_MS = 3000  # timeoutMs of the policy whose every backend is silent
+# Envoy closes a downstream connection it reset after up to its delayed-close timeout (1 s), and
+# these machines are noisy: every upper bound below allows this much on top of the deadline.
+SLACK_S = 1.5
+CAPS = ["streaming", "json"]
+
+
+def resources(fakes) -> str:
+    def chain(name: str, first: str, **spec) -> dict:
+        return policy(
+            name,
+            [name],
+            [backend(first, "m"), backend("second", "m", priority=1)],
+            strategy="failover",
+            failover={"perTryTimeoutMs": FIRST_RESPONSE_MS, "idleTimeoutMs": SILENCE_MS},
+            timeoutMs=8000,
+            **spec,
+        )
+
+    return dump(
+        *(provider(n, fakes[n].url + "/v1", [model("m", capabilities=CAPS)]) for n in ("primary", "second", "brittle")),
+        chain("chain", "primary"),
+        # The same chain decided by the ext_proc (cost reads the prompt): the same retry policy.
+        policy(
+            "decided",
+            ["decided"],
+            [backend("primary", "m"), backend("second", "m")],
+            strategy="cost",
+            failover={"perTryTimeoutMs": FIRST_RESPONSE_MS, "idleTimeoutMs": SILENCE_MS},
+            timeoutMs=8000,
+        ),
+        policy(
+            "lone",
+            ["lone"],
+            [backend("primary", "m")],
+            strategy="failover",
+            failover={"perTryTimeoutMs": FIRST_RESPONSE_MS},
+        ),
+        policy(
+            "budget", ["budget"], [backend("primary", "m"), backend("second", "m", priority=1)], timeoutMs=BUDGET_MS
+        ),
+        chain("circuit", "brittle"),
+    )
+
+
+@pytest.fixture(scope="module")
+def gateway(fakes, tmp_path_factory):
+    gw = start_gateway(tmp_path_factory.mktemp("faults"), resources(fakes))
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    with openai.OpenAI(base_url=gateway.url, api_key="client-token", max_retries=0, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def still_serving(request):
+    """After each case: the gateway answers a plain request from the chain's first backend."""
+    yield
+    if "client" not in request.fixturenames:
+        return
+    client = request.getfixturevalue("client")
+    raw = client.chat.completions.with_raw_response.create(model="chain", messages=[{"role": "user", "content": "hi"}])
+    assert raw.http_response.status_code == 200
+    assert raw.headers["x-signalbox-provider"] == "primary", "the primary was left out after the case"
+
+
+def fault(**spec) -> dict[str, str]:
+    """Headers that make only the primary misbehave."""
+    return {"x-fake-only": "primary", "x-fake-fault": json.dumps(spec)}
+
+
+def ask(client, alias: str, headers: dict[str, str], stream: bool = False):
+    """(status, served-by header, who wrote the answer (the fake's fingerprint), error, seconds,
+    request id, text) of one SDK call."""
+    started = time.monotonic()
+    text, error, status, served, request_id, origin = "", None, None, None, None, None
+    try:
+        raw = client.chat.completions.with_raw_response.create(
+            model=alias, messages=[{"role": "user", "content": "hello"}], stream=stream, extra_headers=headers
+        )
+        status, served = raw.http_response.status_code, raw.headers.get("x-signalbox-provider")
+        request_id = raw.headers.get("x-request-id")
+        if stream:
+            for chunk in raw.parse():
+                origin = origin or chunk.system_fingerprint
+                text += "".join(c.delta.content or "" for c in chunk.choices)
+        else:
+            completion = raw.parse()
+            origin, text = completion.system_fingerprint, completion.choices[0].message.content or ""
+    except openai.APIStatusError as exc:
+        status, error, request_id = exc.status_code, exc, exc.response.headers.get("x-request-id")
+    except Exception as exc:  # a stream that broke: httpx's protocol error, as the SDK raises it
+        error = exc
+    return status, served, origin, error, time.monotonic() - started, request_id, text
+
+
+def log_lines(gateway, request_id: str) -> list[dict]:
+    """The request log's attempt lines and request line of one request (Envoy flushes each second)."""
+    path = gateway.workdir / "requests.log"
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(t) for t in path.read_text().splitlines()] if path.exists() else []
+        mine = [e for e in lines if e["request_id"] == request_id]
+        if any(e["event"] == "request" for e in mine):
+            return mine
+        assert time.monotonic() < deadline, f"no request log line for {request_id}"
+        time.sleep(0.1)
+
+
+def attempts(fakes, name: str) -> list[float]:
+    return [r["at"] for r in fakes[name].requests()]
+
+
+@pytest.mark.parametrize("alias", ["chain", "decided"])
+@pytest.mark.parametrize(
+    "case,spec,status",
+    [
+        ("429 with Retry-After in seconds", {"retry_after": "30"}, 429),
+        ("429 with Retry-After as a date", {"retry_after": formatdate(time.time() + 30, usegmt=True)}, 429),
+        ("429 without Retry-After", {}, 429),
+        ("429 with retry-after-ms", {"retry_after_ms": 30000}, 429),
+        ("500", {}, 500),
+        ("503 with Retry-After", {"retry_after": "5"}, 503),
+        ("401 (revoked key)", {}, 401),
+        ("403", {}, 403),
+    ],
+)
+def test_an_error_status_moves_to_the_next_backend_at_once(client, fakes, scorecard, alias, case, spec, status):
+    headers = {**fault(**spec), "x-fake-status": str(status)}
+    got, served, origin, error, took, _, _text = ask(client, alias, headers)
+    measured = f"{got} from {served} in {took * 1000:.0f} ms; primary tried {len(attempts(fakes, 'primary'))}x"
+    scorecard(f"{case} ({alias})", "the next backend answers at once", measured)
+    assert (got, served, error) == (200, "second", None)
+    assert origin == "second"
+    assert len(attempts(fakes, "primary")) == 1 and len(attempts(fakes, "second")) == 1
+    assert took < 1.0  # no wait for the Retry-After: it concerns the backend that sent it
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reset_before_any_header_moves_to_the_next_backend(client, fakes, scorecard, stream):
+    got, served, origin, error, took, _, _text = ask(client, "chain", fault(kind="reset"), stream=stream)
+    scorecard(
+        f"reset before headers ({'stream' if stream else 'plain'})",
+        "the next backend answers at once",
+        f"{got} from {served} in {took * 1000:.0f} ms",
+    )
+    assert (got, served, error) == (200, "second", None) and origin == "second"
+    assert took < 1.0
+
+
+@pytest.mark.parametrize(
+    "case,spec,stream",
+    [
+        ("no response at all", {"kind": "hang"}, False),
+        ("no response at all (stream)", {"kind": "hang"}, True),
+        ("slow answer (non-streamed)", {"first_token_ms": 60_000}, False),
+    ],
+)
+def test_a_silent_backend_is_abandoned_at_its_deadline_and_not_tried_again(
+    client, fakes, scorecard, case, spec, stream
+):
+    got, served, origin, error, took, _, _text = ask(client, "chain", fault(**spec), stream=stream)
+    primary, second = attempts(fakes, "primary"), attempts(fakes, "second")
+    deadline = min(FIRST_RESPONSE_MS, SILENCE_MS) / 1000
+    scorecard(
+        case,
+        f"abandoned after {deadline:.1f} s (first-response / silence deadline), the next backend answers",
+        f"{got} from {served} after {took:.2f} s; primary tried {len(primary)}x",
+    )
+    assert (got, served, error) == (200, "second", None) and origin == "second"
+    assert len(primary) == 1 and len(second) == 1
+    assert deadline - 0.1 <= second[0] - primary[0] < deadline + SLACK_S
+    assert took < deadline + SLACK_S
+
+
+def test_a_silent_only_backend_is_not_retried_and_the_client_gets_a_504(client, fakes, scorecard):
+    got, _served, _, error, took, _, _ = ask(client, "lone", fault(kind="hang"))
+    tried = len(attempts(fakes, "primary"))
+    scorecard(
+        "the only backend is silent",
+        f"504 after {FIRST_RESPONSE_MS / 1000:.1f} s, one attempt",
+        f"{got} after {took:.2f} s; tried {tried}x",
+    )
+    assert got == 504 and isinstance(error, openai.APIStatusError)
+    assert error.response.json()["error"]["message"]  # an OpenAI-shaped error, not an empty body
+    assert tried == 1
+    assert FIRST_RESPONSE_MS / 1000 - 0.1 <= took < FIRST_RESPONSE_MS / 1000 + SLACK_S
+
+
+def test_every_backend_silent_ends_inside_the_policys_budget(client, fakes, scorecard):
+    silent = {"x-fake-fault": json.dumps({"kind": "hang"})}  # every backend, not only the primary
+    got, _, _, error, took, _, _ = ask(client, "budget", silent)
+    scorecard(
+        "every backend silent, no per-backend deadline",
+        f"the call ends at the policy's budget ({BUDGET_MS / 1000:.0f} s) with a 504",
+        f"{got} after {took:.2f} s",
+    )
+    assert got == 504 and error is not None
+    assert BUDGET_MS / 1000 - 0.1 <= took < BUDGET_MS / 1000 + SLACK_S
+
+
+@pytest.mark.parametrize(
+    "case,spec,flag",
+    [
+        ("stream cut after 2 chunks", {"kind": "cut", "after": 2}, "UPE"),
+        ("stream stalls after 2 chunks", {"kind": "stall", "after": 2}, "UT"),
+    ],
+)
+def test_a_stream_that_breaks_after_it_started_never_ends_normally_and_counts_as_failed(
+    gateway, client, fakes, scorecard, case, spec, flag
+):
+    got, served, _origin, error, took, request_id, text = ask(client, "chain", fault(**spec), stream=True)
+    scorecard(
+        case,
+        "the client's stream ends with an error (never a normal end); logged and counted as failed",
+        f"{type(error).__name__} after {took:.2f} s with {len(text.split())} chunks; "
+        "not continued on the next backend (not built)",
+    )
+    assert (got, served) == (200, "primary")
+    assert error is not None, "a broken stream reached the client as a normal end"
+    assert text == "chunk0 chunk1 "  # what was sent before the break, nothing invented
+    if spec["kind"] == "stall":
+        assert took < SILENCE_MS / 1000 + SLACK_S
+    assert len(attempts(fakes, "second")) == 0  # a started answer is not retried elsewhere
+    lines = log_lines(gateway, request_id)
+    request = next(e for e in lines if e["event"] == "request")
+    assert request["status"] == 200 and request["flags"] == flag
+    assert request["completion_tokens"] is None  # no usage: nothing billed as a completion
+    metrics = httpx.get(f"{gateway.admin_url}/metrics").text
+    assert f'signalbox_broken_responses_total{{flag="{flag}",model="m",provider="primary"}}' in metrics
+
+
+def test_a_stream_without_done_ends_promptly_with_its_usage(gateway, client, fakes, scorecard):
+    got, served, _origin, error, took, request_id, text = ask(client, "chain", fault(kind="no_done"), stream=True)
+    request = next(e for e in log_lines(gateway, request_id) if e["event"] == "request")
+    scorecard(
+        "stream ends without [DONE]",
+        "finished promptly, usage reported",
+        f"{got} in {took * 1000:.0f} ms, {request['prompt_tokens']}+{request['completion_tokens']} tokens logged",
+    )
+    assert (got, served, error) == (200, "primary", None) and text.count("chunk") == 5
+    assert took < 1.0
+    assert (request["prompt_tokens"], request["completion_tokens"]) == (10, 5)
+
+
+@pytest.mark.parametrize(
+    "case,kind,code",
+    [
+        ("context length exceeded", "context_length", "context_length_exceeded"),
+        ("content policy", "content_filter", "content_filter"),
+    ],
+)
+def test_a_refusal_about_the_request_is_returned_with_the_providers_reason_not_retried(
+    client, fakes, scorecard, case, kind, code
+):
+    got, _, _, error, _, _, _ = ask(client, "chain", fault(kind=kind))
+    body = error.response.json() if isinstance(error, openai.APIStatusError) else {}
+    scorecard(
+        case,
+        "returned to the client with the provider's code, not retried as it is",
+        f"{got} {body.get('error', {}).get('code')}; next backend tried {len(attempts(fakes, 'second'))}x",
+    )
+    assert got == 400 and body["error"]["code"] == code
+    assert "[primary]" in body["error"]["message"]  # the provider's own reason
+    assert len(attempts(fakes, "primary")) == 1 and len(attempts(fakes, "second")) == 0
+
+
+def test_a_flapping_backend_loses_no_request(client, fakes, scorecard):
+    fakes["primary"].behave(status=500, fault={"every": 2})
+    answers = [ask(client, "chain", {}) for _ in range(10)]
+    fakes["primary"].behave()
+    served = [a[1] for a in answers]
+    scorecard(
+        "flapping (every other request fails)",
+        "no request lost",
+        f"{sum(a[0] == 200 for a in answers)}/10 answered, {served.count('second')} by the next backend",
+    )
+    assert all(a[0] == 200 for a in answers)
+    assert served.count("second") == 5 and served.count("primary") == 5
+
+
+def test_a_backend_failing_repeatedly_is_taken_out_for_every_request(gateway, client, fakes, scorecard):
+    fakes["brittle"].behave(status=500)
+    answers = [ask(client, "circuit", {}) for _ in range(20)]
+    tried = len(attempts(fakes, "brittle"))
+    stats = httpx.get(f"http://127.0.0.1:{gateway.admin_port}/stats", params={"filter": "ejections_active"}).text
+    ejected = [line for line in stats.splitlines() if "brittle" in line and line.endswith(": 1")]
+    scorecard(
+        "a backend failing repeatedly",
+        "taken out for all requests after 5 failures (Envoy outlier detection), visible in stats",
+        f"20/20 answered; the failing backend saw {tried} of 20; ejected: {bool(ejected)}",
+    )
+    assert all(a[0] == 200 and a[1] == "second" for a in answers)
+    assert tried == 5  # then ejected: later requests go straight to the next backend
+    assert ejected
