@@ -11,15 +11,17 @@ long the response stream, where reading the body itself would cost one message p
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import duration_pb2, struct_pb2
 
-from signalbox.core.envoygen.contract import COMPILED_POLICY_TAG, METADATA_NS
+from signalbox.core.envoygen.contract import ATTEMPT_LOG_NAME, COMPILED_POLICY_TAG, METADATA_NS
 
 from . import accounting, decisions
+from .cooldown import Cooldowns
 from .inflight import OpenRequests
 from .ledger import SpendLedger
 from .metrics import Metrics
@@ -70,8 +72,11 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         ledger: SpendLedger,
         state: SelectionState | None = None,
         open_requests: OpenRequests | None = None,
+        cooldowns: Cooldowns | None = None,
     ):
         self.tables, self.metrics, self.ledger = tables, metrics, ledger
+        # What attempts say of their backends' limits (the attempt log).
+        self.cooldowns = cooldowns
         # What a finished request teaches the strategies (learning, latency, open requests).
         self.state, self.open = state, open_requests
         # Policies by id, for the table they came from (compiled routes name their policy's id).
@@ -80,13 +85,28 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
     async def StreamAccessLogs(
         self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context
     ) -> als_pb2.StreamAccessLogsResponse:
+        handle = self.account
         async for message in request_iterator:
+            if message.HasField("identifier"):  # the first message of a stream names its log
+                handle = self.attempt if message.identifier.log_name == ATTEMPT_LOG_NAME else self.account
             for entry in message.http_logs.log_entry:
                 try:
-                    self.account(entry)
+                    handle(entry)
                 except Exception as exc:
                     log.warning("accounting: skipped an access log entry: %r", exc)
         return als_pb2.StreamAccessLogsResponse()
+
+    def attempt(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
+        """One attempt whose answer spoke of its backend's limits (Envoy filters the rest)."""
+        backend_id = entry.common_properties.custom_tags.get("backend", "")
+        if self.cooldowns is None or not backend_id:
+            return
+        headers = {k.lower(): v for k, v in entry.response.response_headers.items()}
+        rest = self.cooldowns.observe(backend_id, entry.response.response_code.value, headers, time.time())
+        backend = self.tables.current.backends.get(backend_id)
+        if rest is not None and backend is not None:
+            self.metrics.cooldowns.labels(backend.provider.name, backend.model, rest.reason).inc()
+            log.info("backend %s cools down for %.1f s (%s)", backend_id, rest.seconds, rest.reason)
 
     def account(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         fields = entry.common_properties.metadata.filter_metadata[METADATA_NS].fields

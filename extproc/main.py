@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import admin
+from .cooldown import Cooldowns
 from .decisions import DecisionSigner
 from .inflight import OpenRequests
 from .learning import SharedLearning
@@ -28,7 +29,7 @@ from .metrics import Metrics
 from .reload import TableHolder
 from .runtime import default_key_resolver
 from .server import Processor, serve
-from .sharedstate import DECISION_KEY, DEFAULT_EXTPROC_SOCKET, LEARNING_DB, OPEN_DB, SPEND_DB
+from .sharedstate import COOLDOWN_DB, DECISION_KEY, DEFAULT_EXTPROC_SOCKET, LEARNING_DB, OPEN_DB, SPEND_DB
 from .strategies import SelectionState
 
 log = logging.getLogger("signalbox.extproc")
@@ -113,11 +114,12 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     ledger = SpendLedger(Path(state_dir) / SPEND_DB if state_dir else None)
     learning = SharedLearning(Path(state_dir) / LEARNING_DB) if state_dir else None
     open_requests = OpenRequests(Path(state_dir) / OPEN_DB if state_dir else None)
+    cooldowns = Cooldowns(Path(state_dir) / COOLDOWN_DB if state_dir else None)
     accounting = not getattr(args, "no_accounting", False)
     signer = decision_signer(args)
     processor = Processor(
         tables,
-        SelectionState(shared=learning),
+        SelectionState(shared=learning, cooldowns=cooldowns),
         args.max_body_bytes,
         metrics=metrics,
         ledger=ledger,

@@ -57,6 +57,13 @@ class Metrics:
             ["provider", "model", "flag"],
             registry=r,
         )
+        self.cooldowns = Counter(
+            "signalbox_backend_cooldowns",
+            "Cooldowns started: a backend left out of new requests for a while, by why (rate_limited: a 429; "
+            "key_rejected: 401/403; unavailable: a 503 with Retry-After; low_remaining: its rate-limit headers).",
+            ["provider", "model", "reason"],
+            registry=r,
+        )
         self.feedback = Counter("signalbox_feedback", "Quality feedback received.", ["policy"], registry=r)
         self.config_generation = Gauge(
             "signalbox_config_generation", "Routing config generation in force.", registry=r, multiprocess_mode="max"

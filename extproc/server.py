@@ -244,7 +244,10 @@ async def serve(
     processor = processor or Processor(tables, state, max_body_bytes)
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-        AccessLogSink(tables, processor.metrics, processor.ledger, processor.state, processor.open), server
+        AccessLogSink(
+            tables, processor.metrics, processor.ledger, processor.state, processor.open, processor.state.cooldowns
+        ),
+        server,
     )
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

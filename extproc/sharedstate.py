@@ -18,6 +18,7 @@ from pathlib import Path
 SPEND_DB = "spend.db"
 LEARNING_DB = "learning.db"
 OPEN_DB = "open.db"
+COOLDOWN_DB = "cooldown.db"
 # The key that signs decision tokens (decisions.py), made by the first worker that starts.
 DECISION_KEY = "decision.key"
 # Where `signalbox extproc` listens without --socket or --address.

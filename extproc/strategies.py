@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 import zlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from signalbox.core.budget import EXHAUSTED, OK, BudgetStatus
@@ -20,6 +21,7 @@ from signalbox.core.errors import NoHealthyBackend, RequestError
 
 from .accounting import cost_usd, expected_usage
 from .classify import Classification, Features
+from .cooldown import Cooldowns
 from .learning import LATENCY_ALPHA, SharedLearning
 from .runtime import BackendRuntime, Choice, PolicyRuntime
 
@@ -44,6 +46,12 @@ class SelectionState:
     outcomes: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
     # The other workers' observations too (quality, outcomes), when the gateway has several.
     shared: SharedLearning | None = None
+    # Backends resting after a 429, a rejected key or low rate-limit headers (all workers').
+    cooldowns: Cooldowns | None = None
+
+    def cooling(self) -> Mapping[str, tuple[float, str]]:
+        """Backend id -> (until, reason) of the backends cooling down now."""
+        return self.cooldowns.active(time.time()) if self.cooldowns is not None else {}
 
     def refresh(self) -> None:
         """Take in what other workers learned since the last decision."""
@@ -55,10 +63,13 @@ class SelectionState:
         """An independent copy (for dry runs: explaining must not move round-robin positions)."""
         self.refresh()
         shared, self.shared = self.shared, None
+        cooldowns, self.cooldowns = self.cooldowns, None
         try:
-            return copy.deepcopy(self)
+            copied = copy.deepcopy(self)
+            copied.cooldowns = cooldowns  # read-only here: the copy may see what rests
+            return copied
         finally:
-            self.shared = shared
+            self.shared, self.cooldowns = shared, cooldowns
 
     def observe_latency(self, backend_id: str, ms: float, alpha: float, prior: float) -> None:
         old = self.latency_ms.get(backend_id, prior)
@@ -267,8 +278,15 @@ SELECTORS: dict[str, Selector] = {
 }
 
 
-def eligible(policy: PolicyRuntime, ctx: RequestContext, explain: bool = False):
-    """Choices that can serve this request at all: capabilities and context window."""
+def eligible(
+    policy: PolicyRuntime,
+    ctx: RequestContext,
+    explain: bool = False,
+    cooling: Mapping[str, tuple[float, str]] | None = None,
+):
+    """Choices that can serve this request at all: capabilities and context window; of those,
+    the ones not cooling down (`cooling`: backend id -> (until, reason)) unless every one is (a
+    backend that may answer beats a refusal: Envoy fails over from it if it does not)."""
     f = ctx.features
     needed = _required_capabilities(f)
     want_tokens = f.estimated_tokens + f.max_output_tokens
@@ -284,6 +302,19 @@ def eligible(policy: PolicyRuntime, ctx: RequestContext, explain: bool = False):
         else:
             kept.append(c)
             notes.append((c.backend.id, True, "eligible"))
+    if cooling and kept:
+        rested = [c for c in kept if c.backend.id not in cooling]
+        if rested:
+            for c in kept:
+                if c.backend.id in cooling:
+                    until, reason = cooling[c.backend.id]
+                    i = next(i for i, n in enumerate(notes) if n[0] == c.backend.id)
+                    notes[i] = (
+                        c.backend.id,
+                        False,
+                        f"cooling down ({reason}) for {max(0.0, until - time.time()):.1f} s",
+                    )
+            kept = rested
     if explain:
         notes += [
             (b.id, False, "api key unavailable" if b.provider.key_missing else "unhealthy")
@@ -304,7 +335,7 @@ def select(
         raise NoHealthyBackend(f"no healthy backend for policy {policy.name!r}")
     if policy.learning or policy.strategy == "latency":
         state.refresh()
-    choices, notes = eligible(policy, ctx, explain)
+    choices, notes = eligible(policy, ctx, explain, state.cooling())
     if not choices:
         reasons = "; ".join(f"{b}: {why}" for b, _, why in notes)
         raise UnsatisfiableRequest(f"no backend of policy {policy.name!r} can serve this request ({reasons})")

@@ -117,7 +117,7 @@ class FakeProvider:
             if "x-fake-fault" in request.headers:
                 fault = _fault(json.loads(request.headers["x-fake-fault"]))
         if not fault.applies(self.count):
-            return 200, delay, Fault(remaining=fault.remaining)
+            return 200, delay, Fault()
         return status, delay, fault
 
     def _authorized(self, request: web.Request) -> bool:

@@ -9,6 +9,7 @@ the dataplane tests both use it, so what the tests prove is what a user runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import resource
 import shutil
@@ -32,12 +33,13 @@ from signalbox.core import envoygen, loader
 from signalbox.core.compiler import CompileResult, compile_config
 from signalbox.core.errors import SignalboxError
 from signalbox.core.secrets import SecretValue
+from signalbox.extproc.cooldown import Cooldowns
 from signalbox.extproc.inflight import OpenRequests
 from signalbox.extproc.learning import SharedLearning
 from signalbox.extproc.ledger import SpendLedger
 from signalbox.extproc.metrics import MULTIPROC_ENV
 from signalbox.extproc.runtime import default_key_resolver
-from signalbox.extproc.sharedstate import LEARNING_DB, OPEN_DB, SPEND_DB
+from signalbox.extproc.sharedstate import COOLDOWN_DB, LEARNING_DB, OPEN_DB, SPEND_DB
 
 # AIProviders carrying this annotation get the bundled fake provider started on their baseUrl's
 # port by `signalbox up` (the offline quickstart). Ignored in a cluster.
@@ -242,6 +244,7 @@ class LocalGateway:
         SpendLedger(state_dir / SPEND_DB).close()
         SharedLearning(state_dir / LEARNING_DB).close()
         OpenRequests(state_dir / OPEN_DB).close()
+        Cooldowns(state_dir / COOLDOWN_DB).close()
         # Workers share their counters (prometheus_client multiprocess mode): the admin API of
         # worker 0 reports the whole gateway.
         metrics_dir = self.workdir / "metrics"
@@ -254,6 +257,12 @@ class LocalGateway:
             self._wait(lambda p=socket_path: Path(p).exists(), f"extproc-{n}", timeout)
         self._wait(self._admin_api_file.exists, "extproc-0", timeout)
         self.admin_api_port = int(self._admin_api_file.read_text().rsplit(":", 1)[1])
+        if self.options.extproc_admin_port != self.admin_api_port:
+            # Envoy's health check of each backend asks the admin API whether it cools down:
+            # the clusters name its port, known only now (a free port picked by worker 0).
+            self.options = dataclasses.replace(self.options, extproc_admin_port=self.admin_api_port)
+            if self.config is not None:
+                self._publish(self.config)
         self._stopping.clear()
         self._supervisor = threading.Thread(target=self._supervise, name="signalbox-supervisor", daemon=True)
         self._supervisor.start()

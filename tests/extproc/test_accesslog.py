@@ -180,3 +180,57 @@ def test_learning_policies_learn_outcomes_from_the_access_log(tmp_path):
     refused.response.response_code.value = 429
     sink.account(refused)
     assert state.outcomes[("p", "chat/simple", "default/a/m")][1] == 2  # two failures now
+
+
+async def test_attempts_that_say_not_now_put_their_backend_in_cooldown_for_every_decision():
+    """The attempt log (the router's upstream log): a 429 with Retry-After rests its backend;
+    the router phase then leaves it out of first choices, and the admin health check says 503."""
+    from envoy.config.core.v3 import base_pb2
+
+    from signalbox.extproc.cooldown import Cooldowns
+    from signalbox.extproc.strategies import SelectionState
+
+    holder = table()
+    processor = Processor(holder, SelectionState(cooldowns=Cooldowns()), metrics=Metrics())
+    server, port = await serve(holder, "127.0.0.1:0", max_body_bytes=1024, processor=processor)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = als_pb2_grpc.AccessLogServiceStub(channel)
+        limited = accesslog_pb2.HTTPAccessLogEntry()
+        limited.common_properties.custom_tags["backend"] = "default/a/m"
+        limited.response.response_code.value = 429
+        limited.response.response_headers["Retry-After"] = "30"
+        unknown = accesslog_pb2.HTTPAccessLogEntry()  # no backend tag: skipped
+        unknown.response.response_code.value = 429
+        first = als_pb2.StreamAccessLogsMessage(
+            identifier=als_pb2.StreamAccessLogsMessage.Identifier(
+                node=base_pb2.Node(id="envoy"), log_name="signalbox-attempts"
+            )
+        )
+        first.http_logs.log_entry.extend([unknown, limited])
+        call = stub.StreamAccessLogs()
+        await call.write(first)
+        await call.done_writing()
+        await call
+    await server.stop(None)
+    until, reason = processor.state.cooling()["default/a/m"]
+    assert reason == "rate_limited" and until == pytest.approx(time.time() + 30, abs=2)
+    assert sample(processor, "signalbox_backend_cooldowns_total", provider="a", model="m", reason="rate_limited") == 1
+    # The accounting log is untouched by it: no request was counted.
+    assert (
+        sample(processor, "gen_ai_server_request_duration_seconds_count", gen_ai_request_model="m", gen_ai_system="a")
+        is None
+    )
+
+
+async def test_a_stream_that_broke_after_it_started_is_counted_as_broken(sink):
+    stub, processor = sink
+    broken = entry("default/a/m", None, content_type="text/event-stream")
+    broken.response.response_code.value = 200
+    broken.common_properties.response_flags.upstream_protocol_error = True
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.extend([broken, entry("default/a/m", (1, 1))])
+    call = stub.StreamAccessLogs()
+    await call.write(message)
+    await call.done_writing()
+    await call
+    assert sample(processor, "signalbox_broken_responses_total", provider="a", model="m", flag="UPE") == 1

@@ -10,6 +10,7 @@ resets Envoy's count of the primary's consecutive failures, so no case ejects it
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from email.utils import formatdate
 
@@ -17,6 +18,8 @@ import httpx
 import openai
 import pytest
 
+from signalbox import gatewayfiles
+from signalbox.extproc.sharedstate import COOLDOWN_DB
 from tests.dataplane.conftest import start_gateway
 from tests.factories import backend, dump, model, policy, provider
 
@@ -82,16 +85,65 @@ def client(gateway):
         yield c
 
 
+def envoy_health(gateway, name: str) -> str:
+    """Envoy's health flags of a fake's backend cluster ("healthy", "/failed_active_hc", ...)."""
+    clusters = httpx.get(f"http://127.0.0.1:{gateway.admin_port}/clusters").text
+    prefix = f"b.default.{name}.m::"
+    return next(
+        line.rsplit("::", 1)[1] for line in clusters.splitlines() if line.startswith(prefix) and "health_flags" in line
+    )
+
+
+def health_checks_passed(gateway) -> int:
+    stats = httpx.get(
+        f"http://127.0.0.1:{gateway.admin_port}/stats", params={"filter": "primary.m.health_check.success"}
+    )
+    return int(stats.text.split(":")[1])
+
+
+def resting(gateway) -> bool:
+    """The ext_proc has the primary cooling down (what Envoy's health check asks)."""
+    check = httpx.get(f"{gateway.admin_url}/health/backend", params={"id": "default/primary/m"})
+    return check.status_code == 503
+
+
+def wait_for(check, what: str, timeout: float = 5.0) -> float:
+    """Poll `check` until it holds; returns when (time.time())."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return time.time()
+
+
 @pytest.fixture(autouse=True)
 def still_serving(request):
-    """After each case: the gateway answers a plain request from the chain's first backend."""
+    """After each case: the gateway answers a plain request from the chain's first backend.
+
+    Cases that end with the primary cooling down (a 429's Retry-After, a rejected key) would
+    leave it out of the next case: its cooldown is dropped and Envoy's next health check puts it
+    back first."""
     yield
     if "client" not in request.fixturenames:
         return
+    gateway = request.getfixturevalue("gateway")
+    checks = health_checks_passed(gateway)
+    with sqlite3.connect(gateway.workdir / gatewayfiles.STATE_DIR / COOLDOWN_DB) as db:
+        db.execute("DELETE FROM cooldowns")
+    # A check passed after the delete: one answered just before it (a 503) is already counted.
+    wait_for(lambda: health_checks_passed(gateway) > checks, "a health check of the primary to pass")
+    wait_for(lambda: envoy_health(gateway, "primary") == "healthy", "the primary's health check to pass")
     client = request.getfixturevalue("client")
-    raw = client.chat.completions.with_raw_response.create(model="chain", messages=[{"role": "user", "content": "hi"}])
-    assert raw.http_response.status_code == 200
-    assert raw.headers["x-signalbox-provider"] == "primary", "the primary was left out after the case"
+
+    def primary_serves() -> bool:
+        # Envoy's aggregate clusters take up to about a second to route to a host back in health.
+        raw = client.chat.completions.with_raw_response.create(
+            model="chain", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert raw.http_response.status_code == 200
+        return raw.headers["x-signalbox-provider"] == "primary"
+
+    wait_for(primary_serves, "the primary to serve again after the case")
 
 
 def fault(**spec) -> dict[str, str]:
@@ -155,11 +207,17 @@ def attempts(fakes, name: str) -> list[float]:
         ("403", {}, 403),
     ],
 )
-def test_an_error_status_moves_to_the_next_backend_at_once(client, fakes, scorecard, alias, case, spec, status):
+def test_an_error_status_moves_to_the_next_backend_at_once(
+    gateway, client, fakes, scorecard, alias, case, spec, status
+):
     headers = {**fault(**spec), "x-fake-status": str(status)}
     got, served, origin, error, took, _, _text = ask(client, alias, headers)
+    rests = status in (429, 401, 403) or (status == 503 and bool(spec))
+    if rests:  # and the backend cools down (its length is the next tests' subject)
+        wait_for(lambda: resting(gateway), "the primary to cool down")
     measured = f"{got} from {served} in {took * 1000:.0f} ms; primary tried {len(attempts(fakes, 'primary'))}x"
-    scorecard(f"{case} ({alias})", "the next backend answers at once", measured)
+    expected = "the next backend answers at once" + ("; the backend cools down" if rests else "")
+    scorecard(f"{case} ({alias})", expected, measured + ("; cooling down" if rests else ""))
     assert (got, served, error) == (200, "second", None)
     assert origin == "second"
     assert len(attempts(fakes, "primary")) == 1 and len(attempts(fakes, "second")) == 1
@@ -323,3 +381,69 @@ def test_a_backend_failing_repeatedly_is_taken_out_for_every_request(gateway, cl
     assert all(a[0] == 200 and a[1] == "second" for a in answers)
     assert tried == 5  # then ejected: later requests go straight to the next backend
     assert ejected
+
+
+def out(gateway) -> bool:
+    return "failed_active_hc" in envoy_health(gateway, "primary")
+
+
+@pytest.mark.parametrize("alias", ["chain", "decided"])
+def test_a_retry_after_keeps_every_request_off_the_backend_until_it_has_passed(
+    gateway, client, fakes, scorecard, alias
+):
+    rest = 2.0
+    fakes["primary"].behave(status=429, fault={"retry_after": f"{rest:.0f}", "times": 1})
+    got, served, *_ = ask(client, alias, {})
+    limited_at = attempts(fakes, "primary")[0]
+    assert (got, served) == (200, "second")
+    wait_for(lambda: out(gateway), "Envoy to take the primary out")
+    during = [ask(client, alias, {})[1] for _ in range(5)]
+    back_at = wait_for(lambda: not out(gateway), "the primary back", timeout=rest + 3)
+    after = ask(client, alias, {})[1]
+    tried = attempts(fakes, "primary")
+    scorecard(
+        f"429 with Retry-After: {rest:.0f}, then more requests ({alias})",
+        f"the backend rests {rest:.0f} s for every request (all workers), then serves again",
+        f"during: {during.count('second')}/5 to the next backend; back after {back_at - limited_at:.2f} s",
+    )
+    assert during == ["second"] * 5
+    assert len(tried) == 2 and tried[1] - limited_at >= rest  # nothing reached it while it rested
+    assert rest <= back_at - limited_at < rest + SLACK_S
+    assert after == "primary"
+
+
+def test_low_rate_limit_headers_steer_requests_away_before_a_429(gateway, client, fakes, scorecard):
+    fakes["primary"].behave(fault={"remaining": 0, "times": 1})  # 200, "x-ratelimit-remaining-requests: 0"
+    first = ask(client, "chain", {})[1]
+    wait_for(lambda: out(gateway), "Envoy to take the primary out")
+    during = ask(client, "chain", {})[1]
+    back = wait_for(lambda: not out(gateway), "the primary back", timeout=4)
+    scorecard(
+        "answers say 0 requests remain (x-ratelimit-remaining-requests)",
+        "new requests go elsewhere until the window resets, before any 429",
+        f"next request to {during}; primary back {back - attempts(fakes, 'primary')[0]:.2f} s later",
+    )
+    assert (first, during) == ("primary", "second")
+    assert len(attempts(fakes, "primary")) == 1  # no 429 was needed
+
+
+def test_a_rejected_key_fails_over_and_rests_its_backend(gateway, client, fakes, scorecard):
+    fakes["primary"].behave(status=401, fault={"times": 1})
+    first = ask(client, "decided", {})[1]
+    wait_for(lambda: out(gateway), "Envoy to take the primary out")
+    later = [ask(client, alias, {})[1] for alias in ("chain", "decided")]
+    models = httpx.get(f"{gateway.admin_url}/v1/models").json()["data"]
+    rests = [
+        b["cooling_down"]
+        for m in models
+        for b in m["backends"]
+        if b["backend"] == "default/primary/m" and "cooling_down" in b
+    ]
+    scorecard(
+        "401 from a provider (revoked key)",
+        "fails over; the backend rests (every request) and the explain API says why",
+        f"served by {first}, then {later}; explain: {rests[0]['reason'] if rests else None}",
+    )
+    assert first == "second" and later == ["second", "second"]
+    assert rests and rests[0]["reason"] == "key_rejected"
+    assert len(attempts(fakes, "primary")) == 1

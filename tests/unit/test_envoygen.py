@@ -308,3 +308,45 @@ def test_a_compiled_alias_is_routed_by_envoy_with_the_ext_proc_off():
         ]["route_config"]["virtual_hosts"][0]["routes"]
     )["compiled:default/p:x"]
     assert failover["route"]["cluster"] == targets()[0]
+
+
+def test_every_backend_is_health_checked_by_the_extprocs_cooldowns_in_plain_http():
+    cds = by_name(envoygen.clusters(config(), envoygen.GatewayOptions(extproc_admin_port=8083)))
+    for name in ("b.default.a.m", "b.default.b.m"):
+        (check,) = cds[name]["health_checks"]
+        assert check["http_health_check"]["path"] == f"/health/backend?id=default%2F{name.split('.')[2]}%2Fm"
+        assert (check["unhealthy_threshold"], check["healthy_threshold"]) == (1, 1)
+        assert check["no_traffic_interval"] == check["interval"] == "1.000s"  # an idle backend comes back too
+        endpoint = cds[name]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        assert endpoint["health_check_config"]["address"]["socket_address"]["port_value"] == 8083
+    # A TLS provider's check still reaches the ext_proc in plain HTTP; its requests keep TLS.
+    tls = cds["b.default.b.m"]
+    assert tls["health_checks"][0]["transport_socket_match_criteria"] == tls["transport_socket_matches"][0]["match"]
+    assert tls["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+    # Without the ext_proc's admin API there is nothing to ask.
+    assert "health_checks" not in by_name(envoygen.clusters(config(), envoygen.GatewayOptions()))["b.default.a.m"]
+    # A large fleet is checked less often: at most HEALTH_CHECKS_PER_SECOND checks a second.
+    from signalbox.core.envoygen.clusters import HEALTH_CHECKS_PER_SECOND, health_check_interval
+
+    assert health_check_interval(10_000) == 10_000 / HEALTH_CHECKS_PER_SECOND
+
+
+def test_attempts_worth_a_cooldown_reach_the_extproc_and_every_attempt_reaches_the_request_log():
+    lds = envoygen.listener(config(), envoygen.GatewayOptions(request_log="/tmp/requests.log"))
+    router = lds["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][-1]["typed_config"]
+    grpc_log, file_log = router["upstream_log"]
+    assert grpc_log["typed_config"]["common_config"]["log_name"] == "signalbox-attempts"
+    logged = grpc_log["typed_config"]["additional_response_headers_to_log"]
+    assert {
+        "retry-after",
+        "retry-after-ms",
+        "x-ratelimit-remaining-requests",
+        "anthropic-ratelimit-tokens-reset",
+    } <= set(logged)
+    cel = grpc_log["filter"]["extension_filter"]["typed_config"]["expression"]
+    assert "response.code == 429" in cel and "response.code == 401" in cel
+    assert file_log["typed_config"]["log_format"]["json_format"]["event"] == "attempt"
+    # Without accounting (no access log service) only the file line stays.
+    lds = envoygen.listener(config(), envoygen.GatewayOptions(request_log="/tmp/r.log", accounting=False))
+    router = lds["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][-1]["typed_config"]
+    assert [u["name"] for u in router["upstream_log"]] == ["envoy.access_loggers.file"]

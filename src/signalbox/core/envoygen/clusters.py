@@ -10,11 +10,19 @@ import json
 import re
 from importlib import resources as package_files
 from typing import Any
+from urllib.parse import quote
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
-from .contract import ATTEMPT_HEADER, BODY_MODEL_KEY, CLIENT_PATH_KEY, GATEWAY_HEADERS, METADATA_NS
+from .contract import (
+    ATTEMPT_HEADER,
+    BACKEND_HEALTH_PATH,
+    BODY_MODEL_KEY,
+    CLIENT_PATH_KEY,
+    GATEWAY_HEADERS,
+    METADATA_NS,
+)
 from .options import STREAM_LIMITS, GatewayOptions, _address, _any, _ms
 
 
@@ -39,7 +47,40 @@ def _http1_options(filters: list[dict[str, Any]] | None = None) -> dict[str, Any
     }
 
 
-def _backend_cluster(backend: pb.Backend, provider: pb.Provider) -> dict[str, Any]:
+# Envoy asks the ext_proc whether each backend is cooling down (extproc.cooldown) at most this
+# many times a second in all: every second for up to this many backends, less often beyond.
+HEALTH_CHECKS_PER_SECOND = 100
+# Health checks reach the ext_proc's admin API in plain HTTP, whatever the backend speaks.
+_PLAIN_HEALTH = {"signalbox-health": "plain"}
+
+
+def health_check_interval(backends: int) -> float:
+    return max(1.0, backends / HEALTH_CHECKS_PER_SECOND)
+
+
+def _health_check(backend: pb.Backend, provider: pb.Provider, interval: float) -> dict[str, Any]:
+    """Envoy's active health check of one backend, answered by the ext_proc: 503 while the
+    backend cools down (a 429, a rejected key, low rate-limit headers), so it leaves every
+    chain and compiled route at once. One failed check takes it out, one passed check puts it
+    back. If the ext_proc cannot answer, every backend fails its check, and Envoy's panic mode
+    (no healthy host at all) routes as if none had been checked."""
+    check: dict[str, Any] = {
+        "timeout": "1s",
+        "interval": f"{interval:.3f}s",
+        "no_traffic_interval": f"{interval:.3f}s",
+        "unhealthy_threshold": 1,
+        "healthy_threshold": 1,
+        "http_health_check": {"path": f"{BACKEND_HEALTH_PATH}?id={quote(backend.id, safe='')}"},
+    }
+    if provider.tls:
+        check["transport_socket_match_criteria"] = _PLAIN_HEALTH
+    return check
+
+
+def _backend_cluster(
+    backend: pb.Backend, provider: pb.Provider, health: tuple[int, float] | None = None
+) -> dict[str, Any]:
+    """One backend's cluster; `health`: (ext_proc admin port, interval) for its cooldown check."""
     cluster: dict[str, Any] = {
         "name": backend.cluster,
         "type": "STRICT_DNS",
@@ -76,6 +117,22 @@ def _backend_cluster(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
             ],
         },
     }
+    if health is not None:
+        port, interval = health
+        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        endpoint["health_check_config"] = {"address": _address("127.0.0.1", port)}
+        cluster["health_checks"] = [_health_check(backend, provider, interval)]
+        if provider.tls:
+            cluster["transport_socket_matches"] = [
+                {
+                    "name": "health-plaintext",
+                    "match": _PLAIN_HEALTH,
+                    "transport_socket": {
+                        "name": "envoy.transport_sockets.raw_buffer",
+                        "typed_config": _any("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"),
+                    },
+                }
+            ]
     if provider.tls:
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
@@ -360,8 +417,10 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
 
     providers = {p.id: p for p in cfg.providers}
     out = []
+    health = (opts.extproc_admin_port, health_check_interval(len(cfg.backends))) if opts.extproc_admin_port else None
     for backend in cfg.backends:
-        out.append(_any("envoy.config.cluster.v3.Cluster", **_backend_cluster(backend, providers[backend.provider_id])))
+        cluster = _backend_cluster(backend, providers[backend.provider_id], health)
+        out.append(_any("envoy.config.cluster.v3.Cluster", **cluster))
     seen: set[str] = set()
     strip = _strip_keys(cfg)
     for policy in cfg.policies:

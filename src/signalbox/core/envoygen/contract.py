@@ -68,3 +68,27 @@ def too_large_message(limit: int) -> str:
 # failover chains ("t.<first member>.<length>.<digest>", compiler.target_name; Envoy keeps no
 # stats for these).
 BACKEND_PREFIX, TARGET_PREFIX = "b", "t"
+
+# ---------------------------------------------------------------- backends cooling down
+# Attempts worth telling the ext_proc about (a second access log, the router's upstream log,
+# under this name): a 429, 401/403, a 503 with Retry-After, or an answer whose rate-limit
+# headers say the backend is about to run out. The ext_proc puts the backend in cooldown
+# (extproc.cooldown), and Envoy's active health check of every backend asks it
+# (BACKEND_HEALTH_PATH), so a cooling backend is out of every chain, compiled or decided.
+ATTEMPT_LOG_NAME = "signalbox-attempts"
+BACKEND_HEALTH_PATH = "/health/backend"  # ?id=<backend id>: 200, or 503 while it cools down
+# Provider headers read from those attempts (Envoy logs only the headers it is told to).
+RETRY_AFTER_HEADERS = ("retry-after", "retry-after-ms")
+# remaining header -> its reset header, requests first, then tokens (OpenAI, then Anthropic).
+REMAINING_HEADERS = {
+    "x-ratelimit-remaining-requests": "x-ratelimit-reset-requests",
+    "anthropic-ratelimit-requests-remaining": "anthropic-ratelimit-requests-reset",
+    "x-ratelimit-remaining-tokens": "x-ratelimit-reset-tokens",
+    "anthropic-ratelimit-tokens-remaining": "anthropic-ratelimit-tokens-reset",
+    "anthropic-ratelimit-input-tokens-remaining": "anthropic-ratelimit-input-tokens-reset",
+    "anthropic-ratelimit-output-tokens-remaining": "anthropic-ratelimit-output-tokens-reset",
+}
+# "About to run out": at most this many requests, or tokens, left in the provider's window. New
+# requests go elsewhere until the window resets rather than spend the last of it and meet a 429.
+LOW_REMAINING_REQUESTS = 1
+LOW_REMAINING_TOKENS = 1000

@@ -14,6 +14,7 @@ from .contract import (
     ADMIN_CLUSTER,
     ALIAS_KEY,
     API_PATHS,
+    ATTEMPT_LOG_NAME,
     CLIENT_PATH_KEY,
     COMPILED_POLICY_TAG,
     EMPTY_BODY,
@@ -24,8 +25,12 @@ from .contract import (
     HEADER_ATTRIBUTE,
     HEALTH_LISTENER_NAME,
     LISTENER_NAME,
+    LOW_REMAINING_REQUESTS,
+    LOW_REMAINING_TOKENS,
     METADATA_NS,
     MODELS_PATH,
+    REMAINING_HEADERS,
+    RETRY_AFTER_HEADERS,
     ROUTED_PATHS,
     ROUTER_ATTRIBUTES,
     models_listing,
@@ -448,6 +453,62 @@ def accounting_log(opts: GatewayOptions) -> dict[str, Any]:
     }
 
 
+ATTEMPT_LOG_FLUSH_MS = 20
+
+
+def cooldown_worthy() -> str:
+    """CEL over one attempt: a 429 or 401/403, a 503 that names a Retry-After, or a 2xx whose
+    rate-limit headers say the backend is about to run out. Only these reach the ext_proc's
+    cooldowns: ordinary answers cost it nothing. (An unreadable header value is a CEL error,
+    which matches nothing.)"""
+    has = " || ".join(f"'{h}' in response.headers" for h in RETRY_AFTER_HEADERS)
+    low = " || ".join(
+        f"('{h}' in response.headers && double(response.headers['{h}']) <= "
+        f"{float(LOW_REMAINING_REQUESTS if 'requests' in h else LOW_REMAINING_TOKENS)})"
+        for h in REMAINING_HEADERS
+    )
+    return (
+        "response.code == 429 || response.code == 401 || response.code == 403"
+        f" || (response.code == 503 && ({has})) || (response.code >= 200 && response.code < 300 && ({low}))"
+    )
+
+
+def attempt_log(opts: GatewayOptions) -> dict[str, Any]:
+    """Attempts that say something about their backend's limits, to the ext_proc (the router's
+    upstream log, so every attempt of a failover is seen, not only the last)."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "typed_config": _any(
+            "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            common_config={
+                "log_name": ATTEMPT_LOG_NAME,
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                # Rare entries, and each one keeps requests off a backend that says "not now".
+                "buffer_flush_interval": _ms(ATTEMPT_LOG_FLUSH_MS),
+                "custom_tags": [
+                    {
+                        "tag": "backend",
+                        "metadata": {
+                            "kind": {"host": {}},
+                            "metadata_key": {"key": METADATA_NS, "path": [{"key": "backend"}]},
+                        },
+                    }
+                ],
+            },
+            additional_response_headers_to_log=[*RETRY_AFTER_HEADERS, *REMAINING_HEADERS, *REMAINING_HEADERS.values()],
+        ),
+        "filter": {
+            "extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": _any(
+                    "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter", expression=cooldown_worthy()
+                ),
+            }
+        },
+    }
+
+
 # One JSON line per request: what an operator asks of a gateway (who answered, why, how long,
 # how many tokens). The x-signalbox-* fields are the response headers the client got (for a
 # refused request: provider "none" and the error code as reason). Of the request's own headers
@@ -568,11 +629,8 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
                 "name": "envoy.filters.http.router",
                 "typed_config": _any(
                     "envoy.extensions.filters.http.router.v3.Router",
-                    **(
-                        {"upstream_log": [request_log(opts.request_log, ATTEMPT_LOG_FORMAT)]}
-                        if opts.request_log
-                        else {}
-                    ),
+                    upstream_log=([attempt_log(opts)] if opts.accounting else [])
+                    + ([request_log(opts.request_log, ATTEMPT_LOG_FORMAT)] if opts.request_log else []),
                 ),
             },
         ],
