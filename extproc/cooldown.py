@@ -4,7 +4,8 @@
 Envoy tells the ext_proc about such attempts in a second access log (the router's upstream log,
 contract.ATTEMPT_LOG_NAME, filtered in Envoy so ordinary answers cost nothing). `cooldown_for`
 turns one attempt into how long its backend should rest; `Cooldowns` keeps that in a SQLite file
-every ext_proc worker of the gateway shares. Two readers act on it:
+every ext_proc worker of the gateway shares, and that the replica ConfigMap carries to the other
+replicas (`signalbox.replicasync`, within about one sync interval). Two readers act on it:
 - the router phase leaves cooling backends out of the first choice (strategies.eligible);
 - Envoy's active health check of each backend cluster asks the admin API
   (contract.BACKEND_HEALTH_PATH), so a cooling backend is also out of every failover chain and
@@ -19,6 +20,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -148,6 +150,8 @@ def cooldown_for(
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cooldowns (
   backend TEXT PRIMARY KEY, until REAL NOT NULL, reason TEXT NOT NULL, streak INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS remote_cooldowns (
+  replica TEXT NOT NULL, backend TEXT NOT NULL, until REAL NOT NULL, reason TEXT NOT NULL);
 """
 # Readers take the table at most this often: the router phase asks on every request.
 READ_EVERY_S = 0.05
@@ -158,6 +162,7 @@ class Cooldowns:
 
     def __init__(self, path: str | Path | None = None, rng: random.Random | None = None):
         self.db = connect(path, _SCHEMA)
+        self._tx = threading.RLock()  # threads sharing the connection (as SpendLedger)
         self.rng = rng or random.Random()
         self._read_at = float("-inf")
         self._active: dict[str, tuple[float, str]] = {}
@@ -167,6 +172,11 @@ class Cooldowns:
 
     def observe(self, backend: str, status: int, headers: Mapping[str, str], now: float) -> Cooldown | None:
         """Record what one attempt says about its backend; returns the cooldown it started."""
+        with self._tx, self.db:
+            self.db.execute("BEGIN IMMEDIATE")  # read and write as one: workers race on a backend
+            return self._observe(backend, status, headers, now)
+
+    def _observe(self, backend: str, status: int, headers: Mapping[str, str], now: float) -> Cooldown | None:
         row = self.db.execute("SELECT until, reason, streak FROM cooldowns WHERE backend = ?", (backend,)).fetchone()
         # 429s in a row: the previous rate limit ended less than the longest backoff ago.
         streak = row[2] + 1 if row and row[1] == RATE_LIMITED and now - row[0] < BACKOFF_MAX_S else 0
@@ -183,10 +193,29 @@ class Cooldowns:
         self._read_at = float("-inf")  # this worker sees its own news at once
         return rest
 
+    def local(self, now: float) -> dict[str, tuple[float, str]]:
+        """What this replica's own attempts put to rest (what it publishes to the others)."""
+        rows = self.db.execute("SELECT backend, until, reason FROM cooldowns WHERE until > ?", (now,)).fetchall()
+        return {b: (until, reason) for b, until, reason in rows}
+
+    def set_remote(self, by_replica: Mapping[str, Mapping[str, tuple[float, str]]]) -> None:
+        """The other replicas' cooldowns, as last published (replaces what they said before)."""
+        rows = [(r, b, until, reason) for r, rests in by_replica.items() for b, (until, reason) in rests.items()]
+        with self._tx, self.db:  # one transaction: readers see the old set or the new one
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("DELETE FROM remote_cooldowns")
+            self.db.executemany("INSERT INTO remote_cooldowns VALUES (?, ?, ?, ?)", rows)
+        self._read_at = float("-inf")
+
     def active(self, now: float) -> Mapping[str, tuple[float, str]]:
-        """Backend id -> (until, reason) of every backend resting now."""
+        """Backend id -> (until, reason) of every backend resting now, whichever replica saw why
+        (the longest rest wins)."""
         if now - self._read_at >= READ_EVERY_S:
             self._read_at = now
-            rows = self.db.execute("SELECT backend, until, reason FROM cooldowns WHERE until > ?", (now,)).fetchall()
-            self._active = {b: (until, reason) for b, until, reason in rows}
+            rows = self.db.execute(
+                "SELECT backend, until, reason FROM cooldowns WHERE until > ?1 "
+                "UNION ALL SELECT backend, until, reason FROM remote_cooldowns WHERE until > ?1 ORDER BY until",
+                (now,),
+            ).fetchall()
+            self._active = {b: (until, reason) for b, until, reason in rows}  # ascending: the longest stays
         return {b: v for b, v in self._active.items() if v[0] > now}

@@ -21,6 +21,7 @@ delivers entries within its 100 ms batching or drops them, far inside the 30 s s
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -52,6 +53,9 @@ log = logging.getLogger("signalbox.extproc")
 class SpendLedger:
     def __init__(self, path: str | Path | None = None):
         self.db = connect(path, _SCHEMA)
+        # One connection may serve several threads (replica sync's watch and publisher): their
+        # transactions must not interleave on it ("cannot start a transaction within a transaction").
+        self._tx = threading.RLock()
         self._pruned_bucket = 0
         self._swept_at = float("-inf")
 
@@ -63,7 +67,7 @@ class SpendLedger:
         a request's cost twice or not at all)."""
         now = time.time() if now is None else now
         bucket = window_start(now, HOUR)
-        with self.db:
+        with self._tx, self.db:
             self.db.execute("BEGIN IMMEDIATE")
             if release:
                 self.db.execute("DELETE FROM held WHERE id = ?", (release,))
@@ -87,7 +91,7 @@ class SpendLedger:
         reads, so two workers can never both admit on the same remaining room: the most a
         burst overshoots a limit by is the estimate of the one request admitted just below it.
         """
-        with self.db:
+        with self._tx, self.db:
             self.db.execute("BEGIN IMMEDIATE")
             status = assess(limits, self.buckets(policy, now, sweep=False), now, self.in_flight(policy, now))
             if status.state == EXHAUSTED and status.reject_when_exhausted:
@@ -110,7 +114,7 @@ class SpendLedger:
         """Charge the holds past their `until` at their estimate, in the hour they lapsed in;
         returns what was charged."""
         self._swept_at = now
-        with self.db:
+        with self._tx, self.db:
             self.db.execute("BEGIN IMMEDIATE")
             lapsed = self.db.execute(
                 "DELETE FROM held WHERE until <= ? RETURNING policy, usd, until", (now,)
@@ -186,7 +190,7 @@ class SpendLedger:
             for replica, policies in (held or {}).items()
             for policy, (usd, until) in policies.items()
         ]
-        with self.db:  # one transaction: readers see the old set or the new one
+        with self._tx, self.db:  # one transaction: readers see the old set or the new one
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("DELETE FROM remote")
             self.db.executemany("INSERT INTO remote VALUES (?, ?, ?, ?)", rows)

@@ -45,7 +45,11 @@ async def probe(spec: AIProviderSpec, key: SecretValue | None, client: httpx.Asy
     latency = (time.monotonic() - started) * 1000
     if 200 <= response.status_code < 300:
         return ProbeResult(True, round(latency, 1), f"HTTP {response.status_code}")
-    return ProbeResult(False, round(latency, 1), f"HTTP {response.status_code} from {spec.health_check.path}")
+    message = f"HTTP {response.status_code} from {spec.health_check.path}"
+    if response.status_code in (401, 403):
+        # What gateways see too: their attempts fail over and rest this provider's backends.
+        message += ": the provider rejected the API key (revoked, expired or wrong)"
+    return ProbeResult(False, round(latency, 1), message)
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""What gateway replicas share through one ConfigMap: budget spend and learning.
+"""What gateway replicas share through one ConfigMap: budget spend, learning and cooldowns.
 
 Each replica owns one key of the ConfigMap (`<replica>.json`: its spend of the current UTC
 day, policy -> hourly bucket -> USD, what its requests in flight hold, policy -> [USD, until],
-and its learning observations) and writes it with a JSON
+its learning observations, and the backends its attempts put to rest, backend -> [until,
+reason]) and writes it with a JSON
 merge patch, which touches only that key: replicas never conflict and need no resourceVersion
 dance. It writes only when its state changed, at most once per interval, and *watches* the
 ConfigMap, so the others' state reaches its SQLite files (`remote` rows, which the ext_proc
@@ -29,7 +30,8 @@ import kubernetes
 
 from signalbox.cmwatch import watch_configmap
 from signalbox.core.budget import DAY, window_start
-from signalbox.core.replicastate import Held, Learning, Spend, decode, encode
+from signalbox.core.replicastate import Held, Learning, Resting, Spend, decode, decode_resting, encode
+from signalbox.extproc.cooldown import Cooldowns
 from signalbox.extproc.learning import SharedLearning
 from signalbox.extproc.ledger import SpendLedger
 
@@ -64,12 +66,14 @@ class ReplicaSync:
         ledger: SpendLedger,
         learning: SharedLearning | None = None,
         interval: float = DEFAULT_INTERVAL,
+        cooldowns: Cooldowns | None = None,
     ):
         self.core = kubernetes.client.CoreV1Api(client)
         self.namespace, self.name = namespace, name
         self.key = f"{replica}.json"
         self.ledger = ledger
         self.learning = learning
+        self.cooldowns = cooldowns
         self.interval = interval
         self.stale: set[str] = set()
         self.published = ""
@@ -85,8 +89,11 @@ class ReplicaSync:
         with self.lock:
             spend, held = self.ledger.local(now), self.ledger.local_held(now)
             learning = self.learning.local_rows() if self.learning is not None else {}
+            resting = self.cooldowns.local(now) if self.cooldowns is not None else {}
         day = window_start(now, DAY)
-        payload = encode(day, spend, learning, held) if spend or held or any(learning.values()) else ""
+        payload = (
+            encode(day, spend, learning, held, resting) if spend or held or resting or any(learning.values()) else ""
+        )
         if len(payload) > MAX_KEY_BYTES:
             if not self.learning_left_out:
                 log.warning(
@@ -97,7 +104,7 @@ class ReplicaSync:
                     self.name,
                 )
             self.learning_left_out = True
-            payload = encode(day, spend, {}, held) if spend or held else ""
+            payload = encode(day, spend, {}, held, resting) if spend or held or resting else ""
         if payload != self.published or self.stale:
             data, version = self._publish(payload)
             self.published = payload
@@ -125,6 +132,7 @@ class ReplicaSync:
         spend: dict[str, Spend] = {}
         learning: dict[str, Learning] = {}
         held: dict[str, Held] = {}
+        resting: dict[str, Resting] = {}
         for key, raw in data.items():
             if key == self.key or not key.endswith(".json"):
                 continue
@@ -144,8 +152,12 @@ class ReplicaSync:
             learning[replica] = their_learning
             if their_held:
                 held[replica] = their_held
+            if their_resting := decode_resting(raw):
+                resting[replica] = their_resting
         with self.lock:
             self.ledger.set_remote(spend, held)
+            if self.cooldowns is not None:
+                self.cooldowns.set_remote(resting)
             if self.learning is not None:
                 self.learning.set_remote(learning)
             self.last_recorded = {"spend": spend, "learning": learning, "held": held}

@@ -47,7 +47,21 @@ def resources(fakes) -> str:
         )
 
     return dump(
-        *(provider(n, fakes[n].url + "/v1", [model("m", capabilities=CAPS)]) for n in ("primary", "second", "brittle")),
+        # Beside "m", a small-window model on the primary and a large-window one on the second.
+        *(
+            provider(n, fakes[n].url + "/v1", [model("m", capabilities=CAPS), *extra])
+            for n, extra in (
+                ("primary", [model("small", capabilities=CAPS, contextWindow=8000)]),
+                ("second", [model("large", capabilities=CAPS, contextWindow=128000)]),
+                ("brittle", []),
+            )
+        ),
+        policy(
+            "ctx",
+            ["ctx"],
+            [backend("primary", "small"), backend("second", "large", priority=1)],
+            strategy="failover",
+        ),
         chain("chain", "primary"),
         # The same chain decided by the ext_proc (cost reads the prompt): the same retry policy.
         policy(
@@ -447,3 +461,16 @@ def test_a_rejected_key_fails_over_and_rests_its_backend(gateway, client, fakes,
     assert first == "second" and later == ["second", "second"]
     assert rests and rests[0]["reason"] == "key_rejected"
     assert len(attempts(fakes, "primary")) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_too_long_for_the_backend_goes_to_one_with_a_larger_window(client, fakes, scorecard, stream):
+    got, served, origin, error, took, _, _ = ask(client, "ctx", fault(kind="context_length"), stream=stream)
+    arrived = fakes["second"].requests()
+    scorecard(
+        f"context length exceeded, a larger window next in the chain ({'stream' if stream else 'plain'})",
+        "the backend with the larger window answers",
+        f"{got} from {served} in {took * 1000:.0f} ms",
+    )
+    assert (got, served, origin, error) == (200, "second", "second", None)
+    assert len(attempts(fakes, "primary")) == 1 and [r["model"] for r in arrived] == ["large"]

@@ -198,3 +198,30 @@ def _state(now: float, usd: float) -> str:
     from signalbox.core.replicastate import encode
 
     return encode(window_start(now, DAY), {"default/p": {window_start(now, HOUR): usd}}, {}, {})
+
+
+async def test_a_backend_one_replica_put_to_rest_rests_on_the_others_until_its_time(k8s, tmp_path):
+    """A 429 seen by one replica keeps every replica's requests off that backend."""
+    from signalbox.extproc.cooldown import Cooldowns
+
+    def with_cooldowns(name: str) -> ReplicaSync:
+        side = replica(k8s, tmp_path, name)
+        side.cooldowns = Cooldowns(tmp_path / f"{name}-cooldown.db")
+        return side
+
+    a, b = with_cooldowns("gw-a"), with_cooldowns("gw-b")
+    assert a.cooldowns is not None and b.cooldowns is not None
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(s.run(stop)) for s in (a, b)]
+    try:
+        now = time.time()
+        a.cooldowns.observe("default/p/m", 429, {"retry-after": "3"}, now)
+        lag = await wait_until(lambda: "default/p/m" in b.cooldowns.active(time.time()))
+        until, reason = b.cooldowns.active(time.time())["default/p/m"]
+        assert reason == "rate_limited" and until == now + 3
+        assert "default/p/m" not in b.cooldowns.local(time.time())  # b publishes only what it saw
+        await wait_until(lambda: "default/p/m" not in b.cooldowns.active(time.time()), timeout=6)
+        print(f"cooldown reached the other replica in {lag:.2f}s")
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)

@@ -148,7 +148,11 @@ def test_routes_retry_on_failures_and_move_to_next_priority():
     routes = by_name(hcm["route_config"]["virtual_hosts"][0]["routes"])
     t0 = targets()[0]
     retry = routes[f"default/p:{t0}"]["route"]["retry_policy"]
-    assert set(retry["retry_on"].split(",")) == {"5xx", "reset", "connect-failure", "retriable-status-codes"}
+    retry_on = {"5xx", "reset", "connect-failure", "retriable-status-codes", "retriable-headers"}
+    assert set(retry["retry_on"].split(",")) == retry_on
+    # attempt.lua marks a refusal worth the next backend (a prompt too long for this one's window).
+    assert retry["retriable_headers"] == [{"name": "x-signalbox-retry", "present_match": True}]
+    assert hcm["route_config"]["response_headers_to_remove"] == ["x-signalbox-retry"]
     # 429 and a rejected key (401/403) move on too: the next backend has its own limits and key.
     assert retry["retriable_status_codes"] == [401, 403, 429] and retry["num_retries"] == 1
     assert retry["retry_priority"]["name"] == "envoy.retry_priorities.previous_priorities"

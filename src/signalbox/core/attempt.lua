@@ -12,8 +12,10 @@
 --   query       extra query parameters (Azure's api-version), "" for none
 --   authority   the provider's host[:port]
 --   key_header  the header Envoy's credential injector set before this filter, "" if keyless
+--   larger_after  true when a later member of this chain has a larger context window
 -- and ERRORS, the gateway's error bodies (from signalbox.core.errors) by name, each with its
--- status and code.
+-- status and code; RETRY_HEADER, the response header the route's retry policy retries on, and
+-- ATTEMPT_NS, the dynamic metadata namespace this script keeps its per-attempt notes in.
 -- The client's path comes from dynamic metadata (header_to_metadata on the listener): the
 -- request headers are one map shared by every attempt, so `:path` already holds the previous
 -- attempt's rewrite. The body is the router's buffered copy, fresh for every attempt.
@@ -176,6 +178,9 @@ function envoy_on_request(handle)
   end
   headers:replace(":path", BACKEND.path .. rest .. (query ~= "" and ("?" .. query) or ""))
   headers:replace(":authority", BACKEND.authority)
+  if BACKEND.larger_after then
+    handle:streamInfo():dynamicMetadata():set(ATTEMPT_NS, "larger_after", "1")
+  end
   if meta[BODY_MODEL_KEY] == BACKEND.model then
     return -- the router phase already wrote this backend's model into the body
   end
@@ -187,4 +192,29 @@ function envoy_on_request(handle)
     return
   end
   body:setBytes(text)
+end
+
+-- What providers say when a prompt does not fit the model's context window (OpenAI and the
+-- compatible servers, Azure, Anthropic, Gemini), lower-cased.
+local TOO_LONG = {"context_length_exceeded", "maximum context length", "prompt is too long",
+                  "input is too long", "exceeds the context window", "too many tokens"}
+
+-- A 400 that says the prompt is too long for this backend, when a later member of the chain has
+-- a larger window: marked retriable (RETRY_HEADER), so Envoy tries the next backend. Otherwise
+-- (or any other answer) the client gets it as it is. Only such 400s are read (and buffered).
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  if headers:get(":status") ~= "400" then return end
+  local notes = handle:streamInfo():dynamicMetadata():get(ATTEMPT_NS)
+  if notes == nil or notes["larger_after"] ~= "1" then return end
+  local body = handle:body()
+  if body == nil then return end
+  local text = string.lower(body:getBytes(0, math.min(body:length(), 8192)))
+  for _, phrase in ipairs(TOO_LONG) do
+    if string.find(text, phrase, 1, true) then
+      -- Reading the body yielded: the header map from before it is out of scope.
+      handle:headers():replace(RETRY_HEADER, "context_length")
+      return
+    end
+  end
 end

@@ -1,9 +1,10 @@
 """The state one gateway replica publishes for the others: its key of the replica ConfigMap.
 
 A JSON object: `day` (start of the UTC day it describes), `spend` (policy -> hourly bucket ->
-USD), `held` (policy -> [USD held by requests in flight, until]) and `learning` (table ->
-rows). Gateways write and read it (`signalbox.replicasync`); the operator reads it to report
-spend in RoutingPolicy status. Pure: no Kubernetes, no SQLite.
+USD), `held` (policy -> [USD held by requests in flight, until]), `learning` (table ->
+rows) and `cooldown` (backend -> [until, reason]: backends its attempts put to rest).
+Gateways write and read it (`signalbox.replicasync`); the operator reads it to report spend in
+RoutingPolicy status. Pure: no Kubernetes, no SQLite.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any
 Spend = dict[str, dict[int, float]]  # policy -> hourly bucket -> USD
 Held = dict[str, tuple[float, float]]  # policy -> (USD held by requests in flight, until)
 Learning = dict[str, list[list[object]]]  # table -> rows
+Resting = dict[str, tuple[float, str]]  # backend id -> (until, reason): backends cooling down
 
 
-def encode(day: int, spend: Spend, learning: Learning, held: Held | None = None) -> str:
+def encode(day: int, spend: Spend, learning: Learning, held: Held | None = None, resting: Resting | None = None) -> str:
     payload: dict[str, Any] = {
         "day": day,
         "spend": {policy: {str(b): usd for b, usd in sorted(buckets.items())} for policy, buckets in spend.items()},
@@ -24,6 +26,8 @@ def encode(day: int, spend: Spend, learning: Learning, held: Held | None = None)
     }
     if held:
         payload["held"] = {policy: [usd, until] for policy, (usd, until) in held.items()}
+    if resting:
+        payload["cooldown"] = {backend: [until, reason] for backend, (until, reason) in sorted(resting.items())}
     return json.dumps(payload, sort_keys=True, separators=(",", ":"))
 
 
@@ -39,3 +43,13 @@ def decode(raw: str) -> tuple[int, Spend, Learning, Held] | None:
         return int(data["day"]), spend, learning, held
     except (ValueError, TypeError, AttributeError, KeyError):
         return None
+
+
+def decode_resting(raw: str) -> Resting:
+    """The backends a replica has cooling down (`cooldown`: backend -> [until, reason]); empty
+    when the key has none or is not ours to read."""
+    try:
+        data = json.loads(raw).get("cooldown", {})
+        return {str(backend): (float(until), str(reason)) for backend, (until, reason) in data.items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}

@@ -17,11 +17,13 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from .. import errors
 from .contract import (
     ATTEMPT_HEADER,
+    ATTEMPT_NS,
     BACKEND_HEALTH_PATH,
     BODY_MODEL_KEY,
     CLIENT_PATH_KEY,
     GATEWAY_HEADERS,
     METADATA_NS,
+    RETRY_HEADER,
 )
 from .options import STREAM_LIMITS, GatewayOptions, _address, _any, _ms
 
@@ -260,9 +262,11 @@ def _injector(provider_id: str, header: str, credentials_dir: str) -> dict[str, 
     return _skip_when(f"signalbox.key.{provider_id}", injector, picked_host_not_of(provider_id))
 
 
-def lua_literal(value: str | dict[str, Any]) -> str:
+def lua_literal(value: str | bool | dict[str, Any]) -> str:
     """A Lua string (printable ASCII as is, `"`, `\\` and every other byte as a decimal
-    escape) or table literal."""
+    escape), boolean or table literal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, dict):
         return "{" + ", ".join(f"[{lua_literal(k)}] = {lua_literal(v)}" for k, v in value.items()) + "}"
     if _LUA_PLAIN.fullmatch(value):
@@ -327,6 +331,8 @@ def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
         "NS": METADATA_NS,
         "CLIENT_PATH_KEY": CLIENT_PATH_KEY,
         "BODY_MODEL_KEY": BODY_MODEL_KEY,
+        "RETRY_HEADER": RETRY_HEADER,
+        "ATTEMPT_NS": ATTEMPT_NS,
     }
     return f"{_attempt_prelude(tuple(names.items()))}BACKENDS = {lua_literal(settings)}\n{_ATTEMPT_CODE}"
 
@@ -356,6 +362,9 @@ def _attempt_marker(backend_id: str) -> dict[str, Any]:
 
 def _attempt_filter(members: list[pb.Backend], providers: dict[str, pb.Provider]) -> dict[str, Any]:
     settings = {b.id: attempt_settings(b, providers[b.provider_id]) for b in members}
+    for i, b in enumerate(members):
+        # A prompt too long for this member may fit a later one: its refusal is retried there.
+        settings[b.id]["larger_after"] = any(later.context_window > b.context_window for later in members[i + 1 :])
     return {
         "name": "signalbox.attempt",
         "typed_config": _any(

@@ -17,6 +17,12 @@ PATH_HEADER = "x-envoy-original-path"
 # the picked host) by a CEL-matched filter of that backend.
 ATTEMPT_HEADER = "x-signalbox-attempt"
 GATEWAY_HEADERS = (PATH_HEADER, ATTEMPT_HEADER)
+# Response header attempt.lua sets on an answer worth trying again on the next backend (a prompt
+# too long for this backend's context window, when a later one has a larger window); the routes
+# retry on it and never pass it to a client. ATTEMPT_NS: attempt.lua's notes between the request
+# and the response of one attempt (dynamic metadata).
+RETRY_HEADER = "x-signalbox-retry"
+ATTEMPT_NS = "signalbox.attempt"
 # What the router phase reads of a request besides its body, sent with the body as attributes
 # (CEL expressions): these, and `request.headers['<name>']` for each header a policy matches
 # on or hashes by (`router_attributes`). Envoy cannot send the whole header map.

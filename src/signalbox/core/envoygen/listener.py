@@ -31,6 +31,7 @@ from .contract import (
     MODELS_PATH,
     REMAINING_HEADERS,
     RETRY_AFTER_HEADERS,
+    RETRY_HEADER,
     ROUTED_PATHS,
     ROUTER_ATTRIBUTES,
     models_listing,
@@ -64,9 +65,12 @@ def _extproc_filter(opts: GatewayOptions, request_headers: bool = True, **extra:
 
 
 def _retry_policy(policy: pb.Policy) -> dict[str, Any]:
-    retry_on = sorted({_RETRY_ON[r] for r in policy.retry_on})
+    # retriable-headers: an answer attempt.lua marked worth the next backend (a prompt too long
+    # for this one's context window, when a later one has a larger window).
+    retry_on = sorted({_RETRY_ON[r] for r in policy.retry_on} | {"retriable-headers"})
     retry: dict[str, Any] = {
-        "retry_on": ",".join(retry_on) or "5xx",
+        "retry_on": ",".join(retry_on),
+        "retriable_headers": [{"name": RETRY_HEADER, "present_match": True}],
         "num_retries": max(policy.max_attempts - 1, 0),
         # Each retry moves to the next priority of the aggregate cluster, i.e. the next backend.
         "retry_priority": {
@@ -609,6 +613,8 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
             "name": "signalbox",
             "virtual_hosts": [{"name": "signalbox", "domains": ["*"], "routes": _routes(cfg, opts)}],
             "request_headers_to_remove": [],
+            # attempt.lua's note to the retry policy, never for a client.
+            "response_headers_to_remove": [RETRY_HEADER],
             # Envoy rejects the whole listener when a direct response is larger than this
             # (default 4 KiB): the models listing outgrows that at about 60 aliases.
             "max_direct_response_body_size_bytes": max(4096, len(models_listing(_aliases(cfg))) + 1024),

@@ -1,0 +1,25 @@
+"""The active probe, against a fake provider that checks its key: a rejected key is named as such
+in AIProvider status (what a revoked key looks like to an operator)."""
+
+from __future__ import annotations
+
+import httpx
+
+from signalbox.core.models import AIProviderSpec
+from signalbox.core.secrets import SecretValue
+from signalbox.fakeprovider import serving
+from signalbox.operator.health import probe
+
+
+async def test_a_rejected_key_is_named_in_the_probe_message():
+    async with serving("keyed") as fake, httpx.AsyncClient() as client:
+        fake.behaviour.api_key = "sk-right"
+        spec = AIProviderSpec.model_validate(
+            {"type": "openai-compatible", "baseUrl": fake.url + "/v1", "models": [{"name": "m"}], "auth": {"env": "K"}}
+        )
+        good = await probe(spec, SecretValue("sk-right"), client)
+        revoked = await probe(spec, SecretValue("sk-revoked"), client)
+    assert good.ok and good.message == "HTTP 200"
+    assert not revoked.ok
+    assert revoked.message == "HTTP 401 from /models: the provider rejected the API key (revoked, expired or wrong)"
+    assert "sk-revoked" not in revoked.message
