@@ -55,7 +55,18 @@ class Fault:
         return not self.every or (count - 1) % self.every == 0
 
 
-HANG_SECONDS = 3600.0  # "never answers": far past any deadline a test sets
+HANG_SECONDS = 3600.0
+# Refusals about the request itself (OpenAI's 400s): fault kind -> (code, message).
+REFUSALS = {
+    "context_length": (
+        "context_length_exceeded",
+        "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens.",
+    ),
+    "content_filter": (
+        "content_filter",
+        "The response was filtered due to the prompt triggering the content management policy.",
+    ),
+}  # "never answers": far past any deadline a test sets
 
 
 @dataclass
@@ -156,20 +167,9 @@ class FakeProvider:
             await asyncio.sleep(HANG_SECONDS)
         if not self._authorized(request):
             return self._error(401, "missing or wrong API key")
-        if fault.kind == "context_length":
-            return self._error(
-                400,
-                "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens.",
-                code="context_length_exceeded",
-                kind="invalid_request_error",
-            )
-        if fault.kind == "content_filter":
-            return self._error(
-                400,
-                "The response was filtered due to the prompt triggering the content management policy.",
-                code="content_filter",
-                kind="invalid_request_error",
-            )
+        if fault.kind in REFUSALS:
+            code, message = REFUSALS[fault.kind]
+            return self._error(400, message, code=code, kind="invalid_request_error")
         if status != 200:
             headers = {}
             if fault.retry_after:

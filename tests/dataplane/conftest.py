@@ -51,21 +51,33 @@ class Fake:
         self.proc.wait(timeout=5)
 
 
+def running(names: tuple[str, ...]) -> Iterator[dict[str, Fake]]:
+    """Fake providers by name for a fixture's lifetime."""
+    started = {name: Fake(name) for name in names}
+    try:
+        yield started
+    finally:
+        for fake in started.values():
+            fake.stop()
+
+
+def reset_fakes_of(request) -> None:
+    """Each test starts with fresh fakes: no behaviour, fault or record left by the last one."""
+    if "fakes" in request.fixturenames:
+        for fake in request.getfixturevalue("fakes").values():
+            fake.reset()
+
+
 @pytest.fixture(scope="session")
 def fakes() -> Iterator[dict[str, Fake]]:
     # flaky1/flaky2 are only ever failing primaries: Envoy's outlier detection ejects a backend
     # after a run of 5xx, and that must not leak into tests that expect alpha..gamma healthy.
-    started = {name: Fake(name) for name in ("alpha", "beta", "gamma", "delta", "flaky1", "flaky2")}
-    yield started
-    for fake in started.values():
-        fake.stop()
+    yield from running(("alpha", "beta", "gamma", "delta", "flaky1", "flaky2"))
 
 
 @pytest.fixture(autouse=True)
 def _reset_fakes(request):
-    if "fakes" in request.fixturenames:
-        for fake in request.getfixturevalue("fakes").values():
-            fake.reset()
+    reset_fakes_of(request)
 
 
 def start_gateway(tmp_path: Path, yaml_text: str, **options) -> LocalGateway:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dataplane.conftest import Fake
+from tests.dataplane.conftest import Fake, reset_fakes_of, running
 
 # Where the tier writes its measured rows when asked (make faults-scorecard sets it).
 SCORECARD_ENV = "SIGNALBOX_FAULTS_SCORECARD"
@@ -21,17 +21,12 @@ _rows: dict[str, dict] = {}
 @pytest.fixture(scope="session")
 def fakes() -> Iterator[dict[str, Fake]]:
     # "brittle" only ever fails: Envoy ejects it, which must not touch the other cases' primary.
-    started = {name: Fake(name) for name in ("primary", "second", "brittle")}
-    yield started
-    for fake in started.values():
-        fake.stop()
+    yield from running(("primary", "second", "brittle"))
 
 
 @pytest.fixture(autouse=True)
 def _reset_fakes(request):
-    if "fakes" in request.fixturenames:
-        for fake in request.getfixturevalue("fakes").values():
-            fake.reset()
+    reset_fakes_of(request)
 
 
 @pytest.fixture

@@ -348,7 +348,7 @@ def test_a_stream_without_done_ends_promptly_with_its_usage(gateway, client, fak
 @pytest.mark.parametrize(
     "case,kind,code",
     [
-        ("context length exceeded", "context_length", "context_length_exceeded"),
+        ("context length exceeded, no larger window in the chain", "context_length", "context_length_exceeded"),
         ("content policy", "content_filter", "content_filter"),
     ],
 )
@@ -474,3 +474,19 @@ def test_a_prompt_too_long_for_the_backend_goes_to_one_with_a_larger_window(clie
     )
     assert (got, served, origin, error) == (200, "second", "second", None)
     assert len(attempts(fakes, "primary")) == 1 and [r["model"] for r in arrived] == ["large"]
+
+
+def test_a_malformed_event_is_dropped_and_the_stream_goes_on(gateway, client, fakes, scorecard):
+    got, served, origin, error, _took, request_id, text = ask(
+        client, "chain", fault(kind="malformed", after=1), stream=True
+    )
+    request = next(e for e in log_lines(gateway, request_id) if e["event"] == "request")
+    scorecard(
+        "a malformed SSE event mid-stream",
+        "dropped; the rest of the stream and its usage arrive",
+        f"{'an error' if error else 'a normal end'}, {text.count('chunk')}/5 chunks, "
+        f"{request['completion_tokens']} output tokens logged",
+    )
+    assert (got, served, origin, error) == (200, "primary", "primary", None)
+    assert text == "chunk0 chunk1 chunk2 chunk3 chunk4 "
+    assert request["completion_tokens"] == 5

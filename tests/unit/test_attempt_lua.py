@@ -4,6 +4,7 @@ stand-in for the handle Envoy passes. The body rewrite takes client input: hypot
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -215,3 +216,47 @@ def test_error_bodies_are_the_gateways_and_every_setting_is_a_safe_lua_literal()
     lua = luajit21.LuaRuntime()
     tricky = 'a"b\\c\n]]--\x00é'
     assert lua.eval(envoygen.lua_literal(tricky)) == tricky
+
+
+def _relay(attempt: Attempt, chunks: list[str]) -> str:
+    """What envoy_on_response passes on for a stream arriving in these chunks."""
+    complete_events = attempt.lua.globals().complete_events
+    pending, out = "", []
+    for chunk in chunks:
+        passed, pending = complete_events(pending + chunk)
+        out.append(passed)
+    return "".join(out)
+
+
+EVENT = st.builds(
+    lambda d: f"data: {json.dumps(d)}\n\n",
+    st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=20)), max_size=3),
+)
+MALFORMED = st.sampled_from(
+    [
+        'data: {"choices": [{"delta": {"content": \n\n',
+        "data: {not json}\n\n",
+        'data: {"a": }\n\n',
+        "data: [1, 2]\n\n",
+        'data: {"a": 1} trailing\n\n',
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(st.tuples(st.booleans(), EVENT, MALFORMED), max_size=8),
+    cuts=st.lists(st.integers(0, 4000), max_size=10),
+)
+def test_a_stream_keeps_every_well_formed_event_and_drops_malformed_ones_however_it_is_chunked(events, cuts):
+    good = [event if ok else None for ok, event, _ in events]
+    stream = "".join(event if ok else bad for ok, event, bad in events) + "data: [DONE]\n\n"
+    points = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    chunks = [stream[a:b] for a, b in itertools.pairwise(points)]
+    assert _relay(Attempt(OPENAI), chunks) == "".join(g for g in good if g) + "data: [DONE]\n\n"
+
+
+def test_comments_named_events_and_crlf_pass_and_a_partial_last_event_is_not_invented():
+    attempt = Attempt(OPENAI)
+    stream = ': keep-alive\r\n\r\nevent: message\r\ndata: {"a": 1}\r\n\r\ndata: {"b"'
+    assert _relay(attempt, [stream]) == ': keep-alive\r\n\r\nevent: message\r\ndata: {"a": 1}\r\n\r\n'

@@ -151,3 +151,16 @@ def test_the_ext_proc_does_not_load_the_compiler_or_pydantic():
         "import sys, signalbox.extproc.main; print(sorted({'pydantic', 'signalbox.core.compiler'} & set(sys.modules)))"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_streams_are_sanitized_by_default_only_for_openai_compatible_servers():
+    providers = [
+        provider("selfhosted", "http://vllm:8000/v1", [model("m")]),
+        provider("first-party", "https://api.openai.com/v1", [model("m")], type="openai"),
+        provider("opted-in", "https://api.openai.com/v1", [model("m")], type="openai", sanitizeStreams=True),
+        provider("opted-out", "http://vllm:8000/v1", [model("m")], sanitizeStreams=False),
+    ]
+    result = compile_config(providers, [policy("p", ["x"], [backend(p["metadata"]["name"], "m") for p in providers])])
+    assert result.ok, result.problems
+    sanitized = {p.name: p.sanitize_streams for p in result.config.providers}
+    assert sanitized == {"selfhosted": True, "first-party": False, "opted-in": True, "opted-out": False}

@@ -135,6 +135,10 @@ def _add_provider(cfg, prov: AIProvider, secrets_present, problems, backend_inde
         azure_api_version=(spec.azure.api_version if spec.azure else "2024-10-21") if azure else "",
         healthy=healthy,
         connect_timeout_ms=spec.connect_timeout_ms,
+        # First-party APIs stream well-formed events; self-hosted and proxy servers vary.
+        sanitize_streams=spec.type == ProviderType.OPENAI_COMPATIBLE
+        if spec.sanitize_streams is None
+        else spec.sanitize_streams,
     )
     if spec.auth:
         a = spec.auth

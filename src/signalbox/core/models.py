@@ -194,6 +194,13 @@ class AIProviderSpec(Spec):
     models: list[ModelSpec] = Field(min_length=1, description="Models this provider serves.")
     health_check: HealthCheckSpec = Field(default_factory=HealthCheckSpec, description="Active health probe settings.")
     connect_timeout_ms: int = Field(2000, ge=1, description="TCP connect timeout to the provider, in milliseconds.")
+    sanitize_streams: bool | None = Field(
+        None,
+        description="Pass this provider's streams on whole events only, dropping any event whose data is "
+        "not a JSON object (a malformed event would make the client's SDK raise mid-stream). Costs "
+        "LuaJIT time per chunk (bench/README.md). Default: on for openai-compatible servers, off for "
+        "openai and azure-openai.",
+    )
 
     @field_validator("base_url")
     @classmethod

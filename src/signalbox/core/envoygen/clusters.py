@@ -308,6 +308,7 @@ def attempt_settings(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
         "query": query,
         "authority": provider.host if provider.port == default_port else f"{provider.host}:{provider.port}",
         "key_header": (provider.auth.header or "authorization").lower() if provider.HasField("auth") else "",
+        "sanitize": provider.sanitize_streams,
     }
 
 
