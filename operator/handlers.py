@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from signalbox.core.models import GROUP, VERSION, AIProviderSpec, BudgetSpec
 
 from .budgetstatus import summarize
+from .cooldownstatus import COOLDOWN_STATUS_SECONDS, ReplicaView, provider_cooldowns
 from .health import HealthTracker, probe
 from .kube import ClusterAPI
 from .reconciler import Key, OperatorConfig, Reconciler
@@ -98,6 +99,24 @@ def build_registry(config: OperatorConfig, api: ClusterAPI, server: str | None =
                     await stopped.wait(spec.health_check.interval_seconds)
 
     if config.replica_configmap_name:
+        # Cooldowns last seconds to minutes: their status is refreshed at least every 5 s, from
+        # one read of the ConfigMap per half interval whatever the number of providers.
+        cooldown_every = min(config.budget_status_seconds, COOLDOWN_STATUS_SECONDS)
+        replicas = ReplicaView(
+            lambda: api.configmap(config.replica_configmap_namespace, config.replica_configmap_name),
+            ttl=cooldown_every / 2,
+        )
+
+        @kopf.daemon(GROUP, VERSION, "aiproviders", registry=registry, cancellation_timeout=2)
+        async def cooldown_status(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
+            """The models the gateways have cooling down, in status.cooldowns (only when it changed)."""
+            while not stopped:
+                meta = body["metadata"]
+                namespace, name = meta.get("namespace") or "default", meta["name"]
+                now = provider_cooldowns(f"{namespace}/{name}", await replicas.data(), time.time())
+                if now != (body.get("status") or {}).get("cooldowns", []):
+                    await api.patch_status("aiproviders", namespace, name, {"cooldowns": now})
+                await stopped.wait(cooldown_every)
 
         @kopf.daemon(
             GROUP,

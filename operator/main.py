@@ -41,7 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "RoutingPolicies then show it in status.budget (default: not reported)",
     )
     parser.add_argument(
-        "--budget-status-seconds", type=float, default=15.0, help="how often status.budget is refreshed"
+        "--budget-status-seconds",
+        type=float,
+        default=15.0,
+        help="how often status.budget is refreshed (AIProvider status.cooldowns: at least every 5 s)",
     )
     parser.add_argument("--debounce-seconds", type=float, default=0.3)
     parser.add_argument("--log-level", default="info")

@@ -143,7 +143,8 @@ def test_crd_shape_for_kubectl():
         assert version["subresources"] == {"status": {}}
         assert crd["spec"]["names"]["categories"] == ["signalbox"]
     columns = [c["name"] for c in provider["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert columns == ["Type", "Healthy", "Latency", "Models", "Age"]
+    # Resting: the models the gateways keep requests off for now (status.cooldowns).
+    assert columns == ["Type", "Healthy", "Latency", "Models", "Resting", "Age"]
     columns = [c["name"] for c in policy["spec"]["versions"][0]["additionalPrinterColumns"]]
     assert columns == ["Strategy", "Accepted", "Backends", "Budget", "Age"]
 

@@ -63,6 +63,28 @@ _PROVIDER_STATUS = {
                 "message": {"type": "string", "description": "Outcome of the last probe."},
             },
         },
+        "cooldowns": {
+            "type": "array",
+            "description": "Models the gateways keep new requests off for now, as their replicas last published "
+            "(a 429 and its Retry-After, a rejected key, rate-limit headers near zero; refreshed every few seconds).",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "model": {"type": "string", "description": "Model name (spec.models[].name)."},
+                    "reason": {
+                        "type": "string",
+                        "description": "rate_limited, key_rejected, unavailable (a 503 with Retry-After) or "
+                        "low_remaining (the provider's rate-limit headers).",
+                    },
+                    "until": {"type": "string", "format": "date-time", "description": "When it ends."},
+                    "replicas": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "Gateway replicas that saw why.",
+                    },
+                },
+            },
+        },
     },
 }
 
@@ -208,6 +230,7 @@ def definitions() -> dict[str, dict[str, Any]]:
                 {"name": "Healthy", "type": "boolean", "jsonPath": ".status.health.healthy"},
                 {"name": "Latency", "type": "number", "jsonPath": ".status.health.latencyMs", "description": "ms"},
                 {"name": "Models", "type": "string", "jsonPath": ".spec.models[*].name"},
+                {"name": "Resting", "type": "string", "jsonPath": ".status.cooldowns[*].model"},
             ],
         ),
         "routingpolicies.yaml": crd(
