@@ -229,3 +229,17 @@ async def envoy_listeners(cluster: Cluster, admin_socket: str, names: set[str], 
 
     await cluster.eventually(listening, timeout=timeout)
     return bound
+
+
+def reporting_config(replicas: str) -> OperatorConfig:
+    """An operator that reports what the gateway replicas publish to ConfigMap `replicas`
+    (budget spend, cooldowns) every 0.2 s, with no probes of its own."""
+    return OperatorConfig(
+        configmap_namespace=CM_NAMESPACE,
+        configmap_name=CM_NAME,
+        debounce_seconds=0.05,
+        probes=False,
+        replica_configmap_namespace=CM_NAMESPACE,
+        replica_configmap_name=replicas,
+        budget_status_seconds=0.2,
+    )

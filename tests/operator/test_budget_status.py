@@ -10,11 +10,10 @@ from signalbox.core.budget import DAY, HOUR, window_start
 from signalbox.core.models import BudgetSpec
 from signalbox.core.replicastate import encode
 from signalbox.operator.budgetstatus import summarize
-from signalbox.operator.reconciler import OperatorConfig
 from tests.factories import backend, model, policy, provider
 from tests.windows import clear_of_the_hour_edge
 
-from .conftest import CM_NAME, CM_NAMESPACE
+from .conftest import CM_NAMESPACE, reporting_config
 
 REPLICAS = "signalbox-replicas"
 NOW = 1795872600.0  # 2026-11-28 13:30 UTC
@@ -72,17 +71,7 @@ async def test_the_operator_writes_the_replicas_spend_into_budgeted_policies_sta
             await asyncio.to_thread(cluster.api.core.patch_namespaced_config_map, REPLICAS, CM_NAMESPACE, body)
 
     await publish(**{"gw-a": 0.25, "gw-b": 0.25})
-    await start_operator(
-        OperatorConfig(
-            configmap_namespace=CM_NAMESPACE,
-            configmap_name=CM_NAME,
-            debounce_seconds=0.05,
-            probes=False,
-            replica_configmap_namespace=CM_NAMESPACE,
-            replica_configmap_name=REPLICAS,
-            budget_status_seconds=0.2,
-        )
-    )
+    await start_operator(reporting_config(REPLICAS))
     await cluster.apply(provider("alpha", "http://127.0.0.1:9001/v1", [model("a1")]))
     await cluster.apply(policy("metered", ["metered"], [backend("alpha", "a1")], budget={"hourlyUsd": 1.0}))
     await cluster.apply(policy("free", ["free"], [backend("alpha", "a1")]))

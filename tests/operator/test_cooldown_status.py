@@ -8,10 +8,9 @@ import time
 
 from signalbox.core.replicastate import encode
 from signalbox.operator.cooldownstatus import provider_cooldowns
-from signalbox.operator.reconciler import OperatorConfig
 from tests.factories import model, provider
 
-from .conftest import CM_NAME, CM_NAMESPACE
+from .conftest import CM_NAMESPACE, reporting_config
 
 REPLICAS = "signalbox-replicas"
 NOW = 1795872600.0  # 2026-11-28 13:30 UTC
@@ -39,17 +38,7 @@ async def test_the_operator_writes_what_the_replicas_rest_into_provider_status(c
         except Exception:
             await asyncio.to_thread(cluster.api.core.patch_namespaced_config_map, REPLICAS, CM_NAMESPACE, body)
 
-    await start_operator(
-        OperatorConfig(
-            configmap_namespace=CM_NAMESPACE,
-            configmap_name=CM_NAME,
-            debounce_seconds=0.05,
-            probes=False,
-            replica_configmap_namespace=CM_NAMESPACE,
-            replica_configmap_name=REPLICAS,
-            budget_status_seconds=0.2,
-        )
-    )
+    await start_operator(reporting_config(REPLICAS))
     await cluster.apply(provider("alpha", "http://127.0.0.1:9001/v1", [model("a1"), model("a2")]))
     await publish(
         {"default/alpha/a1": (time.time() + 300, "rate_limited"), "default/beta/b1": (time.time() + 300, "x")}
