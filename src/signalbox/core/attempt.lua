@@ -277,8 +277,10 @@ function envoy_on_response(handle)
   -- inside an event loses that partial event, as a client would.
   local pending = ""
   for chunk in handle:bodyChunks() do
-    local out, rest = complete_events(pending .. chunk:getBytes(0, chunk:length()))
+    local text = pending .. chunk:getBytes(0, chunk:length())
+    local out, rest = complete_events(text)
+    -- The usual chunk: whole, well-formed events, passed on as it came (no copy back).
+    if out ~= text or pending ~= "" then chunk:setBytes(out) end
     pending = rest
-    chunk:setBytes(out)
   end
 end
