@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: eval setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-faults faults-scorecard test-fuzz fuzz bench bench-peers bench-scale protos protos-check lint up validate clean
+.PHONY: eval setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-faults faults-scorecard test-fuzz fuzz bench bench-peers bench-scale bench-attempt protos protos-check lint up validate clean
 
 # Strict editable mode: extproc/ and operator/ install as signalbox.extproc and
 # signalbox.operator through a link tree under build/ (operator/ has no __init__.py, so it can
@@ -105,6 +105,11 @@ bench-scale: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.scale config --providers 200
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.scale config --providers 2000
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.scale streams --streams 5000 --seconds 30
+
+## What attempt.lua's response hook costs the compiled path (whole / without stream sanitizing /
+## without the hook, each against plain Envoy in the same round); needs wrk.
+bench-attempt: setup
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.attempt_ab --rounds 3 --seconds 3
 
 ## Signalbox vs LiteLLM's proxy and Portkey's gateway, same fake, load and machine (needs wrk,
 ## npm; installs the pinned peers under build/peers/) -> bench/results/peers.json
