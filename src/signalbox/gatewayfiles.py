@@ -66,12 +66,23 @@ def write_credentials(cfg: pb.RoutingConfig, options: envoygen.GatewayOptions, r
 
 
 def publish(
-    cfg: pb.RoutingConfig, workdir: Path, options: envoygen.GatewayOptions, resolve_key: KeyResolver | None = None
+    cfg: pb.RoutingConfig,
+    workdir: Path,
+    options: envoygen.GatewayOptions,
+    resolve_key: KeyResolver | None = None,
+    envoy: bool = True,
 ) -> None:
     """Keys first (Envoy must have a credential before a cluster names it), then the routing
-    config (the ext_proc must know a backend before Envoy routes to it), then Envoy's resources."""
+    config (the ext_proc must know a backend before Envoy routes to it), then Envoy's resources
+    (`envoy=False`: not yet, see `write_envoy`)."""
     write_credentials(cfg, options, resolve_key or default_key_resolver(str(workdir / SECRETS_DIR)))
     write_atomic(workdir / CONFIG_FILE, json_format.MessageToJson(cfg))
+    if envoy:
+        write_envoy(cfg, workdir, options)
+
+
+def write_envoy(cfg: pb.RoutingConfig, workdir: Path, options: envoygen.GatewayOptions) -> None:
+    """Envoy's clusters, then the listener that references them."""
     resources = envoygen.resources(cfg, options)
     for name in ("cds.json", "lds.json"):
         write_atomic(workdir / ENVOY_DIR / name, json.dumps(resources[name]))

@@ -206,7 +206,10 @@ class LocalGateway:
 
     def _publish(self, cfg: pb.RoutingConfig) -> None:
         assert self.workdir
-        gatewayfiles.publish(cfg, self.workdir, self.options, self._resolve_key)
+        # Before start() knows the ext_proc's admin port, Envoy's files would name none (their
+        # health checks ask it): start() writes them once it does.
+        envoy = self.options.extproc_admin_port is not None
+        gatewayfiles.publish(cfg, self.workdir, self.options, self._resolve_key, envoy=envoy)
 
     def _resolve_key(self, auth: pb.Auth) -> SecretValue | None:
         """Keys as the gateway's processes see them: the environment they are started with."""
@@ -262,7 +265,7 @@ class LocalGateway:
             # the clusters name its port, known only now (a free port picked by worker 0).
             self.options = dataclasses.replace(self.options, extproc_admin_port=self.admin_api_port)
             if self.config is not None:
-                self._publish(self.config)
+                gatewayfiles.write_envoy(self.config, self.workdir, self.options)
         self._stopping.clear()
         self._supervisor = threading.Thread(target=self._supervise, name="signalbox-supervisor", daemon=True)
         self._supervisor.start()
