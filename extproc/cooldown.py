@@ -218,4 +218,6 @@ class Cooldowns:
                 (now,),
             ).fetchall()
             self._active = {b: (until, reason) for b, until, reason in rows}  # ascending: the longest stays
+        if not self._active:
+            return self._active  # the usual case, on every request: nothing rests
         return {b: v for b, v in self._active.items() if v[0] > now}

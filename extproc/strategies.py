@@ -302,19 +302,17 @@ def eligible(
         else:
             kept.append(c)
             notes.append((c.backend.id, True, "eligible"))
-    if cooling and kept:
-        rested = [c for c in kept if c.backend.id not in cooling]
-        if rested:
-            for c in kept:
-                if c.backend.id in cooling:
-                    until, reason = cooling[c.backend.id]
-                    i = next(i for i, n in enumerate(notes) if n[0] == c.backend.id)
-                    notes[i] = (
-                        c.backend.id,
-                        False,
-                        f"cooling down ({reason}) for {max(0.0, until - time.time()):.1f} s",
-                    )
-            kept = rested
+    cooling = cooling or {}
+    resting = {c.backend.id for c in kept if c.backend.id in cooling}
+    if resting and len(resting) < len(kept):
+        kept = [c for c in kept if c.backend.id not in resting]
+        now = time.time()
+        notes = [
+            (b, False, f"cooling down ({cooling[b][1]}) for {max(0.0, cooling[b][0] - now):.1f} s")
+            if b in resting
+            else (b, ok, text)
+            for b, ok, text in notes
+        ]
     if explain:
         notes += [
             (b.id, False, "api key unavailable" if b.provider.key_missing else "unhealthy")

@@ -152,11 +152,10 @@ class FakeProvider:
             headers["x-ratelimit-reset-requests"] = "1s"
         return headers
 
-    async def _refusal(self, request: web.Request, fault: Fault | None = None) -> web.Response | None:
+    async def _refusal(self, request: web.Request, steered: tuple[int, int, Fault]) -> web.Response | None:
         """Steered delay and faults that end a request before it starts, then the error this
-        request should get (wrong key, steered status, a refusal), if any."""
-        status, delay, steered = self._steer(request)
-        fault = fault or steered
+        request should get (wrong key, steered status, a refusal), if any. `steered`: _steer's."""
+        status, delay, fault = steered
         if delay:
             await asyncio.sleep(delay / 1000)
         if fault.kind == "reset":
@@ -180,7 +179,7 @@ class FakeProvider:
         return None
 
     async def handle_get(self, request: web.Request) -> web.Response:
-        refusal = await self._refusal(request)
+        refusal = await self._refusal(request, self._steer(request))
         if refusal is not None:
             return refusal
         if request.path.endswith("/models"):
@@ -210,8 +209,9 @@ class FakeProvider:
                 "stream_options": body.get("stream_options"),
             }
         )
-        fault = self._steer(request)[2]
-        refusal = await self._refusal(request, fault)
+        steered = self._steer(request)
+        fault = steered[2]
+        refusal = await self._refusal(request, steered)
         if refusal is not None:
             return refusal
         model = body.get("model", "")
