@@ -16,16 +16,21 @@ from typing import Any
 from signalbox.core.budget import BudgetStatus, refuse_if_exhausted
 from signalbox.core.envoygen import contract
 from signalbox.core.envoygen.contract import (
+    CHAT_PATH,
     EMBEDDINGS_PATH,
     FEEDBACK_PATH,
+    MESSAGES_PATH,
     MODELS_PATH,
     ROUTED_PATHS,
+    api_of_path,
     too_large_message,
 )
 from signalbox.core.errors import (
+    OPENAI_API,
     MalformedRequest,
     PayloadTooLarge,
     UnknownModel,
+    UnsupportedFeature,
     UnsupportedPath,
 )
 
@@ -35,6 +40,7 @@ from .decisions import DecisionSigner
 from .runtime import BackendRuntime, PolicyRuntime, RuntimeTable
 from .strategies import RequestContext, Selection, SelectionState, select
 from .tiers import classify_request
+from .translate import Translation
 
 
 def check_path(method: str, path: str) -> str:
@@ -139,6 +145,8 @@ class Prepared:
     hash_key: str
     path: str = "/v1/chat/completions"
     headers: dict[str, str] | None = None
+    # API family -> why this request cannot go to a backend of it (refused_apis()).
+    refused_apis: dict[str, str] | None = None
 
 
 def prepare(
@@ -157,7 +165,29 @@ def prepare(
     feats = features(body, embeddings=embeddings)
     hash_key = (headers.get(policy.hash_header, "") if policy.hash_header else "") or client_address
     classification = embeddings_class(feats) if embeddings else classify_request(policy, feats)
-    return Prepared(body, policy, feats, classification, hash_key, path, headers)
+    refused = refused_apis(policy, path, raw_body)
+    return Prepared(body, policy, feats, classification, hash_key, path, headers, refused)
+
+
+# The paths a backend of another API family can serve, translated.
+_TRANSLATABLE_PATHS = (CHAT_PATH, MESSAGES_PATH)
+
+
+def refused_apis(policy: PolicyRuntime, path: str, raw_body: bytes) -> dict[str, str]:
+    """For each API family of the policy's backends other than the client's, why this request
+    cannot be translated for it (absent: it can). Only policies that mix families pay for this."""
+    src = api_of_path(path)
+    foreign = {b.provider.api for b in policy.all_backends} - {src}
+    out: dict[str, str] = {}
+    for dst in sorted(foreign):
+        if path.split("?", 1)[0].rstrip("/") not in _TRANSLATABLE_PATHS:
+            out[dst] = f"{dst} backends serve chat only"
+            continue
+        try:
+            Translation(src, dst).request(raw_body)
+        except UnsupportedFeature as err:
+            out[dst] = err.message
+    return out
 
 
 def needs_llm(prepared: Prepared) -> bool:
@@ -184,11 +214,15 @@ def finish(
     if budget is not None:
         refuse_if_exhausted(prepared.policy.name, budget, now)
     selection = select(
-        prepared.policy, RequestContext(prepared.features, cls, prepared.hash_key), state, explain, budget
+        prepared.policy,
+        RequestContext(prepared.features, cls, prepared.hash_key, prepared.refused_apis or {}),
+        state,
+        explain,
+        budget,
     )
     backend = selection.choice.backend
     body = {**prepared.body, "model": backend.upstream_model}
-    if body.get("stream") is True:
+    if body.get("stream") is True and api_of_path(prepared.path) == OPENAI_API:
         # Usage is how spend is counted: ask for it in streams too (clients ignore the extra chunk).
         options = body.get("stream_options")
         body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}

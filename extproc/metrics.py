@@ -57,6 +57,13 @@ class Metrics:
             ["provider", "model", "flag"],
             registry=r,
         )
+        self.translations = Counter(
+            "signalbox_translations",
+            "Upstream attempts translated between API families (client API, backend API), by outcome "
+            '("ok", or the code of the refusal, e.g. "unsupported_feature").',
+            ["from_api", "to_api", "outcome"],
+            registry=r,
+        )
         self.cooldowns = Counter(
             "signalbox_backend_cooldowns",
             "Cooldowns started: a backend left out of new requests for a while, by why (rate_limited: a 429; "

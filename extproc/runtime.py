@@ -14,7 +14,7 @@ from pathlib import Path
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.budget import HOLD_SLACK_SECONDS, Budget
-from signalbox.core.errors import ConfigVersionError
+from signalbox.core.errors import ANTHROPIC_API, OPENAI_API, ConfigVersionError
 from signalbox.core.schema import SCHEMA_VERSION, STRATEGY_NAMES
 from signalbox.core.secrets import SecretValue
 
@@ -61,6 +61,8 @@ class ProviderRuntime:
     # Declared auth whose key could not be read (Secret not synced, env variable unset, file
     # unreadable): its backends are not routed to, never sent keyless.
     key_missing: bool = False
+    # The API family it speaks ("openai" or "anthropic"): a client of the other is translated.
+    api: str = OPENAI_API
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +190,7 @@ class RuntimeTable:
                 auth_header=p.auth.header if has_auth else "",
                 auth_value=_with_prefix(p.auth.prefix, key) if has_auth else None,
                 key_missing=has_auth and key is None,
+                api=ANTHROPIC_API if p.type == pb.ANTHROPIC else OPENAI_API,
             )
         backends = [
             BackendRuntime(

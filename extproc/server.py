@@ -21,10 +21,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from signalbox.core import budget
-from signalbox.core.envoygen.contract import BODY_MODEL_KEY, EMPTY_BODY
+from signalbox.core.envoygen.contract import BODY_MODEL_KEY, EMPTY_BODY, api_of_path
 from signalbox.core.errors import InternalError, MalformedRequest, RequestError
 
-from . import decide, strategies, wire
+from . import decide, strategies, upstream, wire
 from .accesslog import AccessLogSink
 from .classify import Classification
 from .decisions import DecisionSigner
@@ -137,6 +137,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     headers = wire.attribute_headers(request)
                 else:
                     headers = wire.header_map(request.request_headers)
+                    if upstream.is_translation(headers):
+                        async for response in upstream.translate(request, request_iterator, self.metrics):
+                            answered = answered or response.WhichOneof("response") == "immediate_response"
+                            yield response
+                        return
                 async for response in self._router(request, headers, request_iterator):
                     answered = answered or _ends_request_phase(response)
                     yield response
@@ -148,7 +153,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 log.exception("internal error while routing request %s", request_id or "(no id)")
                 self.metrics.internal_errors.inc()
                 if not answered:
-                    yield wire.immediate_error(InternalError(request_id))
+                    yield wire.immediate_error(InternalError(request_id), api=api_of_path(headers.get(":path", "")))
             return
 
     async def _router(
@@ -224,7 +229,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             self.metrics.requests.labels(
                 policy.name if policy else "none", "none", "none", "none", "none", err.code
             ).inc()
-            yield wire.immediate_error(err, policy.name if policy else "")
+            yield wire.immediate_error(err, policy.name if policy else "", api=api_of_path(path))
 
 
 async def serve(

@@ -117,6 +117,9 @@ class RequestContext:
     features: Features
     classification: Classification
     hash_key: str
+    # API family -> why this request cannot be sent to a backend of it (e.g. "'n' other than 1
+    # ...", from the translation): such backends are not eligible.
+    refused_apis: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,10 +296,13 @@ def eligible(
     kept: list[Choice] = []
     notes: list[tuple[str, bool, str]] = []
     healthy = {c.backend.id for c in policy.choices}
+    refused = ctx.refused_apis
     for c in policy.choices:
         missing = needed - c.backend.capabilities
         if missing:
             notes.append((c.backend.id, False, f"lacks {','.join(sorted(missing))}"))
+        elif c.backend.provider.api in refused:
+            notes.append((c.backend.id, False, refused[c.backend.provider.api]))
         elif want_tokens > c.backend.context_window:
             notes.append((c.backend.id, False, f"context {c.backend.context_window} < {want_tokens} tokens"))
         else:

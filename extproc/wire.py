@@ -116,11 +116,12 @@ def immediate(
     )
 
 
-def immediate_error(err: RequestError, policy: str = "") -> ep.ProcessingResponse:
-    """Every refusal as an OpenAI-style JSON error, with the gateway's headers set."""
+def immediate_error(err: RequestError, policy: str = "", api: str = "") -> ep.ProcessingResponse:
+    """Every refusal as a JSON error in the client's API (`api`, OpenAI's by default), with the
+    gateway's headers set."""
     return immediate(
         err.status,
-        err.body(),
+        err.body_for(api),
         [
             ("x-signalbox-provider", "none"),
             ("x-signalbox-model", "none"),

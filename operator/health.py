@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from signalbox.core.envoygen.contract import ANTHROPIC_VERSION
 from signalbox.core.models import AIProviderSpec, ProviderType
 from signalbox.core.secrets import SecretValue
 
@@ -31,10 +32,10 @@ async def probe(spec: AIProviderSpec, key: SecretValue | None, client: httpx.Asy
     url = spec.base_url + spec.health_check.path
     headers = {}
     if spec.auth and key is not None:
-        azure = spec.type == ProviderType.AZURE_OPENAI
-        header = spec.auth.header or ("api-key" if azure else "Authorization")
-        prefix = spec.auth.prefix if spec.auth.prefix is not None else ("" if azure else "Bearer ")
+        header, prefix = spec.key_header()
         headers[header] = prefix + key.reveal()
+    if spec.type == ProviderType.ANTHROPIC:
+        headers["anthropic-version"] = ANTHROPIC_VERSION
     params = {"api-version": spec.azure.api_version} if spec.azure else None
     started = time.monotonic()
     try:

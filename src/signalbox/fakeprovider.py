@@ -1,15 +1,18 @@
-"""An OpenAI-compatible fake provider for the quickstart, tests and benchmarks.
+"""A fake LLM provider for the quickstart, tests and benchmarks, speaking OpenAI's API and
+Anthropic's Messages API.
 
 It answers chat/completions/embeddings/models on any base path (so OpenAI, vLLM and Azure
-deployment paths all work), names itself in every answer (`x-fake-provider` header and
-`system_fingerprint`), and records what arrived (path, headers, model) so a test can prove
-where a request went and with which credentials.
+deployment paths all work) and `/messages` as Anthropic does (its answers, stream events, error
+shapes, `x-api-key`), checks each request against the official SDKs' own type models (a field
+or content block the API does not define is the provider's 400), names itself in every answer
+(`x-fake-provider` header and `system_fingerprint`), and records what arrived (path, headers,
+model, body) so a test can prove where a request went, in what shape, with which credentials.
 
 Steering: per server with `POST /_fake/behaviour` {"status": 500, "delay_ms": 0,
 "api_key": "...", "fault": {...}}; per request with headers `x-fake-status` / `x-fake-delay-ms`
 / `x-fake-fault: <JSON of a Fault>`, optionally limited to one server by `x-fake-only: <id>`.
 `stream: true` answers with server-sent events, `x-fake-chunks` of them,
-`x-fake-chunk-delay-ms` apart.
+`x-fake-chunk-delay-ms` apart. `x-fake-tool-call: <name>` answers with a call of that tool.
 
 Faults (`Fault`) are the ways real providers misbehave: errors with and without `Retry-After`,
 a reset before any header, no answer at all, a slow first token, a stream that stalls or is cut
@@ -23,14 +26,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import sys
 import time
+import typing
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import typing_extensions
 from aiohttp import web
 
 FAULT_KINDS = ("", "reset", "hang", "stall", "cut", "malformed", "no_done", "context_length", "content_filter")
@@ -78,6 +84,8 @@ class Behaviour:
     # When set, the assistant's answer (e.g. JSON for a classifier); else it names server and model.
     content: str = ""
     fault: dict[str, Any] | None = None
+    # OpenAI requests checked against the SDK's type models too (Anthropic's always are).
+    strict: bool = False
 
 
 def _fault(raw: dict[str, Any] | None) -> Fault:
@@ -85,6 +93,81 @@ def _fault(raw: dict[str, Any] | None) -> Fault:
     if fault.kind not in FAULT_KINDS:
         raise ValueError(f"unknown fault kind {fault.kind!r}")
     return fault
+
+
+# ---------------------------------------------------------------- the published request shapes
+
+
+@functools.cache
+def _shapes() -> dict[str, Any] | None:
+    """What each API accepts, from the official SDKs' own type models (top-level fields, message
+    roles, content block types); None when the SDKs are not installed (the fake then checks
+    nothing, as in a bare `signalbox up`)."""
+    try:
+        from anthropic.types import MessageParam, ToolResultBlockParam
+        from anthropic.types.message_create_params import MessageCreateParamsStreaming
+        from openai.types.chat.completion_create_params import CompletionCreateParamsStreaming
+    except ImportError:
+        return None
+    roles: set[str] = set()
+    blocks: set[str] = set()
+    for message in typing.get_args(MessageParam):
+        hints = typing.get_type_hints(message)
+        roles |= _literals(hints["role"])
+        blocks |= _literal_types(hints["content"])
+    blocks |= _literal_types(typing.get_type_hints(ToolResultBlockParam)["content"])
+    return {
+        "anthropic": set(typing.get_type_hints(MessageCreateParamsStreaming)),
+        "anthropic_roles": roles,
+        "anthropic_blocks": blocks,
+        "openai": set(typing.get_type_hints(CompletionCreateParamsStreaming)),
+    }
+
+
+def _literal_types(annotation: Any) -> set[str]:
+    """The `type` literals of every TypedDict inside a union/iterable annotation."""
+    if isinstance(annotation, type) and typing_extensions.is_typeddict(annotation):
+        kind = typing.get_type_hints(annotation).get("type")
+        return _literals(kind) if kind is not None else set()
+    out: set[str] = set()
+    for arg in typing.get_args(annotation):
+        out |= _literal_types(arg)
+    return out
+
+
+def _literals(annotation: Any) -> set[str]:
+    """The strings of a Literal, also inside Required[...] / unions."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return {a for a in typing.get_args(annotation) if isinstance(a, str)}
+    out: set[str] = set()
+    for arg in typing.get_args(annotation):
+        out |= _literals(arg)
+    return out
+
+
+def request_problems(api: str, body: dict[str, Any]) -> list[str]:
+    """Why a provider of `api` would refuse this request body ([] when it would not)."""
+    shapes = _shapes()
+    if shapes is None:
+        return []
+    problems = [f"unknown field {k!r}" for k in sorted(body) if k not in shapes[api]]
+    if api == "openai":
+        return problems
+    for name in ("model", "max_tokens", "messages"):
+        if name not in body:
+            problems.append(f"{name}: Field required")
+    for i, message in enumerate(body.get("messages") or []):
+        if not isinstance(message, dict) or message.get("role") not in shapes["anthropic_roles"]:
+            problems.append(f"messages.{i}.role: not one of {sorted(shapes['anthropic_roles'])}")
+            continue
+        content = message.get("content")
+        blocks = content if isinstance(content, list) else []
+        for j, block in enumerate(blocks):
+            nested = block.get("content") if isinstance(block, dict) else None
+            for b in [block, *(nested if isinstance(nested, list) else [])]:
+                if not isinstance(b, dict) or b.get("type") not in shapes["anthropic_blocks"]:
+                    problems.append(f"messages.{i}.content.{j}: unknown block {b!r}")
+    return problems
 
 
 class FakeProvider:
@@ -135,14 +218,25 @@ class FakeProvider:
         key = self.behaviour.api_key
         if not key:
             return True
+        if _api(request) == "anthropic":
+            return request.headers.get("x-api-key") == key
         return request.headers.get("authorization") == f"Bearer {key}" or request.headers.get("api-key") == key
 
     def _error(
-        self, status: int, message: str, code: str = "", kind: str = "fake_error", headers: dict[str, str] | None = None
+        self,
+        status: int,
+        message: str,
+        code: str = "",
+        kind: str = "fake_error",
+        headers: dict[str, str] | None = None,
+        api: str = "openai",
     ) -> web.Response:
-        body = {
-            "error": {"message": f"[{self.ident}] {message}", "type": kind, "param": None, "code": code or str(status)}
-        }
+        text = f"[{self.ident}] {message}"
+        if api == "anthropic":
+            anthropic_kind = kind if kind == "invalid_request_error" else ANTHROPIC_ERRORS.get(status, "api_error")
+            body: dict[str, Any] = {"type": "error", "error": {"type": anthropic_kind, "message": text}}
+        else:
+            body = {"error": {"message": text, "type": kind, "param": None, "code": code or str(status)}}
         return web.json_response(body, status=status, headers={"x-fake-provider": self.ident, **(headers or {})})
 
     def _headers(self, fault: Fault) -> dict[str, str]:
@@ -164,18 +258,19 @@ class FakeProvider:
             raise asyncio.CancelledError
         if fault.kind == "hang":
             await asyncio.sleep(HANG_SECONDS)
+        api = _api(request)
         if not self._authorized(request):
-            return self._error(401, "missing or wrong API key")
+            return self._error(401, "missing or wrong API key", api=api)
         if fault.kind in REFUSALS:
             code, message = REFUSALS[fault.kind]
-            return self._error(400, message, code=code, kind="invalid_request_error")
+            return self._error(400, message, code=code, kind="invalid_request_error", api=api)
         if status != 200:
             headers = {}
             if fault.retry_after:
                 headers["retry-after"] = fault.retry_after
             if fault.retry_after_ms:
                 headers["retry-after-ms"] = str(fault.retry_after_ms)
-            return self._error(status, f"steered to fail with {status}", headers=headers)
+            return self._error(status, f"steered to fail with {status}", headers=headers, api=api)
         return None
 
     async def handle_get(self, request: web.Request) -> web.Response:
@@ -198,15 +293,20 @@ class FakeProvider:
             body = json.loads(raw)
         except json.JSONDecodeError:
             return self._error(400, "body is not JSON")
+        if not isinstance(body, dict):
+            return self._error(400, "body is not a JSON object")
+        api = _api(request)
         self.count += 1
         self.requests.append(
             {
                 "at": time.time(),
                 "path": request.path_qs,
                 "headers": dict(request.headers),
+                "api": api,
                 "model": body.get("model"),
                 "stream": bool(body.get("stream")),
                 "stream_options": body.get("stream_options"),
+                "body": body,
             }
         )
         steered = self._steer(request)
@@ -214,7 +314,18 @@ class FakeProvider:
         refusal = await self._refusal(request, steered)
         if refusal is not None:
             return refusal
+        if request.path.endswith(("/chat/completions", "/messages")):
+            problems = request_problems(api, body) if api == "anthropic" or self.behaviour.strict else []
+            if api == "anthropic" and not request.headers.get("anthropic-version"):
+                problems.append("anthropic-version: header required")
+            if problems:
+                return self._error(400, "; ".join(problems), kind="invalid_request_error", api=api)
         model = body.get("model", "")
+        tool = request.headers.get("x-fake-tool-call", "")
+        if api == "anthropic":
+            if body.get("stream"):
+                return await self._anthropic_stream(request, model, fault, tool)
+            return web.json_response(self._anthropic_answer(model, tool), headers=self._headers(fault))
         if request.path.endswith("/embeddings"):
             return web.json_response(
                 {
@@ -228,13 +339,22 @@ class FakeProvider:
         if body.get("stream"):
             return await self._stream(request, body, model, fault)
         content = self.behaviour.content or f"[{self.ident}] answer from {model}"
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if tool:
+            message["tool_calls"] = [
+                {
+                    "id": f"call_{self.count}",
+                    "type": "function",
+                    "function": {"name": tool, "arguments": TOOL_ARGUMENTS},
+                }
+            ]
         answer = {
             "id": f"chatcmpl-{self.ident}-{self.count}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
             "system_fingerprint": self.ident,
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+            "choices": [{"index": 0, "finish_reason": "tool_calls" if tool else "stop", "message": message}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17},
         }
         if fault.first_token_ms:
@@ -284,6 +404,87 @@ class FakeProvider:
         await response.write_eof()
         return response
 
+    def _anthropic_answer(self, model: str, tool: str) -> dict[str, Any]:
+        content: list[dict[str, Any]] = [
+            {"type": "text", "text": self.behaviour.content or f"[{self.ident}] answer from {model}"}
+        ]
+        if tool:
+            content.append(
+                {"type": "tool_use", "id": f"toolu_{self.count}", "name": tool, "input": json.loads(TOOL_ARGUMENTS)}
+            )
+        return {
+            "id": f"msg_{self.ident}_{self.count}",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": content,
+            "stop_reason": "tool_use" if tool else "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": 7},
+        }
+
+    async def _anthropic_stream(self, request: web.Request, model: str, fault: Fault, tool: str) -> web.StreamResponse:
+        """Anthropic's event sequence: message_start, a text block of `x-fake-chunks` deltas (and
+        a tool_use block when steered), message_delta with the usage, message_stop."""
+        chunks = int(request.headers.get("x-fake-chunks", 5))
+        gap = int(request.headers.get("x-fake-chunk-delay-ms", 0)) / 1000
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", **self._headers(fault)})
+        await response.prepare(request)
+        if fault.first_token_ms:
+            await asyncio.sleep(fault.first_token_ms / 1000)
+
+        async def send(name: str, data: dict[str, Any]) -> None:
+            await response.write(f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode())
+
+        message = {**self._anthropic_answer(model, ""), "content": [], "stop_reason": None}
+        message["usage"] = {"input_tokens": 10, "output_tokens": 1}
+        await send("message_start", {"message": message})
+        await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+        for i in range(chunks):
+            if i == fault.after and fault.kind in ("stall", "cut"):
+                if fault.kind == "stall":
+                    await asyncio.sleep(HANG_SECONDS)
+                assert request.transport is not None
+                request.transport.abort()
+                raise asyncio.CancelledError
+            await send("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": f"chunk{i} "}})
+            if gap:
+                await asyncio.sleep(gap)
+        await send("content_block_stop", {"index": 0})
+        if tool:
+            block = {"type": "tool_use", "id": f"toolu_{self.count}", "name": tool, "input": {}}
+            await send("content_block_start", {"index": 1, "content_block": block})
+            delta = {"type": "input_json_delta", "partial_json": TOOL_ARGUMENTS}
+            await send("content_block_delta", {"index": 1, "delta": delta})
+            await send("content_block_stop", {"index": 1})
+        stop = {"stop_reason": "tool_use" if tool else "end_turn", "stop_sequence": None}
+        await send("message_delta", {"delta": stop, "usage": {"output_tokens": chunks}})
+        if fault.kind != "no_done":
+            await send("message_stop", {})
+        await response.write_eof()
+        return response
+
+
+def _api(request: web.Request) -> str:
+    """Anthropic's Messages API on `/messages` (and its `/models` with x-api-key), else OpenAI's."""
+    if request.path.endswith("/messages"):
+        return "anthropic"
+    return "anthropic" if "x-api-key" in request.headers and "anthropic-version" in request.headers else "openai"
+
+
+# Anthropic's error type for a status (its API reference, "Errors").
+ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+# The arguments of every steered tool call.
+TOOL_ARGUMENTS = '{"city": "Paris"}'
 
 BACKLOG = 8192
 

@@ -14,18 +14,26 @@
 --   key_header  the header Envoy's credential injector set before this filter, "" if keyless
 --   larger_after  true when a later member of this chain has a larger context window
 --   sanitize    true when its streams pass on whole, well-formed events only
+--   api         the API family it speaks: "openai" or "anthropic"
 -- and ERRORS, the gateway's error bodies (from signalbox.core.errors) by name, each with its
--- status and code; RETRY_HEADER, the response header the route's retry policy retries on, and
+-- status, code and the body in each client API (`body`: OpenAI's, `anthropic`);
+-- TRANSLATE_HEADER, which marks an attempt whose backend speaks another API than the client
+-- (the upstream-phase ext_proc, skipped on every other attempt, translates it); RETRY_HEADER, the response header the route's retry policy retries on, and
 -- ATTEMPT_NS, the dynamic metadata namespace this script keeps its per-attempt notes in.
 -- The client's path comes from dynamic metadata (header_to_metadata on the listener): the
 -- request headers are one map shared by every attempt, so `:path` already holds the previous
 -- attempt's rewrite. The body is the router's buffered copy, fresh for every attempt.
 -- Nothing here reads or writes a key: it only checks that one was added.
 
-local function refuse(handle, name)
+-- The client's API family by the path it called, and the path below a provider's base URL of
+-- each family's generation endpoint.
+local CLIENT_APIS = {["/v1/messages"] = "anthropic", ["/v1/chat/completions"] = "openai"}
+local API_PATHS = {openai = "/chat/completions", anthropic = "/messages"}
+
+local function refuse(handle, name, api)
   local e = ERRORS[name]
-  handle:respond({[":status"] = e.status, ["content-type"] = "application/json",
-                  ["x-signalbox-reason"] = e.code}, e.body)
+  handle:respond({[":status"] = e.status, ["content-type"] = "application/json", ["x-signalbox-reason"] = e.code},
+                 api == "anthropic" and e.anthropic or e.body)
 end
 
 -- JSON scanning: just enough to find the top-level members of an object without decoding it.
@@ -115,9 +123,9 @@ local function with_usage(s, vs, ve)
   return string.sub(value, 1, close - 1) .. sep .. USAGE .. string.sub(value, close)
 end
 
--- The body with every top-level "model" set to model_json and, for a stream, usage asked
--- for; nil and the name of an error in ERRORS when it cannot be rewritten safely.
-function rewrite_body(s, model_json)
+-- The body with every top-level "model" set to model_json and, for an OpenAI stream (`usage`),
+-- usage asked for; nil and the name of an error in ERRORS when it cannot be rewritten safely.
+function rewrite_body(s, model_json, usage)
   local list, close = members(s, 1)
   if list == nil then return nil, "not_object" end
   local edits = {} -- {value start, index after value, replacement}, in body order
@@ -130,8 +138,8 @@ function rewrite_body(s, model_json)
       edits[#edits + 1] = {m.vs, m.ve, model_json}
       found = true
     elseif m.key == "stream" then
-      streaming = string.sub(s, m.vs, m.ve - 1) == "true"
-    elseif m.key == "stream_options" then
+      streaming = usage and string.sub(s, m.vs, m.ve - 1) == "true"
+    elseif m.key == "stream_options" and usage then
       has_options = true
       edits[#edits + 1] = {m.vs, m.ve, nil}
     end
@@ -157,23 +165,39 @@ end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
+  local meta = handle:streamInfo():dynamicMetadata():get(NS) or {}
+  local client = meta[CLIENT_PATH_KEY] or headers:get(":path")
+  local bare, query = string.match(client, "^([^?]*)%??(.*)$")
+  local api = CLIENT_APIS[string.gsub(bare, "/$", "")]
   local BACKEND = BACKENDS[headers:get(ATTEMPT_HEADER) or ""]
   if BACKEND == nil then
-    refuse(handle, "no_backend") -- a config in transition: a 5xx, the chain moves on
+    refuse(handle, "no_backend", api) -- a config in transition: a 5xx, the chain moves on
     return
   end
   if BACKEND.key_header ~= "" then
     local key = headers:get(BACKEND.key_header)
     if key == nil or key == "" then
-      refuse(handle, "key_unavailable") -- a 5xx: the next backend of the chain is tried
+      refuse(handle, "key_unavailable", api) -- a 5xx: the next backend of the chain is tried
       return
     end
   end
-  local meta = handle:streamInfo():dynamicMetadata():get(NS) or {}
-  local client = meta[CLIENT_PATH_KEY] or headers:get(":path")
-  local bare, query = string.match(client, "^([^?]*)%??(.*)$")
   local rest = bare
   if string.sub(bare, 1, 4) == "/v1/" then rest = string.sub(bare, 4) end
+  if api ~= nil and api ~= BACKEND.api then
+    -- Another API family: the upstream-phase ext_proc translates this attempt.
+    rest = API_PATHS[BACKEND.api]
+    headers:replace(TRANSLATE_HEADER, api .. ">" .. BACKEND.api)
+  elseif api == nil and BACKEND.api ~= "openai" then
+    -- Completions and embeddings exist in OpenAI's API only (the router phase never picks such
+    -- a backend first for them; a later member of a chain can still meet one).
+    refuse(handle, "other_api", "openai")
+    return
+  else
+    headers:remove(TRANSLATE_HEADER)
+  end
+  if BACKEND.api == "anthropic" and headers:get("anthropic-version") == nil then
+    headers:replace("anthropic-version", ANTHROPIC_VERSION)
+  end
   if BACKEND.query ~= "" then
     query = (query ~= "" and (query .. "&") or "") .. BACKEND.query
   end
@@ -190,9 +214,10 @@ function envoy_on_request(handle)
   end
   local body = handle:body()
   if body == nil then return end
-  local text, why = rewrite_body(body:getBytes(0, body:length()), BACKEND.model_json)
+  local usage = api ~= "anthropic" and BACKEND.api == "openai"
+  local text, why = rewrite_body(body:getBytes(0, body:length()), BACKEND.model_json, usage)
   if text == nil then
-    refuse(handle, why)
+    refuse(handle, why, api)
     return
   end
   body:setBytes(text)

@@ -30,7 +30,9 @@ _PROVIDER_TYPES = {
     ProviderType.OPENAI: pb.OPENAI,
     ProviderType.AZURE_OPENAI: pb.AZURE_OPENAI,
     ProviderType.OPENAI_COMPATIBLE: pb.OPENAI_COMPATIBLE,
+    ProviderType.ANTHROPIC: pb.ANTHROPIC,
 }
+
 STRATEGIES: dict[Strategy, Any] = {s: pb.Strategy.Value(s.name) for s in Strategy}
 _TRISTATE = {None: 0, True: 1, False: 2}
 
@@ -103,8 +105,9 @@ def compile_config(
     if problems:
         return CompileResult(None, problems)
     shared = Counter(alias for p in cfg.policies for alias in p.aliases)
+    anthropic = {p.id for p in cfg.providers if p.type == pb.ANTHROPIC}
     for out in cfg.policies:
-        out.compiled = compilable(cfg, out, shared)
+        out.compiled = compilable(cfg, out, shared, anthropic)
     cfg.content_hash = content_hash(cfg)
     return CompileResult(cfg, [])
 
@@ -142,8 +145,7 @@ def _add_provider(cfg, prov: AIProvider, secrets_present, problems, backend_inde
     )
     if spec.auth:
         a = spec.auth
-        out.auth.header = (a.header or ("api-key" if azure else "authorization")).lower()
-        out.auth.prefix = a.prefix if a.prefix is not None else ("" if azure else "Bearer ")
+        out.auth.header, out.auth.prefix = spec.key_header()
         if a.secret_ref:
             out.auth.secret.CopyFrom(
                 pb.SecretRef(namespace=meta.namespace, name=a.secret_ref.name, key=a.secret_ref.key)
@@ -376,13 +378,19 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
 COMPILED_STRATEGIES = frozenset({pb.WEIGHTED, pb.ROUND_ROBIN, pb.FAILOVER, pb.FASTEST})
 
 
-def compilable(cfg: pb.RoutingConfig, policy: pb.Policy, alias_uses: Counter[str] | None = None) -> bool:
+def compilable(
+    cfg: pb.RoutingConfig,
+    policy: pb.Policy,
+    alias_uses: Counter[str] | None = None,
+    anthropic: set[str] | None = None,
+) -> bool:
     """Whether Envoy can route this policy alone, with the same outcome the ext_proc would give.
 
     Not when the choice reads the prompt or state only the ext_proc has (cost, classified,
     latency, least-busy, hash; a budget; learning; the LLM tier), when the policy is picked by
     headers or paths as well as its alias (or shares an alias), or when its healthy backends
-    differ in capabilities or context window: then the prompt decides which are eligible.
+    differ in capabilities, context window or API family: then the prompt decides which are
+    eligible (what one API family cannot express, another may).
     """
     if policy.strategy not in COMPILED_STRATEGIES or policy.learning or policy.HasField("budget"):
         return False
@@ -395,7 +403,16 @@ def compilable(cfg: pb.RoutingConfig, policy: pb.Policy, alias_uses: Counter[str
         return False
     if policy.strategy == pb.WEIGHTED and not any(b.weight for b in live):
         return False
-    shapes = {(frozenset(cfg.backends[b.backend].capabilities), cfg.backends[b.backend].context_window) for b in live}
+    if anthropic is None:
+        anthropic = {p.id for p in cfg.providers if p.type == pb.ANTHROPIC}
+    shapes = {
+        (
+            frozenset(cfg.backends[b.backend].capabilities),
+            cfg.backends[b.backend].context_window,
+            cfg.backends[b.backend].provider_id in anthropic,
+        )
+        for b in live
+    }
     return len(shapes) == 1
 
 

@@ -75,6 +75,13 @@ class RequestError(SignalboxError):
     def body(self) -> bytes:
         return openai_error_body(self.message, self.error_type, self.code, self.param)
 
+    def body_for(self, api: str) -> bytes:
+        """The body in the client's own API shape: `api` is "anthropic" for Anthropic Messages
+        clients (`/v1/messages`), anything else for OpenAI's."""
+        if api == ANTHROPIC_API:
+            return anthropic_error_body(self.message, self.status)
+        return self.body()
+
 
 class MalformedRequest(RequestError):
     status, code = 400, "invalid_json"
@@ -90,6 +97,13 @@ class UnknownModel(RequestError):
 
 class PayloadTooLarge(RequestError):
     status, code = 413, "request_too_large"
+
+
+class UnsupportedFeature(RequestError):
+    """The request uses something the chosen backend's API cannot express (e.g. `n > 1` on an
+    Anthropic backend); the error names it. Other backends of the chain are tried first."""
+
+    status, code = 400, "unsupported_feature"
 
 
 class Forbidden(RequestError):
@@ -143,5 +157,35 @@ def openai_error_body(message: str, error_type: str, code: str, param: str | Non
     """The JSON body OpenAI clients parse into `openai.APIStatusError`."""
     return json.dumps(
         {"error": {"message": message, "type": error_type, "param": param, "code": code}},
+        separators=(",", ":"),
+    ).encode()
+
+
+# The API families the gateway speaks, by the name the data plane uses for them.
+OPENAI_API, ANTHROPIC_API = "openai", "anthropic"
+
+# Anthropic's error `type` for each status (its API reference, "Errors").
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_type(status: int) -> str:
+    if status in _ANTHROPIC_ERROR_TYPES:
+        return _ANTHROPIC_ERROR_TYPES[status]
+    return "invalid_request_error" if 400 <= status < 500 else "api_error"
+
+
+def anthropic_error_body(message: str, status: int) -> bytes:
+    """The JSON body Anthropic clients parse into `anthropic.APIStatusError`."""
+    return json.dumps(
+        {"type": "error", "error": {"type": anthropic_error_type(status), "message": message}},
         separators=(",", ":"),
     ).encode()

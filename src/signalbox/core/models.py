@@ -31,6 +31,14 @@ class ProviderType(StrEnum):
     OPENAI = "openai"
     AZURE_OPENAI = "azure-openai"
     OPENAI_COMPATIBLE = "openai-compatible"
+    ANTHROPIC = "anthropic"
+
+
+# Where each provider type expects its key when `auth` names no header: (header, prefix).
+_KEY_HEADERS = {
+    ProviderType.AZURE_OPENAI: ("api-key", ""),
+    ProviderType.ANTHROPIC: ("x-api-key", ""),
+}
 
 
 class Capability(StrEnum):
@@ -118,11 +126,12 @@ class ProviderAuth(Spec):
     file: str | None = Field(None, description="File whose content is the key (local runs).")
     header: str | None = Field(
         None,
-        description="Request header that carries the key. Default: `Authorization` (`api-key` for azure-openai).",
+        description="Request header that carries the key. Default: `Authorization` (`api-key` for azure-openai, "
+        "`x-api-key` for anthropic).",
     )
     prefix: str | None = Field(
         None,
-        description="Text put before the key in the header. Default: `Bearer ` (empty for azure-openai).",
+        description="Text put before the key in the header. Default: `Bearer ` (empty for azure-openai and anthropic).",
     )
 
     @model_validator(mode="after")
@@ -185,10 +194,15 @@ class AIProviderSpec(Spec):
 
     type: ProviderType = Field(
         ProviderType.OPENAI_COMPATIBLE,
-        description="API dialect: openai, azure-openai (deployment paths, api-key header) or "
-        "openai-compatible (vLLM, Ollama, Together, Groq, Gemini/Anthropic OpenAI endpoints).",
+        description="API dialect: openai, azure-openai (deployment paths, api-key header), "
+        "openai-compatible (vLLM, Ollama, Together, Groq, Gemini's OpenAI endpoint) or anthropic "
+        "(Messages API, x-api-key header). Clients of either API reach backends of any type: "
+        "requests, answers, errors and streams are translated per attempt.",
     )
-    base_url: str = Field(description="URL that `/chat/completions` is appended to, e.g. https://api.openai.com/v1.")
+    base_url: str = Field(
+        description="URL that `/chat/completions` (anthropic: `/messages`) is appended to, e.g. "
+        "https://api.openai.com/v1 or https://api.anthropic.com/v1."
+    )
     auth: ProviderAuth | None = Field(None, description="Where the API key comes from.")
     azure: AzureSpec | None = Field(None, description="Azure OpenAI settings (type azure-openai).")
     models: list[ModelSpec] = Field(min_length=1, description="Models this provider serves.")
@@ -209,6 +223,13 @@ class AIProviderSpec(Spec):
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             raise ValueError("baseUrl must be an http:// or https:// URL with a host and no query or fragment")
         return value.rstrip("/")
+
+    def key_header(self) -> tuple[str, str]:
+        """(header, prefix) the key is sent in: `auth`'s own, else the type's default."""
+        header, prefix = _KEY_HEADERS.get(self.type, ("authorization", "Bearer "))
+        if self.auth is None:
+            return header, prefix
+        return (self.auth.header or header).lower(), self.auth.prefix if self.auth.prefix is not None else prefix
 
     @model_validator(mode="after")
     def _unique_models(self) -> AIProviderSpec:

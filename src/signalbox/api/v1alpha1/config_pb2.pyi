@@ -13,6 +13,7 @@ class ProviderType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OPENAI: _ClassVar[ProviderType]
     AZURE_OPENAI: _ClassVar[ProviderType]
     OPENAI_COMPATIBLE: _ClassVar[ProviderType]
+    ANTHROPIC: _ClassVar[ProviderType]
 
 class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -30,6 +31,7 @@ PROVIDER_TYPE_UNSPECIFIED: ProviderType
 OPENAI: ProviderType
 AZURE_OPENAI: ProviderType
 OPENAI_COMPATIBLE: ProviderType
+ANTHROPIC: ProviderType
 STRATEGY_UNSPECIFIED: Strategy
 WEIGHTED: Strategy
 ROUND_ROBIN: Strategy

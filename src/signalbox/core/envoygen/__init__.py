@@ -38,6 +38,7 @@ from .clusters import (
 from .contract import (
     ADMIN_CLUSTER,
     ALIAS_KEY,
+    ANTHROPIC_VERSION,
     API_PATHS,
     ATTEMPT_HEADER,
     BODY_MODEL_KEY,
@@ -58,6 +59,7 @@ from .contract import (
     PATH_HEADER,
     ROUTED_PATHS,
     ROUTER_ATTRIBUTES,
+    TRANSLATE_HEADER,
     models_listing,
     too_large_message,
 )
@@ -78,6 +80,7 @@ from .options import STREAM_LIMITS, GatewayOptions
 __all__ = [
     "ADMIN_CLUSTER",
     "ALIAS_KEY",
+    "ANTHROPIC_VERSION",
     "API_PATHS",
     "ATTEMPT_ERRORS",
     "ATTEMPT_HEADER",
@@ -102,6 +105,7 @@ __all__ = [
     "ROUTED_PATHS",
     "ROUTER_ATTRIBUTES",
     "STREAM_LIMITS",
+    "TRANSLATE_HEADER",
     "GatewayOptions",
     "accounting_log",
     "attempt_settings",

@@ -1,6 +1,7 @@
 """Clusters: one per backend, one aggregate per distinct target (a failover chain), and the upstream
 filters every attempt runs: the picked backend's key and its path, authority and body model,
-all by Envoy (no Python on any attempt)."""
+all by Envoy (no Python on an attempt whose backend speaks the client's API; the others are
+translated by the upstream-phase ext_proc)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
 from .contract import (
+    ANTHROPIC_VERSION,
     ATTEMPT_HEADER,
     ATTEMPT_NS,
     BACKEND_HEALTH_PATH,
@@ -24,8 +26,9 @@ from .contract import (
     GATEWAY_HEADERS,
     METADATA_NS,
     RETRY_HEADER,
+    TRANSLATE_HEADER,
 )
-from .options import STREAM_LIMITS, GatewayOptions, _address, _any, _ms
+from .options import STREAM_LIMITS, GatewayOptions, _address, _any, _grpc_service, _ms
 
 
 def _compact(lua: str) -> str:
@@ -278,7 +281,12 @@ _LUA_PLAIN = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII but for `"` and `\`
 
 
 def _error(err: errors.RequestError) -> dict[str, Any]:
-    return {"status": str(err.status), "code": err.code, "body": err.body().decode()}
+    return {
+        "status": str(err.status),
+        "code": err.code,
+        "body": err.body().decode(),
+        "anthropic": err.body_for(errors.ANTHROPIC_API).decode(),
+    }
 
 
 # What an attempt can be refused with, in the client's API shape (one error tree: core.errors).
@@ -287,6 +295,9 @@ ATTEMPT_ERRORS = {
     "escaped_name": _error(errors.MalformedRequest("member names with escape sequences are not supported")),
     "no_model": _error(errors.MalformedRequest("request body has no 'model'")),
     "no_backend": _error(errors.RoutingUnavailable("the routing config is changing; try again")),
+    "other_api": _error(
+        errors.UnsupportedFeature("this endpoint exists in OpenAI's API only, and this backend speaks Anthropic's")
+    ),
     "key_unavailable": _error(
         errors.ProviderKeyUnavailable("a backend cannot be tried: its provider's API key cannot be read by the gateway")
     ),
@@ -309,6 +320,7 @@ def attempt_settings(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
         "authority": provider.host if provider.port == default_port else f"{provider.host}:{provider.port}",
         "key_header": (provider.auth.header or "authorization").lower() if provider.HasField("auth") else "",
         "sanitize": provider.sanitize_streams,
+        "api": errors.ANTHROPIC_API if provider.type == pb.ANTHROPIC else errors.OPENAI_API,
     }
 
 
@@ -334,6 +346,8 @@ def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
         "BODY_MODEL_KEY": BODY_MODEL_KEY,
         "RETRY_HEADER": RETRY_HEADER,
         "ATTEMPT_NS": ATTEMPT_NS,
+        "TRANSLATE_HEADER": TRANSLATE_HEADER,
+        "ANTHROPIC_VERSION": ANTHROPIC_VERSION,
     }
     return f"{_attempt_prelude(tuple(names.items()))}BACKENDS = {lua_literal(settings)}\n{_ATTEMPT_CODE}"
 
@@ -375,8 +389,12 @@ def _attempt_filter(members: list[pb.Backend], providers: dict[str, pb.Provider]
     }
 
 
+# Where clients of either API put a key: never passed on, whatever the providers use.
+CLIENT_KEY_HEADERS = ("authorization", "api-key", "x-api-key")
+
+
 def _strip_keys(cfg: pb.RoutingConfig) -> dict[str, Any]:
-    key_headers = sorted({"authorization", "api-key", *(p.auth.header.lower() for p in cfg.providers if p.auth.header)})
+    key_headers = sorted({*CLIENT_KEY_HEADERS, *(p.auth.header.lower() for p in cfg.providers if p.auth.header)})
     return {
         "name": "signalbox.strip_keys",
         "typed_config": _any(
@@ -402,12 +420,72 @@ def _upstream_phase(
         *credentials,
         *(_attempt_marker(b.id) for b in members),
         _attempt_filter(members, providers),
+        *([_translator(opts.extproc_message_timeout_ms)] if opts.translation else []),
         _remove_gateway_headers("signalbox.strip_gateway_headers_upstream"),
         {
             "name": "envoy.filters.http.upstream_codec",
             "typed_config": _any("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"),
         },
     ]
+
+
+def _only_when_translating(name: str, filter_config: dict[str, Any]) -> dict[str, Any]:
+    """Wrap an upstream filter so it is skipped on attempts without TRANSLATE_HEADER."""
+    present = {
+        "single_predicate": {
+            "input": {
+                "name": "request-header",
+                "typed_config": _any("envoy.type.matcher.v3.HttpRequestHeaderMatchInput", header_name=TRANSLATE_HEADER),
+            },
+            "value_match": {"safe_regex": {"google_re2": {}, "regex": ".+"}},
+        }
+    }
+    skip = {
+        "predicate": {"not_matcher": present},
+        "on_match": {
+            "action": {
+                "name": "skip",
+                "typed_config": _any("envoy.extensions.filters.common.matcher.action.v3.SkipFilter"),
+            }
+        },
+    }
+    return {
+        "name": name,
+        "typed_config": _any(
+            "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            extension_config=filter_config,
+            xds_matcher={"matcher_list": {"matchers": [skip]}},
+        ),
+    }
+
+
+@functools.lru_cache(maxsize=16)
+def _translator(timeout_ms: int) -> dict[str, Any]:
+    """The upstream-phase ext_proc: runs only on attempts attempt.lua marked with
+    TRANSLATE_HEADER (the backend speaks another API than the client) and is skipped on all
+    others, so an attempt whose APIs match costs one header lookup and no Python. Shared (never
+    mutated) by every chain."""
+    processor = _any(
+        "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        grpc_service=_grpc_service(timeout_ms),
+        # A failed translation is this attempt's error: never a request sent untranslated.
+        failure_mode_allow=False,
+        message_timeout=_ms(timeout_ms),
+        processing_mode={
+            "request_header_mode": "SEND",
+            "request_body_mode": "BUFFERED",
+            "response_header_mode": "SEND",
+            # Chosen per answer from its headers: a stream chunk by chunk, anything else whole.
+            "response_body_mode": "BUFFERED",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+        allow_mode_override=True,
+        mutation_rules={"allow_all_routing": True},
+    )
+    return _only_when_translating(
+        "signalbox.translate", {"name": "envoy.filters.http.ext_proc", "typed_config": processor}
+    )
 
 
 def _remove_gateway_headers(name: str) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+from signalbox.core.errors import ANTHROPIC_API, OPENAI_API
+
 # Request headers clients cannot set (a header_mutation filter removes them before the router
 # phase) and providers never see (the upstream filters remove them last): Envoy's own record of
 # a rewritten path, which would tell a provider the gateway's paths, and the attempt's backend.
@@ -16,7 +18,12 @@ PATH_HEADER = "x-envoy-original-path"
 # Which backend an upstream attempt goes to, set per attempt for attempt.lua (which cannot see
 # the picked host) by a CEL-matched filter of that backend.
 ATTEMPT_HEADER = "x-signalbox-attempt"
-GATEWAY_HEADERS = (PATH_HEADER, ATTEMPT_HEADER)
+# An attempt whose backend speaks another API family than the client: "<client api>><backend
+# api>", set by attempt.lua; the upstream-phase ext_proc runs only on attempts that carry it.
+TRANSLATE_HEADER = "x-signalbox-translate"
+GATEWAY_HEADERS = (PATH_HEADER, ATTEMPT_HEADER, TRANSLATE_HEADER)
+# The Messages API version the gateway speaks to Anthropic backends, unless the client set one.
+ANTHROPIC_VERSION = "2023-06-01"
 # Response header attempt.lua sets on an answer worth trying again on the next backend (a prompt
 # too long for this backend's context window, when a later one has a larger window); the routes
 # retry on it and never pass it to a client. ATTEMPT_NS: attempt.lua's notes between the request
@@ -53,11 +60,19 @@ EXTPROC_ADMIN_CLUSTER = "signalbox_extproc_admin"
 LISTENER_NAME = "signalbox_gateway"
 HEALTH_LISTENER_NAME = "signalbox_health"
 EMBEDDINGS_PATH = "/v1/embeddings"
+CHAT_PATH = "/v1/chat/completions"
+# Anthropic's Messages API: its clients get answers, errors and streams in its own shapes.
+MESSAGES_PATH = "/v1/messages"
 # Paths whose POST bodies are routed by a policy, and the gateway's own endpoints.
-ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions", EMBEDDINGS_PATH)
+ROUTED_PATHS = (CHAT_PATH, "/v1/completions", EMBEDDINGS_PATH, MESSAGES_PATH)
 MODELS_PATH = "/v1/models"
 FEEDBACK_PATH = "/v1/feedback"
 API_PATHS = (*ROUTED_PATHS, MODELS_PATH)
+
+
+def api_of_path(path: str) -> str:
+    """The API family a client speaks, from the path it called ("anthropic" or "openai")."""
+    return ANTHROPIC_API if path.split("?", 1)[0].rstrip("/") == MESSAGES_PATH else OPENAI_API
 
 
 def models_listing(aliases: list[str]) -> bytes:

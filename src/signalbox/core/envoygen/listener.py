@@ -27,6 +27,7 @@ from .contract import (
     LISTENER_NAME,
     LOW_REMAINING_REQUESTS,
     LOW_REMAINING_TOKENS,
+    MESSAGES_PATH,
     METADATA_NS,
     MODELS_PATH,
     REMAINING_HEADERS,
@@ -34,6 +35,7 @@ from .contract import (
     RETRY_HEADER,
     ROUTED_PATHS,
     ROUTER_ATTRIBUTES,
+    api_of_path,
     models_listing,
     too_large_message,
 )
@@ -187,10 +189,11 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
     else:
         for path in (*ROUTED_PATHS, FEEDBACK_PATH):
             empty = errors.MalformedRequest(EMPTY_BODY["feedback" if path == FEEDBACK_PATH else "route"])
-            routes.append(_refusal(f"empty:{path}", {"path": path, "headers": [_method("POST")]}, empty))
+            match = {"path": path, "headers": [_method("POST")]}
+            routes.append(_refusal(f"empty:{path}", match, empty, api_of_path(path)))
         for path in (*API_PATHS, FEEDBACK_PATH):
             method = errors.UnsupportedPath(f"only {'GET' if path == MODELS_PATH else 'POST'} is supported on {path}")
-            routes.append(_refusal(f"method:{path}", {"path": path}, method))
+            routes.append(_refusal(f"method:{path}", {"path": path}, method, api_of_path(path)))
         supported = ", ".join((*API_PATHS, FEEDBACK_PATH))
         routes.append(
             _refusal("unknown-path", {"prefix": "/"}, errors.UnsupportedPath(f"unknown path; supported: {supported}"))
@@ -263,12 +266,13 @@ def _method(name: str) -> dict[str, Any]:
     return {"name": ":method", "string_match": {"exact": name}}
 
 
-def _refusal(name: str, match: dict[str, Any], err: errors.RequestError) -> dict[str, Any]:
-    """A route that answers a request Envoy can judge alone with the error the ext_proc would give."""
+def _refusal(name: str, match: dict[str, Any], err: errors.RequestError, api: str = "") -> dict[str, Any]:
+    """A route that answers a request Envoy can judge alone with the error the ext_proc would
+    give, in the API of the path it matches (`api`)."""
     return {
         "name": name,
         "match": match,
-        "direct_response": {"status": err.status, "body": {"inline_bytes": _b64(err.body())}},
+        "direct_response": {"status": err.status, "body": {"inline_bytes": _b64(err.body_for(api))}},
         "response_headers_to_add": [
             {"header": {"key": "content-type", "value": "application/json"}},
             {"header": {"key": "x-signalbox-reason", "value": err.code}},
@@ -295,21 +299,39 @@ def _local_reply_config(opts: GatewayOptions) -> dict[str, Any]:
     and the 413 text states the same limit the ext_proc enforces.
     """
 
-    def mapper(status: int, err: errors.RequestError, flags: list[str] | None = None) -> dict[str, Any]:
-        match: dict[str, Any] = {
-            "status_code_filter": {
-                "comparison": {
-                    "op": "EQ",
-                    "value": {"default_value": status, "runtime_key": f"signalbox.local_reply.{status}"},
+    def mapper(
+        status: int, err: errors.RequestError, flags: list[str] | None = None, api: str = errors.OPENAI_API
+    ) -> dict[str, Any]:
+        filters: list[dict[str, Any]] = [
+            {
+                "status_code_filter": {
+                    "comparison": {
+                        "op": "EQ",
+                        "value": {"default_value": status, "runtime_key": f"signalbox.local_reply.{status}"},
+                    }
                 }
             }
-        }
+        ]
         if flags:
-            match = {"and_filter": {"filters": [match, {"response_flag_filter": {"flags": flags}}]}}
+            filters.append({"response_flag_filter": {"flags": flags}})
+        if api == errors.ANTHROPIC_API:
+            # The client called the Messages API (its path, kept in metadata by the listener).
+            filters.append(
+                {
+                    "metadata_filter": {
+                        "matcher": {
+                            "filter": METADATA_NS,
+                            "path": [{"key": CLIENT_PATH_KEY}],
+                            "value": {"string_match": {"prefix": MESSAGES_PATH}},
+                        }
+                    }
+                }
+            )
+        match = filters[0] if len(filters) == 1 else {"and_filter": {"filters": filters}}
         return {
             "filter": match,
             "status_code": err.status,
-            "body": {"inline_string": err.body().decode()},
+            "body": {"inline_string": err.body_for(api).decode()},
             "body_format_override": {
                 "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
                 "content_type": "application/json",
@@ -323,30 +345,46 @@ def _local_reply_config(opts: GatewayOptions) -> dict[str, Any]:
         }
 
     upstream_flags = ["UH", "UF", "UO", "URX", "UC", "UT", "LR", "NR"]
+    replies = [
+        (413, errors.PayloadTooLarge(too_large_message(opts.max_body_bytes)), None),
+        (EXTPROC_FAILED_STATUS, errors.RoutingUnavailable("the routing service is unavailable"), None),
+        (503, errors.NoHealthyBackend("no backend could serve the request (all attempts failed)"), upstream_flags),
+        (
+            504,
+            errors.UpstreamTimeout("no backend answered within the policy's deadlines (all attempts timed out)"),
+            upstream_flags,
+        ),
+    ]
+    # The first mapper that matches answers: Anthropic clients' first, in their error shape.
     return {
         "mappers": [
-            mapper(413, errors.PayloadTooLarge(too_large_message(opts.max_body_bytes))),
-            mapper(EXTPROC_FAILED_STATUS, errors.RoutingUnavailable("the routing service is unavailable")),
-            mapper(
-                503, errors.NoHealthyBackend("no backend could serve the request (all attempts failed)"), upstream_flags
-            ),
-            mapper(
-                504,
-                errors.UpstreamTimeout("no backend answered within the policy's deadlines (all attempts timed out)"),
-                upstream_flags,
-            ),
+            mapper(status, err, flags, api)
+            for api in (errors.ANTHROPIC_API, errors.OPENAI_API)
+            for status, err, flags in replies
         ]
     }
+
+
+# Where each API puts its usage numbers, and the accounting key each feeds: OpenAI's `usage`
+# (answers and the last stream chunk), Anthropic's `usage` (answers, and `message_delta` events
+# of a stream) and `message.usage` (its `message_start` event, which has the input count).
+_USAGE_SELECTORS = (
+    (("usage", "prompt_tokens"), "prompt_tokens"),
+    (("usage", "completion_tokens"), "completion_tokens"),
+    (("usage", "input_tokens"), "prompt_tokens"),
+    (("usage", "output_tokens"), "completion_tokens"),
+    (("message", "usage", "input_tokens"), "prompt_tokens"),
+)
 
 
 def _usage_rules() -> list[dict[str, Any]]:
     """json_to_metadata rules: the response's usage numbers into `signalbox` metadata."""
     return [
         {
-            "selectors": [{"key": "usage"}, {"key": key}],
+            "selectors": [{"key": k} for k in path],
             "on_present": {"metadata_namespace": METADATA_NS, "key": key, "type": "NUMBER"},
         }
-        for key in ("prompt_tokens", "completion_tokens")
+        for path, key in _USAGE_SELECTORS
     ]
 
 

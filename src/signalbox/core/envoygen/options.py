@@ -68,6 +68,9 @@ class GatewayOptions:
     # carries it to the ext_proc in batches): spend metrics and budgets need it (cost:
     # bench/README.md).
     accounting: bool = True
+    # The upstream-phase ext_proc that translates attempts to a backend of another API family
+    # (skipped by a header matcher on every other attempt). Off only to measure what it costs.
+    translation: bool = True
     # Where provider keys are, one SDS file per provider (`credential_file`): Envoy adds each
     # attempt's key itself. "" (unit tests of the generator only): no keys are added.
     credentials_dir: str = ""
