@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -133,7 +134,7 @@ def test_validate_prints_every_problem_and_exits_nonzero(tmp_path, capsys):
     assert cli_main(["validate", "-f", str(ROOT / "examples" / "quickstart")]) == 0
     out = capsys.readouterr().out
     # The quickstart's backends differ in capabilities: every policy there reads the prompt.
-    assert "valid: 2 provider(s)" in out and "3 policy(ies) (0 compiled, 3 decided)" in out
+    assert "valid: 3 provider(s)" in out and "4 policy(ies) (0 compiled, 4 decided)" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         dump(
@@ -159,7 +160,7 @@ def test_signalbox_up_serves_the_quickstart(tmp_path):
     quickstart = tmp_path / "quickstart"
     quickstart.mkdir()
     for f in (ROOT / "examples" / "quickstart").glob("*.yaml"):
-        text = f.read_text().replace("18081", "28081").replace("18082", "28082")
+        text = f.read_text().replace("18081", "28081").replace("18082", "28082").replace("18083", "28083")
         (quickstart / f.name).write_text(text)
     proc = subprocess.Popen(
         [sys.executable, "-m", "signalbox.cli", "up", "-f", str(quickstart), "--port", "28080"],
@@ -179,6 +180,27 @@ def test_signalbox_up_serves_the_quickstart(tmp_path):
                 model="by-task", messages=[{"role": "user", "content": "Write a Python function to parse CSV"}]
             )
             assert code.headers["x-signalbox-provider"] == "smart-local"
+            # The cross-provider fallback policy, served to an OpenAI client by the Anthropic model.
+            claude = client.chat.completions.with_raw_response.create(
+                model="claude-first", messages=[{"role": "user", "content": "hello"}]
+            )
+            assert claude.headers["x-signalbox-provider"] == "claude-local"
+            assert claude.parse().choices[0].message.content == "[claude-local] answer from claude-sonnet-local"
+        # And to the Anthropic SDK pointed at the gateway, streaming.
+        ant = anthropic.Anthropic(base_url="http://127.0.0.1:28080", api_key="any", max_retries=0)
+        with (
+            ant,
+            ant.messages.stream(
+                model="claude-first", max_tokens=64, messages=[{"role": "user", "content": "hello"}]
+            ) as stream,
+        ):
+            assert "".join(stream.text_stream).startswith("chunk0 ")
+        with openai.OpenAI(base_url="http://127.0.0.1:28080/v1", api_key="any", max_retries=0) as client:
+            # What Claude cannot do (two answers) goes to the fallback.
+            two = client.chat.completions.with_raw_response.create(
+                model="claude-first", messages=[{"role": "user", "content": "hello"}], n=2
+            )
+            assert two.headers["x-signalbox-provider"] == "smart-local"
         # Each request is summed up on the console from the request log (flushed every second).
         assert wait_for(lambda: any(" 200 POST /v1/chat/completions  by-task -> smart-local/" in c for c in console))
     finally:

@@ -23,3 +23,16 @@ async def test_a_rejected_key_is_named_in_the_probe_message():
     assert not revoked.ok
     assert revoked.message == "HTTP 401 from /models: the provider rejected the API key (revoked, expired or wrong)"
     assert "sk-revoked" not in revoked.message
+
+
+async def test_an_anthropic_provider_is_probed_with_its_own_key_header_and_version():
+    async with serving("claude") as fake, httpx.AsyncClient() as client:
+        fake.behaviour.api_key = "sk-ant-right"
+        spec = AIProviderSpec.model_validate(
+            {"type": "anthropic", "baseUrl": fake.url + "/v1", "models": [{"name": "m"}], "auth": {"env": "K"}}
+        )
+        good = await probe(spec, SecretValue("sk-ant-right"), client)
+        wrong = await probe(spec, SecretValue("sk-ant-wrong"), client)
+    # The fake reads a key from x-api-key only when anthropic-version comes with it.
+    assert good.ok and good.message == "HTTP 200"
+    assert not wrong.ok and "rejected the API key" in wrong.message

@@ -25,6 +25,7 @@ function(hdrs, meta, text)
   local headers = {}
   function headers:get(k) return hdrs[k] end
   function headers:replace(k, v) hdrs[k] = v end
+  function headers:remove(k) hdrs[k] = nil end
   local metadata = {}
   function metadata:get(ns) return meta end
   local info = {}
@@ -74,7 +75,60 @@ class Attempt:
         return dict(hdrs), text, status, answer
 
     def rewrite(self, text: str):
-        return self.lua.globals().rewrite_body(text, json.dumps("m-up"))
+        return self.lua.globals().rewrite_body(text, json.dumps("m-up"), True)
+
+
+ANTHROPIC = pb.Provider(
+    id="default/claude",
+    type=pb.ANTHROPIC,
+    host="api.anthropic.com",
+    port=443,
+    tls=True,
+    base_path="/v1",
+    auth=pb.Auth(header="x-api-key"),
+)
+CLAUDE_KEY = {"x-api-key": "k"}
+
+
+def test_a_chat_client_on_an_anthropic_backend_is_marked_for_translation_to_its_messages_path():
+    hdrs, text, status, _ = Attempt(ANTHROPIC).run(
+        "/v1/chat/completions", '{"model":"a","stream":true}', headers=CLAUDE_KEY
+    )
+    assert status is None
+    assert hdrs[":path"] == "/v1/messages" and hdrs[envoygen.TRANSLATE_HEADER] == "openai>anthropic"
+    assert hdrs["anthropic-version"] == envoygen.ANTHROPIC_VERSION
+    # The model is the backend's; usage is asked for by the translation, not by a chat field.
+    assert json.loads(text) == {"model": "m-up", "stream": True}
+
+
+def test_a_messages_client_on_an_anthropic_backend_passes_as_it_is():
+    hdrs, text, _, _ = Attempt(ANTHROPIC).run(
+        "/v1/messages",
+        '{"model":"a","stream":true,"max_tokens":5}',
+        headers={**CLAUDE_KEY, "anthropic-version": "2099-01-01", envoygen.TRANSLATE_HEADER: "stale"},
+    )
+    assert hdrs[":path"] == "/v1/messages" and envoygen.TRANSLATE_HEADER not in hdrs
+    assert hdrs["anthropic-version"] == "2099-01-01"  # the client's own
+    assert json.loads(text) == {"model": "m-up", "stream": True, "max_tokens": 5}
+
+
+def test_a_messages_client_on_an_openai_backend_is_marked_for_translation_to_chat():
+    hdrs, text, _, _ = Attempt(OPENAI).run("/v1/messages", '{"model":"a","stream":true,"max_tokens":5}')
+    assert hdrs[":path"] == "/openai/v1/chat/completions"
+    assert hdrs[envoygen.TRANSLATE_HEADER] == "anthropic>openai"
+    assert "stream_options" not in json.loads(text)
+
+
+def test_openai_only_endpoints_on_an_anthropic_backend_are_a_clean_400():
+    _, _, status, answer = Attempt(ANTHROPIC).run("/v1/embeddings", '{"model":"a","input":"x"}', headers=CLAUDE_KEY)
+    assert status == "400"
+    assert json.loads(answer)["error"]["code"] == "unsupported_feature"
+
+
+def test_refusals_are_in_the_clients_api():
+    _, _, status, answer = Attempt(ANTHROPIC).run("/v1/messages", "[1]", headers=CLAUDE_KEY)
+    assert status == "400"
+    assert json.loads(answer)["type"] == "error" and json.loads(answer)["error"]["type"] == "invalid_request_error"
 
 
 def test_path_authority_and_model_are_the_backends():
@@ -212,7 +266,7 @@ def test_an_attempt_no_marker_named_is_a_503_the_chain_moves_past():
 
 def test_error_bodies_are_the_gateways_and_every_setting_is_a_safe_lua_literal():
     codes = {e["code"] for e in envoygen.ATTEMPT_ERRORS.values()}
-    assert codes == {"invalid_json", "provider_key_unavailable", "routing_unavailable"}
+    assert codes == {"invalid_json", "provider_key_unavailable", "routing_unavailable", "unsupported_feature"}
     lua = luajit21.LuaRuntime()
     tricky = 'a"b\\c\n]]--\x00é'
     assert lua.eval(envoygen.lua_literal(tricky)) == tricky

@@ -29,7 +29,9 @@ def test_quickstart_compiles_to_versioned_config():
     cfg = result.config
     assert cfg.schema_version == SCHEMA_VERSION and cfg.generation == 7
     assert len(cfg.content_hash) == 64
-    assert {p.name for p in cfg.policies} == {"auto", "balanced", "by-task"}
+    assert {p.name for p in cfg.policies} == {"auto", "balanced", "by-task", "claude-first"}
+    # Backends of two API families: the prompt decides which can take it (decided path).
+    assert not next(p for p in cfg.policies if p.name == "claude-first").compiled
 
 
 def test_every_problem_is_reported_with_its_json_path():

@@ -45,12 +45,18 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
         "signalbox.attempt.default/a/m",  # one marker per member names the picked backend,
         "signalbox.attempt.default/b/m",
         "signalbox.attempt",  # then one script prepares the attempt: no Python on any attempt
+        "signalbox.translate",  # skipped unless the backend speaks another API than the client
         "signalbox.strip_gateway_headers_upstream",
         "envoy.filters.http.upstream_codec",
     ]
     lua = filters[4]["typed_config"]["default_source_code"]["inline_string"]
     assert "BACKENDS = " in lua and '["default/a/m"]' in lua and '["default/b/m"]' in lua
-    removed = [m["remove"] for m in filters[5]["typed_config"]["mutations"]["request_mutations"]]
+    translate = filters[5]["typed_config"]
+    assert translate["extension_config"]["name"] == "envoy.filters.http.ext_proc"
+    (skip,) = translate["xds_matcher"]["matcher_list"]["matchers"]
+    header = skip["predicate"]["not_matcher"]["single_predicate"]["input"]["typed_config"]["header_name"]
+    assert header == envoygen.TRANSLATE_HEADER  # skipped when attempt.lua did not mark the attempt
+    removed = [m["remove"] for m in filters[6]["typed_config"]["mutations"]["request_mutations"]]
     assert sorted(removed) == sorted(envoygen.GATEWAY_HEADERS)
 
 
@@ -222,9 +228,13 @@ def test_accounting_reads_usage_in_envoy_and_reports_it_through_the_access_log_o
     json_rules = by_name(on["http_filters"])["signalbox.json"]["typed_config"]["response_rules"]["rules"]
     sse_rules = on["http_filters"][-2]["typed_config"]["response_rules"]["content_parser"]["typed_config"]["rules"]
     assert [r["rule"] for r in sse_rules] == json_rules
-    assert [r["selectors"] for r in json_rules] == [
-        [{"key": "usage"}, {"key": "prompt_tokens"}],
-        [{"key": "usage"}, {"key": "completion_tokens"}],
+    # OpenAI's usage, then Anthropic's (answers and message_delta, and message_start's input).
+    assert [([s["key"] for s in r["selectors"]], r["on_present"]["key"]) for r in json_rules] == [
+        (["usage", "prompt_tokens"], "prompt_tokens"),
+        (["usage", "completion_tokens"], "completion_tokens"),
+        (["usage", "input_tokens"], "prompt_tokens"),
+        (["usage", "output_tokens"], "completion_tokens"),
+        (["message", "usage", "input_tokens"], "prompt_tokens"),
     ]
     (access_log,) = on["access_log"]
     common = access_log["typed_config"]["common_config"]

@@ -1,0 +1,424 @@
+"""Clients of either API, backends of either API (issue 14): the official OpenAI and Anthropic
+SDKs against a real Envoy and ext_proc, and fake providers that check what they receive
+against the SDKs' own type models (a translated request the provider's API does not define
+is the fake's 400, which fails the test)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.factories import backend, dump, model, policy, provider
+
+from .conftest import start_gateway
+
+pytestmark = pytest.mark.dataplane
+
+CLAUDE_KEY = "sk-ant-claude-secret-51c9"
+CLIENT_TOKEN = "client-token-3e1f"
+CAPS = {"capabilities": ["streaming", "tools", "vision"], "contextWindow": 100000}
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+ANTHROPIC_TOOL = {
+    "name": "get_weather",
+    "description": "Weather of a city",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+FAIL_FLAKY1 = {"x-fake-status": "503", "x-fake-only": "flaky1"}
+FAIL_FLAKY2 = {"x-fake-status": "503", "x-fake-only": "flaky2"}
+
+
+def resources(fakes) -> str:
+    return dump(
+        # alpha speaks Anthropic's Messages API; beta OpenAI's.
+        provider(
+            "claude",
+            fakes["alpha"].url + "/v1",
+            [model("c1", upstreamName="claude-fake", inputPricePer1M=1, **CAPS)],
+            type="anthropic",
+            auth={"env": "CLAUDE_KEY"},
+        ),
+        provider("gpt", fakes["beta"].url + "/v1", [model("o1", upstreamName="gpt-fake", inputPricePer1M=5, **CAPS)]),
+        provider(
+            "claude-down",
+            fakes["flaky1"].url + "/v1",
+            [model("c2", upstreamName="claude-two", **CAPS)],
+            type="anthropic",
+        ),
+        provider("gpt-down", fakes["flaky2"].url + "/v1", [model("o2", upstreamName="gpt-two", **CAPS)]),
+        policy("claude", ["claude"], [backend("claude", "c1")]),
+        policy("gpt", ["gpt"], [backend("gpt", "o1")]),
+        policy(
+            "claude-first",
+            ["claude-first"],
+            [backend("claude", "c1"), backend("gpt", "o1", priority=1)],
+            strategy="failover",
+        ),
+        # Compiled chains whose first backend fails, across API families both ways.
+        policy(
+            "claude-then-gpt",
+            ["claude-then-gpt"],
+            [backend("claude-down", "c2"), backend("gpt", "o1", priority=1)],
+            strategy="failover",
+        ),
+        policy(
+            "gpt-then-claude",
+            ["gpt-then-claude"],
+            [backend("gpt-down", "o2"), backend("claude", "c1", priority=1)],
+            strategy="failover",
+        ),
+        # Decided by the ext_proc (cost reads the prompt): claude is the cheaper.
+        policy("cheapest", ["cheapest"], [backend("claude", "c1"), backend("gpt", "o1")], strategy="cost"),
+    )
+
+
+@pytest.fixture(scope="module")
+def gateway(fakes, tmp_path_factory):
+    gw = start_gateway(tmp_path_factory.mktemp("gw"), resources(fakes), env={"CLAUDE_KEY": CLAUDE_KEY})
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(gateway):
+    with openai.OpenAI(base_url=gateway.url, api_key=CLIENT_TOKEN, max_retries=0, timeout=20) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ant(gateway):
+    # The gateway serves /v1/messages at its root, as Anthropic's base URL does.
+    with anthropic.Anthropic(
+        base_url=gateway.url.removesuffix("/v1"), api_key=CLIENT_TOKEN, max_retries=0, timeout=20
+    ) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def _strict(fakes):
+    """Every fake checks OpenAI requests against the SDK's types too; alpha wants its key."""
+    for name in ("beta", "flaky2"):
+        fakes[name].behave(strict=True)
+    fakes["alpha"].behave(api_key=CLAUDE_KEY)
+
+
+def only(fake) -> dict:
+    got = fake.requests()
+    assert len(got) == 1, got
+    return got[0]
+
+
+def translations(gateway) -> float:
+    total = 0.0
+    for line in httpx.get(f"{gateway.admin_url}/metrics").text.splitlines():
+        if line.startswith("signalbox_translations_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def no_client_key_upstream(*fakes) -> None:
+    for fake in fakes:
+        for r in fake.requests():
+            assert CLIENT_TOKEN not in json.dumps(r["headers"]), r["headers"]
+
+
+# ------------------------------------------------------------------ OpenAI client, Anthropic backend
+
+
+def test_openai_sdk_gets_a_chat_completion_from_an_anthropic_backend(oai, fakes):
+    raw = oai.chat.completions.with_raw_response.create(
+        model="claude",
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+        max_tokens=50,
+    )
+    answer = raw.parse()
+    assert raw.headers["x-signalbox-provider"] == "claude"
+    assert answer.choices[0].message.content == "[alpha] answer from claude-fake"
+    assert answer.choices[0].finish_reason == "stop"
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (10, 7)
+    got = only(fakes["alpha"])
+    assert got["path"] == "/v1/messages" and got["api"] == "anthropic"
+    assert got["body"]["system"] == [{"type": "text", "text": "be brief"}]
+    assert got["body"]["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+    assert got["body"]["max_tokens"] == 50 and "stream_options" not in got["body"]
+    assert got["headers"]["x-api-key"] == CLAUDE_KEY and got["headers"]["anthropic-version"]
+    assert "Authorization" not in got["headers"] and "authorization" not in got["headers"]
+    no_client_key_upstream(fakes["alpha"])
+
+
+def test_openai_sdk_streams_from_an_anthropic_backend_as_it_arrives(oai, fakes):
+    arrivals, text, usage, finish = [], "", None, None
+    stream = oai.chat.completions.create(
+        model="claude",
+        messages=[{"role": "user", "content": "count"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-fake-chunks": "5", "x-fake-chunk-delay-ms": "150"},
+    )
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                arrivals.append(time.monotonic())
+                text += choice.delta.content
+            finish = choice.finish_reason or finish
+    assert text == "chunk0 chunk1 chunk2 chunk3 chunk4 "
+    assert finish == "stop"
+    assert (usage.prompt_tokens, usage.completion_tokens) == (10, 5)
+    # Chunk by chunk, never buffered whole: 150 ms apart at the provider, about that at the client.
+    assert arrivals[-1] - arrivals[0] >= 0.45, arrivals
+    assert only(fakes["alpha"])["body"]["stream"] is True
+
+
+def test_openai_tools_round_trip_through_an_anthropic_backend(oai, fakes):
+    history = [
+        {"role": "user", "content": "weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    answer = oai.chat.completions.create(
+        model="claude",
+        messages=history,
+        tools=[TOOL],
+        tool_choice="auto",
+        extra_headers={"x-fake-tool-call": "get_weather"},
+    )
+    call = answer.choices[0].message.tool_calls[0]
+    assert answer.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    body = only(fakes["alpha"])["body"]
+    assert body["tools"] == [ANTHROPIC_TOOL] and body["tool_choice"] == {"type": "auto"}
+    assert body["messages"][1]["content"] == [
+        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}
+    ]
+    assert body["messages"][2]["content"] == [{"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"}]
+
+
+def test_an_anthropic_backends_error_reaches_an_openai_client_in_openais_shape(oai, fakes):
+    with pytest.raises(openai.RateLimitError) as caught:
+        oai.chat.completions.create(
+            model="claude", messages=[{"role": "user", "content": "hi"}], extra_headers={"x-fake-status": "429"}
+        )
+    assert caught.value.body["type"] == "rate_limit_error"
+    assert "steered to fail with 429" in caught.value.body["message"]
+
+
+def test_what_anthropic_cannot_express_is_a_400_naming_it_or_the_next_backend(oai, fakes):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model="claude", messages=[{"role": "user", "content": "hi"}], n=2)
+    assert caught.value.code == "unsupported_feature" and "'n'" in caught.value.message
+    assert fakes["alpha"].requests() == []
+    # With an OpenAI backend later in the chain, that backend answers instead.
+    raw = oai.chat.completions.with_raw_response.create(
+        model="claude-first", messages=[{"role": "user", "content": "hi"}], n=2
+    )
+    assert raw.headers["x-signalbox-provider"] == "gpt"
+    assert only(fakes["beta"])["body"]["n"] == 2
+
+
+# ------------------------------------------------------------------ Anthropic client, OpenAI backend
+
+
+def test_anthropic_sdk_gets_a_message_from_an_openai_backend(ant, fakes, gateway):
+    raw = ant.messages.with_raw_response.create(
+        model="gpt", max_tokens=64, system="be brief", messages=[{"role": "user", "content": "hello"}]
+    )
+    message = raw.parse()
+    assert raw.headers["x-signalbox-provider"] == "gpt"
+    assert message.content[0].text == "[beta] answer from gpt-fake"
+    assert message.stop_reason == "end_turn" and message.role == "assistant"
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (10, 7)
+    got = only(fakes["beta"])
+    assert got["path"] == "/v1/chat/completions"
+    assert got["body"]["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    assert got["body"]["max_tokens"] == 64
+    no_client_key_upstream(fakes["beta"])
+
+
+def test_anthropic_sdk_streams_from_an_openai_backend_as_it_arrives(ant, fakes):
+    arrivals, text = [], ""
+    with ant.messages.stream(
+        model="gpt",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "count"}],
+        extra_headers={"x-fake-chunks": "4", "x-fake-chunk-delay-ms": "150"},
+    ) as stream:
+        for piece in stream.text_stream:
+            arrivals.append(time.monotonic())
+            text += piece
+        final = stream.get_final_message()
+    assert text.startswith("chunk0 ") and text.endswith("chunk3 ")
+    assert final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == 4 and final.usage.input_tokens == 10
+    assert arrivals[-1] - arrivals[0] >= 0.3, arrivals
+    body = only(fakes["beta"])["body"]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+def test_anthropic_tools_round_trip_through_an_openai_backend(ant, fakes):
+    message = ant.messages.create(
+        model="gpt",
+        max_tokens=64,
+        tools=[ANTHROPIC_TOOL],
+        messages=[
+            {"role": "user", "content": "weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}],
+            },
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]},
+        ],
+        extra_headers={"x-fake-tool-call": "get_weather"},
+    )
+    assert message.stop_reason == "tool_use"
+    use = next(b for b in message.content if b.type == "tool_use")
+    assert use.name == "get_weather" and use.input == {"city": "Paris"}
+    body = only(fakes["beta"])["body"]
+    assert body["tools"] == [TOOL]
+    assert body["messages"][1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+    assert body["messages"][2] == {"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"}
+
+
+def test_an_anthropic_client_gets_the_gateways_errors_in_anthropics_shape(ant):
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        ant.messages.create(model="no-such-alias", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["type"] == "error"
+    assert caught.value.body["error"]["type"] == "not_found_error"
+    assert "no-such-alias" in caught.value.body["error"]["message"]
+    with pytest.raises(anthropic.RateLimitError) as limited:
+        ant.messages.create(
+            model="gpt",
+            max_tokens=10,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-fake-status": "429"},
+        )
+    assert limited.value.body["error"]["type"] == "rate_limit_error"
+
+
+# ------------------------------------------------------------------ same API: no translation
+
+
+def test_an_anthropic_client_reaches_an_anthropic_backend_untranslated(ant, fakes, gateway):
+    before = translations(gateway)
+    message = ant.messages.create(model="claude", max_tokens=32, messages=[{"role": "user", "content": "hi"}])
+    assert message.content[0].text == "[alpha] answer from claude-fake"
+    got = only(fakes["alpha"])
+    assert got["body"] == {"model": "claude-fake", "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]}
+    assert got["headers"]["x-api-key"] == CLAUDE_KEY
+    assert translations(gateway) == before
+    no_client_key_upstream(fakes["alpha"])
+
+
+# ------------------------------------------------------------------ failover across API families
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_anthropic_primary_that_fails_is_retried_on_an_openai_backend(oai, ant, fakes, stream):
+    raw = oai.chat.completions.with_raw_response.create(
+        model="claude-then-gpt", messages=[{"role": "user", "content": "hi"}], extra_headers=FAIL_FLAKY1
+    )
+    assert raw.headers["x-signalbox-provider"] == "gpt"
+    assert raw.parse().choices[0].message.content == "[beta] answer from gpt-fake"
+    # The Anthropic client's request went to the Anthropic primary as it was, then translated.
+    if stream:
+        with ant.messages.stream(
+            model="claude-then-gpt",
+            max_tokens=20,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers=FAIL_FLAKY1,
+        ) as s:
+            text = "".join(s.text_stream)
+        assert text.startswith("chunk0 ")
+    else:
+        message = ant.messages.create(
+            model="claude-then-gpt",
+            max_tokens=20,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers=FAIL_FLAKY1,
+        )
+        assert message.content[0].text == "[beta] answer from gpt-fake"
+    tried = [r["api"] for r in fakes["flaky1"].requests()]
+    assert tried == ["anthropic", "anthropic"]
+    assert [r["path"] for r in fakes["beta"].requests()] == ["/v1/chat/completions"] * 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_openai_primary_that_fails_is_retried_on_an_anthropic_backend(oai, ant, fakes, stream):
+    if stream:
+        chunks = oai.chat.completions.create(
+            model="gpt-then-claude",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_headers=FAIL_FLAKY2,
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text.startswith("chunk0 ")
+    else:
+        answer = oai.chat.completions.create(
+            model="gpt-then-claude", messages=[{"role": "user", "content": "hi"}], extra_headers=FAIL_FLAKY2
+        )
+        assert answer.choices[0].message.content == "[alpha] answer from claude-fake"
+    message = ant.messages.create(
+        model="gpt-then-claude", max_tokens=20, messages=[{"role": "user", "content": "hi"}], extra_headers=FAIL_FLAKY2
+    )
+    assert message.content[0].text == "[alpha] answer from claude-fake"
+    assert [r["path"] for r in fakes["flaky2"].requests()] == ["/v1/chat/completions"] * 2
+    assert [r["path"] for r in fakes["alpha"].requests()] == ["/v1/messages"] * 2
+
+
+def test_a_decided_policy_translates_too(ant, oai, fakes):
+    raw = oai.chat.completions.with_raw_response.create(model="cheapest", messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["x-signalbox-reason"].startswith("cost")
+    assert raw.parse().choices[0].message.content.startswith("[")
+    message = ant.messages.create(model="cheapest", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
+    assert message.content[0].text.startswith("[")
+    served = {r["api"] for f in (fakes["alpha"], fakes["beta"]) for r in f.requests()}
+    assert served <= {"anthropic", "openai"} and served
+
+
+def test_translated_usage_is_accounted(gateway, oai, ant):
+    """The request log (what budgets and metrics read) has the provider's token counts for
+    translated answers and streams, in either client API."""
+    raw = oai.chat.completions.with_raw_response.create(model="claude", messages=[{"role": "user", "content": "hi"}])
+    ids = {raw.headers["x-request-id"]: (10, 7)}
+    with ant.messages.stream(
+        model="gpt", max_tokens=20, messages=[{"role": "user", "content": "hi"}], extra_headers={"x-fake-chunks": "3"}
+    ) as s:
+        s.get_final_message()
+        ids[s.response.headers["x-request-id"]] = (10, 3)
+    log = Path(gateway.workdir) / "requests.log"
+    deadline = time.monotonic() + 10
+    while True:
+        found = {}
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            if entry.get("event") == "request" and entry.get("request_id") in ids:
+                found[entry["request_id"]] = (entry["prompt_tokens"], entry["completion_tokens"])
+        if len(found) == len(ids):
+            break
+        assert time.monotonic() < deadline, found
+        time.sleep(0.05)
+    assert found == ids

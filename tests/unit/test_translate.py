@@ -1,0 +1,276 @@
+"""Translation between OpenAI Chat Completions and Anthropic Messages (extproc.translate): what
+a client sends and what a provider answers are untrusted, so every entry point is driven with
+hypothesis as well as with the shapes the two API references define."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from signalbox.core.errors import MalformedRequest, RequestError, UnsupportedFeature
+from signalbox.extproc.translate import Translation, parse_route, sse
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+KEYS = st.sampled_from(
+    ["model", "messages", "system", "max_tokens", "stream", "tools", "tool_choice", "stop", "n", "content", "role"]
+)
+BODIES = st.dictionaries(KEYS, JSON, max_size=6)
+TO_ANTHROPIC, TO_OPENAI = Translation("openai", "anthropic"), Translation("anthropic", "openai")
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=BODIES | JSON, to=st.sampled_from([TO_ANTHROPIC, TO_OPENAI]))
+def test_any_request_body_is_translated_or_refused_with_a_4xx(body, to):
+    try:
+        out = to.request(json.dumps(body).encode())
+    except RequestError as err:
+        assert 400 <= err.status < 500 and err.message
+        return
+    assert isinstance(json.loads(out), dict)
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=64), to=st.sampled_from([TO_ANTHROPIC, TO_OPENAI]))
+def test_bytes_that_are_not_json_are_a_malformed_request(raw, to):
+    try:
+        json.loads(raw)
+    except ValueError:
+        with pytest.raises(MalformedRequest):
+            to.request(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=st.binary(max_size=64) | JSON.map(lambda v: json.dumps(v).encode()),
+    status=st.sampled_from([200, 400, 429, 500, 529]),
+)
+def test_any_provider_answer_becomes_json_in_the_clients_shape(raw, status):
+    chat = json.loads(TO_ANTHROPIC.answer(raw, status))  # an Anthropic backend's, for an OpenAI client
+    messages = json.loads(TO_OPENAI.answer(raw, status))  # an OpenAI backend's, for an Anthropic client
+    if status >= 400:
+        assert isinstance(chat["error"]["message"], str)
+        assert messages["type"] == "error" and isinstance(messages["error"]["message"], str)
+    else:
+        assert chat.get("object") == "chat.completion" or "error" in chat
+        assert messages.get("type") in ("message", "error")
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=40), max_size=8))
+def test_stream_translators_take_any_bytes_and_emit_only_well_formed_events(chunks):
+    for to in (TO_ANTHROPIC, TO_OPENAI):
+        stream = to.stream()
+        out = b"".join(stream.feed(c) for c in chunks) + stream.end()
+        reader = sse.Reader()
+        events = reader.feed(out)
+        assert reader.close() == []  # nothing but whole events
+        for event in events:
+            assert event.data == "[DONE]" or isinstance(json.loads(event.data), dict)
+
+
+def test_a_chat_request_becomes_the_messages_the_api_reference_describes():
+    body = {
+        "model": "claude",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                ],
+            },
+        ],
+        "max_completion_tokens": 99,
+        "stop": "END",
+        "user": "u1",
+        "parallel_tool_calls": False,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "seed": 7,
+    }
+    out = json.loads(TO_ANTHROPIC.request(json.dumps(body).encode()))
+    assert out == {
+        "model": "claude",
+        "system": [{"type": "text", "text": "be brief"}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}},
+                ],
+            }
+        ],
+        "max_tokens": 99,
+        "stop_sequences": ["END"],
+        "metadata": {"user_id": "u1"},
+        "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+        "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"n": 3}, "'n'"),
+        ({"logprobs": True}, "'logprobs'"),
+        ({"response_format": {"type": "json_object"}}, "'response_format'"),
+        ({"audio": {}}, "'audio'"),
+    ],
+)
+def test_what_anthropic_cannot_express_is_refused_by_name(extra, named):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+    with pytest.raises(UnsupportedFeature) as caught:
+        TO_ANTHROPIC.request(json.dumps(body).encode())
+    assert named in caught.value.message
+
+
+def test_anthropic_server_tools_and_documents_have_no_openai_equivalent():
+    tool = {"model": "m", "max_tokens": 5, "messages": [], "tools": [{"type": "web_search_20250305", "name": "w"}]}
+    with pytest.raises(UnsupportedFeature, match="server tool"):
+        TO_OPENAI.request(json.dumps(tool).encode())
+    document = {
+        "model": "m",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "text", "data": "x"}}]}],
+    }
+    with pytest.raises(UnsupportedFeature, match="document"):
+        TO_OPENAI.request(json.dumps(document).encode())
+
+
+TEXTS = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20)
+
+
+@settings(max_examples=100, deadline=None)
+@given(turns=st.lists(st.tuples(st.sampled_from(["user", "assistant"]), TEXTS), min_size=1, max_size=6), system=TEXTS)
+def test_text_conversations_survive_the_round_trip(turns, system):
+    chat = {
+        "model": "m",
+        "messages": [{"role": "system", "content": system}] + [{"role": r, "content": t} for r, t in turns],
+        "max_tokens": 10,
+    }
+    there = TO_ANTHROPIC.request(json.dumps(chat).encode())
+    back = json.loads(TO_OPENAI.request(there))
+    assert back["messages"][0] == {"role": "system", "content": system}
+    rest = back["messages"][1:]
+    # Consecutive turns of one role are one turn in Anthropic's API; their texts stay in order.
+    user = [part["text"] for m in rest if m["role"] == "user" for part in m["content"]]
+    assert user == [t for r, t in turns if r == "user"]
+    assistant = "\n".join(m["content"] for m in rest if m["role"] == "assistant")
+    assert assistant == "\n".join(t for r, t in turns if r == "assistant")
+
+
+def _anthropic_events(texts: list[str], tool: bool) -> bytes:
+    def ev(name: str, data: dict) -> bytes:
+        return sse.encode({"type": name, **data}, name)
+
+    out = ev("message_start", {"message": {"id": "msg_1", "model": "claude", "usage": {"input_tokens": 12}}})
+    out += ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+    out += b": keep-alive\n\n" + ev("ping", {})
+    for text in texts:
+        out += ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": text}})
+    out += ev("content_block_stop", {"index": 0})
+    if tool:
+        out += ev("content_block_start", {"index": 1, "content_block": {"type": "tool_use", "id": "t1", "name": "f"}})
+        out += ev("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"a":'}})
+        out += ev("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta", "partial_json": "1}"}})
+        out += ev("content_block_stop", {"index": 1})
+    reason = "tool_use" if tool else "end_turn"
+    out += ev("message_delta", {"delta": {"stop_reason": reason}, "usage": {"output_tokens": 9}})
+    return out + ev("message_stop", {})
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+def _chunks(out: bytes) -> list[dict]:
+    return [json.loads(e.data) for e in sse.Reader().feed(out) if e.data != "[DONE]"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    texts=st.lists(TEXTS, min_size=1, max_size=5),
+    tool=st.booleans(),
+    cuts=st.lists(st.integers(0, 10_000), max_size=12),
+)
+def test_an_anthropic_stream_becomes_the_same_chat_chunks_however_it_is_cut(texts, tool, cuts):
+    data = _anthropic_events(texts, tool)
+    stream = TO_ANTHROPIC.stream()
+    out = b"".join(stream.feed(c) for c in _split(data, cuts)) + stream.end()
+    assert out.endswith(b"data: [DONE]\n\n")
+    chunks = _chunks(out)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == "".join(texts)
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finish == ["tool_calls" if tool else "stop"]
+    assert chunks[-1]["usage"]["prompt_tokens"] == 12 and chunks[-1]["usage"]["completion_tokens"] == 9
+    calls = [t for c in chunks if c["choices"] for t in c["choices"][0]["delta"].get("tool_calls") or []]
+    if tool:
+        assert calls[0]["id"] == "t1" and calls[0]["function"]["name"] == "f"
+        assert "".join(t["function"]["arguments"] for t in calls) == '{"a":1}'
+    else:
+        assert calls == []
+
+
+def _chat_chunks(texts: list[str], tool: bool, done: bool) -> bytes:
+    def chunk(delta: dict, finish: str | None = None) -> bytes:
+        return sse.encode(
+            {"id": "c1", "model": "gpt", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        )
+
+    out = chunk({"role": "assistant", "content": ""})
+    for text in texts:
+        out += chunk({"content": text})
+    if tool:
+        out += chunk(
+            {
+                "tool_calls": [
+                    {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}
+                ]
+            }
+        )
+        out += chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a":1}'}}]})
+    out += chunk({}, "tool_calls" if tool else "stop")
+    out += sse.encode({"id": "c1", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 6}})
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    texts=st.lists(TEXTS, min_size=1, max_size=5),
+    tool=st.booleans(),
+    done=st.booleans(),
+    cuts=st.lists(st.integers(0, 10_000), max_size=12),
+)
+def test_chat_chunks_become_anthropics_event_sequence_however_they_are_cut(texts, tool, done, cuts):
+    data = _chat_chunks(texts, tool, done)
+    stream = TO_OPENAI.stream()
+    out = b"".join(stream.feed(c) for c in _split(data, cuts)) + stream.end()
+    events = sse.Reader().feed(out)
+    names = [e.name for e in events]
+    assert all(e.name == json.loads(e.data)["type"] for e in events)
+    # The order Anthropic's reference gives, even when the provider never sent [DONE].
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    opened = [json.loads(e.data)["index"] for e in events if e.name == "content_block_start"]
+    closed = [json.loads(e.data)["index"] for e in events if e.name == "content_block_stop"]
+    assert opened == closed == list(range(len(opened)))
+    deltas = [json.loads(e.data)["delta"] for e in events if e.name == "content_block_delta"]
+    assert "".join(d.get("text", "") for d in deltas) == "".join(texts)
+    assert "".join(d.get("partial_json", "") for d in deltas) == ('{"a":1}' if tool else "")
+    final = json.loads(events[-2].data)
+    assert final["delta"]["stop_reason"] == ("tool_use" if tool else "end_turn")
+    assert (final["usage"]["input_tokens"], final["usage"]["output_tokens"]) == (4, 6)
+
+
+def test_the_marker_names_two_different_known_apis():
+    assert parse_route("openai>anthropic") == ("openai", "anthropic")
+    for bad in ("", "openai", "openai>openai", "x>anthropic", "anthropic>"):
+        assert parse_route(bad) is None
