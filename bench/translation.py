@@ -1,0 +1,149 @@
+"""What translating between API families costs (`make bench-translation`, issue 14).
+
+One fake provider process answers both APIs (OpenAI's on /v1/chat/completions, Anthropic's on
+/v1/messages). The gateway has one compiled alias per backend API; each client API is sent to
+each, so two of the four pairs are translated per attempt by the upstream-phase ext_proc and
+two pass untouched. Plain Envoy forwards the same requests to the same fake. Measured for JSON
+answers and for streams of 100 chunks, in alternating rounds on one machine: throughput ÷
+plain Envoy and the median latency added. A second gateway without the translation filter
+(`GatewayOptions.translation=False`) shows what the skipped filter costs a same-API request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from signalbox.local import LocalGateway
+from tests.factories import backend, dump, model, policy, provider
+
+from . import dataplane
+
+RESULTS = Path(__file__).parent / "results"
+CHUNKS = 100
+# (client API, path, alias): the alias names the backend's API.
+PAIRS = [
+    ("openai", "/v1/chat/completions", "to-openai"),
+    ("openai", "/v1/chat/completions", "to-anthropic"),
+    ("anthropic", "/v1/messages", "to-anthropic"),
+    ("anthropic", "/v1/messages", "to-openai"),
+]
+
+
+def resources(workdir: Path, upstream: str) -> Path:
+    out = workdir / "resources"
+    out.mkdir()
+    caps = {"capabilities": ["streaming", "tools"]}
+    (out / "bench.yaml").write_text(
+        dump(
+            provider("oai", upstream + "/v1", [model("m", upstreamName="bench-model", **caps)]),
+            provider("ant", upstream + "/v1", [model("m", upstreamName="bench-model", **caps)], type="anthropic"),
+            policy("to-openai", ["to-openai"], [backend("oai", "m")]),
+            policy("to-anthropic", ["to-anthropic"], [backend("ant", "m")]),
+        )
+    )
+    return out
+
+
+def script(path: Path, api: str, alias: str, stream: bool) -> Path:
+    """A wrk script posting the client API's body for `alias`."""
+    messages = [{"role": "user", "content": "Summarize the plot of Hamlet in two sentences."}]
+    body: dict = {"model": alias, "messages": messages, "max_tokens": 64}
+    if api == "anthropic":
+        body["system"] = "You are a helpful assistant."
+    else:
+        body["messages"] = [{"role": "system", "content": "You are a helpful assistant."}, *messages]
+    if stream:
+        body["stream"] = True
+    headers = 'wrk.headers["Content-Type"] = "application/json"\n'
+    if api == "anthropic":
+        headers += 'wrk.headers["anthropic-version"] = "2023-06-01"\n'
+    if stream:
+        headers += f'wrk.headers["x-fake-chunks"] = "{CHUNKS}"\n'
+    path.write_text(f'wrk.method = "POST"\n{headers}wrk.body = [[{json.dumps(body)}]]\n')
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="signalbox-translation-"))
+    fake, upstream = dataplane.start_fake()
+    plain, plain_port = dataplane.plain_envoy(upstream, work, 1)
+    files = resources(work, upstream)
+    runs: dict[tuple[str, str, str, str], list[dict[str, float]]] = {}
+    try:
+        for n in range(args.rounds):
+            for variant in ("translation", "no-filter"):
+                gateway = LocalGateway(
+                    paths=[str(files)], port=0, workdir=work / f"{variant}-{n}", start_fakes=False, envoy_concurrency=1
+                )
+                if variant == "no-filter":
+                    gateway.options = dataclasses.replace(gateway.options, translation=False)
+                gateway.start()
+                try:
+                    for api, path, alias in PAIRS:
+                        if variant == "no-filter" and api != ("anthropic" if alias == "to-anthropic" else "openai"):
+                            continue  # without the filter only same-API pairs can be served
+                        for shape in ("json", "streamed"):
+                            lua = script(work / f"{api}-{alias}-{shape}.lua", api, alias, shape == "streamed")
+                            url = gateway.url.removesuffix("/v1") + path
+                            dataplane.wrk(url, 1, args.connections, lua)  # warm-up
+                            base = dataplane.wrk(
+                                f"http://127.0.0.1:{plain_port}{path}", args.seconds, args.connections, lua
+                            )
+                            ours = dataplane.wrk(url, args.seconds, args.connections, lua)
+                            if ours["non_2xx"]:
+                                raise RuntimeError(f"{api} -> {alias} {shape}: {ours['non_2xx']} non-2xx answers")
+                            runs.setdefault((variant, api, alias, shape), []).append(
+                                {**ours, "plain_rps": base["rps"], "plain_p50_ms": base["p50_ms"]}
+                            )
+                            print(
+                                f"round {n} {variant:11} {api:9} -> {alias:12} {shape:8} "
+                                f"{ours['rps']:7.0f} rps (plain {base['rps']:7.0f}), p50 {ours['p50_ms']:.2f} ms",
+                                flush=True,
+                            )
+                finally:
+                    gateway.stop()
+    finally:
+        plain.terminate()
+        fake.terminate()
+    report = []
+    for (variant, api, alias, shape), values in sorted(runs.items()):
+        ratio = statistics.median(v["rps"] / v["plain_rps"] for v in values)
+        added = statistics.median(v["p50_ms"] - v["plain_p50_ms"] for v in values)
+        translated = api != ("anthropic" if alias == "to-anthropic" else "openai")
+        report.append(
+            {
+                "variant": variant,
+                "client_api": api,
+                "backend": alias,
+                "shape": shape,
+                "translated": translated,
+                "throughput_ratio": round(ratio, 3),
+                "added_p50_ms": round(added, 3),
+                "rps": round(statistics.median(v["rps"] for v in values)),
+            }
+        )
+        print(
+            f"{variant:11} {api:9} -> {alias:12} {shape:8} {'translated' if translated else 'same API':10} "
+            f"gateway/plain {ratio:.3f}, +{added:.2f} ms p50"
+        )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "translation.json").write_text(
+        json.dumps({"rounds": args.rounds, "seconds": args.seconds, "chunks": CHUNKS, "results": report}, indent=2)
+        + "\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
