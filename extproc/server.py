@@ -133,15 +133,16 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             answered = False
             headers: dict[str, str] = {}
             try:
+                if route := upstream.translation_of(request):
+                    # An upstream attempt to a backend of another API family.
+                    async for response in upstream.translate(route, request_iterator, self.metrics):
+                        answered = answered or response.WhichOneof("response") == "immediate_response"
+                        yield response
+                    return
                 if request.WhichOneof("request") == "request_body":
                     headers = wire.attribute_headers(request)
                 else:
                     headers = wire.header_map(request.request_headers)
-                    if upstream.is_translation(headers):
-                        async for response in upstream.translate(request, request_iterator, self.metrics):
-                            answered = answered or response.WhichOneof("response") == "immediate_response"
-                            yield response
-                        return
                 async for response in self._router(request, headers, request_iterator):
                     answered = answered or _ends_request_phase(response)
                     yield response

@@ -1,10 +1,18 @@
 """The upstream phase: one gRPC stream per attempt whose backend speaks another API family.
 
 Envoy runs this ext_proc as an upstream filter of every chain, skipped (by a matcher) unless
-attempt.lua marked the attempt with TRANSLATE_HEADER. The stream then carries, in order: the
-request headers, the buffered request body (translated here), the response headers (the body
-mode is chosen from them: a stream is translated chunk by chunk as it arrives, anything else
-whole) and the response body.
+attempt.lua marked the attempt with TRANSLATE_HEADER. Which translation comes as metadata
+(attempt.lua's notes, TRANSLATE_KEY). The stream carries:
+
+1. the request's headers, only held and answered unchanged but for their length (in an
+   upstream filter, a body replaced without its headers held is not the body sent: measured);
+2. the buffered request body, translated here;
+3. the answer chunk by chunk, without its headers: attempt.lua fixes those on the way back, and
+   CEL attributes in an upstream filter describe the client's response, not the attempt's, so
+   the first bytes tell a stream (translated event by event as it comes) from JSON (held and
+   translated whole at its end; an error is known by its shape, the status passes as it is).
+
+A translated JSON request costs three gRPC messages, a stream one more per chunk.
 
 A request the backend's API cannot express gets a 400 in the client's API naming what (Envoy
 sends an upstream filter's own answer straight to the client: no retry follows it). The router
@@ -17,91 +25,84 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from signalbox.core.envoygen.contract import TRANSLATE_HEADER
+from signalbox.core.envoygen.contract import ATTEMPT_NS, TRANSLATE_KEY
 from signalbox.core.errors import RequestError
 
 from . import wire
-from .translate import Translation, parse_route
+from .translate import StreamTranslator, Translation, parse_route
 
 log = logging.getLogger("signalbox.extproc.upstream")
 
 
-def is_translation(headers: dict[str, str]) -> bool:
-    return TRANSLATE_HEADER in headers
+def translation_of(request: ep.ProcessingRequest) -> str:
+    """The translation attempt.lua marked this attempt for ("" for a router-phase stream)."""
+    notes = request.metadata_context.filter_metadata.get(ATTEMPT_NS)
+    if notes is None or TRANSLATE_KEY not in notes.fields:
+        return ""
+    return notes.fields[TRANSLATE_KEY].string_value
 
 
-def _body(body: bytes, phase: str) -> ep.ProcessingResponse:
-    common = ep.CommonResponse(status=ep.CommonResponse.CONTINUE_AND_REPLACE)
+def _body(body: bytes, phase: str, replace: bool) -> ep.ProcessingResponse:
+    """A body answer: the whole buffered body replaced, or a streamed chunk's replacement
+    (possibly empty while an event or a JSON answer is incomplete)."""
+    common = ep.CommonResponse(status=ep.CommonResponse.CONTINUE_AND_REPLACE if replace else ep.CommonResponse.CONTINUE)
     common.body_mutation.body = body
     return ep.ProcessingResponse(**{phase: ep.BodyResponse(response=common)})
 
 
-def _streamed(body: bytes) -> ep.ProcessingResponse:
-    """A streamed chunk's replacement (possibly empty while an event is incomplete)."""
-    common = ep.CommonResponse()
-    common.body_mutation.body = body
-    return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common))
+async def _next_body(rest: AsyncIterator[ep.ProcessingRequest], kind: str) -> ep.ProcessingRequest | None:
+    async for message in rest:
+        if message.WhichOneof("request") == kind:
+            return message
+    return None
 
 
 async def translate(
-    first: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest], metrics
+    marker: str, rest: AsyncIterator[ep.ProcessingRequest], metrics
 ) -> AsyncIterator[ep.ProcessingResponse]:
-    headers = wire.header_map(first.request_headers)
-    route = parse_route(headers.get(TRANSLATE_HEADER, ""))
+    """After the request's headers (the first message, already read: answered here, unchanged),
+    the request body, then the answer's chunks."""
+    route = parse_route(marker)
     if route is None:
-        # Only attempt.lua sets the marker (clients' copies are removed): a config mismatch.
-        raise ValueError(f"unknown translation {headers.get(TRANSLATE_HEADER)!r}")
+        # Only attempt.lua sets the marker: a config this data plane does not understand.
+        raise ValueError(f"unknown translation {marker!r}")
     src, dst = route
     translation = Translation(src, dst)
     outcome = "ok"
     try:
-        # The header map is shared by every attempt of the request, so no length is set here (the
-        # next attempt's body may differ): without one, Envoy frames the body itself.
-        yield wire.headers_response(set_headers=translation.request_headers(), remove=["content-length"])
-        stream = None
-        status = 200
+        # The header map is every attempt's: no length is set for a body the next attempt may
+        # not send. Without one, Envoy frames the translated body itself.
+        yield wire.headers_response(remove=["content-length"])
+        body = await _next_body(rest, "request_body")
+        if body is None:
+            return
+        try:
+            translated = translation.request(body.request_body.body)
+        except RequestError as err:
+            outcome = err.code
+            yield wire.immediate_error(err, api=src)
+            return
+        yield _body(translated, "request_body", replace=False)
+        stream: StreamTranslator | None = None
+        held: list[bytes] = []
+        first_chunk = True
         async for message in rest:
-            kind = message.WhichOneof("request")
-            if kind == "request_body":
-                try:
-                    translated = translation.request(message.request_body.body)
-                except RequestError as err:
-                    outcome = err.code
-                    yield wire.immediate_error(err, api=src)
-                    return
-                yield _body(translated, "request_body")
-            elif kind == "response_headers":
-                got = wire.header_map(message.response_headers)
-                status = int(got.get(":status", "200") or 200)
-                streaming = status == 200 and "text/event-stream" in got.get("content-type", "")
-                response = ep.ProcessingResponse(
-                    response_headers=ep.HeadersResponse(
-                        response=ep.CommonResponse(
-                            header_mutation=wire.mutation(
-                                [] if streaming else [("content-type", "application/json")], remove=["content-length"]
-                            )
-                        )
-                    )
-                )
-                if streaming:
+            if message.WhichOneof("request") != "response_body":
+                continue
+            chunk = message.response_body
+            if first_chunk and chunk.body:
+                first_chunk = False
+                if translation.is_stream(chunk.body):
                     stream = translation.stream()
-                    response.mode_override.response_body_mode = pm.ProcessingMode.STREAMED
-                else:
-                    response.mode_override.response_body_mode = pm.ProcessingMode.BUFFERED
-                yield response
-            elif kind == "response_body":
-                chunk = message.response_body
-                if stream is None:
-                    yield _body(translation.answer(chunk.body, status), "response_body")
-                    return
-                out = stream.feed(chunk.body)
-                if chunk.end_of_stream:
-                    out += stream.end()
-                yield _streamed(out)
-                if chunk.end_of_stream:
-                    return
+            if stream is not None:
+                out = stream.feed(chunk.body) + (stream.end() if chunk.end_of_stream else b"")
+            else:
+                held.append(chunk.body)
+                out = translation.answer(b"".join(held)) if chunk.end_of_stream else b""
+            yield _body(out, "response_body", replace=False)
+            if chunk.end_of_stream:
+                return
     finally:
         metrics.translations.labels(src, dst, outcome).inc()

@@ -65,18 +65,28 @@ class Translation:
             return _dump(anthropic.chat_to_messages(body))
         return _dump(anthropic.messages_to_chat(body))
 
-    def answer(self, raw: bytes, status: int) -> bytes:
-        """A whole (non-streamed) answer or error of the backend in the client's API."""
+    def answer(self, raw: bytes) -> bytes:
+        """A whole (non-streamed) answer or error of the backend in the client's API. The
+        status is not known here (the translation sees bodies only; Envoy passes the status on
+        as it is): an error is known by its shape, anything not an answer is one."""
         try:
             body: Any = json.loads(raw)
         except (UnicodeDecodeError, ValueError, RecursionError):
             body = raw.decode("utf-8", "replace")
-        if status >= 400 or not isinstance(body, dict):
-            to = anthropic.error_to_chat if self.src == OPENAI_API else anthropic.error_to_messages
-            return _dump(to(body, status))
         if self.src == OPENAI_API:
-            return _dump(anthropic.message_to_chat(body))
-        return _dump(anthropic.chat_to_message(body))
+            if isinstance(body, dict) and body.get("type") == "message":
+                return _dump(anthropic.message_to_chat(body))
+            return _dump(anthropic.error_to_chat(body))
+        if isinstance(body, dict) and isinstance(body.get("choices"), list):
+            return _dump(anthropic.chat_to_message(body))
+        return _dump(anthropic.error_to_messages(body))
+
+    @staticmethod
+    def is_stream(first_chunk: bytes) -> bool:
+        """Whether an answer is server-sent events, from its first bytes (a JSON answer or error
+        starts with `{`; an event with a field name or a comment)."""
+        head = first_chunk.lstrip(b"\xef\xbb\xbf \t\r\n")[:6]
+        return head.startswith((b"data:", b"event:", b":", b"id:", b"retry:"))
 
     def stream(self) -> StreamTranslator:
         if self.src == OPENAI_API:

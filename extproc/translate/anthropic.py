@@ -566,7 +566,7 @@ def _arguments(text: Any) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {"value": parsed}
 
 
-def error_to_chat(body: Any, status: int) -> dict[str, Any]:
+def error_to_chat(body: Any) -> dict[str, Any]:
     """An Anthropic error body (or any text) as OpenAI's error shape."""
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
@@ -577,16 +577,35 @@ def error_to_chat(body: Any, status: int) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": kind}}
 
 
-def error_to_messages(body: Any, status: int) -> dict[str, Any]:
-    """An OpenAI error body (or any text) as Anthropic's error shape."""
-    from signalbox.core.errors import anthropic_error_type
+# OpenAI error types and codes -> Anthropic's error type (the HTTP status itself passes as is).
+_OPENAI_ERRORS = {
+    "invalid_request_error": "invalid_request_error",
+    "context_length_exceeded": "invalid_request_error",
+    "authentication_error": "authentication_error",
+    "invalid_api_key": "authentication_error",
+    "permission_error": "permission_error",
+    "not_found_error": "not_found_error",
+    "model_not_found": "not_found_error",
+    "rate_limit_error": "rate_limit_error",
+    "rate_limit_exceeded": "rate_limit_error",
+    "insufficient_quota": "rate_limit_error",
+    "overloaded_error": "overloaded_error",
+}
 
+
+def error_to_messages(body: Any) -> dict[str, Any]:
+    """An OpenAI error body (or any text) as Anthropic's error shape."""
     error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        message = error["message"]
+    kind = "api_error"
+    if isinstance(error, dict):
+        message = error["message"] if isinstance(error.get("message"), str) else json.dumps(error)
+        for name in (error.get("code"), error.get("type")):
+            if isinstance(name, str) and name in _OPENAI_ERRORS:
+                kind = _OPENAI_ERRORS[name]
+                break
     else:
         message = body if isinstance(body, str) else json.dumps(body)
-    return {"type": "error", "error": {"type": anthropic_error_type(status), "message": message}}
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 # --------------------------------------------------------------------------- streams
@@ -681,7 +700,7 @@ class MessagesToChatStream:
             return self._close()
         if kind == "error":
             self.done = True  # OpenAI's SDKs raise on a chunk that carries an error
-            return sse.encode(error_to_chat(data, 500))
+            return sse.encode(error_to_chat(data))
         return b""  # ping and events added later
 
 
@@ -766,7 +785,7 @@ class ChatToMessagesStream:
             return b""
         if isinstance(chunk.get("error"), dict):
             self.done = True
-            return sse.encode(error_to_messages(chunk, 500), "error")
+            return sse.encode(error_to_messages(chunk), "error")
         out = b"" if self.started else self._start(chunk)
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]

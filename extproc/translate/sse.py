@@ -13,6 +13,9 @@ from typing import Any
 
 # An event ends at a blank line; "\r\n" and "\r" line ends are as valid as "\n".
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# SSE lines end with CRLF, LF or CR only (str.splitlines would also split inside the data at
+# U+0085, U+2028 and the like, which JSON carries unescaped).
+_LINE_END = re.compile(r"\r\n|\r|\n")
 # A partial event longer than this is not an event anyone sends: it is dropped, not held.
 MAX_EVENT_BYTES = 1 << 20
 
@@ -58,7 +61,7 @@ class Reader:
 
 def _parse(block: bytes) -> Event | None:
     name, data = "", []
-    for line in block.decode("utf-8", "replace").splitlines():
+    for line in _LINE_END.split(block.decode("utf-8", "replace")):
         if not line or line.startswith(":"):
             continue  # a comment (keep-alive)
         field, _, value = line.partition(":")

@@ -29,6 +29,7 @@ import contextlib
 import functools
 import json
 import sys
+import threading
 import time
 import typing
 from collections import deque
@@ -233,8 +234,10 @@ class FakeProvider:
     ) -> web.Response:
         text = f"[{self.ident}] {message}"
         if api == "anthropic":
-            anthropic_kind = kind if kind == "invalid_request_error" else ANTHROPIC_ERRORS.get(status, "api_error")
-            body: dict[str, Any] = {"type": "error", "error": {"type": anthropic_kind, "message": text}}
+            body: dict[str, Any] = {
+                "type": "error",
+                "error": {"type": ANTHROPIC_ERRORS.get(status, "api_error"), "message": text},
+            }
         else:
             body = {"error": {"message": text, "type": kind, "param": None, "code": code or str(status)}}
         return web.json_response(body, status=status, headers={"x-fake-provider": self.ident, **(headers or {})})
@@ -270,7 +273,8 @@ class FakeProvider:
                 headers["retry-after"] = fault.retry_after
             if fault.retry_after_ms:
                 headers["retry-after-ms"] = str(fault.retry_after_ms)
-            return self._error(status, f"steered to fail with {status}", headers=headers, api=api)
+            code, kind = OPENAI_ERRORS.get(status, (str(status), "fake_error"))
+            return self._error(status, f"steered to fail with {status}", code=code, kind=kind, headers=headers, api=api)
         return None
 
     async def handle_get(self, request: web.Request) -> web.Response:
@@ -483,6 +487,12 @@ ANTHROPIC_ERRORS = {
     500: "api_error",
     529: "overloaded_error",
 }
+# OpenAI's error (code, type) for a status, as its API sends them.
+OPENAI_ERRORS = {
+    401: ("invalid_api_key", "invalid_request_error"),
+    429: ("rate_limit_exceeded", "requests"),
+    500: ("server_error", "server_error"),
+}
 # The arguments of every steered tool call.
 TOOL_ARGUMENTS = '{"city": "Paris"}'
 
@@ -505,6 +515,9 @@ async def serving(ident: str, host: str = "127.0.0.1", port: int = 0) -> AsyncIt
 
 
 async def run(ident: str, host: str, port: int, ready: asyncio.Event | None = None) -> None:
+    # Reading the SDKs' type models takes seconds: done while the server starts, not on the
+    # first request (where it would look like a slow provider).
+    threading.Thread(target=_shapes, name="fake-provider-shapes", daemon=True).start()
     runner = web.AppRunner(FakeProvider(ident).app(), access_log=None)
     await runner.setup()
     # A deep accept queue: the scale bench opens thousands of streams within seconds, and a

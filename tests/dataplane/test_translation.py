@@ -58,6 +58,13 @@ def resources(fakes) -> str:
             type="anthropic",
         ),
         provider("gpt-down", fakes["flaky2"].url + "/v1", [model("o2", upstreamName="gpt-two", **CAPS)]),
+        # Backends the error tests make fail (a 429 rests a backend: kept apart from the rest).
+        provider(
+            "claude-err", fakes["gamma"].url + "/v1", [model("e1", upstreamName="claude-err", **CAPS)], type="anthropic"
+        ),
+        provider("gpt-err", fakes["delta"].url + "/v1", [model("e2", upstreamName="gpt-err", **CAPS)]),
+        policy("claude-err", ["claude-err"], [backend("claude-err", "e1")]),
+        policy("gpt-err", ["gpt-err"], [backend("gpt-err", "e2")]),
         policy("claude", ["claude"], [backend("claude", "c1")]),
         policy("gpt", ["gpt"], [backend("gpt", "o1")]),
         policy(
@@ -220,7 +227,7 @@ def test_openai_tools_round_trip_through_an_anthropic_backend(oai, fakes):
 def test_an_anthropic_backends_error_reaches_an_openai_client_in_openais_shape(oai, fakes):
     with pytest.raises(openai.RateLimitError) as caught:
         oai.chat.completions.create(
-            model="claude", messages=[{"role": "user", "content": "hi"}], extra_headers={"x-fake-status": "429"}
+            model="claude-err", messages=[{"role": "user", "content": "hi"}], extra_headers={"x-fake-status": "429"}
         )
     assert caught.value.body["type"] == "rate_limit_error"
     assert "steered to fail with 429" in caught.value.body["message"]
@@ -310,7 +317,7 @@ def test_an_anthropic_client_gets_the_gateways_errors_in_anthropics_shape(ant):
     assert "no-such-alias" in caught.value.body["error"]["message"]
     with pytest.raises(anthropic.RateLimitError) as limited:
         ant.messages.create(
-            model="gpt",
+            model="gpt-err",
             max_tokens=10,
             messages=[{"role": "user", "content": "hi"}],
             extra_headers={"x-fake-status": "429"},

@@ -18,6 +18,7 @@ from signalbox.core import envoygen
 HARNESS = """
 function(hdrs, meta, text)
   local responded = {}
+  notes = {}
   local body = {text = text}
   function body:getBytes(start, n) return string.sub(self.text, start + 1, start + n) end
   function body:length() return #self.text end
@@ -28,6 +29,7 @@ function(hdrs, meta, text)
   function headers:remove(k) hdrs[k] = nil end
   local metadata = {}
   function metadata:get(ns) return meta end
+  function metadata:set(ns, k, v) notes[k] = v end
   local info = {}
   function info:dynamicMetadata() return metadata end
   local handle = {}

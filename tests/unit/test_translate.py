@@ -52,14 +52,12 @@ def test_bytes_that_are_not_json_are_a_malformed_request(raw, to):
     status=st.sampled_from([200, 400, 429, 500, 529]),
 )
 def test_any_provider_answer_becomes_json_in_the_clients_shape(raw, status):
-    chat = json.loads(TO_ANTHROPIC.answer(raw, status))  # an Anthropic backend's, for an OpenAI client
-    messages = json.loads(TO_OPENAI.answer(raw, status))  # an OpenAI backend's, for an Anthropic client
-    if status >= 400:
-        assert isinstance(chat["error"]["message"], str)
-        assert messages["type"] == "error" and isinstance(messages["error"]["message"], str)
-    else:
-        assert chat.get("object") == "chat.completion" or "error" in chat
-        assert messages.get("type") in ("message", "error")
+    chat = json.loads(TO_ANTHROPIC.answer(raw))  # an Anthropic backend's, for an OpenAI client
+    messages = json.loads(TO_OPENAI.answer(raw))  # an OpenAI backend's, for an Anthropic client
+    assert chat.get("object") == "chat.completion" or isinstance(chat["error"]["message"], str)
+    assert messages.get("type") == "message" or (
+        messages["type"] == "error" and isinstance(messages["error"]["message"], str)
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -270,7 +268,43 @@ def test_chat_chunks_become_anthropics_event_sequence_however_they_are_cut(texts
     assert (final["usage"]["input_tokens"], final["usage"]["output_tokens"]) == (4, 6)
 
 
+def test_errors_keep_their_meaning_across_the_apis():
+    openai_error = {"error": {"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}}
+    assert json.loads(TO_OPENAI.answer(json.dumps(openai_error).encode())) == {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": "slow down"},
+    }
+    anthropic_error = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+    chat = json.loads(TO_ANTHROPIC.answer(json.dumps(anthropic_error).encode()))
+    assert chat["error"]["message"] == "busy" and chat["error"]["type"] == "overloaded_error"
+    # A proxy's HTML page is an error too, its text kept.
+    assert json.loads(TO_OPENAI.answer(b"<html>502 Bad Gateway</html>"))["error"]["message"].startswith("<html>")
+
+
+@pytest.mark.parametrize(
+    ("first", "stream"),
+    [
+        (b"data: {}", True),
+        (b"event: message_start\n", True),
+        (b": ping\n\n", True),
+        (b'{"id": 1}', False),
+        (b"\n  {", False),
+        (b"<html>", False),
+    ],
+)
+def test_a_stream_is_told_from_json_by_its_first_bytes(first, stream):
+    assert TO_OPENAI.is_stream(first) is stream
+
+
 def test_the_marker_names_two_different_known_apis():
     assert parse_route("openai>anthropic") == ("openai", "anthropic")
     for bad in ("", "openai", "openai>openai", "x>anthropic", "anthropic>"):
         assert parse_route(bad) is None
+
+
+def test_event_data_keeps_characters_python_would_split_lines_at():
+    """SSE lines end at CR/LF only: U+0085 and U+2028 inside JSON text are data (hypothesis found
+    a stream translator that dropped such a chunk)."""
+    payload = json.dumps({"text": "a\x85b\u2028c"}, ensure_ascii=False)
+    (event,) = sse.Reader().feed(f"event: x\ndata: {payload}\n\n".encode())
+    assert event.json() == {"text": "a\x85b\u2028c"}

@@ -18,7 +18,9 @@
 -- and ERRORS, the gateway's error bodies (from signalbox.core.errors) by name, each with its
 -- status, code and the body in each client API (`body`: OpenAI's, `anthropic`);
 -- TRANSLATE_HEADER, which marks an attempt whose backend speaks another API than the client
--- (the upstream-phase ext_proc, skipped on every other attempt, translates it); RETRY_HEADER, the response header the route's retry policy retries on, and
+-- (the upstream-phase ext_proc, skipped on every other attempt, translates it), and
+-- TRANSLATE_KEY, where that ext_proc reads which translation (ATTEMPT_NS metadata); MIXED,
+-- true when the chain's members speak more than one API; RETRY_HEADER, the response header the route's retry policy retries on, and
 -- ATTEMPT_NS, the dynamic metadata namespace this script keeps its per-attempt notes in.
 -- The client's path comes from dynamic metadata (header_to_metadata on the listener): the
 -- request headers are one map shared by every attempt, so `:path` already holds the previous
@@ -184,9 +186,11 @@ function envoy_on_request(handle)
   local rest = bare
   if string.sub(bare, 1, 4) == "/v1/" then rest = string.sub(bare, 4) end
   if api ~= nil and api ~= BACKEND.api then
-    -- Another API family: the upstream-phase ext_proc translates this attempt.
+    -- Another API family: the upstream-phase ext_proc translates this attempt's body (this
+    -- script sets the path; the answer's headers are fixed on the way back, envoy_on_response).
     rest = API_PATHS[BACKEND.api]
     headers:replace(TRANSLATE_HEADER, api .. ">" .. BACKEND.api)
+    handle:streamInfo():dynamicMetadata():set(ATTEMPT_NS, TRANSLATE_KEY, api .. ">" .. BACKEND.api)
   elseif api == nil and BACKEND.api ~= "openai" then
     -- Completions and embeddings exist in OpenAI's API only (the router phase never picks such
     -- a backend first for them; a later member of a chain can still meet one).
@@ -194,6 +198,11 @@ function envoy_on_request(handle)
     return
   else
     headers:remove(TRANSLATE_HEADER)
+    if MIXED then
+      -- An earlier attempt of this request may have been translated: its note must not fix
+      -- this answer's headers.
+      handle:streamInfo():dynamicMetadata():set(ATTEMPT_NS, TRANSLATE_KEY, "")
+    end
   end
   if BACKEND.api == "anthropic" and headers:get("anthropic-version") == nil then
     headers:replace("anthropic-version", ANTHROPIC_VERSION)
@@ -287,6 +296,14 @@ end
 function envoy_on_response(handle)
   local headers = handle:headers()
   local status = headers:get(":status")
+  local notes = handle:streamInfo():dynamicMetadata():get(ATTEMPT_NS)
+  if notes ~= nil and notes[TRANSLATE_KEY] ~= nil and notes[TRANSLATE_KEY] ~= "" then
+    -- The translation rewrites the body (a stream chunk by chunk, anything else whole, as JSON).
+    headers:remove("content-length")
+    if not string.find(headers:get("content-type") or "", "text/event-stream", 1, true) then
+      headers:replace("content-type", "application/json")
+    end
+  end
   if status == "400" then
     retry_if_too_long(handle)
     return
@@ -295,7 +312,6 @@ function envoy_on_response(handle)
   if status ~= "200" or not string.find(ctype, "text/event-stream", 1, true) or headers:get("content-length") then
     return
   end
-  local notes = handle:streamInfo():dynamicMetadata():get(ATTEMPT_NS)
   if notes == nil or notes["sanitize"] ~= "1" then return end
   -- Chunk by chunk as they come (nothing is buffered whole): each passes on holding only whole,
   -- well-formed events; a partial event waits for the chunk that ends it. A stream that ends

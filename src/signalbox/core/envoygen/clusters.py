@@ -27,6 +27,7 @@ from .contract import (
     METADATA_NS,
     RETRY_HEADER,
     TRANSLATE_HEADER,
+    TRANSLATE_KEY,
 )
 from .options import STREAM_LIMITS, GatewayOptions, _address, _any, _grpc_service, _ms
 
@@ -347,9 +348,14 @@ def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
         "RETRY_HEADER": RETRY_HEADER,
         "ATTEMPT_NS": ATTEMPT_NS,
         "TRANSLATE_HEADER": TRANSLATE_HEADER,
+        "TRANSLATE_KEY": TRANSLATE_KEY,
         "ANTHROPIC_VERSION": ANTHROPIC_VERSION,
     }
-    return f"{_attempt_prelude(tuple(names.items()))}BACKENDS = {lua_literal(settings)}\n{_ATTEMPT_CODE}"
+    mixed = len({member["api"] for member in settings.values()}) > 1
+    return (
+        f"{_attempt_prelude(tuple(names.items()))}BACKENDS = {lua_literal(settings)}\n"
+        f"MIXED = {lua_literal(mixed)}\n{_ATTEMPT_CODE}"
+    )
 
 
 @functools.lru_cache(maxsize=100_000)
@@ -471,17 +477,19 @@ def _translator(timeout_ms: int) -> dict[str, Any]:
         # A failed translation is this attempt's error: never a request sent untranslated.
         failure_mode_allow=False,
         message_timeout=_ms(timeout_ms),
+        # The request's headers (only held: in an upstream filter a body replaced without them
+        # is not the body sent, measured), its body, then the answer chunk by chunk without its
+        # headers (a stream translated as it comes, anything else held and translated whole at
+        # its end; attempt.lua fixes the answer's headers).
         processing_mode={
             "request_header_mode": "SEND",
             "request_body_mode": "BUFFERED",
-            "response_header_mode": "SEND",
-            # Chosen per answer from its headers: a stream chunk by chunk, anything else whole.
-            "response_body_mode": "BUFFERED",
+            "response_header_mode": "SKIP",
+            "response_body_mode": "STREAMED",
             "request_trailer_mode": "SKIP",
             "response_trailer_mode": "SKIP",
         },
-        allow_mode_override=True,
-        mutation_rules={"allow_all_routing": True},
+        metadata_options={"forwarding_namespaces": {"untyped": [ATTEMPT_NS]}},
     )
     return _only_when_translating(
         "signalbox.translate", {"name": "envoy.filters.http.ext_proc", "typed_config": processor}

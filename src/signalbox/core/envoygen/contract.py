@@ -35,6 +35,10 @@ ATTEMPT_NS = "signalbox.attempt"
 # on or hashes by (`router_attributes`). Envoy cannot send the whole header map.
 ROUTER_ATTRIBUTES = ("request.path", "request.method", "request.id", "source.address")
 HEADER_ATTRIBUTE = "request.headers['{}']"
+# Where the upstream-phase ext_proc reads which translation an attempt needs ("<client
+# api>><backend api>"): dynamic metadata ATTEMPT_NS/TRANSLATE_KEY, forwarded with its messages
+# (CEL attributes in an upstream filter read the client's headers, not the attempt's).
+TRANSLATE_KEY = "translate"
 # Why a bodyless request is refused, by kind of path (Envoy's routes answer the requests that
 # never reach the ext_proc; the ext_proc gives the same answer to a headers-first stream).
 EMPTY_BODY = {
