@@ -1,11 +1,12 @@
 """What translating between API families costs (`make bench-translation`, issue 14).
 
 One fake provider process answers both APIs (OpenAI's on /v1/chat/completions, Anthropic's on
-/v1/messages). The gateway has one compiled alias per backend API; each client API is sent to
-each, so two of the four pairs are translated per attempt by the upstream-phase ext_proc and
-two pass untouched. Plain Envoy forwards the same requests to the same fake. Measured for JSON
-answers and for streams of 100 chunks, in alternating rounds on one machine: throughput ÷
-plain Envoy and the median latency added. A second gateway without the translation filter
+/v1/messages). The gateway has one compiled alias per backend API. Chat Completions and
+Messages clients are sent to each (two pairs translated per attempt by the upstream-phase
+ext_proc, two untouched), Responses clients to the chat backend (always translated). Plain
+Envoy forwards the same requests to the same fake. Measured for JSON answers and for streams of
+100 chunks, in alternating rounds on one machine: throughput ÷ plain Envoy and the median
+latency added. A second gateway without the translation filter
 (`GatewayOptions.translation=False`) shows what the skipped filter costs a same-API request.
 """
 
@@ -32,7 +33,12 @@ PAIRS = [
     ("openai", "/v1/chat/completions", "to-anthropic"),
     ("anthropic", "/v1/messages", "to-anthropic"),
     ("anthropic", "/v1/messages", "to-openai"),
+    ("responses", "/v1/responses", "to-openai"),
 ]
+
+
+def _backend_api(alias: str) -> str:
+    return "anthropic" if alias == "to-anthropic" else "openai"
 
 
 def resources(workdir: Path, upstream: str) -> Path:
@@ -52,12 +58,15 @@ def resources(workdir: Path, upstream: str) -> Path:
 
 def script(path: Path, api: str, alias: str, stream: bool) -> Path:
     """A wrk script posting the client API's body for `alias`."""
-    messages = [{"role": "user", "content": "Summarize the plot of Hamlet in two sentences."}]
+    system, prompt = "You are a helpful assistant.", "Summarize the plot of Hamlet in two sentences."
+    messages = [{"role": "user", "content": prompt}]
     body: dict = {"model": alias, "messages": messages, "max_tokens": 64}
     if api == "anthropic":
-        body["system"] = "You are a helpful assistant."
+        body["system"] = system
+    elif api == "responses":
+        body = {"model": alias, "instructions": system, "input": prompt, "max_output_tokens": 64}
     else:
-        body["messages"] = [{"role": "system", "content": "You are a helpful assistant."}, *messages]
+        body["messages"] = [{"role": "system", "content": system}, *messages]
     if stream:
         body["stream"] = True
     headers = 'wrk.headers["Content-Type"] = "application/json"\n'
@@ -91,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 gateway.start()
                 try:
                     for api, path, alias in PAIRS:
-                        if variant == "no-filter" and api != ("anthropic" if alias == "to-anthropic" else "openai"):
+                        if variant == "no-filter" and api != _backend_api(alias):
                             continue  # without the filter only same-API pairs can be served
                         for shape in ("json", "streamed"):
                             lua = script(work / f"{api}-{alias}-{shape}.lua", api, alias, shape == "streamed")
@@ -120,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     for (variant, api, alias, shape), values in sorted(runs.items()):
         ratio = statistics.median(v["rps"] / v["plain_rps"] for v in values)
         added = statistics.median(v["p50_ms"] - v["plain_p50_ms"] for v in values)
-        translated = api != ("anthropic" if alias == "to-anthropic" else "openai")
+        translated = api != _backend_api(alias)
         report.append(
             {
                 "variant": variant,

@@ -94,7 +94,7 @@ def _content_text(content: Any) -> tuple[str, bool]:
         for part in content:
             if isinstance(part, dict):
                 text = part.get("text")
-                if part.get("type") == "text" and isinstance(text, str):
+                if part.get("type") in ("text", "input_text") and isinstance(text, str):
                     texts.append(text)
                 elif part.get("type") in ("image_url", "input_image", "image"):
                     images = True
@@ -114,6 +114,16 @@ def features(body: dict[str, Any], embeddings: bool = False) -> Features:
             images = images or has_image
             if message.get("role") == "user":
                 last_user = text
+    elif isinstance(body.get("input"), list) and any(isinstance(i, dict) for i in body["input"]):
+        # OpenAI Responses input items: messages (role, content) among tool calls and outputs.
+        for item in body["input"]:
+            if not isinstance(item, dict):
+                continue
+            text, has_image = _content_text(item.get("content"))
+            total_chars += len(text)
+            images = images or has_image
+            if item.get("role") == "user":
+                last_user = text
     else:
         prompt = body.get("prompt", body.get("input", ""))
         # A string, or an array of strings (or of token ids, which carry no text to classify).
@@ -127,7 +137,7 @@ def features(body: dict[str, Any], embeddings: bool = False) -> Features:
         total_chars = len(last_user)
     response_format = body.get("response_format")
     json_mode = isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
-    max_out = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    max_out = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 0
     if isinstance(max_out, bool):
         max_out = 0
     return Features(

@@ -21,6 +21,7 @@ from signalbox.core.envoygen.contract import (
     FEEDBACK_PATH,
     MESSAGES_PATH,
     MODELS_PATH,
+    RESPONSES_PATH,
     ROUTED_PATHS,
     api_of_path,
     too_large_message,
@@ -170,7 +171,7 @@ def prepare(
 
 
 # The paths a backend of another API family can serve, translated.
-_TRANSLATABLE_PATHS = (CHAT_PATH, MESSAGES_PATH)
+_TRANSLATABLE_PATHS = (CHAT_PATH, MESSAGES_PATH, RESPONSES_PATH)
 
 
 def refused_apis(policy: PolicyRuntime, path: str, raw_body: bytes) -> dict[str, str]:

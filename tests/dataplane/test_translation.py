@@ -325,6 +325,70 @@ def test_an_anthropic_client_gets_the_gateways_errors_in_anthropics_shape(ant):
     assert limited.value.body["error"]["type"] == "rate_limit_error"
 
 
+# ------------------------------------------------------------------ Responses API clients
+
+
+@pytest.mark.parametrize(("alias", "fake", "served"), [("gpt", "beta", "gpt-fake"), ("claude", "alpha", "claude-fake")])
+def test_openai_sdk_responses_from_either_backend(oai, fakes, alias, fake, served):
+    raw = oai.responses.with_raw_response.create(
+        model=alias, instructions="be brief", input="hello", max_output_tokens=40
+    )
+    response = raw.parse()
+    assert response.output_text == f"[{fakes[fake].id}] answer from {served}"
+    assert response.status == "completed"
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (10, 7)
+    got = only(fakes[fake])
+    assert got["path"] == ("/v1/messages" if fake == "alpha" else "/v1/chat/completions")
+    if fake == "beta":
+        assert got["body"]["messages"] == [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hello"},
+        ]
+
+
+@pytest.mark.parametrize("alias", ["gpt", "claude"])
+def test_openai_sdk_streams_responses_as_they_arrive(oai, fakes, alias):
+    arrivals, text, final = [], "", None
+    with oai.responses.stream(
+        model=alias, input="count", extra_headers={"x-fake-chunks": "4", "x-fake-chunk-delay-ms": "150"}
+    ) as stream:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                arrivals.append(time.monotonic())
+                text += event.delta
+        final = stream.get_final_response()
+    assert text == "chunk0 chunk1 chunk2 chunk3 " and final.output_text == text
+    assert final.usage.output_tokens == 4
+    assert arrivals[-1] - arrivals[0] >= 0.3, arrivals
+
+
+def test_responses_function_calls_round_trip(oai, fakes):
+    response = oai.responses.create(
+        model="claude",
+        input=[
+            {"role": "user", "content": "weather in Paris?"},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        ],
+        tools=[{"type": "function", "name": "get_weather", "parameters": TOOL["function"]["parameters"]}],
+        extra_headers={"x-fake-tool-call": "get_weather"},
+    )
+    (call,) = [item for item in response.output if item.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    body = only(fakes["alpha"])["body"]
+    assert body["messages"][1]["content"] == [
+        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}
+    ]
+    assert body["messages"][2]["content"] == [{"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"}]
+
+
+def test_responses_state_the_gateway_does_not_keep_is_a_clear_400(oai, fakes):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.responses.create(model="gpt", input="and then?", previous_response_id="resp_123")
+    assert caught.value.code == "unsupported_feature" and "previous_response_id" in caught.value.message
+    assert fakes["beta"].requests() == []
+
+
 # ------------------------------------------------------------------ same API: no translation
 
 

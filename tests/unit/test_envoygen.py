@@ -228,13 +228,16 @@ def test_accounting_reads_usage_in_envoy_and_reports_it_through_the_access_log_o
     json_rules = by_name(on["http_filters"])["signalbox.json"]["typed_config"]["response_rules"]["rules"]
     sse_rules = on["http_filters"][-2]["typed_config"]["response_rules"]["content_parser"]["typed_config"]["rules"]
     assert [r["rule"] for r in sse_rules] == json_rules
-    # OpenAI's usage, then Anthropic's (answers and message_delta, and message_start's input).
+    # OpenAI's usage, then Anthropic's (answers and message_delta, and message_start's input),
+    # then the Responses API's completed event.
     assert [([s["key"] for s in r["selectors"]], r["on_present"]["key"]) for r in json_rules] == [
         (["usage", "prompt_tokens"], "prompt_tokens"),
         (["usage", "completion_tokens"], "completion_tokens"),
         (["usage", "input_tokens"], "prompt_tokens"),
         (["usage", "output_tokens"], "completion_tokens"),
         (["message", "usage", "input_tokens"], "prompt_tokens"),
+        (["response", "usage", "input_tokens"], "prompt_tokens"),  # Responses' stream
+        (["response", "usage", "output_tokens"], "completion_tokens"),
     ]
     (access_log,) = on["access_log"]
     common = access_log["typed_config"]["common_config"]

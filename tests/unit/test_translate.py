@@ -308,3 +308,144 @@ def test_event_data_keeps_characters_python_would_split_lines_at():
     payload = json.dumps({"text": "a\x85b\u2028c"}, ensure_ascii=False)
     (event,) = sse.Reader().feed(f"event: x\ndata: {payload}\n\n".encode())
     assert event.json() == {"text": "a\x85b\u2028c"}
+
+
+# ---------------------------------------------------------------------------- Responses API
+
+TO_CHAT_FROM_RESPONSES, TO_ANTHROPIC_FROM_RESPONSES = (
+    Translation("responses", "openai"),
+    Translation("responses", "anthropic"),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.dictionaries(
+        st.sampled_from(["model", "input", "instructions", "tools", "tool_choice", "text", "stream", "store", "x"]),
+        JSON,
+        max_size=6,
+    )
+    | JSON,
+    to=st.sampled_from([TO_CHAT_FROM_RESPONSES, TO_ANTHROPIC_FROM_RESPONSES]),
+)
+def test_any_responses_request_is_translated_or_refused_with_a_4xx(body, to):
+    try:
+        out = to.request(json.dumps(body).encode())
+    except RequestError as err:
+        assert 400 <= err.status < 500 and err.message
+        return
+    assert isinstance(json.loads(out), dict)
+
+
+def test_a_responses_request_becomes_chat_and_anthropic_messages():
+    body = {
+        "model": "m",
+        "instructions": "be brief",
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "weather?"}]},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        ],
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+        "max_output_tokens": 50,
+        "store": True,
+    }
+    chat = json.loads(TO_CHAT_FROM_RESPONSES.request(json.dumps(body).encode()))
+    assert chat["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "weather?"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    assert chat["max_tokens"] == 50 and chat["tools"][0]["function"]["name"] == "get_weather"
+    messages = json.loads(TO_ANTHROPIC_FROM_RESPONSES.request(json.dumps(body).encode()))
+    assert messages["system"] == [{"type": "text", "text": "be brief"}]
+    assert messages["messages"][1]["content"][0] == {
+        "type": "tool_use",
+        "id": "c1",
+        "name": "get_weather",
+        "input": {"city": "Paris"},
+    }
+
+
+@pytest.mark.parametrize("field", ["previous_response_id", "conversation", "background"])
+def test_what_needs_state_on_the_provider_is_refused_by_name(field):
+    body = {"model": "m", "input": "hi", field: "resp_1" if field != "background" else True}
+    with pytest.raises(UnsupportedFeature, match=field):
+        TO_CHAT_FROM_RESPONSES.request(json.dumps(body).encode())
+
+
+def _validated_events(out: bytes) -> list:
+    """Each event checked against the OpenAI SDK's model of its type."""
+    import typing
+
+    from openai.types.responses import ResponseStreamEvent
+
+    models = {}
+    for model in typing.get_args(typing.get_args(ResponseStreamEvent)[0]):
+        for kind in typing.get_args(model.model_fields["type"].annotation):
+            models[kind] = model
+    events = [json.loads(e.data) for e in sse.Reader().feed(out)]
+    return [models[e["type"]].model_validate(e) for e in events]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    texts=st.lists(TEXTS, min_size=1, max_size=4),
+    tool=st.booleans(),
+    done=st.booleans(),
+    cuts=st.lists(st.integers(0, 10_000), max_size=8),
+    anthropic=st.booleans(),
+)
+def test_a_stream_becomes_responses_events_the_sdk_accepts(texts, tool, done, cuts, anthropic):
+    """Chat chunks (or Anthropic events, through chat) as the Responses API's events, each one
+    validated against the OpenAI SDK's own event models."""
+    to = TO_ANTHROPIC_FROM_RESPONSES if anthropic else TO_CHAT_FROM_RESPONSES
+    data = _anthropic_events(texts, tool) if anthropic else _chat_chunks(texts, tool, done)
+    stream = to.stream()
+    out = b"".join(stream.feed(c) for c in _split(data, cuts)) + stream.end()
+    events = _validated_events(out)
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(1, len(events) + 1))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "".join(texts)
+    final = events[-1].response
+    assert final.output_text == "".join(texts)
+    calls = [item for item in final.output if item.type == "function_call"]
+    if tool:
+        assert json.loads(calls[0].arguments) == {"a": 1}
+    else:
+        assert calls == []
+    assert final.usage.output_tokens == (9 if anthropic else 6)
+
+
+def test_an_answer_becomes_a_response_the_sdk_accepts():
+    from openai.types.responses import Response
+
+    chat = {
+        "id": "c",
+        "model": "gpt",
+        "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "hello"}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+    }
+    response = Response.model_validate(json.loads(TO_CHAT_FROM_RESPONSES.answer(json.dumps(chat).encode())))
+    assert response.output_text == "hello" and response.status == "incomplete"
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (3, 2)
+    message = {
+        "type": "message",
+        "id": "m",
+        "model": "claude",
+        "role": "assistant",
+        "stop_reason": "end_turn",
+        "content": [{"type": "text", "text": "hi"}],
+        "usage": {"input_tokens": 4, "output_tokens": 1},
+    }
+    response = Response.model_validate(json.loads(TO_ANTHROPIC_FROM_RESPONSES.answer(json.dumps(message).encode())))
+    assert response.output_text == "hi" and response.usage.input_tokens == 4

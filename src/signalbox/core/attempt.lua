@@ -29,7 +29,8 @@
 
 -- The client's API family by the path it called, and the path below a provider's base URL of
 -- each family's generation endpoint.
-local CLIENT_APIS = {["/v1/messages"] = "anthropic", ["/v1/chat/completions"] = "openai"}
+local CLIENT_APIS = {["/v1/messages"] = "anthropic", ["/v1/chat/completions"] = "openai",
+                     ["/v1/responses"] = "responses"}
 local API_PATHS = {openai = "/chat/completions", anthropic = "/messages"}
 
 local function refuse(handle, name, api)

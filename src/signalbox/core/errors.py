@@ -162,7 +162,9 @@ def openai_error_body(message: str, error_type: str, code: str, param: str | Non
 
 
 # The API families the gateway speaks, by the name the data plane uses for them.
-OPENAI_API, ANTHROPIC_API = "openai", "anthropic"
+# "responses" is OpenAI's Responses API: clients only (every backend is translated to), with
+# OpenAI's error shape.
+OPENAI_API, ANTHROPIC_API, RESPONSES_API = "openai", "anthropic", "responses"
 
 # Anthropic's error `type` for each status (its API reference, "Errors").
 _ANTHROPIC_ERROR_TYPES = {

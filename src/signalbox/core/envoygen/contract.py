@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from signalbox.core.errors import ANTHROPIC_API, OPENAI_API
+from signalbox.core.errors import ANTHROPIC_API, OPENAI_API, RESPONSES_API
 
 # Request headers clients cannot set (a header_mutation filter removes them before the router
 # phase) and providers never see (the upstream filters remove them last): Envoy's own record of
@@ -65,18 +65,23 @@ LISTENER_NAME = "signalbox_gateway"
 HEALTH_LISTENER_NAME = "signalbox_health"
 EMBEDDINGS_PATH = "/v1/embeddings"
 CHAT_PATH = "/v1/chat/completions"
-# Anthropic's Messages API: its clients get answers, errors and streams in its own shapes.
+# Anthropic's Messages API and OpenAI's Responses API: their clients get answers, errors and
+# streams in their own shapes.
 MESSAGES_PATH = "/v1/messages"
+RESPONSES_PATH = "/v1/responses"
 # Paths whose POST bodies are routed by a policy, and the gateway's own endpoints.
-ROUTED_PATHS = (CHAT_PATH, "/v1/completions", EMBEDDINGS_PATH, MESSAGES_PATH)
+ROUTED_PATHS = (CHAT_PATH, "/v1/completions", EMBEDDINGS_PATH, MESSAGES_PATH, RESPONSES_PATH)
 MODELS_PATH = "/v1/models"
 FEEDBACK_PATH = "/v1/feedback"
 API_PATHS = (*ROUTED_PATHS, MODELS_PATH)
 
 
+_CLIENT_APIS = {MESSAGES_PATH: ANTHROPIC_API, RESPONSES_PATH: RESPONSES_API}
+
+
 def api_of_path(path: str) -> str:
-    """The API family a client speaks, from the path it called ("anthropic" or "openai")."""
-    return ANTHROPIC_API if path.split("?", 1)[0].rstrip("/") == MESSAGES_PATH else OPENAI_API
+    """The API a client speaks, from the path it called ("anthropic", "responses" or "openai")."""
+    return _CLIENT_APIS.get(path.split("?", 1)[0].rstrip("/"), OPENAI_API)
 
 
 def models_listing(aliases: list[str]) -> bytes:

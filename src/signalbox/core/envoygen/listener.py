@@ -367,13 +367,18 @@ def _local_reply_config(opts: GatewayOptions) -> dict[str, Any]:
 
 # Where each API puts its usage numbers, and the accounting key each feeds: OpenAI's `usage`
 # (answers and the last stream chunk), Anthropic's `usage` (answers, and `message_delta` events
-# of a stream) and `message.usage` (its `message_start` event, which has the input count).
+# of a stream; Responses answers share its names) and `message.usage` (its `message_start`
+# event, which has the input count).
 _USAGE_SELECTORS = (
     (("usage", "prompt_tokens"), "prompt_tokens"),
     (("usage", "completion_tokens"), "completion_tokens"),
     (("usage", "input_tokens"), "prompt_tokens"),
     (("usage", "output_tokens"), "completion_tokens"),
     (("message", "usage", "input_tokens"), "prompt_tokens"),
+    # OpenAI's Responses API: `usage` of an answer (above), `response.usage` of a stream's
+    # `response.completed` event.
+    (("response", "usage", "input_tokens"), "prompt_tokens"),
+    (("response", "usage", "output_tokens"), "completion_tokens"),
 )
 
 
