@@ -490,6 +490,9 @@ def _translator(timeout_ms: int) -> dict[str, Any]:
             "response_trailer_mode": "SKIP",
         },
         metadata_options={"forwarding_namespaces": {"untyped": [ATTEMPT_NS]}},
+        # The credential injectors ran before this filter: of the attempt's headers the ext_proc
+        # gets one it never needs anyway, so no provider key ever reaches Python.
+        forward_rules={"allowed_headers": {"patterns": [{"exact": "content-type"}]}},
     )
     return _only_when_translating(
         "signalbox.translate", {"name": "envoy.filters.http.ext_proc", "typed_config": processor}
