@@ -102,28 +102,29 @@ def _content_text(content: Any) -> tuple[str, bool]:
     return "", False
 
 
+def _turns(items: list[Any]) -> tuple[int, str, bool]:
+    """Characters, the last user text, and whether there are images, of chat messages or
+    Responses input items (messages among tool calls and outputs)."""
+    total_chars, last_user, images = 0, "", False
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        text, has_image = _content_text(item.get("content"))
+        total_chars += len(text)
+        images = images or has_image
+        if item.get("role") == "user":
+            last_user = text
+    return total_chars, last_user, images
+
+
 def features(body: dict[str, Any], embeddings: bool = False) -> Features:
     total_chars, last_user, images = 0, "", False
     messages = body.get("messages")
+    items = body.get("input")
     if isinstance(messages, list):
-        for message in messages:
-            if not isinstance(message, dict):
-                continue
-            text, has_image = _content_text(message.get("content"))
-            total_chars += len(text)
-            images = images or has_image
-            if message.get("role") == "user":
-                last_user = text
-    elif isinstance(body.get("input"), list) and any(isinstance(i, dict) for i in body["input"]):
-        # OpenAI Responses input items: messages (role, content) among tool calls and outputs.
-        for item in body["input"]:
-            if not isinstance(item, dict):
-                continue
-            text, has_image = _content_text(item.get("content"))
-            total_chars += len(text)
-            images = images or has_image
-            if item.get("role") == "user":
-                last_user = text
+        total_chars, last_user, images = _turns(messages)
+    elif isinstance(items, list) and any(isinstance(i, dict) for i in items):
+        total_chars, last_user, images = _turns(items)
     else:
         prompt = body.get("prompt", body.get("input", ""))
         # A string, or an array of strings (or of token ids, which carry no text to classify).

@@ -40,6 +40,8 @@ from typing import Any
 import typing_extensions
 from aiohttp import web
 
+from signalbox.core.errors import anthropic_error_type
+
 FAULT_KINDS = ("", "reset", "hang", "stall", "cut", "malformed", "no_done", "context_length", "content_filter")
 
 
@@ -236,7 +238,7 @@ class FakeProvider:
         if api == "anthropic":
             body: dict[str, Any] = {
                 "type": "error",
-                "error": {"type": ANTHROPIC_ERRORS.get(status, "api_error"), "message": text},
+                "error": {"type": anthropic_error_type(status), "message": text},
             }
         else:
             body = {"error": {"message": text, "type": kind, "param": None, "code": code or str(status)}}
@@ -476,17 +478,6 @@ def _api(request: web.Request) -> str:
     return "anthropic" if "x-api-key" in request.headers and "anthropic-version" in request.headers else "openai"
 
 
-# Anthropic's error type for a status (its API reference, "Errors").
-ANTHROPIC_ERRORS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    529: "overloaded_error",
-}
 # OpenAI's error (code, type) for a status, as its API sends them.
 OPENAI_ERRORS = {
     401: ("invalid_api_key", "invalid_request_error"),

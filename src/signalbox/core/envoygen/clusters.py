@@ -191,19 +191,25 @@ def picked_host_is_not(backend_id: str) -> dict[str, Any]:
 
 def _skip_when(name: str, filter_config: dict[str, Any], predicate: dict[str, Any]) -> dict[str, Any]:
     """Wrap an upstream filter so it is skipped on the attempts where `predicate` (CEL) holds."""
+    cel = {
+        "single_predicate": {
+            "input": {
+                "name": "envoy.matching.inputs.cel_data_input",
+                "typed_config": _any("xds.type.matcher.v3.HttpAttributesCelMatchInput"),
+            },
+            "custom_match": {
+                "name": "envoy.matching.matchers.cel_matcher",
+                "typed_config": _any("xds.type.matcher.v3.CelMatcher", expr_match={"cel_expr_parsed": predicate}),
+            },
+        }
+    }
+    return _skipped(name, filter_config, cel)
+
+
+def _skipped(name: str, filter_config: dict[str, Any], predicate: dict[str, Any]) -> dict[str, Any]:
+    """An upstream filter wrapped so that it is skipped when the matcher `predicate` holds."""
     skip = {
-        "predicate": {
-            "single_predicate": {
-                "input": {
-                    "name": "envoy.matching.inputs.cel_data_input",
-                    "typed_config": _any("xds.type.matcher.v3.HttpAttributesCelMatchInput"),
-                },
-                "custom_match": {
-                    "name": "envoy.matching.matchers.cel_matcher",
-                    "typed_config": _any("xds.type.matcher.v3.CelMatcher", expr_match={"cel_expr_parsed": predicate}),
-                },
-            }
-        },
+        "predicate": predicate,
         "on_match": {
             "action": {
                 "name": "skip",
@@ -446,23 +452,7 @@ def _only_when_translating(name: str, filter_config: dict[str, Any]) -> dict[str
             "value_match": {"safe_regex": {"google_re2": {}, "regex": ".+"}},
         }
     }
-    skip = {
-        "predicate": {"not_matcher": present},
-        "on_match": {
-            "action": {
-                "name": "skip",
-                "typed_config": _any("envoy.extensions.filters.common.matcher.action.v3.SkipFilter"),
-            }
-        },
-    }
-    return {
-        "name": name,
-        "typed_config": _any(
-            "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
-            extension_config=filter_config,
-            xds_matcher={"matcher_list": {"matchers": [skip]}},
-        ),
-    }
+    return _skipped(name, filter_config, {"not_matcher": present})
 
 
 @functools.lru_cache(maxsize=16)
