@@ -166,6 +166,11 @@ def test_openai_sdk_gets_a_chat_completion_from_an_anthropic_backend(oai, fakes)
 
 
 def test_openai_sdk_streams_from_an_anthropic_backend_as_it_arrives(oai, fakes):
+    # The SDK's first stream builds its models (slow on a busy machine): not what is timed.
+    for _ in oai.chat.completions.create(model="claude", messages=[{"role": "user", "content": "x"}], stream=True):
+        pass
+    fakes["alpha"].reset()
+    fakes["alpha"].behave(api_key=CLAUDE_KEY)
     arrivals, text, usage, finish = [], "", None, None
     stream = oai.chat.completions.create(
         model="claude",
@@ -266,6 +271,11 @@ def test_anthropic_sdk_gets_a_message_from_an_openai_backend(ant, fakes, gateway
 
 
 def test_anthropic_sdk_streams_from_an_openai_backend_as_it_arrives(ant, fakes):
+    # The SDK's first stream builds its models (slow on a busy machine): not what is timed.
+    with ant.messages.stream(model="gpt", max_tokens=8, messages=[{"role": "user", "content": "x"}]) as warm:
+        warm.get_final_message()
+    fakes["beta"].reset()
+    fakes["beta"].behave(strict=True)
     arrivals, text = [], ""
     with ant.messages.stream(
         model="gpt",
@@ -348,6 +358,10 @@ def test_openai_sdk_responses_from_either_backend(oai, fakes, alias, fake, serve
 
 @pytest.mark.parametrize("alias", ["gpt", "claude"])
 def test_openai_sdk_streams_responses_as_they_arrive(oai, fakes, alias):
+    # The SDK builds its Response models on first use (a few hundred ms on a slow machine):
+    # once before the timed stream, so that what is timed is the gateway.
+    with oai.responses.stream(model=alias, input="warm up") as warm:
+        warm.get_final_response()
     arrivals, text, final = [], "", None
     with oai.responses.stream(
         model=alias, input="count", extra_headers={"x-fake-chunks": "4", "x-fake-chunk-delay-ms": "150"}
@@ -360,6 +374,7 @@ def test_openai_sdk_streams_responses_as_they_arrive(oai, fakes, alias):
     assert text == "chunk0 chunk1 chunk2 chunk3 " and final.output_text == text
     assert final.usage.output_tokens == 4
     assert arrivals[-1] - arrivals[0] >= 0.3, arrivals
+    assert len(fakes["alpha" if alias == "claude" else "beta"].requests()) == 2
 
 
 def test_responses_function_calls_round_trip(oai, fakes):
