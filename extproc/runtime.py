@@ -14,8 +14,8 @@ from pathlib import Path
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.budget import HOLD_SLACK_SECONDS, Budget
-from signalbox.core.errors import ANTHROPIC_API, OPENAI_API, ConfigVersionError
-from signalbox.core.schema import SCHEMA_VERSION, STRATEGY_NAMES
+from signalbox.core.errors import OPENAI_API, ConfigVersionError
+from signalbox.core.schema import SCHEMA_VERSION, STRATEGY_NAMES, provider_api
 from signalbox.core.secrets import SecretValue
 
 from . import default_routes
@@ -190,7 +190,7 @@ class RuntimeTable:
                 auth_header=p.auth.header if has_auth else "",
                 auth_value=_with_prefix(p.auth.prefix, key) if has_auth else None,
                 key_missing=has_auth and key is None,
-                api=ANTHROPIC_API if p.type == pb.ANTHROPIC else OPENAI_API,
+                api=provider_api(p.type),
             )
         backends = [
             BackendRuntime(

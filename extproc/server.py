@@ -135,7 +135,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             try:
                 if route := upstream.translation_of(request):
                     # An upstream attempt to a backend of another API family.
-                    async for response in upstream.translate(route, request_iterator, self.metrics):
+                    async for response in upstream.translate(request, route, request_iterator, self.metrics):
                         answered = answered or response.WhichOneof("response") == "immediate_response"
                         yield response
                     return

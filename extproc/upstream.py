@@ -28,10 +28,10 @@ from collections.abc import AsyncIterator
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from signalbox.core.envoygen.contract import ATTEMPT_NS, TRANSLATE_KEY
-from signalbox.core.errors import RequestError
+from signalbox.core.errors import GEMINI_API, RequestError
 
 from . import wire
-from .translate import StreamTranslator, Translation, parse_route
+from .translate import StreamTranslator, Translation, gemini, parse_route
 
 log = logging.getLogger("signalbox.extproc.upstream")
 
@@ -60,7 +60,7 @@ async def _next_body(rest: AsyncIterator[ep.ProcessingRequest], kind: str) -> ep
 
 
 async def translate(
-    marker: str, rest: AsyncIterator[ep.ProcessingRequest], metrics
+    first: ep.ProcessingRequest, marker: str, rest: AsyncIterator[ep.ProcessingRequest], metrics
 ) -> AsyncIterator[ep.ProcessingResponse]:
     """After the request's headers (the first message, already read: answered here, unchanged),
     the request body, then the answer's chunks."""
@@ -75,6 +75,7 @@ async def translate(
         # The header map is every attempt's: no length is set for a body the next attempt may
         # not send. Without one, Envoy frames the translated body itself.
         yield wire.headers_response(remove=["content-length"])
+        path = wire.header_map(first.request_headers).get(":path", "")
         body = await _next_body(rest, "request_body")
         if body is None:
             return
@@ -84,7 +85,11 @@ async def translate(
             outcome = err.code
             yield wire.immediate_error(err, api=src)
             return
-        yield _body(translated, "request_body", replace=False)
+        answer = _body(translated, "request_body", replace=False)
+        if translation.dst == GEMINI_API and translation.streaming:
+            # Gemini streams on another method (the headers are still held, so this applies).
+            answer.request_body.response.header_mutation.CopyFrom(wire.mutation([(":path", gemini.stream_path(path))]))
+        yield answer
         stream: StreamTranslator | None = None
         held: list[bytes] = []
         first_chunk = True

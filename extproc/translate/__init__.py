@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from signalbox.core.errors import ANTHROPIC_API, OPENAI_API, RESPONSES_API, MalformedRequest
+from signalbox.core.errors import ANTHROPIC_API, GEMINI_API, OPENAI_API, RESPONSES_API, MalformedRequest
 
-from . import anthropic, responses
+from . import anthropic, gemini, responses
 
-# What clients speak, and what backends speak (every backend: chat or Anthropic's Messages).
+# What clients speak, and what backends speak (chat, Anthropic's Messages or Gemini's API).
 APIS = (OPENAI_API, ANTHROPIC_API, RESPONSES_API)
-BACKEND_APIS = (OPENAI_API, ANTHROPIC_API)
-# The path each API family's generation endpoint has below a provider's base URL.
-API_PATHS = {OPENAI_API: "/chat/completions", ANTHROPIC_API: "/messages"}
+BACKEND_APIS = (OPENAI_API, ANTHROPIC_API, GEMINI_API)
 
 
 class StreamTranslator(Protocol):
@@ -60,57 +58,76 @@ def _dump(body: Any) -> bytes:
 
 
 class _Chained:
-    """Two stream translators, the first's output fed to the second (Responses <- chat <-
+    """Stream translators in a row, each one's output fed to the next (e.g. Gemini -> chat ->
     Anthropic): each event still leaves as soon as it arrives."""
 
-    def __init__(self, first: StreamTranslator, second: StreamTranslator):
-        self.first, self.second = first, second
+    def __init__(self, *steps: StreamTranslator):
+        self.steps = steps
 
     def feed(self, data: bytes) -> bytes:
-        return self.second.feed(self.first.feed(data))
+        for step in self.steps:
+            data = step.feed(data)
+        return data
 
     def end(self) -> bytes:
-        return self.second.feed(self.first.end()) + self.second.end()
+        data = b""
+        for step in self.steps:
+            data = step.feed(data) + step.end()
+        return data
+
+
+def _chat_answer(body: Any) -> bool:
+    return isinstance(body, dict) and isinstance(body.get("choices"), list)
 
 
 class Translation:
-    """One attempt's translation from the client's API (`src`) to the backend's (`dst`).
-    Responses clients go through chat: to Anthropic's API in two steps, each way."""
+    """One attempt's translation from the client's API (`src`) to the backend's (`dst`), through
+    Chat Completions: a client API other than chat is read into chat, and chat is written in the
+    backend's API when that is not chat. So every pair works with one reader and one writer per
+    API, and nothing is translated twice where one step suffices."""
 
     def __init__(self, src: str, dst: str):
         self.src, self.dst = src, dst
-        # Responses -> Anthropic: the chat <-> Anthropic step under the Responses one.
-        self.inner = Translation(OPENAI_API, dst) if src == RESPONSES_API and dst != OPENAI_API else None
+        self.streaming = False  # set by request(): whether the client asked for a stream
 
     def request(self, raw: bytes) -> bytes:
         """The client's request body in the backend's API; MalformedRequest or UnsupportedFeature."""
         body = _json(raw)
         if not isinstance(body, dict):
             raise MalformedRequest("request body must be a JSON object")
-        if self.src == RESPONSES_API:
+        if self.src == ANTHROPIC_API:
+            chat = anthropic.messages_to_chat(body)
+        elif self.src == RESPONSES_API:
             chat = responses.request_to_chat(body)
-            return self.inner.request(_dump(chat)) if self.inner else _dump(chat)
+        else:
+            chat = body
+        self.streaming = chat.get("stream") is True
         if self.dst == ANTHROPIC_API:
-            return _dump(anthropic.chat_to_messages(body))
-        return _dump(anthropic.messages_to_chat(body))
+            return _dump(anthropic.chat_to_messages(chat))
+        if self.dst == GEMINI_API:
+            return _dump(gemini.chat_to_gemini(chat))
+        return _dump(chat)
 
     def answer(self, raw: bytes) -> bytes:
         """A whole (non-streamed) answer or error of the backend in the client's API. The
         status is not known here (the translation sees bodies only; Envoy passes the status on
         as it is): an error is known by its shape, anything not an answer is one."""
-        if self.src == RESPONSES_API:
-            chat = _loose(self.inner.answer(raw) if self.inner else raw)
-            if isinstance(chat, dict) and isinstance(chat.get("choices"), list):
-                return _dump(responses.chat_to_response(chat))
-            return _dump(anthropic.error_to_chat(chat))
         body = _loose(raw)
-        if self.src == OPENAI_API:
-            if isinstance(body, dict) and body.get("type") == "message":
-                return _dump(anthropic.message_to_chat(body))
-            return _dump(anthropic.error_to_chat(body))
-        if isinstance(body, dict) and isinstance(body.get("choices"), list):
-            return _dump(anthropic.chat_to_message(body))
-        return _dump(anthropic.error_to_messages(body))
+        chat: Any
+        if self.dst == ANTHROPIC_API:
+            chat = anthropic.message_to_chat(body) if isinstance(body, dict) and body.get("type") == "message" else None
+        elif self.dst == GEMINI_API:
+            chat = gemini.gemini_to_chat(body) if gemini.is_answer(body) else None
+        else:
+            chat = body if _chat_answer(body) else None
+        if chat is None:  # an error, in OpenAI's shape first
+            error = anthropic.error_to_chat(body)
+            return _dump(anthropic.error_to_messages(error) if self.src == ANTHROPIC_API else error)
+        if self.src == ANTHROPIC_API:
+            return _dump(anthropic.chat_to_message(chat))
+        if self.src == RESPONSES_API:
+            return _dump(responses.chat_to_response(chat))
+        return _dump(chat)
 
     @staticmethod
     def is_stream(first_chunk: bytes) -> bool:
@@ -120,9 +137,13 @@ class Translation:
         return head.startswith((b"data:", b"event:", b":", b"id:", b"retry:"))
 
     def stream(self) -> StreamTranslator:
-        if self.src == RESPONSES_API:
-            outer = responses.ChatToResponsesStream()
-            return _Chained(self.inner.stream(), outer) if self.inner else outer
-        if self.src == OPENAI_API:
-            return anthropic.MessagesToChatStream()
-        return anthropic.ChatToMessagesStream()
+        steps: list[StreamTranslator] = []
+        if self.dst == ANTHROPIC_API:
+            steps.append(anthropic.MessagesToChatStream())
+        elif self.dst == GEMINI_API:
+            steps.append(gemini.GeminiToChatStream())
+        if self.src == ANTHROPIC_API:
+            steps.append(anthropic.ChatToMessagesStream())
+        elif self.src == RESPONSES_API:
+            steps.append(responses.ChatToResponsesStream())
+        return steps[0] if len(steps) == 1 else _Chained(*steps)

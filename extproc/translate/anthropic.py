@@ -567,14 +567,17 @@ def _arguments(text: Any) -> dict[str, Any]:
 
 
 def error_to_chat(body: Any) -> dict[str, Any]:
-    """An Anthropic error body (or any text) as OpenAI's error shape."""
+    """A provider's error body (Anthropic's, Gemini's, OpenAI's own, or any text) as OpenAI's
+    error shape."""
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
-        kind = error.get("type") if isinstance(error.get("type"), str) else "api_error"
+        kind = next((k for k in (error.get("type"), error.get("status")) if isinstance(k, str)), "api_error")
         message = error.get("message") if isinstance(error.get("message"), str) else json.dumps(error)
+        code = error.get("code") if isinstance(error.get("code"), str) else kind
     else:
         kind, message = "api_error", body if isinstance(body, str) else json.dumps(body)
-    return {"error": {"message": message, "type": kind, "param": None, "code": kind}}
+        code = kind
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
 # OpenAI error types and codes -> Anthropic's error type (the HTTP status itself passes as is).
@@ -590,6 +593,14 @@ _OPENAI_ERRORS = {
     "rate_limit_exceeded": "rate_limit_error",
     "insufficient_quota": "rate_limit_error",
     "overloaded_error": "overloaded_error",
+    # Gemini's statuses (google.rpc codes).
+    "INVALID_ARGUMENT": "invalid_request_error",
+    "FAILED_PRECONDITION": "invalid_request_error",
+    "UNAUTHENTICATED": "authentication_error",
+    "PERMISSION_DENIED": "permission_error",
+    "NOT_FOUND": "not_found_error",
+    "RESOURCE_EXHAUSTED": "rate_limit_error",
+    "UNAVAILABLE": "overloaded_error",
 }
 
 

@@ -223,6 +223,8 @@ class FakeProvider:
             return True
         if _api(request) == "anthropic":
             return request.headers.get("x-api-key") == key
+        if _api(request) == "gemini":
+            return request.headers.get("x-goog-api-key") == key
         return request.headers.get("authorization") == f"Bearer {key}" or request.headers.get("api-key") == key
 
     def _error(
@@ -240,6 +242,8 @@ class FakeProvider:
                 "type": "error",
                 "error": {"type": anthropic_error_type(status), "message": text},
             }
+        elif api == "gemini":
+            body = {"error": {"code": status, "message": text, "status": GEMINI_STATUSES.get(status, "UNKNOWN")}}
         else:
             body = {"error": {"message": text, "type": kind, "param": None, "code": code or str(status)}}
         return web.json_response(body, status=status, headers={"x-fake-provider": self.ident, **(headers or {})})
@@ -332,6 +336,14 @@ class FakeProvider:
             if body.get("stream"):
                 return await self._anthropic_stream(request, model, fault, tool)
             return web.json_response(self._anthropic_answer(model, tool), headers=self._headers(fault))
+        if api == "gemini":
+            problems = gemini_problems(body, request.path_qs)
+            if problems:
+                return self._error(400, "; ".join(problems), api=api)
+            model = request.path.rsplit("/models/", 1)[-1].split(":", 1)[0]
+            if ":streamGenerateContent" in request.path:
+                return await self._gemini_stream(request, model, fault, tool)
+            return web.json_response(self._gemini_answer(model, tool, 7, True), headers=self._headers(fault))
         if request.path.endswith("/embeddings"):
             return web.json_response(
                 {
@@ -429,6 +441,38 @@ class FakeProvider:
             "usage": {"input_tokens": 10, "output_tokens": 7},
         }
 
+    def _gemini_answer(self, model: str, tool: str, tokens: int, whole: bool) -> dict[str, Any]:
+        parts: list[dict[str, Any]] = [{"text": self.behaviour.content or f"[{self.ident}] answer from {model}"}]
+        if tool:
+            parts.append({"functionCall": {"name": tool, "args": json.loads(TOOL_ARGUMENTS)}})
+        usage = {"promptTokenCount": 10, "candidatesTokenCount": tokens, "totalTokenCount": 10 + tokens}
+        return _gemini_chunk(model, parts if whole else [], "STOP", usage, f"gem-{self.ident}-{self.count}")
+
+    async def _gemini_stream(self, request: web.Request, model: str, fault: Fault, tool: str) -> web.StreamResponse:
+        """Gemini's `alt=sse` stream: a GenerateContentResponse per event, text parts first, the
+        last with the finish reason (and a function call when steered) and the usage."""
+        chunks = int(request.headers.get("x-fake-chunks", 5))
+        gap = int(request.headers.get("x-fake-chunk-delay-ms", 0)) / 1000
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", **self._headers(fault)})
+        await response.prepare(request)
+        rid = f"gem-{self.ident}-{self.count}"
+        for i in range(chunks):
+            if i == fault.after and fault.kind in ("stall", "cut"):
+                if fault.kind == "stall":
+                    await asyncio.sleep(HANG_SECONDS)
+                assert request.transport is not None
+                request.transport.abort()
+                raise asyncio.CancelledError
+            chunk = _gemini_chunk(model, [{"text": f"chunk{i} "}], None, None, rid)
+            await response.write(f"data: {json.dumps(chunk)}\r\n\r\n".encode())
+            if gap:
+                await asyncio.sleep(gap)
+        parts = [{"functionCall": {"name": tool, "args": json.loads(TOOL_ARGUMENTS)}}] if tool else []
+        usage = {"promptTokenCount": 10, "candidatesTokenCount": chunks, "totalTokenCount": 10 + chunks}
+        await response.write(f"data: {json.dumps(_gemini_chunk(model, parts, 'STOP', usage, rid))}\r\n\r\n".encode())
+        await response.write_eof()
+        return response
+
     async def _anthropic_stream(self, request: web.Request, model: str, fault: Fault, tool: str) -> web.StreamResponse:
         """Anthropic's event sequence: message_start, a text block of `x-fake-chunks` deltas (and
         a tool_use block when steered), message_delta with the usage, message_stop."""
@@ -471,11 +515,77 @@ class FakeProvider:
         return response
 
 
+def _gemini_chunk(model: str, parts: list[dict[str, Any]], finish: str | None, usage: dict | None, rid: str) -> dict:
+    candidate: dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
+    if finish:
+        candidate["finishReason"] = finish
+    chunk: dict[str, Any] = {"candidates": [candidate], "modelVersion": model, "responseId": rid}
+    if usage:
+        chunk["usageMetadata"] = usage
+    return chunk
+
+
 def _api(request: web.Request) -> str:
-    """Anthropic's Messages API on `/messages` (and its `/models` with x-api-key), else OpenAI's."""
+    """Anthropic's Messages API on `/messages` (and its `/models` with x-api-key), Gemini's on
+    `/models/<model>:generateContent` (and its `/models` with x-goog-api-key), else OpenAI's."""
     if request.path.endswith("/messages"):
         return "anthropic"
+    if ":generateContent" in request.path or ":streamGenerateContent" in request.path:
+        return "gemini"
+    if "x-goog-api-key" in request.headers:
+        return "gemini"
     return "anthropic" if "x-api-key" in request.headers and "anthropic-version" in request.headers else "openai"
+
+
+# Gemini's error status (google.rpc code name) for an HTTP status.
+GEMINI_STATUSES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
+# What a GenerateContentRequest may hold (Gemini API reference), and the kinds of part.
+GEMINI_FIELDS = {
+    "contents",
+    "systemInstruction",
+    "generationConfig",
+    "tools",
+    "toolConfig",
+    "safetySettings",
+    "cachedContent",
+    "labels",
+}
+GEMINI_PARTS = {
+    "text",
+    "inlineData",
+    "fileData",
+    "functionCall",
+    "functionResponse",
+    "executableCode",
+    "codeExecutionResult",
+}
+
+
+def gemini_problems(body: dict[str, Any], path: str) -> list[str]:
+    """Why Gemini would refuse this request ([] when it would not), from its API reference."""
+    problems = [f"Invalid JSON payload received. Unknown name {k!r}" for k in sorted(body) if k not in GEMINI_FIELDS]
+    if ":streamGenerateContent" in path and "alt=sse" not in path:
+        problems.append("streams are asked for with alt=sse")
+    contents = body.get("contents")
+    if not isinstance(contents, list) or not contents:
+        problems.append("contents is required")
+        contents = []
+    for i, content in enumerate(contents):
+        if not isinstance(content, dict) or content.get("role") not in ("user", "model"):
+            problems.append(f"contents[{i}].role must be user or model")
+            continue
+        for j, part in enumerate(content.get("parts") or []):
+            if not isinstance(part, dict) or len(set(part) & GEMINI_PARTS) != 1 or set(part) - GEMINI_PARTS:
+                problems.append(f"contents[{i}].parts[{j}] must hold one of {sorted(GEMINI_PARTS)}")
+    return problems
 
 
 # OpenAI's error (code, type) for a status, as its API sends them.

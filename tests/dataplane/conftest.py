@@ -72,7 +72,8 @@ def reset_fakes_of(request) -> None:
 def fakes() -> Iterator[dict[str, Fake]]:
     # flaky1/flaky2 are only ever failing primaries: Envoy's outlier detection ejects a backend
     # after a run of 5xx, and that must not leak into tests that expect alpha..gamma healthy.
-    yield from running(("alpha", "beta", "gamma", "delta", "flaky1", "flaky2"))
+    # epsilon speaks Gemini's API in the translation tests.
+    yield from running(("alpha", "beta", "gamma", "delta", "epsilon", "flaky1", "flaky2"))
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ from .conftest import start_gateway
 pytestmark = pytest.mark.dataplane
 
 CLAUDE_KEY = "sk-ant-claude-secret-51c9"
+GEMINI_KEY = "AIza-gemini-secret-77b2"
 CLIENT_TOKEN = "client-token-3e1f"
 CAPS = {"capabilities": ["streaming", "tools", "vision"], "contextWindow": 100000}
 TOOL = {
@@ -65,6 +66,21 @@ def resources(fakes) -> str:
         provider("gpt-err", fakes["delta"].url + "/v1", [model("e2", upstreamName="gpt-err", **CAPS)]),
         policy("claude-err", ["claude-err"], [backend("claude-err", "e1")]),
         policy("gpt-err", ["gpt-err"], [backend("gpt-err", "e2")]),
+        # epsilon speaks Gemini's API.
+        provider(
+            "gem",
+            fakes["epsilon"].url + "/v1beta",
+            [model("g1", upstreamName="gemini-fake", **CAPS)],
+            type="gemini",
+            auth={"env": "GEMINI_KEY"},
+        ),
+        policy("gem", ["gem"], [backend("gem", "g1")]),
+        policy(
+            "gem-then-gpt",
+            ["gem-then-gpt"],
+            [backend("gem", "g1"), backend("gpt", "o1", priority=1)],
+            strategy="failover",
+        ),
         policy("claude", ["claude"], [backend("claude", "c1")]),
         policy("gpt", ["gpt"], [backend("gpt", "o1")]),
         policy(
@@ -93,7 +109,9 @@ def resources(fakes) -> str:
 
 @pytest.fixture(scope="module")
 def gateway(fakes, tmp_path_factory):
-    gw = start_gateway(tmp_path_factory.mktemp("gw"), resources(fakes), env={"CLAUDE_KEY": CLAUDE_KEY})
+    gw = start_gateway(
+        tmp_path_factory.mktemp("gw"), resources(fakes), env={"CLAUDE_KEY": CLAUDE_KEY, "GEMINI_KEY": GEMINI_KEY}
+    )
     yield gw
     gw.stop()
 
@@ -119,6 +137,7 @@ def _strict(fakes):
     for name in ("beta", "flaky2"):
         fakes[name].behave(strict=True)
     fakes["alpha"].behave(api_key=CLAUDE_KEY)
+    fakes["epsilon"].behave(api_key=GEMINI_KEY)
 
 
 def only(fake) -> dict:
@@ -402,6 +421,72 @@ def test_responses_state_the_gateway_does_not_keep_is_a_clear_400(oai, fakes):
         oai.responses.create(model="gpt", input="and then?", previous_response_id="resp_123")
     assert caught.value.code == "unsupported_feature" and "previous_response_id" in caught.value.message
     assert fakes["beta"].requests() == []
+
+
+# ------------------------------------------------------------------ Gemini backends
+
+
+def test_openai_sdk_gets_a_chat_completion_from_a_gemini_backend(oai, fakes):
+    answer = oai.chat.completions.create(
+        model="gem",
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+        max_tokens=30,
+        tools=[TOOL],
+        extra_headers={"x-fake-tool-call": "get_weather"},
+    )
+    assert answer.choices[0].message.content == "[epsilon] answer from gemini-fake"
+    call = answer.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert answer.choices[0].finish_reason == "tool_calls"
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (10, 7)
+    got = only(fakes["epsilon"])
+    assert got["path"] == "/v1beta/models/gemini-fake:generateContent"
+    assert got["headers"]["x-goog-api-key"] == GEMINI_KEY and "authorization" not in {k.lower() for k in got["headers"]}
+    assert got["body"]["systemInstruction"] == {"parts": [{"text": "be brief"}]}
+    assert got["body"]["contents"] == [{"role": "user", "parts": [{"text": "hello"}]}]
+    assert got["body"]["generationConfig"] == {"maxOutputTokens": 30}
+    assert got["body"]["tools"][0]["functionDeclarations"][0]["name"] == "get_weather"
+    no_client_key_upstream(fakes["epsilon"])
+
+
+@pytest.mark.parametrize("client", ["openai", "anthropic"])
+def test_a_gemini_stream_reaches_either_sdk_as_it_arrives(oai, ant, fakes, client):
+    headers = {"x-fake-chunks": "4", "x-fake-chunk-delay-ms": "150"}
+    arrivals, text = [], ""
+    if client == "openai":
+        for _ in oai.chat.completions.create(model="gem", messages=[{"role": "user", "content": "x"}], stream=True):
+            pass  # the SDK's first stream builds its models: not what is timed
+        stream = oai.chat.completions.create(
+            model="gem", messages=[{"role": "user", "content": "count"}], stream=True, extra_headers=headers
+        )
+        for chunk in stream:
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    arrivals.append(time.monotonic())
+                    text += choice.delta.content
+    else:
+        with ant.messages.stream(model="gem", max_tokens=8, messages=[{"role": "user", "content": "x"}]) as warm:
+            warm.get_final_message()
+        with ant.messages.stream(
+            model="gem", max_tokens=64, messages=[{"role": "user", "content": "count"}], extra_headers=headers
+        ) as stream:
+            for piece in stream.text_stream:
+                arrivals.append(time.monotonic())
+                text += piece
+            assert stream.get_final_message().usage.output_tokens == 4
+    assert text == "chunk0 chunk1 chunk2 chunk3 "
+    assert arrivals[-1] - arrivals[0] >= 0.3, arrivals
+    assert fakes["epsilon"].requests()[-1]["path"] == "/v1beta/models/gemini-fake:streamGenerateContent?alt=sse"
+
+
+def test_a_gemini_primary_that_fails_is_retried_on_an_openai_backend(oai, fakes):
+    raw = oai.chat.completions.with_raw_response.create(
+        model="gem-then-gpt",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-fake-status": "503", "x-fake-only": "epsilon"},
+    )
+    assert raw.headers["x-signalbox-provider"] == "gpt"
+    assert len(fakes["epsilon"].requests()) == 1 and len(fakes["beta"].requests()) == 1
 
 
 # ------------------------------------------------------------------ same API: no translation

@@ -56,9 +56,9 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
     (skip,) = translate["xds_matcher"]["matcher_list"]["matchers"]
     header = skip["predicate"]["not_matcher"]["single_predicate"]["input"]["typed_config"]["header_name"]
     assert header == envoygen.TRANSLATE_HEADER  # skipped when attempt.lua did not mark the attempt
-    # It runs after the credential injectors: no header but content-type goes to Python.
+    # It runs after the credential injectors: no header but the path goes to Python.
     forward = translate["extension_config"]["typed_config"]["forward_rules"]
-    assert forward == {"allowed_headers": {"patterns": [{"exact": "content-type"}]}}
+    assert forward == {"allowed_headers": {"patterns": [{"exact": ":path"}]}}
     removed = [m["remove"] for m in filters[6]["typed_config"]["mutations"]["request_mutations"]]
     assert sorted(removed) == sorted(envoygen.GATEWAY_HEADERS)
 

@@ -42,7 +42,16 @@ BODIES = st.dictionaries(KEYS, JSON, max_size=6)
 TO_ANTHROPIC, TO_OPENAI = Translation("openai", "anthropic"), Translation("anthropic", "openai")
 TO_CHAT_FROM_RESPONSES = Translation("responses", "openai")
 TO_ANTHROPIC_FROM_RESPONSES = Translation("responses", "anthropic")
-EVERY = [TO_ANTHROPIC, TO_OPENAI, TO_CHAT_FROM_RESPONSES, TO_ANTHROPIC_FROM_RESPONSES]
+TO_GEMINI = Translation("openai", "gemini")
+EVERY = [
+    TO_ANTHROPIC,
+    TO_OPENAI,
+    TO_CHAT_FROM_RESPONSES,
+    TO_ANTHROPIC_FROM_RESPONSES,
+    TO_GEMINI,
+    Translation("anthropic", "gemini"),
+    Translation("responses", "gemini"),
+]
 
 
 @settings(max_examples=300, deadline=None)
@@ -450,3 +459,104 @@ def test_an_answer_becomes_a_response_the_sdk_accepts():
     }
     response = Response.model_validate(json.loads(TO_ANTHROPIC_FROM_RESPONSES.answer(json.dumps(message).encode())))
     assert response.output_text == "hi" and response.usage.input_tokens == 4
+
+
+# ---------------------------------------------------------------------------- Gemini backends
+
+
+def test_a_chat_request_becomes_a_gemini_generate_content_request():
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "weather?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        ],
+        "max_tokens": 20,
+        "stop": ["END"],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        "tool_choice": "required",
+        "stream": True,
+    }
+    assert json.loads(TO_GEMINI.request(json.dumps(body).encode())) == {
+        "systemInstruction": {"parts": [{"text": "be brief"}]},
+        "contents": [
+            {
+                "role": "user",
+                "parts": [{"text": "weather?"}, {"inlineData": {"mimeType": "image/png", "data": "AAAA"}}],
+            },
+            {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]},
+            # A tool result names its function in Gemini's API: found from the call's id.
+            {
+                "role": "user",
+                "parts": [{"functionResponse": {"name": "get_weather", "response": {"content": "sunny"}}}],
+            },
+        ],
+        "generationConfig": {"maxOutputTokens": 20, "stopSequences": ["END"]},
+        "tools": [{"functionDeclarations": [{"name": "get_weather", "parametersJsonSchema": {"type": "object"}}]}],
+        "toolConfig": {"functionCallingConfig": {"mode": "ANY"}},
+    }
+    assert TO_GEMINI.streaming
+
+
+def test_gemini_streams_on_its_own_method():
+    from signalbox.extproc.translate.gemini import stream_path
+
+    assert stream_path("/v1beta/models/g:generateContent") == "/v1beta/models/g:streamGenerateContent?alt=sse"
+    assert stream_path("/v/models/g:generateContent?x=1") == "/v/models/g:streamGenerateContent?x=1&alt=sse"
+
+
+def _gemini_events(texts: list[str], tool: bool) -> bytes:
+    out = b""
+    for text in texts:
+        chunk = {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}}], "modelVersion": "g"}
+        out += f"data: {json.dumps(chunk, ensure_ascii=False)}\r\n\r\n".encode()
+    parts = [{"functionCall": {"name": "f", "args": {"a": 1}}}] if tool else []
+    last = {
+        "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP"}],
+        "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 3, "totalTokenCount": 8},
+    }
+    return out + f"data: {json.dumps(last)}\r\n\r\n".encode()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    texts=st.lists(TEXTS, min_size=1, max_size=5),
+    tool=st.booleans(),
+    cuts=st.lists(st.integers(0, 10_000), max_size=12),
+)
+def test_a_gemini_stream_becomes_chat_chunks_however_it_is_cut(texts, tool, cuts):
+    stream = TO_GEMINI.stream()
+    out = b"".join(stream.feed(c) for c in _split(_gemini_events(texts, tool), cuts)) + stream.end()
+    assert out.endswith(b"data: [DONE]\n\n")
+    chunks = _chunks(out)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == "".join(texts)
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finish == ["tool_calls" if tool else "stop"]
+    assert (chunks[-1]["usage"]["prompt_tokens"], chunks[-1]["usage"]["completion_tokens"]) == (5, 3)
+    calls = [t for c in chunks if c["choices"] for t in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert [json.loads(t["function"]["arguments"]) for t in calls] == ([{"a": 1}] if tool else [])
+
+
+def test_gemini_errors_keep_their_meaning():
+    error = {"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED"}}
+    assert json.loads(TO_GEMINI.answer(json.dumps(error).encode()))["error"]["type"] == "RESOURCE_EXHAUSTED"
+    as_anthropic = json.loads(Translation("anthropic", "gemini").answer(json.dumps(error).encode()))
+    assert as_anthropic == {"type": "error", "error": {"type": "rate_limit_error", "message": "quota"}}

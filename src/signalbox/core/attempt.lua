@@ -189,7 +189,8 @@ function envoy_on_request(handle)
   if api ~= nil and api ~= BACKEND.api then
     -- Another API family: the upstream-phase ext_proc translates this attempt's body (this
     -- script sets the path; the answer's headers are fixed on the way back, envoy_on_response).
-    rest = API_PATHS[BACKEND.api]
+    -- Gemini names the model in the path (the translation switches to the streaming method).
+    rest = API_PATHS[BACKEND.api] or ("/models/" .. BACKEND.model .. ":generateContent")
     headers:replace(TRANSLATE_HEADER, api .. ">" .. BACKEND.api)
     handle:streamInfo():dynamicMetadata():set(ATTEMPT_NS, TRANSLATE_KEY, api .. ">" .. BACKEND.api)
   elseif api == nil and BACKEND.api ~= "openai" then

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.envoygen.contract import BACKEND_PREFIX, TARGET_PREFIX
-from signalbox.core.schema import SCHEMA_VERSION
+from signalbox.core.schema import SCHEMA_VERSION, provider_api
 
 from .errors import Problem
 from .models import AIProvider, OnExhausted, ProviderType, RoutingPolicy, Strategy
@@ -31,6 +31,7 @@ _PROVIDER_TYPES = {
     ProviderType.AZURE_OPENAI: pb.AZURE_OPENAI,
     ProviderType.OPENAI_COMPATIBLE: pb.OPENAI_COMPATIBLE,
     ProviderType.ANTHROPIC: pb.ANTHROPIC,
+    ProviderType.GEMINI: pb.GEMINI,
 }
 
 STRATEGIES: dict[Strategy, Any] = {s: pb.Strategy.Value(s.name) for s in Strategy}
@@ -105,9 +106,9 @@ def compile_config(
     if problems:
         return CompileResult(None, problems)
     shared = Counter(alias for p in cfg.policies for alias in p.aliases)
-    anthropic = {p.id for p in cfg.providers if p.type == pb.ANTHROPIC}
+    apis = {p.id: provider_api(p.type) for p in cfg.providers}
     for out in cfg.policies:
-        out.compiled = compilable(cfg, out, shared, anthropic)
+        out.compiled = compilable(cfg, out, shared, apis)
     cfg.content_hash = content_hash(cfg)
     return CompileResult(cfg, [])
 
@@ -382,7 +383,7 @@ def compilable(
     cfg: pb.RoutingConfig,
     policy: pb.Policy,
     alias_uses: Counter[str] | None = None,
-    anthropic: set[str] | None = None,
+    apis: dict[str, str] | None = None,
 ) -> bool:
     """Whether Envoy can route this policy alone, with the same outcome the ext_proc would give.
 
@@ -403,13 +404,13 @@ def compilable(
         return False
     if policy.strategy == pb.WEIGHTED and not any(b.weight for b in live):
         return False
-    if anthropic is None:
-        anthropic = {p.id for p in cfg.providers if p.type == pb.ANTHROPIC}
+    if apis is None:
+        apis = {p.id: provider_api(p.type) for p in cfg.providers}
     shapes = {
         (
             frozenset(cfg.backends[b.backend].capabilities),
             cfg.backends[b.backend].context_window,
-            cfg.backends[b.backend].provider_id in anthropic,
+            apis[cfg.backends[b.backend].provider_id],
         )
         for b in live
     }

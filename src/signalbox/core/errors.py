@@ -165,6 +165,8 @@ def openai_error_body(message: str, error_type: str, code: str, param: str | Non
 # "responses" is OpenAI's Responses API: clients only (every backend is translated to), with
 # OpenAI's error shape.
 OPENAI_API, ANTHROPIC_API, RESPONSES_API = "openai", "anthropic", "responses"
+# Google's Gemini API: backends only.
+GEMINI_API = "gemini"
 
 # Anthropic's error `type` for each status (its API reference, "Errors").
 _ANTHROPIC_ERROR_TYPES = {

@@ -32,12 +32,14 @@ class ProviderType(StrEnum):
     AZURE_OPENAI = "azure-openai"
     OPENAI_COMPATIBLE = "openai-compatible"
     ANTHROPIC = "anthropic"
+    GEMINI = "gemini"
 
 
 # Where each provider type expects its key when `auth` names no header: (header, prefix).
 _KEY_HEADERS = {
     ProviderType.AZURE_OPENAI: ("api-key", ""),
     ProviderType.ANTHROPIC: ("x-api-key", ""),
+    ProviderType.GEMINI: ("x-goog-api-key", ""),
 }
 
 
@@ -127,11 +129,12 @@ class ProviderAuth(Spec):
     header: str | None = Field(
         None,
         description="Request header that carries the key. Default: `Authorization` (`api-key` for azure-openai, "
-        "`x-api-key` for anthropic).",
+        "`x-api-key` for anthropic, `x-goog-api-key` for gemini).",
     )
     prefix: str | None = Field(
         None,
-        description="Text put before the key in the header. Default: `Bearer ` (empty for azure-openai and anthropic).",
+        description="Text put before the key in the header. Default: `Bearer ` (empty for azure-openai, "
+        "anthropic and gemini).",
     )
 
     @model_validator(mode="after")
@@ -195,13 +198,15 @@ class AIProviderSpec(Spec):
     type: ProviderType = Field(
         ProviderType.OPENAI_COMPATIBLE,
         description="API dialect: openai, azure-openai (deployment paths, api-key header), "
-        "openai-compatible (vLLM, Ollama, Together, Groq, Gemini's OpenAI endpoint) or anthropic "
-        "(Messages API, x-api-key header). Clients of either API reach backends of any type: "
-        "requests, answers, errors and streams are translated per attempt.",
+        "openai-compatible (vLLM, Ollama, Together, Groq), anthropic (Messages API, x-api-key "
+        "header) or gemini (Gemini API generateContent, x-goog-api-key header). Clients of any "
+        "API reach backends of any type: requests, answers, errors and streams are translated "
+        "per attempt.",
     )
     base_url: str = Field(
-        description="URL that `/chat/completions` (anthropic: `/messages`) is appended to, e.g. "
-        "https://api.openai.com/v1 or https://api.anthropic.com/v1."
+        description="URL that `/chat/completions` (anthropic: `/messages`; gemini: "
+        "`/models/<model>:generateContent`) is appended to, e.g. https://api.openai.com/v1, "
+        "https://api.anthropic.com/v1 or https://generativelanguage.googleapis.com/v1beta."
     )
     auth: ProviderAuth | None = Field(None, description="Where the API key comes from.")
     azure: AzureSpec | None = Field(None, description="Azure OpenAI settings (type azure-openai).")

@@ -8,6 +8,7 @@ constants would load pydantic and every resource model into each ext_proc worker
 from __future__ import annotations
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
+from signalbox.core.errors import ANTHROPIC_API, GEMINI_API, OPENAI_API
 
 # The RoutingConfig layout this code writes and reads; a reader refuses any other.
 SCHEMA_VERSION = 1
@@ -17,3 +18,11 @@ SCHEMA_VERSION = 1
 STRATEGY_NAMES: dict[int, str] = {
     v.number: v.name.lower().replace("_", "-") for v in pb.Strategy.DESCRIPTOR.values if v.number
 }
+
+# The API family each provider type speaks (OpenAI's chat for every type not listed).
+_PROVIDER_APIS: dict[int, str] = {pb.ANTHROPIC: ANTHROPIC_API, pb.GEMINI: GEMINI_API}
+
+
+def provider_api(provider_type: int) -> str:
+    """The API family a provider of this type speaks: "openai", "anthropic" or "gemini"."""
+    return _PROVIDER_APIS.get(provider_type, OPENAI_API)

@@ -14,6 +14,7 @@ class ProviderType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AZURE_OPENAI: _ClassVar[ProviderType]
     OPENAI_COMPATIBLE: _ClassVar[ProviderType]
     ANTHROPIC: _ClassVar[ProviderType]
+    GEMINI: _ClassVar[ProviderType]
 
 class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,6 +33,7 @@ OPENAI: ProviderType
 AZURE_OPENAI: ProviderType
 OPENAI_COMPATIBLE: ProviderType
 ANTHROPIC: ProviderType
+GEMINI: ProviderType
 STRATEGY_UNSPECIFIED: Strategy
 WEIGHTED: Strategy
 ROUND_ROBIN: Strategy

@@ -16,6 +16,7 @@ from urllib.parse import quote
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
+from ..schema import provider_api
 from .contract import (
     ANTHROPIC_VERSION,
     ATTEMPT_HEADER,
@@ -327,7 +328,7 @@ def attempt_settings(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
         "authority": provider.host if provider.port == default_port else f"{provider.host}:{provider.port}",
         "key_header": (provider.auth.header or "authorization").lower() if provider.HasField("auth") else "",
         "sanitize": provider.sanitize_streams,
-        "api": errors.ANTHROPIC_API if provider.type == pb.ANTHROPIC else errors.OPENAI_API,
+        "api": provider_api(provider.type),
     }
 
 
@@ -402,7 +403,7 @@ def _attempt_filter(members: list[pb.Backend], providers: dict[str, pb.Provider]
 
 
 # Where clients of either API put a key: never passed on, whatever the providers use.
-CLIENT_KEY_HEADERS = ("authorization", "api-key", "x-api-key")
+CLIENT_KEY_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
 
 
 def _strip_keys(cfg: pb.RoutingConfig) -> dict[str, Any]:
@@ -481,8 +482,9 @@ def _translator(timeout_ms: int) -> dict[str, Any]:
         },
         metadata_options={"forwarding_namespaces": {"untyped": [ATTEMPT_NS]}},
         # The credential injectors ran before this filter: of the attempt's headers the ext_proc
-        # gets one it never needs anyway, so no provider key ever reaches Python.
-        forward_rules={"allowed_headers": {"patterns": [{"exact": "content-type"}]}},
+        # gets only the path (Gemini's changes for a stream), so no provider key reaches Python.
+        forward_rules={"allowed_headers": {"patterns": [{"exact": ":path"}]}},
+        mutation_rules={"allow_all_routing": True},
     )
     return _only_when_translating(
         "signalbox.translate", {"name": "envoy.filters.http.ext_proc", "typed_config": processor}

@@ -1,0 +1,353 @@
+"""OpenAI Chat Completions <-> Google's Gemini API (`generateContent`, `streamGenerateContent`
+with `alt=sse`), written from the API reference.
+
+Gemini names the model in the path, not the body (attempt.lua writes it there), and streams on
+another method (`stream_path`: the upstream phase rewrites the attempt's path for a stream).
+A tool result names its function in Gemini and only its call id in OpenAI's API: the name is
+found in the assistant turn that made the call.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from signalbox.core.errors import MalformedRequest, UnsupportedFeature
+
+from . import sse
+from .anthropic import error_to_chat
+
+_IGNORED = {
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "service_tier",
+    "store",
+    "metadata",
+    "reasoning_effort",
+    "stream_options",
+    "user",
+    "parallel_tool_calls",
+    "model",
+    "stream",
+}
+_KNOWN = {
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "n",
+    "logprobs",
+    "top_logprobs",
+} | _IGNORED
+_FINISH = {
+    "STOP": "stop",
+    "MAX_TOKENS": "length",
+    "SAFETY": "content_filter",
+    "RECITATION": "content_filter",
+    "BLOCKLIST": "content_filter",
+    "PROHIBITED_CONTENT": "content_filter",
+    "SPII": "content_filter",
+}
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise MalformedRequest(f"'{where}' must be a string", param=where)
+    return value
+
+
+def stream_path(path: str) -> str:
+    """The streaming method's path for attempt.lua's `<base>/models/<model>:generateContent`."""
+    bare, _, query = path.partition("?")
+    bare = bare.replace(":generateContent", ":streamGenerateContent", 1)
+    return f"{bare}?{query}&alt=sse" if query else f"{bare}?alt=sse"
+
+
+def chat_to_gemini(body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI Chat Completions request as a Gemini `GenerateContentRequest`."""
+    extra = sorted(k for k in body if k not in _KNOWN)
+    if extra:
+        raise UnsupportedFeature(f"'{extra[0]}' cannot be translated for this backend's API", param=extra[0])
+    if body.get("n") not in (None, 1):
+        raise UnsupportedFeature("'n' other than 1 (several answers) is not available on this backend", param="n")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise UnsupportedFeature("'logprobs' is not available on this backend", param="logprobs")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise MalformedRequest("'messages' must be an array of message objects", param="messages")
+    names: dict[str, str] = {}  # tool call id -> function name, from the assistant turns
+    system: list[dict[str, Any]] = []
+    contents: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise MalformedRequest(f"'{where}' must be an object", param=where)
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.extend(_parts(message.get("content"), f"{where}.content", images=False))
+        elif role == "user":
+            _append(contents, "user", _parts(message.get("content"), f"{where}.content", images=True))
+        elif role == "assistant":
+            parts = _parts(message.get("content"), f"{where}.content", images=False)
+            for j, call in enumerate(message.get("tool_calls") or []):
+                at = f"{where}.tool_calls[{j}]"
+                function = _dict(_dict(call).get("function"))
+                name = _str(function.get("name"), f"{at}.function.name")
+                names[str(_dict(call).get("id"))] = name
+                parts.append({"functionCall": {"name": name, "args": _arguments(function.get("arguments"), at)}})
+            _append(contents, "model", parts)
+        elif role == "tool":
+            call_id = _str(message.get("tool_call_id"), f"{where}.tool_call_id")
+            if call_id not in names:
+                raise MalformedRequest(
+                    f"'{where}.tool_call_id' names no earlier tool call", param=f"{where}.tool_call_id"
+                )
+            text = "".join(p.get("text", "") for p in _parts(message.get("content"), f"{where}.content", images=False))
+            _append(contents, "user", [{"functionResponse": {"name": names[call_id], "response": {"content": text}}}])
+        else:
+            raise MalformedRequest(f"'{where}.role' {role!r} is not a chat role", param=f"{where}.role")
+    out: dict[str, Any] = {"contents": contents}
+    if system:
+        out["systemInstruction"] = {"parts": system}
+    config: dict[str, Any] = {}
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
+        config["maxOutputTokens"] = max_tokens
+    for name, key in (("temperature", "temperature"), ("top_p", "topP")):
+        if isinstance(body.get(name), int | float) and not isinstance(body.get(name), bool):
+            config[key] = body[name]
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        config["stopSequences"] = [stop]
+    elif isinstance(stop, list):
+        config["stopSequences"] = [_str(s, "stop") for s in stop]
+    fmt = _dict(body.get("response_format"))
+    if fmt.get("type") == "json_object":
+        config["responseMimeType"] = "application/json"
+    elif fmt.get("type") == "json_schema":
+        config["responseMimeType"] = "application/json"
+        schema = _dict(fmt.get("json_schema")).get("schema")
+        if isinstance(schema, dict):
+            config["responseJsonSchema"] = schema
+    if config:
+        out["generationConfig"] = config
+    if body.get("tools"):
+        tools = body["tools"]
+        if not isinstance(tools, list):
+            raise MalformedRequest("'tools' must be an array", param="tools")
+        out["tools"] = [{"functionDeclarations": [_declaration(t, f"tools[{i}]") for i, t in enumerate(tools)]}]
+    choice = body.get("tool_choice")
+    if choice is not None:
+        out["toolConfig"] = {"functionCallingConfig": _calling(choice)}
+    return out
+
+
+def _append(contents: list[dict[str, Any]], role: str, parts: list[dict[str, Any]]) -> None:
+    if not parts:
+        return
+    if contents and contents[-1]["role"] == role:
+        contents[-1]["parts"].extend(parts)
+    else:
+        contents.append({"role": role, "parts": parts})
+
+
+def _parts(content: Any, where: str, images: bool) -> list[dict[str, Any]]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    if not isinstance(content, list):
+        raise MalformedRequest(f"'{where}' must be a string or an array of content parts", param=where)
+    parts: list[dict[str, Any]] = []
+    for i, part in enumerate(content):
+        part = _dict(part)
+        kind = part.get("type")
+        if kind in ("text", "input_text", "output_text"):
+            parts.append({"text": _str(part.get("text"), f"{where}[{i}].text")})
+        elif kind == "image_url" and images:
+            url = _dict(part.get("image_url")).get("url")
+            url = _str(url, f"{where}[{i}].image_url.url")
+            if not url.startswith("data:"):
+                raise UnsupportedFeature(
+                    f"'{where}[{i}]': this backend takes images inline (data: URLs) only", param=where
+                )
+            head, _, data = url[5:].partition(",")
+            mime, _, encoding = head.partition(";")
+            if encoding != "base64":
+                raise MalformedRequest("an image data URL must be base64 encoded", param="image_url")
+            parts.append({"inlineData": {"mimeType": mime, "data": data}})
+        else:
+            raise UnsupportedFeature(f"'{where}[{i}]' of type {kind!r} cannot be sent to this backend", param=where)
+    return parts
+
+
+def _arguments(text: Any, where: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(text) if isinstance(text, str) and text else {}
+    except ValueError:
+        raise MalformedRequest(
+            f"'{where}.function.arguments' is not JSON", param=f"{where}.function.arguments"
+        ) from None
+    return parsed if isinstance(parsed, dict) else {"value": parsed}
+
+
+def _declaration(tool: Any, where: str) -> dict[str, Any]:
+    tool = _dict(tool)
+    if tool.get("type") != "function":
+        raise UnsupportedFeature(f"'{where}' of type {tool.get('type')!r} cannot be sent to this backend", param=where)
+    function = _dict(tool.get("function"))
+    out: dict[str, Any] = {"name": _str(function.get("name"), f"{where}.function.name")}
+    if isinstance(function.get("description"), str):
+        out["description"] = function["description"]
+    if isinstance(function.get("parameters"), dict):
+        out["parametersJsonSchema"] = function["parameters"]
+    return out
+
+
+def _calling(choice: Any) -> dict[str, Any]:
+    if choice in ("auto", "none"):
+        return {"mode": str(choice).upper()}
+    if choice == "required":
+        return {"mode": "ANY"}
+    if isinstance(choice, dict) and isinstance(_dict(choice.get("function")).get("name"), str):
+        return {"mode": "ANY", "allowedFunctionNames": [choice["function"]["name"]]}
+    raise MalformedRequest("'tool_choice' must be auto, required, none or a function", param="tool_choice")
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def _usage(meta: Any) -> dict[str, Any]:
+    meta = _dict(meta)
+    prompt = meta.get("promptTokenCount") if isinstance(meta.get("promptTokenCount"), int) else 0
+    completion = meta.get("candidatesTokenCount") if isinstance(meta.get("candidatesTokenCount"), int) else 0
+    thoughts = meta.get("thoughtsTokenCount") if isinstance(meta.get("thoughtsTokenCount"), int) else 0
+    cached = meta.get("cachedContentTokenCount") if isinstance(meta.get("cachedContentTokenCount"), int) else 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion + thoughts,
+        "total_tokens": prompt + completion + thoughts,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": thoughts},
+    }
+
+
+def _candidate(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]], str | None]:
+    """The first candidate's text, function calls and finish reason."""
+    candidates = body.get("candidates")
+    candidate = _dict(candidates[0]) if isinstance(candidates, list) and candidates else {}
+    texts, calls = [], []
+    for part in _dict(candidate.get("content")).get("parts") or []:
+        part = _dict(part)
+        if isinstance(part.get("text"), str) and not part.get("thought"):
+            texts.append(part["text"])
+        elif isinstance(part.get("functionCall"), dict):
+            call = part["functionCall"]
+            calls.append(
+                {
+                    "id": call.get("id") or f"call_{uuid.uuid4().hex}",
+                    "type": "function",
+                    "function": {
+                        "name": call.get("name"),
+                        "arguments": json.dumps(call.get("args") or {}, separators=(",", ":")),
+                    },
+                }
+            )
+    reason = candidate.get("finishReason")
+    finish = None if not reason else ("tool_calls" if calls else _FINISH.get(reason, "stop"))
+    return "".join(texts), calls, finish
+
+
+def gemini_to_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """A Gemini `GenerateContentResponse` as an OpenAI chat completion."""
+    text, calls, finish = _candidate(body)
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    if calls:
+        message["tool_calls"] = calls
+    return {
+        "id": body.get("responseId") or f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("modelVersion"),
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish or "stop"}],
+        "usage": _usage(body.get("usageMetadata")),
+    }
+
+
+def is_answer(body: Any) -> bool:
+    return isinstance(body, dict) and ("candidates" in body or "usageMetadata" in body)
+
+
+class GeminiToChatStream:
+    """Gemini's streamed `GenerateContentResponse` events as chat.completion.chunk events."""
+
+    def __init__(self) -> None:
+        self.reader = sse.Reader()
+        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), None
+        self.started = self.done = False
+        self.calls = 0
+        self.usage: dict[str, Any] | None = None
+        self.finish: str | None = None
+
+    def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None, usage: Any = None) -> bytes:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": []
+            if delta is None
+            else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if usage is not None:
+            chunk["usage"] = usage
+        return sse.encode(chunk)
+
+    def feed(self, data: bytes) -> bytes:
+        return b"".join(self._event(e) for e in self.reader.feed(data))
+
+    def end(self) -> bytes:
+        out = b"".join(self._event(e) for e in self.reader.close())
+        if self.started and not self.done:
+            self.done = True
+            out += self._chunk({}, finish=self.finish or "stop") + self._chunk(None, usage=self.usage or _usage({}))
+            out += sse.encode("[DONE]")
+        return out
+
+    def _event(self, event: sse.Event) -> bytes:
+        body = event.json()
+        if not isinstance(body, dict) or self.done:
+            return b""
+        if isinstance(body.get("error"), dict):
+            self.done = True
+            return sse.encode(error_to_chat(body))
+        out = b""
+        if not self.started:
+            self.started = True
+            self.id = body.get("responseId") or self.id
+            self.model = body.get("modelVersion")
+            out += self._chunk({"role": "assistant", "content": ""})
+        text, calls, finish = _candidate(body)
+        if text:
+            out += self._chunk({"content": text})
+        for call in calls:
+            out += self._chunk({"tool_calls": [{"index": self.calls, **call}]})
+            self.calls += 1
+        if "usageMetadata" in body:
+            self.usage = _usage(body["usageMetadata"])
+        if finish:
+            self.finish = "tool_calls" if self.calls else finish
+        return out
