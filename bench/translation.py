@@ -3,7 +3,8 @@
 One fake provider process answers both APIs (OpenAI's on /v1/chat/completions, Anthropic's on
 /v1/messages). The gateway has one compiled alias per backend API. Chat Completions and
 Messages clients are sent to each (two pairs translated per attempt by the upstream-phase
-ext_proc, two untouched), Responses clients to the chat backend (always translated). Plain
+ext_proc, two untouched), Responses clients to the chat backend and chat clients to a Gemini
+backend (always translated). Plain
 Envoy forwards the same requests to the same fake. Measured for JSON answers and for streams of
 100 chunks, in alternating rounds on one machine: throughput ÷ plain Envoy and the median
 latency added. A second gateway without the translation filter
@@ -34,11 +35,12 @@ PAIRS = [
     ("anthropic", "/v1/messages", "to-anthropic"),
     ("anthropic", "/v1/messages", "to-openai"),
     ("responses", "/v1/responses", "to-openai"),
+    ("openai", "/v1/chat/completions", "to-gemini"),
 ]
 
 
 def _backend_api(alias: str) -> str:
-    return "anthropic" if alias == "to-anthropic" else "openai"
+    return alias.removeprefix("to-")
 
 
 def resources(workdir: Path, upstream: str) -> Path:
@@ -49,7 +51,9 @@ def resources(workdir: Path, upstream: str) -> Path:
         dump(
             provider("oai", upstream + "/v1", [model("m", upstreamName="bench-model", **caps)]),
             provider("ant", upstream + "/v1", [model("m", upstreamName="bench-model", **caps)], type="anthropic"),
+            provider("gem", upstream + "/v1beta", [model("m", upstreamName="bench-model", **caps)], type="gemini"),
             policy("to-openai", ["to-openai"], [backend("oai", "m")]),
+            policy("to-gemini", ["to-gemini"], [backend("gem", "m")]),
             policy("to-anthropic", ["to-anthropic"], [backend("ant", "m")]),
         )
     )

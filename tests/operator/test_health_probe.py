@@ -36,3 +36,16 @@ async def test_an_anthropic_provider_is_probed_with_its_own_key_header_and_versi
     # The fake reads a key from x-api-key only when anthropic-version comes with it.
     assert good.ok and good.message == "HTTP 200"
     assert not wrong.ok and "rejected the API key" in wrong.message
+
+
+async def test_a_gemini_provider_is_probed_with_its_own_key_header():
+    async with serving("gem") as fake, httpx.AsyncClient() as client:
+        fake.behaviour.api_key = "AIza-right"
+        spec = AIProviderSpec.model_validate(
+            {"type": "gemini", "baseUrl": fake.url + "/v1beta", "models": [{"name": "m"}], "auth": {"env": "K"}}
+        )
+        good = await probe(spec, SecretValue("AIza-right"), client)
+        wrong = await probe(spec, SecretValue("AIza-wrong"), client)
+    # The fake reads a Gemini key from x-goog-api-key only.
+    assert good.ok and good.message == "HTTP 200"
+    assert not wrong.ok and "rejected the API key" in wrong.message
