@@ -195,6 +195,18 @@ def test_signalbox_up_serves_the_quickstart(tmp_path):
             ) as stream,
         ):
             assert "".join(stream.text_stream).startswith("chunk0 ")
+        # ... and, translated, from the quickstart's OpenAI-compatible models.
+        ant = anthropic.Anthropic(base_url="http://127.0.0.1:28080", api_key="any", max_retries=0)
+        with ant:
+            raw = ant.messages.with_raw_response.create(
+                model="auto", max_tokens=64, messages=[{"role": "user", "content": "hello"}]
+            )
+            assert raw.headers["x-signalbox-provider"] == "fast-local"
+            assert raw.parse().content[0].text == "[fast-local] answer from small-8b-instruct"
+            with ant.messages.stream(
+                model="auto", max_tokens=64, messages=[{"role": "user", "content": "hello"}]
+            ) as stream:
+                assert "".join(stream.text_stream).startswith("chunk0 ")
         with openai.OpenAI(base_url="http://127.0.0.1:28080/v1", api_key="any", max_retries=0) as client:
             # What Claude cannot do (two answers) goes to the fallback.
             two = client.chat.completions.with_raw_response.create(
