@@ -20,6 +20,12 @@ from typing import Any
 from signalbox.core.errors import MalformedRequest, UnsupportedFeature
 
 from . import sse
+from .fields import append_turn, chat_chunk
+from .fields import dict_or_empty as _dict
+from .fields import int_or_zero as _int
+from .fields import require_array as _list
+from .fields import require_object as _obj
+from .fields import require_str as _str
 
 # Anthropic requires max_tokens; an OpenAI request that sets none gets this.
 DEFAULT_MAX_TOKENS = 4096
@@ -89,27 +95,8 @@ _MESSAGES_KNOWN = {
 } | _MESSAGES_IGNORED
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    """`value` when it is an object, else an empty one (provider output is read leniently)."""
-    return value if isinstance(value, dict) else {}
-
-
-def _obj(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise MalformedRequest(f"'{where}' must be an object", param=where)
-    return value
-
-
-def _list(value: Any, where: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise MalformedRequest(f"'{where}' must be an array", param=where)
-    return value
-
-
-def _str(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise MalformedRequest(f"'{where}' must be a string", param=where)
-    return value
+def _append_content(turns: list[dict[str, Any]], role: str, items: list[dict[str, Any]]) -> None:
+    append_turn(turns, role, items, "content")
 
 
 def _unknown(body: dict[str, Any], known: set[str]) -> None:
@@ -145,16 +132,16 @@ def chat_to_messages(body: dict[str, Any]) -> dict[str, Any]:
             if text:
                 system.append({"type": "text", "text": text})
         elif role == "user":
-            _append(messages, "user", _user_blocks(message.get("content"), f"{where}.content"))
+            _append_content(messages, "user", _user_blocks(message.get("content"), f"{where}.content"))
         elif role == "assistant":
-            _append(messages, "assistant", _assistant_blocks(message, where))
+            _append_content(messages, "assistant", _assistant_blocks(message, where))
         elif role == "tool":
             block = {
                 "type": "tool_result",
                 "tool_use_id": _str(message.get("tool_call_id"), f"{where}.tool_call_id"),
                 "content": _plain_text(message.get("content"), f"{where}.content"),
             }
-            _append(messages, "user", [block])
+            _append_content(messages, "user", [block])
         else:
             raise MalformedRequest(f"'{where}.role' {role!r} is not a chat role", param=f"{where}.role")
     out: dict[str, Any] = {"model": body.get("model"), "messages": messages}
@@ -181,16 +168,6 @@ def chat_to_messages(body: dict[str, Any]) -> dict[str, Any]:
     if choice is not None:
         out["tool_choice"] = choice
     return out
-
-
-def _append(messages: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
-    """Consecutive turns of one role become one turn (tool results and the user's next words)."""
-    if not blocks:
-        return
-    if messages and messages[-1]["role"] == role:
-        messages[-1]["content"].extend(blocks)
-    else:
-        messages.append({"role": role, "content": blocks})
 
 
 def _plain_text(content: Any, where: str) -> str:
@@ -457,10 +434,6 @@ def _tool_to_openai(tool: Any, where: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- answers
 
 
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
 def message_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     """An Anthropic answer (a `message`) as an OpenAI chat completion."""
     texts, calls = [], []
@@ -635,18 +608,7 @@ class MessagesToChatStream:
         self.done = False
 
     def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None, usage: Any = None) -> bytes:
-        chunk: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": []
-            if delta is None
-            else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if usage is not None:
-            chunk["usage"] = usage
-        return sse.encode(chunk)
+        return chat_chunk(self.id, self.created, self.model, delta, finish, usage)
 
     def feed(self, data: bytes) -> bytes:
         return b"".join(self._event(e) for e in self.reader.feed(data))

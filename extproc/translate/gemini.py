@@ -18,6 +18,9 @@ from signalbox.core.errors import MalformedRequest, UnsupportedFeature
 
 from . import sse
 from .anthropic import error_to_chat
+from .fields import append_turn, chat_chunk
+from .fields import dict_or_empty as _dict
+from .fields import require_str as _str
 
 _IGNORED = {
     "seed",
@@ -59,14 +62,8 @@ _FINISH = {
 }
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _str(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise MalformedRequest(f"'{where}' must be a string", param=where)
-    return value
+def _append_parts(turns: list[dict[str, Any]], role: str, items: list[dict[str, Any]]) -> None:
+    append_turn(turns, role, items, "parts")
 
 
 def stream_path(path: str) -> str:
@@ -99,7 +96,7 @@ def chat_to_gemini(body: dict[str, Any]) -> dict[str, Any]:
         if role in ("system", "developer"):
             system.extend(_parts(message.get("content"), f"{where}.content", images=False))
         elif role == "user":
-            _append(contents, "user", _parts(message.get("content"), f"{where}.content", images=True))
+            _append_parts(contents, "user", _parts(message.get("content"), f"{where}.content", images=True))
         elif role == "assistant":
             parts = _parts(message.get("content"), f"{where}.content", images=False)
             for j, call in enumerate(message.get("tool_calls") or []):
@@ -108,7 +105,7 @@ def chat_to_gemini(body: dict[str, Any]) -> dict[str, Any]:
                 name = _str(function.get("name"), f"{at}.function.name")
                 names[str(_dict(call).get("id"))] = name
                 parts.append({"functionCall": {"name": name, "args": _arguments(function.get("arguments"), at)}})
-            _append(contents, "model", parts)
+            _append_parts(contents, "model", parts)
         elif role == "tool":
             call_id = _str(message.get("tool_call_id"), f"{where}.tool_call_id")
             if call_id not in names:
@@ -116,7 +113,9 @@ def chat_to_gemini(body: dict[str, Any]) -> dict[str, Any]:
                     f"'{where}.tool_call_id' names no earlier tool call", param=f"{where}.tool_call_id"
                 )
             text = "".join(p.get("text", "") for p in _parts(message.get("content"), f"{where}.content", images=False))
-            _append(contents, "user", [{"functionResponse": {"name": names[call_id], "response": {"content": text}}}])
+            _append_parts(
+                contents, "user", [{"functionResponse": {"name": names[call_id], "response": {"content": text}}}]
+            )
         else:
             raise MalformedRequest(f"'{where}.role' {role!r} is not a chat role", param=f"{where}.role")
     out: dict[str, Any] = {"contents": contents}
@@ -153,15 +152,6 @@ def chat_to_gemini(body: dict[str, Any]) -> dict[str, Any]:
     if choice is not None:
         out["toolConfig"] = {"functionCallingConfig": _calling(choice)}
     return out
-
-
-def _append(contents: list[dict[str, Any]], role: str, parts: list[dict[str, Any]]) -> None:
-    if not parts:
-        return
-    if contents and contents[-1]["role"] == role:
-        contents[-1]["parts"].extend(parts)
-    else:
-        contents.append({"role": role, "parts": parts})
 
 
 def _parts(content: Any, where: str, images: bool) -> list[dict[str, Any]]:
@@ -303,18 +293,7 @@ class GeminiToChatStream:
         self.finish: str | None = None
 
     def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None, usage: Any = None) -> bytes:
-        chunk: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": []
-            if delta is None
-            else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if usage is not None:
-            chunk["usage"] = usage
-        return sse.encode(chunk)
+        return chat_chunk(self.id, self.created, self.model, delta, finish, usage)
 
     def feed(self, data: bytes) -> bytes:
         return b"".join(self._event(e) for e in self.reader.feed(data))

@@ -18,6 +18,9 @@ from typing import Any
 from signalbox.core.errors import MalformedRequest, UnsupportedFeature
 
 from . import sse
+from .fields import dict_or_empty as _dict
+from .fields import require_array as _list
+from .fields import require_str as _str
 
 _STATEFUL = ("previous_response_id", "conversation", "background", "prompt")
 _IGNORED = {
@@ -55,16 +58,6 @@ _STATUS = {
     "length": ("incomplete", "max_output_tokens"),
     "content_filter": ("incomplete", "content_filter"),
 }
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _str(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise MalformedRequest(f"'{where}' must be a string", param=where)
-    return value
 
 
 def request_to_chat(body: dict[str, Any]) -> dict[str, Any]:
@@ -113,12 +106,6 @@ def request_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     elif fmt.get("type") == "json_object":
         out["response_format"] = {"type": "json_object"}
     return out
-
-
-def _list(value: Any, where: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise MalformedRequest(f"'{where}' must be an array", param=where)
-    return value
 
 
 def _item(messages: list[dict[str, Any]], item: Any, where: str) -> None:

@@ -1,0 +1,66 @@
+"""What every translator reads and writes the same way: fields of untrusted JSON (checked, with
+the client's 400 naming the field), and the chat.completion.chunk event every stream
+translator to chat emits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from signalbox.core.errors import MalformedRequest
+
+from . import sse
+
+
+def dict_or_empty(value: Any) -> dict[str, Any]:
+    """`value` when it is an object, else an empty one (provider output is read leniently)."""
+    return value if isinstance(value, dict) else {}
+
+
+def int_or_zero(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def require_object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MalformedRequest(f"'{where}' must be an object", param=where)
+    return value
+
+
+def require_array(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise MalformedRequest(f"'{where}' must be an array", param=where)
+    return value
+
+
+def require_str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise MalformedRequest(f"'{where}' must be a string", param=where)
+    return value
+
+
+def append_turn(turns: list[dict[str, Any]], role: str, items: list[dict[str, Any]], key: str) -> None:
+    """Add `items` (content blocks or parts, under `key`) as a turn of `role`: consecutive turns
+    of one role become one (tool results and the user's next words, in APIs that alternate)."""
+    if not items:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1][key].extend(items)
+    else:
+        turns.append({"role": role, key: items})
+
+
+def chat_chunk(
+    chunk_id: str, created: int, model: Any, delta: dict[str, Any] | None, finish: str | None = None, usage: Any = None
+) -> bytes:
+    """One chat.completion.chunk event: a delta of choice 0, or (delta None) the usage chunk
+    with no choices that OpenAI sends last when usage is asked for."""
+    chunk: dict[str, Any] = {
+        "id": chunk_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    if usage is not None:
+        chunk["usage"] = usage
+    return sse.encode(chunk)
