@@ -181,8 +181,9 @@ def refused_apis(policy: PolicyRuntime, path: str, raw_body: bytes) -> dict[str,
     foreign = {b.provider.api for b in policy.all_backends} - {src}
     out: dict[str, str] = {}
     for dst in sorted(foreign):
-        if path.split("?", 1)[0].rstrip("/") not in _TRANSLATABLE_PATHS:
-            out[dst] = f"{dst} backends serve chat only"
+        bare = path.split("?", 1)[0].rstrip("/")
+        if bare not in _TRANSLATABLE_PATHS:
+            out[dst] = f"{bare} is not available on {dst} backends"
             continue
         try:
             Translation(src, dst).request(raw_body)

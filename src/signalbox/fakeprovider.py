@@ -108,6 +108,7 @@ def _shapes() -> dict[str, Any] | None:
     nothing, as in a bare `signalbox up`)."""
     try:
         from anthropic.types import MessageParam, ToolResultBlockParam
+        from anthropic.types.message_count_tokens_params import MessageCountTokensParams
         from anthropic.types.message_create_params import MessageCreateParamsStreaming
         from openai.types.chat.completion_create_params import CompletionCreateParamsStreaming
     except ImportError:
@@ -121,6 +122,7 @@ def _shapes() -> dict[str, Any] | None:
     blocks |= _literal_types(typing.get_type_hints(ToolResultBlockParam)["content"])
     return {
         "anthropic": set(typing.get_type_hints(MessageCreateParamsStreaming)),
+        "anthropic_count": set(typing.get_type_hints(MessageCountTokensParams)),
         "anthropic_roles": roles,
         "anthropic_blocks": blocks,
         "openai": set(typing.get_type_hints(CompletionCreateParamsStreaming)),
@@ -148,15 +150,17 @@ def _literals(annotation: Any) -> set[str]:
     return out
 
 
-def request_problems(api: str, body: dict[str, Any]) -> list[str]:
-    """Why a provider of `api` would refuse this request body ([] when it would not)."""
+def request_problems(api: str, body: dict[str, Any], counting: bool = False) -> list[str]:
+    """Why a provider of `api` would refuse this request body ([] when it would not);
+    `counting`: Anthropic's count_tokens, which takes no max_tokens."""
     shapes = _shapes()
     if shapes is None:
         return []
-    problems = [f"unknown field {k!r}" for k in sorted(body) if k not in shapes[api]]
+    fields = shapes["anthropic_count"] if counting else shapes[api]
+    problems = [f"unknown field {k!r}" for k in sorted(body) if k not in fields]
     if api == "openai":
         return problems
-    for name in ("model", "max_tokens", "messages"):
+    for name in ("model", "messages") if counting else ("model", "max_tokens", "messages"):
         if name not in body:
             problems.append(f"{name}: Field required")
     for i, message in enumerate(body.get("messages") or []):
@@ -324,14 +328,18 @@ class FakeProvider:
         refusal = await self._refusal(request, steered)
         if refusal is not None:
             return refusal
-        if request.path.endswith(("/chat/completions", "/messages")):
-            problems = request_problems(api, body) if api == "anthropic" or self.behaviour.strict else []
+        counting = request.path.endswith("/messages/count_tokens")
+        if request.path.endswith(("/chat/completions", "/messages")) or counting:
+            strict = api == "anthropic" or self.behaviour.strict
+            problems = request_problems(api, body, counting) if strict else []
             if api == "anthropic" and not request.headers.get("anthropic-version"):
                 problems.append("anthropic-version: header required")
             if problems:
                 return self._error(400, "; ".join(problems), kind="invalid_request_error", api=api)
         model = body.get("model", "")
         tool = request.headers.get("x-fake-tool-call", "")
+        if counting:
+            return web.json_response({"input_tokens": COUNTED_TOKENS}, headers=self._headers(fault))
         if api == "anthropic":
             if body.get("stream"):
                 return await self._anthropic_stream(request, model, fault, tool)
@@ -528,7 +536,7 @@ def _gemini_chunk(model: str, parts: list[dict[str, Any]], finish: str | None, u
 def _api(request: web.Request) -> str:
     """Anthropic's Messages API on `/messages` (and its `/models` with x-api-key), Gemini's on
     `/models/<model>:generateContent` (and its `/models` with x-goog-api-key), else OpenAI's."""
-    if request.path.endswith("/messages"):
+    if request.path.endswith(("/messages", "/messages/count_tokens")):
         return "anthropic"
     if ":generateContent" in request.path or ":streamGenerateContent" in request.path:
         return "gemini"
@@ -594,6 +602,8 @@ OPENAI_ERRORS = {
     429: ("rate_limit_exceeded", "requests"),
     500: ("server_error", "server_error"),
 }
+# What the fake's count_tokens always answers.
+COUNTED_TOKENS = 42
 # The arguments of every steered tool call.
 TOOL_ARGUMENTS = '{"city": "Paris"}'
 

@@ -489,6 +489,21 @@ def test_a_gemini_primary_that_fails_is_retried_on_an_openai_backend(oai, fakes)
     assert len(fakes["epsilon"].requests()) == 1 and len(fakes["beta"].requests()) == 1
 
 
+def test_anthropic_token_counting_where_the_backend_can_answer_it(ant, fakes):
+    counted = ant.messages.count_tokens(model="claude", messages=[{"role": "user", "content": "hello"}])
+    assert counted.input_tokens == 42  # the fake Anthropic provider's own count
+    assert only(fakes["alpha"])["path"] == "/v1/messages/count_tokens"
+    # A chain whose first backend is not Anthropic's: that one is not eligible, the Anthropic
+    # member counts (the decided path), and the first is never tried.
+    counted = ant.messages.count_tokens(model="gpt-then-claude", messages=[{"role": "user", "content": "x"}])
+    assert counted.input_tokens == 42 and fakes["flaky2"].requests() == []
+    # No backend that can count: a 400 in Anthropic's shape, nothing sent upstream.
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        ant.messages.count_tokens(model="gpt", messages=[{"role": "user", "content": "hello"}])
+    assert "token counting" in caught.value.body["error"]["message"]
+    assert fakes["beta"].requests() == []
+
+
 # ------------------------------------------------------------------ same API: no translation
 
 

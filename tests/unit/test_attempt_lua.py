@@ -121,6 +121,15 @@ def test_a_messages_client_on_an_openai_backend_is_marked_for_translation_to_cha
     assert "stream_options" not in json.loads(text)
 
 
+def test_token_counting_goes_to_anthropic_backends_only():
+    hdrs, _, status, _ = Attempt(ANTHROPIC).run("/v1/messages/count_tokens", '{"model":"a"}', headers=CLAUDE_KEY)
+    assert status is None and hdrs[":path"] == "/v1/messages/count_tokens"
+    assert envoygen.TRANSLATE_HEADER not in hdrs
+    _, _, status, answer = Attempt(OPENAI).run("/v1/messages/count_tokens", '{"model":"a"}')
+    assert status == "400"
+    assert json.loads(answer)["type"] == "error" and "token counting" in json.loads(answer)["error"]["message"]
+
+
 def test_openai_only_endpoints_on_an_anthropic_backend_are_a_clean_400():
     _, _, status, answer = Attempt(ANTHROPIC).run("/v1/embeddings", '{"model":"a","input":"x"}', headers=CLAUDE_KEY)
     assert status == "400"

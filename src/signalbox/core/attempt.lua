@@ -30,7 +30,9 @@
 -- The client's API family by the path it called, and the path below a provider's base URL of
 -- each family's generation endpoint.
 local CLIENT_APIS = {["/v1/messages"] = "anthropic", ["/v1/chat/completions"] = "openai",
-                     ["/v1/responses"] = "responses"}
+                     ["/v1/responses"] = "responses", ["/v1/messages/count_tokens"] = "anthropic"}
+-- Client paths no other API family has an equivalent of: only a backend of the client's API.
+local UNTRANSLATABLE = {["/v1/messages/count_tokens"] = true}
 local API_PATHS = {openai = "/chat/completions", anthropic = "/messages"}
 
 local function refuse(handle, name, api)
@@ -171,7 +173,8 @@ function envoy_on_request(handle)
   local meta = handle:streamInfo():dynamicMetadata():get(NS) or {}
   local client = meta[CLIENT_PATH_KEY] or headers:get(":path")
   local bare, query = string.match(client, "^([^?]*)%??(.*)$")
-  local api = CLIENT_APIS[string.gsub(bare, "/$", "")]
+  local trimmed = string.gsub(bare, "/$", "")
+  local api = CLIENT_APIS[trimmed]
   local BACKEND = BACKENDS[headers:get(ATTEMPT_HEADER) or ""]
   if BACKEND == nil then
     refuse(handle, "no_backend", api) -- a config in transition: a 5xx, the chain moves on
@@ -186,7 +189,10 @@ function envoy_on_request(handle)
   end
   local rest = bare
   if string.sub(bare, 1, 4) == "/v1/" then rest = string.sub(bare, 4) end
-  if api ~= nil and api ~= BACKEND.api then
+  if api ~= nil and api ~= BACKEND.api and UNTRANSLATABLE[trimmed] then
+    refuse(handle, "only_own_api", api) -- the router phase never picks such a backend first
+    return
+  elseif api ~= nil and api ~= BACKEND.api then
     -- Another API family: the upstream-phase ext_proc translates this attempt's body (this
     -- script sets the path; the answer's headers are fixed on the way back, envoy_on_response).
     -- Gemini names the model in the path (the translation switches to the streaming method).

@@ -303,6 +303,9 @@ ATTEMPT_ERRORS = {
     "escaped_name": _error(errors.MalformedRequest("member names with escape sequences are not supported")),
     "no_model": _error(errors.MalformedRequest("request body has no 'model'")),
     "no_backend": _error(errors.RoutingUnavailable("the routing config is changing; try again")),
+    "only_own_api": _error(
+        errors.UnsupportedFeature("token counting exists in Anthropic's API only, and this backend speaks another")
+    ),
     "other_api": _error(
         errors.UnsupportedFeature("this endpoint exists in OpenAI's API only, and this backend speaks Anthropic's")
     ),

@@ -69,14 +69,16 @@ CHAT_PATH = "/v1/chat/completions"
 # streams in their own shapes.
 MESSAGES_PATH = "/v1/messages"
 RESPONSES_PATH = "/v1/responses"
+# Anthropic's token counting: answered by Anthropic backends only (nothing to translate it to).
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 # Paths whose POST bodies are routed by a policy, and the gateway's own endpoints.
-ROUTED_PATHS = (CHAT_PATH, "/v1/completions", EMBEDDINGS_PATH, MESSAGES_PATH, RESPONSES_PATH)
+ROUTED_PATHS = (CHAT_PATH, "/v1/completions", EMBEDDINGS_PATH, MESSAGES_PATH, COUNT_TOKENS_PATH, RESPONSES_PATH)
 MODELS_PATH = "/v1/models"
 FEEDBACK_PATH = "/v1/feedback"
 API_PATHS = (*ROUTED_PATHS, MODELS_PATH)
 
 
-_CLIENT_APIS = {MESSAGES_PATH: ANTHROPIC_API, RESPONSES_PATH: RESPONSES_API}
+_CLIENT_APIS = {MESSAGES_PATH: ANTHROPIC_API, COUNT_TOKENS_PATH: ANTHROPIC_API, RESPONSES_PATH: RESPONSES_API}
 
 
 def api_of_path(path: str) -> str:
