@@ -30,8 +30,8 @@ from signalbox.core.errors import (
     OPENAI_API,
     MalformedRequest,
     PayloadTooLarge,
+    RequestError,
     UnknownModel,
-    UnsupportedFeature,
     UnsupportedPath,
 )
 
@@ -180,14 +180,16 @@ def refused_apis(policy: PolicyRuntime, path: str, raw_body: bytes) -> dict[str,
     src = api_of_path(path)
     foreign = {b.provider.api for b in policy.all_backends} - {src}
     out: dict[str, str] = {}
+    bare = path.split("?", 1)[0].rstrip("/")
     for dst in sorted(foreign):
-        bare = path.split("?", 1)[0].rstrip("/")
         if bare not in _TRANSLATABLE_PATHS:
             out[dst] = f"{bare} is not available on {dst} backends"
             continue
         try:
             Translation(src, dst).request(raw_body)
-        except UnsupportedFeature as err:
+        except RequestError as err:
+            # What cannot be said in that API (or read for it) rules out its backends only: a
+            # backend of the client's own API may still take the request as it is.
             out[dst] = err.message
     return out
 

@@ -292,8 +292,10 @@ def messages_to_chat(body: dict[str, Any]) -> dict[str, Any]:
             messages.extend(_user_turn(content, f"{where}.content"))
         elif role == "assistant":
             messages.append(_assistant_turn(content, f"{where}.content"))
+        elif role == "system":  # the current SDK also takes system turns among the messages
+            messages.append({"role": "system", "content": _anthropic_text(content, f"{where}.content")})
         else:
-            raise MalformedRequest(f"'{where}.role' must be user or assistant", param=f"{where}.role")
+            raise MalformedRequest(f"'{where}.role' must be user, assistant or system", param=f"{where}.role")
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
         raise MalformedRequest("'max_tokens' is required and must be an integer", param="max_tokens")

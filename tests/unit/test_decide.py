@@ -168,3 +168,44 @@ def test_embeddings_requests_reach_only_embedding_models_and_skip_classification
     policy_pb = cfg.policies[0]
     first = next(i for i, b in enumerate(policy_pb.backends) if cfg.backends[b.backend].model == "e")
     assert [b.model for b in chain(cfg, policy_pb, first)] == ["e"]
+
+
+@pytest.fixture
+def mixed():
+    """A failover chain of an OpenAI-compatible backend, then an Anthropic one."""
+    providers = [
+        provider("vllm", "http://vllm:8000/v1", [model("llama", capabilities=["streaming", "tools"])]),
+        provider(
+            "claude",
+            "https://api.anthropic.com/v1",
+            [model("sonnet", capabilities=["streaming", "tools"])],
+            type="anthropic",
+        ),
+    ]
+    chain = policy(
+        "mixed", ["mixed"], [backend("vllm", "llama"), backend("claude", "sonnet", priority=1)], strategy="failover"
+    )
+    result = compile_config(providers, [chain])
+    assert result.ok, result.problems
+    assert not result.config.policies[0].compiled  # two API families: the prompt decides
+    return RuntimeTable.from_config(result.config, default_key_resolver())
+
+
+def test_a_backend_that_cannot_be_sent_the_request_is_not_eligible(mixed):
+    # Two answers exist in chat only: the Anthropic backend is ruled out, the chat one serves.
+    out = decide.decide(mixed, SelectionState(), "/v1/chat/completions", {}, body("mixed", n=2))
+    assert out.selection.choice.backend.provider.name == "vllm"
+    # An Anthropic body the chat translation cannot read rules out the chat backend only: the
+    # Anthropic backend takes it as it is (here: a server tool, Anthropic's alone).
+    anthropic_body = json.dumps(
+        {
+            "model": "mixed",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+        }
+    ).encode()
+    out = decide.decide(mixed, SelectionState(), "/v1/messages", {}, anthropic_body)
+    assert out.selection.choice.backend.provider.name == "claude"
+    assert json.loads(out.body)["model"] == "sonnet"
+    assert "stream_options" not in json.loads(out.body)

@@ -560,3 +560,13 @@ def test_gemini_errors_keep_their_meaning():
     assert json.loads(TO_GEMINI.answer(json.dumps(error).encode()))["error"]["type"] == "RESOURCE_EXHAUSTED"
     as_anthropic = json.loads(Translation("anthropic", "gemini").answer(json.dumps(error).encode()))
     assert as_anthropic == {"type": "error", "error": {"type": "rate_limit_error", "message": "quota"}}
+
+
+def test_system_turns_among_anthropic_messages_become_chat_system_messages():
+    body = {
+        "model": "m",
+        "max_tokens": 5,
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+    }
+    chat = json.loads(TO_OPENAI.request(json.dumps(body).encode()))
+    assert chat["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
