@@ -89,6 +89,8 @@ class Translation:
     def __init__(self, src: str, dst: str):
         self.src, self.dst = src, dst
         self.streaming = False  # set by request(): whether the client asked for a stream
+        # Set by request(): JSON output asked of an Anthropic backend (a forced tool carries it).
+        self.json_output = False
 
     def request(self, raw: bytes) -> bytes:
         """The client's request body in the backend's API; MalformedRequest or UnsupportedFeature."""
@@ -102,6 +104,7 @@ class Translation:
         else:
             chat = body
         self.streaming = chat.get("stream") is True
+        self.json_output = self.dst == ANTHROPIC_API and anthropic.wants_json(chat)
         if self.dst == ANTHROPIC_API:
             return _dump(anthropic.chat_to_messages(chat))
         if self.dst == GEMINI_API:
@@ -115,7 +118,8 @@ class Translation:
         body = _loose(raw)
         chat: Any
         if self.dst == ANTHROPIC_API:
-            chat = anthropic.message_to_chat(body) if isinstance(body, dict) and body.get("type") == "message" else None
+            is_message = isinstance(body, dict) and body.get("type") == "message"
+            chat = anthropic.message_to_chat(body, self.json_output) if is_message else None
         elif self.dst == GEMINI_API:
             chat = gemini.gemini_to_chat(body) if gemini.is_answer(body) else None
         else:
@@ -139,7 +143,7 @@ class Translation:
     def stream(self) -> StreamTranslator:
         steps: list[StreamTranslator] = []
         if self.dst == ANTHROPIC_API:
-            steps.append(anthropic.MessagesToChatStream())
+            steps.append(anthropic.MessagesToChatStream(self.json_output))
         elif self.dst == GEMINI_API:
             steps.append(gemini.GeminiToChatStream())
         if self.src == ANTHROPIC_API:

@@ -116,11 +116,7 @@ def chat_to_messages(body: dict[str, Any]) -> dict[str, Any]:
         raise UnsupportedFeature("'n' other than 1 (several answers) is not available on this backend", param="n")
     if body.get("logprobs") or body.get("top_logprobs"):
         raise UnsupportedFeature("'logprobs' is not available on this backend", param="logprobs")
-    response_format = body.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
-        raise UnsupportedFeature(
-            "'response_format' (JSON output) is not available on this backend", param="response_format"
-        )
+    json_schema = _json_output(body)
     system: list[dict[str, Any]] = []
     messages: list[dict[str, Any]] = []
     for i, message in enumerate(_list(body.get("messages"), "messages")):
@@ -167,7 +163,44 @@ def chat_to_messages(body: dict[str, Any]) -> dict[str, Any]:
     choice = _tool_choice_to_anthropic(body.get("tool_choice"), body.get("parallel_tool_calls"))
     if choice is not None:
         out["tool_choice"] = choice
+    if json_schema is not None:
+        # JSON output is a forced call of one tool whose input is the answer (message_to_chat and
+        # the stream translator turn it back into the answer's text).
+        description = "Give the answer as this tool's input: JSON matching its schema."
+        out["tools"] = [{"name": JSON_TOOL, "description": description, "input_schema": json_schema}]
+        out["tool_choice"] = {"type": "tool", "name": JSON_TOOL}
     return out
+
+
+# The tool that carries JSON output (OpenAI's `response_format`) on an Anthropic backend.
+JSON_TOOL = "json_output"
+
+
+def wants_json(body: dict[str, Any]) -> bool:
+    response_format = body.get("response_format")
+    return isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
+
+
+def _json_output(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The schema JSON output must match (`{"type": "object"}` for JSON mode), or None when
+    the request asks for text."""
+    response_format = body.get("response_format")
+    if not isinstance(response_format, dict) or response_format.get("type") in (None, "text"):
+        return None
+    if not wants_json(body):
+        raise UnsupportedFeature("this 'response_format' is not available on this backend", param="response_format")
+    if body.get("tools"):
+        raise UnsupportedFeature(
+            "'response_format' with 'tools' is not available on this backend", param="response_format"
+        )
+    if response_format["type"] == "json_object":
+        return {"type": "object"}
+    schema = _dict(response_format.get("json_schema")).get("schema")
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        raise UnsupportedFeature(
+            "JSON output on this backend needs a 'json_schema' whose type is object", param="response_format"
+        )
+    return schema
 
 
 def _plain_text(content: Any, where: str) -> str:
@@ -436,14 +469,17 @@ def _tool_to_openai(tool: Any, where: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- answers
 
 
-def message_to_chat(body: dict[str, Any]) -> dict[str, Any]:
-    """An Anthropic answer (a `message`) as an OpenAI chat completion."""
+def message_to_chat(body: dict[str, Any], json_output: bool = False) -> dict[str, Any]:
+    """An Anthropic answer (a `message`) as an OpenAI chat completion. `json_output`: the
+    request asked for JSON, which came as the JSON_TOOL call's input."""
     texts, calls = [], []
     for block in body.get("content") or []:
         if not isinstance(block, dict):
             continue
         if block.get("type") == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])
+        elif json_output and block.get("type") == "tool_use" and block.get("name") == JSON_TOOL:
+            texts = [json.dumps(block.get("input") or {}, separators=(",", ":"), ensure_ascii=False)]
         elif block.get("type") == "tool_use":
             calls.append(
                 {
@@ -468,7 +504,9 @@ def message_to_chat(body: dict[str, Any]) -> dict[str, Any]:
                 "index": 0,
                 "message": message,
                 "logprobs": None,
-                "finish_reason": _STOP_TO_FINISH.get(body.get("stop_reason") or "", "stop"),
+                "finish_reason": "stop"
+                if json_output and not calls
+                else _STOP_TO_FINISH.get(body.get("stop_reason") or "", "stop"),
             }
         ],
         "usage": _chat_usage(body.get("usage")),
@@ -598,9 +636,12 @@ def error_to_messages(body: Any) -> dict[str, Any]:
 
 
 class MessagesToChatStream:
-    """Anthropic's stream events as OpenAI chat.completion.chunk events, event by event."""
+    """Anthropic's stream events as OpenAI chat.completion.chunk events, event by event.
+    `json_output`: the request asked for JSON, which streams as the JSON_TOOL call's input."""
 
-    def __init__(self) -> None:
+    def __init__(self, json_output: bool = False) -> None:
+        self.json_output = json_output
+        self.json_block = -1  # the content block that carries the JSON answer
         self.reader = sse.Reader()
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self.model: str | None = None
@@ -638,6 +679,9 @@ class MessagesToChatStream:
             return self._chunk({"role": "assistant", "content": ""})
         if kind == "content_block_start":
             block = _dict(data.get("content_block"))
+            if self.json_output and block.get("type") == "tool_use" and block.get("name") == JSON_TOOL:
+                self.json_block = _int(data.get("index"))
+                return b""
             if block.get("type") == "tool_use":
                 index = self.tools.setdefault(_int(data.get("index")), len(self.tools))
                 call = {
@@ -654,6 +698,8 @@ class MessagesToChatStream:
             delta = _dict(data.get("delta"))
             if delta.get("type") == "text_delta":
                 return self._chunk({"content": delta.get("text") or ""})
+            if delta.get("type") == "input_json_delta" and _int(data.get("index")) == self.json_block:
+                return self._chunk({"content": delta.get("partial_json") or ""})
             if delta.get("type") == "input_json_delta":
                 tool = self.tools.get(_int(data.get("index")))
                 if tool is None:
@@ -668,6 +714,8 @@ class MessagesToChatStream:
                 self.usage.update({k: v for k, v in usage.items() if v is not None})
             delta = _dict(data.get("delta"))
             reason = delta.get("stop_reason")
+            if reason == "tool_use" and self.json_block >= 0 and not self.tools:
+                return self._chunk({}, finish="stop")  # the forced JSON tool: a plain answer
             if reason:
                 return self._chunk({}, finish=_STOP_TO_FINISH.get(reason, "stop"))
             return b""

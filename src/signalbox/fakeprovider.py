@@ -341,9 +341,12 @@ class FakeProvider:
         if counting:
             return web.json_response({"input_tokens": COUNTED_TOKENS}, headers=self._headers(fault))
         if api == "anthropic":
+            choice = body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else {}
+            forced = choice.get("type") == "tool" and isinstance(choice.get("name"), str)
+            tool = choice["name"] if forced else tool
             if body.get("stream"):
-                return await self._anthropic_stream(request, model, fault, tool)
-            return web.json_response(self._anthropic_answer(model, tool), headers=self._headers(fault))
+                return await self._anthropic_stream(request, model, fault, tool, forced)
+            return web.json_response(self._anthropic_answer(model, tool, forced), headers=self._headers(fault))
         if api == "gemini":
             problems = gemini_problems(body, request.path_qs)
             if problems:
@@ -430,10 +433,11 @@ class FakeProvider:
         await response.write_eof()
         return response
 
-    def _anthropic_answer(self, model: str, tool: str) -> dict[str, Any]:
+    def _anthropic_answer(self, model: str, tool: str, forced: bool = False) -> dict[str, Any]:
+        """`forced`: the request named the tool in tool_choice; the answer is that call alone."""
         content: list[dict[str, Any]] = [
             {"type": "text", "text": self.behaviour.content or f"[{self.ident}] answer from {model}"}
-        ]
+        ][forced:]
         if tool:
             content.append(
                 {"type": "tool_use", "id": f"toolu_{self.count}", "name": tool, "input": json.loads(TOOL_ARGUMENTS)}
@@ -481,10 +485,13 @@ class FakeProvider:
         await response.write_eof()
         return response
 
-    async def _anthropic_stream(self, request: web.Request, model: str, fault: Fault, tool: str) -> web.StreamResponse:
+    async def _anthropic_stream(
+        self, request: web.Request, model: str, fault: Fault, tool: str, forced: bool = False
+    ) -> web.StreamResponse:
         """Anthropic's event sequence: message_start, a text block of `x-fake-chunks` deltas (and
-        a tool_use block when steered), message_delta with the usage, message_stop."""
-        chunks = int(request.headers.get("x-fake-chunks", 5))
+        a tool_use block when steered; that block alone when `forced`), message_delta with the
+        usage, message_stop."""
+        chunks = 0 if forced else int(request.headers.get("x-fake-chunks", 5))
         gap = int(request.headers.get("x-fake-chunk-delay-ms", 0)) / 1000
         response = web.StreamResponse(headers={"content-type": "text/event-stream", **self._headers(fault)})
         await response.prepare(request)
@@ -497,7 +504,8 @@ class FakeProvider:
         message = {**self._anthropic_answer(model, ""), "content": [], "stop_reason": None}
         message["usage"] = {"input_tokens": 10, "output_tokens": 1}
         await send("message_start", {"message": message})
-        await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+        if not forced:
+            await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
         for i in range(chunks):
             if i == fault.after and fault.kind in ("stall", "cut"):
                 if fault.kind == "stall":
@@ -508,13 +516,18 @@ class FakeProvider:
             await send("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": f"chunk{i} "}})
             if gap:
                 await asyncio.sleep(gap)
-        await send("content_block_stop", {"index": 0})
+        if not forced:
+            await send("content_block_stop", {"index": 0})
         if tool:
+            index = 0 if forced else 1
             block = {"type": "tool_use", "id": f"toolu_{self.count}", "name": tool, "input": {}}
-            await send("content_block_start", {"index": 1, "content_block": block})
-            delta = {"type": "input_json_delta", "partial_json": TOOL_ARGUMENTS}
-            await send("content_block_delta", {"index": 1, "delta": delta})
-            await send("content_block_stop", {"index": 1})
+            await send("content_block_start", {"index": index, "content_block": block})
+            for piece in (TOOL_ARGUMENTS[:5], TOOL_ARGUMENTS[5:]):  # JSON arrives in pieces
+                await send(
+                    "content_block_delta",
+                    {"index": index, "delta": {"type": "input_json_delta", "partial_json": piece}},
+                )
+            await send("content_block_stop", {"index": index})
         stop = {"stop_reason": "tool_use" if tool else "end_turn", "stop_sequence": None}
         await send("message_delta", {"delta": stop, "usage": {"output_tokens": chunks}})
         if fault.kind != "no_done":

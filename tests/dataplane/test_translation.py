@@ -248,6 +248,34 @@ def test_openai_tools_round_trip_through_an_anthropic_backend(oai, fakes):
     assert body["messages"][2]["content"] == [{"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"}]
 
 
+PLACE = {
+    "name": "place",
+    "schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_output_from_an_anthropic_backend(oai, fakes, stream):
+    """OpenAI's `response_format` on an Anthropic backend: a forced tool carries the JSON, which
+    the client gets as the answer's text."""
+    args = {
+        "model": "claude",
+        "messages": [{"role": "user", "content": "where?"}],
+        "response_format": {"type": "json_schema", "json_schema": PLACE},
+    }
+    if stream:
+        chunks = list(oai.chat.completions.create(**args, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    else:
+        answer = oai.chat.completions.create(**args)
+        text, finish = answer.choices[0].message.content, [answer.choices[0].finish_reason]
+    assert json.loads(text) == {"city": "Paris"} and finish == ["stop"]
+    body = only(fakes["alpha"])["body"]
+    assert body["tool_choice"] == {"type": "tool", "name": "json_output"}
+    assert body["tools"][0]["input_schema"] == PLACE["schema"]
+
+
 def test_an_anthropic_backends_error_reaches_an_openai_client_in_openais_shape(oai, fakes):
     with pytest.raises(openai.RateLimitError) as caught:
         oai.chat.completions.create(

@@ -43,6 +43,7 @@ TO_ANTHROPIC, TO_OPENAI = Translation("openai", "anthropic"), Translation("anthr
 TO_CHAT_FROM_RESPONSES = Translation("responses", "openai")
 TO_ANTHROPIC_FROM_RESPONSES = Translation("responses", "anthropic")
 TO_GEMINI = Translation("openai", "gemini")
+TOOL_FOR_JSON = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 EVERY = [
     TO_ANTHROPIC,
     TO_OPENAI,
@@ -148,7 +149,7 @@ def test_a_chat_request_becomes_the_messages_the_api_reference_describes():
     [
         ({"n": 3}, "'n'"),
         ({"logprobs": True}, "'logprobs'"),
-        ({"response_format": {"type": "json_object"}}, "'response_format'"),
+        ({"response_format": {"type": "json_object"}, "tools": [TOOL_FOR_JSON]}, "'response_format' with 'tools'"),
         ({"audio": {}}, "'audio'"),
     ],
 )
@@ -570,3 +571,67 @@ def test_system_turns_among_anthropic_messages_become_chat_system_messages():
     }
     chat = json.loads(TO_OPENAI.request(json.dumps(body).encode()))
     assert chat["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+
+
+# ---------------------------------------------------------------------------- JSON output on Anthropic
+
+
+def test_json_output_on_an_anthropic_backend_is_a_forced_tool_whose_input_is_the_answer():
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "where?"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+    }
+    to = Translation("openai", "anthropic")
+    sent = json.loads(to.request(json.dumps(body).encode()))
+    assert sent["tools"] == [
+        {"name": "json_output", "description": sent["tools"][0]["description"], "input_schema": schema}
+    ]
+    assert sent["tool_choice"] == {"type": "tool", "name": "json_output"}
+    message = {
+        "type": "message",
+        "id": "m1",
+        "model": "claude",
+        "role": "assistant",
+        "stop_reason": "tool_use",
+        "content": [{"type": "tool_use", "id": "t", "name": "json_output", "input": {"city": "Paris"}}],
+        "usage": {"input_tokens": 3, "output_tokens": 4},
+    }
+    answer = json.loads(to.answer(json.dumps(message).encode()))
+    choice = answer["choices"][0]
+    assert json.loads(choice["message"]["content"]) == {"city": "Paris"}
+    assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"]
+    # Streamed: the tool's input arrives as the answer's text, in pieces.
+    events = b"".join(
+        sse.encode({"type": n, **d}, n)
+        for n, d in [
+            ("message_start", {"message": {"id": "m1", "model": "claude", "usage": {"input_tokens": 3}}}),
+            (
+                "content_block_start",
+                {"index": 0, "content_block": {"type": "tool_use", "id": "t", "name": "json_output"}},
+            ),
+            ("content_block_delta", {"index": 0, "delta": {"type": "input_json_delta", "partial_json": '{"city":'}}),
+            ("content_block_delta", {"index": 0, "delta": {"type": "input_json_delta", "partial_json": ' "Paris"}'}}),
+            ("message_delta", {"delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 4}}),
+            ("message_stop", {}),
+        ]
+    )
+    stream = to.stream()
+    chunks = _chunks(stream.feed(events) + stream.end())
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert json.loads(text) == {"city": "Paris"}
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] == [
+        "stop"
+    ]
+    assert not any(c["choices"][0]["delta"].get("tool_calls") for c in chunks if c["choices"])
+
+
+def test_json_output_needs_an_object_schema_on_an_anthropic_backend():
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "n?"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}},
+    }
+    with pytest.raises(UnsupportedFeature, match="type is object"):
+        Translation("openai", "anthropic").request(json.dumps(body).encode())
