@@ -341,7 +341,8 @@ class FakeProvider:
         if counting:
             return web.json_response({"input_tokens": COUNTED_TOKENS}, headers=self._headers(fault))
         if api == "anthropic":
-            choice = body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else {}
+            raw_choice = body.get("tool_choice")
+            choice: dict[str, Any] = raw_choice if isinstance(raw_choice, dict) else {}
             forced = choice.get("type") == "tool" and isinstance(choice.get("name"), str)
             tool = choice["name"] if forced else tool
             if body.get("stream"):
