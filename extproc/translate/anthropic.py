@@ -20,7 +20,7 @@ from typing import Any
 from signalbox.core.errors import MalformedRequest, UnsupportedFeature
 
 from . import sse
-from .fields import append_turn, chat_chunk
+from .fields import CHAT_FIELDS, append_turn, chat_chunk
 from .fields import dict_or_empty as _dict
 from .fields import int_or_zero as _int
 from .fields import require_array as _list
@@ -47,38 +47,7 @@ _STOP_TO_FINISH = {
     "pause_turn": "stop",
 }
 
-_CHAT_IGNORED = {
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "service_tier",
-    "store",
-    "metadata",
-    "reasoning_effort",
-    "stream_options",
-    "prediction",
-    "web_search_options",
-    "verbosity",
-}
-_CHAT_KNOWN = {
-    "model",
-    "messages",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "stop",
-    "stream",
-    "user",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-    "n",
-    "logprobs",
-    "top_logprobs",
-} | _CHAT_IGNORED
+_CHAT_KNOWN = CHAT_FIELDS
 _MESSAGES_IGNORED = {"top_k", "thinking", "service_tier", "container", "mcp_servers"}
 _MESSAGES_KNOWN = {
     "model",

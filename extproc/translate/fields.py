@@ -10,6 +10,43 @@ from signalbox.core.errors import MalformedRequest
 
 from . import sse
 
+# A Chat Completions request's fields: what a translation to another API understands, and the
+# hints among them it may drop (they only tune an answer, and the other API has no equivalent).
+CHAT_HINTS = frozenset(
+    {
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "service_tier",
+        "store",
+        "metadata",
+        "reasoning_effort",
+        "stream_options",
+        "prediction",
+        "web_search_options",
+        "verbosity",
+    }
+)
+CHAT_FIELDS = CHAT_HINTS | {
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "stream",
+    "user",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "n",
+    "logprobs",
+    "top_logprobs",
+}
+
 
 def dict_or_empty(value: Any) -> dict[str, Any]:
     """`value` when it is an object, else an empty one (provider output is read leniently)."""

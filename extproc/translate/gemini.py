@@ -18,39 +18,11 @@ from signalbox.core.errors import MalformedRequest, UnsupportedFeature
 
 from . import sse
 from .anthropic import error_to_chat
-from .fields import append_turn, chat_chunk
+from .fields import CHAT_FIELDS, append_turn, chat_chunk
 from .fields import dict_or_empty as _dict
 from .fields import require_str as _str
 
-_IGNORED = {
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "service_tier",
-    "store",
-    "metadata",
-    "reasoning_effort",
-    "stream_options",
-    "user",
-    "parallel_tool_calls",
-    "model",
-    "stream",
-}
-_KNOWN = {
-    "messages",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "stop",
-    "tools",
-    "tool_choice",
-    "response_format",
-    "n",
-    "logprobs",
-    "top_logprobs",
-} | _IGNORED
+_KNOWN = CHAT_FIELDS
 _FINISH = {
     "STOP": "stop",
     "MAX_TOKENS": "length",
