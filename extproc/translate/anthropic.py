@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Set
 from typing import Any
 
 from signalbox.core.errors import MalformedRequest, UnsupportedFeature
@@ -68,7 +69,7 @@ def _append_content(turns: list[dict[str, Any]], role: str, items: list[dict[str
     append_turn(turns, role, items, "content")
 
 
-def _unknown(body: dict[str, Any], known: set[str]) -> None:
+def _unknown(body: dict[str, Any], known: Set[str]) -> None:
     extra = sorted(k for k in body if k not in known)
     if extra:
         raise UnsupportedFeature(f"'{extra[0]}' cannot be translated for this backend's API", param=extra[0])
