@@ -20,7 +20,7 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from signalbox.core.envoygen.contract import ATTEMPT_LOG_NAME, COMPILED_POLICY_TAG, METADATA_NS
 
-from . import accounting, decisions
+from . import accounting, decisions, limits
 from .cooldown import Cooldowns
 from .inflight import OpenRequests
 from .ledger import SpendLedger
@@ -73,8 +73,12 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         state: SelectionState | None = None,
         open_requests: OpenRequests | None = None,
         cooldowns: Cooldowns | None = None,
+        limit_store: limits.LimitStore | None = None,
     ):
         self.tables, self.metrics, self.ledger = tables, metrics, ledger
+        # Consumer and policy limits: each entry's real usage replaces what its request held.
+        self.limit_store = limit_store
+        self._settlements: list[tuple[str, tuple[limits.Charge, ...]]] = []
         # What attempts say of their backends' limits (the attempt log).
         self.cooldowns = cooldowns
         # What a finished request teaches the strategies (learning, latency, open requests).
@@ -94,7 +98,23 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
                     handle(entry)
                 except Exception as exc:
                     log.warning("accounting: skipped an access log entry: %r", exc)
+            await self.settle()
         return als_pb2.StreamAccessLogsResponse()
+
+    async def settle(self) -> None:
+        """Charge the limit store what the entries of one message reported (awaited here: the
+        store may be Redis, and `account` is synchronous)."""
+        pending, self._settlements = self._settlements, []
+        if self.limit_store is None:
+            return
+        now = time.time()
+        for request_id, charges in pending:
+            try:
+                await self.limit_store.settle(request_id, charges, now)
+            except limits.StoreUnavailable as exc:
+                # The hold lapses at its estimate when the store is back: errs towards spent.
+                self.metrics.limit_store_errors.labels("settle", "none").inc()
+                log.warning("limit store unreachable while charging request %s: %s", request_id, exc)
 
     def attempt(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         """One attempt whose answer spoke of its backend's limits (Envoy filters the rest)."""
@@ -124,6 +144,32 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
             if cost or hold:
                 # The real cost replaces what the request held in flight (nothing, if it failed).
                 self.ledger.add(policy_id, cost, release=hold)
+            self.charge_consumer(fields, cost)
+
+    def charge_consumer(self, fields: Mapping[str, struct_pb2.Value], cost: float) -> None:
+        """Per-consumer metrics, and the settlement of what the request held against limits:
+        its real tokens (cached ones as each subject counts them) and cost."""
+        consumer = fields["consumer"].string_value if "consumer" in fields else ""
+        prompt, completion = _count(fields, "prompt_tokens"), _count(fields, "completion_tokens")
+        if consumer:
+            self.metrics.consumer_tokens.labels(consumer, "input").inc(prompt)
+            self.metrics.consumer_tokens.labels(consumer, "output").inc(completion)
+            self.metrics.consumer_cost.labels(consumer).inc(cost)
+        if "limits" not in fields or "limit_hold" not in fields:
+            return
+        # OpenAI counts cached input inside prompt_tokens; Anthropic reports cache reads apart.
+        cached, cache_read = _count(fields, "cached_tokens"), _count(fields, "cache_read_tokens")
+        counted = self._counts_cached()
+        charges = []
+        for subject in fields["limits"].string_value.split(","):
+            tokens = prompt + completion + (cache_read if counted.get(subject, True) else -cached)
+            charges.append(limits.Charge(subject, float(max(tokens, 0)), cost))
+        self._settlements.append((fields["limit_hold"].string_value, tuple(charges)))
+
+    def _counts_cached(self) -> dict[str, bool]:
+        table = self.tables.current
+        subjects = [c.limits for c in table.identities.consumers.values()] + [p.limits for p in table.policies]
+        return {s.subject: s.count_cached_tokens for s in subjects if s is not None}
 
     def learn(
         self, entry: accesslog_pb2.HTTPAccessLogEntry, policy_id: str, policy: str, class_key: str, first: str

@@ -25,11 +25,20 @@ from .decisions import DecisionSigner
 from .inflight import OpenRequests
 from .learning import SharedLearning
 from .ledger import SpendLedger
+from .limits import EmbeddedLimits, LimitStore
 from .metrics import Metrics
 from .reload import TableHolder
 from .runtime import default_key_resolver
 from .server import Processor, serve
-from .sharedstate import COOLDOWN_DB, DECISION_KEY, DEFAULT_EXTPROC_SOCKET, LEARNING_DB, OPEN_DB, SPEND_DB
+from .sharedstate import (
+    COOLDOWN_DB,
+    DECISION_KEY,
+    DEFAULT_EXTPROC_SOCKET,
+    LEARNING_DB,
+    LIMITS_DB,
+    OPEN_DB,
+    SPEND_DB,
+)
 from .strategies import SelectionState
 
 log = logging.getLogger("signalbox.extproc")
@@ -92,6 +101,18 @@ def listen_address(args: argparse.Namespace) -> str:
     return f"unix:{path}"
 
 
+def limit_store_of(args: argparse.Namespace) -> LimitStore:
+    """Redis when one is named (every replica shares the counters), else SQLite in the state
+    directory (this replica's workers share them)."""
+    url = getattr(args, "redis_url", "")
+    if url:
+        from .redislimits import RedisLimits  # redis.asyncio only where it is used
+
+        return RedisLimits(url, password=os.environ.get("SIGNALBOX_REDIS_PASSWORD"))
+    state_dir = getattr(args, "state_dir", None)
+    return EmbeddedLimits(Path(state_dir) / LIMITS_DB if state_dir else None)
+
+
 def decision_signer(args: argparse.Namespace) -> DecisionSigner:
     """The key every worker (and, through a Secret, every replica) signs decision tokens with."""
     key_file = getattr(args, "decision_key_file", None)
@@ -117,6 +138,7 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     cooldowns = Cooldowns(Path(state_dir) / COOLDOWN_DB if state_dir else None)
     accounting = not getattr(args, "no_accounting", False)
     signer = decision_signer(args)
+    limit_store = limit_store_of(args)
     processor = Processor(
         tables,
         SelectionState(shared=learning, cooldowns=cooldowns),
@@ -126,6 +148,7 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
         accounting=accounting,
         signer=signer,
         open_requests=open_requests,
+        limit_store=limit_store,
     )
     server, _ = await serve(tables, address, args.max_body_bytes, processor=processor)
     health_server = (await health_only_server(args.health_address, tables))[0] if args.health_address else None
@@ -168,6 +191,7 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
         await admin_runner.cleanup()
     await processor.llm.close()
     ledger.close()
+    limit_store.close()
     if learning is not None:
         learning.close()
     for task in tasks:

@@ -72,6 +72,38 @@ class Metrics:
             registry=r,
         )
         self.feedback = Counter("signalbox_feedback", "Quality feedback received.", ["policy"], registry=r)
+        # Consumers: the label is a declared consumer's id ("namespace/name") or "anonymous",
+        # so its values are bounded by the config, never by what callers send.
+        self.consumer_requests = Counter(
+            "signalbox_consumer_requests",
+            "Requests by consumer and outcome: routed, unauthenticated (401), forbidden (403), "
+            "limited (429, any limit) or limits_unavailable (503).",
+            ["consumer", "outcome"],
+            registry=r,
+        )
+        self.limit_refusals = Counter(
+            "signalbox_limit_refusals",
+            "Requests refused by a limit, by whose limit (consumer:<id> or policy:<id>) and which "
+            "(requests_per_minute, tokens_per_minute, max_concurrent, budget_hour/day/month).",
+            ["subject", "limit"],
+            registry=r,
+        )
+        self.consumer_tokens = Counter(
+            "signalbox_consumer_tokens",
+            "Tokens providers reported for each consumer's requests (input, output).",
+            ["consumer", "kind"],
+            registry=r,
+        )
+        self.consumer_cost = Counter(
+            "signalbox_consumer_cost_usd", "USD spent by each consumer's requests.", ["consumer"], registry=r
+        )
+        self.limit_store_errors = Counter(
+            "signalbox_limit_store_errors",
+            "Calls to the limit store (Redis) that failed, by operation (admit, settle) and what the "
+            "request got (allowed: failed open; refused: failed closed, 503; none: after the answer).",
+            ["operation", "outcome"],
+            registry=r,
+        )
         self.config_generation = Gauge(
             "signalbox_config_generation", "Routing config generation in force.", registry=r, multiprocess_mode="max"
         )

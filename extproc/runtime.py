@@ -20,6 +20,8 @@ from signalbox.core.secrets import SecretValue
 
 from . import default_routes
 from .classify import CompiledRule, compile_rules
+from .identity import Identities, subject_limits
+from .limits import SubjectLimits
 from .semantic import SemanticRouter
 
 KeyResolver = Callable[[pb.Auth], SecretValue | None]
@@ -134,6 +136,10 @@ class PolicyRuntime:
     # How long a request of this policy may stay open (its timeout plus slack): an open
     # request whose access log entry never comes stops counting after this (inflight.py).
     open_seconds: float = 330.0
+    # Consumers declared: serve callers without a valid key or token anyway.
+    allow_anonymous: bool = False
+    # Limits of the whole policy (every caller), admitted with the consumer's (limits.py).
+    limits: SubjectLimits | None = None
 
     def matches(self, path: str, headers: dict[str, str]) -> bool:
         if self.path_prefixes and not path.startswith(self.path_prefixes):
@@ -149,6 +155,7 @@ class RuntimeTable:
     by_alias: dict[str, tuple[PolicyRuntime, ...]]
     backends: dict[str, BackendRuntime]
     policies: tuple[PolicyRuntime, ...] = field(default=())
+    identities: Identities = field(default_factory=Identities.empty)
 
     @property
     def aliases(self) -> list[str]:
@@ -222,6 +229,7 @@ class RuntimeTable:
             by_alias=ordered,
             backends={b.id: b for b in backends},
             policies=policies,
+            identities=Identities.from_config(cfg),
         )
 
 
@@ -270,6 +278,8 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
         ),
         learning=p.learning,
         compiled=p.compiled,
+        allow_anonymous=p.allow_anonymous,
+        limits=subject_limits(f"policy:{p.id}", f"policy {p.name}", p.limits) if p.HasField("limits") else None,
         open_seconds=p.timeout_ms / 1000 + HOLD_SLACK_SECONDS,
         learning_exploration_rate=p.learning_exploration_rate,
         learning_prior_weight=p.learning_prior_weight,

@@ -24,10 +24,11 @@ from signalbox.core import budget
 from signalbox.core.envoygen.contract import BODY_MODEL_KEY, EMPTY_BODY, api_of_path
 from signalbox.core.errors import InternalError, MalformedRequest, RequestError
 
-from . import decide, strategies, upstream, wire
+from . import accounting, decide, identity, limits, strategies, upstream, wire
 from .accesslog import AccessLogSink
 from .classify import Classification
 from .decisions import DecisionSigner
+from .identity import ConsumerRuntime
 from .inflight import OpenRequests
 from .ledger import SpendLedger
 from .llm_tier import LlmClassifier
@@ -61,6 +62,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         accounting: bool = True,
         signer: DecisionSigner | None = None,
         open_requests: OpenRequests | None = None,
+        limit_store: limits.LimitStore | None = None,
     ):
         self.tables = tables
         self.state = state or SelectionState()
@@ -75,12 +77,28 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.signer = signer or DecisionSigner()
         # Requests open per backend (least-busy), shared by the workers when it is a file.
         self.open = open_requests or OpenRequests()
+        # Consumer and policy limits: SQLite shared by the workers, or Redis shared by replicas.
+        self.limits: limits.LimitStore = limit_store or limits.EmbeddedLimits()
         self.metrics.watch_budgets(self.budget_windows)
 
     def count_open(self, policy: PolicyRuntime, now: float) -> None:
         """What `least-busy` reads: the requests open per backend, across every worker."""
         if policy.strategy == "least-busy":
             self.state.in_flight = defaultdict(int, self.open.counts(now))
+
+    def combined_budget(
+        self, policy: PolicyRuntime, consumer: ConsumerRuntime | None, admitted: limits.Admitted, now: float
+    ) -> budget.BudgetStatus | None:
+        """What the decision sees of budgets: the policy's, or the consumer's when that one is
+        further spent (either past its downgrade point makes the choice cheaper)."""
+        own = self.budget_status(policy, now)
+        if consumer is None or consumer.limits is None or consumer.limits.subject not in admitted.budgets:
+            return own
+        spent, held = admitted.budgets[consumer.limits.subject]
+        theirs = limits.budget_status(consumer.limits, spent, held, now)
+        if own is None or not theirs.windows:
+            return own if not theirs.windows else theirs
+        return theirs if theirs.binding.fraction > own.binding.fraction else own
 
     def budget_status(self, policy: PolicyRuntime, now: float) -> budget.BudgetStatus | None:
         if policy.budget is None:
@@ -104,6 +122,60 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         if refused is not None:
             budget.refuse_if_exhausted(policy.name, refused, now)
         return hold_id
+
+    async def admit(
+        self, prepared: decide.Prepared, consumer: ConsumerRuntime | None, request_id: str, now: float
+    ) -> tuple[limits.Admitted, tuple[limits.SubjectLimits, ...]]:
+        """Admit the request against its consumer's and its policy's limits (one atomic check
+        and hold in the limit store); raises the 429 (or the 503 of a limit that fails closed).
+
+        The hold is the request's token estimate and its cost on the policy's dearest eligible
+        backend (decided before the backend is: a budget errs towards spent); the access log
+        entry replaces it with the real usage.
+        """
+        policy = prepared.policy
+        subjects = tuple(s for s in (consumer.limits if consumer else None, policy.limits) if s is not None)
+        if not subjects or not self.accounting:
+            return limits.Admitted(), ()
+        usage = accounting.expected_usage(prepared.features.estimated_tokens, prepared.features.max_output_tokens)
+        usd = max((strategies.expected_cost_usd(prepared.features, c.backend) for c in policy.choices), default=0.0)
+        admission = limits.Admission(
+            request_id,
+            subjects,
+            float(usage.prompt_tokens + usage.completion_tokens),
+            usd,
+            now,
+            now + policy.open_seconds,
+        )
+        label = consumer.id if consumer else identity.ANONYMOUS
+        try:
+            result = await self.limits.admit(admission)
+        except limits.StoreUnavailable as exc:
+            log.warning("limit store unreachable while admitting request %s: %s", request_id, exc)
+            try:
+                admitted = limits.unavailable(subjects, now)
+            except RequestError:
+                self.metrics.limit_store_errors.labels("admit", "refused").inc()
+                self.metrics.consumer_requests.labels(label, "limits_unavailable").inc()
+                raise
+            self.metrics.limit_store_errors.labels("admit", "allowed").inc()
+            return admitted, ()
+        if isinstance(result, limits.Refusal):
+            self.metrics.limit_refusals.labels(result.subject.subject, result.limit).inc()
+            self.metrics.consumer_requests.labels(label, "limited").inc()
+            limits.refuse(result)
+        assert isinstance(result, limits.Admitted)
+        return result, subjects
+
+    async def release(self, request_id: str, subjects: tuple[limits.SubjectLimits, ...]) -> None:
+        """Give back what a request held when it is refused after admission (no access log
+        entry will carry usage for it)."""
+        if not subjects:
+            return
+        try:
+            await self.limits.settle(request_id, tuple(limits.Charge(s.subject, 0, 0) for s in subjects), time.time())
+        except limits.StoreUnavailable:
+            self.metrics.limit_store_errors.labels("settle", "none").inc()
 
     def budget_windows(self) -> list[tuple[PolicyRuntime, budget.BudgetStatus]]:
         now = time.time()
@@ -194,13 +266,31 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 yield wire.immediate(200, json.dumps(recorded).encode())
                 return
             decided = time.perf_counter()  # parse, classify (all tiers), select
+            now = time.time()
+            consumer = table.identities.identify(headers, wire.jwt_payload(request), now)
+            consumer_label = consumer.id if consumer else identity.ANONYMOUS
             prepared = decide.prepare(table, path, headers, raw, client_address(headers), self.max_body_bytes)
             policy = prepared.policy
-            now = time.time()
-            self.count_open(policy, now)
-            outcome = decide.finish(
-                prepared, state, await self.reclassify(prepared), budget=self.budget_status(policy, now), now=now
-            )
+            try:
+                identity.authorize(table.identities, consumer, policy, str(prepared.body["model"]), headers)
+            except RequestError as err:
+                outcome_name = "unauthenticated" if err.status == 401 else "forbidden"
+                self.metrics.consumer_requests.labels(consumer_label, outcome_name).inc()
+                raise
+            request_id = headers.get("x-request-id") or uuid.uuid4().hex
+            admitted, held = await self.admit(prepared, consumer, request_id, now)
+            try:
+                self.count_open(policy, now)
+                outcome = decide.finish(
+                    prepared,
+                    state,
+                    await self.reclassify(prepared),
+                    budget=self.combined_budget(policy, consumer, admitted, now),
+                    now=now,
+                )
+            except BaseException:
+                await self.release(request_id, held)
+                raise
             metadata = {
                 "target": outcome.target,
                 "policy": policy.name,
@@ -213,7 +303,19 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 # attempt.lua leaves the body alone on an attempt to this model's backend.
                 BODY_MODEL_KEY: outcome.selection.choice.backend.upstream_model,
             }
-            if hold_id := self.hold(prepared, outcome.selection.choice.backend, now):
+            if table.identities.enabled:
+                metadata["consumer"] = consumer_label
+                self.metrics.consumer_requests.labels(consumer_label, "routed").inc()
+            if held:
+                # The access log entry charges these subjects the real usage (accesslog.py).
+                metadata["limits"] = ",".join(s.subject for s in held)
+                metadata["limit_hold"] = request_id
+            try:
+                hold_id = self.hold(prepared, outcome.selection.choice.backend, now)
+            except BaseException:
+                await self.release(request_id, held)
+                raise
+            if hold_id:
                 metadata["hold"] = hold_id
             self.metrics.phase_seconds.labels("router").observe(time.perf_counter() - decided)
             self.count(outcome)
@@ -251,7 +353,13 @@ async def serve(
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
         AccessLogSink(
-            tables, processor.metrics, processor.ledger, processor.state, processor.open, processor.state.cooldowns
+            tables,
+            processor.metrics,
+            processor.ledger,
+            processor.state,
+            processor.open,
+            processor.state.cooldowns,
+            processor.limits,
         ),
         server,
     )

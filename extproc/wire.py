@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import json_format
 
+from signalbox.core.envoygen.contract import JWT_NAMESPACE, JWT_PAYLOAD_KEY
 from signalbox.core.errors import RequestError
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -51,6 +54,18 @@ def attribute_headers(request: ep.ProcessingRequest) -> dict[str, str]:
             elif (header := _HEADER_ATTRIBUTE.match(name)) and text:
                 out[header.group(1)] = text
     return out
+
+
+def jwt_payload(request: ep.ProcessingRequest) -> dict[str, Any] | None:
+    """The payload of a JWT Envoy's jwt_authn verified for this request (forwarded metadata),
+    or None: no token, or one that failed (jwt_authn lets those through for the key check)."""
+    meta = request.metadata_context.filter_metadata
+    if JWT_NAMESPACE not in meta:
+        return None
+    payload = meta[JWT_NAMESPACE].fields.get(JWT_PAYLOAD_KEY)
+    if payload is None or not payload.HasField("struct_value"):
+        return None
+    return json_format.MessageToDict(payload.struct_value)
 
 
 def mutation(set_headers: Iterable[tuple[str, str]], remove: Iterable[str] = ()) -> ep.HeaderMutation:

@@ -80,6 +80,7 @@ def local_gateway(args: argparse.Namespace):
         max_body_bytes=args.max_body_bytes,
         accounting=not args.no_accounting,
         request_log=not args.no_request_log,
+        redis_url=args.redis_url,
     )
 
 
@@ -439,6 +440,12 @@ def _extproc_arguments(parser: argparse.ArgumentParser) -> None:
         help="key that signs x-signalbox-decision tokens, shared by every worker and replica "
         "(default: <state-dir>/decision.key, made on first start; without a state dir a random key per process)",
     )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("SIGNALBOX_REDIS_URL", ""),
+        help="limit store shared by every replica (redis:// or rediss:// for TLS; password from "
+        "$SIGNALBOX_REDIS_PASSWORD); default $SIGNALBOX_REDIS_URL, else per replica in --state-dir",
+    )
     parser.add_argument("--log-level", default="info")
 
 
@@ -485,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="when the ext_proc is unreachable: closed answers 503 (default), open forwards",
     )
     up.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    up.add_argument(
+        "--redis-url",
+        default=os.environ.get("SIGNALBOX_REDIS_URL", ""),
+        help="Redis holding consumer and policy limit counters (default: embedded, this gateway only)",
+    )
     up.add_argument("--no-accounting", action="store_true", help="do not count tokens and cost (faster)")
     up.add_argument("--no-request-log", action="store_true", help="do not write <workdir>/requests.log")
     up.set_defaults(func=cmd_up)

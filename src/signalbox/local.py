@@ -20,9 +20,10 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -31,7 +32,8 @@ from signalbox import gatewayfiles
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core import envoygen, loader
 from signalbox.core.compiler import CompileResult, compile_config
-from signalbox.core.errors import SignalboxError
+from signalbox.core.errors import Problem, SignalboxError
+from signalbox.core.keys import key_hash
 from signalbox.core.secrets import SecretValue
 from signalbox.extproc.cooldown import Cooldowns
 from signalbox.extproc.inflight import OpenRequests
@@ -71,9 +73,44 @@ def envoy_binary() -> str:
     return found
 
 
-def compile_files(paths: Sequence[str | Path], generation: int = 1) -> CompileResult:
+def compile_files(
+    paths: Sequence[str | Path], generation: int = 1, env: Mapping[str, str] | None = None
+) -> CompileResult:
     docs = loader.load(list(paths))
-    return compile_config(docs.providers, docs.policies, generation=generation)
+    hashes, problems = local_key_hashes(docs.consumers, {**os.environ, **(env or {})})
+    result = compile_config(
+        docs.providers, docs.policies, generation=generation, consumers=docs.consumers, key_hashes=hashes
+    )
+    return CompileResult(None, problems + result.problems) if problems else result
+
+
+def local_key_hashes(
+    consumers: Sequence[Mapping[str, Any]], env: Mapping[str, str]
+) -> tuple[dict[str, list[tuple[str, int]]], list[Problem]]:
+    """Hashes of the consumers' keys named by `spec.apiKey.env` / `.file` (local runs: no
+    operator writes Secrets). A key that cannot be read is a problem, not a consumer who can
+    never get in; the key itself goes no further than its hash."""
+    hashes: dict[str, list[tuple[str, int]]] = {}
+    problems: list[Problem] = []
+    for obj in consumers:
+        meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+        api_key = spec.get("apiKey") if isinstance(spec, dict) else None
+        if not isinstance(api_key, dict) or not (api_key.get("env") or api_key.get("file")):
+            continue
+        name, namespace = str(meta.get("name", "?")), str(meta.get("namespace") or "default")
+        if api_key.get("env"):
+            where, value = f"environment variable {api_key['env']}", env.get(str(api_key["env"]), "")
+        else:
+            where = f"file {api_key['file']}"
+            try:
+                value = Path(str(api_key["file"])).read_text()
+            except OSError:
+                value = ""
+        if not value.strip():
+            problems.append(Problem("Consumer", name, "spec.apiKey", f"{where} holds no key", namespace, "RefNotFound"))
+            continue
+        hashes[f"{namespace}/{name}"] = [(key_hash(value), 0)]
+    return hashes, problems
 
 
 @dataclass
@@ -96,6 +133,8 @@ class LocalGateway:
     # Admin HTTP API of ext_proc worker 0 (0: a free port). Metrics, budget spend and learning
     # cover all workers.
     admin_api_port: int = 0
+    # Consumer and policy limits in this Redis (shared with other gateways); "": embedded.
+    redis_url: str = ""
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     # Restarts of each ext_proc worker by the supervisor.
     restarts: dict[str, int] = field(default_factory=dict)
@@ -134,6 +173,8 @@ class LocalGateway:
         argv += ["--state-dir", str(self.workdir / gatewayfiles.STATE_DIR), "--log-level", self.log_level]
         if not self.accounting:
             argv.append("--no-accounting")  # Envoy reports no usage: hold no budget
+        if self.redis_url:
+            argv += ["--redis-url", self.redis_url]
         if n == 0:
             # A restart binds the port the first start reported, so the printed URL stays right.
             argv += [
@@ -168,7 +209,7 @@ class LocalGateway:
         return f"http://127.0.0.1:{self.admin_api_port}"
 
     def compile(self) -> CompileResult:
-        return compile_files(self.paths, self.generation + 1)
+        return compile_files(self.paths, self.generation + 1, self.env)
 
     def apply(self) -> CompileResult:
         """Compile the inputs; publish only a valid result that differs from the one in force

@@ -241,6 +241,12 @@ def test_accounting_reads_usage_in_envoy_and_reports_it_through_the_access_log_o
         (["message", "usage", "input_tokens"], "prompt_tokens"),
         (["response", "usage", "input_tokens"], "prompt_tokens"),  # Responses' stream
         (["response", "usage", "output_tokens"], "completion_tokens"),
+        # Cached input (token limits that leave it out, or count Anthropic's in).
+        (["usage", "prompt_tokens_details", "cached_tokens"], "cached_tokens"),
+        (["usage", "input_tokens_details", "cached_tokens"], "cached_tokens"),
+        (["response", "usage", "input_tokens_details", "cached_tokens"], "cached_tokens"),
+        (["usage", "cache_read_input_tokens"], "cache_read_tokens"),
+        (["message", "usage", "cache_read_input_tokens"], "cache_read_tokens"),
     ]
     (access_log,) = on["access_log"]
     common = access_log["typed_config"]["common_config"]

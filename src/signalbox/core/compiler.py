@@ -22,8 +22,9 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.envoygen.contract import BACKEND_PREFIX, TARGET_PREFIX
 from signalbox.core.schema import SCHEMA_VERSION, provider_api
 
+from .consumers import KeyHashes, add_consumers, rate_limits
 from .errors import Problem
-from .models import AIProvider, OnExhausted, ProviderType, RoutingPolicy, Strategy
+from .models import AIProvider, Consumer, OnExhausted, ProviderType, RoutingPolicy, Strategy
 from .rules import RuleError, rule_matcher
 
 _PROVIDER_TYPES = {
@@ -57,7 +58,9 @@ def _path(loc: Iterable[int | str]) -> str:
     return out or "$"
 
 
-def _parse(cls: type[AIProvider] | type[RoutingPolicy], obj: Mapping[str, Any], problems: list[Problem]):
+def _parse(
+    cls: type[AIProvider] | type[RoutingPolicy] | type[Consumer], obj: Mapping[str, Any], problems: list[Problem]
+):
     meta = obj.get("metadata") or {}
     name, namespace = str(meta.get("name", "?")), str(meta.get("namespace") or "default")
     try:
@@ -80,15 +83,19 @@ def compile_config(
     policies: Iterable[Mapping[str, Any]],
     secrets_present: set[tuple[str, str, str]] | None = None,
     generation: int = 0,
+    consumers: Iterable[Mapping[str, Any]] = (),
+    key_hashes: KeyHashes | None = None,
 ) -> CompileResult:
-    """Compile every provider and policy into one RoutingConfig.
+    """Compile every provider, policy and consumer into one RoutingConfig.
 
     `secrets_present` is the set of (namespace, secret, key) that exist; None skips that check
     (local runs without a cluster). Provider health comes from each object's `status.health`.
+    `key_hashes`: each consumer's API key hashes, resolved by the caller (`core.consumers`).
     """
     problems: list[Problem] = []
     parsed_providers = [p for p in (_parse(AIProvider, o, problems) for o in providers) if p]
     parsed_policies = [p for p in (_parse(RoutingPolicy, o, problems) for o in policies) if p]
+    parsed_consumers = [c for c in (_parse(Consumer, o, problems) for o in consumers) if c]
     parsed_providers.sort(key=lambda p: p.key)
     parsed_policies.sort(key=lambda p: p.key)
 
@@ -102,6 +109,7 @@ def compile_config(
     seen_matches: dict[tuple, str] = {}
     for pol in parsed_policies:
         _add_policy(cfg, pol, backend_index, provider_models, seen_matches, problems)
+    add_consumers(cfg, parsed_consumers, key_hashes or {}, problems)
 
     if problems:
         return CompileResult(None, problems)
@@ -265,7 +273,10 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
         learning_exploration_rate=spec.learning.exploration_rate,
         learning_prior_weight=spec.learning.prior_weight,
         quality_tolerance=-1.0 if spec.cost.quality_tolerance is None else spec.cost.quality_tolerance,
+        allow_anonymous=spec.allow_anonymous,
     )
+    if spec.limits is not None:
+        out.limits.CopyFrom(rate_limits(spec.limits))
     if spec.budget is not None:
         out.budget.CopyFrom(
             pb.Budget(
@@ -388,12 +399,17 @@ def compilable(
     """Whether Envoy can route this policy alone, with the same outcome the ext_proc would give.
 
     Not when the choice reads the prompt or state only the ext_proc has (cost, classified,
-    latency, least-busy, hash; a budget; learning; the LLM tier), when the policy is picked by
+    latency, least-busy, hash; a budget or limits; learning; the LLM tier; any consumer
+    declared), when the policy is picked by
     headers or paths as well as its alias (or shares an alias), or when its healthy backends
     differ in capabilities, context window or API family: then the prompt decides which are
     eligible (what one API family cannot express, another may).
     """
     if policy.strategy not in COMPILED_STRATEGIES or policy.learning or policy.HasField("budget"):
+        return False
+    if cfg.consumers or policy.HasField("limits"):
+        # Who calls, and how much they have used, is checked by the ext_proc: a presented key
+        # is compared by its hash and counters live in the limit store (docs/design-notes.md).
         return False
     if policy.headers or policy.path_prefixes or policy.llm_backend:
         return False

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from .models import GROUP, VERSION, AIProviderSpec, RoutingPolicySpec
+from .models import GROUP, VERSION, AIProviderSpec, ConsumerSpec, RoutingPolicySpec
 
 _CONDITIONS = {
     "type": "array",
@@ -167,6 +167,35 @@ def structural(schema: dict[str, Any]) -> dict[str, Any]:
     return convert(schema)
 
 
+_CONSUMER_STATUS = {
+    "type": "object",
+    "description": "Written by the Signalbox operator.",
+    "properties": {
+        "observedGeneration": {"type": "integer", "description": "metadata.generation last processed."},
+        "conditions": _CONDITIONS,
+        "keySecret": {"type": "string", "description": "Secret holding the consumer's gateway API key (`api-key`)."},
+        "keyRotation": {"type": "string", "description": "spec.apiKey.rotation the key in force was made for."},
+        "previousKeyExpires": {
+            "type": "string",
+            "format": "date-time",
+            "description": "When the rotated-out key (`previous-api-key`) stops working.",
+        },
+        "spend": {
+            "type": "object",
+            "description": "Spend against spec.limits.budget, as the limit store last said (refreshed every few "
+            "seconds; the gateways enforce the limits themselves).",
+            "properties": {
+                "window": {"type": "string", "description": "The window closest to its limit (hour, day, month)."},
+                "spentUsd": {"type": "number", "description": "Spent in that window, every replica."},
+                "limitUsd": {"type": "number", "description": "Its limit."},
+                "remainingUsd": {"type": "number", "description": "What is left of it."},
+                "resetsAt": {"type": "string", "format": "date-time", "description": "When it resets."},
+            },
+        },
+    },
+}
+
+
 def crd(
     kind: str, plural: str, short: str, spec_model: type[BaseModel], status: dict, columns: list[dict]
 ) -> dict[str, Any]:
@@ -244,6 +273,20 @@ def definitions() -> dict[str, dict[str, Any]]:
                 {"name": "Accepted", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Accepted")].status'},
                 {"name": "Backends", "type": "integer", "jsonPath": ".status.backends"},
                 {"name": "Budget", "type": "string", "jsonPath": ".status.budget.state"},
+            ],
+        ),
+        "consumers.yaml": crd(
+            "Consumer",
+            "consumers",
+            "sbc",
+            ConsumerSpec,
+            _CONSUMER_STATUS,
+            [
+                {"name": "Team", "type": "string", "jsonPath": ".spec.team"},
+                {"name": "Accepted", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Accepted")].status'},
+                {"name": "Key", "type": "string", "jsonPath": ".status.keySecret"},
+                {"name": "Spent", "type": "number", "jsonPath": ".status.spend.spentUsd", "description": "USD"},
+                {"name": "Remaining", "type": "number", "jsonPath": ".status.spend.remainingUsd", "description": "USD"},
             ],
         ),
         "kopfpeerings.yaml": kopf_peering("KopfPeering", "kopfpeerings", "Namespaced"),

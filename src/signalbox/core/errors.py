@@ -112,6 +112,35 @@ class Forbidden(RequestError):
     status, error_type, code = 403, "permission_error", "forbidden"
 
 
+class Unauthenticated(RequestError):
+    """Consumers are declared and the caller presented no valid key or token for a policy that
+    does not serve anonymous callers (OpenAI's wording and code for a bad key)."""
+
+    status, error_type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class ModelNotAllowed(Forbidden):
+    """A known consumer asked for an alias it was not given."""
+
+    code = "model_not_allowed"
+
+
+class LimitExceeded(RequestError):
+    """A consumer's or policy's requests per minute or concurrency limit (OpenAI's 429 shape)."""
+
+    status, error_type, code = 429, "requests", "rate_limit_exceeded"
+
+
+class TokenLimitExceeded(LimitExceeded):
+    error_type = "tokens"
+
+
+class LimitsUnavailable(RequestError):
+    """The limit store (Redis) cannot be reached and a limit is configured to fail closed."""
+
+    status, error_type, code = 503, "server_error", "limits_unavailable"
+
+
 class NoHealthyBackend(RequestError):
     status, error_type, code = 503, "server_error", "no_healthy_backend"
 

@@ -21,6 +21,7 @@ class Documents:
 
     providers: list[dict[str, Any]] = field(default_factory=list)
     policies: list[dict[str, Any]] = field(default_factory=list)
+    consumers: list[dict[str, Any]] = field(default_factory=list)
 
 
 # libyaml's safe loader when PyYAML was built with it: the same documents, several times
@@ -43,7 +44,7 @@ def yaml_files(paths: list[str | Path]) -> list[Path]:
 
 
 def load(paths: list[str | Path]) -> Documents:
-    """Collect AIProvider and RoutingPolicy objects; other kinds (Secrets, Deployments) are skipped.
+    """Collect AIProvider, RoutingPolicy and Consumer objects; other kinds (Secrets, Deployments) are skipped.
 
     Raises ConfigError listing every unreadable file or document at once.
     """
@@ -70,7 +71,9 @@ def load(paths: list[str | Path]) -> Documents:
                     Problem(str(kind), name, "apiVersion", f"must be {API_VERSION}, got {item.get('apiVersion')!r}")
                 )
                 continue
-            (docs.providers if kind == "AIProvider" else docs.policies).append(item)
+            {"AIProvider": docs.providers, "RoutingPolicy": docs.policies, "Consumer": docs.consumers}[kind].append(
+                item
+            )
     if problems:
         raise ConfigError(problems)
     return docs

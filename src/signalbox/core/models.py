@@ -574,6 +574,14 @@ class RoutingPolicySpec(Spec):
         description="Strategy classified: first row matching the request's class wins; "
         "requests matching none use all backends.",
     )
+    allow_anonymous: bool = Field(
+        False,
+        description="Once any Consumer exists, callers without a valid key or token get 401; this policy "
+        "serves them anyway. (With no Consumer declared every caller is anonymous and served.)",
+    )
+    limits: RateLimits | None = Field(
+        None, description="Limits of the whole policy, every caller together (each Consumer has its own too)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RoutingPolicySpec:
@@ -588,6 +596,161 @@ class RoutingPolicySpec(Spec):
         unknown = sorted({k for r in self.routes for k in r.backends if k not in keys})
         if unknown:
             raise ValueError(f"routes name backends not in spec.backends: {', '.join(unknown)}")
+        return self
+
+
+# --------------------------------------------------------------------------- limits (shared)
+
+
+class StoreUnavailable(StrEnum):
+    """What a limit does while the shared store (Redis) cannot be reached."""
+
+    ALLOW = "allow"
+    REFUSE = "refuse"
+
+
+class RateLimits(Spec):
+    """Request, token and concurrency limits, counted over every gateway replica that shares
+    the limit store (Redis; without one, per replica). Windows are calendar minutes (UTC)."""
+
+    requests_per_minute: int | None = Field(None, ge=1, description="Requests admitted per calendar minute (UTC).")
+    tokens_per_minute: int | None = Field(
+        None,
+        ge=1,
+        description="Input plus output tokens per calendar minute (UTC), as providers report them. A request "
+        "in flight holds its estimate (prompt estimate plus max_tokens) until its real usage replaces it.",
+    )
+    max_concurrent: int | None = Field(None, ge=1, description="Requests in flight at once.")
+    count_cached_tokens: bool = Field(
+        True, description="Whether input tokens served from the provider's prompt cache count towards tokensPerMinute."
+    )
+    when_store_unavailable: StoreUnavailable = Field(
+        StoreUnavailable.ALLOW,
+        description="While the limit store cannot be reached: `allow` admits requests uncounted (fail open), "
+        "`refuse` answers 503 limits_unavailable (fail closed). Counted in signalbox_limit_store_errors_total.",
+    )
+
+
+# --------------------------------------------------------------------------- Consumer
+
+
+class ConsumerApiKey(Spec):
+    """Gateway API keys. In a cluster the operator generates the key into a Secret; locally
+    `signalbox up` reads it from an environment variable or a file. Only its SHA-256 reaches
+    the gateway's config."""
+
+    model_config = cel(("!(has(self.env) && has(self.file))", "set at most one of env, file"))
+
+    secret_name: str | None = Field(
+        None,
+        description="Secret (same namespace) the operator writes the key to, under `api-key` (and the key "
+        "being rotated out under `previous-api-key`). Default: `<consumer>-api-key`.",
+    )
+    env: str | None = Field(None, description="Environment variable holding the key (local runs).")
+    file: str | None = Field(None, description="File whose content is the key (local runs).")
+    rotation: str = Field(
+        "",
+        max_length=63,
+        description="Change this value to rotate: the operator writes a new key, and the old one keeps "
+        "working for gracePeriodSeconds so clients can switch without downtime.",
+    )
+    grace_period_seconds: int = Field(
+        3600, ge=0, description="How long a rotated-out key stays valid (0: revoked at once)."
+    )
+
+    @model_validator(mode="after")
+    def _one_local_source(self) -> ConsumerApiKey:
+        if self.env and self.file:
+            raise ValueError("set at most one of env, file")
+        return self
+
+
+class ConsumerJwt(Spec):
+    """A JWT from an issuer the gateway trusts, checked by Envoy (jwt_authn); the consumer is
+    the one whose claims the token carries."""
+
+    model_config = cel(("has(self.jwks) != has(self.jwksUri)", "set exactly one of jwks, jwksUri"))
+
+    issuer: str = Field(min_length=1, description="The token's `iss`.")
+    audiences: list[str] = Field(default_factory=list, description="Accepted `aud` values (empty: any audience).")
+    jwks: str | None = Field(None, description="The issuer's public keys, a JWKS JSON document inline.")
+    jwks_uri: str | None = Field(
+        None, pattern=r"^https?://", description="URL of the issuer's JWKS (fetched and cached by Envoy)."
+    )
+    claims: dict[str, str] = Field(
+        min_length=1,
+        description="Claims the token must carry, all of them, e.g. `sub: team-a` or `groups: payments` "
+        "(a list claim matches when it contains the value).",
+    )
+
+    @model_validator(mode="after")
+    def _one_jwks(self) -> ConsumerJwt:
+        if (self.jwks is None) == (self.jwks_uri is None):
+            raise ValueError("set exactly one of jwks, jwksUri")
+        return self
+
+
+class ConsumerBudget(Spec):
+    """USD the consumer may spend per calendar hour, day and month (UTC), over every policy."""
+
+    model_config = cel(("has(self.hourlyUsd) || has(self.dailyUsd) || has(self.monthlyUsd)", "a budget needs a limit"))
+
+    hourly_usd: float | None = Field(None, gt=0, description="USD per calendar hour (UTC).")
+    daily_usd: float | None = Field(None, gt=0, description="USD per calendar day (UTC).")
+    monthly_usd: float | None = Field(None, gt=0, description="USD per calendar month (UTC).")
+    downgrade_at: float = Field(
+        0.8, gt=0, le=1, description="Share of a limit after which the consumer's requests go to cheaper backends."
+    )
+    on_exhausted: OnExhausted = Field(
+        OnExhausted.REJECT,
+        description="When a limit is reached: `reject` answers 429 (budget_exhausted) until the window resets; "
+        "`cheapest` keeps serving on the cheapest eligible backend.",
+    )
+    when_store_unavailable: StoreUnavailable = Field(
+        StoreUnavailable.ALLOW,
+        description="While the limit store cannot be reached: `allow` (fail open) or `refuse` (503, fail closed).",
+    )
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> ConsumerBudget:
+        if self.hourly_usd is None and self.daily_usd is None and self.monthly_usd is None:
+            raise ValueError("a budget needs a limit")
+        return self
+
+
+class ConsumerLimits(RateLimits):
+    budget: ConsumerBudget | None = Field(None, description="Spend limits of this consumer.")
+
+
+class ConsumerSpec(Spec):
+    """Who calls the gateway, how they prove it, what they may use and how much.
+
+    Once any Consumer exists, the gateway answers 401 to callers without a valid key or token
+    (unless a policy sets allowAnonymous) and 403 to a consumer on an alias it was not given.
+    """
+
+    model_config = cel(("has(self.apiKey) || has(self.jwt)", "a consumer needs apiKey, jwt or both"))
+
+    team: str = Field("", description="Team or application, for people reading status and logs.")
+    api_key: ConsumerApiKey | None = Field(
+        None, description="Gateway API keys (sent as `Authorization: Bearer` or `x-api-key`)."
+    )
+    jwt: ConsumerJwt | None = Field(None, description="JWTs from a trusted issuer (`Authorization: Bearer`).")
+    models: list[str] = Field(
+        default_factory=list,
+        description="Aliases (the body's `model`) this consumer may call. Empty, with `policies` empty too: all.",
+    )
+    policies: list[str] = Field(
+        default_factory=list,
+        description="RoutingPolicies (`name` in this namespace, or `namespace/name`) whose aliases it may call.",
+    )
+    limits: ConsumerLimits | None = Field(None, description="This consumer's limits.")
+    disabled: bool = Field(False, description="Revoke every key and token of this consumer (401) at once.")
+
+    @model_validator(mode="after")
+    def _identity(self) -> ConsumerSpec:
+        if self.api_key is None and self.jwt is None:
+            raise ValueError("a consumer needs apiKey, jwt or both")
         return self
 
 
@@ -625,7 +788,18 @@ class RoutingPolicy(BaseModel):
         return f"{self.metadata.namespace}/{self.metadata.name}"
 
 
-KINDS: dict[str, type[AIProvider] | type[RoutingPolicy]] = {
+class Consumer(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    metadata: ObjectMeta
+    spec: ConsumerSpec
+
+    @property
+    def key(self) -> str:
+        return f"{self.metadata.namespace}/{self.metadata.name}"
+
+
+KINDS: dict[str, type[AIProvider] | type[RoutingPolicy] | type[Consumer]] = {
     "AIProvider": AIProvider,
     "RoutingPolicy": RoutingPolicy,
+    "Consumer": Consumer,
 }

@@ -11,7 +11,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.errors import ANTHROPIC_API, GEMINI_API, OPENAI_API
 
 # The RoutingConfig layout this code writes and reads; a reader refuses any other.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Strategy enum value -> the name a RoutingPolicy spells (`spec.strategy`): the proto's name
 # in lower case with dashes (ROUND_ROBIN -> round-robin); a unit test holds it to the CRD's.

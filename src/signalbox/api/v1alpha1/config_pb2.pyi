@@ -46,20 +46,24 @@ CLASSIFIED: Strategy
 FASTEST: Strategy
 
 class RoutingConfig(_message.Message):
-    __slots__ = ("schema_version", "content_hash", "generation", "providers", "backends", "policies")
+    __slots__ = ("schema_version", "content_hash", "generation", "providers", "backends", "policies", "consumers", "jwt_providers")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
+    CONSUMERS_FIELD_NUMBER: _ClassVar[int]
+    JWT_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     content_hash: str
     generation: int
     providers: _containers.RepeatedCompositeFieldContainer[Provider]
     backends: _containers.RepeatedCompositeFieldContainer[Backend]
     policies: _containers.RepeatedCompositeFieldContainer[Policy]
-    def __init__(self, schema_version: _Optional[int] = ..., content_hash: _Optional[str] = ..., generation: _Optional[int] = ..., providers: _Optional[_Iterable[_Union[Provider, _Mapping]]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ...) -> None: ...
+    consumers: _containers.RepeatedCompositeFieldContainer[Consumer]
+    jwt_providers: _containers.RepeatedCompositeFieldContainer[JwtProvider]
+    def __init__(self, schema_version: _Optional[int] = ..., content_hash: _Optional[str] = ..., generation: _Optional[int] = ..., providers: _Optional[_Iterable[_Union[Provider, _Mapping]]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., consumers: _Optional[_Iterable[_Union[Consumer, _Mapping]]] = ..., jwt_providers: _Optional[_Iterable[_Union[JwtProvider, _Mapping]]] = ...) -> None: ...
 
 class SecretRef(_message.Message):
     __slots__ = ("namespace", "name", "key")
@@ -210,7 +214,7 @@ class ClassRoute(_message.Message):
     def __init__(self, task_types: _Optional[_Iterable[str]] = ..., complexities: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("id", "name", "aliases", "headers", "path_prefixes", "strategy", "backends", "failover", "retry_on", "per_try_timeout_ms", "max_attempts", "timeout_ms", "hash_header", "exploration_rate", "ewma_alpha", "hedge_delay_ms", "min_quality", "rules", "use_default_rules", "routes", "semantic_routes", "semantic_default_route", "semantic_min_rules_confidence", "learning", "learning_exploration_rate", "learning_prior_weight", "quality_tolerance", "llm_backend", "llm_timeout_ms", "llm_min_confidence", "llm_cache_size", "budget", "compiled", "idle_timeout_ms")
+    __slots__ = ("id", "name", "aliases", "headers", "path_prefixes", "strategy", "backends", "failover", "retry_on", "per_try_timeout_ms", "max_attempts", "timeout_ms", "hash_header", "exploration_rate", "ewma_alpha", "hedge_delay_ms", "min_quality", "rules", "use_default_rules", "routes", "semantic_routes", "semantic_default_route", "semantic_min_rules_confidence", "learning", "learning_exploration_rate", "learning_prior_weight", "quality_tolerance", "llm_backend", "llm_timeout_ms", "llm_min_confidence", "llm_cache_size", "budget", "compiled", "idle_timeout_ms", "allow_anonymous", "limits")
     class MinQualityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +256,8 @@ class Policy(_message.Message):
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     COMPILED_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_ANONYMOUS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
@@ -286,7 +292,98 @@ class Policy(_message.Message):
     budget: Budget
     compiled: bool
     idle_timeout_ms: int
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., headers: _Optional[_Iterable[_Union[HeaderMatch, _Mapping]]] = ..., path_prefixes: _Optional[_Iterable[str]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backends: _Optional[_Iterable[_Union[PolicyBackend, _Mapping]]] = ..., failover: _Optional[bool] = ..., retry_on: _Optional[_Iterable[str]] = ..., per_try_timeout_ms: _Optional[int] = ..., max_attempts: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., hash_header: _Optional[str] = ..., exploration_rate: _Optional[float] = ..., ewma_alpha: _Optional[float] = ..., hedge_delay_ms: _Optional[int] = ..., min_quality: _Optional[_Mapping[str, float]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., use_default_rules: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[ClassRoute, _Mapping]]] = ..., semantic_routes: _Optional[_Iterable[_Union[SemanticRoute, _Mapping]]] = ..., semantic_default_route: _Optional[str] = ..., semantic_min_rules_confidence: _Optional[float] = ..., learning: _Optional[bool] = ..., learning_exploration_rate: _Optional[float] = ..., learning_prior_weight: _Optional[float] = ..., quality_tolerance: _Optional[float] = ..., llm_backend: _Optional[int] = ..., llm_timeout_ms: _Optional[int] = ..., llm_min_confidence: _Optional[float] = ..., llm_cache_size: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., compiled: _Optional[bool] = ..., idle_timeout_ms: _Optional[int] = ...) -> None: ...
+    allow_anonymous: bool
+    limits: RateLimits
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., headers: _Optional[_Iterable[_Union[HeaderMatch, _Mapping]]] = ..., path_prefixes: _Optional[_Iterable[str]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backends: _Optional[_Iterable[_Union[PolicyBackend, _Mapping]]] = ..., failover: _Optional[bool] = ..., retry_on: _Optional[_Iterable[str]] = ..., per_try_timeout_ms: _Optional[int] = ..., max_attempts: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., hash_header: _Optional[str] = ..., exploration_rate: _Optional[float] = ..., ewma_alpha: _Optional[float] = ..., hedge_delay_ms: _Optional[int] = ..., min_quality: _Optional[_Mapping[str, float]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., use_default_rules: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[ClassRoute, _Mapping]]] = ..., semantic_routes: _Optional[_Iterable[_Union[SemanticRoute, _Mapping]]] = ..., semantic_default_route: _Optional[str] = ..., semantic_min_rules_confidence: _Optional[float] = ..., learning: _Optional[bool] = ..., learning_exploration_rate: _Optional[float] = ..., learning_prior_weight: _Optional[float] = ..., quality_tolerance: _Optional[float] = ..., llm_backend: _Optional[int] = ..., llm_timeout_ms: _Optional[int] = ..., llm_min_confidence: _Optional[float] = ..., llm_cache_size: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., compiled: _Optional[bool] = ..., idle_timeout_ms: _Optional[int] = ..., allow_anonymous: _Optional[bool] = ..., limits: _Optional[_Union[RateLimits, _Mapping]] = ...) -> None: ...
+
+class RateLimits(_message.Message):
+    __slots__ = ("requests_per_minute", "tokens_per_minute", "max_concurrent", "count_cached_tokens", "fail_closed")
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FAIL_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    requests_per_minute: int
+    tokens_per_minute: int
+    max_concurrent: int
+    count_cached_tokens: bool
+    fail_closed: bool
+    def __init__(self, requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., count_cached_tokens: _Optional[bool] = ..., fail_closed: _Optional[bool] = ...) -> None: ...
+
+class KeyHash(_message.Message):
+    __slots__ = ("sha256", "expires_unix")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    expires_unix: int
+    def __init__(self, sha256: _Optional[str] = ..., expires_unix: _Optional[int] = ...) -> None: ...
+
+class JwtMatch(_message.Message):
+    __slots__ = ("issuer", "claims")
+    class ClaimsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    CLAIMS_FIELD_NUMBER: _ClassVar[int]
+    issuer: str
+    claims: _containers.ScalarMap[str, str]
+    def __init__(self, issuer: _Optional[str] = ..., claims: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class JwtProvider(_message.Message):
+    __slots__ = ("name", "issuer", "audiences", "jwks", "jwks_uri")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCES_FIELD_NUMBER: _ClassVar[int]
+    JWKS_FIELD_NUMBER: _ClassVar[int]
+    JWKS_URI_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    issuer: str
+    audiences: _containers.RepeatedScalarFieldContainer[str]
+    jwks: str
+    jwks_uri: str
+    def __init__(self, name: _Optional[str] = ..., issuer: _Optional[str] = ..., audiences: _Optional[_Iterable[str]] = ..., jwks: _Optional[str] = ..., jwks_uri: _Optional[str] = ...) -> None: ...
+
+class ConsumerBudget(_message.Message):
+    __slots__ = ("hourly_usd", "daily_usd", "monthly_usd", "downgrade_at", "reject_when_exhausted", "fail_closed")
+    HOURLY_USD_FIELD_NUMBER: _ClassVar[int]
+    DAILY_USD_FIELD_NUMBER: _ClassVar[int]
+    MONTHLY_USD_FIELD_NUMBER: _ClassVar[int]
+    DOWNGRADE_AT_FIELD_NUMBER: _ClassVar[int]
+    REJECT_WHEN_EXHAUSTED_FIELD_NUMBER: _ClassVar[int]
+    FAIL_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    hourly_usd: float
+    daily_usd: float
+    monthly_usd: float
+    downgrade_at: float
+    reject_when_exhausted: bool
+    fail_closed: bool
+    def __init__(self, hourly_usd: _Optional[float] = ..., daily_usd: _Optional[float] = ..., monthly_usd: _Optional[float] = ..., downgrade_at: _Optional[float] = ..., reject_when_exhausted: _Optional[bool] = ..., fail_closed: _Optional[bool] = ...) -> None: ...
+
+class Consumer(_message.Message):
+    __slots__ = ("id", "name", "team", "keys", "jwt", "aliases", "policies", "limits", "budget")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    JWT_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    team: str
+    keys: _containers.RepeatedCompositeFieldContainer[KeyHash]
+    jwt: _containers.RepeatedCompositeFieldContainer[JwtMatch]
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    policies: _containers.RepeatedScalarFieldContainer[str]
+    limits: RateLimits
+    budget: ConsumerBudget
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., team: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[KeyHash, _Mapping]]] = ..., jwt: _Optional[_Iterable[_Union[JwtMatch, _Mapping]]] = ..., aliases: _Optional[_Iterable[str]] = ..., policies: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[RateLimits, _Mapping]] = ..., budget: _Optional[_Union[ConsumerBudget, _Mapping]] = ...) -> None: ...
 
 class Budget(_message.Message):
     __slots__ = ("hourly_usd", "daily_usd", "downgrade_at", "reject_when_exhausted")

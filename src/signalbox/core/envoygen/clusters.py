@@ -17,6 +17,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
 from ..schema import provider_api
+from .auth import jwks_clusters
 from .contract import (
     ANTHROPIC_VERSION,
     ATTEMPT_HEADER,
@@ -25,6 +26,7 @@ from .contract import (
     BODY_MODEL_KEY,
     CLIENT_PATH_KEY,
     GATEWAY_HEADERS,
+    KEY_HEADERS,
     METADATA_NS,
     RETRY_HEADER,
     TRANSLATE_HEADER,
@@ -406,7 +408,7 @@ def _attempt_filter(members: list[pb.Backend], providers: dict[str, pb.Provider]
 
 
 # Where clients of either API put a key: never passed on, whatever the providers use.
-CLIENT_KEY_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
+CLIENT_KEY_HEADERS = (*KEY_HEADERS, "x-goog-api-key")
 
 
 def _strip_keys(cfg: pb.RoutingConfig) -> dict[str, Any]:
@@ -540,4 +542,4 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
                     circuit_breakers={"thresholds": [STREAM_LIMITS]},
                 )
             )
-    return out
+    return out + jwks_clusters(cfg)

@@ -35,6 +35,13 @@ ATTEMPT_NS = "signalbox.attempt"
 # on or hashes by (`router_attributes`). Envoy cannot send the whole header map.
 ROUTER_ATTRIBUTES = ("request.path", "request.method", "request.id", "source.address")
 HEADER_ATTRIBUTE = "request.headers['{}']"
+# Consumers (schema 2): the headers a gateway API key may come in (OpenAI SDKs send
+# Authorization: Bearer, Anthropic SDKs x-api-key, Azure clients api-key), sent to the router
+# phase as attributes once a consumer exists, and where Envoy's jwt_authn leaves a verified
+# token's payload (forwarded to the router phase as metadata).
+KEY_HEADERS = ("authorization", "x-api-key", "api-key")
+JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
+JWT_PAYLOAD_KEY = "jwt_payload"
 # Where the upstream-phase ext_proc reads which translation an attempt needs ("<client
 # api>><backend api>"): dynamic metadata ATTEMPT_NS/TRANSLATE_KEY, forwarded with its messages
 # (CEL attributes in an upstream filter read the client's headers, not the attempt's).

@@ -9,6 +9,7 @@ from typing import Any
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
+from .auth import jwt_filter
 from .clusters import _remove_gateway_headers
 from .contract import (
     ADMIN_CLUSTER,
@@ -24,6 +25,8 @@ from .contract import (
     FEEDBACK_PATH,
     HEADER_ATTRIBUTE,
     HEALTH_LISTENER_NAME,
+    JWT_NAMESPACE,
+    KEY_HEADERS,
     LISTENER_NAME,
     LOW_REMAINING_REQUESTS,
     LOW_REMAINING_TOKENS,
@@ -42,13 +45,15 @@ from .contract import (
 from .options import _RETRIABLE_STATUSES, _RETRY_ON, GatewayOptions, _address, _any, _grpc_service, _ms
 
 
-def _extproc_filter(opts: GatewayOptions, request_headers: bool = True, **extra: Any) -> dict[str, Any]:
+def _extproc_filter(
+    opts: GatewayOptions, request_headers: bool = True, fail_open: bool | None = None, **extra: Any
+) -> dict[str, Any]:
     """The router-phase ext_proc: the body, with the headers it reads as attributes (a
     headers-first stream is what tests and older configs send)."""
     return _any(
         "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
         grpc_service=_grpc_service(opts.extproc_message_timeout_ms),
-        failure_mode_allow=opts.failure_mode == "open",
+        failure_mode_allow=opts.failure_mode == "open" if fail_open is None else fail_open,
         # An unreachable, failed or timed-out ext_proc answers this status, which nothing else
         # produces, so the local reply mapper turns exactly these into 503 routing_unavailable
         # while the ext_proc's own 500 internal_error (with its request id) passes unchanged.
@@ -379,6 +384,13 @@ _USAGE_SELECTORS = (
     # `response.completed` event.
     (("response", "usage", "input_tokens"), "prompt_tokens"),
     (("response", "usage", "output_tokens"), "completion_tokens"),
+    # Cached input, for token limits that leave it out (or, Anthropic's, count it in):
+    # OpenAI's is part of prompt_tokens (chat) or input_tokens (Responses), Anthropic's is not.
+    (("usage", "prompt_tokens_details", "cached_tokens"), "cached_tokens"),
+    (("usage", "input_tokens_details", "cached_tokens"), "cached_tokens"),
+    (("response", "usage", "input_tokens_details", "cached_tokens"), "cached_tokens"),
+    (("usage", "cache_read_input_tokens"), "cache_read_tokens"),
+    (("message", "usage", "cache_read_input_tokens"), "cache_read_tokens"),
 )
 
 
@@ -575,6 +587,8 @@ REQUEST_LOG_FORMAT: dict[str, str] = {
     "model": "%RESP(X-SIGNALBOX-MODEL)%",
     "reason": "%RESP(X-SIGNALBOX-REASON)%",
     "class": "%RESP(X-SIGNALBOX-CLASS)%",
+    # The consumer's id ("namespace/name") or "anonymous"; empty while no consumer is declared.
+    "consumer": f"%DYNAMIC_METADATA({METADATA_NS}:consumer)%",
     "prompt_tokens": f"%DYNAMIC_METADATA({METADATA_NS}:prompt_tokens)%",
     "completion_tokens": f"%DYNAMIC_METADATA({METADATA_NS}:completion_tokens)%",
 }
@@ -630,6 +644,8 @@ def router_attributes(cfg: pb.RoutingConfig) -> list[str]:
     """The attributes the router phase needs: the request line, its id and peer, and every
     header some policy reads (validated header names: safe inside a CEL string)."""
     names = {h.name for p in cfg.policies for h in p.headers} | {p.hash_header for p in cfg.policies if p.hash_header}
+    if cfg.consumers:
+        names |= set(KEY_HEADERS)  # a gateway API key, compared by its hash (extproc.identity)
     safe = sorted(n for n in names if re.fullmatch(r"[A-Za-z0-9!#$%&*+.^_`|~-]+", n))
     return [*ROUTER_ATTRIBUTES, *(HEADER_ATTRIBUTE.format(n.lower()) for n in safe)]
 
@@ -642,11 +658,18 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
     # filter after the ext_proc holds the headers (and the router) until the body's answer has
     # put the target in dynamic metadata; the target route prepares the request. Requests
     # without a body never reach Python (GET /v1/models and refusals are routes of their own).
+    metadata_options: dict[str, Any] = {"receiving_namespaces": {"untyped": [METADATA_NS]}}
+    if cfg.jwt_providers:
+        # A verified token's payload names its consumer (auth.jwt_filter).
+        metadata_options["forwarding_namespaces"] = {"untyped": [JWT_NAMESPACE]}
     router_extproc = _extproc_filter(
         opts,
         request_headers=False,
+        # Once consumers exist the ext_proc is who checks callers and their limits: failing
+        # open would let anyone in, so a gateway with consumers always fails closed.
+        fail_open=False if cfg.consumers else None,
         request_attributes=router_attributes(cfg),
-        metadata_options={"receiving_namespaces": {"untyped": [METADATA_NS]}},
+        metadata_options=metadata_options,
     )
     hcm = _any(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -665,6 +688,7 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
         http_filters=[
             _remove_gateway_headers("signalbox.strip_client_gateway_headers"),
             client_path_filter(),
+            *([jwt] if (jwt := jwt_filter(cfg)) else []),
             *([json] if (json := json_filter(cfg, opts)) else []),
             {"name": "envoy.filters.http.ext_proc", "typed_config": router_extproc},
             {
