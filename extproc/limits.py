@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from signalbox.core.budget import EXHAUSTED, BudgetStatus, WindowSpend
+from signalbox.core.budget import ADJECTIVES, EXHAUSTED, BudgetStatus, WindowSpend
 from signalbox.core.budget import OK as BUDGET_OK
 from signalbox.core.errors import BudgetExhausted, LimitExceeded, LimitsUnavailable, TokenLimitExceeded
 
@@ -148,7 +148,7 @@ def refuse(refusal: Refusal) -> None:
     if limit.startswith("budget_"):
         window = limit.removeprefix("budget_")
         message = (
-            f"{s.label} has spent ${refusal.used:.4f} of its {window}ly budget of ${refusal.limit_value:g}"
+            f"{s.label} has spent ${refusal.used:.4f} of its {ADJECTIVES[window]} budget of ${refusal.limit_value:g}"
             + (f" (requests in flight hold ${refusal.held:.4f})" if refusal.held else "")
             + f"; retry in {refusal.retry_after} s"
         )

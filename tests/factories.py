@@ -54,3 +54,12 @@ def policy(
 
 def dump(*objects: dict[str, Any]) -> str:
     return yaml.safe_dump_all(objects, sort_keys=False)
+
+
+def consumer(name: str, namespace: str = "default", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": API,
+        "kind": "Consumer",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }

@@ -13,3 +13,11 @@ def clear_of_the_hour_edge(needed: float = 60.0) -> None:
     left = HOUR - time.time() % HOUR
     if left < needed:
         time.sleep(left + 1)
+
+
+def clear_of_the_minute_edge(needed: float = 15.0) -> None:
+    """Sleep past the next full minute if fewer than `needed` seconds are left before it
+    (requests and tokens per minute count in calendar minutes)."""
+    left = 60 - time.time() % 60
+    if left < needed:
+        time.sleep(left + 0.5)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from signalbox.core.errors import BudgetExhausted
 
 HOUR, DAY = 3600, 86400
+# How a refusal names a window's budget ("daily", not "dayly").
+ADJECTIVES = {"hour": "hourly", "day": "daily", "month": "monthly"}
 OK, DOWNGRADE, EXHAUSTED = "ok", "downgrade", "exhausted"
 # Retry-After of a refusal that only requests in flight cause: they usually finish in seconds.
 IN_FLIGHT_RETRY_SECONDS = 2
@@ -115,7 +117,7 @@ def refuse_if_exhausted(policy: str, status: BudgetStatus, now: float) -> None:
     if status.state != EXHAUSTED or not status.reject_when_exhausted:
         return
     w = status.binding
-    message = f"policy {policy!r} has spent ${w.spent_usd:.4f} of its {w.window}ly budget of ${w.limit_usd:g}"
+    message = f"policy {policy!r} has spent ${w.spent_usd:.4f} of its {ADJECTIVES[w.window]} budget of ${w.limit_usd:g}"
     if w.spent_usd < w.limit_usd:
         # Full only with what requests in flight hold: room may come back when they finish.
         wait = min(max(int(w.resets_at - now), 1), IN_FLIGHT_RETRY_SECONDS)
