@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from signalbox.core.models import GROUP, VERSION, AIProviderSpec, BudgetSpec
 
 from .budgetstatus import summarize
+from .consumerkeys import CONSUMER_LABEL
 from .cooldownstatus import COOLDOWN_STATUS_SECONDS, ReplicaView, provider_cooldowns
 from .health import HealthTracker, probe
 from .kube import ClusterAPI
@@ -60,17 +61,34 @@ def build_registry(config: OperatorConfig, api: ClusterAPI, server: str | None =
     def policy_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
         return {(namespace or "default", name): dict(body)}
 
+    @kopf.index(GROUP, VERSION, "consumers", registry=registry, id="consumer_index")
+    def consumer_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+        return {(namespace or "default", name): dict(body)}
+
+    def attach(indexes: dict[str, Any]) -> None:
+        # kopf passes every index as a keyword argument named after it.
+        reconciler.attach(indexes["provider_index"], indexes["policy_index"], indexes["consumer_index"])
+
     @kopf.on.event(GROUP, VERSION, "aiproviders", registry=registry)
     def provider_event(type: str, body: kopf.Body, **indexes: Any) -> None:
-        # kopf passes every index as a keyword argument named after it.
-        reconciler.attach(indexes["provider_index"], indexes["policy_index"])
+        attach(indexes)
         reconciler.notify("AIProvider", type, dict(body))
 
     @kopf.on.event(GROUP, VERSION, "routingpolicies", registry=registry)
     def policy_event(type: str, body: kopf.Body, **indexes: Any) -> None:
-        # kopf passes every index as a keyword argument named after it.
-        reconciler.attach(indexes["provider_index"], indexes["policy_index"])
+        attach(indexes)
         reconciler.notify("RoutingPolicy", type, dict(body))
+
+    @kopf.on.event(GROUP, VERSION, "consumers", registry=registry)
+    def consumer_event(type: str, body: kopf.Body, **indexes: Any) -> None:
+        attach(indexes)
+        reconciler.notify("Consumer", type, dict(body))
+
+    @kopf.on.event("", "v1", "secrets", registry=registry, labels={CONSUMER_LABEL: kopf.PRESENT})
+    def consumer_secret_event(type: str, body: kopf.Body, **_: Any) -> None:
+        """A consumer's key Secret changed (edited, emptied, deleted: a revocation): recompile
+        at once rather than at the next resync. Only its name and version are read here."""
+        reconciler.secret_changed()
 
     if config.probes:
 

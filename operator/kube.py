@@ -80,6 +80,50 @@ class ClusterAPI:
         data = obj.data or {}
         return {k: SecretValue(base64.b64decode(v).decode(errors="replace")) for k, v in data.items()}
 
+    async def secret_with_annotations(
+        self, namespace: str, name: str
+    ) -> tuple[dict[str, SecretValue], dict[str, str]] | None:
+        """The Secret's values and annotations, or None if it does not exist."""
+        try:
+            obj = await asyncio.to_thread(self.core.read_namespaced_secret, name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        data = {k: SecretValue(base64.b64decode(v).decode(errors="replace")) for k, v in (obj.data or {}).items()}
+        return data, dict((obj.metadata and obj.metadata.annotations) or {})
+
+    async def write_secret(
+        self,
+        namespace: str,
+        name: str,
+        data: dict[str, SecretValue],
+        annotations: dict[str, str],
+        labels: dict[str, str],
+        owner: dict[str, Any] | None = None,
+    ) -> None:
+        """Create the Secret, or patch its values and annotations when it exists. `owner`: an
+        object whose deletion deletes it (ownerReferences)."""
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {"name": name, "namespace": namespace, "annotations": annotations, "labels": labels},
+            "data": {k: base64.b64encode(v.reveal().encode()).decode() for k, v in data.items()},
+        }
+        if owner is not None:
+            body["metadata"]["ownerReferences"] = [owner]
+
+        def write() -> None:
+            try:
+                self.core.patch_namespaced_secret(name, namespace, body)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                self.core.create_namespaced_secret(namespace, body)  # type: ignore[arg-type]
+
+        await asyncio.to_thread(write)
+
     async def configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             obj = await asyncio.to_thread(self.core.read_namespaced_config_map, name, namespace)

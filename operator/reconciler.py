@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -23,14 +24,14 @@ from signalbox.core.compiler import compile_config
 from signalbox.core.errors import Problem
 from signalbox.core.secrets import SecretValue
 
-from . import conditions
+from . import conditions, consumerkeys
 from .kube import ClusterAPI
 
 log = logging.getLogger("signalbox.operator")
 
 GENERATION_ANNOTATION = "signalbox.io/generation"
 HASH_ANNOTATION = "signalbox.io/content-hash"
-PLURALS = {"AIProvider": "aiproviders", "RoutingPolicy": "routingpolicies"}
+PLURALS = {"AIProvider": "aiproviders", "RoutingPolicy": "routingpolicies", "Consumer": "consumers"}
 
 Key = tuple[str, str]  # (namespace, name)
 
@@ -97,9 +98,9 @@ class Reconciler:
 
     # ------------------------------------------------------------------ inputs
 
-    def attach(self, providers: Any, policies: Any) -> None:
+    def attach(self, providers: Any, policies: Any, consumers: Any = None) -> None:
         """The kopf indexes (kopf.Index) this reconciler compiles from."""
-        self.indexes = {"AIProvider": providers, "RoutingPolicy": policies}
+        self.indexes = {"AIProvider": providers, "RoutingPolicy": policies, "Consumer": consumers}
         self.indexed.set()
 
     def notify(self, kind: str, event_type: str | None, body: dict[str, Any]) -> None:
@@ -114,6 +115,10 @@ class Reconciler:
         if self.fingerprints.get(key) != fingerprint:
             self.fingerprints[key] = fingerprint
             self.dirty.set()
+
+    def secret_changed(self) -> None:
+        """A consumer's key Secret changed: its hashes are read again by the next round."""
+        self.dirty.set()
 
     def current(self, kind: str) -> dict[Key, dict[str, Any]]:
         """The objects of a kind as kopf's index holds them now (its latest watch event)."""
@@ -137,6 +142,19 @@ class Reconciler:
         self.keys = keys
         return present
 
+    async def _consumer_keys(self, consumers: list[dict[str, Any]]) -> dict[Key, consumerkeys.ConsumerKeys]:
+        """Each consumer's key hashes (its Secret made or rotated first, as its spec says)."""
+        out: dict[Key, consumerkeys.ConsumerKeys] = {}
+        now = time.time()
+        for body in consumers:
+            found = await consumerkeys.ensure(self.api, body, now)
+            if found is None:
+                continue
+            out[_key(body)] = found
+            for reason, message in found.events:
+                await self.api.event(body, "Consumer", reason, message)
+        return out
+
     # ------------------------------------------------------------------ loop
 
     async def run(self, stopped: asyncio.Event) -> None:
@@ -159,13 +177,22 @@ class Reconciler:
     async def reconcile(self) -> None:
         objects = {kind: self.current(kind) for kind in PLURALS}
         providers, policies = list(objects["AIProvider"].values()), list(objects["RoutingPolicy"].values())
+        consumers = list(objects["Consumer"].values())
         secrets = await self._secrets(providers)
+        keys = await self._consumer_keys(consumers)
         if self.generation is None:
             current = await self.api.configmap(self.config.configmap_namespace, self.config.configmap_name)
             annotations = (current or {}).get("annotations", {})
             self.generation = int(annotations.get(GENERATION_ANNOTATION, 0))
             self.published_hash = annotations.get(HASH_ANNOTATION, "")
-        result = compile_config(providers, policies, secrets, generation=self.generation + 1)
+        result = compile_config(
+            providers,
+            policies,
+            secrets,
+            generation=self.generation + 1,
+            consumers=consumers,
+            key_hashes={f"{ns}/{name}": k.hashes for (ns, name), k in keys.items()},
+        )
         if result.config is not None and result.config.content_hash != self.published_hash:
             await self.publish(result.config)
             self.generation += 1
@@ -180,7 +207,7 @@ class Reconciler:
         backends = {}
         if result.config is not None:
             backends = {p.id: sum(1 for b in p.backends if b.target) for p in result.config.policies}
-        await self._write_statuses(objects, result.problems, result.config is not None, backends)
+        await self._write_statuses(objects, result.problems, result.config is not None, backends, keys)
 
     async def publish(self, config: pb.RoutingConfig) -> None:
         """Parts first, then the manifest that names them (one write the gateways watch), then
@@ -203,6 +230,7 @@ class Reconciler:
         problems: list[Problem],
         published: bool,
         backends: dict[str, int],
+        keys: dict[Key, consumerkeys.ConsumerKeys] | None = None,
     ) -> None:
         """The one writer of every object's conditions (Healthy included: the probes write only
         status.health, which this reads), so no two writers replace each other's lists."""
@@ -225,6 +253,10 @@ class Reconciler:
                     patch["configGeneration"] = self.generation or 0
                     if "budget" in status and not (body.get("spec") or {}).get("budget"):
                         patch["budget"] = None  # its budget was removed: so is the report of it
+                if kind == "Consumer" and keys and (own_keys := keys.get((namespace, name))):
+                    patch.update(own_keys.status)
+                    if "previousKeyExpires" in status and "previousKeyExpires" not in own_keys.status:
+                        patch["previousKeyExpires"] = None
                 unchanged = conditions.strip_times(previous) == conditions.strip_times(merged) and all(
                     status.get(k) == v for k, v in patch.items() if k != "conditions"
                 )

@@ -46,8 +46,15 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
         "llm-gateway",
         {
             "image": {"registry": "registry.internal:5000", "repository": "platform/signalbox", "tag": "0.1.0-rc1"},
-            "operator": {"watchNamespaces": ["team-a", "team-b"], "secretNames": ["openai-key"]},
+            "operator": {"watchNamespaces": ["team-a", "team-b"], "secretNames": ["openai-key"], "consumerKeys": False},
             "gateway": {
+                "limitStore": {
+                    "redis": {
+                        "url": "rediss://redis.internal:6380/0",
+                        "passwordSecret": "redis-auth",
+                        "caSecret": "redis-ca",
+                    }
+                },
                 "failureMode": "open",
                 "accounting": False,
                 "requestLog": False,
@@ -108,7 +115,7 @@ def test_peering_objects_match_the_shipped_crds(case):
         assert obj["apiVersion"] == "kopf.dev/v1" and obj["kind"] in crds
 
 
-def test_rbac_has_no_wildcards_and_secrets_are_read_only(case):
+def test_rbac_has_no_wildcards_and_secrets_are_read_only_but_for_consumer_keys(case):
     _, _, values, objects = case
     rules = [r for role in of_kind(objects, "Role", "ClusterRole") for r in role["rules"]]
     assert rules
@@ -116,6 +123,11 @@ def test_rbac_has_no_wildcards_and_secrets_are_read_only(case):
         for field in ("verbs", "resources", "apiGroups"):
             assert "*" not in rule.get(field, []), rule
         if "secrets" in rule["resources"]:
+            if set(rule["verbs"]) & {"create", "patch"}:
+                # The operator's consumer keys: write, never delete, and only when asked for.
+                assert values.get("operator", {}).get("consumerKeys", True), rule
+                assert set(rule["verbs"]) == {"get", "list", "watch", "create", "patch"}, rule
+                continue
             assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
             names = values.get("operator", {}).get("secretNames")
             if names:
@@ -194,7 +206,7 @@ def test_gateway_replicas_share_spend_and_learning_through_their_own_configmap(c
     )
     assert f"--replica-configmap={namespace}/{name}" in extproc["args"]
     assert "--replica-sync-interval=2" in extproc["args"]
-    assert extproc["env"] == [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    assert extproc["env"][0] == {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
     gateway_role = next(r for r in of_kind(objects, "Role") if r["metadata"]["name"] == "sb-signalbox-gateway-config")
     writable = [r for r in gateway_role["rules"] if "patch" in r["verbs"]]
     assert writable == [
@@ -325,3 +337,20 @@ def test_the_admin_api_is_off_the_network_unless_exposed_and_then_behind_a_token
     routes = health["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
     metrics_route = next(r for r in routes if r["match"].get("path") == "/metrics")
     assert metrics_route["route"]["cluster"] == envoygen.EXTPROC_ADMIN_CLUSTER
+
+
+def test_limits_go_to_the_redis_named_in_values_with_its_password_and_ca_from_secrets():
+    def extproc(objects):
+        (deployment,) = [d for d in of_kind(objects, "Deployment") if d["metadata"]["name"].endswith("gateway")]
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = [c for c in pod["containers"] if c["name"] == "extproc"]
+        return pod, container
+
+    pod, container = extproc(render(*reversed(MATRIX["custom"])))
+    assert "--redis-url=rediss://redis.internal:6380/0?ssl_ca_certs=/etc/signalbox/redis-ca/ca.crt" in container["args"]
+    (password,) = [e for e in container["env"] if e["name"] == "SIGNALBOX_REDIS_PASSWORD"]
+    assert password["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "password"}
+    assert {"name": "redis-ca", "mountPath": "/etc/signalbox/redis-ca", "readOnly": True} in container["volumeMounts"]
+    assert any(v["name"] == "redis-ca" and v["secret"]["secretName"] == "redis-ca" for v in pod["volumes"])
+    _, default = extproc(render(*reversed(MATRIX["defaults"])))
+    assert not any(a.startswith("--redis-url") for a in default["args"])  # embedded, per replica

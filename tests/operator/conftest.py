@@ -27,11 +27,16 @@ from signalbox.operator.reconciler import OperatorConfig
 
 GROUP_VERSION = "signalbox.io/v1alpha1"
 CM_NAMESPACE, CM_NAME = "signalbox-system", "signalbox-routing"
+PLURALS = {"AIProvider": "aiproviders", "RoutingPolicy": "routingpolicies", "Consumer": "consumers"}
 
 
 @pytest.fixture
 def k8s(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
-    for plural, kind in (("aiproviders", "AIProvider"), ("routingpolicies", "RoutingPolicy")):
+    for plural, kind in (
+        ("aiproviders", "AIProvider"),
+        ("routingpolicies", "RoutingPolicy"),
+        ("consumers", "Consumer"),
+    ):
         kmock.resources[f"{GROUP_VERSION}/{plural}"] = kmock.ResourceInfo(
             kind=kind,
             namespaced=True,
@@ -64,7 +69,7 @@ class Cluster:
         self.api = api
 
     async def apply(self, obj: dict[str, Any]) -> None:
-        plural = {"AIProvider": "aiproviders", "RoutingPolicy": "routingpolicies"}[obj["kind"]]
+        plural = PLURALS[obj["kind"]]
         meta = obj["metadata"]
         ns = meta.get("namespace", "default")
         obj = {**obj, "metadata": {**meta, "namespace": ns}}
@@ -100,7 +105,7 @@ class Cluster:
         await asyncio.to_thread(write)
 
     async def delete(self, kind: str, name: str, namespace: str = "default") -> None:
-        plural = {"AIProvider": "aiproviders", "RoutingPolicy": "routingpolicies"}[kind]
+        plural = PLURALS[kind]
         await asyncio.to_thread(
             self.api.custom.delete_namespaced_custom_object, "signalbox.io", "v1alpha1", namespace, plural, name
         )
@@ -115,7 +120,7 @@ class Cluster:
         await asyncio.to_thread(self.api.core.create_namespaced_secret, namespace, body)
 
     def get(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any]:
-        plural = {"AIProvider": "aiproviders", "RoutingPolicy": "routingpolicies"}[kind]
+        plural = PLURALS[kind]
         return self.api.custom.get_namespaced_custom_object("signalbox.io", "v1alpha1", namespace, plural, name)
 
     async def status(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any]:
