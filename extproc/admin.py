@@ -32,7 +32,7 @@ from aiohttp import web
 from signalbox.core.envoygen.contract import BACKEND_HEALTH_PATH
 from signalbox.core.errors import Forbidden, RequestError
 
-from . import decide
+from . import decide, identity, limits
 from .classify import Classification
 from .metrics import CONTENT_TYPE
 from .runtime import PolicyRuntime
@@ -128,17 +128,22 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
         return web.json_response({"policy": p.policy.name, "classification": _classification(result)})
 
     async def route(request: web.Request) -> web.Response:
+        table = processor.tables.current
         try:
             p = await prepared(request)
-            better = await processor.reclassify(p)
             now = time.time()
+            # Who the live request would be: its key (x-api-key, or a Bearer token that is not
+            # the admin token) or `?consumer=<namespace/name>`; then its 401/403, as live.
+            consumer = _consumer_of(request, table.identities, token, now)
+            identity.authorize(table.identities, consumer, p.policy, str(p.body["model"]), p.headers or {})
+            better = await processor.reclassify(p)
             # A copy: explaining must not advance round-robin positions or weights.
             outcome = decide.finish(
                 p,
                 processor.state.snapshot(),
                 better,
                 explain=True,
-                budget=processor.budget_status(p.policy, now),
+                budget=await _budget(processor, p, consumer, now),
                 now=now,
             )
         except RequestError as err:
@@ -163,6 +168,8 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
                     {"backend": b, "kept": kept, "reason": why} for b, kept, why in outcome.selection.candidates
                 ],
                 "config_generation": processor.tables.current.generation,
+                # The consumer's id, "anonymous", or null while no consumer is declared.
+                "consumer": consumer.id if consumer else ("anonymous" if table.identities.enabled else None),
             }
         )
 
@@ -233,6 +240,33 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
 
 # What costs money (the LLM tier behind /v1/classify and /v1/route) or changes routing
 # (/v1/feedback teaches learning): behind a token wherever the API is reachable off the host.
+def _consumer_of(
+    request: web.Request, identities: identity.Identities, admin_token: str, now: float
+) -> identity.ConsumerRuntime | None:
+    named = request.query.get("consumer", "")
+    if named:
+        if named not in identities.consumers:
+            raise RequestError(f"no consumer {named!r} is declared", param="consumer")
+        return identities.consumers[named]
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    if admin_token and headers.get("authorization", "") == f"Bearer {admin_token}":
+        headers.pop("authorization")
+    return identities.identify(headers, None, now)
+
+
+async def _budget(processor: Processor, p: decide.Prepared, consumer: identity.ConsumerRuntime | None, now: float):
+    """The budget the decision would see: the policy's, or the consumer's when further spent."""
+    limits_of = consumer.limits if consumer else None
+    if limits_of is None or not limits_of.has_budget:
+        return processor.budget_status(p.policy, now)
+    try:
+        spent = await processor.limits.spend(limits_of.subject, now)
+    except limits.StoreUnavailable:
+        return processor.budget_status(p.policy, now)
+    admitted = limits.Admitted({limits_of.subject: (spent, 0.0)})
+    return processor.combined_budget(p.policy, consumer, admitted, now)
+
+
 PRIVILEGED = frozenset({"/v1/classify", "/v1/route", "/v1/feedback"})
 
 

@@ -295,3 +295,15 @@ def test_two_gateways_sharing_redis_hold_a_burst_to_the_token_limit_and_fail_as_
         for gw in gateways:
             gw.stop()
         server.stop()
+
+
+def test_the_explain_api_names_the_consumer_and_answers_what_live_would(gw):
+    body = {"model": "chat", **ASK}
+    explained = httpx.post(f"{gw.admin_url}/v1/route", json=body, headers={"x-api-key": KEY_A}).json()
+    assert explained["consumer"] == "default/team-a" and explained["model"] == "m"
+    named = httpx.post(f"{gw.admin_url}/v1/route?consumer=default/team-b", json=body)
+    assert named.status_code == 403 and named.json()["error"]["code"] == "model_not_allowed"
+    anonymous = httpx.post(f"{gw.admin_url}/v1/route", json=body)
+    assert anonymous.status_code == 401
+    public = httpx.post(f"{gw.admin_url}/v1/route", json={**body, "model": "public"}).json()
+    assert public["consumer"] == "anonymous"
