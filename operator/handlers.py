@@ -7,6 +7,7 @@ the same operator with different settings.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 
 from signalbox.core.models import GROUP, VERSION, AIProviderSpec, BudgetSpec
 
+from . import consumerstatus
 from .budgetstatus import summarize
 from .consumerkeys import CONSUMER_LABEL
 from .cooldownstatus import COOLDOWN_STATUS_SECONDS, ReplicaView, provider_cooldowns
@@ -148,6 +150,30 @@ def build_registry(config: OperatorConfig, api: ClusterAPI, server: str | None =
             """What the gateway replicas have spent, in status.budget (only when it changed)."""
             while not stopped:
                 await _write_budget(api, config, body)
+                await stopped.wait(config.budget_status_seconds)
+
+    if config.redis_url:
+        from signalbox.extproc.redislimits import RedisLimits
+
+        store = RedisLimits(config.redis_url, password=os.environ.get("SIGNALBOX_REDIS_PASSWORD"))
+
+        @kopf.daemon(
+            GROUP,
+            VERSION,
+            "consumers",
+            registry=registry,
+            cancellation_timeout=2,
+            when=lambda spec, **_: bool((spec.get("limits") or {}).get("budget")),
+        )
+        async def consumer_spend(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
+            """What the consumer spent in its most used budget window, in status.spend (on change)."""
+            while not stopped:
+                found = await consumerstatus.spend(store, dict(body), time.time())
+                if found is not None and found != (body.get("status") or {}).get("spend"):
+                    meta = body["metadata"]
+                    await api.patch_status(
+                        "consumers", meta.get("namespace") or "default", meta["name"], {"spend": found}
+                    )
                 await stopped.wait(config.budget_status_seconds)
 
     return registry

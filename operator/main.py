@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 
 import kopf
 
@@ -46,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=15.0,
         help="how often status.budget is refreshed (AIProvider status.cooldowns: at least every 5 s)",
     )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("SIGNALBOX_REDIS_URL", ""),
+        help="the gateways' limit store: budgeted Consumers show their spend in status.spend "
+        "(password from $SIGNALBOX_REDIS_PASSWORD; default $SIGNALBOX_REDIS_URL, else not reported)",
+    )
     parser.add_argument("--debounce-seconds", type=float, default=0.3)
     parser.add_argument("--log-level", default="info")
 
@@ -65,6 +72,7 @@ def config_from(args: argparse.Namespace) -> OperatorConfig:
         replica_configmap_namespace=replica_namespace,
         replica_configmap_name=replica_name,
         budget_status_seconds=args.budget_status_seconds,
+        redis_url=args.redis_url,
         # What kopf is told to watch is what the settings (namespace scanning) are made for.
         namespaces=tuple(args.namespace),
     )

@@ -50,6 +50,8 @@ class OperatorConfig:
     replica_configmap_namespace: str = ""
     replica_configmap_name: str = ""
     budget_status_seconds: float = 15.0
+    # The gateways' shared limit store: budgeted Consumers show their spend in status.spend.
+    redis_url: str = ""
     # Base64 characters of routing config per ConfigMap before it is split into parts
     # (core.bundle); smaller in tests, to exercise the parts with a small config.
     max_object_chars: int = bundle.MAX_OBJECT_CHARS

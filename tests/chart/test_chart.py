@@ -352,5 +352,12 @@ def test_limits_go_to_the_redis_named_in_values_with_its_password_and_ca_from_se
     assert password["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "password"}
     assert {"name": "redis-ca", "mountPath": "/etc/signalbox/redis-ca", "readOnly": True} in container["volumeMounts"]
     assert any(v["name"] == "redis-ca" and v["secret"]["secretName"] == "redis-ca" for v in pod["volumes"])
+    (operator,) = [
+        d
+        for d in of_kind(render(*reversed(MATRIX["custom"])), "Deployment")
+        if d["metadata"]["name"].endswith("operator")
+    ]
+    (op,) = operator["spec"]["template"]["spec"]["containers"]
+    assert any(a.startswith("--redis-url=rediss://redis.internal:6380/0") for a in op["args"])  # status.spend
     _, default = extproc(render(*reversed(MATRIX["defaults"])))
     assert not any(a.startswith("--redis-url") for a in default["args"])  # embedded, per replica

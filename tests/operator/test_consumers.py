@@ -115,3 +115,44 @@ async def _with(cluster, field: str):
 async def _when(awaitable, predicate):
     value = await awaitable
     return value if predicate(value) else None
+
+
+async def test_a_budgeted_consumer_shows_its_spend_from_the_gateways_limit_store(cluster, start_operator, tmp_path):
+    """The gateways charge spend into Redis; the operator reads it into status.spend, which
+    `kubectl get consumers` shows as Spent and Remaining."""
+    from signalbox.extproc.limits import Charge
+    from signalbox.extproc.redislimits import RedisLimits
+    from signalbox.operator.reconciler import OperatorConfig
+    from tests.redis_server import RedisServer
+
+    from .conftest import CM_NAME, CM_NAMESPACE
+
+    server = RedisServer(tmp_path).start()
+    try:
+        await start_operator(
+            OperatorConfig(
+                configmap_namespace=CM_NAMESPACE,
+                configmap_name=CM_NAME,
+                debounce_seconds=0.05,
+                probes=False,
+                budget_status_seconds=0.2,
+                redis_url=server.url,
+            )
+        )
+        await cluster.apply(provider("alpha", "http://127.0.0.1:9001/v1", [model("m")]))
+        await cluster.apply(policy("chat", ["chat"], [backend("alpha", "m")]))
+        await cluster.apply(consumer("team-a", apiKey={}, limits={"budget": {"dailyUsd": 2.0, "monthlyUsd": 100}}))
+        gateway = RedisLimits(server.url)
+        await gateway.settle("r1", (Charge("consumer:default/team-a", 100, 0.5),), time.time())
+
+        async def spend():
+            return (await cluster.status("Consumer", "team-a")).get("spend")
+
+        found = await cluster.eventually(spend)
+        assert found["window"] == "day" and found["limitUsd"] == 2.0
+        assert found["spentUsd"] == 0.5 and found["remainingUsd"] == 1.5 and found["resetsAt"].endswith("Z")
+        await gateway.settle("r2", (Charge("consumer:default/team-a", 100, 1.0),), time.time())
+        assert (await cluster.eventually(lambda: _when(spend(), lambda s: s["spentUsd"] == 1.5)))["remainingUsd"] == 0.5
+        await gateway.aclose()
+    finally:
+        server.stop()

@@ -1,0 +1,54 @@
+"""A Consumer's spend against its budget, in `status.spend` (what `kubectl get consumers` shows).
+
+The gateways count spend in the shared limit store (Redis; extproc.redislimits), so the
+operator reads it there: one read of three counters per budgeted consumer per interval. With
+the embedded store (no Redis) each replica counts alone and nothing is reported here: the
+gateway's admin API and its metrics say what that replica spent.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from signalbox.core.models import ConsumerSpec
+from signalbox.extproc.limits import BUDGET_WINDOWS, LimitStore, StoreUnavailable, SubjectLimits, budget_status
+
+
+def subject(namespace: str, name: str, spec: ConsumerSpec) -> SubjectLimits | None:
+    budget = spec.limits.budget if spec.limits else None
+    if budget is None:
+        return None
+    return SubjectLimits(
+        subject=f"consumer:{namespace}/{name}",
+        label=f"consumer {namespace}/{name}",
+        budget_usd=(budget.hourly_usd or 0.0, budget.daily_usd or 0.0, budget.monthly_usd or 0.0),
+        downgrade_at=budget.downgrade_at,
+    )
+
+
+async def spend(store: LimitStore, body: dict[str, Any], now: float) -> dict[str, Any] | None:
+    """status.spend for the window closest to its limit, or None (no budget, store down)."""
+    meta = body.get("metadata") or {}
+    try:
+        spec = ConsumerSpec.model_validate(body.get("spec") or {})
+    except ValidationError:
+        return None  # the reconciler says why in the conditions
+    limits = subject(meta.get("namespace") or "default", meta["name"], spec)
+    if limits is None:
+        return None
+    try:
+        spent = await store.spend(limits.subject, now)
+    except StoreUnavailable:
+        return None
+    w = budget_status(limits, spent, 0.0, now).binding
+    assert w.window in BUDGET_WINDOWS
+    return {
+        "window": w.window,
+        "spentUsd": round(w.spent_usd, 6),
+        "limitUsd": w.limit_usd,
+        "remainingUsd": round(w.remaining_usd, 6),
+        "resetsAt": datetime.datetime.fromtimestamp(w.resets_at, datetime.UTC).isoformat().replace("+00:00", "Z"),
+    }
