@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: eval setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-faults faults-scorecard test-fuzz fuzz bench bench-peers bench-scale bench-attempt bench-translation protos protos-check lint up validate clean
+.PHONY: eval setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-faults faults-scorecard test-fuzz fuzz bench bench-peers bench-scale bench-attempt bench-translation bench-consumers protos protos-check lint up validate clean
 
 # Strict editable mode: extproc/ and operator/ install as signalbox.extproc and
 # signalbox.operator through a link tree under build/ (operator/ has no __init__.py, so it can
@@ -97,6 +97,7 @@ bench: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.dataplane
 	$(PY) -m bench.tiers
 	$(MAKE) bench-translation
+	$(MAKE) bench-consumers
 	$(MAKE) bench-scale
 
 ## Scale (needs h2load, Debian nghttp2-client): a 2,000-provider/2,000-policy fleet through
@@ -117,6 +118,11 @@ bench-attempt: setup
 ## streams of 100 chunks, against plain Envoy -> bench/results/translation.json
 bench-translation: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.translation --rounds 3 --seconds 3
+
+## Consumers (issue 15): a key and a token limit checked per request, embedded and in Redis,
+## against the same policies without consumers -> bench/results/consumers.json
+bench-consumers: setup
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.consumers --rounds 3 --seconds 3
 
 ## npm; installs the pinned peers under build/peers/) -> bench/results/peers.json
 bench-peers: setup

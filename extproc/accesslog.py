@@ -107,14 +107,14 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         pending, self._settlements = self._settlements, []
         if self.limit_store is None:
             return
-        now = time.time()
-        for request_id, charges in pending:
-            try:
-                await self.limit_store.settle(request_id, charges, now)
-            except limits.StoreUnavailable as exc:
-                # The hold lapses at its estimate when the store is back: errs towards spent.
-                self.metrics.limit_store_errors.labels("settle", "none").inc()
-                log.warning("limit store unreachable while charging request %s: %s", request_id, exc)
+        if not pending:
+            return
+        try:
+            await self.limit_store.settle_many(pending, time.time())
+        except limits.StoreUnavailable as exc:
+            # The holds lapse at their estimates when the store is back: errs towards spent.
+            self.metrics.limit_store_errors.labels("settle", "none").inc(len(pending))
+            log.warning("limit store unreachable while charging %d request(s): %s", len(pending), exc)
 
     def attempt(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         """One attempt whose answer spoke of its backend's limits (Envoy filters the rest)."""

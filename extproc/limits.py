@@ -132,6 +132,8 @@ class LimitStore(Protocol):
 
     async def settle(self, request_id: str, charges: tuple[Charge, ...], now: float) -> None: ...
 
+    async def settle_many(self, items: list[tuple[str, tuple[Charge, ...]]], now: float) -> None: ...
+
     async def spend(self, subject: str, now: float) -> tuple[float, float, float]: ...
 
     def close(self) -> None: ...
@@ -323,6 +325,10 @@ class EmbeddedLimits:
 
     async def settle(self, request_id: str, charges: tuple[Charge, ...], now: float) -> None:
         self.settle_now(request_id, charges, now)
+
+    async def settle_many(self, items: list[tuple[str, tuple[Charge, ...]]], now: float) -> None:
+        for request_id, charges in items:
+            self.settle_now(request_id, charges, now)
 
     async def spend(self, subject: str, now: float) -> tuple[float, float, float]:
         return self._spent(subject, Windows.at(now))

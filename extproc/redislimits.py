@@ -207,12 +207,19 @@ class RedisLimits:
         return Admitted(budgets)
 
     async def settle(self, request_id: str, charges: tuple[Charge, ...], now: float) -> None:
+        await self.settle_many([(request_id, charges)], now)
+
+    async def settle_many(self, items: list[tuple[str, tuple[Charge, ...]]], now: float) -> None:
+        """Every settlement of one access log message in one round trip (a pipeline)."""
         w = Windows.at(now)
-        args: list[Any] = [w.minute, *w.budget_starts(), *_TTLS, request_id, len(charges)]
-        for c in charges:
-            args += [c.subject, repr(c.tokens), repr(c.usd)]
         try:
-            await self._settle(args=args)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for request_id, charges in items:
+                    args: list[Any] = [w.minute, *w.budget_starts(), *_TTLS, request_id, len(charges)]
+                    for c in charges:
+                        args += [c.subject, repr(c.tokens), repr(c.usd)]
+                    await self._settle(args=args, client=pipe)
+                await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
 

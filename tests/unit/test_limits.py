@@ -193,3 +193,18 @@ async def test_an_unreachable_redis_is_store_unavailable_and_fails_as_configured
     redis_server.start()
     assert isinstance(await store.admit(admission(limits, now=T0 + 1)), Admitted)
     await store.aclose()
+
+
+async def test_settlements_of_one_access_log_message_go_together(store):
+    limits = team(tokens_per_minute=1000, max_concurrent=3)
+    held = [admission(limits, tokens=300) for _ in range(3)]
+    for a in held:
+        assert isinstance(await store.admit(a), Admitted)
+    await store.settle_many([(a.request_id, (Charge(limits.subject, 100, 0.0),)) for a in held], T0 + 1)
+    # The three slots are free again (all three holds released), and 300 tokens are used.
+    for _ in range(3):
+        assert isinstance(await store.admit(admission(limits, tokens=100, now=T0 + 2)), Admitted)
+    full = await store.admit(admission(limits, now=T0 + 2))
+    assert isinstance(full, Refusal) and full.limit == "max_concurrent"
+    crowded = await store.admit(admission(team(tokens_per_minute=600), now=T0 + 2))
+    assert isinstance(crowded, Refusal) and crowded.used == 300 and crowded.held == 300
