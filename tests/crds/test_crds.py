@@ -101,9 +101,9 @@ def test_fixture_matches_expectation_in_crd_and_models(case: Path):
             assert any(expected in e for e in errors), f"{source}: expected {expected!r} in {errors}"
 
 
-def test_there_are_valid_and_invalid_cases_for_both_kinds():
+def test_there_are_valid_and_invalid_cases_for_every_kind():
     kinds = {(yaml.safe_load(c.read_text())["kind"], expectation(c) is None) for c in CASES}
-    assert kinds == {("AIProvider", True), ("AIProvider", False), ("RoutingPolicy", True), ("RoutingPolicy", False)}
+    assert kinds == {(kind, valid) for kind in ("AIProvider", "RoutingPolicy", "Consumer") for valid in (True, False)}
 
 
 def test_examples_are_valid_against_the_crds():

@@ -307,3 +307,41 @@ def test_the_explain_api_names_the_consumer_and_answers_what_live_would(gw):
     assert anonymous.status_code == 401
     public = httpx.post(f"{gw.admin_url}/v1/route", json={**body, "model": "public"}).json()
     assert public["consumer"] == "anonymous"
+
+
+def test_a_jwks_fetched_by_envoy_from_the_issuers_url_verifies_tokens(fakes, tmp_path):
+    """`jwksUri`: Envoy fetches the keys itself (a cluster of its own for the issuer's host)."""
+    import http.server
+    import threading
+
+    document = jwks().encode()
+
+    class Keys(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(document)))
+            self.end_headers()
+            self.wfile.write(document)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Keys)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
+    remote = consumer("remote-bots", jwt={"issuer": ISSUER, "jwksUri": url, "claims": {"sub": "ci-bot"}})
+    text = dump(
+        provider("beta", fakes["beta"].url + "/v1", [model("n")]),
+        policy("code", ["code"], [backend("beta", "n")]),
+        remote,
+    )
+    gw = start_gateway(tmp_path, text, extproc_workers=1)
+    try:
+        with client(gw, token()) as bot:
+            assert bot.chat.completions.create(model="code", **ASK).choices
+        with client(gw, token(OTHER)) as forged, pytest.raises(openai.AuthenticationError):
+            forged.chat.completions.create(model="code", **ASK)
+    finally:
+        gw.stop()
+        server.shutdown()

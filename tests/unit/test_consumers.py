@@ -160,3 +160,27 @@ def test_identify_takes_any_headers_and_payload_and_names_nobody_without_a_real_
 
 
 IDENTITIES: Identities = table(*TEAMS, keys=HASHES).identities
+
+
+def test_with_consumers_envoy_sends_key_headers_checks_jwts_and_never_fails_open():
+    def router(cfg, failure_mode="open"):
+        listener = envoygen.listener(cfg, envoygen.GatewayOptions(failure_mode=failure_mode))
+        filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+        return {f["name"]: f["typed_config"] for f in filters}
+
+    plain = router(compiled())
+    assert plain["envoy.filters.http.ext_proc"]["failure_mode_allow"] is True  # as configured
+    assert "envoy.filters.http.jwt_authn" not in plain
+    assert "request.headers['authorization']" not in plain["envoy.filters.http.ext_proc"]["request_attributes"]
+
+    gated = router(compiled(*TEAMS, keys=HASHES))
+    ext = gated["envoy.filters.http.ext_proc"]
+    assert ext["failure_mode_allow"] is False
+    for header in ("authorization", "x-api-key", "api-key"):
+        assert f"request.headers['{header}']" in ext["request_attributes"]
+    assert ext["metadata_options"]["forwarding_namespaces"] == {"untyped": ["envoy.filters.http.jwt_authn"]}
+    jwt_config = gated["envoy.filters.http.jwt_authn"]
+    (provider_config,) = jwt_config["providers"].values()
+    assert provider_config["issuer"] == "https://idp" and provider_config["local_jwks"] == {"inline_string": JWKS}
+    requirements = jwt_config["rules"][0]["requires"]["requires_any"]["requirements"]
+    assert {"allow_missing_or_failed": {}} in requirements  # a gateway key in Authorization passes on
