@@ -67,18 +67,8 @@ class ClusterAPI:
 
     async def secret(self, namespace: str, name: str) -> dict[str, SecretValue] | None:
         """The Secret's keys and values, or None if it does not exist."""
-
-        def read() -> Any:
-            return self.core.read_namespaced_secret(name, namespace)
-
-        try:
-            obj = await asyncio.to_thread(read)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        data = obj.data or {}
-        return {k: SecretValue(base64.b64decode(v).decode(errors="replace")) for k, v in data.items()}
+        found = await self.secret_with_annotations(namespace, name)
+        return None if found is None else found[0]
 
     async def secret_with_annotations(
         self, namespace: str, name: str
