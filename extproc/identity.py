@@ -17,8 +17,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.envoygen.contract import KEY_HEADERS
 from signalbox.core.errors import ModelNotAllowed, Unauthenticated
 from signalbox.core.keys import key_hash
-
-from .limits import SubjectLimits
+from signalbox.core.limits import SubjectLimits
 
 if TYPE_CHECKING:
     from .runtime import PolicyRuntime

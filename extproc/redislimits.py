@@ -22,17 +22,20 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from .limits import (
+from signalbox.core.limits import (
+    BUDGET_WINDOWS,
     DAY,
     HOUR,
     Admission,
     Admitted,
     Charge,
     Refusal,
-    StoreUnavailable,
     Windows,
     check,
+    usd_key,
 )
+
+from .limits import StoreUnavailable
 
 log = logging.getLogger("signalbox.extproc")
 
@@ -225,9 +228,7 @@ class RedisLimits:
 
     async def spend(self, subject: str, now: float) -> tuple[float, float, float]:
         w = Windows.at(now)
-        keys = [
-            f"sbx:{{{subject}}}:usd:{n}:{s}" for n, s in zip(("hour", "day", "month"), w.budget_starts(), strict=True)
-        ]
+        keys = [usd_key(subject, n, s) for n, s in zip(BUDGET_WINDOWS, w.budget_starts(), strict=True)]
         try:
             values = await self.client.mget(keys)
         except (RedisError, OSError) as exc:

@@ -15,13 +15,13 @@ from pathlib import Path
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.budget import HOLD_SLACK_SECONDS, Budget
 from signalbox.core.errors import OPENAI_API, ConfigVersionError
+from signalbox.core.limits import SubjectLimits
 from signalbox.core.schema import SCHEMA_VERSION, STRATEGY_NAMES, provider_api
 from signalbox.core.secrets import SecretValue
 
 from . import default_routes
 from .classify import CompiledRule, compile_rules
 from .identity import Identities, subject_limits
-from .limits import SubjectLimits
 from .semantic import SemanticRouter
 
 KeyResolver = Callable[[pb.Auth], SecretValue | None]

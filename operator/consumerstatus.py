@@ -1,7 +1,8 @@
 """A Consumer's spend against its budget, in `status.spend` (what `kubectl get consumers` shows).
 
 The gateways count spend in the shared limit store (Redis; extproc.redislimits), so the
-operator reads it there: one read of three counters per budgeted consumer per interval. With
+operator reads it there (the keys are `core.limits.usd_key`): one MGET of three counters per
+budgeted consumer per interval. With
 the embedded store (no Redis) each replica counts alone and nothing is reported here: the
 gateway's admin API and its metrics say what that replica spent.
 """
@@ -11,10 +12,12 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+import redis.asyncio as aioredis
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
+from signalbox.core.limits import BUDGET_WINDOWS, SubjectLimits, Windows, budget_status, usd_key
 from signalbox.core.models import ConsumerSpec
-from signalbox.extproc.limits import BUDGET_WINDOWS, LimitStore, StoreUnavailable, SubjectLimits, budget_status
 
 
 def subject(namespace: str, name: str, spec: ConsumerSpec) -> SubjectLimits | None:
@@ -29,7 +32,22 @@ def subject(namespace: str, name: str, spec: ConsumerSpec) -> SubjectLimits | No
     )
 
 
-async def spend(store: LimitStore, body: dict[str, Any], now: float) -> dict[str, Any] | None:
+def client(url: str, password: str | None) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0, password=password or None)
+
+
+async def read_spend(redis: aioredis.Redis, subject_id: str, now: float) -> tuple[float, float, float] | None:
+    w = Windows.at(now)
+    keys = [usd_key(subject_id, n, s) for n, s in zip(BUDGET_WINDOWS, w.budget_starts(), strict=True)]
+    try:
+        values = await redis.mget(keys)
+    except (RedisError, OSError):
+        return None
+    hour, day, month = (float(v) if v is not None else 0.0 for v in values)
+    return hour, day, month
+
+
+async def spend(redis: aioredis.Redis, body: dict[str, Any], now: float) -> dict[str, Any] | None:
     """status.spend for the window closest to its limit, or None (no budget, store down)."""
     meta = body.get("metadata") or {}
     try:
@@ -39,10 +57,9 @@ async def spend(store: LimitStore, body: dict[str, Any], now: float) -> dict[str
     limits = subject(meta.get("namespace") or "default", meta["name"], spec)
     if limits is None:
         return None
-    try:
-        spent = await store.spend(limits.subject, now)
-    except StoreUnavailable:
-        return None
+    spent = await read_spend(redis, limits.subject, now)
+    if spent is None:
+        return None  # unreachable: the status keeps its last figures
     w = budget_status(limits, spent, 0.0, now).binding
     assert w.window in BUDGET_WINDOWS
     return {

@@ -153,9 +153,7 @@ def build_registry(config: OperatorConfig, api: ClusterAPI, server: str | None =
                 await stopped.wait(config.budget_status_seconds)
 
     if config.redis_url:
-        from signalbox.extproc.redislimits import RedisLimits
-
-        store = RedisLimits(config.redis_url, password=os.environ.get("SIGNALBOX_REDIS_PASSWORD"))
+        redis = consumerstatus.client(config.redis_url, os.environ.get("SIGNALBOX_REDIS_PASSWORD"))
 
         @kopf.daemon(
             GROUP,
@@ -168,7 +166,7 @@ def build_registry(config: OperatorConfig, api: ClusterAPI, server: str | None =
         async def consumer_spend(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
             """What the consumer spent in its most used budget window, in status.spend (on change)."""
             while not stopped:
-                found = await consumerstatus.spend(store, dict(body), time.time())
+                found = await consumerstatus.spend(redis, dict(body), time.time())
                 if found is not None and found != (body.get("status") or {}).get("spend"):
                     meta = body["metadata"]
                     await api.patch_status(
