@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from signalbox.core.budget import BudgetStatus, refuse_if_exhausted
 from signalbox.core.envoygen import contract
 from signalbox.core.envoygen.contract import (
@@ -39,6 +41,7 @@ from . import body as body_codec
 from .classify import Classification, Features, embeddings_class, features
 from .decisions import DecisionSigner
 from .runtime import BackendRuntime, PolicyRuntime, RuntimeTable
+from .semantic import prompt_vector
 from .strategies import RequestContext, Selection, SelectionState, select
 from .tiers import classify_request
 from .translate import Translation
@@ -89,7 +92,7 @@ def apply_feedback(
         raise MalformedRequest("score must be between 0 and 1", param="score")
     if backend_id not in table.backends or not any(p.name == policy for p in table.policies):
         raise UnknownModel(f"decision names a policy or backend not in force ({policy}, {backend_id})")
-    state.observe_quality(policy, class_key, backend_id, score)
+    state.observe_quality(policy, class_key, backend_id, score, state.neighbours.recall(token))
     return {"recorded": True, "policy": policy, "class": class_key, "backend": backend_id}
 
 
@@ -113,6 +116,9 @@ class RouterOutcome:
     # The body for the first choice (its model; usage asked for in streams). Everything else
     # about that attempt (path, authority, key) is the target route's, in Envoy.
     body: bytes
+    # The prompt's vector when the policy learns per prompt: feedback on this decision teaches
+    # the prompts around it (the servicer keeps it by decision token).
+    vector: np.ndarray | None = None
 
     @property
     def target(self) -> str:
@@ -217,9 +223,12 @@ def finish(
     cls = classification or prepared.classification
     if budget is not None:
         refuse_if_exhausted(prepared.policy.name, budget, now)
+    vector = None
+    if prepared.policy.learning_per_prompt and not prepared.features.embeddings and prepared.features.text:
+        vector = prompt_vector(prepared.features.text)
     selection = select(
         prepared.policy,
-        RequestContext(prepared.features, cls, prepared.hash_key, prepared.refused_apis or {}),
+        RequestContext(prepared.features, cls, prepared.hash_key, prepared.refused_apis or {}, vector),
         state,
         explain,
         budget,
@@ -230,7 +239,9 @@ def finish(
         # Usage is how spend is counted: ask for it in streams too (clients ignore the extra chunk).
         options = body.get("stream_options")
         body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    return RouterOutcome(policy=prepared.policy, selection=selection, classification=cls, body=body_codec.dump(body))
+    return RouterOutcome(
+        policy=prepared.policy, selection=selection, classification=cls, body=body_codec.dump(body), vector=vector
+    )
 
 
 def decide(

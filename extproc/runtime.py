@@ -128,6 +128,8 @@ class PolicyRuntime:
     learning: bool = False
     learning_exploration_rate: float = 0.0
     learning_prior_weight: float = 5.0
+    # Learn per prompt too (neighbours.py): the router phase embeds the prompt.
+    learning_per_prompt: bool = False
     quality_tolerance: float = -1.0  # negative: per-complexity minimum quality
     llm: LlmTierConfig | None = None
     budget: Budget | None = None
@@ -283,6 +285,7 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
         open_seconds=p.timeout_ms / 1000 + HOLD_SLACK_SECONDS,
         learning_exploration_rate=p.learning_exploration_rate,
         learning_prior_weight=p.learning_prior_weight,
+        learning_per_prompt=p.learning_per_prompt,
         quality_tolerance=p.quality_tolerance,
         llm=LlmTierConfig(backends[p.llm_backend - 1], p.llm_timeout_ms / 1000, p.llm_min_confidence, p.llm_cache_size)
         if p.llm_backend

@@ -52,6 +52,17 @@ def mapped_tensor(path: Path, name: str) -> np.ndarray:
 
 
 @functools.cache
+@functools.cache
+def shared_embedder() -> Embedder:
+    """One embedder per process for per-prompt learning (the file is mapped once)."""
+    return default_embedder()
+
+
+def prompt_vector(text: str) -> np.ndarray:
+    """A request's vector for per-prompt learning (`neighbours`)."""
+    return shared_embedder()([text])[0]
+
+
 def default_embedder() -> Embedder:
     """wordllama's embedding (token vectors averaged over the text, then L2-normalised), read
     straight from the files the package ships rather than through `wordllama.WordLlama`: its

@@ -291,14 +291,17 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             except BaseException:
                 await self.release(request_id, held)
                 raise
+            token = self.signer.token(
+                policy.name, outcome.classification.class_key, outcome.selection.choice.backend.id
+            )
+            if outcome.vector is not None:
+                state.neighbours.remember(token, outcome.vector)  # for the feedback on it
             metadata = {
                 "target": outcome.target,
                 "policy": policy.name,
                 "policy_id": policy.id,
                 "reason": outcome.selection.reason,
-                "decision": self.signer.token(
-                    policy.name, outcome.classification.class_key, outcome.selection.choice.backend.id
-                ),
+                "decision": token,
                 "class": decide.class_header(outcome.classification),
                 # attempt.lua leaves the body alone on an attempt to this model's backend.
                 BODY_MODEL_KEY: outcome.selection.choice.backend.upstream_model,

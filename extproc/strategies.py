@@ -16,6 +16,8 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from signalbox.core.budget import EXHAUSTED, OK, BudgetStatus
 from signalbox.core.errors import NoHealthyBackend, RequestError
 
@@ -23,7 +25,12 @@ from .accounting import cost_usd, expected_usage
 from .classify import Classification, Features
 from .cooldown import Cooldowns
 from .learning import LATENCY_ALPHA, SharedLearning
+from .neighbours import Neighbours
 from .runtime import BackendRuntime, Choice, PolicyRuntime
+
+# How many observations of its class a per-prompt estimate is weighed against: with less
+# evidence than this from similar prompts, the class figure counts for more.
+NEIGHBOUR_PRIOR = 2.0
 
 
 class UnsatisfiableRequest(RequestError):
@@ -48,6 +55,8 @@ class SelectionState:
     shared: SharedLearning | None = None
     # Backends resting after a 429, a rejected key or low rate-limit headers (all workers').
     cooldowns: Cooldowns | None = None
+    # Per-prompt quality: scores with their prompts' vectors (policies with learning.perPrompt).
+    neighbours: Neighbours = field(default_factory=Neighbours)
 
     def cooling(self) -> Mapping[str, tuple[float, str]]:
         """Backend id -> (until, reason) of the backends cooling down now."""
@@ -77,11 +86,16 @@ class SelectionState:
         if self.shared is not None:
             self.shared.add_latency(backend_id, ms, alpha, prior)
 
-    def observe_quality(self, policy: str, class_key: str, backend_id: str, score: float) -> None:
-        """One outcome (0..1: quality feedback, or 0 for a failed request) for a backend on a class.
+    def observe_quality(
+        self, policy: str, class_key: str, backend_id: str, score: float, vector: np.ndarray | None = None
+    ) -> None:
+        """One outcome (0..1: quality feedback, or 0 for a failed request) for a backend on a class,
+        and on the prompt itself when its vector is known (per-prompt learning).
 
         Keyed by policy *name*, not by config generation, so learning survives reloads.
         """
+        if vector is not None:
+            self.neighbours.add(policy, vector, backend_id, score)
         entry = self.quality.setdefault((policy, class_key, backend_id), [0.0, 0.0])
         entry[0] += 1
         entry[1] += score
@@ -100,15 +114,28 @@ class SelectionState:
         ok, failed, _ = self.outcomes.get((policy, class_key, backend_id), (0.0, 0.0, 0.0))
         return (ok + 1) / (ok + failed + 1)  # Laplace: one assumed success before any outcome
 
-    def expected_quality(self, policy: PolicyRuntime, class_key: str, choice: Choice) -> float:
+    def expected_quality(
+        self,
+        policy: PolicyRuntime,
+        class_key: str,
+        choice: Choice,
+        near: Mapping[str, tuple[float, float]] | None = None,
+    ) -> float:
         """Declared quality, replaced by what was observed as observations accumulate, times the
-        share of this class's requests the backend answered without failing over."""
+        share of this class's requests the backend answered without failing over.
+
+        `near`: what the backend scored on prompts like this one (backend id -> (mean, evidence),
+        `Neighbours.estimate`); it replaces the class figure as its evidence grows.
+        """
         prior = choice.backend.quality
         if not policy.learning:
             return prior
         n, total = self.quality.get((policy.name, class_key, choice.backend.id), (0.0, 0.0))
         weight = policy.learning_prior_weight
         quality = (prior * weight + total) / (weight + n) if weight + n else prior
+        if near and choice.backend.id in near:
+            mean, evidence = near[choice.backend.id]
+            quality = (mean * evidence + quality * NEIGHBOUR_PRIOR) / (evidence + NEIGHBOUR_PRIOR)
         return quality * self.success_rate(policy.name, class_key, choice.backend.id)
 
 
@@ -120,6 +147,8 @@ class RequestContext:
     # API family -> why this request cannot be sent to a backend of it (e.g. "'n' other than 1
     # ...", from the translation): such backends are not eligible.
     refused_apis: Mapping[str, str] = field(default_factory=dict)
+    # The prompt's vector, for per-prompt learning (None: the class alone decides).
+    vector: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +212,8 @@ def select_cost(p: PolicyRuntime, cs: tuple[Choice, ...], ctx: RequestContext, s
     class when the policy learns, else what the provider declares.
     """
     cls = ctx.classification
-    quality = {c.index: st.expected_quality(p, cls.class_key, c) for c in cs}
+    near = st.neighbours.estimate(p.name, ctx.vector, [c.backend.id for c in cs]) if ctx.vector is not None else {}
+    quality = {c.index: st.expected_quality(p, cls.class_key, c, near) for c in cs}
 
     def price(c: Choice) -> tuple[float, float]:
         return _price(ctx.features, c), -quality[c.index]

@@ -287,25 +287,29 @@ def cmd_eval_routing(args: argparse.Namespace) -> int:
 
     from signalbox import evaluation
 
-    items = evaluation.load_items(args.data)
     prices = evaluation.load_prices(args.prices)
-    report = evaluation.evaluate(items, prices, folds=args.folds, clusters=args.clusters, seed=args.seed)
+    per_prompt = not args.class_only
+    if args.train or args.test:
+        if not (args.train and args.test) or args.data:
+            print("error: --train and --test go together, instead of --data", file=sys.stderr)
+            return 2
+        train, test = evaluation.load_items(args.train), evaluation.load_items(args.test)
+        report = evaluation.evaluate_split(
+            train, test, prices, clusters=args.clusters, seed=args.seed, per_prompt=per_prompt
+        )
+    elif args.data:
+        items = evaluation.load_items(args.data)
+        report = evaluation.evaluate(
+            items, prices, folds=args.folds, clusters=args.clusters, seed=args.seed, per_prompt=per_prompt
+        )
+    else:
+        print("error: give --data (K folds) or --train and --test (a fixed split)", file=sys.stderr)
+        return 2
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
         evaluation.plot(report, args.plot)
-    best = report["baselines"]["best_single"]
-    print(f"best single model ({', '.join(report['best_single_models'])}): score {best['score']:.3f}")
-    for name, point in report["baselines"].items():
-        print(f"  {name:12s} score {point['score']:.3f}  cost/1M req ${point['cost'] * 1e6:,.0f}")
-    saving = report["cost_saving_at_95"]
-    if saving is None:
-        print("no tolerance kept 95% of the best single model's score")
-    else:
-        print(
-            f"cost saving at >=95% of its score: {saving:.1%} (score ratio {report['score_ratio']:.3f}, "
-            f"tolerance {report['tolerance_at_95']})"
-        )
+    print(evaluation.describe(report))
     return 0
 
 
@@ -514,11 +518,16 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(func=cmd_classify)
 
     ev = sub.add_parser("eval-routing", help="cost-quality evaluation of adaptive routing on a scored dataset")
-    ev.add_argument("--data", required=True, help="JSONL: {'prompt': str, 'scores': {model: 0..1}}")
+    ev.add_argument("--data", help="JSONL: {'prompt': str, 'scores': {model: 0..1}}, evaluated in K folds")
+    ev.add_argument("--train", help="a fixed split instead of folds: learn on this JSONL file...")
+    ev.add_argument("--test", help="...and route this one")
     ev.add_argument("--prices", required=True, help="JSON: {model: {'input': USD/1M, 'output': USD/1M}}")
     ev.add_argument("--folds", type=int, default=5)
     ev.add_argument("--clusters", type=int, default=24, help="semantic classes learned from training prompts")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--class-only", action="store_true", help="learn per class only (learning.perPrompt: false), for comparison"
+    )
     ev.add_argument("--output", default="eval/results/routing.json")
     ev.add_argument("--plot", help="PNG cost-quality curve")
     ev.set_defaults(func=cmd_eval_routing)

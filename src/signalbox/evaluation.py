@@ -28,6 +28,7 @@ from typing import Any
 from signalbox.core.compiler import compile_config
 from signalbox.extproc.classify import CHARS_PER_TOKEN
 from signalbox.extproc.decide import decide
+from signalbox.extproc.neighbours import Neighbours
 from signalbox.extproc.runtime import RuntimeTable
 from signalbox.extproc.semantic import default_embedder
 from signalbox.extproc.strategies import SelectionState
@@ -71,7 +72,11 @@ def _slug(model: str) -> str:
 
 
 def build_resources(
-    models: list[str], prices: dict[str, tuple[float, float]], routes: list[dict[str, Any]], tolerance: float
+    models: list[str],
+    prices: dict[str, tuple[float, float]],
+    routes: list[dict[str, Any]],
+    tolerance: float,
+    per_prompt: bool = True,
 ) -> tuple[list[dict], list[dict]]:
     providers = [
         {
@@ -105,7 +110,7 @@ def build_resources(
             "backends": [{"provider": _slug(m), "model": "m"} for m in models],
             "cost": {"qualityTolerance": tolerance},
             # Offline: no exploration, and the declared quality counts for a single observation.
-            "learning": {"enabled": True, "explorationRate": 0.0, "priorWeight": 1},
+            "learning": {"enabled": True, "explorationRate": 0.0, "priorWeight": 1, "perPrompt": per_prompt},
             "classification": {"useDefaultRules": True, "semantic": {"routes": routes, "minRulesConfidence": 1.0}},
         },
     }
@@ -137,7 +142,9 @@ def evaluate(
     clusters: int = 24,
     seed: int = 0,
     tolerances: tuple[float, ...] = TOLERANCES,
+    per_prompt: bool = True,
 ) -> dict[str, Any]:
+    """`per_prompt`: learn per prompt too (neighbours), as a policy does by default."""
     models = sorted(prices)
     missing = {m for item in items for m in models if m not in item.scores}
     if missing:
@@ -150,24 +157,45 @@ def evaluate(
     for f, test_idx in enumerate(parts):
         train = [items[i] for p in parts if p is not test_idx for i in p]
         test = [items[i] for i in test_idx]
-        routes = cluster_routes([it.prompt for it in train], clusters, seed + f)
-        state = SelectionState(rng=random.Random(seed))
-        tables = {}
-        for t in tolerances:
-            result = compile_config(*build_resources(models, prices, routes, t))
-            assert result.config is not None, result.problems
-            tables[t] = RuntimeTable.from_config(result.config)
-        first = tables[tolerances[0]]
-        policy = first.policies[0]
-        from signalbox.extproc.classify import features
-        from signalbox.extproc.tiers import classify_request
-
-        for it in train:  # the live feedback path, with every model's outcome known
-            key = classify_request(policy, features({"messages": [{"role": "user", "content": it.prompt}]})).class_key
-            for choice in policy.choices:
-                state.observe_quality(POLICY, key, choice.backend.id, it.scores[choice.backend.upstream_model])
-        per_fold.append(_score_fold(train, test, tables, state, models, prices, rng))
+        per_fold.append(_fold(train, test, prices, models, clusters, seed + f, tolerances, per_prompt, rng, seed))
     return _summarize(per_fold, models, tolerances)
+
+
+def evaluate_split(
+    train: list[Item],
+    test: list[Item],
+    prices: dict[str, tuple[float, float]],
+    clusters: int = 24,
+    seed: int = 0,
+    tolerances: tuple[float, ...] = TOLERANCES,
+    per_prompt: bool = True,
+) -> dict[str, Any]:
+    """One fixed split (`eval-routing --train --test`): learn on `train`, route `test`."""
+    models = sorted(prices)
+    fold = _fold(train, test, prices, models, clusters, seed, tolerances, per_prompt, random.Random(seed))
+    return _summarize([fold], models, tolerances)
+
+
+def _fold(train, test, prices, models, clusters, cluster_seed, tolerances, per_prompt, rng, seed=0) -> dict[str, Any]:
+    """Learn on `train` through the live feedback path, then route `test` with decide()."""
+    from signalbox.extproc.classify import features
+    from signalbox.extproc.tiers import classify_request
+
+    routes = cluster_routes([it.prompt for it in train], clusters, cluster_seed)
+    # Room for every training observation (a live policy keeps the newest CAPACITY).
+    state = SelectionState(rng=random.Random(seed), neighbours=Neighbours(capacity=len(train) * len(models) + 1))
+    vectors = default_embedder()([it.prompt for it in train]) if per_prompt else [None] * len(train)
+    tables = {}
+    for t in tolerances:
+        result = compile_config(*build_resources(models, prices, routes, t, per_prompt))
+        assert result.config is not None, result.problems
+        tables[t] = RuntimeTable.from_config(result.config)
+    policy = tables[tolerances[0]].policies[0]
+    for it, vector in zip(train, vectors, strict=True):  # the live feedback path, every outcome known
+        key = classify_request(policy, features({"messages": [{"role": "user", "content": it.prompt}]})).class_key
+        for choice in policy.choices:
+            state.observe_quality(POLICY, key, choice.backend.id, it.scores[choice.backend.upstream_model], vector)
+    return _score_fold(train, test, tables, state, models, prices, rng)
 
 
 def _score_fold(train, test, tables, state, models, prices, rng) -> dict[str, Any]:
@@ -178,11 +206,11 @@ def _score_fold(train, test, tables, state, models, prices, rng) -> dict[str, An
     cheapest = min(models, key=lambda m: (sum(prices[m]), -mean_score(m, train)))
     out: dict[str, Any] = {"best_single": best, "cheapest": cheapest, "baselines": {}, "sweep": {}}
 
-    def record(name: str, picks: list[str]) -> dict[str, float]:
-        return {
-            "score": statistics.fmean(it.scores[m] for it, m in zip(test, picks, strict=True)),
-            "cost": statistics.fmean(cost(it, m, prices) for it, m in zip(test, picks, strict=True)),
-        }
+    def record(name: str, picks: list[str]) -> dict[str, Any]:
+        scores = [it.scores[m] for it, m in zip(test, picks, strict=True)]
+        costs = [cost(it, m, prices) for it, m in zip(test, picks, strict=True)]
+        # Per prompt too: the curve's confidence intervals resample prompts (curve.py).
+        return {"score": statistics.fmean(scores), "cost": statistics.fmean(costs), "items": (scores, costs)}
 
     out["baselines"]["best_single"] = record("best", [best] * len(test))
     out["baselines"]["cheapest"] = record("cheapest", [cheapest] * len(test))
@@ -202,32 +230,58 @@ def _score_fold(train, test, tables, state, models, prices, rng) -> dict[str, An
 
 
 def _summarize(per_fold: list[dict[str, Any]], models: list[str], tolerances: tuple[float, ...]) -> dict[str, Any]:
-    def avg(getter) -> float:
-        return statistics.fmean(getter(f) for f in per_fold)
+    """Pool the folds' held-out prompts (each prompt is held out once), then the curve's figures
+    with bootstrap confidence intervals (`curve.summarize`)."""
+    from . import curve
 
-    baselines = {
-        name: {k: avg(lambda f, n=name, k=k: f["baselines"][n][k]) for k in ("score", "cost")}
-        for name in per_fold[0]["baselines"]
-    }
-    sweep = [
-        {"tolerance": t, **{k: avg(lambda f, t=t, k=k: f["sweep"][t][k]) for k in ("score", "cost")}}
-        for t in tolerances
+    def pooled(getter) -> curve.Points:
+        scores: list[float] = []
+        costs: list[float] = []
+        for f in per_fold:
+            s, c = getter(f)["items"]
+            scores += s
+            costs += c
+        return curve.Points(scores, costs)
+
+    baselines = {name: pooled(lambda f, n=name: f["baselines"][n]) for name in per_fold[0]["baselines"]}
+    sweep = {t: pooled(lambda f, t=t: f["sweep"][t]) for t in tolerances}
+    report = curve.summarize(baselines, sweep)
+    report["folds"] = len(per_fold)
+    report["best_single_models"] = sorted({f["best_single"] for f in per_fold})
+    return report
+
+
+def describe(report: dict[str, Any]) -> str:
+    """The report in a few lines: baselines, then each router's curve figures with their 95 %
+    confidence intervals (bootstrap over prompts)."""
+    best = report["baselines"]["best_single"]
+    lines = [
+        f"{report['prompts']} held-out prompts; best single model ({', '.join(report['best_single_models'])}): "
+        f"score {best['score']:.3f}"
     ]
-    best = baselines["best_single"]
-    for point in sweep:
-        point["score_ratio"] = point["score"] / best["score"]
-        point["cost_saving"] = 1 - point["cost"] / best["cost"]
-    eligible = [p for p in sweep if p["score_ratio"] >= 0.95]
-    chosen = max(eligible, key=lambda p: p["cost_saving"]) if eligible else None
-    return {
-        "folds": len(per_fold),
-        "best_single_models": sorted({f["best_single"] for f in per_fold}),
-        "baselines": baselines,
-        "sweep": sweep,
-        "cost_saving_at_95": chosen["cost_saving"] if chosen else None,
-        "score_ratio": chosen["score_ratio"] if chosen else None,
-        "tolerance_at_95": chosen["tolerance"] if chosen else None,
-    }
+    for name, point in report["baselines"].items():
+        lines.append(f"  {name:12s} score {point['score']:.3f}  cost/1M req ${point['cost'] * 1e6:,.0f}")
+
+    def fmt(figure: dict[str, Any], percent: bool) -> str:
+        value, (low, high) = figure["value"], figure["ci95"]
+        if value is None:
+            return "never reached"
+        return f"{value:.1%} [{low:.1%}, {high:.1%}]" if percent else f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+    for router, figures in report["curve"].items():
+        lines.append(
+            f"  {router:9s} AUC {fmt(figures['auc'], False)}; saving at 95% of the best single model "
+            f"{fmt(figures['saving_at_95'], True)}, at 100% {fmt(figures['saving_at_100'], True)}"
+        )
+    saving = report["cost_saving_at_95"]
+    if saving is None:
+        lines.append("no tolerance kept 95% of the best single model's score")
+    else:
+        lines.append(
+            f"cost saving at >=95% of its score: {saving:.1%} (score ratio {report['score_ratio']:.3f}, "
+            f"tolerance {report['tolerance_at_95']})"
+        )
+    return "\n".join(lines)
 
 
 def plot(report: dict[str, Any], path: str | Path) -> None:

@@ -122,3 +122,58 @@ def test_classify_command_uses_the_live_decision(tmp_path):
     assert (code["task_type"], code["backend"], code["tier"]) == ("code", "default/smart-local/large", "default")
     assert (chat["task_type"], chat["backend"]) == ("chat", "default/fast-local/small")
     assert set(code) >= {"class", "complexity", "confidence", "reason", "policy"}
+
+
+EASY = ["add {} and {}", "what is {} plus {}", "sum {} with {}", "{} + {} equals what"]
+HARD = [
+    "prove the {} conjecture for all {} dimensional manifolds",
+    "derive a closed form for the {} integral over {} variables",
+    "show that the {} operator is self adjoint on {} spaces",
+]
+
+
+def single_domain(n=240, seed=5):
+    """One task (arithmetic and proofs in one class): the weak model is right on the easy half
+    only; the strong one on both."""
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        if i % 2:
+            text = rng.choice(EASY).format(rng.randint(2, 99), rng.randint(2, 99))
+            scores = {"weak": 1.0, "strong": 1.0}
+        else:
+            text = rng.choice(HARD).format(rng.choice(["hodge", "riemann", "yang"]), rng.randint(2, 9))
+            scores = {"weak": 0.0, "strong": 1.0}
+        items.append(evaluation.Item(text, scores))
+    return items
+
+
+def test_per_prompt_learning_tells_easy_from_hard_prompts_of_one_class():
+    prices = {"weak": (0.1, 0.1), "strong": (1.0, 1.0)}
+    tolerances = (0.0, 0.25, 1.0)
+    by_prompt = evaluation.evaluate(single_domain(), prices, folds=2, clusters=1, tolerances=tolerances)
+    by_class = evaluation.evaluate(
+        single_domain(), prices, folds=2, clusters=1, tolerances=tolerances, per_prompt=False
+    )
+    # Per prompt: the strong model's score at most of the possible saving (0.45: the easy half
+    # on the weak model at a tenth of the price).
+    assert by_prompt["curve"]["signalbox"]["saving_at_100"]["value"] > 0.3
+    # Per class: one class, one answer for every prompt; no saving without losing the hard half.
+    assert (by_class["curve"]["signalbox"]["saving_at_100"]["value"] or 0.0) < 0.05
+
+
+def test_a_fixed_split_from_train_and_test_files(tmp_path, capsys):
+    items = dataset(160)
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    for path, part in ((train, items[:120]), (test, items[120:])):
+        path.write_text("".join(json.dumps({"prompt": it.prompt, "scores": it.scores}) + "\n" for it in part))
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({m: {"input": p[0], "output": p[1]} for m, p in PRICES.items()}))
+    out = tmp_path / "report.json"
+    argv = ["eval-routing", "--train", str(train), "--test", str(test), "--prices", str(prices)]
+    assert cli_main([*argv, "--clusters", "4", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "40 held-out prompts" in printed and "signalbox AUC" in printed and "random" in printed
+    report = json.loads(out.read_text())
+    assert report["folds"] == 1 and report["prompts"] == 40
+    assert cli_main([*argv[:3], "--prices", str(prices)]) == 2  # --train without --test

@@ -272,6 +272,7 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
         learning=spec.learning.enabled,
         learning_exploration_rate=spec.learning.exploration_rate,
         learning_prior_weight=spec.learning.prior_weight,
+        learning_per_prompt=spec.learning.enabled and spec.learning.per_prompt,
         quality_tolerance=-1.0 if spec.cost.quality_tolerance is None else spec.cost.quality_tolerance,
         allow_anonymous=spec.allow_anonymous,
     )

@@ -361,6 +361,12 @@ class LearningSpec(Spec):
     prior_weight: float = Field(
         5.0, ge=0, description="How many observations the declared quality counts for before any are made."
     )
+    per_prompt: bool = Field(
+        True,
+        description="Learn per prompt too: a backend's expected quality on a request leans on its scores for "
+        "the most similar earlier prompts (by meaning), so easy and hard prompts of one class can go to "
+        "different backends. The class figure stays the fallback where few similar prompts were scored.",
+    )
 
 
 class CostSpec(Spec):

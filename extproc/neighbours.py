@@ -1,0 +1,101 @@
+"""Per-prompt quality: what a backend scored on the prompts most like this one (issue 16).
+
+Class-level learning (`SelectionState.quality`) knows how a backend does on a *class*; on data
+where every prompt falls in one class (one task, prompts of varying difficulty) it cannot tell
+an easy prompt from a hard one. This memory keeps each observation with its prompt's vector
+(the semantic tier's embedding: wordllama, 256 dimensions, L2-normalised) and estimates a
+backend's quality on a new prompt as the weighted mean of its scores on the k most similar
+prompts it was scored on (weights fall off with the distance from the closest). The estimate
+comes with its *evidence* (the neighbours' weighted similarity: at most k, small for a region
+never seen), and `SelectionState.expected_quality` blends it with the class-level
+figure in proportion, so the class stays the fallback while a region has few observations.
+
+Bounded: a ring of `capacity` observations per policy (the oldest are forgotten first), float32
+(a dot product per observation per request: about 0.2 ms for 8,192 on this machine).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import numpy as np
+
+CAPACITY = 8192
+K = 16
+# Kernel width on cosine similarity: a neighbour 0.1 less similar than the closest counts e^-1
+# as much. Prompts of one topic sit within ~0.1 of each other in wordllama's space.
+BANDWIDTH = 0.1
+# Decisions whose vectors are kept for the feedback that may follow (by decision token).
+RECENT = 4096
+
+
+class _Ring:
+    def __init__(self, dim: int, capacity: int):
+        self.vectors = np.zeros((capacity, dim), dtype=np.float32)
+        self.backends = np.full(capacity, -1, dtype=np.int32)
+        self.scores = np.zeros(capacity, dtype=np.float32)
+        self.ids: dict[str, int] = {}
+        self.size = 0
+        self.next = 0
+
+    def add(self, vector: np.ndarray, backend: str, score: float) -> None:
+        index = self.ids.setdefault(backend, len(self.ids))
+        self.vectors[self.next] = vector
+        self.backends[self.next] = index
+        self.scores[self.next] = score
+        self.next = (self.next + 1) % len(self.scores)
+        self.size = min(self.size + 1, len(self.scores))
+
+
+class Neighbours:
+    def __init__(self, capacity: int = CAPACITY, k: int = K, bandwidth: float = BANDWIDTH):
+        self.capacity, self.k, self.bandwidth = capacity, k, bandwidth
+        self._rings: dict[str, _Ring] = {}
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return sum(r.size for r in self._rings.values())
+
+    def add(self, policy: str, vector: np.ndarray, backend: str, score: float) -> None:
+        ring = self._rings.get(policy)
+        if ring is None:
+            ring = self._rings[policy] = _Ring(len(vector), self.capacity)
+        ring.add(vector, backend, score)
+
+    def estimate(self, policy: str, vector: np.ndarray, backends: Iterable[str]) -> dict[str, tuple[float, float]]:
+        """Backend id -> (estimated quality, evidence) for the backends observed near `vector`."""
+        ring = self._rings.get(policy)
+        if ring is None or ring.size == 0:
+            return {}
+        sims = ring.vectors[: ring.size] @ vector
+        owners = ring.backends[: ring.size]
+        out: dict[str, tuple[float, float]] = {}
+        for backend in backends:
+            index = ring.ids.get(backend)
+            if index is None:
+                continue
+            mine = np.flatnonzero(owners == index)
+            if len(mine) == 0:
+                continue
+            if len(mine) > self.k:
+                mine = mine[np.argpartition(sims[mine], -self.k)[-self.k :]]
+            near = sims[mine]
+            # Relative to the closest: the mean leans on the nearest few. The evidence is how
+            # close they are in absolute terms (a region never seen counts for little).
+            weights = np.exp((near - near.max()) / self.bandwidth)
+            evidence = float(weights @ np.clip(near, 0.0, 1.0))
+            if evidence > 0:
+                out[backend] = (float(weights @ ring.scores[mine] / weights.sum()), evidence)
+        return out
+
+    # ------------------------------------------------------------------ feedback
+
+    def remember(self, token: str, vector: np.ndarray) -> None:
+        """The vector of a decision, for the feedback on it that may come (`recall`)."""
+        self._recent[token] = vector
+        if len(self._recent) > RECENT:
+            self._recent.popitem(last=False)
+
+    def recall(self, token: str) -> np.ndarray | None:
+        return self._recent.get(token)
