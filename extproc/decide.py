@@ -92,7 +92,7 @@ def apply_feedback(
         raise MalformedRequest("score must be between 0 and 1", param="score")
     if backend_id not in table.backends or not any(p.name == policy for p in table.policies):
         raise UnknownModel(f"decision names a policy or backend not in force ({policy}, {backend_id})")
-    state.observe_quality(policy, class_key, backend_id, score, state.neighbours.recall(token))
+    state.observe_quality(policy, class_key, backend_id, score, state.recall(token))
     return {"recorded": True, "policy": policy, "class": class_key, "backend": backend_id}
 
 

@@ -4,7 +4,9 @@
 With a `SharedLearning` attached it writes every observation through to the file and reloads
 the dicts whenever another worker has written (SQLite's `data_version`, a cheap check per
 decision), so feedback that reached one worker teaches all of them. Rows are keyed like the
-dicts: (policy name, class, backend); latency by backend.
+dicts: (policy name, class, backend); latency by backend. Per-prompt observations (their
+prompts' vectors, `neighbours`) and the vectors of recent decisions (for feedback that reaches
+another worker than the one that decided) are rows too; each worker loads the new ones.
 
 The other gateway replicas' observations arrive as `remote_*` rows (written by
 `signalbox.replicasync`) and are added in: counts sum; the latency average is this replica's
@@ -14,6 +16,8 @@ own when it has one (it is what this replica's clients see), else the others' me
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 from .sharedstate import connect
 
@@ -32,7 +36,15 @@ CREATE TABLE IF NOT EXISTS remote_quality (
 CREATE TABLE IF NOT EXISTS remote_outcomes (
   replica TEXT NOT NULL, policy TEXT NOT NULL, class TEXT NOT NULL, backend TEXT NOT NULL,
   ok REAL NOT NULL, failed REAL NOT NULL, latency REAL NOT NULL, PRIMARY KEY (replica, policy, class, backend));
+CREATE TABLE IF NOT EXISTS neighbours (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, policy TEXT NOT NULL, backend TEXT NOT NULL, score REAL NOT NULL,
+  vector BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS decision_vectors (token TEXT PRIMARY KEY, vector BLOB NOT NULL);
 """
+# Per-prompt observations kept in the file (the newest; each worker's memory keeps its own
+# capacity of them), and decisions whose vectors are kept for the feedback that may follow.
+NEIGHBOUR_ROWS = 65536
+DECISION_ROWS = 16384
 # Weight of the newest latency in the outcome EWMA (the same as SelectionState's).
 LATENCY_ALPHA = 0.3
 
@@ -68,6 +80,37 @@ class SharedLearning:
             "INSERT INTO latency VALUES (?, ?) ON CONFLICT (backend) DO UPDATE SET ms = ms + ? * (? - ms)",
             (backend, prior + alpha * (ms - prior), alpha, ms),
         )
+
+    # ------------------------------------------------------------------ per prompt
+
+    def add_neighbour(self, policy: str, vector: np.ndarray, backend: str, score: float) -> None:
+        row = self.db.execute(
+            "INSERT INTO neighbours (policy, backend, score, vector) VALUES (?, ?, ?, ?)",
+            (policy, backend, score, np.asarray(vector, dtype=np.float32).tobytes()),
+        )
+        if row.lastrowid and row.lastrowid % 1024 == 0:
+            self.db.execute("DELETE FROM neighbours WHERE id <= ?", (row.lastrowid - NEIGHBOUR_ROWS,))
+
+    def neighbours_since(self, last_id: int) -> list[tuple[int, str, str, float, np.ndarray]]:
+        """Observations after `last_id` (every worker's), oldest first."""
+        return [
+            (int(i), policy, backend, float(score), np.frombuffer(blob, dtype=np.float32))
+            for i, policy, backend, score, blob in self.db.execute(
+                "SELECT id, policy, backend, score, vector FROM neighbours WHERE id > ? ORDER BY id", (last_id,)
+            )
+        ]
+
+    def remember_decision(self, token: str, vector: np.ndarray) -> None:
+        row = self.db.execute(
+            "INSERT OR REPLACE INTO decision_vectors VALUES (?, ?)",
+            (token, np.asarray(vector, dtype=np.float32).tobytes()),
+        )
+        if row.lastrowid and row.lastrowid % 1024 == 0:
+            self.db.execute("DELETE FROM decision_vectors WHERE rowid <= ?", (row.lastrowid - DECISION_ROWS,))
+
+    def decision_vector(self, token: str) -> np.ndarray | None:
+        row = self.db.execute("SELECT vector FROM decision_vectors WHERE token = ?", (token,)).fetchone()
+        return np.frombuffer(row[0], dtype=np.float32) if row else None
 
     def load_latency(self) -> dict[str, float]:
         return dict(self.db.execute("SELECT backend, ms FROM latency").fetchall())

@@ -295,7 +295,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 policy.name, outcome.classification.class_key, outcome.selection.choice.backend.id
             )
             if outcome.vector is not None:
-                state.neighbours.remember(token, outcome.vector)  # for the feedback on it
+                state.remember(token, outcome.vector)  # for the feedback on it, on any worker
             metadata = {
                 "target": outcome.target,
                 "policy": policy.name,

@@ -57,6 +57,8 @@ class SelectionState:
     cooldowns: Cooldowns | None = None
     # Per-prompt quality: scores with their prompts' vectors (policies with learning.perPrompt).
     neighbours: Neighbours = field(default_factory=Neighbours)
+    # The last shared per-prompt observation taken in (its row id).
+    _neighbours_seen: int = 0
 
     def cooling(self) -> Mapping[str, tuple[float, str]]:
         """Backend id -> (until, reason) of the backends cooling down now."""
@@ -67,6 +69,25 @@ class SelectionState:
         if self.shared is not None and self.shared.changed():
             self.quality, self.outcomes = self.shared.load()
             self.latency_ms = self.shared.load_latency()
+            self._load_neighbours()
+
+    def _load_neighbours(self) -> None:
+        assert self.shared is not None
+        for row_id, policy, backend, score, vector in self.shared.neighbours_since(self._neighbours_seen):
+            self.neighbours.add(policy, vector, backend, score)
+            self._neighbours_seen = row_id
+
+    def remember(self, token: str, vector: np.ndarray) -> None:
+        """A decision's prompt vector, for the feedback on it (any worker may get that)."""
+        self.neighbours.remember(token, vector)
+        if self.shared is not None:
+            self.shared.remember_decision(token, vector)
+
+    def recall(self, token: str) -> np.ndarray | None:
+        found = self.neighbours.recall(token)
+        if found is None and self.shared is not None:
+            found = self.shared.decision_vector(token)
+        return found
 
     def snapshot(self) -> SelectionState:
         """An independent copy (for dry runs: explaining must not move round-robin positions)."""
@@ -95,7 +116,12 @@ class SelectionState:
         Keyed by policy *name*, not by config generation, so learning survives reloads.
         """
         if vector is not None:
-            self.neighbours.add(policy, vector, backend_id, score)
+            if self.shared is not None:
+                # Through the file, then read back with what other workers added meanwhile.
+                self.shared.add_neighbour(policy, vector, backend_id, score)
+                self._load_neighbours()
+            else:
+                self.neighbours.add(policy, vector, backend_id, score)
         entry = self.quality.setdefault((policy, class_key, backend_id), [0.0, 0.0])
         entry[0] += 1
         entry[1] += score

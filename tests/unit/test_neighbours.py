@@ -82,7 +82,7 @@ def learn_live(per_prompt: bool, events: int, seed: int = 1) -> tuple[float, set
         chosen = outcome.selection.choice.backend.provider.name
         token = signer.token("learner", outcome.classification.class_key, outcome.selection.choice.backend.id)
         if outcome.vector is not None:
-            state.neighbours.remember(token, outcome.vector)  # as the servicer does
+            state.remember(token, outcome.vector)  # as the servicer does
         score = 0.0 if hard and chosen == "cheap" else 1.0
         decide.apply_feedback(t, state, json.dumps({"decision": token, "score": score}).encode(), signer)
         classes.add(outcome.classification.class_key)
@@ -126,3 +126,22 @@ def test_the_memory_is_a_bounded_ring():
     assert len(memory) == 8
     (mean, _) = memory.estimate("p", np.array([1.0, 0.0], dtype=np.float32), ["x"])["x"]
     assert mean == pytest.approx(1.0)  # the oldest (scored 0) were forgotten first
+
+
+def test_workers_sharing_a_learning_file_learn_from_each_others_feedback(tmp_path):
+    """Two workers: one decides, the other gets the feedback (Envoy balances feedback calls
+    too); both then know the prompt's neighbourhood."""
+    from signalbox.extproc.learning import SharedLearning
+
+    deciding = SelectionState(shared=SharedLearning(tmp_path / "learning.db"))
+    other = SelectionState(shared=SharedLearning(tmp_path / "learning.db"))
+    t, signer = table(True), DecisionSigner()
+    outcome = route(t, deciding, "Prove that there are infinitely many primes of the form 4k+3.")
+    token = signer.token("learner", outcome.classification.class_key, outcome.selection.choice.backend.id)
+    deciding.remember(token, outcome.vector)
+    decide.apply_feedback(t, other, json.dumps({"decision": token, "score": 0.0}).encode(), signer)
+    chosen = outcome.selection.choice.backend.id
+    assert other.neighbours.estimate("learner", outcome.vector, [chosen])[chosen][0] == 0.0
+    deciding.refresh()
+    assert deciding.neighbours.estimate("learner", outcome.vector, [chosen])[chosen][0] == 0.0
+    assert len(deciding.neighbours) == len(other.neighbours) == 1
