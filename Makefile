@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: eval setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-faults faults-scorecard test-fuzz fuzz bench bench-peers bench-scale bench-attempt bench-translation bench-consumers protos protos-check lint up validate clean
+.PHONY: eval train-classifier setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-faults faults-scorecard test-fuzz fuzz bench bench-peers bench-scale bench-attempt bench-translation bench-consumers protos protos-check lint up validate clean
 
 # Strict editable mode: extproc/ and operator/ install as signalbox.extproc and
 # signalbox.operator through a link tree under build/ (operator/ has no __init__.py, so it can
@@ -127,6 +127,10 @@ bench-consumers: setup
 ## npm; installs the pinned peers under build/peers/) -> bench/results/peers.json
 bench-peers: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.peers
+
+## Retrain the task-type classifier shipped as extproc/task_types.npz (reports its folds first).
+train-classifier: setup
+	OPENBLAS_NUM_THREADS=1 $(PY) -m eval.train_classifier
 
 ## Classifier and routing quality on ../shared/data -> eval/results/latest.json (+ PNG curve).
 eval: setup

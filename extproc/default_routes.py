@@ -1,20 +1,22 @@
-"""Built-in semantic routes for the task types, used when no rule recognised a request.
+"""The built-in semantic tier: task types for requests no rule recognised.
 
-Written for Signalbox (not taken from any evaluation set). A policy's own semantic routes
-replace these; `classification.useDefaultRules: false` turns them off with the default rules.
+Since issue 16 it is the trained task-type model (`task_model`, `make train-classifier`); the
+utterances below, written for Signalbox (not taken from any evaluation set), are part of its
+training data. A policy's own semantic routes replace it; `classification.useDefaultRules:
+false` turns it off with the default rules.
 """
 
 from __future__ import annotations
 
 import functools
 
-from signalbox.api.v1alpha1 import config_pb2 as pb
+from . import task_model
+from .semantic import RouteHit, prompt_vector
 
-from .semantic import SemanticRouter
-
-# Only requests no rule recognised (confidence 0.3) go to the built-in semantic routes.
+# Only requests no rule recognised (confidence 0.3) go to the built-in semantic tier.
 MIN_RULES_CONFIDENCE = 0.5
-THRESHOLD = 0.2
+# Below this probability of its best class the model's answer is not used (the rules' stands).
+MIN_PROBABILITY = 0.3
 
 UTTERANCES: dict[str, list[str]] = {
     "qa": [
@@ -106,14 +108,23 @@ UTTERANCES: dict[str, list[str]] = {
 }
 
 
-def routes() -> list[pb.SemanticRoute]:
-    return [
-        pb.SemanticRoute(name=f"task-{task}", utterances=u, threshold=THRESHOLD, task_type=task)
-        for task, u in UTTERANCES.items()
-    ]
+class TaskTypeRouter:
+    """The trained model behind the semantic tier's interface (`classify(text) -> RouteHit`).
+    Its classes are named `task-<type>` (the class key learning is kept by)."""
+
+    def __init__(self, model: task_model.TaskModel):
+        self.model = model
+
+    def classify(self, text: str) -> RouteHit | None:
+        if not text.strip():
+            return None
+        label, probability = self.model.predict(prompt_vector(text), text)
+        if probability < MIN_PROBABILITY:
+            return None
+        return RouteHit(f"task-{label}", label, "", round(probability, 4))
 
 
 @functools.cache
-def router() -> SemanticRouter:
-    """Built once per process: the routes never change with the config."""
-    return SemanticRouter(routes())
+def router() -> TaskTypeRouter:
+    """Built once per process: the model never changes with the config."""
+    return TaskTypeRouter(task_model.load())

@@ -145,8 +145,9 @@ return 1
 
 # How long a window's USD counter outlives the window (status reads it a little after).
 _TTLS = (HOUR + 600, DAY + 600, 32 * DAY)
-# One slow answer must not hold requests: past this the store counts as unreachable.
-DEFAULT_TIMEOUT_SECONDS = 0.25
+# One slow answer must not hold requests for long: past this the store counts as unreachable
+# (and each limit does what whenStoreUnavailable says).
+DEFAULT_TIMEOUT_SECONDS = 0.5
 
 
 def _num(x: Any) -> float:

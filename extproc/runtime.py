@@ -22,7 +22,7 @@ from signalbox.core.secrets import SecretValue
 from . import default_routes
 from .classify import CompiledRule, compile_rules
 from .identity import Identities, subject_limits
-from .semantic import SemanticRouter
+from .semantic import Classifier, SemanticRouter
 
 KeyResolver = Callable[[pb.Auth], SecretValue | None]
 
@@ -123,7 +123,7 @@ class PolicyRuntime:
     min_quality: dict[str, float]
     rules: tuple[CompiledRule, ...]
     routes: tuple[ClassRouteRuntime, ...]
-    semantic: SemanticRouter | None = None
+    semantic: Classifier | None = None
     semantic_min_rules_confidence: float = 0.8
     learning: bool = False
     learning_exploration_rate: float = 0.0
@@ -235,7 +235,7 @@ class RuntimeTable:
         )
 
 
-def _semantic(p: pb.Policy) -> SemanticRouter | None:
+def _semantic(p: pb.Policy) -> Classifier | None:
     if p.semantic_routes:
         return SemanticRouter(p.semantic_routes, p.semantic_default_route)
     return default_routes.router() if p.use_default_rules else None

@@ -102,6 +102,13 @@ def default_embedder() -> Embedder:
     return embed
 
 
+class Classifier(Protocol):
+    """What the semantic tier asks: a policy's own routes (SemanticRouter) or the built-in
+    task-type model (default_routes.TaskTypeRouter)."""
+
+    def classify(self, text: str) -> RouteHit | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RouteHit:
     name: str

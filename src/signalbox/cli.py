@@ -19,6 +19,11 @@ from pathlib import Path
 
 from signalbox.core.errors import ConfigError
 
+# One BLAS thread per process, set before anything imports numpy: ext_proc workers already run
+# one per core, and OpenBLAS's own threads spin against them (the per-prompt memory's 8,192 x
+# 256 product took 8 ms instead of 1 ms while another process was busy).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 USAGE_EXAMPLES = """examples:
   signalbox up -f examples/quickstart/          run the local gateway (offline example providers)
   signalbox validate -f examples/providers/     check resources, print every problem

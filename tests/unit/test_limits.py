@@ -46,7 +46,7 @@ async def store(request, tmp_path):
         s.close()
     else:
         server = RedisServer(tmp_path).start()
-        s = RedisLimits(server.url)
+        s = RedisLimits(server.url, timeout=5.0)  # the rules, not the timeout, are tested here
         yield s
         await s.aclose()
         server.stop()
@@ -161,7 +161,8 @@ async def test_a_hold_whose_request_never_reports_lapses_at_its_estimate(store):
 async def test_concurrent_admissions_from_two_replicas_overshoot_by_at_most_one_estimate(redis_server):
     """Two replicas (two clients with their own connections) admit a burst against one small
     token limit: the script's atomicity keeps the total held to the limit plus one estimate."""
-    replicas = [RedisLimits(redis_server.url), RedisLimits(redis_server.url)]
+    # Sixty connections at once on a busy machine: a timeout would make it fail open here.
+    replicas = [RedisLimits(redis_server.url, timeout=5.0), RedisLimits(redis_server.url, timeout=5.0)]
     limits = team(tokens_per_minute=1000)
     burst = [admission(limits, tokens=90) for _ in range(60)]
     outcomes = await asyncio.gather(*(replicas[i % 2].admit(a) for i, a in enumerate(burst)))

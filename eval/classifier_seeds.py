@@ -1,0 +1,168 @@
+"""Everyday requests written for Signalbox, by task type, to train the task-type classifier.
+
+The labelled data in ../shared/data covers qa, reasoning, code, math and creative writing well
+(benchmarks and just_eval's GPT-4 labels) but has no summarization, extraction or translation
+and little small talk. These templates and fillers were written here for those gaps (and a few
+everyday forms of the others); they generate a fixed, reproducible set (`seeds()`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+DOCS = ["article", "email thread", "meeting notes", "report", "paper", "chapter", "transcript", "contract"]
+TOPICS = [
+    "the quarterly budget",
+    "climate policy",
+    "a new phone launch",
+    "our hiring plan",
+    "the city council vote",
+    "a football match",
+    "remote work",
+    "a product recall",
+    "the history of tea",
+    "solar panels",
+]
+LANGUAGES = ["French", "German", "Spanish", "Japanese", "Italian", "Portuguese", "Dutch", "Korean", "Polish"]
+PHRASES = [
+    "where is the train station",
+    "I would like a table for two",
+    "the meeting is moved to Friday",
+    "thank you for your patience",
+    "please sign the attached form",
+    "happy birthday, my friend",
+    "the package arrives tomorrow",
+    "how much does this cost",
+]
+THINGS = [
+    "names",
+    "dates",
+    "email addresses",
+    "prices",
+    "phone numbers",
+    "company names",
+    "addresses",
+    "product codes",
+    "amounts",
+    "deadlines",
+]
+SOURCES = [
+    "this invoice",
+    "the text below",
+    "these receipts",
+    "this CV",
+    "the log lines below",
+    "this web page",
+    "the following paragraph",
+    "this order confirmation",
+]
+LANGS = ["python", "javascript", "rust", "go", "java", "sql", "bash", "typescript", "c++"]
+TASKS = [
+    "reverse a linked list",
+    "parse a CSV file",
+    "debounce a function",
+    "read a JSON config",
+    "retry an HTTP request",
+    "merge two sorted lists",
+    "validate an email address",
+    "paginate a query",
+]
+SUBJECTS = [
+    "autumn",
+    "a lighthouse keeper",
+    "first love",
+    "a lost cat",
+    "the sea",
+    "a rainy Monday",
+    "a robot learning to paint",
+    "my grandmother's kitchen",
+]
+FORMS = ["poem", "short story", "limerick", "song", "haiku", "fable", "toast", "product description"]
+
+TEMPLATES: dict[str, list[str]] = {
+    "summarization": [
+        "Summarize this {doc} about {topic} in {n} bullet points.",
+        "Can you give me a short summary of the {doc} below? It is about {topic}.",
+        "TL;DR of the following {doc} on {topic}, please.",
+        "Condense this {doc} into {n} sentences for my manager: {topic}.",
+        "What are the key takeaways from this {doc} about {topic}?",
+        "Write an executive summary of the attached {doc} on {topic}.",
+        "Boil this {doc} down to one paragraph: it covers {topic}.",
+    ],
+    "extraction": [
+        "Extract all the {thing} from {source}.",
+        "List every {thing} mentioned in {source} as JSON.",
+        "Pull the {thing} and the {thing2} out of {source} into a table.",
+        "Find the {thing} in {source} and return them one per line.",
+        "Parse {source} and give me the {thing} as a CSV.",
+        "From {source}, get the {thing}; ignore everything else.",
+    ],
+    "translation": [
+        "Translate '{phrase}' into {lang}.",
+        "How do you say '{phrase}' in {lang}?",
+        "Please translate this sentence to {lang}: {phrase}.",
+        "Translate the following email from English to {lang}: {phrase}.",
+        "What is '{phrase}' in {lang}, formally and informally?",
+        "Render this in {lang} for a sign at the hotel: {phrase}.",
+    ],
+    "chat": [
+        "Hi there! How is your day going?",
+        "Good morning! Any plans for the weekend?",
+        "Thanks a lot, that really helped me out.",
+        "I'm bored, talk to me about anything.",
+        "Can you be my study buddy for tonight?",
+        "Pretend you are a friendly barista and take my order.",
+        "You're a pirate captain now; greet your new crew member {name}.",
+        "I had a rough day at work and just want to chat.",
+        "Tell me something nice, I'm feeling down.",
+        "Let's role-play: you are my personal trainer, I'm {name}.",
+        "Hey, what's up?",
+        "Nice to meet you, I'm {name}!",
+    ],
+    "code": [
+        "Write a {lang} function to {task}.",
+        "How do I {task} in {lang}?",
+        "My {lang} code to {task} throws an error, can you fix it?",
+        "Refactor this {lang} snippet that tries to {task}.",
+        "Write unit tests in {lang} for a function that should {task}.",
+        "Explain what this {lang} code does; it is supposed to {task}.",
+    ],
+    "creative": [
+        "Write a {form} about {subject}.",
+        "Compose a {form} about {subject} for my friend {name}.",
+        "Can you write a funny {form} about {subject}?",
+        "I need a {form} about {subject} for a school assignment.",
+        "Write a heartfelt {form} inspired by {subject}.",
+    ],
+}
+NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Julia"]
+
+
+def seeds(per_class: int = 120, seed: int = 7) -> list[tuple[str, str]]:
+    """(text, task type) pairs, `per_class` of each class above (fewer if the templates give fewer)."""
+    rng = random.Random(seed)
+    out: list[tuple[str, str]] = []
+    for label, templates in TEMPLATES.items():
+        texts: set[str] = set()
+        for template in itertools.islice(itertools.cycle(templates), per_class * 8):
+            texts.add(
+                template.format(
+                    doc=rng.choice(DOCS),
+                    topic=rng.choice(TOPICS),
+                    n=rng.randint(2, 6),
+                    thing=rng.choice(THINGS),
+                    thing2=rng.choice(THINGS),
+                    source=rng.choice(SOURCES),
+                    phrase=rng.choice(PHRASES),
+                    lang=rng.choice(LANGUAGES if label == "translation" else LANGS),
+                    task=rng.choice(TASKS),
+                    form=rng.choice(FORMS),
+                    subject=rng.choice(SUBJECTS),
+                    name=rng.choice(NAMES),
+                )
+            )
+            if len(texts) >= per_class:
+                break
+        out += [(t, label) for t in sorted(texts)]
+    return out
