@@ -53,7 +53,7 @@ def main() -> int:
         "body_parse_and_check_median_ms": round(checked, 4),
         "targets_ms": {"rules": 0.1, "semantic": 5.0},
         "prompts": len(PROMPTS),
-        "semantic_model": "wordllama l2_supercat 256d (shipped in the package)",
+        "semantic_model": "trained task-type model (extproc/task_types.npz): wordllama 256d embedding + hashed words",
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tiers.json").write_text(json.dumps(report, indent=2) + "\n")
