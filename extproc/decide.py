@@ -9,6 +9,7 @@ model (core/attempt.lua), and the key (a credential injector).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -174,6 +175,24 @@ def prepare(
     classification = embeddings_class(feats) if embeddings else classify_request(policy, feats)
     refused = refused_apis(policy, path, raw_body)
     return Prepared(body, policy, feats, classification, hash_key, path, headers, refused)
+
+
+def prepare_candidate(
+    prepared: Prepared, candidate: PolicyRuntime, raw_body: bytes, client_address: str = ""
+) -> Prepared:
+    """The same request, as a rollout's candidate policy would see it (its own rules, hash
+    header and eligible API families)."""
+    feats = prepared.features
+    headers = prepared.headers or {}
+    hash_key = (headers.get(candidate.hash_header, "") if candidate.hash_header else "") or client_address
+    classification = embeddings_class(feats) if feats.embeddings else classify_request(candidate, feats)
+    return dataclasses.replace(
+        prepared,
+        policy=candidate,
+        classification=classification,
+        hash_key=hash_key,
+        refused_apis=refused_apis(candidate, prepared.path, raw_body),
+    )
 
 
 # The paths a backend of another API family can serve, translated.

@@ -97,6 +97,19 @@ class Metrics:
         self.consumer_cost = Counter(
             "signalbox_consumer_cost_usd", "USD spent by each consumer's requests.", ["consumer"], registry=r
         )
+        self.rollout_decisions = Counter(
+            "signalbox_rollout_decisions",
+            "Requests of a policy with a rollout, by candidate, mode and outcome: canary (served_live, "
+            "served_candidate) or shadow (same, differs: whether the candidate picked another backend; error).",
+            ["policy", "candidate", "mode", "outcome"],
+            registry=r,
+        )
+        self.rollout_cost = Counter(
+            "signalbox_rollout_estimated_cost_usd",
+            "Estimated cost of each side's choice in shadow mode (side live or candidate), by class.",
+            ["policy", "candidate", "side", "class_key"],
+            registry=r,
+        )
         self.limit_store_errors = Counter(
             "signalbox_limit_store_errors",
             "Calls to the limit store (Redis) that failed, by operation (admit, settle) and what the "

@@ -7,6 +7,7 @@ reference; each gRPC stream reads the reference once.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,6 +143,8 @@ class PolicyRuntime:
     allow_anonymous: bool = False
     # Limits of the whole policy (every caller), admitted with the consumer's (limits.py).
     limits: SubjectLimits | None = None
+    # A candidate policy tried on this policy's traffic (rollout.py).
+    rollout: pb.Rollout | None = None
 
     def matches(self, path: str, headers: dict[str, str]) -> bool:
         if self.path_prefixes and not path.startswith(self.path_prefixes):
@@ -158,6 +161,10 @@ class RuntimeTable:
     backends: dict[str, BackendRuntime]
     policies: tuple[PolicyRuntime, ...] = field(default=())
     identities: Identities = field(default_factory=Identities.empty)
+
+    @functools.cached_property
+    def by_id(self) -> dict[str, PolicyRuntime]:
+        return {p.id: p for p in self.policies}
 
     @property
     def aliases(self) -> list[str]:
@@ -281,6 +288,7 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
         learning=p.learning,
         compiled=p.compiled,
         allow_anonymous=p.allow_anonymous,
+        rollout=p.rollout if p.HasField("rollout") else None,
         limits=subject_limits(f"policy:{p.id}", f"policy {p.name}", p.limits) if p.HasField("limits") else None,
         open_seconds=p.timeout_ms / 1000 + HOLD_SLACK_SECONDS,
         learning_exploration_rate=p.learning_exploration_rate,

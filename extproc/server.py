@@ -24,7 +24,7 @@ from signalbox.core import budget
 from signalbox.core.envoygen.contract import BODY_MODEL_KEY, EMPTY_BODY, api_of_path
 from signalbox.core.errors import InternalError, MalformedRequest, RequestError
 
-from . import accounting, decide, identity, limits, strategies, upstream, wire
+from . import accounting, decide, identity, limits, rollout, strategies, upstream, wire
 from .accesslog import AccessLogSink
 from .classify import Classification
 from .decisions import DecisionSigner
@@ -85,6 +85,48 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         """What `least-busy` reads: the requests open per backend, across every worker."""
         if policy.strategy == "least-busy":
             self.state.in_flight = defaultdict(int, self.open.counts(now))
+
+    def rollout(
+        self, table, prepared: decide.Prepared, headers: dict[str, str], raw: bytes
+    ) -> tuple[decide.Prepared, decide.Prepared | None, str]:
+        """A policy's rollout (rollout.py): (what to serve, what to shadow, the note for the
+        response header and log). A canary's callers on the candidate's side are served by it."""
+        live = prepared.policy
+        spec = live.rollout
+        candidate = table.by_id.get(spec.candidate) if spec is not None else None
+        if spec is None or candidate is None:
+            return prepared, None, ""
+        address = client_address(headers)
+        as_candidate = decide.prepare_candidate(prepared, candidate, raw, address)
+        if not spec.canary:
+            return prepared, as_candidate, ""
+        key = (headers.get(spec.sticky_header, "") if spec.sticky_header else "") or address
+        if rollout.serves_candidate(live.id, key, spec.percent):
+            self.metrics.rollout_decisions.labels(live.name, candidate.name, "canary", "served_candidate").inc()
+            return as_candidate, None, f"canary:{candidate.name}"
+        self.metrics.rollout_decisions.labels(live.name, candidate.name, "canary", "served_live").inc()
+        return prepared, None, "live"
+
+    def shadow_decision(
+        self, shadow: decide.Prepared, live: decide.RouterOutcome, state: SelectionState, now: float
+    ) -> str:
+        """The candidate's decision on a request the live policy serves: recorded, never served,
+        and never a reason for the live request to fail."""
+        policy, candidate = live.policy, shadow.policy
+        try:
+            theirs = decide.finish(shadow, state, now=now).selection.choice.backend
+        except Exception as exc:  # whatever the candidate does, the live request goes on
+            log.info("shadow decision of %s for %s failed: %r", candidate.name, policy.name, exc)
+            self.metrics.rollout_decisions.labels(policy.name, candidate.name, "shadow", "error").inc()
+            return f"shadow:{candidate.name}:error"
+        ours = live.selection.choice.backend
+        outcome = "same" if theirs.id == ours.id else "differs"
+        self.metrics.rollout_decisions.labels(policy.name, candidate.name, "shadow", outcome).inc()
+        class_key = live.classification.class_key
+        for side, backend in (("live", ours), ("candidate", theirs)):
+            usd = strategies.expected_cost_usd(shadow.features, backend)
+            self.metrics.rollout_cost.labels(policy.name, candidate.name, side, class_key).inc(usd)
+        return f"shadow:{candidate.name}:{theirs.id}:{outcome}"
 
     def combined_budget(
         self, policy: PolicyRuntime, consumer: ConsumerRuntime | None, admitted: limits.Admitted, now: float
@@ -277,6 +319,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 outcome_name = "unauthenticated" if err.status == 401 else "forbidden"
                 self.metrics.consumer_requests.labels(consumer_label, outcome_name).inc()
                 raise
+            prepared, shadow, rollout_note = self.rollout(table, prepared, headers, raw)
+            policy = prepared.policy
             request_id = headers.get("x-request-id") or uuid.uuid4().hex
             admitted, held = await self.admit(prepared, consumer, request_id, now)
             try:
@@ -306,6 +350,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 # attempt.lua leaves the body alone on an attempt to this model's backend.
                 BODY_MODEL_KEY: outcome.selection.choice.backend.upstream_model,
             }
+            if shadow is not None:
+                rollout_note = self.shadow_decision(shadow, outcome, state, now)
+            if rollout_note:
+                metadata["rollout"] = rollout_note
             if table.identities.enabled:
                 metadata["consumer"] = consumer_label
                 self.metrics.consumer_requests.labels(consumer_label, "routed").inc()

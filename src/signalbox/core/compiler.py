@@ -24,7 +24,7 @@ from signalbox.core.schema import SCHEMA_VERSION, provider_api
 
 from .consumers import KeyHashes, add_consumers, rate_limits
 from .errors import Problem
-from .models import AIProvider, Consumer, OnExhausted, ProviderType, RoutingPolicy, Strategy
+from .models import AIProvider, Consumer, OnExhausted, ProviderType, RolloutMode, RoutingPolicy, Strategy
 from .rules import RuleError, rule_matcher
 
 _PROVIDER_TYPES = {
@@ -110,6 +110,7 @@ def compile_config(
     for pol in parsed_policies:
         _add_policy(cfg, pol, backend_index, provider_models, seen_matches, problems)
     add_consumers(cfg, parsed_consumers, key_hashes or {}, problems)
+    _add_rollouts(cfg, parsed_policies, problems)
 
     if problems:
         return CompileResult(None, problems)
@@ -385,6 +386,41 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
     cfg.policies.append(out)
 
 
+def _add_rollouts(cfg: pb.RoutingConfig, policies: list[RoutingPolicy], problems: list[Problem]) -> None:
+    """Each policy's rollout names a candidate policy of its namespace, not itself."""
+    compiled = {p.id: p for p in cfg.policies}
+    for pol in policies:
+        rollout = pol.spec.rollout
+        if rollout is None or pol.key not in compiled:
+            continue
+        ns, name = pol.metadata.namespace, pol.metadata.name
+        candidate = f"{ns}/{rollout.candidate}"
+        if candidate == pol.key:
+            problems.append(
+                Problem("RoutingPolicy", name, "spec.rollout.candidate", "a policy cannot be its own candidate", ns)
+            )
+        elif candidate not in compiled:
+            problems.append(
+                Problem(
+                    "RoutingPolicy",
+                    name,
+                    "spec.rollout.candidate",
+                    f"RoutingPolicy {candidate} not found",
+                    ns,
+                    "RefNotFound",
+                )
+            )
+        else:
+            compiled[pol.key].rollout.CopyFrom(
+                pb.Rollout(
+                    candidate=candidate,
+                    canary=rollout.mode == RolloutMode.CANARY,
+                    percent=rollout.percent,
+                    sticky_header=(rollout.sticky_header or "").lower(),
+                )
+            )
+
+
 # Strategies whose choice needs no prompt and no state Envoy does not have: weighted and
 # round-robin become weighted_clusters (a random split with the same shares), failover and
 # fastest the first healthy backend's aggregate cluster (hedging is Envoy's already).
@@ -408,7 +444,7 @@ def compilable(
     """
     if policy.strategy not in COMPILED_STRATEGIES or policy.learning or policy.HasField("budget"):
         return False
-    if cfg.consumers or policy.HasField("limits"):
+    if cfg.consumers or policy.HasField("limits") or policy.HasField("rollout"):
         # Who calls, and how much they have used, is checked by the ext_proc: a presented key
         # is compared by its hash and counters live in the limit store (docs/design-notes.md).
         return False

@@ -528,6 +528,34 @@ class ClassRoute(Spec):
     backends: list[str] = Field(min_length=1, description="`provider/model` keys from the policy's backends, weighted.")
 
 
+class RolloutMode(StrEnum):
+    SHADOW = "shadow"
+    CANARY = "canary"
+
+
+class RolloutSpec(Spec):
+    """Try a candidate policy on this policy's traffic before it takes over (issue 17)."""
+
+    candidate: str = Field(
+        min_length=1,
+        description="RoutingPolicy (same namespace) whose decisions are tried. Give it an alias no client "
+        "uses if it should serve nothing of its own.",
+    )
+    mode: RolloutMode = Field(
+        RolloutMode.SHADOW,
+        description="`shadow`: the candidate decides every request after the live decision, which alone is "
+        "served; the pair is counted. `canary`: `percent` of the traffic is decided and served by the candidate.",
+    )
+    percent: float = Field(0.0, ge=0, le=100, description="Canary: share of the traffic the candidate serves.")
+    sticky_header: str | None = Field(
+        None,
+        max_length=256,
+        pattern=HEADER_NAME,
+        description="Header whose value keeps a caller on one side of a canary (e.g. x-user-id). Default: the "
+        "client address.",
+    )
+
+
 class RoutingPolicySpec(Spec):
     """Which requests a policy takes and how it chooses among its backends."""
 
@@ -587,6 +615,11 @@ class RoutingPolicySpec(Spec):
     )
     limits: RateLimits | None = Field(
         None, description="Limits of the whole policy, every caller together (each Consumer has its own too)."
+    )
+    rollout: RolloutSpec | None = Field(
+        None,
+        description="Shadow or canary a candidate policy on this policy's traffic; promote or roll back by "
+        "editing this field.",
     )
 
     @model_validator(mode="after")

@@ -126,6 +126,8 @@ def _response_headers(decision: str = f"%DYNAMIC_METADATA({METADATA_NS}:{{}})%")
         header("x-signalbox-class", decision.format("class")),
         # Echoed back in POST /v1/feedback to teach adaptive routing (see README).
         header("x-signalbox-decision", decision.format("decision")),
+        # A policy trying a candidate: which side served, and what a shadow decided (rollout.py).
+        header("x-signalbox-rollout", decision.format("rollout")),
     ]
 
 
@@ -589,6 +591,8 @@ REQUEST_LOG_FORMAT: dict[str, str] = {
     "class": "%RESP(X-SIGNALBOX-CLASS)%",
     # The consumer's id ("namespace/name") or "anonymous"; empty while no consumer is declared.
     "consumer": f"%DYNAMIC_METADATA({METADATA_NS}:consumer)%",
+    # A policy's rollout: "live", "canary:<candidate>", or "shadow:<candidate>:<backend>:same|differs".
+    "rollout": f"%DYNAMIC_METADATA({METADATA_NS}:rollout)%",
     "prompt_tokens": f"%DYNAMIC_METADATA({METADATA_NS}:prompt_tokens)%",
     "completion_tokens": f"%DYNAMIC_METADATA({METADATA_NS}:completion_tokens)%",
 }
@@ -644,6 +648,7 @@ def router_attributes(cfg: pb.RoutingConfig) -> list[str]:
     """The attributes the router phase needs: the request line, its id and peer, and every
     header some policy reads (validated header names: safe inside a CEL string)."""
     names = {h.name for p in cfg.policies for h in p.headers} | {p.hash_header for p in cfg.policies if p.hash_header}
+    names |= {p.rollout.sticky_header for p in cfg.policies if p.rollout.sticky_header}
     if cfg.consumers:
         names |= set(KEY_HEADERS)  # a gateway API key, compared by its hash (extproc.identity)
     safe = sorted(n for n in names if re.fullmatch(r"[A-Za-z0-9!#$%&*+.^_`|~-]+", n))
