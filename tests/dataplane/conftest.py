@@ -83,7 +83,7 @@ def _reset_fakes(request):
 
 def start_gateway(tmp_path: Path, yaml_text: str, **options) -> LocalGateway:
     config = tmp_path / "resources"
-    config.mkdir(exist_ok=True)
+    config.mkdir(parents=True, exist_ok=True)
     (config / "resources.yaml").write_text(yaml_text)
     gateway = LocalGateway(paths=[str(config)], port=0, workdir=tmp_path / "work", start_fakes=False, **options)
     try:
