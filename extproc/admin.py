@@ -129,6 +129,8 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
 
     async def route(request: web.Request) -> web.Response:
         table = processor.tables.current
+        shadow_of: decide.Prepared | None = None
+        note = ""
         try:
             p = await prepared(request)
             now = time.time()
@@ -136,6 +138,8 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
             # the admin token) or `?consumer=<namespace/name>`; then its 401/403, as live.
             consumer = _consumer_of(request, table.identities, token, now)
             identity.authorize(table.identities, consumer, p.policy, str(p.body["model"]), p.headers or {})
+            # A rollout, as live: a canary's side for this caller, or the shadow's own decision.
+            p, shadow_of, note = processor.rollout(table, p, p.headers or {}, await request.read(), count=False)
             better = await processor.reclassify(p)
             # A copy: explaining must not advance round-robin positions or weights.
             outcome = decide.finish(
@@ -170,6 +174,7 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
                 "config_generation": processor.tables.current.generation,
                 # The consumer's id, "anonymous", or null while no consumer is declared.
                 "consumer": consumer.id if consumer else ("anonymous" if table.identities.enabled else None),
+                "rollout": _shadow(shadow_of, processor, note),
             }
         )
 
@@ -240,6 +245,17 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
 
 # What costs money (the LLM tier behind /v1/classify and /v1/route) or changes routing
 # (/v1/feedback teaches learning): behind a token wherever the API is reachable off the host.
+def _shadow(shadow_of: decide.Prepared | None, processor: Processor, note: str) -> dict[str, Any] | None:
+    """What the rollout does with this request: the canary's side, or the shadow's decision."""
+    if shadow_of is None:
+        return {"side": note} if note else None
+    try:
+        theirs = decide.finish(shadow_of, processor.state.snapshot(), explain=True).selection
+    except RequestError as err:
+        return {"shadow": shadow_of.policy.name, "error": err.message}
+    return {"shadow": shadow_of.policy.name, "backend": theirs.choice.backend.id, "reason": theirs.reason}
+
+
 def _consumer_of(
     request: web.Request, identities: identity.Identities, admin_token: str, now: float
 ) -> identity.ConsumerRuntime | None:

@@ -87,10 +87,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             self.state.in_flight = defaultdict(int, self.open.counts(now))
 
     def rollout(
-        self, table, prepared: decide.Prepared, headers: dict[str, str], raw: bytes
+        self, table, prepared: decide.Prepared, headers: dict[str, str], raw: bytes, count: bool = True
     ) -> tuple[decide.Prepared, decide.Prepared | None, str]:
         """A policy's rollout (rollout.py): (what to serve, what to shadow, the note for the
-        response header and log). A canary's callers on the candidate's side are served by it."""
+        response header and log). A canary's callers on the candidate's side are served by it.
+        `count`: into the metrics (not for explaining)."""
         live = prepared.policy
         spec = live.rollout
         candidate = table.by_id.get(spec.candidate) if spec is not None else None
@@ -101,11 +102,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         if not spec.canary:
             return prepared, as_candidate, ""
         key = (headers.get(spec.sticky_header, "") if spec.sticky_header else "") or address
-        if rollout.serves_candidate(live.id, key, spec.percent):
-            self.metrics.rollout_decisions.labels(live.name, candidate.name, "canary", "served_candidate").inc()
-            return as_candidate, None, f"canary:{candidate.name}"
-        self.metrics.rollout_decisions.labels(live.name, candidate.name, "canary", "served_live").inc()
-        return prepared, None, "live"
+        served = rollout.serves_candidate(live.id, key, spec.percent)
+        if count:
+            outcome = "served_candidate" if served else "served_live"
+            self.metrics.rollout_decisions.labels(live.name, candidate.name, "canary", outcome).inc()
+        return (as_candidate, None, f"canary:{candidate.name}") if served else (prepared, None, "live")
 
     def shadow_decision(
         self, shadow: decide.Prepared, live: decide.RouterOutcome, state: SelectionState, now: float

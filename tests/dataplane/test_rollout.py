@@ -8,6 +8,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -51,6 +52,9 @@ def test_a_shadow_changes_nothing_the_client_gets_but_its_header(fakes, tmp_path
             return [x.get("rollout") for x in lines if x.get("event") == "request"]
 
         assert wait_for(lambda: "shadow:next:default/beta/m:differs" in logged()), logged()
+        explained = httpx.post(f"{gw.admin_url}/v1/route", json={"model": "auto", **ASK}).json()
+        assert explained["provider"] == "alpha" and explained["rollout"]["shadow"] == "next"
+        assert explained["rollout"]["backend"] == "default/beta/m"
     finally:
         gw.stop()
         broken.stop()
