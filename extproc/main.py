@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import admin
+from .capture import Capture
 from .cooldown import Cooldowns
 from .decisions import DecisionSigner
 from .inflight import OpenRequests
@@ -149,6 +150,7 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
         signer=signer,
         open_requests=open_requests,
         limit_store=limit_store,
+        capture=Capture(args.capture_prompts) if getattr(args, "capture_prompts", "") else None,
     )
     server, _ = await serve(tables, address, args.max_body_bytes, processor=processor)
     health_server = (await health_only_server(args.health_address, tables))[0] if args.health_address else None

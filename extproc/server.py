@@ -26,6 +26,7 @@ from signalbox.core.errors import InternalError, MalformedRequest, RequestError
 
 from . import accounting, decide, identity, limits, rollout, strategies, upstream, wire
 from .accesslog import AccessLogSink
+from .capture import Capture
 from .classify import Classification
 from .decisions import DecisionSigner
 from .identity import ConsumerRuntime
@@ -63,8 +64,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         signer: DecisionSigner | None = None,
         open_requests: OpenRequests | None = None,
         limit_store: limits.LimitStore | None = None,
+        capture: Capture | None = None,
     ):
         self.tables = tables
+        # Opt-in: routed requests recorded for `signalbox replay` (capture.py).
+        self.capture = capture
         self.state = state or SelectionState()
         self.max_body_bytes = max_body_bytes
         self.llm = LlmClassifier()
@@ -369,6 +373,15 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 raise
             if hold_id:
                 metadata["hold"] = hold_id
+            if self.capture is not None:
+                backend = outcome.selection.choice.backend
+                self.capture.record(
+                    request_id,
+                    path,
+                    headers,
+                    raw,
+                    {"policy": policy.name, "backend": backend.id, "class": outcome.classification.class_key},
+                )
             self.metrics.phase_seconds.labels("router").observe(time.perf_counter() - decided)
             self.count(outcome)
             # The target travels as dynamic metadata, which Envoy's routes match on (header

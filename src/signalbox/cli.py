@@ -86,6 +86,7 @@ def local_gateway(args: argparse.Namespace):
         accounting=not args.no_accounting,
         request_log=not args.no_request_log,
         redis_url=args.redis_url,
+        capture_prompts=args.capture_prompts,
     )
 
 
@@ -211,6 +212,40 @@ async def _echo_requests(path: str, every: float = 0.5) -> None:
                 print(request_summary(json.loads(raw)), flush=True)
             except (ValueError, KeyError, TypeError):
                 continue  # not a line of ours: never stop echoing over it
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Recorded requests (`--capture-prompts`) through a candidate config, offline."""
+    import json
+
+    from signalbox import replay
+    from signalbox.extproc.runtime import RuntimeTable
+    from signalbox.local import compile_files
+
+    tables: list[RuntimeTable | None] = []
+    for files in (args.file, args.before):
+        if not files:
+            tables.append(None)
+            continue
+        result = compile_files(files)
+        if result.config is None:
+            _print_problems(result.problems)
+            return 1
+        tables.append(RuntimeTable.from_config(result.config))
+    after, before = tables
+    assert after is not None
+    try:
+        records = replay.load(args.log)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    report = replay.run(records, after, before)
+    print(replay.table(report))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        replay.plot(report, args.plot)
+    return 0
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -455,6 +490,12 @@ def _extproc_arguments(parser: argparse.ArgumentParser) -> None:
         help="limit store shared by every replica (redis:// or rediss:// for TLS; password from "
         "$SIGNALBOX_REDIS_PASSWORD); default $SIGNALBOX_REDIS_URL, else per replica in --state-dir",
     )
+    parser.add_argument(
+        "--capture-prompts",
+        default="",
+        help="append each routed request (body capped and redacted of key-like strings) to this JSONL file, "
+        "for `signalbox replay` (off by default)",
+    )
     parser.add_argument("--log-level", default="info")
 
 
@@ -502,6 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     up.add_argument(
+        "--capture-prompts",
+        action="store_true",
+        help="record routed requests in <workdir>/captured.jsonl for `signalbox replay` (bodies capped, keys redacted)",
+    )
+    up.add_argument(
         "--redis-url",
         default=os.environ.get("SIGNALBOX_REDIS_URL", ""),
         help="Redis holding consumer and policy limit counters (default: embedded, this gateway only)",
@@ -514,6 +560,18 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("-f", "--file", action="append", required=True, help="YAML file or folder (repeatable)")
     val.add_argument("--all", action="store_true", help=f"list every alias and problem (default: the first {SHOWN})")
     val.set_defaults(func=cmd_validate)
+
+    rp = sub.add_parser("replay", help="recorded requests (--capture-prompts) through a candidate config, offline")
+    rp.add_argument("--log", required=True, help="the capture: <workdir>/captured.jsonl, or --capture-prompts FILE")
+    rp.add_argument("-f", "--file", action="append", required=True, help="candidate resources (repeatable)")
+    rp.add_argument(
+        "--before",
+        action="append",
+        help="the resources that served the capture (prices of the recorded backends; default: the candidate's)",
+    )
+    rp.add_argument("--output", help="the report as JSON")
+    rp.add_argument("--plot", help="PNG: estimated cost by policy, recorded against candidate")
+    rp.set_defaults(func=cmd_replay)
 
     cl = sub.add_parser("classify", help="classify and route prompts offline with the ext_proc's code")
     cl.add_argument("-f", "--file", action="append", required=True, help="providers + policy YAML (repeatable)")

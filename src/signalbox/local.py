@@ -48,6 +48,8 @@ from signalbox.extproc.sharedstate import COOLDOWN_DB, LEARNING_DB, OPEN_DB, SPE
 FAKE_ANNOTATION = "signalbox.io/local-fake-provider"
 # In the work directory: one JSON line per request, written by Envoy.
 REQUEST_LOG = "requests.log"
+# Where `signalbox up --capture-prompts` records routed requests (signalbox replay reads it).
+CAPTURE_FILE = "captured.jsonl"
 # A crashing ext_proc worker is restarted at once, then no sooner than 0.5, 1, 2 ... 10 s
 # after its previous start, until it has run for a minute.
 BACKOFF_FIRST_SECONDS = 0.5
@@ -135,6 +137,8 @@ class LocalGateway:
     admin_api_port: int = 0
     # Consumer and policy limits in this Redis (shared with other gateways); "": embedded.
     redis_url: str = ""
+    # Routed requests recorded in <workdir>/captured.jsonl for `signalbox replay` (opt-in).
+    capture_prompts: bool = False
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     # Restarts of each ext_proc worker by the supervisor.
     restarts: dict[str, int] = field(default_factory=dict)
@@ -175,6 +179,8 @@ class LocalGateway:
             argv.append("--no-accounting")  # Envoy reports no usage: hold no budget
         if self.redis_url:
             argv += ["--redis-url", self.redis_url]
+        if self.capture_prompts:
+            argv += ["--capture-prompts", str(self.workdir / CAPTURE_FILE)]
         if n == 0:
             # A restart binds the port the first start reported, so the printed URL stays right.
             argv += [

@@ -83,3 +83,66 @@ def test_a_canary_serves_its_share_sticky_per_user(fakes, tmp_path):
         assert len(again) == 1
     finally:
         gw.stop()
+
+
+def test_captured_requests_replay_offline_to_the_decisions_live_made(fakes, tmp_path, capsys):
+    """`--capture-prompts` records routed requests (keys redacted); `signalbox replay` decides
+    them again: under the same config every decision is the one live made, under a candidate
+    that prefers the other backend every one changes, and the report says so."""
+    from signalbox.cli import main as cli_main
+
+    def config(strategy: str, backends):
+        return dump(
+            provider("alpha", fakes["alpha"].url + "/v1", [model("m", inputPricePer1M=1, outputPricePer1M=1)]),
+            provider("beta", fakes["beta"].url + "/v1", [model("m", inputPricePer1M=9, outputPricePer1M=9)]),
+            policy("live", ["auto"], backends, strategy=strategy),
+        )
+
+    # Live: cost routing (decided by the ext_proc, so captured) picks the cheaper alpha. The
+    # candidate fails over from beta first.
+    live = config("cost", [backend("alpha", "m"), backend("beta", "m")])
+    candidate_dir = tmp_path / "candidate"
+    candidate_dir.mkdir()
+    (candidate_dir / "policies.yaml").write_text(
+        config("failover", [backend("beta", "m"), backend("alpha", "m", priority=1)])
+    )
+    gw = start_gateway(tmp_path / "gw", live, capture_prompts=True)
+    try:
+        with openai.OpenAI(base_url=gw.url, api_key="x", max_retries=0) as client:
+            for n in range(6):
+                text = f"question {n}: my key is sk-{'a1' * 12}, what is the capital of France?"
+                client.chat.completions.create(model="auto", messages=[{"role": "user", "content": text}], max_tokens=5)
+        captured = Path(gw.workdir) / "captured.jsonl"
+        assert wait_for(lambda: captured.exists() and len(captured.read_text().splitlines()) == 6)
+        text = captured.read_text()
+        assert "sk-a1a1" not in text and "[redacted]" in text and "authorization" not in text.lower()
+        same, changed = tmp_path / "same.json", tmp_path / "changed.json"
+        live_dir = Path(gw.paths[0])
+        assert cli_main(["replay", "--log", str(captured), "-f", str(live_dir), "--output", str(same)]) == 0
+        assert (
+            cli_main(
+                [
+                    "replay",
+                    "--log",
+                    str(captured),
+                    "-f",
+                    str(candidate_dir),
+                    "--before",
+                    str(live_dir),
+                    "--output",
+                    str(changed),
+                    "--plot",
+                    str(tmp_path / "replay.png"),
+                ]
+            )
+            == 0
+        )
+        assert "live" in capsys.readouterr().out
+        unchanged = json.loads(same.read_text())["policies"]["live"]
+        assert unchanged["requests"] == 6 and unchanged["changed"] == 0
+        moved = json.loads(changed.read_text())["policies"]["live"]
+        assert moved["changed"] == 6
+        assert moved["estimated_cost_after_usd"] > 5 * moved["estimated_cost_before_usd"]  # beta costs 9x
+        assert (tmp_path / "replay.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        gw.stop()

@@ -1,0 +1,140 @@
+"""`signalbox replay`: recorded requests through a candidate config, offline (issue 17).
+
+Input: the capture a gateway writes with `--capture-prompts` (extproc/capture.py), one line
+per routed request with what was decided for it. Each request is decided again by the router
+phase's own function (`decide.decide`) under the candidate config; the report says, per live
+policy and class, how many decisions change and what the chosen backends would cost (the
+same estimate budgets hold: prompt estimate plus max_tokens at each backend's prices).
+Requests whose body was cut by the capture's size cap are counted and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from signalbox.core.errors import RequestError
+from signalbox.extproc import body as body_codec
+from signalbox.extproc.classify import features
+from signalbox.extproc.decide import decide
+from signalbox.extproc.runtime import BackendRuntime, RuntimeTable
+from signalbox.extproc.strategies import SelectionState, expected_cost_usd
+
+
+@dataclass
+class Row:
+    requests: int = 0
+    changed: int = 0
+    cost_before: float = 0.0
+    cost_after: float = 0.0
+    by_class: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+
+
+def load(path: str | Path) -> list[dict[str, Any]]:
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{n}: not a JSON line: {exc}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("body"), str):
+            raise ValueError(f"{path}:{n}: not a captured request (see --capture-prompts)")
+        out.append(record)
+    return out
+
+
+def _cost(raw: bytes, backend: BackendRuntime | None) -> float:
+    if backend is None:
+        return 0.0
+    try:
+        return expected_cost_usd(features(body_codec.parse(raw)), backend)
+    except RequestError:
+        return 0.0
+
+
+def run(records: list[dict[str, Any]], after: RuntimeTable, before: RuntimeTable | None = None) -> dict[str, Any]:
+    """Replay `records` under `after`; the "before" side is what was recorded (its prices from
+    `before` when given, else from `after` where the backend still exists)."""
+    state = SelectionState()
+    rows: dict[str, Row] = defaultdict(Row)
+    skipped = 0
+    for record in records:
+        if record.get("truncated"):
+            skipped += 1
+            continue
+        raw = record["body"].encode()
+        old = record.get("decision") or {}
+        row = rows[str(old.get("policy", "?"))]
+        row.requests += 1
+        backends = (before or after).backends
+        row.cost_before += _cost(raw, backends.get(str(old.get("backend", ""))))
+        try:
+            outcome = decide(
+                after, state, str(record.get("path", "/v1/chat/completions")), record.get("headers") or {}, raw
+            )
+            new_backend, new_class = outcome.selection.choice.backend, outcome.classification.class_key
+            new = new_backend.id
+        except RequestError as err:
+            new_backend, new_class, new = None, str(old.get("class", "")), f"refused:{err.code}"
+        row.cost_after += _cost(raw, new_backend)
+        changed = new != old.get("backend")
+        row.changed += changed
+        counts = row.by_class[str(old.get("class") or new_class)]
+        counts[0] += 1
+        counts[1] += changed
+    return {
+        "requests": sum(r.requests for r in rows.values()),
+        "skipped_truncated": skipped,
+        "policies": {
+            name: {
+                "requests": r.requests,
+                "changed": r.changed,
+                "changed_share": round(r.changed / r.requests, 4) if r.requests else 0.0,
+                "estimated_cost_before_usd": round(r.cost_before, 6),
+                "estimated_cost_after_usd": round(r.cost_after, 6),
+                "by_class": {k: {"requests": v[0], "changed": v[1]} for k, v in sorted(r.by_class.items())},
+            }
+            for name, r in sorted(rows.items())
+        },
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [f"{'policy':24} {'class':24} {'requests':>8} {'changed':>8} {'cost before':>12} {'cost after':>12}"]
+    for name, p in report["policies"].items():
+        lines.append(
+            f"{name:24} {'(all)':24} {p['requests']:>8} {p['changed']:>8} "
+            f"{p['estimated_cost_before_usd']:>12.6f} {p['estimated_cost_after_usd']:>12.6f}"
+        )
+        for cls, c in p["by_class"].items():
+            lines.append(f"{'':24} {cls:24} {c['requests']:>8} {c['changed']:>8}")
+    if report["skipped_truncated"]:
+        lines.append(f"skipped {report['skipped_truncated']} request(s) whose body the capture cut")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["policies"])
+    before = [report["policies"][n]["estimated_cost_before_usd"] for n in names]
+    after = [report["policies"][n]["estimated_cost_after_usd"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], before, width=0.4, label="recorded")
+    ax.bar([x + 0.2 for x in xs], after, width=0.4, label="candidate config")
+    ax.set_xticks(list(xs), names, rotation=20)
+    ax.set_ylabel("estimated cost (USD)")
+    ax.set_title("Replay: cost by policy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
