@@ -12,8 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from signalbox.extproc import body, default_routes
 from signalbox.extproc.classify import DEFAULT_RULES, classify, features
+from signalbox.extproc.neighbours import Neighbours
+from signalbox.extproc.semantic import prompt_vector
 
 RESULTS = Path(__file__).parent / "results"
 PROMPTS = [
@@ -45,9 +49,21 @@ def main() -> int:
     checked = statistics.median(timed(lambda r=r: body.parse(r), 2000) for r in raw)
     rules = statistics.median(timed(lambda f=f: classify(f, DEFAULT_RULES), 2000) for f in feats)
     semantic = statistics.median(timed(lambda f=f: router.classify(f.text), 500) for f in feats)
+    # Per-prompt learning (learning.perPrompt): the prompt's vector and a full memory's estimate.
+    memory = Neighbours()
+    rng = np.random.default_rng(0)
+    for i in range(memory.capacity):
+        vector = rng.normal(size=256).astype(np.float32)
+        memory.add("bench", vector / np.linalg.norm(vector), f"b{i % 4}", float(i % 2))
+    backends = [f"b{j}" for j in range(4)]
+    per_prompt = statistics.median(
+        timed(lambda f=f: memory.estimate("bench", prompt_vector(f.text), backends), 300) for f in feats
+    )
     report = {
         "rules_tier_median_ms": round(rules, 4),
         "semantic_tier_median_ms": round(semantic, 4),
+        "per_prompt_learning_median_ms": round(per_prompt, 4),
+        "per_prompt_memory": "8,192 observations, 4 backends",
         # What checking a client's body costs beyond parsing it (extproc/body.py).
         "body_parse_median_ms": round(parse_only, 4),
         "body_parse_and_check_median_ms": round(checked, 4),
