@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import duration_pb2, struct_pb2
 
+from signalbox.core import rollouts
 from signalbox.core.envoygen.contract import ATTEMPT_LOG_NAME, COMPILED_POLICY_TAG, METADATA_NS
 
 from . import accounting, decisions, limits
@@ -74,11 +75,14 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         open_requests: OpenRequests | None = None,
         cooldowns: Cooldowns | None = None,
         limit_store: limits.LimitStore | None = None,
+        count_rollout: Callable[[PolicyRuntime, str, dict[str, float], float], None] | None = None,
     ):
         self.tables, self.metrics, self.ledger = tables, metrics, ledger
         # Consumer and policy limits: each entry's real usage replaces what its request held.
         self.limit_store = limit_store
         self._settlements: list[tuple[str, tuple[limits.Charge, ...]]] = []
+        # A canary's two sides, into the live policy's rollout figures (Processor.count_rollout).
+        self.count_rollout = count_rollout
         # What attempts say of their backends' limits (the attempt log).
         self.cooldowns = cooldowns
         # What a finished request teaches the strategies (learning, latency, open requests).
@@ -140,11 +144,39 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         try:
             cost = self.observe(entry, fields, policy, first)
             self.learn(entry, policy_id, policy, class_key, first)
+            self.rollout(entry, fields, cost)
         finally:
             if cost or hold:
                 # The real cost replaces what the request held in flight (nothing, if it failed).
                 self.ledger.add(policy_id, cost, release=hold)
             self.charge_consumer(fields, cost)
+
+    def rollout(
+        self, entry: accesslog_pb2.HTTPAccessLogEntry, fields: Mapping[str, struct_pb2.Value], cost: float
+    ) -> None:
+        """What the request adds to its live policy's rollout: a canary's side, its cost and
+        whether it failed (5xx, 429, a broken stream); a shadow's live failures. The router
+        phase counted the rest (shadow pairs) when it decided."""
+        note = fields["rollout"].string_value if "rollout" in fields else ""
+        live = self._policy(fields["rollout_of"].string_value) if "rollout_of" in fields else None
+        if live is None or live.rollout is None or self.count_rollout is None:
+            return
+        status = entry.response.response_code.value
+        failed = float(status >= 500 or status == 429 or bool(broken(entry)))
+        if note.startswith("canary:"):
+            counts = {
+                rollouts.REQUESTS: 1.0,
+                rollouts.CANDIDATE: 1.0,
+                rollouts.CANDIDATE_USD: cost,
+                rollouts.CANDIDATE_ERRORS: failed,
+            }
+        elif note == "live":
+            counts = {rollouts.REQUESTS: 1.0, rollouts.LIVE_USD: cost, rollouts.LIVE_ERRORS: failed}
+        elif note.startswith("shadow:"):
+            counts = {rollouts.LIVE_ERRORS: failed}
+        else:
+            return  # paused: nothing more to learn about the candidate
+        self.count_rollout(live, note.split(":")[1] if ":" in note else "", counts, time.time())
 
     def charge_consumer(self, fields: Mapping[str, struct_pb2.Value], cost: float) -> None:
         """Per-consumer metrics, and the settlement of what the request held against limits:

@@ -29,6 +29,7 @@ from .ledger import SpendLedger
 from .limits import EmbeddedLimits, LimitStore
 from .metrics import Metrics
 from .reload import TableHolder
+from .rolloutstats import RolloutStats
 from .runtime import default_key_resolver
 from .server import Processor, serve
 from .sharedstate import (
@@ -38,6 +39,7 @@ from .sharedstate import (
     LEARNING_DB,
     LIMITS_DB,
     OPEN_DB,
+    ROLLOUT_DB,
     SPEND_DB,
 )
 from .strategies import SelectionState
@@ -137,6 +139,7 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     learning = SharedLearning(Path(state_dir) / LEARNING_DB) if state_dir else None
     open_requests = OpenRequests(Path(state_dir) / OPEN_DB if state_dir else None)
     cooldowns = Cooldowns(Path(state_dir) / COOLDOWN_DB if state_dir else None)
+    rollout_stats = RolloutStats(Path(state_dir) / ROLLOUT_DB if state_dir else None)
     accounting = not getattr(args, "no_accounting", False)
     signer = decision_signer(args)
     limit_store = limit_store_of(args)
@@ -151,6 +154,7 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
         open_requests=open_requests,
         limit_store=limit_store,
         capture=Capture(args.capture_prompts) if getattr(args, "capture_prompts", "") else None,
+        rollout_stats=rollout_stats,
     )
     server, _ = await serve(tables, address, args.max_body_bytes, processor=processor)
     health_server = (await health_only_server(args.health_address, tables))[0] if args.health_address else None

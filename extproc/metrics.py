@@ -100,7 +100,8 @@ class Metrics:
         self.rollout_decisions = Counter(
             "signalbox_rollout_decisions",
             "Requests of a policy with a rollout, by candidate, mode and outcome: canary (served_live, "
-            "served_candidate) or shadow (same, differs: whether the candidate picked another backend; error).",
+            "served_candidate) or shadow (same, differs: whether the candidate picked another backend; error); "
+            "paused: the candidate failed too often and the live policy served.",
             ["policy", "candidate", "mode", "outcome"],
             registry=r,
         )
@@ -108,6 +109,12 @@ class Metrics:
             "signalbox_rollout_estimated_cost_usd",
             "Estimated cost of each side's choice in shadow mode (side live or candidate), by class.",
             ["policy", "candidate", "side", "class_key"],
+            registry=r,
+        )
+        self.rollout_pauses = Counter(
+            "signalbox_rollout_pauses",
+            "Rollouts this gateway paused because their candidate's error rate passed the rollout's limit.",
+            ["policy", "candidate"],
             registry=r,
         )
         self.limit_store_errors = Counter(

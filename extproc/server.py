@@ -20,7 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from signalbox.core import budget
+from signalbox.core import budget, rollouts
 from signalbox.core.envoygen.contract import BODY_MODEL_KEY, EMPTY_BODY, api_of_path
 from signalbox.core.errors import InternalError, MalformedRequest, RequestError
 
@@ -35,6 +35,7 @@ from .ledger import SpendLedger
 from .llm_tier import LlmClassifier
 from .metrics import Metrics
 from .reload import TableHolder
+from .rolloutstats import RolloutStats
 from .runtime import BackendRuntime, PolicyRuntime
 from .strategies import SelectionState
 
@@ -65,6 +66,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         open_requests: OpenRequests | None = None,
         limit_store: limits.LimitStore | None = None,
         capture: Capture | None = None,
+        rollout_stats: RolloutStats | None = None,
     ):
         self.tables = tables
         # Opt-in: routed requests recorded for `signalbox replay` (capture.py).
@@ -83,6 +85,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.open = open_requests or OpenRequests()
         # Consumer and policy limits: SQLite shared by the workers, or Redis shared by replicas.
         self.limits: limits.LimitStore = limit_store or limits.EmbeddedLimits()
+        # Rollout figures and pauses, shared by the workers (and, published, by the replicas).
+        self.rollouts = rollout_stats or RolloutStats()
+        tables.on_install.append(self.forget_old_rollouts)
         self.metrics.watch_budgets(self.budget_windows)
 
     def count_open(self, policy: PolicyRuntime, now: float) -> None:
@@ -101,6 +106,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         candidate = table.by_id.get(spec.candidate) if spec is not None else None
         if spec is None or candidate is None:
             return prepared, None, ""
+        if self.rollouts.paused(spec.epoch):
+            # Its candidate failed too often (rolloutstats.py): the live policy serves everything.
+            if count:
+                mode = "canary" if spec.canary else "shadow"
+                self.metrics.rollout_decisions.labels(live.name, candidate.name, mode, "paused").inc()
+            return prepared, None, f"paused:{candidate.name}"
         address = client_address(headers)
         as_candidate = decide.prepare_candidate(prepared, candidate, raw, address)
         if not spec.canary:
@@ -118,20 +129,49 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         """The candidate's decision on a request the live policy serves: recorded, never served,
         and never a reason for the live request to fail."""
         policy, candidate = live.policy, shadow.policy
+        ours = live.selection.choice.backend
+        live_usd = strategies.expected_cost_usd(shadow.features, ours)
+        counts = {rollouts.REQUESTS: 1.0, rollouts.CANDIDATE: 1.0, rollouts.LIVE_USD: live_usd}
         try:
             theirs = decide.finish(shadow, state, now=now).selection.choice.backend
         except Exception as exc:  # whatever the candidate does, the live request goes on
             log.info("shadow decision of %s for %s failed: %r", candidate.name, policy.name, exc)
             self.metrics.rollout_decisions.labels(policy.name, candidate.name, "shadow", "error").inc()
+            self.count_rollout(policy, candidate.name, {**counts, rollouts.CANDIDATE_ERRORS: 1.0}, now)
             return f"shadow:{candidate.name}:error"
-        ours = live.selection.choice.backend
         outcome = "same" if theirs.id == ours.id else "differs"
         self.metrics.rollout_decisions.labels(policy.name, candidate.name, "shadow", outcome).inc()
         class_key = live.classification.class_key
-        for side, backend in (("live", ours), ("candidate", theirs)):
-            usd = strategies.expected_cost_usd(shadow.features, backend)
-            self.metrics.rollout_cost.labels(policy.name, candidate.name, side, class_key).inc(usd)
+        their_usd = strategies.expected_cost_usd(shadow.features, theirs)
+        self.metrics.rollout_cost.labels(policy.name, candidate.name, "live", class_key).inc(live_usd)
+        self.metrics.rollout_cost.labels(policy.name, candidate.name, "candidate", class_key).inc(their_usd)
+        counts.update({rollouts.CANDIDATE_USD: their_usd, rollouts.DIFFERS: float(outcome == "differs")})
+        self.count_rollout(policy, candidate.name, counts, now)
         return f"shadow:{candidate.name}:{theirs.id}:{outcome}"
+
+    def forget_old_rollouts(self) -> None:
+        """A new config: figures of rollouts (epochs) it no longer has are dropped."""
+        epochs = {p.rollout.epoch for p in self.tables.current.policies if p.rollout is not None}
+        try:
+            self.rollouts.forget(epochs)
+        except Exception as exc:  # a busy state file: the next config change tries again
+            log.warning("could not drop old rollout figures: %r", exc)
+
+    def count_rollout(self, live: PolicyRuntime, candidate: str, counts: dict[str, float], now: float) -> None:
+        """Into the rollout's figures; pauses it when the candidate's errors pass its limit.
+        Never raises: the figures must not fail the request they describe."""
+        spec = live.rollout
+        if spec is None:
+            return
+        rule = rollouts.PauseRule(spec.max_error_rate, spec.min_requests)
+        try:
+            paused_by = self.rollouts.record(spec.epoch, rule, counts, now)
+        except Exception as exc:  # a locked or full state file: lose a count, not a request
+            log.warning("rollout figures of %s not counted: %r", live.name, exc)
+            return
+        if paused_by is not None:
+            self.metrics.rollout_pauses.labels(live.name, candidate).inc()
+            log.warning("rollout of %s paused: %s", live.name, rollouts.describe_pause(candidate, paused_by, rule))
 
     def combined_budget(
         self, policy: PolicyRuntime, consumer: ConsumerRuntime | None, admitted: limits.Admitted, now: float
@@ -324,6 +364,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 outcome_name = "unauthenticated" if err.status == 401 else "forbidden"
                 self.metrics.consumer_requests.labels(consumer_label, outcome_name).inc()
                 raise
+            rollout_of = policy  # the live policy, whose rollout counts this request
             prepared, shadow, rollout_note = self.rollout(table, prepared, headers, raw)
             policy = prepared.policy
             request_id = headers.get("x-request-id") or uuid.uuid4().hex
@@ -359,6 +400,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 rollout_note = self.shadow_decision(shadow, outcome, state, now)
             if rollout_note:
                 metadata["rollout"] = rollout_note
+                # The access log counts a canary's sides into the live policy's figures.
+                metadata["rollout_of"] = rollout_of.id
             if table.identities.enabled:
                 metadata["consumer"] = consumer_label
                 self.metrics.consumer_requests.labels(consumer_label, "routed").inc()
@@ -425,6 +468,7 @@ async def serve(
             processor.open,
             processor.state.cooldowns,
             processor.limits,
+            processor.count_rollout,
         ),
         server,
     )

@@ -19,6 +19,8 @@ SPEND_DB = "spend.db"
 LEARNING_DB = "learning.db"
 OPEN_DB = "open.db"
 COOLDOWN_DB = "cooldown.db"
+# Rollout figures and pauses (rolloutstats.py).
+ROLLOUT_DB = "rollout.db"
 # Consumer and policy limit counters, when no Redis is configured (limits.EmbeddedLimits).
 LIMITS_DB = "limits.db"
 # The key that signs decision tokens (decisions.py), made by the first worker that starts.

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from signalbox.core.models import GROUP, VERSION, AIProviderSpec, BudgetSpec
 
-from . import consumerstatus
+from . import consumerstatus, rolloutstatus
 from .budgetstatus import summarize
 from .consumerkeys import CONSUMER_LABEL
 from .cooldownstatus import COOLDOWN_STATUS_SECONDS, ReplicaView, provider_cooldowns
@@ -151,6 +151,28 @@ def build_registry(config: OperatorConfig, api: ClusterAPI, server: str | None =
             while not stopped:
                 await _write_budget(api, config, body)
                 await stopped.wait(config.budget_status_seconds)
+
+        @kopf.daemon(
+            GROUP,
+            VERSION,
+            "routingpolicies",
+            registry=registry,
+            cancellation_timeout=2,
+            when=lambda spec, **_: bool(spec.get("rollout")),
+        )
+        async def rollout_status(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
+            """The rollout's figures over every replica, in status.rollout (only when they changed).
+            The reconciler turns its state into the RolloutProgressing condition and Event."""
+            while not stopped:
+                meta, spec = body["metadata"], dict(body.get("spec") or {})
+                namespace, name = meta.get("namespace") or "default", meta["name"]
+                candidate = reconciler.current("RoutingPolicy").get(
+                    (namespace, (spec.get("rollout") or {}).get("candidate", ""))
+                )
+                now = rolloutstatus.summarize(spec, (candidate or {}).get("spec"), await replicas.data())
+                if now is not None and now != (body.get("status") or {}).get("rollout"):
+                    await api.patch_status("routingpolicies", namespace, name, {"rollout": now})
+                await stopped.wait(cooldown_every)
 
     if config.redis_url:
         redis = consumerstatus.client(config.redis_url, os.environ.get("SIGNALBOX_REDIS_PASSWORD"))

@@ -24,7 +24,7 @@ from signalbox.core.compiler import compile_config
 from signalbox.core.errors import Problem
 from signalbox.core.secrets import SecretValue
 
-from . import conditions, consumerkeys
+from . import conditions, consumerkeys, rolloutstatus
 from .kube import ClusterAPI
 
 log = logging.getLogger("signalbox.operator")
@@ -67,11 +67,14 @@ def _key(body: dict[str, Any]) -> Key:
 
 
 def _fingerprint(body: dict[str, Any] | None) -> str:
-    """What the compile depends on; status writes other than health do not count."""
+    """What the compile or the conditions depend on; status writes other than health and a
+    rollout's state do not count."""
     if body is None:
         return ""
-    health = ((body.get("status") or {}).get("health") or {}).get("healthy")
-    return json.dumps([body.get("spec"), body.get("metadata", {}).get("generation"), health], sort_keys=True)
+    status = body.get("status") or {}
+    health = (status.get("health") or {}).get("healthy")
+    rollout = (status.get("rollout") or {}).get("state")
+    return json.dumps([body.get("spec"), body.get("metadata", {}).get("generation"), health, rollout], sort_keys=True)
 
 
 class Reconciler:
@@ -247,14 +250,22 @@ class Reconciler:
                 status = {**(body.get("status") or {}), **self.written.get((kind, (namespace, name)), {})}
                 if kind == "AIProvider" and (health := status.get("health")):
                     new.append(conditions.health(health, generation))
+                rollout = (body.get("spec") or {}).get("rollout") if kind == "RoutingPolicy" else None
+                if rollout:
+                    ok, reason, message = rolloutstatus.condition_of(rollout, status.get("rollout"))
+                    new.append(conditions.condition(rolloutstatus.PROGRESSING, ok, reason, message, generation))
                 previous = status.get("conditions") or []
                 merged = conditions.merge(previous, new)
+                if kind == "RoutingPolicy" and not rollout:
+                    merged = [c for c in merged if c.get("type") != rolloutstatus.PROGRESSING]
                 patch: dict[str, Any] = {"observedGeneration": generation, "conditions": merged}
                 if kind == "RoutingPolicy":
                     patch["backends"] = backends.get(f"{namespace}/{name}", status.get("backends", 0))
                     patch["configGeneration"] = self.generation or 0
                     if "budget" in status and not (body.get("spec") or {}).get("budget"):
                         patch["budget"] = None  # its budget was removed: so is the report of it
+                    if status.get("rollout") and not rollout:
+                        patch["rollout"] = None  # rolled back or promoted: the run's report goes
                 if kind == "Consumer" and keys and (own_keys := keys.get((namespace, name))):
                     patch.update(own_keys.status)
                     if "previousKeyExpires" in status and "previousKeyExpires" not in own_keys.status:

@@ -420,11 +420,13 @@ def cmd_gateway_sidecar(args: argparse.Namespace) -> int:
 
 
 def _replica_sync(args: argparse.Namespace):
-    """Budget spend, learning and cooldowns shared with the other gateway replicas through a ConfigMap."""
+    """Budget spend, learning, cooldowns and rollout figures shared with the other gateway replicas
+    through a ConfigMap."""
     from signalbox.extproc.cooldown import Cooldowns
     from signalbox.extproc.learning import SharedLearning
     from signalbox.extproc.ledger import SpendLedger
-    from signalbox.extproc.sharedstate import COOLDOWN_DB, LEARNING_DB, SPEND_DB
+    from signalbox.extproc.rolloutstats import RolloutStats
+    from signalbox.extproc.sharedstate import COOLDOWN_DB, LEARNING_DB, ROLLOUT_DB, SPEND_DB
     from signalbox.operator.kube import api_client
     from signalbox.replicasync import ReplicaSync
 
@@ -440,6 +442,7 @@ def _replica_sync(args: argparse.Namespace):
         SharedLearning(state / LEARNING_DB),
         interval=args.replica_sync_interval,
         cooldowns=Cooldowns(state / COOLDOWN_DB),
+        rollouts=RolloutStats(state / ROLLOUT_DB),
     )
 
 

@@ -40,8 +40,9 @@ from signalbox.extproc.inflight import OpenRequests
 from signalbox.extproc.learning import SharedLearning
 from signalbox.extproc.ledger import SpendLedger
 from signalbox.extproc.metrics import MULTIPROC_ENV
+from signalbox.extproc.rolloutstats import RolloutStats
 from signalbox.extproc.runtime import default_key_resolver
-from signalbox.extproc.sharedstate import COOLDOWN_DB, LEARNING_DB, OPEN_DB, SPEND_DB
+from signalbox.extproc.sharedstate import COOLDOWN_DB, LEARNING_DB, OPEN_DB, ROLLOUT_DB, SPEND_DB
 
 # AIProviders carrying this annotation get the bundled fake provider started on their baseUrl's
 # port by `signalbox up` (the offline quickstart). Ignored in a cluster.
@@ -295,6 +296,7 @@ class LocalGateway:
         SharedLearning(state_dir / LEARNING_DB).close()
         OpenRequests(state_dir / OPEN_DB).close()
         Cooldowns(state_dir / COOLDOWN_DB).close()
+        RolloutStats(state_dir / ROLLOUT_DB).close()
         # Workers share their counters (prometheus_client multiprocess mode): the admin API of
         # worker 0 reports the whole gateway.
         metrics_dir = self.workdir / "metrics"

@@ -1,4 +1,4 @@
-"""What gateway replicas share through one ConfigMap: budget spend, learning and cooldowns.
+"""What gateway replicas share through one ConfigMap: budget spend, learning, cooldowns, rollouts.
 
 Each replica owns one key of the ConfigMap (`<replica>.json`: its spend of the current UTC
 day, policy -> hourly bucket -> USD, what its requests in flight hold, policy -> [USD, until],
@@ -30,10 +30,21 @@ import kubernetes
 
 from signalbox.cmwatch import watch_configmap
 from signalbox.core.budget import DAY, window_start
-from signalbox.core.replicastate import Held, Learning, Resting, Spend, decode, decode_resting, encode
+from signalbox.core.replicastate import (
+    Held,
+    Learning,
+    Resting,
+    Rollouts,
+    Spend,
+    decode,
+    decode_resting,
+    decode_rollouts,
+    encode,
+)
 from signalbox.extproc.cooldown import Cooldowns
 from signalbox.extproc.learning import SharedLearning
 from signalbox.extproc.ledger import SpendLedger
+from signalbox.extproc.rolloutstats import RolloutStats
 
 log = logging.getLogger("signalbox.replicasync")
 DEFAULT_INTERVAL = 2.0
@@ -67,6 +78,7 @@ class ReplicaSync:
         learning: SharedLearning | None = None,
         interval: float = DEFAULT_INTERVAL,
         cooldowns: Cooldowns | None = None,
+        rollouts: RolloutStats | None = None,
     ):
         self.core = kubernetes.client.CoreV1Api(client)
         self.namespace, self.name = namespace, name
@@ -74,6 +86,7 @@ class ReplicaSync:
         self.ledger = ledger
         self.learning = learning
         self.cooldowns = cooldowns
+        self.rollouts = rollouts
         self.interval = interval
         self.stale: set[str] = set()
         self.published = ""
@@ -90,10 +103,10 @@ class ReplicaSync:
             spend, held = self.ledger.local(now), self.ledger.local_held(now)
             learning = self.learning.local_rows() if self.learning is not None else {}
             resting = self.cooldowns.local(now) if self.cooldowns is not None else {}
+            rollouts = self.rollouts.local() if self.rollouts is not None else {}
         day = window_start(now, DAY)
-        payload = (
-            encode(day, spend, learning, held, resting) if spend or held or resting or any(learning.values()) else ""
-        )
+        shared = spend or held or resting or rollouts
+        payload = encode(day, spend, learning, held, resting, rollouts) if shared or any(learning.values()) else ""
         if len(payload) > MAX_KEY_BYTES:
             if not self.learning_left_out:
                 log.warning(
@@ -104,7 +117,7 @@ class ReplicaSync:
                     self.name,
                 )
             self.learning_left_out = True
-            payload = encode(day, spend, {}, held, resting) if spend or held or resting else ""
+            payload = encode(day, spend, {}, held, resting, rollouts) if shared else ""
         if payload != self.published or self.stale:
             data, version = self._publish(payload)
             self.published = payload
@@ -133,6 +146,7 @@ class ReplicaSync:
         learning: dict[str, Learning] = {}
         held: dict[str, Held] = {}
         resting: dict[str, Resting] = {}
+        rollouts: dict[str, Rollouts] = {}
         for key, raw in data.items():
             if key == self.key or not key.endswith(".json"):
                 continue
@@ -154,10 +168,14 @@ class ReplicaSync:
                 held[replica] = their_held
             if their_resting := decode_resting(raw):
                 resting[replica] = their_resting
+            if their_rollouts := decode_rollouts(raw):
+                rollouts[replica] = their_rollouts
         with self.lock:
             self.ledger.set_remote(spend, held)
             if self.cooldowns is not None:
                 self.cooldowns.set_remote(resting)
+            if self.rollouts is not None:
+                self.rollouts.set_remote(rollouts)
             if self.learning is not None:
                 self.learning.set_remote(learning)
             self.last_recorded = {"spend": spend, "learning": learning, "held": held}

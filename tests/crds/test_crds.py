@@ -146,7 +146,7 @@ def test_crd_shape_for_kubectl():
     # Resting: the models the gateways keep requests off for now (status.cooldowns).
     assert columns == ["Type", "Healthy", "Latency", "Models", "Resting", "Age"]
     columns = [c["name"] for c in policy["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert columns == ["Strategy", "Accepted", "Backends", "Budget", "Age"]
+    assert columns == ["Strategy", "Accepted", "Backends", "Budget", "Rollout", "Age"]
 
 
 @pytest.mark.parametrize("name", sorted(crdgen.definitions()))

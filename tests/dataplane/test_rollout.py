@@ -97,6 +97,37 @@ def test_a_canary_serves_its_share_sticky_per_user(fakes, tmp_path):
         gw.stop()
 
 
+def test_a_canary_whose_candidate_fails_pauses_and_the_live_policy_serves_everyone(fakes, tmp_path):
+    """The candidate's only backend answers 500: once 5 of its requests failed (past 50 %), the
+    gateway pauses the rollout, and every later request is the live policy's and succeeds."""
+    fakes["beta"].behave(status=500)
+    rollout = {"candidate": "next", "mode": "canary", "percent": 100, "minRequests": 5, "maxErrorRate": 0.5}
+    gw = start_gateway(tmp_path, resources(fakes, rollout))
+    try:
+        with openai.OpenAI(base_url=gw.url, api_key="x", max_retries=0) as client:
+            for _ in range(5):
+                with pytest.raises(openai.InternalServerError):
+                    client.chat.completions.create(model="auto", **ASK)
+        with httpx.Client(base_url=gw.url, timeout=30) as http:
+            # The failures reach the ext_proc in Envoy's access log batches: ask until they have.
+            def paused() -> bool:
+                r = http.post("/chat/completions", json={"model": "auto", **ASK})
+                return r.headers.get("x-signalbox-rollout") == "paused:next" and r.status_code == 200
+
+            assert wait_for(paused)
+        before = len(fakes["beta"].requests())
+        with openai.OpenAI(base_url=gw.url, api_key="x", max_retries=0) as client:
+            for _ in range(10):
+                raw = client.chat.completions.with_raw_response.create(model="auto", **ASK)
+                assert raw.headers["x-signalbox-rollout"] == "paused:next"
+                assert raw.headers["x-signalbox-provider"] == "alpha" and raw.parse().choices[0].message.content
+        assert len(fakes["beta"].requests()) == before  # nothing more for the failing candidate
+        metrics = httpx.get(f"{gw.admin_url}/metrics").text
+        assert 'signalbox_rollout_pauses_total{candidate="next",policy="live"} 1.0' in metrics
+    finally:
+        gw.stop()
+
+
 def test_captured_requests_replay_offline_to_the_decisions_live_made(fakes, tmp_path, capsys):
     """`--capture-prompts` records routed requests (keys redacted); `signalbox replay` decides
     them again: under the same config every decision is the one live made, under a candidate

@@ -22,9 +22,20 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.envoygen.contract import BACKEND_PREFIX, TARGET_PREFIX
 from signalbox.core.schema import SCHEMA_VERSION, provider_api
 
+from . import rollouts
 from .consumers import KeyHashes, add_consumers, rate_limits
 from .errors import Problem
-from .models import AIProvider, Consumer, OnExhausted, ProviderType, RolloutMode, RoutingPolicy, Strategy
+from .models import (
+    AIProvider,
+    Consumer,
+    OnExhausted,
+    ProviderType,
+    RolloutMode,
+    RolloutSpec,
+    RoutingPolicy,
+    RoutingPolicySpec,
+    Strategy,
+)
 from .rules import RuleError, rule_matcher
 
 _PROVIDER_TYPES = {
@@ -386,9 +397,18 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
     cfg.policies.append(out)
 
 
+def rollout_epoch(rollout: RolloutSpec, candidate: RoutingPolicySpec) -> str:
+    """The run a rollout is in (rollouts.epoch) from the validated specs, as the operator
+    computes it for status: their dumps carry the defaults, so equal meaning, equal epoch."""
+    return rollouts.epoch(
+        rollout.model_dump(mode="json", by_alias=True), candidate.model_dump(mode="json", by_alias=True)
+    )
+
+
 def _add_rollouts(cfg: pb.RoutingConfig, policies: list[RoutingPolicy], problems: list[Problem]) -> None:
     """Each policy's rollout names a candidate policy of its namespace, not itself."""
     compiled = {p.id: p for p in cfg.policies}
+    by_key = {p.key: p for p in policies}
     for pol in policies:
         rollout = pol.spec.rollout
         if rollout is None or pol.key not in compiled:
@@ -417,6 +437,9 @@ def _add_rollouts(cfg: pb.RoutingConfig, policies: list[RoutingPolicy], problems
                     canary=rollout.mode == RolloutMode.CANARY,
                     percent=rollout.percent,
                     sticky_header=(rollout.sticky_header or "").lower(),
+                    epoch=rollout_epoch(rollout, by_key[candidate].spec),
+                    max_error_rate=rollout.max_error_rate,
+                    min_requests=rollout.min_requests,
                 )
             )
 

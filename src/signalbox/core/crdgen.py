@@ -125,6 +125,46 @@ _POLICY_STATUS = {
                 },
             },
         },
+        "rollout": {
+            "type": "object",
+            "description": "The run of spec.rollout so far, summed over the gateway replicas as they last published "
+            "it (refreshed every few seconds). Figures start afresh whenever spec.rollout or the candidate changes.",
+            "properties": {
+                "state": {
+                    "type": "string",
+                    "enum": ["Shadow", "Canary", "Paused"],
+                    "description": "Shadow or Canary as declared; Paused when the candidate's error rate passed "
+                    "spec.rollout.maxErrorRate (the live policy serves everything).",
+                },
+                "candidate": {"type": "string", "description": "The candidate policy."},
+                "epoch": {"type": "string", "description": "Digest of spec.rollout and the candidate's spec."},
+                "percent": {"type": "number", "description": "Canary: the share the candidate serves."},
+                "requests": {"type": "integer", "description": "Requests of this policy during the run."},
+                "candidateRequests": {
+                    "type": "integer",
+                    "description": "Of those, decided by the candidate (shadow: every one; canary: its share).",
+                },
+                "differingPercent": {
+                    "type": "number",
+                    "description": "Shadow: share of requests for which the candidate chose another backend.",
+                },
+                "candidateErrors": {
+                    "type": "integer",
+                    "description": "Canary: served by the candidate and failed (5xx, 429, broken stream); shadow: "
+                    "requests it could not decide.",
+                },
+                "liveErrors": {"type": "integer", "description": "Served by the live policy and failed."},
+                "liveCostUsd": {
+                    "type": "number",
+                    "description": "Canary: real cost of the live side; shadow: estimated cost of the live choices.",
+                },
+                "candidateCostUsd": {
+                    "type": "number",
+                    "description": "Canary: real cost of the candidate's side; shadow: estimated cost of its choices.",
+                },
+                "message": {"type": "string", "description": "Why it paused, and how to resume."},
+            },
+        },
     },
 }
 
@@ -273,6 +313,7 @@ def definitions() -> dict[str, dict[str, Any]]:
                 {"name": "Accepted", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Accepted")].status'},
                 {"name": "Backends", "type": "integer", "jsonPath": ".status.backends"},
                 {"name": "Budget", "type": "string", "jsonPath": ".status.budget.state"},
+                {"name": "Rollout", "type": "string", "jsonPath": ".status.rollout.state"},
             ],
         ),
         "consumers.yaml": crd(

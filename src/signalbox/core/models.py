@@ -554,6 +554,20 @@ class RolloutSpec(Spec):
         description="Header whose value keeps a caller on one side of a canary (e.g. x-user-id). Default: the "
         "client address.",
     )
+    max_error_rate: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Pause the rollout when more than this share of the candidate's requests fail (canary: "
+        "served by it and answered 5xx, 429 or a broken stream; shadow: it could not decide). Paused, the live "
+        "policy serves everything until the candidate or this rollout is edited.",
+    )
+    min_requests: int = Field(
+        20,
+        ge=1,
+        le=1_000_000,
+        description="Candidate requests counted before the error rate can pause the rollout.",
+    )
 
 
 class RoutingPolicySpec(Spec):

@@ -2,7 +2,8 @@
 
 A JSON object: `day` (start of the UTC day it describes), `spend` (policy -> hourly bucket ->
 USD), `held` (policy -> [USD held by requests in flight, until]), `learning` (table ->
-rows) and `cooldown` (backend -> [until, reason]: backends its attempts put to rest).
+rows), `cooldown` (backend -> [until, reason]: backends its attempts put to rest) and
+`rollouts` (epoch -> figure -> value: what its requests counted of each rollout).
 Gateways write and read it (`signalbox.replicasync`); the operator reads it to report spend in
 RoutingPolicy status. Pure: no Kubernetes, no SQLite.
 """
@@ -16,9 +17,17 @@ Spend = dict[str, dict[int, float]]  # policy -> hourly bucket -> USD
 Held = dict[str, tuple[float, float]]  # policy -> (USD held by requests in flight, until)
 Learning = dict[str, list[list[object]]]  # table -> rows
 Resting = dict[str, tuple[float, str]]  # backend id -> (until, reason): backends cooling down
+Rollouts = dict[str, dict[str, float]]  # rollout epoch -> figure -> value (core/rollouts.py)
 
 
-def encode(day: int, spend: Spend, learning: Learning, held: Held | None = None, resting: Resting | None = None) -> str:
+def encode(
+    day: int,
+    spend: Spend,
+    learning: Learning,
+    held: Held | None = None,
+    resting: Resting | None = None,
+    rollouts: Rollouts | None = None,
+) -> str:
     payload: dict[str, Any] = {
         "day": day,
         "spend": {policy: {str(b): usd for b, usd in sorted(buckets.items())} for policy, buckets in spend.items()},
@@ -28,6 +37,8 @@ def encode(day: int, spend: Spend, learning: Learning, held: Held | None = None,
         payload["held"] = {policy: [usd, until] for policy, (usd, until) in held.items()}
     if resting:
         payload["cooldown"] = {backend: [until, reason] for backend, (until, reason) in sorted(resting.items())}
+    if rollouts:
+        payload["rollouts"] = rollouts
     return json.dumps(payload, sort_keys=True, separators=(",", ":"))
 
 
@@ -51,5 +62,15 @@ def decode_resting(raw: str) -> Resting:
     try:
         data = json.loads(raw).get("cooldown", {})
         return {str(backend): (float(until), str(reason)) for backend, (until, reason) in data.items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
+def decode_rollouts(raw: str) -> Rollouts:
+    """A replica's rollout figures (`rollouts`: epoch -> figure -> value); empty when the key
+    has none or is not ours to read."""
+    try:
+        data = json.loads(raw).get("rollouts", {})
+        return {str(epoch): {str(f): float(v) for f, v in figures.items()} for epoch, figures in data.items()}
     except (ValueError, TypeError, AttributeError):
         return {}

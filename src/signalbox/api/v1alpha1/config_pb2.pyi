@@ -301,16 +301,22 @@ class Policy(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., headers: _Optional[_Iterable[_Union[HeaderMatch, _Mapping]]] = ..., path_prefixes: _Optional[_Iterable[str]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backends: _Optional[_Iterable[_Union[PolicyBackend, _Mapping]]] = ..., failover: _Optional[bool] = ..., retry_on: _Optional[_Iterable[str]] = ..., per_try_timeout_ms: _Optional[int] = ..., max_attempts: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., hash_header: _Optional[str] = ..., exploration_rate: _Optional[float] = ..., ewma_alpha: _Optional[float] = ..., hedge_delay_ms: _Optional[int] = ..., min_quality: _Optional[_Mapping[str, float]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., use_default_rules: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[ClassRoute, _Mapping]]] = ..., semantic_routes: _Optional[_Iterable[_Union[SemanticRoute, _Mapping]]] = ..., semantic_default_route: _Optional[str] = ..., semantic_min_rules_confidence: _Optional[float] = ..., learning: _Optional[bool] = ..., learning_exploration_rate: _Optional[float] = ..., learning_prior_weight: _Optional[float] = ..., quality_tolerance: _Optional[float] = ..., llm_backend: _Optional[int] = ..., llm_timeout_ms: _Optional[int] = ..., llm_min_confidence: _Optional[float] = ..., llm_cache_size: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., compiled: _Optional[bool] = ..., idle_timeout_ms: _Optional[int] = ..., allow_anonymous: _Optional[bool] = ..., limits: _Optional[_Union[RateLimits, _Mapping]] = ..., learning_per_prompt: _Optional[bool] = ..., rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("candidate", "canary", "percent", "sticky_header")
+    __slots__ = ("candidate", "canary", "percent", "sticky_header", "epoch", "max_error_rate", "min_requests")
     CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     CANARY_FIELD_NUMBER: _ClassVar[int]
     PERCENT_FIELD_NUMBER: _ClassVar[int]
     STICKY_HEADER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     candidate: str
     canary: bool
     percent: float
     sticky_header: str
-    def __init__(self, candidate: _Optional[str] = ..., canary: _Optional[bool] = ..., percent: _Optional[float] = ..., sticky_header: _Optional[str] = ...) -> None: ...
+    epoch: str
+    max_error_rate: float
+    min_requests: int
+    def __init__(self, candidate: _Optional[str] = ..., canary: _Optional[bool] = ..., percent: _Optional[float] = ..., sticky_header: _Optional[str] = ..., epoch: _Optional[str] = ..., max_error_rate: _Optional[float] = ..., min_requests: _Optional[int] = ...) -> None: ...
 
 class RateLimits(_message.Message):
     __slots__ = ("requests_per_minute", "tokens_per_minute", "max_concurrent", "count_cached_tokens", "fail_closed")
