@@ -225,3 +225,26 @@ async def test_a_backend_one_replica_put_to_rest_rests_on_the_others_until_its_t
     finally:
         stop.set()
         await asyncio.gather(*tasks)
+
+
+async def test_a_rollout_paused_on_one_replica_is_paused_on_the_others_and_errors_add_up(k8s, tmp_path):
+    from signalbox.core import rollouts
+    from signalbox.extproc.rolloutstats import RolloutStats
+
+    a, b = replica(k8s, tmp_path, "gw-a"), replica(k8s, tmp_path, "gw-b")
+    a.rollouts, b.rollouts = RolloutStats(tmp_path / "a-rollout.db"), RolloutStats(tmp_path / "b-rollout.db")
+    rule = rollouts.PauseRule(max_error_rate=0.5, min_requests=4)
+    now = time.time()
+    # Each replica alone has 1 failure of 2 (under the minimum of 4); together 2 of 4 is not past
+    # 50 %, and one more failure on a makes 3 of 5: a pauses, and b follows once it has synced.
+    for side in (a, b):
+        side.rollouts.add("run-1", {rollouts.CANDIDATE: 2, rollouts.CANDIDATE_ERRORS: 1})
+    await asyncio.to_thread(a.sync_once, now)
+    await asyncio.to_thread(b.sync_once, now)
+    await asyncio.to_thread(a.sync_once, now)  # a reads what b published
+    assert a.rollouts.figures("run-1")[rollouts.CANDIDATE] == 4
+    assert a.rollouts.record("run-1", rule, {rollouts.CANDIDATE: 1, rollouts.CANDIDATE_ERRORS: 1}, now) is not None
+    assert not b.rollouts.paused("run-1")
+    await asyncio.to_thread(a.sync_once, now)
+    await asyncio.to_thread(b.sync_once, now)
+    assert b.rollouts.paused("run-1") and b.rollouts.figures("run-1")[rollouts.CANDIDATE_ERRORS] == 3
