@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: eval train-classifier setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-faults faults-scorecard test-fuzz fuzz bench bench-peers bench-scale bench-attempt bench-translation bench-consumers protos protos-check lint up validate clean
+.PHONY: eval train-classifier setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-faults faults-scorecard test-fuzz fuzz bench bench-peers bench-scale bench-attempt bench-translation bench-consumers bench-rollouts protos protos-check lint up validate clean
 
 # Strict editable mode: extproc/ and operator/ install as signalbox.extproc and
 # signalbox.operator through a link tree under build/ (operator/ has no __init__.py, so it can
@@ -98,6 +98,7 @@ bench: setup
 	$(PY) -m bench.tiers
 	$(MAKE) bench-translation
 	$(MAKE) bench-consumers
+	$(MAKE) bench-rollouts
 	$(MAKE) bench-scale
 
 ## Scale (needs h2load, Debian nghttp2-client): a 2,000-provider/2,000-policy fleet through
@@ -113,7 +114,6 @@ bench-scale: setup
 bench-attempt: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.attempt_ab --rounds 3 --seconds 3
 
-## Signalbox vs LiteLLM's proxy and Portkey's gateway, same fake, load and machine (needs wrk,
 ## What translating between API families costs: same-API vs translated pairs, JSON and
 ## streams of 100 chunks, against plain Envoy -> bench/results/translation.json
 bench-translation: setup
@@ -124,6 +124,12 @@ bench-translation: setup
 bench-consumers: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.consumers --rounds 3 --seconds 3
 
+## Rollouts (issue 17): a shadowed and a canaried policy against the same decided policy
+## -> bench/results/rollouts.json
+bench-rollouts: setup
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.rollouts --rounds 5 --seconds 3
+
+## Signalbox vs LiteLLM's proxy and Portkey's gateway, same fake, load and machine (needs wrk,
 ## npm; installs the pinned peers under build/peers/) -> bench/results/peers.json
 bench-peers: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.peers

@@ -185,7 +185,12 @@ def prepare_candidate(
     feats = prepared.features
     headers = prepared.headers or {}
     hash_key = (headers.get(candidate.hash_header, "") if candidate.hash_header else "") or client_address
-    classification = embeddings_class(feats) if feats.embeddings else classify_request(candidate, feats)
+    if feats.embeddings:
+        classification = embeddings_class(feats)
+    elif candidate.classifier_key == prepared.policy.classifier_key:
+        classification = prepared.classification  # the same tiers: the same answer, already paid for
+    else:
+        classification = classify_request(candidate, feats)
     return dataclasses.replace(
         prepared,
         policy=candidate,
@@ -226,6 +231,28 @@ def needs_llm(prepared: Prepared) -> bool:
     )
 
 
+def choose(
+    prepared: Prepared,
+    state: SelectionState,
+    classification: Classification | None = None,
+    explain: bool = False,
+    budget: BudgetStatus | None = None,
+) -> tuple[Selection, np.ndarray | None]:
+    """The selection alone (and the prompt's vector when per-prompt learning needs it): what a
+    shadow decision records, without the body rewrite only a served request needs."""
+    vector = None
+    if prepared.policy.learning_per_prompt and not prepared.features.embeddings and prepared.features.text:
+        vector = prompt_vector(prepared.features.text)
+    context = RequestContext(
+        prepared.features,
+        classification or prepared.classification,
+        prepared.hash_key,
+        prepared.refused_apis or {},
+        vector,
+    )
+    return select(prepared.policy, context, state, explain, budget), vector
+
+
 def finish(
     prepared: Prepared,
     state: SelectionState,
@@ -242,16 +269,7 @@ def finish(
     cls = classification or prepared.classification
     if budget is not None:
         refuse_if_exhausted(prepared.policy.name, budget, now)
-    vector = None
-    if prepared.policy.learning_per_prompt and not prepared.features.embeddings and prepared.features.text:
-        vector = prompt_vector(prepared.features.text)
-    selection = select(
-        prepared.policy,
-        RequestContext(prepared.features, cls, prepared.hash_key, prepared.refused_apis or {}, vector),
-        state,
-        explain,
-        budget,
-    )
+    selection, vector = choose(prepared, state, cls, explain, budget)
     backend = selection.choice.backend
     body = {**prepared.body, "model": backend.upstream_model}
     if body.get("stream") is True and api_of_path(prepared.path) == OPENAI_API:

@@ -197,6 +197,7 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
         await admin_runner.cleanup()
     await processor.llm.close()
     ledger.close()
+    rollout_stats.close()  # what it counted since its last flush
     limit_store.close()
     if learning is not None:
         learning.close()

@@ -14,7 +14,9 @@ that reads it serves the live policy alone from then on, for that epoch
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,26 +28,59 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollout (epoch TEXT, field TEXT, value REAL, PRIMARY KEY (epoch, field));
 CREATE TABLE IF NOT EXISTS remote_rollout (replica TEXT, epoch TEXT, field TEXT, value REAL);
 """
+# Counts wait in the worker at most this long before they are written (one commit for many
+# requests): the figures in status and in the replica ConfigMap lag by at most this. A failure
+# of the candidate is written at once, since it may pause the rollout.
+FLUSH_EVERY_S = 0.5
 
 
 class RolloutStats:
     def __init__(self, path: str | Path | None = None):
         self.db = connect(path, _SCHEMA)
         self._tx = threading.RLock()  # threads sharing the connection (as SpendLedger)
+        self._pending: dict[tuple[str, str], float] = {}
+        self._flushed_at = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
 
     def close(self) -> None:
+        self.flush()
         self.db.close()
 
     def add(self, epoch: str, counts: Mapping[str, float]) -> None:
-        """Add to this replica's figures of one epoch (one transaction)."""
-        rows = [(epoch, field, value) for field, value in counts.items() if value]
-        if not rows:
-            return
+        """Add to this replica's figures of one epoch: buffered, and written within
+        FLUSH_EVERY_S (at once outside an event loop)."""
         with self._tx:
-            self.db.executemany(
-                "INSERT INTO rollout VALUES (?, ?, ?) "
+            for field, value in counts.items():
+                if value:
+                    self._pending[(epoch, field)] = self._pending.get((epoch, field), 0.0) + value
+        if not self._pending:
+            return
+        if time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
+            self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()  # tools and threads: no loop to flush later from
+            return
+        if self._timer is None:
+            self._timer = loop.call_later(FLUSH_EVERY_S, self.flush)
+
+    def flush(self) -> None:
+        """Write what this worker counted since the last flush (one statement, one commit)."""
+        with self._tx:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._flushed_at = time.monotonic()
+            rows, self._pending = self._pending, {}
+            if not rows:
+                return
+            values = ",".join("(?, ?, ?)" for _ in rows)
+            self.db.execute(
+                f"INSERT INTO rollout VALUES {values} "
                 "ON CONFLICT (epoch, field) DO UPDATE SET value = value + excluded.value",
-                rows,
+                [v for (epoch, field), value in rows.items() for v in (epoch, field, value)],
             )
 
     def record(
@@ -56,13 +91,14 @@ class RolloutStats:
         self.add(epoch, counts)
         if not counts.get(rollouts.CANDIDATE_ERRORS):
             return None  # only a failure can push the rate past the limit
-        figures = self.figures(epoch)
+        figures = self.figures(epoch)  # flushes: every worker's failures count at once
         if figures[rollouts.PAUSED] or not rule.breached(figures):
             return None
         return figures if self.pause(epoch, now) else None
 
     def figures(self, epoch: str) -> rollouts.Figures:
         """One epoch's figures over every worker of every replica (as last published)."""
+        self.flush()
         with self._tx:
             local = dict(self.db.execute("SELECT field, value FROM rollout WHERE epoch = ?", (epoch,)).fetchall())
             remote: dict[str, dict[str, float]] = {}
@@ -95,6 +131,7 @@ class RolloutStats:
 
     def local(self) -> dict[str, dict[str, float]]:
         """This replica's figures, epoch -> field -> value (what it publishes)."""
+        self.flush()
         out: dict[str, dict[str, float]] = {}
         with self._tx:
             for epoch, field, value in self.db.execute("SELECT epoch, field, value FROM rollout"):
@@ -117,6 +154,7 @@ class RolloutStats:
     def forget(self, keep: set[str]) -> None:
         """Drop this replica's figures of epochs no longer in the config (a new epoch starts
         afresh; the old one's figures would only grow the replica's key)."""
+        self.flush()
         with self._tx:
             marks = ",".join("?" * len(keep))
             self.db.execute(f"DELETE FROM rollout WHERE epoch NOT IN ({marks})", tuple(keep))

@@ -145,6 +145,9 @@ class PolicyRuntime:
     limits: SubjectLimits | None = None
     # A candidate policy tried on this policy's traffic (rollout.py).
     rollout: pb.Rollout | None = None
+    # Equal for two policies whose tiers 1 and 2 classify every request alike (same rules,
+    # defaults and semantic routes): a rollout's candidate reuses the live classification.
+    classifier_key: bytes = b""
 
     def matches(self, path: str, headers: dict[str, str]) -> bool:
         if self.path_prefixes and not path.startswith(self.path_prefixes):
@@ -248,6 +251,18 @@ def _semantic(p: pb.Policy) -> Classifier | None:
     return default_routes.router() if p.use_default_rules else None
 
 
+def _classifier_key(p: pb.Policy) -> bytes:
+    """What tiers 1 and 2 read of a policy (tiers.classify_request), as deterministic bytes."""
+    inputs = pb.Policy(
+        rules=p.rules,
+        use_default_rules=p.use_default_rules,
+        semantic_routes=p.semantic_routes,
+        semantic_default_route=p.semantic_default_route,
+        semantic_min_rules_confidence=p.semantic_min_rules_confidence,
+    )
+    return inputs.SerializeToString(deterministic=True)
+
+
 def _with_prefix(prefix: str, key: SecretValue | None) -> SecretValue | None:
     return SecretValue(prefix + key.reveal()) if key else None
 
@@ -289,6 +304,7 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
         compiled=p.compiled,
         allow_anonymous=p.allow_anonymous,
         rollout=p.rollout if p.HasField("rollout") else None,
+        classifier_key=_classifier_key(p),
         limits=subject_limits(f"policy:{p.id}", f"policy {p.name}", p.limits) if p.HasField("limits") else None,
         open_seconds=p.timeout_ms / 1000 + HOLD_SLACK_SECONDS,
         learning_exploration_rate=p.learning_exploration_rate,

@@ -113,15 +113,16 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 self.metrics.rollout_decisions.labels(live.name, candidate.name, mode, "paused").inc()
             return prepared, None, f"paused:{candidate.name}"
         address = client_address(headers)
-        as_candidate = decide.prepare_candidate(prepared, candidate, raw, address)
         if not spec.canary:
-            return prepared, as_candidate, ""
+            return prepared, decide.prepare_candidate(prepared, candidate, raw, address), ""
         key = (headers.get(spec.sticky_header, "") if spec.sticky_header else "") or address
         served = rollout.serves_candidate(live.id, key, spec.percent)
         if count:
             outcome = "served_candidate" if served else "served_live"
             self.metrics.rollout_decisions.labels(live.name, candidate.name, "canary", outcome).inc()
-        return (as_candidate, None, f"canary:{candidate.name}") if served else (prepared, None, "live")
+        if not served:
+            return prepared, None, "live"
+        return decide.prepare_candidate(prepared, candidate, raw, address), None, f"canary:{candidate.name}"
 
     def shadow_decision(
         self, shadow: decide.Prepared, live: decide.RouterOutcome, state: SelectionState, now: float
@@ -133,7 +134,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         live_usd = strategies.expected_cost_usd(shadow.features, ours)
         counts = {rollouts.REQUESTS: 1.0, rollouts.CANDIDATE: 1.0, rollouts.LIVE_USD: live_usd}
         try:
-            theirs = decide.finish(shadow, state, now=now).selection.choice.backend
+            theirs = decide.choose(shadow, state)[0].choice.backend
         except Exception as exc:  # whatever the candidate does, the live request goes on
             log.info("shadow decision of %s for %s failed: %r", candidate.name, policy.name, exc)
             self.metrics.rollout_decisions.labels(policy.name, candidate.name, "shadow", "error").inc()

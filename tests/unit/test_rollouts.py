@@ -88,3 +88,52 @@ def test_a_replicas_rollout_figures_survive_its_key(figures):
 @given(st.text(max_size=200))
 def test_an_unreadable_key_has_no_rollout_figures(raw):
     assert isinstance(decode_rollouts(raw), dict)
+
+
+async def test_counts_buffered_in_a_worker_reach_the_other_workers_within_the_flush_interval(tmp_path):
+    import asyncio
+    import time
+
+    from signalbox.extproc.rolloutstats import FLUSH_EVERY_S
+
+    worker, other = RolloutStats(tmp_path / "rollout.db"), RolloutStats(tmp_path / "rollout.db")
+    try:
+        worker.flush()  # a flush just happened: what follows waits for the timer
+        for _ in range(3):
+            worker.add("e1", {rollouts.REQUESTS: 1, rollouts.CANDIDATE: 1})
+        started = time.monotonic()
+        while other.figures("e1")[rollouts.REQUESTS] < 3:
+            assert time.monotonic() - started < FLUSH_EVERY_S + 2.0, "buffered counts were never written"
+            await asyncio.sleep(0.02)
+        # A failure is written at once, with everything buffered before it.
+        worker.add("e1", {rollouts.REQUESTS: 1})
+        worker.record("e1", RULE, {rollouts.CANDIDATE: 1, rollouts.CANDIDATE_ERRORS: 1}, 1.0)
+        assert other.figures("e1")[rollouts.REQUESTS] == 4 and other.figures("e1")[rollouts.CANDIDATE_ERRORS] == 1
+    finally:
+        worker.close()
+        other.close()
+
+
+def test_a_candidate_with_the_live_policys_tiers_reuses_its_classification_and_others_classify_again():
+    from signalbox.core.compiler import compile_config
+    from signalbox.extproc import decide
+    from signalbox.extproc.runtime import RuntimeTable
+    from tests.factories import backend, model, policy, provider
+
+    rule = {"name": "python-is-math", "keywords": ["python"], "taskType": "math"}
+    result = compile_config(
+        [provider("a", "http://127.0.0.1:9001/v1", [model("m")])],
+        [
+            policy("live", ["auto"], [backend("a", "m")], strategy="cost", rollout={"candidate": "same"}),
+            policy("same", ["same"], [backend("a", "m")], strategy="weighted"),
+            policy("ruled", ["ruled"], [backend("a", "m")], classification={"rules": [rule]}),
+        ],
+    )
+    assert result.ok, result.problems
+    table = RuntimeTable.from_config(result.config)
+    raw = b'{"model": "auto", "messages": [{"role": "user", "content": "write python to sort a list"}]}'
+    live = decide.prepare(table, "/v1/chat/completions", {}, raw)
+    same = decide.prepare_candidate(live, table.by_id["default/same"], raw)
+    ruled = decide.prepare_candidate(live, table.by_id["default/ruled"], raw)
+    assert same.classification is live.classification
+    assert ruled.classification.task_type == "math" != live.classification.task_type
