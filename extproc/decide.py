@@ -157,6 +157,12 @@ class Prepared:
     refused_apis: dict[str, str] | None = None
 
 
+def client_address(headers: dict[str, str]) -> str:
+    """The caller's address as Envoy reports it (the hash and sticky key of last resort)."""
+    forwarded = headers.get("x-forwarded-for", "")
+    return forwarded.split(",")[-1].strip() if forwarded else headers.get("x-envoy-external-address", "")
+
+
 def prepare(
     table: RuntimeTable,
     path: str,

@@ -48,11 +48,6 @@ def _ends_request_phase(response: ep.ProcessingResponse) -> bool:
     return response.WhichOneof("response") in ("request_body", "immediate_response")
 
 
-def client_address(headers: dict[str, str]) -> str:
-    forwarded = headers.get("x-forwarded-for", "")
-    return forwarded.split(",")[-1].strip() if forwarded else headers.get("x-envoy-external-address", "")
-
-
 class Processor(ep_grpc.ExternalProcessorServicer):
     def __init__(
         self,
@@ -112,17 +107,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 mode = "canary" if spec.canary else "shadow"
                 self.metrics.rollout_decisions.labels(live.name, candidate.name, mode, "paused").inc()
             return prepared, None, f"paused:{candidate.name}"
-        address = client_address(headers)
-        if not spec.canary:
-            return prepared, decide.prepare_candidate(prepared, candidate, raw, address), ""
-        key = (headers.get(spec.sticky_header, "") if spec.sticky_header else "") or address
-        served = rollout.serves_candidate(live.id, key, spec.percent)
-        if count:
-            outcome = "served_candidate" if served else "served_live"
+        serve, shadow, note = rollout.sides(table, prepared, headers, raw, decide.client_address(headers))
+        if count and spec.canary:
+            outcome = "served_candidate" if note.startswith("canary:") else "served_live"
             self.metrics.rollout_decisions.labels(live.name, candidate.name, "canary", outcome).inc()
-        if not served:
-            return prepared, None, "live"
-        return decide.prepare_candidate(prepared, candidate, raw, address), None, f"canary:{candidate.name}"
+        return serve, shadow, note
 
     def shadow_decision(
         self, shadow: decide.Prepared, live: decide.RouterOutcome, state: SelectionState, now: float
@@ -357,7 +346,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             now = time.time()
             consumer = table.identities.identify(headers, wire.jwt_payload(request), now)
             consumer_label = consumer.id if consumer else identity.ANONYMOUS
-            prepared = decide.prepare(table, path, headers, raw, client_address(headers), self.max_body_bytes)
+            prepared = decide.prepare(table, path, headers, raw, decide.client_address(headers), self.max_body_bytes)
             policy = prepared.policy
             try:
                 identity.authorize(table.identities, consumer, policy, str(prepared.body["model"]), headers)
@@ -419,13 +408,13 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 metadata["hold"] = hold_id
             if self.capture is not None:
                 backend = outcome.selection.choice.backend
-                self.capture.record(
-                    request_id,
-                    path,
-                    headers,
-                    raw,
-                    {"policy": policy.name, "backend": backend.id, "class": outcome.classification.class_key},
-                )
+                # `policy`: the one the alias chose; a canary's candidate side is `served_by` its own.
+                recorded = {"policy": rollout_of.name, "backend": backend.id, "class": outcome.classification.class_key}
+                if policy is not rollout_of:
+                    recorded["served_by"] = policy.name
+                if rollout_note:
+                    recorded["rollout"] = rollout_note
+                self.capture.record(request_id, path, headers, raw, recorded)
             self.metrics.phase_seconds.labels("router").observe(time.perf_counter() - decided)
             self.count(outcome)
             # The target travels as dynamic metadata, which Envoy's routes match on (header

@@ -239,8 +239,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    report = replay.run(records, after, before)
+    decisions: list[dict] | None = [] if args.decisions else None
+    report = replay.run(records, after, before, decisions)
     print(replay.table(report))
+    if decisions is not None:
+        Path(args.decisions).write_text("".join(json.dumps(d) + "\n" for d in decisions))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
@@ -573,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the resources that served the capture (prices of the recorded backends; default: the candidate's)",
     )
     rp.add_argument("--output", help="the report as JSON")
+    rp.add_argument(
+        "--decisions",
+        help="JSON lines, one per request: its recorded and replayed backend, the policy that decided, the rollout",
+    )
     rp.add_argument("--plot", help="PNG: estimated cost by policy, recorded against candidate")
     rp.set_defaults(func=cmd_replay)
 

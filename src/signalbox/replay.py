@@ -18,8 +18,8 @@ from typing import Any
 
 from signalbox.core.errors import RequestError
 from signalbox.extproc import body as body_codec
+from signalbox.extproc import decide, rollout
 from signalbox.extproc.classify import features
-from signalbox.extproc.decide import decide
 from signalbox.extproc.runtime import BackendRuntime, RuntimeTable
 from signalbox.extproc.strategies import SelectionState, expected_cost_usd
 
@@ -57,9 +57,17 @@ def _cost(raw: bytes, backend: BackendRuntime | None) -> float:
         return 0.0
 
 
-def run(records: list[dict[str, Any]], after: RuntimeTable, before: RuntimeTable | None = None) -> dict[str, Any]:
+def run(
+    records: list[dict[str, Any]],
+    after: RuntimeTable,
+    before: RuntimeTable | None = None,
+    decisions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Replay `records` under `after`; the "before" side is what was recorded (its prices from
-    `before` when given, else from `after` where the backend still exists)."""
+    `before` when given, else from `after` where the backend still exists). A policy's rollout
+    in `after` applies as live: a canary's callers (by their recorded sticky header or address)
+    are decided by the candidate, a shadow's decision is reported beside the live one. Each
+    request's outcome is appended to `decisions` when given."""
     state = SelectionState()
     rows: dict[str, Row] = defaultdict(Row)
     skipped = 0
@@ -73,12 +81,19 @@ def run(records: list[dict[str, Any]], after: RuntimeTable, before: RuntimeTable
         row.requests += 1
         backends = (before or after).backends
         row.cost_before += _cost(raw, backends.get(str(old.get("backend", ""))))
+        headers = {str(k): str(v) for k, v in (record.get("headers") or {}).items()}
+        path = str(record.get("path", "/v1/chat/completions"))
+        served_by, note, shadow_backend = "", "", None
         try:
-            outcome = decide(
-                after, state, str(record.get("path", "/v1/chat/completions")), record.get("headers") or {}, raw
-            )
+            address = decide.client_address(headers)
+            prepared = decide.prepare(after, path, headers, raw, address)
+            serve, shadow, note = rollout.sides(after, prepared, headers, raw, address)
+            served_by = serve.policy.name
+            outcome = decide.finish(serve, state)
             new_backend, new_class = outcome.selection.choice.backend, outcome.classification.class_key
             new = new_backend.id
+            if shadow is not None:
+                shadow_backend = _shadow(shadow, state)
         except RequestError as err:
             new_backend, new_class, new = None, str(old.get("class", "")), f"refused:{err.code}"
         row.cost_after += _cost(raw, new_backend)
@@ -87,6 +102,18 @@ def run(records: list[dict[str, Any]], after: RuntimeTable, before: RuntimeTable
         counts = row.by_class[str(old.get("class") or new_class)]
         counts[0] += 1
         counts[1] += changed
+        if decisions is not None:
+            entry = {
+                "request_id": record.get("request_id", ""),
+                "policy": str(old.get("policy", "?")),
+                "before": old.get("backend"),
+                "after": new,
+                "served_by": served_by,
+                "rollout": note,
+            }
+            if shadow_backend is not None:
+                entry["shadow"] = shadow_backend
+            decisions.append(entry)
     return {
         "requests": sum(r.requests for r in rows.values()),
         "skipped_truncated": skipped,
@@ -102,6 +129,13 @@ def run(records: list[dict[str, Any]], after: RuntimeTable, before: RuntimeTable
             for name, r in sorted(rows.items())
         },
     }
+
+
+def _shadow(shadow: decide.Prepared, state: SelectionState) -> str:
+    try:
+        return decide.choose(shadow, state)[0].choice.backend.id
+    except RequestError as err:
+        return f"refused:{err.code}"
 
 
 def table(report: dict[str, Any]) -> str:

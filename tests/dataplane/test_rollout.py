@@ -189,3 +189,71 @@ def test_captured_requests_replay_offline_to_the_decisions_live_made(fakes, tmp_
         assert (tmp_path / "replay.png").read_bytes()[:4] == b"\x89PNG"
     finally:
         gw.stop()
+
+
+def test_replaying_a_canarys_capture_under_its_config_gives_the_decisions_live_made(fakes, tmp_path):
+    """A canary at 50 % by x-user-id, with a candidate that sends code to beta; 24 users, half
+    asking for code. Replayed under the config that served them, every request lands on the
+    side and backend it did live; at 100 % the live side's users move to the candidate, and only
+    their code requests change backend."""
+    from signalbox.cli import main as cli_main
+
+    def config(percent: float) -> str:
+        return dump(
+            provider("alpha", fakes["alpha"].url + "/v1", [model("m", inputPricePer1M=1, outputPricePer1M=1)]),
+            provider("beta", fakes["beta"].url + "/v1", [model("m", inputPricePer1M=5, outputPricePer1M=5)]),
+            policy(
+                "live",
+                ["auto"],
+                [backend("alpha", "m"), backend("beta", "m")],
+                strategy="cost",
+                rollout={"candidate": "next", "mode": "canary", "percent": percent, "stickyHeader": "x-user-id"},
+            ),
+            policy(
+                "next",
+                ["auto-next"],
+                [backend("alpha", "m"), backend("beta", "m")],
+                strategy="classified",
+                routes=[{"taskTypes": ["code"], "backends": ["beta/m"]}, {"backends": ["alpha/m"]}],
+            ),
+        )
+
+    gw = start_gateway(tmp_path / "gw", config(50), capture_prompts=True)
+    live: dict[str, tuple[str, str]] = {}
+    try:
+        with openai.OpenAI(base_url=gw.url, api_key="x", max_retries=0) as client:
+            for n in range(24):
+                text = "write a python function that reverses a list" if n % 2 else "tell me a joke about cats"
+                raw = client.chat.completions.with_raw_response.create(
+                    model="auto",
+                    messages=[{"role": "user", "content": text}],
+                    max_tokens=5,
+                    extra_headers={"x-user-id": f"user-{n}"},
+                )
+                live[f"user-{n}"] = (raw.headers["x-signalbox-rollout"], raw.headers["x-signalbox-provider"])
+        captured = Path(gw.workdir) / "captured.jsonl"
+        assert wait_for(lambda: captured.exists() and len(captured.read_text().splitlines()) == 24)
+        sides = Counter(side for side, _ in live.values())
+        assert sides["canary:next"] and sides["live"]  # both sides served
+        assert {p for side, p in live.values() if side == "canary:next"} == {"alpha", "beta"}
+
+        def replay(resources: str, name: str) -> dict[str, dict]:
+            folder = tmp_path / name
+            folder.mkdir()
+            (folder / "policies.yaml").write_text(resources)
+            out = tmp_path / f"{name}.jsonl"
+            assert cli_main(["replay", "--log", str(captured), "-f", str(folder), "--decisions", str(out)]) == 0
+            records = {json.loads(x)["request_id"]: json.loads(x) for x in captured.read_text().splitlines()}
+            return {records[d["request_id"]]["headers"]["x-user-id"]: d for d in map(json.loads, out.open())}
+
+        same = replay(config(50), "same")
+        assert len(same) == 24
+        for user, (side, provider_name) in live.items():
+            assert same[user]["rollout"] == side
+            assert same[user]["after"] == same[user]["before"] == f"default/{provider_name}/m"
+        full = replay(config(100), "full")
+        assert {d["rollout"] for d in full.values()} == {"canary:next"}
+        moved = {u for u, d in full.items() if d["after"] != d["before"]}
+        assert moved and all(live[u][0] == "live" and "beta" in full[u]["after"] for u in moved)
+    finally:
+        gw.stop()
