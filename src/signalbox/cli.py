@@ -236,11 +236,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     assert after is not None
     try:
         records = replay.load(args.log)
+        scores = replay.load_scores(args.scores) if args.scores else None
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     decisions: list[dict] | None = [] if args.decisions else None
-    report = replay.run(records, after, before, decisions)
+    report = replay.run(records, after, before, decisions, scores)
     print(replay.table(report))
     if decisions is not None:
         Path(args.decisions).write_text("".join(json.dumps(d) + "\n" for d in decisions))
@@ -576,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the resources that served the capture (prices of the recorded backends; default: the candidate's)",
     )
     rp.add_argument("--output", help="the report as JSON")
+    rp.add_argument(
+        "--scores",
+        help="eval-routing's JSONL ({prompt, scores: {model: 0..1}}): adds the quality trade-off of scored requests",
+    )
     rp.add_argument(
         "--decisions",
         help="JSON lines, one per request: its recorded and replayed backend, the policy that decided, the rollout",
