@@ -196,6 +196,7 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     if admin_runner is not None:
         await admin_runner.cleanup()
     await processor.llm.close()
+    await processor.mirrors.close()
     ledger.close()
     rollout_stats.close()  # what it counted since its last flush
     limit_store.close()

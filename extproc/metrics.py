@@ -111,6 +111,39 @@ class Metrics:
             ["policy", "candidate", "side", "class_key"],
             registry=r,
         )
+        self.mirror_requests = Counter(
+            "signalbox_mirror_requests",
+            "Copies sent to a policy's mirror backend, by outcome: 2xx/4xx/5xx, error (timeout, connection), "
+            "dropped (max_in_flight reached), untranslatable, no_key.",
+            ["policy", "backend", "outcome"],
+            registry=r,
+        )
+        self.mirror_duration = Histogram(
+            "signalbox_mirror_duration_seconds",
+            "Time until a mirror backend's whole answer arrived (copies ask for no stream).",
+            ["policy", "backend"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.mirror_tokens = Counter(
+            "signalbox_mirror_tokens",
+            "Tokens a mirror backend reported for the copies, by direction (input, output).",
+            ["policy", "backend", "direction"],
+            registry=r,
+        )
+        self.mirror_cost = Counter(
+            "signalbox_mirror_cost_usd",
+            "What the copies cost at the mirror backend's prices: counted apart from the policy's spend, "
+            "budgets and limits.",
+            ["policy", "backend"],
+            registry=r,
+        )
+        self.mirror_in_flight = Gauge(
+            "signalbox_mirror_in_flight",
+            "Copies sent and not yet answered.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.rollout_pauses = Counter(
             "signalbox_rollout_pauses",
             "Rollouts this gateway paused because their candidate's error rate passed the rollout's limit.",

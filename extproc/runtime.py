@@ -109,6 +109,13 @@ class LlmTierConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MirrorRuntime:
+    backend: BackendRuntime
+    percent: float
+    max_in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyRuntime:
     id: str
     name: str
@@ -145,6 +152,8 @@ class PolicyRuntime:
     limits: SubjectLimits | None = None
     # A candidate policy tried on this policy's traffic (rollout.py).
     rollout: pb.Rollout | None = None
+    # Copies of a sampled share of requests to a backend being qualified (mirror.py).
+    mirror: MirrorRuntime | None = None
     # Equal for two policies whose tiers 1 and 2 classify every request alike (same rules,
     # defaults and semantic routes): a rollout's candidate reuses the live classification.
     classifier_key: bytes = b""
@@ -305,6 +314,9 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
         allow_anonymous=p.allow_anonymous,
         rollout=p.rollout if p.HasField("rollout") else None,
         classifier_key=_classifier_key(p),
+        mirror=MirrorRuntime(backends[p.mirror.backend - 1], p.mirror.percent, p.mirror.max_in_flight)
+        if p.HasField("mirror") and p.mirror.backend
+        else None,
         limits=subject_limits(f"policy:{p.id}", f"policy {p.name}", p.limits) if p.HasField("limits") else None,
         open_seconds=p.timeout_ms / 1000 + HOLD_SLACK_SECONDS,
         learning_exploration_rate=p.learning_exploration_rate,

@@ -34,6 +34,7 @@ from .inflight import OpenRequests
 from .ledger import SpendLedger
 from .llm_tier import LlmClassifier
 from .metrics import Metrics
+from .mirror import Mirrors
 from .reload import TableHolder
 from .rolloutstats import RolloutStats
 from .runtime import BackendRuntime, PolicyRuntime
@@ -82,6 +83,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         self.limits: limits.LimitStore = limit_store or limits.EmbeddedLimits()
         # Rollout figures and pauses, shared by the workers (and, published, by the replicas).
         self.rollouts = rollout_stats or RolloutStats()
+        # Copies of sampled requests to a policy's mirror backend (mirror.py).
+        self.mirrors = Mirrors(self.metrics)
         tables.on_install.append(self.forget_old_rollouts)
         self.metrics.watch_budgets(self.budget_windows)
 
@@ -419,6 +422,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             self.count(outcome)
             # The target travels as dynamic metadata, which Envoy's routes match on (header
             # mutations are not applied to a body answer when the headers were not sent).
+            # A copy for the alias's policy's mirror: its task starts once this answer is on its way.
+            self.mirrors.maybe_copy(rollout_of, request_id, path, raw)
             if policy.strategy == "least-busy":
                 # Closed by the request's access log entry (accesslog.py), whichever worker gets it.
                 chosen = outcome.selection.choice.backend.id

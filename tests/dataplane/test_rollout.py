@@ -5,6 +5,7 @@ sticky per user; the request log records the rollout of each request."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -255,5 +256,41 @@ def test_replaying_a_canarys_capture_under_its_config_gives_the_decisions_live_m
         assert {d["rollout"] for d in full.values()} == {"canary:next"}
         moved = {u for u, d in full.items() if d["after"] != d["before"]}
         assert moved and all(live[u][0] == "live" and "beta" in full[u]["after"] for u in moved)
+    finally:
+        gw.stop()
+
+
+def test_a_mirror_gets_copies_the_client_never_sees_and_its_cost_is_counted_apart(fakes, tmp_path):
+    """Every request of `live` is copied to beta (priced apart): the client's streams come from
+    alpha as without the mirror, beta gets whole-answer copies with its own model, and the
+    gateway's metrics count beta's tokens and cost as the mirror's, not as routed spend."""
+    resources = dump(
+        provider("alpha", fakes["alpha"].url + "/v1", [model("m")]),
+        provider("beta", fakes["beta"].url + "/v1", [model("m", upstreamName="beta-next", inputPricePer1M=2)]),
+        policy("live", ["auto"], [backend("alpha", "m")], mirror={"provider": "beta", "model": "m", "percent": 100}),
+    )
+    gw = start_gateway(tmp_path, resources)
+    try:
+        with openai.OpenAI(base_url=gw.url, api_key="x", max_retries=0) as client:
+            for _ in range(4):
+                with client.chat.completions.with_streaming_response.create(model="auto", stream=True, **ASK) as raw:
+                    assert raw.headers["x-signalbox-provider"] == "alpha"
+                    chunks = [c for c in raw.parse() if c.choices and c.choices[0].delta.content]
+                    assert chunks
+        assert wait_for(lambda: len(fakes["beta"].requests()) == 4)
+        copies = fakes["beta"].requests()
+        assert {c["model"] for c in copies} == {"beta-next"} and not any(c["stream"] for c in copies)
+        assert len(fakes["alpha"].requests()) == 4
+
+        def mirror_metrics() -> str:
+            text = httpx.get(f"{gw.admin_url}/metrics").text
+            done = 'signalbox_mirror_requests_total{backend="default/beta/m",outcome="2xx",policy="live"} 4.0'
+            return text if done in text else ""
+
+        assert wait_for(mirror_metrics)
+        text = mirror_metrics()
+        cost = re.search(r'signalbox_mirror_cost_usd_total\{backend="default/beta/m",policy="live"\} (\S+)', text)
+        assert cost and float(cost.group(1)) > 0
+        assert 'signalbox_cost_usd_total{model="m",policy="live",provider="beta"}' not in text
     finally:
         gw.stop()

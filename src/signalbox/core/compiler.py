@@ -211,6 +211,28 @@ def _add_provider(cfg, prov: AIProvider, secrets_present, problems, backend_inde
         )
 
 
+def _backend_of(
+    pol: RoutingPolicy, provider: str, model: str, path: str, backend_index: dict[str, int], problems: list[Problem]
+) -> int:
+    """A backend a policy names outside its chain (LLM tier, mirror): its index plus one, or 0
+    with a RefNotFound problem."""
+    ns = pol.metadata.namespace
+    key = f"{ns}/{provider}/{model}"
+    if key in backend_index:
+        return backend_index[key] + 1
+    problems.append(
+        Problem(
+            "RoutingPolicy",
+            pol.metadata.name,
+            path,
+            f"AIProvider {ns}/{provider} with model {model!r} not found",
+            ns,
+            "RefNotFound",
+        )
+    )
+    return 0
+
+
 def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_matches, problems) -> None:
     spec, meta = pol.spec, pol.metadata
     ns = meta.namespace
@@ -301,23 +323,18 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
         )
     llm = spec.classification.llm
     if llm is not None:
-        llm_key = f"{ns}/{llm.provider}/{llm.model}"
-        if llm_key not in backend_index:
-            problems.append(
-                Problem(
-                    "RoutingPolicy",
-                    meta.name,
-                    "spec.classification.llm",
-                    f"AIProvider {ns}/{llm.provider} with model {llm.model!r} not found",
-                    ns,
-                    "RefNotFound",
-                )
-            )
-        else:
-            out.llm_backend = backend_index[llm_key] + 1
+        llm_backend = _backend_of(pol, llm.provider, llm.model, "spec.classification.llm", backend_index, problems)
+        if llm_backend:
+            out.llm_backend = llm_backend
             out.llm_timeout_ms = llm.timeout_ms
             out.llm_min_confidence = llm.min_confidence
             out.llm_cache_size = llm.cache_size
+    if spec.mirror is not None:
+        mirror = _backend_of(pol, spec.mirror.provider, spec.mirror.model, "spec.mirror", backend_index, problems)
+        if mirror:
+            out.mirror.CopyFrom(
+                pb.Mirror(backend=mirror, percent=spec.mirror.percent, max_in_flight=spec.mirror.max_in_flight)
+            )
     semantic = spec.classification.semantic
     if semantic is not None:
         out.semantic_default_route = semantic.default_route or ""
@@ -459,15 +476,15 @@ def compilable(
     """Whether Envoy can route this policy alone, with the same outcome the ext_proc would give.
 
     Not when the choice reads the prompt or state only the ext_proc has (cost, classified,
-    latency, least-busy, hash; a budget or limits; learning; the LLM tier; any consumer
-    declared), when the policy is picked by
+    latency, least-busy, hash; a budget or limits; learning; the LLM tier; a rollout or a
+    mirror; any consumer declared), when the policy is picked by
     headers or paths as well as its alias (or shares an alias), or when its healthy backends
     differ in capabilities, context window or API family: then the prompt decides which are
     eligible (what one API family cannot express, another may).
     """
     if policy.strategy not in COMPILED_STRATEGIES or policy.learning or policy.HasField("budget"):
         return False
-    if cfg.consumers or policy.HasField("limits") or policy.HasField("rollout"):
+    if cfg.consumers or policy.HasField("limits") or policy.HasField("rollout") or policy.HasField("mirror"):
         # Who calls, and how much they have used, is checked by the ext_proc: a presented key
         # is compared by its hash and counters live in the limit store (docs/design-notes.md).
         return False

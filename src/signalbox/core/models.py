@@ -570,6 +570,29 @@ class RolloutSpec(Spec):
     )
 
 
+class MirrorSpec(Spec):
+    """Copy a sampled share of this policy's requests to a backend being qualified (issue 17)."""
+
+    provider: str = Field(min_length=1, description="AIProvider (same namespace) of the backend that gets copies.")
+    model: str = Field(min_length=1, description="Model declared by that provider.")
+    percent: float = Field(
+        10.0,
+        ge=0,
+        le=100,
+        description="Share of requests copied, sampled at random. Each copy is sent after the live decision, "
+        "asks for the whole answer at once (never a stream), and its answer is read for status, latency and "
+        "tokens, then discarded; its cost is counted apart (signalbox_mirror_cost_usd_total), never charged "
+        "to budgets or limits.",
+    )
+    max_in_flight: int = Field(
+        32,
+        ge=1,
+        le=10_000,
+        description="Copies open at once per gateway worker; beyond this a copy is dropped (counted), so a slow "
+        "mirror never holds memory or slows the live traffic.",
+    )
+
+
 class RoutingPolicySpec(Spec):
     """Which requests a policy takes and how it chooses among its backends."""
 
@@ -629,6 +652,11 @@ class RoutingPolicySpec(Spec):
     )
     limits: RateLimits | None = Field(
         None, description="Limits of the whole policy, every caller together (each Consumer has its own too)."
+    )
+    mirror: MirrorSpec | None = Field(
+        None,
+        description="Copy a share of the requests to another backend to qualify it: answers discarded, "
+        "measured and costed apart. A policy with a mirror is decided by the ext_proc.",
     )
     rollout: RolloutSpec | None = Field(
         None,
