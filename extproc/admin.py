@@ -138,6 +138,7 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
             # the admin token) or `?consumer=<namespace/name>`; then its 401/403, as live.
             consumer = _consumer_of(request, table.identities, token, now)
             identity.authorize(table.identities, consumer, p.policy, str(p.body["model"]), p.headers or {})
+            live = p.policy
             # A rollout, as live: a canary's side for this caller, or the shadow's own decision.
             p, shadow_of, note = processor.rollout(table, p, p.headers or {}, await request.read(), count=False)
             better = await processor.reclassify(p)
@@ -174,7 +175,8 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
                 "config_generation": processor.tables.current.generation,
                 # The consumer's id, "anonymous", or null while no consumer is declared.
                 "consumer": consumer.id if consumer else ("anonymous" if table.identities.enabled else None),
-                "rollout": _shadow(shadow_of, processor, note),
+                "rollout": _rollout(live, _shadow(shadow_of, processor, note), processor),
+                "mirror": {"backend": live.mirror.backend.id, "percent": live.mirror.percent} if live.mirror else None,
             }
         )
 
@@ -245,6 +247,14 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
 
 # What costs money (the LLM tier behind /v1/classify and /v1/route) or changes routing
 # (/v1/feedback teaches learning): behind a token wherever the API is reachable off the host.
+def _rollout(live: PolicyRuntime, side: dict[str, Any] | None, processor: Processor) -> dict[str, Any] | None:
+    """The rollout's part of an explanation: what it does with this request, and its run's
+    figures so far on this gateway (and the other replicas, as they last published)."""
+    if side is None or live.rollout is None:
+        return side
+    return {**side, "epoch": live.rollout.epoch, "figures": processor.rollouts.figures(live.rollout.epoch)}
+
+
 def _shadow(shadow_of: decide.Prepared | None, processor: Processor, note: str) -> dict[str, Any] | None:
     """What the rollout does with this request: the canary's side, or the shadow's decision."""
     if shadow_of is None:

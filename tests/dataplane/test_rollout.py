@@ -56,6 +56,15 @@ def test_a_shadow_changes_nothing_the_client_gets_but_its_header(fakes, tmp_path
         explained = httpx.post(f"{gw.admin_url}/v1/route", json={"model": "auto", **ASK}).json()
         assert explained["provider"] == "alpha" and explained["rollout"]["shadow"] == "next"
         assert explained["rollout"]["backend"] == "default/beta/m"
+        # The run's figures so far: the request above, counted by whichever worker decided it.
+        assert wait_for(
+            lambda: (
+                httpx.post(f"{gw.admin_url}/v1/route", json={"model": "auto", **ASK}).json()["rollout"]["figures"][
+                    "differs"
+                ]
+                >= 1
+            )
+        )
     finally:
         gw.stop()
         broken.stop()
@@ -292,5 +301,7 @@ def test_a_mirror_gets_copies_the_client_never_sees_and_its_cost_is_counted_apar
         cost = re.search(r'signalbox_mirror_cost_usd_total\{backend="default/beta/m",policy="live"\} (\S+)', text)
         assert cost and float(cost.group(1)) > 0
         assert 'signalbox_cost_usd_total{model="m",policy="live",provider="beta"}' not in text
+        explained = httpx.post(f"{gw.admin_url}/v1/route", json={"model": "auto", **ASK}).json()
+        assert explained["mirror"] == {"backend": "default/beta/m", "percent": 100.0}
     finally:
         gw.stop()
