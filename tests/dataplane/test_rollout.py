@@ -22,11 +22,12 @@ pytestmark = pytest.mark.dataplane
 ASK = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
 
-def resources(fakes, rollout: dict, candidate_healthy: bool = True) -> str:
+def resources(fakes, rollout: dict | None, candidate_healthy: bool = True) -> str:
     return dump(
         provider("alpha", fakes["alpha"].url + "/v1", [model("m")]),
         provider("beta", fakes["beta"].url + "/v1", [model("m")], healthy=candidate_healthy),
-        policy("live", ["auto"], [backend("alpha", "m")], rollout=rollout),
+        # Decided with or without a rollout (cost), so the two answers can be compared.
+        policy("live", ["auto"], [backend("alpha", "m")], strategy="cost", rollout=rollout),
         policy("next", ["auto-next"], [backend("beta", "m")]),
     )
 
@@ -34,15 +35,28 @@ def resources(fakes, rollout: dict, candidate_healthy: bool = True) -> str:
 def test_a_shadow_changes_nothing_the_client_gets_but_its_header(fakes, tmp_path):
     gw = start_gateway(tmp_path / "shadow", resources(fakes, {"candidate": "next"}))
     broken = start_gateway(tmp_path / "broken", resources(fakes, {"candidate": "next"}, candidate_healthy=False))
+    plain = start_gateway(tmp_path / "plain", resources(fakes, None))
     try:
-        answers = {}
-        for name, g in (("shadow", gw), ("broken", broken)):
+        answers, raws = {}, {}
+        for name, g in (("plain", plain), ("shadow", gw), ("broken", broken)):
+            fakes["alpha"].reset()  # each gateway's request is the fake's first: the same answer
             with openai.OpenAI(base_url=g.url, api_key="x", max_retries=0) as client:
                 raw = client.chat.completions.with_raw_response.create(model="auto", **ASK)
                 answers[name] = (raw.headers, raw.parse())
+                raws[name] = raw.http_response
         for headers, body in answers.values():
             assert headers["x-signalbox-provider"] == "alpha" and headers["x-signalbox-policy"] == "live"
             assert body.choices[0].message.content  # served by the live policy's backend
+
+        # Byte for byte what the gateway without a rollout answers, but the shadow's own header
+        # and what differs per request or per gateway (time, request id, the signed decision).
+        def comparable(response: httpx.Response) -> tuple[dict, dict]:
+            varying = {"date", "x-request-id", "x-signalbox-decision", "x-envoy-upstream-service-time"}
+            headers = {k: v for k, v in response.headers.items() if k not in varying | {"x-signalbox-rollout"}}
+            return headers, {k: v for k, v in json.loads(response.content).items() if k != "created"}
+
+        assert comparable(raws["shadow"]) == comparable(raws["plain"]) == comparable(raws["broken"])
+        assert "x-signalbox-rollout" not in raws["plain"].headers
         assert answers["shadow"][0]["x-signalbox-rollout"] == "shadow:next:default/beta/m:differs"
         assert answers["broken"][0]["x-signalbox-rollout"] == "shadow:next:error"
         assert not fakes["beta"].requests()  # a shadow decides; it sends nothing
@@ -68,6 +82,7 @@ def test_a_shadow_changes_nothing_the_client_gets_but_its_header(fakes, tmp_path
     finally:
         gw.stop()
         broken.stop()
+        plain.stop()
 
 
 def test_a_canary_serves_its_share_sticky_per_user(fakes, tmp_path):
