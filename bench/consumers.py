@@ -15,7 +15,6 @@ throughput ÷ plain Envoy, and ÷ the anonymous gateway on the same alias. With 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -52,11 +51,7 @@ def script(path: Path, alias: str, key: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=16)
-    args = parser.parse_args(argv)
+    args = dataplane.round_args(__doc__, argv)
     work = Path(tempfile.mkdtemp(prefix="signalbox-consumers-"))
     fake, upstream = dataplane.start_fake()
     plain, plain_port = dataplane.plain_envoy(upstream, work, 1)

@@ -226,6 +226,16 @@ def lua(path: Path, delay_ms: int, stream: bool = False, alias: str = COMPILED) 
     return path
 
 
+def round_args(doc: str | None, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments every alternating-rounds bench takes: seconds per measurement, rounds,
+    wrk connections (defaults that fit `make bench` on 2 cores)."""
+    parser = argparse.ArgumentParser(description=(doc or "").strip().split("\n")[0])
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=16)
+    return parser.parse_args(argv)
+
+
 def wrk(url: str, seconds: int, connections: int, script: Path) -> dict[str, float]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],

@@ -11,7 +11,6 @@ upstream; the report gives each alias's median throughput ÷ `decided` in the sa
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -53,11 +52,7 @@ def resources(workdir: Path, upstream: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=16)
-    args = parser.parse_args(argv)
+    args = dataplane.round_args(__doc__, argv)
     work = Path(tempfile.mkdtemp(prefix="signalbox-rollouts-"))
     fake, upstream = dataplane.start_fake()
     gateway = LocalGateway(

@@ -13,7 +13,6 @@ latency added. A second gateway without the translation filter
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -83,11 +82,7 @@ def script(path: Path, api: str, alias: str, stream: bool) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=16)
-    args = parser.parse_args(argv)
+    args = dataplane.round_args(__doc__, argv)
     work = Path(tempfile.mkdtemp(prefix="signalbox-translation-"))
     fake, upstream = dataplane.start_fake()
     plain, plain_port = dataplane.plain_envoy(upstream, work, 1)

@@ -104,6 +104,18 @@ class Cluster:
 
         await asyncio.to_thread(write)
 
+    async def merge_patch(self, kind: str, name: str, patch: dict[str, Any], namespace: str = "default") -> None:
+        """A JSON merge patch, as `kubectl edit` sends (a null removes a field)."""
+        await asyncio.to_thread(
+            self.api.custom.patch_namespaced_custom_object,
+            "signalbox.io",
+            "v1alpha1",
+            namespace,
+            PLURALS[kind],
+            name,
+            patch,
+        )
+
     async def delete(self, kind: str, name: str, namespace: str = "default") -> None:
         plural = PLURALS[kind]
         await asyncio.to_thread(

@@ -91,15 +91,7 @@ async def test_the_operator_writes_the_replicas_spend_into_budgeted_policies_sta
 
     # The budget removed (a JSON merge patch, as `kubectl edit` sends): so is its report.
     remove = {"spec": {"budget": None}, "metadata": {"generation": 2}}
-    await asyncio.to_thread(
-        cluster.api.custom.patch_namespaced_custom_object,
-        "signalbox.io",
-        "v1alpha1",
-        "default",
-        "routingpolicies",
-        "metered",
-        remove,
-    )
+    await cluster.merge_patch("RoutingPolicy", "metered", remove)
     await cluster.eventually(lambda: _without_budget(cluster, "metered"))
 
 

@@ -105,15 +105,7 @@ async def test_the_operator_reports_a_canary_and_its_pause_and_forgets_it_when_r
     assert "rollout" not in await cluster.status("RoutingPolicy", "next")
 
     # Rolled back (or promoted): one field, spec.rollout, removed; the report and condition go.
-    await asyncio.to_thread(
-        cluster.api.custom.patch_namespaced_custom_object,
-        "signalbox.io",
-        "v1alpha1",
-        "default",
-        "routingpolicies",
-        "live",
-        {"spec": {"rollout": None}, "metadata": {"generation": 2}},
-    )
+    await cluster.merge_patch("RoutingPolicy", "live", {"spec": {"rollout": None}, "metadata": {"generation": 2}})
 
     async def gone():
         status = await cluster.status("RoutingPolicy", "live")
