@@ -49,6 +49,8 @@ KEY_REJECTED_S = 60.0
 LOW_REMAINING_DEFAULT_S = 1.0
 
 RATE_LIMITED, KEY_REJECTED, UNAVAILABLE, LOW_REMAINING = "rate_limited", "key_rejected", "unavailable", "low_remaining"
+# Envoy's outlier detection took it out (failing repeatedly): outliers.py mirrors its ejections.
+EJECTED = "ejected"
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,23 @@ class Cooldowns:
         )
         self._read_at = float("-inf")  # this worker sees its own news at once
         return rest
+
+    def eject(self, backend: str, until: float) -> bool:
+        """Envoy ejected the backend until then; False if it already rests at least as long."""
+        with self._tx, self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            row = self.db.execute("SELECT until FROM cooldowns WHERE backend = ?", (backend,)).fetchone()
+            if row and row[0] >= until:
+                return False
+            self.db.execute("INSERT OR REPLACE INTO cooldowns VALUES (?, ?, ?, 0)", (backend, until, EJECTED))
+        self._read_at = float("-inf")
+        return True
+
+    def uneject(self, backend: str) -> None:
+        """Envoy put the backend back: an ejection's rest ends (any other rest stays)."""
+        with self._tx:
+            self.db.execute("DELETE FROM cooldowns WHERE backend = ? AND reason = ?", (backend, EJECTED))
+        self._read_at = float("-inf")
 
     def local(self, now: float) -> dict[str, tuple[float, str]]:
         """What this replica's own attempts put to rest (what it publishes to the others)."""

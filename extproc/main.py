@@ -28,6 +28,7 @@ from .learning import SharedLearning
 from .ledger import SpendLedger
 from .limits import EmbeddedLimits, LimitStore
 from .metrics import Metrics
+from .outliers import OutlierEvents
 from .reload import TableHolder
 from .rolloutstats import RolloutStats
 from .runtime import default_key_resolver
@@ -173,6 +174,9 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(tables.watch(args.config, stop), name="config-watch")]
+    if getattr(args, "outlier_events", ""):
+        outliers = OutlierEvents(args.outlier_events, tables, cooldowns, metrics)
+        tasks.append(asyncio.create_task(outliers.run(stop), name="outlier-events"))
     tasks += [asyncio.create_task(job(stop), name=getattr(job, "__name__", "background")) for job in background]
     failed: list[str] = []
 

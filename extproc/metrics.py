@@ -67,7 +67,8 @@ class Metrics:
         self.cooldowns = Counter(
             "signalbox_backend_cooldowns",
             "Cooldowns started: a backend left out of new requests for a while, by why (rate_limited: a 429; "
-            "key_rejected: 401/403; unavailable: a 503 with Retry-After; low_remaining: its rate-limit headers).",
+            "key_rejected: 401/403; unavailable: a 503 with Retry-After; low_remaining: its rate-limit headers; "
+            "ejected: Envoy's outlier detection took it out after repeated failures).",
             ["provider", "model", "reason"],
             registry=r,
         )

@@ -80,6 +80,8 @@ class BackendRuntime:
     context_window: int
     capabilities: frozenset[str]
     latency_prior_ms: float
+    # The Envoy cluster that reaches it (outlier ejections are reported per cluster).
+    cluster: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +180,10 @@ class RuntimeTable:
     def by_id(self) -> dict[str, PolicyRuntime]:
         return {p.id: p for p in self.policies}
 
+    @functools.cached_property
+    def by_cluster(self) -> dict[str, BackendRuntime]:
+        return {b.cluster: b for b in self.backends.values() if b.cluster}
+
     @property
     def aliases(self) -> list[str]:
         return sorted(self.by_alias)
@@ -232,6 +238,7 @@ class RuntimeTable:
                 context_window=b.context_window,
                 capabilities=frozenset(b.capabilities),
                 latency_prior_ms=b.latency_prior_ms,
+                cluster=b.cluster,
             )
             for b in cfg.backends
         ]

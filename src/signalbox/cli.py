@@ -409,6 +409,7 @@ def cmd_config_sync(args: argparse.Namespace) -> int:
 
 def cmd_gateway_sidecar(args: argparse.Namespace) -> int:
     """The gateway pod's second container: the ext_proc plus the ConfigMap watch, one process."""
+    from signalbox.core.envoygen import contract
     from signalbox.extproc.main import serve_until_stopped
     from signalbox.gatewayfiles import CONFIG_FILE, SECRETS_DIR, STATE_DIR
 
@@ -417,6 +418,7 @@ def cmd_gateway_sidecar(args: argparse.Namespace) -> int:
     args.socket = f"{args.workdir}/extproc.sock"
     args.secrets_dir = args.secrets_dir or f"{args.workdir}/{SECRETS_DIR}"
     args.state_dir = args.state_dir or f"{args.workdir}/{STATE_DIR}"
+    args.outlier_events = args.outlier_events or f"{args.workdir}/{contract.OUTLIER_EVENTS_FILE}"
     background = [sync.run]
     if args.replica_configmap:
         background.append(_replica_sync(args).run)
@@ -502,6 +504,12 @@ def _extproc_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help="append each routed request (body capped and redacted of key-like strings) to this JSONL file, "
         "for `signalbox replay` (off by default)",
+    )
+    parser.add_argument(
+        "--outlier-events",
+        default="",
+        help="Envoy's outlier event log: its ejections become rests shown in /v1/models, metrics and "
+        "AIProvider status (one ext_proc worker per gateway reads it)",
     )
     parser.add_argument("--log-level", default="info")
 

@@ -168,6 +168,7 @@ class LocalGateway:
             accounting=self.accounting,
             request_log=str(self.workdir / REQUEST_LOG) if self.request_log else "",
             credentials_dir=str(self.workdir / gatewayfiles.CREDENTIALS_DIR),
+            outlier_event_log=str(self.workdir / envoygen.contract.OUTLIER_EVENTS_FILE),
         )
 
     def extproc_argv(self, n: int) -> list[str]:
@@ -189,6 +190,9 @@ class LocalGateway:
                 f"127.0.0.1:{self.admin_api_port}",
                 "--admin-address-file",
                 str(self._admin_api_file),
+                # One reader per gateway of Envoy's ejections (extproc/outliers.py).
+                "--outlier-events",
+                str(self.workdir / envoygen.contract.OUTLIER_EVENTS_FILE),
             ]
         return argv
 

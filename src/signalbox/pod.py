@@ -50,6 +50,7 @@ def options(
         max_body_bytes=max_body_bytes,
         accounting=accounting,
         request_log="/dev/stdout" if request_log else "",
+        outlier_event_log=f"{workdir}/{envoygen.contract.OUTLIER_EVENTS_FILE}",
     )
 
 

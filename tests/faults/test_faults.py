@@ -391,17 +391,30 @@ def test_a_flapping_backend_loses_no_request(client, fakes, scorecard):
 def test_a_backend_failing_repeatedly_is_taken_out_for_every_request(gateway, client, fakes, scorecard):
     fakes["brittle"].behave(status=500)
     answers = [ask(client, "circuit", {}) for _ in range(20)]
+    answered_at = time.time()
     tried = len(attempts(fakes, "brittle"))
     stats = httpx.get(f"http://127.0.0.1:{gateway.admin_port}/stats", params={"filter": "ejections_active"}).text
     ejected = [line for line in stats.splitlines() if "brittle" in line and line.endswith(": 1")]
+
+    def explained() -> dict | None:
+        # The explain API reads the ejection from Envoy's outlier event log (extproc/outliers.py).
+        models = httpx.get(f"{gateway.admin_url}/v1/models").json()["data"]
+        rests = [b.get("cooling_down") for m in models for b in m["backends"] if b["backend"] == "default/brittle/m"]
+        return next((r for r in rests if r), None)
+
+    took = wait_for(explained, "the explain API to show the ejection") - answered_at
+    rest = explained()
+    metrics = httpx.get(f"{gateway.admin_url}/metrics").text
+    counted = 'signalbox_backend_cooldowns_total{model="m",provider="brittle",reason="ejected"} 1.0' in metrics
     scorecard(
         "a backend failing repeatedly",
-        "taken out for all requests after 5 failures (Envoy outlier detection), visible in stats",
-        f"20/20 answered; the failing backend saw {tried} of 20; ejected: {bool(ejected)}",
+        "taken out for all requests after 5 failures (Envoy outlier detection); in metrics and the explain API",
+        f"20/20 answered; the failing backend saw {tried} of 20; ejected: {bool(ejected)}; "
+        f"explain: {rest['reason'] if rest else None} {max(took, 0):.1f} s after the last answer; metric: {counted}",
     )
     assert all(a[0] == 200 and a[1] == "second" for a in answers)
     assert tried == 5  # then ejected: later requests go straight to the next backend
-    assert ejected
+    assert ejected and rest and rest["reason"] == "ejected" and counted
 
 
 def out(gateway) -> bool:
@@ -449,14 +462,28 @@ def test_low_rate_limit_headers_steer_requests_away_before_a_429(gateway, client
 
 
 def test_a_rejected_key_fails_over_and_rests_its_backend(gateway, client, fakes, scorecard):
-    fakes["primary"].behave(status=401, fault={"times": 1})
-    first = ask(client, "decided", {})[1]
-    wait_for(lambda: out(gateway), "Envoy to take the primary out")
-    # The decided request first: the ext_proc keeps it off the resting backend by itself, while
-    # Envoy's workers take the health check's result from its main thread (seen lagging once
-    # on a loaded CI machine: the compiled request reached the primary right after `out`).
-    later = [ask(client, alias, {})[1] for alias in ("decided", "chain")]
-    models = httpx.get(f"{gateway.admin_url}/v1/models").json()["data"]
+    fakes["primary"].behave(status=401)  # a revoked key stays revoked
+    try:
+        first = ask(client, "decided", {})[1]
+        wait_for(lambda: out(gateway), "Envoy to take the primary out")
+        # The ext_proc keeps a decided request off the resting backend by itself, at once.
+        decided = ask(client, "decided", {})[1]
+        tried = len(attempts(fakes, "primary"))
+
+        # Envoy's workers take the health check's result from its main thread a moment after its
+        # admin shows it (seen lagging once on a loaded CI machine): within seconds, compiled
+        # requests stay off the primary too. One that still reached it failed over.
+        def chain_avoids_primary() -> bool:
+            before = len(attempts(fakes, "primary"))
+            served = ask(client, "chain", {})[1]
+            assert served == "second"
+            return len(attempts(fakes, "primary")) == before
+
+        wait_for(chain_avoids_primary, "compiled requests to stay off the resting primary")
+        chain = ask(client, "chain", {})[1]
+        models = httpx.get(f"{gateway.admin_url}/v1/models").json()["data"]
+    finally:
+        fakes["primary"].behave(status=200)
     rests = [
         b["cooling_down"]
         for m in models
@@ -466,11 +493,11 @@ def test_a_rejected_key_fails_over_and_rests_its_backend(gateway, client, fakes,
     scorecard(
         "401 from a provider (revoked key)",
         "fails over; the backend rests (every request) and the explain API says why",
-        f"served by {first}, then {later}; explain: {rests[0]['reason'] if rests else None}",
+        f"served by {first}, then {[decided, chain]}; explain: {rests[0]['reason'] if rests else None}",
     )
-    assert first == "second" and later == ["second", "second"]
+    assert first == "second" and [decided, chain] == ["second", "second"]
+    assert tried == 1  # the decided request after the rest never tried the primary
     assert rests and rests[0]["reason"] == "key_rejected"
-    assert len(attempts(fakes, "primary")) == 1
 
 
 @pytest.mark.parametrize("stream", [False, True])

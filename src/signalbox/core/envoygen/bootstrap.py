@@ -97,7 +97,7 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
                 },
             }
         )
-    return {
+    out: dict[str, Any] = {
         "node": {"id": "signalbox-gateway", "cluster": "signalbox"},
         "admin": {"address": _admin_address(opts)},
         "dynamic_resources": {"lds_config": watched("lds.json"), "cds_config": watched("cds.json")},
@@ -108,6 +108,9 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
         "stats_config": {"stats_matcher": {"exclusion_list": {"patterns": [{"prefix": f"cluster.{TARGET_PREFIX}."}]}}},
         "static_resources": {"clusters": static},
     }
+    if opts.outlier_event_log:
+        out["cluster_manager"] = {"outlier_detection": {"event_log_path": opts.outlier_event_log}}
+    return out
 
 
 def resources(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, dict[str, Any]]:

@@ -28,6 +28,8 @@ from .contract import (
     GATEWAY_HEADERS,
     KEY_HEADERS,
     METADATA_NS,
+    OUTLIER_BASE_EJECTION_S,
+    OUTLIER_MAX_EJECTION_S,
     RETRY_HEADER,
     TRANSLATE_HEADER,
     TRANSLATE_KEY,
@@ -100,7 +102,8 @@ def _backend_cluster(
         "outlier_detection": {
             "consecutive_5xx": 5,
             "interval": "5s",
-            "base_ejection_time": "15s",
+            "base_ejection_time": f"{OUTLIER_BASE_EJECTION_S}s",
+            "max_ejection_time": f"{OUTLIER_MAX_EJECTION_S}s",
             "max_ejection_percent": 100,
         },
         "load_assignment": {

@@ -63,6 +63,13 @@ ALIAS_KEY = "alias"
 # Access log custom tag: the policy of a compiled route (from route metadata).
 COMPILED_POLICY_TAG = "compiled_policy"
 EXTPROC_CLUSTER = "signalbox_extproc"
+# Envoy's outlier detection of backend clusters: the first ejection lasts this long, each
+# further one of the same host this much longer, up to the maximum (Envoy's default). The
+# ext_proc reads Envoy's outlier event log to report ejections (extproc/outliers.py).
+OUTLIER_BASE_EJECTION_S = 15
+OUTLIER_MAX_EJECTION_S = 300
+# Envoy's outlier event log in the gateway's work directory (written by Envoy).
+OUTLIER_EVENTS_FILE = "outlier-events.log"
 # HTTP 510 (Not Extended): the status Envoy's ext_proc filter answers when the processor
 # cannot be reached or fails; mapped to 503 routing_unavailable before any client sees it.
 EXTPROC_FAILED_STATUS = 510

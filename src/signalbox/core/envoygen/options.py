@@ -68,6 +68,9 @@ class GatewayOptions:
     # carries it to the ext_proc in batches): spend metrics and budgets need it (cost:
     # bench/README.md).
     accounting: bool = True
+    # Envoy's outlier detection events (ejections of backends failing repeatedly), one JSON line
+    # each, for the ext_proc to report (extproc/outliers.py); "": not written.
+    outlier_event_log: str = ""
     # The upstream-phase ext_proc that translates attempts to a backend of another API family
     # (skipped by a header matcher on every other attempt). Off only to measure what it costs.
     translation: bool = True
