@@ -87,6 +87,8 @@ def local_gateway(args: argparse.Namespace):
         request_log=not args.no_request_log,
         redis_url=args.redis_url,
         capture_prompts=args.capture_prompts,
+        otlp_endpoint=args.otlp_endpoint,
+        trace_sampling_percent=args.trace_sampling,
     )
 
 
@@ -381,6 +383,8 @@ def pod_options(args: argparse.Namespace):
         args.admin_port,
         accounting=not args.no_accounting,
         request_log=not args.no_request_log,
+        otlp_endpoint=args.otlp_endpoint,
+        trace_sampling_percent=args.trace_sampling,
     )
 
 
@@ -514,6 +518,35 @@ def _extproc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info")
 
 
+def _otlp_endpoint(text: str) -> str:
+    from signalbox.core.envoygen.tracing import host_port
+
+    if text:
+        try:
+            host_port(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _percent(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text} is not a percentage (0-100)")
+    return value
+
+
+def _tracing_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--otlp-endpoint",
+        type=_otlp_endpoint,
+        default=os.environ.get("SIGNALBOX_OTLP_ENDPOINT", ""),
+        help="host:port of an OpenTelemetry collector (OTLP/gRPC): Envoy sends a span per request and per "
+        "upstream attempt, the decision as attributes, never prompt text (default $SIGNALBOX_OTLP_ENDPOINT)",
+    )
+    parser.add_argument("--trace-sampling", type=_percent, default=100.0, help="percent of requests traced")
+
+
 def _pod_arguments(parser: argparse.ArgumentParser) -> None:
     """Ports and paths are the pod's fixed layout (signalbox.pod), shared with the chart's bootstrap."""
     from signalbox import pod
@@ -534,6 +567,7 @@ def _pod_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen-port", type=int, default=pod.LISTEN_PORT, help=argparse.SUPPRESS)
     parser.add_argument("--health-port", type=int, default=pod.HEALTH_PORT, help=argparse.SUPPRESS)
     parser.add_argument("--admin-port", type=int, default=pod.ADMIN_PORT, help=argparse.SUPPRESS)
+    _tracing_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -569,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--no-accounting", action="store_true", help="do not count tokens and cost (faster)")
     up.add_argument("--no-request-log", action="store_true", help="do not write <workdir>/requests.log")
+    _tracing_arguments(up)
     up.set_defaults(func=cmd_up)
 
     val = sub.add_parser("validate", help="compile resources and print every problem")

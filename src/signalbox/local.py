@@ -140,6 +140,9 @@ class LocalGateway:
     redis_url: str = ""
     # Routed requests recorded in <workdir>/captured.jsonl for `signalbox replay` (opt-in).
     capture_prompts: bool = False
+    # An OpenTelemetry collector (host:port, OTLP/gRPC) for Envoy's spans; "": no tracing.
+    otlp_endpoint: str = ""
+    trace_sampling_percent: float = 100.0
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     # Restarts of each ext_proc worker by the supervisor.
     restarts: dict[str, int] = field(default_factory=dict)
@@ -169,6 +172,8 @@ class LocalGateway:
             request_log=str(self.workdir / REQUEST_LOG) if self.request_log else "",
             credentials_dir=str(self.workdir / gatewayfiles.CREDENTIALS_DIR),
             outlier_event_log=str(self.workdir / envoygen.contract.OUTLIER_EVENTS_FILE),
+            otlp_endpoint=self.otlp_endpoint,
+            trace_sampling_percent=self.trace_sampling_percent,
         )
 
     def extproc_argv(self, n: int) -> list[str]:

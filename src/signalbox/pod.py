@@ -34,6 +34,8 @@ def options(
     extproc_admin_port: int = EXTPROC_ADMIN_PORT,
     accounting: bool = True,
     request_log: bool = True,
+    otlp_endpoint: str = "",
+    trace_sampling_percent: float = 100.0,
 ) -> envoygen.GatewayOptions:
     """Ports are overridable only so tests can run a pod's processes side by side on one host."""
     return envoygen.GatewayOptions(
@@ -51,6 +53,8 @@ def options(
         accounting=accounting,
         request_log="/dev/stdout" if request_log else "",
         outlier_event_log=f"{workdir}/{envoygen.contract.OUTLIER_EVENTS_FILE}",
+        otlp_endpoint=otlp_endpoint,
+        trace_sampling_percent=trace_sampling_percent,
     )
 
 

@@ -60,6 +60,7 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
                 "requestLog": False,
                 "service": {"type": "LoadBalancer", "port": 8080},
                 "adminApi": {"expose": True},
+                "tracing": {"otlpEndpoint": "otel-collector.observability:4317", "samplingPercent": 10},
             },
             "routingConfigMap": "llm-routing",
         },
@@ -285,6 +286,8 @@ def test_app_version_matches_the_package():
         ({"image": {"registry": ""}}, "/image/registry"),
         ({"gatway": {"replicas": 2}}, "'gatway' not allowed"),  # a typo is an error, not silently ignored
         ({"gateway": {"replicaSync": {"intervalSeconds": 0}}}, "/gateway/replicaSync/intervalSeconds"),
+        ({"gateway": {"tracing": {"otlpEndpoint": "http://collector"}}}, "/gateway/tracing/otlpEndpoint"),
+        ({"gateway": {"tracing": {"samplingPercent": 150}}}, "/gateway/tracing/samplingPercent"),
     ],
 )
 def test_values_schema_rejects_bad_values(values, message):
@@ -339,13 +342,15 @@ def test_the_admin_api_is_off_the_network_unless_exposed_and_then_behind_a_token
     assert metrics_route["route"]["cluster"] == envoygen.EXTPROC_ADMIN_CLUSTER
 
 
-def test_limits_go_to_the_redis_named_in_values_with_its_password_and_ca_from_secrets():
-    def extproc(objects):
-        (deployment,) = [d for d in of_kind(objects, "Deployment") if d["metadata"]["name"].endswith("gateway")]
-        pod = deployment["spec"]["template"]["spec"]
-        (container,) = [c for c in pod["containers"] if c["name"] == "extproc"]
-        return pod, container
+def extproc(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The gateway pod's spec and its extproc container."""
+    (deployment,) = [d for d in of_kind(objects, "Deployment") if d["metadata"]["name"].endswith("gateway")]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "extproc"]
+    return pod, container
 
+
+def test_limits_go_to_the_redis_named_in_values_with_its_password_and_ca_from_secrets():
     pod, container = extproc(render(*reversed(MATRIX["custom"])))
     assert "--redis-url=rediss://redis.internal:6380/0?ssl_ca_certs=/etc/signalbox/redis-ca/ca.crt" in container["args"]
     (password,) = [e for e in container["env"] if e["name"] == "SIGNALBOX_REDIS_PASSWORD"]
@@ -361,3 +366,12 @@ def test_limits_go_to_the_redis_named_in_values_with_its_password_and_ca_from_se
     assert any(a.startswith("--redis-url=rediss://redis.internal:6380/0") for a in op["args"])  # status.spend
     _, default = extproc(render(*reversed(MATRIX["defaults"])))
     assert not any(a.startswith("--redis-url") for a in default["args"])  # embedded, per replica
+
+
+def test_spans_go_to_the_collector_named_in_values():
+    """The sidecar writes Envoy's listener and clusters (tracing included) from its arguments."""
+    _, custom = extproc(render(*reversed(MATRIX["custom"])))
+    assert "--otlp-endpoint=otel-collector.observability:4317" in custom["args"]
+    assert "--trace-sampling=10" in custom["args"]
+    _, default = extproc(render(*reversed(MATRIX["defaults"])))
+    assert not any(a.startswith("--otlp-endpoint") for a in default["args"])

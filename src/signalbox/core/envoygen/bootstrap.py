@@ -108,6 +108,11 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
         "stats_config": {"stats_matcher": {"exclusion_list": {"patterns": [{"prefix": f"cluster.{TARGET_PREFIX}."}]}}},
         "static_resources": {"clusters": static},
     }
+    if opts.otlp_endpoint:
+        # Spans leave in batches: at least every second (Envoy's default is 5 s).
+        out["layered_runtime"] = {
+            "layers": [{"name": "tracing", "static_layer": {"tracing.opentelemetry.flush_interval_ms": 1000}}]
+        }
     if opts.outlier_event_log:
         out["cluster_manager"] = {"outlier_detection": {"event_log_path": opts.outlier_event_log}}
     return out

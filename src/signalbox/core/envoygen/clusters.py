@@ -35,6 +35,7 @@ from .contract import (
     TRANSLATE_KEY,
 )
 from .options import STREAM_LIMITS, GatewayOptions, _address, _any, _grpc_service, _ms
+from .tracing import otlp_cluster
 
 
 def _compact(lua: str) -> str:
@@ -545,4 +546,6 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
                     circuit_breakers={"thresholds": [STREAM_LIMITS]},
                 )
             )
+    if opts.otlp_endpoint:
+        out.append(otlp_cluster(opts))
     return out + jwks_clusters(cfg)

@@ -63,6 +63,8 @@ ALIAS_KEY = "alias"
 # Access log custom tag: the policy of a compiled route (from route metadata).
 COMPILED_POLICY_TAG = "compiled_policy"
 EXTPROC_CLUSTER = "signalbox_extproc"
+# The OpenTelemetry collector Envoy exports spans to (envoygen.tracing), when one is configured.
+OTLP_CLUSTER = "signalbox_otlp"
 # Envoy's outlier detection of backend clusters: the first ejection lasts this long, each
 # further one of the same host this much longer, up to the maximum (Envoy's default). The
 # ext_proc reads Envoy's outlier event log to report ejections (extproc/outliers.py).

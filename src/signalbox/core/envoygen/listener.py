@@ -43,6 +43,7 @@ from .contract import (
     too_large_message,
 )
 from .options import _RETRIABLE_STATUSES, _RETRY_ON, GatewayOptions, _address, _any, _grpc_service, _ms
+from .tracing import http_tracing
 
 
 def _extproc_filter(
@@ -412,12 +413,13 @@ def json_filter(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any] |
 
     - request: the alias (`model`) into dynamic metadata for the compiled routes to match on. A
       body it cannot read leaves no alias: the request goes to the ext_proc, which gives the
-      client its 400. Present only when some policy is compiled.
+      client its 400. Present only when some policy is compiled, or spans name it
+      (`gen_ai.request.model`, envoygen.tracing).
     - response (accounting, part 1): the usage numbers of a JSON answer. Streams are read by
       `sse_usage_filter`.
     """
     config: dict[str, Any] = {}
-    if any(p.compiled for p in cfg.policies):
+    if any(p.compiled for p in cfg.policies) or opts.otlp_endpoint:
         config["request_rules"] = {
             "rules": [
                 {
@@ -719,6 +721,7 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
         use_remote_address=True,
         # Clients can quote it: it is the request log's request_id.
         always_set_request_id_in_response=True,
+        **({"tracing": http_tracing(opts)} if opts.otlp_endpoint else {}),
     )
     return _any(
         "envoy.config.listener.v3.Listener",

@@ -68,6 +68,10 @@ class GatewayOptions:
     # carries it to the ext_proc in batches): spend metrics and budgets need it (cost:
     # bench/README.md).
     accounting: bool = True
+    # An OpenTelemetry collector (host:port, OTLP over gRPC) Envoy sends spans to; "": no tracing.
+    otlp_endpoint: str = ""
+    # Share of requests traced, in percent.
+    trace_sampling_percent: float = 100.0
     # Envoy's outlier detection events (ejections of backends failing repeatedly), one JSON line
     # each, for the ext_proc to report (extproc/outliers.py); "": not written.
     outlier_event_log: str = ""
