@@ -113,5 +113,21 @@ def test_each_request_and_each_attempt_is_a_span_with_the_decision_and_no_prompt
         with spans_of.lock:
             exported = b"".join(s.SerializeToString() for s in spans_of.spans)
         assert PROMPT.encode() not in exported and b"pelican" not in exported
+
+        # A caller's W3C trace context is continued: the gateway's spans join the caller's trace.
+        trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+        with openai.OpenAI(base_url=gw.url, api_key="x", max_retries=0) as client:
+            client.chat.completions.create(
+                model="auto",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=5,
+                extra_headers={"traceparent": f"00-{trace_id}-{parent}-01"},
+            )
+
+        def joined():
+            with spans_of.lock:
+                return [s for s in spans_of.spans if s.trace_id.hex() == trace_id and s.parent_span_id.hex() == parent]
+
+        assert wait_for(joined, timeout=15)
     finally:
         gw.stop()
