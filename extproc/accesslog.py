@@ -257,7 +257,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         backend = self.tables.current.backends.get(common.custom_tags.get("backend") or first)
         if backend is None:
             return 0.0  # a backend of an older config generation
-        genai = (backend.model, backend.provider.name)
+        genai = (backend.model, backend.provider.genai_name, backend.provider.name)
         if common.upstream_request_attempt_count > 1:
             # Envoy retried (failover, or a hedged attempt): counted against who answered.
             self.metrics.failovers.labels(backend.provider.name, backend.model).inc(

@@ -25,6 +25,10 @@ if TYPE_CHECKING:  # annotations only: keeps this module light for the CLI that 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # prometheus_client's multiprocess mode: each worker writes its values under this directory.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# The model that answered, its provider's `gen_ai.provider.name` (OpenTelemetry GenAI
+# conventions: openai, azure.ai.openai, anthropic, gcp.gemini; openai_compatible for the rest),
+# and the AIProvider's own name.
+GENAI_LABELS = ["gen_ai_request_model", "gen_ai_provider_name", "provider"]
 
 
 class Metrics:
@@ -200,14 +204,14 @@ class Metrics:
         self.request_duration = Histogram(
             "gen_ai_server_request_duration_seconds",
             "Duration of a routed request, until the last response byte was sent.",
-            ["gen_ai_request_model", "gen_ai_system"],
+            GENAI_LABELS,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=r,
         )
         self.time_to_first_token = Histogram(
             "gen_ai_server_time_to_first_token_seconds",
             "Time until the first byte of a streamed response arrived from the provider.",
-            ["gen_ai_request_model", "gen_ai_system"],
+            GENAI_LABELS,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
@@ -216,7 +220,7 @@ class Metrics:
         self.tokens = Counter(
             "gen_ai_client_token_usage",
             "Tokens used, as reported by providers.",
-            ["gen_ai_token_type", "gen_ai_request_model", "gen_ai_system", "policy"],
+            ["gen_ai_token_type", *GENAI_LABELS, "policy"],
             registry=r,
         )
         self.cost = Counter(

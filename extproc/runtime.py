@@ -17,7 +17,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.budget import HOLD_SLACK_SECONDS, Budget
 from signalbox.core.errors import OPENAI_API, ConfigVersionError
 from signalbox.core.limits import SubjectLimits
-from signalbox.core.schema import SCHEMA_VERSION, STRATEGY_NAMES, provider_api
+from signalbox.core.schema import SCHEMA_VERSION, STRATEGY_NAMES, genai_provider_name, provider_api
 from signalbox.core.secrets import SecretValue
 
 from . import default_routes
@@ -66,6 +66,8 @@ class ProviderRuntime:
     key_missing: bool = False
     # The API family it speaks ("openai" or "anthropic"): a client of the other is translated.
     api: str = OPENAI_API
+    # Its `gen_ai.provider.name` (OpenTelemetry GenAI conventions) in metrics.
+    genai_name: str = "openai"
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +227,7 @@ class RuntimeTable:
                 auth_value=_with_prefix(p.auth.prefix, key) if has_auth else None,
                 key_missing=has_auth and key is None,
                 api=provider_api(p.type),
+                genai_name=genai_provider_name(p.type),
             )
         backends = [
             BackendRuntime(

@@ -360,7 +360,12 @@ def test_tokens_and_cost_are_counted_for_plain_and_streamed_responses(fakes, tmp
                     return float(line.rsplit(" ", 1)[1])
             return None
 
-        common = {"gen_ai_request_model": "a1", "gen_ai_system": "alpha", "policy": "paid"}
+        common = {
+            "gen_ai_request_model": "a1",
+            "gen_ai_provider_name": "openai_compatible",
+            "provider": "alpha",
+            "policy": "paid",
+        }
         # The fake reports 10 prompt tokens, and 7 completion tokens (plain) or 5 (one per chunk, streamed).
         assert wait_for(lambda: metric("gen_ai_client_token_usage_total", gen_ai_token_type="input", **common) == 20)
         assert metric("gen_ai_client_token_usage_total", gen_ai_token_type="output", **common) == 12
@@ -369,7 +374,7 @@ def test_tokens_and_cost_are_counted_for_plain_and_streamed_responses(fakes, tmp
         assert abs(spent - expected) < 1e-12
         # Durations from the routing decision: the plain answer waited 150 ms, the stream's five
         # chunks came 100 ms apart, and its first chunk came before the other four.
-        genai = {"gen_ai_request_model": "a1", "gen_ai_system": "alpha"}
+        genai = {"gen_ai_request_model": "a1", "gen_ai_provider_name": "openai_compatible", "provider": "alpha"}
         assert metric("gen_ai_server_request_duration_seconds_count", **genai) == 2
         assert metric("gen_ai_server_time_to_first_token_seconds_count", **genai) == 1
         duration = metric("gen_ai_server_request_duration_seconds_sum", **genai)

@@ -79,11 +79,11 @@ async def test_a_batch_of_entries_becomes_tokens_cost_durations_and_spend(sink):
     await call.done_writing()
     await call
 
-    genai_a = {"gen_ai_request_model": "m", "gen_ai_system": "a"}
+    genai_a = {"gen_ai_request_model": "m", "gen_ai_provider_name": "openai_compatible", "provider": "a"}
     assert sample(processor, "gen_ai_client_token_usage_total", gen_ai_token_type="input", policy="p", **genai_a) == 10
     assert sample(processor, "signalbox_cost_usd_total", policy="p", provider="b", model="m") == pytest.approx(15e-6)
     assert sample(processor, "gen_ai_server_request_duration_seconds_count", **genai_a) == 2
-    ttft = {"gen_ai_request_model": "m", "gen_ai_system": "b"}
+    ttft = {"gen_ai_request_model": "m", "gen_ai_provider_name": "openai_compatible", "provider": "b"}
     assert sample(processor, "gen_ai_server_time_to_first_token_seconds_sum", **ttft) == pytest.approx(0.04)
     (spent,) = [usd for _, usd, _ in processor.ledger.buckets("default/p", time.time())]
     assert spent == pytest.approx((10 * 2 + 7 * 8) / 1e6 + 15e-6)
@@ -131,7 +131,8 @@ async def test_entries_that_are_not_ours_or_are_garbled_are_skipped_and_the_stre
             gen_ai_token_type="input",
             policy="p",
             gen_ai_request_model="m",
-            gen_ai_system="a",
+            gen_ai_provider_name="openai_compatible",
+            provider="a",
         )
         == 1
     )
@@ -217,7 +218,13 @@ async def test_attempts_that_say_not_now_put_their_backend_in_cooldown_for_every
     assert sample(processor, "signalbox_backend_cooldowns_total", provider="a", model="m", reason="rate_limited") == 1
     # The accounting log is untouched by it: no request was counted.
     assert (
-        sample(processor, "gen_ai_server_request_duration_seconds_count", gen_ai_request_model="m", gen_ai_system="a")
+        sample(
+            processor,
+            "gen_ai_server_request_duration_seconds_count",
+            gen_ai_request_model="m",
+            gen_ai_provider_name="openai_compatible",
+            provider="a",
+        )
         is None
     )
 

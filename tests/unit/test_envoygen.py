@@ -135,7 +135,13 @@ def test_backend_cluster_carries_metadata_tls_and_outlier_detection():
     clusters = by_name(envoygen.clusters(config(), envoygen.GatewayOptions()))
     b = clusters["b.default.b.m"]
     md = b["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["metadata"]["filter_metadata"]["signalbox"]
-    assert md == {"backend": "default/b/m", "provider_id": "default/b", "provider": "b", "model": "m"}
+    assert md == {
+        "backend": "default/b/m",
+        "provider_id": "default/b",
+        "provider": "b",
+        "model": "m",
+        "genai_provider": "openai_compatible",
+    }
     assert b["transport_socket"]["typed_config"]["sni"] == "api.example.com"
     assert "transport_socket" not in clusters["b.default.a.m"]
     assert b["outlier_detection"]["consecutive_5xx"] > 0

@@ -23,6 +23,21 @@ STRATEGY_NAMES: dict[int, str] = {
 _PROVIDER_APIS: dict[int, str] = {pb.ANTHROPIC: ANTHROPIC_API, pb.GEMINI: GEMINI_API}
 
 
+# `gen_ai.provider.name` of the OpenTelemetry GenAI conventions for each provider type: their
+# well-known values, and a name of our own for servers that only speak OpenAI's API.
+_GENAI_PROVIDER_NAMES: dict[int, str] = {
+    pb.OPENAI: "openai",
+    pb.AZURE_OPENAI: "azure.ai.openai",
+    pb.ANTHROPIC: "anthropic",
+    pb.GEMINI: "gcp.gemini",
+    pb.OPENAI_COMPATIBLE: "openai_compatible",
+}
+
+
+def genai_provider_name(provider_type: int) -> str:
+    return _GENAI_PROVIDER_NAMES.get(provider_type, "openai_compatible")
+
+
 def provider_api(provider_type: int) -> str:
     """The API family a provider of this type speaks: "openai", "anthropic" or "gemini"."""
     return _PROVIDER_APIS.get(provider_type, OPENAI_API)

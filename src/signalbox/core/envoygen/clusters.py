@@ -16,7 +16,7 @@ from urllib.parse import quote
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
-from ..schema import provider_api
+from ..schema import genai_provider_name, provider_api
 from .auth import jwks_clusters
 from .contract import (
     ANTHROPIC_VERSION,
@@ -121,6 +121,8 @@ def _backend_cluster(
                                         "provider_id": provider.id,
                                         "provider": provider.name,
                                         "model": backend.model,
+                                        # Spans' gen_ai.provider.name (envoygen.tracing).
+                                        "genai_provider": genai_provider_name(provider.type),
                                     }
                                 }
                             },

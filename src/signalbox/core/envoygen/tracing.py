@@ -22,7 +22,10 @@ SERVICE_NAME = "signalbox-gateway"
 SPAN_ATTRIBUTES: dict[str, str] = {
     "gen_ai.request.model": f"%DYNAMIC_METADATA({METADATA_NS}:{ALIAS_KEY})%",
     "gen_ai.response.model": "%RESP(X-SIGNALBOX-MODEL)%",
-    "gen_ai.provider.name": "%RESP(X-SIGNALBOX-PROVIDER)%",
+    # The GenAI conventions' name of the provider's kind (openai, anthropic, gcp.gemini...); the
+    # AIProvider's own name is signalbox.provider.
+    "gen_ai.provider.name": f"%UPSTREAM_METADATA({METADATA_NS}:genai_provider)%",
+    "signalbox.provider": "%RESP(X-SIGNALBOX-PROVIDER)%",
     "gen_ai.usage.input_tokens": f"%DYNAMIC_METADATA({METADATA_NS}:prompt_tokens)%",
     "gen_ai.usage.output_tokens": f"%DYNAMIC_METADATA({METADATA_NS}:completion_tokens)%",
     "signalbox.policy": "%RESP(X-SIGNALBOX-POLICY)%",
