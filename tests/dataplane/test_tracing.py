@@ -1,5 +1,6 @@
 """Tracing through a real Envoy (issue 14): spans exported over OTLP/gRPC to a collector that
-receives them with the OTLP protos, as any OpenTelemetry collector would. One server span per
+receives them with the OTLP protos (the copy xds-protos ships, as Envoy's API uses them), as any
+OpenTelemetry collector would. One server span per
 request with the decision and usage as GenAI attributes, one client span per upstream attempt
 (a failover shows both backends), and never the prompt's text."""
 
@@ -11,7 +12,7 @@ from concurrent import futures
 import grpc
 import openai
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from tests.factories import backend, dump, model, policy, provider
@@ -23,21 +24,36 @@ pytestmark = pytest.mark.dataplane
 PROMPT = "a secret plan about pelicans"
 
 
-class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP trace receiver: keeps every span it is sent."""
+# Field 2 of ResourceSpans: `scope_spans` in current OTLP, `instrumentation_library_spans` in
+# older copies of the protos (the same wire format).
+SCOPES = trace_pb2.ResourceSpans.DESCRIPTOR.fields_by_number[2].name
+
+
+class Collector:
+    """An OTLP trace receiver (TraceService/Export): keeps every span it is sent."""
 
     def __init__(self) -> None:
         self.spans: list[trace_pb2.Span] = []
         self.resources: list[dict[str, str]] = []
         self.lock = threading.Lock()
 
-    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context):
+    def export(self, request: trace_service_pb2.ExportTraceServiceRequest, context):
         with self.lock:
             for resource_spans in request.resource_spans:
                 self.resources.append(attributes(resource_spans.resource))
-                for scope in resource_spans.scope_spans:
+                for scope in getattr(resource_spans, SCOPES):
                     self.spans.extend(scope.spans)
         return trace_service_pb2.ExportTraceServiceResponse()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        export = grpc.unary_unary_rpc_method_handler(
+            self.export,
+            request_deserializer=trace_service_pb2.ExportTraceServiceRequest.FromString,
+            response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString,
+        )
+        return grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService", {"Export": export}
+        )
 
 
 def attributes(item) -> dict[str, str]:
@@ -52,7 +68,7 @@ def attributes(item) -> dict[str, str]:
 def collector():
     servicer = Collector()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((servicer.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield servicer, f"127.0.0.1:{port}"
