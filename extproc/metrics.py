@@ -106,8 +106,8 @@ class Metrics:
             "signalbox_rollout_decisions",
             "Requests of a policy with a rollout, by candidate, mode and outcome: canary (served_live, "
             "served_candidate) or shadow (same, differs: whether the candidate picked another backend; error); "
-            "paused: the candidate failed too often and the live policy served.",
-            ["policy", "candidate", "mode", "outcome"],
+            "paused: the candidate failed too often and the live policy served. By the live policy's class.",
+            ["policy", "candidate", "mode", "outcome", "class_key"],
             registry=r,
         )
         self.rollout_cost = Counter(

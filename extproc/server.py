@@ -108,12 +108,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             # Its candidate failed too often (rolloutstats.py): the live policy serves everything.
             if count:
                 mode = "canary" if spec.canary else "shadow"
-                self.metrics.rollout_decisions.labels(live.name, candidate.name, mode, "paused").inc()
+                labels = (live.name, candidate.name, mode, "paused", prepared.classification.class_key)
+                self.metrics.rollout_decisions.labels(*labels).inc()
             return prepared, None, f"paused:{candidate.name}"
         serve, shadow, note = rollout.sides(table, prepared, headers, raw, decide.client_address(headers))
         if count and spec.canary:
             outcome = "served_candidate" if note.startswith("canary:") else "served_live"
-            self.metrics.rollout_decisions.labels(live.name, candidate.name, "canary", outcome).inc()
+            labels = (live.name, candidate.name, "canary", outcome, prepared.classification.class_key)
+            self.metrics.rollout_decisions.labels(*labels).inc()
         return serve, shadow, note
 
     def shadow_decision(
@@ -123,18 +125,18 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         and never a reason for the live request to fail."""
         policy, candidate = live.policy, shadow.policy
         ours = live.selection.choice.backend
+        class_key = live.classification.class_key
         live_usd = strategies.expected_cost_usd(shadow.features, ours)
         counts = {rollouts.REQUESTS: 1.0, rollouts.CANDIDATE: 1.0, rollouts.LIVE_USD: live_usd}
         try:
             theirs = decide.choose(shadow, state)[0].choice.backend
         except Exception as exc:  # whatever the candidate does, the live request goes on
             log.info("shadow decision of %s for %s failed: %r", candidate.name, policy.name, exc)
-            self.metrics.rollout_decisions.labels(policy.name, candidate.name, "shadow", "error").inc()
+            self.metrics.rollout_decisions.labels(policy.name, candidate.name, "shadow", "error", class_key).inc()
             self.count_rollout(policy, candidate.name, {**counts, rollouts.CANDIDATE_ERRORS: 1.0}, now)
             return f"shadow:{candidate.name}:error"
         outcome = "same" if theirs.id == ours.id else "differs"
-        self.metrics.rollout_decisions.labels(policy.name, candidate.name, "shadow", outcome).inc()
-        class_key = live.classification.class_key
+        self.metrics.rollout_decisions.labels(policy.name, candidate.name, "shadow", outcome, class_key).inc()
         their_usd = strategies.expected_cost_usd(shadow.features, theirs)
         self.metrics.rollout_cost.labels(policy.name, candidate.name, "live", class_key).inc(live_usd)
         self.metrics.rollout_cost.labels(policy.name, candidate.name, "candidate", class_key).inc(their_usd)

@@ -204,6 +204,19 @@ async def test_a_shadow_counts_differing_decisions_and_both_sides_estimated_cost
         assert figures[rollouts.REQUESTS] == figures[rollouts.CANDIDATE] == figures[rollouts.DIFFERS] == 4
         assert figures[rollouts.LIVE_ERRORS] == 1 and figures[rollouts.CANDIDATE_ERRORS] == 0
         assert figures[rollouts.LIVE_USD] > figures[rollouts.CANDIDATE_USD] > 0  # the candidate's model is cheaper
+        # The differing decisions and each side's estimated cost, by the request's class.
+        class_key = meta(answers[0])["class"].split(";")[0].removeprefix("class=")
+        labels = {"policy": "live", "candidate": "next", "class_key": class_key}
+        registry = processor.metrics.registry
+        assert (
+            registry.get_sample_value(
+                "signalbox_rollout_decisions_total", {**labels, "mode": "shadow", "outcome": "differs"}
+            )
+            == 4
+        )
+        assert registry.get_sample_value(
+            "signalbox_rollout_estimated_cost_usd_total", {**labels, "side": "candidate"}
+        ) == pytest.approx(figures[rollouts.CANDIDATE_USD])
     finally:
         await channel.close()
         await server.stop(None)
