@@ -214,7 +214,7 @@ def refused_apis(policy: PolicyRuntime, path: str, raw_body: bytes) -> dict[str,
     """For each API family of the policy's backends other than the client's, why this request
     cannot be translated for it (absent: it can). Only policies that mix families pay for this."""
     src = api_of_path(path)
-    foreign = {b.provider.api for b in policy.all_backends} - {src}
+    foreign = {b.provider.api for b in policy.all_backends if not b.provider.speaks(src)}
     out: dict[str, str] = {}
     bare = path.split("?", 1)[0].rstrip("/")
     for dst in sorted(foreign):
@@ -255,6 +255,7 @@ def choose(
         prepared.hash_key,
         prepared.refused_apis or {},
         vector,
+        api_of_path(prepared.path),
     )
     return select(prepared.policy, context, state, explain, budget), vector
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.budget import HOLD_SLACK_SECONDS, Budget
-from signalbox.core.errors import OPENAI_API, ConfigVersionError
+from signalbox.core.errors import OPENAI_API, RESPONSES_API, ConfigVersionError
 from signalbox.core.limits import SubjectLimits
 from signalbox.core.schema import SCHEMA_VERSION, STRATEGY_NAMES, genai_provider_name, provider_api
 from signalbox.core.secrets import SecretValue
@@ -68,6 +68,12 @@ class ProviderRuntime:
     api: str = OPENAI_API
     # Its `gen_ai.provider.name` (OpenTelemetry GenAI conventions) in metrics.
     genai_name: str = "openai"
+    # Serves OpenAI's Responses API itself: a Responses client is passed through.
+    responses_api: bool = False
+
+    def speaks(self, client_api: str) -> bool:
+        """Whether a client of this API reaches it untranslated."""
+        return client_api == self.api or (client_api == RESPONSES_API and self.responses_api)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +234,7 @@ class RuntimeTable:
                 key_missing=has_auth and key is None,
                 api=provider_api(p.type),
                 genai_name=genai_provider_name(p.type),
+                responses_api=p.responses_api and provider_api(p.type) == OPENAI_API,
             )
         backends = [
             BackendRuntime(

@@ -175,6 +175,9 @@ class RequestContext:
     refused_apis: Mapping[str, str] = field(default_factory=dict)
     # The prompt's vector, for per-prompt learning (None: the class alone decides).
     vector: np.ndarray | None = None
+    # The API the client speaks: a backend that speaks it too needs no translation, so
+    # `refused_apis` does not apply to it.
+    client_api: str = "openai"
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,7 +360,7 @@ def eligible(
         missing = needed - c.backend.capabilities
         if missing:
             notes.append((c.backend.id, False, f"lacks {','.join(sorted(missing))}"))
-        elif c.backend.provider.api in refused:
+        elif c.backend.provider.api in refused and not c.backend.provider.speaks(ctx.client_api):
             notes.append((c.backend.id, False, refused[c.backend.provider.api]))
         elif want_tokens > c.backend.context_window:
             notes.append((c.backend.id, False, f"context {c.backend.context_window} < {want_tokens} tokens"))

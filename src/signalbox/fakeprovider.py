@@ -356,6 +356,11 @@ class FakeProvider:
             if ":streamGenerateContent" in request.path:
                 return await self._gemini_stream(request, model, fault, tool)
             return web.json_response(self._gemini_answer(model, tool, 7, True), headers=self._headers(fault))
+        if request.path.endswith("/responses"):
+            # OpenAI's Responses API, served natively (a provider with responsesApi).
+            if body.get("stream"):
+                return await self._responses_stream(request, model, fault)
+            return web.json_response(self._response(model, 7), headers=self._headers(fault))
         if request.path.endswith("/embeddings"):
             return web.json_response(
                 {
@@ -431,6 +436,68 @@ class FakeProvider:
             )
         if fault.kind != "no_done":
             await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def _response(self, model: str, tokens: int, text: str | None = None) -> dict[str, Any]:
+        """A Responses API `response` object, completed, with one output message."""
+        text = text if text is not None else self.behaviour.content or f"[{self.ident}] answer from {model}"
+        return {
+            "id": f"resp_{self.ident}_{self.count}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": model,
+            "output": [
+                {
+                    "type": "message",
+                    "id": f"msg_{self.ident}_{self.count}",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }
+            ],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": {
+                "input_tokens": 10,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": 10 + tokens,
+            },
+        }
+
+    async def _responses_stream(self, request: web.Request, model: str, fault: Fault) -> web.StreamResponse:
+        """The Responses API's stream: typed events, the text in `response.output_text.delta`
+        events and the usage in `response.completed`."""
+        chunks = int(request.headers.get("x-fake-chunks", 5))
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", **self._headers(fault)})
+        await response.prepare(request)
+        whole = self._response(model, chunks, "".join(f"chunk{i} " for i in range(chunks)))
+        item, seq = whole["output"][0], iter(range(1_000_000))
+
+        async def send(kind: str, **data: Any) -> None:
+            payload = json.dumps({"type": kind, "sequence_number": next(seq), **data})
+            await response.write(f"event: {kind}\ndata: {payload}\n\n".encode())
+
+        started = {**whole, "status": "in_progress", "output": [], "usage": None}
+        await send("response.created", response=started)
+        await send("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "content": []})
+        part = {"type": "output_text", "text": "", "annotations": []}
+        await send("response.content_part.added", item_id=item["id"], output_index=0, content_index=0, part=part)
+        for i in range(chunks):
+            await send(
+                "response.output_text.delta", item_id=item["id"], output_index=0, content_index=0, delta=f"chunk{i} "
+            )
+        text = item["content"][0]["text"]
+        await send("response.output_text.done", item_id=item["id"], output_index=0, content_index=0, text=text)
+        await send(
+            "response.content_part.done", item_id=item["id"], output_index=0, content_index=0, part=item["content"][0]
+        )
+        await send("response.output_item.done", output_index=0, item=item)
+        await send("response.completed", response=whole)
         await response.write_eof()
         return response
 

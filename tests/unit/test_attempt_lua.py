@@ -121,6 +121,20 @@ def test_a_messages_client_on_an_openai_backend_is_marked_for_translation_to_cha
     assert "stream_options" not in json.loads(text)
 
 
+def test_a_responses_client_passes_through_to_a_provider_that_serves_the_responses_api():
+    native = pb.Provider()
+    native.CopyFrom(OPENAI)
+    native.type, native.responses_api = pb.OPENAI, True
+    hdrs, text, status, _ = Attempt(native).run(
+        "/v1/responses", '{"model":"a","input":"hi","stream":true}', headers={envoygen.TRANSLATE_HEADER: "stale"}
+    )
+    assert status is None and hdrs[":path"] == "/openai/v1/responses" and envoygen.TRANSLATE_HEADER not in hdrs
+    assert json.loads(text) == {"model": "m-up", "input": "hi", "stream": True}  # no chat-only stream_options
+    # Without the Responses API the same request is translated to chat.
+    hdrs, _, _, _ = Attempt(OPENAI).run("/v1/responses", '{"model":"a","input":"hi"}')
+    assert hdrs[":path"] == "/openai/v1/chat/completions" and hdrs[envoygen.TRANSLATE_HEADER] == "responses>openai"
+
+
 def test_token_counting_goes_to_anthropic_backends_only():
     hdrs, _, status, _ = Attempt(ANTHROPIC).run("/v1/messages/count_tokens", '{"model":"a"}', headers=CLAUDE_KEY)
     assert status is None and hdrs[":path"] == "/v1/messages/count_tokens"

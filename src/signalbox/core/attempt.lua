@@ -189,10 +189,13 @@ function envoy_on_request(handle)
   end
   local rest = bare
   if string.sub(bare, 1, 4) == "/v1/" then rest = string.sub(bare, 4) end
-  if api ~= nil and api ~= BACKEND.api and UNTRANSLATABLE[trimmed] then
+  -- A backend that serves the client's API itself (OpenAI's Responses API on a provider that
+  -- has it) takes the request as it is: no translation, the client's path.
+  local native = api == BACKEND.api or (api == "responses" and BACKEND.responses)
+  if api ~= nil and not native and UNTRANSLATABLE[trimmed] then
     refuse(handle, "only_own_api", api) -- the router phase never picks such a backend first
     return
-  elseif api ~= nil and api ~= BACKEND.api then
+  elseif api ~= nil and not native then
     -- Another API family: the upstream-phase ext_proc translates this attempt's body (this
     -- script sets the path; the answer's headers are fixed on the way back, envoy_on_response).
     -- Gemini names the model in the path (the translation switches to the streaming method).
@@ -231,7 +234,8 @@ function envoy_on_request(handle)
   end
   local body = handle:body()
   if body == nil then return end
-  local usage = api ~= "anthropic" and BACKEND.api == "openai"
+  -- stream_options.include_usage is a chat completions field: only chat bodies get it.
+  local usage = api ~= "anthropic" and BACKEND.api == "openai" and not (api == "responses" and native)
   local text, why = rewrite_body(body:getBytes(0, body:length()), BACKEND.model_json, usage)
   if text == nil then
     refuse(handle, why, api)

@@ -163,6 +163,8 @@ def _add_provider(cfg, prov: AIProvider, secrets_present, problems, backend_inde
         sanitize_streams=spec.type == ProviderType.OPENAI_COMPATIBLE
         if spec.sanitize_streams is None
         else spec.sanitize_streams,
+        # Only OpenAI's own API is known to serve /responses; others say so themselves.
+        responses_api=spec.type == ProviderType.OPENAI if spec.responses_api is None else spec.responses_api,
     )
     if spec.auth:
         a = spec.auth

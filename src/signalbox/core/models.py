@@ -220,6 +220,13 @@ class AIProviderSpec(Spec):
         "LuaJIT time per chunk (bench/README.md). Default: on for openai-compatible servers, off for "
         "openai and azure-openai.",
     )
+    responses_api: bool | None = Field(
+        None,
+        description="The provider serves OpenAI's Responses API itself (POST <baseUrl>/responses): a client "
+        "calling /v1/responses is passed through untranslated (stateful features such as previous_response_id "
+        "included) instead of being translated to chat completions. Default: true for type openai, false "
+        "otherwise (set it for OpenAI-compatible servers that implement /responses).",
+    )
 
     @field_validator("base_url")
     @classmethod

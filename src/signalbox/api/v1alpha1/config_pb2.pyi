@@ -90,7 +90,7 @@ class Auth(_message.Message):
     def __init__(self, secret: _Optional[_Union[SecretRef, _Mapping]] = ..., env: _Optional[str] = ..., file: _Optional[str] = ..., header: _Optional[str] = ..., prefix: _Optional[str] = ...) -> None: ...
 
 class Provider(_message.Message):
-    __slots__ = ("id", "name", "type", "host", "port", "tls", "base_path", "auth", "azure_api_version", "healthy", "connect_timeout_ms", "sanitize_streams")
+    __slots__ = ("id", "name", "type", "host", "port", "tls", "base_path", "auth", "azure_api_version", "healthy", "connect_timeout_ms", "sanitize_streams", "responses_api")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class Provider(_message.Message):
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     CONNECT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     SANITIZE_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_API_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     type: ProviderType
@@ -115,7 +116,8 @@ class Provider(_message.Message):
     healthy: bool
     connect_timeout_ms: int
     sanitize_streams: bool
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[_Union[ProviderType, str]] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., tls: _Optional[bool] = ..., base_path: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., azure_api_version: _Optional[str] = ..., healthy: _Optional[bool] = ..., connect_timeout_ms: _Optional[int] = ..., sanitize_streams: _Optional[bool] = ...) -> None: ...
+    responses_api: bool
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[_Union[ProviderType, str]] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., tls: _Optional[bool] = ..., base_path: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., azure_api_version: _Optional[str] = ..., healthy: _Optional[bool] = ..., connect_timeout_ms: _Optional[int] = ..., sanitize_streams: _Optional[bool] = ..., responses_api: _Optional[bool] = ...) -> None: ...
 
 class Backend(_message.Message):
     __slots__ = ("id", "provider_id", "model", "upstream_model", "input_price_per_1m", "output_price_per_1m", "quality", "context_window", "capabilities", "latency_prior_ms", "healthy", "cluster")

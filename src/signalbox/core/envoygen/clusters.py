@@ -340,6 +340,8 @@ def attempt_settings(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
         "key_header": (provider.auth.header or "authorization").lower() if provider.HasField("auth") else "",
         "sanitize": provider.sanitize_streams,
         "api": provider_api(provider.type),
+        # Serves the Responses API itself: a Responses client's attempt is passed through.
+        "responses": provider.responses_api and provider_api(provider.type) == errors.OPENAI_API,
     }
 
 
