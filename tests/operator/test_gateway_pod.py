@@ -46,7 +46,9 @@ async def test_gateway_pod_serves_from_the_configmap_with_the_secrets_key(k8s, c
             auth={"secretRef": {"name": "fake-key", "key": "apiKey"}},
         )
     )
-    await cluster.apply(policy("auto", ["auto"], [backend("fake", "m")]))
+    # Decided (cost): its spend reaches the ledger the replica publishes (a compiled policy's
+    # requests are counted in metrics only).
+    await cluster.apply(policy("auto", ["auto"], [backend("fake", "m")], strategy="cost"))
     await cluster.eventually(cluster.configmap)
 
     # Every listener on port 0 and Envoy's admin on a Unix socket: Envoy reports what it bound
@@ -121,7 +123,7 @@ async def test_gateway_pod_serves_from_the_configmap_with_the_secrets_key(k8s, c
             assert raw.headers["x-signalbox-policy"] == "auto"
 
             changed = time.monotonic()
-            await cluster.apply(policy("auto", ["auto", "fresh"], [backend("fake", "m")]))
+            await cluster.apply(policy("auto", ["auto", "fresh"], [backend("fake", "m")], strategy="cost"))
 
             async def served():
                 try:
