@@ -82,10 +82,10 @@ def publish(
 
 
 def write_envoy(cfg: pb.RoutingConfig, workdir: Path, options: envoygen.GatewayOptions) -> None:
-    """Envoy's clusters, then the routes that name them, then the listener (in the order
-    `resources` gives them: each file only refers to what an earlier one defines)."""
-    for name, resource in envoygen.resources(cfg, options).items():
-        write_atomic(workdir / ENVOY_DIR / name, json.dumps(resource))
+    """Envoy's clusters, then the listener that references them."""
+    resources = envoygen.resources(cfg, options)
+    for name in ("cds.json", "lds.json"):
+        write_atomic(workdir / ENVOY_DIR / name, json.dumps(resources[name]))
 
 
 def write_bootstrap(workdir: Path, options: envoygen.GatewayOptions) -> Path:

@@ -172,7 +172,6 @@ class LocalGateway:
             request_log=str(self.workdir / REQUEST_LOG) if self.request_log else "",
             credentials_dir=str(self.workdir / gatewayfiles.CREDENTIALS_DIR),
             outlier_event_log=str(self.workdir / envoygen.contract.OUTLIER_EVENTS_FILE),
-            routes_file=str(self.workdir / "envoy" / envoygen.ROUTES_FILE),
             otlp_endpoint=self.otlp_endpoint,
             trace_sampling_percent=self.trace_sampling_percent,
         )

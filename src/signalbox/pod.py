@@ -53,7 +53,6 @@ def options(
         accounting=accounting,
         request_log="/dev/stdout" if request_log else "",
         outlier_event_log=f"{workdir}/{envoygen.contract.OUTLIER_EVENTS_FILE}",
-        routes_file=f"{workdir}/envoy/{envoygen.ROUTES_FILE}",
         otlp_endpoint=otlp_endpoint,
         trace_sampling_percent=trace_sampling_percent,
     )

@@ -23,7 +23,7 @@ and a laptop run the same Envoy shape.
 
 from __future__ import annotations
 
-from .bootstrap import ROUTES_FILE, bootstrap, resources
+from .bootstrap import bootstrap, resources
 from .clusters import (
     ATTEMPT_ERRORS,
     attempt_settings,
@@ -104,7 +104,6 @@ __all__ = [
     "REQUEST_LOG_FORMAT",
     "ROUTED_PATHS",
     "ROUTER_ATTRIBUTES",
-    "ROUTES_FILE",
     "STREAM_LIMITS",
     "TRANSLATE_HEADER",
     "GatewayOptions",

@@ -9,11 +9,8 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .clusters import clusters
 from .contract import ADMIN_CLUSTER, EXTPROC_ADMIN_CLUSTER, EXTPROC_CLUSTER, TARGET_PREFIX
-from .listener import health_listener, listener, route_config
+from .listener import health_listener, listener
 from .options import STREAM_LIMITS, GatewayOptions, _address, _admin_address, _any
-
-# The routes' file beside lds.json and cds.json (GatewayOptions.routes_file names its path).
-ROUTES_FILE = "rds.json"
 
 
 def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
@@ -126,9 +123,7 @@ def resources(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, dict[str
     listeners = [listener(cfg, opts)]
     if opts.health_port is not None:
         listeners.append(health_listener(opts))
-    out: dict[str, dict[str, Any]] = {"cds.json": {"resources": clusters(cfg, opts)}}
-    if opts.routes_file:
-        route = _any("envoy.config.route.v3.RouteConfiguration", **route_config(cfg, opts))
-        out[ROUTES_FILE] = {"resources": [route]}
-    out["lds.json"] = {"resources": listeners}
-    return out
+    return {
+        "cds.json": {"resources": clusters(cfg, opts)},
+        "lds.json": {"resources": listeners},
+    }

@@ -682,7 +682,16 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="signalbox",
         codec_type="AUTO",
-        **({"rds": routes_source(opts)} if opts.routes_file else {"route_config": route_config(cfg, opts)}),
+        route_config={
+            "name": "signalbox",
+            "virtual_hosts": [{"name": "signalbox", "domains": ["*"], "routes": _routes(cfg, opts)}],
+            "request_headers_to_remove": [],
+            # attempt.lua's note to the retry policy, never for a client.
+            "response_headers_to_remove": [RETRY_HEADER],
+            # Envoy rejects the whole listener when a direct response is larger than this
+            # (default 4 KiB): the models listing outgrows that at about 60 aliases.
+            "max_direct_response_body_size_bytes": max(4096, len(models_listing(_aliases(cfg))) + 1024),
+        },
         http_filters=[
             _remove_gateway_headers("signalbox.strip_client_gateway_headers"),
             client_path_filter(),
@@ -721,35 +730,6 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
         per_connection_buffer_limit_bytes=opts.max_body_bytes + 64 * 1024,
         filter_chains=[{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     )
-
-
-ROUTE_CONFIG_NAME = "signalbox"
-
-
-def route_config(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
-    """The gateway's routes: inline in the listener, or its RDS resource (routes_file)."""
-    return {
-        "name": ROUTE_CONFIG_NAME,
-        "virtual_hosts": [{"name": "signalbox", "domains": ["*"], "routes": _routes(cfg, opts)}],
-        "request_headers_to_remove": [],
-        # attempt.lua's note to the retry policy, never for a client.
-        "response_headers_to_remove": [RETRY_HEADER],
-        # Envoy rejects the whole listener when a direct response is larger than this
-        # (default 4 KiB): the models listing outgrows that at about 60 aliases.
-        "max_direct_response_body_size_bytes": max(4096, len(models_listing(_aliases(cfg))) + 1024),
-    }
-
-
-def routes_source(opts: GatewayOptions) -> dict[str, Any]:
-    """RDS from a file Envoy watches: routes change without the listener changing."""
-    folder = opts.routes_file.rsplit("/", 1)[0] or "/"
-    return {
-        "route_config_name": ROUTE_CONFIG_NAME,
-        "config_source": {
-            "path_config_source": {"path": opts.routes_file, "watched_directory": {"path": folder}},
-            "resource_api_version": "V3",
-        },
-    }
 
 
 def health_listener(opts: GatewayOptions) -> dict[str, Any]:

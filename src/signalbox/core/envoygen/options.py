@@ -68,10 +68,6 @@ class GatewayOptions:
     # carries it to the ext_proc in batches): spend metrics and budgets need it (cost:
     # bench/README.md).
     accounting: bool = True
-    # Where the listener's routes are (RDS from a watched file, beside lds.json): a change of
-    # routes alone then leaves the listener as it is (no rebuild, no drain of its connections).
-    # "": the routes inline in the listener (the generator's unit tests).
-    routes_file: str = ""
     # An OpenTelemetry collector (host:port, OTLP over gRPC) Envoy sends spans to; "": no tracing.
     otlp_endpoint: str = ""
     # Share of requests traced, in percent.
