@@ -70,7 +70,7 @@ class LlmClassifier:
         if self.session is None:
             self.session = aiohttp.ClientSession()
         url = f"{provider.scheme}://{provider.authority}{upstream_path(backend, '/v1/chat/completions')}"
-        headers = {provider.auth_header: provider.auth_value.reveal()} if provider.auth_value else {}
+        headers = await provider.auth_headers()
         body = {
             "model": backend.upstream_model,
             "messages": [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": text}],

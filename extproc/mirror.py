@@ -42,8 +42,9 @@ MAX_COPY_SECONDS = 300.0
 
 
 def copy_request(backend: BackendRuntime, path: str, raw: bytes) -> tuple[str, dict[str, str], bytes]:
-    """(URL, headers, body) of a copy of a client request for `backend`: its model, key and
-    path, never streamed. RequestError when the body cannot be read or said in its API."""
+    """(URL, headers, body) of a copy of a client request for `backend`: its model and path,
+    never streamed (the key is added when the copy is sent: a minted token may need a wait).
+    RequestError when the body cannot be read or said in its API."""
     src = api_of_path(path)
     body = json.loads(raw)
     if not isinstance(body, dict):
@@ -63,8 +64,6 @@ def copy_request(backend: BackendRuntime, path: str, raw: bytes) -> tuple[str, d
             target = upstream_path(backend, MESSAGES_PATH if dst == ANTHROPIC_API else CHAT_PATH)
     provider = backend.provider
     headers = {"content-type": "application/json"}
-    if provider.auth_value is not None:
-        headers[provider.auth_header] = provider.auth_value.reveal()
     if dst == ANTHROPIC_API:
         headers["anthropic-version"] = ANTHROPIC_VERSION
     return f"{provider.scheme}://{provider.authority}{target}", headers, out
@@ -142,6 +141,7 @@ class Mirrors:
         try:
             if self.session is None:
                 self.session = aiohttp.ClientSession()
+            headers = {**headers, **await backend.provider.auth_headers()}
             # Never follow a redirect: it would carry the key to wherever the provider points.
             async with self.session.post(
                 url,

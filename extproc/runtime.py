@@ -7,6 +7,7 @@ reference; each gRPC stream reads the reference once.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 from collections.abc import Callable
@@ -16,9 +17,10 @@ from pathlib import Path
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.budget import HOLD_SLACK_SECONDS, Budget
 from signalbox.core.errors import OPENAI_API, RESPONSES_API, ConfigVersionError
+from signalbox.core.googleauth import google_token
 from signalbox.core.limits import SubjectLimits
 from signalbox.core.schema import SCHEMA_VERSION, STRATEGY_NAMES, genai_provider_name, provider_api
-from signalbox.core.secrets import SecretValue
+from signalbox.core.secrets import Prefixed, SecretValue
 
 from . import default_routes
 from .classify import CompiledRule, compile_rules
@@ -26,6 +28,17 @@ from .identity import Identities, subject_limits
 from .semantic import Classifier, SemanticRouter
 
 KeyResolver = Callable[[pb.Auth], SecretValue | None]
+
+
+def credential(auth: pb.Auth, value: str | None) -> SecretValue | None:
+    """What a source's content gives to send: the key itself, or (format google-credentials) the
+    access token source its credentials mint from; None when there is nothing usable."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if auth.format == pb.GOOGLE_CREDENTIALS:
+        return google_token(SecretValue(value))
+    return SecretValue(value)
 
 
 def default_key_resolver(secrets_dir: str | None = None) -> KeyResolver:
@@ -45,7 +58,7 @@ def default_key_resolver(secrets_dir: str | None = None) -> KeyResolver:
                 value = None
         except OSError:
             value = None
-        return SecretValue(value.strip()) if value else None
+        return credential(auth, value)
 
     return resolve
 
@@ -70,6 +83,15 @@ class ProviderRuntime:
     genai_name: str = "openai"
     # Serves OpenAI's Responses API itself: a Responses client is passed through.
     responses_api: bool = False
+
+    async def auth_headers(self) -> dict[str, str]:
+        """The key header for the gateway's own calls to this provider (mirror, LLM tier); a
+        minted token is revealed in a thread (it may wait on Google's token endpoint). Raises
+        CredentialUnavailable when no token can be minted."""
+        value = self.auth_value
+        if value is None:
+            return {}
+        return {self.auth_header: await asyncio.to_thread(value.reveal) if value.minted else value.reveal()}
 
     def speaks(self, client_api: str) -> bool:
         """Whether a client of this API reaches it untranslated."""
@@ -290,7 +312,9 @@ def _classifier_key(p: pb.Policy) -> bytes:
 
 
 def _with_prefix(prefix: str, key: SecretValue | None) -> SecretValue | None:
-    return SecretValue(prefix + key.reveal()) if key else None
+    if key is None:
+        return None
+    return Prefixed(prefix, key) if key.minted else SecretValue(prefix + key.reveal())
 
 
 def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:

@@ -7,6 +7,7 @@ probed counts as healthy (routing must work before the first probe).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,9 @@ from typing import Any
 import httpx
 
 from signalbox.core.envoygen.contract import ANTHROPIC_VERSION
-from signalbox.core.models import AIProviderSpec, ProviderType
+from signalbox.core.errors import CredentialUnavailable
+from signalbox.core.googleauth import google_token
+from signalbox.core.models import AIProviderSpec, AuthFormat, ProviderType
 from signalbox.core.secrets import SecretValue
 
 from .conditions import now
@@ -28,12 +31,22 @@ class ProbeResult:
 
 
 async def probe(spec: AIProviderSpec, key: SecretValue | None, client: httpx.AsyncClient) -> ProbeResult:
-    """GET baseUrl + healthCheck.path with the provider's key; any 2xx is a success."""
-    url = spec.base_url + spec.health_check.path
+    """GET baseUrl + healthCheck.path (or healthCheck.url) with the provider's key; any 2xx is a
+    success."""
+    url = spec.health_check.url or spec.base_url + spec.health_check.path
     headers = {}
     if spec.auth and key is not None:
         header, prefix = spec.key_header()
-        headers[header] = prefix + key.reveal()
+        if spec.auth.format == AuthFormat.GOOGLE_CREDENTIALS:
+            token = google_token(key)
+            if token is None:
+                return ProbeResult(False, 0.0, "the Secret does not hold Google credentials google-auth can use")
+            try:
+                headers[header] = prefix + await asyncio.to_thread(token.reveal)
+            except CredentialUnavailable as exc:
+                return ProbeResult(False, 0.0, str(exc)[:300])
+        else:
+            headers[header] = prefix + key.reveal()
     if spec.type == ProviderType.ANTHROPIC:
         headers["anthropic-version"] = ANTHROPIC_VERSION
     params = {"api-version": spec.azure.api_version} if spec.azure else None
@@ -46,7 +59,7 @@ async def probe(spec: AIProviderSpec, key: SecretValue | None, client: httpx.Asy
     latency = (time.monotonic() - started) * 1000
     if 200 <= response.status_code < 300:
         return ProbeResult(True, round(latency, 1), f"HTTP {response.status_code}")
-    message = f"HTTP {response.status_code} from {spec.health_check.path}"
+    message = f"HTTP {response.status_code} from {spec.health_check.url or spec.health_check.path}"
     if response.status_code in (401, 403):
         # What gateways see too: their attempts fail over and rest this provider's backends.
         message += ": the provider rejected the API key (revoked, expired or wrong)"

@@ -100,6 +100,8 @@ class ConfigSync:
         if self.secrets_changed:
             self._publish(self.config)
             return True
+        # Vertex AI's access tokens expire hourly: the file gets each one google-auth renews.
+        gatewayfiles.refresh_tokens(self.config, self.workdir, self.options)
         return False
 
     def _publish(self, cfg: pb.RoutingConfig) -> None:

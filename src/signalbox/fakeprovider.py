@@ -19,6 +19,10 @@ a reset before any header, no answer at all, a slow first token, a stream that s
 after some chunks, a malformed event, a stream without `[DONE]`, context-length and
 content-policy refusals in OpenAI's error shape, rate-limit headers, and flapping (the fault on
 every n-th request, or on the first n only).
+
+Vertex AI: Gemini's API on Vertex's paths, with `Authorization: Bearer <token>`, where the token
+must come from this fake's OAuth2 token endpoint (`POST /token`, the `token_uri` of a test's
+service account) and not have expired (`token_lifetime_s`).
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ class Fault:
 
 
 HANG_SECONDS = 3600.0
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+# Google's OAuth2 access tokens start so; the fake's own are checked against what it issued.
+ACCESS_TOKEN_PREFIX = "ya29."
 # Refusals about the request itself (OpenAI's 400s): fault kind -> (code, message).
 REFUSALS = {
     "context_length": (
@@ -89,6 +96,8 @@ class Behaviour:
     fault: dict[str, Any] | None = None
     # OpenAI requests checked against the SDK's type models too (Anthropic's always are).
     strict: bool = False
+    # Seconds an access token from the OAuth2 token endpoint (`POST /token`) lives.
+    token_lifetime_s: int = 3600
 
 
 def _fault(raw: dict[str, Any] | None) -> Fault:
@@ -184,12 +193,15 @@ class FakeProvider:
         self.behaviour = Behaviour()
         self.requests: deque[dict[str, Any]] = deque(maxlen=record)
         self.count = 0
+        # Access tokens issued by `POST /token` -> when each expires (time.time()).
+        self.tokens: dict[str, float] = {}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/_fake/behaviour", self.set_behaviour)
         app.router.add_get("/_fake/requests", self.list_requests)
         app.router.add_post("/_fake/reset", self.reset)
+        app.router.add_post("/token", self.issue_token)
         app.router.add_get("/{tail:.*}", self.handle_get)
         app.router.add_post("/{tail:.*}", self.handle_post)
         return app
@@ -207,6 +219,7 @@ class FakeProvider:
         self.requests.clear()
         self.count = 0
         self.behaviour = Behaviour()
+        self.tokens.clear()
         return web.json_response({"ok": True})
 
     def _steer(self, request: web.Request) -> tuple[int, int, Fault]:
@@ -221,7 +234,27 @@ class FakeProvider:
             return 200, delay, Fault()
         return status, delay, fault
 
+    async def issue_token(self, request: web.Request) -> web.Response:
+        """Google's OAuth2 token endpoint for service accounts (RFC 7523 JWT bearer grant): a
+        form with `grant_type` and a signed `assertion` (recorded, for the test to verify with
+        the account's public key), answered with an access token that Vertex AI paths of this
+        fake then accept until it expires."""
+        form = await request.post()
+        fields = {k: str(v) for k, v in form.items()}
+        self.requests.append({"at": time.time(), "path": request.path_qs, "api": "oauth2", "body": fields})
+        if fields.get("grant_type") != JWT_BEARER or fields.get("assertion", "").count(".") != 2:
+            return web.json_response({"error": "invalid_grant", "error_description": "bad grant"}, status=400)
+        token = f"{ACCESS_TOKEN_PREFIX}{self.ident}.{len(self.tokens) + 1}"
+        lifetime = self.behaviour.token_lifetime_s
+        self.tokens[token] = time.time() + lifetime
+        return web.json_response({"access_token": token, "expires_in": lifetime, "token_type": "Bearer"})
+
     def _authorized(self, request: web.Request) -> bool:
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if bearer.startswith(ACCESS_TOKEN_PREFIX):
+            # Google Cloud (Vertex AI): an access token this fake's token endpoint issued, not yet
+            # expired.
+            return self.tokens.get(bearer, 0.0) > time.time()
         key = self.behaviour.api_key
         if not key:
             return True
@@ -299,6 +332,10 @@ class FakeProvider:
                 },
                 headers={"x-fake-provider": self.ident},
             )
+        if "/publishers/" in request.path and "/models/" in request.path:
+            # Vertex AI's Model Garden entry of one model (GetPublisherModel).
+            name = request.path[request.path.index("publishers/") :]
+            return web.json_response({"name": name, "versionId": "001"}, headers={"x-fake-provider": self.ident})
         return self._error(404, f"no route {request.path}")
 
     async def handle_post(self, request: web.Request) -> web.StreamResponse:

@@ -9,6 +9,7 @@ references them; each file is replaced by an atomic rename, so no reader sees ha
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from google.protobuf import json_format
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core import envoygen
+from signalbox.core.errors import CredentialUnavailable
 from signalbox.extproc.runtime import KeyResolver, default_key_resolver
 
 CONFIG_FILE = "config/routing-config.json"
@@ -27,6 +29,12 @@ STATE_DIR = "state"
 # them from Secrets (<ns>/<name>/<key>).
 CREDENTIALS_DIR = "credentials"
 SECRETS_DIR = "secrets"
+# How often the publishers (`signalbox up`, config-sync) ask for a fresh access token for
+# providers whose credentials mint them. google-auth renews a token 3 min 45 s before it
+# expires, so a minute leaves Envoy minutes of overlap.
+TOKEN_REFRESH_SECONDS = 60.0
+
+log = logging.getLogger("signalbox.gatewayfiles")
 
 
 def write_atomic(path: Path, data: str, mode: int = 0o644) -> None:
@@ -46,6 +54,12 @@ def write_credentials(cfg: pb.RoutingConfig, options: envoygen.GatewayOptions, r
     A key that cannot be read gets an empty secret, so Envoy still loads its config: the
     ext_proc never routes to such a provider (it reports why), and a failover attempt there
     ends with 503 provider_key_unavailable instead of a keyless call.
+
+    A provider whose credentials mint access tokens (Vertex AI) gets the current token; the
+    publishers call this again every `TOKEN_REFRESH_SECONDS`, and a file changes only when
+    google-auth minted a new token (minutes before the old one expires). A token that cannot be
+    minted leaves the file as it is: the token in it may still be good, and when it is not, the
+    provider answers 401, which fails over and rests the backend.
     """
     if not options.credentials_dir:
         return
@@ -53,7 +67,11 @@ def write_credentials(cfg: pb.RoutingConfig, options: envoygen.GatewayOptions, r
         if not provider.HasField("auth"):
             continue
         key = resolve_key(provider.auth)
-        value = provider.auth.prefix + key.reveal() if key else ""
+        try:
+            value = provider.auth.prefix + key.reveal() if key else ""
+        except CredentialUnavailable as exc:
+            log.warning("provider %s: %s", provider.id, exc)
+            continue
         secret = {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
             "name": envoygen.credential_name(provider.id),
@@ -92,3 +110,17 @@ def write_bootstrap(workdir: Path, options: envoygen.GatewayOptions) -> Path:
     path = workdir / "envoy-bootstrap.json"
     write_atomic(path, json.dumps(envoygen.bootstrap(options, str(workdir / ENVOY_DIR))))
     return path
+
+
+def mints_tokens(cfg: pb.RoutingConfig) -> bool:
+    """Whether any provider's credentials mint access tokens (so its file needs refreshing)."""
+    return any(p.auth.format == pb.GOOGLE_CREDENTIALS for p in cfg.providers if p.HasField("auth"))
+
+
+def refresh_tokens(
+    cfg: pb.RoutingConfig, workdir: Path, options: envoygen.GatewayOptions, resolve_key: KeyResolver | None = None
+) -> None:
+    """Rewrite the credential files of token-minting providers whose token google-auth renewed
+    (a no-op for a config without such providers). Called by the publishers on a timer."""
+    if mints_tokens(cfg):
+        write_credentials(cfg, options, resolve_key or default_key_resolver(str(workdir / SECRETS_DIR)))

@@ -41,7 +41,7 @@ from signalbox.extproc.learning import SharedLearning
 from signalbox.extproc.ledger import SpendLedger
 from signalbox.extproc.metrics import MULTIPROC_ENV
 from signalbox.extproc.rolloutstats import RolloutStats
-from signalbox.extproc.runtime import default_key_resolver
+from signalbox.extproc.runtime import credential, default_key_resolver
 from signalbox.extproc.sharedstate import COOLDOWN_DB, LEARNING_DB, OPEN_DB, ROLLOUT_DB, SPEND_DB
 
 # AIProviders carrying this annotation get the bundled fake provider started on their baseUrl's
@@ -143,6 +143,8 @@ class LocalGateway:
     # An OpenTelemetry collector (host:port, OTLP/gRPC) for Envoy's spans; "": no tracing.
     otlp_endpoint: str = ""
     trace_sampling_percent: float = 100.0
+    # How often providers whose credentials mint access tokens (Vertex AI) get a fresh one.
+    token_refresh_seconds: float = gatewayfiles.TOKEN_REFRESH_SECONDS
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     # Restarts of each ext_proc worker by the supervisor.
     restarts: dict[str, int] = field(default_factory=dict)
@@ -154,6 +156,9 @@ class LocalGateway:
     def __post_init__(self) -> None:
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._token_refresher: threading.Thread | None = None
+        # The token refresher's thread and a recompile may both write credential files.
+        self._publishing = threading.Lock()
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="signalbox-"))
         (self.workdir / "envoy").mkdir(parents=True, exist_ok=True)
         (self.workdir / "config").mkdir(parents=True, exist_ok=True)
@@ -266,12 +271,13 @@ class LocalGateway:
         # Before start() knows the ext_proc's admin port, Envoy's files would name none (their
         # health checks ask it): start() writes them once it does.
         envoy = self.options.extproc_admin_port is not None
-        gatewayfiles.publish(cfg, self.workdir, self.options, self._resolve_key, envoy=envoy)
+        with self._publishing:
+            gatewayfiles.publish(cfg, self.workdir, self.options, self._resolve_key, envoy=envoy)
 
     def _resolve_key(self, auth: pb.Auth) -> SecretValue | None:
         """Keys as the gateway's processes see them: the environment they are started with."""
         if auth.WhichOneof("source") == "env" and auth.env in self.env:
-            return SecretValue(self.env[auth.env].strip()) if self.env[auth.env].strip() else None
+            return credential(auth, self.env[auth.env])
         return default_key_resolver()(auth)
 
     # ------------------------------------------------------------------ processes
@@ -327,6 +333,8 @@ class LocalGateway:
         self._stopping.clear()
         self._supervisor = threading.Thread(target=self._supervise, name="signalbox-supervisor", daemon=True)
         self._supervisor.start()
+        self._token_refresher = threading.Thread(target=self._refresh_tokens, name="signalbox-tokens", daemon=True)
+        self._token_refresher.start()
         bootstrap = gatewayfiles.write_bootstrap(self.workdir, self.options)
         self._envoy_admin_file.unlink(missing_ok=True)  # a reused work dir: never read an old port
         self._spawn(
@@ -447,11 +455,28 @@ class LocalGateway:
                 backoff[name] = min(max(delay * 2, BACKOFF_FIRST_SECONDS), BACKOFF_MAX_SECONDS)
                 next_try[name] = now + backoff[name]
 
+    def _refresh_tokens(self) -> None:
+        """Keep minted access tokens fresh in the credential files (a thread until `stop()`;
+        minting may wait on the token endpoint, which must not hold up the supervisor)."""
+        assert self.workdir
+        while not self._stopping.wait(self.token_refresh_seconds):
+            cfg = self.config
+            if cfg is None:
+                continue
+            try:
+                with self._publishing:
+                    gatewayfiles.refresh_tokens(cfg, self.workdir, self.options, self._resolve_key)
+            except Exception as exc:  # a failed refresh leaves the last token; the next one retries
+                print(f"token refresh failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
     def stop(self) -> None:
         self._stopping.set()
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
             self._supervisor = None
+        if self._token_refresher is not None:
+            self._token_refresher.join(timeout=15)
+            self._token_refresher = None
         for proc in self.processes.values():
             if proc.poll() is None:
                 proc.terminate()

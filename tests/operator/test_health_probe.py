@@ -9,6 +9,7 @@ from signalbox.core.models import AIProviderSpec
 from signalbox.core.secrets import SecretValue
 from signalbox.fakeprovider import serving
 from signalbox.operator.health import probe
+from tests.unit.test_googleauth import service_account
 
 
 async def test_a_rejected_key_is_named_in_the_probe_message():
@@ -49,3 +50,25 @@ async def test_a_gemini_provider_is_probed_with_its_own_key_header():
     # The fake reads a Gemini key from x-goog-api-key only.
     assert good.ok and good.message == "HTTP 200"
     assert not wrong.ok and "rejected the API key" in wrong.message
+
+
+async def test_a_vertex_provider_is_probed_at_its_url_with_a_minted_token():
+    async with serving("vertex") as fake, httpx.AsyncClient() as client:
+        raw, _ = service_account(fake.url + "/token")
+        spec = AIProviderSpec.model_validate(
+            {
+                "type": "gemini",
+                "baseUrl": fake.url + "/v1/projects/p/locations/us-central1/publishers/google",
+                "models": [{"name": "m"}],
+                "auth": {"secretRef": {"name": "sa", "key": "credentials.json"}, "format": "google-credentials"},
+                "healthCheck": {"url": fake.url + "/v1/publishers/google/models/gemini-2.5-flash"},
+            }
+        )
+        good = await probe(spec, SecretValue(raw), client)
+        fake.tokens.clear()  # every token it issued is now unknown to it: revoked
+        revoked = await probe(spec, SecretValue(raw), client)
+        unusable = await probe(spec, SecretValue('{"type": "authorized_user"}'), client)
+    assert good.ok and good.message == "HTTP 200", good
+    assert [r["path"] for r in fake.requests if r["api"] == "oauth2"] == ["/token"]  # minted once, reused
+    assert not revoked.ok and "rejected the API key" in revoked.message
+    assert not unusable.ok and "Google credentials" in unusable.message

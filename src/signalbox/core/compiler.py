@@ -27,6 +27,7 @@ from .consumers import KeyHashes, add_consumers, rate_limits
 from .errors import Problem
 from .models import (
     AIProvider,
+    AuthFormat,
     Consumer,
     OnExhausted,
     ProviderType,
@@ -169,6 +170,8 @@ def _add_provider(cfg, prov: AIProvider, secrets_present, problems, backend_inde
     if spec.auth:
         a = spec.auth
         out.auth.header, out.auth.prefix = spec.key_header()
+        if a.format == AuthFormat.GOOGLE_CREDENTIALS:
+            out.auth.format = pb.GOOGLE_CREDENTIALS
         if a.secret_ref:
             out.auth.secret.CopyFrom(
                 pb.SecretRef(namespace=meta.namespace, name=a.secret_ref.name, key=a.secret_ref.key)

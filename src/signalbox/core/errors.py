@@ -54,6 +54,11 @@ class BundleError(SignalboxError):
     encoding): it is not applied, and the config in force stays."""
 
 
+class CredentialUnavailable(SignalboxError):
+    """No access token could be minted from a provider's credentials (token endpoint down, key
+    revoked). The message says why, from google-auth, never the credentials themselves."""
+
+
 class RequestError(SignalboxError):
     """A client request Signalbox refuses; rendered as an OpenAI-style JSON error.
 

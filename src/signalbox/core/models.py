@@ -113,6 +113,11 @@ def cel(*rules: tuple[str, str]) -> ConfigDict:
     )
 
 
+class AuthFormat(StrEnum):
+    API_KEY = "api-key"
+    GOOGLE_CREDENTIALS = "google-credentials"
+
+
 class ProviderAuth(Spec):
     """Where the API key lives. Exactly one source; omit `auth` for keyless endpoints."""
 
@@ -126,15 +131,22 @@ class ProviderAuth(Spec):
     secret_ref: SecretKeyRef | None = Field(None, description="Kubernetes Secret holding the key (in a cluster).")
     env: str | None = Field(None, description="Environment variable of the gateway holding the key (local runs).")
     file: str | None = Field(None, description="File whose content is the key (local runs).")
+    format: AuthFormat = Field(
+        AuthFormat.API_KEY,
+        description="What the source holds. `api-key` (default): the key itself. `google-credentials`: a Google "
+        "credentials JSON (a service account key, or a workload identity federation config such as GKE's or "
+        "AWS's), from which the gateway mints OAuth2 access tokens (scope cloud-platform) with google-auth and "
+        "sends them as `Authorization: Bearer <token>`, renewed before they expire. Use it for Vertex AI.",
+    )
     header: str | None = Field(
         None,
         description="Request header that carries the key. Default: `Authorization` (`api-key` for azure-openai, "
-        "`x-api-key` for anthropic, `x-goog-api-key` for gemini).",
+        "`x-api-key` for anthropic, `x-goog-api-key` for gemini; `Authorization` for google-credentials).",
     )
     prefix: str | None = Field(
         None,
         description="Text put before the key in the header. Default: `Bearer ` (empty for azure-openai, "
-        "anthropic and gemini).",
+        "anthropic and gemini; `Bearer ` for google-credentials).",
     )
 
     @model_validator(mode="after")
@@ -172,6 +184,13 @@ class ModelSpec(Spec):
 
 class HealthCheckSpec(Spec):
     path: str = Field("/models", description="Path below baseUrl probed with the key (GET).")
+    url: str | None = Field(
+        None,
+        pattern=r"^https?://[^/?#]+",
+        description="Absolute URL probed instead of baseUrl + path, for providers that serve no GET below "
+        "their base path (Vertex AI: https://<region>-aiplatform.googleapis.com/v1/publishers/google/models/<model>). "
+        "It gets the provider's key, as the base URL does.",
+    )
     interval_seconds: int = Field(30, ge=1, description="Seconds between probes.")
     timeout_seconds: int = Field(5, ge=1, description="Seconds before a probe counts as failed.")
     failure_threshold: int = Field(3, ge=1, description="Consecutive failures before the provider is marked unhealthy.")
@@ -241,6 +260,8 @@ class AIProviderSpec(Spec):
         header, prefix = _KEY_HEADERS.get(self.type, ("authorization", "Bearer "))
         if self.auth is None:
             return header, prefix
+        if self.auth.format == AuthFormat.GOOGLE_CREDENTIALS:
+            header, prefix = "authorization", "Bearer "  # an OAuth2 access token, whatever the API
         return (self.auth.header or header).lower(), self.auth.prefix if self.auth.prefix is not None else prefix
 
     @model_validator(mode="after")

@@ -16,6 +16,11 @@ class ProviderType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ANTHROPIC: _ClassVar[ProviderType]
     GEMINI: _ClassVar[ProviderType]
 
+class AuthFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    API_KEY: _ClassVar[AuthFormat]
+    GOOGLE_CREDENTIALS: _ClassVar[AuthFormat]
+
 class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     STRATEGY_UNSPECIFIED: _ClassVar[Strategy]
@@ -34,6 +39,8 @@ AZURE_OPENAI: ProviderType
 OPENAI_COMPATIBLE: ProviderType
 ANTHROPIC: ProviderType
 GEMINI: ProviderType
+API_KEY: AuthFormat
+GOOGLE_CREDENTIALS: AuthFormat
 STRATEGY_UNSPECIFIED: Strategy
 WEIGHTED: Strategy
 ROUND_ROBIN: Strategy
@@ -76,18 +83,20 @@ class SecretRef(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
 
 class Auth(_message.Message):
-    __slots__ = ("secret", "env", "file", "header", "prefix")
+    __slots__ = ("secret", "env", "file", "header", "prefix", "format")
     SECRET_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     secret: SecretRef
     env: str
     file: str
     header: str
     prefix: str
-    def __init__(self, secret: _Optional[_Union[SecretRef, _Mapping]] = ..., env: _Optional[str] = ..., file: _Optional[str] = ..., header: _Optional[str] = ..., prefix: _Optional[str] = ...) -> None: ...
+    format: AuthFormat
+    def __init__(self, secret: _Optional[_Union[SecretRef, _Mapping]] = ..., env: _Optional[str] = ..., file: _Optional[str] = ..., header: _Optional[str] = ..., prefix: _Optional[str] = ..., format: _Optional[_Union[AuthFormat, str]] = ...) -> None: ...
 
 class Provider(_message.Message):
     __slots__ = ("id", "name", "type", "host", "port", "tls", "base_path", "auth", "azure_api_version", "healthy", "connect_timeout_ms", "sanitize_streams", "responses_api")
