@@ -41,17 +41,16 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
     ]["http_filters"]
     assert [f["name"] for f in filters] == [
         "signalbox.strip_keys",
+        "signalbox.attempt_marker",  # names the picked host's backend and provider,
         "signalbox.key.default/b",  # only the keyed provider of the chain
-        "signalbox.attempt.default/a/m",  # one marker per member names the picked backend,
-        "signalbox.attempt.default/b/m",
         "signalbox.attempt",  # then one script prepares the attempt: no Python on any attempt
         "signalbox.translate",  # skipped unless the backend speaks another API than the client
         "signalbox.strip_gateway_headers_upstream",
         "envoy.filters.http.upstream_codec",
     ]
-    lua = filters[4]["typed_config"]["default_source_code"]["inline_string"]
+    lua = filters[3]["typed_config"]["default_source_code"]["inline_string"]
     assert "BACKENDS = " in lua and '["default/a/m"]' in lua and '["default/b/m"]' in lua
-    translate = filters[5]["typed_config"]
+    translate = filters[4]["typed_config"]
     assert translate["extension_config"]["name"] == "envoy.filters.http.ext_proc"
     (skip,) = translate["xds_matcher"]["matcher_list"]["matchers"]
     header = skip["predicate"]["not_matcher"]["single_predicate"]["input"]["typed_config"]["header_name"]
@@ -59,7 +58,7 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
     # It runs after the credential injectors: no header but the path goes to Python.
     forward = translate["extension_config"]["typed_config"]["forward_rules"]
     assert forward == {"allowed_headers": {"patterns": [{"exact": ":path"}]}}
-    removed = [m["remove"] for m in filters[6]["typed_config"]["mutations"]["request_mutations"]]
+    removed = [m["remove"] for m in filters[5]["typed_config"]["mutations"]["request_mutations"]]
     assert sorted(removed) == sorted(envoygen.GATEWAY_HEADERS)
 
 
@@ -82,42 +81,32 @@ def test_policies_with_the_same_chain_share_its_aggregate_and_keep_their_own_rou
 
 def test_every_attempt_loses_every_key_header_then_gets_its_providers_key_from_envoy():
     """Keys never pass through the ext_proc: every attempt first loses all key headers (the
-    client's too), then the picked backend's provider's credential injector adds its key from
-    an SDS file (skipped for any other provider's backend); then only the picked backend's
-    attempt.lua runs."""
-    from cel.expr import syntax_pb2
-    from google.protobuf import json_format
-
+    client's too), then one marker names the picked host's backend and provider (from its
+    metadata, after removing any client copy), then the credential injector of that provider
+    adds its key from an SDS file (skipped for any other provider's backend)."""
     clusters = by_name(envoygen.clusters(config(), CREDENTIALS))
     options = clusters[targets()[0]]["typed_extension_protocol_options"]
-    strip, key, phase = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][:3]
+    strip, marker, key = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][:3]
     removed = [m["remove"] for m in strip["typed_config"]["mutations"]["request_mutations"]]
     assert {"authorization", "api-key"} <= set(removed)
+    assert marker == envoygen.attempt_marker()
+    mutations = marker["typed_config"]["mutations"]["request_mutations"]
+    assert [m.get("remove") for m in mutations[:2]] == [envoygen.ATTEMPT_HEADER, envoygen.ATTEMPT_PROVIDER_HEADER]
+    assert {m["append"]["header"]["key"]: m["append"]["header"]["value"] for m in mutations[2:]} == {
+        envoygen.ATTEMPT_HEADER: "%UPSTREAM_METADATA(signalbox:backend)%",
+        envoygen.ATTEMPT_PROVIDER_HEADER: "%UPSTREAM_METADATA(signalbox:provider_id)%",
+    }
     injector = key["typed_config"]["extension_config"]["typed_config"]
     generic = injector["credential"]["typed_config"]
     assert generic["header"] == "authorization" and injector["overwrite"] is True
     source = generic["credential"]["sds_config"]["path_config_source"]
     assert source["path"] == envoygen.credential_file("/run/keys", "default/b")
-    for wrapped, expected in (
-        (key, envoygen.picked_host_not_of("default/b")),
-        (phase, envoygen.picked_host_is_not("default/a/m")),
-    ):
-        (matcher,) = wrapped["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
-        assert matcher["on_match"]["action"]["typed_config"]["@type"].endswith("matcher.action.v3.SkipFilter")
-        parsed = matcher["predicate"]["single_predicate"]["custom_match"]["typed_config"]["expr_match"][
-            "cel_expr_parsed"
-        ]
-        assert parsed == expected
-    expr = json_format.ParseDict(envoygen.picked_host_is_not("default/a/m"), syntax_pb2.ParsedExpr()).expr
-    left, right = expr.call_expr.args
-    assert expr.call_expr.function == "_!=_"
-    assert left.const_expr.string_value == "default/a/m"
-    assert right.call_expr.args[1].const_expr.string_value == "backend"
-    ids = [n.id for n in (expr, left, right, *right.call_expr.args)]
-    assert len(set(ids)) == len(ids) and 0 not in ids
-    other = json_format.ParseDict(envoygen.picked_host_not_of("default/b"), syntax_pb2.ParsedExpr()).expr
-    assert other.call_expr.function == "_!=_"
-    assert other.call_expr.args[0].const_expr.string_value == "default/b"
+    (matcher,) = key["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
+    assert matcher["on_match"]["action"]["typed_config"]["@type"].endswith("matcher.action.v3.SkipFilter")
+    assert matcher["predicate"] == {"not_matcher": envoygen.attempt_goes_to("default/b")}
+    assert envoygen.attempt_goes_to("default/b")["single_predicate"]["value_match"] == {"exact": "default/b"}
+    # Providers never see the marker's headers.
+    assert {envoygen.ATTEMPT_HEADER, envoygen.ATTEMPT_PROVIDER_HEADER} <= set(envoygen.GATEWAY_HEADERS)
 
 
 def test_clients_cannot_send_gateway_headers():

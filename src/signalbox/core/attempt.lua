@@ -1,8 +1,8 @@
 -- Signalbox: prepare one upstream attempt for the backend Envoy picked, inside Envoy.
 --
 -- Runs as an upstream HTTP filter of an aggregate cluster, once per attempt. Lua cannot see
--- the picked host, so before it one small header_mutation filter per chain member (skipped by
--- a CEL matcher unless the picked host is that member) names the backend in ATTEMPT_HEADER.
+-- the picked host, so before it one header_mutation filter names the backend in ATTEMPT_HEADER
+-- from the picked host's metadata (%UPSTREAM_METADATA%).
 -- The generator defines, above this text, the contract's names (ATTEMPT_HEADER, and NS,
 -- CLIENT_PATH_KEY, BODY_MODEL_KEY of the dynamic metadata) and BACKENDS (backend id -> its
 -- settings, for the members of this chain):

@@ -6,7 +6,6 @@ translated by the upstream-phase ext_proc)."""
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import re
 from importlib import resources as package_files
@@ -22,6 +21,7 @@ from .contract import (
     ANTHROPIC_VERSION,
     ATTEMPT_HEADER,
     ATTEMPT_NS,
+    ATTEMPT_PROVIDER_HEADER,
     BACKEND_HEALTH_PATH,
     BODY_MODEL_KEY,
     CLIENT_PATH_KEY,
@@ -162,59 +162,6 @@ def _backend_cluster(
     return cluster
 
 
-def _picked_host_matches(lhs: tuple[str, str], key: str, op: str) -> dict[str, Any]:
-    """CEL `<lhs> <op> xds.upstream_host_metadata.filter_metadata['signalbox'][key]` (lhs: a request
-    header ("header", name) or a string ("const", value)), as a parsed
-    expression (Envoy's CEL matcher does not take expression strings; every node needs a unique
-    id). A missing header or metadata is an evaluation error, which never matches."""
-    ids = itertools.count(1)
-
-    def node(kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        return {"id": str(next(ids)), kind: body}
-
-    def select(operand: dict[str, Any], field: str) -> dict[str, Any]:
-        return node("selectExpr", {"operand": operand, "field": field})
-
-    def index(operand: dict[str, Any], name: str) -> dict[str, Any]:
-        return node("callExpr", {"function": "_[_]", "args": [operand, node("constExpr", {"stringValue": name})]})
-
-    kind, text = lhs
-    if kind == "header":
-        left = index(select(node("identExpr", {"name": "request"}), "headers"), text)
-    else:
-        left = node("constExpr", {"stringValue": text})
-    host = select(select(node("identExpr", {"name": "xds"}), "upstream_host_metadata"), "filter_metadata")
-    value = index(index(host, METADATA_NS), key)
-    return {"expr": node("callExpr", {"function": op, "args": [left, value]})}
-
-
-def picked_host_not_of(provider_id: str) -> dict[str, Any]:
-    """CEL: the attempt goes to a backend of another provider than `provider_id`."""
-    return _picked_host_matches(("const", provider_id), "provider_id", "_!=_")
-
-
-def picked_host_is_not(backend_id: str) -> dict[str, Any]:
-    """CEL: the attempt goes to another backend than `backend_id`."""
-    return _picked_host_matches(("const", backend_id), "backend", "_!=_")
-
-
-def _skip_when(name: str, filter_config: dict[str, Any], predicate: dict[str, Any]) -> dict[str, Any]:
-    """Wrap an upstream filter so it is skipped on the attempts where `predicate` (CEL) holds."""
-    cel = {
-        "single_predicate": {
-            "input": {
-                "name": "envoy.matching.inputs.cel_data_input",
-                "typed_config": _any("xds.type.matcher.v3.HttpAttributesCelMatchInput"),
-            },
-            "custom_match": {
-                "name": "envoy.matching.matchers.cel_matcher",
-                "typed_config": _any("xds.type.matcher.v3.CelMatcher", expr_match={"cel_expr_parsed": predicate}),
-            },
-        }
-    }
-    return _skipped(name, filter_config, cel)
-
-
 def _skipped(name: str, filter_config: dict[str, Any], predicate: dict[str, Any]) -> dict[str, Any]:
     """An upstream filter wrapped so that it is skipped when the matcher `predicate` holds."""
     skip = {
@@ -278,7 +225,7 @@ def _injector(provider_id: str, header: str, credentials_dir: str) -> dict[str, 
             },
         ),
     }
-    return _skip_when(f"signalbox.key.{provider_id}", injector, picked_host_not_of(provider_id))
+    return _skipped(f"signalbox.key.{provider_id}", injector, {"not_matcher": attempt_goes_to(provider_id)})
 
 
 def lua_literal(value: str | bool | dict[str, Any]) -> str:
@@ -378,27 +325,50 @@ def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
     )
 
 
-@functools.lru_cache(maxsize=100_000)
-def _attempt_marker(backend_id: str) -> dict[str, Any]:
-    """Names the picked backend for attempt.lua: skipped unless the attempt goes to
-    `backend_id`. One per backend, shared (never mutated) by every chain it is a member of."""
-    marker = {
-        "name": "envoy.filters.http.header_mutation",
+def attempt_goes_to(provider_id: str) -> dict[str, Any]:
+    """Matcher: the attempt's backend is one of `provider_id`'s (the marker's header)."""
+    return {
+        "single_predicate": {
+            "input": {
+                "name": "request-header",
+                "typed_config": _any(
+                    "envoy.type.matcher.v3.HttpRequestHeaderMatchInput", header_name=ATTEMPT_PROVIDER_HEADER
+                ),
+            },
+            "value_match": {"exact": provider_id},
+        }
+    }
+
+
+@functools.cache
+def attempt_marker() -> dict[str, Any]:
+    """Names the picked backend and its provider in request headers, from the picked host's
+    metadata (`%UPSTREAM_METADATA%`), for the credential injectors' matchers and attempt.lua.
+    One filter for any chain: it replaced a filter per chain member, each skipped by a CEL
+    matcher unless the attempt went to it (a CEL evaluation per member per attempt). Any copy
+    of the headers a client sent is removed first, so a host without the metadata leaves them
+    unset, never the client's."""
+    values = {ATTEMPT_HEADER: "backend", ATTEMPT_PROVIDER_HEADER: "provider_id"}
+    return {
+        "name": "signalbox.attempt_marker",
         "typed_config": _any(
             "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
             mutations={
                 "request_mutations": [
-                    {
-                        "append": {
-                            "header": {"key": ATTEMPT_HEADER, "value": backend_id},
-                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    *({"remove": header} for header in values),
+                    *(
+                        {
+                            "append": {
+                                "header": {"key": header, "value": f"%UPSTREAM_METADATA({METADATA_NS}:{key})%"},
+                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                            }
                         }
-                    }
+                        for header, key in values.items()
+                    ),
                 ]
             },
         ),
     }
-    return _skip_when(f"signalbox.attempt.{backend_id}", marker, picked_host_is_not(backend_id))
 
 
 def _attempt_filter(members: list[pb.Backend], providers: dict[str, pb.Provider]) -> dict[str, Any]:
@@ -443,8 +413,8 @@ def _upstream_phase(
     credentials = [_credential_injector(providers[pid], opts) for pid in keyed] if opts.credentials_dir else []
     return [
         strip_keys,
+        attempt_marker(),
         *credentials,
-        *(_attempt_marker(b.id) for b in members),
         _attempt_filter(members, providers),
         *([_translator(opts.extproc_message_timeout_ms)] if opts.translation else []),
         _remove_gateway_headers("signalbox.strip_gateway_headers_upstream"),
