@@ -24,6 +24,14 @@ def by_name(items):
 CREDENTIALS = envoygen.GatewayOptions(credentials_dir="/run/keys")
 
 
+def router_upstream_filters(cfg, opts):
+    """The upstream filters every attempt runs: the main listener's router's."""
+    hcm = envoygen.listener(cfg, opts)["filter_chains"][0]["filters"][0]["typed_config"]
+    router = hcm["http_filters"][-1]
+    assert router["name"] == "envoy.filters.http.router"
+    return router["typed_config"]["upstream_http_filters"]
+
+
 def targets(cfg=None):
     """The aggregate cluster of each backend of policy p as first choice (named by its chain)."""
     return [b.target for b in (cfg or config()).policies[0].backends]
@@ -36,13 +44,18 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
     agg = clusters[t0]["cluster_type"]["typed_config"]["clusters"]
     assert agg == ["b.default.a.m", "b.default.b.m"]
     assert clusters[t1]["cluster_type"]["typed_config"]["clusters"] == ["b.default.b.m", "b.default.a.m"]
-    filters = clusters[t0]["typed_extension_protocol_options"][
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-    ]["http_filters"]
+    # Aggregates have no upstream filters of their own: the router's run for every chain.
+    assert (
+        "http_filters"
+        not in clusters[t0]["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        ]
+    )
+    filters = router_upstream_filters(config(), CREDENTIALS)
     assert [f["name"] for f in filters] == [
         "signalbox.strip_keys",
         "signalbox.attempt_marker",  # names the picked host's backend and provider,
-        "signalbox.key.default/b",  # only the keyed provider of the chain
+        "signalbox.key.default/b",  # the keyed providers' injectors, each skipped unless named
         "signalbox.attempt",  # then one script prepares the attempt: no Python on any attempt
         "signalbox.translate",  # skipped unless the backend speaks another API than the client
         "signalbox.strip_gateway_headers_upstream",
@@ -84,9 +97,7 @@ def test_every_attempt_loses_every_key_header_then_gets_its_providers_key_from_e
     client's too), then one marker names the picked host's backend and provider (from its
     metadata, after removing any client copy), then the credential injector of that provider
     adds its key from an SDS file (skipped for any other provider's backend)."""
-    clusters = by_name(envoygen.clusters(config(), CREDENTIALS))
-    options = clusters[targets()[0]]["typed_extension_protocol_options"]
-    strip, marker, key = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][:3]
+    strip, marker, key = router_upstream_filters(config(), CREDENTIALS)[:3]
     removed = [m["remove"] for m in strip["typed_config"]["mutations"]["request_mutations"]]
     assert {"authorization", "api-key"} <= set(removed)
     assert marker == envoygen.attempt_marker()
@@ -371,3 +382,23 @@ def test_attempts_worth_a_cooldown_reach_the_extproc_and_every_attempt_reaches_t
     lds = envoygen.listener(config(), envoygen.GatewayOptions(request_log="/tmp/r.log", accounting=False))
     router = lds["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][-1]["typed_config"]
     assert [u["name"] for u in router["upstream_log"]] == ["envoy.access_loggers.file"]
+
+
+def test_routes_tell_the_one_attempt_script_which_members_a_larger_window_follows():
+    """attempt.lua serves every chain, so the route to a chain names its members that a later,
+    larger context window follows (a too-long prompt's refusal from them is retried)."""
+    providers = [
+        provider(
+            "a", "http://127.0.0.1:9001/v1", [model("small", contextWindow=8000), model("big", contextWindow=64000)]
+        )
+    ]
+    chain = [backend("a", "small"), backend("a", "big", priority=1)]
+    cfg = compile_config(providers, [policy("p", ["x"], chain, strategy="cost")]).config
+    small_first, big_first = (b.target for b in cfg.policies[0].backends)
+    assert envoygen.larger_after(cfg) == {small_first: "default/a/small"}  # nothing follows big first
+    hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = by_name(hcm["route_config"]["virtual_hosts"][0]["routes"])
+    (added,) = routes[f"{cfg.policies[0].id}:{small_first}"]["request_headers_to_add"]
+    assert added["header"] == {"key": envoygen.LARGER_AFTER_HEADER, "value": "default/a/small"}
+    assert "request_headers_to_add" not in routes[f"{cfg.policies[0].id}:{big_first}"]
+    assert envoygen.LARGER_AFTER_HEADER in envoygen.GATEWAY_HEADERS  # clients cannot send it

@@ -1,18 +1,20 @@
 -- Signalbox: prepare one upstream attempt for the backend Envoy picked, inside Envoy.
 --
--- Runs as an upstream HTTP filter of an aggregate cluster, once per attempt. Lua cannot see
+-- Runs as an upstream HTTP filter of the router (every aggregate cluster's), once per attempt. Lua cannot see
 -- the picked host, so before it one header_mutation filter names the backend in ATTEMPT_HEADER
 -- from the picked host's metadata (%UPSTREAM_METADATA%).
 -- The generator defines, above this text, the contract's names (ATTEMPT_HEADER, and NS,
 -- CLIENT_PATH_KEY, BODY_MODEL_KEY of the dynamic metadata) and BACKENDS (backend id -> its
--- settings, for the members of this chain):
+-- settings, for every backend: one script serves every chain, as an upstream filter of the
+-- router):
 --   model       the model name the provider expects ("model" in the body)
 --   model_json  the same, as a JSON string literal
 --   path        the provider's path for the client's "/v1/<rest>" ("<rest>" appended)
 --   query       extra query parameters (Azure's api-version), "" for none
 --   authority   the provider's host[:port]
 --   key_header  the header Envoy's credential injector set before this filter, "" if keyless
---   larger_after  true when a later member of this chain has a larger context window
+--   id          the backend's id (the route names, in LARGER_AFTER_HEADER, the members of the
+--               request's chain a later member with a larger context window follows)
 --   sanitize    true when its streams pass on whole, well-formed events only
 --   api         the API family it speaks: "openai" or "anthropic"
 -- and ERRORS, the gateway's error bodies (from signalbox.core.errors) by name, each with its
@@ -20,7 +22,7 @@
 -- TRANSLATE_HEADER, which marks an attempt whose backend speaks another API than the client
 -- (the upstream-phase ext_proc, skipped on every other attempt, translates it), and
 -- TRANSLATE_KEY, where that ext_proc reads which translation (ATTEMPT_NS metadata); MIXED,
--- true when the chain's members speak more than one API; RETRY_HEADER, the response header the route's retry policy retries on, and
+-- true when the config's backends speak more than one API; RETRY_HEADER, the response header the route's retry policy retries on, and
 -- ATTEMPT_NS, the dynamic metadata namespace this script keeps its per-attempt notes in.
 -- The client's path comes from dynamic metadata (header_to_metadata on the listener): the
 -- request headers are one map shared by every attempt, so `:path` already holds the previous
@@ -223,7 +225,8 @@ function envoy_on_request(handle)
   end
   headers:replace(":path", BACKEND.path .. rest .. (query ~= "" and ("?" .. query) or ""))
   headers:replace(":authority", BACKEND.authority)
-  if BACKEND.larger_after then
+  local larger = headers:get(LARGER_AFTER_HEADER)
+  if larger ~= nil and string.find("," .. larger .. ",", "," .. BACKEND.id .. ",", 1, true) then
     handle:streamInfo():dynamicMetadata():set(ATTEMPT_NS, "larger_after", "1")
   end
   if BACKEND.sanitize then

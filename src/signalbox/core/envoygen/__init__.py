@@ -33,7 +33,9 @@ from .clusters import (
     clusters,
     credential_file,
     credential_name,
+    larger_after,
     lua_literal,
+    upstream_filters,
 )
 from .contract import (
     ADMIN_CLUSTER,
@@ -54,6 +56,7 @@ from .contract import (
     GATEWAY_HEADERS,
     HEADER_ATTRIBUTE,
     HEALTH_LISTENER_NAME,
+    LARGER_AFTER_HEADER,
     LISTENER_NAME,
     METADATA_NS,
     MODELS_PATH,
@@ -99,6 +102,7 @@ __all__ = [
     "GATEWAY_HEADERS",
     "HEADER_ATTRIBUTE",
     "HEALTH_LISTENER_NAME",
+    "LARGER_AFTER_HEADER",
     "LISTENER_NAME",
     "METADATA_NS",
     "MODELS_PATH",
@@ -122,6 +126,7 @@ __all__ = [
     "credential_name",
     "health_listener",
     "json_filter",
+    "larger_after",
     "listener",
     "lua_literal",
     "models_listing",
@@ -130,4 +135,5 @@ __all__ = [
     "router_attributes",
     "sse_usage_filter",
     "too_large_message",
+    "upstream_filters",
 ]

@@ -27,6 +27,7 @@ from .contract import (
     CLIENT_PATH_KEY,
     GATEWAY_HEADERS,
     KEY_HEADERS,
+    LARGER_AFTER_HEADER,
     METADATA_NS,
     OUTLIER_BASE_EJECTION_S,
     OUTLIER_MAX_EJECTION_S,
@@ -279,6 +280,7 @@ def attempt_settings(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
         path = f"{provider.base_path}/openai/deployments/{backend.upstream_model}"
         query = f"api-version={provider.azure_api_version}"
     return {
+        "id": backend.id,
         "model": backend.upstream_model,
         "model_json": json.dumps(backend.upstream_model),
         "path": path,
@@ -304,11 +306,12 @@ _ATTEMPT_CODE = (
 
 
 def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
-    """attempt.lua for one chain: each member's settings (backend id -> attempt_settings), the
-    error bodies, then the shared code."""
+    """attempt.lua for the config: each backend's settings (backend id -> attempt_settings),
+    the error bodies, then the code."""
     # The contract's names, spelled once (envoygen.contract).
     names = {
         "ATTEMPT_HEADER": ATTEMPT_HEADER,
+        "LARGER_AFTER_HEADER": LARGER_AFTER_HEADER,
         "NS": METADATA_NS,
         "CLIENT_PATH_KEY": CLIENT_PATH_KEY,
         "BODY_MODEL_KEY": BODY_MODEL_KEY,
@@ -371,11 +374,8 @@ def attempt_marker() -> dict[str, Any]:
     }
 
 
-def _attempt_filter(members: list[pb.Backend], providers: dict[str, pb.Provider]) -> dict[str, Any]:
-    settings = {b.id: attempt_settings(b, providers[b.provider_id]) for b in members}
-    for i, b in enumerate(members):
-        # A prompt too long for this member may fit a later one: its refusal is retried there.
-        settings[b.id]["larger_after"] = any(later.context_window > b.context_window for later in members[i + 1 :])
+def _attempt_filter(backends: list[pb.Backend], providers: dict[str, pb.Provider]) -> dict[str, Any]:
+    settings = {b.id: attempt_settings(b, providers[b.provider_id]) for b in backends}
     return {
         "name": "signalbox.attempt",
         "typed_config": _any(
@@ -383,6 +383,28 @@ def _attempt_filter(members: list[pb.Backend], providers: dict[str, pb.Provider]
             default_source_code={"inline_string": attempt_source(settings)},
         ),
     }
+
+
+def larger_after(cfg: pb.RoutingConfig) -> dict[str, str]:
+    """Per target (chain): the members a later member's larger context window follows, comma
+    separated, for chains that have any (a too-long prompt's refusal from one of them is
+    retried on the next). The routes to a target send it in LARGER_AFTER_HEADER: attempt.lua is
+    one script for every chain and learns the chain from the request."""
+    from ..compiler import chain
+
+    out: dict[str, str] = {}
+    for policy in cfg.policies:
+        for i, pb_backend in enumerate(policy.backends):
+            if not pb_backend.target or pb_backend.target in out:
+                continue
+            members = chain(cfg, policy, i)
+            marked = [
+                b.id
+                for j, b in enumerate(members)
+                if any(later.context_window > b.context_window for later in members[j + 1 :])
+            ]
+            out[pb_backend.target] = ",".join(marked)
+    return {target: ids for target, ids in out.items() if ids}
 
 
 # Where clients of either API put a key: never passed on, whatever the providers use.
@@ -400,22 +422,25 @@ def _strip_keys(cfg: pb.RoutingConfig) -> dict[str, Any]:
     }
 
 
-def _upstream_phase(
-    providers: dict[str, pb.Provider], strip_keys: dict[str, Any], opts: GatewayOptions, members: list[pb.Backend]
-) -> list[dict[str, Any]]:
-    """Upstream filters of one aggregate cluster, per attempt: every key header removed (the
-    client's included), the key of the picked backend's provider added by Envoy, the picked
-    backend named by its marker (one per member, each skipped unless the attempt goes to it),
-    then that backend's path, authority and body model (attempt.lua, one per chain).
-    `providers` and `strip_keys` are the config's, built once for all chains.
-    """
-    keyed = sorted({b.provider_id for b in members if providers[b.provider_id].HasField("auth")})
+def upstream_filters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
+    """The upstream filters of every attempt, on the router (`upstream_http_filters`) and so
+    shared by every aggregate cluster: every key header removed (the client's included), the
+    picked backend and its provider named from the host's metadata, that provider's key added
+    by Envoy (one credential injector per keyed provider, each skipped unless the attempt goes
+    to its provider), then the backend's path, authority and body model (attempt.lua: one
+    script, one Lua state per Envoy thread, for the whole config).
+
+    Per aggregate, these filters cost Envoy a LuaJIT state per chain per thread: 585 of 801 MB
+    at the 200-provider fleet (bench/README.md). On the router, each attempt instead passes the
+    skip matcher of every keyed provider's injector (a header lookup each)."""
+    providers = {p.id: p for p in cfg.providers}
+    keyed = sorted(p.id for p in cfg.providers if p.HasField("auth"))
     credentials = [_credential_injector(providers[pid], opts) for pid in keyed] if opts.credentials_dir else []
     return [
-        strip_keys,
+        _strip_keys(cfg),
         attempt_marker(),
         *credentials,
-        _attempt_filter(members, providers),
+        _attempt_filter(list(cfg.backends), providers),
         *([_translator(opts.extproc_message_timeout_ms)] if opts.translation else []),
         _remove_gateway_headers("signalbox.strip_gateway_headers_upstream"),
         {
@@ -496,7 +521,6 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
         cluster = _backend_cluster(backend, providers[backend.provider_id], health)
         out.append(_any("envoy.config.cluster.v3.Cluster", **cluster))
     seen: set[str] = set()
-    strip = _strip_keys(cfg)
     for policy in cfg.policies:
         for i, pb_backend in enumerate(policy.backends):
             if not pb_backend.target or pb_backend.target in seen:
@@ -516,7 +540,8 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
                             clusters=[b.cluster for b in members],
                         ),
                     },
-                    typed_extension_protocol_options=_http1_options(_upstream_phase(providers, strip, opts, members)),
+                    # No upstream filters of its own: the router's (`upstream_filters`) run.
+                    typed_extension_protocol_options=_http1_options(),
                     circuit_breakers={"thresholds": [STREAM_LIMITS]},
                 )
             )

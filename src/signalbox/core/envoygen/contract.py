@@ -23,7 +23,10 @@ ATTEMPT_PROVIDER_HEADER = "x-signalbox-attempt-provider"
 # An attempt whose backend speaks another API family than the client: "<client api>><backend
 # api>", set by attempt.lua; the upstream-phase ext_proc runs only on attempts that carry it.
 TRANSLATE_HEADER = "x-signalbox-translate"
-GATEWAY_HEADERS = (PATH_HEADER, ATTEMPT_HEADER, ATTEMPT_PROVIDER_HEADER, TRANSLATE_HEADER)
+# Which members of the request's chain a later member's larger context window follows (comma
+# separated backend ids), set by the route to the chain for attempt.lua.
+LARGER_AFTER_HEADER = "x-signalbox-larger-after"
+GATEWAY_HEADERS = (PATH_HEADER, ATTEMPT_HEADER, ATTEMPT_PROVIDER_HEADER, TRANSLATE_HEADER, LARGER_AFTER_HEADER)
 # The Messages API version the gateway speaks to Anthropic backends, unless the client set one.
 ANTHROPIC_VERSION = "2023-06-01"
 # Response header attempt.lua sets on an answer worth trying again on the next backend (a prompt

@@ -10,7 +10,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
 from .auth import jwt_filter
-from .clusters import _remove_gateway_headers
+from .clusters import _remove_gateway_headers, larger_after, upstream_filters
 from .contract import (
     ADMIN_CLUSTER,
     ALIAS_KEY,
@@ -27,6 +27,7 @@ from .contract import (
     HEALTH_LISTENER_NAME,
     JWT_NAMESPACE,
     KEY_HEADERS,
+    LARGER_AFTER_HEADER,
     LISTENER_NAME,
     LOW_REMAINING_REQUESTS,
     LOW_REMAINING_TOKENS,
@@ -142,6 +143,13 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
     is prepared for its backend by the aggregate cluster's upstream filters (attempt.lua)."""
     routes: list[dict[str, Any]] = []
     first_target = ""
+    larger = larger_after(cfg)
+
+    def chain_headers(target: str) -> dict[str, Any]:
+        # attempt.lua is one script for every chain: the route tells it this chain's members
+        # a later member with a larger context window follows (clients cannot send it).
+        return {"request_headers_to_add": [_set(LARGER_AFTER_HEADER, larger[target])]} if target in larger else {}
+
     for policy in cfg.policies:
         targets = list(dict.fromkeys(b.target for b in policy.backends if b.target))
         for target in targets:
@@ -171,8 +179,11 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
                     },
                     "route": route,
                     "response_headers_to_add": _response_headers(),
+                    **chain_headers(target),
                 }
             )
+    # Compiled policies' backends have equal context windows (compiler.compilable): their
+    # chains never need LARGER_AFTER_HEADER.
     routes += [r for policy in cfg.policies if policy.compiled for r in compiled_routes(cfg, policy)]
     # GET /v1/models is answered by Envoy from the compiled aliases: no body, no Python.
     routes.append(
@@ -192,6 +203,7 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
                 "name": "fail-open",
                 "match": {"prefix": "/"},
                 "route": {"cluster": first_target},
+                **chain_headers(first_target),
             }
         )
     else:
@@ -711,6 +723,8 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
                     "envoy.extensions.filters.http.router.v3.Router",
                     upstream_log=([attempt_log(opts)] if opts.accounting else [])
                     + ([request_log(opts.request_log, ATTEMPT_LOG_FORMAT)] if opts.request_log else []),
+                    # Every attempt's filters, shared by all aggregate clusters (clusters.py).
+                    upstream_http_filters=upstream_filters(cfg, opts),
                 ),
             },
         ],
