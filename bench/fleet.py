@@ -23,7 +23,14 @@ def alias(i: int) -> str:
     return f"fleet-{i:05d}"
 
 
-def providers(count: int, models: int, base_url: str, namespace: str = "default") -> list[dict[str, Any]]:
+# The environment variable every provider of a keyed fleet reads its key from.
+KEY_ENV = "FLEET_PROVIDER_KEY"
+
+
+def providers(
+    count: int, models: int, base_url: str, namespace: str = "default", keyed: bool = False
+) -> list[dict[str, Any]]:
+    """`keyed`: every provider has a key (as real ones do), read from KEY_ENV."""
     return [
         {
             "apiVersion": API,
@@ -32,6 +39,7 @@ def providers(count: int, models: int, base_url: str, namespace: str = "default"
             "spec": {
                 "type": "openai-compatible",
                 "baseUrl": base_url,
+                **({"auth": {"env": KEY_ENV}} if keyed else {}),
                 "models": [
                     {"name": f"m{j}", "inputPricePer1M": 0.1 * (j + 1), "outputPricePer1M": 0.4 * (j + 1)}
                     for j in range(models)
@@ -64,11 +72,16 @@ def policies(
 
 
 def fleet(
-    provider_count: int = 2000, models: int = 5, policy_count: int = 2000, backends: int = 5, base_url: str = ""
+    provider_count: int = 2000,
+    models: int = 5,
+    policy_count: int = 2000,
+    backends: int = 5,
+    base_url: str = "",
+    keyed: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(AIProvider objects, RoutingPolicy objects), as kubectl would send them."""
     url = base_url or "http://127.0.0.1:9/v1"
-    return providers(provider_count, models, url), policies(policy_count, provider_count, models, backends)
+    return providers(provider_count, models, url, keyed=keyed), policies(policy_count, provider_count, models, backends)
 
 
 def main(argv: list[str] | None = None) -> int:
