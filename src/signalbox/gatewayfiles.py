@@ -47,13 +47,13 @@ def write_atomic(path: Path, data: str, mode: int = 0o644) -> None:
 
 
 def write_credentials(cfg: pb.RoutingConfig, options: envoygen.GatewayOptions, resolve_key: KeyResolver) -> None:
-    """One SDS file per keyed provider, holding the whole header value (prefix and key), which
-    Envoy's credential injector adds on every attempt to that provider. The directory is
-    memory-backed in a pod; Envoy redacts generic secrets in /config_dump.
+    """One file per keyed provider, holding the whole header value (prefix and key), which
+    attempt.lua adds inside Envoy on every attempt to that provider (read again at most once
+    a second). The directory is memory-backed in a pod; keys never appear in Envoy's config.
 
-    A key that cannot be read gets an empty secret, so Envoy still loads its config: the
-    ext_proc never routes to such a provider (it reports why), and a failover attempt there
-    ends with 503 provider_key_unavailable instead of a keyless call.
+    A key that cannot be read gets an empty file: the ext_proc never routes to such a provider
+    (it reports why), and a failover attempt there ends with 503 provider_key_unavailable
+    instead of a keyless call.
 
     A provider whose credentials mint access tokens (Vertex AI) gets the current token; the
     publishers call this again every `TOKEN_REFRESH_SECONDS`, and a file changes only when
@@ -72,15 +72,9 @@ def write_credentials(cfg: pb.RoutingConfig, options: envoygen.GatewayOptions, r
         except CredentialUnavailable as exc:
             log.warning("provider %s: %s", provider.id, exc)
             continue
-        secret = {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
-            "name": envoygen.credential_name(provider.id),
-            "generic_secret": {"secret": {"inline_string": value}},
-        }
         path = Path(envoygen.credential_file(options.credentials_dir, provider.id))
-        document = json.dumps({"resources": [secret]})
-        if not path.exists() or path.read_text() != document:
-            write_atomic(path, document, mode=0o600)
+        if not path.exists() or path.read_text() != value:
+            write_atomic(path, value, mode=0o600)
 
 
 def publish(

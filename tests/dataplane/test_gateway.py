@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import socket
 import time
 from collections import Counter
@@ -14,7 +13,7 @@ import pytest
 
 from tests.factories import backend, dump, model, policy, provider
 
-from .conftest import logs, start_gateway
+from .conftest import log_entries, logs, start_gateway
 
 pytestmark = pytest.mark.dataplane
 
@@ -460,7 +459,7 @@ def test_each_request_has_a_line_in_the_request_log_that_its_request_id_finds(ga
 
     def line(request_id: str) -> dict | None:
         log = gateway.workdir / "requests.log"
-        entries = [json.loads(text) for text in log.read_text().splitlines()] if log.exists() else []
+        entries = log_entries(log)
         return next((e for e in entries if e["request_id"] == request_id and e["event"] == "request"), None)
 
     deadline = time.monotonic() + 10  # Envoy flushes the file every second

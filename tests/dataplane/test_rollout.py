@@ -15,7 +15,7 @@ import pytest
 
 from tests.factories import backend, dump, model, policy, provider
 
-from .conftest import start_gateway
+from .conftest import log_entries, start_gateway
 from .test_lifecycle import wait_for
 
 pytestmark = pytest.mark.dataplane
@@ -63,8 +63,7 @@ def test_a_shadow_changes_nothing_the_client_gets_but_its_header(fakes, tmp_path
         log = Path(gw.workdir) / "requests.log"
 
         def logged() -> list[str]:
-            lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
-            return [x.get("rollout") for x in lines if x.get("event") == "request"]
+            return [x.get("rollout") for x in log_entries(log) if x.get("event") == "request"]
 
         assert wait_for(lambda: "shadow:next:default/beta/m:differs" in logged()), logged()
         explained = httpx.post(f"{gw.admin_url}/v1/route", json={"model": "auto", **ASK}).json()

@@ -16,7 +16,7 @@ import pytest
 
 from tests.factories import backend, dump, model, policy, provider
 
-from .conftest import start_gateway
+from .conftest import log_entries, start_gateway
 
 pytestmark = pytest.mark.dataplane
 
@@ -627,8 +627,7 @@ def test_translated_usage_is_accounted(gateway, oai, ant):
     deadline = time.monotonic() + 10
     while True:
         found = {}
-        for line in log.read_text().splitlines():
-            entry = json.loads(line)
+        for entry in log_entries(log):
             if entry.get("event") == "request" and entry.get("request_id") in ids:
                 found[entry["request_id"]] = (entry["prompt_tokens"], entry["completion_tokens"])
         if len(found) == len(ids):

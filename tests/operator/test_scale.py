@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 
 import httpx
 import pytest
 
-from bench.fleet import alias, fleet
+from bench.fleet import KEY_ENV, alias, fleet
 from signalbox import pod
 from signalbox.core import bundle, envoygen
 from signalbox.core.compiler import compile_config
@@ -22,8 +23,11 @@ from .conftest import CM_NAME, CM_NAMESPACE, envoy_listeners
 
 pytestmark = pytest.mark.dataplane
 # Large enough that the models listing outgrows Envoy's default 4 KiB direct response (which
-# once made Envoy reject the whole listener), small enough to start in seconds here.
+# once made Envoy reject the whole listener), and that keys in an SDS subscription per provider
+# (an inotify instance or two each) outgrew the kernel's default 128 and aborted Envoy; small
+# enough to start in seconds here.
 PROVIDERS = POLICIES = 120
+FLEET_KEY = "sk-fleet-0123456789"
 OBJECT_CHARS = 4_000  # forces parts; the default limit is 900,000 characters per object
 
 
@@ -33,7 +37,8 @@ async def configmaps(cluster) -> dict[str, dict]:
 
 
 async def test_a_large_fleet_is_published_in_parts_and_served_by_envoy(k8s, cluster, fake, tmp_path):
-    providers, policies = fleet(PROVIDERS, 5, POLICIES + 1, 5, fake.url + "/v1")
+    providers, policies = fleet(PROVIDERS, 5, POLICIES + 1, 5, fake.url + "/v1", keyed=True)
+    fake.behaviour.api_key = FLEET_KEY  # every request must carry its provider's key
     config = OperatorConfig(configmap_namespace=CM_NAMESPACE, configmap_name=CM_NAME, max_object_chars=OBJECT_CHARS)
     reconciler = Reconciler(config, cluster.api)
     first = compile_config(providers, policies[:POLICIES], generation=1).config
@@ -48,7 +53,8 @@ async def test_a_large_fleet_is_published_in_parts_and_served_by_envoy(k8s, clus
     common = [f"--server={k8s.url}", f"--configmap={CM_NAMESPACE}/{CM_NAME}", f"--workdir={tmp_path}"]
     common += ["--listen-port=0", "--health-port=0"]
     cli = [sys.executable, "-m", "signalbox.cli"]
-    init = await asyncio.create_subprocess_exec(*cli, "config-sync", "--once", *common)
+    env = {**os.environ, KEY_ENV: FLEET_KEY}  # the pod's environment names the providers' key
+    init = await asyncio.create_subprocess_exec(*cli, "config-sync", "--once", *common, env=env)
     assert await init.wait() == 0
     written = json.loads((tmp_path / "config" / "routing-config.json").read_text())
     assert len(written["policies"]) == POLICIES
@@ -58,7 +64,7 @@ async def test_a_large_fleet_is_published_in_parts_and_served_by_envoy(k8s, clus
     (tmp_path / "bootstrap.json").write_text(json.dumps(envoygen.bootstrap(options, f"{tmp_path}/envoy")))
     log = (tmp_path / "processes.log").open("ab")
     sidecar = await asyncio.create_subprocess_exec(
-        *cli, "gateway-sidecar", *common, "--health-address=127.0.0.1:0", stdout=log, stderr=log
+        *cli, "gateway-sidecar", *common, "--health-address=127.0.0.1:0", stdout=log, stderr=log, env=env
     )
     envoy = await asyncio.create_subprocess_exec(
         envoy_binary(), "-c", str(tmp_path / "bootstrap.json"), "--use-dynamic-base-id", "--disable-hot-restart",

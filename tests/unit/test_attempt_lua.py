@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -62,10 +65,11 @@ def backend(provider: pb.Provider, model: str = "m-up") -> pb.Backend:
 
 
 class Attempt:
-    def __init__(self, provider: pb.Provider, model: str = "m-up"):
+    def __init__(self, provider: pb.Provider, model: str = "m-up", credentials_dir: str | None = None):
         self.lua = luajit21.LuaRuntime()
         self.backend = backend(provider, model)
-        settings = {self.backend.id: envoygen.attempt_settings(self.backend, provider)}
+        keys = KEYS_DIR if credentials_dir is None else credentials_dir
+        settings = {self.backend.id: envoygen.attempt_settings(self.backend, provider, keys)}
         self.lua.execute(envoygen.attempt_source(settings))
         self.run_lua = self.lua.eval(HARNESS)
 
@@ -90,6 +94,10 @@ ANTHROPIC = pb.Provider(
     auth=pb.Auth(header="x-api-key"),
 )
 CLAUDE_KEY = {"x-api-key": "k"}
+# Where the Attempt harness's keyed providers have their key, as the publisher writes it.
+KEYS_DIR = tempfile.mkdtemp(prefix="signalbox-keys-")
+for _keyed in (KEYED, ANTHROPIC):
+    Path(envoygen.credential_file(KEYS_DIR, _keyed.id)).write_text("k")
 
 
 def test_a_chat_client_on_an_anthropic_backend_is_marked_for_translation_to_its_messages_path():
@@ -191,12 +199,31 @@ def test_a_body_the_router_phase_already_wrote_for_this_backend_is_not_read():
     assert status == "400" and json.loads(answer)["error"]["code"] == "invalid_json"
 
 
-def test_an_attempt_to_a_keyed_provider_without_its_key_is_a_503_the_chain_moves_past():
-    _, _, status, answer = Attempt(KEYED).run("/v1/chat/completions", '{"model":"a"}')
-    assert status == "503"
+def test_an_attempt_to_a_keyed_provider_without_its_key_is_a_503_the_chain_moves_past(tmp_path):
+    attempt = Attempt(KEYED, credentials_dir=str(tmp_path))
+    _, _, status, answer = attempt.run("/v1/chat/completions", '{"model":"a"}')
+    assert status == "503"  # no file yet
     assert json.loads(answer)["error"]["code"] == "provider_key_unavailable"
-    _, _, status, _ = Attempt(KEYED).run("/v1/chat/completions", '{"model":"a"}', headers={"x-api-key": "Bearer k"})
-    assert status is None
+    key_file = Path(envoygen.credential_file(str(tmp_path), KEYED.id))
+    key_file.write_text("")
+    time.sleep(1.05)  # keys are read again at most once a second
+    _, _, status, _ = attempt.run("/v1/chat/completions", '{"model":"a"}')
+    assert status == "503"  # an empty file: a key that could not be read
+
+
+def test_the_key_added_is_the_providers_own_from_its_file(tmp_path):
+    key_file = Path(envoygen.credential_file(str(tmp_path), KEYED.id))
+    key_file.write_text("sk-provider-key")
+    attempt = Attempt(KEYED, credentials_dir=str(tmp_path))
+    headers, _, status, _ = attempt.run("/v1/chat/completions", '{"model":"a"}', headers={"x-api-key": "client"})
+    assert status is None and headers["x-api-key"] == "sk-provider-key"
+    key_file.write_text("sk-rotated")
+    time.sleep(1.05)
+    headers, _, _, _ = attempt.run("/v1/chat/completions", '{"model":"a"}')
+    assert headers["x-api-key"] == "sk-rotated"  # a rotated key is in use within a second
+    # A keyless provider's attempt carries no key header at all.
+    headers, _, status, _ = Attempt(OPENAI, credentials_dir=str(tmp_path)).run("/v1/chat/completions", '{"model":"a"}')
+    assert status is None and "x-api-key" not in headers and "authorization" not in headers
 
 
 def test_streams_ask_for_usage_whatever_the_client_sent():

@@ -54,24 +54,23 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
     filters = router_upstream_filters(config(), CREDENTIALS)
     assert [f["name"] for f in filters] == [
         "signalbox.strip_keys",
-        "signalbox.attempt_marker",  # names the picked host's backend and provider,
-        "signalbox.key.default/b",  # the keyed providers' injectors, each skipped unless named
-        "signalbox.attempt",  # then one script prepares the attempt: no Python on any attempt
+        "signalbox.attempt_marker",  # names the picked host's backend,
+        "signalbox.attempt",  # then one script prepares the attempt (its key included): no Python
         "signalbox.translate",  # skipped unless the backend speaks another API than the client
         "signalbox.strip_gateway_headers_upstream",
         "envoy.filters.http.upstream_codec",
     ]
-    lua = filters[3]["typed_config"]["default_source_code"]["inline_string"]
+    lua = filters[2]["typed_config"]["default_source_code"]["inline_string"]
     assert "BACKENDS = " in lua and '["default/a/m"]' in lua and '["default/b/m"]' in lua
-    translate = filters[4]["typed_config"]
+    translate = filters[3]["typed_config"]
     assert translate["extension_config"]["name"] == "envoy.filters.http.ext_proc"
     (skip,) = translate["xds_matcher"]["matcher_list"]["matchers"]
     header = skip["predicate"]["not_matcher"]["single_predicate"]["input"]["typed_config"]["header_name"]
     assert header == envoygen.TRANSLATE_HEADER  # skipped when attempt.lua did not mark the attempt
-    # It runs after the credential injectors: no header but the path goes to Python.
+    # It runs after attempt.lua added the key: no header but the path goes to Python.
     forward = translate["extension_config"]["typed_config"]["forward_rules"]
     assert forward == {"allowed_headers": {"patterns": [{"exact": ":path"}]}}
-    removed = [m["remove"] for m in filters[5]["typed_config"]["mutations"]["request_mutations"]]
+    removed = [m["remove"] for m in filters[4]["typed_config"]["mutations"]["request_mutations"]]
     assert sorted(removed) == sorted(envoygen.GATEWAY_HEADERS)
 
 
@@ -94,30 +93,27 @@ def test_policies_with_the_same_chain_share_its_aggregate_and_keep_their_own_rou
 
 def test_every_attempt_loses_every_key_header_then_gets_its_providers_key_from_envoy():
     """Keys never pass through the ext_proc: every attempt first loses all key headers (the
-    client's too), then one marker names the picked host's backend and provider (from its
-    metadata, after removing any client copy), then the credential injector of that provider
-    adds its key from an SDS file (skipped for any other provider's backend)."""
-    strip, marker, key = router_upstream_filters(config(), CREDENTIALS)[:3]
+    client's too), then one marker names the picked host's backend (from its metadata, after
+    removing any client copy), then attempt.lua adds that backend's provider's key, read from
+    the provider's file; no key is in Envoy's config."""
+    filters = router_upstream_filters(config(), CREDENTIALS)
+    strip, marker, attempt = filters[:3]
     removed = [m["remove"] for m in strip["typed_config"]["mutations"]["request_mutations"]]
     assert {"authorization", "api-key"} <= set(removed)
     assert marker == envoygen.attempt_marker()
     mutations = marker["typed_config"]["mutations"]["request_mutations"]
-    assert [m.get("remove") for m in mutations[:2]] == [envoygen.ATTEMPT_HEADER, envoygen.ATTEMPT_PROVIDER_HEADER]
-    assert {m["append"]["header"]["key"]: m["append"]["header"]["value"] for m in mutations[2:]} == {
-        envoygen.ATTEMPT_HEADER: "%UPSTREAM_METADATA(signalbox:backend)%",
-        envoygen.ATTEMPT_PROVIDER_HEADER: "%UPSTREAM_METADATA(signalbox:provider_id)%",
+    assert mutations[0] == {"remove": envoygen.ATTEMPT_HEADER}
+    assert mutations[1]["append"]["header"] == {
+        "key": envoygen.ATTEMPT_HEADER,
+        "value": "%UPSTREAM_METADATA(signalbox:backend)%",
     }
-    injector = key["typed_config"]["extension_config"]["typed_config"]
-    generic = injector["credential"]["typed_config"]
-    assert generic["header"] == "authorization" and injector["overwrite"] is True
-    source = generic["credential"]["sds_config"]["path_config_source"]
-    assert source["path"] == envoygen.credential_file("/run/keys", "default/b")
-    (matcher,) = key["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
-    assert matcher["on_match"]["action"]["typed_config"]["@type"].endswith("matcher.action.v3.SkipFilter")
-    assert matcher["predicate"] == {"not_matcher": envoygen.attempt_goes_to("default/b")}
-    assert envoygen.attempt_goes_to("default/b")["single_predicate"]["value_match"] == {"exact": "default/b"}
-    # Providers never see the marker's headers.
-    assert {envoygen.ATTEMPT_HEADER, envoygen.ATTEMPT_PROVIDER_HEADER} <= set(envoygen.GATEWAY_HEADERS)
+    lua = attempt["typed_config"]["default_source_code"]["inline_string"]
+    assert envoygen.credential_file("/run/keys", "default/b") in lua  # b's key comes from its file
+    assert "default/a" not in envoygen.credential_file("/run/keys", "default/b")
+    assert '["key_file"] = ""' in lua  # a is keyless
+    assert not any("credential" in json.dumps(f) for f in filters)  # no SDS, no injector
+    # Providers never see the marker's header.
+    assert envoygen.ATTEMPT_HEADER in envoygen.GATEWAY_HEADERS
 
 
 def test_clients_cannot_send_gateway_headers():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -118,7 +119,7 @@ def test_a_failed_mint_keeps_the_credential_file_in_force(tmp_path, caplog):
     path.write_text(raw)
     cfg = vertex_config(str(path))
     options = envoygen.GatewayOptions(credentials_dir=str(tmp_path / "credentials"))
-    file = tmp_path / "credentials" / f"{envoygen.credential_name(cfg.providers[0].id)}.json"
+    file = Path(envoygen.credential_file(str(tmp_path / "credentials"), cfg.providers[0].id))
     file.parent.mkdir()
     file.write_text("previous token")
     with caplog.at_level(logging.WARNING):

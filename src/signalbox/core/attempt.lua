@@ -12,7 +12,8 @@
 --   path        the provider's path for the client's "/v1/<rest>" ("<rest>" appended)
 --   query       extra query parameters (Azure's api-version), "" for none
 --   authority   the provider's host[:port]
---   key_header  the header Envoy's credential injector set before this filter, "" if keyless
+--   key_header  the header its provider's key goes in, "" if keyless
+--   key_file    the file holding that header's whole value ("" when keys are not added)
 --   id          the backend's id (the route names, in LARGER_AFTER_HEADER, the members of the
 --               request's chain a later member with a larger context window follows)
 --   sanitize    true when its streams pass on whole, well-formed events only
@@ -27,7 +28,7 @@
 -- The client's path comes from dynamic metadata (header_to_metadata on the listener): the
 -- request headers are one map shared by every attempt, so `:path` already holds the previous
 -- attempt's rewrite. The body is the router's buffered copy, fresh for every attempt.
--- Nothing here reads or writes a key: it only checks that one was added.
+-- The one key it handles is the picked backend's provider's, read from that provider's file.
 
 -- The client's API family by the path it called, and the path below a provider's base URL of
 -- each family's generation endpoint.
@@ -36,6 +37,27 @@ local CLIENT_APIS = {["/v1/messages"] = "anthropic", ["/v1/chat/completions"] = 
 -- Client paths no other API family has an equivalent of: only a backend of the client's API.
 local UNTRANSLATABLE = {["/v1/messages/count_tokens"] = true}
 local API_PATHS = {openai = "/chat/completions", anthropic = "/messages"}
+
+-- Provider keys: each provider's whole header value (prefix and key) in a file of its own,
+-- written by the gateway's publisher (memory-backed in a pod, mode 0600). Read again at most
+-- once a second per Envoy thread, so a rotated key is in use within a second; nil while the
+-- file is missing.
+local KEYS = {}
+local function key_of(path)
+  local now = os.time()
+  local entry = KEYS[path]
+  if entry == nil or entry.at ~= now then
+    local file = io.open(path, "rb")
+    local value = nil
+    if file ~= nil then
+      value = file:read("*a")
+      file:close()
+    end
+    entry = {value = value, at = now}
+    KEYS[path] = entry
+  end
+  return entry.value
+end
 
 local function refuse(handle, name, api)
   local e = ERRORS[name]
@@ -183,11 +205,13 @@ function envoy_on_request(handle)
     return
   end
   if BACKEND.key_header ~= "" then
-    local key = headers:get(BACKEND.key_header)
+    -- Every key header is gone by now (the client's too): only this provider's is added.
+    local key = BACKEND.key_file ~= "" and key_of(BACKEND.key_file) or nil
     if key == nil or key == "" then
       refuse(handle, "key_unavailable", api) -- a 5xx: the next backend of the chain is tried
       return
     end
+    headers:replace(BACKEND.key_header, key)
   end
   local rest = bare
   if string.sub(bare, 1, 4) == "/v1/" then rest = string.sub(bare, 4) end

@@ -26,7 +26,6 @@ from __future__ import annotations
 from .bootstrap import bootstrap, resources
 from .clusters import (
     ATTEMPT_ERRORS,
-    attempt_goes_to,
     attempt_marker,
     attempt_settings,
     attempt_source,
@@ -43,7 +42,6 @@ from .contract import (
     ANTHROPIC_VERSION,
     API_PATHS,
     ATTEMPT_HEADER,
-    ATTEMPT_PROVIDER_HEADER,
     BODY_MODEL_KEY,
     CLIENT_PATH_KEY,
     COMPILED_POLICY_TAG,
@@ -88,7 +86,6 @@ __all__ = [
     "API_PATHS",
     "ATTEMPT_ERRORS",
     "ATTEMPT_HEADER",
-    "ATTEMPT_PROVIDER_HEADER",
     "BODY_MODEL_KEY",
     "CLIENT_PATH_KEY",
     "COMPILED_POLICY_TAG",
@@ -114,7 +111,6 @@ __all__ = [
     "TRANSLATE_HEADER",
     "GatewayOptions",
     "accounting_log",
-    "attempt_goes_to",
     "attempt_marker",
     "attempt_settings",
     "attempt_source",

@@ -21,7 +21,6 @@ from .contract import (
     ANTHROPIC_VERSION,
     ATTEMPT_HEADER,
     ATTEMPT_NS,
-    ATTEMPT_PROVIDER_HEADER,
     BACKEND_HEALTH_PATH,
     BODY_MODEL_KEY,
     CLIENT_PATH_KEY,
@@ -185,48 +184,13 @@ def _skipped(name: str, filter_config: dict[str, Any], predicate: dict[str, Any]
 
 
 def credential_name(provider_id: str) -> str:
-    """The SDS secret (and file) name of a provider's key header value."""
+    """The file name of a provider's key header value."""
     return "key." + re.sub(r"[^A-Za-z0-9_.-]", "_", provider_id)
 
 
 def credential_file(credentials_dir: str, provider_id: str) -> str:
-    return f"{credentials_dir}/{credential_name(provider_id)}.json"
-
-
-def _credential_injector(provider: pb.Provider, opts: GatewayOptions) -> dict[str, Any]:
-    """Envoy adds a provider's key on every attempt to it, from an SDS file that holds the whole
-    header value: keys never pass through the ext_proc and never appear in Envoy's config."""
-    return _injector(provider.id, provider.auth.header or "authorization", opts.credentials_dir)
-
-
-@functools.lru_cache(maxsize=100_000)
-def _injector(provider_id: str, header: str, credentials_dir: str) -> dict[str, Any]:
-    """One per provider, shared (never mutated) by every chain that reaches it."""
-    name = credential_name(provider_id)
-    source = {
-        "path_config_source": {
-            "path": credential_file(credentials_dir, provider_id),
-            "watched_directory": {"path": credentials_dir},
-        },
-        "resource_api_version": "V3",
-    }
-    injector = {
-        "name": "envoy.filters.http.credential_injector",
-        "typed_config": _any(
-            "envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
-            overwrite=True,
-            allow_request_without_credential=False,
-            credential={
-                "name": "envoy.http.injected_credentials.generic",
-                "typed_config": _any(
-                    "envoy.extensions.http.injected_credentials.generic.v3.Generic",
-                    header=header,
-                    credential={"name": name, "sds_config": source},
-                ),
-            },
-        ),
-    }
-    return _skipped(f"signalbox.key.{provider_id}", injector, {"not_matcher": attempt_goes_to(provider_id)})
+    """Where a provider's whole key header value (prefix and key) is, for attempt.lua."""
+    return f"{credentials_dir}/{credential_name(provider_id)}"
 
 
 def lua_literal(value: str | bool | dict[str, Any]) -> str:
@@ -271,8 +235,9 @@ ATTEMPT_ERRORS = {
 }
 
 
-def attempt_settings(backend: pb.Backend, provider: pb.Provider) -> dict[str, Any]:
+def attempt_settings(backend: pb.Backend, provider: pb.Provider, credentials_dir: str = "") -> dict[str, Any]:
     """What attempt.lua needs to know of one backend (its entry in BACKENDS)."""
+    keyed = provider.HasField("auth")
     default_port = 443 if provider.tls else 80
     path, query = provider.base_path, ""
     if provider.type == pb.AZURE_OPENAI:
@@ -286,7 +251,10 @@ def attempt_settings(backend: pb.Backend, provider: pb.Provider) -> dict[str, An
         "path": path,
         "query": query,
         "authority": provider.host if provider.port == default_port else f"{provider.host}:{provider.port}",
-        "key_header": (provider.auth.header or "authorization").lower() if provider.HasField("auth") else "",
+        "key_header": (provider.auth.header or "authorization").lower() if keyed else "",
+        # "" for a keyed provider when keys are not added (unit tests of the generator only):
+        # its attempts are refused as without a key.
+        "key_file": credential_file(credentials_dir, provider.id) if keyed and credentials_dir else "",
         "sanitize": provider.sanitize_streams,
         "api": provider_api(provider.type),
         # Serves the Responses API itself: a Responses client's attempt is passed through.
@@ -328,54 +296,36 @@ def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def attempt_goes_to(provider_id: str) -> dict[str, Any]:
-    """Matcher: the attempt's backend is one of `provider_id`'s (the marker's header)."""
-    return {
-        "single_predicate": {
-            "input": {
-                "name": "request-header",
-                "typed_config": _any(
-                    "envoy.type.matcher.v3.HttpRequestHeaderMatchInput", header_name=ATTEMPT_PROVIDER_HEADER
-                ),
-            },
-            "value_match": {"exact": provider_id},
-        }
-    }
-
-
 @functools.cache
 def attempt_marker() -> dict[str, Any]:
-    """Names the picked backend and its provider in request headers, from the picked host's
-    metadata (`%UPSTREAM_METADATA%`), for the credential injectors' matchers and attempt.lua.
-    One filter for any chain: it replaced a filter per chain member, each skipped by a CEL
-    matcher unless the attempt went to it (a CEL evaluation per member per attempt). Any copy
-    of the headers a client sent is removed first, so a host without the metadata leaves them
-    unset, never the client's."""
-    values = {ATTEMPT_HEADER: "backend", ATTEMPT_PROVIDER_HEADER: "provider_id"}
+    """Names the picked backend in ATTEMPT_HEADER, from the picked host's metadata
+    (`%UPSTREAM_METADATA%`), for attempt.lua. One filter for any chain: it replaced a filter
+    per chain member, each skipped by a CEL matcher unless the attempt went to it (a CEL
+    evaluation per member per attempt). Any copy a client sent is removed first, so a host
+    without the metadata leaves it unset, never the client's."""
     return {
         "name": "signalbox.attempt_marker",
         "typed_config": _any(
             "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
             mutations={
                 "request_mutations": [
-                    *({"remove": header} for header in values),
-                    *(
-                        {
-                            "append": {
-                                "header": {"key": header, "value": f"%UPSTREAM_METADATA({METADATA_NS}:{key})%"},
-                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                            }
+                    {"remove": ATTEMPT_HEADER},
+                    {
+                        "append": {
+                            "header": {"key": ATTEMPT_HEADER, "value": f"%UPSTREAM_METADATA({METADATA_NS}:backend)%"},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
                         }
-                        for header, key in values.items()
-                    ),
+                    },
                 ]
             },
         ),
     }
 
 
-def _attempt_filter(backends: list[pb.Backend], providers: dict[str, pb.Provider]) -> dict[str, Any]:
-    settings = {b.id: attempt_settings(b, providers[b.provider_id]) for b in backends}
+def _attempt_filter(
+    backends: list[pb.Backend], providers: dict[str, pb.Provider], credentials_dir: str
+) -> dict[str, Any]:
+    settings = {b.id: attempt_settings(b, providers[b.provider_id], credentials_dir) for b in backends}
     return {
         "name": "signalbox.attempt",
         "typed_config": _any(
@@ -425,22 +375,17 @@ def _strip_keys(cfg: pb.RoutingConfig) -> dict[str, Any]:
 def upstream_filters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
     """The upstream filters of every attempt, on the router (`upstream_http_filters`) and so
     shared by every aggregate cluster: every key header removed (the client's included), the
-    picked backend and its provider named from the host's metadata, that provider's key added
-    by Envoy (one credential injector per keyed provider, each skipped unless the attempt goes
-    to its provider), then the backend's path, authority and body model (attempt.lua: one
-    script, one Lua state per Envoy thread, for the whole config).
+    picked backend named from the host's metadata, then its provider's key, path, authority
+    and body model (attempt.lua: one script, one Lua state per Envoy thread, for the whole
+    config; it reads each key from the provider's file in `credentials_dir`).
 
     Per aggregate, these filters cost Envoy a LuaJIT state per chain per thread: 585 of 801 MB
-    at the 200-provider fleet (bench/README.md). On the router, each attempt instead passes the
-    skip matcher of every keyed provider's injector (a header lookup each)."""
+    at the 200-provider fleet (bench/README.md)."""
     providers = {p.id: p for p in cfg.providers}
-    keyed = sorted(p.id for p in cfg.providers if p.HasField("auth"))
-    credentials = [_credential_injector(providers[pid], opts) for pid in keyed] if opts.credentials_dir else []
     return [
         _strip_keys(cfg),
         attempt_marker(),
-        *credentials,
-        _attempt_filter(list(cfg.backends), providers),
+        _attempt_filter(list(cfg.backends), providers, opts.credentials_dir),
         *([_translator(opts.extproc_message_timeout_ms)] if opts.translation else []),
         _remove_gateway_headers("signalbox.strip_gateway_headers_upstream"),
         {

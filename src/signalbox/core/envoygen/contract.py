@@ -15,18 +15,17 @@ from signalbox.core.errors import ANTHROPIC_API, OPENAI_API, RESPONSES_API
 # phase) and providers never see (the upstream filters remove them last): Envoy's own record of
 # a rewritten path, which would tell a provider the gateway's paths, and the attempt's backend.
 PATH_HEADER = "x-envoy-original-path"
-# Which backend an upstream attempt goes to, and its provider, set per attempt from the picked
-# host's metadata (`%UPSTREAM_METADATA%` in one header_mutation filter) for attempt.lua, which
-# cannot see the picked host, and for the credential injectors' matchers.
+# Which backend an upstream attempt goes to, set per attempt from the picked host's metadata
+# (`%UPSTREAM_METADATA%` in one header_mutation filter) for attempt.lua, which cannot see the
+# picked host.
 ATTEMPT_HEADER = "x-signalbox-attempt"
-ATTEMPT_PROVIDER_HEADER = "x-signalbox-attempt-provider"
 # An attempt whose backend speaks another API family than the client: "<client api>><backend
 # api>", set by attempt.lua; the upstream-phase ext_proc runs only on attempts that carry it.
 TRANSLATE_HEADER = "x-signalbox-translate"
 # Which members of the request's chain a later member's larger context window follows (comma
 # separated backend ids), set by the route to the chain for attempt.lua.
 LARGER_AFTER_HEADER = "x-signalbox-larger-after"
-GATEWAY_HEADERS = (PATH_HEADER, ATTEMPT_HEADER, ATTEMPT_PROVIDER_HEADER, TRANSLATE_HEADER, LARGER_AFTER_HEADER)
+GATEWAY_HEADERS = (PATH_HEADER, ATTEMPT_HEADER, TRANSLATE_HEADER, LARGER_AFTER_HEADER)
 # The Messages API version the gateway speaks to Anthropic backends, unless the client set one.
 ANTHROPIC_VERSION = "2023-06-01"
 # Response header attempt.lua sets on an answer worth trying again on the next backend (a prompt

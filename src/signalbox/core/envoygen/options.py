@@ -78,8 +78,9 @@ class GatewayOptions:
     # The upstream-phase ext_proc that translates attempts to a backend of another API family
     # (skipped by a header matcher on every other attempt). Off only to measure what it costs.
     translation: bool = True
-    # Where provider keys are, one SDS file per provider (`credential_file`): Envoy adds each
-    # attempt's key itself. "" (unit tests of the generator only): no keys are added.
+    # Where provider keys are, one file per provider holding the whole header value
+    # (`credential_file`): attempt.lua adds each attempt's key inside Envoy. "" (unit tests of
+    # the generator only): no keys are added.
     credentials_dir: str = ""
     # Where Envoy writes one JSON line per request (REQUEST_LOG_FORMAT); "" writes none.
     # Locally `<workdir>/requests.log`; in a pod /dev/stdout, so `kubectl logs` shows it.
