@@ -26,7 +26,7 @@ pytestmark = pytest.mark.dataplane
 # once made Envoy reject the whole listener), and that keys in an SDS subscription per provider
 # (an inotify instance or two each) outgrew the kernel's default 128 and aborted Envoy; small
 # enough to start in seconds here.
-PROVIDERS = POLICIES = 120
+PROVIDERS = POLICIES = 200
 FLEET_KEY = "sk-fleet-0123456789"
 OBJECT_CHARS = 4_000  # forces parts; the default limit is 900,000 characters per object
 
