@@ -141,7 +141,13 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
     """One route per policy and target (a policy's backend as first choice), matched on the
     target and policy the router phase put in dynamic metadata; then what Envoy answers without Python. Each attempt
     is prepared for its backend by the aggregate cluster's upstream filters (attempt.lua)."""
-    routes: list[dict[str, Any]] = []
+    # Compiled routes first: Envoy matches routes in order, and a compiled alias's request
+    # (Envoy alone, the fast path) would otherwise pass every decided route's matcher, one per
+    # policy and target (10,000 at the 2,000-policy fleet: 211 against 2,600 rps,
+    # bench/README.md). No decided request matches one: a compiled policy's aliases are its own.
+    routes: list[dict[str, Any]] = [
+        r for policy in cfg.policies if policy.compiled for r in compiled_routes(cfg, policy)
+    ]
     first_target = ""
     larger = larger_after(cfg)
 
@@ -182,9 +188,8 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
                     **chain_headers(target),
                 }
             )
-    # Compiled policies' backends have equal context windows (compiler.compilable): their
-    # chains never need LARGER_AFTER_HEADER.
-    routes += [r for policy in cfg.policies if policy.compiled for r in compiled_routes(cfg, policy)]
+    # (Compiled policies' backends have equal context windows, compiler.compilable: their
+    # chains never need LARGER_AFTER_HEADER.)
     # GET /v1/models is answered by Envoy from the compiled aliases: no body, no Python.
     routes.append(
         {
