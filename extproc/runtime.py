@@ -17,7 +17,6 @@ from pathlib import Path
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.budget import HOLD_SLACK_SECONDS, Budget
 from signalbox.core.errors import OPENAI_API, RESPONSES_API, ConfigVersionError
-from signalbox.core.googleauth import google_token
 from signalbox.core.limits import SubjectLimits
 from signalbox.core.schema import SCHEMA_VERSION, STRATEGY_NAMES, genai_provider_name, provider_api
 from signalbox.core.secrets import Prefixed, SecretValue
@@ -37,6 +36,10 @@ def credential(auth: pb.Auth, value: str | None) -> SecretValue | None:
     if not value:
         return None
     if auth.format == pb.GOOGLE_CREDENTIALS:
+        # Imported here: google-auth and its HTTP and crypto stack weigh 13.5 MB, which every
+        # ext_proc worker would carry whether or not a provider uses Google credentials.
+        from signalbox.core.googleauth import google_token
+
         return google_token(SecretValue(value))
     return SecretValue(value)
 

@@ -16,7 +16,6 @@ import httpx
 
 from signalbox.core.envoygen.contract import ANTHROPIC_VERSION
 from signalbox.core.errors import CredentialUnavailable
-from signalbox.core.googleauth import google_token
 from signalbox.core.models import AIProviderSpec, AuthFormat, ProviderType
 from signalbox.core.secrets import SecretValue
 
@@ -38,6 +37,8 @@ async def probe(spec: AIProviderSpec, key: SecretValue | None, client: httpx.Asy
     if spec.auth and key is not None:
         header, prefix = spec.key_header()
         if spec.auth.format == AuthFormat.GOOGLE_CREDENTIALS:
+            from signalbox.core.googleauth import google_token  # 13.5 MB, only when used
+
             token = google_token(key)
             if token is None:
                 return ProbeResult(False, 0.0, "the Secret does not hold Google credentials google-auth can use")
