@@ -165,10 +165,13 @@ def test_the_service_account_key_and_tokens_stay_out_of_config_logs_and_metrics(
 
 
 def test_tokens_are_renewed_before_they_expire(vertex, tmp_path_factory):
-    """Tokens that live 2 s: the gateway keeps minting fresh ones into Envoy's credential file,
-    so requests over several lifetimes all succeed, each with a token still alive."""
+    """Tokens that live 4 s: the gateway keeps minting fresh ones into the provider's key file,
+    so requests over more than two lifetimes all succeed, each with a token still alive. (Real
+    tokens live an hour and are renewed minutes ahead; here the lifetime must still exceed
+    the refresh interval plus the second attempt.lua may keep a key file's value, with room
+    for a loaded machine.)"""
     fake = vertex["vertex"]
-    fake.behave(token_lifetime_s=2)
+    fake.behave(token_lifetime_s=4)
     seen = len(fake.requests())
     # A key of its own: the module gateway's account already holds an hour-long token.
     account = ServiceAccount(tmp_path_factory.mktemp("sa2"), fake.url + "/token", "short-lived")
@@ -176,7 +179,7 @@ def test_tokens_are_renewed_before_they_expire(vertex, tmp_path_factory):
     try:
         with openai.OpenAI(base_url=gw.url, api_key="client", max_retries=0, timeout=20) as client:
             started = time.monotonic()
-            while time.monotonic() - started < 5:
+            while time.monotonic() - started < 9:
                 client.chat.completions.create(model="vertex", messages=[{"role": "user", "content": "hi"}])
                 time.sleep(0.2)
     finally:
@@ -185,6 +188,6 @@ def test_tokens_are_renewed_before_they_expire(vertex, tmp_path_factory):
     run = fake.requests()[seen:]
     calls = [r for r in run if r["api"] == "gemini"]
     used = {r["headers"]["Authorization"] for r in calls}
-    assert len(calls) >= 10 and len(used) >= 3, used  # renewed over the run, and every call passed
+    assert len(calls) >= 20 and len(used) >= 3, used  # renewed over the run, and every call passed
     minted = [r for r in run if r["api"] == "oauth2"]
     assert len(minted) >= 3 and all(account.verify(r["body"]["assertion"]) for r in minted)
