@@ -191,7 +191,7 @@ def test_routes_retry_on_failures_and_move_to_next_priority():
 def test_fastest_hedges_after_delay():
     lds = envoygen.listener(config("fastest", hedge={"delayMs": 250}), envoygen.GatewayOptions())
     routes = lds["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
-    route = routes[0]["route"]
+    route = next(r["route"] for r in routes if r["name"].startswith("compiled:"))
     assert route["hedge_policy"] == {"hedge_on_per_try_timeout": True}
     assert route["retry_policy"]["per_try_timeout"] == "0.250s"
 
@@ -398,3 +398,23 @@ def test_routes_tell_the_one_attempt_script_which_members_a_larger_window_follow
     assert added["header"] == {"key": envoygen.LARGER_AFTER_HEADER, "value": "default/a/small"}
     assert "request_headers_to_add" not in routes[f"{cfg.policies[0].id}:{big_first}"]
     assert envoygen.LARGER_AFTER_HEADER in envoygen.GATEWAY_HEADERS  # clients cannot send it
+
+
+def test_requests_without_alias_or_target_meet_their_answer_before_any_policy_route():
+    """Envoy matches a route before the body is read, then again once metadata is set: the
+    answers for requests with neither alias nor target come first, guarded by that absence, and
+    the same answers stay last for requests that carry either."""
+    for opts in (envoygen.GatewayOptions(), envoygen.GatewayOptions(failure_mode="open")):
+        hcm = envoygen.listener(config(), opts)["filter_chains"][0]["filters"][0]["typed_config"]
+        routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+        early = [r for r in routes if r["name"].startswith("unrouted:")]
+        assert early == routes[: len(early)] and early
+        tail = routes[-len(early) :]
+        for guarded, plain in zip(early, tail, strict=True):
+            assert guarded["name"] == "unrouted:" + plain["name"]
+            absent = guarded["match"]["dynamic_metadata"]
+            assert {m["path"][0]["key"] for m in absent} == {envoygen.ALIAS_KEY, "target"}
+            assert all(m["invert"] and m["value"] == {"present_match": True} for m in absent)
+            assert {k: v for k, v in guarded.items() if k not in ("name", "match")} == {
+                k: v for k, v in plain.items() if k not in ("name", "match")
+            }

@@ -191,6 +191,7 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
     # (Compiled policies' backends have equal context windows, compiler.compilable: their
     # chains never need LARGER_AFTER_HEADER.)
     # GET /v1/models is answered by Envoy from the compiled aliases: no body, no Python.
+    unrouted = len(routes)
     routes.append(
         {
             "name": "models",
@@ -223,7 +224,22 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
         routes.append(
             _refusal("unknown-path", {"prefix": "/"}, errors.UnsupportedPath(f"unknown path; supported: {supported}"))
         )
-    return routes
+    # The same answers first, for requests with neither an alias nor a target yet. Envoy matches
+    # a request's route before its body is read (the first filter asks for it) and again once
+    # json_to_metadata or the ext_proc has set one; that first match walked every compiled and
+    # decided route to reach these (none of which can match without the metadata), 10,000 of
+    # them at the 2,000-policy fleet: the compiled alias served 657 rps with them, 1,636 without.
+    return [_without_alias_or_target(r) for r in routes[unrouted:]] + routes
+
+
+def _without_alias_or_target(route: dict[str, Any]) -> dict[str, Any]:
+    """`route`, matched only while the request has no alias and no target in metadata."""
+    absent = [
+        {"filter": METADATA_NS, "path": [{"key": key}], "value": {"present_match": True}, "invert": True}
+        for key in (ALIAS_KEY, "target")
+    ]
+    match = {**route["match"], "dynamic_metadata": [*route["match"].get("dynamic_metadata", []), *absent]}
+    return {**route, "name": f"unrouted:{route['name']}", "match": match}
 
 
 # What the reason header says for a policy Envoy routes alone: the ext_proc's reasons for the
