@@ -4,7 +4,7 @@ Router phase (downstream filter, one message per request): parse the body once, 
 by the `model` alias (+ header/path matches), classify, select the first backend, name the
 Envoy target to route to and rewrite the body's `model`. Every attempt (first, failover,
 hedged) is then prepared by Envoy alone: path, authority and, when it differs, the body's
-model (core/attempt.lua), and the key (a credential injector).
+model and the key (core/attempt.lua, the key from the provider's file).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ ENVOY_DIR = "envoy"
 # What the ext_proc workers of one gateway share (SQLite files: budget spend, learning; see
 # signalbox.extproc.sharedstate). Not under config/: the ext_proc reloads on every change there.
 STATE_DIR = "state"
-# Provider keys as Envoy reads them (one SDS file per provider), and as config-sync copies
+# Provider keys as attempt.lua reads them (one file per provider), and as config-sync copies
 # them from Secrets (<ns>/<name>/<key>).
 CREDENTIALS_DIR = "credentials"
 SECRETS_DIR = "secrets"

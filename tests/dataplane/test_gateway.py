@@ -495,7 +495,7 @@ def test_no_api_key_in_any_log_or_generated_file(gateway, client, fakes):
             continue
         assert BETA_KEY not in path.read_text(), path
     assert any(BETA_KEY in p.read_text() for p in key_store.iterdir())
-    # Envoy itself never shows it: its config dump redacts the SDS secrets it injects from.
+    # Envoy itself never shows it: attempt.lua reads it from the file, it is in no config.
     dump = httpx.get(f"http://127.0.0.1:{gateway.admin_port}/config_dump?include_eds").text
     assert BETA_KEY not in dump and KEYED_KEY not in dump
     # The admin API must never show it either.

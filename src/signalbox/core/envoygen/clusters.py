@@ -48,10 +48,9 @@ def _compact(lua: str) -> str:
 _ATTEMPT_LUA = _compact(package_files.files("signalbox.core").joinpath("attempt.lua").read_text())
 
 
-def _http1_options(filters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _http1_options() -> dict[str, Any]:
+    # No upstream filters: the router's (`upstream_filters`) run for every cluster it routes to.
     opts: dict[str, Any] = {"explicit_http_config": {"http_protocol_options": {}}}
-    if filters:
-        opts["http_filters"] = filters
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions", **opts
@@ -434,7 +433,7 @@ def _translator(timeout_ms: int) -> dict[str, Any]:
             "response_trailer_mode": "SKIP",
         },
         metadata_options={"forwarding_namespaces": {"untyped": [ATTEMPT_NS]}},
-        # The credential injectors ran before this filter: of the attempt's headers the ext_proc
+        # attempt.lua added the key before this filter: of the attempt's headers the ext_proc
         # gets only the path (Gemini's changes for a stream), so no provider key reaches Python.
         forward_rules={"allowed_headers": {"patterns": [{"exact": ":path"}]}},
         mutation_rules={"allow_all_routing": True},
