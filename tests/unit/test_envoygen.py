@@ -146,19 +146,22 @@ def test_backend_cluster_carries_metadata_tls_and_outlier_detection():
 def test_a_policys_deadlines_become_the_attempts_timeouts():
     cfg = config()
     cfg.policies[0].per_try_timeout_ms, cfg.policies[0].idle_timeout_ms, cfg.policies[0].timeout_ms = 1500, 800, 9000
-    routes = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
-    route = by_name(routes["route_config"]["virtual_hosts"][0]["routes"])[f"default/p:{targets()[0]}"]["route"]
-    assert route["timeout"] == "9.000s"
-    assert route["retry_policy"]["per_try_timeout"] == "1.500s"
-    assert route["retry_policy"]["per_try_idle_timeout"] == "0.800s"
+    hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
+    (host,) = hcm["route_config"]["virtual_hosts"]
+    route = by_name(host["routes"])[f"default/p:{targets()[0]}"]
+    assert route["route"]["timeout"] == "9.000s"
+    retry = envoygen.retry_policy_of(host, route)
+    assert retry["per_try_timeout"] == "1.500s"
+    assert retry["per_try_idle_timeout"] == "0.800s"
 
 
 def test_routes_retry_on_failures_and_move_to_next_priority():
     lds = envoygen.listener(config(), envoygen.GatewayOptions())
     hcm = lds["filter_chains"][0]["filters"][0]["typed_config"]
-    routes = by_name(hcm["route_config"]["virtual_hosts"][0]["routes"])
+    (host,) = hcm["route_config"]["virtual_hosts"]
+    routes = by_name(host["routes"])
     t0 = targets()[0]
-    retry = routes[f"default/p:{t0}"]["route"]["retry_policy"]
+    retry = envoygen.retry_policy_of(host, routes[f"default/p:{t0}"])
     retry_on = {"5xx", "reset", "connect-failure", "retriable-status-codes", "retriable-headers"}
     assert set(retry["retry_on"].split(",")) == retry_on
     # attempt.lua marks a refusal worth the next backend (a prompt too long for this one's window).
@@ -190,10 +193,10 @@ def test_routes_retry_on_failures_and_move_to_next_priority():
 
 def test_fastest_hedges_after_delay():
     lds = envoygen.listener(config("fastest", hedge={"delayMs": 250}), envoygen.GatewayOptions())
-    routes = lds["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
-    route = next(r["route"] for r in routes if r["name"].startswith("compiled:"))
-    assert route["hedge_policy"] == {"hedge_on_per_try_timeout": True}
-    assert route["retry_policy"]["per_try_timeout"] == "0.250s"
+    (host,) = lds["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
+    route = next(r for r in host["routes"] if r["name"].startswith("compiled:"))
+    assert route["route"]["hedge_policy"] == {"hedge_on_per_try_timeout": True}
+    assert envoygen.retry_policy_of(host, route)["per_try_timeout"] == "0.250s"
 
 
 def test_fail_open_routes_unrouted_requests_instead_of_refusing():
@@ -202,6 +205,87 @@ def test_fail_open_routes_unrouted_requests_instead_of_refusing():
     hcm = lds["filter_chains"][0]["filters"][0]["typed_config"]
     assert by_name(hcm["http_filters"])["envoy.filters.http.ext_proc"]["typed_config"]["failure_mode_allow"] is True
     assert hcm["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]["cluster"] == targets()[0]
+
+
+def test_what_routes_share_is_said_once_on_the_virtual_host():
+    """Issue 12: each decided route repeated the answer headers and the retry policy (1.7 KB of
+    its 2.2 KB at the 2,000-policy fleet). Said once, what each route gets must not change."""
+    providers = [provider("a", "http://127.0.0.1:9001/v1", [model("m")]), provider("b", "http://b:1/v1", [model("m")])]
+    chain = [backend("a", "m"), backend("b", "m", priority=1)]
+    cfg = compile_config(
+        providers,
+        [
+            policy("common1", ["x"], chain, strategy="cost"),
+            policy("common2", ["y"], chain, strategy="cost"),
+            policy("own", ["z"], chain, strategy="cost"),
+        ],
+    ).config
+    cfg.policies[2].per_try_timeout_ms = 700
+    hcm = envoygen.listener(cfg, envoygen.GatewayOptions(failure_mode="open"))["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]
+    (host,) = hcm["route_config"]["virtual_hosts"]
+    routes = [r for r in host["routes"] if r["name"].startswith("default/")]
+    assert len(routes) == 6
+    # Who answered and why: on the virtual host, and no longer on each route.
+    said = {h["header"]["key"]: h["header"]["value"] for h in host["response_headers_to_add"]}
+    assert said["x-signalbox-provider"] == "%UPSTREAM_METADATA(signalbox:provider)%"
+    assert said["x-signalbox-decision"] == "%DYNAMIC_METADATA(signalbox:decision)%"
+    assert not any("response_headers_to_add" in r for r in routes)
+    # A refusal's own reason header (and a compiled route's decision) beats the virtual host's.
+    assert hcm["route_config"]["most_specific_header_mutations_wins"] is True
+    # The common retry policy once; a policy with other deadlines keeps its own, whole.
+    own = [r for r in routes if r["name"].startswith("default/own:")]
+    assert all("retry_policy" not in r["route"] for r in routes if r not in own)
+    assert all(r["route"]["retry_policy"]["per_try_timeout"] == "0.700s" for r in own)
+    assert envoygen.retry_policy_of(host, own[0])["retry_on"] == host["retry_policy"]["retry_on"]
+    assert "per_try_timeout" not in host["retry_policy"]
+    # A route that had no retry policy (failing open) does not inherit one.
+    fail_open = by_name(host["routes"])["fail-open"]
+    assert envoygen.retry_policy_of(host, fail_open) == {"num_retries": 0}
+
+
+def test_backend_clusters_keep_only_the_stats_that_are_read():
+    """Issue 12: ~140 stats per backend cluster were 335 MB of Envoy's memory at 10,000
+    backends. What dashboards and the fault tests read stays; pool and balancer internals go."""
+    import re
+
+    patterns = envoygen.bootstrap(envoygen.GatewayOptions(), "/cfg")["stats_config"]["stats_matcher"]
+    dropped = patterns["exclusion_list"]["patterns"]
+    regexes = [re.compile(p["safe_regex"]["regex"]) for p in dropped if "safe_regex" in p]
+    prefixes = [p["prefix"] for p in dropped if "prefix" in p]
+
+    def kept(stat):
+        return not any(stat.startswith(p) for p in prefixes) and not any(r.match(stat) for r in regexes)
+
+    backend = "cluster.b.default.p.gpt-4.1"
+    for stat in (
+        "upstream_rq_total",
+        "upstream_rq_completed",
+        "upstream_rq_5xx",  # the dashboard's errors by backend
+        "upstream_rq_503",
+        "upstream_rq_time",
+        "upstream_rq_timeout",
+        "upstream_rq_per_try_timeout",
+        "upstream_cx_connect_fail",
+        "health_check.success",  # the fault tests' cooldown checks
+        "health_check.failure",
+        "membership_healthy",
+        "outlier_detection.ejections_active",  # circuit breaking
+        "outlier_detection.ejections_enforced_total",
+    ):
+        assert kept(f"{backend}.{stat}"), stat
+    for stat in (
+        "upstream_cx_total",
+        "upstream_cx_rx_bytes_total",
+        "lb_healthy_panic",
+        "circuit_breakers.default.rq_open",
+    ):
+        assert not kept(f"{backend}.{stat}"), stat
+    # Aggregates keep none; Envoy's own clusters (the ext_proc's) keep all.
+    assert not kept("cluster.t.default.p.gpt-4.1.2.abc.upstream_rq_total")
+    assert kept(f"cluster.{envoygen.EXTPROC_CLUSTER}.upstream_cx_connect_fail")
+    assert kept(f"cluster.{envoygen.EXTPROC_CLUSTER}.upstream_cx_total")
 
 
 def test_generated_resources_hold_no_key_values(monkeypatch):

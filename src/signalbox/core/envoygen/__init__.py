@@ -74,6 +74,7 @@ from .listener import (
     json_filter,
     listener,
     request_log,
+    retry_policy_of,
     router_attributes,
     sse_usage_filter,
 )
@@ -128,6 +129,7 @@ __all__ = [
     "models_listing",
     "request_log",
     "resources",
+    "retry_policy_of",
     "router_attributes",
     "sse_usage_filter",
     "too_large_message",
