@@ -160,7 +160,10 @@ class LocalGateway:
         # The token refresher's thread and a recompile may both write credential files.
         self._publishing = threading.Lock()
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="signalbox-"))
-        (self.workdir / "envoy").mkdir(parents=True, exist_ok=True)
+        for name in envoygen.RESOURCE_FILES:  # the folders Envoy watches exist before it starts
+            Path(envoygen.resource_file(str(self.workdir / gatewayfiles.ENVOY_DIR), name)).parent.mkdir(
+                parents=True, exist_ok=True
+            )
         (self.workdir / "config").mkdir(parents=True, exist_ok=True)
         # Port 0 (the default for all but `signalbox up`'s gateway port): the process binds a
         # free port itself and reports it (Envoy's --admin-address-path and /listeners, the

@@ -151,7 +151,7 @@ def test_the_service_account_key_and_tokens_stay_out_of_config_logs_and_metrics(
     assert tokens
     workdir = Path(gateway.workdir)
     exposed = [
-        *(workdir / "envoy").glob("*.json"),
+        *(workdir / "envoy").rglob("*.json"),
         workdir / "config" / "routing-config.json",
     ]
     texts = [p.read_text() for p in exposed] + [

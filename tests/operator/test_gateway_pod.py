@@ -65,9 +65,10 @@ async def test_gateway_pod_serves_from_the_configmap_with_the_secrets_key(k8s, c
 
     init = await spawn(*cli, "config-sync", "--once", *common, log=tmp_path / "init.log")
     assert await init.wait() == 0
-    assert (tmp_path / "envoy" / "lds.json").exists() and (
-        tmp_path / "secrets" / "default" / "fake-key" / "apiKey"
-    ).exists()
+    assert (
+        Path(envoygen.resource_file(f"{tmp_path}/envoy", "lds.json")).exists()
+        and (tmp_path / "secrets" / "default" / "fake-key" / "apiKey").exists()
+    )
 
     bootstrap = pod.options(
         str(tmp_path),

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from signalbox.configsync import ConfigSync
+from signalbox.core import envoygen
 from signalbox.core.envoygen import GatewayOptions
 from signalbox.extproc.reload import TableHolder
 from signalbox.operator.kube import api_client
@@ -242,7 +243,7 @@ async def test_spec_change_reaches_the_gateway_files_and_the_extproc(cluster, st
     watcher = asyncio.create_task(holder.watch(config_file, stop))
     try:
         await cluster.eventually(lambda: _aliases(holder, ["auto"]))
-        assert (tmp_path / "envoy" / "cds.json").exists() and (tmp_path / "envoy" / "lds.json").exists()
+        assert all(Path(envoygen.resource_file(f"{tmp_path}/envoy", n)).exists() for n in envoygen.RESOURCE_FILES)
 
         changed_at = time.monotonic()
         await cluster.apply(policy("auto", ["auto", "fast"], [backend("alpha", "a1")]))

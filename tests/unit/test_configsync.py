@@ -1,11 +1,12 @@
 """The gateway side of a ConfigMap change: good data is written, bad data changes nothing."""
 
 import json
+from pathlib import Path
 
 import kubernetes
 
 from signalbox.configsync import ConfigSync
-from signalbox.core import bundle
+from signalbox.core import bundle, envoygen
 from signalbox.core.compiler import compile_config
 from signalbox.core.envoygen import GatewayOptions
 from tests.factories import backend, model, policy, provider
@@ -28,7 +29,7 @@ def test_good_configmap_is_written_and_bad_ones_change_nothing(tmp_path):
     )
     assert sync.apply(config_data(1))
     written = (tmp_path / "config" / "routing-config.json").read_text()
-    listener = json.loads((tmp_path / "envoy" / "lds.json").read_text())
+    listener = json.loads(Path(envoygen.resource_file(f"{tmp_path}/envoy", "lds.json")).read_text())
     assert json.loads(written)["generation"] == "1"
     assert listener["resources"][0]["name"] == "signalbox_gateway"
 

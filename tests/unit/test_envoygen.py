@@ -297,7 +297,28 @@ def test_generated_resources_hold_no_key_values(monkeypatch):
 def test_bootstrap_watches_files_and_uses_unix_socket_for_extproc():
     opts = envoygen.GatewayOptions(extproc_sockets=("/run/sb-0.sock", "/run/sb-1.sock"))
     boot = envoygen.bootstrap(opts, "/cfg")
-    assert boot["dynamic_resources"]["lds_config"]["path_config_source"]["watched_directory"] == {"path": "/cfg"}
+    # Each resource file in a folder of its own: Envoy re-reads every file whose folder saw a
+    # move, and a new route table must not make it parse the clusters again (issue 12).
+    dynamic = boot["dynamic_resources"]
+    assert dynamic["lds_config"]["path_config_source"] == {
+        "path": "/cfg/lds/lds.json",
+        "watched_directory": {"path": "/cfg/lds"},
+    }
+    assert dynamic["cds_config"]["path_config_source"]["watched_directory"] == {"path": "/cfg/cds"}
+    # The routes are a resource of their own (RDS): a policy change leaves the listener alone.
+    files = envoygen.resources(config(), opts, "/cfg")
+    assert list(files) == ["cds.json", "lds.json", "rds.json"]
+    hcm = files["lds.json"]["resources"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert "route_config" not in hcm
+    assert hcm["rds"]["config_source"]["path_config_source"]["watched_directory"] == {"path": "/cfg/rds"}
+    (table,) = files["rds.json"]["resources"]
+    assert table["name"] == hcm["rds"]["route_config_name"]
+    assert (
+        table["virtual_hosts"][0]["routes"]
+        == envoygen.listener(config(), opts)["filter_chains"][0]["filters"][0]["typed_config"]["route_config"][
+            "virtual_hosts"
+        ][0]["routes"]
+    )
     endpoints = boot["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert [e["endpoint"]["address"] for e in endpoints] == [
         {"pipe": {"path": "/run/sb-0.sock"}},

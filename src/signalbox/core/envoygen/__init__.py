@@ -23,7 +23,7 @@ and a laptop run the same Envoy shape.
 
 from __future__ import annotations
 
-from .bootstrap import bootstrap, resources
+from .bootstrap import RESOURCE_FILES, bootstrap, resource_file, resources
 from .clusters import (
     ATTEMPT_ERRORS,
     attempt_marker,
@@ -106,6 +106,7 @@ __all__ = [
     "MODELS_PATH",
     "PATH_HEADER",
     "REQUEST_LOG_FORMAT",
+    "RESOURCE_FILES",
     "ROUTED_PATHS",
     "ROUTER_ATTRIBUTES",
     "STREAM_LIMITS",
@@ -128,6 +129,7 @@ __all__ = [
     "lua_literal",
     "models_listing",
     "request_log",
+    "resource_file",
     "resources",
     "retry_policy_of",
     "router_attributes",

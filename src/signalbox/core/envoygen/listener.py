@@ -728,7 +728,28 @@ def router_attributes(cfg: pb.RoutingConfig) -> list[str]:
     return [*ROUTER_ATTRIBUTES, *(HEADER_ATTRIBUTE.format(n.lower()) for n in safe)]
 
 
-def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
+ROUTE_CONFIG_NAME = "signalbox"
+
+
+def route_config(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
+    """The main listener's route table: inline, or its own resource (RDS, `resources`)."""
+    return {
+        "name": ROUTE_CONFIG_NAME,
+        "virtual_hosts": [_virtual_host(_routes(cfg, opts))],
+        # A route's own response headers (a refusal's reason, a compiled route's decision)
+        # win over the virtual host's.
+        "most_specific_header_mutations_wins": True,
+        "request_headers_to_remove": [],
+        # attempt.lua's note to the retry policy, never for a client.
+        "response_headers_to_remove": [RETRY_HEADER],
+        # Envoy rejects the whole table when a direct response is larger than this (default
+        # 4 KiB): the models listing outgrows that at about 60 aliases.
+        "max_direct_response_body_size_bytes": max(4096, len(models_listing(_aliases(cfg))) + 1024),
+    }
+
+
+def listener(cfg: pb.RoutingConfig, opts: GatewayOptions, routes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The main listener. `routes`: the config source of its route table (RDS), else inline."""
     # The decision's policy and reason travel as dynamic metadata, not request headers, so they
     # reach the response headers without ever being sent to a provider.
     # Learning reads outcomes from the access log: no response message to the ext_proc.
@@ -753,19 +774,11 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="signalbox",
         codec_type="AUTO",
-        route_config={
-            "name": "signalbox",
-            "virtual_hosts": [_virtual_host(_routes(cfg, opts))],
-            # A route's own response headers (a refusal's reason, a compiled route's decision)
-            # win over the virtual host's.
-            "most_specific_header_mutations_wins": True,
-            "request_headers_to_remove": [],
-            # attempt.lua's note to the retry policy, never for a client.
-            "response_headers_to_remove": [RETRY_HEADER],
-            # Envoy rejects the whole listener when a direct response is larger than this
-            # (default 4 KiB): the models listing outgrows that at about 60 aliases.
-            "max_direct_response_body_size_bytes": max(4096, len(models_listing(_aliases(cfg))) + 1024),
-        },
+        **(
+            {"rds": {"route_config_name": ROUTE_CONFIG_NAME, "config_source": routes}}
+            if routes is not None
+            else {"route_config": route_config(cfg, opts)}
+        ),
         http_filters=[
             _remove_gateway_headers("signalbox.strip_client_gateway_headers"),
             client_path_filter(),

@@ -1,0 +1,42 @@
+"""Envoy's resource files as a gateway's publishers write them (issue 12): a change to policies
+replaces the clusters and routes it changes and leaves the listener's file alone, so Envoy
+keeps its listener (filters, attempt.lua's Lua states) and parses nothing it already has."""
+
+from pathlib import Path
+
+from signalbox import gatewayfiles
+from signalbox.core import envoygen
+from signalbox.core.compiler import compile_config
+from tests.factories import backend, model, policy, provider
+
+PROVIDERS = [provider("a", "http://127.0.0.1:9001/v1", [model("m")]), provider("b", "http://b:1/v1", [model("m")])]
+
+
+def files(workdir: Path) -> dict[str, Path]:
+    return {n: Path(envoygen.resource_file(str(workdir / gatewayfiles.ENVOY_DIR), n)) for n in envoygen.RESOURCE_FILES}
+
+
+def inodes(workdir: Path) -> dict[str, int]:
+    return {n: p.stat().st_ino for n, p in files(workdir).items()}
+
+
+def test_a_policy_change_rewrites_routes_and_clusters_but_not_the_listener(tmp_path):
+    first = compile_config(PROVIDERS, [policy("p", ["x"], [backend("a", "m"), backend("b", "m", priority=1)])])
+    gatewayfiles.write_envoy(first.config, tmp_path, envoygen.GatewayOptions())
+    written = inodes(tmp_path)
+    # Written again unchanged: no file is replaced (each replacement makes Envoy parse it).
+    gatewayfiles.write_envoy(first.config, tmp_path, envoygen.GatewayOptions())
+    assert inodes(tmp_path) == written
+
+    more = compile_config(
+        PROVIDERS,
+        [
+            policy("p", ["x"], [backend("a", "m"), backend("b", "m", priority=1)]),
+            policy("q", ["y"], [backend("b", "m"), backend("a", "m", priority=1)], strategy="cost"),
+        ],
+    )
+    gatewayfiles.write_envoy(more.config, tmp_path, envoygen.GatewayOptions())
+    now = inodes(tmp_path)
+    assert now["lds.json"] == written["lds.json"]
+    assert now["rds.json"] != written["rds.json"]
+    assert "default/q:" in files(tmp_path)["rds.json"].read_text()
