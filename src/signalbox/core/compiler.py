@@ -25,6 +25,7 @@ from signalbox.core.schema import SCHEMA_VERSION, provider_api
 from . import rollouts
 from .consumers import KeyHashes, add_consumers, rate_limits
 from .errors import Problem
+from .gcpause import paused_gc
 from .models import (
     AIProvider,
     AuthFormat,
@@ -90,6 +91,7 @@ def _cluster_name(*parts: str) -> str:
     return ".".join(re.sub(r"[^A-Za-z0-9_-]", "_", p) for p in parts)
 
 
+@paused_gc()
 def compile_config(
     providers: Iterable[Mapping[str, Any]],
     policies: Iterable[Mapping[str, Any]],

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, Problem
+from .gcpause import paused_gc
 from .models import API_VERSION, KINDS
 
 
@@ -43,6 +44,7 @@ def yaml_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
+@paused_gc()
 def load(paths: list[str | Path]) -> Documents:
     """Collect AIProvider, RoutingPolicy and Consumer objects; other kinds (Secrets, Deployments) are skipped.
 

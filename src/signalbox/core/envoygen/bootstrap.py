@@ -7,6 +7,7 @@ from typing import Any
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
+from ..gcpause import paused_gc
 from .clusters import clusters
 from .contract import ADMIN_CLUSTER, BACKEND_PREFIX, EXTPROC_ADMIN_CLUSTER, EXTPROC_CLUSTER, TARGET_PREFIX
 from .listener import health_listener, listener, route_config
@@ -174,6 +175,7 @@ def watched_file(config_dir: str, name: str) -> dict[str, Any]:
     }
 
 
+@paused_gc()
 def resources(cfg: pb.RoutingConfig, opts: GatewayOptions, config_dir: str = "") -> dict[str, dict[str, Any]]:
     """The dynamic resources as xDS DiscoveryResponse documents, keyed by file name.
 
