@@ -59,7 +59,7 @@ class TableHolder:
     def load_file(self, path: str | Path) -> bool:
         """Try to install the config in `path`; on any failure keep the current table."""
         try:
-            cfg = json_format.Parse(Path(path).read_text(), pb.RoutingConfig())
+            cfg = read_config(Path(path))
             # Rebuilt even when the config is unchanged: config-sync rewrites it after a key
             # rotation, and building a table takes milliseconds.
             table = self.install(cfg)
@@ -92,6 +92,14 @@ class TableHolder:
         self.load_file(path)
         async for _ in awatch(path.parent, stop_event=stop, debounce=50, step=20):
             self.load_file(path)
+
+
+def read_config(path: Path) -> pb.RoutingConfig:
+    """The compiled config from a file: binary protobuf as the publishers write it
+    (gatewayfiles.CONFIG_FILE), or JSON when the name ends in .json (written by hand)."""
+    if path.suffix == ".json":
+        return json_format.Parse(path.read_text(), pb.RoutingConfig())
+    return pb.RoutingConfig.FromString(path.read_bytes())
 
 
 def _where(cfg: pb.RoutingConfig, provider_id: str) -> str:

@@ -13,14 +13,15 @@ import logging
 import os
 from pathlib import Path
 
-from google.protobuf import json_format
-
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core import envoygen
 from signalbox.core.errors import CredentialUnavailable
 from signalbox.extproc.runtime import KeyResolver, default_key_resolver
 
-CONFIG_FILE = "config/routing-config.json"
+# The compiled config as binary protobuf: the ext_proc workers parse it on every change, and at
+# the 2,000-provider fleet its JSON (7.7 MB) took 0.8 s to parse and 0.6 s to write, against
+# milliseconds for the 2.2 MB of protobuf (issue 12).
+CONFIG_FILE = "config/routing-config.pb"
 ENVOY_DIR = "envoy"  # Envoy's resource files, each in a folder of its own (envoygen.resource_file)
 # What the ext_proc workers of one gateway share (SQLite files: budget spend, learning; see
 # signalbox.extproc.sharedstate). Not under config/: the ext_proc reloads on every change there.
@@ -37,12 +38,15 @@ TOKEN_REFRESH_SECONDS = 60.0
 log = logging.getLogger("signalbox.gatewayfiles")
 
 
-def write_atomic(path: Path, data: str, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     tmp.touch(mode=mode)
-    tmp.write_text(data)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
     os.replace(tmp, path)
 
 
@@ -88,7 +92,7 @@ def publish(
     config (the ext_proc must know a backend before Envoy routes to it), then Envoy's resources
     (`envoy=False`: not yet, see `write_envoy`)."""
     write_credentials(cfg, options, resolve_key or default_key_resolver(str(workdir / SECRETS_DIR)))
-    write_atomic(workdir / CONFIG_FILE, json_format.MessageToJson(cfg))
+    write_atomic(workdir / CONFIG_FILE, cfg.SerializeToString())
     if envoy:
         write_envoy(cfg, workdir, options)
 

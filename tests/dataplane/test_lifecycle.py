@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import openai
 import pytest
 
 from signalbox.cli import main as cli_main
+from signalbox.extproc.reload import read_config
 from tests.factories import backend, dump, model, policy, provider
 
 from .conftest import start_gateway
@@ -85,7 +85,7 @@ def test_edit_applies_and_bad_edit_keeps_last_good(fakes, tmp_path):
         assert gw.generation == 2
         # Nothing was published, so nothing can change later: the data plane still reports and
         # serves generation 2 (no waiting in the hope that a reload would have shown by now).
-        assert json.loads(gw.config_file.read_text())["generation"] == "2"
+        assert read_config(gw.config_file).generation == 2
         assert httpx.get(f"{gw.admin_url}/healthz").json()["generation"] == 2
         assert served(gw) == {"beta": 20}
     finally:

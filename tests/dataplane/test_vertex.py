@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from signalbox import gatewayfiles
 from tests.factories import backend, dump, model, policy, provider
 
 from .conftest import logs, running, start_gateway
@@ -152,9 +153,9 @@ def test_the_service_account_key_and_tokens_stay_out_of_config_logs_and_metrics(
     workdir = Path(gateway.workdir)
     exposed = [
         *(workdir / "envoy").rglob("*.json"),
-        workdir / "config" / "routing-config.json",
+        workdir / gatewayfiles.CONFIG_FILE,
     ]
-    texts = [p.read_text() for p in exposed] + [
+    texts = [p.read_bytes().decode(errors="replace") for p in exposed] + [
         logs(gateway),
         httpx.get(f"{gateway.admin_url}/metrics").text,
         httpx.get(f"{gateway.admin_url}/v1/route", params={"model": "vertex"}).text,

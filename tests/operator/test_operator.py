@@ -12,6 +12,7 @@ from signalbox.configsync import ConfigSync
 from signalbox.core import envoygen
 from signalbox.core.envoygen import GatewayOptions
 from signalbox.extproc.reload import TableHolder
+from signalbox.gatewayfiles import CONFIG_FILE
 from signalbox.operator.kube import api_client
 from signalbox.operator.reconciler import OperatorConfig
 from tests.factories import backend, model, policy, provider
@@ -239,7 +240,7 @@ async def test_spec_change_reaches_the_gateway_files_and_the_extproc(cluster, st
     stop = asyncio.Event()
     task = asyncio.create_task(sync.run(stop))
     holder = TableHolder()
-    config_file = tmp_path / "config" / "routing-config.json"
+    config_file = tmp_path / CONFIG_FILE
     watcher = asyncio.create_task(holder.watch(config_file, stop))
     try:
         await cluster.eventually(lambda: _aliases(holder, ["auto"]))

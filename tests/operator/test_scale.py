@@ -16,6 +16,8 @@ from bench.fleet import KEY_ENV, alias, fleet
 from signalbox import pod
 from signalbox.core import bundle, envoygen
 from signalbox.core.compiler import compile_config
+from signalbox.extproc.reload import read_config
+from signalbox.gatewayfiles import CONFIG_FILE
 from signalbox.local import envoy_binary
 from signalbox.operator.reconciler import OperatorConfig, Reconciler
 
@@ -56,8 +58,7 @@ async def test_a_large_fleet_is_published_in_parts_and_served_by_envoy(k8s, clus
     env = {**os.environ, KEY_ENV: FLEET_KEY}  # the pod's environment names the providers' key
     init = await asyncio.create_subprocess_exec(*cli, "config-sync", "--once", *common, env=env)
     assert await init.wait() == 0
-    written = json.loads((tmp_path / "config" / "routing-config.json").read_text())
-    assert len(written["policies"]) == POLICIES
+    assert len(read_config(tmp_path / CONFIG_FILE).policies) == POLICIES
 
     admin_socket = str(tmp_path / "envoy-admin.sock")
     options = pod.options(str(tmp_path), listen_port=0, health_port=0, admin_socket=admin_socket)

@@ -9,6 +9,8 @@ from signalbox.configsync import ConfigSync
 from signalbox.core import bundle, envoygen
 from signalbox.core.compiler import compile_config
 from signalbox.core.envoygen import GatewayOptions
+from signalbox.extproc.reload import read_config
+from signalbox.gatewayfiles import CONFIG_FILE
 from tests.factories import backend, model, policy, provider
 
 
@@ -28,9 +30,10 @@ def test_good_configmap_is_written_and_bad_ones_change_nothing(tmp_path):
         kubernetes.client.ApiClient(), "ns", "cm", tmp_path, GatewayOptions(extproc_sockets=("/run/x.sock",))
     )
     assert sync.apply(config_data(1))
-    written = (tmp_path / "config" / "routing-config.json").read_text()
+    config_file = tmp_path / CONFIG_FILE
+    written = config_file.read_bytes()
     listener = json.loads(Path(envoygen.resource_file(f"{tmp_path}/envoy", "lds.json")).read_text())
-    assert json.loads(written)["generation"] == "1"
+    assert read_config(config_file).generation == 1
     assert listener["resources"][0]["name"] == "signalbox_gateway"
 
     broken = {**config_data(2, alias="other"), bundle.INLINE_KEY: "{broken"}
@@ -38,8 +41,8 @@ def test_good_configmap_is_written_and_bad_ones_change_nothing(tmp_path):
     assert not sync.apply({**config_data(2, alias="other"), bundle.MANIFEST_KEY: "{broken"})
     assert not sync.apply(config_data(2, alias="other", schema_version=99))
     assert not sync.apply({})
-    assert (tmp_path / "config" / "routing-config.json").read_text() == written
+    assert config_file.read_bytes() == written
     assert [g for g, _ in sync.applied] == [1]
 
     assert sync.apply(config_data(3, alias="fast"))
-    assert "fast" in (tmp_path / "config" / "routing-config.json").read_text()
+    assert "fast" in {alias for p in read_config(config_file).policies for alias in p.aliases}
