@@ -63,9 +63,6 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
     else:
         extproc_addrs = [_address(opts.extproc_host, opts.extproc_port)]
 
-    def watched(name: str) -> dict[str, Any]:
-        return watched_file(config_dir, name)
-
     static: list[dict[str, Any]] = [
         {
             "name": EXTPROC_CLUSTER,
@@ -140,7 +137,10 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "node": {"id": "signalbox-gateway", "cluster": "signalbox"},
         "admin": {"address": _admin_address(opts)},
-        "dynamic_resources": {"lds_config": watched("lds.json"), "cds_config": watched("cds.json")},
+        "dynamic_resources": {
+            "lds_config": watched_file(config_dir, "lds.json"),
+            "cds_config": watched_file(config_dir, "cds.json"),
+        },
         "stats_config": {"stats_matcher": {"exclusion_list": {"patterns": UNKEPT_CLUSTER_STATS}}},
         "static_resources": {"clusters": static},
     }
@@ -168,6 +168,7 @@ def resource_file(config_dir: str, name: str) -> str:
 
 
 def watched_file(config_dir: str, name: str) -> dict[str, Any]:
+    """The config source of one resource file, its own folder watched for the file's moves."""
     path = resource_file(config_dir, name)
     return {
         "path_config_source": {"path": path, "watched_directory": {"path": path.rsplit("/", 1)[0]}},
