@@ -128,6 +128,15 @@ def decision_signer(args: argparse.Namespace) -> DecisionSigner:
     return DecisionSigner()
 
 
+def publish_address(path: Path, address: str) -> None:
+    """Write the bound address where the starter polls for it, by rename: the starter waits
+    for the file to exist and reads it at once, and a file created then written was seen
+    empty (a `signalbox up` that failed to start in CI)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(address)
+    os.replace(tmp, path)
+
+
 async def serve_until_stopped(args: argparse.Namespace, background: tuple[Background, ...] = ()) -> int:
     metrics = Metrics()
     logging.getLogger("grpc._cython.cygrpc").addFilter(_PeerClosedFirst(metrics))
@@ -166,7 +175,7 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
         admin_runner, bound = await admin.start(processor, host or "127.0.0.1", int(port), token)
         if getattr(args, "admin_address_file", None):
             # Port 0 binds a free port; whoever started us reads which one here.
-            Path(args.admin_address_file).write_text(f"{host or '127.0.0.1'}:{bound}")
+            publish_address(Path(args.admin_address_file), f"{host or '127.0.0.1'}:{bound}")
         log.info("admin API on http://%s:%s", host or "127.0.0.1", bound)
     log.info("ext_proc listening on %s", address)
     stop = asyncio.Event()
