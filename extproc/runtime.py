@@ -41,6 +41,11 @@ def credential(auth: pb.Auth, value: str | None) -> SecretValue | None:
         from signalbox.core.googleauth import google_token
 
         return google_token(SecretValue(value))
+    if auth.format == pb.AWS_CREDENTIALS:
+        # Envoy signs with the file; a file without usable keys leaves the provider unroutable.
+        from signalbox.core.awscreds import parse
+
+        return SecretValue(value) if parse(value) is not None else None
     return SecretValue(value)
 
 

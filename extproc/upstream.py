@@ -28,10 +28,10 @@ from collections.abc import AsyncIterator
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from signalbox.core.envoygen.contract import ATTEMPT_NS, TRANSLATE_KEY
-from signalbox.core.errors import GEMINI_API, RequestError
+from signalbox.core.errors import BEDROCK_API, GEMINI_API, RequestError
 
 from . import wire
-from .translate import StreamTranslator, Translation, gemini, parse_route
+from .translate import StreamTranslator, Translation, bedrock, gemini, parse_route
 
 log = logging.getLogger("signalbox.extproc.upstream")
 
@@ -76,6 +76,8 @@ async def translate(
         # not send. Without one, Envoy frames the translated body itself.
         yield wire.headers_response(remove=["content-length"])
         path = wire.header_map(first.request_headers).get(":path", "")
+        if dst == BEDROCK_API:
+            translation.path_model = bedrock.model_of(path)
         body = await _next_body(rest, "request_body")
         if body is None:
             return
@@ -86,9 +88,11 @@ async def translate(
             yield wire.immediate_error(err, api=src)
             return
         answer = _body(translated, "request_body", replace=False)
-        if translation.dst == GEMINI_API and translation.streaming:
-            # Gemini streams on another method (the headers are still held, so this applies).
-            answer.request_body.response.header_mutation.CopyFrom(wire.mutation([(":path", gemini.stream_path(path))]))
+        if translation.streaming and dst in (GEMINI_API, BEDROCK_API):
+            # Gemini and Bedrock stream on another method (the headers are still held, so this
+            # applies).
+            streamed = gemini.stream_path(path) if dst == GEMINI_API else bedrock.stream_path(path)
+            answer.request_body.response.header_mutation.CopyFrom(wire.mutation([(":path", streamed)]))
         yield answer
         stream: StreamTranslator | None = None
         held: list[bytes] = []

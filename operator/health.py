@@ -11,12 +11,14 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
+from signalbox.core.awscreds import parse as parse_aws
 from signalbox.core.envoygen.contract import ANTHROPIC_VERSION
 from signalbox.core.errors import CredentialUnavailable
-from signalbox.core.models import AIProviderSpec, AuthFormat, ProviderType
+from signalbox.core.models import BEDROCK_HOST, AIProviderSpec, AuthFormat, ProviderType
 from signalbox.core.secrets import SecretValue
 
 from .conditions import now
@@ -32,9 +34,14 @@ class ProbeResult:
 async def probe(spec: AIProviderSpec, key: SecretValue | None, client: httpx.AsyncClient) -> ProbeResult:
     """GET baseUrl + healthCheck.path (or healthCheck.url) with the provider's key; any 2xx is a
     success."""
-    url = spec.health_check.url or spec.base_url + spec.health_check.path
-    headers = {}
-    if spec.auth and key is not None:
+    url = probe_url(spec)
+    headers: dict[str, str] = {}
+    if spec.type == ProviderType.BEDROCK:
+        signed = await asyncio.to_thread(_aws_signed, spec, key, url)
+        if isinstance(signed, str):
+            return ProbeResult(False, 0.0, signed)
+        headers = signed
+    elif spec.auth and key is not None:
         header, prefix = spec.key_header()
         if spec.auth.format == AuthFormat.GOOGLE_CREDENTIALS:
             from signalbox.core.googleauth import google_token  # 13.5 MB, only when used
@@ -65,6 +72,42 @@ async def probe(spec: AIProviderSpec, key: SecretValue | None, client: httpx.Asy
         # What gateways see too: their attempts fail over and rest this provider's backends.
         message += ": the provider rejected the API key (revoked, expired or wrong)"
     return ProbeResult(False, round(latency, 1), message)
+
+
+def probe_url(spec: AIProviderSpec) -> str:
+    """healthCheck.url, else baseUrl + healthCheck.path; a Bedrock runtime endpoint serves no
+    GET, so by default its probe lists the region's foundation models (bedrock:ListFoundationModels)."""
+    if spec.health_check.url:
+        return spec.health_check.url
+    if spec.type == ProviderType.BEDROCK and "path" not in spec.health_check.model_fields_set:
+        found = BEDROCK_HOST.match(urlsplit(spec.base_url).hostname or "")
+        if found:
+            return f"https://bedrock.{found.group(1)}.amazonaws.com/foundation-models"
+    return spec.base_url + spec.health_check.path
+
+
+def _aws_signed(spec: AIProviderSpec, key: SecretValue | None, url: str) -> dict[str, str] | str:
+    """SigV4 headers for a GET of `url` with botocore's signer (blocking: run in a thread), or why
+    not. Credentials: the provider's AWS credentials file, else botocore's default chain (the
+    operator pod's IRSA role, environment, instance role)."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+    from botocore.session import get_session
+
+    if spec.auth is not None:
+        keys = parse_aws(key.reveal()) if key is not None else None
+        if keys is None:
+            return "the credentials source holds no [default] profile with aws_access_key_id and aws_secret_access_key"
+        token = keys.session_token.reveal() if keys.session_token else None
+        credentials = Credentials(keys.access_key, keys.secret_key.reveal(), token)
+    else:
+        credentials = get_session().get_credentials()
+        if credentials is None:
+            return "no AWS credentials: the operator's AWS credential chain found none (IRSA, environment, role)"
+    request = AWSRequest(method="GET", url=url)
+    SigV4Auth(credentials, "bedrock", spec.aws_region()).add_auth(request)
+    return {k: v for k, v in request.headers.items()}
 
 
 @dataclass

@@ -13,13 +13,21 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from signalbox.core.errors import ANTHROPIC_API, GEMINI_API, OPENAI_API, RESPONSES_API, MalformedRequest
+from signalbox.core.errors import (
+    ANTHROPIC_API,
+    BEDROCK_API,
+    GEMINI_API,
+    OPENAI_API,
+    RESPONSES_API,
+    MalformedRequest,
+)
 
-from . import anthropic, gemini, responses
+from . import anthropic, bedrock, gemini, responses
 
-# What clients speak, and what backends speak (chat, Anthropic's Messages or Gemini's API).
+# What clients speak, and what backends speak (chat, Anthropic's Messages, Gemini's API or
+# Bedrock's Converse).
 APIS = (OPENAI_API, ANTHROPIC_API, RESPONSES_API)
-BACKEND_APIS = (OPENAI_API, ANTHROPIC_API, GEMINI_API)
+BACKEND_APIS = (OPENAI_API, ANTHROPIC_API, GEMINI_API, BEDROCK_API)
 
 
 class StreamTranslator(Protocol):
@@ -91,6 +99,8 @@ class Translation:
         self.streaming = False  # set by request(): whether the client asked for a stream
         # Set by request(): JSON output asked of an Anthropic backend (a forced tool carries it).
         self.json_output = False
+        # The model the attempt's path names, for APIs whose answers do not (Bedrock's).
+        self.path_model: str | None = None
 
     def request(self, raw: bytes) -> bytes:
         """The client's request body in the backend's API; MalformedRequest or UnsupportedFeature."""
@@ -109,6 +119,8 @@ class Translation:
             return _dump(anthropic.chat_to_messages(chat))
         if self.dst == GEMINI_API:
             return _dump(gemini.chat_to_gemini(chat))
+        if self.dst == BEDROCK_API:
+            return _dump(bedrock.chat_to_converse(chat))
         return _dump(chat)
 
     def answer(self, raw: bytes) -> bytes:
@@ -122,6 +134,10 @@ class Translation:
             chat = anthropic.message_to_chat(body, self.json_output) if is_message else None
         elif self.dst == GEMINI_API:
             chat = gemini.gemini_to_chat(body) if gemini.is_answer(body) else None
+        elif self.dst == BEDROCK_API:
+            chat = bedrock.converse_to_chat(body, self.path_model) if bedrock.is_answer(body) else None
+            if chat is None and bedrock.is_error(body):
+                body = bedrock.error_to_chat(body)
         else:
             chat = body if _chat_answer(body) else None
         if chat is None:  # an error, in OpenAI's shape first
@@ -133,11 +149,13 @@ class Translation:
             return _dump(responses.chat_to_response(chat))
         return _dump(chat)
 
-    @staticmethod
-    def is_stream(first_chunk: bytes) -> bool:
-        """Whether an answer is server-sent events, from its first bytes (a JSON answer or error
-        starts with `{`; an event with a field name or a comment)."""
+    def is_stream(self, first_chunk: bytes) -> bool:
+        """Whether an answer is a stream, from its first bytes (a JSON answer or error starts with
+        `{`; server-sent events with a field name or a comment; Bedrock's binary event stream
+        with its first frame's length, when a stream was asked for)."""
         head = first_chunk.lstrip(b"\xef\xbb\xbf \t\r\n")[:6]
+        if self.dst == BEDROCK_API:
+            return self.streaming and not head.startswith(b"{")
         return head.startswith((b"data:", b"event:", b":", b"id:", b"retry:"))
 
     def stream(self) -> StreamTranslator:
@@ -146,6 +164,8 @@ class Translation:
             steps.append(anthropic.MessagesToChatStream(self.json_output))
         elif self.dst == GEMINI_API:
             steps.append(gemini.GeminiToChatStream())
+        elif self.dst == BEDROCK_API:
+            steps.append(bedrock.ConverseToChatStream(self.path_model))
         if self.src == ANTHROPIC_API:
             steps.append(anthropic.ChatToMessagesStream())
         elif self.src == RESPONSES_API:

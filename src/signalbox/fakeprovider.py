@@ -1,5 +1,5 @@
-"""A fake LLM provider for the quickstart, tests and benchmarks, speaking OpenAI's API and
-Anthropic's Messages API.
+"""A fake LLM provider for the quickstart, tests and benchmarks, speaking OpenAI's API,
+Anthropic's Messages API, Gemini's and AWS Bedrock's Converse API (`signalbox.fakebedrock`).
 
 It answers chat/completions/embeddings/models on any base path (so OpenAI, vLLM and Azure
 deployment paths all work) and `/messages` as Anthropic does (its answers, stream events, error
@@ -38,12 +38,13 @@ import time
 import typing
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import typing_extensions
 from aiohttp import web
 
+from signalbox import fakebedrock
 from signalbox.core.errors import anthropic_error_type
 
 FAULT_KINDS = ("", "reset", "hang", "stall", "cut", "malformed", "no_done", "context_length", "content_filter")
@@ -98,6 +99,9 @@ class Behaviour:
     strict: bool = False
     # Seconds an access token from the OAuth2 token endpoint (`POST /token`) lives.
     token_lifetime_s: int = 3600
+    # Bedrock: AWS access key ID -> secret key; when set, Converse requests must carry a SigV4
+    # signature made with one of them (verified with botocore's signer).
+    aws_keys: dict[str, str] = field(default_factory=dict)
 
 
 def _fault(raw: dict[str, Any] | None) -> Fault:
@@ -258,6 +262,8 @@ class FakeProvider:
         key = self.behaviour.api_key
         if not key:
             return True
+        if _api(request) == "bedrock":
+            return True  # signed, not keyed: handle_post verifies the signature over the body
         if _api(request) == "anthropic":
             return request.headers.get("x-api-key") == key
         if _api(request) == "gemini":
@@ -281,6 +287,9 @@ class FakeProvider:
             }
         elif api == "gemini":
             body = {"error": {"code": status, "message": text, "status": GEMINI_STATUSES.get(status, "UNKNOWN")}}
+        elif api == "bedrock":
+            body, extra = fakebedrock.error(status, text)
+            headers = {**extra, **(headers or {})}
         else:
             body = {"error": {"message": text, "type": kind, "param": None, "code": code or str(status)}}
         return web.json_response(body, status=status, headers={"x-fake-provider": self.ident, **(headers or {})})
@@ -332,6 +341,17 @@ class FakeProvider:
                 },
                 headers={"x-fake-provider": self.ident},
             )
+        if request.path.endswith("/foundation-models"):
+            # Bedrock's ListFoundationModels: signed like the runtime's calls.
+            if self.behaviour.aws_keys:
+                headers = dict(request.headers.items())
+                problem = fakebedrock.signature_problem(
+                    "GET", request.host, request.path_qs, headers, b"", self.behaviour.aws_keys
+                )
+                if problem:
+                    return self._error(403, problem, api="bedrock")
+            summary = {"modelId": f"{self.ident}.model-v1:0", "providerName": self.ident}
+            return web.json_response({"modelSummaries": [summary]}, headers={"x-fake-provider": self.ident})
         if "/publishers/" in request.path and "/models/" in request.path:
             # Vertex AI's Model Garden entry of one model (GetPublisherModel).
             name = request.path[request.path.index("publishers/") :]
@@ -354,7 +374,7 @@ class FakeProvider:
                 "path": request.path_qs,
                 "headers": dict(request.headers),
                 "api": api,
-                "model": body.get("model"),
+                "model": body.get("model") or (fakebedrock.operation(request.path) or (None,))[0],
                 "stream": bool(body.get("stream")),
                 "stream_options": body.get("stream_options"),
                 "body": body,
@@ -385,6 +405,8 @@ class FakeProvider:
             if body.get("stream"):
                 return await self._anthropic_stream(request, model, fault, tool, forced)
             return web.json_response(self._anthropic_answer(model, tool, forced), headers=self._headers(fault))
+        if api == "bedrock":
+            return await self._bedrock(request, raw, body, fault, tool)
         if api == "gemini":
             problems = gemini_problems(body, request.path_qs)
             if problems:
@@ -640,6 +662,62 @@ class FakeProvider:
         await response.write_eof()
         return response
 
+    async def _bedrock(
+        self, request: web.Request, raw: bytes, body: dict[str, Any], fault: Fault, tool: str
+    ) -> web.StreamResponse:
+        """Bedrock's Converse (JSON) or ConverseStream (event stream): the signature first, then
+        the body against botocore's model of the operation."""
+        op = fakebedrock.operation(request.path)
+        assert op is not None  # _api said bedrock
+        model, kind = op
+        if self.behaviour.aws_keys:
+            headers = {k: v for k, v in request.headers.items()}
+            problem = fakebedrock.signature_problem(
+                request.method, request.host, request.path_qs, headers, raw, self.behaviour.aws_keys
+            )
+            if problem:
+                return self._error(403, problem, api="bedrock")
+        problems = fakebedrock.request_problems(model, kind == "converse-stream", body)
+        if problems:
+            return self._error(400, "; ".join(problems), api="bedrock")
+        text = self.behaviour.content or f"[{self.ident}] answer from {model}"
+        arguments = json.loads(TOOL_ARGUMENTS)
+        if kind == "converse":
+            answer = fakebedrock.answer(text, tool, arguments, f"tooluse_{self.count}")
+            return web.json_response(answer, headers=self._headers(fault))
+        chunks = int(request.headers.get("x-fake-chunks", 5))
+        gap = int(request.headers.get("x-fake-chunk-delay-ms", 0)) / 1000
+        response = web.StreamResponse(headers={"content-type": fakebedrock.EVENT_STREAM, **self._headers(fault)})
+        await response.prepare(request)
+        if fault.first_token_ms:
+            await asyncio.sleep(fault.first_token_ms / 1000)
+        event = fakebedrock.event
+        await response.write(event("messageStart", {"role": "assistant"}))
+        for i in range(chunks):
+            if i == fault.after and fault.kind in ("stall", "cut"):
+                if fault.kind == "stall":
+                    await asyncio.sleep(HANG_SECONDS)
+                assert request.transport is not None
+                request.transport.abort()
+                raise asyncio.CancelledError
+            await response.write(event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": f"chunk{i} "}}))
+            if gap:
+                await asyncio.sleep(gap)
+        await response.write(event("contentBlockStop", {"contentBlockIndex": 0}))
+        if tool:
+            start = {"toolUse": {"toolUseId": f"tooluse_{self.count}", "name": tool}}
+            await response.write(event("contentBlockStart", {"contentBlockIndex": 1, "start": start}))
+            for piece in (TOOL_ARGUMENTS[:5], TOOL_ARGUMENTS[5:]):  # JSON arrives in pieces
+                delta = {"contentBlockIndex": 1, "delta": {"toolUse": {"input": piece}}}
+                await response.write(event("contentBlockDelta", delta))
+            await response.write(event("contentBlockStop", {"contentBlockIndex": 1}))
+        await response.write(event("messageStop", {"stopReason": "tool_use" if tool else "end_turn"}))
+        if fault.kind != "no_done":
+            metadata = {"usage": fakebedrock.usage(chunks), "metrics": {"latencyMs": 5}}
+            await response.write(event("metadata", metadata))
+        await response.write_eof()
+        return response
+
 
 def _gemini_chunk(model: str, parts: list[dict[str, Any]], finish: str | None, usage: dict | None, rid: str) -> dict:
     candidate: dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
@@ -656,6 +734,8 @@ def _api(request: web.Request) -> str:
     `/models/<model>:generateContent` (and its `/models` with x-goog-api-key), else OpenAI's."""
     if request.path.endswith(("/messages", "/messages/count_tokens")):
         return "anthropic"
+    if fakebedrock.operation(request.path) is not None:
+        return "bedrock"
     if ":generateContent" in request.path or ":streamGenerateContent" in request.path:
         return "gemini"
     if "x-goog-api-key" in request.headers:

@@ -72,3 +72,35 @@ async def test_a_vertex_provider_is_probed_at_its_url_with_a_minted_token():
     assert [r["path"] for r in fake.requests if r["api"] == "oauth2"] == ["/token"]  # minted once, reused
     assert not revoked.ok and "rejected the API key" in revoked.message
     assert not unusable.ok and "Google credentials" in unusable.message
+
+
+async def test_a_bedrock_provider_is_probed_with_a_sigv4_signature():
+    async with serving("bedrock") as fake, httpx.AsyncClient() as client:
+        fake.behaviour.aws_keys = {"AKIAPROBE": "probe-secret"}
+        spec = AIProviderSpec.model_validate(
+            {
+                "type": "bedrock",
+                "baseUrl": fake.url,
+                "aws": {"region": "us-east-1"},
+                "models": [{"name": "m"}],
+                "auth": {"env": "K", "format": "aws-credentials"},
+                "healthCheck": {"url": fake.url + "/foundation-models"},
+            }
+        )
+        good = "[default]\naws_access_key_id = AKIAPROBE\naws_secret_access_key = probe-secret\n"
+        ok = await probe(spec, SecretValue(good), client)
+        wrong = await probe(spec, SecretValue(good.replace("probe-secret", "old-secret")), client)
+        unusable = await probe(spec, SecretValue("not an ini file"), client)
+    assert ok.ok, ok.message
+    assert not wrong.ok and "HTTP 403" in wrong.message
+    assert not unusable.ok and "aws_access_key_id" in unusable.message
+    assert "probe-secret" not in wrong.message + unusable.message
+
+
+def test_a_bedrock_probe_defaults_to_listing_the_regions_models():
+    from signalbox.operator.health import probe_url
+
+    spec = AIProviderSpec.model_validate(
+        {"type": "bedrock", "baseUrl": "https://bedrock-runtime.eu-west-3.amazonaws.com", "models": [{"name": "m"}]}
+    )
+    assert probe_url(spec) == "https://bedrock.eu-west-3.amazonaws.com/foundation-models"

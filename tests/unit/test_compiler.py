@@ -166,3 +166,18 @@ def test_streams_are_sanitized_by_default_only_for_openai_compatible_servers():
     assert result.ok, result.problems
     sanitized = {p.name: p.sanitize_streams for p in result.config.providers}
     assert sanitized == {"selfhosted": True, "first-party": False, "opted-in": True, "opted-out": False}
+
+
+def test_a_bedrock_backend_cannot_be_a_mirror_or_an_llm_tier():
+    providers = [
+        provider("br", "https://bedrock-runtime.us-east-1.amazonaws.com", [model("haiku")], type="bedrock"),
+        provider("a", "http://127.0.0.1:9001/v1", [model("m")]),
+    ]
+    ok = compile_config(providers, [policy("p", ["x"], [backend("br", "haiku")])])
+    assert ok.ok, ok.problems
+    mirrored = compile_config(
+        providers, [policy("p", ["x"], [backend("a", "m")], mirror={"provider": "br", "model": "haiku", "percent": 5})]
+    )
+    assert not mirrored.ok
+    assert [p.path for p in mirrored.problems] == ["spec.mirror"]
+    assert "bedrock" in mirrored.problems[0].message

@@ -523,3 +523,63 @@ def test_requests_without_alias_or_target_meet_their_answer_before_any_policy_ro
             assert {k: v for k, v in guarded.items() if k not in ("name", "match")} == {
                 k: v for k, v in plain.items() if k not in ("name", "match")
             }
+
+
+def bedrock_config(**auth):
+    providers = [
+        provider(
+            "br",
+            "https://bedrock-runtime.eu-central-1.amazonaws.com",
+            [model("haiku", upstreamName="anthropic.claude-3-haiku-20240307-v1:0"), model("titan")],
+            type="bedrock",
+            **auth,
+        ),
+        provider("a", "http://127.0.0.1:9001/v1", [model("m")]),
+    ]
+    result = compile_config(
+        providers, [policy("p", ["x"], [backend("br", "haiku"), backend("a", "m", priority=1)], strategy="failover")]
+    )
+    assert result.ok, result.problems
+    return result.config
+
+
+def test_bedrock_attempts_are_signed_by_envoy_after_the_translation():
+    cfg = bedrock_config(auth={"secretRef": {"name": "aws", "key": "credentials"}, "format": "aws-credentials"})
+    (br,) = [p for p in cfg.providers if p.name == "br"]
+    assert br.aws_region == "eu-central-1"  # from the runtime endpoint's host
+    filters = router_upstream_filters(cfg, CREDENTIALS)
+    names = [f["name"] for f in filters]
+    assert names.index("signalbox.translate") < names.index("signalbox.sign.default/br")
+    assert names.index("signalbox.sign.default/br") < names.index("signalbox.strip_gateway_headers_upstream")
+    signer = filters[names.index("signalbox.sign.default/br")]["typed_config"]
+    signing = signer["extension_config"]["typed_config"]
+    assert (signing["service_name"], signing["region"], signing["use_unsigned_payload"]) == (
+        "bedrock",
+        "eu-central-1",
+        False,
+    )
+    # The credentials are a file Envoy reads, never the config; only this provider's keys.
+    source = signing["credential_provider"]["credentials_file_provider"]["credentials_data_source"]
+    assert source == {"filename": envoygen.credential_file("/run/keys", "default/br")}
+    assert signing["credential_provider"]["custom_credential_provider_chain"] is True
+    # The gateway's own headers, removed after signing, are not signed.
+    assert signing["match_included_headers"] == [{"exact": "content-type"}, {"prefix": "x-amz-"}]
+    # Skipped unless the attempt goes to one of this provider's backends.
+    (skip,) = signer["xds_matcher"]["matcher_list"]["matchers"]
+    predicate = skip["predicate"]["not_matcher"]["single_predicate"]
+    assert predicate["input"]["typed_config"]["header_name"] == envoygen.ATTEMPT_HEADER
+    assert predicate["value_match"]["safe_regex"]["regex"] == r"^(?:default/br/haiku|default/br/titan)$"
+    # The model ID is percent-encoded in Converse's path; no key header is added by attempt.lua.
+    lua = filters[names.index("signalbox.attempt")]["typed_config"]["default_source_code"]["inline_string"]
+    assert '["api_path"] = "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse"' in lua
+    assert '["key_header"] = ""' in lua.split('["default/br/haiku"]')[1].split("}")[0]
+
+
+def test_a_bedrock_provider_without_auth_uses_envoys_aws_credential_chain():
+    signing = next(
+        f for f in router_upstream_filters(bedrock_config(), CREDENTIALS) if f["name"].startswith("signalbox.sign.")
+    )["typed_config"]["extension_config"]["typed_config"]
+    assert "credential_provider" not in signing  # environment, IRSA web identity, instance role
+    assert [
+        f["name"] for f in router_upstream_filters(config(), CREDENTIALS) if f["name"].startswith("signalbox.sign.")
+    ] == []

@@ -52,6 +52,9 @@ EVERY = [
     TO_GEMINI,
     Translation("anthropic", "gemini"),
     Translation("responses", "gemini"),
+    Translation("openai", "bedrock"),
+    Translation("anthropic", "bedrock"),
+    Translation("responses", "bedrock"),
 ]
 
 

@@ -224,8 +224,9 @@ function envoy_on_request(handle)
   elseif api ~= nil and not native then
     -- Another API family: the upstream-phase ext_proc translates this attempt's body (this
     -- script sets the path; the answer's headers are fixed on the way back, envoy_on_response).
-    -- Gemini names the model in the path (the translation switches to the streaming method).
-    rest = API_PATHS[BACKEND.api] or ("/models/" .. BACKEND.model .. ":generateContent")
+    -- Gemini and Bedrock name the model in the path (`api_path`; the translation switches to
+    -- their streaming method).
+    rest = BACKEND.api_path or API_PATHS[BACKEND.api]
     headers:replace(TRANSLATE_HEADER, api .. ">" .. BACKEND.api)
     handle:streamInfo():dynamicMetadata():set(ATTEMPT_NS, TRANSLATE_KEY, api .. ">" .. BACKEND.api)
   elseif api == nil and BACKEND.api ~= "openai" then
@@ -339,7 +340,10 @@ function envoy_on_response(handle)
   if notes ~= nil and notes[TRANSLATE_KEY] ~= nil and notes[TRANSLATE_KEY] ~= "" then
     -- The translation rewrites the body (a stream chunk by chunk, anything else whole, as JSON).
     headers:remove("content-length")
-    if not string.find(headers:get("content-type") or "", "text/event-stream", 1, true) then
+    local ctype = headers:get("content-type") or ""
+    if string.find(ctype, "amazon.eventstream", 1, true) then
+      headers:replace("content-type", "text/event-stream") -- Bedrock's binary events, as SSE
+    elseif not string.find(ctype, "text/event-stream", 1, true) then
       headers:replace("content-type", "application/json")
     end
   end

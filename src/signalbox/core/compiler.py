@@ -46,6 +46,7 @@ _PROVIDER_TYPES = {
     ProviderType.OPENAI_COMPATIBLE: pb.OPENAI_COMPATIBLE,
     ProviderType.ANTHROPIC: pb.ANTHROPIC,
     ProviderType.GEMINI: pb.GEMINI,
+    ProviderType.BEDROCK: pb.BEDROCK,
 }
 
 STRATEGIES: dict[Strategy, Any] = {s: pb.Strategy.Value(s.name) for s in Strategy}
@@ -168,12 +169,15 @@ def _add_provider(cfg, prov: AIProvider, secrets_present, problems, backend_inde
         else spec.sanitize_streams,
         # Only OpenAI's own API is known to serve /responses; others say so themselves.
         responses_api=spec.type == ProviderType.OPENAI if spec.responses_api is None else spec.responses_api,
+        aws_region=spec.aws_region() if spec.type == ProviderType.BEDROCK else "",
     )
     if spec.auth:
         a = spec.auth
         out.auth.header, out.auth.prefix = spec.key_header()
         if a.format == AuthFormat.GOOGLE_CREDENTIALS:
             out.auth.format = pb.GOOGLE_CREDENTIALS
+        elif a.format == AuthFormat.AWS_CREDENTIALS:
+            out.auth.format = pb.AWS_CREDENTIALS
         if a.secret_ref:
             out.auth.secret.CopyFrom(
                 pb.SecretRef(namespace=meta.namespace, name=a.secret_ref.name, key=a.secret_ref.key)
@@ -219,13 +223,34 @@ def _add_provider(cfg, prov: AIProvider, secrets_present, problems, backend_inde
 
 
 def _backend_of(
-    pol: RoutingPolicy, provider: str, model: str, path: str, backend_index: dict[str, int], problems: list[Problem]
+    cfg: pb.RoutingConfig,
+    pol: RoutingPolicy,
+    provider: str,
+    model: str,
+    path: str,
+    backend_index: dict[str, int],
+    problems: list[Problem],
 ) -> int:
     """A backend a policy names outside its chain (LLM tier, mirror): its index plus one, or 0
-    with a RefNotFound problem."""
+    with a RefNotFound problem. The ext_proc calls these itself, and it does not sign AWS
+    requests: a Bedrock backend is refused here (Envoy signs the chains' attempts)."""
     ns = pol.metadata.namespace
     key = f"{ns}/{provider}/{model}"
     if key in backend_index:
+        provider_id = cfg.backends[backend_index[key]].provider_id
+        if any(p.id == provider_id and p.type == pb.BEDROCK for p in cfg.providers):
+            problems.append(
+                Problem(
+                    "RoutingPolicy",
+                    pol.metadata.name,
+                    path,
+                    f"AIProvider {ns}/{provider} is a bedrock provider, which can serve a policy's backends but "
+                    "not its LLM tier or mirror",
+                    ns,
+                    "Invalid",
+                )
+            )
+            return 0
         return backend_index[key] + 1
     problems.append(
         Problem(
@@ -330,14 +355,14 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
         )
     llm = spec.classification.llm
     if llm is not None:
-        llm_backend = _backend_of(pol, llm.provider, llm.model, "spec.classification.llm", backend_index, problems)
+        llm_backend = _backend_of(cfg, pol, llm.provider, llm.model, "spec.classification.llm", backend_index, problems)
         if llm_backend:
             out.llm_backend = llm_backend
             out.llm_timeout_ms = llm.timeout_ms
             out.llm_min_confidence = llm.min_confidence
             out.llm_cache_size = llm.cache_size
     if spec.mirror is not None:
-        mirror = _backend_of(pol, spec.mirror.provider, spec.mirror.model, "spec.mirror", backend_index, problems)
+        mirror = _backend_of(cfg, pol, spec.mirror.provider, spec.mirror.model, "spec.mirror", backend_index, problems)
         if mirror:
             out.mirror.CopyFrom(
                 pb.Mirror(backend=mirror, percent=spec.mirror.percent, max_in_flight=spec.mirror.max_in_flight)

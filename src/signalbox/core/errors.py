@@ -201,6 +201,8 @@ def openai_error_body(message: str, error_type: str, code: str, param: str | Non
 OPENAI_API, ANTHROPIC_API, RESPONSES_API = "openai", "anthropic", "responses"
 # Google's Gemini API: backends only.
 GEMINI_API = "gemini"
+# AWS Bedrock's Converse API: backends only.
+BEDROCK_API = "bedrock"
 
 # Anthropic's error `type` for each status (its API reference, "Errors").
 _ANTHROPIC_ERROR_TYPES = {

@@ -9,6 +9,7 @@ object (a policy naming a provider) live in `signalbox.core.compiler`.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -33,6 +34,7 @@ class ProviderType(StrEnum):
     OPENAI_COMPATIBLE = "openai-compatible"
     ANTHROPIC = "anthropic"
     GEMINI = "gemini"
+    BEDROCK = "bedrock"
 
 
 # Where each provider type expects its key when `auth` names no header: (header, prefix).
@@ -116,6 +118,7 @@ def cel(*rules: tuple[str, str]) -> ConfigDict:
 class AuthFormat(StrEnum):
     API_KEY = "api-key"
     GOOGLE_CREDENTIALS = "google-credentials"
+    AWS_CREDENTIALS = "aws-credentials"
 
 
 class ProviderAuth(Spec):
@@ -136,7 +139,11 @@ class ProviderAuth(Spec):
         description="What the source holds. `api-key` (default): the key itself. `google-credentials`: a Google "
         "credentials JSON (a service account key, or a workload identity federation config such as GKE's or "
         "AWS's), from which the gateway mints OAuth2 access tokens (scope cloud-platform) with google-auth and "
-        "sends them as `Authorization: Bearer <token>`, renewed before they expire. Use it for Vertex AI.",
+        "sends them as `Authorization: Bearer <token>`, renewed before they expire. Use it for Vertex AI. "
+        "`aws-credentials` (type bedrock only): an AWS shared credentials file whose `[default]` profile holds "
+        "aws_access_key_id, aws_secret_access_key and optionally aws_session_token; Envoy signs each request "
+        "with it (SigV4). Omit `auth` on a bedrock provider to use the gateway's own AWS credential chain "
+        "(environment, web identity for IRSA, container or instance role).",
     )
     header: str | None = Field(
         None,
@@ -199,8 +206,27 @@ class HealthCheckSpec(Spec):
     )
 
 
+# Bedrock's runtime endpoints name their region: https://bedrock-runtime[-fips].<region>.amazonaws.com[.cn]
+BEDROCK_HOST = re.compile(r"^bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?$")
+
+
+class AwsSpec(Spec):
+    region: str = Field(
+        pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$",
+        description="AWS region requests are signed for (SigV4), e.g. us-east-1. Default: the region in a "
+        "bedrock-runtime.<region>.amazonaws.com baseUrl.",
+    )
+
+
 class AzureSpec(Spec):
     api_version: str = Field("2024-10-21", description="`api-version` query parameter sent to Azure OpenAI.")
+
+
+_BEDROCK_AUTH = (
+    "a bedrock provider signs its requests with AWS credentials: set auth.format aws-credentials, or omit "
+    "auth to use the gateway's AWS credential chain (environment, IRSA web identity, instance role)"
+)
+_BEDROCK_REGION = "a bedrock provider needs aws.region unless its baseUrl is bedrock-runtime.<region>.amazonaws.com"
 
 
 class AIProviderSpec(Spec):
@@ -212,23 +238,41 @@ class AIProviderSpec(Spec):
             "self.baseUrl.matches('^https?://[^/?#]+[^?#]*$')",
             "baseUrl must be an http:// or https:// URL with a host and no query or fragment",
         ),
+        (
+            "!has(self.type) || self.type != 'bedrock' || !has(self.auth) || "
+            "(has(self.auth.format) && self.auth.format == 'aws-credentials')",
+            _BEDROCK_AUTH,
+        ),
+        (
+            "!has(self.auth) || !has(self.auth.format) || self.auth.format != 'aws-credentials' || "
+            "(has(self.type) && self.type == 'bedrock')",
+            "auth.format aws-credentials is for type bedrock only",
+        ),
+        (
+            "!has(self.type) || self.type != 'bedrock' || has(self.aws) || "
+            "self.baseUrl.matches('^https://bedrock-runtime(-fips)?[.][a-z0-9-]+[.]amazonaws[.]com([.]cn)?(/.*)?$')",
+            _BEDROCK_REGION,
+        ),
     )
 
     type: ProviderType = Field(
         ProviderType.OPENAI_COMPATIBLE,
         description="API dialect: openai, azure-openai (deployment paths, api-key header), "
         "openai-compatible (vLLM, Ollama, Together, Groq), anthropic (Messages API, x-api-key "
-        "header) or gemini (Gemini API generateContent, x-goog-api-key header). Clients of any "
+        "header), gemini (Gemini API generateContent, x-goog-api-key header) or bedrock (AWS Bedrock's "
+        "Converse API, SigV4-signed: see auth and aws). Clients of any "
         "API reach backends of any type: requests, answers, errors and streams are translated "
         "per attempt.",
     )
     base_url: str = Field(
         description="URL that `/chat/completions` (anthropic: `/messages`; gemini: "
-        "`/models/<model>:generateContent`) is appended to, e.g. https://api.openai.com/v1, "
-        "https://api.anthropic.com/v1 or https://generativelanguage.googleapis.com/v1beta."
+        "`/models/<model>:generateContent`; bedrock: `/model/<model>/converse`) is appended to, e.g. "
+        "https://api.openai.com/v1, https://api.anthropic.com/v1, https://generativelanguage.googleapis.com/v1beta "
+        "or https://bedrock-runtime.us-east-1.amazonaws.com."
     )
     auth: ProviderAuth | None = Field(None, description="Where the API key comes from.")
     azure: AzureSpec | None = Field(None, description="Azure OpenAI settings (type azure-openai).")
+    aws: AwsSpec | None = Field(None, description="AWS settings (type bedrock): the region requests are signed for.")
     models: list[ModelSpec] = Field(min_length=1, description="Models this provider serves.")
     health_check: HealthCheckSpec = Field(default_factory=HealthCheckSpec, description="Active health probe settings.")
     connect_timeout_ms: int = Field(2000, ge=1, description="TCP connect timeout to the provider, in milliseconds.")
@@ -262,7 +306,27 @@ class AIProviderSpec(Spec):
             return header, prefix
         if self.auth.format == AuthFormat.GOOGLE_CREDENTIALS:
             header, prefix = "authorization", "Bearer "  # an OAuth2 access token, whatever the API
+        if self.auth.format == AuthFormat.AWS_CREDENTIALS:
+            return "", ""  # no header carries the key: Envoy signs the request with it
         return (self.auth.header or header).lower(), self.auth.prefix if self.auth.prefix is not None else prefix
+
+    def aws_region(self) -> str:
+        """The region a bedrock provider's requests are signed for ("" when none can be known)."""
+        if self.aws is not None:
+            return self.aws.region
+        found = BEDROCK_HOST.match(urlsplit(self.base_url).hostname or "")
+        return found.group(1) if found else ""
+
+    @model_validator(mode="after")
+    def _bedrock(self) -> AIProviderSpec:
+        if self.type == ProviderType.BEDROCK:
+            if self.auth is not None and self.auth.format != AuthFormat.AWS_CREDENTIALS:
+                raise ValueError(_BEDROCK_AUTH)
+            if not self.aws_region():
+                raise ValueError(_BEDROCK_REGION)
+        elif self.auth is not None and self.auth.format == AuthFormat.AWS_CREDENTIALS:
+            raise ValueError("auth.format aws-credentials is for type bedrock only")
+        return self
 
     @model_validator(mode="after")
     def _unique_models(self) -> AIProviderSpec:

@@ -8,7 +8,7 @@ constants would load pydantic and every resource model into each ext_proc worker
 from __future__ import annotations
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
-from signalbox.core.errors import ANTHROPIC_API, GEMINI_API, OPENAI_API
+from signalbox.core.errors import ANTHROPIC_API, BEDROCK_API, GEMINI_API, OPENAI_API
 
 # The RoutingConfig layout this code writes and reads; a reader refuses any other.
 SCHEMA_VERSION = 2
@@ -20,7 +20,7 @@ STRATEGY_NAMES: dict[int, str] = {
 }
 
 # The API family each provider type speaks (OpenAI's chat for every type not listed).
-_PROVIDER_APIS: dict[int, str] = {pb.ANTHROPIC: ANTHROPIC_API, pb.GEMINI: GEMINI_API}
+_PROVIDER_APIS: dict[int, str] = {pb.ANTHROPIC: ANTHROPIC_API, pb.GEMINI: GEMINI_API, pb.BEDROCK: BEDROCK_API}
 
 
 # `gen_ai.provider.name` of the OpenTelemetry GenAI conventions for each provider type: their
@@ -30,6 +30,7 @@ _GENAI_PROVIDER_NAMES: dict[int, str] = {
     pb.AZURE_OPENAI: "azure.ai.openai",
     pb.ANTHROPIC: "anthropic",
     pb.GEMINI: "gcp.gemini",
+    pb.BEDROCK: "aws.bedrock",
     pb.OPENAI_COMPATIBLE: "openai_compatible",
 }
 
@@ -39,5 +40,5 @@ def genai_provider_name(provider_type: int) -> str:
 
 
 def provider_api(provider_type: int) -> str:
-    """The API family a provider of this type speaks: "openai", "anthropic" or "gemini"."""
+    """The API family a provider of this type speaks: "openai", "anthropic", "gemini" or "bedrock"."""
     return _PROVIDER_APIS.get(provider_type, OPENAI_API)

@@ -15,11 +15,13 @@ class ProviderType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OPENAI_COMPATIBLE: _ClassVar[ProviderType]
     ANTHROPIC: _ClassVar[ProviderType]
     GEMINI: _ClassVar[ProviderType]
+    BEDROCK: _ClassVar[ProviderType]
 
 class AuthFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     API_KEY: _ClassVar[AuthFormat]
     GOOGLE_CREDENTIALS: _ClassVar[AuthFormat]
+    AWS_CREDENTIALS: _ClassVar[AuthFormat]
 
 class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -39,8 +41,10 @@ AZURE_OPENAI: ProviderType
 OPENAI_COMPATIBLE: ProviderType
 ANTHROPIC: ProviderType
 GEMINI: ProviderType
+BEDROCK: ProviderType
 API_KEY: AuthFormat
 GOOGLE_CREDENTIALS: AuthFormat
+AWS_CREDENTIALS: AuthFormat
 STRATEGY_UNSPECIFIED: Strategy
 WEIGHTED: Strategy
 ROUND_ROBIN: Strategy
@@ -99,7 +103,7 @@ class Auth(_message.Message):
     def __init__(self, secret: _Optional[_Union[SecretRef, _Mapping]] = ..., env: _Optional[str] = ..., file: _Optional[str] = ..., header: _Optional[str] = ..., prefix: _Optional[str] = ..., format: _Optional[_Union[AuthFormat, str]] = ...) -> None: ...
 
 class Provider(_message.Message):
-    __slots__ = ("id", "name", "type", "host", "port", "tls", "base_path", "auth", "azure_api_version", "healthy", "connect_timeout_ms", "sanitize_streams", "responses_api")
+    __slots__ = ("id", "name", "type", "host", "port", "tls", "base_path", "auth", "azure_api_version", "healthy", "connect_timeout_ms", "sanitize_streams", "responses_api", "aws_region")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +117,7 @@ class Provider(_message.Message):
     CONNECT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     SANITIZE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     RESPONSES_API_FIELD_NUMBER: _ClassVar[int]
+    AWS_REGION_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     type: ProviderType
@@ -126,7 +131,8 @@ class Provider(_message.Message):
     connect_timeout_ms: int
     sanitize_streams: bool
     responses_api: bool
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[_Union[ProviderType, str]] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., tls: _Optional[bool] = ..., base_path: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., azure_api_version: _Optional[str] = ..., healthy: _Optional[bool] = ..., connect_timeout_ms: _Optional[int] = ..., sanitize_streams: _Optional[bool] = ..., responses_api: _Optional[bool] = ...) -> None: ...
+    aws_region: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[_Union[ProviderType, str]] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., tls: _Optional[bool] = ..., base_path: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., azure_api_version: _Optional[str] = ..., healthy: _Optional[bool] = ..., connect_timeout_ms: _Optional[int] = ..., sanitize_streams: _Optional[bool] = ..., responses_api: _Optional[bool] = ..., aws_region: _Optional[str] = ...) -> None: ...
 
 class Backend(_message.Message):
     __slots__ = ("id", "provider_id", "model", "upstream_model", "input_price_per_1m", "output_price_per_1m", "quality", "context_window", "capabilities", "latency_prior_ms", "healthy", "cluster")

@@ -236,14 +236,15 @@ ATTEMPT_ERRORS = {
 
 def attempt_settings(backend: pb.Backend, provider: pb.Provider, credentials_dir: str = "") -> dict[str, Any]:
     """What attempt.lua needs to know of one backend (its entry in BACKENDS)."""
-    keyed = provider.HasField("auth")
+    # An AWS credentials file is no header: Envoy's signer uses it (`_signers`).
+    keyed = provider.HasField("auth") and provider.auth.format != pb.AWS_CREDENTIALS
     default_port = 443 if provider.tls else 80
     path, query = provider.base_path, ""
     if provider.type == pb.AZURE_OPENAI:
         # Azure's paths name the deployment and need an api-version.
         path = f"{provider.base_path}/openai/deployments/{backend.upstream_model}"
         query = f"api-version={provider.azure_api_version}"
-    return {
+    out = {
         "id": backend.id,
         "model": backend.upstream_model,
         "model_json": json.dumps(backend.upstream_model),
@@ -259,6 +260,21 @@ def attempt_settings(backend: pb.Backend, provider: pb.Provider, credentials_dir
         # Serves the Responses API itself: a Responses client's attempt is passed through.
         "responses": provider.responses_api and provider_api(provider.type) == errors.OPENAI_API,
     }
+    api_path = _model_path(provider.type, backend.upstream_model)
+    if api_path:
+        out["api_path"] = api_path
+    return out
+
+
+def _model_path(provider_type: int, model: str) -> str:
+    """The path below the base URL of APIs that name the model in the path ("" for the others,
+    whose path is the API's own): Gemini's method, Bedrock's Converse operation (its model IDs
+    hold `:` and, for ARNs, `/`: percent-encoded, as the AWS SDKs send them)."""
+    if provider_type == pb.GEMINI:
+        return f"/models/{model}:generateContent"
+    if provider_type == pb.BEDROCK:
+        return f"/model/{quote(model, safe='')}/converse"
+    return ""
 
 
 @functools.cache
@@ -386,6 +402,8 @@ def upstream_filters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[s
         attempt_marker(),
         _attempt_filter(list(cfg.backends), providers, opts.credentials_dir),
         *([_translator(opts.extproc_message_timeout_ms)] if opts.translation else []),
+        # After the translation: the signature covers the body and path that are sent.
+        *_signers(cfg, opts.credentials_dir),
         _remove_gateway_headers("signalbox.strip_gateway_headers_upstream"),
         {
             "name": "envoy.filters.http.upstream_codec",
@@ -396,16 +414,20 @@ def upstream_filters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[s
 
 def _only_when_translating(name: str, filter_config: dict[str, Any]) -> dict[str, Any]:
     """Wrap an upstream filter so it is skipped on attempts without TRANSLATE_HEADER."""
-    present = {
+    return _skipped(name, filter_config, {"not_matcher": _header_matches(TRANSLATE_HEADER, ".+")})
+
+
+def _header_matches(header: str, regex: str) -> dict[str, Any]:
+    """A matcher predicate: the request header's value matches `regex` (RE2)."""
+    return {
         "single_predicate": {
             "input": {
                 "name": "request-header",
-                "typed_config": _any("envoy.type.matcher.v3.HttpRequestHeaderMatchInput", header_name=TRANSLATE_HEADER),
+                "typed_config": _any("envoy.type.matcher.v3.HttpRequestHeaderMatchInput", header_name=header),
             },
-            "value_match": {"safe_regex": {"google_re2": {}, "regex": ".+"}},
+            "value_match": {"safe_regex": {"google_re2": {}, "regex": regex}},
         }
     }
-    return _skipped(name, filter_config, {"not_matcher": present})
 
 
 @functools.lru_cache(maxsize=16)
@@ -441,6 +463,49 @@ def _translator(timeout_ms: int) -> dict[str, Any]:
     return _only_when_translating(
         "signalbox.translate", {"name": "envoy.filters.http.ext_proc", "typed_config": processor}
     )
+
+
+# What a Bedrock request's signature covers besides what SigV4 always signs (host, x-amz-date,
+# x-amz-content-sha256, x-amz-security-token): not the gateway's own headers, which are removed
+# after signing, nor Envoy's, which a retry changes.
+_SIGNED_HEADERS = [{"exact": "content-type"}, {"prefix": "x-amz-"}]
+
+
+def _signers(cfg: pb.RoutingConfig, credentials_dir: str) -> list[dict[str, Any]]:
+    """Envoy's AWS SigV4 signer, one per Bedrock provider (its region and credentials), each
+    skipped unless the attempt's backend (ATTEMPT_HEADER, from the host's metadata: never the
+    client's) is one of that provider's. Credentials: the provider's AWS credentials file,
+    written by the publisher like a key; without `auth`, Envoy's default AWS chain (environment,
+    web identity for IRSA, container and instance roles). No key reaches Python or the config."""
+    out: list[dict[str, Any]] = []
+    backends: dict[str, list[str]] = {}
+    for backend in cfg.backends:
+        backends.setdefault(backend.provider_id, []).append(backend.id)
+    for provider in cfg.providers:
+        if provider.type != pb.BEDROCK or provider.id not in backends:
+            continue
+        signing: dict[str, Any] = {
+            "service_name": "bedrock",
+            "region": provider.aws_region,
+            "use_unsigned_payload": False,
+            "match_included_headers": _SIGNED_HEADERS,
+        }
+        if provider.HasField("auth") and credentials_dir:
+            signing["credential_provider"] = {
+                "custom_credential_provider_chain": True,
+                "credentials_file_provider": {
+                    "credentials_data_source": {"filename": credential_file(credentials_dir, provider.id)},
+                    "profile": "default",
+                },
+            }
+        ids = "|".join(re.escape(i) for i in backends[provider.id])
+        ours = _header_matches(ATTEMPT_HEADER, f"^(?:{ids})$")
+        config = {
+            "name": "envoy.filters.http.aws_request_signing",
+            "typed_config": _any("envoy.extensions.filters.http.aws_request_signing.v3.AwsRequestSigning", **signing),
+        }
+        out.append(_skipped(f"signalbox.sign.{provider.id}", config, {"not_matcher": ours}))
+    return out
 
 
 def _remove_gateway_headers(name: str) -> dict[str, Any]:
