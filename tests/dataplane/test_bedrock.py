@@ -22,6 +22,9 @@ pytestmark = pytest.mark.dataplane
 
 ACCESS_KEY = "AKIAFAKEBEDROCK0001"
 SECRET_KEY = "bedrock-secret-key-2f8e1c"
+# The gateway's own AWS credentials (its environment): what a provider without `auth` signs with.
+ENV_ACCESS_KEY = "AKIAGATEWAYENV0002"
+ENV_SECRET_KEY = "gateway-env-secret-9d3a"
 CLIENT_TOKEN = "client-token-bedrock"
 # A real Bedrock model ID: its `:` is percent-encoded in the path (and twice in the signature).
 MODEL_ID = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -46,8 +49,16 @@ def resources(fakes, credentials: Path) -> str:
             aws={"region": "us-west-2"},
             auth={"file": str(credentials), "format": "aws-credentials"},
         ),
+        provider(
+            "bedrock-chain",
+            fakes["delta"].url,
+            [model("nova", upstreamName="us.amazon.nova-lite-v1:0", **CAPS)],
+            type="bedrock",
+            aws={"region": "eu-west-1"},
+        ),
         provider("gpt", fakes["beta"].url + "/v1", [model("o1", upstreamName="gpt-fake", **CAPS)]),
         policy("haiku", ["haiku"], [backend("bedrock", "haiku")]),
+        policy("nova", ["nova"], [backend("bedrock-chain", "nova")]),
         policy(
             "haiku-then-gpt",
             ["haiku-then-gpt"],
@@ -68,7 +79,8 @@ def gateway(fakes, tmp_path_factory):
     home = tmp_path_factory.mktemp("bedrock")
     credentials = home / "aws-credentials"
     credentials.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
-    gw = start_gateway(home, resources(fakes, credentials))
+    env = {"AWS_ACCESS_KEY_ID": ENV_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": ENV_SECRET_KEY}
+    gw = start_gateway(home, resources(fakes, credentials), env=env)
     yield gw
     gw.stop()
 
@@ -91,6 +103,7 @@ def ant(gateway):
 def _signed(fakes):
     """gamma is Bedrock and wants a signature made with the test's keys."""
     fakes["gamma"].behave(aws_keys={ACCESS_KEY: SECRET_KEY})
+    fakes["delta"].behave(aws_keys={ENV_ACCESS_KEY: ENV_SECRET_KEY})
     fakes["beta"].behave(strict=True)
 
 
@@ -266,6 +279,16 @@ def test_a_bedrock_refusal_reaches_the_client_in_its_own_shape(oai, ant, fakes):
         )
     assert refused.value.body["type"] == "error"
     assert "content management policy" in refused.value.body["error"]["message"]
+
+
+def test_a_provider_without_auth_is_signed_with_the_gateways_aws_credential_chain(oai, fakes):
+    answer = oai.chat.completions.create(model="nova", messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].message.content == "[delta] answer from us.amazon.nova-lite-v1:0"
+    got = only(fakes["delta"])
+    assert got["path"] == "/model/us.amazon.nova-lite-v1%3A0/converse"
+    assert f"Credential={ENV_ACCESS_KEY}/" in got["headers"]["Authorization"]
+    assert "/eu-west-1/bedrock/aws4_request" in got["headers"]["Authorization"]
+    assert fakes["gamma"].requests() == []
 
 
 def test_aws_secret_key_is_in_no_config_log_or_answer(oai, gateway):
