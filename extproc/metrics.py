@@ -26,7 +26,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # prometheus_client's multiprocess mode: each worker writes its values under this directory.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # The model that answered, its provider's `gen_ai.provider.name` (OpenTelemetry GenAI
-# conventions: openai, azure.ai.openai, anthropic, gcp.gemini; openai_compatible for the rest),
+# conventions: openai, azure.ai.openai, anthropic, gcp.gemini, aws.bedrock; openai_compatible for the rest),
 # and the AIProvider's own name.
 GENAI_LABELS = ["gen_ai_request_model", "gen_ai_provider_name", "provider"]
 
