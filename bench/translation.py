@@ -4,7 +4,8 @@ One fake provider process answers both APIs (OpenAI's on /v1/chat/completions, A
 /v1/messages). The gateway has one compiled alias per backend API. Chat Completions and
 Messages clients are sent to each (two pairs translated per attempt by the upstream-phase
 ext_proc, two untouched), Responses clients to the chat backend and chat clients to a Gemini
-backend (always translated). Plain
+and a Bedrock backend (always translated; Bedrock's attempts are also SigV4-signed by Envoy and
+its streams are binary event streams). Plain
 Envoy forwards the same requests to the same fake. Measured for JSON answers and for streams of
 100 chunks, in alternating rounds on one machine: throughput ÷ plain Envoy and the median
 latency added. A second gateway without the translation filter
@@ -35,6 +36,7 @@ PAIRS = [
     ("anthropic", "/v1/messages", "to-openai"),
     ("responses", "/v1/responses", "to-openai"),
     ("openai", "/v1/chat/completions", "to-gemini"),
+    ("openai", "/v1/chat/completions", "to-bedrock"),
 ]
 
 
@@ -45,12 +47,24 @@ def _backend_api(alias: str) -> str:
 def resources(workdir: Path, upstream: str) -> Path:
     out = workdir / "resources"
     out.mkdir()
+    # Bedrock's attempts are signed: the cost of signing is part of what is measured.
+    credentials = workdir / "aws-credentials"
+    credentials.write_text("[default]\naws_access_key_id = AKIABENCH\naws_secret_access_key = bench-secret\n")
     caps = {"capabilities": ["streaming", "tools"]}
     (out / "bench.yaml").write_text(
         dump(
             provider("oai", upstream + "/v1", [model("m", upstreamName="bench-model", **caps)]),
             provider("ant", upstream + "/v1", [model("m", upstreamName="bench-model", **caps)], type="anthropic"),
             provider("gem", upstream + "/v1beta", [model("m", upstreamName="bench-model", **caps)], type="gemini"),
+            provider(
+                "br",
+                upstream,
+                [model("m", upstreamName="bench.model-v1:0", **caps)],
+                type="bedrock",
+                aws={"region": "us-east-1"},
+                auth={"file": str(credentials), "format": "aws-credentials"},
+            ),
+            policy("to-bedrock", ["to-bedrock"], [backend("br", "m")]),
             policy("to-openai", ["to-openai"], [backend("oai", "m")]),
             policy("to-gemini", ["to-gemini"], [backend("gem", "m")]),
             policy("to-anthropic", ["to-anthropic"], [backend("ant", "m")]),
