@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -59,6 +60,8 @@ def resources(fakes, credentials: Path) -> str:
         provider("gpt", fakes["beta"].url + "/v1", [model("o1", upstreamName="gpt-fake", **CAPS)]),
         policy("haiku", ["haiku"], [backend("bedrock", "haiku")]),
         policy("nova", ["nova"], [backend("bedrock-chain", "nova")]),
+        # Only the accounting test sends here: its spend is what that test counts.
+        policy("haiku-billed", ["haiku-billed"], [backend("bedrock", "haiku")]),
         policy(
             "haiku-then-gpt",
             ["haiku-then-gpt"],
@@ -298,3 +301,31 @@ def test_aws_secret_key_is_in_no_config_log_or_answer(oai, gateway):
         if path.is_file() and "credentials" not in path.parts and path.suffix in (".json", ".pb", ".log", ".yaml"):
             assert SECRET_KEY.encode() not in path.read_bytes(), path
     assert SECRET_KEY not in logs(gateway)
+
+
+def _metric(gateway, name: str, **labels: str) -> float:
+    for line in httpx.get(f"{gateway.admin_url}/metrics").text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_bedrocks_usage_is_billed_at_the_models_prices(oai, gateway):
+    """What budgets and metrics read: the provider's token counts (its JSON answer's and its
+    stream's metadata event), priced at the model's prices, under the GenAI name aws.bedrock."""
+    oai.chat.completions.create(model="haiku-billed", messages=[{"role": "user", "content": "hi"}])
+    for _ in oai.chat.completions.create(
+        model="haiku-billed",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_headers={"x-fake-chunks": "4"},
+    ):
+        pass
+    expected = (10 * 0.25 + 7 * 1.25 + 10 * 0.25 + 4 * 1.25) / 1e6
+    deadline = time.monotonic() + 10
+    while _metric(gateway, "signalbox_cost_usd_total", policy="haiku-billed") < expected - 1e-12:
+        assert time.monotonic() < deadline, _metric(gateway, "signalbox_cost_usd_total", policy="haiku-billed")
+        time.sleep(0.05)
+    assert abs(_metric(gateway, "signalbox_cost_usd_total", policy="haiku-billed") - expected) < 1e-12
+    tokens = {"policy": "haiku-billed", "gen_ai_provider_name": "aws.bedrock"}
+    assert _metric(gateway, "gen_ai_client_token_usage_total", gen_ai_token_type="output", **tokens) == 11
