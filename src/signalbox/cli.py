@@ -697,9 +697,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["fake-provider"]:
         return cmd_fake_provider(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    level = getattr(args, "log_level", "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":
+        # httpx logs every request at INFO: the gateway's own polls of Envoy's admin API, not news.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     return int(args.func(args))
 
 

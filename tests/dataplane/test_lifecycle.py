@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ import pytest
 
 from signalbox.cli import main as cli_main
 from signalbox.extproc.reload import read_config
+from signalbox.local import free_port
 from tests.factories import backend, dump, model, policy, provider
 
 from .conftest import start_gateway
@@ -156,14 +158,18 @@ def test_examples_for_real_providers_validate():
 
 
 def test_signalbox_up_serves_the_quickstart(tmp_path):
-    """The README's first command, as a newcomer runs it (ports moved to avoid clashes)."""
+    """The README's first command, as a newcomer runs it (on ports free on this machine: the
+    gateway's picked by `--port 0`, the embedded fakes' moved to free ones)."""
     quickstart = tmp_path / "quickstart"
     quickstart.mkdir()
+    moved = {port: str(free_port()) for port in ("18081", "18082", "18083")}
     for f in (ROOT / "examples" / "quickstart").glob("*.yaml"):
-        text = f.read_text().replace("18081", "28081").replace("18082", "28082").replace("18083", "28083")
+        text = f.read_text()
+        for port, free in moved.items():
+            text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free}")
         (quickstart / f.name).write_text(text)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "signalbox.cli", "up", "-f", str(quickstart), "--port", "28080"],
+        [sys.executable, "-m", "signalbox.cli", "up", "-f", str(quickstart), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -171,9 +177,11 @@ def test_signalbox_up_serves_the_quickstart(tmp_path):
     console: list[str] = []
     try:
         line = proc.stdout.readline()
-        assert "Signalbox gateway ready: http://127.0.0.1:28080/v1" in line, line
+        found = re.search(r"Signalbox gateway ready: (http://127\.0\.0\.1:\d+)/v1", line)
+        assert found, line  # the first line a newcomer sees
+        root = found.group(1)
         threading.Thread(target=lambda: console.extend(proc.stdout), daemon=True).start()
-        with openai.OpenAI(base_url="http://127.0.0.1:28080/v1", api_key="any", max_retries=0) as client:
+        with openai.OpenAI(base_url=f"{root}/v1", api_key="any", max_retries=0) as client:
             reply = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hello"}])
             assert reply.system_fingerprint == "fast-local"
             code = client.chat.completions.with_raw_response.create(
@@ -187,7 +195,7 @@ def test_signalbox_up_serves_the_quickstart(tmp_path):
             assert claude.headers["x-signalbox-provider"] == "claude-local"
             assert claude.parse().choices[0].message.content == "[claude-local] answer from claude-sonnet-local"
         # And to the Anthropic SDK pointed at the gateway, streaming.
-        ant = anthropic.Anthropic(base_url="http://127.0.0.1:28080", api_key="any", max_retries=0)
+        ant = anthropic.Anthropic(base_url=root, api_key="any", max_retries=0)
         with (
             ant,
             ant.messages.stream(
@@ -196,7 +204,7 @@ def test_signalbox_up_serves_the_quickstart(tmp_path):
         ):
             assert "".join(stream.text_stream).startswith("chunk0 ")
         # ... and, translated, from the quickstart's OpenAI-compatible models.
-        ant = anthropic.Anthropic(base_url="http://127.0.0.1:28080", api_key="any", max_retries=0)
+        ant = anthropic.Anthropic(base_url=root, api_key="any", max_retries=0)
         with ant:
             raw = ant.messages.with_raw_response.create(
                 model="auto", max_tokens=64, messages=[{"role": "user", "content": "hello"}]
@@ -207,7 +215,7 @@ def test_signalbox_up_serves_the_quickstart(tmp_path):
                 model="auto", max_tokens=64, messages=[{"role": "user", "content": "hello"}]
             ) as stream:
                 assert "".join(stream.text_stream).startswith("chunk0 ")
-        with openai.OpenAI(base_url="http://127.0.0.1:28080/v1", api_key="any", max_retries=0) as client:
+        with openai.OpenAI(base_url=f"{root}/v1", api_key="any", max_retries=0) as client:
             # What Claude cannot do (two answers) goes to the fallback.
             two = client.chat.completions.with_raw_response.create(
                 model="claude-first", messages=[{"role": "user", "content": "hello"}], n=2
