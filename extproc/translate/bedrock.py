@@ -18,8 +18,6 @@ import uuid
 from typing import Any
 from urllib.parse import unquote
 
-from botocore.eventstream import EventStreamBuffer, ParserError
-
 from signalbox.core.errors import MalformedRequest, UnsupportedFeature
 
 from . import sse
@@ -301,6 +299,10 @@ class ConverseToChatStream:
     """ConverseStream's binary event stream as chat.completion.chunk events, frame by frame."""
 
     def __init__(self, model: str | None) -> None:
+        # Imported here: botocore's modules weigh 3.2 MB, which every ext_proc worker would
+        # carry whether or not a provider is Bedrock.
+        from botocore.eventstream import EventStreamBuffer
+
         self.frames = EventStreamBuffer()
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
         self.started = self.done = self.finished = False
@@ -313,6 +315,8 @@ class ConverseToChatStream:
     def feed(self, data: bytes) -> bytes:
         if self.done or not data:
             return b""
+        from botocore.eventstream import ParserError  # imported by __init__ already
+
         self.frames.add_data(data)
         out = b""
         try:
