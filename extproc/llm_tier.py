@@ -13,12 +13,14 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from .classify import Classification
 from .decide import upstream_path
 from .runtime import LlmTierConfig
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("signalbox.extproc")
 
@@ -67,6 +69,8 @@ class LlmClassifier:
 
     async def _ask(self, cfg: LlmTierConfig, text: str) -> tuple[str, str]:
         backend, provider = cfg.backend, cfg.backend.provider
+        import aiohttp  # 12.7 MB: only in workers whose policies have an LLM tier
+
         if self.session is None:
             self.session = aiohttp.ClientSession()
         url = f"{provider.scheme}://{provider.authority}{upstream_path(backend, '/v1/chat/completions')}"

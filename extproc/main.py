@@ -19,7 +19,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import admin
 from .capture import Capture
 from .cooldown import Cooldowns
 from .decisions import DecisionSigner
@@ -172,6 +171,8 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     if getattr(args, "admin_address", None):
         host, _, port = args.admin_address.rpartition(":")
         token = Path(args.admin_token_file).read_text().strip() if getattr(args, "admin_token_file", None) else ""
+        from . import admin  # aiohttp's server: only in the worker that serves the admin API
+
         admin_runner, bound = await admin.start(processor, host or "127.0.0.1", int(port), token)
         if getattr(args, "admin_address_file", None):
             # Port 0 binds a free port; whoever started us reads which one here.

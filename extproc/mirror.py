@@ -21,9 +21,7 @@ import json
 import logging
 import random
 import time
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from signalbox.core.envoygen.contract import ANTHROPIC_VERSION, CHAT_PATH, MESSAGES_PATH, api_of_path
 from signalbox.core.errors import ANTHROPIC_API, GEMINI_API, OPENAI_API, RequestError
@@ -33,6 +31,9 @@ from .decide import upstream_path
 from .metrics import Metrics
 from .runtime import BackendRuntime, MirrorRuntime, PolicyRuntime
 from .translate import Translation
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("signalbox.extproc")
 
@@ -139,6 +140,8 @@ class Mirrors:
         started = time.perf_counter()
         outcome, usage = "error", None
         try:
+            import aiohttp  # 12.7 MB: only in workers that send copies
+
             if self.session is None:
                 self.session = aiohttp.ClientSession()
             headers = {**headers, **await backend.provider.auth_headers()}

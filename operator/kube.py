@@ -26,17 +26,28 @@ from signalbox.core.secrets import SecretValue
 log = logging.getLogger("signalbox.operator")
 
 
+class _ApiClient(kubernetes.client.ApiClient):
+    """Query booleans spelled as the Kubernetes API documents them (`?watch=true`). The client
+    below 37 (pinned so for botocore's python-dateutil) sends Python's `True`: the API server
+    takes either, kmock's emulator, where the tests run, only the documented form (its watch
+    was answered as a list, and config-sync never saw a change)."""
+
+    def parameters_to_tuples(self, params: Any, collection_formats: Any) -> list[tuple[str, Any]]:
+        pairs = super().parameters_to_tuples(params, collection_formats)
+        return [(k, ("true" if v else "false") if isinstance(v, bool) else v) for k, v in pairs]
+
+
 def api_client(server: str | None = None) -> kubernetes.client.ApiClient:
     """In-cluster config, else kubeconfig; `server` (tests: the emulator's URL) overrides both."""
     if server:
         conf = kubernetes.client.Configuration()
         conf.host = server.rstrip("/")
-        return kubernetes.client.ApiClient(conf)
+        return _ApiClient(conf)
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
-    return kubernetes.client.ApiClient()
+    return _ApiClient()
 
 
 def _configmap(

@@ -74,3 +74,14 @@ async def test_config_sync_reads_secrets_when_the_config_changes_or_to_refresh_n
     )  # rotated to sk-two
     assert await asyncio.to_thread(sync.refresh_secrets) is True and key_file.read_text() == "sk-two"
     assert len(sync.applied) == 2  # republished for the new key
+
+
+def test_query_booleans_are_sent_as_the_kubernetes_api_documents_them():
+    """`?watch=true`, not Python's `True`: kmock (and any strict server) answered a watch sent
+    with `True` as a list, so config-sync never saw a change."""
+    client = api_client("http://127.0.0.1:1")
+    assert client.parameters_to_tuples({"watch": True, "allowWatchBookmarks": False, "limit": 5}, None) == [
+        ("watch", "true"),
+        ("allowWatchBookmarks", "false"),
+        ("limit", 5),
+    ]

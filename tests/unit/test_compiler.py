@@ -147,11 +147,12 @@ def test_the_data_planes_strategy_names_are_the_crds():
 def test_the_ext_proc_does_not_load_the_compiler_or_pydantic():
     """Each ext_proc worker would carry them (about 20 MB); it reads compiled configs only. Nor
     google-auth with its HTTP and crypto stack (13.5 MB) unless a provider mints tokens, nor
-    botocore (3.2 MB) unless a Bedrock stream is translated."""
+    botocore (3.2 MB) unless a Bedrock stream is translated, nor aiohttp (9 MB) in a worker
+    that serves no admin API and sends no copies or LLM-tier questions."""
     import subprocess
     import sys
 
-    heavy = {"pydantic", "signalbox.core.compiler", "google.auth", "requests", "cryptography", "botocore"}
+    heavy = {"pydantic", "signalbox.core.compiler", "google.auth", "requests", "cryptography", "botocore", "aiohttp"}
     code = f"import sys, signalbox.extproc.main; print(sorted({heavy!r} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
