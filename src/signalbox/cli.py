@@ -672,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     side.set_defaults(func=cmd_gateway_sidecar)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
-    from signalbox.operator.main import add_arguments
+    from signalbox.operator.arguments import add_arguments
 
     add_arguments(op)
     op.set_defaults(func=cmd_operator)
