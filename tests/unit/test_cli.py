@@ -152,5 +152,8 @@ def test_building_the_command_line_loads_no_operator_or_control_plane_library():
     import sys
 
     heavy = {"kopf", "kubernetes", "pydantic", "yaml", "google.auth", "signalbox.core.compiler"}
-    code = f"import sys; from signalbox.cli import build_parser; build_parser(); print(sorted({heavy!r} & set(sys.modules)))"
+    code = (
+        "import sys; from signalbox.cli import build_parser; build_parser(); "
+        f"print(sorted({heavy!r} & set(sys.modules)))"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
