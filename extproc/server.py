@@ -287,6 +287,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             answered = False
             headers: dict[str, str] = {}
             try:
+                if request.WhichOneof("request") == "response_headers":
+                    # An attempt's answer whose headers wait for its first token.
+                    async for response in upstream.first_token(request, request_iterator):
+                        yield response
+                    return
                 if route := upstream.translation_of(request):
                     # An upstream attempt to a backend of another API family.
                     async for response in upstream.translate(request, route, request_iterator, self.metrics):

@@ -44,6 +44,23 @@ def translation_of(request: ep.ProcessingRequest) -> str:
     return notes.fields[TRANSLATE_KEY].string_value
 
 
+async def first_token(
+    first: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest]
+) -> AsyncIterator[ep.ProcessingResponse]:
+    """An attempt of a policy with a first-token deadline (envoygen `_first_token_holder`): its
+    answer's headers (the first message) are answered only when its first body bytes have come,
+    so Envoy's per-attempt timer runs until then; then this stream ends and the rest of the
+    answer flows without Python. An answer without a body is let through at once."""
+    if first.response_headers.end_of_stream:
+        yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+        return
+    async for message in rest:
+        if message.WhichOneof("request") == "response_body":
+            yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+            yield ep.ProcessingResponse(response_body=ep.BodyResponse())
+            return
+
+
 def _body(body: bytes, phase: str, replace: bool) -> ep.ProcessingResponse:
     """A body answer: the whole buffered body replaced, or a streamed chunk's replacement
     (possibly empty while an event or a JSON answer is incomplete)."""

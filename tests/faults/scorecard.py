@@ -16,12 +16,6 @@ BEGIN, END = "<!-- faults-scorecard:begin -->", "<!-- faults-scorecard:end -->"
 
 NOT_BUILT = [
     (
-        "stream whose headers come at once, then no first token",
-        "abandoned at the first-token deadline for the next backend",
-        "Envoy ends the per-attempt first-response deadline at the response headers; after that only "
-        "the silence deadline (`idleTimeoutMs`) applies, which ends the stream with an error (no failover)",
-    ),
-    (
         "a stream breaks after tokens were sent",
         "a well-formed error event in the client's stream format",
         "the client gets a truncated stream (the SDK raises a protocol error): Envoy resets the client's "

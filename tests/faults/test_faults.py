@@ -31,6 +31,7 @@ IN_30_S = "<an HTTP date 30 s from now>"
 FIRST_RESPONSE_MS = 1500  # failover.perTryTimeoutMs of the chains
 SILENCE_MS = 1000  # failover.idleTimeoutMs of the chains
 BUDGET_MS = 3000  # timeoutMs of the policy whose every backend is silent
+FIRST_TOKEN_MS = 800  # failover.firstTokenTimeoutMs of the "first-token" chain
 # Envoy closes a downstream connection it reset after up to its delayed-close timeout (1 s), and
 # these machines are noisy: every upper bound below allows this much on top of the deadline.
 SLACK_S = 1.5
@@ -86,6 +87,14 @@ def resources(fakes) -> str:
             "budget", ["budget"], [backend("primary", "m"), backend("second", "m", priority=1)], timeoutMs=BUDGET_MS
         ),
         chain("circuit", "brittle"),
+        policy(
+            "first-token",
+            ["first-token"],
+            [backend("primary", "m"), backend("second", "m", priority=1)],
+            strategy="failover",
+            failover={"firstTokenTimeoutMs": FIRST_TOKEN_MS, "idleTimeoutMs": SILENCE_MS * 3},
+            timeoutMs=8000,
+        ),
     )
 
 
@@ -280,6 +289,37 @@ def test_a_silent_backend_is_abandoned_at_its_deadline_and_not_tried_again(
     assert len(primary) == 1 and len(second) == 1
     assert deadline - 0.1 <= second[0] - primary[0] < deadline + SLACK_S
     assert took < deadline + SLACK_S
+
+
+def test_a_stream_whose_first_token_is_late_moves_to_the_next_backend_before_the_client_sees_it(
+    client, fakes, scorecard
+):
+    """Headers at once, then no token: the first-token deadline abandons the backend for the next
+    one, although its headers came in time (Envoy's own timer stops at headers)."""
+    got, served, origin, error, took, _, text = ask(client, "first-token", fault(first_token_ms=60_000), stream=True)
+    primary, second = attempts(fakes, "primary"), attempts(fakes, "second")
+    deadline = FIRST_TOKEN_MS / 1000
+    scorecard(
+        "stream whose headers come at once, then no first token",
+        f"abandoned at the first-token deadline ({deadline:.1f} s) for the next backend, one clean stream",
+        f"{got} from {served} after {took:.2f} s; primary tried {len(primary)}x, "
+        f"the next backend {second[0] - primary[0]:.2f} s after it"
+        if primary and second
+        else f"{got} from {served}",
+    )
+    assert (got, served, error) == (200, "second", None) and origin == "second"
+    assert text == "chunk0 chunk1 chunk2 chunk3 chunk4 "  # one answer, nothing of the late one
+    assert len(primary) == 1 and len(second) == 1
+    assert deadline - 0.1 <= second[0] - primary[0] < deadline + SLACK_S
+    assert took < deadline + SLACK_S
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_first_token_in_time_is_served_whole_by_the_first_backend(client, fakes, stream):
+    got, served, origin, error, _took, _, text = ask(client, "first-token", fault(first_token_ms=200), stream=stream)
+    assert (got, served, error, origin) == (200, "primary", None, "primary")
+    assert text == ("chunk0 chunk1 chunk2 chunk3 chunk4 " if stream else "[primary] answer from m")
+    assert len(attempts(fakes, "second")) == 0
 
 
 def test_a_silent_only_backend_is_not_retried_and_the_client_gets_a_504(client, fakes, scorecard):

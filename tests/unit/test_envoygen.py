@@ -583,3 +583,35 @@ def test_a_bedrock_provider_without_auth_uses_envoys_aws_credential_chain():
     assert [
         f["name"] for f in router_upstream_filters(config(), CREDENTIALS) if f["name"].startswith("signalbox.sign.")
     ] == []
+
+
+def test_a_first_token_deadline_holds_answers_headers_only_on_its_policys_attempts():
+    plain = config()
+    assert not [f for f in router_upstream_filters(plain, CREDENTIALS) if f["name"] == "signalbox.first_token"]
+    cfg = config(failover={"firstTokenTimeoutMs": 700, "perTryTimeoutMs": 300})
+    filters = router_upstream_filters(cfg, CREDENTIALS)
+    names = [f["name"] for f in filters]
+    # Nearest the codec of the filters that act (the answer reaches it first), before the
+    # gateway's headers are removed (its matcher reads one).
+    assert names.index("signalbox.first_token") == names.index("signalbox.strip_gateway_headers_upstream") - 1
+    holder = filters[names.index("signalbox.first_token")]["typed_config"]
+    processor = holder["extension_config"]["typed_config"]
+    assert processor["send_body_without_waiting_for_header_response"] is True
+    assert processor["processing_mode"]["response_header_mode"] == "SEND"
+    assert processor["processing_mode"]["request_header_mode"] == "SKIP"
+    assert processor["failure_mode_allow"] is True  # without the ext_proc: no deadline, no failure
+    assert processor["message_timeout"] == "5.700s"  # past the deadline: the attempt's timer ends first
+    (skip,) = holder["xds_matcher"]["matcher_list"]["matchers"]
+    header = skip["predicate"]["not_matcher"]["single_predicate"]["input"]["typed_config"]["header_name"]
+    assert header == envoygen.contract.FIRST_TOKEN_HEADER
+    # The policy's routes mark its attempts, and the attempt's timer is the first-token deadline.
+    hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
+    (host,) = hcm["route_config"]["virtual_hosts"]
+    mine = [r for r in host["routes"] if r.get("name", "").startswith(("default/p:", "compiled:default/p:"))]
+    assert {r["name"].split(":")[0] for r in mine} == {"default/p", "compiled"}  # decided and compiled
+    for route in mine:
+        assert {"header": {"key": header, "value": "1"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"} in route[
+            "request_headers_to_add"
+        ]
+        assert envoygen.retry_policy_of(host, route)["per_try_timeout"] == "0.700s"
+    assert header in envoygen.GATEWAY_HEADERS  # never sent to a provider, nor taken from a client

@@ -328,6 +328,7 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
         retry_on=[r.value for r in spec.failover.retry_on],
         per_try_timeout_ms=spec.failover.per_try_timeout_ms or 0,
         idle_timeout_ms=spec.failover.idle_timeout_ms or 0,
+        first_token_timeout_ms=spec.failover.first_token_timeout_ms or 0,
         timeout_ms=spec.timeout_ms,
         hash_header=(spec.hash.header or "").lower(),
         exploration_rate=spec.latency.exploration_rate,

@@ -24,6 +24,7 @@ from .contract import (
     BACKEND_HEALTH_PATH,
     BODY_MODEL_KEY,
     CLIENT_PATH_KEY,
+    FIRST_TOKEN_HEADER,
     GATEWAY_HEADERS,
     KEY_HEADERS,
     LARGER_AFTER_HEADER,
@@ -404,6 +405,8 @@ def upstream_filters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[s
         *([_translator(opts.extproc_message_timeout_ms)] if opts.translation else []),
         # After the translation: the signature covers the body and path that are sent.
         *_signers(cfg, opts.credentials_dir),
+        # Nearest the codec: it holds the provider's own headers until its own first bytes.
+        *_first_token_holder(cfg),
         _remove_gateway_headers("signalbox.strip_gateway_headers_upstream"),
         {
             "name": "envoy.filters.http.upstream_codec",
@@ -506,6 +509,42 @@ def _signers(cfg: pb.RoutingConfig, credentials_dir: str) -> list[dict[str, Any]
         }
         out.append(_skipped(f"signalbox.sign.{provider.id}", config, {"not_matcher": ours}))
     return out
+
+
+def _first_token_holder(cfg: pb.RoutingConfig) -> list[dict[str, Any]]:
+    """The time-to-first-token deadline, for policies that set one (FIRST_TOKEN_HEADER on their
+    routes; skipped on every other attempt). Envoy's per-attempt timer (`per_try_timeout`) stops
+    when the router sees the answer's headers, and a provider that sends its headers at once and
+    its first token late would be past any failover by then. So this ext_proc holds the answer's
+    headers until the first body bytes have come (Envoy sends body chunks without waiting for the
+    headers' answer), answers both and closes its stream: the rest of the answer flows in Envoy
+    alone. The router's timer then runs until the first token, and a late backend is abandoned
+    for the next one before the client has seen anything. Two gRPC messages per attempt.
+
+    Fails open: without the ext_proc the headers pass at once (no deadline, no failed request).
+    Its message timeout is past every such deadline, which ends the attempt first."""
+    longest = max((p.first_token_timeout_ms for p in cfg.policies), default=0)
+    if not longest:
+        return []
+    processor = _any(
+        "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        grpc_service=_grpc_service(longest + 5000),
+        failure_mode_allow=True,
+        message_timeout=_ms(longest + 5000),
+        send_body_without_waiting_for_header_response=True,
+        processing_mode={
+            "request_header_mode": "SKIP",
+            "request_body_mode": "NONE",
+            "response_header_mode": "SEND",
+            "response_body_mode": "STREAMED",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+        # Nothing of the answer is read: only when its first bytes come.
+        forward_rules={"allowed_headers": {"patterns": [{"exact": ":status"}]}},
+    )
+    config = {"name": "envoy.filters.http.ext_proc", "typed_config": processor}
+    return [_skipped("signalbox.first_token", config, {"not_matcher": _header_matches(FIRST_TOKEN_HEADER, ".+")})]
 
 
 def _remove_gateway_headers(name: str) -> dict[str, Any]:

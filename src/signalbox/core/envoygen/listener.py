@@ -25,6 +25,7 @@ from .contract import (
     EXTPROC_CLUSTER,
     EXTPROC_FAILED_STATUS,
     FEEDBACK_PATH,
+    FIRST_TOKEN_HEADER,
     HEADER_ATTRIBUTE,
     HEALTH_LISTENER_NAME,
     JWT_NAMESPACE,
@@ -107,7 +108,11 @@ def _retry_policy(policy: pb.Policy) -> dict[str, Any]:
     statuses = sorted({s for r in policy.retry_on for s in _RETRIABLE_STATUSES.get(r, ())})
     if statuses:
         retry["retriable_status_codes"] = statuses
-    per_try = policy.hedge_delay_ms if policy.strategy == pb.FASTEST else policy.per_try_timeout_ms
+    per_try = (
+        policy.hedge_delay_ms
+        if policy.strategy == pb.FASTEST
+        else policy.first_token_timeout_ms or policy.per_try_timeout_ms
+    )
     if per_try:
         retry["per_try_timeout"] = _ms(per_try)
     if policy.idle_timeout_ms:
@@ -139,6 +144,11 @@ def _set(name: str, value: str) -> dict[str, Any]:
     return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
 
 
+def _policy_headers(policy: pb.Policy) -> list[dict[str, Any]]:
+    """Request headers a policy's routes add for its attempts' upstream filters."""
+    return [_set(FIRST_TOKEN_HEADER, "1")] if policy.first_token_timeout_ms else []
+
+
 def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
     """One route per policy and target (a policy's backend as first choice), matched on the
     target and policy the router phase put in dynamic metadata; then what Envoy answers without Python. Each attempt
@@ -153,10 +163,12 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
     first_target = ""
     larger = larger_after(cfg)
 
-    def chain_headers(target: str) -> dict[str, Any]:
+    def chain_headers(target: str, policy: pb.Policy | None = None) -> dict[str, Any]:
         # attempt.lua is one script for every chain: the route tells it this chain's members
         # a later member with a larger context window follows (clients cannot send it).
-        return {"request_headers_to_add": [_set(LARGER_AFTER_HEADER, larger[target])]} if target in larger else {}
+        added = [_set(LARGER_AFTER_HEADER, larger[target])] if target in larger else []
+        added += _policy_headers(policy) if policy is not None else []
+        return {"request_headers_to_add": added} if added else {}
 
     for policy in cfg.policies:
         targets = list(dict.fromkeys(b.target for b in policy.backends if b.target))
@@ -187,7 +199,7 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
                     },
                     "route": route,
                     # (Who answered and why: the virtual host's headers, `_virtual_host`.)
-                    **chain_headers(target),
+                    **chain_headers(target, policy),
                 }
             )
     # (Compiled policies' backends have equal context windows, compiler.compilable: their
@@ -336,6 +348,7 @@ def compiled_routes(cfg: pb.RoutingConfig, policy: pb.Policy) -> list[dict[str, 
                 )
             },
             "response_headers_to_add": _response_headers(f"%METADATA(ROUTE:{METADATA_NS}:{{}})%"),
+            **({"request_headers_to_add": _policy_headers(policy)} if policy.first_token_timeout_ms else {}),
         }
         for alias in policy.aliases
     ]
