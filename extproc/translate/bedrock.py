@@ -21,7 +21,7 @@ from urllib.parse import unquote
 from signalbox.core.errors import MalformedRequest, UnsupportedFeature
 
 from . import sse
-from .fields import CHAT_FIELDS, append_turn, chat_chunk, int_or_zero
+from .fields import CHAT_FIELDS, append_turn, call_arguments, chat_chunk, function_of, inline_image, int_or_zero
 from .fields import dict_or_empty as _dict
 from .fields import require_str as _str
 
@@ -93,7 +93,7 @@ def chat_to_converse(body: dict[str, Any]) -> dict[str, Any]:
                         "toolUse": {
                             "toolUseId": _str(_dict(call).get("id"), f"{at}.id"),
                             "name": _str(function.get("name"), f"{at}.function.name"),
-                            "input": _arguments(function.get("arguments"), at),
+                            "input": call_arguments(function.get("arguments"), at),
                         }
                     }
                 )
@@ -162,34 +162,15 @@ def _blocks(content: Any, where: str, images: bool) -> list[dict[str, Any]]:
 
 
 def _image(part: dict[str, Any], where: str) -> dict[str, Any]:
-    url = _str(_dict(part.get("image_url")).get("url"), f"{where}.image_url.url")
-    if not url.startswith("data:"):
-        raise UnsupportedFeature(f"'{where}': this backend takes images inline (data: URLs) only", param=where)
-    head, _, data = url[5:].partition(",")
-    mime, _, encoding = head.partition(";")
-    if encoding != "base64":
-        raise MalformedRequest("an image data URL must be base64 encoded", param="image_url")
+    mime, data = inline_image(_str(_dict(part.get("image_url")).get("url"), f"{where}.image_url.url"), where)
     if mime.lower() not in _IMAGE_FORMATS:
         raise UnsupportedFeature(f"'{where}': images of type {mime!r} cannot be sent to this backend", param=where)
     # The JSON wire form of a blob is its base64 text, as the data URL already holds it.
     return {"format": _IMAGE_FORMATS[mime.lower()], "source": {"bytes": data}}
 
 
-def _arguments(text: Any, where: str) -> dict[str, Any]:
-    try:
-        parsed = json.loads(text) if isinstance(text, str) and text else {}
-    except ValueError:
-        raise MalformedRequest(
-            f"'{where}.function.arguments' is not JSON", param=f"{where}.function.arguments"
-        ) from None
-    return parsed if isinstance(parsed, dict) else {"value": parsed}
-
-
 def _tool(tool: Any, where: str) -> dict[str, Any]:
-    tool = _dict(tool)
-    if tool.get("type") != "function":
-        raise UnsupportedFeature(f"'{where}' of type {tool.get('type')!r} cannot be sent to this backend", param=where)
-    function = _dict(tool.get("function"))
+    function = function_of(tool, where)
     spec: dict[str, Any] = {"name": _str(function.get("name"), f"{where}.function.name")}
     if isinstance(function.get("description"), str) and function["description"]:
         spec["description"] = function["description"]

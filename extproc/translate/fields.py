@@ -4,9 +4,10 @@ translator to chat emits."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from signalbox.core.errors import MalformedRequest
+from signalbox.core.errors import MalformedRequest, UnsupportedFeature
 
 from . import sse
 
@@ -101,3 +102,35 @@ def chat_chunk(
     if usage is not None:
         chunk["usage"] = usage
     return sse.encode(chunk)
+
+
+def call_arguments(text: Any, where: str) -> dict[str, Any]:
+    """A chat tool call's `function.arguments` (JSON text) as the object other APIs take; a
+    value that is not an object is wrapped as {"value": ...}. `where`: the call's path."""
+    try:
+        parsed = json.loads(text) if isinstance(text, str) and text else {}
+    except ValueError:
+        raise MalformedRequest(
+            f"'{where}.function.arguments' is not JSON", param=f"{where}.function.arguments"
+        ) from None
+    return parsed if isinstance(parsed, dict) else {"value": parsed}
+
+
+def function_of(tool: Any, where: str) -> dict[str, Any]:
+    """A chat tool's `function` (read leniently); other kinds of tool cannot be sent."""
+    tool = dict_or_empty(tool)
+    if tool.get("type") != "function":
+        raise UnsupportedFeature(f"'{where}' of type {tool.get('type')!r} cannot be sent to this backend", param=where)
+    return dict_or_empty(tool.get("function"))
+
+
+def inline_image(url: str, where: str) -> tuple[str, str]:
+    """(media type, base64 data) of an image given as a data URL, for APIs that take images
+    inline only."""
+    if not url.startswith("data:"):
+        raise UnsupportedFeature(f"'{where}': this backend takes images inline (data: URLs) only", param=where)
+    head, _, data = url[5:].partition(",")
+    mime, _, encoding = head.partition(";")
+    if encoding != "base64":
+        raise MalformedRequest("an image data URL must be base64 encoded", param="image_url")
+    return mime, data

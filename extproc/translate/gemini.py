@@ -18,7 +18,7 @@ from signalbox.core.errors import MalformedRequest, UnsupportedFeature
 
 from . import sse
 from .anthropic import error_to_chat
-from .fields import CHAT_FIELDS, append_turn, chat_chunk
+from .fields import CHAT_FIELDS, append_turn, call_arguments, chat_chunk, function_of, inline_image
 from .fields import dict_or_empty as _dict
 from .fields import require_str as _str
 
@@ -76,7 +76,7 @@ def chat_to_gemini(body: dict[str, Any]) -> dict[str, Any]:
                 function = _dict(_dict(call).get("function"))
                 name = _str(function.get("name"), f"{at}.function.name")
                 names[str(_dict(call).get("id"))] = name
-                parts.append({"functionCall": {"name": name, "args": _arguments(function.get("arguments"), at)}})
+                parts.append({"functionCall": {"name": name, "args": call_arguments(function.get("arguments"), at)}})
             _append_parts(contents, "model", parts)
         elif role == "tool":
             call_id = _str(message.get("tool_call_id"), f"{where}.tool_call_id")
@@ -140,37 +140,16 @@ def _parts(content: Any, where: str, images: bool) -> list[dict[str, Any]]:
         if kind in ("text", "input_text", "output_text"):
             parts.append({"text": _str(part.get("text"), f"{where}[{i}].text")})
         elif kind == "image_url" and images:
-            url = _dict(part.get("image_url")).get("url")
-            url = _str(url, f"{where}[{i}].image_url.url")
-            if not url.startswith("data:"):
-                raise UnsupportedFeature(
-                    f"'{where}[{i}]': this backend takes images inline (data: URLs) only", param=where
-                )
-            head, _, data = url[5:].partition(",")
-            mime, _, encoding = head.partition(";")
-            if encoding != "base64":
-                raise MalformedRequest("an image data URL must be base64 encoded", param="image_url")
+            url = _str(_dict(part.get("image_url")).get("url"), f"{where}[{i}].image_url.url")
+            mime, data = inline_image(url, f"{where}[{i}]")
             parts.append({"inlineData": {"mimeType": mime, "data": data}})
         else:
             raise UnsupportedFeature(f"'{where}[{i}]' of type {kind!r} cannot be sent to this backend", param=where)
     return parts
 
 
-def _arguments(text: Any, where: str) -> dict[str, Any]:
-    try:
-        parsed = json.loads(text) if isinstance(text, str) and text else {}
-    except ValueError:
-        raise MalformedRequest(
-            f"'{where}.function.arguments' is not JSON", param=f"{where}.function.arguments"
-        ) from None
-    return parsed if isinstance(parsed, dict) else {"value": parsed}
-
-
 def _declaration(tool: Any, where: str) -> dict[str, Any]:
-    tool = _dict(tool)
-    if tool.get("type") != "function":
-        raise UnsupportedFeature(f"'{where}' of type {tool.get('type')!r} cannot be sent to this backend", param=where)
-    function = _dict(tool.get("function"))
+    function = function_of(tool, where)
     out: dict[str, Any] = {"name": _str(function.get("name"), f"{where}.function.name")}
     if isinstance(function.get("description"), str):
         out["description"] = function["description"]
