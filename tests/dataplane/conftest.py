@@ -13,6 +13,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
+import openai
 import pytest
 
 from signalbox.local import LocalGateway
@@ -79,6 +81,28 @@ def fakes() -> Iterator[dict[str, Fake]]:
 @pytest.fixture(autouse=True)
 def _reset_fakes(request):
     reset_fakes_of(request)
+
+
+# The key the SDK clients below send: the gateway's, never a provider's (tests assert it never
+# reaches one).
+CLIENT_TOKEN = "client-token-3e1f"
+
+
+@pytest.fixture(scope="module")
+def oai(gateway):
+    """The official OpenAI SDK pointed at the module's `gateway`."""
+    with openai.OpenAI(base_url=gateway.url, api_key=CLIENT_TOKEN, max_retries=0, timeout=20) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ant(gateway):
+    """The official Anthropic SDK pointed at the module's `gateway` (at its root, as Anthropic's
+    base URL is)."""
+    with anthropic.Anthropic(
+        base_url=gateway.url.removesuffix("/v1"), api_key=CLIENT_TOKEN, max_retries=0, timeout=20
+    ) as c:
+        yield c
 
 
 def start_gateway(tmp_path: Path, yaml_text: str, **options) -> LocalGateway:

@@ -17,7 +17,7 @@ import pytest
 
 from tests.factories import backend, dump, model, policy, provider
 
-from .conftest import logs, start_gateway
+from .conftest import CLIENT_TOKEN, logs, start_gateway
 
 pytestmark = pytest.mark.dataplane
 
@@ -26,7 +26,6 @@ SECRET_KEY = "bedrock-secret-key-2f8e1c"
 # The gateway's own AWS credentials (its environment): what a provider without `auth` signs with.
 ENV_ACCESS_KEY = "AKIAGATEWAYENV0002"
 ENV_SECRET_KEY = "gateway-env-secret-9d3a"
-CLIENT_TOKEN = "client-token-bedrock"
 # A real Bedrock model ID: its `:` is percent-encoded in the path (and twice in the signature).
 MODEL_ID = "anthropic.claude-3-haiku-20240307-v1:0"
 CAPS = {"capabilities": ["streaming", "tools"], "contextWindow": 100000}
@@ -86,20 +85,6 @@ def gateway(fakes, tmp_path_factory):
     gw = start_gateway(home, resources(fakes, credentials), env=env)
     yield gw
     gw.stop()
-
-
-@pytest.fixture(scope="module")
-def oai(gateway):
-    with openai.OpenAI(base_url=gateway.url, api_key=CLIENT_TOKEN, max_retries=0, timeout=20) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def ant(gateway):
-    with anthropic.Anthropic(
-        base_url=gateway.url.removesuffix("/v1"), api_key=CLIENT_TOKEN, max_retries=0, timeout=20
-    ) as c:
-        yield c
 
 
 @pytest.fixture(autouse=True)

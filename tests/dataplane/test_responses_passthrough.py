@@ -42,12 +42,6 @@ def gateway(fakes, tmp_path_factory):
     gw.stop()
 
 
-@pytest.fixture(scope="module")
-def oai(gateway):
-    with openai.OpenAI(base_url=gateway.url, api_key="x", max_retries=0) as client:
-        yield client
-
-
 def test_a_responses_request_reaches_a_provider_that_serves_it_as_it_was_sent(oai, fakes, gateway):
     response = oai.responses.create(model="native", input="hello", instructions="be brief", max_output_tokens=20)
     assert response.output_text == "[alpha] answer from gpt-native" and response.id.startswith("resp_alpha")

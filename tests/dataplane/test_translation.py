@@ -16,13 +16,12 @@ import pytest
 
 from tests.factories import backend, dump, model, policy, provider
 
-from .conftest import log_entries, start_gateway
+from .conftest import CLIENT_TOKEN, log_entries, start_gateway
 
 pytestmark = pytest.mark.dataplane
 
 CLAUDE_KEY = "sk-ant-claude-secret-51c9"
 GEMINI_KEY = "AIza-gemini-secret-77b2"
-CLIENT_TOKEN = "client-token-3e1f"
 CAPS = {"capabilities": ["streaming", "tools", "vision"], "contextWindow": 100000}
 TOOL = {
     "type": "function",
@@ -114,21 +113,6 @@ def gateway(fakes, tmp_path_factory):
     )
     yield gw
     gw.stop()
-
-
-@pytest.fixture(scope="module")
-def oai(gateway):
-    with openai.OpenAI(base_url=gateway.url, api_key=CLIENT_TOKEN, max_retries=0, timeout=20) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def ant(gateway):
-    # The gateway serves /v1/messages at its root, as Anthropic's base URL does.
-    with anthropic.Anthropic(
-        base_url=gateway.url.removesuffix("/v1"), api_key=CLIENT_TOKEN, max_retries=0, timeout=20
-    ) as c:
-        yield c
 
 
 @pytest.fixture(autouse=True)
