@@ -96,12 +96,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     from signalbox.local import StartupError
 
     gateway = local_gateway(args)
+
+    def _interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    # Stopped while it starts (a supervisor, a test giving up): what was started is stopped too,
+    # never left running without its parent (SIGTERM's default would end this process alone).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         gateway.start()
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         gateway.stop()
         return 1
+    except KeyboardInterrupt:
+        gateway.stop()
+        return 130
     cfg = gateway.config
     assert cfg is not None
     aliases = sorted({a for p in cfg.policies for a in p.aliases})

@@ -217,6 +217,22 @@ def test_a_streamed_tool_call_arrives_in_pieces(oai, fakes):
     assert names == ["get_weather"] and json.loads(arguments) == {"city": "Paris"} and finish == "tool_calls"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_sdk_responses_from_bedrock(oai, fakes, stream):
+    """The Responses API, translated through chat to Converse (and back, events included)."""
+    if stream:
+        with oai.responses.stream(model="haiku", input="count", extra_headers={"x-fake-chunks": "3"}) as events:
+            text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+            final = events.get_final_response()
+        assert text == "chunk0 chunk1 chunk2 " and final.usage.output_tokens == 3
+    else:
+        response = oai.responses.create(model="haiku", input="hello", instructions="be brief", max_output_tokens=20)
+        assert response.output_text == f"[gamma] answer from {MODEL_ID}"
+        sent = only(fakes["gamma"])["body"]
+        assert sent["system"] == [{"text": "be brief"}] and sent["inferenceConfig"] == {"maxTokens": 20}
+    signed_by_envoy(fakes["gamma"].requests()[-1])
+
+
 def test_anthropic_sdk_gets_a_message_from_bedrock(ant, fakes):
     message = ant.messages.create(model="haiku", max_tokens=32, messages=[{"role": "user", "content": "hello"}])
     assert message.content[0].text == f"[gamma] answer from {MODEL_ID}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -418,3 +420,60 @@ def test_header_matched_policies_and_hash_keys_reach_the_one_message_router_phas
             assert policy_of() == "everyone->alpha"
     finally:
         gw.stop()
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_signalbox_up_stopped_while_it_starts_leaves_nothing_running(tmp_path):
+    """SIGTERM during startup (a test that gave up, a supervisor) once ended `signalbox up` alone
+    and left its fake providers and ext_proc workers running, orphaned."""
+    quickstart = tmp_path / "quickstart"
+    quickstart.mkdir()
+    for f in (ROOT / "examples" / "quickstart").glob("*.yaml"):
+        text = f.read_text()
+        for port in ("18081", "18082", "18083"):
+            text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}")
+        (quickstart / f.name).write_text(text)
+    started: set[int] = set()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "signalbox.cli", "up", "-f", str(quickstart), "--port", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(started) < 2:  # some of what it starts is running, and it is not ready yet
+            assert proc.poll() is None and time.monotonic() < deadline
+            started |= _children(proc.pid)
+            time.sleep(0.01)
+        proc.terminate()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in started):
+            assert time.monotonic() < deadline, [pid for pid in started if _alive(pid)]
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in started:  # what a failure of this test would otherwise leave running
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
