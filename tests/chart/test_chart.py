@@ -375,3 +375,22 @@ def test_spans_go_to_the_collector_named_in_values():
     assert "--trace-sampling=10" in custom["args"]
     _, default = extproc(render(*reversed(MATRIX["defaults"])))
     assert not any(a.startswith("--otlp-endpoint") for a in default["args"])
+
+
+def test_service_accounts_carry_the_annotations_irsa_needs():
+    """With eks.amazonaws.com/role-arn on the gateway's ServiceAccount, EKS gives its pods the
+    web identity Envoy signs Bedrock requests with (AIProviders of type bedrock without auth);
+    on the operator's, its probes of them sign with that role too."""
+    role = "arn:aws:iam::123456789012:role/signalbox-bedrock"
+    values = {
+        "gateway": {"serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": role}},
+        "operator": {"serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": role}},
+    }
+    accounts = {
+        o["metadata"]["name"]: o["metadata"] for o in of_kind(render(values, "signalbox-system"), "ServiceAccount")
+    }
+    assert {name.rsplit("-", 1)[1] for name in accounts} == {"gateway", "operator"}
+    for metadata in accounts.values():
+        assert metadata["annotations"] == {"eks.amazonaws.com/role-arn": role}
+    plain = of_kind(render({}, "signalbox-system"), "ServiceAccount")
+    assert all("annotations" not in o["metadata"] for o in plain)
