@@ -133,6 +133,20 @@ def test_openai_sdk_gets_a_signed_converse_answer_with_tools(oai, fakes):
     assert got["body"]["toolConfig"]["tools"][0]["toolSpec"]["inputSchema"]["json"] == TOOL["function"]["parameters"]
 
 
+def test_a_client_cannot_put_its_own_signing_headers_into_a_signed_request(oai, fakes):
+    """A session token or date sent by a client would be signed with the gateway's credentials:
+    Envoy's signer replaces the date and drops a token it has none of (held here, not assumed)."""
+    oai.chat.completions.create(
+        model="haiku",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-amz-security-token": "client-token-forged", "x-amz-date": "20200101T000000Z"},
+    )
+    headers = {k.lower(): v for k, v in only(fakes["gamma"])["headers"].items()}
+    assert "x-amz-security-token" not in headers
+    assert headers["x-amz-date"] != "20200101T000000Z"
+    signed_by_envoy(only(fakes["gamma"]))
+
+
 def test_a_tool_result_goes_back_to_bedrock_as_a_tool_result_block(oai, fakes):
     oai.chat.completions.create(
         model="haiku",
