@@ -21,7 +21,7 @@ from urllib.parse import unquote
 from signalbox.core.errors import MalformedRequest, UnsupportedFeature
 
 from . import sse
-from .fields import CHAT_FIELDS, append_turn, call_arguments, chat_chunk, function_of, inline_image, int_or_zero
+from .fields import CHAT_FIELDS, append_turn, call_arguments, chat_chunk, content_items, function_of, int_or_zero
 from .fields import dict_or_empty as _dict
 from .fields import require_str as _str
 
@@ -140,33 +140,14 @@ def chat_to_converse(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _blocks(content: Any, where: str, images: bool) -> list[dict[str, Any]]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"text": content}] if content else []
-    if not isinstance(content, list):
-        raise MalformedRequest(f"'{where}' must be a string or an array of content parts", param=where)
-    blocks: list[dict[str, Any]] = []
-    for i, part in enumerate(content):
-        part = _dict(part)
-        kind = part.get("type")
-        if kind in ("text", "input_text", "output_text"):
-            text = _str(part.get("text"), f"{where}[{i}].text")
-            if text:
-                blocks.append({"text": text})
-        elif kind == "image_url" and images:
-            blocks.append({"image": _image(part, f"{where}[{i}]")})
-        else:
-            raise UnsupportedFeature(f"'{where}[{i}]' of type {kind!r} cannot be sent to this backend", param=where)
-    return blocks
+    return content_items(content, where, _image if images else None)
 
 
-def _image(part: dict[str, Any], where: str) -> dict[str, Any]:
-    mime, data = inline_image(_str(_dict(part.get("image_url")).get("url"), f"{where}.image_url.url"), where)
+def _image(mime: str, data: str) -> dict[str, Any]:
     if mime.lower() not in _IMAGE_FORMATS:
-        raise UnsupportedFeature(f"'{where}': images of type {mime!r} cannot be sent to this backend", param=where)
+        raise UnsupportedFeature(f"images of type {mime!r} cannot be sent to this backend", param="image_url")
     # The JSON wire form of a blob is its base64 text, as the data URL already holds it.
-    return {"format": _IMAGE_FORMATS[mime.lower()], "source": {"bytes": data}}
+    return {"image": {"format": _IMAGE_FORMATS[mime.lower()], "source": {"bytes": data}}}
 
 
 def _tool(tool: Any, where: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ translator to chat emits."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from signalbox.core.errors import MalformedRequest, UnsupportedFeature
@@ -134,3 +135,29 @@ def inline_image(url: str, where: str) -> tuple[str, str]:
     if encoding != "base64":
         raise MalformedRequest("an image data URL must be base64 encoded", param="image_url")
     return mime, data
+
+
+def content_items(content: Any, where: str, image: Callable[[str, str], dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """A chat message's `content` (text, or an array of parts) as another API's items: a
+    {"text": ...} per non-empty text part, and `image(media type, base64 data)` per image part
+    given inline; `image` None: images cannot go where this content goes."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    if not isinstance(content, list):
+        raise MalformedRequest(f"'{where}' must be a string or an array of content parts", param=where)
+    items: list[dict[str, Any]] = []
+    for i, part in enumerate(content):
+        part = dict_or_empty(part)
+        kind = part.get("type")
+        if kind in ("text", "input_text", "output_text"):
+            text = require_str(part.get("text"), f"{where}[{i}].text")
+            if text:
+                items.append({"text": text})
+        elif kind == "image_url" and image is not None:
+            url = require_str(dict_or_empty(part.get("image_url")).get("url"), f"{where}[{i}].image_url.url")
+            items.append(image(*inline_image(url, f"{where}[{i}]")))
+        else:
+            raise UnsupportedFeature(f"'{where}[{i}]' of type {kind!r} cannot be sent to this backend", param=where)
+    return items

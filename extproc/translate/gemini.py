@@ -18,7 +18,7 @@ from signalbox.core.errors import MalformedRequest, UnsupportedFeature
 
 from . import sse
 from .anthropic import error_to_chat
-from .fields import CHAT_FIELDS, append_turn, call_arguments, chat_chunk, function_of, inline_image
+from .fields import CHAT_FIELDS, append_turn, call_arguments, chat_chunk, content_items, function_of
 from .fields import dict_or_empty as _dict
 from .fields import require_str as _str
 
@@ -127,25 +127,11 @@ def chat_to_gemini(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parts(content: Any, where: str, images: bool) -> list[dict[str, Any]]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"text": content}] if content else []
-    if not isinstance(content, list):
-        raise MalformedRequest(f"'{where}' must be a string or an array of content parts", param=where)
-    parts: list[dict[str, Any]] = []
-    for i, part in enumerate(content):
-        part = _dict(part)
-        kind = part.get("type")
-        if kind in ("text", "input_text", "output_text"):
-            parts.append({"text": _str(part.get("text"), f"{where}[{i}].text")})
-        elif kind == "image_url" and images:
-            url = _str(_dict(part.get("image_url")).get("url"), f"{where}[{i}].image_url.url")
-            mime, data = inline_image(url, f"{where}[{i}]")
-            parts.append({"inlineData": {"mimeType": mime, "data": data}})
-        else:
-            raise UnsupportedFeature(f"'{where}[{i}]' of type {kind!r} cannot be sent to this backend", param=where)
-    return parts
+    return content_items(content, where, _inline if images else None)
+
+
+def _inline(mime: str, data: str) -> dict[str, Any]:
+    return {"inlineData": {"mimeType": mime, "data": data}}
 
 
 def _declaration(tool: Any, where: str) -> dict[str, Any]:

@@ -477,13 +477,8 @@ class FakeProvider:
             return f"data: {json.dumps(chunk)}\n\n".encode()
 
         for i in range(chunks):
-            if i == fault.after and fault.kind in ("stall", "cut", "malformed"):
-                if fault.kind == "stall":
-                    await asyncio.sleep(HANG_SECONDS)  # the connection stays open, nothing more comes
-                if fault.kind == "cut":
-                    assert request.transport is not None
-                    request.transport.abort()  # mid-stream: no final chunk, no [DONE]
-                    raise asyncio.CancelledError
+            await _break_if_due(request, fault, i)
+            if i == fault.after and fault.kind == "malformed":
                 await response.write(b'data: {"id": "broken", "choices": [{"delta": {"content": \n\n')
             await response.write(event({"content": f"chunk{i} "} if i else {"role": "assistant", "content": "chunk0 "}))
             if gap:
@@ -596,12 +591,7 @@ class FakeProvider:
         await response.prepare(request)
         rid = f"gem-{self.ident}-{self.count}"
         for i in range(chunks):
-            if i == fault.after and fault.kind in ("stall", "cut"):
-                if fault.kind == "stall":
-                    await asyncio.sleep(HANG_SECONDS)
-                assert request.transport is not None
-                request.transport.abort()
-                raise asyncio.CancelledError
+            await _break_if_due(request, fault, i)
             chunk = _gemini_chunk(model, [{"text": f"chunk{i} "}], None, None, rid)
             await response.write(f"data: {json.dumps(chunk)}\r\n\r\n".encode())
             if gap:
@@ -634,12 +624,7 @@ class FakeProvider:
         if not forced:
             await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
         for i in range(chunks):
-            if i == fault.after and fault.kind in ("stall", "cut"):
-                if fault.kind == "stall":
-                    await asyncio.sleep(HANG_SECONDS)
-                assert request.transport is not None
-                request.transport.abort()
-                raise asyncio.CancelledError
+            await _break_if_due(request, fault, i)
             await send("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": f"chunk{i} "}})
             if gap:
                 await asyncio.sleep(gap)
@@ -694,12 +679,7 @@ class FakeProvider:
         event = fakebedrock.event
         await response.write(event("messageStart", {"role": "assistant"}))
         for i in range(chunks):
-            if i == fault.after and fault.kind in ("stall", "cut"):
-                if fault.kind == "stall":
-                    await asyncio.sleep(HANG_SECONDS)
-                assert request.transport is not None
-                request.transport.abort()
-                raise asyncio.CancelledError
+            await _break_if_due(request, fault, i)
             await response.write(event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": f"chunk{i} "}}))
             if gap:
                 await asyncio.sleep(gap)
@@ -717,6 +697,19 @@ class FakeProvider:
             await response.write(event("metadata", metadata))
         await response.write_eof()
         return response
+
+
+async def _break_if_due(request: web.Request, fault: Fault, i: int) -> None:
+    """Before a stream's chunk `i`: a `stall` fault falls silent there with the connection open,
+    a `cut` fault drops the connection there (no final event, no end), once `fault.after`
+    chunks were sent."""
+    if i != fault.after or fault.kind not in ("stall", "cut"):
+        return
+    if fault.kind == "stall":
+        await asyncio.sleep(HANG_SECONDS)
+    assert request.transport is not None
+    request.transport.abort()
+    raise asyncio.CancelledError
 
 
 def _gemini_chunk(model: str, parts: list[dict[str, Any]], finish: str | None, usage: dict | None, rid: str) -> dict:
