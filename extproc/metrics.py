@@ -61,6 +61,14 @@ class Metrics:
             ["provider", "model", "flag"],
             registry=r,
         )
+        self.first_token_holds = Counter(
+            "signalbox_first_token_holds",
+            "Streamed attempts whose answer headers waited for the first body bytes (policies with "
+            "failover.firstTokenTimeoutMs), by outcome: released (the first bytes came) or ended (the "
+            "attempt ended first: the deadline, a reset).",
+            ["outcome"],
+            registry=r,
+        )
         self.translations = Counter(
             "signalbox_translations",
             "Upstream attempts translated between API families (client API, backend API), by outcome "

@@ -289,7 +289,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             try:
                 if request.WhichOneof("request") == "response_headers":
                     # An attempt's answer whose headers wait for its first token.
-                    async for response in upstream.first_token(request, request_iterator):
+                    async for response in upstream.first_token(request, request_iterator, self.metrics):
                         yield response
                     return
                 if route := upstream.translation_of(request):

@@ -45,7 +45,7 @@ def translation_of(request: ep.ProcessingRequest) -> str:
 
 
 async def first_token(
-    first: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest]
+    first: ep.ProcessingRequest, rest: AsyncIterator[ep.ProcessingRequest], metrics
 ) -> AsyncIterator[ep.ProcessingResponse]:
     """An attempt of a policy with a first-token deadline (envoygen `_first_token_holder`): its
     answer's headers (the first message) are answered only when its first body bytes have come,
@@ -53,12 +53,15 @@ async def first_token(
     answer flows without Python. An answer without a body is let through at once."""
     if first.response_headers.end_of_stream:
         yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+        metrics.first_token_holds.labels("released").inc()
         return
     async for message in rest:
         if message.WhichOneof("request") == "response_body":
             yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
             yield ep.ProcessingResponse(response_body=ep.BodyResponse())
+            metrics.first_token_holds.labels("released").inc()
             return
+    metrics.first_token_holds.labels("ended").inc()
 
 
 def _body(body: bytes, phase: str, replace: bool) -> ep.ProcessingResponse:

@@ -314,12 +314,25 @@ def test_a_stream_whose_first_token_is_late_moves_to_the_next_backend_before_the
     assert took < deadline + SLACK_S
 
 
+def holds(gateway) -> float:
+    """Answers whose headers waited for their first bytes (the first-token filter), so far."""
+    metrics = httpx.get(f"{gateway.admin_url}/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("signalbox_first_token_holds_total{")
+    )
+
+
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_first_token_in_time_is_served_whole_by_the_first_backend(client, fakes, stream):
+def test_a_first_token_in_time_is_served_whole_by_the_first_backend(gateway, client, fakes, stream):
+    before = holds(gateway)
     got, served, origin, error, _took, _, text = ask(client, "first-token", fault(first_token_ms=200), stream=stream)
     assert (got, served, error, origin) == (200, "primary", None, "primary")
     assert text == ("chunk0 chunk1 chunk2 chunk3 chunk4 " if stream else "[primary] answer from m")
     assert len(attempts(fakes, "second")) == 0
+    # Only a stream's headers wait: a JSON answer's come with its body, holding them gains nothing.
+    assert holds(gateway) - before == (1 if stream else 0)
 
 
 def test_a_silent_only_backend_is_not_retried_and_the_client_gets_a_504(client, fakes, scorecard):

@@ -610,8 +610,17 @@ def test_a_first_token_deadline_holds_answers_headers_only_on_its_policys_attemp
     mine = [r for r in host["routes"] if r.get("name", "").startswith(("default/p:", "compiled:default/p:"))]
     assert {r["name"].split(":")[0] for r in mine} == {"default/p", "compiled"}  # decided and compiled
     for route in mine:
-        assert {"header": {"key": header, "value": "1"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"} in route[
-            "request_headers_to_add"
-        ]
+        mark = {"key": header, "value": "%DYNAMIC_METADATA(signalbox:stream)%"}  # the request's `stream`
+        assert {"header": mark, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"} in route["request_headers_to_add"]
         assert envoygen.retry_policy_of(host, route)["per_try_timeout"] == "0.700s"
-    assert header in envoygen.GATEWAY_HEADERS  # never sent to a provider, nor taken from a client
+    assert header in envoygen.GATEWAY_HEADERS  # never sent to a provider
+    # Only streams are held: the matcher wants "true", which Envoy's JSON reader puts in the
+    # metadata the routes' header reads from the body's `stream`.
+    assert skip["predicate"]["not_matcher"]["single_predicate"]["value_match"]["safe_regex"]["regex"] == "^true$"
+    reader = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
+    (json_filter,) = [f for f in reader["http_filters"] if f["name"] == "signalbox.json"]
+    rules = json_filter["typed_config"]["request_rules"]["rules"]
+    assert {
+        "selectors": [{"key": "stream"}],
+        "on_present": {"metadata_namespace": "signalbox", "key": "stream"},
+    } in rules

@@ -408,9 +408,9 @@ class FailoverSpec(Spec):
         ge=1,
         description="Time-to-first-token deadline per backend: if no byte of its answer's body has come after "
         "this long (a stream whose headers came at once counts only from its first event), it is abandoned and "
-        "the next backend tried, and the client sees only the answer that came in time. The answer's headers "
-        "wait in the gateway until the first body bytes, which costs two messages to the ext_proc per attempt "
-        "of this policy. It replaces perTryTimeoutMs (the first token comes after the headers). Default: none.",
+        "the next backend tried, and the client sees only the answer that came in time. A streamed answer's "
+        "headers wait in the gateway until its first body bytes, which costs two messages to the ext_proc per "
+        "streamed attempt of this policy. It replaces perTryTimeoutMs (the first token comes after the headers). Default: none.",
     )
     idle_timeout_ms: int | None = Field(
         None,

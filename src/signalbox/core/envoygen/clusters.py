@@ -544,7 +544,7 @@ def _first_token_holder(cfg: pb.RoutingConfig) -> list[dict[str, Any]]:
         forward_rules={"allowed_headers": {"patterns": [{"exact": ":status"}]}},
     )
     config = {"name": "envoy.filters.http.ext_proc", "typed_config": processor}
-    return [_skipped("signalbox.first_token", config, {"not_matcher": _header_matches(FIRST_TOKEN_HEADER, ".+")})]
+    return [_skipped("signalbox.first_token", config, {"not_matcher": _header_matches(FIRST_TOKEN_HEADER, "^true$")})]
 
 
 def _remove_gateway_headers(name: str) -> dict[str, Any]:

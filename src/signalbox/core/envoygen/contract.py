@@ -25,9 +25,11 @@ TRANSLATE_HEADER = "x-signalbox-translate"
 # Which members of the request's chain a later member's larger context window follows (comma
 # separated backend ids), set by the route to the chain for attempt.lua.
 LARGER_AFTER_HEADER = "x-signalbox-larger-after"
-# Set by the routes of a policy with a first-token deadline: the upstream filter that holds an
-# answer's headers until its first body bytes runs only on such attempts.
+# Set by the routes of a policy with a first-token deadline to the request's `stream` (read by
+# Envoy's JSON reader into STREAM_KEY): the upstream filter that holds an answer's headers until
+# its first body bytes runs only on such attempts of streamed requests ("true").
 FIRST_TOKEN_HEADER = "x-signalbox-first-token"
+STREAM_KEY = "stream"
 GATEWAY_HEADERS = (PATH_HEADER, ATTEMPT_HEADER, TRANSLATE_HEADER, LARGER_AFTER_HEADER, FIRST_TOKEN_HEADER)
 # The Messages API version the gateway speaks to Anthropic backends, unless the client set one.
 ANTHROPIC_VERSION = "2023-06-01"

@@ -42,6 +42,7 @@ from .contract import (
     RETRY_HEADER,
     ROUTED_PATHS,
     ROUTER_ATTRIBUTES,
+    STREAM_KEY,
     api_of_path,
     models_listing,
     too_large_message,
@@ -146,7 +147,12 @@ def _set(name: str, value: str) -> dict[str, Any]:
 
 def _policy_headers(policy: pb.Policy) -> list[dict[str, Any]]:
     """Request headers a policy's routes add for its attempts' upstream filters."""
-    return [_set(FIRST_TOKEN_HEADER, "1")] if policy.first_token_timeout_ms else []
+    # The request's `stream` (true or false; absent, no header): only streams are held.
+    return (
+        [_set(FIRST_TOKEN_HEADER, f"%DYNAMIC_METADATA({METADATA_NS}:{STREAM_KEY})%")]
+        if policy.first_token_timeout_ms
+        else []
+    )
 
 
 def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
@@ -503,16 +509,21 @@ def json_filter(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any] |
       `sse_usage_filter`.
     """
     config: dict[str, Any] = {}
+    request_rules: list[dict[str, Any]] = []
     if any(p.compiled for p in cfg.policies) or opts.otlp_endpoint:
-        config["request_rules"] = {
-            "rules": [
-                {
-                    "selectors": [{"key": "model"}],
-                    "on_present": {"metadata_namespace": METADATA_NS, "key": ALIAS_KEY, "type": "STRING"},
-                }
-            ],
-            "allow_empty_content_type": True,
-        }
+        request_rules.append(
+            {
+                "selectors": [{"key": "model"}],
+                "on_present": {"metadata_namespace": METADATA_NS, "key": ALIAS_KEY, "type": "STRING"},
+            }
+        )
+    if any(p.first_token_timeout_ms for p in cfg.policies):
+        # Whether the request streams: the first-token filter holds only streams' headers.
+        request_rules.append(
+            {"selectors": [{"key": "stream"}], "on_present": {"metadata_namespace": METADATA_NS, "key": STREAM_KEY}}
+        )
+    if request_rules:
+        config["request_rules"] = {"rules": request_rules, "allow_empty_content_type": True}
     if opts.accounting:
         # Matched on the whole header value: providers send the charset too.
         json_types = ["application/json", "application/json; charset=utf-8", "application/json;charset=utf-8"]
