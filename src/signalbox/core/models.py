@@ -410,7 +410,9 @@ class FailoverSpec(Spec):
         "this long (a stream whose headers came at once counts only from its first event), it is abandoned and "
         "the next backend tried, and the client sees only the answer that came in time. A streamed answer's "
         "headers wait in the gateway until its first body bytes, which costs two messages to the ext_proc per "
-        "streamed attempt of this policy. It replaces perTryTimeoutMs (the first token comes after the headers). Default: none.",
+        "streamed attempt of this policy. It replaces perTryTimeoutMs (the first token comes after the headers); "
+        "for a non-streamed answer, whose first byte comes with the rest, it is the whole answer's deadline. "
+        "Default: none.",
     )
     idle_timeout_ms: int | None = Field(
         None,
