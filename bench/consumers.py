@@ -76,20 +76,14 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     for alias in (dataplane.COMPILED, dataplane.DECIDED):
                         lua = script(work / f"{variant}-{alias}.lua", alias, "" if variant == "anonymous" else KEY)
-                        url = gateway.url + "/chat/completions"
-                        dataplane.wrk(url, 1, args.connections, lua)  # warm-up
-                        base = dataplane.wrk(
-                            f"http://127.0.0.1:{plain_port}/v1/chat/completions", args.seconds, args.connections, lua
+                        plain_url = f"http://127.0.0.1:{plain_port}/v1/chat/completions"
+                        ours = dataplane.against_plain(
+                            gateway.url + "/chat/completions", plain_url, args.seconds, args.connections, lua, variant
                         )
-                        ours = dataplane.wrk(url, args.seconds, args.connections, lua)
-                        if ours["non_2xx"]:
-                            raise RuntimeError(f"{variant} {alias}: {ours['non_2xx']} non-2xx answers")
-                        runs.setdefault((variant, alias), []).append(
-                            {**ours, "plain_rps": base["rps"], "plain_p50_ms": base["p50_ms"]}
-                        )
+                        runs.setdefault((variant, alias), []).append(ours)
                         print(
-                            f"round {n} {variant:14} {alias:8} {ours['rps']:7.0f} rps (plain {base['rps']:7.0f}), "
-                            f"p50 {ours['p50_ms']:.2f} ms",
+                            f"round {n} {variant:14} {alias:8} {ours['rps']:7.0f} rps "
+                            f"(plain {ours['plain_rps']:7.0f}), p50 {ours['p50_ms']:.2f} ms",
                             flush=True,
                         )
                 finally:

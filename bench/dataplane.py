@@ -236,6 +236,21 @@ def round_args(doc: str | None, argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def against_plain(
+    url: str, plain_url: str, seconds: int, connections: int, script: Path, what: str
+) -> dict[str, float]:
+    """The gateway at `url` and plain Envoy at `plain_url` under the same load, back to back (the
+    gateway warmed up for a second first): the gateway's figures with plain Envoy's throughput
+    and p50 beside them (`plain_rps`, `plain_p50_ms`). A non-2xx answer from the gateway is an
+    error: a bench of failures measures nothing."""
+    wrk(url, 1, connections, script)  # warm-up
+    base = wrk(plain_url, seconds, connections, script)
+    ours = wrk(url, seconds, connections, script)
+    if ours["non_2xx"]:
+        raise RuntimeError(f"{what}: {ours['non_2xx']} non-2xx answers")
+    return {**ours, "plain_rps": base["rps"], "plain_p50_ms": base["p50_ms"]}
+
+
 def wrk(url: str, seconds: int, connections: int, script: Path) -> dict[str, float]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],

@@ -72,19 +72,13 @@ def main(argv: list[str] | None = None) -> int:
                 for alias in ALIASES:
                     for shape in ("json", "streamed"):
                         lua = script(work / f"{alias}-{shape}.lua", alias, shape == "streamed")
-                        url = gateway.url + "/chat/completions"
-                        dataplane.wrk(url, 1, args.connections, lua)  # warm-up
-                        base = dataplane.wrk(
-                            f"http://127.0.0.1:{plain_port}/v1/chat/completions", args.seconds, args.connections, lua
+                        plain_url = f"http://127.0.0.1:{plain_port}/v1/chat/completions"
+                        ours = dataplane.against_plain(
+                            gateway.url + "/chat/completions", plain_url, args.seconds, args.connections, lua, alias
                         )
-                        ours = dataplane.wrk(url, args.seconds, args.connections, lua)
-                        if ours["non_2xx"]:
-                            raise RuntimeError(f"{alias} {shape}: {ours['non_2xx']} non-2xx answers")
-                        runs.setdefault((alias, shape), []).append(
-                            {**ours, "plain_rps": base["rps"], "plain_p50_ms": base["p50_ms"]}
-                        )
+                        runs.setdefault((alias, shape), []).append(ours)
                         print(
-                            f"round {n} {alias:15} {shape:8} {ours['rps']:7.0f} rps (plain {base['rps']:7.0f}), "
+                            f"round {n} {alias:15} {shape:8} {ours['rps']:7.0f} rps (plain {ours['plain_rps']:7.0f}), "
                             f"p50 {ours['p50_ms']:.2f} ms",
                             flush=True,
                         )

@@ -117,20 +117,18 @@ def main(argv: list[str] | None = None) -> int:
                             continue  # without the filter only same-API pairs can be served
                         for shape in ("json", "streamed"):
                             lua = script(work / f"{api}-{alias}-{shape}.lua", api, alias, shape == "streamed")
-                            url = gateway.url.removesuffix("/v1") + path
-                            dataplane.wrk(url, 1, args.connections, lua)  # warm-up
-                            base = dataplane.wrk(
-                                f"http://127.0.0.1:{plain_port}{path}", args.seconds, args.connections, lua
+                            ours = dataplane.against_plain(
+                                gateway.url.removesuffix("/v1") + path,
+                                f"http://127.0.0.1:{plain_port}{path}",
+                                args.seconds,
+                                args.connections,
+                                lua,
+                                f"{api} -> {alias} {shape}",
                             )
-                            ours = dataplane.wrk(url, args.seconds, args.connections, lua)
-                            if ours["non_2xx"]:
-                                raise RuntimeError(f"{api} -> {alias} {shape}: {ours['non_2xx']} non-2xx answers")
-                            runs.setdefault((variant, api, alias, shape), []).append(
-                                {**ours, "plain_rps": base["rps"], "plain_p50_ms": base["p50_ms"]}
-                            )
+                            runs.setdefault((variant, api, alias, shape), []).append(ours)
                             print(
                                 f"round {n} {variant:11} {api:9} -> {alias:12} {shape:8} "
-                                f"{ours['rps']:7.0f} rps (plain {base['rps']:7.0f}), p50 {ours['p50_ms']:.2f} ms",
+                                f"{ours['rps']:7.0f} rps (plain {ours['plain_rps']:7.0f}), p50 {ours['p50_ms']:.2f} ms",
                                 flush=True,
                             )
                 finally:
