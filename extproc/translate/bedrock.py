@@ -21,7 +21,7 @@ from urllib.parse import unquote
 from signalbox.core.errors import MalformedRequest, UnsupportedFeature
 
 from . import sse
-from .fields import CHAT_FIELDS, append_turn, call_arguments, chat_chunk, content_items, function_of, int_or_zero
+from .fields import append_turn, call_arguments, chat_chunk, chat_messages, content_items, function_of, int_or_zero
 from .fields import dict_or_empty as _dict
 from .fields import require_str as _str
 
@@ -61,16 +61,7 @@ def model_of(path: str) -> str | None:
 
 def chat_to_converse(body: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI Chat Completions request as a Converse request body (the model is in the path)."""
-    extra = sorted(k for k in body if k not in CHAT_FIELDS)
-    if extra:
-        raise UnsupportedFeature(f"'{extra[0]}' cannot be translated for this backend's API", param=extra[0])
-    if body.get("n") not in (None, 1):
-        raise UnsupportedFeature("'n' other than 1 (several answers) is not available on this backend", param="n")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise UnsupportedFeature("'logprobs' is not available on this backend", param="logprobs")
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise MalformedRequest("'messages' must be an array of message objects", param="messages")
+    messages = chat_messages(body)
     system: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
     used_tools = False

@@ -161,3 +161,19 @@ def content_items(content: Any, where: str, image: Callable[[str, str], dict[str
         else:
             raise UnsupportedFeature(f"'{where}[{i}]' of type {kind!r} cannot be sent to this backend", param=where)
     return items
+
+
+def chat_messages(body: dict[str, Any]) -> list[Any]:
+    """A chat request's `messages`, once what no other API can take is refused: fields chat
+    has and the backend's API lacks, several answers (`n`), log probabilities."""
+    extra = sorted(k for k in body if k not in CHAT_FIELDS)
+    if extra:
+        raise UnsupportedFeature(f"'{extra[0]}' cannot be translated for this backend's API", param=extra[0])
+    if body.get("n") not in (None, 1):
+        raise UnsupportedFeature("'n' other than 1 (several answers) is not available on this backend", param="n")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise UnsupportedFeature("'logprobs' is not available on this backend", param="logprobs")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise MalformedRequest("'messages' must be an array of message objects", param="messages")
+    return messages

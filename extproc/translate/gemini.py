@@ -14,15 +14,14 @@ import time
 import uuid
 from typing import Any
 
-from signalbox.core.errors import MalformedRequest, UnsupportedFeature
+from signalbox.core.errors import MalformedRequest
 
 from . import sse
 from .anthropic import error_to_chat
-from .fields import CHAT_FIELDS, append_turn, call_arguments, chat_chunk, content_items, function_of
+from .fields import append_turn, call_arguments, chat_chunk, chat_messages, content_items, function_of
 from .fields import dict_or_empty as _dict
 from .fields import require_str as _str
 
-_KNOWN = CHAT_FIELDS
 _FINISH = {
     "STOP": "stop",
     "MAX_TOKENS": "length",
@@ -47,16 +46,7 @@ def stream_path(path: str) -> str:
 
 def chat_to_gemini(body: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI Chat Completions request as a Gemini `GenerateContentRequest`."""
-    extra = sorted(k for k in body if k not in _KNOWN)
-    if extra:
-        raise UnsupportedFeature(f"'{extra[0]}' cannot be translated for this backend's API", param=extra[0])
-    if body.get("n") not in (None, 1):
-        raise UnsupportedFeature("'n' other than 1 (several answers) is not available on this backend", param="n")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise UnsupportedFeature("'logprobs' is not available on this backend", param="logprobs")
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise MalformedRequest("'messages' must be an array of message objects", param="messages")
+    messages = chat_messages(body)
     names: dict[str, str] = {}  # tool call id -> function name, from the assistant turns
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
