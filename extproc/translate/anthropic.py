@@ -21,7 +21,7 @@ from typing import Any
 from signalbox.core.errors import MalformedRequest, UnsupportedFeature
 
 from . import sse
-from .fields import CHAT_FIELDS, append_turn, chat_chunk
+from .fields import CHAT_FIELDS, append_turn, chat_chunk, chat_usage
 from .fields import dict_or_empty as _dict
 from .fields import int_or_zero as _int
 from .fields import require_array as _list
@@ -489,13 +489,7 @@ def _chat_usage(usage: Any) -> dict[str, Any]:
     usage = usage if isinstance(usage, dict) else {}
     cached = _int(usage.get("cache_read_input_tokens"))
     prompt = _int(usage.get("input_tokens")) + cached + _int(usage.get("cache_creation_input_tokens"))
-    completion = _int(usage.get("output_tokens"))
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
+    return chat_usage(prompt, _int(usage.get("output_tokens")), cached)
 
 
 def chat_to_message(body: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,16 @@ from urllib.parse import unquote
 from signalbox.core.errors import MalformedRequest, UnsupportedFeature
 
 from . import sse
-from .fields import append_turn, call_arguments, chat_chunk, chat_messages, content_items, function_of, int_or_zero
+from .fields import (
+    append_turn,
+    call_arguments,
+    chat_chunk,
+    chat_messages,
+    chat_usage,
+    content_items,
+    function_of,
+    int_or_zero,
+)
 from .fields import dict_or_empty as _dict
 from .fields import require_str as _str
 
@@ -186,13 +195,7 @@ def _usage(usage: Any) -> dict[str, Any]:
     usage = _dict(usage)
     cached, written = int_or_zero(usage.get("cacheReadInputTokens")), int_or_zero(usage.get("cacheWriteInputTokens"))
     prompt = int_or_zero(usage.get("inputTokens")) + cached + written
-    completion = int_or_zero(usage.get("outputTokens"))
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
+    return chat_usage(prompt, int_or_zero(usage.get("outputTokens")), cached)
 
 
 def _call(use: dict[str, Any]) -> dict[str, Any]:

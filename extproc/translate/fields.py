@@ -177,3 +177,17 @@ def chat_messages(body: dict[str, Any]) -> list[Any]:
     if not isinstance(messages, list):
         raise MalformedRequest("'messages' must be an array of message objects", param="messages")
     return messages
+
+
+def chat_usage(prompt: int, completion: int, cached: int, reasoning: int | None = None) -> dict[str, Any]:
+    """Usage in OpenAI's shape: `prompt` includes the `cached` part, `completion` the
+    `reasoning` part (its details only when the provider says)."""
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+    if reasoning is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return usage

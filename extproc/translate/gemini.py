@@ -18,7 +18,7 @@ from signalbox.core.errors import MalformedRequest
 
 from . import sse
 from .anthropic import error_to_chat
-from .fields import append_turn, call_arguments, chat_chunk, chat_messages, content_items, function_of
+from .fields import append_turn, call_arguments, chat_chunk, chat_messages, chat_usage, content_items, function_of
 from .fields import dict_or_empty as _dict
 from .fields import require_str as _str
 
@@ -153,13 +153,7 @@ def _usage(meta: Any) -> dict[str, Any]:
     completion = meta.get("candidatesTokenCount") if isinstance(meta.get("candidatesTokenCount"), int) else 0
     thoughts = meta.get("thoughtsTokenCount") if isinstance(meta.get("thoughtsTokenCount"), int) else 0
     cached = meta.get("cachedContentTokenCount") if isinstance(meta.get("cachedContentTokenCount"), int) else 0
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion + thoughts,
-        "total_tokens": prompt + completion + thoughts,
-        "prompt_tokens_details": {"cached_tokens": cached},
-        "completion_tokens_details": {"reasoning_tokens": thoughts},
-    }
+    return chat_usage(prompt, completion + thoughts, cached, reasoning=thoughts)
 
 
 def _candidate(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]], str | None]:
