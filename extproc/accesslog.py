@@ -123,8 +123,8 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
     def attempt(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         """One attempt whose answer spoke of its backend's limits (Envoy filters the rest)."""
         backend_id = entry.common_properties.custom_tags.get("backend", "")
-        if self.cooldowns is None or not backend_id:
-            return
+        if self.cooldowns is None or backend_id not in self.tables.current.backends:
+            return  # none named, or not a provider (the stream relay passes its headers on)
         headers = {k.lower(): v for k, v in entry.response.response_headers.items()}
         rest = self.cooldowns.observe(backend_id, entry.response.response_code.value, headers, time.time())
         backend = self.tables.current.backends.get(backend_id)

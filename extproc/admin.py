@@ -10,6 +10,8 @@ POST /v1/feedback       {"decision": <x-signalbox-decision>, "score": 0..1}: tea
 GET  /health/backend?id=<backend>
                         Envoy's active health check of each backend: 503 while it cools
                         down (a 429, a rejected key, low rate-limit headers), else 200
+POST /relay/<path>      the stream relay (relay.py): requests Envoy sends with the router
+                        phase's signed decision; anything else is refused (403)
 GET  /v1/budget         per budgeted policy: state, and per window its limit, spend (this
                         replica and the others), what requests in flight hold, remaining
                         and reset time
@@ -29,10 +31,10 @@ from typing import Any
 
 from aiohttp import web
 
-from signalbox.core.envoygen.contract import BACKEND_HEALTH_PATH
+from signalbox.core.envoygen.contract import BACKEND_HEALTH_PATH, RELAY_PATH_PREFIX
 from signalbox.core.errors import Forbidden, RequestError
 
-from . import decide, identity, limits
+from . import decide, identity, limits, relay
 from .classify import Classification
 from .metrics import CONTENT_TYPE
 from .runtime import PolicyRuntime
@@ -242,6 +244,11 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
     app.router.add_post("/v1/route", route)
     app.router.add_post("/v1/feedback", feedback)
     app.router.add_get("/v1/budget", budgets)
+    # Streams of policies whose broken streams end with an error event or are continued; only
+    # requests carrying the router phase's signature are relayed (relay.py).
+    streams = relay.Relay(processor)
+    app.router.add_post(RELAY_PATH_PREFIX + "/{tail:.*}", streams.handle)
+    app.on_cleanup.append(lambda _app: streams.close())
     return app
 
 

@@ -91,3 +91,27 @@ class DecisionSigner:
         if not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
             raise ValueError("decision token signature does not verify")
         return unpack(token)
+
+    def seal(self, purpose: str, data: dict[str, str], expires: float) -> str:
+        """`data` signed for `purpose` until `expires` (epoch seconds): the stream relay's copy
+        of a decision (extproc.relay). The purpose is under the signature, so a token made for
+        one use (a decision token) never passes as another."""
+        payload = _b64(json.dumps([purpose, round(expires, 3), data], separators=(",", ":")).encode())
+        return f"{payload}.{self._mac(purpose + ':' + payload)}"
+
+    def unseal(self, purpose: str, token: str, now: float) -> dict[str, str]:
+        """What `seal(purpose, ...)` signed, unless forged, edited or expired (ValueError)."""
+        if not isinstance(token, str):
+            raise ValueError("a sealed token is a string")
+        payload, _, mac = token.partition(".")
+        if not hmac.compare_digest(mac.encode(), self._mac(purpose + ":" + payload).encode()):
+            raise ValueError("sealed token signature does not verify")
+        try:
+            sealed_for, expires, data = json.loads(_unb64(payload))
+        except (ValueError, TypeError, binascii.Error, RecursionError) as exc:
+            raise ValueError(f"not a sealed token: {exc}") from None
+        if sealed_for != purpose or not isinstance(data, dict):
+            raise ValueError("sealed token is for another use")
+        if now > float(expires):
+            raise ValueError("sealed token expired")
+        return {str(k): str(v) for k, v in data.items()}

@@ -69,6 +69,15 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.relayed_streams = Counter(
+            "signalbox_relayed_streams",
+            "Streams of policies with failover.onBrokenStream error or continue, passed by the stream relay, by "
+            "policy and outcome: complete, continued (it broke and the next backend finished it), error (it "
+            "broke and the client got an error event) or client_left (the client closed it first: nothing is "
+            "continued).",
+            ["policy", "outcome"],
+            registry=r,
+        )
         self.translations = Counter(
             "signalbox_translations",
             "Upstream attempts translated between API families (client API, backend API), by outcome "

@@ -18,7 +18,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.budget import HOLD_SLACK_SECONDS, Budget
 from signalbox.core.errors import OPENAI_API, RESPONSES_API, ConfigVersionError
 from signalbox.core.limits import SubjectLimits
-from signalbox.core.schema import SCHEMA_VERSION, STRATEGY_NAMES, genai_provider_name, provider_api
+from signalbox.core.schema import BROKEN_STREAM_NAMES, SCHEMA_VERSION, STRATEGY_NAMES, genai_provider_name, provider_api
 from signalbox.core.secrets import Prefixed, SecretValue
 
 from . import default_routes
@@ -197,6 +197,9 @@ class PolicyRuntime:
     # Equal for two policies whose tiers 1 and 2 classify every request alike (same rules,
     # defaults and semantic routes): a rollout's candidate reuses the live classification.
     classifier_key: bytes = b""
+    # A stream that breaks after tokens were sent: "close" (Envoy cuts it), "error" or
+    # "continue" (the stream relay, relay.py).
+    broken_stream: str = "close"
 
     def matches(self, path: str, headers: dict[str, str]) -> bool:
         if self.path_prefixes and not path.startswith(self.path_prefixes):
@@ -360,6 +363,7 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
         ),
         learning=p.learning,
         compiled=p.compiled,
+        broken_stream=BROKEN_STREAM_NAMES[p.broken_stream],
         allow_anonymous=p.allow_anonymous,
         rollout=p.rollout if p.HasField("rollout") else None,
         classifier_key=_classifier_key(p),

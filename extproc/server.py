@@ -21,10 +21,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from signalbox.core import budget, rollouts
-from signalbox.core.envoygen.contract import BODY_MODEL_KEY, EMPTY_BODY, api_of_path
-from signalbox.core.errors import InternalError, MalformedRequest, RequestError
+from signalbox.core.envoygen.contract import BODY_MODEL_KEY, EMPTY_BODY, RELAY_HEADER, RELAY_KEY, api_of_path
+from signalbox.core.errors import Forbidden, InternalError, MalformedRequest, RequestError
 
-from . import accounting, decide, identity, limits, rollout, strategies, upstream, wire
+from . import accounting, decide, identity, limits, relay, rollout, strategies, upstream, wire
 from .accesslog import AccessLogSink
 from .capture import Capture
 from .classify import Classification
@@ -273,6 +273,16 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             self.metrics.llm_tier_failures.labels(policy.name).inc()
         return better
 
+    def relayed(self, policy: PolicyRuntime, metadata: dict[str, str], request_id: str, now: float) -> dict[str, str]:
+        """A stream for the stream relay (relay.py): the decision, sealed, rides with it and is
+        put in force when the relay sends it back. This request's own entry then carries only
+        what the answer's headers say (who decided what, why): what it costs, holds and teaches
+        is the relayed requests' (their access log entries), never counted twice."""
+        sealed = relay.seal(self.signer, {**metadata, "relay_of": request_id}, policy.open_seconds, now)
+        kept = ("target", "policy", "policy_id", "reason", "class", "rollout")
+        shown: dict[str, str] = {k: metadata[k] for k in kept if k in metadata}
+        return {**shown, RELAY_KEY: sealed}
+
     def count(self, outcome: decide.RouterOutcome) -> None:
         c, backend = outcome.classification, outcome.selection.choice.backend
         self.metrics.requests.labels(
@@ -347,6 +357,14 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                     return
             else:
                 raw = request.request_body.body
+            if relayed := headers.get(RELAY_HEADER):
+                # Back from the stream relay: the decision made for it, in force unchanged.
+                try:
+                    metadata = self.signer.unseal(relay.RELAY_PURPOSE, relayed, time.time())
+                except ValueError:
+                    raise Forbidden(f"{RELAY_HEADER} is the gateway's own header") from None
+                yield wire.body_response(clear_route_cache=True, metadata=metadata)
+                return
             if kind == "feedback":
                 recorded = decide.apply_feedback(table, state, raw, self.signer)
                 self.metrics.feedback.labels(recorded["policy"]).inc()
@@ -437,6 +455,8 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 self.open.begin(headers.get("x-request-id") or uuid.uuid4().hex, chosen, now + policy.open_seconds)
             # The stream ends with this one answer: what the request's end teaches (latency,
             # open requests, outcomes) comes from its access log entry, never a held stream.
+            if policy.broken_stream != "close" and prepared.body.get("stream") is True:
+                metadata = self.relayed(policy, metadata, request_id, now)
             yield wire.body_response(body=outcome.body, clear_route_cache=True, metadata=metadata)
         except RequestError as err:
             self.metrics.requests.labels(

@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.dataplane.conftest import Fake, reset_fakes_of, running
@@ -21,7 +22,21 @@ _rows: dict[str, dict] = {}
 @pytest.fixture(scope="session")
 def fakes() -> Iterator[dict[str, Fake]]:
     # "brittle" only ever fails: Envoy ejects it, which must not touch the other cases' primary.
-    yield from running(("primary", "second", "brittle"))
+    for started in running(("primary", "second", "brittle")):
+        for fake in started.values():
+            warm(fake)
+        yield started
+
+
+def warm(fake: Fake) -> None:
+    """Wait until the fake checks Anthropic requests at full speed: it reads the SDKs' type
+    models in the background after it starts (about 1.2 s, more on a busy machine), and a
+    request that needs them meanwhile waits. In this tier that wait looked like a provider
+    silent past a deadline (a continuation on an Anthropic backend failed this way)."""
+    body = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"anthropic-version": "2023-06-01", "x-api-key": "warm-up"}
+    httpx.post(f"{fake.url}/v1/messages", json=body, headers=headers, timeout=60).raise_for_status()
+    fake.reset()
 
 
 @pytest.fixture(autouse=True)

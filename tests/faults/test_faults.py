@@ -14,6 +14,7 @@ import sqlite3
 import time
 from email.utils import formatdate
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -39,13 +40,14 @@ CAPS = ["streaming", "json"]
 
 
 def resources(fakes) -> str:
-    def chain(name: str, first: str, **spec) -> dict:
+    def chain(name: str, first: str, on_broken: str = "", **spec) -> dict:
+        failover = {"perTryTimeoutMs": FIRST_RESPONSE_MS, "idleTimeoutMs": SILENCE_MS}
         return policy(
             name,
             [name],
             [backend(first, "m"), backend("second", "m", priority=1)],
             strategy="failover",
-            failover={"perTryTimeoutMs": FIRST_RESPONSE_MS, "idleTimeoutMs": SILENCE_MS},
+            failover={**failover, "onBrokenStream": on_broken} if on_broken else failover,
             timeoutMs=8000,
             **spec,
         )
@@ -87,6 +89,19 @@ def resources(fakes) -> str:
             "budget", ["budget"], [backend("primary", "m"), backend("second", "m", priority=1)], timeoutMs=BUDGET_MS
         ),
         chain("circuit", "brittle"),
+        # Their streams pass the stream relay: a break ends with an error event, or is continued.
+        chain("relay-error", "primary", on_broken="error"),
+        chain("relay-continue", "primary", on_broken="continue"),
+        # The second fake as an Anthropic backend: a continuation there is an assistant prefill.
+        provider("second-claude", fakes["second"].url + "/v1", [model("m", capabilities=CAPS)], type="anthropic"),
+        policy(
+            "relay-claude",
+            ["relay-claude"],
+            [backend("primary", "m"), backend("second-claude", "m", priority=1)],
+            strategy="failover",
+            failover={"perTryTimeoutMs": FIRST_RESPONSE_MS, "idleTimeoutMs": SILENCE_MS, "onBrokenStream": "continue"},
+            timeoutMs=8000,
+        ),
         policy(
             "first-token",
             ["first-token"],
@@ -364,8 +379,8 @@ def test_every_backend_silent_ends_inside_the_policys_budget(client, fakes, scor
 @pytest.mark.parametrize(
     "case,spec,flag",
     [
-        ("stream cut after 2 chunks", {"kind": "cut", "after": 2}, "UPE"),
-        ("stream stalls after 2 chunks", {"kind": "stall", "after": 2}, "UT"),
+        ("stream cut after 2 chunks, onBrokenStream: close", {"kind": "cut", "after": 2}, "UPE"),
+        ("stream stalls after 2 chunks, onBrokenStream: close", {"kind": "stall", "after": 2}, "UT"),
     ],
 )
 def test_a_stream_that_breaks_after_it_started_never_ends_normally_and_counts_as_failed(
@@ -375,8 +390,8 @@ def test_a_stream_that_breaks_after_it_started_never_ends_normally_and_counts_as
     scorecard(
         case,
         "the client's stream ends with an error (never a normal end); logged and counted as failed",
-        f"{type(error).__name__} after {took:.2f} s with {len(text.split())} chunks; "
-        "not continued on the next backend (not built)",
+        f"{type(error).__name__} after {took:.2f} s with {len(text.split())} chunks "
+        "(onBrokenStream: close, the default: Envoy cuts the connection)",
     )
     assert (got, served) == (200, "primary")
     assert error is not None, "a broken stream reached the client as a normal end"
@@ -390,6 +405,188 @@ def test_a_stream_that_breaks_after_it_started_never_ends_normally_and_counts_as
     assert request["completion_tokens"] is None  # no usage: nothing billed as a completion
     metrics = httpx.get(f"{gateway.admin_url}/metrics").text
     assert f'signalbox_broken_responses_total{{flag="{flag}",model="m",provider="primary"}}' in metrics
+
+
+def relayed(gateway, policy: str, outcome: str) -> float:
+    """signalbox_relayed_streams_total of `policy` and `outcome`."""
+    metrics = httpx.get(f"{gateway.admin_url}/metrics").text
+    line = f'signalbox_relayed_streams_total{{outcome="{outcome}",policy="relay-{policy}"}} '
+    return next((float(t.split(" ")[1]) for t in metrics.splitlines() if t.startswith(line)), 0.0)
+
+
+def relayed_lines(gateway, request_id: str) -> list[dict]:
+    """The request lines of what the relay sent for the client's request `request_id`."""
+    path = gateway.workdir / "requests.log"
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(t) for t in path.read_text().splitlines()]
+        mine = [e for e in lines if e["event"] == "request" and e.get("relay_of") == request_id]
+        if mine:
+            return mine
+        assert time.monotonic() < deadline, f"no relayed request line for {request_id}"
+        time.sleep(0.1)
+
+
+def no_relay_headers_reached(fakes) -> bool:
+    return not any(
+        h.lower().startswith("x-signalbox-relay") for f in fakes.values() for r in f.requests() for h in r["headers"]
+    )
+
+
+@pytest.mark.parametrize(
+    "case,spec,flag",
+    [
+        ("a stream cut after 2 chunks, onBrokenStream: error", {"kind": "cut", "after": 2}, "UPE"),
+        ("a stream stalled after 2 chunks, onBrokenStream: error", {"kind": "stall", "after": 2}, "UT"),
+    ],
+)
+def test_a_relayed_stream_that_breaks_ends_with_an_error_event_in_the_clients_format(
+    gateway, client, fakes, scorecard, case, spec, flag
+):
+    before = relayed(gateway, "error", "error")
+    got, served, _origin, error, took, request_id, text = ask(client, "relay-error", fault(**spec), stream=True)
+    scorecard(
+        case,
+        "a well-formed error event in the client's stream format (no [DONE]); logged and counted as failed",
+        f"{type(error).__name__} ({getattr(error, 'code', None)}) after {took:.2f} s with {len(text.split())} chunks",
+    )
+    assert (got, served) == (200, "primary")
+    # The SDK read an error event (APIError with its body), not a connection that broke under it.
+    assert isinstance(error, openai.APIError) and not isinstance(error, openai.APIConnectionError), repr(error)
+    assert error.code == "stream_broken" and "incomplete" in error.message
+    assert text == "chunk0 chunk1 "
+    if spec["kind"] == "stall":
+        assert took < SILENCE_MS / 1000 + SLACK_S
+    assert len(attempts(fakes, "second")) == 0
+    assert relayed(gateway, "error", "error") == before + 1
+    # The provider's attempt is logged as the broken answer it was, and billed nothing.
+    client_line = next(e for e in log_lines(gateway, request_id) if e["event"] == "request")
+    assert client_line["path"] == "/v1/chat/completions"
+    relayed_request = relayed_lines(gateway, request_id)[-1]
+    assert (relayed_request["status"], relayed_request["flags"]) == (200, flag)
+    assert relayed_request["completion_tokens"] is None
+    assert no_relay_headers_reached(fakes)
+
+
+def test_a_relayed_stream_that_breaks_is_continued_on_the_next_backend(gateway, client, fakes, scorecard):
+    before = relayed(gateway, "continue", "continued")
+    ids: set[str] = set()
+    started = time.monotonic()
+    raw = client.chat.completions.with_raw_response.create(
+        model="relay-continue",
+        messages=[{"role": "user", "content": "hello"}],
+        stream=True,
+        extra_headers=fault(kind="cut", after=2),
+    )
+    text, error = "", None
+    try:
+        for chunk in raw.parse():
+            ids.add(chunk.id)
+            text += "".join(c.delta.content or "" for c in chunk.choices)
+    except Exception as exc:
+        error = exc
+    took = time.monotonic() - started
+    continued = fakes["second"].requests()
+    scorecard(
+        "a stream cut after 2 chunks, onBrokenStream: continue",
+        "continued on the next backend, one uninterrupted stream",
+        f"{'one stream' if error is None and len(ids) == 1 else repr(error)} of "
+        f"{len(text.split())} chunks in {took:.2f} s (2 from the primary, then the second's); "
+        f"the second was given the {len('chunk0 chunk1 ')} characters sent",
+    )
+    assert error is None, repr(error)
+    assert len(ids) == 1  # one answer, under the first answer's id
+    assert text == "chunk0 chunk1 " + "chunk0 chunk1 chunk2 chunk3 chunk4 "
+    assert len(continued) == 1
+    # An OpenAI-API backend has no prefill: it is given the text, then asked to go on from it.
+    messages = continued[0]["body"]["messages"]
+    assert messages[0] == {"role": "user", "content": "hello"}
+    assert messages[1] == {"role": "assistant", "content": "chunk0 chunk1 "}
+    assert messages[2]["role"] == "user" and "Continue" in messages[2]["content"]
+    assert relayed(gateway, "continue", "continued") == before + 1
+    assert no_relay_headers_reached(fakes)
+
+
+def test_an_anthropic_client_continued_on_a_prefill_backend_sees_one_message(gateway, fakes, scorecard):
+    """A Messages client, its answer translated from the primary's chat stream, continued on an
+    Anthropic backend: the text sent is the start of that backend's answer (an assistant turn
+    last, no instruction), and the SDK accumulates one message."""
+    with (
+        anthropic.Anthropic(base_url=gateway.url.removesuffix("/v1"), api_key="client-token", max_retries=0) as ant,
+        ant.messages.stream(
+            model="relay-claude",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "hello"}],
+            extra_headers=fault(kind="cut", after=2),
+        ) as stream,
+    ):
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    continued = fakes["second"].requests()
+    scorecard(
+        "a Messages stream cut after 2 chunks, continued on an Anthropic backend",
+        "continued with the text sent as the start of the backend's answer (prefill); one message",
+        f"one message of {len(text.split())} chunks, stop_reason {final.stop_reason}; "
+        f"the backend's last turn: {continued[-1]['body']['messages'][-1]['role'] if continued else None}",
+    )
+    assert len(continued) == 1 and continued[0]["api"] == "anthropic"
+    # What reached the client before the cut: the primary's answer is translated chunk by chunk,
+    # and chunks whose translation was under way when the provider reset are lost with it. The
+    # text sent is the start of the backend's answer (without its trailing space); with none
+    # sent, the request goes as it came.
+    last = continued[0]["body"]["messages"][-1]
+    sent = last["content"][0]["text"] if last["role"] == "assistant" else ""
+    assert sent in ("", "chunk0", "chunk0 chunk1")
+    assert text == (sent + " " if sent else "") + "chunk0 chunk1 chunk2 chunk3 chunk4 "
+    assert final.content[0].text == text and final.stop_reason == "end_turn"
+    assert no_relay_headers_reached(fakes)
+
+
+def test_a_responses_client_gets_the_apis_error_event(gateway, client):
+    events = []
+    stream = client.responses.create(
+        model="relay-error", input="hello", stream=True, extra_headers=fault(kind="cut", after=2)
+    )
+    for event in stream:
+        events.append(event)
+    kinds = [e.type for e in events]
+    assert kinds[-1] == "error" and "response.completed" not in kinds
+    assert events[-1].code == "stream_broken"
+
+
+def test_a_relayed_stream_that_does_not_break_passes_whole(gateway, client, fakes):
+    before = relayed(gateway, "continue", "complete")
+    got, served, _origin, error, _took, _id, text = ask(client, "relay-continue", {}, stream=True)
+    assert (got, served, error) == (200, "primary", None)
+    assert text == "chunk0 chunk1 chunk2 chunk3 chunk4 "
+    assert relayed(gateway, "continue", "complete") == before + 1
+    # A JSON answer is not relayed: nothing in it can break half-way.
+    got, served, _origin, error, _took, _id, _text = ask(client, "relay-continue", {})
+    assert (got, served, error) == (200, "primary", None)
+    assert relayed(gateway, "continue", "complete") == before + 1
+
+
+def test_a_client_that_leaves_a_relayed_stream_is_not_continued_for(gateway, fakes):
+    """The client closing its side is not the provider's stream breaking: nothing is asked of
+    the next backend."""
+    before = relayed(gateway, "continue", "client_left")
+    body = {"model": "relay-continue", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    slow = {"authorization": "Bearer client-token", "x-fake-chunks": "50", "x-fake-chunk-delay-ms": "100"}
+    with httpx.stream("POST", f"{gateway.url}/chat/completions", json=body, headers=slow, timeout=10) as response:
+        assert response.status_code == 200
+        next(response.iter_raw())
+    wait_for(lambda: relayed(gateway, "continue", "client_left") == before + 1, "the relay to see the client leave")
+    assert len(attempts(fakes, "second")) == 0 and len(attempts(fakes, "primary")) == 1
+
+
+def test_a_client_cannot_forge_the_relays_header(gateway):
+    response = httpx.post(
+        f"{gateway.url}/chat/completions",
+        json={"model": "relay-error", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        headers={"authorization": "Bearer client-token", "x-signalbox-relay": "e30.forged"},
+    )
+    assert response.status_code == 403
+    assert "gateway's own header" in response.json()["error"]["message"]
 
 
 def test_a_stream_without_done_ends_promptly_with_its_usage(gateway, client, fakes, scorecard):

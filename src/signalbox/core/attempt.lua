@@ -199,7 +199,14 @@ function envoy_on_request(handle)
   local bare, query = string.match(client, "^([^?]*)%??(.*)$")
   local trimmed = string.gsub(bare, "/$", "")
   local api = CLIENT_APIS[trimmed]
-  local BACKEND = BACKENDS[headers:get(ATTEMPT_HEADER) or ""]
+  local marked = headers:get(ATTEMPT_HEADER) or ""
+  if marked == RELAY_BACKEND then
+    return -- to the stream relay (extproc.relay): the request as the router phase left it
+  end
+  -- The relay's signed decision and return address are for the router phase, never a provider.
+  headers:remove(RELAY_HEADER)
+  headers:remove(RELAY_BACK_HEADER)
+  local BACKEND = BACKENDS[marked]
   if BACKEND == nil then
     refuse(handle, "no_backend", api) -- a config in transition: a 5xx, the chain moves on
     return

@@ -29,6 +29,7 @@ from .gcpause import paused_gc
 from .models import (
     AIProvider,
     AuthFormat,
+    BrokenStream,
     Consumer,
     OnExhausted,
     ProviderType,
@@ -50,6 +51,7 @@ _PROVIDER_TYPES = {
 }
 
 STRATEGIES: dict[Strategy, Any] = {s: pb.Strategy.Value(s.name) for s in Strategy}
+BROKEN_STREAMS: dict[BrokenStream, Any] = {b: pb.BrokenStream.Value(f"BROKEN_STREAM_{b.name}") for b in BrokenStream}
 _TRISTATE = {None: 0, True: 1, False: 2}
 
 
@@ -329,6 +331,7 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
         per_try_timeout_ms=spec.failover.per_try_timeout_ms or 0,
         idle_timeout_ms=spec.failover.idle_timeout_ms or 0,
         first_token_timeout_ms=spec.failover.first_token_timeout_ms or 0,
+        broken_stream=BROKEN_STREAMS[spec.failover.on_broken_stream],
         timeout_ms=spec.timeout_ms,
         hash_header=(spec.hash.header or "").lower(),
         exploration_rate=spec.latency.exploration_rate,
@@ -510,7 +513,7 @@ def compilable(
 
     Not when the choice reads the prompt or state only the ext_proc has (cost, classified,
     latency, least-busy, hash; a budget or limits; learning; the LLM tier; a rollout or a
-    mirror; any consumer declared), when the policy is picked by
+    mirror; any consumer declared; a relayed broken stream), when the policy is picked by
     headers or paths as well as its alias (or shares an alias), or when its healthy backends
     differ in capabilities, context window or API family: then the prompt decides which are
     eligible (what one API family cannot express, another may).
@@ -523,6 +526,8 @@ def compilable(
         return False
     if policy.headers or policy.path_prefixes or policy.llm_backend:
         return False
+    if policy.broken_stream != pb.BROKEN_STREAM_CLOSE:
+        return False  # its streams go through the ext_proc's relay
     if alias_uses is not None and any(alias_uses[a] > 1 for a in policy.aliases):
         return False
     live = [b for b in policy.backends if b.target]

@@ -96,6 +96,18 @@ class RetryOn(StrEnum):
     AUTH = "auth"
 
 
+class BrokenStream(StrEnum):
+    """What a client gets when its stream breaks (a reset, or the idle deadline) after tokens
+    were sent: the failover of Envoy's router ends with the headers."""
+
+    # Envoy alone: the client's connection is cut (every SDK raises a protocol error).
+    CLOSE = "close"
+    # Relayed: a well-formed error event in the client's API format, and no normal end.
+    ERROR = "error"
+    # Relayed: the answer goes on from the next backend of the chain, given the text sent so far.
+    CONTINUE = "continue"
+
+
 # --------------------------------------------------------------------------- AIProvider
 
 
@@ -424,6 +436,17 @@ class FailoverSpec(Spec):
     )
     max_attempts: int | None = Field(
         None, ge=1, description="Attempts in total, first included. Default: the chain's length."
+    )
+    on_broken_stream: BrokenStream = Field(
+        BrokenStream.CLOSE,
+        description="A stream that breaks after tokens were sent (the provider resets it, or is silent past "
+        "idleTimeoutMs): `close` cuts the client's connection (Envoy alone; every SDK raises a protocol "
+        "error); `error` ends the client's stream with a well-formed error event in its API's format "
+        "(never [DONE]); `continue` asks the next backend of the chain to go on from the text already "
+        "sent (as the start of its answer where its API takes one, Anthropic's and Bedrock's; otherwise "
+        "as a request to continue it) and the client sees one uninterrupted stream, or the error event "
+        "if no backend can. `error` and `continue` pass this policy's streams through the gateway's "
+        "stream relay (Python), which costs throughput (bench/README.md, Relayed streams). Default: close.",
     )
 
 

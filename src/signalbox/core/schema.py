@@ -18,6 +18,10 @@ SCHEMA_VERSION = 2
 STRATEGY_NAMES: dict[int, str] = {
     v.number: v.name.lower().replace("_", "-") for v in pb.Strategy.DESCRIPTOR.values if v.number
 }
+# BrokenStream enum value -> `failover.onBrokenStream` (BROKEN_STREAM_ERROR -> error).
+BROKEN_STREAM_NAMES: dict[int, str] = {
+    v.number: v.name.removeprefix("BROKEN_STREAM_").lower() for v in pb.BrokenStream.DESCRIPTOR.values
+}
 
 # The API family each provider type speaks (OpenAI's chat for every type not listed).
 _PROVIDER_APIS: dict[int, str] = {pb.ANTHROPIC: ANTHROPIC_API, pb.GEMINI: GEMINI_API, pb.BEDROCK: BEDROCK_API}

@@ -35,6 +35,12 @@ class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HASH: _ClassVar[Strategy]
     CLASSIFIED: _ClassVar[Strategy]
     FASTEST: _ClassVar[Strategy]
+
+class BrokenStream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BROKEN_STREAM_CLOSE: _ClassVar[BrokenStream]
+    BROKEN_STREAM_ERROR: _ClassVar[BrokenStream]
+    BROKEN_STREAM_CONTINUE: _ClassVar[BrokenStream]
 PROVIDER_TYPE_UNSPECIFIED: ProviderType
 OPENAI: ProviderType
 AZURE_OPENAI: ProviderType
@@ -55,6 +61,9 @@ LEAST_BUSY: Strategy
 HASH: Strategy
 CLASSIFIED: Strategy
 FASTEST: Strategy
+BROKEN_STREAM_CLOSE: BrokenStream
+BROKEN_STREAM_ERROR: BrokenStream
+BROKEN_STREAM_CONTINUE: BrokenStream
 
 class RoutingConfig(_message.Message):
     __slots__ = ("schema_version", "content_hash", "generation", "providers", "backends", "policies", "consumers", "jwt_providers")
@@ -231,7 +240,7 @@ class ClassRoute(_message.Message):
     def __init__(self, task_types: _Optional[_Iterable[str]] = ..., complexities: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("id", "name", "aliases", "headers", "path_prefixes", "strategy", "backends", "failover", "retry_on", "per_try_timeout_ms", "max_attempts", "timeout_ms", "hash_header", "exploration_rate", "ewma_alpha", "hedge_delay_ms", "min_quality", "rules", "use_default_rules", "routes", "semantic_routes", "semantic_default_route", "semantic_min_rules_confidence", "learning", "learning_exploration_rate", "learning_prior_weight", "quality_tolerance", "llm_backend", "llm_timeout_ms", "llm_min_confidence", "llm_cache_size", "budget", "compiled", "idle_timeout_ms", "allow_anonymous", "limits", "learning_per_prompt", "rollout", "mirror", "first_token_timeout_ms")
+    __slots__ = ("id", "name", "aliases", "headers", "path_prefixes", "strategy", "backends", "failover", "retry_on", "per_try_timeout_ms", "max_attempts", "timeout_ms", "hash_header", "exploration_rate", "ewma_alpha", "hedge_delay_ms", "min_quality", "rules", "use_default_rules", "routes", "semantic_routes", "semantic_default_route", "semantic_min_rules_confidence", "learning", "learning_exploration_rate", "learning_prior_weight", "quality_tolerance", "llm_backend", "llm_timeout_ms", "llm_min_confidence", "llm_cache_size", "budget", "compiled", "idle_timeout_ms", "allow_anonymous", "limits", "learning_per_prompt", "rollout", "mirror", "first_token_timeout_ms", "broken_stream")
     class MinQualityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -279,6 +288,7 @@ class Policy(_message.Message):
     ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     MIRROR_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    BROKEN_STREAM_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
@@ -319,7 +329,8 @@ class Policy(_message.Message):
     rollout: Rollout
     mirror: Mirror
     first_token_timeout_ms: int
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., headers: _Optional[_Iterable[_Union[HeaderMatch, _Mapping]]] = ..., path_prefixes: _Optional[_Iterable[str]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backends: _Optional[_Iterable[_Union[PolicyBackend, _Mapping]]] = ..., failover: _Optional[bool] = ..., retry_on: _Optional[_Iterable[str]] = ..., per_try_timeout_ms: _Optional[int] = ..., max_attempts: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., hash_header: _Optional[str] = ..., exploration_rate: _Optional[float] = ..., ewma_alpha: _Optional[float] = ..., hedge_delay_ms: _Optional[int] = ..., min_quality: _Optional[_Mapping[str, float]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., use_default_rules: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[ClassRoute, _Mapping]]] = ..., semantic_routes: _Optional[_Iterable[_Union[SemanticRoute, _Mapping]]] = ..., semantic_default_route: _Optional[str] = ..., semantic_min_rules_confidence: _Optional[float] = ..., learning: _Optional[bool] = ..., learning_exploration_rate: _Optional[float] = ..., learning_prior_weight: _Optional[float] = ..., quality_tolerance: _Optional[float] = ..., llm_backend: _Optional[int] = ..., llm_timeout_ms: _Optional[int] = ..., llm_min_confidence: _Optional[float] = ..., llm_cache_size: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., compiled: _Optional[bool] = ..., idle_timeout_ms: _Optional[int] = ..., allow_anonymous: _Optional[bool] = ..., limits: _Optional[_Union[RateLimits, _Mapping]] = ..., learning_per_prompt: _Optional[bool] = ..., rollout: _Optional[_Union[Rollout, _Mapping]] = ..., mirror: _Optional[_Union[Mirror, _Mapping]] = ..., first_token_timeout_ms: _Optional[int] = ...) -> None: ...
+    broken_stream: BrokenStream
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., headers: _Optional[_Iterable[_Union[HeaderMatch, _Mapping]]] = ..., path_prefixes: _Optional[_Iterable[str]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., backends: _Optional[_Iterable[_Union[PolicyBackend, _Mapping]]] = ..., failover: _Optional[bool] = ..., retry_on: _Optional[_Iterable[str]] = ..., per_try_timeout_ms: _Optional[int] = ..., max_attempts: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., hash_header: _Optional[str] = ..., exploration_rate: _Optional[float] = ..., ewma_alpha: _Optional[float] = ..., hedge_delay_ms: _Optional[int] = ..., min_quality: _Optional[_Mapping[str, float]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., use_default_rules: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[ClassRoute, _Mapping]]] = ..., semantic_routes: _Optional[_Iterable[_Union[SemanticRoute, _Mapping]]] = ..., semantic_default_route: _Optional[str] = ..., semantic_min_rules_confidence: _Optional[float] = ..., learning: _Optional[bool] = ..., learning_exploration_rate: _Optional[float] = ..., learning_prior_weight: _Optional[float] = ..., quality_tolerance: _Optional[float] = ..., llm_backend: _Optional[int] = ..., llm_timeout_ms: _Optional[int] = ..., llm_min_confidence: _Optional[float] = ..., llm_cache_size: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., compiled: _Optional[bool] = ..., idle_timeout_ms: _Optional[int] = ..., allow_anonymous: _Optional[bool] = ..., limits: _Optional[_Union[RateLimits, _Mapping]] = ..., learning_per_prompt: _Optional[bool] = ..., rollout: _Optional[_Union[Rollout, _Mapping]] = ..., mirror: _Optional[_Union[Mirror, _Mapping]] = ..., first_token_timeout_ms: _Optional[int] = ..., broken_stream: _Optional[_Union[BrokenStream, str]] = ...) -> None: ...
 
 class Mirror(_message.Message):
     __slots__ = ("backend", "percent", "max_in_flight")

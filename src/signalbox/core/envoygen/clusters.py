@@ -31,6 +31,10 @@ from .contract import (
     METADATA_NS,
     OUTLIER_BASE_EJECTION_S,
     OUTLIER_MAX_EJECTION_S,
+    RELAY_BACK_HEADER,
+    RELAY_BACKEND,
+    RELAY_CLUSTER,
+    RELAY_HEADER,
     RETRY_HEADER,
     TRANSLATE_HEADER,
     TRANSLATE_KEY,
@@ -304,6 +308,9 @@ def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
         "TRANSLATE_HEADER": TRANSLATE_HEADER,
         "TRANSLATE_KEY": TRANSLATE_KEY,
         "ANTHROPIC_VERSION": ANTHROPIC_VERSION,
+        "RELAY_BACKEND": RELAY_BACKEND,
+        "RELAY_HEADER": RELAY_HEADER,
+        "RELAY_BACK_HEADER": RELAY_BACK_HEADER,
     }
     mixed = len({member["api"] for member in settings.values()}) > 1
     return (
@@ -557,6 +564,39 @@ def _remove_gateway_headers(name: str) -> dict[str, Any]:
     }
 
 
+def relays(cfg: pb.RoutingConfig, opts: GatewayOptions) -> bool:
+    """Whether some policy's streams go through the stream relay (extproc.relay), which the
+    ext_proc serves on its admin port: without one (a bare `signalbox extproc`), broken streams
+    are cut as under `close`."""
+    return bool(opts.extproc_admin_port) and any(p.broken_stream != pb.BROKEN_STREAM_CLOSE for p in cfg.policies)
+
+
+def _relay_cluster(port: int) -> dict[str, Any]:
+    """The stream relay: the ext_proc's admin port, its host marked RELAY_BACKEND so that the
+    attempt filters pass its requests as they are (attempt.lua). No outlier detection or health
+    check: the relay is this pod's own process, and its answers are the providers'."""
+    return {
+        "name": RELAY_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": _http1_options(),
+        "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
+        "load_assignment": {
+            "cluster_name": RELAY_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {"address": _address("127.0.0.1", port)},
+                            "metadata": {"filter_metadata": {METADATA_NS: {"backend": RELAY_BACKEND}}},
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+
+
 def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
     # The compiler (and with it pydantic) only when clusters are generated: the ext_proc reads
     # the contract from this package and must not load it.
@@ -593,6 +633,8 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
                     circuit_breakers={"thresholds": [STREAM_LIMITS]},
                 )
             )
+    if opts.extproc_admin_port and relays(cfg, opts):
+        out.append(_any("envoy.config.cluster.v3.Cluster", **_relay_cluster(opts.extproc_admin_port)))
     if opts.otlp_endpoint:
         out.append(otlp_cluster(opts))
     return out + jwks_clusters(cfg)

@@ -30,6 +30,20 @@ LARGER_AFTER_HEADER = "x-signalbox-larger-after"
 # its first body bytes runs only on such attempts of streamed requests ("true").
 FIRST_TOKEN_HEADER = "x-signalbox-first-token"
 STREAM_KEY = "stream"
+# The stream relay (extproc.relay), for policies whose broken streams end with an error event or
+# are continued elsewhere (`failover.onBrokenStream`). The router phase puts a signed copy of
+# its decision in metadata (RELAY_KEY); a route matched on it sends the request to the relay
+# (RELAY_CLUSTER, the ext_proc's admin port, paths under RELAY_PATH_PREFIX) with that copy in
+# RELAY_HEADER and the listener's own address in RELAY_BACK_HEADER. The relay sends the request
+# back to the listener with RELAY_HEADER, and the router phase, finding its own signature,
+# puts the decision in force unchanged. attempt.lua removes both headers from every attempt to
+# a provider; the relay's host is marked RELAY_BACKEND, which attempt.lua leaves alone.
+RELAY_KEY = "relay"
+RELAY_HEADER = "x-signalbox-relay"
+RELAY_BACK_HEADER = "x-signalbox-relay-back"
+RELAY_CLUSTER = "signalbox_relay"
+RELAY_PATH_PREFIX = "/relay"
+RELAY_BACKEND = "signalbox:relay"
 GATEWAY_HEADERS = (PATH_HEADER, ATTEMPT_HEADER, TRANSLATE_HEADER, LARGER_AFTER_HEADER, FIRST_TOKEN_HEADER)
 # The Messages API version the gateway speaks to Anthropic backends, unless the client set one.
 ANTHROPIC_VERSION = "2023-06-01"

@@ -12,7 +12,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
 from .auth import jwt_filter
-from .clusters import _remove_gateway_headers, larger_after, upstream_filters
+from .clusters import _remove_gateway_headers, larger_after, relays, upstream_filters
 from .contract import (
     ADMIN_CLUSTER,
     ALIAS_KEY,
@@ -37,6 +37,11 @@ from .contract import (
     MESSAGES_PATH,
     METADATA_NS,
     MODELS_PATH,
+    RELAY_BACK_HEADER,
+    RELAY_CLUSTER,
+    RELAY_HEADER,
+    RELAY_KEY,
+    RELAY_PATH_PREFIX,
     REMAINING_HEADERS,
     RETRY_AFTER_HEADERS,
     RETRY_HEADER,
@@ -163,9 +168,8 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
     # (Envoy alone, the fast path) would otherwise pass every decided route's matcher, one per
     # policy and target (10,000 at the 2,000-policy fleet: 211 against 2,600 rps,
     # bench/README.md). No decided request matches one: a compiled policy's aliases are its own.
-    routes: list[dict[str, Any]] = [
-        r for policy in cfg.policies if policy.compiled for r in compiled_routes(cfg, policy)
-    ]
+    routes: list[dict[str, Any]] = [relay_route()] if relays(cfg, opts) else []
+    routes += [r for policy in cfg.policies if policy.compiled for r in compiled_routes(cfg, policy)]
     first_target = ""
     larger = larger_after(cfg)
 
@@ -250,6 +254,27 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
     # decided route to reach these (none of which can match without the metadata), 10,000 of
     # them at the 2,000-policy fleet: the compiled alias served 657 rps with them, 1,636 without.
     return [_without_alias_or_target(r) for r in routes[unrouted:]] + routes
+
+
+def relay_route() -> dict[str, Any]:
+    """A stream the router phase sends to the stream relay (it put the signed decision under
+    RELAY_KEY: streams of policies whose broken streams are not simply cut). The relay sends it
+    back to this listener, where the same decision routes it as usual; the route's timeout is
+    that request's, so none here."""
+    return {
+        "name": "relay",
+        "match": {
+            "prefix": "/",
+            "dynamic_metadata": [
+                {"filter": METADATA_NS, "path": [{"key": RELAY_KEY}], "value": {"present_match": True}}
+            ],
+        },
+        "route": {"cluster": RELAY_CLUSTER, "timeout": "0s", "prefix_rewrite": f"{RELAY_PATH_PREFIX}/"},
+        "request_headers_to_add": [
+            _set(RELAY_HEADER, f"%DYNAMIC_METADATA({METADATA_NS}:{RELAY_KEY})%"),
+            _set(RELAY_BACK_HEADER, "%DOWNSTREAM_LOCAL_ADDRESS%"),
+        ],
+    }
 
 
 def _virtual_host(routes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -676,7 +701,8 @@ REQUEST_LOG_FORMAT: dict[str, str] = {
     "time": "%START_TIME%",
     "request_id": "%REQ(X-REQUEST-ID)%",
     "method": "%REQ(:METHOD)%",
-    "path": "%REQ(:PATH)%",
+    # The path the client called: `:path` holds the last attempt's (a provider's, or the relay's).
+    "path": f"%DYNAMIC_METADATA({METADATA_NS}:{CLIENT_PATH_KEY})%",
     "status": "%RESPONSE_CODE%",
     "flags": "%RESPONSE_FLAGS%",
     "duration_ms": "%DURATION%",
@@ -692,6 +718,9 @@ REQUEST_LOG_FORMAT: dict[str, str] = {
     "rollout": f"%DYNAMIC_METADATA({METADATA_NS}:rollout)%",
     "prompt_tokens": f"%DYNAMIC_METADATA({METADATA_NS}:prompt_tokens)%",
     "completion_tokens": f"%DYNAMIC_METADATA({METADATA_NS}:completion_tokens)%",
+    # A request the stream relay sent (extproc.relay): the client's request id. Its own line
+    # says how the provider's answer ended (a broken one's flags) and what it used.
+    "relay_of": f"%DYNAMIC_METADATA({METADATA_NS}:relay_of)%",
 }
 
 
@@ -748,6 +777,8 @@ def router_attributes(cfg: pb.RoutingConfig) -> list[str]:
     names |= {p.rollout.sticky_header for p in cfg.policies if p.rollout.sticky_header}
     if cfg.consumers:
         names |= set(KEY_HEADERS)  # a gateway API key, compared by its hash (extproc.identity)
+    if any(p.broken_stream != pb.BROKEN_STREAM_CLOSE for p in cfg.policies):
+        names.add(RELAY_HEADER)  # a relayed stream back from the relay (extproc.relay)
     safe = sorted(n for n in names if re.fullmatch(r"[A-Za-z0-9!#$%&*+.^_`|~-]+", n))
     return [*ROUTER_ATTRIBUTES, *(HEADER_ATTRIBUTE.format(n.lower()) for n in safe)]
 
