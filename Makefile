@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: eval train-classifier setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-faults faults-scorecard test-fuzz fuzz bench bench-peers bench-scale bench-attempt bench-translation bench-first-token bench-consumers bench-rollouts protos protos-check lint up validate clean
+.PHONY: eval train-classifier setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-faults faults-scorecard test-fuzz fuzz bench bench-peers bench-scale bench-attempt bench-translation bench-first-token bench-relay bench-consumers bench-rollouts protos protos-check lint up validate clean
 
 # Strict editable mode: extproc/ and operator/ install as signalbox.extproc and
 # signalbox.operator through a link tree under build/ (operator/ has no __init__.py, so it can
@@ -98,6 +98,7 @@ bench: setup
 	$(PY) -m bench.tiers
 	$(MAKE) bench-translation
 	$(MAKE) bench-first-token
+	$(MAKE) bench-relay
 	$(MAKE) bench-consumers
 	$(MAKE) bench-rollouts
 	$(MAKE) bench-scale
@@ -124,6 +125,10 @@ bench-translation: setup
 ## of 100 chunks, against plain Envoy -> bench/results/first_token.json
 bench-first-token: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.first_token --rounds 3 --seconds 3
+
+## What the stream relay costs (failover.onBrokenStream error/continue), decided aliases vs plain Envoy.
+bench-relay: setup
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.relay --rounds 3 --seconds 3
 
 ## Consumers (issue 15): a key and a token limit checked per request, embedded and in Redis,
 ## against the same policies without consumers -> bench/results/consumers.json

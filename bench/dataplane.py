@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from signalbox.local import LocalGateway, envoy_binary, free_port
@@ -249,6 +250,80 @@ def against_plain(
     if ours["non_2xx"]:
         raise RuntimeError(f"{what}: {ours['non_2xx']} non-2xx answers")
     return {**ours, "plain_rps": base["rps"], "plain_p50_ms": base["p50_ms"]}
+
+
+def chat_script(path: Path, alias: str, stream: bool, chunks: int) -> Path:
+    """A wrk script posting a short chat request for `alias`; a stream of `chunks` chunks."""
+    body = {"model": alias, "messages": [{"role": "user", "content": "Summarize Hamlet."}], "max_tokens": 64}
+    headers = 'wrk.headers["Content-Type"] = "application/json"\n'
+    if stream:
+        body["stream"] = True
+        headers += f'wrk.headers["x-fake-chunks"] = "{chunks}"\n'
+    path.write_text(f'wrk.method = "POST"\n{headers}wrk.body = [[{json.dumps(body)}]]\n')
+    return path
+
+
+def compare_aliases(
+    doc: str | None,
+    argv: list[str] | None,
+    name: str,
+    resources: Callable[[Path, str], Path],
+    aliases: tuple[str, ...],
+    chunks: int,
+) -> int:
+    """A bench of a few aliases of one gateway against plain Envoy, JSON and streamed answers of
+    `chunks` chunks, in alternating rounds (a fresh gateway each round, one Envoy thread):
+    medians of throughput ÷ plain Envoy and of the p50 latency added, to results/<name>.json.
+    `resources(workdir, upstream)` writes the gateway's YAML folder for the fake at `upstream`."""
+    args = round_args(doc, argv)
+    work = Path(tempfile.mkdtemp(prefix=f"signalbox-{name}-"))
+    fake, upstream = start_fake()
+    plain, plain_port = plain_envoy(upstream, work, 1)
+    files = resources(work, upstream)
+    runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+    try:
+        for n in range(args.rounds):
+            gateway = LocalGateway(
+                paths=[str(files)], port=0, workdir=work / f"gw-{n}", start_fakes=False, envoy_concurrency=1
+            )
+            gateway.start()
+            try:
+                for alias in aliases:
+                    for shape in ("json", "streamed"):
+                        script = chat_script(work / f"{alias}-{shape}.lua", alias, shape == "streamed", chunks)
+                        plain_url = f"http://127.0.0.1:{plain_port}/v1/chat/completions"
+                        ours = against_plain(
+                            gateway.url + "/chat/completions", plain_url, args.seconds, args.connections, script, alias
+                        )
+                        runs.setdefault((alias, shape), []).append(ours)
+                        print(
+                            f"round {n} {alias:15} {shape:8} {ours['rps']:7.0f} rps (plain {ours['plain_rps']:7.0f}), "
+                            f"p50 {ours['p50_ms']:.2f} ms",
+                            flush=True,
+                        )
+            finally:
+                gateway.stop()
+    finally:
+        plain.terminate()
+        fake.terminate()
+    report = []
+    for (alias, shape), values in sorted(runs.items()):
+        ratio = statistics.median(v["rps"] / v["plain_rps"] for v in values)
+        added = statistics.median(v["p50_ms"] - v["plain_p50_ms"] for v in values)
+        report.append(
+            {
+                "alias": alias,
+                "shape": shape,
+                "throughput_ratio": round(ratio, 3),
+                "added_p50_ms": round(added, 3),
+                "rps": round(statistics.median(v["rps"] for v in values)),
+            }
+        )
+        print(f"{alias:15} {shape:8} gateway/plain {ratio:.3f}, +{added:.2f} ms p50")
+    RESULTS.mkdir(exist_ok=True)
+    summary = {"rounds": args.rounds, "seconds": args.seconds, "chunks": chunks, "results": report}
+    (RESULTS / f"{name.replace('-', '_')}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
 
 
 def wrk(url: str, seconds: int, connections: int, script: Path) -> dict[str, float]:
