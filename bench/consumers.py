@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 from signalbox.core.keys import generate_key
@@ -52,50 +51,38 @@ def script(path: Path, alias: str, key: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = dataplane.round_args(__doc__, argv)
-    work = Path(tempfile.mkdtemp(prefix="signalbox-consumers-"))
-    fake, upstream = dataplane.start_fake()
-    plain, plain_port = dataplane.plain_envoy(upstream, work, 1)
-    (work / "redis").mkdir()
-    redis = RedisServer(work / "redis").start()
-    anonymous = dataplane.bench_resources(work, upstream)
-    keyed = with_consumer(anonymous, work / "keyed")
     runs: dict[tuple[str, str], list[dict[str, float]]] = {}
-    try:
-        for n in range(args.rounds):
-            for variant in VARIANTS:
-                gateway = LocalGateway(
-                    paths=[str(anonymous if variant == "anonymous" else keyed)],
-                    port=0,
-                    workdir=work / f"{variant}-{n}",
-                    start_fakes=False,
-                    envoy_concurrency=1,
-                    env={"BENCH_KEY": KEY},
-                    redis_url=redis.url if variant == "consumer-redis" else "",
-                )
-                gateway.start()
-                try:
-                    for alias in (dataplane.COMPILED, dataplane.DECIDED):
-                        lua = script(work / f"{variant}-{alias}.lua", alias, "" if variant == "anonymous" else KEY)
-                        plain_url = f"http://127.0.0.1:{plain_port}/v1/chat/completions"
-                        ours = dataplane.against_plain(
-                            gateway.url + "/chat/completions", plain_url, args.seconds, args.connections, lua, variant
-                        )
-                        runs.setdefault((variant, alias), []).append(ours)
-                        print(
-                            f"round {n} {variant:14} {alias:8} {ours['rps']:7.0f} rps "
-                            f"(plain {ours['plain_rps']:7.0f}), p50 {ours['p50_ms']:.2f} ms",
-                            flush=True,
-                        )
-                finally:
-                    gateway.stop()
-    finally:
-        plain.terminate()
-        fake.terminate()
-        redis.stop()
+    with dataplane.plain_bench("consumers") as (work, upstream, plain_port):
+        (work / "redis").mkdir()
+        redis = RedisServer(work / "redis").start()
+        anonymous = dataplane.bench_resources(work, upstream)
+        keyed = with_consumer(anonymous, work / "keyed")
+        try:
+            for n in range(args.rounds):
+                for variant in VARIANTS:
+                    gateway = LocalGateway(
+                        paths=[str(anonymous if variant == "anonymous" else keyed)],
+                        port=0,
+                        workdir=work / f"{variant}-{n}",
+                        start_fakes=False,
+                        envoy_concurrency=1,
+                        env={"BENCH_KEY": KEY},
+                        redis_url=redis.url if variant == "consumer-redis" else "",
+                    )
+                    with dataplane.serving(gateway):
+                        for alias in (dataplane.COMPILED, dataplane.DECIDED):
+                            lua = script(work / f"{variant}-{alias}.lua", alias, "" if variant == "anonymous" else KEY)
+                            urls = (
+                                gateway.url + "/chat/completions",
+                                f"http://127.0.0.1:{plain_port}/v1/chat/completions",
+                            )
+                            dataplane.measure(runs, (variant, alias), f"{variant:14} {alias:8}", n, urls, args, lua)
+        finally:
+            redis.stop()
     report = []
     for (variant, alias), values in sorted(runs.items()):
         anon = runs[("anonymous", alias)]
-        ratio = statistics.median(v["rps"] / v["plain_rps"] for v in values)
+        ratio, _added_to_plain, rps = dataplane.versus_plain(values)
         vs_anon = statistics.median(v["rps"] / a["rps"] for v, a in zip(values, anon, strict=True))
         added = statistics.median(v["p50_ms"] - a["p50_ms"] for v, a in zip(values, anon, strict=True))
         report.append(
@@ -105,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 "throughput_ratio_vs_plain": round(ratio, 3),
                 "throughput_ratio_vs_anonymous": round(vs_anon, 3),
                 "added_p50_ms_vs_anonymous": round(added, 3),
-                "rps": round(statistics.median(v["rps"] for v in values)),
+                "rps": rps,
             }
         )
         print(

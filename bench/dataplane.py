@@ -14,6 +14,7 @@ package `wrk`) with a fixed chat-completions body.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -23,8 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from signalbox.local import LocalGateway, envoy_binary, free_port
 from tests.factories import backend, dump, model, policy, provider
@@ -252,6 +254,57 @@ def against_plain(
     return {**ours, "plain_rps": base["rps"], "plain_p50_ms": base["p50_ms"]}
 
 
+@contextlib.contextmanager
+def plain_bench(name: str) -> Iterator[tuple[Path, str, int]]:
+    """A bench's rounds against plain Envoy: a work folder, the fake provider's URL and plain
+    Envoy's port in front of it (both stopped at the end)."""
+    work = Path(tempfile.mkdtemp(prefix=f"signalbox-{name}-"))
+    fake, upstream = start_fake()
+    plain, plain_port = plain_envoy(upstream, work, 1)
+    try:
+        yield work, upstream, plain_port
+    finally:
+        plain.terminate()
+        fake.terminate()
+
+
+@contextlib.contextmanager
+def serving(gateway: LocalGateway) -> Iterator[LocalGateway]:
+    """`gateway` started for one round, stopped after it whatever happens."""
+    gateway.start()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def measure(
+    runs: dict[Any, list[dict[str, float]]],
+    key: Any,
+    label: str,
+    n: int,
+    urls: tuple[str, str],
+    args: argparse.Namespace,
+    script: Path,
+) -> dict[str, float]:
+    """One measurement of a round (`against_plain` on `urls`: the gateway's, plain Envoy's),
+    kept under `key` in `runs` and printed as round `n`'s line for `label`."""
+    ours = against_plain(urls[0], urls[1], args.seconds, args.connections, script, label)
+    runs.setdefault(key, []).append(ours)
+    print(
+        f"round {n} {label} {ours['rps']:7.0f} rps (plain {ours['plain_rps']:7.0f}), p50 {ours['p50_ms']:.2f} ms",
+        flush=True,
+    )
+    return ours
+
+
+def versus_plain(values: list[dict[str, float]]) -> tuple[float, float, int]:
+    """Medians over rounds: throughput ÷ plain Envoy, p50 added to plain Envoy's (ms), rps."""
+    ratio = statistics.median(v["rps"] / v["plain_rps"] for v in values)
+    added = statistics.median(v["p50_ms"] - v["plain_p50_ms"] for v in values)
+    return ratio, added, round(statistics.median(v["rps"] for v in values))
+
+
 def chat_script(path: Path, alias: str, stream: bool, chunks: int) -> Path:
     """A wrk script posting a short chat request for `alias`; a stream of `chunks` chunks."""
     body = {"model": alias, "messages": [{"role": "user", "content": "Summarize Hamlet."}], "max_tokens": 64}
@@ -276,47 +329,29 @@ def compare_aliases(
     medians of throughput ÷ plain Envoy and of the p50 latency added, to results/<name>.json.
     `resources(workdir, upstream)` writes the gateway's YAML folder for the fake at `upstream`."""
     args = round_args(doc, argv)
-    work = Path(tempfile.mkdtemp(prefix=f"signalbox-{name}-"))
-    fake, upstream = start_fake()
-    plain, plain_port = plain_envoy(upstream, work, 1)
-    files = resources(work, upstream)
     runs: dict[tuple[str, str], list[dict[str, float]]] = {}
-    try:
+    with plain_bench(name) as (work, upstream, plain_port):
+        files = resources(work, upstream)
         for n in range(args.rounds):
             gateway = LocalGateway(
                 paths=[str(files)], port=0, workdir=work / f"gw-{n}", start_fakes=False, envoy_concurrency=1
             )
-            gateway.start()
-            try:
+            with serving(gateway):
                 for alias in aliases:
                     for shape in ("json", "streamed"):
                         script = chat_script(work / f"{alias}-{shape}.lua", alias, shape == "streamed", chunks)
-                        plain_url = f"http://127.0.0.1:{plain_port}/v1/chat/completions"
-                        ours = against_plain(
-                            gateway.url + "/chat/completions", plain_url, args.seconds, args.connections, script, alias
-                        )
-                        runs.setdefault((alias, shape), []).append(ours)
-                        print(
-                            f"round {n} {alias:15} {shape:8} {ours['rps']:7.0f} rps (plain {ours['plain_rps']:7.0f}), "
-                            f"p50 {ours['p50_ms']:.2f} ms",
-                            flush=True,
-                        )
-            finally:
-                gateway.stop()
-    finally:
-        plain.terminate()
-        fake.terminate()
+                        urls = (gateway.url + "/chat/completions", f"http://127.0.0.1:{plain_port}/v1/chat/completions")
+                        measure(runs, (alias, shape), f"{alias:15} {shape:8}", n, urls, args, script)
     report = []
     for (alias, shape), values in sorted(runs.items()):
-        ratio = statistics.median(v["rps"] / v["plain_rps"] for v in values)
-        added = statistics.median(v["p50_ms"] - v["plain_p50_ms"] for v in values)
+        ratio, added, rps = versus_plain(values)
         report.append(
             {
                 "alias": alias,
                 "shape": shape,
                 "throughput_ratio": round(ratio, 3),
                 "added_p50_ms": round(added, 3),
-                "rps": round(statistics.median(v["rps"] for v in values)),
+                "rps": rps,
             }
         )
         print(f"{alias:15} {shape:8} gateway/plain {ratio:.3f}, +{added:.2f} ms p50")

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 from signalbox.local import LocalGateway
@@ -97,12 +95,9 @@ def script(path: Path, api: str, alias: str, stream: bool) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = dataplane.round_args(__doc__, argv)
-    work = Path(tempfile.mkdtemp(prefix="signalbox-translation-"))
-    fake, upstream = dataplane.start_fake()
-    plain, plain_port = dataplane.plain_envoy(upstream, work, 1)
-    files = resources(work, upstream)
     runs: dict[tuple[str, str, str, str], list[dict[str, float]]] = {}
-    try:
+    with dataplane.plain_bench("translation") as (work, upstream, plain_port):
+        files = resources(work, upstream)
         for n in range(args.rounds):
             for variant in ("translation", "no-filter"):
                 gateway = LocalGateway(
@@ -110,36 +105,18 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if variant == "no-filter":
                     gateway.options = dataclasses.replace(gateway.options, translation=False)
-                gateway.start()
-                try:
+                with dataplane.serving(gateway):
                     for api, path, alias in PAIRS:
                         if variant == "no-filter" and api != _backend_api(alias):
                             continue  # without the filter only same-API pairs can be served
                         for shape in ("json", "streamed"):
                             lua = script(work / f"{api}-{alias}-{shape}.lua", api, alias, shape == "streamed")
-                            ours = dataplane.against_plain(
-                                gateway.url.removesuffix("/v1") + path,
-                                f"http://127.0.0.1:{plain_port}{path}",
-                                args.seconds,
-                                args.connections,
-                                lua,
-                                f"{api} -> {alias} {shape}",
-                            )
-                            runs.setdefault((variant, api, alias, shape), []).append(ours)
-                            print(
-                                f"round {n} {variant:11} {api:9} -> {alias:12} {shape:8} "
-                                f"{ours['rps']:7.0f} rps (plain {ours['plain_rps']:7.0f}), p50 {ours['p50_ms']:.2f} ms",
-                                flush=True,
-                            )
-                finally:
-                    gateway.stop()
-    finally:
-        plain.terminate()
-        fake.terminate()
+                            urls = (gateway.url.removesuffix("/v1") + path, f"http://127.0.0.1:{plain_port}{path}")
+                            label = f"{variant:11} {api:9} -> {alias:12} {shape:8}"
+                            dataplane.measure(runs, (variant, api, alias, shape), label, n, urls, args, lua)
     report = []
     for (variant, api, alias, shape), values in sorted(runs.items()):
-        ratio = statistics.median(v["rps"] / v["plain_rps"] for v in values)
-        added = statistics.median(v["p50_ms"] - v["plain_p50_ms"] for v in values)
+        ratio, added, rps = dataplane.versus_plain(values)
         translated = api != _backend_api(alias)
         report.append(
             {
@@ -150,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 "translated": translated,
                 "throughput_ratio": round(ratio, 3),
                 "added_p50_ms": round(added, 3),
-                "rps": round(statistics.median(v["rps"] for v in values)),
+                "rps": rps,
             }
         )
         print(

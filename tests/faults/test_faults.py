@@ -376,16 +376,18 @@ def test_every_backend_silent_ends_inside_the_policys_budget(client, fakes, scor
     assert BUDGET_MS / 1000 - 0.1 <= took < BUDGET_MS / 1000 + SLACK_S
 
 
-@pytest.mark.parametrize(
-    "case,spec,flag",
-    [
-        ("stream cut after 2 chunks, onBrokenStream: close", {"kind": "cut", "after": 2}, "UPE"),
-        ("stream stalls after 2 chunks, onBrokenStream: close", {"kind": "stall", "after": 2}, "UT"),
-    ],
-)
+# How a stream breaks after it started: (what the scorecard calls it, the fault, Envoy's flag).
+BREAKS = [
+    ("stream cut after 2 chunks", {"kind": "cut", "after": 2}, "UPE"),
+    ("stream stalls after 2 chunks", {"kind": "stall", "after": 2}, "UT"),
+]
+
+
+@pytest.mark.parametrize("how,spec,flag", BREAKS)
 def test_a_stream_that_breaks_after_it_started_never_ends_normally_and_counts_as_failed(
-    gateway, client, fakes, scorecard, case, spec, flag
+    gateway, client, fakes, scorecard, how, spec, flag
 ):
+    case = f"{how}, onBrokenStream: close"
     got, served, _origin, error, took, request_id, text = ask(client, "chain", fault(**spec), stream=True)
     scorecard(
         case,
@@ -433,16 +435,11 @@ def no_relay_headers_reached(fakes) -> bool:
     )
 
 
-@pytest.mark.parametrize(
-    "case,spec,flag",
-    [
-        ("a stream cut after 2 chunks, onBrokenStream: error", {"kind": "cut", "after": 2}, "UPE"),
-        ("a stream stalled after 2 chunks, onBrokenStream: error", {"kind": "stall", "after": 2}, "UT"),
-    ],
-)
+@pytest.mark.parametrize("how,spec,flag", BREAKS)
 def test_a_relayed_stream_that_breaks_ends_with_an_error_event_in_the_clients_format(
-    gateway, client, fakes, scorecard, case, spec, flag
+    gateway, client, fakes, scorecard, how, spec, flag
 ):
+    case = f"{how}, onBrokenStream: error"
     before = relayed(gateway, "error", "error")
     got, served, _origin, error, took, request_id, text = ask(client, "relay-error", fault(**spec), stream=True)
     scorecard(
@@ -488,7 +485,7 @@ def test_a_relayed_stream_that_breaks_is_continued_on_the_next_backend(gateway, 
     took = time.monotonic() - started
     continued = fakes["second"].requests()
     scorecard(
-        "a stream cut after 2 chunks, onBrokenStream: continue",
+        "stream cut after 2 chunks, onBrokenStream: continue",
         "continued on the next backend, one uninterrupted stream",
         f"{'one stream' if error is None and len(ids) == 1 else repr(error)} of "
         f"{len(text.split())} chunks in {took:.2f} s (2 from the primary, then the second's); "
@@ -524,7 +521,7 @@ def test_an_anthropic_client_continued_on_a_prefill_backend_sees_one_message(gat
         final = stream.get_final_message()
     continued = fakes["second"].requests()
     scorecard(
-        "a Messages stream cut after 2 chunks, continued on an Anthropic backend",
+        "Messages stream cut after 2 chunks, continued on an Anthropic backend",
         "continued with the text sent as the start of the backend's answer (prefill); one message",
         f"one message of {len(text.split())} chunks, stop_reason {final.stop_reason}; "
         f"the backend's last turn: {continued[-1]['body']['messages'][-1]['role'] if continued else None}",
