@@ -504,6 +504,28 @@ def test_a_relayed_stream_that_breaks_is_continued_on_the_next_backend(gateway, 
     assert no_relay_headers_reached(fakes)
 
 
+def test_a_fallback_that_refuses_the_continuation_leads_to_the_error_event(gateway, client, fakes, scorecard):
+    """The next backend answering the continuation with its own 400: the client gets the clean
+    error event of its stream, never that backend's refusal."""
+    fakes["second"].behave(status=400)
+    before = relayed(gateway, "continue", "error")
+    got, served, _origin, error, took, _id, text = ask(
+        client, "relay-continue", fault(kind="cut", after=2), stream=True
+    )
+    refused = [r for r in fakes["second"].requests() if r["api"] == "openai"]
+    scorecard(
+        "stream cut after 2 chunks, onBrokenStream: continue, the next backend refuses (400)",
+        "the clean error event of the client's stream, not the fallback's 400",
+        f"{type(error).__name__} ({getattr(error, 'code', None)}) after {took:.2f} s with {len(text.split())} chunks; "
+        f"the fallback asked {len(refused)}x",
+    )
+    assert (got, served) == (200, "primary")
+    assert isinstance(error, openai.APIError) and not isinstance(error, openai.APIConnectionError), repr(error)
+    assert error.code == "stream_broken" and text == "chunk0 chunk1 "
+    assert len(refused) == 1
+    assert relayed(gateway, "continue", "error") == before + 1
+
+
 def test_an_anthropic_client_continued_on_a_prefill_backend_sees_one_message(gateway, fakes, scorecard):
     """A Messages client, its answer translated from the primary's chat stream, continued on an
     Anthropic backend: the text sent is the start of that backend's answer (an assistant turn
