@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from signalbox.core import envoygen
 from signalbox.core.compiler import compile_config
 from tests.factories import backend, model, policy, provider
@@ -143,12 +145,44 @@ def test_backend_cluster_carries_metadata_tls_and_outlier_detection():
     assert b["outlier_detection"]["consecutive_5xx"] > 0
 
 
+@pytest.mark.parametrize(
+    "strategy,chains", [("failover", 1), ("fastest", 1), ("weighted", 2), ("round-robin", 2), ("cost", 2)]
+)
+def test_only_chains_a_route_can_use_get_an_aggregate(strategy, chains):
+    """A compiled failover policy is sent to its first chain only (which skips what is
+    unhealthy): the chains that start with its later backends would be clusters nothing uses
+    (2,000 of the 10,000 aggregates at the 2,000-policy fleet, bench/README.md)."""
+    cfg = config(strategy)
+    aggregates = [c for c in envoygen.clusters(cfg, CREDENTIALS) if c["name"].startswith("t.")]
+    assert len(aggregates) == chains
+    hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
+    routed = json.dumps(hcm["route_config"])
+    assert all(t in routed for t in (a["name"] for a in aggregates))  # each is some route's
+
+
+def test_a_compiled_policy_decided_anyway_goes_where_envoy_sends_it():
+    """A compiled policy's request the router phase decided (an alias Envoy's JSON reader did
+    not read, or a canary's candidate) matches one route on its policy, whatever backend the
+    router phase picked, and goes to the compiled destination with the same retries."""
+    cfg = config("weighted")
+    hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
+    (host,) = hcm["route_config"]["virtual_hosts"]
+    routes = by_name(host["routes"])
+    decided = routes["default/p:compiled"]
+    (policy_id,) = decided["match"]["dynamic_metadata"]
+    assert policy_id["path"] == [{"key": "policy_id"}] and policy_id["value"]["string_match"]["exact"] == "default/p"
+    compiled = routes["compiled:default/p:x"]
+    assert decided["route"]["weighted_clusters"] == compiled["route"]["weighted_clusters"]
+    assert envoygen.retry_policy_of(host, decided) == envoygen.retry_policy_of(host, compiled)
+    assert not [name for name in routes if name.startswith("default/p:t.")]
+
+
 def test_a_policys_deadlines_become_the_attempts_timeouts():
-    cfg = config()
+    cfg = config("cost")  # decided: a route per chain
     cfg.policies[0].per_try_timeout_ms, cfg.policies[0].idle_timeout_ms, cfg.policies[0].timeout_ms = 1500, 800, 9000
     hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
     (host,) = hcm["route_config"]["virtual_hosts"]
-    route = by_name(host["routes"])[f"default/p:{targets()[0]}"]
+    route = by_name(host["routes"])[f"default/p:{targets(cfg)[0]}"]
     assert route["route"]["timeout"] == "9.000s"
     retry = envoygen.retry_policy_of(host, route)
     assert retry["per_try_timeout"] == "1.500s"
@@ -156,11 +190,12 @@ def test_a_policys_deadlines_become_the_attempts_timeouts():
 
 
 def test_routes_retry_on_failures_and_move_to_next_priority():
-    lds = envoygen.listener(config(), envoygen.GatewayOptions())
+    cfg = config("cost")  # decided: a route per chain
+    lds = envoygen.listener(cfg, envoygen.GatewayOptions())
     hcm = lds["filter_chains"][0]["filters"][0]["typed_config"]
     (host,) = hcm["route_config"]["virtual_hosts"]
     routes = by_name(host["routes"])
-    t0 = targets()[0]
+    t0 = targets(cfg)[0]
     retry = envoygen.retry_policy_of(host, routes[f"default/p:{t0}"])
     retry_on = {"5xx", "reset", "connect-failure", "retriable-status-codes", "retriable-headers"}
     assert set(retry["retry_on"].split(",")) == retry_on

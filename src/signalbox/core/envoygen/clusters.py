@@ -564,6 +564,31 @@ def _remove_gateway_headers(name: str) -> dict[str, Any]:
     }
 
 
+def compiled_destination(policy: pb.Policy) -> dict[str, Any]:
+    """Where Envoy sends a compiled policy's requests: the first chain by priority (failover,
+    fastest: the chain skips what is unhealthy), else a weighted split over the chains that
+    start with each backend (round-robin: equal weights; weighted: its weights, none at 0)."""
+    live = [b for b in policy.backends if b.target]
+    if policy.strategy in (pb.FAILOVER, pb.FASTEST):
+        first = min(range(len(live)), key=lambda i: (live[i].priority, i))
+        return {"cluster": live[first].target}
+    weights = [(b.target, b.weight if policy.strategy == pb.WEIGHTED else 1) for b in live]
+    return {"weighted_clusters": {"clusters": [{"name": t, "weight": w} for t, w in weights if w > 0]}}
+
+
+def routed_targets(policy: pb.Policy) -> list[str]:
+    """The chains Envoy can send this policy's requests to, each an aggregate cluster: a
+    compiled policy's destination (a failover policy's other chains, those that start with a
+    later backend, are never used), every chain of a decided one (the router phase may pick any
+    backend first)."""
+    if policy.compiled:
+        destination = compiled_destination(policy)
+        if "cluster" in destination:
+            return [destination["cluster"]]
+        return [c["name"] for c in destination["weighted_clusters"]["clusters"]]
+    return list(dict.fromkeys(b.target for b in policy.backends if b.target))
+
+
 def relays(cfg: pb.RoutingConfig, opts: GatewayOptions) -> bool:
     """Whether some policy's streams go through the stream relay (extproc.relay), which the
     ext_proc serves on its admin port: without one (a bare `signalbox extproc`), broken streams
@@ -610,9 +635,10 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
         out.append(_any("envoy.config.cluster.v3.Cluster", **cluster))
     seen: set[str] = set()
     for policy in cfg.policies:
+        routed = set(routed_targets(policy))
         for i, pb_backend in enumerate(policy.backends):
-            if not pb_backend.target or pb_backend.target in seen:
-                continue  # one aggregate per distinct chain, whichever policies share it
+            if pb_backend.target not in routed or pb_backend.target in seen:
+                continue  # one aggregate per distinct chain a route uses, whichever policies share it
             seen.add(pb_backend.target)
             members = chain(cfg, policy, i)
             out.append(

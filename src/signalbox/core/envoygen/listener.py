@@ -12,7 +12,14 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
 from .auth import jwt_filter
-from .clusters import _remove_gateway_headers, larger_after, relays, upstream_filters
+from .clusters import (
+    _remove_gateway_headers,
+    compiled_destination,
+    larger_after,
+    relays,
+    routed_targets,
+    upstream_filters,
+)
 from .contract import (
     ADMIN_CLUSTER,
     ALIAS_KEY,
@@ -126,6 +133,15 @@ def _retry_policy(policy: pb.Policy) -> dict[str, Any]:
     return retry
 
 
+def _route_action(policy: pb.Policy) -> dict[str, Any]:
+    """What every route of a policy does besides choosing its cluster: its budget, its retries
+    (the failover) and, for `fastest`, hedging."""
+    action: dict[str, Any] = {"timeout": _ms(policy.timeout_ms), "retry_policy": _retry_policy(policy)}
+    if policy.strategy == pb.FASTEST:
+        action["hedge_policy"] = {"hedge_on_per_try_timeout": True}
+    return action
+
+
 def _response_headers(decision: str = f"%DYNAMIC_METADATA({METADATA_NS}:{{}})%") -> list[dict[str, Any]]:
     """Who answered (the endpoint's metadata, after any failover) and why: `decision` formats
     a key of the decision (dynamic metadata from the ext_proc, or the compiled route's own)."""
@@ -180,37 +196,39 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
         added += _policy_headers(policy) if policy is not None else []
         return {"request_headers_to_add": added} if added else {}
 
+    def decided(name: str, keys: tuple[tuple[str, str], ...], action: dict[str, Any], headers: dict[str, Any]):
+        return {
+            "name": name,
+            "match": {
+                "prefix": "/",
+                "dynamic_metadata": [
+                    {"filter": METADATA_NS, "path": [{"key": key}], "value": {"string_match": {"exact": value}}}
+                    for key, value in keys
+                ],
+            },
+            "route": action,
+            # (Who answered and why: the virtual host's headers, `_virtual_host`.)
+            **headers,
+        }
+
     for policy in cfg.policies:
-        targets = list(dict.fromkeys(b.target for b in policy.backends if b.target))
-        for target in targets:
-            first_target = first_target or target
-            route: dict[str, Any] = {
-                "cluster": target,
-                "timeout": _ms(policy.timeout_ms),
-                "retry_policy": _retry_policy(policy),
-            }
-            if policy.strategy == pb.FASTEST:
-                route["hedge_policy"] = {"hedge_on_per_try_timeout": True}
+        first_target = first_target or next(iter(routed_targets(policy)), "")
+        action = _route_action(policy)
+        if policy.compiled:
+            # Envoy routes its aliases alone; a request the router phase decided for it anyway
+            # (it read an alias Envoy's JSON reader did not, or a canary's candidate) goes
+            # where Envoy would send it: one route, not one per chain (and no aggregate for
+            # chains only the router phase could pick).
+            destination = {**compiled_destination(policy), **action}
+            headers = {"request_headers_to_add": _policy_headers(policy)} if policy.first_token_timeout_ms else {}
+            routes.append(decided(f"{policy.id}:compiled", (("policy_id", policy.id),), destination, headers))
+            continue
+        for target in routed_targets(policy):
             # Targets are shared by policies with the same chain; the route (retries,
             # timeouts) is the policy's own, so it matches both.
+            keys = (("target", target), ("policy_id", policy.id))
             routes.append(
-                {
-                    "name": f"{policy.id}:{target}",
-                    "match": {
-                        "prefix": "/",
-                        "dynamic_metadata": [
-                            {
-                                "filter": METADATA_NS,
-                                "path": [{"key": key}],
-                                "value": {"string_match": {"exact": value}},
-                            }
-                            for key, value in (("target", target), ("policy_id", policy.id))
-                        ],
-                    },
-                    "route": route,
-                    # (Who answered and why: the virtual host's headers, `_virtual_host`.)
-                    **chain_headers(target, policy),
-                }
+                decided(f"{policy.id}:{target}", keys, {"cluster": target, **action}, chain_headers(target, policy))
             )
     # (Compiled policies' backends have equal context windows, compiler.compilable: their
     # chains never need LARGER_AFTER_HEADER.)
@@ -338,16 +356,7 @@ def compiled_routes(cfg: pb.RoutingConfig, policy: pb.Policy) -> list[dict[str, 
     alias json_to_metadata read from the body, splits with weighted_clusters over the same
     aggregate clusters the decided path uses (so failover, keys and attempt.lua are shared),
     and turns the ext_proc off. Policy and reason ride on route metadata."""
-    live = [b for b in policy.backends if b.target]
-    if policy.strategy in (pb.FAILOVER, pb.FASTEST):
-        first = min(range(len(live)), key=lambda i: (live[i].priority, i))
-        destination: dict[str, Any] = {"cluster": live[first].target}
-    else:
-        weights = [(b.target, b.weight if policy.strategy == pb.WEIGHTED else 1) for b in live]
-        destination = {"weighted_clusters": {"clusters": [{"name": t, "weight": w} for t, w in weights if w > 0]}}
-    route: dict[str, Any] = {**destination, "timeout": _ms(policy.timeout_ms), "retry_policy": _retry_policy(policy)}
-    if policy.strategy == pb.FASTEST:
-        route["hedge_policy"] = {"hedge_on_per_try_timeout": True}
+    route = {**compiled_destination(policy), **_route_action(policy)}
     paths = "|".join(re.escape(p) for p in ROUTED_PATHS)
     return [
         {
