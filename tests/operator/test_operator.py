@@ -244,7 +244,13 @@ async def test_spec_change_reaches_the_gateway_files_and_the_extproc(cluster, st
     watcher = asyncio.create_task(holder.watch(config_file, stop))
     try:
         await cluster.eventually(lambda: _aliases(holder, ["auto"]))
-        assert all(Path(envoygen.resource_file(f"{tmp_path}/envoy", n)).exists() for n in envoygen.RESOURCE_FILES)
+
+        # The routing config is written before Envoy's files (gatewayfiles), so the ext_proc can
+        # have it a moment before they exist (seen on a busy machine).
+        async def envoy_files() -> bool:
+            return all(Path(envoygen.resource_file(f"{tmp_path}/envoy", n)).exists() for n in envoygen.RESOURCE_FILES)
+
+        await cluster.eventually(envoy_files)
 
         changed_at = time.monotonic()
         await cluster.apply(policy("auto", ["auto", "fast"], [backend("alpha", "a1")]))
