@@ -29,7 +29,6 @@ from .limits import EmbeddedLimits, LimitStore
 from .metrics import Metrics
 from .outliers import OutlierEvents
 from .reload import TableHolder
-from .resting import RestingFile
 from .rolloutstats import RolloutStats
 from .runtime import default_key_resolver
 from .server import Processor, serve
@@ -185,10 +184,6 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(tables.watch(args.config, stop), name="config-watch")]
-    if getattr(args, "resting_file", ""):
-        resting = RestingFile(args.resting_file, processor.state.cooling)
-        resting.sync()  # before Envoy's first checks
-        tasks.append(asyncio.create_task(resting.run(stop), name="resting-file"))
     if getattr(args, "outlier_events", ""):
         outliers = OutlierEvents(args.outlier_events, tables, cooldowns, metrics)
         tasks.append(asyncio.create_task(outliers.run(stop), name="outlier-events"))

@@ -433,7 +433,6 @@ def cmd_gateway_sidecar(args: argparse.Namespace) -> int:
     args.secrets_dir = args.secrets_dir or f"{args.workdir}/{SECRETS_DIR}"
     args.state_dir = args.state_dir or f"{args.workdir}/{STATE_DIR}"
     args.outlier_events = args.outlier_events or f"{args.workdir}/{contract.OUTLIER_EVENTS_FILE}"
-    args.resting_file = args.resting_file or f"{args.workdir}/{contract.RESTING_FILE}"
     background = [sync.run]
     if args.replica_configmap:
         background.append(_replica_sync(args).run)
@@ -519,12 +518,6 @@ def _extproc_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help="append each routed request (body capped and redacted of key-like strings) to this JSONL file, "
         "for `signalbox replay` (off by default)",
-    )
-    parser.add_argument(
-        "--resting-file",
-        default="",
-        help="write the backends cooling down here, for Envoy's health checks of every backend "
-        "(one ext_proc worker per gateway writes it)",
     )
     parser.add_argument(
         "--outlier-events",

@@ -19,7 +19,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -181,10 +180,6 @@ class LocalGateway:
             request_log=str(self.workdir / REQUEST_LOG) if self.request_log else "",
             credentials_dir=str(self.workdir / gatewayfiles.CREDENTIALS_DIR),
             outlier_event_log=str(self.workdir / envoygen.contract.OUTLIER_EVENTS_FILE),
-            resting_file=str(self.workdir / envoygen.contract.RESTING_FILE),
-            # Envoy checks each backend here before its listeners (this one too) can be asked
-            # for a bound port, so the port is picked now.
-            checks_port=free_port(),
             otlp_endpoint=self.otlp_endpoint,
             trace_sampling_percent=self.trace_sampling_percent,
         )
@@ -211,8 +206,6 @@ class LocalGateway:
                 # One reader per gateway of Envoy's ejections (extproc/outliers.py).
                 "--outlier-events",
                 str(self.workdir / envoygen.contract.OUTLIER_EVENTS_FILE),
-                "--resting-file",
-                str(self.workdir / envoygen.contract.RESTING_FILE),
             ]
         return argv
 
@@ -404,25 +397,9 @@ class LocalGateway:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
                 if r.status != 200:
                     return False
-            return _port_open("127.0.0.1", self.port or self._bound_listener_port()) and self._backends_checked()
+            return _port_open("127.0.0.1", self.port or self._bound_listener_port())
         except OSError:
             return False
-
-    def _backends_checked(self) -> bool:
-        """Every backend has had a health check answered since Envoy's listeners opened. Envoy
-        checks every backend before its listeners accept, the listener that answers the checks
-        included (envoygen.checks_listener), so that first round fails, and each backend is back
-        at its next check (a quarter second later): until then a chain could pass over it."""
-        pattern = rf"^cluster\.{envoygen.contract.BACKEND_PREFIX}\..*\.health_check\.(success|failure)$"
-        query = urllib.parse.urlencode({"filter": pattern})
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats?{query}", timeout=10) as r:
-            text = r.read().decode()
-        answered: dict[str, int] = {}
-        for line in text.splitlines():
-            name, _, value = line.rpartition(": ")
-            cluster = name.rsplit(".health_check.", 1)[0]
-            answered[cluster] = answered.get(cluster, 0) + int(value or 0)
-        return all(n >= 2 for n in answered.values())
 
     def _bound_listener_port(self) -> int:
         """The port Envoy bound for the gateway listener (configured as port 0)."""

@@ -19,8 +19,6 @@ HEALTH_PORT = 8081
 ADMIN_PORT = 9901
 # The ext_proc's admin API (127.0.0.1 unless the chart's gateway.adminApi.expose).
 EXTPROC_ADMIN_PORT = 8083
-# Envoy's answers to its health checks of each backend (127.0.0.1 only).
-CHECKS_PORT = 8084
 EXTPROC_SOCKET = f"{WORKDIR}/extproc.sock"
 BOOTSTRAP_FILE = "helm/signalbox/files/envoy-bootstrap.json"
 
@@ -55,8 +53,6 @@ def options(
         accounting=accounting,
         request_log="/dev/stdout" if request_log else "",
         outlier_event_log=f"{workdir}/{envoygen.contract.OUTLIER_EVENTS_FILE}",
-        resting_file=f"{workdir}/{envoygen.contract.RESTING_FILE}",
-        checks_port=CHECKS_PORT,
         otlp_endpoint=otlp_endpoint,
         trace_sampling_percent=trace_sampling_percent,
     )

@@ -479,33 +479,20 @@ def test_a_compiled_alias_is_routed_by_envoy_with_the_ext_proc_off():
 
 
 def test_every_backend_is_health_checked_by_the_extprocs_cooldowns_in_plain_http():
-    checked = envoygen.GatewayOptions(resting_file="/run/sb/resting-backends", checks_port=8084)
-    cds = by_name(envoygen.clusters(config(), checked))
+    cds = by_name(envoygen.clusters(config(), envoygen.GatewayOptions(extproc_admin_port=8083)))
     for name in ("b.default.a.m", "b.default.b.m"):
         (check,) = cds[name]["health_checks"]
         assert check["http_health_check"]["path"] == f"/health/backend?id=default%2F{name.split('.')[2]}%2Fm"
         assert (check["unhealthy_threshold"], check["healthy_threshold"]) == (1, 1)
         assert check["no_traffic_interval"] == check["interval"] == "1.000s"  # an idle backend comes back too
-        # A resting backend (or one whose first check failed, as every first check does: Envoy
-        # checks before its listeners accept) is asked again soon, whatever the fleet's interval.
-        assert check["unhealthy_interval"] == check["unhealthy_edge_interval"] == "0.250s"
         endpoint = cds[name]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-        assert endpoint["health_check_config"]["address"]["socket_address"] == {
-            "address": "127.0.0.1",
-            "port_value": 8084,
-        }
+        assert endpoint["health_check_config"]["address"]["socket_address"]["port_value"] == 8083
     # A TLS provider's check still reaches the ext_proc in plain HTTP; its requests keep TLS.
     tls = cds["b.default.b.m"]
     assert tls["health_checks"][0]["transport_socket_match_criteria"] == tls["transport_socket_matches"][0]["match"]
     assert tls["transport_socket"]["name"] == "envoy.transport_sockets.tls"
-    # Without the checks listener and the ext_proc's resting file there is nothing to ask.
+    # Without the ext_proc's admin API there is nothing to ask.
     assert "health_checks" not in by_name(envoygen.clusters(config(), envoygen.GatewayOptions()))["b.default.a.m"]
-    unwritten = envoygen.GatewayOptions(health_port=8083, extproc_admin_port=8084)
-    assert "health_checks" not in by_name(envoygen.clusters(config(), unwritten))["b.default.a.m"]
-    # The checks listener is on that port of 127.0.0.1, never on the network.
-    listeners = envoygen.resources(config(), checked)["lds.json"]["resources"]
-    (checks,) = [entry for entry in listeners if entry["name"] == "signalbox_backend_checks"]
-    assert checks["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 8084}
     # A large fleet is checked less often: at most HEALTH_CHECKS_PER_SECOND checks a second.
     from signalbox.core.envoygen.clusters import HEALTH_CHECKS_PER_SECOND, health_check_interval
 

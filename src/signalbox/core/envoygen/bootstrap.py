@@ -10,7 +10,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from ..gcpause import paused_gc
 from .clusters import clusters
 from .contract import ADMIN_CLUSTER, BACKEND_PREFIX, EXTPROC_ADMIN_CLUSTER, EXTPROC_CLUSTER, TARGET_PREFIX
-from .listener import checks_listener, health_listener, listener, route_config
+from .listener import health_listener, listener, route_config
 from .options import STREAM_LIMITS, GatewayOptions, _address, _admin_address, _any
 
 # Envoy allocates about 140 stats per cluster, each costing memory and start-up time for every
@@ -188,8 +188,6 @@ def resources(cfg: pb.RoutingConfig, opts: GatewayOptions, config_dir: str = "")
     listeners = [listener(cfg, opts, routes=rds)]
     if opts.health_port is not None:
         listeners.append(health_listener(opts))
-    if opts.checks_port is not None and opts.resting_file:
-        listeners.append(checks_listener(opts))
     out = {"cds.json": {"resources": clusters(cfg, opts)}, "lds.json": {"resources": listeners}}
     if rds is not None:
         table = _any("envoy.config.route.v3.RouteConfiguration", **route_config(cfg, opts))

@@ -63,12 +63,9 @@ def _http1_options() -> dict[str, Any]:
     }
 
 
-# Envoy checks whether each backend is cooling down (its health listener answers from the
-# ext_proc's resting file, contract.RESTING_FILE) at most this many times a second in all: every
-# second for up to this many backends, less often beyond (10,000 backends: every 20 s).
-HEALTH_CHECKS_PER_SECOND = 500
-# How often a backend found resting (or not yet checked) is checked again.
-UNHEALTHY_CHECK_S = 0.25
+# Envoy asks the ext_proc whether each backend is cooling down (extproc.cooldown) at most this
+# many times a second in all: every second for up to this many backends, less often beyond.
+HEALTH_CHECKS_PER_SECOND = 100
 # Health checks reach the ext_proc's admin API in plain HTTP, whatever the backend speaks.
 _PLAIN_HEALTH = {"signalbox-health": "plain"}
 
@@ -78,20 +75,15 @@ def health_check_interval(backends: int) -> float:
 
 
 def _health_check(backend: pb.Backend, provider: pb.Provider, interval: float) -> dict[str, Any]:
-    """Envoy's active health check of one backend, answered by Envoy's own health listener from
-    the ext_proc's resting file (`listener.checks_listener`): 503 while the backend cools down (a 429, a
-    rejected key, low rate-limit headers), so it leaves every chain and compiled route at once.
-    One failed check takes it out, one passed check puts it back. If the ext_proc is down, the
-    file keeps its last rests, each ending at its time."""
+    """Envoy's active health check of one backend, answered by the ext_proc: 503 while the
+    backend cools down (a 429, a rejected key, low rate-limit headers), so it leaves every
+    chain and compiled route at once. One failed check takes it out, one passed check puts it
+    back. If the ext_proc cannot answer, every backend fails its check, and Envoy's panic mode
+    (no healthy host at all) routes as if none had been checked."""
     check: dict[str, Any] = {
         "timeout": "1s",
         "interval": f"{interval:.3f}s",
         "no_traffic_interval": f"{interval:.3f}s",
-        # A backend out of its chains is checked again soon: a rest that ended, or the first
-        # round at start, which fails (Envoy checks before its listeners, the checks listener
-        # too, accept), brings it back within this, whatever the fleet's interval.
-        "unhealthy_interval": f"{min(interval, UNHEALTHY_CHECK_S):.3f}s",
-        "unhealthy_edge_interval": f"{min(interval, UNHEALTHY_CHECK_S):.3f}s",
         "unhealthy_threshold": 1,
         "healthy_threshold": 1,
         "http_health_check": {"path": f"{BACKEND_HEALTH_PATH}?id={quote(backend.id, safe='')}"},
@@ -104,8 +96,7 @@ def _health_check(backend: pb.Backend, provider: pb.Provider, interval: float) -
 def _backend_cluster(
     backend: pb.Backend, provider: pb.Provider, health: tuple[int, float] | None = None
 ) -> dict[str, Any]:
-    """One backend's cluster; `health`: (the checks listener's port, interval) for its
-    cooldown check."""
+    """One backend's cluster; `health`: (ext_proc admin port, interval) for its cooldown check."""
     cluster: dict[str, Any] = {
         "name": backend.cluster,
         "type": "STRICT_DNS",
@@ -638,11 +629,7 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
 
     providers = {p.id: p for p in cfg.providers}
     out = []
-    health = (
-        (opts.checks_port, health_check_interval(len(cfg.backends)))
-        if opts.checks_port is not None and opts.resting_file
-        else None
-    )
+    health = (opts.extproc_admin_port, health_check_interval(len(cfg.backends))) if opts.extproc_admin_port else None
     for backend in cfg.backends:
         cluster = _backend_cluster(backend, providers[backend.provider_id], health)
         out.append(_any("envoy.config.cluster.v3.Cluster", **cluster))

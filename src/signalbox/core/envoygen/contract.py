@@ -148,14 +148,6 @@ BACKEND_PREFIX, TARGET_PREFIX = "b", "t"
 # (BACKEND_HEALTH_PATH), so a cooling backend is out of every chain, compiled or decided.
 ATTEMPT_LOG_NAME = "signalbox-attempts"
 BACKEND_HEALTH_PATH = "/health/backend"  # ?id=<backend id>: 200, or 503 while it cools down
-# The backends cooling down, one "<backend id>\t<until, epoch seconds>" line each, written by the
-# ext_proc worker that serves the admin API (extproc.resting) whenever the set changes. An Envoy
-# listener of its own on 127.0.0.1 (CHECKS_LISTENER_NAME) answers BACKEND_HEALTH_PATH from it (a
-# Lua filter), so the health checks of thousands of backends never reach Python, and go on when
-# the ext_proc is down. (Not a Unix socket: Envoy 1.40 crashes dumping an endpoint whose health
-# check address is one, `/config_dump?include_eds`.)
-RESTING_FILE = "resting-backends"
-CHECKS_LISTENER_NAME = "signalbox_backend_checks"
 # Provider headers read from those attempts (Envoy logs only the headers it is told to).
 RETRY_AFTER_HEADERS = ("retry-after", "retry-after-ms")
 # remaining header -> its reset header, requests first, then tokens (OpenAI, then Anthropic).

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from importlib import resources as package_files
 from typing import Any
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
@@ -17,7 +16,6 @@ from .clusters import (
     _remove_gateway_headers,
     compiled_destination,
     larger_after,
-    lua_literal,
     relays,
     routed_targets,
     upstream_filters,
@@ -27,8 +25,6 @@ from .contract import (
     ALIAS_KEY,
     API_PATHS,
     ATTEMPT_LOG_NAME,
-    BACKEND_HEALTH_PATH,
-    CHECKS_LISTENER_NAME,
     CLIENT_PATH_KEY,
     COMPILED_POLICY_TAG,
     EMPTY_BODY,
@@ -885,48 +881,6 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions, routes: dict[str, Any]
         name=LISTENER_NAME,
         address=_address(opts.listen_address, opts.listen_port),
         per_connection_buffer_limit_bytes=opts.max_body_bytes + 64 * 1024,
-        filter_chains=[{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
-    )
-
-
-def checks_listener(opts: GatewayOptions) -> dict[str, Any]:
-    """Where Envoy checks each backend (envoygen.clusters._health_check): a listener on
-    127.0.0.1 (nothing off this host reaches it) whose Lua filter (core/resting.lua) answers from
-    the ext_proc's resting file. Thousands of backends' checks never reach Python."""
-    prelude = (
-        f"RESTING_FILE = {lua_literal(opts.resting_file)}\nBACKEND_HEALTH_PATH = {lua_literal(BACKEND_HEALTH_PATH)}\n"
-    )
-    source = package_files.files("signalbox.core").joinpath("resting.lua").read_text()
-    hcm = _any(
-        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        stat_prefix="signalbox_backend_checks",
-        route_config={
-            "name": "backend_checks",
-            "virtual_hosts": [
-                {
-                    "name": "backend_checks",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 404}}],
-                }
-            ],
-        },
-        http_filters=[
-            {
-                "name": "signalbox.resting",
-                "typed_config": _any(
-                    "envoy.extensions.filters.http.lua.v3.Lua", default_source_code={"inline_string": prelude + source}
-                ),
-            },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
-            },
-        ],
-    )
-    return _any(
-        "envoy.config.listener.v3.Listener",
-        name=CHECKS_LISTENER_NAME,
-        address=_address("127.0.0.1", opts.checks_port or 0),
         filter_chains=[{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     )
 

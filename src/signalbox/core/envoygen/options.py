@@ -75,11 +75,6 @@ class GatewayOptions:
     # Envoy's outlier detection events (ejections of backends failing repeatedly), one JSON line
     # each, for the ext_proc to report (extproc/outliers.py); "": not written.
     outlier_event_log: str = ""
-    # The file of backends cooling down (contract.RESTING_FILE), and the port on 127.0.0.1 of the
-    # listener that answers each backend's health check from it; either unset: backends are not
-    # checked.
-    resting_file: str = ""
-    checks_port: int | None = None
     # The upstream-phase ext_proc that translates attempts to a backend of another API family
     # (skipped by a header matcher on every other attempt). Off only to measure what it costs.
     translation: bool = True
