@@ -536,7 +536,8 @@ def test_an_anthropic_client_continued_on_a_prefill_backend_sees_one_message(gat
             model="relay-claude",
             max_tokens=64,
             messages=[{"role": "user", "content": "hello"}],
-            extra_headers=fault(kind="cut", after=2),
+            # Chunks 50 ms apart: both reach the client, translated, before the cut.
+            extra_headers={**fault(kind="cut", after=2), "x-fake-chunk-delay-ms": "50"},
         ) as stream,
     ):
         text = "".join(stream.text_stream)
@@ -549,14 +550,11 @@ def test_an_anthropic_client_continued_on_a_prefill_backend_sees_one_message(gat
         f"the backend's last turn: {continued[-1]['body']['messages'][-1]['role'] if continued else None}",
     )
     assert len(continued) == 1 and continued[0]["api"] == "anthropic"
-    # What reached the client before the cut: the primary's answer is translated chunk by chunk,
-    # and chunks whose translation was under way when the provider reset are lost with it. The
-    # text sent is the start of the backend's answer (without its trailing space); with none
-    # sent, the request goes as it came.
+    # The text sent is the start of the backend's answer, without its trailing space (Anthropic
+    # refuses one), and the continuation's leading space is not doubled.
     last = continued[0]["body"]["messages"][-1]
-    sent = last["content"][0]["text"] if last["role"] == "assistant" else ""
-    assert sent in ("", "chunk0", "chunk0 chunk1")
-    assert text == (sent + " " if sent else "") + "chunk0 chunk1 chunk2 chunk3 chunk4 "
+    assert last == {"role": "assistant", "content": [{"type": "text", "text": "chunk0 chunk1"}]}
+    assert text == "chunk0 chunk1 " + "chunk0 chunk1 chunk2 chunk3 chunk4 "
     assert final.content[0].text == text and final.stop_reason == "end_turn"
     assert no_relay_headers_reached(fakes)
 
