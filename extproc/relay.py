@@ -39,7 +39,15 @@ from signalbox.core.envoygen.contract import (
     RELAY_PATH_PREFIX,
     api_of_path,
 )
-from signalbox.core.errors import ANTHROPIC_API, BEDROCK_API, OPENAI_API, RESPONSES_API, Forbidden, InternalError
+from signalbox.core.errors import (
+    ANTHROPIC_API,
+    BEDROCK_API,
+    OPENAI_API,
+    RESPONSES_API,
+    Forbidden,
+    InternalError,
+    StreamBroken,
+)
 
 from .decisions import DecisionSigner
 from .translate import sse
@@ -143,15 +151,16 @@ class Transcript:
 
 
 def error_event(api: str, message: str, sequence: int = 0) -> bytes:
-    """A broken stream's end in the client's API format (never followed by [DONE])."""
-    if api == ANTHROPIC_API:
-        return sse.encode({"type": "error", "error": {"type": "api_error", "message": message}}, "error")
+    """A broken stream's end in the client's API format (never followed by [DONE]): the error
+    tree's StreamBroken as Chat Completions and Messages clients parse errors mid-stream, or the
+    Responses API's own `error` event."""
+    err = StreamBroken(message)
     if api == RESPONSES_API:
-        return sse.encode(
-            {"type": "error", "code": "stream_broken", "message": message, "param": None, "sequence_number": sequence},
-            "error",
-        )
-    return sse.encode({"error": {"message": message, "type": "api_error", "param": None, "code": "stream_broken"}})
+        fields = {"type": "error", "code": err.code, "message": message, "param": None, "sequence_number": sequence}
+        return sse.encode(fields, "error")
+    if api == ANTHROPIC_API:
+        return sse.encode(err.body_for(api).decode(), "error")
+    return sse.encode(err.body().decode())
 
 
 def continuation_body(body: dict[str, Any], api: str, text: str, prefill: bool) -> dict[str, Any] | None:

@@ -150,6 +150,13 @@ class NoHealthyBackend(RequestError):
     status, error_type, code = 503, "server_error", "no_healthy_backend"
 
 
+class StreamBroken(RequestError):
+    """A provider's stream broke after tokens were sent: the error event that ends the client's
+    stream (extproc.relay, `failover.onBrokenStream`), never a status the client sees."""
+
+    status, error_type, code = 502, "api_error", "stream_broken"
+
+
 class UpstreamTimeout(RequestError):
     """Every backend tried was silent past its deadline, or the policy's whole budget ran out."""
 
