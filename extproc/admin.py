@@ -7,9 +7,6 @@ POST /v1/classify       what the classification tiers make of an OpenAI request 
 POST /v1/route          dry run: the decision for a request body and why (candidates kept or
                         dropped, tier, class) without changing any routing state
 POST /v1/feedback       {"decision": <x-signalbox-decision>, "score": 0..1}: teaches learning
-GET  /health/backend?id=<backend>
-                        Envoy's active health check of each backend: 503 while it cools
-                        down (a 429, a rejected key, low rate-limit headers), else 200
 POST /relay/<path>      the stream relay (relay.py): requests Envoy sends with the router
                         phase's signed decision; anything else is refused (403)
 GET  /v1/budget         per budgeted policy: state, and per window its limit, spend (this
@@ -31,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from signalbox.core.envoygen.contract import BACKEND_HEALTH_PATH, RELAY_PATH_PREFIX
+from signalbox.core.envoygen.contract import RELAY_PATH_PREFIX
 from signalbox.core.errors import Forbidden, RequestError
 
 from . import decide, identity, limits, relay
@@ -68,13 +65,6 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=processor.metrics.exposition(), headers={"content-type": CONTENT_TYPE})
-
-    async def backend_health(request: web.Request) -> web.Response:
-        rest = processor.state.cooling().get(request.query.get("id", ""))
-        if rest is None:
-            return web.Response(text="ok")
-        until, reason = rest
-        return web.Response(status=503, text=f"cooling down ({reason}) for {max(0.0, until - time.time()):.1f} s")
 
     async def models(request: web.Request) -> web.Response:
         table = processor.tables.current
@@ -238,7 +228,6 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
     app = web.Application(client_max_size=processor.max_body_bytes + 1024, middlewares=[_guard(token, exposed)])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get(BACKEND_HEALTH_PATH, backend_health)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/classify", classify)
     app.router.add_post("/v1/route", route)

@@ -7,9 +7,9 @@ turns one attempt into how long its backend should rest; `Cooldowns` keeps that 
 every ext_proc worker of the gateway shares, and that the replica ConfigMap carries to the other
 replicas (`signalbox.replicasync`, within about one sync interval). Two readers act on it:
 - the router phase leaves cooling backends out of the first choice (strategies.eligible);
-- Envoy's active health check of each backend cluster asks the admin API
-  (contract.BACKEND_HEALTH_PATH), so a cooling backend is also out of every failover chain and
-  every compiled route, on every Envoy worker, within one health-check interval.
+- the ADS server (extproc.xds) marks the backend's endpoint unhealthy in Envoy, so a cooling
+  backend is also out of every failover chain and every compiled route, on every Envoy
+  worker, within a quarter second.
 
 Provider headers are untrusted input: anything unparsable, negative or absurd falls back to the
 backoff, and no cooldown lasts longer than MAX_COOLDOWN_S.

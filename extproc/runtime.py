@@ -16,6 +16,7 @@ from pathlib import Path
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.budget import HOLD_SLACK_SECONDS, Budget
+from signalbox.core.envoygen.endpoints import BackendEndpoint
 from signalbox.core.errors import OPENAI_API, RESPONSES_API, ConfigVersionError
 from signalbox.core.limits import SubjectLimits
 from signalbox.core.schema import BROKEN_STREAM_NAMES, SCHEMA_VERSION, STRATEGY_NAMES, genai_provider_name, provider_api
@@ -120,6 +121,8 @@ class BackendRuntime:
     latency_prior_ms: float
     # The Envoy cluster that reaches it (outlier ejections are reported per cluster).
     cluster: str = ""
+    # Its address and host metadata, as the ADS server gives them to Envoy (extproc.xds).
+    endpoint: BackendEndpoint | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +252,7 @@ class RuntimeTable:
             )
         resolve_key = resolve_key or default_key_resolver()
         providers: dict[str, ProviderRuntime] = {}
+        provider_pbs = {p.id: p for p in cfg.providers}
         for p in cfg.providers:
             default_port = 443 if p.tls else 80
             authority = p.host if p.port == default_port else f"{p.host}:{p.port}"
@@ -282,6 +286,7 @@ class RuntimeTable:
                 capabilities=frozenset(b.capabilities),
                 latency_prior_ms=b.latency_prior_ms,
                 cluster=b.cluster,
+                endpoint=BackendEndpoint.of(b, provider_pbs[b.provider_id]),
             )
             for b in cfg.backends
         ]

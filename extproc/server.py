@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,6 +40,7 @@ from .reload import TableHolder
 from .rolloutstats import RolloutStats
 from .runtime import BackendRuntime, PolicyRuntime
 from .strategies import SelectionState
+from .xds import AggregatedDiscovery, Endpoints
 
 log = logging.getLogger("signalbox.extproc")
 
@@ -493,6 +495,10 @@ async def serve(
             processor.count_rollout,
         ),
         server,
+    )
+    # Backend endpoints for Envoy's backend clusters (GatewayOptions.ads), from any worker.
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
+        AggregatedDiscovery(Endpoints(tables, processor.state)), server
     )
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

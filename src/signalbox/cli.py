@@ -391,6 +391,7 @@ def pod_options(args: argparse.Namespace):
         args.listen_port,
         args.health_port,
         args.admin_port,
+        admin_socket=getattr(args, "admin_socket", ""),
         accounting=not args.no_accounting,
         request_log=not args.no_request_log,
         otlp_endpoint=args.otlp_endpoint,
@@ -577,6 +578,7 @@ def _pod_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen-port", type=int, default=pod.LISTEN_PORT, help=argparse.SUPPRESS)
     parser.add_argument("--health-port", type=int, default=pod.HEALTH_PORT, help=argparse.SUPPRESS)
     parser.add_argument("--admin-port", type=int, default=pod.ADMIN_PORT, help=argparse.SUPPRESS)
+    parser.add_argument("--admin-socket", default="", help=argparse.SUPPRESS)
     _tracing_arguments(parser)
 
 

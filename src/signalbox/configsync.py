@@ -19,7 +19,7 @@ from pathlib import Path
 
 import kubernetes
 
-from signalbox import gatewayfiles
+from signalbox import envoyadmin, gatewayfiles
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.cmwatch import watch_configmap
 from signalbox.core import bundle, envoygen
@@ -32,6 +32,9 @@ log = logging.getLogger("signalbox.configsync")
 SECRETS_REFRESH_SECONDS = 60.0
 # A part that cannot be read for another reason than 404 (the API server busy) is read again.
 PART_READ_ATTEMPTS = 3
+# The longest the first config waits for Envoy's backend clusters to warm (an Envoy that never
+# answers, or a config without backends, gets its files anyway).
+ENVOY_WARM_WAIT_S = 60.0
 
 
 class ConfigSync:
@@ -52,6 +55,9 @@ class ConfigSync:
         self.secrets_changed = False
         self.config: pb.RoutingConfig | None = None
         self.secret_reads = 0  # rounds of Secret reads (each reads every Secret the config names)
+        # Writing the files an Envoy about to start reads (the init container): backend clusters
+        # first (gatewayfiles.write_envoy_backends_first); `run` writes the rest once they warmed.
+        self.starting = False
 
     def apply(self, data: dict[str, str] | None, version: str = "") -> bool:
         """Write the files for this ConfigMap data; False (and nothing written) if unusable."""
@@ -75,6 +81,16 @@ class ConfigSync:
         self.write_secrets(cfg)
         self._publish(cfg)
         return True
+
+    async def _envoy_warm(self, stop: asyncio.Event) -> None:
+        admin: int | str = self.options.admin_socket or self.options.admin_port
+        deadline = time.monotonic() + ENVOY_WARM_WAIT_S
+        while not stop.is_set() and not await asyncio.to_thread(envoyadmin.clusters_warm, admin):
+            if time.monotonic() > deadline:
+                log.warning("Envoy's clusters not warm after %.0f s: writing its files anyway", ENVOY_WARM_WAIT_S)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)
 
     def _part(self, name: str) -> str | None:
         """One part of a sharded config; None if it is gone (a newer manifest replaced it: the
@@ -107,7 +123,7 @@ class ConfigSync:
     def _publish(self, cfg: pb.RoutingConfig) -> None:
         self.secrets_changed = False
         self.config = cfg
-        gatewayfiles.publish(cfg, self.workdir, self.options)
+        gatewayfiles.publish(cfg, self.workdir, self.options, backends_first=self.starting)
         self.content_hash = cfg.content_hash
         self.applied.append((cfg.generation, time.monotonic()))
         log.info("wrote routing config generation %s", cfg.generation)
@@ -162,7 +178,12 @@ class ConfigSync:
             if exc.status != 404:
                 raise
             data = None
-        if not self.apply(data):
+        self.starting = True
+        try:
+            usable = self.apply(data)
+        finally:
+            self.starting = False
+        if not usable:
             log.warning(
                 "no usable ConfigMap %s/%s yet: starting with an empty routing config", self.namespace, self.name
             )
@@ -170,7 +191,10 @@ class ConfigSync:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Apply each new version of the ConfigMap; re-read its Secrets every
-        SECRETS_REFRESH_SECONDS for rotated keys."""
+        SECRETS_REFRESH_SECONDS for rotated keys. The first version waits for Envoy's backend
+        clusters to warm (the init container wrote them alone), at most ENVOY_WARM_WAIT_S."""
+        if self.options.ads:
+            await self._envoy_warm(stop)
         watch = asyncio.create_task(watch_configmap(self.core, self.namespace, self.name, self.apply, stop))
         try:
             while not stop.is_set():

@@ -26,9 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
-from signalbox import gatewayfiles
+from signalbox import envoyadmin, gatewayfiles
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core import envoygen, loader
 from signalbox.core.compiler import CompileResult, compile_config
@@ -182,6 +180,7 @@ class LocalGateway:
             outlier_event_log=str(self.workdir / envoygen.contract.OUTLIER_EVENTS_FILE),
             otlp_endpoint=self.otlp_endpoint,
             trace_sampling_percent=self.trace_sampling_percent,
+            ads=True,
         )
 
     def extproc_argv(self, n: int) -> list[str]:
@@ -271,8 +270,8 @@ class LocalGateway:
 
     def _publish(self, cfg: pb.RoutingConfig) -> None:
         assert self.workdir
-        # Before start() knows the ext_proc's admin port, Envoy's files would name none (their
-        # health checks ask it): start() writes them once it does.
+        # Before start() knows the ext_proc's admin port, Envoy's files would name none (the
+        # stream relay's cluster): start() writes them once it does.
         envoy = self.options.extproc_admin_port is not None
         with self._publishing:
             gatewayfiles.publish(cfg, self.workdir, self.options, self._resolve_key, envoy=envoy)
@@ -328,11 +327,11 @@ class LocalGateway:
         self._wait(self._admin_api_file.exists, "extproc-0", timeout)
         self.admin_api_port = int(self._admin_api_file.read_text().rsplit(":", 1)[1])
         if self.options.extproc_admin_port != self.admin_api_port:
-            # Envoy's health check of each backend asks the admin API whether it cools down:
-            # the clusters name its port, known only now (a free port picked by worker 0).
+            # The stream relay (extproc.relay) is served on the admin API's port: its cluster
+            # names the port, known only now (a free port picked by worker 0).
             self.options = dataclasses.replace(self.options, extproc_admin_port=self.admin_api_port)
-            if self.config is not None:
-                gatewayfiles.write_envoy(self.config, self.workdir, self.options)
+        if self.config is not None:
+            gatewayfiles.write_envoy_backends_first(self.config, self.workdir, self.options)
         self._stopping.clear()
         self._supervisor = threading.Thread(target=self._supervise, name="signalbox-supervisor", daemon=True)
         self._supervisor.start()
@@ -358,6 +357,12 @@ class LocalGateway:
                 "1000",
             ],
         )
+        # The backend clusters warm first (gatewayfiles.write_envoy_backends_first), then the rest.
+        self._wait(lambda: self._envoy_admin_port() is not None, "envoy", timeout)
+        self._wait(lambda: envoyadmin.clusters_warm(self.admin_port), "envoy", timeout)
+        with self._publishing:
+            if self.config is not None:
+                gatewayfiles.write_envoy(self.config, self.workdir, self.options)
         self._wait(self._envoy_ready, "envoy", timeout)
         if not self.port:
             self.port = self._bound_listener_port()
@@ -387,12 +392,18 @@ class LocalGateway:
             )
             self._wait(lambda u=url: _port_open(u.hostname or "127.0.0.1", u.port or 80), name, timeout)
 
-    def _envoy_ready(self) -> bool:
+    def _envoy_admin_port(self) -> int | None:
+        """Envoy's admin port, once Envoy has written where it bound it."""
         if not self.admin_port:
             try:
                 self.admin_port = int(self._envoy_admin_file.read_text().strip().rsplit(":", 1)[1])
             except (OSError, ValueError, IndexError):
-                return False
+                return None
+        return self.admin_port
+
+    def _envoy_ready(self) -> bool:
+        if self._envoy_admin_port() is None:
+            return False
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
                 if r.status != 200:
@@ -403,7 +414,7 @@ class LocalGateway:
 
     def _bound_listener_port(self) -> int:
         """The port Envoy bound for the gateway listener (configured as port 0)."""
-        port = listener_ports(self.admin_port).get(envoygen.LISTENER_NAME)
+        port = envoyadmin.listener_ports(self.admin_port).get(envoygen.LISTENER_NAME)
         if port is None:
             raise OSError("the gateway listener is not bound yet")
         return port
@@ -506,26 +517,6 @@ def raise_open_files_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def listener_ports(admin: int | str) -> dict[str, int]:
-    """The ports Envoy's listeners are bound to, by listener name (for listeners on port 0).
-
-    `admin` is Envoy's admin port on 127.0.0.1, or the path of its admin Unix socket.
-    """
-    transport = httpx.HTTPTransport(uds=admin) if isinstance(admin, str) else None
-    base = "http://envoy" if isinstance(admin, str) else f"http://127.0.0.1:{admin}"
-    try:
-        with httpx.Client(transport=transport, timeout=1) as client:
-            # No listener yet (Envoy still loading its clusters): an empty object, not an error.
-            listeners = client.get(f"{base}/listeners?format=json").json().get("listener_statuses", [])
-    except httpx.HTTPError as exc:
-        raise OSError(f"Envoy's admin interface did not answer: {exc}") from None
-    return {
-        listener["name"]: int(listener["local_address"]["socket_address"]["port_value"])
-        for listener in listeners
-        if "socket_address" in listener.get("local_address", {})
-    }
 
 
 def _port_open(host: str, port: int) -> bool:

@@ -55,6 +55,7 @@ def options(
         outlier_event_log=f"{workdir}/{envoygen.contract.OUTLIER_EVENTS_FILE}",
         otlp_endpoint=otlp_endpoint,
         trace_sampling_percent=trace_sampling_percent,
+        ads=True,
     )
 
 

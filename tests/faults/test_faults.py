@@ -127,7 +127,7 @@ def client(gateway):
 
 
 def envoy_health(gateway, name: str) -> str:
-    """Envoy's health flags of a fake's backend cluster ("healthy", "/failed_active_hc", ...)."""
+    """Envoy's health flags of a fake's backend cluster ("healthy", "/failed_eds_health", ...)."""
     clusters = httpx.get(f"http://127.0.0.1:{gateway.admin_port}/clusters").text
     prefix = f"b.default.{name}.m::"
     return next(
@@ -135,17 +135,10 @@ def envoy_health(gateway, name: str) -> str:
     )
 
 
-def health_checks_passed(gateway) -> int:
-    stats = httpx.get(
-        f"http://127.0.0.1:{gateway.admin_port}/stats", params={"filter": "primary.m.health_check.success"}
-    )
-    return int(stats.text.split(":")[1])
-
-
 def resting(gateway) -> bool:
-    """The ext_proc has the primary cooling down (what Envoy's health check asks)."""
-    check = httpx.get(f"{gateway.admin_url}/health/backend", params={"id": "default/primary/m"})
-    return check.status_code == 503
+    """The ext_proc has the primary cooling down (what its ADS server tells Envoy)."""
+    models = httpx.get(f"{gateway.admin_url}/v1/models").json()["data"]
+    return any(b["backend"] == "default/primary/m" and "cooling_down" in b for m in models for b in m["backends"])
 
 
 def wait_for(check, what: str, timeout: float = 5.0) -> float:
@@ -162,18 +155,16 @@ def still_serving(request):
     """After each case: the gateway answers a plain request from the chain's first backend.
 
     Cases that end with the primary cooling down (a 429's Retry-After, a rejected key) would
-    leave it out of the next case: its cooldown is dropped and Envoy's next health check puts it
-    back first."""
+    leave it out of the next case: its cooldown is dropped, and the ext_proc's ADS server marks
+    its endpoint healthy again."""
     yield
     if "client" not in request.fixturenames:
         return
     gateway = request.getfixturevalue("gateway")
-    checks = health_checks_passed(gateway)
     with sqlite3.connect(gateway.workdir / gatewayfiles.STATE_DIR / COOLDOWN_DB) as db:
         db.execute("DELETE FROM cooldowns")
-    # A check passed after the delete: one answered just before it (a 503) is already counted.
-    wait_for(lambda: health_checks_passed(gateway) > checks, "a health check of the primary to pass")
-    wait_for(lambda: envoy_health(gateway, "primary") == "healthy", "the primary's health check to pass")
+    wait_for(lambda: not resting(gateway), "the primary's rest to end")
+    wait_for(lambda: envoy_health(gateway, "primary") == "healthy", "Envoy to have the primary healthy")
     client = request.getfixturevalue("client")
 
     def primary_serves() -> bool:
@@ -685,7 +676,7 @@ def test_a_backend_failing_repeatedly_is_taken_out_for_every_request(gateway, cl
 
 
 def out(gateway) -> bool:
-    return "failed_active_hc" in envoy_health(gateway, "primary")
+    return "failed_eds_health" in envoy_health(gateway, "primary")
 
 
 @pytest.mark.parametrize("alias", ["chain", "decided"])
@@ -737,7 +728,7 @@ def test_a_rejected_key_fails_over_and_rests_its_backend(gateway, client, fakes,
         decided = ask(client, "decided", {})[1]
         tried = len(attempts(fakes, "primary"))
 
-        # Envoy's workers take the health check's result from its main thread a moment after its
+        # Envoy's workers take an endpoint's new health from its main thread a moment after its
         # admin shows it (seen lagging once on a loaded CI machine): within seconds, compiled
         # requests stay off the primary too. One that still reached it failed over.
         def chain_avoids_primary() -> bool:

@@ -233,7 +233,7 @@ async def fake():
 
 async def envoy_listeners(cluster: Cluster, admin_socket: str, names: set[str], timeout: float) -> dict[str, int]:
     """The ports Envoy bound (listeners on port 0), once every listener in `names` is up."""
-    from signalbox.local import listener_ports
+    from signalbox.envoyadmin import listener_ports
 
     bound: dict[str, int] = {}
 

@@ -59,6 +59,7 @@ async def test_gateway_pod_serves_from_the_configmap_with_the_secrets_key(k8s, c
         f"--server={k8s.url}",
         f"--configmap={CM_NAMESPACE}/{CM_NAME}",
         f"--workdir={tmp_path}",
+        f"--admin-socket={admin_socket}",
         *(f"{k}={v}" for k, v in ports.items()),
     ]
     cli = [sys.executable, "-m", "signalbox.cli"]

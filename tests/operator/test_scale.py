@@ -52,15 +52,15 @@ async def test_a_large_fleet_is_published_in_parts_and_served_by_envoy(k8s, clus
     assert bundle.INLINE_KEY not in stored[CM_NAME]["data"]
     assert all(len(json.dumps(cm["data"])) < 1024 * 1024 for cm in stored.values())
 
+    admin_socket = str(tmp_path / "envoy-admin.sock")
     common = [f"--server={k8s.url}", f"--configmap={CM_NAMESPACE}/{CM_NAME}", f"--workdir={tmp_path}"]
-    common += ["--listen-port=0", "--health-port=0"]
+    common += ["--listen-port=0", "--health-port=0", f"--admin-socket={admin_socket}"]
     cli = [sys.executable, "-m", "signalbox.cli"]
     env = {**os.environ, KEY_ENV: FLEET_KEY}  # the pod's environment names the providers' key
     init = await asyncio.create_subprocess_exec(*cli, "config-sync", "--once", *common, env=env)
     assert await init.wait() == 0
     assert len(read_config(tmp_path / CONFIG_FILE).policies) == POLICIES
 
-    admin_socket = str(tmp_path / "envoy-admin.sock")
     options = pod.options(str(tmp_path), listen_port=0, health_port=0, admin_socket=admin_socket)
     (tmp_path / "bootstrap.json").write_text(json.dumps(envoygen.bootstrap(options, f"{tmp_path}/envoy")))
     log = (tmp_path / "processes.log").open("ab")

@@ -478,25 +478,24 @@ def test_a_compiled_alias_is_routed_by_envoy_with_the_ext_proc_off():
     assert failover["route"]["cluster"] == targets()[0]
 
 
-def test_every_backend_is_health_checked_by_the_extprocs_cooldowns_in_plain_http():
-    cds = by_name(envoygen.clusters(config(), envoygen.GatewayOptions(extproc_admin_port=8083)))
+def test_backend_endpoints_come_over_ads_in_a_gateway_and_inline_otherwise():
+    cds = by_name(envoygen.clusters(config(), envoygen.GatewayOptions(ads=True)))
     for name in ("b.default.a.m", "b.default.b.m"):
-        (check,) = cds[name]["health_checks"]
-        assert check["http_health_check"]["path"] == f"/health/backend?id=default%2F{name.split('.')[2]}%2Fm"
-        assert (check["unhealthy_threshold"], check["healthy_threshold"]) == (1, 1)
-        assert check["no_traffic_interval"] == check["interval"] == "1.000s"  # an idle backend comes back too
-        endpoint = cds[name]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-        assert endpoint["health_check_config"]["address"]["socket_address"]["port_value"] == 8083
-    # A TLS provider's check still reaches the ext_proc in plain HTTP; its requests keep TLS.
-    tls = cds["b.default.b.m"]
-    assert tls["health_checks"][0]["transport_socket_match_criteria"] == tls["transport_socket_matches"][0]["match"]
-    assert tls["transport_socket"]["name"] == "envoy.transport_sockets.tls"
-    # Without the ext_proc's admin API there is nothing to ask.
-    assert "health_checks" not in by_name(envoygen.clusters(config(), envoygen.GatewayOptions()))["b.default.a.m"]
-    # A large fleet is checked less often: at most HEALTH_CHECKS_PER_SECOND checks a second.
-    from signalbox.core.envoygen.clusters import HEALTH_CHECKS_PER_SECOND, health_check_interval
-
-    assert health_check_interval(10_000) == 10_000 / HEALTH_CHECKS_PER_SECOND
+        cluster = cds[name]
+        assert cluster["type"] == "EDS" and "load_assignment" not in cluster
+        assert cluster["eds_cluster_config"] == {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
+        assert "health_checks" not in cluster  # rests travel as endpoint health (extproc.xds)
+    assert cds["b.default.b.m"]["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+    boot = envoygen.bootstrap(envoygen.GatewayOptions(ads=True), "/cfg")
+    ads = boot["dynamic_resources"]["ads_config"]
+    assert ads["api_type"] == "DELTA_GRPC"
+    assert ads["grpc_services"] == [{"envoy_grpc": {"cluster_name": envoygen.contract.EXTPROC_CLUSTER}}]
+    # Without the ext_proc's ADS server, Envoy resolves the host name itself.
+    inline = by_name(envoygen.clusters(config(), envoygen.GatewayOptions()))["b.default.a.m"]
+    assert inline["type"] == "STRICT_DNS" and "health_checks" not in inline
+    (host,) = inline["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert host["metadata"]["filter_metadata"]["signalbox"]["backend"] == "default/a/m"
+    assert "ads_config" not in envoygen.bootstrap(envoygen.GatewayOptions(), "/cfg")["dynamic_resources"]
 
 
 def test_attempts_worth_a_cooldown_reach_the_extproc_and_every_attempt_reaches_the_request_log():

@@ -2,6 +2,7 @@
 replaces the clusters and routes it changes and leaves the listener's file alone, so Envoy
 keeps its listener (filters, attempt.lua's Lua states) and parses nothing it already has."""
 
+import json
 from pathlib import Path
 
 from signalbox import gatewayfiles
@@ -56,3 +57,24 @@ def test_the_ext_proc_loads_the_published_config_and_keeps_it_when_the_file_is_g
     gatewayfiles.write_atomic(tmp_path / gatewayfiles.CONFIG_FILE, b"\xff\xfe not a config")
     assert not holder.load_file(tmp_path / gatewayfiles.CONFIG_FILE)
     assert holder.current.generation == 7
+
+
+def test_an_envoy_about_to_start_gets_the_backend_clusters_alone_then_everything(tmp_path):
+    """Backends warm before any chain exists (each chain is told of every cluster that becomes
+    active after it: 10.6 s of Envoy at the 2,000-provider fleet when given all at once)."""
+    cfg = compile_config(PROVIDERS, [policy("p", ["x"], [backend("a", "m"), backend("b", "m", priority=1)])]).config
+    options = envoygen.GatewayOptions(ads=True)
+    gatewayfiles.publish(cfg, tmp_path, options, backends_first=True)
+    first = {n: json.loads(p.read_text())["resources"] for n, p in files(tmp_path).items()}
+    assert sorted(c["name"] for c in first["cds.json"]) == sorted(b.cluster for b in cfg.backends)
+    assert all(c["type"] == "EDS" for c in first["cds.json"])
+    assert first["lds.json"] == first["rds.json"] == []  # nothing routes to a chain not there yet
+
+    gatewayfiles.write_envoy(cfg, tmp_path, options)
+    clusters = {c["name"] for c in json.loads(files(tmp_path)["cds.json"].read_text())["resources"]}
+    assert {p.target for p in cfg.policies[0].backends} < clusters
+    assert json.loads(files(tmp_path)["lds.json"].read_text())["resources"]
+
+    # Backends that Envoy resolves itself (no ADS) warm at once: nothing to stage.
+    gatewayfiles.publish(cfg, tmp_path / "dns", envoygen.GatewayOptions(), backends_first=True)
+    assert json.loads(files(tmp_path / "dns")["lds.json"].read_text())["resources"]

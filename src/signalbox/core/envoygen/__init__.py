@@ -4,8 +4,9 @@
   the ext_proc imports them from there, and only there.
 - `options`: how a gateway process is wired (`GatewayOptions`).
 - `bootstrap`: the static bootstrap and the resource files Envoy watches.
-- `clusters`: one cluster per backend (its endpoint carries `filter_metadata.signalbox`:
-  backend, provider id, provider, model), one aggregate cluster per *target* (a policy's
+- `endpoints`: a backend's endpoint (its address, and `filter_metadata.signalbox`: backend,
+  provider id, provider, model), inline in its cluster or sent by the ext_proc over ADS.
+- `clusters`: one cluster per backend, one aggregate cluster per *target* (a policy's
   first choice and its failover chain), and the upstream filters every attempt runs: all key
   headers removed, the picked provider's key added by Envoy, the picked backend named by a
   CEL-matched marker, then its path, authority and body model (`core/attempt.lua`, one per

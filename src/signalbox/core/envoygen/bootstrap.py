@@ -144,6 +144,15 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
         "stats_config": {"stats_matcher": {"exclusion_list": {"patterns": UNKEPT_CLUSTER_STATS}}},
         "static_resources": {"clusters": static},
     }
+    if opts.ads:
+        # Backend endpoints (envoygen.endpoints) from whichever ext_proc worker holds the one
+        # ADS stream (extproc.xds): only what changed travels, a resting backend's health with it.
+        out["dynamic_resources"]["ads_config"] = {
+            "api_type": "DELTA_GRPC",
+            "transport_api_version": "V3",
+            "grpc_services": [{"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}}],
+            "set_node_on_first_message_only": True,
+        }
     if opts.otlp_endpoint:
         # Spans leave in batches: at least every second (Envoy's default is 5 s).
         out["layered_runtime"] = {

@@ -15,13 +15,12 @@ from urllib.parse import quote
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
-from ..schema import genai_provider_name, provider_api
+from ..schema import provider_api
 from .auth import jwks_clusters
 from .contract import (
     ANTHROPIC_VERSION,
     ATTEMPT_HEADER,
     ATTEMPT_NS,
-    BACKEND_HEALTH_PATH,
     BODY_MODEL_KEY,
     CLIENT_PATH_KEY,
     FIRST_TOKEN_HEADER,
@@ -39,6 +38,7 @@ from .contract import (
     TRANSLATE_HEADER,
     TRANSLATE_KEY,
 )
+from .endpoints import BackendEndpoint
 from .options import STREAM_LIMITS, GatewayOptions, _address, _any, _grpc_service, _ms
 from .tracing import otlp_cluster
 
@@ -63,44 +63,12 @@ def _http1_options() -> dict[str, Any]:
     }
 
 
-# Envoy asks the ext_proc whether each backend is cooling down (extproc.cooldown) at most this
-# many times a second in all: every second for up to this many backends, less often beyond.
-HEALTH_CHECKS_PER_SECOND = 100
-# Health checks reach the ext_proc's admin API in plain HTTP, whatever the backend speaks.
-_PLAIN_HEALTH = {"signalbox-health": "plain"}
-
-
-def health_check_interval(backends: int) -> float:
-    return max(1.0, backends / HEALTH_CHECKS_PER_SECOND)
-
-
-def _health_check(backend: pb.Backend, provider: pb.Provider, interval: float) -> dict[str, Any]:
-    """Envoy's active health check of one backend, answered by the ext_proc: 503 while the
-    backend cools down (a 429, a rejected key, low rate-limit headers), so it leaves every
-    chain and compiled route at once. One failed check takes it out, one passed check puts it
-    back. If the ext_proc cannot answer, every backend fails its check, and Envoy's panic mode
-    (no healthy host at all) routes as if none had been checked."""
-    check: dict[str, Any] = {
-        "timeout": "1s",
-        "interval": f"{interval:.3f}s",
-        "no_traffic_interval": f"{interval:.3f}s",
-        "unhealthy_threshold": 1,
-        "healthy_threshold": 1,
-        "http_health_check": {"path": f"{BACKEND_HEALTH_PATH}?id={quote(backend.id, safe='')}"},
-    }
-    if provider.tls:
-        check["transport_socket_match_criteria"] = _PLAIN_HEALTH
-    return check
-
-
-def _backend_cluster(
-    backend: pb.Backend, provider: pb.Provider, health: tuple[int, float] | None = None
-) -> dict[str, Any]:
-    """One backend's cluster; `health`: (ext_proc admin port, interval) for its cooldown check."""
+def _backend_cluster(backend: pb.Backend, provider: pb.Provider, ads: bool = False) -> dict[str, Any]:
+    """One backend's cluster. `ads`: its endpoint comes from the ext_proc over ADS
+    (`extproc.xds`: resolved there, and unhealthy while the backend rests, so that it leaves
+    every chain and compiled route at once); else inline, Envoy resolving the host name."""
     cluster: dict[str, Any] = {
         "name": backend.cluster,
-        "type": "STRICT_DNS",
-        "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": _ms(provider.connect_timeout_ms or 2000),
         "typed_extension_protocol_options": _http1_options(),
         "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
@@ -111,47 +79,14 @@ def _backend_cluster(
             "max_ejection_time": f"{OUTLIER_MAX_EJECTION_S}s",
             "max_ejection_percent": 100,
         },
-        "load_assignment": {
-            "cluster_name": backend.cluster,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {"address": _address(provider.host, provider.port), "hostname": provider.host},
-                            "metadata": {
-                                "filter_metadata": {
-                                    METADATA_NS: {
-                                        "backend": backend.id,
-                                        "provider_id": provider.id,
-                                        "provider": provider.name,
-                                        "model": backend.model,
-                                        # Spans' gen_ai.provider.name (envoygen.tracing).
-                                        "genai_provider": genai_provider_name(provider.type),
-                                    }
-                                }
-                            },
-                        }
-                    ]
-                }
-            ],
-        },
     }
-    if health is not None:
-        port, interval = health
-        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-        endpoint["health_check_config"] = {"address": _address("127.0.0.1", port)}
-        cluster["health_checks"] = [_health_check(backend, provider, interval)]
-        if provider.tls:
-            cluster["transport_socket_matches"] = [
-                {
-                    "name": "health-plaintext",
-                    "match": _PLAIN_HEALTH,
-                    "transport_socket": {
-                        "name": "envoy.transport_sockets.raw_buffer",
-                        "typed_config": _any("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"),
-                    },
-                }
-            ]
+    if ads:
+        cluster["type"] = "EDS"
+        cluster["eds_cluster_config"] = {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
+    else:
+        cluster["type"] = "STRICT_DNS"
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+        cluster["load_assignment"] = BackendEndpoint.of(backend, provider).load_assignment()
     if provider.tls:
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
@@ -629,9 +564,8 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
 
     providers = {p.id: p for p in cfg.providers}
     out = []
-    health = (opts.extproc_admin_port, health_check_interval(len(cfg.backends))) if opts.extproc_admin_port else None
     for backend in cfg.backends:
-        cluster = _backend_cluster(backend, providers[backend.provider_id], health)
+        cluster = _backend_cluster(backend, providers[backend.provider_id], opts.ads)
         out.append(_any("envoy.config.cluster.v3.Cluster", **cluster))
     seen: set[str] = set()
     for policy in cfg.policies:

@@ -144,10 +144,9 @@ BACKEND_PREFIX, TARGET_PREFIX = "b", "t"
 # Attempts worth telling the ext_proc about (a second access log, the router's upstream log,
 # under this name): a 429, 401/403, a 503 with Retry-After, or an answer whose rate-limit
 # headers say the backend is about to run out. The ext_proc puts the backend in cooldown
-# (extproc.cooldown), and Envoy's active health check of every backend asks it
-# (BACKEND_HEALTH_PATH), so a cooling backend is out of every chain, compiled or decided.
+# (extproc.cooldown), and its ADS server marks the backend's endpoint unhealthy (extproc.xds),
+# so a cooling backend is out of every chain, compiled or decided.
 ATTEMPT_LOG_NAME = "signalbox-attempts"
-BACKEND_HEALTH_PATH = "/health/backend"  # ?id=<backend id>: 200, or 503 while it cools down
 # Provider headers read from those attempts (Envoy logs only the headers it is told to).
 RETRY_AFTER_HEADERS = ("retry-after", "retry-after-ms")
 # remaining header -> its reset header, requests first, then tokens (OpenAI, then Anthropic).

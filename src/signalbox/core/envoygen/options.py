@@ -64,6 +64,11 @@ class GatewayOptions:
     # In a pod: the ext_proc's admin API on localhost; the health listener serves its /metrics,
     # so Prometheus can scrape them while the API itself stays off the network.
     extproc_admin_port: int | None = None
+    # Backend clusters get their endpoints from the ext_proc over ADS (extproc.xds): resolved
+    # there, and marked unhealthy while a backend rests, pushed within a quarter second. Off:
+    # Envoy resolves each provider's host itself and rests reach only the router phase (the
+    # generator's own tests, a bare `signalbox extproc`).
+    ads: bool = False
     # Token and cost accounting (Envoy's JSON and SSE readers take usage, the gRPC access log
     # carries it to the ext_proc in batches): spend metrics and budgets need it (cost:
     # bench/README.md).

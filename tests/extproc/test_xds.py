@@ -1,0 +1,203 @@
+"""Backend endpoints over ADS (issue 12): what Envoy's backend clusters get from the ext_proc
+over a real delta-xDS gRPC stream (grpc.aio, port 0, Envoy's own protos), a rest's health
+pushed without being asked, host names looked up by the ext_proc."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import json_format
+
+from signalbox.core.compiler import compile_config
+from signalbox.core.envoygen.endpoints import LOAD_ASSIGNMENT_TYPE
+from signalbox.extproc import xds
+from signalbox.extproc.cooldown import Cooldowns
+from signalbox.extproc.reload import TableHolder
+from signalbox.extproc.strategies import SelectionState
+from tests.factories import backend, model, policy, provider
+
+WAIT_S = 5.0  # the longest a push may take here (it takes a tick, xds.TICK_S)
+
+
+def routing_config(*names: str, host: str = "127.0.0.1", generation: int = 1):
+    providers = [provider(n, f"http://{host}:{9000 + i}/v1", [model("m")]) for i, n in enumerate(names)]
+    pol = policy("p", ["auto"], [backend(n, "m") for n in names], strategy="failover")
+    result = compile_config(providers, [pol], generation=generation)
+    assert result.ok, result.problems
+    return result.config
+
+
+def cluster_of(cfg, name: str) -> str:
+    return next(b.cluster for b in cfg.backends if b.id == f"default/{name}/m")
+
+
+class Envoy:
+    """The client side of the stream, as Envoy speaks it: subscribe, read, ACK."""
+
+    def __init__(self, channel: grpc.aio.Channel):
+        self.channel = channel
+        self.requests: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = asyncio.Queue()
+        self.responses: asyncio.Queue[discovery_pb2.DeltaDiscoveryResponse] = asyncio.Queue()
+        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).DeltaAggregatedResources(self._requests())
+        self.reader = asyncio.create_task(self._read())
+
+    async def _requests(self):
+        while (request := await self.requests.get()) is not None:
+            yield request
+
+    async def _read(self):
+        async for response in self.call:
+            await self.responses.put(response)
+
+    def ask(self, subscribe=(), unsubscribe=(), nonce=""):
+        self.requests.put_nowait(
+            discovery_pb2.DeltaDiscoveryRequest(
+                type_url=LOAD_ASSIGNMENT_TYPE,
+                resource_names_subscribe=list(subscribe),
+                resource_names_unsubscribe=list(unsubscribe),
+                response_nonce=nonce,
+            )
+        )
+
+    async def next(self, timeout: float = WAIT_S) -> dict[str, dict]:
+        """The next response's assignments by cluster, as JSON; ACKed."""
+        response = await asyncio.wait_for(self.responses.get(), timeout)
+        assert response.type_url == LOAD_ASSIGNMENT_TYPE
+        self.ask(nonce=response.nonce)
+        out = {}
+        for resource in response.resources:
+            message = endpoint_pb2.ClusterLoadAssignment()
+            assert resource.resource.Unpack(message)
+            out[resource.name] = json_format.MessageToDict(message)
+        return out
+
+    async def nothing(self, within: float = 4 * xds.TICK_S) -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(self.responses.get(), within)
+
+    def close(self) -> None:
+        self.requests.put_nowait(None)
+        self.reader.cancel()
+
+
+def hosts(assignment: dict) -> list[tuple[str, str]]:
+    """(address, health) of each host of one assignment."""
+    return [
+        (e["endpoint"]["address"]["socketAddress"]["address"], e.get("healthStatus", "UNKNOWN"))
+        for group in assignment.get("endpoints", [])
+        for e in group["lbEndpoints"]
+    ]
+
+
+@pytest.fixture
+async def ads(tmp_path):
+    tables = TableHolder()
+    cooldowns = Cooldowns(tmp_path / "cooldowns.db")
+    lookups: dict[str, list[str] | Exception] = {}
+
+    async def resolver(host: str, port: int) -> list[str]:
+        found = lookups.get(host, OSError("no such host"))
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    server = grpc.aio.server()
+    endpoints = xds.Endpoints(tables, SelectionState(cooldowns=cooldowns), resolver=resolver)
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds.AggregatedDiscovery(endpoints), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    envoy = Envoy(channel)
+    yield envoy, tables, cooldowns, lookups
+    envoy.close()
+    await channel.close()
+    await server.stop(None)
+
+
+async def test_each_backend_cluster_gets_its_address_and_the_host_metadata_attempts_read(ads):
+    envoy, tables, _, _ = ads
+    cfg = routing_config("a", "b")
+    tables.install(cfg)
+    envoy.ask(subscribe=[cluster_of(cfg, "a"), cluster_of(cfg, "b")])
+    got = await envoy.next()
+    assert set(got) == {cluster_of(cfg, "a"), cluster_of(cfg, "b")}
+    a = got[cluster_of(cfg, "a")]
+    assert hosts(a) == [("127.0.0.1", "UNKNOWN")]
+    (host,) = a["endpoints"][0]["lbEndpoints"]
+    assert host["endpoint"]["address"]["socketAddress"]["portValue"] == 9000
+    assert host["metadata"]["filterMetadata"]["signalbox"]["backend"] == "default/a/m"
+    await envoy.nothing()  # nothing changed, nothing sent again
+
+
+async def test_a_cluster_of_a_config_not_loaded_yet_is_answered_once_it_is(ads):
+    envoy, tables, _, _ = ads
+    tables.install(routing_config("a"))
+    newer = routing_config("a", "c", generation=2)
+    envoy.ask(subscribe=[cluster_of(newer, "c")])  # Envoy read the new clusters first
+    await envoy.nothing()
+    tables.install(newer)
+    assert hosts((await envoy.next())[cluster_of(newer, "c")]) == [("127.0.0.1", "UNKNOWN")]
+
+
+async def test_a_rest_takes_the_endpoint_out_and_its_end_puts_it_back_without_being_asked(ads):
+    envoy, tables, cooldowns, _ = ads
+    cfg = routing_config("a", "b")
+    tables.install(cfg)
+    envoy.ask(subscribe=[cluster_of(cfg, "a"), cluster_of(cfg, "b")])
+    await envoy.next()
+    started = time.monotonic()
+    cooldowns.observe("default/a/m", 429, {"retry-after": "1"}, time.time())
+    rested = await envoy.next()
+    assert set(rested) == {cluster_of(cfg, "a")}  # only what changed travels
+    assert hosts(rested[cluster_of(cfg, "a")]) == [("127.0.0.1", "UNHEALTHY")]
+    back = await envoy.next()
+    assert hosts(back[cluster_of(cfg, "a")]) == [("127.0.0.1", "UNKNOWN")]
+    assert time.monotonic() - started >= 1.0  # not before the Retry-After has passed
+
+
+async def test_host_names_are_looked_up_and_a_failed_lookup_keeps_the_last_addresses(ads, monkeypatch):
+    envoy, tables, _, lookups = ads
+    monkeypatch.setattr(xds, "DNS_REFRESH_S", 0.0)  # look up on every tick
+    lookups["llm.internal"] = ["10.0.0.1", "10.0.0.2"]
+    cfg = routing_config("a", host="llm.internal")
+    tables.install(cfg)
+    name = cluster_of(cfg, "a")
+    envoy.ask(subscribe=[name])
+    got = await envoy.next()
+    assert hosts(got[name]) == [("10.0.0.1", "UNKNOWN"), ("10.0.0.2", "UNKNOWN")]
+    host = got[name]["endpoints"][0]["lbEndpoints"][0]["endpoint"]
+    assert host["hostname"] == "llm.internal"  # TLS and logs keep the name
+    lookups["llm.internal"] = OSError("DNS is down")
+    await envoy.nothing()  # a failed lookup changes nothing
+    lookups["llm.internal"] = ["10.0.0.3"]
+    assert hosts((await envoy.next())[name]) == [("10.0.0.3", "UNKNOWN")]
+
+
+async def test_a_host_never_found_gets_no_endpoint_and_an_unsubscribed_cluster_no_news(ads):
+    envoy, tables, cooldowns, _ = ads
+    cfg = routing_config("a", "b", host="nowhere.invalid")
+    tables.install(cfg)
+    envoy.ask(subscribe=[cluster_of(cfg, "a"), cluster_of(cfg, "b")])
+    got = await envoy.next()
+    assert got[cluster_of(cfg, "a")].get("endpoints", []) == []  # as STRICT_DNS: a cluster with no host
+    envoy.ask(unsubscribe=[cluster_of(cfg, "a")])
+    await asyncio.sleep(xds.TICK_S)
+    cooldowns.observe("default/a/m", 429, {"retry-after": "30"}, time.time())
+    await envoy.nothing()
+
+
+async def test_a_new_stream_gets_everything_again(ads):
+    envoy, tables, _, _ = ads
+    cfg = routing_config("a")
+    tables.install(cfg)
+    envoy.ask(subscribe=[cluster_of(cfg, "a")])
+    await envoy.next()
+    second = Envoy(envoy.channel)  # Envoy reconnected (to this worker or another)
+    second.ask(subscribe=[cluster_of(cfg, "a")])
+    assert cluster_of(cfg, "a") in await second.next()
+    second.close()
