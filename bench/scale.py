@@ -83,7 +83,7 @@ def config(providers: int, policies: int) -> dict[str, Any]:
         cfg = result.config
         assert cfg is not None, result.problems
         started = time.perf_counter()
-        resources = envoygen.resources(cfg, envoygen.GatewayOptions(credentials_dir="/run/keys"))
+        resources = envoygen.resources(cfg, envoygen.GatewayOptions(credentials_dir="/run/keys", ads=True))
         generate_s = time.perf_counter() - started
         packed = bundle.pack(cfg, "signalbox-routing")
         out: dict[str, Any] = {

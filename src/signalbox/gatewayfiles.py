@@ -105,10 +105,18 @@ def write_envoy(cfg: pb.RoutingConfig, workdir: Path, options: envoygen.GatewayO
     """Envoy's clusters, then the routes that name them, then the listener that reads the
     routes. A file whose content did not change is not rewritten: Envoy would parse it again
     (the clusters are 20 MB at the 2,000-provider fleet) to find nothing to do."""
+    write_envoy_files(envoy_files(cfg, workdir, options))
+
+
+def envoy_files(cfg: pb.RoutingConfig, workdir: Path, options: envoygen.GatewayOptions) -> dict[Path, str]:
+    """Envoy's resource files' paths and contents, in the order they are written."""
     config_dir = str(workdir / ENVOY_DIR)
     resources = envoygen.resources(cfg, options, config_dir)
-    for name in envoygen.RESOURCE_FILES:
-        path, text = Path(envoygen.resource_file(config_dir, name)), json.dumps(resources[name])
+    return {Path(envoygen.resource_file(config_dir, n)): json.dumps(resources[n]) for n in envoygen.RESOURCE_FILES}
+
+
+def write_envoy_files(files: dict[Path, str]) -> None:
+    for path, text in files.items():
         if not path.exists() or path.read_text() != text:
             write_atomic(path, text)
 
@@ -124,10 +132,8 @@ def write_envoy_backends_first(cfg: pb.RoutingConfig, workdir: Path, options: en
     each of 7,712 chains: 10.6 s of Envoy's main thread at the 2,000-provider fleet (0.8 s with
     the backends first; bench/README.md)."""
     config_dir = str(workdir / ENVOY_DIR)
-    backends = {b.cluster for b in cfg.backends}
-    resources = envoygen.resources(cfg, options, config_dir)
     first = {
-        "cds.json": {"resources": [c for c in resources["cds.json"]["resources"] if c["name"] in backends]},
+        "cds.json": {"resources": envoygen.backend_clusters(cfg, options)},
         "rds.json": {"resources": []},
         "lds.json": {"resources": []},
     }

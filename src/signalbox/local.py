@@ -322,21 +322,11 @@ class LocalGateway:
         self._admin_api_file.unlink(missing_ok=True)
         for n in range(len(self.options.extproc_sockets)):
             self._spawn(f"extproc-{n}", self.extproc_argv(n), {MULTIPROC_ENV: str(metrics_dir)})
-        for n, socket_path in enumerate(self.options.extproc_sockets):
-            self._wait(lambda p=socket_path: Path(p).exists(), f"extproc-{n}", timeout)
-        self._wait(self._admin_api_file.exists, "extproc-0", timeout)
-        self.admin_api_port = int(self._admin_api_file.read_text().rsplit(":", 1)[1])
-        if self.options.extproc_admin_port != self.admin_api_port:
-            # The stream relay (extproc.relay) is served on the admin API's port: its cluster
-            # names the port, known only now (a free port picked by worker 0).
-            self.options = dataclasses.replace(self.options, extproc_admin_port=self.admin_api_port)
+        # Envoy starts with the backend clusters alone (gatewayfiles.write_envoy_backends_first)
+        # while the workers start: it reads them meanwhile, and asks the workers for their
+        # endpoints once they are up (it retries until one answers).
         if self.config is not None:
             gatewayfiles.write_envoy_backends_first(self.config, self.workdir, self.options)
-        self._stopping.clear()
-        self._supervisor = threading.Thread(target=self._supervise, name="signalbox-supervisor", daemon=True)
-        self._supervisor.start()
-        self._token_refresher = threading.Thread(target=self._refresh_tokens, name="signalbox-tokens", daemon=True)
-        self._token_refresher.start()
         bootstrap = gatewayfiles.write_bootstrap(self.workdir, self.options)
         self._envoy_admin_file.unlink(missing_ok=True)  # a reused work dir: never read an old port
         self._spawn(
@@ -357,11 +347,28 @@ class LocalGateway:
                 "1000",
             ],
         )
-        # The backend clusters warm first (gatewayfiles.write_envoy_backends_first), then the rest.
+        for n, socket_path in enumerate(self.options.extproc_sockets):
+            self._wait(lambda p=socket_path: Path(p).exists(), f"extproc-{n}", timeout)
+        self._wait(self._admin_api_file.exists, "extproc-0", timeout)
+        self.admin_api_port = int(self._admin_api_file.read_text().rsplit(":", 1)[1])
+        if self.options.extproc_admin_port != self.admin_api_port:
+            # The stream relay (extproc.relay) is served on the admin API's port: its cluster
+            # names the port, known only now (a free port picked by worker 0).
+            self.options = dataclasses.replace(self.options, extproc_admin_port=self.admin_api_port)
+        self._stopping.clear()
+        self._supervisor = threading.Thread(target=self._supervise, name="signalbox-supervisor", daemon=True)
+        self._supervisor.start()
+        self._token_refresher = threading.Thread(target=self._refresh_tokens, name="signalbox-tokens", daemon=True)
+        self._token_refresher.start()
+        # The rest, generated while Envoy warms the backends, written once they have.
+        config = self.config
+        files = gatewayfiles.envoy_files(config, self.workdir, self.options) if config is not None else {}
         self._wait(lambda: self._envoy_admin_port() is not None, "envoy", timeout)
         self._wait(lambda: envoyadmin.clusters_warm(self.admin_port), "envoy", timeout)
         with self._publishing:
-            if self.config is not None:
+            if self.config is config:
+                gatewayfiles.write_envoy_files(files)
+            elif self.config is not None:  # a change published meanwhile: its files, not these
                 gatewayfiles.write_envoy(self.config, self.workdir, self.options)
         self._wait(self._envoy_ready, "envoy", timeout)
         if not self.port:

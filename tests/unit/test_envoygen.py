@@ -489,7 +489,8 @@ def test_backend_endpoints_come_over_ads_in_a_gateway_and_inline_otherwise():
     boot = envoygen.bootstrap(envoygen.GatewayOptions(ads=True), "/cfg")
     ads = boot["dynamic_resources"]["ads_config"]
     assert ads["api_type"] == "DELTA_GRPC"
-    assert ads["grpc_services"] == [{"envoy_grpc": {"cluster_name": envoygen.contract.EXTPROC_CLUSTER}}]
+    (service,) = ads["grpc_services"]
+    assert service["envoy_grpc"]["cluster_name"] == envoygen.contract.EXTPROC_CLUSTER
     # Without the ext_proc's ADS server, Envoy resolves the host name itself.
     inline = by_name(envoygen.clusters(config(), envoygen.GatewayOptions()))["b.default.a.m"]
     assert inline["type"] == "STRICT_DNS" and "health_checks" not in inline

@@ -150,7 +150,16 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
         out["dynamic_resources"]["ads_config"] = {
             "api_type": "DELTA_GRPC",
             "transport_api_version": "V3",
-            "grpc_services": [{"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}}],
+            # Envoy may start before the workers (signalbox up starts both at once): it asks
+            # again within 50 ms, not its default 500 ms doubling.
+            "grpc_services": [
+                {
+                    "envoy_grpc": {
+                        "cluster_name": EXTPROC_CLUSTER,
+                        "retry_policy": {"retry_back_off": {"base_interval": "0.05s", "max_interval": "1s"}},
+                    }
+                }
+            ],
             "set_node_on_first_message_only": True,
         }
     if opts.otlp_endpoint:

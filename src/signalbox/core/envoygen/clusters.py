@@ -557,16 +557,21 @@ def _relay_cluster(port: int) -> dict[str, Any]:
     }
 
 
+def backend_clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
+    """One cluster per backend (what an Envoy about to start gets first: gatewayfiles)."""
+    providers = {p.id: p for p in cfg.providers}
+    return [
+        _any("envoy.config.cluster.v3.Cluster", **_backend_cluster(b, providers[b.provider_id], opts.ads))
+        for b in cfg.backends
+    ]
+
+
 def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
     # The compiler (and with it pydantic) only when clusters are generated: the ext_proc reads
     # the contract from this package and must not load it.
     from ..compiler import chain
 
-    providers = {p.id: p for p in cfg.providers}
-    out = []
-    for backend in cfg.backends:
-        cluster = _backend_cluster(backend, providers[backend.provider_id], opts.ads)
-        out.append(_any("envoy.config.cluster.v3.Cluster", **cluster))
+    out = backend_clusters(cfg, opts)
     seen: set[str] = set()
     for policy in cfg.policies:
         routed = set(routed_targets(policy))
