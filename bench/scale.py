@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import tempfile
 import time
@@ -30,7 +31,10 @@ from google.protobuf import json_format
 
 from bench.dataplane import RESULTS, lua, start_fake, wrk
 from bench.fleet import KEY_ENV, STRATEGIES, alias, fleet
+from signalbox import gatewayfiles
 from signalbox.core import bundle, envoygen
+from signalbox.extproc.cooldown import Cooldowns
+from signalbox.extproc.sharedstate import COOLDOWN_DB
 from signalbox.local import LocalGateway, compile_files, raise_open_files_limit
 
 BODY = {"messages": [{"role": "user", "content": "hello"}]}
@@ -70,6 +74,25 @@ def serves(gateway: LocalGateway, model: str, timeout: float = 60.0) -> float:
                 return time.monotonic() - start
             time.sleep(0.02)
     raise RuntimeError(f"{model} never answered 200 within {timeout} s")
+
+
+def rest_to_envoy(gateway: LocalGateway, backend: Any) -> float:
+    """Seconds from a 429 (with Retry-After: 30) recorded for `backend` until Envoy has its
+    endpoint out (the ext_proc's ADS push; extproc.xds)."""
+    cooldowns = Cooldowns(gateway.workdir / gatewayfiles.STATE_DIR / COOLDOWN_DB)
+    stat = f"cluster.{backend.cluster}.membership_healthy"
+    url = f"http://127.0.0.1:{gateway.admin_port}/stats"
+    try:
+        started = time.monotonic()
+        cooldowns.observe(backend.id, 429, {"retry-after": "30"}, time.time())
+        with httpx.Client(timeout=10) as client:
+            while client.get(url, params={"filter": f"^{re.escape(stat)}$"}).text.strip() != f"{stat}: 0":
+                if time.monotonic() - started > 60:
+                    raise RuntimeError(f"{backend.id} still healthy in Envoy after 60 s")
+                time.sleep(0.01)
+        return round(time.monotonic() - started, 3)
+    finally:
+        cooldowns.close()
 
 
 def config(providers: int, policies: int) -> dict[str, Any]:
@@ -121,6 +144,7 @@ def config(providers: int, policies: int) -> dict[str, Any]:
             measured = wrk(url, 5, 16, script)
             out["alias0_rps"], out["alias0_p50_ms"] = measured["rps"], measured["p50_ms"]
             out["alias0_non_2xx"] = measured["non_2xx"]
+            out["rest_to_envoy_s"] = rest_to_envoy(gateway, cfg.backends[len(cfg.backends) // 2])
             # One policy more: the time from the file's change until its alias serves.
             extra = (
                 files[1].read_text()
