@@ -496,7 +496,7 @@ async def serve(
         ),
         server,
     )
-    # Backend endpoints for Envoy's backend clusters (GatewayOptions.ads), from any worker.
+    # Backend endpoints for Envoy's backend clusters (GatewayOptions.endpoints_over_ads), from any worker.
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
         AggregatedDiscovery(Endpoints(tables, processor.state)), server
     )

@@ -1,6 +1,6 @@
 """Backend endpoints for Envoy over ADS (delta xDS), with a resting backend's health in them.
 
-Each backend cluster is an EDS cluster (envoygen.clusters, `GatewayOptions.ads`); Envoy opens
+Each backend cluster is an EDS cluster (envoygen.clusters, `GatewayOptions.endpoints_over_ads`); Envoy opens
 one ADS stream to the ext_proc cluster, and whichever worker holds it answers from the routing
 config in force, the shared cooldowns (extproc.cooldown: every worker and replica writes them)
 and its own DNS lookups of the providers' host names.

@@ -193,7 +193,7 @@ class ConfigSync:
         """Apply each new version of the ConfigMap; re-read its Secrets every
         SECRETS_REFRESH_SECONDS for rotated keys. The first version waits for Envoy's backend
         clusters to warm (the init container wrote them alone), at most ENVOY_WARM_WAIT_S."""
-        if self.options.ads:
+        if self.options.endpoints_over_ads:
             await self._envoy_warm(stop)
         watch = asyncio.create_task(watch_configmap(self.core, self.namespace, self.name, self.apply, stop))
         try:

@@ -95,7 +95,7 @@ def publish(
     see `write_envoy_backends_first`)."""
     write_credentials(cfg, options, resolve_key or default_key_resolver(str(workdir / SECRETS_DIR)))
     write_atomic(workdir / CONFIG_FILE, cfg.SerializeToString())
-    if envoy and backends_first and options.ads:
+    if envoy and backends_first and options.endpoints_over_ads:
         write_envoy_backends_first(cfg, workdir, options)
     elif envoy:
         write_envoy(cfg, workdir, options)

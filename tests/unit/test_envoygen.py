@@ -497,6 +497,11 @@ def test_backend_endpoints_come_over_ads_in_a_gateway_and_inline_otherwise():
     (host,) = inline["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert host["metadata"]["filter_metadata"]["signalbox"]["backend"] == "default/a/m"
     assert "ads_config" not in envoygen.bootstrap(envoygen.GatewayOptions(), "/cfg")["dynamic_resources"]
+    # Failing open routes with no ext_proc at all, even one down when Envoy starts: Envoy keeps
+    # resolving the backends itself there.
+    failing_open = envoygen.GatewayOptions(ads=True, failure_mode="open")
+    assert by_name(envoygen.clusters(config(), failing_open))["b.default.a.m"]["type"] == "STRICT_DNS"
+    assert "ads_config" not in envoygen.bootstrap(failing_open, "/cfg")["dynamic_resources"]
 
 
 def test_attempts_worth_a_cooldown_reach_the_extproc_and_every_attempt_reaches_the_request_log():

@@ -144,7 +144,7 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
         "stats_config": {"stats_matcher": {"exclusion_list": {"patterns": UNKEPT_CLUSTER_STATS}}},
         "static_resources": {"clusters": static},
     }
-    if opts.ads:
+    if opts.endpoints_over_ads:
         # Backend endpoints (envoygen.endpoints) from whichever ext_proc worker holds the one
         # ADS stream (extproc.xds): only what changed travels, a resting backend's health with it.
         out["dynamic_resources"]["ads_config"] = {

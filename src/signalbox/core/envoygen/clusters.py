@@ -559,9 +559,9 @@ def _relay_cluster(port: int) -> dict[str, Any]:
 
 def backend_clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
     """One cluster per backend (what an Envoy about to start gets first: gatewayfiles)."""
-    providers = {p.id: p for p in cfg.providers}
+    providers, ads = {p.id: p for p in cfg.providers}, opts.endpoints_over_ads
     return [
-        _any("envoy.config.cluster.v3.Cluster", **_backend_cluster(b, providers[b.provider_id], opts.ads))
+        _any("envoy.config.cluster.v3.Cluster", **_backend_cluster(b, providers[b.provider_id], ads))
         for b in cfg.backends
     ]
 

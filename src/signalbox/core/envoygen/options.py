@@ -67,7 +67,7 @@ class GatewayOptions:
     # Backend clusters get their endpoints from the ext_proc over ADS (extproc.xds): resolved
     # there, and marked unhealthy while a backend rests, pushed within a quarter second. Off:
     # Envoy resolves each provider's host itself and rests reach only the router phase (the
-    # generator's own tests, a bare `signalbox extproc`).
+    # generator's own tests, a bare `signalbox extproc`). See `endpoints_over_ads`.
     ads: bool = False
     # Token and cost accounting (Envoy's JSON and SSE readers take usage, the gRPC access log
     # carries it to the ext_proc in batches): spend metrics and budgets need it (cost:
@@ -90,6 +90,14 @@ class GatewayOptions:
     # Where Envoy writes one JSON line per request (REQUEST_LOG_FORMAT); "" writes none.
     # Locally `<workdir>/requests.log`; in a pod /dev/stdout, so `kubectl logs` shows it.
     request_log: str = ""
+
+    @property
+    def endpoints_over_ads(self) -> bool:
+        """Whether backend endpoints come over ADS. Not when failing open: an Envoy that
+        starts while the ext_proc is down would have no endpoint to route to, and failing open
+        promises to route without it (with the ext_proc's rests then steering decided
+        requests only)."""
+        return self.ads and self.failure_mode == "closed"
 
 
 def _any(type_name: str, **fields: Any) -> dict[str, Any]:
