@@ -1,0 +1,140 @@
+"""What one Envoy cluster costs, by how it is configured (issue 12).
+
+Starts Envoy alone on N copies of one cluster shape (STATIC, one endpoint, nothing listening)
+and reports its RSS and time to ready per cluster, against Envoy with no cluster at all.
+The shapes are what the generator emits for a backend (envoygen.clusters), piece by piece,
+and a TLS backend (the system CA bundle, as a hosted provider's cluster has). It says what a
+cluster count costs whatever the routing does with it, and what TLS adds on top.
+
+    python -m bench.cluster_cost --clusters 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench.dataplane import RESULTS
+from signalbox.core.envoygen.bootstrap import UNKEPT_CLUSTER_STATS
+from signalbox.core.envoygen.options import STREAM_LIMITS
+from signalbox.local import envoy_binary, free_port
+
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
+_NOWHERE = {"socket_address": {"address": "127.0.0.1", "port_value": 9}}
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _cluster(i: int, shape: str) -> dict[str, Any]:
+    name = f"b.default.p{i}.m"  # a backend's name: the stats matcher treats it as one
+    cluster: dict[str, Any] = {
+        "@type": CLUSTER,
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 9}}}}
+                    ]
+                }
+            ],
+        },
+    }
+    if shape in ("backend", "backend+tls"):
+        cluster["circuit_breakers"] = {"thresholds": [STREAM_LIMITS]}
+        cluster["outlier_detection"] = {"consecutive_5xx": 5, "interval": "5s", "max_ejection_percent": 100}
+    if shape == "backend+tls":
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": f"p{i}.example.com",
+                "common_tls_context": {"validation_context": {"trusted_ca": {"filename": SYSTEM_CA}}},
+            },
+        }
+    return cluster
+
+
+def measure(count: int, shape: str) -> dict[str, float]:
+    """Envoy's RSS and time to ready with `count` clusters of `shape` (0: none)."""
+    work = Path(tempfile.mkdtemp(prefix="signalbox-cluster-cost-"))
+    (work / "cds").mkdir()
+    (work / "cds" / "cds.json").write_text(json.dumps({"resources": [_cluster(i, shape) for i in range(count)]}))
+    admin = free_port()
+    bootstrap = {
+        "node": {"id": "bench", "cluster": "bench"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "dynamic_resources": {
+            "cds_config": {"path_config_source": {"path": str(work / "cds" / "cds.json")}, "resource_api_version": "V3"}
+        },
+        "stats_config": {"stats_matcher": {"exclusion_list": {"patterns": UNKEPT_CLUSTER_STATS}}},
+    }
+    (work / "bootstrap.json").write_text(json.dumps(bootstrap))
+    started = time.monotonic()
+    envoy = subprocess.Popen(
+        [
+            envoy_binary(),
+            "-c",
+            str(work / "bootstrap.json"),
+            "--concurrency",
+            "2",
+            "--use-dynamic-base-id",
+            "-l",
+            "error",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
+                    if b"LIVE" in r.read():
+                        break
+            except OSError:
+                pass
+            if envoy.poll() is not None or time.monotonic() - started > 300:
+                raise RuntimeError(f"Envoy did not become ready with {count} {shape} clusters")
+            time.sleep(0.05)
+        ready = time.monotonic() - started
+        time.sleep(2)  # workers take their copies of the clusters
+        return {"rss_mb": round(_rss_mb(envoy.pid), 1), "ready_s": round(ready, 2)}
+    finally:
+        envoy.terminate()
+        envoy.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clusters", type=int, default=2000)
+    parser.add_argument("--out", type=Path, default=RESULTS / "cluster_cost.json")
+    args = parser.parse_args(argv)
+    empty = measure(0, "bare")
+    out: dict[str, Any] = {"clusters": args.clusters, "no_cluster": empty}
+    for shape in ("bare", "backend", "backend+tls"):
+        got = measure(args.clusters, shape)
+        got["kb_per_cluster"] = round((got["rss_mb"] - empty["rss_mb"]) * 1024 / args.clusters, 1)
+        got["ms_per_cluster"] = round((got["ready_s"] - empty["ready_s"]) * 1000 / args.clusters, 3)
+        out[shape] = got
+        print(shape, got, flush=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
