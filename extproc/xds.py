@@ -44,8 +44,11 @@ TICK_S = 0.25
 # How often a provider's host name is looked up again (Envoy's STRICT_DNS default is 5 s;
 # hosted providers' addresses change rarely, and a failed lookup keeps the last addresses).
 DNS_REFRESH_S = 30.0
-# Resources per response: the first answer names every backend (10,000 at the large fleet).
+# At most this many resources, and about this many bytes, per response: the first answer
+# names every backend (10,000 at the large fleet), and the gRPC server's largest message is
+# the body limit plus 1 MiB (a host name may resolve to many addresses).
 BATCH = 1000
+BATCH_BYTES = 256 * 1024
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
@@ -221,6 +224,7 @@ class _Stream:
         names = set(self.subscribed) if self.everything else self.dirty & self.subscribed
         self.everything, self.dirty = False, set()
         batch: list[discovery_pb2.Resource] = []
+        size = 0
         for name in sorted(names):
             now = self.endpoints.version(name)
             if now is None:
@@ -230,14 +234,14 @@ class _Stream:
             if self.sent.get(name) == version:
                 continue
             self.sent[name] = version
-            batch.append(
-                discovery_pb2.Resource(
-                    name=name, version=str(version), resource=load_assignment(endpoint, addresses, resting)
-                )
+            resource = discovery_pb2.Resource(
+                name=name, version=str(version), resource=load_assignment(endpoint, addresses, resting)
             )
-            if len(batch) == BATCH:
+            batch.append(resource)
+            size += resource.ByteSize()
+            if len(batch) == BATCH or size >= BATCH_BYTES:
                 yield self._response(batch)
-                batch = []
+                batch, size = [], 0
         if batch:
             yield self._response(batch)
 

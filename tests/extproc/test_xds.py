@@ -201,3 +201,20 @@ async def test_a_new_stream_gets_everything_again(ads):
     second.ask(subscribe=[cluster_of(cfg, "a")])
     assert cluster_of(cfg, "a") in await second.next()
     second.close()
+
+
+async def test_a_large_answer_is_split_so_that_no_message_outgrows_the_grpc_limit(ads):
+    envoy, tables, _, lookups = ads
+    lookups["many.internal"] = [f"10.0.{i // 250}.{i % 250}" for i in range(400)]  # one name, 400 addresses
+    cfg = routing_config(*(f"p{i}" for i in range(12)), host="many.internal")
+    tables.install(cfg)
+    names = [b.cluster for b in cfg.backends]
+    envoy.ask(subscribe=names)
+    got: dict[str, dict] = {}
+    sizes = []
+    while len(got) < len(names):
+        response = await asyncio.wait_for(envoy.responses.get(), WAIT_S)
+        sizes.append(response.ByteSize())
+        envoy.ask(nonce=response.nonce)
+        got.update({r.name: r for r in response.resources})
+    assert len(sizes) > 1 and max(sizes) < xds.BATCH_BYTES + 64 * 1024
