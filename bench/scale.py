@@ -64,6 +64,14 @@ def write_fleet(folder: Path, providers: int, policies: int, base_url: str) -> t
     return folder / "providers.yaml", folder / "policies.yaml"
 
 
+def fleet_gateway(files: tuple[Path, Path], workdir: Path) -> LocalGateway:
+    """`signalbox up` on a written fleet, with the key its providers name in its environment
+    (without it every request is refused: the streams run once measured only 503s)."""
+    return LocalGateway(
+        paths=[str(f) for f in files], port=0, workdir=workdir, start_fakes=False, env={KEY_ENV: "sk-fleet-key"}
+    )
+
+
 def serves(gateway: LocalGateway, model: str, timeout: float = 60.0) -> float:
     """Seconds until `model` answers 200 (polled every 20 ms)."""
     start = time.monotonic()
@@ -122,13 +130,7 @@ def config(providers: int, policies: int) -> dict[str, Any]:
             "published_kb": round(packed.manifest["bytes"] / 1024, 1),
             "published_objects": 1 + len(packed.parts),
         }
-        gateway = LocalGateway(
-            paths=[str(f) for f in files],
-            port=0,
-            workdir=work / "gw",
-            start_fakes=False,
-            env={KEY_ENV: "sk-fleet-key"},
-        )
+        gateway = fleet_gateway(files, work / "gw")
         started = time.perf_counter()
         try:
             gateway.start(timeout=600)
@@ -234,11 +236,12 @@ def streams(count: int, seconds: float, strategies: list[str], ramp: int = RAMP_
     try:
         files = write_fleet(work / "fleet", 10, len(STRATEGIES), upstream + "/v1")
         for strategy in strategies:
-            gateway = LocalGateway(paths=[str(f) for f in files], port=0, workdir=work / strategy, start_fakes=False)
+            gateway = fleet_gateway(files, work / strategy)
             gateway.start(timeout=120)
             try:
-                idle = memory(gateway)
                 model = alias(STRATEGIES.index(strategy))
+                serves(gateway, model)  # a setup that refuses every request measures nothing
+                idle = memory(gateway)
                 run = asyncio.run(_streams(gateway, model, count, seconds, work, ramp))
             finally:
                 gateway.stop()
