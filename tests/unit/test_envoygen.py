@@ -315,6 +315,8 @@ def test_backend_clusters_keep_only_the_stats_that_are_read():
         "upstream_cx_rx_bytes_total",
         "lb_healthy_panic",
         "circuit_breakers.default.rq_open",
+        "version_text",  # EDS subscription internals
+        "init_fetch_timeout",
     ):
         assert not kept(f"{backend}.{stat}"), stat
     # Aggregates keep none; Envoy's own clusters (the ext_proc's) keep all.

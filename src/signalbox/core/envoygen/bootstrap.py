@@ -47,6 +47,8 @@ _UNKEPT_BACKEND_STATS = "|".join(
         r"upstream_rq_(0rtt|active_overflow|cancelled|maintenance_mode|max_duration_reached|pending_\w+)",
         r"upstream_rq_(per_cx|retry\w*|rx_reset_no_error|tx_reset)",
         r"version",
+        r"version_text",  # EDS: the endpoints' version (the ext_proc's, over ADS)
+        r"init_fetch_timeout",  # EDS: never, the endpoints come from this pod's own process
         r"warming_state",
     )
 )
