@@ -46,13 +46,9 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
     agg = clusters[t0]["cluster_type"]["typed_config"]["clusters"]
     assert agg == ["b.default.a.m", "b.default.b.m"]
     assert clusters[t1]["cluster_type"]["typed_config"]["clusters"] == ["b.default.b.m", "b.default.a.m"]
-    # Aggregates have no upstream filters of their own: the router's run for every chain.
-    assert (
-        "http_filters"
-        not in clusters[t0]["typed_extension_protocol_options"][
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-        ]
-    )
+    # No cluster has upstream filters (or any protocol options) of its own: the router's run
+    # for every chain, and each option block was ~1.3 KB of Envoy per cluster.
+    assert not any("typed_extension_protocol_options" in c for n, c in clusters.items() if n.startswith(("b.", "t.")))
     filters = router_upstream_filters(config(), CREDENTIALS)
     assert [f["name"] for f in filters] == [
         "signalbox.strip_keys",

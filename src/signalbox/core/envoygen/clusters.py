@@ -70,7 +70,6 @@ def _backend_cluster(backend: pb.Backend, provider: pb.Provider, ads: bool = Fal
     cluster: dict[str, Any] = {
         "name": backend.cluster,
         "connect_timeout": _ms(provider.connect_timeout_ms or 2000),
-        "typed_extension_protocol_options": _http1_options(),
         "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
         "outlier_detection": {
             "consecutive_5xx": 5,
@@ -593,8 +592,6 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
                             clusters=[b.cluster for b in members],
                         ),
                     },
-                    # No upstream filters of its own: the router's (`upstream_filters`) run.
-                    typed_extension_protocol_options=_http1_options(),
                     circuit_breakers={"thresholds": [STREAM_LIMITS]},
                 )
             )
