@@ -18,7 +18,7 @@ from .options import STREAM_LIMITS, GatewayOptions, _address, _admin_address, _a
 # counted again by the backend that answered), so none are kept: at thousands of failover
 # chains they were a third of Envoy's memory (issue 12). A backend cluster keeps what
 # dashboards, alerts and the fault tests read: requests by response code and their totals,
-# timeouts and resets, connect failures, health checks, healthy membership and ejections. The
+# timeouts and resets, connect failures, healthy membership and ejections. The
 # rest (connection pool, load balancer, flow control, circuit breaker and xDS update
 # internals) went: at the 2,000-provider fleet they were 335 MB of Envoy's 1.46 GB and half its
 # time to ready (bench/README.md). Matched once, when a stat is created; never per request.
