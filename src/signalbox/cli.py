@@ -89,6 +89,7 @@ def local_gateway(args: argparse.Namespace):
         capture_prompts=args.capture_prompts,
         otlp_endpoint=args.otlp_endpoint,
         trace_sampling_percent=args.trace_sampling,
+        **({"upstream_ca_file": args.upstream_ca_file} if args.upstream_ca_file else {}),
     )
 
 
@@ -396,6 +397,7 @@ def pod_options(args: argparse.Namespace):
         request_log=not args.no_request_log,
         otlp_endpoint=args.otlp_endpoint,
         trace_sampling_percent=args.trace_sampling,
+        **({"upstream_ca_file": args.upstream_ca_file} if args.upstream_ca_file else {}),
     )
 
 
@@ -556,6 +558,12 @@ def _tracing_arguments(parser: argparse.ArgumentParser) -> None:
         "upstream attempt, the decision as attributes, never prompt text (default $SIGNALBOX_OTLP_ENDPOINT)",
     )
     parser.add_argument("--trace-sampling", type=_percent, default=100.0, help="percent of requests traced")
+    parser.add_argument(
+        "--upstream-ca-file",
+        default="",
+        help="CA bundle that providers' TLS certificates are verified against (default: the system's; "
+        "a file of private CAs for providers behind an internal TLS endpoint)",
+    )
 
 
 def _pod_arguments(parser: argparse.ArgumentParser) -> None:

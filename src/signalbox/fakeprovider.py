@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import ssl
 import sys
 import threading
 import time
@@ -816,7 +817,9 @@ async def serving(ident: str, host: str = "127.0.0.1", port: int = 0) -> AsyncIt
         await runner.cleanup()
 
 
-async def run(ident: str, host: str, port: int, ready: asyncio.Event | None = None) -> None:
+async def run(
+    ident: str, host: str, port: int, ready: asyncio.Event | None = None, tls: tuple[str, str] | None = None
+) -> None:
     # Reading the SDKs' type models takes seconds: done while the server starts, not on the
     # first request (where it would look like a slow provider).
     threading.Thread(target=_shapes, name="fake-provider-shapes", daemon=True).start()
@@ -824,11 +827,16 @@ async def run(ident: str, host: str, port: int, ready: asyncio.Event | None = No
     await runner.setup()
     # A deep accept queue: the scale bench opens thousands of streams within seconds, and a
     # provider that drops SYNs would be measured instead of the gateway.
-    site = web.TCPSite(runner, host, port, backlog=BACKLOG, reuse_address=True)
+    context = None
+    if tls is not None:  # (certificate chain file, key file): a provider's HTTPS endpoint
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls)
+    site = web.TCPSite(runner, host, port, backlog=BACKLOG, reuse_address=True, ssl_context=context)
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     # The line tests and `signalbox up` wait for: the real port when 0 was asked for.
-    print(f"fake-provider {ident} listening on http://{host}:{bound}", flush=True)
+    scheme = "https" if tls is not None else "http"
+    print(f"fake-provider {ident} listening on {scheme}://{host}:{bound}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:
@@ -840,9 +848,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--id", required=True, help="name reported in every answer")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
+    parser.add_argument("--tls-key", help="...and this private key (PEM)")
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(args.id, args.host, args.port))
+        asyncio.run(run(args.id, args.host, args.port, tls=tls))
     return 0
 
 

@@ -141,6 +141,8 @@ class LocalGateway:
     # An OpenTelemetry collector (host:port, OTLP/gRPC) for Envoy's spans; "": no tracing.
     otlp_endpoint: str = ""
     trace_sampling_percent: float = 100.0
+    # The CA bundle providers' TLS certificates are verified against.
+    upstream_ca_file: str = envoygen.SYSTEM_CA_FILE
     # How often providers whose credentials mint access tokens (Vertex AI) get a fresh one.
     token_refresh_seconds: float = gatewayfiles.TOKEN_REFRESH_SECONDS
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -180,6 +182,7 @@ class LocalGateway:
             outlier_event_log=str(self.workdir / envoygen.contract.OUTLIER_EVENTS_FILE),
             otlp_endpoint=self.otlp_endpoint,
             trace_sampling_percent=self.trace_sampling_percent,
+            upstream_ca_file=self.upstream_ca_file,
             ads=True,
         )
 

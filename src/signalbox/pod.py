@@ -36,6 +36,7 @@ def options(
     request_log: bool = True,
     otlp_endpoint: str = "",
     trace_sampling_percent: float = 100.0,
+    upstream_ca_file: str = envoygen.SYSTEM_CA_FILE,
 ) -> envoygen.GatewayOptions:
     """Ports are overridable only so tests can run a pod's processes side by side on one host."""
     return envoygen.GatewayOptions(
@@ -55,6 +56,7 @@ def options(
         outlier_event_log=f"{workdir}/{envoygen.contract.OUTLIER_EVENTS_FILE}",
         otlp_endpoint=otlp_endpoint,
         trace_sampling_percent=trace_sampling_percent,
+        upstream_ca_file=upstream_ca_file,
         ads=True,
     )
 

@@ -7,6 +7,7 @@ synchronous OpenAI client never shares an event loop with them.
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 import urllib.request
@@ -21,10 +22,13 @@ from signalbox.local import LocalGateway
 
 
 class Fake:
-    def __init__(self, ident: str):
+    def __init__(self, ident: str, *args: str, context: ssl.SSLContext | None = None):
+        """`args`: more of `signalbox fake-provider`'s (its TLS certificate); `context`: how its
+        control API is reached then."""
         self.id = ident
+        self.context = context
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "signalbox.cli", "fake-provider", "--id", ident, "--port", "0"],
+            [sys.executable, "-m", "signalbox.cli", "fake-provider", "--id", ident, "--port", "0", *args],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -36,7 +40,7 @@ class Fake:
     def _call(self, path: str, payload: dict | None = None) -> dict:
         data = json.dumps(payload).encode() if payload is not None else None
         req = urllib.request.Request(self.url + path, data=data, method="POST" if data is not None else "GET")
-        with urllib.request.urlopen(req, timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=5, context=self.context) as r:
             return json.loads(r.read())
 
     def behave(self, **behaviour) -> None:

@@ -474,6 +474,20 @@ def test_a_compiled_alias_is_routed_by_envoy_with_the_ext_proc_off():
     assert failover["route"]["cluster"] == targets()[0]
 
 
+def test_upstream_tls_checks_the_certificates_name_against_the_providers_host():
+    from signalbox.core.envoygen.options import upstream_tls
+
+    for host, san_type in (("api.openai.com", "DNS"), ("10.1.2.3", "IP_ADDRESS")):
+        tls = upstream_tls(host, "/etc/private-ca.pem")["typed_config"]
+        assert tls["sni"] == host
+        validation = tls["common_tls_context"]["validation_context"]
+        assert validation["trusted_ca"] == {"filename": "/etc/private-ca.pem"}
+        assert validation["match_typed_subject_alt_names"] == [{"san_type": san_type, "matcher": {"exact": host}}]
+    opts = envoygen.GatewayOptions(upstream_ca_file="/etc/private-ca.pem")
+    tls_backend = by_name(envoygen.clusters(config(), opts))["b.default.b.m"]["transport_socket"]["typed_config"]
+    assert tls_backend["common_tls_context"]["validation_context"]["trusted_ca"]["filename"] == "/etc/private-ca.pem"
+
+
 def test_backend_endpoints_come_over_ads_in_a_gateway_and_inline_otherwise():
     cds = by_name(envoygen.clusters(config(), envoygen.GatewayOptions(ads=True)))
     for name in ("b.default.a.m", "b.default.b.m"):

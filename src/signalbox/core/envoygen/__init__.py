@@ -80,7 +80,7 @@ from .listener import (
     router_attributes,
     sse_usage_filter,
 )
-from .options import STREAM_LIMITS, GatewayOptions
+from .options import STREAM_LIMITS, SYSTEM_CA_FILE, GatewayOptions
 
 __all__ = [
     "ADMIN_CLUSTER",
@@ -112,6 +112,7 @@ __all__ = [
     "ROUTED_PATHS",
     "ROUTER_ATTRIBUTES",
     "STREAM_LIMITS",
+    "SYSTEM_CA_FILE",
     "TRANSLATE_HEADER",
     "GatewayOptions",
     "accounting_log",

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .contract import JWT_PAYLOAD_KEY
-from .options import _address, _any
+from .options import SYSTEM_CA_FILE, _address, _any, upstream_tls
 
 # How long Envoy keeps a fetched JWKS before fetching it again.
 JWKS_CACHE_SECONDS = 600
@@ -69,7 +69,7 @@ def jwt_filter(cfg: pb.RoutingConfig) -> dict[str, Any] | None:
     }
 
 
-def jwks_clusters(cfg: pb.RoutingConfig) -> list[dict[str, Any]]:
+def jwks_clusters(cfg: pb.RoutingConfig, ca_file: str = SYSTEM_CA_FILE) -> list[dict[str, Any]]:
     """A cluster per remotely fetched JWKS (its URL's host)."""
     out = []
     for p in cfg.jwt_providers:
@@ -91,15 +91,6 @@ def jwks_clusters(cfg: pb.RoutingConfig) -> list[dict[str, Any]]:
             },
         }
         if tls:
-            cluster["transport_socket"] = {
-                "name": "envoy.transport_sockets.tls",
-                "typed_config": _any(
-                    "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                    sni=host,
-                    common_tls_context={
-                        "validation_context": {"trusted_ca": {"filename": "/etc/ssl/certs/ca-certificates.crt"}}
-                    },
-                ),
-            }
+            cluster["transport_socket"] = upstream_tls(host, ca_file)
         out.append(_any("envoy.config.cluster.v3.Cluster", **cluster))
     return out

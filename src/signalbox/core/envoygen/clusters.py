@@ -39,7 +39,7 @@ from .contract import (
     TRANSLATE_KEY,
 )
 from .endpoints import BackendEndpoint
-from .options import STREAM_LIMITS, GatewayOptions, _address, _any, _grpc_service, _ms
+from .options import STREAM_LIMITS, SYSTEM_CA_FILE, GatewayOptions, _address, _any, _grpc_service, _ms, upstream_tls
 from .tracing import otlp_cluster
 
 
@@ -63,7 +63,9 @@ def _http1_options() -> dict[str, Any]:
     }
 
 
-def _backend_cluster(backend: pb.Backend, provider: pb.Provider, ads: bool = False) -> dict[str, Any]:
+def _backend_cluster(
+    backend: pb.Backend, provider: pb.Provider, ads: bool = False, ca_file: str = SYSTEM_CA_FILE
+) -> dict[str, Any]:
     """One backend's cluster. `ads`: its endpoint comes from the ext_proc over ADS
     (`extproc.xds`: resolved there, and unhealthy while the backend rests, so that it leaves
     every chain and compiled route at once); else inline, Envoy resolving the host name."""
@@ -87,16 +89,7 @@ def _backend_cluster(backend: pb.Backend, provider: pb.Provider, ads: bool = Fal
         cluster["dns_lookup_family"] = "V4_PREFERRED"
         cluster["load_assignment"] = BackendEndpoint.of(backend, provider).load_assignment()
     if provider.tls:
-        cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": _any(
-                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                sni=provider.host,
-                common_tls_context={
-                    "validation_context": {"trusted_ca": {"filename": "/etc/ssl/certs/ca-certificates.crt"}}
-                },
-            ),
-        }
+        cluster["transport_socket"] = upstream_tls(provider.host, ca_file)
     return cluster
 
 
@@ -558,9 +551,9 @@ def _relay_cluster(port: int) -> dict[str, Any]:
 
 def backend_clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
     """One cluster per backend (what an Envoy about to start gets first: gatewayfiles)."""
-    providers, ads = {p.id: p for p in cfg.providers}, opts.endpoints_over_ads
+    providers, ads, ca = {p.id: p for p in cfg.providers}, opts.endpoints_over_ads, opts.upstream_ca_file
     return [
-        _any("envoy.config.cluster.v3.Cluster", **_backend_cluster(b, providers[b.provider_id], ads))
+        _any("envoy.config.cluster.v3.Cluster", **_backend_cluster(b, providers[b.provider_id], ads, ca))
         for b in cfg.backends
     ]
 
@@ -599,4 +592,4 @@ def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]
         out.append(_any("envoy.config.cluster.v3.Cluster", **_relay_cluster(opts.extproc_admin_port)))
     if opts.otlp_endpoint:
         out.append(otlp_cluster(opts))
-    return out + jwks_clusters(cfg)
+    return out + jwks_clusters(cfg, opts.upstream_ca_file)

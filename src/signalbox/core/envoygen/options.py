@@ -3,12 +3,14 @@ the generated config uses."""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .contract import EXTPROC_CLUSTER
 
 _T = "type.googleapis.com/"
+SYSTEM_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 # Circuit breakers sized for LLM traffic, where a request stays open for seconds to minutes:
 # Envoy's defaults (1,024 requests, connections and pending per cluster) would refuse
 # concurrent streams long before the gateway's CPU or memory is the limit.
@@ -80,6 +82,9 @@ class GatewayOptions:
     # Envoy's outlier detection events (ejections of backends failing repeatedly), one JSON line
     # each, for the ext_proc to report (extproc/outliers.py); "": not written.
     outlier_event_log: str = ""
+    # The CA bundle upstream TLS is verified against: the system's, or a file of private CAs
+    # (providers behind an internal TLS endpoint; the tests' own CA).
+    upstream_ca_file: str = SYSTEM_CA_FILE
     # The upstream-phase ext_proc that translates attempts to a backend of another API family
     # (skipped by a header matcher on every other attempt). Off only to measure what it costs.
     translation: bool = True
@@ -98,6 +103,30 @@ class GatewayOptions:
         promises to route without it (with the ext_proc's rests then steering decided
         requests only)."""
         return self.ads and self.failure_mode == "closed"
+
+
+def upstream_tls(host: str, ca_file: str) -> dict[str, Any]:
+    """The transport socket of a cluster that speaks TLS to `host`: SNI, the chain verified
+    against `ca_file`, and the certificate's names checked against `host` (Envoy checks no
+    name unless told: any certificate a trusted CA signed, for any name, would do)."""
+    try:
+        ipaddress.ip_address(host)
+        san_type = "IP_ADDRESS"
+    except ValueError:
+        san_type = "DNS"
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": _any(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            sni=host,
+            common_tls_context={
+                "validation_context": {
+                    "trusted_ca": {"filename": ca_file},
+                    "match_typed_subject_alt_names": [{"san_type": san_type, "matcher": {"exact": host}}],
+                }
+            },
+        ),
+    }
 
 
 def _any(type_name: str, **fields: Any) -> dict[str, Any]:

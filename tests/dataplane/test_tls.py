@@ -1,0 +1,96 @@
+"""Providers over TLS through a real Envoy (issue 12's ADS endpoints keep the host name for
+SNI and certificate checks): the chain is verified against the configured CA bundle and the
+certificate must name the provider's host; a certificate for another name, or from a CA the
+gateway does not trust, gets nothing sent."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import httpx
+import pytest
+import trustme
+
+from tests.dataplane.conftest import Fake, start_gateway
+from tests.factories import backend, dump, model, policy, provider
+
+BODY = {"messages": [{"role": "user", "content": "hello"}]}
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> dict[str, Path]:
+    """A test CA, a certificate for localhost from it, and one for another name from it."""
+    folder = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(folder / "ca.pem")
+    for name, names in (("good", ("localhost", "127.0.0.1")), ("other", ("elsewhere.example",))):
+        issued = ca.issue_cert(*names)
+        issued.private_key_pem.write_to_path(folder / f"{name}.key")
+        (folder / f"{name}.pem").write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    return {"ca": folder / "ca.pem", "good": folder / "good.pem", "other": folder / "other.pem"}
+
+
+def tls_arguments(chain: Path) -> tuple[str, ...]:
+    return ("--tls-cert", str(chain), "--tls-key", str(chain.with_suffix(".key")))
+
+
+@pytest.fixture(scope="module")
+def tls_fakes(certs):
+    trusting = ssl.create_default_context(cafile=str(certs["ca"]))
+    lenient = ssl.create_default_context(cafile=str(certs["ca"]))
+    lenient.check_hostname = False  # the impostor's name is not 127.0.0.1: only the test's own calls
+    fakes = {
+        "secure": Fake("secure", *tls_arguments(certs["good"]), context=trusting),
+        "impostor": Fake("impostor", *tls_arguments(certs["other"]), context=lenient),
+    }
+    yield fakes
+    for fake in fakes.values():
+        fake.stop()
+
+
+def resources(fakes) -> str:
+    def https(fake: Fake) -> str:
+        return f"https://localhost:{fake.url.rsplit(':', 1)[1]}/v1"
+
+    return dump(
+        provider("secure", https(fakes["secure"]), [model("m")]),
+        provider("impostor", https(fakes["impostor"]), [model("m")]),
+        policy("compiled", ["secure"], [backend("secure", "m")]),
+        policy("decided", ["secure-decided"], [backend("secure", "m")], strategy="cost"),
+        policy("impostor", ["impostor"], [backend("impostor", "m")]),
+    )
+
+
+def ask(gateway, alias: str) -> httpx.Response:
+    return httpx.post(f"{gateway.url}/chat/completions", json={**BODY, "model": alias}, timeout=20)
+
+
+def test_a_tls_provider_is_reached_with_its_name_and_a_verified_certificate(tls_fakes, certs, tmp_path):
+    gateway = start_gateway(tmp_path, resources(tls_fakes), upstream_ca_file=str(certs["ca"]))
+    try:
+        for alias in ("secure", "secure-decided"):
+            r = ask(gateway, alias)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-signalbox-provider"] == "secure"
+        seen = tls_fakes["secure"].requests()
+        assert len(seen) == 2
+        port = tls_fakes["secure"].url.rsplit(":", 1)[1]
+        assert {s["headers"].get("Host") for s in seen} == {f"localhost:{port}"}
+        # A certificate from the trusted CA for another name: nothing is sent to that server.
+        r = ask(gateway, "impostor")
+        assert r.status_code >= 500 and r.json()["error"]
+        assert tls_fakes["impostor"].requests() == []
+    finally:
+        gateway.stop()
+
+
+def test_a_certificate_from_a_ca_the_gateway_does_not_trust_gets_nothing(tls_fakes, tmp_path):
+    tls_fakes["secure"].reset()
+    gateway = start_gateway(tmp_path, resources(tls_fakes))  # the system's CAs only
+    try:
+        r = ask(gateway, "secure")
+        assert r.status_code >= 500 and r.json()["error"]
+        assert tls_fakes["secure"].requests() == []
+    finally:
+        gateway.stop()
