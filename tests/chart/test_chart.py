@@ -55,6 +55,7 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
                         "caSecret": "redis-ca",
                     }
                 },
+                "upstreamCaSecret": "provider-ca",
                 "failureMode": "open",
                 "accounting": False,
                 "requestLog": False,
@@ -394,3 +395,19 @@ def test_service_accounts_carry_the_annotations_irsa_needs():
         assert metadata["annotations"] == {"eks.amazonaws.com/role-arn": role}
     plain = of_kind(render({}, "signalbox-system"), "ServiceAccount")
     assert all("annotations" not in o["metadata"] for o in plain)
+
+
+def test_providers_tls_is_verified_against_the_ca_secret_named_in_values():
+    """config-sync names the file in the clusters it writes (the init container's and the
+    sidecar's), and Envoy reads it: all three containers mount it."""
+    pod, _ = extproc(render(*reversed(MATRIX["custom"])))
+    mount = {"name": "upstream-ca", "mountPath": "/etc/signalbox-upstream-ca", "readOnly": True}
+    for container in pod["initContainers"] + pod["containers"]:
+        assert mount in container["volumeMounts"], container["name"]
+        if container["name"] != "envoy":
+            assert "--upstream-ca-file=/etc/signalbox-upstream-ca/ca.crt" in container["args"]
+    assert any(v["name"] == "upstream-ca" and v["secret"]["secretName"] == "provider-ca" for v in pod["volumes"])
+    # Not asked for: the system's CAs, nothing mounted.
+    pod, container = extproc(render(*reversed(MATRIX["defaults"])))
+    assert not any(a.startswith("--upstream-ca-file") for a in container["args"])
+    assert not any(v["name"] == "upstream-ca" for v in pod["volumes"])
