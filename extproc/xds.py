@@ -121,8 +121,9 @@ class Endpoints:
     def closed(self, stream: _Stream) -> None:
         self._streams.discard(stream)
 
-    def _tell(self, clusters: Iterable[str] | None) -> None:
-        """Wake the streams: `clusters` may have changed (None: any of them)."""
+    def _tell(self, clusters: list[str] | None) -> None:
+        """Wake the streams: `clusters` may have changed (None: any of them). A list, read once
+        per stream (a stream that reconnects overlaps the one it replaces)."""
         for stream in self._streams:
             stream.changed(clusters)
 
@@ -145,7 +146,7 @@ class Endpoints:
         if resting != self.resting:
             changed = resting ^ self.resting
             self.resting = resting
-            self._tell(b.cluster for b in (self._table.backends.get(i) for i in changed) if b is not None)
+            self._tell([b.cluster for b in (self._table.backends.get(i) for i in changed) if b is not None])
         if self._hosts_of is not self._table:
             self._hosts_of = self._table
             self._hosts = {

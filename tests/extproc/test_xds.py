@@ -218,3 +218,20 @@ async def test_a_large_answer_is_split_so_that_no_message_outgrows_the_grpc_limi
         envoy.ask(nonce=response.nonce)
         got.update({r.name: r for r in response.resources})
     assert len(sizes) > 1 and max(sizes) < xds.BATCH_BYTES + 64 * 1024
+
+
+async def test_a_rest_reaches_every_open_stream(ads):
+    """A reconnecting Envoy's new stream overlaps the old one: both hear of a rest."""
+    envoy, tables, cooldowns, _ = ads
+    cfg = routing_config("a")
+    tables.install(cfg)
+    second = Envoy(envoy.channel)
+    try:
+        for stream in (envoy, second):
+            stream.ask(subscribe=[cluster_of(cfg, "a")])
+            await stream.next()
+        cooldowns.observe("default/a/m", 429, {"retry-after": "30"}, time.time())
+        for stream in (envoy, second):
+            assert hosts((await stream.next())[cluster_of(cfg, "a")]) == [("127.0.0.1", "UNHEALTHY")]
+    finally:
+        second.close()
