@@ -16,6 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from signalbox.core import envoygen
+from signalbox.core.envoygen.contract import EXTPROC_CLUSTER
 from tests.factories import backend, dump, model, policy, provider
 from tests.fuzz import bodies
 from tests.windows import clear_of_the_hour_edge
@@ -173,6 +175,17 @@ def test_thousands_of_slow_streams_through_a_lifetime_policy_complete_without_er
 # ----------------------------------------------------------------------------- a killed worker
 
 
+def extproc_requests(gw, stat: str = "rq_total") -> dict[str, int]:
+    """A per-host counter of Envoy's for each ext_proc worker (by socket path): by default the
+    streams it has sent it."""
+    clusters = httpx.get(f"http://127.0.0.1:{gw.admin_port}/clusters?format=json", timeout=5).json()
+    (cluster,) = [c for c in clusters["cluster_statuses"] if c["name"] == EXTPROC_CLUSTER]
+    return {
+        host["address"]["pipe"]["path"]: next(int(s.get("value", 0)) for s in host["stats"] if s["name"] == stat)
+        for host in cluster["host_statuses"]
+    }
+
+
 def test_a_killed_worker_costs_only_its_requests_and_capacity_returns(fakes, tmp_path):
     resources = dump(
         provider("alpha", fakes["alpha"].url + "/v1", [model("s")]),
@@ -182,35 +195,81 @@ def test_a_killed_worker_costs_only_its_requests_and_capacity_returns(fakes, tmp
     concurrency = 8
     try:
         body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
-        done: list[tuple[float, int]] = []  # (finish time, status)
+        done: list[tuple[float, int, str]] = []  # (finish time, status, error code)
         stop_at = time.monotonic() + 6.0
 
         def client() -> None:
             with httpx.Client(timeout=10) as http:
                 while time.monotonic() < stop_at:
+                    code = ""
                     try:
-                        status = http.post(f"{gw.url}/chat/completions", json=body).status_code
-                    except httpx.TransportError:
-                        status = -1
-                    done.append((time.monotonic(), status))
+                        r = http.post(f"{gw.url}/chat/completions", json=body)
+                        status = r.status_code
+                        if status != 200:
+                            code = r.text[:120]
+                    except httpx.TransportError as exc:
+                        status, code = -1, repr(exc)
+                    done.append((time.monotonic(), status, code))
 
         threads = [threading.Thread(target=client) for _ in range(concurrency)]
         for t in threads:
             t.start()
         time.sleep(2.0)
         victim = gw.processes["extproc-1"]
+        victim_socket = gw.options.extproc_sockets[1]
         killed_at = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
+        served_when_back: dict[str, int] = {}
+        while time.monotonic() < stop_at - 1.0 and not served_when_back:
+            if gw.processes["extproc-1"] is not victim and gw.processes["extproc-1"].poll() is None:
+                served_when_back = extproc_requests(gw)
+            time.sleep(0.05)
         for t in threads:
             t.join()
-        errors = [s for _, s in done if s != 200]
-        # At most the requests that were on the killed worker when it died.
+        errors = [(round(at - killed_at, 3), s, code) for at, s, code in done if s != 200]
+        # At most the requests that were on the killed worker when it died: one a client at
+        # most. Streams Envoy could not open to it are sent to the other worker.
         assert len(errors) <= concurrency, (len(errors), errors[:10])
         assert gw.restarts.get("extproc-1", 0) >= 1
-        before = sum(1 for at, s in done if killed_at - 1.5 <= at < killed_at and s == 200) / 1.5
-        after = sum(1 for at, s in done if killed_at + 2.0 <= at < killed_at + 3.5 and s == 200) / 1.5
-        assert after >= 0.7 * before, (before, after)
         assert gw.processes["extproc-1"].poll() is None  # the supervisor brought it back
-        print(f"\nkilled worker: {len(errors)} errors, {before:.0f} rps before, {after:.0f} rps 2-3.5 s after")
+        # ... and Envoy sends it streams again: capacity returned.
+        assert served_when_back, "the killed worker was not back within the run"
+        assert extproc_requests(gw)[victim_socket] > served_when_back[victim_socket]
+        print(f"\nkilled worker: {len(errors)} errors {errors[:3]}")
+    finally:
+        gw.stop()
+
+
+def test_a_worker_that_refuses_connections_costs_no_requests(fakes, tmp_path, monkeypatch):
+    """Between a worker's death and its ejection, LEAST_REQUEST prefers it (a host that fails at
+    once never has requests open), and every stream given to it was a 503: 54 in one CI run of
+    the test above. Here a third ext_proc endpoint refuses every connection and, with the ext_proc
+    cluster's health check and ejection taken out, stays in the set for the whole test: each
+    request must reach a live worker all the same (135 of 300 were 503s before streams Envoy
+    could not open were retried)."""
+    refusing = str(tmp_path / "refusing.sock")  # nothing ever listens here
+    generate = envoygen.bootstrap
+
+    def with_refusing_worker(opts, config_dir):
+        out = generate(opts, config_dir)
+        (cluster,) = [c for c in out["static_resources"]["clusters"] if c["name"] == EXTPROC_CLUSTER]
+        del cluster["health_checks"], cluster["outlier_detection"]
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"].append(
+            {"endpoint": {"address": {"pipe": {"path": refusing}}}}
+        )
+        return out
+
+    monkeypatch.setattr(envoygen, "bootstrap", with_refusing_worker)
+    resources = dump(
+        provider("alpha", fakes["alpha"].url + "/v1", [model("s")]),
+        policy("auto", ["auto"], [backend("alpha", "s")], strategy="least-busy"),
+    )
+    gw = start_gateway(tmp_path, resources, extproc_workers=2)
+    try:
+        body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(timeout=10) as http:
+            statuses = [http.post(f"{gw.url}/chat/completions", json=body).status_code for _ in range(200)]
+        assert extproc_requests(gw, "cx_connect_fail")[refusing] > 0  # Envoy did pick it...
+        assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}  # ...and retried
     finally:
         gw.stop()

@@ -388,7 +388,7 @@ def test_accounting_reads_usage_in_envoy_and_reports_it_through_the_access_log_o
     ]
     (access_log,) = on["access_log"]
     common = access_log["typed_config"]["common_config"]
-    assert common["grpc_service"] == {"envoy_grpc": {"cluster_name": envoygen.EXTPROC_CLUSTER}}
+    assert common["grpc_service"]["envoy_grpc"] == {"cluster_name": envoygen.EXTPROC_CLUSTER}
     assert common["buffer_flush_interval"] == "0.100s"
     tag, compiled = common["custom_tags"]  # the endpoint that answered, after any failover
     assert tag["tag"] == "backend" and "host" in tag["metadata"]["kind"]
@@ -674,3 +674,31 @@ def test_a_first_token_deadline_holds_answers_headers_only_on_its_policys_attemp
         "selectors": [{"key": "stream"}],
         "on_present": {"metadata_namespace": "signalbox", "key": "stream"},
     } in rules
+
+
+def grpc_services(node):
+    """Every GrpcService in a generated resource tree."""
+    if isinstance(node, dict):
+        if "envoy_grpc" in node:
+            yield node
+        for value in node.values():
+            yield from grpc_services(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from grpc_services(item)
+
+
+def test_streams_to_the_extproc_go_to_another_worker_when_one_refuses_but_are_never_resent_after_a_reset():
+    opts = envoygen.GatewayOptions(accounting=True, translation=True)
+    cfg = config(strategy="latency")
+    services = [
+        s
+        for s in grpc_services(envoygen.resources(cfg, opts, "/cfg"))
+        if s["envoy_grpc"]["cluster_name"] == envoygen.contract.EXTPROC_CLUSTER
+    ]
+    assert len(services) >= 3  # the router's ext_proc, the translator's, the access logs
+    for service in services:
+        retry_on = set(service["retry_policy"]["retry_on"].split(","))
+        assert "connect-failure" in retry_on
+        # A worker that reset a stream may have crashed on it: the request goes to no other.
+        assert not retry_on & {"reset", "reset-before-request", "5xx", "unavailable", "cancelled"}

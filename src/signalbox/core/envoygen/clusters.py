@@ -39,7 +39,16 @@ from .contract import (
     TRANSLATE_KEY,
 )
 from .endpoints import BackendEndpoint
-from .options import STREAM_LIMITS, SYSTEM_CA_FILE, GatewayOptions, _address, _any, _grpc_service, _ms, upstream_tls
+from .options import (
+    STREAM_LIMITS,
+    SYSTEM_CA_FILE,
+    GatewayOptions,
+    _address,
+    _any,
+    _ms,
+    extproc_grpc_service,
+    upstream_tls,
+)
 from .tracing import otlp_cluster
 
 
@@ -375,7 +384,7 @@ def _translator(timeout_ms: int) -> dict[str, Any]:
     mutated) by every chain."""
     processor = _any(
         "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        grpc_service=_grpc_service(timeout_ms),
+        grpc_service=extproc_grpc_service(timeout_ms),
         # A failed translation is this attempt's error: never a request sent untranslated.
         failure_mode_allow=False,
         message_timeout=_ms(timeout_ms),
@@ -462,7 +471,7 @@ def _first_token_holder(cfg: pb.RoutingConfig) -> list[dict[str, Any]]:
         return []
     processor = _any(
         "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        grpc_service=_grpc_service(longest + 5000),
+        grpc_service=extproc_grpc_service(longest + 5000),
         failure_mode_allow=True,
         message_timeout=_ms(longest + 5000),
         send_body_without_waiting_for_header_response=True,

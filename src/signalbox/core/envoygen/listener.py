@@ -29,7 +29,6 @@ from .contract import (
     COMPILED_POLICY_TAG,
     EMPTY_BODY,
     EXTPROC_ADMIN_CLUSTER,
-    EXTPROC_CLUSTER,
     EXTPROC_FAILED_STATUS,
     FEEDBACK_PATH,
     FIRST_TOKEN_HEADER,
@@ -59,7 +58,7 @@ from .contract import (
     models_listing,
     too_large_message,
 )
-from .options import _RETRIABLE_STATUSES, _RETRY_ON, GatewayOptions, _address, _any, _grpc_service, _ms
+from .options import _RETRIABLE_STATUSES, _RETRY_ON, GatewayOptions, _address, _any, _ms, extproc_grpc_service
 from .tracing import http_tracing
 
 
@@ -70,7 +69,7 @@ def _extproc_filter(
     headers-first stream is what tests and older configs send)."""
     return _any(
         "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        grpc_service=_grpc_service(opts.extproc_message_timeout_ms),
+        grpc_service=extproc_grpc_service(opts.extproc_message_timeout_ms),
         failure_mode_allow=opts.failure_mode == "open" if fail_open is None else fail_open,
         # An unreachable, failed or timed-out ext_proc answers this status, which nothing else
         # produces, so the local reply mapper turns exactly these into 503 routing_unavailable
@@ -601,7 +600,7 @@ def accounting_log(opts: GatewayOptions) -> dict[str, Any]:
             common_config={
                 "log_name": "signalbox",
                 "transport_api_version": "V3",
-                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                "grpc_service": extproc_grpc_service(),
                 # Budgets read the ledger: spend lands within this, batched under load.
                 "buffer_flush_interval": _ms(opts.accounting_flush_ms),
                 "custom_tags": [
@@ -675,7 +674,7 @@ def attempt_log(opts: GatewayOptions) -> dict[str, Any]:
             common_config={
                 "log_name": ATTEMPT_LOG_NAME,
                 "transport_api_version": "V3",
-                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                "grpc_service": extproc_grpc_service(),
                 # Rare entries, and each one keeps requests off a backend that says "not now".
                 "buffer_flush_interval": _ms(ATTEMPT_LOG_FLUSH_MS),
                 "custom_tags": [

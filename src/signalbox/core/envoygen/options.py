@@ -145,5 +145,35 @@ def _admin_address(opts: GatewayOptions) -> dict[str, Any]:
     return {"pipe": {"path": opts.admin_socket}} if opts.admin_socket else _address(opts.admin_address, opts.admin_port)
 
 
-def _grpc_service(timeout_ms: int) -> dict[str, Any]:
-    return {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": _ms(timeout_ms)}
+# A stream Envoy could not open to a worker goes to another worker at once. Why: a worker that was
+# killed or is restarting refuses connections, and until outlier detection has taken it out
+# (a post to Envoy's main thread and back, slow on a busy machine) LEAST_REQUEST prefers it,
+# since a host that fails at once never has requests open: every stream it was given was a 503
+# (54 in 4 s in one CI run). Only failures before the worker saw anything are retried: a stream a
+# worker reset is never sent to a second one, so a request that crashes a worker cannot crash
+# them all. It is GrpcService's retry policy, not EnvoyGrpc's (that one only paces re-opening
+# xDS streams).
+EXTPROC_RETRY: dict[str, Any] = {
+    "retry_on": "connect-failure,refused-stream",
+    "num_retries": 3,
+    "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.025s"},
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            },
+        }
+    ],
+    # LEAST_REQUEST's two random picks favour the refusing worker (5 in 9 with three workers):
+    # a retry re-picks up to this many times to find a worker it has not tried.
+    "host_selection_retry_max_attempts": 6,
+}
+
+
+def extproc_grpc_service(timeout_ms: int | None = None) -> dict[str, Any]:
+    """How a filter or access log reaches the ext_proc workers (GrpcService)."""
+    service: dict[str, Any] = {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "retry_policy": EXTPROC_RETRY}
+    if timeout_ms is not None:
+        service["timeout"] = _ms(timeout_ms)
+    return service
