@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.dataplane import RESULTS
-from signalbox.core.envoygen.bootstrap import UNKEPT_CLUSTER_STATS
+from signalbox.core.envoygen.bootstrap import DEFERRED_STATS, UNKEPT_CLUSTER_STATS
 from signalbox.core.envoygen.options import STREAM_LIMITS
 from signalbox.local import envoy_binary, free_port
 
@@ -83,6 +83,7 @@ def measure(count: int, shape: str) -> dict[str, float]:
             "cds_config": {"path_config_source": {"path": str(work / "cds" / "cds.json")}, "resource_api_version": "V3"}
         },
         "stats_config": {"stats_matcher": {"exclusion_list": {"patterns": UNKEPT_CLUSTER_STATS}}},
+        "deferred_stat_options": DEFERRED_STATS,  # as the gateway's bootstrap
     }
     (work / "bootstrap.json").write_text(json.dumps(bootstrap))
     started = time.monotonic()
