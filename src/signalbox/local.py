@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from signalbox import envoyadmin, gatewayfiles
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core import envoygen, loader
-from signalbox.core.compiler import CompileResult, compile_config
+from signalbox.core.compiler import CompileResult, ModelCache, compile_config
 from signalbox.core.errors import Problem, SignalboxError
 from signalbox.core.keys import key_hash
 from signalbox.core.secrets import SecretValue
@@ -74,13 +74,30 @@ def envoy_binary() -> str:
     return found
 
 
+@dataclass
+class CompileCache:
+    """What one compile of files keeps for the next: documents whose text did not change are
+    neither parsed nor validated again (`signalbox up` compiles everything on every change)."""
+
+    documents: loader.DocumentCache = field(default_factory=loader.DocumentCache)
+    models: ModelCache = field(default_factory=ModelCache)
+
+
 def compile_files(
-    paths: Sequence[str | Path], generation: int = 1, env: Mapping[str, str] | None = None
+    paths: Sequence[str | Path],
+    generation: int = 1,
+    env: Mapping[str, str] | None = None,
+    cache: CompileCache | None = None,
 ) -> CompileResult:
-    docs = loader.load(list(paths))
+    docs = loader.load(list(paths), cache.documents if cache else None)
     hashes, problems = local_key_hashes(docs.consumers, {**os.environ, **(env or {})})
     result = compile_config(
-        docs.providers, docs.policies, generation=generation, consumers=docs.consumers, key_hashes=hashes
+        docs.providers,
+        docs.policies,
+        generation=generation,
+        consumers=docs.consumers,
+        key_hashes=hashes,
+        models=cache.models if cache else None,
     )
     return CompileResult(None, problems + result.problems) if problems else result
 
@@ -154,6 +171,7 @@ class LocalGateway:
     # ------------------------------------------------------------------ files
 
     def __post_init__(self) -> None:
+        self._compile_cache = CompileCache()
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._token_refresher: threading.Thread | None = None
@@ -235,7 +253,7 @@ class LocalGateway:
         return f"http://127.0.0.1:{self.admin_api_port}"
 
     def compile(self) -> CompileResult:
-        return compile_files(self.paths, self.generation + 1, self.env)
+        return compile_files(self.paths, self.generation + 1, self.env, self._compile_cache)
 
     def apply(self) -> CompileResult:
         """Compile the inputs; publish only a valid result that differs from the one in force

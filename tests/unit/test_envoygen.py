@@ -702,3 +702,23 @@ def test_streams_to_the_extproc_go_to_another_worker_when_one_refuses_but_are_ne
         assert "connect-failure" in retry_on
         # A worker that reset a stream may have crashed on it: the request goes to no other.
         assert not retry_on & {"reset", "reset-before-request", "5xx", "unavailable", "cancelled"}
+
+
+def test_attempt_lua_made_for_the_last_config_is_reused_only_while_its_backends_are_the_same():
+    """attempt.lua is kept from one generation to the next (a policy change leaves the backends
+    as they were): any change to a backend, its provider or the key folder makes it anew."""
+
+    def attempt_lua(cfg, opts):
+        (script,) = [f for f in router_upstream_filters(cfg, opts) if f["name"] == "signalbox.attempt"]
+        return script["typed_config"]["default_source_code"]["inline_string"]
+
+    before = config()
+    changed = config()
+    changed.backends[0].upstream_model = "renamed-upstream-model"
+    changed.providers[0].base_path = "/v2"
+    first = attempt_lua(before, CREDENTIALS)
+    assert attempt_lua(before, CREDENTIALS) == first
+    after = attempt_lua(changed, CREDENTIALS)
+    assert after != first and "renamed-upstream-model" in after and "renamed-upstream-model" not in first
+    elsewhere = envoygen.GatewayOptions(credentials_dir="/run/other-keys")
+    assert "/run/other-keys" in attempt_lua(changed, elsewhere) and "/run/other-keys" not in after

@@ -89,6 +89,40 @@ def _parse(
         return None
 
 
+class ModelCache:
+    """Validated resources by the object they were read from, from one compile to the next.
+
+    Why: `signalbox up` compiles everything again whenever one file changes, and validating the
+    4,000 resources of the 2,000-provider fleet was 0.3 s of every change (issue 12). With
+    `loader.DocumentCache`, a document whose text did not change is the same object as last
+    time, and its model (frozen) or its problems are reused. What the last compile did not see
+    is forgotten.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[type, int], tuple[object, Any, list[Problem]]] = {}
+        self._seen: dict[tuple[type, int], tuple[object, Any, list[Problem]]] = {}
+
+    def parse(
+        self,
+        cls: type[AIProvider] | type[RoutingPolicy] | type[Consumer],
+        obj: Mapping[str, Any],
+        problems: list[Problem],
+    ):
+        key = (cls, id(obj))
+        hit = self._seen.get(key) or self._kept.get(key)
+        if hit is None or hit[0] is not obj:  # the entry holds its object: an id is never reused under it
+            found: list[Problem] = []
+            hit = (obj, _parse(cls, obj, found), found)
+        self._seen[key] = hit
+        problems.extend(hit[2])
+        return hit[1]
+
+    def compiled(self) -> None:
+        """One compile is over: keep what it used, drop the rest."""
+        self._kept, self._seen = self._seen, {}
+
+
 def _cluster_name(*parts: str) -> str:
     """Readable, Envoy-safe cluster names (also used in Envoy stats)."""
     return ".".join(re.sub(r"[^A-Za-z0-9_-]", "_", p) for p in parts)
@@ -102,17 +136,22 @@ def compile_config(
     generation: int = 0,
     consumers: Iterable[Mapping[str, Any]] = (),
     key_hashes: KeyHashes | None = None,
+    models: ModelCache | None = None,
 ) -> CompileResult:
     """Compile every provider, policy and consumer into one RoutingConfig.
 
     `secrets_present` is the set of (namespace, secret, key) that exist; None skips that check
     (local runs without a cluster). Provider health comes from each object's `status.health`.
     `key_hashes`: each consumer's API key hashes, resolved by the caller (`core.consumers`).
+    `models`: resources validated by the last compile with it, reused for the same objects.
     """
     problems: list[Problem] = []
-    parsed_providers = [p for p in (_parse(AIProvider, o, problems) for o in providers) if p]
-    parsed_policies = [p for p in (_parse(RoutingPolicy, o, problems) for o in policies) if p]
-    parsed_consumers = [c for c in (_parse(Consumer, o, problems) for o in consumers) if c]
+    parse = models.parse if models is not None else _parse
+    parsed_providers = [p for p in (parse(AIProvider, o, problems) for o in providers) if p]
+    parsed_policies = [p for p in (parse(RoutingPolicy, o, problems) for o in policies) if p]
+    parsed_consumers = [c for c in (parse(Consumer, o, problems) for o in consumers) if c]
+    if models is not None:
+        models.compiled()
     parsed_providers.sort(key=lambda p: p.key)
     parsed_policies.sort(key=lambda p: p.key)
 

@@ -1,0 +1,85 @@
+"""The loader's document cache reads what PyYAML reads, and parses only documents that changed."""
+
+from __future__ import annotations
+
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from signalbox.core import loader
+from signalbox.core.loader import SAFE_LOADER, DocumentCache
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20))
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+# What a YAML file is made of: dumped documents (block scalars with "---" inside among them),
+# document markers of each form, comments, blank lines and text that may not parse at all.
+pieces = st.one_of(
+    values.map(lambda v: yaml.safe_dump(v)),
+    st.sampled_from(
+        [
+            "---\n",
+            "--- \n",
+            "--- # next\n",
+            "---\r\n",
+            "...\n",
+            "%YAML 1.1\n",
+            "# a comment\n",
+            "\n",
+            "text: |\n  one\n  --- not a marker\n",
+            "---a: 1\n",
+            "key: [1,\n",
+            "  - indented\n",
+        ]
+    ),
+    st.text(max_size=12),
+)
+
+
+def load_all(text: str) -> list | type:
+    try:
+        return list(yaml.load_all(text, Loader=SAFE_LOADER))
+    except yaml.YAMLError:
+        return yaml.YAMLError
+
+
+def cached(cache: DocumentCache, text: str) -> list | type:
+    try:
+        return cache.documents(text)
+    except yaml.YAMLError:
+        return yaml.YAMLError
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(pieces, max_size=8), st.lists(pieces, max_size=8))
+def test_documents_are_what_pyyaml_reads_however_the_text_changes(first, second):
+    cache = DocumentCache()
+    for text in ("".join(first), "".join(second), "".join(first)):
+        assert cached(cache, text) == load_all(text)
+        cache.loaded()
+
+
+def test_a_document_whose_text_did_not_change_is_not_parsed_again(tmp_path, monkeypatch):
+    def provider(name: str) -> str:
+        return f"apiVersion: {loader.API_VERSION}\nkind: AIProvider\nmetadata: {{name: {name}}}\nspec: {{}}\n"
+
+    file = tmp_path / "providers.yaml"
+    file.write_text("---\n".join(provider(f"p{i}") for i in range(3)))
+    cache = DocumentCache()
+    first = loader.load([file], cache)
+    parsed: list[str] = []
+    real_load_all = yaml.load_all
+
+    def counting(text, Loader):
+        parsed.append(text)
+        return real_load_all(text, Loader=Loader)
+
+    monkeypatch.setattr(loader.yaml, "load_all", counting)
+    file.write_text("---\n".join(provider(f"p{i}") for i in (0, 1, 2, 3)))
+    second = loader.load([file], cache)
+    assert len(parsed) == 1 and "p3" in parsed[0] and "p0" not in parsed[0]  # the new document alone
+    assert second.providers[:3] == first.providers and second.providers[0] is first.providers[0]
+    assert [p["metadata"]["name"] for p in second.providers] == ["p0", "p1", "p2", "p3"]
