@@ -208,19 +208,19 @@ async def _streams(
     failed = count - counts.get("succeeded", 0)
     status = next((x for x in output.splitlines() if x.startswith("status codes:")), "")
     run = {"streams": count, "seconds": seconds, "failed": failed, "status_codes": status, "at_peak": peak}
-    if failed:
-        run["extproc_cluster"] = await asyncio.to_thread(_extproc_trouble, gateway)
+    # Also when nothing failed: retries to another worker (a refused connection) hide trouble.
+    run["extproc_cluster"] = await asyncio.to_thread(_extproc_trouble, gateway)
     return run
 
 
 def _extproc_trouble(gateway: LocalGateway) -> dict[str, int]:
     """Envoy's counters of what went wrong between it and the ext_proc (ejections, overflows,
-    resets, timeouts), for a run with failures."""
+    resets, timeouts) and of the retries that saved a request from it."""
     url = f"http://127.0.0.1:{gateway.admin_port}/stats?filter=^cluster.{envoygen.EXTPROC_CLUSTER}."
     out = {}
     for line in httpx.get(url, timeout=5).text.splitlines():
         name, _, value = line.partition(": ")
-        words = ("eject", "overflow", "fail", "timeout", "reset", "cancel", "none_healthy")
+        words = ("eject", "overflow", "fail", "timeout", "reset", "cancel", "none_healthy", "retry")
         if value.strip().isdigit() and int(value) and any(w in name for w in words):
             out[name.split(".", 2)[2]] = int(value)
     return out
