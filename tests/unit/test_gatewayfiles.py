@@ -78,3 +78,19 @@ def test_an_envoy_about_to_start_gets_the_backend_clusters_alone_then_everything
     # Backends that Envoy resolves itself (no ADS) warm at once: nothing to stage.
     gatewayfiles.publish(cfg, tmp_path / "dns", envoygen.GatewayOptions(), backends_first=True)
     assert json.loads(files(tmp_path / "dns")["lds.json"].read_text())["resources"]
+
+
+def test_envoys_files_are_the_generated_resources_in_utf8_json(tmp_path):
+    """Written by orjson, as bytes: UTF-8 whatever the process's locale, non-ASCII names as
+    they are (the standard library's encoder escaped them; orjson does not)."""
+    cfg = compile_config(
+        [provider("a", "http://127.0.0.1:9001/v1", [model("m")])],
+        [policy("p", ["modèle-é", "x"], [backend("a", "m")])],
+    ).config
+    assert cfg is not None
+    gatewayfiles.write_envoy(cfg, tmp_path, envoygen.GatewayOptions())
+    config_dir = str(tmp_path / gatewayfiles.ENVOY_DIR)
+    expected = envoygen.resources(cfg, envoygen.GatewayOptions(), config_dir)
+    for name, path in files(tmp_path).items():
+        assert json.loads(path.read_bytes().decode("utf-8")) == expected[name]
+    assert "modèle-é" in files(tmp_path)["rds.json"].read_bytes().decode("utf-8")
