@@ -140,7 +140,11 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     metrics = Metrics()
     logging.getLogger("grpc._cython.cygrpc").addFilter(_PeerClosedFirst(metrics))
     tables = TableHolder(resolve_key=default_key_resolver(args.secrets_dir), metrics=metrics)
-    if not tables.load_file(args.config):
+    if not Path(args.config).exists():
+        # Its writer starts later or is still compiling (`signalbox up` starts the workers
+        # while it compiles); the config watch loads it once it is written.
+        log.info("waiting for the routing config at %s", args.config)
+    elif not tables.load_file(args.config):
         log.warning("starting with no routing config: every request gets 404 until %s is valid", args.config)
     address = listen_address(args)
     state_dir = getattr(args, "state_dir", None)

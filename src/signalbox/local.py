@@ -320,29 +320,25 @@ class LocalGateway:
 
     def start(self, timeout: float = 30.0) -> None:
         raise_open_files_limit()
-        result = self.apply()
+        assert self.workdir
+        # The workers start first and import while the config compiles (the compile uses one
+        # core; a worker's imports take about a second of the other); each loads the config
+        # once it is written. A config that does not compile stops them again.
+        self.config = None
+        (self.workdir / gatewayfiles.CONFIG_FILE).unlink(missing_ok=True)  # a reused work dir's
+        self._spawn_workers()
+        try:
+            result = self.apply()
+        except BaseException:
+            self.stop()
+            raise
         if result.config is None:
+            self.stop()
             raise StartupError(
                 "cannot start: the routing resources do not compile:\n" + "\n".join(f"  - {p}" for p in result.problems)
             )
         if self.start_fakes:
             self._start_fakes(timeout)
-        assert self.workdir
-        # Created once here so the workers, starting together, do not race to set them up.
-        state_dir = self.workdir / gatewayfiles.STATE_DIR
-        SpendLedger(state_dir / SPEND_DB).close()
-        SharedLearning(state_dir / LEARNING_DB).close()
-        OpenRequests(state_dir / OPEN_DB).close()
-        Cooldowns(state_dir / COOLDOWN_DB).close()
-        RolloutStats(state_dir / ROLLOUT_DB).close()
-        # Workers share their counters (prometheus_client multiprocess mode): the admin API of
-        # worker 0 reports the whole gateway.
-        metrics_dir = self.workdir / "metrics"
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        metrics_dir.mkdir()
-        self._admin_api_file.unlink(missing_ok=True)
-        for n in range(len(self.options.extproc_sockets)):
-            self._spawn(f"extproc-{n}", self.extproc_argv(n), {MULTIPROC_ENV: str(metrics_dir)})
         # Envoy starts with the backend clusters alone (gatewayfiles.write_envoy_backends_first)
         # while the workers start: it reads them meanwhile, and asks the workers for their
         # endpoints once they are up (it retries until one answers).
@@ -383,7 +379,9 @@ class LocalGateway:
         self._token_refresher.start()
         # The rest, generated while Envoy warms the backends, written once they have.
         config = self.config
-        files = gatewayfiles.envoy_files(config, self.workdir, self.options) if config is not None else {}
+        files: dict[Path, bytes] = (
+            gatewayfiles.envoy_files(config, self.workdir, self.options) if config is not None else {}
+        )
         self._wait(lambda: self._envoy_admin_port() is not None, "envoy", timeout)
         self._wait(lambda: envoyadmin.clusters_warm(self.admin_port), "envoy", timeout)
         with self._publishing:
@@ -395,8 +393,26 @@ class LocalGateway:
         if not self.port:
             self.port = self._bound_listener_port()
 
+    def _spawn_workers(self) -> None:
+        assert self.workdir
+        # Created once here so the workers, starting together, do not race to set them up.
+        state_dir = self.workdir / gatewayfiles.STATE_DIR
+        SpendLedger(state_dir / SPEND_DB).close()
+        SharedLearning(state_dir / LEARNING_DB).close()
+        OpenRequests(state_dir / OPEN_DB).close()
+        Cooldowns(state_dir / COOLDOWN_DB).close()
+        RolloutStats(state_dir / ROLLOUT_DB).close()
+        # Workers share their counters (prometheus_client multiprocess mode): the admin API of
+        # worker 0 reports the whole gateway.
+        metrics_dir = self.workdir / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir()
+        self._admin_api_file.unlink(missing_ok=True)
+        for n in range(len(self.options.extproc_sockets)):
+            self._spawn(f"extproc-{n}", self.extproc_argv(n), {MULTIPROC_ENV: str(metrics_dir)})
+
     def _start_fakes(self, timeout: float) -> None:
-        docs = loader.load(list(self.paths))
+        docs = loader.load(list(self.paths), self._compile_cache.documents)
         for obj in docs.providers:
             meta = obj.get("metadata") or {}
             if str((meta.get("annotations") or {}).get(FAKE_ANNOTATION, "")).lower() != "true":

@@ -477,3 +477,27 @@ def test_signalbox_up_stopped_while_it_starts_leaves_nothing_running(tmp_path):
         for pid in started:  # what a failure of this test would otherwise leave running
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_config_that_does_not_compile_stops_the_workers_started_while_it_compiled(fakes, tmp_path):
+    """`signalbox up` starts its ext_proc workers while it compiles; a config that does not
+    compile must not leave them running behind the error."""
+    from signalbox.local import LocalGateway, StartupError
+
+    (tmp_path / "resources.yaml").write_text(
+        dump(
+            provider("alpha", fakes["alpha"].url + "/v1", [model("a1")]),
+            policy("broken", ["x"], [backend("nowhere", "a1")]),  # no such provider
+        )
+    )
+    gateway = LocalGateway(
+        paths=[str(tmp_path / "resources.yaml")],
+        port=0,
+        workdir=tmp_path / "work",
+        start_fakes=False,
+        extproc_workers=2,
+    )
+    with pytest.raises(StartupError, match="do not compile"):
+        gateway.start()
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "work")], capture_output=True, text=True).stdout
+    assert leftovers.strip() == "", leftovers
