@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import sys
@@ -209,21 +210,50 @@ async def _streams(
     status = next((x for x in output.splitlines() if x.startswith("status codes:")), "")
     run = {"streams": count, "seconds": seconds, "failed": failed, "status_codes": status, "at_peak": peak}
     # Also when nothing failed: retries to another worker (a refused connection) hide trouble.
-    run["extproc_cluster"] = await asyncio.to_thread(_extproc_trouble, gateway)
+    run["trouble"] = await asyncio.to_thread(_trouble, gateway)
     return run
 
 
-def _extproc_trouble(gateway: LocalGateway) -> dict[str, int]:
-    """Envoy's counters of what went wrong between it and the ext_proc (ejections, overflows,
-    resets, timeouts) and of the retries that saved a request from it."""
-    url = f"http://127.0.0.1:{gateway.admin_port}/stats?filter=^cluster.{envoygen.EXTPROC_CLUSTER}."
-    out = {}
-    for line in httpx.get(url, timeout=5).text.splitlines():
+_TROUBLE = ("eject", "overflow", "fail", "timeout", "reset", "cancel", "none_healthy", "retry", "5xx")
+
+
+def _trouble(gateway: LocalGateway) -> dict[str, dict[str, int]]:
+    """Envoy's counters of what went wrong, and of the retries that saved a request: between it
+    and the ext_proc (`extproc`), summed over the providers' clusters (`providers`), and on
+    its listener (`listener`)."""
+    text = httpx.get(f"http://127.0.0.1:{gateway.admin_port}/stats", timeout=10).text
+    out: dict[str, dict[str, int]] = {"extproc": {}, "providers": {}, "listener": {}}
+    for line in text.splitlines():
         name, _, value = line.partition(": ")
-        words = ("eject", "overflow", "fail", "timeout", "reset", "cancel", "none_healthy", "retry")
-        if value.strip().isdigit() and int(value) and any(w in name for w in words):
-            out[name.split(".", 2)[2]] = int(value)
+        if not (value.strip().isdigit() and int(value) and any(w in name for w in _TROUBLE)):
+            continue
+        if name.startswith(f"cluster.{envoygen.EXTPROC_CLUSTER}."):
+            out["extproc"][name.split(".", 2)[2]] = int(value)
+        elif name.startswith("cluster.b."):  # backend clusters: b.<namespace>.<provider>.<model>.<stat>
+            stat = name.split(".", 5)[5]
+            out["providers"][stat] = out["providers"].get(stat, 0) + int(value)
+        elif name.startswith("http.signalbox."):
+            out["listener"][name.removeprefix("http.signalbox.")] = int(value)
     return out
+
+
+def _time_wait_sockets() -> int:
+    """TCP sockets in TIME_WAIT on this machine (state 06 in /proc/net/tcp and tcp6)."""
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fh:
+            total += sum(1 for line in fh if line.split()[3:4] == ["06"])
+    return total
+
+
+def _ports_settled(streams: int, deadline_s: float = 180.0) -> None:
+    """Wait until the last run's closed connections have left TIME_WAIT (60 s on Linux). A run
+    of 5,000 streams leaves about 10,000; two runs back to back left 35,000, more than the
+    28,000 ephemeral ports, and the next run's connections failed (up to 199 of 5,000 streams,
+    counted as the gateway's)."""
+    started = time.monotonic()
+    while _time_wait_sockets() > streams and time.monotonic() - started < deadline_s:
+        time.sleep(1)
 
 
 def streams(count: int, seconds: float, strategies: list[str], ramp: int = RAMP_PER_SECOND) -> dict[str, Any]:
@@ -236,6 +266,7 @@ def streams(count: int, seconds: float, strategies: list[str], ramp: int = RAMP_
     try:
         files = write_fleet(work / "fleet", 10, len(STRATEGIES), upstream + "/v1")
         for strategy in strategies:
+            _ports_settled(count)
             gateway = fleet_gateway(files, work / strategy)
             gateway.start(timeout=120)
             try:
