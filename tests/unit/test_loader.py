@@ -83,3 +83,33 @@ def test_a_document_whose_text_did_not_change_is_not_parsed_again(tmp_path, monk
     assert len(parsed) == 1 and "p3" in parsed[0] and "p0" not in parsed[0]  # the new document alone
     assert second.providers[:3] == first.providers and second.providers[0] is first.providers[0]
     assert [p["metadata"]["name"] for p in second.providers] == ["p0", "p1", "p2", "p3"]
+
+
+def test_a_compile_with_the_cache_validates_only_new_documents_and_still_reports_old_problems(tmp_path, monkeypatch):
+    from signalbox.core import compiler
+    from signalbox.local import CompileCache, compile_files
+    from tests.factories import backend, dump, model, policy, provider
+
+    good = dump(provider("a", "http://127.0.0.1:9/v1", [model("m")]), policy("p", ["x"], [backend("a", "m")]))
+    bad = dump(policy("q", ["y"], [backend("a", "m")], strategy="no-such-strategy"))
+    (tmp_path / "good.yaml").write_text(good)
+    cache = CompileCache()
+    first = compile_files([tmp_path], cache=cache)
+    assert first.config is not None
+    validated: list[str] = []
+    real = compiler._parse
+
+    def counting(cls, obj, problems):
+        validated.append(obj["metadata"]["name"])
+        return real(cls, obj, problems)
+
+    monkeypatch.setattr(compiler, "_parse", counting)
+    (tmp_path / "bad.yaml").write_text(bad)
+    second = compile_files([tmp_path], cache=cache)
+    assert validated == ["q"]  # a and p were validated by the first compile
+    assert second.config is None and any(p.name == "q" for p in second.problems)
+    third = compile_files([tmp_path], cache=cache)
+    assert validated == ["q"]  # nothing new: the bad policy's problems come from the cache
+    assert third.config is None and [str(p) for p in third.problems] == [str(p) for p in second.problems]
+    (tmp_path / "bad.yaml").unlink()
+    assert compile_files([tmp_path], cache=cache).config.content_hash == first.config.content_hash
