@@ -236,6 +236,58 @@ async def test_the_watch_builds_no_second_table_for_the_file_loaded_at_start(
     assert builds == ([7, 8, 9] if changed_before_the_watch else [7, 9])
 
 
+async def test_the_watch_waits_quietly_for_the_file_and_rebuilds_only_when_it_changes(stub, tmp_path, monkeypatch):
+    """`signalbox up` starts its workers before the config is written: each logged an error
+    and counted a reload failure for the file not being there yet. Other files written in the
+    folder rebuilt the table in force each time, and a bad file was reported again on each."""
+    from signalbox.extproc import runtime
+
+    _, _, holder = stub
+    builds: list[int] = []
+    original = runtime.RuntimeTable.from_config
+
+    def counting(cfg, *args, **kwargs):
+        builds.append(cfg.generation)
+        return original(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.RuntimeTable, "from_config", staticmethod(counting))
+    events = asyncio.Queue()
+    real_awatch = watchfiles.awatch
+
+    async def awatch(*args, **kwargs):
+        async for changes in real_awatch(*args, **kwargs):
+            yield changes
+            events.put_nowait(changes)  # after the watch has handled them
+
+    monkeypatch.setattr(watchfiles, "awatch", awatch)
+    path = tmp_path / "config" / "config.json"
+    stop = asyncio.Event()
+    watching = asyncio.create_task(holder.watch(path, stop))
+    try:
+        await until(path.parent.exists)
+        for n in range(3):  # a writer's temporary files, before the config exists and after
+            (path.parent / f".tmp{n}").write_text("x")
+            await asyncio.wait_for(events.get(), 10)
+            if n == 0:
+                assert holder.reload_failures == 0 and builds == []
+                path.write_text(json_format.MessageToJson(routing_config(generation=4)))
+                await until(lambda: holder.current.generation == 4)
+        assert builds == [4] and holder.reload_failures == 0
+        path.write_text("{not json")
+        await until(lambda: holder.reload_failures == 1)
+        (path.parent / ".tmp9").write_text("x")
+        await asyncio.wait_for(events.get(), 10)
+        while not events.empty():
+            events.get_nowait()
+        (path.parent / ".tmp10").write_text("x")
+        await asyncio.wait_for(events.get(), 10)
+        assert holder.reload_failures == 1 and holder.current.generation == 4
+    finally:
+        stop.set()
+        await watching
+    assert builds == [4]
+
+
 async def test_health_service_reports_serving(stub):
     _, channel, _ = stub
     reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
