@@ -1,6 +1,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from signalbox.core import envoygen
 from signalbox.core.compiler import compile_config
@@ -553,6 +555,28 @@ def test_routes_tell_the_one_attempt_script_which_members_a_larger_window_follow
     assert added["header"] == {"key": envoygen.LARGER_AFTER_HEADER, "value": "default/a/small"}
     assert "request_headers_to_add" not in routes[f"{cfg.policies[0].id}:{big_first}"]
     assert envoygen.LARGER_AFTER_HEADER in envoygen.GATEWAY_HEADERS  # clients cannot send it
+
+
+@settings(max_examples=40, deadline=None)
+@given(windows=st.lists(st.sampled_from([4000, 8000, 32000, 128000]), min_size=1, max_size=5))
+def test_each_chain_marks_exactly_the_members_a_larger_window_follows(windows):
+    """The generator works out each chain once and marks in one pass from its end: a member is
+    marked when any later member of its chain has a larger window, in every chain."""
+    models = [model(f"m{i}", contextWindow=w) for i, w in enumerate(windows)]
+    chain = [backend("a", f"m{i}", priority=i) for i in range(len(windows))]
+    cfg = compile_config([provider("a", "http://127.0.0.1:9001/v1", models)], [policy("p", ["x"], chain)]).config
+    members = envoygen.chain_members(cfg)
+    assert set(members) == {b.target for b in cfg.policies[0].backends}
+    expected = {}
+    for target, chain_backends in members.items():
+        marked = [
+            b.id
+            for j, b in enumerate(chain_backends)
+            if any(later.context_window > b.context_window for later in chain_backends[j + 1 :])
+        ]
+        if marked:
+            expected[target] = ",".join(marked)
+    assert envoygen.larger_after(cfg) == expected
 
 
 def test_requests_without_alias_or_target_meet_their_answer_before_any_policy_route():

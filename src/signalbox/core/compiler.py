@@ -473,9 +473,9 @@ def _add_policy(cfg, pol: RoutingPolicy, backend_index, provider_models, seen_ma
         b = position_to_backend[i]
         live = "pending" if i in healthy else ""  # named below, once every position is known
         out.backends.append(pb.PolicyBackend(backend=b, weight=ref.weight, priority=ref.priority, target=live))
-    for i, pbb in enumerate(out.backends):
-        if pbb.target:
-            pbb.target = target_name(chain(cfg, out, i))
+    named = [i for i, pbb in enumerate(out.backends) if pbb.target]
+    for i, members in zip(named, chains(cfg, out, named), strict=True):
+        out.backends[i].target = target_name(members)
     out.max_attempts = spec.failover.max_attempts or (len(healthy) if spec.failover.enabled else 1)
     keys = [b.key for b in spec.backends]
     for route in spec.routes:
@@ -602,13 +602,22 @@ def chain(cfg: pb.RoutingConfig, policy: pb.Policy, first: int) -> list[pb.Backe
     Shared by the Envoy generator (aggregate clusters) and the explain output, so both always
     describe the same failover order.
     """
-    members = [first]
-    if policy.failover:
-        order = sorted(range(len(policy.backends)), key=lambda i: (policy.backends[i].priority, i))
-        members += [i for i in order if i != first and policy.backends[i].target]
-    backends = [cfg.backends[policy.backends[i].backend] for i in members]
-    if "embeddings" in backends[0].capabilities:
-        # The first choice may be serving an embeddings request: never fail it over to a model
-        # that cannot embed (the router phase only picks embedding models for those).
-        backends = [b for b in backends if "embeddings" in b.capabilities]
-    return backends
+    return chains(cfg, policy, (first,))[0]
+
+
+def chains(cfg: pb.RoutingConfig, policy: pb.Policy, firsts: Iterable[int] | None = None) -> list[list[pb.Backend]]:
+    """`chain` for each first choice in `firsts` (default: every backend's position), the
+    failover order sorted once: the compile and the generator name a chain per policy and
+    backend, 10,000 of them at the 2,000-policy fleet."""
+    backends = policy.backends
+    order = sorted(range(len(backends)), key=lambda i: (backends[i].priority, i)) if policy.failover else []
+    out = []
+    for first in range(len(backends)) if firsts is None else firsts:
+        members = [first, *(i for i in order if i != first and backends[i].target)]
+        chosen = [cfg.backends[backends[i].backend] for i in members]
+        if "embeddings" in chosen[0].capabilities:
+            # The first choice may be serving an embeddings request: never fail it over to a
+            # model that cannot embed (the router phase only picks embedding models for those).
+            chosen = [b for b in chosen if "embeddings" in b.capabilities]
+        out.append(chosen)
+    return out

@@ -8,7 +8,7 @@ from typing import Any
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from ..gcpause import paused_gc
-from .clusters import clusters
+from .clusters import chain_members, clusters
 from .contract import ADMIN_CLUSTER, BACKEND_PREFIX, EXTPROC_ADMIN_CLUSTER, EXTPROC_CLUSTER, TARGET_PREFIX
 from .listener import health_listener, listener, route_config
 from .options import STREAM_LIMITS, GatewayOptions, _address, _admin_address, _any
@@ -215,8 +215,9 @@ def resources(cfg: pb.RoutingConfig, opts: GatewayOptions, config_dir: str = "")
     listeners = [listener(cfg, opts, routes=rds)]
     if opts.health_port is not None:
         listeners.append(health_listener(opts))
-    out = {"cds.json": {"resources": clusters(cfg, opts)}, "lds.json": {"resources": listeners}}
+    members = chain_members(cfg)
+    out = {"cds.json": {"resources": clusters(cfg, opts, members)}, "lds.json": {"resources": listeners}}
     if rds is not None:
-        table = _any("envoy.config.route.v3.RouteConfiguration", **route_config(cfg, opts))
+        table = _any("envoy.config.route.v3.RouteConfiguration", **route_config(cfg, opts, members))
         out["rds.json"] = {"resources": [table]}
     return out

@@ -312,26 +312,36 @@ def _attempt_filter(
     }
 
 
-def larger_after(cfg: pb.RoutingConfig) -> dict[str, str]:
+def chain_members(cfg: pb.RoutingConfig) -> dict[str, list[pb.Backend]]:
+    """Each target (failover chain) a policy names, with its members in order: worked out once
+    per generation and shared by the clusters and the routes (`larger_after`)."""
+    from ..compiler import chains
+
+    out: dict[str, list[pb.Backend]] = {}
+    for policy in cfg.policies:
+        new = [i for i, b in enumerate(policy.backends) if b.target and b.target not in out]
+        for i, members in zip(new, chains(cfg, policy, new), strict=True):
+            out.setdefault(policy.backends[i].target, members)
+    return out
+
+
+def larger_after(cfg: pb.RoutingConfig, members: dict[str, list[pb.Backend]] | None = None) -> dict[str, str]:
     """Per target (chain): the members a later member's larger context window follows, comma
     separated, for chains that have any (a too-long prompt's refusal from one of them is
     retried on the next). The routes to a target send it in LARGER_AFTER_HEADER: attempt.lua is
-    one script for every chain and learns the chain from the request."""
-    from ..compiler import chain
-
+    one script for every chain and learns the chain from the request. `members`: `chain_members`."""
     out: dict[str, str] = {}
-    for policy in cfg.policies:
-        for i, pb_backend in enumerate(policy.backends):
-            if not pb_backend.target or pb_backend.target in out:
-                continue
-            members = chain(cfg, policy, i)
-            marked = [
-                b.id
-                for j, b in enumerate(members)
-                if any(later.context_window > b.context_window for later in members[j + 1 :])
-            ]
-            out[pb_backend.target] = ",".join(marked)
-    return {target: ids for target, ids in out.items() if ids}
+    for target, chain in (chain_members(cfg) if members is None else members).items():
+        windows = [b.context_window for b in chain]
+        largest_after = 0
+        marked: list[str] = []
+        for b, window in zip(reversed(chain), reversed(windows), strict=True):
+            if largest_after > window:
+                marked.append(b.id)
+            largest_after = max(largest_after, window)
+        if marked:
+            out[target] = ",".join(reversed(marked))
+    return out
 
 
 # Where clients of either API put a key: never passed on, whatever the providers use.
@@ -585,36 +595,32 @@ def backend_clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[s
     ]
 
 
-def clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
-    # The compiler (and with it pydantic) only when clusters are generated: the ext_proc reads
-    # the contract from this package and must not load it.
-    from ..compiler import chain
-
+def clusters(
+    cfg: pb.RoutingConfig, opts: GatewayOptions, members: dict[str, list[pb.Backend]] | None = None
+) -> list[dict[str, Any]]:
+    """Every cluster: the backends', one aggregate per distinct chain a route uses (whichever
+    policies share it), the relay's, the tracer's and the JWKS fetchers'. `members`:
+    `chain_members`."""
+    members = chain_members(cfg) if members is None else members
     out = backend_clusters(cfg, opts)
-    seen: set[str] = set()
-    for policy in cfg.policies:
-        routed = set(routed_targets(policy))
-        for i, pb_backend in enumerate(policy.backends):
-            if pb_backend.target not in routed or pb_backend.target in seen:
-                continue  # one aggregate per distinct chain a route uses, whichever policies share it
-            seen.add(pb_backend.target)
-            members = chain(cfg, policy, i)
-            out.append(
-                _any(
-                    "envoy.config.cluster.v3.Cluster",
-                    name=pb_backend.target,
-                    connect_timeout="1s",
-                    lb_policy="CLUSTER_PROVIDED",
-                    cluster_type={
-                        "name": "envoy.clusters.aggregate",
-                        "typed_config": _any(
-                            "envoy.extensions.clusters.aggregate.v3.ClusterConfig",
-                            clusters=[b.cluster for b in members],
-                        ),
-                    },
-                    circuit_breakers={"thresholds": [STREAM_LIMITS]},
-                )
+    routed = dict.fromkeys(target for policy in cfg.policies for target in routed_targets(policy))
+    for target in routed:
+        out.append(
+            _any(
+                "envoy.config.cluster.v3.Cluster",
+                name=target,
+                connect_timeout="1s",
+                lb_policy="CLUSTER_PROVIDED",
+                cluster_type={
+                    "name": "envoy.clusters.aggregate",
+                    "typed_config": _any(
+                        "envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                        clusters=[b.cluster for b in members[target]],
+                    ),
+                },
+                circuit_breakers={"thresholds": [STREAM_LIMITS]},
             )
+        )
     if opts.extproc_admin_port and relays(cfg, opts):
         out.append(_any("envoy.config.cluster.v3.Cluster", **_relay_cluster(opts.extproc_admin_port)))
     if opts.otlp_endpoint:

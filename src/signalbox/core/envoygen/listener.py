@@ -176,7 +176,9 @@ def _policy_headers(policy: pb.Policy) -> list[dict[str, Any]]:
     )
 
 
-def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
+def _routes(
+    cfg: pb.RoutingConfig, opts: GatewayOptions, members: dict[str, list[pb.Backend]] | None = None
+) -> list[dict[str, Any]]:
     """One route per policy and target (a policy's backend as first choice), matched on the
     target and policy the router phase put in dynamic metadata; then what Envoy answers without Python. Each attempt
     is prepared for its backend by the aggregate cluster's upstream filters (attempt.lua)."""
@@ -187,7 +189,7 @@ def _routes(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]
     routes: list[dict[str, Any]] = [relay_route()] if relays(cfg, opts) else []
     routes += [r for policy in cfg.policies if policy.compiled for r in compiled_routes(cfg, policy)]
     first_target = ""
-    larger = larger_after(cfg)
+    larger = larger_after(cfg, members)
 
     def chain_headers(target: str, policy: pb.Policy | None = None) -> dict[str, Any]:
         # attempt.lua is one script for every chain: the route tells it this chain's members
@@ -797,11 +799,14 @@ def router_attributes(cfg: pb.RoutingConfig) -> list[str]:
 ROUTE_CONFIG_NAME = "signalbox"
 
 
-def route_config(cfg: pb.RoutingConfig, opts: GatewayOptions) -> dict[str, Any]:
-    """The main listener's route table: inline, or its own resource (RDS, `resources`)."""
+def route_config(
+    cfg: pb.RoutingConfig, opts: GatewayOptions, members: dict[str, list[pb.Backend]] | None = None
+) -> dict[str, Any]:
+    """The main listener's route table: inline, or its own resource (RDS, `resources`).
+    `members`: each chain's (`clusters.chain_members`), when the caller has them."""
     return {
         "name": ROUTE_CONFIG_NAME,
-        "virtual_hosts": [_virtual_host(_routes(cfg, opts))],
+        "virtual_hosts": [_virtual_host(_routes(cfg, opts, members))],
         # A route's own response headers (a refusal's reason, a compiled route's decision)
         # win over the virtual host's.
         "most_specific_header_mutations_wins": True,
