@@ -32,6 +32,7 @@ from google.protobuf import json_format
 
 from bench.dataplane import RESULTS, lua, start_fake, wrk
 from bench.fleet import KEY_ENV, STRATEGIES, alias, fleet
+from bench.fleet import policies as fleet_policies
 from signalbox import gatewayfiles
 from signalbox.core import bundle, envoygen
 from signalbox.extproc.cooldown import Cooldowns
@@ -104,6 +105,19 @@ def rest_to_envoy(gateway: LocalGateway, backend: Any) -> float:
         cooldowns.close()
 
 
+def new_chain_policy(providers: int, index: int) -> dict[str, Any]:
+    """Fleet policy `index`, each backend moved to its provider's next model: chains no fleet
+    policy has, so its change adds aggregate clusters."""
+    (policy,) = fleet_policies(1, providers, 5, 5)
+    policy["metadata"]["name"] = f"r{index:05d}"
+    policy["spec"]["match"]["models"] = [alias(index)]
+    policy["spec"]["strategy"] = "latency"  # decided: one chain per backend
+    for k, ref in enumerate(policy["spec"]["backends"]):
+        ref["provider"] = f"p{(index + k) % providers:05d}"
+        ref["model"] = f"m{(k + 1) % 5}"
+    return policy
+
+
 def config(providers: int, policies: int) -> dict[str, Any]:
     fake, upstream = start_fake()
     work = Path(tempfile.mkdtemp(prefix="signalbox-scale-"))
@@ -160,6 +174,14 @@ def config(providers: int, policies: int) -> dict[str, Any]:
             files[1].write_text(extra)
             gateway.apply()
             out["one_policy_change_s"] = round(time.perf_counter() - started + serves(gateway, alias(policies)), 2)
+            # That policy's chains exist already (its providers and models are policy 0's), so
+            # Envoy's clusters did not change. One with chains no policy has (each provider's
+            # next model) adds clusters: Envoy reads its cluster file again.
+            extra += "---\n" + yaml.safe_dump(new_chain_policy(providers, policies + 1), sort_keys=False)
+            started = time.perf_counter()
+            files[1].write_text(extra)
+            gateway.apply()
+            out["new_chain_change_s"] = round(time.perf_counter() - started + serves(gateway, alias(policies + 1)), 2)
         finally:
             gateway.stop()
         return out
