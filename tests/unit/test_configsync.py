@@ -5,6 +5,7 @@ from pathlib import Path
 
 import kubernetes
 
+from signalbox import gatewayfiles
 from signalbox.configsync import ConfigSync
 from signalbox.core import bundle, envoygen
 from signalbox.core.compiler import compile_config
@@ -77,7 +78,7 @@ def test_the_init_container_writes_the_backend_clusters_alone(tmp_path):
     sync.starting = True  # as initialize() sets it around its one write
     assert sync.apply(config_data(1))
     listener = json.loads(Path(envoygen.resource_file(f"{tmp_path}/envoy", "lds.json")).read_text())
-    clusters = json.loads(Path(envoygen.resource_file(f"{tmp_path}/envoy", "cds.json")).read_text())
+    clusters = gatewayfiles.read_envoy_file(tmp_path / "envoy", "cds.json")
     assert listener["resources"] == [] and [c["type"] for c in clusters["resources"]] == ["EDS"]
     sync.starting = False
     assert sync.apply(config_data(2, alias="other"))  # the sidecar's writes are whole

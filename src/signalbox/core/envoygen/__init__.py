@@ -24,7 +24,7 @@ and a laptop run the same Envoy shape.
 
 from __future__ import annotations
 
-from .bootstrap import RESOURCE_FILES, bootstrap, resource_file, resources
+from .bootstrap import BINARY_FILES, RESOURCE_FILES, bootstrap, resource_file, resources
 from .clusters import (
     ATTEMPT_ERRORS,
     attempt_marker,
@@ -90,6 +90,7 @@ __all__ = [
     "API_PATHS",
     "ATTEMPT_ERRORS",
     "ATTEMPT_HEADER",
+    "BINARY_FILES",
     "BODY_MODEL_KEY",
     "CLIENT_PATH_KEY",
     "COMPILED_POLICY_TAG",
