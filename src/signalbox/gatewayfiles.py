@@ -156,7 +156,7 @@ def write_envoy_backends_first(cfg: pb.RoutingConfig, workdir: Path, options: en
     each of 7,712 chains: 10.6 s of Envoy's main thread at the 2,000-provider fleet (0.8 s with
     the backends first; bench/README.md)."""
     config_dir = str(workdir / ENVOY_DIR)
-    first = {
+    first: dict[str, dict[str, Any]] = {
         "cds.json": {"resources": envoygen.backend_clusters(cfg, options)},
         "rds.json": {"resources": []},
         "lds.json": {"resources": []},
