@@ -110,13 +110,21 @@ def write_envoy(cfg: pb.RoutingConfig, workdir: Path, options: envoygen.GatewayO
     """Envoy's clusters, then the routes that name them, then the listener that reads the
     routes. A file whose content did not change is not rewritten: Envoy would parse it again
     (the clusters are 20 MB at the 2,000-provider fleet) to find nothing to do."""
-    write_envoy_files(envoy_files(cfg, workdir, options))
+    config_dir = str(workdir / ENVOY_DIR)
+    resources = envoygen.resources(cfg, options, config_dir)
+    write_envoy_files(_encode_files(config_dir, resources))
+    # Only now are the resources freed: the 2,000-provider fleet's millions of dicts took 0.1 s
+    # to free, which Envoy no longer waits for.
+    del resources
 
 
 def envoy_files(cfg: pb.RoutingConfig, workdir: Path, options: envoygen.GatewayOptions) -> dict[Path, bytes]:
     """Envoy's resource files' paths and contents, in the order they are written."""
     config_dir = str(workdir / ENVOY_DIR)
-    resources = envoygen.resources(cfg, options, config_dir)
+    return _encode_files(config_dir, envoygen.resources(cfg, options, config_dir))
+
+
+def _encode_files(config_dir: str, resources: dict[str, dict[str, Any]]) -> dict[Path, bytes]:
     return {Path(envoygen.resource_file(config_dir, n)): _encode(n, resources[n]) for n in envoygen.RESOURCE_FILES}
 
 

@@ -118,6 +118,17 @@ class ModelCache:
         problems.extend(hit[2])
         return hit[1]
 
+    def provider(self, prov: AIProvider) -> tuple[pb.Provider, list[pb.Backend]]:
+        """A provider's messages, built once per model: building the 2,000 fleet's 2,000
+        providers and 10,000 backends was 0.1 s of every change. They depend on the model alone
+        (its spec, metadata and health status), and the config gets copies of them."""
+        key = (pb.Provider, id(prov))
+        hit = self._seen.get(key) or self._kept.get(key)
+        if hit is None or hit[0] is not prov:
+            hit = (prov, _provider_messages(prov), [])
+        self._seen[key] = hit
+        return hit[1]
+
     def compiled(self) -> None:
         """One compile is over: keep what it used, drop the rest."""
         self._kept, self._seen = self._seen, {}
@@ -150,8 +161,6 @@ def compile_config(
     parsed_providers = [p for p in (parse(AIProvider, o, problems) for o in providers) if p]
     parsed_policies = [p for p in (parse(RoutingPolicy, o, problems) for o in policies) if p]
     parsed_consumers = [c for c in (parse(Consumer, o, problems) for o in consumers) if c]
-    if models is not None:
-        models.compiled()
     parsed_providers.sort(key=lambda p: p.key)
     parsed_policies.sort(key=lambda p: p.key)
 
@@ -159,8 +168,11 @@ def compile_config(
     backend_index: dict[str, int] = {}
     provider_models: dict[str, list[str]] = {}
     for prov in parsed_providers:
-        _add_provider(cfg, prov, secrets_present, problems, backend_index)
+        built = models.provider(prov) if models is not None else _provider_messages(prov)
+        _add_provider(cfg, prov, built, secrets_present, problems, backend_index)
         provider_models[prov.key] = [m.name for m in prov.spec.models]
+    if models is not None:
+        models.compiled()
 
     seen_matches: dict[tuple, str] = {}
     for pol in parsed_policies:
@@ -186,7 +198,42 @@ def content_hash(cfg: pb.RoutingConfig) -> str:
     return hashlib.sha256(clone.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _add_provider(cfg, prov: AIProvider, secrets_present, problems, backend_index) -> None:
+def _add_provider(
+    cfg: pb.RoutingConfig,
+    prov: AIProvider,
+    built: tuple[pb.Provider, list[pb.Backend]],
+    secrets_present: set[tuple[str, str, str]] | None,
+    problems: list[Problem],
+    backend_index: dict[str, int],
+) -> None:
+    """The provider's messages (`_provider_messages`) into the config, and a problem when its
+    key's Secret is missing."""
+    meta, a = prov.metadata, prov.spec.auth
+    if (
+        a
+        and a.secret_ref
+        and secrets_present is not None
+        and (meta.namespace, a.secret_ref.name, a.secret_ref.key) not in secrets_present
+    ):
+        problems.append(
+            Problem(
+                "AIProvider",
+                meta.name,
+                "spec.auth.secretRef",
+                f"Secret {meta.namespace}/{a.secret_ref.name} with key {a.secret_ref.key!r} not found",
+                meta.namespace,
+                "RefNotFound",
+            )
+        )
+    provider, backends = built
+    cfg.providers.append(provider)
+    for backend in backends:
+        backend_index[backend.id] = len(cfg.backends)
+        cfg.backends.append(backend)
+
+
+def _provider_messages(prov: AIProvider) -> tuple[pb.Provider, list[pb.Backend]]:
+    """A provider and its backends, from its model alone (cacheable: `ModelCache.provider`)."""
     spec, meta = prov.spec, prov.metadata
     url = urlsplit(spec.base_url)
     tls = url.scheme == "https"
@@ -223,44 +270,28 @@ def _add_provider(cfg, prov: AIProvider, secrets_present, problems, backend_inde
             out.auth.secret.CopyFrom(
                 pb.SecretRef(namespace=meta.namespace, name=a.secret_ref.name, key=a.secret_ref.key)
             )
-            if (
-                secrets_present is not None
-                and (meta.namespace, a.secret_ref.name, a.secret_ref.key) not in secrets_present
-            ):
-                problems.append(
-                    Problem(
-                        "AIProvider",
-                        meta.name,
-                        "spec.auth.secretRef",
-                        f"Secret {meta.namespace}/{a.secret_ref.name} with key {a.secret_ref.key!r} not found",
-                        meta.namespace,
-                        "RefNotFound",
-                    )
-                )
         elif a.env:
             out.auth.env = a.env
         elif a.file:
             out.auth.file = a.file
-    cfg.providers.append(out)
-    for model in spec.models:
-        backend_id = f"{prov.key}/{model.name}"
-        backend_index[backend_id] = len(cfg.backends)
-        cfg.backends.append(
-            pb.Backend(
-                id=backend_id,
-                provider_id=prov.key,
-                model=model.name,
-                upstream_model=model.upstream,
-                input_price_per_1m=model.input_price_per_1m,
-                output_price_per_1m=model.output_price_per_1m,
-                quality=model.quality,
-                context_window=model.context_window,
-                capabilities=[c.value for c in model.capabilities],
-                latency_prior_ms=model.latency_prior_ms,
-                healthy=healthy,
-                cluster=_cluster_name(BACKEND_PREFIX, meta.namespace, meta.name, model.name),
-            )
+    backends = [
+        pb.Backend(
+            id=f"{prov.key}/{model.name}",
+            provider_id=prov.key,
+            model=model.name,
+            upstream_model=model.upstream,
+            input_price_per_1m=model.input_price_per_1m,
+            output_price_per_1m=model.output_price_per_1m,
+            quality=model.quality,
+            context_window=model.context_window,
+            capabilities=[c.value for c in model.capabilities],
+            latency_prior_ms=model.latency_prior_ms,
+            healthy=healthy,
+            cluster=_cluster_name(BACKEND_PREFIX, meta.namespace, meta.name, model.name),
         )
+        for model in spec.models
+    ]
+    return out, backends
 
 
 def _backend_of(
