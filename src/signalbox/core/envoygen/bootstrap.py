@@ -186,10 +186,10 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
 RESOURCE_FILES = ("cds.json", "rds.json", "lds.json")
 
 
-# Documents Envoy reads in protobuf's binary form (it goes by the file's suffix): the clusters,
-# which Envoy re-reads whole on every change (signalbox.xdsbinary). The routes are one resource,
-# converted anew on each change, and the listener names types xds-protos lacks: both JSON.
-BINARY_FILES = {"cds.json": "cds.pb"}
+# Documents Envoy reads in protobuf's binary form (it goes by the file's suffix): the clusters
+# and the routes, which Envoy re-reads whole on every change (signalbox.xdsbinary). The listener
+# names types xds-protos lacks, and changes rarely: JSON.
+BINARY_FILES = {"cds.json": "cds.pb", "rds.json": "rds.pb"}
 
 
 def resource_file(config_dir: str, name: str) -> str:
