@@ -557,6 +557,25 @@ def test_routes_tell_the_one_attempt_script_which_members_a_larger_window_follow
     assert envoygen.LARGER_AFTER_HEADER in envoygen.GATEWAY_HEADERS  # clients cannot send it
 
 
+def test_a_chain_known_from_the_last_generation_takes_its_members_from_this_config():
+    """The generator remembers each target's member clusters (a target's name is a digest of
+    them) and skips working the chain out again; the members' settings still come from the
+    config being generated: a model's context window that changed is seen."""
+
+    def compiled(big_window):
+        models = [model("small", contextWindow=8000), model("big", contextWindow=big_window)]
+        chain = [backend("a", "small"), backend("a", "big", priority=1)]
+        return compile_config([provider("a", "http://127.0.0.1:9001/v1", models)], [policy("p", ["x"], chain)]).config
+
+    larger, same = compiled(64000), compiled(4000)
+    assert [b.target for b in larger.policies[0].backends] == [b.target for b in same.policies[0].backends]
+    small_first = larger.policies[0].backends[0].target
+    fresh = envoygen.resources(larger, envoygen.GatewayOptions())
+    assert envoygen.larger_after(larger) == {small_first: "default/a/small"}
+    assert envoygen.larger_after(same) == {same.policies[0].backends[1].target: "default/a/big"}
+    assert envoygen.resources(larger, envoygen.GatewayOptions()) == fresh
+
+
 @settings(max_examples=40, deadline=None)
 @given(windows=st.lists(st.sampled_from([4000, 8000, 32000, 128000]), min_size=1, max_size=5))
 def test_each_chain_marks_exactly_the_members_a_larger_window_follows(windows):
