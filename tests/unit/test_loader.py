@@ -115,23 +115,26 @@ def test_a_compile_with_the_cache_validates_only_new_documents_and_still_reports
     assert compile_files([tmp_path], cache=cache).config.content_hash == first.config.content_hash
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["a", "b", "c"]),  # which provider file changes
+            st.sampled_from(["a", "b", "c", "aa"]),  # which provider file changes ("aa" sorts first)
             st.sampled_from(["m1", "m2"]),  # its second model
             st.booleans(),  # healthy, as its status says
             st.sampled_from(["http://127.0.0.1:9/v1", "https://api.example.com/v1"]),
+            st.sampled_from(["failover", "cost", "weighted"]),  # the first policy's strategy
         ),
         min_size=1,
         max_size=5,
     )
 )
 def test_a_cached_compile_is_the_compile_from_scratch_whatever_changes(tmp_path_factory, edits):
-    """Providers' messages are kept per model between compiles (`ModelCache.provider`): after
-    any sequence of edits the config is the one a compile from scratch gives, and a change to
-    the config one compile returned never reaches the next."""
+    """Providers' and policies' messages are kept per model between compiles
+    (`ModelCache.provider`, `ModelCache.built_policy`): after any sequence of edits the config
+    is the one a compile from scratch gives (a backend's health, place and fields reach the
+    policies that name it), and a change to the config one compile returned never reaches the
+    next."""
     from signalbox.local import CompileCache, compile_files
     from tests.factories import backend, dump, model, policy, provider
 
@@ -139,16 +142,20 @@ def test_a_cached_compile_is_the_compile_from_scratch_whatever_changes(tmp_path_
     for name in "abc":
         (folder / f"{name}.yaml").write_text(dump(provider(name, "http://127.0.0.1:9/v1", [model("m"), model("m1")])))
     chain = [backend("a", "m"), backend("b", "m", priority=1), backend("c", "m", priority=2)]
-    (folder / "policy.yaml").write_text(dump(policy("p", ["x"], chain)))
+    mirrored = policy("q", ["y"], [backend("c", "m")])
+    mirrored["spec"]["mirror"] = {"provider": "b", "model": "m", "percent": 10}
+    (folder / "mirrored.yaml").write_text(dump(mirrored))
     cache = CompileCache()
-    for name, second, healthy, url in edits:
+    for name, second, healthy, url, strategy in edits:
         resource = provider(name, url, [model("m"), model(second)])
         resource["status"] = {"health": {"healthy": healthy}}
         (folder / f"{name}.yaml").write_text(dump(resource))
+        (folder / "policy.yaml").write_text(dump(policy("p", ["x"], chain, strategy=strategy)))
         cached = compile_files([folder], cache=cache).config
         fresh = compile_files([folder]).config
         assert cached is not None and fresh is not None
         assert cached.SerializeToString(deterministic=True) == fresh.SerializeToString(deterministic=True)
         cached.backends[0].healthy = not cached.backends[0].healthy
         cached.providers[0].host = "changed.example"
+        cached.policies[0].backends[0].target = "changed"
     assert compile_files([folder], cache=cache).config.content_hash == fresh.content_hash
