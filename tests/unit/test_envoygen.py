@@ -1,3 +1,4 @@
+import importlib
 import json
 
 import pytest
@@ -574,6 +575,37 @@ def test_a_chain_known_from_the_last_generation_takes_its_members_from_this_conf
     assert envoygen.larger_after(larger) == {small_first: "default/a/small"}
     assert envoygen.larger_after(same) == {same.policies[0].backends[1].target: "default/a/big"}
     assert envoygen.resources(larger, envoygen.GatewayOptions()) == fresh
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.sampled_from([4000, 8000, 64000]), min_size=2, max_size=4),  # the second model's window
+    st.sampled_from(["cost", "failover", "weighted", "latency"]),
+    st.sampled_from([0, 30000]),  # the policy's timeout
+    st.booleans(),  # a first-token timeout
+)
+def test_what_the_generator_keeps_between_generations_never_changes_its_output(windows, strategy, timeout, first_token):
+    """Chains and each policy's routes are kept from one generation to the next
+    (`clusters._known_chains`, `listener._kept_routes`): whatever came before, a config's
+    resources are those a generator that kept nothing makes."""
+    # (The package exports functions of the same names as these modules.)
+    clusters_module = importlib.import_module("signalbox.core.envoygen.clusters")
+    listener_module = importlib.import_module("signalbox.core.envoygen.listener")
+
+    for window in windows:  # the same policy each time; what its chains' members allow changes
+        models = [model("m1", contextWindow=8000), model("m2", contextWindow=window)]
+        failover = {"firstTokenTimeoutMs": 2000} if first_token else {}
+        spec = {"timeoutMs": timeout} if timeout else {}
+        chain = [backend("a", "m1"), backend("a", "m2", priority=1)]
+        pol = policy("p", ["x"], chain, strategy=strategy, **spec)
+        if failover:
+            pol["spec"]["failover"] = {**pol["spec"].get("failover", {}), **failover}
+        cfg = compile_config([provider("a", "http://127.0.0.1:9001/v1", models)], [pol]).config
+        assert cfg is not None
+        kept = envoygen.resources(cfg, envoygen.GatewayOptions(), "/tmp/envoy")
+        clusters_module._known_chains = {}
+        listener_module._kept_routes = {}
+        assert kept == envoygen.resources(cfg, envoygen.GatewayOptions(), "/tmp/envoy")
 
 
 @settings(max_examples=40, deadline=None)
