@@ -189,16 +189,10 @@ async def until(condition, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-@pytest.mark.parametrize("changed_before_the_watch", [False, True])
-async def test_the_watch_builds_no_second_table_for_the_file_loaded_at_start(
-    stub, tmp_path, monkeypatch, changed_before_the_watch
-):
-    """A worker loads its config, then watches the file. The watch built the same file's table
-    again, beside the first and in another thread: each worker at the 2,000-provider fleet was
-    about 9 MB larger for good. A file that changed in between is still loaded."""
+def count_table_builds(monkeypatch) -> list[int]:
+    """The generation of each routing table built from now on, in order."""
     from signalbox.extproc import runtime
 
-    _, _, holder = stub
     builds: list[int] = []
     original = runtime.RuntimeTable.from_config
 
@@ -207,6 +201,18 @@ async def test_the_watch_builds_no_second_table_for_the_file_loaded_at_start(
         return original(cfg, *args, **kwargs)
 
     monkeypatch.setattr(runtime.RuntimeTable, "from_config", staticmethod(counting))
+    return builds
+
+
+@pytest.mark.parametrize("changed_before_the_watch", [False, True])
+async def test_the_watch_builds_no_second_table_for_the_file_loaded_at_start(
+    stub, tmp_path, monkeypatch, changed_before_the_watch
+):
+    """A worker loads its config, then watches the file. The watch built the same file's table
+    again, beside the first and in another thread: each worker at the 2,000-provider fleet was
+    about 9 MB larger for good. A file that changed in between is still loaded."""
+    _, _, holder = stub
+    builds = count_table_builds(monkeypatch)
     # When the watch starts watching (after its catch-up load, if any): only then is a write
     # one it must see.
     watching_now = asyncio.Event()
@@ -240,17 +246,8 @@ async def test_the_watch_waits_quietly_for_the_file_and_rebuilds_only_when_it_ch
     """`signalbox up` starts its workers before the config is written: each logged an error
     and counted a reload failure for the file not being there yet. Other files written in the
     folder rebuilt the table in force each time, and a bad file was reported again on each."""
-    from signalbox.extproc import runtime
-
     _, _, holder = stub
-    builds: list[int] = []
-    original = runtime.RuntimeTable.from_config
-
-    def counting(cfg, *args, **kwargs):
-        builds.append(cfg.generation)
-        return original(cfg, *args, **kwargs)
-
-    monkeypatch.setattr(runtime.RuntimeTable, "from_config", staticmethod(counting))
+    builds = count_table_builds(monkeypatch)
     events = asyncio.Queue()
     real_awatch = watchfiles.awatch
 
