@@ -119,17 +119,27 @@ def unpacked(response: discovery_pb2.DiscoveryResponse) -> list:
     return out
 
 
-def _parts(name: str, document: dict) -> list[bytes]:
-    """What the encoder converts one by one: each cluster; a route table's own fields, each
-    virtual host's own fields and each route."""
+def _parts(name: str, document: dict, before: dict | None = None) -> list[bytes]:
+    """What the encoder converts, given the document it encoded `before`: each cluster of a
+    shape (the cluster without its name; a provider's backends share one) not seen before, the
+    first of its shape; a route table's own fields, each virtual host's own fields and each
+    route not seen before."""
     if name == "cds.json":
-        return [orjson.dumps(c) for c in document["resources"]]
+        shapes = {orjson.dumps({**c, "name": ""}) for c in (before or {"resources": []})["resources"]}
+        out = []
+        for cluster in document["resources"]:
+            shape = orjson.dumps({**cluster, "name": ""})
+            if shape not in shapes:
+                shapes.add(shape)
+                out.append(orjson.dumps(cluster))
+        return out
     (table,) = document["resources"]
     out = [orjson.dumps({k: v for k, v in table.items() if k not in ("@type", "virtual_hosts")})]
     for host in table["virtual_hosts"]:
         out.append(orjson.dumps({k: v for k, v in host.items() if k != "routes"}))
         out += [orjson.dumps(r) for r in host["routes"]]
-    return out
+    seen = set(_parts(name, before)) if before is not None else set()
+    return [part for part in dict.fromkeys(out) if part not in seen]
 
 
 @pytest.mark.parametrize("name", sorted(envoygen.BINARY_FILES))
@@ -142,7 +152,7 @@ def test_a_change_converts_only_what_it_changed(tmp_path, monkeypatch, name):
     one = [policy("p", ["x"], [backend("a", "m"), backend("b", "m", priority=1)])]
     two = [*one, policy("q", ["y"], [backend("c", "m"), backend("a", "m", priority=1)], strategy="latency")]
     before = compile_config(PROVIDERS, one).config
-    after = compile_config([*PROVIDERS, provider("c", "http://c:1/v1", [model("m")])], two).config
+    after = compile_config([*PROVIDERS, provider("c", "http://c:1/v1", [model("m"), model("n")])], two).config
     encoder = xdsbinary.ResourceEncoder()
     converted: list[bytes] = []
     real = xdsbinary.json_format.ParseDict
@@ -154,15 +164,34 @@ def test_a_change_converts_only_what_it_changed(tmp_path, monkeypatch, name):
     monkeypatch.setattr(xdsbinary.json_format, "ParseDict", counting)
     first = envoygen.resources(before, options, str(tmp_path))[name]
     encoder.encode(first)
-    assert sorted(converted) == sorted(set(_parts(name, first)))
+    assert sorted(converted) == sorted(_parts(name, first))
     converted.clear()
     assert encoder.encode(first) and converted == []  # unchanged: nothing converted
     second = envoygen.resources(after, options, str(tmp_path))[name]
     encoded = encoder.encode(second)
-    new = set(_parts(name, second)) - set(_parts(name, first))
-    assert converted and sorted(converted) == sorted(new)  # (the parts "@type" moves aside)
+    assert converted and sorted(converted) == sorted(_parts(name, second, first))
     monkeypatch.setattr(xdsbinary.json_format, "ParseDict", real)
     whole = real(second, discovery_pb2.DiscoveryResponse())
     assert unpacked(discovery_pb2.DiscoveryResponse.FromString(encoded)) == unpacked(whole)
     assert encoder.encode(second) == encoded
     assert xdsbinary.decode(encoded)["resources"][0]["name"] == second["resources"][0]["name"]
+
+
+def test_key_files_are_readable_by_their_owner_alone_whatever_was_left_behind(tmp_path):
+    """A key file is created with its mode before the key is written to it, also when a stale
+    temporary file (another mode, another content) was left by a publisher that died."""
+    from signalbox.extproc.runtime import credential
+
+    keyed = provider("k", "http://127.0.0.1:9001/v1", [model("m")], auth={"env": "K"})
+    cfg = compile_config([keyed], [policy("p", ["x"], [backend("k", "m")])]).config
+    options = envoygen.GatewayOptions(credentials_dir=str(tmp_path / "credentials"))
+    path = Path(envoygen.credential_file(options.credentials_dir, cfg.providers[0].id))
+    path.parent.mkdir(parents=True)
+    stale = path.with_name(f".{path.name}.tmp")
+    stale.write_text("left behind")
+    stale.chmod(0o644)
+    gatewayfiles.write_credentials(cfg, options, lambda auth: credential(auth, "sk-one"))
+    assert path.stat().st_mode & 0o077 == 0 and path.read_text().endswith("sk-one")
+    assert not stale.exists()
+    gatewayfiles.write_credentials(cfg, options, lambda auth: credential(auth, "sk-two"))
+    assert path.stat().st_mode & 0o077 == 0 and path.read_text().endswith("sk-two")
