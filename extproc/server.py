@@ -467,6 +467,15 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             yield wire.immediate_error(err, policy.name if policy else "", api=api_of_path(path))
 
 
+# Streams gRPC may hold for the worker before its event loop takes them. gRPC core refuses new
+# calls at random past 1,000 waiting and all past 3,000 (`grpc.server.max_pending_requests`,
+# its hard limit); a burst of streams opened at once (5,000 in `bench.scale streams --ramp 0`)
+# outran the event loop, and Envoy answered the refused ones 503 routing_unavailable: 0 to
+# 343 of 5,000 per run, none in 5 runs with this limit. Each waiting stream costs gRPC about
+# a kilobyte; Envoy opens at most 100,000 (the ext_proc cluster's circuit breakers).
+MAX_PENDING_STREAMS = 20_000
+
+
 async def serve(
     tables: TableHolder,
     address: str,
@@ -479,6 +488,8 @@ async def serve(
         options=[
             ("grpc.max_receive_message_length", max_body_bytes + 1024 * 1024),
             ("grpc.max_send_message_length", max_body_bytes + 1024 * 1024),
+            ("grpc.server.max_pending_requests", MAX_PENDING_STREAMS),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_STREAMS),
         ]
     )
     processor = processor or Processor(tables, state, max_body_bytes)
