@@ -94,23 +94,29 @@ def local_gateway(args: argparse.Namespace):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from signalbox.local import StartupError
+    from signalbox.local import StartupCancelled, StartupError
 
     gateway = local_gateway(args)
 
     def _interrupt(*_: object) -> None:
-        raise KeyboardInterrupt
+        gateway.request_stop()
 
-    # Stopped while it starts (a supervisor, a test giving up): what was started is stopped too,
-    # never left running without its parent (SIGTERM's default would end this process alone).
+    # Stopped while it starts (a supervisor, a test giving up, Ctrl-C): what was started is
+    # stopped too, never left running without its parent (SIGTERM's default would end this
+    # process alone). The handlers only ask: start() stops between its steps, never between
+    # starting a process and recording it.
     signal.signal(signal.SIGTERM, _interrupt)
+    previous_sigint = signal.signal(signal.SIGINT, _interrupt)
     try:
         gateway.start()
+    except StartupCancelled:
+        return 130
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        gateway.stop()
         return 1
-    except KeyboardInterrupt:
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
+    if gateway.stop_requested:  # asked just as the start ended
         gateway.stop()
         return 130
     cfg = gateway.config

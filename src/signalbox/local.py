@@ -60,6 +60,10 @@ class StartupError(SignalboxError):
     """A child process (Envoy, ext_proc, fake provider) did not become ready."""
 
 
+class StartupCancelled(StartupError):
+    """`request_stop()` was called while the gateway started; what it had started is stopped."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -173,6 +177,9 @@ class LocalGateway:
     def __post_init__(self) -> None:
         self._compile_cache = CompileCache()
         self._stopping = threading.Event()
+        # Set by request_stop() (a signal handler) while start() runs; start() acts on it
+        # between its steps, so no process is ever started and then forgotten.
+        self._stop_requested = False
         self._supervisor: threading.Thread | None = None
         self._token_refresher: threading.Thread | None = None
         # The token refresher's thread and a recompile may both write credential files.
@@ -318,7 +325,28 @@ class LocalGateway:
         self.processes[name] = proc
         return proc
 
+    def request_stop(self) -> None:
+        """Ask a start in progress to stop. Safe in a signal handler: it only sets a flag, which
+        start() reads between steps. A handler that raised instead (KeyboardInterrupt) could land
+        between a child's creation and its registration, and that child, a fake provider once in
+        CI, outlived `signalbox up`."""
+        self._stop_requested = True
+
+    def _check_stop(self) -> None:
+        if self._stop_requested:
+            raise StartupCancelled("stopped while starting")
+
     def start(self, timeout: float = 30.0) -> None:
+        """Start the workers, compile, start fake providers and Envoy, and return once Envoy
+        serves. On any failure, or `request_stop()`, what was started is stopped again."""
+        self._stop_requested = False
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> None:
         raise_open_files_limit()
         assert self.workdir
         # The workers start first and import while the config compiles (the compile uses one
@@ -327,13 +355,9 @@ class LocalGateway:
         self.config = None
         (self.workdir / gatewayfiles.CONFIG_FILE).unlink(missing_ok=True)  # a reused work dir's
         self._spawn_workers()
-        try:
-            result = self.apply()
-        except BaseException:
-            self.stop()
-            raise
+        result = self.apply()
+        self._check_stop()
         if result.config is None:
-            self.stop()
             raise StartupError(
                 "cannot start: the routing resources do not compile:\n" + "\n".join(f"  - {p}" for p in result.problems)
             )
@@ -345,6 +369,7 @@ class LocalGateway:
         if self.config is not None:
             gatewayfiles.write_envoy_backends_first(self.config, self.workdir, self.options)
         bootstrap = gatewayfiles.write_bootstrap(self.workdir, self.options)
+        self._check_stop()
         self._envoy_admin_file.unlink(missing_ok=True)  # a reused work dir: never read an old port
         self._spawn(
             "envoy",
@@ -393,6 +418,11 @@ class LocalGateway:
         if not self.port:
             self.port = self._bound_listener_port()
 
+    @property
+    def stop_requested(self) -> bool:
+        """Whether `request_stop()` was called since the last start."""
+        return self._stop_requested
+
     def _spawn_workers(self) -> None:
         assert self.workdir
         # Created once here so the workers, starting together, do not race to set them up.
@@ -419,6 +449,7 @@ class LocalGateway:
                 continue
             url = urlsplit(obj["spec"]["baseUrl"])
             name = f"fake-{meta['name']}"
+            self._check_stop()
             self._spawn(
                 name,
                 [
@@ -466,6 +497,7 @@ class LocalGateway:
     def _wait(self, ready, name: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self._check_stop()
             proc = self.processes.get(name)
             if proc is not None and proc.poll() is not None:
                 raise StartupError(f"{name} exited with {proc.returncode}; see {self.workdir}/{name}.log")
