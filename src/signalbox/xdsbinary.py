@@ -6,10 +6,10 @@ cluster hashed and compared), a policy with a new failover chain 2.6 s until its
 answered. The same clusters as a binary DiscoveryResponse (4.5 MB; Envoy reads a `.pb` path
 as binary) took 0.34-0.55 s (bench/README.md, issue 12).
 
-Converting JSON to protobuf in Python is slow (json_format: ~70 us a cluster), so a converted
-cluster is kept, keyed by a digest of its JSON, for as long as it is in the file: a change
-converts only the clusters it added or changed. Envoy's message types come from xds-protos;
-the module of a type is imported the first time a resource names it.
+Converting JSON to protobuf in Python is slow (json_format: ~70 us a cluster), so each
+converted cluster and route is kept, keyed by a digest of its JSON, for as long as it is in the
+file: a change converts only what it added or changed. Envoy's message types come from
+xds-protos; the module of a type is imported the first time a resource names it.
 """
 
 from __future__ import annotations
@@ -27,22 +27,26 @@ from google.protobuf.message import Message
 
 _TYPE_URL = re.compile(rb"type\.googleapis\.com/([A-Za-z0-9_.]+)")
 _PROTOS_ROOT = Path(discovery_pb2.__file__).parents[4]  # the folder that holds envoy/, xds/, udpa/
-_imported: set[str] = set()
+_imported: set[bytes] = set()  # type names whose modules are imported
 
 
 def _import_types(data: bytes) -> None:
     """Import the xds-protos modules that define the types `data` names (JSON or binary: type
     URLs are plain text in both). A proto package is a folder of modules: all are imported."""
-    for name in set(_TYPE_URL.findall(data)) - {n.encode() for n in _imported}:
+    for name in set(_TYPE_URL.findall(data)) - _imported:
+        _imported.add(name)
         package = name.decode().rsplit(".", 1)[0]
-        _imported.add(name.decode())
         folder = _PROTOS_ROOT.joinpath(*package.split("."))
         for module in sorted(folder.glob("*_pb2.py")):
             importlib.import_module(f"{package}.{module.stem}")
 
 
 _ROUTE_CONFIGURATION = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-_ANY = any_pb2.Any.DESCRIPTOR.full_name.encode()
+
+
+def _key(raw: bytes, message_type: type[Message]) -> bytes:
+    """What a converted part is kept under: its message type and a digest of its JSON."""
+    return message_type.DESCRIPTOR.full_name.encode() + hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def _renamed(packed: Message, name: str) -> any_pb2.Any:
@@ -91,11 +95,11 @@ class ResourceEncoder:
         provider's backends differ in their names alone (at the 2,000-provider fleet's start
         the backend clusters took 0.8 s to convert, before Envoy could start)."""
         raw = orjson.dumps(resource)
-        key = _ANY + hashlib.blake2b(raw, digest_size=16).digest()
+        key = _key(raw, any_pb2.Any)
         known = self._used.get(key) or self._kept.get(key)
         name = resource.get("name")
         if known is None and isinstance(name, str) and name:
-            shape_key = _ANY + hashlib.blake2b(orjson.dumps({**resource, "name": ""}), digest_size=16).digest()
+            shape_key = _key(orjson.dumps({**resource, "name": ""}), any_pb2.Any)
             # Any resource of the shape stands for it: renamed when another one has it.
             shape = self._used.get(shape_key) or self._kept.get(shape_key)
             known = self._convert(raw, any_pb2.Any) if shape is None else _renamed(shape, name)
@@ -115,7 +119,7 @@ class ResourceEncoder:
     def _converted(self, part: dict[str, Any], message_type: type[Message]) -> Message:
         """`part` as a `message_type`, converted once while it stays in use (callers copy it)."""
         raw = orjson.dumps(part)
-        key = message_type.DESCRIPTOR.full_name.encode() + hashlib.blake2b(raw, digest_size=16).digest()
+        key = _key(raw, message_type)
         converted = self._used.get(key) or self._kept.get(key)
         if converted is None:
             converted = self._convert(raw, message_type)

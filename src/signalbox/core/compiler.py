@@ -420,20 +420,19 @@ def _policy_inputs(cfg: pb.RoutingConfig, pol: RoutingPolicy, resolved: list[tup
     places in the config, health, capabilities and clusters) and, for an LLM tier or mirror,
     the backend and whether its provider is Bedrock."""
     spec, ns = pol.spec, pol.metadata.namespace
-    named = [index for _, index in resolved]
-    for ref in (spec.classification.llm, spec.mirror):
-        if ref is not None:
-            named.append(backend_index.get(f"{ns}/{ref.provider}/{ref.model}", -1))
-    types: dict[str, int] = {}  # filled when needed: most policies have no LLM tier or mirror
-    parts = [repr(named).encode()]
-    for index in named:
-        if index < 0:
-            continue
-        backend = cfg.backends[index]
-        parts.append(backend.SerializeToString(deterministic=True))
-        if len(parts) > len(resolved) + 1:  # an LLM tier's or mirror's: its provider's type
-            types = types or {p.id: p.type for p in cfg.providers}
-            parts.append(str(types[backend.provider_id]).encode())
+    chain = [index for _, index in resolved]
+    extra = [
+        backend_index.get(f"{ns}/{ref.provider}/{ref.model}", -1)
+        for ref in (spec.classification.llm, spec.mirror)
+        if ref is not None
+    ]
+    parts = [repr((chain, extra)).encode()]
+    parts += [cfg.backends[index].SerializeToString(deterministic=True) for index in chain]
+    for index in extra:
+        if index >= 0:  # as `_backend_of` reads it: the backend, and whether its provider is Bedrock
+            backend = cfg.backends[index]
+            bedrock = any(p.id == backend.provider_id and p.type == pb.BEDROCK for p in cfg.providers)
+            parts += [backend.SerializeToString(deterministic=True), b"bedrock" if bedrock else b""]
     return b"\x00".join(parts)
 
 
