@@ -69,7 +69,10 @@ def main() -> int:
         "body_parse_and_check_median_ms": round(checked, 4),
         "targets_ms": {"rules": 0.1, "semantic": 5.0},
         "prompts": len(PROMPTS),
-        "semantic_model": "trained task-type model (extproc/task_types.npz): wordllama 256d embedding + hashed words",
+        "semantic_model": (
+            "trained task-type model (extproc/task_types.npz): wordllama 256d embeddings of the text,"
+            " its first and last lines + hashed words"
+        ),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tiers.json").write_text(json.dumps(report, indent=2) + "\n")

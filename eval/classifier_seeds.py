@@ -136,6 +136,68 @@ TEMPLATES: dict[str, list[str]] = {
         "Write a heartfelt {form} inspired by {subject}.",
     ],
 }
+# Short conversational turns: with few words the model leans on its biases (qa, the largest
+# class, took "hi", "lol" and "bye"), so the greetings, thanks and goodbyes are spelled out.
+SHORT_TURNS = [
+    "hi",
+    "hi!",
+    "hey",
+    "hey there",
+    "hello",
+    "hello!",
+    "hiya",
+    "yo",
+    "good morning",
+    "good evening",
+    "good night",
+    "morning!",
+    "thanks",
+    "thanks!",
+    "thank you",
+    "thx",
+    "cheers",
+    "much appreciated",
+    "cool, thanks",
+    "great, thank you!",
+    "ok",
+    "okay",
+    "ok cool",
+    "got it",
+    "sounds good",
+    "nice",
+    "awesome",
+    "perfect",
+    "lol",
+    "haha",
+    "haha that's funny",
+    "bye",
+    "bye!",
+    "see you later",
+    "talk to you tomorrow",
+    "have a nice day",
+    "goodnight, sleep well",
+    "sorry",
+    "no worries",
+    "you're welcome",
+    "I'm back",
+    "are you there?",
+    "how's your day?",
+    "how have you been?",
+    "what are you up to?",
+    "I'm tired",
+    "I'm so happy today!",
+    "that made my day",
+    "you're funny",
+    "tell me about yourself",
+    "who are you?",
+    "what's your name?",
+    "do you have feelings?",
+    "can we just talk for a bit?",
+    "I miss my dog",
+    "ugh, Mondays",
+    "wish me luck!",
+    "guess what happened today",
+]
 NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Julia"]
 
 
@@ -165,4 +227,4 @@ def seeds(per_class: int = 120, seed: int = 7) -> list[tuple[str, str]]:
             if len(texts) >= per_class:
                 break
         out += [(t, label) for t in sorted(texts)]
-    return out
+    return out + [(t, "chat") for t in SHORT_TURNS]

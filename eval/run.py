@@ -10,7 +10,7 @@ from pathlib import Path
 from signalbox import evaluation
 
 from . import train_classifier
-from .convert import llmrouter
+from .convert import PAIRS, llmrouter, strong_weak
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     print(evaluation.describe(routing))
     print("class-level learning only:")
     print(evaluation.describe(by_class))
+    single = single_domain(data / "routing" / "llmrouter_dcrouter", args.folds, args.clusters)
     latest = {
         "task_macro_f1": tasks["macro_f1"],
         "task_accuracy": tasks["accuracy"],
@@ -52,9 +53,48 @@ def main(argv: list[str] | None = None) -> int:
         "just_eval": tasks,
         "llmrouter_dcrouter": routing,
         "llmrouter_dcrouter_class_only": by_class,
+        "single_domain_strong_weak": single,
     }
     (RESULTS / "latest.json").write_text(json.dumps(latest, indent=2) + "\n")
     return 0
+
+
+def single_domain(source: Path, folds: int, clusters: int) -> dict[str, dict]:
+    """Per benchmark of PAIRS: the share of the strong model's calls each router avoids at 95 %
+    and 100 % of its score (per prompt and class, class only, random, oracle)."""
+    out: dict[str, dict] = {}
+    print("single-domain strong/weak pairs: strong-model calls avoided at 95% of its score")
+    for task, strong, weak in PAIRS:
+        items_path, prices_path = strong_weak(source, RESULTS / "data", task, strong, weak)
+        items, prices = evaluation.load_items(items_path), evaluation.load_prices(prices_path)
+        runs = {
+            "per_prompt": evaluation.evaluate(items, prices, folds=folds, clusters=clusters),
+            "class_only": evaluation.evaluate(items, prices, folds=folds, clusters=clusters, per_prompt=False),
+        }
+        curve = runs["per_prompt"]["curve"]
+        figures = {
+            "signalbox": curve["signalbox"],
+            "signalbox_class_only": runs["class_only"]["curve"]["signalbox"],
+            "random": curve["random"],
+            "oracle": curve["oracle"],
+        }
+        out[task] = {
+            "prompts": len(items),
+            "strong": strong,
+            "weak": weak,
+            "scores": {k: round(v["score"], 4) for k, v in runs["per_prompt"]["baselines"].items()},
+            **{name: {key: f[key] for key in ("saving_at_95", "saving_at_100", "auc")} for name, f in figures.items()},
+        }
+
+        def fmt(figure: dict) -> str:
+            value, (low, high) = figure["value"], figure["ci95"]
+            return "never" if value is None else f"{value:.1%} [{low:.1%}, {high:.1%}]"
+
+        print(
+            f"  {task} ({len(items)}; {strong} vs {weak}): "
+            + ", ".join(f"{name} {fmt(f['saving_at_95'])}" for name, f in figures.items())
+        )
+    return out
 
 
 if __name__ == "__main__":

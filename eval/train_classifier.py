@@ -30,8 +30,10 @@ from typing import Any
 import numpy as np
 
 from signalbox.extproc import default_routes, task_model
+from signalbox.extproc.classify import classified_text
 from signalbox.extproc.semantic import default_embedder
 
+from . import classifier_passages
 from .classifier_seeds import seeds
 from .task_types import LABEL_MAP
 
@@ -89,7 +91,9 @@ def ours() -> list[tuple[str, str]]:
 
 
 def matrix(texts: list[str], embed) -> np.ndarray:
-    return np.stack([task_model.features(v, t) for v, t in zip(embed(texts), texts, strict=True)])
+    """Features of requests as the tier sees them (`classified_text`: each end of a long one)."""
+    read = [classified_text(t) for t in texts]
+    return np.stack([task_model.features(task_model.vectors(t, embed), t) for t in read])
 
 
 def fit(texts: list[str], labels: list[str], embed) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -116,49 +120,88 @@ def f1_by_class(gold: list[str], predicted: list[str]) -> dict[str, float]:
     return out
 
 
-def cross_validate(data: Path, folds: int, seed: int) -> dict[str, Any]:
-    """Per-class F1 on just_eval, each fold predicted by a model trained without it."""
-    embed = default_embedder()
-    labelled = just_eval(data)
-    rng = random.Random(seed)
-    order = list(range(len(labelled)))
-    rng.shuffle(order)
-    extra = llmrouter(data, seed) + ours()
-    gold, predicted = [], []
-    for f in range(folds):
-        held = set(order[f::folds])
-        train = [labelled[i] for i in range(len(labelled)) if i not in held] + extra
-        weights, bias, classes = fit([t for t, _ in train], [label for _, label in train], embed)
-        test = [labelled[i] for i in sorted(held)]
-        gold += [label for _, label in test]
-        predicted += predict(weights, bias, classes, [t for t, _ in test], embed)
+def default_classification(weights: np.ndarray, bias: np.ndarray, classes: list[str]):
+    """What a policy with the defaults runs (built-in rules, then this model as its semantic
+    tier), as a function of the prompt: the figure routing depends on."""
+    from signalbox.extproc.classify import DEFAULT_RULES, features
+    from signalbox.extproc.tiers import classify_tiers
+
+    router = default_routes.TaskTypeRouter(task_model.TaskModel(weights, bias, tuple(classes), {}))
+
+    def label(text: str) -> str:
+        body = {"messages": [{"role": "user", "content": text}]}
+        return classify_tiers(features(body), DEFAULT_RULES, router, default_routes.MIN_RULES_CONFIDENCE).task_type
+
+    return label
+
+
+def scores(gold: list[str], predicted: list[str]) -> dict[str, Any]:
     by_class = f1_by_class(gold, predicted)
     return {
-        "folds": folds,
-        "records": len(gold),
         "macro_f1": round(sum(by_class.values()) / len(by_class), 4),
         "accuracy": round(sum(g == p for g, p in zip(gold, predicted, strict=True)) / len(gold), 4),
         "f1_by_class": {k: round(v, 4) for k, v in by_class.items()},
     }
 
 
+def cross_validate(data: Path, folds: int, seed: int) -> dict[str, Any]:
+    """Per-class F1 on just_eval, each fold predicted by a model trained without it: as policies
+    classify (rules, then the model; the headline figures) and by the model alone."""
+    embed = default_embedder()
+    labelled = just_eval(data)
+    rng = random.Random(seed)
+    order = list(range(len(labelled)))
+    rng.shuffle(order)
+    extra = llmrouter(data, seed) + ours() + classifier_passages.wrapped(data)
+    probe = classifier_passages.probe()
+    gold, predicted, by_model = [], [], []
+    probe_gold, probe_predicted = [], []
+    for f in range(folds):
+        held = set(order[f::folds])
+        train = [labelled[i] for i in range(len(labelled)) if i not in held] + extra
+        weights, bias, classes = fit([t for t, _ in train], [label for _, label in train], embed)
+        test = [labelled[i] for i in sorted(held)]
+        gold += [label for _, label in test]
+        by_model += predict(weights, bias, classes, [t for t, _ in test], embed)
+        label = default_classification(weights, bias, classes)
+        predicted += [label(t) for t, _ in test]
+        probe_gold += [expected for _, expected in probe]
+        probe_predicted += [label(t) for t, _ in probe]
+    return {
+        "folds": folds,
+        "records": len(gold),
+        **scores(gold, predicted),
+        "model_alone": scores(gold, by_model),
+        # Requests carrying a document, unseen phrasings and passages (eval/classifier_passages.py),
+        # labelled by each fold's model: right of total, per type.
+        "document_probe": {
+            label: [
+                sum(g == p == label for g, p in zip(probe_gold, probe_predicted, strict=True)),
+                probe_gold.count(label),
+            ]
+            for label in classifier_passages.PROBE
+        },
+    }
+
+
 def train(data: Path, seed: int, output: Path) -> dict[str, Any]:
     embed = default_embedder()
-    rows = just_eval(data) + llmrouter(data, seed) + ours()
+    rows = just_eval(data) + llmrouter(data, seed) + ours() + classifier_passages.wrapped(data)
     texts, labels = [t for t, _ in rows], [label for _, label in rows]
     weights, bias, classes = fit(texts, labels, embed)
     digest = hashlib.sha256("\n".join(f"{label}\t{t}" for t, label in rows).encode()).hexdigest()
     meta = {
-        "version": 1,
-        "model": "multinomial logistic regression: wordllama l2_supercat 256-d embedding + hashed words",
+        "features_version": task_model.FEATURES_VERSION,
+        "model": "multinomial logistic regression: wordllama l2_supercat 256-d embeddings of the text, its first"
+        " and its last line + hashed words of the text and of those lines",
         "hash_buckets": task_model.HASH_BUCKETS,
-        "word_scale": task_model.WORD_SCALE,
         "C": C,
         "training_rows": len(rows),
         "by_source": {
             "just_eval": len(just_eval(data)),
             "llmrouter_dcrouter": len(llmrouter(data, seed)),
             "signalbox_seeds": len(ours()),
+            "signalbox_wrapped_passages": len(classifier_passages.wrapped(data)),
         },
         "training_data_sha256": digest,
     }
@@ -180,10 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no data at {data}: pass --data PATH to shared/data", file=sys.stderr)
         return 2
     report = cross_validate(data, args.folds, args.seed)
+    alone = report["model_alone"]
     print(
-        f"just_eval task types, {report['folds']} folds: macro-F1 {report['macro_f1']}, accuracy {report['accuracy']}"
+        f"just_eval task types, {report['folds']} folds, as a policy classifies: macro-F1 {report['macro_f1']},"
+        f" accuracy {report['accuracy']} (the model alone: {alone['macro_f1']}, {alone['accuracy']})"
     )
     print("  " + ", ".join(f"{k} {v}" for k, v in report["f1_by_class"].items()))
+    print(
+        "requests carrying a document (unseen phrasings and passages), right: "
+        + ", ".join(f"{k} {right}/{total}" for k, (right, total) in report["document_probe"].items())
+    )
     meta = train(data, args.seed, Path(args.output))
     print(f"wrote {args.output} ({meta['training_rows']} training rows)")
     return 0

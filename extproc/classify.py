@@ -25,7 +25,8 @@ CHARS_PER_TOKEN = 4
 CLASSIFY_CHARS = 400
 
 
-def _ends(text: str) -> str:
+def classified_text(text: str) -> str:
+    """What the tiers read of a last user message: all of it, or each end of a long one."""
     if len(text) <= 2 * CLASSIFY_CHARS:
         return text
     return f"{text[:CLASSIFY_CHARS]}\n{text[-CLASSIFY_CHARS:]}"
@@ -142,7 +143,7 @@ def features(body: dict[str, Any], embeddings: bool = False) -> Features:
     if isinstance(max_out, bool):
         max_out = 0
     return Features(
-        text=_ends(last_user),
+        text=classified_text(last_user),
         estimated_tokens=total_chars // CHARS_PER_TOKEN + 1,
         max_output_tokens=max_out if isinstance(max_out, int) else 0,
         has_tools=bool(body.get("tools") or body.get("functions")),

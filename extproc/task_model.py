@@ -1,15 +1,21 @@
 """The trained task-type classifier every policy gets by default (issue 16).
 
-A linear model over two kinds of features of the request's last user message:
+A linear model over features of the request's last user message, read as three segments: the
+whole text, its first line and its last line. A request often carries a document ("Summarize
+the following: <article>", "<email> Translate the above into German"): what it asks is stated
+at one end, and over the whole text the document's own words outvote the instruction's. So:
 
-- its embedding (the semantic tier's: wordllama, 256 dimensions, L2-normalised), for meaning;
-- the words and word pairs it contains, hashed into HASH_BUCKETS buckets (present or not, times
-  WORD_SCALE), for the cues an average of word vectors blurs ("translate", "tl;dr", "prove").
+- the segments' embeddings (the semantic tier's: wordllama, 256 dimensions each, L2-normalised),
+  for meaning;
+- the words and word pairs of the whole text, and of the first and last lines, hashed into
+  HASH_BUCKETS buckets per block (present or not), each block scaled to a fixed length so that
+  a long document weighs no more than a short request, for the cues an average of word vectors
+  blurs ("translate", "tl;dr", "prove").
 
 Trained offline by `make train-classifier` (eval/train_classifier.py, which builds features
 with the functions here: one definition for training and serving) and shipped as
-`task_types.npz` beside this module: about 160 KB, read once per process. Per request: one
-embedding (shared with per-prompt learning), a few hundred CRC-32s and one small product.
+`task_types.npz` beside this module: about 320 KB, read once per process. Per request: one
+embedding batch of three segments, a few hundred CRC-32s and one small product.
 """
 
 from __future__ import annotations
@@ -19,16 +25,37 @@ import itertools
 import json
 import re
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from signalbox.core.errors import ModelFileError
+
+# The layout of the features (and of the shipped weights); `load` refuses a file of another.
+FEATURES_VERSION = 2
 HASH_BUCKETS = 4096
-WORD_SCALE = 0.3
+# Each word block's L2 norm: the instruction's lines count double against the whole text.
+WHOLE_WORDS_NORM = 1.0
+ENDS_WORDS_NORM = 2.0
 MAX_CHARS = 2000
+# The first and last lines are read up to this many characters (a one-line request with its
+# document inline keeps its instruction at the start or the end of that line).
+LINE_CHARS = 200
 MODEL_FILE = Path(__file__).with_name("task_types.npz")
 _WORD = re.compile(r"[a-z0-9']+")
+
+Embed = Callable[[Sequence[str]], np.ndarray]
+
+
+def segments(text: str) -> tuple[str, str, str]:
+    """The whole text, its first line and its last line (non-empty ones; for a one-line text,
+    its first and last LINE_CHARS characters)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return text, "", ""
+    return text, lines[0][:LINE_CHARS], lines[-1][-LINE_CHARS:]
 
 
 def word_buckets(text: str) -> np.ndarray:
@@ -38,11 +65,33 @@ def word_buckets(text: str) -> np.ndarray:
     return np.unique(np.fromiter((zlib.crc32(t.encode()) % HASH_BUCKETS for t in tokens), dtype=np.int64))
 
 
-def features(vector: np.ndarray, text: str) -> np.ndarray:
+def _word_block(buckets: np.ndarray, norm: float) -> tuple[np.ndarray, float]:
+    return buckets, (norm / np.sqrt(len(buckets)) if len(buckets) else 0.0)
+
+
+def word_blocks(text: str) -> list[tuple[np.ndarray, float]]:
+    """(buckets, the value each is set to) for the whole text and for its first and last lines."""
+    whole, first, last = segments(text)
+    ends = np.union1d(word_buckets(first), word_buckets(last)) if first else np.zeros(0, dtype=np.int64)
+    return [_word_block(word_buckets(whole), WHOLE_WORDS_NORM), _word_block(ends, ENDS_WORDS_NORM)]
+
+
+def vectors(text: str, embed: Embed) -> np.ndarray:
+    """The three segments' embeddings, one row each (an empty line embeds as zeros)."""
+    whole, first, last = segments(text)
+    out = embed([whole or " ", first or " ", last or " "])
+    if not first:
+        out[1:] = 0.0
+    return out
+
+
+def features(segment_vectors: np.ndarray, text: str) -> np.ndarray:
     """Dense features of one request (what the model's weights are laid out against)."""
-    out = np.zeros(len(vector) + HASH_BUCKETS, dtype=np.float32)
-    out[: len(vector)] = vector
-    out[len(vector) + word_buckets(text)] = WORD_SCALE
+    dense = segment_vectors.size
+    out = np.zeros(dense + 2 * HASH_BUCKETS, dtype=np.float32)
+    out[:dense] = segment_vectors.reshape(-1)
+    for i, (buckets, value) in enumerate(word_blocks(text)):
+        out[dense + i * HASH_BUCKETS + buckets] = value
     return out
 
 
@@ -53,18 +102,18 @@ class TaskModel:
     classes: tuple[str, ...]
     meta: dict
 
-    def probabilities(self, vector: np.ndarray, text: str) -> np.ndarray:
-        dim = len(vector)
-        logits = self.weights[:, :dim] @ vector + self.bias
-        buckets = word_buckets(text)
-        if len(buckets):
-            logits += WORD_SCALE * self.weights[:, dim + buckets].sum(axis=1)
+    def probabilities(self, segment_vectors: np.ndarray, text: str) -> np.ndarray:
+        dense = segment_vectors.size
+        logits = self.weights[:, :dense] @ segment_vectors.reshape(-1) + self.bias
+        for i, (buckets, value) in enumerate(word_blocks(text)):
+            if len(buckets):
+                logits += value * self.weights[:, dense + i * HASH_BUCKETS + buckets].sum(axis=1)
         logits -= logits.max()
         exp = np.exp(logits)
         return exp / exp.sum()
 
-    def predict(self, vector: np.ndarray, text: str) -> tuple[str, float]:
-        p = self.probabilities(vector, text)
+    def predict(self, segment_vectors: np.ndarray, text: str) -> tuple[str, float]:
+        p = self.probabilities(segment_vectors, text)
         i = int(np.argmax(p))
         return self.classes[i], float(p[i])
 
@@ -72,9 +121,16 @@ class TaskModel:
 @functools.cache
 def load(path: Path = MODEL_FILE) -> TaskModel:
     with np.load(path, allow_pickle=False) as data:
-        return TaskModel(
+        model = TaskModel(
             weights=data["weights"].astype(np.float32),
             bias=data["bias"].astype(np.float32),
             classes=tuple(str(c) for c in data["classes"]),
             meta=json.loads(str(data["meta"])),
         )
+    layout = (model.meta.get("features_version"), model.meta.get("hash_buckets"))
+    if layout != (FEATURES_VERSION, HASH_BUCKETS):
+        raise ModelFileError(
+            f"{path}: weights for features {layout}, this code builds {(FEATURES_VERSION, HASH_BUCKETS)}:"
+            " run `make train-classifier`"
+        )
+    return model

@@ -7,15 +7,26 @@ adaptive routing learns per backend.
 
 from __future__ import annotations
 
-from .classify import Classification, Features, classify
+from .classify import Classification, CompiledRule, Features, classify
 from .runtime import PolicyRuntime
+from .semantic import Classifier
 
 
 def classify_request(policy: PolicyRuntime, features: Features) -> Classification:
-    result = classify(features, policy.rules)
-    if policy.semantic is None or result.confidence >= policy.semantic_min_rules_confidence:
+    return classify_tiers(features, policy.rules, policy.semantic, policy.semantic_min_rules_confidence)
+
+
+def classify_tiers(
+    features: Features,
+    rules: tuple[CompiledRule, ...],
+    semantic: Classifier | None,
+    min_rules_confidence: float,
+) -> Classification:
+    """Tiers 1 and 2 as every policy runs them (and `make eval` measures them: one definition)."""
+    result = classify(features, rules)
+    if semantic is None or result.confidence >= min_rules_confidence:
         return result
-    hit = policy.semantic.classify(features.text)
+    hit = semantic.classify(features.text)
     if hit is None:
         return result
     return Classification(

@@ -328,7 +328,7 @@ def test_admin_api_explains_what_the_live_request_did_and_counts_it(fakes, tmp_p
         metrics = httpx.get(f"{gw.admin_url}/metrics").text
         assert (
             'signalbox_requests_total{model="b1",outcome="routed",policy="smart",provider="beta",'
-            'strategy="cost",tier="default"} 1.0'
+            'strategy="cost",tier="semantic"} 1.0'
         ) in metrics
         assert 'outcome="model_not_found"' in metrics
         assert "signalbox_config_generation 1.0" in metrics

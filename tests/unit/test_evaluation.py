@@ -119,7 +119,7 @@ def test_classify_command_uses_the_live_decision(tmp_path):
         == 0
     )
     code, chat = (json.loads(line) for line in out.read_text().splitlines())
-    assert (code["task_type"], code["backend"], code["tier"]) == ("code", "default/smart-local/large", "default")
+    assert (code["task_type"], code["backend"], code["tier"]) == ("code", "default/smart-local/large", "semantic")
     assert (chat["task_type"], chat["backend"]) == ("chat", "default/fast-local/small")
     assert set(code) >= {"class", "complexity", "confidence", "reason", "policy"}
 

@@ -3,12 +3,16 @@ client sends is classified without error, within the tier's budget of work."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from signalbox.core.errors import ModelFileError
 from signalbox.extproc import default_routes, task_model
-from signalbox.extproc.semantic import prompt_vector
+from signalbox.extproc.semantic import shared_embedder
 
 MODEL = task_model.load()
 
@@ -25,8 +29,9 @@ def test_the_shipped_model_covers_every_task_type_and_says_what_it_was_trained_o
         "summarization",
         "translation",
     }
-    assert MODEL.weights.shape == (len(MODEL.classes), 256 + task_model.HASH_BUCKETS)
+    assert MODEL.weights.shape == (len(MODEL.classes), 3 * 256 + 2 * task_model.HASH_BUCKETS)
     assert MODEL.meta["hash_buckets"] == task_model.HASH_BUCKETS and MODEL.meta["training_rows"] > 1000
+    assert MODEL.meta["features_version"] == task_model.FEATURES_VERSION
     assert len(MODEL.meta["training_data_sha256"]) == 64
 
 
@@ -44,9 +49,62 @@ def test_the_words_a_request_uses_steer_it_to_its_type():
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=3000))
 def test_any_text_gets_a_distribution_over_the_types(text):
-    probabilities = MODEL.probabilities(prompt_vector(text or " "), text)
+    probabilities = MODEL.probabilities(task_model.vectors(text, shared_embedder()), text)
     assert probabilities.shape == (len(MODEL.classes),) and np.isclose(probabilities.sum(), 1.0)
     buckets = task_model.word_buckets(text)
     assert buckets.size == 0 or (buckets.min() >= 0 and buckets.max() < task_model.HASH_BUCKETS)
     hit = default_routes.router().classify(text)
     assert hit is None or (hit.task_type in MODEL.classes and hit.similarity >= default_routes.MIN_PROBABILITY)
+
+
+def test_weights_for_other_features_are_refused_not_scored(tmp_path):
+    stale = tmp_path / "task_types.npz"
+    meta = dict(MODEL.meta, features_version=1)
+    np.savez(
+        stale, weights=MODEL.weights, bias=MODEL.bias, classes=np.array(MODEL.classes), meta=np.array(json.dumps(meta))
+    )
+    with pytest.raises(ModelFileError, match="make train-classifier"):
+        task_model.load(stale)
+
+
+# Written here for this test (no dataset's text): documents a request may carry, on topics that
+# pull toward other types (code, maths, a story, a question), and what is asked of them.
+PASSAGES = [
+    "The build server restarts every night at two. Last week the Python job that rotates the "
+    "logs failed twice because the disk was full, and the on-call engineer had to delete old "
+    "archives by hand before the deploy could go on.",
+    "Our cooperative grows apples on forty hectares. In 2023 we harvested 310 tonnes, sold 60 "
+    "percent to two supermarkets in Utrecht and pressed the rest into juice, which brought in "
+    "about 95,000 euros.",
+    "Once upon a time a lighthouse keeper named Ilse found a bottle on the rocks. Inside was a "
+    "map of the bay drawn by her grandfather, with a cross where the old ferry had sunk.",
+    "Why do leaves change colour in autumn? As days shorten, trees stop making chlorophyll, the "
+    "green fades, and the yellow and orange pigments that were there all along show through.",
+]
+ASKS = {
+    "summarization": ["Summarize this in two sentences.", "Give me a short summary of the text."],
+    "translation": ["Translate this into German.", "Please translate the text to Italian."],
+    "extraction": ["Extract every number and date from the text.", "List all the names mentioned, as JSON."],
+}
+
+
+@pytest.mark.parametrize("task", sorted(ASKS))
+def test_what_a_request_asks_decides_its_type_not_the_document_it_carries(task):
+    # The shipped model labelled such requests by their passage (0-2 of 40 per type in the
+    # probe of eval/classifier_passages.py) before it read the first and last lines apart.
+    router = default_routes.router()
+    got = [
+        router.classify(text)
+        for ask in ASKS[task]
+        for passage in PASSAGES
+        for text in (f"{ask}\n\n{passage}", f"{passage}\n\n{ask}")
+    ]
+    right = sum(hit is not None and hit.task_type == task for hit in got)
+    assert right >= 0.9 * len(got), [hit and hit.task_type for hit in got]
+
+
+def test_short_conversational_turns_are_small_talk():
+    # With few words the model leaned on its biases: "hi", "lol" and "bye" were questions (qa).
+    turns = ["hello there!", "see ya", "good afternoon", "hey, how's it going", "ok thanks", "hi :)", "night night"]
+    got = [default_routes.router().classify(t) for t in turns]
+    assert sum(hit is not None and hit.task_type == "chat" for hit in got) >= len(turns) - 1, got

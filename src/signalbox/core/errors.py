@@ -54,6 +54,11 @@ class BundleError(SignalboxError):
     encoding): it is not applied, and the config in force stays."""
 
 
+class ModelFileError(SignalboxError):
+    """Classifier weights laid out for other features than this code builds (a stale
+    `task_types.npz`): refused at load, never scored against the wrong features."""
+
+
 class CredentialUnavailable(SignalboxError):
     """No access token could be minted from a provider's credentials (token endpoint down, key
     revoked). The message says why, from google-auth, never the credentials themselves."""
