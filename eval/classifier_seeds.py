@@ -119,6 +119,12 @@ TEMPLATES: dict[str, list[str]] = {
         "Let's role-play: you are my personal trainer, I'm {name}.",
         "Hey, what's up?",
         "Nice to meet you, I'm {name}!",
+        "Pretend you are {role}. Stay in character and answer my questions.",
+        "Act as {role} and greet me.",
+        "If you were {role}, what would your day look like? Answer in character.",
+        "Imagine you are {role}. Tell me about yourself.",
+        "Let's role-play: you are {role} and I am {name}.",
+        "You are {role}. I'll ask you questions; reply as they would.",
     ],
     "code": [
         "Write a {lang} function to {task}.",
@@ -134,6 +140,13 @@ TEMPLATES: dict[str, list[str]] = {
         "Can you write a funny {form} about {subject}?",
         "I need a {form} about {subject} for a school assignment.",
         "Write a heartfelt {form} inspired by {subject}.",
+        # Writing that is not fiction is creative work too (just_eval's "writing").
+        "Write a {wform} about {topic}.",
+        "Draft a {wform} on {topic}. Make it engaging and keep it under {n}00 words.",
+        "Help me write a {wform} about {topic}. What points should it make?",
+        "Can you write a {wform} arguing for {topic}? Include an introduction and a conclusion.",
+        "I have to write a {wform} on {topic}; please write a first draft.",
+        "Write a {wform} for {name}, who cares about {topic}.",
     ],
 }
 # Short conversational turns: with few words the model leans on its biases (qa, the largest
@@ -198,6 +211,42 @@ SHORT_TURNS = [
     "wish me luck!",
     "guess what happened today",
 ]
+WRITING_FORMS = [
+    "persuasive essay",
+    "cover letter",
+    "blog post",
+    "product review",
+    "personal statement",
+    "speech",
+    "press release",
+    "newsletter",
+    "LinkedIn post",
+    "thank-you note",
+    "wedding toast",
+    "eulogy",
+    "short bio",
+    "opinion piece",
+    "lesson plan",
+    "business plan",
+    "complaint letter",
+    "tweet thread",
+    "marketing email",
+    "movie review",
+]
+ROLES = [
+    "a detective",
+    "a pirate captain",
+    "Sherlock Holmes",
+    "a medieval knight",
+    "a tour guide in Rome",
+    "a grumpy wizard",
+    "my therapist",
+    "a job interviewer",
+    "an astronaut on Mars",
+    "a customer at a bakery",
+    "a famous chef",
+    "a time traveller from 1850",
+]
 NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Julia"]
 
 
@@ -222,6 +271,8 @@ def seeds(per_class: int = 120, seed: int = 7) -> list[tuple[str, str]]:
                     form=rng.choice(FORMS),
                     subject=rng.choice(SUBJECTS),
                     name=rng.choice(NAMES),
+                    wform=rng.choice(WRITING_FORMS),
+                    role=rng.choice(ROLES),
                 )
             )
             if len(texts) >= per_class:

@@ -193,7 +193,7 @@ def train(data: Path, seed: int, output: Path) -> dict[str, Any]:
     meta = {
         "features_version": task_model.FEATURES_VERSION,
         "model": "multinomial logistic regression: wordllama l2_supercat 256-d embeddings of the text, its first"
-        " and its last line + hashed words of the text and of those lines",
+        " and its last sentence + hashed words of the text and of its ends",
         "hash_buckets": task_model.HASH_BUCKETS,
         "C": C,
         "training_rows": len(rows),

@@ -116,7 +116,9 @@ UTTERANCES: dict[str, list[str]] = {
 
 class TaskTypeRouter:
     """The trained model behind the semantic tier's interface (`classify(text) -> RouteHit`).
-    Its classes are named `task-<type>` (the class key learning is kept by)."""
+    Its answers are named `task-<type>` (the reason shown); learning is kept by
+    "<type>/<complexity>", the class a rule's answer has, so what a policy learned before the
+    model decided stays its own."""
 
     def __init__(self, model: task_model.TaskModel):
         self.model = model
@@ -127,7 +129,7 @@ class TaskTypeRouter:
         label, probability = self.model.predict(task_model.vectors(text, shared_embedder()), text)
         if probability < MIN_PROBABILITY:
             return None
-        return RouteHit(f"task-{label}", label, "", round(probability, 4))
+        return RouteHit(f"task-{label}", label, "", round(probability, 4), is_class=False)
 
 
 @functools.cache

@@ -115,6 +115,9 @@ class RouteHit:
     task_type: str
     complexity: str
     similarity: float
+    # A policy's own route is the class learning is kept by; the built-in task-type model's
+    # answer is not (its class is "task/complexity", as when a rule decides).
+    is_class: bool = True
 
 
 class SemanticRouter:

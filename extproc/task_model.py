@@ -1,13 +1,14 @@
 """The trained task-type classifier every policy gets by default (issue 16).
 
 A linear model over features of the request's last user message, read as three segments: the
-whole text, its first line and its last line. A request often carries a document ("Summarize
+whole text, its first sentence and its last sentence. A request often carries a document ("Summarize
 the following: <article>", "<email> Translate the above into German"): what it asks is stated
 at one end, and over the whole text the document's own words outvote the instruction's. So:
 
 - the segments' embeddings (the semantic tier's: wordllama, 256 dimensions each, L2-normalised),
   for meaning;
-- the words and word pairs of the whole text, and of the first and last lines, hashed into
+- the words and word pairs of the whole text, and of its ends (first and last sentences and
+  lines), hashed into
   HASH_BUCKETS buckets per block (present or not), each block scaled to a fixed length so that
   a long document weighs no more than a short request, for the cues an average of word vectors
   blurs ("translate", "tl;dr", "prove").
@@ -40,22 +41,30 @@ HASH_BUCKETS = 4096
 WHOLE_WORDS_NORM = 1.0
 ENDS_WORDS_NORM = 2.0
 MAX_CHARS = 2000
-# The first and last lines are read up to this many characters (a one-line request with its
-# document inline keeps its instruction at the start or the end of that line).
+# Sentences and lines of the ends are read up to this many characters (a one-line request with
+# its document inline keeps its instruction at the start or the end of that line).
 LINE_CHARS = 200
 MODEL_FILE = Path(__file__).with_name("task_types.npz")
 _WORD = re.compile(r"[a-z0-9']+")
+# Sentence ends and line breaks: where an instruction usually starts or stops.
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 
 
-def segments(text: str) -> tuple[str, str, str]:
-    """The whole text, its first line and its last line (non-empty ones; for a one-line text,
-    its first and last LINE_CHARS characters)."""
+def _lines(text: str) -> list[str]:
+    """The first and last non-empty lines (at most LINE_CHARS characters each)."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    if not lines:
+    return [lines[0][:LINE_CHARS], lines[-1][-LINE_CHARS:]] if lines else []
+
+
+def segments(text: str) -> tuple[str, str, str]:
+    """The whole text, its first sentence and its last sentence (at most LINE_CHARS
+    characters each; a line break ends a sentence too)."""
+    pieces = [p for p in _SENTENCE.split(text.strip()) if p.strip()]
+    if not pieces:
         return text, "", ""
-    return text, lines[0][:LINE_CHARS], lines[-1][-LINE_CHARS:]
+    return text, pieces[0][:LINE_CHARS], pieces[-1][-LINE_CHARS:]
 
 
 def word_buckets(text: str) -> np.ndarray:
@@ -70,14 +79,16 @@ def _word_block(buckets: np.ndarray, norm: float) -> tuple[np.ndarray, float]:
 
 
 def word_blocks(text: str) -> list[tuple[np.ndarray, float]]:
-    """(buckets, the value each is set to) for the whole text and for its first and last lines."""
+    """(buckets, the value each is set to) for the whole text and for its ends: the first and
+    last sentences, and the first and last lines (a long line holds more than its sentence)."""
     whole, first, last = segments(text)
-    ends = np.union1d(word_buckets(first), word_buckets(last)) if first else np.zeros(0, dtype=np.int64)
-    return [_word_block(word_buckets(whole), WHOLE_WORDS_NORM), _word_block(ends, ENDS_WORDS_NORM)]
+    ends = [e for e in (first, last, *_lines(text)) if e]
+    union = np.unique(np.concatenate([word_buckets(e) for e in ends])) if ends else np.zeros(0, dtype=np.int64)
+    return [_word_block(word_buckets(whole), WHOLE_WORDS_NORM), _word_block(union, ENDS_WORDS_NORM)]
 
 
 def vectors(text: str, embed: Embed) -> np.ndarray:
-    """The three segments' embeddings, one row each (an empty line embeds as zeros)."""
+    """The three segments' embeddings, one row each (an empty sentence embeds as zeros)."""
     whole, first, last = segments(text)
     out = embed([whole or " ", first or " ", last or " "])
     if not first:

@@ -29,12 +29,13 @@ def classify_tiers(
     hit = semantic.classify(features.text)
     if hit is None:
         return result
+    task, complexity = hit.task_type or result.task_type, hit.complexity or result.complexity
     return Classification(
-        task_type=hit.task_type or result.task_type,
-        complexity=hit.complexity or result.complexity,
+        task_type=task,
+        complexity=complexity,
         tier="semantic",
         confidence=round(hit.similarity, 4),
         reason=hit.name,
         estimated_tokens=result.estimated_tokens,
-        class_key=hit.name,
+        class_key=hit.name if hit.is_class else f"{task}/{complexity}",
     )

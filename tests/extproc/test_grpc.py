@@ -119,7 +119,7 @@ async def test_router_phase_decides_in_one_message_and_names_its_target_in_metad
     assert (meta["policy"], meta["reason"]) == ("p", "failover:priority")
     assert meta["body_model"] == "model-a"  # attempt.lua leaves this backend's body alone
     token = meta["decision"]  # what the client echoes back with quality feedback
-    assert decisions.unpack(token) == ("p", "task-chat", "default/a/m")
+    assert decisions.unpack(token) == ("p", "chat/simple", "default/a/m")
     payload, _, mac = token.partition(".")
     assert len(mac) >= 20  # signed: feedback cannot name a decision the gateway did not make
 

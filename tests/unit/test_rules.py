@@ -232,6 +232,8 @@ def test_the_built_in_keyword_rules_never_overrule_the_trained_model(text):
     label, probability = task_model.load().predict(task_model.vectors(read, shared_embedder()), read)
     if probability >= default_routes.MIN_PROBABILITY:
         assert (got.task_type, got.tier) == (label, "semantic")
+        # Learning stays keyed as when a rule decided: what a policy learned is still its own.
+        assert got.class_key == f"{label}/{got.complexity}"
     own = compile_with_rules({"name": "mine", "keywords": ["why"], "taskType": "math"})
     if "why" in text.split():
         assert classify_request(RuntimeTable.from_config(own.config).policies[0], chat(text)).task_type == "math"

@@ -91,7 +91,7 @@ ASKS = {
 @pytest.mark.parametrize("task", sorted(ASKS))
 def test_what_a_request_asks_decides_its_type_not_the_document_it_carries(task):
     # The shipped model labelled such requests by their passage (0-2 of 40 per type in the
-    # probe of eval/classifier_passages.py) before it read the first and last lines apart.
+    # probe of eval/classifier_passages.py) before it read the ends of a request apart.
     router = default_routes.router()
     got = [
         router.classify(text)
