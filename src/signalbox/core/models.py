@@ -633,7 +633,12 @@ class LlmClassifierSpec(Spec):
 
 class ClassificationSpec(Spec):
     use_default_rules: bool = Field(
-        True, description="Apply the built-in task-type and complexity rules after the policy's."
+        True,
+        description=(
+            "Apply the built-in classification after the policy's rules: the trained task-type model"
+            " (unless semantic routes are declared) and the keyword task-type and complexity rules,"
+            " whose task type stands only where the model is unsure."
+        ),
     )
     rules: list[ClassRule] = Field(
         default_factory=list, description="Policy rules, tried in order before the defaults."
