@@ -91,6 +91,9 @@ TEMPLATES: dict[str, list[str]] = {
         "Boil this {doc} down to one paragraph: it covers {topic}.",
     ],
     "extraction": [
+        "Which {thing} appear in this message? {snippet}",
+        "What are the {thing} in: {snippet}",
+        "Can you find the {thing} here and list them? {snippet}",
         "Extract all the {thing} from {source}.",
         "List every {thing} mentioned in {source} as JSON.",
         "Pull the {thing} and the {thing2} out of {source} into a table.",
@@ -105,6 +108,11 @@ TEMPLATES: dict[str, list[str]] = {
         "Translate the following email from English to {lang}: {phrase}.",
         "What is '{phrase}' in {lang}, formally and informally?",
         "Render this in {lang} for a sign at the hotel: {phrase}.",
+        # Asked as questions: over few words the largest class (qa) took these.
+        "What does '{foreign}' mean in English?",
+        "What's the {lang} word for '{word}'?",
+        "How would I write '{phrase}' in {lang}?",
+        "Any idea what '{foreign}' means?",
     ],
     "chat": [
         "Hi there! How is your day going?",
@@ -133,6 +141,9 @@ TEMPLATES: dict[str, list[str]] = {
         "Refactor this {lang} snippet that tries to {task}.",
         "Write unit tests in {lang} for a function that should {task}.",
         "Explain what this {lang} code does; it is supposed to {task}.",
+        "Why does my {lang} {artifact} {symptom}?",
+        "What's the difference between {concepts} in {lang}?",
+        "How can I {webtask}?",
     ],
     "creative": [
         "Write a {form} about {subject}.",
@@ -211,6 +222,35 @@ SHORT_TURNS = [
     "wish me luck!",
     "guess what happened today",
 ]
+FOREIGN = [
+    "merci beaucoup",
+    "wie geht's",
+    "hasta luego",
+    "arigatou gozaimasu",
+    "buon appetito",
+    "saudade",
+    "dank je wel",
+    "na zdrowie",
+]
+WORDS = ["umbrella", "library", "butterfly", "Tuesday", "grandmother", "receipt", "lighthouse", "spoon"]
+ARTIFACTS = ["script", "loop", "unit test", "query", "recursive function", "web server"]
+SYMPTOMS = ["hang forever", "return None", "run so slowly", "print everything twice", "crash on empty input"]
+CONCEPTS = ["a list and a tuple", "let and const", "an interface and a class", "a process and a thread"]
+WEB_TASKS = [
+    "make a button rounded with CSS",
+    "read a query parameter in Express",
+    "fetch JSON in a React component",
+    "run a Flask app in Docker",
+    "undo my last git commit",
+]
+ITEMS = ["notebook", "coffee", "train ticket", "pizza", "t-shirt"]
+SNIPPETS = [
+    "Invoice 2231 from Baker Ltd, due 14 June, total 310 EUR.",
+    "Dr. Patel will see Mr. Gomez on Tuesday at 10am in Leeds.",
+    "Call Maria on +44 20 7946 0018 or write to maria@example.org before Friday.",
+    "The shipment of 40 chairs left Rotterdam on 2 March and reaches Oslo on 9 March.",
+    "Ticket #5521: user anna.k reported the outage at 14:02 UTC from the Madrid office.",
+]
 WRITING_FORMS = [
     "persuasive essay",
     "cover letter",
@@ -272,6 +312,17 @@ def seeds(per_class: int = 120, seed: int = 7) -> list[tuple[str, str]]:
                     subject=rng.choice(SUBJECTS),
                     name=rng.choice(NAMES),
                     wform=rng.choice(WRITING_FORMS),
+                    foreign=rng.choice(FOREIGN),
+                    word=rng.choice(WORDS),
+                    artifact=rng.choice(ARTIFACTS),
+                    symptom=rng.choice(SYMPTOMS),
+                    concepts=rng.choice(CONCEPTS),
+                    webtask=rng.choice(WEB_TASKS),
+                    a=rng.randint(3, 95),
+                    b=rng.randint(100, 2400),
+                    sq=rng.choice([16, 49, 81, 144, 225, 400, 625]),
+                    item=rng.choice(ITEMS),
+                    snippet=rng.choice(SNIPPETS),
                     role=rng.choice(ROLES),
                 )
             )
