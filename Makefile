@@ -41,7 +41,7 @@ crds: setup
 
 ## The chart's Envoy bootstrap: the same generator as `signalbox up`, with the pod's layout.
 chart-files: setup
-	$(PY) -c "from pathlib import Path; from signalbox import pod; Path(pod.BOOTSTRAP_FILE).write_text(pod.bootstrap_json())"
+	$(PY) -c "from signalbox import pod; pod.write_bootstrap_files()"
 
 ## Render, lint and validate the Helm chart over a matrix of values.
 test-chart: setup

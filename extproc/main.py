@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .capture import Capture
+from .clusterfeed import ClusterFile
 from .cooldown import Cooldowns
 from .decisions import DecisionSigner
 from .inflight import OpenRequests
@@ -169,7 +170,9 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
         capture=Capture(args.capture_prompts) if getattr(args, "capture_prompts", "") else None,
         rollout_stats=rollout_stats,
     )
-    server, _ = await serve(tables, address, args.max_body_bytes, processor=processor)
+    # Envoy's clusters, for the worker that holds Envoy's ADS stream (extproc.clusterfeed).
+    clusters = ClusterFile(args.clusters) if getattr(args, "clusters", None) else None
+    server, _ = await serve(tables, address, args.max_body_bytes, processor=processor, clusters=clusters)
     health_server = (await health_only_server(args.health_address, tables))[0] if args.health_address else None
     admin_runner = None
     if getattr(args, "admin_address", None):
@@ -188,6 +191,8 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(tables.watch(args.config, stop), name="config-watch")]
+    if clusters is not None:
+        tasks.append(asyncio.create_task(clusters.watch(stop), name="clusters-watch"))
     if getattr(args, "outlier_events", ""):
         outliers = OutlierEvents(args.outlier_events, tables, cooldowns, metrics)
         tasks.append(asyncio.create_task(outliers.run(stop), name="outlier-events"))

@@ -29,6 +29,7 @@ from . import accounting, decide, identity, limits, relay, rollout, strategies, 
 from .accesslog import AccessLogSink
 from .capture import Capture
 from .classify import Classification
+from .clusterfeed import ClusterFile
 from .decisions import DecisionSigner
 from .identity import ConsumerRuntime
 from .inflight import OpenRequests
@@ -482,6 +483,7 @@ async def serve(
     max_body_bytes: int,
     state: SelectionState | None = None,
     processor: Processor | None = None,
+    clusters: ClusterFile | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the servicer (and the gRPC health service) on `address` ("unix:/path" or "host:port")."""
     server = grpc.aio.server(
@@ -507,9 +509,10 @@ async def serve(
         ),
         server,
     )
-    # Backend endpoints for Envoy's backend clusters (GatewayOptions.endpoints_over_ads), from any worker.
+    # Envoy's clusters and its backend clusters' endpoints (GatewayOptions.endpoints_over_ads),
+    # from whichever worker holds Envoy's one ADS stream.
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
-        AggregatedDiscovery(Endpoints(tables, processor.state)), server
+        AggregatedDiscovery(Endpoints(tables, processor.state, clusters=clusters)), server
     )
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

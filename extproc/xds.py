@@ -1,9 +1,11 @@
-"""Backend endpoints for Envoy over ADS (delta xDS), with a resting backend's health in them.
+"""Envoy's clusters and backend endpoints over ADS (delta xDS), a resting backend's health in them.
 
 Each backend cluster is an EDS cluster (envoygen.clusters, `GatewayOptions.endpoints_over_ads`); Envoy opens
 one ADS stream to the ext_proc cluster, and whichever worker holds it answers from the routing
 config in force, the shared cooldowns (extproc.cooldown: every worker and replica writes them)
-and its own DNS lookups of the providers' host names.
+and its own DNS lookups of the providers' host names. The clusters themselves come over the
+same stream, from the file the publisher writes (extproc.clusterfeed): a change sends only the
+clusters it added or altered.
 
 Why not Envoy's active health checks, as before (issue 12): one check per backend cluster cost
 Envoy about 19 KB per backend and the admin worker a connection each (1.0 GB and 141 MB at the
@@ -12,8 +14,8 @@ passed through Python, and the interval had to grow with the fleet (100 s at 10,
 429'd backend stayed in chains that long. Here a rest reaches Envoy within TICK_S whatever the
 fleet's size, and only the endpoints that changed travel.
 
-If the ext_proc is gone Envoy keeps the endpoints it has; a new stream (another worker, or
-this one restarted) sends them all again.
+If the ext_proc is gone Envoy keeps the clusters and endpoints it has; a new stream (another
+worker, or this one restarted) sends what differs from what Envoy says it holds.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from google.protobuf import any_pb2, json_format
 
 from signalbox.core.envoygen.endpoints import LOAD_ASSIGNMENT_TYPE, BackendEndpoint
 
+from .clusterfeed import CLUSTER_TYPE, ClusterFile, cluster_resource
 from .reload import TableHolder
 from .strategies import SelectionState
 
@@ -80,8 +83,17 @@ class Endpoints:
     """The state every ADS stream sends from: per backend cluster, its endpoint, its addresses
     and whether it rests; streams are told which clusters may have changed."""
 
-    def __init__(self, tables: TableHolder, state: SelectionState, resolver: Resolver = resolve):
+    def __init__(
+        self,
+        tables: TableHolder,
+        state: SelectionState,
+        resolver: Resolver = resolve,
+        clusters: ClusterFile | None = None,
+    ):
         self.tables = tables
+        # Envoy's clusters (delta CDS on the same stream), when the publisher's file is known.
+        self.clusters = clusters or ClusterFile(None)
+        self.clusters.on_change.append(self._tell_clusters)
         self.state = state
         self.resolver = resolver
         self.addresses: dict[str, list[str]] = {}
@@ -127,6 +139,10 @@ class Endpoints:
         for stream in self._streams:
             stream.changed(clusters)
 
+    def _tell_clusters(self) -> None:
+        for stream in self._streams:
+            stream.clusters_changed()
+
     async def _watch(self) -> None:
         while self._streams:
             try:
@@ -137,6 +153,8 @@ class Endpoints:
                 await asyncio.wait_for(self._config_changed.wait(), TICK_S)
 
     def _look(self) -> None:
+        if self.clusters.due():
+            self._tell_clusters()  # clusters gone from the file leave Envoy now
         if self._config_changed.is_set() or self.tables.current is not self._table:
             self._config_changed.clear()
             self._table = self.tables.current
@@ -186,6 +204,11 @@ class _Stream:
         self.sent: dict[str, int] = {}
         self.dirty: set[str] = set()
         self.everything = False
+        # Clusters (delta CDS, a wildcard subscription): what Envoy holds, name -> version.
+        self.cds = False
+        self.cds_sent: dict[str, str] = {}
+        self.cds_dirty = False
+        self.cds_answered = False
         self.wake = asyncio.Event()
         self.done = False
         self._nonces = itertools.count(1)
@@ -197,11 +220,19 @@ class _Stream:
             self.dirty.update(clusters)
         self.wake.set()
 
+    def clusters_changed(self) -> None:
+        if self.cds:
+            self.cds_dirty = True
+            self.wake.set()
+
     async def read(self, requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest]) -> None:
         try:
             async for request in requests:
+                if request.type_url == CLUSTER_TYPE:
+                    self._cluster_request(request)
+                    continue
                 if request.type_url != LOAD_ASSIGNMENT_TYPE:
-                    continue  # only endpoints are served here; Envoy asks for nothing else
+                    continue  # clusters and endpoints are served here; Envoy asks for nothing else
                 if request.error_detail.code:
                     log.error(
                         "Envoy refused endpoints (nonce %s): %s", request.response_nonce, request.error_detail.message
@@ -218,10 +249,55 @@ class _Stream:
             self.done = True
             self.wake.set()
 
+    def _cluster_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        if request.error_detail.code:
+            # Envoy keeps the clusters it had; the same bytes would be refused again.
+            log.error("Envoy refused clusters (nonce %s): %s", request.response_nonce, request.error_detail.message)
+        if not self.cds:
+            # The first request subscribes to every cluster; a reconnecting Envoy says what it
+            # holds, so only what differs is sent again.
+            if self.endpoints.clusters.path is None:
+                log.error("Envoy asks for its clusters over ADS, but this worker was not given their file (--clusters)")
+            self.cds = True
+            self.cds_sent = dict(request.initial_resource_versions)
+            self.clusters_changed()
+
+    def _cluster_responses(self) -> Iterator[discovery_pb2.DeltaDiscoveryResponse]:
+        """The clusters that differ from what Envoy holds, and those gone past their grace
+        (clusterfeed), BATCH at a time. Nothing until the file was read once: an Envoy
+        starting waits for its first clusters."""
+        feed = self.endpoints.clusters
+        current = feed.current()
+        self.cds_dirty = False
+        if not feed.loaded:
+            return
+        held = feed.held_back()
+        removed = sorted(name for name in self.cds_sent if name not in current and name not in held)
+        for name in removed:
+            del self.cds_sent[name]
+        batch: list[discovery_pb2.Resource] = []
+        size = 0
+        for name, (version, value) in current.items():
+            if self.cds_sent.get(name) == version:
+                continue
+            self.cds_sent[name] = version
+            resource = cluster_resource(name, version, value)
+            batch.append(resource)
+            size += resource.ByteSize()
+            if len(batch) == BATCH or size >= BATCH_BYTES:
+                yield self._response(batch, CLUSTER_TYPE)
+                batch, size = [], 0
+        if batch or removed or not self.cds_answered:
+            yield self._response(batch, CLUSTER_TYPE, removed)
+        self.cds_answered = True
+
     def responses(self) -> Iterator[discovery_pb2.DeltaDiscoveryResponse]:
-        """What changed among the subscribed clusters since the last call, BATCH at a time
-        (built as they are sent: the first answer names every backend). A cluster not known yet
-        stays dirty, asked again on the next change (a new config)."""
+        """What changed since the last call: clusters first (Envoy asks for a new cluster's
+        endpoints once it has the cluster), then the endpoints of the subscribed clusters,
+        BATCH at a time (built as they are sent: the first answer names every backend). An
+        endpoint not known yet stays dirty, asked again on the next change (a new config)."""
+        if self.cds_dirty:
+            yield from self._cluster_responses()
         names = set(self.subscribed) if self.everything else self.dirty & self.subscribed
         self.everything, self.dirty = False, set()
         batch: list[discovery_pb2.Resource] = []
@@ -241,14 +317,16 @@ class _Stream:
             batch.append(resource)
             size += resource.ByteSize()
             if len(batch) == BATCH or size >= BATCH_BYTES:
-                yield self._response(batch)
+                yield self._response(batch, LOAD_ASSIGNMENT_TYPE)
                 batch, size = [], 0
         if batch:
-            yield self._response(batch)
+            yield self._response(batch, LOAD_ASSIGNMENT_TYPE)
 
-    def _response(self, resources: list[discovery_pb2.Resource]) -> discovery_pb2.DeltaDiscoveryResponse:
+    def _response(
+        self, resources: list[discovery_pb2.Resource], type_url: str, removed: Iterable[str] = ()
+    ) -> discovery_pb2.DeltaDiscoveryResponse:
         return discovery_pb2.DeltaDiscoveryResponse(
-            type_url=LOAD_ASSIGNMENT_TYPE, resources=resources, nonce=str(next(self._nonces))
+            type_url=type_url, resources=resources, removed_resources=removed, nonce=str(next(self._nonces))
         )
 
 

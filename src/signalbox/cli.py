@@ -432,9 +432,9 @@ def cmd_config_sync(args: argparse.Namespace) -> int:
 
 def cmd_gateway_sidecar(args: argparse.Namespace) -> int:
     """The gateway pod's second container: the ext_proc plus the ConfigMap watch, one process."""
-    from signalbox.core.envoygen import contract
+    from signalbox.core.envoygen import contract, resource_file
     from signalbox.extproc.main import serve_until_stopped
-    from signalbox.gatewayfiles import CONFIG_FILE, SECRETS_DIR, STATE_DIR
+    from signalbox.gatewayfiles import CONFIG_FILE, ENVOY_DIR, SECRETS_DIR, STATE_DIR
 
     sync = _config_sync(args)
     args.config = f"{args.workdir}/{CONFIG_FILE}"
@@ -442,6 +442,7 @@ def cmd_gateway_sidecar(args: argparse.Namespace) -> int:
     args.secrets_dir = args.secrets_dir or f"{args.workdir}/{SECRETS_DIR}"
     args.state_dir = args.state_dir or f"{args.workdir}/{STATE_DIR}"
     args.outlier_events = args.outlier_events or f"{args.workdir}/{contract.OUTLIER_EVENTS_FILE}"
+    args.clusters = args.clusters or resource_file(f"{args.workdir}/{ENVOY_DIR}", "cds.json")
     background = [sync.run]
     if args.replica_configmap:
         background.append(_replica_sync(args).run)
@@ -533,6 +534,12 @@ def _extproc_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help="Envoy's outlier event log: its ejections become rests shown in /v1/models, metrics and "
         "AIProvider status (one ext_proc worker per gateway reads it)",
+    )
+    parser.add_argument(
+        "--clusters",
+        default="",
+        help="Envoy's clusters as the publisher writes them (a binary DiscoveryResponse): served to Envoy "
+        "over its ADS stream, only what changed (GatewayOptions.endpoints_over_ads)",
     )
     parser.add_argument("--log-level", default="info")
 

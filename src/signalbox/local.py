@@ -217,6 +217,8 @@ class LocalGateway:
         argv = [sys.executable, "-m", "signalbox.cli", "extproc", "--config", str(self.config_file)]
         argv += ["--socket", self.options.extproc_sockets[n], "--max-body-bytes", str(self.max_body_bytes)]
         argv += ["--state-dir", str(self.workdir / gatewayfiles.STATE_DIR), "--log-level", self.log_level]
+        # Envoy's clusters reach it over ADS from the worker holding its stream (extproc.clusterfeed).
+        argv += ["--clusters", envoygen.resource_file(str(self.workdir / gatewayfiles.ENVOY_DIR), "cds.json")]
         if not self.accounting:
             argv.append("--no-accounting")  # Envoy reports no usage: hold no budget
         if self.redis_url:

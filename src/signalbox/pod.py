@@ -9,6 +9,7 @@ same generator `signalbox up` uses, so a cluster and a laptop run the same Envoy
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 from signalbox.core import envoygen
@@ -20,7 +21,13 @@ ADMIN_PORT = 9901
 # The ext_proc's admin API (127.0.0.1 unless the chart's gateway.adminApi.expose).
 EXTPROC_ADMIN_PORT = 8083
 EXTPROC_SOCKET = f"{WORKDIR}/extproc.sock"
-BOOTSTRAP_FILE = "helm/signalbox/files/envoy-bootstrap.json"
+# One bootstrap per failure mode (the chart picks by gateway.failureMode): failing closed, Envoy
+# takes its clusters and backend endpoints from the ext_proc over ADS; failing open it reads
+# them from config-sync's files, so that it starts and routes while the ext_proc is down.
+BOOTSTRAP_FILES: dict[str, str] = {
+    "closed": "helm/signalbox/files/envoy-bootstrap.json",
+    "open": "helm/signalbox/files/envoy-bootstrap-open.json",
+}
 
 
 def options(
@@ -61,9 +68,15 @@ def options(
     )
 
 
-def bootstrap(workdir: str = WORKDIR) -> dict[str, Any]:
-    return envoygen.bootstrap(options(workdir), f"{workdir}/envoy")
+def bootstrap(workdir: str = WORKDIR, failure_mode: Literal["closed", "open"] = "closed") -> dict[str, Any]:
+    return envoygen.bootstrap(options(workdir, failure_mode), f"{workdir}/envoy")
 
 
-def bootstrap_json() -> str:
-    return json.dumps(bootstrap(), indent=2, sort_keys=True) + "\n"
+def bootstrap_json(failure_mode: Literal["closed", "open"] = "closed") -> str:
+    return json.dumps(bootstrap(failure_mode=failure_mode), indent=2, sort_keys=True) + "\n"
+
+
+def write_bootstrap_files() -> None:
+    """`make chart-files`: the chart's bootstraps, one per failure mode."""
+    for mode, path in BOOTSTRAP_FILES.items():
+        Path(path).write_text(bootstrap_json(mode))  # type: ignore[arg-type]

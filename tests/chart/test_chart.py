@@ -254,15 +254,21 @@ def test_optional_objects_follow_values(case):
     assert ("replicas" in gateway["spec"]) == (name != "ha")  # the HPA owns replicas
 
 
-def test_gateway_bootstrap_is_the_generator_output(case):
-    _, _, _, objects = case
+def test_gateway_bootstrap_is_the_generator_output_for_its_failure_mode(case):
+    """Failing open, Envoy must read its clusters from files (it starts and routes with the
+    ext_proc down); failing closed they come over the ext_proc's ADS stream."""
+    _, _, values, objects = case
+    failure_mode = values.get("gateway", {}).get("failureMode", "closed")
     configmap = next(o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("envoy-bootstrap"))
     rendered = json.loads(configmap["data"]["envoy-bootstrap.json"])
-    assert rendered == pod.bootstrap()
+    assert rendered == pod.bootstrap(failure_mode=failure_mode)
+    over_ads = "ads" in rendered["dynamic_resources"]["cds_config"]
+    assert over_ads == (failure_mode == "closed")
 
 
-def test_committed_bootstrap_file_is_fresh():
-    assert (ROOT / pod.BOOTSTRAP_FILE).read_text() == pod.bootstrap_json(), "stale: run `make chart-files`"
+def test_committed_bootstrap_files_are_fresh():
+    for mode, path in pod.BOOTSTRAP_FILES.items():
+        assert (ROOT / path).read_text() == pod.bootstrap_json(mode), "stale: run `make chart-files`"
 
 
 def test_chart_crds_are_the_generated_ones_not_a_copy():

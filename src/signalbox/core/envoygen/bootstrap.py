@@ -154,8 +154,12 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
         "static_resources": {"clusters": static},
     }
     if opts.endpoints_over_ads:
-        # Backend endpoints (envoygen.endpoints) from whichever ext_proc worker holds the one
-        # ADS stream (extproc.xds): only what changed travels, a resting backend's health with it.
+        # Clusters and backend endpoints (envoygen.endpoints) from whichever ext_proc worker
+        # holds the one ADS stream (extproc.xds): only what changed travels, a resting backend's
+        # health with it. The clusters are the file the publisher writes (extproc.clusterfeed):
+        # read whole by Envoy, a new failover chain at the 2,000-provider fleet cost it 0.3-0.5 s
+        # to compare 17,712 clusters.
+        out["dynamic_resources"]["cds_config"] = {"ads": {}, "resource_api_version": "V3"}
         out["dynamic_resources"]["ads_config"] = {
             "api_type": "DELTA_GRPC",
             "transport_api_version": "V3",

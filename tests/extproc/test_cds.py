@@ -1,0 +1,221 @@
+"""Envoy's clusters over ADS (delta CDS, issue 12): what the worker holding Envoy's stream
+sends from the cluster file the publisher writes (gatewayfiles, the real generator and encoder),
+over a real gRPC stream (grpc.aio, port 0, Envoy's own protos): everything at first, then only
+what a change added or altered, removals after their grace, and nothing that Envoy already has."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from signalbox import gatewayfiles
+from signalbox.core import envoygen
+from signalbox.core.compiler import compile_config
+from signalbox.extproc import clusterfeed, xds
+from signalbox.extproc.clusterfeed import CLUSTER_TYPE, ClusterFile
+from signalbox.extproc.cooldown import Cooldowns
+from signalbox.extproc.reload import TableHolder
+from signalbox.extproc.strategies import SelectionState
+from tests.factories import backend, model, policy, provider
+
+WAIT_S = 5.0  # the longest an answer may take here (a file event, or a tick: xds.TICK_S)
+OPTIONS = envoygen.GatewayOptions(ads=True)
+
+
+def routing_config(*policies: tuple[str, list[str]]):
+    names = sorted({n for _, members in policies for n in members})
+    providers = [provider(n, f"http://127.0.0.1:{9000 + i}/v1", [model("m")]) for i, n in enumerate(names)]
+    pols = [
+        policy(name, [name], [backend(n, "m", priority=k) for k, n in enumerate(members)], strategy="failover")
+        for name, members in policies
+    ]
+    result = compile_config(providers, pols)
+    assert result.ok, result.problems
+    return result.config
+
+
+def publish(workdir: Path, cfg) -> set[str]:
+    """Envoy's files as `signalbox up` writes them; the names of the clusters in them."""
+    gatewayfiles.write_envoy(cfg, workdir, OPTIONS)
+    return {c["name"] for c in gatewayfiles.read_envoy_file(workdir / gatewayfiles.ENVOY_DIR, "cds.json")["resources"]}
+
+
+def cluster_path(workdir: Path) -> Path:
+    return Path(envoygen.resource_file(str(workdir / gatewayfiles.ENVOY_DIR), "cds.json"))
+
+
+class Envoy:
+    """The client side of the stream as Envoy speaks it for clusters: a wildcard subscription
+    (with what it holds, when it reconnects), then an ACK per answer."""
+
+    def __init__(self, channel: grpc.aio.Channel, holds: dict[str, str] | None = None):
+        self.requests: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = asyncio.Queue()
+        self.responses: asyncio.Queue[discovery_pb2.DeltaDiscoveryResponse] = asyncio.Queue()
+        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).DeltaAggregatedResources(self._requests())
+        self.reader = asyncio.create_task(self._read())
+        self.held: dict[str, str] = dict(holds or {})
+        self.requests.put_nowait(
+            discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER_TYPE, initial_resource_versions=self.held)
+        )
+
+    async def _requests(self):
+        while (request := await self.requests.get()) is not None:
+            yield request
+
+    async def _read(self):
+        async for response in self.call:
+            await self.responses.put(response)
+
+    async def next(self, timeout: float = WAIT_S) -> tuple[dict[str, cluster_pb2.Cluster], list[str]]:
+        """The next answer's clusters and removed names, applied to what this Envoy holds; ACKed."""
+        response = await asyncio.wait_for(self.responses.get(), timeout)
+        assert response.type_url == CLUSTER_TYPE
+        self.requests.put_nowait(
+            discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER_TYPE, response_nonce=response.nonce)
+        )
+        got = {}
+        for resource in response.resources:
+            cluster = cluster_pb2.Cluster()
+            assert resource.resource.Unpack(cluster)
+            assert cluster.name == resource.name
+            got[resource.name] = cluster
+            self.held[resource.name] = resource.version
+        for name in response.removed_resources:
+            self.held.pop(name, None)
+        return got, list(response.removed_resources)
+
+    async def nothing(self, within: float = 4 * xds.TICK_S) -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(self.responses.get(), within)
+
+    def close(self) -> None:
+        self.requests.put_nowait(None)
+        self.reader.cancel()
+
+
+@pytest.fixture
+async def ads(tmp_path):
+    feed = ClusterFile(cluster_path(tmp_path))
+    stop = asyncio.Event()
+    watch = asyncio.create_task(feed.watch(stop))
+    server = grpc.aio.server()
+    endpoints = xds.Endpoints(
+        TableHolder(), SelectionState(cooldowns=Cooldowns(tmp_path / "cooldowns.db")), clusters=feed
+    )
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds.AggregatedDiscovery(endpoints), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield tmp_path, channel
+    stop.set()
+    watch.cancel()
+    await channel.close()
+    await server.stop(None)
+
+
+async def test_envoy_gets_every_cluster_then_only_what_a_change_adds(ads):
+    workdir, channel = ads
+    names = publish(workdir, routing_config(("p", ["a", "b"])))
+    envoy = Envoy(channel)
+    try:
+        got, removed = await envoy.next()
+        assert set(got) == names and not removed
+        aggregate = next(c for n, c in got.items() if n.startswith("t."))
+        assert aggregate.cluster_type.name == "envoy.clusters.aggregate"  # the generator's own clusters
+        # The same config written again: nothing travels.
+        publish(workdir, routing_config(("p", ["a", "b"])))
+        await envoy.nothing()
+        # A policy over a new chain: its chain's aggregate alone travels, nothing is removed.
+        more = publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
+        got, removed = await envoy.next()
+        assert set(got) == more - names and len(got) == 1 and not removed
+        assert set(envoy.held) == more
+    finally:
+        envoy.close()
+
+
+async def test_a_cluster_gone_from_the_file_leaves_envoy_after_its_grace(ads, monkeypatch):
+    """Routes are written after clusters: a cluster removed at once would leave the old routes
+    naming a cluster Envoy no longer has (503s) until the new routes arrive."""
+    monkeypatch.setattr(clusterfeed, "REMOVAL_GRACE_S", 1.0)
+    workdir, channel = ads
+    both = publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
+    envoy = Envoy(channel)
+    try:
+        await envoy.next()
+        started = asyncio.get_running_loop().time()
+        left = publish(workdir, routing_config(("p", ["a", "b"])))
+        got, removed = await envoy.next()
+        assert not got and set(removed) == both - left
+        assert asyncio.get_running_loop().time() - started >= 1.0
+        assert set(envoy.held) == left
+        # Back before its grace ended: never removed.
+        publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
+        got, _ = await envoy.next()
+        publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"]), ("r", ["a"])))
+        got, removed = await envoy.next()
+        assert not removed
+    finally:
+        envoy.close()
+
+
+async def test_a_reconnecting_envoy_gets_only_what_differs_from_what_it_holds(ads):
+    workdir, channel = ads
+    names = publish(workdir, routing_config(("p", ["a", "b"])))
+    first = Envoy(channel)
+    await first.next()
+    held = dict(first.held)
+    first.close()
+    more = publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
+    # The Envoy reconnects holding what it had, and one cluster this config never had.
+    second = Envoy(channel, holds={**held, "b.default.gone.m": "1"})
+    try:
+        sent: set[str] = set()
+        gone: list[str] = []
+        while set(second.held) != more:  # (the new file may reach the feed after the stream)
+            got, removed = await second.next()
+            sent |= set(got)
+            gone += removed
+        assert sent == more - names  # only the new chain's aggregate: nothing it held again
+        assert gone == ["b.default.gone.m"]  # never in the file: no grace
+    finally:
+        second.close()
+
+
+async def test_envoy_waits_for_a_first_file_and_a_bad_file_changes_nothing(ads):
+    workdir, channel = ads
+    envoy = Envoy(channel)
+    try:
+        await envoy.nothing()  # no file yet: Envoy's start waits for its clusters
+        names = publish(workdir, routing_config(("p", ["a"])))
+        got, _ = await envoy.next()
+        assert set(got) == names
+        path = cluster_path(workdir)
+        tmp = path.with_name(".garbage")
+        tmp.write_bytes(b"\xff not a DiscoveryResponse")
+        os.replace(tmp, path)
+        await envoy.nothing()  # logged; Envoy keeps what it has
+        more = publish(workdir, routing_config(("p", ["a"]), ("q", ["a", "b"])))
+        got, removed = await envoy.next()
+        assert set(got) <= more and set(envoy.held) == more and not removed
+    finally:
+        envoy.close()
+
+
+async def test_an_empty_cluster_file_still_answers_envoy(ads):
+    """An Envoy starting on a config with no clusters waits for an answer: an empty one."""
+    workdir, channel = ads
+    envoy = Envoy(channel)
+    try:
+        path = cluster_path(workdir)
+        gatewayfiles.write_atomic(path, discovery_pb2.DiscoveryResponse().SerializeToString())
+        got, removed = await envoy.next()
+        assert got == {} and removed == []
+    finally:
+        envoy.close()
