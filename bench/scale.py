@@ -164,6 +164,8 @@ def config(providers: int, policies: int) -> dict[str, Any]:
             serves(gateway, alias(0))
             out["up_ready_s"] = round(time.perf_counter() - started, 1)
             serves(gateway, alias(policies - 1))
+            # The last policy's chains are the last clusters Envoy gets (over ADS, in batches).
+            out["up_last_alias_s"] = round(time.perf_counter() - started, 1)
             out.update(memory(gateway))
             # What an attempt costs at this size: every attempt passes the skip matcher of every
             # keyed provider's credential injector (design notes). Alias 0 is compiled (weighted).

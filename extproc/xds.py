@@ -37,6 +37,7 @@ from google.protobuf import any_pb2, json_format
 from signalbox.core.envoygen.endpoints import LOAD_ASSIGNMENT_TYPE, BackendEndpoint
 
 from .clusterfeed import CLUSTER_TYPE, ClusterFile, cluster_resource
+from .memtrim import release_free_memory
 from .reload import TableHolder
 from .strategies import SelectionState
 
@@ -275,11 +276,10 @@ class _Stream:
         removed = sorted(name for name in self.cds_sent if name not in current and name not in held)
         for name in removed:
             del self.cds_sent[name]
+        wanted = {name for name, version in current.items() if self.cds_sent.get(name) != version}
         batch: list[discovery_pb2.Resource] = []
         size = 0
-        for name, (version, value) in current.items():
-            if self.cds_sent.get(name) == version:
-                continue
+        for name, version, value in feed.packed(wanted):
             self.cds_sent[name] = version
             resource = cluster_resource(name, version, value)
             batch.append(resource)
@@ -290,6 +290,8 @@ class _Stream:
         if batch or removed or not self.cds_answered:
             yield self._response(batch, CLUSTER_TYPE, removed)
         self.cds_answered = True
+        if len(wanted) >= BATCH:
+            release_free_memory()  # what reading and sending them took, once sent (memtrim)
 
     def responses(self) -> Iterator[discovery_pb2.DeltaDiscoveryResponse]:
         """What changed since the last call: clusters first (Envoy asks for a new cluster's

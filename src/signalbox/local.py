@@ -418,7 +418,7 @@ class LocalGateway:
                 gatewayfiles.write_envoy(self.config, self.workdir, self.options)
         self._wait(self._envoy_ready, "envoy", timeout)
         if not self.port:
-            self.port = self._bound_listener_port()
+            self._wait(self._learn_listener_port, "envoy", timeout)
 
     @property
     def stop_requested(self) -> bool:
@@ -488,6 +488,15 @@ class LocalGateway:
             return _port_open("127.0.0.1", self.port or self._bound_listener_port())
         except OSError:
             return False
+
+    def _learn_listener_port(self) -> bool:
+        """Whether the gateway listener's port is known (asked of Envoy's admin interface until
+        it answers: its main thread may still be adding clusters that arrive over ADS)."""
+        try:
+            self.port = self._bound_listener_port()
+        except OSError:
+            return False
+        return True
 
     def _bound_listener_port(self) -> int:
         """The port Envoy bound for the gateway listener (configured as port 0)."""
