@@ -12,9 +12,11 @@ import pytest
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import json_format
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from signalbox.core.compiler import compile_config
-from signalbox.core.envoygen.endpoints import LOAD_ASSIGNMENT_TYPE
+from signalbox.core.envoygen.endpoints import LOAD_ASSIGNMENT_TYPE, BackendEndpoint
 from signalbox.extproc import xds
 from signalbox.extproc.cooldown import Cooldowns
 from signalbox.extproc.reload import TableHolder
@@ -235,3 +237,23 @@ async def test_a_rest_reaches_every_open_stream(ads):
             assert hosts((await stream.next())[cluster_of(cfg, "a")]) == [("127.0.0.1", "UNHEALTHY")]
     finally:
         second.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    host=st.one_of(
+        st.ip_addresses().map(str), st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z0-9-]{1,10}){0,3}", fullmatch=True)
+    ),
+    port=st.integers(1, 65535),
+    names=st.lists(st.text(min_size=1, max_size=30), min_size=4, max_size=4),
+    addresses=st.lists(st.ip_addresses().map(str), max_size=5),
+    resting=st.booleans(),
+)
+def test_an_assignment_is_the_message_its_description_parses_to(host, port, names, addresses, resting):
+    """The worker builds assignments without json_format (5 times faster); what it sends must
+    be exactly what the shared description (envoygen.endpoints) says."""
+    endpoint = BackendEndpoint(names[0], names[1], names[2], names[3], "m", "openai", host, port)
+    want = json_format.ParseDict(endpoint.load_assignment(addresses, resting), endpoint_pb2.ClusterLoadAssignment())
+    got = endpoint_pb2.ClusterLoadAssignment()
+    assert xds.load_assignment(endpoint, addresses, resting).Unpack(got)
+    assert got == want
