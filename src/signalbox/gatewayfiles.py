@@ -21,7 +21,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core import envoygen
 from signalbox.core.errors import CredentialUnavailable
 from signalbox.extproc.runtime import KeyResolver, default_key_resolver
-from signalbox.xdsbinary import ResourceEncoder
+from signalbox.xdsbinary import KeyedEncoder, ResourceEncoder, RouteTableEncoder
 
 # The compiled config as binary protobuf: the ext_proc workers parse it on every change, and at
 # the 2,000-provider fleet its JSON (7.7 MB) took 0.8 s to parse and 0.6 s to write, against
@@ -113,26 +113,38 @@ def write_envoy(cfg: pb.RoutingConfig, workdir: Path, options: envoygen.GatewayO
     routes. A file whose content did not change is not rewritten: Envoy would parse it again
     (the clusters are 20 MB at the 2,000-provider fleet) to find nothing to do."""
     config_dir = str(workdir / ENVOY_DIR)
-    resources = envoygen.resources(cfg, options, config_dir)
-    write_envoy_files(_encode_files(config_dir, resources))
-    # Only now are the resources freed: the 2,000-provider fleet's millions of dicts took 0.1 s
-    # to free, which Envoy no longer waits for.
-    del resources
+    parts = envoygen.resource_parts(cfg, options, config_dir)
+    write_envoy_files(_encode_files(config_dir, parts))
+    # Only now are the parts freed: the 2,000-provider fleet's dicts took 0.1 s to free, which
+    # Envoy no longer waits for.
+    del parts
 
 
 def envoy_files(cfg: pb.RoutingConfig, workdir: Path, options: envoygen.GatewayOptions) -> dict[Path, bytes]:
     """Envoy's resource files' paths and contents, in the order they are written."""
     config_dir = str(workdir / ENVOY_DIR)
-    return _encode_files(config_dir, envoygen.resources(cfg, options, config_dir))
+    return _encode_files(config_dir, envoygen.resource_parts(cfg, options, config_dir))
 
 
-def _encode_files(config_dir: str, resources: dict[str, dict[str, Any]]) -> dict[Path, bytes]:
-    return {Path(envoygen.resource_file(config_dir, n)): _encode(n, resources[n]) for n in envoygen.RESOURCE_FILES}
+def _encode_files(config_dir: str, parts: envoygen.ResourceParts) -> dict[Path, bytes]:
+    """Clusters and routes converted once per key (`envoygen.ResourceParts`): a change converts
+    what it added or altered, not the 2,000-provider fleet's 17,712 clusters and 6,600 routes
+    made as dicts and digested as JSON again (0.2 s of the path from a change to Envoy)."""
+    assert parts.routes is not None  # Envoy reads its routes from a file of their own
+    encoded = {
+        "cds.json": _clusters.encode(parts.clusters),
+        "rds.json": _routes.encode(parts.routes),
+        "lds.json": _encode("lds.json", parts.listeners),
+    }
+    return {Path(envoygen.resource_file(config_dir, n)): encoded[n] for n in envoygen.RESOURCE_FILES}
 
 
 # One per binary document in a publishing process (`signalbox up`, config-sync): each keeps
-# what it converted.
+# what it converted. Clusters and routes are encoded from their keyed parts, converting what
+# the backends-first start already converted once.
 _encoders = {name: ResourceEncoder() for name in envoygen.BINARY_FILES}
+_clusters = KeyedEncoder(_encoders["cds.json"])
+_routes = RouteTableEncoder(_encoders["rds.json"])
 
 
 def _encode(name: str, document: dict[str, Any]) -> bytes:

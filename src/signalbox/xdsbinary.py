@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -77,17 +78,34 @@ class ResourceEncoder:
         digest = hashlib.blake2b(orjson.dumps(document), digest_size=16).digest()
         if digest == self._last[0]:
             return self._last[1]
-        self._used = {}
+        self.start()
         response = discovery_pb2.DiscoveryResponse()
         for resource in document["resources"]:
             if resource.get("@type") == _ROUTE_CONFIGURATION:
                 response.resources.add().Pack(self._route_configuration(resource), deterministic=True)
             else:
                 response.resources.append(self._resource(resource))
-        self._kept, self._used = self._used, {}
+        self.finish()
         encoded = response.SerializeToString(deterministic=True)
         self._last = (digest, encoded)
         return encoded
+
+    def start(self) -> None:
+        """A new document: what it converts or reuses is kept after `finish`, the rest let go."""
+        self._used = {}
+
+    def finish(self) -> None:
+        self._kept, self._used = self._used, {}
+
+    def converted(self, part: dict[str, Any], message_type: type[Message]) -> Message:
+        """`part` as a `message_type`, converted once while in use (between `start` and
+        `finish`; callers copy it)."""
+        return self._converted(part, message_type)
+
+    def packed(self, resource: dict[str, Any]) -> any_pb2.Any:
+        """One resource (not a route table) as an Any, converted once while in use (between
+        `start` and `finish`)."""
+        return self._resource(resource)
 
     def _resource(self, resource: dict[str, Any]) -> any_pb2.Any:
         """A resource (a cluster) as an Any. A named one not converted before is made from its
@@ -143,6 +161,82 @@ class ResourceEncoder:
             )
             added.routes.extend(self._converted(route, route_components_pb2.Route) for route in host.get("routes", []))
         return table
+
+
+class KeyedEncoder:
+    """Encodes a document given as keyed resources (`envoygen.ClusterSpec`: a key that differs
+    whenever the resource would, and how to make it), the same bytes `ResourceEncoder` gives for
+    the made document. A resource is made and converted once per key while it stays in use:
+    a change makes only what it added or altered, and the same keys again give the last
+    encoding back."""
+
+    def __init__(self, converter: ResourceEncoder | None = None) -> None:
+        # What is new is converted by `converter` (by shape: a provider's backends, and what
+        # it converted for its own last document).
+        self._converter = converter or ResourceEncoder()
+        self._kept: dict[bytes, any_pb2.Any] = {}
+        self._last: tuple[bytes, bytes] = (b"", b"")
+
+    def encode(self, specs: list[tuple[bytes, Callable[[], dict[str, Any]]]]) -> bytes:
+        digest = hashlib.blake2b(b"".join(key for key, _ in specs), digest_size=16).digest()
+        if digest == self._last[0]:
+            return self._last[1]
+        used: dict[bytes, any_pb2.Any] = {}
+        self._converter.start()
+        response = discovery_pb2.DiscoveryResponse()
+        for key, make in specs:
+            packed = used.get(key) or self._kept.get(key)
+            if packed is None:
+                packed = self._converter.packed(make())
+            used[key] = packed
+            response.resources.append(packed)
+        self._converter.finish()
+        self._kept = used
+        encoded = response.SerializeToString(deterministic=True)
+        self._last = (digest, encoded)
+        return encoded
+
+
+class RouteTableEncoder:
+    """Encodes the route table given as `envoygen.RouteParts` (its routes in keyed groups), the
+    same bytes `ResourceEncoder` gives for `parts.config()`: a group's routes are made and
+    converted once per key while in use, so a change converts the routes of the policies it
+    changed, and the same parts again give the last encoding back."""
+
+    def __init__(self, converter: ResourceEncoder | None = None) -> None:
+        self._converter = converter or ResourceEncoder()
+        self._kept: dict[bytes, list[Message]] = {}
+        self._last: tuple[bytes, bytes] = (b"", b"")
+
+    def encode(self, parts: Any) -> bytes:
+        from envoy.config.route.v3 import route_components_pb2, route_pb2
+
+        digest = hashlib.blake2b(digest_size=16)
+        for part in (orjson.dumps(parts.table), orjson.dumps(parts.host), *(key for key, _ in parts.groups)):
+            digest.update(len(part).to_bytes(4, "big"))
+            digest.update(part)
+        if digest.digest() == self._last[0]:
+            return self._last[1]
+        used: dict[bytes, list[Message]] = {}
+        converter = self._converter
+        converter.start()
+        table = route_pb2.RouteConfiguration()
+        table.CopyFrom(converter.converted(parts.table, route_pb2.RouteConfiguration))
+        host = table.virtual_hosts.add()
+        host.CopyFrom(converter.converted(parts.host, route_components_pb2.VirtualHost))
+        for key, make in parts.groups:
+            routes = used.get(key) or self._kept.get(key)
+            if routes is None:
+                routes = [converter.converted(route, route_components_pb2.Route) for route in make()]
+            used[key] = routes
+            host.routes.extend(routes)
+        converter.finish()
+        self._kept = used
+        response = discovery_pb2.DiscoveryResponse()
+        response.resources.add().Pack(table, deterministic=True)
+        encoded = response.SerializeToString(deterministic=True)
+        self._last = (digest.digest(), encoded)
+        return encoded
 
 
 def decode(data: bytes) -> dict[str, Any]:

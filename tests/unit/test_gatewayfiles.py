@@ -9,6 +9,8 @@ import orjson
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import descriptor_pool, json_format, message_factory
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from signalbox import gatewayfiles, xdsbinary
 from signalbox.core import envoygen
@@ -195,3 +197,52 @@ def test_key_files_are_readable_by_their_owner_alone_whatever_was_left_behind(tm
     assert not stale.exists()
     gatewayfiles.write_credentials(cfg, options, lambda auth: credential(auth, "sk-two"))
     assert path.stat().st_mode & 0o077 == 0 and path.read_text().endswith("sk-two")
+
+
+PROVIDER_POOL = [
+    # Context windows differ (a chain's routes say which members a larger window follows).
+    provider(
+        n,
+        f"http://{n}.internal:{9000 + i}/v1",
+        [model("m", contextWindow=8192 * (1 + i % 3)), model("n")],
+        connectTimeoutMs=1000 + 100 * i,
+    )
+    for i, n in enumerate("abcde")
+]
+
+
+@st.composite
+def fleets(draw):
+    """A config: some providers (with their timeouts varied), policies over their backends."""
+    chosen = draw(
+        st.lists(st.sampled_from(PROVIDER_POOL), min_size=2, max_size=5, unique_by=lambda p: p["metadata"]["name"])
+    )
+    names = [p["metadata"]["name"] for p in chosen]
+    policies = []
+    for i in range(draw(st.integers(1, 4))):
+        members = draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True))
+        refs = [backend(n, draw(st.sampled_from(["m", "n"])), priority=k) for k, n in enumerate(members)]
+        strategy = draw(st.sampled_from(["failover", "latency", "weighted", "cost"]))
+        policies.append(policy(f"p{i}", [f"alias{i}"], refs, strategy=strategy))
+    timeout = draw(st.sampled_from([None, 1500]))
+    if timeout:  # a provider's own field changed: its backends' clusters change
+        chosen = [{**chosen[0], "spec": {**chosen[0]["spec"], "connectTimeoutMs": timeout}}, *chosen[1:]]
+    result = compile_config(chosen, policies)
+    assume(result.ok)
+    return result.config
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(configs=st.lists(fleets(), min_size=1, max_size=4), ads=st.booleans())
+def test_keyed_parts_encode_to_the_files_the_whole_documents_give(configs, ads):
+    """The publisher converts a cluster, and a policy's routes, once per key (what they are made
+    from: `envoygen.ResourceParts`): across any sequence of changes its files must be the ones
+    the made documents give, or a cluster or route whose key missed an input would keep its old
+    form in Envoy."""
+    options = envoygen.GatewayOptions(ads=ads, extproc_admin_port=8083)
+    clusters, routes = xdsbinary.KeyedEncoder(), xdsbinary.RouteTableEncoder()
+    for cfg in configs:
+        parts = envoygen.resource_parts(cfg, options, "/cfg")
+        whole = envoygen.resources(cfg, options, "/cfg")
+        assert clusters.encode(parts.clusters) == xdsbinary.ResourceEncoder().encode(whole["cds.json"])
+        assert routes.encode(parts.routes) == xdsbinary.ResourceEncoder().encode(whole["rds.json"])

@@ -24,14 +24,24 @@ and a laptop run the same Envoy shape.
 
 from __future__ import annotations
 
-from .bootstrap import BINARY_FILES, RESOURCE_FILES, bootstrap, resource_file, resources
+from .bootstrap import (
+    BINARY_FILES,
+    RESOURCE_FILES,
+    ResourceParts,
+    bootstrap,
+    resource_file,
+    resource_parts,
+    resources,
+)
 from .clusters import (
     ATTEMPT_ERRORS,
+    ClusterSpec,
     attempt_marker,
     attempt_settings,
     attempt_source,
     backend_clusters,
     chain_members,
+    cluster_specs,
     clusters,
     credential_file,
     credential_name,
@@ -116,7 +126,9 @@ __all__ = [
     "STREAM_LIMITS",
     "SYSTEM_CA_FILE",
     "TRANSLATE_HEADER",
+    "ClusterSpec",
     "GatewayOptions",
+    "ResourceParts",
     "accounting_log",
     "attempt_marker",
     "attempt_settings",
@@ -125,6 +137,7 @@ __all__ = [
     "bootstrap",
     "chain_members",
     "client_path_filter",
+    "cluster_specs",
     "clusters",
     "compiled_routes",
     "credential_file",
@@ -137,6 +150,7 @@ __all__ = [
     "models_listing",
     "request_log",
     "resource_file",
+    "resource_parts",
     "resources",
     "retry_policy_of",
     "router_attributes",

@@ -3,14 +3,15 @@ dynamic resources as files."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from ..gcpause import paused_gc
-from .clusters import chain_members, clusters
+from .clusters import ClusterSpec, chain_members, cluster_specs
 from .contract import ADMIN_CLUSTER, BACKEND_PREFIX, EXTPROC_ADMIN_CLUSTER, EXTPROC_CLUSTER, TARGET_PREFIX
-from .listener import health_listener, listener, route_config
+from .listener import RouteParts, health_listener, listener, route_parts
 from .options import STREAM_LIMITS, GatewayOptions, _address, _admin_address, _any
 
 # Envoy allocates about 140 stats per cluster, each costing memory and start-up time for every
@@ -214,6 +215,29 @@ def watched_file(config_dir: str, name: str) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class ResourceParts:
+    """The dynamic resources as a publisher encodes them: the listeners' document, the
+    clusters as keyed makers (`cluster_specs`) and the route table's routes in keyed groups
+    (`route_parts`; None: inline in the listener), each converted once per key
+    (xdsbinary.KeyedEncoder, RouteTableEncoder)."""
+
+    listeners: dict[str, Any]
+    clusters: list[ClusterSpec]
+    routes: RouteParts | None
+
+
+@paused_gc()
+def resource_parts(cfg: pb.RoutingConfig, opts: GatewayOptions, config_dir: str = "") -> ResourceParts:
+    rds = watched_file(config_dir, "rds.json") if config_dir else None
+    listeners = [listener(cfg, opts, routes=rds)]
+    if opts.health_port is not None:
+        listeners.append(health_listener(opts))
+    members = chain_members(cfg)
+    routes = route_parts(cfg, opts, members) if rds is not None else None
+    return ResourceParts({"resources": listeners}, cluster_specs(cfg, opts, members), routes)
+
+
 @paused_gc()
 def resources(cfg: pb.RoutingConfig, opts: GatewayOptions, config_dir: str = "") -> dict[str, dict[str, Any]]:
     """The dynamic resources as xDS DiscoveryResponse documents, keyed by file name.
@@ -222,13 +246,8 @@ def resources(cfg: pb.RoutingConfig, opts: GatewayOptions, config_dir: str = "")
     (RDS), so a change to policies replaces the route table and leaves the listener, its
     filters and attempt.lua's Lua states as they are; without it they are inline in the
     listener (the generator's own tests read them there)."""
-    rds = watched_file(config_dir, "rds.json") if config_dir else None
-    listeners = [listener(cfg, opts, routes=rds)]
-    if opts.health_port is not None:
-        listeners.append(health_listener(opts))
-    members = chain_members(cfg)
-    out = {"cds.json": {"resources": clusters(cfg, opts, members)}, "lds.json": {"resources": listeners}}
-    if rds is not None:
-        table = _any("envoy.config.route.v3.RouteConfiguration", **route_config(cfg, opts, members))
-        out["rds.json"] = {"resources": [table]}
+    parts = resource_parts(cfg, opts, config_dir)
+    out = {"cds.json": {"resources": [make() for _, make in parts.clusters]}, "lds.json": parts.listeners}
+    if parts.routes is not None:
+        out["rds.json"] = {"resources": [_any("envoy.config.route.v3.RouteConfiguration", **parts.routes.config())]}
     return out

@@ -3,8 +3,12 @@ local replies in OpenAI shape, accounting and the request log."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import re
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -180,22 +184,34 @@ def _policy_headers(policy: pb.Policy) -> list[dict[str, Any]]:
 # policy's message and its chains' LARGER_AFTER_HEADER values), as JSON: a change makes the
 # routes of the policies it changed, not the 2,000 fleet's 7,700 (0.1 s). Kept as bytes, so each
 # generation gets dicts of its own, whatever its callers do with them.
-_kept_routes: dict[bytes, bytes] = {}
+@dataclass(frozen=True, slots=True)
+class _Made:
+    routes: bytes  # JSON: [compiled routes, decided routes]
+    # Each route's retry policy (`_key`; None: it has none), for the virtual host's count.
+    retries: tuple[tuple[bytes | None, ...], tuple[bytes | None, ...]]
 
 
-def _policy_routes(
-    policy: pb.Policy, larger: dict[str, str], used: dict[bytes, bytes]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """A policy's compiled routes (matched first) and its decided ones, from `_kept_routes`
-    when the same inputs made them; what this generation used goes into `used`."""
+_kept_routes: dict[bytes, _Made] = {}
+
+
+def _retry_key(route: dict[str, Any]) -> bytes | None:
+    retry = route.get("route", {}).get("retry_policy")
+    return None if retry is None else _key(retry)
+
+
+def _policy_routes(policy: pb.Policy, larger: dict[str, str], used: dict[bytes, _Made]) -> tuple[bytes, _Made]:
+    """A policy's compiled routes (matched first) and its decided ones, and what they were made
+    from, from `_kept_routes` when the same inputs made them; what this generation used goes
+    into `used`."""
     targets = routed_targets(policy)
     key = policy.SerializeToString(deterministic=True) + orjson.dumps([larger.get(t, "") for t in targets])
     made = used.get(key) or _kept_routes.get(key)
     if made is None:
-        made = orjson.dumps(_make_policy_routes(policy, targets, larger))
+        compiled, decided = _make_policy_routes(policy, targets, larger)
+        retries = (tuple(_retry_key(r) for r in compiled), tuple(_retry_key(r) for r in decided))
+        made = _Made(orjson.dumps([compiled, decided]), retries)
     used[key] = made
-    compiled, decided = orjson.loads(made)
-    return compiled, decided
+    return key, made
 
 
 def _decided_route(
@@ -243,37 +259,44 @@ def _make_policy_routes(
     return [], out
 
 
-def _routes(
-    cfg: pb.RoutingConfig, opts: GatewayOptions, members: dict[str, list[pb.Backend]] | None = None
-) -> list[dict[str, Any]]:
-    """One route per policy and target (a policy's backend as first choice), matched on the
-    target and policy the router phase put in dynamic metadata; then what Envoy answers without Python. Each attempt
-    is prepared for its backend by the aggregate cluster's upstream filters (attempt.lua)."""
-    # Compiled routes first: Envoy matches routes in order, and a compiled alias's request
-    # (Envoy alone, the fast path) would otherwise pass every decided route's matcher, one per
-    # policy and target (10,000 at the 2,000-policy fleet: 211 against 2,600 rps,
-    # bench/README.md). No decided request matches one: a compiled policy's aliases are its own.
-    routes: list[dict[str, Any]] = [relay_route()] if relays(cfg, opts) else []
-    larger = larger_after(cfg, members)
-    global _kept_routes
-    used: dict[bytes, bytes] = {}
-    per_policy = [_policy_routes(policy, larger, used) for policy in cfg.policies]
-    _kept_routes = used
-    routes += [r for compiled, _ in per_policy for r in compiled]
-    first_target = next((t for policy in cfg.policies for t in routed_targets(policy)), "")
-    routes += [r for _, decided in per_policy for r in decided]
-    # (Compiled policies' backends have equal context windows, compiler.compilable: their
-    # chains never need LARGER_AFTER_HEADER.)
+# The route table's routes in groups, each with a key that differs whenever its routes would
+# (a digest of what they are made from) and how to make them: a publisher converts a group
+# once per key (xdsbinary.KeyedEncoder), so a change converts the routes of the policies it
+# changed, where it made the 2,000 fleet's 6,600 routes as dicts and digested their JSON.
+RouteGroup = tuple[bytes, Callable[[], list[dict[str, Any]]]]
+
+
+@dataclass(frozen=True)
+class RouteParts:
+    """The main listener's route table: its own fields, its one virtual host's, and its routes."""
+
+    table: dict[str, Any]
+    host: dict[str, Any]
+    groups: list[RouteGroup]
+
+    def config(self) -> dict[str, Any]:
+        routes = [r for _, make in self.groups for r in make()]
+        name, *rest = self.table.items()
+        return {name[0]: name[1], "virtual_hosts": [{**self.host, "routes": routes}], **dict(rest)}
+
+
+def _policy_section(made: bytes, section: int, common: bytes | None) -> list[dict[str, Any]]:
+    routes = orjson.loads(made)[section]
+    return routes if common is None else [_own(common, r) for r in routes]
+
+
+def _tail_routes(cfg: pb.RoutingConfig, opts: GatewayOptions, larger: dict[str, str]) -> list[dict[str, Any]]:
+    """What Envoy answers without Python, after the routed requests' routes."""
     # GET /v1/models is answered by Envoy from the compiled aliases: no body, no Python.
-    unrouted = len(routes)
-    routes.append(
+    routes: list[dict[str, Any]] = [
         {
             "name": "models",
             "match": {"path": MODELS_PATH, "headers": [_method("GET")]},
             "direct_response": {"status": 200, "body": {"inline_bytes": _b64(models_listing(_aliases(cfg)))}},
             "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
         }
-    )
+    ]
+    first_target = next((t for policy in cfg.policies for t in routed_targets(policy)), "")
     # Below: requests the router phase set no target for. The ext_proc sees every request with
     # a body and either sets a target, refuses it or fails (510, or forwarded when it fails
     # open); so in the default closed mode only bodyless requests get here.
@@ -302,12 +325,64 @@ def _routes(
         routes.append(
             _refusal("unknown-path", {"prefix": "/"}, errors.UnsupportedPath(f"unknown path; supported: {supported}"))
         )
-    # The same answers first, for requests with neither an alias nor a target yet. Envoy matches
-    # a request's route before its body is read (the first filter asks for it) and again once
-    # json_to_metadata or the ext_proc has set one; that first match walked every compiled and
-    # decided route to reach these (none of which can match without the metadata), 10,000 of
-    # them at the 2,000-policy fleet: the compiled alias served 657 rps with them, 1,636 without.
-    return [_without_alias_or_target(r) for r in routes[unrouted:]] + routes
+    return routes
+
+
+def _route_groups(
+    cfg: pb.RoutingConfig, opts: GatewayOptions, members: dict[str, list[pb.Backend]] | None = None
+) -> tuple[dict[str, Any], list[RouteGroup]]:
+    """The virtual host's own fields and its routes. One route per policy and target (a
+    policy's backend as first choice), matched on the target and policy the router phase put
+    in dynamic metadata; then what Envoy answers without Python. Each attempt is prepared for
+    its backend by the aggregate cluster's upstream filters (attempt.lua).
+
+    Compiled routes first: Envoy matches routes in order, and a compiled alias's request
+    (Envoy alone, the fast path) would otherwise pass every decided route's matcher, one per
+    policy and target (10,000 at the 2,000-policy fleet: 211 against 2,600 rps,
+    bench/README.md). No decided request matches one: a compiled policy's aliases are its own.
+    (Compiled policies' backends have equal context windows, compiler.compilable: their chains
+    never need LARGER_AFTER_HEADER.)
+
+    The answers without Python come first too, for requests with neither an alias nor a target
+    yet. Envoy matches a request's route before its body is read (the first filter asks for
+    it) and again once json_to_metadata or the ext_proc has set one; that first match walked
+    every compiled and decided route to reach them (none of which can match without the
+    metadata), 10,000 of them at the 2,000-policy fleet: the compiled alias served 657 rps with
+    them, 1,636 without."""
+    larger = larger_after(cfg, members)
+    global _kept_routes
+    used: dict[bytes, _Made] = {}
+    per_policy = [_policy_routes(policy, larger, used) for policy in cfg.policies]
+    _kept_routes = used
+    tail = _tail_routes(cfg, opts, larger)
+    head = [_without_alias_or_target(r) for r in tail] + ([relay_route()] if relays(cfg, opts) else [])
+    # What every routed answer shares is said once, on the virtual host, not on each route: the
+    # headers that say who answered and why, and the retry policy most routes have (counted in
+    # the routes' order: the first of equally common ones wins).
+    counts: Counter[bytes] = Counter(k for r in head if (k := _retry_key(r)) is not None)
+    for section in (0, 1):
+        for _, made in per_policy:
+            counts.update(k for k in made.retries[section] if k is not None)
+    counts.update(k for r in tail if (k := _retry_key(r)) is not None)
+    host: dict[str, Any] = {"name": "signalbox", "domains": ["*"], "response_headers_to_add": _response_headers()}
+    common = counts.most_common(1)[0][0] if counts else None
+    if common is not None:
+        host["retry_policy"] = orjson.loads(common)
+
+    def eager(route: dict[str, Any]) -> RouteGroup:
+        final = route if common is None else _own(common, route)
+        return b"R" + orjson.dumps(final), functools.partial(list, [final])
+
+    groups = [eager(r) for r in head]
+    for section in (0, 1):
+        for key, made in per_policy:
+            if made.retries[section]:
+                group_key = (
+                    b"CD"[section : section + 1] + hashlib.blake2b(key, digest_size=16).digest() + (common or b"")
+                )
+                groups.append((group_key, functools.partial(_policy_section, made.routes, section, common)))
+    groups += [eager(r) for r in tail]
+    return host, groups
 
 
 def relay_route() -> dict[str, Any]:
@@ -331,31 +406,20 @@ def relay_route() -> dict[str, Any]:
     }
 
 
-def _virtual_host(routes: list[dict[str, Any]]) -> dict[str, Any]:
-    """The one virtual host. What every routed answer shares is said once, here, not on each
-    route (at the 2,000-policy fleet each of its 10,000 decided routes repeated 1.7 KB of it):
-    the headers that say who answered and why, and the retry policy most routes have. A
-    route's own retry policy replaces the virtual host's whole (Envoy merges nothing), so a
-    route keeps its own only when it differs, and one that has none says so."""
-    host: dict[str, Any] = {"name": "signalbox", "domains": ["*"], "response_headers_to_add": _response_headers()}
-    counts = Counter(_key(r["route"]["retry_policy"]) for r in routes if "retry_policy" in r.get("route", {}))
-    if not counts:
-        return {**host, "routes": routes}
-    common = counts.most_common(1)[0][0]
-    host["retry_policy"] = orjson.loads(common)
-
-    def own(route: dict[str, Any]) -> dict[str, Any]:
-        if "route" not in route:
-            return route  # a direct response: nothing to retry
-        action = dict(route["route"])
-        retry = action.pop("retry_policy", None)
-        if retry is None:
-            action["retry_policy"] = {"num_retries": 0}  # not the virtual host's
-        elif _key(retry) != common:
-            action["retry_policy"] = retry
-        return {**route, "route": action}
-
-    return {**host, "routes": [own(r) for r in routes]}
+def _own(common: bytes, route: dict[str, Any]) -> dict[str, Any]:
+    """`route` under a virtual host whose retry policy is `common`: a route's own retry policy
+    replaces the virtual host's whole (Envoy merges nothing), so a route keeps its own only
+    when it differs, and one that has none says so. (At the 2,000-policy fleet each of its
+    10,000 decided routes repeated 1.7 KB of what the virtual host now says once.)"""
+    if "route" not in route:
+        return route  # a direct response: nothing to retry
+    action = dict(route["route"])
+    retry = action.pop("retry_policy", None)
+    if retry is None:
+        action["retry_policy"] = {"num_retries": 0}  # not the virtual host's
+    elif _key(retry) != common:
+        action["retry_policy"] = retry
+    return {**route, "route": action}
 
 
 def retry_policy_of(virtual_host: dict[str, Any], route: dict[str, Any]) -> dict[str, Any] | None:
@@ -833,14 +897,14 @@ def router_attributes(cfg: pb.RoutingConfig) -> list[str]:
 ROUTE_CONFIG_NAME = "signalbox"
 
 
-def route_config(
+def route_parts(
     cfg: pb.RoutingConfig, opts: GatewayOptions, members: dict[str, list[pb.Backend]] | None = None
-) -> dict[str, Any]:
-    """The main listener's route table: inline, or its own resource (RDS, `resources`).
-    `members`: each chain's (`clusters.chain_members`), when the caller has them."""
-    return {
+) -> RouteParts:
+    """`route_config`, its routes in keyed groups (`RouteGroup`) for a publisher that converts
+    each group once (xdsbinary.KeyedEncoder)."""
+    host, groups = _route_groups(cfg, opts, members)
+    table = {
         "name": ROUTE_CONFIG_NAME,
-        "virtual_hosts": [_virtual_host(_routes(cfg, opts, members))],
         # A route's own response headers (a refusal's reason, a compiled route's decision)
         # win over the virtual host's.
         "most_specific_header_mutations_wins": True,
@@ -851,6 +915,15 @@ def route_config(
         # 4 KiB): the models listing outgrows that at about 60 aliases.
         "max_direct_response_body_size_bytes": max(4096, len(models_listing(_aliases(cfg))) + 1024),
     }
+    return RouteParts(table, host, groups)
+
+
+def route_config(
+    cfg: pb.RoutingConfig, opts: GatewayOptions, members: dict[str, list[pb.Backend]] | None = None
+) -> dict[str, Any]:
+    """The main listener's route table: inline, or its own resource (RDS, `resources`).
+    `members`: each chain's (`clusters.chain_members`), when the caller has them."""
+    return route_parts(cfg, opts, members).config()
 
 
 def listener(cfg: pb.RoutingConfig, opts: GatewayOptions, routes: dict[str, Any] | None = None) -> dict[str, Any]:
