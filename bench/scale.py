@@ -51,11 +51,21 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def pss_mb(pid: int) -> float:
+    """The process's proportional set size: pages it shares with others (the embedding file
+    every classifying worker maps) counted in shares, as a pod's memory is charged once."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def memory(gateway: LocalGateway) -> dict[str, Any]:
-    workers = [rss_mb(p.pid) for name, p in gateway.processes.items() if name.startswith("extproc-")]
+    workers = [p.pid for name, p in gateway.processes.items() if name.startswith("extproc-")]
     return {
         "envoy_mb": round(rss_mb(gateway.processes["envoy"].pid), 1),
-        "extproc_worker_mb": [round(w, 1) for w in workers],
+        "extproc_worker_mb": [round(rss_mb(w), 1) for w in workers],
+        "extproc_worker_pss_mb": [round(pss_mb(w), 1) for w in workers],
     }
 
 
