@@ -22,6 +22,7 @@ from signalbox.extproc.clusterfeed import CLUSTER_TYPE, ClusterFile
 from signalbox.extproc.cooldown import Cooldowns
 from signalbox.extproc.reload import TableHolder
 from signalbox.extproc.strategies import SelectionState
+from tests.extproc.adsclient import DeltaStream
 from tests.factories import backend, model, policy, provider
 
 WAIT_S = 5.0  # the longest an answer may take here (a file event, or a tick: xds.TICK_S)
@@ -50,35 +51,20 @@ def cluster_path(workdir: Path) -> Path:
     return Path(envoygen.resource_file(str(workdir / gatewayfiles.ENVOY_DIR), "cds.json"))
 
 
-class Envoy:
+class Envoy(DeltaStream):
     """The client side of the stream as Envoy speaks it for clusters: a wildcard subscription
     (with what it holds, when it reconnects), then an ACK per answer."""
 
     def __init__(self, channel: grpc.aio.Channel, holds: dict[str, str] | None = None):
-        self.requests: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = asyncio.Queue()
-        self.responses: asyncio.Queue[discovery_pb2.DeltaDiscoveryResponse] = asyncio.Queue()
-        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).DeltaAggregatedResources(self._requests())
-        self.reader = asyncio.create_task(self._read())
+        super().__init__(channel)
         self.held: dict[str, str] = dict(holds or {})
-        self.requests.put_nowait(
-            discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER_TYPE, initial_resource_versions=self.held)
-        )
-
-    async def _requests(self):
-        while (request := await self.requests.get()) is not None:
-            yield request
-
-    async def _read(self):
-        async for response in self.call:
-            await self.responses.put(response)
+        self.send(discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER_TYPE, initial_resource_versions=self.held))
 
     async def next(self, timeout: float = WAIT_S) -> tuple[dict[str, cluster_pb2.Cluster], list[str]]:
         """The next answer's clusters and removed names, applied to what this Envoy holds; ACKed."""
         response = await asyncio.wait_for(self.responses.get(), timeout)
         assert response.type_url == CLUSTER_TYPE
-        self.requests.put_nowait(
-            discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER_TYPE, response_nonce=response.nonce)
-        )
+        self.send(discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER_TYPE, response_nonce=response.nonce))
         got = {}
         for resource in response.resources:
             cluster = cluster_pb2.Cluster()
@@ -89,14 +75,6 @@ class Envoy:
         for name in response.removed_resources:
             self.held.pop(name, None)
         return got, list(response.removed_resources)
-
-    async def nothing(self, within: float = 4 * xds.TICK_S) -> None:
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(self.responses.get(), within)
-
-    def close(self) -> None:
-        self.requests.put_nowait(None)
-        self.reader.cancel()
 
 
 @pytest.fixture
@@ -112,7 +90,16 @@ async def ads(tmp_path):
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield tmp_path, channel
+    opened: list[Envoy] = []
+
+    def connect(holds: dict[str, str] | None = None) -> Envoy:
+        """An Envoy connecting (holding `holds`: name -> version), closed after the test."""
+        opened.append(Envoy(channel, holds))
+        return opened[-1]
+
+    yield tmp_path, connect
+    for envoy in opened:
+        envoy.close()
     stop.set()
     watch.cancel()
     await channel.close()
@@ -120,102 +107,86 @@ async def ads(tmp_path):
 
 
 async def test_envoy_gets_every_cluster_then_only_what_a_change_adds(ads):
-    workdir, channel = ads
+    workdir, connect = ads
     names = publish(workdir, routing_config(("p", ["a", "b"])))
-    envoy = Envoy(channel)
-    try:
-        got, removed = await envoy.next()
-        assert set(got) == names and not removed
-        aggregate = next(c for n, c in got.items() if n.startswith("t."))
-        assert aggregate.cluster_type.name == "envoy.clusters.aggregate"  # the generator's own clusters
-        # The same config written again: nothing travels.
-        publish(workdir, routing_config(("p", ["a", "b"])))
-        await envoy.nothing()
-        # A policy over a new chain: its chain's aggregate alone travels, nothing is removed.
-        more = publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
-        got, removed = await envoy.next()
-        assert set(got) == more - names and len(got) == 1 and not removed
-        assert set(envoy.held) == more
-    finally:
-        envoy.close()
+    envoy = connect()
+    got, removed = await envoy.next()
+    assert set(got) == names and not removed
+    aggregate = next(c for n, c in got.items() if n.startswith("t."))
+    assert aggregate.cluster_type.name == "envoy.clusters.aggregate"  # the generator's own clusters
+    # The same config written again: nothing travels.
+    publish(workdir, routing_config(("p", ["a", "b"])))
+    await envoy.nothing()
+    # A policy over a new chain: its chain's aggregate alone travels, nothing is removed.
+    more = publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
+    got, removed = await envoy.next()
+    assert set(got) == more - names and len(got) == 1 and not removed
+    assert set(envoy.held) == more
 
 
 async def test_a_cluster_gone_from_the_file_leaves_envoy_after_its_grace(ads, monkeypatch):
     """Routes are written after clusters: a cluster removed at once would leave the old routes
     naming a cluster Envoy no longer has (503s) until the new routes arrive."""
     monkeypatch.setattr(clusterfeed, "REMOVAL_GRACE_S", 1.0)
-    workdir, channel = ads
+    workdir, connect = ads
     both = publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
-    envoy = Envoy(channel)
-    try:
-        await envoy.next()
-        started = asyncio.get_running_loop().time()
-        left = publish(workdir, routing_config(("p", ["a", "b"])))
-        got, removed = await envoy.next()
-        assert not got and set(removed) == both - left
-        assert asyncio.get_running_loop().time() - started >= 1.0
-        assert set(envoy.held) == left
-        # Back before its grace ended: never removed.
-        publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
-        got, _ = await envoy.next()
-        publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"]), ("r", ["a"])))
-        got, removed = await envoy.next()
-        assert not removed
-    finally:
-        envoy.close()
+    envoy = connect()
+    await envoy.next()
+    started = asyncio.get_running_loop().time()
+    left = publish(workdir, routing_config(("p", ["a", "b"])))
+    got, removed = await envoy.next()
+    assert not got and set(removed) == both - left
+    assert asyncio.get_running_loop().time() - started >= 1.0
+    assert set(envoy.held) == left
+    # Back before its grace ended: never removed.
+    publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
+    got, _ = await envoy.next()
+    publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"]), ("r", ["a"])))
+    got, removed = await envoy.next()
+    assert not removed
 
 
 async def test_a_reconnecting_envoy_gets_only_what_differs_from_what_it_holds(ads):
-    workdir, channel = ads
+    workdir, connect = ads
     names = publish(workdir, routing_config(("p", ["a", "b"])))
-    first = Envoy(channel)
+    first = connect()
     await first.next()
     held = dict(first.held)
-    first.close()
     more = publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
     # The Envoy reconnects holding what it had, and one cluster this config never had.
-    second = Envoy(channel, holds={**held, "b.default.gone.m": "1"})
-    try:
-        sent: set[str] = set()
-        gone: list[str] = []
-        while set(second.held) != more:  # (the new file may reach the feed after the stream)
-            got, removed = await second.next()
-            sent |= set(got)
-            gone += removed
-        assert sent == more - names  # only the new chain's aggregate: nothing it held again
-        assert gone == ["b.default.gone.m"]  # never in the file: no grace
-    finally:
-        second.close()
+    second = connect(holds={**held, "b.default.gone.m": "1"})
+    sent: set[str] = set()
+    gone: list[str] = []
+    while set(second.held) != more:  # (the new file may reach the feed after the stream)
+        got, removed = await second.next()
+        sent |= set(got)
+        gone += removed
+    assert sent == more - names  # only the new chain's aggregate: nothing it held again
+    assert gone == ["b.default.gone.m"]  # never in the file: no grace
 
 
 async def test_envoy_waits_for_a_first_file_and_a_bad_file_changes_nothing(ads):
-    workdir, channel = ads
-    envoy = Envoy(channel)
-    try:
-        await envoy.nothing()  # no file yet: Envoy's start waits for its clusters
-        names = publish(workdir, routing_config(("p", ["a"])))
-        got, _ = await envoy.next()
-        assert set(got) == names
-        path = cluster_path(workdir)
-        tmp = path.with_name(".garbage")
-        tmp.write_bytes(b"\xff not a DiscoveryResponse")
-        os.replace(tmp, path)
-        await envoy.nothing()  # logged; Envoy keeps what it has
-        more = publish(workdir, routing_config(("p", ["a"]), ("q", ["a", "b"])))
-        got, removed = await envoy.next()
-        assert set(got) <= more and set(envoy.held) == more and not removed
-    finally:
-        envoy.close()
+    workdir, connect = ads
+    envoy = connect()
+    await envoy.nothing()  # no file yet: Envoy's start waits for its clusters
+    names = publish(workdir, routing_config(("p", ["a"])))
+    got, _ = await envoy.next()
+    assert set(got) == names
+    path = cluster_path(workdir)
+    tmp = path.with_name(".garbage")
+    tmp.write_bytes(b"\xff not a DiscoveryResponse")
+    os.replace(tmp, path)
+    await envoy.nothing()  # logged; Envoy keeps what it has
+    more = publish(workdir, routing_config(("p", ["a"]), ("q", ["a", "b"])))
+    got, removed = await envoy.next()
+    assert set(got) <= more and set(envoy.held) == more and not removed
 
 
 async def test_an_empty_cluster_file_still_answers_envoy(ads):
     """An Envoy starting on a config with no clusters waits for an answer: an empty one."""
-    workdir, channel = ads
-    envoy = Envoy(channel)
-    try:
-        path = cluster_path(workdir)
-        gatewayfiles.write_atomic(path, discovery_pb2.DiscoveryResponse().SerializeToString())
-        got, removed = await envoy.next()
-        assert got == {} and removed == []
-    finally:
-        envoy.close()
+    workdir, connect = ads
+    envoy = connect()
+    path = cluster_path(workdir)
+    gatewayfiles.write_atomic(path, discovery_pb2.DiscoveryResponse().SerializeToString())
+    got, removed = await envoy.next()
+    assert got == {} and removed == []

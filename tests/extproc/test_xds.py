@@ -21,6 +21,7 @@ from signalbox.extproc import xds
 from signalbox.extproc.cooldown import Cooldowns
 from signalbox.extproc.reload import TableHolder
 from signalbox.extproc.strategies import SelectionState
+from tests.extproc.adsclient import DeltaStream
 from tests.factories import backend, model, policy, provider
 
 WAIT_S = 5.0  # the longest a push may take here (it takes a tick, xds.TICK_S)
@@ -38,26 +39,11 @@ def cluster_of(cfg, name: str) -> str:
     return next(b.cluster for b in cfg.backends if b.id == f"default/{name}/m")
 
 
-class Envoy:
-    """The client side of the stream, as Envoy speaks it: subscribe, read, ACK."""
-
-    def __init__(self, channel: grpc.aio.Channel):
-        self.channel = channel
-        self.requests: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest | None] = asyncio.Queue()
-        self.responses: asyncio.Queue[discovery_pb2.DeltaDiscoveryResponse] = asyncio.Queue()
-        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).DeltaAggregatedResources(self._requests())
-        self.reader = asyncio.create_task(self._read())
-
-    async def _requests(self):
-        while (request := await self.requests.get()) is not None:
-            yield request
-
-    async def _read(self):
-        async for response in self.call:
-            await self.responses.put(response)
+class Envoy(DeltaStream):
+    """The client side of the stream, as Envoy speaks it for endpoints: subscribe, read, ACK."""
 
     def ask(self, subscribe=(), unsubscribe=(), nonce=""):
-        self.requests.put_nowait(
+        self.send(
             discovery_pb2.DeltaDiscoveryRequest(
                 type_url=LOAD_ASSIGNMENT_TYPE,
                 resource_names_subscribe=list(subscribe),
@@ -77,14 +63,6 @@ class Envoy:
             assert resource.resource.Unpack(message)
             out[resource.name] = json_format.MessageToDict(message)
         return out
-
-    async def nothing(self, within: float = 4 * xds.TICK_S) -> None:
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(self.responses.get(), within)
-
-    def close(self) -> None:
-        self.requests.put_nowait(None)
-        self.reader.cancel()
 
 
 def hosts(assignment: dict) -> list[tuple[str, str]]:
