@@ -284,23 +284,17 @@ class _Stream:
         self.cds_dirty = False
         if not feed.loaded:
             return
-        held = feed.held_back()
-        removed = sorted(name for name in self.cds_sent if name not in current and name not in held)
+        removed = sorted(name for name in self.cds_sent if name not in current and name not in feed.gone)
         for name in removed:
             del self.cds_sent[name]
         wanted = {name for name, version in current.items() if self.cds_sent.get(name) != version}
-        batch: list[discovery_pb2.Resource] = []
-        size = 0
-        for name, version, value in feed.packed(wanted):
-            self.cds_sent[name] = version
-            resource = cluster_resource(name, version, value)
-            batch.append(resource)
-            size += resource.ByteSize()
-            if len(batch) == BATCH or size >= BATCH_BYTES:
-                yield self._response(batch, CLUSTER_TYPE)
-                batch, size = [], 0
-        if batch or removed or not self.cds_answered:
-            yield self._response(batch, CLUSTER_TYPE, removed)
+
+        def sent() -> Iterator[discovery_pb2.Resource]:
+            for name, version, value in feed.packed(wanted):
+                self.cds_sent[name] = version
+                yield cluster_resource(name, version, value)
+
+        yield from self._batches(sent(), CLUSTER_TYPE, removed, always=not self.cds_answered)
         self.cds_answered = True
         if len(wanted) >= BATCH:
             release_free_memory()  # what reading and sending them took, once sent (memtrim)
@@ -314,27 +308,42 @@ class _Stream:
             yield from self._cluster_responses()
         names = set(self.subscribed) if self.everything else self.dirty & self.subscribed
         self.everything, self.dirty = False, set()
+
+        def changed() -> Iterator[discovery_pb2.Resource]:
+            for name in sorted(names):
+                now = self.endpoints.version(name)
+                if now is None:
+                    self.dirty.add(name)
+                    continue
+                version, endpoint, addresses, resting = now
+                if self.sent.get(name) == version:
+                    continue
+                self.sent[name] = version
+                yield discovery_pb2.Resource(
+                    name=name, version=str(version), resource=load_assignment(endpoint, addresses, resting)
+                )
+
+        yield from self._batches(changed(), LOAD_ASSIGNMENT_TYPE)
+
+    def _batches(
+        self,
+        resources: Iterable[discovery_pb2.Resource],
+        type_url: str,
+        removed: list[str] | None = None,
+        always: bool = False,
+    ) -> Iterator[discovery_pb2.DeltaDiscoveryResponse]:
+        """`resources` in responses of at most BATCH resources and about BATCH_BYTES (the last
+        one names `removed`); one even with nothing in it when `always`."""
         batch: list[discovery_pb2.Resource] = []
         size = 0
-        for name in sorted(names):
-            now = self.endpoints.version(name)
-            if now is None:
-                self.dirty.add(name)
-                continue
-            version, endpoint, addresses, resting = now
-            if self.sent.get(name) == version:
-                continue
-            self.sent[name] = version
-            resource = discovery_pb2.Resource(
-                name=name, version=str(version), resource=load_assignment(endpoint, addresses, resting)
-            )
+        for resource in resources:
             batch.append(resource)
             size += resource.ByteSize()
             if len(batch) == BATCH or size >= BATCH_BYTES:
-                yield self._response(batch, LOAD_ASSIGNMENT_TYPE)
+                yield self._response(batch, type_url)
                 batch, size = [], 0
-        if batch:
-            yield self._response(batch, LOAD_ASSIGNMENT_TYPE)
+        if batch or removed or always:
+            yield self._response(batch, type_url, removed or [])
 
     def _response(
         self, resources: list[discovery_pb2.Resource], type_url: str, removed: Iterable[str] = ()

@@ -17,14 +17,17 @@ from __future__ import annotations
 import hashlib
 import importlib
 import re
-from collections.abc import Callable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
+
+if TYPE_CHECKING:
+    from signalbox.core.envoygen import ClusterSpec, RouteParts
 
 _TYPE_URL = re.compile(rb"type\.googleapis\.com/([A-Za-z0-9_.]+)")
 _PROTOS_ROOT = Path(discovery_pb2.__file__).parents[4]  # the folder that holds envoy/, xds/, udpa/
@@ -84,7 +87,7 @@ class ResourceEncoder:
             if resource.get("@type") == _ROUTE_CONFIGURATION:
                 response.resources.add().Pack(self._route_configuration(resource), deterministic=True)
             else:
-                response.resources.append(self._resource(resource))
+                response.resources.append(self.packed(resource))
         self.finish()
         encoded = response.SerializeToString(deterministic=True)
         self._last = (digest, encoded)
@@ -97,18 +100,9 @@ class ResourceEncoder:
     def finish(self) -> None:
         self._kept, self._used = self._used, {}
 
-    def converted(self, part: dict[str, Any], message_type: type[Message]) -> Message:
-        """`part` as a `message_type`, converted once while in use (between `start` and
-        `finish`; callers copy it)."""
-        return self._converted(part, message_type)
-
     def packed(self, resource: dict[str, Any]) -> any_pb2.Any:
-        """One resource (not a route table) as an Any, converted once while in use (between
-        `start` and `finish`)."""
-        return self._resource(resource)
-
-    def _resource(self, resource: dict[str, Any]) -> any_pb2.Any:
-        """A resource (a cluster) as an Any. A named one not converted before is made from its
+        """A resource (a cluster) as an Any, converted once while in use (between `start` and
+        `finish`). A named one not converted before is made from its
         shape (the resource without its name) when a resource of that shape was converted: a
         provider's backends differ in their names alone (at the 2,000-provider fleet's start
         the backend clusters took 0.8 s to convert, before Envoy could start)."""
@@ -134,7 +128,7 @@ class ResourceEncoder:
         # document would no longer match its own digest.
         return json_format.ParseDict(orjson.loads(raw), message_type())
 
-    def _converted(self, part: dict[str, Any], message_type: type[Message]) -> Message:
+    def converted(self, part: dict[str, Any], message_type: type[Message]) -> Message:
         """`part` as a `message_type`, converted once while it stays in use (callers copy it)."""
         raw = orjson.dumps(part)
         key = _key(raw, message_type)
@@ -149,7 +143,7 @@ class ResourceEncoder:
 
         table = route_pb2.RouteConfiguration()
         table.CopyFrom(
-            self._converted(
+            self.converted(
                 {k: v for k, v in resource.items() if k not in ("@type", "virtual_hosts")},
                 route_pb2.RouteConfiguration,
             )
@@ -157,10 +151,20 @@ class ResourceEncoder:
         for host in resource.get("virtual_hosts", []):
             added = table.virtual_hosts.add()
             added.CopyFrom(
-                self._converted({k: v for k, v in host.items() if k != "routes"}, route_components_pb2.VirtualHost)
+                self.converted({k: v for k, v in host.items() if k != "routes"}, route_components_pb2.VirtualHost)
             )
-            added.routes.extend(self._converted(route, route_components_pb2.Route) for route in host.get("routes", []))
+            added.routes.extend(self.converted(route, route_components_pb2.Route) for route in host.get("routes", []))
         return table
+
+
+def _digest_of(parts: Iterable[bytes]) -> bytes:
+    """One digest of a sequence of byte strings (each length-prefixed: never two sequences
+    for one digest by where their parts meet)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(len(part).to_bytes(4, "big"))
+        digest.update(part)
+    return digest.digest()
 
 
 class KeyedEncoder:
@@ -177,8 +181,8 @@ class KeyedEncoder:
         self._kept: dict[bytes, any_pb2.Any] = {}
         self._last: tuple[bytes, bytes] = (b"", b"")
 
-    def encode(self, specs: list[tuple[bytes, Callable[[], dict[str, Any]]]]) -> bytes:
-        digest = hashlib.blake2b(b"".join(key for key, _ in specs), digest_size=16).digest()
+    def encode(self, specs: list[ClusterSpec]) -> bytes:
+        digest = _digest_of(key for key, _ in specs)
         if digest == self._last[0]:
             return self._last[1]
         used: dict[bytes, any_pb2.Any] = {}
@@ -208,14 +212,11 @@ class RouteTableEncoder:
         self._kept: dict[bytes, list[Message]] = {}
         self._last: tuple[bytes, bytes] = (b"", b"")
 
-    def encode(self, parts: Any) -> bytes:
+    def encode(self, parts: RouteParts) -> bytes:
         from envoy.config.route.v3 import route_components_pb2, route_pb2
 
-        digest = hashlib.blake2b(digest_size=16)
-        for part in (orjson.dumps(parts.table), orjson.dumps(parts.host), *(key for key, _ in parts.groups)):
-            digest.update(len(part).to_bytes(4, "big"))
-            digest.update(part)
-        if digest.digest() == self._last[0]:
+        digest = _digest_of((orjson.dumps(parts.table), orjson.dumps(parts.host), *(key for key, _ in parts.groups)))
+        if digest == self._last[0]:
             return self._last[1]
         used: dict[bytes, list[Message]] = {}
         converter = self._converter
@@ -235,7 +236,7 @@ class RouteTableEncoder:
         response = discovery_pb2.DiscoveryResponse()
         response.resources.add().Pack(table, deterministic=True)
         encoded = response.SerializeToString(deterministic=True)
-        self._last = (digest.digest(), encoded)
+        self._last = (digest, encoded)
         return encoded
 
 

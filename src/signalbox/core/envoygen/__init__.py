@@ -81,6 +81,7 @@ from .contract import (
 from .listener import (
     COMPILED_REASONS,
     REQUEST_LOG_FORMAT,
+    RouteParts,
     accounting_log,
     client_path_filter,
     health_listener,
@@ -129,6 +130,7 @@ __all__ = [
     "ClusterSpec",
     "GatewayOptions",
     "ResourceParts",
+    "RouteParts",
     "accounting_log",
     "attempt_marker",
     "attempt_settings",

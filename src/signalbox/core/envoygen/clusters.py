@@ -638,7 +638,8 @@ def _aggregate(target: str, member_clusters: list[str]) -> dict[str, Any]:
 ClusterSpec = tuple[bytes, Callable[[], dict[str, Any]]]
 
 
-def _digest(data: bytes) -> bytes:
+def part_key(data: bytes) -> bytes:
+    """A part's key from what it is made from: 16 bytes, whatever its length."""
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
@@ -652,10 +653,10 @@ def cluster_specs(
     # A backend's cluster is made from the backend, its provider and these options alone (a
     # provider's key is of fixed length: the concatenation is unambiguous).
     options = orjson.dumps([ads, ca])
-    provider_keys = {p.id: _digest(options + p.SerializeToString(deterministic=True)) for p in cfg.providers}
+    provider_keys = {p.id: part_key(options + p.SerializeToString(deterministic=True)) for p in cfg.providers}
     out: list[ClusterSpec] = [
         (
-            b"B" + _digest(provider_keys[b.provider_id] + b.SerializeToString(deterministic=True)),
+            b"B" + part_key(provider_keys[b.provider_id] + b.SerializeToString(deterministic=True)),
             functools.partial(_backend_resource, b, providers[b.provider_id], ads, ca),
         )
         for b in cfg.backends

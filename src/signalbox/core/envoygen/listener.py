@@ -4,7 +4,6 @@ local replies in OpenAI shape, accounting and the request log."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from .clusters import (
     _remove_gateway_headers,
     compiled_destination,
     larger_after,
+    part_key,
     relays,
     routed_targets,
     upstream_filters,
@@ -276,8 +276,8 @@ class RouteParts:
 
     def config(self) -> dict[str, Any]:
         routes = [r for _, make in self.groups for r in make()]
-        name, *rest = self.table.items()
-        return {name[0]: name[1], "virtual_hosts": [{**self.host, "routes": routes}], **dict(rest)}
+        fields = {k: v for k, v in self.table.items() if k != "name"}
+        return {"name": self.table["name"], "virtual_hosts": [{**self.host, "routes": routes}], **fields}
 
 
 def _policy_section(made: bytes, section: int, common: bytes | None) -> list[dict[str, Any]]:
@@ -377,9 +377,7 @@ def _route_groups(
     for section in (0, 1):
         for key, made in per_policy:
             if made.retries[section]:
-                group_key = (
-                    b"CD"[section : section + 1] + hashlib.blake2b(key, digest_size=16).digest() + (common or b"")
-                )
+                group_key = (b"C", b"D")[section] + part_key(key) + (common or b"")
                 groups.append((group_key, functools.partial(_policy_section, made.routes, section, common)))
     groups += [eager(r) for r in tail]
     return host, groups
