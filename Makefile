@@ -151,8 +151,9 @@ train-classifier: setup
 	OPENBLAS_NUM_THREADS=1 $(PY) -m eval.train_classifier
 
 ## Classifier and routing quality on ../shared/data -> eval/results/latest.json (+ PNG curve).
+## FASTCHAT=<lm-sys/FastChat checkout> adds task types on MT-bench and Vicuna-bench.
 eval: setup
-	$(PY) -m eval.run
+	$(PY) -m eval.run $(if $(FASTCHAT),--fastchat $(FASTCHAT))
 
 ## Run the local gateway on the embedded quickstart (offline, example providers included).
 up: setup

@@ -96,6 +96,18 @@ WRAPS: dict[str, list[str]] = {
         "Make a table of the {thing} in this text.",
         "Find all {thing} in the following and output a list.",
         "Pick out the {thing} from the text above; nothing else.",
+        # Fields asked for by name, answered in a format, over prose that reads like a story or
+        # the news (its own words pull towards qa): what extraction requests look like.
+        "Identify the {thing} and the {thing2} mentioned in the following sentences. Output JSON.",
+        "Read the notes below and fill in: who, what, when and where.",
+        "Get the {thing} out of this message and give them to me as a CSV with a header row.",
+        "Given the text below, return an object with the fields name, date and amount.",
+        "Go through these messages and list each {thing} you find, with the sentence it is in.",
+        "Turn the following into a structured record: {thing}, {thing2}, and anything else named.",
+        "Which {thing} does the text below mention? Answer with a bullet list only.",
+        "Scan the paragraph below and count how many {thing} it contains; list them too.",
+        "Pull the key facts (people, places, dates, numbers) out of these lines into a table.",
+        "For each sentence below, give the {thing} it mentions, one line per sentence.",
     ],
     "creative": [
         "Rewrite the following as a poem.",
@@ -155,6 +167,13 @@ def reference_paragraphs(half: int) -> list[str]:
     return out
 
 
+def everyday_sentences(data: Path) -> list[str]:
+    """presidio-research's synthetic sentences (MIT): short everyday prose full of names, places,
+    numbers and dates, put together as the documents extraction requests are asked over."""
+    records = json.loads((data / "pii" / "presidio_synth_pii" / "synth_dataset_v2.json").read_text(encoding="utf-8"))
+    return sorted({r["full_text"].strip() for r in records if 30 < len(r["full_text"]) < 300})
+
+
 def _benchmark_prompts(data: Path) -> tuple[list[str], list[str]]:
     """Long llmrouter_dcrouter prompts of any task, and its human_eval prompts (code)."""
     rows = [
@@ -171,6 +190,7 @@ def wrapped(data: Path, seed: int = 5) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     long, code = _benchmark_prompts(data)
     passages = reference_paragraphs(0) + long
+    sentences = everyday_sentences(data)
     out = []
     for label, phrasings in WRAPS.items():
         for _ in range(PER_CLASS if label in DOCUMENT_TYPES else PER_CLASS // 2):
@@ -178,13 +198,88 @@ def wrapped(data: Path, seed: int = 5) -> list[tuple[str, str]]:
                 n=rng.randint(2, 5),
                 lang=rng.choice(LANGUAGES),
                 thing=rng.choice(THINGS),
+                thing2=rng.choice(THINGS),
                 code_lang=rng.choice(CODE_LANGUAGES),
             )
-            passage = rng.choice(code if label == "code" else passages)
+            if label == "code":
+                passage = rng.choice(code)
+            elif label == "extraction" and rng.random() < 0.5:
+                passage = " ".join(rng.sample(sentences, rng.randint(3, 8)))
+            else:
+                passage = rng.choice(passages)
             sep = rng.choice(SEPARATORS)
             out.append(
                 (f"{instruction}{sep}{passage}" if rng.random() < 0.6 else f"{passage}{sep}{instruction}", label)
             )
+    return out
+
+
+# Role-play: a persona to keep, then the first thing asked of it (just_eval's role-play, which
+# Signalbox counts as chat). The persona frames the request; what is asked is any question.
+ROLES = [
+    "a pirate captain",
+    "a medieval blacksmith",
+    "a Victorian detective",
+    "a travel agent in Lisbon",
+    "a stand-up comedian",
+    "a grumpy old wizard",
+    "a football coach at half-time",
+    "a job interviewer at a bank",
+    "a kindergarten teacher",
+    "an astronaut on the space station",
+    "a barista who loves gossip",
+    "a noir private eye",
+    "a Roman senator",
+    "a sarcastic robot butler",
+    "a park ranger",
+    "a fortune teller",
+    "my personal trainer",
+    "a cowboy in 1870",
+    "a tech support agent",
+    "a museum guide",
+    "a famous novelist",
+    "a wise old tortoise",
+    "a news anchor",
+    "a hotel concierge",
+]
+FRAMES = [
+    "Pretend you are {role}. Stay in character for the rest of our conversation. First question: {q}",
+    "I want you to act as {role}. I will ask you things and you answer as they would, never breaking character. {q}",
+    "From now on you are {role}. Do not mention that you are an AI. {q}",
+    "Let's play a game: you're {role} and I'm a visitor. {q}",
+    "Take on the persona of {role} and reply in their voice. My first message: {q}",
+    "You are {role}, talking to me in your own style. {q}",
+    "Stay in character as {role} throughout. Don't begin your answers with 'As {role}'. Here's my first question: {q}",
+    "Imagine you are {role} and I am interviewing you. {q}",
+    "Role-play with me: you are {role}. Answer the way they would. {q}",
+    "Speak as {role} would, in the first person. {q}",
+    "Be {role} for this chat. Keep the voice, the manners and the slang. {q}",
+    "Act as {role}. I'll play a customer who just walked in. {q}",
+]
+OPENERS = [
+    "Tell me about your day.",
+    "What do you fear most?",
+    "How did you end up in this line of work?",
+    "What's the best advice you ever got?",
+    "Can you describe where you live?",
+    "What would you do with a free afternoon?",
+]
+
+
+def in_character(data: Path, seed: int = 11) -> list[tuple[str, str]]:
+    """(request, "chat") rows: a persona frame around an opener or a trivia question
+    (llmrouter_dcrouter's natural_qa and trivia_qa, whose own words pull towards qa)."""
+    rng = random.Random(seed)
+    rows = [
+        json.loads(line)
+        for line in (data / "routing" / "llmrouter_dcrouter" / "default_query_train.jsonl").open(encoding="utf-8")
+    ]
+    questions = [r["query"].strip() for r in rows if r["task_name"] in ("natural_qa", "trivia_qa")]
+    out = []
+    for _ in range(PER_CLASS):
+        q = rng.choice(OPENERS) if rng.random() < 0.3 else rng.choice(questions)
+        q = q[0].upper() + q[1:] + ("" if q.endswith(("?", ".")) else "?")
+        out.append((rng.choice(FRAMES).format(role=rng.choice(ROLES), q=q), "chat"))
     return out
 
 

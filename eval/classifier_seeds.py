@@ -159,6 +159,34 @@ TEMPLATES: dict[str, list[str]] = {
         "I have to write a {wform} on {topic}; please write a first draft.",
         "Write a {wform} for {name}, who cares about {topic}.",
     ],
+    # Puzzles, deductions, estimates and what-ifs: asked like questions, so qa (the largest
+    # class, and just_eval's few reasoning prompts) took them.
+    "reasoning": [
+        "{name} is taller than {name2}, and {name2} is taller than {name3}. Who is the shortest? Explain.",
+        "If every {group} in our office owns a {pet}, and {name} owns no {pet}, what can we conclude about {name}?",
+        "You have {coins} coins and one is heavier. With a balance scale, how few weighings find it? Explain.",
+        "If the day after tomorrow is {day}, what day was the day before yesterday? Show how you got it.",
+        "What would have happened if {counterfactual}? Think through the consequences step by step.",
+        "Estimate how many {countable}. Walk me through your reasoning.",
+        "{name} finished before {name2} but after {name3}. Who came first, and how do you know?",
+        "Three boxes are labelled wrongly: apples, oranges, and mixed. You may take one fruit from one box."
+        " How do you fix the labels?",
+        "Is this argument valid: all {group}s are busy, {name} is busy, so {name} is a {group}? Why or why not?",
+        "Which statement must be false if {name} always lies and {name2} always tells the truth,"
+        " and {name} says {name2} lied?",
+        "A clock shows {hour}:15. What is the angle between the hands? Reason it out.",
+        "Find the flaw in this reasoning: {flaw}",
+        "What is the next item in the pattern {pattern}, and what is the rule?",
+        "Two trains leave at the same time towards each other; which one is closer to the first city"
+        " when they meet? Explain.",
+        "Five people stand in a line: {name} is behind {name2}, {name3} is first, and nobody is behind {name4}."
+        " Give the order.",
+        "Roughly how much {quantity}? Give an order-of-magnitude estimate and the assumptions behind it.",
+        "Which conclusion follows: some {group}s are {name}'s friends, and all of {name}'s friends cycle?",
+        "Sales fell after we lowered prices. List the possible explanations and how to tell them apart.",
+        "We must seat {n} guests so that no two {group}s sit together. Is that possible at a round table? Why?",
+        "Given that {premise}, what can you infer, and what can't you?",
+    ],
 }
 # Short conversational turns: with few words the model leans on its biases (qa, the largest
 # class, took "hi", "lol" and "bye"), so the greetings, thanks and goodbyes are spelled out.
@@ -287,6 +315,44 @@ ROLES = [
     "a famous chef",
     "a time traveller from 1850",
 ]
+GROUPS = ["manager", "engineer", "teacher", "student", "nurse", "musician"]
+PETS = ["cat", "dog", "bicycle", "umbrella", "car"]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+COUNTERFACTUALS = [
+    "the printing press had never been invented",
+    "humans could photosynthesise",
+    "the Roman Empire had never fallen",
+    "electricity had been discovered a thousand years earlier",
+    "the dinosaurs had survived",
+    "nobody had ever invented money",
+]
+COUNTABLES = [
+    "piano tuners work in a city of a million people",
+    "words a person speaks in a lifetime",
+    "golf balls fit in a school bus",
+    "grains of rice are eaten in a country each day",
+    "times a heart beats in a year",
+    "trees grow in a large park",
+]
+FLAWS = [
+    "I wore my lucky socks and we won, so the socks made us win.",
+    "Everyone I know likes jazz, so most people like jazz.",
+    "If it rains the street is wet; the street is wet, so it rained.",
+    "This diet worked for my uncle, so it works for everybody.",
+]
+QUANTITIES = [
+    "paper does an office of 200 people use in a year",
+    "electricity does a small town use in a winter day",
+    "coffee is drunk in a big city every morning",
+    "data does a video call of an hour send",
+]
+PREMISES = [
+    "every light in the house is off and the fridge is humming",
+    "the dog did not bark during the night",
+    "the shop's sales doubled but its profit stayed the same",
+    "all the tickets sold out and the hall is half empty",
+]
+PATTERNS = ["2, 6, 12, 20, 30", "J, F, M, A, M", "1, 1, 2, 3, 5, 8", "O, T, T, F, F, S, S"]
 NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Julia"]
 
 
@@ -324,6 +390,20 @@ def seeds(per_class: int = 120, seed: int = 7) -> list[tuple[str, str]]:
                     item=rng.choice(ITEMS),
                     snippet=rng.choice(SNIPPETS),
                     role=rng.choice(ROLES),
+                    name2=rng.choice(NAMES),
+                    name3=rng.choice(NAMES),
+                    name4=rng.choice(NAMES),
+                    quantity=rng.choice(QUANTITIES),
+                    premise=rng.choice(PREMISES),
+                    group=rng.choice(GROUPS),
+                    pet=rng.choice(PETS),
+                    coins=rng.choice([8, 9, 12, 27]),
+                    day=rng.choice(DAYS),
+                    counterfactual=rng.choice(COUNTERFACTUALS),
+                    countable=rng.choice(COUNTABLES),
+                    hour=rng.randint(1, 12),
+                    flaw=rng.choice(FLAWS),
+                    pattern=rng.choice(PATTERNS),
                 )
             )
             if len(texts) >= per_class:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from signalbox import evaluation
 
-from . import train_classifier
+from . import outside_task_types, train_classifier
 from .convert import PAIRS, llmrouter, strong_weak
 
 RESULTS = Path(__file__).parent / "results"
@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--clusters", type=int, default=24)
+    parser.add_argument(
+        "--fastchat", help="a checkout of lm-sys/FastChat: also score task types on MT-bench and Vicuna-bench"
+    )
     args = parser.parse_args(argv)
     data = Path(args.data)
     if not data.exists():
@@ -34,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         f"macro-F1 {tasks['macro_f1']:.3f}, accuracy {tasks['accuracy']:.3f}; "
         + ", ".join(f"{k} {v:.2f}" for k, v in tasks["f1_by_class"].items())
     )
+    outside = None
+    if args.fastchat:
+        outside = outside_task_types.evaluate(data, Path(args.fastchat))
+        print(outside_task_types.describe(outside))
     items_path, prices_path = llmrouter(data / "routing" / "llmrouter_dcrouter", RESULTS / "data")
     items, prices = evaluation.load_items(items_path), evaluation.load_prices(prices_path)
     routing = evaluation.evaluate(items, prices, folds=args.folds, clusters=args.clusters)
@@ -51,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         "score_ratio": round(routing["score_ratio"], 4),
         "curve": routing["curve"],
         "just_eval": tasks,
+        **({"outside_benchmarks": outside} if outside else {}),
         "llmrouter_dcrouter": routing,
         "llmrouter_dcrouter_class_only": by_class,
         "single_domain_strong_weak": single,

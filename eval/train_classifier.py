@@ -9,7 +9,11 @@ A multinomial logistic regression over the features `signalbox.extproc.task_mode
   at most PER_TASK of each, mapped to a task type below (0 by default: benchmark prompts,
   multiple-choice and all, lowered just_eval's macro-F1 in the folds, 0.55 -> 0.50 at 80);
 - requests written for Signalbox (eval/classifier_seeds.py and the built-in routes'
-  utterances) for the types no dataset labels (summarization, extraction, translation, chat).
+  utterances) for the types no dataset labels (summarization, extraction, translation, chat)
+  and for puzzles, estimates and what-ifs (reasoning, which just_eval labels in 85 prompts);
+- instructions written here around passages (eval/classifier_passages.py: extraction asked
+  over presidio-research's synthetic everyday sentences too), and personas to keep around
+  trivia questions (role-play, which Signalbox counts as chat).
 
 It reports per-class F1 on just_eval in K folds (the model of each fold never saw that fold's
 prompts), then fits on everything and writes `extproc/task_types.npz` (weights, biases,
@@ -90,6 +94,12 @@ def ours() -> list[tuple[str, str]]:
     return seeds() + [(u, task) for task, utterances in default_routes.UTTERANCES.items() for u in utterances]
 
 
+def written_and_benchmark_rows(data: Path, seed: int) -> list[tuple[str, str]]:
+    """Every training row that is not a just_eval prompt: benchmark prompts (PER_TASK), requests
+    written here, instructions around passages, and personas to keep."""
+    return llmrouter(data, seed) + ours() + classifier_passages.wrapped(data) + classifier_passages.in_character(data)
+
+
 def matrix(texts: list[str], embed) -> np.ndarray:
     """Features of requests as the tier sees them (`classified_text`: each end of a long one)."""
     read = [classified_text(t) for t in texts]
@@ -152,7 +162,7 @@ def cross_validate(data: Path, folds: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     order = list(range(len(labelled)))
     rng.shuffle(order)
-    extra = llmrouter(data, seed) + ours() + classifier_passages.wrapped(data)
+    extra = written_and_benchmark_rows(data, seed)
     probe = classifier_passages.probe()
     gold, predicted, by_model = [], [], []
     probe_gold, probe_predicted = [], []
@@ -186,7 +196,7 @@ def cross_validate(data: Path, folds: int, seed: int) -> dict[str, Any]:
 
 def train(data: Path, seed: int, output: Path) -> dict[str, Any]:
     embed = default_embedder()
-    rows = just_eval(data) + llmrouter(data, seed) + ours() + classifier_passages.wrapped(data)
+    rows = just_eval(data) + written_and_benchmark_rows(data, seed)
     texts, labels = [t for t, _ in rows], [label for _, label in rows]
     weights, bias, classes = fit(texts, labels, embed)
     digest = hashlib.sha256("\n".join(f"{label}\t{t}" for t, label in rows).encode()).hexdigest()
@@ -202,6 +212,7 @@ def train(data: Path, seed: int, output: Path) -> dict[str, Any]:
             "llmrouter_dcrouter": len(llmrouter(data, seed)),
             "signalbox_seeds": len(ours()),
             "signalbox_wrapped_passages": len(classifier_passages.wrapped(data)),
+            "signalbox_in_character": len(classifier_passages.in_character(data)),
         },
         "training_data_sha256": digest,
     }

@@ -16,7 +16,21 @@ from tests.factories import backend, model, policy, provider
 
 from .test_grpc import CHAT, body_msg, exchange, headers_msg
 
-UNRECOGNISED = "zebra umbrella orchestra"  # no rule fires, no built-in route is confident
+# No rule fires and the built-in model is unsure (below the tier's default 0.6): the premise of
+# every test here, checked below, since a retrained model may grow sure of any words ("zebra
+# umbrella orchestra" became qa at 0.60).
+UNRECOGNISED = "qwerty zxcv plonk"
+
+
+@pytest.mark.parametrize("suffix", ["", " again", " once more"])
+def test_the_unrecognised_texts_leave_the_earlier_tiers_unsure(suffix):
+    from signalbox.extproc import default_routes
+    from signalbox.extproc.classify import DEFAULT_RULES, features
+    from signalbox.extproc.tiers import classify_tiers
+
+    body = {"messages": [{"role": "user", "content": UNRECOGNISED + suffix}]}
+    got = classify_tiers(features(body), DEFAULT_RULES, default_routes.router(), default_routes.MIN_RULES_CONFIDENCE)
+    assert got.confidence < 0.6, got
 
 
 @pytest.fixture

@@ -108,3 +108,49 @@ def test_short_conversational_turns_are_small_talk():
     turns = ["hello there!", "see ya", "good afternoon", "hey, how's it going", "ok thanks", "hi :)", "night night"]
     got = [default_routes.router().classify(t) for t in turns]
     assert sum(hit is not None and hit.task_type == "chat" for hit in got) >= len(turns) - 1, got
+
+
+# Written here for these tests (no dataset's text, and personas, frames and puzzles no training
+# row uses).
+PERSONAS = [
+    "You are a retired sea captain telling stories at the harbour bar. Never break character. "
+    "What was the worst storm you sailed through?",
+    "Play the part of a snooty art critic at a gallery opening. I'm a guest. What do you think of the "
+    "blue painting by the door?",
+    "For the rest of this conversation, be a cheerful 1950s radio host. Introduce the next song.",
+    "I'd like you to become my old chemistry teacher for a while. Stay in that role. Why did I fail the exam?",
+    "Answer me as a dragon guarding its hoard would. Why should I not take a single coin?",
+    "Be a hard-boiled taxi driver in New York and keep that voice. Which route do you take to JFK at rush hour?",
+]
+PUZZLES = [
+    "A bat and a ball cost 1.10 together, and the bat costs 1.00 more than the ball. How much is the ball? "
+    "Explain your reasoning.",
+    "Four friends sit in a row. Ines is not at either end, Omar sits right of Ines, and Lea is at the left end. "
+    "Where does Kai sit?",
+    "If no reptiles have fur and some pets are reptiles, must some pets lack fur? Justify it.",
+    "Suppose the wheel had never been invented. How would cities have grown differently? Reason it through.",
+    "Roughly how many litres of water does a city of 500,000 people use in a day? Show your estimate step by step.",
+    "A man looks at a portrait and says: brothers and sisters I have none, but that man's father is my father's "
+    "son. Who is in the portrait?",
+    "If it takes five machines five minutes to make five widgets, how long do 100 machines take to make 100? Why?",
+    "What if bees vanished tomorrow? Trace the knock-on effects on farming and prices.",
+    "Every card with a vowel on one side has an even number on the other. Which cards must you turn to check it: "
+    "E, K, 4, 7?",
+    "Our website got slower only on Mondays. Think through what could cause that and how you would narrow it down.",
+]
+
+
+def test_a_persona_to_keep_is_small_talk_whatever_it_is_asked():
+    # just_eval counts role-play as chat. Before personas were trained on, the question inside
+    # decided: none of these six was chat (qa, reasoning, creative); now 4-5 are.
+    got = [default_routes.router().classify(t) for t in PERSONAS]
+    assert sum(hit is not None and hit.task_type == "chat" for hit in got) >= 4, [hit and hit.task_type for hit in got]
+
+
+def test_puzzles_estimates_and_what_ifs_are_reasoning():
+    # Asked as questions, they went to qa, the largest class, before puzzles were trained on:
+    # 3 of these 10 were reasoning, now 6.
+    got = [default_routes.router().classify(t) for t in PUZZLES]
+    assert sum(hit is not None and hit.task_type == "reasoning" for hit in got) >= 6, [
+        hit and hit.task_type for hit in got
+    ]
