@@ -52,7 +52,6 @@ def mapped_tensor(path: Path, name: str) -> np.ndarray:
 
 
 @functools.cache
-@functools.cache
 def shared_embedder() -> Embedder:
     """One embedder per process for per-prompt learning (the file is mapped once)."""
     return default_embedder()
