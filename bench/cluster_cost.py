@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.dataplane import RESULTS
-from signalbox.core.envoygen.bootstrap import DEFERRED_STATS, UNKEPT_CLUSTER_STATS
+from signalbox.core.envoygen.bootstrap import DEFERRED_CLUSTERS, DEFERRED_STATS, UNKEPT_CLUSTER_STATS
 from signalbox.core.envoygen.options import STREAM_LIMITS
 from signalbox.local import envoy_binary, free_port
 
@@ -70,8 +70,9 @@ def _cluster(i: int, shape: str) -> dict[str, Any]:
     return cluster
 
 
-def measure(count: int, shape: str) -> dict[str, float]:
-    """Envoy's RSS and time to ready with `count` clusters of `shape` (0: none)."""
+def measure(count: int, shape: str, deferred: bool = True) -> dict[str, float]:
+    """Envoy's RSS and time to ready with `count` clusters of `shape` (0: none); `deferred`:
+    a worker makes its copy of a cluster on first use, as the gateway's Envoy does."""
     work = Path(tempfile.mkdtemp(prefix="signalbox-cluster-cost-"))
     (work / "cds").mkdir()
     (work / "cds" / "cds.json").write_text(json.dumps({"resources": [_cluster(i, shape) for i in range(count)]}))
@@ -83,7 +84,9 @@ def measure(count: int, shape: str) -> dict[str, float]:
             "cds_config": {"path_config_source": {"path": str(work / "cds" / "cds.json")}, "resource_api_version": "V3"}
         },
         "stats_config": {"stats_matcher": {"exclusion_list": {"patterns": UNKEPT_CLUSTER_STATS}}},
-        "deferred_stat_options": DEFERRED_STATS,  # as the gateway's bootstrap
+        # As the gateway's bootstrap (`deferred=False`: every worker copies every cluster).
+        "deferred_stat_options": DEFERRED_STATS,
+        **({"cluster_manager": DEFERRED_CLUSTERS} if deferred else {}),
     }
     (work / "bootstrap.json").write_text(json.dumps(bootstrap))
     started = time.monotonic()
@@ -128,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     empty = measure(0, "bare")
     out: dict[str, Any] = {"clusters": args.clusters, "no_cluster": empty}
     for shape in ("bare", "backend", "backend+tls"):
-        got = measure(args.clusters, shape)
-        got["kb_per_cluster"] = round((got["rss_mb"] - empty["rss_mb"]) * 1024 / args.clusters, 1)
-        got["ms_per_cluster"] = round((got["ready_s"] - empty["ready_s"]) * 1000 / args.clusters, 3)
-        out[shape] = got
-        print(shape, got, flush=True)
+        for deferred in (True, False):
+            got = measure(args.clusters, shape, deferred)
+            got["kb_per_cluster"] = round((got["rss_mb"] - empty["rss_mb"]) * 1024 / args.clusters, 1)
+            got["ms_per_cluster"] = round((got["ready_s"] - empty["ready_s"]) * 1000 / args.clusters, 3)
+            out[shape if deferred else f"{shape}, every worker's copy at once"] = got
+            print(shape, "deferred" if deferred else "at once", got, flush=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 

@@ -29,6 +29,12 @@ from .options import STREAM_LIMITS, GatewayOptions, _address, _admin_address, _a
 # Membership, ejection and config stats are made at once; a cluster that never carried a
 # request has no traffic series in /stats/prometheus (a dashboard's rate() reads it as none).
 DEFERRED_STATS = {"enable_deferred_creation_stats": True}
+# A worker makes its own copy of a cluster (load balancer, host sets, the aggregate's
+# callbacks) the first time it routes there, not when the cluster arrives: at the
+# 2,000-provider fleet Envoy held 797 -> 669 MB after the first and last alias answered
+# (885 -> 812 MB once every alias had, on both workers), and the start's first and last alias
+# answered 0.3-1.2 s sooner (bench/README.md, issue 12).
+DEFERRED_CLUSTERS = {"enable_deferred_cluster_creation": True}
 _UNKEPT_BACKEND_STATS = "|".join(
     (
         r"assignment_\w+",
@@ -181,12 +187,7 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
         out["layered_runtime"] = {
             "layers": [{"name": "tracing", "static_layer": {"tracing.opentelemetry.flush_interval_ms": 1000}}]
         }
-    # A worker makes its own copy of a cluster (load balancer, host sets, the aggregate's
-    # callbacks) the first time it routes there, not when the cluster arrives: at the
-    # 2,000-provider fleet Envoy held 797 -> 668 MB after the first and last alias answered
-    # (812 against 885 MB once every alias had on both workers), and the start's first and last
-    # alias answered 0.4-0.9 s sooner (bench/README.md, issue 12).
-    out["cluster_manager"] = {"enable_deferred_cluster_creation": True}
+    out["cluster_manager"] = dict(DEFERRED_CLUSTERS)
     if opts.outlier_event_log:
         out["cluster_manager"]["outlier_detection"] = {"event_log_path": opts.outlier_event_log}
     return out
