@@ -167,6 +167,12 @@ def reference_paragraphs(half: int) -> list[str]:
     return out
 
 
+def llmrouter_queries(data: Path) -> list[dict]:
+    """llmrouter_dcrouter's prompts with their benchmark (`query`, `task_name`; MIT)."""
+    path = data / "routing" / "llmrouter_dcrouter" / "default_query_train.jsonl"
+    return [json.loads(line) for line in path.open(encoding="utf-8")]
+
+
 def everyday_sentences(data: Path) -> list[str]:
     """presidio-research's synthetic sentences (MIT): short everyday prose full of names, places,
     numbers and dates, put together as the documents extraction requests are asked over."""
@@ -176,10 +182,7 @@ def everyday_sentences(data: Path) -> list[str]:
 
 def _benchmark_prompts(data: Path) -> tuple[list[str], list[str]]:
     """Long llmrouter_dcrouter prompts of any task, and its human_eval prompts (code)."""
-    rows = [
-        json.loads(line)
-        for line in (data / "routing" / "llmrouter_dcrouter" / "default_query_train.jsonl").open(encoding="utf-8")
-    ]
+    rows = llmrouter_queries(data)
     long = [r["query"] for r in rows if len(r["query"]) > 250]
     code = [r["query"] for r in rows if r["task_name"] == "human_eval"]
     return long, code
@@ -270,11 +273,7 @@ def in_character(data: Path, seed: int = 11) -> list[tuple[str, str]]:
     """(request, "chat") rows: a persona frame around an opener or a trivia question
     (llmrouter_dcrouter's natural_qa and trivia_qa, whose own words pull towards qa)."""
     rng = random.Random(seed)
-    rows = [
-        json.loads(line)
-        for line in (data / "routing" / "llmrouter_dcrouter" / "default_query_train.jsonl").open(encoding="utf-8")
-    ]
-    questions = [r["query"].strip() for r in rows if r["task_name"] in ("natural_qa", "trivia_qa")]
+    questions = [r["query"].strip() for r in llmrouter_queries(data) if r["task_name"] in ("natural_qa", "trivia_qa")]
     out = []
     for _ in range(PER_CLASS):
         q = rng.choice(OPENERS) if rng.random() < 0.3 else rng.choice(questions)

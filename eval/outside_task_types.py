@@ -76,19 +76,19 @@ def evaluate(data: Path, fastchat: Path, seed: int = 0) -> dict[str, Any]:
     """Per benchmark: macro-F1, accuracy, F1 per type and the commonest confusions, as a policy
     with the defaults classifies (rules, then a model trained without these questions)."""
     sets = {name: questions(fastchat / rel, CATEGORIES[name]) for name, rel in QUESTION_FILES.items()}
-    outside = {text.strip() for rows in sets.values() for text, _ in rows}
-    seen = [(t, label) for t, label in tc.just_eval(data) if t.strip() in outside]
-    rows = [(t, label) for t, label in tc.just_eval(data) if t.strip() not in outside]
+    outside = {text.strip() for asked in sets.values() for text, _ in asked}
+    labelled = tc.just_eval(data)
+    rows = [(t, label) for t, label in labelled if t.strip() not in outside]
     rows += tc.written_and_benchmark_rows(data, seed)
     weights, bias, classes = tc.fit([t for t, _ in rows], [label for _, label in rows], default_embedder())
     label = tc.default_classification(weights, bias, classes)
-    report: dict[str, Any] = {"just_eval_prompts_left_out": len(seen)}
-    for name, rows_ in sets.items():
-        gold = [expected for _, expected in rows_]
-        predicted = [label(text) for text, _ in rows_]
+    report: dict[str, Any] = {"just_eval_prompts_left_out": sum(t.strip() in outside for t, _ in labelled)}
+    for name, asked in sets.items():
+        gold = [expected for _, expected in asked]
+        predicted = [label(text) for text, _ in asked]
         confusions = Counter((g, p) for g, p in zip(gold, predicted, strict=True) if g != p)
         report[name] = {
-            "questions": len(rows_),
+            "questions": len(asked),
             **tc.scores(gold, predicted),
             "confusions": [f"{g}->{p}: {n}" for (g, p), n in confusions.most_common(8)],
         }

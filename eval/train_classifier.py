@@ -77,7 +77,7 @@ def just_eval(data: Path) -> list[tuple[str, str]]:
 
 
 def llmrouter(data: Path, seed: int) -> list[tuple[str, str]]:
-    rows = [json.loads(line) for line in (data / "routing" / "llmrouter_dcrouter" / "default_query_train.jsonl").open()]
+    rows = classifier_passages.llmrouter_queries(data)
     rng = random.Random(seed)
     rng.shuffle(rows)
     taken: Counter[str] = Counter()
