@@ -16,7 +16,7 @@ from pathlib import Path
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.budget import HOLD_SLACK_SECONDS, Budget
-from signalbox.core.envoygen.endpoints import BackendEndpoint
+from signalbox.core.envoygen.endpoints import BackendEndpoint, origin_name
 from signalbox.core.errors import OPENAI_API, RESPONSES_API, ConfigVersionError
 from signalbox.core.limits import SubjectLimits
 from signalbox.core.schema import BROKEN_STREAM_NAMES, SCHEMA_VERSION, STRATEGY_NAMES, genai_provider_name, provider_api
@@ -252,7 +252,8 @@ class RuntimeTable:
             )
         resolve_key = resolve_key or default_key_resolver()
         providers: dict[str, ProviderRuntime] = {}
-        addresses = {p.id: (p.host, p.port) for p in cfg.providers}  # one str per provider
+        # Each provider's address, and the origin a TLS one is reached through (envoygen.origins).
+        addresses = {p.id: (p.host, p.port, origin_name(p)) for p in cfg.providers}
         for p in cfg.providers:
             default_port = 443 if p.tls else 80
             authority = p.host if p.port == default_port else f"{p.host}:{p.port}"
@@ -318,7 +319,7 @@ def _capabilities(names: tuple[str, ...]) -> frozenset[str]:
     return frozenset(names)
 
 
-def _backend(b: pb.Backend, provider: ProviderRuntime, address: tuple[str, int]) -> BackendRuntime:
+def _backend(b: pb.Backend, provider: ProviderRuntime, address: tuple[str, int, str]) -> BackendRuntime:
     backend_id, cluster, model = b.id, b.cluster, b.model  # one str each, shared with the endpoint
     return BackendRuntime(
         id=backend_id,
@@ -341,6 +342,7 @@ def _backend(b: pb.Backend, provider: ProviderRuntime, address: tuple[str, int])
             genai_provider=provider.genai_name,
             host=address[0],
             port=address[1],
+            origin=address[2],
         ),
     )
 

@@ -130,7 +130,12 @@ class Endpoints:
         if backend is None or backend.endpoint is None:
             return None
         endpoint = backend.endpoint
-        addresses = [endpoint.host] if _literal(endpoint.host) else self.addresses.get(endpoint.host)
+        if endpoint.origin:  # its origin's cluster resolves the name (envoygen.origins)
+            addresses: list[str] | None = []
+        elif _literal(endpoint.host):
+            addresses = [endpoint.host]
+        else:
+            addresses = self.addresses.get(endpoint.host)
         if addresses is None:
             return None
         resting = backend.id in self.resting
@@ -183,7 +188,7 @@ class Endpoints:
             self._hosts = {
                 b.endpoint.host: b.endpoint.port
                 for b in self._table.backends.values()
-                if b.endpoint and not _literal(b.endpoint.host)
+                if b.endpoint and not b.endpoint.origin and not _literal(b.endpoint.host)
             }
         for host, port in self._hosts.items():
             if host not in self._resolving and now - self._resolved_at.get(host, float("-inf")) >= DNS_REFRESH_S:

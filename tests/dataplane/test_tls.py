@@ -5,6 +5,7 @@ gateway does not trust, gets nothing sent."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 
@@ -92,5 +93,64 @@ def test_a_certificate_from_a_ca_the_gateway_does_not_trust_gets_nothing(tls_fak
         r = ask(gateway, "secure")
         assert r.status_code >= 500 and r.json()["error"]
         assert tls_fakes["secure"].requests() == []
+    finally:
+        gateway.stop()
+
+
+@pytest.mark.parametrize("failure_mode", ["closed", "open"])
+def test_the_backends_of_one_tls_endpoint_share_one_tls_context(tls_fakes, certs, tmp_path, failure_mode):
+    """Three models of one provider and a second provider on the same host reach it through
+    one origin (envoygen.origins): Envoy holds one TLS context for them, where it held one per
+    backend (about 290 KB each with the system CA bundle), and each request, streamed or not,
+    still arrives with the provider's name and its own model."""
+    tls_fakes["secure"].reset()
+    url = f"https://localhost:{tls_fakes['secure'].url.rsplit(':', 1)[1]}/v1"
+    resources = dump(
+        provider("one", url, [model("m1"), model("m2"), model("m3")]),
+        provider("two", url, [model("m1")]),
+        *(
+            policy(f"p-{p}-{m}", [f"{p}-{m}"], [backend(p, m)])
+            for p, m in (("one", "m1"), ("one", "m2"), ("one", "m3"), ("two", "m1"))
+        ),
+    )
+    # Failing open, the backends' endpoints are in their clusters; else they come over ADS.
+    gateway = start_gateway(tmp_path, resources, upstream_ca_file=str(certs["ca"]), failure_mode=failure_mode)
+    try:
+        for alias in ("one-m1", "one-m2", "one-m3", "two-m1"):
+            assert ask(gateway, alias).status_code == 200
+        with httpx.stream(
+            "POST", f"{gateway.url}/chat/completions", json={**BODY, "model": "one-m2", "stream": True}, timeout=20
+        ) as streamed:
+            assert streamed.status_code == 200
+            assert "data: [DONE]" in "".join(streamed.iter_text())
+        seen = tls_fakes["secure"].requests()
+        assert sorted(s["body"]["model"] for s in seen) == ["m1", "m1", "m2", "m2", "m3"]
+        contexts = httpx.get(f"http://127.0.0.1:{gateway.admin_port}/certs", timeout=10).json()["certificates"]
+        trusting = [c for c in contexts if any(ca["path"] == str(certs["ca"]) for ca in c.get("ca_cert", []))]
+        assert len(trusting) == 1, contexts
+    finally:
+        gateway.stop()
+
+
+def test_a_tls_endpoint_that_cannot_be_reached_fails_over_to_the_next_backend(tls_fakes, certs, tmp_path):
+    """The origin's failed connect reaches the backend as a reset before any response: the
+    chain goes on to its next backend, as it did when the backend's own cluster failed to
+    connect."""
+    tls_fakes["secure"].reset()
+    with socket.socket() as placeholder:  # a port nothing listens on
+        placeholder.bind(("127.0.0.1", 0))
+        closed = placeholder.getsockname()[1]
+    url = f"https://localhost:{tls_fakes['secure'].url.rsplit(':', 1)[1]}/v1"
+    resources = dump(
+        provider("down", f"https://localhost:{closed}/v1", [model("m")]),
+        provider("up", url, [model("m")]),
+        policy("chain", ["chain"], [backend("down", "m"), backend("up", "m", priority=1)], strategy="failover"),
+    )
+    gateway = start_gateway(tmp_path, resources, upstream_ca_file=str(certs["ca"]))
+    try:
+        r = ask(gateway, "chain")
+        assert r.status_code == 200, r.text
+        assert r.headers["x-signalbox-provider"] == "up"
+        assert len(tls_fakes["secure"].requests()) == 1
     finally:
         gateway.stop()

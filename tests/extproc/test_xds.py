@@ -158,6 +158,42 @@ async def test_host_names_are_looked_up_and_a_failed_lookup_keeps_the_last_addre
     assert hosts((await envoy.next())[name]) == [("10.0.0.3", "UNKNOWN")]
 
 
+async def test_a_tls_providers_backend_is_its_origins_listener_and_rests_all_the_same(ads, monkeypatch):
+    """A TLS provider's backend reaches its endpoint's origin (envoygen.origins), which resolves
+    the name itself: the worker sends the internal listener, never looks the name up, and a
+    rest still marks the backend's one host unhealthy."""
+    envoy, tables, cooldowns, lookups = ads
+    monkeypatch.setattr(xds, "DNS_REFRESH_S", 0.0)
+    asked: list[str] = []
+    real = xds.Endpoints._lookup
+
+    async def counted(self, host, port):
+        asked.append(host)
+        await real(self, host, port)
+
+    monkeypatch.setattr(xds.Endpoints, "_lookup", counted)
+    providers = [provider(n, "https://llm.example.com/v1", [model("m")]) for n in ("a", "b")]
+    result = compile_config(
+        providers, [policy("p", ["auto"], [backend("a", "m"), backend("b", "m")], strategy="failover")]
+    )
+    assert result.ok, result.problems
+    cfg = result.config
+    tables.install(cfg)
+    envoy.ask(subscribe=[cluster_of(cfg, "a"), cluster_of(cfg, "b")])
+    got = await envoy.next()
+    places = set()
+    for name in (cluster_of(cfg, "a"), cluster_of(cfg, "b")):
+        (host,) = got[name]["endpoints"][0]["lbEndpoints"]
+        places.add(host["endpoint"]["address"]["envoyInternalAddress"]["serverListenerName"])
+        assert host["endpoint"]["hostname"] == "llm.example.com"
+    assert len(places) == 1  # one origin for both
+    cooldowns.observe("default/a/m", 429, {"retry-after": "30"}, time.time())
+    rested = await envoy.next()
+    (host,) = rested[cluster_of(cfg, "a")]["endpoints"][0]["lbEndpoints"]
+    assert host["healthStatus"] == "UNHEALTHY"
+    assert asked == [] and lookups == {}
+
+
 async def test_a_host_never_found_gets_no_endpoint_and_an_unsubscribed_cluster_no_news(ads):
     envoy, tables, cooldowns, _ = ads
     cfg = routing_config("a", "b", host="nowhere.invalid")
@@ -226,11 +262,12 @@ async def test_a_rest_reaches_every_open_stream(ads):
     names=st.lists(st.text(min_size=1, max_size=30), min_size=4, max_size=4),
     addresses=st.lists(st.ip_addresses().map(str), max_size=5),
     resting=st.booleans(),
+    origin=st.one_of(st.just(""), st.text(min_size=1, max_size=40)),
 )
-def test_an_assignment_is_the_message_its_description_parses_to(host, port, names, addresses, resting):
+def test_an_assignment_is_the_message_its_description_parses_to(host, port, names, addresses, resting, origin):
     """The worker builds assignments without json_format (5 times faster); what it sends must
     be exactly what the shared description (envoygen.endpoints) says."""
-    endpoint = BackendEndpoint(names[0], names[1], names[2], names[3], "m", "openai", host, port)
+    endpoint = BackendEndpoint(names[0], names[1], names[2], names[3], "m", "openai", host, port, origin)
     want = json_format.ParseDict(endpoint.load_assignment(addresses, resting), endpoint_pb2.ClusterLoadAssignment())
     got = endpoint_pb2.ClusterLoadAssignment()
     assert xds.load_assignment(endpoint, addresses, resting).Unpack(got)

@@ -139,9 +139,102 @@ def test_backend_cluster_carries_metadata_tls_and_outlier_detection():
         "model": "m",
         "genai_provider": "openai_compatible",
     }
-    assert b["transport_socket"]["typed_config"]["sni"] == "api.example.com"
-    assert "transport_socket" not in clusters["b.default.a.m"]
+    # TLS is its origin's: the backend reaches an internal listener, plain (envoygen.origins).
+    assert "transport_socket" not in b and "transport_socket" not in clusters["b.default.a.m"]
+    (host,) = b["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    origin = host["endpoint"]["address"]["envoy_internal_address"]["server_listener_name"]
+    assert host["endpoint"]["hostname"] == "api.example.com"
+    assert clusters[origin]["transport_socket"]["typed_config"]["sni"] == "api.example.com"
     assert b["outlier_detection"]["consecutive_5xx"] > 0
+
+
+def test_the_backends_of_one_tls_endpoint_share_one_origin():
+    """One TLS context per provider endpoint, not one per backend (about 290 KB of Envoy each
+    with the system CA bundle): every model of every provider naming one host, port and connect
+    timeout reaches the same internal listener, whose one TLS cluster checks the host's name.
+    An endpoint one backend reaches has its origin too: a backend never switches between TLS of
+    its own and an origin as models come and go (envoygen.origins says why)."""
+    providers = [
+        provider("a", "https://api.example.com/v1", [model("m1"), model("m2"), model("m3")]),
+        provider("b", "https://api.example.com/v1", [model("m1")]),
+        provider("c", "https://api.example.com:8443/v1", [model("m1"), model("m2")]),
+        provider("d", "https://api.example.com/v1", [model("m1"), model("m2")], connectTimeoutMs=500),
+        provider("alone", "https://other.example.org/v1", [model("m1")]),
+        provider("plain", "http://127.0.0.1:9001/v1", [model("m1"), model("m2")]),
+    ]
+    served = {"a": "m1 m2 m3", "b": "m1", "c": "m1 m2", "d": "m1 m2", "alone": "m1", "plain": "m1 m2"}
+    refs = [backend(p, m) for p, ms in served.items() for m in ms.split()]
+    result = compile_config(providers, [policy("p", ["x"], refs)])
+    assert result.ok, result.problems
+    for ads in (False, True):
+        opts = envoygen.GatewayOptions(ads=ads, upstream_ca_file="/etc/private-ca.pem")
+        docs = envoygen.resources(result.config, opts)
+        clusters = by_name(docs["cds.json"]["resources"])
+        origins = {n: c for n, c in clusters.items() if n.startswith("origin.")}
+        # a and b share one; another port, another connect timeout and another host are others.
+        assert len(origins) == 4
+        for origin in origins.values():
+            tls = origin["transport_socket"]["typed_config"]
+            assert tls["common_tls_context"]["validation_context"]["trusted_ca"] == {"filename": "/etc/private-ca.pem"}
+            (host,) = origin["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            assert tls["sni"] == host["endpoint"]["address"]["socket_address"]["address"]
+        timeouts = sorted(
+            c["connect_timeout"]
+            for c in origins.values()
+            if c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
+                "port_value"
+            ]
+            == 443
+            and c["transport_socket"]["typed_config"]["sni"] == "api.example.com"
+        )
+        assert timeouts == ["0.500s", "2.000s"]
+        listeners = {item["name"]: item for item in docs["lds.json"]["resources"] if "internal_listener" in item}
+        assert set(listeners) == set(origins)
+        for name, internal in listeners.items():
+            (chain,) = internal["filter_chains"]
+            (proxy,) = chain["filters"]
+            assert proxy["typed_config"]["cluster"] == name
+        backends = {n: c for n, c in clusters.items() if n.startswith("b.")}
+        assert len(backends) == 11
+        assert not any("transport_socket" in c for c in backends.values())
+        if not ads:
+            reached = {
+                n: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                for n, c in backends.items()
+            }
+            shared = {
+                reached[f"b.default.a.{m}"]["envoy_internal_address"]["server_listener_name"]
+                for m in ("m1", "m2", "m3")
+            }
+            assert shared == {reached["b.default.b.m1"]["envoy_internal_address"]["server_listener_name"]}
+            assert "socket_address" in reached["b.default.plain.m1"]
+            assert "envoy_internal_address" in reached["b.default.alone.m1"]
+            assert clusters["b.default.a.m1"]["type"] == "STATIC"
+    assert (
+        envoygen.INTERNAL_LISTENER_EXTENSION
+        in envoygen.bootstrap(envoygen.GatewayOptions(), "/cfg")["bootstrap_extensions"]
+    )
+
+
+def test_a_tls_backend_is_reached_the_same_way_whatever_else_shares_its_endpoint():
+    """Adding a model to a TLS provider leaves its other backends' clusters and endpoints as
+    they were: a backend that switched from TLS of its own to an origin would, while Envoy held
+    the new cluster and the old endpoint (over ADS they arrive apart), send a request in clear
+    text to the provider's TLS port."""
+
+    def reached(models):
+        cfg = compile_config([provider("a", "https://api.example.com/v1", [model(m) for m in models])], [])
+        assert cfg.ok, cfg.problems
+        backend = next(b for b in cfg.config.backends if b.model == "m1")
+        provider_pb = cfg.config.providers[0]
+        cluster = by_name(envoygen.clusters(cfg.config, envoygen.GatewayOptions(ads=True)))[backend.cluster]
+        return cluster, envoygen.endpoints.BackendEndpoint.of(backend, provider_pb).load_assignment(["10.0.0.1"])
+
+    assert reached(["m1"]) == reached(["m1", "m2", "m3"])
+    cluster, assignment = reached(["m1"])
+    assert "transport_socket" not in cluster
+    (host,) = assignment["endpoints"][0]["lb_endpoints"]
+    assert "socket_address" not in host["endpoint"]["address"]  # never the provider's own address
 
 
 @pytest.mark.parametrize(
@@ -487,8 +580,9 @@ def test_upstream_tls_checks_the_certificates_name_against_the_providers_host():
         assert validation["trusted_ca"] == {"filename": "/etc/private-ca.pem"}
         assert validation["match_typed_subject_alt_names"] == [{"san_type": san_type, "matcher": {"exact": host}}]
     opts = envoygen.GatewayOptions(upstream_ca_file="/etc/private-ca.pem")
-    tls_backend = by_name(envoygen.clusters(config(), opts))["b.default.b.m"]["transport_socket"]["typed_config"]
-    assert tls_backend["common_tls_context"]["validation_context"]["trusted_ca"]["filename"] == "/etc/private-ca.pem"
+    (origin,) = [c for c in envoygen.clusters(config(), opts) if "transport_socket" in c]
+    tls = origin["transport_socket"]["typed_config"]
+    assert tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"] == "/etc/private-ca.pem"
 
 
 def test_backend_endpoints_come_over_ads_in_a_gateway_and_inline_otherwise():
@@ -498,7 +592,7 @@ def test_backend_endpoints_come_over_ads_in_a_gateway_and_inline_otherwise():
         assert cluster["type"] == "EDS" and "load_assignment" not in cluster
         assert cluster["eds_cluster_config"] == {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
         assert "health_checks" not in cluster  # rests travel as endpoint health (extproc.xds)
-    assert cds["b.default.b.m"]["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+    assert "transport_socket" not in cds["b.default.b.m"]  # its origin's (envoygen.origins)
     boot = envoygen.bootstrap(envoygen.GatewayOptions(ads=True), "/cfg")
     ads = boot["dynamic_resources"]["ads_config"]
     assert ads["api_type"] == "DELTA_GRPC"

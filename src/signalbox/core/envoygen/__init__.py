@@ -93,6 +93,7 @@ from .listener import (
     sse_usage_filter,
 )
 from .options import STREAM_LIMITS, SYSTEM_CA_FILE, GatewayOptions
+from .origins import INTERNAL_LISTENER_EXTENSION, tls_origins
 
 __all__ = [
     "ADMIN_CLUSTER",
@@ -115,6 +116,7 @@ __all__ = [
     "GATEWAY_HEADERS",
     "HEADER_ATTRIBUTE",
     "HEALTH_LISTENER_NAME",
+    "INTERNAL_LISTENER_EXTENSION",
     "LARGER_AFTER_HEADER",
     "LISTENER_NAME",
     "METADATA_NS",
@@ -157,6 +159,7 @@ __all__ = [
     "retry_policy_of",
     "router_attributes",
     "sse_usage_filter",
+    "tls_origins",
     "too_large_message",
     "upstream_filters",
 ]

@@ -13,6 +13,7 @@ from .clusters import ClusterSpec, chain_members, cluster_specs
 from .contract import ADMIN_CLUSTER, BACKEND_PREFIX, EXTPROC_ADMIN_CLUSTER, EXTPROC_CLUSTER, TARGET_PREFIX
 from .listener import RouteParts, health_listener, listener, route_parts
 from .options import STREAM_LIMITS, GatewayOptions, _address, _admin_address, _any
+from .origins import INTERNAL_LISTENER_EXTENSION, origin_listeners
 
 # Envoy allocates about 140 stats per cluster, each costing memory and start-up time for every
 # backend. An aggregate cluster's are copies of its members' (every request it carries is
@@ -159,6 +160,8 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
         "stats_config": {"stats_matcher": {"exclusion_list": {"patterns": UNKEPT_CLUSTER_STATS}}},
         "deferred_stat_options": DEFERRED_STATS,
         "static_resources": {"clusters": static},
+        # TLS providers' backends reach their endpoint through internal listeners (origins).
+        "bootstrap_extensions": [INTERNAL_LISTENER_EXTENSION],
     }
     if opts.endpoints_over_ads:
         # Clusters and backend endpoints (envoygen.endpoints) from whichever ext_proc worker
@@ -240,6 +243,7 @@ def resource_parts(cfg: pb.RoutingConfig, opts: GatewayOptions, config_dir: str 
     listeners = [listener(cfg, opts, routes=rds)]
     if opts.health_port is not None:
         listeners.append(health_listener(opts))
+    listeners += origin_listeners(cfg)
     members = chain_members(cfg)
     routes = route_parts(cfg, opts, members) if rds is not None else None
     return ResourceParts({"resources": listeners}, cluster_specs(cfg, opts, members), routes)

@@ -42,17 +42,16 @@ from .contract import (
     TRANSLATE_HEADER,
     TRANSLATE_KEY,
 )
-from .endpoints import BackendEndpoint
+from .endpoints import DEFAULT_CONNECT_TIMEOUT_MS, BackendEndpoint
 from .options import (
     STREAM_LIMITS,
-    SYSTEM_CA_FILE,
     GatewayOptions,
     _address,
     _any,
     _ms,
     extproc_grpc_service,
-    upstream_tls,
 )
+from .origins import origin_clusters
 from .tracing import otlp_cluster
 
 
@@ -76,15 +75,16 @@ def _http1_options() -> dict[str, Any]:
     }
 
 
-def _backend_cluster(
-    backend: pb.Backend, provider: pb.Provider, ads: bool = False, ca_file: str = SYSTEM_CA_FILE
-) -> dict[str, Any]:
+def _backend_cluster(backend: pb.Backend, provider: pb.Provider, ads: bool = False) -> dict[str, Any]:
     """One backend's cluster. `ads`: its endpoint comes from the ext_proc over ADS
     (`extproc.xds`: resolved there, and unhealthy while the backend rests, so that it leaves
-    every chain and compiled route at once); else inline, Envoy resolving the host name."""
+    every chain and compiled route at once); else inline, Envoy resolving the host name. A TLS
+    provider's backend reaches its endpoint's origin, plain (`origins`: one TLS context per
+    provider endpoint, not per backend)."""
+    endpoint = BackendEndpoint.of(backend, provider)
     cluster: dict[str, Any] = {
         "name": backend.cluster,
-        "connect_timeout": _ms(provider.connect_timeout_ms or 2000),
+        "connect_timeout": _ms(provider.connect_timeout_ms or DEFAULT_CONNECT_TIMEOUT_MS),
         "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
         "outlier_detection": {
             "consecutive_5xx": 5,
@@ -97,12 +97,13 @@ def _backend_cluster(
     if ads:
         cluster["type"] = "EDS"
         cluster["eds_cluster_config"] = {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
+    elif endpoint.origin:
+        cluster["type"] = "STATIC"  # the origin's cluster resolves the name
+        cluster["load_assignment"] = endpoint.load_assignment()
     else:
         cluster["type"] = "STRICT_DNS"
         cluster["dns_lookup_family"] = "V4_PREFERRED"
-        cluster["load_assignment"] = BackendEndpoint.of(backend, provider).load_assignment()
-    if provider.tls:
-        cluster["transport_socket"] = upstream_tls(provider.host, ca_file)
+        cluster["load_assignment"] = endpoint.load_assignment()
     return cluster
 
 
@@ -607,13 +608,14 @@ def _relay_cluster(port: int) -> dict[str, Any]:
 
 
 def backend_clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
-    """One cluster per backend (what an Envoy about to start gets first: gatewayfiles)."""
+    """One cluster per backend and the TLS origins they reach (what an Envoy about to start
+    gets first: gatewayfiles)."""
     providers, ads, ca = {p.id: p for p in cfg.providers}, opts.endpoints_over_ads, opts.upstream_ca_file
-    return [_backend_resource(b, providers[b.provider_id], ads, ca) for b in cfg.backends]
+    return [_backend_resource(b, providers[b.provider_id], ads) for b in cfg.backends] + origin_clusters(cfg, ca)
 
 
-def _backend_resource(backend: pb.Backend, provider: pb.Provider, ads: bool, ca_file: str) -> dict[str, Any]:
-    return _any("envoy.config.cluster.v3.Cluster", **_backend_cluster(backend, provider, ads, ca_file))
+def _backend_resource(backend: pb.Backend, provider: pb.Provider, ads: bool) -> dict[str, Any]:
+    return _any("envoy.config.cluster.v3.Cluster", **_backend_cluster(backend, provider, ads))
 
 
 def _aggregate(target: str, member_clusters: list[str]) -> dict[str, Any]:
@@ -649,15 +651,15 @@ def cluster_specs(
     """`clusters`, each as its key and its maker, in the same order."""
     members = chain_members(cfg) if members is None else members
     providers = {p.id: p for p in cfg.providers}
-    ads, ca = opts.endpoints_over_ads, opts.upstream_ca_file
-    # A backend's cluster is made from the backend, its provider and these options alone (a
+    ads = opts.endpoints_over_ads
+    # A backend's cluster is made from the backend, its provider and this option alone (a
     # provider's key is of fixed length: the concatenation is unambiguous).
-    options = orjson.dumps([ads, ca])
+    options = orjson.dumps([ads])
     provider_keys = {p.id: part_key(options + p.SerializeToString(deterministic=True)) for p in cfg.providers}
     out: list[ClusterSpec] = [
         (
             b"B" + part_key(provider_keys[b.provider_id] + b.SerializeToString(deterministic=True)),
-            functools.partial(_backend_resource, b, providers[b.provider_id], ads, ca),
+            functools.partial(_backend_resource, b, providers[b.provider_id], ads),
         )
         for b in cfg.backends
     ]
@@ -676,6 +678,7 @@ def cluster_specs(
     if opts.otlp_endpoint:
         others.append(otlp_cluster(opts))
     others += jwks_clusters(cfg, opts.upstream_ca_file)
+    others += origin_clusters(cfg, opts.upstream_ca_file)
     out += [(b"X" + orjson.dumps(c), functools.partial(dict, c)) for c in others]
     return out
 

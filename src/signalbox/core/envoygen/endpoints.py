@@ -4,10 +4,15 @@ request log and spans read (which backend, provider and model an attempt went to
 One home for both ways a backend cluster gets its endpoint: inline in the cluster (STRICT_DNS,
 Envoy resolves the provider's host name; a bare generator run) or from the ext_proc over ADS
 (`extproc.xds`, which resolves the name itself and marks a resting backend's endpoint
-unhealthy), so the two can never disagree on what an attempt reads."""
+unhealthy), so the two can never disagree on what an attempt reads.
+
+A backend of a TLS provider is reached through its endpoint's *origin* (`envoygen.origins`):
+an internal listener that hands each connection to one TLS cluster per host, port and connect
+timeout. Its endpoint is then that listener, not an address."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +23,19 @@ from .contract import METADATA_NS
 
 # The type of the resource a backend's cluster subscribes to over ADS.
 LOAD_ASSIGNMENT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+DEFAULT_CONNECT_TIMEOUT_MS = 2000
+_UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
+
+
+def origin_name(provider: pb.Provider) -> str:
+    """The origin (internal listener and TLS cluster, one name for both) a TLS provider's
+    backends are reached through; "" for a provider without TLS. Providers that share a host,
+    port and connect timeout share it (and so its TLS context: about 290 KB of Envoy each with
+    the system CA bundle, bench/README.md)."""
+    if not provider.tls:
+        return ""
+    timeout = provider.connect_timeout_ms or DEFAULT_CONNECT_TIMEOUT_MS
+    return f"origin.{_UNSAFE.sub('_', provider.host)}.{provider.port}.{timeout}ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +50,8 @@ class BackendEndpoint:
     genai_provider: str
     host: str
     port: int
+    # The internal listener this backend is reached through (`origin_name`), or "": its address.
+    origin: str = ""
 
     @classmethod
     def of(cls, backend: pb.Backend, provider: pb.Provider) -> BackendEndpoint:
@@ -44,6 +64,7 @@ class BackendEndpoint:
             genai_provider=genai_provider_name(provider.type),
             host=provider.host,
             port=provider.port,
+            origin=origin_name(provider),
         )
 
     def metadata(self) -> dict[str, Any]:
@@ -62,17 +83,22 @@ class BackendEndpoint:
 
     def load_assignment(self, addresses: list[str] | None = None, resting: bool = False) -> dict[str, Any]:
         """The cluster's endpoints: one host per address (`addresses`: the provider's resolved
-        IPs; None: its host name, for Envoy to resolve), each UNHEALTHY while the backend rests
-        so that every chain and compiled route passes over it (Envoy's panic mode still uses
-        it when nothing in a chain is healthy)."""
+        IPs; None: its host name, for Envoy to resolve), or the one internal listener of its
+        origin (which resolves the name itself: `addresses` unused), each UNHEALTHY while the
+        backend rests so that every chain and compiled route passes over it (Envoy's panic mode
+        still uses it when nothing in a chain is healthy)."""
         metadata = self.metadata()
         endpoints = []
-        for address in [self.host] if addresses is None else addresses:
+        if self.origin:
+            places: list[dict[str, Any]] = [{"envoy_internal_address": {"server_listener_name": self.origin}}]
+        else:
+            places = [
+                {"socket_address": {"address": address, "port_value": self.port}}
+                for address in ([self.host] if addresses is None else addresses)
+            ]
+        for place in places:
             endpoint: dict[str, Any] = {
-                "endpoint": {
-                    "address": {"socket_address": {"address": address, "port_value": self.port}},
-                    "hostname": self.host,
-                },
+                "endpoint": {"address": place, "hostname": self.host},
                 "metadata": metadata,
             }
             if resting:

@@ -1,0 +1,98 @@
+"""TLS origins: one TLS cluster per provider endpoint, shared by the backends that reach it.
+
+A TLS cluster holds its own TLS context, and with the system CA bundle each context parses the
+bundle's 144 certificates into a store of its own: about 290 KB of Envoy and 1.3 ms of its start
+per cluster (`bench.cluster_cost`), for every model of every hosted provider. So a backend of a
+TLS provider is a plain cluster whose one host is an internal listener (Envoy's
+`envoy_internal_address`: an in-process connection, no socket), named after its origin
+(`endpoints.origin_name`: the provider's host, port and connect timeout). That listener hands
+the connection to a TCP proxy over the origin's cluster, which resolves the host, opens the
+connection, speaks TLS with the provider's name (SNI) and checks its certificate against the
+name (`options.upstream_tls`). The backends of one endpoint, however many models and providers
+name it, share one TLS context.
+
+Every TLS provider's backends go this way, one alone on its endpoint too (the hop costs each
+request about 20 us of Envoy, `bench.tls_origin`): a backend that switched between its own TLS
+and an origin as models were added would, for the moment its cluster and its endpoint over ADS
+disagree, send a request in clear text to the provider's TLS port.
+
+What stays per backend: its cluster, endpoint metadata, health (a rest marks its internal host
+unhealthy), outlier detection, circuit breakers and request stats. What moves to the origin:
+DNS, connect and TLS handshake failures and their stats (`cluster.origin.*`). A connection the
+origin cannot open reaches the backend as a reset before any response, which chains retry and
+outlier detection counts as they counted a failed connect.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from signalbox.api.v1alpha1 import config_pb2 as pb
+
+from .endpoints import DEFAULT_CONNECT_TIMEOUT_MS, origin_name
+from .options import STREAM_LIMITS, _address, _any, _ms, upstream_tls
+
+# Registered in every bootstrap (`bootstrap.bootstrap`): Envoy accepts internal listeners and
+# internal addresses only with it.
+INTERNAL_LISTENER_EXTENSION = {
+    "name": "envoy.bootstrap.internal_listener",
+    "typed_config": _any("envoy.extensions.bootstrap.internal_listener.v3.InternalListener"),
+}
+
+
+def tls_origins(cfg: pb.RoutingConfig) -> dict[str, pb.Provider]:
+    """Each origin some backend is reached through, by name, with the first provider naming it
+    (all of them share its host, port and connect timeout: the name says so)."""
+    used = {b.provider_id for b in cfg.backends}
+    out: dict[str, pb.Provider] = {}
+    for provider in cfg.providers:
+        name = origin_name(provider)
+        if name and provider.id in used:
+            out.setdefault(name, provider)
+    return out
+
+
+def origin_cluster(name: str, provider: pb.Provider, ca_file: str) -> dict[str, Any]:
+    """The origin's TLS cluster: Envoy resolves the host (every 5 s, as any STRICT_DNS cluster)."""
+    return _any(
+        "envoy.config.cluster.v3.Cluster",
+        name=name,
+        type="STRICT_DNS",
+        dns_lookup_family="V4_PREFERRED",
+        connect_timeout=_ms(provider.connect_timeout_ms or DEFAULT_CONNECT_TIMEOUT_MS),
+        circuit_breakers={"thresholds": [STREAM_LIMITS]},
+        load_assignment={
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(provider.host, provider.port)}}]}],
+        },
+        transport_socket=upstream_tls(provider.host, ca_file),
+    )
+
+
+def origin_listener(name: str) -> dict[str, Any]:
+    """The internal listener backends connect to: each connection proxied to the origin's cluster."""
+    return _any(
+        "envoy.config.listener.v3.Listener",
+        name=name,
+        internal_listener={},
+        filter_chains=[
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.tcp_proxy",
+                        "typed_config": _any(
+                            "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", stat_prefix=name, cluster=name
+                        ),
+                    }
+                ]
+            }
+        ],
+    )
+
+
+def origin_clusters(cfg: pb.RoutingConfig, ca_file: str) -> list[dict[str, Any]]:
+    return [origin_cluster(name, provider, ca_file) for name, provider in tls_origins(cfg).items()]
+
+
+def origin_listeners(cfg: pb.RoutingConfig) -> list[dict[str, Any]]:
+    return [origin_listener(name) for name in tls_origins(cfg)]
