@@ -21,6 +21,7 @@ import contextlib
 import json
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import trustme
 import yaml
 from google.protobuf import json_format
 
+from bench.cluster_cost import SYSTEM_CA
 from bench.dataplane import RESULTS, lua, start_fake, wrk
 from bench.fleet import KEY_ENV, STRATEGIES, alias, fleet
 from bench.fleet import policies as fleet_policies
@@ -77,11 +80,17 @@ def write_fleet(folder: Path, providers: int, policies: int, base_url: str) -> t
     return folder / "providers.yaml", folder / "policies.yaml"
 
 
-def fleet_gateway(files: tuple[Path, Path], workdir: Path) -> LocalGateway:
+def fleet_gateway(files: tuple[Path, Path], workdir: Path, ca_file: Path | None = None) -> LocalGateway:
     """`signalbox up` on a written fleet, with the key its providers name in its environment
-    (without it every request is refused: the streams run once measured only 503s)."""
+    (without it every request is refused: the streams run once measured only 503s);
+    `ca_file`: the CA bundle TLS providers are verified against."""
     return LocalGateway(
-        paths=[str(f) for f in files], port=0, workdir=workdir, start_fakes=False, env={KEY_ENV: "sk-fleet-key"}
+        paths=[str(f) for f in files],
+        port=0,
+        workdir=workdir,
+        start_fakes=False,
+        env={KEY_ENV: "sk-fleet-key"},
+        **({"upstream_ca_file": str(ca_file)} if ca_file else {}),
     )
 
 
@@ -140,9 +149,35 @@ def new_chain_policy(providers: int, index: int) -> dict[str, Any]:
     return policy
 
 
-def config(providers: int, policies: int) -> dict[str, Any]:
-    fake, upstream = start_fake()
+def start_tls_fake(work: Path) -> tuple[subprocess.Popen, str, Path]:
+    """The fake provider over HTTPS with a certificate for localhost from a test CA, and a CA
+    file of the system bundle plus that CA: each TLS context Envoy builds from it costs what a
+    hosted provider's does (bench.cluster_cost)."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    issued.private_key_pem.write_to_path(work / "fake.key")
+    (work / "fake.pem").write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    bundle_file = work / "ca-bundle.pem"
+    bundle_file.write_bytes(Path(SYSTEM_CA).read_bytes() + ca.cert_pem.bytes())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "signalbox.cli", "fake-provider", "--id", "bench", "--port", "0"]
+        + ["--tls-cert", str(work / "fake.pem"), "--tls-key", str(work / "fake.key")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    port = proc.stdout.readline().rsplit(":", 1)[1].strip().rstrip("/")
+    return proc, f"https://localhost:{port}", bundle_file
+
+
+def config(providers: int, policies: int, tls: bool = False) -> dict[str, Any]:
+    """`tls`: every provider on one HTTPS fake (hosted providers speak TLS; their backends
+    reach one origin per endpoint, envoygen.origins), verified against the system bundle."""
     work = Path(tempfile.mkdtemp(prefix="signalbox-scale-"))
+    if tls:
+        fake, upstream, ca_file = start_tls_fake(work)
+    else:
+        (fake, upstream), ca_file = start_fake(), None
     try:
         files = write_fleet(work / "fleet", providers, policies, upstream + "/v1")
         started = time.perf_counter()
@@ -167,7 +202,7 @@ def config(providers: int, policies: int) -> dict[str, Any]:
             "published_kb": round(packed.manifest["bytes"] / 1024, 1),
             "published_objects": 1 + len(packed.parts),
         }
-        gateway = fleet_gateway(files, work / "gw")
+        gateway = fleet_gateway(files, work / "gw", ca_file)
         started = time.perf_counter()
         try:
             gateway.start(timeout=600)
@@ -343,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = sub.add_parser("config")
     cfg.add_argument("--providers", type=int, default=2000)
     cfg.add_argument("--policies", type=int, default=0, help="default: as many as providers")
+    cfg.add_argument("--tls", action="store_true", help="providers over HTTPS (one endpoint, the system CA bundle)")
     st = sub.add_parser("streams")
     st.add_argument("--streams", type=int, default=5000)
     st.add_argument("--seconds", type=float, default=30)
@@ -352,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     if args.command == "config":
-        run = config(args.providers, args.policies or args.providers)
-        results.setdefault("config", {})[str(args.providers)] = run
+        run = config(args.providers, args.policies or args.providers, args.tls)
+        results.setdefault("config", {})[f"{args.providers}{' tls' if args.tls else ''}"] = run
     else:
         run = streams(args.streams, args.seconds, args.strategies.split(","), args.ramp)
         results["streams" if args.ramp else "burst"] = run

@@ -252,10 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     issued = ca.issue_cert("localhost")
     issued.private_key_pem.write_to_path(work / "key.pem")
     (work / "cert.pem").write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
-    result = {
-        "per_request": per_request(work, work, args.seconds, args.rounds, args.connections),
-        "memory": memory(work, args.backends),
-    }
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    result["per_request"] = per_request(work, work, args.seconds, args.rounds, args.connections)
+    # By fleet size: each run keeps the others' figures.
+    result.setdefault("memory", {})[str(args.backends)] = memory(work, args.backends)
     print(json.dumps(result, indent=2))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
