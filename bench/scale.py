@@ -160,8 +160,10 @@ def start_tls_fake(work: Path) -> tuple[subprocess.Popen, str, Path]:
     bundle_file = work / "ca-bundle.pem"
     bundle_file.write_bytes(Path(SYSTEM_CA).read_bytes() + ca.cert_pem.bytes())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "signalbox.cli", "fake-provider", "--id", "bench", "--port", "0"]
-        + ["--tls-cert", str(work / "fake.pem"), "--tls-key", str(work / "fake.key")],
+        [
+            *(sys.executable, "-m", "signalbox.cli", "fake-provider", "--id", "bench", "--port", "0"),
+            *("--tls-cert", str(work / "fake.pem"), "--tls-key", str(work / "fake.key")),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
