@@ -1,5 +1,6 @@
 import importlib
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -891,3 +892,26 @@ def test_attempt_lua_made_for_the_last_config_is_reused_only_while_its_backends_
     assert after != first and "renamed-upstream-model" in after and "renamed-upstream-model" not in first
     elsewhere = envoygen.GatewayOptions(credentials_dir="/run/other-keys")
     assert "/run/other-keys" in attempt_lua(changed, elsewhere) and "/run/other-keys" not in after
+
+
+@given(
+    first=st.tuples(st.text(min_size=1, max_size=20), st.integers(1, 65535), st.integers(0, 5000)),
+    second=st.tuples(st.text(min_size=1, max_size=20), st.integers(1, 65535), st.integers(0, 5000)),
+)
+def test_two_tls_endpoints_never_share_an_origin(first, second):
+    """An origin's name is its listener's and its TLS cluster's: two endpoints (host, port,
+    connect timeout) with one name would send one provider's requests, keys and all, to the
+    other's host. Hosts the name cannot spell as they are (an IPv6 address) included."""
+    from signalbox.api.v1alpha1 import config_pb2 as pb
+    from signalbox.core.envoygen.endpoints import DEFAULT_CONNECT_TIMEOUT_MS, origin_name
+
+    def endpoint(host, port, timeout):
+        return pb.Provider(host=host, port=port, connect_timeout_ms=timeout, tls=True)
+
+    def same(a, b):
+        return a[0] == b[0] and a[1] == b[1] and (a[2] or DEFAULT_CONNECT_TIMEOUT_MS) == (b[2] or DEFAULT_CONNECT_TIMEOUT_MS)
+
+    names = origin_name(endpoint(*first)), origin_name(endpoint(*second))
+    assert (names[0] == names[1]) == same(first, second)
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
+    assert origin_name(pb.Provider(host="api.example.com", port=443)) == ""  # no TLS, no origin

@@ -12,6 +12,7 @@ timeout. Its endpoint is then that listener, not an address."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,12 @@ def origin_name(provider: pb.Provider) -> str:
     if not provider.tls:
         return ""
     timeout = provider.connect_timeout_ms or DEFAULT_CONNECT_TIMEOUT_MS
-    return f"origin.{_UNSAFE.sub('_', provider.host)}.{provider.port}.{timeout}ms"
+    name = f"origin.{_UNSAFE.sub('_', provider.host)}.{provider.port}.{timeout}ms"
+    if _UNSAFE.search(provider.host):
+        # A host the name could not spell as it is (an IPv6 address): a digest of it keeps two
+        # such hosts from sharing one origin, and one the other's traffic.
+        name += "." + hashlib.blake2b(provider.host.encode(), digest_size=6).hexdigest()
+    return name
 
 
 @dataclass(frozen=True, slots=True)
