@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 import trustme
 
+from signalbox import gatewayfiles
 from tests.dataplane.conftest import Fake, start_gateway
 from tests.factories import backend, dump, model, policy, provider
 
@@ -154,3 +156,41 @@ def test_a_tls_endpoint_that_cannot_be_reached_fails_over_to_the_next_backend(tl
         assert len(tls_fakes["secure"].requests()) == 1
     finally:
         gateway.stop()
+
+
+def test_a_tls_provider_moved_to_another_endpoint_is_reached_there(tls_fakes, certs, tmp_path):
+    """A provider's new port is a new origin: its listener and TLS cluster arrive, its backends'
+    endpoints (over ADS) move to it, and requests reach the new server, verified as before,
+    with nothing sent to the old one after the move."""
+    moved = Fake("moved", *tls_arguments(certs["good"]), context=ssl.create_default_context(cafile=str(certs["ca"])))
+    tls_fakes["secure"].reset()
+
+    def resources(fake: Fake) -> str:
+        url = f"https://localhost:{fake.url.rsplit(':', 1)[1]}/v1"
+        return dump(
+            provider("p", url, [model("m1"), model("m2")]),
+            policy("one", ["one"], [backend("p", "m1"), backend("p", "m2", priority=1)], strategy="failover"),
+        )
+
+    gateway = start_gateway(tmp_path, resources(tls_fakes["secure"]), upstream_ca_file=str(certs["ca"]))
+    try:
+        assert ask(gateway, "one").status_code == 200
+        assert len(tls_fakes["secure"].requests()) == 1
+        (Path(gateway.paths[0]) / "resources.yaml").write_text(resources(moved))
+        assert gateway.apply().ok
+        deadline = time.monotonic() + 10
+        while not moved.requests() and time.monotonic() < deadline:
+            assert ask(gateway, "one").status_code == 200  # served throughout, by one or the other
+        assert moved.requests(), "no request reached the provider's new endpoint"
+        before = len(tls_fakes["secure"].requests())
+        for _ in range(5):
+            assert ask(gateway, "one").status_code == 200
+        assert len(tls_fakes["secure"].requests()) == before
+        assert [r["body"]["model"] for r in moved.requests()][-5:] == ["m1"] * 5
+        # The old endpoint's origin is gone from what Envoy reads; the new one's is there.
+        listeners = gatewayfiles.read_envoy_file(gateway.workdir / gatewayfiles.ENVOY_DIR, "lds.json")["resources"]
+        (origin,) = [item["name"] for item in listeners if "internal_listener" in item]
+        assert f".{moved.url.rsplit(':', 1)[1]}." in origin
+    finally:
+        gateway.stop()
+        moved.stop()
