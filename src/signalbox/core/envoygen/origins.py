@@ -16,6 +16,10 @@ request about 20 us of Envoy, `bench.tls_origin`): a backend that switched betwe
 and an origin as models were added would, for the moment its cluster and its endpoint over ADS
 disagree, send a request in clear text to the provider's TLS port.
 
+The TCP proxy passes bytes, not requests: the backend's HTTP/1.1 (every backend cluster's
+protocol) runs end to end over it, and the origin offers no ALPN. A backend that spoke HTTP/2
+would need its origin to offer "h2".
+
 What stays per backend: its cluster, endpoint metadata, health (a rest marks its internal host
 unhealthy), outlier detection, circuit breakers and request stats. What moves to the origin:
 DNS, connect and TLS handshake failures and their stats (`cluster.origin.*`). A connection the
