@@ -6,6 +6,10 @@ on any dataset. Writes bench/results/tiers.json.
 
 from __future__ import annotations
 
+# isort: off
+import signalbox.processenv  # noqa: F401 - a worker's thread settings (signalbox.cli), before numpy
+# isort: on
+
 import json
 import statistics
 import sys

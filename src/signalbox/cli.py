@@ -17,12 +17,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+import signalbox.processenv  # noqa: F401 - thread settings, before anything imports numpy
 from signalbox.core.errors import ConfigError
-
-# One BLAS thread per process, set before anything imports numpy: ext_proc workers already run
-# one per core, and OpenBLAS's own threads spin against them (the per-prompt memory's 8,192 x
-# 256 product took 8 ms instead of 1 ms while another process was busy).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 USAGE_EXAMPLES = """examples:
   signalbox up -f examples/quickstart/          run the local gateway (offline example providers)

@@ -157,3 +157,24 @@ def test_building_the_command_line_loads_no_operator_or_control_plane_library():
         f"print(sorted({heavy!r} & set(sys.modules)))"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_every_signalbox_process_keeps_libraries_to_one_thread_unless_told_otherwise():
+    """A gateway runs one ext_proc worker per core: OpenBLAS's and tokenizers' own threads only
+    competed with the other workers (the task-type tier 0.62 ms median with tokenizers' pool,
+    0.41 ms without, bench/tiers.py). Set before numpy loads, and never over an operator's own
+    choice."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys; import signalbox.cli; "
+        "print(os.environ['OPENBLAS_NUM_THREADS'], os.environ['TOKENIZERS_PARALLELISM'], 'numpy' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split() == ["1", "false", "False"]
+    chosen = {**env, "TOKENIZERS_PARALLELISM": "true"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=chosen).stdout
+    assert out.split()[1] == "true"
