@@ -12,7 +12,7 @@ name (`options.upstream_tls`). The backends of one endpoint, however many models
 name it, share one TLS context.
 
 Every TLS provider's backends go this way, one alone on its endpoint too (the hop costs each
-request about 20 us of Envoy, `bench.tls_origin`): a backend that switched between its own TLS
+request about 27 us of Envoy, `bench.tls_origin`): a backend that switched between its own TLS
 and an origin as models were added would, for the moment its cluster and its endpoint over ADS
 disagree, send a request in clear text to the provider's TLS port.
 
