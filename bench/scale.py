@@ -340,18 +340,24 @@ def _ports_settled(streams: int, deadline_s: float = 180.0) -> None:
         time.sleep(1)
 
 
-def streams(count: int, seconds: float, strategies: list[str], ramp: int = RAMP_PER_SECOND) -> dict[str, Any]:
+def streams(
+    count: int, seconds: float, strategies: list[str], ramp: int = RAMP_PER_SECOND, tls: bool = False
+) -> dict[str, Any]:
     """One fresh gateway per strategy (an earlier run's idle provider connections and memory
-    would be counted against the next), the same fake provider for all."""
+    would be counted against the next), the same fake provider for all; `tls`: over HTTPS, as
+    hosted providers stream (each stream's provider connection through its origin)."""
     raise_open_files_limit()  # before the fake starts: it holds one socket per stream too
-    fake, upstream = start_fake()
     work = Path(tempfile.mkdtemp(prefix="signalbox-streams-"))
+    if tls:
+        fake, upstream, ca_file = start_tls_fake(work)
+    else:
+        (fake, upstream), ca_file = start_fake(), None
     out: dict[str, Any] = {}
     try:
         files = write_fleet(work / "fleet", 10, len(STRATEGIES), upstream + "/v1")
         for strategy in strategies:
             _ports_settled(count)
-            gateway = fleet_gateway(files, work / strategy)
+            gateway = fleet_gateway(files, work / strategy, ca_file)
             gateway.start(timeout=120)
             try:
                 model = alias(STRATEGIES.index(strategy))
@@ -386,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--seconds", type=float, default=30)
     st.add_argument("--strategies", default=",".join(STRATEGIES))
     st.add_argument("--ramp", type=int, default=RAMP_PER_SECOND, help="streams opened per second (0: all at once)")
+    st.add_argument("--tls", action="store_true", help="the provider over HTTPS (the system CA bundle)")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args(argv)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -393,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         run = config(args.providers, args.policies or args.providers, args.tls)
         results.setdefault("config", {})[f"{args.providers}{' tls' if args.tls else ''}"] = run
     else:
-        run = streams(args.streams, args.seconds, args.strategies.split(","), args.ramp)
-        results["streams" if args.ramp else "burst"] = run
+        run = streams(args.streams, args.seconds, args.strategies.split(","), args.ramp, args.tls)
+        results[("streams" if args.ramp else "burst") + (" tls" if args.tls else "")] = run
     print(json.dumps(run, indent=2))
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
