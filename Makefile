@@ -161,8 +161,10 @@ eval: setup
 up: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/signalbox up -f examples/quickstart/
 
+## Each example on its own: both folders define the alias `auto` (two ways to serve it).
 validate: setup
-	$(BIN)/signalbox validate -f examples/quickstart/ -f examples/providers/
+	$(BIN)/signalbox validate -f examples/quickstart/
+	$(BIN)/signalbox validate -f examples/providers/
 
 clean:
 	rm -rf $(VENV) build *.egg-info
