@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import tempfile
@@ -35,7 +36,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.envoygen import origins
 from signalbox.core.envoygen.endpoints import origin_name
 from signalbox.core.envoygen.options import STREAM_LIMITS, upstream_tls
-from signalbox.local import envoy_binary, free_port
+from signalbox.local import envoy_binary, free_port, raise_open_files_limit
 
 _T = "type.googleapis.com/"
 ANSWER = json.dumps({"id": "x", "object": "chat.completion", "choices": [{"message": {"content": "hi"}}]})
@@ -99,8 +100,9 @@ def _hcm(route: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def upstream(work: Path, certs: Path, port: int, admin: int) -> dict[str, Any]:
-    """An HTTPS server with a fixed chat answer: Envoy, so that the upstream is not the bottleneck."""
+def upstream(work: Path, certs: Path, port: int, admin: int, hold_s: float = 0) -> dict[str, Any]:
+    """An HTTPS server with a fixed chat answer: Envoy, so that the upstream is not the bottleneck;
+    `hold_s`: each answer waits that long (Envoy's fault filter), as a long generation does."""
     tls = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -116,6 +118,11 @@ def upstream(work: Path, certs: Path, port: int, admin: int) -> dict[str, Any]:
         },
     }
     route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": ANSWER}}}
+    hcm = _hcm(route)
+    if hold_s:
+        delay = {"fixed_delay": f"{hold_s}s", "percentage": {"numerator": 100}}
+        fault = {"@type": _T + "envoy.extensions.filters.http.fault.v3.HTTPFault", "delay": delay}
+        hcm["typed_config"]["http_filters"].insert(0, {"name": "envoy.filters.http.fault", "typed_config": fault})
     return {
         "admin": _admin(admin),
         "static_resources": {
@@ -123,7 +130,7 @@ def upstream(work: Path, certs: Path, port: int, admin: int) -> dict[str, Any]:
                 {
                     "name": "https",
                     "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-                    "filter_chains": [{"filters": [_hcm(route)], "transport_socket": tls}],
+                    "filter_chains": [{"filters": [hcm], "transport_socket": tls}],
                 }
             ]
         },
@@ -220,6 +227,55 @@ def per_request(work: Path, certs: Path, seconds: int, rounds: int, connections:
         up.wait()
 
 
+def held(work: Path, certs: Path, count: int, hold_s: float) -> dict[str, Any]:
+    """Envoy's memory per open request: `count` requests held `hold_s` by the upstream at once
+    (one connection each, from h2load), through a TLS cluster and through an origin; the front
+    Envoy's RSS sampled while they are all open, against it idle."""
+    raise_open_files_limit()
+    up_port, up_admin = free_port(), free_port()
+    up = _envoy(work, "held-upstream", upstream(work, certs, up_port, up_admin, hold_s))
+    out: dict[str, Any] = {"requests": count, "held_s": hold_s}
+    try:
+        _wait_live(up_admin, up)
+        for shape in ("direct", "origin"):
+            port, admin = free_port(), free_port()
+            proc = _envoy(work, f"held-{shape}", gateway(shape, port, admin, up_port, str(certs / "ca.pem")))
+            try:
+                _wait_live(admin, proc)
+                idle = _rss_mb(proc.pid)
+                argv = [
+                    "h2load",
+                    "--h1",
+                    "-n",
+                    str(count),
+                    "-c",
+                    str(count),
+                    "-t",
+                    "2",
+                    f"http://127.0.0.1:{port}/v1/models",
+                ]
+                load = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+                peak = idle
+                while load.poll() is None:
+                    peak = max(peak, _rss_mb(proc.pid))
+                    time.sleep(0.5)
+                report = load.stdout.read() if load.stdout else ""
+                succeeded = re.search(r"(\d+) succeeded", report)
+                out[shape] = {
+                    "idle_mb": round(idle, 1),
+                    "peak_mb": round(peak, 1),
+                    "kb_per_request": round((peak - idle) * 1024 / count, 1),
+                    "succeeded": int(succeeded.group(1)) if succeeded else 0,
+                }
+            finally:
+                proc.terminate()
+                proc.wait()
+    finally:
+        up.terminate()
+        up.wait()
+    return out
+
+
 def memory(work: Path, backends: int) -> dict[str, Any]:
     """Envoy alone with `backends` backends of one TLS endpoint verified against the system
     CA bundle (nothing is asked of the upstream: its port is closed)."""
@@ -244,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--backends", type=int, default=1000)
+    parser.add_argument("--held", type=int, default=2000, help="requests held open at once (0: skip)")
     parser.add_argument("--out", type=Path, default=RESULTS / "tls_origin.json")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="signalbox-tls-origin-"))
@@ -256,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     result["per_request"] = per_request(work, work, args.seconds, args.rounds, args.connections)
     # By fleet size: each run keeps the others' figures.
     result.setdefault("memory", {})[str(args.backends)] = memory(work, args.backends)
+    if args.held:
+        result["held"] = held(work, work, args.held, 10)
     print(json.dumps(result, indent=2))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -34,7 +34,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
-from signalbox.core.envoygen.endpoints import LOAD_ASSIGNMENT_TYPE, BackendEndpoint
+from signalbox.core.envoygen.endpoints import LOAD_ASSIGNMENT_TYPE, ORIGIN_SUFFIX, BackendEndpoint
 
 from .clusterfeed import CLUSTER_TYPE, ClusterFile, cluster_resource
 from .memtrim import release_free_memory
@@ -73,13 +73,15 @@ def _literal(host: str) -> bool:
     return True
 
 
-def load_assignment(endpoint: BackendEndpoint, addresses: list[str], resting: bool) -> any_pb2.Any:
+def load_assignment(
+    endpoint: BackendEndpoint, addresses: list[str], resting: bool, via_origin: bool = False
+) -> any_pb2.Any:
     """The assignment `BackendEndpoint.load_assignment` describes (one home for what a host says),
     as a message made by the message's constructor rather than json_format: 50 us an
     assignment was half a second of the worker holding Envoy's stream for the 10,000 backends
     Envoy asks for at the large fleet's start, on the way to its backends warming. The
     constructor takes the dict but for the hosts' metadata (Structs), filled in after."""
-    assignment = endpoint.load_assignment(addresses, resting)
+    assignment = endpoint.load_assignment(addresses, resting, via_origin)
     hosts = [host for group in assignment.get("endpoints", []) for host in group["lb_endpoints"]]
     metadata = [host.pop("metadata") for host in hosts]
     message = endpoint_pb2.ClusterLoadAssignment(**assignment)
@@ -123,14 +125,17 @@ class Endpoints:
         self._config_changed = asyncio.Event()
         tables.on_install.append(self._config_changed.set)
 
-    def version(self, cluster: str) -> tuple[int, BackendEndpoint, list[str], bool] | None:
-        """(version, endpoint, addresses, resting) of a cluster's assignment now; None while
-        the cluster is unknown (a config not loaded yet) or its host not looked up yet."""
-        backend = self._table.by_cluster.get(cluster)
+    def version(self, name: str) -> tuple[int, BackendEndpoint, list[str], bool, bool] | None:
+        """(version, endpoint, addresses, resting, via its origin) of the assignment of the
+        resource `name` now: a backend cluster's name, or that and ORIGIN_SUFFIX for a cluster
+        that reaches its origin (answered with the origin's listener only: envoygen.origins);
+        None while the cluster is unknown (a config not loaded yet) or its host not looked up."""
+        via_origin = name.endswith(ORIGIN_SUFFIX)
+        backend = self._table.by_cluster.get(name.removesuffix(ORIGIN_SUFFIX) if via_origin else name)
         if backend is None or backend.endpoint is None:
             return None
         endpoint = backend.endpoint
-        if endpoint.origin:  # its origin's cluster resolves the name (envoygen.origins)
+        if via_origin:  # its origin's cluster resolves the name
             addresses: list[str] | None = []
         elif _literal(endpoint.host):
             addresses = [endpoint.host]
@@ -139,7 +144,7 @@ class Endpoints:
         if addresses is None:
             return None
         resting = backend.id in self.resting
-        return hash((endpoint, tuple(addresses), resting)), endpoint, addresses, resting
+        return hash((endpoint, tuple(addresses), resting, via_origin)), endpoint, addresses, resting, via_origin
 
     # ------------------------------------------------------------------ streams
 
@@ -182,13 +187,14 @@ class Endpoints:
         if resting != self.resting:
             changed = resting ^ self.resting
             self.resting = resting
-            self._tell([b.cluster for b in (self._table.backends.get(i) for i in changed) if b is not None])
+            backends = [b for b in (self._table.backends.get(i) for i in changed) if b is not None]
+            self._tell([name for b in backends for name in (b.cluster, b.cluster + ORIGIN_SUFFIX)])
         if self._hosts_of is not self._table:
             self._hosts_of = self._table
             self._hosts = {
                 b.endpoint.host: b.endpoint.port
                 for b in self._table.backends.values()
-                if b.endpoint and not b.endpoint.origin and not _literal(b.endpoint.host)
+                if b.endpoint and not _literal(b.endpoint.host)
             }
         for host, port in self._hosts.items():
             if host not in self._resolving and now - self._resolved_at.get(host, float("-inf")) >= DNS_REFRESH_S:
@@ -320,12 +326,12 @@ class _Stream:
                 if now is None:
                     self.dirty.add(name)
                     continue
-                version, endpoint, addresses, resting = now
+                version, endpoint, addresses, resting, via_origin = now
                 if self.sent.get(name) == version:
                     continue
                 self.sent[name] = version
                 yield discovery_pb2.Resource(
-                    name=name, version=str(version), resource=load_assignment(endpoint, addresses, resting)
+                    name=name, version=str(version), resource=load_assignment(endpoint, addresses, resting, via_origin)
                 )
 
         yield from self._batches(changed(), LOAD_ASSIGNMENT_TYPE)

@@ -15,6 +15,7 @@ import pytest
 import trustme
 
 from signalbox import gatewayfiles
+from signalbox.core.envoygen.endpoints import ORIGIN_MIN_BACKENDS
 from tests.dataplane.conftest import Fake, start_gateway
 from tests.factories import backend, dump, model, policy, provider
 
@@ -99,77 +100,89 @@ def test_a_certificate_from_a_ca_the_gateway_does_not_trust_gets_nothing(tls_fak
         gateway.stop()
 
 
+def trusting(gateway, ca: Path) -> int:
+    """How many TLS contexts Envoy holds that trust `ca`: one per TLS cluster verifying with it."""
+    contexts = httpx.get(f"http://127.0.0.1:{gateway.admin_port}/certs", timeout=10).json()["certificates"]
+    return sum(any(c["path"] == str(ca) for c in context.get("ca_cert", [])) for context in contexts)
+
+
+def https(fake: Fake) -> str:
+    return f"https://localhost:{fake.url.rsplit(':', 1)[1]}/v1"
+
+
+MODELS = [f"m{i}" for i in range(ORIGIN_MIN_BACKENDS)]
+
+
 @pytest.mark.parametrize("failure_mode", ["closed", "open"])
-def test_the_backends_of_one_tls_endpoint_share_one_tls_context(tls_fakes, certs, tmp_path, failure_mode):
-    """Three models of one provider and a second provider on the same host reach it through
-    one origin (envoygen.origins): Envoy holds one TLS context for them, where it held one per
-    backend (about 290 KB each with the system CA bundle), and each request, streamed or not,
-    still arrives with the provider's name and its own model."""
+def test_the_many_backends_of_one_tls_endpoint_share_one_tls_context(tls_fakes, certs, tmp_path, failure_mode):
+    """The models of one provider and a second provider on the same host, ORIGIN_MIN_BACKENDS
+    backends in all, reach it through one origin (envoygen.origins): Envoy holds one TLS context
+    for them, where it held one per backend (about 265 KB each with the system CA bundle), and
+    each request, streamed or not, still arrives verified and with its own model."""
     tls_fakes["secure"].reset()
-    url = f"https://localhost:{tls_fakes['secure'].url.rsplit(':', 1)[1]}/v1"
+    url = https(tls_fakes["secure"])
     resources = dump(
-        provider("one", url, [model("m1"), model("m2"), model("m3")]),
-        provider("two", url, [model("m1")]),
+        provider("one", url, [model(m) for m in MODELS[:-1]]),
+        provider("two", url, [model("m0")]),
         *(
             policy(f"p-{p}-{m}", [f"{p}-{m}"], [backend(p, m)])
-            for p, m in (("one", "m1"), ("one", "m2"), ("one", "m3"), ("two", "m1"))
+            for p, m in (("one", "m0"), ("one", "m1"), ("two", "m0"))
         ),
     )
     # Failing open, the backends' endpoints are in their clusters; else they come over ADS.
     gateway = start_gateway(tmp_path, resources, upstream_ca_file=str(certs["ca"]), failure_mode=failure_mode)
     try:
-        for alias in ("one-m1", "one-m2", "one-m3", "two-m1"):
+        for alias in ("one-m0", "one-m1", "two-m0"):
             assert ask(gateway, alias).status_code == 200
         with httpx.stream(
-            "POST", f"{gateway.url}/chat/completions", json={**BODY, "model": "one-m2", "stream": True}, timeout=20
+            "POST", f"{gateway.url}/chat/completions", json={**BODY, "model": "one-m1", "stream": True}, timeout=20
         ) as streamed:
             assert streamed.status_code == 200
             assert "data: [DONE]" in "".join(streamed.iter_text())
         seen = tls_fakes["secure"].requests()
-        assert sorted(s["body"]["model"] for s in seen) == ["m1", "m1", "m2", "m2", "m3"]
-        contexts = httpx.get(f"http://127.0.0.1:{gateway.admin_port}/certs", timeout=10).json()["certificates"]
-        trusting = [c for c in contexts if any(ca["path"] == str(certs["ca"]) for ca in c.get("ca_cert", []))]
-        assert len(trusting) == 1, contexts
+        assert sorted(s["body"]["model"] for s in seen) == ["m0", "m0", "m1", "m1"]
+        assert trusting(gateway, certs["ca"]) == 1
     finally:
         gateway.stop()
 
 
 def test_a_tls_endpoint_that_cannot_be_reached_fails_over_to_the_next_backend(tls_fakes, certs, tmp_path):
-    """The origin's failed connect reaches the backend as a reset before any response: the
-    chain goes on to its next backend, as it did when the backend's own cluster failed to
-    connect."""
+    """A connect that fails, at a backend's own TLS cluster or at its origin's (which reaches
+    the backend as a reset before any response), sends the chain on to its next backend."""
     tls_fakes["secure"].reset()
     with socket.socket() as placeholder:  # a port nothing listens on
         placeholder.bind(("127.0.0.1", 0))
         closed = placeholder.getsockname()[1]
-    url = f"https://localhost:{tls_fakes['secure'].url.rsplit(':', 1)[1]}/v1"
     resources = dump(
-        provider("down", f"https://localhost:{closed}/v1", [model("m")]),
-        provider("up", url, [model("m")]),
-        policy("chain", ["chain"], [backend("down", "m"), backend("up", "m", priority=1)], strategy="failover"),
+        provider("down", f"https://localhost:{closed}/v1", [model(m) for m in MODELS]),  # through its origin
+        provider("lone", f"https://localhost:{closed}/v1", [model("m")], connectTimeoutMs=1000),  # its own TLS
+        provider("up", https(tls_fakes["secure"]), [model("m")]),
+        policy("chain", ["chain"], [backend("down", "m0"), backend("up", "m", priority=1)], strategy="failover"),
+        policy("lone", ["lone"], [backend("lone", "m"), backend("up", "m", priority=1)], strategy="failover"),
     )
     gateway = start_gateway(tmp_path, resources, upstream_ca_file=str(certs["ca"]))
     try:
-        r = ask(gateway, "chain")
-        assert r.status_code == 200, r.text
-        assert r.headers["x-signalbox-provider"] == "up"
-        assert len(tls_fakes["secure"].requests()) == 1
+        for alias in ("chain", "lone"):
+            r = ask(gateway, alias)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-signalbox-provider"] == "up"
+        assert len(tls_fakes["secure"].requests()) == 2
     finally:
         gateway.stop()
 
 
-def test_a_tls_provider_moved_to_another_endpoint_is_reached_there(tls_fakes, certs, tmp_path):
-    """A provider's new port is a new origin: its listener and TLS cluster arrive, its backends'
-    endpoints (over ADS) move to it, and requests reach the new server, verified as before,
-    with nothing sent to the old one after the move."""
+@pytest.mark.parametrize("models", [2, ORIGIN_MIN_BACKENDS], ids=["own-tls", "origin"])
+def test_a_tls_provider_moved_to_another_endpoint_is_reached_there(tls_fakes, certs, tmp_path, models):
+    """A provider's new port: its backends' TLS clusters, or its new origin (listener and TLS
+    cluster, the backends' endpoints over ADS), reach the new server, verified as before; every
+    request is answered during the move, and nothing goes to the old server after it."""
     moved = Fake("moved", *tls_arguments(certs["good"]), context=ssl.create_default_context(cafile=str(certs["ca"])))
     tls_fakes["secure"].reset()
 
     def resources(fake: Fake) -> str:
-        url = f"https://localhost:{fake.url.rsplit(':', 1)[1]}/v1"
         return dump(
-            provider("p", url, [model("m1"), model("m2")]),
-            policy("one", ["one"], [backend("p", "m1"), backend("p", "m2", priority=1)], strategy="failover"),
+            provider("p", https(fake), [model(m) for m in MODELS[:models]]),
+            policy("one", ["one"], [backend("p", "m0"), backend("p", "m1", priority=1)], strategy="failover"),
         )
 
     gateway = start_gateway(tmp_path, resources(tls_fakes["secure"]), upstream_ca_file=str(certs["ca"]))
@@ -186,11 +199,44 @@ def test_a_tls_provider_moved_to_another_endpoint_is_reached_there(tls_fakes, ce
         for _ in range(5):
             assert ask(gateway, "one").status_code == 200
         assert len(tls_fakes["secure"].requests()) == before
-        assert [r["body"]["model"] for r in moved.requests()][-5:] == ["m1"] * 5
-        # The old endpoint's origin is gone from what Envoy reads; the new one's is there.
+        assert [r["body"]["model"] for r in moved.requests()][-5:] == ["m0"] * 5
         listeners = gatewayfiles.read_envoy_file(gateway.workdir / gatewayfiles.ENVOY_DIR, "lds.json")["resources"]
-        (origin,) = [item["name"] for item in listeners if "internal_listener" in item]
-        assert f".{moved.url.rsplit(':', 1)[1]}." in origin
+        origins = [item["name"] for item in listeners if "internal_listener" in item]
+        if models >= ORIGIN_MIN_BACKENDS:  # the old endpoint's origin is gone; the new one's is there
+            (origin,) = origins
+            assert f".{moved.url.rsplit(':', 1)[1]}." in origin
+        else:
+            assert origins == []
     finally:
         gateway.stop()
         moved.stop()
+
+
+def test_a_provider_crossing_over_to_its_origin_keeps_serving_verified(tls_fakes, certs, tmp_path):
+    """One model more takes a provider's endpoint to ORIGIN_MIN_BACKENDS backends: its backends
+    become plain clusters to the new origin while requests flow. Every request is answered
+    (a plain cluster given the provider's TLS port would fail them, and send them in clear
+    text), and Envoy ends with one TLS context for the endpoint instead of one per backend."""
+    tls_fakes["secure"].reset()
+
+    def resources(models: int) -> str:
+        return dump(
+            provider("p", https(tls_fakes["secure"]), [model(m) for m in MODELS[:models]]),
+            policy("one", ["one"], [backend("p", "m0"), backend("p", "m1", priority=1)], strategy="failover"),
+        )
+
+    gateway = start_gateway(tmp_path, resources(ORIGIN_MIN_BACKENDS - 1), upstream_ca_file=str(certs["ca"]))
+    try:
+        assert ask(gateway, "one").status_code == 200
+        assert trusting(gateway, certs["ca"]) == ORIGIN_MIN_BACKENDS - 1
+        (Path(gateway.paths[0]) / "resources.yaml").write_text(resources(ORIGIN_MIN_BACKENDS))
+        assert gateway.apply().ok
+        deadline = time.monotonic() + 15
+        while trusting(gateway, certs["ca"]) != 1 and time.monotonic() < deadline:
+            assert ask(gateway, "one").status_code == 200  # served throughout
+        assert trusting(gateway, certs["ca"]) == 1
+        for _ in range(5):
+            assert ask(gateway, "one").status_code == 200
+        assert [r["body"]["model"] for r in tls_fakes["secure"].requests()][-5:] == ["m0"] * 5
+    finally:
+        gateway.stop()

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from signalbox.core.compiler import compile_config
-from signalbox.core.envoygen.endpoints import LOAD_ASSIGNMENT_TYPE, BackendEndpoint
+from signalbox.core.envoygen.endpoints import LOAD_ASSIGNMENT_TYPE, ORIGIN_SUFFIX, BackendEndpoint
 from signalbox.extproc import xds
 from signalbox.extproc.cooldown import Cooldowns
 from signalbox.extproc.reload import TableHolder
@@ -158,40 +158,40 @@ async def test_host_names_are_looked_up_and_a_failed_lookup_keeps_the_last_addre
     assert hosts((await envoy.next())[name]) == [("10.0.0.3", "UNKNOWN")]
 
 
-async def test_a_tls_providers_backend_is_its_origins_listener_and_rests_all_the_same(ads, monkeypatch):
-    """A TLS provider's backend reaches its endpoint's origin (envoygen.origins), which resolves
-    the name itself: the worker sends the internal listener, never looks the name up, and a
-    rest still marks the backend's one host unhealthy."""
+async def test_a_backend_reaching_its_origin_is_sent_the_origins_listener_and_nothing_else(ads, monkeypatch):
+    """A plain cluster that reaches its TLS endpoint's origin (envoygen.origins) asks for
+    `<cluster>ORIGIN_SUFFIX`: the worker answers with the origin's listener whatever it has
+    looked up, so such a cluster is never given the provider's TLS port; the cluster's own name
+    (a TLS cluster's) is still answered with addresses. A rest marks the backend unhealthy in
+    both."""
     envoy, tables, cooldowns, lookups = ads
     monkeypatch.setattr(xds, "DNS_REFRESH_S", 0.0)
-    asked: list[str] = []
-    real = xds.Endpoints._lookup
-
-    async def counted(self, host, port):
-        asked.append(host)
-        await real(self, host, port)
-
-    monkeypatch.setattr(xds.Endpoints, "_lookup", counted)
+    lookups["llm.example.com"] = ["10.0.0.9"]
     providers = [provider(n, "https://llm.example.com/v1", [model("m")]) for n in ("a", "b")]
-    result = compile_config(
-        providers, [policy("p", ["auto"], [backend("a", "m"), backend("b", "m")], strategy="failover")]
-    )
+    pol = policy("p", ["auto"], [backend("a", "m"), backend("b", "m")], strategy="failover")
+    result = compile_config(providers, [pol])
     assert result.ok, result.problems
     cfg = result.config
     tables.install(cfg)
-    envoy.ask(subscribe=[cluster_of(cfg, "a"), cluster_of(cfg, "b")])
+    a, b = cluster_of(cfg, "a"), cluster_of(cfg, "b")
+    envoy.ask(subscribe=[a, a + ORIGIN_SUFFIX, b + ORIGIN_SUFFIX])
     got = await envoy.next()
+    assert hosts(got[a]) == [("10.0.0.9", "UNKNOWN")]
     places = set()
-    for name in (cluster_of(cfg, "a"), cluster_of(cfg, "b")):
+    for name in (a + ORIGIN_SUFFIX, b + ORIGIN_SUFFIX):
+        assert got[name]["clusterName"] == name
         (host,) = got[name]["endpoints"][0]["lbEndpoints"]
+        assert set(host["endpoint"]["address"]) == {"envoyInternalAddress"}
         places.add(host["endpoint"]["address"]["envoyInternalAddress"]["serverListenerName"])
         assert host["endpoint"]["hostname"] == "llm.example.com"
-    assert len(places) == 1  # one origin for both
+        assert host["metadata"]["filterMetadata"]["signalbox"]["provider"] in ("a", "b")
+    assert places == {"origin.llm.example.com.443.2000ms"}  # one origin for both
     cooldowns.observe("default/a/m", 429, {"retry-after": "30"}, time.time())
     rested = await envoy.next()
-    (host,) = rested[cluster_of(cfg, "a")]["endpoints"][0]["lbEndpoints"]
-    assert host["healthStatus"] == "UNHEALTHY"
-    assert asked == [] and lookups == {}
+    assert set(rested) == {a, a + ORIGIN_SUFFIX}
+    for name in rested:
+        (host,) = rested[name]["endpoints"][0]["lbEndpoints"]
+        assert host["healthStatus"] == "UNHEALTHY"
 
 
 async def test_a_host_never_found_gets_no_endpoint_and_an_unsubscribed_cluster_no_news(ads):
@@ -263,12 +263,18 @@ async def test_a_rest_reaches_every_open_stream(ads):
     addresses=st.lists(st.ip_addresses().map(str), max_size=5),
     resting=st.booleans(),
     origin=st.one_of(st.just(""), st.text(min_size=1, max_size=40)),
+    via_origin=st.booleans(),
 )
-def test_an_assignment_is_the_message_its_description_parses_to(host, port, names, addresses, resting, origin):
+def test_an_assignment_is_the_message_its_description_parses_to(
+    host, port, names, addresses, resting, origin, via_origin
+):
     """The worker builds assignments without json_format (5 times faster); what it sends must
     be exactly what the shared description (envoygen.endpoints) says."""
     endpoint = BackendEndpoint(names[0], names[1], names[2], names[3], "m", "openai", host, port, origin)
-    want = json_format.ParseDict(endpoint.load_assignment(addresses, resting), endpoint_pb2.ClusterLoadAssignment())
+    described = endpoint.load_assignment(addresses, resting, via_origin)
+    want = json_format.ParseDict(described, endpoint_pb2.ClusterLoadAssignment())
     got = endpoint_pb2.ClusterLoadAssignment()
-    assert xds.load_assignment(endpoint, addresses, resting).Unpack(got)
+    assert xds.load_assignment(endpoint, addresses, resting, via_origin).Unpack(got)
+    if via_origin:  # never an address, whatever is known
+        assert not any(e.endpoint.address.HasField("socket_address") for g in got.endpoints for e in g.lb_endpoints)
     assert got == want

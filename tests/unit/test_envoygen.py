@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from signalbox.core import envoygen
 from signalbox.core.compiler import compile_config
+from signalbox.core.envoygen.endpoints import ORIGIN_MIN_BACKENDS, ORIGIN_SUFFIX
 from tests.factories import backend, model, policy, provider
 
 
@@ -140,102 +141,90 @@ def test_backend_cluster_carries_metadata_tls_and_outlier_detection():
         "model": "m",
         "genai_provider": "openai_compatible",
     }
-    # TLS is its origin's: the backend reaches an internal listener, plain (envoygen.origins).
-    assert "transport_socket" not in b and "transport_socket" not in clusters["b.default.a.m"]
-    (host,) = b["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    origin = host["endpoint"]["address"]["envoy_internal_address"]["server_listener_name"]
-    assert host["endpoint"]["hostname"] == "api.example.com"
-    assert clusters[origin]["transport_socket"]["typed_config"]["sni"] == "api.example.com"
+    assert b["transport_socket"]["typed_config"]["sni"] == "api.example.com"
+    assert "transport_socket" not in clusters["b.default.a.m"]
     assert b["outlier_detection"]["consecutive_5xx"] > 0
 
 
-def test_the_backends_of_one_tls_endpoint_share_one_origin():
-    """One TLS context per provider endpoint, not one per backend (about 290 KB of Envoy each
-    with the system CA bundle): every model of every provider naming one host, port and connect
-    timeout reaches the same internal listener, whose one TLS cluster checks the host's name.
-    An endpoint one backend reaches has its origin too: a backend never switches between TLS of
-    its own and an origin as models come and go (envoygen.origins says why)."""
+def test_the_many_backends_of_one_tls_endpoint_share_one_origin():
+    """One TLS context for an endpoint many backends reach, not one per backend (about 265 KB
+    of Envoy each with the system CA bundle): every model of every provider naming one host,
+    port and connect timeout reaches the same internal listener, whose one TLS cluster checks
+    the host's name. An endpoint fewer backends reach keeps a TLS cluster per backend (the hop
+    costs each request: envoygen.origins)."""
+    n = ORIGIN_MIN_BACKENDS
+    models = [f"m{i}" for i in range(n)]
     providers = [
-        provider("a", "https://api.example.com/v1", [model("m1"), model("m2"), model("m3")]),
-        provider("b", "https://api.example.com/v1", [model("m1")]),
-        provider("c", "https://api.example.com:8443/v1", [model("m1"), model("m2")]),
-        provider("d", "https://api.example.com/v1", [model("m1"), model("m2")], connectTimeoutMs=500),
-        provider("alone", "https://other.example.org/v1", [model("m1")]),
-        provider("plain", "http://127.0.0.1:9001/v1", [model("m1"), model("m2")]),
+        provider("a", "https://api.example.com/v1", [model(m) for m in models[:-1]]),
+        provider("b", "https://api.example.com/v1", [model("m0")]),
+        provider("c", "https://api.example.com:8443/v1", [model(m) for m in models]),
+        provider("d", "https://api.example.com/v1", [model(m) for m in models[:-1]], connectTimeoutMs=500),
+        provider("alone", "https://other.example.org/v1", [model("m0")]),
+        provider("plain", "http://127.0.0.1:9001/v1", [model(m) for m in models]),
     ]
-    served = {"a": "m1 m2 m3", "b": "m1", "c": "m1 m2", "d": "m1 m2", "alone": "m1", "plain": "m1 m2"}
-    refs = [backend(p, m) for p, ms in served.items() for m in ms.split()]
+    refs = [backend(p["metadata"]["name"], m["name"]) for p in providers for m in p["spec"]["models"]]
     result = compile_config(providers, [policy("p", ["x"], refs)])
     assert result.ok, result.problems
+    shared = {"a": True, "b": True, "c": True, "d": False, "alone": False, "plain": False}
     for ads in (False, True):
         opts = envoygen.GatewayOptions(ads=ads, upstream_ca_file="/etc/private-ca.pem")
         docs = envoygen.resources(result.config, opts)
         clusters = by_name(docs["cds.json"]["resources"])
         origins = {n: c for n, c in clusters.items() if n.startswith("origin.")}
-        # a and b share one; another port, another connect timeout and another host are others.
-        assert len(origins) == 4
+        assert len(origins) == 2  # a and b share one; c's port is another
         for origin in origins.values():
             tls = origin["transport_socket"]["typed_config"]
             assert tls["common_tls_context"]["validation_context"]["trusted_ca"] == {"filename": "/etc/private-ca.pem"}
             (host,) = origin["load_assignment"]["endpoints"][0]["lb_endpoints"]
-            assert tls["sni"] == host["endpoint"]["address"]["socket_address"]["address"]
-        timeouts = sorted(
-            c["connect_timeout"]
-            for c in origins.values()
-            if c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
-                "port_value"
-            ]
-            == 443
-            and c["transport_socket"]["typed_config"]["sni"] == "api.example.com"
-        )
-        assert timeouts == ["0.500s", "2.000s"]
+            assert tls["sni"] == host["endpoint"]["address"]["socket_address"]["address"] == "api.example.com"
         listeners = {item["name"]: item for item in docs["lds.json"]["resources"] if "internal_listener" in item}
         assert set(listeners) == set(origins)
         for name, internal in listeners.items():
             (chain,) = internal["filter_chains"]
             (proxy,) = chain["filters"]
             assert proxy["typed_config"]["cluster"] == name
-        backends = {n: c for n, c in clusters.items() if n.startswith("b.")}
-        assert len(backends) == 11
-        assert not any("transport_socket" in c for c in backends.values())
-        if not ads:
-            reached = {
-                n: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-                for n, c in backends.items()
-            }
-            shared = {
-                reached[f"b.default.a.{m}"]["envoy_internal_address"]["server_listener_name"]
-                for m in ("m1", "m2", "m3")
-            }
-            assert shared == {reached["b.default.b.m1"]["envoy_internal_address"]["server_listener_name"]}
-            assert "socket_address" in reached["b.default.plain.m1"]
-            assert "envoy_internal_address" in reached["b.default.alone.m1"]
-            assert clusters["b.default.a.m1"]["type"] == "STATIC"
-    assert (
-        envoygen.INTERNAL_LISTENER_EXTENSION
-        in envoygen.bootstrap(envoygen.GatewayOptions(), "/cfg")["bootstrap_extensions"]
-    )
+        for b in result.config.backends:
+            cluster = clusters[b.cluster]
+            via_origin = shared[b.provider_id.split("/")[1]]
+            tls_of_its_own = "transport_socket" in cluster
+            assert tls_of_its_own == (not via_origin and b.provider_id != "default/plain")
+            if ads:
+                service = cluster["eds_cluster_config"].get("service_name", b.cluster)
+                assert service == (b.cluster + ORIGIN_SUFFIX if via_origin else b.cluster)
+            else:
+                (host,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+                assert ("envoy_internal_address" in host["endpoint"]["address"]) == via_origin
+                assert cluster["type"] == ("STATIC" if via_origin else "STRICT_DNS")
+    boot = envoygen.bootstrap(envoygen.GatewayOptions(), "/cfg")
+    assert envoygen.INTERNAL_LISTENER_EXTENSION in boot["bootstrap_extensions"]
 
 
-def test_a_tls_backend_is_reached_the_same_way_whatever_else_shares_its_endpoint():
-    """Adding a model to a TLS provider leaves its other backends' clusters and endpoints as
-    they were: a backend that switched from TLS of its own to an origin would, while Envoy held
-    the new cluster and the old endpoint (over ADS they arrive apart), send a request in clear
-    text to the provider's TLS port."""
+def test_a_backend_crossing_over_to_its_origin_is_never_given_the_providers_address():
+    """The backend whose endpoint reaches ORIGIN_MIN_BACKENDS backends becomes a plain cluster.
+    Over ADS it asks for another resource than its TLS cluster did, one whose assignment names
+    the origin's listener and nothing else whatever addresses are known: Envoy holding the new
+    cluster with the old assignment (they arrive apart) would send a request in clear text to
+    the provider's TLS port."""
+    from signalbox.core.envoygen.endpoints import BackendEndpoint
 
-    def reached(models):
-        cfg = compile_config([provider("a", "https://api.example.com/v1", [model(m) for m in models])], [])
-        assert cfg.ok, cfg.problems
-        backend = next(b for b in cfg.config.backends if b.model == "m1")
-        provider_pb = cfg.config.providers[0]
-        cluster = by_name(envoygen.clusters(cfg.config, envoygen.GatewayOptions(ads=True)))[backend.cluster]
-        return cluster, envoygen.endpoints.BackendEndpoint.of(backend, provider_pb).load_assignment(["10.0.0.1"])
+    def first_backend(count):
+        models = [model(f"m{i}") for i in range(count)]
+        compiled = compile_config([provider("a", "https://api.example.com/v1", models)], [])
+        assert compiled.ok, compiled.problems
+        b = next(b for b in compiled.config.backends if b.model == "m0")
+        cluster = by_name(envoygen.clusters(compiled.config, envoygen.GatewayOptions(ads=True)))[b.cluster]
+        return compiled.config, b, cluster
 
-    assert reached(["m1"]) == reached(["m1", "m2", "m3"])
-    cluster, assignment = reached(["m1"])
-    assert "transport_socket" not in cluster
-    (host,) = assignment["endpoints"][0]["lb_endpoints"]
-    assert "socket_address" not in host["endpoint"]["address"]  # never the provider's own address
+    _, before_backend, before = first_backend(ORIGIN_MIN_BACKENDS - 1)
+    cfg, after_backend, after = first_backend(ORIGIN_MIN_BACKENDS)
+    assert "transport_socket" in before and "service_name" not in before["eds_cluster_config"]
+    assert "transport_socket" not in after
+    service = after["eds_cluster_config"]["service_name"]
+    assert service == after_backend.cluster + ORIGIN_SUFFIX != before_backend.cluster
+    endpoint = BackendEndpoint.of(after_backend, cfg.providers[0])
+    assignment = endpoint.load_assignment(["10.0.0.1"], via_origin=True)
+    assert assignment["cluster_name"] == service
+    assert "socket_address" not in json.dumps(assignment) and "10.0.0.1" not in json.dumps(assignment)
 
 
 @pytest.mark.parametrize(
@@ -581,9 +570,8 @@ def test_upstream_tls_checks_the_certificates_name_against_the_providers_host():
         assert validation["trusted_ca"] == {"filename": "/etc/private-ca.pem"}
         assert validation["match_typed_subject_alt_names"] == [{"san_type": san_type, "matcher": {"exact": host}}]
     opts = envoygen.GatewayOptions(upstream_ca_file="/etc/private-ca.pem")
-    (origin,) = [c for c in envoygen.clusters(config(), opts) if "transport_socket" in c]
-    tls = origin["transport_socket"]["typed_config"]
-    assert tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"] == "/etc/private-ca.pem"
+    tls_backend = by_name(envoygen.clusters(config(), opts))["b.default.b.m"]["transport_socket"]["typed_config"]
+    assert tls_backend["common_tls_context"]["validation_context"]["trusted_ca"]["filename"] == "/etc/private-ca.pem"
 
 
 def test_backend_endpoints_come_over_ads_in_a_gateway_and_inline_otherwise():
@@ -593,7 +581,7 @@ def test_backend_endpoints_come_over_ads_in_a_gateway_and_inline_otherwise():
         assert cluster["type"] == "EDS" and "load_assignment" not in cluster
         assert cluster["eds_cluster_config"] == {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
         assert "health_checks" not in cluster  # rests travel as endpoint health (extproc.xds)
-    assert "transport_socket" not in cds["b.default.b.m"]  # its origin's (envoygen.origins)
+    assert cds["b.default.b.m"]["transport_socket"]["name"] == "envoy.transport_sockets.tls"
     boot = envoygen.bootstrap(envoygen.GatewayOptions(ads=True), "/cfg")
     ads = boot["dynamic_resources"]["ads_config"]
     assert ads["api_type"] == "DELTA_GRPC"

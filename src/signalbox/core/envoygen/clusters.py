@@ -42,14 +42,16 @@ from .contract import (
     TRANSLATE_HEADER,
     TRANSLATE_KEY,
 )
-from .endpoints import DEFAULT_CONNECT_TIMEOUT_MS, BackendEndpoint
+from .endpoints import DEFAULT_CONNECT_TIMEOUT_MS, ORIGIN_SUFFIX, BackendEndpoint, origin_name, shared_origins
 from .options import (
     STREAM_LIMITS,
+    SYSTEM_CA_FILE,
     GatewayOptions,
     _address,
     _any,
     _ms,
     extproc_grpc_service,
+    upstream_tls,
 )
 from .origins import origin_clusters
 from .tracing import otlp_cluster
@@ -75,12 +77,19 @@ def _http1_options() -> dict[str, Any]:
     }
 
 
-def _backend_cluster(backend: pb.Backend, provider: pb.Provider, ads: bool = False) -> dict[str, Any]:
+def _backend_cluster(
+    backend: pb.Backend,
+    provider: pb.Provider,
+    ads: bool = False,
+    ca_file: str = SYSTEM_CA_FILE,
+    via_origin: bool = False,
+) -> dict[str, Any]:
     """One backend's cluster. `ads`: its endpoint comes from the ext_proc over ADS
     (`extproc.xds`: resolved there, and unhealthy while the backend rests, so that it leaves
-    every chain and compiled route at once); else inline, Envoy resolving the host name. A TLS
-    provider's backend reaches its endpoint's origin, plain (`origins`: one TLS context per
-    provider endpoint, not per backend)."""
+    every chain and compiled route at once); else inline, Envoy resolving the host name.
+    `via_origin`: it reaches its endpoint's origin, plain (`origins`: one TLS context for the
+    many backends of one endpoint), and over ADS asks for its origin's resource; else a TLS
+    provider's backend speaks TLS itself."""
     endpoint = BackendEndpoint.of(backend, provider)
     cluster: dict[str, Any] = {
         "name": backend.cluster,
@@ -97,13 +106,20 @@ def _backend_cluster(backend: pb.Backend, provider: pb.Provider, ads: bool = Fal
     if ads:
         cluster["type"] = "EDS"
         cluster["eds_cluster_config"] = {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
-    elif endpoint.origin:
+        if via_origin:
+            # Another resource than its cluster's name: an assignment for it names the origin's
+            # listener only, so this plain cluster is never given the provider's TLS port, not
+            # even while Envoy still holds the assignment its TLS cluster had (extproc.xds).
+            cluster["eds_cluster_config"]["service_name"] = backend.cluster + ORIGIN_SUFFIX
+    elif via_origin:
         cluster["type"] = "STATIC"  # the origin's cluster resolves the name
-        cluster["load_assignment"] = endpoint.load_assignment()
+        cluster["load_assignment"] = endpoint.load_assignment(via_origin=True)
     else:
         cluster["type"] = "STRICT_DNS"
         cluster["dns_lookup_family"] = "V4_PREFERRED"
         cluster["load_assignment"] = endpoint.load_assignment()
+    if provider.tls and not via_origin:
+        cluster["transport_socket"] = upstream_tls(provider.host, ca_file)
     return cluster
 
 
@@ -611,11 +627,18 @@ def backend_clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[s
     """One cluster per backend and the TLS origins they reach (what an Envoy about to start
     gets first: gatewayfiles)."""
     providers, ads, ca = {p.id: p for p in cfg.providers}, opts.endpoints_over_ads, opts.upstream_ca_file
-    return [_backend_resource(b, providers[b.provider_id], ads) for b in cfg.backends] + origin_clusters(cfg, ca)
+    shared = shared_origins(cfg)
+    backends = [
+        _backend_resource(b, providers[b.provider_id], ads, ca, origin_name(providers[b.provider_id]) in shared)
+        for b in cfg.backends
+    ]
+    return backends + origin_clusters(cfg, ca)
 
 
-def _backend_resource(backend: pb.Backend, provider: pb.Provider, ads: bool) -> dict[str, Any]:
-    return _any("envoy.config.cluster.v3.Cluster", **_backend_cluster(backend, provider, ads))
+def _backend_resource(
+    backend: pb.Backend, provider: pb.Provider, ads: bool, ca_file: str, via_origin: bool
+) -> dict[str, Any]:
+    return _any("envoy.config.cluster.v3.Cluster", **_backend_cluster(backend, provider, ads, ca_file, via_origin))
 
 
 def _aggregate(target: str, member_clusters: list[str]) -> dict[str, Any]:
@@ -651,15 +674,19 @@ def cluster_specs(
     """`clusters`, each as its key and its maker, in the same order."""
     members = chain_members(cfg) if members is None else members
     providers = {p.id: p for p in cfg.providers}
-    ads = opts.endpoints_over_ads
-    # A backend's cluster is made from the backend, its provider and this option alone (a
-    # provider's key is of fixed length: the concatenation is unambiguous).
-    options = orjson.dumps([ads])
-    provider_keys = {p.id: part_key(options + p.SerializeToString(deterministic=True)) for p in cfg.providers}
+    ads, ca, shared = opts.endpoints_over_ads, opts.upstream_ca_file, shared_origins(cfg)
+    via_origin = {p.id: origin_name(p) in shared for p in cfg.providers}
+    # A backend's cluster is made from the backend, its provider, whether it reaches an origin
+    # and these options alone (a provider's key is of fixed length: the concatenation is
+    # unambiguous).
+    provider_keys = {
+        p.id: part_key(orjson.dumps([ads, ca, via_origin[p.id]]) + p.SerializeToString(deterministic=True))
+        for p in cfg.providers
+    }
     out: list[ClusterSpec] = [
         (
             b"B" + part_key(provider_keys[b.provider_id] + b.SerializeToString(deterministic=True)),
-            functools.partial(_backend_resource, b, providers[b.provider_id], ads),
+            functools.partial(_backend_resource, b, providers[b.provider_id], ads, ca, via_origin[b.provider_id]),
         )
         for b in cfg.backends
     ]

@@ -6,9 +6,11 @@ Envoy resolves the provider's host name; a bare generator run) or from the ext_p
 (`extproc.xds`, which resolves the name itself and marks a resting backend's endpoint
 unhealthy), so the two can never disagree on what an attempt reads.
 
-A backend of a TLS provider is reached through its endpoint's *origin* (`envoygen.origins`):
-an internal listener that hands each connection to one TLS cluster per host, port and connect
-timeout. Its endpoint is then that listener, not an address."""
+A backend of a TLS endpoint many backends share is reached through the endpoint's *origin*
+(`envoygen.origins`): an internal listener that hands each connection to one TLS cluster per
+host, port and connect timeout. Its cluster then asks ADS for another resource,
+`<cluster>ORIGIN_SUFFIX`, answered with that listener and never with an address: a backend
+whose cluster is plain can never be given the provider's TLS port."""
 
 from __future__ import annotations
 
@@ -28,11 +30,22 @@ DEFAULT_CONNECT_TIMEOUT_MS = 2000
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
 
 
+# An endpoint's backends share its TLS context (an origin) from this many on. Each TLS context
+# costs Envoy about 265 KB more than a plain cluster (the system CA bundle parsed again), and
+# each request open through an origin about 24 KB more (two more connection objects), besides
+# 20-36 us per attempt (`bench.tls_origin`): from 8 backends an endpoint saves at least
+# 1.8 MB, what about 75 requests held open to it at once cost. A hosted provider with a few
+# models keeps a TLS cluster per backend; a fleet of thousands shares.
+ORIGIN_MIN_BACKENDS = 8
+# The ADS resource a backend cluster reached through its origin asks for (its cluster's name
+# and this): answered with the origin's listener only (extproc.xds).
+ORIGIN_SUFFIX = "/origin"
+
+
 def origin_name(provider: pb.Provider) -> str:
     """The origin (internal listener and TLS cluster, one name for both) a TLS provider's
-    backends are reached through; "" for a provider without TLS. Providers that share a host,
-    port and connect timeout share it (and so its TLS context: about 290 KB of Envoy each with
-    the system CA bundle, bench/README.md)."""
+    backends are reached through when they share it; "" for a provider without TLS. Providers
+    that share a host, port and connect timeout share it."""
     if not provider.tls:
         return ""
     timeout = provider.connect_timeout_ms or DEFAULT_CONNECT_TIMEOUT_MS
@@ -42,6 +55,18 @@ def origin_name(provider: pb.Provider) -> str:
         # such hosts from sharing one origin, and one the other's traffic.
         name += "." + hashlib.blake2b(provider.host.encode(), digest_size=6).hexdigest()
     return name
+
+
+def shared_origins(cfg: pb.RoutingConfig) -> frozenset[str]:
+    """The origins whose endpoint ORIGIN_MIN_BACKENDS or more backends reach: those backends
+    share its TLS context; the others keep a TLS cluster each."""
+    names = {p.id: origin_name(p) for p in cfg.providers}
+    reached: dict[str, int] = {}
+    for b in cfg.backends:
+        name = names.get(b.provider_id, "")
+        if name:
+            reached[name] = reached.get(name, 0) + 1
+    return frozenset(name for name, count in reached.items() if count >= ORIGIN_MIN_BACKENDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +81,8 @@ class BackendEndpoint:
     genai_provider: str
     host: str
     port: int
-    # The internal listener this backend is reached through (`origin_name`), or "": its address.
+    # Its provider's origin (`origin_name`; "" without TLS): the internal listener an assignment
+    # for `<cluster>ORIGIN_SUFFIX` names.
     origin: str = ""
 
     @classmethod
@@ -87,16 +113,22 @@ class BackendEndpoint:
             }
         }
 
-    def load_assignment(self, addresses: list[str] | None = None, resting: bool = False) -> dict[str, Any]:
+    def load_assignment(
+        self, addresses: list[str] | None = None, resting: bool = False, via_origin: bool = False
+    ) -> dict[str, Any]:
         """The cluster's endpoints: one host per address (`addresses`: the provider's resolved
-        IPs; None: its host name, for Envoy to resolve), or the one internal listener of its
-        origin (which resolves the name itself: `addresses` unused), each UNHEALTHY while the
-        backend rests so that every chain and compiled route passes over it (Envoy's panic mode
-        still uses it when nothing in a chain is healthy)."""
+        IPs; None: its host name, for Envoy to resolve), or with `via_origin` the one internal
+        listener of its origin (which resolves the name itself: `addresses` unused; the
+        resource is then `<cluster>ORIGIN_SUFFIX`), each UNHEALTHY while the backend rests so
+        that every chain and compiled route passes over it (Envoy's panic mode still uses it
+        when nothing in a chain is healthy)."""
         metadata = self.metadata()
         endpoints = []
-        if self.origin:
-            places: list[dict[str, Any]] = [{"envoy_internal_address": {"server_listener_name": self.origin}}]
+        if via_origin:
+            # A provider no longer on TLS has no origin: no host, never its address.
+            places: list[dict[str, Any]] = (
+                [{"envoy_internal_address": {"server_listener_name": self.origin}}] if self.origin else []
+            )
         else:
             places = [
                 {"socket_address": {"address": address, "port_value": self.port}}
@@ -110,4 +142,5 @@ class BackendEndpoint:
             if resting:
                 endpoint["health_status"] = "UNHEALTHY"
             endpoints.append(endpoint)
-        return {"cluster_name": self.cluster, "endpoints": [{"lb_endpoints": endpoints}] if endpoints else []}
+        name = self.cluster + ORIGIN_SUFFIX if via_origin else self.cluster
+        return {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}] if endpoints else []}

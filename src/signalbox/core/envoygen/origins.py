@@ -3,18 +3,22 @@
 A TLS cluster holds its own TLS context, and with the system CA bundle each context parses the
 bundle's 144 certificates into a store of its own: about 290 KB of Envoy and 1.3 ms of its start
 per cluster (`bench.cluster_cost`), for every model of every hosted provider. So a backend of a
-TLS provider is a plain cluster whose one host is an internal listener (Envoy's
-`envoy_internal_address`: an in-process connection, no socket), named after its origin
-(`endpoints.origin_name`: the provider's host, port and connect timeout). That listener hands
-the connection to a TCP proxy over the origin's cluster, which resolves the host, opens the
-connection, speaks TLS with the provider's name (SNI) and checks its certificate against the
-name (`options.upstream_tls`). The backends of one endpoint, however many models and providers
-name it, share one TLS context.
+TLS endpoint that many backends reach (`endpoints.ORIGIN_MIN_BACKENDS`) is a plain cluster whose
+one host is an internal listener (Envoy's `envoy_internal_address`: an in-process connection,
+no socket), named after its origin (`endpoints.origin_name`: the provider's host, port and
+connect timeout). That listener hands the connection to a TCP proxy over the origin's cluster,
+which resolves the host, opens the connection, speaks TLS with the provider's name (SNI) and
+checks its certificate against the name (`options.upstream_tls`). The backends of one endpoint,
+however many models and providers name it, share one TLS context.
 
-Every TLS provider's backends go this way, one alone on its endpoint too (the hop costs each
-request about 27 us of Envoy, `bench.tls_origin`): a backend that switched between its own TLS
-and an origin as models were added would, for the moment its cluster and its endpoint over ADS
-disagree, send a request in clear text to the provider's TLS port.
+The hop has a price (`bench.tls_origin`): 20-36 us of Envoy per attempt and 24 KB per request
+held open (two more connection objects). So an endpoint few backends reach keeps a TLS cluster
+per backend, and one crosses over when enough backends share it. Crossing over is safe while
+traffic flows: over ADS a plain backend cluster asks for `<cluster>ORIGIN_SUFFIX`, which the
+ext_proc answers with the origin's listener only, never with an address; the resource its TLS
+cluster asked for stays the addresses. Envoy may hold the new cluster before the worker has
+the new config, but never a plain cluster with the provider's TLS port, which would send a
+request, key and all, in clear text.
 
 The TCP proxy passes bytes, not requests: the backend's HTTP/1.1 (every backend cluster's
 protocol) runs end to end over it, and the origin offers no ALPN. A backend that spoke HTTP/2
@@ -33,7 +37,7 @@ from typing import Any
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
-from .endpoints import DEFAULT_CONNECT_TIMEOUT_MS, origin_name
+from .endpoints import DEFAULT_CONNECT_TIMEOUT_MS, origin_name, shared_origins
 from .options import STREAM_LIMITS, _address, _any, _ms, upstream_tls
 
 # Registered in every bootstrap (`bootstrap.bootstrap`): Envoy accepts internal listeners and
@@ -45,13 +49,14 @@ INTERNAL_LISTENER_EXTENSION = {
 
 
 def tls_origins(cfg: pb.RoutingConfig) -> dict[str, pb.Provider]:
-    """Each origin some backend is reached through, by name, with the first provider naming it
-    (all of them share its host, port and connect timeout: the name says so)."""
-    used = {b.provider_id for b in cfg.backends}
+    """Each origin backends are reached through (`endpoints.shared_origins`), by name, with the
+    first provider naming it (all of them share its host, port and connect timeout: the name
+    says so)."""
+    shared = shared_origins(cfg)
     out: dict[str, pb.Provider] = {}
     for provider in cfg.providers:
         name = origin_name(provider)
-        if name and provider.id in used:
+        if name in shared:
             out.setdefault(name, provider)
     return out
 
