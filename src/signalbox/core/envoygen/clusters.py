@@ -42,7 +42,7 @@ from .contract import (
     TRANSLATE_HEADER,
     TRANSLATE_KEY,
 )
-from .endpoints import DEFAULT_CONNECT_TIMEOUT_MS, ORIGIN_SUFFIX, BackendEndpoint, origin_name, shared_origins
+from .endpoints import DEFAULT_CONNECT_TIMEOUT_MS, ORIGIN_SUFFIX, BackendEndpoint, shared_origins
 from .options import (
     STREAM_LIMITS,
     SYSTEM_CA_FILE,
@@ -628,10 +628,7 @@ def backend_clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[s
     gets first: gatewayfiles)."""
     providers, ads, ca = {p.id: p for p in cfg.providers}, opts.endpoints_over_ads, opts.upstream_ca_file
     shared = shared_origins(cfg)
-    backends = [
-        _backend_resource(b, providers[b.provider_id], ads, ca, origin_name(providers[b.provider_id]) in shared)
-        for b in cfg.backends
-    ]
+    backends = [_backend_resource(b, providers[b.provider_id], ads, ca, b.provider_id in shared) for b in cfg.backends]
     return backends + origin_clusters(cfg, ca)
 
 
@@ -675,7 +672,7 @@ def cluster_specs(
     members = chain_members(cfg) if members is None else members
     providers = {p.id: p for p in cfg.providers}
     ads, ca, shared = opts.endpoints_over_ads, opts.upstream_ca_file, shared_origins(cfg)
-    via_origin = {p.id: origin_name(p) in shared for p in cfg.providers}
+    via_origin = {p.id: p.id in shared for p in cfg.providers}
     # A backend's cluster is made from the backend, its provider, whether it reaches an origin
     # and these options alone (a provider's key is of fixed length: the concatenation is
     # unambiguous).

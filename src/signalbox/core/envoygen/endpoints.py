@@ -57,16 +57,17 @@ def origin_name(provider: pb.Provider) -> str:
     return name
 
 
-def shared_origins(cfg: pb.RoutingConfig) -> frozenset[str]:
-    """The origins whose endpoint ORIGIN_MIN_BACKENDS or more backends reach: those backends
-    share its TLS context; the others keep a TLS cluster each."""
+def shared_origins(cfg: pb.RoutingConfig) -> dict[str, str]:
+    """Provider id -> its origin, for the providers whose endpoint ORIGIN_MIN_BACKENDS or more
+    backends reach: those backends share the origin's TLS context; the others keep a TLS
+    cluster each."""
     names = {p.id: origin_name(p) for p in cfg.providers}
     reached: dict[str, int] = {}
     for b in cfg.backends:
         name = names.get(b.provider_id, "")
         if name:
             reached[name] = reached.get(name, 0) + 1
-    return frozenset(name for name, count in reached.items() if count >= ORIGIN_MIN_BACKENDS)
+    return {pid: name for pid, name in names.items() if reached.get(name, 0) >= ORIGIN_MIN_BACKENDS}
 
 
 @dataclass(frozen=True, slots=True)

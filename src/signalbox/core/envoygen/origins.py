@@ -37,7 +37,7 @@ from typing import Any
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
-from .endpoints import DEFAULT_CONNECT_TIMEOUT_MS, origin_name, shared_origins
+from .endpoints import DEFAULT_CONNECT_TIMEOUT_MS, shared_origins
 from .options import STREAM_LIMITS, _address, _any, _ms, upstream_tls
 
 # Registered in every bootstrap (`bootstrap.bootstrap`): Envoy accepts internal listeners and
@@ -55,9 +55,8 @@ def tls_origins(cfg: pb.RoutingConfig) -> dict[str, pb.Provider]:
     shared = shared_origins(cfg)
     out: dict[str, pb.Provider] = {}
     for provider in cfg.providers:
-        name = origin_name(provider)
-        if name in shared:
-            out.setdefault(name, provider)
+        if provider.id in shared:
+            out.setdefault(shared[provider.id], provider)
     return out
 
 
