@@ -34,7 +34,13 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
-from signalbox.core.envoygen.endpoints import LOAD_ASSIGNMENT_TYPE, ORIGIN_SUFFIX, BackendEndpoint
+from signalbox.core.envoygen.endpoints import (
+    LOAD_ASSIGNMENT_TYPE,
+    REACHES,
+    BackendEndpoint,
+    parse_resource,
+    resource_name,
+)
 
 from .clusterfeed import CLUSTER_TYPE, ClusterFile, cluster_resource
 from .memtrim import release_free_memory
@@ -73,15 +79,13 @@ def _literal(host: str) -> bool:
     return True
 
 
-def load_assignment(
-    endpoint: BackendEndpoint, addresses: list[str], resting: bool, via_origin: bool = False
-) -> any_pb2.Any:
+def load_assignment(endpoint: BackendEndpoint, addresses: list[str], resting: bool, reach: str = "") -> any_pb2.Any:
     """The assignment `BackendEndpoint.load_assignment` describes (one home for what a host says),
     as a message made by the message's constructor rather than json_format: 50 us an
     assignment was half a second of the worker holding Envoy's stream for the 10,000 backends
     Envoy asks for at the large fleet's start, on the way to its backends warming. The
     constructor takes the dict but for the hosts' metadata (Structs), filled in after."""
-    assignment = endpoint.load_assignment(addresses, resting, via_origin)
+    assignment = endpoint.load_assignment(addresses, resting, reach)
     hosts = [host for group in assignment.get("endpoints", []) for host in group["lb_endpoints"]]
     metadata = [host.pop("metadata") for host in hosts]
     message = endpoint_pb2.ClusterLoadAssignment(**assignment)
@@ -125,17 +129,18 @@ class Endpoints:
         self._config_changed = asyncio.Event()
         tables.on_install.append(self._config_changed.set)
 
-    def version(self, name: str) -> tuple[int, BackendEndpoint, list[str], bool, bool] | None:
-        """(version, endpoint, addresses, resting, via its origin) of the assignment of the
-        resource `name` now: a backend cluster's name, or that and ORIGIN_SUFFIX for a cluster
-        that reaches its origin (answered with the origin's listener only: envoygen.origins);
-        None while the cluster is unknown (a config not loaded yet) or its host not looked up."""
-        via_origin = name.endswith(ORIGIN_SUFFIX)
-        backend = self._table.by_cluster.get(name.removesuffix(ORIGIN_SUFFIX) if via_origin else name)
-        if backend is None or backend.endpoint is None:
+    def version(self, name: str) -> tuple[int, BackendEndpoint, list[str], bool, str] | None:
+        """(version, endpoint, addresses, resting, reach) of the assignment of the resource
+        `name` now (`endpoints.resource_name`: a backend cluster's name and how it reaches the
+        backend; an origin's is answered with its listener only, a way the provider no longer
+        takes with no host); None while the cluster is unknown (a config not loaded yet) or its
+        host not looked up yet."""
+        cluster, reach = parse_resource(name)
+        backend = self._table.by_cluster.get(cluster)
+        if backend is None or backend.endpoint is None or not reach:
             return None
         endpoint = backend.endpoint
-        if via_origin:  # its origin's cluster resolves the name
+        if reach != endpoint.reach:  # the origin's listener, or no host: no address to look up
             addresses: list[str] | None = []
         elif _literal(endpoint.host):
             addresses = [endpoint.host]
@@ -144,7 +149,7 @@ class Endpoints:
         if addresses is None:
             return None
         resting = backend.id in self.resting
-        return hash((endpoint, tuple(addresses), resting, via_origin)), endpoint, addresses, resting, via_origin
+        return hash((endpoint, tuple(addresses), resting, reach)), endpoint, addresses, resting, reach
 
     # ------------------------------------------------------------------ streams
 
@@ -188,7 +193,7 @@ class Endpoints:
             changed = resting ^ self.resting
             self.resting = resting
             backends = [b for b in (self._table.backends.get(i) for i in changed) if b is not None]
-            self._tell([name for b in backends for name in (b.cluster, b.cluster + ORIGIN_SUFFIX)])
+            self._tell([resource_name(b.cluster, reach) for b in backends for reach in REACHES])
         if self._hosts_of is not self._table:
             self._hosts_of = self._table
             self._hosts = {
@@ -326,12 +331,12 @@ class _Stream:
                 if now is None:
                     self.dirty.add(name)
                     continue
-                version, endpoint, addresses, resting, via_origin = now
+                version, endpoint, addresses, resting, reach = now
                 if self.sent.get(name) == version:
                     continue
                 self.sent[name] = version
                 yield discovery_pb2.Resource(
-                    name=name, version=str(version), resource=load_assignment(endpoint, addresses, resting, via_origin)
+                    name=name, version=str(version), resource=load_assignment(endpoint, addresses, resting, reach)
                 )
 
         yield from self._batches(changed(), LOAD_ASSIGNMENT_TYPE)

@@ -12,11 +12,17 @@ import pytest
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import json_format
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from signalbox.core.compiler import compile_config
-from signalbox.core.envoygen.endpoints import LOAD_ASSIGNMENT_TYPE, ORIGIN_SUFFIX, BackendEndpoint
+from signalbox.core.envoygen.endpoints import (
+    LOAD_ASSIGNMENT_TYPE,
+    ORIGIN_SUFFIX,
+    REACHES,
+    BackendEndpoint,
+    parse_resource,
+)
 from signalbox.extproc import xds
 from signalbox.extproc.cooldown import Cooldowns
 from signalbox.extproc.reload import TableHolder
@@ -158,12 +164,13 @@ async def test_host_names_are_looked_up_and_a_failed_lookup_keeps_the_last_addre
     assert hosts((await envoy.next())[name]) == [("10.0.0.3", "UNKNOWN")]
 
 
-async def test_a_backend_reaching_its_origin_is_sent_the_origins_listener_and_nothing_else(ads, monkeypatch):
-    """A plain cluster that reaches its TLS endpoint's origin (envoygen.origins) asks for
-    `<cluster>ORIGIN_SUFFIX`: the worker answers with the origin's listener whatever it has
-    looked up, so such a cluster is never given the provider's TLS port; the cluster's own name
-    (a TLS cluster's) is still answered with addresses. A rest marks the backend unhealthy in
-    both."""
+async def test_each_way_of_reaching_a_backend_is_its_own_resource_answered_only_for_that_way(ads, monkeypatch):
+    """A cluster asks for its endpoints by its name and how it reaches the backend (plain, its
+    own TLS, the endpoint's shared origin: envoygen.endpoints.resource_name). The worker answers
+    an origin's resource with the origin's listener whatever it has looked up, a TLS provider's
+    own with its addresses, and a plain cluster's with no host at all: a cluster that stopped
+    speaking TLS, held by Envoy with its old provider for a moment, is never given the TLS port.
+    A rest marks the backend unhealthy in every resource that has a host."""
     envoy, tables, cooldowns, lookups = ads
     monkeypatch.setattr(xds, "DNS_REFRESH_S", 0.0)
     lookups["llm.example.com"] = ["10.0.0.9"]
@@ -174,9 +181,10 @@ async def test_a_backend_reaching_its_origin_is_sent_the_origins_listener_and_no
     cfg = result.config
     tables.install(cfg)
     a, b = cluster_of(cfg, "a"), cluster_of(cfg, "b")
-    envoy.ask(subscribe=[a, a + ORIGIN_SUFFIX, b + ORIGIN_SUFFIX])
+    envoy.ask(subscribe=[a, a + "/tls", a + ORIGIN_SUFFIX, b + ORIGIN_SUFFIX])
     got = await envoy.next()
-    assert hosts(got[a]) == [("10.0.0.9", "UNKNOWN")]
+    assert hosts(got[a + "/tls"]) == [("10.0.0.9", "UNKNOWN")]
+    assert got[a].get("endpoints", []) == []  # a plain cluster: not the TLS provider's address
     places = set()
     for name in (a + ORIGIN_SUFFIX, b + ORIGIN_SUFFIX):
         assert got[name]["clusterName"] == name
@@ -188,10 +196,24 @@ async def test_a_backend_reaching_its_origin_is_sent_the_origins_listener_and_no
     assert places == {"origin.llm.example.com.443.2000ms"}  # one origin for both
     cooldowns.observe("default/a/m", 429, {"retry-after": "30"}, time.time())
     rested = await envoy.next()
-    assert set(rested) == {a, a + ORIGIN_SUFFIX}
-    for name in rested:
+    assert {a + "/tls", a + ORIGIN_SUFFIX} <= set(rested) <= {a, a + "/tls", a + ORIGIN_SUFFIX}
+    for name in (a + "/tls", a + ORIGIN_SUFFIX):
         (host,) = rested[name]["endpoints"][0]["lbEndpoints"]
         assert host["healthStatus"] == "UNHEALTHY"
+    assert rested.get(a, {}).get("endpoints", []) == []  # still no host
+
+
+async def test_a_plain_providers_tls_resource_gets_no_host(ads):
+    """The reverse move: a cluster still speaking TLS to a provider now on http:// is given no
+    host rather than the plain address (a TLS handshake to a plain port helps nobody)."""
+    envoy, tables, _, _ = ads
+    cfg = routing_config("a")
+    tables.install(cfg)
+    a = cluster_of(cfg, "a")
+    envoy.ask(subscribe=[a, a + "/tls"])
+    got = await envoy.next()
+    assert hosts(got[a]) == [("127.0.0.1", "UNKNOWN")]
+    assert got[a + "/tls"].get("endpoints", []) == []
 
 
 async def test_a_host_never_found_gets_no_endpoint_and_an_unsubscribed_cluster_no_news(ads):
@@ -263,18 +285,18 @@ async def test_a_rest_reaches_every_open_stream(ads):
     addresses=st.lists(st.ip_addresses().map(str), max_size=5),
     resting=st.booleans(),
     origin=st.one_of(st.just(""), st.text(min_size=1, max_size=40)),
-    via_origin=st.booleans(),
+    reach=st.sampled_from(sorted(REACHES)),
 )
-def test_an_assignment_is_the_message_its_description_parses_to(
-    host, port, names, addresses, resting, origin, via_origin
-):
+def test_an_assignment_is_the_message_its_description_parses_to(host, port, names, addresses, resting, origin, reach):
     """The worker builds assignments without json_format (5 times faster); what it sends must
     be exactly what the shared description (envoygen.endpoints) says."""
+    assume("/" not in names[0])  # a cluster's name never holds one (compiler._cluster_name)
     endpoint = BackendEndpoint(names[0], names[1], names[2], names[3], "m", "openai", host, port, origin)
-    described = endpoint.load_assignment(addresses, resting, via_origin)
+    described = endpoint.load_assignment(addresses, resting, reach)
     want = json_format.ParseDict(described, endpoint_pb2.ClusterLoadAssignment())
     got = endpoint_pb2.ClusterLoadAssignment()
-    assert xds.load_assignment(endpoint, addresses, resting, via_origin).Unpack(got)
-    if via_origin:  # never an address, whatever is known
+    assert xds.load_assignment(endpoint, addresses, resting, reach).Unpack(got)
+    assert parse_resource(got.cluster_name) == (endpoint.cluster, reach)
+    if reach != endpoint.reach:  # another way than the provider's: never an address, whatever is known
         assert not any(e.endpoint.address.HasField("socket_address") for g in got.endpoints for e in g.lb_endpoints)
     assert got == want

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from signalbox.core import envoygen
 from signalbox.core.compiler import compile_config
-from signalbox.core.envoygen.endpoints import ORIGIN_MIN_BACKENDS, ORIGIN_SUFFIX
+from signalbox.core.envoygen.endpoints import ORIGIN, ORIGIN_MIN_BACKENDS, ORIGIN_SUFFIX
 from tests.factories import backend, model, policy, provider
 
 
@@ -190,7 +190,8 @@ def test_the_many_backends_of_one_tls_endpoint_share_one_origin():
             assert tls_of_its_own == (not via_origin and b.provider_id != "default/plain")
             if ads:
                 service = cluster["eds_cluster_config"].get("service_name", b.cluster)
-                assert service == (b.cluster + ORIGIN_SUFFIX if via_origin else b.cluster)
+                reach = "/origin" if via_origin else "" if b.provider_id == "default/plain" else "/tls"
+                assert service == b.cluster + reach  # a resource per way of reaching (endpoints)
             else:
                 (host,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
                 assert ("envoy_internal_address" in host["endpoint"]["address"]) == via_origin
@@ -217,12 +218,13 @@ def test_a_backend_crossing_over_to_its_origin_is_never_given_the_providers_addr
 
     _, before_backend, before = first_backend(ORIGIN_MIN_BACKENDS - 1)
     cfg, after_backend, after = first_backend(ORIGIN_MIN_BACKENDS)
-    assert "transport_socket" in before and "service_name" not in before["eds_cluster_config"]
+    assert "transport_socket" in before
+    assert before["eds_cluster_config"]["service_name"] == before_backend.cluster + "/tls"
     assert "transport_socket" not in after
     service = after["eds_cluster_config"]["service_name"]
-    assert service == after_backend.cluster + ORIGIN_SUFFIX != before_backend.cluster
+    assert service == after_backend.cluster + ORIGIN_SUFFIX
     endpoint = BackendEndpoint.of(after_backend, cfg.providers[0])
-    assignment = endpoint.load_assignment(["10.0.0.1"], via_origin=True)
+    assignment = endpoint.load_assignment(["10.0.0.1"], reach=ORIGIN)
     assert assignment["cluster_name"] == service
     assert "socket_address" not in json.dumps(assignment) and "10.0.0.1" not in json.dumps(assignment)
 
@@ -576,10 +578,11 @@ def test_upstream_tls_checks_the_certificates_name_against_the_providers_host():
 
 def test_backend_endpoints_come_over_ads_in_a_gateway_and_inline_otherwise():
     cds = by_name(envoygen.clusters(config(), envoygen.GatewayOptions(ads=True)))
-    for name in ("b.default.a.m", "b.default.b.m"):
+    for name, resource in (("b.default.a.m", {}), ("b.default.b.m", {"service_name": "b.default.b.m/tls"})):
         cluster = cds[name]
         assert cluster["type"] == "EDS" and "load_assignment" not in cluster
-        assert cluster["eds_cluster_config"] == {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
+        # b speaks TLS: its endpoints are a resource of their own (envoygen.endpoints.resource_name).
+        assert cluster["eds_cluster_config"] == {"eds_config": {"ads": {}, "resource_api_version": "V3"}, **resource}
         assert "health_checks" not in cluster  # rests travel as endpoint health (extproc.xds)
     assert cds["b.default.b.m"]["transport_socket"]["name"] == "envoy.transport_sockets.tls"
     boot = envoygen.bootstrap(envoygen.GatewayOptions(ads=True), "/cfg")

@@ -42,7 +42,7 @@ from .contract import (
     TRANSLATE_HEADER,
     TRANSLATE_KEY,
 )
-from .endpoints import DEFAULT_CONNECT_TIMEOUT_MS, ORIGIN_SUFFIX, BackendEndpoint, shared_origins
+from .endpoints import DEFAULT_CONNECT_TIMEOUT_MS, ORIGIN, PLAIN, BackendEndpoint, resource_name, shared_origins
 from .options import (
     STREAM_LIMITS,
     SYSTEM_CA_FILE,
@@ -103,17 +103,18 @@ def _backend_cluster(
             "max_ejection_percent": 100,
         },
     }
+    reach = ORIGIN if via_origin else endpoint.reach
     if ads:
         cluster["type"] = "EDS"
         cluster["eds_cluster_config"] = {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
-        if via_origin:
-            # Another resource than its cluster's name: an assignment for it names the origin's
-            # listener only, so this plain cluster is never given the provider's TLS port, not
-            # even while Envoy still holds the assignment its TLS cluster had (extproc.xds).
-            cluster["eds_cluster_config"]["service_name"] = backend.cluster + ORIGIN_SUFFIX
+        if reach != PLAIN:
+            # A resource of its own per way of reaching the backend (endpoints.resource_name):
+            # a cluster is never given an address meant for another transport, not even while
+            # Envoy still holds the assignment of the cluster it replaces (extproc.xds).
+            cluster["eds_cluster_config"]["service_name"] = resource_name(backend.cluster, reach)
     elif via_origin:
         cluster["type"] = "STATIC"  # the origin's cluster resolves the name
-        cluster["load_assignment"] = endpoint.load_assignment(via_origin=True)
+        cluster["load_assignment"] = endpoint.load_assignment(reach=ORIGIN)
     else:
         cluster["type"] = "STRICT_DNS"
         cluster["dns_lookup_family"] = "V4_PREFERRED"

@@ -8,9 +8,14 @@ unhealthy), so the two can never disagree on what an attempt reads.
 
 A backend of a TLS endpoint many backends share is reached through the endpoint's *origin*
 (`envoygen.origins`): an internal listener that hands each connection to one TLS cluster per
-host, port and connect timeout. Its cluster then asks ADS for another resource,
-`<cluster>ORIGIN_SUFFIX`, answered with that listener and never with an address: a backend
-whose cluster is plain can never be given the provider's TLS port."""
+host, port and connect timeout. Its endpoint is then that listener, not an address.
+
+How a cluster reaches its backend (REACHES: plain, its own TLS, or an origin) is part of the
+ADS resource it asks for (`resource_name`), and the ext_proc answers a resource only with what
+that way of reaching takes. Envoy gets a changed cluster and its endpoints apart: with one
+resource for every way, a cluster that stopped speaking TLS (a provider's https:// turned
+http://, or its backends moved to an origin) could hold the provider's TLS address for a moment
+and send a request, key and all, in clear text."""
 
 from __future__ import annotations
 
@@ -37,9 +42,23 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
 # 1.8 MB, what about 75 requests held open to it at once cost. A hosted provider with a few
 # models keeps a TLS cluster per backend; a fleet of thousands shares.
 ORIGIN_MIN_BACKENDS = 8
-# The ADS resource a backend cluster reached through its origin asks for (its cluster's name
-# and this): answered with the origin's listener only (extproc.xds).
-ORIGIN_SUFFIX = "/origin"
+# How a backend cluster reaches its backend -> what its ADS resource adds to the cluster's name.
+PLAIN, TLS, ORIGIN = "plain", "tls", "origin"
+REACHES = {PLAIN: "", TLS: "/tls", ORIGIN: "/origin"}
+ORIGIN_SUFFIX = REACHES[ORIGIN]
+
+
+def resource_name(cluster: str, reach: str) -> str:
+    """The ADS resource (ClusterLoadAssignment) a backend cluster reaching its backend so asks
+    for (cluster names never hold a "/": compiler._cluster_name)."""
+    return cluster + REACHES[reach]
+
+
+def parse_resource(name: str) -> tuple[str, str]:
+    """(cluster, reach) of a resource `resource_name` made."""
+    cluster, slash, suffix = name.partition("/")
+    reach = next((r for r, s in REACHES.items() if s == slash + suffix), "")
+    return cluster, reach
 
 
 def origin_name(provider: pb.Provider) -> str:
@@ -83,7 +102,7 @@ class BackendEndpoint:
     host: str
     port: int
     # Its provider's origin (`origin_name`; "" without TLS): the internal listener an assignment
-    # for `<cluster>ORIGIN_SUFFIX` names.
+    # for the ORIGIN resource names.
     origin: str = ""
 
     @classmethod
@@ -114,27 +133,38 @@ class BackendEndpoint:
             }
         }
 
+    @property
+    def reach(self) -> str:
+        """How a cluster reaches this backend with its provider as it is now: by address (plain
+        or TLS; a TLS provider always has an origin name) or through the shared origin is the
+        generator's choice (`shared_origins`), which the resource names."""
+        return TLS if self.origin else PLAIN
+
     def load_assignment(
-        self, addresses: list[str] | None = None, resting: bool = False, via_origin: bool = False
+        self, addresses: list[str] | None = None, resting: bool = False, reach: str = ""
     ) -> dict[str, Any]:
-        """The cluster's endpoints: one host per address (`addresses`: the provider's resolved
-        IPs; None: its host name, for Envoy to resolve), or with `via_origin` the one internal
-        listener of its origin (which resolves the name itself: `addresses` unused; the
-        resource is then `<cluster>ORIGIN_SUFFIX`), each UNHEALTHY while the backend rests so
-        that every chain and compiled route passes over it (Envoy's panic mode still uses it
-        when nothing in a chain is healthy)."""
+        """The endpoints of the resource `resource_name(cluster, reach)` (`reach`: the
+        provider's own way, `self.reach`, unless given): one host per address (`addresses`: the
+        provider's resolved IPs; None: its host name, for Envoy to resolve), or for ORIGIN the
+        one internal listener of its origin (which resolves the name itself), each UNHEALTHY
+        while the backend rests so that every chain and compiled route passes over it (Envoy's
+        panic mode still uses it when nothing in a chain is healthy). A resource asked for a way
+        the provider no longer takes (a TLS cluster of a provider now on http://, a plain one of
+        a provider now on https://) gets no host: never an address its cluster would misuse."""
+        reach = reach or self.reach
         metadata = self.metadata()
         endpoints = []
-        if via_origin:
-            # A provider no longer on TLS has no origin: no host, never its address.
+        if reach == ORIGIN:
             places: list[dict[str, Any]] = (
                 [{"envoy_internal_address": {"server_listener_name": self.origin}}] if self.origin else []
             )
-        else:
+        elif reach == self.reach:
             places = [
                 {"socket_address": {"address": address, "port_value": self.port}}
                 for address in ([self.host] if addresses is None else addresses)
             ]
+        else:
+            places = []
         for place in places:
             endpoint: dict[str, Any] = {
                 "endpoint": {"address": place, "hostname": self.host},
@@ -143,5 +173,5 @@ class BackendEndpoint:
             if resting:
                 endpoint["health_status"] = "UNHEALTHY"
             endpoints.append(endpoint)
-        name = self.cluster + ORIGIN_SUFFIX if via_origin else self.cluster
+        name = resource_name(self.cluster, reach)
         return {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}] if endpoints else []}

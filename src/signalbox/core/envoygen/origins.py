@@ -14,10 +14,10 @@ however many models and providers name it, share one TLS context.
 The hop has a price (`bench.tls_origin`): 20-36 us of Envoy per attempt and 24 KB per request
 held open (two more connection objects). So an endpoint few backends reach keeps a TLS cluster
 per backend, and one crosses over when enough backends share it. Crossing over is safe while
-traffic flows: over ADS a plain backend cluster asks for `<cluster>ORIGIN_SUFFIX`, which the
-ext_proc answers with the origin's listener only, never with an address; the resource its TLS
-cluster asked for stays the addresses. Envoy may hold the new cluster before the worker has
-the new config, but never a plain cluster with the provider's TLS port, which would send a
+traffic flows: over ADS each way of reaching a backend is a resource of its own
+(`endpoints.resource_name`), and the plain cluster's (`<cluster>/origin`) is answered with the
+origin's listener only, never with an address. Envoy may hold the new cluster before the worker
+has the new config, but never a plain cluster with the provider's TLS port, which would send a
 request, key and all, in clear text.
 
 The TCP proxy passes bytes, not requests: the backend's HTTP/1.1 (every backend cluster's
