@@ -11,6 +11,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from signalbox.core.compiler import compile_config
 from signalbox.extproc import decide
@@ -145,3 +147,54 @@ def test_workers_sharing_a_learning_file_learn_from_each_others_feedback(tmp_pat
     deciding.refresh()
     assert deciding.neighbours.estimate("learner", outcome.vector, [chosen])[chosen][0] == 0.0
     assert len(deciding.neighbours) == len(other.neighbours) == 1
+
+
+def _held(memory: Neighbours) -> set[tuple[str, int]]:
+    """(policy, arrival) of every observation the memory holds: its score is its arrival here."""
+    held = set()
+    for name, ring in memory._rings.items():
+        for slot in range(ring.filled):
+            if ring.backends[slot] != -1:
+                held.add((name, int(ring.scores[slot])))
+    return held
+
+
+def test_the_memory_is_bounded_across_policies_forgetting_the_oldest_of_any():
+    """A worker's memory grows with what it is told to keep, not with the number of policies
+    that get feedback: past `total`, the oldest observation of any policy goes first."""
+    memory = Neighbours(capacity=8, total=12)
+    for i in range(40):
+        memory.add(f"p{i % 5}", np.array([1.0, 0.0], dtype=np.float32), "x", float(i))
+    assert len(memory) == 12
+    assert _held(memory) == {(f"p{i % 5}", i) for i in range(28, 40)}
+    # A policy whose every observation was forgotten is gone, and one that gets new feedback
+    # starts again.
+    quiet = Neighbours(capacity=8, total=4)
+    quiet.add("old", np.array([1.0, 0.0], dtype=np.float32), "x", 0.0)
+    for i in range(4):
+        quiet.add("busy", np.array([1.0, 0.0], dtype=np.float32), "x", float(i))
+    assert quiet.estimate("old", np.array([1.0, 0.0], dtype=np.float32), ["x"]) == {}
+    quiet.add("old", np.array([0.0, 1.0], dtype=np.float32), "x", 1.0)
+    assert quiet.estimate("old", np.array([0.0, 1.0], dtype=np.float32), ["x"])["x"][0] == pytest.approx(1.0)
+    assert len(quiet) == 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 3), max_size=120),
+    st.integers(1, 6),
+    st.integers(1, 10),
+)
+def test_what_the_memory_holds_is_each_policys_latest_then_the_latest_of_all(policies, capacity, total):
+    memory = Neighbours(capacity=capacity, total=total)
+    expected: list[tuple[str, int]] = []
+    for i, p in enumerate(policies):
+        memory.add(f"p{p}", np.array([1.0, 0.0], dtype=np.float32), "x", float(i))
+        expected.append((f"p{p}", i))
+        mine = [e for e in expected if e[0] == f"p{p}"]
+        if len(mine) > capacity:
+            expected.remove(mine[0])  # the policy's ring overwrote its oldest
+        if len(expected) > total:
+            expected.pop(0)  # the oldest of all
+        assert _held(memory) == set(expected)
+        assert len(memory) == len(expected)

@@ -13,10 +13,54 @@ from pathlib import Path
 from signalbox.extproc.semantic import default_embedder
 
 WORDS = (
-    "how do I write a function that sorts the list of numbers explain why the sky is blue "
-    "summarize this article about climate change translate into French hello world what is "
-    "the best way to learn maths quickly please give me three ideas for a birthday party"
-).split()
+    "how",
+    "do",
+    "I",
+    "write",
+    "a",
+    "function",
+    "that",
+    "sorts",
+    "the",
+    "list",
+    "of",
+    "numbers",
+    "explain",
+    "why",
+    "the",
+    "sky",
+    "is",
+    "blue",
+    "summarize",
+    "this",
+    "article",
+    "about",
+    "climate",
+    "change",
+    "translate",
+    "into",
+    "French",
+    "hello",
+    "world",
+    "what",
+    "is",
+    "the",
+    "best",
+    "way",
+    "to",
+    "learn",
+    "maths",
+    "quickly",
+    "please",
+    "give",
+    "me",
+    "three",
+    "ideas",
+    "for",
+    "a",
+    "birthday",
+    "party",
+)
 
 
 def _rss_mb() -> float:
