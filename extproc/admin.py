@@ -19,6 +19,7 @@ live request would get (strategies that keep rotating state are explained on a c
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -64,7 +65,10 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
         return web.json_response(body)
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=processor.metrics.exposition(), headers={"content-type": CONTENT_TYPE})
+        # Off the event loop: a scrape reads every worker's series (sharedmetrics), tens of
+        # thousands at a large fleet, and the worker keeps answering meanwhile.
+        body = await asyncio.to_thread(processor.metrics.exposition)
+        return web.Response(body=body, headers={"content-type": CONTENT_TYPE})
 
     async def models(request: web.Request) -> web.Response:
         table = processor.tables.current

@@ -17,6 +17,8 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from .sharedmetrics import SeriesStore, SharedCollector, SharedCounter, SharedHistogram
+
 if TYPE_CHECKING:  # annotations only: keeps this module light for the CLI that imports it
     from signalbox.core.budget import BudgetStatus
 
@@ -36,30 +38,30 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._budgets: _BudgetCollector | None = None
         r = self.registry
-        self.requests = Counter(
+        # Series the config multiplies (by policy, backend, consumer): one table for the gateway
+        # (sharedmetrics: ~37 KB per policy and backend in each worker as prometheus_client's).
+        self._shared = SharedCollector(SeriesStore(os.environ.get(MULTIPROC_ENV) or None))
+        r.register(self._shared)
+        self.requests = self._shared_counter(
             "signalbox_requests",
             'Routed requests by outcome (routed, or the error code); tier "compiled": routed by Envoy alone.',
             ["policy", "provider", "model", "strategy", "tier", "outcome"],
-            registry=r,
         )
-        self.classifications = Counter(
+        self.classifications = self._shared_counter(
             "signalbox_classifications",
             "Request classifications, by the tier that decided.",
             ["policy", "tier", "task_type", "complexity"],
-            registry=r,
         )
-        self.failovers = Counter(
+        self.failovers = self._shared_counter(
             "signalbox_failover_attempts",
             "Upstream attempts beyond the first (failover, hedging), by the backend that finally answered.",
             ["provider", "model"],
-            registry=r,
         )
-        self.broken_responses = Counter(
+        self.broken_responses = self._shared_counter(
             "signalbox_broken_responses",
             "Answers that started but did not end normally (the provider reset, cut or went silent "
             'mid-stream; the client got an error, not an end), by backend and Envoy flag ("UPE", "UT", ...).',
             ["provider", "model", "flag"],
-            registry=r,
         )
         self.first_token_holds = Counter(
             "signalbox_first_token_holds",
@@ -69,14 +71,13 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.relayed_streams = Counter(
+        self.relayed_streams = self._shared_counter(
             "signalbox_relayed_streams",
             "Streams of policies with failover.onBrokenStream error or continue, passed by the stream relay, by "
             "policy and outcome: complete, continued (it broke and the next backend finished it), error (it "
             "broke and the client got an error event) or client_left (the client closed it first: nothing is "
             "continued).",
             ["policy", "outcome"],
-            registry=r,
         )
         self.translations = Counter(
             "signalbox_translations",
@@ -85,80 +86,70 @@ class Metrics:
             ["from_api", "to_api", "outcome"],
             registry=r,
         )
-        self.cooldowns = Counter(
+        self.cooldowns = self._shared_counter(
             "signalbox_backend_cooldowns",
             "Cooldowns started: a backend left out of new requests for a while, by why (rate_limited: a 429; "
             "key_rejected: 401/403; unavailable: a 503 with Retry-After; low_remaining: its rate-limit headers; "
             "ejected: Envoy's outlier detection took it out after repeated failures).",
             ["provider", "model", "reason"],
-            registry=r,
         )
-        self.feedback = Counter("signalbox_feedback", "Quality feedback received.", ["policy"], registry=r)
+        self.feedback = self._shared_counter("signalbox_feedback", "Quality feedback received.", ["policy"])
         # Consumers: the label is a declared consumer's id ("namespace/name") or "anonymous",
         # so its values are bounded by the config, never by what callers send.
-        self.consumer_requests = Counter(
+        self.consumer_requests = self._shared_counter(
             "signalbox_consumer_requests",
             "Requests by consumer and outcome: routed, unauthenticated (401), forbidden (403), "
             "limited (429, any limit) or limits_unavailable (503).",
             ["consumer", "outcome"],
-            registry=r,
         )
-        self.limit_refusals = Counter(
+        self.limit_refusals = self._shared_counter(
             "signalbox_limit_refusals",
             "Requests refused by a limit, by whose limit (consumer:<id> or policy:<id>) and which "
             "(requests_per_minute, tokens_per_minute, max_concurrent, budget_hour/day/month).",
             ["subject", "limit"],
-            registry=r,
         )
-        self.consumer_tokens = Counter(
+        self.consumer_tokens = self._shared_counter(
             "signalbox_consumer_tokens",
             "Tokens providers reported for each consumer's requests (input, output).",
             ["consumer", "kind"],
-            registry=r,
         )
-        self.consumer_cost = Counter(
-            "signalbox_consumer_cost_usd", "USD spent by each consumer's requests.", ["consumer"], registry=r
+        self.consumer_cost = self._shared_counter(
+            "signalbox_consumer_cost_usd", "USD spent by each consumer's requests.", ["consumer"]
         )
-        self.rollout_decisions = Counter(
+        self.rollout_decisions = self._shared_counter(
             "signalbox_rollout_decisions",
             "Requests of a policy with a rollout, by candidate, mode and outcome: canary (served_live, "
             "served_candidate) or shadow (same, differs: whether the candidate picked another backend; error); "
             "paused: the candidate failed too often and the live policy served. By the live policy's class.",
             ["policy", "candidate", "mode", "outcome", "class_key"],
-            registry=r,
         )
-        self.rollout_cost = Counter(
+        self.rollout_cost = self._shared_counter(
             "signalbox_rollout_estimated_cost_usd",
             "Estimated cost of each side's choice in shadow mode (side live or candidate), by class.",
             ["policy", "candidate", "side", "class_key"],
-            registry=r,
         )
-        self.mirror_requests = Counter(
+        self.mirror_requests = self._shared_counter(
             "signalbox_mirror_requests",
             "Copies sent to a policy's mirror backend, by outcome: 2xx/4xx/5xx, error (timeout, connection), "
             "dropped (max_in_flight reached), untranslatable, no_key.",
             ["policy", "backend", "outcome"],
-            registry=r,
         )
-        self.mirror_duration = Histogram(
+        self.mirror_duration = self._shared_histogram(
             "signalbox_mirror_duration_seconds",
             "Time until a mirror backend's whole answer arrived (copies ask for no stream).",
             ["policy", "backend"],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
-            registry=r,
         )
-        self.mirror_tokens = Counter(
+        self.mirror_tokens = self._shared_counter(
             "signalbox_mirror_tokens",
             "Tokens a mirror backend reported for the copies, by direction (input, output).",
             ["policy", "backend", "direction"],
-            registry=r,
         )
-        self.mirror_cost = Counter(
+        self.mirror_cost = self._shared_counter(
             "signalbox_mirror_cost_usd",
             "What the copies cost at the mirror backend's prices: counted apart from the policy's spend, "
             "budgets and limits.",
             ["policy", "backend"],
-            registry=r,
         )
         self.mirror_in_flight = Gauge(
             "signalbox_mirror_in_flight",
@@ -166,11 +157,10 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
-        self.rollout_pauses = Counter(
+        self.rollout_pauses = self._shared_counter(
             "signalbox_rollout_pauses",
             "Rollouts this gateway paused because their candidate's error rate passed the rollout's limit.",
             ["policy", "candidate"],
-            registry=r,
         )
         self.limit_store_errors = Counter(
             "signalbox_limit_store_errors",
@@ -210,42 +200,49 @@ class Metrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=r,
         )
-        self.llm_tier_failures = Counter(
+        self.llm_tier_failures = self._shared_counter(
             "signalbox_llm_classifier_fallbacks",
             "LLM-tier calls that timed out or failed (earlier tiers decided).",
             ["policy"],
-            registry=r,
         )
         # GenAI semantic conventions, from Envoy's timings in the access log (accesslog.py):
         # from the request's arrival to the last response byte, and to the first byte of a stream.
-        self.request_duration = Histogram(
+        self.request_duration = self._shared_histogram(
             "gen_ai_server_request_duration_seconds",
             "Duration of a routed request, until the last response byte was sent.",
             GENAI_LABELS,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
-            registry=r,
         )
-        self.time_to_first_token = Histogram(
+        self.time_to_first_token = self._shared_histogram(
             "gen_ai_server_time_to_first_token_seconds",
             "Time until the first byte of a streamed response arrived from the provider.",
             GENAI_LABELS,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=r,
         )
 
         # GenAI semantic conventions: gen_ai.client.token.usage, by gen_ai.token.type.
-        self.tokens = Counter(
+        self.tokens = self._shared_counter(
             "gen_ai_client_token_usage",
             "Tokens used, as reported by providers.",
             ["gen_ai_token_type", *GENAI_LABELS, "policy"],
-            registry=r,
         )
-        self.cost = Counter(
+        self.cost = self._shared_counter(
             "signalbox_cost_usd",
             "Spend in USD, from reported usage and the model's prices.",
             ["policy", "provider", "model"],
-            registry=r,
         )
+
+    def _shared_counter(self, name: str, documentation: str, labelnames: list[str]) -> SharedCounter:
+        counter = SharedCounter(self._shared.store, name, documentation, labelnames)
+        self._shared.metrics.append(counter)
+        return counter
+
+    def _shared_histogram(
+        self, name: str, documentation: str, labelnames: list[str], buckets: tuple[float, ...]
+    ) -> SharedHistogram:
+        histogram = SharedHistogram(self._shared.store, name, documentation, labelnames, buckets)
+        self._shared.metrics.append(histogram)
+        return histogram
 
     def watch_budgets(self, source: Callable[[], Iterable[tuple[PolicyRuntime, BudgetStatus]]]) -> None:
         """Budget gauges, read from the spend ledger at scrape time (so every worker's spend and
@@ -261,6 +258,7 @@ class Metrics:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
+        registry.register(self._shared)  # every worker's: read from the shared table
         if self._budgets is not None:
             registry.register(self._budgets)  # already all workers' spend: read from the ledger
         return generate_latest(registry)

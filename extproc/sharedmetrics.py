@@ -1,0 +1,202 @@
+"""Counters and histograms whose series grow with the config (by policy, backend, consumer), kept
+by every ext_proc worker in one SQLite table instead of prometheus_client's per-process files.
+
+Why: prometheus_client's multiprocess mode keeps, in every worker that ever touched a series, a
+Python object per value and an entry in a memory-mapped file: about 1 KB per counter series and
+11 KB per histogram series (11 buckets). A request routed to a backend touches seven of them
+(requests, classifications, tokens in and out, cost, duration, time to first token): 37 KB per
+(policy, backend) in each worker. At the 2,000-provider fleet (10,000 backends) a worker that had
+seen traffic to every backend would hold about 370 MB of metrics (issue 12: ≤ 100 MB a worker).
+
+Here a worker holds only what it added since its last flush (a dict of deltas, flushed every
+FLUSH_S in one transaction); the table holds each series once for the whole gateway, and the
+worker that serves `/metrics` reads it at scrape time. The series, names, help and samples are
+what prometheus_client would expose (`_total`, `_bucket`/`_count`/`_sum`), so dashboards and
+alerts see no difference; a value reaches `/metrics` at most FLUSH_S after it was counted (the
+worker that serves the scrape flushes its own first). What stays on prometheus_client: gauges
+(their cross-process modes) and the few metrics whose labels the config does not multiply.
+"""
+
+from __future__ import annotations
+
+import atexit
+import bisect
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import orjson
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from .sharedstate import connect
+
+SERIES_FILE = "series.sqlite"  # not *.db: prometheus_client's MultiProcessCollector reads those
+FLUSH_S = 0.5
+# Deltas held before they are flushed at once, whatever the timer (a process without one: a
+# single ext_proc keeps its table in memory and is read at scrape time).
+PENDING_MAX = 4096
+SUM = -1  # a histogram's sum; slots 0..len(buckets) are its (non-cumulative) bucket counts
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    metric TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (metric, labels, slot)
+) WITHOUT ROWID;
+"""
+
+
+class SeriesStore:
+    """The deltas this process counted, and the table they are flushed to. `folder`: the
+    gateway's shared metrics folder (a worker flushes on a timer and at exit); None: a private
+    in-memory table (one process, tests)."""
+
+    def __init__(self, folder: str | Path | None = None):
+        self.db = connect(Path(folder) / SERIES_FILE if folder else None, _SCHEMA)
+        self._pending: dict[tuple[str, tuple[str, ...], int], float] = {}
+        self._lock = threading.Lock()  # the pending deltas
+        self._db_lock = threading.Lock()  # the connection (flush timer, scrapes)
+        if folder:
+            self._stop = threading.Event()
+            threading.Thread(target=self._flush_every, name="signalbox-metrics-flush", daemon=True).start()
+            atexit.register(self.flush)
+
+    def add(self, metric: str, labels: tuple[str, ...], slot: int, amount: float) -> None:
+        key = (metric, labels, slot)
+        with self._lock:
+            self._pending[key] = self._pending.get(key, 0.0) + amount
+            full = len(self._pending) > PENDING_MAX
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        rows = [
+            (metric, orjson.dumps(labels).decode(), slot, value) for (metric, labels, slot), value in pending.items()
+        ]
+        with self._db_lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.executemany(
+                    "INSERT INTO series (metric, labels, slot, value) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (metric, labels, slot) DO UPDATE SET value = value + excluded.value",
+                    rows,
+                )
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                with self._lock:  # counted again next time, not lost
+                    for key, value in pending.items():
+                        self._pending[key] = self._pending.get(key, 0.0) + value
+                raise
+            self.db.execute("COMMIT")
+
+    def read(self) -> dict[str, dict[tuple[str, ...], dict[int, float]]]:
+        """Every series of the gateway: metric -> labels -> slot -> value (this process's
+        deltas flushed first)."""
+        self.flush()
+        with self._db_lock:
+            rows = self.db.execute("SELECT metric, labels, slot, value FROM series").fetchall()
+        out: dict[str, dict[tuple[str, ...], dict[int, float]]] = {}
+        for metric, labels, slot, value in rows:
+            out.setdefault(metric, {}).setdefault(tuple(orjson.loads(labels)), {})[slot] = value
+        return out
+
+    def _flush_every(self) -> None:
+        while not self._stop.wait(FLUSH_S):
+            try:
+                self.flush()
+            except Exception:  # a busy or vanished file: the deltas wait for the next round
+                continue
+
+
+class _Shared:
+    def __init__(self, store: SeriesStore, name: str, documentation: str, labelnames: Sequence[str]):
+        self.store, self.name, self.documentation = store, name, documentation
+        self.labelnames = tuple(labelnames)
+
+    def _labels(self, values: tuple[object, ...]) -> tuple[str, ...]:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, got {len(values)}")
+        return tuple(str(v) for v in values)
+
+
+class SharedCounter(_Shared):
+    """`Counter(name, documentation, labelnames)` as prometheus_client's, kept in the store."""
+
+    def labels(self, *values: object) -> _CounterChild:
+        return _CounterChild(self, self._labels(values))
+
+    def family(self, series: dict[tuple[str, ...], dict[int, float]]) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, slots in sorted(series.items()):
+            family.add_metric(list(labels), slots.get(0, 0.0))
+        return family
+
+
+class _CounterChild:
+    __slots__ = ("counter", "values")
+
+    def __init__(self, counter: SharedCounter, values: tuple[str, ...]):
+        self.counter, self.values = counter, values
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("counters can only be incremented by non-negative amounts")
+        self.counter.store.add(self.counter.name, self.values, 0, amount)
+
+
+class SharedHistogram(_Shared):
+    """`Histogram(name, documentation, labelnames, buckets)` as prometheus_client's, kept in the
+    store: a series is its bucket counts and its sum."""
+
+    def __init__(
+        self, store: SeriesStore, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
+    ):
+        super().__init__(store, name, documentation, labelnames)
+        self.bounds = tuple(float(b) for b in buckets)
+
+    def labels(self, *values: object) -> _HistogramChild:
+        return _HistogramChild(self, self._labels(values))
+
+    def family(self, series: dict[tuple[str, ...], dict[int, float]]) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        edges = [*(floatToGoString(b) for b in self.bounds), "+Inf"]
+        for labels, slots in sorted(series.items()):
+            cumulative, buckets = 0.0, []
+            for slot, edge in enumerate(edges):
+                cumulative += slots.get(slot, 0.0)
+                buckets.append((edge, cumulative))
+            family.add_metric(list(labels), buckets, slots.get(SUM, 0.0))
+        return family
+
+
+class _HistogramChild:
+    __slots__ = ("histogram", "values")
+
+    def __init__(self, histogram: SharedHistogram, values: tuple[str, ...]):
+        self.histogram, self.values = histogram, values
+
+    def observe(self, amount: float) -> None:
+        h = self.histogram
+        h.store.add(h.name, self.values, bisect.bisect_left(h.bounds, amount), 1.0)
+        h.store.add(h.name, self.values, SUM, amount)
+
+
+class SharedCollector(Collector):
+    """The store's metrics for a registry: each family with every worker's series."""
+
+    def __init__(self, store: SeriesStore):
+        self.store = store
+        self.metrics: list[SharedCounter | SharedHistogram] = []
+
+    def collect(self) -> Iterator[Metric]:
+        series = self.store.read()
+        for metric in self.metrics:
+            yield metric.family(series.get(metric.name, {}))
