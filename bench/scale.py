@@ -3,7 +3,9 @@
 `config` runs the generated fleet (bench/fleet.py: P providers of 5 models, P policies of 5
 backends, every strategy) through what a user runs: compile, the published objects (core.bundle),
 the generated Envoy resources, `signalbox up` until it serves, and Envoy's and each ext_proc
-worker's memory once it does; then one policy's change, timed until it serves traffic.
+worker's memory once it does, and again after DISTINCT_PROMPTS different prompts to the decided
+aliases (a worker's memory must not grow with the variety of its traffic); then one policy's
+change, timed until it serves traffic.
 
 `streams` holds N concurrent streaming requests of S seconds each through one gateway (Envoy
 at its default concurrency, one ext_proc worker per core) for each strategy, and reports the
@@ -45,6 +47,59 @@ from signalbox.local import LocalGateway, compile_files, raise_open_files_limit
 
 BODY = {"messages": [{"role": "user", "content": "hello"}]}
 RAMP_PER_SECOND = 500
+# Different prompts sent to the decided aliases before the workers' memory is read again.
+DISTINCT_PROMPTS = 3000
+_PROMPT_WORDS = (
+    "how",
+    "can",
+    "I",
+    "write",
+    "a",
+    "short",
+    "function",
+    "that",
+    "sorts",
+    "numbers",
+    "explain",
+    "why",
+    "the",
+    "sky",
+    "looks",
+    "blue",
+    "summarize",
+    "this",
+    "article",
+    "about",
+    "rivers",
+    "translate",
+    "the",
+    "sentence",
+    "into",
+    "French",
+    "what",
+    "is",
+    "a",
+    "good",
+    "way",
+    "to",
+    "learn",
+    "maths",
+    "give",
+    "me",
+    "three",
+    "ideas",
+    "for",
+    "a",
+    "party",
+    "proof",
+    "prime",
+    "lemma",
+    "poem",
+    "story",
+    "email",
+    "bug",
+    "error",
+)
 
 
 def rss_mb(pid: int) -> float:
@@ -214,6 +269,9 @@ def config(providers: int, policies: int, tls: bool = False) -> dict[str, Any]:
             # The last policy's chains are the last clusters Envoy gets (over ADS, in batches).
             out["up_last_alias_s"] = round(time.perf_counter() - started, 1)
             out.update(memory(gateway))
+            decided = [alias(i) for i in range(policies) if STRATEGIES[i % len(STRATEGIES)] in DECIDED_STRATEGIES]
+            out["distinct_prompts_non_2xx"] = asyncio.run(distinct_prompts(gateway, decided, DISTINCT_PROMPTS))
+            out["extproc_worker_mb_after_distinct"] = memory(gateway)["extproc_worker_mb"]
             # What an attempt costs at this size: every attempt passes the skip matcher of every
             # keyed provider's credential injector (design notes). Alias 0 is compiled (weighted).
             script = lua(work / "alias0.lua", 0, alias=alias(0))
@@ -249,6 +307,32 @@ def config(providers: int, policies: int, tls: bool = False) -> dict[str, Any]:
         return out
     finally:
         fake.terminate()
+
+
+# The strategies whose requests the ext_proc decides (every one of them classifies the prompt).
+DECIDED_STRATEGIES = ("cost", "latency", "least-busy")
+
+
+async def distinct_prompts(gateway: LocalGateway, aliases: list[str], count: int) -> int:
+    """Send `count` different prompts (16 at a time) over `aliases`; the answers that were not
+    2xx. Each is unlike the others (a number of its own), as real traffic is."""
+    failed = 0
+    limit = asyncio.Semaphore(16)
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def one(i: int) -> None:
+            nonlocal failed
+            words = [_PROMPT_WORDS[(i * 7 + k * 13) % len(_PROMPT_WORDS)] for k in range(5 + i % 40)]
+            body = {
+                "model": aliases[i % len(aliases)],
+                "messages": [{"role": "user", "content": f"{' '.join(words)} {i}"}],
+            }
+            async with limit:
+                r = await client.post(gateway.url + "/chat/completions", json=body)
+            failed += not r.is_success
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+    return failed
 
 
 def _active_streams(gateway: LocalGateway) -> int:
