@@ -60,8 +60,13 @@ class SeriesStore:
         self._pending: dict[tuple[str, tuple[str, ...], int], float] = {}
         self._lock = threading.Lock()  # the pending deltas
         self._db_lock = threading.Lock()  # the connection (flush timer, scrapes)
+        # With a folder, flushes run on a timer thread (a full batch wakes it early): never on
+        # the caller's thread, which is a worker's event loop, while another worker holds the
+        # file's lock. Without one, the table is this process's memory and a full batch is
+        # flushed where it filled.
+        self._wake: threading.Event | None = None
         if folder:
-            self._stop = threading.Event()
+            self._wake = threading.Event()
             threading.Thread(target=self._flush_every, name="signalbox-metrics-flush", daemon=True).start()
             atexit.register(self.flush)
 
@@ -71,7 +76,10 @@ class SeriesStore:
             self._pending[key] = self._pending.get(key, 0.0) + amount
             full = len(self._pending) > PENDING_MAX
         if full:
-            self.flush()
+            if self._wake is not None:
+                self._wake.set()
+            else:
+                self.flush()
 
     def flush(self) -> None:
         with self._lock:
@@ -109,7 +117,10 @@ class SeriesStore:
         return out
 
     def _flush_every(self) -> None:
-        while not self._stop.wait(FLUSH_S):
+        assert self._wake is not None
+        while True:
+            self._wake.wait(FLUSH_S)
+            self._wake.clear()
             try:
                 self.flush()
             except Exception:  # a busy or vanished file: the deltas wait for the next round

@@ -4,8 +4,10 @@ shared table (extproc/sharedmetrics.py), not as prometheus_client objects in eve
 from __future__ import annotations
 
 import gc
+import sqlite3
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -99,3 +101,28 @@ def test_a_worker_holds_no_series_of_its_own(tmp_path, monkeypatch):
     release_free_memory()
     grown = _rss_mb() - before
     assert grown < 20, f"{grown:.1f} MB for 5,000 (policy, backend) pairs"
+
+
+def test_a_flush_that_fails_keeps_its_deltas_for_the_next():
+    """Another worker holding the file's lock past the timeout, or a full disk: nothing counted
+    is lost, it is written with the next flush."""
+    store = SeriesStore()
+    counter = SharedCounter(store, "signalbox_feedback", "Feedback.", ["policy"])
+
+    class Failing:
+        def __init__(self, db: sqlite3.Connection):
+            self.db = db
+
+        def execute(self, *args):
+            return self.db.execute(*args)
+
+        def executemany(self, *args):
+            raise sqlite3.OperationalError("database is locked")
+
+    counter.labels("p").inc(2)
+    real, store.db = store.db, Failing(store.db)  # type: ignore[assignment]
+    with pytest.raises(sqlite3.OperationalError):
+        store.flush()
+    store.db = real
+    counter.labels("p").inc(3)
+    assert store.read() == {"signalbox_feedback": {("p",): {0: 5.0}}}
