@@ -19,6 +19,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from signalbox import parentwatch
+
 from .capture import Capture
 from .clusterfeed import ClusterFile
 from .cooldown import Cooldowns
@@ -196,6 +198,8 @@ async def serve_until_stopped(args: argparse.Namespace, background: tuple[Backgr
     if getattr(args, "outlier_events", ""):
         outliers = OutlierEvents(args.outlier_events, tables, cooldowns, metrics)
         tasks.append(asyncio.create_task(outliers.run(stop), name="outlier-events"))
+    if getattr(args, "parent_pid", 0):
+        tasks.append(asyncio.create_task(parentwatch.stop_with_parent(args.parent_pid, stop), name="parent-watch"))
     tasks += [asyncio.create_task(job(stop), name=getattr(job, "__name__", "background")) for job in background]
     failed: list[str] = []
 

@@ -537,6 +537,13 @@ def _extproc_arguments(parser: argparse.ArgumentParser) -> None:
         help="Envoy's clusters as the publisher writes them (a binary DiscoveryResponse): served to Envoy "
         "over its ADS stream, only what changed (GatewayOptions.endpoints_over_ads)",
     )
+    parser.add_argument(
+        "--parent-pid",
+        type=int,
+        default=0,
+        help="stop when this process (the `signalbox up` that started this worker) is gone, even if it "
+        "could not stop us (killed): a worker never outlives its gateway",
+    )
     parser.add_argument("--log-level", default="info")
 
 

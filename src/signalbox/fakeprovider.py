@@ -45,7 +45,7 @@ from typing import Any
 import typing_extensions
 from aiohttp import web
 
-from signalbox import fakebedrock
+from signalbox import fakebedrock, parentwatch
 from signalbox.core.errors import anthropic_error_type
 
 FAULT_KINDS = ("", "reset", "hang", "stall", "cut", "malformed", "no_done", "context_length", "content_filter")
@@ -818,7 +818,12 @@ async def serving(ident: str, host: str = "127.0.0.1", port: int = 0) -> AsyncIt
 
 
 async def run(
-    ident: str, host: str, port: int, ready: asyncio.Event | None = None, tls: tuple[str, str] | None = None
+    ident: str,
+    host: str,
+    port: int,
+    ready: asyncio.Event | None = None,
+    tls: tuple[str, str] | None = None,
+    parent_pid: int = 0,
 ) -> None:
     # Reading the SDKs' type models takes seconds: done while the server starts, not on the
     # first request (where it would look like a slow provider).
@@ -837,8 +842,12 @@ async def run(
     # The line tests and `signalbox up` wait for: the real port when 0 was asked for.
     scheme = "https" if tls is not None else "http"
     print(f"fake-provider {ident} listening on {scheme}://{host}:{bound}", flush=True)
+    stopped = asyncio.Event()
     try:
-        await asyncio.Event().wait()
+        if parent_pid:  # started by `signalbox up`: not left running if it is killed
+            await parentwatch.stop_with_parent(parent_pid, stopped)
+        else:
+            await stopped.wait()
     finally:
         await runner.cleanup()
 
@@ -850,12 +859,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
     parser.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
     parser.add_argument("--tls-key", help="...and this private key (PEM)")
+    parser.add_argument("--parent-pid", type=int, default=0, help="stop when this process is gone (parentwatch)")
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(args.id, args.host, args.port, tls=tls))
+        asyncio.run(run(args.id, args.host, args.port, tls=tls, parent_pid=args.parent_pid))
     return 0
 
 

@@ -217,6 +217,7 @@ class LocalGateway:
         argv = [sys.executable, "-m", "signalbox.cli", "extproc", "--config", str(self.config_file)]
         argv += ["--socket", self.options.extproc_sockets[n], "--max-body-bytes", str(self.max_body_bytes)]
         argv += ["--state-dir", str(self.workdir / gatewayfiles.STATE_DIR), "--log-level", self.log_level]
+        argv += ["--parent-pid", str(os.getpid())]  # stops with us even if we are killed
         # Envoy's clusters reach it over ADS from the worker holding its stream (extproc.clusterfeed).
         argv += ["--clusters", envoygen.resource_file(str(self.workdir / gatewayfiles.ENVOY_DIR), "cds.json")]
         if not self.accounting:
@@ -465,6 +466,8 @@ class LocalGateway:
                     url.hostname or "127.0.0.1",
                     "--port",
                     str(url.port or 80),
+                    "--parent-pid",
+                    str(os.getpid()),
                 ],
             )
             self._wait(lambda u=url: _port_open(u.hostname or "127.0.0.1", u.port or 80), name, timeout)

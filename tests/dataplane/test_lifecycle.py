@@ -464,17 +464,7 @@ def test_signalbox_up_stopped_while_it_starts_leaves_nothing_running(tmp_path, w
     and left its fake providers and ext_proc workers running, orphaned; then a SIGTERM that
     landed between a fake provider's start and its recording left that one running (seen in
     CI). Stopped as each kind of process starts, nothing it started may outlive it."""
-    quickstart = tmp_path / "quickstart"
-    quickstart.mkdir()
-    work = tmp_path / "work"
-    needles = [str(work)]
-    for f in (ROOT / "examples" / "quickstart").glob("*.yaml"):
-        text = f.read_text()
-        for port in ("18081", "18082", "18083"):
-            free = free_port()
-            text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free}")
-            needles.append(f"--port {free}")
-        (quickstart / f.name).write_text(text)
+    quickstart, work, needles = _quickstart_on_free_ports(tmp_path)
     marker = {"workers": "extproc", "fake provider": "fake-provider", "envoy": "envoy-bootstrap"}[when]
     proc = subprocess.Popen(
         [sys.executable, "-m", "signalbox.cli", "up", "-f", str(quickstart), "--port", "0", "--workdir", str(work)],
@@ -496,6 +486,52 @@ def test_signalbox_up_stopped_while_it_starts_leaves_nothing_running(tmp_path, w
         if proc.poll() is None:
             proc.kill()
         for pid in _processes_naming(needles):  # what a failure of this test would otherwise leave running
+            os.kill(pid, signal.SIGKILL)
+
+
+def _quickstart_on_free_ports(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """The quickstart with its fake providers on free ports, a work dir, and what names a
+    process it starts (for finding any left running)."""
+    quickstart = tmp_path / "quickstart"
+    quickstart.mkdir()
+    work = tmp_path / "work"
+    needles = [str(work)]
+    for f in (ROOT / "examples" / "quickstart").glob("*.yaml"):
+        text = f.read_text()
+        for port in ("18081", "18082", "18083"):
+            free = free_port()
+            text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free}")
+            needles.append(f"--port {free}")
+        (quickstart / f.name).write_text(text)
+    return quickstart, work, needles
+
+
+def test_signalbox_up_killed_leaves_nothing_running(tmp_path):
+    """`signalbox up` killed (SIGKILL: it cannot stop what it started) left its two ext_proc
+    workers running for good, holding the gateway's sockets and state files (Envoy and the fake
+    providers went with it). Each worker now watches the process that started it."""
+    quickstart, work, needles = _quickstart_on_free_ports(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "signalbox.cli", "up", "-f", str(quickstart), "--port", "0", "--workdir", str(work)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (work / "envoy-admin.address").exists():  # workers, fakes and Envoy all started
+            assert proc.poll() is None and time.monotonic() < deadline, "signalbox up did not start"
+            time.sleep(0.05)
+        assert any("extproc" in _cmdline(pid) for pid in _children(proc.pid))
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while left := _processes_naming(needles):
+            assert time.monotonic() < deadline, [_cmdline(pid) for pid in left]
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _processes_naming(needles):
             os.kill(pid, signal.SIGKILL)
 
 
