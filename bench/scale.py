@@ -49,57 +49,13 @@ BODY = {"messages": [{"role": "user", "content": "hello"}]}
 RAMP_PER_SECOND = 500
 # Different prompts sent to the decided aliases before the workers' memory is read again.
 DISTINCT_PROMPTS = 3000
-_PROMPT_WORDS = (
-    "how",
-    "can",
-    "I",
-    "write",
-    "a",
-    "short",
-    "function",
-    "that",
-    "sorts",
-    "numbers",
-    "explain",
-    "why",
-    "the",
-    "sky",
-    "looks",
-    "blue",
-    "summarize",
-    "this",
-    "article",
-    "about",
-    "rivers",
-    "translate",
-    "the",
-    "sentence",
-    "into",
-    "French",
-    "what",
-    "is",
-    "a",
-    "good",
-    "way",
-    "to",
-    "learn",
-    "maths",
-    "give",
-    "me",
-    "three",
-    "ideas",
-    "for",
-    "a",
-    "party",
-    "proof",
-    "prime",
-    "lemma",
-    "poem",
-    "story",
-    "email",
-    "bug",
-    "error",
+_PROMPT_WORDS_TEXT = (
+    "how can I write a short function that sorts numbers explain why the sky looks blue "
+    "summarize this article about rivers translate the sentence into French what is a good "
+    "way to learn maths give me three ideas for a party proof prime lemma poem story email "
+    "bug error"
 )
+_PROMPT_WORDS = _PROMPT_WORDS_TEXT.split()
 
 
 def rss_mb(pid: int) -> float:

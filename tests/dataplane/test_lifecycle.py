@@ -464,13 +464,8 @@ def test_signalbox_up_stopped_while_it_starts_leaves_nothing_running(tmp_path, w
     and left its fake providers and ext_proc workers running, orphaned; then a SIGTERM that
     landed between a fake provider's start and its recording left that one running (seen in
     CI). Stopped as each kind of process starts, nothing it started may outlive it."""
-    quickstart, work, needles = _quickstart_on_free_ports(tmp_path)
     marker = {"workers": "extproc", "fake provider": "fake-provider", "envoy": "envoy-bootstrap"}[when]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "signalbox.cli", "up", "-f", str(quickstart), "--port", "0", "--workdir", str(work)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, _, needles = _up_on_free_ports(tmp_path)
     try:
         deadline = time.monotonic() + 30
         while not any(marker in _cmdline(pid) for pid in _children(proc.pid)):
@@ -478,20 +473,14 @@ def test_signalbox_up_stopped_while_it_starts_leaves_nothing_running(tmp_path, w
             time.sleep(0.005)
         proc.terminate()
         proc.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while left := _processes_naming(needles):
-            assert time.monotonic() < deadline, [_cmdline(pid) for pid in left]
-            time.sleep(0.05)
+        _nothing_left_within(needles, 10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid in _processes_naming(needles):  # what a failure of this test would otherwise leave running
-            os.kill(pid, signal.SIGKILL)
+        _kill_what_is_left(proc, needles)
 
 
-def _quickstart_on_free_ports(tmp_path: Path) -> tuple[Path, Path, list[str]]:
-    """The quickstart with its fake providers on free ports, a work dir, and what names a
-    process it starts (for finding any left running)."""
+def _up_on_free_ports(tmp_path: Path) -> tuple[subprocess.Popen, Path, list[str]]:
+    """`signalbox up` on the quickstart with its fake providers on free ports: the process, its
+    work dir, and what names a process it starts (for finding any left running)."""
     quickstart = tmp_path / "quickstart"
     quickstart.mkdir()
     work = tmp_path / "work"
@@ -503,19 +492,19 @@ def _quickstart_on_free_ports(tmp_path: Path) -> tuple[Path, Path, list[str]]:
             text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free}")
             needles.append(f"--port {free}")
         (quickstart / f.name).write_text(text)
-    return quickstart, work, needles
-
-
-def test_signalbox_up_killed_leaves_nothing_running(tmp_path):
-    """`signalbox up` killed (SIGKILL: it cannot stop what it started) left its two ext_proc
-    workers running for good, holding the gateway's sockets and state files (Envoy and the fake
-    providers went with it). Each worker now watches the process that started it."""
-    quickstart, work, needles = _quickstart_on_free_ports(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "signalbox.cli", "up", "-f", str(quickstart), "--port", "0", "--workdir", str(work)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    return proc, work, needles
+
+
+def test_signalbox_up_killed_leaves_nothing_running(tmp_path):
+    """`signalbox up` killed (SIGKILL: it cannot stop what it started) left its ext_proc workers
+    and fake providers running for good, holding the gateway's sockets, ports and state files
+    (Envoy went with it). Each now watches the process that started it."""
+    proc, work, needles = _up_on_free_ports(tmp_path)
     try:
         deadline = time.monotonic() + 60
         while not (work / "envoy-admin.address").exists():  # workers, fakes and Envoy all started
@@ -524,15 +513,24 @@ def test_signalbox_up_killed_leaves_nothing_running(tmp_path):
         assert any("extproc" in _cmdline(pid) for pid in _children(proc.pid))
         proc.kill()
         proc.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        while left := _processes_naming(needles):
-            assert time.monotonic() < deadline, [_cmdline(pid) for pid in left]
-            time.sleep(0.1)
+        _nothing_left_within(needles, 15)  # the children check their parent every second
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid in _processes_naming(needles):
-            os.kill(pid, signal.SIGKILL)
+        _kill_what_is_left(proc, needles)
+
+
+def _nothing_left_within(needles: list[str], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while left := _processes_naming(needles):
+        assert time.monotonic() < deadline, [_cmdline(pid) for pid in left]
+        time.sleep(0.05)
+
+
+def _kill_what_is_left(proc: subprocess.Popen, needles: list[str]) -> None:
+    """What a failure of these tests would otherwise leave running."""
+    if proc.poll() is None:
+        proc.kill()
+    for pid in _processes_naming(needles):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _cmdline(pid: int) -> str:

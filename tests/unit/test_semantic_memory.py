@@ -12,55 +12,12 @@ from pathlib import Path
 
 from signalbox.extproc.semantic import default_embedder
 
-WORDS = (
-    "how",
-    "do",
-    "I",
-    "write",
-    "a",
-    "function",
-    "that",
-    "sorts",
-    "the",
-    "list",
-    "of",
-    "numbers",
-    "explain",
-    "why",
-    "the",
-    "sky",
-    "is",
-    "blue",
-    "summarize",
-    "this",
-    "article",
-    "about",
-    "climate",
-    "change",
-    "translate",
-    "into",
-    "French",
-    "hello",
-    "world",
-    "what",
-    "is",
-    "the",
-    "best",
-    "way",
-    "to",
-    "learn",
-    "maths",
-    "quickly",
-    "please",
-    "give",
-    "me",
-    "three",
-    "ideas",
-    "for",
-    "a",
-    "birthday",
-    "party",
+WORDS_TEXT = (
+    "how do I write a function that sorts the list of numbers explain why the sky is blue "
+    "summarize this article about climate change translate into French hello world what is "
+    "the best way to learn maths quickly please give me three ideas for a birthday party"
 )
+WORDS = WORDS_TEXT.split()
 
 
 def _rss_mb() -> float:
