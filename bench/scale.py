@@ -227,7 +227,9 @@ def config(providers: int, policies: int, tls: bool = False) -> dict[str, Any]:
             out.update(memory(gateway))
             decided = [alias(i) for i in range(policies) if STRATEGIES[i % len(STRATEGIES)] in DECIDED_STRATEGIES]
             out["distinct_prompts_non_2xx"] = asyncio.run(distinct_prompts(gateway, decided, DISTINCT_PROMPTS))
-            out["extproc_worker_mb_after_distinct"] = memory(gateway)["extproc_worker_mb"]
+            after = memory(gateway)
+            out["extproc_worker_mb_after_distinct"] = after["extproc_worker_mb"]
+            out["extproc_worker_pss_mb_after_distinct"] = after["extproc_worker_pss_mb"]
             # What an attempt costs at this size: every attempt passes the skip matcher of every
             # keyed provider's credential injector (design notes). Alias 0 is compiled (weighted).
             script = lua(work / "alias0.lua", 0, alias=alias(0))
