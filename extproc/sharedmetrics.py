@@ -90,20 +90,21 @@ class SeriesStore:
             (metric, orjson.dumps(labels).decode(), slot, value) for (metric, labels, slot), value in pending.items()
         ]
         with self._db_lock:
-            self.db.execute("BEGIN IMMEDIATE")
             try:
+                self.db.execute("BEGIN IMMEDIATE")  # waits out another worker's flush (busy timeout)
                 self.db.executemany(
                     "INSERT INTO series (metric, labels, slot, value) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT (metric, labels, slot) DO UPDATE SET value = value + excluded.value",
                     rows,
                 )
+                self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
                 with self._lock:  # counted again next time, not lost
                     for key, value in pending.items():
                         self._pending[key] = self._pending.get(key, 0.0) + value
                 raise
-            self.db.execute("COMMIT")
 
     def read(self) -> dict[str, dict[tuple[str, ...], dict[int, float]]]:
         """Every series of the gateway: metric -> labels -> slot -> value (this process's

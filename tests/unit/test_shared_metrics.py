@@ -103,7 +103,8 @@ def test_a_worker_holds_no_series_of_its_own(tmp_path, monkeypatch):
     assert grown < 20, f"{grown:.1f} MB for 5,000 (policy, backend) pairs"
 
 
-def test_a_flush_that_fails_keeps_its_deltas_for_the_next():
+@pytest.mark.parametrize("failing", ["BEGIN IMMEDIATE", "executemany", "COMMIT"])
+def test_a_flush_that_fails_keeps_its_deltas_for_the_next(failing):
     """Another worker holding the file's lock past the timeout, or a full disk: nothing counted
     is lost, it is written with the next flush."""
     store = SeriesStore()
@@ -113,16 +114,25 @@ def test_a_flush_that_fails_keeps_its_deltas_for_the_next():
         def __init__(self, db: sqlite3.Connection):
             self.db = db
 
-        def execute(self, *args):
-            return self.db.execute(*args)
+        @property
+        def in_transaction(self) -> bool:
+            return self.db.in_transaction
+
+        def execute(self, sql, *args):
+            if sql == failing:
+                raise sqlite3.OperationalError("database is locked")
+            return self.db.execute(sql, *args)
 
         def executemany(self, *args):
-            raise sqlite3.OperationalError("database is locked")
+            if failing == "executemany":
+                raise sqlite3.OperationalError("disk I/O error")
+            return self.db.executemany(*args)
 
     counter.labels("p").inc(2)
     real, store.db = store.db, Failing(store.db)  # type: ignore[assignment]
     with pytest.raises(sqlite3.OperationalError):
         store.flush()
     store.db = real
+    assert not real.in_transaction
     counter.labels("p").inc(3)
     assert store.read() == {"signalbox_feedback": {("p",): {0: 5.0}}}
