@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import contextlib
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -108,8 +110,9 @@ class SeriesStore:
 
     def read(self) -> dict[str, dict[tuple[str, ...], dict[int, float]]]:
         """Every series of the gateway: metric -> labels -> slot -> value (this process's
-        deltas flushed first)."""
-        self.flush()
+        deltas flushed first, when the file lets it: a scrape is never failed for that)."""
+        with contextlib.suppress(sqlite3.Error):
+            self.flush()  # kept for the next flush if it fails
         with self._db_lock:
             rows = self.db.execute("SELECT metric, labels, slot, value FROM series").fetchall()
         out: dict[str, dict[tuple[str, ...], dict[int, float]]] = {}

@@ -132,6 +132,7 @@ def test_a_flush_that_fails_keeps_its_deltas_for_the_next(failing):
     real, store.db = store.db, Failing(store.db)  # type: ignore[assignment]
     with pytest.raises(sqlite3.OperationalError):
         store.flush()
+    assert store.read() == {}  # a scrape meanwhile answers with what the table has
     store.db = real
     assert not real.in_transaction
     counter.labels("p").inc(3)
