@@ -12,9 +12,11 @@ Here a worker holds only what it added since its last flush (a dict of deltas, f
 FLUSH_S in one transaction); the table holds each series once for the whole gateway, and the
 worker that serves `/metrics` reads it at scrape time. The series, names, help and samples are
 what prometheus_client would expose (`_total`, `_bucket`/`_count`/`_sum`), so dashboards and
-alerts see no difference; a value reaches `/metrics` at most FLUSH_S after it was counted (the
-worker that serves the scrape flushes its own first). What stays on prometheus_client: gauges
-(their cross-process modes) and the few metrics whose labels the config does not multiply.
+alerts see no difference. A scrape sees everything counted before it, as with prometheus_client:
+it asks every worker to flush (a number in the table each worker's flush thread polls every
+POLL_S) and reads once each live worker has answered (at most SCRAPE_WAIT_S). What stays on
+prometheus_client: gauges (their cross-process modes) and the few metrics whose labels the
+config does not multiply.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from __future__ import annotations
 import atexit
 import bisect
 import contextlib
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -36,6 +40,8 @@ from .sharedstate import connect
 
 SERIES_FILE = "series.sqlite"  # not *.db: prometheus_client's MultiProcessCollector reads those
 FLUSH_S = 0.5
+POLL_S = 0.02  # how often a worker looks for a scrape's request to flush (one small read)
+SCRAPE_WAIT_S = 1.0  # how long a scrape waits for the workers' flushes before it reads anyway
 # Deltas held before they are flushed at once, whatever the timer (a process without one: a
 # single ext_proc keeps its table in memory and is read at scrape time).
 PENDING_MAX = 4096
@@ -49,6 +55,9 @@ CREATE TABLE IF NOT EXISTS series (
     value REAL NOT NULL,
     PRIMARY KEY (metric, labels, slot)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS flush_wanted (id INTEGER PRIMARY KEY CHECK (id = 0), number INTEGER NOT NULL);
+INSERT OR IGNORE INTO flush_wanted (id, number) VALUES (0, 0);
+CREATE TABLE IF NOT EXISTS flushed (pid INTEGER PRIMARY KEY, number INTEGER NOT NULL);
 """
 
 
@@ -69,6 +78,8 @@ class SeriesStore:
         self._wake: threading.Event | None = None
         if folder:
             self._wake = threading.Event()
+            self._answered = self._wanted()  # scrapes before this process started need nothing of it
+            self._answer(self._answered)
             threading.Thread(target=self._flush_every, name="signalbox-metrics-flush", daemon=True).start()
             atexit.register(self.flush)
 
@@ -109,10 +120,13 @@ class SeriesStore:
                 raise
 
     def read(self) -> dict[str, dict[tuple[str, ...], dict[int, float]]]:
-        """Every series of the gateway: metric -> labels -> slot -> value (this process's
-        deltas flushed first, when the file lets it: a scrape is never failed for that)."""
+        """Every series of the gateway: metric -> labels -> slot -> value, with what every worker
+        counted before the call (`_everyone_flushed`; a file the workers cannot write is read as
+        it is: a scrape is never failed for that). Blocks: callers on an event loop use a thread."""
         with contextlib.suppress(sqlite3.Error):
             self.flush()  # kept for the next flush if it fails
+            if self._wake is not None:
+                self._everyone_flushed()
         with self._db_lock:
             rows = self.db.execute("SELECT metric, labels, slot, value FROM series").fetchall()
         out: dict[str, dict[tuple[str, ...], dict[int, float]]] = {}
@@ -120,15 +134,64 @@ class SeriesStore:
             out.setdefault(metric, {}).setdefault(tuple(orjson.loads(labels)), {})[slot] = value
         return out
 
+    def _wanted(self) -> int:
+        with self._db_lock:
+            return int(self.db.execute("SELECT number FROM flush_wanted WHERE id = 0").fetchone()[0])
+
+    def _answer(self, number: int) -> None:
+        with self._db_lock:
+            self.db.execute("INSERT OR REPLACE INTO flushed (pid, number) VALUES (?, ?)", (os.getpid(), number))
+
+    def _everyone_flushed(self) -> None:
+        """Ask every worker to flush, and wait until each live one has (or SCRAPE_WAIT_S)."""
+        with self._db_lock:
+            number = int(
+                self.db.execute("UPDATE flush_wanted SET number = number + 1 WHERE id = 0 RETURNING number").fetchone()[
+                    0
+                ]
+            )
+        self._answer(number)
+        deadline = time.monotonic() + SCRAPE_WAIT_S
+        while time.monotonic() < deadline:
+            with self._db_lock:
+                behind = self.db.execute("SELECT pid FROM flushed WHERE number < ?", (number,)).fetchall()
+            waiting = [pid for (pid,) in behind if _alive(pid)]
+            if len(waiting) < len(behind):  # workers that have stopped: nothing to wait for
+                with self._db_lock:
+                    self.db.executemany(
+                        "DELETE FROM flushed WHERE pid = ?", [(pid,) for (pid,) in behind if pid not in waiting]
+                    )
+            if not waiting:
+                return
+            time.sleep(POLL_S / 2)
+
     def _flush_every(self) -> None:
+        """The timer: a flush every FLUSH_S, at once when a batch is full or a scrape asks."""
         assert self._wake is not None
+        due = time.monotonic() + FLUSH_S
         while True:
-            self._wake.wait(FLUSH_S)
+            full = self._wake.wait(POLL_S)
             self._wake.clear()
             try:
-                self.flush()
+                wanted = self._wanted()
+                if full or wanted > self._answered or time.monotonic() >= due:
+                    self.flush()
+                    due = time.monotonic() + FLUSH_S
+                if wanted > self._answered:
+                    self._answer(wanted)
+                    self._answered = wanted
             except Exception:  # a busy or vanished file: the deltas wait for the next round
                 continue
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _Shared:

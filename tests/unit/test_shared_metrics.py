@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gc
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from signalbox.extproc import metrics as metrics_module
 from signalbox.extproc.memtrim import release_free_memory
 from signalbox.extproc.metrics import Metrics
-from signalbox.extproc.sharedmetrics import SeriesStore, SharedCollector, SharedCounter, SharedHistogram
+from signalbox.extproc.sharedmetrics import (
+    SCRAPE_WAIT_S,
+    SeriesStore,
+    SharedCollector,
+    SharedCounter,
+    SharedHistogram,
+)
 
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LABELS = st.sampled_from(["a", "b", 'q"uote', "back\\slash", "new\nline", "ünï"])
@@ -137,3 +146,31 @@ def test_a_flush_that_fails_keeps_its_deltas_for_the_next(failing):
     assert not real.in_transaction
     counter.labels("p").inc(3)
     assert store.read() == {"signalbox_feedback": {("p",): {0: 5.0}}}
+
+
+def test_a_scrape_sees_what_every_worker_counted_before_it(tmp_path):
+    """Read-your-writes across workers, as prometheus_client's shared files gave: a request
+    counted by another worker just before a scrape is in that scrape, though that worker's own
+    timer would flush it only a minute later. A worker that has stopped is not waited for."""
+    script = (
+        "import sys, time\n"
+        "from signalbox.extproc import sharedmetrics as m\n"
+        "m.FLUSH_S = 60\n"
+        "store = m.SeriesStore(sys.argv[1])\n"
+        "m.SharedCounter(store, 'signalbox_feedback', 'Feedback.', ['policy']).labels('p').inc(7)\n"
+        "print('counted', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    other = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "counted"
+        scraper = SeriesStore(tmp_path)
+        started = time.monotonic()
+        assert scraper.read() == {"signalbox_feedback": {("p",): {0: 7.0}}}
+        assert time.monotonic() - started < SCRAPE_WAIT_S  # it answered; nobody timed out
+    finally:
+        other.kill()
+        other.wait()
+    started = time.monotonic()
+    scraper.read()  # the other worker is gone: nothing to wait for
+    assert time.monotonic() - started < SCRAPE_WAIT_S
