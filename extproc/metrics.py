@@ -7,6 +7,7 @@ strategy, tier, task type, complexity, outcome codes — never prompts, users or
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from .memtrim import release_free_memory
 from .sharedmetrics import SeriesStore, SharedCollector, SharedCounter, SharedHistogram
 
 if TYPE_CHECKING:  # annotations only: keeps this module light for the CLI that imports it
@@ -255,13 +257,20 @@ class Metrics:
         """This process's metrics, or, when the gateway runs several ext_proc workers
         (PROMETHEUS_MULTIPROC_DIR set, as `signalbox up` does), the sum over all of them."""
         if not os.environ.get(MULTIPROC_ENV):
-            return generate_latest(self.registry)
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-        registry.register(self._shared)  # every worker's: read from the shared table
-        if self._budgets is not None:
-            registry.register(self._budgets)  # already all workers' spend: read from the ledger
-        return generate_latest(registry)
+            registry = self.registry
+        else:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            if self._budgets is not None:
+                registry.register(self._budgets)  # already all workers' spend: read from the ledger
+        out = io.BytesIO()
+        try:
+            with self._shared.quiet():
+                out.write(generate_latest(registry))
+            self._shared.write(out)  # every worker's series the config multiplies, a few at a time
+            return out.getvalue()
+        finally:
+            release_free_memory()  # what a scrape at a large fleet freed
 
 
 class _BudgetCollector(Collector):

@@ -174,3 +174,34 @@ def test_a_scrape_sees_what_every_worker_counted_before_it(tmp_path):
     started = time.monotonic()
     scraper.read()  # the other worker is gone: nothing to wait for
     assert time.monotonic() - started < SCRAPE_WAIT_S
+
+
+def test_a_scrape_writes_each_metric_once_a_few_series_at_a_time(tmp_path, monkeypatch):
+    """The exposition text is formatted a chunk of series at a time (a large scrape's objects
+    are not all alive at once); it says what the families say, each metric described once."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from signalbox.extproc import sharedmetrics
+
+    monkeypatch.setenv(metrics_module.MULTIPROC_ENV, str(tmp_path))
+    monkeypatch.setattr(sharedmetrics, "CHUNK", 3)
+    metrics = Metrics()
+    for i in range(10):
+        metrics.cost.labels(f"default/r{i}", f"p{i}", "m").inc(0.5 + i)
+        metrics.request_duration.labels("m", "openai", f"p{i}").observe(0.07 * i)
+    text = metrics.exposition().decode()
+    for name in ("signalbox_cost_usd_total", "gen_ai_server_request_duration_seconds", "signalbox_feedback_total"):
+        assert text.count(f"# TYPE {name} ") == 1, name
+    parsed = {
+        (s.name, tuple(sorted(s.labels.items())), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if family.name in ("signalbox_cost_usd", "gen_ai_server_request_duration_seconds")
+    }
+    whole = {
+        (s.name, tuple(sorted(s.labels.items())), s.value)
+        for family in metrics._shared.collect()
+        for s in family.samples
+        if family.name in ("signalbox_cost_usd", "gen_ai_server_request_duration_seconds")
+    }
+    assert parsed == whole and len(whole) == 10 + 10 * 14  # 10 counters; 12 buckets, count, sum each
