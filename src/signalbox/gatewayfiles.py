@@ -95,12 +95,16 @@ def publish(
     resolve_key: KeyResolver | None = None,
     envoy: bool = True,
     backends_first: bool = False,
+    credentials: bool = True,
 ) -> None:
     """Keys first (Envoy must have a credential before a cluster names it), then the routing
     config (the ext_proc must know a backend before Envoy routes to it), then Envoy's resources
     (`envoy=False`: not yet, see `write_envoy`; `backends_first`: for an Envoy about to start,
-    see `write_envoy_backends_first`)."""
-    write_credentials(cfg, options, resolve_key or default_key_resolver(str(workdir / SECRETS_DIR)))
+    see `write_envoy_backends_first`). `credentials=False`: the caller writes the keys itself,
+    before any listener and routes that reach them (`signalbox up`'s start, which writes them
+    while Envoy warms)."""
+    if credentials:
+        write_credentials(cfg, options, resolve_key or default_key_resolver(str(workdir / SECRETS_DIR)))
     write_atomic(workdir / CONFIG_FILE, cfg.SerializeToString())
     if envoy and backends_first and options.endpoints_over_ads:
         write_envoy_backends_first(cfg, workdir, options)
