@@ -273,3 +273,52 @@ def test_a_worker_that_refuses_connections_costs_no_requests(fakes, tmp_path, mo
         assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}  # ...and retried
     finally:
         gw.stop()
+
+
+def _connections_to(port: int) -> int:
+    """Established TCP connections whose far end is `port` on this machine (/proc/net/tcp*:
+    the clients' side, so Envoy's connections to a fake provider)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]  # noqa: SIM115 - read whole at once
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            remote, state = fields[2], fields[3]
+            count += state == "01" and int(remote.rsplit(":", 1)[1], 16) == port
+    return count
+
+
+def test_envoy_closes_a_backends_idle_connections_after_the_gateways_timeout(fakes, tmp_path):
+    """Each backend's cluster has a connection pool per Envoy worker, and Envoy kept an idle one
+    for an hour by default: traffic to every alias of the 2,000-provider fleet left 6,473 of
+    them open to a provider that never closes its own (the fakes do not). With the gateway's
+    idle timeout they close, and the next request opens a new one."""
+    gateway = start_gateway(
+        tmp_path,
+        dump(
+            provider("alpha", fakes["alpha"].url + "/v1", [model("a1"), model("a2")]),
+            policy("main", ["auto"], [backend("alpha", "a1"), backend("alpha", "a2", priority=1)]),
+        ),
+        upstream_idle_timeout_s=1.0,
+    )
+    port = int(fakes["alpha"].url.rsplit(":", 1)[1].split("/")[0])
+    try:
+        body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(base_url=gateway.url, timeout=10) as client:
+
+            def ask() -> None:
+                r = client.post("/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+
+            ask()
+            assert _connections_to(port) >= 1  # kept alive after the answer
+            deadline = time.monotonic() + 10
+            while _connections_to(port) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _connections_to(port) == 0
+            ask()  # a new connection serves the next request
+    finally:
+        gateway.stop()

@@ -51,9 +51,14 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
     agg = clusters[t0]["cluster_type"]["typed_config"]["clusters"]
     assert agg == ["b.default.a.m", "b.default.b.m"]
     assert clusters[t1]["cluster_type"]["typed_config"]["clusters"] == ["b.default.b.m", "b.default.a.m"]
-    # No cluster has upstream filters (or any protocol options) of its own: the router's run
-    # for every chain, and each option block was ~1.3 KB of Envoy per cluster.
-    assert not any("typed_extension_protocol_options" in c for n, c in clusters.items() if n.startswith(("b.", "t.")))
+    # No cluster has upstream filters of its own: the router's run for every chain. Protocol
+    # options only where they do something (each block costs Envoy memory per cluster): a
+    # backend's idle timeout, and nothing on an aggregate.
+    assert not any("typed_extension_protocol_options" in c for n, c in clusters.items() if n.startswith("t."))
+    for name, cluster in clusters.items():
+        if name.startswith("b."):
+            (options,) = cluster["typed_extension_protocol_options"].values()
+            assert set(options) - {"@type"} == {"common_http_protocol_options", "explicit_http_config"}
     filters = router_upstream_filters(config(), CREDENTIALS)
     assert [f["name"] for f in filters] == [
         "signalbox.strip_keys",
@@ -144,6 +149,30 @@ def test_backend_cluster_carries_metadata_tls_and_outlier_detection():
     assert b["transport_socket"]["typed_config"]["sni"] == "api.example.com"
     assert "transport_socket" not in clusters["b.default.a.m"]
     assert b["outlier_detection"]["consecutive_5xx"] > 0
+
+
+def idle_timeout(cluster):
+    options = cluster.get("typed_extension_protocol_options", {})
+    http = options.get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+    return http and http["common_http_protocol_options"]["idle_timeout"]
+
+
+@pytest.mark.parametrize("ads", [False, True])
+def test_backend_connections_close_when_idle_and_only_backends_carry_protocol_options(ads):
+    """Envoy keeps an idle upstream connection for an hour by default, one pool per backend
+    cluster per Envoy worker: a backend's cluster closes its idle connections after the
+    gateway's timeout. Aggregates open no connection of their own and carry nothing (each
+    options block costs Envoy memory per cluster)."""
+    for opts, expected in (
+        (envoygen.GatewayOptions(ads=ads), "60.000s"),
+        (envoygen.GatewayOptions(ads=ads, upstream_idle_timeout_s=1.5), "1.500s"),
+    ):
+        clusters = by_name(envoygen.clusters(config(), opts))
+        backends = {n: c for n, c in clusters.items() if n.startswith("b.")}
+        assert len(backends) == 2
+        assert all(idle_timeout(c) == expected for c in backends.values())
+        for name in targets():
+            assert "typed_extension_protocol_options" not in clusters[name]
 
 
 def test_the_many_backends_of_one_tls_endpoint_share_one_origin():

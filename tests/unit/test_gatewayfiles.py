@@ -233,15 +233,19 @@ def fleets(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(configs=st.lists(fleets(), min_size=1, max_size=4), ads=st.booleans())
-def test_keyed_parts_encode_to_the_files_the_whole_documents_give(configs, ads):
+@given(
+    configs=st.lists(fleets(), min_size=1, max_size=4),
+    ads=st.booleans(),
+    idle=st.lists(st.sampled_from([60.0, 1.5]), min_size=4, max_size=4),
+)
+def test_keyed_parts_encode_to_the_files_the_whole_documents_give(configs, ads, idle):
     """The publisher converts a cluster, and a policy's routes, once per key (what they are made
     from: `envoygen.ResourceParts`): across any sequence of changes its files must be the ones
     the made documents give, or a cluster or route whose key missed an input would keep its old
     form in Envoy."""
-    options = envoygen.GatewayOptions(ads=ads, extproc_admin_port=8083)
     clusters, routes = xdsbinary.KeyedEncoder(), xdsbinary.RouteTableEncoder()
-    for cfg in configs:
+    for cfg, idle_s in zip(configs, idle, strict=False):
+        options = envoygen.GatewayOptions(ads=ads, extproc_admin_port=8083, upstream_idle_timeout_s=idle_s)
         parts = envoygen.resource_parts(cfg, options, "/cfg")
         whole = envoygen.resources(cfg, options, "/cfg")
         assert clusters.encode(parts.clusters) == xdsbinary.ResourceEncoder().encode(whole["cds.json"])

@@ -77,24 +77,39 @@ def _http1_options() -> dict[str, Any]:
     }
 
 
+def _idle_timeout(seconds: float) -> dict[str, Any]:
+    """A backend cluster's HTTP/1 connections, closed after `seconds` idle
+    (`GatewayOptions.upstream_idle_timeout_s`). About 0.4 KB of Envoy per cluster."""
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            common_http_protocol_options={"idle_timeout": _ms(round(seconds * 1000))},
+            explicit_http_config={"http_protocol_options": {}},
+        )
+    }
+
+
 def _backend_cluster(
     backend: pb.Backend,
     provider: pb.Provider,
     ads: bool = False,
     ca_file: str = SYSTEM_CA_FILE,
     via_origin: bool = False,
+    idle_timeout_s: float = GatewayOptions.upstream_idle_timeout_s,
 ) -> dict[str, Any]:
     """One backend's cluster. `ads`: its endpoint comes from the ext_proc over ADS
     (`extproc.xds`: resolved there, and unhealthy while the backend rests, so that it leaves
     every chain and compiled route at once); else inline, Envoy resolving the host name.
     `via_origin`: it reaches its endpoint's origin, plain (`origins`: one TLS context for the
     many backends of one endpoint), and over ADS asks for its origin's resource; else a TLS
-    provider's backend speaks TLS itself."""
+    provider's backend speaks TLS itself. `idle_timeout_s`: how long its idle connections stay
+    open (an origin's connection closes with the backend's that it carries)."""
     endpoint = BackendEndpoint.of(backend, provider)
     cluster: dict[str, Any] = {
         "name": backend.cluster,
         "connect_timeout": _ms(provider.connect_timeout_ms or DEFAULT_CONNECT_TIMEOUT_MS),
         "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
+        "typed_extension_protocol_options": _idle_timeout(idle_timeout_s),
         "outlier_detection": {
             "consecutive_5xx": 5,
             "interval": "5s",
@@ -628,15 +643,20 @@ def backend_clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[s
     """One cluster per backend and the TLS origins they reach (what an Envoy about to start
     gets first: gatewayfiles)."""
     providers, ads, ca = {p.id: p for p in cfg.providers}, opts.endpoints_over_ads, opts.upstream_ca_file
-    shared = shared_origins(cfg)
-    backends = [_backend_resource(b, providers[b.provider_id], ads, ca, b.provider_id in shared) for b in cfg.backends]
+    shared, idle = shared_origins(cfg), opts.upstream_idle_timeout_s
+    backends = [
+        _backend_resource(b, providers[b.provider_id], ads, ca, b.provider_id in shared, idle) for b in cfg.backends
+    ]
     return backends + origin_clusters(cfg, ca)
 
 
 def _backend_resource(
-    backend: pb.Backend, provider: pb.Provider, ads: bool, ca_file: str, via_origin: bool
+    backend: pb.Backend, provider: pb.Provider, ads: bool, ca_file: str, via_origin: bool, idle_timeout_s: float
 ) -> dict[str, Any]:
-    return _any("envoy.config.cluster.v3.Cluster", **_backend_cluster(backend, provider, ads, ca_file, via_origin))
+    return _any(
+        "envoy.config.cluster.v3.Cluster",
+        **_backend_cluster(backend, provider, ads, ca_file, via_origin, idle_timeout_s),
+    )
 
 
 def _aggregate(target: str, member_clusters: list[str]) -> dict[str, Any]:
@@ -673,18 +693,19 @@ def cluster_specs(
     members = chain_members(cfg) if members is None else members
     providers = {p.id: p for p in cfg.providers}
     ads, ca, shared = opts.endpoints_over_ads, opts.upstream_ca_file, shared_origins(cfg)
+    idle = opts.upstream_idle_timeout_s
     via_origin = {p.id: p.id in shared for p in cfg.providers}
     # A backend's cluster is made from the backend, its provider, whether it reaches an origin
     # and these options alone (a provider's key is of fixed length: the concatenation is
     # unambiguous).
     provider_keys = {
-        p.id: part_key(orjson.dumps([ads, ca, via_origin[p.id]]) + p.SerializeToString(deterministic=True))
+        p.id: part_key(orjson.dumps([ads, ca, via_origin[p.id], idle]) + p.SerializeToString(deterministic=True))
         for p in cfg.providers
     }
     out: list[ClusterSpec] = [
         (
             b"B" + part_key(provider_keys[b.provider_id] + b.SerializeToString(deterministic=True)),
-            functools.partial(_backend_resource, b, providers[b.provider_id], ads, ca, via_origin[b.provider_id]),
+            functools.partial(_backend_resource, b, providers[b.provider_id], ads, ca, via_origin[b.provider_id], idle),
         )
         for b in cfg.backends
     ]
