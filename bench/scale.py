@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trustme
@@ -39,6 +40,7 @@ from bench.cluster_cost import SYSTEM_CA
 from bench.dataplane import RESULTS, lua, start_fake, wrk
 from bench.fleet import KEY_ENV, STRATEGIES, alias, fleet
 from bench.fleet import policies as fleet_policies
+from bench.sockets import established_to
 from signalbox import gatewayfiles
 from signalbox.core import bundle, envoygen
 from signalbox.extproc.cooldown import Cooldowns
@@ -230,6 +232,13 @@ def config(providers: int, policies: int, tls: bool = False) -> dict[str, Any]:
             after = memory(gateway)
             out["extproc_worker_mb_after_distinct"] = after["extproc_worker_mb"]
             out["extproc_worker_pss_mb_after_distinct"] = after["extproc_worker_pss_mb"]
+            out["envoy_mb_after_distinct"] = after["envoy_mb"]
+            # Every alias twice: each backend cluster a request reaches gets a copy per Envoy
+            # worker (made on first use) and keeps its connections open until they idle out.
+            everyone = [alias(i) for i in range(policies)]
+            out["every_alias_non_2xx"] = asyncio.run(distinct_prompts(gateway, everyone, 2 * len(everyone)))
+            out["envoy_mb_after_every_alias"] = memory(gateway)["envoy_mb"]
+            out["upstream_connections_after_every_alias"] = established_to(urlsplit(upstream).port or 443)
             # What an attempt costs at this size: every attempt passes the skip matcher of every
             # keyed provider's credential injector (design notes). Alias 0 is compiled (weighted).
             script = lua(work / "alias0.lua", 0, alias=alias(0))

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.sockets import established_to
 from signalbox.core import envoygen
 from signalbox.core.envoygen.contract import EXTPROC_CLUSTER
 from tests.factories import backend, dump, model, policy, provider
@@ -275,22 +276,6 @@ def test_a_worker_that_refuses_connections_costs_no_requests(fakes, tmp_path, mo
         gw.stop()
 
 
-def _connections_to(port: int) -> int:
-    """Established TCP connections whose far end is `port` on this machine (/proc/net/tcp*:
-    the clients' side, so Envoy's connections to a fake provider)."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = open(table).read().splitlines()[1:]  # noqa: SIM115 - read whole at once
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            remote, state = fields[2], fields[3]
-            count += state == "01" and int(remote.rsplit(":", 1)[1], 16) == port
-    return count
-
-
 def test_envoy_closes_a_backends_idle_connections_after_the_gateways_timeout(fakes, tmp_path):
     """Each backend's cluster has a connection pool per Envoy worker, and Envoy kept an idle one
     for an hour by default: traffic to every alias of the 2,000-provider fleet left 6,473 of
@@ -314,11 +299,11 @@ def test_envoy_closes_a_backends_idle_connections_after_the_gateways_timeout(fak
                 assert r.status_code == 200, r.text
 
             ask()
-            assert _connections_to(port) >= 1  # kept alive after the answer
+            assert established_to(port) >= 1  # kept alive after the answer
             deadline = time.monotonic() + 10
-            while _connections_to(port) and time.monotonic() < deadline:
+            while established_to(port) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert _connections_to(port) == 0
+            assert established_to(port) == 0
             ask()  # a new connection serves the next request
     finally:
         gateway.stop()
