@@ -123,14 +123,23 @@ def unpacked(response: discovery_pb2.DiscoveryResponse) -> list:
 
 def _parts(name: str, document: dict, before: dict | None = None) -> list[bytes]:
     """What the encoder converts, given the document it encoded `before`: each cluster of a
-    shape (the cluster without its name; a provider's backends share one) not seen before, the
-    first of its shape; a route table's own fields, each virtual host's own fields and each
-    route not seen before."""
+    shape (the cluster without its name and, for an aggregate, its members; a provider's
+    backends share one, as do chains of the same kind) not seen before, the first of its shape;
+    a route table's own fields, each virtual host's own fields and each route not seen
+    before."""
+
+    def shape_of(cluster: dict) -> bytes:
+        shape = {**cluster, "name": ""}
+        if cluster.get("cluster_type", {}).get("name") == "envoy.clusters.aggregate":
+            typed = {**cluster["cluster_type"]["typed_config"], "clusters": []}
+            shape["cluster_type"] = {**cluster["cluster_type"], "typed_config": typed}
+        return orjson.dumps(shape)
+
     if name == "cds.json":
-        shapes = {orjson.dumps({**c, "name": ""}) for c in (before or {"resources": []})["resources"]}
+        shapes = {shape_of(c) for c in (before or {"resources": []})["resources"]}
         out = []
         for cluster in document["resources"]:
-            shape = orjson.dumps({**cluster, "name": ""})
+            shape = shape_of(cluster)
             if shape not in shapes:
                 shapes.add(shape)
                 out.append(orjson.dumps(cluster))
@@ -250,3 +259,31 @@ def test_keyed_parts_encode_to_the_files_the_whole_documents_give(configs, ads, 
         whole = envoygen.resources(cfg, options, "/cfg")
         assert clusters.encode(parts.clusters) == xdsbinary.ResourceEncoder().encode(whole["cds.json"])
         assert routes.encode(parts.routes) == xdsbinary.ResourceEncoder().encode(whole["rds.json"])
+
+
+_cluster_names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    chains=st.lists(
+        st.tuples(_cluster_names, st.lists(_cluster_names, min_size=1, max_size=5)),
+        min_size=1,
+        max_size=6,
+        unique_by=lambda chain: chain[0],
+    )
+)
+def test_failover_chains_made_from_one_shape_encode_as_json_format_converts_them(chains):
+    """A chain (aggregate cluster) not converted before is made from another chain's message with
+    its own name and members: whatever the names and members, the encoding must hold what
+    converting each chain's JSON gives."""
+    from signalbox.core.envoygen.clusters import _aggregate
+
+    document = {"resources": [_aggregate(name, members) for name, members in chains]}
+    encoded = xdsbinary.ResourceEncoder().encode(document)
+    whole = json_format.ParseDict(json.loads(json.dumps(document)), discovery_pb2.DiscoveryResponse())
+    assert unpacked(discovery_pb2.DiscoveryResponse.FromString(encoded)) == unpacked(whole)
+    for packed, (_, members) in zip(discovery_pb2.DiscoveryResponse.FromString(encoded).resources, chains, strict=True):
+        (cluster,) = unpacked(discovery_pb2.DiscoveryResponse(resources=[packed]))
+        (config,) = unpacked(discovery_pb2.DiscoveryResponse(resources=[cluster.cluster_type.typed_config]))
+        assert list(config.clusters) == members
