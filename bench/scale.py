@@ -238,7 +238,9 @@ def config(providers: int, policies: int, tls: bool = False) -> dict[str, Any]:
             everyone = [alias(i) for i in range(policies)]
             out["every_alias_non_2xx"] = asyncio.run(distinct_prompts(gateway, everyone, 2 * len(everyone)))
             out["envoy_mb_after_every_alias"] = memory(gateway)["envoy_mb"]
-            out["upstream_connections_after_every_alias"] = established_to(urlsplit(upstream).port or 443)
+            out["upstream_connections_after_every_alias"] = established_to(
+                urlsplit(upstream).port or 443, gateway.processes["envoy"].pid
+            )
             # What an attempt costs at this size: every attempt passes the skip matcher of every
             # keyed provider's credential injector (design notes). Alias 0 is compiled (weighted).
             script = lua(work / "alias0.lua", 0, alias=alias(0))

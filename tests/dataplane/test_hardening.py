@@ -280,7 +280,8 @@ def test_envoy_closes_a_backends_idle_connections_after_the_gateways_timeout(fak
     """Each backend's cluster has a connection pool per Envoy worker, and Envoy kept an idle one
     for an hour by default: traffic to every alias of the 2,000-provider fleet left 6,473 of
     them open to a provider that never closes its own (the fakes do not). With the gateway's
-    idle timeout they close, and the next request opens a new one."""
+    idle timeout they close, and the next request opens a new one. Only this gateway's Envoy's
+    connections count: the other tests' gateways share the fakes."""
     gateway = start_gateway(
         tmp_path,
         dump(
@@ -290,6 +291,7 @@ def test_envoy_closes_a_backends_idle_connections_after_the_gateways_timeout(fak
         upstream_idle_timeout_s=1.0,
     )
     port = int(fakes["alpha"].url.rsplit(":", 1)[1].split("/")[0])
+    envoy = gateway.processes["envoy"].pid
     try:
         body = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
         with httpx.Client(base_url=gateway.url, timeout=10) as client:
@@ -299,11 +301,11 @@ def test_envoy_closes_a_backends_idle_connections_after_the_gateways_timeout(fak
                 assert r.status_code == 200, r.text
 
             ask()
-            assert established_to(port) >= 1  # kept alive after the answer
+            assert established_to(port, envoy) >= 1  # kept alive after the answer
             deadline = time.monotonic() + 10
-            while established_to(port) and time.monotonic() < deadline:
+            while established_to(port, envoy) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert established_to(port) == 0
+            assert established_to(port, envoy) == 0
             ask()  # a new connection serves the next request
     finally:
         gateway.stop()
