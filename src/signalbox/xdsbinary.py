@@ -140,7 +140,7 @@ class ResourceEncoder:
         shape (`_shape`) when a resource of that shape was converted: a provider's backends
         differ in their names alone, the failover chains in their names and members (at the
         2,000-provider fleet's start the backend clusters took 0.8 s to convert, before Envoy
-        could start, and the 7,712 chains 0.7 s while Envoy waited for them)."""
+        could start, and the 7,712 chains 0.7 s of the rest of its generation)."""
         raw = orjson.dumps(resource)
         key = _key(raw, any_pb2.Any)
         known = self._used.get(key) or self._kept.get(key)

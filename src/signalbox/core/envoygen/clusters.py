@@ -67,24 +67,17 @@ def _compact(lua: str) -> str:
 _ATTEMPT_LUA = _compact(package_files.files("signalbox.core").joinpath("attempt.lua").read_text())
 
 
-def _http1_options() -> dict[str, Any]:
+def _http1_options(idle_timeout_s: float | None = None) -> dict[str, Any]:
+    """A cluster's HTTP/1 protocol options; `idle_timeout_s`: its connections closed after that
+    long without a request (a backend's, `GatewayOptions.upstream_idle_timeout_s`; about 0.6 KB
+    of Envoy per cluster), else Envoy's default (an hour)."""
     # No upstream filters: the router's (`upstream_filters`) run for every cluster it routes to.
     opts: dict[str, Any] = {"explicit_http_config": {"http_protocol_options": {}}}
+    if idle_timeout_s is not None:
+        opts["common_http_protocol_options"] = {"idle_timeout": _ms(round(idle_timeout_s * 1000))}
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions", **opts
-        )
-    }
-
-
-def _idle_timeout(seconds: float) -> dict[str, Any]:
-    """A backend cluster's HTTP/1 connections, closed after `seconds` idle
-    (`GatewayOptions.upstream_idle_timeout_s`). About 0.4 KB of Envoy per cluster."""
-    return {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            common_http_protocol_options={"idle_timeout": _ms(round(seconds * 1000))},
-            explicit_http_config={"http_protocol_options": {}},
         )
     }
 
@@ -109,7 +102,7 @@ def _backend_cluster(
         "name": backend.cluster,
         "connect_timeout": _ms(provider.connect_timeout_ms or DEFAULT_CONNECT_TIMEOUT_MS),
         "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
-        "typed_extension_protocol_options": _idle_timeout(idle_timeout_s),
+        "typed_extension_protocol_options": _http1_options(idle_timeout_s),
         "outlier_detection": {
             "consecutive_5xx": 5,
             "interval": "5s",
