@@ -187,8 +187,6 @@ class LocalGateway:
         self._token_refresher: threading.Thread | None = None
         # The token refresher's thread and a recompile may both write credential files.
         self._publishing = threading.Lock()
-        # While the start's first publish runs (its keys are written by _write_keys_meanwhile).
-        self._starting = False
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="signalbox-"))
         for name in envoygen.RESOURCE_FILES:  # the folders Envoy watches exist before it starts
             Path(envoygen.resource_file(str(self.workdir / gatewayfiles.ENVOY_DIR), name)).parent.mkdir(
@@ -271,10 +269,11 @@ class LocalGateway:
     def compile(self) -> CompileResult:
         return compile_files(self.paths, self.generation + 1, self.env, self._compile_cache)
 
-    def apply(self) -> CompileResult:
+    def apply(self, keys: bool = True) -> CompileResult:
         """Compile the inputs; publish only a valid result that differs from the one in force
         (the last good config stays otherwise, and an unchanged one is not re-applied: each
-        publish is a full Envoy and ext_proc reload)."""
+        publish is a full Envoy and ext_proc reload). `keys=False`: the provider key files are
+        left to the caller while no Envoy file is written (the start, `_write_keys_meanwhile`)."""
         try:
             result = self.compile()
         except SignalboxError as exc:
@@ -286,7 +285,7 @@ class LocalGateway:
             return CompileResult(self.config, [], changed=False)
         self.generation += 1
         self.config = result.config
-        self._publish(result.config)
+        self._publish(result.config, keys)
         return result
 
     def is_input(self, path: str | Path) -> bool:
@@ -305,14 +304,14 @@ class LocalGateway:
                 return True
         return False
 
-    def _publish(self, cfg: pb.RoutingConfig) -> None:
+    def _publish(self, cfg: pb.RoutingConfig, keys: bool = True) -> None:
         assert self.workdir
         # Before start() knows the ext_proc's admin port, Envoy's files would name none (the
         # stream relay's cluster): start() writes them once it does.
         envoy = self.options.extproc_admin_port is not None
         with self._publishing:
             gatewayfiles.publish(
-                cfg, self.workdir, self.options, self._resolve_key, envoy=envoy, credentials=envoy or not self._starting
+                cfg, self.workdir, self.options, self._resolve_key, envoy=envoy, credentials=keys or envoy
             )
 
     def _resolve_key(self, auth: pb.Auth) -> SecretValue | None:
@@ -366,12 +365,7 @@ class LocalGateway:
         self.config = None
         (self.workdir / gatewayfiles.CONFIG_FILE).unlink(missing_ok=True)  # a reused work dir's
         self._spawn_workers()
-        # The first publish leaves the keys to `_write_keys_meanwhile`.
-        self._starting = True
-        try:
-            result = self.apply()
-        finally:
-            self._starting = False
+        result = self.apply(keys=False)  # the keys: `_write_keys_meanwhile`
         self._check_stop()
         if result.config is None:
             raise StartupError(
