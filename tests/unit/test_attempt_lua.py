@@ -316,6 +316,62 @@ def test_an_attempt_no_marker_named_is_a_503_the_chain_moves_past():
     assert status == "503" and json.loads(answer)["error"]["code"] == "routing_unavailable"
 
 
+def attempt_backends(source: str):
+    """BACKENDS as attempt.lua (`source`) leaves it in a Lua state, as in each Envoy thread."""
+    lua = luajit21.LuaRuntime()
+    lua.execute(source)
+    return lua.globals().BACKENDS
+
+
+SETTING = st.one_of(st.booleans(), st.text(max_size=12), st.binary(max_size=12).map(lambda b: b.decode("latin-1")))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=12),
+        st.tuples(
+            st.fixed_dictionaries(
+                {"model": st.text(max_size=12), "model_json": st.text(max_size=12)},
+                optional={"api_path": st.text(max_size=12)},
+            ),
+            st.sampled_from(["openai", "anthropic"]),  # every backend has an API
+            st.dictionaries(st.sampled_from(["path", "authority", "key_file", "sanitize"]), SETTING),
+        ),
+        max_size=8,
+    )
+)
+def test_each_backend_reads_every_setting_it_was_given_whatever_its_provider_shares(backends):
+    """BACKENDS keeps what a provider's backends share once (`_backends_table`); each backend
+    still reads exactly its own settings, and nothing it was not given."""
+    given_settings = {
+        backend_id: {"id": backend_id, **own, "api": api, **rest} for backend_id, (own, api, rest) in backends.items()
+    }
+    table = attempt_backends(envoygen.attempt_source(given_settings))
+    for backend_id, setting in given_settings.items():
+        entry = table[backend_id]
+        for key, value in setting.items():
+            assert entry[key] == value
+        for key in {"api_path", "path", "authority", "key_file", "sanitize"} - set(setting):
+            assert entry[key] is None
+    assert sum(1 for _ in table) == len(given_settings)
+
+
+def test_a_providers_backends_share_its_settings_in_the_source():
+    """Five models of one provider: its path, authority and key file are written once."""
+    provider = KEYED
+    backends = [
+        pb.Backend(id=f"{provider.id}/m{i}", provider_id=provider.id, model=f"m{i}", upstream_model=f"u{i}")
+        for i in range(5)
+    ]
+    source = envoygen.attempt_source({b.id: envoygen.attempt_settings(b, provider, "/keys") for b in backends})
+    assert source.count(envoygen.credential_file("/keys", provider.id)) == 1
+    assert source.count("k.example.com:8443") == 1
+    table = attempt_backends(source)
+    assert [table[b.id].model for b in backends] == [f"u{i}" for i in range(5)]
+    assert {table[b.id].key_file for b in backends} == {envoygen.credential_file("/keys", provider.id)}
+
+
 def test_error_bodies_are_the_gateways_and_every_setting_is_a_safe_lua_literal():
     codes = {e["code"] for e in envoygen.ATTEMPT_ERRORS.values()}
     assert codes == {"invalid_json", "provider_key_unavailable", "routing_unavailable", "unsupported_feature"}

@@ -10,6 +10,7 @@ from signalbox.core import envoygen
 from signalbox.core.compiler import compile_config
 from signalbox.core.envoygen.endpoints import ORIGIN, ORIGIN_MIN_BACKENDS, ORIGIN_SUFFIX
 from tests.factories import backend, model, policy, provider
+from tests.unit.test_attempt_lua import attempt_backends
 
 
 def config(strategy="weighted", **spec):
@@ -811,8 +812,9 @@ def test_bedrock_attempts_are_signed_by_envoy_after_the_translation():
     assert predicate["value_match"]["safe_regex"]["regex"] == r"^(?:default/br/haiku|default/br/titan)$"
     # The model ID is percent-encoded in Converse's path; no key header is added by attempt.lua.
     lua = filters[names.index("signalbox.attempt")]["typed_config"]["default_source_code"]["inline_string"]
-    assert '["api_path"] = "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse"' in lua
-    assert '["key_header"] = ""' in lua.split('["default/br/haiku"]')[1].split("}")[0]
+    haiku = attempt_backends(lua)["default/br/haiku"]
+    assert haiku.api_path == "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse"
+    assert haiku.key_header == ""
 
 
 def test_a_bedrock_provider_without_auth_uses_envoys_aws_credential_chain():

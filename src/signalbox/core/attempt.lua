@@ -6,7 +6,8 @@
 -- The generator defines, above this text, the contract's names (ATTEMPT_HEADER, and NS,
 -- CLIENT_PATH_KEY, BODY_MODEL_KEY of the dynamic metadata) and BACKENDS (backend id -> its
 -- settings, for every backend: one script serves every chain, as an upstream filter of the
--- router):
+-- router; each entry holds id, model, model_json and api_path, and reads the rest from a table
+-- its provider's backends share, through its metatable):
 --   model       the model name the provider expects ("model" in the body)
 --   model_json  the same, as a JSON string literal
 --   path        the provider's path for the client's "/v1/<rest>" ("<rest>" appended)
