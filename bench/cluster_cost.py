@@ -4,7 +4,9 @@ Starts Envoy alone on N copies of one cluster shape (STATIC, one endpoint, nothi
 and reports its RSS and time to ready per cluster, against Envoy with no cluster at all.
 The shapes are what the generator emits for a backend (envoygen.clusters), piece by piece,
 and a TLS backend (the system CA bundle, as a hosted provider's cluster has). It says what a
-cluster count costs whatever the routing does with it, and what TLS adds on top.
+cluster count costs whatever the routing does with it, and what TLS adds on top. `aggregate`
+is a failover chain (an aggregate cluster of five backends, as `envoygen.clusters._aggregate`
+makes it), measured as N chains over N backends against the N backends alone.
 
     python -m bench.cluster_cost --clusters 2000
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import tempfile
 import time
@@ -22,6 +25,7 @@ from typing import Any
 
 from bench.dataplane import RESULTS
 from signalbox.core.envoygen.bootstrap import DEFERRED_CLUSTERS, DEFERRED_STATS, UNKEPT_CLUSTER_STATS
+from signalbox.core.envoygen.contract import TARGET_PREFIX
 from signalbox.core.envoygen.options import STREAM_LIMITS
 from signalbox.local import envoy_binary, free_port
 
@@ -70,12 +74,38 @@ def _cluster(i: int, shape: str) -> dict[str, Any]:
     return cluster
 
 
+def _chain(i: int, backends: int) -> dict[str, Any]:
+    """A failover chain of five of the `backends` backend clusters, named as the generator
+    names chains (its stats are dropped by the gateway's matcher, as a chain's are)."""
+    pick = random.Random(i)
+    return {
+        "@type": CLUSTER,
+        "name": f"{TARGET_PREFIX}.chain{i}",
+        "connect_timeout": "1s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {
+            "name": "envoy.clusters.aggregate",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                "clusters": [_cluster(pick.randrange(backends), "backend")["name"] for _ in range(5)],
+            },
+        },
+        "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
+    }
+
+
+def _clusters(count: int, shape: str) -> list[dict[str, Any]]:
+    if shape == "aggregate":
+        return [_cluster(i, "backend") for i in range(count)] + [_chain(i, count) for i in range(count)]
+    return [_cluster(i, shape) for i in range(count)]
+
+
 def measure(count: int, shape: str, deferred: bool = True) -> dict[str, float]:
     """Envoy's RSS and time to ready with `count` clusters of `shape` (0: none); `deferred`:
     a worker makes its copy of a cluster on first use, as the gateway's Envoy does."""
     work = Path(tempfile.mkdtemp(prefix="signalbox-cluster-cost-"))
     (work / "cds").mkdir()
-    (work / "cds" / "cds.json").write_text(json.dumps({"resources": [_cluster(i, shape) for i in range(count)]}))
+    (work / "cds" / "cds.json").write_text(json.dumps({"resources": _clusters(count, shape)}))
     admin = free_port()
     bootstrap = {
         "node": {"id": "bench", "cluster": "bench"},
@@ -130,11 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     empty = measure(0, "bare")
     out: dict[str, Any] = {"clusters": args.clusters, "no_cluster": empty}
-    for shape in ("bare", "backend", "backend+tls"):
+    for shape in ("bare", "backend", "backend+tls", "aggregate"):
         for deferred in (True, False):
             got = measure(args.clusters, shape, deferred)
-            got["kb_per_cluster"] = round((got["rss_mb"] - empty["rss_mb"]) * 1024 / args.clusters, 1)
-            got["ms_per_cluster"] = round((got["ready_s"] - empty["ready_s"]) * 1000 / args.clusters, 3)
+            # A chain is measured over as many backends: against those alone.
+            base = (
+                out["backend" if deferred else "backend, every worker's copy at once"]
+                if shape == "aggregate"
+                else empty
+            )
+            got["kb_per_cluster"] = round((got["rss_mb"] - base["rss_mb"]) * 1024 / args.clusters, 1)
+            got["ms_per_cluster"] = round((got["ready_s"] - base["ready_s"]) * 1000 / args.clusters, 3)
             out[shape if deferred else f"{shape}, every worker's copy at once"] = got
             print(shape, "deferred" if deferred else "at once", got, flush=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
