@@ -153,9 +153,10 @@ train-classifier: setup
 	OPENBLAS_NUM_THREADS=1 $(PY) -m eval.train_classifier
 
 ## Classifier and routing quality on ../shared/data -> eval/results/latest.json (+ PNG curve).
-## FASTCHAT=<lm-sys/FastChat checkout> adds task types on MT-bench and Vicuna-bench.
+## FASTCHAT=<lm-sys/FastChat checkout> adds task types on MT-bench and Vicuna-bench,
+## WIZARDLM=<nlpxucan/WizardLM checkout> on its Evol-Instruct test set.
 eval: setup
-	$(PY) -m eval.run $(if $(FASTCHAT),--fastchat $(FASTCHAT))
+	$(PY) -m eval.run $(if $(FASTCHAT),--fastchat $(FASTCHAT)) $(if $(WIZARDLM),--wizardlm $(WIZARDLM))
 
 ## Run the local gateway on the embedded quickstart (offline, example providers included).
 up: setup

@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fastchat", help="a checkout of lm-sys/FastChat: also score task types on MT-bench and Vicuna-bench"
     )
+    parser.add_argument(
+        "--wizardlm", help="a checkout of nlpxucan/WizardLM: also score task types on its Evol-Instruct test set"
+    )
     args = parser.parse_args(argv)
     data = Path(args.data)
     if not data.exists():
@@ -38,8 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{k} {v:.2f}" for k, v in tasks["f1_by_class"].items())
     )
     outside = None
-    if args.fastchat:
-        outside = outside_task_types.evaluate(data, Path(args.fastchat))
+    checkouts = outside_task_types.given_checkouts(args)
+    if checkouts:
+        missing = outside_task_types.missing_files(checkouts)
+        if missing:
+            print("no question file at " + ", ".join(missing), file=sys.stderr)
+            return 2
+        outside = outside_task_types.evaluate(data, checkouts)
         print(outside_task_types.describe(outside))
     items_path, prices_path = llmrouter(data / "routing" / "llmrouter_dcrouter", RESULTS / "data")
     items, prices = evaluation.load_items(items_path), evaluation.load_prices(prices_path)
