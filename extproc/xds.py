@@ -1,27 +1,38 @@
-"""Envoy's clusters and backend endpoints over ADS (delta xDS), a resting backend's health in them.
+"""Envoy's clusters over ADS (delta CDS), each backend's endpoint and a resting backend's health in them.
 
-Each backend cluster is an EDS cluster (envoygen.clusters, `GatewayOptions.endpoints_over_ads`); Envoy opens
-one ADS stream to the ext_proc cluster, and whichever worker holds it answers from the routing
-config in force, the shared cooldowns (extproc.cooldown: every worker and replica writes them)
-and its own DNS lookups of the providers' host names. The clusters themselves come over the
-same stream, from the file the publisher writes (extproc.clusterfeed): a change sends only the
-clusters it added or altered.
+Envoy opens one ADS stream to the ext_proc cluster, and whichever worker holds it sends the
+clusters of the file the publisher writes (extproc.clusterfeed: a change sends only the
+clusters it added or altered). A backend cluster is an EDS cluster in that file
+(envoygen.clusters, `GatewayOptions.endpoints_over_ads`): its endpoint is the ext_proc's to
+give. The worker writes it into the cluster on the way, from the routing config in force, the
+shared cooldowns (extproc.cooldown: every worker and replica writes them) and its own DNS
+lookups of the providers' host names, and Envoy gets a STATIC cluster with its endpoint inline.
+A rest, its end or new addresses send the backend's cluster again.
 
-Why not Envoy's active health checks, as before (issue 12): one check per backend cluster cost
-Envoy about 19 KB per backend and the admin worker a connection each (1.0 GB and 141 MB at the
-10,000-backend fleet), every backend started unhealthy until a first round of 10,000 checks had
-passed through Python, and the interval had to grow with the fleet (100 s at 10,000), so a
+Why inline rather than Envoy asking for each cluster's endpoints over EDS, as before (issue 12):
+an EDS cluster cost Envoy about 8.5 KB more than the same cluster with its endpoint inline (its
+subscription, watch and the assignment it keeps): at the 10,000-backend fleet Envoy 649 against
+564 MB, for the same hosts. A changed cluster is built again by Envoy (its connection pools
+drain, its outlier detection starts again), which a rest, rare and taking the backend out
+anyway, can afford. The cluster and its endpoint now travel in one message, so a cluster can
+never hold an address meant for another way of reaching its backend (`endpoints.REACHES`).
+
+Why not Envoy's active health checks, as before that (issue 12): one check per backend cluster
+cost Envoy about 19 KB per backend and the admin worker a connection each (1.0 GB and 141 MB at
+the 10,000-backend fleet), every backend started unhealthy until a first round of 10,000 checks
+had passed through Python, and the interval had to grow with the fleet (100 s at 10,000), so a
 429'd backend stayed in chains that long. Here a rest reaches Envoy within TICK_S whatever the
-fleet's size, and only the endpoints that changed travel.
+fleet's size, and only the clusters that changed travel.
 
-If the ext_proc is gone Envoy keeps the clusters and endpoints it has; a new stream (another
-worker, or this one restarted) sends what differs from what Envoy says it holds.
+If the ext_proc is gone Envoy keeps the clusters it has; a new stream (another worker, or this
+one restarted) sends what differs from what Envoy says it holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import itertools
 import logging
@@ -30,17 +41,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import any_pb2
 
-from signalbox.core.envoygen.endpoints import (
-    LOAD_ASSIGNMENT_TYPE,
-    REACHES,
-    BackendEndpoint,
-    parse_resource,
-    resource_name,
-)
+from signalbox.core.envoygen.endpoints import BackendEndpoint, parse_resource
 
 from .clusterfeed import CLUSTER_TYPE, ClusterFile, cluster_resource
 from .memtrim import release_free_memory
@@ -59,6 +64,11 @@ DNS_REFRESH_S = 30.0
 # the body limit plus 1 MiB (a host name may resolve to many addresses).
 BATCH = 1000
 BATCH_BYTES = 256 * 1024
+# How long a stream's first answer waits for every backend cluster's endpoint (the worker's
+# config loaded, its host names looked up): Envoy starts serving once it has its first clusters,
+# so a first answer without some backends would serve without them; Envoy's own wait for an EDS
+# cluster's endpoints (initial_fetch_timeout) is 15 s too.
+FIRST_ANSWER_WAIT_S = 15.0
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
@@ -79,12 +89,14 @@ def _literal(host: str) -> bool:
     return True
 
 
-def load_assignment(endpoint: BackendEndpoint, addresses: list[str], resting: bool, reach: str = "") -> any_pb2.Any:
+def load_assignment(
+    endpoint: BackendEndpoint, addresses: list[str], resting: bool, reach: str = ""
+) -> endpoint_pb2.ClusterLoadAssignment:
     """The assignment `BackendEndpoint.load_assignment` describes (one home for what a host says),
     as a message made by the message's constructor rather than json_format: 50 us an
     assignment was half a second of the worker holding Envoy's stream for the 10,000 backends
-    Envoy asks for at the large fleet's start, on the way to its backends warming. The
-    constructor takes the dict but for the hosts' metadata (Structs), filled in after."""
+    of the large fleet's start, on the way to its backends. The constructor takes the dict but
+    for the hosts' metadata (Structs), filled in after."""
     assignment = endpoint.load_assignment(addresses, resting, reach)
     hosts = [host for group in assignment.get("endpoints", []) for host in group["lb_endpoints"]]
     metadata = [host.pop("metadata") for host in hosts]
@@ -93,14 +105,24 @@ def load_assignment(endpoint: BackendEndpoint, addresses: list[str], resting: bo
     for host, meta in zip(made, metadata, strict=True):
         for namespace, fields in meta["filter_metadata"].items():
             host.metadata.filter_metadata[namespace].update(fields)
-    packed = any_pb2.Any()
-    packed.Pack(message)
-    return packed
+    return message
+
+
+def with_endpoint(value: bytes, assignment: endpoint_pb2.ClusterLoadAssignment) -> bytes:
+    """A backend cluster of the file (EDS, `value` its bytes) as Envoy gets it: STATIC, its
+    endpoint inline."""
+    cluster = cluster_pb2.Cluster.FromString(value)
+    cluster.ClearField("eds_cluster_config")
+    cluster.type = cluster_pb2.Cluster.STATIC
+    cluster.load_assignment.CopyFrom(assignment)
+    cluster.load_assignment.cluster_name = cluster.name
+    return cluster.SerializeToString()
 
 
 class Endpoints:
-    """The state every ADS stream sends from: per backend cluster, its endpoint, its addresses
-    and whether it rests; streams are told which clusters may have changed."""
+    """The state every ADS stream sends from: the clusters of the file and, per backend
+    cluster, its endpoint, its addresses and whether it rests; streams are told when any of
+    them may have changed."""
 
     def __init__(
         self,
@@ -129,12 +151,13 @@ class Endpoints:
         self._config_changed = asyncio.Event()
         tables.on_install.append(self._config_changed.set)
 
-    def version(self, name: str) -> tuple[int, BackendEndpoint, list[str], bool, str] | None:
+    def version(self, name: str) -> tuple[str, BackendEndpoint, list[str], bool, str] | None:
         """(version, endpoint, addresses, resting, reach) of the assignment of the resource
         `name` now (`endpoints.resource_name`: a backend cluster's name and how it reaches the
         backend; an origin's is answered with its listener only, a way the provider no longer
         takes with no host); None while the cluster is unknown (a config not loaded yet) or its
-        host not looked up yet."""
+        host not looked up yet. The version is the same in every worker: a reconnecting Envoy
+        names what it holds, and a worker resends only what differs."""
         cluster, reach = parse_resource(name)
         backend = self._table.by_cluster.get(cluster)
         if backend is None or backend.endpoint is None or not reach:
@@ -149,7 +172,8 @@ class Endpoints:
         if addresses is None:
             return None
         resting = backend.id in self.resting
-        return hash((endpoint, tuple(addresses), resting, reach)), endpoint, addresses, resting, reach
+        said = repr((endpoint, addresses, resting, reach)).encode()
+        return hashlib.blake2b(said, digest_size=8).hexdigest(), endpoint, addresses, resting, reach
 
     # ------------------------------------------------------------------ streams
 
@@ -161,13 +185,9 @@ class Endpoints:
     def closed(self, stream: _Stream) -> None:
         self._streams.discard(stream)
 
-    def _tell(self, clusters: list[str] | None) -> None:
-        """Wake the streams: `clusters` may have changed (None: any of them). A list, read once
-        per stream (a stream that reconnects overlaps the one it replaces)."""
-        for stream in self._streams:
-            stream.changed(clusters)
-
     def _tell_clusters(self) -> None:
+        """Wake the streams: some cluster or endpoint may have changed (each stream sends what
+        differs from what its Envoy holds)."""
         for stream in self._streams:
             stream.clusters_changed()
 
@@ -181,19 +201,19 @@ class Endpoints:
                 await asyncio.wait_for(self._config_changed.wait(), TICK_S)
 
     def _look(self) -> None:
-        if self.clusters.due():
-            self._tell_clusters()  # clusters gone from the file leave Envoy now
+        if self.clusters.due() or any(not stream.cds_answered for stream in self._streams):
+            # Clusters gone from the file leave Envoy now; a first answer still waiting for some
+            # backend's endpoint is tried again (FIRST_ANSWER_WAIT_S).
+            self._tell_clusters()
         if self._config_changed.is_set() or self.tables.current is not self._table:
             self._config_changed.clear()
             self._table = self.tables.current
-            self._tell(None)
+            self._tell_clusters()
         now = time.time()
         resting = frozenset(self.state.cooling())
         if resting != self.resting:
-            changed = resting ^ self.resting
             self.resting = resting
-            backends = [b for b in (self._table.backends.get(i) for i in changed) if b is not None]
-            self._tell([resource_name(b.cluster, reach) for b in backends for reach in REACHES])
+            self._tell_clusters()
         if self._hosts_of is not self._table:
             self._hosts_of = self._table
             self._hosts = {
@@ -221,33 +241,24 @@ class Endpoints:
             found = self.addresses.get(host, [])  # never looked up: a cluster with no host, as STRICT_DNS
         if found != self.addresses.get(host):
             self.addresses[host] = found
-            self._tell(None)
+            self._tell_clusters()
 
 
 class _Stream:
-    """One ADS stream: what Envoy subscribed to, and what it was last sent."""
+    """One ADS stream: the clusters its Envoy holds (name -> version), and whether something
+    may have changed since they were sent."""
 
     def __init__(self, endpoints: Endpoints):
         self.endpoints = endpoints
-        self.subscribed: set[str] = set()
-        self.sent: dict[str, int] = {}
-        self.dirty: set[str] = set()
-        self.everything = False
         # Clusters (delta CDS, a wildcard subscription): what Envoy holds, name -> version.
         self.cds = False
         self.cds_sent: dict[str, str] = {}
         self.cds_dirty = False
         self.cds_answered = False
+        self.opened_at = time.monotonic()
         self.wake = asyncio.Event()
         self.done = False
         self._nonces = itertools.count(1)
-
-    def changed(self, clusters: Iterable[str] | None) -> None:
-        if clusters is None:
-            self.everything = True
-        else:
-            self.dirty.update(clusters)
-        self.wake.set()
 
     def clusters_changed(self) -> None:
         if self.cds:
@@ -259,21 +270,7 @@ class _Stream:
             async for request in requests:
                 if request.type_url == CLUSTER_TYPE:
                     self._cluster_request(request)
-                    continue
-                if request.type_url != LOAD_ASSIGNMENT_TYPE:
-                    continue  # clusters and endpoints are served here; Envoy asks for nothing else
-                if request.error_detail.code:
-                    log.error(
-                        "Envoy refused endpoints (nonce %s): %s", request.response_nonce, request.error_detail.message
-                    )
-                gone = set(request.resource_names_unsubscribe)
-                self.subscribed -= gone
-                for name in gone:
-                    self.sent.pop(name, None)
-                new = set(request.resource_names_subscribe)
-                self.subscribed |= new
-                if new:
-                    self.changed(new)
+                # Clusters are all Envoy asks for here: their endpoints are in them.
         finally:
             self.done = True
             self.wake.set()
@@ -291,55 +288,61 @@ class _Stream:
             self.cds_sent = dict(request.initial_resource_versions)
             self.clusters_changed()
 
-    def _cluster_responses(self) -> Iterator[discovery_pb2.DeltaDiscoveryResponse]:
-        """The clusters that differ from what Envoy holds, and those gone past their grace
-        (clusterfeed), BATCH at a time. Nothing until the file was read once: an Envoy
-        starting waits for its first clusters."""
+    def _version(self, name: str, version: str) -> tuple[str, tuple[Any, ...] | None] | None:
+        """What Envoy is to hold of cluster `name` (`version`: the file's), and for a backend
+        cluster its endpoint now (`Endpoints.version`); None for a backend cluster whose
+        endpoint is not known yet (a config not loaded, a host not looked up): held back until
+        it is, as Envoy waited for an EDS cluster's endpoints."""
+        resource = self.endpoints.clusters.endpoint_of.get(name)
+        if not resource:
+            return version, None
+        endpoint = self.endpoints.version(resource)
+        if endpoint is None:
+            return None
+        return f"{version}.{endpoint[0]}", endpoint
+
+    def responses(self) -> Iterator[discovery_pb2.DeltaDiscoveryResponse]:
+        """The clusters that differ from what Envoy holds (a backend's with its endpoint inline),
+        and those gone past their grace (clusterfeed), BATCH at a time. Nothing until the file
+        was read once: an Envoy starting waits for its first clusters."""
+        if not self.cds_dirty:
+            return
         feed = self.endpoints.clusters
         current = feed.current()
         self.cds_dirty = False
         if not feed.loaded:
             return
+        wanted: dict[str, tuple[str, tuple[Any, ...] | None]] = {}
+        held = 0
+        for name, version in current.items():
+            now = self._version(name, version)
+            if now is None:
+                held += 1
+            elif self.cds_sent.get(name) != now[0]:
+                wanted[name] = now
+        if held and not self.cds_answered:
+            if time.monotonic() - self.opened_at < FIRST_ANSWER_WAIT_S:
+                return  # tried again on the next tick
+            log.warning("Envoy's first clusters go without %d backend clusters whose endpoint is not known yet", held)
         removed = sorted(name for name in self.cds_sent if name not in current and name not in feed.gone)
         for name in removed:
             del self.cds_sent[name]
-        wanted = {name for name, version in current.items() if self.cds_sent.get(name) != version}
 
         def sent() -> Iterator[discovery_pb2.Resource]:
-            for name, version, value in feed.packed(wanted):
-                self.cds_sent[name] = version
-                yield cluster_resource(name, version, value)
+            for name, version, value in feed.packed(set(wanted)):
+                if version != current.get(name):
+                    continue  # the file was replaced meanwhile: sent on its own change
+                sent_version, endpoint = wanted[name]
+                if endpoint is not None:
+                    _, backend, addresses, resting, reach = endpoint
+                    value = with_endpoint(value, load_assignment(backend, addresses, resting, reach))
+                self.cds_sent[name] = sent_version
+                yield cluster_resource(name, sent_version, value)
 
         yield from self._batches(sent(), CLUSTER_TYPE, removed, always=not self.cds_answered)
         self.cds_answered = True
         if len(wanted) >= BATCH:
             release_free_memory()  # what reading and sending them took, once sent (memtrim)
-
-    def responses(self) -> Iterator[discovery_pb2.DeltaDiscoveryResponse]:
-        """What changed since the last call: clusters first (Envoy asks for a new cluster's
-        endpoints once it has the cluster), then the endpoints of the subscribed clusters,
-        BATCH at a time (built as they are sent: the first answer names every backend). An
-        endpoint not known yet stays dirty, asked again on the next change (a new config)."""
-        if self.cds_dirty:
-            yield from self._cluster_responses()
-        names = set(self.subscribed) if self.everything else self.dirty & self.subscribed
-        self.everything, self.dirty = False, set()
-
-        def changed() -> Iterator[discovery_pb2.Resource]:
-            for name in sorted(names):
-                now = self.endpoints.version(name)
-                if now is None:
-                    self.dirty.add(name)
-                    continue
-                version, endpoint, addresses, resting, reach = now
-                if self.sent.get(name) == version:
-                    continue
-                self.sent[name] = version
-                yield discovery_pb2.Resource(
-                    name=name, version=str(version), resource=load_assignment(endpoint, addresses, resting, reach)
-                )
-
-        yield from self._batches(changed(), LOAD_ASSIGNMENT_TYPE)
 
     def _batches(
         self,

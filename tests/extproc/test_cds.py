@@ -6,6 +6,7 @@ what a change added or altered, removals after their grace, and nothing that Env
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from pathlib import Path
 
@@ -41,9 +42,12 @@ def routing_config(*policies: tuple[str, list[str]]):
     return result.config
 
 
-def publish(workdir: Path, cfg) -> set[str]:
-    """Envoy's files as `signalbox up` writes them; the names of the clusters in them."""
+def publish(workdir: Path, cfg, tables: TableHolder) -> set[str]:
+    """Envoy's files as `signalbox up` writes them, and the config in force as the workers load
+    it after (a backend cluster's endpoint comes from it: extproc.xds writes it into the
+    cluster); the names of the clusters in the files."""
     gatewayfiles.write_envoy(cfg, workdir, OPTIONS)
+    tables.install(cfg)
     return {c["name"] for c in gatewayfiles.read_envoy_file(workdir / gatewayfiles.ENVOY_DIR, "cds.json")["resources"]}
 
 
@@ -83,9 +87,8 @@ async def ads(tmp_path):
     stop = asyncio.Event()
     watch = asyncio.create_task(feed.watch(stop))
     server = grpc.aio.server()
-    endpoints = xds.Endpoints(
-        TableHolder(), SelectionState(cooldowns=Cooldowns(tmp_path / "cooldowns.db")), clusters=feed
-    )
+    tables = TableHolder()
+    endpoints = xds.Endpoints(tables, SelectionState(cooldowns=Cooldowns(tmp_path / "cooldowns.db")), clusters=feed)
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds.AggregatedDiscovery(endpoints), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -97,7 +100,7 @@ async def ads(tmp_path):
         opened.append(Envoy(channel, holds))
         return opened[-1]
 
-    yield tmp_path, connect
+    yield functools.partial(publish, tmp_path, tables=tables), connect, tmp_path
     for envoy in opened:
         envoy.close()
     stop.set()
@@ -107,18 +110,18 @@ async def ads(tmp_path):
 
 
 async def test_envoy_gets_every_cluster_then_only_what_a_change_adds(ads):
-    workdir, connect = ads
-    names = publish(workdir, routing_config(("p", ["a", "b"])))
+    publish, connect, _workdir = ads
+    names = publish(routing_config(("p", ["a", "b"])))
     envoy = connect()
     got, removed = await envoy.next()
     assert set(got) == names and not removed
     aggregate = next(c for n, c in got.items() if n.startswith("t."))
     assert aggregate.cluster_type.name == "envoy.clusters.aggregate"  # the generator's own clusters
     # The same config written again: nothing travels.
-    publish(workdir, routing_config(("p", ["a", "b"])))
+    publish(routing_config(("p", ["a", "b"])))
     await envoy.nothing()
     # A policy over a new chain: its chain's aggregate alone travels, nothing is removed.
-    more = publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
+    more = publish(routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
     got, removed = await envoy.next()
     assert set(got) == more - names and len(got) == 1 and not removed
     assert set(envoy.held) == more
@@ -128,31 +131,31 @@ async def test_a_cluster_gone_from_the_file_leaves_envoy_after_its_grace(ads, mo
     """Routes are written after clusters: a cluster removed at once would leave the old routes
     naming a cluster Envoy no longer has (503s) until the new routes arrive."""
     monkeypatch.setattr(clusterfeed, "REMOVAL_GRACE_S", 1.0)
-    workdir, connect = ads
-    both = publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
+    publish, connect, _workdir = ads
+    both = publish(routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
     envoy = connect()
     await envoy.next()
     started = asyncio.get_running_loop().time()
-    left = publish(workdir, routing_config(("p", ["a", "b"])))
+    left = publish(routing_config(("p", ["a", "b"])))
     got, removed = await envoy.next()
     assert not got and set(removed) == both - left
     assert asyncio.get_running_loop().time() - started >= 1.0
     assert set(envoy.held) == left
     # Back before its grace ended: never removed.
-    publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
+    publish(routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
     got, _ = await envoy.next()
-    publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"]), ("r", ["a"])))
+    publish(routing_config(("p", ["a", "b"]), ("q", ["b", "a"]), ("r", ["a"])))
     got, removed = await envoy.next()
     assert not removed
 
 
 async def test_a_reconnecting_envoy_gets_only_what_differs_from_what_it_holds(ads):
-    workdir, connect = ads
-    names = publish(workdir, routing_config(("p", ["a", "b"])))
+    publish, connect, _workdir = ads
+    names = publish(routing_config(("p", ["a", "b"])))
     first = connect()
     await first.next()
     held = dict(first.held)
-    more = publish(workdir, routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
+    more = publish(routing_config(("p", ["a", "b"]), ("q", ["b", "a"])))
     # The Envoy reconnects holding what it had, and one cluster this config never had.
     second = connect(holds={**held, "b.default.gone.m": "1"})
     sent: set[str] = set()
@@ -166,10 +169,10 @@ async def test_a_reconnecting_envoy_gets_only_what_differs_from_what_it_holds(ad
 
 
 async def test_envoy_waits_for_a_first_file_and_a_bad_file_changes_nothing(ads):
-    workdir, connect = ads
+    publish, connect, workdir = ads
     envoy = connect()
     await envoy.nothing()  # no file yet: Envoy's start waits for its clusters
-    names = publish(workdir, routing_config(("p", ["a"])))
+    names = publish(routing_config(("p", ["a"])))
     got, _ = await envoy.next()
     assert set(got) == names
     path = cluster_path(workdir)
@@ -177,14 +180,14 @@ async def test_envoy_waits_for_a_first_file_and_a_bad_file_changes_nothing(ads):
     tmp.write_bytes(b"\xff not a DiscoveryResponse")
     os.replace(tmp, path)
     await envoy.nothing()  # logged; Envoy keeps what it has
-    more = publish(workdir, routing_config(("p", ["a"]), ("q", ["a", "b"])))
+    more = publish(routing_config(("p", ["a"]), ("q", ["a", "b"])))
     got, removed = await envoy.next()
     assert set(got) <= more and set(envoy.held) == more and not removed
 
 
 async def test_an_empty_cluster_file_still_answers_envoy(ads):
     """An Envoy starting on a config with no clusters waits for an answer: an empty one."""
-    workdir, connect = ads
+    _publish, connect, workdir = ads
     envoy = connect()
     path = cluster_path(workdir)
     gatewayfiles.write_atomic(path, discovery_pb2.DiscoveryResponse().SerializeToString())
