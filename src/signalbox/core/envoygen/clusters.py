@@ -90,11 +90,12 @@ def _backend_cluster(
     via_origin: bool = False,
     idle_timeout_s: float = GatewayOptions.upstream_idle_timeout_s,
 ) -> dict[str, Any]:
-    """One backend's cluster. `ads`: its endpoint comes from the ext_proc over ADS
-    (`extproc.xds`: resolved there, and unhealthy while the backend rests, so that it leaves
-    every chain and compiled route at once); else inline, Envoy resolving the host name.
-    `via_origin`: it reaches its endpoint's origin, plain (`origins`: one TLS context for the
-    many backends of one endpoint), and over ADS asks for its origin's resource; else a TLS
+    """One backend's cluster. `ads`: an EDS cluster naming its endpoint's resource, which the
+    ext_proc writes into it on its way to Envoy over ADS (`extproc.xds`: resolved there, and
+    unhealthy while the backend rests, so that it leaves every chain and compiled route at
+    once); else inline, Envoy resolving the host name. `via_origin`: it reaches its endpoint's
+    origin, plain (`origins`: one TLS context for the many backends of one endpoint), and names
+    its origin's resource; else a TLS
     provider's backend speaks TLS itself. `idle_timeout_s`: how long its idle connections stay
     open (an origin's connection closes with the backend's that it carries)."""
     endpoint = BackendEndpoint.of(backend, provider)
@@ -118,7 +119,7 @@ def _backend_cluster(
         if reach != PLAIN:
             # A resource of its own per way of reaching the backend (endpoints.resource_name):
             # a cluster is never given an address meant for another transport, not even while
-            # Envoy still holds the assignment of the cluster it replaces (extproc.xds).
+            # the worker writing it in has loaded another config than this one (extproc.xds).
             cluster["eds_cluster_config"]["service_name"] = resource_name(backend.cluster, reach)
     elif via_origin:
         cluster["type"] = "STATIC"  # the origin's cluster resolves the name

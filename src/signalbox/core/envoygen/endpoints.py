@@ -1,21 +1,22 @@
 """A backend's endpoint as Envoy holds it: its address, and the host metadata attempt.lua, the
 request log and spans read (which backend, provider and model an attempt went to).
 
-One home for both ways a backend cluster gets its endpoint: inline in the cluster (STRICT_DNS,
-Envoy resolves the provider's host name; a bare generator run) or from the ext_proc over ADS
-(`extproc.xds`, which resolves the name itself and marks a resting backend's endpoint
-unhealthy), so the two can never disagree on what an attempt reads.
+One home for both ways a backend cluster gets its endpoint: inline in the cluster as generated
+(STRICT_DNS, Envoy resolves the provider's host name; a bare generator run, or a gateway failing
+open) or written into it by the ext_proc on its way to Envoy over ADS (`extproc.xds`, which
+resolves the name itself and marks a resting backend's endpoint unhealthy), so the two can
+never disagree on what an attempt reads.
 
 A backend of a TLS endpoint many backends share is reached through the endpoint's *origin*
 (`envoygen.origins`): an internal listener that hands each connection to one TLS cluster per
 host, port and connect timeout. Its endpoint is then that listener, not an address.
 
 How a cluster reaches its backend (REACHES: plain, its own TLS, or an origin) is part of the
-ADS resource it asks for (`resource_name`), and the ext_proc answers a resource only with what
-that way of reaching takes. Envoy gets a changed cluster and its endpoints apart: with one
-resource for every way, a cluster that stopped speaking TLS (a provider's https:// turned
-http://, or its backends moved to an origin) could hold the provider's TLS address for a moment
-and send a request, key and all, in clear text."""
+resource its generated cluster names (`resource_name`, its EDS service name), and the ext_proc
+writes into it only what that way of reaching takes. The file and the config a worker has
+loaded can differ for a moment: a cluster that stopped speaking TLS (a provider's https://
+turned http://, or its backends moved to an origin) is never given the provider's TLS address,
+which would send a request, key and all, in clear text."""
 
 from __future__ import annotations
 
