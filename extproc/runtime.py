@@ -336,7 +336,6 @@ def _backend(b: pb.Backend, provider: ProviderRuntime, address: tuple[str, int, 
         endpoint=BackendEndpoint(
             cluster=cluster,
             backend=backend_id,
-            provider_id=provider.id,
             provider=provider.name,
             model=model,
             genai_provider=provider.genai_name,

@@ -344,7 +344,7 @@ def test_an_assignment_is_the_message_its_description_parses_to(host, port, name
     """The worker builds assignments without json_format (5 times faster); what it sends must
     be exactly what the shared description (envoygen.endpoints) says."""
     assume("/" not in names[0])  # a cluster's name never holds one (compiler._cluster_name)
-    endpoint = BackendEndpoint(names[0], names[1], names[2], names[3], "m", "openai", host, port, origin)
+    endpoint = BackendEndpoint(names[0], names[1], names[2], names[3], "openai", host, port, origin)
     described = endpoint.load_assignment(addresses, resting, reach)
     want = json_format.ParseDict(described, endpoint_pb2.ClusterLoadAssignment())
     got = xds.load_assignment(endpoint, addresses, resting, reach)

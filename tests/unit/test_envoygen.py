@@ -142,7 +142,6 @@ def test_backend_cluster_carries_metadata_tls_and_outlier_detection():
     md = b["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["metadata"]["filter_metadata"]["signalbox"]
     assert md == {
         "backend": "default/b/m",
-        "provider_id": "default/b",
         "provider": "b",
         "model": "m",
         "genai_provider": "openai_compatible",
