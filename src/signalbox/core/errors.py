@@ -199,6 +199,11 @@ class RoutingUnavailable(RequestError):
     status, error_type, code = 503, "server_error", "routing_unavailable"
 
 
+# What a client is told when Envoy and the ext_proc hold different configs for a moment (a
+# change reaches them apart): a 503 its SDK retries, never an error about its request.
+CONFIG_CHANGING = "the routing config is changing; try again"
+
+
 def openai_error_body(message: str, error_type: str, code: str, param: str | None = None) -> bytes:
     """The JSON body OpenAI clients parse into `openai.APIStatusError`."""
     return json.dumps(

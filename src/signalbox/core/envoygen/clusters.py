@@ -193,7 +193,7 @@ ATTEMPT_ERRORS = {
     "not_object": _error(errors.MalformedRequest("request body is not a JSON object")),
     "escaped_name": _error(errors.MalformedRequest("member names with escape sequences are not supported")),
     "no_model": _error(errors.MalformedRequest("request body has no 'model'")),
-    "no_backend": _error(errors.RoutingUnavailable("the routing config is changing; try again")),
+    "no_backend": _error(errors.RoutingUnavailable(errors.CONFIG_CHANGING)),
     "only_own_api": _error(
         errors.UnsupportedFeature("token counting exists in Anthropic's API only, and this backend speaks another")
     ),

@@ -328,6 +328,21 @@ def _tail_routes(cfg: pb.RoutingConfig, opts: GatewayOptions, larger: dict[str, 
     return routes
 
 
+def _changing_routes(opts: GatewayOptions) -> list[dict[str, Any]]:
+    """After every policy's routes: the router phase set a target no route names, because the
+    ext_proc has a config Envoy's routes do not have yet (a change reaches them apart). Not the
+    client's fault: a 503 its SDK retries, where the request fell through to "request body is
+    empty" (a 400). Failing open, the fail-open route takes it, as any request without a route."""
+    if opts.failure_mode == "open":
+        return []
+    changing = errors.RoutingUnavailable(errors.CONFIG_CHANGING)
+    targeted = [_present("target")]
+    return [
+        _refusal(f"changing:{path}", {"path": path, "dynamic_metadata": targeted}, changing, api_of_path(path))
+        for path in ROUTED_PATHS
+    ]
+
+
 def _route_groups(
     cfg: pb.RoutingConfig, opts: GatewayOptions, members: dict[str, list[pb.Backend]] | None = None
 ) -> tuple[dict[str, Any], list[RouteGroup]]:
@@ -379,7 +394,7 @@ def _route_groups(
             if made.retries[section]:
                 group_key = (b"C", b"D")[section] + part_key(key) + (common or b"")
                 groups.append((group_key, functools.partial(_policy_section, made.routes, section, common)))
-    groups += [eager(r) for r in tail]
+    groups += [eager(r) for r in (*_changing_routes(opts), *tail)]
     return host, groups
 
 
@@ -431,12 +446,14 @@ def _key(value: dict[str, Any]) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
+def _present(key: str) -> dict[str, Any]:
+    """A dynamic metadata matcher: the router phase (or the listener) set `key`."""
+    return {"filter": METADATA_NS, "path": [{"key": key}], "value": {"present_match": True}}
+
+
 def _without_alias_or_target(route: dict[str, Any]) -> dict[str, Any]:
     """`route`, matched only while the request has no alias and no target in metadata."""
-    absent = [
-        {"filter": METADATA_NS, "path": [{"key": key}], "value": {"present_match": True}, "invert": True}
-        for key in (ALIAS_KEY, "target")
-    ]
+    absent = [{**_present(key), "invert": True} for key in (ALIAS_KEY, "target")]
     match = {**route["match"], "dynamic_metadata": [*route["match"].get("dynamic_metadata", []), *absent]}
     return {**route, "name": f"unrouted:{route['name']}", "match": match}
 
@@ -580,6 +597,9 @@ def _local_reply_config(opts: GatewayOptions) -> dict[str, Any]:
     replies = [
         (413, errors.PayloadTooLarge(too_large_message(opts.max_body_bytes)), None),
         (EXTPROC_FAILED_STATUS, errors.RoutingUnavailable("the routing service is unavailable"), None),
+        # A route names a cluster Envoy has not got yet: its routes (read from their file) came
+        # before the clusters (over ADS) of the same change. Envoy's own 503 had no body.
+        (503, errors.RoutingUnavailable(errors.CONFIG_CHANGING), ["NC"]),
         (503, errors.NoHealthyBackend("no backend could serve the request (all attempts failed)"), upstream_flags),
         (
             504,

@@ -1,0 +1,101 @@
+"""A change reaches the ext_proc and Envoy apart (the routing config, the clusters over ADS,
+the routes from their file): while one has it and the other not, clients get a 503 in their
+API's shape that their SDK retries, never an error about their request nor an empty body.
+Each half of the race is held open here by publishing one side of a change alone."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from signalbox import gatewayfiles
+from signalbox.core import envoygen
+from signalbox.local import compile_files
+from tests.factories import backend, dump, model, policy, provider
+
+from .conftest import start_gateway
+
+pytestmark = pytest.mark.dataplane
+MESSAGE = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def fleet(fakes, *policies: tuple[str, str, list[str]]) -> str:
+    """Providers alpha and beta; each policy (name, strategy, its providers in order)."""
+    return dump(
+        provider("alpha", fakes["alpha"].url + "/v1", [model("a1")]),
+        provider("beta", fakes["beta"].url + "/v1", [model("b1")]),
+        *(
+            policy(name, [name], [backend(p, f"{p[0]}1") for p in members], strategy=strategy)
+            for name, strategy, members in policies
+        ),
+    )
+
+
+def config_of(text: str, tmp_path):
+    source = tmp_path / "next.yaml"
+    source.write_text(text)
+    result = compile_files([str(source)])
+    assert result.config is not None, result.problems
+    return result.config
+
+
+def answer(gateway, alias: str, deadline_s: float = 10.0) -> httpx.Response:
+    """The gateway's answer once the workers know `alias` (their config watch loads it)."""
+    stop = time.monotonic() + deadline_s
+    while True:
+        r = httpx.post(f"{gateway.url}/chat/completions", json={"model": alias, **MESSAGE}, timeout=10)
+        if r.status_code != 404 or time.monotonic() > stop:
+            return r
+        time.sleep(0.05)
+
+
+def test_a_decision_envoys_routes_do_not_have_yet_is_a_503_to_retry_not_a_400(fakes, tmp_path):
+    """The workers loaded a config with a new decided policy; Envoy's routes are the old ones."""
+    gateway = start_gateway(tmp_path, fleet(fakes, ("old", "cost", ["alpha", "beta"])))
+    try:
+        newer = config_of(
+            fleet(fakes, ("old", "cost", ["alpha", "beta"]), ("new", "cost", ["beta", "alpha"])), tmp_path
+        )
+        gatewayfiles.publish(newer, gateway.workdir, gateway.options, envoy=False)  # the workers' side only
+        r = answer(gateway, "new")
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "routing_unavailable"
+        assert r.headers["x-signalbox-reason"].endswith("routing_unavailable")  # after the decision's reason
+        gatewayfiles.write_envoy(newer, gateway.workdir, gateway.options)  # Envoy's side follows
+        with openai.OpenAI(base_url=gateway.url, api_key="x", max_retries=5) as client:
+            done = client.chat.completions.with_raw_response.create(model="new", **MESSAGE)
+        assert done.http_response.status_code == 200 and done.headers["x-signalbox-policy"] == "new"
+    finally:
+        gateway.stop()
+
+
+def test_a_route_to_a_cluster_envoy_has_not_got_yet_is_a_503_in_the_clients_shape(fakes, tmp_path):
+    """Envoy read the routes of a change before its clusters arrived over ADS: the compiled
+    route names a failover chain Envoy does not have. Envoy's own answer was a 503 with no body."""
+    gateway = start_gateway(tmp_path, fleet(fakes, ("old", "failover", ["alpha", "beta"])))
+    try:
+        newer = config_of(
+            fleet(fakes, ("old", "failover", ["alpha", "beta"]), ("new", "failover", ["beta", "alpha"])),
+            tmp_path,
+        )
+        gatewayfiles.publish(newer, gateway.workdir, gateway.options, envoy=False)
+        files = gatewayfiles.envoy_files(newer, gateway.workdir, gateway.options)
+        clusters = envoygen.resource_file(str(gateway.workdir / gatewayfiles.ENVOY_DIR), "cds.json")
+        gatewayfiles.write_envoy_files({path: data for path, data in files.items() if str(path) != clusters})
+        deadline = time.monotonic() + 10
+        while True:  # until Envoy has read the new routes (the alias is compiled: Envoy alone)
+            r = httpx.post(f"{gateway.url}/chat/completions", json={"model": "new", **MESSAGE}, timeout=10)
+            if r.status_code == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "routing_unavailable"
+        gatewayfiles.write_envoy_files(files)  # the clusters arrive
+        with openai.OpenAI(base_url=gateway.url, api_key="x", max_retries=5) as client:
+            done = client.chat.completions.with_raw_response.create(model="new", **MESSAGE)
+        assert done.headers["x-signalbox-provider"] == "beta"
+    finally:
+        gateway.stop()
