@@ -303,7 +303,7 @@ class _Stream:
             self.cds_sent = dict(request.initial_resource_versions)
             self.clusters_changed()
 
-    def _version(self, name: str, version: str) -> tuple[str, tuple[Any, ...] | None] | None:
+    def _to_hold(self, name: str, version: str) -> tuple[str, tuple[Any, ...] | None] | None:
         """What Envoy is to hold of cluster `name` (`version`: the file's), and for a backend
         cluster its endpoint now (`Endpoints.version`); None for a backend cluster whose
         endpoint is not known yet (a config not loaded, a host not looked up): held back until
@@ -330,7 +330,7 @@ class _Stream:
         wanted: dict[str, tuple[str, tuple[Any, ...] | None]] = {}
         held = 0
         for name, version in current.items():
-            now = self._version(name, version)
+            now = self._to_hold(name, version)
             if now is None:
                 held += 1
             elif self.cds_sent.get(name) != now[0]:

@@ -30,8 +30,6 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 from ..schema import genai_provider_name
 from .contract import METADATA_NS
 
-# The type of the resource a backend's cluster subscribes to over ADS.
-LOAD_ASSIGNMENT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 DEFAULT_CONNECT_TIMEOUT_MS = 2000
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
 
