@@ -12,6 +12,12 @@ holding the stream reads it when it changes, and a cluster's version is a digest
 A cluster that leaves the file leaves Envoy REMOVAL_GRACE_S later: the routes that named it
 are replaced right after the clusters (gatewayfiles writes clusters, then routes), and a route
 whose cluster has gone answers 503 until then.
+
+Clusters a change adds must be in Envoy before the routes that name them: a route read first
+names a cluster Envoy does not have (a 503 `routing_unavailable` until it arrives). So once
+Envoy has ACKed every cluster of a file the stream read, the stream writes that file's
+signature to HELD_FILE (`mark_held`), and the publisher writes the routes only once it reads
+there the signature of the clusters it wrote (`wait_held`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +40,42 @@ log = logging.getLogger("signalbox.extproc.xds")
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 # How long a cluster gone from the file stays in Envoy (the routes naming it go meanwhile).
 REMOVAL_GRACE_S = 2.0
+# Beside the clusters' folder (in Envoy's config folder, which no one watches whole): the
+# signature of the last cluster file whose clusters Envoy holds.
+HELD_FILE = "clusters-held"
+# How often a publisher waiting for Envoy to hold new clusters looks (`wait_held`).
+HELD_POLL_S = 0.01
+
+
+def held_file(cluster_file: str | Path) -> Path:
+    """Where the stream says which cluster file Envoy holds (`cluster_file`: the publisher's,
+    `<config dir>/cds/<file>`, envoygen.resource_file)."""
+    return Path(cluster_file).parent.parent / HELD_FILE
+
+
+def _said(signature: tuple[int, ...]) -> str:
+    return " ".join(map(str, signature))
+
+
+def wait_held(cluster_file: str | Path, timeout: float, started: bool = False) -> bool:
+    """Wait until Envoy holds the clusters of the file now at `cluster_file` (the stream wrote
+    its signature to `held_file`); False after `timeout` seconds. Without `started` and while no
+    stream ever said what Envoy holds, at once (True): an Envoy yet to start reads every file
+    there is. Polls: the wait is a change's, ten milliseconds to a second."""
+    path, held = Path(cluster_file), held_file(cluster_file)
+    if not started and not held.exists():
+        return True
+    wanted = _said(file_signature(path))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if held.read_text() == wanted:
+                return True
+        except OSError:
+            pass  # not written yet
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(HELD_POLL_S)
 
 
 class ClusterFile:
@@ -57,7 +100,29 @@ class ClusterFile:
         self.loaded = False  # read at least once (an Envoy starting waits for a first answer)
         self.on_change: list[Callable[[], object]] = []
         self._signature: tuple[int, ...] | None = None
+        self._held: tuple[int, ...] | None = None  # the signature last written to held_file
         self._stale = True
+
+    @property
+    def signature(self) -> tuple[int, ...] | None:
+        """The signature (reload.file_signature) of the file as last read; None before."""
+        return self._signature
+
+    def mark_held(self, signature: tuple[int, ...]) -> None:
+        """Say that Envoy holds every cluster of the file read with `signature` (its stream
+        sent them and Envoy ACKed): the publisher waiting for it writes the routes (`wait_held`).
+        A marker that cannot be written costs the publisher its wait, never the stream."""
+        if self.path is None or signature == self._held:
+            return
+        target = held_file(self.path)
+        try:
+            partial = target.with_name(f".{target.name}.{os.getpid()}")
+            partial.write_text(_said(signature))
+            os.replace(partial, target)
+        except OSError as exc:
+            log.warning("cannot say which clusters Envoy holds in %s: %s", target, exc)
+            return
+        self._held = signature
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Note each change of the file (its folder: the publisher moves a new file in). The

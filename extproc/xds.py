@@ -274,6 +274,9 @@ class _Stream:
         self.wake = asyncio.Event()
         self.done = False
         self._nonces = itertools.count(1)
+        # The last answer not ACKed yet, and the signature of the cluster file it completes:
+        # once Envoy ACKs it, Envoy holds that file's clusters (clusterfeed.mark_held).
+        self._unacked: tuple[int, tuple[int, ...]] | None = None
 
     def clusters_changed(self) -> None:
         if self.cds:
@@ -294,6 +297,11 @@ class _Stream:
         if request.error_detail.code:
             # Envoy keeps the clusters it had; the same bytes would be refused again.
             log.error("Envoy refused clusters (nonce %s): %s", request.response_nonce, request.error_detail.message)
+            self._unacked = None  # the publisher's wait for them ends in its timeout
+        elif request.response_nonce and self._unacked and int(request.response_nonce) >= self._unacked[0]:
+            # Envoy applies answers in order: this ACK covers every answer before it.
+            self.endpoints.clusters.mark_held(self._unacked[1])
+            self._unacked = None
         if not self.cds:
             # The first request subscribes to every cluster; a reconnecting Envoy says what it
             # holds, so only what differs is sent again.
@@ -354,8 +362,21 @@ class _Stream:
                 self.cds_sent[name] = sent_version
                 yield cluster_resource(name, sent_version, value)
 
-        yield from self._batches(sent(), CLUSTER_TYPE, removed, always=not self.cds_answered)
+        last = None  # each answer goes once the next is made: the last is known before it goes
+        for answer in self._batches(sent(), CLUSTER_TYPE, removed, always=not self.cds_answered):
+            if last is not None:
+                yield last
+            last = answer
         self.cds_answered = True
+        signature = feed.signature if not held else None
+        if last is not None:
+            if signature is not None:
+                self._unacked = (int(last.nonce), signature)  # its ACK says Envoy holds the file
+            yield last
+        elif signature is not None and self._unacked is not None:
+            self._unacked = (self._unacked[0], signature)  # held once what is on its way is
+        elif signature is not None:
+            feed.mark_held(signature)  # Envoy holds all of it already
         if len(wanted) >= BATCH:
             release_free_memory()  # what reading and sending them took, once sent (memtrim)
 

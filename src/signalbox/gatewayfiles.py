@@ -20,6 +20,7 @@ from signalbox import xdsbinary
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core import envoygen
 from signalbox.core.errors import CredentialUnavailable
+from signalbox.extproc import clusterfeed
 from signalbox.extproc.runtime import KeyResolver, default_key_resolver
 from signalbox.xdsbinary import KeyedEncoder, ResourceEncoder, RouteTableEncoder
 
@@ -39,6 +40,11 @@ SECRETS_DIR = "secrets"
 # providers whose credentials mint them. google-auth renews a token 3 min 45 s before it
 # expires, so a minute leaves Envoy minutes of overlap.
 TOKEN_REFRESH_SECONDS = 60.0
+# The longest routes wait for Envoy to hold the clusters they name (`write_envoy_files`): it
+# takes a tenth of a second to a second with Envoy connected, and an Envoy not connected to any
+# worker reads every file when it is.
+HELD_WAIT_S = 5.0
+_CLUSTERS_FOLDER = Path(envoygen.resource_file("", "cds.json")).parent.name
 
 log = logging.getLogger("signalbox.gatewayfiles")
 
@@ -118,7 +124,7 @@ def write_envoy(cfg: pb.RoutingConfig, workdir: Path, options: envoygen.GatewayO
     (the clusters are 20 MB at the 2,000-provider fleet) to find nothing to do."""
     config_dir = str(workdir / ENVOY_DIR)
     parts = envoygen.resource_parts(cfg, options, config_dir)
-    write_envoy_files(_encode_files(config_dir, parts))
+    write_envoy_files(_encode_files(config_dir, parts), over_ads=options.endpoints_over_ads)
     # Only now are the parts freed: the 2,000-provider fleet's dicts took 0.1 s to free, which
     # Envoy no longer waits for.
     del parts
@@ -166,10 +172,23 @@ def read_envoy_file(config_dir: str | Path, name: str) -> dict[str, Any]:
     return xdsbinary.decode(path.read_bytes()) if name in envoygen.BINARY_FILES else orjson.loads(path.read_bytes())
 
 
-def write_envoy_files(files: dict[Path, bytes]) -> None:
+def write_envoy_files(files: dict[Path, bytes], over_ads: bool = False) -> None:
+    """Each file that changed, in order (clusters, routes, listener). `over_ads`: Envoy gets its
+    clusters from the ext_proc's stream, not from their file, so new clusters would reach it
+    after the routes naming them; whatever follows the clusters waits until Envoy holds them
+    (`clusterfeed.wait_held`, at most HELD_WAIT_S)."""
+    waited = not over_ads
     for path, data in files.items():
-        if not path.exists() or path.read_bytes() != data:
-            write_atomic(path, data)
+        if path.exists() and path.read_bytes() == data:
+            continue
+        if not waited and path.parent.name != _CLUSTERS_FOLDER:
+            waited = True
+            clusters = next((p for p in files if p.parent.name == _CLUSTERS_FOLDER), None)
+            if clusters is not None and not clusterfeed.wait_held(clusters, HELD_WAIT_S):
+                log.warning(
+                    "Envoy did not say it holds the new clusters within %.0f s: writing the routes anyway", HELD_WAIT_S
+                )
+        write_atomic(path, data)
 
 
 def write_envoy_backends_first(cfg: pb.RoutingConfig, workdir: Path, options: envoygen.GatewayOptions) -> None:

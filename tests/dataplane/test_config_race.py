@@ -6,6 +6,7 @@ Each half of the race is held open here by publishing one side of a change alone
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -97,5 +98,57 @@ def test_a_route_to_a_cluster_envoy_has_not_got_yet_is_a_503_in_the_clients_shap
         with openai.OpenAI(base_url=gateway.url, api_key="x", max_retries=5) as client:
             done = client.chat.completions.with_raw_response.create(model="new", **MESSAGE)
         assert done.headers["x-signalbox-provider"] == "beta"
+    finally:
+        gateway.stop()
+
+
+def test_a_change_writes_routes_only_once_envoy_holds_the_chains_they_name(fakes, tmp_path, monkeypatch):
+    """A policy over a new failover chain: Envoy reads the routes from their file, the chain
+    from the ext_proc's stream. Envoy's last cluster update (the one that brought the chain,
+    `cluster_manager.cds.update_time`) comes before the routes file is written, so no request
+    meets the window the test above holds open. Without the wait it came some milliseconds
+    after."""
+
+    def resources(*more: dict) -> str:
+        return dump(
+            provider("alpha", fakes["alpha"].url + "/v1", [model("a1")]),
+            provider("beta", fakes["beta"].url + "/v1", [model("b1")]),
+            policy("old", ["old"], [backend("alpha", "a1"), backend("beta", "b1")], strategy="failover"),
+            *more,
+        )
+
+    gateway = start_gateway(tmp_path, resources())
+    admin = f"http://127.0.0.1:{gateway.admin_port}"
+    try:
+        assert gateway.options.endpoints_over_ads
+        newer = config_of(  # a provider (the same fake as alpha's) and a policy over it: new clusters
+            resources(
+                provider("gamma", fakes["alpha"].url + "/v1", [model("g1")]),
+                policy("new", ["new"], [backend("gamma", "g1"), backend("beta", "b1")], strategy="failover"),
+            ),
+            tmp_path,
+        )
+        chain = next(p.backends[0].target for p in newer.policies if p.name == "new")
+        assert f"{chain}::" not in httpx.get(f"{admin}/clusters", timeout=10).text
+        routes_written_ms: list[float] = []
+        write = gatewayfiles.write_atomic
+
+        def watched(path, data, mode=0o644):
+            if Path(path).parent.name == "rds":
+                routes_written_ms.append(time.time() * 1000)
+            write(path, data, mode)
+
+        monkeypatch.setattr(gatewayfiles, "write_atomic", watched)
+        gatewayfiles.publish(newer, gateway.workdir, gateway.options)
+        deadline = time.monotonic() + 10
+        while f"{chain}::" not in httpx.get(f"{admin}/clusters", timeout=10).text:
+            assert time.monotonic() < deadline, "the chain never reached Envoy"
+            time.sleep(0.05)
+        stats = httpx.get(f"{admin}/stats", params={"filter": r"^cluster_manager\.cds\.update_time$"}, timeout=10)
+        chain_arrived_ms = int(stats.text.split(":")[1])
+        assert len(routes_written_ms) == 1 and chain_arrived_ms <= routes_written_ms[0]
+        with openai.OpenAI(base_url=gateway.url, api_key="x", max_retries=5) as client:
+            done = client.chat.completions.with_raw_response.create(model="new", **MESSAGE)
+        assert done.headers["x-signalbox-provider"] == "gamma"
     finally:
         gateway.stop()

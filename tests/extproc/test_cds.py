@@ -21,7 +21,7 @@ from signalbox.core.compiler import compile_config
 from signalbox.extproc import clusterfeed, xds
 from signalbox.extproc.clusterfeed import CLUSTER_TYPE, ClusterFile
 from signalbox.extproc.cooldown import Cooldowns
-from signalbox.extproc.reload import TableHolder
+from signalbox.extproc.reload import TableHolder, file_signature
 from signalbox.extproc.strategies import SelectionState
 from tests.extproc.adsclient import DeltaStream
 from tests.factories import backend, model, policy, provider
@@ -45,8 +45,9 @@ def routing_config(*policies: tuple[str, list[str]]):
 def publish(workdir: Path, cfg, tables: TableHolder) -> set[str]:
     """Envoy's files as `signalbox up` writes them, and the config in force as the workers load
     it after (a backend cluster's endpoint comes from it: extproc.xds writes it into the
-    cluster); the names of the clusters in the files."""
-    gatewayfiles.write_envoy(cfg, workdir, OPTIONS)
+    cluster); the names of the clusters in the files. The routes do not wait for Envoy to hold
+    the clusters (test_held_clusters): this Envoy ACKs only when a test reads its answer."""
+    gatewayfiles.write_envoy_files(gatewayfiles.envoy_files(cfg, workdir, OPTIONS))
     tables.install(cfg)
     return {c["name"] for c in gatewayfiles.read_envoy_file(workdir / gatewayfiles.ENVOY_DIR, "cds.json")["resources"]}
 
@@ -193,3 +194,76 @@ async def test_an_empty_cluster_file_still_answers_envoy(ads):
     gatewayfiles.write_atomic(path, discovery_pb2.DiscoveryResponse().SerializeToString())
     got, removed = await envoy.next()
     assert got == {} and removed == []
+
+
+def _held(workdir: Path) -> str:
+    marker = clusterfeed.held_file(cluster_path(workdir))
+    return marker.read_text() if marker.exists() else ""
+
+
+def _signature(workdir: Path) -> str:
+    return " ".join(map(str, file_signature(cluster_path(workdir))))
+
+
+async def _until(condition, what: str, timeout: float = WAIT_S) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_routes_naming_new_clusters_wait_until_envoy_has_acked_them(ads):
+    """Envoy reads its routes from their file, its clusters from the stream: written one after
+    the other, a route naming a new failover chain reached Envoy before the chain (a 503 until
+    it came). Now the publisher writes the routes once the stream says Envoy ACKed the clusters."""
+    publish, connect, workdir = ads
+    publish(routing_config(("p", ["a", "b"])))
+    envoy = connect()
+    await envoy.next()  # ACKed: the stream says Envoy holds this file
+    await _until(lambda: _held(workdir) == _signature(workdir), "the first file held")
+    routes = Path(envoygen.resource_file(str(workdir / gatewayfiles.ENVOY_DIR), "rds.json"))
+    old_routes = routes.read_bytes()
+    more = routing_config(("p", ["a", "b"]), ("q", ["b", "a"]))
+    publisher = asyncio.create_task(asyncio.to_thread(gatewayfiles.write_envoy, more, workdir, OPTIONS))
+    answer = await asyncio.wait_for(envoy.responses.get(), WAIT_S)  # the new chain, not ACKed yet
+    assert [r.name for r in answer.resources] and all(r.name.startswith("t.") for r in answer.resources)
+    assert not publisher.done() and routes.read_bytes() == old_routes  # the routes wait
+    envoy.send(discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER_TYPE, response_nonce=answer.nonce))
+    await asyncio.wait_for(publisher, WAIT_S)
+    assert routes.read_bytes() != old_routes
+    assert _held(workdir) == _signature(workdir)
+
+
+async def test_clusters_envoy_refused_are_never_said_to_be_held(ads, monkeypatch, caplog):
+    """A NACK leaves Envoy with its old clusters: the publisher's wait ends in its timeout, and
+    the routes follow with a warning (they answer 503 routing_unavailable where they name what
+    Envoy refused, as before the wait)."""
+    monkeypatch.setattr(gatewayfiles, "HELD_WAIT_S", 0.5)
+    publish, connect, workdir = ads
+    publish(routing_config(("p", ["a"])))
+    envoy = connect()
+    await envoy.next()
+    await _until(lambda: _held(workdir) == _signature(workdir), "the first file held")
+    held_before = _held(workdir)
+    publisher = asyncio.create_task(
+        asyncio.to_thread(gatewayfiles.write_envoy, routing_config(("p", ["a"]), ("q", ["a", "b"])), workdir, OPTIONS)
+    )
+    answer = await asyncio.wait_for(envoy.responses.get(), WAIT_S)
+    refusal = discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER_TYPE, response_nonce=answer.nonce)
+    refusal.error_detail.code, refusal.error_detail.message = 3, "refused by the test"
+    envoy.send(refusal)
+    await asyncio.wait_for(publisher, WAIT_S)
+    assert _held(workdir) == held_before != _signature(workdir)
+    assert "writing the routes anyway" in caplog.text
+
+
+def test_a_publisher_waits_for_no_envoy_that_never_held_clusters(tmp_path):
+    """Before any stream said what Envoy holds (an Envoy yet to start, config-sync's init), the
+    routes are written at once; `started` (an Envoy started on the backend clusters alone)
+    waits even so, until its timeout."""
+    path = cluster_path(tmp_path)
+    gatewayfiles.write_atomic(path, discovery_pb2.DiscoveryResponse().SerializeToString())
+    assert clusterfeed.wait_held(path, timeout=60)
+    assert not clusterfeed.wait_held(path, timeout=0.05, started=True)
+    ClusterFile(path).mark_held(file_signature(path))
+    assert clusterfeed.wait_held(path, timeout=0, started=True)

@@ -103,7 +103,7 @@ class Gateway:
     def publish(self, cfg, install: bool = True) -> None:
         """Envoy's files as `signalbox up` writes them (the file read on the stream's next
         turn), and the routing config in force unless `install` is False."""
-        gatewayfiles.write_envoy(cfg, self.workdir, OPTIONS)
+        gatewayfiles.write_envoy_files(gatewayfiles.envoy_files(cfg, self.workdir, OPTIONS))  # routes not held back
         self.feed.changed()
         if install:
             self.tables.install(cfg)
