@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import logging
 import os
 import resource
 import shutil
@@ -43,6 +44,8 @@ from signalbox.extproc.metrics import MULTIPROC_ENV
 from signalbox.extproc.rolloutstats import RolloutStats
 from signalbox.extproc.runtime import credential, default_key_resolver
 from signalbox.extproc.sharedstate import COOLDOWN_DB, LEARNING_DB, OPEN_DB, ROLLOUT_DB, SPEND_DB
+
+log = logging.getLogger("signalbox.local")
 
 # AIProviders carrying this annotation get the bundled fake provider started on their baseUrl's
 # port by `signalbox up` (the offline quickstart). Ignored in a cluster.
@@ -431,10 +434,12 @@ class LocalGateway:
             elif self.config is not None:  # a change published meanwhile: its files, not these
                 gatewayfiles.write_envoy(self.config, self.workdir, self.options)
         self._wait(self._envoy_ready, "envoy", timeout)
-        if self.options.endpoints_over_ads and config is not None:
-            # Ready means every alias routes: until Envoy holds the chains, a route naming one
-            # not there yet answers 503 routing_unavailable.
-            self._wait(self._clusters_held, "envoy", timeout)
+        # Ready means every alias routes: until Envoy holds the chains, a route naming one not
+        # there yet answers 503 routing_unavailable. (A backend whose host is still being looked
+        # up holds the stream's say back: then ready without it, as before.)
+        held = self.options.endpoints_over_ads and config is not None
+        if held and not self._wait(self._clusters_held, "envoy", timeout, required=False):
+            log.warning("Envoy did not say within %.0f s that it holds every cluster: serving meanwhile", timeout)
         if not self.port:
             self._wait(self._learn_listener_port, "envoy", timeout)
 
@@ -549,7 +554,9 @@ class LocalGateway:
             raise OSError("the gateway listener is not bound yet")
         return port
 
-    def _wait(self, ready, name: str, timeout: float) -> None:
+    def _wait(self, ready, name: str, timeout: float, required: bool = True) -> bool:
+        """Until `ready()`; a StartupError if `name` exits, or after `timeout` unless not
+        `required` (then False)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_stop()
@@ -557,8 +564,10 @@ class LocalGateway:
             if proc is not None and proc.poll() is not None:
                 raise StartupError(f"{name} exited with {proc.returncode}; see {self.workdir}/{name}.log")
             if ready():
-                return
+                return True
             time.sleep(0.05)
+        if not required:
+            return False
         raise StartupError(f"{name} was not ready after {timeout:.0f}s; see {self.workdir}/{name}.log")
 
     # ------------------------------------------------------------------ supervision
