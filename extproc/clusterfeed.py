@@ -57,25 +57,28 @@ def _said(signature: tuple[int, ...]) -> str:
     return " ".join(map(str, signature))
 
 
-def wait_held(cluster_file: str | Path, timeout: float, started: bool = False) -> bool:
-    """Wait until Envoy holds the clusters of the file now at `cluster_file` (the stream wrote
-    its signature to `held_file`); False after `timeout` seconds. Without `started` and while no
-    stream ever said what Envoy holds, at once (True): an Envoy yet to start reads every file
-    there is. Polls: the wait is a change's, ten milliseconds to a second."""
-    path, held = Path(cluster_file), held_file(cluster_file)
-    if not started and not held.exists():
+def held(cluster_file: str | Path) -> bool:
+    """Whether Envoy holds the clusters of the file now at `cluster_file` (the stream wrote its
+    signature to `held_file`)."""
+    try:
+        return held_file(cluster_file).read_text() == _said(file_signature(Path(cluster_file)))
+    except OSError:
+        return False  # not written yet
+
+
+def wait_held(cluster_file: str | Path, timeout: float) -> bool:
+    """Wait until Envoy holds the clusters of the file now at `cluster_file`; False after
+    `timeout` seconds. While no stream ever said what Envoy holds, at once (True): an Envoy yet
+    to start reads every file there is. Polls: the wait is a change's, ten milliseconds to a
+    second."""
+    if not held_file(cluster_file).exists():
         return True
-    wanted = _said(file_signature(path))
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if held.read_text() == wanted:
-                return True
-        except OSError:
-            pass  # not written yet
+    while not held(cluster_file):
         if time.monotonic() >= deadline:
             return False
         time.sleep(HELD_POLL_S)
+    return True
 
 
 class ClusterFile:

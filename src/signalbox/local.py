@@ -525,7 +525,7 @@ class LocalGateway:
         """Whether Envoy holds every cluster of the clusters file as it is now."""
         assert self.workdir
         clusters = envoygen.resource_file(str(self.workdir / gatewayfiles.ENVOY_DIR), "cds.json")
-        return clusterfeed.wait_held(clusters, timeout=0, started=True)
+        return clusterfeed.held(clusters)
 
     def _envoy_ready(self) -> bool:
         if self._envoy_admin_port() is None:

@@ -259,11 +259,12 @@ async def test_clusters_envoy_refused_are_never_said_to_be_held(ads, monkeypatch
 
 def test_a_publisher_waits_for_no_envoy_that_never_held_clusters(tmp_path):
     """Before any stream said what Envoy holds (an Envoy yet to start, config-sync's init), the
-    routes are written at once; `started` (an Envoy started on the backend clusters alone)
-    waits even so, until its timeout."""
+    routes are written at once; `held` (what `signalbox up` waits for before it says ready)
+    is true only once a stream said so of the file as it is now."""
     path = cluster_path(tmp_path)
     gatewayfiles.write_atomic(path, discovery_pb2.DiscoveryResponse().SerializeToString())
-    assert clusterfeed.wait_held(path, timeout=60)
-    assert not clusterfeed.wait_held(path, timeout=0.05, started=True)
+    assert clusterfeed.wait_held(path, timeout=60) and not clusterfeed.held(path)
     ClusterFile(path).mark_held(file_signature(path))
-    assert clusterfeed.wait_held(path, timeout=0, started=True)
+    assert clusterfeed.held(path)
+    gatewayfiles.write_atomic(path, discovery_pb2.DiscoveryResponse(version_info="2").SerializeToString())
+    assert not clusterfeed.held(path) and not clusterfeed.wait_held(path, timeout=0.05)
