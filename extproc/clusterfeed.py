@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from .reload import file_signature
+from .reload import file_signature, replace_text
 
 log = logging.getLogger("signalbox.extproc.xds")
 
@@ -119,9 +118,7 @@ class ClusterFile:
             return
         target = held_file(self.path)
         try:
-            partial = target.with_name(f".{target.name}.{os.getpid()}")
-            partial.write_text(_said(signature))
-            os.replace(partial, target)
+            replace_text(target, _said(signature))
         except OSError as exc:
             log.warning("cannot say which clusters Envoy holds in %s: %s", target, exc)
             return

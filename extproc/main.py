@@ -31,7 +31,7 @@ from .ledger import SpendLedger
 from .limits import EmbeddedLimits, LimitStore
 from .metrics import Metrics
 from .outliers import OutlierEvents
-from .reload import TableHolder
+from .reload import TableHolder, replace_text
 from .rolloutstats import RolloutStats
 from .runtime import default_key_resolver
 from .server import Processor, serve
@@ -134,9 +134,7 @@ def publish_address(path: Path, address: str) -> None:
     """Write the bound address where the starter polls for it, by rename: the starter waits
     for the file to exist and reads it at once, and a file created then written was seen
     empty (a `signalbox up` that failed to start in CI)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(address)
-    os.replace(tmp, path)
+    replace_text(path, address)
 
 
 async def serve_until_stopped(args: argparse.Namespace, background: tuple[Background, ...] = ()) -> int:

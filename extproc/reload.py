@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -140,6 +141,14 @@ class TableHolder:
             return  # a bad file is reported once, not again on each event in its folder
         if not await self.load_file_async(path):
             self._failed_on = seen
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write `text` to `path` by rename, so a reader polling for the file never sees it empty or
+    half written (the name of the file written first is this process's own)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def file_signature(path: Path) -> tuple[int, ...]:
