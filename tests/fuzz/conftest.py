@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from signalbox.core.compiler import compile_config
-from signalbox.extproc.reload import TableHolder
 from signalbox.extproc.runtime import RuntimeTable
 from tests.factories import backend, model, policy, provider
 
@@ -51,8 +50,3 @@ def fuzz_config():
 @pytest.fixture(scope="session")
 def table() -> RuntimeTable:
     return RuntimeTable.from_config(fuzz_config())
-
-
-@pytest.fixture(scope="session")
-def holder(table) -> TableHolder:
-    return TableHolder(table)
