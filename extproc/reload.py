@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,10 +25,19 @@ from .runtime import KeyResolver, RuntimeTable, default_key_resolver
 
 log = logging.getLogger("signalbox.extproc")
 
+# How long the table before the one in force still decides requests that arrived under its
+# routes, once Envoy has the new ones (`TableHolder.for_routes`): a request's body reaches the
+# router phase milliseconds after its headers, or as long as a slow client takes to send it.
+PREVIOUS_KEPT_S = 30.0
+
 
 class TableHolder:
     def __init__(
-        self, table: RuntimeTable | None = None, resolve_key: KeyResolver | None = None, metrics: Metrics | None = None
+        self,
+        table: RuntimeTable | None = None,
+        resolve_key: KeyResolver | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.current = table or RuntimeTable.empty()
         self.resolve_key = resolve_key or default_key_resolver()
@@ -38,6 +48,11 @@ class TableHolder:
         # Whether any config was ever installed (readiness), and who wants to know when one is.
         self.loaded = table is not None
         self.on_install: list[Callable[[], object]] = []
+        # The table before the one in force, while Envoy's routes may still be its config's
+        # (`for_routes`), and until when it is kept once they are not.
+        self.previous: RuntimeTable | None = None
+        self._previous_until = float("inf")
+        self.clock = clock
         # The file the table in force was built from, as stat saw it before reading it.
         self._built_from: tuple[int, ...] | None = None
         self._failed_on: tuple[int, ...] | None = None
@@ -46,6 +61,8 @@ class TableHolder:
         return self._use(cfg, RuntimeTable.from_config(cfg, self.resolve_key))
 
     def _use(self, cfg: pb.RoutingConfig, table: RuntimeTable) -> RuntimeTable:
+        if self.loaded and self.current.content_hash != table.content_hash:
+            self.previous, self._previous_until = self.current, float("inf")
         self.current = table
         self.loaded = True
         for notify in self.on_install:
@@ -62,6 +79,28 @@ class TableHolder:
             self.metrics.config_generation.set(table.generation)
             self.metrics.providers_without_key.set(len(missing))
         return table
+
+    def for_routes(self, content_hash: str) -> RuntimeTable:
+        """The table to decide a request by, given the config whose routes it arrived under
+        (wire.routes_config: Envoy keeps those routes for the whole request). A change reaches
+        the workers before Envoy's routes, so a request can arrive under the routes of the
+        config before the one in force: decided by that config, its decision has a route (by
+        the one in force, a policy's new target had none: a 503 until the routes came). The
+        previous table is kept until PREVIOUS_KEPT_S after the first request that arrived under
+        the routes of the one in force (a worker that gets none keeps it until its next change).
+        Any other config (unknown, or a worker behind Envoy): the table in force."""
+        current = self.current
+        if content_hash == current.content_hash:
+            if self.previous is not None and self._previous_until == float("inf"):
+                self._previous_until = self.clock() + PREVIOUS_KEPT_S
+            return current
+        previous = self.previous
+        if previous is None:
+            return current
+        if self.clock() >= self._previous_until:
+            self.previous = None
+            return current
+        return previous if content_hash == previous.content_hash else current
 
     def _build(self, path: str | Path) -> tuple[pb.RoutingConfig, RuntimeTable, tuple[int, ...]]:
         seen = file_signature(Path(path))  # before reading: a file replaced meanwhile is read again

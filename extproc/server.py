@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from signalbox.core import budget, rollouts
 from signalbox.core.envoygen.contract import BODY_MODEL_KEY, EMPTY_BODY, RELAY_HEADER, RELAY_KEY, api_of_path
-from signalbox.core.errors import Forbidden, InternalError, MalformedRequest, RequestError
+from signalbox.core.errors import Forbidden, InternalError, MalformedRequest, RequestError, UnknownModel
 
 from . import accounting, decide, identity, limits, relay, rollout, strategies, upstream, wire
 from .accesslog import AccessLogSink
@@ -334,7 +334,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
     ):
         """The router phase. Envoy sends one message, the body with the headers as attributes
         (the gateway's config); a headers message first, then the body, is read as well."""
-        table = self.tables.current
+        table = self.tables.for_routes(wire.routes_config(request))
         state = self.state
         first = request.WhichOneof("request")
         if first not in ("request_headers", "request_body"):
@@ -377,7 +377,21 @@ class Processor(ep_grpc.ExternalProcessorServicer):
             now = time.time()
             consumer = table.identities.identify(headers, wire.jwt_payload(request), now)
             consumer_label = consumer.id if consumer else identity.ANONYMOUS
-            prepared = decide.prepare(table, path, headers, raw, decide.client_address(headers), self.max_body_bytes)
+            try:
+                prepared = decide.prepare(
+                    table, path, headers, raw, decide.client_address(headers), self.max_body_bytes
+                )
+            except UnknownModel:
+                if table is self.tables.current:
+                    raise
+                # An alias the config of the routes it arrived under has not: the newest config
+                # (whose route Envoy does not have yet: a 503 the client's SDK retries).
+                table = self.tables.current
+                consumer = table.identities.identify(headers, wire.jwt_payload(request), now)
+                consumer_label = consumer.id if consumer else identity.ANONYMOUS
+                prepared = decide.prepare(
+                    table, path, headers, raw, decide.client_address(headers), self.max_body_bytes
+                )
             policy = prepared.policy
             try:
                 identity.authorize(table.identities, consumer, policy, str(prepared.body["model"]), headers)

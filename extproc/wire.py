@@ -15,7 +15,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format
 
-from signalbox.core.envoygen.contract import JWT_NAMESPACE, JWT_PAYLOAD_KEY
+from signalbox.core.envoygen.contract import JWT_NAMESPACE, JWT_PAYLOAD_KEY, VIRTUAL_HOST_ATTRIBUTE, routes_config_of
 from signalbox.core.errors import RequestError
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -54,6 +54,16 @@ def attribute_headers(request: ep.ProcessingRequest) -> dict[str, str]:
             elif (header := _HEADER_ATTRIBUTE.match(name)) and text:
                 out[header.group(1)] = text
     return out
+
+
+def routes_config(request: ep.ProcessingRequest) -> str:
+    """The content hash of the config whose routes the request arrived under (Envoy's attribute
+    `xds.virtual_host_name`, contract.virtual_host_name); "" when it does not say."""
+    for attrs in request.attributes.values():
+        value = attrs.fields.get(VIRTUAL_HOST_ATTRIBUTE)
+        if value is not None:
+            return routes_config_of(value.string_value)
+    return ""
 
 
 def jwt_payload(request: ep.ProcessingRequest) -> dict[str, Any] | None:

@@ -73,6 +73,35 @@ def test_a_decision_envoys_routes_do_not_have_yet_is_a_503_to_retry_not_a_400(fa
         gateway.stop()
 
 
+def test_a_request_is_decided_by_the_config_whose_routes_it_arrived_under(fakes, tmp_path):
+    """A decided policy moves to a backend it did not have; the worker loaded the change, and
+    Envoy's routes are the old ones. The request is decided by the old config, whose routes it
+    arrived under (Envoy keeps those for the whole request): the old backend answers, where the
+    new config's target had no route in them (a 503 until they came). Once Envoy has the new
+    routes, the new backend does."""
+    gateway = start_gateway(tmp_path, fleet(fakes, ("moving", "cost", ["alpha"])), extproc_workers=1)
+    try:
+        newer = config_of(fleet(fakes, ("moving", "cost", ["beta"])), tmp_path)
+        newer.generation = 1000
+        gatewayfiles.publish(newer, gateway.workdir, gateway.options, envoy=False)  # the worker's side only
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{gateway.admin_url}/healthz", timeout=10).json()["generation"] != newer.generation:
+            assert time.monotonic() < deadline, "the worker never loaded the change"
+            time.sleep(0.05)
+        r = httpx.post(f"{gateway.url}/chat/completions", json={"model": "moving", **MESSAGE}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-signalbox-provider"] == "alpha"
+        gatewayfiles.write_envoy(newer, gateway.workdir, gateway.options)  # Envoy's side follows
+        deadline = time.monotonic() + 10
+        while r.headers.get("x-signalbox-provider") != "beta":
+            assert r.status_code == 200, r.text
+            assert time.monotonic() < deadline, "Envoy's new routes never served the new backend"
+            time.sleep(0.05)
+            r = httpx.post(f"{gateway.url}/chat/completions", json={"model": "moving", **MESSAGE}, timeout=10)
+    finally:
+        gateway.stop()
+
+
 def test_a_route_to_a_cluster_envoy_has_not_got_yet_is_a_503_in_the_clients_shape(fakes, tmp_path):
     """Envoy read the routes of a change before its clusters arrived over ADS: the compiled
     route names a failover chain Envoy does not have. Envoy's own answer was a 503 with no body."""

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from signalbox.core import envoygen
 from signalbox.core.compiler import compile_config
+from signalbox.core.envoygen import contract
 from signalbox.core.envoygen.endpoints import ORIGIN, ORIGIN_MIN_BACKENDS, ORIGIN_SUFFIX
 from tests.factories import backend, model, policy, provider
 from tests.unit.test_attempt_lua import attempt_backends
@@ -81,6 +82,24 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
     assert forward == {"allowed_headers": {"patterns": [{"exact": ":path"}]}}
     removed = [m["remove"] for m in filters[4]["typed_config"]["mutations"]["request_mutations"]]
     assert sorted(removed) == sorted(envoygen.GATEWAY_HEADERS)
+
+
+def test_the_routes_name_the_config_they_were_made_from_for_the_router_phase():
+    """Envoy keeps the routes a request arrived under; the router phase decides it by their
+    config (TableHolder.for_routes), which it reads in the virtual host's name, sent to it as
+    an attribute."""
+    providers = [provider("a", "http://127.0.0.1:9001/v1", [model("m")]), provider("b", "http://b:1/v1", [model("m")])]
+    names = set()
+    for member in ("a", "b"):
+        cfg = compile_config(providers, [policy("p", ["x"], [backend(member, "m")], strategy="cost")]).config
+        hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
+        (host,) = hcm["route_config"]["virtual_hosts"]
+        assert contract.routes_config_of(host["name"]) == cfg.content_hash
+        names.add(host["name"])
+        extproc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
+        assert contract.VIRTUAL_HOST_ATTRIBUTE in extproc["typed_config"]["request_attributes"]
+    assert len(names) == 2
+    assert contract.routes_config_of(contract.virtual_host_name("")) == ""  # a config never compiled
 
 
 def test_policies_with_the_same_chain_share_its_aggregate_and_keep_their_own_routes():

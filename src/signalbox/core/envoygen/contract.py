@@ -56,7 +56,26 @@ ATTEMPT_NS = "signalbox.attempt"
 # What the router phase reads of a request besides its body, sent with the body as attributes
 # (CEL expressions): these, and `request.headers['<name>']` for each header a policy matches
 # on or hashes by (`router_attributes`). Envoy cannot send the whole header map.
-ROUTER_ATTRIBUTES = ("request.path", "request.method", "request.id", "source.address")
+# `xds.virtual_host_name` says which config's routes the request arrived under
+# (`virtual_host_name`).
+VIRTUAL_HOST_ATTRIBUTE = "xds.virtual_host_name"
+ROUTER_ATTRIBUTES = ("request.path", "request.method", "request.id", "source.address", VIRTUAL_HOST_ATTRIBUTE)
+VIRTUAL_HOST = "signalbox"
+
+
+def virtual_host_name(content_hash: str) -> str:
+    """The main route table's virtual host, named after the content hash of the config its
+    routes were made from. Envoy keeps the routes a request arrived under for the whole request,
+    and a change reaches the ext_proc before Envoy's routes: the router phase decides a request
+    by that config (`routes_config_of`), so that its decision has a route."""
+    return f"{VIRTUAL_HOST}:{content_hash}" if content_hash else VIRTUAL_HOST
+
+
+def routes_config_of(virtual_host: str) -> str:
+    """The content hash `virtual_host_name` put in a virtual host's name ("" if none)."""
+    return virtual_host.partition(":")[2]
+
+
 HEADER_ATTRIBUTE = "request.headers['{}']"
 # Consumers (schema 2): the headers a gateway API key may come in (OpenAI SDKs send
 # Authorization: Bearer, Anthropic SDKs x-api-key, Azure clients api-key), sent to the router

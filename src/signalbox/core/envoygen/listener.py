@@ -62,6 +62,7 @@ from .contract import (
     api_of_path,
     models_listing,
     too_large_message,
+    virtual_host_name,
 )
 from .options import _RETRIABLE_STATUSES, _RETRY_ON, GatewayOptions, _address, _any, _ms, extproc_grpc_service
 from .tracing import http_tracing
@@ -379,7 +380,11 @@ def _route_groups(
         for _, made in per_policy:
             counts.update(k for k in made.retries[section] if k is not None)
     counts.update(k for r in tail if (k := _retry_key(r)) is not None)
-    host: dict[str, Any] = {"name": "signalbox", "domains": ["*"], "response_headers_to_add": _response_headers()}
+    host: dict[str, Any] = {
+        "name": virtual_host_name(cfg.content_hash),
+        "domains": ["*"],
+        "response_headers_to_add": _response_headers(),
+    }
     common = counts.most_common(1)[0][0] if counts else None
     if common is not None:
         host["retry_policy"] = orjson.loads(common)
