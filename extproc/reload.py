@@ -9,6 +9,7 @@ understood never replaces the table in force.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .memtrim import release_free_memory
 from .metrics import Metrics
-from .runtime import KeyResolver, RuntimeTable, default_key_resolver
+from .runtime import KeyResolver, PolicyRuntime, RuntimeTable, default_key_resolver
 
 log = logging.getLogger("signalbox.extproc")
 
@@ -48,8 +49,9 @@ class TableHolder:
         # Whether any config was ever installed (readiness), and who wants to know when one is.
         self.loaded = table is not None
         self.on_install: list[Callable[[], object]] = []
-        # The table before the one in force, while Envoy's routes may still be its config's
-        # (`for_routes`), and until when it is kept once they are not.
+        # The table before the one in force, while Envoy's routes may still be its config's and
+        # the change gave a policy a target they lack (`for_routes`), and until when it is kept
+        # once they are not.
         self.previous: RuntimeTable | None = None
         self._previous_until = float("inf")
         self.clock = clock
@@ -62,7 +64,9 @@ class TableHolder:
 
     def _use(self, cfg: pb.RoutingConfig, table: RuntimeTable) -> RuntimeTable:
         if self.loaded and self.current.content_hash != table.content_hash:
-            self.previous, self._previous_until = self.current, float("inf")
+            old = self.current
+            self.previous = old if routes_differ(old, table) else None
+            self._previous_until = float("inf")
         self.current = table
         self.loaded = True
         for notify in self.on_install:
@@ -86,21 +90,27 @@ class TableHolder:
         the workers before Envoy's routes, so a request can arrive under the routes of the
         config before the one in force: decided by that config, its decision has a route (by
         the one in force, a policy's new target had none: a 503 until the routes came). The
-        previous table is kept until PREVIOUS_KEPT_S after the first request that arrived under
-        the routes of the one in force (a worker that gets none keeps it until its next change).
-        Any other config (unknown, or a worker behind Envoy): the table in force."""
+        previous table is kept only when the change needs it (`routes_differ`), until
+        PREVIOUS_KEPT_S after the first request that arrived under the routes of the one in
+        force. Any other config (unknown, or a worker behind Envoy): the table in force."""
         current = self.current
         if content_hash == current.content_hash:
             if self.previous is not None and self._previous_until == float("inf"):
                 self._previous_until = self.clock() + PREVIOUS_KEPT_S
+                with contextlib.suppress(RuntimeError):  # no event loop: dropped when next asked
+                    asyncio.get_running_loop().call_later(PREVIOUS_KEPT_S, self._drop_previous)
             return current
         previous = self.previous
-        if previous is None:
-            return current
-        if self.clock() >= self._previous_until:
-            self.previous = None
+        if previous is None or self._drop_previous():
             return current
         return previous if content_hash == previous.content_hash else current
+
+    def _drop_previous(self) -> bool:
+        """Let the table before the one in force go once its time is up (True if it is gone)."""
+        if self.previous is not None and self.clock() >= self._previous_until:
+            self.previous = None
+            release_free_memory()  # a table at the 2,000-provider fleet is about 10 MB
+        return self.previous is None
 
     def _build(self, path: str | Path) -> tuple[pb.RoutingConfig, RuntimeTable, tuple[int, ...]]:
         seen = file_signature(Path(path))  # before reading: a file replaced meanwhile is read again
@@ -180,6 +190,24 @@ class TableHolder:
             return  # a bad file is reported once, not again on each event in its folder
         if not await self.load_file_async(path):
             self._failed_on = seen
+
+
+def routes_differ(old: RuntimeTable, new: RuntimeTable) -> bool:
+    """Whether a request that arrived under `old`'s routes may have no route when decided by
+    `new`: a policy of `old` is gone, or `new` may send one to a target that `old` did not
+    (a compiled policy's one route takes any target). A change that only adds policies or
+    leaves targets needs no table kept for the old routes (`TableHolder.for_routes`)."""
+
+    def targets(policy: PolicyRuntime) -> frozenset[str]:
+        return frozenset(c.target for c in (*policy.choices, *(c for r in policy.routes for c in r.choices)))
+
+    for policy_id, before in old.by_id.items():
+        after = new.by_id.get(policy_id)
+        if after is None:
+            return True
+        if not before.compiled and not targets(after) <= targets(before):
+            return True
+    return False
 
 
 def replace_text(path: Path, text: str) -> None:
