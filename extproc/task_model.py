@@ -67,11 +67,22 @@ def segments(text: str) -> tuple[str, str, str]:
     return text, pieces[0][:LINE_CHARS], pieces[-1][-LINE_CHARS:]
 
 
-def word_buckets(text: str) -> np.ndarray:
-    """The hashed buckets of the text's words and adjacent word pairs (each once)."""
+def _bucket_set(text: str) -> set[int]:
     words = _WORD.findall(text[:MAX_CHARS].lower())
-    tokens = set(words) | {f"{a} {b}" for a, b in itertools.pairwise(words)}
-    return np.unique(np.fromiter((zlib.crc32(t.encode()) % HASH_BUCKETS for t in tokens), dtype=np.int64))
+    tokens = set(words)
+    tokens.update(f"{a} {b}" for a, b in itertools.pairwise(words))
+    return {zlib.crc32(t.encode()) % HASH_BUCKETS for t in tokens}
+
+
+def _sorted(buckets: set[int]) -> np.ndarray:
+    # A request's few dozen buckets: sorted in Python, where numpy's unique cost more than the
+    # hashing (five calls a request, on the decided path of every classified request).
+    return np.array(sorted(buckets), dtype=np.int64)
+
+
+def word_buckets(text: str) -> np.ndarray:
+    """The hashed buckets of the text's words and adjacent word pairs (each once, ascending)."""
+    return _sorted(_bucket_set(text))
 
 
 def _word_block(buckets: np.ndarray, norm: float) -> tuple[np.ndarray, float]:
@@ -83,7 +94,7 @@ def word_blocks(text: str) -> list[tuple[np.ndarray, float]]:
     last sentences, and the first and last lines (a long line holds more than its sentence)."""
     whole, first, last = segments(text)
     ends = [e for e in (first, last, *_lines(text)) if e]
-    union = np.unique(np.concatenate([word_buckets(e) for e in ends])) if ends else np.zeros(0, dtype=np.int64)
+    union = _sorted(set().union(*(_bucket_set(e) for e in ends)))
     return [_word_block(word_buckets(whole), WHOLE_WORDS_NORM), _word_block(union, ENDS_WORDS_NORM)]
 
 

@@ -3,7 +3,10 @@ client sends is classified without error, within the tier's budget of work."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
+import zlib
 
 import numpy as np
 import pytest
@@ -55,6 +58,26 @@ def test_any_text_gets_a_distribution_over_the_types(text):
     assert buckets.size == 0 or (buckets.min() >= 0 and buckets.max() < task_model.HASH_BUCKETS)
     hit = default_routes.router().classify(text)
     assert hit is None or (hit.task_type in MODEL.classes and hit.similarity >= default_routes.MIN_PROBABILITY)
+
+
+def _reference_buckets(text: str) -> np.ndarray:
+    """The features the shipped weights were trained against, spelled out plainly."""
+    words = re.findall(r"[a-z0-9']+", text[: task_model.MAX_CHARS].lower())
+    tokens = set(words) | {f"{a} {b}" for a, b in itertools.pairwise(words)}
+    return np.unique(np.array([zlib.crc32(t.encode()) % task_model.HASH_BUCKETS for t in tokens], dtype=np.int64))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=600) | st.lists(st.sampled_from(["the", "cat", "Sat.", "\n", "on", "it!", " "])).map("".join))
+def test_word_features_are_the_ones_the_weights_were_trained_on(text):
+    """The request path's hashing (Python sets, no numpy per call) gives exactly the buckets the
+    model's weights are laid out against."""
+    assert np.array_equal(task_model.word_buckets(text), _reference_buckets(text))
+    whole, first, last = task_model.segments(text)
+    ends = [e for e in (first, last, *task_model._lines(text)) if e]
+    union = np.unique(np.concatenate([_reference_buckets(e) for e in ends] or [np.zeros(0, np.int64)]))
+    (whole_block, _), (ends_block, _) = task_model.word_blocks(text)
+    assert np.array_equal(whole_block, _reference_buckets(whole)) and np.array_equal(ends_block, union)
 
 
 def test_weights_for_other_features_are_refused_not_scored(tmp_path):
