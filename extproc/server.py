@@ -375,23 +375,18 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 return
             decided = time.perf_counter()  # parse, classify (all tiers), select
             now = time.time()
-            consumer = table.identities.identify(headers, wire.jwt_payload(request), now)
-            consumer_label = consumer.id if consumer else identity.ANONYMOUS
+            address = decide.client_address(headers)
             try:
-                prepared = decide.prepare(
-                    table, path, headers, raw, decide.client_address(headers), self.max_body_bytes
-                )
+                prepared = decide.prepare(table, path, headers, raw, address, self.max_body_bytes)
             except UnknownModel:
                 if table is self.tables.current:
                     raise
                 # An alias the config of the routes it arrived under has not: the newest config
                 # (whose route Envoy does not have yet: a 503 the client's SDK retries).
                 table = self.tables.current
-                consumer = table.identities.identify(headers, wire.jwt_payload(request), now)
-                consumer_label = consumer.id if consumer else identity.ANONYMOUS
-                prepared = decide.prepare(
-                    table, path, headers, raw, decide.client_address(headers), self.max_body_bytes
-                )
+                prepared = decide.prepare(table, path, headers, raw, address, self.max_body_bytes)
+            consumer = table.identities.identify(headers, wire.jwt_payload(request), now)
+            consumer_label = consumer.id if consumer else identity.ANONYMOUS
             policy = prepared.policy
             try:
                 identity.authorize(table.identities, consumer, policy, str(prepared.body["model"]), headers)
