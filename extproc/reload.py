@@ -63,10 +63,8 @@ class TableHolder:
         return self._use(cfg, RuntimeTable.from_config(cfg, self.resolve_key))
 
     def _use(self, cfg: pb.RoutingConfig, table: RuntimeTable) -> RuntimeTable:
-        if self.loaded and self.current.content_hash != table.content_hash:
-            old = self.current
-            self.previous = old if routes_differ(old, table) else None
-            self._previous_until = float("inf")
+        if self.loaded and routes_differ(self.current, table):
+            self.previous, self._previous_until = self.current, float("inf")
         self.current = table
         self.loaded = True
         for notify in self.on_install:
@@ -84,9 +82,9 @@ class TableHolder:
             self.metrics.providers_without_key.set(len(missing))
         return table
 
-    def for_routes(self, content_hash: str) -> RuntimeTable:
-        """The table to decide a request by, given the config whose routes it arrived under
-        (wire.routes_config: Envoy keeps those routes for the whole request). A change reaches
+    def for_routes(self, key: str) -> RuntimeTable:
+        """The table to decide a request by, given the routes key of the config whose routes it
+        arrived under (wire.routes_key: Envoy keeps those routes for the whole request). A change reaches
         the workers before Envoy's routes, so a request can arrive under the routes of the
         config before the one in force: decided by that config, its decision has a route (by
         the one in force, a policy's new target had none: a 503 until the routes came). The
@@ -94,7 +92,7 @@ class TableHolder:
         PREVIOUS_KEPT_S after the first request that arrived under the routes of the one in
         force. Any other config (unknown, or a worker behind Envoy): the table in force."""
         current = self.current
-        if content_hash == current.content_hash:
+        if key == current.routes_key:
             if self.previous is not None and self._previous_until == float("inf"):
                 self._previous_until = self.clock() + PREVIOUS_KEPT_S
                 with contextlib.suppress(RuntimeError):  # no event loop: dropped when next asked
@@ -103,7 +101,7 @@ class TableHolder:
         previous = self.previous
         if previous is None or self._drop_previous():
             return current
-        return previous if content_hash == previous.content_hash else current
+        return previous if key == previous.routes_key else current
 
     def _drop_previous(self) -> bool:
         """Let the table before the one in force go once its time is up (True if it is gone)."""

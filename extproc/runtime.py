@@ -16,6 +16,7 @@ from pathlib import Path
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.budget import HOLD_SLACK_SECONDS, Budget
+from signalbox.core.envoygen.contract import routes_key
 from signalbox.core.envoygen.endpoints import BackendEndpoint, origin_name
 from signalbox.core.errors import OPENAI_API, RESPONSES_API, ConfigVersionError
 from signalbox.core.limits import SubjectLimits
@@ -219,6 +220,8 @@ class RuntimeTable:
     backends: dict[str, BackendRuntime]
     policies: tuple[PolicyRuntime, ...] = field(default=())
     identities: Identities = field(default_factory=Identities.empty)
+    # What its decisions' routes depend on (contract.routes_key): Envoy's routes name it.
+    routes_key: str = ""
 
     @functools.cached_property
     def by_id(self) -> dict[str, PolicyRuntime]:
@@ -291,6 +294,7 @@ class RuntimeTable:
             backends={b.id: b for b in backends},
             policies=policies,
             identities=Identities.from_config(cfg),
+            routes_key=routes_key(cfg),
         )
 
 

@@ -334,7 +334,7 @@ class Processor(ep_grpc.ExternalProcessorServicer):
     ):
         """The router phase. Envoy sends one message, the body with the headers as attributes
         (the gateway's config); a headers message first, then the body, is read as well."""
-        table = self.tables.for_routes(wire.routes_config(request))
+        table = self.tables.for_routes(wire.routes_key(request))
         state = self.state
         first = request.WhichOneof("request")
         if first not in ("request_headers", "request_body"):

@@ -15,7 +15,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format
 
-from signalbox.core.envoygen.contract import JWT_NAMESPACE, JWT_PAYLOAD_KEY, VIRTUAL_HOST_ATTRIBUTE, routes_config_of
+from signalbox.core.envoygen.contract import JWT_NAMESPACE, JWT_PAYLOAD_KEY, VIRTUAL_HOST_ATTRIBUTE, routes_key_of
 from signalbox.core.errors import RequestError
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -56,13 +56,13 @@ def attribute_headers(request: ep.ProcessingRequest) -> dict[str, str]:
     return out
 
 
-def routes_config(request: ep.ProcessingRequest) -> str:
-    """The content hash of the config whose routes the request arrived under (Envoy's attribute
-    `xds.virtual_host_name`, contract.virtual_host_name); "" when it does not say."""
+def routes_key(request: ep.ProcessingRequest) -> str:
+    """The routes key (contract.routes_key) of the config whose routes the request arrived
+    under (Envoy's attribute `xds.virtual_host_name`); "" when it does not say."""
     for attrs in request.attributes.values():
         value = attrs.fields.get(VIRTUAL_HOST_ATTRIBUTE)
         if value is not None:
-            return routes_config_of(value.string_value)
+            return routes_key_of(value.string_value)
     return ""
 
 

@@ -19,7 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from google.protobuf import json_format, struct_pb2
 
 from signalbox.core.compiler import compile_config
-from signalbox.core.envoygen.contract import VIRTUAL_HOST_ATTRIBUTE, virtual_host_name
+from signalbox.core.envoygen.contract import VIRTUAL_HOST_ATTRIBUTE, routes_key, virtual_host_name
 from signalbox.extproc import reload
 from signalbox.extproc.reload import TableHolder
 from signalbox.extproc.server import serve
@@ -45,7 +45,7 @@ NEW = config(("moving", "b"), ("added", "a"))
 
 def arriving(alias: str, under: str | None) -> object:
     """The router phase's message for `alias`, as Envoy sends it under the routes of the config
-    with content hash `under` (None: an Envoy that does not say)."""
+    with routes key `under` (None: an Envoy that does not say)."""
     payload = json.dumps({"model": alias, "messages": [{"role": "user", "content": "hi"}]}).encode()
     message = router_message(payload)
     if under is not None:
@@ -91,8 +91,8 @@ async def decided(stub, alias: str, under: str | None) -> dict:
 async def test_a_request_under_the_old_routes_goes_where_they_route(changed):
     stub, _, _ = changed
     assert target_of(OLD, "moving") != target_of(NEW, "moving")
-    assert (await decided(stub, "moving", OLD.content_hash))["target"] == target_of(OLD, "moving")
-    assert (await decided(stub, "moving", NEW.content_hash))["target"] == target_of(NEW, "moving")
+    assert (await decided(stub, "moving", routes_key(OLD)))["target"] == target_of(OLD, "moving")
+    assert (await decided(stub, "moving", routes_key(NEW)))["target"] == target_of(NEW, "moving")
 
 
 async def test_routes_of_no_config_the_worker_has_are_decided_by_the_one_in_force(changed):
@@ -104,18 +104,18 @@ async def test_routes_of_no_config_the_worker_has_are_decided_by_the_one_in_forc
 async def test_an_alias_the_old_routes_lack_is_decided_by_the_config_in_force(changed):
     """Not a 404: the newest config serves it, and Envoy answers 503 until its routes come."""
     stub, _, _ = changed
-    assert (await decided(stub, "added", OLD.content_hash))["target"] == target_of(NEW, "added")
+    assert (await decided(stub, "added", routes_key(OLD)))["target"] == target_of(NEW, "added")
 
 
 async def test_the_old_table_goes_once_envoy_has_had_the_new_routes_for_a_while(changed):
     stub, holder, clock = changed
     clock.now = 1000.0  # however long Envoy took: no request under the new routes yet
-    assert (await decided(stub, "moving", OLD.content_hash))["target"] == target_of(OLD, "moving")
-    await decided(stub, "moving", NEW.content_hash)  # Envoy has the new routes
+    assert (await decided(stub, "moving", routes_key(OLD)))["target"] == target_of(OLD, "moving")
+    await decided(stub, "moving", routes_key(NEW))  # Envoy has the new routes
     clock.now += reload.PREVIOUS_KEPT_S - 1
-    assert (await decided(stub, "moving", OLD.content_hash))["target"] == target_of(OLD, "moving")
+    assert (await decided(stub, "moving", routes_key(OLD)))["target"] == target_of(OLD, "moving")
     clock.now += 1
-    assert (await decided(stub, "moving", OLD.content_hash))["target"] == target_of(NEW, "moving")
+    assert (await decided(stub, "moving", routes_key(OLD)))["target"] == target_of(NEW, "moving")
     assert holder.previous is None
 
 
@@ -125,7 +125,7 @@ async def test_the_old_table_goes_in_time_without_another_request(monkeypatch):
     holder = TableHolder()
     holder.install(OLD)
     holder.install(NEW)
-    assert holder.for_routes(NEW.content_hash) is holder.current  # the first under the new routes
+    assert holder.for_routes(routes_key(NEW)) is holder.current  # the first under the new routes
     deadline = time.monotonic() + 5
     while holder.previous is not None:
         assert time.monotonic() < deadline, "the old table was kept"
@@ -151,6 +151,6 @@ def test_only_a_changed_config_keeps_the_one_before():
     holder.install(OLD)  # the same config again (a key rotation rewrites it)
     assert holder.previous is None
     holder.install(NEW)
-    assert holder.previous is not None and holder.previous.content_hash == OLD.content_hash
+    assert holder.previous is not None and holder.previous.routes_key == routes_key(OLD)
     holder.install(config(("moving", "a"), ("third", "b")))
-    assert holder.previous.content_hash == NEW.content_hash  # one table before, never more
+    assert holder.previous.routes_key == routes_key(NEW)  # one table before, never more

@@ -94,12 +94,28 @@ def test_the_routes_name_the_config_they_were_made_from_for_the_router_phase():
         cfg = compile_config(providers, [policy("p", ["x"], [backend(member, "m")], strategy="cost")]).config
         hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
         (host,) = hcm["route_config"]["virtual_hosts"]
-        assert contract.routes_config_of(host["name"]) == cfg.content_hash
+        assert contract.routes_key_of(host["name"]) == contract.routes_key(cfg)
         names.add(host["name"])
         extproc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
         assert contract.VIRTUAL_HOST_ATTRIBUTE in extproc["typed_config"]["request_attributes"]
     assert len(names) == 2
-    assert contract.routes_config_of(contract.virtual_host_name("")) == ""  # a config never compiled
+    assert contract.routes_key_of(contract.virtual_host_name("")) == ""
+
+
+def test_a_change_no_route_depends_on_leaves_the_routes_as_they_were():
+    """A model's quality decides in the router phase only: the config changes, its routes (and
+    the name they carry for the router phase) do not, so Envoy is not made to read them again."""
+
+    def routes(quality: float):
+        providers = [provider("a", "http://127.0.0.1:9001/v1", [model("m", quality=quality)])]
+        cfg = compile_config(providers, [policy("p", ["x"], [backend("a", "m")], strategy="cost")]).config
+        hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
+        return cfg, hcm["route_config"]
+
+    (before, before_routes), (after, after_routes) = routes(0.5), routes(0.9)
+    assert before.content_hash != after.content_hash
+    assert contract.routes_key(before) == contract.routes_key(after)
+    assert before_routes == after_routes
 
 
 def test_policies_with_the_same_chain_share_its_aggregate_and_keep_their_own_routes():

@@ -7,8 +7,10 @@ API paths, the answers both give (models listing, empty-body and size messages).
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.errors import ANTHROPIC_API, OPENAI_API, RESPONSES_API
 
 # Request headers clients cannot set (a header_mutation filter removes them before the router
@@ -63,16 +65,28 @@ ROUTER_ATTRIBUTES = ("request.path", "request.method", "request.id", "source.add
 VIRTUAL_HOST = "signalbox"
 
 
-def virtual_host_name(content_hash: str) -> str:
-    """The main route table's virtual host, named after the content hash of the config its
+def routes_key(cfg: pb.RoutingConfig) -> str:
+    """What the decided requests' routes depend on: each policy's id, whether Envoy routes it
+    alone, and its backends' targets (a decided policy's route per target, a compiled one's by
+    its id). Equal for two configs whose decisions all have the same routes."""
+    digest = hashlib.blake2b(digest_size=16)
+    for policy in sorted(cfg.policies, key=lambda p: p.id):
+        said = [policy.id, policy.compiled, [b.target for b in policy.backends]]
+        digest.update(json.dumps(said).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def virtual_host_name(key: str) -> str:
+    """The main route table's virtual host, named after the `routes_key` of the config its
     routes were made from. Envoy keeps the routes a request arrived under for the whole request,
     and a change reaches the ext_proc before Envoy's routes: the router phase decides a request
-    by that config (`routes_config_of`), so that its decision has a route."""
-    return f"{VIRTUAL_HOST}:{content_hash}" if content_hash else VIRTUAL_HOST
+    by a config with that key (`routes_key_of`), so that its decision has a route. A change
+    that leaves the key leaves the routes file as it was (Envoy does not read it again)."""
+    return f"{VIRTUAL_HOST}:{key}" if key else VIRTUAL_HOST
 
 
-def routes_config_of(virtual_host: str) -> str:
-    """The content hash `virtual_host_name` put in a virtual host's name ("" if none)."""
+def routes_key_of(virtual_host: str) -> str:
+    """The routes key `virtual_host_name` put in a virtual host's name ("" if none)."""
     return virtual_host.partition(":")[2]
 
 

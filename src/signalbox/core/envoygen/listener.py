@@ -61,6 +61,7 @@ from .contract import (
     STREAM_KEY,
     api_of_path,
     models_listing,
+    routes_key,
     too_large_message,
     virtual_host_name,
 )
@@ -381,7 +382,7 @@ def _route_groups(
             counts.update(k for k in made.retries[section] if k is not None)
     counts.update(k for r in tail if (k := _retry_key(r)) is not None)
     host: dict[str, Any] = {
-        "name": virtual_host_name(cfg.content_hash),
+        "name": virtual_host_name(routes_key(cfg)),
         "domains": ["*"],
         "response_headers_to_add": _response_headers(),
     }
