@@ -271,8 +271,8 @@ def config(providers: int, policies: int, tls: bool = False) -> dict[str, Any]:
             for key, measured in times.items():
                 out[key] = statistics.median(measured)
                 out[key.replace("_s", "_runs_s")] = measured
-            # Right after a change a worker also keeps the table before it, for requests that
-            # arrived under the old routes (reload.TableHolder.for_routes).
+            # Right after a change that sends a policy elsewhere a worker also keeps the table
+            # before it, for requests that arrived under the old routes (TableHolder.for_routes).
             out["extproc_worker_mb_after_changes"] = memory(gateway)["extproc_worker_mb"]
         finally:
             gateway.stop()

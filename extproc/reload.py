@@ -84,8 +84,8 @@ class TableHolder:
 
     def for_routes(self, key: str) -> RuntimeTable:
         """The table to decide a request by, given the routes key of the config whose routes it
-        arrived under (wire.routes_key: Envoy keeps those routes for the whole request). A change reaches
-        the workers before Envoy's routes, so a request can arrive under the routes of the
+        arrived under (wire.routes_key: Envoy keeps those routes for the whole request). A change
+        reaches the workers before Envoy's routes, so a request can arrive under the routes of the
         config before the one in force: decided by that config, its decision has a route (by
         the one in force, a policy's new target had none: a 503 until the routes came). The
         previous table is kept only when the change needs it (`routes_differ`), until
@@ -98,10 +98,8 @@ class TableHolder:
                 with contextlib.suppress(RuntimeError):  # no event loop: dropped when next asked
                     asyncio.get_running_loop().call_later(PREVIOUS_KEPT_S, self._drop_previous)
             return current
-        previous = self.previous
-        if previous is None or self._drop_previous():
-            return current
-        return previous if key == previous.routes_key else current
+        previous = None if self._drop_previous() else self.previous
+        return previous if previous is not None and key == previous.routes_key else current
 
     def _drop_previous(self) -> bool:
         """Let the table before the one in force go once its time is up (True if it is gone)."""
