@@ -393,7 +393,8 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
         compiled=p.compiled,
         broken_stream=BROKEN_STREAM_NAMES[p.broken_stream],
         allow_anonymous=p.allow_anonymous,
-        rollout=p.rollout if p.HasField("rollout") else None,
+        # A copy: a part of the config message keeps all of it in memory (upb's arena).
+        rollout=pb.Rollout.FromString(p.rollout.SerializeToString()) if p.HasField("rollout") else None,
         classifier_key=_classifier_key(p),
         mirror=MirrorRuntime(backends[p.mirror.backend - 1], p.mirror.percent, p.mirror.max_in_flight)
         if p.HasField("mirror") and p.mirror.backend

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -132,13 +132,17 @@ class RouteHit:
 
 class SemanticRouter:
     def __init__(self, routes: Sequence[pb.SemanticRoute], default_route: str = "", embedder: Embedder | None = None):
-        self.embed = embedder or default_embedder()
-        self.routes = list(routes)
-        texts = [u for r in self.routes for u in r.utterances]
+        # The process's one embedder: each one loads wordllama's tokenizer (about 10 MB and
+        # 60 ms), which every policy with routes of its own used to do again.
+        self.embed = embedder or shared_embedder()
+        texts = [u for r in routes for u in r.utterances]
         # Utterances are grouped by route, so per-route maxima are one reduceat over the scores.
-        self.starts = np.cumsum([0] + [len(r.utterances) for r in self.routes[:-1]])
+        self.starts = np.cumsum([0] + [len(r.utterances) for r in routes[:-1]])
         self.matrix = self.embed(texts)
-        self.thresholds = np.array([r.threshold for r in self.routes], dtype=np.float32)
+        self.thresholds = np.array([r.threshold for r in routes], dtype=np.float32)
+        # What a hit names, not the routes' messages: a part of the config message keeps all of
+        # it in memory, and a policy's router outlives its config when the next table reuses it.
+        self.routes = [RouteHit(r.name, r.task_type, r.complexity, 0.0) for r in routes]
         self.default = next((r for r in self.routes if r.name == default_route), None)
 
     def classify(self, text: str) -> RouteHit | None:
@@ -154,5 +158,5 @@ class SemanticRouter:
         return self._hit(self.default, float(best_per_route.max())) if self.default else None
 
     @staticmethod
-    def _hit(route: pb.SemanticRoute, similarity: float) -> RouteHit:
-        return RouteHit(route.name, route.task_type, route.complexity, similarity)
+    def _hit(route: RouteHit, similarity: float) -> RouteHit:
+        return replace(route, similarity=similarity)
