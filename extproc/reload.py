@@ -60,7 +60,7 @@ class TableHolder:
         self._failed_on: tuple[int, ...] | None = None
 
     def install(self, cfg: pb.RoutingConfig) -> RuntimeTable:
-        return self._use(cfg, RuntimeTable.from_config(cfg, self.resolve_key))
+        return self._use(cfg, RuntimeTable.from_config(cfg, self.resolve_key, reuse=self.current))
 
     def _use(self, cfg: pb.RoutingConfig, table: RuntimeTable) -> RuntimeTable:
         if self.loaded and routes_differ(self.current, table):
@@ -111,8 +111,9 @@ class TableHolder:
     def _build(self, path: str | Path) -> tuple[pb.RoutingConfig, RuntimeTable, tuple[int, ...]]:
         seen = file_signature(Path(path))  # before reading: a file replaced meanwhile is read again
         cfg = read_config(Path(path))
-        # Rebuilt even when the config is unchanged: config-sync rewrites it after a key rotation.
-        return cfg, RuntimeTable.from_config(cfg, self.resolve_key), seen
+        # Built even when the config is unchanged: config-sync rewrites it after a key rotation
+        # (what is unchanged, keys included, is taken from the table in force).
+        return cfg, RuntimeTable.from_config(cfg, self.resolve_key, reuse=self.current), seen
 
     def load_file(self, path: str | Path) -> bool:
         """Try to install the config in `path`; on any failure keep the current table."""
