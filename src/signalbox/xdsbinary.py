@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ class ResourceEncoder:
         self._kept: dict[bytes, Message] = {}
         self._used: dict[bytes, Message] = {}
         self._last: tuple[bytes, bytes] = (b"", b"")  # the last document's digest, its encoding
+        # A converted part of each skeleton (`_skeleton`), to make others of it from (`converted`).
+        self._templates: dict[bytes, _Template] = {}
 
     def encode(self, document: dict[str, Any]) -> bytes:
         # Most changes leave the clusters as they are (a policy over existing chains): one
@@ -166,12 +169,30 @@ class ResourceEncoder:
         return json_format.ParseDict(orjson.loads(raw), message_type())
 
     def converted(self, part: dict[str, Any], message_type: type[Message]) -> Message:
-        """`part` as a `message_type`, converted once while it stays in use (callers copy it)."""
+        """`part` as a `message_type`, converted once while it stays in use (callers copy it).
+        A part not converted before is made from one of the same skeleton (the same JSON but for
+        its string values) when one was: its message copied, and only the strings where the
+        two differ set (`_Template.made`). The 2,000-provider fleet's 6,600
+        routes have 16 skeletons, and json_format took 0.33 ms a route: 2.2 s of the start,
+        while Envoy waited for its routes."""
         raw = orjson.dumps(part)
         key = _key(raw, message_type)
         converted = self._used.get(key) or self._kept.get(key)
         if converted is None:
-            converted = self._convert(raw, message_type)
+            tokens = _STRING.findall(raw)
+            strings = [string for string, colon in tokens if not colon]
+            # The skeleton: the JSON with every string emptied, and its keys in order.
+            keys = b"\0".join(string for string, colon in tokens if colon)
+            template_key = _key(_ANY_STRING.sub(b'""', raw) + b"\0" + keys, message_type)
+            template = self._templates.get(template_key)
+            if template is None:
+                converted = self._convert(raw, message_type)
+                if len(self._templates) >= _MAX_TEMPLATES:
+                    self._templates.clear()
+                self._templates[template_key] = _Template(converted, part, strings)
+            else:
+                _import_types(raw)
+                converted = template.made(part, strings)
         self._used[key] = converted
         return converted
 
@@ -192,6 +213,109 @@ class ResourceEncoder:
             )
             added.routes.extend(self.converted(route, route_components_pb2.Route) for route in host.get("routes", []))
         return table
+
+
+# Skeletons a converter keeps a template of (a publisher's documents have a few dozen).
+_MAX_TEMPLATES = 1024
+# A string in orjson's compact JSON, and the colon after it if it is a key. Matched from the
+# start, each match takes a whole string.
+_STRING = re.compile(rb'("[^"\\]*(?:\\.[^"\\]*)*")(:?)')
+_ANY_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _string_paths(part: Any) -> list[tuple[str | int, ...]]:
+    """The path of each string value of `part`, in the order its JSON holds them."""
+    out: list[tuple[str | int, ...]] = []
+
+    def walk(node: Any, path: tuple[str | int, ...]) -> None:
+        if isinstance(node, str):
+            out.append(path)
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, (*path, k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, (*path, i))
+
+    walk(part, ())
+    return out
+
+
+# How to reach a string of a part in its message: the fields (and indices) to go through, then
+# the string field (and index) to set, or None when the message reached is converted again.
+_Step = tuple[str, int | None]
+_Plan = tuple[list[_Step], _Step | None, int]
+
+
+def _plan(descriptor: Any, path: tuple[str | int, ...]) -> _Plan:
+    """Where the string at `path` is set: through message fields to a string field, else the
+    smallest message around it that json_format does not read field by field is converted
+    again: `depth` is how much of the path reaches that message."""
+    steps: list[_Step] = []
+    depth = 0
+    while depth < len(path):
+        step = path[depth]
+        if not isinstance(step, str):
+            break
+        field = descriptor.fields_by_name.get(step)
+        # Only a string is set; a message is gone through. A map's JSON key, and what is inside
+        # an Any or a Struct, name no field (and a map's key is no index): their message is
+        # converted again, as is the one around any other scalar (json_format reads an enum,
+        # bytes or a 64-bit integer from its string form).
+        if field is None or field.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
+            break
+        index = path[depth + 1] if field.is_repeated and depth + 1 < len(path) else None
+        if field.is_repeated and not isinstance(index, int):
+            break  # a map's key, or no index at all
+        index = cast(int | None, index)
+        width = 2 if field.is_repeated else 1
+        if field.type == FieldDescriptor.TYPE_STRING:
+            if depth + width == len(path):
+                return steps, (step, index), depth
+            break
+        steps.append((step, index))
+        descriptor = field.message_type
+        depth += width
+    return steps, None, depth
+
+
+class _Template:
+    """A converted part, its string values (as JSON) and where each is set: another part of its
+    skeleton (the same JSON but for its string values) is this message with that part's
+    strings set where they differ."""
+
+    def __init__(self, message: Message, part: dict[str, Any], strings: list[bytes]) -> None:
+        self.message = message
+        self.strings = strings
+        self.paths = _string_paths(part)
+        assert len(self.paths) == len(strings)
+        self.plans = [_plan(message.DESCRIPTOR, path) for path in self.paths]
+
+    def made(self, part: dict[str, Any], strings: list[bytes]) -> Message:
+        """`part` as json_format would convert it: the differing strings set where they are
+        plain strings, the smallest message around each other one converted again from `part`."""
+        out = type(self.message)()
+        out.CopyFrom(self.message)
+        redone: list[tuple[str | int, ...]] = []
+        for path, (steps, last, depth), value, was in zip(self.paths, self.plans, strings, self.strings, strict=True):
+            if value == was or any(path[: len(done)] == done for done in redone):
+                continue
+            message = out
+            for name, index in steps:
+                message = getattr(message, name) if index is None else getattr(message, name)[index]
+            if last is None:
+                redone.append(path[:depth])
+                node: Any = part
+                for step in path[:depth]:
+                    node = node[step]
+                message.Clear()
+                # From a copy: json_format moves each "@type" to the end of its dict.
+                json_format.ParseDict(orjson.loads(orjson.dumps(node)), message)
+            elif last[1] is None:
+                setattr(message, last[0], orjson.loads(value))
+            else:
+                getattr(message, last[0])[last[1]] = orjson.loads(value)
+        return out
 
 
 def _digest_of(parts: Iterable[bytes]) -> bytes:
