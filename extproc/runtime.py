@@ -94,6 +94,9 @@ class ProviderRuntime:
     genai_name: str = "openai"
     # Serves OpenAI's Responses API itself: a Responses client is passed through.
     responses_api: bool = False
+    # The digest of the message it was built from: the next config's table keeps it while that
+    # is unchanged (`RuntimeTable.from_config(reuse=...)`).
+    built_from: bytes = field(default=b"", compare=False, repr=False)
 
     async def auth_headers(self) -> dict[str, str]:
         """The key header for the gateway's own calls to this provider (mirror, LLM tier); a
@@ -125,6 +128,9 @@ class BackendRuntime:
     cluster: str = ""
     # Its address and host metadata, as the ADS server gives them to Envoy (extproc.xds).
     endpoint: BackendEndpoint | None = None
+    # The digest of the message it was built from: the next config's table keeps it while that
+    # is unchanged (`RuntimeTable.from_config(reuse=...)`).
+    built_from: bytes = field(default=b"", compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,20 +211,14 @@ class PolicyRuntime:
     # A stream that breaks after tokens were sent: "close" (Envoy cuts it), "error" or
     # "continue" (the stream relay, relay.py).
     broken_stream: str = "close"
+    # The digest of the message it was built from: the next config's table keeps it while that
+    # is unchanged (`RuntimeTable.from_config(reuse=...)`).
+    built_from: bytes = field(default=b"", compare=False, repr=False)
 
     def matches(self, path: str, headers: dict[str, str]) -> bool:
         if self.path_prefixes and not path.startswith(self.path_prefixes):
             return False
         return all(headers.get(name) == value for name, value in self.headers)
-
-
-@dataclass(frozen=True, slots=True)
-class BuiltFrom:
-    """What a table's objects were built from (`_digest` of each message), by id."""
-
-    providers: dict[str, bytes]
-    backends: dict[str, bytes]
-    policies: dict[str, bytes]
 
 
 @dataclass(frozen=True)
@@ -232,9 +232,6 @@ class RuntimeTable:
     identities: Identities = field(default_factory=Identities.empty)
     # What its decisions' routes depend on (contract.routes_key): Envoy's routes name it.
     routes_key: str = ""
-    # A digest of the message each provider, backend and policy was built from, by id: the
-    # next config rebuilds only what changed (`from_config(reuse=...)`).
-    built_from: BuiltFrom = field(default_factory=lambda: BuiltFrom({}, {}, {}), compare=False, repr=False)
 
     @functools.cached_property
     def by_id(self) -> dict[str, PolicyRuntime]:
@@ -275,33 +272,24 @@ class RuntimeTable:
                 f"(this data plane reads version {SCHEMA_VERSION})"
             )
         old = reuse or cls.empty()
-        built_from = BuiltFrom({}, {}, {})
-        providers = _providers(cfg, resolve_key or default_key_resolver(), old, built_from)
+        providers = _providers(cfg, resolve_key or default_key_resolver(), old)
         # Each provider's address, and the origin a TLS one is reached through (envoygen.origins).
         addresses = {p.id: (p.host, p.port, origin_name(p)) for p in cfg.providers}
         backends = []
         for b in cfg.backends:
-            provider = providers[b.provider_id]
+            provider, digest = providers[b.provider_id], _digest(b)
             kept_backend = old.backends.get(b.id)
-            if (
-                _unchanged(b, old.built_from.backends, built_from.backends)
-                and kept_backend
-                and kept_backend.provider is provider
-            ):
+            if kept_backend and kept_backend.built_from == digest and kept_backend.provider is provider:
                 backends.append(kept_backend)
             else:
-                backends.append(_backend(b, provider, addresses[b.provider_id]))
+                backends.append(_backend(b, provider, addresses[b.provider_id], digest))
         policies_list = []
         for p in cfg.policies:
-            kept_policy = old.by_id.get(p.id)
-            if (
-                _unchanged(p, old.built_from.policies, built_from.policies)
-                and kept_policy
-                and _names_same_backends(kept_policy, p, backends)
-            ):
+            kept_policy, digest = old.by_id.get(p.id), _digest(p)
+            if kept_policy and kept_policy.built_from == digest and _names_same_backends(kept_policy, p, backends):
                 policies_list.append(kept_policy)
             else:
-                policies_list.append(_policy(p, backends))
+                policies_list.append(_policy(p, backends, digest))
         policies = tuple(policies_list)
         by_alias: dict[str, list[PolicyRuntime]] = {}
         for policy, source in zip(policies, cfg.policies, strict=True):
@@ -319,20 +307,15 @@ class RuntimeTable:
             policies=policies,
             identities=Identities.from_config(cfg),
             routes_key=routes_key(cfg),
-            built_from=built_from,
         )
 
 
-def _unchanged(message: pb.Provider | pb.Backend | pb.Policy, before: dict[str, bytes], now: dict[str, bytes]) -> bool:
-    """Records the digest of the message an object is built from under its id in `now`, and
-    says whether the table before built its object from the same message."""
-    digest = now[message.id] = hashlib.blake2b(message.SerializeToString(deterministic=True), digest_size=16).digest()
-    return before.get(message.id) == digest
+def _digest(message: pb.Provider | pb.Backend | pb.Policy) -> bytes:
+    """What a built object is compared on with the next config's: its message's digest."""
+    return hashlib.blake2b(message.SerializeToString(deterministic=True), digest_size=16).digest()
 
 
-def _providers(
-    cfg: pb.RoutingConfig, resolve_key: KeyResolver, old: RuntimeTable, built_from: BuiltFrom
-) -> dict[str, ProviderRuntime]:
+def _providers(cfg: pb.RoutingConfig, resolve_key: KeyResolver, old: RuntimeTable) -> dict[str, ProviderRuntime]:
     """Each provider by id, its key resolved again (a rotation changes no message)."""
     kept = {b.provider.id: b.provider for b in old.backends.values()}
     providers = {}
@@ -340,15 +323,11 @@ def _providers(
         has_auth = p.HasField("auth")
         key = resolve_key(p.auth) if has_auth else None
         auth_value = _with_prefix(p.auth.prefix, key) if has_auth else None
-        before = kept.get(p.id)
-        if (
-            _unchanged(p, old.built_from.providers, built_from.providers)
-            and before
-            and _same_key(before.auth_value, auth_value)
-        ):
+        before, digest = kept.get(p.id), _digest(p)
+        if before and before.built_from == digest and _same_key(before.auth_value, auth_value):
             providers[p.id] = before
         else:
-            providers[p.id] = _provider(p, auth_value, key_missing=has_auth and key is None)
+            providers[p.id] = _provider(p, auth_value, has_auth and key is None, digest)
     return providers
 
 
@@ -372,7 +351,7 @@ def _names_same_backends(kept: PolicyRuntime, p: pb.Policy, backends: list[Backe
     return (kept.mirror.backend if kept.mirror else None) is mirror and (kept.llm.backend if kept.llm else None) is llm
 
 
-def _provider(p: pb.Provider, auth_value: SecretValue | None, key_missing: bool) -> ProviderRuntime:
+def _provider(p: pb.Provider, auth_value: SecretValue | None, key_missing: bool, digest: bytes) -> ProviderRuntime:
     default_port = 443 if p.tls else 80
     return ProviderRuntime(
         id=p.id,
@@ -388,6 +367,7 @@ def _provider(p: pb.Provider, auth_value: SecretValue | None, key_missing: bool)
         api=provider_api(p.type),
         genai_name=genai_provider_name(p.type),
         responses_api=p.responses_api and provider_api(p.type) == OPENAI_API,
+        built_from=digest,
     )
 
 
@@ -416,7 +396,7 @@ def _capabilities(names: tuple[str, ...]) -> frozenset[str]:
     return frozenset(names)
 
 
-def _backend(b: pb.Backend, provider: ProviderRuntime, address: tuple[str, int, str]) -> BackendRuntime:
+def _backend(b: pb.Backend, provider: ProviderRuntime, address: tuple[str, int, str], digest: bytes) -> BackendRuntime:
     backend_id, cluster, model = b.id, b.cluster, b.model  # one str each, shared with the endpoint
     return BackendRuntime(
         id=backend_id,
@@ -440,6 +420,7 @@ def _backend(b: pb.Backend, provider: ProviderRuntime, address: tuple[str, int, 
             port=address[1],
             origin=address[2],
         ),
+        built_from=digest,
     )
 
 
@@ -449,7 +430,7 @@ def _with_prefix(prefix: str, key: SecretValue | None) -> SecretValue | None:
     return Prefixed(prefix, key) if key.minted else SecretValue(prefix + key.reveal())
 
 
-def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
+def _policy(p: pb.Policy, backends: list[BackendRuntime], digest: bytes) -> PolicyRuntime:
     choices_by_index = {
         i: Choice(i, backends[pbb.backend], pbb.weight, pbb.priority, pbb.target)
         for i, pbb in enumerate(p.backends)
@@ -511,4 +492,5 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime]) -> PolicyRuntime:
         )
         if p.HasField("budget")
         else None,
+        built_from=digest,
     )
