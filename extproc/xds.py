@@ -377,8 +377,11 @@ class _Stream:
             self._unacked = (self._unacked[0], signature)  # held once what is on its way is
         elif signature is not None:
             feed.mark_held(signature)  # Envoy holds all of it already
-        if len(wanted) >= BATCH:
-            release_free_memory()  # what reading and sending them took, once sent (memtrim)
+        if wanted or removed:
+            # What reading the file (parsed whole, a few MB at the large fleet, each time some
+            # clusters change) and sending took, once sent (memtrim): kept by glibc, a change
+            # of five chains grew this worker by a megabyte or two every time.
+            release_free_memory()
 
     def _batches(
         self,
