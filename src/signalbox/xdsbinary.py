@@ -109,7 +109,8 @@ class ResourceEncoder:
         self._kept: dict[bytes, Message] = {}
         self._used: dict[bytes, Message] = {}
         self._last: tuple[bytes, bytes] = (b"", b"")  # the last document's digest, its encoding
-        # A converted part of each skeleton (`_skeleton`), to make others of it from (`converted`).
+        # A converted part of each skeleton (its JSON with the string values emptied), to make
+        # the other parts of that skeleton from (`converted`).
         self._templates: dict[bytes, _Template] = {}
 
     def encode(self, document: dict[str, Any]) -> bytes:
@@ -172,9 +173,9 @@ class ResourceEncoder:
         """`part` as a `message_type`, converted once while it stays in use (callers copy it).
         A part not converted before is made from one of the same skeleton (the same JSON but for
         its string values) when one was: its message copied, and only the strings where the
-        two differ set (`_Template.made`). The 2,000-provider fleet's 6,600
-        routes have 16 skeletons, and json_format took 0.33 ms a route: 2.2 s of the start,
-        while Envoy waited for its routes."""
+        two differ set (`_Template.made`). The 2,000-provider fleet's 6,608 routes have 16
+        skeletons; converting each with json_format took 1.0 s of the start (0.38 s now), while
+        Envoy waited for its routes."""
         raw = orjson.dumps(part)
         key = _key(raw, message_type)
         converted = self._used.get(key) or self._kept.get(key)
