@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -159,4 +159,4 @@ class SemanticRouter:
 
     @staticmethod
     def _hit(route: RouteHit, similarity: float) -> RouteHit:
-        return replace(route, similarity=similarity)
+        return RouteHit(route.name, route.task_type, route.complexity, similarity, route.is_class)
