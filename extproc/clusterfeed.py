@@ -13,11 +13,13 @@ A cluster that leaves the file leaves Envoy REMOVAL_GRACE_S later: the routes th
 are replaced right after the clusters (gatewayfiles writes clusters, then routes), and a route
 whose cluster has gone answers 503 until then.
 
-Clusters a change adds must be in Envoy before the routes that name them: a route read first
-names a cluster Envoy does not have (a 503 `routing_unavailable` until it arrives). So once
-Envoy has ACKed every cluster of a file the stream read, the stream writes that file's
-signature to HELD_FILE (`mark_held`), and the publisher writes the routes only once it reads
-there the signature of the clusters it wrote (`wait_held`).
+Backend clusters a change adds must be in Envoy before the routes that name them: a route read
+first names a cluster Envoy does not have (a 503 `routing_unavailable` until it arrives). So
+once Envoy has ACKed every cluster of a file the stream read that it is to hold, the stream
+writes that file's signature to HELD_FILE (`mark_held`), and the publisher writes the routes
+only once it reads there the signature of the clusters it wrote (`wait_held`). The failover
+chains are not among them: Envoy asks for a chain when a request first needs it (extproc.xds),
+from a file the stream has read by then.
 """
 
 from __future__ import annotations

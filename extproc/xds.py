@@ -24,8 +24,18 @@ had passed through Python, and the interval had to grow with the fleet (100 s at
 429'd backend stayed in chains that long. Here a rest reaches Envoy within TICK_S whatever the
 fleet's size, and only the clusters that changed travel.
 
+The failover chains (aggregate clusters, `TARGET_PREFIX`) of decided policies go only to an
+Envoy that asks for them by name: its listener's on_demand filter asks for a route's chain the
+first time a request needs it (on-demand CDS, envoygen.listener), and the stream sends it then
+(issue 12). Every aggregate registers a callback Envoy's cluster manager runs for each cluster
+added after it, so holding the 2,000-provider fleet's 7,712 chains cost Envoy's main thread
+1.6 s of the start (quadratic in their number) and 182 MB, for chains most of which no request
+uses. A compiled policy's chains are sent unasked (`Endpoints.eager_chains`): Envoy routes
+those requests alone, and they keep being served while no worker can answer Envoy's asking.
+
 If the ext_proc is gone Envoy keeps the clusters it has; a new stream (another worker, or this
-one restarted) sends what differs from what Envoy says it holds.
+one restarted) sends what differs from what Envoy says it holds, and the chains it asks for
+again.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from signalbox.core.envoygen.contract import TARGET_PREFIX
 from signalbox.core.envoygen.endpoints import REACHES, BackendEndpoint, parse_resource, resource_name
 
 from .clusterfeed import CLUSTER_TYPE, ClusterFile, cluster_resource
@@ -56,6 +67,10 @@ log = logging.getLogger("signalbox.extproc.xds")
 
 # How often rests (and configs) are looked at: the longest a new rest waits to reach Envoy.
 TICK_S = 0.25
+# In a delta subscription, the name that asks for every resource.
+WILDCARD = "*"
+# The names of the failover chains, sent only when asked for (on-demand CDS).
+CHAIN_PREFIX = f"{TARGET_PREFIX}."
 # How often a provider's host name is looked up again (Envoy's STRICT_DNS default is 5 s;
 # hosted providers' addresses change rarely, and a failed lookup keeps the last addresses).
 DNS_REFRESH_S = 30.0
@@ -154,6 +169,19 @@ class Endpoints:
         # addresses, a backend's rest): every change of any cluster compares them all, 10,000
         # at the large fleet (50 ms each time, made afresh).
         self._versions: dict[str, tuple[str, BackendEndpoint, list[str], bool, str] | None] = {}
+        self._eager: frozenset[str] = frozenset()
+        self._eager_of: object = None
+
+    def eager_chains(self) -> frozenset[str]:
+        """The chains Envoy is to hold before a request asks for them: those of compiled
+        policies, which Envoy routes without the ext_proc (they keep serving while it is down,
+        and a chain asked for needs the stream). A decided policy's chains wait for a request:
+        it needs the ext_proc to be decided at all."""
+        table = self.tables.current
+        if self._eager_of is not table:
+            self._eager_of = table
+            self._eager = frozenset(c.target for p in table.policies if p.compiled for c in p.choices)
+        return self._eager
 
     def version(self, name: str) -> tuple[str, BackendEndpoint, list[str], bool, str] | None:
         """(version, endpoint, addresses, resting, reach) of the assignment of the resource
@@ -268,6 +296,11 @@ class _Stream:
         # Clusters (delta CDS, a wildcard subscription): what Envoy holds, name -> version.
         self.cds = False
         self.cds_sent: dict[str, str] = {}
+        # The chains Envoy asked for by name (on-demand CDS): only these are sent of the chains.
+        self.demanded: set[str] = set()
+        # Chains asked for that the file does not hold, already answered as removed (Envoy's
+        # on_demand filter then answers the request at once instead of after its timeout).
+        self.said_missing: set[str] = set()
         self.cds_dirty = False
         self.cds_answered = False
         self.opened_at = time.monotonic()
@@ -302,9 +335,17 @@ class _Stream:
             # Envoy applies answers in order: this ACK covers every answer before it.
             self.endpoints.clusters.mark_held(self._unacked[1])
             self._unacked = None
+        asked = [name for name in request.resource_names_subscribe if name != WILDCARD]
+        if asked or request.resource_names_unsubscribe:
+            # A chain a request needs (on-demand CDS), or one Envoy no longer wants.
+            self.demanded.update(asked)
+            self.demanded.difference_update(request.resource_names_unsubscribe)
+            self.said_missing.difference_update(asked)
+            self.clusters_changed()
         if not self.cds:
             # The first request subscribes to every cluster; a reconnecting Envoy says what it
-            # holds, so only what differs is sent again.
+            # holds (and, among what it subscribes, the chains it asked for before), so only
+            # what differs is sent again.
             if self.endpoints.clusters.path is None:
                 log.error("Envoy asks for its clusters over ADS, but this worker was not given their file (--clusters)")
             self.cds = True
@@ -337,7 +378,10 @@ class _Stream:
             return
         wanted: dict[str, tuple[str, tuple[Any, ...] | None]] = {}
         held = 0
+        eager = self.endpoints.eager_chains()
         for name, version in current.items():
+            if name.startswith(CHAIN_PREFIX) and name not in self.demanded and name not in eager:
+                continue  # a decided policy's chain no request has needed yet
             now = self._to_hold(name, version)
             if now is None:
                 held += 1
@@ -350,6 +394,15 @@ class _Stream:
         removed = sorted(name for name in self.cds_sent if name not in current and name not in feed.gone)
         for name in removed:
             del self.cds_sent[name]
+        # A chain asked for that the file does not hold (a route of a config gone meanwhile):
+        # said once, so the request waiting for it is answered now.
+        missing = sorted(
+            name
+            for name in self.demanded - self.said_missing - set(removed)
+            if name not in current and name not in self.cds_sent
+        )
+        removed += missing
+        self.said_missing.update(name for name in removed if name in self.demanded)
 
         def sent() -> Iterator[discovery_pb2.Resource]:
             for name, version, value in feed.packed(set(wanted)):

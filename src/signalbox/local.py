@@ -434,9 +434,10 @@ class LocalGateway:
             elif self.config is not None:  # a change published meanwhile: its files, not these
                 gatewayfiles.write_envoy(self.config, self.workdir, self.options)
         self._wait(self._envoy_ready, "envoy", timeout)
-        # Ready means every alias routes: until Envoy holds the chains, a route naming one not
-        # there yet answers 503 routing_unavailable. (A backend whose host is still being looked
-        # up holds the stream's say back: then ready without it, as before.)
+        # Ready means every alias routes: until Envoy holds the backend clusters of the file, a
+        # route over one not there yet answers 503 routing_unavailable (a chain is asked for
+        # when a request first needs it, extproc.xds). (A backend whose host is still being
+        # looked up holds the stream's say back: then ready without it, as before.)
         held = self.options.endpoints_over_ads and config is not None
         if held and not self._wait(self._clusters_held, "envoy", timeout, required=False):
             log.warning("Envoy did not say within %.0f s that it holds every cluster: serving meanwhile", timeout)
@@ -522,7 +523,8 @@ class LocalGateway:
         return self.admin_port
 
     def _clusters_held(self) -> bool:
-        """Whether Envoy holds every cluster of the clusters file as it is now."""
+        """Whether Envoy holds every cluster of the clusters file as it is now that it is to hold
+        before a request asks (all but the chains)."""
         assert self.workdir
         clusters = envoygen.resource_file(str(self.workdir / gatewayfiles.ENVOY_DIR), "cds.json")
         return clusterfeed.held(clusters)

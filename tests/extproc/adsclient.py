@@ -33,6 +33,11 @@ class DeltaStream:
     def send(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         self.requests.put_nowait(request)
 
+    def ask(self, type_url: str, *names: str) -> None:
+        """Subscribe to `names` as well, as Envoy's on-demand CDS does for a route's chain the
+        first time a request needs it (extproc.xds sends chains only then)."""
+        self.send(discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, resource_names_subscribe=names))
+
     async def nothing(self, within: float = 4 * xds.TICK_S) -> None:
         """No answer comes within `within` seconds."""
         with pytest.raises(TimeoutError):

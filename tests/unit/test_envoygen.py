@@ -972,3 +972,25 @@ def test_two_tls_endpoints_never_share_an_origin(first, second):
     assert (names[0] == names[1]) == same(first, second)
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
     assert origin_name(pb.Provider(host="api.example.com", port=443)) == ""  # no TLS, no origin
+
+
+@pytest.mark.parametrize("failure_mode", ["closed", "open"])
+def test_chains_are_asked_for_on_demand_only_where_envoy_holds_the_ads_stream(failure_mode):
+    """Over ADS the stream sends a chain only when Envoy asks (extproc.xds), so the listener
+    asks for a route's chain when a request first needs it: after the router phase and the
+    buffer (the decided route, the body held), right before the router. Failing open Envoy
+    reads every cluster from the file and has no ADS to ask: an on_demand filter naming one
+    would make it refuse the listener."""
+    opts = envoygen.GatewayOptions(ads=True, failure_mode=failure_mode)
+    hcm = envoygen.listener(config(), opts)["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    if failure_mode == "closed":
+        asking = names.index("envoy.filters.http.on_demand")
+        assert names[asking - 1] == "envoy.filters.http.buffer" and names[-1] == "envoy.filters.http.router"
+        assert names.index("envoy.filters.http.ext_proc") < asking
+        odcds = hcm["http_filters"][asking]["typed_config"]["odcds"]
+        assert "ads" in odcds["source"]
+        assert envoygen.bootstrap(opts, "/cfg")["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
+    else:
+        assert "envoy.filters.http.on_demand" not in names
+        assert "ads_config" not in envoygen.bootstrap(opts, "/cfg")["dynamic_resources"]
