@@ -198,9 +198,33 @@ class ClusterFile:
         if self.path is None or not names:
             return
         try:
-            yield from ((name, version, value) for name, _, version, value in self._named(self.path) if name in names)
+            found = self._at_positions(names)
+            if found is None:  # replaced since it was read: every cluster's bytes digested again
+                found = [(name, version, value) for name, _, version, value in self._named(self.path) if name in names]
+            yield from found
         except Exception as exc:
             log.error("cannot read %s again: %s (what it held is sent on its next change)", self.path, exc)
+
+    def _at_positions(self, names: set[str]) -> list[tuple[str, str, bytes]] | None:
+        """`names` taken where the file held them when it was read (its clusters are in
+        `versions`' order), each checked against its version; None if any differs (the file
+        was replaced since). A chain Envoy asks for when a request needs it (extproc.xds) is
+        one cluster: digesting all 17,712 to find it made such a request wait 38 ms at the
+        2,000-provider fleet."""
+        assert self.path is not None
+        resources = discovery_pb2.DiscoveryResponse.FromString(self.path.read_bytes()).resources
+        found = []
+        for position, name in enumerate(self.versions):
+            if name not in names:
+                continue
+            if position >= len(resources):
+                return None
+            value = resources[position].value
+            version = hashlib.blake2b(value, digest_size=8).hexdigest()
+            if version != self.versions[name]:
+                return None
+            found.append((name, version, value))
+        return found
 
     def due(self) -> bool:
         """Whether some name's grace ended since the last call (the streams then remove it).

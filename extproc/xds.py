@@ -301,6 +301,8 @@ class _Stream:
         # Chains asked for that the file does not hold, already answered as removed (Envoy's
         # on_demand filter then answers the request at once instead of after its timeout).
         self.said_missing: set[str] = set()
+        # Asked for since the last answer: answered alone unless everything is looked at anyway.
+        self.asked: set[str] = set()
         self.cds_dirty = False
         self.cds_answered = False
         self.opened_at = time.monotonic()
@@ -341,7 +343,8 @@ class _Stream:
             self.demanded.update(asked)
             self.demanded.difference_update(request.resource_names_unsubscribe)
             self.said_missing.difference_update(asked)
-            self.clusters_changed()
+            self.asked.update(asked)
+            self.wake.set()
         if not self.cds:
             # The first request subscribes to every cluster; a reconnecting Envoy says what it
             # holds (and, among what it subscribes, the chains it asked for before), so only
@@ -370,12 +373,15 @@ class _Stream:
         and those gone past their grace (clusterfeed), BATCH at a time. Nothing until the file
         was read once: an Envoy starting waits for its first clusters."""
         if not self.cds_dirty:
+            if self.asked and self.cds:
+                yield from self._answer_asked()
             return
         feed = self.endpoints.clusters
         current = feed.current()
         self.cds_dirty = False
         if not feed.loaded:
             return
+        self.asked.clear()  # looked at with everything else
         wanted: dict[str, tuple[str, tuple[Any, ...] | None]] = {}
         held = 0
         eager = self.endpoints.eager_chains()
@@ -435,6 +441,36 @@ class _Stream:
             # clusters change) and sending took, once sent (memtrim): kept by glibc, a change
             # of five chains grew this worker by a megabyte or two every time.
             release_free_memory()
+
+    def _answer_asked(self) -> Iterator[discovery_pb2.DeltaDiscoveryResponse]:
+        """The chains asked for since the last answer, alone (a request waits for them): their
+        clusters, or that the file holds none of that name. Until the file was read once the
+        full answer that follows sends them (they stay asked for)."""
+        feed = self.endpoints.clusters
+        current = feed.current()
+        if not feed.loaded:
+            return
+        names, self.asked = self.asked, set()
+        wanted = {
+            name: now
+            for name in names
+            if name in current
+            and (now := self._to_hold(name, current[name])) is not None
+            and self.cds_sent.get(name) != now[0]
+        }
+        missing = sorted(
+            name for name in names - self.said_missing if name not in current and name not in self.cds_sent
+        )
+        self.said_missing.update(missing)
+        resources = []
+        for name, version, value in feed.packed(set(wanted)):
+            sent_version, endpoint = wanted[name]
+            if version != current.get(name) or endpoint is not None:
+                continue  # replaced meanwhile (sent on its own change); backends go with everything
+            self.cds_sent[name] = sent_version
+            resources.append(cluster_resource(name, sent_version, value))
+        if resources or missing:
+            yield from self._batches(resources, CLUSTER_TYPE, missing)
 
     def _batches(
         self,
