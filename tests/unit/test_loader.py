@@ -39,6 +39,19 @@ pieces = st.one_of(
 )
 
 
+def count_parses(monkeypatch) -> list[str]:
+    """The texts PyYAML is asked to parse from now on, in order."""
+    parsed: list[str] = []
+    real_load_all = yaml.load_all
+
+    def counting(text, Loader):
+        parsed.append(text)
+        return real_load_all(text, Loader=Loader)
+
+    monkeypatch.setattr(loader.yaml, "load_all", counting)
+    return parsed
+
+
 def load_all(text: str) -> list | type:
     try:
         return list(yaml.load_all(text, Loader=SAFE_LOADER))
@@ -70,14 +83,7 @@ def test_a_document_whose_text_did_not_change_is_not_parsed_again(tmp_path, monk
     file.write_text("---\n".join(provider(f"p{i}") for i in range(3)))
     cache = DocumentCache()
     first = loader.load([file], cache)
-    parsed: list[str] = []
-    real_load_all = yaml.load_all
-
-    def counting(text, Loader):
-        parsed.append(text)
-        return real_load_all(text, Loader=Loader)
-
-    monkeypatch.setattr(loader.yaml, "load_all", counting)
+    parsed = count_parses(monkeypatch)
     file.write_text("---\n".join(provider(f"p{i}") for i in (0, 1, 2, 3)))
     second = loader.load([file], cache)
     assert len(parsed) == 1 and "p3" in parsed[0] and "p0" not in parsed[0]  # the new document alone
@@ -174,14 +180,7 @@ def test_a_load_of_some_kinds_reads_only_their_documents_and_the_next_load_reads
         policy("q", ["y"], [backend("b", "m")]),
     )
     (tmp_path / "all.yaml").write_text(text)
-    parsed: list[str] = []
-    real_load_all = yaml.load_all
-
-    def counting(text, Loader):
-        parsed.append(text)
-        return real_load_all(text, Loader=Loader)
-
-    monkeypatch.setattr(loader.yaml, "load_all", counting)
+    parsed = count_parses(monkeypatch)
     cache = DocumentCache()
     first = loader.load([tmp_path], cache, kinds=("AIProvider",))
     assert [p["metadata"]["name"] for p in first.providers] == ["a", "b"] and not first.policies
@@ -189,6 +188,6 @@ def test_a_load_of_some_kinds_reads_only_their_documents_and_the_next_load_reads
     whole = loader.load([tmp_path], cache)
     assert len(parsed) == 4 and all("RoutingPolicy" in piece for piece in parsed[2:])  # the rest alone
     assert whole.providers[0] is first.providers[0]
-    monkeypatch.setattr(loader.yaml, "load_all", real_load_all)
+    monkeypatch.undo()
     plain = loader.load([tmp_path])
     assert (whole.providers, whole.policies) == (plain.providers, plain.policies)
