@@ -300,9 +300,17 @@ def _backends_table(settings: dict[str, dict[str, Any]]) -> str:
     3.3 MB (bench/README.md, issue 12). Reads are unchanged: BACKENDS[id].key_file is the
     provider's through `__index`."""
     shared: dict[str, int] = {}  # the shared part's Lua literal -> its index in SHARED
+    # The shared part's literal by its JSON: a provider's backends share it, and writing it
+    # again for each of the fleet's 10,000 was 0.2 s of the start's generation, on its
+    # critical path (issue 12). Equal JSON (orjson keeps key order) is an equal literal.
+    literal_of: dict[bytes, str] = {}
     rows = []
     for backend_id, setting in settings.items():
-        rest = lua_literal({k: v for k, v in setting.items() if k not in _OWN_SETTINGS})
+        rest_settings = {k: v for k, v in setting.items() if k not in _OWN_SETTINGS}
+        said = orjson.dumps(rest_settings)
+        rest = literal_of.get(said)
+        if rest is None:
+            rest = literal_of[said] = lua_literal(rest_settings)
         index = shared.setdefault(rest, len(shared) + 1)
         own = [str(index), lua_literal(setting["model"]), lua_literal(setting["model_json"])]
         if "api_path" in setting:
@@ -669,12 +677,39 @@ def _relay_cluster(port: int) -> dict[str, Any]:
 def backend_clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
     """One cluster per backend and the TLS origins they reach (what an Envoy about to start
     gets first: gatewayfiles)."""
-    providers, ads, ca = {p.id: p for p in cfg.providers}, opts.endpoints_over_ads, opts.upstream_ca_file
-    shared, idle = shared_origins(cfg), opts.upstream_idle_timeout_s
-    backends = [
-        _backend_resource(b, providers[b.provider_id], ads, ca, b.provider_id in shared, idle) for b in cfg.backends
+    return [make() for _, make in backend_cluster_specs(cfg, opts)]
+
+
+def backend_cluster_specs(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[ClusterSpec]:
+    """`backend_clusters`, each as its key and its maker (the keys `cluster_specs` gives them:
+    the start's whole files then reuse what its backends-first files converted)."""
+    return _backend_specs(cfg, opts) + _keyed(origin_clusters(cfg, opts.upstream_ca_file))
+
+
+def _backend_specs(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[ClusterSpec]:
+    providers = {p.id: p for p in cfg.providers}
+    ads, ca, shared = opts.endpoints_over_ads, opts.upstream_ca_file, shared_origins(cfg)
+    idle = opts.upstream_idle_timeout_s
+    via_origin = {p.id: p.id in shared for p in cfg.providers}
+    # A backend's cluster is made from the backend, its provider, whether it reaches an origin
+    # and these options alone (a provider's key is of fixed length: the concatenation is
+    # unambiguous).
+    provider_keys = {
+        p.id: part_key(orjson.dumps([ads, ca, via_origin[p.id], idle]) + p.SerializeToString(deterministic=True))
+        for p in cfg.providers
+    }
+    return [
+        (
+            b"B" + part_key(provider_keys[b.provider_id] + b.SerializeToString(deterministic=True)),
+            functools.partial(_backend_resource, b, providers[b.provider_id], ads, ca, via_origin[b.provider_id], idle),
+        )
+        for b in cfg.backends
     ]
-    return backends + origin_clusters(cfg, ca)
+
+
+def _keyed(made: list[dict[str, Any]]) -> list[ClusterSpec]:
+    """Clusters already made, keyed by what they are."""
+    return [(b"X" + orjson.dumps(c), functools.partial(dict, c)) for c in made]
 
 
 def _backend_resource(
@@ -718,24 +753,7 @@ def cluster_specs(
 ) -> list[ClusterSpec]:
     """`clusters`, each as its key and its maker, in the same order."""
     members = chain_members(cfg) if members is None else members
-    providers = {p.id: p for p in cfg.providers}
-    ads, ca, shared = opts.endpoints_over_ads, opts.upstream_ca_file, shared_origins(cfg)
-    idle = opts.upstream_idle_timeout_s
-    via_origin = {p.id: p.id in shared for p in cfg.providers}
-    # A backend's cluster is made from the backend, its provider, whether it reaches an origin
-    # and these options alone (a provider's key is of fixed length: the concatenation is
-    # unambiguous).
-    provider_keys = {
-        p.id: part_key(orjson.dumps([ads, ca, via_origin[p.id], idle]) + p.SerializeToString(deterministic=True))
-        for p in cfg.providers
-    }
-    out: list[ClusterSpec] = [
-        (
-            b"B" + part_key(provider_keys[b.provider_id] + b.SerializeToString(deterministic=True)),
-            functools.partial(_backend_resource, b, providers[b.provider_id], ads, ca, via_origin[b.provider_id], idle),
-        )
-        for b in cfg.backends
-    ]
+    out = _backend_specs(cfg, opts)
     # An aggregate is made from its name and its members' cluster names, and its name is a
     # digest of those (compiler.target_name).
     for target in dict.fromkeys(target for policy in cfg.policies for target in routed_targets(policy)):
@@ -752,8 +770,7 @@ def cluster_specs(
         others.append(otlp_cluster(opts))
     others += jwks_clusters(cfg, opts.upstream_ca_file)
     others += origin_clusters(cfg, opts.upstream_ca_file)
-    out += [(b"X" + orjson.dumps(c), functools.partial(dict, c)) for c in others]
-    return out
+    return out + _keyed(others)
 
 
 def clusters(
