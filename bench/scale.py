@@ -228,6 +228,11 @@ def config(providers: int, policies: int, tls: bool = False) -> dict[str, Any]:
             out["up_last_alias_s"] = round(time.perf_counter() - started, 1)
             out.update(memory(gateway))
             decided = [alias(i) for i in range(policies) if STRATEGIES[i % len(STRATEGIES)] in DECIDED_STRATEGIES]
+            # A decided policy's chain reaches Envoy when its first request asks for it (on-demand
+            # CDS): that request waits for it, the next does not.
+            unserved = [a for a in decided if a != alias(policies - 1)][:FIRST_REQUESTS]
+            first, second = first_requests(gateway, unserved)
+            out["decided_first_request_ms"], out["decided_second_request_ms"] = first, second
             out["distinct_prompts_non_2xx"] = asyncio.run(distinct_prompts(gateway, decided, DISTINCT_PROMPTS))
             after = memory(gateway)
             out["extproc_worker_mb_after_distinct"] = after["extproc_worker_mb"]
@@ -279,6 +284,27 @@ def config(providers: int, policies: int, tls: bool = False) -> dict[str, Any]:
         return out
     finally:
         fake.terminate()
+
+
+# How many decided aliases `first_requests` times.
+FIRST_REQUESTS = 60
+
+
+def first_requests(gateway: LocalGateway, aliases: list[str]) -> tuple[float, float]:
+    """Median milliseconds of the first request to each of `aliases` (none asked before: its
+    chain is asked for on the way) and of a second one right after it."""
+    first, second = [], []
+    with httpx.Client(timeout=30) as client:
+        for model in aliases:
+            for times in (first, second):
+                started = time.perf_counter()
+                r = client.post(f"{gateway.url}/chat/completions", json={"model": model, **_HI})
+                times.append((time.perf_counter() - started) * 1000)
+                r.raise_for_status()
+    return round(statistics.median(first), 1), round(statistics.median(second), 1)
+
+
+_HI = {"messages": [{"role": "user", "content": "hi"}]}
 
 
 # The strategies whose requests the ext_proc decides (every one of them classifies the prompt).
