@@ -402,12 +402,7 @@ class _Stream:
             del self.cds_sent[name]
         # A chain asked for that the file does not hold (a route of a config gone meanwhile):
         # said once, so the request waiting for it is answered now.
-        missing = sorted(
-            name
-            for name in self.demanded - self.said_missing - set(removed)
-            if name not in current and name not in self.cds_sent
-        )
-        removed += missing
+        removed += self._say_missing(self.demanded - set(removed), current)
         self.said_missing.update(name for name in removed if name in self.demanded)
 
         def sent() -> Iterator[discovery_pb2.Resource]:
@@ -442,6 +437,15 @@ class _Stream:
             # of five chains grew this worker by a megabyte or two every time.
             release_free_memory()
 
+    def _say_missing(self, asked: set[str], current: dict[str, str]) -> list[str]:
+        """Of chains `asked` for, those neither the file nor Envoy holds and not said missing
+        before: said now (as removed), once."""
+        missing = sorted(
+            name for name in asked - self.said_missing if name not in current and name not in self.cds_sent
+        )
+        self.said_missing.update(missing)
+        return missing
+
     def _answer_asked(self) -> Iterator[discovery_pb2.DeltaDiscoveryResponse]:
         """The chains asked for since the last answer, alone (a request waits for them): their
         clusters, or that the file holds none of that name. Until the file was read once the
@@ -458,10 +462,7 @@ class _Stream:
             and (now := self._to_hold(name, current[name])) is not None
             and self.cds_sent.get(name) != now[0]
         }
-        missing = sorted(
-            name for name in names - self.said_missing if name not in current and name not in self.cds_sent
-        )
-        self.said_missing.update(missing)
+        missing = self._say_missing(names, current)
         resources = []
         for name, version, value in feed.packed(set(wanted)):
             sent_version, endpoint = wanted[name]
