@@ -92,3 +92,29 @@ def test_an_ejection_never_lasts_longer_than_envoys_maximum():
 def test_any_line_is_an_event_or_nothing(line):
     parsed = outliers.parse(line)
     assert parsed is None or parsed.cluster_name
+
+
+def test_a_backend_that_keeps_failing_rests_longer_each_time_though_envoy_counts_from_one(tmp_path):
+    # The rest sends the backend's cluster again, Envoy builds it anew and its detector forgets:
+    # every ejection it logs says num_ejections 1 (seen in the fault tests). The reader counts.
+    tables, cooldowns = holder(), Cooldowns()
+    cluster = tables.current.backends["default/a/m"].cluster
+    log = tmp_path / "outlier-events.log"
+    reader = outliers.OutlierEvents(log, tables, cooldowns, Metrics())
+    rests, at = [], NOW
+    for _ in range(4):  # ejected again as soon as each rest ends
+        with log.open("ab") as f:
+            f.write(event(cluster, at=at, n=1) + b"\n")
+        assert reader.read_new(at) == 1
+        until, _reason = cooldowns.active(at)["default/a/m"]
+        rests.append(until - at)
+        at = until
+    assert rests == [15, 30, 45, 60]
+    # Back in service for eight detection intervals (40 s) takes eight off: the next is the first again.
+    at += 8 * 5
+    with log.open("ab") as f:
+        f.write(event(cluster, at=at, n=1) + b"\n")
+    assert reader.read_new(at) == 1
+    assert cooldowns.active(at)["default/a/m"][0] - at == 15
+    # An Envoy that did keep count is believed when it counts more.
+    assert reader.count("default/b/m", said=3, when=at) == 3

@@ -33,6 +33,7 @@ from .contract import (
     LARGER_AFTER_HEADER,
     METADATA_NS,
     OUTLIER_BASE_EJECTION_S,
+    OUTLIER_INTERVAL_S,
     OUTLIER_MAX_EJECTION_S,
     RELAY_BACK_HEADER,
     RELAY_BACKEND,
@@ -106,7 +107,7 @@ def _backend_cluster(
         "typed_extension_protocol_options": _http1_options(idle_timeout_s),
         "outlier_detection": {
             "consecutive_5xx": 5,
-            "interval": "5s",
+            "interval": f"{OUTLIER_INTERVAL_S}s",
             "base_ejection_time": f"{OUTLIER_BASE_EJECTION_S}s",
             "max_ejection_time": f"{OUTLIER_MAX_EJECTION_S}s",
             "max_ejection_percent": 100,

@@ -126,6 +126,9 @@ OTLP_CLUSTER = "signalbox_otlp"
 # ext_proc reads Envoy's outlier event log to report ejections (extproc/outliers.py).
 OUTLIER_BASE_EJECTION_S = 15
 OUTLIER_MAX_EJECTION_S = 300
+# How often Envoy's outlier detection looks at a backend's host: each such interval the host
+# spends back in service takes one off its count of ejections (what sets the next one's length).
+OUTLIER_INTERVAL_S = 5
 # Envoy's outlier event log in the gateway's work directory (written by Envoy).
 OUTLIER_EVENTS_FILE = "outlier-events.log"
 # HTTP 510 (Not Extended): the status Envoy's ext_proc filter answers when the processor
