@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from .reload import file_signature, replace_text
@@ -99,6 +100,10 @@ class ClusterFile:
         # name -> the endpoint resource of each backend cluster (an EDS cluster in the file:
         # `endpoints.resource_name`), whose endpoint the stream writes into it (extproc.xds).
         self.endpoint_of: dict[str, str] = {}
+        # name -> the member clusters of each failover chain (an aggregate cluster), in order:
+        # a chain's backends go to Envoy with it (extproc.xds). Their names are the very
+        # strings `versions` holds (not copies: 7,712 chains of five at the large fleet).
+        self.members_of: dict[str, tuple[str, ...]] = {}
         # Names gone from the file, and when: removed from Envoy once REMOVAL_GRACE_S passed.
         self.gone: dict[str, float] = {}
         self.loaded = False  # read at least once (an Envoy starting waits for a first answer)
@@ -157,10 +162,10 @@ class ClusterFile:
                 log.error("keeping Envoy's clusters as they are: cannot read %s: %s", self.path, exc)
         return self.versions
 
-    def _named(self, path: Path) -> Iterator[tuple[str, str, str, bytes]]:
-        """(name, endpoint resource or "", version, packed bytes) of each cluster in the file,
-        in its order. A cluster seen before keeps its name: only new ones are parsed (17,712 at
-        the large fleet's start, a tenth of a second)."""
+    def _named(self, path: Path) -> Iterator[tuple[str, str, tuple[str, ...], str, bytes]]:
+        """(name, endpoint resource or "", members, version, packed bytes) of each cluster in
+        the file, in its order. A cluster seen before keeps what it was: only new ones are
+        parsed (17,712 at the large fleet's start, a tenth of a second)."""
         known = {version: name for name, version in self.versions.items()}
         response = discovery_pb2.DiscoveryResponse.FromString(path.read_bytes())
         for packed in response.resources:
@@ -168,9 +173,9 @@ class ClusterFile:
             version = hashlib.blake2b(value, digest_size=8).hexdigest()
             name = known.get(version)
             if name is None:
-                yield (*_name_and_endpoint(cluster_pb2.Cluster.FromString(value)), version, value)
+                yield (*_described(cluster_pb2.Cluster.FromString(value)), version, value)
             else:
-                yield name, self.endpoint_of.get(name, ""), version, value
+                yield name, self.endpoint_of.get(name, ""), self.members_of.get(name, ()), version, value
 
     def _read(self, path: Path) -> None:
         seen = file_signature(path)
@@ -178,10 +183,18 @@ class ClusterFile:
             return  # not written yet, or the version already read
         now: dict[str, str] = {}
         endpoint_of: dict[str, str] = {}
-        for name, endpoint, version, _ in self._named(path):
+        members_of: dict[str, tuple[str, ...]] = {}
+        for name, endpoint, members, version, _ in self._named(path):
             now[name] = version
             if endpoint:
                 endpoint_of[name] = endpoint
+            if members:
+                members_of[name] = members
+        names = {name: name for name in now}  # one string per name, wherever it is kept
+        self.members_of = {
+            chain: members if all(names.get(m) is m for m in members) else tuple(names.get(m, m) for m in members)
+            for chain, members in members_of.items()
+        }
         self.endpoint_of = endpoint_of
         at = self.clock()
         for name in self.versions.keys() - now.keys():
@@ -200,7 +213,7 @@ class ClusterFile:
         try:
             found = self._at_positions(names)
             if found is None:  # replaced since it was read: every cluster's bytes digested again
-                found = [(name, version, value) for name, _, version, value in self._named(self.path) if name in names]
+                found = [(n, version, value) for n, _, _, version, value in self._named(self.path) if n in names]
             yield from found
         except Exception as exc:
             log.error("cannot read %s again: %s (what it held is sent on its next change)", self.path, exc)
@@ -236,12 +249,17 @@ class ClusterFile:
         return bool(ended)
 
 
-def _name_and_endpoint(cluster: cluster_pb2.Cluster) -> tuple[str, str]:
-    """A cluster's name, and for a backend cluster (EDS in the file) the endpoint resource it
-    names (`endpoints.resource_name`: its service name, else its own)."""
-    if cluster.type != cluster_pb2.Cluster.EDS:
-        return cluster.name, ""
-    return cluster.name, cluster.eds_cluster_config.service_name or cluster.name
+def _described(cluster: cluster_pb2.Cluster) -> tuple[str, str, tuple[str, ...]]:
+    """A cluster's name; for a backend cluster (EDS in the file) the endpoint resource it
+    names (`endpoints.resource_name`: its service name, else its own); for a failover chain (an
+    aggregate cluster) its members."""
+    if cluster.type == cluster_pb2.Cluster.EDS:
+        return cluster.name, cluster.eds_cluster_config.service_name or cluster.name, ()
+    if cluster.HasField("cluster_type"):
+        config = aggregate_pb2.ClusterConfig()
+        if cluster.cluster_type.typed_config.Unpack(config):
+            return cluster.name, "", tuple(config.clusters)
+    return cluster.name, "", ()
 
 
 def cluster_resource(name: str, version: str, value: bytes) -> discovery_pb2.Resource:

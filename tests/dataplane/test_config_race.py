@@ -186,8 +186,9 @@ def test_a_change_writes_routes_only_once_envoy_holds_the_chains_they_name(fakes
 def test_a_decided_policys_chain_reaches_envoy_when_its_first_request_needs_it(fakes, tmp_path):
     """A decided policy's chains are not sent to Envoy until a request needs one (on-demand
     CDS: the 2,000-provider fleet's 7,712 chains held at once cost Envoy 182 MB and 1.6 s of its
-    start). The first request waits for its chain and is served by it; its failover still
-    works (the chain's first backend down, the next answers); the other chains stay out."""
+    start), nor the backends only such chains name (4,286 of the fleet's 10,000). The first
+    request waits for its chain and its backends and is served by it; its failover still works
+    (the chain's first backend down, the next answers); the other chains stay out."""
     gateway = start_gateway(tmp_path, fleet(fakes, ("decided", "cost", ["alpha", "beta"])))
     admin = f"http://127.0.0.1:{gateway.admin_port}"
     try:
@@ -195,17 +196,19 @@ def test_a_decided_policys_chain_reaches_envoy_when_its_first_request_needs_it(f
         assert cfg is not None and gateway.options.endpoints_over_ads
         chains = {b.target for p in cfg.policies for b in p.backends}
         assert len(chains) == 2  # one per first choice
+        backends = {b.cluster for b in cfg.backends}
 
-        def held() -> set[str]:
+        def held(names: set[str] = chains) -> set[str]:
             text = httpx.get(f"{admin}/clusters", timeout=10).text
-            return {c for c in chains if f"{c}::" in text}
+            return {c for c in names if f"{c}::" in text}
 
-        assert held() == set()  # ready, and no chain asked for yet
+        assert held() == set() and held(backends) == set()  # ready, and no chain asked for yet
         first = httpx.post(f"{gateway.url}/chat/completions", json={"model": "decided", **MESSAGE}, timeout=10)
         assert first.status_code == 200, first.text
         assert first.headers["x-signalbox-provider"] == "alpha"  # the cheaper
         (used,) = held()
         assert used.startswith("t.default.alpha.")
+        assert held(backends) == backends  # the chain's members came with it
         fakes["alpha"].behave(status=503)
         again = httpx.post(f"{gateway.url}/chat/completions", json={"model": "decided", **MESSAGE}, timeout=10)
         assert again.status_code == 200, again.text
