@@ -165,29 +165,3 @@ def test_a_cached_compile_is_the_compile_from_scratch_whatever_changes(tmp_path_
         cached.providers[0].host = "changed.example"
         cached.policies[0].backends[0].target = "changed"
     assert compile_files([folder], cache=cache).config.content_hash == fresh.content_hash
-
-
-def test_a_load_of_some_kinds_reads_only_their_documents_and_the_next_load_reads_the_rest(tmp_path, monkeypatch):
-    """`signalbox up` reads the providers first, to start Envoy on their backend clusters
-    before the policies compile; the whole load after it parses only what the first skipped,
-    and gives what a load without the first would."""
-    from tests.factories import backend, dump, model, policy, provider
-
-    text = dump(
-        provider("a", "http://127.0.0.1:9/v1", [model("m")]),
-        policy("p", ["x"], [backend("a", "m")]),
-        provider("b", "http://127.0.0.1:9/v1", [model("m")]),
-        policy("q", ["y"], [backend("b", "m")]),
-    )
-    (tmp_path / "all.yaml").write_text(text)
-    parsed = count_parses(monkeypatch)
-    cache = DocumentCache()
-    first = loader.load([tmp_path], cache, kinds=("AIProvider",))
-    assert [p["metadata"]["name"] for p in first.providers] == ["a", "b"] and not first.policies
-    assert len(parsed) == 2 and all("AIProvider" in piece for piece in parsed)
-    whole = loader.load([tmp_path], cache)
-    assert len(parsed) == 4 and all("RoutingPolicy" in piece for piece in parsed[2:])  # the rest alone
-    assert whole.providers[0] is first.providers[0]
-    monkeypatch.undo()
-    plain = loader.load([tmp_path])
-    assert (whole.providers, whole.policies) == (plain.providers, plain.policies)

@@ -56,10 +56,8 @@ class DocumentCache:
         self._parsed: dict[str, list[Any]] = {}
         self._seen: dict[str, list[Any]] = {}
 
-    def documents(self, text: str, mentioning: tuple[str, ...] = ()) -> list[Any]:
-        """The documents in one file's text, as `yaml.load_all` gives them; with `mentioning`,
-        only those whose text holds one of those words (the others are neither parsed nor
-        returned: a document of kind X spells X)."""
+    def documents(self, text: str) -> list[Any]:
+        """The documents in one file's text, as `yaml.load_all` gives them."""
         if _NOT_SPLIT.search(text):
             return list(yaml.load_all(text, Loader=SAFE_LOADER))
         starts = [m.start() for m in _DOCUMENT_START.finditer(text)]
@@ -67,8 +65,6 @@ class DocumentCache:
         # Each piece holds one document, or none (comments before the first marker).
         for a, b in zip([0, *starts], [*starts, len(text)], strict=True):
             piece = text[a:b]
-            if mentioning and not any(word in piece for word in mentioning):
-                continue
             if piece in self._seen:
                 found = self._seen[piece]
             elif piece in self._parsed:
@@ -100,16 +96,12 @@ def yaml_files(paths: list[str | Path]) -> list[Path]:
 
 
 @paused_gc()
-def load(paths: list[str | Path], cache: DocumentCache | None = None, kinds: tuple[str, ...] = ()) -> Documents:
+def load(paths: list[str | Path], cache: DocumentCache | None = None) -> Documents:
     """Collect AIProvider, RoutingPolicy and Consumer objects; other kinds (Secrets, Deployments) are skipped.
 
     Raises ConfigError listing every unreadable file or document at once. `cache`: documents
-    parsed by the last load with it, parsed again only if their text changed. `kinds` (with a
-    cache): only documents whose text names one of them are parsed (`signalbox up` reads the
-    providers before the policies at its start); what it read is kept for the next load.
+    parsed by the last load with it, parsed again only if their text changed.
     """
-    if kinds and cache is not None:
-        return _load(paths, cache, kinds)
     try:
         return _load(paths, cache)
     finally:
@@ -117,13 +109,13 @@ def load(paths: list[str | Path], cache: DocumentCache | None = None, kinds: tup
             cache.loaded()
 
 
-def _load(paths: list[str | Path], cache: DocumentCache | None, kinds: tuple[str, ...] = ()) -> Documents:
+def _load(paths: list[str | Path], cache: DocumentCache | None) -> Documents:
     docs = Documents()
     problems: list[Problem] = []
     for file in yaml_files(paths):
         try:
             text = file.read_text()
-            items = cache.documents(text, kinds) if cache else list(yaml.load_all(text, Loader=SAFE_LOADER))
+            items = cache.documents(text) if cache else list(yaml.load_all(text, Loader=SAFE_LOADER))
         except (OSError, yaml.YAMLError) as exc:
             problems.append(Problem("File", str(file), "$", f"cannot read YAML: {exc}"))
             continue
