@@ -369,13 +369,6 @@ class LocalGateway:
         self.config = None
         (self.workdir / gatewayfiles.CONFIG_FILE).unlink(missing_ok=True)  # a reused work dir's
         self._spawn_workers()
-        # Envoy starts with the backend clusters alone (gatewayfiles.write_envoy_backends_first)
-        # while the workers start: it reads them meanwhile, and asks the workers for their
-        # endpoints once they are up (it retries until one answers). They are the providers'
-        # alone, so Envoy starts on them before the policies compile (`_providers_first`).
-        early = self._providers_first()
-        if early:
-            self._spawn_envoy()
         result = self.apply(keys=False)  # the keys: `_write_keys_meanwhile`
         self._check_stop()
         if result.config is None:
@@ -384,39 +377,11 @@ class LocalGateway:
             )
         if self.start_fakes:
             self._start_fakes(timeout)
-        if not early:
-            if self.config is not None:
-                gatewayfiles.write_envoy_backends_first(self.config, self.workdir, self.options)
-            self._spawn_envoy()
-        self._finish_start(timeout)
-
-    def _providers_first(self) -> bool:
-        """Compile the providers alone and give the workers (generation 0) and Envoy's first
-        clusters their backends, before the policies compile: a backend cluster is made from its
-        provider alone, and Envoy takes seconds to make 10,000 of them on its main thread, which
-        the start waits on. Whether it did: not with the clusters read from the file (failing
-        open: no stream holds them back until the workers know their endpoints), nor when the
-        providers do not compile (the whole compile then says what is wrong). Why (issue 12):
-        at the 2,000-provider fleet the policies' compile (0.3 s of 1.0 after the YAML) held up
-        Envoy's start."""
-        assert self.workdir
-        if not self.options.endpoints_over_ads:
-            return False
-        try:
-            docs = loader.load(list(self.paths), self._compile_cache.documents)
-            result = compile_config(docs.providers, [], generation=0, models=self._compile_cache.models)
-        except SignalboxError:
-            return False
-        if result.config is None or result.problems:
-            return False
-        self._check_stop()
-        gatewayfiles.publish(result.config, self.workdir, self.options, envoy=False, credentials=False)
-        gatewayfiles.write_envoy_backends_first(result.config, self.workdir, self.options)
-        return True
-
-    def _spawn_envoy(self) -> None:
-        """Write the bootstrap and start Envoy on it (its admin port is read from a file it writes)."""
-        assert self.workdir
+        # Envoy starts with the backend clusters alone (gatewayfiles.write_envoy_backends_first)
+        # while the workers start: it reads them meanwhile, and asks the workers for their
+        # endpoints once they are up (it retries until one answers).
+        if self.config is not None:
+            gatewayfiles.write_envoy_backends_first(self.config, self.workdir, self.options)
         bootstrap = gatewayfiles.write_bootstrap(self.workdir, self.options)
         self._check_stop()
         self._envoy_admin_file.unlink(missing_ok=True)  # a reused work dir: never read an old port
@@ -438,11 +403,6 @@ class LocalGateway:
                 "1000",
             ],
         )
-
-    def _finish_start(self, timeout: float) -> None:
-        """Once the workers answer: the rest of Envoy's files, generated while Envoy warms the
-        backends and written once it has; then wait until every alias routes."""
-        assert self.workdir
         for n, socket_path in enumerate(self.options.extproc_sockets):
             self._wait(lambda p=socket_path: Path(p).exists(), f"extproc-{n}", timeout)
         self._wait(self._admin_api_file.exists, "extproc-0", timeout)
