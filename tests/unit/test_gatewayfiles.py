@@ -69,19 +69,28 @@ def test_the_ext_proc_loads_the_published_config_and_keeps_it_when_the_file_is_g
 
 def test_an_envoy_about_to_start_gets_the_backend_clusters_alone_then_everything(tmp_path):
     """Backends warm before any chain exists (each chain is told of every cluster that becomes
-    active after it: 10.6 s of Envoy at the 2,000-provider fleet when given all at once)."""
-    cfg = compile_config(PROVIDERS, [policy("p", ["x"], [backend("a", "m"), backend("b", "m", priority=1)])]).config
+    active after it: 10.6 s of Envoy at the 2,000-provider fleet when given all at once). Only
+    those compiled policies route to: a backend only decided policies name reaches Envoy with a
+    chain a request asks for (extproc.xds)."""
+    cfg = compile_config(
+        [*PROVIDERS, provider("c", "http://127.0.0.1:9003/v1", [model("m")])],
+        [
+            policy("p", ["x"], [backend("a", "m"), backend("b", "m", priority=1)]),
+            policy("d", ["y"], [backend("c", "m"), backend("a", "m")], strategy="cost"),
+        ],
+    ).config
     options = envoygen.GatewayOptions(ads=True)
     gatewayfiles.publish(cfg, tmp_path, options, backends_first=True)
     envoy_dir = tmp_path / gatewayfiles.ENVOY_DIR
     first = {n: gatewayfiles.read_envoy_file(envoy_dir, n).get("resources", []) for n in envoygen.RESOURCE_FILES}
-    assert sorted(c["name"] for c in first["cds.json"]) == sorted(b.cluster for b in cfg.backends)
+    assert sorted(c["name"] for c in first["cds.json"]) == ["b.default.a.m", "b.default.b.m"]
     assert all(c["type"] == "EDS" for c in first["cds.json"])
     assert first["lds.json"] == first["rds.json"] == []  # nothing routes to a chain not there yet
 
     gatewayfiles.write_envoy(cfg, tmp_path, options)
     clusters = {c["name"] for c in gatewayfiles.read_envoy_file(envoy_dir, "cds.json")["resources"]}
     assert {p.target for p in cfg.policies[0].backends} < clusters
+    assert {b.cluster for b in cfg.backends} < clusters  # the whole file has every backend
     assert json.loads(files(tmp_path)["lds.json"].read_text())["resources"]
 
     # Backends that Envoy resolves itself (no ADS) warm at once: nothing to stage.

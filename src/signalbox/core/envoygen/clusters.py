@@ -681,10 +681,18 @@ def backend_clusters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[s
     return [make() for _, make in backend_cluster_specs(cfg, opts)]
 
 
-def backend_cluster_specs(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[ClusterSpec]:
+def backend_cluster_specs(
+    cfg: pb.RoutingConfig, opts: GatewayOptions, compiled_only: bool = False
+) -> list[ClusterSpec]:
     """`backend_clusters`, each as its key and its maker (the keys `cluster_specs` gives them:
-    the start's whole files then reuse what its backends-first files converted)."""
-    return _backend_specs(cfg, opts) + _keyed(origin_clusters(cfg, opts.upstream_ca_file))
+    the start's whole files then reuse what its backends-first files converted). With
+    `compiled_only`, only the backends compiled policies route to: over ADS the others reach
+    Envoy with a chain a request asks for (extproc.xds), so a start need not make them first."""
+    backends = _backend_specs(cfg, opts)
+    if compiled_only:
+        routed = {b.backend for p in cfg.policies if p.compiled for b in p.backends}
+        backends = [spec for i, spec in enumerate(backends) if i in routed]
+    return backends + _keyed(origin_clusters(cfg, opts.upstream_ca_file))
 
 
 def _backend_specs(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[ClusterSpec]:
