@@ -191,19 +191,6 @@ def write_envoy_files(files: dict[Path, bytes], over_ads: bool = False) -> None:
         write_atomic(path, data)
 
 
-def write_envoy_empty(workdir: Path, options: envoygen.GatewayOptions) -> None:
-    """Envoy's files for a start over ADS before anything compiled: no listener, no routes, and
-    no cluster file (the stream sends none until the publisher writes one, and a reused work
-    dir's old one must not be taken for it), nor a marker that Envoy holds one."""
-    assert options.endpoints_over_ads
-    config_dir = str(workdir / ENVOY_DIR)
-    clusters = Path(envoygen.resource_file(config_dir, "cds.json"))
-    clusters.unlink(missing_ok=True)
-    clusterfeed.held_file(clusters).unlink(missing_ok=True)
-    for name in ("rds.json", "lds.json"):
-        write_atomic(Path(envoygen.resource_file(config_dir, name)), _encode(name, {"resources": []}))
-
-
 def write_envoy_backends_first(cfg: pb.RoutingConfig, workdir: Path, options: envoygen.GatewayOptions) -> None:
     """Envoy's files for its start when backend endpoints come over ADS: the backend clusters
     alone, no routes and no listener. The full files follow once they have warmed

@@ -369,13 +369,6 @@ class LocalGateway:
         self.config = None
         (self.workdir / gatewayfiles.CONFIG_FILE).unlink(missing_ok=True)  # a reused work dir's
         self._spawn_workers()
-        # Over ADS Envoy starts now too, on no clusters and no listener: its own start (the
-        # process, its bootstrap, its admin) then overlaps the compile, and it waits for its
-        # first clusters from the workers' stream, which waits for the publisher's file.
-        early = self.options.endpoints_over_ads
-        if early:
-            gatewayfiles.write_envoy_empty(self.workdir, self.options)
-            self._spawn_envoy()
         result = self.apply(keys=False)  # the keys: `_write_keys_meanwhile`
         self._check_stop()
         if result.config is None:
@@ -384,18 +377,11 @@ class LocalGateway:
             )
         if self.start_fakes:
             self._start_fakes(timeout)
-        # Envoy gets the backend clusters alone first (gatewayfiles.write_envoy_backends_first)
-        # while the rest is generated: it reads them meanwhile, and asks the workers for their
+        # Envoy starts with the backend clusters alone (gatewayfiles.write_envoy_backends_first)
+        # while the workers start: it reads them meanwhile, and asks the workers for their
         # endpoints once they are up (it retries until one answers).
         if self.config is not None:
             gatewayfiles.write_envoy_backends_first(self.config, self.workdir, self.options)
-        if not early:
-            self._spawn_envoy()
-        self._finish_start(timeout)
-
-    def _spawn_envoy(self) -> None:
-        """Write the bootstrap and start Envoy on it (its admin port is read from a file it writes)."""
-        assert self.workdir
         bootstrap = gatewayfiles.write_bootstrap(self.workdir, self.options)
         self._check_stop()
         self._envoy_admin_file.unlink(missing_ok=True)  # a reused work dir: never read an old port
@@ -417,11 +403,6 @@ class LocalGateway:
                 "1000",
             ],
         )
-
-    def _finish_start(self, timeout: float) -> None:
-        """Once the workers answer: the rest of Envoy's files, generated while Envoy warms the
-        backends and written once it has; then wait until every alias routes."""
-        assert self.workdir
         for n, socket_path in enumerate(self.options.extproc_sockets):
             self._wait(lambda p=socket_path: Path(p).exists(), f"extproc-{n}", timeout)
         self._wait(self._admin_api_file.exists, "extproc-0", timeout)
