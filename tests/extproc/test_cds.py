@@ -421,21 +421,29 @@ def test_a_cluster_is_taken_from_where_the_file_held_it_and_a_replaced_file_is_r
     was read gives its own bytes, never another cluster's."""
 
     def write(*clusters: cluster_pb2.Cluster) -> None:
-        response = discovery_pb2.DiscoveryResponse()
+        response = discovery_pb2.DiscoveryResponse(version_info="v" * 200)  # a length of two bytes
         for c in clusters:
             response.resources.add().Pack(c)
         gatewayfiles.write_atomic(cluster_path(tmp_path), response.SerializeToString())
 
+    # Clusters whose Any needs one byte of length, and one that needs two.
     a, b, c = (cluster_pb2.Cluster(name=n, connect_timeout={"seconds": 1}) for n in ("t.a", "t.b", "t.c"))
-    write(a, b, c)
+    big = cluster_pb2.Cluster(name="t.big", alt_stat_name="x" * 300)
+    write(a, big, b, c)
     feed = ClusterFile(cluster_path(tmp_path))
     versions = dict(feed.current())
-    ((name, version, value),) = feed.packed({"t.b"})
-    assert (name, version) == ("t.b", versions["t.b"]) and cluster_pb2.Cluster.FromString(value) == b
+    whole = []  # reads of the whole file: none while the file is as read
+    real_named = feed._named
+    feed._named = lambda path: whole.append(path) or real_named(path)  # type: ignore[method-assign]
+    taken = {name: (version, value) for name, version, value in feed.packed({"t.b", "t.big"})}
+    assert {n: v for n, (v, _) in taken.items()} == {"t.b": versions["t.b"], "t.big": versions["t.big"]}
+    assert cluster_pb2.Cluster.FromString(taken["t.b"][1]) == b
+    assert cluster_pb2.Cluster.FromString(taken["t.big"][1]) == big and not whole
     b2 = cluster_pb2.Cluster(name="t.b", connect_timeout={"seconds": 2})
     write(b2, c, a)  # replaced, not read since: every place differs
     ((name, version, value),) = feed.packed({"t.b"})
     assert name == "t.b" and cluster_pb2.Cluster.FromString(value) == b2 and version != versions["t.b"]
+    assert whole  # read whole to find it
 
 
 async def test_a_chain_sent_when_asked_gives_back_the_memory_reading_the_file_took(ads, monkeypatch):
@@ -450,3 +458,14 @@ async def test_a_chain_sent_when_asked_gives_back_the_memory_reading_the_file_to
     envoy.ask(CLUSTER_TYPE, min(chains(names)))
     await envoy.until(min(chains(names)))
     assert trims
+
+
+def test_the_publishers_file_is_read_at_its_spans(tmp_path):
+    """The spans are worked out from the parsed file's sizes (`ClusterFile._spans`): the file
+    the publisher writes (xdsbinary's encoder, not protobuf's own serializer) must be laid out
+    as they assume, or every chain asked for would parse the whole file again."""
+    names = publish(tmp_path, routing_config(("p", ["a", "b", "c"])), TableHolder())
+    feed = ClusterFile(cluster_path(tmp_path))
+    assert set(feed.current()) == names
+    taken = feed._at_positions(names)
+    assert taken is not None and {name for name, _, _ in taken} == names
