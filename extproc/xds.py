@@ -529,10 +529,8 @@ class _Stream:
                 value = with_endpoint(value, load_assignment(backend, addresses, resting, reach))
             self.cds_sent[name] = sent_version
             (backends if endpoint is not None else chains).append(cluster_resource(name, sent_version, value))
-        if wanted:
-            # What reading the file for them took (parsed whole: 12 MB kept by glibc at the
-            # 2,000-provider fleet after the first chain asked for, memtrim).
-            release_free_memory()
+        # (They are read from their spans in the file, a few hundred bytes each: nothing to
+        # give back, where parsing the whole file for them left glibc holding 12 MB.)
         if backends or chains or missing:
             yield from self._batches([*backends, None, *chains], CLUSTER_TYPE, missing)
 

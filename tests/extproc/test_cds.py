@@ -446,20 +446,6 @@ def test_a_cluster_is_taken_from_where_the_file_held_it_and_a_replaced_file_is_r
     assert whole  # read whole to find it
 
 
-async def test_a_chain_sent_when_asked_gives_back_the_memory_reading_the_file_took(ads, monkeypatch):
-    """Taking a chain from the file parses it whole: glibc kept what that freed (12 MB of the
-    worker holding the stream at the 2,000-provider fleet, after the first chain asked for)."""
-    publish, connect, _workdir = ads
-    names = publish(routing_config(("p", ["a", "b"])))
-    envoy = connect()
-    await envoy.next()
-    trims: list[int] = []
-    monkeypatch.setattr(xds, "release_free_memory", lambda: trims.append(1))
-    envoy.ask(CLUSTER_TYPE, min(chains(names)))
-    await envoy.until(min(chains(names)))
-    assert trims
-
-
 def test_the_publishers_file_is_read_at_its_spans(tmp_path):
     """The spans are worked out from the parsed file's sizes (`ClusterFile._spans`): the file
     the publisher writes (xdsbinary's encoder, not protobuf's own serializer) must be laid out
