@@ -8,6 +8,7 @@ references them; each file is replaced by an atomic rename, so no reader sees ha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -90,8 +91,26 @@ def write_credentials(cfg: pb.RoutingConfig, options: envoygen.GatewayOptions, r
             log.warning("provider %s: %s", provider.id, exc)
             continue
         path = Path(envoygen.credential_file(options.credentials_dir, provider.id))
+        digest = hashlib.blake2b(value.encode(), digest_size=16).digest()
+        if _written.get(str(path)) == (digest, _stat_of(path)):
+            continue  # as this process wrote it, untouched since (a stat, not a read of each)
         if not path.exists() or path.read_text() != value:
             write_atomic(path, value, mode=0o600)
+        _written[str(path)] = (digest, _stat_of(path))
+
+
+# Each key file this process wrote or found as it would write it: a digest of its content and
+# the file's stat then. Every change of the config checked every keyed provider's file by
+# reading it, 2,000 files and 0.09-0.11 s of each change at the 2,000-provider fleet.
+_written: dict[str, tuple[bytes, tuple[int, ...] | None]] = {}
+
+
+def _stat_of(path: Path) -> tuple[int, ...] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def publish(

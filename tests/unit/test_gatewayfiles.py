@@ -375,3 +375,29 @@ def test_a_parts_strings_are_read_from_its_json_in_the_order_of_their_paths(part
         for step in path:
             node = node[step]
         assert node == value
+
+
+def test_a_key_file_unchanged_since_it_was_written_is_not_read_again_and_one_changed_is_rewritten(
+    tmp_path, monkeypatch
+):
+    """Every change checked every keyed provider's file by reading it (2,000 files, 0.1 s of each
+    change at the 2,000-provider fleet); a file someone else changed is still put right."""
+    from signalbox.extproc.runtime import credential
+
+    keyed = provider("k", "http://127.0.0.1:9001/v1", [model("m")], auth={"env": "K"})
+    cfg = compile_config([keyed], [policy("p", ["x"], [backend("k", "m")])]).config
+    options = envoygen.GatewayOptions(credentials_dir=str(tmp_path / "credentials"))
+    path = Path(envoygen.credential_file(options.credentials_dir, cfg.providers[0].id))
+    path.parent.mkdir(parents=True)
+    resolve = lambda auth: credential(auth, "sk-one")  # noqa: E731
+    gatewayfiles.write_credentials(cfg, options, resolve)
+    real_read = Path.read_text
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "read_text", lambda self, *a, **k: pytest.fail(f"{self} read again"))
+        gatewayfiles.write_credentials(cfg, options, resolve)
+    path.write_text("tampered")
+    gatewayfiles.write_credentials(cfg, options, resolve)
+    assert real_read(path).endswith("sk-one")
+    path.unlink()
+    gatewayfiles.write_credentials(cfg, options, resolve)
+    assert real_read(path).endswith("sk-one")
