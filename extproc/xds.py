@@ -196,7 +196,7 @@ class Endpoints:
         Every other backend the config knows goes to Envoy with the first chain asked for that
         names it (a decided policy's), or never: a route only ever names a chain, and a chain
         names its backends. (A backend of a file newer than the config is held back until the
-        config comes, as ever: `_lazy`.)"""
+        config comes, as ever: `lazy`.)"""
         table, members_of = self.tables.current, self.clusters.members_of
         if self._eager_backends_of[0] is not table or self._eager_backends_of[1] is not members_of:
             self._eager_backends_of = (table, members_of)
@@ -455,14 +455,10 @@ class _Stream:
                 if version != current.get(name):
                     continue  # the file was replaced meanwhile: sent on its own change
                 sent_version, endpoint = wanted[name]
-                if endpoint is not None:
-                    _, backend, addresses, resting, reach = endpoint
-                    value = with_endpoint(value, load_assignment(backend, addresses, resting, reach))
-                elif backends and name in self.demanded:
+                if endpoint is None and backends and name in self.demanded:
                     yield None  # a chain a request waits for, apart from the backends before it
                 backends = endpoint is not None
-                self.cds_sent[name] = sent_version
-                yield cluster_resource(name, sent_version, value)
+                yield self._sent(name, sent_version, value, endpoint)
 
         last = None  # each answer goes once the next is made: the last is known before it goes
         for answer in self._batches(sent(), CLUSTER_TYPE, removed, always=not self.cds_answered):
@@ -494,6 +490,15 @@ class _Stream:
         self.said_missing.update(missing)
         return missing
 
+    def _sent(self, name: str, version: str, value: bytes, endpoint: tuple[Any, ...] | None) -> discovery_pb2.Resource:
+        """Cluster `name` as it goes to Envoy (a backend's with its endpoint written in, `_to_hold`),
+        noted as sent."""
+        if endpoint is not None:
+            _, backend, addresses, resting, reach = endpoint
+            value = with_endpoint(value, load_assignment(backend, addresses, resting, reach))
+        self.cds_sent[name] = version
+        return cluster_resource(name, version, value)
+
     def _members(self, chains: Iterable[str]) -> set[str]:
         """The backend clusters the file's chains `chains` name."""
         members_of = self.endpoints.clusters.members_of
@@ -524,11 +529,7 @@ class _Stream:
             if version != current.get(name):
                 continue  # replaced meanwhile: sent on its own change
             sent_version, endpoint = wanted[name]
-            if endpoint is not None:
-                _, backend, addresses, resting, reach = endpoint
-                value = with_endpoint(value, load_assignment(backend, addresses, resting, reach))
-            self.cds_sent[name] = sent_version
-            (backends if endpoint is not None else chains).append(cluster_resource(name, sent_version, value))
+            (backends if endpoint is not None else chains).append(self._sent(name, sent_version, value, endpoint))
         # (They are read from their spans in the file, a few hundred bytes each: nothing to
         # give back, where parsing the whole file for them left glibc holding 12 MB.)
         if backends or chains or missing:
