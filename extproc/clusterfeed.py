@@ -202,10 +202,7 @@ class ClusterFile:
             if members:
                 members_of[name] = members
         names = {name: name for name in now}  # one string per name, wherever it is kept
-        self.members_of = {
-            chain: members if all(names.get(m) is m for m in members) else tuple(names.get(m, m) for m in members)
-            for chain, members in members_of.items()
-        }
+        self.members_of = {chain: tuple(names.get(m, m) for m in members) for chain, members in members_of.items()}
         self.endpoint_of = endpoint_of
         at = self.clock()
         for name in self.versions.keys() - now.keys():
