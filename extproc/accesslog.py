@@ -57,6 +57,13 @@ BROKEN_FLAGS = {
 }
 
 
+def served_backend(common: accesslog_pb2.AccessLogCommon) -> str:
+    """The id of the backend whose host answered (its host's name, the `backend` tag); "" when
+    none did (Envoy writes "-" for a request that reached no host)."""
+    name = common.custom_tags.get("backend", "")
+    return "" if name == "-" else name
+
+
 def broken(entry: accesslog_pb2.HTTPAccessLogEntry) -> str:
     """The flag of an answer that started (2xx) but did not end normally, or ""."""
     if not 200 <= entry.response.response_code.value < 300:
@@ -122,7 +129,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
 
     def attempt(self, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
         """One attempt whose answer spoke of its backend's limits (Envoy filters the rest)."""
-        backend_id = entry.common_properties.custom_tags.get("backend", "")
+        backend_id = served_backend(entry.common_properties)
         if self.cooldowns is None or backend_id not in self.tables.current.backends:
             return  # none named, or not a provider (the stream relay passes its headers on)
         headers = {k.lower(): v for k, v in entry.response.response_headers.items()}
@@ -218,7 +225,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
             self.open.end(entry.request.request_id)
         if self.state is None:
             return
-        served = common.custom_tags.get("backend") or first
+        served = served_backend(common) or first
         latency_ms = _seconds(common.time_to_last_downstream_tx_byte) * 1000
         backend = self.tables.current.backends.get(served)
         if runtime.strategy == "latency" and backend is not None:
@@ -241,7 +248,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         """A request Envoy routed alone (a compiled route: its policy is a custom tag). Compiled
         policies have no budget, so nothing is held or spent in the ledger: only metrics."""
         policy = self._policy(entry.common_properties.custom_tags.get(COMPILED_POLICY_TAG, ""))
-        served = self.tables.current.backends.get(entry.common_properties.custom_tags.get("backend", ""))
+        served = self.tables.current.backends.get(served_backend(entry.common_properties))
         if policy is None or served is None:
             return  # refused (the alias was read, the ext_proc said no), unanswered, or an older config
         self.metrics.requests.labels(
@@ -254,7 +261,7 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
     ) -> float:
         """Metrics of a finished request; returns its cost. `fields`: its signalbox metadata."""
         common = entry.common_properties
-        backend = self.tables.current.backends.get(common.custom_tags.get("backend") or first)
+        backend = self.tables.current.backends.get(served_backend(common) or first)
         if backend is None:
             return 0.0  # a backend of an older config generation
         genai = (backend.model, backend.provider.genai_name, backend.provider.name)

@@ -126,7 +126,7 @@ class BackendRuntime:
     latency_prior_ms: float
     # The Envoy cluster that reaches it (outlier ejections are reported per cluster).
     cluster: str = ""
-    # Its address and host metadata, as the ADS server gives them to Envoy (extproc.xds).
+    # Its address and host name, as the ADS server gives them to Envoy (extproc.xds).
     endpoint: BackendEndpoint | None = None
     # The digest of the message it was built from: the next config's table keeps it while that
     # is unchanged (`RuntimeTable.from_config(reuse=...)`).
@@ -413,9 +413,6 @@ def _backend(b: pb.Backend, provider: ProviderRuntime, address: tuple[str, int, 
         endpoint=BackendEndpoint(
             cluster=cluster,
             backend=backend_id,
-            provider=provider.name,
-            model=model,
-            genai_provider=provider.genai_name,
             host=address[0],
             port=address[1],
             origin=address[2],

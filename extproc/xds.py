@@ -115,17 +115,8 @@ def load_assignment(
     """The assignment `BackendEndpoint.load_assignment` describes (one home for what a host says),
     as a message made by the message's constructor rather than json_format: 50 us an
     assignment was half a second of the worker holding Envoy's stream for the 10,000 backends
-    of the large fleet's start, on the way to its backends. The constructor takes the dict but
-    for the hosts' metadata (Structs), filled in after."""
-    assignment = endpoint.load_assignment(addresses, resting, reach)
-    hosts = [host for group in assignment.get("endpoints", []) for host in group["lb_endpoints"]]
-    metadata = [host.pop("metadata") for host in hosts]
-    message = endpoint_pb2.ClusterLoadAssignment(**assignment)
-    made = [host for group in message.endpoints for host in group.lb_endpoints]
-    for host, meta in zip(made, metadata, strict=True):
-        for namespace, fields in meta["filter_metadata"].items():
-            host.metadata.filter_metadata[namespace].update(fields)
-    return message
+    of the large fleet's start, on the way to its backends."""
+    return endpoint_pb2.ClusterLoadAssignment(**endpoint.load_assignment(addresses, resting, reach))
 
 
 def with_endpoint(value: bytes, assignment: endpoint_pb2.ClusterLoadAssignment) -> bytes:

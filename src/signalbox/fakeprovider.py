@@ -103,6 +103,8 @@ class Behaviour:
     # Bedrock: AWS access key ID -> secret key; when set, Converse requests must carry a SigV4
     # signature made with one of them (verified with botocore's signer).
     aws_keys: dict[str, str] = field(default_factory=dict)
+    # Extra headers on every answer (a provider that sends headers of the gateway's own names).
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def _fault(raw: dict[str, Any] | None) -> Fault:
@@ -296,7 +298,7 @@ class FakeProvider:
         return web.json_response(body, status=status, headers={"x-fake-provider": self.ident, **(headers or {})})
 
     def _headers(self, fault: Fault) -> dict[str, str]:
-        headers = {"x-fake-provider": self.ident}
+        headers = {**self.behaviour.headers, "x-fake-provider": self.ident}
         if fault.remaining >= 0:
             headers["x-ratelimit-remaining-requests"] = str(fault.remaining)
             headers["x-ratelimit-reset-requests"] = "1s"

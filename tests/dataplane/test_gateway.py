@@ -294,6 +294,23 @@ def test_failing_primary_loses_no_request(client, fakes, status, alias, primary,
     assert all(r["headers"]["Authorization"] == f"Bearer {BETA_KEY}" for r in arrived)  # its own key
 
 
+@pytest.mark.parametrize("alias", ["failover", "split-compiled"])
+def test_who_answered_is_said_by_the_gateway_never_by_the_provider(client, fakes, alias):
+    """The provider and model headers name the backend whose answer the client got (its host's
+    name, read on the answer's way back: after a failover, the one that answered), decided or
+    compiled; a provider's own headers of those names, or of the attempt marker, never reach
+    the client."""
+    spoof = {"x-signalbox-provider": "spoofed", "x-signalbox-model": "spoofed", "x-signalbox-attempt": "default/x/y"}
+    for name in ("alpha", "gamma", "flaky1"):
+        fakes[name].behave(headers=spoof, status=500 if name == "flaky1" else 200)
+    fakes["beta"].behave(api_key=BETA_KEY, headers=spoof)
+    answered = {("beta", "b1"), ("alpha", "a2"), ("gamma", "g2")}
+    for _ in range(4):
+        _, headers = ask(client, alias)
+        assert (headers["x-signalbox-provider"], headers["x-signalbox-model"]) in answered, dict(headers)
+        assert "x-signalbox-attempt" not in headers
+
+
 def test_failover_never_carries_the_first_choices_key(client, fakes):
     """The router phase prepares the first attempt with the first choice's key; the failover
     attempt to a keyless provider must arrive without it (and with its own model)."""

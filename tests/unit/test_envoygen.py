@@ -137,7 +137,7 @@ def test_policies_with_the_same_chain_share_its_aggregate_and_keep_their_own_rou
 
 def test_every_attempt_loses_every_key_header_then_gets_its_providers_key_from_envoy():
     """Keys never pass through the ext_proc: every attempt first loses all key headers (the
-    client's too), then one marker names the picked host's backend (from its metadata, after
+    client's too), then one marker names the picked host's backend (its host's name, after
     removing any client copy), then attempt.lua adds that backend's provider's key, read from
     the provider's file; no key is in Envoy's config."""
     filters = router_upstream_filters(config(), CREDENTIALS)
@@ -149,7 +149,7 @@ def test_every_attempt_loses_every_key_header_then_gets_its_providers_key_from_e
     assert mutations[0] == {"remove": envoygen.ATTEMPT_HEADER}
     assert mutations[1]["append"]["header"] == {
         "key": envoygen.ATTEMPT_HEADER,
-        "value": "%UPSTREAM_METADATA(signalbox:backend)%",
+        "value": "%UPSTREAM_HOST_NAME%",
     }
     lua = attempt["typed_config"]["default_source_code"]["inline_string"]
     assert envoygen.credential_file("/run/keys", "default/b") in lua  # b's key comes from its file
@@ -171,16 +171,12 @@ def test_clients_cannot_send_gateway_headers():
     assert hcm["http_filters"][1] == envoygen.client_path_filter()
 
 
-def test_backend_cluster_carries_metadata_tls_and_outlier_detection():
+def test_backend_cluster_carries_its_backend_id_tls_and_outlier_detection():
     clusters = by_name(envoygen.clusters(config(), envoygen.GatewayOptions()))
     b = clusters["b.default.b.m"]
-    md = b["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["metadata"]["filter_metadata"]["signalbox"]
-    assert md == {
-        "backend": "default/b/m",
-        "provider": "b",
-        "model": "m",
-        "genai_provider": "openai_compatible",
-    }
+    (host,) = b["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    # The host's name is the backend's id (what the marker, logs and spans read); no metadata.
+    assert host["endpoint"]["hostname"] == "default/b/m" and "metadata" not in host
     assert b["transport_socket"]["typed_config"]["sni"] == "api.example.com"
     assert "transport_socket" not in clusters["b.default.a.m"]
     assert b["outlier_detection"]["consecutive_5xx"] > 0
@@ -412,7 +408,7 @@ def test_what_routes_share_is_said_once_on_the_virtual_host():
     assert len(routes) == 6
     # Who answered and why: on the virtual host, and no longer on each route.
     said = {h["header"]["key"]: h["header"]["value"] for h in host["response_headers_to_add"]}
-    assert said["x-signalbox-provider"] == "%UPSTREAM_METADATA(signalbox:provider)%"
+    assert "x-signalbox-provider" not in said  # attempt.lua's, per attempt
     assert said["x-signalbox-decision"] == "%DYNAMIC_METADATA(signalbox:decision)%"
     assert not any("response_headers_to_add" in r for r in routes)
     # A refusal's own reason header (and a compiled route's decision) beats the virtual host's.
@@ -543,7 +539,7 @@ def test_accounting_reads_usage_in_envoy_and_reports_it_through_the_access_log_o
     assert common["grpc_service"]["envoy_grpc"] == {"cluster_name": envoygen.EXTPROC_CLUSTER}
     assert common["buffer_flush_interval"] == "0.100s"
     tag, compiled = common["custom_tags"]  # the endpoint that answered, after any failover
-    assert tag["tag"] == "backend" and "host" in tag["metadata"]["kind"]
+    assert tag == {"tag": "backend", "value": "%UPSTREAM_HOST_NAME%"}
     assert compiled["tag"] == envoygen.COMPILED_POLICY_TAG and "route" in compiled["metadata"]["kind"]
     either = [f["metadata_filter"]["matcher"]["path"] for f in access_log["filter"]["or_filter"]["filters"]]
     assert either == [[{"key": "decision"}], [{"key": envoygen.ALIAS_KEY}]]
@@ -658,7 +654,7 @@ def test_backend_endpoints_come_over_ads_in_a_gateway_and_inline_otherwise():
     inline = by_name(envoygen.clusters(config(), envoygen.GatewayOptions()))["b.default.a.m"]
     assert inline["type"] == "STRICT_DNS" and "health_checks" not in inline
     (host,) = inline["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    assert host["metadata"]["filter_metadata"]["signalbox"]["backend"] == "default/a/m"
+    assert host["endpoint"]["hostname"] == "default/a/m"
     assert "ads_config" not in envoygen.bootstrap(envoygen.GatewayOptions(), "/cfg")["dynamic_resources"]
     # Failing open routes with no ext_proc at all, even one down when Envoy starts: Envoy keeps
     # resolving the backends itself there.

@@ -2,7 +2,8 @@
 --
 -- Runs as an upstream HTTP filter of the router (every aggregate cluster's), once per attempt. Lua cannot see
 -- the picked host, so before it one header_mutation filter names the backend in ATTEMPT_HEADER
--- from the picked host's metadata (%UPSTREAM_METADATA%).
+-- from the picked host's name (the backend's id, %UPSTREAM_HOST_NAME%); the last upstream filter
+-- names it again on the answer, for envoy_on_response.
 -- The generator defines, above this text, the contract's names (ATTEMPT_HEADER, and NS,
 -- CLIENT_PATH_KEY, BODY_MODEL_KEY of the dynamic metadata) and BACKENDS (backend id -> its
 -- settings, for every backend: one script serves every chain, as an upstream filter of the
@@ -19,6 +20,8 @@
 --               request's chain a later member with a larger context window follows)
 --   sanitize    true when its streams pass on whole, well-formed events only
 --   api         the API family it speaks: "openai" or "anthropic"
+--   provider    its provider's name, and genai its kind (the GenAI conventions' name)
+--   name        the model's name in the config, when the provider's (model) differs
 -- and ERRORS, the gateway's error bodies (from signalbox.core.errors) by name, each with its
 -- status, code and the body in each client API (`body`: OpenAI's, `anthropic`);
 -- TRANSLATE_HEADER, which marks an attempt whose backend speaks another API than the client
@@ -341,8 +344,27 @@ function complete_events(text)
   return table.concat(out), rest
 end
 
+-- Who answered: the provider and model headers, from the backend the answer names (replacing
+-- any the provider sent), and the provider's kind for spans. The stream relay's answer keeps
+-- the headers the attempt it made got.
+local function name_answer(handle, headers)
+  local served = headers:get(ATTEMPT_HEADER)
+  headers:remove(ATTEMPT_HEADER)
+  if served == RELAY_BACKEND then return end
+  local BACKEND = served ~= nil and BACKENDS[served] or nil
+  if BACKEND == nil then
+    headers:remove(PROVIDER_HEADER)
+    headers:remove(MODEL_HEADER)
+    return
+  end
+  headers:replace(PROVIDER_HEADER, BACKEND.provider)
+  headers:replace(MODEL_HEADER, BACKEND.name or BACKEND.model)
+  handle:streamInfo():dynamicMetadata():set(ATTEMPT_NS, GENAI_PROVIDER_KEY, BACKEND.genai)
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
+  name_answer(handle, headers)
   local status = headers:get(":status")
   local notes = handle:streamInfo():dynamicMetadata():get(ATTEMPT_NS)
   if notes ~= nil and notes[TRANSLATE_KEY] ~= nil and notes[TRANSLATE_KEY] ~= "" then

@@ -4,13 +4,13 @@
   the ext_proc imports them from there, and only there.
 - `options`: how a gateway process is wired (`GatewayOptions`).
 - `bootstrap`: the static bootstrap and the resource files Envoy watches.
-- `endpoints`: a backend's endpoint (its address, and `filter_metadata.signalbox`: backend,
-  provider id, provider, model), inline in its cluster or sent by the ext_proc over ADS.
+- `endpoints`: a backend's endpoint (its address, and its host named by the backend's id),
+  inline in its cluster or sent by the ext_proc over ADS.
 - `clusters`: one cluster per backend, one aggregate cluster per *target* (a policy's
   first choice and its failover chain), and the upstream filters every attempt runs: all key
-  headers removed, the picked provider's key added by Envoy, the picked backend named by a
-  CEL-matched marker, then its path, authority and body model (`core/attempt.lua`, one per
-  chain): no Python on any attempt.
+  headers removed, the picked provider's key added by Envoy, the picked backend named by one
+  marker (its host's name), then its path, authority and body model (`core/attempt.lua`, one
+  for the config): no Python on any attempt.
 - `listener`: the compiled path (the alias read from the body by Envoy, routes per alias of a
   policy that needs no prompt, weighted_clusters, the ext_proc off), the decided path's
   router-phase ext_proc (one message: the body, with the headers policies read as

@@ -19,7 +19,7 @@ import orjson
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
-from ..schema import provider_api
+from ..schema import genai_provider_name, provider_api
 from .auth import jwks_clusters
 from .contract import (
     ANTHROPIC_VERSION,
@@ -29,12 +29,15 @@ from .contract import (
     CLIENT_PATH_KEY,
     FIRST_TOKEN_HEADER,
     GATEWAY_HEADERS,
+    GENAI_PROVIDER_KEY,
     KEY_HEADERS,
     LARGER_AFTER_HEADER,
     METADATA_NS,
+    MODEL_HEADER,
     OUTLIER_BASE_EJECTION_S,
     OUTLIER_INTERVAL_S,
     OUTLIER_MAX_EJECTION_S,
+    PROVIDER_HEADER,
     RELAY_BACK_HEADER,
     RELAY_BACKEND,
     RELAY_CLUSTER,
@@ -230,12 +233,19 @@ def attempt_settings(backend: pb.Backend, provider: pb.Provider, credentials_dir
         "key_file": credential_file(credentials_dir, provider.id) if keyed and credentials_dir else "",
         "sanitize": provider.sanitize_streams,
         "api": provider_api(provider.type),
+        # Who answered, for the answer's headers and spans (envoy_on_response): the provider's
+        # name and kind, and the backend's model as the config names it (when the provider's
+        # own name for it differs).
+        "provider": provider.name,
+        "genai": genai_provider_name(provider.type),
         # Serves the Responses API itself: a Responses client's attempt is passed through.
         "responses": provider.responses_api and provider_api(provider.type) == errors.OPENAI_API,
     }
     api_path = _model_path(provider.type, backend.upstream_model)
     if api_path:
         out["api_path"] = api_path
+    if backend.model != backend.upstream_model:
+        out["name"] = backend.model
     return out
 
 
@@ -279,6 +289,9 @@ def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
         "RELAY_BACKEND": RELAY_BACKEND,
         "RELAY_HEADER": RELAY_HEADER,
         "RELAY_BACK_HEADER": RELAY_BACK_HEADER,
+        "PROVIDER_HEADER": PROVIDER_HEADER,
+        "MODEL_HEADER": MODEL_HEADER,
+        "GENAI_PROVIDER_KEY": GENAI_PROVIDER_KEY,
     }
     mixed = len({member["api"] for member in settings.values()}) > 1
     return (
@@ -289,7 +302,7 @@ def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
 
 # The settings each backend has of its own in attempt.lua's BACKENDS; every other one (path,
 # authority, key, API...) its provider's backends share.
-_OWN_SETTINGS = ("id", "model", "model_json", "api_path")
+_OWN_SETTINGS = ("id", "model", "model_json", "api_path", "name")
 
 
 def _backends_table(settings: dict[str, dict[str, Any]]) -> str:
@@ -314,15 +327,17 @@ def _backends_table(settings: dict[str, dict[str, Any]]) -> str:
             rest = literal_of[said] = lua_literal(rest_settings)
         index = shared.setdefault(rest, len(shared) + 1)
         own = [str(index), lua_literal(setting["model"]), lua_literal(setting["model_json"])]
-        if "api_path" in setting:
-            own.append(lua_literal(setting["api_path"]))
+        if "api_path" in setting or "name" in setting:
+            own.append(lua_literal(setting["api_path"]) if "api_path" in setting else "nil")
+        if "name" in setting:
+            own.append(lua_literal(setting["name"]))
         rows.append(f"[{lua_literal(backend_id)}] = {{{', '.join(own)}}}")
     return (
         f"local SHARED = {{{', '.join(shared)}}}\n"
         "for i, rest in ipairs(SHARED) do SHARED[i] = {__index = rest} end\n"
         "BACKENDS = {}\n"
         f"for id, own in pairs({{{', '.join(rows)}}}) do\n"
-        "  local entry = {id = id, model = own[2], model_json = own[3], api_path = own[4]}\n"
+        "  local entry = {id = id, model = own[2], model_json = own[3], api_path = own[4], name = own[5]}\n"
         "  BACKENDS[id] = setmetatable(entry, SHARED[own[1]])\n"
         "end\n"
     )
@@ -330,11 +345,11 @@ def _backends_table(settings: dict[str, dict[str, Any]]) -> str:
 
 @functools.cache
 def attempt_marker() -> dict[str, Any]:
-    """Names the picked backend in ATTEMPT_HEADER, from the picked host's metadata
-    (`%UPSTREAM_METADATA%`), for attempt.lua. One filter for any chain: it replaced a filter
+    """Names the picked backend in ATTEMPT_HEADER, from the picked host's name (the backend's
+    id, `%UPSTREAM_HOST_NAME%`), for attempt.lua. One filter for any chain: it replaced a filter
     per chain member, each skipped by a CEL matcher unless the attempt went to it (a CEL
     evaluation per member per attempt). Any copy a client sent is removed first, so a host
-    without the metadata leaves it unset, never the client's."""
+    without a name leaves it its address (no backend's id), never the client's."""
     return {
         "name": "signalbox.attempt_marker",
         "typed_config": _any(
@@ -344,7 +359,7 @@ def attempt_marker() -> dict[str, Any]:
                     {"remove": ATTEMPT_HEADER},
                     {
                         "append": {
-                            "header": {"key": ATTEMPT_HEADER, "value": f"%UPSTREAM_METADATA({METADATA_NS}:backend)%"},
+                            "header": {"key": ATTEMPT_HEADER, "value": "%UPSTREAM_HOST_NAME%"},
                             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
                         }
                     },
@@ -451,7 +466,7 @@ def _strip_keys(cfg: pb.RoutingConfig) -> dict[str, Any]:
 def upstream_filters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
     """The upstream filters of every attempt, on the router (`upstream_http_filters`) and so
     shared by every aggregate cluster: every key header removed (the client's included), the
-    picked backend named from the host's metadata, then its provider's key, path, authority
+    picked backend named from the host's name, then its provider's key, path, authority
     and body model (attempt.lua: one script, one Lua state per Envoy thread, for the whole
     config; it reads each key from the provider's file in `credentials_dir`).
 
@@ -467,7 +482,7 @@ def upstream_filters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[s
         *_signers(cfg, opts.credentials_dir),
         # Nearest the codec: it holds the provider's own headers until its own first bytes.
         *_first_token_holder(cfg),
-        _remove_gateway_headers("signalbox.strip_gateway_headers_upstream"),
+        _last_upstream_filter(),
         {
             "name": "envoy.filters.http.upstream_codec",
             "typed_config": _any("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"),
@@ -536,7 +551,7 @@ _SIGNED_HEADERS = [{"exact": "content-type"}, {"prefix": "x-amz-"}]
 
 def _signers(cfg: pb.RoutingConfig, credentials_dir: str) -> list[dict[str, Any]]:
     """Envoy's AWS SigV4 signer, one per Bedrock provider (its region and credentials), each
-    skipped unless the attempt's backend (ATTEMPT_HEADER, from the host's metadata: never the
+    skipped unless the attempt's backend (ATTEMPT_HEADER, from the host's name: never the
     client's) is one of that provider's. Credentials: the provider's AWS credentials file,
     written by the publisher like a key; without `auth`, Envoy's default AWS chain (environment,
     web identity for IRSA, container and instance roles). No key reaches Python or the config."""
@@ -607,13 +622,30 @@ def _first_token_holder(cfg: pb.RoutingConfig) -> list[dict[str, Any]]:
     return [_skipped("signalbox.first_token", config, {"not_matcher": _header_matches(FIRST_TOKEN_HEADER, "^true$")})]
 
 
-def _remove_gateway_headers(name: str) -> dict[str, Any]:
+def _last_upstream_filter() -> dict[str, Any]:
+    """Nearest the codec: the gateway's headers leave the request, and the answer comes back
+    naming the backend that gave it (ATTEMPT_HEADER, the host's name) for attempt.lua's
+    response hook, which sets the provider and model headers from it and removes it; a
+    provider's own copy is replaced first."""
+    return _remove_gateway_headers("signalbox.strip_gateway_headers_upstream", response=True)
+
+
+def _remove_gateway_headers(name: str, response: bool = False) -> dict[str, Any]:
+    """The gateway's own request headers removed (a client's copies, or the attempt's before it
+    leaves); `response`: the attempt's answer named by its backend (`_last_upstream_filter`)."""
+    mutations: dict[str, Any] = {"request_mutations": [{"remove": h} for h in GATEWAY_HEADERS]}
+    if response:
+        mutations["response_mutations"] = [
+            {
+                "append": {
+                    "header": {"key": ATTEMPT_HEADER, "value": "%UPSTREAM_HOST_NAME%"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            }
+        ]
     return {
         "name": name,
-        "typed_config": _any(
-            "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            mutations={"request_mutations": [{"remove": h} for h in GATEWAY_HEADERS]},
-        ),
+        "typed_config": _any("envoy.extensions.filters.http.header_mutation.v3.HeaderMutation", mutations=mutations),
     }
 
 
@@ -665,8 +697,7 @@ def _relay_cluster(port: int) -> dict[str, Any]:
                 {
                     "lb_endpoints": [
                         {
-                            "endpoint": {"address": _address("127.0.0.1", port)},
-                            "metadata": {"filter_metadata": {METADATA_NS: {"backend": RELAY_BACKEND}}},
+                            "endpoint": {"address": _address("127.0.0.1", port), "hostname": RELAY_BACKEND},
                         }
                     ]
                 }

@@ -17,10 +17,18 @@ from signalbox.core.errors import ANTHROPIC_API, OPENAI_API, RESPONSES_API
 # phase) and providers never see (the upstream filters remove them last): Envoy's own record of
 # a rewritten path, which would tell a provider the gateway's paths, and the attempt's backend.
 PATH_HEADER = "x-envoy-original-path"
-# Which backend an upstream attempt goes to, set per attempt from the picked host's metadata
-# (`%UPSTREAM_METADATA%` in one header_mutation filter) for attempt.lua, which cannot see the
-# picked host.
+# Which backend an upstream attempt goes to, set per attempt from the picked host's name (the
+# backend's id: `%UPSTREAM_HOST_NAME%` in one header_mutation filter) for attempt.lua, which
+# cannot see the picked host; on the attempt's answer too (the last upstream filter before the
+# codec), where attempt.lua turns it into the provider and model headers and removes it.
 ATTEMPT_HEADER = "x-signalbox-attempt"
+# The answer's provider and model (names, not ids), set by attempt.lua per attempt from the
+# backend that answered; what the client, the request log and spans read.
+PROVIDER_HEADER = "x-signalbox-provider"
+MODEL_HEADER = "x-signalbox-model"
+# attempt.lua's note of the answering backend's provider kind (the GenAI conventions' name),
+# in ATTEMPT_NS, for spans' gen_ai.provider.name.
+GENAI_PROVIDER_KEY = "genai_provider"
 # An attempt whose backend speaks another API family than the client: "<client api>><backend
 # api>", set by attempt.lua; the upstream-phase ext_proc runs only on attempts that carry it.
 TRANSLATE_HEADER = "x-signalbox-translate"

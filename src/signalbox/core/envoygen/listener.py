@@ -149,15 +149,14 @@ def _route_action(policy: pb.Policy) -> dict[str, Any]:
 
 
 def _response_headers(decision: str = f"%DYNAMIC_METADATA({METADATA_NS}:{{}})%") -> list[dict[str, Any]]:
-    """Who answered (the endpoint's metadata, after any failover) and why: `decision` formats
-    a key of the decision (dynamic metadata from the ext_proc, or the compiled route's own)."""
+    """Why this answer: `decision` formats a key of the decision (dynamic metadata from the
+    ext_proc, or the compiled route's own). Who answered (PROVIDER_HEADER, MODEL_HEADER) is set
+    per attempt by attempt.lua, after any failover."""
 
     def header(name: str, value: str) -> dict[str, Any]:
         return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
 
     return [
-        header("x-signalbox-provider", f"%UPSTREAM_METADATA({METADATA_NS}:provider)%"),
-        header("x-signalbox-model", f"%UPSTREAM_METADATA({METADATA_NS}:model)%"),
         header("x-signalbox-policy", decision.format("policy")),
         header("x-signalbox-reason", decision.format("reason")),
         header("x-signalbox-class", decision.format("class")),
@@ -731,13 +730,7 @@ def accounting_log(opts: GatewayOptions) -> dict[str, Any]:
                 # Budgets read the ledger: spend lands within this, batched under load.
                 "buffer_flush_interval": _ms(opts.accounting_flush_ms),
                 "custom_tags": [
-                    {
-                        "tag": "backend",
-                        "metadata": {
-                            "kind": {"host": {}},
-                            "metadata_key": {"key": METADATA_NS, "path": [{"key": "backend"}]},
-                        },
-                    },
+                    {"tag": "backend", "value": "%UPSTREAM_HOST_NAME%"},
                     # The policy of a compiled route (no decision metadata on that path).
                     {
                         "tag": COMPILED_POLICY_TAG,
@@ -804,15 +797,7 @@ def attempt_log(opts: GatewayOptions) -> dict[str, Any]:
                 "grpc_service": extproc_grpc_service(),
                 # Rare entries, and each one keeps requests off a backend that says "not now".
                 "buffer_flush_interval": _ms(ATTEMPT_LOG_FLUSH_MS),
-                "custom_tags": [
-                    {
-                        "tag": "backend",
-                        "metadata": {
-                            "kind": {"host": {}},
-                            "metadata_key": {"key": METADATA_NS, "path": [{"key": "backend"}]},
-                        },
-                    }
-                ],
+                "custom_tags": [{"tag": "backend", "value": "%UPSTREAM_HOST_NAME%"}],
             },
             additional_response_headers_to_log=[*RETRY_AFTER_HEADERS, *REMAINING_HEADERS, *REMAINING_HEADERS.values()],
         ),
@@ -867,8 +852,9 @@ ATTEMPT_LOG_FORMAT: dict[str, str] = {
     "event": "attempt",
     "time": "%START_TIME%",
     "request_id": "%REQ(X-REQUEST-ID)%",
-    "backend": f"%UPSTREAM_METADATA({METADATA_NS}:backend)%",
-    "provider": f"%UPSTREAM_METADATA({METADATA_NS}:provider)%",
+    "backend": "%UPSTREAM_HOST_NAME%",
+    # The answer's (attempt.lua's header): empty for an attempt that got none.
+    "provider": "%RESP(X-SIGNALBOX-PROVIDER)%",
     "status": "%RESPONSE_CODE%",
     "flags": "%RESPONSE_FLAGS%",
     "duration_ms": "%DURATION%",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .contract import ALIAS_KEY, METADATA_NS, OTLP_CLUSTER
+from .contract import ALIAS_KEY, ATTEMPT_NS, GENAI_PROVIDER_KEY, METADATA_NS, OTLP_CLUSTER
 from .options import GatewayOptions, _address, _any
 
 SERVICE_NAME = "signalbox-gateway"
@@ -24,7 +24,7 @@ SPAN_ATTRIBUTES: dict[str, str] = {
     "gen_ai.response.model": "%RESP(X-SIGNALBOX-MODEL)%",
     # The GenAI conventions' name of the provider's kind (openai, anthropic, gcp.gemini...); the
     # AIProvider's own name is signalbox.provider.
-    "gen_ai.provider.name": f"%UPSTREAM_METADATA({METADATA_NS}:genai_provider)%",
+    "gen_ai.provider.name": f"%DYNAMIC_METADATA({ATTEMPT_NS}:{GENAI_PROVIDER_KEY})%",
     "signalbox.provider": "%RESP(X-SIGNALBOX-PROVIDER)%",
     "gen_ai.usage.input_tokens": f"%DYNAMIC_METADATA({METADATA_NS}:prompt_tokens)%",
     "gen_ai.usage.output_tokens": f"%DYNAMIC_METADATA({METADATA_NS}:completion_tokens)%",
@@ -35,7 +35,7 @@ SPAN_ATTRIBUTES: dict[str, str] = {
     "signalbox.consumer": f"%DYNAMIC_METADATA({METADATA_NS}:consumer)%",
     "signalbox.attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
     # On an attempt's span, the backend it went to (on the request's, the last one).
-    "signalbox.backend": f"%UPSTREAM_METADATA({METADATA_NS}:backend)%",
+    "signalbox.backend": "%UPSTREAM_HOST_NAME%",
 }
 
 
