@@ -316,11 +316,24 @@ def test_an_attempt_no_marker_named_is_a_503_the_chain_moves_past():
     assert status == "503" and json.loads(answer)["error"]["code"] == "routing_unavailable"
 
 
-def attempt_backends(source: str):
-    """BACKENDS as attempt.lua (`source`) leaves it in a Lua state, as in each Envoy thread."""
-    lua = luajit21.LuaRuntime()
-    lua.execute(source)
-    return lua.globals().BACKENDS
+class Backends:
+    """The backends as attempt.lua (`source`) gives them in a Lua state, as in each Envoy
+    thread: `backend_of(id)`, and the ids it knows."""
+
+    def __init__(self, source: str):
+        self.lua = luajit21.LuaRuntime()
+        self.lua.execute(source)
+        self.of = self.lua.globals().backend_of
+
+    def __getitem__(self, backend_id: str):
+        return self.of(backend_id)
+
+    def ids(self) -> set[str]:
+        return set(self.lua.globals().OWN.keys())
+
+
+def attempt_backends(source: str) -> Backends:
+    return Backends(source)
 
 
 SETTING = st.one_of(st.booleans(), st.text(max_size=12), st.binary(max_size=12).map(lambda b: b.decode("latin-1")))
@@ -354,7 +367,34 @@ def test_each_backend_reads_every_setting_it_was_given_whatever_its_provider_sha
             assert entry[key] == value
         for key in {"api_path", "path", "authority", "key_file", "sanitize"} - set(setting):
             assert entry[key] is None
-    assert sum(1 for _ in table) == len(given_settings)
+    assert table.ids() == set(given_settings)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    provider_id=st.text(min_size=1, max_size=16),
+    models=st.lists(
+        st.tuples(st.text(min_size=1, max_size=16), st.one_of(st.none(), st.text(max_size=16))), max_size=6
+    ),
+    kind=st.sampled_from([pb.OPENAI_COMPATIBLE, pb.GEMINI, pb.BEDROCK, pb.ANTHROPIC]),
+)
+def test_a_backend_made_from_its_id_reads_what_its_settings_say(provider_id, models, kind):
+    """Most backends are one number in the table (their settings follow from their id and
+    their provider's: `_follows_from_id`); whichever way a backend is written, attempt.lua's
+    entry for it holds exactly what `attempt_settings` says, and an id the config does not
+    have is no backend."""
+    provider = pb.Provider(id=provider_id, type=kind, host="h.example.com", port=443, tls=True, base_path="/v1")
+    backends = {}
+    for name, upstream in models:
+        b = pb.Backend(id=f"{provider_id}/{name}", provider_id=provider_id, model=name, upstream_model=upstream or name)
+        backends[b.id] = b
+    given_settings = {b.id: envoygen.attempt_settings(b, provider, "/keys") for b in backends.values()}
+    table = attempt_backends(envoygen.attempt_source(given_settings))
+    for backend_id, setting in given_settings.items():
+        entry = table[backend_id]
+        for key, value in setting.items():
+            assert entry[key] == value, key
+    assert table[f"{provider_id}/not-a-model-of-it"] is None or f"{provider_id}/not-a-model-of-it" in backends
 
 
 def test_a_providers_backends_share_its_settings_in_the_source():

@@ -71,7 +71,7 @@ def test_one_aggregate_cluster_per_target_in_failover_order():
         "envoy.filters.http.upstream_codec",
     ]
     lua = filters[2]["typed_config"]["default_source_code"]["inline_string"]
-    assert "BACKENDS = " in lua and '["default/a/m"]' in lua and '["default/b/m"]' in lua
+    assert "OWN = " in lua and '["default/a/m"]' in lua and '["default/b/m"]' in lua
     translate = filters[3]["typed_config"]
     assert translate["extension_config"]["name"] == "envoy.filters.http.ext_proc"
     (skip,) = translate["xds_matcher"]["matcher_list"]["matchers"]

@@ -168,11 +168,13 @@ def credential_file(credentials_dir: str, provider_id: str) -> str:
     return f"{credentials_dir}/{credential_name(provider_id)}"
 
 
-def lua_literal(value: str | bool | dict[str, Any]) -> str:
+def lua_literal(value: str | bool | int | dict[str, Any]) -> str:
     """A Lua string (printable ASCII as is, `"`, `\\` and every other byte as a decimal
-    escape), boolean or table literal."""
+    escape), boolean, integer or table literal."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
     if isinstance(value, dict):
         return "{" + ", ".join(f"[{lua_literal(k)}] = {lua_literal(v)}" for k, v in value.items()) + "}"
     if _LUA_PLAIN.fullmatch(value):
@@ -211,7 +213,7 @@ ATTEMPT_ERRORS = {
 
 
 def attempt_settings(backend: pb.Backend, provider: pb.Provider, credentials_dir: str = "") -> dict[str, Any]:
-    """What attempt.lua needs to know of one backend (its entry in BACKENDS)."""
+    """What attempt.lua needs to know of one backend (its entry, `backend_of`)."""
     # An AWS credentials file is no header: Envoy's signer uses it (`_signers`).
     keyed = provider.HasField("auth") and provider.auth.format != pb.AWS_CREDENTIALS
     default_port = 443 if provider.tls else 80
@@ -244,8 +246,12 @@ def attempt_settings(backend: pb.Backend, provider: pb.Provider, credentials_dir
     api_path = _model_path(provider.type, backend.upstream_model)
     if api_path:
         out["api_path"] = api_path
-    if backend.model != backend.upstream_model:
-        out["name"] = backend.model
+    out["name"] = backend.model
+    if backend.id == f"{provider.id}/{backend.model}":
+        # Where the backend's model name starts in its id (compiler: "<provider>/<model>"), a
+        # byte position as Lua counts: a backend whose other settings follow from it is one
+        # number in attempt.lua's table.
+        out["model_at"] = len(provider.id.encode()) + 2
     return out
 
 
@@ -300,20 +306,40 @@ def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
     )
 
 
-# The settings each backend has of its own in attempt.lua's BACKENDS; every other one (path,
+# The settings each backend has of its own in attempt.lua's table; every other one (path,
 # authority, key, API...) its provider's backends share.
 _OWN_SETTINGS = ("id", "model", "model_json", "api_path", "name")
 
 
+def _follows_from_id(backend_id: str, setting: dict[str, Any]) -> bool:
+    """Whether attempt.lua can make the backend's own settings from its id and its provider's
+    (`backend_of`): its name is the id's end, the provider calls the model by that name, the
+    name needs no escaping in JSON and no API path names it."""
+    at, raw = setting.get("model_at"), backend_id.encode()
+    if not isinstance(at, int) or at < 2 or raw[at - 2 : at - 1] != b"/":
+        return False
+    name = raw[at - 1 :].decode(errors="replace")
+    return (
+        setting.get("name") == name
+        and setting.get("model") == name
+        and setting.get("model_json") == f'"{name}"' == json.dumps(name)
+        and "api_path" not in setting
+    )
+
+
 def _backends_table(settings: dict[str, dict[str, Any]]) -> str:
-    """BACKENDS as Lua: each backend a table of its own settings whose metatable reads the rest
-    from a table the backends with the same other settings share (a provider's, usually). Every
-    Envoy thread's Lua state holds the table, and the listener the source: with every setting
-    written for every backend, the 2,000-provider fleet's 10,000 backends were 3.0 MB of source
-    and 5.4 MB of each Lua state (Envoy 54 MB in all, against one backend); shared, 0.9 MB and
-    3.3 MB (bench/README.md, issue 12). Reads are unchanged: BACKENDS[id].key_file is the
-    provider's through `__index`."""
-    shared: dict[str, int] = {}  # the shared part's Lua literal -> its index in SHARED
+    """attempt.lua's backends as Lua: SETTINGS, the settings the backends of one provider share,
+    and OWN, each backend's id -> the index of its provider's settings (a backend whose own
+    settings follow from its id: `_follows_from_id`) or a table of its own settings and that
+    index. attempt.lua's `backend_of` makes a backend's whole entry (its own settings, the
+    rest read from its provider's through the metatable) on its first attempt in a thread.
+
+    Every Envoy thread's Lua state holds the table (three at two workers). A table of every
+    backend's entry, made when the script loaded, was 8.9 MB of each state at the
+    2,000-provider fleet's 10,000 backends (4.7 MB live once collected; 25 MB of Envoy,
+    measured by doubling it); numbers, 3.9 MB (2.2 MB live), and Envoy 350 -> 332 MB
+    (issue 12, bench/README.md)."""
+    shared: dict[str, int] = {}  # the shared part's Lua literal -> its index in SETTINGS
     # The shared part's literal by its JSON: a provider's backends share it, and writing it
     # again for each of the fleet's 10,000 was 0.2 s of the start's generation, on its
     # critical path (issue 12). Equal JSON (orjson keeps key order) is an equal literal.
@@ -326,21 +352,12 @@ def _backends_table(settings: dict[str, dict[str, Any]]) -> str:
         if rest is None:
             rest = literal_of[said] = lua_literal(rest_settings)
         index = shared.setdefault(rest, len(shared) + 1)
-        own = [str(index), lua_literal(setting["model"]), lua_literal(setting["model_json"])]
-        if "api_path" in setting or "name" in setting:
-            own.append(lua_literal(setting["api_path"]) if "api_path" in setting else "nil")
-        if "name" in setting:
-            own.append(lua_literal(setting["name"]))
+        if _follows_from_id(backend_id, setting):
+            rows.append(f"[{lua_literal(backend_id)}] = {index}")
+            continue
+        own = [str(index), *(lua_literal(setting.get(k)) if k in setting else "nil" for k in _OWN_SETTINGS[1:])]
         rows.append(f"[{lua_literal(backend_id)}] = {{{', '.join(own)}}}")
-    return (
-        f"local SHARED = {{{', '.join(shared)}}}\n"
-        "for i, rest in ipairs(SHARED) do SHARED[i] = {__index = rest} end\n"
-        "BACKENDS = {}\n"
-        f"for id, own in pairs({{{', '.join(rows)}}}) do\n"
-        "  local entry = {id = id, model = own[2], model_json = own[3], api_path = own[4], name = own[5]}\n"
-        "  BACKENDS[id] = setmetatable(entry, SHARED[own[1]])\n"
-        "end\n"
-    )
+    return f"SETTINGS = {{{', '.join(shared)}}}\nOWN = {{{', '.join(rows)}}}\n"
 
 
 @functools.cache
