@@ -355,7 +355,7 @@ def _backends_table(settings: dict[str, dict[str, Any]]) -> str:
         if _follows_from_id(backend_id, setting):
             rows.append(f"[{lua_literal(backend_id)}] = {index}")
             continue
-        own = [str(index), *(lua_literal(setting.get(k)) if k in setting else "nil" for k in _OWN_SETTINGS[1:])]
+        own = [str(index), *(lua_literal(setting[k]) if k in setting else "nil" for k in _OWN_SETTINGS[1:])]
         rows.append(f"[{lua_literal(backend_id)}] = {{{', '.join(own)}}}")
     return f"SETTINGS = {{{', '.join(shared)}}}\nOWN = {{{', '.join(rows)}}}\n"
 
