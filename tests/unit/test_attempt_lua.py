@@ -462,3 +462,50 @@ def test_comments_named_events_and_crlf_pass_and_a_partial_last_event_is_not_inv
     attempt = Attempt(OPENAI)
     stream = ': keep-alive\r\n\r\nevent: message\r\ndata: {"a": 1}\r\n\r\ndata: {"b"'
     assert _relay(attempt, [stream]) == ': keep-alive\r\n\r\nevent: message\r\ndata: {"a": 1}\r\n\r\n'
+
+
+RESPONSE_HARNESS = """
+function(hdrs)
+  notes = {}
+  local headers = {}
+  function headers:get(k) return hdrs[k] end
+  function headers:replace(k, v) hdrs[k] = v end
+  function headers:remove(k) hdrs[k] = nil end
+  local metadata = {}
+  function metadata:get(ns) return nil end
+  function metadata:set(ns, k, v) notes[k] = v end
+  local info = {}
+  function info:dynamicMetadata() return metadata end
+  local handle = {}
+  function handle:headers() return headers end
+  function handle:streamInfo() return info end
+  envoy_on_response(handle)
+  return notes
+end
+"""
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_an_answer_is_named_by_the_backend_that_gave_it(traced):
+    """The last upstream filter names the answering backend (its host's name) on the answer;
+    attempt.lua turns that into the provider's and the model's names (the config's, not the
+    provider's own model name), replacing what the provider sent, and removes the name. The
+    note spans read is written only when spans are exported; the stream relay's answer keeps
+    what the attempt it made was told."""
+    provider = pb.Provider(id="default/oai", name="oai", host="api.example.com", port=443, tls=True, type=pb.OPENAI)
+    b = backend(provider, "gpt-upstream")
+    lua = luajit21.LuaRuntime()
+    lua.execute(envoygen.attempt_source({b.id: envoygen.attempt_settings(b, provider, "/keys")}, traced=traced))
+    respond = lua.eval(RESPONSE_HARNESS)
+    spoofed = {"x-signalbox-provider": "spoofed", "x-signalbox-model": "spoofed"}
+    hdrs = lua.table_from({":status": "200", envoygen.ATTEMPT_HEADER: b.id, **spoofed})
+    notes = dict(respond(hdrs))
+    assert (hdrs["x-signalbox-provider"], hdrs["x-signalbox-model"]) == ("oai", "m")
+    assert hdrs[envoygen.ATTEMPT_HEADER] is None
+    assert notes == ({"genai_provider": "openai"} if traced else {})
+    unknown = lua.table_from({":status": "200", envoygen.ATTEMPT_HEADER: "default/gone/m", **spoofed})
+    respond(unknown)
+    assert unknown["x-signalbox-provider"] is None and unknown["x-signalbox-model"] is None
+    relayed = lua.table_from({":status": "200", envoygen.ATTEMPT_HEADER: envoygen.contract.RELAY_BACKEND, **spoofed})
+    respond(relayed)
+    assert relayed["x-signalbox-provider"] == "spoofed" and relayed[envoygen.ATTEMPT_HEADER] is None

@@ -31,7 +31,8 @@
 -- (the upstream-phase ext_proc, skipped on every other attempt, translates it), and
 -- TRANSLATE_KEY, where that ext_proc reads which translation (ATTEMPT_NS metadata); MIXED,
 -- true when the config's backends speak more than one API; RETRY_HEADER, the response header the route's retry policy retries on, and
--- ATTEMPT_NS, the dynamic metadata namespace this script keeps its per-attempt notes in.
+-- ATTEMPT_NS, the dynamic metadata namespace this script keeps its per-attempt notes in;
+-- TRACED, true when spans are exported (they read the answering provider's kind from a note).
 -- The client's path comes from dynamic metadata (header_to_metadata on the listener): the
 -- request headers are one map shared by every attempt, so `:path` already holds the previous
 -- attempt's rewrite. The body is the router's buffered copy, fresh for every attempt.
@@ -383,7 +384,9 @@ local function name_answer(handle, headers)
   end
   headers:replace(PROVIDER_HEADER, BACKEND.provider)
   headers:replace(MODEL_HEADER, BACKEND.name or BACKEND.model)
-  handle:streamInfo():dynamicMetadata():set(ATTEMPT_NS, GENAI_PROVIDER_KEY, BACKEND.genai)
+  if TRACED then
+    handle:streamInfo():dynamicMetadata():set(ATTEMPT_NS, GENAI_PROVIDER_KEY, BACKEND.genai)
+  end
 end
 
 function envoy_on_response(handle)

@@ -277,9 +277,10 @@ _ATTEMPT_CODE = (
 )
 
 
-def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
+def attempt_source(settings: dict[str, dict[str, Any]], traced: bool = False) -> str:
     """attempt.lua for the config: each backend's settings (backend id -> attempt_settings),
-    the error bodies, then the code."""
+    the error bodies, then the code. `traced`: spans are exported, and each answer notes its
+    provider's kind for them (a metadata write per answer, made only when something reads it)."""
     # The contract's names, spelled once (envoygen.contract).
     names = {
         "ATTEMPT_HEADER": ATTEMPT_HEADER,
@@ -302,7 +303,7 @@ def attempt_source(settings: dict[str, dict[str, Any]]) -> str:
     mixed = len({member["api"] for member in settings.values()}) > 1
     return (
         f"{_attempt_prelude(tuple(names.items()))}{_backends_table(settings)}"
-        f"MIXED = {lua_literal(mixed)}\n{_ATTEMPT_CODE}"
+        f"MIXED = {lua_literal(mixed)}\nTRACED = {lua_literal(traced)}\n{_ATTEMPT_CODE}"
     )
 
 
@@ -392,26 +393,28 @@ def attempt_marker() -> dict[str, Any]:
 _last_attempt_source: tuple[bytes, str] = (b"", "")
 
 
-def _attempt_source_for(backends: list[pb.Backend], providers: dict[str, pb.Provider], credentials_dir: str) -> str:
+def _attempt_source_for(
+    backends: list[pb.Backend], providers: dict[str, pb.Provider], credentials_dir: str, traced: bool = False
+) -> str:
     global _last_attempt_source
-    digest = hashlib.blake2b(credentials_dir.encode())
+    digest = hashlib.blake2b(credentials_dir.encode() + (b"\0traced" if traced else b""))
     for message in (*backends, *(providers[b.provider_id] for b in backends)):
         digest.update(message.SerializeToString(deterministic=True))
     key = digest.digest()
     if _last_attempt_source[0] != key:
         settings = {b.id: attempt_settings(b, providers[b.provider_id], credentials_dir) for b in backends}
-        _last_attempt_source = (key, attempt_source(settings))
+        _last_attempt_source = (key, attempt_source(settings, traced))
     return _last_attempt_source[1]
 
 
 def _attempt_filter(
-    backends: list[pb.Backend], providers: dict[str, pb.Provider], credentials_dir: str
+    backends: list[pb.Backend], providers: dict[str, pb.Provider], credentials_dir: str, traced: bool
 ) -> dict[str, Any]:
     return {
         "name": "signalbox.attempt",
         "typed_config": _any(
             "envoy.extensions.filters.http.lua.v3.Lua",
-            default_source_code={"inline_string": _attempt_source_for(backends, providers, credentials_dir)},
+            default_source_code={"inline_string": _attempt_source_for(backends, providers, credentials_dir, traced)},
         ),
     }
 
@@ -493,7 +496,7 @@ def upstream_filters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[s
     return [
         _strip_keys(cfg),
         attempt_marker(),
-        _attempt_filter(list(cfg.backends), providers, opts.credentials_dir),
+        _attempt_filter(list(cfg.backends), providers, opts.credentials_dir, bool(opts.otlp_endpoint)),
         *([_translator(opts.extproc_message_timeout_ms)] if opts.translation else []),
         # After the translation: the signature covers the body and path that are sent.
         *_signers(cfg, opts.credentials_dir),
