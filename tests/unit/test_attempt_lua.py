@@ -18,14 +18,11 @@ from lupa import luajit21
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core import envoygen
 
-HARNESS = """
-function(hdrs, meta, text)
-  local responded = {}
+# A stand-in for the handle Envoy passes: its headers (`hdrs`), the dynamic metadata a hook
+# reads (`meta`) and the notes it writes (the global `notes`).
+HANDLE = """
+function stub_handle(hdrs, meta)
   notes = {}
-  local body = {text = text}
-  function body:getBytes(start, n) return string.sub(self.text, start + 1, start + n) end
-  function body:length() return #self.text end
-  function body:setBytes(t) self.text = t end
   local headers = {}
   function headers:get(k) return hdrs[k] end
   function headers:replace(k, v) hdrs[k] = v end
@@ -38,6 +35,18 @@ function(hdrs, meta, text)
   local handle = {}
   function handle:headers() return headers end
   function handle:streamInfo() return info end
+  return handle
+end
+"""
+
+HARNESS = """
+function(hdrs, meta, text)
+  local responded = {}
+  local body = {text = text}
+  function body:getBytes(start, n) return string.sub(self.text, start + 1, start + n) end
+  function body:length() return #self.text end
+  function body:setBytes(t) self.text = t end
+  local handle = stub_handle(hdrs, meta)
   function handle:body() if text == nil then return nil end return body end
   function handle:respond(h, b) responded.status = h[":status"]; responded.body = b end
   envoy_on_request(handle)
@@ -71,6 +80,7 @@ class Attempt:
         keys = KEYS_DIR if credentials_dir is None else credentials_dir
         settings = {self.backend.id: envoygen.attempt_settings(self.backend, provider, keys)}
         self.lua.execute(envoygen.attempt_source(settings))
+        self.lua.execute(HANDLE)
         self.run_lua = self.lua.eval(HARNESS)
 
     def run(self, path: str, body: str | None, meta: dict | None = None, headers: dict | None = None):
@@ -466,20 +476,7 @@ def test_comments_named_events_and_crlf_pass_and_a_partial_last_event_is_not_inv
 
 RESPONSE_HARNESS = """
 function(hdrs)
-  notes = {}
-  local headers = {}
-  function headers:get(k) return hdrs[k] end
-  function headers:replace(k, v) hdrs[k] = v end
-  function headers:remove(k) hdrs[k] = nil end
-  local metadata = {}
-  function metadata:get(ns) return nil end
-  function metadata:set(ns, k, v) notes[k] = v end
-  local info = {}
-  function info:dynamicMetadata() return metadata end
-  local handle = {}
-  function handle:headers() return headers end
-  function handle:streamInfo() return info end
-  envoy_on_response(handle)
+  envoy_on_response(stub_handle(hdrs, nil))
   return notes
 end
 """
@@ -496,6 +493,7 @@ def test_an_answer_is_named_by_the_backend_that_gave_it(traced):
     b = backend(provider, "gpt-upstream")
     lua = luajit21.LuaRuntime()
     lua.execute(envoygen.attempt_source({b.id: envoygen.attempt_settings(b, provider, "/keys")}, traced=traced))
+    lua.execute(HANDLE)
     respond = lua.eval(RESPONSE_HARNESS)
     spoofed = {"x-signalbox-provider": "spoofed", "x-signalbox-model": "spoofed"}
     hdrs = lua.table_from({":status": "200", envoygen.ATTEMPT_HEADER: b.id, **spoofed})
