@@ -236,8 +236,7 @@ def attempt_settings(backend: pb.Backend, provider: pb.Provider, credentials_dir
         "sanitize": provider.sanitize_streams,
         "api": provider_api(provider.type),
         # Who answered, for the answer's headers and spans (envoy_on_response): the provider's
-        # name and kind, and the backend's model as the config names it (when the provider's
-        # own name for it differs).
+        # name and kind (and, below, the backend's model as the config names it).
         "provider": provider.name,
         "genai": genai_provider_name(provider.type),
         # Serves the Responses API itself: a Responses client's attempt is passed through.
