@@ -10,6 +10,7 @@ import json
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,6 +121,16 @@ def start_gateway(tmp_path: Path, yaml_text: str, **options) -> LocalGateway:
         gateway.stop()
         raise
     return gateway
+
+
+def wait_for(predicate, timeout=10.0) -> bool:
+    """Whether `predicate` came true within `timeout` seconds (asked every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def log_entries(path: Path) -> list[dict]:

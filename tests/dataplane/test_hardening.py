@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import aiohttp
 import httpx
@@ -18,12 +19,12 @@ from hypothesis import strategies as st
 
 from bench.sockets import established_to
 from signalbox.core import envoygen
-from signalbox.core.envoygen.contract import EXTPROC_CLUSTER
+from signalbox.core.envoygen.contract import EXTPROC_CLUSTER, MODEL_HEADER, XDS_CLUSTER
 from tests.factories import backend, dump, model, policy, provider
 from tests.fuzz import bodies
 from tests.windows import clear_of_the_hour_edge
 
-from .conftest import logs, start_gateway
+from .conftest import logs, start_gateway, wait_for
 
 pytestmark = pytest.mark.dataplane
 
@@ -237,6 +238,48 @@ def test_a_killed_worker_costs_only_its_requests_and_capacity_returns(fakes, tmp
         assert served_when_back, "the killed worker was not back within the run"
         assert extproc_requests(gw)[victim_socket] > served_when_back[victim_socket]
         print(f"\nkilled worker: {len(errors)} errors {errors[:3]}")
+    finally:
+        gw.stop()
+
+
+def config_streams(gw) -> dict[str, int]:
+    """Envoy's ADS streams (its clusters and backend endpoints) each worker has been sent, by
+    socket path. Health checks are not requests: only the stream counts."""
+    clusters = httpx.get(f"http://127.0.0.1:{gw.admin_port}/clusters?format=json", timeout=5).json()
+    (cluster,) = [c for c in clusters["cluster_statuses"] if c["name"] == XDS_CLUSTER]
+    return {
+        host["address"]["pipe"]["path"]: next(int(s.get("value", 0)) for s in host["stats"] if s["name"] == "rq_active")
+        for host in cluster["host_statuses"]
+    }
+
+
+def test_envoys_config_stream_avoids_the_admin_worker_and_moves_when_its_worker_dies(fakes, tmp_path):
+    """The first worker serves the admin API and the stream relay; the ADS stream's worker keeps
+    Envoy's cluster file. Both in one worker made it the largest by 15-25 MB at the 2,000-provider
+    fleet (issue 12), so the stream goes to another worker. When that one dies, the stream must
+    move, and a change that needs clusters Envoy does not hold yet must still reach traffic."""
+    alpha = fakes["alpha"].url + "/v1"
+    first = provider("alpha", alpha, [model("s"), model("t")])
+    gw = start_gateway(tmp_path, dump(first, policy("auto", ["auto"], [backend("alpha", "s")])), extproc_workers=2)
+    admin_worker, other = gw.options.extproc_sockets
+    try:
+        assert wait_for(lambda: config_streams(gw) == {admin_worker: 0, other: 1}), config_streams(gw)
+        os.kill(gw.processes["extproc-1"].pid, signal.SIGKILL)
+        assert wait_for(lambda: config_streams(gw)[admin_worker] == 1), config_streams(gw)
+        # A failover chain no policy had before: its aggregate and the backend `t` reach Envoy
+        # over the stream, from the worker that holds it now.
+        chain = [backend("alpha", "t"), backend("alpha", "s", priority=1)]
+        (Path(gw.paths[0]) / "resources.yaml").write_text(
+            dump(first, policy("auto", ["auto"], [backend("alpha", "s")]), policy("more", ["more"], chain))
+        )
+        assert gw.apply().ok
+        body = {"model": "more", "messages": [{"role": "user", "content": "hi"}]}
+
+        def served_by_t() -> bool:
+            r = httpx.post(f"{gw.url}/chat/completions", json=body, timeout=10)
+            return r.status_code == 200 and r.headers.get(MODEL_HEADER) == "t"
+
+        assert wait_for(served_by_t)
     finally:
         gw.stop()
 

@@ -22,7 +22,7 @@ from signalbox.extproc.reload import read_config
 from signalbox.local import free_port
 from tests.factories import backend, dump, model, policy, provider
 
-from .conftest import start_gateway
+from .conftest import start_gateway, wait_for
 
 pytestmark = pytest.mark.dataplane
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,15 +51,6 @@ def served(gateway, alias="auto", n=20) -> Counter:
             ).headers["x-signalbox-provider"]
             for _ in range(n)
         )
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def kill_extproc(gateway) -> None:

@@ -10,7 +10,14 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from ..gcpause import paused_gc
 from .clusters import ClusterSpec, chain_members, cluster_specs
-from .contract import ADMIN_CLUSTER, BACKEND_PREFIX, EXTPROC_ADMIN_CLUSTER, EXTPROC_CLUSTER, TARGET_PREFIX
+from .contract import (
+    ADMIN_CLUSTER,
+    BACKEND_PREFIX,
+    EXTPROC_ADMIN_CLUSTER,
+    EXTPROC_CLUSTER,
+    TARGET_PREFIX,
+    XDS_CLUSTER,
+)
 from .listener import RouteParts, health_listener, listener, route_parts
 from .options import STREAM_LIMITS, GatewayOptions, _address, _admin_address, _any
 from .origins import INTERNAL_LISTENER_EXTENSION, origin_listeners
@@ -72,6 +79,71 @@ UNKEPT_CLUSTER_STATS: list[dict[str, Any]] = [
 ]
 
 
+def _worker_cluster(name: str, groups: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """A cluster of ext_proc workers: `groups` in priority order, the first that has a healthy
+    worker taking every stream (a worker that is gone is ejected at its first refused connect,
+    and its health check brings it back)."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                explicit_http_config={"http2_protocol_options": {}},
+            )
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {"priority": priority, "lb_endpoints": [{"endpoint": {"address": a}} for a in group]}
+                for priority, group in enumerate(groups)
+            ],
+        },
+        # Router streams of `latency`/`least-busy`/learning policies last as long as their
+        # requests: Envoy's default of 1,024 would refuse the 1,025th open LLM stream.
+        "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
+        # A worker that is gone (killed, restarting) must stop receiving streams at once: a
+        # refused connection is otherwise the "least busy" endpoint. One failed connect
+        # ejects it; the health check brings it back as soon as it answers again. With half
+        # or more of the workers unhealthy Envoy's panic mode tries them all anyway (one
+        # worker in a pod, or a health check that has not run yet: never worse than before).
+        "outlier_detection": {
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 1,
+            "consecutive_gateway_failure": 1,
+            "interval": "0.5s",
+            "base_ejection_time": "1s",
+            "max_ejection_time": "2s",
+            "max_ejection_percent": 100,
+        },
+        "health_checks": [
+            {
+                "timeout": "0.5s",
+                "interval": "0.5s",
+                "no_traffic_interval": "0.5s",
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "grpc_health_check": {},
+            }
+        ],
+    }
+
+
+def _xds_groups(addrs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Where Envoy's ADS stream goes: the last worker first, every other one if it is gone.
+
+    Why: the first worker also serves the admin API and the stream relay (aiohttp), and the
+    worker that holds the ADS stream keeps Envoy's cluster file and the stream's state. With both
+    in one worker, which happened whenever Envoy's pick fell on it, that worker was 117-120 MB at
+    the 2,000-provider fleet against 86-103 MB for the other (issue 12: each worker <= 100 MB).
+    """
+    if len(addrs) < 2:
+        return [addrs]
+    return [addrs[-1:], addrs[:-1]]
+
+
 def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
     """Static bootstrap: admin, the ext_proc cluster, and LDS/CDS read from watched files."""
     if opts.extproc_sockets:
@@ -79,51 +151,9 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
     else:
         extproc_addrs = [_address(opts.extproc_host, opts.extproc_port)]
 
-    static: list[dict[str, Any]] = [
-        {
-            "name": EXTPROC_CLUSTER,
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "lb_policy": "LEAST_REQUEST",
-            "typed_extension_protocol_options": {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    explicit_http_config={"http2_protocol_options": {}},
-                )
-            },
-            "load_assignment": {
-                "cluster_name": EXTPROC_CLUSTER,
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": a}} for a in extproc_addrs]}],
-            },
-            # Router streams of `latency`/`least-busy`/learning policies last as long as their
-            # requests: Envoy's default of 1,024 would refuse the 1,025th open LLM stream.
-            "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
-            # A worker that is gone (killed, restarting) must stop receiving streams at once: a
-            # refused connection is otherwise the "least busy" endpoint. One failed connect
-            # ejects it; the health check brings it back as soon as it answers again. With half
-            # or more of the workers unhealthy Envoy's panic mode tries them all anyway (one
-            # worker in a pod, or a health check that has not run yet: never worse than before).
-            "outlier_detection": {
-                "split_external_local_origin_errors": True,
-                "consecutive_local_origin_failure": 1,
-                "consecutive_gateway_failure": 1,
-                "interval": "0.5s",
-                "base_ejection_time": "1s",
-                "max_ejection_time": "2s",
-                "max_ejection_percent": 100,
-            },
-            "health_checks": [
-                {
-                    "timeout": "0.5s",
-                    "interval": "0.5s",
-                    "no_traffic_interval": "0.5s",
-                    "unhealthy_threshold": 1,
-                    "healthy_threshold": 1,
-                    "grpc_health_check": {},
-                }
-            ],
-        }
-    ]
+    static: list[dict[str, Any]] = [_worker_cluster(EXTPROC_CLUSTER, [extproc_addrs])]
+    if opts.endpoints_over_ads:
+        static.append(_worker_cluster(XDS_CLUSTER, _xds_groups(extproc_addrs)))
     if opts.health_port is not None and opts.extproc_admin_port:
         static.append(
             {
@@ -178,7 +208,7 @@ def bootstrap(opts: GatewayOptions, config_dir: str) -> dict[str, Any]:
             "grpc_services": [
                 {
                     "envoy_grpc": {
-                        "cluster_name": EXTPROC_CLUSTER,
+                        "cluster_name": XDS_CLUSTER,
                         "retry_policy": {"retry_back_off": {"base_interval": "0.05s", "max_interval": "1s"}},
                     }
                 }

@@ -127,6 +127,8 @@ ALIAS_KEY = "alias"
 # Access log custom tag: the policy of a compiled route (from route metadata).
 COMPILED_POLICY_TAG = "compiled_policy"
 EXTPROC_CLUSTER = "signalbox_extproc"
+# The same workers, for Envoy's ADS stream (clusters and backend endpoints): one worker first.
+XDS_CLUSTER = "signalbox_xds"
 # The OpenTelemetry collector Envoy exports spans to (envoygen.tracing), when one is configured.
 OTLP_CLUSTER = "signalbox_otlp"
 # Envoy's outlier detection of backend clusters: the first ejection lasts this long, each
