@@ -95,11 +95,18 @@ def default_embedder() -> Embedder:
 
     def batch(texts: Sequence[str]) -> np.ndarray:
         encoded = tokenizer.encode_batch([t[:MAX_CHARS] for t in texts], add_special_tokens=False)
-        ids = np.clip(np.array([e.ids for e in encoded], dtype=np.int32), 0, last)
-        mask = np.array([e.attention_mask for e in encoded], dtype=np.float32)
-        vectors = weights[ids].astype(np.float32)
-        counts = np.maximum(mask.sum(axis=1, keepdims=True), 1.0).astype(np.float32)
-        pooled = np.sum(vectors * mask[..., np.newaxis], axis=1, dtype=np.float32) / counts
+        # Each text's own token rows, summed as float32 (float16 -> float32 is exact, and the
+        # rows are added in the same order): the padded batch as float32 with its masked copy
+        # was several MB for a long prompt, and glibc kept the heap those copies had grown
+        # (a worker about 8 MB larger after its first thousand prompts, bench/README.md).
+        sums = np.zeros((len(encoded), weights.shape[1]), dtype=np.float32)
+        counts = np.ones((len(encoded), 1), dtype=np.float32)
+        for row, e in enumerate(encoded):
+            ids = np.asarray(e.ids, dtype=np.int32)[np.asarray(e.attention_mask, dtype=bool)]
+            if len(ids):
+                sums[row] = weights[np.clip(ids, 0, last)].sum(axis=0, dtype=np.float32)
+                counts[row] = len(ids)
+        pooled = sums / counts
         pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
         return pooled
 
