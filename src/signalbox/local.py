@@ -536,9 +536,15 @@ class LocalGateway:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
                 if r.status != 200:
                     return False
-            return _port_open("127.0.0.1", self.port or self._bound_listener_port())
+            port = self.port or self._bound_listener_port()
+            if not _port_open("127.0.0.1", port):
+                return False
         except OSError:
             return False
+        # Kept: asked for again after every cluster was held, while Envoy's main thread was
+        # still adding the chains, the admin interface took 0.2 s of the start to answer.
+        self.port = port
+        return True
 
     def _learn_listener_port(self) -> bool:
         """Whether the gateway listener's port is known (asked of Envoy's admin interface until
