@@ -10,7 +10,7 @@ PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 # signalbox.operator through a link tree under build/ (operator/ has no __init__.py, so it can
 # never shadow the stdlib module `operator`). The folders are prerequisites because adding or
 # removing a module changes their mtime and needs a re-install.
-PACKAGE_DIRS := src/signalbox src/signalbox/core src/signalbox/core/envoygen src/signalbox/api/v1alpha1 extproc extproc/translate operator
+PACKAGE_DIRS := src/signalbox src/signalbox/core src/signalbox/core/envoygen src/signalbox/api/v1alpha1 src/signalbox/api/envoyext extproc extproc/translate operator
 LINK_TREE = $(firstword $(wildcard build/__editable__.signalbox-*))
 
 setup: $(VENV)/.installed
@@ -28,7 +28,7 @@ lock: setup
 ## Regenerate src/signalbox/api from proto/ with the pinned grpcio-tools (reproducible).
 protos: setup
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=src --pyi_out=src \
-		proto/signalbox/api/v1alpha1/config.proto
+		proto/signalbox/api/v1alpha1/config.proto proto/signalbox/api/envoyext/priority_group.proto
 
 ## Fails when the committed generated code differs from what `make protos` writes.
 protos-check: protos

@@ -15,7 +15,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format
 
-from signalbox.core.envoygen.contract import JWT_NAMESPACE, JWT_PAYLOAD_KEY, VIRTUAL_HOST_ATTRIBUTE, routes_key_of
+from signalbox.core.envoygen.contract import (
+    JWT_NAMESPACE,
+    JWT_PAYLOAD_KEY,
+    TARGET_NS,
+    VIRTUAL_HOST_ATTRIBUTE,
+    routes_key_of,
+    target_groups,
+)
 from signalbox.core.errors import RequestError
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -125,6 +132,9 @@ def body_response(
     response = ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
     if metadata:
         response.dynamic_metadata.update({METADATA_NS: metadata})
+        if metadata.get("target"):
+            # What the decided policy's route reads its cluster from (contract.TARGET_NS).
+            response.dynamic_metadata.update({TARGET_NS: target_groups(metadata["target"])})
     return response
 
 

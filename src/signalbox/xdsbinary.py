@@ -9,7 +9,9 @@ as binary) took 0.34-0.55 s (bench/README.md, issue 12).
 Converting JSON to protobuf in Python is slow (json_format: ~70 us a cluster), so each
 converted cluster and route is kept, keyed by a digest of its JSON, for as long as it is in the
 file: a change converts only what it added or changed. Envoy's message types come from
-xds-protos; the module of a type is imported the first time a resource names it.
+xds-protos, and those Envoy has but xds-protos lacks from our own generated modules
+(`signalbox.api.envoyext`); the module of a type is imported the first time a resource names
+it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ if TYPE_CHECKING:
 _TYPE_URL = re.compile(rb"type\.googleapis\.com/([A-Za-z0-9_.]+)")
 _PROTOS_ROOT = Path(discovery_pb2.__file__).parents[4]  # the folder that holds envoy/, xds/, udpa/
 _imported: set[bytes] = set()  # type names whose modules are imported
+# Envoy's packages that xds-protos has no module for, and ours that define them.
+_OWN_PROTOS = {
+    "envoy.extensions.router.cluster_specifiers.priority_group.v3": "signalbox.api.envoyext.priority_group_pb2",
+}
 
 
 def _import_types(data: bytes) -> None:
@@ -41,6 +47,9 @@ def _import_types(data: bytes) -> None:
     for name in set(_TYPE_URL.findall(data)) - _imported:
         _imported.add(name)
         package = name.decode().rsplit(".", 1)[0]
+        if package in _OWN_PROTOS:
+            importlib.import_module(_OWN_PROTOS[package])
+            continue
         folder = _PROTOS_ROOT.joinpath(*package.split("."))
         for module in sorted(folder.glob("*_pb2.py")):
             importlib.import_module(f"{package}.{module.stem}")

@@ -30,6 +30,21 @@ def by_name(items):
     return {i["name"]: i for i in items}
 
 
+def decided_cluster(route, target):
+    """The cluster Envoy sends a request the router phase decided for `target` to by `route`:
+    the route's own, or the one its priority group specifier reads from the router phase's
+    metadata (contract.TARGET_NS)."""
+    action = route["route"]
+    if "cluster" in action:
+        return action["cluster"]
+    plugin = action["inline_cluster_specifier_plugin"]["extension"]
+    assert plugin["name"] == "envoy.router.cluster_specifier_plugin.priority_group"
+    assert plugin["typed_config"]["override_metadata_namespace"] == envoygen.contract.TARGET_NS
+    (group,) = envoygen.contract.target_groups(target)["priority_groups"]  # what the router phase writes
+    (cluster,) = group["clusters"]
+    return cluster["cluster_name"]
+
+
 CREDENTIALS = envoygen.GatewayOptions(credentials_dir="/run/keys")
 
 
@@ -131,8 +146,10 @@ def test_policies_with_the_same_chain_share_its_aggregate_and_keep_their_own_rou
     hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
     routes = by_name(hcm["route_config"]["virtual_hosts"][0]["routes"])
     t0 = targets(cfg)[0]
-    assert routes[f"default/p7:{t0}"]["route"]["timeout"] == "8.000s"  # each policy's own settings
-    assert routes[f"default/p7:{t0}"]["route"]["cluster"] == t0
+    # One route per policy, not per policy and chain: each policy's own settings.
+    assert routes["default/p7:decided"]["route"]["timeout"] == "8.000s"
+    assert decided_cluster(routes["default/p7:decided"], t0) == t0
+    assert not [name for name in routes if ":t." in name]
 
 
 def test_every_attempt_loses_every_key_header_then_gets_its_providers_key_from_envoy():
@@ -301,7 +318,11 @@ def test_only_chains_a_route_can_use_get_an_aggregate(strategy, chains):
     assert len(aggregates) == chains
     hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
     routed = json.dumps(hcm["route_config"])
-    assert all(t in routed for t in (a["name"] for a in aggregates))  # each is some route's
+    if strategy == "cost":
+        # Decided: a target the router phase can pick (its cluster comes with the decision).
+        assert {a["name"] for a in aggregates} == {b.target for p in cfg.policies for b in p.backends if b.target}
+    else:
+        assert all(t in routed for t in (a["name"] for a in aggregates))  # each is some route's
 
 
 def test_a_compiled_policy_decided_anyway_goes_where_envoy_sends_it():
@@ -322,11 +343,11 @@ def test_a_compiled_policy_decided_anyway_goes_where_envoy_sends_it():
 
 
 def test_a_policys_deadlines_become_the_attempts_timeouts():
-    cfg = config("cost")  # decided: a route per chain
+    cfg = config("cost")  # decided: the policy's route, its target from the router phase
     cfg.policies[0].per_try_timeout_ms, cfg.policies[0].idle_timeout_ms, cfg.policies[0].timeout_ms = 1500, 800, 9000
     hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
     (host,) = hcm["route_config"]["virtual_hosts"]
-    route = by_name(host["routes"])[f"default/p:{targets(cfg)[0]}"]
+    route = by_name(host["routes"])["default/p:decided"]
     assert route["route"]["timeout"] == "9.000s"
     retry = envoygen.retry_policy_of(host, route)
     assert retry["per_try_timeout"] == "1.500s"
@@ -334,13 +355,13 @@ def test_a_policys_deadlines_become_the_attempts_timeouts():
 
 
 def test_routes_retry_on_failures_and_move_to_next_priority():
-    cfg = config("cost")  # decided: a route per chain
+    cfg = config("cost")  # decided: the policy's route, its target from the router phase
     lds = envoygen.listener(cfg, envoygen.GatewayOptions())
     hcm = lds["filter_chains"][0]["filters"][0]["typed_config"]
     (host,) = hcm["route_config"]["virtual_hosts"]
     routes = by_name(host["routes"])
     t0 = targets(cfg)[0]
-    retry = envoygen.retry_policy_of(host, routes[f"default/p:{t0}"])
+    retry = envoygen.retry_policy_of(host, routes["default/p:decided"])
     retry_on = {"5xx", "reset", "connect-failure", "retriable-status-codes", "retriable-headers"}
     assert set(retry["retry_on"].split(",")) == retry_on
     # attempt.lua marks a refusal worth the next backend (a prompt too long for this one's window).
@@ -352,12 +373,12 @@ def test_routes_retry_on_failures_and_move_to_next_priority():
     # A backend that failed or timed out is not tried again within the request.
     assert [p["name"] for p in retry["retry_host_predicate"]] == ["envoy.retry_host_predicates.previous_hosts"]
     assert "per_try_idle_timeout" not in retry  # no silence deadline unless the policy sets one
-    target, policy_id = routes[f"default/p:{t0}"]["match"]["dynamic_metadata"]
-    assert target == {"filter": "signalbox", "path": [{"key": "target"}], "value": {"string_match": {"exact": t0}}}
+    (policy_id,) = routes["default/p:decided"]["match"]["dynamic_metadata"]
     assert policy_id["path"] == [{"key": "policy_id"}] and policy_id["value"]["string_match"]["exact"] == "default/p"
+    assert decided_cluster(routes["default/p:decided"], t0) == t0
     # Every attempt, the first included, is prepared by the aggregate cluster's attempt.lua.
-    assert "regex_rewrite" not in routes[f"default/p:{t0}"]["route"]
-    assert "request_headers_to_add" not in routes[f"default/p:{t0}"]
+    assert "regex_rewrite" not in routes["default/p:decided"]["route"]
+    assert "request_headers_to_add" not in routes["default/p:decided"]
     # Bodyless requests are Envoy's to answer: they never reach the ext_proc.
     assert (
         json.loads(__import__("base64").b64decode(routes["models"]["direct_response"]["body"]["inline_bytes"]))["data"][
@@ -405,7 +426,7 @@ def test_what_routes_share_is_said_once_on_the_virtual_host():
     ]
     (host,) = hcm["route_config"]["virtual_hosts"]
     routes = [r for r in host["routes"] if r["name"].startswith("default/")]
-    assert len(routes) == 6
+    assert len(routes) == 3  # one a decided policy, whatever its chains
     # Who answered and why: on the virtual host, and no longer on each route.
     said = {h["header"]["key"]: h["header"]["value"] for h in host["response_headers_to_add"]}
     assert "x-signalbox-provider" not in said  # attempt.lua's, per attempt
@@ -715,7 +736,13 @@ def test_routes_tell_the_one_attempt_script_which_members_a_larger_window_follow
     routes = by_name(hcm["route_config"]["virtual_hosts"][0]["routes"])
     (added,) = routes[f"{cfg.policies[0].id}:{small_first}"]["request_headers_to_add"]
     assert added["header"] == {"key": envoygen.LARGER_AFTER_HEADER, "value": "default/a/small"}
-    assert "request_headers_to_add" not in routes[f"{cfg.policies[0].id}:{big_first}"]
+    assert routes[f"{cfg.policies[0].id}:{small_first}"]["route"]["cluster"] == small_first
+    # The chain nothing larger follows goes by the policy's route, which adds no header; the
+    # route of its own comes first, so a request decided for it never reaches that one.
+    names = [r["name"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"]]
+    assert names.index(f"{cfg.policies[0].id}:{small_first}") < names.index(f"{cfg.policies[0].id}:decided")
+    assert decided_cluster(routes[f"{cfg.policies[0].id}:decided"], big_first) == big_first
+    assert "request_headers_to_add" not in routes[f"{cfg.policies[0].id}:decided"]
     assert envoygen.LARGER_AFTER_HEADER in envoygen.GATEWAY_HEADERS  # clients cannot send it
 
 

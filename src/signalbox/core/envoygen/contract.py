@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.errors import ANTHROPIC_API, OPENAI_API, RESPONSES_API
@@ -75,8 +76,11 @@ VIRTUAL_HOST = "signalbox"
 
 def routes_key(cfg: pb.RoutingConfig) -> str:
     """What the decided requests' routes depend on: each policy's id, whether Envoy routes it
-    alone, and its backends' targets (a decided policy's route per target, a compiled one's by
-    its id). Equal for two configs whose decisions all have the same routes."""
+    alone, and its backends' targets (a decided policy's chains that a larger context window
+    follows have routes of their own; its other targets share its one route, and a compiled
+    policy's decisions go by its id). Equal for two configs whose decisions all have the same
+    routes (and, being made from every target, for some whose routes are the same anyway: the
+    ext_proc then keeps the table before a change a little longer than it needs to)."""
     digest = hashlib.blake2b(digest_size=16)
     for policy in sorted(cfg.policies, key=lambda p: p.id):
         said = [policy.id, policy.compiled, [b.target for b in policy.backends]]
@@ -117,6 +121,20 @@ EMPTY_BODY = {
     "feedback": 'feedback needs a JSON body: {"decision": ..., "score": 0..1}',
 }
 METADATA_NS = "signalbox"
+# A decided request's target as Envoy's priority group cluster specifier reads it: the router
+# phase writes `target_groups(target)` under this namespace, and a decided policy's one route
+# sends the request to that cluster (listener._decided_policy_route). One route a policy, not
+# one a policy and target: those were 22 MB of Envoy at the 2,000-policy fleet (issue 12).
+TARGET_NS = "signalbox.target"
+DECIDED_GROUP = "decided"
+
+
+def target_groups(target: str) -> dict[str, Any]:
+    """The priority groups of a request decided for `target`: that cluster for every attempt
+    (its failover is the target's own, an aggregate cluster's when it is a chain)."""
+    return {"priority_groups": [{"name": DECIDED_GROUP, "clusters": [{"cluster_name": target, "weight": 1}]}]}
+
+
 # Keys in METADATA_NS besides the decision's (target, policy, reason, decision, class, hold):
 # the client's path (set by Envoy for every request), and the model the router phase wrote
 # into the body, so an attempt to that backend leaves the body alone.
