@@ -53,13 +53,36 @@ def answer(gateway, alias: str, deadline_s: float = 10.0) -> httpx.Response:
         time.sleep(0.05)
 
 
-def test_a_decision_envoys_routes_do_not_have_yet_is_a_503_to_retry_not_a_400(fakes, tmp_path):
-    """The workers loaded a config with a new decided policy; Envoy's routes are the old ones."""
+def test_a_new_decided_policy_is_served_before_envoys_routes_name_it(fakes, tmp_path):
+    """The workers loaded a config with a new decided policy; Envoy's routes are the old ones.
+    A decided request's cluster comes with the decision (contract.TARGET_NS), so the new
+    policy's requests are served at once when Envoy can get its chain: a brand-new alias used
+    to answer 503s until its routes arrived."""
     gateway = start_gateway(tmp_path, fleet(fakes, ("old", "cost", ["alpha", "beta"])))
     try:
         newer = config_of(
             fleet(fakes, ("old", "cost", ["alpha", "beta"]), ("new", "cost", ["beta", "alpha"])), tmp_path
         )
+        gatewayfiles.publish(newer, gateway.workdir, gateway.options, envoy=False)  # the workers' side only
+        r = answer(gateway, "new")
+        assert r.status_code == 200, r.text
+        assert r.headers["x-signalbox-policy"] == "new"
+    finally:
+        gateway.stop()
+
+
+def test_a_decision_for_a_cluster_envoy_cannot_get_yet_is_a_503_to_retry_not_a_400(fakes, tmp_path):
+    """The workers loaded a config with a new decided policy over a model Envoy has no cluster
+    for yet (its clusters travel with Envoy's side of the change)."""
+    gateway = start_gateway(tmp_path, fleet(fakes, ("old", "cost", ["alpha", "beta"])))
+    try:
+        newer_text = dump(
+            provider("alpha", fakes["alpha"].url + "/v1", [model("a1")]),
+            provider("beta", fakes["beta"].url + "/v1", [model("b1"), model("b2")]),
+            policy("old", ["old"], [backend("alpha", "a1"), backend("beta", "b1")], strategy="cost"),
+            policy("new", ["new"], [backend("beta", "b2"), backend("alpha", "a1")], strategy="cost"),
+        )
+        newer = config_of(newer_text, tmp_path)
         gatewayfiles.publish(newer, gateway.workdir, gateway.options, envoy=False)  # the workers' side only
         r = answer(gateway, "new")
         assert r.status_code == 503, r.text

@@ -146,10 +146,18 @@ def test_policies_with_the_same_chain_share_its_aggregate_and_keep_their_own_rou
     hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
     routes = by_name(hcm["route_config"]["virtual_hosts"][0]["routes"])
     t0 = targets(cfg)[0]
-    # One route per policy, not per policy and chain: each policy's own settings.
+    # A route per policy whose action is its own (here every policy's budget differs), not
+    # per policy and chain: each policy's own settings.
     assert routes["default/p7:decided"]["route"]["timeout"] == "8.000s"
     assert decided_cluster(routes["default/p7:decided"], t0) == t0
     assert not [name for name in routes if ":t." in name]
+    # The first policy's action is as common as any: its route matches any decided target.
+    assert routes["decided"]["route"]["timeout"] == "1.000s"
+    assert routes["decided"]["match"]["dynamic_metadata"] == [
+        {"filter": "signalbox", "path": [{"key": "target"}], "value": {"present_match": True}}
+    ]
+    names = [r["name"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"]]
+    assert names.index("default/p7:decided") < names.index("decided")  # the policy's own first
 
 
 def test_every_attempt_loses_every_key_header_then_gets_its_providers_key_from_envoy():
@@ -347,7 +355,7 @@ def test_a_policys_deadlines_become_the_attempts_timeouts():
     cfg.policies[0].per_try_timeout_ms, cfg.policies[0].idle_timeout_ms, cfg.policies[0].timeout_ms = 1500, 800, 9000
     hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
     (host,) = hcm["route_config"]["virtual_hosts"]
-    route = by_name(host["routes"])["default/p:decided"]
+    route = by_name(host["routes"])["decided"]
     assert route["route"]["timeout"] == "9.000s"
     retry = envoygen.retry_policy_of(host, route)
     assert retry["per_try_timeout"] == "1.500s"
@@ -361,7 +369,7 @@ def test_routes_retry_on_failures_and_move_to_next_priority():
     (host,) = hcm["route_config"]["virtual_hosts"]
     routes = by_name(host["routes"])
     t0 = targets(cfg)[0]
-    retry = envoygen.retry_policy_of(host, routes["default/p:decided"])
+    retry = envoygen.retry_policy_of(host, routes["decided"])
     retry_on = {"5xx", "reset", "connect-failure", "retriable-status-codes", "retriable-headers"}
     assert set(retry["retry_on"].split(",")) == retry_on
     # attempt.lua marks a refusal worth the next backend (a prompt too long for this one's window).
@@ -373,12 +381,13 @@ def test_routes_retry_on_failures_and_move_to_next_priority():
     # A backend that failed or timed out is not tried again within the request.
     assert [p["name"] for p in retry["retry_host_predicate"]] == ["envoy.retry_host_predicates.previous_hosts"]
     assert "per_try_idle_timeout" not in retry  # no silence deadline unless the policy sets one
-    (policy_id,) = routes["default/p:decided"]["match"]["dynamic_metadata"]
-    assert policy_id["path"] == [{"key": "policy_id"}] and policy_id["value"]["string_match"]["exact"] == "default/p"
-    assert decided_cluster(routes["default/p:decided"], t0) == t0
+    # The one decided policy's action is the commonest: its route takes any decided target.
+    (target,) = routes["decided"]["match"]["dynamic_metadata"]
+    assert target == {"filter": "signalbox", "path": [{"key": "target"}], "value": {"present_match": True}}
+    assert decided_cluster(routes["decided"], t0) == t0
     # Every attempt, the first included, is prepared by the aggregate cluster's attempt.lua.
-    assert "regex_rewrite" not in routes["default/p:decided"]["route"]
-    assert "request_headers_to_add" not in routes["default/p:decided"]
+    assert "regex_rewrite" not in routes["decided"]["route"]
+    assert "request_headers_to_add" not in routes["decided"]
     # Bodyless requests are Envoy's to answer: they never reach the ext_proc.
     assert (
         json.loads(__import__("base64").b64decode(routes["models"]["direct_response"]["body"]["inline_bytes"]))["data"][
@@ -425,8 +434,9 @@ def test_what_routes_share_is_said_once_on_the_virtual_host():
         "typed_config"
     ]
     (host,) = hcm["route_config"]["virtual_hosts"]
-    routes = [r for r in host["routes"] if r["name"].startswith("default/")]
-    assert len(routes) == 3  # one a decided policy, whatever its chains
+    routes = [r for r in host["routes"] if r["name"].startswith("default/") or r["name"] == "decided"]
+    # One for the two policies with the same action, one for the third, whatever their chains.
+    assert [r["name"] for r in routes] == ["default/own:decided", "decided"]
     # Who answered and why: on the virtual host, and no longer on each route.
     said = {h["header"]["key"]: h["header"]["value"] for h in host["response_headers_to_add"]}
     assert "x-signalbox-provider" not in said  # attempt.lua's, per attempt
@@ -434,12 +444,13 @@ def test_what_routes_share_is_said_once_on_the_virtual_host():
     assert not any("response_headers_to_add" in r for r in routes)
     # A refusal's own reason header (and a compiled route's decision) beats the virtual host's.
     assert hcm["route_config"]["most_specific_header_mutations_wins"] is True
-    # The common retry policy once; a policy with other deadlines keeps its own, whole.
-    own = [r for r in routes if r["name"].startswith("default/own:")]
-    assert all("retry_policy" not in r["route"] for r in routes if r not in own)
-    assert all(r["route"]["retry_policy"]["per_try_timeout"] == "0.700s" for r in own)
-    assert envoygen.retry_policy_of(host, own[0])["retry_on"] == host["retry_policy"]["retry_on"]
-    assert "per_try_timeout" not in host["retry_policy"]
+    # The common retry policy once, on the virtual host; a route with another keeps its own,
+    # whole. (Here the two routes' policies are equally common: the first counted is said once.)
+    own, shared = by_name(routes)["default/own:decided"], by_name(routes)["decided"]
+    assert sum("retry_policy" in r["route"] for r in (own, shared)) == 1
+    assert envoygen.retry_policy_of(host, own)["per_try_timeout"] == "0.700s"
+    assert "per_try_timeout" not in envoygen.retry_policy_of(host, shared)
+    assert envoygen.retry_policy_of(host, own)["retry_on"] == envoygen.retry_policy_of(host, shared)["retry_on"]
     # A route that had no retry policy (failing open) does not inherit one.
     fail_open = by_name(host["routes"])["fail-open"]
     assert envoygen.retry_policy_of(host, fail_open) == {"num_retries": 0}
@@ -740,9 +751,9 @@ def test_routes_tell_the_one_attempt_script_which_members_a_larger_window_follow
     # The chain nothing larger follows goes by the policy's route, which adds no header; the
     # route of its own comes first, so a request decided for it never reaches that one.
     names = [r["name"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"]]
-    assert names.index(f"{cfg.policies[0].id}:{small_first}") < names.index(f"{cfg.policies[0].id}:decided")
-    assert decided_cluster(routes[f"{cfg.policies[0].id}:decided"], big_first) == big_first
-    assert "request_headers_to_add" not in routes[f"{cfg.policies[0].id}:decided"]
+    assert names.index(f"{cfg.policies[0].id}:{small_first}") < names.index("decided")
+    assert decided_cluster(routes["decided"], big_first) == big_first
+    assert "request_headers_to_add" not in routes["decided"]
     assert envoygen.LARGER_AFTER_HEADER in envoygen.GATEWAY_HEADERS  # clients cannot send it
 
 
