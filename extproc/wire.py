@@ -20,8 +20,8 @@ from signalbox.core.envoygen.contract import (
     JWT_PAYLOAD_KEY,
     TARGET_NS,
     VIRTUAL_HOST_ATTRIBUTE,
+    put_target_groups,
     routes_key_of,
-    target_groups,
 )
 from signalbox.core.errors import RequestError
 
@@ -134,7 +134,7 @@ def body_response(
         response.dynamic_metadata.update({METADATA_NS: metadata})
         if metadata.get("target"):
             # What the decided policy's route reads its cluster from (contract.TARGET_NS).
-            response.dynamic_metadata.update({TARGET_NS: target_groups(metadata["target"])})
+            put_target_groups(response.dynamic_metadata.fields[TARGET_NS].struct_value, metadata["target"])
     return response
 
 

@@ -17,7 +17,7 @@ from grpc._cython import cygrpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from signalbox.core.compiler import compile_config
-from signalbox.core.envoygen.contract import TARGET_NS
+from signalbox.core.envoygen.contract import TARGET_NS, target_groups
 from signalbox.extproc import decisions
 from signalbox.extproc.reload import TableHolder
 from signalbox.extproc.server import serve
@@ -120,9 +120,9 @@ async def test_router_phase_decides_in_one_message_and_names_its_target_in_metad
     # ... and once more where the policy's one decided route reads its cluster from (Envoy's
     # priority group cluster specifier), in the shape that specifier reads.
     groups = json_format.MessageToDict(second.dynamic_metadata)[TARGET_NS]
-    assert groups == {
-        "priority_groups": [{"name": "decided", "clusters": [{"cluster_name": meta["target"], "weight": 1}]}]
-    }
+    assert groups == target_groups(meta["target"])  # what the route's specifier was made to read
+    assert groups["priority_groups"][0]["clusters"] == [{"cluster_name": meta["target"], "weight": 1}]
+
     assert (meta["policy"], meta["reason"]) == ("p", "failover:priority")
     assert meta["body_model"] == "model-a"  # attempt.lua leaves this backend's body alone
     token = meta["decision"]  # what the client echoes back with quality feedback
