@@ -17,7 +17,7 @@ from pathlib import Path
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.budget import HOLD_SLACK_SECONDS, Budget
-from signalbox.core.envoygen.contract import routes_key
+from signalbox.core.envoygen.contract import compiled_split, routes_key, split_text
 from signalbox.core.envoygen.endpoints import BackendEndpoint, origin_name
 from signalbox.core.errors import OPENAI_API, RESPONSES_API, ConfigVersionError
 from signalbox.core.limits import SubjectLimits
@@ -194,6 +194,9 @@ class PolicyRuntime:
     budget: Budget | None = None
     # Envoy routes this policy alone (weighted_clusters): the ext_proc only explains it.
     compiled: bool = False
+    # Where Envoy sends it, as the router phase passes a decision for it on (contract.SPLIT_KEY;
+    # "" for a policy the router phase decides).
+    split: str = ""
     # How long a request of this policy may stay open (its timeout plus slack): an open
     # request whose access log entry never comes stops counting after this (inflight.py).
     open_seconds: float = 330.0
@@ -462,6 +465,7 @@ def _policy(p: pb.Policy, backends: list[BackendRuntime], digest: bytes) -> Poli
         ),
         learning=p.learning,
         compiled=p.compiled,
+        split=split_text(compiled_split(p)) if p.compiled else "",
         broken_stream=BROKEN_STREAM_NAMES[p.broken_stream],
         allow_anonymous=p.allow_anonymous,
         # A copy: a part of the config message keeps all of it in memory (upb's arena), and a

@@ -22,7 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from signalbox.core import budget, rollouts
-from signalbox.core.envoygen.contract import BODY_MODEL_KEY, EMPTY_BODY, RELAY_HEADER, RELAY_KEY, api_of_path
+from signalbox.core.envoygen.contract import BODY_MODEL_KEY, EMPTY_BODY, RELAY_HEADER, RELAY_KEY, SPLIT_KEY, api_of_path
 from signalbox.core.errors import Forbidden, InternalError, MalformedRequest, RequestError, UnknownModel
 
 from . import accounting, decide, identity, limits, relay, rollout, strategies, upstream, wire
@@ -426,6 +426,9 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 # attempt.lua leaves the body alone on an attempt to this model's backend.
                 BODY_MODEL_KEY: outcome.selection.choice.backend.upstream_model,
             }
+            if policy.split:
+                # Envoy routes this policy alone: the decision goes where Envoy would send it.
+                metadata[SPLIT_KEY] = policy.split
             if shadow is not None:
                 rollout_note = self.shadow_decision(shadow, outcome, state, now)
             if rollout_note:

@@ -18,6 +18,7 @@ from google.protobuf import json_format
 from signalbox.core.envoygen.contract import (
     JWT_NAMESPACE,
     JWT_PAYLOAD_KEY,
+    SPLIT_KEY,
     TARGET_NS,
     VIRTUAL_HOST_ATTRIBUTE,
     put_target_groups,
@@ -134,7 +135,8 @@ def body_response(
         response.dynamic_metadata.update({METADATA_NS: metadata})
         if metadata.get("target"):
             # What the decided policy's route reads its cluster from (contract.TARGET_NS).
-            put_target_groups(response.dynamic_metadata.fields[TARGET_NS].struct_value, metadata["target"])
+            groups = response.dynamic_metadata.fields[TARGET_NS].struct_value
+            put_target_groups(groups, metadata["target"], metadata.get(SPLIT_KEY, ""))
     return response
 
 

@@ -120,7 +120,9 @@ async def test_router_phase_decides_in_one_message_and_names_its_target_in_metad
     # ... and once more where the policy's one decided route reads its cluster from (Envoy's
     # priority group cluster specifier), in the shape that specifier reads.
     groups = json_format.MessageToDict(second.dynamic_metadata)[TARGET_NS]
-    assert groups == target_groups(meta["target"])  # what the route's specifier was made to read
+    assert groups == target_groups(meta["target"], meta["split"])  # what the route's specifier reads
+    # The policy is compiled (failover): Envoy sends its requests to the first chain, and so
+    # does the decided route.
     assert groups["priority_groups"][0]["clusters"] == [{"cluster_name": meta["target"], "weight": 1}]
 
     assert (meta["policy"], meta["reason"]) == ("p", "failover:priority")
@@ -129,6 +131,34 @@ async def test_router_phase_decides_in_one_message_and_names_its_target_in_metad
     assert decisions.unpack(token) == ("p", "chat/simple", "default/a/m")
     payload, _, mac = token.partition(".")
     assert len(mac) >= 20  # signed: feedback cannot name a decision the gateway did not make
+
+
+async def test_a_compiled_policys_decision_goes_by_its_split_not_the_backend_picked(monkeypatch):
+    """A weighted policy is Envoy's to route; a request the router phase decides for it anyway
+    goes where Envoy would send it: one of its chains by its weights (the decided route reads
+    the groups), whichever backend the router phase picked."""
+    monkeypatch.setenv("A_KEY", KEY)
+    providers = [
+        provider("a", "http://127.0.0.1:9001/v1", [model("m")], auth={"env": "A_KEY"}),
+        provider("b", "http://127.0.0.1:9002/v1", [model("m")]),
+    ]
+    weighted = policy("p", ["auto"], [backend("a", "m", weight=1), backend("b", "m", weight=3)], strategy="weighted")
+    cfg = compile_config(providers, [weighted]).config
+    assert cfg.policies[0].compiled
+    holder = TableHolder()
+    holder.install(cfg)
+    server, port = await serve(holder, "127.0.0.1:0", max_body_bytes=1024)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        payload = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        (only,) = await exchange(ep_grpc.ExternalProcessorStub(channel), router_message(payload))
+        meta = json_format.MessageToDict(only.dynamic_metadata)
+        (group,) = meta[TARGET_NS]["priority_groups"]
+        a, b = (x.target for x in cfg.policies[0].backends)
+        assert group["clusters"] == [{"cluster_name": a, "weight": 1}, {"cluster_name": b, "weight": 3}]
+    finally:
+        await channel.close()
+        await server.stop(None)
 
 
 async def test_router_phase_errors_are_openai_json_immediate_responses(stub):

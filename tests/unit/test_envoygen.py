@@ -335,19 +335,35 @@ def test_only_chains_a_route_can_use_get_an_aggregate(strategy, chains):
 
 def test_a_compiled_policy_decided_anyway_goes_where_envoy_sends_it():
     """A compiled policy's request the router phase decided (an alias Envoy's JSON reader did
-    not read, or a canary's candidate) matches one route on its policy, whatever backend the
-    router phase picked, and goes to the compiled destination with the same retries."""
+    not read, or a canary's candidate) goes by the decided route, to one of the policy's
+    chains by the same weights as Envoy's own split, with the same retries: the router phase
+    passes the policy's split on (contract.SPLIT_KEY), and no route is the policy's alone."""
     cfg = config("weighted")
+    cfg.policies[0].backends[0].weight, cfg.policies[0].backends[1].weight = 3, 1
     hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
     (host,) = hcm["route_config"]["virtual_hosts"]
     routes = by_name(host["routes"])
-    decided = routes["default/p:compiled"]
-    (policy_id,) = decided["match"]["dynamic_metadata"]
-    assert policy_id["path"] == [{"key": "policy_id"}] and policy_id["value"]["string_match"]["exact"] == "default/p"
     compiled = routes["compiled:default/p:x"]
-    assert decided["route"]["weighted_clusters"] == compiled["route"]["weighted_clusters"]
+    decided = routes["decided"]
+    split = envoygen.contract.split_text(envoygen.contract.compiled_split(cfg.policies[0]))
+    (group,) = envoygen.contract.target_groups("ignored", split)["priority_groups"]
+    assert [(c["cluster_name"], c["weight"]) for c in group["clusters"]] == [
+        (c["name"], c["weight"]) for c in compiled["route"]["weighted_clusters"]["clusters"]
+    ]
+    assert sorted(c["weight"] for c in group["clusters"]) == [1, 3]
     assert envoygen.retry_policy_of(host, decided) == envoygen.retry_policy_of(host, compiled)
-    assert not [name for name in routes if name.startswith("default/p:t.")]
+    assert not [name for name in routes if name.startswith("default/p:")]
+
+
+def test_the_router_phase_writes_the_groups_the_contract_says():
+    """The router phase writes a decision's groups field by field (contract.put_target_groups,
+    4 us a request); Envoy's specifier reads them as `target_groups` says."""
+    from google.protobuf import json_format, struct_pb2
+
+    for target, split in (("t.a", ""), ("t.a", "t.a=3,t.b=1"), ("t.x", "t.y=1")):
+        written = struct_pb2.Struct()
+        envoygen.contract.put_target_groups(written, target, split)
+        assert json_format.MessageToDict(written) == envoygen.contract.target_groups(target, split)
 
 
 def test_a_policys_deadlines_become_the_attempts_timeouts():
@@ -932,8 +948,8 @@ def test_a_first_token_deadline_holds_answers_headers_only_on_its_policys_attemp
     # The policy's routes mark its attempts, and the attempt's timer is the first-token deadline.
     hcm = envoygen.listener(cfg, envoygen.GatewayOptions())["filter_chains"][0]["filters"][0]["typed_config"]
     (host,) = hcm["route_config"]["virtual_hosts"]
-    mine = [r for r in host["routes"] if r.get("name", "").startswith(("default/p:", "compiled:default/p:"))]
-    assert {r["name"].split(":")[0] for r in mine} == {"default/p", "compiled"}  # decided and compiled
+    mine = [r for r in host["routes"] if r.get("name", "").startswith("compiled:default/p:") or r["name"] == "decided"]
+    assert {r["name"].split(":")[0] for r in mine} == {"decided", "compiled"}  # decided and compiled
     for route in mine:
         mark = {"key": header, "value": "%DYNAMIC_METADATA(signalbox:stream)%"}  # the request's `stream`
         assert {"header": mark, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"} in route["request_headers_to_add"]

@@ -45,6 +45,7 @@ from .contract import (
     RETRY_HEADER,
     TRANSLATE_HEADER,
     TRANSLATE_KEY,
+    compiled_split,
 )
 from .endpoints import DEFAULT_CONNECT_TIMEOUT_MS, ORIGIN, PLAIN, BackendEndpoint, resource_name, shared_origins
 from .options import (
@@ -672,12 +673,11 @@ def compiled_destination(policy: pb.Policy) -> dict[str, Any]:
     """Where Envoy sends a compiled policy's requests: the first chain by priority (failover,
     fastest: the chain skips what is unhealthy), else a weighted split over the chains that
     start with each backend (round-robin: equal weights; weighted: its weights, none at 0)."""
-    live = [b for b in policy.backends if b.target]
+    split = compiled_split(policy)
     if policy.strategy in (pb.FAILOVER, pb.FASTEST):
-        first = min(range(len(live)), key=lambda i: (live[i].priority, i))
-        return {"cluster": live[first].target}
-    weights = [(b.target, b.weight if policy.strategy == pb.WEIGHTED else 1) for b in live]
-    return {"weighted_clusters": {"clusters": [{"name": t, "weight": w} for t, w in weights if w > 0]}}
+        ((target, _),) = split
+        return {"cluster": target}
+    return {"weighted_clusters": {"clusters": [{"name": t, "weight": w} for t, w in split]}}
 
 
 def routed_targets(policy: pb.Policy) -> list[str]:

@@ -61,6 +61,7 @@ from .contract import (
     STREAM_KEY,
     TARGET_NS,
     api_of_path,
+    compiled_split,
     models_listing,
     routes_key,
     target_groups,
@@ -240,14 +241,11 @@ def _make_policy_routes(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     action = _route_action(policy)
     if policy.compiled:
-        # Envoy routes its aliases alone; a request the router phase decided for it anyway
-        # (it read an alias Envoy's JSON reader did not, or a canary's candidate) goes
-        # where Envoy would send it: one route, not one per chain (and no aggregate for
-        # chains only the router phase could pick).
-        destination = {**compiled_destination(policy), **action}
-        headers = {"request_headers_to_add": _policy_headers(policy)} if policy.first_token_timeout_ms else {}
-        decided = [_decided_route(f"{policy.id}:compiled", (("policy_id", policy.id),), destination, headers)]
-        return compiled_routes(policy), decided
+        # Envoy routes its aliases alone; a request the router phase decided for it anyway (it
+        # read an alias Envoy's JSON reader did not, or a canary's candidate) goes where Envoy
+        # would send it, by the decided routes (`_decided_routes`: the router phase writes the
+        # policy's split, contract.SPLIT_KEY): no aggregate for chains only it could pick.
+        return compiled_routes(policy), []
     out = []
     for target in targets:
         if target not in larger:
@@ -266,20 +264,22 @@ def _make_policy_routes(
 
 
 def _decided_routes(cfg: pb.RoutingConfig, larger: dict[str, str]) -> list[dict[str, Any]]:
-    """The routes of decided requests whose target has no route of its own: one per decided
-    policy whose action (budget, retries, hedging, the headers it adds) is not the commonest,
-    matched on the policy, then one for every other, matched on a target alone. Either way the
-    cluster is the target the router phase decided (`_decided_target`).
+    """The routes of decided requests whose target has no route of its own: one per policy
+    whose action (budget, retries, hedging, the headers it adds) is not the commonest, matched
+    on the policy, then one for every other, matched on a target alone. Either way the cluster
+    is the one the router phase wrote (`_decided_target`): the target it decided, or for a
+    compiled policy one of its split's by weight, where Envoy would send the request.
 
-    Why: a route per policy and target was 22 MB of Envoy at the 2,000-policy fleet (about 4 KB
-    a route; issue 12), and its 856 decided policies all have the same action: 4,280 routes,
-    now one. After every policy's own: a compiled policy's decisions (which go where Envoy
-    would send them) and the chains with routes of their own match first."""
+    Why: a route per decided policy and target, and one per compiled policy, were 22 MB of Envoy
+    at the 2,000-policy fleet (about 4 KB a route; issue 12), and its 2,000 policies have two
+    actions: 5,424 routes, now 2. After every policy's own routes: the chains with routes of
+    their own match first."""
     by_action: dict[bytes, list[tuple[pb.Policy, str]]] = {}
     for policy in cfg.policies:
         if policy.compiled:
-            continue
-        first = next((t for t in routed_targets(policy) if t not in larger), None)
+            first: str | None = compiled_split(policy)[0][0]
+        else:
+            first = next((t for t in routed_targets(policy) if t not in larger), None)
         if first is not None:
             key = _key({"action": _route_action(policy), "headers": _policy_headers(policy)})
             by_action.setdefault(key, []).append((policy, first))
