@@ -97,8 +97,8 @@ def _worker_cluster(name: str, groups: list[list[dict[str, Any]]]) -> dict[str, 
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [
-                {"priority": priority, "lb_endpoints": [{"endpoint": {"address": a}} for a in group]}
-                for priority, group in enumerate(groups)
+                {"lb_endpoints": [{"endpoint": {"address": a}} for a in group], **({"priority": p} if p else {})}
+                for p, group in enumerate(groups)
             ],
         },
         # Router streams of `latency`/`least-busy`/learning policies last as long as their
