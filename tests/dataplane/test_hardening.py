@@ -177,15 +177,20 @@ def test_thousands_of_slow_streams_through_a_lifetime_policy_complete_without_er
 # ----------------------------------------------------------------------------- a killed worker
 
 
-def extproc_requests(gw, stat: str = "rq_total") -> dict[str, int]:
-    """A per-host counter of Envoy's for each ext_proc worker (by socket path): by default the
-    streams it has sent it."""
+def worker_stats(gw, cluster_name: str, stat: str) -> dict[str, int]:
+    """A per-host counter of Envoy's for each ext_proc worker of one of its worker clusters, by
+    socket path."""
     clusters = httpx.get(f"http://127.0.0.1:{gw.admin_port}/clusters?format=json", timeout=5).json()
-    (cluster,) = [c for c in clusters["cluster_statuses"] if c["name"] == EXTPROC_CLUSTER]
+    (cluster,) = [c for c in clusters["cluster_statuses"] if c["name"] == cluster_name]
     return {
         host["address"]["pipe"]["path"]: next(int(s.get("value", 0)) for s in host["stats"] if s["name"] == stat)
         for host in cluster["host_statuses"]
     }
+
+
+def extproc_requests(gw, stat: str = "rq_total") -> dict[str, int]:
+    """By default the streams Envoy has sent each ext_proc worker."""
+    return worker_stats(gw, EXTPROC_CLUSTER, stat)
 
 
 def test_a_killed_worker_costs_only_its_requests_and_capacity_returns(fakes, tmp_path):
@@ -244,14 +249,8 @@ def test_a_killed_worker_costs_only_its_requests_and_capacity_returns(fakes, tmp
 
 def config_streams(gw, stat: str = "rq_active") -> dict[str, int]:
     """Envoy's ADS streams (its clusters and backend endpoints) each worker holds (by default;
-    `rq_total`: has been sent), by socket path. Health checks are not requests: only the stream
-    counts."""
-    clusters = httpx.get(f"http://127.0.0.1:{gw.admin_port}/clusters?format=json", timeout=5).json()
-    (cluster,) = [c for c in clusters["cluster_statuses"] if c["name"] == XDS_CLUSTER]
-    return {
-        host["address"]["pipe"]["path"]: next(int(s.get("value", 0)) for s in host["stats"] if s["name"] == stat)
-        for host in cluster["host_statuses"]
-    }
+    `rq_total`: has been sent). Health checks are not requests: only the stream counts."""
+    return worker_stats(gw, XDS_CLUSTER, stat)
 
 
 def test_envoys_config_stream_moves_when_its_worker_dies(fakes, tmp_path):
