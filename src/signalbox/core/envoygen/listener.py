@@ -193,6 +193,9 @@ class _Made:
     routes: bytes  # JSON: [compiled routes, decided routes]
     # Each route's retry policy (`_key`; None: it has none), for the virtual host's count.
     retries: tuple[tuple[bytes | None, ...], tuple[bytes | None, ...]]
+    # For the decided routes (`_decided_routes`): the policy's action as a key, and a target
+    # for the route's default; None if all its decisions have routes of their own.
+    decided: tuple[bytes, str] | None = None
 
 
 _kept_routes: dict[bytes, _Made] = {}
@@ -213,7 +216,7 @@ def _policy_routes(policy: pb.Policy, larger: dict[str, str], used: dict[bytes, 
     if made is None:
         compiled, decided = _make_policy_routes(policy, targets, larger)
         retries = (tuple(_retry_key(r) for r in compiled), tuple(_retry_key(r) for r in decided))
-        made = _Made(orjson.dumps([compiled, decided]), retries)
+        made = _Made(orjson.dumps([compiled, decided]), retries, _decided_by(policy, targets, larger))
     used[key] = made
     return key, made
 
@@ -263,7 +266,16 @@ def _make_policy_routes(
     return [], out
 
 
-def _decided_routes(cfg: pb.RoutingConfig, larger: dict[str, str]) -> list[dict[str, Any]]:
+def _decided_by(policy: pb.Policy, targets: list[str], larger: dict[str, str]) -> tuple[bytes, str] | None:
+    """What `_decided_routes` needs of a policy: its action's key and a target of its that has
+    no route of its own (its split's first for a compiled policy), or None."""
+    first = compiled_split(policy)[0][0] if policy.compiled else next((t for t in targets if t not in larger), None)
+    if first is None:
+        return None
+    return _key({"action": _route_action(policy), "headers": _policy_headers(policy)}), first
+
+
+def _decided_routes(cfg: pb.RoutingConfig, made: list[_Made]) -> list[dict[str, Any]]:
     """The routes of decided requests whose target has no route of its own: one per policy
     whose action (budget, retries, hedging, the headers it adds) is not the commonest, matched
     on the policy, then one for every other, matched on a target alone. Either way the cluster
@@ -275,13 +287,9 @@ def _decided_routes(cfg: pb.RoutingConfig, larger: dict[str, str]) -> list[dict[
     actions: 5,424 routes, now 2. After every policy's own routes: the chains with routes of
     their own match first."""
     by_action: dict[bytes, list[tuple[pb.Policy, str]]] = {}
-    for policy in cfg.policies:
-        if policy.compiled:
-            first: str | None = compiled_split(policy)[0][0]
-        else:
-            first = next((t for t in routed_targets(policy) if t not in larger), None)
-        if first is not None:
-            key = _key({"action": _route_action(policy), "headers": _policy_headers(policy)})
+    for policy, of_policy in zip(cfg.policies, made, strict=True):
+        if of_policy.decided is not None:
+            key, first = of_policy.decided
             by_action.setdefault(key, []).append((policy, first))
     if not by_action:
         return []
@@ -443,7 +451,7 @@ def _route_groups(
     used: dict[bytes, _Made] = {}
     per_policy = [_policy_routes(policy, larger, used) for policy in cfg.policies]
     _kept_routes = used
-    decided = _decided_routes(cfg, larger)
+    decided = _decided_routes(cfg, [made for _, made in per_policy])
     tail = _tail_routes(cfg, opts, larger)
     head = [_without_alias_or_target(r) for r in tail] + ([relay_route()] if relays(cfg, opts) else [])
     # What every routed answer shares is said once, on the virtual host, not on each route: the
