@@ -79,8 +79,8 @@ VIRTUAL_HOST = "signalbox"
 def routes_key(cfg: pb.RoutingConfig) -> str:
     """What the decided requests' routes depend on: each policy's id, whether Envoy routes it
     alone, and its backends' targets (a decided policy's chains that a larger context window
-    follows have routes of their own; its other targets share its one route, and a compiled
-    policy's decisions go by its id). Equal for two configs whose decisions all have the same
+    follows have routes of their own; every other decision goes by the route of its policy's
+    action, its cluster in metadata). Equal for two configs whose decisions all have the same
     routes (and, being made from every target, for some whose routes are the same anyway: the
     ext_proc then keeps the table before a change a little longer than it needs to)."""
     digest = hashlib.blake2b(digest_size=16)
@@ -124,9 +124,9 @@ EMPTY_BODY = {
 }
 METADATA_NS = "signalbox"
 # A decided request's target as Envoy's priority group cluster specifier reads it: the router
-# phase writes `target_groups(target)` under this namespace, and a decided policy's one route
-# sends the request to that cluster (listener._decided_policy_route). One route a policy, not
-# one a policy and target: those were 22 MB of Envoy at the 2,000-policy fleet (issue 12).
+# phase writes `target_groups(target)` under this namespace, and the decided routes (one per
+# distinct route action, listener._decided_routes) send the request to that cluster. A route
+# per policy and target instead was 22 MB of Envoy at the 2,000-policy fleet (issue 12).
 TARGET_NS = "signalbox.target"
 DECIDED_GROUP = "decided"
 
