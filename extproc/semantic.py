@@ -80,7 +80,7 @@ def default_embedder() -> Embedder:
     root = Path(next(iter(spec.submodule_search_locations)))
     weights = mapped_tensor(root / WEIGHTS_FILE, "embedding.weight")
     tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
-    tokenizer.enable_padding()
+    tokenizer.no_padding()  # each text is summed on its own (`batch`)
     tokenizer.no_truncation()
     # No word cache. This tokenizer has no pre-tokenizer, so its BPE model's "words" are whole
     # segments (a request, its first and last sentences), and the cache kept every distinct one
@@ -102,7 +102,7 @@ def default_embedder() -> Embedder:
         sums = np.zeros((len(encoded), weights.shape[1]), dtype=np.float32)
         counts = np.ones((len(encoded), 1), dtype=np.float32)
         for row, e in enumerate(encoded):
-            ids = np.asarray(e.ids, dtype=np.int32)[np.asarray(e.attention_mask, dtype=bool)]
+            ids = np.asarray(e.ids, dtype=np.int32)
             if len(ids):
                 sums[row] = weights[np.clip(ids, 0, last)].sum(axis=0, dtype=np.float32)
                 counts[row] = len(ids)
