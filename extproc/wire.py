@@ -18,6 +18,7 @@ from google.protobuf import json_format
 from signalbox.core.envoygen.contract import (
     JWT_NAMESPACE,
     JWT_PAYLOAD_KEY,
+    METADATA_NS,
     SPLIT_KEY,
     TARGET_NS,
     VIRTUAL_HOST_ATTRIBUTE,
@@ -27,8 +28,6 @@ from signalbox.core.envoygen.contract import (
 from signalbox.core.errors import RequestError
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-# Dynamic metadata namespace read by the generated routes' response headers.
-METADATA_NS = "signalbox"
 
 
 def header_map(headers: ep.HttpHeaders) -> dict[str, str]:
