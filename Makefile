@@ -105,13 +105,15 @@ bench: setup
 
 ## Scale (needs h2load, Debian nghttp2-client): a 2,000-provider/2,000-policy fleet through
 ## compile, publish and `signalbox up`; 5,000 open 30 s streams per strategy
-## -> bench/results/scale.json; what one Envoy cluster costs -> bench/results/cluster_cost.json;
+## -> bench/results/scale.json; what one Envoy cluster costs -> bench/results/cluster_cost.json
+## (and whether a route of priority groups walks a chain as an aggregate does: bench.chain_groups);
 ## TLS backends through one origin per endpoint against a TLS cluster each -> bench/results/tls_origin.json
 bench-scale: setup
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.scale config --providers 200
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.scale config --providers 2000
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.scale streams --streams 5000 --seconds 30
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.cluster_cost --clusters 2000
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.chain_groups
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m bench.tls_origin
 
 ## What attempt.lua's response hook costs the compiled path (whole / without stream sanitizing /

@@ -8,6 +8,14 @@ cluster count costs whatever the routing does with it, and what TLS adds on top.
 is a failover chain (an aggregate cluster of five backends, as `envoygen.clusters._aggregate`
 makes it), measured as N chains over N backends against the N backends alone.
 
+`chains+routes` and `groups+routes` weigh the two ways Envoy can walk a failover chain, each
+with the N routes that use the chains, against the N backends alone: an aggregate cluster per
+chain (the gateway's shape), or a route whose priority group cluster specifier names the
+chain's backend clusters one attempt each (`refresh_cluster_on_retry`), over backends that
+each carry a second, DEGRADED host at priority 1 (`backend+resting`): an internal address an
+attempt goes to only while the real host rests or is ejected, where a refusal moves the
+request on. `python -m bench.chain_groups` checks that this walks chains as aggregates do.
+
     python -m bench.cluster_cost --clusters 2000
 """
 
@@ -41,6 +49,31 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
+# The internal listener a resting backend's priority-1 host names (`backend+resting`).
+RESTING_LISTENER = "signalbox_resting"
+INTERNAL_LISTENER = {
+    "name": "envoy.bootstrap.internal_listener",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"},
+}
+
+
+def resting_host(hostname: str) -> dict[str, Any]:
+    """The priority-1 locality of a backend that can rest: one DEGRADED host (used only when
+    the priority-0 hosts are unhealthy or ejected) at the resting listener."""
+    return {
+        "priority": 1,
+        "lb_endpoints": [
+            {
+                "endpoint": {
+                    "address": {"envoy_internal_address": {"server_listener_name": RESTING_LISTENER}},
+                    "hostname": hostname,
+                },
+                "health_status": "DEGRADED",
+            }
+        ],
+    }
+
+
 def _cluster(i: int, shape: str) -> dict[str, Any]:
     name = f"b.default.p{i}.m"  # a backend's name: the stats matcher treats it as one
     cluster: dict[str, Any] = {
@@ -59,7 +92,9 @@ def _cluster(i: int, shape: str) -> dict[str, Any]:
             ],
         },
     }
-    if shape in ("backend", "backend+tls"):
+    if shape == "backend+resting":
+        cluster["load_assignment"]["endpoints"].append(resting_host(name))
+    if shape in ("backend", "backend+tls", "backend+resting"):
         cluster["circuit_breakers"] = {"thresholds": [STREAM_LIMITS]}
         cluster["outlier_detection"] = {"consecutive_5xx": 5, "interval": "5s", "max_ejection_percent": 100}
     if shape == "backend+tls":
@@ -74,10 +109,15 @@ def _cluster(i: int, shape: str) -> dict[str, Any]:
     return cluster
 
 
+def _members(i: int, backends: int) -> list[str]:
+    """The five backend clusters of chain `i` (the same for either way of walking it)."""
+    pick = random.Random(i)
+    return [_cluster(pick.randrange(backends), "backend")["name"] for _ in range(5)]
+
+
 def _chain(i: int, backends: int) -> dict[str, Any]:
     """A failover chain of five of the `backends` backend clusters, named as the generator
     names chains (its stats are dropped by the gateway's matcher, as a chain's are)."""
-    pick = random.Random(i)
     return {
         "@type": CLUSTER,
         "name": f"{TARGET_PREFIX}.chain{i}",
@@ -87,17 +127,93 @@ def _chain(i: int, backends: int) -> dict[str, Any]:
             "name": "envoy.clusters.aggregate",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
-                "clusters": [_cluster(pick.randrange(backends), "backend")["name"] for _ in range(5)],
+                "clusters": _members(i, backends),
             },
         },
         "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
     }
 
 
+_RETRY = {"retry_on": "5xx,retriable-headers", "num_retries": 4}
+
+
+def groups_route(prefix: str, members: list[str]) -> dict[str, Any]:
+    """A route walking `members` one attempt each: the priority group cluster specifier picks
+    the group of the attempt's number, and each retry asks it again."""
+    return {
+        "match": {"prefix": prefix},
+        "route": {
+            "inline_cluster_specifier_plugin": {
+                "extension": {
+                    "name": "envoy.router.cluster_specifier_plugin.priority_group",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.router.cluster_specifiers."
+                        "priority_group.v3.PriorityGroupClusterSpecifier",
+                        "priority_groups": [
+                            {"name": f"g{n}", "clusters": [{"cluster_name": m, "weight": 1}]}
+                            for n, m in enumerate(members)
+                        ],
+                    },
+                }
+            },
+            "retry_policy": {**_RETRY, "refresh_cluster_on_retry": True},
+        },
+    }
+
+
+def _routes(count: int, shape: str) -> list[dict[str, Any]]:
+    if shape == "chains+routes":
+        return [
+            {"match": {"prefix": f"/c{i}/"}, "route": {"cluster": _chain(i, count)["name"], "retry_policy": _RETRY}}
+            for i in range(count)
+        ]
+    if shape == "groups+routes":
+        return [groups_route(f"/c{i}/", _members(i, count)) for i in range(count)]
+    return []
+
+
 def _clusters(count: int, shape: str) -> list[dict[str, Any]]:
-    if shape == "aggregate":
+    if shape in ("aggregate", "chains+routes"):
         return [_cluster(i, "backend") for i in range(count)] + [_chain(i, count) for i in range(count)]
+    if shape == "groups+routes":
+        return [_cluster(i, "backend+resting") for i in range(count)]
     return [_cluster(i, shape) for i in range(count)]
+
+
+def route_listener(port: int, routes: list[dict[str, Any]]) -> dict[str, Any]:
+    """A listener serving `routes` with the router alone."""
+    return {
+        "name": "routes",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                            "http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "routes",
+                            "http_filters": [
+                                {
+                                    "name": "envoy.filters.http.router",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                                    },
+                                }
+                            ],
+                            "route_config": {
+                                "name": "routes",
+                                # Its clusters come from the CDS file, after the listener.
+                                "validate_clusters": False,
+                                "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
+                            },
+                        },
+                    }
+                ]
+            }
+        ],
+    }
 
 
 def measure(count: int, shape: str, deferred: bool = True) -> dict[str, float]:
@@ -117,7 +233,11 @@ def measure(count: int, shape: str, deferred: bool = True) -> dict[str, float]:
         # As the gateway's bootstrap (`deferred=False`: every worker copies every cluster).
         "deferred_stat_options": DEFERRED_STATS,
         **({"cluster_manager": DEFERRED_CLUSTERS} if deferred else {}),
+        "bootstrap_extensions": [INTERNAL_LISTENER],
     }
+    routes = _routes(count, shape)
+    if routes:
+        bootstrap["static_resources"] = {"listeners": [route_listener(free_port(), routes)]}
     (work / "bootstrap.json").write_text(json.dumps(bootstrap))
     started = time.monotonic()
     envoy = subprocess.Popen(
@@ -153,20 +273,26 @@ def measure(count: int, shape: str, deferred: bool = True) -> dict[str, float]:
         envoy.wait()
 
 
+SHAPES = ("bare", "backend", "backend+tls", "aggregate", "backend+resting", "chains+routes", "groups+routes")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clusters", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=RESULTS / "cluster_cost.json")
+    parser.add_argument(
+        "--shapes", nargs="*", default=list(SHAPES), choices=SHAPES, help="(the backend is always measured)"
+    )
     args = parser.parse_args(argv)
     empty = measure(0, "bare")
     out: dict[str, Any] = {"clusters": args.clusters, "no_cluster": empty}
-    for shape in ("bare", "backend", "backend+tls", "aggregate"):
-        for deferred in (True, False):
+    for shape in dict.fromkeys(["backend", *args.shapes]):
+        for deferred in (True, False) if shape in ("bare", "backend", "backend+tls", "aggregate") else (True,):
             got = measure(args.clusters, shape, deferred)
             # A chain is measured over as many backends: against those alone.
             base = (
                 out["backend" if deferred else "backend, every worker's copy at once"]
-                if shape == "aggregate"
+                if shape in ("aggregate", "chains+routes", "groups+routes")
                 else empty
             )
             got["kb_per_cluster"] = round((got["rss_mb"] - base["rss_mb"]) * 1024 / args.clusters, 1)
