@@ -32,7 +32,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.cluster_cost import INTERNAL_LISTENER, RESTING_LISTENER, groups_route, resting_host, route_listener
+from bench.cluster_cost import (
+    INTERNAL_LISTENER,
+    RESTING_LISTENER,
+    aggregate_cluster,
+    groups_route,
+    route_listener,
+    static_cluster,
+)
 from signalbox.local import envoy_binary, free_port
 
 RETRY_HEADER = "x-signalbox-retry"
@@ -58,43 +65,6 @@ def _serve(name: str, status: int) -> http.server.ThreadingHTTPServer:
     server.name, server.status, server.received = name, status, 0  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
-
-
-def _backend(name: str, port: int, health: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}},
-                            "health_status": health,
-                        }
-                    ]
-                },
-                resting_host(name),
-            ],
-        },
-    }
-
-
-def _aggregate(name: str, members: list[str]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "connect_timeout": "1s",
-        "lb_policy": "CLUSTER_PROVIDED",
-        "cluster_type": {
-            "name": "envoy.clusters.aggregate",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
-                "clusters": members,
-            },
-        },
-    }
 
 
 def _resting_listener() -> dict[str, Any]:
@@ -180,8 +150,10 @@ def _refusals(admin: int) -> int:
 def main() -> int:
     servers = {"A": _serve("A", 200), "B": _serve("B", 503), "C": _serve("C", 200)}
     health = {"A": "UNHEALTHY", "B": "HEALTHY", "C": "HEALTHY"}
-    clusters = [_backend(n, s.server_address[1], health[n]) for n, s in servers.items()]
-    clusters += [_aggregate("chain" + "".join(m), m) for _, m, walk, _ in CASES if walk == "aggregate"]
+    clusters = [static_cluster(n, s.server_address[1], health[n], resting=True) for n, s in servers.items()]
+    clusters += [aggregate_cluster("chain" + "".join(m), m) for _, m, walk, _ in CASES if walk == "aggregate"]
+    for cluster in clusters:
+        del cluster["@type"]  # static clusters are Cluster messages, not Any
     port, admin = free_port(), free_port()
     bootstrap = {
         "node": {"id": "bench", "cluster": "bench"},

@@ -74,26 +74,45 @@ def resting_host(hostname: str) -> dict[str, Any]:
     }
 
 
-def _cluster(i: int, shape: str) -> dict[str, Any]:
-    name = f"b.default.p{i}.m"  # a backend's name: the stats matcher treats it as one
-    cluster: dict[str, Any] = {
+def static_cluster(name: str, port: int = 9, health: str = "", resting: bool = False) -> dict[str, Any]:
+    """A STATIC cluster of one host on localhost (port 9: nothing listens), of `health` if
+    given, with `resting` the degraded priority-1 host as well."""
+    host: dict[str, Any] = {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+    if health:
+        host["health_status"] = health
+    endpoints: list[dict[str, Any]] = [{"lb_endpoints": [host]}]
+    if resting:
+        endpoints.append(resting_host(name))
+    return {
         "@type": CLUSTER,
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 9}}}}
-                    ]
-                }
-            ],
-        },
+        "load_assignment": {"cluster_name": name, "endpoints": endpoints},
     }
-    if shape == "backend+resting":
-        cluster["load_assignment"]["endpoints"].append(resting_host(name))
+
+
+def aggregate_cluster(name: str, members: list[str]) -> dict[str, Any]:
+    """A failover chain over `members`, as `envoygen.clusters._aggregate` makes it."""
+    return {
+        "@type": CLUSTER,
+        "name": name,
+        "connect_timeout": "1s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {
+            "name": "envoy.clusters.aggregate",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                "clusters": members,
+            },
+        },
+        "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
+    }
+
+
+def _cluster(i: int, shape: str) -> dict[str, Any]:
+    name = f"b.default.p{i}.m"  # a backend's name: the stats matcher treats it as one
+    cluster = static_cluster(name, resting=shape == "backend+resting")
     if shape in ("backend", "backend+tls", "backend+resting"):
         cluster["circuit_breakers"] = {"thresholds": [STREAM_LIMITS]}
         cluster["outlier_detection"] = {"consecutive_5xx": 5, "interval": "5s", "max_ejection_percent": 100}
@@ -118,20 +137,7 @@ def _members(i: int, backends: int) -> list[str]:
 def _chain(i: int, backends: int) -> dict[str, Any]:
     """A failover chain of five of the `backends` backend clusters, named as the generator
     names chains (its stats are dropped by the gateway's matcher, as a chain's are)."""
-    return {
-        "@type": CLUSTER,
-        "name": f"{TARGET_PREFIX}.chain{i}",
-        "connect_timeout": "1s",
-        "lb_policy": "CLUSTER_PROVIDED",
-        "cluster_type": {
-            "name": "envoy.clusters.aggregate",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
-                "clusters": _members(i, backends),
-            },
-        },
-        "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
-    }
+    return aggregate_cluster(f"{TARGET_PREFIX}.chain{i}", _members(i, backends))
 
 
 _RETRY = {"retry_on": "5xx,retriable-headers", "num_retries": 4}
