@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import http.server
 import json
-import subprocess
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -37,10 +35,11 @@ from bench.cluster_cost import (
     RESTING_LISTENER,
     aggregate_cluster,
     groups_route,
-    route_listener,
+    start_envoy,
     static_cluster,
 )
-from signalbox.local import envoy_binary, free_port
+from bench.dataplane import route_listener
+from signalbox.local import free_port
 
 RETRY_HEADER = "x-signalbox-retry"
 
@@ -162,34 +161,9 @@ def main() -> int:
         "static_resources": {"clusters": clusters, "listeners": [route_listener(port, _routes()), _resting_listener()]},
     }
     work = Path(tempfile.mkdtemp(prefix="signalbox-chain-groups-"))
-    (work / "bootstrap.json").write_text(json.dumps(bootstrap))
-    envoy = subprocess.Popen(
-        [
-            envoy_binary(),
-            "-c",
-            str(work / "bootstrap.json"),
-            "--concurrency",
-            "1",
-            "--use-dynamic-base-id",
-            "-l",
-            "error",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    envoy, _ = start_envoy(work, bootstrap, admin, concurrency=1, timeout=30)
     failed = 0
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
-                    if b"LIVE" in r.read():
-                        break
-            except OSError:
-                pass
-            if envoy.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("Envoy did not start")
-            time.sleep(0.05)
         print("A rests (its provider would answer 200), B answers 503, C answers 200")
         for path, members, walk, expected in CASES:
             before = _refusals(admin)

@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.dataplane import RESULTS
+from bench.dataplane import RESULTS, route_listener
 from signalbox.core.envoygen.bootstrap import DEFERRED_CLUSTERS, DEFERRED_STATS, UNKEPT_CLUSTER_STATS
 from signalbox.core.envoygen.contract import TARGET_PREFIX
 from signalbox.core.envoygen.options import STREAM_LIMITS
@@ -186,40 +186,28 @@ def _clusters(count: int, shape: str) -> list[dict[str, Any]]:
     return [_cluster(i, shape) for i in range(count)]
 
 
-def route_listener(port: int, routes: list[dict[str, Any]]) -> dict[str, Any]:
-    """A listener serving `routes` with the router alone."""
-    return {
-        "name": "routes",
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        "filter_chains": [
-            {
-                "filters": [
-                    {
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                            "http_connection_manager.v3.HttpConnectionManager",
-                            "stat_prefix": "routes",
-                            "http_filters": [
-                                {
-                                    "name": "envoy.filters.http.router",
-                                    "typed_config": {
-                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                                    },
-                                }
-                            ],
-                            "route_config": {
-                                "name": "routes",
-                                # Its clusters come from the CDS file, after the listener.
-                                "validate_clusters": False,
-                                "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
-                            },
-                        },
-                    }
-                ]
-            }
-        ],
-    }
+def start_envoy(
+    work: Path, bootstrap: dict[str, Any], admin: int, concurrency: int, timeout: float
+) -> tuple[subprocess.Popen[bytes], float]:
+    """Envoy alone on `bootstrap` (written into `work`), once its admin port at `admin` says
+    it is live, and the seconds that took."""
+    (work / "bootstrap.json").write_text(json.dumps(bootstrap))
+    started = time.monotonic()
+    command = [envoy_binary(), "-c", str(work / "bootstrap.json"), "--concurrency", str(concurrency)]
+    envoy = subprocess.Popen(
+        [*command, "--use-dynamic-base-id", "-l", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
+                if b"LIVE" in r.read():
+                    return envoy, time.monotonic() - started
+        except OSError:
+            pass
+        if envoy.poll() is not None or time.monotonic() - started > timeout:
+            envoy.terminate()
+            raise RuntimeError("Envoy did not become ready")
+        time.sleep(0.05)
 
 
 def measure(count: int, shape: str, deferred: bool = True) -> dict[str, float]:
@@ -244,34 +232,8 @@ def measure(count: int, shape: str, deferred: bool = True) -> dict[str, float]:
     routes = _routes(count, shape)
     if routes:
         bootstrap["static_resources"] = {"listeners": [route_listener(free_port(), routes)]}
-    (work / "bootstrap.json").write_text(json.dumps(bootstrap))
-    started = time.monotonic()
-    envoy = subprocess.Popen(
-        [
-            envoy_binary(),
-            "-c",
-            str(work / "bootstrap.json"),
-            "--concurrency",
-            "2",
-            "--use-dynamic-base-id",
-            "-l",
-            "error",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    envoy, ready = start_envoy(work, bootstrap, admin, concurrency=2, timeout=300)
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
-                    if b"LIVE" in r.read():
-                        break
-            except OSError:
-                pass
-            if envoy.poll() is not None or time.monotonic() - started > 300:
-                raise RuntimeError(f"Envoy did not become ready with {count} {shape} clusters")
-            time.sleep(0.05)
-        ready = time.monotonic() - started
         time.sleep(2)  # workers take their copies of the clusters
         return {"rss_mb": round(_rss_mb(envoy.pid), 1), "ready_s": round(ready, 2)}
     finally:

@@ -110,6 +110,42 @@ def noop_extproc_filter(sockets: list[str]) -> tuple[dict, dict]:
     return ext_proc, cluster
 
 
+def route_listener(port: int, routes: list[dict[str, Any]], stat_prefix: str = "routes") -> dict[str, Any]:
+    """A listener serving `routes` with the router alone (a bare Envoy's, in the benches)."""
+    return {
+        "name": "routes",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                            "http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": stat_prefix,
+                            "http_filters": [
+                                {
+                                    "name": "envoy.filters.http.router",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                                    },
+                                }
+                            ],
+                            "route_config": {
+                                "name": "routes",
+                                # Its clusters come from the CDS file, after the listener.
+                                "validate_clusters": False,
+                                "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],
+                            },
+                        },
+                    }
+                ]
+            }
+        ],
+    }
+
+
 def plain_envoy(
     upstream: str, workdir: Path, concurrency: int, noop_sockets: list[str] | None = None
 ) -> tuple[subprocess.Popen, int]:
@@ -120,45 +156,7 @@ def plain_envoy(
     bootstrap = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
-            "listeners": [
-                {
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": {
-                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                                        "http_connection_manager.v3.HttpConnectionManager",
-                                        "stat_prefix": "plain",
-                                        "route_config": {
-                                            "virtual_hosts": [
-                                                {
-                                                    "name": "all",
-                                                    "domains": ["*"],
-                                                    "routes": [
-                                                        {"match": {"prefix": "/"}, "route": {"cluster": "fake"}}
-                                                    ],
-                                                }
-                                            ]
-                                        },
-                                        "http_filters": [
-                                            {
-                                                "name": "envoy.filters.http.router",
-                                                "typed_config": {
-                                                    "@type": "type.googleapis.com/"
-                                                    "envoy.extensions.filters.http.router.v3.Router"
-                                                },
-                                            }
-                                        ],
-                                    },
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
+            "listeners": [route_listener(port, [{"match": {"prefix": "/"}, "route": {"cluster": "fake"}}], "plain")],
             "clusters": [
                 {
                     "name": "fake",
