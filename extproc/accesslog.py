@@ -19,7 +19,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import duration_pb2, struct_pb2
 
 from signalbox.core import rollouts
-from signalbox.core.envoygen.contract import ATTEMPT_LOG_NAME, COMPILED_POLICY_TAG, METADATA_NS
+from signalbox.core.envoygen.contract import ATTEMPT_LOG_NAME, COMPILED_POLICY_TAG, METADATA_NS, RESTING_LISTENER
 
 from . import accounting, decisions, limits
 from .cooldown import Cooldowns
@@ -59,7 +59,11 @@ BROKEN_FLAGS = {
 
 def served_backend(common: accesslog_pb2.AccessLogCommon) -> str:
     """The id of the backend whose host answered (its host's name, the `backend` tag); "" when
-    none did (Envoy writes "-" for a request that reached no host)."""
+    none did (Envoy writes "-" for a request that reached no host), and when the resting
+    listener refused for a resting backend (contract.RESTING_LISTENER): not the provider's
+    answer, which would make it rest again, and nothing to learn of the backend."""
+    if common.upstream_remote_address.envoy_internal_address.server_listener_name == RESTING_LISTENER:
+        return ""
     name = common.custom_tags.get("backend", "")
     return "" if name == "-" else name
 

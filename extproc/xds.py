@@ -59,9 +59,10 @@ from typing import Any
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import json_format
 
-from signalbox.core.envoygen.contract import TARGET_PREFIX
-from signalbox.core.envoygen.endpoints import REACHES, BackendEndpoint, parse_resource, resource_name
+from signalbox.core.envoygen.contract import TARGET_PREFIX, chain_groups, split_pairs
+from signalbox.core.envoygen.endpoints import REACHES, TLS, BackendEndpoint, parse_resource, resource_name
 
 from .clusterfeed import CLUSTER_TYPE, ClusterFile, cluster_resource
 from .memtrim import release_free_memory
@@ -115,8 +116,14 @@ def load_assignment(
     """The assignment `BackendEndpoint.load_assignment` describes (one home for what a host says),
     as a message made by the message's constructor rather than json_format: 50 us an
     assignment was half a second of the worker holding Envoy's stream for the 10,000 backends
-    of the large fleet's start, on the way to its backends."""
-    return endpoint_pb2.ClusterLoadAssignment(**endpoint.load_assignment(addresses, resting, reach))
+    of the large fleet's start, on the way to its backends. With the resting listener as its
+    refusing host (`refusing`), which a TLS cluster's host reaches by its metadata: a Struct,
+    which the constructor does not take as JSON (few backends keep a TLS cluster of their
+    own: `endpoints.ORIGIN_MIN_BACKENDS`)."""
+    said = endpoint.load_assignment(addresses, resting, reach, refusing=True)
+    if (reach or endpoint.reach) == TLS:
+        return json_format.ParseDict(said, endpoint_pb2.ClusterLoadAssignment())
+    return endpoint_pb2.ClusterLoadAssignment(**said)
 
 
 def with_endpoint(value: bytes, assignment: endpoint_pb2.ClusterLoadAssignment) -> bytes:
@@ -166,19 +173,28 @@ class Endpoints:
         # at the large fleet (50 ms each time, made afresh).
         self._versions: dict[str, tuple[str, BackendEndpoint, list[str], bool, str] | None] = {}
         self._eager: frozenset[str] = frozenset()
-        self._eager_of: object = None
+        self._eager_of: tuple[object, object] = (None, None)
         self._eager_backends: frozenset[str] = frozenset()
         self._eager_backends_of: tuple[object, object] = (None, None)
 
     def eager_chains(self) -> frozenset[str]:
-        """The chains Envoy is to hold before a request asks for them: those of compiled
-        policies, which Envoy routes without the ext_proc (they keep serving while it is down,
-        and a chain asked for needs the stream). A decided policy's chains wait for a request:
-        it needs the ext_proc to be decided at all."""
-        table = self.tables.current
-        if self._eager_of is not table:
-            self._eager_of = table
-            self._eager = frozenset(c.target for p in table.policies if p.compiled for c in p.choices)
+        """The chains Envoy is to hold before a request asks for them: those compiled policies'
+        routes send to, which Envoy routes without the ext_proc (they keep serving while it is
+        down, and a chain asked for needs the stream), unless the route walks them by priority
+        groups (`contract.chain_groups`, which the generator applied to the same chains): then
+        Envoy needs only their backends (`eager_backends`), and the aggregate waits for a
+        request the router phase decided for the policy anyway. A decided policy's chains wait
+        for a request: it needs the ext_proc to be decided at all."""
+        table, members_of = self.tables.current, self.clusters.members_of
+        if self._eager_of[0] is not table or self._eager_of[1] is not members_of:
+            self._eager_of = (table, members_of)
+            eager: set[str] = set()
+            for policy in table.policies:
+                if policy.compiled and policy.split:
+                    split = split_pairs(policy.split)
+                    if chain_groups(split, members_of) is None:
+                        eager.update(target for target, _ in split)
+            self._eager = frozenset(eager)
         return self._eager
 
     def eager_backends(self) -> frozenset[str]:

@@ -568,6 +568,9 @@ _OPENAI_ERRORS = {
     "model_not_found": "not_found_error",
     "rate_limit_error": "rate_limit_error",
     "rate_limit_exceeded": "rate_limit_error",
+    # OpenAI's own 429s say which limit: requests or tokens.
+    "requests": "rate_limit_error",
+    "tokens": "rate_limit_error",
     "insufficient_quota": "rate_limit_error",
     "overloaded_error": "overloaded_error",
     # Gemini's statuses (google.rpc codes).

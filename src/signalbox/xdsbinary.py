@@ -57,6 +57,57 @@ def _import_types(data: bytes) -> None:
 
 _ROUTE_CONFIGURATION = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 
+# Fields of Envoy 1.40 that xds-protos 1.85.0's messages lack, as the generator writes them in
+# a resource's JSON (a key of a dict) -> their encoding as that dict's message holds it
+# (field number and value): RetryPolicy's refresh_cluster_on_retry (14, a bool) for the routes
+# that walk a chain by priority groups (`envoygen.listener`). Envoy's own JSON reader knows
+# them; protobuf keeps them as unknown fields, which it writes out again.
+_NEWER_FIELDS = {"refresh_cluster_on_retry": bytes([14 << 3 | 0, 1])}
+
+
+def parse_dict(document: dict[str, Any], message: Message) -> Message:
+    """`document` (a resource's JSON, which it leaves as it was) read into `message` as
+    json_format.ParseDict reads it, and the fields xds-protos lacks (`_NEWER_FIELDS`: booleans,
+    written when true) into the messages that hold them, inside an Any too."""
+    found: list[tuple[tuple[str | int, ...], bytes]] = []
+
+    def without(node: Any, path: tuple[str | int, ...]) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if key not in _NEWER_FIELDS:
+                    out[key] = without(value, (*path, key))
+                elif value is True:
+                    found.append((path, _NEWER_FIELDS[key]))
+            return out
+        if isinstance(node, list):
+            return [without(value, (*path, i)) for i, value in enumerate(node)]
+        return node
+
+    json_format.ParseDict(without(document, ()), message)
+    for path, encoded in found:
+        _merge_at(message, path, encoded)
+    return message
+
+
+def _merge_at(message: Message, path: tuple[str | int, ...], encoded: bytes) -> None:
+    """Merge `encoded` into the message at `path` (JSON keys and list indices) of `message`; an
+    Any on the way is unpacked (its JSON holds its message's fields) and packed again."""
+    if isinstance(message, any_pb2.Any):
+        inner = _message_of(message)
+        _merge_at(inner, path, encoded)
+        message.Pack(inner, deterministic=True)
+        return
+    if not path:
+        message.MergeFromString(encoded)
+        return
+    step, rest = path[0], path[1:]
+    field = getattr(message, str(step))
+    if rest and isinstance(rest[0], int):
+        _merge_at(field[rest[0]], rest[1:], encoded)
+    else:
+        _merge_at(field, rest, encoded)
+
 
 def _key(raw: bytes, message_type: type[Message]) -> bytes:
     """What a converted part is kept under: its message type and a digest of its JSON."""
@@ -176,7 +227,7 @@ class ResourceEncoder:
         _import_types(raw)
         # From a copy: json_format moves each "@type" to the end of its dict, and the caller's
         # document would no longer match its own digest.
-        return json_format.ParseDict(orjson.loads(raw), message_type())
+        return parse_dict(orjson.loads(raw), message_type())
 
     def converted(self, part: dict[str, Any], message_type: type[Message]) -> Message:
         """`part` as a `message_type`, converted once while it stays in use (callers copy it).
@@ -319,8 +370,7 @@ class _Template:
                 for step in path[:depth]:
                     node = node[step]
                 message.Clear()
-                # From a copy: json_format moves each "@type" to the end of its dict.
-                json_format.ParseDict(orjson.loads(orjson.dumps(node)), message)
+                parse_dict(node, message)
             elif last[1] is None:
                 setattr(message, last[0], orjson.loads(value))
             else:

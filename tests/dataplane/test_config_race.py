@@ -127,39 +127,63 @@ def test_a_request_is_decided_by_the_config_whose_routes_it_arrived_under(fakes,
 
 def test_a_route_to_a_cluster_envoy_has_not_got_yet_is_a_503_in_the_clients_shape(fakes, tmp_path):
     """Envoy read the routes of a change before its clusters arrived over ADS: the compiled
-    route names a failover chain Envoy does not have. Envoy's own answer was a 503 with no body."""
-    gateway = start_gateway(tmp_path, fleet(fakes, ("old", "failover", ["alpha", "beta"])))
-    try:
-        newer = config_of(
-            fleet(fakes, ("old", "failover", ["alpha", "beta"]), ("new", "failover", ["beta", "alpha"])),
-            tmp_path,
+    route names a backend Envoy does not have. Envoy's own answer was a 503 with no body. (A
+    new compiled policy over backends Envoy holds has no such window: its route walks their
+    clusters, and no aggregate cluster of its own is needed; it is served at once.)"""
+
+    def resources(*more: dict) -> str:
+        return dump(
+            provider("alpha", fakes["alpha"].url + "/v1", [model("a1")]),
+            provider("beta", fakes["beta"].url + "/v1", [model("b1")]),
+            policy("old", ["old"], [backend("alpha", "a1"), backend("beta", "b1")], strategy="failover"),
+            *more,
         )
-        gatewayfiles.publish(newer, gateway.workdir, gateway.options, envoy=False)
-        files = gatewayfiles.envoy_files(newer, gateway.workdir, gateway.options)
+
+    gateway = start_gateway(tmp_path, resources())
+    try:
         clusters = envoygen.resource_file(str(gateway.workdir / gatewayfiles.ENVOY_DIR), "cds.json")
-        gatewayfiles.write_envoy_files({path: data for path, data in files.items() if str(path) != clusters})
-        deadline = time.monotonic() + 10
-        while True:  # until Envoy has read the new routes (the alias is compiled: Envoy alone)
-            r = httpx.post(f"{gateway.url}/chat/completions", json={"model": "new", **MESSAGE}, timeout=10)
-            if r.status_code == 503 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+
+        def routes_only(*more: dict):
+            newer = config_of(resources(*more), tmp_path)
+            gatewayfiles.publish(newer, gateway.workdir, gateway.options, envoy=False)
+            files = gatewayfiles.envoy_files(newer, gateway.workdir, gateway.options)
+            gatewayfiles.write_envoy_files({path: data for path, data in files.items() if str(path) != clusters})
+            return files
+
+        def until_not_404(alias: str) -> httpx.Response:
+            deadline = time.monotonic() + 10
+            while True:  # until Envoy has read the new routes (the alias is compiled: Envoy alone)
+                r = httpx.post(f"{gateway.url}/chat/completions", json={"model": alias, **MESSAGE}, timeout=10)
+                if r.status_code != 404 or time.monotonic() > deadline:
+                    return r
+                time.sleep(0.05)
+
+        held = policy("held", ["held"], [backend("beta", "b1"), backend("alpha", "a1")], strategy="failover")
+        routes_only(held)
+        r = until_not_404("held")
+        assert r.status_code == 200 and r.headers["x-signalbox-provider"] == "beta", r.text
+        files = routes_only(  # a provider new to the gateway (the same fake as alpha's)
+            held,
+            provider("gamma", fakes["alpha"].url + "/v1", [model("g1")]),
+            policy("new", ["new"], [backend("gamma", "g1"), backend("alpha", "a1")], strategy="failover"),
+        )
+        r = until_not_404("new")
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "routing_unavailable"
         gatewayfiles.write_envoy_files(files)  # the clusters arrive
         with openai.OpenAI(base_url=gateway.url, api_key="x", max_retries=5) as client:
             done = client.chat.completions.with_raw_response.create(model="new", **MESSAGE)
-        assert done.headers["x-signalbox-provider"] == "beta"
+        assert done.headers["x-signalbox-provider"] == "gamma"
     finally:
         gateway.stop()
 
 
-def test_a_change_writes_routes_only_once_envoy_holds_the_chains_they_name(fakes, tmp_path, monkeypatch):
-    """A policy over a new failover chain: Envoy reads the routes from their file, the chain
-    from the ext_proc's stream. Envoy's last cluster update (the one that brought the chain,
-    `cluster_manager.cds.update_time`) comes before the routes file is written, so no request
-    meets the window the test above holds open. Without the wait it came some milliseconds
-    after."""
+def test_a_change_writes_routes_only_once_envoy_holds_the_clusters_they_name(fakes, tmp_path, monkeypatch):
+    """A compiled policy over a new backend: Envoy reads the routes from their file, the
+    backend's cluster from the ext_proc's stream. Envoy's last cluster update (the one that
+    brought it, `cluster_manager.cds.update_time`) comes before the routes file is written, so
+    no request meets the window the test above holds open. Without the wait it came some
+    milliseconds after."""
 
     def resources(*more: dict) -> str:
         return dump(
@@ -180,8 +204,8 @@ def test_a_change_writes_routes_only_once_envoy_holds_the_chains_they_name(fakes
             ),
             tmp_path,
         )
-        chain = next(p.backends[0].target for p in newer.policies if p.name == "new")
-        assert f"{chain}::" not in httpx.get(f"{admin}/clusters", timeout=10).text
+        added = next(b.cluster for b in newer.backends if b.provider_id == "default/gamma")
+        assert f"{added}::" not in httpx.get(f"{admin}/clusters", timeout=10).text
         routes_written_ms: list[float] = []
         write = gatewayfiles.write_atomic
 
@@ -193,12 +217,12 @@ def test_a_change_writes_routes_only_once_envoy_holds_the_chains_they_name(fakes
         monkeypatch.setattr(gatewayfiles, "write_atomic", watched)
         gatewayfiles.publish(newer, gateway.workdir, gateway.options)
         deadline = time.monotonic() + 10
-        while f"{chain}::" not in httpx.get(f"{admin}/clusters", timeout=10).text:
-            assert time.monotonic() < deadline, "the chain never reached Envoy"
+        while f"{added}::" not in httpx.get(f"{admin}/clusters", timeout=10).text:
+            assert time.monotonic() < deadline, "the backend never reached Envoy"
             time.sleep(0.05)
         stats = httpx.get(f"{admin}/stats", params={"filter": r"^cluster_manager\.cds\.update_time$"}, timeout=10)
-        chain_arrived_ms = int(stats.text.split(":")[1])
-        assert len(routes_written_ms) == 1 and chain_arrived_ms <= routes_written_ms[0]
+        arrived_ms = int(stats.text.split(":")[1])
+        assert len(routes_written_ms) == 1 and arrived_ms <= routes_written_ms[0]
         with openai.OpenAI(base_url=gateway.url, api_key="x", max_retries=5) as client:
             done = client.chat.completions.with_raw_response.create(model="new", **MESSAGE)
         assert done.headers["x-signalbox-provider"] == "gamma"

@@ -83,10 +83,26 @@ class Envoy(DeltaStream):
 
 
 def hosts(assignment: dict) -> list[tuple[str, str]]:
-    """(address, health) of each host of one assignment."""
+    """(address, health) of each of the provider's hosts of one assignment (priority 0)."""
     return [
         (e["endpoint"]["address"]["socketAddress"]["address"], e.get("healthStatus", "UNKNOWN"))
         for group in assignment.get("endpoints", [])
+        if not group.get("priority")
+        for e in group["lbEndpoints"]
+    ]
+
+
+def refusing(assignment: dict) -> list[tuple[int, str, str, str]]:
+    """(priority, listener, host name, health) of the hosts besides the provider's."""
+    return [
+        (
+            group["priority"],
+            e["endpoint"]["address"]["envoyInternalAddress"]["serverListenerName"],
+            e["endpoint"]["hostname"],
+            e.get("healthStatus", "UNKNOWN"),
+        )
+        for group in assignment.get("endpoints", [])
+        if group.get("priority")
         for e in group["lbEndpoints"]
     ]
 
@@ -212,8 +228,13 @@ async def test_a_rest_takes_the_endpoint_out_and_its_end_puts_it_back_without_be
     rested = await envoy.next()
     assert set(rested) == {cluster_of(cfg, "a")}  # only what changed travels
     assert hosts(rested[cluster_of(cfg, "a")]) == [("127.0.0.1", "UNHEALTHY")]
+    # Where Envoy sends an attempt while no host of the backend is healthy: the resting
+    # listener, which refuses at once (a chain walked by its route's groups moves on).
+    resting_host = [(1, envoygen.contract.RESTING_LISTENER, "default/a/m", "DEGRADED")]
+    assert refusing(rested[cluster_of(cfg, "a")]) == resting_host
     back = await envoy.next()
     assert hosts(back[cluster_of(cfg, "a")]) == [("127.0.0.1", "UNKNOWN")]
+    assert refusing(back[cluster_of(cfg, "a")]) == resting_host  # always there, used only so
     assert time.monotonic() - started >= 1.0  # not before the Retry-After has passed
 
 
@@ -368,7 +389,7 @@ def test_an_assignment_is_the_message_its_description_parses_to(host, port, name
     be exactly what the shared description (envoygen.endpoints) says."""
     assume("/" not in names[0])  # a cluster's name never holds one (compiler._cluster_name)
     endpoint = BackendEndpoint(names[0], names[1], host, port, origin)
-    described = endpoint.load_assignment(addresses, resting, reach)
+    described = endpoint.load_assignment(addresses, resting, reach, refusing=True)
     want = json_format.ParseDict(described, endpoint_pb2.ClusterLoadAssignment())
     got = xds.load_assignment(endpoint, addresses, resting, reach)
     assert parse_resource(got.cluster_name) == (endpoint.cluster, reach)

@@ -164,7 +164,8 @@ def still_serving(request):
     with sqlite3.connect(gateway.workdir / gatewayfiles.STATE_DIR / COOLDOWN_DB) as db:
         db.execute("DELETE FROM cooldowns")
     wait_for(lambda: not resting(gateway), "the primary's rest to end")
-    wait_for(lambda: envoy_health(gateway, "primary") == "healthy", "Envoy to have the primary healthy")
+    for name in ("primary", "second"):  # (a case may have rested the second too)
+        wait_for(lambda name=name: envoy_health(gateway, name) == "healthy", f"Envoy to have the {name} healthy")
     client = request.getfixturevalue("client")
 
     def primary_serves() -> bool:
@@ -706,6 +707,43 @@ def test_a_retry_after_keeps_every_request_off_the_backend_until_it_has_passed(
     assert len(tried) == 2 and tried[1] - limited_at >= rest  # nothing reached it while it rested
     assert rest <= back_at - limited_at < rest + SLACK_S
     assert after == "primary"
+
+
+@pytest.mark.parametrize("alias", ["lone", "decided"])
+def test_when_every_backend_left_rests_the_client_is_refused_at_once_in_its_own_api(
+    gateway, client, fakes, scorecard, alias
+):
+    """A request whose every backend left rests is not sent to a provider that said "not now":
+    the resting listener (each backend cluster's degraded second host) refuses it at once with
+    a 429 `backends_resting` in the client's API shape, and its provider sees nothing. (Before,
+    Envoy's panic mode sent it to the resting backend.) `decided` has a second backend, which
+    the case makes rest as well."""
+    fakes["primary"].behave(status=429, fault={"retry_after": "30", "times": 1})
+    ask(client, alias, {"x-fake-only": "primary"})
+    wait_for(lambda: out(gateway), "Envoy to take the primary out")
+    if alias == "decided":  # the second rests too (one 429 of its own, steered by headers)
+        limited = {"x-fake-only": "second", "x-fake-status": "429", "x-fake-fault": json.dumps({"retry_after": "30"})}
+        ask(client, alias, limited)
+        wait_for(lambda: "failed_eds_health" in envoy_health(gateway, "second"), "Envoy to take the second out")
+    before = {name: len(attempts(fakes, name)) for name in ("primary", "second")}
+    got, _served, _, error, took, _, _ = ask(client, alias, {})
+    with (
+        anthropic.Anthropic(base_url=gateway.url.removesuffix("/v1"), api_key="client-token", max_retries=0) as claude,
+        pytest.raises(anthropic.RateLimitError) as refused,
+    ):
+        claude.messages.create(model=alias, max_tokens=8, messages=[{"role": "user", "content": "hello"}])
+    after = {name: len(attempts(fakes, name)) for name in ("primary", "second")}
+    scorecard(
+        f"every backend left rests ({alias})",
+        "429 backends_resting at once, in each client's API; no provider called",
+        f"{got} in {took * 1000:.0f} ms; provider calls during: {sum(after.values()) - sum(before.values())}",
+    )
+    assert got == 429 and isinstance(error, openai.RateLimitError)
+    assert error.response.json()["error"]["code"] == "backends_resting"
+    assert refused.value.response.json()["type"] == "error"  # Anthropic's shape
+    assert refused.value.response.json()["error"]["type"] == "rate_limit_error"
+    assert after == before
+    assert took < SLACK_S
 
 
 def test_low_rate_limit_headers_steer_requests_away_before_a_429(gateway, client, fakes, scorecard):

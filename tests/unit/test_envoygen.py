@@ -263,6 +263,8 @@ def test_the_many_backends_of_one_tls_endpoint_share_one_origin():
             (host,) = origin["load_assignment"]["endpoints"][0]["lb_endpoints"]
             assert tls["sni"] == host["endpoint"]["address"]["socket_address"]["address"] == "api.example.com"
         listeners = {item["name"]: item for item in docs["lds.json"]["resources"] if "internal_listener" in item}
+        # Besides the origins, the listener a resting backend's second host names (over ADS).
+        assert (listeners.pop(envoygen.contract.RESTING_LISTENER, None) is not None) == ads
         assert set(listeners) == set(origins)
         for name, internal in listeners.items():
             (chain,) = internal["filter_chains"]
@@ -273,6 +275,8 @@ def test_the_many_backends_of_one_tls_endpoint_share_one_origin():
             via_origin = shared[b.provider_id.split("/")[1]]
             tls_of_its_own = "transport_socket" in cluster
             assert tls_of_its_own == (not via_origin and b.provider_id != "default/plain")
+            # Its resting listener's host is reached in plain text (ADS sends it that host).
+            assert ("transport_socket_matches" in cluster) == (tls_of_its_own and ads)
             if ads:
                 service = cluster["eds_cluster_config"].get("service_name", b.cluster)
                 reach = "/origin" if via_origin else "" if b.provider_id == "default/plain" else "/tls"
@@ -330,7 +334,10 @@ def test_only_chains_a_route_can_use_get_an_aggregate(strategy, chains):
         # Decided: a target the router phase can pick (its cluster comes with the decision).
         assert {a["name"] for a in aggregates} == {b.target for p in cfg.policies for b in p.backends if b.target}
     else:
-        assert all(t in routed for t in (a["name"] for a in aggregates))  # each is some route's
+        # Compiled: the chains its route walks (by their members; a request the router phase
+        # decides for it anyway goes to one of these aggregates, asked for then).
+        assert {a["name"] for a in aggregates} == {t for t, _ in envoygen.contract.compiled_split(cfg.policies[0])}
+        assert all(b.cluster in routed for a in aggregates for b in envoygen.chain_members(cfg)[a["name"]])
 
 
 def test_a_compiled_policy_decided_anyway_goes_where_envoy_sends_it():
@@ -345,13 +352,19 @@ def test_a_compiled_policy_decided_anyway_goes_where_envoy_sends_it():
     routes = by_name(host["routes"])
     compiled = routes["compiled:default/p:x"]
     decided = routes["decided"]
-    split = envoygen.contract.split_text(envoygen.contract.compiled_split(cfg.policies[0]))
-    (group,) = envoygen.contract.target_groups("ignored", split)["priority_groups"]
-    assert [(c["cluster_name"], c["weight"]) for c in group["clusters"]] == [
-        (c["name"], c["weight"]) for c in compiled["route"]["weighted_clusters"]["clusters"]
-    ]
+    split = envoygen.contract.compiled_split(cfg.policies[0])
+    (group,) = envoygen.contract.target_groups("ignored", envoygen.contract.split_text(split))["priority_groups"]
+    assert [(c["cluster_name"], c["weight"]) for c in group["clusters"]] == split
     assert sorted(c["weight"] for c in group["clusters"]) == [1, 3]
-    assert envoygen.retry_policy_of(host, decided) == envoygen.retry_policy_of(host, compiled)
+    # Envoy's own route walks the same chains by the same weights, member by member.
+    members = {t: [b.cluster for b in chain] for t, chain in envoygen.chain_members(cfg).items()}
+    walked = compiled["route"]["inline_cluster_specifier_plugin"]["extension"]["typed_config"]["priority_groups"]
+    assert walked == envoygen.contract.chain_groups(split, members)
+    # The same retries, but for how a retry finds the next backend (the aggregate's next
+    # priority, or the route's next group).
+    by_aggregate, by_groups = envoygen.retry_policy_of(host, decided), envoygen.retry_policy_of(host, compiled)
+    assert by_aggregate.pop("retry_priority") and by_groups.pop("refresh_cluster_on_retry") is True
+    assert by_aggregate == by_groups
     assert not [name for name in routes if name.startswith("default/p:")]
 
 
@@ -650,9 +663,19 @@ def test_a_compiled_alias_is_routed_by_envoy_with_the_ext_proc_off():
     json_filter = by_name(hcm["http_filters"])["signalbox.json"]["typed_config"]
     (alias,) = json_filter["request_rules"]["rules"]
     assert alias["selectors"] == [{"key": "model"}] and alias["on_present"]["key"] == envoygen.ALIAS_KEY
-    routes = by_name(hcm["route_config"]["virtual_hosts"][0]["routes"])
+    (host,) = hcm["route_config"]["virtual_hosts"]
+    routes = by_name(host["routes"])
     route = routes["compiled:default/p:x"]
-    assert route["route"]["weighted_clusters"]["clusters"] == [{"name": t, "weight": 1} for t in targets(cfg)]
+    # Its chains walked by the route, attempt by attempt: no aggregate cluster for them.
+    members = {t: [b.cluster for b in chain] for t, chain in envoygen.chain_members(cfg).items()}
+    assert envoygen.contract.compiled_split(cfg.policies[0]) == [(t, 1) for t in targets(cfg)]
+    groups = route["route"]["inline_cluster_specifier_plugin"]["extension"]["typed_config"]["priority_groups"]
+    assert len(groups) == len(members[targets(cfg)[0]]) > 1
+    for i, group in enumerate(groups):  # the i-th member of each chain, weighted as its chain
+        assert group["clusters"] == [{"cluster_name": members[t][i], "weight": 1} for t in targets(cfg)]
+    retry = envoygen.retry_policy_of(host, route)
+    assert retry["refresh_cluster_on_retry"] is True  # each retry asks for the next group
+    assert "retry_priority" not in retry  # which would send it to a cluster's resting host
     assert route["match"]["dynamic_metadata"][0]["path"] == [{"key": envoygen.ALIAS_KEY}]
     assert route["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["disabled"] is True
     assert route["metadata"]["filter_metadata"]["signalbox"] == {
@@ -667,7 +690,26 @@ def test_a_compiled_alias_is_routed_by_envoy_with_the_ext_proc_off():
             "typed_config"
         ]["route_config"]["virtual_hosts"][0]["routes"]
     )["compiled:default/p:x"]
-    assert failover["route"]["cluster"] == targets()[0]
+    first = failover["route"]["inline_cluster_specifier_plugin"]["extension"]["typed_config"]["priority_groups"]
+    chain = envoygen.chain_members(config("failover"))[targets()[0]]
+    assert [g["clusters"] for g in first] == [[{"cluster_name": b.cluster, "weight": 1}] for b in chain]
+
+
+def test_chains_walked_by_groups_must_be_of_one_length():
+    """Group i holds every chain's i-th member, so a split over chains of different lengths (an
+    embedding model's chain leaves out what cannot embed), or over a chain not known, keeps
+    its aggregate clusters."""
+    members = {"t.a": ["b.1", "b.2"], "t.b": ["b.2", "b.1"], "t.c": ["b.3"]}
+    groups = envoygen.contract.chain_groups([("t.a", 3), ("t.b", 1)], members)
+    assert groups == [
+        {"name": "attempt1", "clusters": [{"cluster_name": "b.1", "weight": 3}, {"cluster_name": "b.2", "weight": 1}]},
+        {"name": "attempt2", "clusters": [{"cluster_name": "b.2", "weight": 3}, {"cluster_name": "b.1", "weight": 1}]},
+    ]
+    assert envoygen.contract.chain_groups([("t.a", 1), ("t.c", 1)], members) is None
+    assert envoygen.contract.chain_groups([("t.a", 1), ("t.x", 1)], members) is None
+    assert envoygen.contract.chain_groups([("t.c", 1)], members) == [
+        {"name": "attempt1", "clusters": [{"cluster_name": "b.3", "weight": 1}]}
+    ]
 
 
 def test_upstream_tls_checks_the_certificates_name_against_the_providers_host():

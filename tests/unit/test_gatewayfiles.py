@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
-from google.protobuf import descriptor_pool, json_format, message_factory
+from google.protobuf import descriptor_pool, message_factory
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -117,7 +117,7 @@ def test_envoys_files_are_the_generated_resources_in_utf8_json(tmp_path):
     for name, path in files(tmp_path).items():
         if name in envoygen.BINARY_FILES:  # the same resources, as Envoy reads a .pb file
             assert path.suffix == ".pb"
-            whole = json_format.ParseDict(expected[name], discovery_pb2.DiscoveryResponse())
+            whole = xdsbinary.parse_dict(expected[name], discovery_pb2.DiscoveryResponse())
             assert unpacked(discovery_pb2.DiscoveryResponse.FromString(path.read_bytes())) == unpacked(whole)
             continue
         assert json.loads(path.read_bytes().decode("utf-8")) == expected[name]
@@ -200,7 +200,7 @@ def test_a_change_converts_only_what_it_changed(tmp_path, monkeypatch, name):
     after = compile_config([*PROVIDERS, provider("c", "http://c:1/v1", [model("m"), model("n")])], two).config
     encoder = xdsbinary.ResourceEncoder()
     converted: list[bytes] = []
-    real = xdsbinary.json_format.ParseDict
+    real = xdsbinary.parse_dict
 
     def counting(part, message, *args, **kwargs):
         converted.append(orjson.dumps(part))
@@ -212,7 +212,7 @@ def test_a_change_converts_only_what_it_changed(tmp_path, monkeypatch, name):
         parts = set(_route_parts(document)) if name == "rds.json" else {orjson.dumps(c) for c in document["resources"]}
         return sorted(c for c in converted if c in parts)
 
-    monkeypatch.setattr(xdsbinary.json_format, "ParseDict", counting)
+    monkeypatch.setattr(xdsbinary, "parse_dict", counting)
     first = envoygen.resources(before, options, str(tmp_path))[name]
     encoder.encode(first)
     assert whole(first) == sorted(_parts(name, first))
@@ -221,7 +221,7 @@ def test_a_change_converts_only_what_it_changed(tmp_path, monkeypatch, name):
     second = envoygen.resources(after, options, str(tmp_path))[name]
     encoded = encoder.encode(second)
     assert whole(second) == sorted(_parts(name, second, first))
-    monkeypatch.setattr(xdsbinary.json_format, "ParseDict", real)
+    monkeypatch.setattr(xdsbinary, "parse_dict", real)
     whole = real(second, discovery_pb2.DiscoveryResponse())
     assert unpacked(discovery_pb2.DiscoveryResponse.FromString(encoded)) == unpacked(whole)
     assert encoder.encode(second) == encoded
@@ -321,7 +321,7 @@ def test_failover_chains_made_from_one_shape_encode_as_json_format_converts_them
 
     document = {"resources": [_aggregate(name, members) for name, members in chains]}
     encoded = xdsbinary.ResourceEncoder().encode(document)
-    whole = json_format.ParseDict(json.loads(json.dumps(document)), discovery_pb2.DiscoveryResponse())
+    whole = xdsbinary.parse_dict(json.loads(json.dumps(document)), discovery_pb2.DiscoveryResponse())
     assert unpacked(discovery_pb2.DiscoveryResponse.FromString(encoded)) == unpacked(whole)
     for packed, (_, members) in zip(discovery_pb2.DiscoveryResponse.FromString(encoded).resources, chains, strict=True):
         (cluster,) = unpacked(discovery_pb2.DiscoveryResponse(resources=[packed]))
@@ -355,7 +355,7 @@ def test_routes_made_from_another_of_their_skeleton_encode_as_json_format_conver
     document = envoygen.resources(config, envoygen.GatewayOptions(ads=True), "/cfg")["rds.json"]
     document = _renamed(document, data.draw)
     encoded = xdsbinary.ResourceEncoder().encode(document)
-    whole = json_format.ParseDict(json.loads(json.dumps(document)), discovery_pb2.DiscoveryResponse())
+    whole = xdsbinary.parse_dict(json.loads(json.dumps(document)), discovery_pb2.DiscoveryResponse())
     assert unpacked(discovery_pb2.DiscoveryResponse.FromString(encoded)) == unpacked(whole)
 
 
@@ -406,3 +406,31 @@ def test_a_key_file_unchanged_since_it_was_written_is_not_read_again_and_one_cha
     path.unlink()
     gatewayfiles.write_credentials(cfg, options, resolve)
     assert real_read(path).endswith("sk-one")
+
+
+def test_a_field_xds_protos_lacks_is_written_where_envoy_reads_it():
+    """RetryPolicy.refresh_cluster_on_retry (field 14 in Envoy 1.40, which routes walking a chain
+    by priority groups need) is not in xds-protos 1.85.0: the encoder writes it into the retry
+    policy as the unknown field it is to protobuf, inside an Any as well, and leaves the
+    document it read as it was."""
+    from envoy.config.route.v3 import route_components_pb2, route_pb2
+
+    refreshed = {"num_retries": 1, "refresh_cluster_on_retry": True}
+    route = {"match": {"prefix": "/"}, "route": {"cluster": "c", "retry_policy": refreshed}}
+    message = xdsbinary.parse_dict(route, route_components_pb2.Route())
+    num_retries = bytes([0x12, 0x02, 0x08, 0x01])  # field 2, a UInt32Value of 1
+    assert message.route.retry_policy.num_retries.value == 1
+    assert message.route.retry_policy.SerializeToString() == num_retries + bytes([14 << 3, 0x01])
+    assert route["route"]["retry_policy"] == refreshed
+    for unset in ({"num_retries": 1}, {"num_retries": 1, "refresh_cluster_on_retry": False}):
+        plain = xdsbinary.parse_dict({"retry_policy": unset}, route_components_pb2.RouteAction())
+        assert plain.retry_policy.SerializeToString() == num_retries
+    table = {"name": "t", "virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [route]}]}
+    document = {"resources": [{"@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration", **table}]}
+    for encoded in (
+        xdsbinary.ResourceEncoder().encode(document),
+        xdsbinary.parse_dict(document, discovery_pb2.DiscoveryResponse()).SerializeToString(),
+    ):
+        (packed,) = discovery_pb2.DiscoveryResponse.FromString(encoded).resources
+        read = route_pb2.RouteConfiguration.FromString(packed.value)
+        assert read.virtual_hosts[0].routes[0].route.retry_policy.SerializeToString().endswith(bytes([14 << 3, 1]))

@@ -151,6 +151,14 @@ class LimitsUnavailable(RequestError):
     status, error_type, code = 503, "server_error", "limits_unavailable"
 
 
+class BackendsResting(RequestError):
+    """Every backend left for this request rests (rate limited, or its key rejected, or failing
+    and taken out): the gateway refuses at once instead of sending to a provider that has said
+    "not now". Answered inside Envoy (`envoygen.contract.RESTING_LISTENER`)."""
+
+    status, error_type, code = 429, "requests", "backends_resting"
+
+
 class NoHealthyBackend(RequestError):
     status, error_type, code = 503, "server_error", "no_healthy_backend"
 

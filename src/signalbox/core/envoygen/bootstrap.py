@@ -18,7 +18,7 @@ from .contract import (
     TARGET_PREFIX,
     XDS_CLUSTER,
 )
-from .listener import RouteParts, health_listener, listener, route_parts
+from .listener import RouteParts, health_listener, listener, resting_listener, route_parts
 from .options import STREAM_LIMITS, GatewayOptions, _address, _admin_address, _any
 from .origins import INTERNAL_LISTENER_EXTENSION, origin_listeners
 
@@ -274,6 +274,8 @@ def resource_parts(cfg: pb.RoutingConfig, opts: GatewayOptions, config_dir: str 
     if opts.health_port is not None:
         listeners.append(health_listener(opts))
     listeners += origin_listeners(cfg)
+    if opts.endpoints_over_ads:
+        listeners.append(resting_listener())  # what a resting backend's second host names
     members = chain_members(cfg)
     routes = route_parts(cfg, opts, members) if rds is not None else None
     return ResourceParts({"resources": listeners}, cluster_specs(cfg, opts, members), routes)

@@ -47,7 +47,15 @@ from .contract import (
     TRANSLATE_KEY,
     compiled_split,
 )
-from .endpoints import DEFAULT_CONNECT_TIMEOUT_MS, ORIGIN, PLAIN, BackendEndpoint, resource_name, shared_origins
+from .endpoints import (
+    DEFAULT_CONNECT_TIMEOUT_MS,
+    ORIGIN,
+    PLAIN,
+    RESTING_MATCH,
+    BackendEndpoint,
+    resource_name,
+    shared_origins,
+)
 from .options import (
     STREAM_LIMITS,
     SYSTEM_CA_FILE,
@@ -135,6 +143,18 @@ def _backend_cluster(
         cluster["load_assignment"] = endpoint.load_assignment()
     if provider.tls and not via_origin:
         cluster["transport_socket"] = upstream_tls(provider.host, ca_file)
+        if ads:
+            # Its resting listener's host (endpoints, `refusing`) is Envoy's own: plain text.
+            cluster["transport_socket_matches"] = [
+                {
+                    "name": "resting",
+                    "match": RESTING_MATCH,
+                    "transport_socket": {
+                        "name": "envoy.transport_sockets.raw_buffer",
+                        "typed_config": _any("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"),
+                    },
+                }
+            ]
     return cluster
 
 

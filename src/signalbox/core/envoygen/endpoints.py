@@ -28,6 +28,8 @@ from typing import Any
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
+from .contract import RESTING_LISTENER
+
 DEFAULT_CONNECT_TIMEOUT_MS = 2000
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
 
@@ -43,6 +45,10 @@ ORIGIN_MIN_BACKENDS = 8
 PLAIN, TLS, ORIGIN = "plain", "tls", "origin"
 REACHES = {PLAIN: "", TLS: "/tls", ORIGIN: "/origin"}
 ORIGIN_SUFFIX = REACHES[ORIGIN]
+# A TLS backend cluster's transport socket for its resting listener's host (plain text: the
+# listener is Envoy's own), chosen by the host's metadata under TRANSPORT_SOCKET_MATCH.
+TRANSPORT_SOCKET_MATCH = "envoy.transport_socket_match"
+RESTING_MATCH = {"resting": True}
 
 
 def resource_name(cluster: str, reach: str) -> str:
@@ -116,16 +122,21 @@ class BackendEndpoint:
         return TLS if self.origin else PLAIN
 
     def load_assignment(
-        self, addresses: list[str] | None = None, resting: bool = False, reach: str = ""
+        self, addresses: list[str] | None = None, resting: bool = False, reach: str = "", refusing: bool = False
     ) -> dict[str, Any]:
         """The endpoints of the resource `resource_name(cluster, reach)` (`reach`: the
         provider's own way, `self.reach`, unless given): one host per address (`addresses`: the
         provider's resolved IPs; None: its host name, for Envoy to resolve), or for ORIGIN the
         one internal listener of its origin (which resolves the name itself), each UNHEALTHY
-        while the backend rests so that every chain and compiled route passes over it (Envoy's
-        panic mode still uses it when nothing in a chain is healthy). A resource asked for a way
+        while the backend rests so that every chain and compiled route passes over it (without
+        `refusing`, Envoy's panic mode still uses it when nothing else is). A resource asked for a way
         the provider no longer takes (a TLS cluster of a provider now on http://, a plain one of
-        a provider now on https://) gets no host: never an address its cluster would misuse."""
+        a provider now on https://) gets no host: never an address its cluster would misuse.
+        `refusing` (the ADS path, where clusters are STATIC): with the resting listener as a
+        second host at priority 1, DEGRADED (`contract.RESTING_LISTENER`): Envoy picks it only
+        when no healthy host is left (resting or ejected), and it refuses at once, which moves
+        a chain walked by priority groups to its next group. (A TLS cluster reaches it in
+        plain text: `RESTING_MATCH`.)"""
         reach = reach or self.reach
         endpoints = []
         if reach == ORIGIN:
@@ -151,4 +162,23 @@ class BackendEndpoint:
                 endpoint["health_status"] = "UNHEALTHY"
             endpoints.append(endpoint)
         name = resource_name(self.cluster, reach)
-        return {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}] if endpoints else []}
+        if not endpoints:
+            return {"cluster_name": name, "endpoints": []}
+        localities = [{"lb_endpoints": endpoints}]
+        if refusing:
+            localities.append(self._refusing(reach))
+        return {"cluster_name": name, "endpoints": localities}
+
+    def _refusing(self, reach: str) -> dict[str, Any]:
+        """The priority-1 locality of the resting listener, its host named by the backend as
+        the others are (the logs and attempt.lua read the backend from it)."""
+        endpoint: dict[str, Any] = {
+            "endpoint": {
+                "address": {"envoy_internal_address": {"server_listener_name": RESTING_LISTENER}},
+                "hostname": self.backend,
+            },
+            "health_status": "DEGRADED",
+        }
+        if reach == TLS:
+            endpoint["metadata"] = {"filter_metadata": {TRANSPORT_SOCKET_MATCH: RESTING_MATCH}}
+        return {"priority": 1, "lb_endpoints": [endpoint]}

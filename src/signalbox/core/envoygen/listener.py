@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from .. import errors
 from .auth import jwt_filter
 from .clusters import (
     _remove_gateway_headers,
+    chain_members,
     compiled_destination,
     larger_after,
     part_key,
@@ -54,6 +55,8 @@ from .contract import (
     RELAY_KEY,
     RELAY_PATH_PREFIX,
     REMAINING_HEADERS,
+    RESTING_LISTENER,
+    RESTING_STATUS,
     RETRY_AFTER_HEADERS,
     RETRY_HEADER,
     ROUTED_PATHS,
@@ -61,6 +64,7 @@ from .contract import (
     STREAM_KEY,
     TARGET_NS,
     api_of_path,
+    chain_groups,
     compiled_split,
     models_listing,
     routes_key,
@@ -98,22 +102,38 @@ def _extproc_filter(
     )
 
 
-def _retry_policy(policy: pb.Policy) -> dict[str, Any]:
+# RetryPolicy's field (14 in Envoy 1.40) that makes a retry ask the route's cluster specifier
+# again: xds-protos 1.85.0 has no such field, so the binary encoder adds it (`xdsbinary`).
+REFRESH_CLUSTER_ON_RETRY = "refresh_cluster_on_retry"
+
+
+def _retry_policy(policy: pb.Policy, by_groups: bool = False) -> dict[str, Any]:
+    """`by_groups`: for a route walking its chain by priority groups (`contract.chain_groups`),
+    where each retry asks the specifier for the next group's cluster; else for a route to an
+    aggregate cluster, where each retry moves to the aggregate's next priority."""
     # retriable-headers: an answer attempt.lua marked worth the next backend (a prompt too long
-    # for this one's context window, when a later one has a larger window).
+    # for this one's context window, when a later one has a larger window), or a resting
+    # backend's refusal (contract.RESTING_LISTENER).
     retry_on = sorted({_RETRY_ON[r] for r in policy.retry_on} | {"retriable-headers"})
     retry: dict[str, Any] = {
         "retry_on": ",".join(retry_on),
         "retriable_headers": [{"name": RETRY_HEADER, "present_match": True}],
         "num_retries": max(policy.max_attempts - 1, 0),
+    }
+    if by_groups:
+        # Not previous_priorities: it would send a retry to the next cluster's priority 1, the
+        # resting listener.
+        retry[REFRESH_CLUSTER_ON_RETRY] = True
+    else:
         # Each retry moves to the next priority of the aggregate cluster, i.e. the next backend.
-        "retry_priority": {
+        retry["retry_priority"] = {
             "name": "envoy.retry_priorities.previous_priorities",
             "typed_config": _any(
                 "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
                 update_frequency=1,
             ),
-        },
+        }
+    retry |= {
         # A backend that failed or timed out is not tried again within the request, even when
         # the next priority is the same endpoint (its host was just seen failing).
         "retry_host_predicate": [
@@ -142,10 +162,10 @@ def _retry_policy(policy: pb.Policy) -> dict[str, Any]:
     return retry
 
 
-def _route_action(policy: pb.Policy) -> dict[str, Any]:
+def _route_action(policy: pb.Policy, by_groups: bool = False) -> dict[str, Any]:
     """What every route of a policy does besides choosing its cluster: its budget, its retries
-    (the failover) and, for `fastest`, hedging."""
-    action: dict[str, Any] = {"timeout": _ms(policy.timeout_ms), "retry_policy": _retry_policy(policy)}
+    (the failover; `by_groups`: `_retry_policy`) and, for `fastest`, hedging."""
+    action: dict[str, Any] = {"timeout": _ms(policy.timeout_ms), "retry_policy": _retry_policy(policy, by_groups)}
     if policy.strategy == pb.FASTEST:
         action["hedge_policy"] = {"hedge_on_per_try_timeout": True}
     return action
@@ -206,15 +226,17 @@ def _retry_key(route: dict[str, Any]) -> bytes | None:
     return None if retry is None else _key(retry)
 
 
-def _policy_routes(policy: pb.Policy, larger: dict[str, str], used: dict[bytes, _Made]) -> tuple[bytes, _Made]:
+def _policy_routes(
+    policy: pb.Policy, larger: dict[str, str], members: Mapping[str, Sequence[str]], used: dict[bytes, _Made]
+) -> tuple[bytes, _Made]:
     """A policy's compiled routes (matched first) and its decided ones, and what they were made
     from, from `_kept_routes` when the same inputs made them; what this generation used goes
-    into `used`."""
+    into `used`. (A chain's name is a digest of its members: equal names, equal members.)"""
     targets = routed_targets(policy)
     key = policy.SerializeToString(deterministic=True) + orjson.dumps([larger.get(t, "") for t in targets])
     made = used.get(key) or _kept_routes.get(key)
     if made is None:
-        compiled, decided = _make_policy_routes(policy, targets, larger)
+        compiled, decided = _make_policy_routes(policy, targets, larger, members)
         retries = (tuple(_retry_key(r) for r in compiled), tuple(_retry_key(r) for r in decided))
         made = _Made(orjson.dumps([compiled, decided]), retries, _decided_by(policy, targets, larger))
     used[key] = made
@@ -240,7 +262,7 @@ def _decided_route(
 
 
 def _make_policy_routes(
-    policy: pb.Policy, targets: list[str], larger: dict[str, str]
+    policy: pb.Policy, targets: list[str], larger: dict[str, str], members: Mapping[str, Sequence[str]]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     action = _route_action(policy)
     if policy.compiled:
@@ -248,7 +270,7 @@ def _make_policy_routes(
         # read an alias Envoy's JSON reader did not, or a canary's candidate) goes where Envoy
         # would send it, by the decided routes (`_decided_routes`: the router phase writes the
         # policy's split, contract.SPLIT_KEY): no aggregate for chains only it could pick.
-        return compiled_routes(policy), []
+        return compiled_routes(policy, members), []
     out = []
     for target in targets:
         if target not in larger:
@@ -312,6 +334,25 @@ def _decided_by_policy(policy: pb.Policy, default: str, keys: tuple[tuple[str, s
     return _decided_route(name, keys, {**_decided_target(default), **_route_action(policy)}, headers)
 
 
+def _by_groups(groups: list[dict[str, Any]], override: str = "") -> dict[str, Any]:
+    """A route action's cluster by Envoy's priority group cluster specifier: `groups`, one per
+    attempt (the last for any attempt after), each a weighted pick of clusters; with `override`,
+    the groups a request carries in that dynamic metadata namespace instead."""
+    extra = {"override_metadata_namespace": override} if override else {}
+    return {
+        "inline_cluster_specifier_plugin": {
+            "extension": {
+                "name": "envoy.router.cluster_specifier_plugin.priority_group",
+                "typed_config": _any(
+                    "envoy.extensions.router.cluster_specifiers.priority_group.v3.PriorityGroupClusterSpecifier",
+                    priority_groups=groups,
+                    **extra,
+                ),
+            }
+        }
+    }
+
+
 def _decided_target(default: str) -> dict[str, Any]:
     """A route action whose cluster is the target the router phase decided
     (contract.TARGET_NS), for every attempt (the target's own failover, an aggregate's, moves
@@ -323,19 +364,7 @@ def _decided_target(default: str) -> dict[str, Any]:
     (`cluster_header`): the router phase answers the body alone, and Envoy applies no header
     mutation from that answer. Envoy 1.40's matcher cluster specifier over dynamic metadata
     crashed it (design notes); this one reads the metadata itself."""
-    groups = target_groups(default)["priority_groups"]
-    return {
-        "inline_cluster_specifier_plugin": {
-            "extension": {
-                "name": "envoy.router.cluster_specifier_plugin.priority_group",
-                "typed_config": _any(
-                    "envoy.extensions.router.cluster_specifiers.priority_group.v3.PriorityGroupClusterSpecifier",
-                    priority_groups=groups,
-                    override_metadata_namespace=TARGET_NS,
-                ),
-            }
-        }
-    }
+    return _by_groups(target_groups(default)["priority_groups"], override=TARGET_NS)
 
 
 # The route table's routes in groups, each with a key that differs whenever its routes would
@@ -446,10 +475,12 @@ def _route_groups(
     every compiled and decided route to reach them (none of which can match without the
     metadata), 10,000 of them at the 2,000-policy fleet: the compiled alias served 657 rps with
     them, 1,636 without."""
+    members = chain_members(cfg) if members is None else members
     larger = larger_after(cfg, members)
+    clusters_of = {target: [b.cluster for b in chain] for target, chain in members.items()}
     global _kept_routes
     used: dict[bytes, _Made] = {}
-    per_policy = [_policy_routes(policy, larger, used) for policy in cfg.policies]
+    per_policy = [_policy_routes(policy, larger, clusters_of, used) for policy in cfg.policies]
     _kept_routes = used
     decided = _decided_routes(cfg, [made for _, made in per_policy])
     tail = _tail_routes(cfg, opts, larger)
@@ -555,12 +586,18 @@ COMPILED_REASONS = {
 }
 
 
-def compiled_routes(policy: pb.Policy) -> list[dict[str, Any]]:
+def compiled_routes(policy: pb.Policy, members: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
     """The compiled path: one route per alias of a policy Envoy routes alone. It matches the
-    alias json_to_metadata read from the body, splits with weighted_clusters over the same
-    aggregate clusters the decided path uses (so failover, keys and attempt.lua are shared),
-    and turns the ext_proc off. Policy and reason ride on route metadata."""
-    route = {**compiled_destination(policy), **_route_action(policy)}
+    alias json_to_metadata read from the body, walks the policy's chains by priority groups
+    (`contract.chain_groups`; `members`: each chain's backend clusters in order) or, where
+    those cannot, splits with weighted_clusters over the chains' aggregate clusters, and turns
+    the ext_proc off. Policy and reason ride on route metadata. Either way attempts go to the
+    same backend clusters with the same upstream filters (keys, attempt.lua)."""
+    groups = chain_groups(compiled_split(policy), members)
+    if groups is None:
+        route = {**compiled_destination(policy), **_route_action(policy)}
+    else:
+        route = {**_by_groups(groups), **_route_action(policy, by_groups=True)}
     paths = "|".join(re.escape(p) for p in ROUTED_PATHS)
     return [
         {
@@ -1154,5 +1191,60 @@ def health_listener(opts: GatewayOptions) -> dict[str, Any]:
         "envoy.config.listener.v3.Listener",
         name=HEALTH_LISTENER_NAME,
         address=_address(opts.listen_address, opts.health_port or 0),
+        filter_chains=[{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    )
+
+
+# Why an attempt to a resting backend is refused, in the shape of the API the attempt speaks
+# (a translated attempt's answer is translated for the client as a provider's would be).
+_RESTING = errors.BackendsResting(
+    "every backend this request could go to is resting (rate limited, key rejected or failing); retry later"
+)
+
+
+def resting_listener() -> dict[str, Any]:
+    """The internal listener a backend cluster's DEGRADED priority-1 host names
+    (contract.RESTING_LISTENER): Envoy sends an attempt there only while no healthy host of the
+    backend is left, and it refuses at once, marked with RETRY_HEADER so that the route moves
+    the request on (a route walking its chain by priority groups goes to its next group). The
+    refusal is in the shape of the backend's API (its path), and its status is neither a 5xx,
+    which outlier detection would count against the host, nor taken for the provider's own
+    (the access log knows this listener)."""
+
+    def refusal(api: str, match: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "match": match,
+            "direct_response": {"status": RESTING_STATUS, "body": {"inline_string": _RESTING.body_for(api).decode()}},
+            "response_headers_to_add": [
+                _set("content-type", "application/json"),
+                _set(RETRY_HEADER, "resting"),
+            ],
+        }
+
+    anthropic = {"prefix": "/", "headers": [{"name": ":path", "string_match": {"contains": "/messages"}}]}
+    hcm = _any(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix=RESTING_LISTENER,
+        route_config={
+            "name": RESTING_LISTENER,
+            "virtual_hosts": [
+                {
+                    "name": RESTING_LISTENER,
+                    "domains": ["*"],
+                    "routes": [refusal(errors.ANTHROPIC_API, anthropic), refusal(errors.OPENAI_API, {"prefix": "/"})],
+                }
+            ],
+        },
+        http_filters=[
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": _any("envoy.extensions.filters.http.router.v3.Router"),
+            }
+        ],
+    )
+    return _any(
+        "envoy.config.listener.v3.Listener",
+        name=RESTING_LISTENER,
+        internal_listener={},
         filter_chains=[{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     )
