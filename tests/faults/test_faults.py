@@ -726,7 +726,7 @@ def test_when_every_backend_left_rests_the_client_is_refused_at_once_in_its_own_
         ask(client, alias, limited)
         wait_for(lambda: "failed_eds_health" in envoy_health(gateway, "second"), "Envoy to take the second out")
     before = {name: len(attempts(fakes, name)) for name in ("primary", "second")}
-    got, _served, _, error, took, _, _ = ask(client, alias, {})
+    got, _served, _, error, took, request_id, _ = ask(client, alias, {})
     with (
         anthropic.Anthropic(base_url=gateway.url.removesuffix("/v1"), api_key="client-token", max_retries=0) as claude,
         pytest.raises(anthropic.RateLimitError) as refused,
@@ -744,6 +744,11 @@ def test_when_every_backend_left_rests_the_client_is_refused_at_once_in_its_own_
     assert refused.value.response.json()["error"]["type"] == "rate_limit_error"
     assert after == before
     assert took < SLACK_S
+    # The request log says the gateway passed each backend over itself (the provider not called).
+    lines = log_lines(gateway, request_id)
+    assert [line["moved_on"] for line in lines if line["event"] == "attempt"] and all(
+        line["moved_on"] == "resting" and line["status"] == 429 for line in lines if line["event"] == "attempt"
+    )
 
 
 def test_low_rate_limit_headers_steer_requests_away_before_a_429(gateway, client, fakes, scorecard):

@@ -978,6 +978,10 @@ ATTEMPT_LOG_FORMAT: dict[str, str] = {
     "flags": "%RESPONSE_FLAGS%",
     "duration_ms": "%DURATION%",
     "retry_after": "%RESP(RETRY-AFTER)%",
+    # Why the gateway itself moved the request on from this attempt: "resting" (the backend
+    # rests; refused inside Envoy, the provider was not called: contract.RESTING_LISTENER) or
+    # "context_length" (a prompt too long for its window, a later backend's larger: attempt.lua).
+    "moved_on": f"%RESP({RETRY_HEADER})%",
 }
 
 
