@@ -5,6 +5,7 @@ Each half of the race is held open here by publishing one side of a change alone
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -32,6 +33,16 @@ def fleet(fakes, *policies: tuple[str, str, list[str]]) -> str:
             policy(name, [name], [backend(p, f"{p[0]}1") for p in members], strategy=strategy)
             for name, strategy, members in policies
         ),
+    )
+
+
+def compiled_fleet(fakes, *more: dict) -> str:
+    """Providers alpha and beta, a compiled policy over both, and `more` resources."""
+    return dump(
+        provider("alpha", fakes["alpha"].url + "/v1", [model("a1")]),
+        provider("beta", fakes["beta"].url + "/v1", [model("b1")]),
+        policy("old", ["old"], [backend("alpha", "a1"), backend("beta", "b1")], strategy="failover"),
+        *more,
     )
 
 
@@ -131,14 +142,7 @@ def test_a_route_to_a_cluster_envoy_has_not_got_yet_is_a_503_in_the_clients_shap
     new compiled policy over backends Envoy holds has no such window: its route walks their
     clusters, and no aggregate cluster of its own is needed; it is served at once.)"""
 
-    def resources(*more: dict) -> str:
-        return dump(
-            provider("alpha", fakes["alpha"].url + "/v1", [model("a1")]),
-            provider("beta", fakes["beta"].url + "/v1", [model("b1")]),
-            policy("old", ["old"], [backend("alpha", "a1"), backend("beta", "b1")], strategy="failover"),
-            *more,
-        )
-
+    resources = functools.partial(compiled_fleet, fakes)
     gateway = start_gateway(tmp_path, resources())
     try:
         clusters = envoygen.resource_file(str(gateway.workdir / gatewayfiles.ENVOY_DIR), "cds.json")
@@ -185,14 +189,7 @@ def test_a_change_writes_routes_only_once_envoy_holds_the_clusters_they_name(fak
     no request meets the window the test above holds open. Without the wait it came some
     milliseconds after."""
 
-    def resources(*more: dict) -> str:
-        return dump(
-            provider("alpha", fakes["alpha"].url + "/v1", [model("a1")]),
-            provider("beta", fakes["beta"].url + "/v1", [model("b1")]),
-            policy("old", ["old"], [backend("alpha", "a1"), backend("beta", "b1")], strategy="failover"),
-            *more,
-        )
-
+    resources = functools.partial(compiled_fleet, fakes)
     gateway = start_gateway(tmp_path, resources())
     admin = f"http://127.0.0.1:{gateway.admin_port}"
     try:
