@@ -29,6 +29,8 @@ from google.protobuf import any_pb2, descriptor_pool, json_format, message_facto
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from signalbox.core.envoygen.listener import REFRESH_CLUSTER_ON_RETRY
+
 if TYPE_CHECKING:
     from signalbox.core.envoygen import ClusterSpec, RouteParts
 
@@ -62,7 +64,7 @@ _ROUTE_CONFIGURATION = "type.googleapis.com/envoy.config.route.v3.RouteConfigura
 # (field number and value): RetryPolicy's refresh_cluster_on_retry (14, a bool) for the routes
 # that walk a chain by priority groups (`envoygen.listener`). Envoy's own JSON reader knows
 # them; protobuf keeps them as unknown fields, which it writes out again.
-_NEWER_FIELDS = {"refresh_cluster_on_retry": bytes([14 << 3 | 0, 1])}
+_NEWER_FIELDS = {REFRESH_CLUSTER_ON_RETRY: bytes([14 << 3 | 0, 1])}
 
 
 def parse_dict(document: dict[str, Any], message: Message) -> Message:

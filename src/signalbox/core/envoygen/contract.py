@@ -190,8 +190,8 @@ def chain_groups(split: list[tuple[str, int]], members_of: Mapping[str, Sequence
 
     Why: an aggregate cluster is about 24 KB of Envoy, and the 2,000-provider fleet's compiled
     routes held 3,432 of them (bench/README.md, `bench.chain_groups`; issue 12)."""
-    chains = [members_of.get(target) for target, _ in split]
-    lengths = {len(chain) if chain else 0 for chain in chains}
+    chains = [members_of.get(target) or () for target, _ in split]
+    lengths = {len(chain) for chain in chains}
     if len(lengths) != 1 or 0 in lengths:
         return None
     (length,) = lengths
@@ -199,9 +199,7 @@ def chain_groups(split: list[tuple[str, int]], members_of: Mapping[str, Sequence
         {
             "name": f"attempt{i + 1}",
             "clusters": [
-                {"cluster_name": chain[i], "weight": weight}
-                for chain, (_, weight) in zip(chains, split, strict=True)
-                if chain is not None
+                {"cluster_name": chain[i], "weight": weight} for chain, (_, weight) in zip(chains, split, strict=True)
             ],
         }
         for i in range(length)

@@ -227,7 +227,7 @@ def _retry_key(route: dict[str, Any]) -> bytes | None:
 
 
 def _policy_routes(
-    policy: pb.Policy, larger: dict[str, str], members: Mapping[str, Sequence[str]], used: dict[bytes, _Made]
+    policy: pb.Policy, larger: dict[str, str], members: Mapping[str, Sequence[pb.Backend]], used: dict[bytes, _Made]
 ) -> tuple[bytes, _Made]:
     """A policy's compiled routes (matched first) and its decided ones, and what they were made
     from, from `_kept_routes` when the same inputs made them; what this generation used goes
@@ -262,7 +262,7 @@ def _decided_route(
 
 
 def _make_policy_routes(
-    policy: pb.Policy, targets: list[str], larger: dict[str, str], members: Mapping[str, Sequence[str]]
+    policy: pb.Policy, targets: list[str], larger: dict[str, str], members: Mapping[str, Sequence[pb.Backend]]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     action = _route_action(policy)
     if policy.compiled:
@@ -477,10 +477,9 @@ def _route_groups(
     them, 1,636 without."""
     members = chain_members(cfg) if members is None else members
     larger = larger_after(cfg, members)
-    clusters_of = {target: [b.cluster for b in chain] for target, chain in members.items()}
     global _kept_routes
     used: dict[bytes, _Made] = {}
-    per_policy = [_policy_routes(policy, larger, clusters_of, used) for policy in cfg.policies]
+    per_policy = [_policy_routes(policy, larger, members, used) for policy in cfg.policies]
     _kept_routes = used
     decided = _decided_routes(cfg, [made for _, made in per_policy])
     tail = _tail_routes(cfg, opts, larger)
@@ -586,14 +585,15 @@ COMPILED_REASONS = {
 }
 
 
-def compiled_routes(policy: pb.Policy, members: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
+def compiled_routes(policy: pb.Policy, members: Mapping[str, Sequence[pb.Backend]]) -> list[dict[str, Any]]:
     """The compiled path: one route per alias of a policy Envoy routes alone. It matches the
     alias json_to_metadata read from the body, walks the policy's chains by priority groups
-    (`contract.chain_groups`; `members`: each chain's backend clusters in order) or, where
-    those cannot, splits with weighted_clusters over the chains' aggregate clusters, and turns
-    the ext_proc off. Policy and reason ride on route metadata. Either way attempts go to the
-    same backend clusters with the same upstream filters (keys, attempt.lua)."""
-    groups = chain_groups(compiled_split(policy), members)
+    (`contract.chain_groups`; `members`: each chain's backends in order, `chain_members`) or,
+    where those cannot, splits with weighted_clusters over the chains' aggregate clusters, and
+    turns the ext_proc off. Policy and reason ride on route metadata. Either way attempts go to
+    the same backend clusters with the same upstream filters (keys, attempt.lua)."""
+    split = compiled_split(policy)
+    groups = chain_groups(split, {t: [b.cluster for b in members.get(t, ())] for t, _ in split})
     if groups is None:
         route = {**compiled_destination(policy), **_route_action(policy)}
     else:
