@@ -306,7 +306,7 @@ def _string_paths(part: Any) -> list[tuple[str | int, ...]]:
 
 # How to reach a string of a part in its message: the fields (and indices) to go through, then
 # the string field (and index) to set, or None when the message reached is converted again.
-_Step = tuple[str, int | None]
+_Step = tuple[str, int | str | None]
 _Plan = tuple[list[_Step], _Step | None, int]
 
 
@@ -327,6 +327,20 @@ def _plan(descriptor: Any, path: tuple[str | int, ...]) -> _Plan:
         # bytes or a 64-bit integer from its string form).
         if field is None or field.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
             break
+        entry = field.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            # A map of messages by name (a route's typed_per_filter_config): its value is gone
+            # through by its key, so a string changed inside one filter's config converts that
+            # config again, not the whole route around it (a route's models script, whose
+            # aliases change with the config).
+            key, value = path[depth + 1] if depth + 1 < len(path) else None, entry.fields_by_name["value"]
+            named = entry.fields_by_name["key"].type == FieldDescriptor.TYPE_STRING
+            if not isinstance(key, str) or not named or value.type != FieldDescriptor.TYPE_MESSAGE:
+                break
+            steps.append((step, key))
+            descriptor = value.message_type
+            depth += 2
+            continue
         index = path[depth + 1] if field.is_repeated and depth + 1 < len(path) else None
         if field.is_repeated and not isinstance(index, int):
             break  # a map's key, or no index at all

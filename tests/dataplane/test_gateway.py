@@ -7,6 +7,7 @@ import socket
 import time
 from collections import Counter
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -459,6 +460,31 @@ def test_models_endpoint_lists_aliases_for_sdk(client):
         "split-compiled",
         "sticky",
     ]
+
+
+def test_each_sdk_retrieves_and_pages_models_in_its_own_shape(gateway, client):
+    """`GET /v1/models/<id>` for both SDKs and Anthropic's paginated list, answered by Envoy
+    (core/models_api.lua)."""
+    claude = anthropic.Anthropic(base_url=gateway.url.removesuffix("/v1"), api_key="unused", max_retries=0)
+    model = client.models.retrieve("split")
+    assert (model.id, model.object, model.owned_by) == ("split", "model", "signalbox")
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-9/turbo")  # percent-encoded by the SDK, "/" too
+    assert missing.value.code == "model_not_found" and "'gpt-9/turbo'" in missing.value.message
+    info = claude.models.retrieve("split")
+    assert (info.id, info.type, info.display_name, info.created_at.year) == ("split", "model", "split", 1970)
+    with pytest.raises(anthropic.NotFoundError) as gone:
+        claude.models.retrieve("claude-9")
+    assert gone.value.body["error"]["type"] == "not_found_error"
+    # The SDK follows the pages by itself: three models a page, every alias once, in order.
+    every = [m.id for m in client.models.list()]
+    assert [m.id for m in claude.models.list(limit=3)] == every
+    first = claude.models.list(limit=3)
+    assert first.has_more and [m.id for m in first.data] == every[:3] and first.last_id == every[2]
+    with pytest.raises(anthropic.BadRequestError):
+        claude.models.list(limit=0)
+    refused = httpx.delete(f"{gateway.url}/models/split")
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "unknown_url"
 
 
 def test_every_response_carries_the_signalbox_headers(gateway, client):

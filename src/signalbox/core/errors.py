@@ -105,6 +105,13 @@ class UnknownModel(RequestError):
     status, code = 404, "model_not_found"
 
 
+class InvalidParameter(RequestError):
+    """A parameter with a value the API does not take (a page size out of range, a cursor that
+    names no model); the error names the parameter."""
+
+    status, code = 400, "invalid_parameter"
+
+
 class PayloadTooLarge(RequestError):
     status, code = 413, "request_too_large"
 

@@ -364,10 +364,16 @@ class HeaderMatch(Spec):
     value: str = Field(description="Exact value the header must have.")
 
 
+# A model alias: what a client sends as `model`, and an id of the gateway's models API (no
+# control characters: the generated models script keeps the aliases one per line).
+Alias = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
 class PolicyMatch(Spec):
-    models: list[str] = Field(
+    models: list[Alias] = Field(
         min_length=1,
-        description="Model aliases clients send in the body's `model` (e.g. `auto`) that this policy serves.",
+        description="Model aliases clients send in the body's `model` (e.g. `auto`) that this policy serves "
+        "(1 to 256 characters, no control characters).",
     )
     headers: list[HeaderMatch] = Field(
         default_factory=list,

@@ -278,9 +278,30 @@ def api_of_path(path: str) -> str:
     return _CLIENT_APIS.get(path.split("?", 1)[0].rstrip("/"), OPENAI_API)
 
 
+# `GET /v1/models/<id>`: one alias, in the caller's API (envoygen.modelsapi).
+MODEL_PATH_PREFIX = MODELS_PATH + "/"
+
+
+def openai_model(alias: str) -> dict[str, Any]:
+    """An alias as OpenAI's model object (listing and retrieve)."""
+    return {"id": alias, "object": "model", "created": 0, "owned_by": "signalbox"}
+
+
+def anthropic_model(alias: str) -> dict[str, Any]:
+    """An alias as Anthropic's model object (`ModelInfo`): its release date is unknown, which
+    Anthropic's API reference says is given as the epoch."""
+    return {
+        "type": "model",
+        "id": alias,
+        "display_name": alias,
+        "created_at": "1970-01-01T00:00:00Z",
+        "lifecycle": "active",
+    }
+
+
 def models_listing(aliases: list[str]) -> bytes:
-    """What `GET /v1/models` on the gateway answers: the aliases clients may send."""
-    data = [{"id": a, "object": "model", "created": 0, "owned_by": "signalbox"} for a in aliases]
+    """What `GET /v1/models` on the gateway answers an OpenAI client: the aliases it may send."""
+    data = [openai_model(a) for a in aliases]
     return json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode()
 
 

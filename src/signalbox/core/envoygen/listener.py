@@ -15,6 +15,7 @@ import orjson
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
+from . import modelsapi
 from .auth import jwt_filter
 from .clusters import (
     _remove_gateway_headers,
@@ -48,6 +49,7 @@ from .contract import (
     LOW_REMAINING_TOKENS,
     MESSAGES_PATH,
     METADATA_NS,
+    MODEL_PATH_PREFIX,
     MODELS_PATH,
     RELAY_BACK_HEADER,
     RELAY_CLUSTER,
@@ -395,15 +397,13 @@ def _policy_section(made: bytes, section: int, common: bytes | None) -> list[dic
 
 def _tail_routes(cfg: pb.RoutingConfig, opts: GatewayOptions, larger: dict[str, str]) -> list[dict[str, Any]]:
     """What Envoy answers without Python, after the routed requests' routes."""
-    # GET /v1/models is answered by Envoy from the compiled aliases: no body, no Python.
-    routes: list[dict[str, Any]] = [
-        {
-            "name": "models",
-            "match": {"path": MODELS_PATH, "headers": [_method("GET")]},
-            "direct_response": {"status": 200, "body": {"inline_bytes": _b64(models_listing(_aliases(cfg)))}},
-            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
-        }
-    ]
+    # The models API is answered by Envoy from the compiled aliases: no body, no Python.
+    listing = {
+        "name": "models",
+        "direct_response": {"status": 200, "body": {"inline_bytes": _b64(models_listing(_aliases(cfg)))}},
+        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+    }
+    routes: list[dict[str, Any]] = modelsapi.routes(_aliases(cfg), listing)
     first_target = next((t for policy in cfg.policies for t in routed_targets(policy)), "")
     # Below: requests the router phase set no target for. The ext_proc sees every request with
     # a body and either sets a target, refuses it or fails (510, or forwarded when it fails
@@ -429,7 +429,9 @@ def _tail_routes(cfg: pb.RoutingConfig, opts: GatewayOptions, larger: dict[str, 
         for path in (*API_PATHS, FEEDBACK_PATH):
             method = errors.UnsupportedPath(f"only {'GET' if path == MODELS_PATH else 'POST'} is supported on {path}")
             routes.append(_refusal(f"method:{path}", {"path": path}, method, api_of_path(path)))
-        supported = ", ".join((*API_PATHS, FEEDBACK_PATH))
+        one_model = errors.UnsupportedPath(f"only GET is supported on {MODEL_PATH_PREFIX}<id>")
+        routes.append(_refusal(f"method:{MODEL_PATH_PREFIX}", {"prefix": MODEL_PATH_PREFIX}, one_model))
+        supported = ", ".join((*API_PATHS, f"{MODEL_PATH_PREFIX}<id>", FEEDBACK_PATH))
         routes.append(
             _refusal("unknown-path", {"prefix": "/"}, errors.UnsupportedPath(f"unknown path; supported: {supported}"))
         )
@@ -1120,6 +1122,7 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions, routes: dict[str, Any]
             client_path_filter(),
             *([jwt] if (jwt := jwt_filter(cfg)) else []),
             *([json] if (json := json_filter(cfg, opts)) else []),
+            modelsapi.lua_filter(),
             {"name": "envoy.filters.http.ext_proc", "typed_config": router_extproc},
             {
                 "name": "envoy.filters.http.buffer",
