@@ -433,9 +433,12 @@ class FakeProvider:
                 },
                 headers={"x-fake-provider": self.ident},
             )
+        legacy = not request.path.endswith("/chat/completions")  # OpenAI's legacy /completions
         if body.get("stream"):
-            return await self._stream(request, body, model, fault)
+            return await self._stream(request, body, model, fault, legacy)
         content = self.behaviour.content or f"[{self.ident}] answer from {model}"
+        if legacy:
+            return web.json_response(self._text_completion(model, content), headers=self._headers(fault))
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if tool:
             message["tool_calls"] = [
@@ -458,7 +461,20 @@ class FakeProvider:
             await asyncio.sleep(fault.first_token_ms / 1000)
         return web.json_response(answer, headers=self._headers(fault))
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], model: str, fault: Fault) -> web.StreamResponse:
+    def _text_completion(self, model: str, text: str, finish: str | None = "stop") -> dict[str, Any]:
+        """OpenAI's legacy completions answer (`text_completion`), or one chunk of its stream."""
+        return {
+            "id": f"cmpl-{self.ident}-{self.count}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            **({"usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17}} if finish else {}),
+        }
+
+    async def _stream(
+        self, request: web.Request, body: dict[str, Any], model: str, fault: Fault, legacy: bool = False
+    ) -> web.StreamResponse:
         chunks = int(request.headers.get("x-fake-chunks", 5))
         gap = int(request.headers.get("x-fake-chunk-delay-ms", 0)) / 1000
         response = web.StreamResponse(headers={"content-type": "text/event-stream", **self._headers(fault)})
@@ -467,7 +483,14 @@ class FakeProvider:
             await asyncio.sleep(fault.first_token_ms / 1000)
 
         def event(delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> bytes:
-            chunk: dict[str, Any] = {
+            chunk: dict[str, Any]
+            if legacy:  # the legacy API's chunks carry text, not a delta
+                chunk = self._text_completion(model, delta.get("content", ""), None)
+                chunk["choices"][0]["finish_reason"] = finish
+                if usage is not None:
+                    chunk["choices"], chunk["usage"] = [], usage
+                return f"data: {json.dumps(chunk)}\n\n".encode()
+            chunk = {
                 "id": f"chatcmpl-{self.ident}-{self.count}",
                 "object": "chat.completion.chunk",
                 "created": int(time.time()),

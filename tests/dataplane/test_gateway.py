@@ -487,6 +487,22 @@ def test_each_sdk_retrieves_and_pages_models_in_its_own_shape(gateway, client):
     assert refused.status_code == 404 and refused.json()["error"]["code"] == "unknown_url"
 
 
+@pytest.mark.parametrize("alias", ["split", "decided-failover"])
+def test_legacy_completions_answer_and_stream_through_the_gateway(client, alias):
+    """OpenAI's legacy `/v1/completions` (code-completion clients still call it): the answer and
+    the stream reach the SDK in that API's own shape, on a compiled and a decided alias."""
+    done = client.completions.with_raw_response.create(model=alias, prompt="def add(a, b):", max_tokens=16)
+    answer = done.parse()
+    assert answer.object == "text_completion" and answer.choices[0].text.startswith("[")
+    assert done.headers["x-signalbox-policy"] and answer.usage.completion_tokens == 7
+    stream = client.completions.create(
+        model=alias, prompt="def add(a, b):", max_tokens=16, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "".join(f"chunk{i} " for i in range(5))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+
+
 def test_every_response_carries_the_signalbox_headers(gateway, client):
     _, ok = ask(client, "split")
     err = httpx.post(f"{gateway.url}/chat/completions", json={"model": "nope"})
