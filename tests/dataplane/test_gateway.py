@@ -487,6 +487,26 @@ def test_each_sdk_retrieves_and_pages_models_in_its_own_shape(gateway, client):
     assert refused.status_code == 404 and refused.json()["error"]["code"] == "unknown_url"
 
 
+def test_anthropic_endpoints_the_gateway_lacks_are_refused_in_anthropics_shape(gateway):
+    """Message batches and files, asked with a body (the ext_proc refuses it) and without
+    (Envoy does): the Anthropic SDK gets its own error shape, not OpenAI's."""
+    claude = anthropic.Anthropic(base_url=gateway.url.removesuffix("/v1"), api_key="unused", max_retries=0)
+    batch = [
+        {
+            "custom_id": "a",
+            "params": {"model": "split", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+        }
+    ]
+    for call in (
+        lambda: claude.messages.batches.create(requests=batch),
+        lambda: claude.messages.batches.list(),
+        lambda: claude.beta.files.list(),
+    ):
+        with pytest.raises(anthropic.NotFoundError) as refused:
+            call()
+        assert refused.value.body["type"] == "error" and refused.value.body["error"]["type"] == "not_found_error"
+
+
 @pytest.mark.parametrize("alias", ["split", "decided-failover"])
 def test_legacy_completions_answer_and_stream_through_the_gateway(client, alias):
     """OpenAI's legacy `/v1/completions` (code-completion clients still call it): the answer and

@@ -274,8 +274,14 @@ _CLIENT_APIS = {MESSAGES_PATH: ANTHROPIC_API, COUNT_TOKENS_PATH: ANTHROPIC_API, 
 
 
 def api_of_path(path: str) -> str:
-    """The API a client speaks, from the path it called ("anthropic", "responses" or "openai")."""
-    return _CLIENT_APIS.get(path.split("?", 1)[0].rstrip("/"), OPENAI_API)
+    """The API a client speaks, from the path it called ("anthropic", "responses" or "openai").
+    Below `/v1/messages/` is Anthropic's own (its SDK's message batches): refused there, in its
+    shape."""
+    bare = path.split("?", 1)[0].rstrip("/")
+    api = _CLIENT_APIS.get(bare)
+    if api is None and bare.startswith(MESSAGES_PATH + "/"):
+        return ANTHROPIC_API
+    return api or OPENAI_API
 
 
 # `GET /v1/models/<id>`: one alias, in the caller's API (envoygen.modelsapi).

@@ -432,9 +432,12 @@ def _tail_routes(cfg: pb.RoutingConfig, opts: GatewayOptions, larger: dict[str, 
         one_model = errors.UnsupportedPath(f"only GET is supported on {MODEL_PATH_PREFIX}<id>")
         routes.append(_refusal(f"method:{MODEL_PATH_PREFIX}", {"prefix": MODEL_PATH_PREFIX}, one_model))
         supported = ", ".join((*API_PATHS, f"{MODEL_PATH_PREFIX}<id>", FEEDBACK_PATH))
-        routes.append(
-            _refusal("unknown-path", {"prefix": "/"}, errors.UnsupportedPath(f"unknown path; supported: {supported}"))
-        )
+        unknown = errors.UnsupportedPath(f"unknown path; supported: {supported}")
+        # An Anthropic SDK (it always sends its version header) calling an endpoint the gateway
+        # lacks (message batches, files) is told so in its own API's shape.
+        anthropic = {"prefix": "/", "headers": [{"name": modelsapi.ANTHROPIC_HEADER, "present_match": True}]}
+        routes.append(_refusal("unknown-path:anthropic", anthropic, unknown, errors.ANTHROPIC_API))
+        routes.append(_refusal("unknown-path", {"prefix": "/"}, unknown))
     return routes
 
 
