@@ -115,10 +115,10 @@ def chat_to_messages(body: dict[str, Any]) -> dict[str, Any]:
         out["system"] = system
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
     out["max_tokens"] = max_tokens
-    if isinstance(body.get("temperature"), int | float):
-        out["temperature"] = min(float(body["temperature"]), 1.0)  # Anthropic's range is 0..1
-    if isinstance(body.get("top_p"), int | float):
-        out["top_p"] = body["top_p"]
+    # temperature and top_p are left out: Anthropic's Messages API no longer takes sampling
+    # parameters (its SDKs dropped them; its current models and API version answer 400 to any),
+    # and OpenAI clients send them by default (LangChain's 0.7), which made every such request
+    # to a Claude backend a 400 the client could do nothing about.
     stop = body.get("stop")
     if isinstance(stop, str):
         out["stop_sequences"] = [stop]

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from signalbox import fakeprovider
 from signalbox.core.errors import MalformedRequest, RequestError, UnsupportedFeature
 from signalbox.extproc.translate import Translation, parse_route, sse
 
@@ -145,6 +146,43 @@ def test_a_chat_request_becomes_the_messages_the_api_reference_describes():
         "tools": [{"name": "f", "input_schema": {"type": "object"}}],
         "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
     }
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    extra=st.fixed_dictionaries(
+        {},
+        optional={
+            "temperature": st.floats(0, 2),
+            "top_p": st.floats(0, 1),
+            "seed": st.integers(0, 2**31),
+            "presence_penalty": st.floats(-2, 2),
+            "frequency_penalty": st.floats(-2, 2),
+            "stop": st.text(min_size=1, max_size=5) | st.lists(st.text(min_size=1, max_size=5), min_size=1, max_size=4),
+            "user": st.text(max_size=10),
+            "max_tokens": st.integers(1, 10_000),
+            "stream": st.booleans(),
+            "reasoning_effort": st.sampled_from(["low", "medium", "high"]),
+            "parallel_tool_calls": st.booleans(),
+        },
+    ),
+    responses=st.booleans(),
+)
+def test_what_openai_clients_send_by_default_reaches_anthropic_in_fields_its_api_takes(extra, responses):
+    """The fields SDKs and frameworks set on every request (LangChain sends temperature 0.7)
+    become a Messages request the current Anthropic API accepts: the fake's check is the
+    Anthropic SDK's own request types, which no longer hold sampling parameters."""
+    if responses:
+        body = {
+            "model": "m",
+            "input": "hi",
+            **{k: v for k, v in extra.items() if k in ("temperature", "top_p", "stream")},
+        }
+        out = json.loads(TO_ANTHROPIC_FROM_RESPONSES.request(json.dumps(body).encode()))
+    else:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+        out = json.loads(TO_ANTHROPIC.request(json.dumps(body).encode()))
+    assert fakeprovider.request_problems("anthropic", out) == []
 
 
 @pytest.mark.parametrize(
