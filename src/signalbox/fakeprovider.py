@@ -435,7 +435,7 @@ class FakeProvider:
             )
         legacy = not request.path.endswith("/chat/completions")  # OpenAI's legacy /completions
         if body.get("stream"):
-            return await self._stream(request, body, model, fault, legacy)
+            return await self._stream(request, body, model, fault, legacy, "" if legacy else tool)
         content = self.behaviour.content or f"[{self.ident}] answer from {model}"
         if legacy:
             return web.json_response(self._text_completion(model, content), headers=self._headers(fault))
@@ -473,8 +473,10 @@ class FakeProvider:
         }
 
     async def _stream(
-        self, request: web.Request, body: dict[str, Any], model: str, fault: Fault, legacy: bool = False
+        self, request: web.Request, body: dict[str, Any], model: str, fault: Fault, legacy: bool = False, tool: str = ""
     ) -> web.StreamResponse:
+        """A chat (or legacy completions) stream: text chunks, then, when steered to call `tool`,
+        the call as OpenAI streams one (its id and name first, the arguments in two pieces)."""
         chunks = int(request.headers.get("x-fake-chunks", 5))
         gap = int(request.headers.get("x-fake-chunk-delay-ms", 0)) / 1000
         response = web.StreamResponse(headers={"content-type": "text/event-stream", **self._headers(fault)})
@@ -509,7 +511,18 @@ class FakeProvider:
             await response.write(event({"content": f"chunk{i} "} if i else {"role": "assistant", "content": "chunk0 "}))
             if gap:
                 await asyncio.sleep(gap)
-        await response.write(event({}, finish="stop"))
+        if tool:
+            call = {
+                "index": 0,
+                "id": f"call_{self.count}",
+                "type": "function",
+                "function": {"name": tool, "arguments": ""},
+            }
+            half = len(TOOL_ARGUMENTS) // 2
+            await response.write(event({"tool_calls": [call]}))
+            for piece in (TOOL_ARGUMENTS[:half], TOOL_ARGUMENTS[half:]):
+                await response.write(event({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+        await response.write(event({}, finish="tool_calls" if tool else "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
             await response.write(
                 event({}, usage={"prompt_tokens": 10, "completion_tokens": chunks, "total_tokens": 10 + chunks})

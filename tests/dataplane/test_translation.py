@@ -350,6 +350,36 @@ def test_anthropic_tools_round_trip_through_an_openai_backend(ant, fakes):
     assert body["messages"][2] == {"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"}
 
 
+def test_a_streamed_tool_call_reaches_each_sdk_whole_from_the_other_api(oai, ant, fakes):
+    """A tool call streamed in pieces (OpenAI: the arguments split across chunks; Anthropic:
+    `input_json_delta` events) is assembled by the client's SDK as one call with its input."""
+    weather = [{"role": "user", "content": "weather in Paris?"}]
+    with ant.messages.stream(
+        model="gpt",
+        max_tokens=64,
+        tools=[ANTHROPIC_TOOL],
+        messages=weather,
+        extra_headers={"x-fake-tool-call": "get_weather"},
+    ) as stream:
+        message = stream.get_final_message()
+    use = next(b for b in message.content if b.type == "tool_use")
+    assert message.stop_reason == "tool_use" and (use.name, use.input) == ("get_weather", {"city": "Paris"})
+    assert only(fakes["beta"])["stream"] is True
+    chunks = list(
+        oai.chat.completions.create(
+            model="claude",
+            messages=weather,
+            tools=[TOOL],
+            stream=True,
+            extra_headers={"x-fake-tool-call": "get_weather"},
+        )
+    )
+    pieces = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert pieces[0].function.name == "get_weather"
+    assert json.loads("".join(tc.function.arguments or "" for tc in pieces)) == {"city": "Paris"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+
 def test_an_anthropic_client_gets_the_gateways_errors_in_anthropics_shape(ant):
     with pytest.raises(anthropic.NotFoundError) as caught:
         ant.messages.create(model="no-such-alias", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
