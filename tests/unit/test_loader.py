@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from signalbox.core import loader
+from signalbox.core.errors import ConfigError
 from signalbox.core.loader import SAFE_LOADER, DocumentCache
+from signalbox.core.models import API_VERSION
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20))
 values = st.recursive(
@@ -165,3 +168,29 @@ def test_a_cached_compile_is_the_compile_from_scratch_whatever_changes(tmp_path_
         cached.providers[0].host = "changed.example"
         cached.policies[0].backends[0].target = "changed"
     assert compile_files([folder], cache=cache).config.content_hash == fresh.content_hash
+
+
+def _policy_doc(name: str, namespace: str | None = None) -> str:
+    meta = {"name": name, **({"namespace": namespace} if namespace else {})}
+    return yaml.safe_dump({"apiVersion": API_VERSION, "kind": "RoutingPolicy", "metadata": meta, "spec": {}})
+
+
+def test_an_object_defined_in_two_files_is_one_problem_naming_both(tmp_path):
+    """Two objects of one kind, namespace and name are one object in a cluster (the second
+    apply replaces the first): locally they are refused, saying where each is."""
+    (tmp_path / "a.yaml").write_text(_policy_doc("auto"))
+    (tmp_path / "b.yaml").write_text(_policy_doc("other") + "---\n" + _policy_doc("auto", "default"))
+    with pytest.raises(ConfigError) as err:
+        loader.load([tmp_path])
+    (problem,) = err.value.problems
+    assert (problem.kind, problem.namespace, problem.name) == ("RoutingPolicy", "default", "auto")
+    assert "a.yaml (document 1)" in problem.message and "b.yaml (document 2)" in problem.message
+
+
+def test_the_same_name_in_another_namespace_or_a_file_named_twice_is_no_duplicate(tmp_path):
+    (tmp_path / "a.yaml").write_text(_policy_doc("auto") + "---\n" + _policy_doc("auto", "team-b"))
+    docs = loader.load([tmp_path, tmp_path / "a.yaml", str(tmp_path / "a.yaml")])
+    assert [(d["metadata"]["name"], d["metadata"].get("namespace")) for d in docs.policies] == [
+        ("auto", None),
+        ("auto", "team-b"),
+    ]

@@ -85,14 +85,15 @@ class DocumentCache:
 
 
 def yaml_files(paths: list[str | Path]) -> list[Path]:
-    files: list[Path] = []
+    """The files to read, in order, each once (a file named again, or inside a folder also
+    given, is not read twice: its objects would be defined twice)."""
+    files: dict[Path, Path] = {}
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix in YAML_SUFFIXES))
-        else:
-            files.append(path)
-    return files
+        found = sorted(p for p in path.rglob("*") if p.suffix in YAML_SUFFIXES) if path.is_dir() else [path]
+        for file in found:
+            files.setdefault(file.resolve(), file)
+    return list(files.values())
 
 
 @paused_gc()
@@ -112,6 +113,10 @@ def load(paths: list[str | Path], cache: DocumentCache | None = None) -> Documen
 def _load(paths: list[str | Path], cache: DocumentCache | None) -> Documents:
     docs = Documents()
     problems: list[Problem] = []
+    # Where each object was first defined: two of one kind, namespace and name are one object
+    # in a cluster (the second `kubectl apply` replaces the first), so locally they are an error
+    # naming both files, not two policies that then clash over their aliases.
+    defined: dict[tuple[str, str, str], str] = {}
     for file in yaml_files(paths):
         try:
             text = file.read_text()
@@ -132,6 +137,22 @@ def _load(paths: list[str | Path], cache: DocumentCache | None) -> Documents:
                 name = str((item.get("metadata") or {}).get("name", "?"))
                 problems.append(
                     Problem(str(kind), name, "apiVersion", f"must be {API_VERSION}, got {item.get('apiVersion')!r}")
+                )
+                continue
+            meta = item.get("metadata")
+            meta = meta if isinstance(meta, dict) else {}
+            name, namespace = str(meta.get("name", "?")), str(meta.get("namespace") or "default")
+            where = f"{file} (document {index + 1})"
+            first = defined.setdefault((kind, namespace, name), where)
+            if first != where:
+                problems.append(
+                    Problem(
+                        kind,
+                        name,
+                        "metadata.name",
+                        f"defined twice, in {first} and in {where}: in a cluster the second would replace the first",
+                        namespace,
+                    )
                 )
                 continue
             {"AIProvider": docs.providers, "RoutingPolicy": docs.policies, "Consumer": docs.consumers}[kind].append(
