@@ -59,7 +59,7 @@ def check_path(method: str, path: str) -> str:
         return "feedback"
     if bare in ROUTED_PATHS or bare in (MODELS_PATH, FEEDBACK_PATH):
         raise UnsupportedPath(f"{method} is not supported on {bare}")
-    raise UnsupportedPath(f"unknown path {bare!r}; supported: {', '.join((*ROUTED_PATHS, MODELS_PATH, FEEDBACK_PATH))}")
+    raise UnsupportedPath(f"unknown path {bare!r}; supported: {contract.SUPPORTED_PATHS}")
 
 
 def class_header(c: Classification) -> str:

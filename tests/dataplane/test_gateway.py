@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import socket
 import time
 from collections import Counter
@@ -485,6 +486,33 @@ def test_each_sdk_retrieves_and_pages_models_in_its_own_shape(gateway, client):
         claude.models.list(limit=0)
     refused = httpx.delete(f"{gateway.url}/models/split")
     assert refused.status_code == 404 and refused.json()["error"]["code"] == "unknown_url"
+
+
+def test_code_written_for_azure_openai_works_by_changing_its_endpoint(gateway, fakes):
+    """Azure's SDK (deployment paths, `api-version`, the `api-key` header) and Azure's v1 API
+    (`/openai/v1/...` with the plain SDK) on compiled and decided aliases: the provider gets the
+    request on its own path, and never the client's key."""
+    root = gateway.url.removesuffix("/v1")
+    azure = openai.AzureOpenAI(azure_endpoint=root, api_key=CLIENT_TOKEN, api_version="2024-10-21", max_retries=0)
+    v1 = openai.OpenAI(base_url=f"{root}/openai/v1", api_key=CLIENT_TOKEN, max_retries=0)
+    for fake in fakes.values():
+        fake.reset()
+    for alias in ("split", "decided-failover"):
+        raw = azure.chat.completions.with_raw_response.create(model=alias, messages=[{"role": "user", "content": "hi"}])
+        assert raw.http_request.url.path == f"/openai/deployments/{alias}/chat/completions"
+        assert raw.headers["x-signalbox-policy"] == alias and raw.parse().choices[0].message.content
+        streamed = azure.chat.completions.create(model=alias, messages=[{"role": "user", "content": "hi"}], stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices).startswith("chunk0")
+        assert v1.chat.completions.create(model=alias, messages=[{"role": "user", "content": "hi"}]).choices
+    assert [m.id for m in v1.models.list()] == [m.id for m in azure.models.list()]
+    assert v1.models.retrieve("split").id == "split"
+    sent = [r for fake in fakes.values() for r in fake.requests()]
+    assert len(sent) == 6 and all(r["path"].endswith("/chat/completions") for r in sent)
+    # (nested's own base path is /openai/v1: the provider's path, not the client's.)
+    assert not any("/deployments/" in r["path"] or "api-version" in r["path"] for r in sent)
+    assert CLIENT_TOKEN not in json.dumps([r["headers"] for r in sent])
+    with pytest.raises(openai.NotFoundError):
+        azure.images.generate(model="split", prompt="a lighthouse")
 
 
 def test_anthropic_endpoints_the_gateway_lacks_are_refused_in_anthropics_shape(gateway):

@@ -12,7 +12,7 @@
 --              models request (at 2,000 aliases a table literal cost Envoy 8 MB at rest)
 --   OPENAI     a model object in OpenAI's shape, as the pieces between which its id goes
 --   ANTHROPIC  the same in Anthropic's shape
---   PREFIX     "/v1/models/"
+--   PREFIXES   where one model's id starts: "/v1/models/", and the same below Azure's v1 API
 --   PAGE       Anthropic's default and largest page sizes, {default, max}
 --   ERRORS     the refusals by name, each {status, code, body, anthropic} (signalbox.core.errors);
 --              "{model}" in a body is where the model the client named goes
@@ -128,10 +128,17 @@ function envoy_on_request(handle)
   local headers = handle:headers()
   local path = headers:get(":path")
   local anthropic = headers:get("anthropic-version") ~= nil
-  if path:sub(1, #PREFIX) ~= PREFIX then
+  local rest
+  for _, prefix in ipairs(PREFIXES) do
+    if path:sub(1, #prefix) == prefix then
+      rest = path:sub(#prefix + 1)
+      break
+    end
+  end
+  if not rest then
     return list(handle, path)
   end
-  local named = decode(path:sub(#PREFIX + 1):match("^[^?#]*"), false)
+  local named = decode(rest:match("^[^?#]*"), false)
   local i = INDEX[named]
   if not i then
     return refuse(handle, "not_found", anthropic, named)

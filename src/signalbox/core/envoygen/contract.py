@@ -270,6 +270,10 @@ FEEDBACK_PATH = "/v1/feedback"
 API_PATHS = (*ROUTED_PATHS, MODELS_PATH)
 
 
+# What the gateway answers, as an unknown path's error lists it (Envoy's and the ext_proc's).
+SUPPORTED_PATHS = ", ".join((*API_PATHS, MODELS_PATH + "/<id>", FEEDBACK_PATH))
+
+
 _CLIENT_APIS = {MESSAGES_PATH: ANTHROPIC_API, COUNT_TOKENS_PATH: ANTHROPIC_API, RESPONSES_PATH: RESPONSES_API}
 
 
@@ -286,6 +290,9 @@ def api_of_path(path: str) -> str:
 
 # `GET /v1/models/<id>`: one alias, in the caller's API (envoygen.modelsapi).
 MODEL_PATH_PREFIX = MODELS_PATH + "/"
+# Where Azure OpenAI's paths start: `/openai/deployments/<name>/...`, and its v1 API, whose
+# `/openai/v1/...` are OpenAI's `/v1/...` (envoygen.clientpaths).
+AZURE_PREFIX = "/openai"
 
 
 def openai_model(alias: str) -> dict[str, Any]:

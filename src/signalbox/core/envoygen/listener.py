@@ -15,7 +15,7 @@ import orjson
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
-from . import modelsapi
+from . import clientpaths, luaroutes, modelsapi
 from .auth import jwt_filter
 from .clusters import (
     _remove_gateway_headers,
@@ -64,6 +64,7 @@ from .contract import (
     ROUTED_PATHS,
     ROUTER_ATTRIBUTES,
     STREAM_KEY,
+    SUPPORTED_PATHS,
     TARGET_NS,
     api_of_path,
     chain_groups,
@@ -403,7 +404,8 @@ def _tail_routes(cfg: pb.RoutingConfig, opts: GatewayOptions, larger: dict[str, 
         "direct_response": {"status": 200, "body": {"inline_bytes": _b64(models_listing(_aliases(cfg)))}},
         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
     }
-    routes: list[dict[str, Any]] = modelsapi.routes(_aliases(cfg), listing)
+    # The models API first: Azure's v1 models paths are its own, not clientpaths' rewrites.
+    routes: list[dict[str, Any]] = [*modelsapi.routes(_aliases(cfg), listing), *clientpaths.routes()]
     first_target = next((t for policy in cfg.policies for t in routed_targets(policy)), "")
     # Below: requests the router phase set no target for. The ext_proc sees every request with
     # a body and either sets a target, refuses it or fails (510, or forwarded when it fails
@@ -431,8 +433,7 @@ def _tail_routes(cfg: pb.RoutingConfig, opts: GatewayOptions, larger: dict[str, 
             routes.append(_refusal(f"method:{path}", {"path": path}, method, api_of_path(path)))
         one_model = errors.UnsupportedPath(f"only GET is supported on {MODEL_PATH_PREFIX}<id>")
         routes.append(_refusal(f"method:{MODEL_PATH_PREFIX}", {"prefix": MODEL_PATH_PREFIX}, one_model))
-        supported = ", ".join((*API_PATHS, f"{MODEL_PATH_PREFIX}<id>", FEEDBACK_PATH))
-        unknown = errors.UnsupportedPath(f"unknown path; supported: {supported}")
+        unknown = errors.UnsupportedPath(f"unknown path; supported: {SUPPORTED_PATHS}")
         # An Anthropic SDK (it always sends its version header) calling an endpoint the gateway
         # lacks (message batches, files) is told so in its own API's shape.
         anthropic = {"prefix": "/", "headers": [{"name": modelsapi.ANTHROPIC_HEADER, "present_match": True}]}
@@ -1122,10 +1123,10 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions, routes: dict[str, Any]
         ),
         http_filters=[
             _remove_gateway_headers("signalbox.strip_client_gateway_headers"),
+            luaroutes.lua_filter(),
             client_path_filter(),
             *([jwt] if (jwt := jwt_filter(cfg)) else []),
             *([json] if (json := json_filter(cfg, opts)) else []),
-            modelsapi.lua_filter(),
             {"name": "envoy.filters.http.ext_proc", "typed_config": router_extproc},
             {
                 "name": "envoy.filters.http.buffer",

@@ -1,31 +1,29 @@
 """The models API beyond OpenAI's plain listing, answered inside Envoy: `GET /v1/models/<id>`
 for OpenAI's and Anthropic's SDKs, and `GET /v1/models` for Anthropic's (its own shape,
 paginated). A request without a body needs no prompt, so no Python: a Lua script
-(core/models_api.lua) holding the aliases answers on one route, through a Lua filter that is
-off on every other route (one filter instance per request costs nothing there: it is not
-created). The aliases travel with the routes (RDS), so a change to them never touches the
-listener.
+(core/models_api.lua) holding the aliases answers on one route (`luaroutes`).
 """
 
 from __future__ import annotations
 
 import json
-from importlib import resources as package_files
+import re
 from typing import Any
 
 from .. import errors
-from .clusters import _compact, lua_literal
-from .contract import MODEL_PATH_PREFIX, MODELS_PATH, anthropic_model, openai_model
-from .options import _any
+from .clusters import lua_literal
+from .contract import AZURE_PREFIX, MODELS_PATH, anthropic_model, openai_model
+from .luaroutes import run_script, script_file
 
-LUA_FILTER = "envoy.filters.http.lua"
 # The header Anthropic's SDKs send on every request and OpenAI's never do: which API's shape a
 # models request is answered in.
 ANTHROPIC_HEADER = "anthropic-version"
 # Anthropic's page sizes for the list (its API reference): by default and at most.
 PAGE_DEFAULT, PAGE_MAX = 20, 1000
 
-_LUA = _compact(package_files.files("signalbox.core").joinpath("models_api.lua").read_text())
+_LUA = script_file("models_api.lua")
+# The listing's paths: OpenAI's, and Azure OpenAI's (its SDK's, and its v1 API's).
+_MODELS_PATHS = (MODELS_PATH, AZURE_PREFIX + "/models", AZURE_PREFIX + MODELS_PATH)
 # Where a refusal's message names what the client sent (the script puts it there, made safe).
 _NAMED = "{model}"
 # Stands for the id in a model object's JSON, which the script splits around.
@@ -66,16 +64,11 @@ def script(aliases: list[str]) -> str:
         f"IDS = {lua_literal(''.join(a + sep for a in aliases))}\n",
         f"SEP = {lua_literal(sep)}\n",
         *(f"{name} = {{{', '.join(lua_literal(p) for p in parts)}}}\n" for name, parts in pieces.items()),
-        f"PREFIX = {lua_literal(MODEL_PATH_PREFIX)}\n",
+        f"PREFIXES = {{{', '.join(lua_literal(p + '/') for p in _MODELS_PATHS)}}}\n",
         f"PAGE = {{{PAGE_DEFAULT}, {PAGE_MAX}}}\n",
         "ERRORS = {" + ", ".join(f"{k} = {lua_literal(_refusal(e))}" for k, e in _ERRORS.items()) + "}\n",
     ]
     return "".join(prelude) + _LUA
-
-
-def lua_filter() -> dict[str, Any]:
-    """The listener's Lua filter: off unless a route turns it on with its script (`routes`)."""
-    return {"name": LUA_FILTER, "disabled": True, "typed_config": _any("envoy.extensions.filters.http.lua.v3.Lua")}
 
 
 def routes(aliases: list[str], listing: dict[str, Any]) -> list[dict[str, Any]]:
@@ -84,15 +77,17 @@ def routes(aliases: list[str], listing: dict[str, Any]) -> list[dict[str, Any]]:
     `/v1/models/<id>`. Any other method is refused after them, with the other paths'."""
     get = {"name": ":method", "string_match": {"exact": "GET"}}
     not_anthropic = {"name": ANTHROPIC_HEADER, "present_match": True, "invert_match": True}
-    on = _any("envoy.extensions.filters.http.lua.v3.LuaPerRoute", source_code={"inline_string": script(aliases)})
+    # The same paths as Azure's clients call them (envoygen.clientpaths), answered here: a
+    # request's Lua script runs once, so one whose path that script rewrote could not reach this.
+    azure = f"^({'|'.join(re.escape(p) for p in _MODELS_PATHS)})"
     return [
-        {**listing, "match": {"path": MODELS_PATH, "headers": [get, not_anthropic]}},
+        {**listing, "match": {"safe_regex": {"regex": azure + "$"}, "headers": [get, not_anthropic]}},
         {
             "name": "models-api",
-            "match": {"path_separated_prefix": MODELS_PATH, "headers": [get]},
+            "match": {"safe_regex": {"regex": azure + "(/.*)?$"}, "headers": [get]},
             # Answered by the script: this is reached only if it failed (Envoy logs why).
             "direct_response": {"status": _FAILED.status, "body": {"inline_string": _FAILED.body().decode()}},
             "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
-            "typed_per_filter_config": {LUA_FILTER: on},
+            "typed_per_filter_config": run_script(script(aliases)),
         },
     ]
