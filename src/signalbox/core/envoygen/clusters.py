@@ -206,7 +206,8 @@ def lua_literal(value: str | bool | int | dict[str, Any]) -> str:
 _LUA_PLAIN = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII but for `"` and `\`
 
 
-def _error(err: errors.RequestError) -> dict[str, Any]:
+def lua_error(err: errors.RequestError) -> dict[str, Any]:
+    """An error as the Lua scripts answer it: its status, code, and body in each client API."""
     return {
         "status": str(err.status),
         "code": err.code,
@@ -217,17 +218,17 @@ def _error(err: errors.RequestError) -> dict[str, Any]:
 
 # What an attempt can be refused with, in the client's API shape (one error tree: core.errors).
 ATTEMPT_ERRORS = {
-    "not_object": _error(errors.MalformedRequest("request body is not a JSON object")),
-    "escaped_name": _error(errors.MalformedRequest("member names with escape sequences are not supported")),
-    "no_model": _error(errors.MalformedRequest("request body has no 'model'")),
-    "no_backend": _error(errors.RoutingUnavailable(errors.CONFIG_CHANGING)),
-    "only_own_api": _error(
+    "not_object": lua_error(errors.MalformedRequest("request body is not a JSON object")),
+    "escaped_name": lua_error(errors.MalformedRequest("member names with escape sequences are not supported")),
+    "no_model": lua_error(errors.MalformedRequest("request body has no 'model'")),
+    "no_backend": lua_error(errors.RoutingUnavailable(errors.CONFIG_CHANGING)),
+    "only_own_api": lua_error(
         errors.UnsupportedFeature("token counting exists in Anthropic's API only, and this backend speaks another")
     ),
-    "other_api": _error(
+    "other_api": lua_error(
         errors.UnsupportedFeature("this endpoint exists in OpenAI's API only, and this backend speaks Anthropic's")
     ),
-    "key_unavailable": _error(
+    "key_unavailable": lua_error(
         errors.ProviderKeyUnavailable("a backend cannot be tried: its provider's API key cannot be read by the gateway")
     ),
 }

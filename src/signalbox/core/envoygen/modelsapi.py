@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from .. import errors
-from .clusters import lua_literal
+from .clusters import lua_error, lua_literal
 from .contract import AZURE_PREFIX, MODELS_PATH, anthropic_model, openai_model
 from .luaroutes import run_script, script_file
 
@@ -47,15 +47,6 @@ def _pieces(shape: dict[str, Any]) -> list[str]:
     return json.dumps(shape, separators=(",", ":")).split(json.dumps(_ID))
 
 
-def _refusal(err: errors.RequestError) -> dict[str, str]:
-    return {
-        "status": str(err.status),
-        "code": err.code,
-        "body": err.body().decode(),
-        "anthropic": err.body_for(errors.ANTHROPIC_API).decode(),
-    }
-
-
 def script(aliases: list[str]) -> str:
     """models_api.lua for these aliases (in the order the listing gives them)."""
     sep = "\n"  # in no alias: models.Alias
@@ -66,7 +57,7 @@ def script(aliases: list[str]) -> str:
         *(f"{name} = {{{', '.join(lua_literal(p) for p in parts)}}}\n" for name, parts in pieces.items()),
         f"PREFIXES = {{{', '.join(lua_literal(p + '/') for p in _MODELS_PATHS)}}}\n",
         f"PAGE = {{{PAGE_DEFAULT}, {PAGE_MAX}}}\n",
-        "ERRORS = {" + ", ".join(f"{k} = {lua_literal(_refusal(e))}" for k, e in _ERRORS.items()) + "}\n",
+        "ERRORS = {" + ", ".join(f"{k} = {lua_literal(lua_error(e))}" for k, e in _ERRORS.items()) + "}\n",
     ]
     return "".join(prelude) + _LUA
 
