@@ -75,7 +75,7 @@ class TableHolder:
             log.warning(
                 "provider %s: its API key cannot be read (%s); its backends are not routed to until it can",
                 provider.id,
-                _where(cfg, provider.id),
+                key_source(cfg, provider.id),
             )
         if self.metrics is not None:
             self.metrics.config_generation.set(table.generation)
@@ -233,7 +233,7 @@ def read_config(path: Path) -> pb.RoutingConfig:
     return pb.RoutingConfig.FromString(path.read_bytes())
 
 
-def _where(cfg: pb.RoutingConfig, provider_id: str) -> str:
+def key_source(cfg: pb.RoutingConfig, provider_id: str) -> str:
     """Where a provider's key should come from, named, never its value."""
     for p in cfg.providers:
         if p.id == provider_id:

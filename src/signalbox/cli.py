@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 import signalbox.processenv  # noqa: F401 - thread settings, before anything imports numpy
+from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.errors import ConfigError
 
 USAGE_EXAMPLES = """examples:
@@ -89,6 +90,33 @@ def local_gateway(args: argparse.Namespace):
     )
 
 
+# Providers without a key named at start; a large fleet's are counted beyond these.
+MISSING_KEYS_SHOWN = 5
+
+
+def _warn_of_missing_keys(cfg: pb.RoutingConfig) -> None:
+    """Say at start which providers have no key here (their backends are never routed to):
+    otherwise a newcomer's first request gets 503 no_healthy_backend, and why is only in the
+    ext_proc's log. Where each key should come from is named, never a value."""
+    from signalbox.extproc.reload import key_source
+    from signalbox.extproc.runtime import default_key_resolver
+
+    resolve = default_key_resolver(None)  # `signalbox up` reads env variables and files
+    missing = [p for p in cfg.providers if p.HasField("auth") and resolve(p.auth) is None]
+    if not missing:
+        return
+    named = "; ".join(f"{p.id} ({key_source(cfg, p.id)})" for p in missing[:MISSING_KEYS_SHOWN])
+    if len(missing) > MISSING_KEYS_SHOWN:
+        named += f"; and {len(missing) - MISSING_KEYS_SHOWN} more (the ext_proc's log names each)"
+    secrets = any(p.auth.WhichOneof("source") == "secret" for p in missing)
+    print(
+        f"  warning: {len(missing)} of {len(cfg.providers)} provider(s) have no API key here, so their backends "
+        f"are not routed to: {named}"
+        + (". `signalbox up` reads no Secrets: give such a provider `auth.env` or `auth.file`" if secrets else ""),
+        file=sys.stderr,
+    )
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from signalbox.local import StartupCancelled, StartupError
 
@@ -131,6 +159,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             "added (see examples/quickstart/policies.yaml); the inputs are watched",
             file=sys.stderr,
         )
+    _warn_of_missing_keys(cfg)
     print(
         f"  admin API: {gateway.admin_url} (/metrics, /v1/models, /v1/route, /v1/budget)  envoy admin: "
         f"http://127.0.0.1:{gateway.admin_port}  work dir: {gateway.workdir}"

@@ -228,3 +228,29 @@ def test_a_large_block_made_in_a_thread_is_given_back_once_freed():
 
     assert grown("plain") > 8  # glibc's own behaviour, which the setting is for
     assert grown("signalbox") < 2
+
+
+def test_signalbox_up_says_at_start_which_providers_have_no_key_here_never_a_key(monkeypatch, capsys):
+    """A provider whose key cannot be read is never routed to; `signalbox up` says so at start
+    (by where the key should be, never its value), a large fleet's counted beyond the first."""
+    from signalbox.cli import MISSING_KEYS_SHOWN, _warn_of_missing_keys
+    from signalbox.core.compiler import compile_config
+    from tests.factories import model, provider
+
+    monkeypatch.setenv("SET_KEY", "sk-set-value-0042")
+    monkeypatch.delenv("UNSET_KEY", raising=False)
+    keyed = [
+        provider("set", "http://s:1/v1", [model("m")], auth={"env": "SET_KEY"}),
+        provider("a-unset", "http://u:1/v1", [model("m")], auth={"env": "UNSET_KEY"}),
+        provider("b-secret", "http://x:1/v1", [model("m")], auth={"secretRef": {"name": "k", "key": "apiKey"}}),
+        *(provider(f"c-more{i}", "http://m:1/v1", [model("m")], auth={"env": "UNSET_KEY"}) for i in range(6)),
+    ]
+    cfg = compile_config(keyed, []).config
+    _warn_of_missing_keys(cfg)
+    said = capsys.readouterr().err
+    assert f"8 of {len(keyed)} provider(s) have no API key" in said
+    assert "default/a-unset (environment variable UNSET_KEY)" in said and "Secret default/k key apiKey" in said
+    assert "reads no Secrets" in said and f"and {8 - MISSING_KEYS_SHOWN} more" in said
+    assert "default/set " not in said and "sk-set-value-0042" not in said
+    _warn_of_missing_keys(compile_config(keyed[:1], []).config)
+    assert capsys.readouterr().err == ""
