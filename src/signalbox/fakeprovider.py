@@ -48,7 +48,20 @@ from aiohttp import web
 from signalbox import fakebedrock, parentwatch
 from signalbox.core.errors import anthropic_error_type
 
-FAULT_KINDS = ("", "reset", "hang", "stall", "cut", "malformed", "no_done", "context_length", "content_filter")
+FAULT_KINDS = (
+    "",
+    "reset",
+    "hang",
+    "stall",
+    "cut",
+    "malformed",
+    "no_done",
+    "context_length",
+    "content_filter",
+    "html",  # a 200 web page, as a wrong base URL or a proxy's login page answers
+)
+# What the `html` fault answers.
+HTML_PAGE = "<!doctype html><html><head><title>Sign in</title></head><body><form>...</form></body></html>"
 
 
 @dataclass
@@ -319,6 +332,8 @@ class FakeProvider:
         api = _api(request)
         if not self._authorized(request):
             return self._error(401, "missing or wrong API key", api=api)
+        if fault.kind == "html":
+            return web.Response(text=HTML_PAGE, content_type="text/html", headers=self._headers(fault))
         if fault.kind in REFUSALS:
             code, message = REFUSALS[fault.kind]
             return self._error(400, message, code=code, kind="invalid_request_error", api=api)

@@ -261,6 +261,42 @@ def test_an_error_status_moves_to_the_next_backend_at_once(
     assert took < 1.0  # no wait for the Retry-After: it concerns the backend that sent it
 
 
+@pytest.mark.parametrize("alias", ["chain", "decided"])
+def test_a_web_page_for_an_answer_moves_to_the_next_backend(gateway, client, fakes, scorecard, alias):
+    """A 200 web page (the provider's site behind a wrong base URL, a proxy's login page) is no
+    answer: the next backend answers, and the request log says why the first was passed over."""
+    got, served, origin, error, took, request_id, _ = ask(client, alias, fault(kind="html"))
+    scorecard(
+        f"a 200 web page instead of an answer ({alias})",
+        "the next backend answers at once",
+        f"{got} from {served} in {took * 1000:.0f} ms; primary tried {len(attempts(fakes, 'primary'))}x",
+    )
+    assert (got, served, error) == (200, "second", None) and origin == "second"
+    assert len(attempts(fakes, "primary")) == 1 and took < 1.0
+    moved = [line["moved_on"] for line in log_lines(gateway, request_id) if line["event"] == "attempt"]
+    assert moved == ["not_api", None]
+
+
+def test_a_web_page_from_the_only_backend_is_a_502_each_sdk_reads(gateway, client, fakes, scorecard):
+    """The last backend's web page reaches the client as a 502 `upstream_not_api` in its own
+    API's shape, not as a page its SDK cannot parse."""
+    fakes["primary"].behave(fault={"kind": "html", "times": 2})  # this case's two requests
+    got, _, _, error, _, _, _ = ask(client, "lone", {})
+    with (
+        anthropic.Anthropic(base_url=gateway.url.removesuffix("/v1"), api_key="client-token", max_retries=0) as claude,
+        pytest.raises(anthropic.APIStatusError) as refused,
+    ):
+        claude.messages.create(model="lone", max_tokens=8, messages=[{"role": "user", "content": "hello"}])
+    scorecard(
+        "a 200 web page from the only backend",
+        "502 upstream_not_api in each client's API",
+        f"{got} {error.response.json()['error']['code'] if error is not None else None}",
+    )
+    assert got == 502 and isinstance(error, openai.APIStatusError)
+    assert error.response.json()["error"]["code"] == "upstream_not_api"
+    assert refused.value.status_code == 502 and refused.value.response.json()["type"] == "error"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_reset_before_any_header_moves_to_the_next_backend(client, fakes, scorecard, stream):
     got, served, origin, error, took, _, _text = ask(client, "chain", fault(kind="reset"), stream=stream)

@@ -424,7 +424,13 @@ def test_a_providers_backends_share_its_settings_in_the_source():
 
 def test_error_bodies_are_the_gateways_and_every_setting_is_a_safe_lua_literal():
     codes = {e["code"] for e in envoygen.ATTEMPT_ERRORS.values()}
-    assert codes == {"invalid_json", "provider_key_unavailable", "routing_unavailable", "unsupported_feature"}
+    assert codes == {
+        "invalid_json",
+        "provider_key_unavailable",
+        "routing_unavailable",
+        "unsupported_feature",
+        "upstream_not_api",
+    }
     lua = luajit21.LuaRuntime()
     tricky = 'a"b\\c\n]]--\x00é'
     assert lua.eval(envoygen.lua_literal(tricky)) == tricky
@@ -507,3 +513,44 @@ def test_an_answer_is_named_by_the_backend_that_gave_it(traced):
     relayed = lua.table_from({":status": "200", envoygen.ATTEMPT_HEADER: envoygen.contract.RELAY_BACKEND, **spoofed})
     respond(relayed)
     assert relayed["x-signalbox-provider"] == "spoofed" and relayed[envoygen.ATTEMPT_HEADER] is None
+
+
+PAGE_HARNESS = """
+function(hdrs, text, meta)
+  local handle = stub_handle(hdrs, meta)
+  local body = {text = text}
+  function body:getBytes(start, n) return string.sub(self.text, start + 1, start + n) end
+  function body:length() return #self.text end
+  function body:setBytes(t) self.text = t end
+  function handle:body() return body end
+  envoy_on_response(handle)
+  return body.text
+end
+"""
+
+
+@pytest.mark.parametrize(("client", "shape"), [("/v1/chat/completions", "error"), ("/v1/messages", "type")])
+@pytest.mark.parametrize("provider", [OPENAI, ANTHROPIC])
+@pytest.mark.parametrize("ctype", ["text/html", "text/html; charset=utf-8", "application/xhtml+xml"])
+def test_a_web_page_for_an_answer_becomes_a_502_the_retry_policy_moves_past(client, shape, provider, ctype):
+    """A 2xx web page (a wrong base URL, a proxy's login page) is no answer: it becomes a 502
+    in the client's API shape (on the way back the script comes after any translation), marked
+    for the retry policy; a JSON answer or a stream is left as it came."""
+    b = backend(provider)
+    lua = luajit21.LuaRuntime()
+    lua.execute(envoygen.attempt_source({b.id: envoygen.attempt_settings(b, provider, KEYS_DIR)}))
+    lua.execute(HANDLE)
+    page = lua.eval(PAGE_HARNESS)
+    hdrs = lua.table_from(
+        {":status": "200", "content-type": ctype, "content-length": "88", envoygen.ATTEMPT_HEADER: b.id}
+    )
+    meta = lua.table_from({envoygen.contract.CLIENT_PATH_KEY: client})
+    body = json.loads(page(hdrs, "<!doctype html><html><body>Sign in</body></html>", meta))
+    assert hdrs[":status"] == "502" and hdrs[envoygen.contract.RETRY_HEADER] == "not_api"
+    assert hdrs["content-type"] == "application/json" and hdrs["content-length"] is None
+    assert shape in body and "web page" in json.dumps(body)
+    for fine in ("application/json", "text/event-stream"):
+        hdrs = lua.table_from({":status": "200", "content-type": fine, envoygen.ATTEMPT_HEADER: b.id})
+        assert page(hdrs, '{"id": "x"}') == '{"id": "x"}' and hdrs[":status"] == "200"
+    hdrs = lua.table_from({":status": "404", "content-type": "text/html", envoygen.ATTEMPT_HEADER: b.id})
+    assert page(hdrs, "<html>Not Found</html>") == "<html>Not Found</html>" and hdrs[":status"] == "404"

@@ -221,12 +221,17 @@ function rewrite_body(s, model_json, usage)
   return table.concat(parts)
 end
 
+-- The client's path as it called it (the attempts' shared header map holds the last attempt's),
+-- split: (path, query, path without a trailing slash).
+local function client_path(handle, headers)
+  local meta = handle:streamInfo():dynamicMetadata():get(NS) or {}
+  local bare, query = string.match(meta[CLIENT_PATH_KEY] or headers:get(":path") or "", "^([^?]*)%??(.*)$")
+  return bare, query, (string.gsub(bare, "/$", "")), meta
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
-  local meta = handle:streamInfo():dynamicMetadata():get(NS) or {}
-  local client = meta[CLIENT_PATH_KEY] or headers:get(":path")
-  local bare, query = string.match(client, "^([^?]*)%??(.*)$")
-  local trimmed = string.gsub(bare, "/$", "")
+  local bare, query, trimmed, meta = client_path(handle, headers)
   local api = CLIENT_APIS[trimmed]
   local marked = headers:get(ATTEMPT_HEADER) or ""
   if marked == RELAY_BACKEND then
@@ -375,24 +380,49 @@ end
 local function name_answer(handle, headers)
   local served = headers:get(ATTEMPT_HEADER)
   headers:remove(ATTEMPT_HEADER)
-  if served == RELAY_BACKEND then return end
+  if served == RELAY_BACKEND then return nil end
   local BACKEND = served ~= nil and backend_of(served) or nil
   if BACKEND == nil then
     headers:remove(PROVIDER_HEADER)
     headers:remove(MODEL_HEADER)
-    return
+    return nil
   end
   headers:replace(PROVIDER_HEADER, BACKEND.provider)
   headers:replace(MODEL_HEADER, BACKEND.name or BACKEND.model)
   if TRACED then
     handle:streamInfo():dynamicMetadata():set(ATTEMPT_NS, GENAI_PROVIDER_KEY, BACKEND.genai)
   end
+  return BACKEND
+end
+
+-- A 2xx that is a web page, not an API's answer: the provider's site behind a wrong base URL,
+-- a proxy's or a login page. Made a 502 in the client's API shape (on the way back this script
+-- comes after the translation), marked for the retry policy: the next backend is tried, Envoy's
+-- outlier detection counts it, and a client that gets it last gets an error its SDK reads
+-- instead of a page it cannot parse.
+local function not_an_answer(handle)
+  local e = ERRORS["not_api"]
+  local _, _, trimmed = client_path(handle, handle:headers())
+  local body = handle:body() -- the page, whole; reading it yields, so the headers are fetched again
+  if body ~= nil then
+    body:setBytes(CLIENT_APIS[trimmed] == "anthropic" and e.anthropic or e.body)
+  end
+  local headers = handle:headers()
+  headers:replace(":status", e.status)
+  headers:replace("content-type", "application/json")
+  headers:remove("content-length")
+  headers:replace(RETRY_HEADER, "not_api")
 end
 
 function envoy_on_response(handle)
   local headers = handle:headers()
-  name_answer(handle, headers)
+  local BACKEND = name_answer(handle, headers)
   local status = headers:get(":status")
+  local page = string.find(headers:get("content-type") or "", "html", 1, true)
+  if BACKEND ~= nil and string.sub(status, 1, 1) == "2" and page then
+    not_an_answer(handle)
+    return
+  end
   local notes = handle:streamInfo():dynamicMetadata():get(ATTEMPT_NS)
   if notes ~= nil and notes[TRANSLATE_KEY] ~= nil and notes[TRANSLATE_KEY] ~= "" then
     -- The translation rewrites the body (a stream chunk by chunk, anything else whole, as JSON).

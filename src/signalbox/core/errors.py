@@ -166,6 +166,14 @@ class BackendsResting(RequestError):
     status, error_type, code = 429, "requests", "backends_resting"
 
 
+class UpstreamNotApi(RequestError):
+    """A backend answered 2xx with a web page instead of its API (a base URL that is the
+    provider's site, a proxy's or login page in front of it): the next backend is tried, and a
+    client that gets it last gets this, not a page its SDK cannot read."""
+
+    status, error_type, code = 502, "server_error", "upstream_not_api"
+
+
 class NoHealthyBackend(RequestError):
     status, error_type, code = 503, "server_error", "no_healthy_backend"
 

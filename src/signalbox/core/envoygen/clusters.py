@@ -228,6 +228,12 @@ ATTEMPT_ERRORS = {
     "other_api": lua_error(
         errors.UnsupportedFeature("this endpoint exists in OpenAI's API only, and this backend speaks Anthropic's")
     ),
+    "not_api": lua_error(
+        errors.UpstreamNotApi(
+            "a backend answered with a web page (text/html), not its API: its base URL is wrong, or a proxy or"
+            " login page stands in front of it"
+        )
+    ),
     "key_unavailable": lua_error(
         errors.ProviderKeyUnavailable("a backend cannot be tried: its provider's API key cannot be read by the gateway")
     ),
