@@ -90,6 +90,22 @@ def local_gateway(args: argparse.Namespace):
     )
 
 
+def _example_request(cfg: pb.RoutingConfig, url: str) -> str:
+    """A curl for the first alias, in the API its backends serve: a chat completion, or an
+    embedding when every backend of its policy is an embedding model (which chat would 400)."""
+    alias = min(a for p in cfg.policies for a in p.aliases)
+    policy = next(p for p in cfg.policies if alias in p.aliases)
+    if policy.backends and all("embeddings" in cfg.backends[b.backend].capabilities for b in policy.backends):
+        return (
+            f"curl -s {url}/embeddings -H 'content-type: application/json' "
+            + f'-d \'{{"model":"{alias}","input":"hello"}}\''
+        )
+    return (
+        f"curl -s {url}/chat/completions -H 'content-type: application/json' "
+        f'-d \'{{"model":"{alias}","messages":[{{"role":"user","content":"hello"}}]}}\''
+    )
+
+
 # Providers without a key named at start; a large fleet's are counted beyond these.
 MISSING_KEYS_SHOWN = 5
 
@@ -148,10 +164,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     aliases = sorted({a for p in cfg.policies for a in p.aliases})
     if aliases:
         print(f"Signalbox gateway ready: {gateway.url}  (models: {', '.join(aliases)})")
-        print(
-            f"  try: curl -s {gateway.url}/chat/completions -H 'content-type: application/json' "
-            f'-d \'{{"model":"{aliases[0]}","messages":[{{"role":"user","content":"hello"}}]}}\''
-        )
+        print(f"  try: {_example_request(cfg, gateway.url)}")
     else:
         print(f"Signalbox gateway ready: {gateway.url}")
         print(

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import functools
 import json
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -204,6 +206,25 @@ def request_problems(api: str, body: dict[str, Any], counting: bool = False) -> 
                 if not isinstance(b, dict) or b.get("type") not in shapes["anthropic_blocks"]:
                     problems.append(f"messages.{i}.content.{j}: unknown block {b!r}")
     return problems
+
+
+def _embeddings(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """OpenAI's embeddings answer: one vector per input (a string, a list of strings, or token
+    arrays), `dimensions` long (3 by default), as floats or, when `encoding_format` is base64
+    (the OpenAI SDK asks for it unless told otherwise), as little-endian float32 in base64."""
+    given = body.get("input")
+    inputs = given if isinstance(given, list) and given and not isinstance(given[0], int) else [given]
+    asked = body.get("dimensions")
+    dims = asked if isinstance(asked, int) and asked > 0 else 3
+    data = []
+    for i, _ in enumerate(inputs):
+        vector = [round(0.1 * (k + 1) + 0.01 * i, 4) for k in range(dims)]
+        encoded: Any = vector
+        if body.get("encoding_format") == "base64":
+            encoded = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": encoded})
+    tokens = 3 * len(inputs)
+    return {"object": "list", "model": model, "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 class FakeProvider:
@@ -439,15 +460,7 @@ class FakeProvider:
                 return await self._responses_stream(request, model, fault)
             return web.json_response(self._response(model, 7), headers=self._headers(fault))
         if request.path.endswith("/embeddings"):
-            return web.json_response(
-                {
-                    "object": "list",
-                    "model": model,
-                    "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
-                    "usage": {"prompt_tokens": 3, "total_tokens": 3},
-                },
-                headers={"x-fake-provider": self.ident},
-            )
+            return web.json_response(_embeddings(body, model), headers={"x-fake-provider": self.ident})
         legacy = not request.path.endswith("/chat/completions")  # OpenAI's legacy /completions
         if body.get("stream"):
             return await self._stream(request, body, model, fault, legacy, "" if legacy else tool)

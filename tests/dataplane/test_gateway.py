@@ -46,6 +46,7 @@ def resources(fakes) -> str:
                     capabilities=["streaming", "json"],
                 ),
                 model("a2", upstreamName="alpha-twin", **TWIN),
+                model("e1", upstreamName="alpha-embed", inputPricePer1M=0.02, capabilities=["embeddings"]),
             ],
         ),
         provider(
@@ -78,6 +79,7 @@ def resources(fakes) -> str:
                     capabilities=["streaming", "tools", "json"],
                 ),
                 model("g2", upstreamName="gamma-twin", **TWIN),
+                model("e2", upstreamName="gamma-embed", inputPricePer1M=0.13, capabilities=["embeddings"]),
             ],
         ),
         # Another provider behind flaky1's fake, under a deeper base path than everyone else's.
@@ -91,6 +93,7 @@ def resources(fakes) -> str:
         provider("dead", dead_url, [model("d1")]),
         provider("sick", fakes["delta"].url + "/v1", [model("s1")], healthy=False),
         policy("split", ["split"], [backend("alpha", "a1", weight=3), backend("gamma", "g1", weight=1)]),
+        policy("embed", ["embed"], [backend("alpha", "e1"), backend("gamma", "e2")], strategy="cost"),
         # Equally capable backends: Envoy routes these alone (the compiled path).
         policy("split-compiled", ["split-compiled"], [backend("alpha", "a2", weight=3), backend("gamma", "g2")]),
         policy(
@@ -425,7 +428,7 @@ def test_bad_inputs_get_status_and_openai_error(gateway, client):
         ask(client, "no-such-model")
     assert exc.value.status_code == 404
     assert (
-        "available: bytask, cheap, compiled-failover, decided-failover, failover, failover-429, fastest, "
+        "available: bytask, cheap, compiled-failover, decided-failover, embed, failover, failover-429, fastest, "
         "keyed-first, nothing, refused, split, split-compiled, sticky" in exc.value.message
     )
 
@@ -451,6 +454,7 @@ def test_models_endpoint_lists_aliases_for_sdk(client):
         "cheap",
         "compiled-failover",
         "decided-failover",
+        "embed",
         "failover",
         "failover-429",
         "fastest",
@@ -533,6 +537,19 @@ def test_anthropic_endpoints_the_gateway_lacks_are_refused_in_anthropics_shape(g
         with pytest.raises(anthropic.NotFoundError) as refused:
             call()
         assert refused.value.body["type"] == "error" and refused.value.body["error"]["type"] == "not_found_error"
+
+
+def test_embeddings_reach_the_sdk_one_vector_per_input_as_it_asked_for_them(client, fakes):
+    """OpenAI's embeddings through a decided alias: the SDK's default (base64, which it decodes)
+    and floats, several inputs, `dimensions`; the cheaper embedding model is picked."""
+    raw = client.embeddings.with_raw_response.create(model="embed", input=["hello", "world", "again"])
+    answer = raw.parse()
+    assert raw.headers["x-signalbox-provider"] == "alpha" and answer.model == "alpha-embed"
+    assert [d.index for d in answer.data] == [0, 1, 2] and len(answer.data[0].embedding) == 3
+    assert answer.data[1].embedding == pytest.approx([0.11, 0.21, 0.31])  # decoded from base64
+    floats = client.embeddings.create(model="embed", input="x", encoding_format="float", dimensions=5)
+    assert len(floats.data) == 1 and len(floats.data[0].embedding) == 5
+    assert fakes["alpha"].requests()[-1]["body"]["model"] == "alpha-embed"
 
 
 @pytest.mark.parametrize("alias", ["split", "decided-failover"])

@@ -254,3 +254,19 @@ def test_signalbox_up_says_at_start_which_providers_have_no_key_here_never_a_key
     assert "default/set " not in said and "sk-set-value-0042" not in said
     _warn_of_missing_keys(compile_config(keyed[:1], []).config)
     assert capsys.readouterr().err == ""
+
+
+def test_signalbox_ups_example_request_is_one_the_first_alias_can_answer():
+    """The start's `try:` line asks the first alias in the API its backends serve: a chat for
+    chat models, an embedding when its policy has embedding models only (chat would be a 400)."""
+    from signalbox.cli import _example_request
+    from signalbox.core.compiler import compile_config
+    from tests.factories import backend, model, policy, provider
+
+    providers = [provider("p", "http://p:1/v1", [model("chat"), model("emb", capabilities=["embeddings"])])]
+    embed_first = [policy("a", ["a-embed"], [backend("p", "emb")]), policy("b", ["b-chat"], [backend("p", "chat")])]
+    said = _example_request(compile_config(providers, embed_first).config, "http://gw/v1")
+    assert said.startswith("curl -s http://gw/v1/embeddings") and '"model":"a-embed","input"' in said
+    chat_first = [policy("a", ["a-chat"], [backend("p", "chat")]), policy("b", ["b-embed"], [backend("p", "emb")])]
+    said = _example_request(compile_config(providers, chat_first).config, "http://gw/v1")
+    assert said.startswith("curl -s http://gw/v1/chat/completions") and '"model":"a-chat","messages"' in said
