@@ -241,6 +241,18 @@ _BEDROCK_AUTH = (
 _BEDROCK_REGION = "a bedrock provider needs aws.region unless its baseUrl is bedrock-runtime.<region>.amazonaws.com"
 
 
+# A base URL that ends with an operation the gateway appends (a URL copied from an API
+# reference's example request): every request would go to <operation>/<operation>.
+_OPERATION_SUFFIX = "/(chat/completions|completions|embeddings|messages|responses)/?$"
+_OPERATION_IN_BASE_URL = (
+    "baseUrl must be the API's root, without the operation the gateway appends to it "
+    "(/chat/completions, /completions, /embeddings, /messages, /responses): e.g. https://api.anthropic.com/v1"
+)
+# OpenAI's and Anthropic's own hosts serve their APIs below /v1 only: without it every request is a 404.
+_BARE_OFFICIAL_HOST = "^https?://api[.](openai|anthropic)[.]com/?$"
+_OFFICIAL_NEEDS_V1 = "api.openai.com and api.anthropic.com serve their APIs below /v1: baseUrl must end with /v1"
+
+
 class AIProviderSpec(Spec):
     """An LLM API endpoint and the models it serves."""
 
@@ -250,6 +262,8 @@ class AIProviderSpec(Spec):
             "self.baseUrl.matches('^https?://[^/?#]+[^?#]*$')",
             "baseUrl must be an http:// or https:// URL with a host and no query or fragment",
         ),
+        (f"!self.baseUrl.matches('{_OPERATION_SUFFIX}')", _OPERATION_IN_BASE_URL),
+        (f"!self.baseUrl.matches('{_BARE_OFFICIAL_HOST}')", _OFFICIAL_NEEDS_V1),
         (
             "!has(self.type) || self.type != 'bedrock' || !has(self.auth) || "
             "(has(self.auth.format) && self.auth.format == 'aws-credentials')",
@@ -309,6 +323,10 @@ class AIProviderSpec(Spec):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             raise ValueError("baseUrl must be an http:// or https:// URL with a host and no query or fragment")
+        if re.search(_OPERATION_SUFFIX, value):
+            raise ValueError(_OPERATION_IN_BASE_URL)
+        if re.match(_BARE_OFFICIAL_HOST, value):
+            raise ValueError(_OFFICIAL_NEEDS_V1)
         return value.rstrip("/")
 
     def key_header(self) -> tuple[str, str]:
