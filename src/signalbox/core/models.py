@@ -251,6 +251,12 @@ _OPERATION_IN_BASE_URL = (
 # OpenAI's and Anthropic's own hosts serve their APIs below /v1 only: without it every request is a 404.
 _BARE_OFFICIAL_HOST = "^https?://api[.](openai|anthropic)[.]com/?$"
 _OFFICIAL_NEEDS_V1 = "api.openai.com and api.anthropic.com serve their APIs below /v1: baseUrl must end with /v1"
+# Paths the gateway builds itself below these types' base URLs.
+_AZURE_ROOT = (
+    "an azure-openai baseUrl is the resource's endpoint (https://<resource>.openai.azure.com): "
+    "the gateway appends /openai/deployments/<model>/..."
+)
+_GEMINI_ROOT = "a gemini baseUrl stops before /models: the gateway appends /models/<model>:generateContent"
 
 
 class AIProviderSpec(Spec):
@@ -264,6 +270,11 @@ class AIProviderSpec(Spec):
         ),
         (f"!self.baseUrl.matches('{_OPERATION_SUFFIX}')", _OPERATION_IN_BASE_URL),
         (f"!self.baseUrl.matches('{_BARE_OFFICIAL_HOST}')", _OFFICIAL_NEEDS_V1),
+        (
+            "!has(self.type) || self.type != 'azure-openai' || !self.baseUrl.matches('/openai(/|$)')",
+            _AZURE_ROOT,
+        ),
+        ("!has(self.type) || self.type != 'gemini' || !self.baseUrl.matches('/models(/|:|$)')", _GEMINI_ROOT),
         (
             "!has(self.type) || self.type != 'bedrock' || !has(self.auth) || "
             "(has(self.auth.format) && self.auth.format == 'aws-credentials')",
@@ -328,6 +339,14 @@ class AIProviderSpec(Spec):
         if re.match(_BARE_OFFICIAL_HOST, value):
             raise ValueError(_OFFICIAL_NEEDS_V1)
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _root_of_type(self) -> AIProviderSpec:
+        if self.type == ProviderType.AZURE_OPENAI and re.search("/openai(/|$)", self.base_url):
+            raise ValueError(_AZURE_ROOT)
+        if self.type == ProviderType.GEMINI and re.search("/models(/|:|$)", self.base_url):
+            raise ValueError(_GEMINI_ROOT)
+        return self
 
     def key_header(self) -> tuple[str, str]:
         """(header, prefix) the key is sent in: `auth`'s own, else the type's default."""
