@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from signalbox.core.envoygen.contract import RELAY_PATH_PREFIX
-from signalbox.core.errors import Forbidden, RequestError
+from signalbox.core.errors import Forbidden, PayloadTooLarge, RequestError, UnsupportedPath
 
 from . import decide, identity, limits, relay
 from .classify import Classification
@@ -229,7 +229,8 @@ def build_app(processor: Processor, token: str = "", exposed: bool = False) -> w
             }
         )
 
-    app = web.Application(client_max_size=processor.max_body_bytes + 1024, middlewares=[_guard(token, exposed)])
+    limit = processor.max_body_bytes + 1024
+    app = web.Application(client_max_size=limit, middlewares=[_json_errors(limit), _guard(token, exposed)])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", models)
@@ -294,6 +295,25 @@ async def _budget(processor: Processor, p: decide.Prepared, consumer: identity.C
 
 
 PRIVILEGED = frozenset({"/v1/classify", "/v1/route", "/v1/feedback"})
+
+
+def _json_errors(limit: int):
+    """aiohttp's own refusals (an unknown path, a wrong method, a body over `limit` bytes) as
+    the JSON errors every other answer of the gateway gives, not its plain-text pages."""
+
+    @web.middleware
+    async def json_errors(request: web.Request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return _error(UnsupportedPath(f"unknown admin path {request.path!r}"))
+        except web.HTTPMethodNotAllowed as exc:
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            return _error(UnsupportedPath(f"only {allowed} is supported on {request.path}"))
+        except web.HTTPRequestEntityTooLarge:
+            return _error(PayloadTooLarge(f"request body exceeds the admin API's limit of {limit} bytes"))
+
+    return json_errors
 
 
 def _guard(token: str, exposed: bool):

@@ -205,6 +205,33 @@ async def test_privileged_admin_endpoints_need_the_token_when_exposed(exposed, t
     assert admin.is_loopback("127.0.0.1") and admin.is_loopback("::1") and not admin.is_loopback("0.0.0.0")
 
 
+async def test_the_admin_apis_own_refusals_are_json_errors_not_plain_text_pages():
+    """An unknown path, a wrong method and a body over the limit: the JSON error shape every
+    other answer of the gateway has, which a client (or `jq`) can read."""
+    from signalbox.extproc import admin
+
+    holder = TableHolder()
+    holder.install(routing_config())
+    runner = web.AppRunner(admin.build_app(Processor(holder, max_body_bytes=1024)))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for method, path, data, status, code in (
+                ("GET", "/v1/nothing", None, 404, "unknown_url"),
+                ("DELETE", "/v1/models", None, 405, "unknown_url"),
+                ("POST", "/v1/route", b"x" * 4096, 413, "request_too_large"),
+            ):
+                async with http.request(method, f"{url}{path}", data=data) as r:
+                    assert r.content_type == "application/json", (path, await r.text())
+                    assert (await r.json())["error"]["code"] == code
+                    assert r.status == (404 if status == 405 else status)
+    finally:
+        await runner.cleanup()
+
+
 async def test_latency_and_open_requests_come_from_the_access_log_not_a_held_stream():
     """A `latency` policy with learning used to return after the response headers: its
     latency average and in-flight count were never updated. Now the router phase ends its
