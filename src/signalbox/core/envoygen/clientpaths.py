@@ -3,7 +3,7 @@
 Code written for Azure OpenAI (`AzureOpenAI(azure_endpoint=...)`, or the v1 API's
 `OpenAI(base_url=".../openai/v1")`) reaches the gateway by changing its endpoint alone: its
 paths become the OpenAI ones inside Envoy before anything reads them (core/azure_paths.lua, on
-the one route that matches them, `luaroutes`), and its `api-key` header is a gateway key like
+the two routes that match them, `luaroutes`), and its `api-key` header is a gateway key like
 `Authorization` (contract.KEY_HEADERS). Only the operations the gateway serves are matched;
 any other Azure path is an unknown path.
 """
@@ -20,7 +20,7 @@ from .luaroutes import run_script, script_file
 # is the OpenAI API itself: all of it becomes `/v1/...`, and what the gateway lacks there is an
 # unknown path as on `/v1`). Short enough for Envoy's regex budget (RE2 program size 100).
 DEPLOYMENT_OPERATIONS = ("chat/completions", "completions", "embeddings")
-DEPLOYMENT_PATHS = f"^/openai/deployments/[^/]+/({'|'.join(DEPLOYMENT_OPERATIONS)})/?$"
+DEPLOYMENT_PATHS = f"^{AZURE_PREFIX}/deployments/[^/]+/({'|'.join(DEPLOYMENT_OPERATIONS)})/?$"
 V1_PREFIX = AZURE_PREFIX + "/v1"
 _LUA = script_file("azure_paths.lua")
 
