@@ -73,36 +73,32 @@ def default_embedder() -> Embedder:
     same numbers (float16 → float32 is exact)."""
     import importlib.util
 
-    from tokenizers import Tokenizer
+    from .wordtokens import WordTokens
 
     spec = importlib.util.find_spec("wordllama")  # located, not imported
     assert spec is not None and spec.submodule_search_locations, "wordllama is not installed"
     root = Path(next(iter(spec.submodule_search_locations)))
     weights = mapped_tensor(root / WEIGHTS_FILE, "embedding.weight")
-    tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
-    tokenizer.no_padding()  # each text is summed on its own (`batch`)
-    tokenizer.no_truncation()
-    # No word cache. This tokenizer has no pre-tokenizer, so its BPE model's "words" are whole
-    # segments (a request, its first and last sentences), and the cache kept every distinct one
-    # under 256 bytes until it held 10,000, never evicting: a worker grew by about 50 MB over
-    # 15,000 distinct prompts and kept it (tests/unit/test_semantic_memory.py). Prompts rarely
-    # repeat, so the cache was a miss on the request path anyway.
-    tokenizer.model._resize_cache(0)
-    # Reading the tokenizer's 1.8 MB of JSON leaves about 4 MB of freed heap that glibc keeps:
-    # given back, a worker that classifies is that much smaller (memtrim).
+    # wordllama's own tokenizer file, run by SentencePiece (wordtokens: the same ids, half the
+    # memory of the `tokenizers` library's copy, and no word cache to grow: the Hugging Face
+    # one kept every distinct segment under 256 bytes, about 50 MB over 15,000 prompts,
+    # tests/unit/test_semantic_memory.py).
+    tokenizer = WordTokens(root / TOKENIZER_FILE)
+    # Reading the tokenizer's 1.8 MB of JSON leaves freed heap that glibc keeps: given back, a
+    # worker that classifies is that much smaller (memtrim).
     release_free_memory()
     last = weights.shape[0] - 1
 
     def batch(texts: Sequence[str]) -> np.ndarray:
-        encoded = tokenizer.encode_batch([t[:MAX_CHARS] for t in texts], add_special_tokens=False)
+        encoded = tokenizer([t[:MAX_CHARS] for t in texts])
         # Each text's own token rows, summed as float32 (float16 -> float32 is exact, and the
         # rows are added in the same order): the padded batch as float32 with its masked copy
         # was several MB for a long prompt, and glibc kept the heap those copies had grown
         # (a worker about 8 MB larger after its first thousand prompts, bench/README.md).
         sums = np.zeros((len(encoded), weights.shape[1]), dtype=np.float32)
         counts = np.ones((len(encoded), 1), dtype=np.float32)
-        for row, e in enumerate(encoded):
-            ids = np.asarray(e.ids, dtype=np.int32)
+        for row, token_ids in enumerate(encoded):
+            ids = np.asarray(token_ids, dtype=np.int32)
             if len(ids):
                 sums[row] = weights[np.clip(ids, 0, last)].sum(axis=0, dtype=np.float32)
                 counts[row] = len(ids)
