@@ -29,6 +29,8 @@ from typing import Any
 import sentencepiece
 from sentencepiece import sentencepiece_model_pb2 as spm_pb
 
+from signalbox.core.errors import TokenizerFileError
+
 # The normaliser a file must have for the conversion to mean the same thing.
 EXPECTED_NORMALIZER = {
     "type": "Sequence",
@@ -37,10 +39,6 @@ EXPECTED_NORMALIZER = {
         {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
     ],
 }
-
-
-class TokenizerFileError(ValueError):
-    """A tokenizer file this conversion would not reproduce (another model or normaliser)."""
 
 
 def model_proto(spec: dict[str, Any]) -> bytes:

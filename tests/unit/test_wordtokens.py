@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
+from signalbox.core.errors import TokenizerFileError
 from signalbox.extproc import semantic
-from signalbox.extproc.wordtokens import TokenizerFileError, WordTokens, model_proto
+from signalbox.extproc.wordtokens import WordTokens, model_proto
 
 
 @functools.cache

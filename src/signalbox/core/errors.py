@@ -59,6 +59,11 @@ class ModelFileError(SignalboxError):
     `task_types.npz`): refused at load, never scored against the wrong features."""
 
 
+class TokenizerFileError(SignalboxError):
+    """The embedding model's tokenizer file is of another kind than the one SentencePiece is
+    built from (another model or normaliser): refused at load, never read into other ids."""
+
+
 class CredentialUnavailable(SignalboxError):
     """No access token could be minted from a provider's credentials (token endpoint down, key
     revoked). The message says why, from google-auth, never the credentials themselves."""

@@ -399,13 +399,14 @@ def _policy_section(made: bytes, section: int, common: bytes | None) -> list[dic
 def _tail_routes(cfg: pb.RoutingConfig, opts: GatewayOptions, larger: dict[str, str]) -> list[dict[str, Any]]:
     """What Envoy answers without Python, after the routed requests' routes."""
     # The models API is answered by Envoy from the compiled aliases: no body, no Python.
+    aliases = _aliases(cfg)
     listing = {
         "name": "models",
-        "direct_response": {"status": 200, "body": {"inline_bytes": _b64(models_listing(_aliases(cfg)))}},
+        "direct_response": {"status": 200, "body": {"inline_bytes": _b64(models_listing(aliases))}},
         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
     }
     # The models API first: Azure's v1 models paths are its own, not clientpaths' rewrites.
-    routes: list[dict[str, Any]] = [*modelsapi.routes(_aliases(cfg), listing), *clientpaths.routes()]
+    routes: list[dict[str, Any]] = [*modelsapi.routes(aliases, listing), *clientpaths.routes()]
     first_target = next((t for policy in cfg.policies for t in routed_targets(policy)), "")
     # Below: requests the router phase set no target for. The ext_proc sees every request with
     # a body and either sets a target, refuses it or fails (510, or forwarded when it fails
