@@ -120,6 +120,10 @@ class Behaviour:
     aws_keys: dict[str, str] = field(default_factory=dict)
     # Extra headers on every answer (a provider that sends headers of the gateway's own names).
     headers: dict[str, str] = field(default_factory=dict)
+    # Whole answers (JSON) compressed with gzip when the request's Accept-Encoding allows it, as
+    # OpenAI's and Anthropic's APIs (behind their CDN) answer the official SDKs. Event streams
+    # stay plain: aiohttp's compressor would hold their events back until the end.
+    compress: bool = True
 
 
 def _fault(raw: dict[str, Any] | None) -> Fault:
@@ -238,7 +242,7 @@ class FakeProvider:
         self.tokens: dict[str, float] = {}
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._compress_answers])
         app.router.add_post("/_fake/behaviour", self.set_behaviour)
         app.router.add_get("/_fake/requests", self.list_requests)
         app.router.add_post("/_fake/reset", self.reset)
@@ -246,6 +250,22 @@ class FakeProvider:
         app.router.add_get("/{tail:.*}", self.handle_get)
         app.router.add_post("/{tail:.*}", self.handle_post)
         return app
+
+    def _compress(self, request: web.Request, response: web.StreamResponse) -> None:
+        """gzip when the client accepts it (`Behaviour.compress`), on answers, not on the fake's
+        own steering endpoints. Before the answer is prepared (its headers are sent then)."""
+        if not self.behaviour.compress or request.path.startswith("/_fake/"):
+            return
+        accepted = request.headers.get("accept-encoding", "").lower()
+        if "gzip" in accepted and response.content_type == "application/json":
+            response.enable_compression(web.ContentCoding.gzip)
+
+    @web.middleware
+    async def _compress_answers(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        if not response.prepared:  # a whole answer (a stream was sent as it was made)
+            self._compress(request, response)
+        return response
 
     async def set_behaviour(self, request: web.Request) -> web.Response:
         behaviour = Behaviour(**{**asdict(Behaviour()), **await request.json()})

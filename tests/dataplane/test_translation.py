@@ -649,3 +649,40 @@ def test_translated_usage_is_accounted(gateway, oai, ant):
         assert time.monotonic() < deadline, found
         time.sleep(0.05)
     assert found == ids
+
+
+def test_answers_a_provider_would_compress_are_counted_and_translated(gateway, fakes, oai, ant):
+    """The SDKs accept gzip, and providers (behind their CDN) then gzip their answers, as the
+    fakes do. The gateway asks every attempt's answer unencoded, so translation and token
+    accounting read JSON, not compressed bytes (before: translated answers failed and no token
+    was counted, so budgets never moved)."""
+    direct = httpx.post(fakes["gamma"].url + "/v1/chat/completions", json={"model": "gpt-fake", "messages": []})
+    assert direct.headers.get("content-encoding") == "gzip"  # what a provider does when let
+
+    ids = {}
+    for alias in ("gpt", "claude", "cheapest"):
+        raw = oai.chat.completions.with_raw_response.create(model=alias, messages=[{"role": "user", "content": "hi"}])
+        assert raw.parse().choices[0].message.content
+        ids[raw.headers["x-request-id"]] = alias
+    raw_message = ant.messages.with_raw_response.create(
+        model="gpt", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert raw_message.parse().content[0].text
+    ids[raw_message.headers["x-request-id"]] = "gpt (Messages)"
+
+    for name in ("alpha", "beta"):
+        sent = [{k.lower(): v for k, v in r["headers"].items()}.get("accept-encoding") for r in fakes[name].requests()]
+        assert sent and set(sent) == {"identity"}, (name, sent)
+    log = Path(gateway.workdir) / "requests.log"
+    deadline = time.monotonic() + 10
+    while True:
+        counted = {
+            e["request_id"]: e["completion_tokens"]
+            for e in log_entries(log)
+            if e.get("event") == "request" and e.get("request_id") in ids
+        }
+        if len(counted) == len(ids):
+            break
+        assert time.monotonic() < deadline, counted
+        time.sleep(0.05)
+    assert all(tokens > 0 for tokens in counted.values()), counted

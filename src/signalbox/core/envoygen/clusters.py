@@ -499,13 +499,26 @@ def larger_after(cfg: pb.RoutingConfig, members: dict[str, list[pb.Backend]] | N
 CLIENT_KEY_HEADERS = (*KEY_HEADERS, "x-goog-api-key")
 
 
-def _strip_keys(cfg: pb.RoutingConfig) -> dict[str, Any]:
+def _attempt_headers(cfg: pb.RoutingConfig) -> dict[str, Any]:
+    """Every key header removed (the client's included), and the answer asked for unencoded.
+
+    Why the encoding: the official SDKs send `Accept-Encoding: gzip, deflate` (httpx, aiohttp),
+    and OpenAI's and Anthropic's APIs answer such requests gzipped. Envoy passes the bytes as
+    they come, so every filter that reads an answer (usage and cost accounting, the request
+    log, translation between APIs, attempt.lua's checks) would read compressed bytes: no
+    tokens counted, budgets never charged, translated answers unreadable. LLM answers are
+    small next to their latency, so the gateway asks for identity rather than decompressing.
+    """
     key_headers = sorted({*CLIENT_KEY_HEADERS, *(p.auth.header.lower() for p in cfg.providers if p.auth.header)})
+    identity = {
+        "header": {"key": "accept-encoding", "value": "identity"},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }
     return {
-        "name": "signalbox.strip_keys",
+        "name": "signalbox.attempt_headers",
         "typed_config": _any(
             "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            mutations={"request_mutations": [{"remove": h} for h in key_headers]},
+            mutations={"request_mutations": [*({"remove": h} for h in key_headers), {"append": identity}]},
         ),
     }
 
@@ -521,7 +534,7 @@ def upstream_filters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[s
     at the 200-provider fleet (bench/README.md)."""
     providers = {p.id: p for p in cfg.providers}
     return [
-        _strip_keys(cfg),
+        _attempt_headers(cfg),
         attempt_marker(),
         _attempt_filter(list(cfg.backends), providers, opts.credentials_dir, bool(opts.otlp_endpoint)),
         *([_translator(opts.extproc_message_timeout_ms)] if opts.translation else []),
