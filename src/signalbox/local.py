@@ -169,8 +169,6 @@ class LocalGateway:
     trace_sampling_percent: float = 100.0
     # The CA bundle providers' TLS certificates are verified against.
     upstream_ca_file: str = envoygen.SYSTEM_CA_FILE
-    # How long Envoy keeps an idle connection to a backend (GatewayOptions.upstream_idle_timeout_s).
-    upstream_idle_timeout_s: float = envoygen.GatewayOptions.upstream_idle_timeout_s
     # How often providers whose credentials mint access tokens (Vertex AI) get a fresh one.
     token_refresh_seconds: float = gatewayfiles.TOKEN_REFRESH_SECONDS
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -215,7 +213,6 @@ class LocalGateway:
             otlp_endpoint=self.otlp_endpoint,
             trace_sampling_percent=self.trace_sampling_percent,
             upstream_ca_file=self.upstream_ca_file,
-            upstream_idle_timeout_s=self.upstream_idle_timeout_s,
             ads=True,
         )
 

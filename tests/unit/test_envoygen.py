@@ -217,22 +217,35 @@ def idle_timeout(cluster):
     return http and http["common_http_protocol_options"]["idle_timeout"]
 
 
+# Keep-alive timeouts of servers providers run on: a connection idle this long is closed by the
+# server, so Envoy must close its own first (uvicorn: vLLM, SGLang, LiteLLM; llama.cpp's server;
+# AWS's application load balancer, in front of many hosted APIs).
+PLAIN_SERVER_KEEPALIVE_MS = 5000
+HOSTED_LOAD_BALANCER_IDLE_MS = 60000
+
+
 @pytest.mark.parametrize("ads", [False, True])
-def test_backend_connections_close_when_idle_and_only_backends_carry_protocol_options(ads):
+def test_backend_connections_close_before_the_servers_would_and_only_backends_carry_protocol_options(ads):
     """Envoy keeps an idle upstream connection for an hour by default, one pool per backend
-    cluster per Envoy worker: a backend's cluster closes its idle connections after the
-    gateway's timeout. Aggregates open no connection of their own and carry nothing (each
-    options block costs Envoy memory per cluster)."""
-    for opts, expected in (
-        (envoygen.GatewayOptions(ads=ads), "60.000s"),
-        (envoygen.GatewayOptions(ads=ads, upstream_idle_timeout_s=1.5), "1.500s"),
-    ):
-        clusters = by_name(envoygen.clusters(config(), opts))
-        backends = {n: c for n, c in clusters.items() if n.startswith("b.")}
-        assert len(backends) == 2
-        assert all(idle_timeout(c) == expected for c in backends.values())
-        for name in targets():
-            assert "typed_extension_protocol_options" not in clusters[name]
+    cluster per Envoy worker. A server that closes an idle connection first can do so as Envoy
+    hands it a request, which then fails unanswered: a backend's cluster closes its idle
+    connections before the servers of its scheme would (plain HTTP: self-hosted; HTTPS: hosted),
+    or after its provider's `idleTimeoutMs`. Aggregates open no connection of their own and
+    carry nothing (each options block costs Envoy memory per cluster)."""
+    clusters = by_name(envoygen.clusters(config(), envoygen.GatewayOptions(ads=ads)))
+    plain, tls = idle_timeout(clusters["b.default.a.m"]), idle_timeout(clusters["b.default.b.m"])
+    assert float(plain.removesuffix("s")) * 1000 < PLAIN_SERVER_KEEPALIVE_MS
+    assert float(tls.removesuffix("s")) * 1000 < HOSTED_LOAD_BALANCER_IDLE_MS
+    for name in targets():
+        assert "typed_extension_protocol_options" not in clusters[name]
+
+    providers = [provider("a", "http://127.0.0.1:9001/v1", [model("m")], idleTimeoutMs=1500)]
+    result = compile_config(providers, [policy("p", ["x"], [backend("a", "m")])])
+    assert result.config is not None, result.problems
+    (backend_cluster,) = [
+        c for c in envoygen.clusters(result.config, envoygen.GatewayOptions(ads=ads)) if c["name"].startswith("b.")
+    ]
+    assert idle_timeout(backend_cluster) == "1.500s"
 
 
 def test_the_many_backends_of_one_tls_endpoint_share_one_origin():

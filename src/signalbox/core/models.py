@@ -313,6 +313,16 @@ class AIProviderSpec(Spec):
     models: list[ModelSpec] = Field(min_length=1, description="Models this provider serves.")
     health_check: HealthCheckSpec = Field(default_factory=HealthCheckSpec, description="Active health probe settings.")
     connect_timeout_ms: int = Field(2000, ge=1, description="TCP connect timeout to the provider, in milliseconds.")
+    idle_timeout_ms: int | None = Field(
+        None,
+        ge=100,
+        le=3600000,
+        description="How long the gateway keeps an idle connection to the provider open, in milliseconds. "
+        "Keep it below the server's own keep-alive timeout: a request sent on a connection the server is "
+        "closing fails unanswered (a 503 with one backend, a needless failover with more). Default: 4000 "
+        "for http:// base URLs (vLLM's, SGLang's and LiteLLM's servers close idle connections after 5 s), "
+        "50000 for https:// (hosted APIs keep theirs 60 s or more; a new connection costs a TLS handshake).",
+    )
     sanitize_streams: bool | None = Field(
         None,
         description="Pass this provider's streams on whole events only, dropping any event whose data is "

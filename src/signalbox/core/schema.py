@@ -39,6 +39,23 @@ _GENAI_PROVIDER_NAMES: dict[int, str] = {
 }
 
 
+# How long Envoy keeps an idle connection to a provider when its spec does not say
+# (`idleTimeoutMs`). Below the server's own keep-alive, so the server never closes a connection
+# Envoy may be handing a request (that request fails unanswered: a 503 with one backend, a
+# needless failover with more). Plain HTTP is mostly self-hosted servers: vLLM's, SGLang's and
+# LiteLLM's uvicorn and llama.cpp's server close idle connections after 5 s, and a new
+# connection in the cluster costs next to nothing. Over HTTPS a new connection costs a TLS
+# handshake, and hosted APIs' load balancers keep theirs 60 s or more (AWS's ALB: 60 s).
+PLAIN_IDLE_TIMEOUT_MS = 4000
+TLS_IDLE_TIMEOUT_MS = 50000
+
+
+def idle_timeout_ms(provider: pb.Provider) -> int:
+    """The idle timeout of Envoy's connections to `provider` (a compiled config without one
+    gets the default for its scheme)."""
+    return provider.idle_timeout_ms or (TLS_IDLE_TIMEOUT_MS if provider.tls else PLAIN_IDLE_TIMEOUT_MS)
+
+
 def genai_provider_name(provider_type: int) -> str:
     return _GENAI_PROVIDER_NAMES.get(provider_type, "openai_compatible")
 

@@ -92,13 +92,6 @@ class GatewayOptions:
     # (`credential_file`): attempt.lua adds each attempt's key inside Envoy. "" (unit tests of
     # the generator only): no keys are added.
     credentials_dir: str = ""
-    # How long an upstream connection of a backend may stay idle before Envoy closes it. Each
-    # backend's cluster has a connection pool per Envoy worker, and Envoy's default keeps an
-    # idle connection for an hour: at the 2,000-provider fleet, traffic to every alias left
-    # 6,473 idle connections to a provider that never closes them (Envoy 668 -> 914 MB,
-    # bench/README.md). Hosted APIs close theirs within minutes, but servers such as Ollama
-    # (Go's net/http) never do. A request after a longer pause opens a new connection.
-    upstream_idle_timeout_s: float = 60.0
     # Where Envoy writes one JSON line per request (REQUEST_LOG_FORMAT); "" writes none.
     # Locally `<workdir>/requests.log`; in a pod /dev/stdout, so `kubectl logs` shows it.
     request_log: str = ""
