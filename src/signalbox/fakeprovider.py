@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import typing
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
@@ -61,6 +62,13 @@ FAULT_KINDS = (
     "context_length",
     "content_filter",
     "html",  # a 200 web page, as a wrong base URL or a proxy's login page answers
+    # A redirect (307, to this server's path under /moved), as a base URL with http:// for an
+    # https:// API, a path a server moved, or a login in front of the API answers.
+    "redirect",
+    # A server's keep-alive (`Fault.keepalive_ms`): a request on a connection idle that long is
+    # dropped unanswered, as when the server closes it just as the request is sent (vLLM's
+    # uvicorn closes idle connections after 5 s, load balancers after their own idle time).
+    "stale",
 )
 # What the `html` fault answers.
 HTML_PAGE = "<!doctype html><html><head><title>Sign in</title></head><body><form>...</form></body></html>"
@@ -78,6 +86,7 @@ class Fault:
     remaining: int = -1  # >= 0: x-ratelimit-remaining-requests on every answer
     times: int = 0  # only the first `times` requests since the last reset
     every: int = 0  # only every `every`-th request (1st, (every+1)th, ...): flapping
+    keepalive_ms: int = 0  # stale: how long a connection may idle before the server drops it
 
     def applies(self, count: int) -> bool:
         if self.times and count > self.times:
@@ -240,9 +249,11 @@ class FakeProvider:
         self.count = 0
         # Access tokens issued by `POST /token` -> when each expires (time.time()).
         self.tokens: dict[str, float] = {}
+        # When each open connection last finished an answer (the `stale` fault reads it).
+        self._idle_since: weakref.WeakKeyDictionary[asyncio.BaseTransport, float] = weakref.WeakKeyDictionary()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._compress_answers])
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._answers])
         app.router.add_post("/_fake/behaviour", self.set_behaviour)
         app.router.add_get("/_fake/requests", self.list_requests)
         app.router.add_post("/_fake/reset", self.reset)
@@ -261,10 +272,14 @@ class FakeProvider:
             response.enable_compression(web.ContentCoding.gzip)
 
     @web.middleware
-    async def _compress_answers(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _answers(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Each answer gzipped when it may be (`_compress`), and the moment its connection went
+        idle noted (the `stale` fault)."""
         response: web.StreamResponse = await handler(request)
         if not response.prepared:  # a whole answer (a stream was sent as it was made)
             self._compress(request, response)
+        if request.transport is not None:
+            self._idle_since[request.transport] = time.monotonic()
         return response
 
     async def set_behaviour(self, request: web.Request) -> web.Response:
@@ -362,6 +377,15 @@ class FakeProvider:
         """Steered delay and faults that end a request before it starts, then the error this
         request should get (wrong key, steered status, a refusal), if any. `steered`: _steer's."""
         status, delay, fault = steered
+        assert request.transport is not None
+        idle_since = self._idle_since.get(request.transport)
+        if (
+            fault.kind == "stale"
+            and idle_since is not None
+            and time.monotonic() - idle_since >= fault.keepalive_ms / 1000
+        ):
+            request.transport.abort()  # as a closed socket answers the request written to it
+            raise asyncio.CancelledError
         if delay:
             await asyncio.sleep(delay / 1000)
         if fault.kind == "reset":
@@ -375,6 +399,9 @@ class FakeProvider:
             return self._error(401, "missing or wrong API key", api=api)
         if fault.kind == "html":
             return web.Response(text=HTML_PAGE, content_type="text/html", headers=self._headers(fault))
+        if fault.kind == "redirect":
+            moved = f"{request.scheme}://{request.host}/moved{request.path_qs}"
+            return web.Response(status=307, headers={**self._headers(fault), "location": moved})
         if fault.kind in REFUSALS:
             code, message = REFUSALS[fault.kind]
             return self._error(400, message, code=code, kind="invalid_request_error", api=api)
@@ -482,6 +509,10 @@ class FakeProvider:
         if request.path.endswith("/embeddings"):
             return web.json_response(_embeddings(body, model), headers={"x-fake-provider": self.ident})
         legacy = not request.path.endswith("/chat/completions")  # OpenAI's legacy /completions
+        # OpenAI's own answers to wrong types (a client's hostile body, passed on as sent).
+        for field_name, kind in (("stream", bool), ("stream_options", dict)):
+            if body.get(field_name) is not None and not isinstance(body[field_name], kind):
+                return self._error(400, f"Invalid type for '{field_name}'.", kind="invalid_request_error")
         if body.get("stream"):
             return await self._stream(request, body, model, fault, legacy, "" if legacy else tool)
         content = self.behaviour.content or f"[{self.ident}] answer from {model}"
@@ -692,7 +723,7 @@ class FakeProvider:
     async def _anthropic_stream(
         self, request: web.Request, model: str, fault: Fault, tool: str, forced: bool = False
     ) -> web.StreamResponse:
-        """Anthropic's event sequence: message_start, a text block of `x-fake-chunks` deltas (and
+        """Anthropic's event sequence: message_start, ping, a text block of `x-fake-chunks` deltas (and
         a tool_use block when steered; that block alone when `forced`), message_delta with the
         usage, message_stop."""
         chunks = 0 if forced else int(request.headers.get("x-fake-chunks", 5))
@@ -708,6 +739,7 @@ class FakeProvider:
         message = {**self._anthropic_answer(model, ""), "content": [], "stop_reason": None}
         message["usage"] = {"input_tokens": 10, "output_tokens": 1}
         await send("message_start", {"message": message})
+        await send("ping", {})  # as Anthropic's API sends right after the start
         if not forced:
             await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
         for i in range(chunks):

@@ -85,6 +85,9 @@ def resources(fakes) -> str:
             strategy="failover",
             failover={"perTryTimeoutMs": FIRST_RESPONSE_MS},
         ),
+        # The primary's server again, with connections Envoy closes after 300 ms idle.
+        provider("primary-brief", fakes["primary"].url + "/v1", [model("m", capabilities=CAPS)], idleTimeoutMs=300),
+        policy("brief", ["brief"], [backend("primary-brief", "m")], strategy="failover"),
         policy(
             "budget", ["budget"], [backend("primary", "m"), backend("second", "m", priority=1)], timeoutMs=BUDGET_MS
         ),
@@ -261,13 +264,20 @@ def test_an_error_status_moves_to_the_next_backend_at_once(
     assert took < 1.0  # no wait for the Retry-After: it concerns the backend that sent it
 
 
+WRONG_ANSWERS = {"html": "a 200 web page", "redirect": "a redirect (307)"}
+
+
+@pytest.mark.parametrize("kind", list(WRONG_ANSWERS))
 @pytest.mark.parametrize("alias", ["chain", "decided"])
-def test_a_web_page_for_an_answer_moves_to_the_next_backend(gateway, client, fakes, scorecard, alias):
-    """A 200 web page (the provider's site behind a wrong base URL, a proxy's login page) is no
-    answer: the next backend answers, and the request log says why the first was passed over."""
-    got, served, origin, error, took, request_id, _ = ask(client, alias, fault(kind="html"))
+def test_a_web_page_or_a_redirect_for_an_answer_moves_to_the_next_backend(
+    gateway, client, fakes, scorecard, alias, kind
+):
+    """A 200 web page (the provider's site behind a wrong base URL, a proxy's login page) or a
+    redirect (http:// for an https:// API, a login in front of it) is no answer: the next backend
+    answers, and the request log says why the first was passed over."""
+    got, served, origin, error, took, request_id, _ = ask(client, alias, fault(kind=kind))
     scorecard(
-        f"a 200 web page instead of an answer ({alias})",
+        f"{WRONG_ANSWERS[kind]} instead of an answer ({alias})",
         "the next backend answers at once",
         f"{got} from {served} in {took * 1000:.0f} ms; primary tried {len(attempts(fakes, 'primary'))}x",
     )
@@ -868,3 +878,52 @@ def test_a_malformed_event_is_dropped_and_the_stream_goes_on(gateway, client, fa
     assert (got, served, origin, error) == (200, "primary", "primary", None)
     assert text == "chunk0 chunk1 chunk2 chunk3 chunk4 "
     assert request["completion_tokens"] == 5
+
+
+# The primary's server keep-alive in the test below, between the two gateways' idle timeouts.
+SERVER_KEEPALIVE_MS = 600
+
+
+def test_a_server_that_closes_idle_connections_first_costs_no_request(gateway, fakes, client, scorecard):
+    """A server closes a connection idle past its keep-alive (vLLM's and llama.cpp's after 5 s); a
+    request Envoy sends on it as it closes is dropped unanswered, and with one backend the client
+    gets a 503 (more: a needless failover, the backend counted as failing). Envoy must close an
+    idle connection first: with the provider's idle timeout below the server's keep-alive, the
+    request after an idle pause goes on a new connection and is answered there."""
+    stale = fault(kind="stale", keepalive_ms=SERVER_KEEPALIVE_MS)
+    pause_s = 1.5 * SERVER_KEEPALIVE_MS / 1000  # the idle time between the two requests
+
+    def after_a_pause(alias: str):
+        assert ask(client, alias, {})[0] == 200  # a connection, kept alive after its answer
+        time.sleep(pause_s)
+        return ask(client, alias, stale)
+
+    status, served, *_ = after_a_pause("brief")  # Envoy's 300 ms < the server's 600 ms
+    # The control: "lone" keeps idle connections 4 s (the default for plain HTTP), longer than
+    # this server does, so Envoy reuses one the server has dropped.
+    control, *_ = after_a_pause("lone")
+    scorecard(
+        "server closes idle connections first (keep-alive shorter than Envoy's)",
+        "idle timeout below the server's keep-alive: the request goes on a new connection, answered",
+        f"{status} from {served} after {pause_s:.1f} s idle; with Envoy's idle timeout above the server's: {control}",
+    )
+    assert (status, served) == (200, "primary-brief")
+    assert control == 503
+    assert ask(client, "lone", {})[0] == 200  # a success: the primary's failure count starts again
+
+
+def test_a_redirect_from_the_only_backend_is_a_502_the_sdk_does_not_follow(gateway, client, fakes, scorecard):
+    """Passed on, a backend's redirect made the SDK follow it past the gateway, the prompt sent
+    straight to where it pointed (the fake's redirect loop: 20 direct requests, then a
+    connection error). The client gets a 502 `upstream_not_api` without a Location instead."""
+    got, _, _, error, _, _, _ = ask(client, "lone", fault(kind="redirect"))
+    paths = [r["path"] for r in fakes["primary"].requests()]
+    scorecard(
+        "a redirect from the only backend",
+        "502 upstream_not_api, nothing followed",
+        f"{got} {error.response.json()['error']['code'] if error is not None else None}; provider saw {paths}",
+    )
+    assert got == 502 and isinstance(error, openai.APIStatusError)
+    assert error.response.json()["error"]["code"] == "upstream_not_api"
+    assert "location" not in error.response.headers
+    assert paths == ["/v1/chat/completions"]  # the gateway's attempt alone: no request followed it

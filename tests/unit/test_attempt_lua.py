@@ -554,3 +554,24 @@ def test_a_web_page_for_an_answer_becomes_a_502_the_retry_policy_moves_past(clie
         assert page(hdrs, '{"id": "x"}') == '{"id": "x"}' and hdrs[":status"] == "200"
     hdrs = lua.table_from({":status": "404", "content-type": "text/html", envoygen.ATTEMPT_HEADER: b.id})
     assert page(hdrs, "<html>Not Found</html>") == "<html>Not Found</html>" and hdrs[":status"] == "404"
+
+
+@pytest.mark.parametrize(("client", "shape"), [("/v1/chat/completions", "error"), ("/v1/messages", "type")])
+@pytest.mark.parametrize("status", ["301", "302", "303", "307", "308"])
+def test_a_redirect_becomes_a_502_without_its_location(client, shape, status):
+    """A backend's redirect is never passed on: the client's SDK follows redirects, and would
+    send the prompt past the gateway to wherever it points. It becomes a 502 in the client's
+    API shape with no Location, marked for the retry policy."""
+    b = backend(OPENAI)
+    lua = luajit21.LuaRuntime()
+    lua.execute(envoygen.attempt_source({b.id: envoygen.attempt_settings(b, OPENAI, KEYS_DIR)}))
+    lua.execute(HANDLE)
+    page = lua.eval(PAGE_HARNESS)
+    hdrs = lua.table_from(
+        {":status": status, "location": "https://elsewhere.example/v1/chat/completions", envoygen.ATTEMPT_HEADER: b.id}
+    )
+    meta = lua.table_from({envoygen.contract.CLIENT_PATH_KEY: client})
+    body = json.loads(page(hdrs, "", meta))
+    assert hdrs[":status"] == "502" and hdrs[envoygen.contract.RETRY_HEADER] == "not_api"
+    assert hdrs["location"] is None and hdrs["content-type"] == "application/json"
+    assert shape in body and "redirect" in json.dumps(body)

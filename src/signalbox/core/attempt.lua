@@ -396,14 +396,18 @@ local function name_answer(handle, headers)
 end
 
 -- A 2xx that is a web page, not an API's answer: the provider's site behind a wrong base URL,
--- a proxy's or a login page. Made a 502 in the client's API shape (on the way back this script
--- comes after the translation), marked for the retry policy: the next backend is tried, Envoy's
--- outlier detection counts it, and a client that gets it last gets an error its SDK reads
--- instead of a page it cannot parse.
-local function not_an_answer(handle)
-  local e = ERRORS["not_api"]
+-- a proxy's or a login page. Or a redirect (3xx): a base URL with http:// for an https:// API,
+-- a moved path, a login in front of the API. Passed on, a redirect sends the client's SDK (which
+-- follows it) with the prompt straight to wherever it points, past the gateway. Either is made a
+-- 502 in the client's API shape (on the way back this script comes after the translation), with
+-- no Location, marked for the retry policy: the next backend is tried, Envoy's outlier detection
+-- counts it, and a client that gets it last gets an error its SDK reads.
+local function not_an_answer(handle, reason)
+  local e = ERRORS[reason]
   local _, _, trimmed = client_path(handle, handle:headers())
-  local body = handle:body() -- the page, whole; reading it yields, so the headers are fetched again
+  -- The page, whole (an empty body when the answer has none, as a redirect often does: so the
+  -- error can still be written); reading it yields, so the headers are fetched again.
+  local body = handle:body(true)
   if body ~= nil then
     body:setBytes(CLIENT_APIS[trimmed] == "anthropic" and e.anthropic or e.body)
   end
@@ -411,6 +415,7 @@ local function not_an_answer(handle)
   headers:replace(":status", e.status)
   headers:replace("content-type", "application/json")
   headers:remove("content-length")
+  headers:remove("location")
   headers:replace(RETRY_HEADER, "not_api")
 end
 
@@ -420,7 +425,11 @@ function envoy_on_response(handle)
   local status = headers:get(":status")
   local page = string.find(headers:get("content-type") or "", "html", 1, true)
   if BACKEND ~= nil and string.sub(status, 1, 1) == "2" and page then
-    not_an_answer(handle)
+    not_an_answer(handle, "not_api")
+    return
+  end
+  if BACKEND ~= nil and string.sub(status, 1, 1) == "3" then
+    not_an_answer(handle, "redirect")
     return
   end
   local notes = handle:streamInfo():dynamicMetadata():get(ATTEMPT_NS)

@@ -173,8 +173,9 @@ class BackendsResting(RequestError):
 
 class UpstreamNotApi(RequestError):
     """A backend answered 2xx with a web page instead of its API (a base URL that is the
-    provider's site, a proxy's or login page in front of it): the next backend is tried, and a
-    client that gets it last gets this, not a page its SDK cannot read."""
+    provider's site, a proxy's or login page in front of it), or with a redirect (which the
+    client's SDK would follow past the gateway): the next backend is tried, and a client that
+    gets it last gets this, not a page its SDK cannot read."""
 
     status, error_type, code = 502, "server_error", "upstream_not_api"
 

@@ -19,7 +19,7 @@ import orjson
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
-from ..schema import genai_provider_name, provider_api
+from ..schema import genai_provider_name, idle_timeout_ms, provider_api
 from .auth import jwks_clusters
 from .contract import (
     ANTHROPIC_VERSION,
@@ -80,14 +80,14 @@ def _compact(lua: str) -> str:
 _ATTEMPT_LUA = _compact(package_files.files("signalbox.core").joinpath("attempt.lua").read_text())
 
 
-def _http1_options(idle_timeout_s: float | None = None) -> dict[str, Any]:
-    """A cluster's HTTP/1 protocol options; `idle_timeout_s`: its connections closed after that
-    long without a request (a backend's, `GatewayOptions.upstream_idle_timeout_s`; about 0.6 KB
+def _http1_options(idle_timeout_ms: int | None = None) -> dict[str, Any]:
+    """A cluster's HTTP/1 protocol options; `idle_timeout_ms`: its connections closed after that
+    long without a request (a backend's: its provider's, `schema.idle_timeout_ms`; about 0.6 KB
     of Envoy per cluster), else Envoy's default (an hour)."""
     # No upstream filters: the router's (`upstream_filters`) run for every cluster it routes to.
     opts: dict[str, Any] = {"explicit_http_config": {"http_protocol_options": {}}}
-    if idle_timeout_s is not None:
-        opts["common_http_protocol_options"] = {"idle_timeout": _ms(round(idle_timeout_s * 1000))}
+    if idle_timeout_ms is not None:
+        opts["common_http_protocol_options"] = {"idle_timeout": _ms(idle_timeout_ms)}
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions", **opts
@@ -101,7 +101,6 @@ def _backend_cluster(
     ads: bool = False,
     ca_file: str = SYSTEM_CA_FILE,
     via_origin: bool = False,
-    idle_timeout_s: float = GatewayOptions.upstream_idle_timeout_s,
 ) -> dict[str, Any]:
     """One backend's cluster. `ads`: an EDS cluster naming its endpoint's resource, which the
     ext_proc writes into it on its way to Envoy over ADS (`extproc.xds`: resolved there, and
@@ -109,14 +108,14 @@ def _backend_cluster(
     once); else inline, Envoy resolving the host name. `via_origin`: it reaches its endpoint's
     origin, plain (`origins`: one TLS context for the many backends of one endpoint), and names
     its origin's resource; else a TLS
-    provider's backend speaks TLS itself. `idle_timeout_s`: how long its idle connections stay
-    open (an origin's connection closes with the backend's that it carries)."""
+    provider's backend speaks TLS itself. Its idle connections close after its provider's idle
+    timeout (an origin's connection closes with the backend's that it carries)."""
     endpoint = BackendEndpoint.of(backend, provider)
     cluster: dict[str, Any] = {
         "name": backend.cluster,
         "connect_timeout": _ms(provider.connect_timeout_ms or DEFAULT_CONNECT_TIMEOUT_MS),
         "circuit_breakers": {"thresholds": [STREAM_LIMITS]},
-        "typed_extension_protocol_options": _http1_options(idle_timeout_s),
+        "typed_extension_protocol_options": _http1_options(idle_timeout_ms(provider)),
         "outlier_detection": {
             "consecutive_5xx": 5,
             "interval": f"{OUTLIER_INTERVAL_S}s",
@@ -232,6 +231,13 @@ ATTEMPT_ERRORS = {
         errors.UpstreamNotApi(
             "a backend answered with a web page (text/html), not its API: its base URL is wrong, or a proxy or"
             " login page stands in front of it"
+        )
+    ),
+    "redirect": lua_error(
+        errors.UpstreamNotApi(
+            "a backend answered with a redirect (3xx), not its API: its base URL is wrong (http:// for an"
+            " https:// API, or a moved path) or a login stands in front of it; the gateway never passes a"
+            " redirect on"
         )
     ),
     "key_unavailable": lua_error(
@@ -788,19 +794,18 @@ def backend_cluster_specs(
 def _backend_specs(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[ClusterSpec]:
     providers = {p.id: p for p in cfg.providers}
     ads, ca, shared = opts.endpoints_over_ads, opts.upstream_ca_file, shared_origins(cfg)
-    idle = opts.upstream_idle_timeout_s
     via_origin = {p.id: p.id in shared for p in cfg.providers}
     # A backend's cluster is made from the backend, its provider, whether it reaches an origin
     # and these options alone (a provider's key is of fixed length: the concatenation is
     # unambiguous).
     provider_keys = {
-        p.id: part_key(orjson.dumps([ads, ca, via_origin[p.id], idle]) + p.SerializeToString(deterministic=True))
+        p.id: part_key(orjson.dumps([ads, ca, via_origin[p.id]]) + p.SerializeToString(deterministic=True))
         for p in cfg.providers
     }
     return [
         (
             b"B" + part_key(provider_keys[b.provider_id] + b.SerializeToString(deterministic=True)),
-            functools.partial(_backend_resource, b, providers[b.provider_id], ads, ca, via_origin[b.provider_id], idle),
+            functools.partial(_backend_resource, b, providers[b.provider_id], ads, ca, via_origin[b.provider_id]),
         )
         for b in cfg.backends
     ]
@@ -812,12 +817,9 @@ def _keyed(made: list[dict[str, Any]]) -> list[ClusterSpec]:
 
 
 def _backend_resource(
-    backend: pb.Backend, provider: pb.Provider, ads: bool, ca_file: str, via_origin: bool, idle_timeout_s: float
+    backend: pb.Backend, provider: pb.Provider, ads: bool, ca_file: str, via_origin: bool
 ) -> dict[str, Any]:
-    return _any(
-        "envoy.config.cluster.v3.Cluster",
-        **_backend_cluster(backend, provider, ads, ca_file, via_origin, idle_timeout_s),
-    )
+    return _any("envoy.config.cluster.v3.Cluster", **_backend_cluster(backend, provider, ads, ca_file, via_origin))
 
 
 def _aggregate(target: str, member_clusters: list[str]) -> dict[str, Any]:
