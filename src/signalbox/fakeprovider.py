@@ -32,6 +32,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import itertools
 import json
 import ssl
 import struct
@@ -41,7 +42,7 @@ import time
 import typing
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -65,12 +66,19 @@ FAULT_KINDS = (
     # A redirect (307, to this server's path under /moved), as a base URL with http:// for an
     # https:// API, a path a server moved, or a login in front of the API answers.
     "redirect",
+    # Streams written in pieces that split events, lines and UTF-8 characters (each text delta
+    # carries TORN_TEXT), as proxies and CDNs pass a provider's stream on.
+    "torn",
     # A server's keep-alive (`Fault.keepalive_ms`): a request on a connection idle that long is
     # dropped unanswered, as when the server closes it just as the request is sent (vLLM's
     # uvicorn closes idle connections after 5 s, load balancers after their own idle time).
     "stale",
 )
 # What the `html` fault answers.
+# What each streamed text delta adds under the `torn` fault: characters of 2, 3 and 4 bytes.
+TORN_TEXT = "é你🙂"
+# The pause between the pieces of a torn write, so that each travels on its own.
+TORN_GAP_S = 0.002
 HTML_PAGE = "<!doctype html><html><head><title>Sign in</title></head><body><form>...</form></body></html>"
 
 
@@ -551,6 +559,27 @@ class FakeProvider:
             **({"usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17}} if finish else {}),
         }
 
+    @staticmethod
+    def _writer(response: web.StreamResponse, fault: Fault) -> Callable[[bytes], Awaitable[None]]:
+        """How a stream's events are written: whole, or (`torn`) each in pieces, cut inside its
+        first line and inside TORN_TEXT's 3- and 4-byte characters (one piece of a character
+        is no text on its own)."""
+        if fault.kind != "torn":
+            return response.write
+
+        async def torn(data: bytes) -> None:
+            cuts = {len(data) // 3}
+            for char in TORN_TEXT[1:]:
+                at = data.find(char.encode())
+                if at >= 0:
+                    cuts.add(at + 1)
+            edges = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
+            for start, end in itertools.pairwise(edges):
+                await response.write(data[start:end])
+                await asyncio.sleep(TORN_GAP_S)
+
+        return torn
+
     async def _stream(
         self, request: web.Request, body: dict[str, Any], model: str, fault: Fault, legacy: bool = False, tool: str = ""
     ) -> web.StreamResponse:
@@ -560,6 +589,8 @@ class FakeProvider:
         gap = int(request.headers.get("x-fake-chunk-delay-ms", 0)) / 1000
         response = web.StreamResponse(headers={"content-type": "text/event-stream", **self._headers(fault)})
         await response.prepare(request)
+        write = self._writer(response, fault)
+        extra = f"{TORN_TEXT} " if fault.kind == "torn" else ""
         if fault.first_token_ms:
             await asyncio.sleep(fault.first_token_ms / 1000)
 
@@ -570,7 +601,7 @@ class FakeProvider:
                 chunk["choices"][0]["finish_reason"] = finish
                 if usage is not None:
                     chunk["choices"], chunk["usage"] = [], usage
-                return f"data: {json.dumps(chunk)}\n\n".encode()
+                return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
             chunk = {
                 "id": f"chatcmpl-{self.ident}-{self.count}",
                 "object": "chat.completion.chunk",
@@ -581,13 +612,15 @@ class FakeProvider:
             }
             if usage is not None:
                 chunk["choices"], chunk["usage"] = [], usage
-            return f"data: {json.dumps(chunk)}\n\n".encode()
+            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
 
         for i in range(chunks):
             await _break_if_due(request, fault, i)
             if i == fault.after and fault.kind == "malformed":
-                await response.write(b'data: {"id": "broken", "choices": [{"delta": {"content": \n\n')
-            await response.write(event({"content": f"chunk{i} "} if i else {"role": "assistant", "content": "chunk0 "}))
+                await write(b'data: {"id": "broken", "choices": [{"delta": {"content": \n\n')
+            await write(
+                event({"content": f"chunk{i} {extra}"} if i else {"role": "assistant", "content": f"chunk0 {extra}"})
+            )
             if gap:
                 await asyncio.sleep(gap)
         if tool:
@@ -598,16 +631,16 @@ class FakeProvider:
                 "function": {"name": tool, "arguments": ""},
             }
             half = len(TOOL_ARGUMENTS) // 2
-            await response.write(event({"tool_calls": [call]}))
+            await write(event({"tool_calls": [call]}))
             for piece in (TOOL_ARGUMENTS[:half], TOOL_ARGUMENTS[half:]):
-                await response.write(event({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
-        await response.write(event({}, finish="tool_calls" if tool else "stop"))
+                await write(event({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+        await write(event({}, finish="tool_calls" if tool else "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
-            await response.write(
+            await write(
                 event({}, usage={"prompt_tokens": 10, "completion_tokens": chunks, "total_tokens": 10 + chunks})
             )
         if fault.kind != "no_done":
-            await response.write(b"data: [DONE]\n\n")
+            await write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
@@ -730,11 +763,13 @@ class FakeProvider:
         gap = int(request.headers.get("x-fake-chunk-delay-ms", 0)) / 1000
         response = web.StreamResponse(headers={"content-type": "text/event-stream", **self._headers(fault)})
         await response.prepare(request)
+        write = self._writer(response, fault)
+        extra = f"{TORN_TEXT} " if fault.kind == "torn" else ""
         if fault.first_token_ms:
             await asyncio.sleep(fault.first_token_ms / 1000)
 
         async def send(name: str, data: dict[str, Any]) -> None:
-            await response.write(f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode())
+            await write(f"event: {name}\ndata: {json.dumps({'type': name, **data}, ensure_ascii=False)}\n\n".encode())
 
         message = {**self._anthropic_answer(model, ""), "content": [], "stop_reason": None}
         message["usage"] = {"input_tokens": 10, "output_tokens": 1}
@@ -744,7 +779,9 @@ class FakeProvider:
             await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
         for i in range(chunks):
             await _break_if_due(request, fault, i)
-            await send("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": f"chunk{i} "}})
+            await send(
+                "content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": f"chunk{i} {extra}"}}
+            )
             if gap:
                 await asyncio.sleep(gap)
         if not forced:

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from signalbox.fakeprovider import TORN_TEXT
 from tests.factories import backend, dump, model, policy, provider
 
 from .conftest import CLIENT_TOKEN, log_entries, start_gateway
@@ -686,3 +687,35 @@ def test_answers_a_provider_would_compress_are_counted_and_translated(gateway, f
         assert time.monotonic() < deadline, counted
         time.sleep(0.05)
     assert all(tokens > 0 for tokens in counted.values()), counted
+
+
+@pytest.mark.parametrize(
+    ("client_api", "alias"), [("openai", "gpt"), ("openai", "claude"), ("anthropic", "gpt"), ("anthropic", "claude")]
+)
+def test_streams_torn_anywhere_arrive_whole_and_are_counted(gateway, fakes, oai, ant, client_api, alias):
+    """Proxies and CDNs pass a provider's stream on in pieces that split events, lines and UTF-8
+    characters. Passed through or translated, the client gets every character of the answer,
+    and the request log has the provider's token counts."""
+    torn = {"x-fake-fault": json.dumps({"kind": "torn"}), "x-fake-chunks": "4"}
+    expected = "".join(f"chunk{i} {TORN_TEXT} " for i in range(4))
+    if client_api == "openai":
+        raw = oai.chat.completions.with_raw_response.create(
+            model=alias, messages=[{"role": "user", "content": "hi"}], stream=True, extra_headers=torn
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+        request_id = raw.headers["x-request-id"]
+    else:
+        with ant.messages.stream(
+            model=alias, max_tokens=20, messages=[{"role": "user", "content": "hi"}], extra_headers=torn
+        ) as s:
+            text = "".join(s.text_stream)
+            request_id = s.response.headers["x-request-id"]
+    assert text == expected
+    log = Path(gateway.workdir) / "requests.log"
+    deadline = time.monotonic() + 10
+    while not (
+        lines := [e for e in log_entries(log) if e.get("request_id") == request_id and e.get("event") == "request"]
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert (lines[0]["prompt_tokens"], lines[0]["completion_tokens"]) == (10, 4)
