@@ -280,9 +280,12 @@ def finish(
     backend = selection.choice.backend
     body = {**prepared.body, "model": backend.upstream_model}
     if body.get("stream") is True and api_of_path(prepared.path) == OPENAI_API:
-        # Usage is how spend is counted: ask for it in streams too (clients ignore the extra chunk).
-        options = body.get("stream_options")
-        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        if not backend.provider.stream_usage:
+            body.pop("stream_options", None)  # the provider refuses the field (streamUsage: false)
+        else:
+            # Usage is how spend is counted: ask for it in streams too (clients ignore the extra chunk).
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     return RouterOutcome(
         policy=prepared.policy, selection=selection, classification=cls, body=body_codec.dump(body), vector=vector
     )

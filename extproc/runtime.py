@@ -94,6 +94,8 @@ class ProviderRuntime:
     genai_name: str = "openai"
     # Serves OpenAI's Responses API itself: a Responses client is passed through.
     responses_api: bool = False
+    # Takes `stream_options` (usage asked for at the end of streams); false: sends none.
+    stream_usage: bool = True
     # The digest of the message it was built from: the next config's table keeps it while that
     # is unchanged (`RuntimeTable.from_config(reuse=...)`).
     built_from: bytes = field(default=b"", compare=False, repr=False)
@@ -370,6 +372,7 @@ def _provider(p: pb.Provider, auth_value: SecretValue | None, key_missing: bool,
         api=provider_api(p.type),
         genai_name=genai_provider_name(p.type),
         responses_api=p.responses_api and provider_api(p.type) == OPENAI_API,
+        stream_usage=not p.no_stream_usage,
         built_from=digest,
     )
 

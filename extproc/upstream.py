@@ -88,8 +88,8 @@ async def translate(
     if route is None:
         # Only attempt.lua sets the marker: a config this data plane does not understand.
         raise ValueError(f"unknown translation {marker!r}")
-    src, dst = route
-    translation = Translation(src, dst)
+    src, dst, stream_usage = route
+    translation = Translation(src, dst, stream_usage)
     outcome = "ok"
     try:
         # The header map is every attempt's: no length is set for a body the next attempt may

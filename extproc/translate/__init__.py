@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
+from signalbox.core.envoygen.contract import NO_USAGE_ROUTE
 from signalbox.core.errors import (
     ANTHROPIC_API,
     BEDROCK_API,
@@ -36,12 +37,14 @@ class StreamTranslator(Protocol):
     def end(self) -> bytes: ...
 
 
-def parse_route(value: str) -> tuple[str, str] | None:
-    """The marker attempt.lua sets ("anthropic>openai") as (client api, backend api)."""
-    src, sep, dst = value.partition(">")
+def parse_route(value: str) -> tuple[str, str, bool] | None:
+    """The marker attempt.lua sets ("anthropic>openai", NO_USAGE_ROUTE after it when the backend
+    refuses `stream_options`) as (client api, backend api, whether to ask for stream usage)."""
+    route = value.removesuffix(NO_USAGE_ROUTE)
+    src, sep, dst = route.partition(">")
     if not sep or src not in APIS or dst not in BACKEND_APIS or src == dst:
         return None
-    return src, dst
+    return src, dst, route == value
 
 
 def _json(raw: bytes) -> Any:
@@ -94,8 +97,10 @@ class Translation:
     backend's API when that is not chat. So every pair works with one reader and one writer per
     API, and nothing is translated twice where one step suffices."""
 
-    def __init__(self, src: str, dst: str):
-        self.src, self.dst = src, dst
+    def __init__(self, src: str, dst: str, stream_usage: bool = True):
+        """`stream_usage`: an OpenAI backend's streams are asked for their usage (false: the
+        backend refuses `stream_options`, and is sent none)."""
+        self.src, self.dst, self.stream_usage = src, dst, stream_usage
         self.streaming = False  # set by request(): whether the client asked for a stream
         # Set by request(): JSON output asked of an Anthropic backend (a forced tool carries it).
         self.json_output = False
@@ -114,6 +119,8 @@ class Translation:
         else:
             chat = body
         self.streaming = chat.get("stream") is True
+        if not self.stream_usage:
+            chat.pop("stream_options", None)
         self.json_output = self.dst == ANTHROPIC_API and anthropic.wants_json(chat)
         if self.dst == ANTHROPIC_API:
             return _dump(anthropic.chat_to_messages(chat))

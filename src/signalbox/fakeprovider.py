@@ -141,6 +141,9 @@ class Behaviour:
     # OpenAI's and Anthropic's APIs (behind their CDN) answer the official SDKs. Event streams
     # stay plain: aiohttp's compressor would hold their events back until the end.
     compress: bool = True
+    # Top-level request fields this server refuses with a 422, as some OpenAI-compatible APIs
+    # refuse `stream_options` ("Extra inputs are not permitted").
+    refuse_fields: list[str] = field(default_factory=list)
 
 
 def _fault(raw: dict[str, Any] | None) -> Fault:
@@ -479,6 +482,9 @@ class FakeProvider:
         refusal = await self._refusal(request, steered)
         if refusal is not None:
             return refusal
+        refused = [name for name in self.behaviour.refuse_fields if name in body]
+        if refused:
+            return self._error(422, f"Extra inputs are not permitted: {refused}", kind="invalid_request_error", api=api)
         counting = request.path.endswith("/messages/count_tokens")
         if request.path.endswith(("/chat/completions", "/messages")) or counting:
             strict = api == "anthropic" or self.behaviour.strict

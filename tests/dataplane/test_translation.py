@@ -64,6 +64,23 @@ def resources(fakes) -> str:
             "claude-err", fakes["gamma"].url + "/v1", [model("e1", upstreamName="claude-err", **CAPS)], type="anthropic"
         ),
         provider("gpt-err", fakes["delta"].url + "/v1", [model("e2", upstreamName="gpt-err", **CAPS)]),
+        # The same server again, told it refuses stream_options; two prices for a decided policy.
+        provider(
+            "gpt-plain",
+            fakes["delta"].url + "/v1",
+            [
+                model("p1", upstreamName="gpt-plain", **CAPS),
+                model("p2", upstreamName="gpt-dear", inputPricePer1M=9, **CAPS),
+            ],
+            streamUsage=False,
+        ),
+        policy("gpt-plain", ["gpt-plain"], [backend("gpt-plain", "p1")]),
+        policy(
+            "gpt-plain-cost",
+            ["gpt-plain-cost"],
+            [backend("gpt-plain", "p1"), backend("gpt-plain", "p2")],
+            strategy="cost",
+        ),
         policy("claude-err", ["claude-err"], [backend("claude-err", "e1")]),
         policy("gpt-err", ["gpt-err"], [backend("gpt-err", "e2")]),
         # epsilon speaks Gemini's API.
@@ -719,3 +736,23 @@ def test_streams_torn_anywhere_arrive_whole_and_are_counted(gateway, fakes, oai,
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert (lines[0]["prompt_tokens"], lines[0]["completion_tokens"]) == (10, 4)
+
+
+def test_a_provider_that_refuses_stream_options_gets_none_and_streams(gateway, fakes, oai, ant):
+    """Some OpenAI-compatible APIs refuse `stream_options` (a 422), which the gateway adds to
+    every stream to count its tokens: with `streamUsage: false` it sends none (not even a
+    client's), compiled, decided or translated, and the stream is served."""
+    fakes["delta"].behave(refuse_fields=["stream_options"])
+    asked = {"stream_options": {"include_usage": True}}
+    for alias in ("gpt-plain", "gpt-plain-cost"):
+        chunks = oai.chat.completions.create(
+            model=alias, messages=[{"role": "user", "content": "hi"}], stream=True, extra_body=asked
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    with ant.messages.stream(model="gpt-plain", max_tokens=20, messages=[{"role": "user", "content": "hi"}]) as s:
+        assert "".join(s.text_stream)
+    sent = fakes["delta"].requests()
+    assert len(sent) == 3 and all("stream_options" not in r["body"] and r["stream"] for r in sent)
+    # The control: the same server as a provider that takes the field (the default).
+    with pytest.raises(openai.UnprocessableEntityError):
+        oai.chat.completions.create(model="gpt-err", messages=[{"role": "user", "content": "hi"}], stream=True)

@@ -90,8 +90,8 @@ class Attempt:
         text, status, answer = self.run_lua(hdrs, self.lua.table_from(meta) if meta is not None else None, body)
         return dict(hdrs), text, status, answer
 
-    def rewrite(self, text: str):
-        return self.lua.globals().rewrite_body(text, json.dumps("m-up"), True)
+    def rewrite(self, text: str, usage: bool | str = True):
+        return self.lua.globals().rewrite_body(text, json.dumps("m-up"), usage)
 
 
 ANTHROPIC = pb.Provider(
@@ -306,6 +306,26 @@ def test_any_json_object_keeps_every_member_but_model(members, model, stream, op
     if stream:
         expected["stream_options"] = {**(options or {}), "include_usage": True}
     assert out == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    members=st.dictionaries(st.text(max_size=8).filter(lambda k: k != "stream_options"), json_values, max_size=5),
+    options=json_values,
+    at=st.integers(min_value=0, max_value=6),
+    indent=st.sampled_from([None, 0, 2]),
+)
+def test_a_provider_that_refuses_stream_options_gets_none_wherever_it_was(members, options, at, indent):
+    """`streamUsage: false`: the member is taken out wherever it stands (first, between,
+    last, alone), with its comma, and everything else is kept."""
+    items = list({**members, "model": "x"}.items())
+    items.insert(min(at, len(items)), ("stream_options", options))
+    raw = json.dumps(dict(items), indent=indent)
+    result = Attempt(OPENAI).rewrite(raw, "drop")
+    if isinstance(result, tuple):
+        assert result[1] == "escaped_name" and "\\" in json.dumps([k for k, _ in items])
+        return
+    assert json.loads(result) == {**members, "model": "m-up"}
 
 
 @settings(max_examples=300, deadline=None)

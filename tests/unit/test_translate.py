@@ -368,7 +368,8 @@ def test_a_stream_is_told_from_json_by_its_first_bytes(first, stream):
 
 
 def test_the_marker_names_two_different_known_apis():
-    assert parse_route("openai>anthropic") == ("openai", "anthropic")
+    assert parse_route("openai>anthropic") == ("openai", "anthropic", True)
+    assert parse_route("anthropic>openai;no_usage") == ("anthropic", "openai", False)
     for bad in ("", "openai", "openai>openai", "x>anthropic", "anthropic>"):
         assert parse_route(bad) is None
 

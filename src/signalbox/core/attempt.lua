@@ -135,8 +135,8 @@ local function after_value(s, i)
   return k
 end
 
--- The members of the object at s[i]: a list of {key = raw key text, vs = value start,
--- ve = index after the value}, and the index of the closing brace.
+-- The members of the object at s[i]: a list of {key = raw key text, ks = key start, vs = value
+-- start, ve = index after the value}, and the index of the closing brace.
 local function members(s, i)
   i = after_ws(s, i)
   if i == nil or string.byte(s, i) ~= 123 then return nil end
@@ -153,7 +153,7 @@ local function members(s, i)
     if vs == nil then return nil end
     local ve = after_value(s, vs)
     if ve == nil then return nil end
-    out[#out + 1] = {key = string.sub(s, i + 1, ke - 2), vs = vs, ve = ve}
+    out[#out + 1] = {key = string.sub(s, i + 1, ke - 2), ks = i, vs = vs, ve = ve}
     local n = after_ws(s, ve)
     if n == nil then return nil end
     local b = string.byte(s, n)
@@ -181,14 +181,17 @@ local function with_usage(s, vs, ve)
   return string.sub(value, 1, close - 1) .. sep .. USAGE .. string.sub(value, close)
 end
 
--- The body with every top-level "model" set to model_json and, for an OpenAI stream (`usage`),
--- usage asked for; nil and the name of an error in ERRORS when it cannot be rewritten safely.
+-- The body with every top-level "model" set to model_json and, for an OpenAI stream, `usage`
+-- true: usage asked for; "drop": no stream_options at all (a provider that refuses the field,
+-- `streamUsage: false`). nil and the name of an error in ERRORS when it cannot be rewritten
+-- safely.
 function rewrite_body(s, model_json, usage)
   local list, close = members(s, 1)
   if list == nil then return nil, "not_object" end
-  local edits = {} -- {value start, index after value, replacement}, in body order
+  local edits = {} -- {start, index after, replacement}, in body order
   local streaming, has_options, found = false, false, false
-  for _, m in ipairs(list) do
+  local drop = usage == "drop"
+  for i, m in ipairs(list) do
     if string.find(m.key, "\\", 1, true) then
       return nil, "escaped_name"
     end
@@ -196,7 +199,17 @@ function rewrite_body(s, model_json, usage)
       edits[#edits + 1] = {m.vs, m.ve, model_json}
       found = true
     elseif m.key == "stream" then
-      streaming = usage and string.sub(s, m.vs, m.ve - 1) == "true"
+      streaming = usage == true and string.sub(s, m.vs, m.ve - 1) == "true"
+    elseif m.key == "stream_options" and drop then
+      -- The member and one comma beside it: up to the next member, else from the last one.
+      local nxt, prev = list[i + 1], list[i - 1]
+      if nxt ~= nil then
+        edits[#edits + 1] = {m.ks, nxt.ks, ""}
+      elseif prev ~= nil then
+        edits[#edits + 1] = {prev.ve, m.ve, ""}
+      else
+        edits[#edits + 1] = {m.ks, m.ve, ""}
+      end
     elseif m.key == "stream_options" and usage then
       has_options = true
       edits[#edits + 1] = {m.vs, m.ve, nil}
@@ -268,8 +281,10 @@ function envoy_on_request(handle)
     -- Gemini and Bedrock name the model in the path (`api_path`; the translation switches to
     -- their streaming method).
     rest = BACKEND.api_path or API_PATHS[BACKEND.api]
-    headers:replace(TRANSLATE_HEADER, api .. ">" .. BACKEND.api)
-    handle:streamInfo():dynamicMetadata():set(ATTEMPT_NS, TRANSLATE_KEY, api .. ">" .. BACKEND.api)
+    -- NO_USAGE_ROUTE: the translation asks this backend for no usage at the end of a stream.
+    local route = api .. ">" .. BACKEND.api .. (BACKEND.no_usage and NO_USAGE_ROUTE or "")
+    headers:replace(TRANSLATE_HEADER, route)
+    handle:streamInfo():dynamicMetadata():set(ATTEMPT_NS, TRANSLATE_KEY, route)
   elseif api == nil and BACKEND.api ~= "openai" then
     -- Completions and embeddings exist in OpenAI's API only (the router phase never picks such
     -- a backend first for them; a later member of a chain can still meet one).
@@ -303,8 +318,10 @@ function envoy_on_request(handle)
   end
   local body = handle:body()
   if body == nil then return end
-  -- stream_options.include_usage is a chat completions field: only chat bodies get it.
+  -- stream_options.include_usage is a chat completions field: only chat bodies get it, and
+  -- none goes to a provider that refuses the field (`no_usage`, streamUsage: false).
   local usage = api ~= "anthropic" and BACKEND.api == "openai" and not (api == "responses" and native)
+  if usage and BACKEND.no_usage then usage = "drop" end
   local text, why = rewrite_body(body:getBytes(0, body:length()), BACKEND.model_json, usage)
   if text == nil then
     refuse(handle, why, api)

@@ -267,6 +267,7 @@ def _provider_messages(prov: AIProvider) -> tuple[pb.Provider, list[pb.Backend]]
         healthy=healthy,
         connect_timeout_ms=spec.connect_timeout_ms,
         idle_timeout_ms=spec.idle_timeout_ms or (TLS_IDLE_TIMEOUT_MS if tls else PLAIN_IDLE_TIMEOUT_MS),
+        no_stream_usage=not spec.stream_usage,
         # First-party APIs stream well-formed events; self-hosted and proxy servers vary.
         sanitize_streams=spec.type == ProviderType.OPENAI_COMPATIBLE
         if spec.sanitize_streams is None

@@ -323,6 +323,14 @@ class AIProviderSpec(Spec):
         "for http:// base URLs (vLLM's, SGLang's and LiteLLM's servers close idle connections after 5 s), "
         "50000 for https:// (hosted APIs keep theirs 60 s or more; a new connection costs a TLS handshake).",
     )
+    stream_usage: bool = Field(
+        True,
+        description="Ask for token usage at the end of streams (`stream_options.include_usage`, which "
+        "accounting and budgets read), on OpenAI-API backends. Set false for servers that refuse the field "
+        "(some OpenAI-compatible APIs answer it with a 400 or 422): the gateway then sends no "
+        "`stream_options`, not even a client's, and a stream is counted from the usage the server sends on "
+        "its own, if any.",
+    )
     sanitize_streams: bool | None = Field(
         None,
         description="Pass this provider's streams on whole events only, dropping any event whose data is "

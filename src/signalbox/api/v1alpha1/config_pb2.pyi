@@ -112,7 +112,7 @@ class Auth(_message.Message):
     def __init__(self, secret: _Optional[_Union[SecretRef, _Mapping]] = ..., env: _Optional[str] = ..., file: _Optional[str] = ..., header: _Optional[str] = ..., prefix: _Optional[str] = ..., format: _Optional[_Union[AuthFormat, str]] = ...) -> None: ...
 
 class Provider(_message.Message):
-    __slots__ = ("id", "name", "type", "host", "port", "tls", "base_path", "auth", "azure_api_version", "healthy", "connect_timeout_ms", "sanitize_streams", "responses_api", "aws_region", "idle_timeout_ms")
+    __slots__ = ("id", "name", "type", "host", "port", "tls", "base_path", "auth", "azure_api_version", "healthy", "connect_timeout_ms", "sanitize_streams", "responses_api", "aws_region", "idle_timeout_ms", "no_stream_usage")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class Provider(_message.Message):
     RESPONSES_API_FIELD_NUMBER: _ClassVar[int]
     AWS_REGION_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    NO_STREAM_USAGE_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     type: ProviderType
@@ -143,7 +144,8 @@ class Provider(_message.Message):
     responses_api: bool
     aws_region: str
     idle_timeout_ms: int
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[_Union[ProviderType, str]] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., tls: _Optional[bool] = ..., base_path: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., azure_api_version: _Optional[str] = ..., healthy: _Optional[bool] = ..., connect_timeout_ms: _Optional[int] = ..., sanitize_streams: _Optional[bool] = ..., responses_api: _Optional[bool] = ..., aws_region: _Optional[str] = ..., idle_timeout_ms: _Optional[int] = ...) -> None: ...
+    no_stream_usage: bool
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[_Union[ProviderType, str]] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., tls: _Optional[bool] = ..., base_path: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., azure_api_version: _Optional[str] = ..., healthy: _Optional[bool] = ..., connect_timeout_ms: _Optional[int] = ..., sanitize_streams: _Optional[bool] = ..., responses_api: _Optional[bool] = ..., aws_region: _Optional[str] = ..., idle_timeout_ms: _Optional[int] = ..., no_stream_usage: _Optional[bool] = ...) -> None: ...
 
 class Backend(_message.Message):
     __slots__ = ("id", "provider_id", "model", "upstream_model", "input_price_per_1m", "output_price_per_1m", "quality", "context_window", "capabilities", "latency_prior_ms", "healthy", "cluster")

@@ -34,6 +34,7 @@ from .contract import (
     LARGER_AFTER_HEADER,
     METADATA_NS,
     MODEL_HEADER,
+    NO_USAGE_ROUTE,
     OUTLIER_BASE_EJECTION_S,
     OUTLIER_INTERVAL_S,
     OUTLIER_MAX_EJECTION_S,
@@ -279,6 +280,8 @@ def attempt_settings(backend: pb.Backend, provider: pb.Provider, credentials_dir
     api_path = _model_path(provider.type, backend.upstream_model)
     if api_path:
         out["api_path"] = api_path
+    if provider.no_stream_usage:
+        out["no_usage"] = True  # refuses stream_options: none is sent (attempt.lua's rewrite_body)
     out["name"] = backend.model
     if backend.id == f"{provider.id}/{backend.model}":
         # Where the backend's model name starts in its id (compiler: "<provider>/<model>"), a
@@ -325,6 +328,7 @@ def attempt_source(settings: dict[str, dict[str, Any]], traced: bool = False) ->
         "ATTEMPT_NS": ATTEMPT_NS,
         "TRANSLATE_HEADER": TRANSLATE_HEADER,
         "TRANSLATE_KEY": TRANSLATE_KEY,
+        "NO_USAGE_ROUTE": NO_USAGE_ROUTE,
         "ANTHROPIC_VERSION": ANTHROPIC_VERSION,
         "RELAY_BACKEND": RELAY_BACKEND,
         "RELAY_HEADER": RELAY_HEADER,

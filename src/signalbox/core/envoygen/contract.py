@@ -117,6 +117,9 @@ JWT_PAYLOAD_KEY = "jwt_payload"
 # api>><backend api>"): dynamic metadata ATTEMPT_NS/TRANSLATE_KEY, forwarded with its messages
 # (CEL attributes in an upstream filter read the client's headers, not the attempt's).
 TRANSLATE_KEY = "translate"
+# What follows "<client api>><backend api>" there when the backend refuses `stream_options`
+# (its provider's streamUsage: false): the translation asks it for no usage.
+NO_USAGE_ROUTE = ";no_usage"
 # Why a bodyless request is refused, by kind of path (Envoy's routes answer the requests that
 # never reach the ext_proc; the ext_proc gives the same answer to a headers-first stream).
 EMPTY_BODY = {
