@@ -46,6 +46,8 @@ _STOP_TO_FINISH = {
     "tool_use": "tool_calls",
     "refusal": "content_filter",
     "pause_turn": "stop",
+    # The model's context window filled up: the answer is cut, as with max_tokens.
+    "model_context_window_exceeded": "length",
 }
 
 _CHAT_KNOWN = CHAT_FIELDS

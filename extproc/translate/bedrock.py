@@ -42,6 +42,9 @@ _FINISH = {
     "model_context_window_exceeded": "length",
     "guardrail_intervened": "content_filter",
     "content_filtered": "content_filter",
+    # The model's output could not be parsed: what came of it ends the answer as it is.
+    "malformed_model_output": "stop",
+    "malformed_tool_use": "stop",
 }
 _IMAGE_FORMATS = {
     "image/png": "png",

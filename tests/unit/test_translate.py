@@ -677,3 +677,32 @@ def test_json_output_needs_an_object_schema_on_an_anthropic_backend():
     }
     with pytest.raises(UnsupportedFeature, match="type is object"):
         Translation("openai", "anthropic").request(json.dumps(body).encode())
+
+
+def test_every_stop_reason_of_anthropics_api_has_a_chat_finish_reason_of_its_own():
+    """A stop reason left to the default reads as a normal end: a cut answer
+    (`model_context_window_exceeded`, filled context window) must say `length`, as max_tokens
+    does. Every reason the pinned Anthropic SDK knows is mapped on purpose, to a reason OpenAI's
+    SDK knows."""
+    import typing
+
+    import anthropic.types
+    from openai.types.chat.chat_completion import Choice
+
+    from signalbox.extproc.translate.anthropic import _STOP_TO_FINISH
+
+    reasons = set(typing.get_args(anthropic.types.StopReason))
+    assert reasons <= set(_STOP_TO_FINISH)
+    assert set(_STOP_TO_FINISH.values()) <= set(typing.get_args(Choice.model_fields["finish_reason"].annotation))
+    assert _STOP_TO_FINISH["model_context_window_exceeded"] == _STOP_TO_FINISH["max_tokens"] == "length"
+
+
+def test_every_stop_reason_of_bedrocks_converse_api_is_mapped_on_purpose():
+    """As for Anthropic's: every stopReason of botocore's model of the Converse API (the
+    signer's own service model) has its chat finish reason written down."""
+    import botocore.session
+
+    from signalbox.extproc.translate.bedrock import _FINISH
+
+    model = botocore.session.get_session().get_service_model("bedrock-runtime")
+    assert set(model.shape_for("StopReason").enum) <= set(_FINISH)
