@@ -689,11 +689,12 @@ def test_every_stop_reason_of_anthropics_api_has_a_chat_finish_reason_of_its_own
     import anthropic.types
     from openai.types.chat.chat_completion import Choice
 
-    from signalbox.extproc.translate.anthropic import _STOP_TO_FINISH
+    from signalbox.extproc.translate.anthropic import _FINISH_TO_STOP, _STOP_TO_FINISH
 
     reasons = set(typing.get_args(anthropic.types.StopReason))
-    assert reasons <= set(_STOP_TO_FINISH)
-    assert set(_STOP_TO_FINISH.values()) <= set(typing.get_args(Choice.model_fields["finish_reason"].annotation))
+    finishes = set(typing.get_args(Choice.model_fields["finish_reason"].annotation))
+    assert reasons <= set(_STOP_TO_FINISH) and set(_STOP_TO_FINISH.values()) <= finishes
+    assert finishes <= set(_FINISH_TO_STOP) and set(_FINISH_TO_STOP.values()) <= reasons  # and back
     assert _STOP_TO_FINISH["model_context_window_exceeded"] == _STOP_TO_FINISH["max_tokens"] == "length"
 
 
