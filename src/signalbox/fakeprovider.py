@@ -251,6 +251,11 @@ def _embeddings(body: dict[str, Any], model: str) -> dict[str, Any]:
     return {"object": "list", "model": model, "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
+def provider_request_id(ident: str, count: int) -> str:
+    """The id the fake `ident` gives its `count`-th request's answer."""
+    return f"req_{ident}_{count}"
+
+
 class FakeProvider:
     def __init__(self, ident: str, record: int = 2000):
         self.ident = ident
@@ -265,6 +270,7 @@ class FakeProvider:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._answers])
+        app.on_response_prepare.append(self._name_answer)
         app.router.add_post("/_fake/behaviour", self.set_behaviour)
         app.router.add_get("/_fake/requests", self.list_requests)
         app.router.add_post("/_fake/reset", self.reset)
@@ -281,6 +287,13 @@ class FakeProvider:
         accepted = request.headers.get("accept-encoding", "").lower()
         if "gzip" in accepted and response.content_type == "application/json":
             response.enable_compression(web.ContentCoding.gzip)
+
+    async def _name_answer(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Each answer's id, as providers send theirs (OpenAI's `x-request-id`, Anthropic's
+        `request-id`): what a user quotes to the provider's support."""
+        if not request.path.startswith("/_fake/"):
+            name = "request-id" if _api(request) == "anthropic" else "x-request-id"
+            response.headers[name] = provider_request_id(self.ident, self.count)
 
     @web.middleware
     async def _answers(self, request: web.Request, handler: Any) -> web.StreamResponse:

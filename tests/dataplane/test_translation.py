@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from signalbox.fakeprovider import TORN_TEXT
+from signalbox.fakeprovider import TORN_TEXT, provider_request_id
 from tests.factories import backend, dump, model, policy, provider
 
 from .conftest import CLIENT_TOKEN, log_entries, start_gateway
@@ -756,3 +756,26 @@ def test_a_provider_that_refuses_stream_options_gets_none_and_streams(gateway, f
     # The control: the same server as a provider that takes the field (the default).
     with pytest.raises(openai.UnprocessableEntityError):
         oai.chat.completions.create(model="gpt-err", messages=[{"role": "user", "content": "hi"}], stream=True)
+
+
+def test_each_attempt_line_keeps_the_providers_own_answer_id(gateway, fakes, oai):
+    """Providers name each answer (OpenAI's x-request-id, Anthropic's request-id), and their
+    support asks for it. The client's response carries the gateway's id (the one its request
+    log line has); the attempt line keeps the provider's."""
+    seen = {}
+    for alias, fake in (("gpt", "beta"), ("claude", "alpha")):
+        raw = oai.chat.completions.with_raw_response.create(model=alias, messages=[{"role": "user", "content": "hi"}])
+        seen[raw.headers["x-request-id"]] = provider_request_id(fake, 1)
+    log = Path(gateway.workdir) / "requests.log"
+    deadline = time.monotonic() + 10
+    while True:
+        kept = {
+            e["request_id"]: e["provider_request_id"]
+            for e in log_entries(log)
+            if e.get("event") == "attempt" and e.get("request_id") in seen
+        }
+        if len(kept) == len(seen):
+            break
+        assert time.monotonic() < deadline, kept
+        time.sleep(0.05)
+    assert kept == seen

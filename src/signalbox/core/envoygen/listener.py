@@ -985,6 +985,9 @@ ATTEMPT_LOG_FORMAT: dict[str, str] = {
     "flags": "%RESPONSE_FLAGS%",
     "duration_ms": "%DURATION%",
     "retry_after": "%RESP(RETRY-AFTER)%",
+    # The provider's own id of its answer (OpenAI's and Azure's x-request-id, Anthropic's
+    # request-id), which its support asks for: the client's response carries the gateway's.
+    "provider_request_id": "%RESP(X-REQUEST-ID?REQUEST-ID)%",
     # Why the gateway itself moved the request on from this attempt: "resting" (the backend
     # rests; refused inside Envoy, the provider was not called: contract.RESTING_LISTENER) or
     # "context_length" (a prompt too long for its window, a later backend's larger: attempt.lua).
