@@ -148,6 +148,8 @@ class LocalGateway:
     workdir: Path | None = None
     failure_mode: str = "closed"
     max_body_bytes: int = 8 * 1024 * 1024
+    # The largest answer Envoy reads whole (GatewayOptions.max_answer_bytes).
+    max_answer_bytes: int = envoygen.GatewayOptions.max_answer_bytes
     log_level: str = "warning"
     env: dict[str, str] = field(default_factory=dict)
     start_fakes: bool = True
@@ -206,6 +208,7 @@ class LocalGateway:
             ),
             failure_mode=self.failure_mode,  # type: ignore[arg-type]
             max_body_bytes=self.max_body_bytes,
+            max_answer_bytes=self.max_answer_bytes,
             accounting=self.accounting,
             request_log=str(self.workdir / REQUEST_LOG) if self.request_log else "",
             credentials_dir=str(self.workdir / gatewayfiles.CREDENTIALS_DIR),

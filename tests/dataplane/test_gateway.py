@@ -7,6 +7,7 @@ import json
 import socket
 import time
 from collections import Counter
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -550,6 +551,60 @@ def test_embeddings_reach_the_sdk_one_vector_per_input_as_it_asked_for_them(clie
     floats = client.embeddings.create(model="embed", input="x", encoding_format="float", dimensions=5)
     assert len(floats.data) == 1 and len(floats.data[0].embedding) == 5
     assert fakes["alpha"].requests()[-1]["body"]["model"] == "alpha-embed"
+
+
+def test_an_embeddings_answer_larger_than_any_request_may_be_is_served_and_counted(gateway, client):
+    """Envoy has one buffer limit per stream, and the request's limit was the answer's too: an
+    embeddings answer over 8 MB (400 inputs at 3,072 dimensions, as floats; LangChain sends
+    1,000 at a time) was Envoy's plain-text 500. Requests stay held to max_body_bytes."""
+    inputs = [f"passage {i}" for i in range(400)]
+    raw = client.embeddings.with_raw_response.create(
+        model="embed", input=inputs, dimensions=3072, encoding_format="float"
+    )
+    assert len(raw.http_response.content) > 8 * 1024 * 1024  # larger than any request may be
+    answer = raw.parse()
+    assert len(answer.data) == 400 and len(answer.data[-1].embedding) == 3072
+    log = Path(gateway.workdir) / "requests.log"
+    deadline = time.monotonic() + 10
+    while not (lines := [e for e in log_entries(log) if e.get("request_id") == raw.headers["x-request-id"]]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert lines[-1]["prompt_tokens"] == answer.usage.prompt_tokens == 3 * len(inputs)
+
+
+def test_an_answer_over_the_gateways_limit_is_a_502_each_sdk_reads(fakes, tmp_path):
+    """An answer larger than the gateway reads whole (`max_answer_bytes`) never reaches the
+    client as Envoy's plain-text 500: it is a 502 `answer_too_large` in the client's API. (A
+    translated answer comes from the translation in one piece, which Envoy reads without
+    holding it: it is served.)"""
+    gw = start_gateway(
+        tmp_path,
+        dump(
+            provider("beta", fakes["beta"].url + "/v1", [model("c")]),
+            provider("beta-claude", fakes["beta"].url + "/v1", [model("c")], type="anthropic"),
+            policy("chat", ["chat"], [backend("beta", "c")], strategy="failover"),
+            policy("claude", ["claude"], [backend("beta-claude", "c")], strategy="failover"),
+        ),
+        max_body_bytes=1 << 19,
+        max_answer_bytes=1 << 20,
+    )
+    try:
+        fakes["beta"].behave(content="word " * 300_000)  # a 1.5 MB answer
+        with (
+            openai.OpenAI(base_url=gw.url, api_key=CLIENT_TOKEN, max_retries=0) as c,
+            pytest.raises(openai.APIStatusError) as refused,
+        ):
+            c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+        assert refused.value.status_code == 502 and refused.value.code == "answer_too_large"
+        with (
+            anthropic.Anthropic(base_url=gw.url.removesuffix("/v1"), api_key=CLIENT_TOKEN, max_retries=0) as claude,
+            pytest.raises(anthropic.APIStatusError) as refused_messages,
+        ):
+            claude.messages.create(model="claude", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+        assert refused_messages.value.status_code == 502
+        assert refused_messages.value.response.json()["error"]["type"] == "api_error"
+    finally:
+        gw.stop()
 
 
 @pytest.mark.parametrize("alias", ["split", "decided-failover"])

@@ -180,6 +180,13 @@ class UpstreamNotApi(RequestError):
     status, error_type, code = 502, "server_error", "upstream_not_api"
 
 
+class AnswerTooLarge(RequestError):
+    """A provider's answer larger than the gateway reads whole (for its usage): Envoy stops it
+    before its headers reach the client. The limit is the gateway's `max_answer_bytes`."""
+
+    status, error_type, code = 502, "server_error", "answer_too_large"
+
+
 class NoHealthyBackend(RequestError):
     status, error_type, code = 503, "server_error", "no_healthy_backend"
 

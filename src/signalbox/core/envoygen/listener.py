@@ -680,8 +680,9 @@ def _local_reply_config(opts: GatewayOptions) -> dict[str, Any]:
     """
 
     def mapper(
-        status: int, err: errors.RequestError, flags: list[str] | None = None, api: str = errors.OPENAI_API
+        status: int, err: errors.RequestError, flags: list[str] | str | None = None, api: str = errors.OPENAI_API
     ) -> dict[str, Any]:
+        """`flags`: Envoy's response flags the reply must carry, or a CEL condition on it."""
         filters: list[dict[str, Any]] = [
             {
                 "status_code_filter": {
@@ -692,7 +693,18 @@ def _local_reply_config(opts: GatewayOptions) -> dict[str, Any]:
                 }
             }
         ]
-        if flags:
+        if isinstance(flags, str):
+            filters.append(
+                {
+                    "extension_filter": {
+                        "name": "envoy.access_loggers.extension_filters.cel",
+                        "typed_config": _any(
+                            "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter", expression=flags
+                        ),
+                    }
+                }
+            )
+        elif flags:
             filters.append({"response_flag_filter": {"flags": flags}})
         if api == errors.ANTHROPIC_API:
             # The client called the Messages API (its path, kept in metadata by the listener).
@@ -725,8 +737,17 @@ def _local_reply_config(opts: GatewayOptions) -> dict[str, Any]:
         }
 
     upstream_flags = ["UH", "UF", "UO", "URX", "UC", "UT", "LR", "NR"]
-    replies = [
+    replies: list[tuple[int, errors.RequestError, list[str] | str | None]] = [
         (413, errors.PayloadTooLarge(too_large_message(opts.max_body_bytes)), None),
+        # An answer larger than a filter may hold to read it whole (Envoy's plain-text 500).
+        (
+            500,
+            errors.AnswerTooLarge(
+                f"the provider's answer exceeds the gateway's limit of {opts.max_answer_bytes} bytes for answers"
+                " it reads whole (max_answer_bytes)"
+            ),
+            "response.code_details == 'response_payload_too_large'",
+        ),
         (EXTPROC_FAILED_STATUS, errors.RoutingUnavailable("the routing service is unavailable"), None),
         # A route names a cluster Envoy has not got yet: its routes (read from their file) came
         # before the clusters (over ADS) of the same change. Envoy's own 503 had no body.
@@ -1129,13 +1150,20 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions, routes: dict[str, Any]
             _remove_gateway_headers("signalbox.strip_client_gateway_headers"),
             luaroutes.lua_filter(),
             client_path_filter(),
+            # Requests over max_body_bytes are refused before any filter reads their body (after
+            # the client's path is kept: the 413 is in its API's shape).
+            _request_size_guard(opts),
             *([jwt] if (jwt := jwt_filter(cfg)) else []),
             *([json] if (json := json_filter(cfg, opts)) else []),
             {"name": "envoy.filters.http.ext_proc", "typed_config": router_extproc},
             {
                 "name": "envoy.filters.http.buffer",
+                # A buffer filter sets the stream's one buffer limit, the answer's as well. The
+                # request is whole by now (the first filter held it to max_body_bytes), so this one
+                # raises the limit to what an answer read whole for its usage may need.
                 "typed_config": _any(
-                    "envoy.extensions.filters.http.buffer.v3.Buffer", max_request_bytes=opts.max_body_bytes
+                    "envoy.extensions.filters.http.buffer.v3.Buffer",
+                    max_request_bytes=max(opts.max_body_bytes, opts.max_answer_bytes),
                 ),
             },
             *([on_demand_chains()] if opts.endpoints_over_ads else []),
@@ -1164,9 +1192,23 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions, routes: dict[str, Any]
         "envoy.config.listener.v3.Listener",
         name=LISTENER_NAME,
         address=_address(opts.listen_address, opts.listen_port),
-        per_connection_buffer_limit_bytes=opts.max_body_bytes + 64 * 1024,
+        # The read buffer of a connection and its streams' first buffer limit (each request's is
+        # then set by the buffer filters: max_body_bytes while it arrives, max_answer_bytes after).
+        per_connection_buffer_limit_bytes=max(opts.max_body_bytes, opts.max_answer_bytes) + 64 * 1024,
         filter_chains=[{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     )
+
+
+def _request_size_guard(opts: GatewayOptions) -> dict[str, Any]:
+    """The body limit, first in the chain: it holds the request until its body is whole, and a
+    body over max_body_bytes gets its 413 (with or without a content-length) before any other
+    filter reads it. Every filter after it meets a whole, bounded request, so the buffer filter
+    after the ext_proc can raise the stream's limit for the answer (max_answer_bytes: Envoy
+    has one buffer limit per stream, which answers read whole for their usage need far larger)."""
+    return {
+        "name": "signalbox.request_size",
+        "typed_config": _any("envoy.extensions.filters.http.buffer.v3.Buffer", max_request_bytes=opts.max_body_bytes),
+    }
 
 
 def health_listener(opts: GatewayOptions) -> dict[str, Any]:

@@ -55,6 +55,11 @@ class GatewayOptions:
     extproc_host: str = "127.0.0.1"
     extproc_port: int = 50051
     max_body_bytes: int = 8 * 1024 * 1024
+    # The largest answer Envoy reads whole (a JSON answer's usage is at its end). Embeddings
+    # answers are the large ones: 1,000 inputs (LangChain's batch) at 3,072 dimensions are
+    # 16 MB in base64 (the SDK's default) and about 60 MB as floats. Requests stay bounded by
+    # max_body_bytes (envoygen.listener._request_size_guard).
+    max_answer_bytes: int = 64 * 1024 * 1024
     failure_mode: Literal["closed", "open"] = "closed"
     extproc_message_timeout_ms: int = 5000
     # How long finished requests wait in Envoy before their accounting entries are sent.
