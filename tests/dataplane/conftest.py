@@ -141,6 +141,21 @@ def log_entries(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().split("\n")[:-1] if line.startswith("{")]
 
 
+def logged(gateway: LocalGateway, request_ids, event: str = "request", timeout_s: float = 10.0) -> dict[str, dict]:
+    """Request id -> its `event` line of the gateway's request log, for each of `request_ids`,
+    once all are written (Envoy flushes the file every second); fails after `timeout_s`."""
+    wanted, log = set(request_ids), Path(gateway.workdir) / "requests.log"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = {
+            e["request_id"]: e for e in log_entries(log) if e.get("event") == event and e.get("request_id") in wanted
+        }
+        if len(found) == len(wanted):
+            return found
+        assert time.monotonic() < deadline, (sorted(wanted - found.keys()), event)
+        time.sleep(0.05)
+
+
 def logs(gateway: LocalGateway) -> str:
     assert gateway.workdir
     return "\n".join(p.read_text(errors="replace") for p in Path(gateway.workdir).glob("*.log"))

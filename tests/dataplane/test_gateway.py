@@ -7,7 +7,6 @@ import json
 import socket
 import time
 from collections import Counter
-from pathlib import Path
 
 import anthropic
 import httpx
@@ -16,7 +15,7 @@ import pytest
 
 from tests.factories import backend, dump, model, policy, provider
 
-from .conftest import log_entries, logs, start_gateway
+from .conftest import log_entries, logged, logs, start_gateway
 
 pytestmark = pytest.mark.dataplane
 
@@ -564,12 +563,8 @@ def test_an_embeddings_answer_larger_than_any_request_may_be_is_served_and_count
     assert len(raw.http_response.content) > 8 * 1024 * 1024  # larger than any request may be
     answer = raw.parse()
     assert len(answer.data) == 400 and len(answer.data[-1].embedding) == 3072
-    log = Path(gateway.workdir) / "requests.log"
-    deadline = time.monotonic() + 10
-    while not (lines := [e for e in log_entries(log) if e.get("request_id") == raw.headers["x-request-id"]]):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert lines[-1]["prompt_tokens"] == answer.usage.prompt_tokens == 3 * len(inputs)
+    line = logged(gateway, [raw.headers["x-request-id"]])[raw.headers["x-request-id"]]
+    assert line["prompt_tokens"] == answer.usage.prompt_tokens == 3 * len(inputs)
 
 
 def test_an_answer_over_the_gateways_limit_is_a_502_each_sdk_reads(fakes, tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import anthropic
 import httpx
@@ -17,7 +16,7 @@ import pytest
 from signalbox.fakeprovider import TORN_TEXT, provider_request_id
 from tests.factories import backend, dump, model, policy, provider
 
-from .conftest import CLIENT_TOKEN, log_entries, start_gateway
+from .conftest import CLIENT_TOKEN, logged, start_gateway
 
 pytestmark = pytest.mark.dataplane
 
@@ -655,18 +654,8 @@ def test_translated_usage_is_accounted(gateway, oai, ant):
     ) as s:
         s.get_final_message()
         ids[s.response.headers["x-request-id"]] = (10, 3)
-    log = Path(gateway.workdir) / "requests.log"
-    deadline = time.monotonic() + 10
-    while True:
-        found = {}
-        for entry in log_entries(log):
-            if entry.get("event") == "request" and entry.get("request_id") in ids:
-                found[entry["request_id"]] = (entry["prompt_tokens"], entry["completion_tokens"])
-        if len(found) == len(ids):
-            break
-        assert time.monotonic() < deadline, found
-        time.sleep(0.05)
-    assert found == ids
+    lines = logged(gateway, ids)
+    assert {i: (e["prompt_tokens"], e["completion_tokens"]) for i, e in lines.items()} == ids
 
 
 def test_answers_a_provider_would_compress_are_counted_and_translated(gateway, fakes, oai, ant):
@@ -691,18 +680,7 @@ def test_answers_a_provider_would_compress_are_counted_and_translated(gateway, f
     for name in ("alpha", "beta"):
         sent = [{k.lower(): v for k, v in r["headers"].items()}.get("accept-encoding") for r in fakes[name].requests()]
         assert sent and set(sent) == {"identity"}, (name, sent)
-    log = Path(gateway.workdir) / "requests.log"
-    deadline = time.monotonic() + 10
-    while True:
-        counted = {
-            e["request_id"]: e["completion_tokens"]
-            for e in log_entries(log)
-            if e.get("event") == "request" and e.get("request_id") in ids
-        }
-        if len(counted) == len(ids):
-            break
-        assert time.monotonic() < deadline, counted
-        time.sleep(0.05)
+    counted = {i: e["completion_tokens"] for i, e in logged(gateway, ids).items()}
     assert all(tokens > 0 for tokens in counted.values()), counted
 
 
@@ -728,14 +706,8 @@ def test_streams_torn_anywhere_arrive_whole_and_are_counted(gateway, fakes, oai,
             text = "".join(s.text_stream)
             request_id = s.response.headers["x-request-id"]
     assert text == expected
-    log = Path(gateway.workdir) / "requests.log"
-    deadline = time.monotonic() + 10
-    while not (
-        lines := [e for e in log_entries(log) if e.get("request_id") == request_id and e.get("event") == "request"]
-    ):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert (lines[0]["prompt_tokens"], lines[0]["completion_tokens"]) == (10, 4)
+    line = logged(gateway, [request_id])[request_id]
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (10, 4)
 
 
 def test_a_provider_that_refuses_stream_options_gets_none_and_streams(gateway, fakes, oai, ant):
@@ -766,16 +738,5 @@ def test_each_attempt_line_keeps_the_providers_own_answer_id(gateway, fakes, oai
     for alias, fake in (("gpt", "beta"), ("claude", "alpha")):
         raw = oai.chat.completions.with_raw_response.create(model=alias, messages=[{"role": "user", "content": "hi"}])
         seen[raw.headers["x-request-id"]] = provider_request_id(fake, 1)
-    log = Path(gateway.workdir) / "requests.log"
-    deadline = time.monotonic() + 10
-    while True:
-        kept = {
-            e["request_id"]: e["provider_request_id"]
-            for e in log_entries(log)
-            if e.get("event") == "attempt" and e.get("request_id") in seen
-        }
-        if len(kept) == len(seen):
-            break
-        assert time.monotonic() < deadline, kept
-        time.sleep(0.05)
+    kept = {i: e["provider_request_id"] for i, e in logged(gateway, seen, event="attempt").items()}
     assert kept == seen

@@ -549,6 +549,16 @@ end
 """
 
 
+def answer_hook(provider: pb.Provider):
+    """(a backend of `provider`, LuaJIT with attempt.lua for it, PAGE_HARNESS): the script's
+    response hook, as Envoy runs it on an attempt's answer."""
+    b = backend(provider)
+    lua = luajit21.LuaRuntime()
+    lua.execute(envoygen.attempt_source({b.id: envoygen.attempt_settings(b, provider, KEYS_DIR)}))
+    lua.execute(HANDLE)
+    return b, lua, lua.eval(PAGE_HARNESS)
+
+
 @pytest.mark.parametrize(("client", "shape"), [("/v1/chat/completions", "error"), ("/v1/messages", "type")])
 @pytest.mark.parametrize("provider", [OPENAI, ANTHROPIC])
 @pytest.mark.parametrize("ctype", ["text/html", "text/html; charset=utf-8", "application/xhtml+xml"])
@@ -556,11 +566,7 @@ def test_a_web_page_for_an_answer_becomes_a_502_the_retry_policy_moves_past(clie
     """A 2xx web page (a wrong base URL, a proxy's login page) is no answer: it becomes a 502
     in the client's API shape (on the way back the script comes after any translation), marked
     for the retry policy; a JSON answer or a stream is left as it came."""
-    b = backend(provider)
-    lua = luajit21.LuaRuntime()
-    lua.execute(envoygen.attempt_source({b.id: envoygen.attempt_settings(b, provider, KEYS_DIR)}))
-    lua.execute(HANDLE)
-    page = lua.eval(PAGE_HARNESS)
+    b, lua, page = answer_hook(provider)
     hdrs = lua.table_from(
         {":status": "200", "content-type": ctype, "content-length": "88", envoygen.ATTEMPT_HEADER: b.id}
     )
@@ -582,11 +588,7 @@ def test_a_redirect_becomes_a_502_without_its_location(client, shape, status):
     """A backend's redirect is never passed on: the client's SDK follows redirects, and would
     send the prompt past the gateway to wherever it points. It becomes a 502 in the client's
     API shape with no Location, marked for the retry policy."""
-    b = backend(OPENAI)
-    lua = luajit21.LuaRuntime()
-    lua.execute(envoygen.attempt_source({b.id: envoygen.attempt_settings(b, OPENAI, KEYS_DIR)}))
-    lua.execute(HANDLE)
-    page = lua.eval(PAGE_HARNESS)
+    b, lua, page = answer_hook(OPENAI)
     hdrs = lua.table_from(
         {":status": status, "location": "https://elsewhere.example/v1/chat/completions", envoygen.ATTEMPT_HEADER: b.id}
     )
