@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.envoygen.contract import BACKEND_PREFIX, TARGET_PREFIX
-from signalbox.core.schema import PLAIN_IDLE_TIMEOUT_MS, SCHEMA_VERSION, TLS_IDLE_TIMEOUT_MS, provider_api
+from signalbox.core.schema import SCHEMA_VERSION, provider_api
 
 from . import rollouts
 from .consumers import KeyHashes, add_consumers, rate_limits
@@ -266,7 +266,8 @@ def _provider_messages(prov: AIProvider) -> tuple[pb.Provider, list[pb.Backend]]
         azure_api_version=(spec.azure.api_version if spec.azure else "2024-10-21") if azure else "",
         healthy=healthy,
         connect_timeout_ms=spec.connect_timeout_ms,
-        idle_timeout_ms=spec.idle_timeout_ms or (TLS_IDLE_TIMEOUT_MS if tls else PLAIN_IDLE_TIMEOUT_MS),
+        # 0: the default for its scheme, which schema.idle_timeout_ms alone decides.
+        idle_timeout_ms=spec.idle_timeout_ms or 0,
         no_stream_usage=not spec.stream_usage,
         # First-party APIs stream well-formed events; self-hosted and proxy servers vary.
         sanitize_streams=spec.type == ProviderType.OPENAI_COMPATIBLE

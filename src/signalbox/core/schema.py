@@ -51,8 +51,8 @@ TLS_IDLE_TIMEOUT_MS = 50000
 
 
 def idle_timeout_ms(provider: pb.Provider) -> int:
-    """The idle timeout of Envoy's connections to `provider` (a compiled config without one
-    gets the default for its scheme)."""
+    """The idle timeout of Envoy's connections to `provider`: its spec's `idleTimeoutMs`, else
+    (0 in the compiled config) the default for its scheme."""
     return provider.idle_timeout_ms or (TLS_IDLE_TIMEOUT_MS if provider.tls else PLAIN_IDLE_TIMEOUT_MS)
 
 

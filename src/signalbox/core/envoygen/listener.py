@@ -1156,16 +1156,10 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions, routes: dict[str, Any]
             *([jwt] if (jwt := jwt_filter(cfg)) else []),
             *([json] if (json := json_filter(cfg, opts)) else []),
             {"name": "envoy.filters.http.ext_proc", "typed_config": router_extproc},
-            {
-                "name": "envoy.filters.http.buffer",
-                # A buffer filter sets the stream's one buffer limit, the answer's as well. The
-                # request is whole by now (the first filter held it to max_body_bytes), so this one
-                # raises the limit to what an answer read whole for its usage may need.
-                "typed_config": _any(
-                    "envoy.extensions.filters.http.buffer.v3.Buffer",
-                    max_request_bytes=max(opts.max_body_bytes, opts.max_answer_bytes),
-                ),
-            },
+            # A buffer filter sets the stream's one buffer limit, the answer's as well. The
+            # request is whole by now (the first filter held it to max_body_bytes), so this one
+            # raises the limit to what an answer read whole for its usage may need.
+            _buffer_filter("envoy.filters.http.buffer", max(opts.max_body_bytes, opts.max_answer_bytes)),
             *([on_demand_chains()] if opts.endpoints_over_ads else []),
             *([sse_usage_filter()] if opts.accounting else []),
             {
@@ -1205,9 +1199,15 @@ def _request_size_guard(opts: GatewayOptions) -> dict[str, Any]:
     filter reads it. Every filter after it meets a whole, bounded request, so the buffer filter
     after the ext_proc can raise the stream's limit for the answer (max_answer_bytes: Envoy
     has one buffer limit per stream, which answers read whole for their usage need far larger)."""
+    return _buffer_filter("signalbox.request_size", opts.max_body_bytes)
+
+
+def _buffer_filter(name: str, max_bytes: int) -> dict[str, Any]:
+    """Envoy's buffer filter: holds the request until its body is whole, and sets the stream's
+    buffer limit (both directions) to `max_bytes`."""
     return {
-        "name": "signalbox.request_size",
-        "typed_config": _any("envoy.extensions.filters.http.buffer.v3.Buffer", max_request_bytes=opts.max_body_bytes),
+        "name": name,
+        "typed_config": _any("envoy.extensions.filters.http.buffer.v3.Buffer", max_request_bytes=max_bytes),
     }
 
 
