@@ -239,7 +239,7 @@ class Endpoints:
             # A backend of the config before, whose routes Envoy may still have: a request
             # decided by it (`TableHolder.for_routes`) asks for a chain that names it.
             backend = self.tables.previous.by_cluster.get(cluster)
-        if backend is None or backend.endpoint is None or not reach:
+        if backend is None or not reach:
             return None
         endpoint = backend.endpoint
         if reach != endpoint.reach:  # the origin's listener, or no host: no address to look up
@@ -300,11 +300,8 @@ class Endpoints:
             self._tell_clusters()
         if self._hosts_of is not self._table:
             self._hosts_of = self._table
-            self._hosts = {
-                b.endpoint.host: b.endpoint.port
-                for b in self._table.backends.values()
-                if b.endpoint and not _literal(b.endpoint.host)
-            }
+            providers = {b.provider.id: b.provider for b in self._table.backends.values()}
+            self._hosts = {p.host: p.port for p in providers.values() if not _literal(p.host)}
         for host, port in self._hosts.items():
             if host not in self._resolving and now - self._resolved_at.get(host, float("-inf")) >= DNS_REFRESH_S:
                 self._resolving.add(host)
