@@ -287,13 +287,14 @@ def _described(cluster: cluster_pb2.Cluster) -> tuple[str, str, tuple[str, ...]]
     """A cluster's name; for a backend cluster (EDS in the file) the endpoint resource it
     names (`endpoints.resource_name`: its service name, else its own); for a failover chain (an
     aggregate cluster) its members."""
+    name = cluster.name  # one string for both when the resource is the cluster's own name
     if cluster.type == cluster_pb2.Cluster.EDS:
-        return cluster.name, cluster.eds_cluster_config.service_name or cluster.name, ()
+        return name, cluster.eds_cluster_config.service_name or name, ()
     if cluster.HasField("cluster_type"):
         config = aggregate_pb2.ClusterConfig()
         if cluster.cluster_type.typed_config.Unpack(config):
-            return cluster.name, "", tuple(config.clusters)
-    return cluster.name, "", ()
+            return name, "", tuple(config.clusters)
+    return name, "", ()
 
 
 def cluster_resource(name: str, version: str, value: bytes) -> discovery_pb2.Resource:

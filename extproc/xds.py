@@ -53,7 +53,7 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -67,12 +67,16 @@ from signalbox.core.envoygen.endpoints import REACHES, TLS, BackendEndpoint, par
 from .clusterfeed import CLUSTER_TYPE, ClusterFile, cluster_resource
 from .memtrim import release_free_memory
 from .reload import TableHolder
+from .runtime import BackendRuntime
 from .strategies import SelectionState
 
 log = logging.getLogger("signalbox.extproc.xds")
 
 # How often rests (and configs) are looked at: the longest a new rest waits to reach Envoy.
 TICK_S = 0.25
+# A backend's assignment as the stream sends it (`Endpoints.version`): (version, the backend,
+# its addresses, whether it rests, how its cluster reaches it).
+Assignment = tuple[str, BackendRuntime, Sequence[str], bool, str]
 # In a delta subscription, the name that asks for every resource.
 WILDCARD = "*"
 # The names of the failover chains, sent only when asked for (on-demand CDS).
@@ -111,7 +115,7 @@ def _literal(host: str) -> bool:
 
 
 def load_assignment(
-    endpoint: BackendEndpoint, addresses: list[str], resting: bool, reach: str = ""
+    endpoint: BackendEndpoint, addresses: Sequence[str], resting: bool, reach: str = ""
 ) -> endpoint_pb2.ClusterLoadAssignment:
     """The assignment `BackendEndpoint.load_assignment` describes (one home for what a host says),
     as a message made by the message's constructor rather than json_format: 50 us an
@@ -171,7 +175,8 @@ class Endpoints:
         # `version` by resource, until what it depends on changes (the config, a host's
         # addresses, a backend's rest): every change of any cluster compares them all, 10,000
         # at the large fleet (50 ms each time, made afresh).
-        self._versions: dict[str, tuple[str, BackendEndpoint, list[str], bool, str] | None] = {}
+        self._versions: dict[str, Assignment | None] = {}
+        self._addresses_kept: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._eager: frozenset[str] = frozenset()
         self._eager_of: tuple[object, object] = (None, None)
         self._eager_backends: frozenset[str] = frozenset()
@@ -221,8 +226,8 @@ class Endpoints:
         in force knows it, and Envoy is not to hold it unasked (`eager_backends`)."""
         return name in self._table.by_cluster and name not in self.eager_backends()
 
-    def version(self, name: str) -> tuple[str, BackendEndpoint, list[str], bool, str] | None:
-        """(version, endpoint, addresses, resting, reach) of the assignment of the resource
+    def version(self, name: str) -> Assignment | None:
+        """(version, backend, addresses, resting, reach) of the assignment of the resource
         `name` now (`endpoints.resource_name`: a backend cluster's name and how it reaches the
         backend; an origin's is answered with its listener only, a way the provider no longer
         takes with no host); None while the cluster is unknown (a config not loaded yet) or its
@@ -232,7 +237,7 @@ class Endpoints:
             self._versions[name] = self._version(name)
         return self._versions[name]
 
-    def _version(self, name: str) -> tuple[str, BackendEndpoint, list[str], bool, str] | None:
+    def _version(self, name: str) -> Assignment | None:
         cluster, reach = parse_resource(name)
         backend = self._table.by_cluster.get(cluster)
         if backend is None and self.tables.previous is not None:
@@ -242,17 +247,21 @@ class Endpoints:
         if backend is None or not reach:
             return None
         endpoint = backend.endpoint
+        addresses: Sequence[str] | None
         if reach != endpoint.reach:  # the origin's listener, or no host: no address to look up
-            addresses: list[str] | None = []
+            addresses = ()
         elif _literal(endpoint.host):
-            addresses = [endpoint.host]
+            addresses = (endpoint.host,)
         else:
             addresses = self.addresses.get(endpoint.host)
         if addresses is None:
             return None
         resting = backend.id in self.resting
-        said = repr((endpoint, addresses, resting, reach)).encode()
-        return hashlib.blake2b(said, digest_size=8).hexdigest(), endpoint, addresses, resting, reach
+        said = repr((endpoint, list(addresses), resting, reach)).encode()
+        # Kept for every backend Envoy holds (10,000 at the large fleet): the backend, not its
+        # endpoint (made again when sent), and one tuple of addresses per host.
+        addresses = self._addresses_kept.setdefault(tuple(addresses), tuple(addresses))
+        return hashlib.blake2b(said, digest_size=8).hexdigest(), backend, addresses, resting, reach
 
     # ------------------------------------------------------------------ streams
 
@@ -288,6 +297,7 @@ class Endpoints:
             self._config_changed.clear()
             self._table = self.tables.current
             self._versions.clear()
+            self._addresses_kept.clear()
             self._tell_clusters()
         now = time.time()
         resting = frozenset(self.state.cooling())
@@ -323,6 +333,7 @@ class Endpoints:
         if found != self.addresses.get(host):
             self.addresses[host] = found
             self._versions.clear()
+            self._addresses_kept.clear()
             self._tell_clusters()
 
 
@@ -499,7 +510,7 @@ class _Stream:
         noted as sent."""
         if endpoint is not None:
             _, backend, addresses, resting, reach = endpoint
-            value = with_endpoint(value, load_assignment(backend, addresses, resting, reach))
+            value = with_endpoint(value, load_assignment(backend.endpoint, addresses, resting, reach))
         self.cds_sent[name] = version
         return cluster_resource(name, version, value)
 

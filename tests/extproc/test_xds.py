@@ -111,9 +111,10 @@ class Gateway:
     """One ext_proc worker's ADS side: its routing table, cooldowns, DNS answers (`lookups`) and
     the cluster file a publisher writes (`publish`)."""
 
-    def __init__(self, workdir: Path, channel: grpc.aio.Channel, tables, cooldowns, lookups, feed):
+    def __init__(self, workdir: Path, channel: grpc.aio.Channel, tables, cooldowns, lookups, endpoints):
         self.workdir, self.channel = workdir, channel
-        self.tables, self.cooldowns, self.lookups, self.feed = tables, cooldowns, lookups, feed
+        self.tables, self.cooldowns, self.lookups = tables, cooldowns, lookups
+        self.endpoints, self.feed = endpoints, endpoints.clusters
         self.opened: list[Envoy] = []
 
     def publish(self, cfg, install: bool = True) -> None:
@@ -142,14 +143,14 @@ async def _serve(workdir: Path, tables: TableHolder, cooldowns: Cooldowns, looku
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds.AggregatedDiscovery(endpoints), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}"), feed
+    return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}"), endpoints
 
 
 @pytest.fixture
 async def ads(tmp_path):
     tables, cooldowns, lookups = TableHolder(), Cooldowns(tmp_path / "cooldowns.db"), {}
-    server, channel, feed = await _serve(tmp_path, tables, cooldowns, lookups)
-    gateway = Gateway(tmp_path, channel, tables, cooldowns, lookups, feed)
+    server, channel, endpoints = await _serve(tmp_path, tables, cooldowns, lookups)
+    gateway = Gateway(tmp_path, channel, tables, cooldowns, lookups, endpoints)
     yield gateway
     for envoy in gateway.opened:
         envoy.close()
@@ -169,6 +170,21 @@ async def test_each_backend_cluster_gets_its_address_and_the_backend_id_attempts
     assert host["endpoint"]["address"]["socketAddress"]["portValue"] == 9000
     assert host["endpoint"]["hostname"] == "default/a/m"  # which backend, for what attempts read
     await envoy.nothing()  # nothing changed, nothing sent again
+
+
+async def test_what_the_stream_keeps_per_backend_is_shared_where_backends_share_it(ads):
+    """The worker holding the stream keeps each backend's assignment (10,000 at the large
+    fleet): a list of addresses and an endpoint object per backend, and a second copy of each
+    cluster's name as its resource's, were 2 MB more of that worker (issue 12)."""
+    cfg = routing_config("a", "b")
+    ads.publish(cfg)
+    await ads.connect().next()
+    a, b = (ads.endpoints.version(cluster_of(cfg, n)) for n in "ab")
+    assert a is not None and b is not None
+    assert a[2] == ("127.0.0.1",) and a[2] is b[2]  # one tuple of addresses per host
+    assert a[1] is ads.tables.current.by_cluster[cluster_of(cfg, "a")]  # the backend, not a copy
+    for name, resource in ads.feed.endpoint_of.items():
+        assert resource is next(n for n in ads.feed.versions if n == name)  # the name's own string
 
 
 async def test_each_change_sent_gives_back_the_memory_reading_the_file_took(ads, monkeypatch):

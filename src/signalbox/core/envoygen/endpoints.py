@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +123,7 @@ class BackendEndpoint:
         return TLS if self.origin else PLAIN
 
     def load_assignment(
-        self, addresses: list[str] | None = None, resting: bool = False, reach: str = "", refusing: bool = False
+        self, addresses: Sequence[str] | None = None, resting: bool = False, reach: str = "", refusing: bool = False
     ) -> dict[str, Any]:
         """The endpoints of the resource `resource_name(cluster, reach)` (`reach`: the
         provider's own way, `self.reach`, unless given): one host per address (`addresses`: the
