@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: eval train-classifier setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-faults faults-scorecard test-fuzz fuzz bench bench-peers bench-scale bench-attempt bench-translation bench-first-token bench-relay bench-consumers bench-rollouts protos protos-check lint up validate clean
+.PHONY: eval train-classifier tokenizer-model setup crds chart-files test-chart test-crds test-operator test test-unit test-extproc test-dataplane test-faults faults-scorecard test-fuzz fuzz bench bench-peers bench-scale bench-attempt bench-translation bench-first-token bench-relay bench-consumers bench-rollouts protos protos-check lint up validate clean
 
 # Strict editable mode: extproc/ and operator/ install as signalbox.extproc and
 # signalbox.operator through a link tree under build/ (operator/ has no __init__.py, so it can
@@ -153,6 +153,10 @@ bench-peers: setup
 ## Retrain the task-type classifier shipped as extproc/task_types.npz (reports its folds first).
 train-classifier: setup
 	OPENBLAS_NUM_THREADS=1 $(PY) -m eval.train_classifier
+
+## wordllama's tokenizer as the SentencePiece model the ext_proc loads (after a wordllama upgrade).
+tokenizer-model: setup
+	$(PY) -m signalbox.extproc.wordtokens
 
 ## Classifier and routing quality on ../shared/data -> eval/results/latest.json (+ PNG curve).
 ## FASTCHAT=<lm-sys/FastChat checkout> adds task types on MT-bench and Vicuna-bench,

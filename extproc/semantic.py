@@ -64,6 +64,15 @@ def prompt_vector(text: str) -> np.ndarray:
     return shared_embedder()([text])[0]
 
 
+def wordllama_file(relative: str) -> Path:
+    """A file the installed wordllama package ships (located, not imported: see below)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("wordllama")
+    assert spec is not None and spec.submodule_search_locations, "wordllama is not installed"
+    return Path(next(iter(spec.submodule_search_locations))) / relative
+
+
 def default_embedder() -> Embedder:
     """wordllama's embedding (token vectors averaged over the text, then L2-normalised), read
     straight from the files the package ships rather than through `wordllama.WordLlama`: its
@@ -71,21 +80,16 @@ def default_embedder() -> Embedder:
     it keeps a float32 copy of the 32,000 x 256 matrix (32 MB). The float16 matrix is mapped
     from the file instead and rows are widened to float32 after the lookup, which gives the
     same numbers (float16 → float32 is exact)."""
-    import importlib.util
-
     from .wordtokens import WordTokens
 
-    spec = importlib.util.find_spec("wordllama")  # located, not imported
-    assert spec is not None and spec.submodule_search_locations, "wordllama is not installed"
-    root = Path(next(iter(spec.submodule_search_locations)))
-    weights = mapped_tensor(root / WEIGHTS_FILE, "embedding.weight")
+    weights = mapped_tensor(wordllama_file(WEIGHTS_FILE), "embedding.weight")
     # wordllama's own tokenizer file, run by SentencePiece (wordtokens: the same ids, half the
     # memory of the `tokenizers` library's copy, and no word cache to grow: the Hugging Face
     # one kept every distinct segment under 256 bytes, about 50 MB over 15,000 prompts,
     # tests/unit/test_semantic_memory.py).
-    tokenizer = WordTokens(root / TOKENIZER_FILE)
-    # Reading the tokenizer's 1.8 MB of JSON leaves freed heap that glibc keeps: given back, a
-    # worker that classifies is that much smaller (memtrim).
+    tokenizer = WordTokens(wordllama_file(TOKENIZER_FILE))
+    # What loading freed (the tokenizer's JSON, when it is converted here) stays in glibc's
+    # heap otherwise: given back, a worker that classifies is that much smaller (memtrim).
     release_free_memory()
     last = weights.shape[0] - 1
 

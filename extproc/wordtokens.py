@@ -8,8 +8,14 @@ same file, SentencePiece holds it in 5.3 MB, its library is a fifth of the size,
 faster (a request's three segments in 19 against 44 us; `tests/unit/test_wordtokens.py`
 checks the ids are the same).
 
-The file is read when the embedder loads (the JSON wordllama ships), never converted ahead:
-whatever wordllama version is installed, the model is made from its own file.
+The model made from the file wordllama ships is shipped beside this module (`wordtokens.model`,
+with the SHA-256 of the file it was made from and its special tokens in `wordtokens.meta.json`;
+`make tokenizer-model` makes both again). Loading checks the installed file's digest against
+it and, when equal, reads only the model: parsing the 1.8 MB of JSON and building the model
+left a worker 5.5 MB larger than loading the built one (Python's and glibc's heaps keep what the
+parse freed, issue 12), and took 60 ms of the first classified request. A file of another
+wordllama version is converted as it loads, so the ids are always the installed file's
+(`tests/unit/test_wordtokens.py` also checks that the shipped model is the installed file's).
 
 The conversion: each vocabulary piece becomes a SentencePiece piece (`<unk>` unknown, `<s>` and
 `</s>` control, `<0xNN>` bytes), scored by the rank of the first merge that makes it (a piece
@@ -20,6 +26,8 @@ spaces as "▁") is SentencePiece's dummy prefix and whitespace escaping, extra 
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -79,18 +87,52 @@ def model_proto(spec: dict[str, Any]) -> bytes:
     return out.SerializeToString()
 
 
+def special_tokens(spec: dict[str, Any]) -> dict[str, int]:
+    """Special tokens written in the text itself ("<s>"): the Hugging Face tokenizer matches
+    them before anything else and tokenizes the text between them on its own (each part with
+    its "▁" prefix), and so does WordTokens."""
+    return {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special") and not t.get("normalized")}
+
+
+# Beside the module's own file (resolved: an editable install links it, and `main` writes the source).
+SHIPPED_MODEL = Path(__file__).resolve().with_name("wordtokens.model")
+SHIPPED_META = Path(__file__).resolve().with_name("wordtokens.meta.json")
+
+
+def shipped(
+    tokenizer_file: Path, model: Path = SHIPPED_MODEL, meta: Path = SHIPPED_META
+) -> tuple[bytes, dict[str, int]] | None:
+    """The shipped model and special tokens when they were made from `tokenizer_file` as it
+    is (its SHA-256, 2 ms), else None."""
+    try:
+        made_from = json.loads(meta.read_text(encoding="utf-8"))
+        if hashlib.sha256(tokenizer_file.read_bytes()).hexdigest() != made_from["source_sha256"]:
+            return None
+        return model.read_bytes(), {str(k): int(v) for k, v in made_from["special"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def write_shipped(tokenizer_file: Path, model: Path = SHIPPED_MODEL, meta: Path = SHIPPED_META) -> None:
+    """Make the shipped model and its description from `tokenizer_file`."""
+    text = tokenizer_file.read_bytes()
+    spec = json.loads(text)
+    model.write_bytes(model_proto(spec))
+    described = {"source_sha256": hashlib.sha256(text).hexdigest(), "special": special_tokens(spec)}
+    meta.write_text(json.dumps(described, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 class WordTokens:
     """Token ids of texts, as wordllama's tokenizer gives them (no special tokens added)."""
 
     def __init__(self, tokenizer_file: Path):
-        spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-        self.processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto(spec))
-        # Special tokens written in the text itself ("<s>"): the Hugging Face tokenizer matches
-        # them before anything else and tokenizes the text between them on its own (each part
-        # with its "▁" prefix), and so does this.
-        self.special = {
-            t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special") and not t.get("normalized")
-        }
+        made = shipped(tokenizer_file)
+        if made is None:  # another wordllama's file: converted here
+            spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+            made = model_proto(spec), special_tokens(spec)
+            del spec
+        proto, self.special = made
+        self.processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
         self._split = re.compile("(" + "|".join(map(re.escape, sorted(self.special, key=len, reverse=True))) + ")")
 
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
@@ -108,3 +150,19 @@ class WordTokens:
             elif part:
                 out.extend(self.processor.EncodeAsIds(part))
         return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m signalbox.extproc.wordtokens`: the shipped model, from the installed wordllama."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--tokenizer-file", type=Path, help="default: the installed wordllama's")
+    args = parser.parse_args(argv)
+    from .semantic import TOKENIZER_FILE, wordllama_file
+
+    write_shipped(args.tokenizer_file or wordllama_file(TOKENIZER_FILE))
+    print(f"wrote {SHIPPED_MODEL} and {SHIPPED_META}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

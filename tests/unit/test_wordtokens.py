@@ -5,7 +5,6 @@ semantic routes were all made with those. Client text is anything: hypothesis.""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,15 +14,13 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from signalbox.core.errors import TokenizerFileError
-from signalbox.extproc import semantic
-from signalbox.extproc.wordtokens import WordTokens, model_proto
+from signalbox.extproc import semantic, wordtokens
+from signalbox.extproc.wordtokens import WordTokens, model_proto, special_tokens
 
 
 @functools.cache
 def tokenizer_file() -> Path:
-    spec = importlib.util.find_spec("wordllama")
-    assert spec is not None and spec.submodule_search_locations
-    return Path(next(iter(spec.submodule_search_locations))) / semantic.TOKENIZER_FILE
+    return semantic.wordllama_file(semantic.TOKENIZER_FILE)
 
 
 @functools.cache
@@ -93,3 +90,30 @@ def test_a_tokenizer_file_of_another_kind_is_refused_not_misread():
         model_proto({**spec, "pre_tokenizer": {"type": "Whitespace"}})
     with pytest.raises(TokenizerFileError):
         model_proto({**spec, "normalizer": {"type": "NFC"}})
+
+
+def test_the_shipped_model_is_the_one_the_installed_tokenizer_file_makes():
+    # Loaded instead of converting the file when the file is the one it was made from; after a
+    # wordllama upgrade this fails until `make tokenizer-model` makes it again (the gateway
+    # meanwhile converts the new file as it loads: the next test).
+    spec = json.loads(tokenizer_file().read_text())
+    made = wordtokens.shipped(tokenizer_file())
+    assert made is not None, "the shipped model was made from another file: run `make tokenizer-model`"
+    assert made == (model_proto(spec), special_tokens(spec))
+
+
+def test_the_installed_file_is_read_as_the_shipped_model_and_another_one_converted(tmp_path, monkeypatch):
+    converted: list[int] = []
+    convert = wordtokens.model_proto
+    monkeypatch.setattr(wordtokens, "model_proto", lambda spec: converted.append(1) or convert(spec))
+    WordTokens(tokenizer_file())
+    assert converted == []  # the shipped model: no JSON parsed, none converted
+    # The same tokenizer written otherwise (another wordllama's file, as far as a digest knows).
+    other = tmp_path / "tokenizer.json"
+    other.write_text(json.dumps(json.loads(tokenizer_file().read_text()), indent=1))
+    texts = ["Summarize this <s> article", "def f(x):\n    return x ** 2  # é 你 🙂"]
+    assert WordTokens(other)(texts) == reference_ids(texts)
+    assert converted == [1]
+    # A shipped description that cannot be read is the same as none.
+    (tmp_path / "meta.json").write_text("{not json")
+    assert wordtokens.shipped(tokenizer_file(), meta=tmp_path / "meta.json") is None
