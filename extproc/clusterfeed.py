@@ -192,8 +192,8 @@ class ClusterFile:
             name = known.get(version)
             if name is None:
                 yield (*_described(cluster_pb2.Cluster.FromString(value)), version, value)
-            else:
-                yield name, self.endpoint_of.get(name, ""), self.members_of.get(name, ()), version, value
+            else:  # what it was, the same objects (a re-read allocates only for what is new)
+                yield name, self.endpoint_of.get(name, ""), self.members_of.get(name, ()), self.versions[name], value
 
     def _read(self, path: Path) -> None:
         seen = file_signature(path)
@@ -209,7 +209,7 @@ class ClusterFile:
             if members:
                 members_of[name] = members
         names = {name: name for name in now}  # one string per name, wherever it is kept
-        self.members_of = {chain: tuple(names.get(m, m) for m in members) for chain, members in members_of.items()}
+        self.members_of = {chain: _canonical(members, names) for chain, members in members_of.items()}
         self.endpoint_of = endpoint_of
         at = self.clock()
         for name in self.versions.keys() - now.keys():
@@ -283,6 +283,14 @@ class ClusterFile:
         for name in ended:
             del self.gone[name]
         return bool(ended)
+
+
+def _canonical(members: tuple[str, ...], names: dict[str, str]) -> tuple[str, ...]:
+    """`members` naming each cluster by the one string kept for its name (the same tuple when
+    it already does: a chain read before)."""
+    if all(names.get(m, m) is m for m in members):
+        return members
+    return tuple(names.get(m, m) for m in members)
 
 
 def _varint_size(value: int) -> int:

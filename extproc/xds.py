@@ -67,7 +67,7 @@ from signalbox.core.envoygen.endpoints import REACHES, TLS, BackendEndpoint, par
 from .clusterfeed import CLUSTER_TYPE, ClusterFile, cluster_resource
 from .memtrim import release_free_memory
 from .reload import TableHolder
-from .runtime import BackendRuntime
+from .runtime import BackendRuntime, RuntimeTable
 from .strategies import SelectionState
 
 log = logging.getLogger("signalbox.extproc.xds")
@@ -175,12 +175,14 @@ class Endpoints:
         # `version` by resource, until what it depends on changes (the config, a host's
         # addresses, a backend's rest): every change of any cluster compares them all, 10,000
         # at the large fleet (50 ms each time, made afresh).
-        self._versions: dict[str, Assignment | None] = {}
-        self._addresses_kept: dict[tuple[str, ...], tuple[str, ...]] = {}
+        # Only the version is kept (the assignment is made again when sent, `assignment`): a
+        # tuple per backend Envoy holds was 1.5 MB of this worker at the large fleet.
+        self._versions: dict[str, str | None] = {}
+        # What Envoy holds unasked, for the table and the file's chains they were worked out
+        # from (`_eager_for`): both at once, so neither keeps a table or a file's chains gone.
         self._eager: frozenset[str] = frozenset()
-        self._eager_of: tuple[object, object] = (None, None)
         self._eager_backends: frozenset[str] = frozenset()
-        self._eager_backends_of: tuple[object, object] = (None, None)
+        self._eager_of: tuple[object, object] = (None, None)
 
     def eager_chains(self) -> frozenset[str]:
         """The chains Envoy is to hold before a request asks for them: those compiled policies'
@@ -190,16 +192,7 @@ class Endpoints:
         Envoy needs only their backends (`eager_backends`), and the aggregate waits for a
         request the router phase decided for the policy anyway. A decided policy's chains wait
         for a request: it needs the ext_proc to be decided at all."""
-        table, members_of = self.tables.current, self.clusters.members_of
-        if self._eager_of[0] is not table or self._eager_of[1] is not members_of:
-            self._eager_of = (table, members_of)
-            eager: set[str] = set()
-            for policy in table.policies:
-                if policy.compiled and policy.split:
-                    split = split_pairs(policy.split)
-                    if chain_groups(split, members_of) is None:
-                        eager.update(target for target, _ in split)
-            self._eager = frozenset(eager)
+        self._eager_for(self.tables.current, self.clusters.members_of)
         return self._eager
 
     def eager_backends(self) -> frozenset[str]:
@@ -209,35 +202,52 @@ class Endpoints:
         names it (a decided policy's), or never: a route only ever names a chain, and a chain
         names its backends. (A backend of a file newer than the config is held back until the
         config comes, as ever: `lazy`.)"""
-        table, members_of = self.tables.current, self.clusters.members_of
-        if self._eager_backends_of[0] is not table or self._eager_backends_of[1] is not members_of:
-            self._eager_backends_of = (table, members_of)
-            empty: tuple[str, ...] = ()
-            self._eager_backends = frozenset(
-                (
-                    *(c.backend.cluster for p in table.policies if p.compiled for c in p.choices),
-                    *(m for chain in self.eager_chains() for m in members_of.get(chain, empty)),
-                )
-            )
+        self._eager_for(self.tables.current, self.clusters.members_of)
         return self._eager_backends
+
+    def _eager_for(self, table: RuntimeTable, members_of: dict[str, tuple[str, ...]]) -> None:
+        """Work out `eager_chains` and `eager_backends` again if the table or the file's chains
+        changed. Together: the backends' were asked for only while some backend was not held,
+        and until then kept the table and the chains they were worked out from (2 MB of the
+        worker holding the stream at the large fleet, after traffic to every alias)."""
+        if self._eager_of[0] is table and self._eager_of[1] is members_of:
+            return
+        self._eager_of = (table, members_of)
+        eager: set[str] = set()
+        for policy in table.policies:
+            if policy.compiled and policy.split:
+                split = split_pairs(policy.split)
+                if chain_groups(split, members_of) is None:
+                    eager.update(target for target, _ in split)
+        self._eager = frozenset(eager)
+        empty: tuple[str, ...] = ()
+        self._eager_backends = frozenset(
+            (
+                *(c.backend.cluster for p in table.policies if p.compiled for c in p.choices),
+                *(m for chain in self._eager for m in members_of.get(chain, empty)),
+            )
+        )
 
     def lazy(self, name: str) -> bool:
         """Whether backend cluster `name` waits for a chain asked for that names it: the config
         in force knows it, and Envoy is not to hold it unasked (`eager_backends`)."""
         return name in self._table.by_cluster and name not in self.eager_backends()
 
-    def version(self, name: str) -> Assignment | None:
+    def version(self, name: str) -> str | None:
+        """The version of the assignment of the resource `name` now (`assignment`), None
+        while there is none. The same in every worker: a reconnecting Envoy names what it
+        holds, and a worker resends only what differs."""
+        if name not in self._versions:
+            made = self.assignment(name)
+            self._versions[name] = made[0] if made is not None else None
+        return self._versions[name]
+
+    def assignment(self, name: str) -> Assignment | None:
         """(version, backend, addresses, resting, reach) of the assignment of the resource
         `name` now (`endpoints.resource_name`: a backend cluster's name and how it reaches the
         backend; an origin's is answered with its listener only, a way the provider no longer
         takes with no host); None while the cluster is unknown (a config not loaded yet) or its
-        host not looked up yet. The version is the same in every worker: a reconnecting Envoy
-        names what it holds, and a worker resends only what differs."""
-        if name not in self._versions:
-            self._versions[name] = self._version(name)
-        return self._versions[name]
-
-    def _version(self, name: str) -> Assignment | None:
+        host not looked up yet."""
         cluster, reach = parse_resource(name)
         backend = self._table.by_cluster.get(cluster)
         if backend is None and self.tables.previous is not None:
@@ -258,10 +268,7 @@ class Endpoints:
             return None
         resting = backend.id in self.resting
         said = repr((endpoint, list(addresses), resting, reach)).encode()
-        # Kept for every backend Envoy holds (10,000 at the large fleet): the backend, not its
-        # endpoint (made again when sent), and one tuple of addresses per host.
-        addresses = self._addresses_kept.setdefault(tuple(addresses), tuple(addresses))
-        return hashlib.blake2b(said, digest_size=8).hexdigest(), backend, addresses, resting, reach
+        return hashlib.blake2b(said, digest_size=8).hexdigest(), backend, tuple(addresses), resting, reach
 
     # ------------------------------------------------------------------ streams
 
@@ -297,7 +304,6 @@ class Endpoints:
             self._config_changed.clear()
             self._table = self.tables.current
             self._versions.clear()
-            self._addresses_kept.clear()
             self._tell_clusters()
         now = time.time()
         resting = frozenset(self.state.cooling())
@@ -333,7 +339,6 @@ class Endpoints:
         if found != self.addresses.get(host):
             self.addresses[host] = found
             self._versions.clear()
-            self._addresses_kept.clear()
             self._tell_clusters()
 
 
@@ -405,18 +410,19 @@ class _Stream:
             self.cds_sent = dict(request.initial_resource_versions)
             self.clusters_changed()
 
-    def _to_hold(self, name: str, version: str) -> tuple[str, tuple[Any, ...] | None] | None:
-        """What Envoy is to hold of cluster `name` (`version`: the file's), and for a backend
-        cluster its endpoint now (`Endpoints.version`); None for a backend cluster whose
-        endpoint is not known yet (a config not loaded, a host not looked up): held back until
-        it is, as Envoy waited for an EDS cluster's endpoints."""
+    def _to_hold(self, name: str, version: str) -> tuple[str, str | None] | None:
+        """The version Envoy is to hold of cluster `name` (`version`: the file's; a backend
+        cluster's with its endpoint's, `Endpoints.version`), and for a backend cluster the
+        resource of its endpoint; None for a backend cluster whose endpoint is not known yet (a
+        config not loaded, a host not looked up): held back until it is, as Envoy waited for an
+        EDS cluster's endpoints."""
         resource = self.endpoints.clusters.endpoint_of.get(name)
         if not resource:
             return version, None
         endpoint = self.endpoints.version(resource)
         if endpoint is None:
             return None
-        return f"{version}.{endpoint[0]}", endpoint
+        return f"{version}.{endpoint}", resource
 
     def responses(self) -> Iterator[discovery_pb2.DeltaDiscoveryResponse]:
         """The clusters that differ from what Envoy holds (a backend's with its endpoint inline),
@@ -432,7 +438,7 @@ class _Stream:
         if not feed.loaded:
             return
         self.asked.clear()  # looked at with everything else
-        wanted: dict[str, tuple[str, tuple[Any, ...] | None]] = {}
+        wanted: dict[str, tuple[str, str | None]] = {}
         held = 0
         eager = self.endpoints.eager_chains()
         asked_backends = self._members(self.demanded)
@@ -469,11 +475,13 @@ class _Stream:
             for name, version, value in feed.packed(set(wanted)):
                 if version != current.get(name):
                     continue  # the file was replaced meanwhile: sent on its own change
-                sent_version, endpoint = wanted[name]
+                endpoint = wanted[name][1]
                 if endpoint is None and backends and name in self.demanded:
                     yield None  # a chain a request waits for, apart from the backends before it
                 backends = endpoint is not None
-                yield self._sent(name, sent_version, value, endpoint)
+                resource = self._sent(name, version, value, endpoint)
+                if resource is not None:
+                    yield resource
 
         last = None  # each answer goes once the next is made: the last is known before it goes
         for answer in self._batches(sent(), CLUSTER_TYPE, removed, always=not self.cds_answered):
@@ -505,11 +513,17 @@ class _Stream:
         self.said_missing.update(missing)
         return missing
 
-    def _sent(self, name: str, version: str, value: bytes, endpoint: tuple[Any, ...] | None) -> discovery_pb2.Resource:
-        """Cluster `name` as it goes to Envoy (a backend's with its endpoint written in, `_to_hold`),
-        noted as sent."""
+    def _sent(self, name: str, version: str, value: bytes, endpoint: str | None) -> discovery_pb2.Resource | None:
+        """Cluster `name` (`version`: the file's) as it goes to Envoy, noted as sent; a backend
+        cluster's with the assignment of its `endpoint` resource written in, as it is now (it is
+        made again here: a change since `_to_hold` is in it and in its version). None for a
+        backend whose assignment is gone meanwhile: the next look sends what differs then."""
         if endpoint is not None:
-            _, backend, addresses, resting, reach = endpoint
+            made = self.endpoints.assignment(endpoint)
+            if made is None:
+                return None
+            assigned, backend, addresses, resting, reach = made
+            version = f"{version}.{assigned}"
             value = with_endpoint(value, load_assignment(backend.endpoint, addresses, resting, reach))
         self.cds_sent[name] = version
         return cluster_resource(name, version, value)
@@ -543,8 +557,10 @@ class _Stream:
         for name, version, value in feed.packed(set(wanted)):
             if version != current.get(name):
                 continue  # replaced meanwhile: sent on its own change
-            sent_version, endpoint = wanted[name]
-            (backends if endpoint is not None else chains).append(self._sent(name, sent_version, value, endpoint))
+            endpoint = wanted[name][1]
+            resource = self._sent(name, version, value, endpoint)
+            if resource is not None:
+                (backends if endpoint is not None else chains).append(resource)
         # (They are read from their spans in the file, a few hundred bytes each: nothing to
         # give back, where parsing the whole file for them left glibc holding 12 MB.)
         if backends or chains or missing:
