@@ -9,7 +9,6 @@ product. A route's score is its best-matching utterance (paraphrases of any exam
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,24 +37,9 @@ TOKENIZER_FILE = "tokenizers/l2_supercat_tokenizer_config.json"
 EMBED_BATCH = 64
 
 
-def mapped_tensor(path: Path, name: str) -> np.ndarray:
-    """One float16 tensor of a safetensors file, memory-mapped read-only: the ext_proc workers
-    of a gateway share one copy in the page cache, and only the rows of tokens actually seen
-    are ever read. (The format: an 8-byte little-endian header length, a JSON header giving each
-    tensor's dtype, shape and byte range, then the data.)"""
-    with path.open("rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    entry = header[name]
-    if entry["dtype"] != "F16":
-        raise ValueError(f"{path}: {name} is {entry['dtype']}, expected F16")
-    start, _ = entry["data_offsets"]
-    return np.memmap(path, dtype="<f2", mode="r", offset=8 + size + start, shape=tuple(entry["shape"]))
-
-
 @functools.cache
 def shared_embedder() -> Embedder:
-    """One embedder per process for per-prompt learning (the file is mapped once)."""
+    """One embedder per process for per-prompt learning (its rows and tokenizer loaded once)."""
     return default_embedder()
 
 
@@ -77,12 +61,13 @@ def default_embedder() -> Embedder:
     """wordllama's embedding (token vectors averaged over the text, then L2-normalised), read
     straight from the files the package ships rather than through `wordllama.WordLlama`: its
     import pulls in requests, pydantic and its trainers (about 30 MB per ext_proc worker), and
-    it keeps a float32 copy of the 32,000 x 256 matrix (32 MB). The float16 matrix is mapped
-    from the file instead and rows are widened to float32 after the lookup, which gives the
-    same numbers (float16 → float32 is exact)."""
+    it keeps a float32 copy of the 32,000 x 256 matrix (32 MB). The float16 rows a request
+    needs are read from the file instead (`embedrows`: at most 2 MB of them kept) and widened
+    to float32 after the lookup, which gives the same numbers (float16 → float32 is exact)."""
+    from .embedrows import EmbeddingRows
     from .wordtokens import WordTokens
 
-    weights = mapped_tensor(wordllama_file(WEIGHTS_FILE), "embedding.weight")
+    weights = EmbeddingRows(wordllama_file(WEIGHTS_FILE), "embedding.weight")
     # wordllama's own tokenizer file, run by SentencePiece (wordtokens: the same ids, half the
     # memory of the `tokenizers` library's copy, and no word cache to grow: the Hugging Face
     # one kept every distinct segment under 256 bytes, about 50 MB over 15,000 prompts,
@@ -91,7 +76,6 @@ def default_embedder() -> Embedder:
     # What loading freed (the tokenizer's JSON, when it is converted here) stays in glibc's
     # heap otherwise: given back, a worker that classifies is that much smaller (memtrim).
     release_free_memory()
-    last = weights.shape[0] - 1
 
     def batch(texts: Sequence[str]) -> np.ndarray:
         encoded = tokenizer([t[:MAX_CHARS] for t in texts])
@@ -99,12 +83,12 @@ def default_embedder() -> Embedder:
         # rows are added in the same order): the padded batch as float32 with its masked copy
         # was several MB for a long prompt, and glibc kept the heap those copies had grown
         # (a worker about 8 MB larger after its first thousand prompts, bench/README.md).
-        sums = np.zeros((len(encoded), weights.shape[1]), dtype=np.float32)
+        sums = np.zeros((len(encoded), weights.dim), dtype=np.float32)
         counts = np.ones((len(encoded), 1), dtype=np.float32)
         for row, token_ids in enumerate(encoded):
             ids = np.asarray(token_ids, dtype=np.int32)
             if len(ids):
-                sums[row] = weights[np.clip(ids, 0, last)].sum(axis=0, dtype=np.float32)
+                sums[row] = weights.take(ids).sum(axis=0, dtype=np.float32)
                 counts[row] = len(ids)
         pooled = sums / counts
         pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
@@ -114,7 +98,7 @@ def default_embedder() -> Embedder:
         # In batches (each padded to its longest text), so a config's utterances never make
         # one array of every utterance times the longest.
         parts = [batch(texts[i : i + EMBED_BATCH]) for i in range(0, len(texts), EMBED_BATCH)]
-        return np.concatenate(parts) if parts else np.zeros((0, weights.shape[1]), dtype=np.float32)
+        return np.concatenate(parts) if parts else np.zeros((0, weights.dim), dtype=np.float32)
 
     return embed
 
