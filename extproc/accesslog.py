@@ -41,6 +41,24 @@ def _count(fields: Mapping[str, struct_pb2.Value], key: str) -> int:
     return int(value.number_value if value.HasField("number_value") else float(value.string_value or 0))
 
 
+def estimated(
+    entry: accesslog_pb2.HTTPAccessLogEntry, fields: Mapping[str, struct_pb2.Value]
+) -> accounting.Usage | None:
+    """The usage an answer is charged at when it reported none (accounting.estimated_usage):
+    only a 2xx answer to a request that holds a budget or limits (the router phase left what it
+    expected); None otherwise, or when it reported its own."""
+    if "prompt_tokens" in fields or "expected" not in fields or not 200 <= entry.response.response_code.value < 300:
+        return None
+    try:
+        prompt, max_output = (int(part) for part in fields["expected"].string_value.split(","))
+    except ValueError:
+        return None
+    if prompt < 0 or max_output < 0:
+        return None
+    streamed = "text/event-stream" in entry.response.response_headers.get("content-type", "")
+    return accounting.estimated_usage(prompt, max_output, entry.response.response_body_bytes, streamed)
+
+
 def _seconds(d: duration_pb2.Duration) -> float:
     return d.seconds + d.nanos / 1e9
 
@@ -152,15 +170,16 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         policy_id = fields["policy_id"].string_value if "policy_id" in fields else policy
         hold = fields["hold"].string_value if "hold" in fields else ""
         cost = 0.0
+        estimate = estimated(entry, fields)
         try:
-            cost = self.observe(entry, fields, policy, first)
+            cost = self.observe(entry, fields, policy, first, estimate)
             self.learn(entry, policy_id, policy, class_key, first)
             self.rollout(entry, fields, cost)
         finally:
             if cost or hold:
                 # The real cost replaces what the request held in flight (nothing, if it failed).
                 self.ledger.add(policy_id, cost, release=hold)
-            self.charge_consumer(fields, cost)
+            self.charge_consumer(fields, cost, estimate)
 
     def rollout(
         self, entry: accesslog_pb2.HTTPAccessLogEntry, fields: Mapping[str, struct_pb2.Value], cost: float
@@ -189,11 +208,16 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
             return  # paused: nothing more to learn about the candidate
         self.count_rollout(live, note.split(":")[1] if ":" in note else "", counts, time.time())
 
-    def charge_consumer(self, fields: Mapping[str, struct_pb2.Value], cost: float) -> None:
+    def charge_consumer(
+        self, fields: Mapping[str, struct_pb2.Value], cost: float, estimate: accounting.Usage | None = None
+    ) -> None:
         """Per-consumer metrics, and the settlement of what the request held against limits:
-        its real tokens (cached ones as each subject counts them) and cost."""
+        its real tokens (cached ones as each subject counts them) and cost, or its `estimate`
+        when it reported none."""
         consumer = fields["consumer"].string_value if "consumer" in fields else ""
         prompt, completion = _count(fields, "prompt_tokens"), _count(fields, "completion_tokens")
+        if estimate is not None:
+            prompt, completion = estimate.prompt_tokens, estimate.completion_tokens
         if consumer:
             self.metrics.consumer_tokens.labels(consumer, "input").inc(prompt)
             self.metrics.consumer_tokens.labels(consumer, "output").inc(completion)
@@ -261,9 +285,15 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         self.observe(entry, fields, policy.name, served.id)
 
     def observe(
-        self, entry: accesslog_pb2.HTTPAccessLogEntry, fields: Mapping[str, struct_pb2.Value], policy: str, first: str
+        self,
+        entry: accesslog_pb2.HTTPAccessLogEntry,
+        fields: Mapping[str, struct_pb2.Value],
+        policy: str,
+        first: str,
+        estimate: accounting.Usage | None = None,
     ) -> float:
-        """Metrics of a finished request; returns its cost. `fields`: its signalbox metadata."""
+        """Metrics of a finished request; returns its cost. `fields`: its signalbox metadata;
+        `estimate`: its usage when it reported none (`estimated`)."""
         common = entry.common_properties
         backend = self.tables.current.backends.get(served_backend(common) or first)
         if backend is None:
@@ -280,9 +310,13 @@ class AccessLogSink(als_pb2_grpc.AccessLogServiceServicer):
         if "text/event-stream" in entry.response.response_headers.get("content-type", ""):
             # The first response byte of a stream: the first chunk, as providers send it.
             self.metrics.time_to_first_token.labels(*genai).observe(_seconds(common.time_to_first_upstream_rx_byte))
-        if "prompt_tokens" not in fields:
+        if estimate is not None:
+            usage = estimate
+            self.metrics.usage_estimated.labels(backend.provider.name, backend.model).inc()
+        elif "prompt_tokens" not in fields:
             return 0.0  # no usage in the response (an error from the provider)
-        usage = accounting.Usage(_count(fields, "prompt_tokens"), _count(fields, "completion_tokens"))
+        else:
+            usage = accounting.Usage(_count(fields, "prompt_tokens"), _count(fields, "completion_tokens"))
         cost = accounting.cost_usd(usage, backend.input_price, backend.output_price)
         labels = (*genai, policy)
         self.metrics.tokens.labels("input", *labels).inc(usage.prompt_tokens)

@@ -59,6 +59,13 @@ class Metrics:
             "Upstream attempts beyond the first (failover, hedging), by the backend that finally answered.",
             ["provider", "model"],
         )
+        self.usage_estimated = self._shared_counter(
+            "signalbox_usage_estimated",
+            "Answers (2xx) that reported no token usage (a provider with streamUsage false, or a server "
+            "that sends none), counted, charged to budgets and limits and priced at an estimate instead "
+            "(accounting.estimated_usage), by backend.",
+            ["provider", "model"],
+        )
         self.broken_responses = self._shared_counter(
             "signalbox_broken_responses",
             "Answers that started but did not end normally (the provider reset, cut or went silent "

@@ -449,6 +449,10 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 raise
             if hold_id:
                 metadata["hold"] = hold_id
+            if held or hold_id:
+                # What an answer without usage is charged at (accesslog.estimated).
+                features = prepared.features
+                metadata["expected"] = f"{features.estimated_tokens},{features.max_output_tokens}"
             if self.capture is not None:
                 backend = outcome.selection.choice.backend
                 # `policy`: the one the alias chose; a canary's candidate side is `served_by` its own.

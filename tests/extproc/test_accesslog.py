@@ -10,8 +10,11 @@ import grpc
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from signalbox.core.compiler import compile_config
+from signalbox.extproc.accesslog import estimated
 from signalbox.extproc.decisions import DecisionSigner
 from signalbox.extproc.metrics import Metrics
 from signalbox.extproc.reload import TableHolder
@@ -241,3 +244,69 @@ async def test_a_stream_that_broke_after_it_started_is_counted_as_broken(sink):
     await call.done_writing()
     await call
     assert sample(processor, "signalbox_broken_responses_total", provider="a", model="m", flag="UPE") == 1
+
+
+def answered(e: accesslog_pb2.HTTPAccessLogEntry, status: int, body_bytes: int) -> accesslog_pb2.HTTPAccessLogEntry:
+    e.response.response_code.value = status
+    e.response.response_body_bytes = body_bytes
+    return e
+
+
+async def test_an_answer_without_usage_is_charged_at_an_estimate_not_at_nothing(sink):
+    # A provider with streamUsage false (or a server that never reports usage) answered: counted
+    # as free, a budgeted policy could spend without end. Errors are still charged nothing.
+    stub, processor = sink
+    now = time.time()
+    for hold in ("stream", "json", "error"):
+        processor.ledger.hold("default/p", hold, 0.5, until=now + 60)
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.extend(
+        [
+            # 100 prompt tokens expected, max_tokens 50: a stream of 32,000 bytes is 200 events.
+            answered(entry("default/a/m", None, "text/event-stream", hold="stream", expected="100,50"), 200, 32_000),
+            # No max_tokens: a JSON answer of 400 bytes, about 100 tokens.
+            answered(entry("default/a/m", None, hold="json", expected="100,0"), 200, 400),
+            answered(entry("default/a/m", None, hold="error", expected="100,0"), 502, 400),
+        ]
+    )
+    call = stub.StreamAccessLogs()
+    await call.write(message)
+    await call.done_writing()
+    await call
+    assert processor.ledger.in_flight("default/p", now) == 0.0
+    (spent,) = [usd for _, usd, _ in processor.ledger.buckets("default/p", time.time())]
+    assert spent == pytest.approx((100 * 2 + 50 * 8) / 1e6 + (100 * 2 + 100 * 8) / 1e6)
+    assert sample(processor, "signalbox_usage_estimated_total", provider="a", model="m") == 2
+    genai_a = {"gen_ai_request_model": "m", "gen_ai_provider_name": "openai_compatible", "provider": "a"}
+    assert (
+        sample(processor, "gen_ai_client_token_usage_total", gen_ai_token_type="output", policy="p", **genai_a) == 150
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    expected=st.text(max_size=30),
+    status=st.integers(100, 599),
+    body_bytes=st.integers(0, 1 << 40),
+    streamed=st.booleans(),
+)
+@example(expected="1,-5", status=200, body_bytes=4000, streamed=False)
+@example(expected="-1,5", status=200, body_bytes=4000, streamed=True)
+@example(expected="12,7", status=204, body_bytes=0, streamed=False)
+def test_an_estimate_is_never_negative_never_past_max_tokens_and_garbage_gives_none(
+    expected, status, body_bytes, streamed
+):
+    e = answered(
+        entry("default/a/m", None, "text/event-stream" if streamed else "application/json"), status, body_bytes
+    )
+    fields = e.common_properties.metadata.filter_metadata["signalbox"].fields
+    fields["expected"].string_value = expected
+    usage = estimated(e, fields)
+    if usage is None:
+        return
+    assert 200 <= status < 300
+    prompt, max_output = (int(part) for part in expected.split(","))
+    assert usage.prompt_tokens == prompt >= 0 and usage.completion_tokens >= 0
+    if max_output > 0:
+        assert usage.completion_tokens <= max_output
+    assert usage.completion_tokens <= body_bytes  # never more tokens than bytes

@@ -41,6 +41,9 @@ async def test_a_policy_limit_counts_every_caller_and_the_refusal_names_it(limit
     answers = [(await exchange(limited, router_message(BODY)))[0] for _ in range(3)]
     first = json_format.MessageToDict(answers[0].dynamic_metadata)["signalbox"]
     assert first["limits"] == "policy:default/p" and first["limit_hold"] == "req-1"
+    # What an answer that reports no usage is charged at (accesslog.estimated): prompt, max_tokens.
+    prompt, max_output = (int(n) for n in first["expected"].split(","))
+    assert prompt > 0 and max_output >= 0
     assert "consumer" not in first  # no consumer declared: nobody is identified
     refused = answers[2].immediate_response
     assert refused.status.code == 429

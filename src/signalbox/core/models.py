@@ -329,7 +329,7 @@ class AIProviderSpec(Spec):
         "accounting and budgets read), on OpenAI-API backends. Set false for servers that refuse the field "
         "(some OpenAI-compatible APIs answer it with a 400 or 422): the gateway then sends no "
         "`stream_options`, not even a client's, and a stream is counted from the usage the server sends on "
-        "its own, if any.",
+        "its own; without any, budgets and limits charge an estimate from the answer's size.",
     )
     sanitize_streams: bool | None = Field(
         None,
