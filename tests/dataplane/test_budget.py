@@ -186,3 +186,38 @@ def test_a_burst_of_concurrent_requests_is_held_to_the_budget_by_what_is_in_flig
             print(f"burst: {admitted} admitted at ${per_request:.4f} held each, spent ${admitted * PREMIUM_USD:.3f}")
     finally:
         gw.stop()
+
+
+def test_a_stream_from_a_provider_that_reports_no_usage_still_spends_its_budget(fakes, tmp_path):
+    """A provider that refuses `stream_options` (`streamUsage: false`) streams without usage: the
+    gateway counted such an answer as free, and a budget over it never moved. It is charged an
+    estimate now (its prompt as estimated, output from the stream's size, at most max_tokens)."""
+    clear_of_the_hour_edge()
+    yaml_text = dump(
+        provider(
+            "alpha",
+            fakes["alpha"].url + "/v1",
+            [model("premium", inputPricePer1M=1000, outputPricePer1M=1000)],
+            streamUsage=False,
+        ),
+        policy("metered", ["metered"], [backend("alpha", "premium")], strategy="failover", budget={"hourlyUsd": 50}),
+    )
+    gw = start_gateway(tmp_path, yaml_text)
+    try:
+        with openai.OpenAI(base_url=gw.url, api_key="x", max_retries=0) as client:
+            chunks = list(
+                client.chat.completions.create(
+                    model="metered", messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=20
+                )
+            )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert all(c.usage is None for c in chunks)  # the provider reported none
+        assert "stream_options" not in fakes["alpha"].requests()[-1]["body"]
+        assert wait_for(lambda: budget(gw, "metered")["windows"][0]["spent_usd"] > 0), budget(gw, "metered")
+        spent = budget(gw, "metered")["windows"][0]["spent_usd"]
+        assert spent <= (100 + 20) * 1000 / 1e6  # at most a generous prompt estimate and max_tokens
+        metrics = httpx.get(f"{gw.admin_url}/metrics").text
+        counted = [line for line in metrics.splitlines() if line.startswith("signalbox_usage_estimated_total{")]
+        assert len(counted) == 1 and 'provider="alpha"' in counted[0] and counted[0].endswith(" 1.0"), counted
+    finally:
+        gw.stop()
