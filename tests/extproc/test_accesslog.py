@@ -66,21 +66,30 @@ def sample(processor: Processor, name: str, **labels: str) -> float | None:
     return processor.metrics.registry.get_sample_value(name, labels)
 
 
-async def test_a_batch_of_entries_becomes_tokens_cost_durations_and_spend(sink):
-    stub, processor = sink
+async def send(stub, entries: list[accesslog_pb2.HTTPAccessLogEntry], log_name: str = "") -> None:
+    """`entries` in one message of an access-log stream (named `log_name`, as Envoy's first
+    message names its log), to the stream's end."""
     message = als_pb2.StreamAccessLogsMessage()
-    message.identifier.log_name = "signalbox"
-    message.http_logs.log_entry.extend(
-        [
-            entry("default/a/m", (10, 7)),
-            entry("default/b/m", (10, 5), content_type="text/event-stream"),  # failed over to b, streamed
-            entry("default/a/m", None),  # the provider answered an error: no usage
-        ]
-    )
+    if log_name:
+        message.identifier.log_name = log_name
+    message.http_logs.log_entry.extend(entries)
     call = stub.StreamAccessLogs()
     await call.write(message)
     await call.done_writing()
     await call
+
+
+async def test_a_batch_of_entries_becomes_tokens_cost_durations_and_spend(sink):
+    stub, processor = sink
+    await send(
+        stub,
+        [
+            entry("default/a/m", (10, 7)),
+            entry("default/b/m", (10, 5), content_type="text/event-stream"),  # failed over to b, streamed
+            entry("default/a/m", None),  # the provider answered an error: no usage
+        ],
+        log_name="signalbox",
+    )
 
     genai_a = {"gen_ai_request_model": "m", "gen_ai_provider_name": "openai_compatible", "provider": "a"}
     assert sample(processor, "gen_ai_client_token_usage_total", gen_ai_token_type="input", policy="p", **genai_a) == 10
@@ -98,18 +107,14 @@ async def test_the_real_cost_replaces_what_each_request_held_whatever_its_end(si
     for hold in ("answered", "failed", "stale"):
         processor.ledger.hold("default/p", hold, 0.5, until=now + 60)
     assert processor.ledger.in_flight("default/p", now) == 1.5
-    message = als_pb2.StreamAccessLogsMessage()
-    message.http_logs.log_entry.extend(
+    await send(
+        stub,
         [
             entry("default/a/m", (10, 7), hold="answered"),
             entry("default/a/m", None, hold="failed"),  # an error: no usage, nothing spent
             entry("default/gone/m", (1, 1), hold="stale"),  # a backend the config no longer has
-        ]
+        ],
     )
-    call = stub.StreamAccessLogs()
-    await call.write(message)
-    await call.done_writing()
-    await call
     assert processor.ledger.in_flight("default/p", now) == 0.0
     (spent,) = [usd for _, usd, _ in processor.ledger.buckets("default/p", time.time())]
     assert spent == pytest.approx((10 * 2 + 7 * 8) / 1e6)
@@ -117,16 +122,9 @@ async def test_the_real_cost_replaces_what_each_request_held_whatever_its_end(si
 
 async def test_entries_that_are_not_ours_or_are_garbled_are_skipped_and_the_stream_goes_on(sink):
     stub, processor = sink
-    message = als_pb2.StreamAccessLogsMessage()
     unrouted = accesslog_pb2.HTTPAccessLogEntry()  # e.g. /v1/models: no decision
     garbled = entry("default/a/m", None, decision="not-a-token")
-    message.http_logs.log_entry.extend(
-        [unrouted, garbled, entry("default/gone/m", (1, 1)), entry("default/a/m", (1, 0))]
-    )
-    call = stub.StreamAccessLogs()
-    await call.write(message)
-    await call.done_writing()
-    await call
+    await send(stub, [unrouted, garbled, entry("default/gone/m", (1, 1)), entry("default/a/m", (1, 0))])
     assert (
         sample(
             processor,
@@ -152,12 +150,7 @@ async def test_a_compiled_route_is_counted_by_the_policy_its_route_names(sink):
     compiled.common_properties.upstream_request_attempt_count = 2  # failed over to b
     refused = accesslog_pb2.HTTPAccessLogEntry()  # an alias was read, the ext_proc refused it
     refused.common_properties.metadata.filter_metadata["signalbox"].update({"alias": "nope"})
-    message = als_pb2.StreamAccessLogsMessage()
-    message.http_logs.log_entry.extend([compiled, refused])
-    call = stub.StreamAccessLogs()
-    await call.write(message)
-    await call.done_writing()
-    await call
+    await send(stub, [compiled, refused])
     routed = {"policy": "p", "provider": "b", "model": "m", "strategy": "weighted", "outcome": "routed"}
     assert sample(processor, "signalbox_requests_total", tier="compiled", **routed) == 1
     assert sample(processor, "signalbox_cost_usd_total", policy="p", provider="b", model="m") == pytest.approx(6e-6)
@@ -237,12 +230,7 @@ async def test_a_stream_that_broke_after_it_started_is_counted_as_broken(sink):
     broken = entry("default/a/m", None, content_type="text/event-stream")
     broken.response.response_code.value = 200
     broken.common_properties.response_flags.upstream_protocol_error = True
-    message = als_pb2.StreamAccessLogsMessage()
-    message.http_logs.log_entry.extend([broken, entry("default/a/m", (1, 1))])
-    call = stub.StreamAccessLogs()
-    await call.write(message)
-    await call.done_writing()
-    await call
+    await send(stub, [broken, entry("default/a/m", (1, 1))])
     assert sample(processor, "signalbox_broken_responses_total", provider="a", model="m", flag="UPE") == 1
 
 
@@ -259,20 +247,16 @@ async def test_an_answer_without_usage_is_charged_at_an_estimate_not_at_nothing(
     now = time.time()
     for hold in ("stream", "json", "error"):
         processor.ledger.hold("default/p", hold, 0.5, until=now + 60)
-    message = als_pb2.StreamAccessLogsMessage()
-    message.http_logs.log_entry.extend(
+    await send(
+        stub,
         [
             # 100 prompt tokens expected, max_tokens 50: a stream of 32,000 bytes is 200 events.
             answered(entry("default/a/m", None, "text/event-stream", hold="stream", expected="100,50"), 200, 32_000),
             # No max_tokens: a JSON answer of 400 bytes, about 100 tokens.
             answered(entry("default/a/m", None, hold="json", expected="100,0"), 200, 400),
             answered(entry("default/a/m", None, hold="error", expected="100,0"), 502, 400),
-        ]
+        ],
     )
-    call = stub.StreamAccessLogs()
-    await call.write(message)
-    await call.done_writing()
-    await call
     assert processor.ledger.in_flight("default/p", now) == 0.0
     (spent,) = [usd for _, usd, _ in processor.ledger.buckets("default/p", time.time())]
     assert spent == pytest.approx((100 * 2 + 50 * 8) / 1e6 + (100 * 2 + 100 * 8) / 1e6)
