@@ -74,7 +74,7 @@ log = logging.getLogger("signalbox.extproc.xds")
 
 # How often rests (and configs) are looked at: the longest a new rest waits to reach Envoy.
 TICK_S = 0.25
-# A backend's assignment as the stream sends it (`Endpoints.version`): (version, the backend,
+# A backend's assignment as the stream sends it (`Endpoints.assignment`): (version, the backend,
 # its addresses, whether it rests, how its cluster reaches it).
 Assignment = tuple[str, BackendRuntime, Sequence[str], bool, str]
 # In a delta subscription, the name that asks for every resource.
