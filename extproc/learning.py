@@ -10,14 +10,21 @@ another worker than the one that decided) are rows too; each worker loads the ne
 
 The other gateway replicas' observations arrive as `remote_*` rows (written by
 `signalbox.replicasync`) and are added in: counts sum; the latency average is this replica's
-own when it has one (it is what this replica's clients see), else the others' mean.
+own when it has one (it is what this replica's clients see), else the others' mean. Their
+per-prompt observations arrive as rows of `neighbours` like this replica's own, each noted in
+`neighbour_origins` by replica and reference: taken in once however often it is published, and
+never published again by this replica.
 """
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
+from signalbox.core.replicastate import decode_vector, encode_vector
 
 from .sharedstate import connect
 
@@ -40,11 +47,19 @@ CREATE TABLE IF NOT EXISTS neighbours (
   id INTEGER PRIMARY KEY AUTOINCREMENT, policy TEXT NOT NULL, backend TEXT NOT NULL, score REAL NOT NULL,
   vector BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS decision_vectors (token TEXT PRIMARY KEY, vector BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS neighbour_origins (
+  id INTEGER PRIMARY KEY, replica TEXT NOT NULL, ref TEXT NOT NULL, UNIQUE (replica, ref));
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # Per-prompt observations kept in the file (the newest; each worker's memory keeps its own
 # capacity of them), and decisions whose vectors are kept for the feedback that may follow.
 NEIGHBOUR_ROWS = 65536
 DECISION_ROWS = 16384
+# This replica's newest per-prompt observations in what it publishes for the others (float16
+# vectors in base64: about 750 bytes each, 48 KB for 64, within a replica's ConfigMap key). A
+# replica publishes at most once per sync interval, so the others miss none while fewer than
+# this many arrive per interval (32 a second at the default 2 s) and the newest otherwise.
+SHARED_NEIGHBOURS = 64
 # Weight of the newest latency in the outcome EWMA (the same as SelectionState's).
 LATENCY_ALPHA = 0.3
 
@@ -55,6 +70,10 @@ class SharedLearning:
     def __init__(self, path: str | Path | None = None):
         self.db = connect(path, _SCHEMA)
         self._version: int | None = None
+        # Names this file's observations for the other replicas: row ids start again in a new
+        # file (a restarted pod), and the others must not take its rows for ones already seen.
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(6),))
+        self._epoch = str(self.db.execute("SELECT value FROM meta WHERE name = 'epoch'").fetchone()[0])
 
     def close(self) -> None:
         self.db.close()
@@ -89,7 +108,11 @@ class SharedLearning:
             (policy, backend, score, np.asarray(vector, dtype=np.float32).tobytes()),
         )
         if row.lastrowid and row.lastrowid % 1024 == 0:
-            self.db.execute("DELETE FROM neighbours WHERE id <= ?", (row.lastrowid - NEIGHBOUR_ROWS,))
+            self._trim_neighbours(row.lastrowid)
+
+    def _trim_neighbours(self, last_id: int) -> None:
+        self.db.execute("DELETE FROM neighbours WHERE id <= ?", (last_id - NEIGHBOUR_ROWS,))
+        self.db.execute("DELETE FROM neighbour_origins WHERE id <= ?", (last_id - NEIGHBOUR_ROWS,))
 
     def neighbours_since(self, last_id: int) -> list[tuple[int, str, str, float, np.ndarray]]:
         """Observations after `last_id` (every worker's), oldest first."""
@@ -142,10 +165,21 @@ class SharedLearning:
         return quality, outcomes
 
     def local_rows(self) -> dict[str, list[list[object]]]:
-        """This replica's own observations, as published for the others."""
+        """This replica's own observations, as published for the others: class-level counts, and
+        its newest per-prompt observations ([reference, policy, backend, score, vector])."""
+        newest = self.db.execute(
+            "SELECT id, policy, backend, score, vector FROM neighbours n"
+            " WHERE NOT EXISTS (SELECT 1 FROM neighbour_origins o WHERE o.id = n.id)"
+            " ORDER BY id DESC LIMIT ?",
+            (SHARED_NEIGHBOURS,),
+        ).fetchall()
         return {
             "quality": [list(r) for r in self.db.execute("SELECT * FROM quality ORDER BY 1, 2, 3")],
             "outcomes": [list(r) for r in self.db.execute("SELECT * FROM outcomes ORDER BY 1, 2, 3")],
+            "neighbours": [
+                [f"{self._epoch}.{i}", policy, backend, score, encode_vector(np.frombuffer(blob, dtype=np.float32))]
+                for i, policy, backend, score, blob in reversed(newest)
+            ],
         }
 
     def set_remote(self, rows: dict[str, dict[str, list[list[object]]]]) -> None:
@@ -163,3 +197,22 @@ class SharedLearning:
                     "INSERT INTO remote_outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(replica, *r) for r in tables.get("outcomes", [])],
                 )
+                self._take_neighbours(replica, tables.get("neighbours", []))
+
+    def _take_neighbours(self, replica: str, rows: Iterable[list[object]]) -> None:
+        """Another replica's per-prompt observations not taken in before, as rows of `neighbours`
+        (the workers load them like their own). Called inside set_remote's transaction."""
+        last = None
+        for ref, policy, backend, score, vector in rows:
+            seen = self.db.execute(
+                "SELECT 1 FROM neighbour_origins WHERE replica = ? AND ref = ?", (replica, ref)
+            ).fetchone()
+            if seen:
+                continue
+            last = self.db.execute(
+                "INSERT INTO neighbours (policy, backend, score, vector) VALUES (?, ?, ?, ?)",
+                (policy, backend, score, decode_vector(str(vector)).tobytes()),
+            ).lastrowid
+            self.db.execute("INSERT INTO neighbour_origins VALUES (?, ?, ?)", (last, replica, ref))
+        if last:
+            self._trim_neighbours(last)

@@ -94,7 +94,11 @@ class Neighbours:
         return self._held
 
     def add(self, policy: str, vector: np.ndarray, backend: str, score: float) -> None:
+        """Keep one observation. A vector of another length than the policy's others is left
+        out: observations arrive from other replicas too, which may run another embedding."""
         ring = self._rings.get(policy)
+        if ring is not None and len(vector) != ring.vectors.shape[1]:
+            return
         if ring is None:
             ring = self._rings[policy] = _Ring(len(vector), self.capacity)
             heapq.heappush(self._oldest, (self._arrived, policy))
@@ -123,7 +127,7 @@ class Neighbours:
     def estimate(self, policy: str, vector: np.ndarray, backends: Iterable[str]) -> dict[str, tuple[float, float]]:
         """Backend id -> (estimated quality, evidence) for the backends observed near `vector`."""
         ring = self._rings.get(policy)
-        if ring is None or ring.size == 0:
+        if ring is None or ring.size == 0 or len(vector) != ring.vectors.shape[1]:
             return {}
         sims = ring.vectors[: ring.filled] @ vector
         owners = ring.backends[: ring.filled]

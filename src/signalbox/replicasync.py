@@ -2,8 +2,8 @@
 
 Each replica owns one key of the ConfigMap (`<replica>.json`: its spend of the current UTC
 day, policy -> hourly bucket -> USD, what its requests in flight hold, policy -> [USD, until],
-its learning observations, and the backends its attempts put to rest, backend -> [until,
-reason]) and writes it with a JSON
+its learning observations (class-level counts and its newest per-prompt ones), and the
+backends its attempts put to rest, backend -> [until, reason]) and writes it with a JSON
 merge patch, which touches only that key: replicas never conflict and need no resourceVersion
 dance. It writes only when its state changed, at most once per interval, and *watches* the
 ConfigMap, so the others' state reaches its SQLite files (`remote` rows, which the ext_proc
@@ -49,7 +49,8 @@ from signalbox.extproc.rolloutstats import RolloutStats
 log = logging.getLogger("signalbox.replicasync")
 DEFAULT_INTERVAL = 2.0
 # A ConfigMap holds at most 1 MiB for all replicas together; one replica's key stays well below.
-# Past this its learning is left out (spend is small and always fits: hourly buckets of a day).
+# Past this its per-prompt observations are left out, then all its learning (spend is small and
+# always fits: hourly buckets of a day).
 MAX_KEY_BYTES = 128 * 1024
 _MERGE_PATCH = "application/merge-patch+json"
 # How far into a UTC day a key still of an earlier day counts as a gone replica's (a live one
@@ -107,6 +108,11 @@ class ReplicaSync:
         day = window_start(now, DAY)
         shared = spend or held or resting or rollouts
         payload = encode(day, spend, learning, held, resting, rollouts) if shared or any(learning.values()) else ""
+        if len(payload) > MAX_KEY_BYTES and learning.get("neighbours"):
+            # The per-prompt observations go first: the class-level counts are what every
+            # replica's decisions fall back on.
+            learning = {**learning, "neighbours": []}
+            payload = encode(day, spend, learning, held, resting, rollouts)
         if len(payload) > MAX_KEY_BYTES:
             if not self.learning_left_out:
                 log.warning(

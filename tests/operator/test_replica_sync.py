@@ -11,10 +11,12 @@ import statistics
 import time
 
 from signalbox.core.budget import DAY, HOUR, Budget, assess, window_start
-from signalbox.extproc.learning import SharedLearning
+from signalbox.extproc.learning import SHARED_NEIGHBOURS, SharedLearning
 from signalbox.extproc.ledger import SpendLedger
+from signalbox.extproc.strategies import SelectionState
 from signalbox.operator.kube import api_client
 from signalbox.replicasync import DEFAULT_INTERVAL, ReplicaSync
+from tests.planted import EVENTS, accuracy, teach
 from tests.windows import clear_of_the_hour_edge
 
 NS, NAME = "signalbox-system", "signalbox-replicas"
@@ -154,7 +156,7 @@ async def test_learning_too_large_for_the_configmap_is_left_out_but_spend_is_sha
     big.ledger.add("default/p", 0.3)
     await asyncio.to_thread(big.sync_once)
     seen = await asyncio.to_thread(other.sync_once)
-    assert seen["learning"] == {"gw-big": {"quality": [], "outcomes": []}}
+    assert seen["learning"] == {"gw-big": {"quality": [], "outcomes": [], "neighbours": []}}
     assert hour_spend(other.ledger) == (0.0, 0.3)
     assert big.learning_left_out
 
@@ -248,3 +250,51 @@ async def test_a_rollout_paused_on_one_replica_is_paused_on_the_others_and_error
     await asyncio.to_thread(a.sync_once, now)
     await asyncio.to_thread(b.sync_once, now)
     assert b.rollouts.paused("run-1") and b.rollouts.figures("run-1")[rollouts.CANDIDATE_ERRORS] == 3
+
+
+async def test_feedback_one_replica_got_teaches_the_others_the_prompts_neighbours(k8s, tmp_path):
+    """Feedback reaches whichever replica Kubernetes' Service picked: per-prompt learning must
+    cross replicas as class-level learning does, or each replica learns from a share of it.
+    Replica A gets every feedback event of the planted pattern; replica B, which got none,
+    routes fresh prompts of both kinds right once A has published."""
+    a, b = replica(k8s, tmp_path, "gw-a"), replica(k8s, tmp_path, "gw-b")
+    assert a.learning is not None and b.learning is not None
+    taught = SelectionState(rng=random.Random(0), shared=a.learning)
+    learner = SelectionState(rng=random.Random(0), shared=b.learning)
+    assert EVENTS <= SHARED_NEIGHBOURS  # one publication carries them all
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(s.run(stop)) for s in (a, b)]
+    try:
+        teach(taught, per_prompt=True, events=EVENTS)
+        await wait_until(lambda: len(b.learning.neighbours_since(0)) == EVENTS)
+        right, classes = accuracy(learner, per_prompt=True)
+        assert len(classes) == 1  # one class: class-level counts alone cannot tell the kinds apart
+        assert right >= 0.95, right
+        # What B took in from A is not published again as B's own.
+        assert b.learning.local_rows()["neighbours"] == []
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+async def test_a_replica_takes_in_each_observation_once_and_a_restarted_ones_anew(k8s, tmp_path):
+    """Every round republishes a replica's newest observations: the others take each in once.
+    A restarted replica (a new state file) numbers its rows from 1 again; those are new."""
+    import numpy as np
+
+    vector = np.ones(256, dtype=np.float32) / 16.0
+    a, b = replica(k8s, tmp_path, "gw-a"), replica(k8s, tmp_path, "gw-b")
+    assert a.learning is not None and b.learning is not None
+    a.learning.add_neighbour("p", vector, "default/cheap/m", 0.0)
+    for _ in range(3):
+        await asyncio.to_thread(a.sync_once)
+        await asyncio.to_thread(b.sync_once)
+    assert [(p, s) for _, p, _, s, _ in b.learning.neighbours_since(0)] == [("p", 0.0)]
+    a.learning.close()
+    (tmp_path / "gw-a-learning.db").unlink()
+    restarted = replica(k8s, tmp_path, "gw-a")
+    assert restarted.learning is not None
+    restarted.learning.add_neighbour("p", vector, "default/cheap/m", 1.0)
+    await asyncio.to_thread(restarted.sync_once)
+    await asyncio.to_thread(b.sync_once)
+    assert [(p, s) for _, p, _, s, _ in b.learning.neighbours_since(0)] == [("p", 0.0), ("p", 1.0)]
