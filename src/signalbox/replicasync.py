@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -53,9 +54,24 @@ DEFAULT_INTERVAL = 2.0
 # always fits: hourly buckets of a day).
 MAX_KEY_BYTES = 128 * 1024
 _MERGE_PATCH = "application/merge-patch+json"
+# The per-prompt observations of all replicas together stay within this much of the ConfigMap
+# (each replica's share: this over the replicas it last saw), so that adding replicas never
+# takes the ConfigMap past its 1 MiB and with it the spend every replica must share.
+NEIGHBOUR_BYTES = 384 * 1024
 # How far into a UTC day a key still of an earlier day counts as a gone replica's (a live one
 # republishes within an interval of the day's start).
 STALE_AFTER_SECONDS = 600
+
+
+def newest_within(rows: list[list[object]], budget: int) -> list[list[object]]:
+    """The newest of `rows` (oldest first) whose JSON fits in `budget` bytes, oldest first."""
+    kept: list[list[object]] = []
+    for row in reversed(rows):
+        budget -= len(json.dumps(row, separators=(",", ":"))) + 1
+        if budget < 0:
+            break
+        kept.append(row)
+    return kept[::-1]
 
 
 def _version(cm: kubernetes.client.V1ConfigMap) -> str:
@@ -92,6 +108,8 @@ class ReplicaSync:
         self.stale: set[str] = set()
         self.published = ""
         self.learning_left_out = False
+        # Replicas with a key in the ConfigMap when last read (this one included).
+        self.replicas = 1
         # The watch thread and the publishing thread both record into the SQLite files.
         self.lock = threading.Lock()
         self.recorded_version = ""
@@ -103,6 +121,8 @@ class ReplicaSync:
         with self.lock:
             spend, held = self.ledger.local(now), self.ledger.local_held(now)
             learning = self.learning.local_rows() if self.learning is not None else {}
+            if learning.get("neighbours"):
+                learning["neighbours"] = newest_within(learning["neighbours"], NEIGHBOUR_BYTES // self.replicas)
             resting = self.cooldowns.local(now) if self.cooldowns is not None else {}
             rollouts = self.rollouts.local() if self.rollouts is not None else {}
         day = window_start(now, DAY)
@@ -147,6 +167,7 @@ class ReplicaSync:
             # Our key is gone or not ours (deleted as stale by a replica that read it just before
             # we republished): publish it again on the next round.
             self.published = ""
+        self.replicas = max(1, len({k for k in data if k.endswith(".json")} | {self.key}))
         today = window_start(now, DAY)
         spend: dict[str, Spend] = {}
         learning: dict[str, Learning] = {}

@@ -298,3 +298,36 @@ async def test_a_replica_takes_in_each_observation_once_and_a_restarted_ones_ane
     await asyncio.to_thread(restarted.sync_once)
     await asyncio.to_thread(b.sync_once)
     assert [(p, s) for _, p, _, s, _ in b.learning.neighbours_since(0)] == [("p", 0.0), ("p", 1.0)]
+
+
+async def test_per_prompt_observations_shrink_as_replicas_are_added_so_the_configmap_fits(k8s, tmp_path):
+    """A ConfigMap holds 1 MiB for every replica together: each replica's per-prompt share is
+    NEIGHBOUR_BYTES over the replicas it saw, its newest observations first."""
+    import kubernetes
+    import numpy as np
+
+    from signalbox.core.replicastate import decode, decode_vector, encode
+    from signalbox.replicasync import NEIGHBOUR_BYTES
+
+    one = replica(k8s, tmp_path, "gw-one")
+    assert one.learning is not None
+    for n in range(SHARED_NEIGHBOURS):
+        one.learning.add_neighbour("p", np.full(256, n / 256, dtype=np.float32), "default/cheap/m", 1.0)
+    await asyncio.to_thread(one.sync_once)
+    core = kubernetes.client.CoreV1Api(api_client(str(k8s.url)))
+    # The emulator answers on this event loop: the client's blocking calls go to a thread.
+    read = asyncio.to_thread(core.read_namespaced_config_map, NAME, NS)
+    alone = decode((await read).data["gw-one.json"])
+    assert alone is not None and len(alone[2]["neighbours"]) == SHARED_NEIGHBOURS
+    others = {f"gw-{i}.json": encode(window_start(time.time(), DAY), {}, {}) for i in range(40)}
+    await asyncio.to_thread(core.patch_namespaced_config_map, NAME, NS, {"data": others})
+    await asyncio.to_thread(one.sync_once)  # reads 41 replicas
+    await asyncio.to_thread(one.sync_once)  # publishes its share
+    crowded = decode((await asyncio.to_thread(core.read_namespaced_config_map, NAME, NS)).data["gw-one.json"])
+    assert crowded is not None
+    rows = crowded[2]["neighbours"]
+    assert 0 < len(rows) < SHARED_NEIGHBOURS
+    assert len(json.dumps(rows, separators=(",", ":"))) <= NEIGHBOUR_BYTES // 41
+    # The newest are the ones kept.
+    newest = [round(float(decode_vector(r[4])[0]) * 256) for r in rows]
+    assert newest == list(range(SHARED_NEIGHBOURS - len(rows), SHARED_NEIGHBOURS))
