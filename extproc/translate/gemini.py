@@ -22,14 +22,28 @@ from .fields import append_turn, call_arguments, chat_chunk, chat_messages, chat
 from .fields import dict_or_empty as _dict
 from .fields import require_str as _str
 
+# Gemini's finishReason -> chat's finish_reason (google-genai's `types.FinishReason`): whatever
+# a filter stopped is content_filter, a token limit is length, the rest stop.
 _FINISH = {
     "STOP": "stop",
     "MAX_TOKENS": "length",
-    "SAFETY": "content_filter",
-    "RECITATION": "content_filter",
-    "BLOCKLIST": "content_filter",
-    "PROHIBITED_CONTENT": "content_filter",
-    "SPII": "content_filter",
+    # Stopped at the per-request token limit, to be continued: what chat calls length.
+    "CONTINUATION": "length",
+    **dict.fromkeys(
+        (
+            "SAFETY",
+            "RECITATION",
+            "BLOCKLIST",
+            "PROHIBITED_CONTENT",
+            "SPII",
+            "IMAGE_SAFETY",
+            "IMAGE_PROHIBITED_CONTENT",
+            "IMAGE_RECITATION",
+            "MODEL_ARMOR",
+            "ESCALATION",
+        ),
+        "content_filter",
+    ),
 }
 
 

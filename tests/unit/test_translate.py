@@ -598,6 +598,30 @@ def test_a_gemini_stream_becomes_chat_chunks_however_it_is_cut(texts, tool, cuts
     assert [json.loads(t["function"]["arguments"]) for t in calls] == ([{"a": 1}] if tool else [])
 
 
+@pytest.mark.parametrize(
+    ("reason", "finish"),
+    [
+        ("STOP", "stop"),
+        ("MAX_TOKENS", "length"),
+        ("CONTINUATION", "length"),
+        ("SAFETY", "content_filter"),
+        ("IMAGE_SAFETY", "content_filter"),
+        ("IMAGE_PROHIBITED_CONTENT", "content_filter"),
+        ("MODEL_ARMOR", "content_filter"),
+        ("MALFORMED_FUNCTION_CALL", "stop"),
+        ("SOMETHING_NEW", "stop"),
+    ],
+)
+def test_a_gemini_finish_reason_keeps_its_meaning_for_chat_clients(reason, finish):
+    """A filtered answer must read as filtered (content_filter; Anthropic clients get refusal),
+    not as a natural stop, whatever Gemini filtered: text, images, Model Armor."""
+    answer = {
+        "candidates": [{"content": {"role": "model", "parts": [{"text": "x"}]}, "finishReason": reason}],
+        "usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": 1, "totalTokenCount": 2},
+    }
+    assert json.loads(TO_GEMINI.answer(json.dumps(answer).encode()))["choices"][0]["finish_reason"] == finish
+
+
 def test_gemini_errors_keep_their_meaning():
     error = {"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED"}}
     assert json.loads(TO_GEMINI.answer(json.dumps(error).encode()))["error"]["type"] == "RESOURCE_EXHAUSTED"
