@@ -113,7 +113,9 @@ def fit(texts: list[str], labels: list[str], embed) -> tuple[np.ndarray, np.ndar
     model = LogisticRegression(C=C, class_weight="balanced", max_iter=3000)
     model.fit(matrix(texts, embed), labels)
     assert list(model.classes_) == classes
-    return model.coef_.astype(np.float32), model.intercept_.astype(np.float32), classes
+    # Rounded as they are stored and served (task_model.TaskModel), so that what is scored here
+    # is what runs.
+    return task_model.quantized(model.coef_), model.intercept_.astype(np.float32), classes
 
 
 def predict(weights: np.ndarray, bias: np.ndarray, classes: list[str], texts: list[str], embed) -> list[str]:
@@ -136,7 +138,7 @@ def default_classification(weights: np.ndarray, bias: np.ndarray, classes: list[
     from signalbox.extproc.classify import DEFAULT_RULES, features
     from signalbox.extproc.tiers import classify_tiers
 
-    router = default_routes.TaskTypeRouter(task_model.TaskModel(weights, bias, tuple(classes), {}))
+    router = default_routes.TaskTypeRouter(task_model.TaskModel.from_weights(weights, bias, tuple(classes), {}))
 
     def label(text: str) -> str:
         body = {"messages": [{"role": "user", "content": text}]}
@@ -217,8 +219,7 @@ def train(data: Path, seed: int, output: Path) -> dict[str, Any]:
         "training_data_sha256": digest,
     }
     output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("wb") as fh:
-        np.savez(fh, weights=weights, bias=bias, classes=np.array(classes), meta=np.array(json.dumps(meta)))
+    task_model.save(task_model.TaskModel.from_weights(weights, bias, tuple(classes), meta), output)
     return meta
 
 

@@ -15,7 +15,7 @@ at one end, and over the whole text the document's own words outvote the instruc
 
 Trained offline by `make train-classifier` (eval/train_classifier.py, which builds features
 with the functions here: one definition for training and serving) and shipped as
-`task_types.npz` beside this module: about 320 KB, read once per process. Per request: one
+`task_types.npz` beside this module: about 330 KB (the word weights int8), read once per process. Per request: one
 embedding batch of three segments, a few hundred CRC-32s and one small product.
 """
 
@@ -36,7 +36,9 @@ from signalbox.core.errors import ModelFileError
 
 # The layout of the features (and of the shipped weights); `load` refuses a file of another.
 FEATURES_VERSION = 2
-HASH_BUCKETS = 4096
+# Buckets per word block. 4,096 shared each bucket among several of the words and word pairs
+# the training rows hold; 16,384 scored better on the sets nobody here trained on (eval/README.md).
+HASH_BUCKETS = 16384
 # Each word block's L2 norm: the instruction's lines count double against the whole text.
 WHOLE_WORDS_NORM = 1.0
 ENDS_WORDS_NORM = 2.0
@@ -119,17 +121,45 @@ def features(segment_vectors: np.ndarray, text: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TaskModel:
-    weights: np.ndarray  # classes x features
+    """The weights split as a request reads them: the dense block (segment embeddings) as one
+    small float32 matrix, and the word blocks as one row per hashed feature, of which a request
+    sums the few dozen rows its words name. Those rows are the bulk of the weights (2 x
+    HASH_BUCKETS of them), so they are kept as int8 with one scale per class: 0.3 MB where
+    float32 took 1.2 MB in every worker (issue 12's budget). Training scores the weights
+    rounded the same way (`quantized`), so what `make eval` measures is what runs."""
+
+    dense: np.ndarray  # classes x dense features, float32
+    words: np.ndarray  # word features (both blocks) x classes, int8
+    scale: np.ndarray  # per class: what one step of `words` is worth
     bias: np.ndarray
     classes: tuple[str, ...]
     meta: dict
 
+    @classmethod
+    def from_weights(cls, weights: np.ndarray, bias: np.ndarray, classes: tuple[str, ...], meta: dict) -> TaskModel:
+        """From one classes x features matrix (as trained)."""
+        dense = weights.shape[1] - 2 * HASH_BUCKETS
+        words = np.asarray(weights[:, dense:], dtype=np.float32)
+        scale = np.maximum(np.abs(words).max(axis=1), 1e-12) / 127.0
+        return cls(
+            dense=np.ascontiguousarray(weights[:, :dense], dtype=np.float32),
+            words=np.ascontiguousarray(np.rint(words.T / scale).astype(np.int8)),
+            scale=scale.astype(np.float32),
+            bias=np.asarray(bias, dtype=np.float32),
+            classes=classes,
+            meta=meta,
+        )
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The classes x features matrix (float32) this model computes with."""
+        return np.hstack([self.dense, (self.words.astype(np.float32) * self.scale).T])
+
     def probabilities(self, segment_vectors: np.ndarray, text: str) -> np.ndarray:
-        dense = segment_vectors.size
-        logits = self.weights[:, :dense] @ segment_vectors.reshape(-1) + self.bias
+        logits = self.dense @ segment_vectors.reshape(-1) + self.bias
         for i, (buckets, value) in enumerate(word_blocks(text)):
             if len(buckets):
-                logits += value * self.weights[:, dense + i * HASH_BUCKETS + buckets].sum(axis=1)
+                logits += value * self.scale * self.words[i * HASH_BUCKETS + buckets].sum(axis=0, dtype=np.int32)
         logits -= logits.max()
         exp = np.exp(logits)
         return exp / exp.sum()
@@ -140,19 +170,39 @@ class TaskModel:
         return self.classes[i], float(p[i])
 
 
+def quantized(weights: np.ndarray) -> np.ndarray:
+    """`weights` as a TaskModel made from them computes with them (its word rows in int8)."""
+    return TaskModel.from_weights(weights, np.zeros(len(weights)), (), {}).weights
+
+
+def save(model: TaskModel, path: Path) -> None:
+    with path.open("wb") as fh:
+        np.savez(
+            fh,
+            dense=model.dense,
+            words=model.words,
+            scale=model.scale,
+            bias=model.bias,
+            classes=np.array(model.classes),
+            meta=np.array(json.dumps(model.meta)),
+        )
+
+
 @functools.cache
 def load(path: Path = MODEL_FILE) -> TaskModel:
     with np.load(path, allow_pickle=False) as data:
-        model = TaskModel(
-            weights=data["weights"].astype(np.float32),
-            bias=data["bias"].astype(np.float32),
-            classes=tuple(str(c) for c in data["classes"]),
-            meta=json.loads(str(data["meta"])),
-        )
-    layout = (model.meta.get("features_version"), model.meta.get("hash_buckets"))
-    if layout != (FEATURES_VERSION, HASH_BUCKETS):
-        raise ModelFileError(
-            f"{path}: weights for features {layout}, this code builds {(FEATURES_VERSION, HASH_BUCKETS)}:"
-            " run `make train-classifier`"
-        )
-    return model
+        meta = json.loads(str(data["meta"]))
+        layout = (meta.get("features_version"), meta.get("hash_buckets"))
+        if layout == (FEATURES_VERSION, HASH_BUCKETS):
+            return TaskModel(
+                dense=data["dense"],
+                words=data["words"],
+                scale=data["scale"],
+                bias=data["bias"],
+                classes=tuple(str(c) for c in data["classes"]),
+                meta=meta,
+            )
+    raise ModelFileError(
+        f"{path}: weights for features {layout}, this code builds {(FEATURES_VERSION, HASH_BUCKETS)}:"
+        " run `make train-classifier`"
+    )

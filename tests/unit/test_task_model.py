@@ -80,6 +80,30 @@ def test_word_features_are_the_ones_the_weights_were_trained_on(text):
     assert np.array_equal(whole_block, _reference_buckets(whole)) and np.array_equal(ends_block, union)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(max_size=1500)
+    | st.lists(st.sampled_from(["Write", "a", "poem", "Translate", "?", "\n", "x"])).map(" ".join)
+)
+def test_the_served_model_computes_what_training_scored(text):
+    """The word weights are served as int8 rows (TaskModel); `make train-classifier` and `make
+    eval` score the dense matrix the model reports. Both must give the same probabilities."""
+    vectors = task_model.vectors(text, shared_embedder())
+    logits = task_model.features(vectors, text) @ MODEL.weights.T + MODEL.bias
+    expected = np.exp(logits - logits.max())
+    assert np.allclose(MODEL.probabilities(vectors, text), expected / expected.sum(), atol=1e-4)
+
+
+def test_a_saved_model_loads_as_it_was(tmp_path):
+    path = tmp_path / "task_types.npz"
+    task_model.save(MODEL, path)
+    again = task_model.load(path)
+    assert again.classes == MODEL.classes and again.meta == MODEL.meta
+    assert np.array_equal(again.weights, MODEL.weights) and np.array_equal(again.bias, MODEL.bias)
+    # Quantizing what is served changes nothing: training's rounding is the served one.
+    assert np.allclose(task_model.quantized(MODEL.weights), MODEL.weights, atol=1e-6)
+
+
 def test_weights_for_other_features_are_refused_not_scored(tmp_path):
     stale = tmp_path / "task_types.npz"
     meta = dict(MODEL.meta, features_version=1)
