@@ -103,7 +103,12 @@ def word_blocks(text: str) -> list[tuple[np.ndarray, float]]:
 def vectors(text: str, embed: Embed) -> np.ndarray:
     """The three segments' embeddings, one row each (an empty sentence embeds as zeros)."""
     whole, first, last = segments(text)
-    out = embed([whole or " ", first or " ", last or " "])
+    texts = [whole or " ", first or " ", last or " "]
+    # A one-sentence request is its own first and last sentence: embedded once, not three times
+    # (most chat turns; the same vectors either way).
+    unique = list(dict.fromkeys(texts))
+    rows = embed(unique)
+    out = rows if len(unique) == 3 else rows[[unique.index(t) for t in texts]]
     if not first:
         out[1:] = 0.0
     return out

@@ -94,6 +94,21 @@ def test_the_served_model_computes_what_training_scored(text):
     assert np.allclose(MODEL.probabilities(vectors, text), expected / expected.sum(), atol=1e-4)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(max_size=400) | st.lists(st.sampled_from(["Hi", "there.", "Summarize", "this!", "\n", " "])).map(" ".join)
+)
+def test_each_segment_is_embedded_as_it_would_be_alone(text):
+    """Segments that are the same text (a one-sentence request) are embedded once: the rows must
+    be what embedding each segment alone gives, an empty sentence zeros."""
+    embed = shared_embedder()
+    whole, first, last = task_model.segments(text)
+    alone = np.stack([embed([t or " "])[0] for t in (whole, first, last)])
+    if not first:
+        alone[1:] = 0.0
+    assert np.array_equal(task_model.vectors(text, embed), alone)
+
+
 def test_a_saved_model_loads_as_it_was(tmp_path):
     path = tmp_path / "task_types.npz"
     task_model.save(MODEL, path)
