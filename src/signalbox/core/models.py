@@ -552,7 +552,8 @@ class LearningSpec(Spec):
         True,
         description="Learn per prompt too: a backend's expected quality on a request leans on its scores for "
         "the most similar earlier prompts (by meaning), so easy and hard prompts of one class can go to "
-        "different backends. The class figure stays the fallback where few similar prompts were scored.",
+        "different backends. The class figure stays the fallback where few similar prompts were scored. "
+        "What one gateway replica learns reaches the others within a sync interval (replica ConfigMap).",
     )
 
 
