@@ -9,6 +9,7 @@ product. A route's score is its best-matching utterance (paraphrases of any exam
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,45 @@ EMBED_BATCH = 64
 
 @functools.cache
 def shared_embedder() -> Embedder:
-    """One embedder per process for per-prompt learning (its rows and tokenizer loaded once)."""
-    return default_embedder()
+    """One embedder per process (its rows and tokenizer loaded once), remembering the texts of
+    the request in hand: the task-type tier, per-prompt learning and a rollout's shadow
+    decision each embed the same prompt, and it is embedded once."""
+    return RecentEmbeddings(default_embedder())
+
+
+class RecentEmbeddings:
+    """An embedder that keeps the rows of the last RECENT distinct texts it embedded, for calls
+    of a request's few segments (at most SMALL_CALL texts; a config's utterances go straight
+    through). Keyed by what the embedder reads of a text (its first MAX_CHARS characters), so a
+    row served again is the row embedding would give; bounded, so at most RECENT x MAX_CHARS
+    characters of prompts are held. A lock: tables are built in a thread beside the requests."""
+
+    RECENT = 8
+    SMALL_CALL = 4
+
+    def __init__(self, embed: Embedder):
+        self.embed = embed
+        self.rows: dict[str, np.ndarray] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts or len(texts) > self.SMALL_CALL:
+            return self.embed(texts)
+        keys = [t[:MAX_CHARS] for t in texts]
+        with self.lock:
+            known = {k: self.rows[k] for k in keys if k in self.rows}
+        missing = [k for k in dict.fromkeys(keys) if k not in known]
+        if missing:
+            computed = self.embed(missing)
+            with self.lock:
+                for key, row in zip(missing, computed, strict=True):
+                    known[key] = row
+                    self.rows.pop(key, None)
+                    self.rows[key] = row
+                while len(self.rows) > self.RECENT:
+                    del self.rows[next(iter(self.rows))]
+        # A new array: callers may write to theirs (the kept rows are never handed out).
+        return np.stack([known[k] for k in keys])
 
 
 def prompt_vector(text: str) -> np.ndarray:
