@@ -66,19 +66,24 @@ class RecentEmbeddings:
             return self.embed(texts)
         keys = [t[:MAX_CHARS] for t in texts]
         with self.lock:
-            known = {k: self.rows[k] for k in keys if k in self.rows}
-        missing = [k for k in dict.fromkeys(keys) if k not in known]
+            found = [self.rows.get(k) for k in keys]
+        missing = list(dict.fromkeys(k for k, row in zip(keys, found, strict=True) if row is None))
         if missing:
             computed = self.embed(missing)
+            # Copies are kept: callers may write to the rows they are given.
+            fresh = dict(zip(missing, computed.copy(), strict=True))
             with self.lock:
-                for key, row in zip(missing, computed, strict=True):
-                    known[key] = row
+                for key, row in fresh.items():
                     self.rows.pop(key, None)
                     self.rows[key] = row
                 while len(self.rows) > self.RECENT:
                     del self.rows[next(iter(self.rows))]
-        # A new array: callers may write to theirs (the kept rows are never handed out).
-        return np.stack([known[k] for k in keys])
+            if len(missing) == len(keys):  # the usual call: every text new and distinct
+                return computed
+        else:
+            fresh = {}
+        # A new array: the kept rows are never handed out.
+        return np.stack([fresh[k] if row is None else row for k, row in zip(keys, found, strict=True)])
 
 
 def prompt_vector(text: str) -> np.ndarray:
