@@ -60,6 +60,9 @@ DECISION_ROWS = 16384
 # replica publishes at most once per sync interval, so the others miss none while fewer than
 # this many arrive per interval (32 a second at the default 2 s) and the newest otherwise.
 SHARED_NEIGHBOURS = 64
+# How far back among all rows a replica looks for its own newest: further back than the others
+# can publish in one interval (64 each, 128 replicas), so nothing unpublished is missed.
+NEIGHBOUR_SCAN = 8192
 # Weight of the newest latency in the outcome EWMA (the same as SelectionState's).
 LATENCY_ALPHA = 0.3
 
@@ -167,11 +170,14 @@ class SharedLearning:
     def local_rows(self) -> dict[str, list[list[object]]]:
         """This replica's own observations, as published for the others: class-level counts, and
         its newest per-prompt observations ([reference, policy, backend, score, vector])."""
+        # Among the newest NEIGHBOUR_SCAN rows only: a replica that learned little itself would
+        # otherwise walk every other replica's row each round (38 ms over 65,536 of them).
         newest = self.db.execute(
             "SELECT id, policy, backend, score, vector FROM neighbours n"
-            " WHERE NOT EXISTS (SELECT 1 FROM neighbour_origins o WHERE o.id = n.id)"
+            " WHERE id > (SELECT COALESCE(MAX(id), 0) FROM neighbours) - ?"
+            " AND NOT EXISTS (SELECT 1 FROM neighbour_origins o WHERE o.id = n.id)"
             " ORDER BY id DESC LIMIT ?",
-            (SHARED_NEIGHBOURS,),
+            (NEIGHBOUR_SCAN, SHARED_NEIGHBOURS),
         ).fetchall()
         return {
             "quality": [list(r) for r in self.db.execute("SELECT * FROM quality ORDER BY 1, 2, 3")],
