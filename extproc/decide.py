@@ -35,6 +35,7 @@ from signalbox.core.errors import (
     PayloadTooLarge,
     RequestError,
     UnknownModel,
+    UnsupportedFeature,
     UnsupportedPath,
 )
 
@@ -154,7 +155,7 @@ class Prepared:
     path: str = "/v1/chat/completions"
     headers: dict[str, str] | None = None
     # API family -> why this request cannot go to a backend of it (refused_apis()).
-    refused_apis: dict[str, str] | None = None
+    refused_apis: dict[str, RequestError] | None = None
 
 
 def client_address(headers: dict[str, str]) -> str:
@@ -210,23 +211,23 @@ def prepare_candidate(
 _TRANSLATABLE_PATHS = (CHAT_PATH, MESSAGES_PATH, RESPONSES_PATH)
 
 
-def refused_apis(policy: PolicyRuntime, path: str, raw_body: bytes) -> dict[str, str]:
+def refused_apis(policy: PolicyRuntime, path: str, raw_body: bytes) -> dict[str, RequestError]:
     """For each API family of the policy's backends other than the client's, why this request
     cannot be translated for it (absent: it can). Only policies that mix families pay for this."""
     src = api_of_path(path)
     foreign = {b.provider.api for b in policy.all_backends if not b.provider.speaks(src)}
-    out: dict[str, str] = {}
+    out: dict[str, RequestError] = {}
     bare = path.split("?", 1)[0].rstrip("/")
     for dst in sorted(foreign):
         if bare not in _TRANSLATABLE_PATHS:
-            out[dst] = f"{bare} is not available on {dst} backends"
+            out[dst] = UnsupportedFeature(f"{bare} is not available on {dst} backends")
             continue
         try:
             Translation(src, dst).request(raw_body)
         except RequestError as err:
             # What cannot be said in that API (or read for it) rules out its backends only: a
             # backend of the client's own API may still take the request as it is.
-            out[dst] = err.message
+            out[dst] = err
     return out
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from signalbox.core.budget import EXHAUSTED, OK, BudgetStatus
-from signalbox.core.errors import NoHealthyBackend, RequestError
+from signalbox.core.errors import MalformedRequest, NoHealthyBackend, RequestError
 
 from .accounting import cost_usd, expected_usage
 from .classify import Classification, Features
@@ -172,7 +172,7 @@ class RequestContext:
     hash_key: str
     # API family -> why this request cannot be sent to a backend of it (e.g. "'n' other than 1
     # ...", from the translation): such backends are not eligible.
-    refused_apis: Mapping[str, str] = field(default_factory=dict)
+    refused_apis: Mapping[str, RequestError] = field(default_factory=dict)
     # The prompt's vector, for per-prompt learning (None: the class alone decides).
     vector: np.ndarray | None = None
     # The API the client speaks: a backend that speaks it too needs no translation, so
@@ -361,7 +361,7 @@ def eligible(
         if missing:
             notes.append((c.backend.id, False, f"lacks {','.join(sorted(missing))}"))
         elif c.backend.provider.api in refused and not c.backend.provider.speaks(ctx.client_api):
-            notes.append((c.backend.id, False, refused[c.backend.provider.api]))
+            notes.append((c.backend.id, False, refused[c.backend.provider.api].message))
         elif want_tokens > c.backend.context_window:
             notes.append((c.backend.id, False, f"context {c.backend.context_window} < {want_tokens} tokens"))
         else:
@@ -387,6 +387,22 @@ def eligible(
     return tuple(kept), tuple(notes)
 
 
+def client_request_error(policy: PolicyRuntime, ctx: RequestContext) -> MalformedRequest | None:
+    """The client's own mistake, when that is why no backend can take the request: every backend
+    needs a translation, and translating found the request malformed in the client's API (e.g. an
+    Anthropic request without `max_tokens`). The client hears that mistake, as its API's provider
+    would say it, rather than that no backend fits."""
+    errors = [
+        ctx.refused_apis.get(c.backend.provider.api)
+        for c in policy.choices
+        if not c.backend.provider.speaks(ctx.client_api)
+    ]
+    if not errors or len(errors) != len(policy.choices):
+        return None
+    malformed = [e for e in errors if isinstance(e, MalformedRequest)]
+    return malformed[0] if len(malformed) == len(errors) else None
+
+
 def select(
     policy: PolicyRuntime,
     ctx: RequestContext,
@@ -400,6 +416,9 @@ def select(
         state.refresh()
     choices, notes = eligible(policy, ctx, explain, state.cooling())
     if not choices:
+        malformed = client_request_error(policy, ctx)
+        if malformed is not None:
+            raise malformed
         reasons = "; ".join(f"{b}: {why}" for b, _, why in notes)
         raise UnsatisfiableRequest(f"no backend of policy {policy.name!r} can serve this request ({reasons})")
     if budget is not None and budget.state != OK:

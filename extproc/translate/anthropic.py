@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Set
 from typing import Any
 
-from signalbox.core.errors import MalformedRequest, UnsupportedFeature
+from signalbox.core.errors import MalformedRequest, UnsupportedFeature, anthropic_error_type
 
 from . import sse
 from .fields import CHAT_FIELDS, append_turn, chat_chunk, chat_usage
@@ -546,9 +546,11 @@ def _arguments(text: Any) -> dict[str, Any]:
 
 
 def error_to_chat(body: Any) -> dict[str, Any]:
-    """A provider's error body (Anthropic's, Gemini's, OpenAI's own, or any text) as OpenAI's
-    error shape."""
+    """A provider's error body (Anthropic's, Gemini's, OpenAI's own, vLLM's older top-level
+    `{"object": "error", "message": ...}`, or any text) as OpenAI's error shape."""
     error = body.get("error") if isinstance(body, dict) else None
+    if error is None and isinstance(body, dict) and isinstance(body.get("message"), str):
+        error = body
     if isinstance(error, dict):
         kind = next((k for k in (error.get("type"), error.get("status")) if isinstance(k, str)), "api_error")
         message = error.get("message") if isinstance(error.get("message"), str) else json.dumps(error)
@@ -583,6 +585,15 @@ _OPENAI_ERRORS = {
     "NOT_FOUND": "not_found_error",
     "RESOURCE_EXHAUSTED": "rate_limit_error",
     "UNAVAILABLE": "overloaded_error",
+    # The OpenAI SDK's exception names, which vLLM and other OpenAI-compatible servers send as
+    # the type.
+    "BadRequestError": "invalid_request_error",
+    "AuthenticationError": "authentication_error",
+    "PermissionDeniedError": "permission_error",
+    "NotFoundError": "not_found_error",
+    "RateLimitError": "rate_limit_error",
+    # HTTP statuses, which some servers send as the code (vLLM: "code": 400).
+    **{str(status): anthropic_error_type(status) for status in (400, 401, 403, 404, 413, 422, 429, 500, 503, 529)},
 }
 
 

@@ -6,7 +6,7 @@ from signalbox.core.compiler import compile_config
 from signalbox.core.errors import MalformedRequest, PayloadTooLarge, UnknownModel, UnsupportedPath
 from signalbox.extproc import decide
 from signalbox.extproc.runtime import RuntimeTable, SecretValue, default_key_resolver
-from signalbox.extproc.strategies import SelectionState
+from signalbox.extproc.strategies import SelectionState, UnsatisfiableRequest
 from tests.factories import backend, model, policy, provider
 
 KEY = "sk-test-123456789"
@@ -209,3 +209,33 @@ def test_a_backend_that_cannot_be_sent_the_request_is_not_eligible(mixed):
     assert out.selection.choice.backend.provider.name == "claude"
     assert json.loads(out.body)["model"] == "sonnet"
     assert "stream_options" not in json.loads(out.body)
+
+
+def test_a_request_malformed_in_the_clients_api_is_its_400_not_a_missing_backend(mixed):
+    """When every backend needs a translation and the request is malformed in the client's own
+    API, the client hears its mistake (Anthropic: `max_tokens` is required), not "no backend can
+    serve this request"."""
+    vllm_only = RuntimeTable.from_config(
+        compile_config(
+            [provider("vllm", "http://vllm:8000/v1", [model("llama")])],
+            [policy("chat", ["chat"], [backend("vllm", "llama")])],
+        ).config,
+        default_key_resolver(),
+    )
+    no_max_tokens = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    with pytest.raises(MalformedRequest, match="max_tokens") as raised:
+        decide.decide(vllm_only, SelectionState(), "/v1/messages", {}, no_max_tokens)
+    assert raised.value.param == "max_tokens"
+    assert json.loads(raised.value.body_for("anthropic"))["error"]["type"] == "invalid_request_error"
+    # A backend of the client's own API takes the request as it is: its provider answers.
+    out = decide.decide(mixed, SelectionState(), "/v1/messages", {}, no_max_tokens.replace(b'"chat"', b'"mixed"'))
+    assert out.selection.choice.backend.provider.name == "claude"
+    # What one API cannot express is still no backend's, not the client's mistake.
+    server_tool = {
+        "model": "chat",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+    }
+    with pytest.raises(UnsatisfiableRequest, match="no backend of policy 'chat'"):
+        decide.decide(vllm_only, SelectionState(), "/v1/messages", {}, json.dumps(server_tool).encode())

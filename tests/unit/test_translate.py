@@ -731,3 +731,22 @@ def test_every_stop_reason_of_bedrocks_converse_api_is_mapped_on_purpose():
 
     model = botocore.session.get_session().get_service_model("bedrock-runtime")
     assert set(model.shape_for("StopReason").enum) <= set(_FINISH)
+
+
+@pytest.mark.parametrize(
+    ("provider_error", "anthropic_type"),
+    [
+        # vLLM's error (newer and older shapes): the OpenAI SDK's exception name as the type.
+        ({"error": {"message": "bad", "type": "BadRequestError", "param": None, "code": 400}}, "invalid_request_error"),
+        ({"object": "error", "message": "bad", "type": "NotFoundError", "code": 404}, "not_found_error"),
+        # A type nobody knows, with the HTTP status as the code.
+        ({"error": {"message": "bad", "type": "server_said_no", "code": "400"}}, "invalid_request_error"),
+        ({"error": {"message": "bad", "type": "server_said_no", "code": "529"}}, "overloaded_error"),
+        ({"error": {"message": "bad", "type": "server_said_no"}}, "api_error"),
+    ],
+)
+def test_an_openai_compatible_servers_error_reaches_an_anthropic_client_with_its_meaning(
+    provider_error, anthropic_type
+):
+    out = json.loads(TO_OPENAI.answer(json.dumps(provider_error).encode()))
+    assert out == {"type": "error", "error": {"type": anthropic_type, "message": "bad"}}
