@@ -413,6 +413,26 @@ def test_an_anthropic_client_gets_the_gateways_errors_in_anthropics_shape(ant):
     assert limited.value.body["error"]["type"] == "rate_limit_error"
 
 
+@pytest.mark.parametrize("alias", ["gpt-plain", "gpt-plain-cost"])
+def test_an_anthropic_request_malformed_in_its_own_api_is_its_400_on_any_path(ant, fakes, alias):
+    """An Anthropic request without `max_tokens` (which Anthropic's API requires) to OpenAI
+    backends only: the client is told its mistake in its API's shape, on the compiled path
+    (the attempt's translation refuses it) as on the decided one (the router phase does), and
+    no provider is sent anything."""
+    before = len(fakes["delta"].requests())
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        ant.post(
+            "/v1/messages",
+            body={"model": alias, "messages": [{"role": "user", "content": "hi"}]},
+            cast_to=httpx.Response,
+        )
+    assert caught.value.body["type"] == "error"
+    assert caught.value.body["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in caught.value.body["error"]["message"]
+    assert "no backend" not in caught.value.body["error"]["message"]
+    assert len(fakes["delta"].requests()) == before
+
+
 # ------------------------------------------------------------------ Responses API clients
 
 
