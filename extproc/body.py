@@ -22,6 +22,9 @@ MAX_MODEL_CHARS = 256
 # Upper bound of max_tokens/max_completion_tokens: far above any model's output limit, low
 # enough that cost estimates stay finite and budget holds meaningful.
 MAX_OUTPUT_TOKENS = 10_000_000
+# The first bytes of compressed bodies (gzip, zstd): a client that compressed its request is told
+# so, not that its JSON is broken.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
 # A UTF-16 surrogate escape (\uD800-\uDFFF); only bodies containing one need the full check.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
 
@@ -31,6 +34,12 @@ def parse(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        compressed = next((name for magic, name in _COMPRESSED.items() if raw.startswith(magic)), None)
+        if compressed:
+            raise MalformedRequest(
+                f"request body is {compressed}-compressed; the gateway reads request bodies as plain JSON"
+                " (send it without Content-Encoding)"
+            ) from None
         raise MalformedRequest(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise MalformedRequest("request body is nested too deeply") from None

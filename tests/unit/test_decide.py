@@ -1,3 +1,4 @@
+import gzip
 import json
 
 import pytest
@@ -89,6 +90,9 @@ def test_bad_requests_get_specific_errors(table):
     state = SelectionState()
     with pytest.raises(MalformedRequest, match="not valid JSON"):
         decide.decide(table, state, "/v1/chat/completions", {}, b"{nope")
+    # A compressed body is named as such (what the client can fix), not as broken JSON.
+    with pytest.raises(MalformedRequest, match="gzip-compressed"):
+        decide.decide(table, state, "/v1/chat/completions", {}, gzip.compress(body()))
     with pytest.raises(MalformedRequest, match="'model'"):
         decide.decide(table, state, "/v1/chat/completions", {}, b'{"messages": []}')
     with pytest.raises(UnknownModel, match="available: auto"):
