@@ -392,15 +392,13 @@ def client_request_error(policy: PolicyRuntime, ctx: RequestContext) -> Malforme
     needs a translation, and translating found the request malformed in the client's API (e.g. an
     Anthropic request without `max_tokens`). The client hears that mistake, as its API's provider
     would say it, rather than that no backend fits."""
-    errors = [
-        ctx.refused_apis.get(c.backend.provider.api)
-        for c in policy.choices
-        if not c.backend.provider.speaks(ctx.client_api)
-    ]
-    if not errors or len(errors) != len(policy.choices):
+    if not policy.choices or any(c.backend.provider.speaks(ctx.client_api) for c in policy.choices):
         return None
-    malformed = [e for e in errors if isinstance(e, MalformedRequest)]
-    return malformed[0] if len(malformed) == len(errors) else None
+    errors = [ctx.refused_apis.get(c.backend.provider.api) for c in policy.choices]
+    first = errors[0]
+    return (
+        first if isinstance(first, MalformedRequest) and all(isinstance(e, MalformedRequest) for e in errors) else None
+    )
 
 
 def select(
