@@ -50,12 +50,11 @@ from .translate import Translation
 
 
 def check_path(method: str, path: str) -> str:
-    """Return the kind of request ("route" or "models"), or raise for paths we do not serve."""
+    """Return the kind of request with a body ("route" or "feedback"), or raise for paths we do
+    not serve (the models API has none: envoygen.modelsapi)."""
     bare = path.split("?", 1)[0].rstrip("/")
     if bare in ROUTED_PATHS and method == "POST":
         return "route"
-    if bare == MODELS_PATH and method == "GET":
-        return "models"
     if bare == FEEDBACK_PATH and method == "POST":
         return "feedback"
     if bare in ROUTED_PATHS or bare in (MODELS_PATH, FEEDBACK_PATH):
@@ -102,12 +101,6 @@ def check_length(headers: dict[str, str], limit: int) -> None:
     length = headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(too_large_message(limit))
-
-
-def models_listing(table: RuntimeTable) -> bytes:
-    """What `GET /v1/models` on the gateway answers: the aliases clients may send (Envoy answers
-    it from the compiled config; this is the same listing for a headers-first stream)."""
-    return contract.models_listing(table.aliases)
 
 
 @dataclass(frozen=True, slots=True)

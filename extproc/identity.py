@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 from signalbox.core.envoygen.contract import KEY_HEADERS
@@ -127,13 +127,36 @@ def authorize(
     if consumer is None:
         if policy.allow_anonymous:
             return
-        if presented(headers):
-            raise Unauthenticated(
-                "the API key or token presented is not valid for this gateway (unknown, revoked or expired)"
-            )
-        raise Unauthenticated("this gateway needs an API key (Authorization: Bearer <key>, or x-api-key) or a token")
+        _refuse_anonymous(headers)
     if not consumer.may_use(policy, alias):
         raise ModelNotAllowed(f"consumer {consumer.id} may not use model {alias!r}", param="model")
+
+
+def visible_aliases(
+    identities: Identities,
+    consumer: ConsumerRuntime | None,
+    by_alias: Mapping[str, tuple[PolicyRuntime, ...]],
+    headers: Mapping[str, str],
+) -> list[str]:
+    """The aliases the models API lists for this caller, sorted: those `authorize` would let it
+    call (a consumer's own; an anonymous caller's, of policies that serve anonymous callers).
+    An anonymous caller that could call none gets the 401 it would get calling any of them."""
+    if not identities.enabled:
+        return sorted(by_alias)
+    if consumer is not None:
+        return sorted(a for a, ps in by_alias.items() if any(consumer.may_use(p, a) for p in ps))
+    public = sorted(a for a, ps in by_alias.items() if any(p.allow_anonymous for p in ps))
+    if not public:
+        _refuse_anonymous(headers)
+    return public
+
+
+def _refuse_anonymous(headers: Mapping[str, str]) -> NoReturn:
+    if presented(headers):
+        raise Unauthenticated(
+            "the API key or token presented is not valid for this gateway (unknown, revoked or expired)"
+        )
+    raise Unauthenticated("this gateway needs an API key (Authorization: Bearer <key>, or x-api-key) or a token")
 
 
 def subject_limits(subject: str, label: str, limits: pb.RateLimits, budget: pb.ConsumerBudget | None = None):

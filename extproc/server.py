@@ -22,8 +22,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from signalbox.core import budget, rollouts
+from signalbox.core.envoygen import modelsapi
 from signalbox.core.envoygen.contract import BODY_MODEL_KEY, EMPTY_BODY, RELAY_HEADER, RELAY_KEY, SPLIT_KEY, api_of_path
-from signalbox.core.errors import Forbidden, InternalError, MalformedRequest, RequestError, UnknownModel
+from signalbox.core.errors import ANTHROPIC_API, Forbidden, InternalError, MalformedRequest, RequestError, UnknownModel
 
 from . import accounting, decide, identity, limits, relay, rollout, strategies, upstream, wire
 from .accesslog import AccessLogSink
@@ -39,7 +40,7 @@ from .metrics import Metrics
 from .mirror import Mirrors
 from .reload import TableHolder
 from .rolloutstats import RolloutStats
-from .runtime import BackendRuntime, PolicyRuntime
+from .runtime import BackendRuntime, PolicyRuntime, RuntimeTable
 from .strategies import SelectionState
 from .xds import AggregatedDiscovery, Endpoints
 
@@ -286,6 +287,20 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         shown: dict[str, str] = {k: metadata[k] for k in kept if k in metadata}
         return {**shown, RELAY_KEY: sealed}
 
+    def models(
+        self, table: RuntimeTable, request: ep.ProcessingRequest, headers: dict[str, str], path: str
+    ) -> ep.ProcessingResponse:
+        """A models API request, answered for its caller (envoygen.modelsapi.answer)."""
+        anthropic = modelsapi.ANTHROPIC_HEADER in headers
+        try:
+            consumer = table.identities.identify(headers, wire.jwt_payload(request), time.time())
+            visible = identity.visible_aliases(table.identities, consumer, table.by_alias, headers)
+            return wire.immediate(200, modelsapi.answer(visible, path, anthropic))
+        except RequestError as err:
+            if err.status == 401:  # as a refused request is counted
+                self.metrics.consumer_requests.labels(identity.ANONYMOUS, "unauthenticated").inc()
+            return wire.immediate_error(err, api=ANTHROPIC_API if anthropic else "")
+
     def count(self, outcome: decide.RouterOutcome) -> None:
         c, backend = outcome.classification, outcome.selection.choice.backend
         self.metrics.requests.labels(
@@ -342,10 +357,11 @@ class Processor(ep_grpc.ExternalProcessorServicer):
         path = headers.get(":path", "/")
         policy = None
         try:
-            kind = decide.check_path(headers.get(":method", "GET"), path)
-            if kind == "models":
-                yield wire.immediate(200, decide.models_listing(table))
+            if modelsapi.is_models_path(path) and headers.get(":method", "GET") == "GET":
+                # Only where consumers are declared (modelsapi.routes): who asks decides what is listed.
+                yield self.models(table, request, headers, path)
                 return
+            kind = decide.check_path(headers.get(":method", "GET"), path)
             if first == "request_headers":
                 if request.request_headers.end_of_stream:
                     raise MalformedRequest(EMPTY_BODY[kind])

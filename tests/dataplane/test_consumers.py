@@ -304,6 +304,33 @@ def test_two_gateways_sharing_redis_hold_bursts_to_token_and_budget_limits_and_f
         server.stop()
 
 
+def test_each_caller_lists_and_retrieves_only_the_aliases_it_may_call(gw):
+    """The models API, which Envoy answers alone on a gateway without consumers, lists per
+    caller once they exist (the ext_proc answers it), in both SDKs' shapes."""
+    root = gw.url.removesuffix("/v1")
+    with client(gw, KEY_A) as a:
+        assert [m.id for m in a.models.list()] == ["chat"]
+        assert a.models.retrieve("chat").id == "chat"
+        with pytest.raises(openai.NotFoundError) as hidden:
+            a.models.retrieve("code")  # another team's alias is not theirs to see
+        assert hidden.value.code == "model_not_found"
+    with client(gw, KEY_B) as b:
+        assert [m.id for m in b.models.list()] == ["code"]  # given by policy
+    with client(gw, token()) as robot:
+        assert [m.id for m in robot.models.list()] == ["code"]
+    with anthropic.Anthropic(base_url=root, api_key=KEY_A, max_retries=0) as claude:
+        assert [m.id for m in claude.models.list(limit=1)] == ["chat"]
+        assert claude.models.retrieve("chat").display_name == "chat"
+        with pytest.raises(anthropic.NotFoundError):
+            claude.models.retrieve("code")
+    # Anonymous callers (no key, or one that names nobody) see what serves anonymous callers.
+    assert [m["id"] for m in httpx.get(f"{gw.url}/models").json()["data"]] == ["public"]
+    with client(gw, "sbx-not-a-key") as stranger:
+        assert [m.id for m in stranger.models.list()] == ["public"]
+    azure = httpx.get(f"{root}/openai/models", headers={"api-key": KEY_A}).json()
+    assert [m["id"] for m in azure["data"]] == ["chat"]
+
+
 def test_the_explain_api_names_the_consumer_and_answers_what_live_would(gw):
     body = {"model": "chat", **ASK}
     explained = httpx.post(f"{gw.admin_url}/v1/route", json=body, headers={"x-api-key": KEY_A}).json()
@@ -349,6 +376,12 @@ def test_a_jwks_fetched_by_envoy_from_the_issuers_url_verifies_tokens(fakes, tmp
             assert bot.chat.completions.create(model="code", **ASK).choices
         with client(gw, token(OTHER)) as forged, pytest.raises(openai.AuthenticationError):
             forged.chat.completions.create(model="code", **ASK)
+        # No policy here serves anonymous callers: listing the models needs a key or token too.
+        with client(gw, "sbx-not-a-key") as stranger, pytest.raises(openai.AuthenticationError) as refused:
+            stranger.models.list()
+        assert refused.value.status_code == 401 and refused.value.code == "invalid_api_key"
+        with client(gw, token()) as bot:
+            assert [m.id for m in bot.models.list()] == ["code"]
     finally:
         gw.stop()
         server.shutdown()

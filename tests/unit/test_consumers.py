@@ -11,7 +11,7 @@ from signalbox.core import envoygen
 from signalbox.core.compiler import compile_config
 from signalbox.core.errors import ModelNotAllowed, Unauthenticated
 from signalbox.core.keys import generate_key, key_hash
-from signalbox.extproc.identity import Identities, authorize
+from signalbox.extproc.identity import Identities, authorize, visible_aliases
 from signalbox.extproc.runtime import RuntimeTable
 from signalbox.local import compile_files
 from tests.factories import backend, consumer, dump, model, policy, provider
@@ -146,6 +146,24 @@ def test_authorize_answers_401_for_anonymous_callers_403_for_what_a_consumer_was
     authorize(plain.identities, None, plain.policies[0], "chat", {})
 
 
+def test_the_models_api_lists_what_each_caller_may_call():
+    t = table(*TEAMS, keys=HASHES)
+    ids = t.identities
+    assert visible_aliases(ids, ids.consumers["default/team-a"], t.by_alias, {}) == ["chat"]
+    assert visible_aliases(ids, ids.consumers["default/team-b"], t.by_alias, {}) == ["code"]  # by policy
+    assert visible_aliases(ids, ids.consumers["default/robots"], t.by_alias, {}) == ["chat", "code", "open"]
+    assert visible_aliases(ids, None, t.by_alias, {}) == ["open"]  # allowAnonymous
+    # Without an anonymous policy an anonymous caller is refused as a request would be.
+    closed = compile_config(PROVIDERS, POLICIES[:2], consumers=TEAMS, key_hashes=HASHES)
+    closed_table = RuntimeTable.from_config(closed.config)
+    with pytest.raises(Unauthenticated, match="needs an API key"):
+        visible_aliases(closed_table.identities, None, closed_table.by_alias, {})
+    with pytest.raises(Unauthenticated, match="not valid"):
+        visible_aliases(closed_table.identities, None, closed_table.by_alias, {"x-api-key": "sbx-nope"})
+    plain = table()  # no consumer declared: every alias, for everyone
+    assert visible_aliases(plain.identities, None, plain.by_alias, {}) == ["chat", "code", "open"]
+
+
 @given(
     st.dictionaries(st.sampled_from(["authorization", "x-api-key", "api-key", "other"]), st.text(max_size=80)),
     st.one_of(
@@ -184,3 +202,19 @@ def test_with_consumers_envoy_sends_key_headers_checks_jwts_and_never_fails_open
     assert provider_config["issuer"] == "https://idp" and provider_config["local_jwks"] == {"inline_string": JWKS}
     requirements = jwt_config["rules"][0]["requires"]["requires_any"]["requirements"]
     assert {"allow_missing_or_failed": {}} in requirements  # a gateway key in Authorization passes on
+
+
+def test_with_consumers_the_models_api_is_answered_by_the_ext_proc_for_its_caller():
+    def models_routes(cfg) -> dict[str, dict]:
+        listener = envoygen.listener(cfg, envoygen.GatewayOptions())
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+        return {r["name"]: r for r in routes if r.get("name", "").startswith("models")}
+
+    plain = models_routes(compiled())
+    assert set(plain) == {"models", "models-api"}  # Envoy alone: a direct response and the script
+    assert "envoy.filters.http.lua" in plain["models-api"]["typed_per_filter_config"]
+    gated = models_routes(compiled(*TEAMS, keys=HASHES))
+    assert set(gated) == {"models-api"}
+    (ext,) = gated["models-api"]["typed_per_filter_config"].values()
+    assert ext["overrides"]["processing_mode"]["request_header_mode"] == "SEND"

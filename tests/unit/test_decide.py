@@ -4,6 +4,7 @@ import json
 import pytest
 
 from signalbox.core.compiler import compile_config
+from signalbox.core.envoygen import modelsapi
 from signalbox.core.errors import MalformedRequest, PayloadTooLarge, UnknownModel, UnsupportedPath
 from signalbox.extproc import decide
 from signalbox.extproc.runtime import RuntimeTable, SecretValue, default_key_resolver
@@ -105,7 +106,7 @@ def test_bad_requests_get_specific_errors(table):
 
 def test_paths():
     assert decide.check_path("POST", "/v1/chat/completions?x=1") == "route"
-    assert decide.check_path("GET", "/v1/models") == "models"
+    assert decide.check_path("POST", "/v1/feedback") == "feedback"
     with pytest.raises(UnsupportedPath, match="GET is not supported"):
         decide.check_path("GET", "/v1/chat/completions")
     with pytest.raises(UnsupportedPath, match="unknown path '/admin'"):
@@ -113,7 +114,7 @@ def test_paths():
 
 
 def test_models_listing_is_openai_shaped(table):
-    listing = json.loads(decide.models_listing(table))
+    listing = json.loads(modelsapi.answer(table.aliases, "/v1/models", anthropic=False))
     assert listing["object"] == "list" and [m["id"] for m in listing["data"]] == ["auto"]
 
 

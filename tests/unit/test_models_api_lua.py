@@ -1,6 +1,7 @@
 """core/models_api.lua, which answers the models API inside Envoy (one model in either SDK's
 shape, Anthropic's paginated list), under LuaJIT as in Envoy, with a stand-in for the handle
-Envoy passes. Its path and query come from clients: hypothesis."""
+Envoy passes; and modelsapi.answer, the same API in Python for gateways that list per caller,
+held to give the script's answers. Path and query come from clients: hypothesis."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from lupa import luajit21
 
 from signalbox.core.envoygen import contract, modelsapi
+from signalbox.core.errors import ANTHROPIC_API, RequestError
 
 HARNESS = """
 function(hdrs)
@@ -150,3 +152,58 @@ def test_any_path_and_query_gets_a_json_answer_never_a_script_error(models, rest
     if status != 200:
         error = body["error"]
         assert isinstance(error["message"], str) and error["type"]
+
+
+# --------------------------------------------------------------- the same API, answered in Python
+# A gateway with consumers lists per caller, so there the ext_proc answers the models API
+# (modelsapi.answer) over the aliases the caller may see: the same contract as the script's.
+
+
+def python_get(aliases: list[str], path: str, headers: dict[str, str] | None = None) -> tuple[int, str | None, dict]:
+    anthropic = modelsapi.ANTHROPIC_HEADER in (headers or {})
+    try:
+        return 200, None, json.loads(modelsapi.answer(aliases, path, anthropic))
+    except RequestError as err:
+        return err.status, err.code, json.loads(err.body_for(ANTHROPIC_API if anthropic else ""))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    rest=st.text(max_size=40) | st.binary(max_size=40).map(lambda b: quote(b, safe="/?&=%+#")),
+    anthropic=st.booleans(),
+    listing=st.booleans(),
+    prefix=st.sampled_from([contract.MODELS_PATH, "/openai/models", "/openai/v1/models"]),
+)
+def test_python_answers_any_models_request_as_the_script_does(models, rest, anthropic, listing, prefix):
+    path = (prefix + "?" if listing else prefix + "/") + rest
+    headers = ANTHROPIC if anthropic else None
+    if listing and not anthropic:  # OpenAI's plain listing is a direct response, not the script
+        assert python_get(ALIASES, path) == (200, None, json.loads(contract.models_listing(ALIASES)))
+    else:
+        assert python_get(ALIASES, path, headers) == models.get(path, headers)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    aliases=st.lists(
+        st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=12),
+        min_size=1,
+        max_size=30,
+        unique=True,
+    ).map(sorted),
+    limit=st.integers(1, 12),
+    cursor=st.integers(0, 29),
+    before=st.booleans(),
+)
+def test_python_pages_as_the_script_does(aliases, limit, cursor, before):
+    at = aliases[cursor % len(aliases)]
+    query = urlencode({"limit": limit, ("before_id" if before else "after_id"): at})
+    path = f"{contract.MODELS_PATH}?{query}"
+    assert python_get(aliases, path, ANTHROPIC) == Models(aliases).get(path, ANTHROPIC)
+
+
+def test_only_the_models_paths_are_models_paths():
+    for path in ("/v1/models", "/v1/models/x?y=1", "/openai/models", "/openai/v1/models/a/b"):
+        assert modelsapi.is_models_path(path), path
+    for path in ("/v1/modelsx", "/v1/chat/completions", "/models", "/openai/deployments/x/chat/completions"):
+        assert not modelsapi.is_models_path(path), path

@@ -398,7 +398,8 @@ def _policy_section(made: bytes, section: int, common: bytes | None) -> list[dic
 
 def _tail_routes(cfg: pb.RoutingConfig, opts: GatewayOptions, larger: dict[str, str]) -> list[dict[str, Any]]:
     """What Envoy answers without Python, after the routed requests' routes."""
-    # The models API is answered by Envoy from the compiled aliases: no body, no Python.
+    # The models API is answered by Envoy from the compiled aliases: no body, no Python (unless
+    # consumers are declared: then the ext_proc answers what the caller may see).
     aliases = _aliases(cfg)
     listing = {
         "name": "models",
@@ -406,7 +407,10 @@ def _tail_routes(cfg: pb.RoutingConfig, opts: GatewayOptions, larger: dict[str, 
         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
     }
     # The models API first: Azure's v1 models paths are its own, not clientpaths' rewrites.
-    routes: list[dict[str, Any]] = [*modelsapi.routes(aliases, listing), *clientpaths.routes()]
+    routes: list[dict[str, Any]] = [
+        *modelsapi.routes(aliases, listing, by_caller=bool(cfg.consumers)),
+        *clientpaths.routes(),
+    ]
     first_target = next((t for policy in cfg.policies for t in routed_targets(policy)), "")
     # Below: requests the router phase set no target for. The ext_proc sees every request with
     # a body and either sets a target, refuses it or fails (510, or forwarded when it fails
