@@ -18,6 +18,8 @@ from signalbox.core.budget import (
 )
 from signalbox.core.compiler import compile_config
 from signalbox.core.errors import BudgetExhausted
+from signalbox.core.limits import SubjectLimits
+from signalbox.core.limits import budget_status as consumer_budget
 from signalbox.extproc.decide import finish, prepare
 from signalbox.extproc.ledger import SpendLedger
 from signalbox.extproc.runtime import RuntimeTable
@@ -126,6 +128,17 @@ def test_exhausted_budget_goes_cheapest_or_refuses_with_429_and_retry_after():
     assert "hourly budget of $1" in err.value.message and "resets in 1800 s" in err.value.message
     assert dict(err.value.headers) == {"retry-after": "1800"}
     refuse_if_exhausted("p", status(reject, 0.99), NOW)  # not yet: no error
+
+
+def test_an_exhausted_consumer_budget_is_named_as_the_consumers_not_the_policys():
+    # The decision sees a consumer's budget where it is further spent than the policy's (the
+    # explain API's dry run reaches this refusal; live, admission refuses first, naming it).
+    theirs = SubjectLimits("consumer:default/data", "consumer default/data", budget_usd=(0.0, 0.5, 0.0))
+    prepared = prepare(budget_table(), "/v1/chat/completions", {}, b'{"model":"x","messages":[]}')
+    with pytest.raises(BudgetExhausted) as err:
+        finish(prepared, SelectionState(), budget=consumer_budget(theirs, (0.0, 0.6, 0.0), 0.0, NOW), now=NOW)
+    assert err.value.message.startswith("consumer default/data has spent $0.6000 of its daily budget of $0.5")
+    assert "policy" not in err.value.message
 
 
 def test_budget_needs_a_limit_and_a_sane_fraction():

@@ -81,6 +81,9 @@ class BudgetStatus:
     state: str
     windows: tuple[WindowSpend, ...]
     reject_when_exhausted: bool
+    # Whose budget, as a refusal names it, when not the policy's ("consumer default/team-a"):
+    # the decision sees a consumer's budget where it is further spent than the policy's.
+    owner: str = ""
 
     @property
     def binding(self) -> WindowSpend:
@@ -117,7 +120,8 @@ def refuse_if_exhausted(policy: str, status: BudgetStatus, now: float) -> None:
     if status.state != EXHAUSTED or not status.reject_when_exhausted:
         return
     w = status.binding
-    message = f"policy {policy!r} has spent ${w.spent_usd:.4f} of its {ADJECTIVES[w.window]} budget of ${w.limit_usd:g}"
+    owner = status.owner or f"policy {policy!r}"
+    message = f"{owner} has spent ${w.spent_usd:.4f} of its {ADJECTIVES[w.window]} budget of ${w.limit_usd:g}"
     if w.spent_usd < w.limit_usd:
         # Full only with what requests in flight hold: room may come back when they finish.
         wait = min(max(int(w.resets_at - now), 1), IN_FLIGHT_RETRY_SECONDS)

@@ -161,7 +161,7 @@ def budget_status(limits: SubjectLimits, spent: tuple[float, float, float], held
     )
     worst = max((x.fraction for x in windows), default=0.0)
     state = EXHAUSTED if worst >= 1.0 else "downgrade" if worst >= limits.downgrade_at else BUDGET_OK
-    return BudgetStatus(state, windows, limits.reject_when_exhausted)
+    return BudgetStatus(state, windows, limits.reject_when_exhausted, owner=limits.label)
 
 
 def check(
