@@ -137,7 +137,7 @@ def test_an_exhausted_consumer_budget_is_named_as_the_consumers_not_the_policys(
     prepared = prepare(budget_table(), "/v1/chat/completions", {}, b'{"model":"x","messages":[]}')
     with pytest.raises(BudgetExhausted) as err:
         finish(prepared, SelectionState(), budget=consumer_budget(theirs, (0.0, 0.6, 0.0), 0.0, NOW), now=NOW)
-    assert err.value.message.startswith("consumer default/data has spent $0.6000 of its daily budget of $0.5")
+    assert err.value.message.startswith("consumer default/data has spent $0.6 of its daily budget of $0.5;")
     assert "policy" not in err.value.message
 
 
@@ -196,7 +196,7 @@ def test_a_refusal_that_only_holds_cause_asks_to_retry_soon():
     assert full_with_holds.state == EXHAUSTED
     with pytest.raises(BudgetExhausted) as err:
         refuse_if_exhausted("p", full_with_holds, NOW)
-    assert "requests in flight hold $0.5000" in err.value.message and "retry in 2 s" in err.value.message
+    assert "requests in flight hold $0.5 of the rest" in err.value.message and "retry in 2 s" in err.value.message
     assert dict(err.value.headers) == {"retry-after": "2"}
 
 

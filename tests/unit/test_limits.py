@@ -209,3 +209,18 @@ async def test_settlements_of_one_access_log_message_go_together(store):
     assert isinstance(full, Refusal) and full.limit == "max_concurrent"
     crowded = await store.admit(admission(team(tokens_per_minute=600), now=T0 + 2))
     assert isinstance(crowded, Refusal) and crowded.used == 300 and crowded.held == 300
+
+
+def test_refusals_state_large_and_small_limits_as_people_write_them():
+    subject = SubjectLimits("consumer:default/big", "consumer default/big", tokens_per_minute=1_000_000)
+    with pytest.raises(TokenLimitExceeded) as err:
+        refuse(Refusal(subject, "tokens_per_minute", 12, used=1_000_512, limit_value=1_000_000, held=2_048))
+    assert "limited to 1,000,000 tokens per minute (1,000,512 used, 2,048 held by requests in flight)" in (
+        err.value.message
+    )
+    with pytest.raises(BudgetExhausted) as spent:
+        refuse(Refusal(subject, "budget_month", 60, used=1_250_000.5, limit_value=1_000_000))
+    assert "has spent $1,250,000.5 of its monthly budget of $1,000,000;" in spent.value.message
+    with pytest.raises(BudgetExhausted) as tiny:
+        refuse(Refusal(subject, "budget_day", 60, used=0.0001234, limit_value=0.000001))
+    assert "has spent $0.000123 of its daily budget of $0.000001;" in tiny.value.message

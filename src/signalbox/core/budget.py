@@ -76,6 +76,16 @@ class WindowSpend:
         return (self.spent_usd + self.in_flight_usd) / self.limit_usd
 
 
+def dollars(usd: float) -> str:
+    """An amount as a refusal states it: "$1,000,000", "$0.5", "$0.000001" (never "$1e+06")."""
+    return "$" + (f"{usd:,.6f}".rstrip("0").rstrip(".") or "0")
+
+
+def count(n: float) -> str:
+    """Requests or tokens as a refusal states them: "1,000,000", never "1e+06"."""
+    return f"{n:,.0f}"
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetStatus:
     state: str
@@ -121,11 +131,11 @@ def refuse_if_exhausted(policy: str, status: BudgetStatus, now: float) -> None:
         return
     w = status.binding
     owner = status.owner or f"policy {policy!r}"
-    message = f"{owner} has spent ${w.spent_usd:.4f} of its {ADJECTIVES[w.window]} budget of ${w.limit_usd:g}"
+    message = f"{owner} has spent {dollars(w.spent_usd)} of its {ADJECTIVES[w.window]} budget of {dollars(w.limit_usd)}"
     if w.spent_usd < w.limit_usd:
         # Full only with what requests in flight hold: room may come back when they finish.
         wait = min(max(int(w.resets_at - now), 1), IN_FLIGHT_RETRY_SECONDS)
-        message += f", and requests in flight hold ${w.in_flight_usd:.4f} of the rest; retry in {wait} s"
+        message += f", and requests in flight hold {dollars(w.in_flight_usd)} of the rest; retry in {wait} s"
     else:
         wait = max(int(w.resets_at - now), 1)
         message += f"; it resets in {wait} s"

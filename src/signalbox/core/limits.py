@@ -23,7 +23,7 @@ import calendar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from .budget import ADJECTIVES, EXHAUSTED, BudgetStatus, WindowSpend
+from .budget import ADJECTIVES, EXHAUSTED, BudgetStatus, WindowSpend, count, dollars
 from .budget import OK as BUDGET_OK
 from .errors import BudgetExhausted, LimitExceeded, LimitsUnavailable, TokenLimitExceeded
 
@@ -125,17 +125,20 @@ def refuse(refusal: Refusal) -> None:
     if limit.startswith("budget_"):
         window = limit.removeprefix("budget_")
         message = (
-            f"{s.label} has spent ${refusal.used:.4f} of its {ADJECTIVES[window]} budget of ${refusal.limit_value:g}"
-            + (f" (requests in flight hold ${refusal.held:.4f})" if refusal.held else "")
+            f"{s.label} has spent {dollars(refusal.used)} of its {ADJECTIVES[window]} budget of "
+            + dollars(refusal.limit_value)
+            + (f" (requests in flight hold {dollars(refusal.held)})" if refusal.held else "")
             + f"; retry in {refusal.retry_after} s"
         )
         raise BudgetExhausted(message, headers=retry)
     what = {
-        "requests_per_minute": f"{refusal.limit_value:g} requests per minute",
-        "tokens_per_minute": f"{refusal.limit_value:g} tokens per minute",
-        "max_concurrent": f"{refusal.limit_value:g} concurrent requests",
+        "requests_per_minute": f"{count(refusal.limit_value)} requests per minute",
+        "tokens_per_minute": f"{count(refusal.limit_value)} tokens per minute",
+        "max_concurrent": f"{count(refusal.limit_value)} concurrent requests",
     }[limit]
-    used = f"{refusal.used:g} used" + (f", {refusal.held:g} held by requests in flight" if refusal.held else "")
+    used = f"{count(refusal.used)} used" + (
+        f", {count(refusal.held)} held by requests in flight" if refusal.held else ""
+    )
     error = TokenLimitExceeded if limit == "tokens_per_minute" else LimitExceeded
     raise error(f"{s.label} is limited to {what} ({used}); retry in {refusal.retry_after} s", headers=retry)
 
