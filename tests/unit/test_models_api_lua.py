@@ -84,17 +84,17 @@ def test_anthropic_clients_get_their_list_twenty_at_a_time_by_default():
     assert (page["has_more"], page["first_id"], page["last_id"]) == (True, "m000", "m019")
 
 
+# Aliases as the config allows them (models.Alias): any text without control characters.
+SOME_ALIASES = st.lists(
+    st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=12),
+    min_size=1,
+    max_size=30,
+    unique=True,
+).map(sorted)
+
+
 @settings(max_examples=60, deadline=None)
-@given(
-    # Aliases as the config allows them (models.Alias): any text without control characters.
-    aliases=st.lists(
-        st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=12),
-        min_size=1,
-        max_size=30,
-        unique=True,
-    ).map(sorted),
-    limit=st.integers(1, 12),
-)
+@given(aliases=SOME_ALIASES, limit=st.integers(1, 12))
 def test_paging_forwards_and_backwards_visits_every_model_once_in_order(aliases, limit):
     models = Models(aliases)
     seen, after = [], None
@@ -184,17 +184,7 @@ def test_python_answers_any_models_request_as_the_script_does(models, rest, anth
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    aliases=st.lists(
-        st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=12),
-        min_size=1,
-        max_size=30,
-        unique=True,
-    ).map(sorted),
-    limit=st.integers(1, 12),
-    cursor=st.integers(0, 29),
-    before=st.booleans(),
-)
+@given(aliases=SOME_ALIASES, limit=st.integers(1, 12), cursor=st.integers(0, 29), before=st.booleans())
 def test_python_pages_as_the_script_does(aliases, limit, cursor, before):
     at = aliases[cursor % len(aliases)]
     query = urlencode({"limit": limit, ("before_id" if before else "after_id"): at})
