@@ -20,6 +20,8 @@ from signalbox.core.envoygen.contract import KEY_HEADERS
 
 log = logging.getLogger("signalbox.extproc")
 
+# Its name in a local gateway's work directory, beside the request log (`signalbox up`).
+CAPTURE_FILE = "captured.jsonl"
 MAX_BODY_CHARS = 32_768
 MAX_FILE_BYTES = 256 * 1024 * 1024
 # Provider and gateway keys, bearer tokens, JWTs and AWS access keys, as they appear in text.

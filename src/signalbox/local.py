@@ -36,6 +36,7 @@ from signalbox.core.errors import Problem, SignalboxError
 from signalbox.core.keys import key_hash
 from signalbox.core.secrets import SecretValue
 from signalbox.extproc import clusterfeed
+from signalbox.extproc.capture import CAPTURE_FILE
 from signalbox.extproc.cooldown import Cooldowns
 from signalbox.extproc.inflight import OpenRequests
 from signalbox.extproc.learning import SharedLearning
@@ -53,7 +54,6 @@ FAKE_ANNOTATION = "signalbox.io/local-fake-provider"
 # In the work directory: one JSON line per request, written by Envoy.
 REQUEST_LOG = "requests.log"
 # Where `signalbox up --capture-prompts` records routed requests (signalbox replay reads it).
-CAPTURE_FILE = "captured.jsonl"
 # A crashing ext_proc worker is restarted at once, then no sooner than 0.5, 1, 2 ... 10 s
 # after its previous start, until it has run for a minute.
 BACKOFF_FIRST_SECONDS = 0.5

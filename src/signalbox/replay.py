@@ -1,11 +1,12 @@
 """`signalbox replay`: recorded requests through a candidate config, offline (issue 17).
 
 Input: the capture a gateway writes with `--capture-prompts` (extproc/capture.py), one line
-per routed request with what was decided for it. Each request is decided again by the router
-phase's own function (`decide.decide`) under the candidate config; the report says, per live
-policy and class, how many decisions change and what the chosen backends would cost (the
-same estimate budgets hold: prompt estimate plus max_tokens at each backend's prices).
-Requests whose body was cut by the capture's size cap are counted and skipped.
+per routed request with what was decided for it (or the request log beside it: `load`). Each
+request is decided again by the router phase's own function (`decide.decide`) under the
+candidate config; the report says, per live policy and class, how many decisions change and
+what the chosen backends would cost (the same estimate budgets hold: prompt estimate plus
+max_tokens at each backend's prices). Requests whose body was cut by the capture's size cap
+are counted and skipped.
 
 With scores (`--scores`: the JSONL `signalbox eval-routing` reads, `{"prompt", "scores":
 {model: 0..1}}`), requests whose prompt (the last user message) has scores also get the quality
@@ -25,6 +26,7 @@ from typing import Any
 from signalbox.core.errors import RequestError
 from signalbox.extproc import body as body_codec
 from signalbox.extproc import decide, rollout
+from signalbox.extproc.capture import CAPTURE_FILE
 from signalbox.extproc.classify import features
 from signalbox.extproc.runtime import BackendRuntime, RuntimeTable
 from signalbox.extproc.strategies import SelectionState, expected_cost_usd
@@ -93,6 +95,22 @@ def score_of(scores: dict[str, float], backend: BackendRuntime | None) -> float 
 
 
 def load(path: str | Path) -> list[dict[str, Any]]:
+    """The captured requests to replay. `path` is the capture (`--capture-prompts`), or the
+    gateway's request log (`requests.log`), whose lines carry no bodies: then the capture
+    beside it (CAPTURE_FILE, where `signalbox up --capture-prompts` writes it), for the
+    requests the log names, so a log cut to some requests replays those."""
+    lines = _json_lines(path)
+    if lines and all("event" in record for _, record in lines):
+        return _captured_for_log(Path(path), {str(r.get("request_id")) for _, r in lines if r["event"] == "request"})
+    out = []
+    for n, record in lines:
+        if not isinstance(record.get("body"), str):
+            raise ValueError(f"{path}:{n}: not a captured request (see --capture-prompts)")
+        out.append(record)
+    return out
+
+
+def _json_lines(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     out = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -101,10 +119,23 @@ def load(path: str | Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except ValueError as exc:
             raise ValueError(f"{path}:{n}: not a JSON line: {exc}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("body"), str):
+        if not isinstance(record, dict):
             raise ValueError(f"{path}:{n}: not a captured request (see --capture-prompts)")
-        out.append(record)
+        out.append((n, record))
     return out
+
+
+def _captured_for_log(log: Path, request_ids: set[str]) -> list[dict[str, Any]]:
+    capture = log.with_name(CAPTURE_FILE)
+    if not capture.exists():
+        raise ValueError(
+            f"{log} is a request log, which holds no request bodies; start the gateway with "
+            f"--capture-prompts and replay its capture ({CAPTURE_FILE}, or this log beside it)"
+        )
+    records = [r for r in load(capture) if str(r.get("request_id")) in request_ids]
+    if not records:
+        raise ValueError(f"none of the requests in {log} is in {capture} (captured by another run?)")
+    return records
 
 
 def _cost(raw: bytes, backend: BackendRuntime | None) -> float:

@@ -207,6 +207,16 @@ def test_captured_requests_replay_offline_to_the_decisions_live_made(fakes, tmp_
         assert "live" in capsys.readouterr().out
         unchanged = json.loads(same.read_text())["policies"]["live"]
         assert unchanged["requests"] == 6 and unchanged["changed"] == 0
+        # The request log (no bodies) replays the same requests: the capture beside it has them.
+        request_log, from_log = Path(gw.workdir) / "requests.log", tmp_path / "from-log.json"
+
+        def logged() -> int:
+            lines = [json.loads(x) for x in request_log.read_text().splitlines() if x.startswith("{")]
+            return sum(x.get("event") == "request" for x in lines)
+
+        assert wait_for(lambda: logged() == 6)
+        assert cli_main(["replay", "--log", str(request_log), "-f", str(live_dir), "--output", str(from_log)]) == 0
+        assert json.loads(from_log.read_text())["policies"] == json.loads(same.read_text())["policies"]
         moved = json.loads(changed.read_text())["policies"]["live"]
         assert moved["changed"] == 6
         assert moved["estimated_cost_after_usd"] > 5 * moved["estimated_cost_before_usd"]  # beta costs 9x

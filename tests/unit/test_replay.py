@@ -90,3 +90,17 @@ def test_a_prompt_is_read_from_any_body_without_failing(body):
 @given(st.lists(json_values, max_size=4))
 def test_a_prompt_is_read_from_any_messages(messages):
     assert isinstance(replay.prompt_of({"messages": messages}), str)
+
+
+def test_a_request_log_replays_the_captured_requests_it_names_and_says_when_there_are_none(tmp_path):
+    log = tmp_path / "requests.log"
+    events = [{"event": "request", "request_id": "r1"}, {"event": "attempt", "request_id": "r1"}]
+    log.write_text("".join(json.dumps(e) + "\n" for e in events))
+    with pytest.raises(ValueError, match="holds no request bodies; start the gateway with --capture-prompts"):
+        replay.load(log)
+    records = [{**captured(CHAT, 1), "request_id": rid} for rid in ("r1", "r2")]
+    (tmp_path / "captured.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert [r["request_id"] for r in replay.load(log)] == ["r1"]  # r2 is not in this log
+    log.write_text(json.dumps({"event": "request", "request_id": "elsewhere"}) + "\n")
+    with pytest.raises(ValueError, match="none of the requests"):
+        replay.load(log)
