@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,9 +72,15 @@ def class_header(c: Classification) -> str:
 
 
 def apply_feedback(
-    table: RuntimeTable, state: SelectionState, raw_body: bytes, signer: DecisionSigner
+    table: RuntimeTable,
+    state: SelectionState,
+    raw_body: bytes,
+    signer: DecisionSigner,
+    authorize: Callable[[PolicyRuntime], None] | None = None,
 ) -> dict[str, Any]:
-    """`POST /v1/feedback {"decision": <x-signalbox-decision>, "score": 0..1}` -> learning."""
+    """`POST /v1/feedback {"decision": <x-signalbox-decision>, "score": 0..1}` -> learning.
+
+    `authorize`: raises when the caller may not teach the decision's policy (consumers)."""
     try:
         body = json.loads(raw_body)
         score = float(body["score"])
@@ -91,8 +98,11 @@ def apply_feedback(
         ) from None
     if not 0 <= score <= 1:
         raise MalformedRequest("score must be between 0 and 1", param="score")
-    if backend_id not in table.backends or not any(p.name == policy for p in table.policies):
+    decided_by = next((p for p in table.policies if p.name == policy), None)
+    if backend_id not in table.backends or decided_by is None:
         raise UnknownModel(f"decision names a policy or backend not in force ({policy}, {backend_id})")
+    if authorize is not None:
+        authorize(decided_by)
     state.observe_quality(policy, class_key, backend_id, score, state.recall(token))
     return {"recorded": True, "policy": policy, "class": class_key, "backend": backend_id}
 

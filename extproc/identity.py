@@ -132,6 +132,24 @@ def authorize(
         raise ModelNotAllowed(f"consumer {consumer.id} may not use model {alias!r}", param="model")
 
 
+def authorize_feedback(
+    identities: Identities,
+    consumer: ConsumerRuntime | None,
+    policy: PolicyRuntime,
+    by_alias: Mapping[str, tuple[PolicyRuntime, ...]],
+    headers: Mapping[str, str],
+) -> None:
+    """Feedback teaches a policy what every caller of it then gets: once consumers exist, only
+    a caller who may call one of its aliases may send it (401 and 403 as for a request)."""
+    if not identities.enabled:
+        return
+    aliases = [a for a, ps in by_alias.items() if any(p is policy for p in ps)] or [""]
+    if consumer is None or any(consumer.may_use(policy, a) for a in aliases):
+        authorize(identities, consumer, policy, aliases[0], headers)
+        return
+    raise ModelNotAllowed(f"consumer {consumer.id} may not use policy {policy.name!r}, which the decision names")
+
+
 def visible_aliases(
     identities: Identities,
     consumer: ConsumerRuntime | None,

@@ -385,7 +385,12 @@ class Processor(ep_grpc.ExternalProcessorServicer):
                 yield wire.body_response(clear_route_cache=True, metadata=metadata)
                 return
             if kind == "feedback":
-                recorded = decide.apply_feedback(table, state, raw, self.signer)
+                caller = table.identities.identify(headers, wire.jwt_payload(request), time.time())
+
+                def may_teach(decided_by: PolicyRuntime) -> None:
+                    identity.authorize_feedback(table.identities, caller, decided_by, table.by_alias, headers)
+
+                recorded = decide.apply_feedback(table, state, raw, self.signer, may_teach)
                 self.metrics.feedback.labels(recorded["policy"]).inc()
                 yield wire.immediate(200, json.dumps(recorded).encode())
                 return

@@ -331,6 +331,24 @@ def test_each_caller_lists_and_retrieves_only_the_aliases_it_may_call(gw):
     assert [m["id"] for m in azure["data"]] == ["chat"]
 
 
+def test_feedback_comes_from_callers_of_the_policy_it_teaches(gw):
+    """Feedback moves what every caller of a policy gets: with consumers, it needs a caller who
+    may call that policy (the decision token alone is not enough)."""
+    with client(gw, KEY_A) as a:
+        raw = a.chat.completions.with_raw_response.create(model="chat", **ASK)
+    teach = {"decision": raw.headers["x-signalbox-decision"], "score": 1}
+    mine = httpx.post(f"{gw.url}/feedback", json=teach, headers={"authorization": f"Bearer {KEY_A}"})
+    assert mine.status_code == 200 and mine.json()["policy"] == "chat"
+    anonymous = httpx.post(f"{gw.url}/feedback", json=teach)
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
+    other_team = httpx.post(f"{gw.url}/feedback", json=teach, headers={"x-api-key": KEY_B})
+    assert other_team.status_code == 403 and other_team.json()["error"]["code"] == "model_not_allowed"
+    with client(gw, "anyone") as c:  # a policy that serves anonymous callers takes theirs
+        public = c.chat.completions.with_raw_response.create(model="public", **ASK)
+    token = public.headers["x-signalbox-decision"]
+    assert httpx.post(f"{gw.url}/feedback", json={"decision": token, "score": 0.5}).status_code == 200
+
+
 def test_the_explain_api_names_the_consumer_and_answers_what_live_would(gw):
     body = {"model": "chat", **ASK}
     explained = httpx.post(f"{gw.admin_url}/v1/route", json=body, headers={"x-api-key": KEY_A}).json()

@@ -11,7 +11,7 @@ from signalbox.core import envoygen
 from signalbox.core.compiler import compile_config
 from signalbox.core.errors import ModelNotAllowed, Unauthenticated
 from signalbox.core.keys import generate_key, key_hash
-from signalbox.extproc.identity import Identities, authorize, visible_aliases
+from signalbox.extproc.identity import Identities, authorize, authorize_feedback, visible_aliases
 from signalbox.extproc.runtime import RuntimeTable
 from signalbox.local import compile_files
 from tests.factories import backend, consumer, dump, model, policy, provider
@@ -144,6 +144,21 @@ def test_authorize_answers_401_for_anonymous_callers_403_for_what_a_consumer_was
     # No consumer declared: everyone is served, as before consumers existed.
     plain = table()
     authorize(plain.identities, None, plain.policies[0], "chat", {})
+
+
+def test_feedback_is_authorized_as_a_request_to_the_policy_it_teaches():
+    t = table(*TEAMS, keys=HASHES)
+    ids, policies = t.identities, {p.name: p for p in t.policies}
+    team_a, team_b = ids.consumers["default/team-a"], ids.consumers["default/team-b"]
+    authorize_feedback(ids, team_a, policies["chat"], t.by_alias, {})
+    authorize_feedback(ids, team_b, policies["code"], t.by_alias, {})  # given by policy
+    with pytest.raises(ModelNotAllowed, match="may not use policy 'code'"):
+        authorize_feedback(ids, team_a, policies["code"], t.by_alias, {})
+    with pytest.raises(Unauthenticated):
+        authorize_feedback(ids, None, policies["chat"], t.by_alias, {})
+    authorize_feedback(ids, None, policies["open"], t.by_alias, {})  # allowAnonymous
+    plain = table()
+    authorize_feedback(plain.identities, None, plain.policies[0], plain.by_alias, {})
 
 
 def test_the_models_api_lists_what_each_caller_may_call():
