@@ -334,14 +334,15 @@ def test_each_caller_lists_and_retrieves_only_the_aliases_it_may_call(gw):
 def test_feedback_comes_from_callers_of_the_policy_it_teaches(gw):
     """Feedback moves what every caller of a policy gets: with consumers, it needs a caller who
     may call that policy (the decision token alone is not enough)."""
-    with client(gw, KEY_A) as a:
-        raw = a.chat.completions.with_raw_response.create(model="chat", **ASK)
+    # team-b (no request limits: other tests here spend team-a's 3 a minute) calls `code`.
+    with client(gw, KEY_B) as b:
+        raw = b.chat.completions.with_raw_response.create(model="code", **ASK)
     teach = {"decision": raw.headers["x-signalbox-decision"], "score": 1}
-    mine = httpx.post(f"{gw.url}/feedback", json=teach, headers={"authorization": f"Bearer {KEY_A}"})
-    assert mine.status_code == 200 and mine.json()["policy"] == "chat"
+    mine = httpx.post(f"{gw.url}/feedback", json=teach, headers={"authorization": f"Bearer {KEY_B}"})
+    assert mine.status_code == 200 and mine.json()["policy"] == "code"
     anonymous = httpx.post(f"{gw.url}/feedback", json=teach)
     assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
-    other_team = httpx.post(f"{gw.url}/feedback", json=teach, headers={"x-api-key": KEY_B})
+    other_team = httpx.post(f"{gw.url}/feedback", json=teach, headers={"x-api-key": KEY_A})
     assert other_team.status_code == 403 and other_team.json()["error"]["code"] == "model_not_allowed"
     with client(gw, "anyone") as c:  # a policy that serves anonymous callers takes theirs
         public = c.chat.completions.with_raw_response.create(model="public", **ASK)
