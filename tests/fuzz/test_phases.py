@@ -16,12 +16,16 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from signalbox.core.compiler import compile_config
 from signalbox.core.errors import RequestError
+from signalbox.core.keys import key_hash
 from signalbox.extproc import decide
 from signalbox.extproc.decisions import DecisionSigner
 from signalbox.extproc.reload import TableHolder
+from signalbox.extproc.runtime import RuntimeTable
 from signalbox.extproc.server import Processor
 from signalbox.extproc.strategies import SelectionState
+from tests.factories import backend, consumer, model, policy, provider
 
 from .bodies import PHASE_EXAMPLES, raw_bodies
 
@@ -109,4 +113,73 @@ def test_the_servicer_never_answers_500(table, raw):
                     path,
                     response.immediate_response.body[:300],
                 )
+    assert processor.metrics.internal_errors._value.get() == 0
+
+
+def _consumer_table() -> RuntimeTable:
+    """Two consumers (one given an alias, one everything) and a policy for anonymous callers."""
+    providers = [provider("p", "http://127.0.0.1:1/v1", [model("m")])]
+    policies = [
+        policy("mine", ["mine"], [backend("p", "m")]),
+        policy("open", ["open"], [backend("p", "m")], allowAnonymous=True),
+    ]
+    consumers = [consumer("team", apiKey={"env": "K"}, models=["mine"]), consumer("all", apiKey={"env": "L"})]
+    hashes = {"default/team": [(key_hash(CONSUMER_KEY), 0)]}
+    result = compile_config(providers, policies, consumers=consumers, key_hashes=hashes)
+    assert result.ok, result.problems
+    return RuntimeTable.from_config(result.config)
+
+
+CONSUMER_KEY = "sbx-fuzz-consumer-key-0123456789abcdef"
+CONSUMER_TABLE = _consumer_table()
+MODELS_PREFIXES = ["/v1/models", "/openai/models", "/openai/v1/models"]
+
+
+@FUZZ
+@given(
+    prefix=st.sampled_from(MODELS_PREFIXES),
+    # What Envoy's models route sends on: the listing, its query, or `/<id>` (any characters).
+    rest=st.tuples(
+        st.sampled_from(["", "?", "/"]),
+        st.text(max_size=30) | st.binary(max_size=30).map(lambda b: b.decode("latin-1")),
+    ).map(lambda parts: parts[0] + parts[1] if parts[0] else ""),
+    key=st.sampled_from(["", CONSUMER_KEY, "sbx-wrong"]) | st.text(max_size=40),
+    key_header=st.sampled_from(["authorization", "x-api-key", "api-key"]),
+    anthropic=st.booleans(),
+    raw=raw_bodies,
+)
+def test_a_consumer_gateway_answers_any_models_or_feedback_request_with_a_client_answer(
+    prefix, rest, key, key_header, anthropic, raw
+):
+    """With consumers the ext_proc answers the models API (per caller) and authorizes feedback:
+    whatever the path, credential and body, a client answer in the caller's shape, never a 500."""
+    processor = Processor(TableHolder(CONSUMER_TABLE), max_body_bytes=1 << 20)
+    value = f"Bearer {key}" if key_header == "authorization" else key
+    headers = {":method": "GET", ":path": prefix + rest, "x-request-id": "fuzz-2", key_header: value}
+    if anthropic:
+        headers["anthropic-version"] = "2023-06-01"
+    head = _header_map(headers)
+    head.end_of_stream = True
+
+    async def models():
+        yield ep.ProcessingRequest(request_headers=head)
+
+    async def feedback():
+        message = ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True))
+        attrs = message.attributes["envoy.filters.http.ext_proc"].fields
+        for name, v in (("request.path", "/v1/feedback"), ("request.method", "POST"), ("request.id", "fuzz-3")):
+            attrs[name].string_value = v
+        attrs[f"request.headers['{key_header}']"].string_value = value
+        yield message
+
+    async def run(stream):
+        return [r async for r in processor.Process(stream, None)]
+
+    for stream, shape in ((models(), "anthropic" if anthropic else "openai"), (feedback(), "openai")):
+        (answer,) = asyncio.run(run(stream))
+        reply = answer.immediate_response
+        assert reply.status.code in (200, 400, 401, 403, 404), (reply.status.code, reply.body[:200])
+        body = json.loads(reply.body)
+        if reply.status.code >= 400:
+            assert "message" in body["error"] and (body.get("type") == "error") == (shape == "anthropic"), body
     assert processor.metrics.internal_errors._value.get() == 0
