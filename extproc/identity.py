@@ -143,9 +143,11 @@ def authorize_feedback(
     a caller who may call one of its aliases may send it (401 and 403 as for a request)."""
     if not identities.enabled:
         return
-    aliases = [a for a, ps in by_alias.items() if any(p is policy for p in ps)] or [""]
-    if consumer is None or any(consumer.may_use(policy, a) for a in aliases):
-        authorize(identities, consumer, policy, aliases[0], headers)
+    if consumer is None:
+        if not policy.allow_anonymous:
+            _refuse_anonymous(headers)
+        return
+    if any(consumer.may_use(policy, a) for a, ps in by_alias.items() if any(p is policy for p in ps)):
         return
     raise ModelNotAllowed(f"consumer {consumer.id} may not use policy {policy.name!r}, which the decision names")
 

@@ -53,7 +53,6 @@ log = logging.getLogger("signalbox.local")
 FAKE_ANNOTATION = "signalbox.io/local-fake-provider"
 # In the work directory: one JSON line per request, written by Envoy.
 REQUEST_LOG = "requests.log"
-# Where `signalbox up --capture-prompts` records routed requests (signalbox replay reads it).
 # A crashing ext_proc worker is restarted at once, then no sooner than 0.5, 1, 2 ... 10 s
 # after its previous start, until it has run for a minute.
 BACKOFF_FIRST_SECONDS = 0.5

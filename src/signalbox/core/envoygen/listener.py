@@ -75,7 +75,16 @@ from .contract import (
     too_large_message,
     virtual_host_name,
 )
-from .options import _RETRIABLE_STATUSES, _RETRY_ON, GatewayOptions, _address, _any, _ms, extproc_grpc_service
+from .options import (
+    _RETRIABLE_STATUSES,
+    _RETRY_ON,
+    EXTPROC_FILTER,
+    GatewayOptions,
+    _address,
+    _any,
+    _ms,
+    extproc_grpc_service,
+)
 from .tracing import http_tracing
 
 
@@ -635,9 +644,7 @@ def compiled_routes(policy: pb.Policy, members: Mapping[str, Sequence[pb.Backend
                 }
             },
             "typed_per_filter_config": {
-                "envoy.filters.http.ext_proc": _any(
-                    "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", disabled=True
-                )
+                EXTPROC_FILTER: _any("envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", disabled=True)
             },
             "response_headers_to_add": _response_headers(f"%METADATA(ROUTE:{METADATA_NS}:{{}})%"),
             **({"request_headers_to_add": _policy_headers(policy)} if policy.first_token_timeout_ms else {}),
@@ -1159,7 +1166,7 @@ def listener(cfg: pb.RoutingConfig, opts: GatewayOptions, routes: dict[str, Any]
             _request_size_guard(opts),
             *([jwt] if (jwt := jwt_filter(cfg)) else []),
             *([json] if (json := json_filter(cfg, opts)) else []),
-            {"name": "envoy.filters.http.ext_proc", "typed_config": router_extproc},
+            {"name": EXTPROC_FILTER, "typed_config": router_extproc},
             # A buffer filter sets the stream's one buffer limit, the answer's as well. The
             # request is whole by now (the first filter held it to max_body_bytes), so this one
             # raises the limit to what an answer read whole for its usage may need.

@@ -22,7 +22,7 @@ from .. import errors
 from .clusters import lua_error, lua_literal
 from .contract import AZURE_PREFIX, MODELS_PATH, anthropic_model, models_listing, openai_model
 from .luaroutes import run_script, script_file
-from .options import _any
+from .options import EXTPROC_FILTER, _any
 
 # The header Anthropic's SDKs send on every request and OpenAI's never do: which API's shape a
 # models request is answered in.
@@ -31,7 +31,6 @@ ANTHROPIC_HEADER = "anthropic-version"
 PAGE_DEFAULT, PAGE_MAX = 20, 1000
 
 _LUA = script_file("models_api.lua")
-EXTPROC_FILTER = "envoy.filters.http.ext_proc"
 # The router-phase ext_proc reads bodies only; a models request has none, so on a gateway that
 # lists per caller its headers are sent instead, and the ext_proc answers them.
 _ASK_EXTPROC = _any(

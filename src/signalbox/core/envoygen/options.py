@@ -134,6 +134,11 @@ def upstream_tls(host: str, ca_file: str) -> dict[str, Any]:
     }
 
 
+# The router-phase ext_proc's name in the listener's filter chain, which routes name to
+# configure it per route.
+EXTPROC_FILTER = "envoy.filters.http.ext_proc"
+
+
 def _any(type_name: str, **fields: Any) -> dict[str, Any]:
     return {"@type": _T + type_name, **fields}
 
