@@ -851,35 +851,95 @@ def test_a_chain_known_from_the_last_generation_takes_its_members_from_this_conf
     assert envoygen.resources(larger, envoygen.GatewayOptions()) == fresh
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    st.lists(st.sampled_from([4000, 8000, 64000]), min_size=2, max_size=4),  # the second model's window
-    st.sampled_from(["cost", "failover", "weighted", "latency"]),
-    st.sampled_from([0, 30000]),  # the policy's timeout
-    st.booleans(),  # a first-token timeout
+# One generation's config, drawn as the edits between generations: what a chain's second
+# model's window is, whether provider b speaks TLS (with enough backends to share an origin) and
+# which header takes its key, the policy's strategy, timeout and first-token deadline, and the
+# gateway's options.
+_GENERATION = st.fixed_dictionaries(
+    {
+        "window": st.sampled_from([4000, 8000, 64000]),
+        "tls": st.booleans(),
+        "key_header": st.sampled_from(["", "x-api-key"]),
+        "strategy": st.sampled_from(["cost", "failover", "weighted", "latency"]),
+        "timeout": st.sampled_from([0, 30000]),
+        "first_token": st.booleans(),
+        "options": st.sampled_from(
+            [
+                envoygen.GatewayOptions(),
+                envoygen.GatewayOptions(credentials_dir="/run/keys", ads=True),
+                envoygen.GatewayOptions(credentials_dir="/run/other", otlp_endpoint="127.0.0.1:4317"),
+            ]
+        ),
+    }
 )
-def test_what_the_generator_keeps_between_generations_never_changes_its_output(windows, strategy, timeout, first_token):
-    """Chains and each policy's routes are kept from one generation to the next
-    (`clusters._known_chains`, `listener._kept_routes`): whatever came before, a config's
-    resources are those a generator that kept nothing makes."""
+
+
+def _generation_config(g):
+    models_a = [model("m1", contextWindow=8000), model("m2", contextWindow=g["window"])]
+    models_b = [model(f"n{i}") for i in range(envoygen.endpoints.ORIGIN_MIN_BACKENDS)]
+    auth = {"env": "B_KEY", **({"header": g["key_header"]} if g["key_header"] else {})}
+    scheme = "https" if g["tls"] else "http"
+    providers = [
+        provider("a", "http://127.0.0.1:9001/v1", models_a),
+        provider("b", f"{scheme}://api.example.com/v1", models_b, auth=auth),
+    ]
+    spec = {"timeoutMs": g["timeout"]} if g["timeout"] else {}
+    chain = [backend("a", "m1"), backend("a", "m2", priority=1), backend("b", "n0", priority=2)]
+    pol = policy("p", ["x"], chain, strategy=g["strategy"], **spec)
+    if g["first_token"]:
+        pol["spec"]["failover"] = {**pol["spec"].get("failover", {}), "firstTokenTimeoutMs": 2000}
+    others = policy("q", ["y"], [backend("b", f"n{i}") for i in range(3)], strategy="round-robin")
+    cfg = compile_config(providers, [pol, others]).config
+    assert cfg is not None
+    return cfg
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(_GENERATION, min_size=2, max_size=5))
+def test_what_the_generator_keeps_between_generations_never_changes_its_output(generations):
+    """What one generation made is kept for the next (`envoygen.kept`: parts made from the
+    providers and backends alone, each chain's members and windows; `listener._kept_routes`:
+    each policy's routes): whatever came before, a config's resources are those a generator
+    that kept nothing makes."""
     # (The package exports functions of the same names as these modules.)
-    clusters_module = importlib.import_module("signalbox.core.envoygen.clusters")
+    kept_module = importlib.import_module("signalbox.core.envoygen.kept")
     listener_module = importlib.import_module("signalbox.core.envoygen.listener")
 
-    for window in windows:  # the same policy each time; what its chains' members allow changes
-        models = [model("m1", contextWindow=8000), model("m2", contextWindow=window)]
-        failover = {"firstTokenTimeoutMs": 2000} if first_token else {}
-        spec = {"timeoutMs": timeout} if timeout else {}
-        chain = [backend("a", "m1"), backend("a", "m2", priority=1)]
-        pol = policy("p", ["x"], chain, strategy=strategy, **spec)
-        if failover:
-            pol["spec"]["failover"] = {**pol["spec"].get("failover", {}), **failover}
-        cfg = compile_config([provider("a", "http://127.0.0.1:9001/v1", models)], [pol]).config
-        assert cfg is not None
-        kept = envoygen.resources(cfg, envoygen.GatewayOptions(), "/tmp/envoy")
-        clusters_module._known_chains = {}
+    for g in generations:
+        cfg = _generation_config(g)
+        made = envoygen.resources(cfg, g["options"], "/tmp/envoy")
+        kept_module.forget()
         listener_module._kept_routes = {}
-        assert kept == envoygen.resources(cfg, envoygen.GatewayOptions(), "/tmp/envoy")
+        assert made == envoygen.resources(cfg, g["options"], "/tmp/envoy")
+
+
+def test_a_policy_change_leaves_what_is_made_of_the_providers_and_backends_alone():
+    """The point of keeping (issue 12): a generation whose providers and backends are the last
+    one's does not make their parts again; one where they changed does."""
+    kept_module = importlib.import_module("signalbox.core.envoygen.kept")
+    clusters_module = importlib.import_module("signalbox.core.envoygen.clusters")
+    base = {"window": 8000, "tls": True, "key_header": "", "timeout": 0, "first_token": False}
+    opts = envoygen.GatewayOptions(credentials_dir="/run/keys")
+    made = []
+    real = clusters_module._backend_keys
+
+    def counted(*args):
+        made.append(1)
+        return real(*args)
+
+    kept_module.forget()
+    clusters_module._backend_keys = counted
+    try:
+        envoygen.resources(_generation_config({**base, "strategy": "cost"}), opts, "/tmp/envoy")
+        envoygen.resources(_generation_config({**base, "strategy": "failover"}), opts, "/tmp/envoy")
+        assert len(made) == 1  # a policy's change
+        envoygen.resources(_generation_config({**base, "strategy": "failover", "window": 64000}), opts, "/tmp/envoy")
+        assert len(made) == 2  # a model's window changed: a backend did
+        # Outside a generation (a function called on its own) nothing is kept or reused.
+        envoygen.backend_clusters(_generation_config({**base, "strategy": "failover"}), opts)
+        assert len(made) == 3
+    finally:
+        clusters_module._backend_keys = real
 
 
 @settings(max_examples=40, deadline=None)

@@ -35,6 +35,7 @@ from .bootstrap import (
 )
 from .clusters import (
     ATTEMPT_ERRORS,
+    Chain,
     ClusterSpec,
     attempt_marker,
     attempt_settings,
@@ -42,6 +43,7 @@ from .clusters import (
     backend_cluster_specs,
     backend_clusters,
     chain_members,
+    chains_of,
     cluster_specs,
     clusters,
     credential_file,
@@ -130,6 +132,7 @@ __all__ = [
     "STREAM_LIMITS",
     "SYSTEM_CA_FILE",
     "TRANSLATE_HEADER",
+    "Chain",
     "ClusterSpec",
     "GatewayOptions",
     "ResourceParts",
@@ -142,6 +145,7 @@ __all__ = [
     "backend_clusters",
     "bootstrap",
     "chain_members",
+    "chains_of",
     "client_path_filter",
     "cluster_specs",
     "clusters",

@@ -9,7 +9,7 @@ from typing import Any
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from ..gcpause import paused_gc
-from .clusters import ClusterSpec, chain_members, cluster_specs
+from .clusters import ClusterSpec, chains_of, cluster_specs
 from .contract import (
     ADMIN_CLUSTER,
     BACKEND_PREFIX,
@@ -18,6 +18,7 @@ from .contract import (
     TARGET_PREFIX,
     XDS_CLUSTER,
 )
+from .kept import generation
 from .listener import RouteParts, health_listener, listener, resting_listener, route_parts
 from .options import STREAM_LIMITS, GatewayOptions, _address, _admin_address, _any
 from .origins import INTERNAL_LISTENER_EXTENSION, origin_listeners
@@ -269,16 +270,19 @@ class ResourceParts:
 
 @paused_gc()
 def resource_parts(cfg: pb.RoutingConfig, opts: GatewayOptions, config_dir: str = "") -> ResourceParts:
-    rds = watched_file(config_dir, "rds.json") if config_dir else None
-    listeners = [listener(cfg, opts, routes=rds)]
-    if opts.health_port is not None:
-        listeners.append(health_listener(opts))
-    listeners += origin_listeners(cfg)
-    if opts.endpoints_over_ads:
-        listeners.append(resting_listener())  # what a resting backend's second host names
-    members = chain_members(cfg)
-    routes = route_parts(cfg, opts, members) if rds is not None else None
-    return ResourceParts({"resources": listeners}, cluster_specs(cfg, opts, members), routes)
+    """Every publisher's entry: one generation, which may reuse what the last one made from the
+    same providers and backends (`kept`)."""
+    with generation(cfg):
+        rds = watched_file(config_dir, "rds.json") if config_dir else None
+        listeners = [listener(cfg, opts, routes=rds)]
+        if opts.health_port is not None:
+            listeners.append(health_listener(opts))
+        listeners += origin_listeners(cfg)
+        if opts.endpoints_over_ads:
+            listeners.append(resting_listener())  # what a resting backend's second host names
+        chains = chains_of(cfg)
+        routes = route_parts(cfg, opts, chains) if rds is not None else None
+        return ResourceParts({"resources": listeners}, cluster_specs(cfg, opts, chains), routes)
 
 
 @paused_gc()

@@ -9,7 +9,8 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources as package_files
 from typing import Any
 from urllib.parse import quote
@@ -20,6 +21,7 @@ from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .. import errors
 from ..schema import genai_provider_name, idle_timeout_ms, provider_api
+from . import kept
 from .auth import jwks_clusters
 from .contract import (
     ANTHROPIC_VERSION,
@@ -456,53 +458,66 @@ def _attempt_filter(
     }
 
 
-# Each target's member clusters as the last generation found them. A target's name is a digest
-# of its member clusters in order (compiler.target_name), so a target seen before has the same
-# members: only new chains are worked out again (0.07 s of every change at the 2,000 fleet).
-_known_chains: dict[str, tuple[str, ...]] = {}
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """What Envoy's resources need of a target (failover chain): its members' clusters in order,
+    and which members a later member's larger context window follows (`larger_after`; "" when
+    none)."""
+
+    clusters: tuple[str, ...]
+    larger: str
 
 
-def chain_members(cfg: pb.RoutingConfig) -> dict[str, list[pb.Backend]]:
-    """Each target (failover chain) a policy names, with its members in order: worked out once
-    per generation and shared by the clusters and the routes (`larger_after`)."""
+def _chain(members: Sequence[pb.Backend]) -> Chain:
+    largest_after = 0
+    marked: list[str] = []
+    for b in reversed(members):
+        if largest_after > b.context_window:
+            marked.append(b.id)
+        largest_after = max(largest_after, b.context_window)
+    return Chain(tuple(b.cluster for b in members), ",".join(reversed(marked)))
+
+
+def chains_of(cfg: pb.RoutingConfig) -> dict[str, Chain]:
+    """Each target a policy names, worked out once per generation and shared by the clusters
+    and the routes. A target's name is a digest of its member clusters in order
+    (compiler.target_name), so with the same providers and backends a target the last
+    generation had is the same chain (`kept.last`): a policy's change works out only its own
+    new chains (at the 2,000-provider fleet, all 7,712 chains' members and context windows took
+    0.1-0.15 s of every change)."""
     from ..compiler import chains
 
-    global _known_chains
-    by_cluster = {b.cluster: b for b in cfg.backends}
-    out: dict[str, list[pb.Backend]] = {}
+    known: dict[str, Chain] = kept.last(cfg, "chains") or {}
+    out: dict[str, Chain] = {}
     for policy in cfg.policies:
         new = []
         for i, b in enumerate(policy.backends):
             if not b.target or b.target in out:
                 continue
-            known = [by_cluster.get(name) for name in _known_chains.get(b.target, ())]
-            if known and None not in known:
-                out[b.target] = known  # type: ignore[assignment]  # (no None: checked)
+            chain = known.get(b.target)
+            if chain is not None:
+                out[b.target] = chain
             else:
                 new.append(i)
-        for i, members in zip(new, chains(cfg, policy, new), strict=True):
-            out.setdefault(policy.backends[i].target, members)
-    _known_chains = {target: tuple(b.cluster for b in members) for target, members in out.items()}
+        if new:
+            for i, members in zip(new, chains(cfg, policy, new), strict=True):
+                out.setdefault(policy.backends[i].target, _chain(members))
+    kept.remember(cfg, "chains", out)
     return out
 
 
-def larger_after(cfg: pb.RoutingConfig, members: dict[str, list[pb.Backend]] | None = None) -> dict[str, str]:
+def chain_members(cfg: pb.RoutingConfig) -> dict[str, list[pb.Backend]]:
+    """Each target a policy names, with its members' backends in order."""
+    by_cluster = {b.cluster: b for b in cfg.backends}
+    return {target: [by_cluster[c] for c in chain.clusters] for target, chain in chains_of(cfg).items()}
+
+
+def larger_after(cfg: pb.RoutingConfig, chains: Mapping[str, Chain] | None = None) -> dict[str, str]:
     """Per target (chain): the members a later member's larger context window follows, comma
     separated, for chains that have any (a too-long prompt's refusal from one of them is
     retried on the next). The routes to a target send it in LARGER_AFTER_HEADER: attempt.lua is
-    one script for every chain and learns the chain from the request. `members`: `chain_members`."""
-    out: dict[str, str] = {}
-    for target, chain in (chain_members(cfg) if members is None else members).items():
-        windows = [b.context_window for b in chain]
-        largest_after = 0
-        marked: list[str] = []
-        for b, window in zip(reversed(chain), reversed(windows), strict=True):
-            if largest_after > window:
-                marked.append(b.id)
-            largest_after = max(largest_after, window)
-        if marked:
-            out[target] = ",".join(reversed(marked))
-    return out
+    one script for every chain and learns the chain from the request. `chains`: `chains_of`."""
+    return {t: chain.larger for t, chain in (chains_of(cfg) if chains is None else chains).items() if chain.larger}
 
 
 # Where clients of either API put a key: never passed on, whatever the providers use.
@@ -541,7 +556,18 @@ def upstream_filters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[s
     config; it reads each key from the provider's file in `credentials_dir`).
 
     Per aggregate, these filters cost Envoy a LuaJIT state per chain per thread: 585 of 801 MB
-    at the 200-provider fleet (bench/README.md)."""
+    at the 200-provider fleet (bench/README.md).
+
+    Made from the providers, the backends, the longest time-to-first-token deadline and the
+    options it reads: kept while those are the same (`kept`)."""
+    longest = max((p.first_token_timeout_ms for p in cfg.policies), default=0)
+    inputs = orjson.dumps(
+        [opts.credentials_dir, bool(opts.otlp_endpoint), opts.translation, opts.extproc_message_timeout_ms, longest]
+    )
+    return list(kept.kept(cfg, "upstream_filters", functools.partial(_upstream_filters, cfg, opts), inputs))
+
+
+def _upstream_filters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[str, Any]]:
     providers = {p.id: p for p in cfg.providers}
     return [
         _attempt_headers(cfg),
@@ -799,19 +825,24 @@ def _backend_specs(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[ClusterS
     providers = {p.id: p for p in cfg.providers}
     ads, ca, shared = opts.endpoints_over_ads, opts.upstream_ca_file, shared_origins(cfg)
     via_origin = {p.id: p.id in shared for p in cfg.providers}
-    # A backend's cluster is made from the backend, its provider, whether it reaches an origin
-    # and these options alone (a provider's key is of fixed length: the concatenation is
-    # unambiguous).
+    make_keys = functools.partial(_backend_keys, cfg, ads, ca, via_origin)
+    keys = kept.kept(cfg, "backend_cluster_keys", make_keys, orjson.dumps([ads, ca, shared]))
+    return [
+        (key, functools.partial(_backend_resource, b, providers[b.provider_id], ads, ca, via_origin[b.provider_id]))
+        for key, b in zip(keys, cfg.backends, strict=True)
+    ]
+
+
+def _backend_keys(cfg: pb.RoutingConfig, ads: bool, ca: str, via_origin: dict[str, bool]) -> list[bytes]:
+    """Each backend cluster's key. A backend's cluster is made from the backend, its provider,
+    whether it reaches an origin and these options alone (a provider's key is of fixed length:
+    the concatenation is unambiguous)."""
     provider_keys = {
         p.id: part_key(orjson.dumps([ads, ca, via_origin[p.id]]) + p.SerializeToString(deterministic=True))
         for p in cfg.providers
     }
     return [
-        (
-            b"B" + part_key(provider_keys[b.provider_id] + b.SerializeToString(deterministic=True)),
-            functools.partial(_backend_resource, b, providers[b.provider_id], ads, ca, via_origin[b.provider_id]),
-        )
-        for b in cfg.backends
+        b"B" + part_key(provider_keys[b.provider_id] + b.SerializeToString(deterministic=True)) for b in cfg.backends
     ]
 
 
@@ -854,17 +885,15 @@ def part_key(data: bytes) -> bytes:
 
 
 def cluster_specs(
-    cfg: pb.RoutingConfig, opts: GatewayOptions, members: dict[str, list[pb.Backend]] | None = None
+    cfg: pb.RoutingConfig, opts: GatewayOptions, chains: Mapping[str, Chain] | None = None
 ) -> list[ClusterSpec]:
     """`clusters`, each as its key and its maker, in the same order."""
-    members = chain_members(cfg) if members is None else members
+    chains = chains_of(cfg) if chains is None else chains
     out = _backend_specs(cfg, opts)
     # An aggregate is made from its name and its members' cluster names, and its name is a
     # digest of those (compiler.target_name).
     for target in dict.fromkeys(target for policy in cfg.policies for target in routed_targets(policy)):
-        out.append(
-            (b"T" + target.encode(), functools.partial(_aggregate, target, [b.cluster for b in members[target]]))
-        )
+        out.append((b"T" + target.encode(), functools.partial(_aggregate, target, list(chains[target].clusters))))
     # The few others are made now, keyed by what they are.
     others = (
         [_any("envoy.config.cluster.v3.Cluster", **_relay_cluster(opts.extproc_admin_port))]
@@ -879,9 +908,9 @@ def cluster_specs(
 
 
 def clusters(
-    cfg: pb.RoutingConfig, opts: GatewayOptions, members: dict[str, list[pb.Backend]] | None = None
+    cfg: pb.RoutingConfig, opts: GatewayOptions, chains: Mapping[str, Chain] | None = None
 ) -> list[dict[str, Any]]:
     """Every cluster: the backends', one aggregate per distinct chain a route uses (whichever
-    policies share it), the relay's, the tracer's and the JWKS fetchers'. `members`:
-    `chain_members`."""
-    return [make() for _, make in cluster_specs(cfg, opts, members)]
+    policies share it), the relay's, the tracer's and the JWKS fetchers'. `chains`:
+    `chains_of`."""
+    return [make() for _, make in cluster_specs(cfg, opts, chains)]

@@ -21,6 +21,7 @@ which would send a request, key and all, in clear text."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from typing import Any
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .contract import RESTING_LISTENER
+from .kept import kept
 
 DEFAULT_CONNECT_TIMEOUT_MS = 2000
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]")
@@ -83,7 +85,11 @@ def origin_name(provider: pb.Provider) -> str:
 def shared_origins(cfg: pb.RoutingConfig) -> dict[str, str]:
     """Provider id -> its origin, for the providers whose endpoint ORIGIN_MIN_BACKENDS or more
     backends reach: those backends share the origin's TLS context; the others keep a TLS
-    cluster each."""
+    cluster each. (Read-only: kept from one generation to the next, `kept`.)"""
+    return kept(cfg, "shared_origins", functools.partial(_shared_origins, cfg), str(ORIGIN_MIN_BACKENDS))
+
+
+def _shared_origins(cfg: pb.RoutingConfig) -> dict[str, str]:
     names = {p.id: origin_name(p) for p in cfg.providers}
     reached: dict[str, int] = {}
     for b in cfg.backends:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +18,9 @@ from .. import errors
 from . import clientpaths, luaroutes, modelsapi
 from .auth import jwt_filter
 from .clusters import (
+    Chain,
     _remove_gateway_headers,
-    chain_members,
+    chains_of,
     compiled_destination,
     larger_after,
     part_key,
@@ -239,7 +240,7 @@ def _retry_key(route: dict[str, Any]) -> bytes | None:
 
 
 def _policy_routes(
-    policy: pb.Policy, larger: dict[str, str], members: Mapping[str, Sequence[pb.Backend]], used: dict[bytes, _Made]
+    policy: pb.Policy, larger: dict[str, str], chains: Mapping[str, Chain], used: dict[bytes, _Made]
 ) -> tuple[bytes, _Made]:
     """A policy's compiled routes (matched first) and its decided ones, and what they were made
     from, from `_kept_routes` when the same inputs made them; what this generation used goes
@@ -248,7 +249,7 @@ def _policy_routes(
     key = policy.SerializeToString(deterministic=True) + orjson.dumps([larger.get(t, "") for t in targets])
     made = used.get(key) or _kept_routes.get(key)
     if made is None:
-        compiled, decided = _make_policy_routes(policy, targets, larger, members)
+        compiled, decided = _make_policy_routes(policy, targets, larger, chains)
         retries = (tuple(_retry_key(r) for r in compiled), tuple(_retry_key(r) for r in decided))
         made = _Made(orjson.dumps([compiled, decided]), retries, _decided_by(policy, targets, larger))
     used[key] = made
@@ -274,7 +275,7 @@ def _decided_route(
 
 
 def _make_policy_routes(
-    policy: pb.Policy, targets: list[str], larger: dict[str, str], members: Mapping[str, Sequence[pb.Backend]]
+    policy: pb.Policy, targets: list[str], larger: dict[str, str], chains: Mapping[str, Chain]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     action = _route_action(policy)
     if policy.compiled:
@@ -282,7 +283,7 @@ def _make_policy_routes(
         # read an alias Envoy's JSON reader did not, or a canary's candidate) goes where Envoy
         # would send it, by the decided routes (`_decided_routes`: the router phase writes the
         # policy's split, contract.SPLIT_KEY): no aggregate for chains only it could pick.
-        return compiled_routes(policy, members), []
+        return compiled_routes(policy, chains), []
     out = []
     for target in targets:
         if target not in larger:
@@ -475,7 +476,7 @@ def _changing_routes(opts: GatewayOptions) -> list[dict[str, Any]]:
 
 
 def _route_groups(
-    cfg: pb.RoutingConfig, opts: GatewayOptions, members: dict[str, list[pb.Backend]] | None = None
+    cfg: pb.RoutingConfig, opts: GatewayOptions, chains: Mapping[str, Chain] | None = None
 ) -> tuple[dict[str, Any], list[RouteGroup]]:
     """The virtual host's own fields and its routes. One route per policy and target (a
     policy's backend as first choice), matched on the target and policy the router phase put
@@ -495,11 +496,11 @@ def _route_groups(
     every compiled and decided route to reach them (none of which can match without the
     metadata), 10,000 of them at the 2,000-policy fleet: the compiled alias served 657 rps with
     them, 1,636 without."""
-    members = chain_members(cfg) if members is None else members
-    larger = larger_after(cfg, members)
+    chains = chains_of(cfg) if chains is None else chains
+    larger = larger_after(cfg, chains)
     global _kept_routes
     used: dict[bytes, _Made] = {}
-    per_policy = [_policy_routes(policy, larger, members, used) for policy in cfg.policies]
+    per_policy = [_policy_routes(policy, larger, chains, used) for policy in cfg.policies]
     _kept_routes = used
     decided = _decided_routes(cfg, [made for _, made in per_policy])
     tail = _tail_routes(cfg, opts, larger)
@@ -605,15 +606,15 @@ COMPILED_REASONS = {
 }
 
 
-def compiled_routes(policy: pb.Policy, members: Mapping[str, Sequence[pb.Backend]]) -> list[dict[str, Any]]:
+def compiled_routes(policy: pb.Policy, chains: Mapping[str, Chain]) -> list[dict[str, Any]]:
     """The compiled path: one route per alias of a policy Envoy routes alone. It matches the
     alias json_to_metadata read from the body, walks the policy's chains by priority groups
-    (`contract.chain_groups`; `members`: each chain's backends in order, `chain_members`) or,
+    (`contract.chain_groups`; `chains`: each chain's members, `clusters.chains_of`) or,
     where those cannot, splits with weighted_clusters over the chains' aggregate clusters, and
     turns the ext_proc off. Policy and reason ride on route metadata. Either way attempts go to
     the same backend clusters with the same upstream filters (keys, attempt.lua)."""
     split = compiled_split(policy)
-    groups = chain_groups(split, {t: [b.cluster for b in members.get(t, ())] for t, _ in split})
+    groups = chain_groups(split, {t: list(chains[t].clusters) if t in chains else [] for t, _ in split})
     if groups is None:
         route = {**compiled_destination(policy), **_route_action(policy)}
     else:
@@ -1075,12 +1076,10 @@ ROUTE_CONFIG_NAME = "signalbox"
 ON_DEMAND_TIMEOUT_S = 5
 
 
-def route_parts(
-    cfg: pb.RoutingConfig, opts: GatewayOptions, members: dict[str, list[pb.Backend]] | None = None
-) -> RouteParts:
+def route_parts(cfg: pb.RoutingConfig, opts: GatewayOptions, chains: Mapping[str, Chain] | None = None) -> RouteParts:
     """`route_config`, its routes in keyed groups (`RouteGroup`) for a publisher that converts
     each group once (xdsbinary.KeyedEncoder)."""
-    host, groups = _route_groups(cfg, opts, members)
+    host, groups = _route_groups(cfg, opts, chains)
     table = {
         "name": ROUTE_CONFIG_NAME,
         # A route's own response headers (a refusal's reason, a compiled route's decision)
@@ -1097,11 +1096,11 @@ def route_parts(
 
 
 def route_config(
-    cfg: pb.RoutingConfig, opts: GatewayOptions, members: dict[str, list[pb.Backend]] | None = None
+    cfg: pb.RoutingConfig, opts: GatewayOptions, chains: Mapping[str, Chain] | None = None
 ) -> dict[str, Any]:
     """The main listener's route table: inline, or its own resource (RDS, `resources`).
-    `members`: each chain's (`clusters.chain_members`), when the caller has them."""
-    return route_parts(cfg, opts, members).config()
+    `chains`: each chain's (`clusters.chains_of`), when the caller has them."""
+    return route_parts(cfg, opts, chains).config()
 
 
 def on_demand_chains() -> dict[str, Any]:

@@ -33,11 +33,15 @@ outlier detection counts as they counted a failed connect.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+import orjson
 
 from signalbox.api.v1alpha1 import config_pb2 as pb
 
 from .endpoints import DEFAULT_CONNECT_TIMEOUT_MS, shared_origins
+from .kept import kept
 from .options import STREAM_LIMITS, _address, _any, _ms, upstream_tls
 
 # Registered in every bootstrap (`bootstrap.bootstrap`): Envoy accepts internal listeners and
@@ -99,8 +103,25 @@ def origin_listener(name: str) -> dict[str, Any]:
 
 
 def origin_clusters(cfg: pb.RoutingConfig, ca_file: str) -> list[dict[str, Any]]:
+    """One TLS cluster per origin (kept between generations, `kept`, while the providers,
+    backends, which of them share an origin and the CA bundle are the same)."""
+    made = kept(
+        cfg,
+        "origin_clusters",
+        functools.partial(_origin_clusters, cfg, ca_file),
+        orjson.dumps([shared_origins(cfg), ca_file]),
+    )
+    return list(made)
+
+
+def _origin_clusters(cfg: pb.RoutingConfig, ca_file: str) -> list[dict[str, Any]]:
     return [origin_cluster(name, provider, ca_file) for name, provider in tls_origins(cfg).items()]
 
 
 def origin_listeners(cfg: pb.RoutingConfig) -> list[dict[str, Any]]:
+    made = kept(cfg, "origin_listeners", functools.partial(_origin_listeners, cfg), orjson.dumps(shared_origins(cfg)))
+    return list(made)
+
+
+def _origin_listeners(cfg: pb.RoutingConfig) -> list[dict[str, Any]]:
     return [origin_listener(name) for name in tls_origins(cfg)]
