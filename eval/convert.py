@@ -35,23 +35,27 @@ PAIRS: list[tuple[str, str, str]] = [
 ]
 
 
-def strong_weak(source: Path, out_dir: Path, task: str, strong: str, weak: str) -> tuple[Path, Path]:
-    """One benchmark's prompts with the pair's scores, priced so that cost counts strong-model
-    calls (strong: 1 per answer, weak: 0): eval-routing's saving is then the share of the
-    strong model's calls a router avoids."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def benchmark_records(source: Path, task: str) -> list[dict]:
+    """The scored records (train.json: `question`, `scores`) of one benchmark, as
+    default_query_train.jsonl labels their prompts."""
     tasks = {}
     with (source / "default_query_train.jsonl").open(encoding="utf-8") as fh:
         for line in fh:
             row = json.loads(line)
             tasks[row["query"]] = row["task_name"]
-    records = json.loads((source / "train.json").read_text())
+    return [r for r in json.loads((source / "train.json").read_text()) if tasks.get(r["question"]) == task]
+
+
+def strong_weak(source: Path, out_dir: Path, task: str, strong: str, weak: str) -> tuple[Path, Path]:
+    """One benchmark's prompts with the pair's scores, priced so that cost counts strong-model
+    calls (strong: 1 per answer, weak: 0): eval-routing's saving is then the share of the
+    strong model's calls a router avoids."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     data = out_dir / f"{task}-strong-weak.jsonl"
     data.write_text(
         "".join(
             json.dumps({"prompt": r["question"], "scores": {m: r["scores"][m] for m in (strong, weak)}}) + "\n"
-            for r in records
-            if tasks.get(r["question"]) == task
+            for r in benchmark_records(source, task)
         )
     )
     prices = out_dir / f"{task}-strong-weak-prices.json"
