@@ -655,6 +655,22 @@ def test_each_request_has_a_line_in_the_request_log_that_its_request_id_finds(ga
     assert (error["status"], error["provider"], error["reason"]) == (404, "none", refused.json()["error"]["code"])
 
 
+def test_models_api_answers_are_logged_with_the_path_the_client_called(gateway):
+    """The models API answered inside Envoy (a model by id, Anthropic's paged list: the Lua
+    filter answers before the listener keeps the client's path) is logged with that path, as
+    every other request is; the log once said `null`."""
+    paths = {
+        "/v1/models": {},
+        "/v1/models/split": {},
+        "/v1/models/gpt-9": {},
+        "/v1/models?limit=2": {"anthropic-version": "2023-06-01"},
+    }
+    answers = {path: httpx.get(gateway.url.removesuffix("/v1") + path, headers=h) for path, h in paths.items()}
+    assert [a.status_code for a in answers.values()] == [200, 200, 404, 200]
+    lines = logged(gateway, [a.headers["x-request-id"] for a in answers.values()])
+    assert {path: lines[a.headers["x-request-id"]]["path"] for path, a in answers.items()} == {p: p for p in paths}
+
+
 def test_no_api_key_in_any_log_or_generated_file(gateway, client, fakes):
     fakes["flaky1"].behave(status=500)
     fakes["beta"].behave(api_key=BETA_KEY)

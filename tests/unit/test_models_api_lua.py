@@ -21,13 +21,20 @@ function(hdrs)
   local answer = {}
   local headers = {}
   function headers:get(k) return hdrs[k] end
+  local metadata = {}
+  function metadata:set(ns, key, value) answer.meta = {ns, key, value} end
+  local info = {}
+  function info:dynamicMetadata() return metadata end
   local handle = {}
   function handle:headers() return headers end
+  function handle:streamInfo() return info end
   function handle:respond(h, b)
     answer.status, answer.reason, answer.body = h[":status"], h["x-signalbox-reason"], b
+    answer.kept = answer.meta  -- what the request log can read once the answer is given
   end
   envoy_on_request(handle)
-  return answer.status, answer.reason, answer.body
+  local kept = answer.kept or {}
+  return answer.status, answer.reason, answer.body, kept[1], kept[2], kept[3]
 end
 """
 
@@ -43,8 +50,11 @@ class Models:
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str | None, dict]:
         hdrs = self.lua.table_from({":path": path, ":method": "GET", **(headers or {})})
-        status, reason, body = self.run_lua(hdrs)
+        status, reason, body, *kept = self.run_lua(hdrs)
         assert status is not None, "the script answered nothing"
+        # The listener keeps the client's path for the request log after this filter, which
+        # answered first: the script keeps it itself (a request logged with path null before).
+        assert kept == [contract.METADATA_NS, contract.CLIENT_PATH_KEY, path]
         return int(status), reason, json.loads(body)
 
     def page(self, **params: object) -> dict:

@@ -16,6 +16,9 @@
 --   PAGE       Anthropic's default and largest page sizes, {default, max}
 --   ERRORS     the refusals by name, each {status, code, body, anthropic} (signalbox.core.errors);
 --              "{model}" in a body is where the model the client named goes
+--   PATH_KEY   {namespace, key} of the dynamic metadata where the request log reads the client's
+--              path (contract.CLIENT_PATH_KEY): the listener's filter that keeps it runs after
+--              this one, which answers before it would
 -- The client API is Anthropic's when the request carries `anthropic-version` (its SDKs always
 -- send it, OpenAI's never do).
 
@@ -127,6 +130,7 @@ function envoy_on_request(handle)
   load()
   local headers = handle:headers()
   local path = headers:get(":path")
+  handle:streamInfo():dynamicMetadata():set(PATH_KEY[1], PATH_KEY[2], path)
   local anthropic = headers:get("anthropic-version") ~= nil
   local rest
   for _, prefix in ipairs(PREFIXES) do

@@ -20,7 +20,15 @@ from urllib.parse import parse_qsl, unquote
 
 from .. import errors
 from .clusters import lua_error, lua_literal
-from .contract import AZURE_PREFIX, MODELS_PATH, anthropic_model, models_listing, openai_model
+from .contract import (
+    AZURE_PREFIX,
+    CLIENT_PATH_KEY,
+    METADATA_NS,
+    MODELS_PATH,
+    anthropic_model,
+    models_listing,
+    openai_model,
+)
 from .luaroutes import run_script, script_file
 from .options import EXTPROC_FILTER, _any
 
@@ -80,6 +88,7 @@ def script(aliases: list[str]) -> str:
         f"PREFIXES = {{{', '.join(lua_literal(p + '/') for p in _MODELS_PATHS)}}}\n",
         f"PAGE = {{{PAGE_DEFAULT}, {PAGE_MAX}}}\n",
         "ERRORS = {" + ", ".join(f"{k} = {lua_literal(lua_error(e))}" for k, e in _ERRORS.items()) + "}\n",
+        f"PATH_KEY = {{{lua_literal(METADATA_NS)}, {lua_literal(CLIENT_PATH_KEY)}}}\n",
     ]
     return "".join(prelude) + _LUA
 
