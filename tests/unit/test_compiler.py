@@ -51,6 +51,28 @@ def test_every_problem_is_reported_with_its_json_path():
     assert ref.reason == "RefNotFound" and "AIProvider default/missing not found" in ref.message
 
 
+def test_a_reference_to_a_resource_that_did_not_validate_says_so_not_that_it_is_missing():
+    """A policy naming a provider (as a backend or its mirror) or a rollout candidate that is
+    there but invalid is told that, where "not found" sent its author looking for it."""
+    providers = [provider("a", "ftp://nowhere", [model("m")]), provider("b", "http://127.0.0.1:1/v1", [model("m")])]
+    policies = [
+        policy("p", ["x"], [backend("a", "m")]),
+        policy("q", ["y"], [backend("b", "m")], mirror={"provider": "a", "model": "m", "percent": 5}),
+        policy("r", ["z"], [backend("b", "m")], rollout={"candidate": "broken"}),
+        policy("broken", ["w"], [backend("b", "m")], strategy="teleport"),
+        policy("s", ["v"], [backend("ghost", "m")]),
+    ]
+    problems = {(p.name, p.path): p for p in compile_config(providers, policies).problems}
+    for name, path, named in (
+        ("p", "spec.backends[0].provider", "AIProvider default/a"),
+        ("q", "spec.mirror", "AIProvider default/a"),
+        ("r", "spec.rollout.candidate", "RoutingPolicy default/broken"),
+    ):
+        assert problems[(name, path)].message == f"{named} is invalid (its own problems say why)"
+        assert problems[(name, path)].reason == "RefNotFound"  # (the operator's ResolvedRefs condition)
+    assert problems[("s", "spec.backends[0].provider")].message == "AIProvider default/ghost not found"
+
+
 def test_unknown_model_names_what_the_provider_has():
     result = compile_config(two_providers(), [policy("p", ["x"], [backend("a", "nope")])])
     (problem,) = result.problems

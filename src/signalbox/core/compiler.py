@@ -12,6 +12,7 @@ import hashlib
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -173,9 +174,23 @@ def compile_config(
     """
     problems: list[Problem] = []
     parse = models.parse if models is not None else _parse
-    parsed_providers = [p for p in (parse(AIProvider, o, problems) for o in providers) if p]
-    parsed_policies = [p for p in (parse(RoutingPolicy, o, problems) for o in policies) if p]
-    parsed_consumers = [c for c in (parse(Consumer, o, problems) for o in consumers) if c]
+    # "<kind> <namespace>/<name>" of each resource that did not validate: a reference to one is
+    # told so, not that it is not found (its own problems say what is wrong with it).
+    invalid: set[str] = set()
+
+    def valid(cls, objects):  # type: ignore[no-untyped-def]
+        out = []
+        for obj in objects:
+            parsed = parse(cls, obj, problems)
+            if parsed:
+                out.append(parsed)
+            else:
+                invalid.add(f"{cls.__name__} {_raw_key(obj)}")
+        return out
+
+    parsed_providers: list[AIProvider] = valid(AIProvider, providers)
+    parsed_policies: list[RoutingPolicy] = valid(RoutingPolicy, policies)
+    parsed_consumers: list[Consumer] = valid(Consumer, consumers)
     parsed_providers.sort(key=lambda p: p.key)
     parsed_policies.sort(key=lambda p: p.key)
 
@@ -191,9 +206,9 @@ def compile_config(
 
     seen_matches: dict[tuple, str] = {}
     for pol in parsed_policies:
-        _add_policy(cfg, pol, backend_index, provider_models, seen_matches, problems, models)
+        _add_policy(cfg, pol, backend_index, provider_models, seen_matches, problems, models, invalid)
     add_consumers(cfg, parsed_consumers, key_hashes or {}, problems)
-    _add_rollouts(cfg, parsed_policies, problems)
+    _add_rollouts(cfg, parsed_policies, problems, invalid)
 
     if problems:
         return CompileResult(None, problems)
@@ -312,6 +327,22 @@ def _provider_messages(prov: AIProvider) -> tuple[pb.Provider, list[pb.Backend]]
     return out, backends
 
 
+def _raw_key(obj: Mapping[str, Any]) -> str:
+    """ "<namespace>/<name>" of a resource as sent, whatever else is wrong with it."""
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    meta = meta if isinstance(meta, Mapping) else {}
+    return f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+
+
+def _unresolved(kind: str, key: str, invalid: AbstractSet[str], what: str = "") -> str:
+    """The message of a reference to a `kind` `key` the config does not have (`what`: more of
+    what was named): one that did not validate is named so, where "not found" sent a user
+    looking for a resource that is there."""
+    if f"{kind} {key}" in invalid:
+        return f"{kind} {key} is invalid (its own problems say why)"
+    return f"{kind} {key}{what} not found"
+
+
 def _backend_of(
     cfg: pb.RoutingConfig,
     pol: RoutingPolicy,
@@ -320,6 +351,7 @@ def _backend_of(
     path: str,
     backend_index: dict[str, int],
     problems: list[Problem],
+    invalid: AbstractSet[str],
 ) -> int:
     """A backend a policy names outside its chain (LLM tier, mirror): its index plus one, or 0
     with a RefNotFound problem. The ext_proc calls these itself, and it does not sign AWS
@@ -347,7 +379,7 @@ def _backend_of(
             "RoutingPolicy",
             pol.metadata.name,
             path,
-            f"AIProvider {ns}/{provider} with model {model!r} not found",
+            _unresolved("AIProvider", f"{ns}/{provider}", invalid, f" with model {model!r}"),
             ns,
             "RefNotFound",
         )
@@ -356,7 +388,14 @@ def _backend_of(
 
 
 def _add_policy(
-    cfg, pol: RoutingPolicy, backend_index, provider_models, seen_matches, problems, models: ModelCache | None = None
+    cfg,
+    pol: RoutingPolicy,
+    backend_index,
+    provider_models,
+    seen_matches,
+    problems,
+    models: ModelCache | None = None,
+    invalid: AbstractSet[str] = frozenset(),
 ) -> None:
     spec, meta = pol.spec, pol.metadata
     ns = meta.namespace
@@ -369,7 +408,7 @@ def _add_policy(
                     "RoutingPolicy",
                     meta.name,
                     f"spec.backends[{i}].provider",
-                    f"AIProvider {provider_key} not found",
+                    _unresolved("AIProvider", provider_key, invalid),
                     ns,
                     "RefNotFound",
                 )
@@ -412,7 +451,7 @@ def _add_policy(
     built = models.built_policy(pol, inputs) if models is not None else None
     if built is None:
         before = len(problems)
-        built = _policy_message(cfg, pol, resolved, headers, backend_index, problems)
+        built = _policy_message(cfg, pol, resolved, headers, backend_index, problems, invalid)
         if models is not None and len(problems) == before:
             models.keep_policy(pol, inputs, built)
     cfg.policies.append(built)
@@ -446,6 +485,7 @@ def _policy_message(
     headers: tuple[tuple[str, str], ...],
     backend_index,
     problems: list[Problem],
+    invalid: AbstractSet[str] = frozenset(),
 ) -> pb.Policy:
     """A policy's message, from its model and `_policy_inputs` (cacheable:
     `ModelCache.built_policy`)."""
@@ -491,14 +531,18 @@ def _policy_message(
         )
     llm = spec.classification.llm
     if llm is not None:
-        llm_backend = _backend_of(cfg, pol, llm.provider, llm.model, "spec.classification.llm", backend_index, problems)
+        llm_backend = _backend_of(
+            cfg, pol, llm.provider, llm.model, "spec.classification.llm", backend_index, problems, invalid
+        )
         if llm_backend:
             out.llm_backend = llm_backend
             out.llm_timeout_ms = llm.timeout_ms
             out.llm_min_confidence = llm.min_confidence
             out.llm_cache_size = llm.cache_size
     if spec.mirror is not None:
-        mirror = _backend_of(cfg, pol, spec.mirror.provider, spec.mirror.model, "spec.mirror", backend_index, problems)
+        mirror = _backend_of(
+            cfg, pol, spec.mirror.provider, spec.mirror.model, "spec.mirror", backend_index, problems, invalid
+        )
         if mirror:
             out.mirror.CopyFrom(
                 pb.Mirror(backend=mirror, percent=spec.mirror.percent, max_in_flight=spec.mirror.max_in_flight)
@@ -590,7 +634,12 @@ def rollout_epoch(rollout: RolloutSpec, candidate: RoutingPolicySpec) -> str:
     )
 
 
-def _add_rollouts(cfg: pb.RoutingConfig, policies: list[RoutingPolicy], problems: list[Problem]) -> None:
+def _add_rollouts(
+    cfg: pb.RoutingConfig,
+    policies: list[RoutingPolicy],
+    problems: list[Problem],
+    invalid: AbstractSet[str] = frozenset(),
+) -> None:
     """Each policy's rollout names a candidate policy of its namespace, not itself."""
     compiled = {p.id: p for p in cfg.policies}
     by_key = {p.key: p for p in policies}
@@ -610,7 +659,7 @@ def _add_rollouts(cfg: pb.RoutingConfig, policies: list[RoutingPolicy], problems
                     "RoutingPolicy",
                     name,
                     "spec.rollout.candidate",
-                    f"RoutingPolicy {candidate} not found",
+                    _unresolved("RoutingPolicy", candidate, invalid),
                     ns,
                     "RefNotFound",
                 )
