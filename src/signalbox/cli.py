@@ -208,11 +208,19 @@ async def _watch_inputs(gateway, stop: dict[str, bool]) -> None:
 
     poller = asyncio.create_task(poll_stop())
     tail = asyncio.create_task(_echo_requests(gateway.options.request_log)) if gateway.options.request_log else None
+    troubled = False  # the last change left problems: a user waits to hear they are gone
     async for _changes in awatch(
         *gateway.paths, stop_event=stop_event, debounce=200, watch_filter=lambda _c, path: gateway.is_input(path)
     ):
         result = gateway.apply()
+        was_troubled, troubled = troubled, not result.ok
         if result.ok and not result.changed:
+            if was_troubled:
+                print(
+                    f"{time.strftime('%H:%M:%S')} no problems left; generation {gateway.generation} "
+                    "(the same config) stays in force",
+                    flush=True,
+                )
             continue
         if result.ok:
             print(f"{time.strftime('%H:%M:%S')} applied generation {gateway.generation}", flush=True)
@@ -778,8 +786,10 @@ def main(argv: list[str] | None = None) -> int:
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level != "DEBUG":
-        # httpx logs every request at INFO: the gateway's own polls of Envoy's admin API, not news.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+        # httpx logs every request at INFO: the gateway's own polls of Envoy's admin API, not news;
+        # watchfiles each change it saw, which `signalbox up` reports itself (applied or kept).
+        for noisy in ("httpx", "watchfiles"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     return int(args.func(args))
 
 

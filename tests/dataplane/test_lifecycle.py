@@ -214,8 +214,22 @@ def test_signalbox_up_serves_the_quickstart(tmp_path):
                 model="claude-first", messages=[{"role": "user", "content": "hello"}], n=2
             )
             assert two.headers["x-signalbox-provider"] == "smart-local"
-        # Each request is summed up on the console from the request log (flushed every second).
+        with openai.OpenAI(base_url=f"{root}/v1", api_key="any", max_retries=0) as client:
+            assert client.models.retrieve("auto").id == "auto"
+        # Each request is summed up on the console from the request log (flushed every second),
+        # with the path the client called, the models API's too.
         assert wait_for(lambda: any(" 200 POST /v1/chat/completions  by-task -> smart-local/" in c for c in console))
+        assert wait_for(lambda: any(" 200 GET /v1/models/auto  answered by the gateway" in c for c in console))
+        # A bad edit is reported and changes nothing; undoing it says the problems are gone.
+        policies = quickstart / "policies.yaml"
+        good = policies.read_text()
+        policies.write_text(good.replace("strategy: weighted", "strategy: wieghted"))
+        assert wait_for(lambda: any("kept generation 1: 1 problem(s)" in c for c in console))
+        policies.write_text(good)
+        assert wait_for(
+            lambda: any("no problems left; generation 1 (the same config) stays in force" in c for c in console)
+        )
+        assert not [c for c in console if "watchfiles" in c]  # its own INFO lines: noise here
     finally:
         proc.terminate()
         proc.wait(timeout=20)
