@@ -79,6 +79,8 @@ FAULT_KINDS = (
 TORN_TEXT = "é你🙂"
 # The pause between the pieces of a torn write, so that each travels on its own.
 TORN_GAP_S = 0.002
+# The most answers one chat completion gives (`n`); OpenAI takes up to 128.
+MAX_CHOICES = 128
 HTML_PAGE = "<!doctype html><html><head><title>Sign in</title></head><body><form>...</form></body></html>"
 
 
@@ -554,14 +556,19 @@ class FakeProvider:
                     "function": {"name": tool, "arguments": TOOL_ARGUMENTS},
                 }
             ]
+        # `n` answers, as OpenAI gives them (each its index; 7 completion tokens apiece).
+        asked = body.get("n")
+        n = asked if isinstance(asked, int) and 1 <= asked <= MAX_CHOICES else 1
         answer = {
             "id": f"chatcmpl-{self.ident}-{self.count}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
             "system_fingerprint": self.ident,
-            "choices": [{"index": 0, "finish_reason": "tool_calls" if tool else "stop", "message": message}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17},
+            "choices": [
+                {"index": i, "finish_reason": "tool_calls" if tool else "stop", "message": message} for i in range(n)
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 7 * n, "total_tokens": 10 + 7 * n},
         }
         if fault.first_token_ms:
             await asyncio.sleep(fault.first_token_ms / 1000)

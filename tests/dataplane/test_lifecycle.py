@@ -214,6 +214,7 @@ def test_signalbox_up_serves_the_quickstart(tmp_path):
                 model="claude-first", messages=[{"role": "user", "content": "hello"}], n=2
             )
             assert two.headers["x-signalbox-provider"] == "smart-local"
+            assert [c.index for c in two.parse().choices] == [0, 1]  # both answers
         with openai.OpenAI(base_url=f"{root}/v1", api_key="any", max_retries=0) as client:
             assert client.models.retrieve("auto").id == "auto"
         # Each request is summed up on the console from the request log (flushed every second),
