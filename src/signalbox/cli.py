@@ -30,6 +30,7 @@ USAGE_EXAMPLES = """examples:
 # Problems and aliases printed before a summary line says how many more there are (`--all`
 # prints every one): a fleet of thousands of policies stays readable.
 SHOWN = 20
+log = logging.getLogger("signalbox.cli")
 
 
 def _print_problems(problems: Sequence[object], everything: bool = True) -> None:
@@ -462,37 +463,101 @@ def _config_sync(args: argparse.Namespace):
 
 
 def cmd_config_sync(args: argparse.Namespace) -> int:
+    """The ConfigMap watch (and, given `--replica-configmap`, the replicas' shared state): the
+    gateway sidecar's child, or `--once` the init container. Ends non-zero when either job ends
+    before it is asked to stop, so its parent (or the kubelet) knows."""
+    from signalbox import parentwatch
+    from signalbox.gatewayfiles import STATE_DIR
+
     sync = _config_sync(args)
     if args.once:
         sync.initialize()
         return 0
 
-    async def run() -> None:
+    async def run() -> int:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await sync.run(stop)
+        jobs = [asyncio.create_task(sync.run(stop), name="config-sync")]
+        if args.replica_configmap:
+            args.state_dir = args.state_dir or f"{args.workdir}/{STATE_DIR}"
+            jobs.append(asyncio.create_task(_replica_sync(args).run(stop), name="replica-sync"))
+        if args.parent_pid:
+            jobs.append(asyncio.create_task(parentwatch.stop_with_parent(args.parent_pid, stop), name="parent"))
+        done, _ = await asyncio.wait(jobs, return_when=asyncio.FIRST_COMPLETED)
+        early = [t.get_name() for t in done if t.get_name() != "parent" and not stop.is_set()]
+        stop.set()
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for task, result in zip(jobs, results, strict=True):
+            if isinstance(result, BaseException):
+                log.critical("%s failed: %r", task.get_name(), result)
+                early.append(task.get_name())
+        if early:
+            log.critical("stopping: %s ended while serving", ", ".join(sorted(set(early))))
+        return 1 if early else 0
 
-    asyncio.run(run())
-    return 0
+    return asyncio.run(run())
+
+
+def _pod_argv(args: argparse.Namespace) -> list[str]:
+    """The pod arguments `args` holds, as a command line (`_pod_arguments`'s options)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _pod_arguments(parser)
+    out = []
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if isinstance(action, argparse._StoreTrueAction):
+            out += [action.option_strings[0]] if value else []
+        elif value not in (None, ""):
+            out.append(f"{action.option_strings[0]}={value}")
+    return out
+
+
+def _config_sync_process(args: argparse.Namespace):
+    """The ConfigMap watch and everything it writes, and the replicas' shared state, in a child
+    process of the sidecar (`signalbox config-sync --parent-pid`), as `signalbox up` publishes
+    from a process of its own.
+
+    Why not in the ext_proc's own process (as before): at the 2,000-provider fleet, making
+    Envoy's files took the process that decides requests from 67 to 165 MB (what the generator
+    keeps to convert a change's parts alone), and the Kubernetes client's import 55 MB more,
+    where issue 12 holds an ext_proc worker to 100 MB; and each change's second of generation
+    competed for the GIL with the requests being decided. The container holds both processes:
+    its memory is about one interpreter's more (bench/README.md). A child that ends while the
+    sidecar serves ends the sidecar too (`serve_until_stopped` stops when a background job
+    ends), so the kubelet restarts both."""
+    argv = [sys.executable, "-m", "signalbox.cli", "config-sync", *_pod_argv(args)]
+    argv += [f"--max-body-bytes={args.max_body_bytes}", f"--log-level={args.log_level}", f"--parent-pid={os.getpid()}"]
+    argv += [f"--state-dir={args.state_dir}"] if args.state_dir else []
+
+    async def config_sync(stop: asyncio.Event) -> None:
+        child = await asyncio.create_subprocess_exec(*argv)
+        ended = asyncio.create_task(child.wait())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({ended, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not ended.done():
+            child.terminate()
+            await ended
+        stopped.cancel()
+        if not stop.is_set():
+            raise RuntimeError(f"config sync ended with exit code {child.returncode}")
+
+    return config_sync
 
 
 def cmd_gateway_sidecar(args: argparse.Namespace) -> int:
-    """The gateway pod's second container: the ext_proc plus the ConfigMap watch, one process."""
+    """The gateway pod's second container: the ext_proc, and the ConfigMap watch in a child
+    process (`_config_sync_process`)."""
     from signalbox.core.envoygen import contract, resource_file
     from signalbox.extproc.main import serve_until_stopped
     from signalbox.gatewayfiles import CONFIG_FILE, ENVOY_DIR, SECRETS_DIR, STATE_DIR
 
-    sync = _config_sync(args)
     args.config = f"{args.workdir}/{CONFIG_FILE}"
     args.socket = f"{args.workdir}/extproc.sock"
     args.secrets_dir = args.secrets_dir or f"{args.workdir}/{SECRETS_DIR}"
     args.state_dir = args.state_dir or f"{args.workdir}/{STATE_DIR}"
     args.outlier_events = args.outlier_events or f"{args.workdir}/{contract.OUTLIER_EVENTS_FILE}"
     args.clusters = args.clusters or resource_file(f"{args.workdir}/{ENVOY_DIR}", "cds.json")
-    background = [sync.run]
-    if args.replica_configmap:
-        background.append(_replica_sync(args).run)
-    return asyncio.run(serve_until_stopped(args, background=tuple(background)))
+    return asyncio.run(serve_until_stopped(args, background=(_config_sync_process(args),)))
 
 
 def _replica_sync(args: argparse.Namespace):
@@ -768,6 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--once", action="store_true", help="write the files once and exit (init container)")
     cs.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     cs.add_argument("--log-level", default="info")
+    cs.add_argument("--parent-pid", type=int, default=0, help="stop when this process is no longer the parent")
+    cs.add_argument("--state-dir", default="", help="the ext_proc's shared state (default: <workdir>/state)")
     cs.set_defaults(func=cmd_config_sync)
 
     drain = sub.add_parser("envoy-drain", help="gateway pod: drain Envoy's listeners, then wait (preStop)")

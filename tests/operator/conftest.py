@@ -260,3 +260,22 @@ def reporting_config(replicas: str) -> OperatorConfig:
         replica_configmap_name=replicas,
         budget_status_seconds=0.2,
     )
+
+
+def config_sync_children(pid: int) -> list[int]:
+    """The `signalbox config-sync` processes whose parent is `pid` (the gateway sidecar's)."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            status = (proc / "status").read_text()
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        parent = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:"))
+        if parent == pid and b"config-sync" in argv:
+            found.append(int(proc.name))
+    return found

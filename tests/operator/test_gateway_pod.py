@@ -21,7 +21,7 @@ from signalbox.local import envoy_binary
 from signalbox.operator.reconciler import OperatorConfig
 from tests.factories import backend, model, policy, provider
 
-from .conftest import CM_NAME, CM_NAMESPACE, envoy_listeners
+from .conftest import CM_NAME, CM_NAMESPACE, config_sync_children, envoy_listeners
 
 API_KEY = "sk-pod-test-9f8e7d"
 pytestmark = pytest.mark.dataplane
@@ -146,8 +146,15 @@ async def test_gateway_pod_serves_from_the_configmap_with_the_secrets_key(k8s, c
         assert spent > 0 and round(spent * 1e6) % 17 == 0
         for log in tmp_path.glob("*.log"):
             assert API_KEY not in log.read_text(), log
+        # The ConfigMap watch and the Envoy files run in a child of the sidecar, not in the process
+        # that decides requests (cli._config_sync_process); stopping the sidecar stops it.
+        (sync,) = config_sync_children(sidecar.pid)
+        sidecar.terminate()
+        assert await asyncio.wait_for(sidecar.wait(), 15) == 0
+        assert not Path(f"/proc/{sync}").exists()
     finally:
         for proc in (envoy, sidecar):
-            proc.terminate()
+            if proc.returncode is None:
+                proc.terminate()
         for proc in (envoy, sidecar):
             await asyncio.wait_for(proc.wait(), 15)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 
 import httpx
@@ -21,7 +22,7 @@ from signalbox.gatewayfiles import CONFIG_FILE
 from signalbox.local import envoy_binary
 from signalbox.operator.reconciler import OperatorConfig, Reconciler
 
-from .conftest import CM_NAME, CM_NAMESPACE, envoy_listeners
+from .conftest import CM_NAME, CM_NAMESPACE, config_sync_children, envoy_listeners
 
 pytestmark = pytest.mark.dataplane
 # Large enough that the models listing outgrows Envoy's default 4 KiB direct response (which
@@ -95,9 +96,15 @@ async def test_a_large_fleet_is_published_in_parts_and_served_by_envoy(k8s, clus
             stored = await configmaps(cluster)
             assert not set(manifest["parts"]) & set(stored)
             assert set(bundle.read_manifest(stored[CM_NAME]["data"])["parts"]) < set(stored)
+        # A sidecar whose config sync died stops too (the kubelet restarts it): it would serve
+        # on, deaf to every later change.
+        (sync,) = config_sync_children(sidecar.pid)
+        os.kill(sync, signal.SIGKILL)
+        assert await asyncio.wait_for(sidecar.wait(), 15) != 0
     finally:
         for proc in (envoy, sidecar):
-            proc.terminate()
+            if proc.returncode is None:
+                proc.terminate()
         for proc in (envoy, sidecar):
             await asyncio.wait_for(proc.wait(), 15)
 
