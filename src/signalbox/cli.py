@@ -817,7 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
     _extproc_arguments(ext)
     ext.set_defaults(func=cmd_extproc)
 
-    side = sub.add_parser("gateway-sidecar", help="gateway pod: ext_proc + watch of the routing ConfigMap")
+    side = sub.add_parser(
+        "gateway-sidecar", help="gateway pod: ext_proc, and the routing ConfigMap's watch in a child process"
+    )
     _pod_arguments(side)
     _extproc_arguments(side)
     side.set_defaults(func=cmd_gateway_sidecar)
