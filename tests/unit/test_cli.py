@@ -27,6 +27,41 @@ def test_the_gateway_pods_processes_honour_no_accounting():
         assert pod_options(build_parser().parse_args([command])).accounting is True
 
 
+def test_the_sidecars_config_sync_child_gets_every_pod_option_the_sidecar_was_given():
+    """The sidecar starts `config-sync` with its pod options (cli._config_sync_process): one not
+    passed on would make the child write files for another pod (accounting on where the chart
+    turned it off, another failure mode, another ConfigMap)."""
+    from signalbox.cli import _pod_argv
+
+    given = [
+        "--configmap=team/routing",
+        "--workdir=/run/x",
+        "--failure-mode=open",
+        "--no-accounting",
+        "--no-request-log",
+        "--server=https://k8s:6443",
+        "--replica-configmap=team/replicas",
+        "--replica-sync-interval=0.5",
+        "--replica=gw-3",
+        "--listen-port=9000",
+        "--health-port=9001",
+        "--admin-port=9002",
+        "--admin-socket=/run/x/admin.sock",
+        "--otlp-endpoint=collector:4317",
+        "--trace-sampling=12.5",
+        "--upstream-ca-file=/etc/ca.pem",
+    ]
+    sidecar = build_parser().parse_args(["gateway-sidecar", *given, "--health-address=0.0.0.0:8082"])
+    child = build_parser().parse_args(["config-sync", *_pod_argv(sidecar)])
+    for option in given:
+        dest = option.split("=")[0].lstrip("-").replace("-", "_")
+        assert getattr(child, dest) == getattr(sidecar, dest), option
+    assert pod_options(child) == pod_options(sidecar)
+    # Defaults stay defaults.
+    defaults = build_parser().parse_args(["gateway-sidecar"])
+    assert pod_options(build_parser().parse_args(["config-sync", *_pod_argv(defaults)])) == pod_options(defaults)
+
+
 def test_the_request_log_is_on_by_default_and_goes_to_the_workdir_locally_and_stdout_in_a_pod(tmp_path):
     up = ["up", "-f", "x.yaml", "--workdir", str(tmp_path)]
     assert local_gateway(build_parser().parse_args(up)).options.request_log == str(tmp_path / "requests.log")
