@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -30,6 +31,10 @@ USAGE_EXAMPLES = """examples:
 # Problems and aliases printed before a summary line says how many more there are (`--all`
 # prints every one): a fleet of thousands of policies stays readable.
 SHOWN = 20
+# The sidecar's config-sync child, started again after it ends: the first and the longest wait,
+# and how long it must have run for the wait to start over (`_config_sync_process`).
+CHILD_RESTART_S = (1.0, 30.0)
+CHILD_STABLE_S = 60.0
 log = logging.getLogger("signalbox.cli")
 
 
@@ -522,24 +527,39 @@ def _config_sync_process(args: argparse.Namespace):
     keeps to convert a change's parts alone), and the Kubernetes client's import 55 MB more,
     where issue 12 holds an ext_proc worker to 100 MB; and each change's second of generation
     competed for the GIL with the requests being decided. The container holds both processes:
-    its memory is about one interpreter's more (bench/README.md). A child that ends while the
-    sidecar serves ends the sidecar too (`serve_until_stopped` stops when a background job
-    ends), so the kubelet restarts both."""
+    its memory is about one interpreter's more (bench/README.md).
+
+    A child that ends while the sidecar serves (killed by the container's memory limit, a bug)
+    is started again, after 1 s doubling to 30 s while it keeps ending within a minute: the
+    ext_proc serves on with the config in force meanwhile, where stopping it would leave the
+    pod's decided requests unanswered until the kubelet restarted the container. The child
+    stops when the sidecar does, or within a second of the sidecar dying (`--parent-pid`)."""
     argv = [sys.executable, "-m", "signalbox.cli", "config-sync", *_pod_argv(args)]
     argv += [f"--max-body-bytes={args.max_body_bytes}", f"--log-level={args.log_level}", f"--parent-pid={os.getpid()}"]
     argv += [f"--state-dir={args.state_dir}"] if args.state_dir else []
 
     async def config_sync(stop: asyncio.Event) -> None:
-        child = await asyncio.create_subprocess_exec(*argv)
-        ended = asyncio.create_task(child.wait())
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({ended, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not ended.done():
-            child.terminate()
-            await ended
-        stopped.cancel()
-        if not stop.is_set():
-            raise RuntimeError(f"config sync ended with exit code {child.returncode}")
+        delay = CHILD_RESTART_S[0]
+        while True:
+            started = time.monotonic()
+            child = await asyncio.create_subprocess_exec(*argv)
+            ended = asyncio.create_task(child.wait())
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({ended, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                if not ended.done():
+                    child.terminate()
+                await ended
+                return
+            stopped.cancel()
+            if time.monotonic() - started > CHILD_STABLE_S:
+                delay = CHILD_RESTART_S[0]
+            log.error("config sync ended with exit code %s: starting it again in %.0f s", child.returncode, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return
+            delay = min(delay * 2, CHILD_RESTART_S[1])
 
     return config_sync
 
