@@ -178,7 +178,7 @@ def compile_config(
     # told so, not that it is not found (its own problems say what is wrong with it).
     invalid: set[str] = set()
 
-    def valid(cls, objects):  # type: ignore[no-untyped-def]
+    def valid(cls: type[Any], objects: Iterable[Mapping[str, Any]]) -> list[Any]:
         out = []
         for obj in objects:
             parsed = parse(cls, obj, problems)

@@ -427,35 +427,24 @@ def attempt_marker() -> dict[str, Any]:
     }
 
 
-# The last attempt.lua made, by a digest of what it was made from: a policy change leaves the
-# backends as they were, and writing their 10,000 settings as Lua was 0.2 s of every change at
-# the 2,000-provider fleet (issue 12). One entry: a process generates one gateway's config.
-_last_attempt_source: tuple[bytes, str] = (b"", "")
-
-
-def _attempt_source_for(
-    backends: list[pb.Backend], providers: dict[str, pb.Provider], credentials_dir: str, traced: bool = False
+def _attempt_script(
+    cfg: pb.RoutingConfig, providers: dict[str, pb.Provider], credentials_dir: str, traced: bool
 ) -> str:
-    global _last_attempt_source
-    digest = hashlib.blake2b(credentials_dir.encode() + (b"\0traced" if traced else b""))
-    for message in (*backends, *(providers[b.provider_id] for b in backends)):
-        digest.update(message.SerializeToString(deterministic=True))
-    key = digest.digest()
-    if _last_attempt_source[0] != key:
-        settings = {b.id: attempt_settings(b, providers[b.provider_id], credentials_dir) for b in backends}
-        _last_attempt_source = (key, attempt_source(settings, traced))
-    return _last_attempt_source[1]
+    settings = {b.id: attempt_settings(b, providers[b.provider_id], credentials_dir) for b in cfg.backends}
+    return attempt_source(settings, traced)
 
 
 def _attempt_filter(
-    backends: list[pb.Backend], providers: dict[str, pb.Provider], credentials_dir: str, traced: bool
+    cfg: pb.RoutingConfig, providers: dict[str, pb.Provider], credentials_dir: str, traced: bool
 ) -> dict[str, Any]:
+    """attempt.lua with every backend's settings, kept while the backends, their providers and
+    these options are the same (`kept`): a policy change leaves them as they were, and writing
+    10,000 settings as Lua was 0.2 s of every change at the 2,000-provider fleet (issue 12)."""
+    make = functools.partial(_attempt_script, cfg, providers, credentials_dir, traced)
+    source = kept.kept(cfg, "attempt_source", make, credentials_dir, "traced" if traced else "")
     return {
         "name": "signalbox.attempt",
-        "typed_config": _any(
-            "envoy.extensions.filters.http.lua.v3.Lua",
-            default_source_code={"inline_string": _attempt_source_for(backends, providers, credentials_dir, traced)},
-        ),
+        "typed_config": _any("envoy.extensions.filters.http.lua.v3.Lua", default_source_code={"inline_string": source}),
     }
 
 
@@ -576,7 +565,7 @@ def _upstream_filters(cfg: pb.RoutingConfig, opts: GatewayOptions) -> list[dict[
     return [
         _attempt_headers(cfg),
         attempt_marker(),
-        _attempt_filter(list(cfg.backends), providers, opts.credentials_dir, bool(opts.otlp_endpoint)),
+        _attempt_filter(cfg, providers, opts.credentials_dir, bool(opts.otlp_endpoint)),
         *([_translator(opts.extproc_message_timeout_ms)] if opts.translation else []),
         # After the translation: the signature covers the body and path that are sent.
         *_signers(cfg, opts.credentials_dir),
